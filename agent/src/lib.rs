@@ -1,0 +1,1 @@
+//! `ferry-agent`: runs on every streaming host.

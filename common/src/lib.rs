@@ -1,0 +1,25 @@
+//! Ferry's shared vocabulary: wire types, identifiers, framing and limits.
+//!
+//! This crate does no I/O of its own: no sockets, no tasks, no configuration
+//! loading. It defines what crosses the wire between `ferry-agent` and
+//! `ferry-broker` and how it is framed, so that exactly one crate knows the
+//! encoding.
+
+pub mod duration;
+pub mod frame;
+pub mod ids;
+pub mod limits;
+pub mod transport;
+pub mod wire;
+
+pub use ids::{GroupName, IdError, ResourceId, SessionId, UserId};
+pub use wire::UnixMillis;
+
+/// Version of the agent <-> broker protocol spoken by this build.
+///
+/// It is sent in the connection preamble before any frame; a peer that speaks
+/// another version is refused with a readable reason (see [`frame::PreambleReply`]).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN identifier of the agent <-> broker link on the broker's QUIC endpoint.
+pub const ALPN_AGENT: &[u8] = b"ferry-agent/1";

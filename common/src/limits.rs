@@ -1,0 +1,34 @@
+//! Every limit on data that comes from outside, named once.
+//!
+//! Each constant says why it has the value it has. Code that reads from the
+//! network or from disk refers to these names, never to a bare number.
+
+/// Largest frame payload on the agent link, checked against the length prefix
+/// before anything is allocated. The largest legitimate message is a `Hello`
+/// carrying [`MAX_SESSIONS_PER_HELLO`] open sessions (a few hundred bytes each),
+/// which stays well under this.
+pub const MAX_FRAME_LEN: usize = 256 * 1024;
+
+/// Largest frame on the broker's admin socket. Listings of a large fleet go
+/// through it, so it is larger than the agent link's, but still bounded.
+pub const MAX_ADMIN_FRAME_LEN: usize = 16 * 1024 * 1024;
+
+/// Most open sessions an agent may list in its `Hello`. A streaming host runs a
+/// handful of sessions (the spec catalog's largest allows 6 per host); 512 leaves
+/// room for unusual hosts without letting one peer make the broker allocate much.
+pub const MAX_SESSIONS_PER_HELLO: usize = 512;
+
+/// Longest identifier (resource, session, user, group) in bytes. Identifiers end
+/// up in certificates, file names, logs and database keys.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Longest resource identifier. Resource ids are also DNS labels in agent
+/// certificates, and a DNS label is at most 63 bytes.
+pub const MAX_RESOURCE_ID_LEN: usize = 63;
+
+/// Longest free-text field (versions, OS names, reasons, error messages).
+pub const MAX_TEXT_LEN: usize = 1024;
+
+/// Longest reply to the connection preamble: a status, a version and a short
+/// human-readable message.
+pub const MAX_PREAMBLE_MESSAGE_LEN: usize = 512;

@@ -1,0 +1,306 @@
+//! Messages of the agent <-> broker link.
+//!
+//! One enum per direction ([`AgentToBroker`], [`BrokerToAgent`]), each wrapped in
+//! a versioned envelope ([`AgentMessage::V1`], [`BrokerMessage::V1`]) so a `V2`
+//! can be added beside it. bincode has no field tags: never reorder or remove a
+//! variant, never add a field to a message that has shipped; add a new variant
+//! instead. `tests` at the bottom freeze the encoding with golden bytes.
+//!
+//! These are wire types, not the broker's or agent's internal state: convert at
+//! the edge.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{GroupName, ResourceId, SessionId, UserId};
+
+/// Milliseconds since the Unix epoch, UTC. Hosts stamp session events with
+/// their own clock; the broker records both that and its receive time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct UnixMillis(pub i64);
+
+/// Envelope of everything an agent sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    V1(AgentToBroker),
+}
+
+/// Envelope of everything a broker sends to an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerMessage {
+    V1(BrokerToAgent),
+}
+
+/// Agent -> broker. The first message on a connection is always `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentToBroker {
+    /// Registration: who the agent is and what the host has now.
+    Hello(Hello),
+    /// A session event, durably spooled by the agent before it was sent.
+    Session(SequencedEvent),
+    /// Periodic host health.
+    Health(HealthReport),
+    /// Outcome of a broker command.
+    CommandResult(CommandResult),
+}
+
+/// Broker -> agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerToAgent {
+    /// Registration accepted.
+    Welcome(Welcome),
+    /// Every session event of the current spool with `seq <= up_to` is durably
+    /// recorded; the agent may forget them.
+    Ack { up_to: u64 },
+    /// Something for the agent to carry out; answered by `CommandResult`.
+    Command { id: u64, command: Command },
+    /// The broker will not go on with this connection; it closes it after this.
+    Refused(Refusal),
+}
+
+/// The agent's registration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The host. Must equal the resource id named by the agent's certificate.
+    pub resource: ResourceId,
+    /// The delivery group the host is configured for, if any.
+    pub group: Option<GroupName>,
+    /// Version of the `ferry-agent` build.
+    pub agent_version: String,
+    /// Version of the image the host runs.
+    pub image_version: String,
+    /// Static facts about the host.
+    pub host: HostFacts,
+    /// Identifies the agent's local spool. Sequence numbers are per
+    /// (resource, spool); a host whose state directory was wiped starts a new
+    /// spool and so a new sequence.
+    pub spool_id: u64,
+    /// Sessions open on the host right now, for the broker to reconcile.
+    /// At most [`crate::limits::MAX_SESSIONS_PER_HELLO`].
+    pub sessions: Vec<OpenSession>,
+}
+
+/// Static facts about a host, read with sysinfo.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// A session open on a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenSession {
+    pub session: SessionId,
+    pub user: UserId,
+    pub started_at: UnixMillis,
+}
+
+/// A session event with its per-(resource, spool) sequence number: 1, 2, 3, ...
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequencedEvent {
+    pub seq: u64,
+    pub event: SessionEvent,
+}
+
+/// What happened to a session on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionEvent {
+    Started {
+        session: SessionId,
+        user: UserId,
+        at: UnixMillis,
+    },
+    Ended {
+        session: SessionId,
+        at: UnixMillis,
+        reason: EndReason,
+    },
+}
+
+/// Why a session ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    /// The user logged out or closed the application.
+    Logout,
+    /// The broker asked for it (`Command::DisconnectSession`).
+    Disconnected,
+    /// The host is shutting down.
+    HostShutdown,
+    /// Anything else the host's streaming server reports.
+    Other(String),
+}
+
+/// Host health, sent every `Welcome::health_interval_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub at: UnixMillis,
+    /// CPU use over all cores, in tenths of a percent (0..=1000).
+    pub cpu_permille: u32,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    /// 1, 5 and 15 minute load averages, times 1000.
+    pub load_milli: [u32; 3],
+    /// Sessions open on the host.
+    pub sessions: u32,
+    /// Whether the host is draining (takes no new sessions).
+    pub draining: bool,
+}
+
+/// Outcome of a broker command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResult {
+    pub id: u64,
+    pub outcome: CommandOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutcome {
+    Done,
+    Failed(String),
+}
+
+/// Registration accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The resource, as the broker knows it.
+    pub resource: ResourceId,
+    /// Highest sequence number of the agent's spool (`Hello::spool_id`) the
+    /// broker has durably recorded; 0 when none. The agent drops its spooled
+    /// events up to it and replays the rest, in order.
+    pub last_recorded_seq: u64,
+    /// How often the agent sends `Health`. The broker marks the resource
+    /// unavailable after a few missed reports.
+    pub health_interval_ms: u32,
+    /// Version of the `ferry-broker` build.
+    pub broker_version: String,
+}
+
+/// A broker command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// End one session (through the host's configured hook).
+    DisconnectSession { session: SessionId, reason: String },
+    /// Take no new sessions; existing ones go on.
+    Drain,
+    /// Take sessions again.
+    Undrain,
+}
+
+/// Why the broker will not go on with a connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalCode {
+    /// The first message was not a `Hello`, or a `Hello` came twice.
+    ProtocolViolation,
+    /// `Hello::resource` is not the resource named by the certificate.
+    IdentityMismatch,
+    /// A frame could not be decoded or was too large.
+    MalformedFrame,
+    /// A session event's sequence number skips ahead of what was recorded.
+    SequenceGap,
+    /// The same resource connected again; this older connection is replaced.
+    Superseded,
+    /// The broker could not record the event; the agent retries later.
+    StoreUnavailable,
+    /// The broker is shutting down; reconnect later.
+    ShuttingDown,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Golden bytes: these freeze the encoding. If one of these tests fails,
+    //! the change breaks every deployed agent or broker; add a new variant
+    //! instead of changing an existing one.
+    use super::*;
+    use crate::frame;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn id<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        s.parse().expect("valid id in test")
+    }
+
+    #[test]
+    fn golden_session_started() {
+        let msg = AgentMessage::V1(AgentToBroker::Session(SequencedEvent {
+            seq: 7,
+            event: SessionEvent::Started {
+                session: id("s1"),
+                user: id("alice"),
+                at: UnixMillis(1_772_438_520_000),
+            },
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "0001070002733105616c696365fd8001235b39030000");
+        assert_eq!(
+            frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+    }
+
+    #[test]
+    fn golden_ack() {
+        let msg = BrokerMessage::V1(BrokerToAgent::Ack { up_to: 300 });
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "0001fb2c01");
+    }
+
+    #[test]
+    fn golden_command() {
+        let msg = BrokerMessage::V1(BrokerToAgent::Command {
+            id: 1,
+            command: Command::Drain,
+        });
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "00020101");
+    }
+
+    #[test]
+    fn golden_hello() {
+        let msg = AgentMessage::V1(AgentToBroker::Hello(Hello {
+            resource: id("h1"),
+            group: Some(id("g")),
+            agent_version: "0.1.0".into(),
+            image_version: "img-1".into(),
+            host: HostFacts {
+                hostname: "h".into(),
+                os: "Debian".into(),
+                kernel: "6.1".into(),
+                vcpus: 4,
+                memory_bytes: 8 << 30,
+            },
+            spool_id: 42,
+            sessions: vec![OpenSession {
+                session: id("s1"),
+                user: id("bob"),
+                started_at: UnixMillis(1000),
+            }],
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        let expected = concat!(
+            "0000026831010167",
+            "05302e312e3005696d672d3101680644656269616e03362e3104",
+            "fd0000000002000000",
+            "2a0102733103626f62fbd007",
+        );
+        assert_eq!(hex(&bytes), expected);
+        assert_eq!(
+            frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+    }
+}
