@@ -1,1 +1,158 @@
-//! `ferry-agent`: runs on every streaming host.
+//! `ferry-agent`: runs on every streaming host, reports its sessions and
+//! health to the broker and carries out the broker's commands.
+//!
+//! Code map:
+//! * [`config`]: the TOML configuration, validated as a whole.
+//! * [`spool`]: the durable, append-only log of session events; an event is
+//!   on disk before it is sent or acknowledged to the local caller.
+//! * [`local`]: the Unix socket the host's streaming server (and the CLI verbs,
+//!   and PAM mode) report sessions on.
+//! * [`link`]: the QUIC client to the broker: hello, replay, acks, health,
+//!   commands, reconnect with backoff.
+//! * [`health`], [`commands`], [`pam`], [`notify`]: host facts, broker
+//!   commands, `pam_exec` mode and systemd notifications.
+//!
+//! [`run`] wires them under one cancellation token; `main.rs` only parses the
+//! command line.
+
+pub mod commands;
+pub mod config;
+pub mod health;
+pub mod link;
+pub mod local;
+pub mod notify;
+pub mod pam;
+pub mod spool;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::AgentConfig;
+
+/// Version of this agent build, reported in `Hello`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the agent's link and spool look like right now, published on a
+/// watch channel (and answered on the local socket's `Status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// A broker welcomed this agent on the current connection.
+    pub connected: bool,
+    /// Highest sequence number the broker acknowledged.
+    pub acked_seq: u64,
+    /// Highest sequence number written to the spool.
+    pub last_seq: u64,
+    /// Events in the spool not yet acknowledged.
+    pub spooled: u64,
+    /// The host takes no new sessions.
+    pub draining: bool,
+    /// Why the last connection attempt or connection failed, if it did.
+    pub last_error: Option<String>,
+}
+
+/// Sent by [`run`] once the local socket is bound and the spool is open,
+/// before the broker is reached.
+#[derive(Debug)]
+pub struct AgentReady {
+    /// The bound local socket.
+    pub local_socket: PathBuf,
+    /// The agent's status, updated as it changes.
+    pub status: watch::Receiver<LinkStatus>,
+}
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("open spool: {0}")]
+    Spool(#[from] spool::SpoolError),
+    #[error("load TLS identity: {0}")]
+    Tls(#[from] link::TlsError),
+    #[error("start local socket: {0}")]
+    Local(#[from] local::LocalError),
+    #[error("read drain state: {0}")]
+    Drain(#[from] commands::CommandError),
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<AgentReady>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    // Everything that can fail on bad files fails here, before any socket.
+    let tls = link::client_config(&config)?;
+    let drain = commands::DrainState::load(&config.state_dir)?;
+    let state_dir = config.state_dir.clone();
+    let spool = tokio::task::spawn_blocking(move || {
+        spool::Spool::open(&state_dir, spool::SpoolOptions::default())
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Spool(spool::SpoolError::Io {
+            op: "open (task failed)",
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??;
+    tracing::info!(
+        resource = %config.resource,
+        spool_id = spool.spool_id(),
+        last_seq = spool.last_seq(),
+        spooled = spool.spooled(),
+        open_sessions = spool.open_count(),
+        "spool open"
+    );
+
+    let (status_tx, status_rx) = watch::channel(LinkStatus {
+        draining: drain.is_draining(),
+        ..LinkStatus::default()
+    });
+    let status = Arc::new(status_tx);
+    let spool = spool::SpoolHandle::new(spool, status.clone());
+    let tracker = TaskTracker::new();
+
+    let listener = local::LocalServer::bind(&config.local_socket)?;
+    let local_path = listener.path().to_owned();
+
+    tracker.spawn(listener.serve(
+        local::ServerState {
+            spool: spool.clone(),
+            status: status_rx.clone(),
+            resource: config.resource.clone(),
+        },
+        shutdown.child_token(),
+        tracker.clone(),
+    ));
+    let link = link::Link {
+        config: config.clone(),
+        tls,
+        spool: spool.clone(),
+        status: status.clone(),
+        drain: drain.clone(),
+    };
+    tracker.spawn(link.run(shutdown.child_token()));
+    let notifier = notify::Notifier::from_env();
+    notifier.ready();
+    tracker.spawn(notifier.clone().watchdog(shutdown.child_token()));
+
+    // The receiver may be gone (a caller that does not wait); the agent runs anyway.
+    let _ = ready.send(AgentReady {
+        local_socket: local_path.clone(),
+        status: status_rx,
+    });
+    tracing::info!(socket = %local_path.display(), "agent ready");
+
+    shutdown.cancelled().await;
+    notifier.stopping();
+    tracing::info!("agent shutting down");
+    tracker.close();
+    tracker.wait().await;
+    let _ = std::fs::remove_file(&local_path);
+    Ok(())
+}

@@ -32,3 +32,28 @@ pub const MAX_TEXT_LEN: usize = 1024;
 /// Longest reply to the connection preamble: a status, a version and a short
 /// human-readable message.
 pub const MAX_PREAMBLE_MESSAGE_LEN: usize = 512;
+
+/// Largest frame on the agent's local Unix socket (session reports from the
+/// host's streaming server, status queries). Requests carry a few ids and a
+/// reason; replies a status. 64 KiB is far above that and still small.
+pub const MAX_LOCAL_FRAME_LEN: usize = 64 * 1024;
+
+/// Largest record in the agent's spool file, checked before a record is read
+/// into memory. The largest record is a compaction snapshot listing up to
+/// [`MAX_SESSIONS_PER_HELLO`] open sessions, which fits in one link frame.
+pub const MAX_SPOOL_RECORD_LEN: usize = MAX_FRAME_LEN;
+
+/// Most unacknowledged session events the agent keeps. A host produces a few
+/// events per session; 100,000 covers weeks of a busy host with the broker
+/// down. Past it, new reports are refused rather than memory and disk growing.
+pub const MAX_SPOOLED_EVENTS: usize = 100_000;
+
+/// Most bytes of unacknowledged session events the agent keeps (encoded size),
+/// the byte-side twin of [`MAX_SPOOLED_EVENTS`]: long reasons cannot make the
+/// spool large either.
+pub const MAX_SPOOLED_BYTES: usize = 64 * 1024 * 1024;
+
+/// Most connections the agent's local socket serves at once. Reports come
+/// from one streaming server and a few CLI calls; the cap keeps a runaway
+/// local client from exhausting the agent's file descriptors.
+pub const MAX_LOCAL_CONNECTIONS: usize = 64;

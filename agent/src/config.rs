@@ -1,0 +1,389 @@
+//! Agent configuration: a TOML file, parsed, then validated as a whole.
+//!
+//! Every field has a serde default so a missing field is reported by the
+//! validator together with every other problem, never one error per run.
+//! Validation happens before any socket or file is opened.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_common::duration::parse_duration;
+use ferry_common::{GroupName, ResourceId};
+use serde::Deserialize;
+
+/// Default path of the configuration file for the CLI verbs.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ferry/agent.toml";
+
+/// Environment variable naming the configuration file for CLI verbs.
+pub const CONFIG_ENV: &str = "FERRY_AGENT_CONFIG";
+
+/// How long the disconnect hook may run before it is killed, unless
+/// configured: a streaming server ends a session in well under this.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The validated configuration of one agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The host's resource id; must equal the id in the agent certificate.
+    pub resource: ResourceId,
+    /// Delivery group the host is configured for, reported in `Hello`.
+    pub group: Option<GroupName>,
+    /// Broker QUIC address as `host:port`; DNS names are resolved at each connect.
+    pub broker_addr: String,
+    /// Name the broker's certificate must carry.
+    pub broker_name: String,
+    /// CA certificate (PEM) that signed the broker's certificate.
+    pub ca_cert: PathBuf,
+    /// The agent's own certificate (PEM), its identity.
+    pub cert: PathBuf,
+    /// The agent's private key (PEM).
+    pub key: PathBuf,
+    /// Directory for the spool and the drain flag.
+    pub state_dir: PathBuf,
+    /// Unix socket the host's streaming server reports sessions on.
+    pub local_socket: PathBuf,
+    /// Version of the image the host runs, reported in `Hello`.
+    pub image_version: String,
+    /// Commands the agent runs on the broker's behalf.
+    pub hooks: HooksConfig,
+}
+
+/// Host commands the agent runs for broker commands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HooksConfig {
+    /// argv of the disconnect hook; the session id is appended. `None`: the
+    /// host cannot disconnect sessions on request.
+    pub disconnect: Option<Vec<String>>,
+    /// How long a hook may run before it is killed and the command fails.
+    pub timeout: Duration,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Self {
+            disconnect: None,
+            timeout: DEFAULT_HOOK_TIMEOUT,
+        }
+    }
+}
+
+/// Why a configuration cannot be used. Lists every problem at once.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parse config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {path}:\n  - {}", .problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    resource: Option<String>,
+    group: Option<String>,
+    broker_addr: Option<String>,
+    broker_name: String,
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    state_dir: PathBuf,
+    local_socket: PathBuf,
+    image_version: String,
+    hooks: RawHooks,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawHooks {
+    disconnect: Option<Vec<String>>,
+    timeout: Option<String>,
+}
+
+impl Default for RawConfig {
+    // Fields the file leaves out keep these (serde's container `default`).
+    fn default() -> Self {
+        Self {
+            resource: None,
+            group: None,
+            broker_addr: None,
+            broker_name: "localhost".into(),
+            ca_cert: "/etc/ferry/agent/ca.pem".into(),
+            cert: "/etc/ferry/agent/agent.pem".into(),
+            key: "/etc/ferry/agent/agent-key.pem".into(),
+            state_dir: "/var/lib/ferry-agent".into(),
+            local_socket: "/run/ferry-agent/agent.sock".into(),
+            image_version: "unknown".into(),
+            hooks: RawHooks::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only names it in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        raw.validate().map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<AgentConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        let resource = match self.resource.as_deref() {
+            None => {
+                problems.push("resource: missing (the host's resource id)".to_owned());
+                None
+            }
+            Some(s) => ResourceId::new(s)
+                .map_err(|e| problems.push(format!("resource: {e}")))
+                .ok(),
+        };
+        let group = match self.group.as_deref() {
+            None => None,
+            Some(s) => GroupName::new(s)
+                .map_err(|e| problems.push(format!("group: {e}")))
+                .ok(),
+        };
+        let broker_addr = match self.broker_addr {
+            None => {
+                problems.push("broker_addr: missing (host:port of the broker)".to_owned());
+                String::new()
+            }
+            Some(a) => {
+                if let Err(why) = check_host_port(&a) {
+                    problems.push(format!("broker_addr: {a:?} {why}"));
+                }
+                a
+            }
+        };
+        if self.broker_name.trim().is_empty() {
+            problems.push("broker_name: empty".to_owned());
+        } else if rustls_pki_types::ServerName::try_from(self.broker_name.as_str()).is_err() {
+            problems.push(format!(
+                "broker_name: {:?} is not a DNS name or IP address",
+                self.broker_name
+            ));
+        }
+        for (name, p) in [
+            ("ca_cert", &self.ca_cert),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("state_dir", &self.state_dir),
+            ("local_socket", &self.local_socket),
+        ] {
+            if p.as_os_str().is_empty() {
+                problems.push(format!("{name}: empty path"));
+            }
+        }
+        if self.image_version.len() > ferry_common::limits::MAX_TEXT_LEN {
+            problems.push(format!(
+                "image_version: longer than {} bytes",
+                ferry_common::limits::MAX_TEXT_LEN
+            ));
+        }
+        if let Some(argv) = &self.hooks.disconnect {
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                problems.push(
+                    "hooks.disconnect: must name a program (argv; the session id is appended)"
+                        .to_owned(),
+                );
+            }
+        }
+        let timeout = match self.hooks.timeout.as_deref() {
+            None => DEFAULT_HOOK_TIMEOUT,
+            Some(s) => match parse_duration(s) {
+                Ok(d) if d.is_zero() => {
+                    problems.push("hooks.timeout: must be more than 0".to_owned());
+                    DEFAULT_HOOK_TIMEOUT
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    problems.push(format!("hooks.timeout: {e}"));
+                    DEFAULT_HOOK_TIMEOUT
+                }
+            },
+        };
+        match resource {
+            Some(resource) if problems.is_empty() => Ok(AgentConfig {
+                resource,
+                group,
+                broker_addr,
+                broker_name: self.broker_name,
+                ca_cert: self.ca_cert,
+                cert: self.cert,
+                key: self.key,
+                state_dir: self.state_dir,
+                local_socket: self.local_socket,
+                image_version: self.image_version,
+                hooks: HooksConfig {
+                    disconnect: self.hooks.disconnect,
+                    timeout,
+                },
+            }),
+            _ => Err(problems),
+        }
+    }
+}
+
+/// Checks `host:port` (or `[v6]:port`) without resolving the name.
+fn check_host_port(addr: &str) -> Result<(), &'static str> {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or("is not host:port (the port is missing)")?;
+    if host.is_empty() {
+        return Err("has an empty host");
+    }
+    if host.contains(':') {
+        return Err("is not host:port (write an IPv6 address as [addr]:port)");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err("has no valid port (1-65535)"),
+        Ok(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_toml(text, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c =
+            parse("resource = \"host-1\"\nbroker_addr = \"broker.example:7443\"\n").expect("valid");
+        assert_eq!(c.resource.as_str(), "host-1");
+        assert_eq!(c.broker_name, "localhost");
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry-agent"));
+        assert_eq!(c.local_socket, PathBuf::from("/run/ferry-agent/agent.sock"));
+        assert_eq!(c.image_version, "unknown");
+        assert_eq!(c.hooks, HooksConfig::default());
+        assert_eq!(c.group, None);
+    }
+
+    #[test]
+    fn full_config_is_read() {
+        let c = parse(
+            r#"
+            resource = "host-1"
+            group = "g1"
+            broker_addr = "[::1]:7443"
+            broker_name = "broker.internal"
+            ca_cert = "/x/ca.pem"
+            cert = "/x/a.pem"
+            key = "/x/k.pem"
+            state_dir = "/s"
+            local_socket = "/r/a.sock"
+            image_version = "img-7"
+            [hooks]
+            disconnect = ["/bin/kick", "--now"]
+            timeout = "5s"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(c.group.as_ref().map(|g| g.as_str()), Some("g1"));
+        assert_eq!(
+            c.hooks.disconnect,
+            Some(vec!["/bin/kick".to_owned(), "--now".to_owned()])
+        );
+        assert_eq!(c.hooks.timeout, Duration::from_secs(5));
+        assert_eq!(c.broker_name, "broker.internal");
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported_at_once() {
+        let err = parse(
+            r#"
+            resource = "Host_1"
+            group = "bad group"
+            broker_addr = "nowhere"
+            broker_name = ""
+            state_dir = ""
+            [hooks]
+            disconnect = []
+            timeout = "soon"
+            "#,
+        )
+        .expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        let fields: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "resource",
+                "group",
+                "broker_addr",
+                "broker_name",
+                "state_dir",
+                "hooks.disconnect",
+                "hooks.timeout"
+            ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_required_fields_are_both_reported() {
+        let err = parse("").expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("resource: missing"), "{text}");
+        assert!(text.contains("broker_addr: missing"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_toml_are_refused() {
+        assert!(matches!(
+            parse("resource = \"h\"\nbroker_adr = \"x:1\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse("resource = "),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert!(check_host_port("127.0.0.1:7443").is_ok());
+        assert!(check_host_port("[::1]:7443").is_ok());
+        assert!(check_host_port("broker:7443").is_ok());
+        assert!(check_host_port("broker").is_err());
+        assert!(check_host_port("broker:0").is_err());
+        assert!(check_host_port(":7443").is_err());
+        assert!(check_host_port("::1:7443").is_err());
+    }
+}

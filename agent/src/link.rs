@@ -1,0 +1,616 @@
+//! The link to the broker: a QUIC client with mutual TLS.
+//!
+//! One connection at a time, one bidirectional stream carrying everything
+//! (see the contract in `common::wire`):
+//!
+//! 1. preamble and its reply (an unknown version is refused readably);
+//! 2. `Hello` with host facts, the spool id and the sessions open now;
+//! 3. `Welcome` says what the broker already recorded of this spool: those
+//!    events are dropped, the rest replayed in order, then new ones sent as
+//!    they are spooled;
+//! 4. `Ack`s delete from the spool; `Health` goes out on the broker's
+//!    interval; `Command`s are carried out and answered.
+//!
+//! Any failure ends the connection; the agent reconnects after an
+//! exponential backoff with full jitter ([`backoff_ceiling`],
+//! [`full_jitter`]), reset after a `Welcome`. Nothing is lost meanwhile: the
+//! spool holds every unacknowledged event.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ferry_common::frame::{preamble, read_message, write_message, FrameError, PreambleReply};
+use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO};
+use ferry_common::wire::{
+    AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandResult, Hello, Refusal,
+    RefusalCode, Welcome,
+};
+use ferry_common::{ALPN_AGENT, PROTOCOL_VERSION};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::{self, DrainState};
+use crate::config::AgentConfig;
+use crate::health::{self, HealthSampler};
+use crate::spool::{SpoolError, SpoolHandle};
+use crate::LinkStatus;
+
+/// First reconnect delay ceiling.
+pub const BACKOFF_START: Duration = Duration::from_millis(200);
+/// Longest reconnect delay ceiling: a broker that is back is found within it.
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Shortest health interval the agent honours, whatever the broker says: a
+/// misconfigured broker cannot make the agent spin.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+/// Events written per wake-up before the loop looks at incoming messages.
+const SEND_BATCH: usize = 256;
+/// Broker messages buffered between the reader task and the link loop.
+const INBOX_LEN: usize = 64;
+/// Broker commands carried out at once; more are answered "busy".
+pub const MAX_INFLIGHT_COMMANDS: usize = 16;
+/// How long a closing connection may take to tell the broker.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// QUIC application error code of a clean close by the agent.
+const CLOSE_CODE_SHUTDOWN: u32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("read {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{0} holds no certificate")]
+    NoCertificate(PathBuf),
+    #[error("CA certificate {path}: {source}")]
+    BadCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("TLS configuration not usable for QUIC: {0}")]
+    Quic(String),
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("resolve {addr}: {source}")]
+    Resolve {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    #[error("create QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connect to broker: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection to broker: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("talk to broker: {0}")]
+    Frame(#[from] FrameError),
+    #[error("broker speaks protocol {supported}, this agent {ours}: {message}")]
+    UnsupportedVersion {
+        supported: u16,
+        ours: u16,
+        message: String,
+    },
+    #[error("broker refused ({:?}): {}", .0.code, .0.message)]
+    Refused(Refusal),
+    #[error("broker broke the protocol: {0}")]
+    Protocol(String),
+    #[error("spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("broker closed the connection")]
+    Closed,
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl LinkError {
+    /// Errors an operator must fix in configuration (retrying cannot help
+    /// until they do); logged as errors rather than warnings.
+    pub fn is_config_problem(&self) -> bool {
+        matches!(
+            self,
+            LinkError::UnsupportedVersion { .. }
+                | LinkError::Refused(Refusal {
+                    code: RefusalCode::IdentityMismatch,
+                    ..
+                })
+        )
+    }
+}
+
+fn read_pem_err(
+    path: &std::path::Path,
+) -> impl FnOnce(rustls_pki_types::pem::Error) -> TlsError + '_ {
+    move |e| TlsError::Read {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Builds the QUIC client configuration: the CA as the only trust root, the
+/// agent's certificate as client identity, TLS 1.3 with ring, ALPN and the
+/// agent link's transport limits. The crypto provider is passed explicitly,
+/// not installed process-wide.
+pub fn client_config(config: &AgentConfig) -> Result<quinn::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.ca_cert)
+        .map_err(read_pem_err(&config.ca_cert))?
+        .collect::<Result<_, _>>()
+        .map_err(read_pem_err(&config.ca_cert))?;
+    if cas.is_empty() {
+        return Err(TlsError::NoCertificate(config.ca_cert.clone()));
+    }
+    for ca in cas {
+        roots.add(ca).map_err(|source| TlsError::BadCa {
+            path: config.ca_cert.clone(),
+            source,
+        })?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&config.cert)
+        .map_err(read_pem_err(&config.cert))?
+        .collect::<Result<_, _>>()
+        .map_err(read_pem_err(&config.cert))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate(config.cert.clone()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&config.key).map_err(read_pem_err(&config.key))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN_AGENT.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(Arc::new(ferry_common::transport::agent_link_transport()));
+    Ok(client)
+}
+
+/// Ceiling of the reconnect delay after `attempt` failures in a row:
+/// 200 ms doubling up to 30 s. Pure.
+pub fn backoff_ceiling(attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+    BACKOFF_START.saturating_mul(factor).min(BACKOFF_CAP)
+}
+
+/// "Full jitter": a delay uniform in `[0, ceiling]`, from a random number.
+/// Pure; agents that lost the broker together do not come back together.
+pub fn full_jitter(ceiling: Duration, random: u64) -> Duration {
+    let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(random % ms.saturating_add(1))
+}
+
+/// The link task's parts.
+pub struct Link {
+    /// Agent configuration (identity, broker address and name, hooks).
+    pub config: Arc<AgentConfig>,
+    /// QUIC/TLS client configuration, built once at start.
+    pub tls: quinn::ClientConfig,
+    /// Events to send and acks to apply.
+    pub spool: SpoolHandle,
+    /// Published connection state.
+    pub status: Arc<watch::Sender<LinkStatus>>,
+    /// The host's drain flag, changed by broker commands.
+    pub drain: DrainState,
+}
+
+impl Link {
+    /// Connects, reconnects and serves the broker until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let sampler = Arc::new(Mutex::new(HealthSampler::new()));
+        let mut attempt: u32 = 0;
+        loop {
+            let result = self.connection(&shutdown, &mut attempt, &sampler).await;
+            self.status
+                .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
+            match result {
+                Ok(()) | Err(LinkError::Shutdown) => return,
+                Err(e) => {
+                    if e.is_config_problem() {
+                        tracing::error!(error = %e, "broker link refused: check the agent's configuration and certificate");
+                    } else {
+                        tracing::warn!(error = %e, "broker link down");
+                    }
+                    let text = e.to_string();
+                    self.status.send_modify(|s| s.last_error = Some(text));
+                }
+            }
+            let delay = full_jitter(backoff_ceiling(attempt), rand::random());
+            attempt = attempt.saturating_add(1);
+            tracing::debug!(?delay, attempt, "reconnecting after a delay");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn connection(
+        &self,
+        shutdown: &CancellationToken,
+        attempt: &mut u32,
+        sampler: &Arc<Mutex<HealthSampler>>,
+    ) -> Result<(), LinkError> {
+        let addr = resolve(&self.config.broker_addr).await?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)?;
+        let connecting = endpoint.connect_with(self.tls.clone(), addr, &self.config.broker_name)?;
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return Err(LinkError::Shutdown),
+            c = connecting => c?,
+        };
+        let result = self.converse(&conn, shutdown, attempt, sampler).await;
+        let reason: &[u8] = match &result {
+            Err(LinkError::Shutdown) | Ok(()) => b"agent shutting down",
+            Err(_) => b"agent closing after an error",
+        };
+        conn.close(CLOSE_CODE_SHUTDOWN.into(), reason);
+        // Let the CONNECTION_CLOSE reach the broker, but never hang on it.
+        let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        result
+    }
+
+    async fn converse(
+        &self,
+        conn: &quinn::Connection,
+        shutdown: &CancellationToken,
+        attempt: &mut u32,
+        sampler: &Arc<Mutex<HealthSampler>>,
+    ) -> Result<(), LinkError> {
+        let (mut send, mut recv) = cancellable(shutdown, conn.open_bi()).await??;
+        cancellable(shutdown, async {
+            tokio::io::AsyncWriteExt::write_all(&mut send, &preamble(PROTOCOL_VERSION)).await
+        })
+        .await?
+        .map_err(FrameError::Io)?;
+        match cancellable(shutdown, PreambleReply::read(&mut recv)).await?? {
+            PreambleReply::Accepted { .. } => {}
+            PreambleReply::UnsupportedVersion { supported, message } => {
+                return Err(LinkError::UnsupportedVersion {
+                    supported,
+                    ours: PROTOCOL_VERSION,
+                    message,
+                })
+            }
+        }
+
+        let hello = self.hello().await;
+        let spool_id = hello.spool_id;
+        send_msg(&mut send, AgentToBroker::Hello(hello), shutdown).await?;
+        let first: Option<BrokerMessage> =
+            cancellable(shutdown, read_message(&mut recv, MAX_FRAME_LEN)).await??;
+        let welcome = match first {
+            Some(BrokerMessage::V1(BrokerToAgent::Welcome(w))) => w,
+            Some(BrokerMessage::V1(BrokerToAgent::Refused(r))) => {
+                return Err(LinkError::Refused(r))
+            }
+            Some(other) => {
+                return Err(LinkError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )))
+            }
+            None => return Err(closed(conn)),
+        };
+        self.accept_welcome(&welcome, spool_id).await?;
+        *attempt = 0;
+        tracing::info!(
+            broker_version = %welcome.broker_version,
+            last_recorded_seq = welcome.last_recorded_seq,
+            "connected to broker"
+        );
+
+        // Reading is not cancel-safe, so it lives in its own task and hands
+        // whole messages over a bounded channel.
+        let (inbox_tx, mut inbox) = mpsc::channel::<Result<BrokerMessage, FrameError>>(INBOX_LEN);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            loop {
+                let msg = read_message::<BrokerMessage, _>(&mut recv, MAX_FRAME_LEN).await;
+                let end = !matches!(msg, Ok(Some(_)));
+                let item = match msg {
+                    Ok(Some(m)) => Ok(m),
+                    Ok(None) => Err(FrameError::Truncated),
+                    Err(e) => Err(e),
+                };
+                if inbox_tx.send(item).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let result = self
+            .serve(&mut send, &mut inbox, &welcome, shutdown, sampler)
+            .await;
+        tasks.abort_all();
+        if matches!(result, Err(LinkError::Frame(FrameError::Truncated))) {
+            return Err(closed(conn));
+        }
+        result
+    }
+
+    async fn hello(&self) -> Hello {
+        let host = tokio::task::spawn_blocking(health::host_facts)
+            .await
+            .unwrap_or_else(|_| health::facts_from(None, None, None, 0, 0));
+        let (spool_id, mut sessions) = {
+            let s = self.spool.lock();
+            (s.spool_id(), s.open_sessions())
+        };
+        if sessions.len() > MAX_SESSIONS_PER_HELLO {
+            // The spool refuses starts past this limit; never send more.
+            sessions.truncate(MAX_SESSIONS_PER_HELLO);
+        }
+        Hello {
+            resource: self.config.resource.clone(),
+            group: self.config.group.clone(),
+            agent_version: crate::AGENT_VERSION.to_owned(),
+            image_version: self.config.image_version.clone(),
+            host,
+            spool_id,
+            sessions,
+        }
+    }
+
+    async fn accept_welcome(&self, welcome: &Welcome, spool_id: u64) -> Result<(), LinkError> {
+        if welcome.resource != self.config.resource {
+            return Err(LinkError::Protocol(format!(
+                "welcomed as {} but this agent is {}",
+                welcome.resource, self.config.resource
+            )));
+        }
+        let last = self.spool.lock().last_seq();
+        if welcome.last_recorded_seq > last {
+            // The broker has more of this spool than the file: the state
+            // directory was restored from an older copy. New events under
+            // the old id would be taken for duplicates, so start a new spool.
+            let new_id = self.spool.with(|s| s.start_new_spool()).await?;
+            tracing::error!(
+                spool_id,
+                new_spool_id = new_id,
+                broker_seq = welcome.last_recorded_seq,
+                local_seq = last,
+                "broker recorded more of this spool than it holds; started a new spool"
+            );
+            return Err(LinkError::Protocol(
+                "spool behind the broker; reconnecting with a new spool".into(),
+            ));
+        }
+        self.spool.ack(welcome.last_recorded_seq).await?;
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.last_error = None;
+        });
+        Ok(())
+    }
+
+    async fn serve(
+        &self,
+        send: &mut quinn::SendStream,
+        inbox: &mut mpsc::Receiver<Result<BrokerMessage, FrameError>>,
+        welcome: &Welcome,
+        shutdown: &CancellationToken,
+        sampler: &Arc<Mutex<HealthSampler>>,
+    ) -> Result<(), LinkError> {
+        let mut appended = self.spool.subscribe_appended();
+        let mut sent = self.spool.lock().acked_seq();
+        let interval =
+            Duration::from_millis(u64::from(welcome.health_interval_ms)).max(MIN_HEALTH_INTERVAL);
+        let mut health_tick = tokio::time::interval(interval);
+        health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Each finished command says whether it changed the drain state.
+        let mut commands: JoinSet<(CommandResult, bool)> = JoinSet::new();
+        loop {
+            // Mark the current value seen before reading, so an append that
+            // races with this batch wakes the loop again.
+            appended.borrow_and_update();
+            loop {
+                let batch = self.spool.lock().events_after(sent, SEND_BATCH);
+                if batch.is_empty() {
+                    break;
+                }
+                for ev in batch {
+                    let seq = ev.seq;
+                    send_msg(send, AgentToBroker::Session(ev), shutdown).await?;
+                    sent = seq;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = appended.changed() => {
+                    if changed.is_err() {
+                        return Err(LinkError::Shutdown);
+                    }
+                }
+                msg = inbox.recv() => {
+                    let msg = match msg {
+                        Some(Ok(BrokerMessage::V1(m))) => m,
+                        Some(Err(e)) => return Err(e.into()),
+                        None => return Err(LinkError::Closed),
+                    };
+                    match msg {
+                        BrokerToAgent::Ack { up_to } => {
+                            if up_to > sent {
+                                return Err(LinkError::Protocol(format!(
+                                    "ack of seq {up_to} but only {sent} was sent"
+                                )));
+                            }
+                            self.spool.ack(up_to).await?;
+                        }
+                        BrokerToAgent::Command { id, command } => {
+                            if commands.len() >= MAX_INFLIGHT_COMMANDS {
+                                let result = CommandResult {
+                                    id,
+                                    outcome: ferry_common::wire::CommandOutcome::Failed(format!(
+                                        "agent busy: {MAX_INFLIGHT_COMMANDS} commands already running"
+                                    )),
+                                };
+                                send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
+                            } else {
+                                let drain = self.drain.clone();
+                                let config = self.config.clone();
+                                let status = self.status.clone();
+                                let drain_command = matches!(
+                                    command,
+                                    ferry_common::wire::Command::Drain | ferry_common::wire::Command::Undrain
+                                );
+                                commands.spawn(async move {
+                                    let outcome = commands::execute(command, &drain, &config.hooks, &status).await;
+                                    (CommandResult { id, outcome }, drain_command)
+                                });
+                            }
+                        }
+                        BrokerToAgent::Refused(r) => return Err(LinkError::Refused(r)),
+                        BrokerToAgent::Welcome(_) => {
+                            return Err(LinkError::Protocol("a second Welcome".into()))
+                        }
+                    }
+                }
+                done = commands.join_next(), if !commands.is_empty() => {
+                    if let Some(Ok((result, drain_command))) = done {
+                        send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
+                        if drain_command {
+                            // Report the new drain state now, not at the next tick.
+                            let report = self.health_report(sampler, self.drain.is_draining()).await;
+                            send_msg(send, AgentToBroker::Health(report), shutdown).await?;
+                        }
+                    }
+                }
+                _ = health_tick.tick() => {
+                    let report = self.health_report(sampler, self.drain.is_draining()).await;
+                    send_msg(send, AgentToBroker::Health(report), shutdown).await?;
+                }
+            }
+        }
+    }
+
+    async fn health_report(
+        &self,
+        sampler: &Arc<Mutex<HealthSampler>>,
+        draining: bool,
+    ) -> ferry_common::wire::HealthReport {
+        let sampler = sampler.clone();
+        let sample = tokio::task::spawn_blocking(move || {
+            sampler
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sample()
+        })
+        .await
+        .unwrap_or(health::HostSample {
+            cpu_percent: 0.0,
+            memory_used: 0,
+            memory_total: 0,
+            disk_used: 0,
+            disk_total: 0,
+            load: [0.0; 3],
+        });
+        let sessions = u32::try_from(self.spool.lock().open_count()).unwrap_or(u32::MAX);
+        health::to_report(&sample, crate::local::now(), sessions, draining)
+    }
+}
+
+/// Runs `fut` unless `shutdown` comes first. Only for futures whose
+/// cancellation abandons the connection anyway.
+async fn cancellable<T>(
+    shutdown: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, LinkError> {
+    tokio::select! {
+        _ = shutdown.cancelled() => Err(LinkError::Shutdown),
+        out = fut => Ok(out),
+    }
+}
+
+async fn send_msg(
+    send: &mut quinn::SendStream,
+    msg: AgentToBroker,
+    shutdown: &CancellationToken,
+) -> Result<(), LinkError> {
+    cancellable(
+        shutdown,
+        write_message(send, &AgentMessage::V1(msg), MAX_FRAME_LEN),
+    )
+    .await??;
+    Ok(())
+}
+
+fn closed(conn: &quinn::Connection) -> LinkError {
+    match conn.close_reason() {
+        Some(reason) => LinkError::Connection(reason),
+        None => LinkError::Closed,
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| LinkError::Resolve {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    addrs
+        .next()
+        .ok_or_else(|| LinkError::NoAddress(addr.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_200ms_to_a_30s_cap() {
+        let ceilings: Vec<u64> = (0..10)
+            .map(|a| backoff_ceiling(a).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            ceilings,
+            [200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(backoff_ceiling(u32::MAX), BACKOFF_CAP);
+        assert_eq!(backoff_ceiling(64), BACKOFF_CAP);
+    }
+
+    #[test]
+    fn full_jitter_stays_within_the_ceiling() {
+        let c = Duration::from_millis(800);
+        assert_eq!(full_jitter(c, 0), Duration::ZERO);
+        assert_eq!(full_jitter(c, 800), c);
+        assert_eq!(full_jitter(c, 801), Duration::ZERO);
+        assert_eq!(full_jitter(c, 1234), Duration::from_millis(1234 % 801));
+        for r in [u64::MAX, u64::MAX - 1, 17, 999_999] {
+            assert!(full_jitter(c, r) <= c);
+        }
+        assert_eq!(full_jitter(Duration::ZERO, 99), Duration::ZERO);
+    }
+
+    #[test]
+    fn config_problems_are_told_apart() {
+        let refused = |code| {
+            LinkError::Refused(Refusal {
+                code,
+                message: "m".into(),
+            })
+        };
+        assert!(refused(RefusalCode::IdentityMismatch).is_config_problem());
+        assert!(!refused(RefusalCode::ShuttingDown).is_config_problem());
+        assert!(LinkError::UnsupportedVersion {
+            supported: 2,
+            ours: 1,
+            message: String::new()
+        }
+        .is_config_problem());
+        assert!(!LinkError::Closed.is_config_problem());
+    }
+}

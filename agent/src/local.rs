@@ -1,0 +1,679 @@
+//! The agent's local Unix socket: how the host reports sessions.
+//!
+//! The host's streaming server, the `ferry-agent session ...` verbs and PAM
+//! mode all speak the same framed, typed requests ([`LocalRequest`], bincode
+//! frames of at most [`MAX_LOCAL_FRAME_LEN`]). A session report is answered
+//! only after the event is fsync'd in the spool, so a caller that sees
+//! `Recorded` knows the event survives a crash of the agent or the host.
+//! The socket is created with mode 0660: the owning group may report.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::frame::{read_message, write_message, FrameError};
+use ferry_common::limits::{MAX_LOCAL_CONNECTIONS, MAX_LOCAL_FRAME_LEN};
+use ferry_common::wire::{EndReason, SessionEvent};
+use ferry_common::{ResourceId, SessionId, UnixMillis, UserId};
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::spool::{SpoolError, SpoolHandle};
+use crate::LinkStatus;
+
+/// Mode of the socket file: owner and group may connect.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// Envelope of a request on the local socket; a `V2` can be added beside it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalRequest {
+    V1(Request),
+}
+
+/// Envelope of a reply on the local socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalResponse {
+    V1(Response),
+}
+
+/// What a local client asks. Append-only: never reorder variants.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// A session started on this host now.
+    SessionStart { session: SessionId, user: UserId },
+    /// A session on this host ended now.
+    SessionEnd {
+        session: SessionId,
+        reason: EndReason,
+    },
+    /// The agent's current status.
+    Status,
+    /// Answer once the link is connected and the spool is empty, or fail
+    /// after `timeout_ms`.
+    WaitSynced { timeout_ms: u64 },
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The event is durably spooled under this sequence number.
+    Recorded { seq: u64 },
+    /// Status (for `Status` and a successful `WaitSynced`).
+    Status(StatusReply),
+    /// The request was refused; nothing was recorded.
+    Error { code: ErrorCode, message: String },
+}
+
+/// Status as the local socket reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The host's resource id.
+    pub resource: String,
+    /// Link and spool counters.
+    pub link: LinkStatus,
+}
+
+/// Why a local request was refused, for callers that branch on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// `SessionStart` for a session that is already open.
+    DuplicateSession,
+    /// `SessionEnd` for a session that is not open.
+    UnknownSession,
+    /// The spool holds as many unacknowledged events as it may.
+    SpoolFull,
+    /// As many sessions are open as the agent can report.
+    TooManySessions,
+    /// The request is well-formed but not acceptable.
+    InvalidRequest,
+    /// The spool could not write; nothing was recorded.
+    Storage,
+    /// `WaitSynced` ran out of time.
+    Timeout,
+    /// The request could not be decoded.
+    Malformed,
+    /// The agent is shutting down.
+    ShuttingDown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("bind {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another agent is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot reach the agent at {path} (is ferry-agent running?): {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("local socket: {0}")]
+    Frame(#[from] FrameError),
+    #[error("the agent closed the connection without answering")]
+    Closed,
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("unexpected answer from the agent: {0:?}")]
+    Unexpected(Box<Response>),
+}
+
+/// What request handlers need.
+#[derive(Clone)]
+pub struct ServerState {
+    /// Where events are recorded.
+    pub spool: SpoolHandle,
+    /// The agent's status, for `Status` and `WaitSynced`.
+    pub status: watch::Receiver<LinkStatus>,
+    /// The host, named in status replies.
+    pub resource: ResourceId,
+}
+
+/// A bound local socket, not yet serving.
+pub struct LocalServer {
+    /// The listening socket.
+    listener: UnixListener,
+    /// Its path, removed again on shutdown.
+    path: PathBuf,
+}
+
+impl LocalServer {
+    /// Binds `path` with mode 0660, replacing a stale socket file left by a
+    /// crashed agent but refusing to take over from a live one.
+    pub fn bind(path: &Path) -> Result<Self, LocalError> {
+        let bind_err = |source| LocalError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(LocalError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+            .map_err(bind_err)?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves connections until `shutdown`, each in a task of `tracker`.
+    pub async fn serve(
+        self,
+        state: ServerState,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let slots = Arc::new(Semaphore::new(MAX_LOCAL_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on local socket");
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                if let Err(e) = serve_connection(stream, state, shutdown).await {
+                    tracing::debug!(error = %e, "local connection ended");
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn serve_connection(
+    mut stream: UnixStream,
+    state: ServerState,
+    shutdown: CancellationToken,
+) -> Result<(), FrameError> {
+    loop {
+        // Cancelling a half-read request is fine: the connection is dropped.
+        let read = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = read_message::<LocalRequest, _>(&mut stream, MAX_LOCAL_FRAME_LEN) => r,
+        };
+        let response = match read {
+            Ok(None) => return Ok(()),
+            Ok(Some(LocalRequest::V1(req))) => handle(req, &state, &shutdown).await,
+            Err(
+                e @ (FrameError::Decode(_)
+                | FrameError::TrailingBytes(_)
+                | FrameError::TooLarge { .. }),
+            ) => {
+                let reply = Response::Error {
+                    code: ErrorCode::Malformed,
+                    message: format!("malformed request: {e}"),
+                };
+                write_message(&mut stream, &LocalResponse::V1(reply), MAX_LOCAL_FRAME_LEN).await?;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        write_message(
+            &mut stream,
+            &LocalResponse::V1(response),
+            MAX_LOCAL_FRAME_LEN,
+        )
+        .await?;
+    }
+}
+
+/// The wall clock as the wire stamps events.
+pub fn now() -> UnixMillis {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken) -> Response {
+    match req {
+        Request::SessionStart { session, user } => {
+            let event = SessionEvent::Started {
+                session: session.clone(),
+                user: user.clone(),
+                at: now(),
+            };
+            let r = state.spool.append(event).await;
+            if r.is_ok() {
+                tracing::info!(%session, %user, "session started");
+            }
+            recorded(r)
+        }
+        Request::SessionEnd { session, reason } => {
+            if let EndReason::Other(text) = &reason {
+                if text.len() > ferry_common::limits::MAX_TEXT_LEN {
+                    return Response::Error {
+                        code: ErrorCode::InvalidRequest,
+                        message: format!(
+                            "reason is {} bytes; the limit is {}",
+                            text.len(),
+                            ferry_common::limits::MAX_TEXT_LEN
+                        ),
+                    };
+                }
+            }
+            let event = SessionEvent::Ended {
+                session: session.clone(),
+                at: now(),
+                reason,
+            };
+            let r = state.spool.append(event).await;
+            if r.is_ok() {
+                tracing::info!(%session, "session ended");
+            }
+            recorded(r)
+        }
+        Request::Status => Response::Status(status_reply(state)),
+        Request::WaitSynced { timeout_ms } => {
+            let mut rx = state.status.clone();
+            let wait = rx.wait_for(|s| s.connected && s.spooled == 0);
+            let timeout = Duration::from_millis(timeout_ms);
+            tokio::select! {
+                _ = shutdown.cancelled() => Response::Error {
+                    code: ErrorCode::ShuttingDown,
+                    message: "the agent is shutting down".into(),
+                },
+                r = tokio::time::timeout(timeout, wait) => match r {
+                    Ok(Ok(_)) => Response::Status(status_reply(state)),
+                    Ok(Err(_)) => Response::Error {
+                        code: ErrorCode::ShuttingDown,
+                        message: "the agent is shutting down".into(),
+                    },
+                    Err(_) => {
+                        let s = state.status.borrow().clone();
+                        Response::Error {
+                            code: ErrorCode::Timeout,
+                            message: format!(
+                                "not synced after {}: connected={}, {} events spooled{}",
+                                ferry_common::duration::format_duration(timeout),
+                                s.connected,
+                                s.spooled,
+                                s.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
+                            ),
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn status_reply(state: &ServerState) -> StatusReply {
+    StatusReply {
+        resource: state.resource.to_string(),
+        link: state.status.borrow().clone(),
+    }
+}
+
+fn recorded(r: Result<u64, SpoolError>) -> Response {
+    match r {
+        Ok(seq) => Response::Recorded { seq },
+        Err(e) => {
+            let code = match &e {
+                SpoolError::DuplicateSession(_) => ErrorCode::DuplicateSession,
+                SpoolError::UnknownSession(_) => ErrorCode::UnknownSession,
+                SpoolError::Full { .. } => ErrorCode::SpoolFull,
+                SpoolError::TooManyOpenSessions(_) => ErrorCode::TooManySessions,
+                SpoolError::InvalidEvent(_) => ErrorCode::InvalidRequest,
+                _ => {
+                    tracing::error!(error = %e, "spool write failed");
+                    ErrorCode::Storage
+                }
+            };
+            Response::Error {
+                code,
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// A client of the local socket (the CLI verbs and PAM mode).
+pub struct LocalClient {
+    /// Connection to the agent.
+    stream: UnixStream,
+}
+
+impl LocalClient {
+    pub async fn connect(path: &Path) -> Result<Self, LocalError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| LocalError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self { stream })
+    }
+
+    /// Sends one request and reads its answer. A refusal is returned as
+    /// `Ok(Response::Error { .. })`; see [`Response::into_result`].
+    pub async fn call(&mut self, req: Request) -> Result<Response, LocalError> {
+        write_message(
+            &mut self.stream,
+            &LocalRequest::V1(req),
+            MAX_LOCAL_FRAME_LEN,
+        )
+        .await?;
+        match read_message::<LocalResponse, _>(&mut self.stream, MAX_LOCAL_FRAME_LEN).await? {
+            Some(LocalResponse::V1(r)) => Ok(r),
+            None => Err(LocalError::Closed),
+        }
+    }
+
+    /// Reports a session start; returns its sequence number once durable.
+    pub async fn session_start(
+        &mut self,
+        session: SessionId,
+        user: UserId,
+    ) -> Result<u64, LocalError> {
+        self.call(Request::SessionStart { session, user })
+            .await?
+            .into_result()?
+            .seq()
+    }
+
+    /// Reports a session end; returns its sequence number once durable.
+    pub async fn session_end(
+        &mut self,
+        session: SessionId,
+        reason: EndReason,
+    ) -> Result<u64, LocalError> {
+        self.call(Request::SessionEnd { session, reason })
+            .await?
+            .into_result()?
+            .seq()
+    }
+
+    pub async fn status(&mut self) -> Result<StatusReply, LocalError> {
+        self.call(Request::Status).await?.into_result()?.status()
+    }
+
+    /// Waits until connected and nothing is spooled, at most `timeout`.
+    pub async fn wait_synced(&mut self, timeout: Duration) -> Result<StatusReply, LocalError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.call(Request::WaitSynced { timeout_ms })
+            .await?
+            .into_result()?
+            .status()
+    }
+}
+
+impl Response {
+    /// Turns a refusal into an error.
+    pub fn into_result(self) -> Result<Response, LocalError> {
+        match self {
+            Response::Error { code, message } => Err(LocalError::Refused { code, message }),
+            other => Ok(other),
+        }
+    }
+
+    fn seq(self) -> Result<u64, LocalError> {
+        match self {
+            Response::Recorded { seq } => Ok(seq),
+            other => Err(LocalError::Unexpected(Box::new(other))),
+        }
+    }
+
+    fn status(self) -> Result<StatusReply, LocalError> {
+        match self {
+            Response::Status(s) => Ok(s),
+            other => Err(LocalError::Unexpected(Box::new(other))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{Spool, SpoolOptions};
+    use tokio::io::AsyncWriteExt;
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        status: Arc<watch::Sender<LinkStatus>>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    }
+
+    fn start(opts: SpoolOptions) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(&dir.path().join("state"), opts).unwrap();
+        let (tx, rx) = watch::channel(LinkStatus::default());
+        let status = Arc::new(tx);
+        let spool = SpoolHandle::new(spool, status.clone());
+        let path = dir.path().join("run/agent.sock");
+        let server = LocalServer::bind(&path).unwrap();
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(server.serve(
+            ServerState {
+                spool,
+                status: rx,
+                resource: "host-1".parse().unwrap(),
+            },
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        Harness {
+            _dir: dir,
+            path,
+            status,
+            shutdown,
+            tracker,
+        }
+    }
+
+    impl Harness {
+        /// Stops the server; the temp dir lives as long as the returned guard.
+        async fn stop(self) -> tempfile::TempDir {
+            self.shutdown.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            self._dir
+        }
+    }
+
+    fn sid(s: &str) -> SessionId {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn session_reports_round_trip_with_clear_errors() {
+        let h = start(SpoolOptions::default());
+        let mode = std::fs::metadata(&h.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, SOCKET_MODE);
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        assert_eq!(
+            c.session_start(sid("s1"), "alice".parse().unwrap())
+                .await
+                .unwrap(),
+            1
+        );
+        let dup = c
+            .session_start(sid("s1"), "bob".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&dup, LocalError::Refused { code: ErrorCode::DuplicateSession, message } if message.contains("s1")),
+            "{dup}"
+        );
+        let unknown = c
+            .session_end(sid("nope"), EndReason::Logout)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            unknown,
+            LocalError::Refused {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
+        ));
+        assert_eq!(
+            c.session_end(sid("s1"), EndReason::Logout).await.unwrap(),
+            2
+        );
+        let st = c.status().await.unwrap();
+        assert_eq!(st.resource, "host-1");
+        assert_eq!(
+            (st.link.last_seq, st.link.spooled, st.link.connected),
+            (2, 2, false)
+        );
+        let long = EndReason::Other("x".repeat(2000));
+        c.session_start(sid("s2"), "alice".parse().unwrap())
+            .await
+            .unwrap();
+        let err = c.session_end(sid("s2"), long).await.unwrap_err();
+        assert!(matches!(
+            err,
+            LocalError::Refused {
+                code: ErrorCode::InvalidRequest,
+                ..
+            }
+        ));
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn full_spool_is_refused() {
+        let h = start(SpoolOptions {
+            max_events: 1,
+            ..SpoolOptions::default()
+        });
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        c.session_start(sid("a"), "u".parse().unwrap())
+            .await
+            .unwrap();
+        let err = c
+            .session_start(sid("b"), "u".parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LocalError::Refused {
+                    code: ErrorCode::SpoolFull,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn wait_synced_follows_the_status_and_times_out() {
+        let h = start(SpoolOptions::default());
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        let err = c.wait_synced(Duration::from_millis(50)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LocalError::Refused {
+                    code: ErrorCode::Timeout,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let path = h.path.clone();
+        let waiter = tokio::spawn(async move {
+            let mut c = LocalClient::connect(&path).await.unwrap();
+            c.wait_synced(Duration::from_secs(60)).await
+        });
+        // The waiter is answered by the status change, not by polling.
+        h.status.send_modify(|s| s.connected = true);
+        let st = waiter.await.unwrap().unwrap();
+        assert!(st.link.connected);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_a_malformed_reply_and_a_live_socket_is_not_stolen() {
+        let h = start(SpoolOptions::default());
+        let mut raw = UnixStream::connect(&h.path).await.unwrap();
+        raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        let reply: LocalResponse = read_message(&mut raw, MAX_LOCAL_FRAME_LEN)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            reply,
+            LocalResponse::V1(Response::Error {
+                code: ErrorCode::Malformed,
+                ..
+            })
+        ));
+        let mut big = UnixStream::connect(&h.path).await.unwrap();
+        big.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let reply: LocalResponse = read_message(&mut big, MAX_LOCAL_FRAME_LEN)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            reply,
+            LocalResponse::V1(Response::Error {
+                code: ErrorCode::Malformed,
+                ..
+            })
+        ));
+        assert!(matches!(
+            LocalServer::bind(&h.path),
+            Err(LocalError::InUse(_))
+        ));
+        // The server still answers after the garbage.
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        c.status().await.unwrap();
+        let path = h.path.clone();
+        let _dir = h.stop().await;
+        // A stale socket file (nobody listening) is replaced.
+        assert!(path.exists());
+        let again = LocalServer::bind(&path).unwrap();
+        assert_eq!(again.path(), path);
+    }
+
+    #[tokio::test]
+    async fn missing_socket_says_the_agent_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LocalClient::connect(&dir.path().join("none.sock"))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("is ferry-agent running"), "{err}");
+    }
+}

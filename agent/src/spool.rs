@@ -1,0 +1,1162 @@
+//! The durable spool: every session event is on disk before anyone hears of it.
+//!
+//! # Format
+//! One append-only file, `state_dir/spool.log`:
+//!
+//! * a 22-byte header: magic `FERRYSPL`, format version (u16 BE), the
+//!   `spool_id` (u64 BE, random, chosen when the spool is created), and a
+//!   CRC-32 of those 18 bytes;
+//! * then records: payload length (u32 BE), CRC-32 of the length bytes and the
+//!   payload (u32 BE), payload (a bincode [`SpoolRecord`], at most
+//!   [`MAX_SPOOL_RECORD_LEN`] bytes). The CRC covers the length so a run of
+//!   zeros (a file extended but never written) is not a valid empty record.
+//!
+//! # Writes
+//! A session event is appended and `fdatasync`'d before [`Spool::append`]
+//! returns, so before it is sent to the broker and before the local caller
+//! is told it is recorded. A failed write is cut back off the file; a failed
+//! sync poisons the spool (after a failed fsync the page cache cannot be
+//! trusted) and every later append is refused until the agent restarts.
+//!
+//! Acknowledgements are appended as `Acked { up_to }` records *without* a sync
+//! of their own: losing one in a crash only means the agent replays events
+//! the broker already has, which the broker acknowledges as duplicates
+//! without recording them again.
+//!
+//! # Compaction
+//! When the acknowledged part of the file exceeds
+//! [`SpoolOptions::compact_min_dead_bytes`], the live part is rewritten to
+//! `spool.log.tmp`: the header (same spool id), a `Snapshot` record (ack
+//! watermark, last sequence number, the sessions open on the host), then the
+//! unacknowledged events. The temp file is synced, renamed over the log and
+//! the directory synced. A crash at any point leaves either the old or the new
+//! file, both complete. The snapshot keeps the sequence going (next seq =
+//! last seq + 1 even when every event was acknowledged) and the open-session
+//! set the agent reports in `Hello`.
+//!
+//! # Recovery
+//! On open the file is read record by record. A damaged *last* record (the
+//! length runs past the end of the file, the CRC fails on the final record,
+//! or the rest of the file is zeros) is the mark of a crash in the middle of
+//! an append: it is cut off with a warning. Damage anywhere else is
+//! [`SpoolError::Corrupt`], naming the file and the offset; nothing is
+//! skipped silently.
+//!
+//! # Bounds
+//! Unacknowledged events are kept in memory for replay and bounded by
+//! [`MAX_SPOOLED_EVENTS`] and [`MAX_SPOOLED_BYTES`]; past them new reports are
+//! refused with [`SpoolError::Full`]. Open sessions are bounded by
+//! [`MAX_SESSIONS_PER_HELLO`], the most a `Hello` can carry.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ferry_common::frame::{decode_payload, encode_payload};
+use ferry_common::limits::{
+    MAX_SESSIONS_PER_HELLO, MAX_SPOOLED_BYTES, MAX_SPOOLED_EVENTS, MAX_SPOOL_RECORD_LEN,
+    MAX_TEXT_LEN,
+};
+use ferry_common::wire::{EndReason, OpenSession, SequencedEvent, SessionEvent};
+use ferry_common::{SessionId, UnixMillis, UserId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::LinkStatus;
+
+/// File name of the spool inside `state_dir`.
+pub const SPOOL_FILE: &str = "spool.log";
+const SPOOL_TMP: &str = "spool.log.tmp";
+const MAGIC: [u8; 8] = *b"FERRYSPL";
+const FORMAT_VERSION: u16 = 1;
+/// Magic, version, spool id, CRC.
+pub const HEADER_LEN: u64 = 8 + 2 + 8 + 4;
+/// Length and CRC before each record's payload.
+pub const RECORD_HEADER_LEN: u64 = 8;
+
+/// Dead bytes (acknowledged events, ack records) that trigger a compaction
+/// by default: big enough that compaction is rare, small enough that the file
+/// stays small on a host that is mostly connected.
+pub const DEFAULT_COMPACT_MIN_DEAD_BYTES: u64 = 1024 * 1024;
+
+/// Tunables of a spool. Tests shrink them to reach the edges quickly.
+#[derive(Clone, Copy, Debug)]
+pub struct SpoolOptions {
+    /// Most unacknowledged events kept before new reports are refused.
+    pub max_events: usize,
+    /// Most encoded bytes of unacknowledged events kept.
+    pub max_bytes: usize,
+    /// Dead bytes in the file that make an acknowledgement compact it.
+    pub compact_min_dead_bytes: u64,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> Self {
+        Self {
+            max_events: MAX_SPOOLED_EVENTS,
+            max_bytes: MAX_SPOOLED_BYTES,
+            compact_min_dead_bytes: DEFAULT_COMPACT_MIN_DEAD_BYTES,
+        }
+    }
+}
+
+/// One record of the spool file. Append-only enum: never reorder or remove
+/// a variant (the file outlives the binary that wrote it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum SpoolRecord {
+    /// A session event, in sequence.
+    Event(SequencedEvent),
+    /// The broker durably recorded every event with `seq <= up_to`.
+    Acked { up_to: u64 },
+    /// Written first by a compaction: the whole state at that moment. The
+    /// unacknowledged events that follow it are included in it (they are
+    /// kept for replay only).
+    Snapshot {
+        acked: u64,
+        last_seq: u64,
+        open: Vec<OpenSession>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool {path} is corrupt at byte offset {offset}: {why}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+    },
+    #[error("spool is full ({events} events, {bytes} bytes not yet acknowledged by the broker); new reports are refused until the broker catches up")]
+    Full { events: usize, bytes: usize },
+    #[error("session {0} is already open on this host")]
+    DuplicateSession(SessionId),
+    #[error("session {0} is not open on this host")]
+    UnknownSession(SessionId),
+    #[error("{0} sessions are already open on this host; no more can be reported")]
+    TooManyOpenSessions(usize),
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    #[error("broker acknowledged seq {up_to} but the spool ends at seq {last_seq}")]
+    AckBeyondEnd { up_to: u64, last_seq: u64 },
+    #[error("spool refuses writes after an earlier failed sync; restart the agent")]
+    Poisoned,
+    #[error("spool still holds {0} unacknowledged events; cannot start a new spool")]
+    NotEmpty(usize),
+}
+
+/// The spool of one agent. Blocking I/O: call it from `spawn_blocking` (see
+/// [`SpoolHandle`]).
+pub struct Spool {
+    /// Path of the log file.
+    path: PathBuf,
+    /// Directory holding it, synced after renames.
+    dir: PathBuf,
+    /// The log, written at `file_len`.
+    file: File,
+    /// Identifies this spool's sequence to the broker.
+    spool_id: u64,
+    /// Highest sequence number written.
+    last_seq: u64,
+    /// Highest sequence number the broker acknowledged.
+    acked: u64,
+    /// Events with `seq > acked`, in order, with their record size in the file.
+    unacked: VecDeque<(SequencedEvent, u64)>,
+    /// Sum of the record sizes in `unacked`.
+    unacked_bytes: u64,
+    /// Sessions started and not ended, as the host sees them.
+    open: BTreeMap<SessionId, OpenSession>,
+    /// Length of the file (where the next record goes).
+    file_len: u64,
+    /// Header plus the snapshot record: bytes that compaction would keep anyway.
+    base_len: u64,
+    /// Set after a failed sync: the file's state on disk is unknown.
+    poisoned: bool,
+    /// Limits and compaction threshold.
+    opts: SpoolOptions,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("path", &self.path)
+            .field("spool_id", &self.spool_id)
+            .field("last_seq", &self.last_seq)
+            .field("acked", &self.acked)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SpoolError + 'a {
+    move |source| SpoolError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn encode_header(spool_id: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN as usize);
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    h.extend_from_slice(&spool_id.to_be_bytes());
+    let crc = crc32(&h);
+    h.extend_from_slice(&crc.to_be_bytes());
+    h
+}
+
+fn encode_record(rec: &SpoolRecord) -> Result<Vec<u8>, SpoolError> {
+    let payload =
+        encode_payload(rec).map_err(|e| SpoolError::InvalidEvent(format!("encode: {e}")))?;
+    if payload.len() > MAX_SPOOL_RECORD_LEN {
+        return Err(SpoolError::InvalidEvent(format!(
+            "record of {} bytes is over the limit of {MAX_SPOOL_RECORD_LEN}",
+            payload.len()
+        )));
+    }
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut crc = Crc32::new();
+    crc.update(&len);
+    crc.update(&payload);
+    let mut out = Vec::with_capacity(RECORD_HEADER_LEN as usize + payload.len());
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&crc.finish().to_be_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync directory", dir))
+}
+
+/// Writes `bytes` to `dir/tmp`, syncs it, renames it to `dir/name` and syncs
+/// the directory: the target is either absent/old or complete.
+fn write_atomically(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    let tmp_path = dir.join(tmp);
+    let target = dir.join(name);
+    let result = (|| {
+        let mut f = File::create(&tmp_path).map_err(io_err("create", &tmp_path))?;
+        f.write_all(bytes).map_err(io_err("write", &tmp_path))?;
+        f.sync_all().map_err(io_err("sync", &tmp_path))?;
+        std::fs::rename(&tmp_path, &target).map_err(io_err("rename", &tmp_path))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    result
+}
+
+impl Spool {
+    /// Opens the spool in `dir`, creating it (with a new random spool id) if
+    /// there is none, and recovers its state.
+    pub fn open(dir: &Path, opts: SpoolOptions) -> Result<Self, SpoolError> {
+        std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        let path = dir.join(SPOOL_FILE);
+        if !path.exists() {
+            let spool_id = loop {
+                // 0 would read as "no spool" in logs; any other value will do.
+                let id: u64 = rand::random();
+                if id != 0 {
+                    break id;
+                }
+            };
+            write_atomically(dir, SPOOL_TMP, SPOOL_FILE, &encode_header(spool_id))?;
+            tracing::info!(path = %path.display(), spool_id, "created a new spool");
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        let mut spool = Spool {
+            dir: dir.to_owned(),
+            file,
+            spool_id: 0,
+            last_seq: 0,
+            acked: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            open: BTreeMap::new(),
+            file_len: 0,
+            base_len: HEADER_LEN,
+            poisoned: false,
+            opts,
+            path,
+        };
+        spool.recover()?;
+        Ok(spool)
+    }
+
+    fn corrupt(&self, offset: u64, why: impl Into<String>) -> SpoolError {
+        SpoolError::Corrupt {
+            path: self.path.clone(),
+            offset,
+            why: why.into(),
+        }
+    }
+
+    fn recover(&mut self) -> Result<(), SpoolError> {
+        let path = self.path.clone();
+        let file_len = self.file.metadata().map_err(io_err("stat", &path))?.len();
+        // A second handle on the same file, so records can be applied to
+        // `self` while reading.
+        let mut r = BufReader::new(self.file.try_clone().map_err(io_err("open", &path))?);
+        let mut header = [0u8; HEADER_LEN as usize];
+        if file_len < HEADER_LEN {
+            return Err(self.corrupt(0, "file is shorter than the spool header"));
+        }
+        r.read_exact(&mut header).map_err(io_err("read", &path))?;
+        if header[..8] != MAGIC {
+            return Err(self.corrupt(0, "not a Ferry spool (bad magic)"));
+        }
+        let crc = u32::from_be_bytes([header[18], header[19], header[20], header[21]]);
+        if crc32(&header[..18]) != crc {
+            return Err(self.corrupt(0, "header checksum mismatch"));
+        }
+        let version = u16::from_be_bytes([header[8], header[9]]);
+        if version != FORMAT_VERSION {
+            return Err(self.corrupt(
+                8,
+                format!("format version {version}; this agent reads {FORMAT_VERSION}"),
+            ));
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&header[10..18]);
+        self.spool_id = u64::from_be_bytes(id);
+
+        let mut offset = HEADER_LEN;
+        let mut first = true;
+        let mut torn_at = None;
+        while offset < file_len {
+            let remaining = file_len - offset;
+            if remaining < RECORD_HEADER_LEN {
+                torn_at = Some((offset, "partial record header"));
+                break;
+            }
+            let mut head = [0u8; RECORD_HEADER_LEN as usize];
+            r.read_exact(&mut head).map_err(io_err("read", &path))?;
+            let len_bytes = [head[0], head[1], head[2], head[3]];
+            let len = u64::from(u32::from_be_bytes(len_bytes));
+            let crc = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            if len > MAX_SPOOL_RECORD_LEN as u64 {
+                if self.zeros_from(offset, file_len)? {
+                    torn_at = Some((offset, "zero-filled tail"));
+                    break;
+                }
+                return Err(self.corrupt(
+                    offset,
+                    format!("record length {len} is over the limit of {MAX_SPOOL_RECORD_LEN}"),
+                ));
+            }
+            let end = offset + RECORD_HEADER_LEN + len;
+            if end > file_len {
+                torn_at = Some((offset, "record runs past the end of the file"));
+                break;
+            }
+            let mut payload = vec![0u8; len as usize];
+            r.read_exact(&mut payload).map_err(io_err("read", &path))?;
+            let mut c = Crc32::new();
+            c.update(&len_bytes);
+            c.update(&payload);
+            if c.finish() != crc {
+                if end == file_len || self.zeros_from(offset, file_len)? {
+                    torn_at = Some((offset, "checksum mismatch in the last record"));
+                    break;
+                }
+                return Err(self.corrupt(offset, "record checksum mismatch"));
+            }
+            let rec: SpoolRecord = decode_payload(&payload)
+                .map_err(|e| self.corrupt(offset, format!("undecodable record: {e}")))?;
+            self.apply(rec, offset, len + RECORD_HEADER_LEN, first)?;
+            first = false;
+            offset = end;
+        }
+        drop(r);
+        if let Some((at, why)) = torn_at {
+            tracing::warn!(
+                path = %path.display(),
+                offset = at,
+                dropped_bytes = file_len - at,
+                "spool ends in a torn record ({why}), the mark of a crash mid-append; cutting it off"
+            );
+            self.file.set_len(at).map_err(io_err("truncate", &path))?;
+            self.file.sync_all().map_err(io_err("sync", &path))?;
+            offset = at;
+        }
+        self.file_len = offset;
+        Ok(())
+    }
+
+    fn zeros_from(&self, offset: u64, file_len: u64) -> Result<bool, SpoolError> {
+        let mut f = &self.file;
+        let pos = f.stream_position().map_err(io_err("seek", &self.path))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(io_err("seek", &self.path))?;
+        let mut buf = [0u8; 8192];
+        let mut left = file_len - offset;
+        let mut all_zero = true;
+        while left > 0 && all_zero {
+            let n = buf.len().min(left as usize);
+            f.read_exact(&mut buf[..n])
+                .map_err(io_err("read", &self.path))?;
+            all_zero = buf[..n].iter().all(|b| *b == 0);
+            left -= n as u64;
+        }
+        f.seek(SeekFrom::Start(pos))
+            .map_err(io_err("seek", &self.path))?;
+        Ok(all_zero)
+    }
+
+    fn apply(
+        &mut self,
+        rec: SpoolRecord,
+        offset: u64,
+        size: u64,
+        first: bool,
+    ) -> Result<(), SpoolError> {
+        match rec {
+            SpoolRecord::Snapshot {
+                acked,
+                last_seq,
+                open,
+            } => {
+                if !first {
+                    return Err(self.corrupt(offset, "snapshot record after the first record"));
+                }
+                if acked > last_seq {
+                    return Err(self.corrupt(offset, "snapshot acknowledges past its end"));
+                }
+                self.acked = acked;
+                self.last_seq = last_seq;
+                self.open = open.into_iter().map(|s| (s.session.clone(), s)).collect();
+                self.base_len = HEADER_LEN + size;
+            }
+            SpoolRecord::Event(ev) => {
+                // Events right after a snapshot are already counted in it
+                // (its last_seq and open sessions): they are only kept for
+                // replay. Any later event extends the state.
+                let covered = ev.seq <= self.last_seq;
+                let expected = if covered {
+                    self.acked + self.unacked.len() as u64 + 1
+                } else {
+                    self.last_seq + 1
+                };
+                if ev.seq != expected {
+                    return Err(self.corrupt(
+                        offset,
+                        format!("event seq {} where seq {expected} was due", ev.seq),
+                    ));
+                }
+                if !covered {
+                    self.last_seq = ev.seq;
+                    apply_to_open(&mut self.open, &ev.event);
+                }
+                self.unacked_bytes += size;
+                self.unacked.push_back((ev, size));
+            }
+            SpoolRecord::Acked { up_to } => {
+                if up_to > self.last_seq {
+                    return Err(self.corrupt(
+                        offset,
+                        format!("ack of seq {up_to} past the last event {}", self.last_seq),
+                    ));
+                }
+                self.drop_acked(up_to);
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_acked(&mut self, up_to: u64) {
+        if up_to <= self.acked {
+            return;
+        }
+        self.acked = up_to;
+        while let Some((ev, size)) = self.unacked.front() {
+            if ev.seq > up_to {
+                break;
+            }
+            self.unacked_bytes -= size;
+            self.unacked.pop_front();
+        }
+    }
+
+    /// Appends a record at the end; on a write error the partial record is
+    /// cut off again so the file stays a sequence of whole records.
+    fn write_record(&mut self, bytes: &[u8], sync: bool) -> Result<(), SpoolError> {
+        if self.poisoned {
+            return Err(SpoolError::Poisoned);
+        }
+        let path = self.path.clone();
+        let written = self
+            .file
+            .seek(SeekFrom::Start(self.file_len))
+            .and_then(|_| self.file.write_all(bytes));
+        if let Err(e) = written {
+            if self.file.set_len(self.file_len).is_err() {
+                self.poisoned = true;
+            }
+            return Err(io_err("append to", &path)(e));
+        }
+        if sync {
+            if let Err(e) = self.file.sync_data() {
+                self.poisoned = true;
+                return Err(io_err("sync", &path)(e));
+            }
+        }
+        self.file_len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Checks a new event against the host's open sessions and the limits,
+    /// writes it durably and returns its sequence number.
+    pub fn append(&mut self, event: SessionEvent) -> Result<u64, SpoolError> {
+        match &event {
+            SessionEvent::Started { session, .. } => {
+                if self.open.contains_key(session) {
+                    return Err(SpoolError::DuplicateSession(session.clone()));
+                }
+                if self.open.len() >= MAX_SESSIONS_PER_HELLO {
+                    return Err(SpoolError::TooManyOpenSessions(self.open.len()));
+                }
+            }
+            SessionEvent::Ended {
+                session, reason, ..
+            } => {
+                if !self.open.contains_key(session) {
+                    return Err(SpoolError::UnknownSession(session.clone()));
+                }
+                if let EndReason::Other(text) = reason {
+                    if text.len() > MAX_TEXT_LEN {
+                        return Err(SpoolError::InvalidEvent(format!(
+                            "reason is {} bytes; the limit is {MAX_TEXT_LEN}",
+                            text.len()
+                        )));
+                    }
+                }
+            }
+        }
+        let ev = SequencedEvent {
+            seq: self.last_seq + 1,
+            event,
+        };
+        let bytes = encode_record(&SpoolRecord::Event(ev.clone()))?;
+        let size = bytes.len() as u64;
+        if self.unacked.len() >= self.opts.max_events
+            || self.unacked_bytes + size > self.opts.max_bytes as u64
+        {
+            return Err(SpoolError::Full {
+                events: self.unacked.len(),
+                bytes: self.unacked_bytes as usize,
+            });
+        }
+        self.write_record(&bytes, true)?;
+        self.last_seq = ev.seq;
+        apply_to_open(&mut self.open, &ev.event);
+        self.unacked_bytes += size;
+        self.unacked.push_back((ev, size));
+        Ok(self.last_seq)
+    }
+
+    /// Records that the broker durably holds every event up to `up_to`, and
+    /// compacts the file when enough of it is dead.
+    pub fn ack(&mut self, up_to: u64) -> Result<(), SpoolError> {
+        if up_to > self.last_seq {
+            return Err(SpoolError::AckBeyondEnd {
+                up_to,
+                last_seq: self.last_seq,
+            });
+        }
+        if up_to <= self.acked {
+            return Ok(());
+        }
+        // Not synced: see the module doc (a lost ack only causes duplicates
+        // the broker ignores). The next event's fdatasync carries it along.
+        let bytes = encode_record(&SpoolRecord::Acked { up_to })?;
+        self.write_record(&bytes, false)?;
+        self.drop_acked(up_to);
+        if self.dead_bytes() >= self.opts.compact_min_dead_bytes {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    fn dead_bytes(&self) -> u64 {
+        self.file_len
+            .saturating_sub(self.base_len + self.unacked_bytes)
+    }
+
+    /// Rewrites the file with only what is still needed (see the module doc).
+    pub fn compact(&mut self) -> Result<(), SpoolError> {
+        self.rewrite(self.spool_id, self.acked, self.last_seq)
+    }
+
+    fn rewrite(&mut self, spool_id: u64, acked: u64, last_seq: u64) -> Result<(), SpoolError> {
+        if self.poisoned {
+            return Err(SpoolError::Poisoned);
+        }
+        let snapshot = encode_record(&SpoolRecord::Snapshot {
+            acked,
+            last_seq,
+            open: self.open.values().cloned().collect(),
+        })?;
+        let mut bytes = encode_header(spool_id);
+        bytes.extend_from_slice(&snapshot);
+        let base_len = bytes.len() as u64;
+        for (ev, _) in &self.unacked {
+            bytes.extend_from_slice(&encode_record(&SpoolRecord::Event(ev.clone()))?);
+        }
+        write_atomically(&self.dir, SPOOL_TMP, SPOOL_FILE, &bytes)?;
+        // The old handle points at the replaced inode; write to the new one.
+        self.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(io_err("reopen", &self.path))?;
+        self.spool_id = spool_id;
+        self.acked = acked;
+        self.last_seq = last_seq;
+        self.file_len = bytes.len() as u64;
+        self.base_len = base_len;
+        tracing::debug!(path = %self.path.display(), bytes = self.file_len, "compacted the spool");
+        Ok(())
+    }
+
+    /// Starts a new sequence under a new spool id, keeping the open sessions.
+    /// Used when the broker has recorded more of this spool than the file
+    /// holds (a state directory restored from an old copy): going on with the
+    /// old id would make the broker drop new events as duplicates.
+    pub fn start_new_spool(&mut self) -> Result<u64, SpoolError> {
+        if !self.unacked.is_empty() {
+            return Err(SpoolError::NotEmpty(self.unacked.len()));
+        }
+        let id = loop {
+            let id: u64 = rand::random();
+            if id != 0 && id != self.spool_id {
+                break id;
+            }
+        };
+        self.rewrite(id, 0, 0)?;
+        Ok(id)
+    }
+
+    /// Up to `max` unacknowledged events with `seq > after`, in order.
+    pub fn events_after(&self, after: u64, max: usize) -> Vec<SequencedEvent> {
+        let skip = after.saturating_sub(self.acked) as usize;
+        self.unacked
+            .iter()
+            .skip(skip)
+            .take(max)
+            .map(|(ev, _)| ev.clone())
+            .collect()
+    }
+
+    /// The sessions open on the host, for `Hello`.
+    pub fn open_sessions(&self) -> Vec<OpenSession> {
+        self.open.values().cloned().collect()
+    }
+
+    /// Number of open sessions.
+    pub fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn spool_id(&self) -> u64 {
+        self.spool_id
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn acked_seq(&self) -> u64 {
+        self.acked
+    }
+
+    /// Number of events not yet acknowledged.
+    pub fn spooled(&self) -> u64 {
+        self.unacked.len() as u64
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn apply_to_open(open: &mut BTreeMap<SessionId, OpenSession>, event: &SessionEvent) {
+    match event {
+        SessionEvent::Started { session, user, at } => {
+            open.insert(
+                session.clone(),
+                OpenSession {
+                    session: session.clone(),
+                    user: user.clone(),
+                    started_at: *at,
+                },
+            );
+        }
+        SessionEvent::Ended { session, .. } => {
+            open.remove(session);
+        }
+    }
+}
+
+/// The spool shared by the local socket (appends) and the link (acks,
+/// replay). Each operation takes the lock inside `spawn_blocking`, never
+/// across an `.await`, and publishes the new counters.
+#[derive(Clone)]
+pub struct SpoolHandle {
+    /// The spool; a std mutex because every use is short and blocking.
+    inner: Arc<Mutex<Spool>>,
+    /// The agent's status, whose spool counters this keeps current.
+    status: Arc<watch::Sender<LinkStatus>>,
+    /// Last sequence number written; the link waits on it for new events.
+    appended: Arc<watch::Sender<u64>>,
+}
+
+impl SpoolHandle {
+    pub fn new(spool: Spool, status: Arc<watch::Sender<LinkStatus>>) -> Self {
+        let last = spool.last_seq();
+        let handle = Self {
+            inner: Arc::new(Mutex::new(spool)),
+            status,
+            appended: Arc::new(watch::channel(last).0),
+        };
+        handle.publish();
+        handle
+    }
+
+    /// Runs `f` on the spool on the blocking pool and publishes the counters.
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Spool) -> T + Send + 'static,
+    ) -> T {
+        let this = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let out = f(&mut this.lock());
+            this.publish();
+            out
+        });
+        match task.await {
+            Ok(out) => out,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Short, non-blocking reads (no file I/O) can take the lock directly.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Spool> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Durably appends an event; returns its sequence number.
+    pub async fn append(&self, event: SessionEvent) -> Result<u64, SpoolError> {
+        self.with(move |s| s.append(event)).await
+    }
+
+    /// Applies a broker acknowledgement.
+    pub async fn ack(&self, up_to: u64) -> Result<(), SpoolError> {
+        self.with(move |s| s.ack(up_to)).await
+    }
+
+    /// A receiver of the last written sequence number.
+    pub fn subscribe_appended(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
+
+    fn publish(&self) {
+        let (last, acked, spooled) = {
+            let s = self.lock();
+            (s.last_seq(), s.acked_seq(), s.spooled())
+        };
+        self.appended.send_if_modified(|v| {
+            let changed = *v != last;
+            *v = last;
+            changed
+        });
+        self.status.send_if_modified(|st| {
+            let changed = st.last_seq != last || st.acked_seq != acked || st.spooled != spooled;
+            st.last_seq = last;
+            st.acked_seq = acked;
+            st.spooled = spooled;
+            changed
+        });
+    }
+}
+
+/// A session-started event stamped now.
+pub fn started(session: SessionId, user: UserId, at: UnixMillis) -> SessionEvent {
+    SessionEvent::Started { session, user, at }
+}
+
+/// CRC-32 (IEEE 802.3, the zlib/PNG polynomial), table-driven.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = Crc32::new();
+    c.update(bytes);
+    c.finish()
+}
+
+const CRC_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
+struct Crc32(u32);
+
+impl Crc32 {
+    fn new() -> Self {
+        Self(0xFFFF_FFFF)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = CRC_TABLE[((self.0 ^ u32::from(*b)) & 0xFF) as usize] ^ (self.0 >> 8);
+        }
+    }
+
+    fn finish(&self) -> u32 {
+        !self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sid(s: &str) -> SessionId {
+        s.parse().unwrap()
+    }
+
+    fn start(s: &str) -> SessionEvent {
+        started(sid(s), "alice".parse().unwrap(), UnixMillis(1_000))
+    }
+
+    fn end(s: &str) -> SessionEvent {
+        SessionEvent::Ended {
+            session: sid(s),
+            at: UnixMillis(2_000),
+            reason: EndReason::Logout,
+        }
+    }
+
+    fn small() -> SpoolOptions {
+        SpoolOptions {
+            compact_min_dead_bytes: 64,
+            ..SpoolOptions::default()
+        }
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn append_ack_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            id = s.spool_id();
+            assert_eq!(s.append(start("a")).unwrap(), 1);
+            assert_eq!(s.append(start("b")).unwrap(), 2);
+            assert_eq!(s.append(end("a")).unwrap(), 3);
+            s.ack(2).unwrap();
+            assert_eq!(s.spooled(), 1);
+        }
+        let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.spool_id(), id);
+        assert_eq!(s.last_seq(), 3);
+        assert_eq!(s.acked_seq(), 2);
+        let rest = s.events_after(0, 10);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].seq, 3);
+        assert_eq!(s.events_after(3, 10), vec![]);
+        let open: Vec<_> = s.open_sessions().into_iter().map(|o| o.session).collect();
+        assert_eq!(open, vec![sid("b")]);
+    }
+
+    #[test]
+    fn duplicate_start_and_unknown_end_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        s.append(start("a")).unwrap();
+        assert!(matches!(
+            s.append(start("a")),
+            Err(SpoolError::DuplicateSession(_))
+        ));
+        assert!(matches!(
+            s.append(end("zz")),
+            Err(SpoolError::UnknownSession(_))
+        ));
+        assert_eq!(s.last_seq(), 1);
+        assert!(matches!(
+            s.ack(5),
+            Err(SpoolError::AckBeyondEnd {
+                up_to: 5,
+                last_seq: 1
+            })
+        ));
+    }
+
+    #[test]
+    fn sequence_continues_after_restart_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Spool::open(dir.path(), small()).unwrap();
+            for i in 0..10 {
+                s.append(start(&format!("s{i}"))).unwrap();
+            }
+            s.ack(10).unwrap();
+            assert_eq!(s.spooled(), 0);
+        }
+        // Compaction dropped every event; the snapshot keeps seq and sessions.
+        let len = std::fs::metadata(dir.path().join(SPOOL_FILE))
+            .unwrap()
+            .len();
+        assert!(len < 400, "compacted file is {len} bytes");
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!(s.last_seq(), 10);
+        assert_eq!(s.open_count(), 10);
+        assert_eq!(s.append(end("s3")).unwrap(), 11);
+        drop(s);
+        let s = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!(s.last_seq(), 11);
+        assert_eq!(s.open_count(), 9);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_FILE);
+        {
+            let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            s.append(start("a")).unwrap();
+            s.append(start("b")).unwrap();
+        }
+        let full = std::fs::read(&path).unwrap();
+        let good_len = {
+            let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            assert_eq!(s.last_seq(), 2);
+            s.file_len
+        };
+        assert_eq!(good_len, full.len() as u64);
+        // Every cut inside the last record is a torn append.
+        let one_record = {
+            let d2 = tempfile::tempdir().unwrap();
+            let mut s = Spool::open(d2.path(), SpoolOptions::default()).unwrap();
+            s.append(start("a")).unwrap();
+            s.file_len
+        };
+        for cut in one_record as usize + 1..full.len() {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            assert_eq!(s.last_seq(), 1, "cut at {cut}");
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                one_record,
+                "truncated to the last whole record"
+            );
+        }
+        // A garbled final record and a zero-filled tail are torn too.
+        let mut garbled = full.clone();
+        let last = garbled.len() - 1;
+        garbled[last] ^= 0xff;
+        std::fs::write(&path, &garbled).unwrap();
+        assert_eq!(
+            Spool::open(dir.path(), SpoolOptions::default())
+                .unwrap()
+                .last_seq(),
+            1
+        );
+        let mut zeros = full.clone();
+        zeros.extend_from_slice(&[0u8; 100]);
+        std::fs::write(&path, &zeros).unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.last_seq(), 2);
+        assert_eq!(s.append(start("c")).unwrap(), 3);
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_an_error_naming_file_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPOOL_FILE);
+        {
+            let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+            s.append(start("a")).unwrap();
+            s.append(start("b")).unwrap();
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = HEADER_LEN as usize + RECORD_HEADER_LEN as usize + 2;
+        bytes[at] ^= 0x55;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Spool::open(dir.path(), SpoolOptions::default()).unwrap_err();
+        match &err {
+            SpoolError::Corrupt {
+                path: p, offset, ..
+            } => {
+                assert_eq!(p, &path);
+                assert_eq!(*offset, HEADER_LEN);
+            }
+            other => panic!("expected Corrupt, got {other}"),
+        }
+        let text = err.to_string();
+        assert!(text.contains("spool.log") && text.contains(&HEADER_LEN.to_string()));
+        // The file is left as it was for an operator to look at.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+        let mut bad_header = bytes.clone();
+        bad_header[12] ^= 1;
+        std::fs::write(&path, &bad_header).unwrap();
+        assert!(matches!(
+            Spool::open(dir.path(), SpoolOptions::default()),
+            Err(SpoolError::Corrupt { offset: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn limit_is_enforced_and_acks_make_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions {
+            max_events: 3,
+            ..SpoolOptions::default()
+        };
+        let mut s = Spool::open(dir.path(), opts).unwrap();
+        for i in 0..3 {
+            s.append(start(&format!("s{i}"))).unwrap();
+        }
+        let err = s.append(start("s3")).unwrap_err();
+        assert!(matches!(err, SpoolError::Full { events: 3, .. }), "{err}");
+        assert_eq!(s.last_seq(), 3);
+        s.ack(1).unwrap();
+        assert_eq!(s.append(start("s3")).unwrap(), 4);
+
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions {
+            max_bytes: 100,
+            ..SpoolOptions::default()
+        };
+        let mut s = Spool::open(dir.path(), opts).unwrap();
+        let mut n = 0;
+        while s.append(start(&format!("s{n}"))).is_ok() {
+            n += 1;
+            assert!(n < 100, "byte limit never reached");
+        }
+        assert!(n >= 1);
+    }
+
+    #[test]
+    fn new_spool_keeps_open_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        s.append(start("a")).unwrap();
+        assert!(matches!(s.start_new_spool(), Err(SpoolError::NotEmpty(1))));
+        s.ack(1).unwrap();
+        let old = s.spool_id();
+        let new = s.start_new_spool().unwrap();
+        assert_ne!(old, new);
+        drop(s);
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.spool_id(), new);
+        assert_eq!(s.last_seq(), 0);
+        assert_eq!(s.open_count(), 1);
+        assert_eq!(s.append(end("a")).unwrap(), 1);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Start,
+        End(usize),
+        Ack(u64),
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Start),
+            3 => (0usize..8).prop_map(Op::End),
+            3 => (0u64..6).prop_map(Op::Ack),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        // Random appends, acks and reopens: what is not acknowledged is
+        // always there, in order, and sequence numbers never repeat.
+        #[test]
+        fn random_histories_lose_nothing_unacked(ops in proptest::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = Spool::open(dir.path(), small()).unwrap();
+            let mut all: Vec<SequencedEvent> = Vec::new();
+            let mut acked = 0u64;
+            let mut open: Vec<String> = Vec::new();
+            let mut next_name = 0;
+            for op in ops {
+                match op {
+                    Op::Start => {
+                        let name = format!("s{next_name}");
+                        next_name += 1;
+                        let ev = start(&name);
+                        let seq = s.append(ev.clone()).unwrap();
+                        prop_assert_eq!(seq, all.len() as u64 + 1);
+                        all.push(SequencedEvent { seq, event: ev });
+                        open.push(name);
+                    }
+                    Op::End(i) => {
+                        if open.is_empty() { continue; }
+                        let name = open.remove(i % open.len());
+                        let ev = end(&name);
+                        let seq = s.append(ev.clone()).unwrap();
+                        all.push(SequencedEvent { seq, event: ev });
+                    }
+                    Op::Ack(k) => {
+                        let up_to = (acked + k).min(all.len() as u64);
+                        s.ack(up_to).unwrap();
+                        acked = acked.max(up_to);
+                    }
+                    Op::Reopen => {
+                        drop(s);
+                        s = Spool::open(dir.path(), small()).unwrap();
+                    }
+                }
+                prop_assert_eq!(s.last_seq(), all.len() as u64);
+                prop_assert_eq!(s.acked_seq(), acked);
+                let expected: Vec<_> = all[acked as usize..].to_vec();
+                prop_assert_eq!(s.events_after(acked, usize::MAX), expected);
+                let mut have: Vec<String> =
+                    s.open_sessions().into_iter().map(|o| o.session.to_string()).collect();
+                let mut want = open.clone();
+                have.sort();
+                want.sort();
+                prop_assert_eq!(have, want);
+            }
+        }
+    }
+}
