@@ -1,5 +1,20 @@
 //! `ferry-broker`: the delivery-group engine, the agent link, metering and the
 //! admin socket; `ferryctl` is built from this library too.
 
+pub mod admin;
+pub mod config;
+pub mod daemon;
+pub mod dev;
 pub mod engine;
+pub mod link;
+#[cfg(test)]
+mod link_tests;
+pub mod notify;
+pub mod pki;
+pub mod registry;
+pub mod render;
 pub mod simulate;
+pub mod store;
+
+pub use config::BrokerConfig;
+pub use daemon::{run, BrokerError, BrokerReady};

@@ -5,6 +5,7 @@
 //! `ferry-broker` and how it is framed, so that exactly one crate knows the
 //! encoding.
 
+pub mod admin;
 pub mod duration;
 pub mod frame;
 pub mod ids;

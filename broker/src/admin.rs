@@ -1,0 +1,627 @@
+//! The admin socket: a Unix socket speaking framed [`AdminRequest`] /
+//! [`AdminResponse`], its server inside the broker and the client `ferryctl`
+//! (and `dev`) use.
+//!
+//! Admin frames use the same length prefix and bincode configuration as the
+//! agent link, with the larger [`MAX_ADMIN_FRAME_LEN`] (fleet listings). The
+//! decoder runs with that same byte limit.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::admin::{
+    AdminError, AdminErrorCode, AdminRequest, AdminRequestV1, AdminResponse, AdminResponseV1,
+    ResourceInfo, SessionInfo, StatusReport, MAX_ADMIN_CONNECTIONS,
+};
+use ferry_common::frame::{self, FrameError, HEADER_LEN};
+use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
+use ferry_common::wire::{Command, CommandOutcome};
+use ferry_common::{ResourceId, SessionId};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
+use crate::store::{Store, StoredSession};
+
+/// Default admin socket path (`ferryctl --socket` and the config default).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ferry/admin.sock";
+
+/// Environment variable `ferryctl` reads the socket path from.
+pub const ADMIN_SOCKET_ENV: &str = "FERRY_ADMIN_SOCKET";
+
+/// An admin connection idle this long is closed: `ferryctl` sends its
+/// request right away, so silence means a stuck or hostile client.
+pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Mode of the admin socket: owner and group (the `ferry` operators group).
+pub const ADMIN_SOCKET_MODE: u32 = 0o660;
+
+/// The admin frame bincode configuration: the agent link's, with the admin limit.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_ADMIN_FRAME_LEN>()
+}
+
+/// Reads one admin message; `Ok(None)` on a clean end of stream.
+pub async fn read_admin<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    let Some(payload) = frame::read_frame(r, MAX_ADMIN_FRAME_LEN).await? else {
+        return Ok(None);
+    };
+    let (msg, used) = bincode::serde::decode_from_slice(&payload, config())
+        .map_err(|e| FrameError::Decode(e.to_string()))?;
+    if used != payload.len() {
+        return Err(FrameError::TrailingBytes(payload.len() - used));
+    }
+    Ok(Some(msg))
+}
+
+/// Writes one admin message as a frame.
+pub async fn write_admin<T: Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &T,
+) -> Result<(), FrameError> {
+    let payload = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let too_large = || FrameError::TooLarge {
+        len: payload.len(),
+        max: MAX_ADMIN_FRAME_LEN,
+    };
+    if payload.len() > MAX_ADMIN_FRAME_LEN {
+        return Err(too_large());
+    }
+    let len = u32::try_from(payload.len()).map_err(|_| too_large())?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&payload);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminSocketError {
+    #[error("another broker is listening on {0}")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to remove it")]
+    NotASocket(PathBuf),
+    #[error("{what} {path}: {error}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+/// Binds the admin socket with mode 0660. A socket file left by a dead
+/// broker is removed; one a live broker listens on is not.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
+    let io = |what| {
+        move |error| AdminSocketError::Io {
+            what,
+            path: path.to_path_buf(),
+            error,
+        }
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                return Err(AdminSocketError::NotASocket(path.to_path_buf()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AdminSocketError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(io("remove stale socket"))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("inspect")(e)),
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io("create directory of"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io("bind"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(ADMIN_SOCKET_MODE))
+        .map_err(io("set mode of"))?;
+    Ok(listener)
+}
+
+/// What admin requests are answered from.
+#[derive(Clone)]
+pub struct AdminContext {
+    /// Recorded state.
+    pub store: Store,
+    /// Live state and the way to reach agents.
+    pub registry: Arc<Registry>,
+}
+
+/// Serves admin connections until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    ctx: AdminContext,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept admin connection: {e}");
+                    continue;
+                }
+            },
+        };
+        let permit = limit.clone().try_acquire_owned();
+        let ctx = ctx.clone();
+        let token = shutdown.child_token();
+        tracker.spawn(async move {
+            let mut stream = stream;
+            let Ok(_permit) = permit else {
+                let busy = error(
+                    AdminErrorCode::Busy,
+                    format!("{MAX_ADMIN_CONNECTIONS} admin connections are open; retry later"),
+                );
+                let _ = write_admin(&mut stream, &AdminResponse::V1(busy)).await;
+                return;
+            };
+            if let Err(e) = connection(&mut stream, &ctx, &token).await {
+                tracing::debug!("admin connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn connection(
+    stream: &mut UnixStream,
+    ctx: &AdminContext,
+    token: &CancellationToken,
+) -> Result<(), FrameError> {
+    loop {
+        let req = tokio::select! {
+            _ = token.cancelled() => {
+                let bye = error(AdminErrorCode::ShuttingDown, "broker is shutting down".into());
+                write_admin(stream, &AdminResponse::V1(bye)).await?;
+                return Ok(());
+            }
+            r = tokio::time::timeout(ADMIN_IDLE_TIMEOUT, read_admin::<AdminRequest, _>(stream)) => match r {
+                Err(_) => return Ok(()),
+                Ok(r) => r,
+            },
+        };
+        let resp = match req {
+            Ok(None) => return Ok(()),
+            Ok(Some(AdminRequest::V1(req))) => handle(ctx, req).await,
+            Err(e) => {
+                // The stream position is unknown after a bad frame: answer and close.
+                tracing::warn!("bad admin request: {e}");
+                let resp = error(AdminErrorCode::BadRequest, format!("bad request: {e}"));
+                write_admin(stream, &AdminResponse::V1(resp)).await?;
+                return Ok(());
+            }
+        };
+        match write_admin(stream, &AdminResponse::V1(resp)).await {
+            Err(FrameError::TooLarge { len, max }) => {
+                // Nothing was written yet (the size is checked before writing).
+                let resp = error(
+                    AdminErrorCode::Internal,
+                    format!("the answer is {len} bytes, over the admin frame limit of {max}"),
+                );
+                write_admin(stream, &AdminResponse::V1(resp)).await?;
+            }
+            other => other?,
+        }
+    }
+}
+
+fn error(code: AdminErrorCode, message: String) -> AdminResponseV1 {
+    AdminResponseV1::Error(AdminError { code, message })
+}
+
+fn internal(e: impl std::fmt::Display) -> AdminResponseV1 {
+    tracing::error!("admin request failed: {e}");
+    error(AdminErrorCode::Internal, format!("store: {e}"))
+}
+
+impl From<StoredSession> for SessionInfo {
+    fn from(s: StoredSession) -> Self {
+        SessionInfo {
+            session: s.session,
+            resource: s.resource,
+            user: s.user,
+            started_at: s.started_at,
+            ended_at: s.ended_at,
+            end_reason: s.end_reason,
+        }
+    }
+}
+
+/// Answers one request. Read requests change nothing; commands change only
+/// what the agent confirms.
+pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
+    match req {
+        AdminRequestV1::Status => match ctx.store.counts().await {
+            Ok(c) => AdminResponseV1::Status(StatusReport {
+                broker_version: env!("CARGO_PKG_VERSION").to_string(),
+                agents_connected: ctx.registry.connected() as u64,
+                resources: c.resources,
+                open_sessions: c.open_sessions,
+                events_recorded: c.events_recorded,
+            }),
+            Err(e) => internal(e),
+        },
+        AdminRequestV1::ListResources => match ctx.store.resources().await {
+            Ok(stored) => {
+                let live = ctx.registry.snapshot();
+                AdminResponseV1::Resources(
+                    stored
+                        .into_iter()
+                        .map(|r| {
+                            let l = live.get(&r.resource);
+                            ResourceInfo {
+                                connected: l.is_some(),
+                                available: l.is_some_and(|l| l.available),
+                                draining: l.is_some_and(|l| l.draining),
+                                last_health_at: l.and_then(|l| l.last_health_at),
+                                resource: r.resource,
+                                group: r.group,
+                                agent_version: r.agent_version,
+                                image_version: r.image_version,
+                                sessions: r.open_sessions,
+                                host: r.host,
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            Err(e) => internal(e),
+        },
+        AdminRequestV1::ListSessions { all } => match ctx.store.sessions(all).await {
+            Ok(s) => AdminResponseV1::Sessions(s.into_iter().map(SessionInfo::from).collect()),
+            Err(e) => internal(e),
+        },
+        AdminRequestV1::Drain { resource } => drain(ctx, resource, Command::Drain, true).await,
+        AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
+        AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
+    }
+}
+
+async fn known_resource(
+    ctx: &AdminContext,
+    resource: &ResourceId,
+) -> Result<bool, AdminResponseV1> {
+    match ctx.store.resources().await {
+        Ok(all) => Ok(all.iter().any(|r| &r.resource == resource)),
+        Err(e) => Err(internal(e)),
+    }
+}
+
+async fn command_error(ctx: &AdminContext, e: CommandError) -> AdminResponseV1 {
+    match e {
+        CommandError::NotConnected(r) => match known_resource(ctx, &r).await {
+            Ok(false) => error(AdminErrorCode::NotFound, format!("no resource named {r}")),
+            Ok(true) => error(
+                AdminErrorCode::NotConnected,
+                format!("resource {r} is not connected; the command cannot reach its agent"),
+            ),
+            Err(resp) => resp,
+        },
+        CommandError::Timeout(..) => error(AdminErrorCode::Timeout, e.to_string()),
+        CommandError::ConnectionClosed(_) => error(AdminErrorCode::NotConnected, e.to_string()),
+    }
+}
+
+async fn drain(
+    ctx: &AdminContext,
+    resource: ResourceId,
+    command: Command,
+    draining: bool,
+) -> AdminResponseV1 {
+    let verb = if draining { "drain" } else { "undrain" };
+    match ctx
+        .registry
+        .command(&resource, command, COMMAND_TIMEOUT)
+        .await
+    {
+        Ok(CommandOutcome::Done) => {
+            ctx.registry.set_draining(&resource, draining);
+            AdminResponseV1::Done {
+                message: if draining {
+                    format!("{resource} is draining: it takes no new sessions")
+                } else {
+                    format!("{resource} takes sessions again")
+                },
+            }
+        }
+        Ok(CommandOutcome::Failed(why)) => error(
+            AdminErrorCode::CommandFailed,
+            format!("{resource} could not {verb}: {why}"),
+        ),
+        Err(e) => command_error(ctx, e).await,
+    }
+}
+
+async fn disconnect(ctx: &AdminContext, session: SessionId) -> AdminResponseV1 {
+    let hosts = match ctx.store.open_session_hosts(&session).await {
+        Ok(h) => h,
+        Err(e) => return internal(e),
+    };
+    let resource = match hosts.as_slice() {
+        [] => {
+            return error(
+                AdminErrorCode::NotFound,
+                format!("no open session named {session}"),
+            )
+        }
+        [one] => one.clone(),
+        many => {
+            let names: Vec<&str> = many.iter().map(|r| r.as_str()).collect();
+            return error(
+                AdminErrorCode::BadRequest,
+                format!(
+                    "session {session} is open on several resources ({}); end it on the host",
+                    names.join(", ")
+                ),
+            );
+        }
+    };
+    let command = Command::DisconnectSession {
+        session: session.clone(),
+        reason: "disconnected by operator".into(),
+    };
+    match ctx
+        .registry
+        .command(&resource, command, COMMAND_TIMEOUT)
+        .await
+    {
+        Ok(CommandOutcome::Done) => AdminResponseV1::Done {
+            message: format!(
+                "{resource} is ending session {session}; its end is recorded when the host reports it"
+            ),
+        },
+        Ok(CommandOutcome::Failed(why)) => error(
+            AdminErrorCode::CommandFailed,
+            format!("{resource} could not end session {session}: {why}"),
+        ),
+        Err(e) => command_error(ctx, e).await,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminClientError {
+    #[error("no broker is listening on {path} ({error}); is ferry-broker running? (set --socket or FERRY_ADMIN_SOCKET)")]
+    NotRunning {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("admin socket {path}: {error}")]
+    Connect {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("admin socket: {0}")]
+    Frame(#[from] FrameError),
+    #[error("broker closed the admin connection without answering")]
+    NoAnswer,
+    #[error("{}", .0.message)]
+    Remote(AdminError),
+    #[error("unexpected answer from broker: {0}")]
+    Unexpected(String),
+}
+
+/// A connection to the broker's admin socket.
+pub struct AdminClient {
+    stream: UnixStream,
+}
+
+impl AdminClient {
+    pub async fn connect(path: &Path) -> Result<AdminClient, AdminClientError> {
+        match UnixStream::connect(path).await {
+            Ok(stream) => Ok(AdminClient { stream }),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                Err(AdminClientError::NotRunning {
+                    path: path.to_path_buf(),
+                    error,
+                })
+            }
+            Err(error) => Err(AdminClientError::Connect {
+                path: path.to_path_buf(),
+                error,
+            }),
+        }
+    }
+
+    /// Sends one request and returns the answer; an `Error` answer is `Err(Remote)`.
+    pub async fn call(&mut self, req: AdminRequestV1) -> Result<AdminResponseV1, AdminClientError> {
+        write_admin(&mut self.stream, &AdminRequest::V1(req)).await?;
+        match read_admin::<AdminResponse, _>(&mut self.stream).await? {
+            None => Err(AdminClientError::NoAnswer),
+            Some(AdminResponse::V1(AdminResponseV1::Error(e))) => Err(AdminClientError::Remote(e)),
+            Some(AdminResponse::V1(resp)) => Ok(resp),
+        }
+    }
+}
+
+/// Connects, sends one request, returns the answer.
+pub async fn request(
+    path: &Path,
+    req: AdminRequestV1,
+) -> Result<AdminResponseV1, AdminClientError> {
+    AdminClient::connect(path).await?.call(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+    use tokio::io::AsyncReadExt;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        socket: PathBuf,
+        store: Store,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    }
+
+    async fn start() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store =
+            Store::open(&tmp.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let socket = tmp.path().join("admin.sock");
+        let listener = bind(&socket).expect("bind");
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let ctx = AdminContext {
+            store: store.clone(),
+            registry: Arc::new(Registry::new()),
+        };
+        tracker.spawn(serve(listener, ctx, shutdown.clone(), tracker.clone()));
+        Fixture {
+            _tmp: tmp,
+            socket,
+            store,
+            shutdown,
+            tracker,
+        }
+    }
+
+    impl Fixture {
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            self.store.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_socket_has_mode_0660_and_answers_status() {
+        let f = start().await;
+        let mode = std::fs::metadata(&f.socket)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o660);
+        let resp = request(&f.socket, AdminRequestV1::Status)
+            .await
+            .expect("status");
+        let AdminResponseV1::Status(s) = resp else {
+            panic!("unexpected {resp:?}")
+        };
+        assert_eq!(
+            (s.agents_connected, s.resources, s.events_recorded),
+            (0, 0, 0)
+        );
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_a_clear_error_and_changes_nothing() {
+        let f = start().await;
+        for bad in [
+            // A well-framed payload that is not a request.
+            vec![0, 0, 0, 3, 9, 9, 9],
+            // A length over the admin limit.
+            vec![0xff, 0xff, 0xff, 0xff],
+            // A Drain naming an invalid resource id.
+            vec![0, 0, 0, 5, 0, 3, 2, b'H', b'!'],
+        ] {
+            let mut s = UnixStream::connect(&f.socket).await.expect("connect");
+            s.write_all(&bad).await.expect("write");
+            let resp: AdminResponse = read_admin(&mut s).await.expect("read").expect("answer");
+            let AdminResponse::V1(AdminResponseV1::Error(e)) = resp else {
+                panic!("unexpected {resp:?}")
+            };
+            assert_eq!(e.code, AdminErrorCode::BadRequest);
+            assert!(e.message.starts_with("bad request"), "{}", e.message);
+            // The broker closes the connection after a bad frame.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest).await.expect("eof");
+            assert!(rest.is_empty());
+        }
+        let AdminResponseV1::Status(s) = request(&f.socket, AdminRequestV1::Status)
+            .await
+            .expect("status")
+        else {
+            panic!("status")
+        };
+        assert_eq!((s.resources, s.events_recorded), (0, 0));
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn commands_for_unknown_things_are_not_found() {
+        let f = start().await;
+        let err = request(
+            &f.socket,
+            AdminRequestV1::Drain {
+                resource: "nope".parse().expect("id"),
+            },
+        )
+        .await
+        .expect_err("unknown resource");
+        let AdminClientError::Remote(e) = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.code, AdminErrorCode::NotFound);
+        assert!(e.message.contains("nope"));
+
+        let err = request(
+            &f.socket,
+            AdminRequestV1::DisconnectSession {
+                session: "s1".parse().expect("id"),
+            },
+        )
+        .await
+        .expect_err("unknown session");
+        assert!(matches!(
+            err,
+            AdminClientError::Remote(AdminError {
+                code: AdminErrorCode::NotFound,
+                ..
+            })
+        ));
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_not_replaced_and_a_stale_one_is() {
+        let f = start().await;
+        assert!(matches!(bind(&f.socket), Err(AdminSocketError::InUse(_))));
+        let socket = f.socket.clone();
+        let dir = tempfile::tempdir().expect("tmp");
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        assert!(stale.exists());
+        bind(&stale).expect("stale socket replaced");
+        let plain = dir.path().join("file");
+        std::fs::write(&plain, b"x").expect("write");
+        assert!(matches!(bind(&plain), Err(AdminSocketError::NotASocket(_))));
+        f.stop().await;
+        let _ = socket;
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_says_the_broker_is_not_running() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let err = request(&dir.path().join("none.sock"), AdminRequestV1::Status)
+            .await
+            .expect_err("no broker");
+        assert!(matches!(err, AdminClientError::NotRunning { .. }));
+        assert!(err.to_string().contains("is ferry-broker running"));
+    }
+}

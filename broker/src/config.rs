@@ -1,0 +1,300 @@
+//! Broker configuration: a TOML file with a serde default for every field,
+//! validated as a whole so an operator sees every mistake at once, before any
+//! socket is opened.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_common::duration::{format_duration, parse_duration};
+use serde::Deserialize;
+
+/// Environment variable naming the config file when no `--config` is given.
+pub const CONFIG_ENV: &str = "FERRY_BROKER_CONFIG";
+
+/// Where the config file is looked for when neither flag nor env names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ferry/broker.toml";
+
+/// Shortest health interval accepted: shorter ones would make agents spend
+/// their link on health reports. Tests use a few hundred milliseconds.
+const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Longest health interval: past this a dead host stays "available" for too long.
+const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(600);
+
+/// The broker's validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Directory of the SQLite store (`state_dir/ferry.db`).
+    pub state_dir: PathBuf,
+    /// Directory holding `ca.pem`, `broker.pem` and `broker-key.pem`.
+    pub pki_dir: PathBuf,
+    /// UDP address of the QUIC endpoint agents connect to (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Path of the admin Unix socket (created with mode 0660).
+    pub admin_socket: PathBuf,
+    /// How often agents send health, told to them in `Welcome`.
+    pub health_interval: Duration,
+    /// Consecutive missed health intervals after which a resource is unavailable.
+    pub missed_health_limit: u32,
+    /// How long shutdown waits for connections and tasks to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config file {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("parse config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The file as written; every field has a default.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConfig {
+    state_dir: PathBuf,
+    pki_dir: PathBuf,
+    listen: String,
+    admin_socket: PathBuf,
+    health_interval: String,
+    missed_health_limit: i64,
+    shutdown_grace: String,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            state_dir: PathBuf::from("/var/lib/ferry"),
+            pki_dir: PathBuf::from("/var/lib/ferry/pki"),
+            listen: "0.0.0.0:7443".into(),
+            admin_socket: PathBuf::from("/run/ferry/admin.sock"),
+            health_interval: "10s".into(),
+            missed_health_limit: 3,
+            shutdown_grace: "10s".into(),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Picks the config file: the flag if given, else `FERRY_BROKER_CONFIG`,
+    /// else [`DEFAULT_CONFIG_PATH`].
+    pub fn resolve_path(flag: Option<&Path>) -> PathBuf {
+        match flag {
+            Some(p) => p.to_path_buf(),
+            None => std::env::var_os(CONFIG_ENV)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        }
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates config text, reporting every invalid field at once.
+    pub fn from_toml(text: &str) -> Result<BrokerConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        let mut errors = Vec::new();
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                errors.push(format!(
+                    "listen: {:?} is not an IP address and port (write e.g. 0.0.0.0:7443)",
+                    raw.listen
+                ));
+                None
+            }
+        };
+        let mut duration = |field: &str, value: &str| match parse_duration(value) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                errors.push(format!("{field}: {e}"));
+                None
+            }
+        };
+        let health_interval = duration("health_interval", &raw.health_interval);
+        let shutdown_grace = duration("shutdown_grace", &raw.shutdown_grace);
+        let missed_health_limit = match u32::try_from(raw.missed_health_limit) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                errors.push(format!(
+                    "missed_health_limit: {} is out of range (1 to 100)",
+                    raw.missed_health_limit
+                ));
+                None
+            }
+        };
+        let config = BrokerConfig {
+            state_dir: raw.state_dir,
+            pki_dir: raw.pki_dir,
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            admin_socket: raw.admin_socket,
+            health_interval: health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
+            missed_health_limit: missed_health_limit.unwrap_or(1),
+            shutdown_grace: shutdown_grace.unwrap_or(Duration::ZERO),
+        };
+        if let Err(ConfigError::Invalid(more)) = config.validate() {
+            // Fields that failed to parse were replaced by valid placeholders
+            // above, so these are only the other fields' problems.
+            errors.extend(more);
+        }
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// Checks the values of a config built in code (tests, `dev`) or parsed
+    /// from a file. Every problem is listed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let paths = [
+            ("state_dir", &self.state_dir),
+            ("pki_dir", &self.pki_dir),
+            ("admin_socket", &self.admin_socket),
+        ];
+        for (field, path) in paths {
+            if path.as_os_str().is_empty() {
+                errors.push(format!("{field}: must not be empty"));
+            }
+        }
+        if self.admin_socket.as_os_str().len() > 100 {
+            // sun_path holds 108 bytes on Linux; longer paths cannot be bound.
+            errors.push(format!(
+                "admin_socket: {} is longer than a Unix socket path may be (about 100 bytes)",
+                self.admin_socket.display()
+            ));
+        }
+        if self.health_interval < MIN_HEALTH_INTERVAL || self.health_interval > MAX_HEALTH_INTERVAL
+        {
+            errors.push(format!(
+                "health_interval: {} is out of range ({} to {})",
+                format_duration(self.health_interval),
+                format_duration(MIN_HEALTH_INTERVAL),
+                format_duration(MAX_HEALTH_INTERVAL)
+            ));
+        }
+        if !(1..=100).contains(&self.missed_health_limit) {
+            errors.push(format!(
+                "missed_health_limit: {} is out of range (1 to 100)",
+                self.missed_health_limit
+            ));
+        }
+        if self.shutdown_grace > Duration::from_secs(600) {
+            errors.push(format!(
+                "shutdown_grace: {} is longer than 10m",
+                format_duration(self.shutdown_grace)
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The health interval in milliseconds as sent in `Welcome` (validated to fit).
+    pub fn health_interval_ms(&self) -> u32 {
+        u32::try_from(self.health_interval.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// Path of the SQLite database.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("ferry.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = BrokerConfig::from_toml("").expect("defaults are valid");
+        assert_eq!(c.listen, "0.0.0.0:7443".parse().expect("addr"));
+        assert_eq!(c.health_interval, Duration::from_secs(10));
+        assert_eq!(c.missed_health_limit, 3);
+        assert_eq!(c.db_path(), PathBuf::from("/var/lib/ferry/ferry.db"));
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported_at_once() {
+        let text = r#"
+            listen = "nowhere"
+            health_interval = "10 parsecs"
+            missed_health_limit = 0
+            shutdown_grace = "5"
+            state_dir = ""
+        "#;
+        let Err(ConfigError::Invalid(errors)) = BrokerConfig::from_toml(text) else {
+            panic!("expected validation errors");
+        };
+        let joined = errors.join("\n");
+        for field in [
+            "listen:",
+            "health_interval:",
+            "missed_health_limit:",
+            "shutdown_grace:",
+            "state_dir:",
+        ] {
+            assert!(joined.contains(field), "{field} missing from {joined}");
+        }
+        assert_eq!(errors.len(), 5, "{joined}");
+    }
+
+    #[test]
+    fn the_packaged_example_is_valid_and_matches_the_defaults() {
+        let text = include_str!("../../packaging/broker.toml");
+        assert_eq!(
+            BrokerConfig::from_toml(text).expect("example is valid"),
+            BrokerConfig::from_toml("").expect("defaults")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = BrokerConfig::from_toml("listn = \"0.0.0.0:1\"").expect_err("typo");
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let c = BrokerConfig::from_toml(
+            r#"
+            state_dir = "/tmp/s"
+            pki_dir = "/tmp/p"
+            listen = "127.0.0.1:0"
+            admin_socket = "/tmp/a.sock"
+            health_interval = "250ms"
+            missed_health_limit = 5
+            shutdown_grace = "2s"
+        "#,
+        )
+        .expect("valid");
+        assert_eq!(c.health_interval_ms(), 250);
+        assert_eq!(c.missed_health_limit, 5);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(2));
+    }
+}

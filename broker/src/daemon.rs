@@ -1,0 +1,139 @@
+//! `ferry-broker run`: wires the store, the agent link and the admin socket
+//! under one shutdown tree.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminContext, AdminSocketError};
+use crate::config::{BrokerConfig, ConfigError};
+use crate::link::{self, LinkContext};
+use crate::notify;
+use crate::pki::{self, PkiError};
+use crate::registry::Registry;
+use crate::store::{Store, StoreError, StoreOptions};
+
+/// Sent once the QUIC endpoint and the admin socket are bound.
+#[derive(Clone, Debug)]
+pub struct BrokerReady {
+    /// Where agents connect (the real port when the config asked for port 0).
+    pub agent_addr: SocketAddr,
+    /// The admin socket path.
+    pub admin_socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("load PKI: {0}")]
+    Pki(#[from] PkiError),
+    #[error("open store: {0}")]
+    Store(#[from] StoreError),
+    #[error("create state directory {path}: {error}")]
+    StateDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("bind agent endpoint {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("admin socket: {0}")]
+    Admin(#[from] AdminSocketError),
+}
+
+/// Runs the broker until `shutdown` is cancelled, then drains: agents are
+/// told `Refused(ShuttingDown)`, tasks get `shutdown_grace` to finish, the
+/// store commits what is queued. `ready` is sent after both listeners are bound.
+pub async fn run(
+    config: BrokerConfig,
+    shutdown: CancellationToken,
+    ready: oneshot::Sender<BrokerReady>,
+) -> Result<(), BrokerError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|error| BrokerError::StateDir {
+        path: config.state_dir.clone(),
+        error,
+    })?;
+    let server_config = pki::server_config(&config.pki_dir)?;
+    let store = Store::open(&config.db_path(), StoreOptions::default())?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| {
+        BrokerError::Bind {
+            addr: config.listen,
+            error,
+        }
+    })?;
+    let agent_addr = endpoint.local_addr().map_err(|error| BrokerError::Bind {
+        addr: config.listen,
+        error,
+    })?;
+    let listener = match admin::bind(&config.admin_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            endpoint.close(0u32.into(), b"startup failed");
+            store.close().await;
+            return Err(e.into());
+        }
+    };
+
+    let registry = Arc::new(Registry::new());
+    let tracker = TaskTracker::new();
+    let tasks = shutdown.child_token();
+    let link_ctx = LinkContext {
+        store: store.clone(),
+        registry: registry.clone(),
+        health_interval: config.health_interval,
+        missed_health_limit: config.missed_health_limit,
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(link::serve(endpoint.clone(), link_ctx, tasks.clone()));
+    let admin_ctx = AdminContext {
+        store: store.clone(),
+        registry,
+    };
+    tracker.spawn(admin::serve(
+        listener,
+        admin_ctx,
+        tasks.clone(),
+        tracker.clone(),
+    ));
+    if let Some(period) = notify::watchdog_period() {
+        tracker.spawn(notify::watchdog(period, tasks.clone()));
+    }
+
+    tracing::info!(%agent_addr, admin_socket = %config.admin_socket.display(), "broker ready");
+    let _ = ready.send(BrokerReady {
+        agent_addr,
+        admin_socket: config.admin_socket.clone(),
+    });
+    notify::ready();
+
+    shutdown.cancelled().await;
+    notify::stopping();
+    tracing::info!("broker draining");
+    tasks.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "tasks still running after shutdown_grace ({:?}); closing connections",
+            config.shutdown_grace
+        );
+    }
+    endpoint.close(link::close_code::DONE.into(), b"broker stopped");
+    let _ = tokio::time::timeout(link::REFUSAL_LINGER, endpoint.wait_idle()).await;
+    store.close().await;
+    if let Err(e) = std::fs::remove_file(&config.admin_socket) {
+        tracing::debug!("remove admin socket: {e}");
+    }
+    tracing::info!("broker stopped");
+    Ok(())
+}

@@ -1,0 +1,654 @@
+//! The broker's QUIC server for agents: mutual TLS, the preamble, then the
+//! framed protocol of one bidirectional stream per connection.
+//!
+//! One task per connection, under a child `CancellationToken` of the daemon's;
+//! a second small task per connection reads frames (reading a frame is not
+//! cancel-safe, so it never sits in a `select!`) and hands whole messages to
+//! the connection task through a bounded channel. The silent-agent check is a
+//! deadline in each connection task, reset by every health report.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_common::frame::{self, FrameError, PreambleReply, PREAMBLE_LEN};
+use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN};
+use ferry_common::wire::{
+    AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, Hello, Refusal,
+    RefusalCode, SequencedEvent, Welcome,
+};
+use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::pki;
+use crate::registry::{CommandRequest, Registry};
+use crate::store::{Registration, Store};
+
+/// Most agent connections served at once. A broker serves a fleet of hosts,
+/// each with one connection (two briefly while reconnecting); past this,
+/// new connections are refused before the TLS handshake costs anything.
+pub const MAX_AGENT_CONNECTIONS: usize = 20_000;
+
+/// Time from an accepted UDP handshake to a received `Hello`: TLS, opening
+/// the stream, the preamble. A peer slower than this is not a working agent.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a refusal is given to reach the peer before the connection is closed.
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// A write to one agent that takes longer than this means the agent stopped
+/// reading; its connection is dropped rather than left to stall its task.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Decoded messages waiting for the connection task. Small: the agent's
+/// flow control window does the real buffering.
+const INBOX_LEN: usize = 64;
+
+/// Commands queued for one connection.
+const COMMAND_QUEUE_LEN: usize = 8;
+
+/// Commands sent to one agent and not yet answered.
+const MAX_PENDING_COMMANDS: usize = 64;
+
+/// Most session events recorded in one store write. Consecutive events
+/// already received are written together and acknowledged with one `Ack`.
+const MAX_EVENTS_PER_WRITE: usize = 512;
+
+/// QUIC application close codes of the agent link.
+pub mod close_code {
+    /// Normal end.
+    pub const DONE: u32 = 0;
+    /// A `Refused` message was sent; its code says why.
+    pub const REFUSED: u32 = 1;
+    /// The peer did not start with the Ferry preamble.
+    pub const BAD_PREAMBLE: u32 = 2;
+    /// The client certificate names no valid resource.
+    pub const BAD_IDENTITY: u32 = 3;
+    /// The peer spoke another protocol version.
+    pub const UNSUPPORTED_VERSION: u32 = 4;
+}
+
+/// Why a connection ended other than by the agent closing it.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("TLS handshake: {0}")]
+    Handshake(String),
+    #[error("identity: {0}")]
+    Identity(#[from] pki::PkiError),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("not a Ferry peer (bad preamble)")]
+    BadPreamble,
+    #[error("peer speaks protocol {0}")]
+    UnsupportedVersion(u16),
+    #[error("refused ({code:?}): {message}")]
+    Refused { code: RefusalCode, message: String },
+    #[error("write to agent: {0}")]
+    Write(String),
+}
+
+/// What the link needs from the rest of the broker.
+#[derive(Clone)]
+pub struct LinkContext {
+    /// Where registrations and events are recorded.
+    pub store: Store,
+    /// Live state of connected resources.
+    pub registry: Arc<Registry>,
+    /// Told to agents in `Welcome`.
+    pub health_interval: Duration,
+    /// Consecutive missed intervals before a resource is unavailable.
+    pub missed_health_limit: u32,
+    /// Where connection tasks are tracked for shutdown.
+    pub tracker: TaskTracker,
+}
+
+impl LinkContext {
+    fn silence_limit(&self) -> Duration {
+        self.health_interval
+            .saturating_mul(self.missed_health_limit.max(1))
+    }
+}
+
+/// Broker clock as Unix milliseconds.
+pub fn now_millis() -> UnixMillis {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// Accepts agent connections until `shutdown`; each connection gets a child
+/// token. Returns when shutdown is requested or the endpoint closes; the
+/// connection tasks are in `ctx.tracker`.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: LinkContext, shutdown: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(),
+                "refusing agent connection: {MAX_AGENT_CONNECTIONS} connections open");
+            incoming.refuse();
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        let token = shutdown.child_token();
+        ctx.tracker.spawn(async move {
+            let _permit = permit;
+            let remote = incoming.remote_address();
+            match handle(incoming, ctx2, token).await {
+                Ok(()) => {}
+                Err(LinkError::Connection(e)) => {
+                    tracing::info!(%remote, "agent connection closed: {e}");
+                }
+                Err(e) => tracing::warn!(%remote, "agent connection ended: {e}"),
+            }
+        });
+    }
+}
+
+async fn handle(
+    incoming: quinn::Incoming,
+    ctx: LinkContext,
+    token: CancellationToken,
+) -> Result<(), LinkError> {
+    let conn = tokio::select! {
+        _ = token.cancelled() => return Ok(()),
+        r = timeout(HANDSHAKE_TIMEOUT, incoming) => r
+            .map_err(|_| LinkError::Timeout("TLS handshake"))?
+            .map_err(|e| LinkError::Handshake(e.to_string()))?,
+    };
+    let resource = match pki::peer_resource(&conn) {
+        Ok(r) => r,
+        Err(e) => {
+            conn.close(close_code::BAD_IDENTITY.into(), e.to_string().as_bytes());
+            return Err(e.into());
+        }
+    };
+    let result = Connection::run(conn.clone(), resource.clone(), ctx, token).await;
+    match &result {
+        Err(LinkError::Refused { .. })
+        | Err(LinkError::BadPreamble)
+        | Err(LinkError::UnsupportedVersion(_)) => {}
+        _ => conn.close(close_code::DONE.into(), b"bye"),
+    }
+    result.map_err(|e| {
+        tracing::debug!(%resource, "connection result: {e}");
+        e
+    })
+}
+
+/// What the connection task waits for.
+enum Wake {
+    Shutdown,
+    Superseded,
+    Inbound(Option<Result<AgentMessage, FrameError>>),
+    Command(CommandRequest),
+    Silent,
+}
+
+/// One registered agent connection.
+struct Connection {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    resource: ResourceId,
+    conn_id: u64,
+    ctx: LinkContext,
+    spool_id: u64,
+    /// Commands sent and not yet answered, by id.
+    pending: HashMap<u64, oneshot::Sender<CommandOutcome>>,
+    next_command: u64,
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_TEXT_LEN {
+        let mut end = MAX_TEXT_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Sends `Refused`, gives it a moment to arrive, and closes the connection.
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    resource: &ResourceId,
+    code: RefusalCode,
+    message: String,
+) -> LinkError {
+    let message = truncate(message);
+    tracing::warn!(%resource, ?code, "refusing agent: {message}");
+    let msg = BrokerMessage::V1(BrokerToAgent::Refused(Refusal {
+        code,
+        message: message.clone(),
+    }));
+    let _ = timeout(
+        REFUSAL_LINGER,
+        frame::write_message(send, &msg, MAX_FRAME_LEN),
+    )
+    .await;
+    let _ = send.finish();
+    let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+    conn.close(close_code::REFUSED.into(), format!("{code:?}").as_bytes());
+    LinkError::Refused { code, message }
+}
+
+/// Reads frames into the connection task's inbox until the stream ends, a
+/// frame is bad (the error is passed on) or the token is cancelled.
+async fn read_frames(
+    mut recv: quinn::RecvStream,
+    inbox: mpsc::Sender<Result<AgentMessage, FrameError>>,
+    token: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = token.cancelled() => return,
+            m = frame::read_message::<AgentMessage, _>(&mut recv, MAX_FRAME_LEN) => m,
+        };
+        let (item, last) = match msg {
+            Ok(Some(m)) => (Ok(m), false),
+            Ok(None) => return,
+            // The connection went away (closed, reset, cut mid-frame): not the
+            // peer's malformed data, nothing to refuse; the task sees the end.
+            Err(FrameError::Io(e)) => {
+                tracing::debug!("agent stream ended: {e}");
+                return;
+            }
+            Err(FrameError::Truncated) => return,
+            Err(e) => (Err(e), true),
+        };
+        if inbox.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+impl Connection {
+    async fn run(
+        conn: quinn::Connection,
+        resource: ResourceId,
+        ctx: LinkContext,
+        token: CancellationToken,
+    ) -> Result<(), LinkError> {
+        let (mut send, mut recv) = tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            r = timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()) => r
+                .map_err(|_| LinkError::Timeout("the agent's stream"))??,
+        };
+
+        let mut pre = [0u8; PREAMBLE_LEN];
+        match timeout(HANDSHAKE_TIMEOUT, recv.read_exact(&mut pre)).await {
+            Err(_) => return Err(LinkError::Timeout("the preamble")),
+            Ok(Err(e)) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
+                return Err(LinkError::Handshake(format!("read preamble: {e}")));
+            }
+            Ok(Ok(())) => {}
+        }
+        match frame::parse_preamble(&pre) {
+            Err(_) => {
+                tracing::warn!(%resource, "refusing agent: bad preamble");
+                conn.close(
+                    close_code::BAD_PREAMBLE.into(),
+                    b"not a Ferry peer (bad preamble)",
+                );
+                return Err(LinkError::BadPreamble);
+            }
+            Ok(v) if v != PROTOCOL_VERSION => {
+                tracing::warn!(%resource, version = v, "refusing agent: unsupported protocol version");
+                let reply = PreambleReply::UnsupportedVersion {
+                    supported: PROTOCOL_VERSION,
+                    message: format!(
+                        "broker speaks protocol {PROTOCOL_VERSION}, agent sent {v}; upgrade the agent or broker"
+                    ),
+                };
+                let _ = timeout(REFUSAL_LINGER, send.write_all(&reply.encode())).await;
+                let _ = send.finish();
+                let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+                conn.close(
+                    close_code::UNSUPPORTED_VERSION.into(),
+                    b"unsupported version",
+                );
+                return Err(LinkError::UnsupportedVersion(v));
+            }
+            Ok(_) => {}
+        }
+        let accepted = PreambleReply::Accepted {
+            version: PROTOCOL_VERSION,
+        };
+        timeout(WRITE_TIMEOUT, send.write_all(&accepted.encode()))
+            .await
+            .map_err(|_| LinkError::Timeout("the preamble reply"))?
+            .map_err(|e| LinkError::Write(e.to_string()))?;
+
+        let (inbox_tx, mut inbox) = mpsc::channel(INBOX_LEN);
+        let reader_token = token.child_token();
+        // Stops the reader however this task ends.
+        let _reader_guard = reader_token.clone().drop_guard();
+        ctx.tracker.spawn(read_frames(recv, inbox_tx, reader_token));
+
+        let first = tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            m = timeout(HANDSHAKE_TIMEOUT, inbox.recv()) => m
+                .map_err(|_| LinkError::Timeout("Hello"))?,
+        };
+        let hello = match first {
+            None => return Ok(()),
+            Some(Ok(AgentMessage::V1(AgentToBroker::Hello(h)))) => h,
+            Some(Ok(other)) => {
+                return Err(refuse(
+                    &conn,
+                    &mut send,
+                    &resource,
+                    RefusalCode::ProtocolViolation,
+                    format!("the first message must be Hello, got {}", kind(&other)),
+                )
+                .await)
+            }
+            Some(Err(e)) => {
+                return Err(refuse(
+                    &conn,
+                    &mut send,
+                    &resource,
+                    RefusalCode::MalformedFrame,
+                    e.to_string(),
+                )
+                .await)
+            }
+        };
+        if hello.resource != resource {
+            let message = format!(
+                "certificate names resource {resource}, Hello claims {}",
+                hello.resource
+            );
+            return Err(refuse(
+                &conn,
+                &mut send,
+                &resource,
+                RefusalCode::IdentityMismatch,
+                message,
+            )
+            .await);
+        }
+        if hello.sessions.len() > MAX_SESSIONS_PER_HELLO {
+            let message = format!(
+                "Hello lists {} sessions; the limit is {MAX_SESSIONS_PER_HELLO}",
+                hello.sessions.len()
+            );
+            return Err(refuse(
+                &conn,
+                &mut send,
+                &resource,
+                RefusalCode::MalformedFrame,
+                message,
+            )
+            .await);
+        }
+
+        let spool_id = hello.spool_id;
+        let registered = match ctx.store.register(registration(hello)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(refuse(
+                    &conn,
+                    &mut send,
+                    &resource,
+                    RefusalCode::StoreUnavailable,
+                    format!("record registration: {e}"),
+                )
+                .await)
+            }
+        };
+        if !registered.ended.is_empty() {
+            tracing::info!(%resource, ended = ?registered.ended,
+                "ended sessions the host no longer has");
+        }
+
+        let conn_id = ctx.registry.next_conn_id();
+        let superseded = CancellationToken::new();
+        let (cmd_tx, mut commands) = mpsc::channel(COMMAND_QUEUE_LEN);
+        ctx.registry
+            .attach(&resource, conn_id, superseded.clone(), cmd_tx);
+        let mut this = Connection {
+            conn,
+            send,
+            resource,
+            conn_id,
+            ctx,
+            spool_id,
+            pending: HashMap::new(),
+            next_command: 0,
+        };
+        let result = this
+            .serve(
+                registered.last_recorded_seq,
+                &mut inbox,
+                &mut commands,
+                &superseded,
+                &token,
+            )
+            .await;
+        this.ctx.registry.detach(&this.resource, this.conn_id);
+        result
+    }
+
+    async fn write(&mut self, msg: BrokerToAgent) -> Result<(), LinkError> {
+        let msg = BrokerMessage::V1(msg);
+        timeout(
+            WRITE_TIMEOUT,
+            frame::write_message(&mut self.send, &msg, MAX_FRAME_LEN),
+        )
+        .await
+        .map_err(|_| LinkError::Timeout("the agent to read"))?
+        .map_err(|e| LinkError::Write(e.to_string()))
+    }
+
+    async fn refuse(&mut self, code: RefusalCode, message: String) -> LinkError {
+        refuse(&self.conn, &mut self.send, &self.resource, code, message).await
+    }
+
+    async fn serve(
+        &mut self,
+        last_recorded_seq: u64,
+        inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
+        commands: &mut mpsc::Receiver<CommandRequest>,
+        superseded: &CancellationToken,
+        token: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        self.write(BrokerToAgent::Welcome(Welcome {
+            resource: self.resource.clone(),
+            last_recorded_seq,
+            health_interval_ms: u32::try_from(self.ctx.health_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+        .await?;
+        tracing::info!(resource = %self.resource, spool = self.spool_id, last_recorded_seq,
+            "agent registered");
+
+        let mut silent_at = Instant::now() + self.ctx.silence_limit();
+        let mut available = true;
+        // A message taken from the inbox while batching events, handled next.
+        let mut carried: Option<AgentMessage> = None;
+        loop {
+            let wake = match carried.take() {
+                Some(m) => Wake::Inbound(Some(Ok(m))),
+                None => tokio::select! {
+                    biased;
+                    _ = token.cancelled() => Wake::Shutdown,
+                    _ = superseded.cancelled() => Wake::Superseded,
+                    m = inbox.recv() => Wake::Inbound(m),
+                    Some(c) = commands.recv() => Wake::Command(c),
+                    _ = tokio::time::sleep_until(silent_at), if available => Wake::Silent,
+                },
+            };
+            match wake {
+                Wake::Shutdown => {
+                    return Err(self
+                        .refuse(RefusalCode::ShuttingDown, "broker is shutting down".into())
+                        .await)
+                }
+                Wake::Superseded => {
+                    return Err(self
+                        .refuse(
+                            RefusalCode::Superseded,
+                            "a newer connection of this resource registered".into(),
+                        )
+                        .await)
+                }
+                Wake::Silent => {
+                    available = false;
+                    tracing::warn!(resource = %self.resource,
+                        "no health report for {:?}; marking unavailable", self.ctx.silence_limit());
+                    self.ctx
+                        .registry
+                        .set_available(&self.resource, self.conn_id, false);
+                }
+                Wake::Command(req) => self.send_command(req).await?,
+                Wake::Inbound(None) => return Ok(()),
+                Wake::Inbound(Some(Err(e))) => {
+                    return Err(self
+                        .refuse(RefusalCode::MalformedFrame, e.to_string())
+                        .await)
+                }
+                Wake::Inbound(Some(Ok(AgentMessage::V1(msg)))) => match msg {
+                    AgentToBroker::Hello(_) => {
+                        return Err(self
+                            .refuse(RefusalCode::ProtocolViolation, "Hello sent twice".into())
+                            .await)
+                    }
+                    AgentToBroker::Session(ev) => {
+                        let mut events = vec![ev];
+                        while events.len() < MAX_EVENTS_PER_WRITE {
+                            match inbox.try_recv() {
+                                Ok(Ok(AgentMessage::V1(AgentToBroker::Session(ev)))) => {
+                                    events.push(ev)
+                                }
+                                Ok(Ok(other)) => {
+                                    carried = Some(other);
+                                    break;
+                                }
+                                Ok(Err(e)) => {
+                                    // Record what arrived intact, then refuse.
+                                    self.record(events).await?;
+                                    return Err(self
+                                        .refuse(RefusalCode::MalformedFrame, e.to_string())
+                                        .await);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.record(events).await?;
+                    }
+                    AgentToBroker::Health(report) => {
+                        self.ctx.registry.health(
+                            &self.resource,
+                            self.conn_id,
+                            report,
+                            now_millis(),
+                        );
+                        available = true;
+                        silent_at = Instant::now() + self.ctx.silence_limit();
+                    }
+                    AgentToBroker::CommandResult(result) => match self.pending.remove(&result.id) {
+                        Some(reply) => {
+                            let _ = reply.send(result.outcome);
+                        }
+                        None => tracing::debug!(resource = %self.resource, id = result.id,
+                                "result of an unknown or expired command"),
+                    },
+                },
+            }
+        }
+    }
+
+    /// Records consecutive events durably, then acknowledges them.
+    async fn record(&mut self, events: Vec<SequencedEvent>) -> Result<(), LinkError> {
+        let out = match self
+            .ctx
+            .store
+            .record_events(&self.resource, self.spool_id, events, now_millis())
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return Err(self
+                    .refuse(RefusalCode::StoreUnavailable, format!("record events: {e}"))
+                    .await)
+            }
+        };
+        if out.recorded + out.duplicates > 0 {
+            self.write(BrokerToAgent::Ack {
+                up_to: out.last_seq,
+            })
+            .await?;
+        }
+        if let Some(gap) = out.gap {
+            return Err(self
+                .refuse(
+                    RefusalCode::SequenceGap,
+                    format!(
+                        "event seq {} skips ahead; the next expected is {}",
+                        gap.got, gap.expected
+                    ),
+                )
+                .await);
+        }
+        Ok(())
+    }
+
+    async fn send_command(&mut self, req: CommandRequest) -> Result<(), LinkError> {
+        // Answers of commands whose admin caller gave up are not awaited.
+        self.pending.retain(|_, reply| !reply.is_closed());
+        if self.pending.len() >= MAX_PENDING_COMMANDS {
+            let _ = req.reply.send(CommandOutcome::Failed(format!(
+                "{MAX_PENDING_COMMANDS} commands already wait for this agent"
+            )));
+            return Ok(());
+        }
+        self.next_command += 1;
+        let id = self.next_command;
+        self.pending.insert(id, req.reply);
+        self.write(BrokerToAgent::Command {
+            id,
+            command: req.command,
+        })
+        .await
+    }
+}
+
+fn kind(msg: &AgentMessage) -> &'static str {
+    match msg {
+        AgentMessage::V1(AgentToBroker::Hello(_)) => "Hello",
+        AgentMessage::V1(AgentToBroker::Session(_)) => "Session",
+        AgentMessage::V1(AgentToBroker::Health(_)) => "Health",
+        AgentMessage::V1(AgentToBroker::CommandResult(_)) => "CommandResult",
+    }
+}
+
+fn registration(hello: Hello) -> Registration {
+    Registration {
+        resource: hello.resource,
+        group: hello.group,
+        agent_version: truncate(hello.agent_version),
+        image_version: truncate(hello.image_version),
+        host: hello.host,
+        spool_id: hello.spool_id,
+        open_sessions: hello.sessions.into_iter().map(|s| s.session).collect(),
+        now: now_millis(),
+    }
+}

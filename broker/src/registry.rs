@@ -1,0 +1,303 @@
+//! Live state of connected resources: which connection serves each resource,
+//! whether it is available, draining, its last health; and the way to send it
+//! a command.
+//!
+//! Why a `std::sync::Mutex` and not an actor: every operation is a short map
+//! update or copy with no I/O and no `.await` while the lock is held (the
+//! methods are synchronous, so the compiler enforces it). Connection tasks
+//! touch it a few times per health interval; an actor would add a hop and a
+//! queue to every one of those for no gain. Commands, which do wait, clone the
+//! connection's command sender under the lock and await after releasing it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_common::wire::{Command, CommandOutcome, HealthReport};
+use ferry_common::{ResourceId, UnixMillis};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How long an admin command waits for the agent's `CommandResult`. Drain and
+/// undrain are immediate on the host; a disconnect hook gets a few seconds.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A command for one connection, answered through `reply`.
+pub struct CommandRequest {
+    /// What the agent should do.
+    pub command: Command,
+    /// Receives the agent's outcome; dropped if the connection ends first.
+    pub reply: oneshot::Sender<CommandOutcome>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("resource {0} is not connected")]
+    NotConnected(ResourceId),
+    #[error("resource {0} did not answer within {1:?}")]
+    Timeout(ResourceId, Duration),
+    #[error("connection of resource {0} closed before it answered")]
+    ConnectionClosed(ResourceId),
+}
+
+/// What the registry knows about one connected resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveResource {
+    /// Reporting health on time: may take new sessions.
+    pub available: bool,
+    /// The host reports it takes no new sessions.
+    pub draining: bool,
+    /// Broker clock when the last health report arrived.
+    pub last_health_at: Option<UnixMillis>,
+    /// The last health report.
+    pub last_health: Option<HealthReport>,
+}
+
+struct Entry {
+    /// Which connection serves the resource; stale connections must not
+    /// overwrite the state of the one that replaced them.
+    conn_id: u64,
+    /// Cancelled when a newer connection of the same resource registers.
+    superseded: CancellationToken,
+    /// The connection task's command inbox.
+    commands: mpsc::Sender<CommandRequest>,
+    live: LiveResource,
+}
+
+/// Live state shared by the link, the admin socket and the daemon.
+pub struct Registry {
+    /// Connected resources; see the module doc for why a std mutex.
+    resources: Mutex<HashMap<ResourceId, Entry>>,
+    /// Source of connection ids.
+    next_conn: AtomicU64,
+    /// Bumped after every change, for whoever wants to wait for one (tests,
+    /// watchers) instead of polling.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            resources: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+            generation: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// A receiver that sees a new value after every change of live state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Reads the map without signalling a change.
+    fn peek<T>(&self, f: impl FnOnce(&HashMap<ResourceId, Entry>) -> T) -> T {
+        let guard = self
+            .resources
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&guard)
+    }
+
+    /// Changes the map and signals subscribers.
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<ResourceId, Entry>) -> T) -> T {
+        // A panic while holding this lock cannot leave the map half-updated in
+        // a way that matters (each update is one insert/field write), so a
+        // poisoned lock is recovered rather than propagated.
+        let out = {
+            let mut guard = self
+                .resources
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut guard)
+        };
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        out
+    }
+
+    /// A fresh id for a new connection.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Registers `conn_id` as the connection of `resource`, available and not
+    /// draining. An older connection of the same resource is told through its
+    /// `superseded` token.
+    pub fn attach(
+        &self,
+        resource: &ResourceId,
+        conn_id: u64,
+        superseded: CancellationToken,
+        commands: mpsc::Sender<CommandRequest>,
+    ) {
+        let old = self.with(|map| {
+            map.insert(
+                resource.clone(),
+                Entry {
+                    conn_id,
+                    superseded,
+                    commands,
+                    live: LiveResource {
+                        available: true,
+                        draining: false,
+                        last_health_at: None,
+                        last_health: None,
+                    },
+                },
+            )
+        });
+        if let Some(old) = old {
+            old.superseded.cancel();
+        }
+    }
+
+    /// Forgets the connection, if it is still the resource's current one.
+    pub fn detach(&self, resource: &ResourceId, conn_id: u64) {
+        self.with(|map| {
+            if map.get(resource).is_some_and(|e| e.conn_id == conn_id) {
+                map.remove(resource);
+            }
+        });
+    }
+
+    fn update(&self, resource: &ResourceId, conn_id: u64, f: impl FnOnce(&mut LiveResource)) {
+        self.with(|map| {
+            if let Some(e) = map.get_mut(resource).filter(|e| e.conn_id == conn_id) {
+                f(&mut e.live);
+            }
+        });
+    }
+
+    /// Records a health report: the resource is available again.
+    pub fn health(
+        &self,
+        resource: &ResourceId,
+        conn_id: u64,
+        report: HealthReport,
+        now: UnixMillis,
+    ) {
+        self.update(resource, conn_id, |l| {
+            l.available = true;
+            l.draining = report.draining;
+            l.last_health_at = Some(now);
+            l.last_health = Some(report);
+        });
+    }
+
+    /// Marks the resource (un)available, e.g. after missed health reports.
+    pub fn set_available(&self, resource: &ResourceId, conn_id: u64, available: bool) {
+        self.update(resource, conn_id, |l| l.available = available);
+    }
+
+    /// Records the drain state the agent confirmed.
+    pub fn set_draining(&self, resource: &ResourceId, draining: bool) {
+        self.with(|map| {
+            if let Some(e) = map.get_mut(resource) {
+                e.live.draining = draining;
+            }
+        });
+    }
+
+    /// Live state of every connected resource.
+    pub fn snapshot(&self) -> HashMap<ResourceId, LiveResource> {
+        self.peek(|map| {
+            map.iter()
+                .map(|(k, e)| (k.clone(), e.live.clone()))
+                .collect()
+        })
+    }
+
+    /// Number of connected resources.
+    pub fn connected(&self) -> usize {
+        self.peek(|map| map.len())
+    }
+
+    /// Sends a command to the resource's agent and waits for its outcome.
+    pub async fn command(
+        &self,
+        resource: &ResourceId,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<CommandOutcome, CommandError> {
+        let sender = self
+            .peek(|map| map.get(resource).map(|e| e.commands.clone()))
+            .ok_or_else(|| CommandError::NotConnected(resource.clone()))?;
+        let (reply, rx) = oneshot::channel();
+        let exchange = async {
+            sender
+                .send(CommandRequest { command, reply })
+                .await
+                .map_err(|_| CommandError::ConnectionClosed(resource.clone()))?;
+            rx.await
+                .map_err(|_| CommandError::ConnectionClosed(resource.clone()))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| CommandError::Timeout(resource.clone(), timeout))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("id")
+    }
+
+    #[tokio::test]
+    async fn a_newer_connection_supersedes_and_a_stale_detach_is_ignored() {
+        let reg = Registry::new();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, mut rx2) = mpsc::channel(1);
+        let old = CancellationToken::new();
+        reg.attach(&rid("h1"), 1, old.clone(), tx1);
+        reg.attach(&rid("h1"), 2, CancellationToken::new(), tx2);
+        assert!(old.is_cancelled());
+        reg.detach(&rid("h1"), 1);
+        assert_eq!(reg.connected(), 1);
+
+        // Commands reach the current connection.
+        let answer = tokio::spawn(async move {
+            let req = rx2.recv().await.expect("command");
+            assert_eq!(req.command, Command::Drain);
+            req.reply.send(CommandOutcome::Done).expect("reply");
+        });
+        let out = reg
+            .command(&rid("h1"), Command::Drain, Duration::from_secs(5))
+            .await
+            .expect("outcome");
+        assert_eq!(out, CommandOutcome::Done);
+        answer.await.expect("join");
+
+        reg.detach(&rid("h1"), 2);
+        assert_eq!(
+            reg.command(&rid("h1"), Command::Drain, Duration::from_secs(5))
+                .await,
+            Err(CommandError::NotConnected(rid("h1")))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_goes_away_fails_the_command() {
+        let reg = Registry::new();
+        let (tx, mut rx) = mpsc::channel(1);
+        reg.attach(&rid("h1"), 1, CancellationToken::new(), tx);
+        let drop_it = tokio::spawn(async move {
+            let req = rx.recv().await.expect("command");
+            drop(req);
+        });
+        assert_eq!(
+            reg.command(&rid("h1"), Command::Undrain, Duration::from_secs(5))
+                .await,
+            Err(CommandError::ConnectionClosed(rid("h1")))
+        );
+        drop_it.await.expect("join");
+    }
+}

@@ -1,0 +1,1170 @@
+//! The broker's durable store: SQLite (bundled), WAL, `synchronous=FULL`.
+//!
+//! One writer thread owns the write connection and is fed by a bounded
+//! channel. It does group commit: it takes every queued write (up to
+//! [`StoreOptions::max_batch`]), applies them in one transaction, commits, and
+//! only then answers each write. A caller told "recorded" therefore holds a
+//! committed, fsync'd fact; a crash before the commit loses only writes nobody
+//! was told about, and the agent replays those.
+//!
+//! Recording a session event and advancing its spool's `last_seq` happen in
+//! the same transaction, and the writer decides duplicate / next / gap against
+//! the committed `last_seq` itself, so no interleaving of connections can
+//! record an event twice or skip one.
+//!
+//! Reads (admin listings, counters) use a second, read-only connection behind
+//! a `std::sync::Mutex`, run on tokio's blocking pool. In WAL mode readers do
+//! not block the writer and see only committed data, which is exactly what an
+//! operator should see. The mutex is only ever held inside `spawn_blocking`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ferry_common::wire::{EndReason, HostFacts, SequencedEvent, SessionEvent};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+/// Writes waiting for the writer thread. Callers wait (backpressure) when it
+/// is full; at the default batch size this is several commits' worth.
+pub const WRITE_QUEUE_LEN: usize = 4096;
+
+/// Default most writes per transaction: enough to amortise one fsync over a
+/// burst from many agents, small enough that one commit stays short.
+pub const DEFAULT_MAX_BATCH: usize = 256;
+
+/// End reason written when a reconnecting host no longer has a session the
+/// broker thought open.
+pub const RECONCILE_REASON: &str = "not on host at reconnect";
+
+/// Schema migrations, in order. `PRAGMA user_version` is the number applied.
+/// Never edit a shipped migration; append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE spools (
+        resource TEXT NOT NULL,
+        spool_id INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        PRIMARY KEY (resource, spool_id)
+    );
+    CREATE TABLE session_events (
+        id INTEGER PRIMARY KEY,
+        resource TEXT NOT NULL,
+        spool_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('started', 'ended')),
+        session TEXT NOT NULL,
+        user TEXT,
+        at INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        reason TEXT,
+        UNIQUE (resource, spool_id, seq)
+    );
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        resource TEXT NOT NULL,
+        session TEXT NOT NULL,
+        user TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        end_reason TEXT,
+        reconciled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX sessions_open ON sessions (resource, session) WHERE ended_at IS NULL;
+    CREATE INDEX sessions_by_session ON sessions (session);
+    CREATE TABLE resources (
+        resource TEXT PRIMARY KEY,
+        grp TEXT,
+        agent_version TEXT NOT NULL,
+        image_version TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        os TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
+    "#,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("open store {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("store schema version {found} is newer than this broker knows ({known}); upgrade the broker")]
+    NewerSchema { found: i64, known: i64 },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Tuning of the writer.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreOptions {
+    /// Most writes in one transaction; 1 means one commit (one fsync) per write.
+    pub max_batch: usize,
+    /// Capacity of the writer's inbox.
+    pub queue_len: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_batch: DEFAULT_MAX_BATCH,
+            queue_len: WRITE_QUEUE_LEN,
+        }
+    }
+}
+
+/// An agent's registration, as recorded from its `Hello`.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub resource: ResourceId,
+    pub group: Option<GroupName>,
+    pub agent_version: String,
+    pub image_version: String,
+    pub host: HostFacts,
+    /// The agent's spool, whose last recorded seq is returned.
+    pub spool_id: u64,
+    /// Sessions open on the host; open sessions recorded for the resource and
+    /// missing here are ended with [`RECONCILE_REASON`].
+    pub open_sessions: Vec<SessionId>,
+    /// Broker clock.
+    pub now: UnixMillis,
+}
+
+/// What recording a registration did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registered {
+    /// Highest seq recorded for (resource, spool); 0 for a new spool.
+    pub last_recorded_seq: u64,
+    /// Sessions ended by reconciliation.
+    pub ended: Vec<SessionId>,
+}
+
+/// A sequence number that skips ahead of what is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SequenceGap {
+    pub got: u64,
+    pub expected: u64,
+}
+
+/// What recording a run of events of one spool did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordOutcome {
+    /// Highest seq recorded for the spool after this write: everything up to
+    /// it is durable and may be acknowledged.
+    pub last_seq: u64,
+    /// Events newly recorded.
+    pub recorded: usize,
+    /// Events already recorded before (not recorded again).
+    pub duplicates: usize,
+    /// Set when an event skipped ahead; it and the events after it were not recorded.
+    pub gap: Option<SequenceGap>,
+}
+
+/// A resource as recorded (its live state is the registry's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResource {
+    pub resource: ResourceId,
+    pub group: Option<GroupName>,
+    pub agent_version: String,
+    pub image_version: String,
+    pub host: HostFacts,
+    /// Broker clock of the last registration.
+    pub last_seen: UnixMillis,
+    /// Sessions recorded open on it.
+    pub open_sessions: u64,
+}
+
+/// A session as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSession {
+    pub session: SessionId,
+    pub resource: ResourceId,
+    pub user: UserId,
+    pub started_at: UnixMillis,
+    pub ended_at: Option<UnixMillis>,
+    pub end_reason: Option<String>,
+}
+
+/// Broker-wide counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub resources: u64,
+    pub open_sessions: u64,
+    pub events_recorded: u64,
+}
+
+enum WriteOp {
+    Register {
+        reg: Registration,
+        reply: oneshot::Sender<Result<Registered, StoreError>>,
+    },
+    Record {
+        resource: ResourceId,
+        spool_id: u64,
+        events: Vec<SequencedEvent>,
+        recorded_at: UnixMillis,
+        reply: oneshot::Sender<Result<RecordOutcome, StoreError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writes: mpsc::Sender<WriteOp>,
+    reader: Mutex<Connection>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The sender is dropped right after this, so the writer finishes its
+        // current batch and exits; joining keeps "dropped" meaning "flushed".
+        let (tx, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writes, tx));
+        if let Ok(mut slot) = self.writer.lock() {
+            if let Some(handle) = slot.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} does not fit")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} is negative")))
+}
+
+/// Spool ids are random u64s; SQLite integers are i64. Store the same bits.
+fn spool_key(spool_id: u64) -> i64 {
+    i64::from_ne_bytes(spool_id.to_ne_bytes())
+}
+
+fn parse_id<T: std::str::FromStr>(s: String, what: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>()
+        .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// How an end reason is written in the store and shown to operators.
+pub fn end_reason_text(reason: &EndReason) -> String {
+    match reason {
+        EndReason::Logout => "logout".into(),
+        EndReason::Disconnected => "disconnected".into(),
+        EndReason::HostShutdown => "host shutdown".into(),
+        EndReason::Other(s) => s.clone(),
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::NewerSchema { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, applies pending
+    /// migrations and starts the writer thread.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let open_err = |e: rusqlite::Error| StoreError::Open {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut writer = Connection::open(path).map_err(open_err)?;
+        // journal_mode returns a row, so it is set with a query.
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Open {
+                path: path.display().to_string(),
+                message: format!("cannot enable WAL (journal_mode is {mode})"),
+            });
+        }
+        // FULL: a commit is on disk when it returns; we acknowledge only that.
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut writer)?;
+
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+
+        let (tx, rx) = mpsc::channel(options.queue_len.max(1));
+        let max_batch = options.max_batch.max(1);
+        let handle = std::thread::Builder::new()
+            .name("ferry-store-writer".into())
+            .spawn(move || writer_loop(writer, rx, max_batch))
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                message: format!("spawn writer thread: {e}"),
+            })?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                writes: tx,
+                reader: Mutex::new(reader),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writes
+            .send(make(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records an agent registration and reconciles its open sessions; returns
+    /// after the commit.
+    pub async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
+        self.submit(|reply| WriteOp::Register { reg, reply }).await
+    }
+
+    /// Records a run of session events of one spool, in order; returns after
+    /// the commit. Duplicates are skipped; recording stops at a gap.
+    pub async fn record_events(
+        &self,
+        resource: &ResourceId,
+        spool_id: u64,
+        events: Vec<SequencedEvent>,
+        recorded_at: UnixMillis,
+    ) -> Result<RecordOutcome, StoreError> {
+        let resource = resource.clone();
+        self.submit(|reply| WriteOp::Record {
+            resource,
+            spool_id,
+            events,
+            recorded_at,
+            reply,
+        })
+        .await
+    }
+
+    /// Commits what is queued, checkpoints the WAL and stops the writer.
+    /// Later writes fail with [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .writes
+            .send(WriteOp::Close { reply })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        let handle = self.inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner
+                .reader
+                .lock()
+                .map_err(|_| StoreError::Corrupt("reader lock poisoned".into()))?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+    }
+
+    /// Broker-wide counts.
+    pub async fn counts(&self) -> Result<StoreCounts, StoreError> {
+        self.read(|c| {
+            let n = |sql: &str| -> Result<u64, StoreError> {
+                to_u64(c.query_row(sql, [], |r| r.get(0))?, "count")
+            };
+            Ok(StoreCounts {
+                resources: n("SELECT COUNT(*) FROM resources")?,
+                open_sessions: n("SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL")?,
+                events_recorded: n("SELECT COUNT(*) FROM session_events")?,
+            })
+        })
+        .await
+    }
+
+    /// Every registered resource, by id.
+    pub async fn resources(&self) -> Result<Vec<StoredResource>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT r.resource, r.grp, r.agent_version, r.image_version, r.hostname, r.os,
+                        r.kernel, r.vcpus, r.memory_bytes, r.last_seen,
+                        (SELECT COUNT(*) FROM sessions s
+                          WHERE s.resource = r.resource AND s.ended_at IS NULL)
+                 FROM resources r ORDER BY r.resource",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, i64>(10)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (res, grp, av, iv, hostname, os, kernel, vcpus, mem, seen, open) = row?;
+                out.push(StoredResource {
+                    resource: parse_id(res, "resource")?,
+                    group: grp.map(|g| parse_id(g, "group")).transpose()?,
+                    agent_version: av,
+                    image_version: iv,
+                    host: HostFacts {
+                        hostname,
+                        os,
+                        kernel,
+                        vcpus: u32::try_from(vcpus)
+                            .map_err(|_| StoreError::Corrupt("vcpus".into()))?,
+                        memory_bytes: to_u64(mem, "memory_bytes")?,
+                    },
+                    last_seen: UnixMillis(seen),
+                    open_sessions: to_u64(open, "count")?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Sessions by start time; only open ones unless `all`.
+    pub async fn sessions(&self, all: bool) -> Result<Vec<StoredSession>, StoreError> {
+        self.read(move |c| {
+            let sql = if all {
+                "SELECT session, resource, user, started_at, ended_at, end_reason
+                 FROM sessions ORDER BY started_at, id"
+            } else {
+                "SELECT session, resource, user, started_at, ended_at, end_reason
+                 FROM sessions WHERE ended_at IS NULL ORDER BY started_at, id"
+            };
+            let mut stmt = c.prepare(sql)?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (session, resource, user, started, ended, reason) = row?;
+                out.push(StoredSession {
+                    session: parse_id(session, "session")?,
+                    resource: parse_id(resource, "resource")?,
+                    user: parse_id(user, "user")?,
+                    started_at: UnixMillis(started),
+                    ended_at: ended.map(UnixMillis),
+                    end_reason: reason,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Resources on which `session` is recorded open (normally zero or one).
+    pub async fn open_session_hosts(
+        &self,
+        session: &SessionId,
+    ) -> Result<Vec<ResourceId>, StoreError> {
+        let session = session.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT resource FROM sessions WHERE session = ?1 AND ended_at IS NULL
+                 ORDER BY resource",
+            )?;
+            let rows = stmt.query_map([session], |r| r.get::<_, String>(0))?;
+            rows.map(|r| parse_id(r?, "resource")).collect()
+        })
+        .await
+    }
+
+    /// Highest seq recorded for (resource, spool); 0 when none.
+    pub async fn last_recorded_seq(
+        &self,
+        resource: &ResourceId,
+        spool_id: u64,
+    ) -> Result<u64, StoreError> {
+        let resource = resource.to_string();
+        self.read(move |c| {
+            let v: Option<i64> = c
+                .query_row(
+                    "SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2",
+                    params![resource, spool_key(spool_id)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            to_u64(v.unwrap_or(0), "last_seq")
+        })
+        .await
+    }
+
+    /// Number of recorded events of (resource, spool) with this seq (0 or 1).
+    pub async fn event_count(
+        &self,
+        resource: &ResourceId,
+        spool_id: u64,
+        seq: u64,
+    ) -> Result<u64, StoreError> {
+        let resource = resource.to_string();
+        let seq = to_i64(seq, "seq")?;
+        self.read(move |c| {
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM session_events
+                 WHERE resource = ?1 AND spool_id = ?2 AND seq = ?3",
+                params![resource, spool_key(spool_id), seq],
+                |r| r.get(0),
+            )?;
+            to_u64(n, "count")
+        })
+        .await
+    }
+}
+
+/// A write applied inside the open transaction, waiting for the commit to be answered.
+enum Applied {
+    Register(
+        oneshot::Sender<Result<Registered, StoreError>>,
+        Result<Registered, StoreError>,
+    ),
+    Record(
+        oneshot::Sender<Result<RecordOutcome, StoreError>>,
+        Result<RecordOutcome, StoreError>,
+    ),
+}
+
+impl Applied {
+    /// Answers the waiter; if the commit failed, even writes that applied
+    /// cleanly are reported as failed (nothing of them is on disk).
+    fn answer(self, commit: &Result<(), String>) {
+        match (self, commit) {
+            (Applied::Register(tx, r), Ok(())) => drop(tx.send(r)),
+            (Applied::Register(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
+            (Applied::Record(tx, r), Ok(())) => drop(tx.send(r)),
+            (Applied::Record(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
+        }
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Some(close) = commit_batch(&mut conn, batch) {
+            // Make the database file complete on its own (no WAL to replay).
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "checkpoint store at close");
+            }
+            let _ = close.send(());
+            return;
+        }
+    }
+}
+
+/// Applies a batch in one transaction and answers every write after the
+/// commit. Returns the `Close` waiter if the batch asked to close (writes after
+/// it in the batch are answered `Closed`).
+fn commit_batch(conn: &mut Connection, batch: Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
+    let mut applied = Vec::with_capacity(batch.len());
+    let mut close = None;
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "begin store transaction");
+            for op in batch {
+                fail(op, &msg);
+            }
+            return None;
+        }
+    };
+    let mut tx = tx;
+    for op in batch {
+        if close.is_some() {
+            // Dropping the reply makes the caller see `Closed`.
+            continue;
+        }
+        match op {
+            WriteOp::Close { reply } => close = Some(reply),
+            WriteOp::Register { reg, reply } => {
+                let r = in_savepoint(&mut tx, |t| apply_register(t, &reg));
+                applied.push(Applied::Register(reply, r));
+            }
+            WriteOp::Record {
+                resource,
+                spool_id,
+                events,
+                recorded_at,
+                reply,
+            } => {
+                let r = in_savepoint(&mut tx, |t| {
+                    apply_record(t, &resource, spool_id, &events, recorded_at)
+                });
+                applied.push(Applied::Record(reply, r));
+            }
+        }
+    }
+    let commit = tx.commit().map_err(|e| e.to_string());
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "commit store transaction");
+    }
+    for a in applied {
+        a.answer(&commit);
+    }
+    close
+}
+
+fn fail(op: WriteOp, msg: &str) {
+    match op {
+        WriteOp::Register { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
+        WriteOp::Record { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
+        WriteOp::Close { reply } => drop(reply.send(())),
+    }
+}
+
+/// Runs one write in a savepoint so a failing write leaves no partial trace
+/// and does not spoil the other writes of its batch.
+fn in_savepoint<T>(
+    tx: &mut Transaction<'_>,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let sp = tx.savepoint()?;
+    let r = f(&sp)?;
+    sp.commit()?;
+    Ok(r)
+}
+
+fn read_last_seq(c: &Connection, resource: &str, spool: i64) -> Result<u64, StoreError> {
+    let v: Option<i64> = c
+        .query_row(
+            "SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2",
+            params![resource, spool],
+            |r| r.get(0),
+        )
+        .optional()?;
+    to_u64(v.unwrap_or(0), "last_seq")
+}
+
+fn apply_register(c: &Connection, reg: &Registration) -> Result<Registered, StoreError> {
+    let resource = reg.resource.as_str();
+    c.execute(
+        "INSERT INTO resources (resource, grp, agent_version, image_version, hostname, os,
+                                kernel, vcpus, memory_bytes, first_seen, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+         ON CONFLICT (resource) DO UPDATE SET
+            grp = excluded.grp, agent_version = excluded.agent_version,
+            image_version = excluded.image_version, hostname = excluded.hostname,
+            os = excluded.os, kernel = excluded.kernel, vcpus = excluded.vcpus,
+            memory_bytes = excluded.memory_bytes, last_seen = excluded.last_seen",
+        params![
+            resource,
+            reg.group.as_ref().map(|g| g.as_str()),
+            reg.agent_version,
+            reg.image_version,
+            reg.host.hostname,
+            reg.host.os,
+            reg.host.kernel,
+            i64::from(reg.host.vcpus),
+            to_i64(reg.host.memory_bytes, "memory_bytes")?,
+            reg.now.0,
+        ],
+    )?;
+    let last_recorded_seq = read_last_seq(c, resource, spool_key(reg.spool_id))?;
+
+    let open: Vec<String> = {
+        let mut stmt =
+            c.prepare("SELECT session FROM sessions WHERE resource = ?1 AND ended_at IS NULL")?;
+        let rows = stmt.query_map([resource], |r| r.get::<_, String>(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut ended = Vec::new();
+    for session in open {
+        if reg.open_sessions.iter().any(|s| s.as_str() == session) {
+            continue;
+        }
+        c.execute(
+            "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 1
+             WHERE resource = ?3 AND session = ?4 AND ended_at IS NULL",
+            params![reg.now.0, RECONCILE_REASON, resource, session],
+        )?;
+        ended.push(parse_id(session, "session")?);
+    }
+    Ok(Registered {
+        last_recorded_seq,
+        ended,
+    })
+}
+
+fn apply_record(
+    c: &Connection,
+    resource: &ResourceId,
+    spool_id: u64,
+    events: &[SequencedEvent],
+    recorded_at: UnixMillis,
+) -> Result<RecordOutcome, StoreError> {
+    let res = resource.as_str();
+    let spool = spool_key(spool_id);
+    let last = read_last_seq(c, res, spool)?;
+    let mut out = RecordOutcome {
+        last_seq: last,
+        recorded: 0,
+        duplicates: 0,
+        gap: None,
+    };
+    for ev in events {
+        if ev.seq <= out.last_seq {
+            out.duplicates += 1;
+            continue;
+        }
+        if ev.seq != out.last_seq + 1 {
+            out.gap = Some(SequenceGap {
+                got: ev.seq,
+                expected: out.last_seq + 1,
+            });
+            break;
+        }
+        let seq = to_i64(ev.seq, "seq")?;
+        match &ev.event {
+            SessionEvent::Started { session, user, at } => {
+                c.execute(
+                    "INSERT INTO session_events
+                        (resource, spool_id, seq, kind, session, user, at, recorded_at)
+                     VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7)",
+                    params![
+                        res,
+                        spool,
+                        seq,
+                        session.as_str(),
+                        user.as_str(),
+                        at.0,
+                        recorded_at.0
+                    ],
+                )?;
+                // A host may report a start for a session already open (e.g. a
+                // replay after the broker reconciled); the open row stands.
+                c.execute(
+                    "INSERT OR IGNORE INTO sessions (resource, session, user, started_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![res, session.as_str(), user.as_str(), at.0],
+                )?;
+            }
+            SessionEvent::Ended {
+                session,
+                at,
+                reason,
+            } => {
+                let reason = end_reason_text(reason);
+                c.execute(
+                    "INSERT INTO session_events
+                        (resource, spool_id, seq, kind, session, at, recorded_at, reason)
+                     VALUES (?1, ?2, ?3, 'ended', ?4, ?5, ?6, ?7)",
+                    params![
+                        res,
+                        spool,
+                        seq,
+                        session.as_str(),
+                        at.0,
+                        recorded_at.0,
+                        reason
+                    ],
+                )?;
+                // The host's own end beats an end the broker inferred at a
+                // reconnect: metering wants the real end time.
+                c.execute(
+                    "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
+                     WHERE id = (SELECT id FROM sessions
+                                 WHERE resource = ?3 AND session = ?4
+                                   AND (ended_at IS NULL OR reconciled = 1)
+                                 ORDER BY id DESC LIMIT 1)",
+                    params![at.0, reason, res, session.as_str()],
+                )?;
+            }
+        }
+        out.last_seq = ev.seq;
+        out.recorded += 1;
+    }
+    if out.last_seq != last {
+        c.execute(
+            "INSERT INTO spools (resource, spool_id, last_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (resource, spool_id) DO UPDATE SET last_seq = excluded.last_seq",
+            params![res, spool, to_i64(out.last_seq, "seq")?],
+        )?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("id")
+    }
+
+    fn started(seq: u64, session: &str) -> SequencedEvent {
+        SequencedEvent {
+            seq,
+            event: SessionEvent::Started {
+                session: session.parse().expect("id"),
+                user: "alice".parse().expect("id"),
+                at: UnixMillis(1000 + seq as i64),
+            },
+        }
+    }
+
+    fn ended(seq: u64, session: &str) -> SequencedEvent {
+        SequencedEvent {
+            seq,
+            event: SessionEvent::Ended {
+                session: session.parse().expect("id"),
+                at: UnixMillis(5000 + seq as i64),
+                reason: EndReason::Logout,
+            },
+        }
+    }
+
+    fn registration(resource: &str, spool: u64, open: &[&str]) -> Registration {
+        Registration {
+            resource: rid(resource),
+            group: Some("g1".parse().expect("id")),
+            agent_version: "0.1.0".into(),
+            image_version: "img".into(),
+            host: HostFacts {
+                hostname: "h".into(),
+                os: "Linux".into(),
+                kernel: "6".into(),
+                vcpus: 4,
+                memory_bytes: 1 << 30,
+            },
+            spool_id: spool,
+            open_sessions: open.iter().map(|s| s.parse().expect("id")).collect(),
+            now: UnixMillis(9000),
+        }
+    }
+
+    fn open(dir: &Path) -> Store {
+        Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open")
+    }
+
+    #[tokio::test]
+    async fn migrations_create_the_schema_on_a_fresh_db() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        store.close().await;
+        let c = Connection::open(tmp.path().join("ferry.db")).expect("open");
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        for table in ["spools", "session_events", "sessions", "resources"] {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name=?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .expect("query");
+            assert_eq!(n, 1, "{table}");
+        }
+        let mode: String = c
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("ferry.db");
+        let c = Connection::open(&path).expect("open");
+        c.pragma_update(None, "user_version", 99).expect("set");
+        drop(c);
+        assert!(matches!(
+            Store::open(&path, StoreOptions::default()),
+            Err(StoreError::NewerSchema { found: 99, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_event_is_not_recorded_twice() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        let r = rid("h1");
+        let first = store
+            .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(1))
+            .await
+            .expect("record");
+        assert_eq!((first.last_seq, first.recorded), (1, 1));
+        let again = store
+            .record_events(
+                &r,
+                7,
+                vec![started(1, "s1"), started(2, "s2")],
+                UnixMillis(2),
+            )
+            .await
+            .expect("record");
+        assert_eq!(
+            again,
+            RecordOutcome {
+                last_seq: 2,
+                recorded: 1,
+                duplicates: 1,
+                gap: None
+            }
+        );
+        assert_eq!(store.event_count(&r, 7, 1).await.expect("count"), 1);
+        assert_eq!(store.counts().await.expect("counts").events_recorded, 2);
+        assert_eq!(store.sessions(false).await.expect("sessions").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_gap_stops_recording_and_keeps_what_came_before() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        let r = rid("h1");
+        let out = store
+            .record_events(
+                &r,
+                1,
+                vec![started(1, "s1"), started(3, "s3"), started(4, "s4")],
+                UnixMillis(1),
+            )
+            .await
+            .expect("record");
+        assert_eq!(out.last_seq, 1);
+        assert_eq!(
+            out.gap,
+            Some(SequenceGap {
+                got: 3,
+                expected: 2
+            })
+        );
+        assert_eq!(store.counts().await.expect("counts").events_recorded, 1);
+        // Spools are independent: another spool of the same resource starts at 1.
+        assert_eq!(store.last_recorded_seq(&r, 2).await.expect("seq"), 0);
+    }
+
+    #[tokio::test]
+    async fn last_seq_and_event_commit_together() {
+        // A write that fails half way (second event violates the session_events
+        // uniqueness because the row was planted) must leave neither the first
+        // event nor the advanced last_seq behind.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("ferry.db");
+        let store = Store::open(&path, StoreOptions::default()).expect("open");
+        store.close().await;
+        let c = Connection::open(&path).expect("open");
+        c.execute(
+            "INSERT INTO session_events (resource, spool_id, seq, kind, session, at, recorded_at)
+             VALUES ('h1', 1, 2, 'started', 'planted', 0, 0)",
+            [],
+        )
+        .expect("plant");
+        drop(c);
+        let store = Store::open(&path, StoreOptions::default()).expect("reopen");
+        let r = rid("h1");
+        let err = store
+            .record_events(
+                &r,
+                1,
+                vec![started(1, "s1"), started(2, "s2")],
+                UnixMillis(1),
+            )
+            .await;
+        assert!(err.is_err(), "{err:?}");
+        assert_eq!(store.last_recorded_seq(&r, 1).await.expect("seq"), 0);
+        assert_eq!(store.event_count(&r, 1, 1).await.expect("count"), 0);
+        assert!(store.sessions(true).await.expect("sessions").is_empty());
+        // The store goes on working for other writes.
+        let ok = store
+            .record_events(&rid("h2"), 1, vec![started(1, "s1")], UnixMillis(1))
+            .await
+            .expect("record");
+        assert_eq!(ok.last_seq, 1);
+    }
+
+    #[tokio::test]
+    async fn reopening_after_drop_keeps_everything() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        {
+            let store = open(tmp.path());
+            store
+                .register(registration("h1", 5, &[]))
+                .await
+                .expect("reg");
+            store
+                .record_events(
+                    &rid("h1"),
+                    5,
+                    vec![started(1, "s1"), ended(2, "s1")],
+                    UnixMillis(1),
+                )
+                .await
+                .expect("record");
+            // Dropped without close: the writer still finishes and joins.
+        }
+        let store = open(tmp.path());
+        assert_eq!(
+            store.last_recorded_seq(&rid("h1"), 5).await.expect("seq"),
+            2
+        );
+        let all = store.sessions(true).await.expect("sessions");
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].ended_at, Some(UnixMillis(5002)));
+        assert_eq!(all[0].end_reason.as_deref(), Some("logout"));
+        let res = store.resources().await.expect("resources");
+        assert_eq!(res.len(), 1);
+        assert_eq!(res[0].host.vcpus, 4);
+    }
+
+    #[tokio::test]
+    async fn registration_reconciles_sessions_the_host_no_longer_has() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        let r = rid("h1");
+        store
+            .register(registration("h1", 1, &[]))
+            .await
+            .expect("reg");
+        store
+            .record_events(
+                &r,
+                1,
+                vec![started(1, "keep"), started(2, "gone")],
+                UnixMillis(1),
+            )
+            .await
+            .expect("record");
+        let reg = store
+            .register(registration("h1", 1, &["keep"]))
+            .await
+            .expect("reg");
+        assert_eq!(reg.last_recorded_seq, 2);
+        assert_eq!(reg.ended, vec!["gone".parse::<SessionId>().expect("id")]);
+        let open_now = store.sessions(false).await.expect("sessions");
+        assert_eq!(open_now.len(), 1);
+        assert_eq!(open_now[0].session.as_str(), "keep");
+        let gone = store
+            .sessions(true)
+            .await
+            .expect("sessions")
+            .into_iter()
+            .find(|s| s.session.as_str() == "gone")
+            .expect("gone");
+        assert_eq!(gone.end_reason.as_deref(), Some(RECONCILE_REASON));
+        // The host's own Ended, replayed later, corrects the inferred end.
+        store
+            .record_events(&r, 1, vec![ended(3, "gone")], UnixMillis(2))
+            .await
+            .expect("record");
+        let gone = store
+            .sessions(true)
+            .await
+            .expect("sessions")
+            .into_iter()
+            .find(|s| s.session.as_str() == "gone")
+            .expect("gone");
+        assert_eq!(gone.end_reason.as_deref(), Some("logout"));
+        assert_eq!(gone.ended_at, Some(UnixMillis(5003)));
+    }
+
+    #[tokio::test]
+    async fn group_commit_answers_every_waiter() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = Store::open(
+            &tmp.path().join("ferry.db"),
+            StoreOptions {
+                max_batch: 64,
+                queue_len: 1024,
+            },
+        )
+        .expect("open");
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let r: ResourceId = format!("h{i}").parse().expect("id");
+                store
+                    .record_events(&r, i, vec![started(1, "s")], UnixMillis(1))
+                    .await
+            });
+        }
+        let mut done = 0;
+        while let Some(r) = tasks.join_next().await {
+            assert_eq!(r.expect("join").expect("record").last_seq, 1);
+            done += 1;
+        }
+        assert_eq!(done, 200);
+        assert_eq!(store.counts().await.expect("counts").events_recorded, 200);
+        store.close().await;
+        assert!(matches!(
+            store
+                .record_events(&rid("late"), 1, vec![started(1, "s")], UnixMillis(1))
+                .await,
+            Err(StoreError::Closed)
+        ));
+    }
+}
