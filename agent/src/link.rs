@@ -252,7 +252,15 @@ impl Link {
             _ = shutdown.cancelled() => return Err(LinkError::Shutdown),
             c = connecting => c?,
         };
-        let result = self.converse(&conn, shutdown, attempt, sampler).await;
+        let result = match self.converse(&conn, shutdown, attempt, sampler).await {
+            // A stream error only says "connection lost"; the connection
+            // knows why (e.g. the broker rejected the certificate), and that
+            // is what an operator reading `last_error` needs.
+            Err(LinkError::Frame(FrameError::Io(_))) if conn.close_reason().is_some() => {
+                Err(closed(&conn))
+            }
+            other => other,
+        };
         let reason: &[u8] = match &result {
             Err(LinkError::Shutdown) | Ok(()) => b"agent shutting down",
             Err(_) => b"agent closing after an error",

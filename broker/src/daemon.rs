@@ -63,12 +63,21 @@ pub async fn run(
     })?;
     let server_config = pki::server_config(&config.pki_dir)?;
     let store = Store::open(&config.db_path(), StoreOptions::default())?;
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|error| {
-        BrokerError::Bind {
-            addr: config.listen,
-            error,
-        }
-    })?;
+    let bind_err = |error| BrokerError::Bind {
+        addr: config.listen,
+        error,
+    };
+    // Keys that survive restarts, so agents of a crashed broker learn of it
+    // at once (see `pki::endpoint_config`).
+    let endpoint_config = pki::endpoint_config(&config.pki_dir)?;
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)?;
     let agent_addr = endpoint.local_addr().map_err(|error| BrokerError::Bind {
         addr: config.listen,
         error,
@@ -112,7 +121,7 @@ pub async fn run(
         agent_addr,
         admin_socket: config.admin_socket.clone(),
     });
-    notify::ready();
+    notify::ready(agent_addr);
 
     shutdown.cancelled().await;
     notify::stopping();

@@ -11,14 +11,25 @@ use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
 fn send(state: NotifyState<'_>) {
-    if let Err(e) = sd_notify::notify(false, &[state]) {
+    send_all(&[state]);
+}
+
+/// Prefix of the `STATUS=` line sent with `READY=1`; the bound agent address
+/// follows it. `systemctl status` shows it, and a supervisor (or a test) that
+/// configured `listen` with port 0 learns the real port from it.
+pub const READY_STATUS_PREFIX: &str = "listening for agents on ";
+
+fn send_all(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!("notify systemd: {e}");
     }
 }
 
-/// Tells systemd the broker is ready (listeners bound).
-pub fn ready() {
-    send(NotifyState::Ready);
+/// Tells systemd the broker is ready (listeners bound) and where agents
+/// connect, in one datagram.
+pub fn ready(agent_addr: std::net::SocketAddr) {
+    let status = format!("{READY_STATUS_PREFIX}{agent_addr}");
+    send_all(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
 /// Tells systemd the broker is draining.

@@ -227,6 +227,43 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, PkiError> {
     Ok(config)
 }
 
+/// Labels that separate the endpoint keys from every other use of the
+/// broker's private key.
+const RESET_KEY_LABEL: &[u8] = b"ferry quic stateless reset v1";
+const CID_KEY_LABEL: &[u8] = b"ferry quic connection id v1";
+
+/// The QUIC endpoint configuration of the agent link, with keys derived from
+/// the broker's private key (HMAC-SHA256 of fixed labels) instead of quinn's
+/// per-process random ones.
+///
+/// With random keys, a broker restarted after a crash does not recognise the
+/// connection ids it handed out before and its stateless resets carry the
+/// wrong token, so agents never learn their old connection is gone: each
+/// waits out the whole idle timeout before it reconnects and replays. With
+/// keys that survive a restart, an agent's next packet is answered with a
+/// reset it accepts. The keys stay secret as long as the broker key does.
+pub fn endpoint_config(pki_dir: &Path) -> Result<quinn::EndpointConfig, PkiError> {
+    let path = pki_dir.join(BROKER_KEY);
+    let secret = std::fs::read(&path).map_err(io_err("read", &path))?;
+    let (reset_key, cid_key) = endpoint_keys(&secret);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
+/// The stateless-reset key and the connection-id key derived from `secret`.
+fn endpoint_keys(secret: &[u8]) -> (ring::hmac::Key, u64) {
+    let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let reset = ring::hmac::sign(&master, RESET_KEY_LABEL);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+    let cid = ring::hmac::sign(&master, CID_KEY_LABEL);
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    (reset_key, u64::from_le_bytes(cid_key))
+}
+
 /// A QUIC client configuration for the agent link: trusts the CA in `ca`,
 /// presents `cert`/`key` (or no certificate when `None`). The agent crate has
 /// its own; this one serves tests and benchmarks that speak the protocol raw.
@@ -301,6 +338,21 @@ mod tests {
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
+    }
+
+    #[test]
+    fn endpoint_keys_survive_a_restart_and_differ_per_broker_key() {
+        let tag = |k: &ring::hmac::Key| ring::hmac::sign(k, b"cid").as_ref().to_vec();
+        let (reset_a, cid_a) = endpoint_keys(b"broker key A");
+        let (reset_a2, cid_a2) = endpoint_keys(b"broker key A");
+        let (reset_b, cid_b) = endpoint_keys(b"broker key B");
+        assert_eq!(tag(&reset_a), tag(&reset_a2));
+        assert_eq!(cid_a, cid_a2);
+        assert_ne!(tag(&reset_a), tag(&reset_b));
+        assert_ne!(cid_a, cid_b);
+        // The reset key is not the master key itself.
+        let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"broker key A");
+        assert_ne!(tag(&reset_a), tag(&master));
     }
 
     #[test]

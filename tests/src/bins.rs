@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("test binary lives in deps/");
-    deps.parent().expect("deps/ lives in target/<profile>").to_path_buf()
+    deps.parent()
+        .expect("deps/ lives in target/<profile>")
+        .to_path_buf()
 }
 
 fn build_all() -> PathBuf {
@@ -21,8 +23,14 @@ fn build_all() -> PathBuf {
     let profile_release = dir.file_name().is_some_and(|n| n == "release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
+    // Name the packages: the test runs in `tests/`, where a bare `--bin`
+    // only looks at this crate's (nonexistent) binaries.
     cmd.args([
         "build",
+        "-p",
+        "ferry-broker",
+        "-p",
+        "ferry-agent",
         "--bin",
         "ferry-broker",
         "--bin",
@@ -30,6 +38,24 @@ fn build_all() -> PathBuf {
         "--bin",
         "ferry-agent",
     ]);
+    // cargo runs tests with the test package's CARGO_PKG_*, CARGO_MANIFEST_*
+    // ... in the environment. Build scripts that watch such variables (ring's
+    // does) would see them change and rebuild half the tree, and the next
+    // `cargo test` would rebuild it back. The nested build gets a clean slate.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let per_package = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p));
+        if per_package || key == "CARGO_PRIMARY_PACKAGE" || key == "CARGO_TARGET_TMPDIR" {
+            cmd.env_remove(key);
+        }
+    }
     if profile_release {
         cmd.arg("--release");
     }

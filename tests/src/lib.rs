@@ -1,5 +1,10 @@
 //! Ferry's integration-test harness.
 //!
+//! - [`harness`]: a real broker and real agents in this process, on
+//!   `127.0.0.1:0` in temp dirs, started and observed through their
+//!   readiness signals and status channels.
+//! - [`procs`]: the real binaries as child processes, killed when a test
+//!   fails, plus helpers to run `ferryctl` and `ferry-agent` verbs.
 //! - [`bins`]: locate (and if needed build) the real `ferry-broker`, `ferry-agent` and
 //!   `ferryctl` binaries, for tests that run them as an operator would.
 //! - [`notify`]: a fake systemd `NOTIFY_SOCKET` that records what a daemon says.
@@ -8,4 +13,6 @@
 //! signals, never on sleeps, so tests run in parallel on a shared machine.
 
 pub mod bins;
+pub mod harness;
 pub mod notify;
+pub mod procs;

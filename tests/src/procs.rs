@@ -1,0 +1,377 @@
+//! The real binaries as child processes, set up as an operator would: PKI
+//! files from `ferryctl pki`, TOML config files, a fake `NOTIFY_SOCKET` for
+//! readiness.
+//!
+//! Every child is killed when its [`Daemon`] is dropped, so a failing test
+//! leaves no process behind; a panicking test prints the child's log.
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use tokio::process::{Child, Command};
+
+use crate::bins::bin;
+use crate::harness::PATIENCE;
+use crate::notify::FakeNotifySocket;
+
+/// Health interval of broker processes: a loaded machine running debug
+/// builds must not miss three in a row.
+pub const PROCESS_HEALTH_INTERVAL: &str = "1s";
+
+/// `shutdown_grace` of broker processes.
+pub const PROCESS_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A daemon child process, killed (SIGKILL) on drop.
+pub struct Daemon {
+    /// What it is, for messages.
+    name: String,
+    /// The process; `kill_on_drop` is set.
+    child: Child,
+    /// Its stderr (the log), written to a file.
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawns `cmd` with stdout discarded and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Daemon> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open log {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+        Ok(Daemon {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process id, while it has not been reaped.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child
+            .id()
+            .ok_or_else(|| anyhow!("{} has already exited", self.name))
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, ...) with kill(1): the workspace
+    /// denies unsafe code, so there is no libc call here.
+    pub async fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.pid()?.to_string();
+        let out = run(Path::new("kill"), [format!("-{signal}"), pid]).await?;
+        if !out.status.success() {
+            bail!(
+                "kill -{signal} {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit, failing after `limit`.
+    pub async fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| format!("{} still running after {limit:?}", self.name))?
+            .with_context(|| format!("wait for {}", self.name))
+    }
+
+    /// SIGKILL, then reap: a crash.
+    pub async fn crash(&mut self) -> anyhow::Result<ExitStatus> {
+        self.signal("KILL").await?;
+        self.wait(PATIENCE).await
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log());
+        }
+        // kill_on_drop sends SIGKILL if it still runs.
+    }
+}
+
+/// Runs a command to completion (at most [`PATIENCE`]), capturing its output.
+pub async fn run<I, S>(program: &Path, args: I) -> anyhow::Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let shown = format!("{cmd:?}");
+    tokio::time::timeout(PATIENCE, cmd.output())
+        .await
+        .with_context(|| format!("{shown} did not finish in {PATIENCE:?}"))?
+        .with_context(|| format!("run {shown}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub async fn run_ok<I, S>(program: &Path, args: I) -> anyhow::Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = run(program, &args).await?;
+    if !out.status.success() {
+        bail!(
+            "{} {:?} failed ({}): {}",
+            program.display(),
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8(out.stdout).context("stdout is not UTF-8")
+}
+
+/// `ferryctl --socket SOCKET ARGS... --json`, parsed.
+pub async fn ferryctl_json(socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut all: Vec<&OsStr> = vec![OsStr::new("--socket"), socket.as_os_str()];
+    all.extend(args.iter().map(OsStr::new));
+    all.push(OsStr::new("--json"));
+    let out = run_ok(&bin("ferryctl"), all).await?;
+    serde_json::from_str(&out).with_context(|| format!("ferryctl {args:?} printed {out:?}"))
+}
+
+/// Waits (blocking this worker thread, which a multi-thread runtime allows)
+/// for a notification line, returning every line seen on the way.
+pub fn wait_notify(
+    socket: &FakeNotifySocket,
+    line: &str,
+    limit: Duration,
+) -> anyhow::Result<Vec<String>> {
+    tokio::task::block_in_place(|| socket.wait_for(line, limit))
+        .with_context(|| format!("wait for {line} on the notify socket"))
+}
+
+/// The files of a broker run from the command line.
+pub struct BrokerFiles {
+    /// Root of everything below.
+    pub dir: PathBuf,
+    /// `ferryctl pki init` output.
+    pub pki_dir: PathBuf,
+    /// The SQLite state directory.
+    pub state_dir: PathBuf,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+}
+
+impl BrokerFiles {
+    /// Creates the CA and broker certificate with `ferryctl pki init`.
+    pub async fn init(dir: &Path) -> anyhow::Result<BrokerFiles> {
+        let files = BrokerFiles {
+            dir: dir.to_owned(),
+            pki_dir: dir.join("pki"),
+            state_dir: dir.join("state"),
+            admin_socket: dir.join("admin.sock"),
+        };
+        run_ok(
+            &bin("ferryctl"),
+            [OsStr::new("pki"), OsStr::new("init"), OsStr::new("--dir")]
+                .into_iter()
+                .chain([files.pki_dir.as_os_str()]),
+        )
+        .await?;
+        Ok(files)
+    }
+
+    /// Issues an agent identity with `ferryctl pki issue-agent` into `out`.
+    pub async fn issue_agent(&self, resource: &str, out: &Path) -> anyhow::Result<()> {
+        let mut args: Vec<&OsStr> = vec!["pki", "issue-agent", "--dir"]
+            .into_iter()
+            .map(OsStr::new)
+            .collect();
+        args.push(self.pki_dir.as_os_str());
+        args.extend([OsStr::new("--resource"), OsStr::new(resource)]);
+        args.extend([OsStr::new("--out"), out.as_os_str()]);
+        run_ok(&bin("ferryctl"), args).await?;
+        Ok(())
+    }
+
+    /// Writes a config file listening on `listen` and returns its path.
+    pub fn write_config(&self, listen: SocketAddr) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join("broker.toml");
+        let text = format!(
+            "state_dir = {state:?}\npki_dir = {pki:?}\nlisten = \"{listen}\"\n\
+             admin_socket = {admin:?}\nhealth_interval = \"{PROCESS_HEALTH_INTERVAL}\"\n\
+             missed_health_limit = 3\nshutdown_grace = \"{grace}s\"\n",
+            state = self.state_dir,
+            pki = self.pki_dir,
+            admin = self.admin_socket,
+            grace = PROCESS_SHUTDOWN_GRACE.as_secs(),
+        );
+        std::fs::write(&path, text).context("write broker config")?;
+        Ok(path)
+    }
+}
+
+/// A `ferry-broker run` process that said READY=1.
+pub struct BrokerProcess {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its notify socket, for STOPPING=1.
+    pub notify: FakeNotifySocket,
+    /// Where agents connect, from the READY notification's STATUS line.
+    pub agent_addr: SocketAddr,
+}
+
+impl BrokerProcess {
+    /// Starts `ferry-broker run` on `files` listening on `listen` (port 0 is
+    /// fine) and waits for READY=1. `run` numbers the notify socket and log
+    /// of successive runs on the same files.
+    pub async fn start(
+        files: &BrokerFiles,
+        listen: SocketAddr,
+        run: u32,
+    ) -> anyhow::Result<BrokerProcess> {
+        let config = files.write_config(listen)?;
+        let notify_dir = files.dir.join(format!("notify-{run}"));
+        std::fs::create_dir_all(&notify_dir)?;
+        let notify = FakeNotifySocket::bind(&notify_dir)?;
+        let mut cmd = Command::new(bin("ferry-broker"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", notify.path());
+        let log = files.dir.join(format!("broker-{run}.log"));
+        let daemon = Daemon::spawn(&format!("ferry-broker (run {run})"), cmd, &log)?;
+        let lines = match wait_notify(&notify, "READY=1", PATIENCE) {
+            Ok(lines) => lines,
+            Err(e) => bail!("{e:#}\n----- broker log -----\n{}", daemon.log()),
+        };
+        let agent_addr = ready_addr(&lines)?;
+        Ok(BrokerProcess {
+            daemon,
+            notify,
+            agent_addr,
+        })
+    }
+}
+
+/// The agent address in the broker's READY notification.
+pub fn ready_addr(lines: &[String]) -> anyhow::Result<SocketAddr> {
+    let status = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .ok_or_else(|| anyhow!("no STATUS= line in {lines:?}"))?;
+    let addr = status
+        .strip_prefix(ferry_broker::notify::READY_STATUS_PREFIX)
+        .ok_or_else(|| anyhow!("unexpected STATUS {status:?}"))?;
+    addr.parse()
+        .with_context(|| format!("agent address in STATUS {status:?}"))
+}
+
+/// A `ferry-agent run` process that said READY=1.
+pub struct AgentProcess {
+    /// The process.
+    pub daemon: Daemon,
+    /// Its notify socket, for STOPPING=1.
+    pub notify: FakeNotifySocket,
+    /// Its config file (the CLI verbs read the local socket from it).
+    pub config: PathBuf,
+    /// Its local socket.
+    pub local_socket: PathBuf,
+}
+
+impl AgentProcess {
+    /// Issues an identity for `resource`, writes a config under
+    /// `broker.dir/<resource>/` pointing at `broker_addr`, starts
+    /// `ferry-agent run` and waits for READY=1.
+    pub async fn start(
+        broker: &BrokerFiles,
+        resource: &str,
+        broker_addr: SocketAddr,
+    ) -> anyhow::Result<AgentProcess> {
+        let home = broker.dir.join(resource);
+        let id = home.join("id");
+        broker.issue_agent(resource, &id).await?;
+        let local_socket = home.join("agent.sock");
+        let config = home.join("agent.toml");
+        let text = format!(
+            "resource = {resource:?}\nbroker_addr = \"{broker_addr}\"\nbroker_name = \"localhost\"\n\
+             ca_cert = {ca:?}\ncert = {cert:?}\nkey = {key:?}\nstate_dir = {state:?}\n\
+             local_socket = {sock:?}\nimage_version = \"img-7\"\n",
+            ca = id.join(ferry_broker::pki::CA_CERT),
+            cert = id.join(ferry_broker::pki::AGENT_CERT),
+            key = id.join(ferry_broker::pki::AGENT_KEY),
+            state = home.join("state"),
+            sock = local_socket,
+        );
+        std::fs::write(&config, text).context("write agent config")?;
+        let notify = FakeNotifySocket::bind(&home)?;
+        let mut cmd = Command::new(bin("ferry-agent"));
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("NOTIFY_SOCKET", notify.path());
+        let daemon = Daemon::spawn(
+            &format!("ferry-agent {resource}"),
+            cmd,
+            &home.join("agent.log"),
+        )?;
+        if let Err(e) = wait_notify(&notify, "READY=1", PATIENCE) {
+            bail!("{e:#}\n----- agent log -----\n{}", daemon.log());
+        }
+        Ok(AgentProcess {
+            daemon,
+            notify,
+            config,
+            local_socket,
+        })
+    }
+
+    /// `ferry-agent --config F ARGS...`, which must succeed; returns stdout.
+    pub async fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), self.config.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        run_ok(&bin("ferry-agent"), all).await
+    }
+
+    /// `ferry-agent status --wait-synced --json`, parsed.
+    pub async fn wait_synced(&self) -> anyhow::Result<serde_json::Value> {
+        let timeout = format!("{}s", PATIENCE.as_secs());
+        let out = self
+            .cli(&["status", "--wait-synced", "--timeout", &timeout, "--json"])
+            .await?;
+        serde_json::from_str(&out).with_context(|| format!("status printed {out:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_address_is_read_from_the_ready_status() {
+        let lines = vec![
+            "READY=1".to_owned(),
+            format!(
+                "STATUS={}127.0.0.1:4567",
+                ferry_broker::notify::READY_STATUS_PREFIX
+            ),
+        ];
+        assert_eq!(
+            ready_addr(&lines).expect("address"),
+            "127.0.0.1:4567".parse::<SocketAddr>().expect("addr")
+        );
+        assert!(ready_addr(&["READY=1".to_owned()]).is_err());
+        assert!(ready_addr(&["STATUS=starting".to_owned()]).is_err());
+    }
+}
