@@ -1,14 +1,128 @@
-//! `ferryctl simulate`: replays a scenario file through the engine on a virtual clock.
+//! `ferryctl simulate`: replays a scenario file (SPEC section 7) through the
+//! delivery-group engine on a virtual clock: no network, no disk besides the
+//! scenario itself, no wall clock.
+//!
+//! The replay follows SPEC 5.5 at every instant: provider completions and engine
+//! deadlines due first (one evaluation), then each event in file order, each
+//! followed by its evaluation.
 
-use std::path::Path;
+mod replay;
+mod report;
+mod scenario;
 
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+pub use replay::{replay, Happening, Outcome, Row};
+pub use report::{render_json, render_table};
+pub use scenario::{
+    parse, Event, EventKind, Provider, Scenario, MAX_SCENARIO_BYTES, MAX_SCENARIO_EVENTS,
+    MAX_SCENARIO_PERIOD,
+};
+
+/// One problem in a scenario file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line the problem is on.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Why a scenario could not be simulated. Display names the file, and the line
+/// wherever there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
-    #[error("simulate is not built yet")]
-    NotBuilt,
+    #[error("{}: cannot read the scenario: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: the file is larger than the limit of {max} bytes for a scenario", file.display())]
+    TooLarge { file: PathBuf, max: u64 },
+    /// Every problem found while checking the file, sorted by line.
+    #[error("{}", InvalidDisplay { file, problems })]
+    Invalid {
+        file: PathBuf,
+        problems: Vec<Problem>,
+    },
+    /// An event that cannot happen in the state the replay reached.
+    #[error("{}:{line}: {message}", file.display())]
+    Replay {
+        file: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{}: cannot render JSON: {source}", file.display())]
+    Json {
+        file: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
-/// Runs the scenario in `path` and returns what `ferryctl simulate` prints.
-pub fn run_cli(_path: &Path, _json: bool) -> Result<String, SimError> {
-    Err(SimError::NotBuilt)
+struct InvalidDisplay<'a> {
+    file: &'a Path,
+    problems: &'a [Problem],
 }
+
+impl fmt::Display for InvalidDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}:{}: {}", self.file.display(), p.line, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the scenario file at `path`, at most [`MAX_SCENARIO_BYTES`].
+pub fn load(path: &Path) -> Result<Scenario, SimError> {
+    let read_err = |source| SimError::Read {
+        file: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SCENARIO_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_SCENARIO_BYTES {
+        return Err(SimError::TooLarge {
+            file: path.to_owned(),
+            max: MAX_SCENARIO_BYTES,
+        });
+    }
+    let text = String::from_utf8(bytes).map_err(|e| SimError::Invalid {
+        file: path.to_owned(),
+        problems: vec![Problem {
+            line: scenario::line_of(
+                &String::from_utf8_lossy(e.as_bytes()),
+                e.utf8_error().valid_up_to(),
+            ),
+            message: "the file is not UTF-8".into(),
+        }],
+    })?;
+    parse(path, &text)
+}
+
+/// Runs the scenario in `path` and returns what `ferryctl simulate` prints: the
+/// readable table, or with `json` the JSON object of SPEC section 7. No trailing
+/// newline.
+pub fn run_cli(path: &Path, json: bool) -> Result<String, SimError> {
+    let scenario = load(path)?;
+    let outcome = replay(path, &scenario)?;
+    if json {
+        render_json(&scenario, &outcome).map_err(|source| SimError::Json {
+            file: path.to_owned(),
+            source,
+        })
+    } else {
+        Ok(render_table(&scenario, &outcome))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,561 @@
+//! A delivery group's scaling policy (SPEC section 4) and its validation.
+//!
+//! Validation collects every problem before refusing, so an operator fixes a
+//! policy in one round instead of one error at a time.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Most resources of one class (base or elastic) a group may have. The engine keeps
+/// one entry per resource in memory and ids are `e1`, `e2`, ...; a value from a
+/// scenario file or an admin request above this is a typo, not a fleet.
+pub const MAX_GROUP_RESOURCES: u32 = 100_000;
+
+/// Most concurrent sessions on one resource when no spec names a limit. The spec
+/// catalog's largest host takes 6; 1,000 leaves room for unusual hosts while keeping
+/// `demand * 100` and `capacity * threshold` far from overflowing.
+pub const MAX_CONCURRENT_SESSIONS: u32 = 1_000;
+
+/// Longest policy duration (idle time, cooldown, wait). A year is far beyond any
+/// sensible value and keeps millisecond arithmetic on `i64` far from overflow.
+pub const MAX_POLICY_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Default least time between two scale-ins of one group (SPEC section 4).
+pub const DEFAULT_SCALE_IN_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// Specs the broker knows and the most concurrent sessions each takes (SPEC section 4).
+pub const SPEC_CATALOG: &[(&str, u32)] =
+    &[("office-4c8g", 2), ("design-8c16g", 4), ("gpu-14c93g", 6)];
+
+/// The most concurrent sessions of a catalog spec, `None` for an unknown spec.
+pub fn catalog_max_sessions(spec: &str) -> Option<u32> {
+    SPEC_CATALOG
+        .iter()
+        .find(|(name, _)| *name == spec)
+        .map(|(_, max)| *max)
+}
+
+/// Which resource of a class takes the next session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancing {
+    /// The resource with the fewest sessions: spreads load, keeps hosts responsive.
+    #[default]
+    BreadthFirst,
+    /// The fullest resource that still has room: packs sessions so elastic
+    /// resources empty out and can be scaled in sooner.
+    DepthFirst,
+}
+
+impl LoadBalancing {
+    /// Reads the scenario / config spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "breadth-first" => Some(Self::BreadthFirst),
+            "depth-first" => Some(Self::DepthFirst),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BreadthFirst => "breadth-first",
+            Self::DepthFirst => "depth-first",
+        }
+    }
+}
+
+impl fmt::Display for LoadBalancing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The scaling part of a delivery group's policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// (A) Sessions one resource takes at once; also the slot count per resource
+    /// in `capacity`.
+    pub concurrent_sessions: u32,
+    /// (B) Percent of capacity above which the group scales out (1..=100).
+    pub usage_threshold: u32,
+    /// (C) Elastic resources created by one scale-out (at most up to `max_elastic`).
+    pub scale_out_step: u32,
+    /// (D) Most elastic resources pending, ready or releasing at once.
+    pub max_elastic: u32,
+    /// (E) How long an elastic resource stays without sessions before it may be
+    /// scaled in.
+    pub max_idle: Duration,
+    /// Least time between two scale-ins of the group, so a brief lull does not
+    /// drain everything at once.
+    pub scale_in_cooldown: Duration,
+    /// How long a routing request may wait for room; zero refuses at once.
+    pub wait_timeout: Duration,
+    /// Placement strategy inside each class of resource.
+    pub load_balancing: LoadBalancing,
+}
+
+impl Policy {
+    /// A policy with the spec's defaults for the parameters that have one.
+    pub fn new(
+        concurrent_sessions: u32,
+        usage_threshold: u32,
+        scale_out_step: u32,
+        max_elastic: u32,
+        max_idle: Duration,
+    ) -> Self {
+        Self {
+            concurrent_sessions,
+            usage_threshold,
+            scale_out_step,
+            max_elastic,
+            max_idle,
+            scale_in_cooldown: DEFAULT_SCALE_IN_COOLDOWN,
+            wait_timeout: Duration::ZERO,
+            load_balancing: LoadBalancing::BreadthFirst,
+        }
+    }
+
+    /// Checks every parameter against SPEC section 4 and, when `spec` is given,
+    /// against the spec catalog. Lists every problem, not just the first.
+    pub fn validate(&self, spec: Option<&str>) -> Result<(), PolicyError> {
+        let mut problems = Vec::new();
+        let mut add = |field: &'static str, message: String| {
+            problems.push(PolicyProblem { field, message });
+        };
+        if self.concurrent_sessions < 1 {
+            add("concurrent_sessions", "must be at least 1".into());
+        } else if self.concurrent_sessions > MAX_CONCURRENT_SESSIONS {
+            add(
+                "concurrent_sessions",
+                format!(
+                    "{} is above the limit of {MAX_CONCURRENT_SESSIONS}",
+                    self.concurrent_sessions
+                ),
+            );
+        }
+        if let Some(spec) = spec {
+            match catalog_max_sessions(spec) {
+                Some(max) if self.concurrent_sessions > max => add(
+                    "concurrent_sessions",
+                    format!(
+                        "{} is above the {max} sessions spec {spec} takes",
+                        self.concurrent_sessions
+                    ),
+                ),
+                Some(_) => {}
+                None => {
+                    let known: Vec<&str> = SPEC_CATALOG.iter().map(|(n, _)| *n).collect();
+                    add(
+                        "spec",
+                        format!("unknown spec {spec:?}; known: {}", known.join(", ")),
+                    );
+                }
+            }
+        }
+        if !(1..=100).contains(&self.usage_threshold) {
+            add(
+                "usage_threshold",
+                format!("{} is not a percent in 1..=100", self.usage_threshold),
+            );
+        }
+        if self.scale_out_step < 1 {
+            add("scale_out_step", "must be at least 1".into());
+        } else if self.scale_out_step > MAX_GROUP_RESOURCES {
+            add(
+                "scale_out_step",
+                format!(
+                    "{} is above the limit of {MAX_GROUP_RESOURCES}",
+                    self.scale_out_step
+                ),
+            );
+        }
+        if self.max_elastic > MAX_GROUP_RESOURCES {
+            add(
+                "max_elastic",
+                format!(
+                    "{} is above the limit of {MAX_GROUP_RESOURCES}",
+                    self.max_elastic
+                ),
+            );
+        }
+        for (field, d) in [
+            ("max_idle", self.max_idle),
+            ("scale_in_cooldown", self.scale_in_cooldown),
+            ("wait_timeout", self.wait_timeout),
+        ] {
+            if d > MAX_POLICY_DURATION {
+                add(field, format!("{d:?} is longer than the limit of 366 days"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyError { problems })
+        }
+    }
+
+    pub(crate) fn max_idle_ms(&self) -> i64 {
+        duration_ms(self.max_idle)
+    }
+
+    pub(crate) fn cooldown_ms(&self) -> i64 {
+        duration_ms(self.scale_in_cooldown)
+    }
+
+    pub(crate) fn wait_timeout_ms(&self) -> i64 {
+        duration_ms(self.wait_timeout)
+    }
+}
+
+/// How long a disconnected session is kept for its user to reconnect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Retention {
+    /// Kept until the user comes back (`-1` in the console).
+    Forever,
+    /// Kept this long (3..=300 minutes), then ended.
+    For(Duration),
+}
+
+/// Shortest and longest finite `disconnect_retention` (SPEC section 4).
+pub const MIN_RETENTION: Duration = Duration::from_secs(3 * 60);
+pub const MAX_RETENTION: Duration = Duration::from_secs(300 * 60);
+/// Default `disconnect_retention`.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(15 * 60);
+/// How long before `max_session_duration` the user is warned; a shorter
+/// maximum would warn before the session even starts.
+pub const SESSION_END_WARNING: Duration = Duration::from_secs(5 * 60);
+
+/// The session part of the policy, carried out by the agents. A retained
+/// session keeps its slot: the broker reports its end to the engine only when
+/// the retention runs out, so demand counts it meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPolicy {
+    /// How long a disconnected session is kept for a reconnect.
+    pub disconnect_retention: Retention,
+    /// Longest a session may last; the user is warned [`SESSION_END_WARNING`] before.
+    pub max_session_duration: Option<Duration>,
+    /// A session idle this long is disconnected.
+    pub idle_disconnect: Option<Duration>,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        Self {
+            disconnect_retention: Retention::For(DEFAULT_RETENTION),
+            max_session_duration: None,
+            idle_disconnect: None,
+        }
+    }
+}
+
+impl SessionPolicy {
+    /// Checks every field; lists every problem.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let mut problems = Vec::new();
+        if let Retention::For(d) = self.disconnect_retention {
+            if d < MIN_RETENTION || d > MAX_RETENTION {
+                problems.push(PolicyProblem {
+                    field: "disconnect_retention",
+                    message: format!("{d:?} is not -1 (forever) or 3..=300 minutes"),
+                });
+            }
+        }
+        if let Some(d) = self.max_session_duration {
+            if d <= SESSION_END_WARNING || d > MAX_POLICY_DURATION {
+                problems.push(PolicyProblem {
+                    field: "max_session_duration",
+                    message: format!(
+                        "{d:?} must be longer than the 5 minute warning and at most 366 days"
+                    ),
+                });
+            }
+        }
+        if let Some(d) = self.idle_disconnect {
+            if d.is_zero() || d > MAX_POLICY_DURATION {
+                problems.push(PolicyProblem {
+                    field: "idle_disconnect",
+                    message: format!("{d:?} must be above zero and at most 366 days"),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyError { problems })
+        }
+    }
+}
+
+/// Most scheduled periods on one weekday (SPEC section 4).
+pub const MAX_PERIODS_PER_DAY: usize = 3;
+/// Shortest period, in minutes.
+pub const MIN_PERIOD_MINUTES: u16 = 15;
+/// Least gap between two periods of one day, in minutes.
+pub const MIN_PERIOD_GAP_MINUTES: u16 = 5;
+/// Minutes in a day: a period ends at the latest at 24:00.
+pub const MINUTES_PER_DAY: u16 = 24 * 60;
+
+/// A scheduled-scaling period: on the chosen weekdays, from `start` to `end`
+/// (minutes after midnight UTC), at least `min_ready` resources are kept ready.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyPeriod {
+    /// Weekdays it applies on, bit 0 = Monday ... bit 6 = Sunday.
+    pub weekdays: u8,
+    /// Start, minutes after midnight.
+    pub start_minute: u16,
+    /// End, minutes after midnight (at most 1440).
+    pub end_minute: u16,
+    /// Resources kept ready during the period.
+    pub min_ready: u32,
+    /// How long before `start` elastic resources are created to be ready in time.
+    pub warm_up: Duration,
+}
+
+fn hhmm(m: u16) -> String {
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+/// Checks a day's schedule: at most 3 periods per weekday, each at least 15
+/// minutes inside one day, not overlapping and at least 5 minutes apart, and
+/// `min_ready` reachable with `base_count + max_elastic` resources.
+pub fn validate_periods(
+    periods: &[PolicyPeriod],
+    base_count: u32,
+    max_elastic: u32,
+) -> Result<(), PolicyError> {
+    let mut problems = Vec::new();
+    let mut add = |message: String| {
+        problems.push(PolicyProblem {
+            field: "periods",
+            message,
+        })
+    };
+    for (n, p) in periods.iter().enumerate() {
+        let name = format!(
+            "period {} ({}-{})",
+            n + 1,
+            hhmm(p.start_minute),
+            hhmm(p.end_minute)
+        );
+        if p.weekdays & 0x7f == 0 || p.weekdays & 0x80 != 0 {
+            add(format!(
+                "{name}: choose weekdays (bits 0..=6, Monday..Sunday)"
+            ));
+        }
+        if p.end_minute > MINUTES_PER_DAY || p.start_minute >= p.end_minute {
+            add(format!("{name}: must start before it ends, inside one day"));
+        } else if p.end_minute - p.start_minute < MIN_PERIOD_MINUTES {
+            add(format!("{name}: shorter than {MIN_PERIOD_MINUTES} minutes"));
+        }
+        if u64::from(p.min_ready) > u64::from(base_count) + u64::from(max_elastic) {
+            add(format!(
+                "{name}: min_ready {} is more than {base_count} base + {max_elastic} elastic resources",
+                p.min_ready
+            ));
+        }
+        if p.warm_up > Duration::from_secs(24 * 3600) {
+            add(format!("{name}: warm_up is longer than a day"));
+        }
+    }
+    for day in 0..7u8 {
+        let mut today: Vec<(usize, &PolicyPeriod)> = periods
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.weekdays & (1 << day) != 0)
+            .collect();
+        const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+        if today.len() > MAX_PERIODS_PER_DAY {
+            add(format!(
+                "{}: {} periods, at most {MAX_PERIODS_PER_DAY} a day",
+                DAYS[usize::from(day)],
+                today.len()
+            ));
+        }
+        today.sort_by_key(|(_, p)| p.start_minute);
+        for pair in today.windows(2) {
+            let ((a, pa), (b, pb)) = (pair[0], pair[1]);
+            if pb.start_minute < pa.end_minute.saturating_add(MIN_PERIOD_GAP_MINUTES) {
+                add(format!(
+                    "{}: periods {} and {} overlap or are less than {MIN_PERIOD_GAP_MINUTES} minutes apart",
+                    DAYS[usize::from(day)],
+                    a + 1,
+                    b + 1
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyError { problems })
+    }
+}
+
+/// Milliseconds of a validated policy duration (bounded by [`MAX_POLICY_DURATION`]).
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// One thing wrong with a policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyProblem {
+    /// The parameter (`concurrent_sessions`, ..., or `spec`), so a caller can point
+    /// at the line or form field it came from.
+    pub field: &'static str,
+    /// What is wrong, in words an operator understands.
+    pub message: String,
+}
+
+/// A refused policy, with every problem found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyError {
+    /// Every problem, in parameter order; never empty.
+    pub problems: Vec<PolicyProblem>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("invalid policy: ")?;
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seed() -> Policy {
+        Policy::new(2, 85, 2, 2, Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn seed_policy_is_valid_for_its_spec() {
+        assert_eq!(seed().validate(Some("office-4c8g")), Ok(()));
+        assert_eq!(seed().validate(None), Ok(()));
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let mut p = seed();
+        p.concurrent_sessions = 3;
+        p.usage_threshold = 0;
+        p.scale_out_step = 0;
+        p.max_elastic = MAX_GROUP_RESOURCES + 1;
+        p.wait_timeout = MAX_POLICY_DURATION + Duration::from_secs(1);
+        let err = p.validate(Some("office-4c8g")).unwrap_err();
+        let fields: Vec<_> = err.problems.iter().map(|p| p.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "concurrent_sessions",
+                "usage_threshold",
+                "scale_out_step",
+                "max_elastic",
+                "wait_timeout"
+            ]
+        );
+        assert!(err
+            .to_string()
+            .contains("above the 2 sessions spec office-4c8g"));
+    }
+
+    #[test]
+    fn catalog_limits() {
+        let mut p = seed();
+        p.concurrent_sessions = 4;
+        assert!(p.validate(Some("design-8c16g")).is_ok());
+        p.concurrent_sessions = 5;
+        assert!(p.validate(Some("design-8c16g")).is_err());
+        p.concurrent_sessions = 6;
+        assert!(p.validate(Some("gpu-14c93g")).is_ok());
+        p.concurrent_sessions = 7;
+        assert!(p.validate(Some("gpu-14c93g")).is_err());
+        let err = seed().validate(Some("tiny")).unwrap_err();
+        assert_eq!(err.problems[0].field, "spec");
+    }
+
+    #[test]
+    fn session_policy_ranges() {
+        assert!(SessionPolicy::default().validate().is_ok());
+        let mut s = SessionPolicy {
+            disconnect_retention: Retention::Forever,
+            ..SessionPolicy::default()
+        };
+        assert!(s.validate().is_ok());
+        s.disconnect_retention = Retention::For(Duration::from_secs(2 * 60));
+        s.max_session_duration = Some(Duration::from_secs(5 * 60));
+        s.idle_disconnect = Some(Duration::ZERO);
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        s.disconnect_retention = Retention::For(Duration::from_secs(300 * 60));
+        s.max_session_duration = Some(Duration::from_secs(6 * 60));
+        s.idle_disconnect = Some(Duration::from_secs(60));
+        assert!(s.validate().is_ok());
+    }
+
+    fn period(days: u8, start: u16, end: u16) -> PolicyPeriod {
+        PolicyPeriod {
+            weekdays: days,
+            start_minute: start,
+            end_minute: end,
+            min_ready: 2,
+            warm_up: Duration::from_secs(600),
+        }
+    }
+
+    #[test]
+    fn period_rules() {
+        let ok = [
+            period(0b1, 540, 555),
+            period(0b1, 560, 600),
+            period(0b11, 1000, 1440),
+        ];
+        assert!(validate_periods(&ok, 2, 0).is_ok());
+        // too short, overlapping, too close, fourth on Monday, no weekday, min_ready.
+        let bad = [
+            period(0b1, 540, 550),
+            period(0b1, 545, 600),
+            period(0b1, 603, 700),
+            period(0b1, 800, 900),
+            period(0, 100, 200),
+        ];
+        let err = validate_periods(&bad, 1, 0).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("shorter than 15"), "{text}");
+        assert!(text.contains("at most 3 a day"), "{text}");
+        assert!(text.contains("periods 1 and 2 overlap"), "{text}");
+        assert!(
+            text.contains("periods 2 and 3 overlap or are less than 5"),
+            "{text}"
+        );
+        assert!(text.contains("choose weekdays"), "{text}");
+        assert!(text.contains("min_ready 2 is more than 1 base"), "{text}");
+        assert!(validate_periods(&[period(1, 600, 1441)], 2, 0).is_err());
+    }
+
+    #[test]
+    fn threshold_bounds_are_inclusive() {
+        let mut p = seed();
+        p.usage_threshold = 1;
+        assert!(p.validate(None).is_ok());
+        p.usage_threshold = 100;
+        assert!(p.validate(None).is_ok());
+        p.usage_threshold = 101;
+        assert!(p.validate(None).is_err());
+        p.usage_threshold = 85;
+        p.concurrent_sessions = 0;
+        assert!(p.validate(None).is_err());
+        p.concurrent_sessions = 1;
+        p.max_elastic = 0;
+        assert!(p.validate(None).is_ok());
+    }
+}

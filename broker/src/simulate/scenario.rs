@@ -1,0 +1,695 @@
+//! Scenario files (SPEC section 7): parsed with spans, then checked whole, so
+//! every problem is reported with its line at once.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use toml::Spanned;
+
+use ferry_common::duration::parse_duration;
+use ferry_common::{SessionId, UnixMillis};
+
+use crate::engine::billing::{BaseBilling, Prices, Term};
+use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
+
+use super::{Problem, SimError};
+
+/// Largest scenario file read. A scenario with the most events allowed stays far
+/// below this; a larger file is a mistake (or a log pasted in), not a scenario.
+pub const MAX_SCENARIO_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Most `[[event]]`s in one scenario, to bound the run's time and memory.
+pub const MAX_SCENARIO_EVENTS: usize = 100_000;
+
+/// Longest simulated period. A year of virtual time covers any "what would this
+/// policy have cost" question and bounds the run.
+pub const MAX_SCENARIO_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// How resources are created and released in a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    /// Work completes only through `created = N` / `released = N` events.
+    Explicit,
+    /// Work completes by itself after fixed delays (milliseconds).
+    Delays { create_ms: i64, release_ms: i64 },
+}
+
+/// What a scenario event does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A session arrives (and connects once placed).
+    Connect(SessionId),
+    /// A session ends, or a waiting request is withdrawn.
+    Disconnect(SessionId),
+    /// The N oldest pending creations complete.
+    Created(u32),
+    /// The N oldest pending releases complete.
+    Released(u32),
+}
+
+/// One `[[event]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Line of its `[[event]]` header, for error messages.
+    pub line: usize,
+    /// When it happens.
+    pub at: UnixMillis,
+    /// What happens.
+    pub kind: EventKind,
+}
+
+/// A checked scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// The scenario's title, if it has one.
+    pub name: Option<String>,
+    /// Start of the billed period; base resources are ready from here.
+    pub start: UnixMillis,
+    /// End of the billed period; the run stops here.
+    pub end: UnixMillis,
+    /// Number of base resources `b1..bN`.
+    pub base_resources: u32,
+    /// How base resources are billed.
+    pub billing: BaseBilling,
+    /// The group's spec, for the catalog's session limit.
+    pub spec: Option<String>,
+    /// Unit prices.
+    pub prices: Prices,
+    /// The scaling policy.
+    pub policy: Policy,
+    /// How creations and releases complete.
+    pub provider: Provider,
+    /// The events, in time order.
+    pub events: Vec<Event>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScenario {
+    name: Option<String>,
+    start: Spanned<String>,
+    end: Option<Spanned<String>>,
+    group: Spanned<RawGroup>,
+    pricing: Spanned<RawPricing>,
+    policy: Spanned<RawPolicy>,
+    provider: Option<Spanned<RawProvider>>,
+    #[serde(default)]
+    event: Vec<Spanned<RawEvent>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    base_resources: Spanned<i64>,
+    billing: Spanned<String>,
+    duration: Option<Spanned<String>>,
+    spec: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPricing {
+    currency: Spanned<String>,
+    subscription_month: Option<Spanned<toml::Value>>,
+    hourly: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    concurrent_sessions: Spanned<i64>,
+    usage_threshold: Spanned<i64>,
+    scale_out_step: Spanned<i64>,
+    max_elastic: Spanned<i64>,
+    max_idle: Spanned<String>,
+    scale_in_cooldown: Option<Spanned<String>>,
+    wait_timeout: Option<Spanned<String>>,
+    load_balancing: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    mode: Spanned<String>,
+    create_delay: Option<Spanned<String>>,
+    release_delay: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    at: Spanned<String>,
+    connect: Option<Spanned<String>>,
+    disconnect: Option<Spanned<String>>,
+    created: Option<Spanned<i64>>,
+    released: Option<Spanned<i64>>,
+}
+
+/// 1-based line of byte `offset` in `text`.
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Collects problems with their lines while a scenario is checked.
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn at<T>(&mut self, spanned: &Spanned<T>, message: String) {
+        let line = line_of(self.text, spanned.span().start);
+        self.problems.push(Problem { line, message });
+    }
+
+    /// A count or number in `lo..=hi`; out of range reports and gives `None`.
+    fn int(&mut self, v: &Spanned<i64>, key: &str, lo: i64, hi: i64) -> Option<u32> {
+        let n = *v.get_ref();
+        if n < 0 && lo >= 0 {
+            self.at(
+                v,
+                format!("{key} = {n} is negative; it must be in {lo}..={hi}"),
+            );
+            return None;
+        }
+        if n < lo || n > hi {
+            self.at(v, format!("{key} = {n} is out of range {lo}..={hi}"));
+            return None;
+        }
+        u32::try_from(n).ok()
+    }
+
+    fn duration(&mut self, v: &Spanned<String>, key: &str) -> Option<Duration> {
+        match parse_duration(v.get_ref()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.at(v, format!("{key}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn amount(&mut self, v: &Spanned<toml::Value>, key: &str) -> Option<Decimal> {
+        let parsed = match v.get_ref() {
+            toml::Value::String(s) => Decimal::from_str(s.trim())
+                .map_err(|e| format!("{key} = {s:?} is not a decimal number: {e}")),
+            toml::Value::Integer(i) => Ok(Decimal::from(*i)),
+            toml::Value::Float(_) => Err(format!(
+                "{key} is a float; write prices as strings (e.g. \"0.726736\") so they stay exact"
+            )),
+            other => Err(format!(
+                "{key} must be a decimal string, not a {}",
+                other.type_str()
+            )),
+        };
+        match parsed {
+            Ok(d) if d.is_sign_negative() && !d.is_zero() => {
+                self.at(v, format!("{key} = {d} is negative"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(message) => {
+                self.at(v, message);
+                None
+            }
+        }
+    }
+}
+
+/// Parses an RFC 3339 time.
+fn parse_rfc3339(s: &str) -> Option<UnixMillis> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|t| UnixMillis(t.timestamp_millis()))
+}
+
+/// Parses `HH:MM[:SS]` on `date_of`'s UTC date, or a full RFC 3339 time.
+fn parse_time(s: &str, date_of: UnixMillis) -> Result<UnixMillis, String> {
+    let s = s.trim();
+    if s.contains('T') || s.contains('t') {
+        return parse_rfc3339(s)
+            .ok_or_else(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-03-02T08:22:00Z)"));
+    }
+    let time = NaiveTime::parse_from_str(s, "%H:%M:%S")
+        .or_else(|_| NaiveTime::parse_from_str(s, "%H:%M"))
+        .map_err(|_| format!("{s:?} is not a time: write HH:MM, HH:MM:SS or RFC 3339"))?;
+    let date = DateTime::<Utc>::from_timestamp_millis(date_of.0)
+        .ok_or_else(|| "start is out of range".to_owned())?
+        .date_naive();
+    Ok(UnixMillis(date.and_time(time).and_utc().timestamp_millis()))
+}
+
+/// Reads and checks the scenario text of `path` (used only in messages).
+pub fn parse(path: &Path, text: &str) -> Result<Scenario, SimError> {
+    let invalid = |problems| SimError::Invalid {
+        file: path.to_owned(),
+        problems,
+    };
+    let raw: RawScenario = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let line = e.span().map_or(1, |s| line_of(text, s.start));
+            return Err(invalid(vec![Problem {
+                line,
+                message: e.message().trim().to_owned(),
+            }]));
+        }
+    };
+    let mut c = Checker {
+        text,
+        problems: Vec::new(),
+    };
+
+    let start = parse_rfc3339(raw.start.get_ref());
+    if start.is_none() {
+        c.at(
+            &raw.start,
+            format!(
+                "start = {:?} is not an RFC 3339 time (e.g. 2026-03-02T08:00:00Z)",
+                raw.start.get_ref()
+            ),
+        );
+    }
+    let end = match (&raw.end, start) {
+        (Some(e), Some(s)) => match parse_time(e.get_ref(), s) {
+            Ok(t) if t <= s => {
+                c.at(e, format!("end = {:?} is not after start", e.get_ref()));
+                None
+            }
+            Ok(t) if (t.0 - s.0) as u128 > MAX_SCENARIO_PERIOD.as_millis() => {
+                c.at(e, "end is more than 366 days after start".into());
+                None
+            }
+            Ok(t) => Some(t),
+            Err(m) => {
+                c.at(e, format!("end: {m}"));
+                None
+            }
+        },
+        _ => None,
+    };
+
+    // [group]
+    let g = raw.group.get_ref();
+    let base = c.int(
+        &g.base_resources,
+        "group.base_resources",
+        0,
+        i64::from(MAX_GROUP_RESOURCES),
+    );
+    let billing = match g.billing.get_ref().as_str() {
+        "subscription" => match &g.duration {
+            Some(d) => match Term::parse(d.get_ref()) {
+                Ok(term) => Some(BaseBilling::Subscription(term)),
+                Err(e) => {
+                    c.at(d, format!("group.duration: {e}"));
+                    None
+                }
+            },
+            None => {
+                c.at(
+                    &raw.group,
+                    "group.billing = \"subscription\" needs group.duration (e.g. \"1w\", \"1mo\", \"1y\")"
+                        .into(),
+                );
+                None
+            }
+        },
+        "pay-as-you-go" => Some(BaseBilling::PayAsYouGo),
+        other => {
+            c.at(
+                &g.billing,
+                format!(
+                    "group.billing = {other:?}: expected \"subscription\" or \"pay-as-you-go\""
+                ),
+            );
+            None
+        }
+    };
+    let spec = g.spec.as_ref().map(|s| s.get_ref().clone());
+
+    // [pricing]
+    let p = raw.pricing.get_ref();
+    let currency = p.currency.get_ref().clone();
+    if currency.is_empty()
+        || currency.len() > 8
+        || !currency.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        c.at(
+            &p.currency,
+            format!("pricing.currency = {currency:?}: expected a code like \"CNY\""),
+        );
+    }
+    let subscription_month = match &p.subscription_month {
+        Some(v) => c.amount(v, "pricing.subscription_month"),
+        None if matches!(billing, Some(BaseBilling::Subscription(_))) => {
+            c.at(
+                &raw.pricing,
+                "pricing.subscription_month is needed for a subscription group".into(),
+            );
+            None
+        }
+        None => Some(Decimal::ZERO),
+    };
+    let hourly = match &p.hourly {
+        Some(v) => c.amount(v, "pricing.hourly"),
+        None => {
+            c.at(
+                &raw.pricing,
+                "pricing.hourly is needed (elastic and pay-as-you-go resources)".into(),
+            );
+            None
+        }
+    };
+
+    // [policy]
+    let rp = raw.policy.get_ref();
+    let concurrent = c.int(
+        &rp.concurrent_sessions,
+        "policy.concurrent_sessions",
+        1,
+        i64::from(u32::MAX),
+    );
+    let threshold = c.int(&rp.usage_threshold, "policy.usage_threshold", 1, 100);
+    let step = c.int(
+        &rp.scale_out_step,
+        "policy.scale_out_step",
+        1,
+        i64::from(u32::MAX),
+    );
+    let max_elastic = c.int(
+        &rp.max_elastic,
+        "policy.max_elastic",
+        0,
+        i64::from(u32::MAX),
+    );
+    let max_idle = c.duration(&rp.max_idle, "policy.max_idle");
+    let cooldown = match &rp.scale_in_cooldown {
+        Some(v) => c.duration(v, "policy.scale_in_cooldown"),
+        None => Some(DEFAULT_SCALE_IN_COOLDOWN),
+    };
+    let wait = match &rp.wait_timeout {
+        Some(v) => c.duration(v, "policy.wait_timeout"),
+        None => Some(Duration::ZERO),
+    };
+    let load_balancing = match &rp.load_balancing {
+        Some(v) => {
+            let lb = LoadBalancing::parse(v.get_ref());
+            if lb.is_none() {
+                c.at(
+                    v,
+                    format!(
+                        "policy.load_balancing = {:?}: expected \"breadth-first\" or \"depth-first\"",
+                        v.get_ref()
+                    ),
+                );
+            }
+            lb
+        }
+        None => Some(LoadBalancing::BreadthFirst),
+    };
+    let policy = match (
+        concurrent,
+        threshold,
+        step,
+        max_elastic,
+        max_idle,
+        cooldown,
+        wait,
+        load_balancing,
+    ) {
+        (Some(cs), Some(th), Some(st), Some(me), Some(mi), Some(cd), Some(wt), Some(lb)) => {
+            let policy = Policy {
+                concurrent_sessions: cs,
+                usage_threshold: th,
+                scale_out_step: st,
+                max_elastic: me,
+                max_idle: mi,
+                scale_in_cooldown: cd,
+                wait_timeout: wt,
+                load_balancing: lb,
+            };
+            if let Err(e) = policy.validate(spec.as_deref()) {
+                for problem in e.problems {
+                    let line = match problem.field {
+                        "concurrent_sessions" => line_of(text, rp.concurrent_sessions.span().start),
+                        "usage_threshold" => line_of(text, rp.usage_threshold.span().start),
+                        "scale_out_step" => line_of(text, rp.scale_out_step.span().start),
+                        "max_elastic" => line_of(text, rp.max_elastic.span().start),
+                        "max_idle" => line_of(text, rp.max_idle.span().start),
+                        "spec" => g.spec.as_ref().map_or(1, |s| line_of(text, s.span().start)),
+                        field => {
+                            let span = match field {
+                                "scale_in_cooldown" => {
+                                    rp.scale_in_cooldown.as_ref().map(|s| s.span())
+                                }
+                                "wait_timeout" => rp.wait_timeout.as_ref().map(|s| s.span()),
+                                _ => None,
+                            };
+                            span.map_or_else(
+                                || line_of(text, raw.policy.span().start),
+                                |s| line_of(text, s.start),
+                            )
+                        }
+                    };
+                    let prefix = if problem.field == "spec" {
+                        "group"
+                    } else {
+                        "policy"
+                    };
+                    c.problems.push(Problem {
+                        line,
+                        message: format!("{prefix}.{}: {}", problem.field, problem.message),
+                    });
+                }
+                None
+            } else {
+                Some(policy)
+            }
+        }
+        _ => None,
+    };
+
+    // [provider]
+    let provider = match &raw.provider {
+        None => Some(Provider::Explicit),
+        Some(p) => {
+            let rp = p.get_ref();
+            match rp.mode.get_ref().as_str() {
+                "explicit" => {
+                    for d in [&rp.create_delay, &rp.release_delay].into_iter().flatten() {
+                        c.at(
+                            d,
+                            "create_delay / release_delay apply only with provider.mode = \"delays\"".into(),
+                        );
+                    }
+                    Some(Provider::Explicit)
+                }
+                "delays" => {
+                    let create = match &rp.create_delay {
+                        Some(d) => c.duration(d, "provider.create_delay"),
+                        None => Some(Duration::ZERO),
+                    };
+                    let release = match &rp.release_delay {
+                        Some(d) => c.duration(d, "provider.release_delay"),
+                        None => Some(Duration::ZERO),
+                    };
+                    match (create, release) {
+                        (Some(cr), Some(re))
+                            if cr <= MAX_SCENARIO_PERIOD && re <= MAX_SCENARIO_PERIOD =>
+                        {
+                            Some(Provider::Delays {
+                                create_ms: i64::try_from(cr.as_millis()).unwrap_or(i64::MAX),
+                                release_ms: i64::try_from(re.as_millis()).unwrap_or(i64::MAX),
+                            })
+                        }
+                        (Some(_), Some(_)) => {
+                            c.at(p, "provider delays must be at most 366 days".into());
+                            None
+                        }
+                        _ => None,
+                    }
+                }
+                other => {
+                    c.at(
+                        &rp.mode,
+                        format!("provider.mode = {other:?}: expected \"explicit\" or \"delays\""),
+                    );
+                    None
+                }
+            }
+        }
+    };
+
+    // [[event]]
+    if raw.event.len() > MAX_SCENARIO_EVENTS {
+        c.problems.push(Problem {
+            line: 1,
+            message: format!(
+                "{} events are more than the limit of {MAX_SCENARIO_EVENTS}",
+                raw.event.len()
+            ),
+        });
+    }
+    let mut events = Vec::with_capacity(raw.event.len().min(MAX_SCENARIO_EVENTS));
+    let mut previous: Option<(UnixMillis, usize)> = None;
+    for ev in raw.event.iter().take(MAX_SCENARIO_EVENTS) {
+        let line = line_of(text, ev.span().start);
+        let e = ev.get_ref();
+        let at = match start {
+            Some(s) => match parse_time(e.at.get_ref(), s) {
+                Ok(t) => Some(t),
+                Err(m) => {
+                    c.at(&e.at, format!("event at: {m}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let (Some(t), Some(s)) = (at, start) {
+            if t < s {
+                c.at(
+                    &e.at,
+                    format!("event at {:?} is before start", e.at.get_ref()),
+                );
+            }
+            if let Some(end) = end {
+                if t > end {
+                    c.at(&e.at, format!("event at {:?} is after end", e.at.get_ref()));
+                }
+            }
+            if t > s && (t.0 - s.0) as u128 > MAX_SCENARIO_PERIOD.as_millis() {
+                c.at(&e.at, "event is more than 366 days after start".into());
+            }
+            match previous {
+                Some((prev, prev_line)) if t < prev => c.at(
+                    &e.at,
+                    format!(
+                        "event at {:?} is before the event on line {prev_line}; events must be in time order",
+                        e.at.get_ref()
+                    ),
+                ),
+                _ => previous = Some((t, line)),
+            }
+        }
+        let mut kinds = Vec::new();
+        if let Some(s) = &e.connect {
+            match SessionId::new(s.get_ref().as_str()) {
+                Ok(id) => kinds.push(Some(EventKind::Connect(id))),
+                Err(err) => {
+                    c.at(s, format!("connect: {err}"));
+                    kinds.push(None);
+                }
+            }
+        }
+        if let Some(s) = &e.disconnect {
+            match SessionId::new(s.get_ref().as_str()) {
+                Ok(id) => kinds.push(Some(EventKind::Disconnect(id))),
+                Err(err) => {
+                    c.at(s, format!("disconnect: {err}"));
+                    kinds.push(None);
+                }
+            }
+        }
+        for (value, key, make) in [
+            (
+                &e.created,
+                "created",
+                EventKind::Created as fn(u32) -> EventKind,
+            ),
+            (
+                &e.released,
+                "released",
+                EventKind::Released as fn(u32) -> EventKind,
+            ),
+        ] {
+            if let Some(v) = value {
+                let n = c.int(v, key, 1, i64::from(MAX_GROUP_RESOURCES));
+                if matches!(provider, Some(Provider::Delays { .. })) {
+                    c.at(
+                        v,
+                        format!("{key} events complete work only with provider.mode = \"explicit\"; with \"delays\" it completes by itself"),
+                    );
+                }
+                kinds.push(n.map(make));
+            }
+        }
+        match kinds.len() {
+            1 => {
+                if let (Some(at), Some(Some(kind))) = (at, kinds.pop()) {
+                    events.push(Event { line, at, kind });
+                }
+            }
+            0 => c.problems.push(Problem {
+                line,
+                message: "event has no action: give one of connect, disconnect, created, released".into(),
+            }),
+            _ => c.problems.push(Problem {
+                line,
+                message: "event has more than one action: give exactly one of connect, disconnect, created, released".into(),
+            }),
+        }
+    }
+
+    if !c.problems.is_empty() {
+        c.problems.sort_by_key(|p| p.line);
+        return Err(invalid(c.problems));
+    }
+    let end = match end {
+        Some(e) => Some(e),
+        None => events.last().map(|e| e.at),
+    };
+    match (
+        start,
+        end,
+        base,
+        billing,
+        subscription_month,
+        hourly,
+        policy,
+        provider,
+    ) {
+        (
+            Some(start),
+            Some(end),
+            Some(base),
+            Some(billing),
+            Some(sm),
+            Some(hourly),
+            Some(policy),
+            Some(provider),
+        ) => Ok(Scenario {
+            name: raw.name,
+            start,
+            end,
+            base_resources: base,
+            billing,
+            spec,
+            prices: Prices {
+                currency,
+                subscription_month: sm,
+                hourly,
+            },
+            policy,
+            provider,
+            events,
+        }),
+        (_, None, ..) => Err(invalid(vec![Problem {
+            line: 1,
+            message: "the scenario has neither `end` nor any event, so its period is empty".into(),
+        }])),
+        _ => Err(invalid(vec![Problem {
+            line: 1,
+            message: "the scenario is incomplete".into(),
+        }])),
+    }
+}

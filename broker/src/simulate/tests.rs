@@ -1,0 +1,233 @@
+//! Scenario parsing and rendering tests.
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+fn shared(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/scenarios")
+        .join(name)
+}
+
+#[test]
+fn seed_table_prints_the_seed_amounts() {
+    let table = run_cli(&shared("seed-elastic-billing.toml"), false).expect("simulate");
+    println!("{table}");
+    if std::env::var_os("FERRY_SHOW_SCENARIOS").is_some() {
+        for name in ["waiting-room.toml", "cooldown-drain.toml"] {
+            println!("{}", run_cli(&shared(name), false).expect("simulate"));
+            println!("{}", run_cli(&shared(name), true).expect("simulate"));
+        }
+    }
+    assert!(table.contains("92.87"));
+    assert!(table.contains("1.61"));
+    assert!(table.contains("94.48"));
+}
+
+const GOOD: &str = r#"
+name = "t"
+start = "2026-03-02T08:00:00Z"
+end = "2026-03-02T12:00:00Z"
+
+[group]
+base_resources = 2
+billing = "subscription"
+duration = "1w"
+
+[pricing]
+currency = "CNY"
+subscription_month = "199"
+hourly = "0.726736"
+
+[policy]
+concurrent_sessions = 2
+usage_threshold = 85
+scale_out_step = 2
+max_elastic = 2
+max_idle = "60m"
+
+[[event]]
+at = "08:22"
+connect = "s1"
+"#;
+
+fn problems(text: &str) -> Vec<Problem> {
+    match parse(Path::new("bad.toml"), text) {
+        Err(SimError::Invalid { problems, .. }) => problems,
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_good_scenario_parses_with_defaults() {
+    let sc = parse(Path::new("good.toml"), GOOD).expect("valid");
+    assert_eq!(sc.provider, Provider::Explicit);
+    assert_eq!(
+        sc.policy.scale_in_cooldown,
+        std::time::Duration::from_secs(60)
+    );
+    assert_eq!(sc.policy.wait_timeout, std::time::Duration::ZERO);
+    assert_eq!(sc.events.len(), 1);
+    assert_eq!(sc.events[0].line, 23);
+    assert_eq!(sc.events[0].at.0 - sc.start.0, (22 * 60) * 1000);
+}
+
+#[test]
+fn unknown_keys_name_their_line() {
+    let text = GOOD.replace(
+        "max_idle = \"60m\"",
+        "max_idle = \"60m\"\nmax_idel = \"5m\"",
+    );
+    let p = problems(&text);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].line, 22, "{p:?}");
+    assert!(p[0].message.contains("max_idel"), "{p:?}");
+    let err = parse(Path::new("bad.toml"), &text).unwrap_err().to_string();
+    assert!(err.starts_with("bad.toml:22: "), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_line() {
+    let text = GOOD
+        .replace("base_resources = 2", "base_resources = -2")
+        .replace("usage_threshold = 85", "usage_threshold = 185")
+        .replace("at = \"08:22\"", "at = \"8h22\"")
+        .replace("duration = \"1w\"", "duration = \"1week\"")
+        + "\n[[event]]\nat = \"07:00\"\ncreated = -1\n"
+        + "\n[[event]]\nat = \"09:00\"\nconnect = \"a\"\ndisconnect = \"a\"\n";
+    let p = problems(&text);
+    assert_eq!(p.len(), 7, "{p:?}");
+    let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+    let text_of = |line: usize| -> String {
+        p.iter()
+            .filter(|p| p.line == line)
+            .map(|p| p.message.clone())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    assert!(text_of(7).contains("negative"), "{p:?}");
+    assert!(text_of(9).contains("1week"), "{p:?}");
+    assert!(text_of(18).contains("185"), "{p:?}");
+    assert!(text_of(24).contains("not a time"), "{p:?}");
+    assert!(text_of(28).contains("before start"), "{p:?}");
+    assert!(text_of(29).contains("negative"), "{p:?}");
+    assert!(text_of(31).contains("more than one action"), "{p:?}");
+    assert!(lines.windows(2).all(|w| w[0] <= w[1]), "sorted by line");
+}
+
+#[test]
+fn events_out_of_order_are_refused() {
+    let text = GOOD.to_owned() + "\n[[event]]\nat = \"08:10\"\ndisconnect = \"s1\"\n";
+    let p = problems(&text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].line, 28);
+    assert!(
+        p[0].message.contains("before the event on line 23"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn floats_policy_against_spec_and_provider_keys_are_checked() {
+    let text = GOOD
+        .replace("hourly = \"0.726736\"", "hourly = 0.726736")
+        .replace(
+            "duration = \"1w\"",
+            "duration = \"1w\"\nspec = \"office-4c8g\"",
+        )
+        .replace("concurrent_sessions = 2", "concurrent_sessions = 3")
+        + "\n[provider]\nmode = \"explicit\"\ncreate_delay = \"1m\"\n";
+    let p = problems(&text);
+    let all = format!("{p:?}");
+    assert!(all.contains("float"), "{all}");
+    assert!(all.contains("office-4c8g"), "{all}");
+    assert!(all.contains("create_delay"), "{all}");
+    assert_eq!(p.len(), 3, "{all}");
+}
+
+#[test]
+fn replay_errors_name_the_event_line() {
+    let text = GOOD.to_owned() + "\n[[event]]\nat = \"09:00\"\ncreated = 1\n";
+    let sc = parse(Path::new("r.toml"), &text).expect("parses");
+    let err = replay(Path::new("r.toml"), &sc).unwrap_err().to_string();
+    assert!(
+        err.starts_with("r.toml:27: created = 1, but only 0"),
+        "{err}"
+    );
+    let text = GOOD.to_owned() + "\n[[event]]\nat = \"09:00\"\ndisconnect = \"nobody\"\n";
+    let sc = parse(Path::new("r.toml"), &text).expect("parses");
+    let err = replay(Path::new("r.toml"), &sc).unwrap_err().to_string();
+    assert!(
+        err.starts_with("r.toml:27: disconnect = \"nobody\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_files_and_huge_files_are_refused_by_name() {
+    let err = run_cli(Path::new("/nonexistent/x.toml"), true).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/x.toml"), "{err}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("big.toml");
+    let f = std::fs::File::create(&big).expect("create");
+    f.set_len(MAX_SCENARIO_BYTES + 1).expect("grow");
+    assert!(matches!(
+        run_cli(&big, false),
+        Err(SimError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn json_output_has_the_spec_shape() {
+    let out = run_cli(&shared("waiting-room.toml"), true).expect("simulate");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    for key in ["cost", "resources", "elastic", "decisions", "timeline"] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["resources"][0]["kind"], "base");
+    assert_eq!(v["resources"][0]["billed_seconds"], 7200);
+    assert_eq!(v["resources"][1]["kind"], "elastic");
+    let placed: Vec<&serde_json::Value> = v["decisions"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|d| d["action"] == "placed")
+        .collect();
+    assert_eq!(placed.len(), 4, "w1..w4 placed, w5 rejected");
+    assert_eq!(placed[2]["session"], "w3");
+    assert_eq!(placed[2]["resource"], "e1");
+    assert_eq!(placed[2]["at"], "2026-04-06T09:12:30Z");
+    let row = v["timeline"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["at"] == "2026-04-06T09:12:10Z")
+        .expect("row at 09:12:10");
+    assert_eq!(row["sessions"], 2);
+    assert_eq!(row["waiting"], 3);
+    assert_eq!(row["resources"], 2);
+    assert_eq!(row["usage_pct"], "125.0");
+}
+
+#[test]
+fn zero_delays_complete_at_the_instant_they_are_asked() {
+    let text = GOOD.replace("[[event]]", "[provider]\nmode = \"delays\"\n\n[[event]]")
+        + "\n[[event]]\nat = \"08:23\"\nconnect = \"s2\"\n"
+        + "\n[[event]]\nat = \"08:24\"\nconnect = \"s3\"\n"
+        + "\n[[event]]\nat = \"08:25\"\nconnect = \"s4\"\n";
+    let sc = parse(Path::new("z.toml"), &text).expect("parses");
+    let out = replay(Path::new("z.toml"), &sc).expect("replays");
+    let created: Vec<_> = out
+        .decisions
+        .iter()
+        .filter(|d| d.action.name() == "created")
+        .map(|d| d.at)
+        .collect();
+    let scale_out = out
+        .decisions
+        .iter()
+        .find(|d| d.action.name() == "scale_out")
+        .expect("scale-out");
+    assert_eq!(created, [scale_out.at, scale_out.at]);
+}
