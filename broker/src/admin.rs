@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferry_common::admin::{
     AdminError, AdminErrorCode, AdminRequest, AdminRequestV1, AdminResponse, AdminResponseV1,
-    ResourceInfo, SessionInfo, StatusReport, MAX_ADMIN_CONNECTIONS,
+    GroupDetail, ResourceInfo, SessionInfo, StatusReport, MAX_ADMIN_CONNECTIONS,
 };
 use ferry_common::frame::{self, FrameError, HEADER_LEN};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
@@ -26,6 +26,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::groups::lifecycle::Removal;
+use crate::groups::{GroupError, GroupService};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoredSession};
 
@@ -138,6 +140,8 @@ pub struct AdminContext {
     pub store: Store,
     /// Live state and the way to reach agents.
     pub registry: Arc<Registry>,
+    /// Delivery groups and users.
+    pub groups: GroupService,
 }
 
 /// Serves admin connections until `shutdown`.
@@ -290,6 +294,64 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Drain { resource } => drain(ctx, resource, Command::Drain, true).await,
         AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
         AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
+        other => groups(ctx, other).await,
+    }
+}
+
+/// The delivery-group and user verbs; every refusal becomes one typed error here.
+async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
+    let g = &ctx.groups;
+    let now = crate::link::now_millis();
+    let detail =
+        |r: Result<GroupDetail, GroupError>| r.map(|d| AdminResponseV1::Group(Box::new(d)));
+    let done = |r: Result<String, GroupError>| r.map(|message| AdminResponseV1::Done { message });
+    let result = match req {
+        AdminRequestV1::GroupPublish(spec) => detail(g.publish(spec, now).await),
+        AdminRequestV1::GroupList(filter) => g.list(filter).await.map(AdminResponseV1::Groups),
+        AdminRequestV1::GroupShow { group } => detail(g.show(group.as_str()).await),
+        AdminRequestV1::GroupUpdatePolicy { group, policy } => {
+            detail(g.update_policy(&group, policy, now).await)
+        }
+        AdminRequestV1::GroupUpdateUsers { group, add, remove } => {
+            detail(g.update_users(&group, add, remove, now).await)
+        }
+        AdminRequestV1::GroupRenew { group, duration } => {
+            detail(g.renew(&group, &duration, now).await)
+        }
+        AdminRequestV1::GroupSetAutoRenew { group, on } => {
+            detail(g.set_auto_renew(&group, on, now).await)
+        }
+        AdminRequestV1::GroupPurge { group } => done(g.remove(&group, Removal::Purge, now).await),
+        AdminRequestV1::GroupDelete { group } => done(g.remove(&group, Removal::Delete, now).await),
+        AdminRequestV1::GroupEvents { group } => {
+            g.events(&group).await.map(AdminResponseV1::GroupEvents)
+        }
+        AdminRequestV1::GroupSetRegion { group, region } => {
+            done(g.set_region(&group, &region).await)
+        }
+        AdminRequestV1::UserCreate(user) => {
+            g.create_user(user, now).await.map(AdminResponseV1::Users)
+        }
+        AdminRequestV1::UserImport { csv } => {
+            g.import_users(&csv, now).await.map(AdminResponseV1::Users)
+        }
+        AdminRequestV1::UserList => g.users().await.map(AdminResponseV1::Users),
+        AdminRequestV1::Status
+        | AdminRequestV1::ListResources
+        | AdminRequestV1::ListSessions { .. }
+        | AdminRequestV1::Drain { .. }
+        | AdminRequestV1::Undrain { .. }
+        | AdminRequestV1::DisconnectSession { .. } => {
+            return error(AdminErrorCode::Internal, "misrouted admin request".into())
+        }
+    };
+    match result {
+        Ok(resp) => resp,
+        Err(GroupError::NotFound(m)) => error(AdminErrorCode::NotFound, m),
+        Err(e @ GroupError::NotAllowed(_)) => error(AdminErrorCode::NotAllowed, e.to_string()),
+        Err(e @ GroupError::Invalid(_)) => error(AdminErrorCode::Invalid, e.to_string()),
+        Err(GroupError::Conflict(m)) => error(AdminErrorCode::Conflict, m),
+        Err(GroupError::Store(e)) => internal(e),
     }
 }
 
@@ -487,6 +549,7 @@ mod tests {
         let ctx = AdminContext {
             store: store.clone(),
             registry: Arc::new(Registry::new()),
+            groups: GroupService::new(store.clone(), Default::default()),
         };
         tracker.spawn(serve(listener, ctx, shutdown.clone(), tracker.clone()));
         Fixture {

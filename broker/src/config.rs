@@ -2,12 +2,17 @@
 //! validated as a whole so an operator sees every mistake at once, before any
 //! socket is opened.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use ferry_common::duration::{format_duration, parse_duration};
+use rust_decimal::Decimal;
 use serde::Deserialize;
+
+use crate::engine::billing::Prices;
 
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "FERRY_BROKER_CONFIG";
@@ -39,6 +44,57 @@ pub struct BrokerConfig {
     pub missed_health_limit: u32,
     /// How long shutdown waits for connections and tasks to finish.
     pub shutdown_grace: Duration,
+    /// Delivery-group lifecycle, prices and the activation hook.
+    pub groups: GroupsConfig,
+}
+
+/// Settings of delivery groups (issue 4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupsConfig {
+    /// How long an expired subscription is kept before it starts recycling.
+    pub retention: Duration,
+    /// Currency printed beside every amount.
+    pub currency: String,
+    /// Unit prices per spec; orders of a spec without a price are refused.
+    pub prices: BTreeMap<String, Prices>,
+    /// Program and arguments run once per activation notification, with the
+    /// details in `FERRY_NOTIFY_*` environment variables; empty = no hook
+    /// (notifications wait in the outbox).
+    pub notify_command: Vec<String>,
+    /// How long one hook run may take before it counts as failed.
+    pub notify_timeout: Duration,
+    /// Longest wait between two attempts of a failing notification (the wait
+    /// doubles from one second up to this).
+    pub notify_retry_max: Duration,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        GroupsConfig {
+            retention: Duration::from_secs(7 * 86_400),
+            currency: "CNY".into(),
+            // The seed document's prices for its one spec.
+            prices: BTreeMap::from([(
+                "office-4c8g".to_owned(),
+                Prices {
+                    currency: "CNY".into(),
+                    subscription_month: Decimal::from(199),
+                    hourly: Decimal::new(726_736, 6),
+                },
+            )]),
+            notify_command: Vec::new(),
+            notify_timeout: Duration::from_secs(30),
+            notify_retry_max: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[prices.SPEC]` as written: decimal strings, never floats.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    subscription_month: String,
+    hourly: String,
 }
 
 /// Why the configuration could not be loaded.
@@ -66,6 +122,12 @@ struct RawConfig {
     health_interval: String,
     missed_health_limit: i64,
     shutdown_grace: String,
+    subscription_retention: String,
+    currency: String,
+    prices: BTreeMap<String, RawPrice>,
+    notify_command: Vec<String>,
+    notify_timeout: String,
+    notify_retry_max: String,
 }
 
 impl Default for RawConfig {
@@ -78,6 +140,18 @@ impl Default for RawConfig {
             health_interval: "10s".into(),
             missed_health_limit: 3,
             shutdown_grace: "10s".into(),
+            subscription_retention: "7d".into(),
+            currency: "CNY".into(),
+            prices: BTreeMap::from([(
+                "office-4c8g".to_owned(),
+                RawPrice {
+                    subscription_month: "199".into(),
+                    hourly: "0.726736".into(),
+                },
+            )]),
+            notify_command: Vec::new(),
+            notify_timeout: "30s".into(),
+            notify_retry_max: "10m".into(),
         }
     }
 }
@@ -135,6 +209,33 @@ impl BrokerConfig {
         };
         let health_interval = duration("health_interval", &raw.health_interval);
         let shutdown_grace = duration("shutdown_grace", &raw.shutdown_grace);
+        let retention = duration("subscription_retention", &raw.subscription_retention);
+        let notify_timeout = duration("notify_timeout", &raw.notify_timeout);
+        let notify_retry_max = duration("notify_retry_max", &raw.notify_retry_max);
+        let mut prices = BTreeMap::new();
+        for (spec, p) in &raw.prices {
+            let mut dec = |field: &str, v: &str| match Decimal::from_str(v) {
+                Ok(d) if d >= Decimal::ZERO => Some(d),
+                _ => {
+                    errors.push(format!(
+                        "prices.{spec}.{field}: {v:?} is not a non-negative decimal (write e.g. \"199\" or \"0.726736\")"
+                    ));
+                    None
+                }
+            };
+            let month = dec("subscription_month", &p.subscription_month);
+            let hourly = dec("hourly", &p.hourly);
+            if let (Some(subscription_month), Some(hourly)) = (month, hourly) {
+                prices.insert(
+                    spec.clone(),
+                    Prices {
+                        currency: raw.currency.clone(),
+                        subscription_month,
+                        hourly,
+                    },
+                );
+            }
+        }
         let missed_health_limit = match u32::try_from(raw.missed_health_limit) {
             Ok(n) => Some(n),
             Err(_) => {
@@ -153,6 +254,14 @@ impl BrokerConfig {
             health_interval: health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
             missed_health_limit: missed_health_limit.unwrap_or(1),
             shutdown_grace: shutdown_grace.unwrap_or(Duration::ZERO),
+            groups: GroupsConfig {
+                retention: retention.unwrap_or(Duration::ZERO),
+                currency: raw.currency,
+                prices,
+                notify_command: raw.notify_command,
+                notify_timeout: notify_timeout.unwrap_or(Duration::from_secs(1)),
+                notify_retry_max: notify_retry_max.unwrap_or(Duration::from_secs(1)),
+            },
         };
         if let Err(ConfigError::Invalid(more)) = config.validate() {
             // Fields that failed to parse were replaced by valid placeholders
@@ -206,6 +315,36 @@ impl BrokerConfig {
             errors.push(format!(
                 "shutdown_grace: {} is longer than 10m",
                 format_duration(self.shutdown_grace)
+            ));
+        }
+        let g = &self.groups;
+        if g.currency.trim().is_empty() {
+            errors.push("currency: must not be empty".into());
+        }
+        if g.notify_command
+            .first()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            errors.push("notify_command: the program name is empty".into());
+        }
+        if g.notify_timeout.is_zero() || g.notify_timeout > Duration::from_secs(3600) {
+            errors.push(format!(
+                "notify_timeout: {} is out of range (above 0, at most 1h)",
+                format_duration(g.notify_timeout)
+            ));
+        }
+        if g.notify_retry_max < Duration::from_secs(1)
+            || g.notify_retry_max > Duration::from_secs(86_400)
+        {
+            errors.push(format!(
+                "notify_retry_max: {} is out of range (1s to 1d)",
+                format_duration(g.notify_retry_max)
+            ));
+        }
+        if g.retention > Duration::from_secs(366 * 86_400) {
+            errors.push(format!(
+                "subscription_retention: {} is longer than 366 days",
+                format_duration(g.retention)
             ));
         }
         if errors.is_empty() {
@@ -290,11 +429,41 @@ mod tests {
             health_interval = "250ms"
             missed_health_limit = 5
             shutdown_grace = "2s"
+            subscription_retention = "1h"
+            currency = "EUR"
+            notify_command = ["/usr/local/bin/ferry-notify", "--activation"]
+            notify_timeout = "5s"
+            notify_retry_max = "1m"
+
+            [prices.design-8c16g]
+            subscription_month = "300.50"
+            hourly = "1.2"
         "#,
         )
         .expect("valid");
         assert_eq!(c.health_interval_ms(), 250);
         assert_eq!(c.missed_health_limit, 5);
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
+        assert_eq!(c.groups.retention, Duration::from_secs(3600));
+        assert_eq!(c.groups.notify_command.len(), 2);
+        let p = &c.groups.prices["design-8c16g"];
+        assert_eq!(p.subscription_month.to_string(), "300.50");
+        assert_eq!(p.currency, "EUR");
+        assert!(!c.groups.prices.contains_key("office-4c8g"));
+    }
+
+    #[test]
+    fn prices_are_decimal_strings() {
+        let err =
+            BrokerConfig::from_toml("[prices.x]\nsubscription_month = \"abc\"\nhourly = \"-1\"\n")
+                .expect_err("invalid");
+        let text = err.to_string();
+        assert!(text.contains("prices.x.subscription_month"), "{text}");
+        assert!(text.contains("prices.x.hourly"), "{text}");
+        // A float is not a price.
+        assert!(
+            BrokerConfig::from_toml("[prices.x]\nsubscription_month = 1.5\nhourly = \"1\"\n")
+                .is_err()
+        );
     }
 }

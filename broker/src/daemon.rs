@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext, AdminSocketError};
 use crate::config::{BrokerConfig, ConfigError};
+use crate::groups::{self, GroupService};
 use crate::link::{self, LinkContext};
 use crate::notify;
 use crate::pki::{self, PkiError};
@@ -102,9 +103,17 @@ pub async fn run(
         tracker: tracker.clone(),
     };
     tracker.spawn(link::serve(endpoint.clone(), link_ctx, tasks.clone()));
+    let groups = GroupService::new(store.clone(), config.groups.clone());
+    tracker.spawn(groups::tasks::run_deadlines(groups.clone(), tasks.clone()));
+    tracker.spawn(groups::tasks::deliver_notifications(
+        groups.clone(),
+        config.groups.clone(),
+        tasks.clone(),
+    ));
     let admin_ctx = AdminContext {
         store: store.clone(),
         registry,
+        groups,
     };
     tracker.spawn(admin::serve(
         listener,

@@ -99,6 +99,7 @@ pub async fn run(opts: DevOptions, shutdown: CancellationToken) -> Result<(), De
         health_interval: Duration::from_secs(2),
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),
+        groups: Default::default(),
     };
     let broker_stop = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

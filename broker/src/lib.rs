@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod dev;
 pub mod engine;
+pub mod groups;
 pub mod link;
 #[cfg(test)]
 mod link_tests;

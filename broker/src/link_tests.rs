@@ -611,6 +611,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         health_interval: Duration::from_secs(10),
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),
+        groups: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -673,6 +674,7 @@ async fn admin_drain_and_disconnect_go_through_the_agent() {
     let ctx = AdminContext {
         store: b.store.clone(),
         registry: b.registry.clone(),
+        groups: crate::groups::GroupService::new(b.store.clone(), Default::default()),
     };
     let mut a = b.agent("host-1").await;
     a.welcome("host-1", 1).await;

@@ -3,7 +3,9 @@
 //! `ferry-broker dev`.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use ferry_common::admin::{ResourceInfo, SessionInfo, StatusReport};
+use ferry_common::admin::{
+    GroupDetail, GroupEventInfo, GroupInfo, ResourceInfo, SessionInfo, StatusReport, UserInfo,
+};
 use ferry_common::UnixMillis;
 use serde_json::{json, Value};
 
@@ -175,6 +177,211 @@ pub fn sessions_table(ss: &[SessionInfo]) -> String {
         &["SESSION", "RESOURCE", "USER", "STARTED", "ENDED", "REASON"],
         &rows,
     )
+}
+
+fn opt_text(t: Option<UnixMillis>) -> String {
+    t.map(rfc3339).unwrap_or_else(|| "-".into())
+}
+
+fn group_info_json(g: &GroupInfo) -> Value {
+    json!({
+        "id": g.id,
+        "name": g.name.as_str(),
+        "status": g.status,
+        "region": g.region,
+        "spec": g.spec,
+        "image": g.image,
+        "billing": g.billing,
+        "term": g.term,
+        "auto_renew": g.auto_renew,
+        "base_resources": g.base_resources,
+        "session_type": g.session_type.as_str(),
+        "users": g.users,
+        "expires_at": opt_time(g.expires_at),
+        "created_at": rfc3339(g.created_at),
+    })
+}
+
+pub fn groups_json(gs: &[GroupInfo]) -> Value {
+    Value::Array(gs.iter().map(group_info_json).collect())
+}
+
+pub fn groups_table(gs: &[GroupInfo]) -> String {
+    let rows: Vec<Vec<String>> = gs
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                g.name.to_string(),
+                g.status.clone(),
+                g.region.clone(),
+                g.spec.clone(),
+                match &g.term {
+                    Some(t) => format!(
+                        "{} {t}{}",
+                        g.billing,
+                        if g.auto_renew { " auto-renew" } else { "" }
+                    ),
+                    None => g.billing.clone(),
+                },
+                g.base_resources.to_string(),
+                g.users.to_string(),
+                opt_text(g.expires_at),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "NAME", "STATUS", "REGION", "SPEC", "BILLING", "BASE", "USERS", "EXPIRES",
+        ],
+        &rows,
+    )
+}
+
+pub fn group_json(d: &GroupDetail) -> Value {
+    let mut v = group_info_json(&d.info);
+    let p = &d.policy;
+    v["office_network"] = json!(d.office_network);
+    v["policy"] = json!({
+        "concurrent_sessions": p.concurrent_sessions,
+        "usage_threshold": p.usage_threshold,
+        "scale_out_step": p.scale_out_step,
+        "max_elastic": p.max_elastic,
+        "max_idle_ms": p.max_idle_ms,
+        "scale_in_cooldown_ms": p.scale_in_cooldown_ms,
+        "wait_timeout_ms": p.wait_timeout_ms,
+        "load_balancing": p.load_balancing,
+    });
+    v["policy_applied"] = json!(d.policy_applied);
+    v["notes"] = json!(d.notes);
+    v["assigned_users"] = json!(d.users.iter().map(|u| u.as_str()).collect::<Vec<_>>());
+    v["resources"] = json!(d.resources.iter().map(|r| r.as_str()).collect::<Vec<_>>());
+    v["orders"] = Value::Array(
+        d.orders
+            .iter()
+            .map(|o| {
+                json!({
+                    "kind": o.kind,
+                    "term": o.term,
+                    "base_resources": o.base_resources,
+                    "amount": o.amount,
+                    "currency": o.currency,
+                    "period_start": rfc3339(o.period_start),
+                    "period_end": rfc3339(o.period_end),
+                    "at": rfc3339(o.at),
+                })
+            })
+            .collect(),
+    );
+    v["next_deadline"] = opt_time(d.next_deadline);
+    v
+}
+
+pub fn group_table(d: &GroupDetail) -> String {
+    let g = &d.info;
+    let p = &d.policy;
+    let mut rows = vec![
+        vec!["id".into(), g.id.clone()],
+        vec!["name".into(), g.name.to_string()],
+        vec!["status".into(), g.status.clone()],
+        vec!["region".into(), g.region.clone()],
+        vec!["office_network".into(), d.office_network.clone()],
+        vec!["spec".into(), g.spec.clone()],
+        vec!["image".into(), g.image.clone()],
+        vec!["billing".into(), g.billing.clone()],
+        vec!["term".into(), g.term.clone().unwrap_or_else(|| "-".into())],
+        vec!["auto_renew".into(), yes_no(g.auto_renew)],
+        vec!["base_resources".into(), g.base_resources.to_string()],
+        vec!["session_type".into(), g.session_type.as_str().into()],
+        vec!["expires_at".into(), opt_text(g.expires_at)],
+        vec!["next_deadline".into(), opt_text(d.next_deadline)],
+        vec![
+            "policy".into(),
+            format!(
+                "concurrent_sessions={} usage_threshold={}% scale_out_step={} max_elastic={} max_idle={}ms scale_in_cooldown={}ms wait_timeout={}ms {}",
+                p.concurrent_sessions, p.usage_threshold, p.scale_out_step, p.max_elastic,
+                p.max_idle_ms, p.scale_in_cooldown_ms, p.wait_timeout_ms, p.load_balancing
+            ),
+        ],
+        vec!["policy_applied".into(), yes_no(d.policy_applied)],
+        vec![
+            "users".into(),
+            d.users.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", "),
+        ],
+        vec![
+            "resources".into(),
+            d.resources.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", "),
+        ],
+    ];
+    for o in &d.orders {
+        rows.push(vec![
+            "order".into(),
+            format!(
+                "{} {} x{} {} {} ({} .. {})",
+                o.kind,
+                o.term,
+                o.base_resources,
+                o.amount,
+                o.currency,
+                rfc3339(o.period_start),
+                rfc3339(o.period_end)
+            ),
+        ]);
+    }
+    for n in &d.notes {
+        rows.push(vec!["note".into(), n.clone()]);
+    }
+    table(&["FIELD", "VALUE"], &rows)
+}
+
+pub fn group_events_json(es: &[GroupEventInfo]) -> Value {
+    Value::Array(
+        es.iter()
+            .map(|e| json!({ "at": rfc3339(e.at), "kind": e.kind, "message": e.message }))
+            .collect(),
+    )
+}
+
+pub fn group_events_table(es: &[GroupEventInfo]) -> String {
+    let rows: Vec<Vec<String>> = es
+        .iter()
+        .map(|e| vec![rfc3339(e.at), e.kind.clone(), e.message.clone()])
+        .collect();
+    table(&["AT", "KIND", "MESSAGE"], &rows)
+}
+
+pub fn users_json(us: &[UserInfo]) -> Value {
+    Value::Array(
+        us.iter()
+            .map(|u| {
+                json!({
+                    "id": u.id.as_str(),
+                    "email": u.email,
+                    "mobile": u.mobile,
+                    "groups": u.groups.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+pub fn users_table(us: &[UserInfo]) -> String {
+    let rows: Vec<Vec<String>> = us
+        .iter()
+        .map(|u| {
+            vec![
+                u.id.to_string(),
+                u.email.clone(),
+                u.mobile.clone(),
+                u.groups
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        })
+        .collect();
+    table(&["ID", "EMAIL", "MOBILE", "GROUPS"], &rows)
 }
 
 #[cfg(test)]

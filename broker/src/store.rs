@@ -88,6 +88,83 @@ const MIGRATIONS: &[&str] = &[
         last_seen INTEGER NOT NULL
     );
     "#,
+    // 2: delivery groups, users, assignments, orders, the activation
+    // outbox and group events (issue 4).
+    r#"
+    CREATE TABLE groups (
+        num INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        region TEXT NOT NULL,
+        office_network TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        image TEXT NOT NULL,
+        billing TEXT NOT NULL CHECK (billing IN ('subscription', 'pay-as-you-go')),
+        term TEXT,
+        auto_renew INTEGER NOT NULL DEFAULT 0,
+        base_resources INTEGER NOT NULL,
+        session_type TEXT NOT NULL CHECK (session_type IN ('independent', 'shared')),
+        policy TEXT NOT NULL,
+        status TEXT NOT NULL,
+        expires_at INTEGER,
+        expired_at INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        gone_at INTEGER,
+        CHECK ((billing = 'subscription') = (term IS NOT NULL))
+    );
+    CREATE UNIQUE INDEX groups_live_name ON groups (name) WHERE status != 'gone';
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        email TEXT NOT NULL,
+        mobile TEXT NOT NULL,
+        password_hash TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE group_users (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        user TEXT NOT NULL REFERENCES users (id),
+        assigned_at INTEGER NOT NULL,
+        PRIMARY KEY (group_num, user)
+    );
+    CREATE TABLE orders (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        kind TEXT NOT NULL CHECK (kind IN ('publish', 'renew', 'auto-renew')),
+        term TEXT NOT NULL,
+        base_resources INTEGER NOT NULL,
+        amount TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX orders_by_group ON orders (group_num, id);
+    CREATE TABLE notifications (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        user TEXT NOT NULL,
+        email TEXT NOT NULL,
+        mobile TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        delivered_at INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX notifications_pending ON notifications (next_attempt_at)
+        WHERE delivered_at IS NULL;
+    CREATE TABLE group_events (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX group_events_by_group ON group_events (group_num, id);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +296,18 @@ enum WriteOp {
     Close {
         reply: oneshot::Sender<()>,
     },
+    /// Any other write, run inside the group-commit transaction (in its own
+    /// savepoint); its answer is handed over only after the commit.
+    Exec {
+        f: ExecFn,
+        reply: oneshot::Sender<Result<ExecValue, StoreError>>,
+    },
 }
+
+/// What an [`Store::exec`] closure returns, boxed so one write op carries any type.
+type ExecValue = Box<dyn std::any::Any + Send>;
+/// A write run by the writer thread on its open transaction.
+type ExecFn = Box<dyn FnOnce(&Connection) -> Result<ExecValue, StoreError> + Send>;
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -379,6 +467,31 @@ impl Store {
             reply,
         })
         .await
+    }
+
+    /// Runs `f` on the writer's transaction, in a savepoint, and returns its
+    /// value after the commit: a caller told "done" holds a committed fact.
+    /// If `f` fails, nothing it wrote stays and the rest of the batch goes on.
+    /// `f` runs on the writer thread: it must not block on anything but SQLite.
+    pub async fn exec<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let f: ExecFn = Box::new(move |c| f(c).map(|v| Box::new(v) as ExecValue));
+        let value = self.submit(|reply| WriteOp::Exec { f, reply }).await?;
+        value
+            .downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| StoreError::Corrupt("exec answer of an unexpected type".into()))
+    }
+
+    /// Runs a read on the read-only connection (committed data only), on the
+    /// blocking pool.
+    pub async fn read_with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.read(f).await
     }
 
     /// Commits what is queued, checkpoints the WAL and stops the writer.
@@ -588,6 +701,10 @@ enum Applied {
         oneshot::Sender<Result<RecordOutcome, StoreError>>,
         Result<RecordOutcome, StoreError>,
     ),
+    Exec(
+        oneshot::Sender<Result<ExecValue, StoreError>>,
+        Result<ExecValue, StoreError>,
+    ),
 }
 
 impl Applied {
@@ -599,6 +716,8 @@ impl Applied {
             (Applied::Register(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
             (Applied::Record(tx, r), Ok(())) => drop(tx.send(r)),
             (Applied::Record(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
+            (Applied::Exec(tx, r), Ok(())) => drop(tx.send(r)),
+            (Applied::Exec(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
         }
     }
 }
@@ -664,6 +783,10 @@ fn commit_batch(conn: &mut Connection, batch: Vec<WriteOp>) -> Option<oneshot::S
                 });
                 applied.push(Applied::Record(reply, r));
             }
+            WriteOp::Exec { f, reply } => {
+                let r = in_savepoint(&mut tx, f);
+                applied.push(Applied::Exec(reply, r));
+            }
         }
     }
     let commit = tx.commit().map_err(|e| e.to_string());
@@ -681,6 +804,7 @@ fn fail(op: WriteOp, msg: &str) {
         WriteOp::Register { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
         WriteOp::Record { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
         WriteOp::Close { reply } => drop(reply.send(())),
+        WriteOp::Exec { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
     }
 }
 
@@ -932,6 +1056,96 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .expect("mode");
         assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn migration_2_upgrades_an_existing_v1_database() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("ferry.db");
+        {
+            // A database exactly as a broker of the first schema left it.
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(MIGRATIONS[0]).expect("v1 schema");
+            c.pragma_update(None, "user_version", 1).expect("set");
+            c.execute(
+                "INSERT INTO sessions (resource, session, user, started_at)
+                 VALUES ('h1', 's1', 'alice', 1000)",
+                [],
+            )
+            .expect("v1 row");
+        }
+        let store = Store::open(&path, StoreOptions::default()).expect("upgrade");
+        let open_now = store.sessions(false).await.expect("sessions");
+        assert_eq!(open_now.len(), 1, "v1 data survives the upgrade");
+        let id = store
+            .exec(|c| {
+                c.execute(
+                    "INSERT INTO users (id, email, mobile, created_at, updated_at)
+                     VALUES ('u1', 'u1@example.com', '+100', 1, 1)",
+                    [],
+                )?;
+                Ok(c.last_insert_rowid())
+            })
+            .await
+            .expect("v2 write");
+        assert!(id > 0);
+        store.close().await;
+        let c = Connection::open(&path).expect("open");
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, 2);
+        for table in [
+            "groups",
+            "users",
+            "group_users",
+            "orders",
+            "notifications",
+            "group_events",
+        ] {
+            let n: i64 = c
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name=?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .expect("query");
+            assert_eq!(n, 1, "{table}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_exec_leaves_nothing_and_its_batch_goes_on() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        let bad = store.exec(|c| {
+            c.execute(
+                "INSERT INTO users (id, email, mobile, created_at, updated_at)
+                 VALUES ('u1', 'e', 'm', 1, 1)",
+                [],
+            )?;
+            Err::<(), _>(StoreError::Corrupt("refused half way".into()))
+        });
+        let good = store.exec(|c| {
+            c.execute(
+                "INSERT INTO users (id, email, mobile, created_at, updated_at)
+                 VALUES ('u2', 'e', 'm', 1, 1)",
+                [],
+            )?;
+            Ok(())
+        });
+        let (bad, good) = tokio::join!(bad, good);
+        assert!(bad.is_err());
+        good.expect("the other write commits");
+        let users: Vec<String> = store
+            .read_with(|c| {
+                let mut stmt = c.prepare("SELECT id FROM users ORDER BY id")?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+            .expect("read");
+        assert_eq!(users, ["u2"]);
     }
 
     #[tokio::test]

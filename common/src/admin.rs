@@ -47,6 +47,43 @@ pub enum AdminRequestV1 {
     Undrain { resource: ResourceId },
     /// Ask the host of an open session to end it. Answered by `Done`.
     DisconnectSession { session: SessionId },
+    /// Publish a delivery group. Answered by [`AdminResponseV1::Group`].
+    GroupPublish(GroupSpec),
+    /// Groups matching every given filter. Answered by [`AdminResponseV1::Groups`].
+    GroupList(GroupFilter),
+    /// One group (by name or id). Answered by [`AdminResponseV1::Group`].
+    GroupShow { group: GroupName },
+    /// Change the given policy parameters; the rest stay. Answered by `Group`.
+    GroupUpdatePolicy {
+        group: GroupName,
+        policy: PolicySpec,
+    },
+    /// Assign and unassign users. Answered by `Group`.
+    GroupUpdateUsers {
+        group: GroupName,
+        add: Vec<UserId>,
+        remove: Vec<UserId>,
+    },
+    /// Extend a subscription by `duration` (`Nw`, `Nmo`, `Ny`). Answered by `Group`.
+    GroupRenew { group: GroupName, duration: String },
+    /// Turn a subscription's auto-renew on or off. Answered by `Group`.
+    GroupSetAutoRenew { group: GroupName, on: bool },
+    /// Purge a group (per the purge/delete table). Answered by `Done`.
+    GroupPurge { group: GroupName },
+    /// Delete a group (per the purge/delete table). Answered by `Done`.
+    GroupDelete { group: GroupName },
+    /// The group's recorded decisions. Answered by [`AdminResponseV1::GroupEvents`].
+    GroupEvents { group: GroupName },
+    /// Move a group to another region: always refused unless it is the same
+    /// region (regions are fixed at publish). Answered by `Done`.
+    GroupSetRegion { group: GroupName, region: String },
+    /// Create one user. Answered by [`AdminResponseV1::Users`] (the new user).
+    UserCreate(UserSpec),
+    /// Create or update users from CSV text (header `id,email,mobile`), all or
+    /// nothing. Answered by `Users` (the imported users).
+    UserImport { csv: String },
+    /// Every user. Answered by [`AdminResponseV1::Users`].
+    UserList,
 }
 
 /// The broker's answer.
@@ -61,6 +98,188 @@ pub enum AdminResponseV1 {
     },
     /// The request was refused or failed; nothing was changed by it.
     Error(AdminError),
+    Groups(Vec<GroupInfo>),
+    Group(Box<GroupDetail>),
+    GroupEvents(Vec<GroupEventInfo>),
+    Users(Vec<UserInfo>),
+}
+
+/// Every attribute of a delivery group set at publish (SPEC section 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSpec {
+    /// Unique among live groups; generated (readable, unique) when `None`.
+    pub name: Option<GroupName>,
+    /// Where its resources run; fixed after publish.
+    pub region: String,
+    /// The network its resources are attached to.
+    pub office_network: String,
+    /// Host size from the spec catalog (e.g. `office-4c8g`).
+    pub spec: String,
+    /// The image its resources run.
+    pub image: String,
+    /// How its base resources are paid for.
+    pub billing: BillingSpec,
+    /// Base resources bought with the group.
+    pub base_resources: u32,
+    /// How application launches map to sessions.
+    pub session_type: SessionType,
+    /// Users assigned at publish (they must exist).
+    pub users: Vec<UserId>,
+    /// The scaling policy; unset parameters take the defaults where SPEC
+    /// section 4 has one and are reported missing otherwise.
+    pub policy: PolicySpec,
+}
+
+/// Billing method as asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BillingSpec {
+    /// Paid ahead for `duration` (`Nw`, `Nmo`, `Ny`).
+    Subscription {
+        duration: String,
+        auto_renew: bool,
+    },
+    PayAsYouGo,
+}
+
+/// SPEC section 4: `independent` = one session per launch, `shared` = one per user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionType {
+    Independent,
+    Shared,
+}
+
+impl SessionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionType::Independent => "independent",
+            SessionType::Shared => "shared",
+        }
+    }
+}
+
+/// Scaling-policy parameters; `None` = keep the current value (or the
+/// default at publish). Durations in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySpec {
+    pub concurrent_sessions: Option<u32>,
+    pub usage_threshold: Option<u32>,
+    pub scale_out_step: Option<u32>,
+    pub max_elastic: Option<u32>,
+    pub max_idle_ms: Option<u64>,
+    pub scale_in_cooldown_ms: Option<u64>,
+    pub wait_timeout_ms: Option<u64>,
+    /// `breadth-first` or `depth-first`.
+    pub load_balancing: Option<String>,
+}
+
+/// A group's policy as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    pub concurrent_sessions: u32,
+    pub usage_threshold: u32,
+    pub scale_out_step: u32,
+    pub max_elastic: u32,
+    pub max_idle_ms: u64,
+    pub scale_in_cooldown_ms: u64,
+    pub wait_timeout_ms: u64,
+    pub load_balancing: String,
+}
+
+/// `group list` filters; a group must match all that are set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFilter {
+    /// Exact status (`published`, `expired`, ...).
+    pub status: Option<String>,
+    /// Part of the name.
+    pub name: Option<String>,
+    /// Exact id.
+    pub id: Option<String>,
+}
+
+/// One line of `group list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// Broker-assigned id (`dg-000001`), never reused.
+    pub id: String,
+    pub name: GroupName,
+    /// Status of SPEC section 3 (`gone` after purge/delete).
+    pub status: String,
+    pub region: String,
+    pub spec: String,
+    pub image: String,
+    /// `subscription` or `pay-as-you-go`.
+    pub billing: String,
+    /// Subscription duration (`1w`); `None` for pay-as-you-go.
+    pub term: Option<String>,
+    pub auto_renew: bool,
+    pub base_resources: u32,
+    pub session_type: SessionType,
+    /// Users assigned.
+    pub users: u64,
+    /// End of the paid period (subscriptions).
+    pub expires_at: Option<UnixMillis>,
+    pub created_at: UnixMillis,
+}
+
+/// `group show`: the list line and everything else recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupDetail {
+    pub info: GroupInfo,
+    pub office_network: String,
+    pub policy: PolicyView,
+    /// Whether agents have the stored policy; `false` with `note` saying why.
+    pub policy_applied: bool,
+    /// Operator-facing remarks (e.g. what is not live yet).
+    pub notes: Vec<String>,
+    pub users: Vec<UserId>,
+    /// Resources registered with this group's name.
+    pub resources: Vec<ResourceId>,
+    pub orders: Vec<OrderInfo>,
+    /// When the broker next acts on the group by itself (expiry, renewal, recycling).
+    pub next_deadline: Option<UnixMillis>,
+}
+
+/// One ledger line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderInfo {
+    /// `publish`, `renew` or `auto-renew`.
+    pub kind: String,
+    pub term: String,
+    pub base_resources: u32,
+    /// Decimal with two places.
+    pub amount: String,
+    pub currency: String,
+    pub period_start: UnixMillis,
+    pub period_end: UnixMillis,
+    pub at: UnixMillis,
+}
+
+/// One recorded decision about a group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEventInfo {
+    pub at: UnixMillis,
+    /// `published`, `status`, `policy`, `users`, `order`, ...
+    pub kind: String,
+    /// What happened and why.
+    pub message: String,
+}
+
+/// A user to create.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSpec {
+    pub id: UserId,
+    pub email: String,
+    pub mobile: String,
+}
+
+/// A user as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub id: UserId,
+    pub email: String,
+    pub mobile: String,
+    /// Names of the live groups the user is assigned to.
+    pub groups: Vec<GroupName>,
 }
 
 /// Broker-wide counters.
@@ -139,6 +358,14 @@ pub enum AdminErrorCode {
     Busy,
     /// The broker is shutting down.
     ShuttingDown,
+    /// Not allowed in the group's current status; the message names the
+    /// status and what is allowed.
+    NotAllowed,
+    /// The request's content is invalid (policy, CSV, duration, ...); the
+    /// message lists every problem.
+    Invalid,
+    /// It already exists (a group name, a user id).
+    Conflict,
 }
 
 #[cfg(test)]
@@ -160,6 +387,13 @@ mod tests {
                 AdminRequest::V1(AdminRequestV1::ListSessions { all: true }),
                 "000201",
             ),
+            (
+                AdminRequest::V1(AdminRequestV1::GroupShow {
+                    group: "g1".parse().expect("id"),
+                }),
+                "0008026731",
+            ),
+            (AdminRequest::V1(AdminRequestV1::UserList), "0013"),
             (
                 AdminRequest::V1(AdminRequestV1::Drain {
                     resource: "h1".parse().expect("id"),
@@ -185,6 +419,12 @@ mod tests {
         }));
         let bytes = frame::encode_payload(&resp).expect("encode");
         assert_eq!(hex(&bytes), "0004010178");
+        let refused = AdminResponse::V1(AdminResponseV1::Error(AdminError {
+            code: AdminErrorCode::NotAllowed,
+            message: "x".into(),
+        }));
+        let bytes = frame::encode_payload(&refused).expect("encode");
+        assert_eq!(hex(&bytes), "0004080178");
     }
 
     #[test]

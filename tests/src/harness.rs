@@ -76,6 +76,7 @@ impl TestBroker {
             health_interval: TEST_HEALTH_INTERVAL,
             missed_health_limit: 3,
             shutdown_grace: Duration::from_secs(5),
+            groups: Default::default(),
         };
         let mut broker = TestBroker {
             dir: dir.to_owned(),

@@ -8,8 +8,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_broker::admin::{self, ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET};
 use ferry_broker::{pki, render};
-use ferry_common::admin::{AdminRequestV1, AdminResponseV1};
-use ferry_common::{ResourceId, SessionId};
+use ferry_common::admin::{
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, PolicySpec, SessionType,
+    UserSpec,
+};
+use ferry_common::duration::parse_duration;
+use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
+use ferry_common::{GroupName, ResourceId, SessionId, UserId};
 
 #[derive(Parser)]
 #[command(name = "ferryctl", version, about = "Operate a Ferry broker")]
@@ -37,6 +42,12 @@ enum Cmd {
     /// The broker's private CA.
     #[command(subcommand)]
     Pki(PkiCmd),
+    /// Delivery groups.
+    #[command(subcommand)]
+    Group(Box<GroupCmd>),
+    /// End users.
+    #[command(subcommand)]
+    User(UserCmd),
     /// Replay a scenario file through the delivery-group engine.
     Simulate {
         /// Scenario file (TOML).
@@ -63,6 +74,154 @@ enum SessionsCmd {
     },
     /// Ask the host of an open session to end it.
     Disconnect { session: String },
+}
+
+/// Scaling-policy parameters (SPEC section 4); durations like 90s, 1h.
+#[derive(clap::Args, Default)]
+struct PolicyArgs {
+    /// (A) Sessions one resource takes at once.
+    #[arg(long)]
+    concurrent_sessions: Option<u32>,
+    /// (B) Scale out above this percent of capacity (1..=100).
+    #[arg(long)]
+    usage_threshold: Option<u32>,
+    /// (C) Elastic resources created per scale-out.
+    #[arg(long)]
+    scale_out_step: Option<u32>,
+    /// (D) Most elastic resources.
+    #[arg(long)]
+    max_elastic: Option<u32>,
+    /// (E) Idle time before an elastic resource may be scaled in.
+    #[arg(long)]
+    max_idle: Option<String>,
+    /// Least time between two scale-ins (default 60s).
+    #[arg(long)]
+    scale_in_cooldown: Option<String>,
+    /// How long a routing request may wait for room (default 0).
+    #[arg(long)]
+    wait_timeout: Option<String>,
+    /// breadth-first (default) or depth-first.
+    #[arg(long)]
+    load_balancing: Option<String>,
+}
+
+impl PolicyArgs {
+    fn into_spec(self) -> anyhow::Result<PolicySpec> {
+        let ms = |field: &str, v: Option<String>| -> anyhow::Result<Option<u64>> {
+            v.map(|v| {
+                parse_duration(&v)
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .with_context(|| format!("--{field}"))
+            })
+            .transpose()
+        };
+        Ok(PolicySpec {
+            concurrent_sessions: self.concurrent_sessions,
+            usage_threshold: self.usage_threshold,
+            scale_out_step: self.scale_out_step,
+            max_elastic: self.max_elastic,
+            max_idle_ms: ms("max-idle", self.max_idle)?,
+            scale_in_cooldown_ms: ms("scale-in-cooldown", self.scale_in_cooldown)?,
+            wait_timeout_ms: ms("wait-timeout", self.wait_timeout)?,
+            load_balancing: self.load_balancing,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum GroupCmd {
+    /// Publish a delivery group.
+    Publish {
+        /// Unique name; generated (REGION-SPEC-N) when absent.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        office_network: String,
+        /// Spec from the catalog, e.g. office-4c8g.
+        #[arg(long)]
+        spec: String,
+        #[arg(long)]
+        image: String,
+        /// subscription or pay-as-you-go.
+        #[arg(long)]
+        billing: String,
+        /// Subscription duration: Nw, Nmo or Ny.
+        #[arg(long)]
+        duration: Option<String>,
+        /// Renew the subscription by itself at the end of each period.
+        #[arg(long)]
+        auto_renew: bool,
+        #[arg(long)]
+        base_resources: u32,
+        /// independent or shared.
+        #[arg(long, default_value = "independent")]
+        session_type: String,
+        /// An assigned user; repeatable.
+        #[arg(long = "user")]
+        users: Vec<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Groups, filtered by status, name (substring) or id.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// One group by name or id.
+    Show { group: String },
+    /// Change policy parameters (the others stay).
+    UpdatePolicy {
+        group: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Assign (--add) and unassign (--remove) users.
+    UpdateUsers {
+        group: String,
+        #[arg(long)]
+        add: Vec<String>,
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+    /// Extend a subscription (writes an order).
+    Renew {
+        group: String,
+        #[arg(long)]
+        duration: String,
+    },
+    /// Turn auto-renew on or off.
+    SetAutoRenew { group: String, state: String },
+    /// Move to another region (always refused: regions are fixed at publish).
+    SetRegion { group: String, region: String },
+    /// Purge a group (subscription: expired; pay-as-you-go: in service).
+    Purge { group: String },
+    /// Delete a group (subscription: recycling or publish-failed).
+    Delete { group: String },
+    /// The group's recorded decisions with their reasons.
+    Events { group: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Create one user.
+    Create {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        mobile: String,
+    },
+    /// Create or update users from a CSV file (header id,email,mobile); all or nothing.
+    Import { file: PathBuf },
+    /// Every user.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -155,6 +314,28 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Cmd::Sessions(SessionsCmd::Disconnect { session }) => AdminRequestV1::DisconnectSession {
             session: session.parse::<SessionId>()?,
         },
+        Cmd::Group(cmd) => group_request(*cmd)?,
+        Cmd::User(UserCmd::Create { id, email, mobile }) => AdminRequestV1::UserCreate(UserSpec {
+            id: id.parse()?,
+            email,
+            mobile,
+        }),
+        Cmd::User(UserCmd::Import { file }) => {
+            let meta =
+                std::fs::metadata(&file).with_context(|| format!("read {}", file.display()))?;
+            // The whole file travels in one admin frame; refuse before reading more.
+            if meta.len() > (MAX_ADMIN_FRAME_LEN / 2) as u64 {
+                anyhow::bail!(
+                    "{} is larger than {} bytes; split it",
+                    file.display(),
+                    MAX_ADMIN_FRAME_LEN / 2
+                );
+            }
+            let csv = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            AdminRequestV1::UserImport { csv }
+        }
+        Cmd::User(UserCmd::List) => AdminRequestV1::UserList,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -162,6 +343,104 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         .context("start runtime")?;
     let resp = runtime.block_on(admin::request(&cli.socket, req))?;
     Ok(show(resp, json))
+}
+
+fn users(ids: Vec<String>) -> anyhow::Result<Vec<UserId>> {
+    ids.iter().map(|u| Ok(u.parse::<UserId>()?)).collect()
+}
+
+fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
+    let name = |g: String| -> anyhow::Result<GroupName> { Ok(g.parse()?) };
+    Ok(match cmd {
+        GroupCmd::Publish {
+            name: group_name,
+            region,
+            office_network,
+            spec,
+            image,
+            billing,
+            duration,
+            auto_renew,
+            base_resources,
+            session_type,
+            users: assigned,
+            policy,
+        } => {
+            let billing = match (billing.as_str(), duration) {
+                ("subscription", Some(duration)) => BillingSpec::Subscription {
+                    duration,
+                    auto_renew,
+                },
+                ("subscription", None) => {
+                    anyhow::bail!("--billing subscription needs --duration (Nw, Nmo or Ny)")
+                }
+                ("pay-as-you-go", None) if !auto_renew => BillingSpec::PayAsYouGo,
+                ("pay-as-you-go", _) => {
+                    anyhow::bail!("--duration and --auto-renew apply to subscriptions only")
+                }
+                (other, _) => {
+                    anyhow::bail!("--billing {other:?}: write subscription or pay-as-you-go")
+                }
+            };
+            let session_type = match session_type.as_str() {
+                "independent" => SessionType::Independent,
+                "shared" => SessionType::Shared,
+                other => anyhow::bail!("--session-type {other:?}: write independent or shared"),
+            };
+            AdminRequestV1::GroupPublish(GroupSpec {
+                name: group_name.map(name).transpose()?,
+                region,
+                office_network,
+                spec,
+                image,
+                billing,
+                base_resources,
+                session_type,
+                users: users(assigned)?,
+                policy: policy.into_spec()?,
+            })
+        }
+        GroupCmd::List { status, name, id } => {
+            AdminRequestV1::GroupList(GroupFilter { status, name, id })
+        }
+        GroupCmd::Show { group } => AdminRequestV1::GroupShow {
+            group: name(group)?,
+        },
+        GroupCmd::UpdatePolicy { group, policy } => AdminRequestV1::GroupUpdatePolicy {
+            group: name(group)?,
+            policy: policy.into_spec()?,
+        },
+        GroupCmd::UpdateUsers { group, add, remove } => AdminRequestV1::GroupUpdateUsers {
+            group: name(group)?,
+            add: users(add)?,
+            remove: users(remove)?,
+        },
+        GroupCmd::Renew { group, duration } => AdminRequestV1::GroupRenew {
+            group: name(group)?,
+            duration,
+        },
+        GroupCmd::SetAutoRenew { group, state } => AdminRequestV1::GroupSetAutoRenew {
+            group: name(group)?,
+            on: match state.as_str() {
+                "on" => true,
+                "off" => false,
+                other => anyhow::bail!("set-auto-renew {other:?}: write on or off"),
+            },
+        },
+        GroupCmd::SetRegion { group, region } => AdminRequestV1::GroupSetRegion {
+            group: name(group)?,
+            region,
+        },
+        GroupCmd::Purge { group } => AdminRequestV1::GroupPurge {
+            group: name(group)?,
+        },
+        GroupCmd::Delete { group } => AdminRequestV1::GroupDelete {
+            group: name(group)?,
+        },
+        GroupCmd::Events { group } => AdminRequestV1::GroupEvents {
+            group: name(group)?,
+        },
+    })
 }
 
 fn show(resp: AdminResponseV1, json: bool) -> String {
@@ -173,6 +452,13 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
             serde_json::json!({ "message": message }),
             format!("{message}\n"),
         ),
+        AdminResponseV1::Groups(g) => (render::groups_json(&g), render::groups_table(&g)),
+        AdminResponseV1::Group(d) => (render::group_json(&d), render::group_table(&d)),
+        AdminResponseV1::GroupEvents(e) => (
+            render::group_events_json(&e),
+            render::group_events_table(&e),
+        ),
+        AdminResponseV1::Users(u) => (render::users_json(&u), render::users_table(&u)),
         // `admin::request` turns error answers into `Err`.
         AdminResponseV1::Error(e) => (
             serde_json::json!({ "error": e.message }),

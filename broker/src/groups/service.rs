@@ -1,0 +1,1372 @@
+//! Delivery groups and users over the store: every admin verb of `ferryctl
+//! group` / `ferryctl user` and the lifecycle deadlines.
+//!
+//! Each change runs as one [`Store::exec`] closure on the writer thread: the
+//! group's row is read, the pure [`lifecycle`](super::lifecycle) decides, and
+//! the new row, its orders, events and notifications are written in the same
+//! transaction. Two operators (or an operator and the deadline timer) acting on
+//! one group are therefore serialised, and an answer means "committed".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::admin::{
+    BillingSpec, GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, OrderInfo,
+    PolicySpec, PolicyView, SessionType, UserInfo, UserSpec,
+};
+use ferry_common::limits::MAX_TEXT_LEN;
+use ferry_common::{GroupName, UnixMillis, UserId};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::Notify;
+
+use super::lifecycle::{
+    check_region_change, Billing, Lifecycle, LifecycleError, Order, Outcome, Removal, Status,
+};
+use crate::config::GroupsConfig;
+use crate::engine::billing::{round_line, subscription_amount, Term};
+use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
+use crate::store::{Store, StoreError};
+
+/// Most users one `user import` may carry. The whole batch is one
+/// transaction; 100,000 rows keep that transaction and the admin frame
+/// reasonable while covering any real directory export.
+pub const MAX_IMPORT_USERS: usize = 100_000;
+
+/// Most problems listed in one refusal of an import: enough to fix a file in a
+/// few rounds, short enough to read.
+pub const MAX_LISTED_PROBLEMS: usize = 50;
+
+/// What `group show` says until agents receive policies (a later slice).
+pub const POLICY_NOT_PUSHED: &str =
+    "the policy is stored and validated; pushing it to the group's agents is not implemented yet";
+
+/// Why a group or user request failed; mapped to admin error codes in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    NotAllowed(#[from] LifecycleError),
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for GroupError {
+    fn from(e: rusqlite::Error) -> Self {
+        GroupError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// Groups and users, shared by the admin socket and the deadline timer.
+#[derive(Clone)]
+pub struct GroupService {
+    store: Store,
+    config: Arc<GroupsConfig>,
+    /// Woken after every change that may move a deadline or queue a notification.
+    changed: Arc<Notify>,
+}
+
+/// A group's row.
+#[derive(Clone, Debug)]
+struct Row {
+    num: i64,
+    id: String,
+    name: GroupName,
+    region: String,
+    office_network: String,
+    spec: String,
+    image: String,
+    life: Lifecycle,
+    base_resources: u32,
+    session_type: SessionType,
+    policy: Policy,
+    created_at: UnixMillis,
+}
+
+const ROW_COLUMNS: &str = "num, id, name, region, office_network, spec, image, billing, term,
+    auto_renew, base_resources, session_type, policy, status, expires_at, expired_at, created_at";
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> Result<Result<Row, StoreError>, rusqlite::Error> {
+    let name: String = r.get(2)?;
+    let billing: String = r.get(7)?;
+    let term: Option<String> = r.get(8)?;
+    let auto_renew: bool = r.get(9)?;
+    let base: i64 = r.get(10)?;
+    let session_type: String = r.get(11)?;
+    let policy: String = r.get(12)?;
+    let status: String = r.get(13)?;
+    let (num, id, region, office_network, spec, image) = (
+        r.get(0)?,
+        r.get(1)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    );
+    let (expires_at, expired_at, created_at): (Option<i64>, Option<i64>, i64) =
+        (r.get(14)?, r.get(15)?, r.get(16)?);
+    Ok((|| -> Result<_, StoreError> {
+        let billing = match (billing.as_str(), term) {
+            ("subscription", Some(t)) => Billing::Subscription {
+                term: Term::parse(&t).map_err(corrupt)?,
+                auto_renew,
+            },
+            ("pay-as-you-go", _) => Billing::PayAsYouGo,
+            (b, _) => return Err(corrupt(format!("billing {b:?}"))),
+        };
+        let policy: Policy = serde_json::from_str(&policy).map_err(corrupt)?;
+        Ok(Row {
+            num,
+            id,
+            name: name.parse().map_err(corrupt)?,
+            region,
+            office_network,
+            spec,
+            image,
+            life: Lifecycle {
+                status: Status::parse(&status)
+                    .ok_or_else(|| corrupt(format!("status {status:?}")))?,
+                billing,
+                expires_at: expires_at.map(UnixMillis),
+                expired_at: expired_at.map(UnixMillis),
+            },
+            base_resources: u32::try_from(base).map_err(corrupt)?,
+            session_type: match session_type.as_str() {
+                "shared" => SessionType::Shared,
+                _ => SessionType::Independent,
+            },
+            policy,
+            created_at: UnixMillis(created_at),
+        })
+    })())
+}
+
+/// The group named `group` (a live name first, else an id or a gone name).
+fn find(c: &Connection, group: &str) -> Result<Row, GroupError> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM groups WHERE id = ?1 OR name = ?1
+         ORDER BY (status != 'gone') DESC, num DESC LIMIT 1"
+    );
+    let row = c.query_row(&sql, [group], read_row).optional()?;
+    match row {
+        Some(r) => Ok(r?),
+        None => Err(GroupError::NotFound(format!("no group named {group}"))),
+    }
+}
+
+fn all_rows(c: &Connection, filter: &GroupFilter) -> Result<Vec<Row>, GroupError> {
+    let sql = format!("SELECT {ROW_COLUMNS} FROM groups ORDER BY num");
+    let mut stmt = c.prepare(&sql)?;
+    let rows = stmt.query_map([], read_row)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let row = row??;
+        if filter
+            .status
+            .as_deref()
+            .is_some_and(|s| s != row.life.status.as_str())
+            || filter
+                .name
+                .as_deref()
+                .is_some_and(|n| !row.name.as_str().contains(n))
+            || filter.id.as_deref().is_some_and(|i| i != row.id)
+        {
+            continue;
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+fn save_life(c: &Connection, row: &Row, now: UnixMillis) -> Result<(), GroupError> {
+    let auto_renew = matches!(
+        row.life.billing,
+        Billing::Subscription {
+            auto_renew: true,
+            ..
+        }
+    );
+    let gone_at = (row.life.status == Status::Gone).then_some(now.0);
+    c.execute(
+        "UPDATE groups SET status = ?1, expires_at = ?2, expired_at = ?3, auto_renew = ?4,
+                updated_at = ?5, gone_at = COALESCE(gone_at, ?6)
+         WHERE num = ?7",
+        params![
+            row.life.status.as_str(),
+            row.life.expires_at.map(|t| t.0),
+            row.life.expired_at.map(|t| t.0),
+            auto_renew,
+            now.0,
+            gone_at,
+            row.num
+        ],
+    )?;
+    Ok(())
+}
+
+fn event(
+    c: &Connection,
+    num: i64,
+    at: UnixMillis,
+    kind: &str,
+    message: &str,
+) -> Result<(), GroupError> {
+    c.execute(
+        "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+        params![num, at.0, kind, message],
+    )?;
+    Ok(())
+}
+
+impl GroupService {
+    pub fn new(store: Store, config: GroupsConfig) -> GroupService {
+        GroupService {
+            store,
+            config: Arc::new(config),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Resolves when something changed that may move a deadline or queue a
+    /// notification (cancel-safe).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    /// The configured retention of expired subscriptions.
+    pub fn retention(&self) -> Duration {
+        self.config.retention
+    }
+
+    fn touch(&self) {
+        self.changed.notify_waiters();
+        self.changed.notify_one();
+    }
+
+    /// Writes the orders and transitions of a lifecycle step.
+    fn apply_outcome(
+        config: &GroupsConfig,
+        c: &Connection,
+        row: &Row,
+        out: &Outcome,
+    ) -> Result<(), GroupError> {
+        for o in &out.orders {
+            write_order(config, c, row, o)?;
+        }
+        for t in &out.transitions {
+            event(
+                c,
+                row.num,
+                t.at,
+                "status",
+                &format!("{} -> {}: {}", t.from, t.to, t.reason),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `group publish`.
+    pub async fn publish(
+        &self,
+        spec: GroupSpec,
+        now: UnixMillis,
+    ) -> Result<GroupDetail, GroupError> {
+        let (billing, policy) = validate_spec(&self.config, &spec)?;
+        let config = self.config.clone();
+        let id = self
+            .store
+            .exec(move |c| Ok(publish_tx(&config, c, spec, billing, policy, now)))
+            .await??;
+        self.touch();
+        self.show(&id).await
+    }
+
+    /// `group list`.
+    pub async fn list(&self, filter: GroupFilter) -> Result<Vec<GroupInfo>, GroupError> {
+        if let Some(s) = filter.status.as_deref() {
+            if Status::parse(s).is_none() {
+                return Err(GroupError::Invalid(vec![format!(
+                    "unknown status {s:?}; statuses: {}",
+                    super::lifecycle::ALL_STATUSES
+                        .map(|s| s.as_str())
+                        .join(", ")
+                )]));
+            }
+        }
+        self.store
+            .read_with(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    all_rows(c, &filter)?
+                        .iter()
+                        .map(|r| info(c, r))
+                        .collect::<Result<Vec<_>, GroupError>>()
+                })())
+            })
+            .await?
+    }
+
+    /// `group show`.
+    pub async fn show(&self, group: &str) -> Result<GroupDetail, GroupError> {
+        let group = group.to_owned();
+        let retention = self.config.retention;
+        self.store
+            .read_with(move |c| Ok(detail(c, &group, retention)))
+            .await?
+    }
+
+    /// `group update-policy`: merges the given parameters, validates against the spec.
+    pub async fn update_policy(
+        &self,
+        group: &GroupName,
+        patch: PolicySpec,
+        now: UnixMillis,
+    ) -> Result<GroupDetail, GroupError> {
+        let group = group.to_string();
+        let id = self
+            .store
+            .exec(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let row = find(c, &group)?;
+                    row.life.check_editable("update the policy of")?;
+                    let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
+                    validate_policy(&policy, &row.spec)?;
+                    let json = serde_json::to_string(&policy).map_err(corrupt)?;
+                    c.execute(
+                        "UPDATE groups SET policy = ?1, updated_at = ?2 WHERE num = ?3",
+                        params![json, now.0, row.num],
+                    )?;
+                    event(
+                        c,
+                        row.num,
+                        now,
+                        "policy",
+                        &format!("policy updated: {}", describe_policy(&policy)),
+                    )?;
+                    Ok(row.id)
+                })())
+            })
+            .await??;
+        self.show(&id).await
+    }
+
+    /// `group update-users`: assigns `add` (writing an activation notification
+    /// for each newly assigned user) and unassigns `remove`.
+    pub async fn update_users(
+        &self,
+        group: &GroupName,
+        add: Vec<UserId>,
+        remove: Vec<UserId>,
+        now: UnixMillis,
+    ) -> Result<GroupDetail, GroupError> {
+        let group = group.to_string();
+        let id = self
+            .store
+            .exec(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let row = find(c, &group)?;
+                    row.life.check_editable("change the users of")?;
+                    let assigned = assigned_users(c, row.num)?;
+                    let mut problems = unknown_users(c, &add)?;
+                    for u in &remove {
+                        if !assigned.contains(u) {
+                            problems.push(format!("user {u} is not assigned to {}", row.name));
+                        }
+                    }
+                    if !problems.is_empty() {
+                        return Err(GroupError::Invalid(problems));
+                    }
+                    let added = assign(c, &row, &add, now)?;
+                    for u in &remove {
+                        c.execute(
+                            "DELETE FROM group_users WHERE group_num = ?1 AND user = ?2",
+                            params![row.num, u.as_str()],
+                        )?;
+                    }
+                    event(
+                        c,
+                        row.num,
+                        now,
+                        "users",
+                        &format!(
+                            "users assigned: [{}]; unassigned: [{}]",
+                            join(&added),
+                            join(&remove)
+                        ),
+                    )?;
+                    Ok(row.id)
+                })())
+            })
+            .await??;
+        self.touch();
+        self.show(&id).await
+    }
+
+    /// `group renew`: extends a subscription by `duration` and writes an order.
+    pub async fn renew(
+        &self,
+        group: &GroupName,
+        duration: &str,
+        now: UnixMillis,
+    ) -> Result<GroupDetail, GroupError> {
+        let term = Term::parse(duration).map_err(|e| GroupError::Invalid(vec![e.to_string()]))?;
+        self.lifecycle_change(group, now, move |_, row| Ok(row.life.renew(term, now)?))
+            .await
+    }
+
+    /// `group set-auto-renew`.
+    pub async fn set_auto_renew(
+        &self,
+        group: &GroupName,
+        on: bool,
+        now: UnixMillis,
+    ) -> Result<GroupDetail, GroupError> {
+        self.lifecycle_change(group, now, move |c, row| {
+            row.life.set_auto_renew(on)?;
+            event(
+                c,
+                row.num,
+                now,
+                "auto-renew",
+                if on {
+                    "auto-renew turned on"
+                } else {
+                    "auto-renew turned off"
+                },
+            )?;
+            Ok(Outcome::default())
+        })
+        .await
+    }
+
+    /// `group purge` / `group delete` per the table; orders and metering stay.
+    pub async fn remove(
+        &self,
+        group: &GroupName,
+        action: Removal,
+        now: UnixMillis,
+    ) -> Result<String, GroupError> {
+        let d = self
+            .lifecycle_change(group, now, move |c, row| {
+                let t = row.life.remove(action, now)?;
+                c.execute("DELETE FROM group_users WHERE group_num = ?1", [row.num])?;
+                Ok(Outcome {
+                    transitions: vec![t],
+                    orders: vec![],
+                })
+            })
+            .await?;
+        Ok(format!(
+            "group {} ({}) {}d; its orders and metering are kept",
+            d.info.name,
+            d.info.id,
+            action.as_str()
+        ))
+    }
+
+    async fn lifecycle_change(
+        &self,
+        group: &GroupName,
+        now: UnixMillis,
+        f: impl FnOnce(&Connection, &mut Row) -> Result<Outcome, GroupError> + Send + 'static,
+    ) -> Result<GroupDetail, GroupError> {
+        let group = group.to_string();
+        let config = self.config.clone();
+        let id = self
+            .store
+            .exec(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let mut row = find(c, &group)?;
+                    let out = f(c, &mut row)?;
+                    Self::apply_outcome(&config, c, &row, &out)?;
+                    save_life(c, &row, now)?;
+                    Ok(row.id)
+                })())
+            })
+            .await??;
+        self.touch();
+        self.show(&id).await
+    }
+
+    /// `group events`.
+    pub async fn events(&self, group: &GroupName) -> Result<Vec<GroupEventInfo>, GroupError> {
+        let group = group.to_string();
+        self.store
+            .read_with(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let row = find(c, &group)?;
+                    let mut stmt = c.prepare(
+                        "SELECT at, kind, message FROM group_events WHERE group_num = ?1 ORDER BY id",
+                    )?;
+                    let rows = stmt.query_map([row.num], |r| {
+                        Ok(GroupEventInfo {
+                            at: UnixMillis(r.get(0)?),
+                            kind: r.get(1)?,
+                            message: r.get(2)?,
+                        })
+                    })?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })())
+            })
+            .await?
+    }
+
+    /// A region change: refused unless it names the current region.
+    pub async fn set_region(&self, group: &GroupName, region: &str) -> Result<String, GroupError> {
+        let d = self.show(group.as_str()).await?;
+        check_region_change(&d.info.region, region)?;
+        Ok(format!(
+            "group {} is already in region {region}",
+            d.info.name
+        ))
+    }
+
+    /// Applies every lifecycle deadline due at `now` (expiry, auto-renew,
+    /// recycling) and returns the next one.
+    pub async fn run_due(&self, now: UnixMillis) -> Result<Option<UnixMillis>, GroupError> {
+        let config = self.config.clone();
+        self.store
+            .exec(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let mut next: Option<UnixMillis> = None;
+                    for mut row in all_rows(c, &GroupFilter::default())? {
+                        let out = row.life.handle_timeout(now, config.retention);
+                        if out != Outcome::default() {
+                            Self::apply_outcome(&config, c, &row, &out)?;
+                            save_life(c, &row, now)?;
+                        }
+                        if let Some(d) = row.life.next_deadline(config.retention) {
+                            next = Some(next.map_or(d, |n| n.min(d)));
+                        }
+                    }
+                    Ok(next)
+                })())
+            })
+            .await?
+    }
+
+    /// `user create`.
+    pub async fn create_user(
+        &self,
+        user: UserSpec,
+        now: UnixMillis,
+    ) -> Result<Vec<UserInfo>, GroupError> {
+        let problems = check_user(&user);
+        if !problems.is_empty() {
+            return Err(GroupError::Invalid(problems));
+        }
+        let id = user.id.clone();
+        self.store
+            .exec(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let exists: bool = c.query_row(
+                        "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
+                        [user.id.as_str()],
+                        |r| r.get(0),
+                    )?;
+                    if exists {
+                        return Err(GroupError::Conflict(format!(
+                            "user {} already exists",
+                            user.id
+                        )));
+                    }
+                    upsert_user(c, &user, now)
+                })())
+            })
+            .await??;
+        Ok(self
+            .users()
+            .await?
+            .into_iter()
+            .filter(|u| u.id == id)
+            .collect())
+    }
+
+    /// `user import`: every row is checked first; any bad row refuses the
+    /// whole file (with line numbers) and nothing is written.
+    pub async fn import_users(
+        &self,
+        csv: &str,
+        now: UnixMillis,
+    ) -> Result<Vec<UserInfo>, GroupError> {
+        let users = parse_users_csv(csv).map_err(GroupError::Invalid)?;
+        let ids: Vec<UserId> = users.iter().map(|u| u.id.clone()).collect();
+        self.store
+            .exec(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    for u in &users {
+                        upsert_user(c, u, now)?;
+                    }
+                    Ok(())
+                })())
+            })
+            .await??;
+        Ok(self
+            .users()
+            .await?
+            .into_iter()
+            .filter(|u| ids.contains(&u.id))
+            .collect())
+    }
+
+    /// `user list`.
+    pub async fn users(&self) -> Result<Vec<UserInfo>, GroupError> {
+        self.store
+            .read_with(|c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let mut stmt = c.prepare(
+                        "SELECT u.id, u.email, u.mobile,
+                                (SELECT group_concat(g.name, ' ') FROM group_users gu
+                                   JOIN groups g ON g.num = gu.group_num
+                                  WHERE gu.user = u.id AND g.status != 'gone')
+                         FROM users u ORDER BY u.id",
+                    )?;
+                    let rows = stmt.query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<String>>(3)?,
+                        ))
+                    })?;
+                    let mut out = Vec::new();
+                    for row in rows {
+                        let (id, email, mobile, groups) = row?;
+                        let mut groups = groups
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .map(|g| g.parse().map_err(corrupt))
+                            .collect::<Result<Vec<GroupName>, _>>()?;
+                        groups.sort();
+                        out.push(UserInfo {
+                            id: id.parse().map_err(corrupt)?,
+                            email,
+                            mobile,
+                            groups,
+                        });
+                    }
+                    Ok(out)
+                })())
+            })
+            .await?
+    }
+
+    /// Pending activation notifications due at `now` (oldest first, at most `limit`).
+    pub async fn due_notifications(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<Notification>, GroupError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.store
+            .read_with(move |c| {
+                Ok((|| -> Result<_, GroupError> {
+                    let mut stmt = c.prepare(
+                        "SELECT n.id, n.user, n.email, n.mobile, n.kind, g.name, n.attempts
+                         FROM notifications n JOIN groups g ON g.num = n.group_num
+                         WHERE n.delivered_at IS NULL AND n.next_attempt_at <= ?1
+                         ORDER BY n.next_attempt_at, n.id LIMIT ?2",
+                    )?;
+                    let rows = stmt.query_map(params![now.0, limit], |r| {
+                        Ok(Notification {
+                            id: r.get(0)?,
+                            user: r.get(1)?,
+                            email: r.get(2)?,
+                            mobile: r.get(3)?,
+                            kind: r.get(4)?,
+                            group: r.get(5)?,
+                            attempts: r.get(6)?,
+                        })
+                    })?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })())
+            })
+            .await?
+    }
+
+    /// When the next pending notification is due, if any.
+    pub async fn next_notification_at(&self) -> Result<Option<UnixMillis>, GroupError> {
+        Ok(self
+            .store
+            .read_with(|c| {
+                Ok(c.query_row(
+                    "SELECT MIN(next_attempt_at) FROM notifications WHERE delivered_at IS NULL",
+                    [],
+                    |r| r.get::<_, Option<i64>>(0),
+                )?)
+            })
+            .await?
+            .map(UnixMillis))
+    }
+
+    /// Records one delivery attempt: delivered, or retried after a doubling wait.
+    pub async fn notification_attempted(
+        &self,
+        id: i64,
+        result: Result<(), String>,
+        now: UnixMillis,
+    ) -> Result<(), GroupError> {
+        let max = i64::try_from(self.config.notify_retry_max.as_millis()).unwrap_or(i64::MAX);
+        self.store
+            .exec(move |c| {
+                match result {
+                    Ok(()) => c.execute(
+                        "UPDATE notifications SET delivered_at = ?1, attempts = attempts + 1,
+                                last_error = NULL WHERE id = ?2",
+                        params![now.0, id],
+                    )?,
+                    Err(e) => {
+                        let attempts: i64 = c.query_row(
+                            "SELECT attempts FROM notifications WHERE id = ?1",
+                            [id],
+                            |r| r.get(0),
+                        )?;
+                        let wait = 1000i64
+                            .checked_shl(u32::try_from(attempts.clamp(0, 40)).unwrap_or(40))
+                            .unwrap_or(i64::MAX)
+                            .min(max);
+                        c.execute(
+                            "UPDATE notifications SET attempts = attempts + 1, last_error = ?1,
+                                    next_attempt_at = ?2 WHERE id = ?3",
+                            params![e, now.0.saturating_add(wait), id],
+                        )?
+                    }
+                };
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// One activation notification waiting in the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    /// Outbox row id.
+    pub id: i64,
+    pub user: String,
+    pub email: String,
+    pub mobile: String,
+    /// `activation`.
+    pub kind: String,
+    /// Name of the group the user was assigned to.
+    pub group: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn assigned_users(c: &Connection, num: i64) -> Result<Vec<UserId>, GroupError> {
+    let mut stmt = c.prepare("SELECT user FROM group_users WHERE group_num = ?1 ORDER BY user")?;
+    let rows = stmt.query_map([num], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.push(r?.parse().map_err(corrupt)?);
+    }
+    Ok(out)
+}
+
+fn unknown_users(c: &Connection, users: &[UserId]) -> Result<Vec<String>, GroupError> {
+    let mut problems = Vec::new();
+    for u in users {
+        let n: i64 = c.query_row(
+            "SELECT COUNT(*) FROM users WHERE id = ?1",
+            [u.as_str()],
+            |r| r.get(0),
+        )?;
+        if n == 0 {
+            problems.push(format!(
+                "user {u} does not exist (create it with `ferryctl user create` or `user import`)"
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Assigns users not yet assigned and queues their activation notifications;
+/// returns the newly assigned ones.
+fn assign(
+    c: &Connection,
+    row: &Row,
+    users: &[UserId],
+    now: UnixMillis,
+) -> Result<Vec<UserId>, GroupError> {
+    let mut added = Vec::new();
+    for u in users {
+        let n = c.execute(
+            "INSERT OR IGNORE INTO group_users (group_num, user, assigned_at) VALUES (?1, ?2, ?3)",
+            params![row.num, u.as_str(), now.0],
+        )?;
+        if n == 0 {
+            continue;
+        }
+        c.execute(
+            "INSERT INTO notifications (group_num, user, email, mobile, kind, created_at, next_attempt_at)
+             SELECT ?1, id, email, mobile, 'activation', ?2, ?2 FROM users WHERE id = ?3",
+            params![row.num, now.0, u.as_str()],
+        )?;
+        added.push(u.clone());
+    }
+    Ok(added)
+}
+
+fn write_order(
+    config: &GroupsConfig,
+    c: &Connection,
+    row: &Row,
+    o: &Order,
+) -> Result<(), GroupError> {
+    let price = config.prices.get(&row.spec).ok_or_else(|| {
+        GroupError::Invalid(vec![format!(
+            "no price for spec {} in the broker config ([prices.{}]); cannot write a {} order",
+            row.spec,
+            row.spec,
+            o.kind.as_str()
+        )])
+    })?;
+    let amount = round_line(subscription_amount(
+        price.subscription_month,
+        row.base_resources,
+        o.term,
+    ));
+    c.execute(
+        "INSERT INTO orders (group_num, kind, term, base_resources, amount, currency,
+                             period_start, period_end, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            row.num,
+            o.kind.as_str(),
+            o.term.to_string(),
+            row.base_resources,
+            amount.to_string(),
+            config.currency,
+            o.period_start.0,
+            o.period_end.0,
+            o.at.0
+        ],
+    )?;
+    event(
+        c,
+        row.num,
+        o.at,
+        "order",
+        &format!(
+            "{} order: {} x {} for {}: {amount} {}",
+            o.kind.as_str(),
+            row.base_resources,
+            row.spec,
+            o.term,
+            config.currency
+        ),
+    )
+}
+
+fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), GroupError> {
+    c.execute(
+        "INSERT INTO users (id, email, mobile, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
+         ON CONFLICT (id) DO UPDATE SET email = excluded.email, mobile = excluded.mobile,
+                                        updated_at = excluded.updated_at",
+        params![u.id.as_str(), u.email, u.mobile, now.0],
+    )?;
+    Ok(())
+}
+
+fn publish_tx(
+    config: &GroupsConfig,
+    c: &Connection,
+    spec: GroupSpec,
+    billing: Billing,
+    policy: Policy,
+    now: UnixMillis,
+) -> Result<String, GroupError> {
+    let problems = unknown_users(c, &spec.users)?;
+    if !problems.is_empty() {
+        return Err(GroupError::Invalid(problems));
+    }
+    let num: i64 = c.query_row("SELECT COALESCE(MAX(num), 0) + 1 FROM groups", [], |r| {
+        r.get(0)
+    })?;
+    let id = format!("dg-{num:06}");
+    let taken = |name: &str| -> Result<bool, GroupError> {
+        Ok(c.query_row(
+            "SELECT COUNT(*) > 0 FROM groups WHERE name = ?1 AND status != 'gone'",
+            [name],
+            |r| r.get(0),
+        )?)
+    };
+    let name = match spec.name {
+        Some(n) => {
+            if taken(n.as_str())? {
+                return Err(GroupError::Conflict(format!(
+                    "a group named {n} already exists; choose another name or leave it out to get one generated"
+                )));
+            }
+            n
+        }
+        None => generate_name(c, &spec.region, &spec.spec)?,
+    };
+    let (life, out) = Lifecycle::publish(billing, now)?;
+    let term = match billing {
+        Billing::Subscription { term, .. } => Some(term.to_string()),
+        Billing::PayAsYouGo => None,
+    };
+    let json = serde_json::to_string(&policy).map_err(corrupt)?;
+    c.execute(
+        "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing, term,
+                             auto_renew, base_resources, session_type, policy, status,
+                             expires_at, expired_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, ?16, ?16)",
+        params![
+            num,
+            id,
+            name.as_str(),
+            spec.region,
+            spec.office_network,
+            spec.spec,
+            spec.image,
+            billing.kind(),
+            term,
+            matches!(
+                billing,
+                Billing::Subscription {
+                    auto_renew: true,
+                    ..
+                }
+            ),
+            spec.base_resources,
+            spec.session_type.as_str(),
+            json,
+            life.status.as_str(),
+            life.expires_at.map(|t| t.0),
+            now.0
+        ],
+    )?;
+    let row = Row {
+        num,
+        id: id.clone(),
+        name,
+        region: spec.region,
+        office_network: spec.office_network,
+        spec: spec.spec,
+        image: spec.image,
+        life,
+        base_resources: spec.base_resources,
+        session_type: spec.session_type,
+        policy,
+        created_at: now,
+    };
+    GroupService::apply_outcome(config, c, &row, &out)?;
+    let added = assign(c, &row, &spec.users, now)?;
+    if !added.is_empty() {
+        event(
+            c,
+            num,
+            now,
+            "users",
+            &format!("users assigned: [{}]", join(&added)),
+        )?;
+    }
+    event(
+        c,
+        num,
+        now,
+        "policy",
+        &format!("policy: {}", describe_policy(&row.policy)),
+    )?;
+    Ok(id)
+}
+
+/// `REGION-SPEC-N` with the smallest N no group (live or gone) has used:
+/// unique, and readable in listings and logs.
+fn generate_name(c: &Connection, region: &str, spec: &str) -> Result<GroupName, GroupError> {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' {
+                    ch.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .take(40)
+            .collect()
+    };
+    let base = format!("{}-{}", clean(region), clean(spec));
+    for n in 1..=u32::MAX {
+        let candidate = format!("{base}-{n}");
+        let used: bool = c.query_row(
+            "SELECT COUNT(*) > 0 FROM groups WHERE name = ?1",
+            [&candidate],
+            |r| r.get(0),
+        )?;
+        if !used {
+            return candidate
+                .parse()
+                .map_err(|e| GroupError::Invalid(vec![format!("generated name: {e}")]));
+        }
+    }
+    Err(GroupError::Conflict("no free generated name".into()))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn describe_policy(p: &Policy) -> String {
+    use ferry_common::duration::format_duration as f;
+    format!(
+        "concurrent_sessions={} usage_threshold={}% scale_out_step={} max_elastic={} max_idle={} scale_in_cooldown={} wait_timeout={} load_balancing={}",
+        p.concurrent_sessions,
+        p.usage_threshold,
+        p.scale_out_step,
+        p.max_elastic,
+        f(p.max_idle),
+        f(p.scale_in_cooldown),
+        f(p.wait_timeout),
+        p.load_balancing
+    )
+}
+
+/// Fills a policy from `patch` over `base` (the current policy), or over the
+/// defaults at publish, where the parameters without a default are required.
+fn merge_policy(
+    base: Option<&Policy>,
+    patch: &PolicySpec,
+    spec: &str,
+) -> Result<Policy, GroupError> {
+    let mut problems = Vec::new();
+    let mut req = |field: &str, v: Option<u32>, cur: Option<u32>| match v.or(cur) {
+        Some(v) => v,
+        None => {
+            problems.push(format!("{field}: required at publish"));
+            0
+        }
+    };
+    let concurrent_sessions = req(
+        "concurrent_sessions",
+        patch.concurrent_sessions,
+        base.map(|b| b.concurrent_sessions),
+    );
+    let usage_threshold = req(
+        "usage_threshold",
+        patch.usage_threshold,
+        base.map(|b| b.usage_threshold),
+    );
+    let scale_out_step = req(
+        "scale_out_step",
+        patch.scale_out_step,
+        base.map(|b| b.scale_out_step),
+    );
+    let max_elastic = req(
+        "max_elastic",
+        patch.max_elastic,
+        base.map(|b| b.max_elastic),
+    );
+    let max_idle = match patch
+        .max_idle_ms
+        .map(Duration::from_millis)
+        .or(base.map(|b| b.max_idle))
+    {
+        Some(d) => d,
+        None => {
+            problems.push("max_idle: required at publish".into());
+            Duration::ZERO
+        }
+    };
+    let load_balancing = match &patch.load_balancing {
+        Some(s) => match LoadBalancing::parse(s) {
+            Some(l) => l,
+            None => {
+                problems.push(format!(
+                    "load_balancing: {s:?} is not breadth-first or depth-first"
+                ));
+                LoadBalancing::default()
+            }
+        },
+        None => base.map(|b| b.load_balancing).unwrap_or_default(),
+    };
+    let policy = Policy {
+        concurrent_sessions,
+        usage_threshold,
+        scale_out_step,
+        max_elastic,
+        max_idle,
+        scale_in_cooldown: patch
+            .scale_in_cooldown_ms
+            .map(Duration::from_millis)
+            .or(base.map(|b| b.scale_in_cooldown))
+            .unwrap_or(DEFAULT_SCALE_IN_COOLDOWN),
+        wait_timeout: patch
+            .wait_timeout_ms
+            .map(Duration::from_millis)
+            .or(base.map(|b| b.wait_timeout))
+            .unwrap_or(Duration::ZERO),
+        load_balancing,
+    };
+    if problems.is_empty() {
+        Ok(policy)
+    } else {
+        // Report the other parameters' problems too, so one round fixes all.
+        if let Err(e) = policy.validate(Some(spec)) {
+            for p in e.problems {
+                if !problems.iter().any(|x| x.starts_with(p.field)) {
+                    problems.push(format!("{}: {}", p.field, p.message));
+                }
+            }
+        }
+        Err(GroupError::Invalid(problems))
+    }
+}
+
+fn validate_policy(policy: &Policy, spec: &str) -> Result<(), GroupError> {
+    policy.validate(Some(spec)).map_err(|e| {
+        GroupError::Invalid(
+            e.problems
+                .into_iter()
+                .map(|p| format!("{}: {}", p.field, p.message))
+                .collect(),
+        )
+    })
+}
+
+/// Checks every attribute of a publish request; lists every problem.
+fn validate_spec(config: &GroupsConfig, spec: &GroupSpec) -> Result<(Billing, Policy), GroupError> {
+    let mut problems = Vec::new();
+    for (field, value) in [
+        ("region", &spec.region),
+        ("office_network", &spec.office_network),
+        ("spec", &spec.spec),
+        ("image", &spec.image),
+    ] {
+        if value.trim().is_empty() {
+            problems.push(format!("{field}: required"));
+        } else if value.len() > MAX_TEXT_LEN {
+            problems.push(format!("{field}: longer than {MAX_TEXT_LEN} bytes"));
+        }
+    }
+    if spec.base_resources > MAX_GROUP_RESOURCES {
+        problems.push(format!(
+            "base_resources: {} is above the limit of {MAX_GROUP_RESOURCES}",
+            spec.base_resources
+        ));
+    }
+    let billing = match &spec.billing {
+        BillingSpec::PayAsYouGo => Billing::PayAsYouGo,
+        BillingSpec::Subscription {
+            duration,
+            auto_renew,
+        } => match Term::parse(duration) {
+            Ok(term) => {
+                if !config.prices.contains_key(&spec.spec) {
+                    problems.push(format!(
+                        "spec: no subscription price for {} in the broker config ([prices.{}])",
+                        spec.spec, spec.spec
+                    ));
+                }
+                Billing::Subscription {
+                    term,
+                    auto_renew: *auto_renew,
+                }
+            }
+            Err(e) => {
+                problems.push(format!("duration: {e}"));
+                Billing::PayAsYouGo
+            }
+        },
+    };
+    let policy = match merge_policy(None, &spec.policy, &spec.spec) {
+        Ok(p) => {
+            if let Err(GroupError::Invalid(more)) = validate_policy(&p, &spec.spec) {
+                problems.extend(more);
+            }
+            Some(p)
+        }
+        Err(GroupError::Invalid(more)) => {
+            problems.extend(more);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    match policy {
+        Some(p) if problems.is_empty() => Ok((billing, p)),
+        _ => Err(GroupError::Invalid(problems)),
+    }
+}
+
+fn check_user(u: &UserSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    let email = u.email.trim();
+    let ok_email = email.len() <= MAX_TEXT_LEN
+        && !email.chars().any(char::is_whitespace)
+        && email.split_once('@').is_some_and(|(a, d)| {
+            !a.is_empty()
+                && d.contains('.')
+                && !d.contains('@')
+                && !d.starts_with('.')
+                && !d.ends_with('.')
+        });
+    if !ok_email {
+        problems.push(format!("email {:?} is not an e-mail address", u.email));
+    }
+    let digits = u.mobile.strip_prefix('+').unwrap_or(&u.mobile);
+    if !(5..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        problems.push(format!(
+            "mobile {:?} is not a phone number (digits with an optional leading +, 5 to 20 digits)",
+            u.mobile
+        ));
+    }
+    problems
+}
+
+/// Parses `id,email,mobile` CSV (header first). Every bad row is reported with
+/// its line number; one bad row refuses the whole file.
+pub fn parse_users_csv(text: &str) -> Result<Vec<UserSpec>, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut users: Vec<UserSpec> = Vec::new();
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
+    match lines.next() {
+        Some((_, h)) if h.split(',').map(str::trim).eq(["id", "email", "mobile"]) => {}
+        Some((_, h)) => problems.push(format!(
+            "line 1: header is {h:?}; expected \"id,email,mobile\""
+        )),
+        None => problems.push("the file is empty; expected a header \"id,email,mobile\"".into()),
+    }
+    for (n, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if users.len() >= MAX_IMPORT_USERS {
+            problems.push(format!(
+                "line {n}: more than {MAX_IMPORT_USERS} users in one file"
+            ));
+            break;
+        }
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [id, email, mobile] = fields.as_slice() else {
+            problems.push(format!(
+                "line {n}: {} fields; expected 3 (id,email,mobile)",
+                fields.len()
+            ));
+            continue;
+        };
+        let id: UserId = match id.parse() {
+            Ok(id) => id,
+            Err(e) => {
+                problems.push(format!("line {n}: {e}"));
+                continue;
+            }
+        };
+        if users.iter().any(|u| u.id == id) {
+            problems.push(format!("line {n}: user {id} appears twice"));
+            continue;
+        }
+        let u = UserSpec {
+            id,
+            email: (*email).to_owned(),
+            mobile: (*mobile).to_owned(),
+        };
+        for p in check_user(&u) {
+            problems.push(format!("line {n}: {p}"));
+        }
+        users.push(u);
+    }
+    if problems.is_empty() {
+        Ok(users)
+    } else {
+        problems.truncate(MAX_LISTED_PROBLEMS);
+        Err(problems)
+    }
+}
+
+fn info(c: &Connection, r: &Row) -> Result<GroupInfo, GroupError> {
+    let users: i64 = c.query_row(
+        "SELECT COUNT(*) FROM group_users WHERE group_num = ?1",
+        [r.num],
+        |x| x.get(0),
+    )?;
+    let (term, auto_renew) = match r.life.billing {
+        Billing::Subscription { term, auto_renew } => (Some(term.to_string()), auto_renew),
+        Billing::PayAsYouGo => (None, false),
+    };
+    Ok(GroupInfo {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        status: r.life.status.as_str().into(),
+        region: r.region.clone(),
+        spec: r.spec.clone(),
+        image: r.image.clone(),
+        billing: r.life.billing.kind().into(),
+        term,
+        auto_renew,
+        base_resources: r.base_resources,
+        session_type: r.session_type,
+        users: u64::try_from(users).unwrap_or(0),
+        expires_at: r.life.expires_at,
+        created_at: r.created_at,
+    })
+}
+
+fn detail(c: &Connection, group: &str, retention: Duration) -> Result<GroupDetail, GroupError> {
+    let r = find(c, group)?;
+    let mut stmt = c.prepare(
+        "SELECT kind, term, base_resources, amount, currency, period_start, period_end, at
+         FROM orders WHERE group_num = ?1 ORDER BY id",
+    )?;
+    let orders = stmt
+        .query_map([r.num], |x| {
+            Ok(OrderInfo {
+                kind: x.get(0)?,
+                term: x.get(1)?,
+                base_resources: x.get(2)?,
+                amount: x.get(3)?,
+                currency: x.get(4)?,
+                period_start: UnixMillis(x.get(5)?),
+                period_end: UnixMillis(x.get(6)?),
+                at: UnixMillis(x.get(7)?),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = c.prepare("SELECT resource FROM resources WHERE grp = ?1 ORDER BY resource")?;
+    let resources = stmt
+        .query_map([r.name.as_str()], |x| x.get::<_, String>(0))?
+        .map(|x| Ok(x?.parse().map_err(corrupt)?))
+        .collect::<Result<Vec<_>, GroupError>>()?;
+    let p = &r.policy;
+    Ok(GroupDetail {
+        info: info(c, &r)?,
+        office_network: r.office_network.clone(),
+        policy: PolicyView {
+            concurrent_sessions: p.concurrent_sessions,
+            usage_threshold: p.usage_threshold,
+            scale_out_step: p.scale_out_step,
+            max_elastic: p.max_elastic,
+            max_idle_ms: ms(p.max_idle),
+            scale_in_cooldown_ms: ms(p.scale_in_cooldown),
+            wait_timeout_ms: ms(p.wait_timeout),
+            load_balancing: p.load_balancing.as_str().into(),
+        },
+        policy_applied: false,
+        notes: vec![POLICY_NOT_PUSHED.into()],
+        users: assigned_users(c, r.num)?,
+        resources,
+        orders,
+        next_deadline: r.life.next_deadline(retention),
+    })
+}
