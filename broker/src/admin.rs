@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferry_common::admin::{
     AdminError, AdminErrorCode, AdminRequest, AdminRequestV1, AdminResponse, AdminResponseV1,
-    GroupDetail, ResourceInfo, SessionInfo, StatusReport, MAX_ADMIN_CONNECTIONS,
+    GroupDetail, ResourceInfo, SessionInfo, StatusReport, UsageQuery, MAX_ADMIN_CONNECTIONS,
 };
 use ferry_common::frame::{self, FrameError, HEADER_LEN};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
@@ -30,6 +30,7 @@ use crate::groups::lifecycle::Removal;
 use crate::groups::{GroupError, GroupService};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoredSession};
+use crate::usage::UsageError;
 
 /// Default admin socket path (`ferryctl --socket` and the config default).
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ferry/admin.sock";
@@ -225,6 +226,36 @@ async fn connection(
     }
 }
 
+/// `ferryctl usage`, priced with the broker's configured prices.
+async fn usage(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
+    let Some(actors) = ctx.registry.groups() else {
+        return error(
+            AdminErrorCode::Internal,
+            "usage reports need the broker's group settings, which this broker was not started with"
+                .into(),
+        );
+    };
+    let config = actors.config();
+    match crate::usage::report(&ctx.store, &config.prices, &config.currency, query).await {
+        Ok(r) => AdminResponseV1::Usage(r),
+        Err(UsageError::Invalid(m)) => error(AdminErrorCode::Invalid, m),
+        Err(UsageError::NotFound(m)) => error(AdminErrorCode::NotFound, m),
+        Err(UsageError::Store(e)) => internal(e),
+    }
+}
+
+/// Brings the group's actor in line with the row just committed (started on
+/// publish, new policy, stopped on purge/delete). The operator's change is
+/// committed either way; a failure here is logged, and the actor catches up
+/// at the next change or broker start.
+async fn sync_actor(ctx: &AdminContext, group: &str) {
+    if let Some(actors) = ctx.registry.groups() {
+        if let Err(e) = actors.sync(group).await {
+            tracing::error!(%group, "update the group's live state: {e}");
+        }
+    }
+}
+
 fn error(code: AdminErrorCode, message: String) -> AdminResponseV1 {
     AdminResponseV1::Error(AdminError { code, message })
 }
@@ -294,6 +325,7 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Drain { resource } => drain(ctx, resource, Command::Drain, true).await,
         AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
         AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
+        AdminRequestV1::Usage(query) => usage(ctx, query).await,
         other => groups(ctx, other).await,
     }
 }
@@ -301,16 +333,27 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
 /// The delivery-group and user verbs; every refusal becomes one typed error here.
 async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
     let g = &ctx.groups;
-    let now = crate::link::now_millis();
+    // The groups' clock (a test's manual one, or the wall clock).
+    let now = g.now();
     let detail =
         |r: Result<GroupDetail, GroupError>| r.map(|d| AdminResponseV1::Group(Box::new(d)));
     let done = |r: Result<String, GroupError>| r.map(|message| AdminResponseV1::Done { message });
     let result = match req {
-        AdminRequestV1::GroupPublish(spec) => detail(g.publish(spec, now).await),
+        AdminRequestV1::GroupPublish(spec) => {
+            let published = g.publish(spec, now).await;
+            if let Ok(d) = &published {
+                sync_actor(ctx, d.info.name.as_str()).await;
+            }
+            detail(published)
+        }
         AdminRequestV1::GroupList(filter) => g.list(filter).await.map(AdminResponseV1::Groups),
         AdminRequestV1::GroupShow { group } => detail(g.show(group.as_str()).await),
         AdminRequestV1::GroupUpdatePolicy { group, policy } => {
-            detail(g.update_policy(&group, policy, now).await)
+            let updated = g.update_policy(&group, policy, now).await;
+            if updated.is_ok() {
+                sync_actor(ctx, group.as_str()).await;
+            }
+            detail(updated)
         }
         AdminRequestV1::GroupUpdateUsers { group, add, remove } => {
             detail(g.update_users(&group, add, remove, now).await)
@@ -321,8 +364,16 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         AdminRequestV1::GroupSetAutoRenew { group, on } => {
             detail(g.set_auto_renew(&group, on, now).await)
         }
-        AdminRequestV1::GroupPurge { group } => done(g.remove(&group, Removal::Purge, now).await),
-        AdminRequestV1::GroupDelete { group } => done(g.remove(&group, Removal::Delete, now).await),
+        AdminRequestV1::GroupPurge { group } => {
+            let removed = g.remove(&group, Removal::Purge, now).await;
+            sync_actor(ctx, group.as_str()).await;
+            done(removed)
+        }
+        AdminRequestV1::GroupDelete { group } => {
+            let removed = g.remove(&group, Removal::Delete, now).await;
+            sync_actor(ctx, group.as_str()).await;
+            done(removed)
+        }
         AdminRequestV1::GroupEvents { group } => {
             g.events(&group).await.map(AdminResponseV1::GroupEvents)
         }
@@ -341,7 +392,8 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::ListSessions { .. }
         | AdminRequestV1::Drain { .. }
         | AdminRequestV1::Undrain { .. }
-        | AdminRequestV1::DisconnectSession { .. } => {
+        | AdminRequestV1::DisconnectSession { .. }
+        | AdminRequestV1::Usage(_) => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };

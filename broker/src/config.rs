@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use crate::engine::billing::Prices;
+use crate::groups::tasks::Clock;
 
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "FERRY_BROKER_CONFIG";
@@ -66,6 +67,9 @@ pub struct GroupsConfig {
     /// Longest wait between two attempts of a failing notification (the wait
     /// doubles from one second up to this).
     pub notify_retry_max: Duration,
+    /// Where the group deadlines and the outbox read the time: the system
+    /// clock, or a test's manual clock (never set from the file).
+    pub clock: Clock,
 }
 
 impl Default for GroupsConfig {
@@ -85,6 +89,7 @@ impl Default for GroupsConfig {
             notify_command: Vec::new(),
             notify_timeout: Duration::from_secs(30),
             notify_retry_max: Duration::from_secs(600),
+            clock: Clock::system(),
         }
     }
 }
@@ -261,6 +266,7 @@ impl BrokerConfig {
                 notify_command: raw.notify_command,
                 notify_timeout: notify_timeout.unwrap_or(Duration::from_secs(1)),
                 notify_retry_max: notify_retry_max.unwrap_or(Duration::from_secs(1)),
+                clock: Clock::system(),
             },
         };
         if let Err(ConfigError::Invalid(more)) = config.validate() {

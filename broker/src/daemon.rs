@@ -11,7 +11,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext, AdminSocketError};
 use crate::config::{BrokerConfig, ConfigError};
-use crate::groups::{self, GroupService};
+use crate::groups::actor::ActorError;
+use crate::groups::{self, GroupActors, GroupService};
 use crate::link::{self, LinkContext};
 use crate::notify;
 use crate::pki::{self, PkiError};
@@ -47,6 +48,8 @@ pub enum BrokerError {
     },
     #[error("admin socket: {0}")]
     Admin(#[from] AdminSocketError),
+    #[error("load delivery groups: {0}")]
+    Groups(ActorError),
 }
 
 /// Runs the broker until `shutdown` is cancelled, then drains: agents are
@@ -102,6 +105,23 @@ pub async fn run(
         missed_health_limit: config.missed_health_limit,
         tracker: tracker.clone(),
     };
+    // Group actors first, so the first agent to register finds its group.
+    let actors = GroupActors::new(
+        store.clone(),
+        &registry,
+        &config.groups,
+        tracker.clone(),
+        tasks.clone(),
+    );
+    registry.set_groups(actors.clone());
+    match actors.start_all().await {
+        Ok(n) => tracing::info!(groups = n, "group actors started"),
+        Err(e) => {
+            endpoint.close(0u32.into(), b"startup failed");
+            store.close().await;
+            return Err(BrokerError::Groups(e));
+        }
+    }
     tracker.spawn(link::serve(endpoint.clone(), link_ctx, tasks.clone()));
     let groups = GroupService::new(store.clone(), config.groups.clone());
     tracker.spawn(groups::tasks::run_deadlines(groups.clone(), tasks.clone()));

@@ -16,6 +16,7 @@ pub mod registry;
 pub mod render;
 pub mod simulate;
 pub mod store;
+pub mod usage;
 
 pub use config::BrokerConfig;
 pub use daemon::{run, BrokerError, BrokerReady};

@@ -17,7 +17,7 @@ use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, Hello, Refusal,
     RefusalCode, SequencedEvent, Welcome,
 };
-use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -206,6 +206,9 @@ struct Connection {
     conn_id: u64,
     ctx: LinkContext,
     spool_id: u64,
+    /// The group the agent's `Hello` named; its reports are handed to that
+    /// group's actor.
+    group: Option<GroupName>,
     /// Commands sent and not yet answered, by id.
     pending: HashMap<u64, oneshot::Sender<CommandOutcome>>,
     next_command: u64,
@@ -400,6 +403,8 @@ impl Connection {
         }
 
         let spool_id = hello.spool_id;
+        let group = hello.group.clone();
+        let on_host: Vec<SessionId> = hello.sessions.iter().map(|s| s.session.clone()).collect();
         let registered = match ctx.store.register(registration(hello)).await {
             Ok(r) => r,
             Err(e) => {
@@ -423,6 +428,12 @@ impl Connection {
         let (cmd_tx, mut commands) = mpsc::channel(COMMAND_QUEUE_LEN);
         ctx.registry
             .attach(&resource, conn_id, superseded.clone(), cmd_tx);
+        // The group learns of the host only after the store has its
+        // registration, and before `Welcome`: an agent told it is registered
+        // is in its group's live state too.
+        if let (Some(g), Some(actors)) = (&group, ctx.registry.groups()) {
+            actors.joined(g, &resource, on_host).await;
+        }
         let mut this = Connection {
             conn,
             send,
@@ -430,6 +441,7 @@ impl Connection {
             conn_id,
             ctx,
             spool_id,
+            group,
             pending: HashMap::new(),
             next_command: 0,
         };
@@ -442,7 +454,13 @@ impl Connection {
                 &token,
             )
             .await;
-        this.ctx.registry.detach(&this.resource, this.conn_id);
+        let was_current = this.ctx.registry.detach(&this.resource, this.conn_id);
+        // A superseded connection says nothing: its successor speaks for the host.
+        if let (true, Some(g), Some(actors)) =
+            (was_current, &this.group, this.ctx.registry.groups())
+        {
+            actors.left(g, &this.resource).await;
+        }
         result
     }
 
@@ -482,6 +500,8 @@ impl Connection {
 
         let mut silent_at = Instant::now() + self.ctx.silence_limit();
         let mut available = true;
+        // What the group's actor was last told: healthy and not draining.
+        let mut offered = true;
         // A message taken from the inbox while batching events, handled next.
         let mut carried: Option<AgentMessage> = None;
         loop {
@@ -517,6 +537,10 @@ impl Connection {
                     self.ctx
                         .registry
                         .set_available(&self.resource, self.conn_id, false);
+                    if offered {
+                        offered = false;
+                        self.offer(false).await;
+                    }
                 }
                 Wake::Command(req) => self.send_command(req).await?,
                 Wake::Inbound(None) => return Ok(()),
@@ -555,6 +579,7 @@ impl Connection {
                         self.record(events).await?;
                     }
                     AgentToBroker::Health(report) => {
+                        let want = !report.draining;
                         self.ctx.registry.health(
                             &self.resource,
                             self.conn_id,
@@ -563,6 +588,10 @@ impl Connection {
                         );
                         available = true;
                         silent_at = Instant::now() + self.ctx.silence_limit();
+                        if want != offered {
+                            offered = want;
+                            self.offer(want).await;
+                        }
                     }
                     AgentToBroker::CommandResult(result) => match self.pending.remove(&result.id) {
                         Some(reply) => {
@@ -576,8 +605,21 @@ impl Connection {
         }
     }
 
-    /// Records consecutive events durably, then acknowledges them.
+    /// Tells the group's actor whether the host takes sessions.
+    async fn offer(&self, available: bool) {
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+            actors.availability(g, &self.resource, available).await;
+        }
+    }
+
+    /// Records consecutive events durably, hands the newly recorded ones to
+    /// the group's actor, then acknowledges them.
     async fn record(&mut self, events: Vec<SequencedEvent>) -> Result<(), LinkError> {
+        let for_group = self
+            .group
+            .as_ref()
+            .and(self.ctx.registry.groups())
+            .map(|_| events.clone());
         let out = match self
             .ctx
             .store
@@ -591,6 +633,20 @@ impl Connection {
                     .await)
             }
         };
+        if let (Some(events), Some(g), Some(actors)) =
+            (for_group, &self.group, self.ctx.registry.groups())
+        {
+            // Recorded events are consecutive and end at `last_seq`; those
+            // before them were duplicates, already handed over once.
+            let first_new = out.last_seq.saturating_sub(out.recorded as u64);
+            let new: Vec<_> = events
+                .into_iter()
+                .filter(|e| e.seq > first_new && e.seq <= out.last_seq)
+                .map(|e| e.event)
+                .collect();
+            // Before the Ack: an agent told "recorded" knows its group saw it.
+            actors.sessions(g, &self.resource, new).await;
+        }
         if out.recorded + out.duplicates > 0 {
             self.write(BrokerToAgent::Ack {
                 up_to: out.last_seq,

@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use ferry_common::admin::{
-    GroupDetail, GroupEventInfo, GroupInfo, ResourceInfo, SessionInfo, StatusReport, UserInfo,
+    GroupDetail, GroupEventInfo, GroupInfo, ResourceInfo, SessionInfo, StatusReport, UsageReport,
+    UserInfo,
 };
 use ferry_common::UnixMillis;
 use serde_json::{json, Value};
@@ -384,6 +385,158 @@ pub fn users_table(us: &[UserInfo]) -> String {
     table(&["ID", "EMAIL", "MOBILE", "GROUPS"], &rows)
 }
 
+/// Seconds as hours with two decimals (`1.50`), exact (no float).
+pub fn hours(seconds: u64) -> String {
+    let h = rust_decimal::Decimal::from(seconds) / rust_decimal::Decimal::from(3600);
+    let mut h = h.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    h.rescale(2);
+    h.to_string()
+}
+
+/// One row per resource, then a `total` row per group with its amounts.
+fn usage_rows(r: &UsageReport) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for g in &r.groups {
+        for res in &g.resources {
+            rows.push(vec![
+                g.group.to_string(),
+                res.resource.to_string(),
+                res.kind.clone(),
+                res.sessions.to_string(),
+                hours(res.session_seconds),
+                hours(res.ready_seconds),
+                String::new(),
+            ]);
+        }
+        let sessions: u64 = g.resources.iter().map(|r| r.sessions).sum();
+        let session_seconds: u64 = g.resources.iter().map(|r| r.session_seconds).sum();
+        rows.push(vec![
+            g.group.to_string(),
+            "(total)".into(),
+            g.billing.clone(),
+            sessions.to_string(),
+            hours(session_seconds),
+            format!(
+                "base {} / elastic {}",
+                hours(g.base_seconds),
+                hours(g.elastic_seconds)
+            ),
+            format!(
+                "subscription {} + base {} + elastic {} = {} {}",
+                g.subscription, g.base_payg, g.elastic, g.total, r.currency
+            ),
+        ]);
+    }
+    rows
+}
+
+const USAGE_HEADER: [&str; 7] = [
+    "GROUP",
+    "RESOURCE",
+    "KIND",
+    "SESSIONS",
+    "SESSION_HOURS",
+    "RESOURCE_HOURS",
+    "AMOUNT",
+];
+
+pub fn usage_table(r: &UsageReport) -> String {
+    format!(
+        "usage from {} to {}\n{}",
+        rfc3339(r.from),
+        rfc3339(r.to),
+        table(&USAGE_HEADER, &usage_rows(r))
+    )
+}
+
+/// CSV with one row per resource and per group total; fields that may hold a
+/// comma or a quote are quoted (RFC 4180).
+pub fn usage_csv(r: &UsageReport) -> String {
+    fn field(s: &str) -> String {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_owned()
+        }
+    }
+    let mut out = String::from(
+        "group,resource,kind,sessions,session_seconds,resource_seconds,subscription,base_payg,elastic,total,currency\n",
+    );
+    for g in &r.groups {
+        for res in &g.resources {
+            let cells = [
+                g.group.to_string(),
+                res.resource.to_string(),
+                res.kind.clone(),
+                res.sessions.to_string(),
+                res.session_seconds.to_string(),
+                res.ready_seconds.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                r.currency.clone(),
+            ];
+            out.push_str(&cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(","));
+            out.push('\n');
+        }
+        let cells = [
+            g.group.to_string(),
+            String::new(),
+            g.billing.clone(),
+            g.resources
+                .iter()
+                .map(|r| r.sessions)
+                .sum::<u64>()
+                .to_string(),
+            g.resources
+                .iter()
+                .map(|r| r.session_seconds)
+                .sum::<u64>()
+                .to_string(),
+            (g.base_seconds.saturating_add(g.elastic_seconds)).to_string(),
+            g.subscription.clone(),
+            g.base_payg.clone(),
+            g.elastic.clone(),
+            g.total.clone(),
+            r.currency.clone(),
+        ];
+        out.push_str(&cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(","));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn usage_json(r: &UsageReport) -> Value {
+    json!({
+        "from": rfc3339(r.from),
+        "to": rfc3339(r.to),
+        "currency": r.currency,
+        "groups": r.groups.iter().map(|g| json!({
+            "group": g.group.as_str(),
+            "id": g.id,
+            "billing": g.billing,
+            "base_seconds": g.base_seconds,
+            "base_hours": hours(g.base_seconds),
+            "elastic_seconds": g.elastic_seconds,
+            "elastic_hours": hours(g.elastic_seconds),
+            "subscription": g.subscription,
+            "base_payg": g.base_payg,
+            "elastic": g.elastic,
+            "total": g.total,
+            "resources": g.resources.iter().map(|res| json!({
+                "resource": res.resource.as_str(),
+                "kind": res.kind,
+                "sessions": res.sessions,
+                "session_seconds": res.session_seconds,
+                "session_hours": hours(res.session_seconds),
+                "resource_seconds": res.ready_seconds,
+                "resource_hours": hours(res.ready_seconds),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,5 +607,44 @@ mod tests {
             assert!(v[0].get(key).is_some(), "{key}");
         }
         assert_eq!(v[0]["host"]["vcpus"], 4);
+    }
+
+    #[test]
+    fn usage_hours_are_exact_and_csv_totals_carry_the_amounts() {
+        use ferry_common::admin::{GroupUsage, ResourceUsage};
+        assert_eq!(super::hours(5400), "1.50");
+        assert_eq!(super::hours(18), "0.01");
+        let r = UsageReport {
+            from: UnixMillis(0),
+            to: UnixMillis(3_600_000),
+            currency: "CNY".into(),
+            groups: vec![GroupUsage {
+                group: "g1".parse().expect("name"),
+                id: "dg-1".into(),
+                billing: "pay-as-you-go".into(),
+                resources: vec![ResourceUsage {
+                    resource: "h1".parse().expect("id"),
+                    kind: "base".into(),
+                    sessions: 2,
+                    session_seconds: 3600,
+                    ready_seconds: 3600,
+                }],
+                base_seconds: 3600,
+                elastic_seconds: 0,
+                subscription: "0.00".into(),
+                base_payg: "0.62".into(),
+                elastic: "0.00".into(),
+                total: "0.62".into(),
+            }],
+        };
+        let csv = super::usage_csv(&r);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[1], "g1,h1,base,2,3600,3600,,,,,CNY");
+        assert_eq!(
+            lines[2],
+            "g1,,pay-as-you-go,2,3600,3600,0.00,0.62,0.00,0.62,CNY"
+        );
+        assert_eq!(super::usage_json(&r)["groups"][0]["total"], "0.62");
     }
 }

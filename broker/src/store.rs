@@ -165,6 +165,24 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX group_events_by_group ON group_events (group_num, id);
     "#,
+    // 3: resource metering (issue 4): when each resource of a group was
+    // ready and when it was released, with its kind and the group's billing
+    // method at that time. At most one open interval per (group, resource).
+    r#"
+    CREATE TABLE resource_intervals (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('base', 'elastic')),
+        billing TEXT NOT NULL CHECK (billing IN ('subscription', 'pay-as-you-go')),
+        ready_at INTEGER NOT NULL,
+        released_at INTEGER,
+        CHECK (released_at IS NULL OR released_at >= ready_at)
+    );
+    CREATE UNIQUE INDEX resource_intervals_open ON resource_intervals (group_num, resource)
+        WHERE released_at IS NULL;
+    CREATE INDEX resource_intervals_by_group ON resource_intervals (group_num, ready_at);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -1059,6 +1077,53 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn migration_3_upgrades_a_v2_database_and_keeps_one_open_interval_per_resource() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("ferry.db");
+        {
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(MIGRATIONS[0]).expect("v1 schema");
+            c.execute_batch(MIGRATIONS[1]).expect("v2 schema");
+            c.pragma_update(None, "user_version", 2).expect("set");
+        }
+        let store = Store::open(&path, StoreOptions::default()).expect("upgrade");
+        store.close().await;
+        let c = Connection::open(&path).expect("open");
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, 3);
+        c.execute(
+            "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
+                 base_resources, session_type, policy, status, created_at, updated_at)
+             VALUES (1, 'dg-1', 'g1', 'r', 'n', 'office-4c8g', 'img', 'pay-as-you-go', 1,
+                 'independent', '{}', 'published', 0, 0)",
+            [],
+        )
+        .expect("group");
+        let open = "INSERT INTO resource_intervals
+            (group_num, resource, kind, billing, ready_at) VALUES (1, 'h1', 'base', 'pay-as-you-go', 5)";
+        c.execute(open, []).expect("first open interval");
+        assert!(
+            c.execute(open, []).is_err(),
+            "a second open interval is refused"
+        );
+        c.execute(
+            "UPDATE resource_intervals SET released_at = 9 WHERE resource = 'h1'",
+            [],
+        )
+        .expect("release");
+        c.execute(open, [])
+            .expect("a new interval after the release");
+        assert!(c
+            .execute(
+                "UPDATE resource_intervals SET released_at = 1 WHERE released_at IS NULL",
+                []
+            )
+            .is_err());
+    }
+
+    #[tokio::test]
     async fn migration_2_upgrades_an_existing_v1_database() {
         let tmp = tempfile::tempdir().expect("tmp");
         let path = tmp.path().join("ferry.db");
@@ -1094,7 +1159,7 @@ mod tests {
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(v, 2);
+        assert_eq!(v, MIGRATIONS.len() as i64);
         for table in [
             "groups",
             "users",

@@ -84,6 +84,9 @@ pub enum AdminRequestV1 {
     UserImport { csv: String },
     /// Every user. Answered by [`AdminResponseV1::Users`].
     UserList,
+    /// Metering over `[from, to)`, for one group or all. Answered by
+    /// [`AdminResponseV1::Usage`].
+    Usage(UsageQuery),
 }
 
 /// The broker's answer.
@@ -102,6 +105,71 @@ pub enum AdminResponseV1 {
     Group(Box<GroupDetail>),
     GroupEvents(Vec<GroupEventInfo>),
     Users(Vec<UserInfo>),
+    Usage(UsageReport),
+}
+
+/// What `ferryctl usage` asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageQuery {
+    /// One group (name or id), or every group when `None`.
+    pub group: Option<GroupName>,
+    /// Start of the period, included.
+    pub from: UnixMillis,
+    /// End of the period, excluded.
+    pub to: UnixMillis,
+}
+
+/// Metering of a period, per group and resource, with its amounts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// Start of the period, included.
+    pub from: UnixMillis,
+    /// End of the period, excluded.
+    pub to: UnixMillis,
+    /// Currency of every amount.
+    pub currency: String,
+    /// Groups that existed during the period, by publish order.
+    pub groups: Vec<GroupUsage>,
+}
+
+/// One group's usage and bill over the period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupUsage {
+    /// The group's name.
+    pub group: GroupName,
+    /// The group's id.
+    pub id: String,
+    /// `subscription` or `pay-as-you-go`.
+    pub billing: String,
+    /// Its resources that were ready or had sessions during the period.
+    pub resources: Vec<ResourceUsage>,
+    /// Resource seconds of base resources in the period.
+    pub base_seconds: u64,
+    /// Resource seconds of elastic resources in the period.
+    pub elastic_seconds: u64,
+    /// Subscription orders placed in the period, rounded (decimal text, `199.00`).
+    pub subscription: String,
+    /// Pay-as-you-go base resources per second, rounded (decimal text).
+    pub base_payg: String,
+    /// Elastic resources per second from ready to released, rounded (decimal text).
+    pub elastic: String,
+    /// Sum of the three rounded lines (decimal text).
+    pub total: String,
+}
+
+/// One resource's usage over the period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// The resource.
+    pub resource: ResourceId,
+    /// `base` or `elastic`.
+    pub kind: String,
+    /// Sessions that started in the period.
+    pub sessions: u64,
+    /// Seconds of sessions (all sessions on it, clipped to the period).
+    pub session_seconds: u64,
+    /// Seconds it was ready (billed whole seconds, clipped to the period).
+    pub ready_seconds: u64,
 }
 
 /// Every attribute of a delivery group set at publish (SPEC section 2).
@@ -394,6 +462,14 @@ mod tests {
                 "0008026731",
             ),
             (AdminRequest::V1(AdminRequestV1::UserList), "0013"),
+            (
+                AdminRequest::V1(AdminRequestV1::Usage(UsageQuery {
+                    group: Some("g1".parse().expect("id")),
+                    from: UnixMillis(1),
+                    to: UnixMillis(2),
+                })),
+                "0014010267310204",
+            ),
             (
                 AdminRequest::V1(AdminRequestV1::Drain {
                     resource: "h1".parse().expect("id"),

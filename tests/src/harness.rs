@@ -64,6 +64,15 @@ impl TestBroker {
     /// Creates the PKI under `dir` (unless it exists) and starts a broker
     /// on `127.0.0.1:0`, returning once it is bound.
     pub async fn start(dir: &Path) -> anyhow::Result<TestBroker> {
+        Self::start_with_groups(dir, Default::default()).await
+    }
+
+    /// Like [`TestBroker::start`], with these group settings (e.g. a manual
+    /// clock from `ferry_broker::groups::tasks::ManualClock`).
+    pub async fn start_with_groups(
+        dir: &Path,
+        groups: ferry_broker::config::GroupsConfig,
+    ) -> anyhow::Result<TestBroker> {
         let pki_dir = dir.join("pki");
         if !pki_dir.join(pki::CA_CERT).exists() {
             pki::init(&pki_dir, &[]).context("create test PKI")?;
@@ -76,7 +85,7 @@ impl TestBroker {
             health_interval: TEST_HEALTH_INTERVAL,
             missed_health_limit: 3,
             shutdown_grace: Duration::from_secs(5),
-            groups: Default::default(),
+            groups,
         };
         let mut broker = TestBroker {
             dir: dir.to_owned(),

@@ -1,9 +1,15 @@
-//! The delivery-group lifecycle as an operator drives it: a real
-//! `ferry-broker` process and the real `ferryctl` binary.
+//! The delivery-group lifecycle as an operator drives it: the real
+//! `ferryctl` binary against a real `ferry-broker` process, and against the
+//! same daemon run in-process with a manual clock for the week-long
+//! subscription deadlines.
 
 use std::ffi::OsStr;
 use std::path::Path;
+use std::time::Duration;
 
+use ferry_broker::config::GroupsConfig;
+use ferry_broker::groups::tasks::ManualClock;
+use ferry_common::admin::{AdminRequestV1, AdminResponseV1};
 use ferry_tests::bins::bin;
 use ferry_tests::procs::{ferryctl_json, run, BrokerFiles, BrokerProcess};
 
@@ -306,4 +312,232 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
         assert!(kinds.contains(&k), "{k} missing from {events}");
     }
     Ok(())
+}
+
+/// A broker run in this process with a manual clock, so the subscription
+/// deadlines (a week, then the retention) pass when the test says so.
+struct ClockedBroker {
+    config: ferry_broker::BrokerConfig,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ferry_broker::BrokerError>>,
+}
+
+impl ClockedBroker {
+    async fn start(config: &ferry_broker::BrokerConfig) -> anyhow::Result<ClockedBroker> {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(ferry_broker::daemon::run(
+            config.clone(),
+            shutdown.clone(),
+            ready_tx,
+        ));
+        let Ok(_ready) = ready_rx.await else {
+            anyhow::bail!("broker exited before it was ready: {:?}", task.await);
+        };
+        Ok(ClockedBroker {
+            config: config.clone(),
+            shutdown,
+            task,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.task).await???;
+        Ok(())
+    }
+
+    fn socket(&self) -> &Path {
+        &self.config.admin_socket
+    }
+
+    /// The group's status, asked in-process (cheap enough to repeat).
+    async fn status(&self, group: &str) -> anyhow::Result<String> {
+        let req = AdminRequestV1::GroupShow {
+            group: group.parse()?,
+        };
+        match ferry_broker::admin::request(self.socket(), req).await? {
+            AdminResponseV1::Group(d) => Ok(d.info.status),
+            other => anyhow::bail!("group show answered {other:?}"),
+        }
+    }
+
+    /// Waits until the deadline task has moved `group` to `status`. The task
+    /// gives no signal a test can await, so this asks again after each short
+    /// pause, bounded by PATIENCE.
+    async fn wait_status(&self, group: &str, status: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let now = self.status(group).await?;
+            if now == status {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{group} stayed {now}, expected {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Bounds every wait of the in-process tests; a wait that needs it has failed.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow::Result<()> {
+    ferry_tests::harness::init_logging();
+    let tmp = tempfile::tempdir()?;
+    let pki_dir = tmp.path().join("pki");
+    ferry_broker::pki::init(&pki_dir, &[])?;
+    // The admin verbs still stamp with the wall clock (see the report), so the
+    // manual clock starts there and only moves forward.
+    let clock = ManualClock::new(ferry_broker::link::now_millis());
+    let hook_log = tmp.path().join("hook.log");
+    let hook = tmp.path().join("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "echo \"$FERRY_NOTIFY_USER $FERRY_NOTIFY_GROUP\" >> '{}'\n",
+            hook_log.display()
+        ),
+    )?;
+    let config = ferry_broker::BrokerConfig {
+        state_dir: tmp.path().join("state"),
+        pki_dir,
+        listen: "127.0.0.1:0".parse()?,
+        admin_socket: tmp.path().join("admin.sock"),
+        health_interval: Duration::from_millis(500),
+        missed_health_limit: 3,
+        shutdown_grace: Duration::from_secs(5),
+        groups: GroupsConfig {
+            retention: Duration::from_secs(86_400),
+            notify_command: vec!["/bin/sh".into(), hook.display().to_string()],
+            clock: clock.clock(),
+            ..GroupsConfig::default()
+        },
+    };
+    let broker = ClockedBroker::start(&config).await?;
+    let s = broker.socket().to_owned();
+    let s = s.as_path();
+
+    ferryctl_json(
+        s,
+        &[
+            "user",
+            "create",
+            "--id",
+            "alice",
+            "--email",
+            "alice@example.com",
+            "--mobile",
+            "+8613800000001",
+        ],
+    )
+    .await?;
+    for (name, user) in [("keep", Some("alice")), ("drop", None)] {
+        let mut args = PUBLISH.to_vec();
+        args.extend([
+            "--name",
+            name,
+            "--billing",
+            "subscription",
+            "--duration",
+            "1w",
+        ]);
+        if let Some(u) = user {
+            args.extend(["--user", u]);
+        }
+        ferryctl_json(s, &args).await?;
+    }
+    // The admin verbs stamp with the wall clock, a moment past the manual
+    // clock's start: move the clock past those stamps so the outbox task
+    // sees the notification as due.
+    clock.advance(Duration::from_secs(60));
+    // The activation hook ran through the daemon's outbox task.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while std::fs::read_to_string(&hook_log).unwrap_or_default() != "alice keep\n" {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the hook never reported alice: {:?}",
+            std::fs::read_to_string(&hook_log)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A week and a minute later both subscriptions have expired.
+    clock.advance(Duration::from_secs(7 * 86_400));
+    broker.wait_status("keep", "expired").await?;
+    broker.wait_status("drop", "expired").await?;
+    let err = refused(s, &["group", "delete", "drop"]).await?;
+    assert!(
+        err.contains(
+            "cannot delete a subscription group in status expired; allowed in this status: purge"
+        ),
+        "{err}"
+    );
+    let done = ferryctl_json(s, &["group", "purge", "drop"]).await?;
+    assert!(
+        done["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("purged")),
+        "{done}"
+    );
+    assert_eq!(broker.status("drop").await?, "gone");
+    let err = refused(s, &["group", "purge", "drop"]).await?;
+    assert!(err.contains("status gone"), "{err}");
+
+    // The broker stops; the retention ends while it is down. The restarted
+    // broker finds the deadline in its store and recycles the group at once.
+    broker.stop().await?;
+    clock.advance(Duration::from_secs(86_400));
+    let broker = ClockedBroker::start(&config).await?;
+    broker.wait_status("keep", "recycling").await?;
+    let err = refused(s, &["group", "purge", "keep"]).await?;
+    assert!(
+        err.contains(
+            "cannot purge a subscription group in status recycling; allowed in this status: delete"
+        ),
+        "{err}"
+    );
+    let err = refused(s, &["group", "renew", "keep", "--duration", "1w"]).await?;
+    assert!(err.contains("status recycling"), "{err}");
+    let done = ferryctl_json(s, &["group", "delete", "keep"]).await?;
+    assert!(
+        done["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deleted")),
+        "{done}"
+    );
+
+    // The story in the events, each step once, and the orders kept.
+    let events = ferryctl_json(s, &["group", "events", "keep"]).await?;
+    let steps: Vec<&str> = events
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|e| e["kind"] == "status")
+                .filter_map(|e| e["message"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let expected = [
+        "publishing -> published",
+        "published -> expired",
+        "expired -> recycling",
+        "recycling -> gone",
+    ];
+    assert_eq!(steps.len(), expected.len(), "{steps:?}");
+    for (step, want) in steps.iter().zip(expected) {
+        assert!(step.starts_with(want), "{step} is not {want}");
+    }
+    let shown = ferryctl_json(s, &["group", "show", "keep"]).await?;
+    assert_eq!(shown["status"], "gone");
+    assert_eq!(shown["orders"].as_array().map(Vec::len), Some(1), "{shown}");
+    assert_eq!(
+        std::fs::read_to_string(&hook_log)?,
+        "alice keep\n",
+        "delivered once, never again after the restart"
+    );
+    broker.stop().await
 }

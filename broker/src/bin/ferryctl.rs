@@ -10,11 +10,11 @@ use ferry_broker::admin::{self, ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET};
 use ferry_broker::{pki, render};
 use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, PolicySpec, SessionType,
-    UserSpec,
+    UsageQuery, UserSpec,
 };
 use ferry_common::duration::parse_duration;
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
-use ferry_common::{GroupName, ResourceId, SessionId, UserId};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 
 #[derive(Parser)]
 #[command(name = "ferryctl", version, about = "Operate a Ferry broker")]
@@ -52,6 +52,21 @@ enum Cmd {
     Simulate {
         /// Scenario file (TOML).
         file: PathBuf,
+    },
+    /// Metered usage and its amounts over a period, per group and resource.
+    Usage {
+        /// Only this group (name or id).
+        #[arg(long)]
+        group: Option<String>,
+        /// Start of the period, RFC 3339 (included).
+        #[arg(long)]
+        from: String,
+        /// End of the period, RFC 3339 (excluded).
+        #[arg(long)]
+        to: String,
+        /// table, csv or json (`--json` means json too).
+        #[arg(long, default_value = "table")]
+        format: String,
     },
 }
 
@@ -302,6 +317,36 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             }
             return Ok(out);
         }
+        Cmd::Usage {
+            group,
+            from,
+            to,
+            format,
+        } => {
+            let format = if json { "json".to_string() } else { format };
+            if !["table", "csv", "json"].contains(&format.as_str()) {
+                anyhow::bail!("--format must be table, csv or json, not {format:?}");
+            }
+            let query = UsageQuery {
+                group: group.map(|g| g.parse::<GroupName>()).transpose()?,
+                from: time(&from).context("--from")?,
+                to: time(&to).context("--to")?,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("start runtime")?;
+            let resp =
+                runtime.block_on(admin::request(&cli.socket, AdminRequestV1::Usage(query)))?;
+            return match resp {
+                AdminResponseV1::Usage(r) => Ok(match format.as_str() {
+                    "csv" => render::usage_csv(&r),
+                    "json" => format!("{:#}\n", render::usage_json(&r)),
+                    _ => render::usage_table(&r),
+                }),
+                other => Ok(show(other, json)),
+            };
+        }
         Cmd::Status => AdminRequestV1::Status,
         Cmd::Resources(ResourcesCmd::List) => AdminRequestV1::ListResources,
         Cmd::Resources(ResourcesCmd::Drain { resource }) => AdminRequestV1::Drain {
@@ -343,6 +388,13 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         .context("start runtime")?;
     let resp = runtime.block_on(admin::request(&cli.socket, req))?;
     Ok(show(resp, json))
+}
+
+/// An RFC 3339 time (`2026-03-02T09:00:00Z`, any offset) as Unix milliseconds.
+fn time(s: &str) -> anyhow::Result<UnixMillis> {
+    let t = chrono::DateTime::parse_from_rfc3339(s.trim())
+        .with_context(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-03-02T09:00:00Z)"))?;
+    Ok(UnixMillis(t.timestamp_millis()))
 }
 
 fn users(ids: Vec<String>) -> anyhow::Result<Vec<UserId>> {
@@ -459,6 +511,7 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
             render::group_events_table(&e),
         ),
         AdminResponseV1::Users(u) => (render::users_json(&u), render::users_table(&u)),
+        AdminResponseV1::Usage(r) => (render::usage_json(&r), render::usage_table(&r)),
         // `admin::request` turns error answers into `Err`.
         AdminResponseV1::Error(e) => (
             serde_json::json!({ "error": e.message }),

@@ -125,6 +125,16 @@ pub enum Input {
     Available { resource: ResourceId },
     /// A new scaling policy; validated first, and on error nothing changes.
     Policy(Policy),
+    /// A session already running on a resource (the live broker learns of
+    /// sessions from the hosts, which started them without asking): it
+    /// counts in occupancy and demand at once, even past the resource's
+    /// `concurrent_sessions`, because the host has it whatever the engine
+    /// thinks. No decision is made for it; the evaluation that follows may
+    /// scale out.
+    Occupy {
+        session: SessionId,
+        resource: ResourceId,
+    },
 }
 
 /// What the engine decided.
@@ -1043,6 +1053,30 @@ impl Group {
                 }
                 Ok(())
             }
+            Input::Occupy { session, resource } => {
+                if self.sessions.contains_key(&SessionKey::of(&session)) {
+                    return Err(EngineError::DuplicateSession(session));
+                }
+                let i = self.index_of(&resource)?;
+                let state = self.resources[i as usize].state;
+                if state == ResourceState::Released {
+                    return Err(EngineError::WrongState {
+                        resource,
+                        state,
+                        expected: ResourceState::Ready,
+                        what: "a session",
+                    });
+                }
+                self.modify(i, |r| r.occupancy += 1);
+                self.sessions.insert(
+                    SessionKey::of(&session),
+                    Slot::Placed {
+                        resource: i,
+                        connected: true,
+                    },
+                );
+                Ok(())
+            }
             Input::Policy(policy) => {
                 policy.validate(self.spec.as_deref())?;
                 for i in 0..self.resources.len() as u32 {
@@ -1274,4 +1308,102 @@ fn numbered_id(prefix: char, n: u32) -> ResourceId {
 /// Whether `id` has the shape of an engine-assigned elastic id.
 fn is_elastic_id(id: &str) -> bool {
     id.len() > 1 && id.starts_with('e') && id[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod occupy_tests {
+    use super::*;
+
+    fn sid(s: &str) -> SessionId {
+        s.parse().expect("session id")
+    }
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("resource id")
+    }
+
+    fn group(concurrent: u32, base: u32) -> Group {
+        let p = Policy::new(concurrent, 50, 1, 2, std::time::Duration::from_secs(600));
+        Group::with_base_count(p, None, base, UnixMillis(0)).expect("group")
+    }
+
+    #[test]
+    fn occupied_sessions_count_as_demand_and_drive_a_scale_out() {
+        let mut g = group(2, 1);
+        g.handle(
+            UnixMillis(1_000),
+            Input::Occupy {
+                session: sid("s1"),
+                resource: rid("b1"),
+            },
+        )
+        .expect("occupy");
+        assert_eq!(g.snapshot().sessions, 1);
+        assert!(g.drain_decisions().next().is_none(), "1 x 100 <= 50 x 2");
+        g.handle(
+            UnixMillis(2_000),
+            Input::Occupy {
+                session: sid("s2"),
+                resource: rid("b1"),
+            },
+        )
+        .expect("occupy");
+        let d: Vec<_> = g.drain_decisions().collect();
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            d[0].action,
+            Action::ScaleOut {
+                resources: vec![rid("e1")]
+            }
+        );
+        assert_eq!(g.session_resource(&sid("s2")), Some(&rid("b1")));
+        // The host may run more than the policy allows; the engine counts it.
+        g.handle(
+            UnixMillis(3_000),
+            Input::Occupy {
+                session: sid("s3"),
+                resource: rid("b1"),
+            },
+        )
+        .expect("occupy past the limit");
+        assert_eq!(g.resources()[0].occupancy, 3);
+        g.handle(UnixMillis(4_000), Input::Leave { session: sid("s3") })
+            .expect("leave");
+        assert_eq!(g.resources()[0].occupancy, 2);
+    }
+
+    #[test]
+    fn occupy_refuses_duplicates_unknown_and_released_resources_without_change() {
+        let mut g = group(2, 1);
+        g.handle(
+            UnixMillis(0),
+            Input::Occupy {
+                session: sid("s1"),
+                resource: rid("b1"),
+            },
+        )
+        .expect("occupy");
+        let before = g.snapshot();
+        assert_eq!(
+            g.handle(
+                UnixMillis(0),
+                Input::Occupy {
+                    session: sid("s1"),
+                    resource: rid("b1")
+                }
+            ),
+            Err(EngineError::DuplicateSession(sid("s1")))
+        );
+        assert_eq!(
+            g.handle(
+                UnixMillis(0),
+                Input::Occupy {
+                    session: sid("s2"),
+                    resource: rid("b9")
+                }
+            ),
+            Err(EngineError::UnknownResource(rid("b9")))
+        );
+        assert_eq!(g.snapshot(), before);
+    }
 }

@@ -80,7 +80,7 @@ impl Status {
     }
 
     /// The paid period runs (and can run out) in these statuses.
-    fn in_service(self) -> bool {
+    pub fn in_service(self) -> bool {
         matches!(
             self,
             Status::Published | Status::Updating | Status::UpdateFailed | Status::PaymentOverdue

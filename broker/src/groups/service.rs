@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use super::lifecycle::{
     check_region_change, Billing, Lifecycle, LifecycleError, Order, Outcome, Removal, Status,
 };
+use super::tasks::{Clock, RETRY_AFTER_ERROR};
 use crate::config::GroupsConfig;
 use crate::engine::billing::{round_line, subscription_amount, Term};
 use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
@@ -226,6 +227,23 @@ fn event(
     Ok(())
 }
 
+/// Runs `f` in a nested savepoint of the writer's transaction, so a refusal
+/// after some writes (an order that cannot be priced, say) takes them back:
+/// an `Err` answer means nothing changed. [`Store::exec`] only rolls back on
+/// a `StoreError`, and a refusal travels back to the operator as a value.
+fn atomic<T>(
+    c: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, GroupError>,
+) -> Result<Result<T, GroupError>, StoreError> {
+    c.execute_batch("SAVEPOINT group_change")?;
+    let r = f(c);
+    match &r {
+        Ok(_) => c.execute_batch("RELEASE group_change")?,
+        Err(_) => c.execute_batch("ROLLBACK TO group_change; RELEASE group_change")?,
+    }
+    Ok(r)
+}
+
 impl GroupService {
     pub fn new(store: Store, config: GroupsConfig) -> GroupService {
         GroupService {
@@ -283,7 +301,7 @@ impl GroupService {
         let config = self.config.clone();
         let id = self
             .store
-            .exec(move |c| Ok(publish_tx(&config, c, spec, billing, policy, now)))
+            .exec(move |c| atomic(c, |c| publish_tx(&config, c, spec, billing, policy, now)))
             .await??;
         self.touch();
         self.show(&id).await
@@ -333,7 +351,7 @@ impl GroupService {
         let id = self
             .store
             .exec(move |c| {
-                Ok((|| -> Result<_, GroupError> {
+                atomic(c, |c| {
                     let row = find(c, &group)?;
                     row.life.check_editable("update the policy of")?;
                     let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
@@ -351,7 +369,7 @@ impl GroupService {
                         &format!("policy updated: {}", describe_policy(&policy)),
                     )?;
                     Ok(row.id)
-                })())
+                })
             })
             .await??;
         self.show(&id).await
@@ -370,7 +388,7 @@ impl GroupService {
         let id = self
             .store
             .exec(move |c| {
-                Ok((|| -> Result<_, GroupError> {
+                atomic(c, |c| {
                     let row = find(c, &group)?;
                     row.life.check_editable("change the users of")?;
                     let assigned = assigned_users(c, row.num)?;
@@ -402,7 +420,7 @@ impl GroupService {
                         ),
                     )?;
                     Ok(row.id)
-                })())
+                })
             })
             .await??;
         self.touch();
@@ -482,13 +500,13 @@ impl GroupService {
         let id = self
             .store
             .exec(move |c| {
-                Ok((|| -> Result<_, GroupError> {
+                atomic(c, |c| {
                     let mut row = find(c, &group)?;
                     let out = f(c, &mut row)?;
                     Self::apply_outcome(&config, c, &row, &out)?;
                     save_life(c, &row, now)?;
                     Ok(row.id)
-                })())
+                })
             })
             .await??;
         self.touch();
@@ -530,26 +548,82 @@ impl GroupService {
 
     /// Applies every lifecycle deadline due at `now` (expiry, auto-renew,
     /// recycling) and returns the next one.
+    ///
+    /// Each group changes in its own savepoint: a group whose step fails is
+    /// logged, left as it was and retried after [`RETRY_AFTER_ERROR`],
+    /// while the other groups' deadlines still run.
     pub async fn run_due(&self, now: UnixMillis) -> Result<Option<UnixMillis>, GroupError> {
         let config = self.config.clone();
         self.store
             .exec(move |c| {
-                Ok((|| -> Result<_, GroupError> {
-                    let mut next: Option<UnixMillis> = None;
-                    for mut row in all_rows(c, &GroupFilter::default())? {
-                        let out = row.life.handle_timeout(now, config.retention);
-                        if out != Outcome::default() {
-                            Self::apply_outcome(&config, c, &row, &out)?;
-                            save_life(c, &row, now)?;
-                        }
-                        if let Some(d) = row.life.next_deadline(config.retention) {
-                            next = Some(next.map_or(d, |n| n.min(d)));
+                let mut next: Option<UnixMillis> = None;
+                let mut earliest = |d: UnixMillis| next = Some(next.map_or(d, |n| n.min(d)));
+                let rows = match all_rows(c, &GroupFilter::default()) {
+                    Ok(rows) => rows,
+                    Err(e) => return Ok(Err(e)),
+                };
+                for mut row in rows {
+                    let due = row
+                        .life
+                        .next_deadline(config.retention)
+                        .is_some_and(|d| d <= now);
+                    if due {
+                        if let Err(e) = atomic(c, |c| apply_deadlines(&config, c, &mut row, now))? {
+                            tracing::error!(group = %row.name, "apply lifecycle deadline: {e}");
+                            let ms = i64::try_from(RETRY_AFTER_ERROR.as_millis()).unwrap_or(0);
+                            earliest(UnixMillis(now.0.saturating_add(ms)));
+                            continue;
                         }
                     }
-                    Ok(next)
-                })())
+                    if let Some(d) = row.life.next_deadline(config.retention) {
+                        earliest(d);
+                    }
+                }
+                Ok(Ok(next))
             })
             .await?
+    }
+
+    /// The clock the group tasks run on (see [`GroupsConfig::clock`]).
+    pub fn clock(&self) -> Clock {
+        self.config.clock.clone()
+    }
+
+    /// The current time on [`GroupService::clock`]: what the admin verbs
+    /// should pass as `now`, so orders and deadlines share one timeline.
+    pub fn now(&self) -> UnixMillis {
+        self.config.clock.now()
+    }
+
+    /// Every notification of the outbox, delivered or not, oldest first (at
+    /// most `limit`): what an operator checks when a user says no activation
+    /// message came.
+    pub async fn outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, GroupError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.store
+            .read_with(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT n.id, n.user, g.name, n.kind, n.attempts, n.next_attempt_at,
+                            n.delivered_at, n.last_error
+                     FROM notifications n JOIN groups g ON g.num = n.group_num
+                     ORDER BY n.id LIMIT ?1",
+                )?;
+                let rows = stmt.query_map([limit], |r| {
+                    Ok(OutboxEntry {
+                        id: r.get(0)?,
+                        user: r.get(1)?,
+                        group: r.get(2)?,
+                        kind: r.get(3)?,
+                        attempts: r.get(4)?,
+                        next_attempt_at: UnixMillis(r.get(5)?),
+                        delivered_at: r.get::<_, Option<i64>>(6)?.map(UnixMillis),
+                        last_error: r.get(7)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+            .map_err(GroupError::from)
     }
 
     /// `user create`.
@@ -565,7 +639,7 @@ impl GroupService {
         let id = user.id.clone();
         self.store
             .exec(move |c| {
-                Ok((|| -> Result<_, GroupError> {
+                atomic(c, |c| {
                     let exists: bool = c.query_row(
                         "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
                         [user.id.as_str()],
@@ -578,7 +652,7 @@ impl GroupService {
                         )));
                     }
                     upsert_user(c, &user, now)
-                })())
+                })
             })
             .await??;
         Ok(self
@@ -600,12 +674,12 @@ impl GroupService {
         let ids: Vec<UserId> = users.iter().map(|u| u.id.clone()).collect();
         self.store
             .exec(move |c| {
-                Ok((|| -> Result<_, GroupError> {
+                atomic(c, |c| {
                     for u in &users {
                         upsert_user(c, u, now)?;
                     }
                     Ok(())
-                })())
+                })
             })
             .await??;
         Ok(self
@@ -746,13 +820,37 @@ impl GroupService {
     }
 }
 
+/// One row of the activation outbox, as [`GroupService::outbox`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// Outbox row id.
+    pub id: i64,
+    /// The user to activate.
+    pub user: String,
+    /// Name of the group the user was assigned to.
+    pub group: String,
+    /// `activation`.
+    pub kind: String,
+    /// Hook runs so far (failed ones, plus the successful one if delivered).
+    pub attempts: i64,
+    /// When the next attempt is due (meaningless once delivered).
+    pub next_attempt_at: UnixMillis,
+    /// When a hook run exited 0; `None` while pending.
+    pub delivered_at: Option<UnixMillis>,
+    /// Why the last failed attempt failed, while pending.
+    pub last_error: Option<String>,
+}
+
 /// One activation notification waiting in the outbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {
     /// Outbox row id.
     pub id: i64,
+    /// The user to activate.
     pub user: String,
+    /// Where the activation e-mail goes (as recorded when assigned).
     pub email: String,
+    /// Where the activation text message goes (as recorded when assigned).
     pub mobile: String,
     /// `activation`.
     pub kind: String,
@@ -873,6 +971,42 @@ fn write_order(
             config.currency
         ),
     )
+}
+
+/// The deadlines of one group due at `now`, written with their orders and
+/// events. An auto-renewing subscription whose spec lost its price (the
+/// config changed) cannot be billed: auto-renew is turned off with an event
+/// saying why, and the group expires at the end of its paid period like any
+/// other, instead of failing at every tick.
+fn apply_deadlines(
+    config: &GroupsConfig,
+    c: &Connection,
+    row: &mut Row,
+    now: UnixMillis,
+) -> Result<(), GroupError> {
+    let renews = matches!(
+        row.life.billing,
+        Billing::Subscription {
+            auto_renew: true,
+            ..
+        }
+    ) && row.life.status.in_service();
+    if renews && !config.prices.contains_key(&row.spec) {
+        row.life.set_auto_renew(false)?;
+        event(
+            c,
+            row.num,
+            row.life.expires_at.unwrap_or(now),
+            "auto-renew",
+            &format!(
+                "auto-renew turned off: no subscription price for spec {} in the broker config ([prices.{}]), so the period cannot be billed",
+                row.spec, row.spec
+            ),
+        )?;
+    }
+    let out = row.life.handle_timeout(now, config.retention);
+    GroupService::apply_outcome(config, c, row, &out)?;
+    save_life(c, row, now)
 }
 
 fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), GroupError> {
@@ -1369,4 +1503,352 @@ fn detail(c: &Connection, group: &str, retention: Duration) -> Result<GroupDetai
         orders,
         next_deadline: r.life.next_deadline(retention),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lifecycle deadlines through the real store: `run_due(now)` with
+    //! time passed in, and "restarts" that close the store and open it again
+    //! under a new `GroupService`, as a broker restart does.
+
+    use std::path::Path;
+
+    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::engine::billing::Prices;
+    use crate::store::StoreOptions;
+
+    const DAY: i64 = 86_400_000;
+    /// 2026-03-02T00:00:00Z
+    const T0: UnixMillis = UnixMillis(1_772_409_600_000);
+
+    fn at(days: i64) -> UnixMillis {
+        UnixMillis(T0.0 + days * DAY)
+    }
+
+    fn open(dir: &Path, config: GroupsConfig) -> (Store, GroupService) {
+        let store =
+            Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open store");
+        (store.clone(), GroupService::new(store, config))
+    }
+
+    fn group(name: &str, spec: &str, billing: BillingSpec) -> GroupSpec {
+        GroupSpec {
+            name: Some(name.parse().expect("name")),
+            region: "cn-hangzhou".into(),
+            office_network: "office-net-1".into(),
+            spec: spec.into(),
+            image: "img-1".into(),
+            billing,
+            base_resources: 2,
+            session_type: SessionType::Independent,
+            users: vec![],
+            policy: PolicySpec {
+                concurrent_sessions: Some(2),
+                usage_threshold: Some(85),
+                scale_out_step: Some(2),
+                max_elastic: Some(2),
+                max_idle_ms: Some(3_600_000),
+                ..PolicySpec::default()
+            },
+        }
+    }
+
+    fn weekly(auto_renew: bool) -> BillingSpec {
+        BillingSpec::Subscription {
+            duration: "1w".into(),
+            auto_renew,
+        }
+    }
+
+    async fn status(g: &GroupService, name: &str) -> String {
+        g.show(name).await.expect("show").info.status
+    }
+
+    /// `(at, message)` of the group's status events.
+    async fn transitions(g: &GroupService, name: &str) -> Vec<(UnixMillis, String)> {
+        g.events(&name.parse().expect("name"))
+            .await
+            .expect("events")
+            .into_iter()
+            .filter(|e| e.kind == "status")
+            .map(|e| (e.at, e.message))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn expiry_then_recycling_survive_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, g) = open(dir.path(), GroupsConfig::default());
+        g.publish(group("g1", "office-4c8g", weekly(false)), T0)
+            .await
+            .expect("publish");
+        g.publish(group("p1", "office-4c8g", BillingSpec::PayAsYouGo), T0)
+            .await
+            .expect("publish payg");
+        assert_eq!(g.run_due(T0).await.expect("run"), Some(at(7)));
+        // A millisecond early: nothing happens.
+        assert_eq!(
+            g.run_due(UnixMillis(at(7).0 - 1)).await.expect("run"),
+            Some(at(7))
+        );
+        assert_eq!(status(&g, "g1").await, "published");
+
+        // Restart: the new service finds the same deadline in the store.
+        store.close().await;
+        let (store, g) = open(dir.path(), GroupsConfig::default());
+        assert_eq!(g.run_due(T0).await.expect("run"), Some(at(7)));
+
+        // The timer fires late (an hour after the expiry): the transition is
+        // dated at the deadline, and the retention counts from there.
+        let next = g
+            .run_due(UnixMillis(at(7).0 + 3_600_000))
+            .await
+            .expect("run");
+        assert_eq!(next, Some(at(14)));
+        let d = g.show("g1").await.expect("show");
+        assert_eq!(d.info.status, "expired");
+        assert_eq!(d.next_deadline, Some(at(14)));
+        assert_eq!(d.orders.len(), 1, "no auto-renew, no new order");
+        assert_eq!(d.orders[0].kind, "publish");
+        assert_eq!(d.orders[0].amount, "92.87");
+        assert_eq!(
+            status(&g, "p1").await,
+            "published",
+            "pay-as-you-go never expires"
+        );
+        let err = g
+            .remove(&"g1".parse().expect("name"), Removal::Delete, at(8))
+            .await
+            .expect_err("delete of an expired subscription");
+        assert_eq!(
+            err.to_string(),
+            "cannot delete a subscription group in status expired; allowed in this status: purge"
+        );
+
+        store.close().await;
+        let (store, g) = open(dir.path(), GroupsConfig::default());
+        assert_eq!(g.run_due(at(10)).await.expect("run"), Some(at(14)));
+        assert_eq!(g.run_due(at(14)).await.expect("run"), None);
+        // A second tick at the same instant writes nothing twice.
+        assert_eq!(g.run_due(at(14)).await.expect("run"), None);
+        assert_eq!(status(&g, "g1").await, "recycling");
+        let steps = transitions(&g, "g1").await;
+        let expected = [
+            (T0, "publishing -> published"),
+            (at(7), "published -> expired"),
+            (at(14), "expired -> recycling"),
+        ];
+        assert_eq!(steps.len(), expected.len(), "{steps:?}");
+        for ((when, message), (want_at, want)) in steps.iter().zip(expected) {
+            assert_eq!(*when, want_at, "{message}");
+            assert!(message.starts_with(want), "{message}");
+        }
+        let err = g
+            .remove(&"g1".parse().expect("name"), Removal::Purge, at(15))
+            .await
+            .expect_err("purge of a recycling subscription");
+        assert!(
+            err.to_string()
+                .contains("cannot purge a subscription group in status recycling"),
+            "{err}"
+        );
+        g.remove(&"g1".parse().expect("name"), Removal::Delete, at(15))
+            .await
+            .expect("delete when recycling");
+        assert_eq!(status(&g, "g1").await, "gone");
+        assert_eq!(
+            g.show("g1").await.expect("show").orders.len(),
+            1,
+            "orders stay"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn auto_renew_writes_one_exact_order_per_period() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, g) = open(dir.path(), GroupsConfig::default());
+        g.publish(group("g1", "office-4c8g", weekly(true)), T0)
+            .await
+            .expect("publish");
+        assert_eq!(g.run_due(at(7)).await.expect("run"), Some(at(14)));
+        assert_eq!(g.run_due(at(7)).await.expect("run"), Some(at(14)));
+        let d = g.show("g1").await.expect("show");
+        assert_eq!(d.info.status, "published");
+        assert_eq!(d.info.expires_at, Some(at(14)));
+        assert_eq!(
+            d.orders.len(),
+            2,
+            "publish + one auto-renew: {:?}",
+            d.orders
+        );
+
+        // Down for three more periods: on restart, one order per period.
+        store.close().await;
+        let (store, g) = open(dir.path(), GroupsConfig::default());
+        assert_eq!(g.run_due(at(30)).await.expect("run"), Some(at(35)));
+        let d = g.show("g1").await.expect("show");
+        let periods: Vec<_> = d
+            .orders
+            .iter()
+            .map(|o| (o.kind.as_str(), o.period_start, o.period_end, o.at))
+            .collect();
+        assert_eq!(
+            periods,
+            [
+                ("publish", T0, at(7), T0),
+                ("auto-renew", at(7), at(14), at(7)),
+                ("auto-renew", at(14), at(21), at(14)),
+                ("auto-renew", at(21), at(28), at(21)),
+                ("auto-renew", at(28), at(35), at(28)),
+            ]
+        );
+        // 199 a month x 2 resources x 7/30, to the cent, in every order.
+        for o in &d.orders {
+            assert_eq!(
+                (o.amount.as_str(), o.currency.as_str(), o.term.as_str()),
+                ("92.87", "CNY", "1w")
+            );
+            assert_eq!(o.base_resources, 2);
+        }
+        let renew_events = g
+            .events(&"g1".parse().expect("name"))
+            .await
+            .expect("events")
+            .into_iter()
+            .filter(|e| e.kind == "order" && e.message.starts_with("auto-renew order"))
+            .count();
+        assert_eq!(renew_events, 4);
+
+        // Turned off, it expires at the end of the period already paid.
+        g.set_auto_renew(&"g1".parse().expect("name"), false, at(31))
+            .await
+            .expect("auto-renew off");
+        assert_eq!(g.run_due(at(35)).await.expect("run"), Some(at(42)));
+        let d = g.show("g1").await.expect("show");
+        assert_eq!(d.info.status, "expired");
+        assert_eq!(d.orders.len(), 5);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_spec_without_a_price_turns_auto_renew_off_and_blocks_no_other_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut priced = GroupsConfig::default();
+        priced.prices.insert(
+            "design-8c16g".into(),
+            Prices {
+                currency: "CNY".into(),
+                subscription_month: Decimal::from(300),
+                hourly: Decimal::ONE,
+            },
+        );
+        let (store, g) = open(dir.path(), priced);
+        g.publish(group("design", "design-8c16g", weekly(true)), T0)
+            .await
+            .expect("publish");
+        g.publish(group("office", "office-4c8g", weekly(false)), T0)
+            .await
+            .expect("publish");
+        // The operator drops the design price and restarts.
+        store.close().await;
+        let (store, g) = open(dir.path(), GroupsConfig::default());
+        let err = g
+            .renew(&"design".parse().expect("name"), "1w", at(1))
+            .await
+            .expect_err("renew without a price");
+        assert!(
+            err.to_string().contains("no price for spec design-8c16g"),
+            "{err}"
+        );
+        assert_eq!(g.show("design").await.expect("show").orders.len(), 1);
+
+        // Both expire on time; the unbillable one says why it did not renew,
+        // and the next deadline is in the future (the timer does not spin).
+        assert_eq!(g.run_due(at(7)).await.expect("run"), Some(at(14)));
+        assert_eq!(status(&g, "office").await, "expired");
+        let d = g.show("design").await.expect("show");
+        assert_eq!(d.info.status, "expired");
+        assert!(!d.info.auto_renew);
+        assert_eq!(d.orders.len(), 1, "nothing billed without a price");
+        let events = g
+            .events(&"design".parse().expect("name"))
+            .await
+            .expect("events");
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == "auto-renew" && e.message.contains("no subscription price")),
+            "{events:?}"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_outbox_records_attempts_with_a_doubling_capped_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = GroupsConfig {
+            notify_retry_max: Duration::from_secs(5),
+            ..GroupsConfig::default()
+        };
+        let (store, g) = open(dir.path(), config.clone());
+        g.create_user(
+            UserSpec {
+                id: "alice".parse().expect("user"),
+                email: "alice@example.com".into(),
+                mobile: "+8613800000001".into(),
+            },
+            T0,
+        )
+        .await
+        .expect("user");
+        let mut spec = group("g1", "office-4c8g", BillingSpec::PayAsYouGo);
+        spec.users = vec!["alice".parse().expect("user")];
+        g.publish(spec, T0).await.expect("publish");
+        let due = g.due_notifications(T0, 10).await.expect("due");
+        assert_eq!(due.len(), 1);
+        let id = due[0].id;
+        assert_eq!(
+            (
+                due[0].user.as_str(),
+                due[0].email.as_str(),
+                due[0].group.as_str()
+            ),
+            ("alice", "alice@example.com", "g1")
+        );
+        // Waits of 1s, 2s, 4s, then capped at notify_retry_max (5s).
+        let mut now = T0;
+        for wait in [1_000, 2_000, 4_000, 5_000, 5_000] {
+            g.notification_attempted(id, Err("exit 1".into()), now)
+                .await
+                .expect("attempt");
+            let next = UnixMillis(now.0 + wait);
+            assert_eq!(g.next_notification_at().await.expect("next"), Some(next));
+            assert!(g
+                .due_notifications(UnixMillis(next.0 - 1), 10)
+                .await
+                .expect("due")
+                .is_empty());
+            now = next;
+        }
+        // Pending survives a restart.
+        store.close().await;
+        let (store, g) = open(dir.path(), config);
+        let entry = g.outbox(10).await.expect("outbox");
+        assert_eq!(entry.len(), 1);
+        assert_eq!(entry[0].attempts, 5);
+        assert_eq!(entry[0].delivered_at, None);
+        assert_eq!(entry[0].last_error.as_deref(), Some("exit 1"));
+        g.notification_attempted(id, Ok(()), now)
+            .await
+            .expect("delivered");
+        let entry = g.outbox(10).await.expect("outbox");
+        assert_eq!(entry[0].delivered_at, Some(now));
+        assert_eq!(entry[0].attempts, 6);
+        assert_eq!(g.next_notification_at().await.expect("next"), None);
+        store.close().await;
+    }
 }

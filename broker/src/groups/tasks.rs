@@ -1,11 +1,19 @@
 //! The broker's group tasks: lifecycle deadlines and activation-notification
 //! delivery. Both sleep until the next instant the store says something is
 //! due (or until a change wakes them), never on a polling period.
+//!
+//! Time comes from the [`Clock`] in [`GroupsConfig`]: the wall clock in
+//! production, a [`ManualClock`] a test moves by hand. Nothing here reads
+//! the wall clock directly, so a test can expire a week-long subscription
+//! without waiting a week and without a shortened production setting.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::UnixMillis;
 use tokio::process::Command;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::service::{GroupService, Notification};
@@ -18,10 +26,123 @@ pub const MAX_TIMER_SLEEP: Duration = Duration::from_secs(60);
 
 /// Wait after a store failure before trying again, so a broken disk does not
 /// spin the task.
-const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
+pub const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
 
 /// Notifications handed to the hook per round.
 const NOTIFY_BATCH: usize = 32;
+
+/// Where the group tasks and [`GroupService::now`] read the time.
+///
+/// The default is the system clock. A [`ManualClock`] replaces it in tests;
+/// it can only be built in code, never from the config file, so it is not a
+/// production knob.
+#[derive(Clone, Default)]
+pub struct Clock {
+    /// `None`: the system clock. `Some`: a hand-moved time whose changes
+    /// wake sleepers.
+    manual: Option<Arc<watch::Sender<UnixMillis>>>,
+}
+
+impl Clock {
+    /// The system clock (the default).
+    pub fn system() -> Clock {
+        Clock::default()
+    }
+
+    /// The current time.
+    pub fn now(&self) -> UnixMillis {
+        match &self.manual {
+            None => now_millis(),
+            Some(t) => *t.borrow(),
+        }
+    }
+
+    /// Resolves at `deadline` (`None`: when nothing is scheduled), or after
+    /// [`MAX_TIMER_SLEEP`] on the system clock so a wall-clock jump is
+    /// noticed. A manual clock resolves once it is moved to `deadline` or
+    /// past it (never, for `None`). Cancel-safe.
+    pub async fn sleep_until(&self, deadline: Option<UnixMillis>) {
+        match &self.manual {
+            None => tokio::time::sleep(until(deadline, now_millis())).await,
+            Some(t) => {
+                let mut rx = t.subscribe();
+                match deadline {
+                    Some(d) => {
+                        // Err: the sender is gone, which cannot happen while
+                        // `self` holds it; then there is nothing to wait for.
+                        let _ = rx.wait_for(|now| *now >= d).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.manual {
+            None => f.write_str("Clock(system)"),
+            Some(t) => write!(f, "Clock(manual at {})", t.borrow().0),
+        }
+    }
+}
+
+/// Two clocks are equal when they tell the same time by construction: both
+/// the system clock, or the same manual clock.
+impl PartialEq for Clock {
+    fn eq(&self, other: &Clock) -> bool {
+        match (&self.manual, &other.manual) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Clock {}
+
+/// A clock a test moves by hand; [`ManualClock::clock`] goes into
+/// [`GroupsConfig::clock`].
+#[derive(Clone, Debug)]
+pub struct ManualClock {
+    /// The clock handed to the broker.
+    clock: Clock,
+}
+
+impl ManualClock {
+    /// A clock standing at `start` until moved.
+    pub fn new(start: UnixMillis) -> ManualClock {
+        ManualClock {
+            clock: Clock {
+                manual: Some(Arc::new(watch::Sender::new(start))),
+            },
+        }
+    }
+
+    /// The clock to hand to the broker.
+    pub fn clock(&self) -> Clock {
+        self.clock.clone()
+    }
+
+    /// The time it shows.
+    pub fn now(&self) -> UnixMillis {
+        self.clock.now()
+    }
+
+    /// Moves the time forward by `by`, waking every sleeper it reaches.
+    pub fn advance(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.set(UnixMillis(self.now().0.saturating_add(ms)));
+    }
+
+    /// Sets the time (it may go backwards, as a wall clock can).
+    pub fn set(&self, to: UnixMillis) {
+        if let Some(t) = &self.clock.manual {
+            t.send_replace(to);
+        }
+    }
+}
 
 fn until(next: Option<UnixMillis>, now: UnixMillis) -> Duration {
     match next {
@@ -33,70 +154,86 @@ fn until(next: Option<UnixMillis>, now: UnixMillis) -> Duration {
 
 /// Runs expiry, auto-renew and recycling at their deadlines until `shutdown`.
 pub async fn run_deadlines(groups: GroupService, shutdown: CancellationToken) {
+    let clock = groups.clock();
     loop {
-        let now = now_millis();
-        let wait = match groups.run_due(now).await {
-            Ok(next) => until(next, now),
+        let now = clock.now();
+        let next = match groups.run_due(now).await {
+            Ok(next) => next,
             Err(e) => {
                 tracing::error!("run group deadlines: {e}");
-                RETRY_AFTER_ERROR
+                Some(after(now, RETRY_AFTER_ERROR))
             }
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = clock.sleep_until(next) => {}
             _ = groups.changed() => {}
         }
     }
 }
 
-/// Hands pending activation notifications to the configured hook; marks one
-/// delivered only after the hook exited 0, else retries it later.
+fn after(t: UnixMillis, d: Duration) -> UnixMillis {
+    UnixMillis(t.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// Hands pending activation notifications to the configured hook until
+/// `shutdown`; see [`deliver_due`].
 pub async fn deliver_notifications(
     groups: GroupService,
     config: GroupsConfig,
     shutdown: CancellationToken,
 ) {
+    let clock = groups.clock();
     loop {
-        let now = now_millis();
-        let mut wait = MAX_TIMER_SLEEP;
-        if !config.notify_command.is_empty() {
-            match groups.due_notifications(now, NOTIFY_BATCH).await {
-                Ok(due) => {
-                    for n in due {
-                        let result = tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            r = run_hook(&config, &n) => r,
-                        };
-                        if let Err(e) = &result {
-                            tracing::warn!(user = %n.user, group = %n.group, "activation notification: {e}");
-                        }
-                        if let Err(e) = groups
-                            .notification_attempted(n.id, result, now_millis())
-                            .await
-                        {
-                            tracing::error!("record notification attempt: {e}");
-                        }
-                    }
-                    wait = match groups.next_notification_at().await {
-                        Ok(next) => until(next, now_millis()),
-                        Err(_) => RETRY_AFTER_ERROR,
-                    };
-                }
+        let next = if config.notify_command.is_empty() {
+            // No hook: notifications wait in the outbox for one to be configured.
+            None
+        } else {
+            match deliver_due(&groups, &config, &shutdown).await {
+                Ok(next) => next,
                 Err(e) => {
-                    tracing::error!("read notification outbox: {e}");
-                    wait = RETRY_AFTER_ERROR;
+                    tracing::error!("deliver activation notifications: {e}");
+                    Some(after(clock.now(), RETRY_AFTER_ERROR))
                 }
             }
-        }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = clock.sleep_until(next) => {}
             _ = groups.changed() => {}
         }
     }
 }
 
+/// One delivery round: runs the hook for each notification due now (at most
+/// one batch), marks one delivered only after the hook exited 0 and
+/// reschedules the others with a doubling wait; returns when the next
+/// pending notification is due. A hook still running at `shutdown` is killed
+/// and its notification stays pending, as if the broker had crashed.
+pub async fn deliver_due(
+    groups: &GroupService,
+    config: &GroupsConfig,
+    shutdown: &CancellationToken,
+) -> Result<Option<UnixMillis>, super::GroupError> {
+    let clock = groups.clock();
+    for n in groups.due_notifications(clock.now(), NOTIFY_BATCH).await? {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = run_hook(config, &n) => r,
+        };
+        if let Err(e) = &result {
+            tracing::warn!(user = %n.user, group = %n.group, attempts = n.attempts + 1, "activation notification: {e}");
+        }
+        groups
+            .notification_attempted(n.id, result, clock.now())
+            .await?;
+    }
+    groups.next_notification_at().await
+}
+
+/// Runs the hook once for `n`: `Ok` only if it exited 0 within
+/// `notify_timeout`. A hook past the timeout is killed and reaped before
+/// this returns, so hung hooks do not pile up.
 async fn run_hook(config: &GroupsConfig, n: &Notification) -> Result<(), String> {
     let Some((program, args)) = config.notify_command.split_first() else {
         return Err("no notify_command".into());
@@ -111,12 +248,397 @@ async fn run_hook(config: &GroupsConfig, n: &Notification) -> Result<(), String>
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
+        // If this future is dropped (shutdown), the child dies with it.
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| format!("run {program}: {e}"))?;
     match tokio::time::timeout(config.notify_timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
         Ok(Err(e)) => Err(format!("wait for {program}: {e}")),
-        Err(_) => Err(format!("{program} took longer than notify_timeout")),
+        Err(_) => {
+            let killed = match child.kill().await {
+                Ok(()) => "killed".to_owned(),
+                Err(e) => format!("could not be killed: {e}"),
+            };
+            Err(format!(
+                "{program} took longer than notify_timeout ({}); {killed}",
+                ferry_common::duration::format_duration(config.notify_timeout)
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The activation hook with real programs: small shell scripts in a temp
+    //! dir that log their environment to a file and exit as told. Outbox time
+    //! is a [`ManualClock`]; only the timeout test waits for real, and only
+    //! as long as its (short) timeout.
+
+    use std::path::{Path, PathBuf};
+
+    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType, UserSpec};
+
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+
+    /// 2026-03-02T00:00:00Z
+    const T0: UnixMillis = UnixMillis(1_772_409_600_000);
+
+    /// Bounds every wait on the background task: a wait that needs it has
+    /// failed (the machine is shared and slow, so it is generous).
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    /// A hook that appends one line per run to `log` (its arguments and the
+    /// `FERRY_NOTIFY_*` variables), then exits 1 for the first `failures`
+    /// runs and 0 after.
+    fn counting_hook(dir: &Path, failures: u32) -> (Vec<String>, PathBuf) {
+        let log = dir.join("hook.log");
+        let script = dir.join("hook.sh");
+        std::fs::write(
+            &script,
+            format!(
+                r#"log='{log}'
+echo "args=$* kind=$FERRY_NOTIFY_KIND user=$FERRY_NOTIFY_USER email=$FERRY_NOTIFY_EMAIL mobile=$FERRY_NOTIFY_MOBILE group=$FERRY_NOTIFY_GROUP" >> "$log"
+runs=$(wc -l < "$log")
+if [ "$runs" -le {failures} ]; then exit 1; fi
+exit 0
+"#,
+                log = log.display()
+            ),
+        )
+        .expect("write hook");
+        // Run through sh rather than exec'ing the fresh file: another test
+        // thread forking while it was open for writing would make exec fail
+        // with ETXTBSY.
+        let command = vec![
+            "/bin/sh".to_owned(),
+            script.display().to_string(),
+            "--activation".to_owned(),
+        ];
+        (command, log)
+    }
+
+    fn runs(log: &Path) -> Vec<String> {
+        std::fs::read_to_string(log)
+            .map(|s| s.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    fn config(clock: &ManualClock, notify_command: Vec<String>) -> GroupsConfig {
+        GroupsConfig {
+            notify_command,
+            notify_timeout: Duration::from_secs(20),
+            clock: clock.clock(),
+            ..GroupsConfig::default()
+        }
+    }
+
+    fn open(dir: &Path, config: &GroupsConfig) -> (Store, GroupService) {
+        let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open");
+        (store.clone(), GroupService::new(store, config.clone()))
+    }
+
+    /// Creates alice and publishes `g1` with her assigned: one activation
+    /// notification, due at once.
+    async fn assign_alice(g: &GroupService) {
+        g.create_user(
+            UserSpec {
+                id: "alice".parse().expect("user"),
+                email: "alice@example.com".into(),
+                mobile: "+8613800000001".into(),
+            },
+            g.now(),
+        )
+        .await
+        .expect("user");
+        let spec = GroupSpec {
+            name: Some("g1".parse().expect("name")),
+            region: "cn-hangzhou".into(),
+            office_network: "office-net-1".into(),
+            spec: "office-4c8g".into(),
+            image: "img-1".into(),
+            billing: BillingSpec::PayAsYouGo,
+            base_resources: 1,
+            session_type: SessionType::Independent,
+            users: vec!["alice".parse().expect("user")],
+            policy: PolicySpec {
+                concurrent_sessions: Some(2),
+                usage_threshold: Some(85),
+                scale_out_step: Some(1),
+                max_elastic: Some(1),
+                max_idle_ms: Some(3_600_000),
+                ..PolicySpec::default()
+            },
+        };
+        g.publish(spec, g.now()).await.expect("publish");
+    }
+
+    /// Waits (bounded) until the outbox satisfies `done`; the background task
+    /// gives no other signal, so this checks the store after each yield.
+    async fn wait_outbox(
+        g: &GroupService,
+        done: impl Fn(&[super::super::service::OutboxEntry]) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let o = g.outbox(10).await.expect("outbox");
+            if done(&o) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "outbox never reached the expected state: {o:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_hook_is_retried_with_backoff_and_stays_pending_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(T0);
+        let (command, log) = counting_hook(dir.path(), 2);
+        let config = config(&clock, command);
+        let (store, g) = open(dir.path(), &config);
+        let stop = CancellationToken::new();
+        assign_alice(&g).await;
+
+        // First run fails: still pending, due again in 1s.
+        let next = deliver_due(&g, &config, &stop).await.expect("round");
+        assert_eq!(next, Some(UnixMillis(T0.0 + 1_000)));
+        assert_eq!(runs(&log).len(), 1);
+        let o = g.outbox(10).await.expect("outbox");
+        assert_eq!((o[0].attempts, o[0].delivered_at), (1, None));
+        assert!(
+            o[0].last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("exit status: 1")),
+            "{o:?}"
+        );
+        // Not due yet: the hook is not run again.
+        assert_eq!(deliver_due(&g, &config, &stop).await.expect("round"), next);
+        assert_eq!(runs(&log).len(), 1);
+
+        // The broker restarts; the pending notification is still there.
+        store.close().await;
+        let (store, g) = open(dir.path(), &config);
+        clock.advance(Duration::from_secs(1));
+        let next = deliver_due(&g, &config, &stop).await.expect("round");
+        assert_eq!(
+            next,
+            Some(UnixMillis(T0.0 + 1_000 + 2_000)),
+            "the wait doubles"
+        );
+        assert_eq!(runs(&log).len(), 2);
+        clock.advance(Duration::from_millis(1_999));
+        deliver_due(&g, &config, &stop).await.expect("round");
+        assert_eq!(runs(&log).len(), 2);
+        clock.advance(Duration::from_millis(1));
+        assert_eq!(deliver_due(&g, &config, &stop).await.expect("round"), None);
+        let lines = runs(&log);
+        assert_eq!(lines.len(), 3);
+        let o = g.outbox(10).await.expect("outbox");
+        assert_eq!(o[0].delivered_at, Some(clock.now()));
+        assert_eq!(o[0].attempts, 3);
+        assert_eq!(
+            lines[2],
+            "args=--activation kind=activation user=alice email=alice@example.com mobile=+8613800000001 group=g1"
+        );
+        // Delivered means done: later rounds never run the hook again.
+        clock.advance(Duration::from_secs(3_600));
+        assert_eq!(deliver_due(&g, &config, &stop).await.expect("round"), None);
+        assert_eq!(runs(&log).len(), 3);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn delivered_only_once_the_hook_has_exited_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(T0);
+        let started = dir.path().join("started");
+        let gate = dir.path().join("gate");
+        let script = dir.path().join("gated.sh");
+        // Bounded: gives up (exit 2) after about 30s if the test never opens the gate.
+        std::fs::write(
+            &script,
+            format!(
+                "touch '{started}'\nn=0\nwhile [ ! -e '{gate}' ]; do n=$((n+1)); [ $n -gt 3000 ] && exit 2; sleep 0.01; done\nexit 0\n",
+                started = started.display(),
+                gate = gate.display()
+            ),
+        )
+        .expect("write hook");
+        let config = config(&clock, vec!["/bin/sh".into(), script.display().to_string()]);
+        let (store, g) = open(dir.path(), &config);
+        assign_alice(&g).await;
+        let stop = CancellationToken::new();
+        let round = {
+            let (g, config, stop) = (g.clone(), config.clone(), stop.clone());
+            tokio::spawn(async move { deliver_due(&g, &config, &stop).await })
+        };
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !started.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "the hook never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The hook is running: the notification is not delivered yet.
+        let o = g.outbox(10).await.expect("outbox");
+        assert_eq!((o[0].attempts, o[0].delivered_at), (0, None));
+        std::fs::write(&gate, b"").expect("open the gate");
+        let next = tokio::time::timeout(PATIENCE, round)
+            .await
+            .expect("round ends")
+            .expect("round task")
+            .expect("round");
+        assert_eq!(next, None);
+        let o = g.outbox(10).await.expect("outbox");
+        assert_eq!((o[0].attempts, o[0].delivered_at), (1, Some(T0)));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_hung_hook_is_killed_at_the_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(T0);
+        let pid_file = dir.path().join("pid");
+        let script = dir.path().join("hung.sh");
+        // `exec` makes the sleeper the hook process itself, whose death the
+        // test can check by pid.
+        std::fs::write(
+            &script,
+            format!("echo $$ > '{}'\nexec sleep 600\n", pid_file.display()),
+        )
+        .expect("write hook");
+        let config = GroupsConfig {
+            notify_timeout: Duration::from_millis(300),
+            ..config(&clock, vec!["/bin/sh".into(), script.display().to_string()])
+        };
+        let (store, g) = open(dir.path(), &config);
+        assign_alice(&g).await;
+        let stop = CancellationToken::new();
+        let next = tokio::time::timeout(PATIENCE, deliver_due(&g, &config, &stop))
+            .await
+            .expect("the round does not wait for the hung hook")
+            .expect("round");
+        assert_eq!(next, Some(UnixMillis(T0.0 + 1_000)));
+        let o = g.outbox(10).await.expect("outbox");
+        assert_eq!((o[0].attempts, o[0].delivered_at), (1, None));
+        let err = o[0].last_error.clone().unwrap_or_default();
+        assert!(
+            err.contains("took longer than notify_timeout (300ms); killed"),
+            "{err}"
+        );
+        let pid = std::fs::read_to_string(&pid_file).expect("pid written");
+        // Killed and reaped before the round returned: no such process left.
+        assert!(
+            !Path::new("/proc").join(pid.trim()).exists(),
+            "hook process {} is still there",
+            pid.trim()
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_delivery_task_wakes_on_assignment_and_on_clock_moves() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(T0);
+        let (command, log) = counting_hook(dir.path(), 1);
+        let config = config(&clock, command);
+        let (store, g) = open(dir.path(), &config);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(deliver_notifications(
+            g.clone(),
+            config.clone(),
+            stop.clone(),
+        ));
+        // The assignment wakes the idle task; its first run fails.
+        assign_alice(&g).await;
+        wait_outbox(&g, |o| o.first().is_some_and(|n| n.attempts == 1)).await;
+        assert_eq!(g.outbox(10).await.expect("outbox")[0].delivered_at, None);
+        // Moving the clock to the retry instant wakes it again.
+        clock.advance(Duration::from_secs(1));
+        wait_outbox(&g, |o| o.first().is_some_and(|n| n.delivered_at.is_some())).await;
+        assert_eq!(runs(&log).len(), 2);
+        stop.cancel();
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the task stops on shutdown")
+            .expect("task");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_interrupts_a_running_hook_and_leaves_it_pending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(T0);
+        let script = dir.path().join("slow.sh");
+        let started = dir.path().join("started");
+        std::fs::write(
+            &script,
+            format!("touch '{}'\nexec sleep 600\n", started.display()),
+        )
+        .expect("write hook");
+        let config = config(&clock, vec!["/bin/sh".into(), script.display().to_string()]);
+        let (store, g) = open(dir.path(), &config);
+        assign_alice(&g).await;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(deliver_notifications(
+            g.clone(),
+            config.clone(),
+            stop.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !started.exists() {
+            assert!(tokio::time::Instant::now() < deadline, "the hook never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("shutdown does not wait for the hook")
+            .expect("task");
+        let o = g.outbox(10).await.expect("outbox");
+        assert_eq!(
+            (o[0].attempts, o[0].delivered_at),
+            (0, None),
+            "as if never tried"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_manual_clock_wakes_sleepers_when_moved_past_their_deadline() {
+        let clock = ManualClock::new(T0);
+        let c = clock.clock();
+        let sleeper =
+            tokio::spawn(async move { c.sleep_until(Some(UnixMillis(T0.0 + 60_000))).await });
+        clock.advance(Duration::from_secs(59));
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished());
+        clock.advance(Duration::from_secs(1));
+        tokio::time::timeout(PATIENCE, sleeper)
+            .await
+            .expect("woken")
+            .expect("task");
+        assert_eq!(clock.now(), UnixMillis(T0.0 + 60_000));
+        assert_eq!(Clock::system(), Clock::default());
+        assert_ne!(clock.clock(), Clock::system());
+        assert_eq!(clock.clock(), clock.clock());
+        assert_ne!(clock.clock(), ManualClock::new(T0).clock());
+    }
+
+    #[test]
+    fn long_waits_are_capped_so_clock_jumps_are_noticed() {
+        assert_eq!(until(None, T0), MAX_TIMER_SLEEP);
+        assert_eq!(until(Some(UnixMillis(T0.0 - 5)), T0), Duration::ZERO);
+        assert_eq!(
+            until(Some(UnixMillis(T0.0 + 1_500)), T0),
+            Duration::from_millis(1_500)
+        );
+        assert_eq!(
+            until(Some(UnixMillis(T0.0 + 86_400_000)), T0),
+            MAX_TIMER_SLEEP
+        );
     }
 }

@@ -1,0 +1,1338 @@
+//! One task per live delivery group, owning its [`engine::Group`].
+//!
+//! The engine is pure; this actor is its only owner in the live broker. Agent
+//! reports (joins, availability, session starts and ends) arrive through a
+//! bounded inbox after the store has committed them; each is fed to the engine
+//! with the time of the groups' [`Clock`] (the wall clock, or a test's manual
+//! clock), and every decision that follows is written to
+//! the group's events with its reason before the sender is answered. Timers
+//! come from [`Group::poll_deadline`]: the actor sleeps until the next one and
+//! calls [`Group::handle_timeout`].
+//!
+//! Resources. The engine names base resources `b1..bN` and elastic ones `e1,
+//! e2, ...`; the actor maps them to real resources. An agent whose `Hello`
+//! names the group takes the first free base slot (up to the group's base
+//! count; a further one is flagged in the events and not used). Elastic ids
+//! are made group-unique as `<group>-e1`: until a provisioner exists (issue 6)
+//! an agent whose certificate names that id and whose `Hello` names the group
+//! completes the creation. A scale-in sends `Drain` to the agent; the agent
+//! disconnecting afterwards counts as the release (a host being removed goes
+//! away; nothing else tells the broker it is gone).
+//!
+//! What is not kept across a broker restart: the binding of agents to base
+//! slots and the elastic resources (agents re-join when they reconnect, and
+//! their open sessions come back with their `Hello`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+
+use ferry_common::wire::{Command, SessionEvent};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::tasks::Clock;
+use crate::config::GroupsConfig;
+use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
+use crate::registry::{Registry, COMMAND_TIMEOUT};
+use crate::store::{Store, StoreError};
+
+/// Messages waiting for one group's actor. Senders wait when it is full, so
+/// a burst of agent events slows the agents' acknowledgements instead of
+/// growing memory.
+pub const GROUP_INBOX_LEN: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("group {0}: {1}")]
+    Engine(GroupName, EngineError),
+    #[error("group {0} has no running actor")]
+    NotRunning(String),
+}
+
+impl From<rusqlite::Error> for ActorError {
+    fn from(e: rusqlite::Error) -> Self {
+        ActorError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// One resource as the actor shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceView {
+    /// The real resource id (`b3` when no agent is bound to that base slot yet).
+    pub resource: ResourceId,
+    /// Base or elastic.
+    pub class: Class,
+    /// Lifecycle state in the engine.
+    pub state: ResourceState,
+    /// Whether it takes sessions (connected, healthy, not draining).
+    pub available: bool,
+    /// Sessions on it.
+    pub occupancy: u32,
+}
+
+/// What a group's actor holds now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupView {
+    /// The group.
+    pub group: GroupName,
+    /// Every resource ever in the group, in creation order.
+    pub resources: Vec<ResourceView>,
+    /// The engine's next deadline.
+    pub deadline: Option<UnixMillis>,
+}
+
+/// What an actor is asked to do. Every variant carries a reply sent once the
+/// input is applied and its decisions are committed to the store.
+enum Msg {
+    /// An agent naming the group registered, with the sessions its host has.
+    Joined {
+        resource: ResourceId,
+        sessions: Vec<SessionId>,
+        reply: oneshot::Sender<()>,
+    },
+    /// The agent's connection ended.
+    Left {
+        resource: ResourceId,
+        reply: oneshot::Sender<()>,
+    },
+    /// The agent went silent or started draining (false), or is healthy and
+    /// not draining again (true).
+    Availability {
+        resource: ResourceId,
+        available: bool,
+        reply: oneshot::Sender<()>,
+    },
+    /// Session events committed to the store, in order.
+    Sessions {
+        resource: ResourceId,
+        events: Vec<SessionEvent>,
+        reply: oneshot::Sender<()>,
+    },
+    /// The group's row changed (policy); reread it.
+    Reload { reply: oneshot::Sender<()> },
+    /// Handle the deadlines due at the clock's now.
+    Tick { reply: oneshot::Sender<()> },
+    /// A copy of the state, for status pages and tests.
+    View { reply: oneshot::Sender<GroupView> },
+}
+
+/// A change of the metering record of one resource.
+#[derive(Clone, Debug)]
+enum IntervalOp {
+    /// It became ready: billing starts.
+    Open {
+        resource: ResourceId,
+        class: Class,
+        at: UnixMillis,
+    },
+    /// It was released: billing stops.
+    Close {
+        resource: ResourceId,
+        at: UnixMillis,
+    },
+}
+
+/// A group's row, as the actor needs it.
+#[derive(Clone, Debug)]
+struct GroupRow {
+    num: i64,
+    name: GroupName,
+    spec: String,
+    base: u32,
+    policy: Policy,
+    status: String,
+    /// `subscription` or `pay-as-you-go`, written on each resource interval.
+    billing: String,
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+/// The live (not gone) group named `group` (a name or an id).
+fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError> {
+    let row = c
+        .query_row(
+            "SELECT num, name, spec, base_resources, policy, status, billing FROM groups
+             WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1",
+            [group],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((num, name, spec, base, policy, status, billing)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(GroupRow {
+        num,
+        name: name.parse().map_err(corrupt)?,
+        spec,
+        base: u32::try_from(base).map_err(corrupt)?,
+        policy: serde_json::from_str(&policy).map_err(corrupt)?,
+        status,
+        billing,
+    }))
+}
+
+/// Whether a group in this status has live state to own. A group that failed
+/// to publish has no resources; a gone one has nothing.
+fn is_live(status: &str) -> bool {
+    !matches!(status, "gone" | "publish-failed")
+}
+
+/// Every group that needs an actor and the live groups under their names.
+#[derive(Clone)]
+pub struct GroupActors {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Store,
+    /// Weak: the registry holds this handle, and agents are reached through it.
+    registry: Weak<Registry>,
+    clock: Clock,
+    /// Group settings (prices and currency, for usage reports).
+    config: Arc<GroupsConfig>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    /// Running actors by group name. A std mutex: only map updates under it.
+    actors: Mutex<HashMap<GroupName, ActorHandle>>,
+}
+
+#[derive(Clone)]
+struct ActorHandle {
+    tx: mpsc::Sender<Msg>,
+    token: CancellationToken,
+}
+
+impl GroupActors {
+    /// No actor runs yet; call [`GroupActors::start_all`]. Actors are spawned
+    /// on `tracker` and stop when `shutdown` is cancelled.
+    pub fn new(
+        store: Store,
+        registry: &Arc<Registry>,
+        config: &GroupsConfig,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> GroupActors {
+        GroupActors {
+            shared: Arc::new(Shared {
+                store,
+                registry: Arc::downgrade(registry),
+                clock: config.clock.clone(),
+                config: Arc::new(config.clone()),
+                tracker,
+                shutdown,
+                actors: Mutex::default(),
+            }),
+        }
+    }
+
+    fn actors(&self) -> std::sync::MutexGuard<'_, HashMap<GroupName, ActorHandle>> {
+        // Each update is one insert or remove: a panic cannot leave it half done.
+        self.shared
+            .actors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts an actor for every live group in the store (broker start).
+    pub async fn start_all(&self) -> Result<usize, ActorError> {
+        let names = self
+            .shared
+            .store
+            .read_with(|c| {
+                let mut stmt = c.prepare("SELECT name FROM groups WHERE status != 'gone'")?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        let mut started = 0;
+        for name in names {
+            if self.sync(&name).await? {
+                started += 1;
+            }
+        }
+        Ok(started)
+    }
+
+    /// Brings the actor of `group` (a name or an id) in line with its row:
+    /// started when live and not running, told to reread its policy when
+    /// running, stopped when the group is gone. Returns whether it runs.
+    pub async fn sync(&self, group: &str) -> Result<bool, ActorError> {
+        let key = group.to_owned();
+        let row = self
+            .shared
+            .store
+            .read_with(move |c| load_row(c, &key))
+            .await?;
+        let Some(row) = row.filter(|r| is_live(&r.status)) else {
+            // Gone (purged, deleted) or never live: stop whatever runs under
+            // the names `group` had, unless another live group took the name.
+            let key = group.to_owned();
+            let names = self
+                .shared
+                .store
+                .read_with(move |c| {
+                    let mut stmt =
+                        c.prepare("SELECT DISTINCT name FROM groups WHERE id = ?1 OR name = ?1")?;
+                    let rows = stmt.query_map([&key], |r| r.get::<_, String>(0))?;
+                    let mut stale = Vec::new();
+                    for name in rows {
+                        let name = name?;
+                        if load_row(c, &name)?.filter(|r| is_live(&r.status)).is_none() {
+                            stale.push(name);
+                        }
+                    }
+                    Ok(stale)
+                })
+                .await?;
+            // A group that is gone has released its resources: metering stops
+            // when it went (idempotent: only open intervals are touched).
+            let now = self.shared.clock.now();
+            let key = group.to_owned();
+            self.shared
+                .store
+                .exec(move |c| {
+                    c.execute(
+                        "UPDATE resource_intervals
+                         SET released_at = MAX(ready_at, (SELECT COALESCE(g.gone_at, ?2)
+                                              FROM groups g WHERE g.num = group_num))
+                         WHERE released_at IS NULL AND group_num IN
+                             (SELECT num FROM groups WHERE (id = ?1 OR name = ?1)
+                                 AND status IN ('gone', 'publish-failed'))",
+                        params![key, now.0],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+            for name in names {
+                if let Ok(name) = name.parse::<GroupName>() {
+                    self.stop(&name);
+                }
+            }
+            return Ok(false);
+        };
+        let running = self.actors().get(&row.name).cloned();
+        if let Some(handle) = running {
+            let (reply, rx) = oneshot::channel();
+            if handle.tx.send(Msg::Reload { reply }).await.is_ok() && rx.await.is_ok() {
+                return Ok(true);
+            }
+            // It ended on its own (a store failure); start a fresh one.
+            self.stop(&row.name);
+        }
+        let now = self.shared.clock.now();
+        // Elastic resources are not carried over a broker restart (see the
+        // module doc): their open intervals end now, and it is written down.
+        let num = row.num;
+        let closed = self
+            .shared
+            .store
+            .exec(move |c| {
+                let n = c.execute(
+                    "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
+                     WHERE group_num = ?1 AND kind = 'elastic' AND released_at IS NULL",
+                    params![num, now.0],
+                )?;
+                if n > 0 {
+                    c.execute(
+                        "INSERT INTO group_events (group_num, at, kind, message)
+                         VALUES (?1, ?2, 'released', ?3)",
+                        params![
+                            num,
+                            now.0,
+                            format!(
+                                "{n} elastic resource(s) of an earlier broker run released \
+                                 at its start: elastic resources are not carried over a restart"
+                            )
+                        ],
+                    )?;
+                }
+                Ok(n)
+            })
+            .await?;
+        if closed > 0 {
+            tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
+        }
+        let engine = Group::with_base_count(row.policy.clone(), Some(&row.spec), row.base, now)
+            .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
+        let (tx, rx) = mpsc::channel(GROUP_INBOX_LEN);
+        let token = self.shared.shutdown.child_token();
+        let mut actor = Actor {
+            row: row.clone(),
+            engine,
+            last_now: now.0,
+            slots: vec![None; row.base as usize],
+            to_engine: HashMap::new(),
+            from_engine: HashMap::new(),
+            sessions: HashMap::new(),
+            flagged: BTreeSet::new(),
+            notes: Vec::new(),
+            intervals: Vec::new(),
+            shared: self.shared.clone(),
+        };
+        // Base slots take sessions only once an agent is bound and connected.
+        let slots: Vec<Input> = (1..=row.base)
+            .filter_map(|n| ResourceId::new(format!("b{n}")).ok())
+            .map(|resource| Input::Unavailable { resource })
+            .collect();
+        actor
+            .engine
+            .handle_batch(now, slots)
+            .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
+        actor.engine.drain_decisions().for_each(drop);
+        {
+            let mut actors = self.actors();
+            if actors.contains_key(&row.name) {
+                // Another caller started it meanwhile; keep that one.
+                return Ok(true);
+            }
+            actors.insert(
+                row.name.clone(),
+                ActorHandle {
+                    tx,
+                    token: token.clone(),
+                },
+            );
+        }
+        tracing::info!(group = %row.name, base = row.base, "group actor started");
+        let this = self.clone();
+        self.shared.tracker.spawn(async move {
+            let name = actor.row.name.clone();
+            if let Err(e) = actor.run(rx, token).await {
+                tracing::error!(group = %name, "group actor stopped: {e}");
+            }
+            this.forget_if_closed(&name);
+        });
+        Ok(true)
+    }
+
+    fn forget_if_closed(&self, name: &GroupName) {
+        let mut actors = self.actors();
+        if actors.get(name).is_some_and(|h| h.tx.is_closed()) {
+            actors.remove(name);
+        }
+    }
+
+    /// Stops the actor of `group`, if one runs.
+    pub fn stop(&self, group: &GroupName) {
+        if let Some(h) = self.actors().remove(group) {
+            h.token.cancel();
+        }
+    }
+
+    /// The group settings the actors were started with.
+    pub fn config(&self) -> &GroupsConfig {
+        &self.shared.config
+    }
+
+    /// Groups with a running actor.
+    pub fn running(&self) -> Vec<GroupName> {
+        let mut names: Vec<_> = self.actors().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    async fn ask(&self, group: &GroupName, make: impl FnOnce(oneshot::Sender<()>) -> Msg) {
+        let Some(handle) = self.actors().get(group).cloned() else {
+            tracing::debug!(%group, "report for a group without an actor");
+            return;
+        };
+        let (reply, rx) = oneshot::channel();
+        if handle.tx.send(make(reply)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// An agent whose `Hello` names `group` registered (after the store
+    /// committed it); `sessions` are the ones its host has now.
+    pub async fn joined(&self, group: &GroupName, resource: &ResourceId, sessions: Vec<SessionId>) {
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Joined {
+            resource,
+            sessions,
+            reply,
+        })
+        .await
+    }
+
+    /// The agent's connection ended.
+    pub async fn left(&self, group: &GroupName, resource: &ResourceId) {
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Left { resource, reply }).await
+    }
+
+    /// The agent can (not) take sessions: silent or draining is not available.
+    pub async fn availability(&self, group: &GroupName, resource: &ResourceId, available: bool) {
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Availability {
+            resource,
+            available,
+            reply,
+        })
+        .await
+    }
+
+    /// Session events of `resource` that the store has just committed.
+    pub async fn sessions(
+        &self,
+        group: &GroupName,
+        resource: &ResourceId,
+        events: Vec<SessionEvent>,
+    ) {
+        if events.is_empty() {
+            return;
+        }
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Sessions {
+            resource,
+            events,
+            reply,
+        })
+        .await
+    }
+
+    /// Handles the deadlines of `group` due at the clock's now (the actor's
+    /// own timer does this too; tests with a
+    /// [`ManualClock`](super::tasks::ManualClock) call it).
+    pub async fn tick(&self, group: &GroupName) -> Result<(), ActorError> {
+        let handle = self
+            .actors()
+            .get(group)
+            .cloned()
+            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
+        let (reply, rx) = oneshot::channel();
+        handle
+            .tx
+            .send(Msg::Tick { reply })
+            .await
+            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
+        rx.await
+            .map_err(|_| ActorError::NotRunning(group.to_string()))
+    }
+
+    /// The actor's state of `group`.
+    pub async fn view(&self, group: &GroupName) -> Result<GroupView, ActorError> {
+        let handle = self
+            .actors()
+            .get(group)
+            .cloned()
+            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
+        let (reply, rx) = oneshot::channel();
+        handle
+            .tx
+            .send(Msg::View { reply })
+            .await
+            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
+        rx.await
+            .map_err(|_| ActorError::NotRunning(group.to_string()))
+    }
+}
+
+/// The state one actor task owns.
+struct Actor {
+    /// The group's row as last read.
+    row: GroupRow,
+    /// The rules.
+    engine: Group,
+    /// Latest time given to the engine; a wall clock stepping back is held here.
+    last_now: i64,
+    /// Base slot `b{i+1}` -> the agent bound to it.
+    slots: Vec<Option<ResourceId>>,
+    /// Real resource id -> engine id (bound base slots and joined elastic ids).
+    to_engine: HashMap<ResourceId, ResourceId>,
+    /// Engine id -> real resource id.
+    from_engine: HashMap<ResourceId, ResourceId>,
+    /// Sessions the engine holds, per engine resource id, to reconcile a
+    /// re-joining host's list.
+    sessions: HashMap<ResourceId, BTreeSet<SessionId>>,
+    /// Agents flagged as not used (beyond the base count, unknown elastic id),
+    /// so a reconnecting one is flagged once.
+    flagged: BTreeSet<ResourceId>,
+    /// Events to write with the next commit: (at, kind, message).
+    notes: Vec<(UnixMillis, &'static str, String)>,
+    /// Resource intervals to open or close with the next commit.
+    intervals: Vec<IntervalOp>,
+    shared: Arc<Shared>,
+}
+
+impl Actor {
+    async fn run(
+        &mut self,
+        mut inbox: mpsc::Receiver<Msg>,
+        token: CancellationToken,
+    ) -> Result<(), ActorError> {
+        loop {
+            let deadline = self.engine.poll_deadline();
+            let msg = tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                m = inbox.recv() => match m {
+                    Some(m) => Some(m),
+                    None => return Ok(()),
+                },
+                // Cancel-safe; with nothing scheduled it still wakes now and
+                // then on the wall clock, which handles nothing.
+                _ = self.shared.clock.sleep_until(deadline) => None,
+            };
+            match msg {
+                None => self.timeout(),
+                Some(Msg::Tick { reply }) => {
+                    self.timeout();
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::View { reply }) => {
+                    let _ = reply.send(self.view());
+                    continue;
+                }
+                Some(Msg::Joined {
+                    resource,
+                    sessions,
+                    reply,
+                }) => {
+                    self.joined(resource, sessions);
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::Left { resource, reply }) => {
+                    self.left(resource);
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::Availability {
+                    resource,
+                    available,
+                    reply,
+                }) => {
+                    if let Some(id) = self.to_engine.get(&resource).cloned() {
+                        let input = if available {
+                            Input::Available { resource: id }
+                        } else {
+                            Input::Unavailable { resource: id }
+                        };
+                        self.input(input);
+                    }
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::Sessions {
+                    resource,
+                    events,
+                    reply,
+                }) => {
+                    if let Some(id) = self.to_engine.get(&resource).cloned() {
+                        for ev in events {
+                            self.session_event(&id, ev);
+                        }
+                    }
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::Reload { reply }) => {
+                    self.reload().await?;
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+            }
+            self.commit().await?;
+        }
+    }
+
+    fn now(&mut self) -> UnixMillis {
+        self.last_now = self.last_now.max(self.shared.clock.now().0);
+        UnixMillis(self.last_now)
+    }
+
+    fn timeout(&mut self) {
+        let now = self.now();
+        if let Err(e) = self.engine.handle_timeout(now) {
+            tracing::warn!(group = %self.row.name, "deadline: {e}");
+        }
+        self.take_decisions();
+    }
+
+    /// Feeds one input. A refused input (a replayed start already known, an
+    /// end of a session never seen) changes nothing and is only logged.
+    fn input(&mut self, input: Input) -> bool {
+        let now = self.now();
+        let ok = match self.engine.handle(now, input) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(group = %self.row.name, "input not applied: {e}");
+                false
+            }
+        };
+        self.take_decisions();
+        ok
+    }
+
+    fn note(&mut self, kind: &'static str, message: String) {
+        let now = UnixMillis(self.last_now.max(self.shared.clock.now().0));
+        self.notes.push((now, kind, message));
+    }
+
+    fn external(&self, engine_id: &ResourceId) -> ResourceId {
+        self.from_engine
+            .get(engine_id)
+            .cloned()
+            .unwrap_or_else(|| self.elastic_name(engine_id).unwrap_or(engine_id.clone()))
+    }
+
+    /// `<group>-e1` for the engine's `e1`; `None` for base slots.
+    fn elastic_name(&self, engine_id: &ResourceId) -> Option<ResourceId> {
+        let id = engine_id.as_str();
+        if !id.starts_with('e') {
+            return None;
+        }
+        ResourceId::new(format!("{}-{id}", self.row.name)).ok()
+    }
+
+    /// The engine's `e1` for `<group>-e1`.
+    fn elastic_engine_id(&self, resource: &ResourceId) -> Option<ResourceId> {
+        let rest = resource
+            .as_str()
+            .strip_prefix(self.row.name.as_str())?
+            .strip_prefix('-')?;
+        let digits = rest.strip_prefix('e')?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        ResourceId::new(rest).ok()
+    }
+
+    fn bind(&mut self, resource: &ResourceId, engine_id: ResourceId) {
+        self.to_engine.insert(resource.clone(), engine_id.clone());
+        self.from_engine.insert(engine_id, resource.clone());
+    }
+
+    fn state_of(&self, engine_id: &ResourceId) -> Option<ResourceState> {
+        self.engine
+            .resources()
+            .iter()
+            .find(|r| &r.id == engine_id)
+            .map(|r| r.state)
+    }
+
+    fn joined(&mut self, resource: ResourceId, sessions: Vec<SessionId>) {
+        let id = match self.to_engine.get(&resource).cloned() {
+            Some(id) => id,
+            None => {
+                if let Some(e) = self.elastic_engine_id(&resource) {
+                    if self.state_of(&e) != Some(ResourceState::Pending) {
+                        self.flag(
+                            &resource,
+                            format!(
+                                "resource {resource} registered for group {} with an elastic id \
+                                 the group did not ask for; not used",
+                                self.row.name
+                            ),
+                        );
+                        return;
+                    }
+                    self.bind(&resource, e.clone());
+                    e
+                } else if let Some(slot) = self.slots.iter().position(Option::is_none) {
+                    self.slots[slot] = Some(resource.clone());
+                    let Ok(slot_id) = ResourceId::new(format!("b{}", slot + 1)) else {
+                        return;
+                    };
+                    self.bind(&resource, slot_id.clone());
+                    let at = self.now();
+                    self.intervals.push(IntervalOp::Open {
+                        resource: resource.clone(),
+                        class: Class::Base,
+                        at,
+                    });
+                    self.note(
+                        "resource",
+                        format!(
+                            "resource {resource} joined as base resource {} of {}",
+                            slot + 1,
+                            self.row.base
+                        ),
+                    );
+                    slot_id
+                } else {
+                    self.flag(
+                        &resource,
+                        format!(
+                            "resource {resource} registered for group {} whose {} base \
+                             resource(s) are all taken; not used",
+                            self.row.name, self.row.base
+                        ),
+                    );
+                    return;
+                }
+            }
+        };
+        match self.state_of(&id) {
+            Some(ResourceState::Pending) => {
+                self.input(Input::Created {
+                    resource: id.clone(),
+                });
+            }
+            Some(ResourceState::Ready) => {
+                self.input(Input::Available {
+                    resource: id.clone(),
+                });
+            }
+            // Releasing: it is being drained for removal; it comes back only
+            // to finish its sessions. Released: gone for the engine.
+            _ => {}
+        }
+        let now_on_host: BTreeSet<SessionId> = sessions.into_iter().collect();
+        let known = self.sessions.get(&id).cloned().unwrap_or_default();
+        for gone in known.difference(&now_on_host) {
+            self.input(Input::Leave {
+                session: gone.clone(),
+            });
+        }
+        for new in now_on_host.difference(&known) {
+            self.input(Input::Occupy {
+                session: new.clone(),
+                resource: id.clone(),
+            });
+        }
+        self.sessions.insert(id, now_on_host);
+    }
+
+    fn flag(&mut self, resource: &ResourceId, message: String) {
+        if self.flagged.insert(resource.clone()) {
+            tracing::warn!(group = %self.row.name, "{message}");
+            self.note("flagged", message);
+        }
+    }
+
+    fn left(&mut self, resource: ResourceId) {
+        let Some(id) = self.to_engine.get(&resource).cloned() else {
+            return;
+        };
+        match self.state_of(&id) {
+            Some(ResourceState::Releasing) => {
+                self.input(Input::Released { resource: id });
+            }
+            Some(ResourceState::Ready) => {
+                self.input(Input::Unavailable { resource: id });
+            }
+            _ => {}
+        }
+    }
+
+    fn session_event(&mut self, id: &ResourceId, ev: SessionEvent) {
+        match ev {
+            SessionEvent::Started { session, .. } => {
+                if self.input(Input::Occupy {
+                    session: session.clone(),
+                    resource: id.clone(),
+                }) {
+                    self.sessions.entry(id.clone()).or_default().insert(session);
+                }
+            }
+            SessionEvent::Ended { session, .. } => {
+                if let Some(set) = self.sessions.get_mut(id) {
+                    set.remove(&session);
+                }
+                self.input(Input::Leave { session });
+            }
+        }
+    }
+
+    async fn reload(&mut self) -> Result<(), ActorError> {
+        let key = self.row.name.to_string();
+        let row = self
+            .shared
+            .store
+            .read_with(move |c| load_row(c, &key))
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        if row.policy != self.row.policy {
+            let policy = row.policy.clone();
+            if self.input(Input::Policy(policy)) {
+                self.note("policy", "policy in force in the group's engine".into());
+            }
+        }
+        self.row = row;
+        Ok(())
+    }
+
+    /// Turns the engine's decisions into events and agent commands.
+    fn take_decisions(&mut self) {
+        let decisions: Vec<Decision> = self.engine.drain_decisions().collect();
+        for d in decisions {
+            let message = match &d.action {
+                Action::ScaleOut { resources } => {
+                    let names: Vec<String> = resources
+                        .iter()
+                        .map(|r| self.external(r).to_string())
+                        .collect();
+                    format!(
+                        "scale-out: asked for {} because {}; an agent named for it \
+                         completes the creation",
+                        names.join(", "),
+                        d.reason
+                    )
+                }
+                Action::Created { resource } => {
+                    let real = self.external(resource);
+                    self.intervals.push(IntervalOp::Open {
+                        resource: real.clone(),
+                        class: Class::Elastic,
+                        at: d.at,
+                    });
+                    format!("created: {real} is ready")
+                }
+                Action::ScaleIn { resource } => {
+                    let real = self.external(resource);
+                    self.drain(&real, resource);
+                    format!(
+                        "scale-in: {real} is drained for release because {}",
+                        d.reason
+                    )
+                }
+                Action::Released { resource } => {
+                    let real = self.external(resource);
+                    self.intervals.push(IntervalOp::Close {
+                        resource: real.clone(),
+                        at: d.at,
+                    });
+                    format!("released: {real} is gone")
+                }
+                Action::Placed { session, resource } => format!(
+                    "placed: session {session} on {} because {}",
+                    self.external(resource),
+                    d.reason
+                ),
+                Action::Rejected { session } => {
+                    format!("rejected: session {session} because {}", d.reason)
+                }
+            };
+            self.notes.push((d.at, d.action.name(), message));
+        }
+    }
+
+    /// Sends `Drain` to a scaled-in resource's agent without holding up the
+    /// actor. An agent that is not connected is gone already: released.
+    fn drain(&mut self, real: &ResourceId, engine_id: &ResourceId) {
+        let registry = self.shared.registry.upgrade();
+        let connected = registry
+            .as_ref()
+            .is_some_and(|r| r.snapshot().contains_key(real));
+        if !connected {
+            // Deferred: the engine is inside `take_decisions`' loop; the
+            // release is applied as a new input right after.
+            let id = engine_id.clone();
+            let now = UnixMillis(self.last_now);
+            if let Err(e) = self.engine.handle(now, Input::Released { resource: id }) {
+                tracing::warn!(group = %self.row.name, "release of {real}: {e}");
+            }
+            return;
+        }
+        let Some(registry) = registry else { return };
+        let real = real.clone();
+        let group = self.row.name.clone();
+        self.shared.tracker.spawn(async move {
+            match registry
+                .command(&real, Command::Drain, COMMAND_TIMEOUT)
+                .await
+            {
+                Ok(outcome) => {
+                    tracing::info!(%group, resource = %real, ?outcome, "scale-in drain")
+                }
+                Err(e) => tracing::warn!(%group, resource = %real, "scale-in drain: {e}"),
+            }
+        });
+    }
+
+    /// Writes the pending events in one transaction. The engine's decision
+    /// stands whether or not this succeeds; a store failure stops the actor
+    /// (its group is restarted from the store by the next `sync`).
+    async fn commit(&mut self) -> Result<(), ActorError> {
+        // Decisions made while handling a deferred release.
+        self.take_decisions();
+        if self.notes.is_empty() && self.intervals.is_empty() {
+            return Ok(());
+        }
+        let notes = std::mem::take(&mut self.notes);
+        let intervals = std::mem::take(&mut self.intervals);
+        let billing = self.row.billing.clone();
+        let num = self.row.num;
+        self.shared
+            .store
+            .exec(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for (at, kind, message) in &notes {
+                    stmt.execute(params![num, at.0, kind, message])?;
+                }
+                for op in &intervals {
+                    match op {
+                        // OR IGNORE: a base resource re-joining after a broker
+                        // restart keeps the interval it already has open.
+                        IntervalOp::Open { resource, class, at } => c.execute(
+                            "INSERT OR IGNORE INTO resource_intervals
+                                 (group_num, resource, kind, billing, ready_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![num, resource.as_str(), class.as_str(), billing, at.0],
+                        )?,
+                        IntervalOp::Close { resource, at } => c.execute(
+                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?3)
+                             WHERE group_num = ?1 AND resource = ?2 AND released_at IS NULL",
+                            params![num, resource.as_str(), at.0],
+                        )?,
+                    };
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn view(&self) -> GroupView {
+        GroupView {
+            group: self.row.name.clone(),
+            resources: self
+                .engine
+                .resources()
+                .iter()
+                .map(|r| ResourceView {
+                    resource: self.external(&r.id),
+                    class: r.class,
+                    state: r.state,
+                    available: r.available,
+                    occupancy: r.occupancy,
+                })
+                .collect(),
+            deadline: self.engine.poll_deadline(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::groups::lifecycle::Removal;
+    use crate::groups::tasks::ManualClock;
+    use crate::groups::GroupService;
+    use crate::store::StoreOptions;
+    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
+    use ferry_common::wire::EndReason;
+    use std::time::Duration;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("resource id")
+    }
+
+    fn sid(s: &str) -> SessionId {
+        s.parse().expect("session id")
+    }
+
+    fn spec(name: &str) -> GroupSpec {
+        GroupSpec {
+            name: Some(name.parse().expect("name")),
+            region: "cn-hangzhou".into(),
+            office_network: "office-net-1".into(),
+            spec: "office-4c8g".into(),
+            image: "img-1".into(),
+            billing: BillingSpec::PayAsYouGo,
+            base_resources: 2,
+            session_type: SessionType::Independent,
+            users: vec![],
+            policy: PolicySpec {
+                concurrent_sessions: Some(2),
+                usage_threshold: Some(50),
+                scale_out_step: Some(1),
+                max_elastic: Some(2),
+                max_idle_ms: Some(600_000),
+                scale_in_cooldown_ms: Some(60_000),
+                ..PolicySpec::default()
+            },
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Store,
+        service: GroupService,
+        clock: ManualClock,
+        actors: GroupActors,
+        _registry: Arc<Registry>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let registry = Arc::new(Registry::new());
+        let clock = ManualClock::new(UnixMillis(T0));
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let actors = GroupActors::new(
+            store.clone(),
+            &registry,
+            &GroupsConfig {
+                clock: clock.clock(),
+                ..GroupsConfig::default()
+            },
+            tracker.clone(),
+            shutdown.clone(),
+        );
+        Fixture {
+            service: GroupService::new(store.clone(), Default::default()),
+            _dir: dir,
+            store,
+            clock,
+            actors,
+            _registry: registry,
+            shutdown,
+            tracker,
+        }
+    }
+
+    impl Fixture {
+        async fn events(&self, group: &str) -> Vec<(String, String)> {
+            self.service
+                .events(&group.parse().expect("name"))
+                .await
+                .expect("events")
+                .into_iter()
+                .map(|e| (e.kind, e.message))
+                .collect()
+        }
+
+        /// (resource, kind, ready_at, released_at) in id order.
+        async fn intervals(&self) -> Vec<(String, String, i64, Option<i64>)> {
+            self.store
+                .read_with(|c| {
+                    let mut stmt = c.prepare(
+                        "SELECT resource, kind, ready_at, released_at FROM resource_intervals ORDER BY id",
+                    )?;
+                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await
+                .expect("intervals")
+        }
+
+        async fn close(self) {
+            self.shutdown.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            self.store.close().await;
+        }
+    }
+
+    fn started(s: &str) -> SessionEvent {
+        SessionEvent::Started {
+            session: sid(s),
+            user: "u1".parse().expect("user"),
+            at: UnixMillis(T0),
+        }
+    }
+
+    fn ended(s: &str) -> SessionEvent {
+        SessionEvent::Ended {
+            session: sid(s),
+            at: UnixMillis(T0),
+            reason: EndReason::Logout,
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_drive_scale_out_creation_scale_in_and_release_with_recorded_reasons() {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        f.service
+            .publish(spec("g1"), UnixMillis(T0))
+            .await
+            .expect("publish");
+        assert!(f.actors.sync("g1").await.expect("sync"));
+        assert_eq!(f.actors.running(), vec![g.clone()]);
+
+        // Base slots take nothing until agents join.
+        let v = f.actors.view(&g).await.expect("view");
+        assert!(v.resources.iter().all(|r| !r.available));
+
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        f.actors.joined(&g, &rid("h2"), vec![sid("s0")]).await;
+        f.actors.joined(&g, &rid("h3"), vec![]).await;
+        let v = f.actors.view(&g).await.expect("view");
+        assert_eq!(
+            v.resources
+                .iter()
+                .map(|r| (r.resource.to_string(), r.available, r.occupancy))
+                .collect::<Vec<_>>(),
+            vec![("h1".into(), true, 0), ("h2".into(), true, 1)]
+        );
+
+        // demand 3 x 100 > 50 x 4: one elastic resource, named for the group.
+        f.clock.advance(Duration::from_secs(60));
+        f.actors
+            .sessions(&g, &rid("h1"), vec![started("s1"), started("s2")])
+            .await;
+        let events = f.events("g1").await;
+        let scale_out: Vec<_> = events.iter().filter(|(k, _)| k == "scale_out").collect();
+        assert_eq!(scale_out.len(), 1, "{events:?}");
+        assert!(scale_out[0].1.contains("g1-e1"), "{}", scale_out[0].1);
+        assert!(scale_out[0]
+            .1
+            .contains("demand 3 x 100 > threshold 50 x capacity 4"));
+        assert!(events
+            .iter()
+            .any(|(k, m)| k == "flagged" && m.contains("h3")));
+
+        // A replayed start changes nothing; the elastic agent completes the creation.
+        f.actors.sessions(&g, &rid("h1"), vec![started("s1")]).await;
+        f.clock.advance(Duration::from_secs(30));
+        let created_at = f.clock.now().0;
+        f.actors.joined(&g, &rid("g1-e1"), vec![]).await;
+        let v = f.actors.view(&g).await.expect("view");
+        let e1 = &v.resources[2];
+        assert_eq!(
+            (e1.resource.as_str(), e1.class, e1.state, e1.occupancy),
+            ("g1-e1", Class::Elastic, ResourceState::Ready, 0)
+        );
+        assert_eq!(v.resources[0].occupancy, 2);
+
+        // Load goes away; after max_idle the elastic one is scaled in. Its
+        // agent is not connected, so it counts as released at once.
+        f.actors
+            .sessions(&g, &rid("h1"), vec![ended("s1"), ended("s2")])
+            .await;
+        f.actors.sessions(&g, &rid("h2"), vec![ended("s0")]).await;
+        let v = f.actors.view(&g).await.expect("view");
+        let deadline = v.deadline.expect("a scale-in deadline");
+        f.clock.set(UnixMillis(deadline.0 - 1));
+        f.actors.tick(&g).await.expect("tick");
+        assert!(!f.events("g1").await.iter().any(|(k, _)| k == "scale_in"));
+        f.clock.set(deadline);
+        f.actors.tick(&g).await.expect("tick");
+        let events = f.events("g1").await;
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| ["scale_out", "created", "scale_in", "released"].contains(k))
+            .collect();
+        assert_eq!(kinds, ["scale_out", "created", "scale_in", "released"]);
+        let scale_in = events
+            .iter()
+            .find(|(k, _)| k == "scale_in")
+            .expect("scale-in");
+        assert!(scale_in.1.contains("g1-e1") && scale_in.1.contains("idle"));
+        let v = f.actors.view(&g).await.expect("view");
+        assert_eq!(v.resources[2].state, ResourceState::Released);
+        assert_eq!(
+            f.intervals().await,
+            vec![
+                ("h1".into(), "base".into(), T0, None),
+                ("h2".into(), "base".into(), T0, None),
+                (
+                    "g1-e1".into(),
+                    "elastic".into(),
+                    created_at,
+                    Some(deadline.0)
+                ),
+            ]
+        );
+
+        // Purging the group stops its actor and ends its metering.
+        f.clock.advance(Duration::from_secs(5));
+        f.service
+            .remove(&g, Removal::Purge, f.clock.now())
+            .await
+            .expect("purge");
+        f.actors.sync("g1").await.expect("sync");
+        let ends: Vec<_> = f.intervals().await.into_iter().map(|i| i.3).collect();
+        assert!(ends.iter().all(Option::is_some), "{ends:?}");
+        assert!(f.actors.running().is_empty());
+        f.close().await;
+    }
+
+    #[tokio::test]
+    async fn actors_start_for_live_groups_and_stop_when_the_group_goes() {
+        let f = fixture();
+        f.service
+            .publish(spec("g1"), UnixMillis(T0))
+            .await
+            .expect("publish");
+        f.service
+            .publish(spec("g2"), UnixMillis(T0))
+            .await
+            .expect("publish");
+        assert_eq!(f.actors.start_all().await.expect("start"), 2);
+        let g1: GroupName = "g1".parse().expect("name");
+        f.service
+            .remove(&g1, Removal::Purge, UnixMillis(T0 + 1))
+            .await
+            .expect("purge");
+        assert!(!f.actors.sync("g1").await.expect("sync"));
+        assert_eq!(
+            f.actors.running(),
+            vec!["g2".parse::<GroupName>().expect("name")]
+        );
+        assert!(matches!(
+            f.actors.tick(&g1).await,
+            Err(ActorError::NotRunning(_))
+        ));
+        f.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_policy_change_reaches_the_running_engine() {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        f.service
+            .publish(spec("g1"), UnixMillis(T0))
+            .await
+            .expect("publish");
+        f.actors.sync("g1").await.expect("sync");
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        f.actors.joined(&g, &rid("h2"), vec![]).await;
+        // Threshold 100: three sessions on four slots do not scale out.
+        f.service
+            .update_policy(
+                &g,
+                PolicySpec {
+                    usage_threshold: Some(100),
+                    ..PolicySpec::default()
+                },
+                UnixMillis(T0),
+            )
+            .await
+            .expect("update");
+        f.actors.sync("g1").await.expect("sync");
+        f.actors
+            .sessions(&g, &rid("h1"), vec![started("s1"), started("s2")])
+            .await;
+        f.actors.sessions(&g, &rid("h2"), vec![started("s3")]).await;
+        let events = f.events("g1").await;
+        assert!(!events.iter().any(|(k, _)| k == "scale_out"), "{events:?}");
+        assert!(events.iter().any(|(k, _)| k == "policy"));
+        f.close().await;
+    }
+}

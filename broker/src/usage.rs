@@ -1,0 +1,464 @@
+//! Usage reports: the metering records of a period turned into session and
+//! resource time and amounts, with the billing rules of
+//! [`engine::billing`](crate::engine::billing) (the functions `ferryctl
+//! simulate` uses), so the same records always give the same amounts.
+//!
+//! Loading reads committed rows only; [`compute`] is pure.
+//!
+//! Rules, per group over `[from, to)`:
+//! - subscription: the orders (publish, renew, auto-renew) placed in the
+//!   period, summed and rounded;
+//! - pay-as-you-go base: every base resource per second from ready to
+//!   released, clipped to the period;
+//! - elastic: every elastic resource per second from ready to released,
+//!   clipped to the period;
+//! - each line rounded half-up to 0.01; the total is the sum of the lines.
+//!
+//! A session counts for a group when its resource was in the group (an
+//! interval of it overlaps the session); it is counted in the period it
+//! started in, and its time is clipped to the period.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ferry_common::admin::{GroupUsage, ResourceUsage, UsageQuery, UsageReport};
+use ferry_common::{GroupName, ResourceId, UnixMillis};
+use rusqlite::{params, Connection};
+use rust_decimal::Decimal;
+
+use crate::engine::billing::{billed_seconds, per_second_amount, round_line, Prices};
+use crate::store::{Store, StoreError};
+
+/// Why a usage report cannot be given.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for UsageError {
+    fn from(e: rusqlite::Error) -> Self {
+        UsageError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// Base or elastic, as recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Base,
+    Elastic,
+}
+
+/// When one resource was ready in a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interval {
+    /// The resource.
+    pub resource: ResourceId,
+    /// Base or elastic.
+    pub kind: Kind,
+    /// Billing starts.
+    pub ready_at: UnixMillis,
+    /// Billing stops; `None` while it runs.
+    pub released_at: Option<UnixMillis>,
+}
+
+/// One recorded session on a resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSpan {
+    /// Where it ran.
+    pub resource: ResourceId,
+    /// When it started.
+    pub started_at: UnixMillis,
+    /// When it ended; `None` while open.
+    pub ended_at: Option<UnixMillis>,
+}
+
+/// Everything recorded about one group that a report needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRecords {
+    /// The group's name.
+    pub name: GroupName,
+    /// The group's id.
+    pub id: String,
+    /// Its spec, whose prices apply.
+    pub spec: String,
+    /// `subscription` or `pay-as-you-go`.
+    pub billing: String,
+    /// Amounts of the orders placed in the period.
+    pub orders: Vec<Decimal>,
+    /// Its resources' intervals (any period).
+    pub intervals: Vec<Interval>,
+    /// Sessions on those resources overlapping the period.
+    pub sessions: Vec<SessionSpan>,
+}
+
+fn overlaps(i: &Interval, s: &SessionSpan) -> bool {
+    let i_end = i.released_at.map_or(i64::MAX, |t| t.0);
+    let s_end = s.ended_at.map_or(i64::MAX, |t| t.0);
+    i.ready_at.0 <= s_end && s.started_at.0 <= i_end
+}
+
+/// Seconds of `[start, end)` inside `[from, to)`, a started second billed whole.
+fn clipped_seconds(
+    start: UnixMillis,
+    end: Option<UnixMillis>,
+    from: UnixMillis,
+    to: UnixMillis,
+) -> u64 {
+    billed_seconds(UnixMillis(start.0.max(from.0)), end, to)
+}
+
+/// The report of `groups` over `[from, to)`. Pure: the same records give the
+/// same report.
+pub fn compute(
+    groups: &[GroupRecords],
+    prices: &BTreeMap<String, Prices>,
+    currency: &str,
+    from: UnixMillis,
+    to: UnixMillis,
+) -> Result<UsageReport, UsageError> {
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut resources: BTreeMap<ResourceId, ResourceUsage> = BTreeMap::new();
+        let (mut base_seconds, mut elastic_seconds) = (0u64, 0u64);
+        for i in &g.intervals {
+            let secs = clipped_seconds(i.ready_at, i.released_at, from, to);
+            match i.kind {
+                Kind::Base => base_seconds = base_seconds.saturating_add(secs),
+                Kind::Elastic => elastic_seconds = elastic_seconds.saturating_add(secs),
+            }
+            let entry = resources
+                .entry(i.resource.clone())
+                .or_insert_with(|| ResourceUsage {
+                    resource: i.resource.clone(),
+                    kind: match i.kind {
+                        Kind::Base => "base".into(),
+                        Kind::Elastic => "elastic".into(),
+                    },
+                    sessions: 0,
+                    session_seconds: 0,
+                    ready_seconds: 0,
+                });
+            entry.ready_seconds = entry.ready_seconds.saturating_add(secs);
+        }
+        for s in &g.sessions {
+            let in_group = g
+                .intervals
+                .iter()
+                .any(|i| i.resource == s.resource && overlaps(i, s));
+            if !in_group {
+                continue;
+            }
+            if let Some(r) = resources.get_mut(&s.resource) {
+                if s.started_at >= from && s.started_at < to {
+                    r.sessions += 1;
+                }
+                r.session_seconds = r.session_seconds.saturating_add(clipped_seconds(
+                    s.started_at,
+                    s.ended_at,
+                    from,
+                    to,
+                ));
+            }
+        }
+        let hourly = || {
+            prices.get(&g.spec).map(|p| p.hourly).ok_or_else(|| {
+                UsageError::Invalid(format!(
+                    "no price is configured for spec {} of group {}",
+                    g.spec, g.name
+                ))
+            })
+        };
+        let subscription = round_line(g.orders.iter().copied().sum());
+        let base_payg = if g.billing == "pay-as-you-go" && base_seconds > 0 {
+            round_line(per_second_amount(hourly()?, base_seconds))
+        } else {
+            round_line(Decimal::ZERO)
+        };
+        let elastic = if elastic_seconds > 0 {
+            round_line(per_second_amount(hourly()?, elastic_seconds))
+        } else {
+            round_line(Decimal::ZERO)
+        };
+        let total = subscription + base_payg + elastic;
+        out.push(GroupUsage {
+            group: g.name.clone(),
+            id: g.id.clone(),
+            billing: g.billing.clone(),
+            resources: resources.into_values().collect(),
+            base_seconds,
+            elastic_seconds,
+            subscription: subscription.to_string(),
+            base_payg: base_payg.to_string(),
+            elastic: elastic.to_string(),
+            total: total.to_string(),
+        });
+    }
+    Ok(UsageReport {
+        from,
+        to,
+        currency: currency.to_owned(),
+        groups: out,
+    })
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+/// Reads the records of the groups `query` names that existed in its period.
+fn load(c: &Connection, query: &UsageQuery) -> Result<Vec<GroupRecords>, UsageError> {
+    let group = query.group.as_ref().map(|g| g.to_string());
+    let mut stmt = c.prepare(
+        "SELECT num, id, name, spec, billing FROM groups
+         WHERE (?1 IS NULL OR id = ?1 OR name = ?1)
+           AND created_at < ?3 AND (gone_at IS NULL OR gone_at >= ?2)
+         ORDER BY num",
+    )?;
+    let rows = stmt
+        .query_map(params![group, query.from.0, query.to.0], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (num, id, name, spec, billing) in rows {
+        let mut orders = Vec::new();
+        let mut o = c.prepare_cached(
+            "SELECT amount FROM orders WHERE group_num = ?1 AND at >= ?2 AND at < ?3 ORDER BY id",
+        )?;
+        for amount in o.query_map(params![num, query.from.0, query.to.0], |r| {
+            r.get::<_, String>(0)
+        })? {
+            let amount = amount?;
+            orders.push(
+                amount
+                    .parse::<Decimal>()
+                    .map_err(|e| corrupt(format!("order amount {amount:?}: {e}")))?,
+            );
+        }
+        let mut intervals = Vec::new();
+        let mut iv = c.prepare_cached(
+            "SELECT resource, kind, ready_at, released_at FROM resource_intervals
+             WHERE group_num = ?1 ORDER BY id",
+        )?;
+        for row in iv.query_map([num], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })? {
+            let (resource, kind, ready, released) = row?;
+            intervals.push(Interval {
+                resource: resource.parse().map_err(corrupt)?,
+                kind: match kind.as_str() {
+                    "base" => Kind::Base,
+                    "elastic" => Kind::Elastic,
+                    k => return Err(corrupt(format!("resource kind {k:?}")).into()),
+                },
+                ready_at: UnixMillis(ready),
+                released_at: released.map(UnixMillis),
+            });
+        }
+        let mut sessions = Vec::new();
+        let names: BTreeSet<&str> = intervals.iter().map(|i| i.resource.as_str()).collect();
+        let mut ss = c.prepare_cached(
+            "SELECT resource, started_at, ended_at FROM sessions
+             WHERE resource = ?1 AND started_at < ?3 AND (ended_at IS NULL OR ended_at > ?2)
+             ORDER BY started_at, id",
+        )?;
+        for resource in names {
+            for row in ss.query_map(params![resource, query.from.0, query.to.0], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })? {
+                let (resource, started, ended) = row?;
+                sessions.push(SessionSpan {
+                    resource: resource.parse().map_err(corrupt)?,
+                    started_at: UnixMillis(started),
+                    ended_at: ended.map(UnixMillis),
+                });
+            }
+        }
+        out.push(GroupRecords {
+            name: name.parse().map_err(corrupt)?,
+            id,
+            spec,
+            billing,
+            orders,
+            intervals,
+            sessions,
+        });
+    }
+    Ok(out)
+}
+
+/// `ferryctl usage`: reads the committed records and computes the report.
+pub async fn report(
+    store: &Store,
+    prices: &BTreeMap<String, Prices>,
+    currency: &str,
+    query: UsageQuery,
+) -> Result<UsageReport, UsageError> {
+    if query.to <= query.from {
+        return Err(UsageError::Invalid(format!(
+            "the period is empty: --to ({} ms) must be after --from ({} ms)",
+            query.to.0, query.from.0
+        )));
+    }
+    let q = query.clone();
+    let records = store.read_with(move |c| Ok(load(c, &q))).await??;
+    if let (Some(g), true) = (&query.group, records.is_empty()) {
+        return Err(UsageError::NotFound(format!(
+            "no group named {g} existed between the given times"
+        )));
+    }
+    compute(&records, prices, currency, query.from, query.to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    const H: i64 = 3_600_000;
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("id")
+    }
+
+    fn prices() -> BTreeMap<String, Prices> {
+        BTreeMap::from([(
+            "office-4c8g".to_string(),
+            Prices {
+                currency: "CNY".into(),
+                subscription_month: dec!(199),
+                hourly: dec!(0.62),
+            },
+        )])
+    }
+
+    fn interval(r: &str, kind: Kind, ready: i64, released: Option<i64>) -> Interval {
+        Interval {
+            resource: rid(r),
+            kind,
+            ready_at: UnixMillis(ready),
+            released_at: released.map(UnixMillis),
+        }
+    }
+
+    fn group(billing: &str, intervals: Vec<Interval>, sessions: Vec<SessionSpan>) -> GroupRecords {
+        GroupRecords {
+            name: "g1".parse().expect("name"),
+            id: "dg-1".into(),
+            spec: "office-4c8g".into(),
+            billing: billing.into(),
+            orders: vec![],
+            intervals,
+            sessions,
+        }
+    }
+
+    #[test]
+    fn lines_are_rounded_separately_and_clipped_to_the_period() {
+        let g = group(
+            "pay-as-you-go",
+            vec![
+                interval("h1", Kind::Base, 0, None),
+                interval("h2", Kind::Base, 0, None),
+                // Half of it before the period: only the inside half is billed.
+                interval("g1-e1", Kind::Elastic, -H / 2, Some(H / 2)),
+            ],
+            vec![
+                SessionSpan {
+                    resource: rid("h1"),
+                    started_at: UnixMillis(-H),
+                    ended_at: Some(UnixMillis(H / 4)),
+                },
+                SessionSpan {
+                    resource: rid("h1"),
+                    started_at: UnixMillis(H / 2),
+                    ended_at: None,
+                },
+                // Not a resource of the group.
+                SessionSpan {
+                    resource: rid("h9"),
+                    started_at: UnixMillis(0),
+                    ended_at: None,
+                },
+            ],
+        );
+        let r = compute(&[g], &prices(), "CNY", UnixMillis(0), UnixMillis(2 * H)).expect("report");
+        let g = &r.groups[0];
+        assert_eq!((g.base_seconds, g.elastic_seconds), (4 * 3600, 1800));
+        // 0.62 x 4 = 2.48; 0.62 / 2 = 0.31.
+        assert_eq!(
+            (
+                g.subscription.as_str(),
+                g.base_payg.as_str(),
+                g.elastic.as_str(),
+                g.total.as_str()
+            ),
+            ("0.00", "2.48", "0.31", "2.79")
+        );
+        let h1 = g
+            .resources
+            .iter()
+            .find(|r| r.resource == rid("h1"))
+            .expect("h1");
+        assert_eq!(
+            (h1.sessions, h1.session_seconds, h1.ready_seconds),
+            (1, 900 + 5400, 7200)
+        );
+        assert!(g.resources.iter().all(|r| r.resource != rid("h9")));
+    }
+
+    #[test]
+    fn subscription_orders_in_the_period_are_the_subscription_line_and_base_is_not_billed_twice() {
+        let mut g = group(
+            "subscription",
+            vec![interval("h1", Kind::Base, 0, None)],
+            vec![],
+        );
+        g.orders = vec![dec!(92.87), dec!(0.004)];
+        let r = compute(&[g], &prices(), "CNY", UnixMillis(0), UnixMillis(H)).expect("report");
+        let g = &r.groups[0];
+        assert_eq!(
+            (
+                g.subscription.as_str(),
+                g.base_payg.as_str(),
+                g.total.as_str()
+            ),
+            ("92.87", "0.00", "92.87")
+        );
+    }
+
+    #[test]
+    fn a_spec_without_prices_is_refused_only_when_time_must_be_priced() {
+        let mut g = group(
+            "pay-as-you-go",
+            vec![interval("h1", Kind::Base, 0, None)],
+            vec![],
+        );
+        g.spec = "unknown".into();
+        assert!(matches!(
+            compute(&[g.clone()], &prices(), "CNY", UnixMillis(0), UnixMillis(H)),
+            Err(UsageError::Invalid(_))
+        ));
+        g.intervals.clear();
+        assert!(compute(&[g], &prices(), "CNY", UnixMillis(0), UnixMillis(H)).is_ok());
+    }
+}

@@ -1,0 +1,419 @@
+//! Live delivery groups end to end, in one process: a real broker with a
+//! manual group clock, real agents naming the group in their `Hello`, and
+//! sessions reported through the agents' local sockets.
+//!
+//! An agent's `wait_synced` returns once the broker acknowledged its events,
+//! and the broker acknowledges only after the group's actor applied them and
+//! committed its decisions: no sleeps, every wait is on a signal.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferry_agent::local::LocalClient;
+use ferry_broker::config::GroupsConfig;
+use ferry_broker::engine::billing::{billed_seconds, per_second_amount, round_line};
+use ferry_broker::groups::tasks::ManualClock;
+use ferry_common::admin::{
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupEventInfo, GroupSpec, PolicySpec,
+    SessionType, UsageQuery, UsageReport,
+};
+use ferry_common::{GroupName, SessionId, UnixMillis, UserId};
+use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
+
+fn sid(s: &str) -> SessionId {
+    s.parse().expect("session id")
+}
+
+fn uid(s: &str) -> UserId {
+    s.parse().expect("user id")
+}
+
+fn group_spec(name: &str) -> GroupSpec {
+    GroupSpec {
+        name: Some(name.parse().expect("name")),
+        region: "cn-hangzhou".into(),
+        office_network: "office-net-1".into(),
+        spec: "office-4c8g".into(),
+        image: "img-1".into(),
+        billing: BillingSpec::PayAsYouGo,
+        base_resources: 2,
+        session_type: SessionType::Independent,
+        users: vec![],
+        policy: PolicySpec {
+            concurrent_sessions: Some(2),
+            usage_threshold: Some(50),
+            scale_out_step: Some(1),
+            max_elastic: Some(2),
+            max_idle_ms: Some(3_600_000),
+            ..PolicySpec::default()
+        },
+    }
+}
+
+async fn agent_of(broker: &TestBroker, resource: &str, group: &str) -> anyhow::Result<TestAgent> {
+    let identity = broker.issue_identity(resource)?;
+    let mut config = broker.agent_config(resource, &identity)?;
+    config.group = Some(group.parse()?);
+    let agent = TestAgent::start_with(config).await?;
+    agent.wait_synced().await?;
+    Ok(agent)
+}
+
+async fn events(broker: &TestBroker, group: &str) -> anyhow::Result<Vec<GroupEventInfo>> {
+    match broker
+        .admin(AdminRequestV1::GroupEvents {
+            group: group.parse()?,
+        })
+        .await?
+    {
+        AdminResponseV1::GroupEvents(e) => Ok(e),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+fn of_kind<'a>(events: &'a [GroupEventInfo], kind: &str) -> Vec<&'a GroupEventInfo> {
+    events.iter().filter(|e| e.kind == kind).collect()
+}
+
+async fn start(c: &mut LocalClient, session: &str) -> anyhow::Result<()> {
+    c.session_start(sid(session), uid("alice"))
+        .await
+        .with_context(|| format!("start {session}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_intervals(
+) -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    // Whole seconds, so intervals in the store are whole too.
+    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
+    let clock = ManualClock::new(t0);
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let hourly = config.prices["office-4c8g"].hourly;
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+
+    let published = broker
+        .admin(AdminRequestV1::GroupPublish(group_spec("live")))
+        .await?;
+    assert!(
+        matches!(published, AdminResponseV1::Group(_)),
+        "{published:?}"
+    );
+
+    // Two agents of the group take its two base slots.
+    let mut h1 = agent_of(&broker, "h1", "live").await?;
+    let mut h2 = agent_of(&broker, "h2", "live").await?;
+    let joined = of_kind(&events(&broker, "live").await?, "resource").len();
+    assert_eq!(joined, 2);
+
+    // Three sessions on four slots: 3 x 100 > 50 x 4, a scale-out.
+    let mut c1 = h1.client().await?;
+    let mut c2 = h2.client().await?;
+    start(&mut c1, "s1").await?;
+    start(&mut c1, "s2").await?;
+    h1.wait_synced().await?;
+    assert!(of_kind(&events(&broker, "live").await?, "scale_out").is_empty());
+    start(&mut c2, "s3").await?;
+    h2.wait_synced().await?;
+    let evs = events(&broker, "live").await?;
+    let scale_out = of_kind(&evs, "scale_out");
+    assert_eq!(scale_out.len(), 1, "{evs:?}");
+    assert!(
+        scale_out[0].message.contains("live-e1")
+            && scale_out[0]
+                .message
+                .contains("demand 3 x 100 > threshold 50 x capacity 4"),
+        "{}",
+        scale_out[0].message
+    );
+
+    // Ten minutes later an agent named for the elastic resource registers.
+    clock.advance(Duration::from_secs(600));
+    let e1_ready = clock.now();
+    let mut e1 = agent_of(&broker, "live-e1", "live").await?;
+    let evs = events(&broker, "live").await?;
+    let created = of_kind(&evs, "created");
+    assert_eq!(created.len(), 1, "{evs:?}");
+    assert!(created[0].message.contains("live-e1"));
+    assert_eq!(created[0].at, e1_ready);
+
+    // The usage of the first hour equals the billing rules applied to the
+    // intervals the broker recorded: bases from t0, the elastic one from
+    // ten minutes in, both still running.
+    let to = UnixMillis(t0.0 + 3_600_000);
+    let report = match broker
+        .admin(AdminRequestV1::Usage(UsageQuery {
+            group: Some("live".parse::<GroupName>()?),
+            from: t0,
+            to,
+        }))
+        .await?
+    {
+        AdminResponseV1::Usage(r) => r,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    let UsageReport { groups, .. } = report;
+    assert_eq!(groups.len(), 1);
+    let g = &groups[0];
+    let base_seconds = 2 * billed_seconds(t0, None, to);
+    let elastic_seconds = billed_seconds(e1_ready, None, to);
+    assert_eq!((g.base_seconds, g.elastic_seconds), (3600 * 2, 3000));
+    assert_eq!(
+        (g.base_seconds, g.elastic_seconds),
+        (base_seconds, elastic_seconds)
+    );
+    let base = round_line(per_second_amount(hourly, base_seconds));
+    let elastic = round_line(per_second_amount(hourly, elastic_seconds));
+    assert_eq!(g.base_payg, base.to_string());
+    assert_eq!(g.elastic, elastic.to_string());
+    assert_eq!(g.subscription, "0.00");
+    assert_eq!(g.total, (base + elastic).to_string());
+    let sessions: u64 = g.resources.iter().map(|r| r.sessions).sum();
+    assert_eq!(sessions, 3);
+    let kinds: Vec<(&str, &str)> = g
+        .resources
+        .iter()
+        .map(|r| (r.resource.as_str(), r.kind.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("h1", "base"), ("h2", "base"), ("live-e1", "elastic")]
+    );
+
+    e1.stop().await?;
+    h1.stop().await?;
+    h2.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+/// Waits until the group has `n` events of `kind`. The broker writes them
+/// from its group actor, which the test cannot subscribe to from outside;
+/// each round is one admin request (a real answer), bounded by `PATIENCE`.
+async fn wait_events(
+    broker: &TestBroker,
+    group: &str,
+    kind: &str,
+    n: usize,
+) -> anyhow::Result<Vec<GroupEventInfo>> {
+    let deadline = tokio::time::Instant::now() + ferry_tests::harness::PATIENCE;
+    loop {
+        let evs = events(broker, group).await?;
+        if of_kind(&evs, kind).len() >= n {
+            return Ok(evs);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no {n} {kind} event(s) in {evs:?}");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `hh:mm:ss` on the scenario's day, 2026-03-02 (UTC).
+fn at(hms: &str) -> UnixMillis {
+    const DAY: i64 = 1_772_409_600_000;
+    let parts: Vec<i64> = hms.split(':').map(|p| p.parse().expect("number")).collect();
+    UnixMillis(DAY + ((parts[0] * 60 + parts[1]) * 60 + parts[2]) * 1000)
+}
+
+/// The seed document's example (`seed-elastic-billing.toml`) replayed
+/// through the live broker: real agents report the sessions where the
+/// engine placed them in the simulation, agents named for the elastic
+/// resources register when the scenario creates them and disconnect when it
+/// releases them, and the group clock follows the scenario's times. The
+/// usage report must give the amounts `ferryctl simulate` gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_scenario_through_live_agents_costs_what_simulate_says() -> anyhow::Result<()> {
+    init_logging();
+    let scenario = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/spec/scenarios/seed-elastic-billing.toml");
+    let scenario = if scenario.exists() {
+        scenario
+    } else {
+        std::path::PathBuf::from("/work/shared/spec/scenarios/seed-elastic-billing.toml")
+    };
+    let simulated: serde_json::Value =
+        serde_json::from_str(&ferry_broker::simulate::run_cli(&scenario, true)?)?;
+    let cost = &simulated["cost"];
+
+    let dir = tempfile::tempdir()?;
+    let clock = ManualClock::new(at("08:00:00"));
+    let mut config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let prices = config
+        .prices
+        .get_mut("office-4c8g")
+        .context("a price for office-4c8g")?;
+    prices.subscription_month = "199".parse()?;
+    prices.hourly = "0.726736".parse()?;
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    let mut spec = group_spec("seed");
+    spec.billing = BillingSpec::Subscription {
+        duration: "1w".into(),
+        auto_renew: false,
+    };
+    spec.policy = PolicySpec {
+        concurrent_sessions: Some(2),
+        usage_threshold: Some(85),
+        scale_out_step: Some(2),
+        max_elastic: Some(2),
+        max_idle_ms: Some(3_600_000),
+        ..PolicySpec::default()
+    };
+    let published = broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+    assert!(
+        matches!(published, AdminResponseV1::Group(_)),
+        "{published:?}"
+    );
+    let mut b1 = agent_of(&broker, "h1", "seed").await?;
+    let mut b2 = agent_of(&broker, "h2", "seed").await?;
+    let (mut c1, mut c2) = (b1.client().await?, b2.client().await?);
+
+    // Breadth-first placement, as the simulation did: s1, s3 on b1; s2, s4 on b2.
+    for (time, on_b1, session) in [
+        ("08:22:00", true, "s1"),
+        ("08:45:00", false, "s2"),
+        ("09:10:00", true, "s3"),
+        ("09:55:00", false, "s4"),
+    ] {
+        clock.set(at(time));
+        let (client, agent) = if on_b1 {
+            (&mut c1, &b1)
+        } else {
+            (&mut c2, &b2)
+        };
+        start(client, session).await?;
+        agent.wait_synced().await?;
+    }
+    let evs = events(&broker, "seed").await?;
+    let scale_out = of_kind(&evs, "scale_out");
+    assert_eq!(scale_out.len(), 1, "{evs:?}");
+    assert!(scale_out[0].message.contains("seed-e1, seed-e2"));
+    assert_eq!(scale_out[0].at, at("09:55:00"));
+
+    clock.set(at("10:00:00"));
+    let mut e1 = agent_of(&broker, "seed-e1", "seed").await?;
+    let mut e2 = agent_of(&broker, "seed-e2", "seed").await?;
+    wait_events(&broker, "seed", "created", 2).await?;
+
+    // 11:00: e1 has been idle for max_idle; the actor's timer scales it in
+    // and drains it; its agent going away is the release.
+    clock.set(at("11:00:00"));
+    e1.wait_for("drained by the scale-in", |s| s.draining)
+        .await?;
+    e1.stop().await?;
+    wait_events(&broker, "seed", "released", 1).await?;
+
+    // 11:08: s3 ends, which lets e2 go too.
+    clock.set(at("11:08:00"));
+    c1.session_end(sid("s3"), ferry_common::wire::EndReason::Logout)
+        .await?;
+    b1.wait_synced().await?;
+    e2.wait_for("drained by the scale-in", |s| s.draining)
+        .await?;
+    clock.set(at("11:13:18"));
+    e2.stop().await?;
+    let evs = wait_events(&broker, "seed", "released", 2).await?;
+    let times =
+        |kind: &str| -> Vec<UnixMillis> { of_kind(&evs, kind).iter().map(|e| e.at).collect() };
+    assert_eq!(times("scale_in"), [at("11:00:00"), at("11:08:00")]);
+    assert_eq!(times("released"), [at("11:00:00"), at("11:13:18")]);
+
+    let report = match broker
+        .admin(AdminRequestV1::Usage(UsageQuery {
+            group: Some("seed".parse::<GroupName>()?),
+            from: at("08:00:00"),
+            to: at("12:00:00"),
+        }))
+        .await?
+    {
+        AdminResponseV1::Usage(r) => r,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    let g = &report.groups[0];
+    assert_eq!(g.elastic_seconds, 3600 + 4398);
+    let live = serde_json::json!({
+        "subscription": g.subscription,
+        "base_payg": g.base_payg,
+        "elastic": g.elastic,
+        "total": g.total,
+        "currency": report.currency,
+    });
+    assert_eq!(&live, cost);
+    assert_eq!(cost["total"], "94.48");
+
+    b1.stop().await?;
+    b2.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+/// A broker restart reloads the group: its actor starts from the store,
+/// agents re-join their base slots with the sessions their hosts still have,
+/// and metering goes on without a second interval per resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_reloads_the_group_and_its_open_sessions() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
+    let clock = ManualClock::new(t0);
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    broker
+        .admin(AdminRequestV1::GroupPublish(group_spec("again")))
+        .await?;
+    let mut h1 = agent_of(&broker, "h1", "again").await?;
+    let mut h2 = agent_of(&broker, "h2", "again").await?;
+    let (mut c1, mut c2) = (h1.client().await?, h2.client().await?);
+    start(&mut c1, "s1").await?;
+    h1.wait_synced().await?;
+
+    clock.advance(Duration::from_secs(600));
+    broker.restart().await?;
+    // Each start is acknowledged only by the new broker, after its agent
+    // re-joined. With h2 back (and h1 back with s1 or not yet), usage is at
+    // most the threshold.
+    start(&mut c2, "s3").await?;
+    h2.wait_synced().await?;
+    assert!(of_kind(&events(&broker, "again").await?, "scale_out").is_empty());
+    // Now both are back, h1 with s1 still open: 3 sessions on 4 slots.
+    start(&mut c1, "s2").await?;
+    h1.wait_synced().await?;
+    let evs = events(&broker, "again").await?;
+    let scale_out = of_kind(&evs, "scale_out");
+    assert_eq!(scale_out.len(), 1, "s1 counts after the restart: {evs:?}");
+    assert!(scale_out[0]
+        .message
+        .contains("demand 3 x 100 > threshold 50 x capacity 4"));
+
+    let to = UnixMillis(t0.0 + 3_600_000);
+    let report = match broker
+        .admin(AdminRequestV1::Usage(UsageQuery {
+            group: None,
+            from: t0,
+            to,
+        }))
+        .await?
+    {
+        AdminResponseV1::Usage(r) => r,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    let g = &report.groups[0];
+    assert_eq!(g.base_seconds, 2 * 3600, "one interval per base resource");
+    assert_eq!(g.resources.len(), 2);
+
+    h1.stop().await?;
+    h2.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
