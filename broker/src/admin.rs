@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use ferry_common::admin::{
     AdminError, AdminErrorCode, AdminRequest, AdminRequestV1, AdminResponse, AdminResponseV1,
-    GroupDetail, ResourceInfo, SessionInfo, StatusReport, UsageQuery, MAX_ADMIN_CONNECTIONS,
+    GroupDetail, LiveGroupView, LiveResourceView, ResourceInfo, SessionInfo, StatusReport,
+    UsageQuery, MAX_ADMIN_CONNECTIONS,
 };
 use ferry_common::frame::{self, FrameError, HEADER_LEN};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::wire::{Command, CommandOutcome};
-use ferry_common::{ResourceId, SessionId};
+use ferry_common::{GroupName, ResourceId, SessionId};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -256,6 +257,34 @@ async fn sync_actor(ctx: &AdminContext, group: &str) {
     }
 }
 
+/// The live state of `group` for `group show`: `None` when it has no
+/// running actor (not live, or a broker without actors).
+async fn live_view(ctx: &AdminContext, group: &GroupName) -> Option<LiveGroupView> {
+    let actors = ctx.registry.groups()?;
+    let v = actors.view(group).await.ok()?;
+    Some(LiveGroupView {
+        closed: v.closed,
+        demand: v.demand,
+        capacity: v.capacity,
+        concurrent_sessions: v.concurrent_sessions,
+        usage_threshold: v.usage_threshold,
+        resources: v
+            .resources
+            .into_iter()
+            .map(|r| LiveResourceView {
+                resource: r.resource,
+                class: r.class.as_str().into(),
+                state: r.state.to_string(),
+                available: r.available,
+                sessions: r.sessions,
+                flagged: r.flagged,
+            })
+            .collect(),
+        flagged: v.flagged,
+        engine_deadline: v.deadline,
+    })
+}
+
 fn error(code: AdminErrorCode, message: String) -> AdminResponseV1 {
     AdminResponseV1::Error(AdminError { code, message })
 }
@@ -347,7 +376,16 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             detail(published)
         }
         AdminRequestV1::GroupList(filter) => g.list(filter).await.map(AdminResponseV1::Groups),
-        AdminRequestV1::GroupShow { group } => detail(g.show(group.as_str()).await),
+        AdminRequestV1::GroupShow { group } => match g.show(group.as_str()).await {
+            Ok(d) => {
+                let live = live_view(ctx, &d.info.name).await;
+                Ok(AdminResponseV1::GroupShown {
+                    detail: Box::new(d),
+                    live,
+                })
+            }
+            Err(e) => Err(e),
+        },
         AdminRequestV1::GroupUpdatePolicy { group, policy } => {
             let updated = g.update_policy(&group, policy, now).await;
             if updated.is_ok() {
@@ -358,11 +396,21 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         AdminRequestV1::GroupUpdateUsers { group, add, remove } => {
             detail(g.update_users(&group, add, remove, now).await)
         }
+        // Both can move the expiry deadline, and a renewal reopens an
+        // expired group: its actor follows.
         AdminRequestV1::GroupRenew { group, duration } => {
-            detail(g.renew(&group, &duration, now).await)
+            let renewed = g.renew(&group, &duration, now).await;
+            if renewed.is_ok() {
+                sync_actor(ctx, group.as_str()).await;
+            }
+            detail(renewed)
         }
         AdminRequestV1::GroupSetAutoRenew { group, on } => {
-            detail(g.set_auto_renew(&group, on, now).await)
+            let set = g.set_auto_renew(&group, on, now).await;
+            if set.is_ok() {
+                sync_actor(ctx, group.as_str()).await;
+            }
+            detail(set)
         }
         AdminRequestV1::GroupPurge { group } => {
             let removed = g.remove(&group, Removal::Purge, now).await;

@@ -124,7 +124,9 @@ pub async fn run(
     }
     tracker.spawn(link::serve(endpoint.clone(), link_ctx, tasks.clone()));
     let groups = GroupService::new(store.clone(), config.groups.clone());
-    tracker.spawn(groups::tasks::run_deadlines(groups.clone(), tasks.clone()));
+    // Lifecycle deadlines (expiry, auto-renew, recycling) are applied by the
+    // actors' `follow_lifecycle` task, started by `start_all` above, which also
+    // brings each group's actor in line with its new status.
     tracker.spawn(groups::tasks::deliver_notifications(
         groups.clone(),
         config.groups.clone(),

@@ -4,8 +4,8 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use ferry_common::admin::{
-    GroupDetail, GroupEventInfo, GroupInfo, ResourceInfo, SessionInfo, StatusReport, UsageReport,
-    UserInfo,
+    GroupDetail, GroupEventInfo, GroupInfo, LiveGroupView, ResourceInfo, SessionInfo, StatusReport,
+    UsageReport, UserInfo,
 };
 use ferry_common::UnixMillis;
 use serde_json::{json, Value};
@@ -335,6 +335,117 @@ pub fn group_table(d: &GroupDetail) -> String {
     table(&["FIELD", "VALUE"], &rows)
 }
 
+/// Usage as `demand / capacity` in percent, exact and rounded half up to
+/// one decimal; `None` without capacity.
+pub fn usage_percent(demand: u64, capacity: u64) -> Option<String> {
+    if capacity == 0 {
+        return None;
+    }
+    let pct = rust_decimal::Decimal::from(demand) * rust_decimal::Decimal::from(100)
+        / rust_decimal::Decimal::from(capacity);
+    let mut pct =
+        pct.round_dp_with_strategy(1, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    // Always one decimal: `50.0`, not `50`.
+    pct.rescale(1);
+    Some(pct.to_string())
+}
+
+fn live_json(l: &LiveGroupView) -> Value {
+    json!({
+        "closed": l.closed,
+        "demand": l.demand,
+        "capacity": l.capacity,
+        "usage_percent": usage_percent(l.demand, l.capacity),
+        "usage_threshold": l.usage_threshold,
+        "concurrent_sessions": l.concurrent_sessions,
+        "engine_deadline": opt_time(l.engine_deadline),
+        "flagged": l.flagged,
+        "resources": l.resources.iter().map(|r| json!({
+            "resource": r.resource.as_str(),
+            "class": r.class,
+            "state": r.state,
+            "available": r.available,
+            "sessions": r.sessions.len(),
+            "concurrent_sessions": l.concurrent_sessions,
+            "load": format!("{}/{}", r.sessions.len(), l.concurrent_sessions),
+            "session_ids": r.sessions.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "flagged": r.flagged,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `group show --json`: the stored group, its live state under `live`
+/// (`null` without a running actor) and the flags raised under `flagged`.
+pub fn group_shown_json(d: &GroupDetail, live: Option<&LiveGroupView>) -> Value {
+    let mut v = group_json(d);
+    v["live"] = live.map(live_json).unwrap_or(Value::Null);
+    v["flagged"] = json!(live.map(|l| l.flagged.clone()).unwrap_or_default());
+    v
+}
+
+/// `group show`: the stored group, then its live state.
+pub fn group_shown_table(d: &GroupDetail, live: Option<&LiveGroupView>) -> String {
+    let mut out = group_table(d);
+    let Some(l) = live else {
+        out.push_str("\nlive: no running state (the group is not live in this broker)\n");
+        return out;
+    };
+    out.push_str(&format!(
+        "\nlive: {}  demand {}  capacity {}  usage {}  threshold {}%  next engine deadline {}\n",
+        if l.closed {
+            "closed (expired: no new sessions)"
+        } else {
+            "open"
+        },
+        l.demand,
+        l.capacity,
+        usage_percent(l.demand, l.capacity)
+            .map(|u| format!("{u}%"))
+            .unwrap_or_else(|| "-".into()),
+        l.usage_threshold,
+        opt_text(l.engine_deadline),
+    ));
+    let rows: Vec<Vec<String>> = l
+        .resources
+        .iter()
+        .map(|r| {
+            vec![
+                r.resource.to_string(),
+                r.class.clone(),
+                r.state.clone(),
+                yes_no(r.available),
+                format!("{}/{}", r.sessions.len(), l.concurrent_sessions),
+                if r.sessions.is_empty() {
+                    "-".into()
+                } else {
+                    r.sessions
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                if r.flagged.is_some() { "yes" } else { "-" }.into(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "RESOURCE",
+            "CLASS",
+            "STATE",
+            "AVAILABLE",
+            "LOAD",
+            "SESSIONS",
+            "FLAGGED",
+        ],
+        &rows,
+    ));
+    for f in &l.flagged {
+        out.push_str(&format!("flagged: {f}\n"));
+    }
+    out
+}
+
 pub fn group_events_json(es: &[GroupEventInfo]) -> Value {
     Value::Array(
         es.iter()
@@ -541,6 +652,17 @@ pub fn usage_json(r: &UsageReport) -> Value {
 mod tests {
     use super::*;
     use ferry_common::wire::HostFacts;
+
+    #[test]
+    fn usage_is_exact_with_one_decimal() {
+        assert_eq!(usage_percent(3, 6).as_deref(), Some("50.0"));
+        assert_eq!(usage_percent(1, 3).as_deref(), Some("33.3"));
+        assert_eq!(usage_percent(2, 3).as_deref(), Some("66.7"));
+        assert_eq!(usage_percent(1, 8).as_deref(), Some("12.5"));
+        assert_eq!(usage_percent(1, 16).as_deref(), Some("6.3"), "half up");
+        assert_eq!(usage_percent(9, 4).as_deref(), Some("225.0"));
+        assert_eq!(usage_percent(0, 0), None);
+    }
 
     #[test]
     fn times_are_rfc3339_utc() {

@@ -51,7 +51,7 @@ pub enum AdminRequestV1 {
     GroupPublish(GroupSpec),
     /// Groups matching every given filter. Answered by [`AdminResponseV1::Groups`].
     GroupList(GroupFilter),
-    /// One group (by name or id). Answered by [`AdminResponseV1::Group`].
+    /// One group (by name or id). Answered by [`AdminResponseV1::GroupShown`].
     GroupShow { group: GroupName },
     /// Change the given policy parameters; the rest stay. Answered by `Group`.
     GroupUpdatePolicy {
@@ -106,6 +106,15 @@ pub enum AdminResponseV1 {
     GroupEvents(Vec<GroupEventInfo>),
     Users(Vec<UserInfo>),
     Usage(UsageReport),
+    /// `group show`: the stored group and, when its actor runs, its live
+    /// state. Answers [`AdminRequestV1::GroupShow`] (a new variant rather than
+    /// a field on [`GroupDetail`], which is shipped).
+    GroupShown {
+        detail: Box<GroupDetail>,
+        /// `None` when the group has no running actor (gone, recycling,
+        /// publish failed, or this broker runs without group actors).
+        live: Option<LiveGroupView>,
+    },
 }
 
 /// What `ferryctl usage` asks.
@@ -436,6 +445,48 @@ pub enum AdminErrorCode {
     Conflict,
 }
 
+/// A group's live state as its actor holds it (`group show`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveGroupView {
+    /// The group is expired: it takes no new sessions and its open ones are
+    /// being disconnected; the engine is frozen until it is renewed.
+    pub closed: bool,
+    /// Sessions on resources plus requests waiting for room (SPEC: demand).
+    pub demand: u64,
+    /// Session slots of ready, available and pending resources.
+    pub capacity: u64,
+    /// Sessions one resource takes (the policy's `concurrent_sessions`).
+    pub concurrent_sessions: u32,
+    /// The usage threshold in percent that triggers a scale-out.
+    pub usage_threshold: u32,
+    /// Every resource of the group, in creation order.
+    pub resources: Vec<LiveResourceView>,
+    /// Agents flagged by the group (host below the spec, beyond the base
+    /// count, an elastic id it did not ask for): one line each, naming the
+    /// resource and why.
+    pub flagged: Vec<String>,
+    /// When the engine next acts by itself (scale-in, wait timeouts).
+    pub engine_deadline: Option<UnixMillis>,
+}
+
+/// One resource of [`LiveGroupView`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveResourceView {
+    /// The real resource id; a base slot no agent has taken yet shows as `b2`.
+    pub resource: ResourceId,
+    /// `base` or `elastic`.
+    pub class: String,
+    /// `pending`, `ready`, `releasing` or `released`.
+    pub state: String,
+    /// Whether it takes new sessions now.
+    pub available: bool,
+    /// Sessions on it (its load is `sessions.len()` of `concurrent_sessions`).
+    pub sessions: Vec<SessionId>,
+    /// Why the resource is flagged (its host is below the group's spec);
+    /// `None` when it is not.
+    pub flagged: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     //! Golden bytes: freeze the admin encoding so a `ferryctl` of one build
@@ -501,6 +552,36 @@ mod tests {
         }));
         let bytes = frame::encode_payload(&refused).expect("encode");
         assert_eq!(hex(&bytes), "0004080178");
+    }
+
+    #[test]
+    fn golden_live_group_view() {
+        let live = LiveGroupView {
+            closed: true,
+            demand: 3,
+            capacity: 4,
+            concurrent_sessions: 2,
+            usage_threshold: 50,
+            resources: vec![LiveResourceView {
+                resource: "h1".parse().expect("id"),
+                class: "base".into(),
+                state: "ready".into(),
+                available: false,
+                sessions: vec!["s1".parse().expect("id")],
+                flagged: None,
+            }],
+            flagged: vec![],
+            engine_deadline: None,
+        };
+        let bytes = frame::encode_payload(&live).expect("encode");
+        assert_eq!(
+            hex(&bytes),
+            "01030402320102683104626173650572656164790001027331000000"
+        );
+        assert_eq!(
+            frame::decode_payload::<LiveGroupView>(&bytes).expect("decode"),
+            live
+        );
     }
 
     #[test]

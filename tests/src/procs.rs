@@ -299,6 +299,17 @@ impl AgentProcess {
         resource: &str,
         broker_addr: SocketAddr,
     ) -> anyhow::Result<AgentProcess> {
+        AgentProcess::start_in_group(broker, resource, broker_addr, None).await
+    }
+
+    /// As [`AgentProcess::start`], with `group = "..."` in the config when
+    /// `group` is set: the agent names its delivery group in its `Hello`.
+    pub async fn start_in_group(
+        broker: &BrokerFiles,
+        resource: &str,
+        broker_addr: SocketAddr,
+        group: Option<&str>,
+    ) -> anyhow::Result<AgentProcess> {
         let home = broker.dir.join(resource);
         let id = home.join("id");
         broker.issue_agent(resource, &id).await?;
@@ -314,6 +325,10 @@ impl AgentProcess {
             state = home.join("state"),
             sock = local_socket,
         );
+        let text = match group {
+            Some(group) => format!("{text}group = {group:?}\n"),
+            None => text,
+        };
         std::fs::write(&config, text).context("write agent config")?;
         let notify = FakeNotifySocket::bind(&home)?;
         let mut cmd = Command::new(bin("ferry-agent"));

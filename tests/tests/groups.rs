@@ -180,6 +180,39 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
     // Show by id; update-policy valid and invalid.
     let shown = ferryctl_json(s, &["group", "show", &id]).await?;
     assert_eq!(shown["name"], "design-team");
+    // Its live view: two base slots no agent has taken yet, nothing running.
+    let live = &shown["live"];
+    assert_eq!(live["closed"], false, "{shown}");
+    assert_eq!((&live["demand"], &live["capacity"]), (&0.into(), &0.into()));
+    assert_eq!(live["usage_percent"], serde_json::Value::Null);
+    let slots: Vec<String> = live["resources"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {} {} {}",
+                        r["resource"], r["class"], r["state"], r["available"], r["load"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        slots,
+        [
+            r#""b1" "base" "ready" false "0/2""#,
+            r#""b2" "base" "ready" false "0/2""#
+        ],
+        "{shown}"
+    );
+    assert_eq!(shown["flagged"], serde_json::json!([]));
+    let mut args: Vec<&OsStr> = vec![OsStr::new("--socket"), s.as_os_str()];
+    args.extend(["group", "show", "design-team"].map(OsStr::new));
+    let table = ferry_tests::procs::run_ok(&bin("ferryctl"), args).await?;
+    for part in ["live: open", "RESOURCE", "LOAD", "b2"] {
+        assert!(table.contains(part), "{part} missing: {table}");
+    }
     let up = ferryctl_json(
         s,
         &[
@@ -357,7 +390,7 @@ impl ClockedBroker {
             group: group.parse()?,
         };
         match ferry_broker::admin::request(self.socket(), req).await? {
-            AdminResponseV1::Group(d) => Ok(d.info.status),
+            AdminResponseV1::GroupShown { detail, .. } => Ok(detail.info.status),
             other => anyhow::bail!("group show answered {other:?}"),
         }
     }

@@ -12,10 +12,11 @@ use anyhow::{bail, Context};
 use ferry_agent::local::LocalClient;
 use ferry_broker::config::GroupsConfig;
 use ferry_broker::engine::billing::{billed_seconds, per_second_amount, round_line};
+use ferry_broker::groups::hostfit;
 use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, BillingSpec, GroupEventInfo, GroupSpec, PolicySpec,
-    SessionType, UsageQuery, UsageReport,
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupDetail, GroupEventInfo, GroupSpec,
+    LiveGroupView, PolicySpec, SessionType, UsageQuery, UsageReport,
 };
 use ferry_common::{GroupName, SessionId, UnixMillis, UserId};
 use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
@@ -69,6 +70,45 @@ async fn events(broker: &TestBroker, group: &str) -> anyhow::Result<Vec<GroupEve
         AdminResponseV1::GroupEvents(e) => Ok(e),
         other => bail!("unexpected answer {other:?}"),
     }
+}
+
+/// `group show`: the stored group and its live view.
+async fn show(
+    broker: &TestBroker,
+    group: &str,
+) -> anyhow::Result<(GroupDetail, Option<LiveGroupView>)> {
+    match broker
+        .admin(AdminRequestV1::GroupShow {
+            group: group.parse()?,
+        })
+        .await?
+    {
+        AdminResponseV1::GroupShown { detail, live } => Ok((*detail, live)),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// The live view of a group that must have one.
+async fn live(broker: &TestBroker, group: &str) -> anyhow::Result<LiveGroupView> {
+    show(broker, group)
+        .await?
+        .1
+        .with_context(|| format!("group {group} has no live view"))
+}
+
+/// (resource, state, available, sessions) of each resource of the view.
+fn rows(l: &LiveGroupView) -> Vec<(String, String, bool, Vec<String>)> {
+    l.resources
+        .iter()
+        .map(|r| {
+            (
+                r.resource.to_string(),
+                r.state.clone(),
+                r.available,
+                r.sessions.iter().map(|s| s.to_string()).collect(),
+            )
+        })
+        .collect()
 }
 
 fn of_kind<'a>(events: &'a [GroupEventInfo], kind: &str) -> Vec<&'a GroupEventInfo> {
@@ -141,6 +181,35 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     assert_eq!(created.len(), 1, "{evs:?}");
     assert!(created[0].message.contains("live-e1"));
     assert_eq!(created[0].at, e1_ready);
+
+    // `group show` has the live view: each resource with its state,
+    // availability and sessions, and the group's demand against capacity.
+    let l = live(&broker, "live").await?;
+    assert!(!l.closed);
+    assert_eq!((l.demand, l.capacity, l.concurrent_sessions), (3, 6, 2));
+    assert_eq!(
+        rows(&l),
+        [
+            (
+                "h1".into(),
+                "ready".into(),
+                true,
+                vec!["s1".into(), "s2".into()]
+            ),
+            ("h2".into(), "ready".into(), true, vec!["s3".into()]),
+            ("live-e1".into(), "ready".into(), true, vec![]),
+        ]
+    );
+    assert_eq!(l.resources[2].class, "elastic");
+    let json = ferry_broker::render::group_shown_json(&show(&broker, "live").await?.0, Some(&l));
+    assert_eq!(json["live"]["usage_percent"], "50.0");
+    assert_eq!(json["live"]["resources"][0]["load"], "2/2");
+    let table = ferry_broker::render::group_shown_table(&show(&broker, "live").await?.0, Some(&l));
+    assert!(
+        table.contains("demand 3  capacity 6  usage 50.0%"),
+        "{table}"
+    );
+    assert!(table.contains("live-e1"), "{table}");
 
     // The usage of the first hour equals the billing rules applied to the
     // intervals the broker recorded: bases from t0, the elastic one from
@@ -414,6 +483,250 @@ async fn a_restarted_broker_reloads_the_group_and_its_open_sessions() -> anyhow:
 
     h1.stop().await?;
     h2.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+/// The groups' lifecycle deadline reaches the live state: with no operator
+/// action, the end of a subscription's week closes the group (no new
+/// sessions; the open ones are disconnected through their agents, a failure
+/// recorded as an event), a renewal reopens it, and recycling stops it and
+/// ends its metering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it(
+) -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
+    let clock = ManualClock::new(t0);
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let retention = i64::try_from(config.retention.as_millis())?;
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    let mut spec = group_spec("week");
+    spec.billing = BillingSpec::Subscription {
+        duration: "1w".into(),
+        auto_renew: false,
+    };
+    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+
+    // h1's host can end sessions (its hook logs them); h2's cannot.
+    let log = dir.path().join("disconnected.log");
+    let hook = dir.path().join("disconnect.sh");
+    std::fs::write(&hook, format!("echo \"$1\" >> '{}'\n", log.display()))?;
+    let identity = broker.issue_identity("h1")?;
+    let mut h1_config = broker.agent_config("h1", &identity)?;
+    h1_config.group = Some("week".parse()?);
+    h1_config.hooks.disconnect = Some(vec!["/bin/sh".into(), hook.display().to_string()]);
+    let mut h1 = TestAgent::start_with(h1_config).await?;
+    h1.wait_synced().await?;
+    let mut h2 = agent_of(&broker, "h2", "week").await?;
+    let (mut c1, mut c2) = (h1.client().await?, h2.client().await?);
+    start(&mut c1, "s1").await?;
+    h1.wait_synced().await?;
+    start(&mut c2, "s2").await?;
+    h2.wait_synced().await?;
+    let l = live(&broker, "week").await?;
+    assert!(!l.closed);
+    assert_eq!((l.demand, l.capacity), (2, 4));
+
+    // The week ends; the deadline alone expires and closes the group.
+    clock.advance(Duration::from_secs(7 * 86_400));
+    wait_events(&broker, "week", "disconnected", 1).await?;
+    let evs = wait_events(&broker, "week", "disconnect-failed", 1).await?;
+    let closed = of_kind(&evs, "closed");
+    assert_eq!(closed.len(), 1, "{evs:?}");
+    assert!(
+        closed[0].message.contains("2 open session(s)"),
+        "{}",
+        closed[0].message
+    );
+    let done = of_kind(&evs, "disconnected");
+    assert!(
+        done[0].message.contains("session s1 on h1"),
+        "{}",
+        done[0].message
+    );
+    let failed = of_kind(&evs, "disconnect-failed");
+    assert!(
+        failed[0].message.contains("session s2 on h2")
+            && failed[0].message.contains("no disconnect hook"),
+        "{}",
+        failed[0].message
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log)?,
+        "s1\n",
+        "h1's hook ran for s1"
+    );
+    let (detail, l) = show(&broker, "week").await?;
+    assert_eq!(detail.info.status, "expired");
+    let l = l.context("an expired group keeps its live view")?;
+    assert!(l.closed);
+    assert_eq!((l.demand, l.capacity), (2, 0));
+    assert!(l.resources.iter().all(|r| !r.available), "{l:?}");
+
+    // A session a host starts anyway is refused and disconnected.
+    start(&mut c1, "s3").await?;
+    h1.wait_synced().await?;
+    let evs = wait_events(&broker, "week", "disconnected", 2).await?;
+    assert!(of_kind(&evs, "rejected")
+        .iter()
+        .any(|e| e.message.contains("s3 on h1")));
+    assert!(
+        of_kind(&evs, "scale_out").is_empty(),
+        "a closed group never scales"
+    );
+    // The hosts end what they were asked to.
+    for s in ["s1", "s3"] {
+        c1.session_end(sid(s), ferry_common::wire::EndReason::Disconnected)
+            .await?;
+    }
+    c2.session_end(sid("s2"), ferry_common::wire::EndReason::Logout)
+        .await?;
+    h1.wait_synced().await?;
+    h2.wait_synced().await?;
+    assert_eq!(live(&broker, "week").await?.demand, 0);
+
+    // A renewal reopens it: agents take sessions again.
+    broker
+        .admin(AdminRequestV1::GroupRenew {
+            group: "week".parse()?,
+            duration: "1w".into(),
+        })
+        .await?;
+    let l = live(&broker, "week").await?;
+    assert!(!l.closed);
+    assert_eq!(
+        rows(&l),
+        [
+            ("h1".into(), "ready".into(), true, vec![]),
+            ("h2".into(), "ready".into(), true, vec![]),
+        ]
+    );
+    start(&mut c2, "s4").await?;
+    h2.wait_synced().await?;
+    assert_eq!(live(&broker, "week").await?.demand, 1);
+    assert_eq!(
+        of_kind(&events(&broker, "week").await?, "reopened").len(),
+        1
+    );
+
+    // Expired again, then past retention: recycling stops the live state and
+    // ends the base resources' metering when it began.
+    let expires = show(&broker, "week")
+        .await?
+        .0
+        .info
+        .expires_at
+        .context("a subscription expires")?;
+    clock.set(expires);
+    wait_events(&broker, "week", "closed", 2).await?;
+    let recycle = UnixMillis(expires.0 + retention);
+    clock.set(recycle);
+    let evs = wait_events(&broker, "week", "released", 1).await?;
+    let released = of_kind(&evs, "released");
+    assert!(released[0].message.contains("2 resource(s) released"));
+    assert_eq!(released[0].at, recycle);
+    let (detail, l) = show(&broker, "week").await?;
+    assert_eq!(detail.info.status, "recycling");
+    assert_eq!(l, None, "no live state once recycling");
+    let to = UnixMillis(recycle.0 + 86_400_000);
+    let report = match broker
+        .admin(AdminRequestV1::Usage(UsageQuery {
+            group: Some("week".parse::<GroupName>()?),
+            from: t0,
+            to,
+        }))
+        .await?
+    {
+        AdminResponseV1::Usage(r) => r,
+        other => bail!("unexpected answer {other:?}"),
+    };
+    assert_eq!(
+        report.groups[0].base_seconds,
+        2 * billed_seconds(t0, Some(recycle), to)
+    );
+    assert_eq!(
+        report.groups[0].base_seconds,
+        2 * u64::try_from((recycle.0 - t0.0) / 1000)?
+    );
+
+    h1.stop().await?;
+    h2.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+/// An agent joins a group whose spec is larger than its host: it is flagged
+/// (an event naming it, what it has and what the spec needs, and `flagged`
+/// in `group show`) and still used. The hosts running the tests are real,
+/// so the expectation is computed from the facts the agent reported; the
+/// largest spec of the catalog makes the flagged case the usual one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_below_the_group_spec_is_flagged_and_still_joins() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let clock = ManualClock::new(UnixMillis(ferry_broker::link::now_millis().0));
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    let mut spec = group_spec("big");
+    spec.spec = "gpu-14c93g".into();
+    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+    let mut h1 = agent_of(&broker, "h1", "big").await?;
+
+    let facts = broker
+        .resources()
+        .await?
+        .into_iter()
+        .find(|r| r.resource.as_str() == "h1")
+        .context("h1 is registered")?
+        .host;
+    let expected = hostfit::shortfall("gpu-14c93g", &facts);
+    let evs = events(&broker, "big").await?;
+    let flagged = of_kind(&evs, "flagged");
+    let l = live(&broker, "big").await?;
+    assert_eq!(
+        rows(&l)[0],
+        ("h1".into(), "ready".into(), true, vec![]),
+        "a flagged host still joins and takes sessions"
+    );
+    match &expected {
+        Some(short) => {
+            assert_eq!(flagged.len(), 1, "{evs:?}");
+            assert!(
+                flagged[0].message.contains("resource h1") && flagged[0].message.contains(short),
+                "{}",
+                flagged[0].message
+            );
+            assert!(short.contains(&format!("has {} vCPU", facts.vcpus)));
+            assert!(short.contains("needs 14 vCPU / 93 GiB"));
+            assert!(l.resources[0]
+                .flagged
+                .as_deref()
+                .is_some_and(|m| m.contains(short)));
+            assert_eq!(l.flagged.len(), 1);
+            let json =
+                ferry_broker::render::group_shown_json(&show(&broker, "big").await?.0, Some(&l));
+            assert_eq!(json["flagged"].as_array().map(Vec::len), Some(1));
+        }
+        None => {
+            assert!(flagged.is_empty(), "{evs:?}");
+            assert_eq!(l.resources[0].flagged, None);
+        }
+    }
+    // A session goes to it like to any other.
+    let mut c1 = h1.client().await?;
+    start(&mut c1, "s1").await?;
+    h1.wait_synced().await?;
+    assert_eq!(live(&broker, "big").await?.demand, 1);
+
+    h1.stop().await?;
     broker.stop().await?;
     Ok(())
 }

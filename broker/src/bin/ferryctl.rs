@@ -506,6 +506,10 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
         ),
         AdminResponseV1::Groups(g) => (render::groups_json(&g), render::groups_table(&g)),
         AdminResponseV1::Group(d) => (render::group_json(&d), render::group_table(&d)),
+        AdminResponseV1::GroupShown { detail, live } => (
+            render::group_shown_json(&detail, live.as_ref()),
+            render::group_shown_table(&detail, live.as_ref()),
+        ),
         AdminResponseV1::GroupEvents(e) => (
             render::group_events_json(&e),
             render::group_events_table(&e),

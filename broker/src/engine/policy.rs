@@ -235,7 +235,7 @@ pub const SESSION_END_WARNING: Duration = Duration::from_secs(5 * 60);
 pub struct SessionPolicy {
     /// How long a disconnected session is kept for a reconnect.
     pub disconnect_retention: Retention,
-    /// Longest a session may last; the user is warned [`SESSION_END_WARNING`] before.
+    /// Longest a session may last; the user is warned `SESSION_END_WARNING` (5 minutes) before.
     pub max_session_duration: Option<Duration>,
     /// A session idle this long is disconnected.
     pub idle_disconnect: Option<Duration>,

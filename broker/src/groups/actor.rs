@@ -1,4 +1,4 @@
-//! One task per live delivery group, owning its [`engine::Group`].
+//! One task per live delivery group, owning its [`Group`] (the engine).
 //!
 //! The engine is pure; this actor is its only owner in the live broker. Agent
 //! reports (joins, availability, session starts and ends) arrive through a
@@ -19,21 +19,40 @@
 //! disconnecting afterwards counts as the release (a host being removed goes
 //! away; nothing else tells the broker it is gone).
 //!
+//! Host size. A joining agent's reported host facts (stored with its
+//! registration) are checked against the group's spec
+//! ([`super::hostfit`]); a smaller host is flagged in the events and in the
+//! view, and still used: operators decide.
+//!
+//! Lifecycle. The group's status follows [`GroupActors::follow_lifecycle`].
+//! `expired` closes the actor (a group-level state, chosen over marking
+//! every resource unavailable in the engine because the engine would then
+//! see demand with no capacity and scale out): the engine is frozen, every
+//! resource shows unavailable, and each open session, and any started
+//! afterwards, gets `Command::DisconnectSession` through the registry, its
+//! outcome (failures too) written to the group's events. A renewal reopens
+//! it: the engine learns the sessions that ended or began meanwhile and the
+//! agents' availability. `recycling` and `gone` stop the actor and close its
+//! metering intervals.
+//!
 //! What is not kept across a broker restart: the binding of agents to base
 //! slots and the elastic resources (agents re-join when they reconnect, and
 //! their open sessions come back with their `Hello`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use ferry_common::wire::{Command, SessionEvent};
+use ferry_common::wire::{Command, CommandOutcome, HostFacts, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::tasks::Clock;
+use super::hostfit;
+use super::service::GroupService;
+use super::tasks::{Clock, RETRY_AFTER_ERROR};
 use crate::config::GroupsConfig;
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
@@ -73,6 +92,10 @@ pub struct ResourceView {
     pub available: bool,
     /// Sessions on it.
     pub occupancy: u32,
+    /// The sessions on it, as the actor knows them from the agent's reports.
+    pub sessions: Vec<SessionId>,
+    /// Why it is flagged (its host is below the group's spec), if it is.
+    pub flagged: Option<String>,
 }
 
 /// What a group's actor holds now.
@@ -82,8 +105,20 @@ pub struct GroupView {
     pub group: GroupName,
     /// Every resource ever in the group, in creation order.
     pub resources: Vec<ResourceView>,
-    /// The engine's next deadline.
+    /// The engine's next deadline (`None` while closed: the engine is frozen).
     pub deadline: Option<UnixMillis>,
+    /// The group is expired: no new sessions, open ones are disconnected.
+    pub closed: bool,
+    /// Sessions plus waiting requests (SPEC: demand).
+    pub demand: u64,
+    /// Session slots of the resources counted in capacity.
+    pub capacity: u64,
+    /// Sessions per resource (policy).
+    pub concurrent_sessions: u32,
+    /// Scale-out threshold in percent (policy).
+    pub usage_threshold: u32,
+    /// Every flag the group raised: one line per agent, naming it and why.
+    pub flagged: Vec<String>,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -189,10 +224,21 @@ fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError>
 }
 
 /// Whether a group in this status has live state to own. A group that failed
-/// to publish has no resources; a gone one has nothing.
+/// to publish has no resources; a recycling one is having its resources
+/// reclaimed (they are released when it starts); a gone one has nothing.
 fn is_live(status: &str) -> bool {
-    !matches!(status, "gone" | "publish-failed")
+    !matches!(status, "gone" | "publish-failed" | "recycling")
 }
+
+/// When to try again after a failure at `now`.
+fn retry_at(now: UnixMillis) -> UnixMillis {
+    let ms = i64::try_from(RETRY_AFTER_ERROR.as_millis()).unwrap_or(i64::MAX);
+    UnixMillis(now.0.saturating_add(ms))
+}
+
+/// The status in which a group's actor is closed: no new sessions, its open
+/// ones disconnected (SPEC section 3).
+const CLOSED_STATUS: &str = "expired";
 
 /// Every group that needs an actor and the live groups under their names.
 #[derive(Clone)]
@@ -211,6 +257,11 @@ struct Shared {
     shutdown: CancellationToken,
     /// Running actors by group name. A std mutex: only map updates under it.
     actors: Mutex<HashMap<GroupName, ActorHandle>>,
+    /// Wakes the lifecycle follower (see [`GroupActors::start_all`]) after an
+    /// operator's change, which may move a lifecycle deadline.
+    lifecycle: Notify,
+    /// Whether the lifecycle follower was started (it runs once per broker).
+    follower_started: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -238,6 +289,8 @@ impl GroupActors {
                 tracker,
                 shutdown,
                 actors: Mutex::default(),
+                lifecycle: Notify::new(),
+                follower_started: AtomicBool::new(false),
             }),
         }
     }
@@ -250,8 +303,15 @@ impl GroupActors {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Starts an actor for every live group in the store (broker start).
+    /// Starts an actor for every live group in the store (broker start), and
+    /// once per broker the lifecycle follower: the task that brings actors in
+    /// line when a lifecycle deadline changes their group's status (see
+    /// [`GroupActors::follow_lifecycle`]).
     pub async fn start_all(&self) -> Result<usize, ActorError> {
+        if !self.shared.follower_started.swap(true, Ordering::SeqCst) {
+            let this = self.clone();
+            self.shared.tracker.spawn(this.follow_lifecycle());
+        }
         let names = self
             .shared
             .store
@@ -271,9 +331,100 @@ impl GroupActors {
     }
 
     /// Brings the actor of `group` (a name or an id) in line with its row:
-    /// started when live and not running, told to reread its policy when
-    /// running, stopped when the group is gone. Returns whether it runs.
+    /// started when live and not running, told to reread its row (policy,
+    /// status: an expired group closes, a renewed one reopens) when running,
+    /// stopped when the group is recycling or gone. Returns whether it runs.
+    /// Also wakes the lifecycle follower, since the change that called for
+    /// this may have moved a deadline.
     pub async fn sync(&self, group: &str) -> Result<bool, ActorError> {
+        let r = self.sync_row(group).await;
+        self.shared.lifecycle.notify_one();
+        r
+    }
+
+    /// Follows lifecycle deadlines until shutdown: at each one (and after
+    /// each operator change) applies what is due through
+    /// [`GroupService::run_due`] and syncs every actor whose group's status
+    /// changed since it last looked, so an expired group closes, a recycling
+    /// or gone one stops and its metering ends.
+    ///
+    /// This is the daemon's one lifecycle-deadline task (`tasks::run_deadlines`
+    /// serves brokers run without actors, e.g. tests of the service alone).
+    /// Running `run_due` here means a status is never read before the step
+    /// that changes it was committed. Admin verbs that change a deadline call
+    /// [`GroupActors::sync`], which wakes it.
+    pub async fn follow_lifecycle(self) {
+        let service = GroupService::new(self.shared.store.clone(), (*self.shared.config).clone());
+        let clock = self.shared.clock.clone();
+        let shutdown = self.shared.shutdown.clone();
+        // Last status each group was synced with.
+        let mut seen: HashMap<String, String> = HashMap::new();
+        loop {
+            let now = clock.now();
+            let mut next = match service.run_due(now).await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::error!("group lifecycle deadlines: {e}");
+                    Some(retry_at(now))
+                }
+            };
+            match self.statuses().await {
+                Ok(statuses) => {
+                    // Forget groups that are gone and have no actor left.
+                    seen.retain(|name, _| statuses.iter().any(|(n, _)| n == name));
+                    for (name, status) in statuses {
+                        if seen.get(&name) == Some(&status) {
+                            continue;
+                        }
+                        match self.sync_row(&name).await {
+                            Ok(_) => {
+                                seen.insert(name, status);
+                            }
+                            Err(e) => {
+                                tracing::error!(group = %name, "follow its status: {e}");
+                                next = Some(next.map_or(retry_at(now), |n| n.min(retry_at(now))));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("read group statuses: {e}");
+                    next = Some(retry_at(now));
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = clock.sleep_until(next) => {}
+                _ = self.shared.lifecycle.notified() => {}
+            }
+        }
+    }
+
+    /// (name, status) of every group that has, or just had, an actor: the
+    /// not-gone groups and those with a running actor.
+    async fn statuses(&self) -> Result<Vec<(String, String)>, ActorError> {
+        let running: Vec<String> = self.running().iter().map(|g| g.to_string()).collect();
+        Ok(self
+            .shared
+            .store
+            .read_with(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT name, status FROM groups WHERE status != 'gone' ORDER BY num",
+                )?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+                for name in running {
+                    if !out.iter().any(|(n, _)| *n == name) {
+                        out.push((name, "gone".into()));
+                    }
+                }
+                Ok(out)
+            })
+            .await?)
+    }
+
+    async fn sync_row(&self, group: &str) -> Result<bool, ActorError> {
         let key = group.to_owned();
         let row = self
             .shared
@@ -301,30 +452,62 @@ impl GroupActors {
                     Ok(stale)
                 })
                 .await?;
-            // A group that is gone has released its resources: metering stops
-            // when it went (idempotent: only open intervals are touched).
-            let now = self.shared.clock.now();
-            let key = group.to_owned();
-            self.shared
-                .store
-                .exec(move |c| {
-                    c.execute(
-                        "UPDATE resource_intervals
-                         SET released_at = MAX(ready_at, (SELECT COALESCE(g.gone_at, ?2)
-                                              FROM groups g WHERE g.num = group_num))
-                         WHERE released_at IS NULL AND group_num IN
-                             (SELECT num FROM groups WHERE (id = ?1 OR name = ?1)
-                                 AND status IN ('gone', 'publish-failed'))",
-                        params![key, now.0],
-                    )?;
-                    Ok(())
-                })
-                .await?;
+            // Stopped first, so no actor writes to the group once its
+            // metering is closed.
             for name in names {
                 if let Ok(name) = name.parse::<GroupName>() {
                     self.stop(&name);
                 }
             }
+            // A group that is gone or recycling has released its resources:
+            // metering stops when it went, or when recycling began (expiry
+            // plus retention). Idempotent: only open intervals are touched.
+            let now = self.shared.clock.now();
+            let retention =
+                i64::try_from(self.shared.config.retention.as_millis()).unwrap_or(i64::MAX);
+            let key = group.to_owned();
+            self.shared
+                .store
+                .exec(move |c| {
+                    let mut stmt = c.prepare(
+                        "SELECT num, status, COALESCE(gone_at,
+                                CASE WHEN status = 'recycling' THEN expired_at + ?2 END, ?3)
+                         FROM groups WHERE (id = ?1 OR name = ?1)
+                             AND status IN ('gone', 'publish-failed', 'recycling')",
+                    )?;
+                    let ended = stmt
+                        .query_map(params![key, retention, now.0], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, i64>(2)?,
+                            ))
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    for (num, status, at) in ended {
+                        let n = c.execute(
+                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
+                             WHERE released_at IS NULL AND group_num = ?1",
+                            params![num, at],
+                        )?;
+                        if n > 0 && status == "recycling" {
+                            c.execute(
+                                "INSERT INTO group_events (group_num, at, kind, message)
+                                 VALUES (?1, ?2, 'released', ?3)",
+                                params![
+                                    num,
+                                    at,
+                                    format!(
+                                        "{n} resource(s) released: the group is recycling, \
+                                         its live state is stopped"
+                                    )
+                                ],
+                            )?;
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
             return Ok(false);
         };
         let running = self.actors().get(&row.name).cloned();
@@ -381,7 +564,8 @@ impl GroupActors {
             to_engine: HashMap::new(),
             from_engine: HashMap::new(),
             sessions: HashMap::new(),
-            flagged: BTreeSet::new(),
+            flagged: BTreeMap::new(),
+            closed: None,
             notes: Vec::new(),
             intervals: Vec::new(),
             shared: self.shared.clone(),
@@ -561,9 +745,15 @@ struct Actor {
     /// Sessions the engine holds, per engine resource id, to reconcile a
     /// re-joining host's list.
     sessions: HashMap<ResourceId, BTreeSet<SessionId>>,
-    /// Agents flagged as not used (beyond the base count, unknown elastic id),
-    /// so a reconnecting one is flagged once.
-    flagged: BTreeSet<ResourceId>,
+    /// Agents flagged, with why: not used (beyond the base count, unknown
+    /// elastic id) or a host below the group's spec. Kept so a reconnecting
+    /// one is flagged once, and for `group show`.
+    flagged: BTreeMap<ResourceId, String>,
+    /// `Some` while the group is expired: the engine is frozen (no inputs, no
+    /// timers), every resource counts as unavailable, and each session seen
+    /// is disconnected. Holds the sessions per engine id the engine had when
+    /// it froze, to reconcile it with what happened meanwhile on reopening.
+    closed: Option<HashMap<ResourceId, BTreeSet<SessionId>>>,
     /// Events to write with the next commit: (at, kind, message).
     notes: Vec<(UnixMillis, &'static str, String)>,
     /// Resource intervals to open or close with the next commit.
@@ -577,8 +767,15 @@ impl Actor {
         mut inbox: mpsc::Receiver<Msg>,
         token: CancellationToken,
     ) -> Result<(), ActorError> {
+        // A group already expired when its actor starts (broker restart)
+        // starts closed.
+        self.apply_status();
+        self.commit().await?;
         loop {
-            let deadline = self.engine.poll_deadline();
+            let deadline = match self.closed {
+                Some(_) => None,
+                None => self.engine.poll_deadline(),
+            };
             let msg = tokio::select! {
                 _ = token.cancelled() => return Ok(()),
                 m = inbox.recv() => match m {
@@ -606,7 +803,8 @@ impl Actor {
                     sessions,
                     reply,
                 }) => {
-                    self.joined(resource, sessions);
+                    let facts = self.host_facts(&resource).await;
+                    self.joined(resource, sessions, facts.as_ref());
                     self.commit().await?;
                     let _ = reply.send(());
                     continue;
@@ -665,6 +863,9 @@ impl Actor {
     }
 
     fn timeout(&mut self) {
+        if self.closed.is_some() {
+            return;
+        }
         let now = self.now();
         if let Err(e) = self.engine.handle_timeout(now) {
             tracing::warn!(group = %self.row.name, "deadline: {e}");
@@ -675,6 +876,10 @@ impl Actor {
     /// Feeds one input. A refused input (a replayed start already known, an
     /// end of a session never seen) changes nothing and is only logged.
     fn input(&mut self, input: Input) -> bool {
+        if self.closed.is_some() {
+            // Frozen: reconciled with what happened meanwhile on reopening.
+            return false;
+        }
         let now = self.now();
         let ok = match self.engine.handle(now, input) {
             Ok(()) => true,
@@ -734,7 +939,83 @@ impl Actor {
             .map(|r| r.state)
     }
 
-    fn joined(&mut self, resource: ResourceId, sessions: Vec<SessionId>) {
+    /// The host facts the store has for `resource` (written with its
+    /// registration, before the actor hears of the join). `None` if unknown
+    /// or unreadable: the host is then not checked against the spec.
+    async fn host_facts(&self, resource: &ResourceId) -> Option<HostFacts> {
+        let key = resource.to_string();
+        let facts = self
+            .shared
+            .store
+            .read_with(move |c| {
+                let row = c
+                    .query_row(
+                        "SELECT hostname, os, kernel, vcpus, memory_bytes FROM resources
+                         WHERE resource = ?1",
+                        [key],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, i64>(3)?,
+                                r.get::<_, i64>(4)?,
+                            ))
+                        },
+                    )
+                    .optional()?;
+                Ok(row)
+            })
+            .await;
+        match facts {
+            Ok(Some((hostname, os, kernel, vcpus, memory))) => Some(HostFacts {
+                hostname,
+                os,
+                kernel,
+                vcpus: u32::try_from(vcpus).ok()?,
+                memory_bytes: u64::try_from(memory).ok()?,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(group = %self.row.name, %resource, "read host facts: {e}");
+                None
+            }
+        }
+    }
+
+    /// Flags a host below the group's spec (it still serves: operators
+    /// decide), or lifts the flag once it re-joins with a host that fits.
+    fn check_host(&mut self, resource: &ResourceId, facts: Option<&HostFacts>) {
+        let Some(facts) = facts else { return };
+        match hostfit::shortfall(&self.row.spec, facts) {
+            Some(short) => self.flag(
+                resource,
+                format!(
+                    "resource {resource} joined group {} with a host below its spec: it {short}; \
+                     it is used, operators decide",
+                    self.row.name
+                ),
+            ),
+            None => {
+                if self.flagged.remove(resource).is_some() {
+                    self.note(
+                        "flag-lifted",
+                        format!(
+                            "resource {resource} re-joined with a host that fits spec {}",
+                            self.row.spec
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn joined(
+        &mut self,
+        resource: ResourceId,
+        sessions: Vec<SessionId>,
+        facts: Option<&HostFacts>,
+    ) {
         let id = match self.to_engine.get(&resource).cloned() {
             Some(id) => id,
             None => {
@@ -786,6 +1067,7 @@ impl Actor {
                 }
             }
         };
+        self.check_host(&resource, facts);
         match self.state_of(&id) {
             Some(ResourceState::Pending) => {
                 self.input(Input::Created {
@@ -814,14 +1096,177 @@ impl Actor {
                 resource: id.clone(),
             });
         }
+        if self.closed.is_some() {
+            for session in &now_on_host {
+                self.disconnect(&resource, session.clone());
+            }
+        }
         self.sessions.insert(id, now_on_host);
     }
 
     fn flag(&mut self, resource: &ResourceId, message: String) {
-        if self.flagged.insert(resource.clone()) {
+        if !self.flagged.contains_key(resource) {
             tracing::warn!(group = %self.row.name, "{message}");
+            self.flagged.insert(resource.clone(), message.clone());
             self.note("flagged", message);
         }
+    }
+
+    /// Closes or reopens the group after its status changed.
+    fn apply_status(&mut self) {
+        let expired = self.row.status == CLOSED_STATUS;
+        if expired && self.closed.is_none() {
+            self.close();
+        } else if !expired && is_live(&self.row.status) && self.closed.is_some() {
+            self.reopen();
+        }
+    }
+
+    /// The group expired: freeze the engine and disconnect every open session.
+    fn close(&mut self) {
+        self.closed = Some(self.sessions.clone());
+        let open: Vec<(ResourceId, SessionId)> = self
+            .sessions
+            .iter()
+            .flat_map(|(id, set)| {
+                let real = self.external(id);
+                set.iter().map(move |s| (real.clone(), s.clone()))
+            })
+            .collect();
+        self.note(
+            "closed",
+            format!(
+                "group {} expired: it takes no new sessions; asking agents to disconnect its {} \
+                 open session(s)",
+                self.row.name,
+                open.len()
+            ),
+        );
+        for (real, session) in open {
+            self.disconnect(&real, session);
+        }
+    }
+
+    /// The group is in service again (renewed): the engine learns what
+    /// happened to sessions and agents while it was frozen.
+    fn reopen(&mut self) {
+        let Some(frozen) = self.closed.take() else {
+            return;
+        };
+        // A policy changed while frozen goes in first.
+        if self.engine.policy() != &self.row.policy {
+            let policy = self.row.policy.clone();
+            if self.input(Input::Policy(policy)) {
+                self.note("policy", "policy in force in the group's engine".into());
+            }
+        }
+        let ids: BTreeSet<ResourceId> =
+            frozen.keys().chain(self.sessions.keys()).cloned().collect();
+        for id in ids {
+            let before = frozen.get(&id).cloned().unwrap_or_default();
+            let now = self.sessions.get(&id).cloned().unwrap_or_default();
+            for gone in before.difference(&now) {
+                self.input(Input::Leave {
+                    session: gone.clone(),
+                });
+            }
+            for new in now.difference(&before) {
+                self.input(Input::Occupy {
+                    session: new.clone(),
+                    resource: id.clone(),
+                });
+            }
+        }
+        let live = self
+            .shared
+            .registry
+            .upgrade()
+            .map(|r| r.snapshot())
+            .unwrap_or_default();
+        let bound: Vec<(ResourceId, ResourceId)> = self
+            .to_engine
+            .iter()
+            .map(|(real, id)| (real.clone(), id.clone()))
+            .collect();
+        for (real, id) in bound {
+            let connected = live.get(&real);
+            let available = connected.is_some_and(|l| l.available && !l.draining);
+            match self.state_of(&id) {
+                Some(ResourceState::Pending) if connected.is_some() => {
+                    self.input(Input::Created { resource: id });
+                }
+                Some(ResourceState::Ready) => {
+                    self.input(if available {
+                        Input::Available { resource: id }
+                    } else {
+                        Input::Unavailable { resource: id }
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.note(
+            "reopened",
+            format!(
+                "group {} is {} again: it takes new sessions",
+                self.row.name, self.row.status
+            ),
+        );
+    }
+
+    /// Asks the agent of `real` to end `session` because the group expired,
+    /// without holding up the actor. The outcome, failures included, is
+    /// written to the group's events.
+    fn disconnect(&self, real: &ResourceId, session: SessionId) {
+        let shared = self.shared.clone();
+        let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
+        self.shared.tracker.spawn(async move {
+            let command = Command::DisconnectSession {
+                session: session.clone(),
+                reason: format!("group {group} expired"),
+            };
+            let outcome = match shared.registry.upgrade() {
+                None => Err("the broker is shutting down".to_owned()),
+                Some(registry) => tokio::select! {
+                    r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
+                    _ = shared.shutdown.cancelled() => {
+                        Err("the broker shut down before the agent answered".to_owned())
+                    }
+                },
+            };
+            let (kind, message) = match outcome {
+                Ok(CommandOutcome::Done) => (
+                    "disconnected",
+                    format!("disconnected: session {session} on {real}, the group expired"),
+                ),
+                Ok(CommandOutcome::Failed(m)) => (
+                    "disconnect-failed",
+                    format!("disconnect failed: session {session} on {real}: the agent says: {m}"),
+                ),
+                Err(e) => (
+                    "disconnect-failed",
+                    format!("disconnect failed: session {session} on {real}: {e}"),
+                ),
+            };
+            if kind != "disconnected" {
+                tracing::warn!(%group, "{message}");
+            }
+            let at = shared.clock.now();
+            let written = shared
+                .store
+                .exec(move |c| {
+                    c.execute(
+                        "INSERT INTO group_events (group_num, at, kind, message)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![num, at.0, kind, message],
+                    )?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = written {
+                tracing::error!(%group, "record the disconnect of {session}: {e}");
+            }
+        });
     }
 
     fn left(&mut self, resource: ResourceId) {
@@ -840,6 +1285,32 @@ impl Actor {
     }
 
     fn session_event(&mut self, id: &ResourceId, ev: SessionEvent) {
+        if self.closed.is_some() {
+            match ev {
+                SessionEvent::Started { session, .. } => {
+                    let real = self.external(id);
+                    self.note(
+                        "rejected",
+                        format!(
+                            "rejected: session {session} on {real} started after group {} \
+                             expired; asking its agent to disconnect it",
+                            self.row.name
+                        ),
+                    );
+                    self.sessions
+                        .entry(id.clone())
+                        .or_default()
+                        .insert(session.clone());
+                    self.disconnect(&real, session);
+                }
+                SessionEvent::Ended { session, .. } => {
+                    if let Some(set) = self.sessions.get_mut(id) {
+                        set.remove(&session);
+                    }
+                }
+            }
+            return;
+        }
         match ev {
             SessionEvent::Started { session, .. } => {
                 if self.input(Input::Occupy {
@@ -873,6 +1344,7 @@ impl Actor {
             }
         }
         self.row = row;
+        self.apply_status();
         Ok(())
     }
 
@@ -1010,21 +1482,57 @@ impl Actor {
     }
 
     fn view(&self) -> GroupView {
-        GroupView {
-            group: self.row.name.clone(),
-            resources: self
-                .engine
-                .resources()
-                .iter()
-                .map(|r| ResourceView {
-                    resource: self.external(&r.id),
+        let closed = self.closed.is_some();
+        let snapshot = self.engine.snapshot();
+        let policy = self.engine.policy();
+        let resources: Vec<ResourceView> = self
+            .engine
+            .resources()
+            .iter()
+            .map(|r| {
+                let resource = self.external(&r.id);
+                let sessions: Vec<SessionId> = self
+                    .sessions
+                    .get(&r.id)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default();
+                ResourceView {
+                    flagged: self.flagged.get(&resource).cloned(),
+                    resource,
                     class: r.class,
                     state: r.state,
-                    available: r.available,
-                    occupancy: r.occupancy,
-                })
-                .collect(),
-            deadline: self.engine.poll_deadline(),
+                    // Closed: nothing takes sessions, whatever the frozen
+                    // engine last knew; the load is what agents report since.
+                    available: r.available && !closed,
+                    occupancy: if closed {
+                        u32::try_from(sessions.len()).unwrap_or(u32::MAX)
+                    } else {
+                        r.occupancy
+                    },
+                    sessions,
+                }
+            })
+            .collect();
+        let (demand, capacity) = if closed {
+            let open: u64 = resources.iter().map(|r| u64::from(r.occupancy)).sum();
+            (open, 0)
+        } else {
+            (snapshot.demand, snapshot.capacity)
+        };
+        GroupView {
+            group: self.row.name.clone(),
+            resources,
+            deadline: if closed {
+                None
+            } else {
+                self.engine.poll_deadline()
+            },
+            closed,
+            demand,
+            capacity,
+            concurrent_sessions: policy.concurrent_sessions,
+            usage_threshold: policy.usage_threshold,
+            flagged: self.flagged.values().cloned().collect(),
         }
     }
 }
@@ -1333,6 +1841,193 @@ mod tests {
         let events = f.events("g1").await;
         assert!(!events.iter().any(|(k, _)| k == "scale_out"), "{events:?}");
         assert!(events.iter().any(|(k, _)| k == "policy"));
+        f.close().await;
+    }
+
+    /// Writes the host facts an agent's registration would have stored.
+    async fn register_host(store: &Store, resource: &str, vcpus: i64, memory_gib: i64) {
+        let resource = resource.to_owned();
+        store
+            .exec(move |c| {
+                c.execute(
+                    "INSERT OR REPLACE INTO resources (resource, grp, agent_version, image_version,
+                         hostname, os, kernel, vcpus, memory_bytes, first_seen, last_seen)
+                     VALUES (?1, 'g1', '0', 'img', ?1, 'Debian', '6.1', ?2, ?3, 0, 0)",
+                    params![resource, vcpus, memory_gib << 30],
+                )?;
+                Ok(())
+            })
+            .await
+            .expect("register host");
+    }
+
+    #[tokio::test]
+    async fn a_host_below_the_spec_is_flagged_but_used_until_it_fits() {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        f.service
+            .publish(spec("g1"), UnixMillis(T0))
+            .await
+            .expect("publish");
+        f.actors.sync("g1").await.expect("sync");
+        register_host(&f.store, "h1", 2, 4).await;
+        register_host(&f.store, "h2", 8, 16).await;
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        f.actors.joined(&g, &rid("h2"), vec![]).await;
+        // Re-joining with the same host does not flag it twice.
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+
+        let flagged: Vec<_> = f
+            .events("g1")
+            .await
+            .into_iter()
+            .filter(|(k, _)| k == "flagged")
+            .collect();
+        assert_eq!(flagged.len(), 1, "{flagged:?}");
+        assert!(
+            flagged[0].1.contains("resource h1")
+                && flagged[0]
+                    .1
+                    .contains("has 2 vCPU / 4.00 GiB but spec office-4c8g needs 4 vCPU / 8 GiB"),
+            "{}",
+            flagged[0].1
+        );
+        let v = f.actors.view(&g).await.expect("view");
+        let h1 = &v.resources[0];
+        assert_eq!(h1.resource, rid("h1"));
+        assert!(h1.available, "a flagged host still takes sessions");
+        assert!(h1
+            .flagged
+            .as_deref()
+            .is_some_and(|m| m.contains("short of vCPUs and memory")));
+        assert_eq!(v.resources[1].flagged, None);
+        assert_eq!(v.flagged.len(), 1);
+
+        // The host is resized and its agent re-joins: the flag lifts.
+        register_host(&f.store, "h1", 4, 8).await;
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        let v = f.actors.view(&g).await.expect("view");
+        assert_eq!(v.resources[0].flagged, None);
+        assert!(v.flagged.is_empty());
+        assert!(f
+            .events("g1")
+            .await
+            .iter()
+            .any(|(k, m)| k == "flag-lifted" && m.contains("h1")));
+        f.close().await;
+    }
+
+    /// Waits (bounded) for the group's events to satisfy `done`: disconnects
+    /// run in their own tasks, which give no other signal.
+    async fn wait_events(f: &Fixture, done: impl Fn(&[(String, String)]) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let evs = f.events("g1").await;
+            if done(&evs) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{evs:?}");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_expired_group_closes_a_renewed_one_reopens_and_recycling_stops_it() {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        let mut sub = spec("g1");
+        sub.billing = BillingSpec::Subscription {
+            duration: "1w".into(),
+            auto_renew: false,
+        };
+        f.service
+            .publish(sub, UnixMillis(T0))
+            .await
+            .expect("publish");
+        f.actors.sync("g1").await.expect("sync");
+        f.actors.joined(&g, &rid("h1"), vec![sid("s0")]).await;
+        f.actors.joined(&g, &rid("h2"), vec![]).await;
+
+        // The week ends: the deadline step expires the group, its actor closes.
+        f.clock.set(UnixMillis(T0 + 7 * 86_400_000));
+        f.service.run_due(f.clock.now()).await.expect("deadlines");
+        assert!(f.actors.sync("g1").await.expect("sync"));
+        let v = f.actors.view(&g).await.expect("view");
+        assert!(v.closed);
+        assert!(v.resources.iter().all(|r| !r.available));
+        assert_eq!((v.demand, v.capacity, v.deadline), (1, 0, None));
+        // h1's agent is not connected here: the disconnect fails, and says so.
+        wait_events(&f, |e| e.iter().any(|(k, _)| k == "disconnect-failed")).await;
+        let events = f.events("g1").await;
+        assert!(events
+            .iter()
+            .any(|(k, m)| k == "closed" && m.contains("1 open session")));
+        assert!(events.iter().any(|(k, m)| k == "disconnect-failed"
+            && m.contains("session s0 on h1")
+            && m.contains("not connected")));
+
+        // A session started anyway is refused and disconnected too; ends are followed.
+        f.actors.sessions(&g, &rid("h2"), vec![started("s1")]).await;
+        wait_events(&f, |e| {
+            e.iter().filter(|(k, _)| k == "disconnect-failed").count() == 2
+        })
+        .await;
+        assert!(f
+            .events("g1")
+            .await
+            .iter()
+            .any(|(k, m)| k == "rejected" && m.contains("s1 on h2")));
+        f.actors.sessions(&g, &rid("h1"), vec![ended("s0")]).await;
+        let v = f.actors.view(&g).await.expect("view");
+        assert_eq!(v.demand, 1);
+        assert_eq!(v.resources[1].sessions, vec![sid("s1")]);
+        assert!(
+            !f.events("g1").await.iter().any(|(k, _)| k == "scale_out"),
+            "a closed group never scales"
+        );
+
+        // Renewed: it reopens with the sessions that are left.
+        f.service
+            .renew(&g, "1w", f.clock.now())
+            .await
+            .expect("renew");
+        f.actors.sync("g1").await.expect("sync");
+        let v = f.actors.view(&g).await.expect("view");
+        assert!(!v.closed);
+        assert_eq!(v.demand, 1);
+        assert_eq!(v.resources[1].occupancy, 1);
+        assert!(f.events("g1").await.iter().any(|(k, _)| k == "reopened"));
+
+        // Expired again and past retention: recycling stops the actor and
+        // ends the base intervals when recycling began.
+        let expires = f
+            .service
+            .show("g1")
+            .await
+            .expect("show")
+            .info
+            .expires_at
+            .expect("expiry");
+        f.clock.set(expires);
+        f.service.run_due(f.clock.now()).await.expect("deadlines");
+        f.actors.sync("g1").await.expect("sync");
+        assert!(f.actors.view(&g).await.expect("view").closed);
+        let recycle = expires.0 + 7 * 86_400_000;
+        f.clock.set(UnixMillis(recycle + 5_000));
+        f.service.run_due(f.clock.now()).await.expect("deadlines");
+        assert_eq!(
+            f.service.show("g1").await.expect("show").info.status,
+            "recycling"
+        );
+        assert!(!f.actors.sync("g1").await.expect("sync"));
+        assert!(f.actors.running().is_empty());
+        let ends: Vec<_> = f.intervals().await.into_iter().map(|i| i.3).collect();
+        assert_eq!(ends, vec![Some(recycle), Some(recycle)]);
+        assert!(f
+            .events("g1")
+            .await
+            .iter()
+            .any(|(k, m)| k == "released" && m.contains("2 resource(s) released")));
         f.close().await;
     }
 }
