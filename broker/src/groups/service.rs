@@ -15,7 +15,7 @@ use ferry_common::admin::{
     PolicySpec, PolicyView, SessionType, UserInfo, UserSpec,
 };
 use ferry_common::limits::MAX_TEXT_LEN;
-use ferry_common::{GroupName, UnixMillis, UserId};
+use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Notify;
 
@@ -1127,17 +1127,21 @@ fn publish_tx(
 /// `REGION-SPEC-N` with the smallest N no group (live or gone) has used:
 /// unique, and readable in listings and logs.
 fn generate_name(c: &Connection, region: &str, spec: &str) -> Result<GroupName, GroupError> {
+    // Lower-case letters, digits and '-' only, short enough that
+    // `<name>-eN` is still a resource id (see `check_elastic_prefix`).
     let clean = |s: &str| -> String {
-        s.chars()
+        let mapped: String = s
+            .chars()
             .map(|ch| {
-                if ch.is_ascii_alphanumeric() || ch == '.' || ch == '_' {
+                if ch.is_ascii_alphanumeric() {
                     ch.to_ascii_lowercase()
                 } else {
                     '-'
                 }
             })
-            .take(40)
-            .collect()
+            .take(20)
+            .collect();
+        mapped.trim_matches('-').to_owned()
     };
     let base = format!("{}-{}", clean(region), clean(spec));
     for n in 1..=u32::MAX {
@@ -1148,6 +1152,8 @@ fn generate_name(c: &Connection, region: &str, spec: &str) -> Result<GroupName, 
             |r| r.get(0),
         )?;
         if !used {
+            check_elastic_prefix(&candidate)
+                .map_err(|e| GroupError::Invalid(vec![format!("generated {e}")]))?;
             return candidate
                 .parse()
                 .map_err(|e| GroupError::Invalid(vec![format!("generated name: {e}")]));
@@ -1278,8 +1284,29 @@ fn validate_policy(policy: &Policy, spec: &str) -> Result<(), GroupError> {
 }
 
 /// Checks every attribute of a publish request; lists every problem.
+/// A group's elastic hosts are named `<group>-eN` (their certificates carry
+/// that id), so a group name must make a valid resource id with the longest
+/// such suffix: lower-case letters, digits and inner '-', short enough.
+fn check_elastic_prefix(name: &str) -> Result<(), String> {
+    ResourceId::new(format!("{name}-e{MAX_GROUP_RESOURCES}"))
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "name: {name:?} cannot prefix its elastic hosts' ids ({name}-e1, ...): {e}; \
+                 use lower-case letters, digits and '-', at most {} bytes",
+                ferry_common::limits::MAX_RESOURCE_ID_LEN
+                    - format!("-e{MAX_GROUP_RESOURCES}").len()
+            )
+        })
+}
+
 fn validate_spec(config: &GroupsConfig, spec: &GroupSpec) -> Result<(Billing, Policy), GroupError> {
     let mut problems = Vec::new();
+    if let Some(name) = &spec.name {
+        if let Err(problem) = check_elastic_prefix(name.as_str()) {
+            problems.push(problem);
+        }
+    }
     for (field, value) in [
         ("region", &spec.region),
         ("office_network", &spec.office_network),
@@ -1512,6 +1539,17 @@ mod tests {
     //! under a new `GroupService`, as a broker restart does.
 
     use std::path::Path;
+
+    #[test]
+    fn group_names_must_prefix_elastic_host_ids() {
+        assert!(super::check_elastic_prefix("design-1").is_ok());
+        assert!(super::check_elastic_prefix(&"a".repeat(55)).is_ok());
+        let long = super::check_elastic_prefix(&"a".repeat(56)).unwrap_err();
+        assert!(long.contains("at most 55 bytes"), "{long}");
+        let upper = super::check_elastic_prefix("Design").unwrap_err();
+        assert!(upper.contains("Design-e1"), "{upper}");
+        assert!(super::check_elastic_prefix("design.team").is_err());
+    }
 
     use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
     use rust_decimal::Decimal;
