@@ -1,10 +1,12 @@
-//! Broker commands: drain, undrain, disconnect a session.
+//! Broker commands: drain, undrain, disconnect a session, apply a policy.
 //!
 //! The drain flag is a file, `state_dir/draining`, created (and the directory
 //! synced) before a drain is reported done, so a restarted agent keeps a
 //! drained host drained. A disconnect runs the configured hook with the
 //! session id appended; the host's streaming server then reports the end of
-//! the session as usual, so the command itself records nothing.
+//! the session as usual, so the command itself records nothing. A policy is
+//! written durably to the policy file ([`crate::policy`]), then the optional
+//! policy hook runs with the file's path appended; only then is it done.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::wire::{Command, CommandOutcome};
-use ferry_common::SessionId;
+use ferry_common::{GroupName, SessionId};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::config::HooksConfig;
+use crate::policy::{Applied, PolicyError, PolicyStore};
 use crate::LinkStatus;
 
 /// File whose presence means "draining".
@@ -39,18 +42,30 @@ pub enum CommandError {
         "no disconnect hook is configured on this host ([hooks] disconnect in the agent config)"
     )]
     NoHook,
-    #[error("start disconnect hook {program}: {source}")]
+    #[error("start {hook} hook {program}: {source}")]
     Spawn {
+        hook: &'static str,
         program: String,
         source: std::io::Error,
     },
-    #[error("disconnect hook {program} did not finish within {timeout:?}; it was killed")]
-    Timeout { program: String, timeout: Duration },
-    #[error("disconnect hook {program} failed ({status}): {output}")]
+    #[error("{hook} hook {program} did not finish within {timeout:?}; it was killed")]
+    Timeout {
+        hook: &'static str,
+        program: String,
+        timeout: Duration,
+    },
+    #[error("{hook} hook {program} failed ({status}): {output}")]
     Failed {
+        hook: &'static str,
         program: String,
         status: String,
         output: String,
+    },
+    #[error("policy for group {group} version {version}: {source}")]
+    Policy {
+        group: GroupName,
+        version: u64,
+        source: PolicyError,
     },
 }
 
@@ -113,6 +128,7 @@ impl DrainState {
 pub async fn execute(
     command: Command,
     drain: &DrainState,
+    policy: &PolicyStore,
     hooks: &HooksConfig,
     status: &watch::Sender<LinkStatus>,
 ) -> CommandOutcome {
@@ -139,6 +155,11 @@ pub async fn execute(
                 Some(argv) => run_disconnect_hook(argv, &session, hooks.timeout).await,
             }
         }
+        Command::ApplyPolicy {
+            group,
+            version,
+            document,
+        } => apply_policy(policy, hooks, group, version, document).await,
     };
     match result {
         Ok(()) => CommandOutcome::Done,
@@ -151,6 +172,44 @@ pub async fn execute(
     }
 }
 
+/// Writes the policy durably, then runs the policy hook (if any) with the
+/// file's path appended. A newer version already on the host is kept and
+/// the command is done: the broker replays versions after a reconnect.
+async fn apply_policy(
+    policy: &PolicyStore,
+    hooks: &HooksConfig,
+    group: GroupName,
+    version: u64,
+    document: String,
+) -> Result<(), CommandError> {
+    let store = policy.clone();
+    let g = group.clone();
+    let applied = tokio::task::spawn_blocking(move || store.apply(&g, version, &document))
+        .await
+        .map_err(|e| CommandError::Io {
+            op: "write policy (task failed)",
+            path: policy.path().to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| CommandError::Policy {
+            group: group.clone(),
+            version,
+            source,
+        })?;
+    if let Applied::Kept { have } = applied {
+        tracing::info!(%group, version, have, "policy version already superseded on this host");
+        return Ok(());
+    }
+    tracing::info!(%group, version, file = %policy.path().display(), "policy written");
+    match &hooks.policy {
+        None => Ok(()),
+        Some(argv) => {
+            let path = policy.path().to_string_lossy().into_owned();
+            run_hook("policy", argv, &path, hooks.timeout).await
+        }
+    }
+}
+
 /// Runs `argv + [session]`, kills it after `timeout`, and fails unless it
 /// exits 0. Output is captured (bounded) for the error message.
 pub async fn run_disconnect_hook(
@@ -158,16 +217,29 @@ pub async fn run_disconnect_hook(
     session: &SessionId,
     timeout: Duration,
 ) -> Result<(), CommandError> {
+    run_hook("disconnect", argv, session.as_str(), timeout).await
+}
+
+/// Runs `argv + [arg]` for the hook named `hook`, kills it after `timeout`,
+/// and fails unless it exits 0. Output is captured (bounded) for the error
+/// message.
+pub async fn run_hook(
+    hook: &'static str,
+    argv: &[String],
+    arg: &str,
+    timeout: Duration,
+) -> Result<(), CommandError> {
     let program = argv.first().cloned().unwrap_or_default();
     let mut child = tokio::process::Command::new(&program)
         .args(&argv[1.min(argv.len())..])
-        .arg(session.as_str())
+        .arg(arg)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| CommandError::Spawn {
+            hook,
             program: program.clone(),
             source,
         })?;
@@ -182,10 +254,15 @@ pub async fn run_disconnect_hook(
         Ok(r) => r,
         Err(_) => {
             // kill_on_drop reaps it when `child` goes out of scope.
-            return Err(CommandError::Timeout { program, timeout });
+            return Err(CommandError::Timeout {
+                hook,
+                program,
+                timeout,
+            });
         }
     };
     let status = status.map_err(|source| CommandError::Spawn {
+        hook,
         program: program.clone(),
         source,
     })?;
@@ -197,6 +274,7 @@ pub async fn run_disconnect_hook(
         output = String::from_utf8_lossy(&out).trim().to_owned();
     }
     Err(CommandError::Failed {
+        hook,
         program,
         status: status.to_string(),
         output,
@@ -278,15 +356,16 @@ mod tests {
     async fn commands_update_state_and_answer() {
         let dir = tempfile::tempdir().unwrap();
         let drain = DrainState::load(dir.path()).unwrap();
+        let policy = PolicyStore::new(dir.path().join("policy.json"));
         let (status, rx) = watch::channel(LinkStatus::default());
         let hooks = HooksConfig::default();
         assert_eq!(
-            execute(Command::Drain, &drain, &hooks, &status).await,
+            execute(Command::Drain, &drain, &policy, &hooks, &status).await,
             CommandOutcome::Done
         );
         assert!(rx.borrow().draining && drain.is_draining());
         assert_eq!(
-            execute(Command::Undrain, &drain, &hooks, &status).await,
+            execute(Command::Undrain, &drain, &policy, &hooks, &status).await,
             CommandOutcome::Done
         );
         assert!(!rx.borrow().draining);
@@ -296,12 +375,80 @@ mod tests {
                 reason: "test".into(),
             },
             &drain,
+            &policy,
             &hooks,
             &status,
         )
         .await;
         assert!(
             matches!(&out, CommandOutcome::Failed(m) if m.contains("no disconnect hook")),
+            "{out:?}"
+        );
+    }
+
+    fn apply(version: u64, document: &str) -> Command {
+        Command::ApplyPolicy {
+            group: "g1".parse().unwrap(),
+            version,
+            document: document.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_policy_is_written_then_its_hook_runs_with_the_file_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let drain = DrainState::load(dir.path()).unwrap();
+        let policy = PolicyStore::new(dir.path().join("policy.json"));
+        let (status, _rx) = watch::channel(LinkStatus::default());
+        let seen = dir.path().join("seen");
+        // The hook copies the file it is given: it ran after the write.
+        let hooks = HooksConfig {
+            policy: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("cp \"$1\" {}", seen.display()),
+                "hook".into(),
+            ]),
+            ..HooksConfig::default()
+        };
+        let run = |c| execute(c, &drain, &policy, &hooks, &status);
+        assert_eq!(run(apply(2, r#"{"k":2}"#)).await, CommandOutcome::Done);
+        let copied: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&seen).unwrap()).unwrap();
+        assert_eq!(copied["version"], 2);
+        assert_eq!(copied["policy"]["k"], 2);
+
+        // An older version is acknowledged, and neither written nor hooked.
+        std::fs::remove_file(&seen).unwrap();
+        assert_eq!(run(apply(1, r#"{"k":1}"#)).await, CommandOutcome::Done);
+        assert!(!seen.exists());
+        assert_eq!(policy.current(), Some(("g1".into(), 2)));
+
+        // A document that is not an object fails, naming the version.
+        let out = run(apply(3, "42")).await;
+        assert!(
+            matches!(&out, CommandOutcome::Failed(m) if m.contains("version 3") && m.contains("a number")),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_policy_hook_fails_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let drain = DrainState::load(dir.path()).unwrap();
+        let policy = PolicyStore::new(dir.path().join("policy.json"));
+        let (status, _rx) = watch::channel(LinkStatus::default());
+        let hooks = HooksConfig {
+            policy: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo cannot reload >&2; exit 4".into(),
+            ]),
+            ..HooksConfig::default()
+        };
+        let out = execute(apply(1, "{}"), &drain, &policy, &hooks, &status).await;
+        assert!(
+            matches!(&out, CommandOutcome::Failed(m) if m.contains("policy hook") && m.contains("cannot reload")),
             "{out:?}"
         );
     }

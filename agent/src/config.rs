@@ -40,6 +40,9 @@ pub struct AgentConfig {
     pub key: PathBuf,
     /// Directory for the spool and the drain flag.
     pub state_dir: PathBuf,
+    /// File the group's policy is written to when the broker pushes one
+    /// (default `<state_dir>/policy.json`); the host's streaming server reads it.
+    pub policy_file: PathBuf,
     /// Unix socket the host's streaming server reports sessions on.
     pub local_socket: PathBuf,
     /// Version of the image the host runs, reported in `Hello`.
@@ -54,6 +57,9 @@ pub struct HooksConfig {
     /// argv of the disconnect hook; the session id is appended. `None`: the
     /// host cannot disconnect sessions on request.
     pub disconnect: Option<Vec<String>>,
+    /// argv of the policy hook, run after a pushed policy is written; the
+    /// policy file's path is appended. `None`: writing the file is all.
+    pub policy: Option<Vec<String>>,
     /// How long a hook may run before it is killed and the command fails.
     pub timeout: Duration,
 }
@@ -62,6 +68,7 @@ impl Default for HooksConfig {
     fn default() -> Self {
         Self {
             disconnect: None,
+            policy: None,
             timeout: DEFAULT_HOOK_TIMEOUT,
         }
     }
@@ -96,6 +103,7 @@ struct RawConfig {
     cert: PathBuf,
     key: PathBuf,
     state_dir: PathBuf,
+    policy_file: Option<PathBuf>,
     local_socket: PathBuf,
     image_version: String,
     hooks: RawHooks,
@@ -105,6 +113,7 @@ struct RawConfig {
 #[serde(default, deny_unknown_fields)]
 struct RawHooks {
     disconnect: Option<Vec<String>>,
+    policy: Option<Vec<String>>,
     timeout: Option<String>,
 }
 
@@ -120,6 +129,7 @@ impl Default for RawConfig {
             cert: "/etc/ferry/agent/agent.pem".into(),
             key: "/etc/ferry/agent/agent-key.pem".into(),
             state_dir: "/var/lib/ferry-agent".into(),
+            policy_file: None,
             local_socket: "/run/ferry-agent/agent.sock".into(),
             image_version: "unknown".into(),
             hooks: RawHooks::default(),
@@ -213,6 +223,24 @@ impl RawConfig {
                 );
             }
         }
+        if let Some(argv) = &self.hooks.policy {
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                problems.push(
+                    "hooks.policy: must name a program (argv; the policy file's path is appended)"
+                        .to_owned(),
+                );
+            }
+        }
+        if self
+            .policy_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty() || p.file_name().is_none())
+        {
+            problems.push("policy_file: must name a file".to_owned());
+        }
+        let policy_file = self
+            .policy_file
+            .unwrap_or_else(|| self.state_dir.join("policy.json"));
         let timeout = match self.hooks.timeout.as_deref() {
             None => DEFAULT_HOOK_TIMEOUT,
             Some(s) => match parse_duration(s) {
@@ -237,10 +265,12 @@ impl RawConfig {
                 cert: self.cert,
                 key: self.key,
                 state_dir: self.state_dir,
+                policy_file,
                 local_socket: self.local_socket,
                 image_version: self.image_version,
                 hooks: HooksConfig {
                     disconnect: self.hooks.disconnect,
+                    policy: self.hooks.policy,
                     timeout,
                 },
             }),
@@ -285,6 +315,10 @@ mod tests {
         assert_eq!(c.broker_name, "localhost");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry-agent"));
         assert_eq!(c.local_socket, PathBuf::from("/run/ferry-agent/agent.sock"));
+        assert_eq!(
+            c.policy_file,
+            PathBuf::from("/var/lib/ferry-agent/policy.json")
+        );
         assert_eq!(c.image_version, "unknown");
         assert_eq!(c.hooks, HooksConfig::default());
         assert_eq!(c.group, None);
@@ -302,14 +336,18 @@ mod tests {
             cert = "/x/a.pem"
             key = "/x/k.pem"
             state_dir = "/s"
+            policy_file = "/etc/stream/policy.json"
             local_socket = "/r/a.sock"
             image_version = "img-7"
             [hooks]
             disconnect = ["/bin/kick", "--now"]
+            policy = ["/bin/reload"]
             timeout = "5s"
             "#,
         )
         .expect("valid");
+        assert_eq!(c.policy_file, PathBuf::from("/etc/stream/policy.json"));
+        assert_eq!(c.hooks.policy, Some(vec!["/bin/reload".to_owned()]));
         assert_eq!(c.group.as_ref().map(|g| g.as_str()), Some("g1"));
         assert_eq!(
             c.hooks.disconnect,
@@ -328,8 +366,10 @@ mod tests {
             broker_addr = "nowhere"
             broker_name = ""
             state_dir = ""
+            policy_file = ""
             [hooks]
             disconnect = []
+            policy = [""]
             timeout = "soon"
             "#,
         )
@@ -350,6 +390,8 @@ mod tests {
                 "broker_name",
                 "state_dir",
                 "hooks.disconnect",
+                "hooks.policy",
+                "policy_file",
                 "hooks.timeout"
             ],
             "{err}"
@@ -374,6 +416,19 @@ mod tests {
             parse("resource = "),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn the_packaged_config_is_valid_and_shows_the_defaults() {
+        let text = include_str!("../../packaging/agent.toml");
+        let packaged = parse(text).expect("packaging/agent.toml is valid");
+        let minimal = parse(&format!(
+            "resource = {:?}\nbroker_addr = {:?}\n",
+            packaged.resource.as_str(),
+            packaged.broker_addr
+        ))
+        .expect("valid");
+        assert_eq!(packaged, minimal);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!   and PAM mode) report sessions on.
 //! * [`link`]: the QUIC client to the broker: hello, replay, acks, health,
 //!   commands, reconnect with backoff.
-//! * [`health`], [`commands`], [`pam`], [`notify`]: host facts, broker
-//!   commands, `pam_exec` mode and systemd notifications.
+//! * [`health`], [`commands`], [`policy`], [`pam`], [`notify`]: host facts,
+//!   broker commands, the pushed group policy, `pam_exec` mode and systemd notifications.
 //!
 //! [`run`] wires them under one cancellation token; `main.rs` only parses the
 //! command line.
@@ -22,6 +22,7 @@ pub mod link;
 pub mod local;
 pub mod notify;
 pub mod pam;
+pub mod policy;
 pub mod spool;
 
 use std::path::PathBuf;
@@ -135,6 +136,7 @@ pub async fn run(
         spool: spool.clone(),
         status: status.clone(),
         drain: drain.clone(),
+        policy: policy::PolicyStore::new(config.policy_file.clone()),
     };
     tracker.spawn(link.run(shutdown.child_token()));
     let notifier = notify::Notifier::from_env();

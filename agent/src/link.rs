@@ -201,6 +201,8 @@ pub struct Link {
     pub status: Arc<watch::Sender<LinkStatus>>,
     /// The host's drain flag, changed by broker commands.
     pub drain: DrainState,
+    /// The group policy file, written by `ApplyPolicy` commands.
+    pub policy: crate::policy::PolicyStore,
 }
 
 impl Link {
@@ -467,6 +469,7 @@ impl Link {
                                 send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
                             } else {
                                 let drain = self.drain.clone();
+                                let policy = self.policy.clone();
                                 let config = self.config.clone();
                                 let status = self.status.clone();
                                 let drain_command = matches!(
@@ -474,7 +477,7 @@ impl Link {
                                     ferry_common::wire::Command::Drain | ferry_common::wire::Command::Undrain
                                 );
                                 commands.spawn(async move {
-                                    let outcome = commands::execute(command, &drain, &config.hooks, &status).await;
+                                    let outcome = commands::execute(command, &drain, &policy, &config.hooks, &status).await;
                                     (CommandResult { id, outcome }, drain_command)
                                 });
                             }

@@ -19,7 +19,7 @@ use ferry_common::admin::{
 use ferry_common::frame::{self, FrameError, HEADER_LEN};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::wire::{Command, CommandOutcome};
-use ferry_common::{GroupName, ResourceId, SessionId};
+use ferry_common::{ResourceId, SessionId};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -257,11 +257,13 @@ async fn sync_actor(ctx: &AdminContext, group: &str) {
     }
 }
 
-/// The live state of `group` for `group show`: `None` when it has no
-/// running actor (not live, or a broker without actors).
-async fn live_view(ctx: &AdminContext, group: &GroupName) -> Option<LiveGroupView> {
+/// The live state of `detail`'s group for `group show`: `None` when it has
+/// no running actor (not live, or a broker without actors). With one, the
+/// detail's policy state is narrowed to the resources joined to it.
+async fn live_view(ctx: &AdminContext, detail: &mut GroupDetail) -> Option<LiveGroupView> {
     let actors = ctx.registry.groups()?;
-    let v = actors.view(group).await.ok()?;
+    let v = actors.view(&detail.info.name).await.ok()?;
+    crate::groups::service::policy_of_joined(detail, &v.joined);
     Some(LiveGroupView {
         closed: v.closed,
         demand: v.demand,
@@ -377,8 +379,8 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         }
         AdminRequestV1::GroupList(filter) => g.list(filter).await.map(AdminResponseV1::Groups),
         AdminRequestV1::GroupShow { group } => match g.show(group.as_str()).await {
-            Ok(d) => {
-                let live = live_view(ctx, &d.info.name).await;
+            Ok(mut d) => {
+                let live = live_view(ctx, &mut d).await;
                 Ok(AdminResponseV1::GroupShown {
                     detail: Box::new(d),
                     live,

@@ -253,7 +253,14 @@ pub fn group_json(d: &GroupDetail) -> Value {
         "wait_timeout_ms": p.wait_timeout_ms,
         "load_balancing": p.load_balancing,
     });
+    v["policy_version"] = json!(d.policy_version);
     v["policy_applied"] = json!(d.policy_applied);
+    v["policy_resources"] = Value::Array(
+        d.policy_resources
+            .iter()
+            .map(|r| json!({"resource": r.resource.as_str(), "applied_version": r.applied_version}))
+            .collect(),
+    );
     v["notes"] = json!(d.notes);
     v["assigned_users"] = json!(d.users.iter().map(|u| u.as_str()).collect::<Vec<_>>());
     v["resources"] = json!(d.resources.iter().map(|r| r.as_str()).collect::<Vec<_>>());
@@ -304,6 +311,7 @@ pub fn group_table(d: &GroupDetail) -> String {
                 p.max_idle_ms, p.scale_in_cooldown_ms, p.wait_timeout_ms, p.load_balancing
             ),
         ],
+        vec!["policy_version".into(), d.policy_version.to_string()],
         vec!["policy_applied".into(), yes_no(d.policy_applied)],
         vec![
             "users".into(),
@@ -328,6 +336,14 @@ pub fn group_table(d: &GroupDetail) -> String {
                 rfc3339(o.period_end)
             ),
         ]);
+    }
+    for r in &d.policy_resources {
+        let applied = match r.applied_version {
+            Some(v) if v >= d.policy_version => format!("{} (version {v}, current)", r.resource),
+            Some(v) => format!("{} (version {v}, behind)", r.resource),
+            None => format!("{} (none applied)", r.resource),
+        };
+        rows.push(vec!["policy_on".into(), applied]);
     }
     for n in &d.notes {
         rows.push(vec!["note".into(), n.clone()]);

@@ -183,6 +183,20 @@ const MIGRATIONS: &[&str] = &[
         WHERE released_at IS NULL;
     CREATE INDEX resource_intervals_by_group ON resource_intervals (group_num, ready_at);
     "#,
+    // 4: policy push (issue 4): each group's policy version, 1 at publish and
+    // bumped by every accepted update-policy, and the newest version each
+    // resource of the group acknowledged having applied.
+    r#"
+    ALTER TABLE groups ADD COLUMN policy_version INTEGER NOT NULL DEFAULT 1
+        CHECK (policy_version >= 1);
+    CREATE TABLE resource_policy (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        version INTEGER NOT NULL CHECK (version >= 1),
+        applied_at INTEGER NOT NULL,
+        PRIMARY KEY (group_num, resource)
+    );
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -1092,7 +1106,7 @@ mod tests {
         let v: i64 = c
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .expect("version");
-        assert_eq!(v, 3);
+        assert_eq!(v, MIGRATIONS.len() as i64);
         c.execute(
             "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
                  base_resources, session_type, policy, status, created_at, updated_at)
@@ -1101,6 +1115,15 @@ mod tests {
             [],
         )
         .expect("group");
+        let version: i64 = c
+            .query_row("SELECT policy_version FROM groups WHERE num = 1", [], |r| {
+                r.get(0)
+            })
+            .expect("policy version");
+        assert_eq!(
+            version, 1,
+            "a group from before migration 4 is at version 1"
+        );
         let open = "INSERT INTO resource_intervals
             (group_num, resource, kind, billing, ready_at) VALUES (1, 'h1', 'base', 'pay-as-you-go', 5)";
         c.execute(open, []).expect("first open interval");

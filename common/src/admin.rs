@@ -304,7 +304,8 @@ pub struct GroupDetail {
     pub info: GroupInfo,
     pub office_network: String,
     pub policy: PolicyView,
-    /// Whether agents have the stored policy; `false` with `note` saying why.
+    /// Whether every resource joined to the group acknowledged
+    /// `policy_version` (true when none has joined).
     pub policy_applied: bool,
     /// Operator-facing remarks (e.g. what is not live yet).
     pub notes: Vec<String>,
@@ -314,6 +315,21 @@ pub struct GroupDetail {
     pub orders: Vec<OrderInfo>,
     /// When the broker next acts on the group by itself (expiry, renewal, recycling).
     pub next_deadline: Option<UnixMillis>,
+    /// Version of the stored policy: 1 at publish, plus one per accepted
+    /// update-policy.
+    pub policy_version: u64,
+    /// The policy version each resource of the group acknowledged: the
+    /// resources joined to the live group when it has an actor, else every
+    /// resource that ever acknowledged one.
+    pub policy_resources: Vec<ResourcePolicyInfo>,
+}
+
+/// The policy version one resource has applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourcePolicyInfo {
+    pub resource: ResourceId,
+    /// Newest version its agent acknowledged; `None` when it never did.
+    pub applied_version: Option<u64>,
 }
 
 /// One ledger line.

@@ -57,3 +57,10 @@ pub const MAX_SPOOLED_BYTES: usize = 64 * 1024 * 1024;
 /// from one streaming server and a few CLI calls; the cap keeps a runaway
 /// local client from exhausting the agent's file descriptors.
 pub const MAX_LOCAL_CONNECTIONS: usize = 64;
+
+/// Longest policy document (`Command::ApplyPolicy`), checked by the broker
+/// before it sends one and by the agent on receipt. Today's policy is a
+/// dozen numbers (a few hundred bytes); 16 KiB leaves room for the session
+/// and display parts a later version adds, and still fits a link frame
+/// ([`MAX_FRAME_LEN`]) many times over.
+pub const MAX_POLICY_DOCUMENT_LEN: usize = 16 * 1024;

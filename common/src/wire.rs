@@ -188,6 +188,18 @@ pub enum Command {
     Drain,
     /// Take sessions again.
     Undrain,
+    /// Apply version `version` of `group`'s policy. `document` is the whole
+    /// policy as canonical JSON (object keys sorted), at most
+    /// [`crate::limits::MAX_POLICY_DOCUMENT_LEN`] bytes. JSON text, not a
+    /// typed struct, keeps this wire type stable while the policy grows (the
+    /// session and display parts come later): bincode has no field tags, so a
+    /// typed policy would need a new variant for every new field. An agent
+    /// that already applied a newer version acknowledges without rewriting.
+    ApplyPolicy {
+        group: GroupName,
+        version: u64,
+        document: String,
+    },
 }
 
 /// Why the broker will not go on with a connection.
@@ -267,6 +279,24 @@ mod tests {
         });
         let bytes = frame::encode_payload(&msg).expect("encode");
         assert_eq!(hex(&bytes), "00020101");
+    }
+
+    #[test]
+    fn golden_apply_policy() {
+        let msg = BrokerMessage::V1(BrokerToAgent::Command {
+            id: 2,
+            command: Command::ApplyPolicy {
+                group: id("g"),
+                version: 3,
+                document: "{}".into(),
+            },
+        });
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "00020203016703027b7d");
+        assert_eq!(
+            frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
+            msg
+        );
     }
 
     #[test]

@@ -231,6 +231,7 @@ impl TestBroker {
             cert: identity.cert.clone(),
             key: identity.key.clone(),
             state_dir: home.join("state"),
+            policy_file: home.join("state").join("policy.json"),
             local_socket: home.join("agent.sock"),
             image_version: "test-image".into(),
             hooks: HooksConfig::default(),

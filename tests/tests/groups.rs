@@ -118,7 +118,9 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
     assert_eq!(g["orders"][0]["kind"], "publish");
     assert_eq!(g["orders"][0]["amount"], "92.87", "199 x 2 x 7/30: {g}");
     assert_eq!(g["assigned_users"][0], "alice");
-    assert_eq!(g["policy_applied"], false);
+    // No resource has joined: none is waiting for the policy.
+    assert_eq!(g["policy_applied"], true, "{g}");
+    assert_eq!(g["policy_version"], 1, "{g}");
     let id = g["id"].as_str().unwrap_or_default().to_owned();
     let err = refused(s, &args).await?;
     assert!(err.contains("already exists"), "{err}");

@@ -730,3 +730,168 @@ async fn an_agent_below_the_group_spec_is_flagged_and_still_joins() -> anyhow::R
     broker.stop().await?;
     Ok(())
 }
+
+/// Group and version in an agent's policy file, and its scaling part's
+/// `concurrent_sessions`.
+fn policy_file_of(agent: &TestAgent) -> anyhow::Result<(String, u64, u64)> {
+    let path = &agent.config().policy_file;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read policy file {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    Ok((
+        v["group"].as_str().context("group")?.to_owned(),
+        v["version"].as_u64().context("version")?,
+        v["policy"]["scaling"]["concurrent_sessions"]
+            .as_u64()
+            .context("concurrent_sessions")?,
+    ))
+}
+
+/// (resource, applied version) of `group show`'s policy state.
+fn applied(d: &GroupDetail) -> Vec<(String, Option<u64>)> {
+    d.policy_resources
+        .iter()
+        .map(|r| (r.resource.to_string(), r.applied_version))
+        .collect()
+}
+
+async fn update_policy(broker: &TestBroker, group: &str, sessions: u32) -> anyhow::Result<()> {
+    let answer = broker
+        .admin(AdminRequestV1::GroupUpdatePolicy {
+            group: group.parse()?,
+            policy: PolicySpec {
+                concurrent_sessions: Some(sessions),
+                ..PolicySpec::default()
+            },
+        })
+        .await?;
+    if !matches!(answer, AdminResponseV1::Group(_)) {
+        bail!("update-policy refused: {answer:?}");
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until the broker no longer has a live connection of
+/// `resource`: its registry is what the policy push goes through.
+async fn wait_gone(broker: &TestBroker, resource: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + ferry_tests::harness::PATIENCE;
+    loop {
+        let connected = broker
+            .resources()
+            .await?
+            .iter()
+            .any(|r| r.resource.as_str() == resource && r.connected);
+        if !connected {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{resource} still connected");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_is_pushed_to_every_agent_acknowledged_and_retried_on_rejoin(
+) -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let clock = ManualClock::new(UnixMillis(ferry_broker::link::now_millis().0));
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    let mut spec = group_spec("pol");
+    spec.base_resources = 3;
+    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+
+    // Joining agents get version 1, the one set at publish.
+    let mut h1 = agent_of(&broker, "h1", "pol").await?;
+    let mut h2 = agent_of(&broker, "h2", "pol").await?;
+    wait_events(&broker, "pol", "policy-applied", 2).await?;
+    assert_eq!(policy_file_of(&h1)?, ("pol".into(), 1, 2));
+    assert_eq!(policy_file_of(&h2)?, ("pol".into(), 1, 2));
+    let (d, _) = show(&broker, "pol").await?;
+    assert_eq!(d.policy_version, 1);
+    assert_eq!(
+        applied(&d),
+        [("h1".into(), Some(1)), ("h2".into(), Some(1))]
+    );
+    assert!(d.policy_applied);
+
+    // An update reaches both, and `group show` says so.
+    update_policy(&broker, "pol", 1).await?;
+    wait_events(&broker, "pol", "policy-applied", 4).await?;
+    assert_eq!(policy_file_of(&h1)?, ("pol".into(), 2, 1));
+    assert_eq!(policy_file_of(&h2)?, ("pol".into(), 2, 1));
+    let (d, _) = show(&broker, "pol").await?;
+    assert_eq!(d.policy_version, 2);
+    assert_eq!(
+        applied(&d),
+        [("h1".into(), Some(2)), ("h2".into(), Some(2))]
+    );
+    assert!(d.policy_applied);
+
+    // h2 is down during the next update: not applied until it rejoins.
+    h2.stop().await?;
+    wait_gone(&broker, "h2").await?;
+    update_policy(&broker, "pol", 2).await?;
+    wait_events(&broker, "pol", "policy-applied", 5).await?;
+    assert_eq!(policy_file_of(&h1)?, ("pol".into(), 3, 2));
+    assert_eq!(policy_file_of(&h2)?, ("pol".into(), 2, 1));
+    let (d, _) = show(&broker, "pol").await?;
+    assert_eq!(
+        applied(&d),
+        [("h1".into(), Some(3)), ("h2".into(), Some(2))]
+    );
+    assert!(!d.policy_applied, "h2 has an older version");
+    h2.restart().await?;
+    h2.wait_synced().await?;
+    let evs = wait_events(&broker, "pol", "policy-applied", 6).await?;
+    assert!(
+        of_kind(&evs, "policy-applied")[5]
+            .message
+            .contains("version 3 applied on h2"),
+        "{evs:?}"
+    );
+    assert_eq!(policy_file_of(&h2)?, ("pol".into(), 3, 2));
+    let (d, _) = show(&broker, "pol").await?;
+    assert!(d.policy_applied, "{:?}", applied(&d));
+
+    // An agent whose policy hook fails: recorded, not applied.
+    let identity = broker.issue_identity("h3")?;
+    let mut config = broker.agent_config("h3", &identity)?;
+    config.group = Some("pol".parse()?);
+    config.hooks.policy = Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo streaming server refused it >&2; exit 5".into(),
+    ]);
+    let mut h3 = TestAgent::start_with(config).await?;
+    h3.wait_synced().await?;
+    let evs = wait_events(&broker, "pol", "policy-failed", 1).await?;
+    let failed = of_kind(&evs, "policy-failed");
+    assert!(
+        failed[0].message.contains("version 3 failed on h3")
+            && failed[0].message.contains("streaming server refused it"),
+        "{}",
+        failed[0].message
+    );
+    let (d, _) = show(&broker, "pol").await?;
+    assert_eq!(
+        applied(&d),
+        [
+            ("h1".into(), Some(3)),
+            ("h2".into(), Some(3)),
+            ("h3".into(), None)
+        ]
+    );
+    assert!(!d.policy_applied);
+
+    for a in [&mut h1, &mut h2, &mut h3] {
+        a.stop().await?;
+    }
+    broker.stop().await?;
+    Ok(())
+}

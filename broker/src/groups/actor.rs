@@ -35,6 +35,15 @@
 //! agents' availability. `recycling` and `gone` stop the actor and close its
 //! metering intervals.
 //!
+//! Policy. The group's policy goes to its agents as `Command::ApplyPolicy`
+//! with the group's policy version: to every joined, connected agent when
+//! an update-policy raises the version, and to an agent that (re)joins with
+//! an older applied version than the group's (read from `resource_policy`).
+//! Each push runs in its own tracked task; an acknowledgement is committed
+//! to `resource_policy` (the newest version wins) with a `policy-applied`
+//! event, a failure or timeout becomes a `policy-failed` event, and the next
+//! join of that agent tries again.
+//!
 //! What is not kept across a broker restart: the binding of agents to base
 //! slots and the elastic resources (agents re-join when they reconnect, and
 //! their open sessions come back with their `Hello`).
@@ -43,6 +52,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use ferry_common::limits::MAX_POLICY_DOCUMENT_LEN;
 use ferry_common::wire::{Command, CommandOutcome, HostFacts, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -119,6 +129,11 @@ pub struct GroupView {
     pub usage_threshold: u32,
     /// Every flag the group raised: one line per agent, naming it and why.
     pub flagged: Vec<String>,
+    /// Real resources joined to the group (bound to a base slot or an
+    /// elastic id), connected or not, sorted.
+    pub joined: Vec<ResourceId>,
+    /// The group's policy version the actor pushes.
+    pub policy_version: u64,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -183,6 +198,8 @@ struct GroupRow {
     status: String,
     /// `subscription` or `pay-as-you-go`, written on each resource interval.
     billing: String,
+    /// Version of `policy`, pushed to agents with it.
+    policy_version: u64,
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -193,7 +210,8 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError> {
     let row = c
         .query_row(
-            "SELECT num, name, spec, base_resources, policy, status, billing FROM groups
+            "SELECT num, name, spec, base_resources, policy, status, billing, policy_version
+             FROM groups
              WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1",
             [group],
             |r| {
@@ -205,11 +223,12 @@ fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError>
                     r.get::<_, String>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, String>(6)?,
+                    r.get::<_, i64>(7)?,
                 ))
             },
         )
         .optional()?;
-    let Some((num, name, spec, base, policy, status, billing)) = row else {
+    let Some((num, name, spec, base, policy, status, billing, version)) = row else {
         return Ok(None);
     };
     Ok(Some(GroupRow {
@@ -220,7 +239,37 @@ fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError>
         policy: serde_json::from_str(&policy).map_err(corrupt)?,
         status,
         billing,
+        policy_version: u64::try_from(version).map_err(corrupt)?,
     }))
+}
+
+/// The policy as agents receive it: canonical JSON (keys sorted, no
+/// whitespace), the scaling part under `scaling` so later parts (session,
+/// display) sit beside it. Fails when it exceeds
+/// [`MAX_POLICY_DOCUMENT_LEN`].
+pub fn policy_document(policy: &Policy) -> Result<String, String> {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    // Keys written in sorted order, which is also serde_json's map order.
+    let doc = serde_json::json!({
+        "scaling": {
+            "concurrent_sessions": policy.concurrent_sessions,
+            "load_balancing": policy.load_balancing.as_str(),
+            "max_elastic": policy.max_elastic,
+            "max_idle_ms": ms(policy.max_idle),
+            "scale_in_cooldown_ms": ms(policy.scale_in_cooldown),
+            "scale_out_step": policy.scale_out_step,
+            "usage_threshold": policy.usage_threshold,
+            "wait_timeout_ms": ms(policy.wait_timeout),
+        }
+    });
+    let text = doc.to_string();
+    if text.len() > MAX_POLICY_DOCUMENT_LEN {
+        return Err(format!(
+            "the policy document is {} bytes, more than the {MAX_POLICY_DOCUMENT_LEN} an agent accepts",
+            text.len()
+        ));
+    }
+    Ok(text)
 }
 
 /// Whether a group in this status has live state to own. A group that failed
@@ -804,7 +853,12 @@ impl Actor {
                     reply,
                 }) => {
                     let facts = self.host_facts(&resource).await;
-                    self.joined(resource, sessions, facts.as_ref());
+                    self.joined(resource.clone(), sessions, facts.as_ref());
+                    if self.to_engine.contains_key(&resource)
+                        && self.applied_version(&resource).await < self.row.policy_version
+                    {
+                        self.push_policy(&resource);
+                    }
                     self.commit().await?;
                     let _ = reply.send(());
                     continue;
@@ -1343,9 +1397,143 @@ impl Actor {
                 self.note("policy", "policy in force in the group's engine".into());
             }
         }
+        let newer_policy = row.policy_version > self.row.policy_version;
         self.row = row;
         self.apply_status();
+        if newer_policy {
+            // Agents not connected now get it when they join again.
+            let live = self
+                .shared
+                .registry
+                .upgrade()
+                .map(|r| r.snapshot())
+                .unwrap_or_default();
+            let mut targets: Vec<ResourceId> = self
+                .to_engine
+                .keys()
+                .filter(|r| live.contains_key(*r))
+                .cloned()
+                .collect();
+            targets.sort();
+            for real in targets {
+                self.push_policy(&real);
+            }
+        }
         Ok(())
+    }
+
+    /// The newest policy version `resource` acknowledged for this group; 0
+    /// when none (or unreadable: pushing again is harmless).
+    async fn applied_version(&self, resource: &ResourceId) -> u64 {
+        let (num, key) = (self.row.num, resource.to_string());
+        let read = self
+            .shared
+            .store
+            .read_with(move |c| {
+                let v = c
+                    .query_row(
+                        "SELECT version FROM resource_policy WHERE group_num = ?1 AND resource = ?2",
+                        params![num, key],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .optional()?;
+                Ok(v)
+            })
+            .await;
+        match read {
+            Ok(v) => v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(group = %self.row.name, %resource, "read applied policy: {e}");
+                0
+            }
+        }
+    }
+
+    /// Sends the group's current policy to the agent of `real` without
+    /// holding up the actor; the acknowledgement is committed, a failure is
+    /// written to the group's events.
+    fn push_policy(&mut self, real: &ResourceId) {
+        let version = self.row.policy_version;
+        let document = match policy_document(&self.row.policy) {
+            Ok(d) => d,
+            Err(why) => {
+                self.note(
+                    "policy-failed",
+                    format!("policy version {version} not sent to {real}: {why}"),
+                );
+                return;
+            }
+        };
+        let shared = self.shared.clone();
+        let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
+        self.shared.tracker.spawn(async move {
+            let command = Command::ApplyPolicy {
+                group: group.clone(),
+                version,
+                document,
+            };
+            let outcome = match shared.registry.upgrade() {
+                None => Err("the broker is shutting down".to_owned()),
+                Some(registry) => tokio::select! {
+                    r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
+                    _ = shared.shutdown.cancelled() => {
+                        Err("the broker shut down before the agent answered".to_owned())
+                    }
+                },
+            };
+            let applied = matches!(outcome, Ok(CommandOutcome::Done));
+            let (kind, message) = match outcome {
+                Ok(CommandOutcome::Done) => (
+                    "policy-applied",
+                    format!("policy version {version} applied on {real}"),
+                ),
+                Ok(CommandOutcome::Failed(m)) => (
+                    "policy-failed",
+                    format!(
+                        "policy version {version} failed on {real}: the agent says: {m}; \
+                         it is sent again when the agent re-joins"
+                    ),
+                ),
+                Err(e) => (
+                    "policy-failed",
+                    format!(
+                        "policy version {version} not applied on {real}: {e}; \
+                         it is sent again when the agent re-joins"
+                    ),
+                ),
+            };
+            if !applied {
+                tracing::warn!(%group, "{message}");
+            }
+            let at = shared.clock.now();
+            let key = real.to_string();
+            let written = shared
+                .store
+                .exec(move |c| {
+                    if applied {
+                        // A late answer for an older version never lowers
+                        // what is recorded.
+                        c.execute(
+                            "INSERT INTO resource_policy (group_num, resource, version, applied_at)
+                             VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (group_num, resource) DO UPDATE
+                                 SET version = excluded.version, applied_at = excluded.applied_at
+                                 WHERE excluded.version > resource_policy.version",
+                            params![num, key, i64::try_from(version).unwrap_or(i64::MAX), at.0],
+                        )?;
+                    }
+                    c.execute(
+                        "INSERT INTO group_events (group_num, at, kind, message)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![num, at.0, kind, message],
+                    )?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = written {
+                tracing::error!(%group, resource = %real, "record policy version {version}: {e}");
+            }
+        });
     }
 
     /// Turns the engine's decisions into events and agent commands.
@@ -1533,6 +1721,12 @@ impl Actor {
             concurrent_sessions: policy.concurrent_sessions,
             usage_threshold: policy.usage_threshold,
             flagged: self.flagged.values().cloned().collect(),
+            joined: {
+                let mut joined: Vec<ResourceId> = self.to_engine.keys().cloned().collect();
+                joined.sort();
+                joined
+            },
+            policy_version: self.row.policy_version,
         }
     }
 }
@@ -1841,7 +2035,33 @@ mod tests {
         let events = f.events("g1").await;
         assert!(!events.iter().any(|(k, _)| k == "scale_out"), "{events:?}");
         assert!(events.iter().any(|(k, _)| k == "policy"));
+        // No agent is connected in this fixture: each join's push fails and
+        // is written down, never dropped.
+        wait_events(&f, |evs| {
+            evs.iter()
+                .filter(|(k, m)| k == "policy-failed" && m.contains("is not connected"))
+                .count()
+                >= 2
+        })
+        .await;
         f.close().await;
+    }
+
+    #[test]
+    fn the_policy_document_is_canonical_json_under_scaling() {
+        let mut p = Policy::new(2, 50, 1, 3, Duration::from_secs(60));
+        p.wait_timeout = Duration::from_millis(1500);
+        let doc = policy_document(&p).expect("small");
+        assert_eq!(
+            doc,
+            concat!(
+                r#"{"scaling":{"concurrent_sessions":2,"load_balancing":"breadth-first","#,
+                r#""max_elastic":3,"max_idle_ms":60000,"scale_in_cooldown_ms":"#,
+                r#"60000,"scale_out_step":1,"usage_threshold":50,"wait_timeout_ms":1500}}"#
+            )
+        );
+        // The same policy gives the same bytes.
+        assert_eq!(policy_document(&p.clone()).expect("small"), doc);
     }
 
     /// Writes the host facts an agent's registration would have stored.

@@ -7,12 +7,13 @@
 //! transaction. Two operators (or an operator and the deadline timer) acting on
 //! one group are therefore serialised, and an answer means "committed".
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::{
     BillingSpec, GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, OrderInfo,
-    PolicySpec, PolicyView, SessionType, UserInfo, UserSpec,
+    PolicySpec, PolicyView, ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
 };
 use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
@@ -36,10 +37,6 @@ pub const MAX_IMPORT_USERS: usize = 100_000;
 /// Most problems listed in one refusal of an import: enough to fix a file in a
 /// few rounds, short enough to read.
 pub const MAX_LISTED_PROBLEMS: usize = 50;
-
-/// What `group show` says until agents receive policies (a later slice).
-pub const POLICY_NOT_PUSHED: &str =
-    "the policy is stored and validated; pushing it to the group's agents is not implemented yet";
 
 /// Why a group or user request failed; mapped to admin error codes in one place.
 #[derive(Debug, thiserror::Error)]
@@ -357,16 +354,28 @@ impl GroupService {
                     let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
                     validate_policy(&policy, &row.spec)?;
                     let json = serde_json::to_string(&policy).map_err(corrupt)?;
+                    // Every accepted update is a new version, even one that
+                    // changes nothing: the operator asked for a push.
                     c.execute(
-                        "UPDATE groups SET policy = ?1, updated_at = ?2 WHERE num = ?3",
+                        "UPDATE groups SET policy = ?1, updated_at = ?2,
+                             policy_version = policy_version + 1
+                         WHERE num = ?3",
                         params![json, now.0, row.num],
+                    )?;
+                    let version: i64 = c.query_row(
+                        "SELECT policy_version FROM groups WHERE num = ?1",
+                        [row.num],
+                        |x| x.get(0),
                     )?;
                     event(
                         c,
                         row.num,
                         now,
                         "policy",
-                        &format!("policy updated: {}", describe_policy(&policy)),
+                        &format!(
+                            "policy updated to version {version}: {}",
+                            describe_policy(&policy)
+                        ),
                     )?;
                     Ok(row.id)
                 })
@@ -1509,6 +1518,27 @@ fn detail(c: &Connection, group: &str, retention: Duration) -> Result<GroupDetai
         .query_map([r.name.as_str()], |x| x.get::<_, String>(0))?
         .map(|x| Ok(x?.parse().map_err(corrupt)?))
         .collect::<Result<Vec<_>, GroupError>>()?;
+    let policy_version: i64 = c.query_row(
+        "SELECT policy_version FROM groups WHERE num = ?1",
+        [r.num],
+        |x| x.get(0),
+    )?;
+    let policy_version = u64::try_from(policy_version).map_err(corrupt)?;
+    let mut stmt = c.prepare(
+        "SELECT resource, version FROM resource_policy WHERE group_num = ?1 ORDER BY resource",
+    )?;
+    let policy_resources = stmt
+        .query_map([r.num], |x| {
+            Ok((x.get::<_, String>(0)?, x.get::<_, i64>(1)?))
+        })?
+        .map(|x| {
+            let (resource, version) = x?;
+            Ok(ResourcePolicyInfo {
+                resource: resource.parse().map_err(corrupt)?,
+                applied_version: Some(u64::try_from(version).map_err(corrupt)?),
+            })
+        })
+        .collect::<Result<Vec<_>, GroupError>>()?;
     let p = &r.policy;
     Ok(GroupDetail {
         info: info(c, &r)?,
@@ -1523,13 +1553,38 @@ fn detail(c: &Connection, group: &str, retention: Duration) -> Result<GroupDetai
             wait_timeout_ms: ms(p.wait_timeout),
             load_balancing: p.load_balancing.as_str().into(),
         },
-        policy_applied: false,
-        notes: vec![POLICY_NOT_PUSHED.into()],
+        policy_applied: policy_resources
+            .iter()
+            .all(|x| x.applied_version >= Some(policy_version)),
+        policy_version,
+        policy_resources,
+        notes: Vec::new(),
         users: assigned_users(c, r.num)?,
         resources,
         orders,
         next_deadline: r.life.next_deadline(retention),
     })
+}
+
+/// Narrows `detail`'s policy state to the resources joined to the live
+/// group (`joined`), which may include some that never acknowledged one.
+pub fn policy_of_joined(detail: &mut GroupDetail, joined: &[ResourceId]) {
+    let stored: HashMap<ResourceId, Option<u64>> = detail
+        .policy_resources
+        .drain(..)
+        .map(|x| (x.resource, x.applied_version))
+        .collect();
+    detail.policy_resources = joined
+        .iter()
+        .map(|r| ResourcePolicyInfo {
+            resource: r.clone(),
+            applied_version: stored.get(r).copied().flatten(),
+        })
+        .collect();
+    detail.policy_applied = detail
+        .policy_resources
+        .iter()
+        .all(|x| x.applied_version >= Some(detail.policy_version));
 }
 
 #[cfg(test)]

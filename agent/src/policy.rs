@@ -1,0 +1,261 @@
+//! The group policy the broker pushes (`Command::ApplyPolicy`), kept in one
+//! file for the host's streaming server to read.
+//!
+//! The file is replaced atomically (temp file, fsync, rename, fsync of the
+//! directory) before the command is acknowledged, so a host that crashes
+//! right after holds either the old policy or the new one, never half of
+//! one, and the broker never records a version the host does not have. It
+//! holds the group and version beside the policy
+//! (`{"group":..,"version":..,"policy":{..}}`) so a replayed older version is
+//! recognised and acknowledged without going back in time.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ferry_common::limits::MAX_POLICY_DOCUMENT_LEN;
+use ferry_common::GroupName;
+use serde::{Deserialize, Serialize};
+
+/// Most bytes read back from an existing policy file: the document plus the
+/// group, version and pretty-printing around it. A larger file was not
+/// written by this agent and is treated as unreadable.
+const MAX_POLICY_FILE_LEN: u64 = MAX_POLICY_DOCUMENT_LEN as u64 * 2 + 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy document of {len} bytes is longer than the {max} allowed")]
+    TooLong { len: usize, max: usize },
+    #[error("policy document is not a JSON object: {0}")]
+    NotAnObject(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The file as written.
+#[derive(Debug, Serialize, Deserialize)]
+struct PolicyFile {
+    /// Group whose policy this is.
+    group: String,
+    /// The group's policy version.
+    version: u64,
+    /// The document as the broker sent it.
+    policy: serde_json::Value,
+}
+
+/// What [`PolicyStore::apply`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The file now holds this version (new, or the same one written again
+    /// so the hook runs once more after an earlier failure).
+    Written,
+    /// The file already holds the newer version `have` of the same group; it
+    /// is kept (a replayed or late command).
+    Kept { have: u64 },
+}
+
+/// The host's policy file.
+#[derive(Clone, Debug)]
+pub struct PolicyStore {
+    /// Where the policy lives (config `policy_file`).
+    path: PathBuf,
+    /// Serialises read-compare-write: two commands may run at once and the
+    /// older one must not overwrite the newer. Held only in blocking code.
+    lock: Arc<Mutex<()>>,
+}
+
+impl PolicyStore {
+    pub fn new(path: PathBuf) -> PolicyStore {
+        PolicyStore {
+            path,
+            lock: Arc::default(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Group and version in the file; `None` when there is no readable file.
+    /// Blocking.
+    pub fn current(&self) -> Option<(String, u64)> {
+        let file = std::fs::File::open(&self.path).ok()?;
+        let mut text = Vec::new();
+        file.take(MAX_POLICY_FILE_LEN + 1)
+            .read_to_end(&mut text)
+            .ok()?;
+        if text.len() as u64 > MAX_POLICY_FILE_LEN {
+            return None;
+        }
+        let f: PolicyFile = serde_json::from_slice(&text).ok()?;
+        Some((f.group, f.version))
+    }
+
+    /// Checks `document` and writes it durably unless a newer version of the
+    /// same group is already there. Blocking (file and directory sync).
+    pub fn apply(
+        &self,
+        group: &GroupName,
+        version: u64,
+        document: &str,
+    ) -> Result<Applied, PolicyError> {
+        if document.len() > MAX_POLICY_DOCUMENT_LEN {
+            return Err(PolicyError::TooLong {
+                len: document.len(),
+                max: MAX_POLICY_DOCUMENT_LEN,
+            });
+        }
+        let policy: serde_json::Value =
+            serde_json::from_str(document).map_err(|e| PolicyError::NotAnObject(e.to_string()))?;
+        if !policy.is_object() {
+            return Err(PolicyError::NotAnObject(format!(
+                "found {}",
+                json_kind(&policy)
+            )));
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, have)) = self.current() {
+            if g == group.as_str() && have > version {
+                return Ok(Applied::Kept { have });
+            }
+        }
+        let file = PolicyFile {
+            group: group.to_string(),
+            version,
+            policy,
+        };
+        let mut bytes = serde_json::to_vec_pretty(&file)
+            .map_err(|e| PolicyError::NotAnObject(e.to_string()))?;
+        bytes.push(b'\n');
+        write_atomically(&self.path, &bytes)?;
+        Ok(Applied::Written)
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Temp file in the same directory, fsync, rename over `path`, fsync the
+/// directory: after a crash `path` is the old or the new content.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
+    let io = |op: &'static str, p: &Path| {
+        let p = p.to_owned();
+        move |source| PolicyError::Io {
+            op,
+            path: p,
+            source,
+        }
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io("rename into", path))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", &dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(s: &str) -> GroupName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_newer_version_replaces_the_file_and_an_older_one_is_kept_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::new(dir.path().join("sub").join("policy.json"));
+        assert_eq!(store.current(), None);
+        assert_eq!(
+            store.apply(&g("g1"), 1, r#"{"a":1}"#).unwrap(),
+            Applied::Written
+        );
+        assert_eq!(
+            store.apply(&g("g1"), 3, r#"{"a":3}"#).unwrap(),
+            Applied::Written
+        );
+        assert_eq!(
+            store.apply(&g("g1"), 2, r#"{"a":2}"#).unwrap(),
+            Applied::Kept { have: 3 }
+        );
+        // The same version again is written again (its hook may have failed).
+        assert_eq!(
+            store.apply(&g("g1"), 3, r#"{"a":3}"#).unwrap(),
+            Applied::Written
+        );
+        assert_eq!(store.current(), Some(("g1".into(), 3)));
+        let text = std::fs::read_to_string(store.path()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["policy"]["a"], 3);
+        assert_eq!(v["group"], "g1");
+        // No temp file left behind.
+        let names: Vec<_> = std::fs::read_dir(store.path().parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["policy.json"]);
+    }
+
+    #[test]
+    fn another_group_replaces_whatever_version_it_had() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::new(dir.path().join("policy.json"));
+        store.apply(&g("old"), 9, "{}").unwrap();
+        assert_eq!(store.apply(&g("new"), 1, "{}").unwrap(), Applied::Written);
+        assert_eq!(store.current(), Some(("new".into(), 1)));
+    }
+
+    #[test]
+    fn bad_documents_are_refused_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::new(dir.path().join("policy.json"));
+        store.apply(&g("g1"), 1, "{}").unwrap();
+        let long = format!(r#"{{"x":"{}"}}"#, "a".repeat(MAX_POLICY_DOCUMENT_LEN));
+        assert!(matches!(
+            store.apply(&g("g1"), 2, &long),
+            Err(PolicyError::TooLong { .. })
+        ));
+        let err = store.apply(&g("g1"), 2, "[1]").unwrap_err();
+        assert!(err.to_string().contains("an array"), "{err}");
+        assert!(matches!(
+            store.apply(&g("g1"), 2, "{not json"),
+            Err(PolicyError::NotAnObject(_))
+        ));
+        assert_eq!(store.current(), Some(("g1".into(), 1)));
+    }
+
+    #[test]
+    fn an_unreadable_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.json");
+        std::fs::write(&path, "garbage").unwrap();
+        let store = PolicyStore::new(path);
+        assert_eq!(store.current(), None);
+        assert_eq!(store.apply(&g("g1"), 1, "{}").unwrap(), Applied::Written);
+        assert_eq!(store.current(), Some(("g1".into(), 1)));
+    }
+}
