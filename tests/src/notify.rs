@@ -50,7 +50,13 @@ impl FakeNotifySocket {
                     format!("no {line:?} within {timeout:?}; saw {seen:?}"),
                 ));
             }
-            let lines = self.recv(left)?;
+            let lines = match self.recv(left) {
+                Ok(lines) => lines,
+                // A signal (e.g. SIGCHLD from a daemon the test stopped) interrupts
+                // the blocking receive; that is not the daemon's answer.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
             let found = lines.iter().any(|l| l == line);
             seen.extend(lines);
             if found {
