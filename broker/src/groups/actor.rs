@@ -397,9 +397,8 @@ impl GroupActors {
     /// changed since it last looked, so an expired group closes, a recycling
     /// or gone one stops and its metering ends.
     ///
-    /// This is the daemon's one lifecycle-deadline task (`tasks::run_deadlines`
-    /// serves brokers run without actors, e.g. tests of the service alone).
-    /// Running `run_due` here means a status is never read before the step
+    /// This is the daemon's one lifecycle-deadline task. Running `run_due`
+    /// here means a status is never read before the step
     /// that changes it was committed. Admin verbs that change a deadline call
     /// [`GroupActors::sync`], which wakes it.
     pub async fn follow_lifecycle(self) {

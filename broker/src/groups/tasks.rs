@@ -1,6 +1,7 @@
-//! The broker's group tasks: lifecycle deadlines and activation-notification
-//! delivery. Both sleep until the next instant the store says something is
-//! due (or until a change wakes them), never on a polling period.
+//! The groups' clock and activation-notification delivery. Delivery sleeps
+//! until the next instant the store says something is due (or until a change
+//! wakes it), never on a polling period; lifecycle deadlines are run the same
+//! way by [`super::actor::GroupActors::follow_lifecycle`].
 //!
 //! Time comes from the [`Clock`] in [`GroupsConfig`]: the wall clock in
 //! production, a [`ManualClock`] a test moves by hand. Nothing here reads
@@ -149,26 +150,6 @@ fn until(next: Option<UnixMillis>, now: UnixMillis) -> Duration {
         Some(t) => Duration::from_millis(u64::try_from(t.0.saturating_sub(now.0)).unwrap_or(0))
             .min(MAX_TIMER_SLEEP),
         None => MAX_TIMER_SLEEP,
-    }
-}
-
-/// Runs expiry, auto-renew and recycling at their deadlines until `shutdown`.
-pub async fn run_deadlines(groups: GroupService, shutdown: CancellationToken) {
-    let clock = groups.clock();
-    loop {
-        let now = clock.now();
-        let next = match groups.run_due(now).await {
-            Ok(next) => next,
-            Err(e) => {
-                tracing::error!("run group deadlines: {e}");
-                Some(after(now, RETRY_AFTER_ERROR))
-            }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = clock.sleep_until(next) => {}
-            _ = groups.changed() => {}
-        }
     }
 }
 
