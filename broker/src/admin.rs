@@ -2,9 +2,9 @@
 //! [`AdminResponse`], its server inside the broker and the client `ferryctl`
 //! (and `dev`) use.
 //!
-//! Admin frames use the same length prefix and bincode configuration as the
-//! agent link, with the larger [`MAX_ADMIN_FRAME_LEN`] (fleet listings). The
-//! decoder runs with that same byte limit.
+//! Admin frames are `common::frame` frames with the larger
+//! [`MAX_ADMIN_FRAME_LEN`] (fleet listings); the decoder runs with that same
+//! byte limit.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use ferry_common::admin::{
     GroupDetail, LiveGroupView, LiveResourceView, ResourceInfo, SessionInfo, StatusReport,
     UsageQuery, MAX_ADMIN_CONNECTIONS,
 };
-use ferry_common::frame::{self, FrameError, HEADER_LEN};
+use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::wire::{Command, CommandOutcome};
 use ferry_common::{ResourceId, SessionId};
@@ -46,24 +46,11 @@ pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Mode of the admin socket: owner and group (the `ferry` operators group).
 pub const ADMIN_SOCKET_MODE: u32 = 0o660;
 
-/// The admin frame bincode configuration: the agent link's, with the admin limit.
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_ADMIN_FRAME_LEN>()
-}
-
 /// Reads one admin message; `Ok(None)` on a clean end of stream.
 pub async fn read_admin<T: DeserializeOwned, R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<T>, FrameError> {
-    let Some(payload) = frame::read_frame(r, MAX_ADMIN_FRAME_LEN).await? else {
-        return Ok(None);
-    };
-    let (msg, used) = bincode::serde::decode_from_slice(&payload, config())
-        .map_err(|e| FrameError::Decode(e.to_string()))?;
-    if used != payload.len() {
-        return Err(FrameError::TrailingBytes(payload.len() - used));
-    }
-    Ok(Some(msg))
+    frame::read_message_within::<T, R, MAX_ADMIN_FRAME_LEN>(r).await
 }
 
 /// Writes one admin message as a frame.
@@ -71,20 +58,7 @@ pub async fn write_admin<T: Serialize, W: AsyncWrite + Unpin>(
     w: &mut W,
     msg: &T,
 ) -> Result<(), FrameError> {
-    let payload = bincode::serde::encode_to_vec(msg, config())
-        .map_err(|e| FrameError::Encode(e.to_string()))?;
-    let too_large = || FrameError::TooLarge {
-        len: payload.len(),
-        max: MAX_ADMIN_FRAME_LEN,
-    };
-    if payload.len() > MAX_ADMIN_FRAME_LEN {
-        return Err(too_large());
-    }
-    let len = u32::try_from(payload.len()).map_err(|_| too_large())?;
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&payload);
-    w.write_all(&out).await?;
+    frame::write_message(w, msg, MAX_ADMIN_FRAME_LEN).await?;
     w.flush().await?;
     Ok(())
 }

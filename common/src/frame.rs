@@ -21,10 +21,12 @@ pub const PREAMBLE_LEN: usize = 8;
 /// Length of the frame header (u32, big-endian).
 pub const HEADER_LEN: usize = 4;
 
-/// The bincode configuration of every frame. Part of the wire format: changing
-/// it changes every encoding (the golden-byte tests in `wire` catch that).
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_FRAME_LEN>()
+/// The bincode configuration of every frame, decoding at most `LIMIT` bytes.
+/// Part of the wire format: changing it changes every encoding (the
+/// golden-byte tests in `wire` catch that). The limit does not change the
+/// bytes, only what a decoder accepts.
+fn config<const LIMIT: usize>() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<LIMIT>()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +51,8 @@ pub enum FrameError {
 
 /// Encodes a message to a bare payload (no length prefix).
 pub fn encode_payload<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    bincode::serde::encode_to_vec(msg, config()).map_err(|e| FrameError::Encode(e.to_string()))
+    bincode::serde::encode_to_vec(msg, config::<MAX_FRAME_LEN>())
+        .map_err(|e| FrameError::Encode(e.to_string()))
 }
 
 /// Encodes a message to a whole frame: length prefix and payload.
@@ -71,15 +74,24 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameE
     Ok(out)
 }
 
-/// Decodes a payload; the whole payload must be one message.
+/// Decodes a payload of the agent link ([`MAX_FRAME_LEN`]); the whole payload
+/// must be one message.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
-    if payload.len() > MAX_FRAME_LEN {
+    decode_payload_within::<T, MAX_FRAME_LEN>(payload)
+}
+
+/// Decodes a payload of at most `LIMIT` bytes, with the decoder held to the
+/// same limit; the whole payload must be one message.
+pub fn decode_payload_within<T: DeserializeOwned, const LIMIT: usize>(
+    payload: &[u8],
+) -> Result<T, FrameError> {
+    if payload.len() > LIMIT {
         return Err(FrameError::TooLarge {
             len: payload.len(),
-            max: MAX_FRAME_LEN,
+            max: LIMIT,
         });
     }
-    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
+    let (msg, used) = bincode::serde::decode_from_slice(payload, config::<LIMIT>())
         .map_err(|e| FrameError::Decode(e.to_string()))?;
     if used != payload.len() {
         return Err(FrameError::TrailingBytes(payload.len() - used));
@@ -129,6 +141,18 @@ pub async fn read_message<T: DeserializeOwned, R: AsyncRead + Unpin>(
 ) -> Result<Option<T>, FrameError> {
     match read_frame(r, max).await? {
         Some(payload) => decode_payload(&payload).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads and decodes one message of at most `LIMIT` bytes (a channel whose
+/// limit is above the agent link's, such as the admin socket). `Ok(None)` on
+/// a clean end of stream.
+pub async fn read_message_within<T: DeserializeOwned, R: AsyncRead + Unpin, const LIMIT: usize>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    match read_frame(r, LIMIT).await? {
+        Some(payload) => decode_payload_within::<T, LIMIT>(&payload).map(Some),
         None => Ok(None),
     }
 }
@@ -268,6 +292,32 @@ mod tests {
             .expect("read")
             .expect("one frame");
         assert_eq!(back, msg);
+    }
+
+    #[tokio::test]
+    async fn a_larger_channel_limit_is_honoured_by_the_decoder() {
+        // A message above the agent link's limit: the link refuses it, a channel
+        // with a larger limit (the admin socket) reads it whole.
+        let big = "x".repeat(MAX_FRAME_LEN + 10);
+        let payload = encode_payload(&big).expect("encode");
+        assert!(matches!(
+            decode_payload::<String>(&payload),
+            Err(FrameError::TooLarge { .. })
+        ));
+        const LARGER: usize = 2 * MAX_FRAME_LEN;
+        let frame = encode_frame(&big, LARGER).expect("frame");
+        let mut r: &[u8] = &frame;
+        let back: String = read_message_within::<String, _, LARGER>(&mut r)
+            .await
+            .expect("read")
+            .expect("one frame");
+        assert_eq!(back, big);
+        // And the larger limit still bounds it.
+        let mut r: &[u8] = &frame;
+        assert!(matches!(
+            read_message_within::<String, _, MAX_FRAME_LEN>(&mut r).await,
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
