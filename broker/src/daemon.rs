@@ -104,6 +104,7 @@ pub async fn run(
         health_interval: config.health_interval,
         missed_health_limit: config.missed_health_limit,
         tracker: tracker.clone(),
+        services: link::Services::default(),
     };
     // Group actors first, so the first agent to register finds its group.
     let actors = GroupActors::new(

@@ -1,6 +1,12 @@
 //! The broker's QUIC server for agents: mutual TLS, the preamble, then the
 //! framed protocol of one bidirectional stream per connection.
 //!
+//! The same endpoint serves other protocols, chosen by the connection's ALPN
+//! once its handshake is done: [`ferry_common::ALPN_AGENT`] is served here, the
+//! others ([`Services`]) by the modules that own them. Handshakes in flight
+//! and connections of each protocol have separate limits, so one kind of
+//! client cannot take the fleet's agents' places.
+//!
 //! One task per connection, under a child `CancellationToken` of the daemon's;
 //! a second small task per connection reads frames (reading a frame is not
 //! cancel-safe, so it never sits in a `select!`) and hands whole messages to
@@ -28,9 +34,14 @@ use crate::registry::{CommandRequest, Registry};
 use crate::store::{Registration, Store};
 
 /// Most agent connections served at once. A broker serves a fleet of hosts,
-/// each with one connection (two briefly while reconnecting); past this,
-/// new connections are refused before the TLS handshake costs anything.
+/// each with one connection (two briefly while reconnecting); past this, an
+/// agent is closed right after its handshake with `close_code::BUSY`.
 pub const MAX_AGENT_CONNECTIONS: usize = 20_000;
+
+/// Most TLS handshakes in progress at once, of any protocol. Past this, new
+/// connections are refused before the handshake costs anything; a handshake
+/// ends within [`HANDSHAKE_TIMEOUT`], so the slots turn over.
+pub const MAX_HANDSHAKES: usize = 2_048;
 
 /// Time from an accepted UDP handshake to a received `Hello`: TLS, opening
 /// the stream, the preamble. A peer slower than this is not a working agent.
@@ -69,6 +80,32 @@ pub mod close_code {
     pub const BAD_IDENTITY: u32 = 3;
     /// The peer spoke another protocol version.
     pub const UNSUPPORTED_VERSION: u32 = 4;
+    /// Too many connections of the peer's protocol are open; retry later.
+    pub const BUSY: u32 = 5;
+    /// The peer's protocol (ALPN) is not served by this broker.
+    pub const NOT_SERVED: u32 = 6;
+}
+
+/// A protocol other than the agent link served on the broker's endpoint.
+/// Implementations own their per-connection limits, timeouts and errors.
+pub trait EndpointService: Send + Sync + 'static {
+    /// Serves one connection whose handshake is done, until it ends or
+    /// `token` is cancelled. Runs in a task tracked by the daemon.
+    fn serve(
+        &self,
+        conn: quinn::Connection,
+        token: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+}
+
+/// The services reached through the other ALPNs of the endpoint; `None` =
+/// not served (the connection is closed with `close_code::NOT_SERVED`).
+#[derive(Clone, Default)]
+pub struct Services {
+    /// [`ferry_common::ALPN_ROUTE`]: end users asking for a session.
+    pub route: Option<Arc<dyn EndpointService>>,
+    /// [`ferry_common::ALPN_ENROLL`]: new hosts presenting an enrollment token.
+    pub enroll: Option<Arc<dyn EndpointService>>,
 }
 
 /// Why a connection ended other than by the agent closing it.
@@ -105,6 +142,8 @@ pub struct LinkContext {
     pub missed_health_limit: u32,
     /// Where connection tasks are tracked for shutdown.
     pub tracker: TaskTracker,
+    /// Protocols other than the agent link on the same endpoint.
+    pub services: Services,
 }
 
 impl LinkContext {
@@ -123,11 +162,13 @@ pub fn now_millis() -> UnixMillis {
     UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
-/// Accepts agent connections until `shutdown`; each connection gets a child
-/// token. Returns when shutdown is requested or the endpoint closes; the
-/// connection tasks are in `ctx.tracker`.
+/// Accepts connections until `shutdown`; each connection gets a child token
+/// and is handed, once its handshake is done, to the agent link or to the
+/// service of its ALPN. Returns when shutdown is requested or the endpoint
+/// closes; the connection tasks are in `ctx.tracker`.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: LinkContext, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let agents = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -136,39 +177,77 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: LinkContext, shutdown: Cancel
                 None => break,
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
             tracing::warn!(remote = %incoming.remote_address(),
-                "refusing agent connection: {MAX_AGENT_CONNECTIONS} connections open");
+                "refusing connection: {MAX_HANDSHAKES} handshakes in progress");
             incoming.refuse();
             continue;
         };
         let ctx2 = ctx.clone();
+        let agents = agents.clone();
         let token = shutdown.child_token();
         ctx.tracker.spawn(async move {
-            let _permit = permit;
             let remote = incoming.remote_address();
-            match handle(incoming, ctx2, token).await {
-                Ok(()) => {}
-                Err(LinkError::Connection(e)) => {
-                    tracing::info!(%remote, "agent connection closed: {e}");
+            let conn = tokio::select! {
+                _ = token.cancelled() => return,
+                r = timeout(HANDSHAKE_TIMEOUT, incoming) => match r {
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, "TLS handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            drop(handshake);
+            let service = match alpn(&conn).as_deref() {
+                Some(ferry_common::ALPN_AGENT) => None,
+                Some(ferry_common::ALPN_ROUTE) => Some(ctx2.services.route.clone()),
+                Some(ferry_common::ALPN_ENROLL) => Some(ctx2.services.enroll.clone()),
+                _ => Some(None),
+            };
+            match service {
+                Some(Some(service)) => service.serve(conn, token).await,
+                Some(None) => {
+                    tracing::info!(%remote, "closing connection: its protocol is not served");
+                    conn.close(close_code::NOT_SERVED.into(), b"protocol not served");
                 }
-                Err(e) => tracing::warn!(%remote, "agent connection ended: {e}"),
+                None => {
+                    let Ok(_permit) = agents.try_acquire_owned() else {
+                        tracing::warn!(%remote,
+                            "refusing agent: {MAX_AGENT_CONNECTIONS} agent connections open");
+                        conn.close(close_code::BUSY.into(), b"too many agents connected");
+                        return;
+                    };
+                    match handle(conn, ctx2, token).await {
+                        Ok(()) => {}
+                        Err(LinkError::Connection(e)) => {
+                            tracing::info!(%remote, "agent connection closed: {e}");
+                        }
+                        Err(e) => tracing::warn!(%remote, "agent connection ended: {e}"),
+                    }
+                }
             }
         });
     }
 }
 
+/// The ALPN protocol the handshake agreed on.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
 async fn handle(
-    incoming: quinn::Incoming,
+    conn: quinn::Connection,
     ctx: LinkContext,
     token: CancellationToken,
 ) -> Result<(), LinkError> {
-    let conn = tokio::select! {
-        _ = token.cancelled() => return Ok(()),
-        r = timeout(HANDSHAKE_TIMEOUT, incoming) => r
-            .map_err(|_| LinkError::Timeout("TLS handshake"))?
-            .map_err(|e| LinkError::Handshake(e.to_string()))?,
-    };
     let resource = match pki::peer_resource(&conn) {
         Ok(r) => r,
         Err(e) => {

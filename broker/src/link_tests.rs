@@ -57,6 +57,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         health_interval,
         missed_health_limit: missed,
         tracker: tracker.clone(),
+        services: link::Services::default(),
     };
     tracker.spawn(link::serve(endpoint, ctx, shutdown.clone()));
     Broker {
@@ -398,6 +399,27 @@ async fn no_client_certificate_or_a_foreign_one_gets_nothing_in() {
         }
     }
     assert_eq!(b.resources().await, 0);
+    assert_eq!(b.registry.connected(), 0);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_protocol_the_broker_does_not_serve_is_closed_with_not_served() {
+    let b = start(Duration::from_secs(10), 3).await;
+    // No route service in this broker: the handshake succeeds (the ALPN is
+    // one of the endpoint's), then the connection is closed with a reason.
+    let config = pki::client_config_for(&b.pki.join(pki::CA_CERT), None, ferry_common::ALPN_ROUTE)
+        .expect("config");
+    let conn = b.connect(config).await.expect("handshake");
+    let closed = tokio::time::timeout(PATIENCE, conn.closed())
+        .await
+        .expect("closed in time");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, close_code::NOT_SERVED.into());
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(b.registry.connected(), 0);
     b.stop().await;
 }

@@ -197,18 +197,23 @@ fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, PkiError> {
     Ok(Arc::new(roots))
 }
 
-/// The verifier of agent certificates: they must chain to the CA in `ca`.
+/// The verifier of agent certificates: a certificate that is presented must
+/// chain to the CA in `ca`. Presenting none is allowed at the TLS layer because
+/// route and enrollment clients have none; the agent link refuses a
+/// connection without one before it reads anything (`link::handle`).
 pub fn client_verifier(
     ca: &Path,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, PkiError> {
     rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| PkiError::Tls(e.to_string()))
 }
 
 /// The broker's QUIC server configuration from the files in `pki_dir`:
-/// TLS 1.3, a client certificate chaining to the CA required, ALPN
-/// [`ferry_common::ALPN_AGENT`], the agent-link transport limits.
+/// TLS 1.3, client certificates checked against the CA (required by the agent
+/// link, absent for route and enrollment clients), every ALPN of
+/// [`ferry_common::BROKER_ALPNS`], the agent-link transport limits.
 pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, PkiError> {
     let verifier = client_verifier(&pki_dir.join(CA_CERT))?;
     let certs = load_certs(&pki_dir.join(BROKER_CERT))?;
@@ -219,7 +224,10 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, PkiError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| PkiError::Tls(format!("broker certificate: {e}")))?;
-    tls.alpn_protocols = vec![ferry_common::ALPN_AGENT.to_vec()];
+    tls.alpn_protocols = ferry_common::BROKER_ALPNS
+        .iter()
+        .map(|p| p.to_vec())
+        .collect();
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| PkiError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -271,6 +279,16 @@ pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<quinn::ClientConfig, PkiError> {
+    client_config_for(ca, identity, ferry_common::ALPN_AGENT)
+}
+
+/// [`client_config`] for another protocol of the broker's endpoint (one of
+/// [`ferry_common::BROKER_ALPNS`]).
+pub fn client_config_for(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, PkiError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| PkiError::Tls(e.to_string()))?
@@ -281,7 +299,7 @@ pub fn client_config(
             .map_err(|e| PkiError::Tls(format!("agent certificate: {e}")))?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![ferry_common::ALPN_AGENT.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| PkiError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

@@ -24,3 +24,15 @@ pub const PROTOCOL_VERSION: u16 = 1;
 
 /// ALPN identifier of the agent <-> broker link on the broker's QUIC endpoint.
 pub const ALPN_AGENT: &[u8] = b"ferry-agent/1";
+
+/// ALPN identifier of end users' routing requests (`ferry-connect`) on the same
+/// endpoint. Route clients present no certificate: they authenticate with the
+/// user's credentials inside the protocol.
+pub const ALPN_ROUTE: &[u8] = b"ferry-route/1";
+
+/// ALPN identifier of enrollment: a new host without a certificate presents a
+/// one-time enrollment token and receives its agent certificate.
+pub const ALPN_ENROLL: &[u8] = b"ferry-enroll/1";
+
+/// Every protocol the broker's QUIC endpoint serves, in order of preference.
+pub const BROKER_ALPNS: [&[u8]; 3] = [ALPN_AGENT, ALPN_ROUTE, ALPN_ENROLL];
