@@ -4,6 +4,7 @@
 //! validator together with every other problem, never one error per run.
 //! Validation happens before any socket or file is opened.
 
+use ferry_common::wire::StreamingEndpoint;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -49,6 +50,48 @@ pub struct AgentConfig {
     pub image_version: String,
     /// Commands the agent runs on the broker's behalf.
     pub hooks: HooksConfig,
+    /// Where end users' clients reach this host's streaming server
+    /// (`streaming_address`), told to the broker after each `Welcome`.
+    pub streaming: StreamingEndpoint,
+}
+
+/// `streaming_address` when the file has none: the default port on the
+/// address the broker sees the agent connect from.
+pub fn default_streaming() -> StreamingEndpoint {
+    StreamingEndpoint {
+        host: None,
+        port: ferry_common::route::DEFAULT_STREAMING_PORT,
+    }
+}
+
+/// Parses `streaming_address`: `host:port`, `[v6]:port`, or `:port` (the
+/// address the broker sees, with this port).
+pub fn parse_streaming_address(text: &str) -> Result<StreamingEndpoint, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not host:port or :port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{text:?}: the port must be 1..=65535"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Ok(StreamingEndpoint { host: None, port });
+    }
+    let ok = host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_'));
+    if !ok {
+        return Err(format!(
+            "{text:?}: {host:?} is not a host name or IP address"
+        ));
+    }
+    Ok(StreamingEndpoint {
+        host: Some(host.to_owned()),
+        port,
+    })
 }
 
 /// Host commands the agent runs for broker commands.
@@ -107,6 +150,11 @@ struct RawConfig {
     local_socket: PathBuf,
     image_version: String,
     hooks: RawHooks,
+    /// `host:port` or `:port` of the host's streaming server.
+    streaming_address: Option<String>,
+    /// One-time enrollment token (issue 6): with no certificate at `cert`,
+    /// `ferry-agent run` enrolls with it first (see [`crate::enroll`]).
+    enroll_token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +181,8 @@ impl Default for RawConfig {
             local_socket: "/run/ferry-agent/agent.sock".into(),
             image_version: "unknown".into(),
             hooks: RawHooks::default(),
+            streaming_address: None,
+            enroll_token: None,
         }
     }
 }
@@ -238,6 +288,14 @@ impl RawConfig {
         {
             problems.push("policy_file: must name a file".to_owned());
         }
+        if let Some(t) = &self.enroll_token {
+            if !ferry_common::enroll::is_token_text(t) {
+                problems.push(
+                    "enroll_token: must be the 64 lowercase hex characters the provisioner gave"
+                        .to_owned(),
+                );
+            }
+        }
         let policy_file = self
             .policy_file
             .unwrap_or_else(|| self.state_dir.join("policy.json"));
@@ -254,6 +312,13 @@ impl RawConfig {
                     DEFAULT_HOOK_TIMEOUT
                 }
             },
+        };
+        let streaming = match self.streaming_address.as_deref() {
+            None => default_streaming(),
+            Some(text) => parse_streaming_address(text).unwrap_or_else(|why| {
+                problems.push(format!("streaming_address: {why}"));
+                default_streaming()
+            }),
         };
         match resource {
             Some(resource) if problems.is_empty() => Ok(AgentConfig {
@@ -273,10 +338,25 @@ impl RawConfig {
                     policy: self.hooks.policy,
                     timeout,
                 },
+                streaming,
             }),
             _ => Err(problems),
         }
     }
+}
+
+/// The `enroll_token` of a configuration file, if it has one (the file is
+/// checked whole by [`AgentConfig::load`] first).
+pub fn enroll_token(path: &Path) -> Result<Option<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok(raw.enroll_token)
 }
 
 /// Checks `host:port` (or `[v6]:port`) without resolving the name.
@@ -305,6 +385,19 @@ mod tests {
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::from_toml(text, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn an_enrollment_token_is_checked_and_read_back() {
+        let base = "resource = \"g-e1\"\nbroker_addr = \"b:7443\"\n";
+        let token = "0a".repeat(32);
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, format!("{base}enroll_token = \"{token}\"\n")).expect("write");
+        AgentConfig::load(&path).expect("valid");
+        assert_eq!(enroll_token(&path).expect("read"), Some(token));
+        let err = parse(&format!("{base}enroll_token = \"short\"\n")).expect_err("invalid");
+        assert!(err.to_string().contains("enroll_token"), "{err}");
     }
 
     #[test]

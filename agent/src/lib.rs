@@ -17,13 +17,16 @@
 
 pub mod commands;
 pub mod config;
+pub mod enroll;
 pub mod health;
 pub mod link;
 pub mod local;
 pub mod notify;
 pub mod pam;
 pub mod policy;
+pub mod presence;
 pub mod spool;
+pub mod ticket;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -77,6 +80,8 @@ pub enum AgentError {
     Local(#[from] local::LocalError),
     #[error("read drain state: {0}")]
     Drain(#[from] commands::CommandError),
+    #[error("open ticket state: {0}")]
+    Tickets(#[from] ticket::TicketStoreError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -118,6 +123,20 @@ pub async fn run(
     let spool = spool::SpoolHandle::new(spool, status.clone());
     let tracker = TaskTracker::new();
 
+    let (state_dir, resource) = (config.state_dir.clone(), config.resource.clone());
+    let tickets = tokio::task::spawn_blocking(move || {
+        ticket::TicketVerifier::open(&state_dir, resource, local::now())
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Tickets(ticket::TicketStoreError::Io {
+            op: "open (task failed)",
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??;
+
+    let presence = presence::PresenceBoard::default();
     let listener = local::LocalServer::bind(&config.local_socket)?;
     let local_path = listener.path().to_owned();
 
@@ -126,6 +145,8 @@ pub async fn run(
             spool: spool.clone(),
             status: status_rx.clone(),
             resource: config.resource.clone(),
+            tickets: tickets.clone(),
+            presence: presence.clone(),
         },
         shutdown.child_token(),
         tracker.clone(),
@@ -137,6 +158,8 @@ pub async fn run(
         status: status.clone(),
         drain: drain.clone(),
         policy: policy::PolicyStore::new(config.policy_file.clone()),
+        tickets,
+        presence,
     };
     tracker.spawn(link.run(shutdown.child_token()));
     let notifier = notify::Notifier::from_env();

@@ -203,6 +203,10 @@ pub struct Link {
     pub drain: DrainState,
     /// The group policy file, written by `ApplyPolicy` commands.
     pub policy: crate::policy::PolicyStore,
+    /// Where the broker's ticket key (`TicketKey`) is kept.
+    pub tickets: crate::ticket::TicketVerifier,
+    /// Users' presence on sessions, sent as `Presence`.
+    pub presence: crate::presence::PresenceBoard,
 }
 
 impl Link {
@@ -421,6 +425,17 @@ impl Link {
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Each finished command says whether it changed the drain state.
         let mut commands: JoinSet<(CommandResult, bool)> = JoinSet::new();
+        // Where users reach the host, then who is away now: the broker
+        // forgets both with the connection.
+        send_msg(
+            send,
+            AgentToBroker::Streaming(self.config.streaming.clone()),
+            shutdown,
+        )
+        .await?;
+        for report in self.presence.resync() {
+            send_msg(send, AgentToBroker::Presence(report), shutdown).await?;
+        }
         loop {
             // Mark the current value seen before reading, so an append that
             // races with this batch wakes the loop again.
@@ -441,6 +456,11 @@ impl Link {
                 changed = appended.changed() => {
                     if changed.is_err() {
                         return Err(LinkError::Shutdown);
+                    }
+                }
+                _ = self.presence.changed() => {
+                    for report in self.presence.take_pending() {
+                        send_msg(send, AgentToBroker::Presence(report), shutdown).await?;
                     }
                 }
                 msg = inbox.recv() => {
@@ -485,6 +505,14 @@ impl Link {
                         BrokerToAgent::Refused(r) => return Err(LinkError::Refused(r)),
                         BrokerToAgent::Welcome(_) => {
                             return Err(LinkError::Protocol("a second Welcome".into()))
+                        }
+                        BrokerToAgent::TicketKey { public_key } => {
+                            match self.tickets.set_key(public_key).await {
+                                Ok(true) => tracing::info!("broker ticket key stored"),
+                                Ok(false) => {}
+                                // Tickets keep verifying with the key already kept (if any).
+                                Err(e) => tracing::error!(error = %e, "broker ticket key not stored"),
+                            }
                         }
                     }
                 }

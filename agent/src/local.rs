@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use ferry_common::frame::{read_message, write_message, FrameError};
 use ferry_common::limits::{MAX_LOCAL_CONNECTIONS, MAX_LOCAL_FRAME_LEN};
+use ferry_common::ticket::TicketError;
 use ferry_common::wire::{EndReason, SessionEvent};
-use ferry_common::{ResourceId, SessionId, UnixMillis, UserId};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::spool::{SpoolError, SpoolHandle};
+use crate::ticket::{TicketVerifier, VerifyError};
 use crate::LinkStatus;
 
 /// Mode of the socket file: owner and group may connect.
@@ -55,6 +57,17 @@ pub enum Request {
     /// Answer once the link is connected and the spool is empty, or fail
     /// after `timeout_ms`.
     WaitSynced { timeout_ms: u64 },
+    /// Verify a session ticket a client presented (signature, expiry, this
+    /// host) and mark it used; answered by `TicketValid` only once it is
+    /// durably marked, or by an error naming the reason. The streaming
+    /// server must then report the session with the ticket's session id.
+    VerifyTicket { ticket: String },
+    /// The user of an open session disconnected: the broker keeps the
+    /// session (and its slot) for the group's `disconnect_retention`.
+    /// Answered by `Noted`.
+    SessionDisconnected { session: SessionId },
+    /// The user is back on a retained session. Answered by `Noted`.
+    SessionReconnected { session: SessionId },
 }
 
 /// The agent's answer.
@@ -66,6 +79,24 @@ pub enum Response {
     Status(StatusReply),
     /// The request was refused; nothing was recorded.
     Error { code: ErrorCode, message: String },
+    /// The ticket is valid and now used (answers `VerifyTicket`).
+    TicketValid(TicketInfo),
+    /// A presence report is queued for the broker (not spooled: see
+    /// [`crate::presence`]).
+    Noted,
+}
+
+/// What a valid ticket grants: the streaming server admits `user` and
+/// reports the session as `session` (`ferry-agent session start`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketInfo {
+    /// The ticket's id, in hex.
+    pub ticket_id: String,
+    pub group: GroupName,
+    pub user: UserId,
+    /// The session id the broker reserved the slot under.
+    pub session: SessionId,
+    pub expires_at: UnixMillis,
 }
 
 /// Status as the local socket reports it.
@@ -98,6 +129,18 @@ pub enum ErrorCode {
     Malformed,
     /// The agent is shutting down.
     ShuttingDown,
+    /// The ticket cannot be read (truncated, not a ticket, bad encoding).
+    TicketMalformed,
+    /// The ticket's signature is not the broker's: forged or altered.
+    TicketForged,
+    /// The ticket has expired.
+    TicketExpired,
+    /// The ticket is for another host.
+    TicketOtherHost,
+    /// The ticket was already used.
+    TicketReused,
+    /// The agent has no ticket key yet (it never reached the broker).
+    NoTicketKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +176,10 @@ pub struct ServerState {
     pub status: watch::Receiver<LinkStatus>,
     /// The host, named in status replies.
     pub resource: ResourceId,
+    /// Session tickets: the broker's key and the used set.
+    pub tickets: TicketVerifier,
+    /// Users' presence on sessions, for the link to send.
+    pub presence: crate::presence::PresenceBoard,
 }
 
 /// A bound local socket, not yet serving.
@@ -291,11 +338,19 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
             };
             let r = state.spool.append(event).await;
             if r.is_ok() {
+                state.presence.forget(&session);
                 tracing::info!(%session, "session ended");
             }
             recorded(r)
         }
+        Request::SessionDisconnected { session } => {
+            presence(state, session, ferry_common::wire::Presence::Disconnected)
+        }
+        Request::SessionReconnected { session } => {
+            presence(state, session, ferry_common::wire::Presence::Reconnected)
+        }
         Request::Status => Response::Status(status_reply(state)),
+        Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
         Request::WaitSynced { timeout_ms } => {
             let mut rx = state.status.clone();
             let wait = rx.wait_for(|s| s.connected && s.spooled == 0);
@@ -325,6 +380,71 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
                         }
                     }
                 },
+            }
+        }
+    }
+}
+
+/// Queues a presence report for an open session.
+fn presence(
+    state: &ServerState,
+    session: SessionId,
+    what: ferry_common::wire::Presence,
+) -> Response {
+    let open = state
+        .spool
+        .lock()
+        .open_sessions()
+        .iter()
+        .any(|s| s.session == session);
+    if !open {
+        return Response::Error {
+            code: ErrorCode::UnknownSession,
+            message: format!("session {session} is not open on this host"),
+        };
+    }
+    let report = ferry_common::wire::PresenceReport {
+        session: session.clone(),
+        state: what,
+        at: now(),
+    };
+    match state.presence.report(report) {
+        Ok(()) => {
+            tracing::info!(%session, ?what, "session presence");
+            Response::Noted
+        }
+        Err(e) => Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message: e.to_string(),
+        },
+    }
+}
+
+async fn verify_ticket(tickets: &TicketVerifier, ticket: String) -> Response {
+    match tickets.verify(ticket, now()).await {
+        Ok(c) => Response::TicketValid(TicketInfo {
+            ticket_id: c.ticket_id_hex(),
+            group: c.group,
+            user: c.user,
+            session: c.session,
+            expires_at: c.expires_at,
+        }),
+        Err(e) => {
+            let code = match &e {
+                VerifyError::Ticket(TicketError::Malformed(_)) => ErrorCode::TicketMalformed,
+                VerifyError::Ticket(TicketError::BadSignature) => ErrorCode::TicketForged,
+                VerifyError::Ticket(TicketError::Expired { .. }) => ErrorCode::TicketExpired,
+                VerifyError::Ticket(TicketError::OtherResource { .. }) => {
+                    ErrorCode::TicketOtherHost
+                }
+                VerifyError::Reused { .. } => ErrorCode::TicketReused,
+                VerifyError::NoKey => ErrorCode::NoTicketKey,
+                VerifyError::Full | VerifyError::Storage(_) => ErrorCode::Storage,
+            };
+            tracing::warn!(reason = e.code(), error = %e, "ticket refused");
+            Response::Error {
+                code,
+                message: e.to_string(),
             }
         }
     }
@@ -420,6 +540,32 @@ impl LocalClient {
         self.call(Request::Status).await?.into_result()?.status()
     }
 
+    /// Verifies a session ticket and marks it used; a refusal is
+    /// `LocalError::Refused` with a `Ticket*` code.
+    /// Reports that a session's user disconnected (`true`) or came back.
+    pub async fn session_presence(
+        &mut self,
+        session: SessionId,
+        disconnected: bool,
+    ) -> Result<(), LocalError> {
+        let req = if disconnected {
+            Request::SessionDisconnected { session }
+        } else {
+            Request::SessionReconnected { session }
+        };
+        match self.call(req).await?.into_result()? {
+            Response::Noted => Ok(()),
+            other => Err(LocalError::Unexpected(Box::new(other))),
+        }
+    }
+
+    pub async fn verify_ticket(&mut self, ticket: String) -> Result<TicketInfo, LocalError> {
+        self.call(Request::VerifyTicket { ticket })
+            .await?
+            .into_result()?
+            .ticket()
+    }
+
     /// Waits until connected and nothing is spooled, at most `timeout`.
     pub async fn wait_synced(&mut self, timeout: Duration) -> Result<StatusReply, LocalError> {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
@@ -436,6 +582,13 @@ impl Response {
         match self {
             Response::Error { code, message } => Err(LocalError::Refused { code, message }),
             other => Ok(other),
+        }
+    }
+
+    fn ticket(self) -> Result<TicketInfo, LocalError> {
+        match self {
+            Response::TicketValid(t) => Ok(t),
+            other => Err(LocalError::Unexpected(Box::new(other))),
         }
     }
 
@@ -478,15 +631,24 @@ mod tests {
         let server = LocalServer::bind(&path).unwrap();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(server.serve(
-            ServerState {
-                spool,
-                status: rx,
-                resource: "host-1".parse().unwrap(),
-            },
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        tracker.spawn(
+            server.serve(
+                ServerState {
+                    spool,
+                    status: rx,
+                    resource: "host-1".parse().unwrap(),
+                    tickets: crate::ticket::TicketVerifier::open(
+                        &dir.path().join("state"),
+                        "host-1".parse().unwrap(),
+                        now(),
+                    )
+                    .unwrap(),
+                    presence: crate::presence::PresenceBoard::default(),
+                },
+                shutdown.clone(),
+                tracker.clone(),
+            ),
+        );
         Harness {
             _dir: dir,
             path,

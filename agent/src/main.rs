@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_PATH};
-use ferry_agent::local::{LocalClient, Request, Response, StatusReply};
+use ferry_agent::local::{ErrorCode, LocalClient, LocalError, Request, Response, StatusReply};
 use ferry_agent::pam::{self, PamAction};
 use ferry_common::wire::EndReason;
 use ferry_common::{SessionId, UserId};
@@ -35,8 +35,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the agent daemon.
+    /// Run the agent daemon (enrolling first when there is no certificate
+    /// and the config has an `enroll_token`).
     Run,
+    /// Get this host's certificate from the broker with a one-time
+    /// enrollment token (the key is made here and never leaves the host).
+    Enroll {
+        /// The broker's agent endpoint, host:port.
+        #[arg(long)]
+        broker: String,
+        /// The CA certificate (PEM) that signed the broker's certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The one-time enrollment token.
+        #[arg(long)]
+        token: String,
+        /// Name the broker's certificate must carry.
+        #[arg(long, default_value = "localhost")]
+        broker_name: String,
+        /// Where to write the certificate.
+        #[arg(long, default_value = "/etc/ferry/agent/agent.pem")]
+        cert: PathBuf,
+        /// Where to write the private key (0600).
+        #[arg(long, default_value = "/etc/ferry/agent/agent-key.pem")]
+        key: PathBuf,
+    },
     /// Report a session start or end; exits 0 once the event is durably spooled.
     #[command(subcommand)]
     Session(SessionCmd),
@@ -53,6 +76,30 @@ enum Cmd {
         /// How long --wait-synced waits (e.g. 30s, 2m).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
+    },
+    /// Session tickets issued by the broker.
+    #[command(subcommand)]
+    Ticket(TicketCmd),
+}
+
+#[derive(Subcommand)]
+enum TicketCmd {
+    /// Verify a ticket a client presented and mark it used (single use).
+    ///
+    /// Checks the broker's signature (with the key the agent keeps, so it
+    /// works while the broker is unreachable), the expiry, that the ticket is
+    /// for this host, and that it was not used before. Exit 0 and prints the
+    /// user, session, group and expiry when valid; exit 1 with the reason
+    /// (expired, reused, other host, forged, malformed) otherwise. The
+    /// streaming server must then report the session with the printed
+    /// session id (`ferry-agent session start --session ID --user USER`):
+    /// the broker reserved the slot under it.
+    Verify {
+        /// The ticket text (`v1.…`).
+        ticket: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -72,6 +119,17 @@ enum SessionCmd {
         /// logout (default), disconnected, host-shutdown, or any text.
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// The user of an open session disconnected: the broker keeps the
+    /// session for the group's disconnect_retention, then ends it.
+    Disconnected {
+        /// The session id.
+        session: String,
+    },
+    /// The user is back on a retained session.
+    Reconnected {
+        /// The session id.
+        session: String,
     },
 }
 
@@ -149,8 +207,67 @@ fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Cmd::Run => {
-            let config = AgentConfig::load(&config_path(cli.config.as_deref()))?;
+            let path = config_path(cli.config.as_deref());
+            let config = AgentConfig::load(&path)?;
+            if !config.cert.exists() {
+                if let Some(token) = ferry_agent::config::enroll_token(&path)? {
+                    let target = ferry_agent::enroll::EnrollTarget {
+                        broker_addr: config.broker_addr.clone(),
+                        broker_name: config.broker_name.clone(),
+                        ca_cert: config.ca_cert.clone(),
+                        token,
+                        cert: config.cert.clone(),
+                        key: config.key.clone(),
+                        expect: Some(config.resource.clone()),
+                    };
+                    let resource = ferry_agent::enroll::enroll_with_retries(&target)
+                        .await
+                        .context("enroll")?;
+                    tracing::info!(%resource, "enrolled: certificate written");
+                }
+            }
             run_daemon(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Enroll {
+            broker,
+            ca,
+            token,
+            broker_name,
+            cert,
+            key,
+        } => {
+            let target = ferry_agent::enroll::EnrollTarget {
+                broker_addr: broker.clone(),
+                broker_name: broker_name.clone(),
+                ca_cert: ca.clone(),
+                token: token.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                expect: None,
+            };
+            let resource = ferry_agent::enroll::enroll(&target)
+                .await
+                .context("enroll")?;
+            println!(
+                "enrolled as {resource}: certificate {}, key {}",
+                cert.display(),
+                key.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Session(SessionCmd::Disconnected { session }) => {
+            let session = SessionId::new(session.as_str()).context("session")?;
+            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
+            client.session_presence(session.clone(), true).await?;
+            println!("session {session}: user disconnected, session retained");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Session(SessionCmd::Reconnected { session }) => {
+            let session = SessionId::new(session.as_str()).context("session")?;
+            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
+            client.session_presence(session.clone(), false).await?;
+            println!("session {session}: user reconnected");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Session(cmd) => {
@@ -164,6 +281,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     session: SessionId::new(session.as_str()).context("--session")?,
                     reason: parse_reason(reason.as_deref()),
                 },
+                SessionCmd::Disconnected { .. } | SessionCmd::Reconnected { .. } => {
+                    anyhow::bail!("presence verbs are answered above")
+                }
             };
             let socket = socket_path(&cli)?;
             let mut client = LocalClient::connect(&socket).await?;
@@ -195,6 +315,48 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!(%session, seq, "PAM session event recorded");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Ticket(TicketCmd::Verify { ticket, json }) => {
+            let socket = socket_path(&cli)?;
+            let mut client = LocalClient::connect(&socket).await?;
+            match client.verify_ticket(ticket.clone()).await {
+                Ok(t) => {
+                    if *json {
+                        let v = serde_json::json!({
+                            "valid": true,
+                            "ticket_id": t.ticket_id,
+                            "user": t.user,
+                            "session": t.session,
+                            "group": t.group,
+                            "expires_at_ms": t.expires_at.0,
+                        });
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        println!("user        {}", t.user);
+                        println!("session     {}", t.session);
+                        println!("group       {}", t.group);
+                        println!("expires_at  {} (unix ms)", t.expires_at.0);
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(LocalError::Refused { code, message }) => {
+                    if *json {
+                        let v = serde_json::json!({
+                            "valid": false,
+                            "reason": ticket_reason(code),
+                            "message": message,
+                        });
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        eprintln!(
+                            "ferry-agent: ticket refused ({}): {message}",
+                            ticket_reason(code)
+                        );
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Cmd::Status {
             json,
             wait_synced,
@@ -210,6 +372,19 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print_status(&status, *json)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The refusal reason of a ticket, as printed.
+fn ticket_reason(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::TicketMalformed => "malformed",
+        ErrorCode::TicketForged => "forged",
+        ErrorCode::TicketExpired => "expired",
+        ErrorCode::TicketOtherHost => "other-host",
+        ErrorCode::TicketReused => "reused",
+        ErrorCode::NoTicketKey => "no-key",
+        _ => "error",
     }
 }
 

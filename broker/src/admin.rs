@@ -411,6 +411,22 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             g.import_users(&csv, now).await.map(AdminResponseV1::Users)
         }
         AdminRequestV1::UserList => g.users().await.map(AdminResponseV1::Users),
+        AdminRequestV1::UserCreateWithPassword { user, password } => g
+            .create_user_with_password(user, &password.0, now)
+            .await
+            .map(AdminResponseV1::Users),
+        AdminRequestV1::UserSetPassword { user, password } => {
+            done(g.set_password(&user, &password.0, now).await)
+        }
+        AdminRequestV1::UserToken { user, ttl_secs } => g
+            .issue_token(&user, std::time::Duration::from_secs(ttl_secs), now)
+            .await
+            .map(|(token, expires_at)| AdminResponseV1::UserToken {
+                user,
+                token,
+                expires_at,
+            }),
+        AdminRequestV1::UserRevokeTokens { user } => done(g.revoke_tokens(&user, now).await),
         AdminRequestV1::Status
         | AdminRequestV1::ListResources
         | AdminRequestV1::ListSessions { .. }

@@ -70,6 +70,82 @@ pub struct GroupsConfig {
     /// Where the group deadlines and the outbox read the time: the system
     /// clock, or a test's manual clock (never set from the file).
     pub clock: Clock,
+    /// How elastic resources are created and deleted (`[provisioner]`).
+    pub provisioner: ProvisionerConfig,
+}
+
+/// Which provisioner creates and deletes elastic resources (issue 6).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum ProvisionerKind {
+    /// None: an elastic resource is a host configured by hand as
+    /// `<group>-e<n>`; its agent registering completes the creation.
+    #[default]
+    None,
+    /// Operator commands (argv templates; see `provision::exec`).
+    Exec {
+        create: Vec<String>,
+        delete: Vec<String>,
+    },
+    /// `ferry-agent run` processes on this machine (demo, tests, trials).
+    /// `agent_binary` `None`: `ferry-agent` next to the broker's executable.
+    Local { agent_binary: Option<PathBuf> },
+}
+
+/// `[provisioner]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProvisionerConfig {
+    pub kind: ProvisionerKind,
+    /// How long one create or delete command may run before it is killed.
+    pub timeout: Duration,
+    /// Attempts of one create or delete before it is given up and reported.
+    pub attempts: u32,
+    /// How long a created resource has to register (its token's lifetime);
+    /// past it the creation counts as failed and the resource is deleted.
+    pub register_timeout: Duration,
+    /// `host:port` new agents are told to connect to; `None`: the bound
+    /// endpoint (loopback when it listens on every address).
+    pub broker_addr: Option<String>,
+}
+
+impl Default for ProvisionerConfig {
+    fn default() -> Self {
+        ProvisionerConfig {
+            kind: ProvisionerKind::None,
+            timeout: Duration::from_secs(600),
+            attempts: 5,
+            register_timeout: Duration::from_secs(1800),
+            broker_addr: None,
+        }
+    }
+}
+
+/// `[provisioner]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawProvisioner {
+    kind: String,
+    create: Vec<String>,
+    delete: Vec<String>,
+    agent_binary: Option<PathBuf>,
+    timeout: String,
+    attempts: i64,
+    register_timeout: String,
+    broker_addr: Option<String>,
+}
+
+impl Default for RawProvisioner {
+    fn default() -> Self {
+        RawProvisioner {
+            kind: "none".into(),
+            create: Vec::new(),
+            delete: Vec::new(),
+            agent_binary: None,
+            timeout: "10m".into(),
+            attempts: 5,
+            register_timeout: "30m".into(),
+            broker_addr: None,
+        }
+    }
 }
 
 impl Default for GroupsConfig {
@@ -90,6 +166,7 @@ impl Default for GroupsConfig {
             notify_timeout: Duration::from_secs(30),
             notify_retry_max: Duration::from_secs(600),
             clock: Clock::system(),
+            provisioner: ProvisionerConfig::default(),
         }
     }
 }
@@ -133,6 +210,7 @@ struct RawConfig {
     notify_command: Vec<String>,
     notify_timeout: String,
     notify_retry_max: String,
+    provisioner: RawProvisioner,
 }
 
 impl Default for RawConfig {
@@ -157,6 +235,7 @@ impl Default for RawConfig {
             notify_command: Vec::new(),
             notify_timeout: "30s".into(),
             notify_retry_max: "10m".into(),
+            provisioner: RawProvisioner::default(),
         }
     }
 }
@@ -217,6 +296,28 @@ impl BrokerConfig {
         let retention = duration("subscription_retention", &raw.subscription_retention);
         let notify_timeout = duration("notify_timeout", &raw.notify_timeout);
         let notify_retry_max = duration("notify_retry_max", &raw.notify_retry_max);
+        let provision_timeout = duration("provisioner.timeout", &raw.provisioner.timeout);
+        let register_timeout = duration(
+            "provisioner.register_timeout",
+            &raw.provisioner.register_timeout,
+        );
+        let kind = match raw.provisioner.kind.as_str() {
+            "none" => ProvisionerKind::None,
+            "exec" => ProvisionerKind::Exec {
+                create: raw.provisioner.create.clone(),
+                delete: raw.provisioner.delete.clone(),
+            },
+            "local" => ProvisionerKind::Local {
+                agent_binary: raw.provisioner.agent_binary.clone(),
+            },
+            other => {
+                errors.push(format!(
+                    "provisioner.kind: {other:?} is not one of none, exec, local"
+                ));
+                ProvisionerKind::None
+            }
+        };
+        let provision_attempts = u32::try_from(raw.provisioner.attempts).unwrap_or(0);
         let mut prices = BTreeMap::new();
         for (spec, p) in &raw.prices {
             let mut dec = |field: &str, v: &str| match Decimal::from_str(v) {
@@ -267,6 +368,13 @@ impl BrokerConfig {
                 notify_timeout: notify_timeout.unwrap_or(Duration::from_secs(1)),
                 notify_retry_max: notify_retry_max.unwrap_or(Duration::from_secs(1)),
                 clock: Clock::system(),
+                provisioner: ProvisionerConfig {
+                    kind,
+                    timeout: provision_timeout.unwrap_or(Duration::from_secs(1)),
+                    attempts: provision_attempts,
+                    register_timeout: register_timeout.unwrap_or(Duration::from_secs(1)),
+                    broker_addr: raw.provisioner.broker_addr.clone(),
+                },
             },
         };
         if let Err(ConfigError::Invalid(more)) = config.validate() {
@@ -345,6 +453,47 @@ impl BrokerConfig {
             errors.push(format!(
                 "notify_retry_max: {} is out of range (1s to 1d)",
                 format_duration(g.notify_retry_max)
+            ));
+        }
+        let p = &g.provisioner;
+        match &p.kind {
+            ProvisionerKind::Exec { create, delete } => {
+                for (field, argv) in [("create", create), ("delete", delete)] {
+                    if argv.first().is_none_or(|p| p.trim().is_empty()) {
+                        errors.push(format!(
+                            "provisioner.{field}: must name a program (argv template) when kind = \"exec\""
+                        ));
+                    }
+                }
+            }
+            ProvisionerKind::Local { agent_binary } => {
+                if agent_binary
+                    .as_ref()
+                    .is_some_and(|b| b.as_os_str().is_empty())
+                {
+                    errors.push("provisioner.agent_binary: empty path".into());
+                }
+            }
+            ProvisionerKind::None => {}
+        }
+        if p.timeout.is_zero() || p.timeout > Duration::from_secs(3600) {
+            errors.push(format!(
+                "provisioner.timeout: {} is out of range (above 0, at most 1h)",
+                format_duration(p.timeout)
+            ));
+        }
+        if !(1..=100).contains(&p.attempts) {
+            errors.push(format!(
+                "provisioner.attempts: {} is out of range (1 to 100)",
+                p.attempts
+            ));
+        }
+        if p.register_timeout < Duration::from_secs(1)
+            || p.register_timeout > Duration::from_secs(86_400)
+        {
+            errors.push(format!(
+                "provisioner.register_timeout: {} is out of range (1s to 1d)",
+                format_duration(p.register_timeout)
             ));
         }
         if g.retention > Duration::from_secs(366 * 86_400) {
@@ -456,6 +605,39 @@ mod tests {
         assert_eq!(p.subscription_month.to_string(), "300.50");
         assert_eq!(p.currency, "EUR");
         assert!(!c.groups.prices.contains_key("office-4c8g"));
+    }
+
+    #[test]
+    fn a_provisioner_section_parses_and_is_checked() {
+        let c = BrokerConfig::from_toml(
+            r#"
+            [provisioner]
+            kind = "exec"
+            create = ["/usr/local/bin/mk-vm", "{resource}", "{spec}"]
+            delete = ["/usr/local/bin/rm-vm", "{resource}"]
+            timeout = "2m"
+            attempts = 3
+            register_timeout = "15m"
+        "#,
+        )
+        .expect("valid");
+        let p = &c.groups.provisioner;
+        assert_eq!(p.attempts, 3);
+        assert_eq!(p.timeout, Duration::from_secs(120));
+        assert_eq!(p.register_timeout, Duration::from_secs(900));
+        assert!(matches!(&p.kind, ProvisionerKind::Exec { create, .. } if create.len() == 3));
+        let err = BrokerConfig::from_toml("[provisioner]\nkind = \"exec\"\nattempts = 0\n")
+            .expect_err("invalid");
+        let text = err.to_string();
+        for field in [
+            "provisioner.create",
+            "provisioner.delete",
+            "provisioner.attempts",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
+        let err = BrokerConfig::from_toml("[provisioner]\nkind = \"cloud\"\n").expect_err("kind");
+        assert!(err.to_string().contains("provisioner.kind"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::notify;
 use crate::pki::{self, PkiError};
 use crate::registry::Registry;
 use crate::store::{Store, StoreError, StoreOptions};
+use crate::tickets::{KeyError, TicketSigner, TokenKey};
 
 /// Sent once the QUIC endpoint and the admin socket are bound.
 #[derive(Clone, Debug)]
@@ -34,6 +35,8 @@ pub enum BrokerError {
     Config(#[from] ConfigError),
     #[error("load PKI: {0}")]
     Pki(#[from] PkiError),
+    #[error("load ticket or token key: {0}")]
+    Keys(#[from] KeyError),
     #[error("open store: {0}")]
     Store(#[from] StoreError),
     #[error("create state directory {path}: {error}")]
@@ -50,6 +53,8 @@ pub enum BrokerError {
     Admin(#[from] AdminSocketError),
     #[error("load delivery groups: {0}")]
     Groups(ActorError),
+    #[error("provisioner: {0}")]
+    Provision(#[from] crate::provision::ProvisionError),
 }
 
 /// Runs the broker until `shutdown` is cancelled, then drains: agents are
@@ -66,6 +71,9 @@ pub async fn run(
         error,
     })?;
     let server_config = pki::server_config(&config.pki_dir)?;
+    // Created on first start (0600) when `ferryctl pki init` did not.
+    let tickets = Arc::new(TicketSigner::load_or_create(&config.pki_dir)?);
+    let token_key = Arc::new(TokenKey::load_or_create(&config.pki_dir)?);
     let store = Store::open(&config.db_path(), StoreOptions::default())?;
     let bind_err = |error| BrokerError::Bind {
         addr: config.listen,
@@ -105,7 +113,15 @@ pub async fn run(
         missed_health_limit: config.missed_health_limit,
         tracker: tracker.clone(),
         services: link::Services::default(),
+        tickets: Some(tickets.clone()),
     };
+    // Enrollment of new hosts with a one-time token (issue 6).
+    let mut link_ctx = link_ctx;
+    link_ctx.services.enroll = Some(Arc::new(crate::enroll::EnrollService::new(
+        store.clone(),
+        &config.pki_dir,
+        config.groups.clock.clone(),
+    )));
     // Group actors first, so the first agent to register finds its group.
     let actors = GroupActors::new(
         store.clone(),
@@ -114,6 +130,31 @@ pub async fn run(
         tracker.clone(),
         tasks.clone(),
     );
+    // The provisioner of elastic resources; its local agents are stopped
+    // when the broker stops (and killed when it is dropped, at the latest).
+    let provisioning = crate::provision::build(
+        &config.groups.provisioner,
+        &config.state_dir,
+        &config.pki_dir.join(pki::CA_CERT),
+        crate::provision::advertised_addr(&config.groups.provisioner, agent_addr),
+    );
+    match provisioning {
+        Ok(Some(p)) => {
+            tracing::info!(kind = p.provisioner.kind(), "provisioner ready");
+            actors.set_provisioning(p.clone());
+            let stop = tasks.clone();
+            tracker.spawn(async move {
+                stop.cancelled().await;
+                p.provisioner.shutdown().await;
+            });
+        }
+        Ok(None) => {}
+        Err(e) => {
+            endpoint.close(0u32.into(), b"startup failed");
+            store.close().await;
+            return Err(e.into());
+        }
+    }
     registry.set_groups(actors.clone());
     match actors.start_all().await {
         Ok(n) => tracing::info!(groups = n, "group actors started"),
@@ -123,8 +164,15 @@ pub async fn run(
             return Err(BrokerError::Groups(e));
         }
     }
+    // End users asking for sessions (issue 5): the group's actor admits.
+    link_ctx.services.route = Some(Arc::new(crate::routing::RouteService::new(
+        GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key.clone()),
+        actors.clone(),
+        store.clone(),
+        tickets.clone(),
+    )));
     tracker.spawn(link::serve(endpoint.clone(), link_ctx, tasks.clone()));
-    let groups = GroupService::new(store.clone(), config.groups.clone());
+    let groups = GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key);
     // Lifecycle deadlines (expiry, auto-renew, recycling) are applied by the
     // actors' `follow_lifecycle` task, started by `start_all` above, which also
     // brings each group's actor in line with its new status.

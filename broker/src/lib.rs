@@ -4,18 +4,22 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
-pub mod dev;
+pub mod demo;
 pub mod engine;
+pub mod enroll;
 pub mod groups;
 pub mod link;
 #[cfg(test)]
 mod link_tests;
 pub mod notify;
 pub mod pki;
+pub mod provision;
 pub mod registry;
 pub mod render;
+pub mod routing;
 pub mod simulate;
 pub mod store;
+pub mod tickets;
 pub mod usage;
 
 pub use config::BrokerConfig;

@@ -144,6 +144,9 @@ pub struct LinkContext {
     pub tracker: TaskTracker,
     /// Protocols other than the agent link on the same endpoint.
     pub services: Services,
+    /// The ticket signer whose public key is sent to every agent after
+    /// `Welcome` (`BrokerToAgent::TicketKey`); `None` sends none.
+    pub tickets: Option<Arc<crate::tickets::TicketSigner>>,
 }
 
 impl LinkContext {
@@ -511,6 +514,17 @@ impl Connection {
         // registration, and before `Welcome`: an agent told it is registered
         // is in its group's live state too.
         if let (Some(g), Some(actors)) = (&group, ctx.registry.groups()) {
+            // Until the agent says where its streaming server is (right
+            // after `Welcome`): the default port on the address it comes from.
+            // Told before `joined`, which may admit waiting users to this host
+            // at once: their answers need an address.
+            let guess = std::net::SocketAddr::new(
+                conn.remote_address().ip(),
+                ferry_common::route::DEFAULT_STREAMING_PORT,
+            );
+            actors
+                .streaming_address(g, &resource, guess.to_string())
+                .await;
             actors.joined(g, &resource, on_host).await;
         }
         let mut this = Connection {
@@ -574,6 +588,12 @@ impl Connection {
             broker_version: env!("CARGO_PKG_VERSION").to_string(),
         }))
         .await?;
+        if let Some(tickets) = &self.ctx.tickets {
+            self.write(BrokerToAgent::TicketKey {
+                public_key: tickets.public_key(),
+            })
+            .await?;
+        }
         tracing::info!(resource = %self.resource, spool = self.spool_id, last_recorded_seq,
             "agent registered");
 
@@ -679,8 +699,44 @@ impl Connection {
                         None => tracing::debug!(resource = %self.resource, id = result.id,
                                 "result of an unknown or expired command"),
                     },
+                    AgentToBroker::Streaming(endpoint) => self.streaming(endpoint).await,
+                    AgentToBroker::Presence(report) => {
+                        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+                            actors.presence(g, &self.resource, report).await;
+                        }
+                    }
                 },
             }
+        }
+    }
+
+    /// Tells the group's actor where end users reach the host's streaming
+    /// server: the agent's configured host, or the address its connection
+    /// comes from. A host name that cannot be one is ignored (logged).
+    async fn streaming(&self, endpoint: ferry_common::wire::StreamingEndpoint) {
+        let address = match endpoint.host {
+            None => std::net::SocketAddr::new(self.conn.remote_address().ip(), endpoint.port)
+                .to_string(),
+            Some(host)
+                if !host.is_empty()
+                    && host.len() < ferry_common::route::MAX_STREAMING_ADDRESS_LEN - 6
+                    && host.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '_')
+                    }) =>
+            {
+                if host.contains(':') {
+                    format!("[{host}]:{}", endpoint.port)
+                } else {
+                    format!("{host}:{}", endpoint.port)
+                }
+            }
+            Some(host) => {
+                tracing::warn!(resource = %self.resource, "ignoring streaming host {:?}: not a host name or IP", truncate(host));
+                return;
+            }
+        };
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+            actors.streaming_address(g, &self.resource, address).await;
         }
     }
 
@@ -772,6 +828,8 @@ fn kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::V1(AgentToBroker::Session(_)) => "Session",
         AgentMessage::V1(AgentToBroker::Health(_)) => "Health",
         AgentMessage::V1(AgentToBroker::CommandResult(_)) => "CommandResult",
+        AgentMessage::V1(AgentToBroker::Streaming(_)) => "Streaming",
+        AgentMessage::V1(AgentToBroker::Presence(_)) => "Presence",
     }
 }
 

@@ -58,6 +58,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         missed_health_limit: missed,
         tracker: tracker.clone(),
         services: link::Services::default(),
+        tickets: None,
     };
     tracker.spawn(link::serve(endpoint, ctx, shutdown.clone()));
     Broker {
@@ -659,6 +660,14 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         .expect("handshake");
     let mut a = Agent::open(conn, PROTOCOL_VERSION).await.expect("accepted");
     a.welcome("host-1", 1).await;
+    // The daemon sends its ticket key (created at its start) right after Welcome.
+    let key = crate::tickets::TicketSigner::load_or_create(&pki_dir)
+        .expect("ticket key")
+        .public_key();
+    assert_eq!(
+        a.recv().await,
+        Some(BrokerToAgent::TicketKey { public_key: key })
+    );
     a.send(started(1, "s1")).await;
     assert_eq!(a.recv().await, Some(BrokerToAgent::Ack { up_to: 1 }));
 

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ferry_broker::config::{BrokerConfig, ConfigError};
-use ferry_broker::dev::{self, DevError, DevOptions};
+use ferry_broker::demo::{self, DemoError, DemoOptions};
 use ferry_broker::BrokerError;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
-/// Exit code of `dev` when the agent binary is not built.
+/// Exit code of `demo` when the agent binary is not built.
 const EXIT_NOT_BUILT: u8 = 2;
 
 #[derive(Parser)]
@@ -31,14 +31,23 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run a throwaway broker and agents on this machine and show what they report.
-    Dev {
-        /// Number of agent processes.
-        #[arg(long, default_value_t = 2)]
-        agents: usize,
-        /// Stop after this long (e.g. 60s, 5m).
+    /// Ferry on this machine in one command: a throwaway broker with the
+    /// local provisioner, base agents and simulated end users routed through
+    /// it, every decision shown live, then the usage report and the cost.
+    /// Stops by itself (or on Ctrl-C) and leaves nothing running. `dev` is
+    /// an alias.
+    #[command(alias = "dev")]
+    Demo {
+        /// How long the show runs (at least 20s); the policy's times scale
+        /// with it.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         duration: Duration,
+        /// Work in this directory (new or empty) instead of a temporary one.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Keep the working directory at the end (logs, store, certificates).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -49,7 +58,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 enum Failure {
     Config(ConfigError),
     Broker(BrokerError),
-    Dev(DevError),
+    Demo(DemoError),
     Runtime(std::io::Error),
 }
 
@@ -64,12 +73,12 @@ fn exit_code(f: Failure) -> ExitCode {
             eprintln!("ferry-broker: {e}");
             ExitCode::FAILURE
         }
-        Failure::Dev(e @ DevError::MissingAgent(_)) => {
-            eprintln!("ferry-broker dev: {e}");
+        Failure::Demo(e @ DemoError::MissingAgent(_)) => {
+            eprintln!("ferry-broker demo: {e}");
             ExitCode::from(EXIT_NOT_BUILT)
         }
-        Failure::Dev(e) => {
-            eprintln!("ferry-broker dev: {e}");
+        Failure::Demo(e) => {
+            eprintln!("ferry-broker demo: {e}");
             ExitCode::FAILURE
         }
         Failure::Runtime(e) => {
@@ -130,13 +139,22 @@ fn main() -> ExitCode {
                 }),
             }
         }
-        Cmd::Dev { agents, duration } => {
-            logging("warn");
+        Cmd::Demo {
+            duration,
+            state_dir,
+            keep,
+        } => {
+            // The group's events carry every decision and warning; RUST_LOG
+            // shows the logs too.
+            logging("error");
             runtime.block_on(async {
                 tokio::spawn(on_signal(shutdown.clone()));
-                dev::run(DevOptions { agents, duration }, shutdown)
-                    .await
-                    .map_err(Failure::Dev)
+                let opts = DemoOptions {
+                    duration,
+                    state_dir,
+                    keep,
+                };
+                demo::run(opts, shutdown).await.map_err(Failure::Demo)
             })
         }
     };

@@ -7,7 +7,7 @@ use ferry_common::admin::{
     GroupDetail, GroupEventInfo, GroupInfo, LiveGroupView, ResourceInfo, SessionInfo, StatusReport,
     UsageReport, UserInfo,
 };
-use ferry_common::UnixMillis;
+use ferry_common::{UnixMillis, UserId};
 use serde_json::{json, Value};
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-03-02T10:02:00.000Z`.
@@ -476,6 +476,24 @@ pub fn group_events_table(es: &[GroupEventInfo]) -> String {
         .map(|e| vec![rfc3339(e.at), e.kind.clone(), e.message.clone()])
         .collect();
     table(&["AT", "KIND", "MESSAGE"], &rows)
+}
+
+/// `user token --json`.
+pub fn user_token_json(user: &UserId, token: &str, expires_at: UnixMillis) -> Value {
+    json!({
+        "user": user.as_str(),
+        "token": token,
+        "expires_at": rfc3339(expires_at),
+    })
+}
+
+/// `user token`: the token alone on its line (easy to copy or pipe), then
+/// what it is; it is shown only this once.
+pub fn user_token_text(user: &UserId, token: &str, expires_at: UnixMillis) -> String {
+    format!(
+        "{token}\n# token for {user}, valid until {}; shown only once (revoke with `ferryctl user revoke-tokens {user}`)\n",
+        rfc3339(expires_at)
+    )
 }
 
 pub fn users_json(us: &[UserInfo]) -> Value {

@@ -17,13 +17,14 @@
 //! not block the writer and see only committed data, which is exactly what an
 //! operator should see. The mutex is only ever held inside `spawn_blocking`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ferry_common::wire::{EndReason, HostFacts, SequencedEvent, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 /// Writes waiting for the writer thread. Callers wait (backpressure) when it
@@ -196,6 +197,50 @@ const MIGRATIONS: &[&str] = &[
         applied_at INTEGER NOT NULL,
         PRIMARY KEY (group_num, resource)
     );
+    "#,
+    // 5: users' credentials (issue 5). `users.password_hash` (migration 2)
+    // holds an Argon2id PHC string (NULL = no password: the user cannot log
+    // in with one until it is set); this adds the generation of the user's
+    // tokens, bumped by `user revoke-tokens`, which invalidates every token
+    // issued before.
+    r#"
+    ALTER TABLE users ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0
+        CHECK (token_generation >= 0);
+    "#,
+    // 6: elastic resources for real (issue 6): each elastic resource of a
+    // group with its engine id and lifecycle, so a restarted broker rebuilds
+    // its engine with them and numbering continues; and the one-time
+    // enrollment tokens given to the provisioner, stored as SHA-256 hashes.
+    r#"
+    CREATE TABLE elastic_resources (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        engine_id TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('pending', 'ready', 'releasing', 'released', 'failed')),
+        requested_at INTEGER NOT NULL,
+        ready_at INTEGER,
+        releasing_at INTEGER,
+        released_at INTEGER,
+        deleted_at INTEGER,
+        PRIMARY KEY (group_num, engine_id)
+    );
+    CREATE TABLE enroll_tokens (
+        token_hash TEXT PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+    );
+    CREATE INDEX enroll_tokens_by_resource ON enroll_tokens (resource);
+    "#,
+    // 7: sessions by (resource, session) (issue 4, store throughput).
+    // Recording an end looks its session up on its resource; with only the
+    // index by session, hosts that name sessions alike (`1`, `2`, ... on
+    // every host) made that a scan of every host's rows of that name.
+    r#"
+    CREATE INDEX sessions_by_resource ON sessions (resource, session);
     "#,
 ];
 
@@ -390,11 +435,16 @@ where
 
 /// How an end reason is written in the store and shown to operators.
 pub fn end_reason_text(reason: &EndReason) -> String {
+    end_reason_str(reason).to_owned()
+}
+
+/// [`end_reason_text`] without the copy (the writer's hot path).
+fn end_reason_str(reason: &EndReason) -> &str {
     match reason {
-        EndReason::Logout => "logout".into(),
-        EndReason::Disconnected => "disconnected".into(),
-        EndReason::HostShutdown => "host shutdown".into(),
-        EndReason::Other(s) => s.clone(),
+        EndReason::Logout => "logout",
+        EndReason::Disconnected => "disconnected",
+        EndReason::HostShutdown => "host shutdown",
+        EndReason::Other(s) => s,
     }
 }
 
@@ -434,6 +484,11 @@ impl Store {
         }
         // FULL: a commit is on disk when it returns; we acknowledge only that.
         writer.pragma_update(None, "synchronous", "FULL")?;
+        // 16 MiB of page cache (the default is 2 MiB): the indexes a record
+        // touches (events by spool and seq, sessions by resource) stay in
+        // memory instead of being read back between batches. It is memory,
+        // not durability: commits still go to disk.
+        writer.pragma_update(None, "cache_size", -16_384)?;
         writer.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut writer)?;
 
@@ -755,15 +810,19 @@ impl Applied {
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
+    // Statements of the hot path (recording events) are prepared once and
+    // reused from this cache; room for all of them and the other writes'.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
+        batch.push(first);
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
-        if let Some(close) = commit_batch(&mut conn, batch) {
+        if let Some(close) = commit_batch(&mut conn, &mut batch) {
             // Make the database file complete on its own (no WAL to replay).
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "checkpoint store at close");
@@ -774,33 +833,50 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, max_batch:
     }
 }
 
+/// Capacity of the writer connection's prepared-statement cache.
+const STATEMENT_CACHE: usize = 64;
+
+/// `last_seq` of the spools a batch touched, as its transaction has them
+/// (committed value or written earlier in the batch): a spool recording
+/// several times in one batch reads its row once. Updated only after a
+/// write's savepoint was released, so a rolled-back write leaves it right.
+type SpoolCache = HashMap<(ResourceId, i64), u64>;
+
 /// Applies a batch in one transaction and answers every write after the
-/// commit. Returns the `Close` waiter if the batch asked to close (writes after
-/// it in the batch are answered `Closed`).
-fn commit_batch(conn: &mut Connection, batch: Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
+/// commit; leaves `batch` empty. Returns the `Close` waiter if the batch asked
+/// to close (writes after it in the batch are answered `Closed`).
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
     let mut applied = Vec::with_capacity(batch.len());
     let mut close = None;
-    let tx = match conn.transaction() {
-        Ok(tx) => tx,
-        Err(e) => {
-            let msg = e.to_string();
-            tracing::error!(error = %msg, "begin store transaction");
-            for op in batch {
-                fail(op, &msg);
-            }
-            return None;
+    // Deferred (the default) like rusqlite's `transaction()`; a cached
+    // statement, so a batch does not parse its BEGIN and COMMIT again.
+    if let Err(e) = run_cached(conn, "BEGIN") {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "begin store transaction");
+        for op in batch.drain(..) {
+            fail(op, &msg);
         }
-    };
-    let mut tx = tx;
-    for op in batch {
+        return None;
+    }
+    let mut spools = SpoolCache::new();
+    for op in batch.drain(..) {
         if close.is_some() {
             // Dropping the reply makes the caller see `Closed`.
+            continue;
+        }
+        if conn.is_autocommit() && !matches!(op, WriteOp::Close { .. }) {
+            // SQLite rolled the whole transaction back (an I/O error, a full
+            // disk): the writes before are lost and those after must not
+            // commit one by one. All of them are answered failed.
+            let msg = "the store transaction was rolled back";
+            tracing::error!("{msg}");
+            fail(op, msg);
             continue;
         }
         match op {
             WriteOp::Close { reply } => close = Some(reply),
             WriteOp::Register { reg, reply } => {
-                let r = in_savepoint(&mut tx, |t| apply_register(t, &reg));
+                let r = in_savepoint(conn, |t| apply_register(t, &reg));
                 applied.push(Applied::Register(reply, r));
             }
             WriteOp::Record {
@@ -810,18 +886,32 @@ fn commit_batch(conn: &mut Connection, batch: Vec<WriteOp>) -> Option<oneshot::S
                 recorded_at,
                 reply,
             } => {
-                let r = in_savepoint(&mut tx, |t| {
-                    apply_record(t, &resource, spool_id, &events, recorded_at)
+                let key = (resource, spool_key(spool_id));
+                let cached = spools.get(&key).copied();
+                let r = in_savepoint(conn, |t| {
+                    apply_record(t, &key.0, spool_id, cached, &events, recorded_at)
                 });
+                if let Ok(out) = &r {
+                    spools.insert(key, out.last_seq);
+                }
                 applied.push(Applied::Record(reply, r));
             }
             WriteOp::Exec { f, reply } => {
-                let r = in_savepoint(&mut tx, f);
+                let r = in_savepoint(conn, f);
+                // An exec may write any table, spools included.
+                spools.clear();
                 applied.push(Applied::Exec(reply, r));
             }
         }
     }
-    let commit = tx.commit().map_err(|e| e.to_string());
+    let commit = run_cached(conn, "COMMIT").map_err(|e| e.to_string());
+    if commit.is_err() && !conn.is_autocommit() {
+        // A failed COMMIT may leave the transaction open: end it, so the
+        // next batch starts clean (nothing of this one is kept).
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "roll back a failed store commit");
+        }
+    }
     if let Err(e) = &commit {
         tracing::error!(error = %e, "commit store transaction");
     }
@@ -840,25 +930,44 @@ fn fail(op: WriteOp, msg: &str) {
     }
 }
 
+/// Runs a parameterless statement through the connection's statement cache.
+fn run_cached(c: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    c.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
 /// Runs one write in a savepoint so a failing write leaves no partial trace
-/// and does not spoil the other writes of its batch.
+/// and does not spoil the other writes of its batch. Savepoints nest by
+/// name, so one name serves every write; the statements are cached.
 fn in_savepoint<T>(
-    tx: &mut Transaction<'_>,
+    c: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    let sp = tx.savepoint()?;
-    let r = f(&sp)?;
-    sp.commit()?;
-    Ok(r)
+    run_cached(c, "SAVEPOINT ferry_write")?;
+    match f(c) {
+        Ok(v) => {
+            run_cached(c, "RELEASE ferry_write")?;
+            Ok(v)
+        }
+        Err(e) => {
+            // Undo the write, then drop the savepoint (RELEASE after ROLLBACK
+            // TO keeps nothing of it); the batch goes on.
+            let undo = run_cached(c, "ROLLBACK TO ferry_write")
+                .and_then(|()| run_cached(c, "RELEASE ferry_write"));
+            if let Err(u) = undo {
+                tracing::error!(error = %u, "roll back a failed store write");
+                return Err(StoreError::Commit(format!(
+                    "{e}; then rollback failed: {u}"
+                )));
+            }
+            Err(e)
+        }
+    }
 }
 
 fn read_last_seq(c: &Connection, resource: &str, spool: i64) -> Result<u64, StoreError> {
     let v: Option<i64> = c
-        .query_row(
-            "SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2",
-            params![resource, spool],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2")?
+        .query_row(params![resource, spool], |r| r.get(0))
         .optional()?;
     to_u64(v.unwrap_or(0), "last_seq")
 }
@@ -913,16 +1022,22 @@ fn apply_register(c: &Connection, reg: &Registration) -> Result<Registered, Stor
     })
 }
 
+/// Records `events` of one spool; `known_last` is the spool's `last_seq` in
+/// this transaction when the batch already read or wrote it.
 fn apply_record(
     c: &Connection,
     resource: &ResourceId,
     spool_id: u64,
+    known_last: Option<u64>,
     events: &[SequencedEvent],
     recorded_at: UnixMillis,
 ) -> Result<RecordOutcome, StoreError> {
     let res = resource.as_str();
     let spool = spool_key(spool_id);
-    let last = read_last_seq(c, res, spool)?;
+    let last = match known_last {
+        Some(v) => v,
+        None => read_last_seq(c, res, spool)?,
+    };
     let mut out = RecordOutcome {
         last_seq: last,
         recorded: 0,
@@ -944,69 +1059,69 @@ fn apply_record(
         let seq = to_i64(ev.seq, "seq")?;
         match &ev.event {
             SessionEvent::Started { session, user, at } => {
-                c.execute(
+                c.prepare_cached(
                     "INSERT INTO session_events
                         (resource, spool_id, seq, kind, session, user, at, recorded_at)
                      VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7)",
-                    params![
-                        res,
-                        spool,
-                        seq,
-                        session.as_str(),
-                        user.as_str(),
-                        at.0,
-                        recorded_at.0
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    res,
+                    spool,
+                    seq,
+                    session.as_str(),
+                    user.as_str(),
+                    at.0,
+                    recorded_at.0
+                ])?;
                 // A host may report a start for a session already open (e.g. a
                 // replay after the broker reconciled); the open row stands.
-                c.execute(
+                c.prepare_cached(
                     "INSERT OR IGNORE INTO sessions (resource, session, user, started_at)
                      VALUES (?1, ?2, ?3, ?4)",
-                    params![res, session.as_str(), user.as_str(), at.0],
-                )?;
+                )?
+                .execute(params![res, session.as_str(), user.as_str(), at.0])?;
             }
             SessionEvent::Ended {
                 session,
                 at,
                 reason,
             } => {
-                let reason = end_reason_text(reason);
-                c.execute(
+                let reason = end_reason_str(reason);
+                c.prepare_cached(
                     "INSERT INTO session_events
                         (resource, spool_id, seq, kind, session, at, recorded_at, reason)
                      VALUES (?1, ?2, ?3, 'ended', ?4, ?5, ?6, ?7)",
-                    params![
-                        res,
-                        spool,
-                        seq,
-                        session.as_str(),
-                        at.0,
-                        recorded_at.0,
-                        reason
-                    ],
-                )?;
+                )?
+                .execute(params![
+                    res,
+                    spool,
+                    seq,
+                    session.as_str(),
+                    at.0,
+                    recorded_at.0,
+                    reason
+                ])?;
                 // The host's own end beats an end the broker inferred at a
                 // reconnect: metering wants the real end time.
-                c.execute(
+                c.prepare_cached(
                     "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
                      WHERE id = (SELECT id FROM sessions
                                  WHERE resource = ?3 AND session = ?4
                                    AND (ended_at IS NULL OR reconciled = 1)
                                  ORDER BY id DESC LIMIT 1)",
-                    params![at.0, reason, res, session.as_str()],
-                )?;
+                )?
+                .execute(params![at.0, reason, res, session.as_str()])?;
             }
         }
         out.last_seq = ev.seq;
         out.recorded += 1;
     }
     if out.last_seq != last {
-        c.execute(
+        c.prepare_cached(
             "INSERT INTO spools (resource, spool_id, last_seq) VALUES (?1, ?2, ?3)
              ON CONFLICT (resource, spool_id) DO UPDATE SET last_seq = excluded.last_seq",
-            params![res, spool, to_i64(out.last_seq, "seq")?],
-        )?;
+        )?
+        .execute(params![res, spool, to_i64(out.last_seq, "seq")?])?;
     }
     Ok(out)
 }
@@ -1431,6 +1546,199 @@ mod tests {
             .expect("gone");
         assert_eq!(gone.end_reason.as_deref(), Some("logout"));
         assert_eq!(gone.ended_at, Some(UnixMillis(5003)));
+    }
+
+    /// Every row of the tables recording events, in a comparable form.
+    fn dump(path: &Path) -> Vec<String> {
+        let c = Connection::open(path).expect("open");
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT 'ev', id, resource, spool_id, seq, kind, session, user, at, recorded_at, \
+             reason FROM session_events ORDER BY id",
+            "SELECT 'se', id, resource, session, user, started_at, ended_at, end_reason, \
+             reconciled, NULL, NULL FROM sessions ORDER BY id",
+            "SELECT 'sp', resource, spool_id, last_seq, NULL, NULL, NULL, NULL, NULL, NULL, \
+             NULL FROM spools ORDER BY resource, spool_id",
+        ] {
+            let mut stmt = c.prepare(sql).expect("prepare");
+            let rows = stmt
+                .query_map([], |r| {
+                    let cols: Vec<String> = (0..11)
+                        .map(|i| {
+                            r.get::<_, rusqlite::types::Value>(i)
+                                .map(|v| format!("{v:?}"))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Ok(cols.join("|"))
+                })
+                .expect("query");
+            out.extend(rows.map(|r| r.expect("row")));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn one_batch_records_exactly_what_one_by_one_recording_does() {
+        // Writes of many resources and spools, with duplicates (within the
+        // batch and of earlier commits), a gap, an end of a session and a
+        // write that fails half way (a planted row) followed by a good one
+        // of the same spool: the batch must see each spool as it stands
+        // after the writes before it, and forget what a failed write did.
+        let writes: Vec<(&str, u64, Vec<SequencedEvent>)> = vec![
+            ("h1", 1, vec![started(1, "a"), started(2, "b")]),
+            ("h2", 1, vec![started(1, "c")]),
+            ("h1", 2, vec![started(1, "d")]),
+            ("h1", 1, vec![started(2, "b"), ended(3, "a")]),
+            ("h2", 1, vec![started(1, "c"), started(3, "x")]),
+            ("h2", 1, vec![started(2, "e")]),
+            ("h3", 9, vec![started(2, "gap-first")]),
+            ("h1", 1, vec![ended(3, "a"), ended(4, "b"), started(5, "f")]),
+            ("h9", 1, vec![started(1, "g"), started(2, "planted-clash")]),
+            ("h9", 1, vec![started(1, "g")]),
+            (
+                "h1",
+                2,
+                vec![started(1, "d"), ended(2, "d"), started(4, "y")],
+            ),
+            ("h2", 1, vec![started(3, "h"), ended(4, "c")]),
+        ];
+        let mut opened = Vec::new();
+        for max_batch in [1, DEFAULT_MAX_BATCH] {
+            let tmp = tempfile::tempdir().expect("tmp");
+            let path = tmp.path().join("ferry.db");
+            // Both start from a committed history and the same planted row.
+            let store = Store::open(&path, StoreOptions::default()).expect("open");
+            store
+                .record_events(&rid("h1"), 1, vec![started(1, "a")], UnixMillis(1))
+                .await
+                .expect("history");
+            store.close().await;
+            let c = Connection::open(&path).expect("open");
+            c.execute(
+                "INSERT INTO session_events (resource, spool_id, seq, kind, session, at, \
+                 recorded_at) VALUES ('h9', 1, 2, 'started', 'planted', 0, 0)",
+                [],
+            )
+            .expect("plant");
+            drop(c);
+            opened.push((tmp, path, max_batch));
+        }
+
+        let mut results = Vec::new();
+        for (_tmp, path, max_batch) in &opened {
+            let store = Store::open(
+                path,
+                StoreOptions {
+                    max_batch: *max_batch,
+                    queue_len: 1024,
+                },
+            )
+            .expect("open");
+            let outcomes: Vec<Result<RecordOutcome, String>> = if *max_batch == 1 {
+                let mut out = Vec::new();
+                for (res, spool, events) in &writes {
+                    out.push(
+                        store
+                            .record_events(&rid(res), *spool, events.clone(), UnixMillis(7))
+                            .await
+                            .map_err(|e| e.to_string()),
+                    );
+                }
+                out
+            } else {
+                // Hold the writer in a write of its own until every record
+                // is queued, in order: they then make one batch.
+                let (release, held) = std::sync::mpsc::channel::<()>();
+                let (running, writer_held) = oneshot::channel::<()>();
+                let blocker = {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        store
+                            .exec(move |_| {
+                                let _ = running.send(());
+                                held.recv().map_err(|e| StoreError::Corrupt(e.to_string()))
+                            })
+                            .await
+                    })
+                };
+                let queued = |n: usize| {
+                    let free = store.inner.writes.capacity();
+                    store.inner.writes.max_capacity() - free == n
+                };
+                let wait_queued = |n: usize| async move {
+                    let wait = async {
+                        while !queued(n) {
+                            tokio::task::yield_now().await;
+                        }
+                    };
+                    tokio::time::timeout(std::time::Duration::from_secs(60), wait)
+                        .await
+                        .unwrap_or_else(|_| panic!("{n} writes never queued"));
+                };
+                // The writer runs the blocker, alone in its batch.
+                writer_held.await.expect("the writer runs the blocker");
+                wait_queued(0).await;
+                let mut tasks = Vec::new();
+                for (i, (res, spool, events)) in writes.iter().enumerate() {
+                    let store = store.clone();
+                    let (r, spool, events) = (rid(res), *spool, events.clone());
+                    tasks.push(tokio::spawn(async move {
+                        store
+                            .record_events(&r, spool, events, UnixMillis(7))
+                            .await
+                            .map_err(|e| e.to_string())
+                    }));
+                    wait_queued(i + 1).await;
+                }
+                release.send(()).expect("release the writer");
+                blocker.await.expect("join").expect("blocker");
+                let mut out = Vec::new();
+                for t in tasks {
+                    out.push(t.await.expect("join"));
+                }
+                out
+            };
+            store.close().await;
+            results.push((outcomes, dump(path)));
+        }
+        let (one_by_one, batched) = (&results[0], &results[1]);
+        assert_eq!(one_by_one.0, batched.0, "the same answers");
+        assert_eq!(one_by_one.1, batched.1, "the same rows");
+        // And the answers are the expected ones, not just equal.
+        let o = &one_by_one.0;
+        assert_eq!(
+            o[0].as_ref()
+                .map(|r| (r.last_seq, r.recorded, r.duplicates)),
+            Ok((2, 1, 1))
+        );
+        assert_eq!(
+            o[4].as_ref().map(|r| r.gap),
+            Ok(Some(SequenceGap {
+                got: 3,
+                expected: 2
+            }))
+        );
+        assert_eq!(
+            o[6].as_ref().map(|r| (r.last_seq, r.gap)),
+            Ok((
+                0,
+                Some(SequenceGap {
+                    got: 2,
+                    expected: 1
+                })
+            ))
+        );
+        assert_eq!(o[7].as_ref().map(|r| (r.last_seq, r.recorded)), Ok((5, 2)));
+        assert!(o[8].is_err(), "{:?}", o[8]);
+        assert_eq!(o[9].as_ref().map(|r| (r.last_seq, r.recorded)), Ok((1, 1)));
+        assert_eq!(
+            o[10]
+                .as_ref()
+                .map(|r| (r.last_seq, r.recorded, r.gap.is_some())),
+            Ok((2, 1, true))
+        );
+        assert_eq!(o[11].as_ref().map(|r| (r.last_seq, r.recorded)), Ok((4, 2)));
+        assert!(!batched.1.iter().any(|r| r.contains("\"gap-first\"")));
     }
 
     #[tokio::test]

@@ -87,6 +87,27 @@ pub enum AdminRequestV1 {
     /// Metering over `[from, to)`, for one group or all. Answered by
     /// [`AdminResponseV1::Usage`].
     Usage(UsageQuery),
+    /// Create one user with a password (hashed by the broker, never stored
+    /// in clear), in one transaction. Answered by `Users` (the new user).
+    UserCreateWithPassword { user: UserSpec, password: Secret },
+    /// Replace a user's password. Answered by `Done`.
+    UserSetPassword { user: UserId, password: Secret },
+    /// Issue a token for `user` valid `ttl_secs` seconds. Answered by
+    /// [`AdminResponseV1::UserToken`].
+    UserToken { user: UserId, ttl_secs: u64 },
+    /// Invalidate every token of `user` issued so far. Answered by `Done`.
+    UserRevokeTokens { user: UserId },
+}
+
+/// A secret (password) on the admin socket: never printed by `Debug`.
+/// Encoded as its string.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// The broker's answer.
@@ -114,6 +135,12 @@ pub enum AdminResponseV1 {
         /// `None` when the group has no running actor (gone, recycling,
         /// publish failed, or this broker runs without group actors).
         live: Option<LiveGroupView>,
+    },
+    /// A new user token (printed once by `ferryctl user token`).
+    UserToken {
+        user: UserId,
+        token: String,
+        expires_at: UnixMillis,
     },
 }
 
@@ -552,6 +579,58 @@ mod tests {
                 req
             );
         }
+    }
+
+    #[test]
+    fn golden_credential_requests() {
+        let u = || -> UserId { "u".parse().expect("id") };
+        let cases = [
+            (
+                AdminRequest::V1(AdminRequestV1::UserSetPassword {
+                    user: u(),
+                    password: Secret("pw".into()),
+                }),
+                "00160175027077",
+            ),
+            (
+                AdminRequest::V1(AdminRequestV1::UserToken {
+                    user: u(),
+                    ttl_secs: 60,
+                }),
+                "001701753c",
+            ),
+            (
+                AdminRequest::V1(AdminRequestV1::UserRevokeTokens { user: u() }),
+                "00180175",
+            ),
+            (
+                AdminRequest::V1(AdminRequestV1::UserCreateWithPassword {
+                    user: UserSpec {
+                        id: u(),
+                        email: "e".into(),
+                        mobile: "m".into(),
+                    },
+                    password: Secret("pw".into()),
+                }),
+                "001501750165016d027077",
+            ),
+        ];
+        for (req, golden) in cases {
+            let bytes = frame::encode_payload(&req).expect("encode");
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
+                req
+            );
+        }
+        assert_eq!(format!("{:?}", Secret("pw".into())), "Secret(<redacted>)");
+        let resp = AdminResponse::V1(AdminResponseV1::UserToken {
+            user: u(),
+            token: "t".into(),
+            expires_at: UnixMillis(1),
+        });
+        let bytes = frame::encode_payload(&resp).expect("encode");
+        assert_eq!(hex(&bytes), "000b0175017402");
     }
 
     #[test]

@@ -7,9 +7,12 @@
 
 pub mod admin;
 pub mod duration;
+pub mod enroll;
 pub mod frame;
 pub mod ids;
 pub mod limits;
+pub mod route;
+pub mod ticket;
 pub mod transport;
 pub mod wire;
 

@@ -64,3 +64,28 @@ pub const MAX_LOCAL_CONNECTIONS: usize = 64;
 /// and display parts a later version adds, and still fits a link frame
 /// ([`MAX_FRAME_LEN`]) many times over.
 pub const MAX_POLICY_DOCUMENT_LEN: usize = 16 * 1024;
+
+/// Longest ticket text (`common::ticket`), checked before it is decoded.
+/// The largest claims (ids at their limits) are under 500 bytes, 4/3 of that
+/// in base64url plus an 86-character signature: about 760 bytes.
+pub const MAX_TICKET_LEN: usize = 1024;
+
+/// Largest encoded ticket claims, the byte limit of their decoder.
+pub const MAX_TICKET_CLAIMS_LEN: usize = 640;
+
+/// Longest lifetime (expiry minus issue time) a ticket may claim. Tickets
+/// live a minute; the agent keeps each used ticket id until its expiry, so
+/// this bounds how long the used-ticket set holds an entry.
+pub const MAX_TICKET_LIFETIME_MS: i64 = 10 * 60 * 1000;
+
+/// Longest password a user may present or set. Argon2 hashes any length,
+/// but the route protocol and `ferryctl` read it into memory first.
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// Longest user token (`ferryctl user token`): a user id, two integers and
+/// an HMAC in base64url are well under it.
+pub const MAX_TOKEN_LEN: usize = 512;
+
+/// Length of the broker's ticket public key (`BrokerToAgent::TicketKey`):
+/// a raw Ed25519 public key. The agent refuses any other length.
+pub const TICKET_PUBLIC_KEY_LEN: usize = 32;

@@ -41,6 +41,42 @@ pub enum AgentToBroker {
     Health(HealthReport),
     /// Outcome of a broker command.
     CommandResult(CommandResult),
+    /// Where end users' clients reach this host's streaming server; sent
+    /// after every `Welcome` (the `Hello` is frozen).
+    Streaming(StreamingEndpoint),
+    /// A session's user disconnected (the session is retained for a
+    /// reconnect) or reconnected. Sent when it happens and again after every
+    /// `Welcome` for each session still disconnected; not spooled: the
+    /// session's start and end are the metered facts, this only times its
+    /// retention.
+    Presence(PresenceReport),
+}
+
+/// Where the host's streaming server listens, as the agent is configured
+/// (`streaming_address`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamingEndpoint {
+    /// Host name or IP clients connect to; `None` = the address the broker
+    /// sees the agent's connection come from.
+    pub host: Option<String>,
+    pub port: u16,
+}
+
+/// A change of a session's user connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceReport {
+    pub session: SessionId,
+    pub state: Presence,
+    pub at: UnixMillis,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Presence {
+    /// The user's client went away; the session keeps its slot for the
+    /// group's `disconnect_retention`.
+    Disconnected,
+    /// The user is back on the retained session.
+    Reconnected,
 }
 
 /// Broker -> agent.
@@ -55,6 +91,11 @@ pub enum BrokerToAgent {
     Command { id: u64, command: Command },
     /// The broker will not go on with this connection; it closes it after this.
     Refused(Refusal),
+    /// The broker's ticket public key (raw Ed25519,
+    /// [`crate::limits::TICKET_PUBLIC_KEY_LEN`] bytes), sent right after
+    /// `Welcome`. The agent keeps it on disk and verifies session tickets
+    /// with it, also while the broker is unreachable.
+    TicketKey { public_key: Vec<u8> },
 }
 
 /// The agent's registration.
@@ -293,6 +334,44 @@ mod tests {
         });
         let bytes = frame::encode_payload(&msg).expect("encode");
         assert_eq!(hex(&bytes), "00020203016703027b7d");
+        assert_eq!(
+            frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
+            msg
+        );
+    }
+
+    #[test]
+    fn golden_streaming_and_presence() {
+        let msg = AgentMessage::V1(AgentToBroker::Streaming(StreamingEndpoint {
+            host: Some("h".into()),
+            port: 8443,
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "0004010168fbfb20");
+        assert_eq!(
+            frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+        let msg = AgentMessage::V1(AgentToBroker::Presence(PresenceReport {
+            session: id("s1"),
+            state: Presence::Reconnected,
+            at: UnixMillis(1000),
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "000502733101fbd007");
+        assert_eq!(
+            frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+    }
+
+    #[test]
+    fn golden_ticket_key() {
+        let msg = BrokerMessage::V1(BrokerToAgent::TicketKey {
+            public_key: vec![0xab; 32],
+        });
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), format!("000420{}", "ab".repeat(32)));
         assert_eq!(
             frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
             msg

@@ -12,10 +12,12 @@
 //! 3. Broker memory per connected agent: VmRSS of the broker idle, then with many
 //!    registered idle agents.
 //! 4. `Store` group commit (`max_batch` = the broker's default) against one commit
-//!    per record (`max_batch` = 1) under concurrent writers.
+//!    per record (`max_batch` = 1) under concurrent writers: 64 (figure of issue
+//!    2) and 512 (a fleet of many agents), both configurations interleaved.
 //!
 //! `FERRY_BENCH_QUICK=1` (or the argument `--quick`) runs a small version in a few
-//! seconds, to check the benchmark itself works. Every loop is bounded by a count
+//! seconds, to check the benchmark itself works. `--store-only` runs only figure
+//! 4 (no broker binary, no certificates); `--help` lists the arguments. Every loop is bounded by a count
 //! and by time. Not run from tests or CI: the numbers only mean something on a
 //! quiet machine and are read by a person (see BENCHMARKS.md).
 
@@ -80,8 +82,8 @@ struct Plan {
     memory_agents: usize,
     /// Client endpoints (UDP sockets) the agents are spread over.
     client_endpoints: usize,
-    /// Concurrent writers in the store benchmark.
-    store_writers: usize,
+    /// Concurrent writers in the store benchmark, one measurement per count.
+    store_writers: &'static [usize],
     /// Repetitions of each store measurement (the two batch sizes interleaved).
     store_reps: usize,
     /// Length of one store repetition.
@@ -101,7 +103,7 @@ impl Plan {
             max_events_per_agent: 1_000_000,
             memory_agents: 1000,
             client_endpoints: 4,
-            store_writers: 64,
+            store_writers: &[64, 512],
             store_reps: 5,
             store_measure: Duration::from_secs(3),
             store_max_per_writer: 1_000_000,
@@ -118,7 +120,7 @@ impl Plan {
             max_events_per_agent: 100_000,
             memory_agents: 50,
             client_endpoints: 2,
-            store_writers: 16,
+            store_writers: &[16, 64],
             store_reps: 1,
             store_measure: Duration::from_millis(500),
             store_max_per_writer: 100_000,
@@ -134,15 +136,45 @@ fn main() -> Result<()> {
             .context("--echo-server needs the PKI directory")?;
         return echo::main(Path::new(dir));
     }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     // `cargo bench` passes `--bench`; other arguments are ignored.
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("FERRY_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let store_only = args.iter().any(|a| a == "--store-only");
     let plan = if quick { Plan::quick() } else { Plan::full() };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start runtime")?;
+    if store_only {
+        return runtime.block_on(run_store_only(plan, quick));
+    }
     runtime.block_on(run(plan, quick))
+}
+
+const USAGE: &str = "\
+Ferry link benchmark (see BENCHMARKS.md)
+
+usage: cargo bench -p ferry-tests --bench link [-- ARGS]
+
+  (no argument)   figures 1-4: broker events/s against a quinn echo, broker memory
+                  per agent, store group commit against one commit per record
+  --store-only    figure 4 only (store group commit, 64 and 512 writers)
+  --quick         a small, fast version (also FERRY_BENCH_QUICK=1); figures meaningless
+  --help          this text";
+
+/// Figure 4 alone: needs neither the broker binary nor certificates.
+async fn run_store_only(plan: Plan, quick: bool) -> Result<()> {
+    print_machine(quick, &plan);
+    let tmp = tempfile::tempdir().context("create temp dir")?;
+    let store = store_bench(&plan, tmp.path())
+        .await
+        .context("store benchmark")?;
+    print_store_summary(&store);
+    Ok(())
 }
 
 async fn run(plan: Plan, quick: bool) -> Result<()> {
@@ -228,7 +260,7 @@ fn print_machine(quick: bool, plan: &Plan) {
     );
     println!("machine: {cpus} CPUs, {model}, {mem} RAM; unix time {now}");
     println!(
-        "plan: {} agents x window {}, {} reps x {:?} (+{:?} warm-up); memory at {} agents; store {} writers, {} reps x {:?}\n",
+        "plan: {} agents x window {}, {} reps x {:?} (+{:?} warm-up); memory at {} agents; store {:?} writers, {} reps x {:?}\n",
         plan.agents,
         plan.window,
         plan.reps,
@@ -280,13 +312,18 @@ struct Memory {
     connected: u64,
 }
 
-/// Figure 4.
-struct StoreFigures {
+/// Figure 4, for one count of concurrent writers.
+struct StoreFigure {
+    /// Concurrent writers.
+    writers: usize,
     /// One entry per repetition with `max_batch` = [`DEFAULT_MAX_BATCH`].
     group: Vec<Rep>,
     /// One entry per repetition with `max_batch` = 1.
     single: Vec<Rep>,
 }
+
+/// Figure 4: one measurement per writer count of the plan.
+type StoreFigures = Vec<StoreFigure>;
 
 fn median_f64(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -324,19 +361,22 @@ fn rates(reps: &[Rep]) -> String {
         .join(" ")
 }
 
+/// Prints one figure row (median rate, median p50 and p99, per-rep rates);
+/// returns the median rate.
+fn row(name: &str, reps: &[Rep]) -> f64 {
+    let med = median_f64(&reps.iter().map(|r| r.per_sec).collect::<Vec<_>>());
+    println!(
+        "  {:<34} {:>12.0} {:>11} {:>11}   [{}]",
+        name,
+        med,
+        ms(median_dur(reps.iter().map(|r| r.p50))),
+        ms(median_dur(reps.iter().map(|r| r.p99))),
+        rates(reps)
+    );
+    med
+}
+
 fn print_summary(plan: &Plan, t: &Throughput, m: &Memory, s: &StoreFigures) {
-    let row = |name: &str, reps: &[Rep]| {
-        let med = median_f64(&reps.iter().map(|r| r.per_sec).collect::<Vec<_>>());
-        println!(
-            "  {:<34} {:>12.0} {:>11} {:>11}   [{}]",
-            name,
-            med,
-            ms(median_dur(reps.iter().map(|r| r.p50))),
-            ms(median_dur(reps.iter().map(|r| r.p99))),
-            rates(reps)
-        );
-        med
-    };
     println!("\n== Results (medians over repetitions; per-rep values in brackets) ==\n");
     println!(
         "1+2. Session events, {} agents, window {} per agent, frame {:.1} bytes avg",
@@ -377,23 +417,37 @@ fn print_summary(plan: &Plan, t: &Throughput, m: &Memory, s: &StoreFigures) {
         "  per connected agent: {:.1} KiB",
         delta as f64 / m.agents.max(1) as f64
     );
-    println!(
-        "\n4. Store, {} concurrent writers, one event per record_events call",
-        plan.store_writers
-    );
-    println!(
-        "  {:<34} {:>12} {:>11} {:>11}",
-        "", "records/s", "p50", "p99"
-    );
-    let g = row(
-        &format!("group commit (max_batch {DEFAULT_MAX_BATCH})"),
-        &s.group,
-    );
-    let one = row("one commit per record (max_batch 1)", &s.single);
-    println!(
-        "  group / single: {:.1}x",
-        if one > 0.0 { g / one } else { 0.0 }
-    );
+    print_store_summary(s);
+}
+
+fn print_store_summary(s: &StoreFigures) {
+    for f in s {
+        println!(
+            "\n4. Store, {} concurrent writers, one event per record_events call",
+            f.writers
+        );
+        println!(
+            "  {:<34} {:>12} {:>11} {:>11}",
+            "", "records/s", "p50", "p99"
+        );
+        let g = row(
+            &format!("group commit (max_batch {DEFAULT_MAX_BATCH})"),
+            &f.group,
+        );
+        let one = row("one commit per record (max_batch 1)", &f.single);
+        let per_rep: Vec<String> = f
+            .group
+            .iter()
+            .zip(&f.single)
+            .filter(|(_, o)| o.per_sec > 0.0)
+            .map(|(g, o)| format!("{:.1}", g.per_sec / o.per_sec))
+            .collect();
+        println!(
+            "  group / single: {:.1}x (ratio of medians); per rep: [{}]",
+            if one > 0.0 { g / one } else { 0.0 },
+            per_rep.join(" ")
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -791,6 +845,8 @@ async fn read_acks(mut recv: quinn::RecvStream, kind: Kind, tx: mpsc::Sender<Ack
                     Ok(Some(BrokerMessage::V1(BrokerToAgent::Ack { up_to }))) => {
                         Ok((up_to, Instant::now()))
                     }
+                    // Sent once after Welcome (the ticket key); not an ack.
+                    Ok(Some(BrokerMessage::V1(BrokerToAgent::TicketKey { .. }))) => continue,
                     Ok(Some(BrokerMessage::V1(other))) => Err(format!("broker sent {other:?}")),
                     Ok(None) => Err("broker closed the stream".into()),
                     Err(e) => Err(format!("read from broker: {e}")),
@@ -1153,7 +1209,7 @@ async fn memory(
 // ---------------------------------------------------------------------------
 // Store group commit
 
-async fn store_rep(path: &Path, max_batch: usize, plan: &Plan) -> Result<Rep> {
+async fn store_rep(path: &Path, max_batch: usize, writers_n: usize, plan: &Plan) -> Result<Rep> {
     let store = Store::open(
         path,
         StoreOptions {
@@ -1164,7 +1220,7 @@ async fn store_rep(path: &Path, max_batch: usize, plan: &Plan) -> Result<Rep> {
     let start = Instant::now();
     let until = start + plan.store_measure;
     let mut writers = JoinSet::new();
-    for w in 0..plan.store_writers {
+    for w in 0..writers_n {
         let store = store.clone();
         let max = plan.store_max_per_writer;
         writers.spawn(async move {
@@ -1220,29 +1276,40 @@ async fn store_rep(path: &Path, max_batch: usize, plan: &Plan) -> Result<Rep> {
 async fn store_bench(plan: &Plan, root: &Path) -> Result<StoreFigures> {
     let dir = root.join("store");
     std::fs::create_dir_all(&dir).context("create store dir")?;
-    let mut out = StoreFigures {
-        group: Vec::new(),
-        single: Vec::new(),
-    };
-    println!("store: {} writers", plan.store_writers);
+    let mut out: StoreFigures = plan
+        .store_writers
+        .iter()
+        .map(|&writers| StoreFigure {
+            writers,
+            group: Vec::new(),
+            single: Vec::new(),
+        })
+        .collect();
+    println!("store: {:?} writers", plan.store_writers);
+    // Every configuration once per repetition, in an order that alternates,
+    // so a noisy moment of the machine hits all of them alike.
     for i in 0..plan.store_reps {
-        let order = if i % 2 == 0 {
-            [DEFAULT_MAX_BATCH, 1]
-        } else {
-            [1, DEFAULT_MAX_BATCH]
-        };
-        for batch in order {
-            let rep = store_rep(&dir.join(format!("b{batch}-r{i}.db")), batch, plan).await?;
-            println!(
-                "  rep {i} max_batch {batch:>3}: {:>8.0} records/s  p50 {:>9}  p99 {:>9}",
-                rep.per_sec,
-                ms(rep.p50),
-                ms(rep.p99)
-            );
-            if batch == 1 {
-                out.single.push(rep);
+        for f in out.iter_mut() {
+            let order = if i % 2 == 0 {
+                [DEFAULT_MAX_BATCH, 1]
             } else {
-                out.group.push(rep);
+                [1, DEFAULT_MAX_BATCH]
+            };
+            for batch in order {
+                let path = dir.join(format!("w{}-b{batch}-r{i}.db", f.writers));
+                let rep = store_rep(&path, batch, f.writers, plan).await?;
+                println!(
+                    "  rep {i} writers {:>3} max_batch {batch:>3}: {:>8.0} records/s  p50 {:>9}  p99 {:>9}",
+                    f.writers,
+                    rep.per_sec,
+                    ms(rep.p50),
+                    ms(rep.p99)
+                );
+                if batch == 1 {
+                    f.single.push(rep);
+                } else {
+                    f.group.push(rep);
+                }
             }
         }
     }

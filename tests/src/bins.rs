@@ -36,6 +36,8 @@ fn build_all() -> PathBuf {
         "--bin",
         "ferryctl",
         "--bin",
+        "ferry-connect",
+        "--bin",
         "ferry-agent",
     ]);
     // cargo runs tests with the test package's CARGO_PKG_*, CARGO_MANIFEST_*
@@ -64,7 +66,8 @@ fn build_all() -> PathBuf {
     dir
 }
 
-/// Path to one of Ferry's binaries (`ferry-broker`, `ferry-agent`, `ferryctl`), built
+/// Path to one of Ferry's binaries (`ferry-broker`, `ferry-agent`, `ferryctl`,
+/// `ferry-connect`), built
 /// once per test process so a test never runs a stale binary.
 pub fn bin(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -235,6 +235,7 @@ impl TestBroker {
             local_socket: home.join("agent.sock"),
             image_version: "test-image".into(),
             hooks: HooksConfig::default(),
+            streaming: ferry_agent::config::default_streaming(),
         })
     }
 }

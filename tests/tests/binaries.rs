@@ -1,7 +1,8 @@
 //! Ferry as an operator runs it: `ferryctl pki`, `ferry-broker run` and two
 //! `ferry-agent run` processes with config files, sessions reported through
 //! the `ferry-agent session` CLI, the state read back with `ferryctl --json`,
-//! and systemd's notify protocol checked on a fake `NOTIFY_SOCKET`.
+//! and systemd's notify protocol checked on a fake `NOTIFY_SOCKET`; and the
+//! README's first command, `ferry-broker demo`.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -142,5 +143,105 @@ async fn ferryctl_says_when_the_broker_is_not_running() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&*socket.to_string_lossy()), "{stderr}");
+    Ok(())
+}
+
+/// Processes (not zombies) whose command line mentions `needle`.
+fn processes_mentioning(needle: &std::path::Path) -> Vec<u32> {
+    let needle = needle.display().to_string();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true);
+        if String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(&needle)
+            && !zombie
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_scales_out_and_in_reports_usage_and_leaves_nothing_running() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("demo");
+    let duration = std::time::Duration::from_secs(40);
+    let mut cmd = tokio::process::Command::new(bin("ferry-broker"));
+    cmd.args(["demo", "--duration", "40s", "--state-dir"])
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // Bounded: the show's duration, plus starting and stopping every agent.
+    let out = tokio::time::timeout(duration + PATIENCE * 4, cmd.output())
+        .await
+        .map_err(|_| anyhow::anyhow!("ferry-broker demo did not finish"))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+
+    // The show: a burst scales out and waiting users are admitted on the new
+    // resources, the load falls and they are scaled in, each with its reason.
+    let has = |s: &str| stdout.contains(s);
+    assert!(
+        has(" scale_out      scale-out: asked for demo-e1 because demand"),
+        "{stdout}"
+    );
+    assert!(has(" created        created: demo-e1 is ready"), "{stdout}");
+    assert!(has(" scale_in       scale-in: demo-e"), "{stdout}");
+    assert!(has("because idle "), "{stdout}");
+    assert!(has(" released       released: demo-e"), "{stdout}");
+    assert!(has("route     user1: admitted to demo-host-"), "{stdout}");
+    assert!(has(": ticket verified, session "), "{stdout}");
+    assert!(has(" ended (logout)"), "{stdout}");
+    let routes = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("demo: routes: "))
+        .unwrap_or_else(|| panic!("no route summary in {stdout}"));
+    let admitted: u32 = routes
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{routes}"));
+    assert!(admitted >= 4, "{routes}");
+    // The usage report with its total and the cost.
+    assert!(has("Usage report"), "{stdout}");
+    let total = stdout
+        .lines()
+        .find(|l| l.starts_with("demo ") && l.contains("(total)"))
+        .unwrap_or_else(|| panic!("no total row in {stdout}"));
+    assert!(total.contains("pay-as-you-go"), "{total}");
+    assert!(total.contains(" CNY"), "{total}");
+    assert!(has("Cost of group demo: "), "{stdout}");
+
+    // Nothing left: the base agents it started (pids it printed), the
+    // elastic agents of its provisioner (all run from its directory), and
+    // the directory itself.
+    let base_pids: Vec<u32> = stdout
+        .lines()
+        .filter(|l| l.starts_with("demo: started base agent "))
+        .filter_map(|l| l.rsplit_once("(pid ")?.1.strip_suffix(')')?.parse().ok())
+        .collect();
+    assert_eq!(base_pids.len(), 2, "{stdout}");
+    for pid in base_pids {
+        assert!(!alive(pid), "base agent {pid} still runs");
+    }
+    assert_eq!(processes_mentioning(&dir), Vec::<u32>::new());
+    assert!(has("no agent process is left running"), "{stdout}");
+    assert!(!dir.exists(), "{} was not removed", dir.display());
     Ok(())
 }

@@ -895,3 +895,101 @@ async fn the_policy_is_pushed_to_every_agent_acknowledged_and_retried_on_rejoin(
     broker.stop().await?;
     Ok(())
 }
+
+/// An expired group retries a disconnect that failed, on the group clock:
+/// h1's hook (a real script counting its calls per session in files) fails
+/// the first time for each session and succeeds after. s1 fails, is retried
+/// 5 s later and succeeds; s2 fails too, then its host ends it by itself
+/// before the retry, so it is not tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_group_retries_a_failed_disconnect_until_it_succeeds() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
+    let clock = ManualClock::new(t0);
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        ..GroupsConfig::default()
+    };
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    let mut spec = group_spec("retry");
+    spec.billing = BillingSpec::Subscription {
+        duration: "1w".into(),
+        auto_renew: false,
+    };
+    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+
+    let calls = dir.path().join("calls");
+    std::fs::create_dir_all(&calls)?;
+    let hook = dir.path().join("disconnect.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "f='{}'/\"$1\"\n\
+             n=$(cat \"$f\" 2>/dev/null || echo 0)\n\
+             n=$((n + 1))\n\
+             echo \"$n\" > \"$f\"\n\
+             if [ \"$n\" -lt 2 ]; then echo \"kick $1: try again\" >&2; exit 3; fi\n",
+            calls.display()
+        ),
+    )?;
+    let count = |session: &str| -> anyhow::Result<u32> {
+        Ok(std::fs::read_to_string(calls.join(session))?
+            .trim()
+            .parse()?)
+    };
+    let identity = broker.issue_identity("h1")?;
+    let mut config = broker.agent_config("h1", &identity)?;
+    config.group = Some("retry".parse()?);
+    config.hooks.disconnect = Some(vec!["/bin/sh".into(), hook.display().to_string()]);
+    let mut h1 = TestAgent::start_with(config).await?;
+    h1.wait_synced().await?;
+    let mut c1 = h1.client().await?;
+    for s in ["s1", "s2"] {
+        start(&mut c1, s).await?;
+    }
+    h1.wait_synced().await?;
+
+    // The week ends: both disconnects fail once.
+    clock.advance(Duration::from_secs(7 * 86_400));
+    let evs = wait_events(&broker, "retry", "disconnect-failed", 2).await?;
+    for s in ["s1", "s2"] {
+        let failed: Vec<_> = of_kind(&evs, "disconnect-failed")
+            .into_iter()
+            .filter(|e| e.message.contains(&format!("session {s} on h1")))
+            .collect();
+        assert_eq!(failed.len(), 1, "{evs:?}");
+        assert!(
+            failed[0].message.contains("attempt 1")
+                && failed[0].message.contains("try again")
+                && failed[0].message.contains("next attempt in 5 s"),
+            "{}",
+            failed[0].message
+        );
+        assert_eq!(count(s)?, 1);
+    }
+    assert!(of_kind(&evs, "disconnected").is_empty(), "{evs:?}");
+
+    // s2 ends by itself before its retry.
+    c1.session_end(sid("s2"), ferry_common::wire::EndReason::Logout)
+        .await?;
+    h1.wait_synced().await?;
+
+    // The retry is due on the group clock: s1's second attempt succeeds.
+    clock.advance(Duration::from_secs(5));
+    let evs = wait_events(&broker, "retry", "disconnected", 1).await?;
+    let done = of_kind(&evs, "disconnected");
+    assert!(
+        done[0].message.contains("session s1 on h1") && done[0].message.contains("attempt 2"),
+        "{}",
+        done[0].message
+    );
+    assert_eq!(count("s1")?, 2);
+    // Both retries were handled in the same timer round: s2 was dropped.
+    assert_eq!(count("s2")?, 1, "an ended session is not retried");
+    assert_eq!(of_kind(&evs, "disconnect-failed").len(), 2, "{evs:?}");
+
+    h1.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}

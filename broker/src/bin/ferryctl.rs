@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use ferry_broker::admin::{self, ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET};
 use ferry_broker::{pki, render};
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, PolicySpec, SessionType,
-    UsageQuery, UserSpec,
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, PolicySpec, Secret,
+    SessionType, UsageQuery, UserSpec,
 };
 use ferry_common::duration::parse_duration;
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
@@ -224,7 +224,8 @@ enum GroupCmd {
 
 #[derive(Subcommand)]
 enum UserCmd {
-    /// Create one user.
+    /// Create one user; with a password (never on the command line) the
+    /// user can be routed at once.
     Create {
         #[arg(long)]
         id: String,
@@ -232,11 +233,88 @@ enum UserCmd {
         email: String,
         #[arg(long)]
         mobile: String,
+        #[command(flatten)]
+        password: PasswordSource,
     },
-    /// Create or update users from a CSV file (header id,email,mobile); all or nothing.
+    /// Create or update users from a CSV file (header id,email,mobile); all or
+    /// nothing. Passwords are not imported: a user without one cannot be
+    /// routed until `user set-password` (or `user token`).
     Import { file: PathBuf },
     /// Every user.
     List,
+    /// Set or replace a user's password (stored as a salted Argon2id hash).
+    SetPassword {
+        /// The user id.
+        name: String,
+        #[command(flatten)]
+        password: PasswordSource,
+    },
+    /// Issue a token the user presents instead of a password; printed once.
+    Token {
+        /// The user id.
+        name: String,
+        /// How long the token is valid (e.g. 8h, 30d; at most 90d).
+        #[arg(long, default_value = "8h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// Invalidate every token of the user issued so far.
+    RevokeTokens {
+        /// The user id.
+        name: String,
+    },
+}
+
+/// Where a password comes from: never the command line (it would show in
+/// `ps` and shell history).
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct PasswordSource {
+    /// Read the password from this file (its first line).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Read the password from standard input (its first line).
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+impl PasswordSource {
+    /// The password, if one was asked for: one line, without its line end,
+    /// at most `MAX_PASSWORD_LEN` bytes.
+    fn read(&self) -> anyhow::Result<Option<String>> {
+        use std::io::Read;
+        let limit = ferry_common::limits::MAX_PASSWORD_LEN;
+        let mut bytes = Vec::new();
+        if let Some(f) = &self.password_file {
+            std::fs::File::open(f)
+                .and_then(|file| file.take(limit as u64 + 3).read_to_end(&mut bytes))
+                .with_context(|| format!("read {}", f.display()))?;
+        } else if self.password_stdin {
+            std::io::stdin()
+                .take(limit as u64 + 3)
+                .read_to_end(&mut bytes)
+                .context("read the password from standard input")?;
+        } else {
+            return Ok(None);
+        }
+        let text = String::from_utf8(bytes).context("the password is not UTF-8")?;
+        let line = text.lines().next().unwrap_or("").to_owned();
+        if line.is_empty() {
+            anyhow::bail!("the password is empty");
+        }
+        if line.len() > limit {
+            anyhow::bail!("the password is longer than {limit} bytes");
+        }
+        Ok(Some(line))
+    }
+
+    fn require(&self) -> anyhow::Result<String> {
+        self.read()?
+            .ok_or_else(|| anyhow::anyhow!("give --password-file FILE or --password-stdin"))
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    ferry_common::duration::parse_duration(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -297,6 +375,10 @@ fn run(cli: Cli) -> anyhow::Result<String> {
     let req = match cli.command {
         Cmd::Pki(PkiCmd::Init { dir, broker_names }) => {
             pki::init(&dir, &broker_names).context("pki init")?;
+            // The broker would create them at its first start; now they
+            // exist with the rest of the PKI (and its owner).
+            ferry_broker::tickets::TicketSigner::load_or_create(&dir).context("ticket key")?;
+            ferry_broker::tickets::TokenKey::load_or_create(&dir).context("token key")?;
             return Ok(format!(
                 "created CA and broker certificate in {}\n",
                 dir.display()
@@ -360,11 +442,36 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             session: session.parse::<SessionId>()?,
         },
         Cmd::Group(cmd) => group_request(*cmd)?,
-        Cmd::User(UserCmd::Create { id, email, mobile }) => AdminRequestV1::UserCreate(UserSpec {
-            id: id.parse()?,
+        Cmd::User(UserCmd::Create {
+            id,
             email,
             mobile,
-        }),
+            password,
+        }) => {
+            let user = UserSpec {
+                id: id.parse()?,
+                email,
+                mobile,
+            };
+            match password.read()? {
+                Some(p) => AdminRequestV1::UserCreateWithPassword {
+                    user,
+                    password: Secret(p),
+                },
+                None => AdminRequestV1::UserCreate(user),
+            }
+        }
+        Cmd::User(UserCmd::SetPassword { name, password }) => AdminRequestV1::UserSetPassword {
+            user: name.parse()?,
+            password: Secret(password.require()?),
+        },
+        Cmd::User(UserCmd::Token { name, ttl }) => AdminRequestV1::UserToken {
+            user: name.parse()?,
+            ttl_secs: ttl.as_secs(),
+        },
+        Cmd::User(UserCmd::RevokeTokens { name }) => AdminRequestV1::UserRevokeTokens {
+            user: name.parse()?,
+        },
         Cmd::User(UserCmd::Import { file }) => {
             let meta =
                 std::fs::metadata(&file).with_context(|| format!("read {}", file.display()))?;
@@ -516,6 +623,14 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
         ),
         AdminResponseV1::Users(u) => (render::users_json(&u), render::users_table(&u)),
         AdminResponseV1::Usage(r) => (render::usage_json(&r), render::usage_table(&r)),
+        AdminResponseV1::UserToken {
+            user,
+            token,
+            expires_at,
+        } => (
+            render::user_token_json(&user, &token, expires_at),
+            render::user_token_text(&user, &token, expires_at),
+        ),
         // `admin::request` turns error answers into `Err`.
         AdminResponseV1::Error(e) => (
             serde_json::json!({ "error": e.message }),

@@ -9,6 +9,7 @@ use std::fmt;
 
 use ferry_common::{ResourceId, SessionId, UnixMillis};
 
+use super::period::{self, Occurrence};
 use super::policy::{LoadBalancing, Policy, PolicyError, MAX_GROUP_RESOURCES};
 
 /// Base or elastic. Base resources are tried first and never scaled in.
@@ -119,6 +120,10 @@ pub enum Input {
     Created { resource: ResourceId },
     /// A releasing resource is gone.
     Released { resource: ResourceId },
+    /// A pending resource could not be created (the provisioner gave up, or
+    /// its agent never registered): it leaves capacity and `max_elastic` at
+    /// once, unbilled (it was never ready), as [`Action::Released`].
+    CreateFailed { resource: ResourceId },
     /// A resource stops taking sessions (draining, unhealthy, being updated).
     Unavailable { resource: ResourceId },
     /// A resource takes sessions again.
@@ -135,6 +140,28 @@ pub enum Input {
         session: SessionId,
         resource: ResourceId,
     },
+}
+
+/// Where a restored elastic resource was in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoredState {
+    Pending,
+    Ready {
+        ready_at: UnixMillis,
+    },
+    Releasing {
+        ready_at: UnixMillis,
+        releasing_at: UnixMillis,
+    },
+}
+
+/// An elastic resource of an earlier run, for [`Group::restore_elastic`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoredElastic {
+    /// Its engine id, `e<n>`.
+    pub id: ResourceId,
+    pub state: RestoredState,
+    pub requested_at: UnixMillis,
 }
 
 /// What the engine decided.
@@ -211,6 +238,27 @@ pub enum Reason {
     },
     /// The provider reported the work done.
     Provider,
+    /// A policy period (scheduled scaling) holds: from `warm_up_at` to
+    /// `ends_at` the group keeps `min_ready` resources ready, and only
+    /// `ready_or_pending` were ready or being created.
+    Period {
+        /// The period's number in the policy, from 1.
+        period: u32,
+        /// When its warm-up began (`starts_at - warm_up`).
+        warm_up_at: UnixMillis,
+        /// Its start on this day.
+        starts_at: UnixMillis,
+        /// Its end on this day.
+        ends_at: UnixMillis,
+        /// Resources it keeps ready.
+        min_ready: u32,
+        /// Resources ready (and available) or pending before the decision.
+        ready_or_pending: u64,
+        /// Elastic resources before the decision.
+        elastic_before: u32,
+        /// The policy's `max_elastic`.
+        max_elastic: u32,
+    },
 }
 
 fn secs(ms: i64) -> String {
@@ -288,6 +336,22 @@ impl fmt::Display for Reason {
                 }
             }
             Self::Provider => f.write_str("reported by the provider"),
+            Self::Period {
+                period,
+                warm_up_at,
+                starts_at,
+                ends_at,
+                min_ready,
+                ready_or_pending,
+                elastic_before,
+                max_elastic,
+            } => write!(
+                f,
+                "period {period} ({}-{} UTC, warm-up from {}) keeps {min_ready} resource(s) ready; {ready_or_pending} ready or being created; elastic {elastic_before} of max {max_elastic}",
+                period::hhmm(starts_at.0, starts_at.0),
+                period::hhmm(ends_at.0, starts_at.0),
+                period::hhmm(warm_up_at.0, warm_up_at.0),
+            ),
         }
     }
 }
@@ -362,6 +426,14 @@ pub enum ScaleInView {
     },
     /// The next evaluation scales this one in.
     Due { resource: ResourceId },
+    /// A policy period holds and only `ready <= min_ready` resources are
+    /// ready: nothing is scaled in before the period ends.
+    HeldByPeriod {
+        resource: ResourceId,
+        period: u32,
+        ready: u64,
+        min_ready: u32,
+    },
 }
 
 impl fmt::Display for ScaleInView {
@@ -397,8 +469,82 @@ impl fmt::Display for ScaleInView {
                 "No scale-in of {resource}: afterwards demand {demand} x 100 > threshold {threshold} x capacity {capacity_after}."
             ),
             Self::Due { resource } => write!(f, "Scale-in of {resource} due."),
+            Self::HeldByPeriod {
+                resource,
+                period,
+                ready,
+                min_ready,
+            } => write!(
+                f,
+                "No scale-in of {resource}: period {period} keeps {min_ready} ready and {ready} are."
+            ),
         }
     }
+}
+
+/// The policy period that holds now, or the next one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeriodView {
+    /// A period holds (from its warm-up start to its end).
+    Holding {
+        period: u32,
+        warm_up_at: UnixMillis,
+        starts_at: UnixMillis,
+        ends_at: UnixMillis,
+        min_ready: u32,
+        /// Resources ready and available now.
+        ready: u64,
+        /// Resources being created now.
+        pending: u32,
+    },
+    /// No period holds; this one's warm-up comes next.
+    Upcoming {
+        period: u32,
+        warm_up_at: UnixMillis,
+        starts_at: UnixMillis,
+        ends_at: UnixMillis,
+        min_ready: u32,
+    },
+}
+
+impl fmt::Display for PeriodView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Holding {
+                period,
+                warm_up_at,
+                starts_at,
+                ends_at,
+                min_ready,
+                ready,
+                pending,
+            } => write!(
+                f,
+                "Period {period} ({}-{} UTC, warm-up from {}) holds: keeps {min_ready} ready; {ready} ready, {pending} being created.",
+                period::hhmm(starts_at.0, starts_at.0),
+                period::hhmm(ends_at.0, starts_at.0),
+                period::hhmm(warm_up_at.0, warm_up_at.0),
+            ),
+            Self::Upcoming {
+                period,
+                warm_up_at,
+                starts_at,
+                ends_at,
+                min_ready,
+            } => write!(
+                f,
+                "Next period {period}: {} {}-{} UTC (warm-up from {}), keeps {min_ready} ready.",
+                period::date(starts_at.0),
+                period::hhmm(starts_at.0, starts_at.0),
+                period::hhmm(ends_at.0, starts_at.0),
+                period::hhmm(warm_up_at.0, warm_up_at.0),
+            ),
+        }
+    }
+}
+
+fn period_number(o: &Occurrence) -> u32 {
+    u32::try_from(o.index + 1).unwrap_or(u32::MAX)
 }
 
 /// The numbers behind the group's next scaling decision: the answer to "why
@@ -417,6 +563,8 @@ pub struct Explanation {
     pub scale_out: ScaleOutView,
     /// Scale-in verdict.
     pub scale_in: ScaleInView,
+    /// The policy period holding now or coming next; `None` without periods.
+    pub period: Option<PeriodView>,
 }
 
 impl fmt::Display for Explanation {
@@ -440,7 +588,11 @@ impl fmt::Display for Explanation {
             )?,
             ScaleOutView::Due { count } => write!(f, "Scale-out of {count} due. ")?,
         }
-        write!(f, "{}", self.scale_in)
+        write!(f, "{}", self.scale_in)?;
+        if let Some(p) = &self.period {
+            write!(f, " {p}")?;
+        }
+        Ok(())
     }
 }
 
@@ -579,6 +731,11 @@ pub struct Group {
     last_scale_in: Option<i64>,
     /// Time of the last evaluation; deadlines at or before it have been seen.
     last_eval: i64,
+    /// Base resources the group was made with, for `min_ready` bounds.
+    base_count: u32,
+    /// The next policy-period boundary to evaluate at (after `last_eval`), or
+    /// the group's first instant when a period already holds then.
+    period_deadline: Option<i64>,
     /// Latest time handled; inputs may not go back before it.
     now: i64,
     /// Decisions not yet drained.
@@ -600,6 +757,15 @@ impl Group {
                 max: MAX_GROUP_RESOURCES,
             });
         }
+        let base_count = base.len() as u32;
+        policy.validate_for_group(spec, base_count)?;
+        // A period holding at the group's first instant is due at once, so its
+        // resources are asked for without waiting for an input.
+        let period_deadline = if period::holding(&policy.periods, now.0).is_some() {
+            Some(now.0)
+        } else {
+            period::next_boundary(&policy.periods, now.0)
+        };
         let mut group = Self {
             policy,
             spec: spec.map(str::to_owned),
@@ -619,6 +785,8 @@ impl Group {
             elastic_live: 0,
             last_scale_in: None,
             last_eval: now.0,
+            base_count,
+            period_deadline,
             now: now.0,
             decisions: Vec::new(),
         };
@@ -660,6 +828,50 @@ impl Group {
         }
         let base = (1..=count).map(|n| numbered_id('b', n)).collect::<Vec<_>>();
         Self::new(policy, spec, base, now)
+    }
+
+    /// Puts back the elastic resources of an earlier run (a broker restart),
+    /// in creation order, and continues numbering after `next_elastic`
+    /// (never below what is restored). Ready ones come back unavailable: they
+    /// take sessions once their agent is back ([`Input::Available`]).
+    /// No decision is made; call before any input.
+    pub fn restore_elastic(
+        &mut self,
+        restored: Vec<RestoredElastic>,
+        next_elastic: u32,
+    ) -> Result<(), EngineError> {
+        for r in restored {
+            if !is_elastic_id(r.id.as_str()) {
+                return Err(EngineError::ReservedId(r.id));
+            }
+            if self.by_id.contains_key(&r.id) {
+                return Err(EngineError::DuplicateResource(r.id));
+            }
+            let n = r.id.as_str()[1..].parse::<u32>().unwrap_or(0);
+            self.next_elastic = self.next_elastic.max(n.saturating_add(1));
+            let (state, ready_at, releasing_at) = match r.state {
+                RestoredState::Pending => (ResourceState::Pending, None, None),
+                RestoredState::Ready { ready_at } => (ResourceState::Ready, Some(ready_at), None),
+                RestoredState::Releasing {
+                    ready_at,
+                    releasing_at,
+                } => (ResourceState::Releasing, Some(ready_at), Some(releasing_at)),
+            };
+            self.push_resource(Resource {
+                id: r.id,
+                class: Class::Elastic,
+                state,
+                available: state != ResourceState::Ready,
+                occupancy: 0,
+                requested_at: r.requested_at,
+                ready_at,
+                releasing_at,
+                released_at: None,
+                idle_since: UnixMillis(self.now),
+            });
+        }
+        self.next_elastic = self.next_elastic.max(next_elastic);
+        Ok(())
     }
 
     /// The policy in force.
@@ -706,6 +918,7 @@ impl Group {
     /// The numbers behind the next scaling decision at `now` (no change made):
     /// what an operator asks when the group did (not) scale.
     pub fn explain(&self, now: UnixMillis) -> Explanation {
+        let holding = period::holding(&self.policy.periods, now.0);
         let snapshot = self.snapshot();
         let (demand, capacity) = (snapshot.demand, snapshot.capacity);
         let above = self.exceeds(demand, capacity);
@@ -732,11 +945,19 @@ impl Group {
                     .last_scale_in
                     .map(|t| t.saturating_add(self.policy.cooldown_ms()));
                 let capacity_after = capacity - u64::from(self.policy.concurrent_sessions);
+                let ready = self.ready_count();
                 if idle_ms < max_idle_ms {
                     ScaleInView::IdleTooShort {
                         resource,
                         idle_ms,
                         max_idle_ms,
+                    }
+                } else if let Some(o) = holding.filter(|o| ready <= u64::from(o.min_ready)) {
+                    ScaleInView::HeldByPeriod {
+                        resource,
+                        period: period_number(&o),
+                        ready,
+                        min_ready: o.min_ready,
                     }
                 } else if let Some(end) = cooldown_end.filter(|&end| now.0 < end) {
                     ScaleInView::Cooldown {
@@ -755,6 +976,24 @@ impl Group {
                 }
             }
         };
+        let period = match holding {
+            Some(o) => Some(PeriodView::Holding {
+                period: period_number(&o),
+                warm_up_at: UnixMillis(o.warm_up_at),
+                starts_at: UnixMillis(o.starts_at),
+                ends_at: UnixMillis(o.ends_at),
+                min_ready: o.min_ready,
+                ready: self.ready_count(),
+                pending: self.pending,
+            }),
+            None => period::upcoming(&self.policy.periods, now.0).map(|o| PeriodView::Upcoming {
+                period: period_number(&o),
+                warm_up_at: UnixMillis(o.warm_up_at),
+                starts_at: UnixMillis(o.starts_at),
+                ends_at: UnixMillis(o.ends_at),
+                min_ready: o.min_ready,
+            }),
+        };
         Explanation {
             at: now,
             snapshot,
@@ -762,6 +1001,7 @@ impl Group {
             max_elastic: self.policy.max_elastic,
             scale_out,
             scale_in,
+            period,
         }
     }
 
@@ -771,10 +1011,20 @@ impl Group {
     }
 
     /// The next instant at which the group would decide something without any
-    /// input: a waiting request's timeout, or the first moment a scale-in may
+    /// input: a waiting request's timeout, the first moment a scale-in may
     /// happen (the oldest idle resource reaching `max_idle`, or the cooldown
-    /// ending, whichever is later). Call [`Group::handle_timeout`] then.
+    /// ending, whichever is later), or a policy period's boundary (its warm-up
+    /// start, start or end). Call [`Group::handle_timeout`] then.
     pub fn poll_deadline(&self) -> Option<UnixMillis> {
+        let engine = self.engine_deadline();
+        match (engine, self.period_deadline) {
+            (Some(a), Some(b)) => Some(UnixMillis(a.0.min(b))),
+            (a, b) => a.or(b.map(UnixMillis)),
+        }
+    }
+
+    /// [`Group::poll_deadline`] without the period boundaries.
+    fn engine_deadline(&self) -> Option<UnixMillis> {
         let timeout = self.timeouts.first().map(|&(t, _)| t);
         let scale_in = self.idle.first().and_then(|&(since, _)| {
             let mut t = since.saturating_add(self.policy.max_idle_ms());
@@ -1036,6 +1286,15 @@ impl Group {
                 self.decide(now, Action::Released { resource }, Reason::Provider);
                 Ok(())
             }
+            Input::CreateFailed { resource } => {
+                let i = self.expect_state(&resource, ResourceState::Pending, "failed")?;
+                self.modify(i, |r| {
+                    r.state = ResourceState::Released;
+                    r.released_at = Some(UnixMillis(now));
+                });
+                self.decide(now, Action::Released { resource }, Reason::Provider);
+                Ok(())
+            }
             Input::Unavailable { resource } => {
                 let i = self.index_of(&resource)?;
                 self.modify(i, |r| r.available = false);
@@ -1078,7 +1337,7 @@ impl Group {
                 Ok(())
             }
             Input::Policy(policy) => {
-                policy.validate(self.spec.as_deref())?;
+                policy.validate_for_group(self.spec.as_deref(), self.base_count)?;
                 for i in 0..self.resources.len() as u32 {
                     self.unindex(i);
                 }
@@ -1208,9 +1467,29 @@ impl Group {
 
     /// One evaluation (SPEC 5.2-5.4): waiting requests first, then at most one
     /// scale-out or one scale-in.
+    ///
+    /// With policy periods: at a period's end every idle countdown restarts;
+    /// while a period holds, elastic resources are first created up to its
+    /// `min_ready` (counting those being created), usage-driven scale-out
+    /// comes on top, and nothing is scaled in while `ready <= min_ready`.
     fn evaluate(&mut self, now: i64) {
         self.last_eval = now;
+        let holding = if self.policy.periods.is_empty() {
+            // A policy change may have removed the periods.
+            self.period_deadline = None;
+            None
+        } else {
+            self.period_deadline = period::next_boundary(&self.policy.periods, now);
+            if period::ends_at(&self.policy.periods, now) {
+                self.restart_idle_countdowns(now);
+            }
+            period::holding(&self.policy.periods, now)
+        };
         self.place_waiting(now);
+        let mut scaled_out = false;
+        if let Some(o) = holding {
+            scaled_out = self.period_scale_out(now, &o);
+        }
         let demand = self.demand();
         let capacity = self.capacity();
         if self.exceeds(demand, capacity) {
@@ -1220,7 +1499,46 @@ impl Group {
             // Removing capacity cannot help when usage is already above.
             return;
         }
-        self.try_scale_in(now, demand, capacity);
+        if !scaled_out {
+            self.try_scale_in(now, demand, capacity, holding.as_ref());
+        }
+    }
+
+    /// Resources ready and taking sessions (base and elastic).
+    fn ready_count(&self) -> u64 {
+        self.capacity_resources - u64::from(self.pending)
+    }
+
+    /// Creates the elastic resources period `o` still needs, within
+    /// `max_elastic`; resources being created count, so none is asked twice.
+    fn period_scale_out(&mut self, now: i64, o: &Occurrence) -> bool {
+        let have = self.capacity_resources;
+        let want = u64::from(o.min_ready);
+        let room = self.policy.max_elastic.saturating_sub(self.elastic_live);
+        if have >= want || room == 0 {
+            return false;
+        }
+        let count = u32::try_from(want - have).unwrap_or(u32::MAX).min(room);
+        let reason = Reason::Period {
+            period: period_number(o),
+            warm_up_at: UnixMillis(o.warm_up_at),
+            starts_at: UnixMillis(o.starts_at),
+            ends_at: UnixMillis(o.ends_at),
+            min_ready: o.min_ready,
+            ready_or_pending: have,
+            elastic_before: self.elastic_live,
+            max_elastic: self.policy.max_elastic,
+        };
+        self.create_elastic(now, count, reason);
+        true
+    }
+
+    /// Restarts the idle countdown of every idle elastic resource at `now`.
+    fn restart_idle_countdowns(&mut self, now: i64) {
+        let idle: Vec<u32> = self.idle.iter().map(|&(_, i)| i).collect();
+        for i in idle {
+            self.modify(i, |r| r.idle_since = UnixMillis(now));
+        }
     }
 
     fn scale_out(&mut self, now: i64, demand: u64, capacity: u64) {
@@ -1229,12 +1547,22 @@ impl Group {
             .policy
             .scale_out_step
             .min(self.policy.max_elastic - elastic_before);
+        let reason = Reason::ScaleOut {
+            demand,
+            capacity,
+            threshold: self.policy.usage_threshold,
+            elastic_before,
+            max_elastic: self.policy.max_elastic,
+            step: self.policy.scale_out_step,
+        };
+        self.create_elastic(now, count, reason);
+    }
+
+    /// Asks for `count` elastic resources (a scale-out, SPEC 5.2).
+    fn create_elastic(&mut self, now: i64, count: u32, reason: Reason) {
         // A scale-out restarts every idle countdown: load is rising, so keep
         // what is already there.
-        let idle: Vec<u32> = self.idle.iter().map(|&(_, i)| i).collect();
-        for i in idle {
-            self.modify(i, |r| r.idle_since = UnixMillis(now));
-        }
+        self.restart_idle_countdowns(now);
         let mut ids = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let id = numbered_id('e', self.next_elastic);
@@ -1253,23 +1581,20 @@ impl Group {
                 idle_since: UnixMillis(now),
             });
         }
-        let reason = Reason::ScaleOut {
-            demand,
-            capacity,
-            threshold: self.policy.usage_threshold,
-            elastic_before,
-            max_elastic: self.policy.max_elastic,
-            step: self.policy.scale_out_step,
-        };
         self.decide(now, Action::ScaleOut { resources: ids }, reason);
     }
 
-    fn try_scale_in(&mut self, now: i64, demand: u64, capacity: u64) {
+    fn try_scale_in(&mut self, now: i64, demand: u64, capacity: u64, holding: Option<&Occurrence>) {
         let Some(&(since, i)) = self.idle.first() else {
             return;
         };
         let max_idle = self.policy.max_idle_ms();
         if now - since < max_idle {
+            return;
+        }
+        // A holding period keeps its min_ready: no scale-in before it ends
+        // unless more than min_ready are ready.
+        if holding.is_some_and(|o| self.ready_count() <= u64::from(o.min_ready)) {
             return;
         }
         let cooldown = self.policy.cooldown_ms();
@@ -1405,5 +1730,172 @@ mod occupy_tests {
             Err(EngineError::UnknownResource(rid("b9")))
         );
         assert_eq!(g.snapshot(), before);
+    }
+}
+
+#[cfg(test)]
+mod elastic_lifecycle_tests {
+    //! Issue 6: a failed creation and elastic resources restored after a
+    //! broker restart.
+    use super::*;
+
+    fn sid(s: &str) -> SessionId {
+        s.parse().expect("session id")
+    }
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("resource id")
+    }
+
+    fn group() -> Group {
+        let p = Policy::new(1, 50, 1, 2, std::time::Duration::from_secs(600));
+        Group::with_base_count(p, None, 1, UnixMillis(0)).expect("group")
+    }
+
+    #[test]
+    fn a_failed_creation_leaves_capacity_at_once_and_the_next_scale_out_asks_again() {
+        let mut g = group();
+        g.handle(UnixMillis(1), Input::Arrive { session: sid("s1") })
+            .expect("arrive");
+        g.drain_decisions().for_each(drop);
+        assert_eq!(g.snapshot().pending, 1);
+        g.handle(
+            UnixMillis(2),
+            Input::CreateFailed {
+                resource: rid("e1"),
+            },
+        )
+        .expect("failed");
+        let d: Vec<Decision> = g.drain_decisions().collect();
+        // Released (never ready: nothing to bill), then the still-high usage
+        // asks for the next one.
+        assert_eq!(
+            d[0].action,
+            Action::Released {
+                resource: rid("e1")
+            }
+        );
+        assert_eq!(
+            d[1].action,
+            Action::ScaleOut {
+                resources: vec![rid("e2")]
+            }
+        );
+        let e1 = &g.resources()[1];
+        assert_eq!((e1.state, e1.ready_at), (ResourceState::Released, None));
+        // Only a pending resource can fail to be created.
+        assert!(g
+            .handle(
+                UnixMillis(3),
+                Input::CreateFailed {
+                    resource: rid("b1")
+                }
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn no_session_is_placed_on_a_resource_once_its_scale_in_is_decided() {
+        // Two slots per resource so the base has room after the scale-in.
+        let p = Policy::new(2, 90, 1, 1, std::time::Duration::from_secs(600));
+        let mut g = Group::with_base_count(p, None, 1, UnixMillis(0)).expect("group");
+        for s in ["s1", "s2"] {
+            g.handle(UnixMillis(0), Input::Arrive { session: sid(s) })
+                .expect("arrive");
+        }
+        g.handle(
+            UnixMillis(0),
+            Input::Created {
+                resource: rid("e1"),
+            },
+        )
+        .expect("ready");
+        g.handle(UnixMillis(0), Input::Leave { session: sid("s2") })
+            .expect("leave");
+        g.drain_decisions().for_each(drop);
+        // max_idle later e1 is scaled in; a request at that same instant
+        // (after the decision) goes to the base, never to e1, and once the
+        // base is full the next one waits or is refused: e1 takes nothing.
+        g.handle_timeout(UnixMillis(600_000)).expect("deadline");
+        let d: Vec<Action> = g.drain_decisions().map(|d| d.action).collect();
+        assert_eq!(
+            d,
+            [Action::ScaleIn {
+                resource: rid("e1")
+            }]
+        );
+        for s in ["r1", "r2"] {
+            g.handle(UnixMillis(600_000), Input::Route { session: sid(s) })
+                .expect("route");
+        }
+        let placed: Vec<Action> = g
+            .drain_decisions()
+            .map(|d| d.action)
+            .filter(|a| matches!(a, Action::Placed { .. }))
+            .collect();
+        assert_eq!(
+            placed,
+            [Action::Placed {
+                session: sid("r1"),
+                resource: rid("b1")
+            }]
+        );
+        assert_eq!(g.resources()[1].occupancy, 0);
+        assert_eq!(g.resources()[1].state, ResourceState::Releasing);
+    }
+
+    #[test]
+    fn restored_elastic_resources_keep_their_state_and_numbering_goes_on() {
+        let p = Policy::new(1, 50, 1, 3, std::time::Duration::from_secs(600));
+        let mut g = Group::with_base_count(p, None, 1, UnixMillis(0)).expect("group");
+        g.restore_elastic(
+            vec![
+                RestoredElastic {
+                    id: rid("e2"),
+                    state: RestoredState::Ready {
+                        ready_at: UnixMillis(-50),
+                    },
+                    requested_at: UnixMillis(-60),
+                },
+                RestoredElastic {
+                    id: rid("e3"),
+                    state: RestoredState::Pending,
+                    requested_at: UnixMillis(-10),
+                },
+            ],
+            4,
+        )
+        .expect("restore");
+        let s = g.snapshot();
+        // e3 pending counts in capacity; e2 waits for its agent.
+        assert_eq!((s.pending, s.elastic, s.capacity), (1, 2, 2));
+        assert_eq!(g.resources()[1].ready_at, Some(UnixMillis(-50)));
+        g.handle(
+            UnixMillis(1),
+            Input::Available {
+                resource: rid("e2"),
+            },
+        )
+        .expect("back");
+        assert_eq!(g.snapshot().capacity, 3);
+        // Two sessions on three slots: 200 > 150, the next one is e4.
+        for s in ["s1", "s2"] {
+            g.handle(UnixMillis(2), Input::Arrive { session: sid(s) })
+                .expect("arrive");
+        }
+        let out: Vec<Action> = g.drain_decisions().map(|d| d.action).collect();
+        assert!(
+            out.contains(&Action::ScaleOut {
+                resources: vec![rid("e4")]
+            }),
+            "{out:?}"
+        );
+        assert!(g.restore_elastic(vec![], 1).is_ok());
+        let dup = RestoredElastic {
+            id: rid("e2"),
+            state: RestoredState::Pending,
+            requested_at: UnixMillis(0),
+        };
+        assert!(g.restore_elastic(vec![dup], 1).is_err());
     }
 }

@@ -13,12 +13,14 @@
 
 pub mod billing;
 mod group;
+mod period;
 mod policy;
 
 pub use group::{
-    Action, Class, Decision, EngineError, Explanation, Group, Input, Reason, Resource,
+    Action, Class, Decision, EngineError, Explanation, Group, Input, PeriodView, Reason, Resource,
     ResourceState, ScaleInView, ScaleOutView, Snapshot,
 };
+pub use group::{RestoredElastic, RestoredState};
 pub use policy::{
     catalog_max_sessions, validate_periods, LoadBalancing, Policy, PolicyError, PolicyPeriod,
     PolicyProblem, Retention, SessionPolicy, DEFAULT_RETENTION, DEFAULT_SCALE_IN_COOLDOWN,

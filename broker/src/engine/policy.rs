@@ -95,6 +95,10 @@ pub struct Policy {
     pub wait_timeout: Duration,
     /// Placement strategy inside each class of resource.
     pub load_balancing: LoadBalancing,
+    /// Scheduled-scaling periods (SPEC section 4); empty = none. A policy
+    /// stored before periods existed loads with none.
+    #[serde(default)]
+    pub periods: Vec<PolicyPeriod>,
 }
 
 impl Policy {
@@ -115,12 +119,32 @@ impl Policy {
             scale_in_cooldown: DEFAULT_SCALE_IN_COOLDOWN,
             wait_timeout: Duration::ZERO,
             load_balancing: LoadBalancing::BreadthFirst,
+            periods: Vec::new(),
         }
     }
 
     /// Checks every parameter against SPEC section 4 and, when `spec` is given,
     /// against the spec catalog. Lists every problem, not just the first.
+    ///
+    /// Periods are checked too, except that `min_ready` is only bounded by
+    /// what any group may hold: how many base resources the group has is not
+    /// part of the policy. [`Policy::validate_for_group`] adds that bound; the
+    /// engine uses it, since a group knows its base count.
     pub fn validate(&self, spec: Option<&str>) -> Result<(), PolicyError> {
+        self.check(spec, None)
+    }
+
+    /// [`Policy::validate`], plus every period's `min_ready` within
+    /// `base_count + max_elastic` (what the group can have ready at most).
+    pub fn validate_for_group(
+        &self,
+        spec: Option<&str>,
+        base_count: u32,
+    ) -> Result<(), PolicyError> {
+        self.check(spec, Some(base_count))
+    }
+
+    fn check(&self, spec: Option<&str>, base_count: Option<u32>) -> Result<(), PolicyError> {
         let mut problems = Vec::new();
         let mut add = |field: &'static str, message: String| {
             problems.push(PolicyProblem { field, message });
@@ -190,6 +214,7 @@ impl Policy {
                 add(field, format!("{d:?} is longer than the limit of 366 days"));
             }
         }
+        problems.extend(period_problems(&self.periods, base_count, self.max_elastic));
         if problems.is_empty() {
             Ok(())
         } else {
@@ -326,6 +351,21 @@ pub fn validate_periods(
     base_count: u32,
     max_elastic: u32,
 ) -> Result<(), PolicyError> {
+    let problems = period_problems(periods, Some(base_count), max_elastic);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PolicyError { problems })
+    }
+}
+
+/// Every problem of a schedule; without `base_count`, `min_ready` is bounded
+/// by the most base resources any group may have.
+fn period_problems(
+    periods: &[PolicyPeriod],
+    base_count: Option<u32>,
+    max_elastic: u32,
+) -> Vec<PolicyProblem> {
     let mut problems = Vec::new();
     let mut add = |message: String| {
         problems.push(PolicyProblem {
@@ -350,11 +390,20 @@ pub fn validate_periods(
         } else if p.end_minute - p.start_minute < MIN_PERIOD_MINUTES {
             add(format!("{name}: shorter than {MIN_PERIOD_MINUTES} minutes"));
         }
-        if u64::from(p.min_ready) > u64::from(base_count) + u64::from(max_elastic) {
-            add(format!(
-                "{name}: min_ready {} is more than {base_count} base + {max_elastic} elastic resources",
-                p.min_ready
-            ));
+        let most = u64::from(base_count.unwrap_or(MAX_GROUP_RESOURCES)) + u64::from(max_elastic);
+        if p.min_ready == 0 {
+            add(format!("{name}: min_ready must be at least 1"));
+        } else if u64::from(p.min_ready) > most {
+            match base_count {
+                Some(base_count) => add(format!(
+                    "{name}: min_ready {} is more than {base_count} base + {max_elastic} elastic resources",
+                    p.min_ready
+                )),
+                None => add(format!(
+                    "{name}: min_ready {} is more than any group can have ready ({MAX_GROUP_RESOURCES} base + {max_elastic} elastic)",
+                    p.min_ready
+                )),
+            }
         }
         if p.warm_up > Duration::from_secs(24 * 3600) {
             add(format!("{name}: warm_up is longer than a day"));
@@ -387,11 +436,7 @@ pub fn validate_periods(
             }
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(PolicyError { problems })
-    }
+    problems
 }
 
 /// Milliseconds of a validated policy duration (bounded by [`MAX_POLICY_DURATION`]).
@@ -540,6 +585,45 @@ mod tests {
         assert!(text.contains("choose weekdays"), "{text}");
         assert!(text.contains("min_ready 2 is more than 1 base"), "{text}");
         assert!(validate_periods(&[period(1, 600, 1441)], 2, 0).is_err());
+    }
+
+    #[test]
+    fn a_group_checks_min_ready_against_its_base_count() {
+        let mut p = seed();
+        p.periods = vec![period(0b1, 480, 540)];
+        p.periods[0].min_ready = 4;
+        // 2 elastic + up to MAX_GROUP_RESOURCES base: fine without a group.
+        assert!(p.validate(None).is_ok());
+        assert!(p.validate_for_group(None, 2).is_ok());
+        let err = p.validate_for_group(None, 1).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(err
+            .to_string()
+            .contains("min_ready 4 is more than 1 base + 2 elastic"));
+        p.periods[0].min_ready = 0;
+        assert!(p
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1"));
+        p.periods[0].min_ready = MAX_GROUP_RESOURCES + 3;
+        assert!(p
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .contains("more than any group can have ready"));
+    }
+
+    #[test]
+    fn a_stored_policy_without_periods_still_loads() {
+        let mut old = serde_json::to_value(seed()).expect("to json");
+        old.as_object_mut().expect("object").remove("periods");
+        let loaded: Policy = serde_json::from_value(old).expect("loads");
+        assert_eq!(loaded, seed());
+        let mut with = seed();
+        with.periods = vec![period(0b11111, 480, 540)];
+        let text = serde_json::to_string(&with).expect("to json");
+        assert_eq!(serde_json::from_str::<Policy>(&text).expect("back"), with);
     }
 
     #[test]

@@ -473,6 +473,74 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Up to two policy periods around the traces' span (Monday 08:00 to about
+/// noon): the first starts 08:00..11:00, the second at least 5 minutes after
+/// the first ends, on random weekdays (Monday often), with warm-ups up to 30
+/// minutes. `min_ready` is fitted to the group later ([`fit_periods`]).
+fn any_periods() -> impl Strategy<Value = Vec<PolicyPeriod>> {
+    let one = (
+        prop_oneof![2 => Just(0x7fu8), 1 => 1u8..0x80],
+        0u16..180,
+        15u16..120,
+        1u32..6,
+        0u64..=30,
+    );
+    (0usize..=2, one.clone(), 5u16..60, one).prop_map(|(n, a, gap, b)| {
+        let make = |(days, start, len, min_ready, warm_up): (u8, u16, u16, u32, u64),
+                    offset: u16| PolicyPeriod {
+            weekdays: days,
+            start_minute: offset + start,
+            end_minute: offset + start + len,
+            min_ready,
+            warm_up: Duration::from_secs(warm_up * 60),
+        };
+        let first = make(a, 8 * 60);
+        let second = make((b.0, 0, b.2, b.3, b.4), first.end_minute + gap);
+        [first, second].into_iter().take(n).collect()
+    })
+}
+
+/// Keeps `min_ready` within what the group can have (base + max_elastic),
+/// dropping the periods when it can have nothing.
+fn fit_periods(policy: &mut Policy, base: u32) {
+    let most = base + policy.max_elastic;
+    if most == 0 {
+        policy.periods.clear();
+    }
+    for p in &mut policy.periods {
+        p.min_ready = p.min_ready.clamp(1, most.max(1));
+    }
+}
+
+/// The `min_ready` holding at `t` (from warm-up start to end, end excluded),
+/// worked out with chrono's calendar rather than the engine's arithmetic.
+fn holding_min_ready(policy: &Policy, t: i64) -> Option<u32> {
+    use chrono::{Datelike, Duration as Days, TimeZone, Utc};
+    let at = Utc.timestamp_millis_opt(t).single().expect("valid time");
+    let mut best = None;
+    for ahead in 0..=1 {
+        let date = at.date_naive() + Days::days(ahead);
+        let midnight = date
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc()
+            .timestamp_millis();
+        let weekday = date.weekday().num_days_from_monday();
+        for p in &policy.periods {
+            if p.weekdays & (1 << weekday) == 0 {
+                continue;
+            }
+            let start = midnight + i64::from(p.start_minute) * 60_000;
+            let end = midnight + i64::from(p.end_minute) * 60_000;
+            let warm = start - p.warm_up.as_millis() as i64;
+            if warm <= t && t < end {
+                best = best.max(Some(p.min_ready));
+            }
+        }
+    }
+    best
+}
+
 fn any_policy() -> impl Strategy<Value = Policy> {
     (
         1u32..4,
@@ -483,8 +551,9 @@ fn any_policy() -> impl Strategy<Value = Policy> {
         0u64..200,
         0u64..100,
         any::<bool>(),
+        any_periods(),
     )
-        .prop_map(|(cs, th, st, me, idle, cd, wait, depth)| Policy {
+        .prop_map(|(cs, th, st, me, idle, cd, wait, depth, periods)| Policy {
             concurrent_sessions: cs,
             usage_threshold: th,
             scale_out_step: st,
@@ -497,6 +566,7 @@ fn any_policy() -> impl Strategy<Value = Policy> {
             } else {
                 LoadBalancing::BreadthFirst
             },
+            periods,
         })
 }
 
@@ -509,10 +579,13 @@ struct Driver {
     releasing: VecDeque<ResourceId>,
     log: Vec<Decision>,
     last_scale_in: Option<i64>,
+    /// Time of the last engine call.
+    now: i64,
 }
 
 impl Driver {
-    fn new(policy: Policy, base: u32) -> Self {
+    fn new(mut policy: Policy, base: u32) -> Self {
+        fit_periods(&mut policy, base);
         Self {
             group: Group::with_base_count(policy.clone(), None, base, at(0)).unwrap(),
             policy,
@@ -520,13 +593,26 @@ impl Driver {
             releasing: VecDeque::new(),
             log: Vec::new(),
             last_scale_in: None,
+            now: T0,
         }
     }
 
     fn check(&mut self) {
         let snap = self.group.snapshot();
         let decisions: Vec<Decision> = self.group.drain_decisions().collect();
+        let ready = snap.resources - u64::from(snap.pending);
         for d in &decisions {
+            // Every engine call of the driver decides at one instant (it
+            // polls each deadline itself), with one evaluation.
+            if let Some(min_ready) = holding_min_ready(&self.policy, d.at.0) {
+                if let Action::ScaleIn { resource } = &d.action {
+                    assert!(
+                        ready >= u64::from(min_ready),
+                        "{resource} scaled in at {} in a period keeping {min_ready} ready; {ready} left: {snap:?}",
+                        d.at.0
+                    );
+                }
+            }
             match &d.action {
                 Action::ScaleOut { resources } => self.creating.extend(resources.iter().cloned()),
                 Action::ScaleIn { resource } => {
@@ -580,6 +666,20 @@ impl Driver {
             .map(|r| u64::from(r.occupancy))
             .sum();
         assert_eq!(occupied, snap.sessions);
+        // While a period holds, what is ready or being created covers its
+        // min_ready unless the elastic budget is spent.
+        if let Some(min_ready) = holding_min_ready(&self.policy, self.group_now()) {
+            assert!(
+                snap.resources >= u64::from(min_ready) || snap.elastic == self.policy.max_elastic,
+                "period keeps {min_ready} ready at {}, only {snap:?}",
+                self.group_now()
+            );
+        }
+    }
+
+    /// The instant the last engine call was at.
+    fn group_now(&self) -> i64 {
+        self.now
     }
 
     fn run(&mut self, trace: &[(u16, Op)]) -> i64 {
@@ -590,10 +690,12 @@ impl Driver {
                 if t.0 > T0 + now {
                     break;
                 }
+                self.now = t.0;
                 self.group.handle_timeout(t).unwrap();
                 self.check();
             }
             let t = UnixMillis(T0 + now);
+            self.now = t.0;
             let s = |n: &u8| sid(&format!("s{n}"));
             let r = |n: &u8| {
                 let all = self.group.resources();
@@ -763,4 +865,458 @@ fn a_deadline_at_an_inputs_instant_comes_before_the_input() {
             ),
         ]
     );
+}
+
+// ---------------------------------------------------------------------------
+// Policy periods (scheduled scaling)
+
+const MIN: i64 = 60;
+
+/// Monday (T0's day) 08:00-09:00, keeping `min_ready` ready, warm-up 10 minutes.
+fn morning(min_ready: u32) -> PolicyPeriod {
+    PolicyPeriod {
+        weekdays: 0b1,
+        start_minute: 8 * 60,
+        end_minute: 9 * 60,
+        min_ready,
+        warm_up: Duration::from_secs(600),
+    }
+}
+
+fn with_periods(mut p: Policy, periods: Vec<PolicyPeriod>) -> Policy {
+    p.periods = periods;
+    p
+}
+
+#[test]
+fn a_period_creates_elastic_resources_at_its_warm_up_and_holds_them_to_its_end() {
+    // 1 base, 2 sessions each, max 3 elastic, max_idle 30m; the group starts 07:00.
+    let p = with_periods(policy(2, 80, 1, 3, 30 * 60), vec![morning(3)]);
+    let mut g = Group::with_base_count(p, None, 1, at(-60 * MIN)).unwrap();
+    assert_eq!(g.poll_deadline(), Some(at(-10 * MIN)), "warm-up at 07:50");
+    assert!(matches!(
+        g.explain(at(-60 * MIN)).period,
+        Some(PeriodView::Upcoming {
+            period: 1,
+            min_ready: 3,
+            ..
+        })
+    ));
+    g.handle_timeout(at(-10 * MIN)).unwrap();
+    let d: Vec<Decision> = g.drain_decisions().collect();
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        d[0].action,
+        Action::ScaleOut {
+            resources: vec![rid("e1"), rid("e2")]
+        },
+        "not bounded by scale_out_step 1: the period asks for what it lacks"
+    );
+    assert_eq!(
+        d[0].reason,
+        Reason::Period {
+            period: 1,
+            warm_up_at: at(-10 * MIN),
+            starts_at: at(0),
+            ends_at: at(60 * MIN),
+            min_ready: 3,
+            ready_or_pending: 1,
+            elastic_before: 0,
+            max_elastic: 3,
+        }
+    );
+    assert!(d[0]
+        .reason
+        .to_string()
+        .contains("period 1 (08:00-09:00 UTC"));
+    g.handle_batch(
+        at(-6 * MIN),
+        [
+            Input::Created {
+                resource: rid("e1"),
+            },
+            Input::Created {
+                resource: rid("e2"),
+            },
+        ],
+    )
+    .unwrap();
+    g.drain_decisions().for_each(drop);
+    // The period start is a deadline; nothing changes there.
+    assert_eq!(g.poll_deadline(), Some(at(0)));
+    g.handle_timeout(at(0)).unwrap();
+    assert!(actions(&mut g).is_empty());
+    // Idle 30m at 08:24, but 3 ready = min_ready: held.
+    assert_eq!(g.poll_deadline(), Some(at(24 * MIN)));
+    g.handle_timeout(at(24 * MIN)).unwrap();
+    assert!(actions(&mut g).is_empty());
+    let why = g.explain(at(24 * MIN));
+    assert_eq!(
+        why.scale_in,
+        ScaleInView::HeldByPeriod {
+            resource: rid("e1"),
+            period: 1,
+            ready: 3,
+            min_ready: 3
+        }
+    );
+    assert!(
+        why.to_string().contains("Period 1 (08:00-09:00 UTC"),
+        "{why}"
+    );
+    // Next: the period's end, where the idle countdowns restart.
+    assert_eq!(g.poll_deadline(), Some(at(60 * MIN)));
+    g.handle_timeout(at(60 * MIN)).unwrap();
+    assert!(g.resources()[1..]
+        .iter()
+        .all(|r| r.idle_since == at(60 * MIN)));
+    assert_eq!(g.poll_deadline(), Some(at(90 * MIN)));
+    g.handle_timeout(at(90 * MIN)).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleIn {
+            resource: rid("e1")
+        }]
+    );
+}
+
+#[test]
+fn a_period_does_not_apply_on_other_weekdays() {
+    // Tuesday only: Monday's 07:50 passes without a decision.
+    let mut period = morning(2);
+    period.weekdays = 0b10;
+    let p = with_periods(policy(2, 80, 1, 3, 30 * 60), vec![period]);
+    let mut g = Group::with_base_count(p, None, 1, at(-60 * MIN)).unwrap();
+    let tuesday_warm_up = at(24 * 60 * MIN - 10 * MIN);
+    assert_eq!(g.poll_deadline(), Some(tuesday_warm_up));
+    arrive(&mut g, 0, "s1");
+    assert_eq!(placed_on(&mut g), ["b1"]);
+    g.handle_timeout(tuesday_warm_up).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleOut {
+            resources: vec![rid("e1")]
+        }]
+    );
+}
+
+#[test]
+fn a_group_made_inside_a_period_asks_at_once() {
+    let p = with_periods(policy(2, 80, 1, 3, 30 * 60), vec![morning(3)]);
+    let mut g = Group::with_base_count(p, None, 2, at(30 * MIN)).unwrap();
+    assert_eq!(g.poll_deadline(), Some(at(30 * MIN)));
+    g.handle_timeout(at(30 * MIN)).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleOut {
+            resources: vec![rid("e1")]
+        }]
+    );
+    assert_eq!(
+        g.poll_deadline(),
+        Some(at(60 * MIN)),
+        "then the period's end"
+    );
+}
+
+#[test]
+fn pending_creations_count_and_are_not_asked_twice() {
+    let p = with_periods(policy(2, 80, 1, 3, 30 * 60), vec![morning(3)]);
+    let mut g = Group::with_base_count(p, None, 1, at(-10 * MIN)).unwrap();
+    g.handle_timeout(at(-10 * MIN)).unwrap();
+    assert_eq!(actions(&mut g).len(), 1);
+    // Still pending at the start and afterwards: no second request.
+    g.handle_timeout(at(0)).unwrap();
+    arrive(&mut g, 60, "s1");
+    assert_eq!(g.snapshot().pending, 2);
+    assert!(actions(&mut g)
+        .iter()
+        .all(|a| matches!(a, Action::Placed { .. })));
+}
+
+#[test]
+fn a_base_resource_out_of_service_in_a_period_is_made_up_by_an_elastic_one() {
+    let p = with_periods(policy(2, 80, 1, 2, 30 * 60), vec![morning(2)]);
+    let mut g = Group::with_base_count(p, None, 2, at(-30 * MIN)).unwrap();
+    g.handle_timeout(at(-10 * MIN)).unwrap();
+    assert!(actions(&mut g).is_empty(), "2 base = min_ready 2");
+    g.handle(
+        at(5 * MIN),
+        Input::Unavailable {
+            resource: rid("b2"),
+        },
+    )
+    .unwrap();
+    let d: Vec<Decision> = g.drain_decisions().collect();
+    assert_eq!(
+        d[0].action,
+        Action::ScaleOut {
+            resources: vec![rid("e1")]
+        }
+    );
+    assert!(matches!(
+        d[0].reason,
+        Reason::Period {
+            ready_or_pending: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn usage_scale_out_comes_on_top_of_a_period_and_excess_may_go_during_it() {
+    // 1 session per resource, threshold 70, period keeping 2 from 07:50.
+    let p = with_periods(policy(1, 70, 1, 3, 5 * 60), vec![morning(2)]);
+    let mut g = Group::with_base_count(p, None, 1, at(-10 * MIN)).unwrap();
+    g.handle_timeout(at(-10 * MIN)).unwrap();
+    g.handle(
+        at(-5 * MIN),
+        Input::Created {
+            resource: rid("e1"),
+        },
+    )
+    .unwrap();
+    g.drain_decisions().for_each(drop);
+    arrive(&mut g, 0, "a");
+    arrive(&mut g, 0, "b");
+    let d: Vec<Decision> = g.drain_decisions().collect();
+    // a on b1, b on e1: 2 x 100 > 70 x 2 -> usage scale-out (reason ScaleOut).
+    assert_eq!(d.len(), 3, "{d:?}");
+    assert_eq!(
+        d[2].action,
+        Action::ScaleOut {
+            resources: vec![rid("e2")]
+        }
+    );
+    assert!(matches!(d[2].reason, Reason::ScaleOut { .. }), "{d:?}");
+    g.handle(
+        at(MIN),
+        Input::Created {
+            resource: rid("e2"),
+        },
+    )
+    .unwrap();
+    g.handle(at(2 * MIN), Input::Leave { session: sid("a") })
+        .unwrap();
+    g.handle(at(2 * MIN), Input::Leave { session: sid("b") })
+        .unwrap();
+    g.drain_decisions().for_each(drop);
+    // 3 ready > min_ready 2: e2 (idle since 08:01) goes after 5 minutes.
+    assert_eq!(g.poll_deadline(), Some(at(6 * MIN)));
+    g.handle_timeout(at(6 * MIN)).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleIn {
+            resource: rid("e2")
+        }]
+    );
+    // Now 2 ready = min_ready: e1 (idle since 08:02) is held to 09:00, then
+    // idle from 09:00.
+    g.handle(
+        at(6 * MIN + 30),
+        Input::Released {
+            resource: rid("e2"),
+        },
+    )
+    .unwrap();
+    g.drain_decisions().for_each(drop);
+    let mut seen = Vec::new();
+    while let Some(d) = g.poll_deadline().filter(|d| d.0 < at(65 * MIN).0) {
+        seen.push((d.0 - T0) / 60_000);
+        g.handle_timeout(d).unwrap();
+        assert!(actions(&mut g).is_empty(), "no scale-in during the period");
+    }
+    assert_eq!(seen, [7, 60], "held at 08:07, period end at 09:00");
+    assert_eq!(g.poll_deadline(), Some(at(65 * MIN)));
+    g.handle_timeout(at(65 * MIN)).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleIn {
+            resource: rid("e1")
+        }]
+    );
+}
+
+#[test]
+fn min_ready_beyond_what_the_group_can_have_is_refused() {
+    let p = with_periods(policy(2, 80, 1, 2, 60), vec![morning(4)]);
+    // 1 base + 2 elastic < 4.
+    match Group::with_base_count(p.clone(), None, 1, at(0)) {
+        Err(EngineError::Policy(e)) => assert!(
+            e.to_string()
+                .contains("min_ready 4 is more than 1 base + 2 elastic"),
+            "{e}"
+        ),
+        other => panic!("expected a refused policy, got {other:?}"),
+    }
+    assert!(Group::with_base_count(p.clone(), None, 2, at(0)).is_ok());
+    // A policy change is checked against the group's base count too.
+    let mut g = Group::with_base_count(policy(2, 80, 1, 2, 60), None, 1, at(0)).unwrap();
+    let before = g.policy().clone();
+    assert!(matches!(
+        g.handle(at(1), Input::Policy(p)),
+        Err(EngineError::Policy(_))
+    ));
+    assert_eq!(g.policy(), &before);
+}
+
+#[test]
+fn adding_a_period_by_policy_change_takes_effect_at_once() {
+    let mut g = Group::with_base_count(policy(2, 80, 1, 2, 60), None, 1, at(0)).unwrap();
+    assert_eq!(g.poll_deadline(), None);
+    g.handle(
+        at(MIN),
+        Input::Policy(with_periods(policy(2, 80, 1, 2, 60), vec![morning(2)])),
+    )
+    .unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleOut {
+            resources: vec![rid("e1")]
+        }]
+    );
+    assert_eq!(g.poll_deadline(), Some(at(60 * MIN)));
+}
+
+#[test]
+fn removing_the_periods_removes_their_deadlines() {
+    let p = with_periods(policy(2, 80, 1, 2, 60), vec![morning(2)]);
+    let mut g = Group::with_base_count(p, None, 2, at(-60 * MIN)).unwrap();
+    assert_eq!(g.poll_deadline(), Some(at(-10 * MIN)));
+    g.handle(at(-30 * MIN), Input::Policy(policy(2, 80, 1, 2, 60)))
+        .unwrap();
+    assert_eq!(g.poll_deadline(), None);
+    // Time passes the old boundaries without a decision (and terminates).
+    arrive(&mut g, 2 * 60 * MIN, "s1");
+    assert_eq!(placed_on(&mut g), ["b1"]);
+}
+
+/// A group under a random session stream with a provider completing work
+/// after fixed delays (like `ferryctl simulate`'s `delays` mode).
+fn run_with_delays(
+    policy: Policy,
+    base: u32,
+    create_ms: i64,
+    release_ms: i64,
+    trace: &[(u16, bool, u8)],
+    mut check: impl FnMut(i64, &Group),
+) {
+    let mut g = Group::with_base_count(policy, None, base, at(0)).unwrap();
+    let mut due: std::collections::BTreeMap<(i64, u64), Input> = Default::default();
+    let mut seq = 0u64;
+    let mut now = T0;
+    let mut ask = |g: &mut Group, due: &mut std::collections::BTreeMap<(i64, u64), Input>| {
+        for d in g.drain_decisions() {
+            let (when, inputs): (i64, Vec<Input>) = match d.action {
+                Action::ScaleOut { resources } => (
+                    d.at.0 + create_ms,
+                    resources
+                        .into_iter()
+                        .map(|resource| Input::Created { resource })
+                        .collect(),
+                ),
+                Action::ScaleIn { resource } => {
+                    (d.at.0 + release_ms, vec![Input::Released { resource }])
+                }
+                _ => continue,
+            };
+            for input in inputs {
+                due.insert((when, seq), input);
+                seq += 1;
+            }
+        }
+    };
+    for &(dt, arrive, n) in trace {
+        now += i64::from(dt) * 1000;
+        loop {
+            let next_done = due.first_key_value().map(|(&(t, _), _)| t);
+            let next = [next_done, g.poll_deadline().map(|t| t.0)]
+                .into_iter()
+                .flatten()
+                .min();
+            let Some(t) = next.filter(|&t| t <= now) else {
+                break;
+            };
+            let mut batch = Vec::new();
+            while let Some(entry) = due.first_entry().filter(|e| e.key().0 <= t) {
+                batch.push(entry.remove());
+            }
+            g.handle_due(UnixMillis(t), batch).unwrap();
+            ask(&mut g, &mut due);
+            check(t, &g);
+        }
+        let session = sid(&format!("s{n}"));
+        let input = if arrive {
+            Input::Arrive { session }
+        } else {
+            Input::Leave { session }
+        };
+        let _ = g.handle(UnixMillis(now), input);
+        ask(&mut g, &mut due);
+        check(now, &g);
+    }
+}
+
+/// One period on every weekday starting 08:00..10:00 (the traces run from
+/// Monday 08:00 for up to 4 hours).
+fn one_daily_period() -> impl Strategy<Value = PolicyPeriod> {
+    (0u16..120, 15u16..120, 1u32..8, 0u64..=30).prop_map(|(start, len, min_ready, warm)| {
+        PolicyPeriod {
+            weekdays: 0x7f,
+            start_minute: 8 * 60 + start,
+            end_minute: 8 * 60 + start + len,
+            min_ready,
+            warm_up: Duration::from_secs(warm * 60),
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// With a provider that completes creations after `D` and releases after
+    /// `R`, and no resource taken out of service: from `R + D` after a
+    /// period's warm-up start (or the group's creation, if later), when
+    /// releases decided before it are done and what it asked for is ready,
+    /// until its end, at least `min_ready`
+    /// resources are ready; and no scale-in during the period (warm-up
+    /// included) leaves fewer than `min_ready` ready.
+    #[test]
+    fn a_period_keeps_min_ready_ready_with_a_delays_provider(
+        policy in any_policy(),
+        period in one_daily_period(),
+        base in 0u32..4,
+        create_s in 0i64..600,
+        release_s in 0i64..300,
+        trace in prop::collection::vec((prop_oneof![2 => Just(0u16), 5 => 1u16..240], any::<bool>(), 0u8..24), 1..120),
+    ) {
+        let mut policy = with_periods(policy, vec![period.clone()]);
+        fit_periods(&mut policy, base);
+        prop_assume!(!policy.periods.is_empty());
+        let p = policy.periods[0].clone();
+        let (create_ms, release_ms) = (create_s * 1000, release_s * 1000);
+        let warm_ms = p.warm_up.as_millis() as i64;
+        let start = T0 + (i64::from(p.start_minute) - 8 * 60) * 60_000;
+        let end = T0 + (i64::from(p.end_minute) - 8 * 60) * 60_000;
+        // The group exists from T0 only: a warm-up before that counts from T0.
+        let settled = ((start - warm_ms).max(T0) + release_ms + create_ms).max(start);
+        let mut last_ready = 0u64;
+        run_with_delays(policy.clone(), base, create_ms, release_ms, &trace, |t, g| {
+            let snap = g.snapshot();
+            let ready = snap.resources - u64::from(snap.pending);
+            if (settled..end).contains(&t) {
+                assert!(
+                    ready >= u64::from(p.min_ready),
+                    "{ready} ready at {t} in a period keeping {} (settled {settled}): {snap:?}",
+                    p.min_ready
+                );
+            }
+            if (start - warm_ms..end).contains(&t) && ready < last_ready {
+                // Ready fell inside the period: only a scale-in of an excess
+                // resource does that without unavailability.
+                assert!(ready >= u64::from(p.min_ready).min(last_ready), "{last_ready} -> {ready} at {t}");
+            }
+            last_ready = ready;
+        });
+    }
 }

@@ -45,8 +45,12 @@
 //! join of that agent tries again.
 //!
 //! What is not kept across a broker restart: the binding of agents to base
-//! slots and the elastic resources (agents re-join when they reconnect, and
-//! their open sessions come back with their `Hello`).
+//! slots (agents re-join when they reconnect, and their open sessions come
+//! back with their `Hello`). Elastic resources are kept (issue 6, see
+//! [`super::elastic`]): a restarted actor rebuilds its engine with the
+//! pending, ready and releasing ones of the store, numbering continues, a
+//! ready one keeps its open billing interval and its agent finds its slot
+//! when it reconnects.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +64,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::elastic::{self, Elastic, ElasticParts};
 use super::hostfit;
 use super::service::GroupService;
 use super::tasks::{Clock, RETRY_AFTER_ERROR};
@@ -67,6 +72,10 @@ use crate::config::GroupsConfig;
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoreError};
+
+#[path = "routing.rs"]
+mod routing;
+pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
 
 /// Messages waiting for one group's actor. Senders wait when it is full, so
 /// a burst of agent events slows the agents' acknowledgements instead of
@@ -138,7 +147,11 @@ pub struct GroupView {
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
 /// input is applied and its decisions are committed to the store.
-enum Msg {
+pub(super) enum Msg {
+    /// A provisioning task's outcome (issue 6, [`super::elastic`]).
+    Elastic(elastic::Report),
+    /// An expiry disconnect's outcome ([`Actor::disconnect`]).
+    Disconnect(DisconnectReport),
     /// An agent naming the group registered, with the sessions its host has.
     Joined {
         resource: ResourceId,
@@ -169,6 +182,28 @@ enum Msg {
     Tick { reply: oneshot::Sender<()> },
     /// A copy of the state, for status pages and tests.
     View { reply: oneshot::Sender<GroupView> },
+    /// An end user asks for a session ([`routing`]).
+    Route {
+        ask: RouteAsk,
+        reply: mpsc::Sender<RouteProgress>,
+    },
+    /// A route request's client went away.
+    CancelRoute {
+        session: SessionId,
+        reply: oneshot::Sender<()>,
+    },
+    /// Where a resource's streaming server is reached.
+    Streaming {
+        resource: ResourceId,
+        address: String,
+        reply: oneshot::Sender<()>,
+    },
+    /// A session's user disconnected or reconnected.
+    Presence {
+        resource: ResourceId,
+        report: ferry_common::wire::PresenceReport,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A change of the metering record of one resource.
@@ -289,6 +324,55 @@ fn retry_at(now: UnixMillis) -> UnixMillis {
 /// ones disconnected (SPEC section 3).
 const CLOSED_STATUS: &str = "expired";
 
+/// Wait after the first failed expiry disconnect of a session, in ms;
+/// doubled after each further failure, up to [`DISCONNECT_RETRY_MAX_MS`].
+const DISCONNECT_RETRY_FIRST_MS: i64 = 5_000;
+/// Longest wait between two disconnect attempts of a session: 5 min.
+const DISCONNECT_RETRY_MAX_MS: i64 = 300_000;
+
+/// Wait after the `attempt`th failed disconnect: 5 s, 10 s, 20 s, ... 5 min.
+fn disconnect_backoff(attempt: u32) -> i64 {
+    let doublings = attempt.saturating_sub(1).min(16);
+    DISCONNECT_RETRY_FIRST_MS
+        .saturating_mul(1_i64 << doublings)
+        .min(DISCONNECT_RETRY_MAX_MS)
+}
+
+/// The outcome of one expiry disconnect attempt, reported to the actor.
+pub(super) struct DisconnectReport {
+    resource: ResourceId,
+    session: SessionId,
+    /// 1 for the first attempt.
+    attempt: u32,
+    /// `Err` with why it failed (the agent's answer, or no answer).
+    outcome: Result<(), String>,
+}
+
+/// A session of an expired group whose disconnect is not confirmed yet.
+struct PendingDisconnect {
+    /// Attempts made, the one in flight included.
+    attempts: u32,
+    /// When the next attempt is due; `None` while one is in flight.
+    due: Option<UnixMillis>,
+}
+
+/// An expired group's disconnects: each attempt runs in its own task and
+/// reports its outcome to the actor's inbox; failed ones wait for their
+/// deadline on the actor's timer (no polling).
+struct Disconnects {
+    /// By (real resource, session).
+    pending: BTreeMap<(ResourceId, SessionId), PendingDisconnect>,
+    /// The actor's inbox (weak: the actor's handle owns it).
+    actor: mpsc::WeakSender<Msg>,
+}
+
+impl Disconnects {
+    /// The earliest retry due.
+    fn next_due(&self) -> Option<UnixMillis> {
+        self.pending.values().filter_map(|p| p.due).min()
+    }
+}
+
 /// Every group that needs an actor and the live groups under their names.
 #[derive(Clone)]
 pub struct GroupActors {
@@ -296,6 +380,9 @@ pub struct GroupActors {
 }
 
 struct Shared {
+    /// The provisioner of elastic resources, set once by the daemon before
+    /// the actors start; unset = none (hand-configured elastic hosts).
+    provisioning: std::sync::OnceLock<Arc<crate::provision::Provisioning>>,
     store: Store,
     /// Weak: the registry holds this handle, and agents are reached through it.
     registry: Weak<Registry>,
@@ -340,6 +427,7 @@ impl GroupActors {
                 actors: Mutex::default(),
                 lifecycle: Notify::new(),
                 follower_started: AtomicBool::new(false),
+                provisioning: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -568,16 +656,19 @@ impl GroupActors {
             self.stop(&row.name);
         }
         let now = self.shared.clock.now();
-        // Elastic resources are not carried over a broker restart (see the
-        // module doc): their open intervals end now, and it is written down.
+        // Elastic resources of an earlier run come back from the store (see
+        // the module doc); an open elastic interval without a live record
+        // (a broker from before migration 6) ends now, and it is written down.
         let num = row.num;
-        let closed = self
+        let (closed, (restored, next_elastic)) = self
             .shared
             .store
             .exec(move |c| {
                 let n = c.execute(
                     "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
-                     WHERE group_num = ?1 AND kind = 'elastic' AND released_at IS NULL",
+                     WHERE group_num = ?1 AND kind = 'elastic' AND released_at IS NULL
+                         AND resource NOT IN (SELECT resource FROM elastic_resources
+                             WHERE group_num = ?1 AND state IN ('ready', 'releasing'))",
                     params![num, now.0],
                 )?;
                 if n > 0 {
@@ -589,18 +680,24 @@ impl GroupActors {
                             now.0,
                             format!(
                                 "{n} elastic resource(s) of an earlier broker run released \
-                                 at its start: elastic resources are not carried over a restart"
+                                 at its start: they had no durable record"
                             )
                         ],
                     )?;
                 }
-                Ok(n)
+                Ok((n, elastic::load(c, num)?))
             })
             .await?;
         if closed > 0 {
             tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
         }
-        let engine = Group::with_base_count(row.policy.clone(), Some(&row.spec), row.base, now)
+        let mut engine = Group::with_base_count(row.policy.clone(), Some(&row.spec), row.base, now)
+            .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
+        engine
+            .restore_elastic(
+                restored.iter().map(|(r, _)| r.clone()).collect(),
+                next_elastic,
+            )
             .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
         let (tx, rx) = mpsc::channel(GROUP_INBOX_LEN);
         let token = self.shared.shutdown.child_token();
@@ -616,6 +713,23 @@ impl GroupActors {
             closed: None,
             notes: Vec::new(),
             intervals: Vec::new(),
+            routing: routing::Routing::default(),
+            elastic: Elastic::new(ElasticParts {
+                num: row.num,
+                group: row.name.clone(),
+                spec: row.spec.clone(),
+                ctx: self.shared.provisioning.get().cloned(),
+                store: self.shared.store.clone(),
+                registry: self.shared.registry.clone(),
+                clock: self.shared.clock.clone(),
+                tracker: self.shared.tracker.clone(),
+                shutdown: token.clone(),
+                actor: tx.downgrade(),
+            }),
+            disconnects: Disconnects {
+                pending: BTreeMap::new(),
+                actor: tx.downgrade(),
+            },
             shared: self.shared.clone(),
         };
         // Base slots take sessions only once an agent is bound and connected.
@@ -628,6 +742,7 @@ impl GroupActors {
             .handle_batch(now, slots)
             .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
         actor.engine.drain_decisions().for_each(drop);
+        actor.restore_elastic(restored);
         {
             let mut actors = self.actors();
             if actors.contains_key(&row.name) {
@@ -665,6 +780,14 @@ impl GroupActors {
     pub fn stop(&self, group: &GroupName) {
         if let Some(h) = self.actors().remove(group) {
             h.token.cancel();
+        }
+    }
+
+    /// Sets the provisioner of elastic resources (before
+    /// [`GroupActors::start_all`]).
+    pub fn set_provisioning(&self, provisioning: Arc<crate::provision::Provisioning>) {
+        if self.shared.provisioning.set(provisioning).is_err() {
+            tracing::warn!("a provisioner was already set; keeping the first");
         }
     }
 
@@ -806,6 +929,12 @@ struct Actor {
     notes: Vec<(UnixMillis, &'static str, String)>,
     /// Resource intervals to open or close with the next commit.
     intervals: Vec<IntervalOp>,
+    /// Reservations, waiting route requests, retained sessions ([`routing`]).
+    routing: routing::Routing,
+    /// Elastic resources' provisioning and durable record ([`elastic`]).
+    elastic: Elastic,
+    /// Expiry disconnects not yet confirmed, and their retries.
+    disconnects: Disconnects,
     shared: Arc<Shared>,
 }
 
@@ -822,7 +951,15 @@ impl Actor {
         loop {
             let deadline = match self.closed {
                 Some(_) => None,
-                None => self.engine.poll_deadline(),
+                None => match (self.engine.poll_deadline(), self.routing.next_deadline()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+            };
+            // Expiry disconnects to retry are due while closed, too.
+            let deadline = match (deadline, self.disconnects.next_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let msg = tokio::select! {
                 _ = token.cancelled() => return Ok(()),
@@ -905,6 +1042,34 @@ impl Actor {
                     let _ = reply.send(());
                     continue;
                 }
+                Some(Msg::Elastic(report)) => self.elastic_report(report),
+                Some(Msg::Disconnect(report)) => self.disconnect_report(report),
+                Some(Msg::Route { ask, reply }) => self.route(ask, reply),
+                Some(Msg::CancelRoute { session, reply }) => {
+                    self.cancel_route(session);
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::Streaming {
+                    resource,
+                    address,
+                    reply,
+                }) => {
+                    self.set_address(resource, address);
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Msg::Presence {
+                    resource,
+                    report,
+                    reply,
+                }) => {
+                    self.presence(&resource, report);
+                    self.commit().await?;
+                    let _ = reply.send(());
+                    continue;
+                }
             }
             self.commit().await?;
         }
@@ -916,9 +1081,11 @@ impl Actor {
     }
 
     fn timeout(&mut self) {
+        self.retry_disconnects();
         if self.closed.is_some() {
             return;
         }
+        self.route_timeouts();
         let now = self.now();
         if let Err(e) = self.engine.handle_timeout(now) {
             tracing::warn!(group = %self.row.name, "deadline: {e}");
@@ -1177,6 +1344,7 @@ impl Actor {
 
     /// The group expired: freeze the engine and disconnect every open session.
     fn close(&mut self) {
+        self.refuse_waiters();
         self.closed = Some(self.sessions.clone());
         let open: Vec<(ResourceId, SessionId)> = self
             .sessions
@@ -1206,6 +1374,9 @@ impl Actor {
         let Some(frozen) = self.closed.take() else {
             return;
         };
+        // In service again: nothing more to disconnect (an attempt in
+        // flight is still recorded, and not retried).
+        self.disconnects.pending.clear();
         // A policy changed while frozen goes in first.
         if self.engine.policy() != &self.row.policy {
             let policy = self.row.policy.clone();
@@ -1268,11 +1439,32 @@ impl Actor {
     }
 
     /// Asks the agent of `real` to end `session` because the group expired,
-    /// without holding up the actor. The outcome, failures included, is
-    /// written to the group's events.
-    fn disconnect(&self, real: &ResourceId, session: SessionId) {
+    /// without holding up the actor: the attempt runs in its own task and
+    /// reports to the actor ([`Actor::disconnect_report`]), which records
+    /// it and, after a failure, tries again later while the session is open.
+    /// An attempt in flight is not doubled; a retry that was waiting (its
+    /// agent just re-joined) is made now.
+    fn disconnect(&mut self, real: &ResourceId, session: SessionId) {
+        let key = (real.clone(), session);
+        let attempt = match self.disconnects.pending.get(&key) {
+            Some(p) if p.due.is_none() => return,
+            Some(p) => p.attempts + 1,
+            None => 1,
+        };
+        self.disconnects.pending.insert(
+            key.clone(),
+            PendingDisconnect {
+                attempts: attempt,
+                due: None,
+            },
+        );
+        self.launch_disconnect(key.0, key.1, attempt);
+    }
+
+    fn launch_disconnect(&self, real: ResourceId, session: SessionId, attempt: u32) {
         let shared = self.shared.clone();
-        let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
+        let actor = self.disconnects.actor.clone();
+        let group = self.row.name.clone();
         self.shared.tracker.spawn(async move {
             let command = Command::DisconnectSession {
                 session: session.clone(),
@@ -1287,39 +1479,97 @@ impl Actor {
                     }
                 },
             };
-            let (kind, message) = match outcome {
-                Ok(CommandOutcome::Done) => (
-                    "disconnected",
-                    format!("disconnected: session {session} on {real}, the group expired"),
-                ),
-                Ok(CommandOutcome::Failed(m)) => (
-                    "disconnect-failed",
-                    format!("disconnect failed: session {session} on {real}: the agent says: {m}"),
-                ),
-                Err(e) => (
-                    "disconnect-failed",
-                    format!("disconnect failed: session {session} on {real}: {e}"),
-                ),
+            let outcome = match outcome {
+                Ok(CommandOutcome::Done) => Ok(()),
+                Ok(CommandOutcome::Failed(m)) => Err(format!("the agent says: {m}")),
+                Err(e) => Err(e),
             };
-            if kind != "disconnected" {
-                tracing::warn!(%group, "{message}");
-            }
-            let at = shared.clock.now();
-            let written = shared
-                .store
-                .exec(move |c| {
-                    c.execute(
-                        "INSERT INTO group_events (group_num, at, kind, message)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![num, at.0, kind, message],
-                    )?;
-                    Ok(())
-                })
-                .await;
-            if let Err(e) = written {
-                tracing::error!(%group, "record the disconnect of {session}: {e}");
+            let report = DisconnectReport {
+                resource: real,
+                session,
+                attempt,
+                outcome,
+            };
+            // No actor any more (recycling, gone, shutdown): nothing to follow up.
+            if let Some(tx) = actor.upgrade() {
+                if tx.send(Msg::Disconnect(report)).await.is_err() {
+                    tracing::debug!(%group, "disconnect outcome after the actor stopped");
+                }
             }
         });
+    }
+
+    /// Whether `session` is open on `real` as far as the group knows: it
+    /// has not ended, and `real` is still one of the group's resources.
+    fn session_open_on(&self, real: &ResourceId, session: &SessionId) -> bool {
+        self.to_engine
+            .get(real)
+            .and_then(|id| self.sessions.get(id))
+            .is_some_and(|set| set.contains(session))
+    }
+
+    /// Records a disconnect attempt's outcome; after a failure, schedules
+    /// the next attempt while the group is closed and the session open.
+    fn disconnect_report(&mut self, r: DisconnectReport) {
+        let key = (r.resource, r.session);
+        self.disconnects.pending.remove(&key);
+        let (real, session) = &key;
+        let n = r.attempt;
+        match r.outcome {
+            Ok(()) => self.note(
+                "disconnected",
+                format!(
+                    "disconnected: session {session} on {real}, the group expired \
+                     (attempt {n})"
+                ),
+            ),
+            Err(e) => {
+                let retry = self.closed.is_some() && self.session_open_on(real, session);
+                let message = if retry {
+                    let wait = disconnect_backoff(n);
+                    let due = UnixMillis(self.now().0.saturating_add(wait));
+                    self.disconnects.pending.insert(
+                        key.clone(),
+                        PendingDisconnect {
+                            attempts: n,
+                            due: Some(due),
+                        },
+                    );
+                    format!(
+                        "disconnect failed (attempt {n}): session {session} on {real}: {e}; \
+                         next attempt in {} s",
+                        wait / 1000
+                    )
+                } else {
+                    format!(
+                        "disconnect failed (attempt {n}): session {session} on {real}: {e}; \
+                         not retried: the session ended or the group is in service again"
+                    )
+                };
+                tracing::warn!(group = %self.row.name, "{message}");
+                self.note("disconnect-failed", message);
+            }
+        }
+    }
+
+    /// Makes the disconnect attempts that are due; drops those whose session
+    /// ended meanwhile (or whose resource left the group).
+    fn retry_disconnects(&mut self) {
+        let now = self.now();
+        let due: Vec<(ResourceId, SessionId)> = self
+            .disconnects
+            .pending
+            .iter()
+            .filter(|(_, p)| p.due.is_some_and(|d| d <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (real, session) in due {
+            if self.closed.is_some() && self.session_open_on(&real, &session) {
+                self.disconnect(&real, session);
+            } else {
+                self.disconnects.pending.remove(&(real, session));
+            }
+        }
     }
 
     fn left(&mut self, resource: ResourceId) {
@@ -1365,11 +1615,15 @@ impl Actor {
             return;
         }
         match ev {
-            SessionEvent::Started { session, .. } => {
-                if self.input(Input::Occupy {
-                    session: session.clone(),
-                    resource: id.clone(),
-                }) {
+            SessionEvent::Started { session, user, .. } => {
+                // A routed session connects on its reservation; any other
+                // occupies a slot as the host reports it.
+                let counted = self.route_started(id, &session, &user)
+                    || self.input(Input::Occupy {
+                        session: session.clone(),
+                        resource: id.clone(),
+                    });
+                if counted {
                     self.sessions.entry(id.clone()).or_default().insert(session);
                 }
             }
@@ -1377,6 +1631,7 @@ impl Actor {
                 if let Some(set) = self.sessions.get_mut(id) {
                     set.remove(&session);
                 }
+                self.route_ended(&session);
                 self.input(Input::Leave { session });
             }
         }
@@ -1539,6 +1794,7 @@ impl Actor {
     fn take_decisions(&mut self) {
         let decisions: Vec<Decision> = self.engine.drain_decisions().collect();
         for d in decisions {
+            self.elastic.on_decision(&d);
             let message = match &d.action {
                 Action::ScaleOut { resources } => {
                     let names: Vec<String> = resources
@@ -1577,12 +1833,16 @@ impl Actor {
                     });
                     format!("released: {real} is gone")
                 }
-                Action::Placed { session, resource } => format!(
-                    "placed: session {session} on {} because {}",
-                    self.external(resource),
-                    d.reason
-                ),
+                Action::Placed { session, resource } => {
+                    self.route_decision(session, Some(resource), d.at);
+                    format!(
+                        "placed: session {session} on {} because {}",
+                        self.external(resource),
+                        d.reason
+                    )
+                }
                 Action::Rejected { session } => {
+                    self.route_decision(session, None, d.at);
                     format!("rejected: session {session} because {}", d.reason)
                 }
             };
@@ -1607,6 +1867,11 @@ impl Actor {
             }
             return;
         }
+        if self.elastic.provisioned() {
+            // Issue 6: the agent's answer to `Drain` is the release.
+            self.elastic.release(real, engine_id);
+            return;
+        }
         let Some(registry) = registry else { return };
         let real = real.clone();
         let group = self.row.name.clone();
@@ -1627,13 +1892,16 @@ impl Actor {
     /// stands whether or not this succeeds; a store failure stops the actor
     /// (its group is restarted from the store by the next `sync`).
     async fn commit(&mut self) -> Result<(), ActorError> {
+        // Slots of route requests whose client went away.
+        self.flush_deferred_leaves();
         // Decisions made while handling a deferred release.
         self.take_decisions();
-        if self.notes.is_empty() && self.intervals.is_empty() {
+        if self.notes.is_empty() && self.intervals.is_empty() && !self.elastic.has_ops() {
             return Ok(());
         }
         let notes = std::mem::take(&mut self.notes);
         let intervals = std::mem::take(&mut self.intervals);
+        let elastic_ops = self.elastic.take_ops();
         let billing = self.row.billing.clone();
         let num = self.row.num;
         self.shared
@@ -1662,10 +1930,110 @@ impl Actor {
                         )?,
                     };
                 }
+                elastic::write_ops(c, num, &elastic_ops)?;
                 Ok(())
             })
             .await?;
         Ok(())
+    }
+
+    // ---- Elastic resources (issue 6; the logic is in `super::elastic`) ----
+
+    /// Puts the elastic resources of an earlier run back in service: their
+    /// agents find their slots when they reconnect; releasing ones are
+    /// released now (their agent's answer was lost with the broker).
+    fn restore_elastic(&mut self, restored: Vec<(crate::engine::RestoredElastic, ResourceId)>) {
+        use crate::engine::RestoredState;
+        for (r, real) in restored {
+            self.bind(&real, r.id.clone());
+            let what = match r.state {
+                RestoredState::Pending => {
+                    self.elastic
+                        .await_registration(r.id.clone(), r.requested_at);
+                    self.elastic.resume(real.clone());
+                    "pending: waiting for its agent"
+                }
+                RestoredState::Ready { .. } => {
+                    self.elastic.resume(real.clone());
+                    "ready: billing goes on; it takes sessions when its agent is back"
+                }
+                RestoredState::Releasing { .. } => {
+                    self.input(Input::Released {
+                        resource: r.id.clone(),
+                    });
+                    "releasing: released now"
+                }
+            };
+            self.note(
+                "restored",
+                format!(
+                    "restored: elastic resource {real} ({}) of the earlier broker run is {what}",
+                    r.id
+                ),
+            );
+        }
+    }
+
+    /// A provisioning task's outcome.
+    fn elastic_report(&mut self, report: elastic::Report) {
+        use elastic::Report;
+        match report {
+            Report::CreateFailed { engine_id, why } => {
+                let real = self.external(&engine_id);
+                if self.input(Input::CreateFailed {
+                    resource: engine_id.clone(),
+                }) {
+                    let now = self.now();
+                    self.elastic.mark_failed(&engine_id, now);
+                }
+                let message = format!(
+                    "create-failed: {real} given up: {why}; it no longer counts in capacity and was never billed"
+                );
+                self.note("create-failed", message.clone());
+                self.flagged.insert(real, message);
+            }
+            Report::RegisterDeadline { engine_id } => {
+                if self.state_of(&engine_id) != Some(ResourceState::Pending) {
+                    return;
+                }
+                let real = self.external(&engine_id);
+                let timeout = self
+                    .shared
+                    .provisioning
+                    .get()
+                    .map(|p| crate::provision::show(p.config.register_timeout))
+                    .unwrap_or_default();
+                let message = format!(
+                    "register-timeout: the agent of {real} did not register within {timeout}; \
+                     the creation failed and it is deleted"
+                );
+                self.note("register-timeout", message.clone());
+                self.flagged.insert(real, message);
+                if self.input(Input::CreateFailed {
+                    resource: engine_id.clone(),
+                }) {
+                    let now = self.now();
+                    self.elastic.mark_failed(&engine_id, now);
+                }
+            }
+            Report::Drained { engine_id, outcome } => {
+                if self.state_of(&engine_id) == Some(ResourceState::Releasing) {
+                    let real = self.external(&engine_id);
+                    self.note("drained", format!("drained: {real}: {outcome}"));
+                    self.input(Input::Released {
+                        resource: engine_id,
+                    });
+                }
+            }
+            Report::DeleteFailed { resource, why } => {
+                self.note("delete-failed", format!("delete-failed: {why}"));
+                // Replaces any earlier flag of it (e.g. its host size):
+                // this is what an operator must act on now.
+                let message = format!("resource {resource} was not deleted: {why}");
+                tracing::warn!(group = %self.row.name, "{message}");
+                self.flagged.insert(resource, message);
+            }
+        }
     }
 
     fn view(&self) -> GroupView {

@@ -29,6 +29,11 @@ use crate::engine::billing::{round_line, subscription_amount, Term};
 use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
 use crate::store::{Store, StoreError};
 
+// Users' credentials: a child module, so it shares this one's private helpers.
+#[path = "credentials.rs"]
+mod credentials;
+pub use credentials::{max_concurrent_hashes, AuthError, HASHES_PER_CORE};
+
 /// Most users one `user import` may carry. The whole batch is one
 /// transaction; 100,000 rows keep that transaction and the admin frame
 /// reasonable while covering any real directory export.
@@ -66,6 +71,8 @@ pub struct GroupService {
     config: Arc<GroupsConfig>,
     /// Woken after every change that may move a deadline or queue a notification.
     changed: Arc<Notify>,
+    /// Secret of user tokens (`credentials`); `None`: tokens are off.
+    token_key: Option<Arc<crate::tickets::TokenKey>>,
 }
 
 /// A group's row.
@@ -247,6 +254,7 @@ impl GroupService {
             store,
             config: Arc::new(config),
             changed: Arc::new(Notify::new()),
+            token_key: None,
         }
     }
 
@@ -1265,6 +1273,8 @@ fn merge_policy(
             .or(base.map(|b| b.wait_timeout))
             .unwrap_or(Duration::ZERO),
         load_balancing,
+        // The admin API does not set periods yet: an update keeps the current ones.
+        periods: base.map(|b| b.periods.clone()).unwrap_or_default(),
     };
     if problems.is_empty() {
         Ok(policy)

@@ -170,7 +170,14 @@ pub fn replay(path: &Path, sc: &Scenario) -> Result<Outcome, SimError> {
             let before = happened.len();
             collect(&mut group, &mut provider, &mut happened);
             if t_deadline == Some(t) && happened.len() == before {
-                happened.push(Happening::Note(group.explain(now).scale_in.to_string()));
+                // Why the deadline decided nothing; with policy periods, also
+                // which period holds or comes next (a boundary may be the cause).
+                let why = group.explain(now);
+                let note = match &why.period {
+                    Some(p) => format!("{} {p}", why.scale_in),
+                    None => why.scale_in.to_string(),
+                };
+                happened.push(Happening::Note(note));
             }
         }
         while let Some(ev) = sc.events.get(next).filter(|e| e.at.0 == t) {

@@ -227,6 +227,37 @@ fn describe_decision(d: &Decision) -> String {
     format!("{what}: {}", d.reason)
 }
 
+/// `mon,wed-fri` from weekday bits (bit 0 = Monday).
+pub(super) fn weekday_names(bits: u8) -> String {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let mut parts = Vec::new();
+    let mut day = 0;
+    while day < 7 {
+        if bits & (1 << day) == 0 {
+            day += 1;
+            continue;
+        }
+        let first = day;
+        while day + 1 < 7 && bits & (1 << (day + 1)) != 0 {
+            day += 1;
+        }
+        parts.push(if day > first + 1 {
+            format!("{}-{}", NAMES[first], NAMES[day])
+        } else if day == first + 1 {
+            format!("{},{}", NAMES[first], NAMES[day])
+        } else {
+            NAMES[first].to_owned()
+        });
+        day += 1;
+    }
+    parts.join(",")
+}
+
+/// `HH:MM` of minutes after midnight (`24:00` for the end of the day).
+fn hhmm(minute: u16) -> String {
+    format!("{:02}:{:02}", minute / 60, minute % 60)
+}
+
 fn resources_cell(s: &Snapshot) -> String {
     let mut cell = s.resources.to_string();
     let mut notes = Vec::new();
@@ -287,6 +318,18 @@ pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
         format_duration(p.wait_timeout),
         p.load_balancing
     );
+    for (n, period) in p.periods.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "Period {}: {} {}-{} UTC, min_ready {}, warm-up {}",
+            n + 1,
+            weekday_names(period.weekdays),
+            hhmm(period.start_minute),
+            hhmm(period.end_minute),
+            period.min_ready,
+            format_duration(period.warm_up)
+        );
+    }
     let _ = writeln!(s);
     let header = format!(
         "{:<9} {:>8} {:>7}  {:<24} {:>6}  what happened",

@@ -1,5 +1,24 @@
 //! Scenario files (SPEC section 7): parsed with spans, then checked whole, so
 //! every problem is reported with its line at once.
+//!
+//! Besides the keys of SPEC section 7, a scenario may give the policy's
+//! scheduled-scaling periods (SPEC section 4), up to 3 a weekday, as
+//! `[[policy.period]]` tables:
+//!
+//! ```toml
+//! [[policy.period]]
+//! weekdays = ["mon-fri"]   # or "mon-fri", or ["mon", "wed", "sat-sun"]
+//! start = "08:00"          # HH:MM, UTC
+//! end = "09:00"            # HH:MM, at most "24:00"; after start (same day)
+//! min_ready = 3            # resources kept ready, base + elastic
+//! warm_up = "10m"          # optional, default 0: elastic ones are asked this early
+//! ```
+//!
+//! Weekday names are `mon tue wed thu fri sat sun`; `a-b` is a range inside
+//! one week (`sat-mon` is refused: write `["sat-sun", "mon"]`). A period is
+//! at least 15 minutes, periods of one day are at least 5 minutes apart,
+//! `min_ready` is at most `group.base_resources + policy.max_elastic` and
+//! `warm_up` at most a day.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -14,7 +33,9 @@ use ferry_common::duration::parse_duration;
 use ferry_common::{SessionId, UnixMillis};
 
 use crate::engine::billing::{BaseBilling, Prices, Term};
-use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
+use crate::engine::{
+    LoadBalancing, Policy, PolicyPeriod, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES,
+};
 
 use super::{Problem, SimError};
 
@@ -129,6 +150,56 @@ struct RawPolicy {
     scale_in_cooldown: Option<Spanned<String>>,
     wait_timeout: Option<Spanned<String>>,
     load_balancing: Option<Spanned<String>>,
+    #[serde(default)]
+    period: Vec<Spanned<RawPeriod>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeriod {
+    weekdays: Spanned<toml::Value>,
+    start: Spanned<String>,
+    end: Spanned<String>,
+    min_ready: Spanned<i64>,
+    warm_up: Option<Spanned<String>>,
+}
+
+const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// Bits (bit 0 = Monday) of one weekday name or an `a-b` range.
+fn weekday_bits(s: &str) -> Result<u8, String> {
+    let day = |name: &str| {
+        WEEKDAYS
+            .iter()
+            .position(|d| d.eq_ignore_ascii_case(name.trim()))
+            .ok_or_else(|| format!("{name:?} is not a weekday (mon, tue, wed, thu, fri, sat, sun)"))
+    };
+    match s.split_once('-') {
+        None => Ok(1 << day(s)?),
+        Some((a, b)) => {
+            let (a, b) = (day(a)?, day(b)?);
+            if a > b {
+                return Err(format!(
+                    "{s:?} runs backwards; a range stays inside one week (Monday first)"
+                ));
+            }
+            Ok((a..=b).fold(0u8, |bits, d| bits | 1 << d))
+        }
+    }
+}
+
+/// Minutes after midnight of `HH:MM` (`24:00` is the end of the day).
+fn minute_of_day(s: &str) -> Option<u16> {
+    let (h, m) = s.trim().split_once(':')?;
+    if h.len() != 2 || m.len() != 2 || !(h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    match (h, m) {
+        (24, 0) => Some(24 * 60),
+        (0..=23, 0..=59) => Some(h * 60 + m),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -246,6 +317,99 @@ fn parse_time(s: &str, date_of: UnixMillis) -> Result<UnixMillis, String> {
         .ok_or_else(|| "start is out of range".to_owned())?
         .date_naive();
     Ok(UnixMillis(date.and_time(time).and_utc().timestamp_millis()))
+}
+
+/// Checks the `[[policy.period]]` tables; `None` when one is wrong (reported).
+fn parse_periods(c: &mut Checker<'_>, raw: &[Spanned<RawPeriod>]) -> Option<Vec<PolicyPeriod>> {
+    let mut out = Vec::with_capacity(raw.len().min(7 * crate::engine::MAX_PERIODS_PER_DAY));
+    let mut ok = true;
+    for rp in raw {
+        let p = rp.get_ref();
+        let names: Vec<Result<&str, String>> = match p.weekdays.get_ref() {
+            toml::Value::String(s) => vec![Ok(s.as_str())],
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| format!("weekdays: {} is not a weekday name", v.type_str()))
+                })
+                .collect(),
+            other => vec![Err(format!(
+                "weekdays must be a name, a range like \"mon-fri\" or a list of them, not a {}",
+                other.type_str()
+            ))],
+        };
+        let mut weekdays = 0u8;
+        for name in names {
+            match name.and_then(|n| weekday_bits(n).map_err(|e| format!("weekdays: {e}"))) {
+                Ok(bits) => weekdays |= bits,
+                Err(m) => {
+                    c.at(&p.weekdays, format!("policy.period {m}"));
+                    ok = false;
+                }
+            }
+        }
+        if weekdays == 0 && ok {
+            c.at(
+                &p.weekdays,
+                "policy.period weekdays: name at least one weekday".into(),
+            );
+            ok = false;
+        }
+        let mut minute = |v: &Spanned<String>, key: &str| {
+            let m = minute_of_day(v.get_ref());
+            if m.is_none() {
+                c.at(
+                    v,
+                    format!(
+                        "policy.period {key} = {:?} is not a time of day: write HH:MM (UTC, up to 24:00)",
+                        v.get_ref()
+                    ),
+                );
+            }
+            m
+        };
+        let start = minute(&p.start, "start");
+        let end = minute(&p.end, "end");
+        let min_ready = c.int(
+            &p.min_ready,
+            "policy.period min_ready",
+            1,
+            i64::from(MAX_GROUP_RESOURCES) * 2,
+        );
+        let warm_up = match &p.warm_up {
+            Some(v) => c.duration(v, "policy.period warm_up"),
+            None => Some(Duration::ZERO),
+        };
+        match (start, end, min_ready, warm_up) {
+            (Some(start_minute), Some(end_minute), Some(min_ready), Some(warm_up)) if ok => out
+                .push(PolicyPeriod {
+                    weekdays,
+                    start_minute,
+                    end_minute,
+                    min_ready,
+                    warm_up,
+                }),
+            _ => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+/// The line of the `[[policy.period]]` a period problem names: "period N
+/// ..." is table N, "...: periods A and B ..." is table B.
+fn period_problem_line(text: &str, raw: &[Spanned<RawPeriod>], message: &str) -> Option<usize> {
+    let number_after = |key: &str| -> Option<usize> {
+        let rest = &message[message.find(key)? + key.len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let n = match number_after(" and ") {
+        Some(n) if message.contains("periods ") => n,
+        _ => number_after("period ")?,
+    };
+    let table = raw.get(n.checked_sub(1)?)?;
+    Some(line_of(text, table.span().start))
 }
 
 /// Reads and checks the scenario text of `path` (used only in messages).
@@ -417,6 +581,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, SimError> {
         }
         None => Some(LoadBalancing::BreadthFirst),
     };
+    let periods = parse_periods(&mut c, &rp.period);
     let policy = match (
         concurrent,
         threshold,
@@ -426,8 +591,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, SimError> {
         cooldown,
         wait,
         load_balancing,
+        periods,
     ) {
-        (Some(cs), Some(th), Some(st), Some(me), Some(mi), Some(cd), Some(wt), Some(lb)) => {
+        (
+            Some(cs),
+            Some(th),
+            Some(st),
+            Some(me),
+            Some(mi),
+            Some(cd),
+            Some(wt),
+            Some(lb),
+            Some(periods),
+        ) => {
             let policy = Policy {
                 concurrent_sessions: cs,
                 usage_threshold: th,
@@ -437,10 +613,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, SimError> {
                 scale_in_cooldown: cd,
                 wait_timeout: wt,
                 load_balancing: lb,
+                periods,
             };
-            if let Err(e) = policy.validate(spec.as_deref()) {
+            let checked = match base {
+                Some(base) => policy.validate_for_group(spec.as_deref(), base),
+                None => policy.validate(spec.as_deref()),
+            };
+            if let Err(e) = checked {
                 for problem in e.problems {
                     let line = match problem.field {
+                        "periods" => period_problem_line(text, &rp.period, &problem.message)
+                            .unwrap_or_else(|| line_of(text, raw.policy.span().start)),
                         "concurrent_sessions" => line_of(text, rp.concurrent_sessions.span().start),
                         "usage_threshold" => line_of(text, rp.usage_threshold.span().start),
                         "scale_out_step" => line_of(text, rp.scale_out_step.span().start),

@@ -231,3 +231,116 @@ fn zero_delays_complete_at_the_instant_they_are_asked() {
         .expect("scale-out");
     assert_eq!(created, [scale_out.at, scale_out.at]);
 }
+
+/// `GOOD` with `[[policy.period]]` tables after `max_idle` (line 21), so the
+/// first table's header is on line 23.
+fn with_periods(periods: &str) -> String {
+    GOOD.replace(
+        "max_idle = \"60m\"\n",
+        &format!("max_idle = \"60m\"\n{periods}"),
+    )
+}
+
+#[test]
+fn policy_periods_parse() {
+    let text = with_periods(
+        "\n[[policy.period]]\nweekdays = \"mon-fri\"\nstart = \"08:00\"\nend = \"09:30\"\nmin_ready = 3\nwarm_up = \"10m\"\n\
+         \n[[policy.period]]\nweekdays = [\"mon\", \"sat-sun\"]\nstart = \"23:00\"\nend = \"24:00\"\nmin_ready = 2\n",
+    );
+    let sc = parse(Path::new("p.toml"), &text).expect("valid");
+    let p = &sc.policy.periods;
+    assert_eq!(p.len(), 2);
+    assert_eq!(
+        (
+            p[0].weekdays,
+            p[0].start_minute,
+            p[0].end_minute,
+            p[0].min_ready
+        ),
+        (0b001_1111, 480, 570, 3)
+    );
+    assert_eq!(p[0].warm_up, std::time::Duration::from_secs(600));
+    assert_eq!(
+        (p[1].weekdays, p[1].start_minute, p[1].end_minute),
+        (0b110_0001, 23 * 60, 24 * 60)
+    );
+    assert_eq!(p[1].warm_up, std::time::Duration::ZERO);
+}
+
+#[test]
+fn policy_period_problems_name_their_lines() {
+    // Lines: 23 header, 24 weekdays, 25 start, 26 end, 27 min_ready, 28 warm_up.
+    let text = with_periods(
+        "\n[[policy.period]]\nweekdays = [\"fri-mon\", \"moon\"]\nstart = \"8am\"\nend = \"25:00\"\nmin_ready = 0\nwarm_up = \"soon\"\n",
+    );
+    let p = problems(&text);
+    let all = format!("{p:?}");
+    let lines: Vec<usize> = p.iter().map(|p| p.line).collect();
+    assert_eq!(lines, [24, 24, 25, 26, 27, 28], "{all}");
+    assert!(p[0].message.contains("runs backwards"), "{all}");
+    assert!(p[1].message.contains("\"moon\" is not a weekday"), "{all}");
+    assert!(p[2].message.contains("start = \"8am\""), "{all}");
+    assert!(p[3].message.contains("end = \"25:00\""), "{all}");
+    assert!(p[4].message.contains("min_ready = 0"), "{all}");
+    assert!(p[5].message.contains("warm_up"), "{all}");
+    let err = parse(Path::new("bad.toml"), &text).unwrap_err().to_string();
+    assert!(
+        err.starts_with("bad.toml:24: policy.period weekdays"),
+        "{err}"
+    );
+}
+
+#[test]
+fn policy_period_rules_point_at_the_period() {
+    // Period 1 (line 23) needs 5 ready with 2 base + 2 elastic; period 2
+    // (line 30) crosses midnight; period 3 (line 36) overlaps period 1.
+    let text = with_periods(
+        "\n[[policy.period]]\nweekdays = \"mon\"\nstart = \"08:00\"\nend = \"09:00\"\nmin_ready = 5\nwarm_up = \"10m\"\n\
+         \n[[policy.period]]\nweekdays = \"tue\"\nstart = \"23:00\"\nend = \"01:00\"\nmin_ready = 1\n\
+         \n[[policy.period]]\nweekdays = \"mon\"\nstart = \"09:02\"\nend = \"10:00\"\nmin_ready = 1\n",
+    );
+    let p = problems(&text);
+    let all = format!("{p:?}");
+    assert_eq!(p.len(), 3, "{all}");
+    assert_eq!(p[0].line, 23, "{all}");
+    assert!(
+        p[0].message.contains(
+            "policy.periods: period 1 (08:00-09:00): min_ready 5 is more than 2 base + 2 elastic"
+        ),
+        "{all}"
+    );
+    assert_eq!(p[1].line, 30, "{all}");
+    assert!(p[1].message.contains("inside one day"), "{all}");
+    assert_eq!(p[2].line, 36, "{all}");
+    assert!(
+        p[2].message
+            .contains("Mon: periods 1 and 3 overlap or are less than 5 minutes apart"),
+        "{all}"
+    );
+}
+
+#[test]
+fn the_table_lists_the_periods_and_why_a_deadline_held() {
+    let table = run_cli(&shared("period-warm-up.toml"), false).expect("simulate");
+    assert!(
+        table.contains("Period 1: mon-fri 08:00-09:00 UTC, min_ready 3, warm-up 10m"),
+        "{table}"
+    );
+    assert!(
+        table.contains("No scale-in of e1: period 1 keeps 3 ready and 3 are."),
+        "{table}"
+    );
+    let table = run_cli(&shared("period-weekdays.toml"), false).expect("simulate");
+    assert!(
+        table.contains("Period 1: mon 08:00-10:00 UTC, min_ready 2, warm-up 15m"),
+        "{table}"
+    );
+}
+
+#[test]
+fn weekday_names_group_runs() {
+    assert_eq!(report::weekday_names(0b001_1111), "mon-fri");
+    assert_eq!(report::weekday_names(0b110_0001), "mon,sat,sun");
+    assert_eq!(report::weekday_names(0b101_0101), "mon,wed,fri,sun");
+    assert_eq!(report::weekday_names(0b000_0011), "mon,tue");
+}

@@ -1,0 +1,583 @@
+//! Session tickets on the host: the broker's public key and the set of
+//! tickets already used.
+//!
+//! The broker sends its ticket public key after every `Welcome`
+//! (`BrokerToAgent::TicketKey`); the agent keeps it in
+//! `state_dir/ticket-key` (written atomically), so tickets verify while the
+//! broker is unreachable. The streaming server asks the agent to verify the
+//! ticket a client presents (local socket `VerifyTicket`, or
+//! `ferry-agent ticket verify`): signature, expiry, this host, and single
+//! use. A ticket accepted once is refused afterwards, also after a restart
+//! of the agent or a crash of the host:
+//!
+//! * Its id is appended to `state_dir/used-tickets` and the file is fsync'd
+//!   **before** the answer "valid" is given.
+//! * The file is a magic header and fixed 24-byte records (id, expiry). A
+//!   torn last record (crash mid-write) is cut off on open: its ticket was
+//!   never answered "valid".
+//! * Entries are kept until their ticket's expiry plus [`PRUNE_GRACE_MS`]
+//!   (a clock stepped back a little cannot revive a pruned ticket), then
+//!   dropped; the file is rewritten (atomically) when it holds more dead
+//!   records than live ones plus [`COMPACT_SLACK`].
+//! * At most [`MAX_USED_TICKETS`] live entries: beyond, tickets are refused
+//!   rather than the set growing (a host admits a few sessions a minute;
+//!   tickets live a minute).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ferry_common::limits::{MAX_TICKET_LIFETIME_MS, TICKET_PUBLIC_KEY_LEN};
+use ferry_common::ticket::{verify_ticket, TicketClaims, TicketError};
+use ferry_common::{ResourceId, UnixMillis};
+
+/// The broker's ticket public key, in the state directory.
+pub const TICKET_KEY_FILE: &str = "ticket-key";
+
+/// The used-ticket set, in the state directory.
+pub const USED_TICKETS_FILE: &str = "used-tickets";
+
+/// Most tickets remembered at once (see the module docs).
+pub const MAX_USED_TICKETS: usize = 100_000;
+
+/// Used tickets are remembered this long after their expiry.
+pub const PRUNE_GRACE_MS: i64 = MAX_TICKET_LIFETIME_MS;
+
+/// Dead records tolerated in the file beyond the live ones before it is
+/// rewritten.
+pub const COMPACT_SLACK: usize = 1024;
+
+/// First bytes of the used-ticket file.
+const MAGIC: &[u8; 8] = b"FYUSED01";
+
+/// One record: ticket id (16 bytes), expiry (i64, big-endian).
+const RECORD_LEN: usize = 24;
+
+/// Largest used-ticket file read at open: compaction keeps it under this.
+const MAX_FILE_RECORDS: usize = 2 * MAX_USED_TICKETS + COMPACT_SLACK + 1;
+
+/// Why the ticket store cannot be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TicketStoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a used-ticket file: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("ticket key of {0} bytes; expected {TICKET_PUBLIC_KEY_LEN}")]
+    BadKey(usize),
+}
+
+fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> TicketStoreError + 'a {
+    move |source| TicketStoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Why a ticket is refused by this agent.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    #[error("reused ticket: ticket {ticket_id} was already used on this host")]
+    Reused { ticket_id: String },
+    #[error(
+        "this agent has no ticket key yet: it has not reached the broker since it was installed"
+    )]
+    NoKey,
+    #[error("{MAX_USED_TICKETS} tickets are in use; refusing more until some expire")]
+    Full,
+    #[error("cannot record the ticket as used: {0}")]
+    Storage(String),
+}
+
+impl VerifyError {
+    /// A short stable reason: `malformed`, `forged`, `expired`,
+    /// `other-host`, `reused`, `no-key`, `full`, `storage`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            VerifyError::Ticket(t) => t.code(),
+            VerifyError::Reused { .. } => "reused",
+            VerifyError::NoKey => "no-key",
+            VerifyError::Full => "full",
+            VerifyError::Storage(_) => "storage",
+        }
+    }
+}
+
+struct Inner {
+    key: Option<Vec<u8>>,
+    /// Live used tickets: id -> expiry (ms).
+    used: HashMap<[u8; 16], i64>,
+    /// The used-ticket file, opened for appending.
+    file: File,
+    /// Records in the file (live and dead).
+    records: usize,
+}
+
+/// The host's ticket checks; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct TicketVerifier {
+    inner: Arc<Mutex<Inner>>,
+    resource: ResourceId,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for TicketVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketVerifier")
+            .field("resource", &self.resource)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), TicketStoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename,
+/// fsync of the directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TicketStoreError> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io("write", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+    sync_dir(dir)
+}
+
+fn record(id: &[u8; 16], expires_at: i64) -> [u8; RECORD_LEN] {
+    let mut r = [0u8; RECORD_LEN];
+    r[..16].copy_from_slice(id);
+    r[16..].copy_from_slice(&expires_at.to_be_bytes());
+    r
+}
+
+fn parse_records(body: &[u8]) -> impl Iterator<Item = ([u8; 16], i64)> + '_ {
+    body.chunks_exact(RECORD_LEN).map(|r| {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&r[..16]);
+        let mut exp = [0u8; 8];
+        exp.copy_from_slice(&r[16..]);
+        (id, i64::from_be_bytes(exp))
+    })
+}
+
+fn hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_dead(expires_at: i64, now: UnixMillis) -> bool {
+    expires_at.saturating_add(PRUNE_GRACE_MS) <= now.0
+}
+
+impl TicketVerifier {
+    /// Opens (or creates) the key and the used-ticket set in `state_dir`.
+    /// Blocking (file I/O); call from a blocking context at start.
+    pub fn open(
+        state_dir: &Path,
+        resource: ResourceId,
+        now: UnixMillis,
+    ) -> Result<TicketVerifier, TicketStoreError> {
+        std::fs::create_dir_all(state_dir).map_err(io("create directory", state_dir))?;
+        let key_path = state_dir.join(TICKET_KEY_FILE);
+        let key = match File::open(&key_path) {
+            Ok(f) => {
+                let mut buf = Vec::with_capacity(TICKET_PUBLIC_KEY_LEN);
+                f.take(TICKET_PUBLIC_KEY_LEN as u64 + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(io("read", &key_path))?;
+                if buf.len() != TICKET_PUBLIC_KEY_LEN {
+                    return Err(TicketStoreError::BadKey(buf.len()));
+                }
+                Some(buf)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("open", &key_path)(e)),
+        };
+
+        let path = state_dir.join(USED_TICKETS_FILE);
+        let mut used = HashMap::new();
+        let records = match File::open(&path) {
+            Ok(f) => {
+                let len = f.metadata().map_err(io("stat", &path))?.len();
+                let max = (MAGIC.len() + MAX_FILE_RECORDS * RECORD_LEN) as u64;
+                if len > max {
+                    return Err(TicketStoreError::Corrupt {
+                        path,
+                        message: format!("{len} bytes; the limit is {max}"),
+                    });
+                }
+                let mut bytes = Vec::with_capacity(len as usize);
+                f.take(max)
+                    .read_to_end(&mut bytes)
+                    .map_err(io("read", &path))?;
+                if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+                    return Err(TicketStoreError::Corrupt {
+                        path,
+                        message: "bad header".into(),
+                    });
+                }
+                let body = &bytes[MAGIC.len()..];
+                for (id, exp) in parse_records(body) {
+                    if !is_dead(exp, now) {
+                        used.insert(id, exp);
+                    }
+                }
+                let whole = body.len() / RECORD_LEN;
+                if body.len() % RECORD_LEN != 0 {
+                    // A torn append: that ticket was never answered valid.
+                    tracing::warn!(path = %path.display(), "cutting off a torn used-ticket record");
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io("open", &path))?;
+                    f.set_len((MAGIC.len() + whole * RECORD_LEN) as u64)
+                        .and_then(|()| f.sync_all())
+                        .map_err(io("truncate", &path))?;
+                }
+                whole
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_atomic(state_dir, USED_TICKETS_FILE, MAGIC)?;
+                0
+            }
+            Err(e) => return Err(io("open", &path)(e)),
+        };
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        let mut inner = Inner {
+            key,
+            used,
+            file,
+            records,
+        };
+        let dir = state_dir.to_owned();
+        compact_if_needed(&dir, &mut inner)?;
+        Ok(TicketVerifier {
+            inner: Arc::new(Mutex::new(inner)),
+            resource,
+            dir,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, VerifyError> {
+        self.inner
+            .lock()
+            .map_err(|_| VerifyError::Storage("ticket state lock poisoned".into()))
+    }
+
+    /// The broker's ticket key as last received, if any.
+    pub fn public_key(&self) -> Option<Vec<u8>> {
+        self.lock().ok().and_then(|i| i.key.clone())
+    }
+
+    /// Keeps `key` (from the broker) on disk and in memory; `Ok(true)` if it
+    /// changed. Blocking.
+    pub fn set_key_blocking(&self, key: &[u8]) -> Result<bool, TicketStoreError> {
+        if key.len() != TICKET_PUBLIC_KEY_LEN {
+            return Err(TicketStoreError::BadKey(key.len()));
+        }
+        let mut inner = self.inner.lock().map_err(|_| TicketStoreError::Corrupt {
+            path: self.dir.clone(),
+            message: "ticket state lock poisoned".into(),
+        })?;
+        if inner.key.as_deref() == Some(key) {
+            return Ok(false);
+        }
+        write_atomic(&self.dir, TICKET_KEY_FILE, key)?;
+        inner.key = Some(key.to_vec());
+        Ok(true)
+    }
+
+    /// [`Self::set_key_blocking`] on a blocking thread.
+    pub async fn set_key(&self, key: Vec<u8>) -> Result<bool, TicketStoreError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.set_key_blocking(&key))
+            .await
+            .map_err(|e| TicketStoreError::Io {
+                op: "store ticket key (task failed)",
+                path: self.dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    /// Verifies `text` for this host at `now` and marks it used (durably)
+    /// before answering. Blocking (fsync).
+    pub fn verify_blocking(
+        &self,
+        text: &str,
+        now: UnixMillis,
+    ) -> Result<TicketClaims, VerifyError> {
+        let mut inner = self.lock()?;
+        let key = inner.key.clone().ok_or(VerifyError::NoKey)?;
+        let claims = verify_ticket(text, &key, now, &self.resource)?;
+        inner.used.retain(|_, exp| !is_dead(*exp, now));
+        if inner.used.contains_key(&claims.ticket_id) {
+            return Err(VerifyError::Reused {
+                ticket_id: claims.ticket_id_hex(),
+            });
+        }
+        if inner.used.len() >= MAX_USED_TICKETS {
+            return Err(VerifyError::Full);
+        }
+        // Remembered in memory even if the write fails: never accepted twice
+        // by this process whatever the disk says.
+        inner.used.insert(claims.ticket_id, claims.expires_at.0);
+        let rec = record(&claims.ticket_id, claims.expires_at.0);
+        let path = self.dir.join(USED_TICKETS_FILE);
+        inner
+            .file
+            .write_all(&rec)
+            .and_then(|()| inner.file.sync_data())
+            .map_err(|e| {
+                tracing::error!(path = %path.display(), error = %e, "record used ticket");
+                VerifyError::Storage(format!("{}: {e}", path.display()))
+            })?;
+        inner.records += 1;
+        if let Err(e) = compact_if_needed(&self.dir, &mut inner) {
+            // The record is durable; compaction is retried on the next use.
+            tracing::warn!(error = %e, "compact used tickets");
+        }
+        tracing::info!(ticket = %hex(&claims.ticket_id), user = %claims.user,
+            session = %claims.session, "ticket accepted");
+        Ok(claims)
+    }
+
+    /// [`Self::verify_blocking`] on a blocking thread.
+    pub async fn verify(&self, text: String, now: UnixMillis) -> Result<TicketClaims, VerifyError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.verify_blocking(&text, now))
+            .await
+            .map_err(|e| VerifyError::Storage(format!("verify task failed: {e}")))?
+    }
+
+    /// Live entries of the used-ticket set (tests, status).
+    pub fn used_count(&self) -> usize {
+        self.lock().map(|i| i.used.len()).unwrap_or(0)
+    }
+}
+
+/// Rewrites the used-ticket file with the live entries only when it holds
+/// more than `live + COMPACT_SLACK` dead records.
+fn compact_if_needed(dir: &Path, inner: &mut Inner) -> Result<(), TicketStoreError> {
+    let live = inner.used.len();
+    if inner.records <= live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
+        return Ok(());
+    }
+    let mut bytes = Vec::with_capacity(MAGIC.len() + live * RECORD_LEN);
+    bytes.extend_from_slice(MAGIC);
+    for (id, exp) in &inner.used {
+        bytes.extend_from_slice(&record(id, *exp));
+    }
+    write_atomic(dir, USED_TICKETS_FILE, &bytes)?;
+    let path = dir.join(USED_TICKETS_FILE);
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    file.seek(SeekFrom::End(0)).map_err(io("seek", &path))?;
+    inner.file = file;
+    inner.records = live;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_common::ticket::sign_ticket;
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+
+    fn key() -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[3u8; 32]).expect("seed")
+    }
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("id")
+    }
+
+    fn ticket(k: &Ed25519KeyPair, n: u8, resource: &str, issued: i64) -> String {
+        let claims = TicketClaims {
+            ticket_id: [n; 16],
+            group: "g".parse().expect("id"),
+            resource: rid(resource),
+            user: "alice".parse().expect("id"),
+            session: format!("s-{n}").parse().expect("id"),
+            issued_at: UnixMillis(issued),
+            expires_at: UnixMillis(issued + 60_000),
+        };
+        sign_ticket(&claims, k)
+    }
+
+    fn open(dir: &Path, now: i64) -> TicketVerifier {
+        TicketVerifier::open(dir, rid("h1"), UnixMillis(now)).expect("open")
+    }
+
+    #[test]
+    fn without_a_key_nothing_verifies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let v = open(dir.path(), 0);
+        let r = v.verify_blocking(&ticket(&key(), 1, "h1", 0), UnixMillis(1));
+        assert!(matches!(r, Err(VerifyError::NoKey)), "{r:?}");
+        assert!(v.set_key_blocking(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn a_ticket_is_accepted_once_also_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        assert!(v.set_key_blocking(k.public_key().as_ref()).expect("key"));
+        assert!(!v
+            .set_key_blocking(k.public_key().as_ref())
+            .expect("same key"));
+        let t = ticket(&k, 1, "h1", 1000);
+        let c = v.verify_blocking(&t, UnixMillis(2000)).expect("first use");
+        assert_eq!(c.session.as_str(), "s-1");
+        let r = v.verify_blocking(&t, UnixMillis(2001));
+        assert!(matches!(&r, Err(VerifyError::Reused { .. })), "{r:?}");
+        assert_eq!(r.expect_err("reused").code(), "reused");
+        drop(v);
+
+        // Restart: the key and the used set come back from disk.
+        let v = open(dir.path(), 3000);
+        assert_eq!(v.public_key().as_deref(), Some(k.public_key().as_ref()));
+        assert_eq!(v.used_count(), 1);
+        let r = v.verify_blocking(&t, UnixMillis(3000));
+        assert!(matches!(r, Err(VerifyError::Reused { .. })), "{r:?}");
+        // Another ticket is fine.
+        v.verify_blocking(&ticket(&k, 2, "h1", 1000), UnixMillis(3000))
+            .expect("second ticket");
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let code = |r: Result<TicketClaims, VerifyError>| r.expect_err("refused").code();
+        // Expired.
+        assert_eq!(
+            code(v.verify_blocking(&ticket(&k, 1, "h1", 0), UnixMillis(60_000))),
+            "expired"
+        );
+        // Another host.
+        assert_eq!(
+            code(v.verify_blocking(&ticket(&k, 2, "h2", 0), UnixMillis(1))),
+            "other-host"
+        );
+        // Forged: signed by another key.
+        let other = Ed25519KeyPair::from_seed_unchecked(&[4u8; 32]).expect("seed");
+        assert_eq!(
+            code(v.verify_blocking(&ticket(&other, 3, "h1", 0), UnixMillis(1))),
+            "forged"
+        );
+        // Tampered: one character changed in the claims.
+        let t = ticket(&k, 4, "h1", 0);
+        let mut b = t.clone().into_bytes();
+        b[10] = if b[10] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(b).expect("ascii");
+        let c = code(v.verify_blocking(&tampered, UnixMillis(1)));
+        assert!(c == "forged" || c == "malformed", "{c}");
+        assert_eq!(
+            code(v.verify_blocking("garbage", UnixMillis(1))),
+            "malformed"
+        );
+        // None of the refused ones was marked used: the genuine one still works.
+        v.verify_blocking(&t, UnixMillis(1)).expect("genuine");
+        assert_eq!(v.used_count(), 1);
+    }
+
+    #[test]
+    fn expired_entries_are_pruned_and_the_file_compacted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let n = COMPACT_SLACK + 10;
+        for i in 0..n {
+            let claims = TicketClaims {
+                ticket_id: {
+                    let mut id = [0u8; 16];
+                    id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    id
+                },
+                group: "g".parse().expect("id"),
+                resource: rid("h1"),
+                user: "alice".parse().expect("id"),
+                session: "s".parse().expect("id"),
+                issued_at: UnixMillis(0),
+                expires_at: UnixMillis(60_000),
+            };
+            v.verify_blocking(&sign_ticket(&claims, &k), UnixMillis(1))
+                .expect("accept");
+        }
+        assert_eq!(v.used_count(), n);
+        // Long after expiry (and the grace), one more ticket: the old ones go.
+        let later = 60_000 + PRUNE_GRACE_MS + 1;
+        v.verify_blocking(&ticket(&k, 0xee, "h1", later), UnixMillis(later + 1))
+            .expect("accept");
+        assert_eq!(v.used_count(), 1);
+        let len = std::fs::metadata(dir.path().join(USED_TICKETS_FILE))
+            .expect("stat")
+            .len();
+        assert_eq!(len, (MAGIC.len() + RECORD_LEN) as u64, "compacted");
+        drop(v);
+        let v = open(dir.path(), later + 2);
+        assert_eq!(v.used_count(), 1);
+    }
+
+    #[test]
+    fn a_torn_record_is_cut_off_and_a_bad_file_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let t = ticket(&k, 1, "h1", 0);
+        v.verify_blocking(&t, UnixMillis(1)).expect("accept");
+        drop(v);
+        let path = dir.path().join(USED_TICKETS_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(&[9u8; 10]).expect("torn write");
+        drop(f);
+        let v = open(dir.path(), 2);
+        assert_eq!(v.used_count(), 1);
+        assert!(matches!(
+            v.verify_blocking(&t, UnixMillis(2)),
+            Err(VerifyError::Reused { .. })
+        ));
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            (MAGIC.len() + RECORD_LEN) as u64
+        );
+        drop(v);
+        std::fs::write(&path, b"not ours").expect("write");
+        assert!(matches!(
+            TicketVerifier::open(dir.path(), rid("h1"), UnixMillis(0)),
+            Err(TicketStoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,237 @@
+//! `ferry-connect`: an end user asks the broker for a session in a delivery
+//! group and learns where to connect, with the ticket the host checks.
+//!
+//! Credentials, first found wins: `--password-file F` or `--token-file F`
+//! (first line), the environment (`FERRY_PASSWORD`, `FERRY_TOKEN`), else a
+//! password prompt without echo on the terminal (no terminal: an error).
+//!
+//! Exit codes: 0 admitted, 2 refused (the reason is printed), 1 error (no
+//! answer: bad arguments, unreachable broker, TLS or protocol failure).
+
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use ferry_broker::routing::{RouteAnswer, RouteClient};
+use ferry_common::route::RouteAsk;
+use ferry_common::ticket::Credential;
+use ferry_common::{GroupName, UserId};
+
+/// Exit code of a refusal.
+const EXIT_REFUSED: u8 = 2;
+/// Exit code of an error (no answer).
+const EXIT_ERROR: u8 = 1;
+
+/// Longest credential file read (a password or token is far shorter).
+const MAX_CREDENTIAL_FILE: u64 = 8 * 1024;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-connect",
+    version,
+    about = "Ask a Ferry broker for a streaming session",
+    after_help = "Exit codes: 0 admitted, 2 refused (with its reason), 1 error."
+)]
+struct Cli {
+    /// The broker's address, host:port.
+    #[arg(long)]
+    broker: String,
+    /// CA certificate (PEM) that signed the broker's certificate.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Name the broker's certificate must carry (default: the host of --broker).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// The delivery group.
+    #[arg(long)]
+    group: GroupName,
+    /// Your user id.
+    #[arg(long)]
+    user: UserId,
+    /// Read the password from this file (first line).
+    #[arg(long, conflicts_with = "token_file")]
+    password_file: Option<PathBuf>,
+    /// Read a token (`ferryctl user token`) from this file (first line).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Wait for room (up to the group's wait_timeout) instead of a refusal at once.
+    #[arg(long)]
+    wait: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn first_line(path: &PathBuf) -> anyhow::Result<String> {
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut line = String::new();
+    std::io::BufReader::new(std::io::Read::take(file, MAX_CREDENTIAL_FILE))
+        .read_line(&mut line)
+        .with_context(|| format!("read {}", path.display()))?;
+    let line = line.trim_end_matches(['\r', '\n']).to_owned();
+    if line.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(line)
+}
+
+/// Reads a password from the terminal with echo off.
+fn prompt_password(user: &UserId) -> anyhow::Result<String> {
+    use rustix::termios::{isatty, tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .ok()
+        .filter(|f| isatty(f));
+    let Some(mut tty) = tty else {
+        bail!(
+            "no credentials: give --password-file, --token-file, FERRY_PASSWORD or FERRY_TOKEN \
+             (there is no terminal to ask on)"
+        );
+    };
+    write!(tty, "Password for {user}: ").context("write the prompt")?;
+    tty.flush().context("write the prompt")?;
+    let before = tcgetattr(&tty).context("read the terminal's mode")?;
+    let mut quiet = before.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    quiet.local_modes.insert(LocalModes::ECHONL);
+    tcsetattr(&tty, OptionalActions::Now, &quiet).context("turn echo off")?;
+    let mut line = String::new();
+    let read = std::io::BufReader::new(std::io::Read::take(&tty, MAX_CREDENTIAL_FILE))
+        .read_line(&mut line);
+    // Echo back on whatever happened.
+    let restored = tcsetattr(&tty, OptionalActions::Now, &before);
+    read.context("read the password")?;
+    restored.context("turn echo back on")?;
+    let line = line.trim_end_matches(['\r', '\n']).to_owned();
+    if line.is_empty() {
+        bail!("empty password");
+    }
+    Ok(line)
+}
+
+fn credential(cli: &Cli) -> anyhow::Result<Credential> {
+    let c = if let Some(f) = &cli.password_file {
+        Credential::Password(first_line(f)?)
+    } else if let Some(f) = &cli.token_file {
+        Credential::Token(first_line(f)?)
+    } else if let Ok(p) = std::env::var("FERRY_PASSWORD") {
+        Credential::Password(p)
+    } else if let Ok(t) = std::env::var("FERRY_TOKEN") {
+        Credential::Token(t)
+    } else {
+        Credential::Password(prompt_password(&cli.user)?)
+    };
+    c.validate().context("credential")?;
+    Ok(c)
+}
+
+fn resolve(broker: &str) -> anyhow::Result<(SocketAddr, String)> {
+    let addr = broker
+        .to_socket_addrs()
+        .with_context(|| format!("resolve {broker}"))?
+        .next()
+        .with_context(|| format!("{broker} resolves to no address"))?;
+    let host = match broker.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        None => broker.to_owned(),
+    };
+    Ok((addr, host))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let credential = credential(&cli)?;
+    let (addr, host) = resolve(&cli.broker)?;
+    let server_name = cli.server_name.clone().unwrap_or(host);
+    let client = RouteClient::connect(addr, &server_name, &cli.ca)
+        .await
+        .with_context(|| format!("connect to the broker at {}", cli.broker))?;
+    let json = cli.json;
+    let answer = client
+        .route(
+            RouteAsk {
+                group: cli.group.clone(),
+                user: cli.user.clone(),
+                credential,
+                wait: cli.wait,
+            },
+            |position| {
+                if !json {
+                    eprintln!("No room yet: waiting (position {position})...");
+                }
+            },
+        )
+        .await
+        .context("route request")?;
+    client.close().await;
+    match answer {
+        RouteAnswer::Admitted(a) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "admitted": true,
+                        "group": cli.group.as_str(),
+                        "user": cli.user.as_str(),
+                        "resource": a.resource.as_str(),
+                        "address": a.address,
+                        "session": a.session.as_str(),
+                        "ticket": a.ticket,
+                        "expires_at": a.expires_at.0,
+                    })
+                );
+            } else {
+                println!("Admitted to group {}.", cli.group);
+                println!("resource:   {}", a.resource);
+                println!("address:    {}", a.address);
+                println!("session:    {}", a.session);
+                println!("ticket:     {}", a.ticket);
+                println!("expires at: {} (unix ms)", a.expires_at.0);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RouteAnswer::Refused(r) => {
+            if json {
+                let mut v = serde_json::json!({
+                    "admitted": false,
+                    "group": cli.group.as_str(),
+                    "user": cli.user.as_str(),
+                    "reason": r.reason.as_str(),
+                    "message": r.message,
+                });
+                if let ferry_common::route::RouteRefusal::GroupNotAvailable { status } = &r.reason {
+                    v["status"] = serde_json::Value::String(status.clone());
+                }
+                println!("{v}");
+            } else {
+                println!("Refused ({}): {}", r.reason, r.message);
+            }
+            Ok(ExitCode::from(EXIT_REFUSED))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry-connect: start the runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry-connect: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! Enrollment: a new host presents its one-time token and a CSR over ALPN
+//! [`ferry_common::ALPN_ENROLL`] and gets its agent certificate.
+//!
+//! Tokens are made per created elastic resource ([`new_token`]), 256 random
+//! bits as hex, handed to the provisioner, and stored only as their SHA-256
+//! (`enroll_tokens`, migration 6) with the resource, the group and an
+//! expiry. A token is checked (unknown, used or expired tokens are refused
+//! with a readable reason), the certificate is issued by the broker's CA for
+//! the token's resource with the CSR's public key (whatever names the CSR
+//! asks for), and the token is marked used in the same transaction that
+//! records the `enrolled` group event. The agent then connects with its
+//! certificate and registers; that registration makes the resource ready
+//! (see [`crate::groups::elastic`]).
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::enroll::{
+    is_token_text, EnrollMessage, EnrollRefusal, EnrollReply, EnrollReplyMessage, EnrollRequest,
+    MAX_ENROLL_FRAME_LEN,
+};
+use ferry_common::frame::{self, PreambleReply, PREAMBLE_LEN};
+use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::Semaphore;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::groups::tasks::Clock;
+use crate::link::{close_code, EndpointService, HANDSHAKE_TIMEOUT, REFUSAL_LINGER, WRITE_TIMEOUT};
+use crate::pki;
+use crate::store::{Store, StoreError};
+
+/// Enrollments served at once; past this a host is closed with
+/// `close_code::BUSY` and retries.
+pub const MAX_ENROLLMENTS: usize = 64;
+
+/// Random bytes in a token.
+pub const TOKEN_BYTES: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("no randomness from the system")]
+    Random,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A new token as text (64 lowercase hex characters).
+pub fn new_token() -> Result<String, EnrollError> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| EnrollError::Random)?;
+    Ok(hex(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What is stored for `token`: its SHA-256, hex.
+pub fn token_hash(token: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// Records `token` (hashed) for `resource` of group `group_num`, valid until
+/// `expires_at`. Inside a store transaction.
+pub fn insert_token(
+    c: &Connection,
+    token: &str,
+    group_num: i64,
+    resource: &ResourceId,
+    now: UnixMillis,
+    expires_at: UnixMillis,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO enroll_tokens (token_hash, group_num, resource, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            token_hash(token),
+            group_num,
+            resource.as_str(),
+            now.0,
+            expires_at.0
+        ],
+    )?;
+    Ok(())
+}
+
+/// Serves ALPN `ferry-enroll/1`. Cheap to clone.
+#[derive(Clone)]
+pub struct EnrollService {
+    store: Store,
+    pki_dir: PathBuf,
+    clock: Clock,
+    permits: Arc<Semaphore>,
+}
+
+impl EnrollService {
+    pub fn new(store: Store, pki_dir: &Path, clock: Clock) -> EnrollService {
+        EnrollService {
+            store,
+            pki_dir: pki_dir.to_path_buf(),
+            clock,
+            permits: Arc::new(Semaphore::new(MAX_ENROLLMENTS)),
+        }
+    }
+
+    /// Checks the token, issues the certificate and marks the token used.
+    pub async fn enroll(&self, req: EnrollRequest) -> EnrollReply {
+        let refuse = |code, message: String| EnrollReply::Refused { code, message };
+        if !is_token_text(&req.token) {
+            return refuse(
+                EnrollRefusal::BadRequest,
+                "the enrollment token is not 64 lowercase hex characters".into(),
+            );
+        }
+        let hash = token_hash(&req.token);
+        let now = self.clock.now();
+        let key = hash.clone();
+        let found = self
+            .store
+            .read_with(move |c| {
+                Ok(c.query_row(
+                    "SELECT group_num, resource, expires_at, used_at FROM enroll_tokens
+                     WHERE token_hash = ?1",
+                    [key],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                        ))
+                    },
+                )
+                .optional()?)
+            })
+            .await;
+        let (group_num, resource, expires_at) = match found {
+            Err(e) => {
+                tracing::error!("enrollment: read token: {e}");
+                return refuse(
+                    EnrollRefusal::Unavailable,
+                    "the broker cannot read its store now; try again".into(),
+                );
+            }
+            Ok(None) => {
+                return refuse(
+                    EnrollRefusal::UnknownToken,
+                    "this enrollment token is unknown to the broker".into(),
+                )
+            }
+            Ok(Some((_, resource, _, Some(_)))) => {
+                return refuse(
+                    EnrollRefusal::UsedToken,
+                    format!("this enrollment token was already used (by {resource}); a token enrolls one host once"),
+                )
+            }
+            Ok(Some((_, resource, expires_at, None))) if expires_at <= now.0 => {
+                return refuse(
+                    EnrollRefusal::ExpiredToken,
+                    format!("the enrollment token of {resource} expired"),
+                )
+            }
+            Ok(Some((g, r, e, None))) => (g, r, e),
+        };
+        let Ok(resource) = ResourceId::new(resource.as_str()) else {
+            return refuse(
+                EnrollRefusal::Unavailable,
+                "the token's resource id is invalid".into(),
+            );
+        };
+        let cert_pem = match issue_from_csr(&self.pki_dir, &resource, &req.csr_der) {
+            Ok(pem) => pem,
+            Err(IssueError::Csr(why)) => {
+                return refuse(
+                    EnrollRefusal::BadRequest,
+                    format!("the certificate signing request is unusable: {why}"),
+                )
+            }
+            Err(IssueError::Ca(why)) => {
+                tracing::error!(%resource, "enrollment: issue certificate: {why}");
+                return refuse(
+                    EnrollRefusal::Unavailable,
+                    "the broker could not issue a certificate now; try again".into(),
+                );
+            }
+        };
+        let name = resource.to_string();
+        let used = self
+            .store
+            .exec(move |c| {
+                let n = c.execute(
+                    "UPDATE enroll_tokens SET used_at = ?2
+                     WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+                    params![hash, now.0],
+                )?;
+                if n == 1 {
+                    c.execute(
+                        "INSERT INTO group_events (group_num, at, kind, message)
+                         VALUES (?1, ?2, 'enrolled', ?3)",
+                        params![
+                            group_num,
+                            now.0,
+                            format!(
+                                "enrolled: {name} received its certificate with its one-time token"
+                            )
+                        ],
+                    )?;
+                }
+                Ok(n == 1)
+            })
+            .await;
+        match used {
+            Ok(true) => {
+                tracing::info!(%resource, expires_at, "host enrolled");
+                EnrollReply::Issued { resource, cert_pem }
+            }
+            Ok(false) => refuse(
+                EnrollRefusal::UsedToken,
+                "this enrollment token was used meanwhile".into(),
+            ),
+            Err(e) => {
+                tracing::error!(%resource, "enrollment: mark token used: {e}");
+                refuse(
+                    EnrollRefusal::Unavailable,
+                    "the broker cannot write its store now; try again".into(),
+                )
+            }
+        }
+    }
+
+    async fn serve_conn(&self, conn: quinn::Connection, token: CancellationToken) {
+        let remote = conn.remote_address();
+        let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, "refusing enrollment: {MAX_ENROLLMENTS} in progress");
+            conn.close(close_code::BUSY.into(), b"too many enrollments");
+            return;
+        };
+        let (mut send, mut recv) = tokio::select! {
+            _ = token.cancelled() => return,
+            r = timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()) => match r {
+                Ok(Ok(s)) => s,
+                _ => {
+                    conn.close(close_code::DONE.into(), b"no stream");
+                    return;
+                }
+            },
+        };
+        let mut pre = [0u8; PREAMBLE_LEN];
+        if !matches!(
+            timeout(HANDSHAKE_TIMEOUT, recv.read_exact(&mut pre)).await,
+            Ok(Ok(()))
+        ) {
+            conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
+            return;
+        }
+        match frame::parse_preamble(&pre) {
+            Err(_) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"not a Ferry peer");
+                return;
+            }
+            Ok(v) if v != PROTOCOL_VERSION => {
+                let reply = PreambleReply::UnsupportedVersion {
+                    supported: PROTOCOL_VERSION,
+                    message: format!("broker speaks protocol {PROTOCOL_VERSION}, host sent {v}"),
+                };
+                let _ = timeout(REFUSAL_LINGER, send.write_all(&reply.encode())).await;
+                let _ = send.finish();
+                let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+                conn.close(
+                    close_code::UNSUPPORTED_VERSION.into(),
+                    b"unsupported version",
+                );
+                return;
+            }
+            Ok(_) => {}
+        }
+        let accepted = PreambleReply::Accepted {
+            version: PROTOCOL_VERSION,
+        };
+        if !matches!(
+            timeout(WRITE_TIMEOUT, send.write_all(&accepted.encode())).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        let request = tokio::select! {
+            _ = token.cancelled() => return,
+            r = timeout(
+                HANDSHAKE_TIMEOUT,
+                frame::read_message_within::<EnrollMessage, _, MAX_ENROLL_FRAME_LEN>(&mut recv),
+            ) => r,
+        };
+        let reply = match request {
+            Ok(Ok(Some(EnrollMessage::V1(req)))) => self.enroll(req).await,
+            Ok(Ok(None)) | Err(_) => {
+                conn.close(close_code::DONE.into(), b"no request");
+                return;
+            }
+            Ok(Err(e)) => EnrollReply::Refused {
+                code: EnrollRefusal::BadRequest,
+                message: format!("malformed enrollment request: {e}"),
+            },
+        };
+        if let EnrollReply::Refused { code, message } = &reply {
+            tracing::warn!(%remote, ?code, "enrollment refused: {message}");
+        }
+        let msg = EnrollReplyMessage::V1(reply);
+        let _ = timeout(
+            WRITE_TIMEOUT,
+            frame::write_message(&mut send, &msg, MAX_ENROLL_FRAME_LEN),
+        )
+        .await;
+        let _ = send.finish();
+        let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+        conn.close(close_code::DONE.into(), b"bye");
+    }
+}
+
+impl EndpointService for EnrollService {
+    fn serve(
+        &self,
+        conn: quinn::Connection,
+        token: CancellationToken,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let this = self.clone();
+        Box::pin(async move { this.serve_conn(conn, token).await })
+    }
+}
+
+enum IssueError {
+    Csr(String),
+    Ca(String),
+}
+
+/// A client certificate for `resource` with the public key of `csr_der`,
+/// signed by the CA in `pki_dir` (as [`pki::issue_agent`] makes them).
+fn issue_from_csr(
+    pki_dir: &Path,
+    resource: &ResourceId,
+    csr_der: &[u8],
+) -> Result<String, IssueError> {
+    let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+    let csr = CertificateSigningRequestParams::from_der(&csr)
+        .map_err(|e| IssueError::Csr(e.to_string()))?;
+    let ca_err = |e: &dyn std::fmt::Display| IssueError::Ca(e.to_string());
+    let ca_pem = std::fs::read_to_string(pki_dir.join(pki::CA_CERT)).map_err(|e| ca_err(&e))?;
+    let ca_key_pem = std::fs::read_to_string(pki_dir.join(pki::CA_KEY)).map_err(|e| ca_err(&e))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| ca_err(&e))?;
+    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)
+        .and_then(|p| p.self_signed(&ca_key))
+        .map_err(|e| ca_err(&e))?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::DnsName(
+        resource
+            .as_str()
+            .try_into()
+            .map_err(|e: rcgen::Error| ca_err(&e))?,
+    )];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, resource.as_str());
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params
+        .signed_by(&csr.public_key, &ca, &ca_key)
+        .map_err(|e| ca_err(&e))?;
+    Ok(cert.pem())
+}
+
+/// How long a token made now lives: the provisioner's register deadline.
+pub fn expiry(now: UnixMillis, lifetime: Duration) -> UnixMillis {
+    UnixMillis(
+        now.0
+            .saturating_add(i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+    use rustls::pki_types::pem::PemObject;
+
+    const T0: UnixMillis = UnixMillis(1_772_409_600_000);
+
+    fn csr() -> Vec<u8> {
+        let key = KeyPair::generate().expect("key");
+        let params = CertificateParams::new(vec!["someone-else".into()]).expect("params");
+        params.serialize_request(&key).expect("csr").der().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_token_enrolls_its_resource_once_and_unknown_or_expired_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pki_dir = dir.path().join("pki");
+        pki::init(&pki_dir, &[]).expect("pki");
+        let store =
+            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let clock = crate::groups::tasks::ManualClock::new(T0);
+        let svc = EnrollService::new(store.clone(), &pki_dir, clock.clock());
+        let token = new_token().expect("token");
+        assert!(is_token_text(&token));
+        let old = new_token().expect("token");
+        let resource: ResourceId = "g-e1".parse().expect("id");
+        let (t, o, r) = (token.clone(), old.clone(), resource.clone());
+        store
+            .exec(move |c| {
+                c.execute(
+                    "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
+                         base_resources, session_type, policy, status, created_at, updated_at)
+                     VALUES (1, 'dg-1', 'g', 'r', 'n', 'office-4c8g', 'img', 'pay-as-you-go', 0,
+                         'independent', '{}', 'active', 0, 0)",
+                    [],
+                )?;
+                insert_token(c, &t, 1, &r, T0, UnixMillis(T0.0 + 60_000))?;
+                insert_token(c, &o, 1, &r, T0, UnixMillis(T0.0 + 1_000))?;
+                Ok(())
+            })
+            .await
+            .expect("insert");
+        // Only the hash is stored.
+        let stored: Vec<String> = store
+            .read_with(|c| {
+                let mut s = c.prepare("SELECT token_hash FROM enroll_tokens")?;
+                let rows = s.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .await
+            .expect("read");
+        assert!(!stored.contains(&token) && stored.contains(&token_hash(&token)));
+
+        clock.advance(Duration::from_secs(2));
+        let reply = svc
+            .enroll(EnrollRequest {
+                token: token.clone(),
+                csr_der: csr(),
+            })
+            .await;
+        let EnrollReply::Issued {
+            resource: got,
+            cert_pem,
+        } = reply
+        else {
+            panic!("expected a certificate, got {reply:?}");
+        };
+        assert_eq!(got, resource);
+        let der =
+            rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("pem");
+        assert_eq!(
+            pki::resource_from_cert(der.as_ref()).expect("name"),
+            resource
+        );
+
+        let again = svc
+            .enroll(EnrollRequest {
+                token,
+                csr_der: csr(),
+            })
+            .await;
+        assert!(
+            matches!(
+                again,
+                EnrollReply::Refused {
+                    code: EnrollRefusal::UsedToken,
+                    ..
+                }
+            ),
+            "{again:?}"
+        );
+        let expired = svc
+            .enroll(EnrollRequest {
+                token: old,
+                csr_der: csr(),
+            })
+            .await;
+        assert!(
+            matches!(
+                expired,
+                EnrollReply::Refused {
+                    code: EnrollRefusal::ExpiredToken,
+                    ..
+                }
+            ),
+            "{expired:?}"
+        );
+        let unknown = svc
+            .enroll(EnrollRequest {
+                token: "ab".repeat(32),
+                csr_der: csr(),
+            })
+            .await;
+        assert!(
+            matches!(
+                unknown,
+                EnrollReply::Refused {
+                    code: EnrollRefusal::UnknownToken,
+                    ..
+                }
+            ),
+            "{unknown:?}"
+        );
+        let bad = svc
+            .enroll(EnrollRequest {
+                token: "x".into(),
+                csr_der: csr(),
+            })
+            .await;
+        assert!(
+            matches!(
+                bad,
+                EnrollReply::Refused {
+                    code: EnrollRefusal::BadRequest,
+                    ..
+                }
+            ),
+            "{bad:?}"
+        );
+        store.close().await;
+    }
+}

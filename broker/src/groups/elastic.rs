@@ -1,0 +1,594 @@
+//! Elastic resources for real (issue 6): what a group's actor does with the
+//! engine's scale decisions when a provisioner is configured, and the
+//! durable record of every elastic resource (`elastic_resources`,
+//! migration 6) that a restarted broker rebuilds its engine from.
+//!
+//! Lifecycle with a provisioner:
+//! - scale-out: per new resource `<group>-e<n>` a one-time enrollment token
+//!   (stored hashed, living `register_timeout`) and a create through the
+//!   provisioner, retried with a doubling backoff ([`RETRY_FIRST`] up to
+//!   [`RETRY_MAX`]) up to `attempts` times. Every failed attempt is a
+//!   `provision-failed` event with the attempt number and the command's
+//!   stderr tail. A create that finally fails, or a resource whose agent has
+//!   not registered `register_timeout` after the scale-out, is a failed
+//!   creation for the engine (`Input::CreateFailed`): out of capacity at
+//!   once, never billed (billing starts only when the agent registers), and
+//!   deleted through the provisioner.
+//! - ready: its agent enrolled with the token and registered (the actor's
+//!   join path): billing starts.
+//! - scale-in: the engine marks it `releasing` at the decision, so no session
+//!   is placed on it from then on; the agent is sent `Drain`; its answer (or
+//!   its connection ending) is the release, where billing stops; then the
+//!   provisioner deletes it, with the same retries. A delete that keeps
+//!   failing is a `delete-failed` event and the resource is flagged (`group
+//!   show`): billing has stopped, the host must be removed by hand.
+//!
+//! Without a provisioner, elastic hosts are configured by hand as
+//! `<group>-e<n>` and only the durable record is kept.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ferry_common::wire::{Command, CommandOutcome};
+use ferry_common::{GroupName, ResourceId, UnixMillis};
+use rusqlite::{params, Connection};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::actor::Msg;
+use super::tasks::Clock;
+use crate::engine::{Action, Decision, RestoredElastic, RestoredState};
+use crate::enroll;
+use crate::provision::{CreateRequest, DeleteRequest, Provisioning};
+use crate::registry::{Registry, COMMAND_TIMEOUT};
+use crate::store::{Store, StoreError};
+
+/// Wait before the second attempt of a create or delete; it doubles after
+/// each failure.
+pub const RETRY_FIRST: Duration = Duration::from_secs(2);
+
+/// Longest wait between two attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// What a provisioning task tells the group's actor.
+#[derive(Debug)]
+pub enum Report {
+    /// The create gave up after its last attempt.
+    CreateFailed { engine_id: ResourceId, why: String },
+    /// `register_timeout` passed since the scale-out: if the resource is
+    /// still pending, its creation failed.
+    RegisterDeadline { engine_id: ResourceId },
+    /// The agent answered `Drain` (or could not be asked): it is released.
+    Drained {
+        engine_id: ResourceId,
+        outcome: String,
+    },
+    /// The delete gave up after its last attempt.
+    DeleteFailed { resource: ResourceId, why: String },
+}
+
+/// A change of the durable record, written with the actor's next commit.
+#[derive(Clone, Debug)]
+enum Op {
+    Pending {
+        engine_id: ResourceId,
+        resource: ResourceId,
+        at: UnixMillis,
+    },
+    State {
+        engine_id: ResourceId,
+        state: &'static str,
+        at: UnixMillis,
+    },
+}
+
+/// The wait before attempt `attempt + 1` (attempt counts from 1).
+pub fn backoff(attempt: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    RETRY_FIRST.saturating_mul(factor).min(RETRY_MAX)
+}
+
+fn after(t: UnixMillis, d: Duration) -> UnixMillis {
+    UnixMillis(t.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// One group's elastic resources, owned by its actor.
+pub(super) struct Elastic {
+    num: i64,
+    group: GroupName,
+    spec: String,
+    ctx: Option<Arc<Provisioning>>,
+    store: Store,
+    registry: Weak<Registry>,
+    clock: Clock,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    actor: mpsc::WeakSender<Msg>,
+    ops: Vec<Op>,
+}
+
+/// What [`Elastic::new`] needs from the actor.
+pub(super) struct ElasticParts {
+    pub num: i64,
+    pub group: GroupName,
+    pub spec: String,
+    pub ctx: Option<Arc<Provisioning>>,
+    pub store: Store,
+    pub registry: Weak<Registry>,
+    pub clock: Clock,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    pub(super) actor: mpsc::WeakSender<Msg>,
+}
+
+impl Elastic {
+    pub fn new(p: ElasticParts) -> Elastic {
+        Elastic {
+            num: p.num,
+            group: p.group,
+            spec: p.spec,
+            ctx: p.ctx,
+            store: p.store,
+            registry: p.registry,
+            clock: p.clock,
+            tracker: p.tracker,
+            shutdown: p.shutdown,
+            actor: p.actor,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Whether a provisioner creates and deletes this group's resources.
+    pub fn provisioned(&self) -> bool {
+        self.ctx.is_some()
+    }
+
+    /// `<group>-e<n>` for the engine's `e<n>`.
+    pub fn real(&self, engine_id: &ResourceId) -> Option<ResourceId> {
+        ResourceId::new(format!("{}-{}", self.group, engine_id)).ok()
+    }
+
+    pub fn has_ops(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// Follows one engine decision: records it, and with a provisioner
+    /// starts the create or the delete.
+    pub fn on_decision(&mut self, d: &Decision) {
+        match &d.action {
+            Action::ScaleOut { resources } => {
+                for engine_id in resources {
+                    let Some(resource) = self.real(engine_id) else {
+                        continue;
+                    };
+                    self.ops.push(Op::Pending {
+                        engine_id: engine_id.clone(),
+                        resource: resource.clone(),
+                        at: d.at,
+                    });
+                    self.create(engine_id.clone(), resource, d.at);
+                }
+            }
+            Action::Created { resource } if is_elastic(resource) => self.ops.push(Op::State {
+                engine_id: resource.clone(),
+                state: "ready",
+                at: d.at,
+            }),
+            Action::ScaleIn { resource } => self.ops.push(Op::State {
+                engine_id: resource.clone(),
+                state: "releasing",
+                at: d.at,
+            }),
+            Action::Released { resource } if is_elastic(resource) => {
+                self.ops.push(Op::State {
+                    engine_id: resource.clone(),
+                    state: "released",
+                    at: d.at,
+                });
+                if let Some(real) = self.real(resource) {
+                    self.delete(real);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A creation failed (after [`Elastic::on_decision`] saw its release).
+    pub fn mark_failed(&mut self, engine_id: &ResourceId, at: UnixMillis) {
+        self.ops.push(Op::State {
+            engine_id: engine_id.clone(),
+            state: "failed",
+            at,
+        });
+    }
+
+    /// Writes the pending record changes (inside the actor's commit).
+    pub fn take_ops(&mut self) -> Vec<OpBatch> {
+        std::mem::take(&mut self.ops)
+            .into_iter()
+            .map(OpBatch)
+            .collect()
+    }
+
+    /// Scale-in of a connected agent with a provisioner: `Drain`, then the
+    /// release is reported back.
+    pub fn release(&self, real: &ResourceId, engine_id: &ResourceId) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let (real, engine_id) = (real.clone(), engine_id.clone());
+        let actor = self.actor.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = registry.command(&real, Command::Drain, COMMAND_TIMEOUT) => r,
+            };
+            let outcome = match outcome {
+                Ok(CommandOutcome::Done) => "the agent drained".to_owned(),
+                Ok(CommandOutcome::Failed(m)) => format!("the agent could not drain: {m}"),
+                Err(e) => format!("the agent was not reached: {e}"),
+            };
+            report(&actor, Report::Drained { engine_id, outcome }).await;
+        });
+    }
+
+    fn create(&self, engine_id: ResourceId, resource: ResourceId, at: UnixMillis) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        let (store, clock, shutdown) = (
+            self.store.clone(),
+            self.clock.clone(),
+            self.shutdown.clone(),
+        );
+        let actor = self.actor.clone();
+        let (num, group, spec) = (self.num, self.group.clone(), self.spec.clone());
+        self.tracker.spawn(async move {
+            let deadline = after(at, ctx.config.register_timeout);
+            let result = create_with_retries(
+                &ctx, &store, &clock, &shutdown, num, &group, &spec, &resource, deadline,
+            )
+            .await;
+            match result {
+                Ok(()) => {}
+                Err(Some(why)) => {
+                    report(&actor, Report::CreateFailed { engine_id, why }).await;
+                    return;
+                }
+                Err(None) => return, // shutting down
+            }
+            if sleep_until(&clock, &shutdown, deadline).await {
+                report(&actor, Report::RegisterDeadline { engine_id }).await;
+            }
+        });
+    }
+
+    /// Waits for the register deadline of a resource still pending after a
+    /// broker restart (its create had been handed to the provisioner).
+    pub fn await_registration(&self, engine_id: ResourceId, requested_at: UnixMillis) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        let (clock, shutdown, actor) = (
+            self.clock.clone(),
+            self.shutdown.clone(),
+            self.actor.clone(),
+        );
+        self.tracker.spawn(async move {
+            let deadline = after(requested_at, ctx.config.register_timeout);
+            if sleep_until(&clock, &shutdown, deadline).await {
+                report(&actor, Report::RegisterDeadline { engine_id }).await;
+            }
+        });
+    }
+
+    /// After a restart: the provisioner brings back what it runs locally.
+    pub fn resume(&self, resource: ResourceId) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        let (store, clock, num) = (self.store.clone(), self.clock.clone(), self.num);
+        self.tracker.spawn(async move {
+            if let Err(e) = ctx.provisioner.resume(&resource).await {
+                let message = format!("resume of {resource} after the broker restart failed: {e}");
+                tracing::warn!("{message}");
+                event(&store, num, clock.now(), "provision-failed", message).await;
+            }
+        });
+    }
+
+    fn delete(&self, resource: ResourceId) {
+        let Some(ctx) = self.ctx.clone() else { return };
+        let (store, clock, shutdown) = (
+            self.store.clone(),
+            self.clock.clone(),
+            self.shutdown.clone(),
+        );
+        let actor = self.actor.clone();
+        let (num, group) = (self.num, self.group.clone());
+        self.tracker.spawn(async move {
+            let req = DeleteRequest {
+                group,
+                resource: resource.clone(),
+            };
+            let attempts = ctx.config.attempts.max(1);
+            for attempt in 1..=attempts {
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = ctx.provisioner.delete(&req) => r,
+                };
+                match result {
+                    Ok(()) => {
+                        let key = resource.to_string();
+                        let now = clock.now();
+                        let written = store
+                            .exec(move |c| {
+                                c.execute(
+                                    "UPDATE elastic_resources SET deleted_at = ?3
+                                     WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
+                                    params![num, key, now.0],
+                                )?;
+                                Ok(())
+                            })
+                            .await;
+                        if let Err(e) = written {
+                            tracing::error!(%resource, "record the delete: {e}");
+                        }
+                        let message = format!(
+                            "deleted: {resource} removed by the {} provisioner (attempt {attempt})",
+                            ctx.provisioner.kind()
+                        );
+                        event(&store, num, now, "deleted", message).await;
+                        return;
+                    }
+                    Err(e) => {
+                        // The next attempt's time is taken before the event
+                        // is written: whoever reads the event and moves the
+                        // clock moves it past this wait.
+                        let wake = after(clock.now(), backoff(attempt));
+                        let message = format!(
+                            "provision-failed: delete of {resource} failed (attempt {attempt} of {attempts}): {e}"
+                        );
+                        tracing::warn!("{message}");
+                        event(&store, num, clock.now(), "provision-failed", message).await;
+                        if attempt == attempts {
+                            let why = format!(
+                                "delete of {resource} failed {attempts} time(s), last: {e}; its billing \
+                                 stopped at its release; remove the host by hand"
+                            );
+                            report(&actor, Report::DeleteFailed { resource, why }).await;
+                            return;
+                        }
+                        if !sleep_until(&clock, &shutdown, wake).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// A record change, applied by [`write_ops`].
+pub struct OpBatch(Op);
+
+/// Applies the record changes in the actor's commit transaction.
+pub fn write_ops(c: &Connection, num: i64, ops: &[OpBatch]) -> rusqlite::Result<()> {
+    for OpBatch(op) in ops {
+        match op {
+            Op::Pending {
+                engine_id,
+                resource,
+                at,
+            } => {
+                c.execute(
+                    "INSERT OR REPLACE INTO elastic_resources
+                         (group_num, engine_id, resource, state, requested_at)
+                     VALUES (?1, ?2, ?3, 'pending', ?4)",
+                    params![num, engine_id.as_str(), resource.as_str(), at.0],
+                )?;
+            }
+            Op::State {
+                engine_id,
+                state,
+                at,
+            } => {
+                let column = match *state {
+                    "ready" => "ready_at",
+                    "releasing" => "releasing_at",
+                    _ => "released_at",
+                };
+                c.execute(
+                    &format!(
+                        "UPDATE elastic_resources SET state = ?3, {column} = COALESCE({column}, ?4)
+                         WHERE group_num = ?1 AND engine_id = ?2"
+                    ),
+                    params![num, engine_id.as_str(), state, at.0],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The elastic resources of group `num` alive in the store (pending, ready,
+/// releasing) with their real ids, and the next number to give.
+pub fn load(
+    c: &Connection,
+    num: i64,
+) -> Result<(Vec<(RestoredElastic, ResourceId)>, u32), StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT engine_id, resource, state, requested_at, ready_at, releasing_at
+         FROM elastic_resources WHERE group_num = ?1 ORDER BY requested_at, rowid",
+    )?;
+    let rows = stmt
+        .query_map([num], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let corrupt = |what: String| StoreError::Corrupt(what);
+    let mut next = 1u32;
+    let mut alive = Vec::new();
+    for (engine_id, resource, state, requested_at, ready_at, releasing_at) in rows {
+        let n = engine_id
+            .strip_prefix('e')
+            .and_then(|d| d.parse::<u32>().ok())
+            .ok_or_else(|| corrupt(format!("elastic engine id {engine_id:?}")))?;
+        next = next.max(n.saturating_add(1));
+        let state = match (state.as_str(), ready_at, releasing_at) {
+            ("pending", _, _) => RestoredState::Pending,
+            ("ready", Some(r), _) => RestoredState::Ready {
+                ready_at: UnixMillis(r),
+            },
+            ("releasing", Some(r), Some(s)) => RestoredState::Releasing {
+                ready_at: UnixMillis(r),
+                releasing_at: UnixMillis(s),
+            },
+            ("released" | "failed", _, _) => continue,
+            (other, _, _) => return Err(corrupt(format!("elastic resource state {other:?}"))),
+        };
+        let id = ResourceId::new(engine_id.as_str()).map_err(|e| corrupt(e.to_string()))?;
+        let real = ResourceId::new(resource.as_str()).map_err(|e| corrupt(e.to_string()))?;
+        alive.push((
+            RestoredElastic {
+                id,
+                state,
+                requested_at: UnixMillis(requested_at),
+            },
+            real,
+        ));
+    }
+    Ok((alive, next))
+}
+
+fn is_elastic(id: &ResourceId) -> bool {
+    id.as_str().starts_with('e')
+}
+
+async fn report(actor: &mpsc::WeakSender<Msg>, report: Report) {
+    if let Some(tx) = actor.upgrade() {
+        if tx.send(Msg::Elastic(report)).await.is_err() {
+            tracing::debug!("elastic report for a stopped actor");
+        }
+    }
+}
+
+/// Sleeps on the groups' clock until `t`; false if shutdown came first.
+async fn sleep_until(clock: &Clock, shutdown: &CancellationToken, t: UnixMillis) -> bool {
+    while clock.now() < t {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = clock.sleep_until(Some(t)) => {}
+        }
+    }
+    true
+}
+
+/// Appends one group event (a provisioning task's own record).
+pub async fn event(store: &Store, num: i64, at: UnixMillis, kind: &'static str, message: String) {
+    let written = store
+        .exec(move |c| {
+            c.execute(
+                "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
+                params![num, at.0, kind, message],
+            )?;
+            Ok(())
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::error!(num, "record a {kind} event: {e}");
+    }
+}
+
+/// Token, then create attempts. `Err(Some(why))`: gave up; `Err(None)`:
+/// the broker is shutting down.
+#[allow(clippy::too_many_arguments)]
+async fn create_with_retries(
+    ctx: &Provisioning,
+    store: &Store,
+    clock: &Clock,
+    shutdown: &CancellationToken,
+    num: i64,
+    group: &GroupName,
+    spec: &str,
+    resource: &ResourceId,
+    token_expiry: UnixMillis,
+) -> Result<(), Option<String>> {
+    let token = enroll::new_token().map_err(|e| Some(e.to_string()))?;
+    let now = clock.now();
+    let (t, r) = (token.clone(), resource.clone());
+    let image = store
+        .exec(move |c| {
+            enroll::insert_token(c, &t, num, &r, now, token_expiry)?;
+            let image: String =
+                c.query_row("SELECT image FROM groups WHERE num = ?1", [num], |row| {
+                    row.get(0)
+                })?;
+            Ok(image)
+        })
+        .await
+        .map_err(|e| Some(format!("store the enrollment token of {resource}: {e}")))?;
+    let req = CreateRequest {
+        group: group.clone(),
+        spec: spec.to_owned(),
+        image,
+        resource: resource.clone(),
+        enrollment_token: token,
+        broker_addr: ctx.broker_addr.clone(),
+        ca_cert_path: ctx.ca_cert.clone(),
+    };
+    let attempts = ctx.config.attempts.max(1);
+    for attempt in 1..=attempts {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Err(None),
+            r = ctx.provisioner.create(&req) => r,
+        };
+        match result {
+            Ok(()) => {
+                let message = format!(
+                    "provisioned: {resource} created by the {} provisioner (attempt {attempt}); \
+                     it is ready when its agent registers",
+                    ctx.provisioner.kind()
+                );
+                event(store, num, clock.now(), "provisioned", message).await;
+                return Ok(());
+            }
+            Err(e) => {
+                // Taken before the event is written (see the delete loop).
+                let wake = after(clock.now(), backoff(attempt));
+                let message = format!(
+                    "provision-failed: create of {resource} failed (attempt {attempt} of {attempts}): {e}"
+                );
+                tracing::warn!("{message}");
+                event(store, num, clock.now(), "provision-failed", message).await;
+                if attempt == attempts {
+                    return Err(Some(format!(
+                        "create of {resource} failed {attempts} time(s), last: {e}"
+                    )));
+                }
+                if !sleep_until(clock, shutdown, wake).await {
+                    return Err(None);
+                }
+            }
+        }
+    }
+    Err(Some(format!("create of {resource}: no attempt made")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_first_wait_and_is_capped() {
+        assert_eq!(backoff(1), RETRY_FIRST);
+        assert_eq!(backoff(2), RETRY_FIRST * 2);
+        assert_eq!(backoff(3), RETRY_FIRST * 4);
+        assert_eq!(backoff(40), RETRY_MAX);
+    }
+}

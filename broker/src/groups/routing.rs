@@ -1,0 +1,671 @@
+//! The group actor's side of routing end users (SPEC section 8): the only
+//! place that admits sessions, so the concurrent-session limit holds however
+//! many requests arrive at once.
+//!
+//! A child module of [`super`] (the actor), so it works on the actor's state.
+//!
+//! - A route request is fed to the engine as [`Input::Route`] (same rules as
+//!   `simulate`): placed at once, waiting (FIFO, the engine's waiting room, up
+//!   to `wait_timeout`), or rejected. A placed request is a reservation: the
+//!   slot is held until the ticket's expiry ([`RESERVATION_TTL`] after it was
+//!   issued); the agent reporting `Started` for that session id turns it into
+//!   the session ([`Input::Connected`]); unused at expiry it is left
+//!   ([`Input::Leave`]) with a `ticket-expired` event.
+//! - A request whose client does not wait and finds no room is withdrawn at
+//!   once and refused `at-capacity`.
+//! - `shared` groups: a user with a session or reservation in the group gets
+//!   the same resource and session again (a new ticket, no new slot).
+//! - Disconnect retention: an agent's `Presence::Disconnected` keeps the
+//!   session (and its slot) for the group's `disconnect_retention`; the same
+//!   user routed meanwhile goes back to it. When it runs out the agent is asked
+//!   to end the session (`DisconnectSession`); its end is reported and metered
+//!   as usual. The stored group policy has no session part yet (issue 7), so
+//!   the retention is [`DEFAULT_RETENTION`] for every group.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use ferry_common::route::{RouteRefusal, RouteRefused};
+use ferry_common::wire::{Command, CommandOutcome, Presence, PresenceReport};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
+use rusqlite::params;
+use tokio::sync::mpsc;
+
+use super::{Actor, ActorError, GroupActors, Msg};
+use crate::engine::{Input, DEFAULT_RETENTION};
+use crate::registry::COMMAND_TIMEOUT;
+
+/// How long a ticket, and the slot it reserves, lives unused: the broker's
+/// ticket lifetime.
+pub const RESERVATION_TTL: Duration = crate::tickets::TICKET_TTL;
+
+/// Messages one route request may get from the actor: at most one
+/// `Waiting`, then the final answer.
+pub const ROUTE_PROGRESS_LEN: usize = 2;
+
+/// A route request as the actor sees it, after the route service checked the
+/// user's credentials, assignment and the group's status.
+#[derive(Clone, Debug)]
+pub struct RouteAsk {
+    pub user: UserId,
+    /// The group's session type is `shared`.
+    pub shared: bool,
+    /// The client waits for room (up to `wait_timeout`).
+    pub wait: bool,
+}
+
+/// A slot granted to a request; the route service signs its ticket with
+/// exactly these times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The real resource.
+    pub resource: ResourceId,
+    /// `host:port` of its streaming server.
+    pub address: String,
+    pub session: SessionId,
+    pub issued_at: UnixMillis,
+    pub expires_at: UnixMillis,
+}
+
+/// What the actor answers a route request with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteProgress {
+    /// No room now; the request waits at `position` (1 = next) under this
+    /// session id (to cancel it).
+    Waiting {
+        session: SessionId,
+        position: u32,
+    },
+    Admitted(Placement),
+    Refused(RouteRefused),
+}
+
+/// Why a deadline is in [`Routing::deadlines`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Due {
+    /// A reservation's ticket expires.
+    Ticket,
+    /// A disconnected session's retention ends.
+    Retention,
+}
+
+/// A reservation: a ticket issued, its client not arrived yet.
+#[derive(Clone, Debug)]
+struct Reservation {
+    user: UserId,
+    /// Engine id of the resource the slot is on.
+    resource: ResourceId,
+    expires_at: i64,
+}
+
+/// A request in the engine's waiting room.
+struct Waiter {
+    user: UserId,
+    reply: mpsc::Sender<RouteProgress>,
+}
+
+/// The routing state of one group's actor.
+#[derive(Default)]
+pub(super) struct Routing {
+    /// Reserved slots by session.
+    reservations: HashMap<SessionId, Reservation>,
+    /// Requests waiting for room (or being decided) by session.
+    waiters: HashMap<SessionId, Waiter>,
+    /// Who each routed or started session belongs to.
+    session_user: HashMap<SessionId, UserId>,
+    /// Sessions (reserved or started) of each user in the group.
+    user_sessions: HashMap<UserId, BTreeSet<SessionId>>,
+    /// Disconnected sessions kept for a reconnect: deadline (`None` = forever).
+    retained: HashMap<SessionId, Option<i64>>,
+    /// Sessions whose retention ran out and whose end was asked for: never
+    /// routed to again.
+    ending: HashSet<SessionId>,
+    /// Streaming address of each real resource.
+    addresses: HashMap<ResourceId, String>,
+    /// (when, why, session); entries no longer valid are skipped when due.
+    deadlines: BTreeSet<(i64, Due, SessionId)>,
+    /// How long a disconnected session is kept; `None` = the default.
+    retention: Option<Duration>,
+    /// Sessions to leave once the engine's decision loop is done.
+    deferred_leave: Vec<SessionId>,
+}
+
+impl Routing {
+    fn retention(&self) -> Option<Duration> {
+        self.retention.or(Some(DEFAULT_RETENTION))
+    }
+
+    fn link(&mut self, session: &SessionId, user: &UserId) {
+        self.session_user.insert(session.clone(), user.clone());
+        self.user_sessions
+            .entry(user.clone())
+            .or_default()
+            .insert(session.clone());
+    }
+
+    fn forget(&mut self, session: &SessionId) {
+        self.reservations.remove(session);
+        self.retained.remove(session);
+        self.ending.remove(session);
+        if let Some(user) = self.session_user.remove(session) {
+            if let Some(set) = self.user_sessions.get_mut(&user) {
+                set.remove(session);
+                if set.is_empty() {
+                    self.user_sessions.remove(&user);
+                }
+            }
+        }
+    }
+
+    /// The next routing deadline.
+    pub(super) fn next_deadline(&self) -> Option<UnixMillis> {
+        self.deadlines.first().map(|(t, _, _)| UnixMillis(*t))
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A new session id: `r` and 16 random hex digits (valid, short enough to
+/// stay inline in the engine's session table).
+fn new_session_id() -> Option<SessionId> {
+    SessionId::new(format!("r{:016x}", rand::random::<u64>())).ok()
+}
+
+fn refused(reason: RouteRefusal, message: impl Into<String>) -> RouteProgress {
+    RouteProgress::Refused(RouteRefused {
+        reason,
+        message: message.into(),
+    })
+}
+
+impl GroupActors {
+    /// Asks the actor of `group` to place a request. Answers arrive on the
+    /// returned channel: at most one `Waiting`, then `Admitted` or `Refused`.
+    pub async fn route(
+        &self,
+        group: &GroupName,
+        ask: RouteAsk,
+    ) -> Result<mpsc::Receiver<RouteProgress>, ActorError> {
+        let handle = self
+            .actors()
+            .get(group)
+            .cloned()
+            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
+        let (reply, rx) = mpsc::channel(ROUTE_PROGRESS_LEN);
+        handle
+            .tx
+            .send(Msg::Route { ask, reply })
+            .await
+            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
+        Ok(rx)
+    }
+
+    /// Withdraws a waiting request, or frees a slot reserved for a client
+    /// that went away before it got its ticket.
+    pub async fn cancel_route(&self, group: &GroupName, session: &SessionId) {
+        let session = session.clone();
+        self.ask(group, |reply| Msg::CancelRoute { session, reply })
+            .await
+    }
+
+    /// Where end users reach `resource`'s streaming server.
+    pub async fn streaming_address(
+        &self,
+        group: &GroupName,
+        resource: &ResourceId,
+        address: String,
+    ) {
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Streaming {
+            resource,
+            address,
+            reply,
+        })
+        .await
+    }
+
+    /// A session's user disconnected or reconnected.
+    pub async fn presence(&self, group: &GroupName, resource: &ResourceId, report: PresenceReport) {
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Presence {
+            resource,
+            report,
+            reply,
+        })
+        .await
+    }
+}
+
+impl Actor {
+    /// Places a route request (see the module doc).
+    pub(super) fn route(&mut self, ask: RouteAsk, reply: mpsc::Sender<RouteProgress>) {
+        if self.closed.is_some() {
+            let _ = reply.try_send(refused(
+                RouteRefusal::GroupNotAvailable {
+                    status: self.row.status.clone(),
+                },
+                format!(
+                    "group {} is {}: it takes no new sessions",
+                    self.row.name, self.row.status
+                ),
+            ));
+            return;
+        }
+        if let Some(session) = self.existing_session(&ask) {
+            self.readmit(session, &ask.user, &reply);
+            return;
+        }
+        let Some(session) = (0..4)
+            .filter_map(|_| new_session_id())
+            .find(|s| self.engine.session_resource(s).is_none() && !self.engine.is_waiting(s))
+        else {
+            let _ = reply.try_send(refused(RouteRefusal::Internal, "no session id available"));
+            return;
+        };
+        self.routing.waiters.insert(
+            session.clone(),
+            Waiter {
+                user: ask.user.clone(),
+                reply: reply.clone(),
+            },
+        );
+        // Placement or refusal is answered by `route_decision` from the
+        // engine's decisions of this input.
+        self.input(Input::Route {
+            session: session.clone(),
+        });
+        if !self.routing.waiters.contains_key(&session) {
+            return;
+        }
+        if self.engine.is_waiting(&session) {
+            if ask.wait {
+                let position = u32::try_from(self.engine.snapshot().waiting).unwrap_or(u32::MAX);
+                let _ = reply.try_send(RouteProgress::Waiting { session, position });
+            } else {
+                self.routing.waiters.remove(&session);
+                self.input(Input::Leave { session });
+                let _ = reply.try_send(refused(
+                    RouteRefusal::AtCapacity,
+                    format!("group {} has no room now", self.row.name),
+                ));
+            }
+        } else {
+            // Neither placed nor waiting nor rejected: the engine refused the
+            // input itself (logged by `input`).
+            self.routing.waiters.remove(&session);
+            let _ = reply.try_send(refused(
+                RouteRefusal::Internal,
+                "the group could not take the request",
+            ));
+        }
+    }
+
+    /// The session a user goes back to: a retained (disconnected) one, or in
+    /// a `shared` group any session or reservation of theirs.
+    fn existing_session(&self, ask: &RouteAsk) -> Option<SessionId> {
+        let mine = self.routing.user_sessions.get(&ask.user)?;
+        let placed = |s: &&SessionId| {
+            !self.routing.ending.contains(*s) && self.engine.session_resource(s).is_some()
+        };
+        if let Some(s) = mine
+            .iter()
+            .filter(placed)
+            .find(|s| self.routing.retained.contains_key(*s))
+        {
+            return Some(s.clone());
+        }
+        if ask.shared {
+            return mine.iter().find(placed).cloned();
+        }
+        None
+    }
+
+    /// A new ticket for a session the user already has (no new slot). A
+    /// reservation's deadline moves to the new ticket's expiry.
+    fn readmit(&mut self, session: SessionId, user: &UserId, reply: &mpsc::Sender<RouteProgress>) {
+        let Some(engine_id) = self.engine.session_resource(&session).cloned() else {
+            return;
+        };
+        let issued_at = self.now();
+        let expires_at = issued_at.0.saturating_add(ms(RESERVATION_TTL));
+        if let Some(r) = self.routing.reservations.get_mut(&session) {
+            r.expires_at = r.expires_at.max(expires_at);
+            self.routing
+                .deadlines
+                .insert((expires_at, Due::Ticket, session.clone()));
+        }
+        let real = self.external(&engine_id);
+        let retained = self.routing.retained.contains_key(&session);
+        self.note(
+            "routed",
+            format!(
+                "routed: user {user} back to session {session} on {real} ({})",
+                if retained {
+                    "retained after a disconnect"
+                } else {
+                    "shared session"
+                }
+            ),
+        );
+        let placement = Placement {
+            address: self.address_of(&real),
+            resource: real,
+            session,
+            issued_at,
+            expires_at: UnixMillis(expires_at),
+        };
+        let _ = reply.try_send(RouteProgress::Admitted(placement));
+    }
+
+    fn address_of(&self, real: &ResourceId) -> String {
+        self.routing
+            .addresses
+            .get(real)
+            .cloned()
+            .unwrap_or_else(|| real.to_string())
+    }
+
+    /// The engine placed or rejected a session: answer its waiter, if any.
+    pub(super) fn route_decision(
+        &mut self,
+        session: &SessionId,
+        placed_on: Option<&ResourceId>,
+        at: UnixMillis,
+    ) {
+        let Some(waiter) = self.routing.waiters.remove(session) else {
+            return;
+        };
+        let Some(engine_id) = placed_on else {
+            let _ = waiter.reply.try_send(refused(
+                RouteRefusal::AtCapacity,
+                format!(
+                    "group {} had no room within its wait_timeout",
+                    self.row.name
+                ),
+            ));
+            return;
+        };
+        if waiter.reply.is_closed() {
+            // The client went away while it waited: free the slot at once.
+            self.routing.deferred_leave.push(session.clone());
+            return;
+        }
+        let expires_at = at.0.saturating_add(ms(RESERVATION_TTL));
+        self.routing.reservations.insert(
+            session.clone(),
+            Reservation {
+                user: waiter.user.clone(),
+                resource: engine_id.clone(),
+                expires_at,
+            },
+        );
+        self.routing
+            .deadlines
+            .insert((expires_at, Due::Ticket, session.clone()));
+        self.routing.link(session, &waiter.user);
+        let real = self.external(engine_id);
+        let placement = Placement {
+            address: self.address_of(&real),
+            resource: real,
+            session: session.clone(),
+            issued_at: at,
+            expires_at: UnixMillis(expires_at),
+        };
+        if waiter
+            .reply
+            .try_send(RouteProgress::Admitted(placement))
+            .is_err()
+        {
+            self.routing.deferred_leave.push(session.clone());
+        }
+    }
+
+    /// Leaves queued by `route_decision` (it runs inside the engine's
+    /// decision loop, where no input can be fed).
+    pub(super) fn flush_deferred_leaves(&mut self) {
+        while !self.routing.deferred_leave.is_empty() {
+            for session in std::mem::take(&mut self.routing.deferred_leave) {
+                self.routing.forget(&session);
+                self.input(Input::Leave { session });
+            }
+        }
+    }
+
+    /// A client withdrew: a waiting request leaves the queue; a reservation
+    /// whose ticket never reached its client is freed.
+    pub(super) fn cancel_route(&mut self, session: SessionId) {
+        if self.routing.waiters.remove(&session).is_some() || self.engine.is_waiting(&session) {
+            self.input(Input::Leave { session });
+        } else if self.routing.reservations.contains_key(&session) {
+            self.routing.forget(&session);
+            self.input(Input::Leave {
+                session: session.clone(),
+            });
+            self.note(
+                "ticket-expired",
+                format!("ticket-expired: session {session}: its client went away"),
+            );
+        }
+    }
+
+    /// Handles a `Started` of a routed session; `true` when it was one (the
+    /// caller then does not feed `Occupy`).
+    pub(super) fn route_started(
+        &mut self,
+        engine_id: &ResourceId,
+        session: &SessionId,
+        user: &UserId,
+    ) -> bool {
+        let Some(r) = self.routing.reservations.remove(session) else {
+            self.routing.link(session, user);
+            return false;
+        };
+        if &r.resource == engine_id {
+            self.input(Input::Connected {
+                session: session.clone(),
+            });
+            self.routing.link(session, &r.user);
+            return true;
+        }
+        // Started somewhere else than reserved: the reservation is freed and
+        // the session counts where it really is.
+        let (reserved, real) = (self.external(&r.resource), self.external(engine_id));
+        self.note(
+            "flagged",
+            format!(
+                "session {session} of user {} was reserved on {reserved} but started on {real}",
+                r.user
+            ),
+        );
+        self.input(Input::Leave {
+            session: session.clone(),
+        });
+        self.routing.link(session, user);
+        false
+    }
+
+    /// A session ended: routing forgets it.
+    pub(super) fn route_ended(&mut self, session: &SessionId) {
+        self.routing.forget(session);
+    }
+
+    /// Ticket expiries and retention ends due at the clock's now.
+    pub(super) fn route_timeouts(&mut self) {
+        let now = self.now().0;
+        while let Some((t, due, session)) = self.routing.deadlines.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.routing.deadlines.pop_first();
+            match due {
+                Due::Ticket => {
+                    let expired = self
+                        .routing
+                        .reservations
+                        .get(&session)
+                        .is_some_and(|r| r.expires_at <= now);
+                    if !expired {
+                        continue;
+                    }
+                    let user = self
+                        .routing
+                        .reservations
+                        .get(&session)
+                        .map(|r| r.user.clone());
+                    let real = self
+                        .engine
+                        .session_resource(&session)
+                        .map(|r| self.external(r));
+                    self.routing.forget(&session);
+                    self.input(Input::Leave {
+                        session: session.clone(),
+                    });
+                    self.note(
+                        "ticket-expired",
+                        format!(
+                            "ticket-expired: session {session} of user {} on {}: unused, its slot is free",
+                            user.map(|u| u.to_string()).unwrap_or_default(),
+                            real.map(|r| r.to_string()).unwrap_or_default()
+                        ),
+                    );
+                }
+                Due::Retention => {
+                    if self.routing.retained.get(&session) != Some(&Some(t)) {
+                        continue;
+                    }
+                    self.routing.retained.remove(&session);
+                    self.routing.ending.insert(session.clone());
+                    let Some(engine_id) = self.engine.session_resource(&session).cloned() else {
+                        continue;
+                    };
+                    let real = self.external(&engine_id);
+                    self.note(
+                        "retention-ended",
+                        format!(
+                            "retention-ended: session {session} on {real} stayed disconnected \
+                             past the disconnect retention; asking its agent to end it"
+                        ),
+                    );
+                    self.end_session(&real, session);
+                }
+            }
+        }
+    }
+
+    /// An agent told where its streaming server listens.
+    pub(super) fn set_address(&mut self, resource: ResourceId, address: String) {
+        self.routing.addresses.insert(resource, address);
+    }
+
+    /// A session's user disconnected or came back.
+    pub(super) fn presence(&mut self, resource: &ResourceId, report: PresenceReport) {
+        let session = report.session;
+        if self.engine.session_resource(&session).is_none() && self.closed.is_none() {
+            return;
+        }
+        match report.state {
+            Presence::Disconnected => {
+                if self.routing.retained.contains_key(&session)
+                    || self.routing.ending.contains(&session)
+                {
+                    // Sent again after a reconnect of the agent: the
+                    // retention already runs.
+                    return;
+                }
+                let deadline = self
+                    .routing
+                    .retention()
+                    .map(|d| self.now().0.saturating_add(ms(d)));
+                self.routing.retained.insert(session.clone(), deadline);
+                if let Some(t) = deadline {
+                    self.routing
+                        .deadlines
+                        .insert((t, Due::Retention, session.clone()));
+                }
+                self.note(
+                    "session-disconnected",
+                    format!(
+                        "session {session} on {resource}: its user disconnected; the session is \
+                         retained for {}",
+                        match self.routing.retention() {
+                            Some(d) => ferry_common::duration::format_duration(d),
+                            None => "ever".into(),
+                        }
+                    ),
+                );
+            }
+            Presence::Reconnected => {
+                if self.routing.retained.remove(&session).is_some() {
+                    self.note(
+                        "session-reconnected",
+                        format!("session {session} on {resource}: its user reconnected"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The group closed: waiting requests are refused.
+    pub(super) fn refuse_waiters(&mut self) {
+        let status = self.row.status.clone();
+        for (_, w) in self.routing.waiters.drain() {
+            let _ = w.reply.try_send(refused(
+                RouteRefusal::GroupNotAvailable {
+                    status: status.clone(),
+                },
+                format!("group {} is {status}", self.row.name),
+            ));
+        }
+    }
+
+    /// Asks the agent of `real` to end a session whose retention ran out,
+    /// without holding up the actor; the outcome goes to the group's events.
+    fn end_session(&self, real: &ResourceId, session: SessionId) {
+        let shared = self.shared.clone();
+        let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
+        self.shared.tracker.spawn(async move {
+            let command = Command::DisconnectSession {
+                session: session.clone(),
+                reason: "disconnect retention ended".into(),
+            };
+            let outcome = match shared.registry.upgrade() {
+                None => Err("the broker is shutting down".to_owned()),
+                Some(registry) => tokio::select! {
+                    r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
+                    _ = shared.shutdown.cancelled() => Err("the broker shut down".to_owned()),
+                },
+            };
+            let (kind, message) = match outcome {
+                Ok(CommandOutcome::Done) => (
+                    "disconnected",
+                    format!("disconnected: session {session} on {real}, its retention ended"),
+                ),
+                Ok(CommandOutcome::Failed(m)) => (
+                    "disconnect-failed",
+                    format!("disconnect failed: session {session} on {real}: the agent says: {m}"),
+                ),
+                Err(e) => (
+                    "disconnect-failed",
+                    format!("disconnect failed: session {session} on {real}: {e}"),
+                ),
+            };
+            let at = shared.clock.now();
+            let written = shared
+                .store
+                .exec(move |c| {
+                    c.execute(
+                        "INSERT INTO group_events (group_num, at, kind, message)
+                         VALUES (?1, ?2, ?3, ?4)",
+                        params![num, at.0, kind, message],
+                    )?;
+                    Ok(())
+                })
+                .await;
+            if let Err(e) = written {
+                tracing::error!(%group, "record the end of retained session {session}: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,154 @@
+//! The route protocol's client: what `ferry-connect` (and the tests and
+//! benchmark) use. One QUIC connection without a client certificate
+//! (`pki::client_config_for(ca, None, ALPN_ROUTE)`); each [`RouteClient::route`]
+//! is one bidirectional stream, so many requests may share a connection.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_common::frame::{self, FrameError, PreambleReply};
+use ferry_common::route::{
+    Admission, BrokerToClient, ClientToBroker, RouteAsk, RouteRefused, RouteReply, RouteRequest,
+    MAX_ROUTE_FRAME_LEN,
+};
+use ferry_common::PROTOCOL_VERSION;
+use tokio::time::timeout;
+
+use crate::pki::{self, PkiError};
+
+/// Longest wait for the connection and for each answer that is not a
+/// waiting request's final one.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Longest a `--wait` request waits for its final answer. The broker answers
+/// at the group's `wait_timeout`; this only bounds a broker that went silent.
+pub const MAX_CLIENT_WAIT: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("TLS setup: {0}")]
+    Tls(#[from] PkiError),
+    #[error("QUIC endpoint: {0}")]
+    Endpoint(std::io::Error),
+    #[error("connect to the broker: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection to the broker: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("route stream: {0}")]
+    Frame(#[from] FrameError),
+    #[error("write to the broker: {0}")]
+    Write(String),
+    #[error("the broker speaks protocol {supported}: {message}")]
+    UnsupportedVersion { supported: u16, message: String },
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+/// The final answer to a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RouteAnswer {
+    Admitted(Admission),
+    Refused(RouteRefused),
+}
+
+/// A connection to a broker's route service.
+pub struct RouteClient {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+impl RouteClient {
+    /// Connects to `addr`, trusting `ca` for a certificate naming `server_name`.
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &Path,
+    ) -> Result<RouteClient, ClientError> {
+        let config = pki::client_config_for(ca, None, ferry_common::ALPN_ROUTE)?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
+        let connecting = endpoint.connect_with(config, addr, server_name)?;
+        let conn = timeout(CLIENT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout("the broker's handshake"))??;
+        Ok(RouteClient { endpoint, conn })
+    }
+
+    /// Asks for a session; `on_waiting` is called with the queue position
+    /// if the request waits for room.
+    pub async fn route(
+        &self,
+        ask: RouteAsk,
+        mut on_waiting: impl FnMut(u32),
+    ) -> Result<RouteAnswer, ClientError> {
+        let wait = ask.wait;
+        let (mut send, mut recv) = timeout(CLIENT_TIMEOUT, self.conn.open_bi())
+            .await
+            .map_err(|_| ClientError::Timeout("a stream"))??;
+        let request = frame::encode_frame(
+            &RouteRequest::V1(ClientToBroker::Route(ask)),
+            MAX_ROUTE_FRAME_LEN,
+        )?;
+        let mut first = Vec::with_capacity(frame::PREAMBLE_LEN + request.len());
+        first.extend_from_slice(&frame::preamble(PROTOCOL_VERSION));
+        first.extend_from_slice(&request);
+        timeout(CLIENT_TIMEOUT, send.write_all(&first))
+            .await
+            .map_err(|_| ClientError::Timeout("the broker to read"))?
+            .map_err(|e| ClientError::Write(e.to_string()))?;
+        if !wait {
+            // Nothing more to say: the broker answers at once.
+            let _ = send.finish();
+        }
+        match timeout(CLIENT_TIMEOUT, PreambleReply::read(&mut recv))
+            .await
+            .map_err(|_| ClientError::Timeout("the preamble reply"))??
+        {
+            PreambleReply::Accepted { .. } => {}
+            PreambleReply::UnsupportedVersion { supported, message } => {
+                return Err(ClientError::UnsupportedVersion { supported, message })
+            }
+        }
+        let mut patience = CLIENT_TIMEOUT;
+        loop {
+            let msg = timeout(
+                patience,
+                frame::read_message_within::<RouteReply, _, MAX_ROUTE_FRAME_LEN>(&mut recv),
+            )
+            .await
+            .map_err(|_| ClientError::Timeout("the broker's answer"))??;
+            match msg {
+                None => {
+                    return Err(ClientError::Protocol(
+                        "the broker ended the stream without an answer".into(),
+                    ))
+                }
+                Some(RouteReply::V1(BrokerToClient::Waiting { position })) => {
+                    on_waiting(position);
+                    patience = MAX_CLIENT_WAIT;
+                }
+                Some(RouteReply::V1(BrokerToClient::Admitted(a))) => {
+                    let _ = send.finish();
+                    return Ok(RouteAnswer::Admitted(a));
+                }
+                Some(RouteReply::V1(BrokerToClient::Refused(r))) => {
+                    let _ = send.finish();
+                    return Ok(RouteAnswer::Refused(r));
+                }
+            }
+        }
+    }
+
+    /// Closes the connection and waits (briefly) for the broker to hear it.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,480 @@
+//! The broker's route service: an [`EndpointService`] for
+//! [`ferry_common::ALPN_ROUTE`] connections (protocol: [`ferry_common::route`]).
+//!
+//! Per request: the credentials are checked (an unknown user and a wrong
+//! password or token get the same answer), then that the group exists, that
+//! the user is assigned to it (`not-assigned`) and that its status takes
+//! sessions (`group-not-available`, naming the status); then the group's
+//! actor places the request with the engine. An admitted request gets a
+//! ticket signed for exactly the reservation the actor made (same session,
+//! resource, issue and expiry times).
+//!
+//! Limits: [`MAX_ROUTE_CONNECTIONS`] connections, [`MAX_STREAMS_PER_CONNECTION`]
+//! requests at once on one connection, [`MAX_ROUTES_IN_FLIGHT`] requests at
+//! once over all connections (past it: `busy`), and [`ROUTE_READ_TIMEOUT`] /
+//! [`ROUTE_WRITE_TIMEOUT`] on every read and write. A waiting request is
+//! bounded by the group's `wait_timeout`: the actor answers at its end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::frame::{self, FrameError, PreambleReply, PREAMBLE_LEN};
+use ferry_common::route::{
+    Admission, BrokerToClient, ClientToBroker, RouteAsk, RouteRefusal, RouteRefused, RouteReply,
+    RouteRequest, MAX_ROUTE_FRAME_LEN,
+};
+use ferry_common::{GroupName, PROTOCOL_VERSION};
+use rusqlite::OptionalExtension;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::groups::actor::{self, RouteProgress, RESERVATION_TTL};
+use crate::groups::{GroupActors, GroupService};
+use crate::link::{close_code, EndpointService};
+use crate::store::Store;
+use crate::tickets::TicketSigner;
+
+/// Most route client connections open at once. Each end user's
+/// `ferry-connect` holds one for a few seconds; past this, a connection is
+/// closed after its handshake with `close_code::BUSY`.
+pub const MAX_ROUTE_CONNECTIONS: usize = 10_000;
+
+/// Most requests one connection has in flight (QUIC stream credit): a
+/// portal or gateway routing many users through one connection still shares.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Most requests in flight over all connections; past it a request is
+/// answered `busy` at once instead of queueing without bound.
+pub const MAX_ROUTES_IN_FLIGHT: usize = 4_096;
+
+/// Longest wait for a client's preamble, request or cancel frame, and for
+/// the client to open its first stream.
+pub const ROUTE_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest a write to a route client may take.
+pub const ROUTE_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Statuses whose groups take new sessions. `published` serves;
+/// `update-failed` still serves with its resources as they are. Every other
+/// status (being published or updated, overdue, expired, recycling) does not.
+pub const ACCEPTING_STATUSES: [&str; 2] = ["published", "update-failed"];
+
+/// The message of every credential failure: it never says whether the user
+/// or the password was wrong.
+const BAD_CREDENTIALS: &str = "unknown user or wrong password or token";
+
+/// Why one route stream ended early (logged, never sent).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("read: {0}")]
+    Read(String),
+    #[error("write: {0}")]
+    Write(String),
+    #[error("not a Ferry peer (bad preamble)")]
+    BadPreamble,
+    #[error("peer speaks protocol {0}")]
+    UnsupportedVersion(u16),
+}
+
+struct Inner {
+    groups: GroupService,
+    actors: GroupActors,
+    store: Store,
+    signer: Arc<TicketSigner>,
+    connections: Arc<Semaphore>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// The route service registered in the endpoint's [`crate::link::Services`].
+#[derive(Clone)]
+pub struct RouteService {
+    inner: Arc<Inner>,
+}
+
+impl RouteService {
+    pub fn new(
+        groups: GroupService,
+        actors: GroupActors,
+        store: Store,
+        signer: Arc<TicketSigner>,
+    ) -> RouteService {
+        RouteService {
+            inner: Arc::new(Inner {
+                groups,
+                actors,
+                store,
+                signer,
+                connections: Arc::new(Semaphore::new(MAX_ROUTE_CONNECTIONS)),
+                in_flight: Arc::new(Semaphore::new(MAX_ROUTES_IN_FLIGHT)),
+            }),
+        }
+    }
+}
+
+impl EndpointService for RouteService {
+    fn serve(
+        &self,
+        conn: quinn::Connection,
+        token: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let inner = self.inner.clone();
+        Box::pin(serve_connection(inner, conn, token))
+    }
+}
+
+async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, token: CancellationToken) {
+    let remote = conn.remote_address();
+    let Ok(_permit) = inner.connections.clone().try_acquire_owned() else {
+        tracing::warn!(%remote, "refusing route client: {MAX_ROUTE_CONNECTIONS} connections open");
+        conn.close(close_code::BUSY.into(), b"too many route clients");
+        return;
+    };
+    conn.set_max_concurrent_bi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let inner = inner.clone();
+                    let token = token.clone();
+                    streams.spawn(async move {
+                        if let Err(e) = serve_stream(&inner, send, recv, &token).await {
+                            tracing::debug!(%remote, "route stream: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, "route connection ended: {e}");
+                    break;
+                }
+            },
+        }
+    }
+    if token.is_cancelled() {
+        // Requests in flight get their `shutting-down` answer first.
+        while streams.join_next().await.is_some() {}
+        conn.close(close_code::DONE.into(), b"broker stopping");
+    }
+    streams.abort_all();
+}
+
+async fn write(send: &mut quinn::SendStream, msg: BrokerToClient) -> Result<(), StreamError> {
+    let msg = RouteReply::V1(msg);
+    timeout(
+        ROUTE_WRITE_TIMEOUT,
+        frame::write_message(send, &msg, MAX_ROUTE_FRAME_LEN),
+    )
+    .await
+    .map_err(|_| StreamError::Timeout("the client to read"))?
+    .map_err(|e| StreamError::Write(e.to_string()))
+}
+
+/// Writes the last answer of a stream and finishes it.
+async fn finish(send: &mut quinn::SendStream, msg: BrokerToClient) -> Result<(), StreamError> {
+    write(send, msg).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+fn refusal(reason: RouteRefusal, message: impl Into<String>) -> BrokerToClient {
+    BrokerToClient::Refused(RouteRefused {
+        reason,
+        message: message.into(),
+    })
+}
+
+async fn serve_stream(
+    inner: &Inner,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    token: &CancellationToken,
+) -> Result<(), StreamError> {
+    let mut pre = [0u8; PREAMBLE_LEN];
+    timeout(ROUTE_READ_TIMEOUT, recv.read_exact(&mut pre))
+        .await
+        .map_err(|_| StreamError::Timeout("the preamble"))?
+        .map_err(|e| StreamError::Read(e.to_string()))?;
+    match frame::parse_preamble(&pre) {
+        Err(_) => {
+            let _ = send.reset(close_code::BAD_PREAMBLE.into());
+            return Err(StreamError::BadPreamble);
+        }
+        Ok(v) if v != PROTOCOL_VERSION => {
+            let reply = PreambleReply::UnsupportedVersion {
+                supported: PROTOCOL_VERSION,
+                message: format!(
+                    "broker speaks protocol {PROTOCOL_VERSION}, client sent {v}; upgrade ferry-connect"
+                ),
+            };
+            let _ = timeout(ROUTE_WRITE_TIMEOUT, send.write_all(&reply.encode())).await;
+            let _ = send.finish();
+            return Err(StreamError::UnsupportedVersion(v));
+        }
+        Ok(_) => {}
+    }
+    let accepted = PreambleReply::Accepted {
+        version: PROTOCOL_VERSION,
+    };
+    timeout(ROUTE_WRITE_TIMEOUT, send.write_all(&accepted.encode()))
+        .await
+        .map_err(|_| StreamError::Timeout("the client to read"))?
+        .map_err(|e| StreamError::Write(e.to_string()))?;
+
+    let first = timeout(
+        ROUTE_READ_TIMEOUT,
+        frame::read_frame(&mut recv, MAX_ROUTE_FRAME_LEN),
+    )
+    .await
+    .map_err(|_| StreamError::Timeout("the request"))?;
+    let ask = match first.map(|f| {
+        f.map(|payload| frame::decode_payload_within::<RouteRequest, MAX_ROUTE_FRAME_LEN>(&payload))
+    }) {
+        Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Route(ask))))) => ask,
+        Ok(None) => return Ok(()),
+        Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Cancel)))) => {
+            return finish(
+                &mut send,
+                refusal(RouteRefusal::Malformed, "the first frame must be a Route"),
+            )
+            .await;
+        }
+        Ok(Some(Err(e))) | Err(e @ FrameError::TooLarge { .. }) => {
+            return finish(
+                &mut send,
+                refusal(RouteRefusal::Malformed, format!("malformed request: {e}")),
+            )
+            .await;
+        }
+        Err(e) => return Err(StreamError::Read(e.to_string())),
+    };
+    let Ok(_permit) = inner.in_flight.try_acquire() else {
+        return finish(
+            &mut send,
+            refusal(
+                RouteRefusal::Busy,
+                format!("the broker has {MAX_ROUTES_IN_FLIGHT} requests in flight; retry"),
+            ),
+        )
+        .await;
+    };
+    let group = ask.group.clone();
+    let answer = tokio::select! {
+        a = decide(inner, ask, &mut send, &mut recv) => a?,
+        _ = token.cancelled() => refusal(RouteRefusal::ShuttingDown, "the broker is shutting down"),
+    };
+    if let BrokerToClient::Refused(r) = &answer {
+        tracing::debug!(%group, reason = %r.reason, "route refused: {}", r.message);
+    }
+    finish(&mut send, answer).await
+}
+
+/// What the group's row says about routing.
+struct GroupFacts {
+    status: String,
+    shared: bool,
+}
+
+async fn group_facts(store: &Store, group: &GroupName) -> Result<Option<GroupFacts>, String> {
+    let key = group.to_string();
+    store
+        .read_with(move |c| {
+            Ok(c.query_row(
+                "SELECT status, session_type FROM groups
+                 WHERE name = ?1 AND status != 'gone' ORDER BY num DESC LIMIT 1",
+                [key],
+                |r| {
+                    Ok(GroupFacts {
+                        status: r.get(0)?,
+                        shared: r.get::<_, String>(1)? == "shared",
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Checks the request and has the group's actor place it; returns the final
+/// answer (a `Waiting` is written on the way).
+async fn decide(
+    inner: &Inner,
+    ask: RouteAsk,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<BrokerToClient, StreamError> {
+    let RouteAsk {
+        group,
+        user,
+        credential,
+        wait,
+    } = ask;
+    if let Err(e) = inner.groups.authenticate(&user, &credential).await {
+        tracing::info!(%user, "route: credentials refused: {e}");
+        return Ok(refusal(RouteRefusal::BadCredentials, BAD_CREDENTIALS));
+    }
+    let facts = match group_facts(&inner.store, &group).await {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Ok(refusal(
+                RouteRefusal::NoSuchGroup,
+                format!("there is no delivery group {group}"),
+            ))
+        }
+        Err(e) => {
+            tracing::error!(%group, "route: read group: {e}");
+            return Ok(refusal(
+                RouteRefusal::Internal,
+                "the broker could not read the group",
+            ));
+        }
+    };
+    match inner.groups.is_assigned(&group, &user).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Ok(refusal(
+                RouteRefusal::NotAssigned,
+                format!("user {user} is not assigned to group {group}"),
+            ))
+        }
+        Err(e) => {
+            tracing::error!(%group, "route: read assignment: {e}");
+            return Ok(refusal(
+                RouteRefusal::Internal,
+                "the broker could not read the group",
+            ));
+        }
+    }
+    let not_available = |status: String| {
+        refusal(
+            RouteRefusal::GroupNotAvailable {
+                status: status.clone(),
+            },
+            format!("group {group} is {status}: it takes no new sessions"),
+        )
+    };
+    if !ACCEPTING_STATUSES.contains(&facts.status.as_str()) {
+        return Ok(not_available(facts.status));
+    }
+    let ask = actor::RouteAsk {
+        user: user.clone(),
+        shared: facts.shared,
+        wait,
+    };
+    let mut progress = match inner.actors.route(&group, ask).await {
+        Ok(rx) => rx,
+        Err(_) => return Ok(not_available(facts.status)),
+    };
+    let mut waiting = None;
+    let mut client = ClientWatch::default();
+    loop {
+        let next = tokio::select! {
+            p = progress.recv() => p,
+            cancel = client.cancelled(recv), if waiting.is_some() => {
+                if let Some(session) = &waiting {
+                    inner.actors.cancel_route(&group, session).await;
+                }
+                return match cancel {
+                    Ok(()) => Ok(refusal(RouteRefusal::AtCapacity, "withdrawn by the client")),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+        match next {
+            None => {
+                return Ok(refusal(
+                    RouteRefusal::Internal,
+                    "the group stopped before it answered",
+                ))
+            }
+            Some(RouteProgress::Waiting { session, position }) => {
+                waiting = Some(session);
+                if let Err(e) = write(send, BrokerToClient::Waiting { position }).await {
+                    if let Some(session) = &waiting {
+                        inner.actors.cancel_route(&group, session).await;
+                    }
+                    return Err(e);
+                }
+            }
+            Some(RouteProgress::Refused(r)) => return Ok(BrokerToClient::Refused(r)),
+            Some(RouteProgress::Admitted(p)) => {
+                let (claims, ticket) = inner.signer.issue(
+                    &group,
+                    &p.resource,
+                    &user,
+                    &p.session,
+                    p.issued_at,
+                    RESERVATION_TTL,
+                );
+                tracing::debug!(%group, %user, session = %p.session, resource = %p.resource,
+                    ticket = %claims.ticket_id_hex(), "route admitted");
+                return Ok(BrokerToClient::Admitted(Admission {
+                    resource: p.resource,
+                    address: p.address,
+                    session: p.session,
+                    ticket,
+                    expires_at: claims.expires_at,
+                }));
+            }
+        }
+    }
+}
+
+/// Watches a waiting request's stream for the client's `Cancel` (or its
+/// stream being reset). Reads are kept in a buffer across calls, so the
+/// future may be dropped between reads (as `select!` does).
+#[derive(Default)]
+struct ClientWatch {
+    buf: Vec<u8>,
+    /// The client finished its side: nothing more can come.
+    finished: bool,
+}
+
+impl ClientWatch {
+    /// Resolves `Ok` on a `Cancel` frame, `Err` on a reset or bad data;
+    /// never resolves once the client finished its side cleanly.
+    async fn cancelled(&mut self, recv: &mut quinn::RecvStream) -> Result<(), StreamError> {
+        loop {
+            if self.finished {
+                return std::future::pending().await;
+            }
+            if self.buf.len() >= frame::HEADER_LEN {
+                let mut len = [0u8; frame::HEADER_LEN];
+                len.copy_from_slice(&self.buf[..frame::HEADER_LEN]);
+                let len = u32::from_be_bytes(len) as usize;
+                if len > MAX_ROUTE_FRAME_LEN {
+                    return Err(StreamError::Read(format!("frame of {len} bytes")));
+                }
+                if self.buf.len() >= frame::HEADER_LEN + len {
+                    let payload = &self.buf[frame::HEADER_LEN..frame::HEADER_LEN + len];
+                    return match frame::decode_payload_within::<RouteRequest, MAX_ROUTE_FRAME_LEN>(
+                        payload,
+                    ) {
+                        Ok(RouteRequest::V1(ClientToBroker::Cancel)) => Ok(()),
+                        Ok(other) => Err(StreamError::Read(format!(
+                            "expected Cancel while waiting, got {other:?}"
+                        ))),
+                        Err(e) => Err(StreamError::Read(e.to_string())),
+                    };
+                }
+            }
+            let mut chunk = [0u8; 256];
+            match recv.read(&mut chunk).await {
+                Ok(Some(n)) => {
+                    if self.buf.len() + n > frame::HEADER_LEN + MAX_ROUTE_FRAME_LEN {
+                        return Err(StreamError::Read("too much data while waiting".into()));
+                    }
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                Ok(None) => self.finished = true,
+                Err(e) => return Err(StreamError::Read(e.to_string())),
+            }
+        }
+    }
+}

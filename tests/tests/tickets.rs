@@ -1,0 +1,244 @@
+//! Session tickets end to end: the real broker sends its ticket key to a
+//! real agent, which keeps it and verifies tickets on its local socket
+//! (as the host's streaming server asks): once, never again (also after an
+//! agent restart with the broker down), and never when expired, for
+//! another host or altered.
+
+use ferry_agent::local::{ErrorCode, LocalClient, LocalError};
+use ferry_broker::tickets::{TicketSigner, TICKET_TTL};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
+use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
+
+fn id<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    s.parse().expect("valid id in test")
+}
+
+fn wall_clock() -> UnixMillis {
+    ferry_agent::local::now()
+}
+
+fn ticket(signer: &TicketSigner, host: &str, session: &str, issued: UnixMillis) -> String {
+    let (g, r, u, s): (GroupName, ResourceId, UserId, SessionId) =
+        (id("g"), id(host), id("alice"), id(session));
+    signer.issue(&g, &r, &u, &s, issued, TICKET_TTL).1
+}
+
+/// The refusal code of a verification that must fail.
+async fn refusal(c: &mut LocalClient, ticket: String) -> ErrorCode {
+    match c.verify_ticket(ticket).await {
+        Err(LocalError::Refused { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_single_use_per_host_and_survive_restarts() -> anyhow::Result<()> {
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let mut broker = TestBroker::start(tmp.path()).await?;
+    let mut agent = TestAgent::start(&broker, "host-1").await?;
+    // The broker sends TicketKey right after Welcome and before any Ack, and
+    // the agent handles them in order: once a reported event is
+    // acknowledged, the key is stored.
+    let mut c = agent.client().await?;
+    c.session_start(id("warmup"), id("bob")).await?;
+    agent.wait_synced().await?;
+
+    // The same key file the broker loaded (created at its first start).
+    let signer = TicketSigner::load_or_create(broker.pki_dir())?;
+    let stored = std::fs::read(
+        agent
+            .config()
+            .state_dir
+            .join(ferry_agent::ticket::TICKET_KEY_FILE),
+    )?;
+    assert_eq!(stored, signer.public_key());
+
+    let now = wall_clock();
+    let t1 = ticket(&signer, "host-1", "s-1", now);
+    let info = c.verify_ticket(t1.clone()).await?;
+    assert_eq!(info.session.as_str(), "s-1");
+    assert_eq!(info.user.as_str(), "alice");
+    assert_eq!(info.group.as_str(), "g");
+    assert_eq!(refusal(&mut c, t1.clone()).await, ErrorCode::TicketReused);
+
+    // Another host, expired, altered, forged.
+    let other = ticket(&signer, "host-2", "s-2", now);
+    assert_eq!(refusal(&mut c, other).await, ErrorCode::TicketOtherHost);
+    let old = ticket(&signer, "host-1", "s-3", UnixMillis(now.0 - 120_000));
+    assert_eq!(refusal(&mut c, old).await, ErrorCode::TicketExpired);
+    let t4 = ticket(&signer, "host-1", "s-4", now);
+    let mut altered = t4.clone().into_bytes();
+    altered[12] = if altered[12] == b'A' { b'B' } else { b'A' };
+    let code = refusal(&mut c, String::from_utf8(altered)?).await;
+    assert!(
+        matches!(code, ErrorCode::TicketForged | ErrorCode::TicketMalformed),
+        "{code:?}"
+    );
+    let stranger = TicketSigner::load_or_create(&tmp.path().join("other-pki"))?;
+    let forged = ticket(&stranger, "host-1", "s-5", now);
+    assert_eq!(refusal(&mut c, forged).await, ErrorCode::TicketForged);
+    // The refused ones were not consumed: the genuine s-4 ticket still works.
+    assert_eq!(c.verify_ticket(t4).await?.session.as_str(), "s-4");
+
+    // Broker down, agent restarted: the key and the used set come from disk.
+    broker.stop().await?;
+    drop(c);
+    agent.restart().await?;
+    let mut c = agent.client().await?;
+    assert_eq!(refusal(&mut c, t1).await, ErrorCode::TicketReused);
+    let t6 = ticket(&signer, "host-1", "s-6", wall_clock());
+    assert_eq!(c.verify_ticket(t6).await?.session.as_str(), "s-6");
+    drop(c);
+    agent.stop().await?;
+    Ok(())
+}
+
+/// `ferryctl user ...` end to end against a running broker: passwords from
+/// a file (never the command line), tokens printed once and revoked, and
+/// the result checked with `GroupService::authenticate` on the broker's
+/// own store and token key; then `ferry-agent ticket verify` on a host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
+    use ferry_broker::groups::service::AuthError;
+    use ferry_broker::groups::GroupService;
+    use ferry_broker::store::{Store, StoreOptions};
+    use ferry_broker::tickets::TokenKey;
+    use ferry_common::ticket::Credential;
+    use ferry_tests::bins::bin;
+    use ferry_tests::procs::{ferryctl_json, run};
+
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let broker = TestBroker::start(tmp.path()).await?;
+    let sock = broker.admin_socket().to_owned();
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "correct horse\n")?;
+    let pw_arg = pw.to_str().expect("utf-8 path");
+    ferryctl_json(
+        &sock,
+        &[
+            "user",
+            "create",
+            "--id",
+            "alice",
+            "--email",
+            "alice@example.com",
+            "--mobile",
+            "+4912345678",
+            "--password-file",
+            pw_arg,
+        ],
+    )
+    .await?;
+    ferryctl_json(
+        &sock,
+        &[
+            "user",
+            "create",
+            "--id",
+            "bob",
+            "--email",
+            "bob@example.com",
+            "--mobile",
+            "+4912345679",
+        ],
+    )
+    .await?;
+    // A password is never an argument.
+    let refused = run(
+        &bin("ferryctl"),
+        [
+            "--socket",
+            sock.to_str().expect("utf-8"),
+            "user",
+            "set-password",
+            "bob",
+            "--password",
+            "x",
+        ],
+    )
+    .await?;
+    assert!(!refused.status.success());
+
+    // The broker's store (a second connection) and token key.
+    let store = Store::open(&tmp.path().join("state/ferry.db"), StoreOptions::default())?;
+    let key = std::sync::Arc::new(TokenKey::load_or_create(broker.pki_dir())?);
+    let groups = GroupService::new(store.clone(), Default::default()).with_token_key(key);
+    let (alice, bob): (UserId, UserId) = (id("alice"), id("bob"));
+    let password = |p: &str| Credential::Password(p.into());
+    groups
+        .authenticate(&alice, &password("correct horse"))
+        .await?;
+    assert!(matches!(
+        groups.authenticate(&alice, &password("wrong")).await,
+        Err(AuthError::BadCredentials)
+    ));
+    // Imported or created without a password: no password login until set.
+    assert!(groups.authenticate(&bob, &password("")).await.is_err());
+    std::fs::write(&pw, "b0b's\n")?;
+    ferryctl_json(
+        &sock,
+        &["user", "set-password", "bob", "--password-file", pw_arg],
+    )
+    .await?;
+    groups.authenticate(&bob, &password("b0b's")).await?;
+
+    // Tokens: printed once, accepted, revoked.
+    let t = ferryctl_json(&sock, &["user", "token", "alice", "--ttl", "1h"]).await?;
+    let token = t["token"].as_str().expect("token").to_owned();
+    groups
+        .authenticate(&alice, &Credential::Token(token.clone()))
+        .await?;
+    assert!(groups
+        .authenticate(&bob, &Credential::Token(token.clone()))
+        .await
+        .is_err());
+    ferryctl_json(&sock, &["user", "revoke-tokens", "alice"]).await?;
+    assert!(matches!(
+        groups.authenticate(&alice, &Credential::Token(token)).await,
+        Err(AuthError::BadCredentials)
+    ));
+    store.close().await;
+
+    // `ferry-agent ticket verify` on a host that has the broker's key.
+    let agent = TestAgent::start(&broker, "host-1").await?;
+    let mut c = agent.client().await?;
+    c.session_start(id("warmup"), id("bob")).await?;
+    agent.wait_synced().await?;
+    let signer = TicketSigner::load_or_create(broker.pki_dir())?;
+    let t1 = ticket(&signer, "host-1", "s-1", wall_clock());
+    let socket = agent.local_socket().to_str().expect("utf-8").to_owned();
+    let verify = |t: String| {
+        let socket = socket.clone();
+        async move {
+            run(
+                &bin("ferry-agent"),
+                [
+                    "--socket",
+                    socket.as_str(),
+                    "ticket",
+                    "verify",
+                    t.as_str(),
+                    "--json",
+                ],
+            )
+            .await
+        }
+    };
+    let ok = verify(t1.clone()).await?;
+    assert!(ok.status.success(), "{ok:?}");
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout)?;
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["session"], "s-1");
+    assert_eq!(v["user"], "alice");
+    let again = verify(t1).await?;
+    assert_eq!(again.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["reason"], "reused");
+    Ok(())
+}
