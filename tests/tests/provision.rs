@@ -671,3 +671,121 @@ async fn a_resource_whose_agent_never_registers_is_reported_deleted_and_not_bill
     broker.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_group_deletes_its_local_elastic_agents_and_bills_them_to_the_purge(
+) -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let t0 = whole_second_now();
+    let clock = ManualClock::new(t0);
+    let mut broker = TestBroker::start_with_groups(dir.path(), local_config(&clock)).await?;
+    broker
+        .admin(AdminRequestV1::GroupPublish(spec("pg", 1, 1, 1)))
+        .await?;
+    let mut h1 = agent_of(&broker, "h1", "pg").await?;
+    let mut c1 = h1.client().await?;
+    c1.session_start(sid("s1"), "alice".parse()?).await?;
+    h1.wait_synced().await?;
+    let evs = wait_events(&broker, "pg", "created", 1).await?;
+    let ready_at = t0;
+    assert_eq!(of_kind(&evs, "created")[0].at, ready_at);
+    let d = local_dir(&broker, "pg-e1");
+    assert_eq!(pids_mentioning(&d).len(), 1, "one process for pg-e1");
+
+    // Pay-as-you-go: purged while published, its elastic agent running.
+    clock.advance(Duration::from_secs(120));
+    let purged_at = clock.now();
+    let answer = broker
+        .admin(AdminRequestV1::GroupPurge {
+            group: "pg".parse()?,
+        })
+        .await?;
+    assert!(matches!(answer, AdminResponseV1::Done { .. }), "{answer:?}");
+
+    // The actor is gone, but the elastic host is deleted all the same.
+    let evs = wait_events(&broker, "pg", "deleted", 1).await?;
+    let deleted = of_kind(&evs, "deleted");
+    assert_eq!(deleted.len(), 1, "{evs:#?}");
+    assert!(
+        deleted[0].message.contains("pg-e1") && deleted[0].message.contains("local"),
+        "{}",
+        deleted[0].message
+    );
+    assert!(of_kind(&evs, "provision-failed").is_empty(), "{evs:#?}");
+    assert!(
+        pids_mentioning(&d).is_empty(),
+        "the elastic agent of a purged group still runs"
+    );
+    assert!(!d.exists(), "its directory is removed");
+
+    // Billed from ready to the purge, no more.
+    let to = UnixMillis(t0.0 + 3_600_000);
+    let report = usage(&broker, "pg", t0, to).await?;
+    let g = &report.groups[0];
+    assert_eq!(
+        g.elastic_seconds,
+        billed_seconds(ready_at, Some(purged_at), to)
+    );
+    assert_eq!(g.elastic_seconds, 120);
+
+    h1.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delete_of_a_purged_groups_elastic_host_is_retried_at_the_broker_start(
+) -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir_all(&scripts)?;
+    let clock = ManualClock::new(whole_second_now());
+    let config = GroupsConfig {
+        clock: clock.clock(),
+        provisioner: ProvisionerConfig {
+            kind: ProvisionerKind::Exec {
+                create: counting_script(&scripts, "create", 0)?,
+                delete: counting_script(&scripts, "delete", 1)?,
+            },
+            attempts: 1,
+            ..ProvisionerConfig::default()
+        },
+        ..GroupsConfig::default()
+    };
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    broker
+        .admin(AdminRequestV1::GroupPublish(spec("pr", 1, 1, 1)))
+        .await?;
+    let mut h1 = agent_of(&broker, "h1", "pr").await?;
+    let mut c1 = h1.client().await?;
+    c1.session_start(sid("s1"), "alice".parse()?).await?;
+    h1.wait_synced().await?;
+    wait_events(&broker, "pr", "provisioned", 1).await?;
+
+    // Purged while pr-e1 is pending: its one delete attempt fails.
+    broker
+        .admin(AdminRequestV1::GroupPurge {
+            group: "pr".parse()?,
+        })
+        .await?;
+    let evs = wait_events(&broker, "pr", "delete-failed", 1).await?;
+    assert!(of_kind(&evs, "deleted").is_empty(), "{evs:#?}");
+
+    // The next broker run retries it, once, and it is done.
+    broker.restart().await?;
+    let evs = wait_events(&broker, "pr", "deleted", 1).await?;
+    assert!(
+        of_kind(&evs, "deleted")[0].message.contains("pr-e1"),
+        "{evs:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(scripts.join("delete.count"))?.trim(),
+        "2"
+    );
+
+    h1.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}

@@ -33,7 +33,8 @@
 //! outcome (failures too) written to the group's events. A renewal reopens
 //! it: the engine learns the sessions that ended or began meanwhile and the
 //! agents' availability. `recycling` and `gone` stop the actor and close its
-//! metering intervals.
+//! metering intervals; its elastic hosts are then deleted through the
+//! provisioner (`elastic::retire`).
 //!
 //! Policy. The group's policy goes to its agents as `Command::ApplyPolicy`
 //! with the group's policy version: to every joined, connected agent when
@@ -398,6 +399,8 @@ struct Shared {
     lifecycle: Notify,
     /// Whether the lifecycle follower was started (it runs once per broker).
     follower_started: AtomicBool,
+    /// Deletes of retired groups' elastic resources in progress.
+    retiring: Arc<elastic::Retiring>,
 }
 
 #[derive(Clone)]
@@ -428,6 +431,7 @@ impl GroupActors {
                 lifecycle: Notify::new(),
                 follower_started: AtomicBool::new(false),
                 provisioning: std::sync::OnceLock::new(),
+                retiring: Arc::default(),
             }),
         }
     }
@@ -464,7 +468,33 @@ impl GroupActors {
                 started += 1;
             }
         }
+        // Elastic deletes of groups that went away, unfinished by an
+        // earlier run (recycling ones were retried by their sync above).
+        self.retire(None).await?;
         Ok(started)
+    }
+
+    /// Deletes the elastic resources left by groups that went away (see
+    /// [`elastic::retire`]), in tasks that end only with the broker.
+    async fn retire(&self, group: Option<String>) -> Result<(), ActorError> {
+        let s = &self.shared;
+        let started = elastic::retire(
+            elastic::RetireParts {
+                ctx: s.provisioning.get().cloned(),
+                store: &s.store,
+                registry: &s.registry,
+                clock: &s.clock,
+                tracker: &s.tracker,
+                shutdown: &s.shutdown,
+                retiring: &s.retiring,
+            },
+            group,
+        )
+        .await?;
+        if started > 0 {
+            tracing::info!(started, "deletes of elastic resources of retired groups");
+        }
+        Ok(())
     }
 
     /// Brings the actor of `group` (a name or an id) in line with its row:
@@ -644,6 +674,8 @@ impl GroupActors {
                     Ok(())
                 })
                 .await?;
+            // Its elastic hosts go too (the actor that owned them stopped).
+            self.retire(Some(group.to_owned())).await?;
             return Ok(false);
         };
         let running = self.actors().get(&row.name).cloned();

@@ -22,10 +22,17 @@
 //!   provisioner deletes it, with the same retries. A delete that keeps
 //!   failing is a `delete-failed` event and the resource is flagged (`group
 //!   show`): billing has stopped, the host must be removed by hand.
+//! - the group goes away (recycling, purged, deleted): its actor stops, its
+//!   billing ends with it, and `retire` deletes every resource not
+//!   deleted yet (pending, ready, releasing) through the provisioner, its
+//!   agent asked to drain first (best effort), with the same retries and
+//!   events, in tasks that end only with the broker. `deleted_at` is
+//!   recorded; a broker start retries the deletes an earlier run left.
 //!
 //! Without a provisioner, elastic hosts are configured by hand as
 //! `<group>-e<n>` and only the durable record is kept.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -305,66 +312,224 @@ impl Elastic {
         let actor = self.actor.clone();
         let (num, group) = (self.num, self.group.clone());
         self.tracker.spawn(async move {
-            let req = DeleteRequest {
-                group,
-                resource: resource.clone(),
-            };
-            let attempts = ctx.config.attempts.max(1);
-            for attempt in 1..=attempts {
-                let result = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = ctx.provisioner.delete(&req) => r,
-                };
-                match result {
-                    Ok(()) => {
-                        let key = resource.to_string();
-                        let now = clock.now();
-                        let written = store
-                            .exec(move |c| {
-                                c.execute(
-                                    "UPDATE elastic_resources SET deleted_at = ?3
-                                     WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
-                                    params![num, key, now.0],
-                                )?;
-                                Ok(())
-                            })
-                            .await;
-                        if let Err(e) = written {
-                            tracing::error!(%resource, "record the delete: {e}");
-                        }
-                        let message = format!(
-                            "deleted: {resource} removed by the {} provisioner (attempt {attempt})",
-                            ctx.provisioner.kind()
-                        );
-                        event(&store, num, now, "deleted", message).await;
-                        return;
-                    }
-                    Err(e) => {
-                        // The next attempt's time is taken before the event
-                        // is written: whoever reads the event and moves the
-                        // clock moves it past this wait.
-                        let wake = after(clock.now(), backoff(attempt));
-                        let message = format!(
-                            "provision-failed: delete of {resource} failed (attempt {attempt} of {attempts}): {e}"
-                        );
-                        tracing::warn!("{message}");
-                        event(&store, num, clock.now(), "provision-failed", message).await;
-                        if attempt == attempts {
-                            let why = format!(
-                                "delete of {resource} failed {attempts} time(s), last: {e}; its billing \
-                                 stopped at its release; remove the host by hand"
-                            );
-                            report(&actor, Report::DeleteFailed { resource, why }).await;
-                            return;
-                        }
-                        if !sleep_until(&clock, &shutdown, wake).await {
-                            return;
-                        }
-                    }
-                }
+            let result = delete_with_retries(
+                &ctx, &store, &clock, &shutdown, num, group, &resource, false,
+            )
+            .await;
+            if let Err(Some(why)) = result {
+                report(&actor, Report::DeleteFailed { resource, why }).await;
             }
         });
     }
+}
+
+/// Provisioner deletes of retired groups in progress, by (group number,
+/// resource): a group synced twice (recycling, then gone) or a restart
+/// racing a sync does not start a second delete of the same resource.
+#[derive(Default)]
+pub(super) struct Retiring(std::sync::Mutex<HashSet<(i64, ResourceId)>>);
+
+impl Retiring {
+    fn claim(self: &Arc<Self>, num: i64, resource: &ResourceId) -> Option<RetireClaim> {
+        let key = (num, resource.clone());
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(key.clone()).then(|| RetireClaim {
+            owner: self.clone(),
+            key,
+        })
+    }
+}
+
+/// Held by one retire task; frees its resource when the task ends.
+struct RetireClaim {
+    owner: Arc<Retiring>,
+    key: (i64, ResourceId),
+}
+
+impl Drop for RetireClaim {
+    fn drop(&mut self) {
+        let mut set = self.owner.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.key);
+    }
+}
+
+/// What [`retire`] needs from the daemon: its tasks outlive the group's
+/// actor and end only with the broker (`shutdown`).
+pub(super) struct RetireParts<'a> {
+    pub ctx: Option<Arc<Provisioning>>,
+    pub store: &'a Store,
+    pub registry: &'a Weak<Registry>,
+    pub clock: &'a Clock,
+    pub tracker: &'a TaskTracker,
+    pub shutdown: &'a CancellationToken,
+    pub retiring: &'a Arc<Retiring>,
+}
+
+/// Deletes through the provisioner every elastic resource not deleted yet
+/// (pending, ready, releasing) of the groups that went away (recycling,
+/// gone, publish-failed) named `group` (a name or an id), or of every such
+/// group when `group` is `None` (broker start: deletes an earlier run left
+/// unfinished). Their agents are asked to drain first (best effort); then
+/// the same retries, backoff and events as a scale-in delete, and
+/// `deleted_at` recorded so nothing is deleted twice across restarts. A
+/// resource whose id a live group's record uses again is left alone.
+/// Returns how many deletes started.
+pub(super) async fn retire(p: RetireParts<'_>, group: Option<String>) -> Result<usize, StoreError> {
+    let Some(ctx) = p.ctx else { return Ok(0) };
+    let rows = p
+        .store
+        .read_with(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT e.group_num, g.name, e.resource, e.state
+                 FROM elastic_resources e JOIN groups g ON g.num = e.group_num
+                 WHERE g.status IN ('gone', 'publish-failed', 'recycling')
+                     AND (?1 IS NULL OR g.id = ?1 OR g.name = ?1)
+                     AND e.deleted_at IS NULL
+                     AND e.state IN ('pending', 'ready', 'releasing')
+                     AND NOT EXISTS (
+                         SELECT 1 FROM elastic_resources o JOIN groups og ON og.num = o.group_num
+                         WHERE o.resource = e.resource AND o.group_num != e.group_num
+                             AND o.deleted_at IS NULL
+                             AND og.status NOT IN ('gone', 'publish-failed', 'recycling'))
+                 ORDER BY e.group_num, e.requested_at, e.rowid",
+            )?;
+            let rows = stmt
+                .query_map(params![group], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await?;
+    let mut started = 0;
+    for (num, name, resource, state) in rows {
+        let corrupt = StoreError::Corrupt;
+        let group: GroupName = name
+            .parse()
+            .map_err(|e| corrupt(format!("group name {name:?}: {e}")))?;
+        let resource = ResourceId::new(resource.as_str()).map_err(|e| corrupt(e.to_string()))?;
+        let Some(claim) = p.retiring.claim(num, &resource) else {
+            continue;
+        };
+        let (ctx, store, clock, shutdown) = (
+            ctx.clone(),
+            p.store.clone(),
+            p.clock.clone(),
+            p.shutdown.clone(),
+        );
+        let registry = p.registry.clone();
+        let connected = state != "pending";
+        p.tracker.spawn(async move {
+            let _claim = claim;
+            if connected {
+                if let Some(registry) = registry.upgrade() {
+                    let outcome = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = registry.command(&resource, Command::Drain, COMMAND_TIMEOUT) => r,
+                    };
+                    tracing::info!(%resource, ?outcome, "drain before the retired group's delete");
+                }
+            }
+            let result =
+                delete_with_retries(&ctx, &store, &clock, &shutdown, num, group, &resource, true)
+                    .await;
+            if let Err(Some(why)) = result {
+                let message = format!(
+                    "delete-failed: {why} (the group went away; its billing stopped with it)"
+                );
+                tracing::warn!("{message}");
+                event(&store, num, clock.now(), "delete-failed", message).await;
+            }
+        });
+        started += 1;
+    }
+    Ok(started)
+}
+
+/// Delete attempts of one resource. On success `deleted_at` is recorded
+/// (with `retired`, the resource of a group that went away, a pending one
+/// is recorded failed and a ready or releasing one released too) and a
+/// `deleted` event written. `Err(Some(why))`: gave up; `Err(None)`: the
+/// broker is shutting down.
+#[allow(clippy::too_many_arguments)]
+async fn delete_with_retries(
+    ctx: &Provisioning,
+    store: &Store,
+    clock: &Clock,
+    shutdown: &CancellationToken,
+    num: i64,
+    group: GroupName,
+    resource: &ResourceId,
+    retired: bool,
+) -> Result<(), Option<String>> {
+    let req = DeleteRequest {
+        group,
+        resource: resource.clone(),
+    };
+    let attempts = ctx.config.attempts.max(1);
+    for attempt in 1..=attempts {
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Err(None),
+            r = ctx.provisioner.delete(&req) => r,
+        };
+        match result {
+            Ok(()) => {
+                let key = resource.to_string();
+                let now = clock.now();
+                let written = store
+                    .exec(move |c| {
+                        c.execute(
+                            "UPDATE elastic_resources SET deleted_at = ?3,
+                                 state = CASE WHEN NOT ?4 THEN state
+                                     WHEN state = 'pending' THEN 'failed'
+                                     WHEN state IN ('ready', 'releasing') THEN 'released'
+                                     ELSE state END,
+                                 released_at = CASE WHEN ?4 THEN COALESCE(released_at, ?3)
+                                     ELSE released_at END
+                             WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
+                            params![num, key, now.0, retired],
+                        )?;
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = written {
+                    tracing::error!(%resource, "record the delete: {e}");
+                }
+                let message = format!(
+                    "deleted: {resource} removed by the {} provisioner (attempt {attempt})",
+                    ctx.provisioner.kind()
+                );
+                event(store, num, now, "deleted", message).await;
+                return Ok(());
+            }
+            Err(e) => {
+                // The next attempt's time is taken before the event is
+                // written: whoever reads the event and moves the clock moves
+                // it past this wait.
+                let wake = after(clock.now(), backoff(attempt));
+                let message = format!(
+                    "provision-failed: delete of {resource} failed (attempt {attempt} of {attempts}): {e}"
+                );
+                tracing::warn!("{message}");
+                event(store, num, clock.now(), "provision-failed", message).await;
+                if attempt == attempts {
+                    return Err(Some(format!(
+                        "delete of {resource} failed {attempts} time(s), last: {e}; its billing \
+                         stopped at its release; remove the host by hand"
+                    )));
+                }
+                if !sleep_until(clock, shutdown, wake).await {
+                    return Err(None);
+                }
+            }
+        }
+    }
+    Err(Some(format!("delete of {resource}: no attempt made")))
 }
 
 /// A record change, applied by [`write_ops`].
