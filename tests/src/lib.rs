@@ -1,5 +1,7 @@
 //! Ferry's integration-test harness.
 //!
+//! - [`admin`]: admin requests and group helpers (publish, events, live view,
+//!   usage, a group's agents) shared by the group and routing tests.
 //! - [`harness`]: a real broker and real agents in this process, on
 //!   `127.0.0.1:0` in temp dirs, started and observed through their
 //!   readiness signals and status channels.
@@ -12,6 +14,7 @@
 //! Everything binds `127.0.0.1:0` or a socket in a temp dir and waits on readiness
 //! signals, never on sleeps, so tests run in parallel on a shared machine.
 
+pub mod admin;
 pub mod bins;
 pub mod harness;
 pub mod notify;

@@ -15,10 +15,11 @@ use ferry_broker::engine::billing::{billed_seconds, per_second_amount, round_lin
 use ferry_broker::groups::hostfit;
 use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, BillingSpec, GroupDetail, GroupEventInfo, GroupSpec,
-    LiveGroupView, PolicySpec, SessionType, UsageQuery, UsageReport,
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupDetail, GroupSpec, LiveGroupView,
+    PolicySpec, SessionType, UsageQuery, UsageReport,
 };
-use ferry_common::{GroupName, SessionId, UnixMillis, UserId};
+use ferry_common::{SessionId, UnixMillis, UserId};
+use ferry_tests::admin::{agent_of, events, live, of_kind, publish, show, usage, wait_events};
 use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
 
 fn sid(s: &str) -> SessionId {
@@ -51,51 +52,6 @@ fn group_spec(name: &str) -> GroupSpec {
     }
 }
 
-async fn agent_of(broker: &TestBroker, resource: &str, group: &str) -> anyhow::Result<TestAgent> {
-    let identity = broker.issue_identity(resource)?;
-    let mut config = broker.agent_config(resource, &identity)?;
-    config.group = Some(group.parse()?);
-    let agent = TestAgent::start_with(config).await?;
-    agent.wait_synced().await?;
-    Ok(agent)
-}
-
-async fn events(broker: &TestBroker, group: &str) -> anyhow::Result<Vec<GroupEventInfo>> {
-    match broker
-        .admin(AdminRequestV1::GroupEvents {
-            group: group.parse()?,
-        })
-        .await?
-    {
-        AdminResponseV1::GroupEvents(e) => Ok(e),
-        other => bail!("unexpected answer {other:?}"),
-    }
-}
-
-/// `group show`: the stored group and its live view.
-async fn show(
-    broker: &TestBroker,
-    group: &str,
-) -> anyhow::Result<(GroupDetail, Option<LiveGroupView>)> {
-    match broker
-        .admin(AdminRequestV1::GroupShow {
-            group: group.parse()?,
-        })
-        .await?
-    {
-        AdminResponseV1::GroupShown { detail, live } => Ok((*detail, live)),
-        other => bail!("unexpected answer {other:?}"),
-    }
-}
-
-/// The live view of a group that must have one.
-async fn live(broker: &TestBroker, group: &str) -> anyhow::Result<LiveGroupView> {
-    show(broker, group)
-        .await?
-        .1
-        .with_context(|| format!("group {group} has no live view"))
-}
-
 /// (resource, state, available, sessions) of each resource of the view.
 fn rows(l: &LiveGroupView) -> Vec<(String, String, bool, Vec<String>)> {
     l.resources
@@ -109,10 +65,6 @@ fn rows(l: &LiveGroupView) -> Vec<(String, String, bool, Vec<String>)> {
             )
         })
         .collect()
-}
-
-fn of_kind<'a>(events: &'a [GroupEventInfo], kind: &str) -> Vec<&'a GroupEventInfo> {
-    events.iter().filter(|e| e.kind == kind).collect()
 }
 
 async fn start(c: &mut LocalClient, session: &str) -> anyhow::Result<()> {
@@ -137,13 +89,7 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     let hourly = config.prices["office-4c8g"].hourly;
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
 
-    let published = broker
-        .admin(AdminRequestV1::GroupPublish(group_spec("live")))
-        .await?;
-    assert!(
-        matches!(published, AdminResponseV1::Group(_)),
-        "{published:?}"
-    );
+    publish(&broker, group_spec("live")).await?;
 
     // Two agents of the group take its two base slots.
     let mut h1 = agent_of(&broker, "h1", "live").await?;
@@ -215,17 +161,7 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     // intervals the broker recorded: bases from t0, the elastic one from
     // ten minutes in, both still running.
     let to = UnixMillis(t0.0 + 3_600_000);
-    let report = match broker
-        .admin(AdminRequestV1::Usage(UsageQuery {
-            group: Some("live".parse::<GroupName>()?),
-            from: t0,
-            to,
-        }))
-        .await?
-    {
-        AdminResponseV1::Usage(r) => r,
-        other => bail!("unexpected answer {other:?}"),
-    };
+    let report = usage(&broker, "live", t0, to).await?;
     let UsageReport { groups, .. } = report;
     assert_eq!(groups.len(), 1);
     let g = &groups[0];
@@ -259,28 +195,6 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     h2.stop().await?;
     broker.stop().await?;
     Ok(())
-}
-
-/// Waits until the group has `n` events of `kind`. The broker writes them
-/// from its group actor, which the test cannot subscribe to from outside;
-/// each round is one admin request (a real answer), bounded by `PATIENCE`.
-async fn wait_events(
-    broker: &TestBroker,
-    group: &str,
-    kind: &str,
-    n: usize,
-) -> anyhow::Result<Vec<GroupEventInfo>> {
-    let deadline = tokio::time::Instant::now() + ferry_tests::harness::PATIENCE;
-    loop {
-        let evs = events(broker, group).await?;
-        if of_kind(&evs, kind).len() >= n {
-            return Ok(evs);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no {n} {kind} event(s) in {evs:?}");
-        }
-        tokio::task::yield_now().await;
-    }
 }
 
 /// `hh:mm:ss` on the scenario's day, 2026-03-02 (UTC).
@@ -336,11 +250,7 @@ async fn the_seed_scenario_through_live_agents_costs_what_simulate_says() -> any
         max_idle_ms: Some(3_600_000),
         ..PolicySpec::default()
     };
-    let published = broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
-    assert!(
-        matches!(published, AdminResponseV1::Group(_)),
-        "{published:?}"
-    );
+    publish(&broker, spec).await?;
     let mut b1 = agent_of(&broker, "h1", "seed").await?;
     let mut b2 = agent_of(&broker, "h2", "seed").await?;
     let (mut c1, mut c2) = (b1.client().await?, b2.client().await?);
@@ -395,17 +305,7 @@ async fn the_seed_scenario_through_live_agents_costs_what_simulate_says() -> any
     assert_eq!(times("scale_in"), [at("11:00:00"), at("11:08:00")]);
     assert_eq!(times("released"), [at("11:00:00"), at("11:13:18")]);
 
-    let report = match broker
-        .admin(AdminRequestV1::Usage(UsageQuery {
-            group: Some("seed".parse::<GroupName>()?),
-            from: at("08:00:00"),
-            to: at("12:00:00"),
-        }))
-        .await?
-    {
-        AdminResponseV1::Usage(r) => r,
-        other => bail!("unexpected answer {other:?}"),
-    };
+    let report = usage(&broker, "seed", at("08:00:00"), at("12:00:00")).await?;
     let g = &report.groups[0];
     assert_eq!(g.elastic_seconds, 3600 + 4398);
     let live = serde_json::json!({
@@ -438,9 +338,7 @@ async fn a_restarted_broker_reloads_the_group_and_its_open_sessions() -> anyhow:
         ..GroupsConfig::default()
     };
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(group_spec("again")))
-        .await?;
+    publish(&broker, group_spec("again")).await?;
     let mut h1 = agent_of(&broker, "h1", "again").await?;
     let mut h2 = agent_of(&broker, "h2", "again").await?;
     let (mut c1, mut c2) = (h1.client().await?, h2.client().await?);
@@ -510,7 +408,7 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
         duration: "1w".into(),
         auto_renew: false,
     };
-    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+    publish(&broker, spec).await?;
 
     // h1's host can end sessions (its hook logs them); h2's cannot.
     let log = dir.path().join("disconnected.log");
@@ -634,17 +532,7 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
     assert_eq!(detail.info.status, "recycling");
     assert_eq!(l, None, "no live state once recycling");
     let to = UnixMillis(recycle.0 + 86_400_000);
-    let report = match broker
-        .admin(AdminRequestV1::Usage(UsageQuery {
-            group: Some("week".parse::<GroupName>()?),
-            from: t0,
-            to,
-        }))
-        .await?
-    {
-        AdminResponseV1::Usage(r) => r,
-        other => bail!("unexpected answer {other:?}"),
-    };
+    let report = usage(&broker, "week", t0, to).await?;
     assert_eq!(
         report.groups[0].base_seconds,
         2 * billed_seconds(t0, Some(recycle), to)
@@ -677,7 +565,7 @@ async fn an_agent_below_the_group_spec_is_flagged_and_still_joins() -> anyhow::R
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     let mut spec = group_spec("big");
     spec.spec = "gpu-14c93g".into();
-    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+    publish(&broker, spec).await?;
     let mut h1 = agent_of(&broker, "h1", "big").await?;
 
     let facts = broker
@@ -804,7 +692,7 @@ async fn the_policy_is_pushed_to_every_agent_acknowledged_and_retried_on_rejoin(
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     let mut spec = group_spec("pol");
     spec.base_resources = 3;
-    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+    publish(&broker, spec).await?;
 
     // Joining agents get version 1, the one set at publish.
     let mut h1 = agent_of(&broker, "h1", "pol").await?;
@@ -917,7 +805,7 @@ async fn an_expired_group_retries_a_failed_disconnect_until_it_succeeds() -> any
         duration: "1w".into(),
         auto_renew: false,
     };
-    broker.admin(AdminRequestV1::GroupPublish(spec)).await?;
+    publish(&broker, spec).await?;
 
     let calls = dir.path().join("calls");
     std::fs::create_dir_all(&calls)?;

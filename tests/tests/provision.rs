@@ -17,11 +17,13 @@ use ferry_broker::engine::billing::billed_seconds;
 use ferry_broker::groups::elastic::RETRY_FIRST;
 use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, BillingSpec, GroupEventInfo, GroupSpec, LiveGroupView,
-    PolicySpec, SessionType, UsageQuery, UsageReport,
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec, LiveGroupView, PolicySpec, SessionType,
 };
 use ferry_common::wire::EndReason;
-use ferry_common::{GroupName, SessionId, UnixMillis, UserId};
+use ferry_common::{SessionId, UnixMillis, UserId};
+use ferry_tests::admin::{
+    agent_of, agent_with, events, live, of_kind, publish, usage, wait_events,
+};
 use ferry_tests::bins::bin;
 use ferry_tests::harness::{init_logging, AgentIdentity, TestAgent, TestBroker, PATIENCE};
 
@@ -55,76 +57,24 @@ fn spec(name: &str, concurrent: u32, step: u32, max_elastic: u32) -> GroupSpec {
     }
 }
 
+/// Publishes `spec` and starts session `s1` of alice on its base host `h1`,
+/// which fills it (the sites' groups take one session a host) and so asks
+/// for an elastic resource: `h1` (synced) and its local client.
+async fn busy_group(
+    broker: &TestBroker,
+    spec: GroupSpec,
+) -> anyhow::Result<(TestAgent, LocalClient)> {
+    let group = spec.name.clone().context("a named spec")?.to_string();
+    publish(broker, spec).await?;
+    let h1 = agent_of(broker, "h1", &group).await?;
+    let mut c1 = h1.client().await?;
+    c1.session_start(sid("s1"), "alice".parse()?).await?;
+    h1.wait_synced().await?;
+    Ok((h1, c1))
+}
+
 fn whole_second_now() -> UnixMillis {
     UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000)
-}
-
-async fn agent_of(broker: &TestBroker, resource: &str, group: &str) -> anyhow::Result<TestAgent> {
-    let identity = broker.issue_identity(resource)?;
-    agent_with(broker, resource, group, &identity).await
-}
-
-async fn agent_with(
-    broker: &TestBroker,
-    resource: &str,
-    group: &str,
-    identity: &AgentIdentity,
-) -> anyhow::Result<TestAgent> {
-    let mut config = broker.agent_config(resource, identity)?;
-    config.group = Some(group.parse()?);
-    let agent = TestAgent::start_with(config).await?;
-    agent.wait_synced().await?;
-    Ok(agent)
-}
-
-async fn events(broker: &TestBroker, group: &str) -> anyhow::Result<Vec<GroupEventInfo>> {
-    match broker
-        .admin(AdminRequestV1::GroupEvents {
-            group: group.parse()?,
-        })
-        .await?
-    {
-        AdminResponseV1::GroupEvents(e) => Ok(e),
-        other => bail!("unexpected answer {other:?}"),
-    }
-}
-
-fn of_kind<'a>(events: &'a [GroupEventInfo], kind: &str) -> Vec<&'a GroupEventInfo> {
-    events.iter().filter(|e| e.kind == kind).collect()
-}
-
-/// Waits until the group has at least `n` events of `kind` (written by the
-/// broker's tasks, which a test cannot subscribe to; each round is one
-/// admin request).
-async fn wait_events(
-    broker: &TestBroker,
-    group: &str,
-    kind: &str,
-    n: usize,
-) -> anyhow::Result<Vec<GroupEventInfo>> {
-    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
-    loop {
-        let evs = events(broker, group).await?;
-        if of_kind(&evs, kind).len() >= n {
-            return Ok(evs);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("no {n} {kind} event(s) in {evs:#?}");
-        }
-        tokio::task::yield_now().await;
-    }
-}
-
-async fn live(broker: &TestBroker, group: &str) -> anyhow::Result<LiveGroupView> {
-    match broker
-        .admin(AdminRequestV1::GroupShow {
-            group: group.parse()?,
-        })
-        .await?
-    {
-        AdminResponseV1::GroupShown { live, .. } => live.context("no live view"),
-        other => bail!("unexpected answer {other:?}"),
-    }
 }
 
 /// (resource, state, available) per resource of the live view.
@@ -133,25 +83,6 @@ fn states(l: &LiveGroupView) -> Vec<(String, String, bool)> {
         .iter()
         .map(|r| (r.resource.to_string(), r.state.clone(), r.available))
         .collect()
-}
-
-async fn usage(
-    broker: &TestBroker,
-    group: &str,
-    from: UnixMillis,
-    to: UnixMillis,
-) -> anyhow::Result<UsageReport> {
-    match broker
-        .admin(AdminRequestV1::Usage(UsageQuery {
-            group: Some(group.parse::<GroupName>()?),
-            from,
-            to,
-        }))
-        .await?
-    {
-        AdminResponseV1::Usage(r) => Ok(r),
-        other => bail!("unexpected answer {other:?}"),
-    }
 }
 
 /// Processes whose command line mentions `needle` (the local agents' config
@@ -217,9 +148,7 @@ async fn local_agents_enroll_take_sessions_are_released_one_per_cooldown_and_bil
     let t0 = whole_second_now();
     let clock = ManualClock::new(t0);
     let mut broker = TestBroker::start_with_groups(dir.path(), local_config(&clock)).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("lp", 2, 2, 2)))
-        .await?;
+    publish(&broker, spec("lp", 2, 2, 2)).await?;
     let mut h1 = agent_of(&broker, "h1", "lp").await?;
     let mut c1 = h1.client().await?;
     let alice: UserId = "alice".parse()?;
@@ -343,13 +272,7 @@ async fn local_agents_are_stopped_when_the_broker_stops() -> anyhow::Result<()> 
     let dir = tempfile::tempdir()?;
     let clock = ManualClock::new(whole_second_now());
     let mut broker = TestBroker::start_with_groups(dir.path(), local_config(&clock)).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("ls", 1, 1, 1)))
-        .await?;
-    let mut h1 = agent_of(&broker, "h1", "ls").await?;
-    let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
-    h1.wait_synced().await?;
+    let (mut h1, _c1) = busy_group(&broker, spec("ls", 1, 1, 1)).await?;
     wait_events(&broker, "ls", "created", 1).await?;
     let d = local_dir(&broker, "ls-e1");
     assert_eq!(pids_mentioning(&d).len(), 1);
@@ -389,35 +312,41 @@ exit 0
     ])
 }
 
+/// Groups with an exec provisioner of [`counting_script`]s in `scripts`
+/// whose first `create_failures` creations and `delete_failures` deletions
+/// fail.
+fn exec_config(
+    clock: &ManualClock,
+    scripts: &Path,
+    create_failures: u32,
+    delete_failures: u32,
+) -> anyhow::Result<GroupsConfig> {
+    std::fs::create_dir_all(scripts)?;
+    Ok(GroupsConfig {
+        clock: clock.clock(),
+        provisioner: ProvisionerConfig {
+            kind: ProvisionerKind::Exec {
+                create: counting_script(scripts, "create", create_failures)?,
+                delete: counting_script(scripts, "delete", delete_failures)?,
+            },
+            ..ProvisionerConfig::default()
+        },
+        ..GroupsConfig::default()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_exec_create_and_delete_are_retried_reported_and_not_billed() -> anyhow::Result<()>
 {
     init_logging();
     let dir = tempfile::tempdir()?;
     let scripts = dir.path().join("scripts");
-    std::fs::create_dir_all(&scripts)?;
     let t0 = whole_second_now();
     let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        provisioner: ProvisionerConfig {
-            kind: ProvisionerKind::Exec {
-                create: counting_script(&scripts, "create", 2)?,
-                delete: counting_script(&scripts, "delete", 100)?,
-            },
-            attempts: 3,
-            ..ProvisionerConfig::default()
-        },
-        ..GroupsConfig::default()
-    };
+    let mut config = exec_config(&clock, &scripts, 2, 100)?;
+    config.provisioner.attempts = 3;
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("ex", 1, 1, 1)))
-        .await?;
-    let mut h1 = agent_of(&broker, "h1", "ex").await?;
-    let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
-    h1.wait_synced().await?;
+    let (mut h1, mut c1) = busy_group(&broker, spec("ex", 1, 1, 1)).await?;
 
     // Create: two failures, each an event with its attempt and stderr, then
     // success after the doubling waits.
@@ -539,13 +468,7 @@ async fn an_elastic_resource_survives_a_broker_restart_and_numbering_goes_on() -
         ..GroupsConfig::default()
     };
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("rs", 1, 1, 2)))
-        .await?;
-    let mut h1 = agent_of(&broker, "h1", "rs").await?;
-    let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
-    h1.wait_synced().await?;
+    let (mut h1, mut c1) = busy_group(&broker, spec("rs", 1, 1, 2)).await?;
     wait_events(&broker, "rs", "scale_out", 1).await?;
     // Without a provisioner, a host configured as rs-e1 completes it.
     let mut e1 = agent_of(&broker, "rs-e1", "rs").await?;
@@ -617,30 +540,13 @@ async fn a_resource_whose_agent_never_registers_is_reported_deleted_and_not_bill
     init_logging();
     let dir = tempfile::tempdir()?;
     let scripts = dir.path().join("scripts");
-    std::fs::create_dir_all(&scripts)?;
     let t0 = whole_second_now();
     let clock = ManualClock::new(t0);
     let register_timeout = Duration::from_secs(900);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        provisioner: ProvisionerConfig {
-            kind: ProvisionerKind::Exec {
-                create: counting_script(&scripts, "create", 0)?,
-                delete: counting_script(&scripts, "delete", 0)?,
-            },
-            register_timeout,
-            ..ProvisionerConfig::default()
-        },
-        ..GroupsConfig::default()
-    };
+    let mut config = exec_config(&clock, &scripts, 0, 0)?;
+    config.provisioner.register_timeout = register_timeout;
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("rt", 1, 1, 1)))
-        .await?;
-    let mut h1 = agent_of(&broker, "h1", "rt").await?;
-    let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
-    h1.wait_synced().await?;
+    let (mut h1, _c1) = busy_group(&broker, spec("rt", 1, 1, 1)).await?;
     wait_events(&broker, "rt", "provisioned", 1).await?;
 
     // No agent comes: at the deadline the creation fails, the resource is
@@ -680,13 +586,7 @@ async fn a_purged_group_deletes_its_local_elastic_agents_and_bills_them_to_the_p
     let t0 = whole_second_now();
     let clock = ManualClock::new(t0);
     let mut broker = TestBroker::start_with_groups(dir.path(), local_config(&clock)).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("pg", 1, 1, 1)))
-        .await?;
-    let mut h1 = agent_of(&broker, "h1", "pg").await?;
-    let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
-    h1.wait_synced().await?;
+    let (mut h1, _c1) = busy_group(&broker, spec("pg", 1, 1, 1)).await?;
     let evs = wait_events(&broker, "pg", "created", 1).await?;
     let ready_at = t0;
     assert_eq!(of_kind(&evs, "created")[0].at, ready_at);
@@ -740,28 +640,11 @@ async fn a_failed_delete_of_a_purged_groups_elastic_host_is_retried_at_the_broke
     init_logging();
     let dir = tempfile::tempdir()?;
     let scripts = dir.path().join("scripts");
-    std::fs::create_dir_all(&scripts)?;
     let clock = ManualClock::new(whole_second_now());
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        provisioner: ProvisionerConfig {
-            kind: ProvisionerKind::Exec {
-                create: counting_script(&scripts, "create", 0)?,
-                delete: counting_script(&scripts, "delete", 1)?,
-            },
-            attempts: 1,
-            ..ProvisionerConfig::default()
-        },
-        ..GroupsConfig::default()
-    };
+    let mut config = exec_config(&clock, &scripts, 0, 1)?;
+    config.provisioner.attempts = 1;
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
-    broker
-        .admin(AdminRequestV1::GroupPublish(spec("pr", 1, 1, 1)))
-        .await?;
-    let mut h1 = agent_of(&broker, "h1", "pr").await?;
-    let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
-    h1.wait_synced().await?;
+    let (mut h1, _c1) = busy_group(&broker, spec("pr", 1, 1, 1)).await?;
     wait_events(&broker, "pr", "provisioned", 1).await?;
 
     // Purged while pr-e1 is pending: its one delete attempt fails.

@@ -24,6 +24,7 @@ use ferry_common::route::{Admission, RouteAsk, RouteRefusal};
 use ferry_common::ticket::Credential;
 use ferry_common::wire::EndReason;
 use ferry_common::{GroupName, UnixMillis, UserId};
+use ferry_tests::admin::{self, agent_of, publish};
 use ferry_tests::harness::{init_logging, TestAgent, TestBroker, PATIENCE};
 
 /// The catalog spec taking the most sessions per host (6). The test
@@ -107,12 +108,7 @@ async fn fixture(
             })
             .await?;
     }
-    let published = broker
-        .admin(AdminRequestV1::GroupPublish(shape.spec()))
-        .await?;
-    if !matches!(published, AdminResponseV1::Group(_)) {
-        bail!("publish answered {published:?}");
-    }
+    publish(&broker, shape.spec()).await?;
     let mut started = Vec::new();
     for i in 1..=agents {
         started.push(agent_of(&broker, &format!("h{i}"), shape.name).await?);
@@ -123,15 +119,6 @@ async fn fixture(
         agents: started,
         _dir: dir,
     })
-}
-
-async fn agent_of(broker: &TestBroker, resource: &str, group: &str) -> anyhow::Result<TestAgent> {
-    let identity = broker.issue_identity(resource)?;
-    let mut config = broker.agent_config(resource, &identity)?;
-    config.group = Some(group.parse()?);
-    let agent = TestAgent::start_with(config).await?;
-    agent.wait_synced().await?;
-    Ok(agent)
 }
 
 fn wall_now() -> UnixMillis {
@@ -170,29 +157,11 @@ impl Fixture {
     }
 
     async fn live(&self, group: &str) -> anyhow::Result<LiveGroupView> {
-        match self
-            .broker
-            .admin(AdminRequestV1::GroupShow {
-                group: gname(group),
-            })
-            .await?
-        {
-            AdminResponseV1::GroupShown { live, .. } => live.context("no live view"),
-            other => bail!("show answered {other:?}"),
-        }
+        admin::live(&self.broker, group).await
     }
 
     async fn events(&self, group: &str) -> anyhow::Result<Vec<GroupEventInfo>> {
-        match self
-            .broker
-            .admin(AdminRequestV1::GroupEvents {
-                group: gname(group),
-            })
-            .await?
-        {
-            AdminResponseV1::GroupEvents(e) => Ok(e),
-            other => bail!("events answered {other:?}"),
-        }
+        admin::events(&self.broker, group).await
     }
 
     /// Starts `a`'s session on its agent as the streaming server would
@@ -217,6 +186,12 @@ fn ask(group: &str, user: &str, credential: Credential, wait: bool) -> RouteAsk 
 
 fn password(user: &str) -> Credential {
     Credential::Password(format!("pw-{user}"))
+}
+
+/// `user` asks for `group` with their password, not waiting for room.
+async fn launch(c: &RouteClient, group: &str, user: &str) -> anyhow::Result<RouteAnswer> {
+    Ok(c.route(ask(group, user, password(user), false), |_| {})
+        .await?)
 }
 
 fn admitted(answer: RouteAnswer) -> anyhow::Result<Admission> {
@@ -371,10 +346,7 @@ async fn tickets_are_checked_by_the_agent_tampered_reused_other_host_and_expired
         key_ready(a).await?;
     }
     let c = f.client().await?;
-    let a = admitted(
-        c.route(ask("tix", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let a = admitted(launch(&c, "tix", "alice").await?)?;
     let other = if a.resource.as_str() == "h1" {
         "h2"
     } else {
@@ -459,10 +431,7 @@ async fn an_expired_ticket_is_refused_by_the_agent_and_its_unused_slot_is_freed(
     .await?;
     key_ready(&f.agents[0]).await?;
     let c = f.client().await?;
-    let a = admitted(
-        c.route(ask("late", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let a = admitted(launch(&c, "late", "alice").await?)?;
     assert_eq!(a.expires_at.0 - start.0, TICKET_TTL.as_millis() as i64);
     let err = f.agents[0]
         .client()
@@ -481,10 +450,7 @@ async fn an_expired_ticket_is_refused_by_the_agent_and_its_unused_slot_is_freed(
         "{err:?}"
     );
     // The slot is reserved until the ticket's expiry on the group clock...
-    let (reason, _) = refusal(
-        c.route(ask("late", "bob", password("bob"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, _) = refusal(launch(&c, "late", "bob").await?)?;
     assert_eq!(reason, RouteRefusal::AtCapacity);
     // ...then freed, with a `ticket-expired` event, and bob gets it.
     f.clock.advance(TICKET_TTL + Duration::from_secs(1));
@@ -499,10 +465,7 @@ async fn an_expired_ticket_is_refused_by_the_agent_and_its_unused_slot_is_freed(
         }
         tokio::task::yield_now().await;
     }
-    let b = admitted(
-        c.route(ask("late", "bob", password("bob"), false), |_| {})
-            .await?,
-    )?;
+    let b = admitted(launch(&c, "late", "bob").await?)?;
     assert_eq!(b.resource.as_str(), "h1");
     assert_ne!(b.session, a.session);
     Ok(())
@@ -525,10 +488,7 @@ async fn refusals_name_their_reason_and_credentials_failures_say_the_same() -> a
     )
     .await?;
     let c = f.client().await?;
-    let (reason, message) = refusal(
-        c.route(ask("guard", "mallory", password("mallory"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, message) = refusal(launch(&c, "guard", "mallory").await?)?;
     assert_eq!(reason, RouteRefusal::NotAssigned);
     assert!(
         message.contains("mallory") && message.contains("guard"),
@@ -553,16 +513,10 @@ async fn refusals_name_their_reason_and_credentials_failures_say_the_same() -> a
     assert_eq!(unknown, RouteRefusal::BadCredentials);
     assert_eq!(wrong_msg, unknown_msg, "never says which part was wrong");
 
-    let (reason, _) = refusal(
-        c.route(ask("nosuch", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, _) = refusal(launch(&c, "nosuch", "alice").await?)?;
     assert_eq!(reason, RouteRefusal::NoSuchGroup);
     // And the right password gets in.
-    admitted(
-        c.route(ask("guard", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    admitted(launch(&c, "guard", "alice").await?)?;
     Ok(())
 }
 
@@ -604,16 +558,10 @@ async fn a_drained_host_is_never_chosen() -> anyhow::Result<()> {
     }
     let c = f.client().await?;
     for _ in 0..2 {
-        let a = admitted(
-            c.route(ask("drn", "alice", password("alice"), false), |_| {})
-                .await?,
-        )?;
+        let a = admitted(launch(&c, "drn", "alice").await?)?;
         assert_eq!(a.resource.as_str(), "h2");
     }
-    let (reason, _) = refusal(
-        c.route(ask("drn", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, _) = refusal(launch(&c, "drn", "alice").await?)?;
     assert_eq!(reason, RouteRefusal::AtCapacity);
     Ok(())
 }
@@ -641,10 +589,7 @@ async fn a_waiting_request_is_admitted_when_a_resource_becomes_ready() -> anyhow
             .await?,
     )?;
     // Without --wait: refused at once.
-    let (reason, _) = refusal(
-        c.route(ask("queue", "carol", password("carol"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, _) = refusal(launch(&c, "queue", "carol").await?)?;
     assert_eq!(reason, RouteRefusal::AtCapacity);
     // With --wait: queued, told its place.
     let (pos_tx, pos_rx) = tokio::sync::oneshot::channel();
@@ -694,26 +639,14 @@ async fn shared_groups_give_a_user_the_same_session_independent_ones_a_new_one(
     )
     .await?;
     let c = f.client().await?;
-    let a1 = admitted(
-        c.route(ask("shr", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
-    let a2 = admitted(
-        c.route(ask("shr", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let a1 = admitted(launch(&c, "shr", "alice").await?)?;
+    let a2 = admitted(launch(&c, "shr", "alice").await?)?;
     assert_eq!((&a1.resource, &a1.session), (&a2.resource, &a2.session));
     assert_ne!(a1.ticket, a2.ticket, "a new ticket each time");
     f.start_session(&a1, "alice").await?;
-    let a3 = admitted(
-        c.route(ask("shr", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let a3 = admitted(launch(&c, "shr", "alice").await?)?;
     assert_eq!(a3.session, a1.session, "joins the running session");
-    let b = admitted(
-        c.route(ask("shr", "bob", password("bob"), false), |_| {})
-            .await?,
-    )?;
+    let b = admitted(launch(&c, "shr", "bob").await?)?;
     assert_ne!(b.session, a1.session);
     assert_eq!(f.live("shr").await?.demand, 2, "one slot per user");
 
@@ -732,19 +665,10 @@ async fn shared_groups_give_a_user_the_same_session_independent_ones_a_new_one(
     )
     .await?;
     let c = g.client().await?;
-    let i1 = admitted(
-        c.route(ask("ind", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
-    let i2 = admitted(
-        c.route(ask("ind", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let i1 = admitted(launch(&c, "ind", "alice").await?)?;
+    let i2 = admitted(launch(&c, "ind", "alice").await?)?;
     assert_ne!(i1.session, i2.session);
-    let (reason, _) = refusal(
-        c.route(ask("ind", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, _) = refusal(launch(&c, "ind", "alice").await?)?;
     assert_eq!(reason, RouteRefusal::AtCapacity, "each launch takes a slot");
     Ok(())
 }
@@ -802,10 +726,7 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     f.agents.push(h1);
 
     let c = f.client().await?;
-    let a = admitted(
-        c.route(ask("ret", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let a = admitted(launch(&c, "ret", "alice").await?)?;
     assert_eq!(
         a.address, "stream-1.example:9000",
         "the agent's streaming_address"
@@ -816,15 +737,9 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     wait_event(&f, "ret", |e| e.kind == "session-disconnected").await?;
 
     // The slot stays taken: bob is refused, alice goes back to her session.
-    let (reason, _) = refusal(
-        c.route(ask("ret", "bob", password("bob"), false), |_| {})
-            .await?,
-    )?;
+    let (reason, _) = refusal(launch(&c, "ret", "bob").await?)?;
     assert_eq!(reason, RouteRefusal::AtCapacity);
-    let back = admitted(
-        c.route(ask("ret", "alice", password("alice"), false), |_| {})
-            .await?,
-    )?;
+    let back = admitted(launch(&c, "ret", "alice").await?)?;
     assert_eq!((&back.resource, &back.session), (&a.resource, &a.session));
     assert_ne!(back.ticket, a.ticket);
 
@@ -848,10 +763,7 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
         .find(|s| s.session == a.session)
         .context("session recorded")?;
     assert!(record.ended_at.is_some(), "{record:?}");
-    let b = admitted(
-        c.route(ask("ret", "bob", password("bob"), false), |_| {})
-            .await?,
-    )?;
+    let b = admitted(launch(&c, "ret", "bob").await?)?;
     assert_eq!(b.resource.as_str(), "h1");
     Ok(())
 }

@@ -47,7 +47,7 @@ use super::actor::Msg;
 use super::tasks::Clock;
 use crate::engine::{Action, Decision, RestoredElastic, RestoredState};
 use crate::enroll;
-use crate::provision::{CreateRequest, DeleteRequest, Provisioning};
+use crate::provision::{CreateRequest, DeleteRequest, ProvisionError, Provisioning};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoreError};
 
@@ -472,6 +472,15 @@ async fn delete_with_retries(
         resource: resource.clone(),
     };
     let attempts = ctx.config.attempts.max(1);
+    let retries = Retries {
+        store,
+        clock,
+        shutdown,
+        num,
+        op: "delete",
+        resource,
+        attempts,
+    };
     for attempt in 1..=attempts {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Err(None),
@@ -508,24 +517,8 @@ async fn delete_with_retries(
                 return Ok(());
             }
             Err(e) => {
-                // The next attempt's time is taken before the event is
-                // written: whoever reads the event and moves the clock moves
-                // it past this wait.
-                let wake = after(clock.now(), backoff(attempt));
-                let message = format!(
-                    "provision-failed: delete of {resource} failed (attempt {attempt} of {attempts}): {e}"
-                );
-                tracing::warn!("{message}");
-                event(store, num, clock.now(), "provision-failed", message).await;
-                if attempt == attempts {
-                    return Err(Some(format!(
-                        "delete of {resource} failed {attempts} time(s), last: {e}; its billing \
-                         stopped at its release; remove the host by hand"
-                    )));
-                }
-                if !sleep_until(clock, shutdown, wake).await {
-                    return Err(None);
-                }
+                let note = "; its billing stopped at its release; remove the host by hand";
+                retries.failed(attempt, &e, note).await?;
             }
         }
     }
@@ -643,6 +636,58 @@ async fn report(actor: &mpsc::WeakSender<Msg>, report: Report) {
     }
 }
 
+/// One resource's create or delete attempts: the failure branch the two
+/// retry loops share.
+struct Retries<'a> {
+    store: &'a Store,
+    clock: &'a Clock,
+    shutdown: &'a CancellationToken,
+    num: i64,
+    /// `create` or `delete`.
+    op: &'static str,
+    resource: &'a ResourceId,
+    attempts: u32,
+}
+
+impl Retries<'_> {
+    /// After failed attempt `attempt` (counting from 1): a `provision-failed`
+    /// event, then the backoff. `Ok(())`: time for the next attempt;
+    /// `Err(Some(why))`: that was the last one (`why` ends with `note`);
+    /// `Err(None)`: the broker is shutting down.
+    async fn failed(
+        &self,
+        attempt: u32,
+        e: &ProvisionError,
+        note: &str,
+    ) -> Result<(), Option<String>> {
+        let (op, resource, attempts) = (self.op, self.resource, self.attempts);
+        // The next attempt's time is taken before the event is written:
+        // whoever reads the event and moves the clock moves it past this wait.
+        let wake = after(self.clock.now(), backoff(attempt));
+        let message = format!(
+            "provision-failed: {op} of {resource} failed (attempt {attempt} of {attempts}): {e}"
+        );
+        tracing::warn!("{message}");
+        event(
+            self.store,
+            self.num,
+            self.clock.now(),
+            "provision-failed",
+            message,
+        )
+        .await;
+        if attempt == attempts {
+            return Err(Some(format!(
+                "{op} of {resource} failed {attempts} time(s), last: {e}{note}"
+            )));
+        }
+        if !sleep_until(self.clock, self.shutdown, wake).await {
+            return Err(None);
+        }
+        Ok(())
+    }
+}
+
 /// Sleeps on the groups' clock until `t`; false if shutdown came first.
 async fn sleep_until(clock: &Clock, shutdown: &CancellationToken, t: UnixMillis) -> bool {
     while clock.now() < t {
@@ -708,6 +753,15 @@ async fn create_with_retries(
         ca_cert_path: ctx.ca_cert.clone(),
     };
     let attempts = ctx.config.attempts.max(1);
+    let retries = Retries {
+        store,
+        clock,
+        shutdown,
+        num,
+        op: "create",
+        resource,
+        attempts,
+    };
     for attempt in 1..=attempts {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Err(None),
@@ -723,23 +777,7 @@ async fn create_with_retries(
                 event(store, num, clock.now(), "provisioned", message).await;
                 return Ok(());
             }
-            Err(e) => {
-                // Taken before the event is written (see the delete loop).
-                let wake = after(clock.now(), backoff(attempt));
-                let message = format!(
-                    "provision-failed: create of {resource} failed (attempt {attempt} of {attempts}): {e}"
-                );
-                tracing::warn!("{message}");
-                event(store, num, clock.now(), "provision-failed", message).await;
-                if attempt == attempts {
-                    return Err(Some(format!(
-                        "create of {resource} failed {attempts} time(s), last: {e}"
-                    )));
-                }
-                if !sleep_until(clock, shutdown, wake).await {
-                    return Err(None);
-                }
-            }
+            Err(e) => retries.failed(attempt, &e, "").await?,
         }
     }
     Err(Some(format!("create of {resource}: no attempt made")))

@@ -1,0 +1,130 @@
+//! Admin requests and group helpers the group, provisioning and routing tests
+//! share: each is one real admin request (or a bounded series of them)
+//! against a [`TestBroker`], answering an error for any other answer.
+
+use anyhow::{bail, Context};
+use ferry_common::admin::{
+    AdminRequestV1, AdminResponseV1, GroupDetail, GroupEventInfo, GroupSpec, LiveGroupView,
+    UsageQuery, UsageReport,
+};
+use ferry_common::{GroupName, UnixMillis};
+
+use crate::harness::{AgentIdentity, TestAgent, TestBroker, PATIENCE};
+
+/// `group publish`: the stored group.
+pub async fn publish(broker: &TestBroker, spec: GroupSpec) -> anyhow::Result<GroupDetail> {
+    match broker.admin(AdminRequestV1::GroupPublish(spec)).await? {
+        AdminResponseV1::Group(g) => Ok(*g),
+        other => bail!("publish answered {other:?}"),
+    }
+}
+
+/// Starts the agent of `resource` in `group`, with a fresh identity, and
+/// waits until it is synced with the broker.
+pub async fn agent_of(
+    broker: &TestBroker,
+    resource: &str,
+    group: &str,
+) -> anyhow::Result<TestAgent> {
+    let identity = broker.issue_identity(resource)?;
+    agent_with(broker, resource, group, &identity).await
+}
+
+/// [`agent_of`] with a given identity.
+pub async fn agent_with(
+    broker: &TestBroker,
+    resource: &str,
+    group: &str,
+    identity: &AgentIdentity,
+) -> anyhow::Result<TestAgent> {
+    let mut config = broker.agent_config(resource, identity)?;
+    config.group = Some(group.parse()?);
+    let agent = TestAgent::start_with(config).await?;
+    agent.wait_synced().await?;
+    Ok(agent)
+}
+
+/// `group events`: the group's recorded events, oldest first.
+pub async fn events(broker: &TestBroker, group: &str) -> anyhow::Result<Vec<GroupEventInfo>> {
+    match broker
+        .admin(AdminRequestV1::GroupEvents {
+            group: group.parse()?,
+        })
+        .await?
+    {
+        AdminResponseV1::GroupEvents(e) => Ok(e),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// The events of `kind`.
+pub fn of_kind<'a>(events: &'a [GroupEventInfo], kind: &str) -> Vec<&'a GroupEventInfo> {
+    events.iter().filter(|e| e.kind == kind).collect()
+}
+
+/// Waits until the group has at least `n` events of `kind`. The broker
+/// writes them from its group actor and tasks, which a test cannot subscribe
+/// to from outside; each round is one admin request (a real answer),
+/// bounded by twice [`PATIENCE`] (provisioning starts processes).
+pub async fn wait_events(
+    broker: &TestBroker,
+    group: &str,
+    kind: &str,
+    n: usize,
+) -> anyhow::Result<Vec<GroupEventInfo>> {
+    let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+    loop {
+        let evs = events(broker, group).await?;
+        if of_kind(&evs, kind).len() >= n {
+            return Ok(evs);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no {n} {kind} event(s) in {evs:#?}");
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `group show`: the stored group and its live view.
+pub async fn show(
+    broker: &TestBroker,
+    group: &str,
+) -> anyhow::Result<(GroupDetail, Option<LiveGroupView>)> {
+    match broker
+        .admin(AdminRequestV1::GroupShow {
+            group: group.parse()?,
+        })
+        .await?
+    {
+        AdminResponseV1::GroupShown { detail, live } => Ok((*detail, live)),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// The live view of a group that must have one.
+pub async fn live(broker: &TestBroker, group: &str) -> anyhow::Result<LiveGroupView> {
+    show(broker, group)
+        .await?
+        .1
+        .with_context(|| format!("group {group} has no live view"))
+}
+
+/// `usage` of one group over `[from, to)`.
+pub async fn usage(
+    broker: &TestBroker,
+    group: &str,
+    from: UnixMillis,
+    to: UnixMillis,
+) -> anyhow::Result<UsageReport> {
+    match broker
+        .admin(AdminRequestV1::Usage(UsageQuery {
+            group: Some(group.parse::<GroupName>()?),
+            from,
+            to,
+        }))
+        .await?
+    {
+        AdminResponseV1::Usage(r) => Ok(r),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
