@@ -1063,7 +1063,16 @@ mod tests {
         assert!(agents_under(dir.path()).is_empty());
         let mut other = spawn(Path::new("/bin/sh"));
         let mut agent = spawn(&fake);
-        assert_eq!(agents_under(dir.path()), [agent.id()]);
+        // `spawn` returns once the child is inside execve, which can be
+        // before the kernel has set up its new argv: /proc/PID/cmdline reads
+        // empty for that moment. Wait (bounded) until the argv is there.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = agents_under(dir.path());
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            found = agents_under(dir.path());
+        }
+        assert_eq!(found, [agent.id()]);
         for child in [&mut agent, &mut other] {
             drop(child.stdin.take());
             child.wait().expect("wait");
