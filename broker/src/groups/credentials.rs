@@ -30,7 +30,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, OptionalExtension};
 use tokio::sync::Semaphore;
 
-use super::{atomic, check_user, upsert_user, GroupError, GroupService};
+use super::{checked_user, GroupError, GroupService};
 use crate::store::StoreError;
 use crate::tickets::{TokenClaims, TokenKey, MAX_TOKEN_TTL};
 
@@ -257,41 +257,10 @@ impl GroupService {
         password: &str,
         now: UnixMillis,
     ) -> Result<Vec<UserInfo>, GroupError> {
-        let problems = check_user(&user);
-        if !problems.is_empty() {
-            return Err(GroupError::Invalid(problems));
-        }
+        // Refused before the (slow) hash is computed.
+        checked_user(&user)?;
         let hash = hash_new_password(password).await?;
-        let id = user.id.clone();
-        self.store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let exists: bool = c.query_row(
-                        "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
-                        [user.id.as_str()],
-                        |r| r.get(0),
-                    )?;
-                    if exists {
-                        return Err(GroupError::Conflict(format!(
-                            "user {} already exists",
-                            user.id
-                        )));
-                    }
-                    upsert_user(c, &user, now)?;
-                    c.execute(
-                        "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                        params![user.id.as_str(), hash],
-                    )?;
-                    Ok(())
-                })
-            })
-            .await??;
-        Ok(self
-            .users()
-            .await?
-            .into_iter()
-            .filter(|u| u.id == id)
-            .collect())
+        self.insert_new_user(user, Some(hash), now).await
     }
 
     /// `user set-password`: replaces the user's password hash.

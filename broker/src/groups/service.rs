@@ -649,10 +649,19 @@ impl GroupService {
         user: UserSpec,
         now: UnixMillis,
     ) -> Result<Vec<UserInfo>, GroupError> {
-        let problems = check_user(&user);
-        if !problems.is_empty() {
-            return Err(GroupError::Invalid(problems));
-        }
+        checked_user(&user)?;
+        self.insert_new_user(user, None, now).await
+    }
+
+    /// Writes a user that must not exist yet, with its password hash when
+    /// given, in one transaction; answers the user as stored. The caller has
+    /// checked `user` with [`checked_user`].
+    pub(super) async fn insert_new_user(
+        &self,
+        user: UserSpec,
+        password_hash: Option<String>,
+        now: UnixMillis,
+    ) -> Result<Vec<UserInfo>, GroupError> {
         let id = user.id.clone();
         self.store
             .exec(move |c| {
@@ -668,7 +677,14 @@ impl GroupService {
                             user.id
                         )));
                     }
-                    upsert_user(c, &user, now)
+                    upsert_user(c, &user, now)?;
+                    if let Some(hash) = password_hash {
+                        c.execute(
+                            "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                            params![user.id.as_str(), hash],
+                        )?;
+                    }
+                    Ok(())
                 })
             })
             .await??;
@@ -1024,6 +1040,16 @@ fn apply_deadlines(
     let out = row.life.handle_timeout(now, config.retention);
     GroupService::apply_outcome(config, c, row, &out)?;
     save_life(c, row, now)
+}
+
+/// `user`'s fields as [`check_user`] sees them, as an error listing every problem.
+pub(super) fn checked_user(user: &UserSpec) -> Result<(), GroupError> {
+    let problems = check_user(user);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(GroupError::Invalid(problems))
+    }
 }
 
 fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), GroupError> {
