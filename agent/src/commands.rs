@@ -160,6 +160,10 @@ pub async fn execute(
             version,
             document,
         } => apply_policy(policy, hooks, group, version, document).await,
+        // AGENT-HELPER: image switch, updates and warnings.
+        Command::SwitchImage { .. } | Command::ApplyUpdate { .. } | Command::WarnSession { .. } => {
+            Err(CommandError::NoHook)
+        }
     };
     match result {
         Ok(()) => CommandOutcome::Done,

@@ -705,6 +705,8 @@ impl Connection {
                             actors.presence(g, &self.resource, report).await;
                         }
                     }
+                    // UPDATES-HELPER: hand the inventory to the group's actor.
+                    AgentToBroker::Inventory(_) => {}
                 },
             }
         }
@@ -830,6 +832,7 @@ fn kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::V1(AgentToBroker::CommandResult(_)) => "CommandResult",
         AgentMessage::V1(AgentToBroker::Streaming(_)) => "Streaming",
         AgentMessage::V1(AgentToBroker::Presence(_)) => "Presence",
+        AgentMessage::V1(AgentToBroker::Inventory(_)) => "Inventory",
     }
 }
 

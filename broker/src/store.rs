@@ -445,6 +445,8 @@ fn end_reason_str(reason: &EndReason) -> &str {
         EndReason::Disconnected => "disconnected",
         EndReason::HostShutdown => "host shutdown",
         EndReason::Other(s) => s,
+        EndReason::MaxSessionDuration => "max session duration",
+        EndReason::Idle => "idle",
     }
 }
 

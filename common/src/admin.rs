@@ -97,6 +97,9 @@ pub enum AdminRequestV1 {
     UserToken { user: UserId, ttl_secs: u64 },
     /// Invalidate every token of `user` issued so far. Answered by `Done`.
     UserRevokeTokens { user: UserId },
+    // ---- policy parts (session, display, periods) ----
+    // ---- image updates and OTA ----
+    // ---- group status (publishing, payment) ----
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -142,6 +145,9 @@ pub enum AdminResponseV1 {
         token: String,
         expires_at: UnixMillis,
     },
+    // ---- policy parts (session, display, periods) ----
+    // ---- image updates and OTA ----
+    // ---- group status (publishing, payment) ----
 }
 
 /// What `ferryctl usage` asks.

@@ -89,3 +89,8 @@ pub const MAX_TOKEN_LEN: usize = 512;
 /// Length of the broker's ticket public key (`BrokerToAgent::TicketKey`):
 /// a raw Ed25519 public key. The agent refuses any other length.
 pub const TICKET_PUBLIC_KEY_LEN: usize = 32;
+
+/// Most components an agent lists in one `Inventory` (besides the agent and
+/// the image). A host runs a platform and a handful of applications; 64 is
+/// far above that and keeps the message a few KiB.
+pub const MAX_INVENTORY_COMPONENTS: usize = 64;

@@ -50,6 +50,46 @@ pub enum AgentToBroker {
     /// session's start and end are the metered facts, this only times its
     /// retention.
     Presence(PresenceReport),
+    /// The versions the host runs now. Sent after every `Welcome` (after
+    /// `Streaming`) and again whenever one changes (an image switch, an
+    /// update): `Hello::agent_version` and `Hello::image_version` are frozen
+    /// at connect.
+    Inventory(Inventory),
+}
+
+/// What a host runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Version of the running `ferry-agent` build.
+    pub agent_version: String,
+    /// Version of the image the host runs (after any image switch).
+    pub image_version: String,
+    /// Platform components and applications the agent has updated, sorted by
+    /// name, at most [`crate::limits::MAX_INVENTORY_COMPONENTS`].
+    pub components: Vec<ComponentVersion>,
+    /// The last update (`Command::ApplyUpdate`) the agent carried out or
+    /// gave up on. An update of the agent itself restarts the agent, so the
+    /// command's own `CommandResult` is never sent: the new process reports
+    /// the outcome here instead.
+    pub last_update: Option<UpdateReport>,
+}
+
+/// One component's version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentVersion {
+    pub name: String,
+    pub version: String,
+}
+
+/// How an update ended on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReport {
+    /// `Command::ApplyUpdate::update`.
+    pub update: u64,
+    pub component: String,
+    /// The version the update was to install.
+    pub version: String,
+    pub outcome: CommandOutcome,
 }
 
 /// Where the host's streaming server listens, as the agent is configured
@@ -171,6 +211,10 @@ pub enum EndReason {
     HostShutdown,
     /// Anything else the host's streaming server reports.
     Other(String),
+    /// The agent ended it at the group's `max_session_duration`.
+    MaxSessionDuration,
+    /// The agent ended it after the group's `idle_disconnect` without input.
+    Idle,
 }
 
 /// Host health, sent every `Welcome::health_interval_ms`.
@@ -240,6 +284,31 @@ pub enum Command {
         group: GroupName,
         version: u64,
         document: String,
+    },
+    /// Switch the host to `image` (SPEC section 9, update image) through the
+    /// host's image hook. The broker has ended the host's sessions before.
+    /// Answered once the hook finished; on success the agent then sends an
+    /// `Inventory` with `image_version = image`.
+    SwitchImage { image: String },
+    /// Carry out OTA update `update`: bring `component` to `version` through
+    /// the host's update hook, which gets `package` (a path or URL from the
+    /// offer). `component` is `agent` (the agent itself: the hook installs
+    /// the package and restarts the service), `image`, or the name of a
+    /// platform component or application. The agent records the update on
+    /// disk before it runs the hook and reports the outcome in a
+    /// `CommandResult` and in `Inventory::last_update`.
+    ApplyUpdate {
+        update: u64,
+        component: String,
+        version: String,
+        package: String,
+    },
+    /// Warn the user of `session` (through the host's warn hook) that the
+    /// session will be ended at `deadline` and why (`message`).
+    WarnSession {
+        session: SessionId,
+        message: String,
+        deadline: UnixMillis,
     },
 }
 
@@ -338,6 +407,87 @@ mod tests {
             frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
             msg
         );
+    }
+
+    #[test]
+    fn golden_update_commands() {
+        let cases = [
+            (
+                Command::SwitchImage { image: "i2".into() },
+                "00020104026932",
+            ),
+            (
+                Command::ApplyUpdate {
+                    update: 7,
+                    component: "agent".into(),
+                    version: "1.1".into(),
+                    package: "p".into(),
+                },
+                "0002010507056167656e7403312e310170",
+            ),
+            (
+                Command::WarnSession {
+                    session: id("s1"),
+                    message: "m".into(),
+                    deadline: UnixMillis(1000),
+                },
+                "00020106027331016dfbd007",
+            ),
+        ];
+        for (command, golden) in cases {
+            let msg = BrokerMessage::V1(BrokerToAgent::Command { id: 1, command });
+            let bytes = frame::encode_payload(&msg).expect("encode");
+
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
+                msg
+            );
+        }
+    }
+
+    #[test]
+    fn golden_inventory_and_new_end_reasons() {
+        let msg = AgentMessage::V1(AgentToBroker::Inventory(Inventory {
+            agent_version: "1".into(),
+            image_version: "i".into(),
+            components: vec![ComponentVersion {
+                name: "app".into(),
+                version: "2".into(),
+            }],
+            last_update: Some(UpdateReport {
+                update: 3,
+                component: "agent".into(),
+                version: "1".into(),
+                outcome: CommandOutcome::Failed("x".into()),
+            }),
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+
+        assert_eq!(
+            hex(&bytes),
+            "000601310169010361707001320103056167656e740131010178"
+        );
+        assert_eq!(
+            frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+        for (reason, golden) in [
+            (EndReason::MaxSessionDuration, "0001010101730004"),
+            (EndReason::Idle, "0001010101730005"),
+        ] {
+            let msg = AgentMessage::V1(AgentToBroker::Session(SequencedEvent {
+                seq: 1,
+                event: SessionEvent::Ended {
+                    session: id("s"),
+                    at: UnixMillis(0),
+                    reason,
+                },
+            }));
+            let bytes = frame::encode_payload(&msg).expect("encode");
+
+            assert_eq!(hex(&bytes), golden);
+        }
     }
 
     #[test]
