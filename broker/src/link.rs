@@ -705,8 +705,16 @@ impl Connection {
                             actors.presence(g, &self.resource, report).await;
                         }
                     }
-                    // UPDATES-HELPER: hand the inventory to the group's actor.
-                    AgentToBroker::Inventory(_) => {}
+                    AgentToBroker::Inventory(inventory) => match check_inventory(&inventory) {
+                        Ok(()) => {
+                            self.ctx
+                                .registry
+                                .set_inventory(&self.resource, self.conn_id, inventory)
+                        }
+                        Err(why) => {
+                            return Err(self.refuse(RefusalCode::MalformedFrame, why).await)
+                        }
+                    },
                 },
             }
         }
@@ -834,6 +842,37 @@ fn kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::V1(AgentToBroker::Presence(_)) => "Presence",
         AgentMessage::V1(AgentToBroker::Inventory(_)) => "Inventory",
     }
+}
+
+/// Checks an agent's `Inventory` against the limits before it is kept.
+fn check_inventory(inventory: &ferry_common::wire::Inventory) -> Result<(), String> {
+    use ferry_common::limits::{MAX_ID_LEN, MAX_INVENTORY_COMPONENTS, MAX_TEXT_LEN};
+    if inventory.components.len() > MAX_INVENTORY_COMPONENTS {
+        return Err(format!(
+            "inventory lists {} components, more than the {MAX_INVENTORY_COMPONENTS} allowed",
+            inventory.components.len()
+        ));
+    }
+    let names = inventory
+        .components
+        .iter()
+        .map(|c| &c.name)
+        .chain(inventory.last_update.as_ref().map(|u| &u.component));
+    if names.clone().any(|n| n.is_empty() || n.len() > MAX_ID_LEN) {
+        return Err(format!(
+            "inventory component names must be 1 to {MAX_ID_LEN} bytes"
+        ));
+    }
+    let texts = [&inventory.agent_version, &inventory.image_version]
+        .into_iter()
+        .chain(inventory.components.iter().map(|c| &c.version))
+        .chain(inventory.last_update.as_ref().map(|u| &u.version));
+    if texts.clone().any(|t| t.len() > MAX_TEXT_LEN) {
+        return Err(format!(
+            "inventory versions must be at most {MAX_TEXT_LEN} bytes"
+        ));
+    }
+    Ok(())
 }
 
 fn registration(hello: Hello) -> Registration {

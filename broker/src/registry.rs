@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use ferry_common::wire::{Command, CommandOutcome, HealthReport};
+use ferry_common::wire::{Command, CommandOutcome, HealthReport, Inventory};
 use ferry_common::{ResourceId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,9 @@ pub struct LiveResource {
     pub last_health_at: Option<UnixMillis>,
     /// The last health report.
     pub last_health: Option<HealthReport>,
+    /// What the host runs, from its last `Inventory` on this connection
+    /// (checked against the limits by the link); `None` until the first.
+    pub inventory: Option<Inventory>,
 }
 
 struct Entry {
@@ -166,6 +169,7 @@ impl Registry {
                         draining: false,
                         last_health_at: None,
                         last_health: None,
+                        inventory: None,
                     },
                 },
             )
@@ -210,6 +214,16 @@ impl Registry {
             l.last_health_at = Some(now);
             l.last_health = Some(report);
         });
+    }
+
+    /// Records what the host runs now.
+    pub fn set_inventory(&self, resource: &ResourceId, conn_id: u64, inventory: Inventory) {
+        self.update(resource, conn_id, |l| l.inventory = Some(inventory));
+    }
+
+    /// The last inventory of a connected resource.
+    pub fn inventory(&self, resource: &ResourceId) -> Option<Inventory> {
+        self.peek(|map| map.get(resource).and_then(|e| e.live.inventory.clone()))
     }
 
     /// Marks the resource (un)available, e.g. after missed health reports.
