@@ -253,8 +253,8 @@ async fn serve(incoming: quinn::Incoming, protocol: u16, st: ConnState) -> anyho
                     }
                     AgentToBroker::CommandResult(r) => results.send(r).await?,
                     AgentToBroker::Hello(_) => anyhow::bail!("second Hello"),
-                    // Routing facts (streaming address, presence): not this test's.
-                    AgentToBroker::Streaming(_) | AgentToBroker::Presence(_) => {}
+                    // Routing facts and versions: not this test's.
+                    AgentToBroker::Streaming(_) | AgentToBroker::Presence(_) | AgentToBroker::Inventory(_) => {}
                 }
             }
         }
