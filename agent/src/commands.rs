@@ -1,4 +1,5 @@
-//! Broker commands: drain, undrain, disconnect a session, apply a policy.
+//! Broker commands: drain, undrain, disconnect a session, apply a policy,
+//! switch the image, apply an update, warn a session's user.
 //!
 //! The drain flag is a file, `state_dir/draining`, created (and the directory
 //! synced) before a drain is reported done, so a restarted agent keeps a
@@ -6,7 +7,15 @@
 //! session id appended; the host's streaming server then reports the end of
 //! the session as usual, so the command itself records nothing. A policy is
 //! written durably to the policy file ([`crate::policy`]), then the optional
-//! policy hook runs with the file's path appended; only then is it done.
+//! policy hook runs with the file's path appended; only then is it done, and
+//! the policy's session limits go to the enforcer ([`crate::enforce`]).
+//!
+//! An image switch runs the image hook, then records the image durably
+//! ([`crate::versions`]); an update is recorded as pending, its hook runs,
+//! then its outcome is recorded. The link sends an `Inventory` after either.
+//! An update of the agent itself whose hook succeeded while this process is
+//! still the old version is not answered: the hook restarts the service and
+//! the next process reports the outcome (`Inventory::last_update`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,7 +29,8 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::config::HooksConfig;
-use crate::policy::{Applied, PolicyError, PolicyStore};
+use crate::policy::{Applied, PolicyError, PolicyStore, SessionLimits};
+use crate::versions::{UpdateRecord, VersionStore, VersionsError, COMPONENT_AGENT};
 use crate::LinkStatus;
 
 /// File whose presence means "draining".
@@ -67,6 +77,46 @@ pub enum CommandError {
         version: u64,
         source: PolicyError,
     },
+    /// A hook other than `disconnect` is not configured (the text is the
+    /// contract's `no <name> hook configured`).
+    #[error("no {0} hook configured ([hooks] {0} in the agent config)")]
+    NoHookNamed(&'static str),
+    #[error("record versions: {0}")]
+    Versions(#[from] VersionsError),
+    #[error("{field} is {len} bytes; the limit is {max}")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// What carrying out a command needs; cloned into each command's task.
+#[derive(Clone, Debug)]
+pub struct CommandContext {
+    /// The host's drain flag.
+    pub drain: DrainState,
+    /// The policy file.
+    pub policy: PolicyStore,
+    /// The hooks and their timeouts.
+    pub hooks: HooksConfig,
+    /// Published agent status (the drain flag is in it).
+    pub status: Arc<watch::Sender<LinkStatus>>,
+    /// Image and component versions, pending and last update.
+    pub versions: VersionStore,
+    /// The applied policy's session limits, for the enforcer.
+    pub limits: Arc<watch::Sender<SessionLimits>>,
+    /// One update at a time: two hooks installing packages at once could
+    /// leave either half done.
+    pub updates: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Whether the link sends an `Inventory` after this command's answer.
+pub fn changes_inventory(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::SwitchImage { .. } | Command::ApplyUpdate { .. }
+    )
 }
 
 /// The host's drain flag, persisted in the state directory.
@@ -124,14 +174,11 @@ impl DrainState {
     }
 }
 
-/// Carries out one broker command and says how it went.
-pub async fn execute(
-    command: Command,
-    drain: &DrainState,
-    policy: &PolicyStore,
-    hooks: &HooksConfig,
-    status: &watch::Sender<LinkStatus>,
-) -> CommandOutcome {
+/// Carries out one broker command and says how it went; `None` when the
+/// agent updated itself and waits for the restart its update hook started
+/// (the next process reports the outcome).
+pub async fn execute(command: Command, ctx: &CommandContext) -> Option<CommandOutcome> {
+    let (drain, hooks, status) = (&ctx.drain, &ctx.hooks, &ctx.status);
     let result = match command {
         Command::Drain | Command::Undrain => {
             let on = matches!(command, Command::Drain);
@@ -159,13 +206,35 @@ pub async fn execute(
             group,
             version,
             document,
-        } => apply_policy(policy, hooks, group, version, document).await,
-        // AGENT-HELPER: image switch, updates and warnings.
-        Command::SwitchImage { .. } | Command::ApplyUpdate { .. } | Command::WarnSession { .. } => {
-            Err(CommandError::NoHook)
+        } => apply_policy(ctx, group, version, document).await,
+        Command::SwitchImage { image } => switch_image(ctx, image).await,
+        Command::ApplyUpdate {
+            update,
+            component,
+            version,
+            package,
+        } => {
+            let record = UpdateRecord {
+                update,
+                component,
+                version,
+            };
+            match apply_update(ctx, record, package).await {
+                Ok(UpdateDone::Answer) => Ok(()),
+                Ok(UpdateDone::AwaitRestart) => return None,
+                Err(e) => Err(e),
+            }
         }
+        Command::WarnSession {
+            session,
+            message,
+            deadline,
+        } => match check_len("message", &message) {
+            Ok(()) => run_warn_hook(hooks, &session, &message, deadline).await,
+            Err(e) => Err(e),
+        },
     };
-    match result {
+    Some(match result {
         Ok(()) => CommandOutcome::Done,
         Err(e) => {
             tracing::warn!(error = %e, "broker command failed");
@@ -173,19 +242,196 @@ pub async fn execute(
             crate::health::truncate(&mut text, ferry_common::limits::MAX_TEXT_LEN);
             CommandOutcome::Failed(text)
         }
+    })
+}
+
+fn check_len(field: &'static str, text: &str) -> Result<(), CommandError> {
+    let max = ferry_common::limits::MAX_TEXT_LEN;
+    if text.len() > max {
+        return Err(CommandError::TooLong {
+            field,
+            len: text.len(),
+            max,
+        });
     }
+    Ok(())
+}
+
+/// Runs blocking file work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    path: &Path,
+    f: impl FnOnce() -> Result<T, VersionsError> + Send + 'static,
+) -> Result<T, CommandError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(CommandError::Io {
+            op: what,
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// Runs the image hook with the image appended (and in `FERRY_IMAGE`), then
+/// records the image durably.
+async fn switch_image(ctx: &CommandContext, image: String) -> Result<(), CommandError> {
+    let argv = ctx
+        .hooks
+        .image
+        .as_ref()
+        .ok_or(CommandError::NoHookNamed("image"))?;
+    check_len("image", &image)?;
+    tracing::info!(%image, "broker asks to switch the image");
+    run_hook_with(
+        "image",
+        argv,
+        Some(&image),
+        &[("FERRY_IMAGE", image.as_str())],
+        ctx.hooks.update_timeout,
+    )
+    .await?;
+    let versions = ctx.versions.clone();
+    let img = image.clone();
+    blocking(
+        "record image (task failed)",
+        ctx.versions.path(),
+        move || versions.set_image(&img),
+    )
+    .await?;
+    tracing::info!(%image, "image switched");
+    Ok(())
+}
+
+/// How an update that did not fail ended.
+enum UpdateDone {
+    /// Answer `Done`.
+    Answer,
+    /// The agent's own update hook succeeded; the service restart it started
+    /// ends this process, and the next one reports the outcome.
+    AwaitRestart,
+}
+
+/// Records the update as pending, runs the update hook, records the outcome.
+async fn apply_update(
+    ctx: &CommandContext,
+    record: UpdateRecord,
+    package: String,
+) -> Result<UpdateDone, CommandError> {
+    let argv = ctx
+        .hooks
+        .update
+        .as_ref()
+        .ok_or(CommandError::NoHookNamed("update"))?;
+    check_len("package", &package)?;
+    let _one = ctx.updates.lock().await;
+    if ctx.versions.succeeded(record.update) {
+        tracing::info!(
+            update = record.update,
+            "update already applied on this host; not run again"
+        );
+        return Ok(UpdateDone::Answer);
+    }
+    let versions = ctx.versions.clone();
+    let r = record.clone();
+    blocking(
+        "record pending update (task failed)",
+        ctx.versions.path(),
+        move || versions.begin_update(&r),
+    )
+    .await?;
+    tracing::info!(update = record.update, component = %record.component, version = %record.version, "running the update hook");
+    let id = record.update.to_string();
+    let ran = run_hook_with(
+        "update",
+        argv,
+        None,
+        &[
+            ("FERRY_UPDATE_ID", id.as_str()),
+            ("FERRY_COMPONENT", record.component.as_str()),
+            ("FERRY_VERSION", record.version.as_str()),
+            ("FERRY_PACKAGE", package.as_str()),
+        ],
+        ctx.hooks.update_timeout,
+    )
+    .await;
+    let versions = ctx.versions.clone();
+    let r = record.clone();
+    match ran {
+        Err(e) => {
+            let why = e.to_string();
+            blocking(
+                "record failed update (task failed)",
+                ctx.versions.path(),
+                move || versions.fail_update(&r, &why),
+            )
+            .await?;
+            Err(e)
+        }
+        Ok(())
+            if record.component == COMPONENT_AGENT
+                && record.version != ctx.versions.agent_version() =>
+        {
+            tracing::info!(
+                update = record.update,
+                version = %record.version,
+                "agent update installed; waiting for the service restart"
+            );
+            Ok(UpdateDone::AwaitRestart)
+        }
+        Ok(()) => {
+            blocking(
+                "record update (task failed)",
+                ctx.versions.path(),
+                move || versions.finish_update(&r),
+            )
+            .await?;
+            tracing::info!(update = record.update, component = %record.component, version = %record.version, "update applied");
+            Ok(UpdateDone::Answer)
+        }
+    }
+}
+
+/// Runs the warn hook: `argv + [session]`, the text in `FERRY_MESSAGE` and
+/// the end time in `FERRY_DEADLINE_MS`.
+pub async fn run_warn_hook(
+    hooks: &HooksConfig,
+    session: &SessionId,
+    message: &str,
+    deadline: ferry_common::UnixMillis,
+) -> Result<(), CommandError> {
+    let argv = hooks
+        .warn
+        .as_ref()
+        .ok_or(CommandError::NoHookNamed("warn"))?;
+    let deadline = deadline.0.to_string();
+    run_hook_with(
+        "warn",
+        argv,
+        Some(session.as_str()),
+        &[
+            ("FERRY_MESSAGE", message),
+            ("FERRY_DEADLINE_MS", deadline.as_str()),
+        ],
+        hooks.timeout,
+    )
+    .await
 }
 
 /// Writes the policy durably, then runs the policy hook (if any) with the
 /// file's path appended. A newer version already on the host is kept and
 /// the command is done: the broker replays versions after a reconnect.
 async fn apply_policy(
-    policy: &PolicyStore,
-    hooks: &HooksConfig,
+    ctx: &CommandContext,
     group: GroupName,
     version: u64,
     document: String,
 ) -> Result<(), CommandError> {
+    let (policy, hooks) = (&ctx.policy, &ctx.hooks);
+    // Checked again (with the rest) by the store before anything is written.
+    let limits = serde_json::from_str::<serde_json::Value>(&document)
+        .ok()
+        .and_then(|v| SessionLimits::from_policy(&v).ok());
     let store = policy.clone();
     let g = group.clone();
     let applied = tokio::task::spawn_blocking(move || store.apply(&g, version, &document))
@@ -205,6 +451,12 @@ async fn apply_policy(
         return Ok(());
     }
     tracing::info!(%group, version, file = %policy.path().display(), "policy written");
+    if let Some(limits) = limits {
+        // The file is what a restarted agent enforces: follow it now, even
+        // if the hook below fails.
+        ctx.limits
+            .send_if_modified(|l| std::mem::replace(l, limits) != limits);
+    }
     match &hooks.policy {
         None => Ok(()),
         Some(argv) => {
@@ -233,10 +485,26 @@ pub async fn run_hook(
     arg: &str,
     timeout: Duration,
 ) -> Result<(), CommandError> {
+    run_hook_with(hook, argv, Some(arg), &[], timeout).await
+}
+
+/// Runs `argv` (+ `arg`, if any) with `env` added to the agent's
+/// environment; otherwise as [`run_hook`].
+pub async fn run_hook_with(
+    hook: &'static str,
+    argv: &[String],
+    arg: Option<&str>,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(), CommandError> {
     let program = argv.first().cloned().unwrap_or_default();
-    let mut child = tokio::process::Command::new(&program)
-        .args(&argv[1.min(argv.len())..])
-        .arg(arg)
+    let mut command = tokio::process::Command::new(&program);
+    command.args(&argv[1.min(argv.len())..]);
+    if let Some(arg) = arg {
+        command.arg(arg);
+    }
+    let mut child = command
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -356,21 +624,52 @@ mod tests {
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
     }
 
+    fn context(dir: &Path, hooks: HooksConfig) -> (CommandContext, watch::Receiver<LinkStatus>) {
+        let (status, rx) = watch::channel(LinkStatus::default());
+        let ctx = CommandContext {
+            drain: DrainState::load(dir).unwrap(),
+            policy: PolicyStore::new(dir.join("policy.json")),
+            hooks,
+            status: Arc::new(status),
+            versions: VersionStore::open(dir, "img-1".into(), "1.0.0").unwrap(),
+            limits: Arc::new(watch::channel(SessionLimits::default()).0),
+            updates: Arc::default(),
+        };
+        (ctx, rx)
+    }
+
+    /// A hook that appends its arguments and the named variables to `log`,
+    /// then exits with `code`.
+    fn logging_hook(log: &Path, vars: &[&str], code: i32) -> Vec<String> {
+        let vars: String = vars.iter().map(|v| format!(" {v}=${v}")).collect();
+        vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("echo \"$*{vars}\" >> {}; exit {code}", log.display()),
+            "hook".into(),
+        ]
+    }
+
+    fn log_lines(log: &Path) -> Vec<String> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     #[tokio::test]
     async fn commands_update_state_and_answer() {
         let dir = tempfile::tempdir().unwrap();
-        let drain = DrainState::load(dir.path()).unwrap();
-        let policy = PolicyStore::new(dir.path().join("policy.json"));
-        let (status, rx) = watch::channel(LinkStatus::default());
-        let hooks = HooksConfig::default();
+        let (ctx, rx) = context(dir.path(), HooksConfig::default());
         assert_eq!(
-            execute(Command::Drain, &drain, &policy, &hooks, &status).await,
-            CommandOutcome::Done
+            execute(Command::Drain, &ctx).await,
+            Some(CommandOutcome::Done)
         );
-        assert!(rx.borrow().draining && drain.is_draining());
+        assert!(rx.borrow().draining && ctx.drain.is_draining());
         assert_eq!(
-            execute(Command::Undrain, &drain, &policy, &hooks, &status).await,
-            CommandOutcome::Done
+            execute(Command::Undrain, &ctx).await,
+            Some(CommandOutcome::Done)
         );
         assert!(!rx.borrow().draining);
         let out = execute(
@@ -378,15 +677,177 @@ mod tests {
                 session: sid("s"),
                 reason: "test".into(),
             },
-            &drain,
-            &policy,
-            &hooks,
-            &status,
+            &ctx,
         )
         .await;
         assert!(
-            matches!(&out, CommandOutcome::Failed(m) if m.contains("no disconnect hook")),
+            matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("no disconnect hook")),
             "{out:?}"
+        );
+        for (command, name) in [
+            (Command::SwitchImage { image: "i".into() }, "image"),
+            (
+                Command::ApplyUpdate {
+                    update: 1,
+                    component: "c".into(),
+                    version: "1".into(),
+                    package: "p".into(),
+                },
+                "update",
+            ),
+            (
+                Command::WarnSession {
+                    session: sid("s"),
+                    message: "m".into(),
+                    deadline: ferry_common::UnixMillis(5),
+                },
+                "warn",
+            ),
+        ] {
+            let out = execute(command, &ctx).await;
+            let want = format!("no {name} hook configured");
+            assert!(
+                matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains(&want)),
+                "{out:?}"
+            );
+        }
+        assert_eq!(ctx.versions.pending(), None);
+    }
+
+    #[tokio::test]
+    async fn an_image_switch_runs_the_hook_then_records_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let hooks = HooksConfig {
+            image: Some(logging_hook(&log, &["FERRY_IMAGE"], 0)),
+            ..HooksConfig::default()
+        };
+        let (ctx, _rx) = context(dir.path(), hooks);
+        let switch = |image: &str| Command::SwitchImage {
+            image: image.into(),
+        };
+        assert!(changes_inventory(&switch("x")));
+        assert_eq!(
+            execute(switch("img-2"), &ctx).await,
+            Some(CommandOutcome::Done)
+        );
+        assert_eq!(log_lines(&log), ["img-2 FERRY_IMAGE=img-2"]);
+        let again = VersionStore::open(dir.path(), "img-1".into(), "1.0.0").unwrap();
+        assert_eq!(again.inventory().image_version, "img-2");
+
+        // A failing hook fails the switch and keeps the image.
+        let (failing, _rx) = context(
+            dir.path(),
+            HooksConfig {
+                image: Some(logging_hook(&log, &[], 5)),
+                ..HooksConfig::default()
+            },
+        );
+        let out = execute(switch("img-3"), &failing).await;
+        assert!(
+            matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("image hook")),
+            "{out:?}"
+        );
+        assert_eq!(failing.versions.image_version(), "img-2");
+    }
+
+    fn update(id: u64, component: &str, version: &str) -> Command {
+        Command::ApplyUpdate {
+            update: id,
+            component: component.into(),
+            version: version.into(),
+            package: format!("/pkg/{component}-{version}.deb"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_update_runs_once_and_records_its_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let vars = [
+            "FERRY_UPDATE_ID",
+            "FERRY_COMPONENT",
+            "FERRY_VERSION",
+            "FERRY_PACKAGE",
+        ];
+        let hooks = HooksConfig {
+            update: Some(logging_hook(&log, &vars, 0)),
+            ..HooksConfig::default()
+        };
+        let (ctx, _rx) = context(dir.path(), hooks);
+        assert_eq!(
+            execute(update(4, "office", "2.0"), &ctx).await,
+            Some(CommandOutcome::Done)
+        );
+        assert_eq!(
+            log_lines(&log),
+            [" FERRY_UPDATE_ID=4 FERRY_COMPONENT=office FERRY_VERSION=2.0 FERRY_PACKAGE=/pkg/office-2.0.deb"]
+        );
+        // Replayed: done, the hook does not run again.
+        assert_eq!(
+            execute(update(4, "office", "2.0"), &ctx).await,
+            Some(CommandOutcome::Done)
+        );
+        assert_eq!(log_lines(&log).len(), 1);
+        // The image and the agent at its own version are recorded too.
+        execute(update(5, "image", "img-9"), &ctx).await;
+        assert_eq!(
+            execute(update(6, "agent", "1.0.0"), &ctx).await,
+            Some(CommandOutcome::Done)
+        );
+        let inv = ctx.versions.inventory();
+        assert_eq!(inv.image_version, "img-9");
+        assert_eq!(inv.components.len(), 1);
+        assert_eq!(inv.last_update.map(|u| u.update), Some(6));
+
+        // The agent at another version: not answered, left pending for the
+        // next process to settle.
+        assert_eq!(execute(update(7, "agent", "2.0.0"), &ctx).await, None);
+        assert_eq!(ctx.versions.pending().map(|p| p.update), Some(7));
+
+        // A failing hook: failed, and reported in last_update.
+        let (failing, _rx) = context(
+            dir.path(),
+            HooksConfig {
+                update: Some(logging_hook(&log, &[], 9)),
+                ..HooksConfig::default()
+            },
+        );
+        let out = execute(update(8, "office", "3.0"), &failing).await;
+        assert!(
+            matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("update hook")),
+            "{out:?}"
+        );
+        let last = failing.versions.inventory().last_update.unwrap();
+        assert_eq!(last.update, 8);
+        assert!(matches!(last.outcome, CommandOutcome::Failed(_)));
+        assert_eq!(failing.versions.pending(), None);
+        assert_eq!(failing.versions.inventory().components[0].version, "2.0");
+    }
+
+    #[tokio::test]
+    async fn a_warning_runs_the_warn_hook_with_the_session_and_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let hooks = HooksConfig {
+            warn: Some(logging_hook(
+                &log,
+                &["FERRY_MESSAGE", "FERRY_DEADLINE_MS"],
+                0,
+            )),
+            ..HooksConfig::default()
+        };
+        let (ctx, _rx) = context(dir.path(), hooks);
+        let warn = Command::WarnSession {
+            session: sid("s-1"),
+            message: "image update".into(),
+            deadline: ferry_common::UnixMillis(1234),
+        };
+        assert!(!changes_inventory(&warn));
+        assert_eq!(execute(warn, &ctx).await, Some(CommandOutcome::Done));
+        assert_eq!(
+            log_lines(&log),
+            ["s-1 FERRY_MESSAGE=image update FERRY_DEADLINE_MS=1234"]
         );
     }
 
@@ -401,9 +862,6 @@ mod tests {
     #[tokio::test]
     async fn a_policy_is_written_then_its_hook_runs_with_the_file_path() {
         let dir = tempfile::tempdir().unwrap();
-        let drain = DrainState::load(dir.path()).unwrap();
-        let policy = PolicyStore::new(dir.path().join("policy.json"));
-        let (status, _rx) = watch::channel(LinkStatus::default());
         let seen = dir.path().join("seen");
         // The hook copies the file it is given: it ran after the write.
         let hooks = HooksConfig {
@@ -415,33 +873,47 @@ mod tests {
             ]),
             ..HooksConfig::default()
         };
-        let run = |c| execute(c, &drain, &policy, &hooks, &status);
-        assert_eq!(run(apply(2, r#"{"k":2}"#)).await, CommandOutcome::Done);
+        let (ctx, _rx) = context(dir.path(), hooks);
+        let limits = ctx.limits.subscribe();
+        let run = |c| execute(c, &ctx);
+        assert_eq!(
+            run(apply(
+                2,
+                r#"{"k":2,"session":{"idle_disconnect_ms":null,"max_session_duration_ms":3600000}}"#
+            ))
+            .await,
+            Some(CommandOutcome::Done)
+        );
         let copied: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&seen).unwrap()).unwrap();
         assert_eq!(copied["version"], 2);
         assert_eq!(copied["policy"]["k"], 2);
+        assert_eq!(limits.borrow().max_session_duration_ms, Some(3_600_000));
 
         // An older version is acknowledged, and neither written nor hooked.
         std::fs::remove_file(&seen).unwrap();
-        assert_eq!(run(apply(1, r#"{"k":1}"#)).await, CommandOutcome::Done);
+        assert_eq!(
+            run(apply(1, r#"{"k":1}"#)).await,
+            Some(CommandOutcome::Done)
+        );
         assert!(!seen.exists());
-        assert_eq!(policy.current(), Some(("g1".into(), 2)));
+        assert_eq!(ctx.policy.current(), Some(("g1".into(), 2)));
+        assert_eq!(limits.borrow().max_session_duration_ms, Some(3_600_000));
 
         // A document that is not an object fails, naming the version.
         let out = run(apply(3, "42")).await;
         assert!(
-            matches!(&out, CommandOutcome::Failed(m) if m.contains("version 3") && m.contains("a number")),
+            matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("version 3") && m.contains("a number")),
             "{out:?}"
         );
+        // A newer document without limits lifts them.
+        assert_eq!(run(apply(4, "{}")).await, Some(CommandOutcome::Done));
+        assert_eq!(*limits.borrow(), SessionLimits::default());
     }
 
     #[tokio::test]
     async fn a_failing_policy_hook_fails_the_command() {
         let dir = tempfile::tempdir().unwrap();
-        let drain = DrainState::load(dir.path()).unwrap();
-        let policy = PolicyStore::new(dir.path().join("policy.json"));
-        let (status, _rx) = watch::channel(LinkStatus::default());
         let hooks = HooksConfig {
             policy: Some(vec![
                 "/bin/sh".into(),
@@ -450,9 +922,10 @@ mod tests {
             ]),
             ..HooksConfig::default()
         };
-        let out = execute(apply(1, "{}"), &drain, &policy, &hooks, &status).await;
+        let (ctx, _rx) = context(dir.path(), hooks);
+        let out = execute(apply(1, "{}"), &ctx).await;
         assert!(
-            matches!(&out, CommandOutcome::Failed(m) if m.contains("policy hook") && m.contains("cannot reload")),
+            matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("policy hook") && m.contains("cannot reload")),
             "{out:?}"
         );
     }

@@ -22,6 +22,11 @@ pub const CONFIG_ENV: &str = "FERRY_AGENT_CONFIG";
 /// configured: a streaming server ends a session in well under this.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the update hook may run before it is killed, unless configured:
+/// an update downloads and installs a package, which takes longer than the
+/// other hooks.
+pub const DEFAULT_UPDATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// The validated configuration of one agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -105,6 +110,20 @@ pub struct HooksConfig {
     pub policy: Option<Vec<String>>,
     /// How long a hook may run before it is killed and the command fails.
     pub timeout: Duration,
+    /// argv of the image hook (`Command::SwitchImage`); the image name is
+    /// appended and is also in `FERRY_IMAGE`.
+    pub image: Option<Vec<String>>,
+    /// argv of the update hook (`Command::ApplyUpdate`); the update is in
+    /// `FERRY_UPDATE_ID`, `FERRY_COMPONENT`, `FERRY_VERSION`, `FERRY_PACKAGE`.
+    pub update: Option<Vec<String>>,
+    /// argv of the warn hook (`Command::WarnSession`, and the agent's own
+    /// `max_session_duration` warnings); the session id is appended, the
+    /// text is in `FERRY_MESSAGE` and the end time (Unix ms) in
+    /// `FERRY_DEADLINE_MS`.
+    pub warn: Option<Vec<String>>,
+    /// How long the update hook (and the image hook: both install
+    /// software) may run before it is killed.
+    pub update_timeout: Duration,
 }
 
 impl Default for HooksConfig {
@@ -113,6 +132,10 @@ impl Default for HooksConfig {
             disconnect: None,
             policy: None,
             timeout: DEFAULT_HOOK_TIMEOUT,
+            image: None,
+            update: None,
+            warn: None,
+            update_timeout: DEFAULT_UPDATE_TIMEOUT,
         }
     }
 }
@@ -163,6 +186,10 @@ struct RawHooks {
     disconnect: Option<Vec<String>>,
     policy: Option<Vec<String>>,
     timeout: Option<String>,
+    image: Option<Vec<String>>,
+    update: Option<Vec<String>>,
+    warn: Option<Vec<String>>,
+    update_timeout: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -281,6 +308,20 @@ impl RawConfig {
                 );
             }
         }
+        for (name, argv, appended) in [
+            ("image", &self.hooks.image, "; the image name is appended"),
+            ("update", &self.hooks.update, ""),
+            ("warn", &self.hooks.warn, "; the session id is appended"),
+        ] {
+            if argv
+                .as_ref()
+                .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
+            {
+                problems.push(format!(
+                    "hooks.{name}: must name a program (argv{appended})"
+                ));
+            }
+        }
         if self
             .policy_file
             .as_ref()
@@ -299,20 +340,18 @@ impl RawConfig {
         let policy_file = self
             .policy_file
             .unwrap_or_else(|| self.state_dir.join("policy.json"));
-        let timeout = match self.hooks.timeout.as_deref() {
-            None => DEFAULT_HOOK_TIMEOUT,
-            Some(s) => match parse_duration(s) {
-                Ok(d) if d.is_zero() => {
-                    problems.push("hooks.timeout: must be more than 0".to_owned());
-                    DEFAULT_HOOK_TIMEOUT
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    problems.push(format!("hooks.timeout: {e}"));
-                    DEFAULT_HOOK_TIMEOUT
-                }
-            },
-        };
+        let timeout = hook_timeout(
+            "hooks.timeout",
+            self.hooks.timeout.as_deref(),
+            DEFAULT_HOOK_TIMEOUT,
+            &mut problems,
+        );
+        let update_timeout = hook_timeout(
+            "hooks.update_timeout",
+            self.hooks.update_timeout.as_deref(),
+            DEFAULT_UPDATE_TIMEOUT,
+            &mut problems,
+        );
         let streaming = match self.streaming_address.as_deref() {
             None => default_streaming(),
             Some(text) => parse_streaming_address(text).unwrap_or_else(|why| {
@@ -337,10 +376,35 @@ impl RawConfig {
                     disconnect: self.hooks.disconnect,
                     policy: self.hooks.policy,
                     timeout,
+                    image: self.hooks.image,
+                    update: self.hooks.update,
+                    warn: self.hooks.warn,
+                    update_timeout,
                 },
                 streaming,
             }),
             _ => Err(problems),
+        }
+    }
+}
+
+/// A hook timeout: `text` parsed, more than 0, else `default` and a problem.
+fn hook_timeout(
+    name: &str,
+    text: Option<&str>,
+    default: Duration,
+    problems: &mut Vec<String>,
+) -> Duration {
+    match text.map(parse_duration) {
+        None => default,
+        Some(Ok(d)) if d.is_zero() => {
+            problems.push(format!("{name}: must be more than 0"));
+            default
+        }
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            problems.push(format!("{name}: {e}"));
+            default
         }
     }
 }
@@ -436,9 +500,20 @@ mod tests {
             disconnect = ["/bin/kick", "--now"]
             policy = ["/bin/reload"]
             timeout = "5s"
+            image = ["/bin/switch-image", "--now"]
+            update = ["/bin/update"]
+            warn = ["/bin/warn"]
+            update_timeout = "2h"
             "#,
         )
         .expect("valid");
+        assert_eq!(
+            c.hooks.image,
+            Some(vec!["/bin/switch-image".to_owned(), "--now".to_owned()])
+        );
+        assert_eq!(c.hooks.update, Some(vec!["/bin/update".to_owned()]));
+        assert_eq!(c.hooks.warn, Some(vec!["/bin/warn".to_owned()]));
+        assert_eq!(c.hooks.update_timeout, Duration::from_secs(7200));
         assert_eq!(c.policy_file, PathBuf::from("/etc/stream/policy.json"));
         assert_eq!(c.hooks.policy, Some(vec!["/bin/reload".to_owned()]));
         assert_eq!(c.group.as_ref().map(|g| g.as_str()), Some("g1"));
@@ -464,6 +539,10 @@ mod tests {
             disconnect = []
             policy = [""]
             timeout = "soon"
+            image = []
+            update = [""]
+            warn = []
+            update_timeout = "0s"
             "#,
         )
         .expect_err("invalid");
@@ -484,8 +563,12 @@ mod tests {
                 "state_dir",
                 "hooks.disconnect",
                 "hooks.policy",
+                "hooks.image",
+                "hooks.update",
+                "hooks.warn",
                 "policy_file",
-                "hooks.timeout"
+                "hooks.timeout",
+                "hooks.update_timeout"
             ],
             "{err}"
         );

@@ -11,12 +11,18 @@
 //!   commands, reconnect with backoff.
 //! * [`health`], [`commands`], [`policy`], [`pam`], [`notify`]: host facts,
 //!   broker commands, the pushed group policy, `pam_exec` mode and systemd notifications.
+//! * [`versions`]: the image and component versions, pending and last
+//!   update, kept durably and reported in `Inventory`.
+//! * [`enforce`]: the policy's `max_session_duration` (warned 5 minutes
+//!   ahead) and `idle_disconnect`, timed from the sessions' start and idle
+//!   reports.
 //!
 //! [`run`] wires them under one cancellation token; `main.rs` only parses the
 //! command line.
 
 pub mod commands;
 pub mod config;
+pub mod enforce;
 pub mod enroll;
 pub mod health;
 pub mod link;
@@ -27,6 +33,7 @@ pub mod policy;
 pub mod presence;
 pub mod spool;
 pub mod ticket;
+pub mod versions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,6 +89,8 @@ pub enum AgentError {
     Drain(#[from] commands::CommandError),
     #[error("open ticket state: {0}")]
     Tickets(#[from] ticket::TicketStoreError),
+    #[error("open versions: {0}")]
+    Versions(#[from] versions::VersionsError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -136,7 +145,27 @@ pub async fn run(
         })
     })??;
 
+    let (state_dir, image) = (config.state_dir.clone(), config.image_version.clone());
+    let versions = tokio::task::spawn_blocking(move || {
+        versions::VersionStore::open(&state_dir, image, AGENT_VERSION)
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Versions(versions::VersionsError::Io {
+            op: "open (task failed)",
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??;
+    let policy = policy::PolicyStore::new(config.policy_file.clone());
+    let start_policy = policy.clone();
+    let limits = tokio::task::spawn_blocking(move || start_policy.session_limits())
+        .await
+        .unwrap_or_default();
+    let limits = Arc::new(watch::channel(limits).0);
+
     let presence = presence::PresenceBoard::default();
+    let (enforcer, enforcer_inputs) = enforce::channel();
     let listener = local::LocalServer::bind(&config.local_socket)?;
     let local_path = listener.path().to_owned();
 
@@ -147,9 +176,20 @@ pub async fn run(
             resource: config.resource.clone(),
             tickets: tickets.clone(),
             presence: presence.clone(),
+            enforcer,
         },
         shutdown.child_token(),
         tracker.clone(),
+    ));
+    tracker.spawn(enforce::run(
+        enforce::EnforcerTask {
+            spool: spool.clone(),
+            limits: limits.subscribe(),
+            hooks: config.hooks.clone(),
+            presence: presence.clone(),
+        },
+        enforcer_inputs,
+        shutdown.child_token(),
     ));
     let link = link::Link {
         config: config.clone(),
@@ -157,9 +197,13 @@ pub async fn run(
         spool: spool.clone(),
         status: status.clone(),
         drain: drain.clone(),
-        policy: policy::PolicyStore::new(config.policy_file.clone()),
+        policy,
         tickets,
         presence,
+        versions,
+        limits: limits.clone(),
+        updates: Arc::default(),
+        tasks: tracker.clone(),
     };
     tracker.spawn(link.run(shutdown.child_token()));
     let notifier = notify::Notifier::from_env();

@@ -8,8 +8,10 @@
 //! 3. `Welcome` says what the broker already recorded of this spool: those
 //!    events are dropped, the rest replayed in order, then new ones sent as
 //!    they are spooled;
-//! 4. `Ack`s delete from the spool; `Health` goes out on the broker's
-//!    interval; `Command`s are carried out and answered.
+//! 4. `Streaming`, `Inventory` and the presence resync follow the
+//!    `Welcome`; `Ack`s delete from the spool; `Health` goes out on the
+//!    broker's interval; `Command`s are carried out and answered, an image
+//!    switch or update followed by a new `Inventory`.
 //!
 //! Any failure ends the connection; the agent reconnects after an
 //! exponential backoff with full jitter ([`backoff_ceiling`],
@@ -207,6 +209,17 @@ pub struct Link {
     pub tickets: crate::ticket::TicketVerifier,
     /// Users' presence on sessions, sent as `Presence`.
     pub presence: crate::presence::PresenceBoard,
+    /// What the host runs, sent as `Inventory`.
+    pub versions: crate::versions::VersionStore,
+    /// The applied policy's session limits, set by `ApplyPolicy`.
+    pub limits: Arc<watch::Sender<crate::policy::SessionLimits>>,
+    /// One update at a time, across connections.
+    pub updates: Arc<tokio::sync::Mutex<()>>,
+    /// Where commands run: a command (an update's hook above all) outlives
+    /// the connection it came on and is only stopped by the agent's shutdown.
+    /// A command the broker replays after a reconnect finds its work done
+    /// (or waits for the update lock).
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl Link {
@@ -370,7 +383,7 @@ impl Link {
             resource: self.config.resource.clone(),
             group: self.config.group.clone(),
             agent_version: crate::AGENT_VERSION.to_owned(),
-            image_version: self.config.image_version.clone(),
+            image_version: self.versions.image_version(),
             host,
             spool_id,
             sessions,
@@ -423,13 +436,21 @@ impl Link {
             Duration::from_millis(u64::from(welcome.health_interval_ms)).max(MIN_HEALTH_INTERVAL);
         let mut health_tick = tokio::time::interval(interval);
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Each finished command says whether it changed the drain state.
-        let mut commands: JoinSet<(CommandResult, bool)> = JoinSet::new();
+        // Each finished command: its result (none for an agent update that
+        // waits for its restart), whether it changed the drain state, and
+        // whether it changed the versions.
+        let mut commands: JoinSet<(Option<CommandResult>, bool, bool)> = JoinSet::new();
         // Where users reach the host, then who is away now: the broker
         // forgets both with the connection.
         send_msg(
             send,
             AgentToBroker::Streaming(self.config.streaming.clone()),
+            shutdown,
+        )
+        .await?;
+        send_msg(
+            send,
+            AgentToBroker::Inventory(self.versions.inventory()),
             shutdown,
         )
         .await?;
@@ -488,17 +509,30 @@ impl Link {
                                 };
                                 send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
                             } else {
-                                let drain = self.drain.clone();
-                                let policy = self.policy.clone();
-                                let config = self.config.clone();
-                                let status = self.status.clone();
+                                let ctx = commands::CommandContext {
+                                    drain: self.drain.clone(),
+                                    policy: self.policy.clone(),
+                                    hooks: self.config.hooks.clone(),
+                                    status: self.status.clone(),
+                                    versions: self.versions.clone(),
+                                    limits: self.limits.clone(),
+                                    updates: self.updates.clone(),
+                                };
                                 let drain_command = matches!(
                                     command,
                                     ferry_common::wire::Command::Drain | ferry_common::wire::Command::Undrain
                                 );
+                                let inventory = commands::changes_inventory(&command);
+                                let stop = shutdown.clone();
+                                let job = self.tasks.spawn(async move {
+                                    tokio::select! {
+                                        _ = stop.cancelled() => None,
+                                        outcome = commands::execute(command, &ctx) => outcome,
+                                    }
+                                });
                                 commands.spawn(async move {
-                                    let outcome = commands::execute(command, &drain, &policy, &config.hooks, &status).await;
-                                    (CommandResult { id, outcome }, drain_command)
+                                    let outcome = job.await.ok().flatten();
+                                    (outcome.map(|outcome| CommandResult { id, outcome }), drain_command, inventory)
                                 });
                             }
                         }
@@ -517,8 +551,12 @@ impl Link {
                     }
                 }
                 done = commands.join_next(), if !commands.is_empty() => {
-                    if let Some(Ok((result, drain_command))) = done {
+                    if let Some(Ok((Some(result), drain_command, inventory))) = done {
                         send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
+                        if inventory {
+                            let inventory = self.versions.inventory();
+                            send_msg(send, AgentToBroker::Inventory(inventory), shutdown).await?;
+                        }
                         if drain_command {
                             // Report the new drain state now, not at the next tick.
                             let report = self.health_report(sampler, self.drain.is_draining()).await;

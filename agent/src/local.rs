@@ -68,6 +68,15 @@ pub enum Request {
     SessionDisconnected { session: SessionId },
     /// The user is back on a retained session. Answered by `Noted`.
     SessionReconnected { session: SessionId },
+    /// An open session has had no user input since `since` (default: now);
+    /// the group's `idle_disconnect` counts from then
+    /// ([`crate::enforce`]). Answered by `Noted`.
+    SessionIdle {
+        session: SessionId,
+        since: Option<UnixMillis>,
+    },
+    /// An open session has user input again. Answered by `Noted`.
+    SessionActive { session: SessionId },
 }
 
 /// The agent's answer.
@@ -180,6 +189,9 @@ pub struct ServerState {
     pub tickets: TicketVerifier,
     /// Users' presence on sessions, for the link to send.
     pub presence: crate::presence::PresenceBoard,
+    /// The session-limit enforcer: idle reports, and the reason of an end
+    /// it is carrying out.
+    pub enforcer: crate::enforce::EnforcerHandle,
 }
 
 /// A bound local socket, not yet serving.
@@ -331,6 +343,9 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
                     };
                 }
             }
+            // The end the enforcer's disconnect hook caused is recorded
+            // with the enforcer's reason (see `crate::enforce`).
+            let reason = state.enforcer.ending_reason(&session).unwrap_or(reason);
             let event = SessionEvent::Ended {
                 session: session.clone(),
                 at: now(),
@@ -349,6 +364,18 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
         Request::SessionReconnected { session } => {
             presence(state, session, ferry_common::wire::Presence::Reconnected)
         }
+        Request::SessionIdle { session, since } => {
+            let now = now();
+            let since = since.unwrap_or(now);
+            if since > now {
+                return Response::Error {
+                    code: ErrorCode::InvalidRequest,
+                    message: format!("idle since {} is in the future (now {})", since.0, now.0),
+                };
+            }
+            idleness(state, session, Some(since)).await
+        }
+        Request::SessionActive { session } => idleness(state, session, None).await,
         Request::Status => Response::Status(status_reply(state)),
         Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
         Request::WaitSynced { timeout_ms } => {
@@ -383,6 +410,40 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
             }
         }
     }
+}
+
+/// Hands an idle (`Some(since)`) or active report for an open session to
+/// the enforcer.
+async fn idleness(state: &ServerState, session: SessionId, since: Option<UnixMillis>) -> Response {
+    if !is_open(state, &session) {
+        return Response::Error {
+            code: ErrorCode::UnknownSession,
+            message: format!("session {session} is not open on this host"),
+        };
+    }
+    let sent = match since {
+        Some(since) => state.enforcer.idle(session.clone(), since).await,
+        None => state.enforcer.active(session.clone()).await,
+    };
+    match sent {
+        Ok(()) => {
+            tracing::debug!(%session, idle_since = ?since.map(|s| s.0), "session idleness");
+            Response::Noted
+        }
+        Err(e) => Response::Error {
+            code: ErrorCode::ShuttingDown,
+            message: e.to_string(),
+        },
+    }
+}
+
+fn is_open(state: &ServerState, session: &SessionId) -> bool {
+    state
+        .spool
+        .lock()
+        .open_sessions()
+        .iter()
+        .any(|s| &s.session == session)
 }
 
 /// Queues a presence report for an open session.
@@ -540,6 +601,23 @@ impl LocalClient {
         self.call(Request::Status).await?.into_result()?.status()
     }
 
+    /// Reports that a session is idle since `since` (`None`: now), or
+    /// active again (`active`).
+    pub async fn session_idleness(
+        &mut self,
+        session: SessionId,
+        idle_since: Option<Option<UnixMillis>>,
+    ) -> Result<(), LocalError> {
+        let req = match idle_since {
+            Some(since) => Request::SessionIdle { session, since },
+            None => Request::SessionActive { session },
+        };
+        match self.call(req).await?.into_result()? {
+            Response::Noted => Ok(()),
+            other => Err(LocalError::Unexpected(Box::new(other))),
+        }
+    }
+
     /// Verifies a session ticket and marks it used; a refusal is
     /// `LocalError::Refused` with a `Ticket*` code.
     /// Reports that a session's user disconnected (`true`) or came back.
@@ -616,6 +694,9 @@ mod tests {
     struct Harness {
         _dir: tempfile::TempDir,
         path: PathBuf,
+        enforcer: crate::enforce::EnforcerHandle,
+        reports: crate::enforce::EnforcerInputs,
+        spool: SpoolHandle,
         status: Arc<watch::Sender<LinkStatus>>,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -631,10 +712,11 @@ mod tests {
         let server = LocalServer::bind(&path).unwrap();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let (enforcer, reports) = crate::enforce::channel();
         tracker.spawn(
             server.serve(
                 ServerState {
-                    spool,
+                    spool: spool.clone(),
                     status: rx,
                     resource: "host-1".parse().unwrap(),
                     tickets: crate::ticket::TicketVerifier::open(
@@ -644,6 +726,7 @@ mod tests {
                     )
                     .unwrap(),
                     presence: crate::presence::PresenceBoard::default(),
+                    enforcer: enforcer.clone(),
                 },
                 shutdown.clone(),
                 tracker.clone(),
@@ -652,6 +735,9 @@ mod tests {
         Harness {
             _dir: dir,
             path,
+            enforcer,
+            reports,
+            spool,
             status,
             shutdown,
             tracker,
@@ -726,6 +812,112 @@ mod tests {
             }
         ));
         h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn idleness_goes_to_the_enforcer_and_its_ends_keep_their_reason() {
+        let mut h = start(SpoolOptions::default());
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        let unknown = c.session_idleness(sid("s1"), Some(None)).await.unwrap_err();
+        assert!(
+            matches!(
+                unknown,
+                LocalError::Refused {
+                    code: ErrorCode::UnknownSession,
+                    ..
+                }
+            ),
+            "{unknown}"
+        );
+        c.session_start(sid("s1"), "alice".parse().unwrap())
+            .await
+            .unwrap();
+        c.session_idleness(sid("s1"), Some(Some(UnixMillis(5))))
+            .await
+            .unwrap();
+        assert_eq!(
+            h.reports.next().await,
+            Some((sid("s1"), Some(UnixMillis(5))))
+        );
+        c.session_idleness(sid("s1"), Some(None)).await.unwrap();
+        let (s, since) = h.reports.next().await.unwrap();
+        assert!(s == sid("s1") && since.is_some_and(|t| t.0 > 5));
+        c.session_idleness(sid("s1"), None).await.unwrap();
+        assert_eq!(h.reports.next().await, Some((sid("s1"), None)));
+        let future = UnixMillis(now().0 + 3_600_000);
+        let err = c
+            .session_idleness(sid("s1"), Some(Some(future)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LocalError::Refused {
+                    code: ErrorCode::InvalidRequest,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // The host reports the end the enforcer's hook caused: recorded with
+        // the enforcer's reason, once.
+        h.enforcer.mark_ending(sid("s1"), EndReason::Idle);
+        c.session_end(sid("s1"), EndReason::Logout).await.unwrap();
+        let recorded = h.spool.lock().events_after(0, 10);
+        assert!(
+            matches!(
+                &recorded[1].event,
+                SessionEvent::Ended {
+                    reason: EndReason::Idle,
+                    ..
+                }
+            ),
+            "{recorded:?}"
+        );
+        let again = c
+            .session_end(sid("s1"), EndReason::Logout)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            again,
+            LocalError::Refused {
+                code: ErrorCode::UnknownSession,
+                ..
+            }
+        ));
+        h.stop().await;
+    }
+
+    #[test]
+    fn golden_idleness_requests() {
+        let hex = |v: &LocalRequest| -> String {
+            ferry_common::frame::encode_payload(v)
+                .unwrap()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_eq!(
+            hex(&LocalRequest::V1(Request::SessionIdle {
+                session: sid("s1"),
+                since: Some(UnixMillis(5)),
+            })),
+            "0007027331010a"
+        );
+        assert_eq!(
+            hex(&LocalRequest::V1(Request::SessionIdle {
+                session: sid("s1"),
+                since: None,
+            })),
+            "000702733100"
+        );
+        assert_eq!(
+            hex(&LocalRequest::V1(Request::SessionActive {
+                session: sid("s1")
+            })),
+            "0008027331"
+        );
     }
 
     #[tokio::test]

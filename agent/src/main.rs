@@ -14,7 +14,7 @@ use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_P
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError, Request, Response, StatusReply};
 use ferry_agent::pam::{self, PamAction};
 use ferry_common::wire::EndReason;
-use ferry_common::{SessionId, UserId};
+use ferry_common::{SessionId, UnixMillis, UserId};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
@@ -131,6 +131,40 @@ enum SessionCmd {
         /// The session id.
         session: String,
     },
+    /// The session has had no user input since --since (default: now): the
+    /// group's idle_disconnect counts from then, and the agent ends the
+    /// session when it runs out.
+    Idle {
+        /// The session id.
+        session: String,
+        /// Unix time in milliseconds, or how long ago (e.g. 90s, 5m).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Since>,
+    },
+    /// The session has user input again (its idle time is reset).
+    Active {
+        /// The session id.
+        session: String,
+    },
+}
+
+/// `--since`: a Unix time in ms, or a duration before now.
+#[derive(Clone, Copy, Debug)]
+enum Since {
+    At(i64),
+    Ago(Duration),
+}
+
+fn parse_since(s: &str) -> Result<Since, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map(Since::At)
+            .map_err(|_| "Unix time in milliseconds too large".to_owned());
+    }
+    parse_duration(s)
+        .map(Since::Ago)
+        .map_err(|e| format!("{e} (give Unix milliseconds or a duration like 5m)"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -270,6 +304,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("session {session}: user reconnected");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Session(SessionCmd::Idle { session, since }) => {
+            let session = SessionId::new(session.as_str()).context("session")?;
+            let since = since.map(|s| match s {
+                Since::At(ms) => UnixMillis(ms),
+                Since::Ago(d) => {
+                    let ago = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                    UnixMillis(ferry_agent::local::now().0.saturating_sub(ago))
+                }
+            });
+            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
+            client
+                .session_idleness(session.clone(), Some(since))
+                .await?;
+            println!("session {session}: idle");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Session(SessionCmd::Active { session }) => {
+            let session = SessionId::new(session.as_str()).context("session")?;
+            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
+            client.session_idleness(session.clone(), None).await?;
+            println!("session {session}: active");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Session(cmd) => {
             // Ids are checked before the agent is contacted.
             let request = match cmd {
@@ -281,8 +338,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     session: SessionId::new(session.as_str()).context("--session")?,
                     reason: parse_reason(reason.as_deref()),
                 },
-                SessionCmd::Disconnected { .. } | SessionCmd::Reconnected { .. } => {
-                    anyhow::bail!("presence verbs are answered above")
+                SessionCmd::Disconnected { .. }
+                | SessionCmd::Reconnected { .. }
+                | SessionCmd::Idle { .. }
+                | SessionCmd::Active { .. } => {
+                    anyhow::bail!("presence and idleness verbs are answered above")
                 }
             };
             let socket = socket_path(&cli)?;
@@ -441,4 +501,21 @@ async fn run_daemon(config: AgentConfig) -> anyhow::Result<()> {
     // The signal task ends on the cancelled token; nothing outlives main.
     let _ = signal_task.await;
     result.context("agent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_is_unix_millis_or_a_duration_ago() {
+        assert!(matches!(
+            parse_since("1700000000000"),
+            Ok(Since::At(1_700_000_000_000))
+        ));
+        assert!(matches!(parse_since("90s"), Ok(Since::Ago(d)) if d == Duration::from_secs(90)));
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("").is_err());
+        assert!(parse_since("99999999999999999999").is_err());
+    }
 }

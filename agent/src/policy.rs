@@ -28,6 +28,8 @@ pub enum PolicyError {
     TooLong { len: usize, max: usize },
     #[error("policy document is not a JSON object: {0}")]
     NotAnObject(String),
+    #[error("policy document's session part: {0}")]
+    Session(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -83,6 +85,18 @@ impl PolicyStore {
     /// Group and version in the file; `None` when there is no readable file.
     /// Blocking.
     pub fn current(&self) -> Option<(String, u64)> {
+        self.read().map(|f| (f.group, f.version))
+    }
+
+    /// The session limits of the policy in the file (none when there is no
+    /// readable file, or it has no valid session part). Blocking.
+    pub fn session_limits(&self) -> SessionLimits {
+        self.read()
+            .and_then(|f| SessionLimits::from_policy(&f.policy).ok())
+            .unwrap_or_default()
+    }
+
+    fn read(&self) -> Option<PolicyFile> {
         let file = std::fs::File::open(&self.path).ok()?;
         let mut text = Vec::new();
         file.take(MAX_POLICY_FILE_LEN + 1)
@@ -91,8 +105,7 @@ impl PolicyStore {
         if text.len() as u64 > MAX_POLICY_FILE_LEN {
             return None;
         }
-        let f: PolicyFile = serde_json::from_slice(&text).ok()?;
-        Some((f.group, f.version))
+        serde_json::from_slice(&text).ok()
     }
 
     /// Checks `document` and writes it durably unless a newer version of the
@@ -117,6 +130,7 @@ impl PolicyStore {
                 json_kind(&policy)
             )));
         }
+        SessionLimits::from_policy(&policy).map_err(PolicyError::Session)?;
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((g, have)) = self.current() {
             if g == group.as_str() && have > version {
@@ -136,6 +150,46 @@ impl PolicyStore {
     }
 }
 
+/// The session part of a policy the agent enforces itself
+/// (`session.max_session_duration_ms`, `session.idle_disconnect_ms`): whole
+/// milliseconds, `null` or missing = no limit. The rest of the document is
+/// the streaming server's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// A session is warned 5 minutes before this and ended at it.
+    pub max_session_duration_ms: Option<u64>,
+    /// A session reported idle this long is ended.
+    pub idle_disconnect_ms: Option<u64>,
+}
+
+impl SessionLimits {
+    /// Reads the limits from a policy document (a JSON object). A document
+    /// without a `session` object (from an older broker) has no limits; a
+    /// limit that is neither `null` nor a positive integer is an error.
+    pub fn from_policy(policy: &serde_json::Value) -> Result<SessionLimits, String> {
+        let session = match policy.get("session") {
+            None | Some(serde_json::Value::Null) => return Ok(SessionLimits::default()),
+            Some(serde_json::Value::Object(o)) => o,
+            Some(other) => return Err(format!("session is {}, not an object", json_kind(other))),
+        };
+        let limit = |key: &str| -> Result<Option<u64>, String> {
+            match session.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => match v.as_u64() {
+                    Some(ms) if ms > 0 => Ok(Some(ms)),
+                    _ => Err(format!(
+                        "session.{key} is {v}; expected a positive whole number of milliseconds or null"
+                    )),
+                },
+            }
+        };
+        Ok(SessionLimits {
+            max_session_duration_ms: limit("max_session_duration_ms")?,
+            idle_disconnect_ms: limit("idle_disconnect_ms")?,
+        })
+    }
+}
+
 fn json_kind(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
@@ -149,7 +203,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 
 /// Temp file in the same directory, fsync, rename over `path`, fsync the
 /// directory: after a crash `path` is the old or the new content.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
     let io = |op: &'static str, p: &Path| {
         let p = p.to_owned();
         move |source| PolicyError::Io {
@@ -245,6 +299,52 @@ mod tests {
             store.apply(&g("g1"), 2, "{not json"),
             Err(PolicyError::NotAnObject(_))
         ));
+        assert_eq!(store.current(), Some(("g1".into(), 1)));
+    }
+
+    #[test]
+    fn session_limits_are_read_from_the_document_and_the_file() {
+        let parse = |t: &str| SessionLimits::from_policy(&serde_json::from_str(t).unwrap());
+        assert_eq!(parse(r#"{"scaling":{}}"#), Ok(SessionLimits::default()));
+        assert_eq!(
+            parse(
+                r#"{"session":{"disconnect_retention_ms":null,"idle_disconnect_ms":null,"max_session_duration_ms":null}}"#
+            ),
+            Ok(SessionLimits::default())
+        );
+        assert_eq!(
+            parse(r#"{"session":{"idle_disconnect_ms":600000,"max_session_duration_ms":7200000}}"#),
+            Ok(SessionLimits {
+                max_session_duration_ms: Some(7_200_000),
+                idle_disconnect_ms: Some(600_000),
+            })
+        );
+        for bad in [
+            r#"{"session":[]}"#,
+            r#"{"session":{"idle_disconnect_ms":-1}}"#,
+            r#"{"session":{"idle_disconnect_ms":0}}"#,
+            r#"{"session":{"max_session_duration_ms":"1h"}}"#,
+            r#"{"session":{"max_session_duration_ms":1.5}}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::new(dir.path().join("policy.json"));
+        assert_eq!(store.session_limits(), SessionLimits::default());
+        store
+            .apply(
+                &g("g1"),
+                1,
+                r#"{"session":{"max_session_duration_ms":60000}}"#,
+            )
+            .unwrap();
+        assert_eq!(store.session_limits().max_session_duration_ms, Some(60_000));
+        // A bad session part is refused and the file kept.
+        let err = store
+            .apply(&g("g1"), 2, r#"{"session":{"idle_disconnect_ms":"soon"}}"#)
+            .unwrap_err();
+        assert!(matches!(err, PolicyError::Session(_)), "{err}");
         assert_eq!(store.current(), Some(("g1".into(), 1)));
     }
 

@@ -331,6 +331,18 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
         AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
         AdminRequestV1::Usage(query) => usage(ctx, query).await,
+        AdminRequestV1::OtaOffer(_)
+        | AdminRequestV1::OtaList { .. }
+        | AdminRequestV1::OtaSchedule(_)
+        | AdminRequestV1::OtaReschedule { .. }
+        | AdminRequestV1::OtaCancel { .. }
+        | AdminRequestV1::OtaHistory { .. } => match ctx.registry.groups().and_then(|a| a.ota()) {
+            Some(ota) => crate::ota::handle(ota, req).await,
+            None => error(
+                AdminErrorCode::Internal,
+                "OTA updates need the broker's group actors, which this broker runs without".into(),
+            ),
+        },
         other => groups(ctx, other).await,
     }
 }
@@ -362,6 +374,34 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             }
             Err(e) => Err(e),
         },
+        // ---- policy parts (session, display, periods) ----
+        AdminRequestV1::GroupPublishWithPolicy { spec, parts } => {
+            let published = g.publish_with_policy(spec, parts, now).await;
+            if let Ok(d) = &published {
+                sync_actor(ctx, d.detail.info.name.as_str()).await;
+            }
+            published.map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d)))
+        }
+        AdminRequestV1::GroupUpdatePolicyParts {
+            group,
+            policy,
+            parts,
+        } => {
+            let updated = g.update_policy_parts(&group, policy, parts, now).await;
+            if updated.is_ok() {
+                sync_actor(ctx, group.as_str()).await;
+            }
+            updated.map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d)))
+        }
+        AdminRequestV1::GroupShowWithPolicy { group } => {
+            match g.show_with_policy(group.as_str()).await {
+                Ok(mut d) => {
+                    d.live = live_view(ctx, &mut d.detail).await;
+                    Ok(AdminResponseV1::GroupWithPolicy(Box::new(d)))
+                }
+                Err(e) => Err(e),
+            }
+        }
         AdminRequestV1::GroupUpdatePolicy { group, policy } => {
             let updated = g.update_policy(&group, policy, now).await;
             if updated.is_ok() {
@@ -380,6 +420,21 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
                 sync_actor(ctx, group.as_str()).await;
             }
             detail(renewed)
+        }
+        // ---- group status (publishing, payment) ----
+        AdminRequestV1::GroupSetPaymentOverdue { group } => {
+            let set = g.set_payment_overdue(&group, true, now).await;
+            if set.is_ok() {
+                sync_actor(ctx, group.as_str()).await;
+            }
+            detail(set)
+        }
+        AdminRequestV1::GroupClearPaymentOverdue { group } => {
+            let set = g.set_payment_overdue(&group, false, now).await;
+            if set.is_ok() {
+                sync_actor(ctx, group.as_str()).await;
+            }
+            detail(set)
         }
         AdminRequestV1::GroupSetAutoRenew { group, on } => {
             let set = g.set_auto_renew(&group, on, now).await;
@@ -427,13 +482,34 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
                 expires_at,
             }),
         AdminRequestV1::UserRevokeTokens { user } => done(g.revoke_tokens(&user, now).await),
+        AdminRequestV1::GroupUpdateImage(spec) => {
+            match crate::groups::actor::begin_image_update(&ctx.store, spec, now).await {
+                Ok(name) => {
+                    // Its actor warns, disconnects and switches (status `updating`).
+                    sync_actor(ctx, &name).await;
+                    detail(g.show(&name).await)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        AdminRequestV1::GroupVersions { group } => {
+            crate::groups::actor::group_versions(&ctx.store, &ctx.registry, &group)
+                .await
+                .map(AdminResponseV1::GroupVersions)
+        }
         AdminRequestV1::Status
         | AdminRequestV1::ListResources
         | AdminRequestV1::ListSessions { .. }
         | AdminRequestV1::Drain { .. }
         | AdminRequestV1::Undrain { .. }
         | AdminRequestV1::DisconnectSession { .. }
-        | AdminRequestV1::Usage(_) => {
+        | AdminRequestV1::Usage(_)
+        | AdminRequestV1::OtaOffer(_)
+        | AdminRequestV1::OtaList { .. }
+        | AdminRequestV1::OtaSchedule(_)
+        | AdminRequestV1::OtaReschedule { .. }
+        | AdminRequestV1::OtaCancel { .. }
+        | AdminRequestV1::OtaHistory { .. } => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };

@@ -72,6 +72,11 @@ pub struct GroupsConfig {
     pub clock: Clock,
     /// How elastic resources are created and deleted (`[provisioner]`).
     pub provisioner: ProvisionerConfig,
+    /// `[provisioner] base = "provisioned"`: a group published with base
+    /// resources has them created through the provisioner (status
+    /// `publishing` until they register). `false` (`"configured"`, the
+    /// default): base resources are agents configured with `group = ...`.
+    pub provision_base: bool,
 }
 
 /// Which provisioner creates and deletes elastic resources (issue 6).
@@ -131,6 +136,7 @@ struct RawProvisioner {
     attempts: i64,
     register_timeout: String,
     broker_addr: Option<String>,
+    base: String,
 }
 
 impl Default for RawProvisioner {
@@ -144,6 +150,7 @@ impl Default for RawProvisioner {
             attempts: 5,
             register_timeout: "30m".into(),
             broker_addr: None,
+            base: "configured".into(),
         }
     }
 }
@@ -167,6 +174,7 @@ impl Default for GroupsConfig {
             notify_retry_max: Duration::from_secs(600),
             clock: Clock::system(),
             provisioner: ProvisionerConfig::default(),
+            provision_base: false,
         }
     }
 }
@@ -318,6 +326,22 @@ impl BrokerConfig {
             }
         };
         let provision_attempts = u32::try_from(raw.provisioner.attempts).unwrap_or(0);
+        let provision_base = match raw.provisioner.base.as_str() {
+            "configured" => false,
+            "provisioned" => true,
+            other => {
+                errors.push(format!(
+                    "provisioner.base: {other:?} is not one of configured, provisioned"
+                ));
+                false
+            }
+        };
+        if provision_base && kind == ProvisionerKind::None {
+            errors.push(
+                "provisioner.base: \"provisioned\" needs a provisioner (kind = \"exec\" or \"local\")"
+                    .into(),
+            );
+        }
         let mut prices = BTreeMap::new();
         for (spec, p) in &raw.prices {
             let mut dec = |field: &str, v: &str| match Decimal::from_str(v) {
@@ -375,6 +399,7 @@ impl BrokerConfig {
                     register_timeout: register_timeout.unwrap_or(Duration::from_secs(1)),
                     broker_addr: raw.provisioner.broker_addr.clone(),
                 },
+                provision_base,
             },
         };
         if let Err(ConfigError::Invalid(more)) = config.validate() {
@@ -638,6 +663,32 @@ mod tests {
         }
         let err = BrokerConfig::from_toml("[provisioner]\nkind = \"cloud\"\n").expect_err("kind");
         assert!(err.to_string().contains("provisioner.kind"), "{err}");
+    }
+
+    #[test]
+    fn provisioned_base_resources_need_a_provisioner() {
+        let c = BrokerConfig::from_toml(
+            "[provisioner]\nkind = \"exec\"\ncreate = [\"c\"]\ndelete = [\"d\"]\nbase = \"provisioned\"\n",
+        )
+        .expect("valid");
+        assert!(c.groups.provision_base);
+        assert!(
+            !BrokerConfig::from_toml("")
+                .expect("defaults")
+                .groups
+                .provision_base
+        );
+        let err = BrokerConfig::from_toml("[provisioner]\nbase = \"provisioned\"\n")
+            .expect_err("no provisioner")
+            .to_string();
+        assert!(
+            err.contains("provisioner.base") && err.contains("needs a provisioner"),
+            "{err}"
+        );
+        let err = BrokerConfig::from_toml("[provisioner]\nbase = \"cloud\"\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(err.contains("not one of configured, provisioned"), "{err}");
     }
 
     #[test]

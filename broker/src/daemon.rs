@@ -164,6 +164,17 @@ pub async fn run(
             return Err(BrokerError::Groups(e));
         }
     }
+    // OTA rollouts (issue 7): the timer of the schedules, next to the actors
+    // it drains and undrains resources through; running rollouts resume.
+    let ota = crate::ota::Ota::new(store.clone(), config.groups.clock.clone());
+    actors.set_ota(ota.clone());
+    tracker.spawn(crate::ota::rollout::run(
+        ota,
+        registry.clone(),
+        actors.clone(),
+        crate::ota::rollout::Settings::default(),
+        tasks.clone(),
+    ));
     // End users asking for sessions (issue 5): the group's actor admits.
     link_ctx.services.route = Some(Arc::new(crate::routing::RouteService::new(
         GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key.clone()),

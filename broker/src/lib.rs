@@ -12,6 +12,7 @@ pub mod link;
 #[cfg(test)]
 mod link_tests;
 pub mod notify;
+pub mod ota;
 pub mod pki;
 pub mod provision;
 pub mod registry;

@@ -525,7 +525,9 @@ impl Connection {
             actors
                 .streaming_address(g, &resource, guess.to_string())
                 .await;
-            actors.joined(g, &resource, on_host).await;
+            // With the connection id: the actor ignores reports of a
+            // connection older than the newest joined one (reconnects race).
+            actors.joined_on(g, &resource, Some(conn_id), on_host).await;
         }
         let mut this = Connection {
             conn,
@@ -552,7 +554,7 @@ impl Connection {
         if let (true, Some(g), Some(actors)) =
             (was_current, &this.group, this.ctx.registry.groups())
         {
-            actors.left(g, &this.resource).await;
+            actors.left_on(g, &this.resource, Some(this.conn_id)).await;
         }
         result
     }
@@ -753,7 +755,9 @@ impl Connection {
     /// Tells the group's actor whether the host takes sessions.
     async fn offer(&self, available: bool) {
         if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
-            actors.availability(g, &self.resource, available).await;
+            actors
+                .availability_on(g, &self.resource, Some(self.conn_id), available)
+                .await;
         }
     }
 

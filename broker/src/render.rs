@@ -462,6 +462,158 @@ pub fn group_shown_table(d: &GroupDetail, live: Option<&LiveGroupView>) -> Strin
     out
 }
 
+/// `group show`'s versions (JSON): the group's image and what each resource runs.
+pub fn group_versions_json(v: &ferry_common::admin::GroupVersionsInfo) -> Value {
+    json!({
+        "image": v.image,
+        "status": v.status,
+        "resources": v.resources.iter().map(|r| json!({
+            "resource": r.resource.as_str(),
+            "connected": r.connected,
+            "agent_version": r.agent_version,
+            "image_version": r.image_version,
+            "components": r.components.iter()
+                .map(|c| json!({ "name": c.name, "version": c.version }))
+                .collect::<Vec<_>>(),
+            "image_update": r.image_update,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `group show`'s versions (table).
+pub fn group_versions_table(v: &ferry_common::admin::GroupVersionsInfo) -> String {
+    let mut out = format!("\nimage: {} (status {})\n", v.image, v.status);
+    let rows: Vec<Vec<String>> = v
+        .resources
+        .iter()
+        .map(|r| {
+            vec![
+                r.resource.to_string(),
+                yes_no(r.connected),
+                r.image_version.clone(),
+                r.agent_version.clone(),
+                if r.components.is_empty() {
+                    "-".into()
+                } else {
+                    r.components
+                        .iter()
+                        .map(|c| format!("{}={}", c.name, c.version))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                r.image_update.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "RESOURCE",
+            "CONNECTED",
+            "IMAGE",
+            "AGENT",
+            "COMPONENTS",
+            "LAST IMAGE UPDATE",
+        ],
+        &rows,
+    ));
+    out
+}
+
+/// A group with every policy part (publish, update-policy and show with
+/// the parts): the group (and its live state when present), the session and
+/// display parts and the periods under `policy`.
+pub fn group_policy_json(d: &ferry_common::admin::GroupPolicyDetail) -> Value {
+    use ferry_common::admin::PolicyLimit;
+    let limit = |l: PolicyLimit| match l {
+        PolicyLimit::Unlimited => Value::Null,
+        PolicyLimit::Ms(ms) => json!(ms),
+    };
+    let (s, disp) = (&d.parts.session, &d.parts.display);
+    let mut v = group_shown_json(&d.detail, d.live.as_ref());
+    v["policy"]["session"] = json!({
+        "disconnect_retention_ms": limit(s.disconnect_retention),
+        "max_session_duration_ms": limit(s.max_session_duration),
+        "idle_disconnect_ms": limit(s.idle_disconnect),
+    });
+    v["policy"]["display"] = json!({
+        "frame_rate": disp.frame_rate,
+        "width": disp.width,
+        "height": disp.height,
+        "adaptive_resolution": disp.adaptive_resolution,
+        "streaming_mode": disp.streaming_mode,
+        "quality_strategy": disp.quality_strategy,
+    });
+    v["policy"]["periods"] = Value::Array(
+        d.parts
+            .periods
+            .iter()
+            .map(|p| {
+                json!({
+                    "days": crate::groups::policy_parts::format_weekdays(p.weekdays),
+                    "start_minute": p.start_minute,
+                    "end_minute": p.end_minute,
+                    "min_ready": p.min_ready,
+                    "warm_up_ms": p.warm_up_ms,
+                    "text": crate::groups::policy_parts::format_period(p),
+                })
+            })
+            .collect(),
+    );
+    v
+}
+
+/// [`group_policy_json`] as tables: the group, its policy parts, then its
+/// live state when present.
+pub fn group_policy_table(d: &ferry_common::admin::GroupPolicyDetail) -> String {
+    use crate::groups::policy_parts::{format_limit, format_period};
+    let (s, disp) = (&d.parts.session, &d.parts.display);
+    let mut rows = vec![
+        vec![
+            "disconnect_retention".into(),
+            format_limit(s.disconnect_retention, "forever"),
+        ],
+        vec![
+            "max_session_duration".into(),
+            format_limit(s.max_session_duration, "none"),
+        ],
+        vec![
+            "idle_disconnect".into(),
+            format_limit(s.idle_disconnect, "none"),
+        ],
+        vec!["frame_rate".into(), disp.frame_rate.to_string()],
+        vec![
+            "resolution".into(),
+            format!("{}x{}", disp.width, disp.height),
+        ],
+        vec![
+            "adaptive_resolution".into(),
+            if disp.adaptive_resolution {
+                "on"
+            } else {
+                "off"
+            }
+            .into(),
+        ],
+        vec!["streaming_mode".into(), disp.streaming_mode.clone()],
+        vec!["quality_strategy".into(), disp.quality_strategy.clone()],
+    ];
+    if d.parts.periods.is_empty() {
+        rows.push(vec!["period".into(), "none".into()]);
+    }
+    for p in &d.parts.periods {
+        rows.push(vec!["period".into(), format!("{} (UTC)", format_period(p))]);
+    }
+    let group = group_table(&d.detail);
+    let mut out = group.clone();
+    out.push_str("\npolicy parts:\n");
+    out.push_str(&table(&["FIELD", "VALUE"], &rows));
+    if d.live.is_some() {
+        let shown = group_shown_table(&d.detail, d.live.as_ref());
+        out.push_str(shown.strip_prefix(group.as_str()).unwrap_or(&shown));
+    }
+    out
+}
+
 pub fn group_events_json(es: &[GroupEventInfo]) -> Value {
     Value::Array(
         es.iter()

@@ -35,6 +35,12 @@ pub const WRITE_QUEUE_LEN: usize = 4096;
 /// burst from many agents, small enough that one commit stays short.
 pub const DEFAULT_MAX_BATCH: usize = 256;
 
+/// Page size of a newly created store (see [`Store::open`]).
+pub const STORE_PAGE_SIZE: i64 = 1024;
+
+/// WAL pages after which a commit checkpoints (see [`Store::open`]).
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 40_000;
+
 /// End reason written when a reconnecting host no longer has a session the
 /// broker thought open.
 pub const RECONCILE_REASON: &str = "not on host at reconnect";
@@ -241,6 +247,104 @@ const MIGRATIONS: &[&str] = &[
     // every host) made that a scan of every host's rows of that name.
     r#"
     CREATE INDEX sessions_by_resource ON sessions (resource, session);
+    "#,
+    // OTA updates (issue 7, `crate::ota`): offered updates, their rollout
+    // schedules (at most one scheduled or running per group) and each
+    // resource's outcome in a rollout, in update order.
+    r#"
+    CREATE TABLE ota_updates (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        component TEXT NOT NULL,
+        version TEXT NOT NULL,
+        package TEXT NOT NULL,
+        description TEXT NOT NULL,
+        offered_at INTEGER NOT NULL
+    );
+    CREATE INDEX ota_updates_by_group ON ota_updates (group_num, id);
+    CREATE TABLE ota_schedules (
+        id INTEGER PRIMARY KEY,
+        update_id INTEGER NOT NULL REFERENCES ota_updates (id),
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        start_at INTEGER NOT NULL,
+        wave INTEGER NOT NULL CHECK (wave >= 1),
+        drain_ms INTEGER NOT NULL CHECK (drain_ms >= 0),
+        state TEXT NOT NULL
+            CHECK (state IN ('scheduled', 'cancelled', 'running', 'succeeded', 'failed')),
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        detail TEXT
+    );
+    CREATE UNIQUE INDEX ota_schedules_active ON ota_schedules (group_num)
+        WHERE state IN ('scheduled', 'running');
+    CREATE TABLE ota_results (
+        schedule_id INTEGER NOT NULL REFERENCES ota_schedules (id),
+        position INTEGER NOT NULL,
+        resource TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('pending', 'draining', 'updating', 'done', 'failed', 'skipped')),
+        started_at INTEGER,
+        finished_at INTEGER,
+        detail TEXT,
+        PRIMARY KEY (schedule_id, resource)
+    );
+    "#,
+    // Base resources created through the provisioner (issue 4, publishing,
+    // `groups::elastic`): they are recorded in `elastic_resources` with
+    // engine ids `b1..bN`; `created_at` is when the provisioner's create
+    // succeeded, so a broker restarted while a group is publishing does not
+    // create a resource twice.
+    r#"
+    ALTER TABLE elastic_resources ADD COLUMN created_at INTEGER;
+    "#,
+    // Image updates (issue 7, `groups::actor::image_update`): each
+    // `group update-image` with its target and warning deadline, and each
+    // resource's outcome (the set is written when the switching starts, so
+    // a restarted broker resumes with it).
+    r#"
+    CREATE TABLE image_updates (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        image TEXT NOT NULL,
+        previous_image TEXT NOT NULL,
+        warning_ms INTEGER NOT NULL CHECK (warning_ms >= 0),
+        started_at INTEGER NOT NULL,
+        disconnect_at INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
+        finished_at INTEGER
+    );
+    CREATE UNIQUE INDEX image_updates_running ON image_updates (group_num)
+        WHERE state = 'running';
+    CREATE TABLE image_update_results (
+        update_id INTEGER NOT NULL REFERENCES image_updates (id),
+        resource TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('pending', 'done', 'failed')),
+        detail TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (update_id, resource)
+    );
+    "#,
+    // Store throughput (issue 4): the index of sessions by name alone goes.
+    // Every recorded start paid for it; its one reader (`disconnect` by
+    // session name, `Store::open_session_hosts`) wants open sessions only
+    // and reads the index of open sessions instead.
+    r#"
+    DROP INDEX IF EXISTS sessions_by_session;
+    "#,
+    // Expiry disconnects not confirmed yet (issue 4, `groups::disconnects`):
+    // a restarted broker goes on retrying them, up to 24 h after the first
+    // attempt. `due_at` NULL: an attempt was in flight.
+    r#"
+    CREATE TABLE pending_disconnects (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        session TEXT NOT NULL,
+        attempts INTEGER NOT NULL CHECK (attempts >= 0),
+        first_at INTEGER NOT NULL,
+        due_at INTEGER,
+        PRIMARY KEY (group_num, resource, session)
+    );
     "#,
 ];
 
@@ -474,6 +578,14 @@ impl Store {
             message: e.to_string(),
         };
         let mut writer = Connection::open(path).map_err(open_err)?;
+        // A new store gets 1 KiB pages (SQLite's default is 4 KiB; an
+        // existing store keeps its size, this is ignored there). A record
+        // changes a few rows keyed by resource, so every record of a batch
+        // dirties its own leaf page of each such index, and a commit writes
+        // (and checksums) each dirty page whole to the WAL: smaller pages
+        // make that about a quarter of the bytes per record. Set before WAL
+        // mode, which fixes the page size of an empty database.
+        writer.pragma_update(None, "page_size", STORE_PAGE_SIZE)?;
         // journal_mode returns a row, so it is set with a query.
         let mode: String = writer
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -491,6 +603,18 @@ impl Store {
         // memory instead of being read back between batches. It is memory,
         // not durability: commits still go to disk.
         writer.pragma_update(None, "cache_size", -16_384)?;
+        // The sub-journal of the writer's savepoints (the pages a write
+        // changed, kept to undo it) stays in memory instead of spilling to a
+        // temporary file; it is never part of what a commit makes durable.
+        writer.pragma_update(None, "temp_store", "MEMORY")?;
+        // Checkpoint (copy the WAL back into the database file, two more
+        // fsyncs) after 40,000 WAL pages instead of 1,000: a page rewritten
+        // by many commits in between is copied once, so a checkpoint costs
+        // much less per record. The WAL is durable either way; it only
+        // grows larger (about 40 MiB with 1 KiB pages) and is cut back to
+        // `journal_size_limit` after a checkpoint resets it.
+        writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+        let _: i64 = writer.query_row("PRAGMA journal_size_limit = 67108864", [], |r| r.get(0))?;
         writer.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut writer)?;
 
@@ -729,8 +853,8 @@ impl Store {
         let session = session.to_string();
         self.read(move |c| {
             let mut stmt = c.prepare(
-                "SELECT resource FROM sessions WHERE session = ?1 AND ended_at IS NULL
-                 ORDER BY resource",
+                "SELECT resource FROM sessions INDEXED BY sessions_open
+                 WHERE session = ?1 AND ended_at IS NULL ORDER BY resource",
             )?;
             let rows = stmt.query_map([session], |r| r.get::<_, String>(0))?;
             rows.map(|r| parse_id(r?, "resource")).collect()
@@ -861,10 +985,14 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
         return None;
     }
     let mut spools = SpoolCache::new();
+    let mut run = RecordRun::default();
     for op in batch.drain(..) {
         if close.is_some() {
             // Dropping the reply makes the caller see `Closed`.
             continue;
+        }
+        if !matches!(op, WriteOp::Record { .. }) {
+            run.finish(conn, &mut spools, &mut applied);
         }
         if conn.is_autocommit() && !matches!(op, WriteOp::Close { .. }) {
             // SQLite rolled the whole transaction back (an I/O error, a full
@@ -887,17 +1015,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
                 events,
                 recorded_at,
                 reply,
-            } => {
-                let key = (resource, spool_key(spool_id));
-                let cached = spools.get(&key).copied();
-                let r = in_savepoint(conn, |t| {
-                    apply_record(t, &key.0, spool_id, cached, &events, recorded_at)
-                });
-                if let Ok(out) = &r {
-                    spools.insert(key, out.last_seq);
-                }
-                applied.push(Applied::Record(reply, r));
-            }
+            } => run.apply(
+                conn,
+                &mut spools,
+                &mut applied,
+                PendingRecord {
+                    key: (resource, spool_key(spool_id)),
+                    spool_id,
+                    events,
+                    recorded_at,
+                    reply,
+                },
+            ),
             WriteOp::Exec { f, reply } => {
                 let r = in_savepoint(conn, f);
                 // An exec may write any table, spools included.
@@ -906,7 +1035,9 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
             }
         }
     }
+    run.finish(conn, &mut spools, &mut applied);
     let commit = run_cached(conn, "COMMIT").map_err(|e| e.to_string());
+
     if commit.is_err() && !conn.is_autocommit() {
         // A failed COMMIT may leave the transaction open: end it, so the
         // next batch starts clean (nothing of this one is kept).
@@ -921,6 +1052,156 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
         a.answer(&commit);
     }
     close
+}
+
+/// A record waiting in a [`RecordRun`] (or applied alone).
+struct PendingRecord {
+    key: (ResourceId, i64),
+    spool_id: u64,
+    events: Vec<SequencedEvent>,
+    recorded_at: UnixMillis,
+    reply: oneshot::Sender<Result<RecordOutcome, StoreError>>,
+}
+
+/// Consecutive records of a batch applied in ONE savepoint rather than one
+/// each: a savepoint per record made SQLite copy every page a record touched
+/// into its sub-journal again for each record (and run two more statements).
+/// All or nothing like a record's own savepoint: if any record of the run
+/// fails, the whole run is rolled back and its records are applied again one
+/// by one, each in its own savepoint, which gives exactly the answers and
+/// rows of one-by-one recording (records own their data, so replaying them
+/// is exact; other writes are never in a run).
+#[derive(Default)]
+struct RecordRun {
+    /// The savepoint `ferry_run` is open.
+    open: bool,
+    /// Records applied in the open savepoint, with their outcomes.
+    done: Vec<(PendingRecord, RecordOutcome)>,
+    /// `last_seq` of the spools the run wrote, as the open savepoint has them.
+    spools: SpoolCache,
+}
+
+impl RecordRun {
+    fn apply(
+        &mut self,
+        conn: &Connection,
+        spools: &mut SpoolCache,
+        applied: &mut Vec<Applied>,
+        rec: PendingRecord,
+    ) {
+        if !self.open {
+            if conn.is_autocommit() {
+                return apply_alone(conn, spools, applied, rec);
+            }
+            if let Err(e) = run_cached(conn, "SAVEPOINT ferry_run") {
+                tracing::warn!(error = %e, "open a savepoint for a run of records");
+                return apply_alone(conn, spools, applied, rec);
+            }
+            self.open = true;
+        }
+        let known = self
+            .spools
+            .get(&rec.key)
+            .or_else(|| spools.get(&rec.key))
+            .copied();
+        match apply_record(
+            conn,
+            &rec.key.0,
+            rec.spool_id,
+            known,
+            &rec.events,
+            rec.recorded_at,
+        ) {
+            Ok(out) => {
+                self.spools.insert(rec.key.clone(), out.last_seq);
+                self.done.push((rec, out));
+            }
+            Err(_) => {
+                // Undo the run (RELEASE after ROLLBACK TO keeps nothing of
+                // it), then apply its records and this one alone.
+                self.open = false;
+                self.spools.clear();
+                let undo = run_cached(conn, "ROLLBACK TO ferry_run")
+                    .and_then(|()| run_cached(conn, "RELEASE ferry_run"));
+                if let Err(u) = undo {
+                    // The run's writes may be half there: end the whole
+                    // transaction so nothing of this batch commits (its
+                    // COMMIT then fails and every write is answered failed).
+                    tracing::error!(error = %u, "roll back a failed run of records");
+                    if !conn.is_autocommit() {
+                        if let Err(e) = conn.execute_batch("ROLLBACK") {
+                            tracing::error!(error = %e, "roll back the store transaction");
+                        }
+                    }
+                }
+                for (r, _) in std::mem::take(&mut self.done) {
+                    apply_alone(conn, spools, applied, r);
+                }
+                apply_alone(conn, spools, applied, rec);
+            }
+        }
+    }
+
+    /// Ends the run: its records stay in the transaction and are answered
+    /// with the batch.
+    fn finish(&mut self, conn: &Connection, spools: &mut SpoolCache, applied: &mut Vec<Applied>) {
+        if !self.open {
+            return;
+        }
+        self.open = false;
+        let release = run_cached(conn, "RELEASE ferry_run");
+        let done = std::mem::take(&mut self.done);
+        match release {
+            Ok(()) => {
+                spools.extend(self.spools.drain());
+                for (r, out) in done {
+                    applied.push(Applied::Record(r.reply, Ok(out)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "release a run of records");
+                self.spools.clear();
+                let msg = e.to_string();
+                for (r, _) in done {
+                    applied.push(Applied::Record(
+                        r.reply,
+                        Err(StoreError::Commit(msg.clone())),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Applies one record in its own savepoint.
+fn apply_alone(
+    conn: &Connection,
+    spools: &mut SpoolCache,
+    applied: &mut Vec<Applied>,
+    rec: PendingRecord,
+) {
+    if conn.is_autocommit() {
+        // The transaction is gone (see `commit_batch`): a savepoint now
+        // would start a transaction of its own.
+        let err = StoreError::Commit("the store transaction was rolled back".into());
+        applied.push(Applied::Record(rec.reply, Err(err)));
+        return;
+    }
+    let cached = spools.get(&rec.key).copied();
+    let r = in_savepoint(conn, |t| {
+        apply_record(
+            t,
+            &rec.key.0,
+            rec.spool_id,
+            cached,
+            &rec.events,
+            rec.recorded_at,
+        )
+    });
+    if let Ok(out) = &r {
+        spools.insert(rec.key, out.last_seq);
+    }
+    applied.push(Applied::Record(rec.reply, r));
 }
 
 fn fail(op: WriteOp, msg: &str) {
@@ -1179,6 +1460,76 @@ mod tests {
 
     fn open(dir: &Path) -> Store {
         Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open")
+    }
+
+    fn page_size(path: &Path) -> i64 {
+        let c = Connection::open(path).expect("open");
+        c.query_row("PRAGMA page_size", [], |r| r.get(0))
+            .expect("page_size")
+    }
+
+    #[tokio::test]
+    async fn a_new_store_gets_small_pages_and_an_old_one_keeps_its_own() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let new = tmp.path().join("new.db");
+        let store = Store::open(&new, StoreOptions::default()).expect("open");
+        store.close().await;
+        assert_eq!(page_size(&new), STORE_PAGE_SIZE);
+
+        // A store created with 4 KiB pages (as before) and holding data.
+        let old = tmp.path().join("old.db");
+        {
+            let c = Connection::open(&old).expect("open");
+            c.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL;")
+                .expect("pragmas");
+            c.execute_batch("CREATE TABLE t (x INTEGER)")
+                .expect("create");
+        }
+        assert_eq!(page_size(&old), 4096);
+        let store = Store::open(&old, StoreOptions::default()).expect("open old");
+        store
+            .record_events(&rid("h1"), 1, vec![started(1, "s1")], UnixMillis(1))
+            .await
+            .expect("record");
+        store.close().await;
+        assert_eq!(page_size(&old), 4096);
+        let store = Store::open(&old, StoreOptions::default()).expect("reopen old");
+        assert_eq!(
+            store.last_recorded_seq(&rid("h1"), 1).await.expect("seq"),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn open_session_hosts_finds_open_sessions_by_name_only() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        for (host, events) in [
+            ("h1", vec![started(1, "s1"), started(2, "s2")]),
+            ("h2", vec![started(1, "s1"), ended(2, "s1")]),
+            ("h3", vec![started(1, "s1")]),
+        ] {
+            store
+                .record_events(&rid(host), 1, events, UnixMillis(1))
+                .await
+                .expect("record");
+        }
+        let s1: SessionId = "s1".parse().expect("id");
+        assert_eq!(
+            store.open_session_hosts(&s1).await.expect("hosts"),
+            vec![rid("h1"), rid("h3")]
+        );
+        let s2: SessionId = "s2".parse().expect("id");
+        assert_eq!(
+            store.open_session_hosts(&s2).await.expect("hosts"),
+            vec![rid("h1")]
+        );
+        let none: SessionId = "nope".parse().expect("id");
+        assert!(store
+            .open_session_hosts(&none)
+            .await
+            .expect("hosts")
+            .is_empty());
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{GroupName, ResourceId, SessionId, UserId};
-use crate::wire::{HostFacts, UnixMillis};
+use crate::wire::{ComponentVersion, HostFacts, UnixMillis};
 
 /// Most admin connections served at once. `ferryctl` opens one per command;
 /// a handful of operators and scripts never need more, and the cap keeps a
@@ -98,8 +98,52 @@ pub enum AdminRequestV1 {
     /// Invalidate every token of `user` issued so far. Answered by `Done`.
     UserRevokeTokens { user: UserId },
     // ---- policy parts (session, display, periods) ----
+    /// `group publish` with the session and display parts and the policy
+    /// periods. Answered by [`AdminResponseV1::GroupWithPolicy`] (`live` = `None`).
+    GroupPublishWithPolicy {
+        spec: GroupSpec,
+        parts: PolicyPartsSpec,
+    },
+    /// Change scaling parameters and policy parts; everything unset stays.
+    /// Answered by `GroupWithPolicy` (`live` = `None`).
+    GroupUpdatePolicyParts {
+        group: GroupName,
+        policy: PolicySpec,
+        parts: PolicyPartsSpec,
+    },
+    /// `group show` with every part of the policy. Answered by `GroupWithPolicy`.
+    GroupShowWithPolicy { group: GroupName },
     // ---- image updates and OTA ----
+    /// Offer an update (`ferryctl ota offer`) to a group. Answered by
+    /// [`AdminResponseV1::OtaUpdates`] (the new offer).
+    OtaOffer(OtaOfferSpec),
+    /// Offered updates, of one group or all. Answered by `OtaUpdates`.
+    OtaList { group: Option<GroupName> },
+    /// Schedule an offered update's rollout. Answered by
+    /// [`AdminResponseV1::OtaSchedules`] (the new schedule).
+    OtaSchedule(OtaScheduleSpec),
+    /// Move a schedule's start (only before it starts). Answered by `OtaSchedules`.
+    OtaReschedule { schedule: u64, start: UnixMillis },
+    /// Cancel a schedule (only before it starts). Answered by `OtaSchedules`.
+    OtaCancel { schedule: u64 },
+    /// Every OTA schedule of a group with each resource's outcome. Answered
+    /// by `OtaSchedules`.
+    OtaHistory { group: GroupName },
+    /// Switch every resource of a group to another image (`ferryctl group
+    /// update-image`): sessions are warned, then disconnected, then each
+    /// host switches. Answered by `Group` once the group is `updating`.
+    GroupUpdateImage(ImageUpdateSpec),
+    /// The image and agent versions each resource of a group runs. Answered
+    /// by [`AdminResponseV1::GroupVersions`].
+    GroupVersions { group: GroupName },
     // ---- group status (publishing, payment) ----
+    /// The billing system (or an operator) says a pay-as-you-go group's
+    /// account is in arrears: `published` -> `payment-overdue` (no new
+    /// sessions, no scale-out; open sessions go on). Answered by `Group`.
+    GroupSetPaymentOverdue { group: GroupName },
+    /// The arrears are paid: `payment-overdue` -> `published`. Answered by
+    /// `Group`.
+    GroupClearPaymentOverdue { group: GroupName },
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -146,8 +190,129 @@ pub enum AdminResponseV1 {
         expires_at: UnixMillis,
     },
     // ---- policy parts (session, display, periods) ----
+    /// A group with every part of its policy: answers `GroupPublishWithPolicy`,
+    /// `GroupUpdatePolicyParts` and `GroupShowWithPolicy`.
+    GroupWithPolicy(Box<GroupPolicyDetail>),
     // ---- image updates and OTA ----
+    /// Offered updates (`ota offer`, `ota list`).
+    OtaUpdates(Vec<OtaUpdateInfo>),
+    /// OTA schedules with their per-resource outcomes (`ota schedule`,
+    /// `reschedule`, `cancel`, `history`).
+    OtaSchedules(Vec<OtaScheduleInfo>),
+    /// The versions a group's resources run (`GroupVersions`).
+    GroupVersions(GroupVersionsInfo),
     // ---- group status (publishing, payment) ----
+}
+
+/// `group update-image`: what to switch to and how long users are warned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageUpdateSpec {
+    pub group: GroupName,
+    /// The image every resource switches to.
+    pub image: String,
+    /// Time between the warning of each open session and its disconnect.
+    pub warning_ms: u64,
+}
+
+/// A group's image and what each of its resources runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupVersionsInfo {
+    /// The group's image (the new one once an update succeeded).
+    pub image: String,
+    /// The group's status (`updating` while an image update runs).
+    pub status: String,
+    /// Resources registered with the group's name, sorted.
+    pub resources: Vec<ResourceVersionInfo>,
+}
+
+/// What one resource runs: from its agent's last `Inventory` when it is
+/// connected, else from its last `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceVersionInfo {
+    pub resource: ResourceId,
+    pub connected: bool,
+    pub agent_version: String,
+    pub image_version: String,
+    /// Components and applications its agent updated, by name.
+    pub components: Vec<ComponentVersion>,
+    /// The outcome of the group's last image update on it (`done`,
+    /// `failed: why`, `pending`); `None` when it took no part in one.
+    pub image_update: Option<String>,
+}
+
+/// An update offered to a group (`ferryctl ota offer`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaOfferSpec {
+    pub group: GroupName,
+    /// `agent`, `image`, or a platform component's or application's name.
+    pub component: String,
+    /// The version the update installs.
+    pub version: String,
+    /// Path or URL handed to the host's update hook; empty when the hook
+    /// knows where to get the version.
+    pub package: String,
+    /// What the update brings, for operators.
+    pub description: String,
+}
+
+/// An offered update as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaUpdateInfo {
+    /// Broker-assigned, never reused; also the id agents see.
+    pub id: u64,
+    pub group: GroupName,
+    pub component: String,
+    pub version: String,
+    pub package: String,
+    pub description: String,
+    pub offered_at: UnixMillis,
+}
+
+/// `ferryctl ota schedule`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaScheduleSpec {
+    pub group: GroupName,
+    /// The offered update ([`OtaUpdateInfo::id`]).
+    pub update: u64,
+    /// When the rollout starts: in the future, within 7 days.
+    pub start: UnixMillis,
+    /// Resources updated at once (>= 1).
+    pub wave: u32,
+    /// How long a draining resource's sessions may go on before they are
+    /// disconnected.
+    pub drain_ms: u64,
+}
+
+/// One rollout schedule and where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaScheduleInfo {
+    pub id: u64,
+    pub update: OtaUpdateInfo,
+    pub start: UnixMillis,
+    pub wave: u32,
+    pub drain_ms: u64,
+    /// `scheduled`, `cancelled`, `running`, `succeeded` or `failed`.
+    pub state: String,
+    pub created_at: UnixMillis,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    /// Why it failed or was cancelled.
+    pub detail: Option<String>,
+    /// Each resource of the rollout in update order (empty before it starts).
+    pub resources: Vec<OtaResourceInfo>,
+}
+
+/// One resource's outcome in a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaResourceInfo {
+    pub resource: ResourceId,
+    /// `pending`, `draining`, `updating`, `done`, `failed`, or `skipped`
+    /// (released by a scale-in before its turn).
+    pub state: String,
+    pub started_at: Option<UnixMillis>,
+    pub finished_at: Option<UnixMillis>,
+    /// What happened (why it failed, sessions disconnected at the deadline).
+    pub detail: Option<String>,
 }
 
 /// What `ferryctl usage` asks.
@@ -293,6 +458,107 @@ pub struct PolicyView {
     pub scale_in_cooldown_ms: u64,
     pub wait_timeout_ms: u64,
     pub load_balancing: String,
+}
+
+/// A duration of the session policy that may be unlimited: `Unlimited` is
+/// "forever" for `disconnect_retention` (SPEC `-1`) and "none" for
+/// `max_session_duration` and `idle_disconnect`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyLimit {
+    Unlimited,
+    Ms(u64),
+}
+
+/// Session-policy parameters (SPEC section 4); `None` = keep the current
+/// value (the default at publish).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPolicySpec {
+    /// `Unlimited` = forever, else 3..=300 minutes (default 15 minutes).
+    pub disconnect_retention: Option<PolicyLimit>,
+    /// `Unlimited` = none (default), else longer than the 5-minute warning.
+    pub max_session_duration: Option<PolicyLimit>,
+    /// `Unlimited` = none (default).
+    pub idle_disconnect: Option<PolicyLimit>,
+}
+
+/// A session resolution in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Display-policy parameters (SPEC section 4); `None` = keep (the default at
+/// publish).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayPolicySpec {
+    pub frame_rate: Option<u32>,
+    pub resolution: Option<Resolution>,
+    pub adaptive_resolution: Option<bool>,
+    /// `video` or `mixed`.
+    pub streaming_mode: Option<String>,
+    /// `adaptive`, `smooth` or `quality`.
+    pub quality_strategy: Option<String>,
+}
+
+/// One policy period (scheduled scaling): on the chosen weekdays from
+/// `start_minute` to `end_minute` (minutes after midnight UTC, end at most
+/// 1440), at least `min_ready` resources ready, created `warm_up_ms` ahead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodSpec {
+    /// Bit 0 = Monday ... bit 6 = Sunday.
+    pub weekdays: u8,
+    pub start_minute: u16,
+    pub end_minute: u16,
+    pub min_ready: u32,
+    pub warm_up_ms: u64,
+}
+
+/// The policy parts beside scaling, as asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyPartsSpec {
+    pub session: SessionPolicySpec,
+    pub display: DisplayPolicySpec,
+    /// `None` = keep the periods (none at publish); `Some(vec![])` = clear them.
+    pub periods: Option<Vec<PeriodSpec>>,
+}
+
+/// The session part as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPolicyView {
+    pub disconnect_retention: PolicyLimit,
+    pub max_session_duration: PolicyLimit,
+    pub idle_disconnect: PolicyLimit,
+}
+
+/// The display part as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayPolicyView {
+    pub frame_rate: u32,
+    pub width: u32,
+    pub height: u32,
+    pub adaptive_resolution: bool,
+    pub streaming_mode: String,
+    pub quality_strategy: String,
+}
+
+/// Every policy part beside scaling, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyPartsView {
+    pub session: SessionPolicyView,
+    pub display: DisplayPolicyView,
+    pub periods: Vec<PeriodSpec>,
+}
+
+/// `group show` with every part of the policy (a new struct: [`GroupDetail`]
+/// is shipped).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPolicyDetail {
+    pub detail: GroupDetail,
+    /// The live state, as in `GroupShown`; `None` when the group has no
+    /// running actor, and in answers to publish and update.
+    pub live: Option<LiveGroupView>,
+    pub parts: PolicyPartsView,
 }
 
 /// `group list` filters; a group must match all that are set.
@@ -686,9 +952,242 @@ mod tests {
     }
 
     #[test]
+    fn golden_policy_parts() {
+        let parts = PolicyPartsSpec {
+            session: SessionPolicySpec {
+                disconnect_retention: Some(PolicyLimit::Unlimited),
+                max_session_duration: Some(PolicyLimit::Ms(1)),
+                idle_disconnect: None,
+            },
+            display: DisplayPolicySpec {
+                frame_rate: Some(30),
+                resolution: Some(Resolution {
+                    width: 2,
+                    height: 3,
+                }),
+                adaptive_resolution: Some(false),
+                streaming_mode: Some("v".into()),
+                quality_strategy: None,
+            },
+            periods: Some(vec![PeriodSpec {
+                weekdays: 3,
+                start_minute: 4,
+                end_minute: 5,
+                min_ready: 6,
+                warm_up_ms: 7,
+            }]),
+        };
+        let bytes = frame::encode_payload(&parts).expect("encode");
+        assert_eq!(
+            hex(&bytes),
+            "010001010100011e01020301000101760001010304050607"
+        );
+        assert_eq!(
+            frame::decode_payload::<PolicyPartsSpec>(&bytes).expect("decode"),
+            parts
+        );
+        let show = AdminRequest::V1(AdminRequestV1::GroupShowWithPolicy {
+            group: "g1".parse().expect("id"),
+        });
+        let bytes = frame::encode_payload(&show).expect("encode");
+        assert_eq!(hex(&bytes), "001b026731");
+        let update = AdminRequest::V1(AdminRequestV1::GroupUpdatePolicyParts {
+            group: "g1".parse().expect("id"),
+            policy: PolicySpec::default(),
+            parts: PolicyPartsSpec::default(),
+        });
+        let bytes = frame::encode_payload(&update).expect("encode");
+        assert_eq!(hex(&bytes), "001a0267310000000000000000000000000000000000");
+        let view = PolicyPartsView {
+            session: SessionPolicyView {
+                disconnect_retention: PolicyLimit::Ms(900_000),
+                max_session_duration: PolicyLimit::Unlimited,
+                idle_disconnect: PolicyLimit::Unlimited,
+            },
+            display: DisplayPolicyView {
+                frame_rate: 30,
+                width: 1920,
+                height: 1080,
+                adaptive_resolution: true,
+                streaming_mode: "video".into(),
+                quality_strategy: "adaptive".into(),
+            },
+            periods: vec![],
+        };
+        let bytes = frame::encode_payload(&view).expect("encode");
+        assert_eq!(
+            hex(&bytes),
+            "01fca0bb0d0000001efb8007fb38040105766964656f08616461707469766500"
+        );
+        assert_eq!(
+            frame::decode_payload::<PolicyPartsView>(&bytes).expect("decode"),
+            view
+        );
+    }
+
+    #[test]
+    fn golden_image_update_types() {
+        let spec = ImageUpdateSpec {
+            group: "g1".parse().expect("id"),
+            image: "i2".into(),
+            warning_ms: 300_000,
+        };
+        let bytes = frame::encode_payload(&spec).expect("encode");
+        assert_eq!(hex(&bytes), "026731026932fce0930400");
+        assert_eq!(
+            frame::decode_payload::<ImageUpdateSpec>(&bytes).expect("decode"),
+            spec
+        );
+        let versions = GroupVersionsInfo {
+            image: "i2".into(),
+            status: "updating".into(),
+            resources: vec![ResourceVersionInfo {
+                resource: "h1".parse().expect("id"),
+                connected: true,
+                agent_version: "1".into(),
+                image_version: "i1".into(),
+                components: vec![ComponentVersion {
+                    name: "a".into(),
+                    version: "2".into(),
+                }],
+                image_update: Some("done".into()),
+            }],
+        };
+        let bytes = frame::encode_payload(&versions).expect("encode");
+        assert_eq!(
+            hex(&bytes),
+            "026932087570646174696e670102683101013102693101016101320104646f6e65"
+        );
+        assert_eq!(
+            frame::decode_payload::<GroupVersionsInfo>(&bytes).expect("decode"),
+            versions
+        );
+    }
+
+    #[test]
+    fn golden_ota_structs() {
+        // The OTA request and answer variants sit in a section other
+        // helpers append to, so their indexes are pinned by the lead when
+        // the sections are merged; the structs they carry are frozen here.
+        let offer = OtaOfferSpec {
+            group: "g".parse().expect("id"),
+            component: "c".into(),
+            version: "1".into(),
+            package: String::new(),
+            description: "d".into(),
+        };
+        let bytes = frame::encode_payload(&offer).expect("encode");
+        assert_eq!(hex(&bytes), "016701630131000164");
+        assert_eq!(
+            frame::decode_payload::<OtaOfferSpec>(&bytes).expect("decode"),
+            offer
+        );
+        let schedule = OtaScheduleSpec {
+            group: "g".parse().expect("id"),
+            update: 1,
+            start: UnixMillis(2),
+            wave: 3,
+            drain_ms: 4,
+        };
+        let bytes = frame::encode_payload(&schedule).expect("encode");
+        assert_eq!(hex(&bytes), "016701040304");
+        assert_eq!(
+            frame::decode_payload::<OtaScheduleSpec>(&bytes).expect("decode"),
+            schedule
+        );
+        let result = OtaResourceInfo {
+            resource: "h1".parse().expect("id"),
+            state: "done".into(),
+            started_at: Some(UnixMillis(1)),
+            finished_at: None,
+            detail: None,
+        };
+        let bytes = frame::encode_payload(&result).expect("encode");
+        assert_eq!(hex(&bytes), "02683104646f6e6501020000");
+        assert_eq!(
+            frame::decode_payload::<OtaResourceInfo>(&bytes).expect("decode"),
+            result
+        );
+    }
+
+    #[test]
     fn invalid_ids_do_not_decode() {
         // A Drain naming "H!" (not a DNS label) must fail in the decoder.
         let bytes = [0u8, 3, 2, b'H', b'!'];
         assert!(frame::decode_payload::<AdminRequest>(&bytes).is_err());
+    }
+
+    #[test]
+    fn golden_payment_overdue_requests() {
+        let g = || -> GroupName { "g1".parse().expect("id") };
+        let cases = [
+            (
+                AdminRequest::V1(AdminRequestV1::GroupSetPaymentOverdue { group: g() }),
+                "0024026731",
+            ),
+            (
+                AdminRequest::V1(AdminRequestV1::GroupClearPaymentOverdue { group: g() }),
+                "0025026731",
+            ),
+        ];
+        for (req, golden) in cases {
+            let bytes = frame::encode_payload(&req).expect("encode");
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
+                req
+            );
+        }
+    }
+
+    /// The variant numbers of this session's requests and responses (the
+    /// first byte after the envelope's): they freeze the order of the
+    /// sections above.
+    #[test]
+    fn golden_variant_numbers_of_the_policy_update_and_status_sections() {
+        let g = || -> GroupName { "g1".parse().expect("id") };
+        let requests = [
+            (AdminRequestV1::GroupShowWithPolicy { group: g() }, 0x1b),
+            (AdminRequestV1::OtaList { group: None }, 0x1d),
+            (
+                AdminRequestV1::OtaReschedule {
+                    schedule: 1,
+                    start: UnixMillis(0),
+                },
+                0x1f,
+            ),
+            (AdminRequestV1::OtaCancel { schedule: 1 }, 0x20),
+            (AdminRequestV1::OtaHistory { group: g() }, 0x21),
+            (
+                AdminRequestV1::GroupUpdateImage(ImageUpdateSpec {
+                    group: g(),
+                    image: "i".into(),
+                    warning_ms: 0,
+                }),
+                0x22,
+            ),
+            (AdminRequestV1::GroupVersions { group: g() }, 0x23),
+            (AdminRequestV1::GroupSetPaymentOverdue { group: g() }, 0x24),
+        ];
+        for (req, number) in requests {
+            let bytes = frame::encode_payload(&AdminRequest::V1(req)).expect("encode");
+            assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
+        }
+        let responses = [
+            (AdminResponseV1::OtaUpdates(vec![]), 0x0d),
+            (AdminResponseV1::OtaSchedules(vec![]), 0x0e),
+            (
+                AdminResponseV1::GroupVersions(GroupVersionsInfo {
+                    image: "i".into(),
+                    status: "published".into(),
+                    resources: vec![],
+                }),
+                0x0f,
+            ),
+        ];
+        for (resp, number) in responses {
+            let bytes = frame::encode_payload(&AdminResponse::V1(resp)).expect("encode");
+            assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
+        }
     }
 }

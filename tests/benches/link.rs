@@ -149,6 +149,9 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("start runtime")?;
+    if let Some(pos) = args.iter().position(|a| a == "--store-profile") {
+        return runtime.block_on(run_store_profile(plan, &args[pos + 1..]));
+    }
     if store_only {
         return runtime.block_on(run_store_only(plan, quick));
     }
@@ -163,6 +166,8 @@ usage: cargo bench -p ferry-tests --bench link [-- ARGS]
   (no argument)   figures 1-4: broker events/s against a quinn echo, broker memory
                   per agent, store group commit against one commit per record
   --store-only    figure 4 only (store group commit, 64 and 512 writers)
+  --store-profile WRITERS MAX_BATCH SECONDS
+                  one store configuration alone, for a profiler (not a figure)
   --quick         a small, fast version (also FERRY_BENCH_QUICK=1); figures meaningless
   --help          this text";
 
@@ -174,6 +179,28 @@ async fn run_store_only(plan: Plan, quick: bool) -> Result<()> {
         .await
         .context("store benchmark")?;
     print_store_summary(&store);
+    Ok(())
+}
+
+/// One store configuration alone, so a profiler sees only it.
+async fn run_store_profile(mut plan: Plan, args: &[String]) -> Result<()> {
+    let arg = |i: usize, what: &str| -> Result<u64> {
+        args.get(i)
+            .with_context(|| format!("--store-profile needs {what}"))?
+            .parse::<u64>()
+            .with_context(|| format!("--store-profile {what}"))
+    };
+    let writers = usize::try_from(arg(0, "WRITERS")?)?;
+    let batch = usize::try_from(arg(1, "MAX_BATCH")?)?;
+    plan.store_measure = Duration::from_secs(arg(2, "SECONDS")?);
+    let tmp = tempfile::tempdir().context("create temp dir")?;
+    let rep = store_rep(&tmp.path().join("profile.db"), batch, writers, &plan).await?;
+    println!(
+        "writers {writers} max_batch {batch}: {:.0} records/s  p50 {}  p99 {}",
+        rep.per_sec,
+        ms(rep.p50),
+        ms(rep.p99)
+    );
     Ok(())
 }
 

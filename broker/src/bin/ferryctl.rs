@@ -9,9 +9,10 @@ use clap::{Parser, Subcommand};
 use ferry_broker::admin::{self, ADMIN_SOCKET_ENV, DEFAULT_ADMIN_SOCKET};
 use ferry_broker::{pki, render};
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, PolicySpec, Secret,
-    SessionType, UsageQuery, UserSpec,
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, ImageUpdateSpec,
+    OtaOfferSpec, OtaScheduleSpec, PolicySpec, Secret, SessionType, UsageQuery, UserSpec,
 };
+use ferry_common::admin::{DisplayPolicySpec, PolicyPartsSpec, SessionPolicySpec};
 use ferry_common::duration::parse_duration;
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
@@ -48,6 +49,9 @@ enum Cmd {
     /// End users.
     #[command(subcommand)]
     User(UserCmd),
+    /// OTA updates: offers, rollout schedules, history.
+    #[command(subcommand)]
+    Ota(OtaCmd),
     /// Replay a scenario file through the delivery-group engine.
     Simulate {
         /// Scenario file (TOML).
@@ -68,6 +72,59 @@ enum Cmd {
         #[arg(long, default_value = "table")]
         format: String,
     },
+}
+
+#[derive(Subcommand)]
+enum OtaCmd {
+    /// Offer an update to a group (agent, image, or a component or application).
+    Offer {
+        group: String,
+        /// `agent`, `image`, or the component's or application's name.
+        #[arg(long)]
+        component: String,
+        /// The version it installs.
+        #[arg(long)]
+        version: String,
+        /// Path or URL handed to the hosts' update hook.
+        #[arg(long, default_value = "")]
+        package: String,
+        /// What it brings.
+        #[arg(long)]
+        description: String,
+    },
+    /// Offered updates.
+    List {
+        /// Only this group's.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Schedule an offered update's rollout (start in the future, within 7 days).
+    Schedule {
+        group: String,
+        /// The offered update's id.
+        #[arg(long)]
+        update: u64,
+        /// Start, RFC 3339.
+        #[arg(long)]
+        start: String,
+        /// Resources updated at once.
+        #[arg(long, default_value_t = 1)]
+        wave: u32,
+        /// How long sessions of a draining resource may go on (e.g. 30m).
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        drain: std::time::Duration,
+    },
+    /// Move a schedule's start (before it starts).
+    Reschedule {
+        schedule: u64,
+        /// New start, RFC 3339.
+        #[arg(long)]
+        start: String,
+    },
+    /// Cancel a schedule (before it starts).
+    Cancel { schedule: u64 },
+    /// Every OTA of a group with each resource's outcome.
+    History { group: String },
 }
 
 #[derive(Subcommand)]
@@ -143,6 +200,100 @@ impl PolicyArgs {
     }
 }
 
+/// The policy parts beside scaling (SPEC section 4): session, display and
+/// periods. Unset ones keep their value (the default at publish).
+#[derive(clap::Args, Default)]
+struct PolicyPartsArgs {
+    /// How long a disconnected session is kept for its user: 3m..300m, or
+    /// `forever` (or -1). Default 15m.
+    #[arg(long, allow_hyphen_values = true)]
+    disconnect_retention: Option<String>,
+    /// Longest a session may last (users are warned 5 minutes before), or
+    /// `none` (default).
+    #[arg(long)]
+    max_session_duration: Option<String>,
+    /// Disconnect a session idle this long, or `none` (default).
+    #[arg(long)]
+    idle_disconnect: Option<String>,
+    /// Frames per second, 1..=60 (default 30).
+    #[arg(long)]
+    frame_rate: Option<u32>,
+    /// Session resolution WIDTHxHEIGHT, even, 640x480..7680x4320 (default 1920x1080).
+    #[arg(long)]
+    resolution: Option<String>,
+    /// on: the resolution is a maximum, sessions follow the client's window (default on).
+    #[arg(long)]
+    adaptive_resolution: Option<String>,
+    /// video (default) or mixed.
+    #[arg(long)]
+    streaming_mode: Option<String>,
+    /// Quality strategy: adaptive (default), smooth or quality.
+    #[arg(long)]
+    quality: Option<String>,
+    /// A policy period, UTC: 'DAYS HH:MM-HH:MM min=N [warm-up=D]', e.g.
+    /// 'mon-fri 09:00-18:00 min=2 warm-up=15m'; repeatable; replaces the
+    /// group's periods.
+    #[arg(long = "period")]
+    periods: Vec<String>,
+    /// Remove every policy period.
+    #[arg(long, conflicts_with = "periods")]
+    clear_periods: bool,
+}
+
+impl PolicyPartsArgs {
+    fn into_spec(self) -> anyhow::Result<PolicyPartsSpec> {
+        use ferry_broker::groups::policy_parts::{
+            parse_limit, parse_on_off, parse_period, parse_resolution,
+        };
+        let flag = |name: &'static str| move |e: String| anyhow::anyhow!("--{name}: {e}");
+        let limit = |name: &'static str, v: Option<String>, word: &str| {
+            v.map(|v| parse_limit(&v, word).map_err(flag(name)))
+                .transpose()
+        };
+        let periods = if self.clear_periods {
+            Some(Vec::new())
+        } else if self.periods.is_empty() {
+            None
+        } else {
+            Some(
+                self.periods
+                    .iter()
+                    .map(|p| parse_period(p).map_err(flag("period")))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            )
+        };
+        Ok(PolicyPartsSpec {
+            session: SessionPolicySpec {
+                disconnect_retention: limit(
+                    "disconnect-retention",
+                    self.disconnect_retention,
+                    "forever",
+                )?,
+                max_session_duration: limit(
+                    "max-session-duration",
+                    self.max_session_duration,
+                    "none",
+                )?,
+                idle_disconnect: limit("idle-disconnect", self.idle_disconnect, "none")?,
+            },
+            display: DisplayPolicySpec {
+                frame_rate: self.frame_rate,
+                resolution: self
+                    .resolution
+                    .map(|r| parse_resolution(&r).map_err(flag("resolution")))
+                    .transpose()?,
+                adaptive_resolution: self
+                    .adaptive_resolution
+                    .map(|a| parse_on_off(&a).map_err(flag("adaptive-resolution")))
+                    .transpose()?,
+                streaming_mode: self.streaming_mode,
+                quality_strategy: self.quality,
+            },
+            periods,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum GroupCmd {
     /// Publish a delivery group.
@@ -178,6 +329,8 @@ enum GroupCmd {
         users: Vec<String>,
         #[command(flatten)]
         policy: PolicyArgs,
+        #[command(flatten)]
+        parts: PolicyPartsArgs,
     },
     /// Groups, filtered by status, name (substring) or id.
     List {
@@ -195,6 +348,8 @@ enum GroupCmd {
         group: String,
         #[command(flatten)]
         policy: PolicyArgs,
+        #[command(flatten)]
+        parts: PolicyPartsArgs,
     },
     /// Assign (--add) and unassign (--remove) users.
     UpdateUsers {
@@ -212,6 +367,11 @@ enum GroupCmd {
     },
     /// Turn auto-renew on or off.
     SetAutoRenew { group: String, state: String },
+    /// The billing system says a published pay-as-you-go group's account is
+    /// in arrears: no new sessions, no scale-out; open sessions go on.
+    SetPaymentOverdue { group: String },
+    /// The arrears are paid: the group is published again.
+    ClearPaymentOverdue { group: String },
     /// Move to another region (always refused: regions are fixed at publish).
     SetRegion { group: String, region: String },
     /// Purge a group (subscription: expired; pay-as-you-go: in service).
@@ -220,6 +380,16 @@ enum GroupCmd {
     Delete { group: String },
     /// The group's recorded decisions with their reasons.
     Events { group: String },
+    /// Switch every resource to another image: open sessions are warned,
+    /// disconnected after --warning, then each host switches (status
+    /// `updating`, then `published` or `update-failed`).
+    UpdateImage {
+        group: String,
+        image: String,
+        /// Time users get between the warning and the disconnect.
+        #[arg(long, default_value = "5m", value_parser = parse_ttl)]
+        warning: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -372,6 +542,14 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<String> {
     let json = cli.json;
+    // `group show` adds what each resource runs (a second request).
+    let versions_of = match &cli.command {
+        Cmd::Group(g) => match g.as_ref() {
+            GroupCmd::Show { group } => Some(group.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
     let req = match cli.command {
         Cmd::Pki(PkiCmd::Init { dir, broker_names }) => {
             pki::init(&dir, &broker_names).context("pki init")?;
@@ -429,6 +607,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 other => Ok(show(other, json)),
             };
         }
+        Cmd::Ota(cmd) => ota_request(cmd)?,
         Cmd::Status => AdminRequestV1::Status,
         Cmd::Resources(ResourcesCmd::List) => AdminRequestV1::ListResources,
         Cmd::Resources(ResourcesCmd::Drain { resource }) => AdminRequestV1::Drain {
@@ -494,7 +673,29 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         .build()
         .context("start runtime")?;
     let resp = runtime.block_on(admin::request(&cli.socket, req))?;
-    Ok(show(resp, json))
+    let out = show(resp, json);
+    match versions_of {
+        Some(group) => {
+            let req = AdminRequestV1::GroupVersions {
+                group: group.parse()?,
+            };
+            // A broker that cannot answer it (older, or the group went
+            // away meanwhile) still gets its `group show` printed.
+            match runtime.block_on(admin::request(&cli.socket, req)) {
+                Ok(AdminResponseV1::GroupVersions(v)) if json => {
+                    let mut value: serde_json::Value =
+                        serde_json::from_str(&out).context("group show's JSON")?;
+                    value["versions"] = render::group_versions_json(&v);
+                    Ok(format!("{value:#}\n"))
+                }
+                Ok(AdminResponseV1::GroupVersions(v)) => {
+                    Ok(out + &render::group_versions_table(&v))
+                }
+                _ => Ok(out),
+            }
+        }
+        None => Ok(out),
+    }
 }
 
 /// An RFC 3339 time (`2026-03-02T09:00:00Z`, any offset) as Unix milliseconds.
@@ -502,6 +703,48 @@ fn time(s: &str) -> anyhow::Result<UnixMillis> {
     let t = chrono::DateTime::parse_from_rfc3339(s.trim())
         .with_context(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-03-02T09:00:00Z)"))?;
     Ok(UnixMillis(t.timestamp_millis()))
+}
+
+fn ota_request(cmd: OtaCmd) -> anyhow::Result<AdminRequestV1> {
+    Ok(match cmd {
+        OtaCmd::Offer {
+            group,
+            component,
+            version,
+            package,
+            description,
+        } => AdminRequestV1::OtaOffer(OtaOfferSpec {
+            group: group.parse()?,
+            component,
+            version,
+            package,
+            description,
+        }),
+        OtaCmd::List { group } => AdminRequestV1::OtaList {
+            group: group.map(|g| g.parse::<GroupName>()).transpose()?,
+        },
+        OtaCmd::Schedule {
+            group,
+            update,
+            start,
+            wave,
+            drain,
+        } => AdminRequestV1::OtaSchedule(OtaScheduleSpec {
+            group: group.parse()?,
+            update,
+            start: time(&start).context("--start")?,
+            wave,
+            drain_ms: u64::try_from(drain.as_millis()).context("--drain")?,
+        }),
+        OtaCmd::Reschedule { schedule, start } => AdminRequestV1::OtaReschedule {
+            schedule,
+            start: time(&start).context("--start")?,
+        },
+        OtaCmd::Cancel { schedule } => AdminRequestV1::OtaCancel { schedule },
+        OtaCmd::History { group } => AdminRequestV1::OtaHistory {
+            group: group.parse()?,
+        },
+    })
 }
 
 fn users(ids: Vec<String>) -> anyhow::Result<Vec<UserId>> {
@@ -524,6 +767,7 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
             session_type,
             users: assigned,
             policy,
+            parts,
         } => {
             let billing = match (billing.as_str(), duration) {
                 ("subscription", Some(duration)) => BillingSpec::Subscription {
@@ -546,28 +790,36 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
                 "shared" => SessionType::Shared,
                 other => anyhow::bail!("--session-type {other:?}: write independent or shared"),
             };
-            AdminRequestV1::GroupPublish(GroupSpec {
-                name: group_name.map(name).transpose()?,
-                region,
-                office_network,
-                spec,
-                image,
-                billing,
-                base_resources,
-                session_type,
-                users: users(assigned)?,
-                policy: policy.into_spec()?,
-            })
+            AdminRequestV1::GroupPublishWithPolicy {
+                spec: GroupSpec {
+                    name: group_name.map(name).transpose()?,
+                    region,
+                    office_network,
+                    spec,
+                    image,
+                    billing,
+                    base_resources,
+                    session_type,
+                    users: users(assigned)?,
+                    policy: policy.into_spec()?,
+                },
+                parts: parts.into_spec()?,
+            }
         }
         GroupCmd::List { status, name, id } => {
             AdminRequestV1::GroupList(GroupFilter { status, name, id })
         }
-        GroupCmd::Show { group } => AdminRequestV1::GroupShow {
+        GroupCmd::Show { group } => AdminRequestV1::GroupShowWithPolicy {
             group: name(group)?,
         },
-        GroupCmd::UpdatePolicy { group, policy } => AdminRequestV1::GroupUpdatePolicy {
+        GroupCmd::UpdatePolicy {
+            group,
+            policy,
+            parts,
+        } => AdminRequestV1::GroupUpdatePolicyParts {
             group: name(group)?,
             policy: policy.into_spec()?,
+            parts: parts.into_spec()?,
         },
         GroupCmd::UpdateUsers { group, add, remove } => AdminRequestV1::GroupUpdateUsers {
             group: name(group)?,
@@ -586,6 +838,12 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
                 other => anyhow::bail!("set-auto-renew {other:?}: write on or off"),
             },
         },
+        GroupCmd::SetPaymentOverdue { group } => AdminRequestV1::GroupSetPaymentOverdue {
+            group: name(group)?,
+        },
+        GroupCmd::ClearPaymentOverdue { group } => AdminRequestV1::GroupClearPaymentOverdue {
+            group: name(group)?,
+        },
         GroupCmd::SetRegion { group, region } => AdminRequestV1::GroupSetRegion {
             group: name(group)?,
             region,
@@ -599,6 +857,15 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
         GroupCmd::Events { group } => AdminRequestV1::GroupEvents {
             group: name(group)?,
         },
+        GroupCmd::UpdateImage {
+            group,
+            image,
+            warning,
+        } => AdminRequestV1::GroupUpdateImage(ImageUpdateSpec {
+            group: name(group)?,
+            image,
+            warning_ms: u64::try_from(warning.as_millis()).unwrap_or(u64::MAX),
+        }),
     })
 }
 
@@ -617,12 +884,28 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
             render::group_shown_json(&detail, live.as_ref()),
             render::group_shown_table(&detail, live.as_ref()),
         ),
+        AdminResponseV1::GroupVersions(v) => (
+            render::group_versions_json(&v),
+            render::group_versions_table(&v),
+        ),
+        AdminResponseV1::GroupWithPolicy(d) => (
+            render::group_policy_json(&d),
+            render::group_policy_table(&d),
+        ),
         AdminResponseV1::GroupEvents(e) => (
             render::group_events_json(&e),
             render::group_events_table(&e),
         ),
         AdminResponseV1::Users(u) => (render::users_json(&u), render::users_table(&u)),
         AdminResponseV1::Usage(r) => (render::usage_json(&r), render::usage_table(&r)),
+        AdminResponseV1::OtaUpdates(u) => (
+            ferry_broker::ota::render::updates_json(&u),
+            ferry_broker::ota::render::updates_table(&u),
+        ),
+        AdminResponseV1::OtaSchedules(s) => (
+            ferry_broker::ota::render::schedules_json(&s),
+            ferry_broker::ota::render::schedules_table(&s),
+        ),
         AdminResponseV1::UserToken {
             user,
             token,

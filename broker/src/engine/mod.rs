@@ -22,10 +22,12 @@ pub use group::{
 };
 pub use group::{RestoredElastic, RestoredState};
 pub use policy::{
-    catalog_max_sessions, validate_periods, LoadBalancing, Policy, PolicyError, PolicyPeriod,
-    PolicyProblem, Retention, SessionPolicy, DEFAULT_RETENTION, DEFAULT_SCALE_IN_COOLDOWN,
-    MAX_CONCURRENT_SESSIONS, MAX_GROUP_RESOURCES, MAX_PERIODS_PER_DAY, MAX_POLICY_DURATION,
-    MAX_RETENTION, MIN_PERIOD_GAP_MINUTES, MIN_PERIOD_MINUTES, MIN_RETENTION, SPEC_CATALOG,
+    catalog_max_sessions, validate_periods, DisplayPolicy, LoadBalancing, Policy, PolicyError,
+    PolicyPeriod, PolicyProblem, QualityStrategy, Retention, SessionPolicy, StreamingMode,
+    DEFAULT_FRAME_RATE, DEFAULT_RESOLUTION, DEFAULT_RETENTION, DEFAULT_SCALE_IN_COOLDOWN,
+    MAX_CONCURRENT_SESSIONS, MAX_FRAME_RATE, MAX_GROUP_RESOURCES, MAX_PERIODS_PER_DAY,
+    MAX_POLICY_DURATION, MAX_RESOLUTION, MAX_RETENTION, MIN_FRAME_RATE, MIN_PERIOD_GAP_MINUTES,
+    MIN_PERIOD_MINUTES, MIN_RESOLUTION, MIN_RETENTION, SESSION_END_WARNING, SPEC_CATALOG,
 };
 
 #[cfg(test)]

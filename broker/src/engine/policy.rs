@@ -314,6 +314,142 @@ impl SessionPolicy {
     }
 }
 
+/// How the host's streaming server encodes a session (SPEC section 4, display).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamingMode {
+    /// The whole screen as video.
+    #[default]
+    Video,
+    /// Video for moving regions, images for the rest (text stays sharp).
+    Mixed,
+}
+
+impl StreamingMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "video" => Some(Self::Video),
+            "mixed" => Some(Self::Mixed),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Video => "video",
+            Self::Mixed => "mixed",
+        }
+    }
+}
+
+/// What the streaming server favours when bandwidth is short.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QualityStrategy {
+    /// Follows the network: the server picks.
+    #[default]
+    Adaptive,
+    /// Keeps the frame rate, lowers the image quality.
+    Smooth,
+    /// Keeps the image quality, lowers the frame rate.
+    Quality,
+}
+
+impl QualityStrategy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "adaptive" => Some(Self::Adaptive),
+            "smooth" => Some(Self::Smooth),
+            "quality" => Some(Self::Quality),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Adaptive => "adaptive",
+            Self::Smooth => "smooth",
+            Self::Quality => "quality",
+        }
+    }
+}
+
+/// Frame rates a group may ask for (frames per second). The seed names no
+/// limits; 1..=60 covers every desktop streaming server's settings.
+pub const MIN_FRAME_RATE: u32 = 1;
+pub const MAX_FRAME_RATE: u32 = 60;
+/// Default frame rate.
+pub const DEFAULT_FRAME_RATE: u32 = 30;
+/// Smallest session resolution (width, height): anything smaller is unusable.
+pub const MIN_RESOLUTION: (u32, u32) = (640, 480);
+/// Largest session resolution: 8K UHD.
+pub const MAX_RESOLUTION: (u32, u32) = (7680, 4320);
+/// Default session resolution: full HD.
+pub const DEFAULT_RESOLUTION: (u32, u32) = (1920, 1080);
+
+/// The display part of the policy: handed by the agent to the host's streaming
+/// server as is. The engine never looks at it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisplayPolicy {
+    /// Frames per second.
+    pub frame_rate: u32,
+    /// Session resolution, pixels.
+    pub width: u32,
+    pub height: u32,
+    /// The resolution becomes a maximum: the session follows the client's window.
+    pub adaptive_resolution: bool,
+    pub streaming_mode: StreamingMode,
+    pub quality_strategy: QualityStrategy,
+}
+
+impl Default for DisplayPolicy {
+    fn default() -> Self {
+        Self {
+            frame_rate: DEFAULT_FRAME_RATE,
+            width: DEFAULT_RESOLUTION.0,
+            height: DEFAULT_RESOLUTION.1,
+            adaptive_resolution: true,
+            streaming_mode: StreamingMode::Video,
+            quality_strategy: QualityStrategy::Adaptive,
+        }
+    }
+}
+
+impl DisplayPolicy {
+    /// Checks every field; lists every problem.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let mut problems = Vec::new();
+        if !(MIN_FRAME_RATE..=MAX_FRAME_RATE).contains(&self.frame_rate) {
+            problems.push(PolicyProblem {
+                field: "frame_rate",
+                message: format!(
+                    "{} is not in {MIN_FRAME_RATE}..={MAX_FRAME_RATE} frames per second",
+                    self.frame_rate
+                ),
+            });
+        }
+        let (w, h) = (self.width, self.height);
+        if !(MIN_RESOLUTION.0..=MAX_RESOLUTION.0).contains(&w)
+            || !(MIN_RESOLUTION.1..=MAX_RESOLUTION.1).contains(&h)
+            || w % 2 != 0
+            || h % 2 != 0
+        {
+            problems.push(PolicyProblem {
+                field: "resolution",
+                message: format!(
+                    "{w}x{h} is not an even width x height from {}x{} to {}x{}",
+                    MIN_RESOLUTION.0, MIN_RESOLUTION.1, MAX_RESOLUTION.0, MAX_RESOLUTION.1
+                ),
+            });
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(PolicyError { problems })
+        }
+    }
+}
+
 /// Most scheduled periods on one weekday (SPEC section 4).
 pub const MAX_PERIODS_PER_DAY: usize = 3;
 /// Shortest period, in minutes.
@@ -545,6 +681,34 @@ mod tests {
         s.max_session_duration = Some(Duration::from_secs(6 * 60));
         s.idle_disconnect = Some(Duration::from_secs(60));
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn display_policy_ranges() {
+        assert!(DisplayPolicy::default().validate().is_ok());
+        let mut d = DisplayPolicy {
+            frame_rate: 60,
+            width: 7680,
+            height: 4320,
+            ..DisplayPolicy::default()
+        };
+        assert!(d.validate().is_ok());
+        d.frame_rate = 0;
+        d.width = 1921;
+        let err = d.validate().unwrap_err();
+        let fields: Vec<_> = err.problems.iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["frame_rate", "resolution"], "{err}");
+        d.frame_rate = 61;
+        d.width = 640;
+        d.height = 478;
+        assert_eq!(d.validate().unwrap_err().problems.len(), 2);
+        assert_eq!(StreamingMode::parse("mixed"), Some(StreamingMode::Mixed));
+        assert_eq!(StreamingMode::parse("audio"), None);
+        assert_eq!(
+            QualityStrategy::parse("smooth"),
+            Some(QualityStrategy::Smooth)
+        );
+        assert_eq!(QualityStrategy::Quality.as_str(), "quality");
     }
 
     fn period(days: u8, start: u16, end: u16) -> PolicyPeriod {

@@ -57,7 +57,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use ferry_common::limits::MAX_POLICY_DOCUMENT_LEN;
 use ferry_common::wire::{Command, CommandOutcome, HostFacts, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -76,7 +75,23 @@ use crate::store::{Store, StoreError};
 
 #[path = "routing.rs"]
 mod routing;
+// Base resources created through the provisioner (publishing).
+#[path = "base.rs"]
+mod base;
+// No scale-out while payment-overdue.
+#[path = "payment.rs"]
+mod payment;
+// The connection that speaks for each resource (stale reports ignored).
+#[path = "connections.rs"]
+mod connections;
+// Expiry disconnects kept across restarts, and their cap.
+#[path = "disconnects.rs"]
+mod disconnects;
 pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
+// Image updates (`group update-image`).
+#[path = "image_update.rs"]
+mod image_update;
+pub use image_update::{begin as begin_image_update, versions as group_versions};
 
 /// Messages waiting for one group's actor. Senders wait when it is full, so
 /// a burst of agent events slows the agents' acknowledgements instead of
@@ -153,21 +168,27 @@ pub(super) enum Msg {
     Elastic(elastic::Report),
     /// An expiry disconnect's outcome ([`Actor::disconnect`]).
     Disconnect(DisconnectReport),
+    /// An image switch task's outcome ([`image_update`]).
+    Image(image_update::Report),
     /// An agent naming the group registered, with the sessions its host has.
+    /// `conn`: its connection's id ([`connections`]).
     Joined {
         resource: ResourceId,
+        conn: Option<u64>,
         sessions: Vec<SessionId>,
         reply: oneshot::Sender<()>,
     },
-    /// The agent's connection ended.
+    /// The agent's connection `conn` ended.
     Left {
         resource: ResourceId,
+        conn: Option<u64>,
         reply: oneshot::Sender<()>,
     },
     /// The agent went silent or started draining (false), or is healthy and
-    /// not draining again (true).
+    /// not draining again (true); `conn`: reported by that connection.
     Availability {
         resource: ResourceId,
+        conn: Option<u64>,
         available: bool,
         reply: oneshot::Sender<()>,
     },
@@ -236,6 +257,8 @@ struct GroupRow {
     billing: String,
     /// Version of `policy`, pushed to agents with it.
     policy_version: u64,
+    /// Session and display parts stored beside `policy` (issue 7).
+    parts: super::policy_parts::PolicyParts,
 }
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -272,6 +295,7 @@ fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError>
         name: name.parse().map_err(corrupt)?,
         spec,
         base: u32::try_from(base).map_err(corrupt)?,
+        parts: super::policy_parts::PolicyParts::from_stored(&policy).map_err(corrupt)?,
         policy: serde_json::from_str(&policy).map_err(corrupt)?,
         status,
         billing,
@@ -279,34 +303,9 @@ fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError>
     }))
 }
 
-/// The policy as agents receive it: canonical JSON (keys sorted, no
-/// whitespace), the scaling part under `scaling` so later parts (session,
-/// display) sit beside it. Fails when it exceeds
-/// [`MAX_POLICY_DOCUMENT_LEN`].
-pub fn policy_document(policy: &Policy) -> Result<String, String> {
-    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    // Keys written in sorted order, which is also serde_json's map order.
-    let doc = serde_json::json!({
-        "scaling": {
-            "concurrent_sessions": policy.concurrent_sessions,
-            "load_balancing": policy.load_balancing.as_str(),
-            "max_elastic": policy.max_elastic,
-            "max_idle_ms": ms(policy.max_idle),
-            "scale_in_cooldown_ms": ms(policy.scale_in_cooldown),
-            "scale_out_step": policy.scale_out_step,
-            "usage_threshold": policy.usage_threshold,
-            "wait_timeout_ms": ms(policy.wait_timeout),
-        }
-    });
-    let text = doc.to_string();
-    if text.len() > MAX_POLICY_DOCUMENT_LEN {
-        return Err(format!(
-            "the policy document is {} bytes, more than the {MAX_POLICY_DOCUMENT_LEN} an agent accepts",
-            text.len()
-        ));
-    }
-    Ok(text)
-}
+/// The policy as agents receive it: every part, canonical JSON (see
+/// [`super::policy_parts`]).
+pub use super::policy_parts::policy_document;
 
 /// Whether a group in this status has live state to own. A group that failed
 /// to publish has no resources; a recycling one is having its resources
@@ -355,6 +354,11 @@ struct PendingDisconnect {
     attempts: u32,
     /// When the next attempt is due; `None` while one is in flight.
     due: Option<UnixMillis>,
+    /// When the first attempt was made (the cap runs from it, [`disconnects`]).
+    first_at: UnixMillis,
+    /// Reloaded after a broker restart: until its host re-joins, the
+    /// session counts as open ([`disconnects`]).
+    restored: bool,
 }
 
 /// An expired group's disconnects: each attempt runs in its own task and
@@ -365,6 +369,8 @@ struct Disconnects {
     pending: BTreeMap<(ResourceId, SessionId), PendingDisconnect>,
     /// The actor's inbox (weak: the actor's handle owns it).
     actor: mpsc::WeakSender<Msg>,
+    /// Keys of `pending` to write with the next commit ([`disconnects`]).
+    dirty: disconnects::Dirty,
 }
 
 impl Disconnects {
@@ -401,6 +407,9 @@ struct Shared {
     follower_started: AtomicBool,
     /// Deletes of retired groups' elastic resources in progress.
     retiring: Arc<elastic::Retiring>,
+    /// OTA updates (`crate::ota`), set once by the daemon: the admin socket
+    /// reaches them here, like the actors.
+    ota: std::sync::OnceLock<crate::ota::Ota>,
 }
 
 #[derive(Clone)]
@@ -432,6 +441,7 @@ impl GroupActors {
                 follower_started: AtomicBool::new(false),
                 provisioning: std::sync::OnceLock::new(),
                 retiring: Arc::default(),
+                ota: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -723,7 +733,8 @@ impl GroupActors {
         if closed > 0 {
             tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
         }
-        let mut engine = Group::with_base_count(row.policy.clone(), Some(&row.spec), row.base, now)
+        let policy = payment::engine_policy(&row.policy, &row.status);
+        let mut engine = Group::with_base_count(policy, Some(&row.spec), row.base, now)
             .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
         engine
             .restore_elastic(
@@ -761,8 +772,12 @@ impl GroupActors {
             disconnects: Disconnects {
                 pending: BTreeMap::new(),
                 actor: tx.downgrade(),
+                dirty: disconnects::Dirty::default(),
             },
+            image: image_update::ImageState::default(),
             shared: self.shared.clone(),
+            base: base::ProvisionedBase::default(),
+            conns: connections::Connections::default(),
         };
         // Base slots take sessions only once an agent is bound and connected.
         let slots: Vec<Input> = (1..=row.base)
@@ -823,6 +838,16 @@ impl GroupActors {
         }
     }
 
+    /// Sets the OTA updates' handle (once, by the daemon).
+    pub fn set_ota(&self, ota: crate::ota::Ota) {
+        let _ = self.shared.ota.set(ota);
+    }
+
+    /// The OTA updates' handle, when the daemon runs them.
+    pub fn ota(&self) -> Option<&crate::ota::Ota> {
+        self.shared.ota.get()
+    }
+
     /// The group settings the actors were started with.
     pub fn config(&self) -> &GroupsConfig {
         &self.shared.config
@@ -849,9 +874,23 @@ impl GroupActors {
     /// An agent whose `Hello` names `group` registered (after the store
     /// committed it); `sessions` are the ones its host has now.
     pub async fn joined(&self, group: &GroupName, resource: &ResourceId, sessions: Vec<SessionId>) {
+        self.joined_on(group, resource, None, sessions).await
+    }
+
+    /// [`GroupActors::joined`] by the agent's connection `conn` (the
+    /// registry's connection id): a join of a connection older than one
+    /// already joined is ignored ([`connections`]).
+    pub async fn joined_on(
+        &self,
+        group: &GroupName,
+        resource: &ResourceId,
+        conn: Option<u64>,
+        sessions: Vec<SessionId>,
+    ) {
         let resource = resource.clone();
         self.ask(group, |reply| Msg::Joined {
             resource,
+            conn,
             sessions,
             reply,
         })
@@ -860,15 +899,39 @@ impl GroupActors {
 
     /// The agent's connection ended.
     pub async fn left(&self, group: &GroupName, resource: &ResourceId) {
+        self.left_on(group, resource, None).await
+    }
+
+    /// The agent's connection `conn` ended: ignored unless it is the
+    /// resource's newest joined connection ([`connections`]).
+    pub async fn left_on(&self, group: &GroupName, resource: &ResourceId, conn: Option<u64>) {
         let resource = resource.clone();
-        self.ask(group, |reply| Msg::Left { resource, reply }).await
+        self.ask(group, |reply| Msg::Left {
+            resource,
+            conn,
+            reply,
+        })
+        .await
     }
 
     /// The agent can (not) take sessions: silent or draining is not available.
     pub async fn availability(&self, group: &GroupName, resource: &ResourceId, available: bool) {
+        self.availability_on(group, resource, None, available).await
+    }
+
+    /// [`GroupActors::availability`] reported by connection `conn`: ignored
+    /// unless it is the resource's newest joined connection.
+    pub async fn availability_on(
+        &self,
+        group: &GroupName,
+        resource: &ResourceId,
+        conn: Option<u64>,
+        available: bool,
+    ) {
         let resource = resource.clone();
         self.ask(group, |reply| Msg::Availability {
             resource,
+            conn,
             available,
             reply,
         })
@@ -967,7 +1030,13 @@ struct Actor {
     elastic: Elastic,
     /// Expiry disconnects not yet confirmed, and their retries.
     disconnects: Disconnects,
+    /// The running image update ([`image_update`]).
+    image: image_update::ImageState,
     shared: Arc<Shared>,
+    /// Base resources created through the provisioner ([`base`]).
+    base: base::ProvisionedBase,
+    /// The newest joined connection per resource ([`connections`]).
+    conns: connections::Connections,
 }
 
 impl Actor {
@@ -979,7 +1048,13 @@ impl Actor {
         // A group already expired when its actor starts (broker restart)
         // starts closed.
         self.apply_status();
+        self.image_sync().await?;
+        self.start_base().await?;
+        self.restore_disconnects().await?;
         self.commit().await?;
+        if self.settle_publish().await? {
+            return Ok(());
+        }
         loop {
             let deadline = match self.closed {
                 Some(_) => None,
@@ -990,6 +1065,15 @@ impl Actor {
             };
             // Expiry disconnects to retry are due while closed, too.
             let deadline = match (deadline, self.disconnects.next_due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let image = self
+                .closed
+                .is_none()
+                .then(|| self.image_deadline())
+                .flatten();
+            let deadline = match (deadline, image) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -1017,32 +1101,50 @@ impl Actor {
                 }
                 Some(Msg::Joined {
                     resource,
+                    conn,
                     sessions,
                     reply,
                 }) => {
+                    if !self.current_conn(&resource, conn, true) {
+                        let _ = reply.send(());
+                        continue;
+                    }
                     let facts = self.host_facts(&resource).await;
                     self.joined(resource.clone(), sessions, facts.as_ref());
+                    self.image_joined(&resource);
                     if self.to_engine.contains_key(&resource)
                         && self.applied_version(&resource).await < self.row.policy_version
                     {
                         self.push_policy(&resource);
                     }
                     self.commit().await?;
+                    let stop = self.settle_publish().await?;
                     let _ = reply.send(());
+                    if stop {
+                        return Ok(());
+                    }
                     continue;
                 }
-                Some(Msg::Left { resource, reply }) => {
-                    self.left(resource);
+                Some(Msg::Left {
+                    resource,
+                    conn,
+                    reply,
+                }) => {
+                    if self.current_conn(&resource, conn, false) {
+                        self.left(resource);
+                    }
                     self.commit().await?;
                     let _ = reply.send(());
                     continue;
                 }
                 Some(Msg::Availability {
                     resource,
+                    conn,
                     available,
                     reply,
                 }) => {
-                    if let Some(id) = self.to_engine.get(&resource).cloned() {
+                    let current = self.current_conn(&resource, conn, false);
+                    if let Some(id) = self.to_engine.get(&resource).cloned().filter(|_| current) {
                         let input = if available {
                             Input::Available { resource: id }
                         } else {
@@ -1070,12 +1172,14 @@ impl Actor {
                 }
                 Some(Msg::Reload { reply }) => {
                     self.reload().await?;
+                    self.image_sync().await?;
                     self.commit().await?;
                     let _ = reply.send(());
                     continue;
                 }
                 Some(Msg::Elastic(report)) => self.elastic_report(report),
                 Some(Msg::Disconnect(report)) => self.disconnect_report(report),
+                Some(Msg::Image(report)) => self.image_report(report),
                 Some(Msg::Route { ask, reply }) => self.route(ask, reply),
                 Some(Msg::CancelRoute { session, reply }) => {
                     self.cancel_route(session);
@@ -1104,6 +1208,9 @@ impl Actor {
                 }
             }
             self.commit().await?;
+            if self.settle_publish().await? {
+                return Ok(());
+            }
         }
     }
 
@@ -1118,6 +1225,7 @@ impl Actor {
             return;
         }
         self.route_timeouts();
+        self.image_timeout();
         let now = self.now();
         if let Err(e) = self.engine.handle_timeout(now) {
             tracing::warn!(group = %self.row.name, "deadline: {e}");
@@ -1285,12 +1393,13 @@ impl Actor {
                     }
                     self.bind(&resource, e.clone());
                     e
-                } else if let Some(slot) = self.slots.iter().position(Option::is_none) {
+                } else if let Some(slot) = self.base_slot_for(&resource) {
                     self.slots[slot] = Some(resource.clone());
                     let Ok(slot_id) = ResourceId::new(format!("b{}", slot + 1)) else {
                         return;
                     };
                     self.bind(&resource, slot_id.clone());
+                    self.base_registered(&resource, &slot_id);
                     let at = self.now();
                     self.intervals.push(IntervalOp::Open {
                         resource: resource.clone(),
@@ -1372,6 +1481,7 @@ impl Actor {
         } else if !expired && is_live(&self.row.status) && self.closed.is_some() {
             self.reopen();
         }
+        self.apply_payment();
     }
 
     /// The group expired: freeze the engine and disconnect every open session.
@@ -1408,6 +1518,8 @@ impl Actor {
         };
         // In service again: nothing more to disconnect (an attempt in
         // flight is still recorded, and not retried).
+        let keys: Vec<_> = self.disconnects.pending.keys().cloned().collect();
+        self.disconnects.dirty.0.extend(keys);
         self.disconnects.pending.clear();
         // A policy changed while frozen goes in first.
         if self.engine.policy() != &self.row.policy {
@@ -1478,18 +1590,22 @@ impl Actor {
     /// agent just re-joined) is made now.
     fn disconnect(&mut self, real: &ResourceId, session: SessionId) {
         let key = (real.clone(), session);
-        let attempt = match self.disconnects.pending.get(&key) {
+        let now = self.now();
+        let (attempt, first_at, restored) = match self.disconnects.pending.get(&key) {
             Some(p) if p.due.is_none() => return,
-            Some(p) => p.attempts + 1,
-            None => 1,
+            Some(p) => (p.attempts + 1, p.first_at, p.restored),
+            None => (1, now, false),
         };
         self.disconnects.pending.insert(
             key.clone(),
             PendingDisconnect {
                 attempts: attempt,
                 due: None,
+                first_at,
+                restored,
             },
         );
+        self.disconnects.dirty.0.insert(key.clone());
         self.launch_disconnect(key.0, key.1, attempt);
     }
 
@@ -1544,7 +1660,8 @@ impl Actor {
     /// the next attempt while the group is closed and the session open.
     fn disconnect_report(&mut self, r: DisconnectReport) {
         let key = (r.resource, r.session);
-        self.disconnects.pending.remove(&key);
+        let prev = self.disconnects.pending.remove(&key);
+        self.disconnects.dirty.0.insert(key.clone());
         let (real, session) = &key;
         let n = r.attempt;
         match r.outcome {
@@ -1556,17 +1673,26 @@ impl Actor {
                 ),
             ),
             Err(e) => {
-                let retry = self.closed.is_some() && self.session_open_on(real, session);
-                let message = if retry {
-                    let wait = disconnect_backoff(n);
-                    let due = UnixMillis(self.now().0.saturating_add(wait));
+                let now = self.now();
+                let wait = disconnect_backoff(n);
+                if self.closed.is_some() {
+                    // Back in the list to be judged by the cap (and kept).
                     self.disconnects.pending.insert(
                         key.clone(),
                         PendingDisconnect {
                             attempts: n,
-                            due: Some(due),
+                            due: Some(UnixMillis(now.0.saturating_add(wait))),
+                            first_at: prev.as_ref().map_or(now, |p| p.first_at),
+                            restored: prev.as_ref().is_some_and(|p| p.restored),
                         },
                     );
+                }
+                let give_up = self
+                    .closed
+                    .as_ref()
+                    .and_then(|_| self.disconnect_give_up(real, session, now));
+                let retry = self.closed.is_some() && give_up.is_none();
+                let message = if retry {
                     format!(
                         "disconnect failed (attempt {n}): session {session} on {real}: {e}; \
                          next attempt in {} s",
@@ -1580,6 +1706,9 @@ impl Actor {
                 };
                 tracing::warn!(group = %self.row.name, "{message}");
                 self.note("disconnect-failed", message);
+                if let Some(why) = give_up {
+                    self.abandon_disconnect(key.0.clone(), key.1.clone(), &why);
+                }
             }
         }
     }
@@ -1596,10 +1725,15 @@ impl Actor {
             .map(|(k, _)| k.clone())
             .collect();
         for (real, session) in due {
-            if self.closed.is_some() && self.session_open_on(&real, &session) {
-                self.disconnect(&real, session);
+            if self.closed.is_none() {
+                self.disconnects
+                    .pending
+                    .remove(&(real.clone(), session.clone()));
+                self.disconnects.dirty.0.insert((real, session));
+            } else if let Some(why) = self.disconnect_give_up(&real, &session, now) {
+                self.abandon_disconnect(real, session, &why);
             } else {
-                self.disconnects.pending.remove(&(real, session));
+                self.disconnect(&real, session);
             }
         }
     }
@@ -1678,7 +1812,7 @@ impl Actor {
             .await?;
         let Some(row) = row else { return Ok(()) };
         if row.policy != self.row.policy {
-            let policy = row.policy.clone();
+            let policy = payment::engine_policy(&row.policy, &row.status);
             if self.input(Input::Policy(policy)) {
                 self.note("policy", "policy in force in the group's engine".into());
             }
@@ -1740,7 +1874,7 @@ impl Actor {
     /// written to the group's events.
     fn push_policy(&mut self, real: &ResourceId) {
         let version = self.row.policy_version;
-        let document = match policy_document(&self.row.policy) {
+        let document = match policy_document(&self.row.policy, &self.row.parts) {
             Ok(d) => d,
             Err(why) => {
                 self.note(
@@ -1924,11 +2058,17 @@ impl Actor {
     /// stands whether or not this succeeds; a store failure stops the actor
     /// (its group is restarted from the store by the next `sync`).
     async fn commit(&mut self) -> Result<(), ActorError> {
+        self.image_flush().await?;
         // Slots of route requests whose client went away.
         self.flush_deferred_leaves();
         // Decisions made while handling a deferred release.
         self.take_decisions();
-        if self.notes.is_empty() && self.intervals.is_empty() && !self.elastic.has_ops() {
+        let disconnect_ops = self.disconnect_ops();
+        if self.notes.is_empty()
+            && self.intervals.is_empty()
+            && !self.elastic.has_ops()
+            && disconnect_ops.is_empty()
+        {
             return Ok(());
         }
         let notes = std::mem::take(&mut self.notes);
@@ -1963,6 +2103,7 @@ impl Actor {
                     };
                 }
                 elastic::write_ops(c, num, &elastic_ops)?;
+                disconnects::write(c, num, &disconnect_ops)?;
                 Ok(())
             })
             .await?;
@@ -2009,6 +2150,9 @@ impl Actor {
     /// A provisioning task's outcome.
     fn elastic_report(&mut self, report: elastic::Report) {
         use elastic::Report;
+        let Some(report) = self.base_report(report) else {
+            return;
+        };
         match report {
             Report::CreateFailed { engine_id, why } => {
                 let real = self.external(&engine_id);
@@ -2447,20 +2591,23 @@ mod tests {
     }
 
     #[test]
-    fn the_policy_document_is_canonical_json_under_scaling() {
+    fn the_policy_document_keeps_the_scaling_part_under_scaling() {
         let mut p = Policy::new(2, 50, 1, 3, Duration::from_secs(60));
         p.wait_timeout = Duration::from_millis(1500);
-        let doc = policy_document(&p).expect("small");
-        assert_eq!(
-            doc,
-            concat!(
-                r#"{"scaling":{"concurrent_sessions":2,"load_balancing":"breadth-first","#,
+        let doc = policy_document(&p, &Default::default()).expect("small");
+        assert!(
+            doc.contains(concat!(
+                r#""scaling":{"concurrent_sessions":2,"load_balancing":"breadth-first","#,
                 r#""max_elastic":3,"max_idle_ms":60000,"scale_in_cooldown_ms":"#,
-                r#"60000,"scale_out_step":1,"usage_threshold":50,"wait_timeout_ms":1500}}"#
-            )
+                r#"60000,"scale_out_step":1,"usage_threshold":50,"wait_timeout_ms":1500}"#
+            )),
+            "{doc}"
         );
         // The same policy gives the same bytes.
-        assert_eq!(policy_document(&p.clone()).expect("small"), doc);
+        assert_eq!(
+            policy_document(&p.clone(), &Default::default()).expect("small"),
+            doc
+        );
     }
 
     /// Writes the host facts an agent's registration would have stored.
@@ -2648,5 +2795,168 @@ mod tests {
             .iter()
             .any(|(k, m)| k == "released" && m.contains("2 resource(s) released")));
         f.close().await;
+    }
+
+    /// The reconnect race ([`connections`]): the old connection's end
+    /// reaches the actor after the new connection's join. Ordered by hand:
+    /// each report is applied before the next is sent.
+    #[tokio::test]
+    async fn a_stale_connections_leave_does_not_mark_a_rejoined_resource_unavailable() {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        f.service
+            .publish(spec("g1"), UnixMillis(T0))
+            .await
+            .expect("publish");
+        f.actors.sync("g1").await.expect("sync");
+        let h1 = rid("h1");
+        let available = |v: &GroupView| v.resources[0].available;
+        f.actors.joined_on(&g, &h1, Some(1), vec![]).await;
+        assert!(available(&f.actors.view(&g).await.expect("view")));
+        // The agent reconnects: connection 2 joins, then connection 1's
+        // last reports arrive.
+        f.actors.joined_on(&g, &h1, Some(2), vec![]).await;
+        f.actors.availability_on(&g, &h1, Some(1), false).await;
+        f.actors.left_on(&g, &h1, Some(1)).await;
+        let v = f.actors.view(&g).await.expect("view");
+        assert_eq!(v.resources[0].resource, h1);
+        assert!(available(&v), "a stale leave made {h1} unavailable");
+        // A late join of the old connection changes nothing either.
+        f.actors
+            .joined_on(&g, &h1, Some(1), vec![sid("ghost")])
+            .await;
+        let v = f.actors.view(&g).await.expect("view");
+        assert!(v.resources[0].sessions.is_empty(), "{v:?}");
+        // The current connection's reports do apply.
+        f.actors.availability_on(&g, &h1, Some(2), false).await;
+        assert!(!available(&f.actors.view(&g).await.expect("view")));
+        f.actors.availability_on(&g, &h1, Some(2), true).await;
+        assert!(available(&f.actors.view(&g).await.expect("view")));
+        f.actors.left_on(&g, &h1, Some(2)).await;
+        assert!(!available(&f.actors.view(&g).await.expect("view")));
+        f.close().await;
+    }
+
+    /// An expired group with session s0 on h1, whose agent is not connected
+    /// (so every disconnect fails), after its first failed attempt.
+    async fn expired_with_a_failing_disconnect() -> (Fixture, GroupName) {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        let mut sub = spec("g1");
+        sub.billing = BillingSpec::Subscription {
+            duration: "1w".into(),
+            auto_renew: false,
+        };
+        f.service
+            .publish(sub, UnixMillis(T0))
+            .await
+            .expect("publish");
+        f.actors.sync("g1").await.expect("sync");
+        f.actors.joined(&g, &rid("h1"), vec![sid("s0")]).await;
+        f.clock.set(UnixMillis(T0 + 7 * 86_400_000));
+        f.service.run_due(f.clock.now()).await.expect("deadlines");
+        f.actors.sync("g1").await.expect("sync");
+        wait_events(&f, |e| e.iter().any(|(k, _)| k == "disconnect-failed")).await;
+        (f, g)
+    }
+
+    /// (resource, session, attempts) of the stored pending disconnects.
+    async fn stored_disconnects(f: &Fixture) -> Vec<(String, String, i64)> {
+        f.store
+            .read_with(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT resource, session, attempts FROM pending_disconnects ORDER BY session",
+                )?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+            .expect("read")
+    }
+
+    fn count(evs: &[(String, String)], kind: &str, needle: &str) -> usize {
+        evs.iter()
+            .filter(|(k, m)| k == kind && m.contains(needle))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn expiry_disconnects_go_on_after_a_restart_and_stop_when_the_session_ended() {
+        let (f, g) = expired_with_a_failing_disconnect().await;
+        // The attempt (1) and its retry wait are on disk.
+        let want = |n: i64| vec![("h1".to_owned(), "s0".to_owned(), n)];
+        wait_stored(&f, &want(1)).await;
+
+        // The actor stops (as with the broker) and a new one starts from the
+        // store: it retries when the stored wait is over, counting on.
+        f.actors.stop(&g);
+        assert!(f.actors.sync("g1").await.expect("sync"));
+        wait_events(&f, |e| count(e, "restored", "") == 1).await;
+        f.clock.advance(Duration::from_secs(5));
+        wait_events(&f, |e| count(e, "disconnect-failed", "attempt 2") == 1).await;
+        assert_eq!(
+            count(&f.events("g1").await, "restored", "1 expiry disconnect"),
+            1
+        );
+        wait_stored(&f, &want(2)).await;
+
+        // h1 comes back without s0: at the next retry the disconnect is
+        // abandoned, and forgotten.
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        f.clock.advance(Duration::from_secs(10));
+        f.actors.tick(&g).await.expect("tick");
+        wait_events(&f, |e| {
+            count(e, "disconnect-abandoned", "session s0 on h1") == 1
+        })
+        .await;
+        let evs = f.events("g1").await;
+        assert_eq!(count(&evs, "disconnect-abandoned", "the session ended"), 1);
+        wait_stored(&f, &[]).await;
+        f.close().await;
+    }
+
+    #[tokio::test]
+    async fn expiry_disconnects_are_abandoned_24_hours_after_the_first_attempt() {
+        let (f, g) = expired_with_a_failing_disconnect().await;
+        let first = f.clock.now();
+        // Retries on their backoff until 24 h have passed since the first.
+        f.clock.set(UnixMillis(first.0 + 86_400_000 - 1));
+        f.actors.tick(&g).await.expect("tick");
+        wait_events(&f, |e| count(e, "disconnect-failed", "attempt 2") == 1).await;
+        assert_eq!(count(&f.events("g1").await, "disconnect-abandoned", ""), 0);
+        f.clock.set(UnixMillis(first.0 + 86_400_000 + 60_000));
+        f.actors.tick(&g).await.expect("tick");
+        wait_events(&f, |e| {
+            count(e, "disconnect-abandoned", "session s0 on h1") == 1
+        })
+        .await;
+        let evs = f.events("g1").await;
+        assert_eq!(
+            count(&evs, "disconnect-abandoned", "within 24 h"),
+            1,
+            "{evs:?}"
+        );
+        wait_stored(&f, &[]).await;
+        // Nothing more is tried.
+        f.clock.advance(Duration::from_secs(3_600));
+        f.actors.tick(&g).await.expect("tick");
+        assert_eq!(
+            count(&f.events("g1").await, "disconnect-failed", "attempt 3"),
+            0
+        );
+        f.close().await;
+    }
+
+    /// Waits (bounded) until the stored pending disconnects are `want`.
+    async fn wait_stored(f: &Fixture, want: &[(String, String, i64)]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = stored_disconnects(f).await;
+            if now == want {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{now:?}");
+            tokio::task::yield_now().await;
+        }
     }
 }

@@ -212,6 +212,53 @@ impl Elastic {
         });
     }
 
+    /// Stops this actor's provisioning tasks (creates in flight, register
+    /// deadlines, drains): its group failed to publish.
+    pub fn cancel_tasks(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// `<group>-b<n>`: the base resource `n` a provisioner creates.
+    pub fn base_name(&self, n: u32) -> Option<ResourceId> {
+        ResourceId::new(format!("{}-b{n}", self.group)).ok()
+    }
+
+    /// The agent of base resource `engine_id` (`b<n>`) registered.
+    pub fn base_ready(&mut self, engine_id: &ResourceId, at: UnixMillis) {
+        self.ops.push(Op::State {
+            engine_id: engine_id.clone(),
+            state: "ready",
+            at,
+        });
+    }
+
+    /// Creates base resource `engine_id` (`b<n>`) as `resource` through the
+    /// provisioner: its record (`pending`, `requested_at` = `at`) is
+    /// committed first, then the create runs with the elastic resources'
+    /// retries, events and register deadline, its outcome reported to the
+    /// actor like theirs.
+    pub async fn create_base(
+        &self,
+        engine_id: ResourceId,
+        resource: ResourceId,
+        at: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let (num, e, r) = (self.num, engine_id.to_string(), resource.to_string());
+        self.store
+            .exec(move |c| {
+                c.execute(
+                    "INSERT OR REPLACE INTO elastic_resources
+                         (group_num, engine_id, resource, state, requested_at)
+                     VALUES (?1, ?2, ?3, 'pending', ?4)",
+                    params![num, e, r, at.0],
+                )?;
+                Ok(())
+            })
+            .await?;
+        self.create(engine_id, resource, at);
+        Ok(())
+    }
+
     /// Writes the pending record changes (inside the actor's commit).
     pub fn take_ops(&mut self) -> Vec<OpBatch> {
         std::mem::take(&mut self.ops)
@@ -575,7 +622,8 @@ pub fn load(
 ) -> Result<(Vec<(RestoredElastic, ResourceId)>, u32), StoreError> {
     let mut stmt = c.prepare(
         "SELECT engine_id, resource, state, requested_at, ready_at, releasing_at
-         FROM elastic_resources WHERE group_num = ?1 ORDER BY requested_at, rowid",
+         FROM elastic_resources WHERE group_num = ?1 AND engine_id LIKE 'e%'
+         ORDER BY requested_at, rowid",
     )?;
     let rows = stmt
         .query_map([num], |r| {
@@ -622,6 +670,54 @@ pub fn load(
         ));
     }
     Ok((alive, next))
+}
+
+/// One base resource of a group whose base is created through the
+/// provisioner, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseRecord {
+    /// `b<n>`.
+    pub engine_id: ResourceId,
+    /// `<group>-b<n>`.
+    pub resource: ResourceId,
+    /// `pending`, `ready`, `released` or `failed`.
+    pub state: String,
+    pub requested_at: UnixMillis,
+    /// The provisioner's create succeeded (it is not created again).
+    pub created: bool,
+}
+
+/// The provisioned base resources of group `num` not deleted yet.
+pub fn load_base(c: &Connection, num: i64) -> Result<Vec<BaseRecord>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT engine_id, resource, state, requested_at, created_at IS NOT NULL
+         FROM elastic_resources
+         WHERE group_num = ?1 AND engine_id LIKE 'b%' AND deleted_at IS NULL
+         ORDER BY engine_id",
+    )?;
+    let rows = stmt
+        .query_map([num], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(e, r, state, requested_at, created)| {
+            let corrupt = |e: ferry_common::IdError| StoreError::Corrupt(e.to_string());
+            Ok(BaseRecord {
+                engine_id: ResourceId::new(e.as_str()).map_err(corrupt)?,
+                resource: ResourceId::new(r.as_str()).map_err(corrupt)?,
+                state,
+                requested_at: UnixMillis(requested_at),
+                created,
+            })
+        })
+        .collect()
 }
 
 fn is_elastic(id: &ResourceId) -> bool {
@@ -769,6 +865,22 @@ async fn create_with_retries(
         };
         match result {
             Ok(()) => {
+                // Remembered so a restart does not create it again (base
+                // resources; an elastic one's record may not be written yet).
+                let (key, now) = (resource.to_string(), clock.now());
+                let written = store
+                    .exec(move |c| {
+                        c.execute(
+                            "UPDATE elastic_resources SET created_at = COALESCE(created_at, ?3)
+                             WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
+                            params![num, key, now.0],
+                        )?;
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = written {
+                    tracing::error!(%resource, "record the creation: {e}");
+                }
                 let message = format!(
                     "provisioned: {resource} created by the {} provisioner (attempt {attempt}); \
                      it is ready when its agent registers",

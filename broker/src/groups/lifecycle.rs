@@ -301,6 +301,124 @@ impl Lifecycle {
         ))
     }
 
+    /// A group whose base resources are created through the provisioner: `publishing` until they have all registered
+    /// ([`Lifecycle::publish_done`]) or one failed
+    /// ([`Lifecycle::publish_failed`]). Nothing is paid yet: a subscription's
+    /// period (and its publish order) starts when it is published.
+    pub fn publishing(billing: Billing) -> Lifecycle {
+        Lifecycle {
+            status: Status::Publishing,
+            billing,
+            expires_at: None,
+            expired_at: None,
+        }
+    }
+
+    /// Every base resource of a `publishing` group registered at `now`: it is
+    /// `published`, and a subscription's paid period starts (the publish order).
+    pub fn publish_done(&mut self, now: UnixMillis) -> Result<Outcome, LifecycleError> {
+        if self.status != Status::Publishing {
+            return Err(self.not_publishing("finish publishing"));
+        }
+        let mut out = Outcome::default();
+        if let Billing::Subscription { term, .. } = self.billing {
+            let end = add_term(now, term)?;
+            out.orders.push(Order {
+                kind: OrderKind::Publish,
+                term,
+                at: now,
+                period_start: now,
+                period_end: end,
+            });
+            self.expires_at = Some(end);
+        }
+        out.transitions.push(Transition {
+            from: Status::Publishing,
+            to: Status::Published,
+            at: now,
+            reason: "published: every base resource registered".into(),
+        });
+        self.status = Status::Published;
+        Ok(out)
+    }
+
+    /// A base resource of a `publishing` group could not be created or did
+    /// not register: `publish-failed` (`why` names the failing resources).
+    /// No order was written, so nothing was paid.
+    pub fn publish_failed(
+        &mut self,
+        now: UnixMillis,
+        why: String,
+    ) -> Result<Transition, LifecycleError> {
+        if self.status != Status::Publishing {
+            return Err(self.not_publishing("fail publishing"));
+        }
+        self.status = Status::PublishFailed;
+        Ok(Transition {
+            from: Status::Publishing,
+            to: Status::PublishFailed,
+            at: now,
+            reason: why,
+        })
+    }
+
+    /// The billing system (or an operator) says a pay-as-you-go group's
+    /// account is in arrears: `published` -> `payment-overdue`.
+    pub fn set_payment_overdue(&mut self, now: UnixMillis) -> Result<Transition, LifecycleError> {
+        match (self.billing, self.status) {
+            (Billing::PayAsYouGo, Status::Published) => {
+                self.status = Status::PaymentOverdue;
+                Ok(Transition {
+                    from: Status::Published,
+                    to: Status::PaymentOverdue,
+                    at: now,
+                    reason: "payment overdue: no new sessions and no scale-out; open sessions go \
+                             on and idle elastic resources may still be scaled in"
+                        .into(),
+                })
+            }
+            (billing, status) => Err(LifecycleError::NotAllowed {
+                action: "set payment-overdue on",
+                billing: billing.kind(),
+                status,
+                allowed: match billing {
+                    Billing::PayAsYouGo => "payment-overdue is set on a published pay-as-you-go group only".into(),
+                    Billing::Subscription { .. } => "subscription groups are paid ahead and never payment-overdue; only published pay-as-you-go groups are".into(),
+                },
+            }),
+        }
+    }
+
+    /// The arrears are paid: `payment-overdue` -> `published`.
+    pub fn clear_payment_overdue(&mut self, now: UnixMillis) -> Result<Transition, LifecycleError> {
+        match (self.billing, self.status) {
+            (Billing::PayAsYouGo, Status::PaymentOverdue) => {
+                self.status = Status::Published;
+                Ok(Transition {
+                    from: Status::PaymentOverdue,
+                    to: Status::Published,
+                    at: now,
+                    reason: "payment received: new sessions and scale-out again".into(),
+                })
+            }
+            (billing, status) => Err(LifecycleError::NotAllowed {
+                action: "clear payment-overdue of",
+                billing: billing.kind(),
+                status,
+                allowed: "only a pay-as-you-go group in status payment-overdue is cleared (back to published)".into(),
+            }),
+        }
+    }
+
+    fn not_publishing(&self, action: &'static str) -> LifecycleError {
+        LifecycleError::NotAllowed {
+            action,
+            billing: self.billing.kind(),
+            status: self.status,
+            allowed: "only a publishing group finishes or fails its publish".into(),
+        }
+    }
+
     /// When [`Lifecycle::handle_timeout`] has something to do next: the end of
     /// the paid period while in service, the end of the retention while
     /// expired, else never.
@@ -479,6 +597,43 @@ impl Lifecycle {
             _ => Ok(()),
         }
     }
+}
+
+/// Whether an image update (`group update-image`, SPEC section 9) may start
+/// in `status`: from `published` and `update-failed` only.
+/// `billing` is [`Billing::kind`]'s spelling.
+pub fn check_image_update(billing: &'static str, status: Status) -> Result<(), LifecycleError> {
+    match status {
+        Status::Published | Status::UpdateFailed => Ok(()),
+        _ => Err(LifecycleError::NotAllowed {
+            action: "update the image of",
+            billing,
+            status,
+            allowed: "the image can be updated when published or update-failed".into(),
+        }),
+    }
+}
+
+/// Whether an OTA rollout may be scheduled or start (SPEC section 9) in
+/// `status`: from `published` and `update-failed` only. `billing` is the
+/// group's [`Billing::kind`]. A rollout does not change the status while it
+/// runs; one that fails sets `update-failed` ([`after_failed_ota`]).
+pub fn check_ota(billing: &'static str, status: Status) -> Result<(), LifecycleError> {
+    match status {
+        Status::Published | Status::UpdateFailed => Ok(()),
+        _ => Err(LifecycleError::NotAllowed {
+            action: "roll out an OTA update to",
+            billing,
+            status,
+            allowed: "OTA updates can be scheduled and run when published or update-failed".into(),
+        }),
+    }
+}
+
+/// The status after a failed OTA rollout: `update-failed` from `published`
+/// (and staying there); any other status is left alone (`None`).
+pub fn after_failed_ota(status: Status) -> Option<Status> {
+    matches!(status, Status::Published | Status::UpdateFailed).then_some(Status::UpdateFailed)
 }
 
 /// Region is fixed at publish (SPEC section 2): asking for the same region is
@@ -702,6 +857,112 @@ mod tests {
         assert!(l.check_editable("update the policy of").is_err());
         assert!(at(Status::Expired, sub(false)).check_editable("x").is_ok());
         assert!(at(Status::Gone, sub(false)).check_editable("x").is_err());
+    }
+
+    #[test]
+    fn publishing_then_published_starts_the_paid_period() {
+        let mut l = Lifecycle::publishing(sub(false));
+        assert_eq!(l.status, Status::Publishing);
+        assert_eq!(l.next_deadline(RETENTION), None);
+        assert!(l.check_editable("update the policy of").is_err());
+        let done = UnixMillis(T0.0 + 3_600_000);
+        let out = l.publish_done(done).expect("done");
+        assert_eq!(l.status, Status::Published);
+        assert_eq!(out.orders.len(), 1);
+        assert_eq!(out.orders[0].kind, OrderKind::Publish);
+        assert_eq!(out.orders[0].period_start, done);
+        assert_eq!(l.expires_at, Some(UnixMillis(done.0 + 7 * DAY)));
+        assert_eq!(out.transitions[0].to, Status::Published);
+        // Not twice.
+        let err = l.publish_done(done).expect_err("published").to_string();
+        assert!(err.contains("status published"), "{err}");
+        assert!(l.publish_failed(done, "x".into()).is_err());
+    }
+
+    #[test]
+    fn publish_failed_follows_the_table() {
+        for billing in [sub(false), Billing::PayAsYouGo] {
+            let mut l = Lifecycle::publishing(billing);
+            let t = l
+                .publish_failed(T0, "g-b1 did not register".into())
+                .expect("failed");
+            assert_eq!((t.from, t.to), (Status::Publishing, Status::PublishFailed));
+            assert_eq!(l.expires_at, None);
+            let deletable = l.clone().remove(Removal::Delete, T0).is_ok();
+            let purgeable = l.clone().remove(Removal::Purge, T0).is_ok();
+            assert_eq!(
+                (deletable, purgeable),
+                (matches!(billing, Billing::Subscription { .. }), false)
+            );
+            assert!(l.publish_done(T0).is_err());
+        }
+    }
+
+    #[test]
+    fn ota_runs_from_published_and_update_failed_only() {
+        for st in ALL_STATUSES {
+            let ok = check_ota("pay-as-you-go", st).is_ok();
+            assert_eq!(
+                ok,
+                matches!(st, Status::Published | Status::UpdateFailed),
+                "{st}"
+            );
+            if !ok {
+                let e = check_ota("pay-as-you-go", st)
+                    .expect_err("refused")
+                    .to_string();
+                assert!(e.contains(st.as_str()) && e.contains("published"), "{e}");
+            }
+        }
+        assert_eq!(
+            after_failed_ota(Status::Published),
+            Some(Status::UpdateFailed)
+        );
+        assert_eq!(
+            after_failed_ota(Status::UpdateFailed),
+            Some(Status::UpdateFailed)
+        );
+        assert_eq!(after_failed_ota(Status::Expired), None);
+    }
+
+    #[test]
+    fn payment_overdue_only_between_published_and_back_for_pay_as_you_go() {
+        let mut l = at(Status::Published, Billing::PayAsYouGo);
+        let t = l.set_payment_overdue(T0).expect("set");
+        assert_eq!((t.from, t.to), (Status::Published, Status::PaymentOverdue));
+        // Purge is allowed while overdue (the table).
+        assert!(l.clone().remove(Removal::Purge, T0).is_ok());
+        let err = l.set_payment_overdue(T0).expect_err("twice").to_string();
+        assert!(err.contains("status payment-overdue"), "{err}");
+        let t = l.clear_payment_overdue(T0).expect("clear");
+        assert_eq!((t.from, t.to), (Status::PaymentOverdue, Status::Published));
+        let err = l
+            .clear_payment_overdue(T0)
+            .expect_err("not overdue")
+            .to_string();
+        assert_eq!(
+            err,
+            "cannot clear payment-overdue of a pay-as-you-go group in status published; \
+             only a pay-as-you-go group in status payment-overdue is cleared (back to published)"
+        );
+        for status in ALL_STATUSES {
+            if status != Status::Published {
+                let err = at(status, Billing::PayAsYouGo)
+                    .set_payment_overdue(T0)
+                    .expect_err("refused")
+                    .to_string();
+                assert!(err.contains(status.as_str()), "{err}");
+                assert!(err.contains("published pay-as-you-go"), "{err}");
+            }
+        }
+        let err = at(Status::Published, sub(false))
+            .set_payment_overdue(T0)
+            .expect_err("subscription")
+            .to_string();
+        assert!(
+            err.contains("subscription group in status published"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod actor;
 pub mod elastic;
 pub mod hostfit;
 pub mod lifecycle;
+pub mod policy_parts;
 pub mod service;
 pub mod tasks;
 

@@ -19,8 +19,10 @@
 //!   session (and its slot) for the group's `disconnect_retention`; the same
 //!   user routed meanwhile goes back to it. When it runs out the agent is asked
 //!   to end the session (`DisconnectSession`); its end is reported and metered
-//!   as usual. The stored group policy has no session part yet (issue 7), so
-//!   the retention is [`DEFAULT_RETENTION`] for every group.
+//!   as usual. The retention is the group's policy's `disconnect_retention`
+//!   (session part, issue 7; `forever` never ends a retained session), read
+//!   when the user disconnects: a change applies to sessions disconnected
+//!   after it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -32,7 +34,7 @@ use rusqlite::params;
 use tokio::sync::mpsc;
 
 use super::{Actor, ActorError, GroupActors, Msg};
-use crate::engine::{Input, DEFAULT_RETENTION};
+use crate::engine::{Input, Retention};
 use crate::registry::COMMAND_TIMEOUT;
 
 /// How long a ticket, and the slot it reserves, lives unused: the broker's
@@ -124,17 +126,11 @@ pub(super) struct Routing {
     addresses: HashMap<ResourceId, String>,
     /// (when, why, session); entries no longer valid are skipped when due.
     deadlines: BTreeSet<(i64, Due, SessionId)>,
-    /// How long a disconnected session is kept; `None` = the default.
-    retention: Option<Duration>,
     /// Sessions to leave once the engine's decision loop is done.
     deferred_leave: Vec<SessionId>,
 }
 
 impl Routing {
-    fn retention(&self) -> Option<Duration> {
-        self.retention.or(Some(DEFAULT_RETENTION))
-    }
-
     fn link(&mut self, session: &SessionId, user: &UserId) {
         self.session_user.insert(session.clone(), user.clone());
         self.user_sessions
@@ -239,9 +235,17 @@ impl GroupActors {
 }
 
 impl Actor {
+    /// How long the group keeps a disconnected session; `None` = forever.
+    fn retention(&self) -> Option<Duration> {
+        match self.row.parts.session.disconnect_retention {
+            Retention::Forever => None,
+            Retention::For(d) => Some(d),
+        }
+    }
+
     /// Places a route request (see the module doc).
     pub(super) fn route(&mut self, ask: RouteAsk, reply: mpsc::Sender<RouteProgress>) {
-        if self.closed.is_some() {
+        if self.closed.is_some() || self.image_updating() {
             let _ = reply.try_send(refused(
                 RouteRefusal::GroupNotAvailable {
                     status: self.row.status.clone(),
@@ -574,10 +578,7 @@ impl Actor {
                     // retention already runs.
                     return;
                 }
-                let deadline = self
-                    .routing
-                    .retention()
-                    .map(|d| self.now().0.saturating_add(ms(d)));
+                let deadline = self.retention().map(|d| self.now().0.saturating_add(ms(d)));
                 self.routing.retained.insert(session.clone(), deadline);
                 if let Some(t) = deadline {
                     self.routing
@@ -589,7 +590,7 @@ impl Actor {
                     format!(
                         "session {session} on {resource}: its user disconnected; the session is \
                          retained for {}",
-                        match self.routing.retention() {
+                        match self.retention() {
                             Some(d) => ferry_common::duration::format_duration(d),
                             None => "ever".into(),
                         }

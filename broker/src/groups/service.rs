@@ -27,12 +27,23 @@ use super::tasks::{Clock, RETRY_AFTER_ERROR};
 use crate::config::GroupsConfig;
 use crate::engine::billing::{round_line, subscription_amount, Term};
 use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
+use crate::groups::policy_parts::{stored_json, PolicyParts};
 use crate::store::{Store, StoreError};
 
 // Users' credentials: a child module, so it shares this one's private helpers.
 #[path = "credentials.rs"]
 mod credentials;
 pub use credentials::{max_concurrent_hashes, AuthError, HASHES_PER_CORE};
+
+// Publish, update and show with every policy part (issue 7): a child
+// module, so it shares this one's private helpers.
+#[path = "policy_service.rs"]
+mod policy_service;
+
+// Base resources created through the provisioner (`publishing`): a child
+// module, so it shares this one's private helpers.
+#[path = "publishing.rs"]
+mod publishing;
 
 /// Most users one `user import` may carry. The whole batch is one
 /// transaction; 100,000 rows keep that transaction and the admin frame
@@ -89,6 +100,8 @@ struct Row {
     base_resources: u32,
     session_type: SessionType,
     policy: Policy,
+    /// Session and display parts, stored beside `policy` (issue 7).
+    parts: PolicyParts,
     created_at: UnixMillis,
 }
 
@@ -127,6 +140,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> Result<Result<Row, StoreError>, rusqlite::
             ("pay-as-you-go", _) => Billing::PayAsYouGo,
             (b, _) => return Err(corrupt(format!("billing {b:?}"))),
         };
+        let parts = PolicyParts::from_stored(&policy).map_err(corrupt)?;
         let policy: Policy = serde_json::from_str(&policy).map_err(corrupt)?;
         Ok(Row {
             num,
@@ -149,6 +163,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> Result<Result<Row, StoreError>, rusqlite::
                 _ => SessionType::Independent,
             },
             policy,
+            parts,
             created_at: UnixMillis(created_at),
         })
     })())
@@ -306,7 +321,19 @@ impl GroupService {
         let config = self.config.clone();
         let id = self
             .store
-            .exec(move |c| atomic(c, |c| publish_tx(&config, c, spec, billing, policy, now)))
+            .exec(move |c| {
+                atomic(c, |c| {
+                    publish_tx(
+                        &config,
+                        c,
+                        spec,
+                        billing,
+                        policy,
+                        PolicyParts::default(),
+                        now,
+                    )
+                })
+            })
             .await??;
         self.touch();
         self.show(&id).await
@@ -361,7 +388,8 @@ impl GroupService {
                     row.life.check_editable("update the policy of")?;
                     let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
                     validate_policy(&policy, &row.spec)?;
-                    let json = serde_json::to_string(&policy).map_err(corrupt)?;
+                    // The parts beside scaling stay as they are.
+                    let json = stored_json(&policy, &row.parts).map_err(corrupt)?;
                     // Every accepted update is a new version, even one that
                     // changes nothing: the operator asked for a push.
                     c.execute(
@@ -1068,6 +1096,7 @@ fn publish_tx(
     spec: GroupSpec,
     billing: Billing,
     policy: Policy,
+    parts: PolicyParts,
     now: UnixMillis,
 ) -> Result<String, GroupError> {
     let problems = unknown_users(c, &spec.users)?;
@@ -1096,12 +1125,15 @@ fn publish_tx(
         }
         None => generate_name(c, &spec.region, &spec.spec)?,
     };
-    let (life, out) = Lifecycle::publish(billing, now)?;
+    let (life, out) = match publishing::lifecycle(config, billing, spec.base_resources) {
+        Some(life) => (life, Outcome::default()),
+        None => Lifecycle::publish(billing, now)?,
+    };
     let term = match billing {
         Billing::Subscription { term, .. } => Some(term.to_string()),
         Billing::PayAsYouGo => None,
     };
-    let json = serde_json::to_string(&policy).map_err(corrupt)?;
+    let json = stored_json(&policy, &parts).map_err(corrupt)?;
     c.execute(
         "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing, term,
                              auto_renew, base_resources, session_type, policy, status,
@@ -1144,9 +1176,11 @@ fn publish_tx(
         base_resources: spec.base_resources,
         session_type: spec.session_type,
         policy,
+        parts,
         created_at: now,
     };
     GroupService::apply_outcome(config, c, &row, &out)?;
+    publishing::note_started(c, &row, now)?;
     let added = assign(c, &row, &spec.users, now)?;
     if !added.is_empty() {
         event(

@@ -1,0 +1,499 @@
+//! OTA updates (SPEC section 9, issue 7, broker side): updates offered to a
+//! group, their rollout schedules and each resource's outcome.
+//!
+//! - [`Ota`] answers the admin verbs (`ferryctl ota ...`). Every change is
+//!   one [`Store::exec`] closure: the rules are checked against the committed
+//!   rows and the new rows written in the same transaction, so the operator
+//!   is answered only once it is durable, and two operators (or an operator
+//!   and the rollout timer) on one schedule are serialised.
+//! - [`rollout`] is the timer that starts each schedule at its start time
+//!   (a deadline on the groups' clock, woken by [`Ota::wake`] after every
+//!   change, never a polling period) and drives the rollout in waves.
+//! - [`store`]: the rows (migration "OTA updates" in `crate::store`).
+//!
+//! Rules: a start must be in the future and at most [`MAX_SCHEDULE_AHEAD`]
+//! ahead; a group has at most one schedule that is scheduled or running;
+//! reschedule and cancel only while it is `scheduled` and its start has not
+//! come; a schedule starts (and a rollout is scheduled) only while the group
+//! is `published` or `update-failed`
+//! ([`crate::groups::lifecycle::check_ota`]).
+
+pub mod render;
+pub mod rollout;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_common::admin::{
+    AdminError, AdminErrorCode, AdminRequestV1, AdminResponseV1, OtaOfferSpec, OtaScheduleInfo,
+    OtaScheduleSpec, OtaUpdateInfo,
+};
+use ferry_common::limits::{MAX_ID_LEN, MAX_TEXT_LEN};
+use ferry_common::UnixMillis;
+use tokio::sync::Notify;
+
+use crate::groups::lifecycle::{check_ota, LifecycleError, Status};
+use crate::groups::tasks::Clock;
+use crate::store::{Store, StoreError};
+
+/// How far ahead a rollout may be scheduled (SPEC section 9: within 7 days).
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Longest drain deadline an operator may give: a day. Longer than any
+/// streaming session worth waiting for, short enough that a typo (`30d`)
+/// does not park a rollout for a month.
+pub const MAX_DRAIN: Duration = Duration::from_secs(24 * 3600);
+
+/// Drain deadline when the operator gives none.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30 * 60);
+
+/// Most resources updated at once in one wave (beyond any group's size).
+pub const MAX_WAVE: u32 = 1_000;
+
+/// Why an OTA request was refused; mapped to admin error codes in one place
+/// (`crate::admin`).
+#[derive(Debug, thiserror::Error)]
+pub enum OtaError {
+    #[error("{0}")]
+    NotFound(String),
+    /// Not in the group's status.
+    #[error(transparent)]
+    NotAllowed(#[from] LifecycleError),
+    /// Not in the schedule's state (started, cancelled, finished).
+    #[error("{0}")]
+    Refused(String),
+    /// The group already has a schedule that is scheduled or running.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Whether `start` is an allowed start at `now`: in the future and within
+/// [`MAX_SCHEDULE_AHEAD`]. The message says why not, with the limits.
+pub fn check_start(start: UnixMillis, now: UnixMillis) -> Result<(), String> {
+    let ahead = i64::try_from(MAX_SCHEDULE_AHEAD.as_millis()).unwrap_or(i64::MAX);
+    if start <= now {
+        return Err(format!(
+            "the start {} is not in the future (now is {}); a rollout starts in the future, within 7 days",
+            crate::render::rfc3339(start),
+            crate::render::rfc3339(now)
+        ));
+    }
+    if start.0 - now.0 > ahead {
+        return Err(format!(
+            "the start {} is more than 7 days ahead (latest {})",
+            crate::render::rfc3339(start),
+            crate::render::rfc3339(UnixMillis(now.0.saturating_add(ahead)))
+        ));
+    }
+    Ok(())
+}
+
+fn check_name(what: &str, v: &str, max: usize, problems: &mut Vec<String>) {
+    if v.is_empty() || v.len() > max {
+        problems.push(format!("{what} must be 1 to {max} bytes"));
+    } else if v.chars().any(char::is_control) {
+        problems.push(format!("{what} must not contain control characters"));
+    }
+}
+
+/// Every problem of an offer at once.
+pub fn check_offer(spec: &OtaOfferSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    check_name("component", &spec.component, MAX_ID_LEN, &mut problems);
+    if !spec
+        .component
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        problems.push(format!(
+            "component {:?}: use letters, digits, '-', '_' and '.' (agent, image, or a component's name)",
+            spec.component
+        ));
+    }
+    check_name("version", &spec.version, MAX_TEXT_LEN, &mut problems);
+    check_name(
+        "description",
+        &spec.description,
+        MAX_TEXT_LEN,
+        &mut problems,
+    );
+    if spec.package.len() > MAX_TEXT_LEN || spec.package.chars().any(char::is_control) {
+        problems.push(format!(
+            "package must be at most {MAX_TEXT_LEN} bytes without control characters"
+        ));
+    }
+    problems
+}
+
+/// Every problem of a schedule's wave and drain at once.
+pub fn check_wave_and_drain(wave: u32, drain_ms: u64) -> Vec<String> {
+    let mut problems = Vec::new();
+    if wave == 0 || wave > MAX_WAVE {
+        problems.push(format!("the wave size must be 1 to {MAX_WAVE}"));
+    }
+    if u128::from(drain_ms) > MAX_DRAIN.as_millis() {
+        problems.push("the drain deadline must be at most 24h".into());
+    }
+    problems
+}
+
+/// The admin side of OTA updates; cheap to clone.
+#[derive(Clone)]
+pub struct Ota {
+    store: Store,
+    clock: Clock,
+    /// Wakes the rollout timer after a change of schedules.
+    wake: Arc<Notify>,
+}
+
+/// Runs `f` on the writer; its refusal travels back as a value, its store
+/// error as [`OtaError::Store`].
+async fn write<T: Send + 'static>(
+    store: &Store,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<Result<T, OtaError>, StoreError> + Send + 'static,
+) -> Result<T, OtaError> {
+    store.exec(f).await?
+}
+
+impl Ota {
+    pub fn new(store: Store, clock: Clock) -> Ota {
+        Ota {
+            store,
+            clock,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Tells the rollout timer that schedules changed.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// `ota offer`: records the update for the group (any live group).
+    pub async fn offer(&self, spec: OtaOfferSpec) -> Result<OtaUpdateInfo, OtaError> {
+        let problems = check_offer(&spec);
+        if !problems.is_empty() {
+            return Err(OtaError::Invalid(problems));
+        }
+        let now = self.clock.now();
+        write(&self.store, move |c| {
+            let Some(g) = store::find_group(c, spec.group.as_str())? else {
+                return Ok(Err(OtaError::NotFound(format!(
+                    "no group named {}",
+                    spec.group
+                ))));
+            };
+            if g.status == Status::Gone.as_str() {
+                return Ok(Err(OtaError::NotFound(format!(
+                    "group {} is gone",
+                    spec.group
+                ))));
+            }
+            let id = store::insert_update(
+                c,
+                &store::NewUpdate {
+                    group_num: g.num,
+                    component: &spec.component,
+                    version: &spec.version,
+                    package: &spec.package,
+                    description: &spec.description,
+                    at: now,
+                },
+            )?;
+            store::event(
+                c,
+                g.num,
+                now,
+                "ota-offered",
+                &format!(
+                    "update {id} offered: {} {} ({})",
+                    spec.component, spec.version, spec.description
+                ),
+            )?;
+            let (info, _) = store::update(c, id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("update {id} vanished")))?;
+            Ok(Ok(info))
+        })
+        .await
+    }
+
+    /// `ota list`: offers of one group or all.
+    pub async fn list(&self, group: Option<String>) -> Result<Vec<OtaUpdateInfo>, OtaError> {
+        let r = self
+            .store
+            .read_with(move |c| {
+                let num = match group {
+                    None => None,
+                    Some(g) => match store::find_group(c, &g)? {
+                        Some(g) => Some(g.num),
+                        None => return Ok(Err(OtaError::NotFound(format!("no group named {g}")))),
+                    },
+                };
+                Ok(Ok(store::updates(c, num)?))
+            })
+            .await?;
+        r
+    }
+
+    /// `ota schedule`.
+    pub async fn schedule(&self, spec: OtaScheduleSpec) -> Result<OtaScheduleInfo, OtaError> {
+        let mut problems = check_wave_and_drain(spec.wave, spec.drain_ms);
+        let now = self.clock.now();
+        if let Err(why) = check_start(spec.start, now) {
+            problems.push(why);
+        }
+        if !problems.is_empty() {
+            return Err(OtaError::Invalid(problems));
+        }
+        let r = write(&self.store, move |c| {
+            let Some(g) = store::find_group(c, spec.group.as_str())? else {
+                return Ok(Err(OtaError::NotFound(format!(
+                    "no group named {}",
+                    spec.group
+                ))));
+            };
+            let Some((update, group_num)) = store::update(c, spec.update)? else {
+                return Ok(Err(OtaError::NotFound(format!(
+                    "no update {}",
+                    spec.update
+                ))));
+            };
+            if group_num != g.num {
+                return Ok(Err(OtaError::NotFound(format!(
+                    "update {} was offered to group {}, not {}",
+                    spec.update, update.group, spec.group
+                ))));
+            }
+            if let Err(e) = status_allows(&g) {
+                return Ok(Err(e));
+            }
+            if let Some(active) = store::active_of_group(c, g.num)? {
+                return Ok(Err(OtaError::Conflict(format!(
+                    "group {} already has OTA schedule {} ({}, starting {}); cancel it first",
+                    spec.group,
+                    active.id,
+                    active.state,
+                    crate::render::rfc3339(active.start)
+                ))));
+            }
+            let id = store::insert_schedule(
+                c,
+                &store::NewSchedule {
+                    update_id: spec.update,
+                    group_num: g.num,
+                    start: spec.start,
+                    wave: spec.wave,
+                    drain_ms: spec.drain_ms,
+                    at: now,
+                },
+            )?;
+            store::event(
+                c,
+                g.num,
+                now,
+                "ota-scheduled",
+                &format!(
+                    "update {} ({} {}) scheduled as {id}: start {}, waves of {}, drain deadline {}",
+                    update.id,
+                    update.component,
+                    update.version,
+                    crate::render::rfc3339(spec.start),
+                    spec.wave,
+                    ferry_common::duration::format_duration(Duration::from_millis(spec.drain_ms))
+                ),
+            )?;
+            let row = store::schedule(c, id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
+            Ok(Ok(store::schedule_info(c, row)?))
+        })
+        .await;
+        self.wake();
+        r
+    }
+
+    /// `ota reschedule`: only a schedule that has not started.
+    pub async fn reschedule(
+        &self,
+        id: u64,
+        start: UnixMillis,
+    ) -> Result<OtaScheduleInfo, OtaError> {
+        let now = self.clock.now();
+        check_start(start, now).map_err(|why| OtaError::Invalid(vec![why]))?;
+        let r = self
+            .change(id, now, move |c, row| {
+                store::set_start(c, row.id, start)?;
+                store::event(
+                    c,
+                    row.group_num,
+                    now,
+                    "ota-rescheduled",
+                    &format!(
+                        "OTA schedule {} moved from {} to {}",
+                        row.id,
+                        crate::render::rfc3339(row.start),
+                        crate::render::rfc3339(start)
+                    ),
+                )
+            })
+            .await;
+        self.wake();
+        r
+    }
+
+    /// `ota cancel`: only a schedule that has not started.
+    pub async fn cancel(&self, id: u64) -> Result<OtaScheduleInfo, OtaError> {
+        let now = self.clock.now();
+        let r = self
+            .change(id, now, move |c, row| {
+                store::set_state(
+                    c,
+                    row.id,
+                    "scheduled",
+                    "cancelled",
+                    now,
+                    Some("cancelled by operator"),
+                )?;
+                store::event(
+                    c,
+                    row.group_num,
+                    now,
+                    "ota-cancelled",
+                    &format!("OTA schedule {} cancelled before its start", row.id),
+                )
+            })
+            .await;
+        self.wake();
+        r
+    }
+
+    /// Applies `f` to schedule `id` when it may still change
+    /// ([`may_change`]); answers the schedule as it is afterwards.
+    async fn change(
+        &self,
+        id: u64,
+        now: UnixMillis,
+        f: impl FnOnce(&rusqlite::Connection, &store::ScheduleRow) -> Result<(), StoreError>
+            + Send
+            + 'static,
+    ) -> Result<OtaScheduleInfo, OtaError> {
+        write(&self.store, move |c| {
+            let Some(row) = store::schedule(c, id)? else {
+                return Ok(Err(OtaError::NotFound(format!("no OTA schedule {id}"))));
+            };
+            if let Err(why) = may_change(&row, now) {
+                return Ok(Err(OtaError::Refused(why)));
+            }
+            f(c, &row)?;
+            let row = store::schedule(c, id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
+            Ok(Ok(store::schedule_info(c, row)?))
+        })
+        .await
+    }
+
+    /// `ota history`: every schedule of the group with its resources' outcomes.
+    pub async fn history(&self, group: String) -> Result<Vec<OtaScheduleInfo>, OtaError> {
+        let r = self
+            .store
+            .read_with(move |c| {
+                let Some(g) = store::find_group(c, &group)? else {
+                    return Ok(Err(OtaError::NotFound(format!("no group named {group}"))));
+                };
+                let mut out = Vec::new();
+                for row in store::schedules_of_group(c, g.num)? {
+                    out.push(store::schedule_info(c, row)?);
+                }
+                Ok(Ok(out))
+            })
+            .await?;
+        r
+    }
+}
+
+/// Answers one `ota` admin request; every refusal becomes one typed error here.
+pub async fn handle(ota: &Ota, req: AdminRequestV1) -> AdminResponseV1 {
+    let result = match req {
+        AdminRequestV1::OtaOffer(spec) => ota
+            .offer(spec)
+            .await
+            .map(|u| AdminResponseV1::OtaUpdates(vec![u])),
+        AdminRequestV1::OtaList { group } => ota
+            .list(group.map(|g| g.to_string()))
+            .await
+            .map(AdminResponseV1::OtaUpdates),
+        AdminRequestV1::OtaSchedule(spec) => ota
+            .schedule(spec)
+            .await
+            .map(|s| AdminResponseV1::OtaSchedules(vec![s])),
+        AdminRequestV1::OtaReschedule { schedule, start } => ota
+            .reschedule(schedule, start)
+            .await
+            .map(|s| AdminResponseV1::OtaSchedules(vec![s])),
+        AdminRequestV1::OtaCancel { schedule } => ota
+            .cancel(schedule)
+            .await
+            .map(|s| AdminResponseV1::OtaSchedules(vec![s])),
+        AdminRequestV1::OtaHistory { group } => ota
+            .history(group.to_string())
+            .await
+            .map(AdminResponseV1::OtaSchedules),
+        _ => Err(OtaError::Refused("not an OTA request".into())),
+    };
+    let (code, message) = match result {
+        Ok(resp) => return resp,
+        Err(OtaError::NotFound(m)) => (AdminErrorCode::NotFound, m),
+        Err(e @ (OtaError::NotAllowed(_) | OtaError::Refused(_))) => {
+            (AdminErrorCode::NotAllowed, e.to_string())
+        }
+        Err(OtaError::Conflict(m)) => (AdminErrorCode::Conflict, m),
+        Err(e @ OtaError::Invalid(_)) => (AdminErrorCode::Invalid, e.to_string()),
+        Err(e @ OtaError::Store(_)) => {
+            tracing::error!("OTA request failed: {e}");
+            (AdminErrorCode::Internal, e.to_string())
+        }
+    };
+    AdminResponseV1::Error(AdminError { code, message })
+}
+
+/// Whether a schedule may be moved or cancelled at `now`: only while it is
+/// `scheduled` and its start has not come.
+pub fn may_change(row: &store::ScheduleRow, now: UnixMillis) -> Result<(), String> {
+    if row.state != "scheduled" {
+        return Err(format!(
+            "OTA schedule {} is {}; only a schedule that has not started can be changed or cancelled",
+            row.id, row.state
+        ));
+    }
+    if row.start <= now {
+        return Err(format!(
+            "OTA schedule {} started at {}; only a schedule that has not started can be changed or cancelled",
+            row.id,
+            crate::render::rfc3339(row.start)
+        ));
+    }
+    Ok(())
+}
+
+fn billing_kind(billing: &str) -> &'static str {
+    if billing == "subscription" {
+        "subscription"
+    } else {
+        "pay-as-you-go"
+    }
+}
+
+/// The group's status allows an OTA rollout.
+fn status_allows(g: &store::GroupRef) -> Result<(), OtaError> {
+    let status = Status::parse(&g.status)
+        .ok_or_else(|| StoreError::Corrupt(format!("status {:?}", g.status)))?;
+    check_ota(billing_kind(&g.billing), status)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
