@@ -418,6 +418,42 @@ struct ActorHandle {
     token: CancellationToken,
 }
 
+impl Shared {
+    /// Sends `command` to `resource`'s agent and waits for its outcome. Not
+    /// reaching the agent, or the broker shutting down first, is the error's
+    /// text (for the group's events).
+    async fn command(
+        &self,
+        resource: &ResourceId,
+        command: Command,
+    ) -> Result<CommandOutcome, String> {
+        let Some(registry) = self.registry.upgrade() else {
+            return Err("the broker is shutting down".to_owned());
+        };
+        tokio::select! {
+            r = registry.command(resource, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
+            _ = self.shutdown.cancelled() => {
+                Err("the broker shut down before the agent answered".to_owned())
+            }
+        }
+    }
+
+    /// Writes one group event, stamped with the groups' clock.
+    async fn event(&self, num: i64, kind: &'static str, message: String) -> Result<(), StoreError> {
+        let at = self.clock.now();
+        self.store
+            .exec(move |c| {
+                c.execute(
+                    "INSERT INTO group_events (group_num, at, kind, message)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![num, at.0, kind, message],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+}
+
 impl GroupActors {
     /// No actor runs yet; call [`GroupActors::start_all`]. Actors are spawned
     /// on `tracker` and stop when `shutdown` is cancelled.
@@ -1618,15 +1654,7 @@ impl Actor {
                 session: session.clone(),
                 reason: format!("group {group} expired"),
             };
-            let outcome = match shared.registry.upgrade() {
-                None => Err("the broker is shutting down".to_owned()),
-                Some(registry) => tokio::select! {
-                    r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
-                    _ = shared.shutdown.cancelled() => {
-                        Err("the broker shut down before the agent answered".to_owned())
-                    }
-                },
-            };
+            let outcome = shared.command(&real, command).await;
             let outcome = match outcome {
                 Ok(CommandOutcome::Done) => Ok(()),
                 Ok(CommandOutcome::Failed(m)) => Err(format!("the agent says: {m}")),
@@ -1892,15 +1920,7 @@ impl Actor {
                 version,
                 document,
             };
-            let outcome = match shared.registry.upgrade() {
-                None => Err("the broker is shutting down".to_owned()),
-                Some(registry) => tokio::select! {
-                    r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
-                    _ = shared.shutdown.cancelled() => {
-                        Err("the broker shut down before the agent answered".to_owned())
-                    }
-                },
-            };
+            let outcome = shared.command(&real, command).await;
             let applied = matches!(outcome, Ok(CommandOutcome::Done));
             let (kind, message) = match outcome {
                 Ok(CommandOutcome::Done) => (

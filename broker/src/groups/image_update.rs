@@ -701,13 +701,7 @@ impl Actor {
                     ),
                     deadline,
                 };
-                let outcome = match shared.registry.upgrade() {
-                    None => Err("the broker is shutting down".to_owned()),
-                    Some(registry) => tokio::select! {
-                        r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
-                        _ = shared.shutdown.cancelled() => Err("the broker shut down".to_owned()),
-                    },
-                };
+                let outcome = shared.command(&real, command).await;
                 let (kind, message) = match outcome {
                     Ok(CommandOutcome::Done) => (
                         "session-warned",
@@ -722,19 +716,7 @@ impl Actor {
                         format!("session {session} on {real} not warned: {e}"),
                     ),
                 };
-                let at = shared.clock.now();
-                let written = shared
-                    .store
-                    .exec(move |c| {
-                        c.execute(
-                            "INSERT INTO group_events (group_num, at, kind, message)
-                             VALUES (?1, ?2, ?3, ?4)",
-                            params![num, at.0, kind, message],
-                        )?;
-                        Ok(())
-                    })
-                    .await;
-                if let Err(e) = written {
+                if let Err(e) = shared.event(num, kind, message).await {
                     tracing::error!(%group, "record a session warning: {e}");
                 }
             });

@@ -30,12 +30,10 @@ use std::time::Duration;
 use ferry_common::route::{RouteRefusal, RouteRefused};
 use ferry_common::wire::{Command, CommandOutcome, Presence, PresenceReport};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
-use rusqlite::params;
 use tokio::sync::mpsc;
 
 use super::{Actor, ActorError, GroupActors, Msg};
 use crate::engine::{Input, Retention};
-use crate::registry::COMMAND_TIMEOUT;
 
 /// How long a ticket, and the slot it reserves, lives unused: the broker's
 /// ticket lifetime.
@@ -631,13 +629,7 @@ impl Actor {
                 session: session.clone(),
                 reason: "disconnect retention ended".into(),
             };
-            let outcome = match shared.registry.upgrade() {
-                None => Err("the broker is shutting down".to_owned()),
-                Some(registry) => tokio::select! {
-                    r = registry.command(&real, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
-                    _ = shared.shutdown.cancelled() => Err("the broker shut down".to_owned()),
-                },
-            };
+            let outcome = shared.command(&real, command).await;
             let (kind, message) = match outcome {
                 Ok(CommandOutcome::Done) => (
                     "disconnected",
@@ -652,19 +644,7 @@ impl Actor {
                     format!("disconnect failed: session {session} on {real}: {e}"),
                 ),
             };
-            let at = shared.clock.now();
-            let written = shared
-                .store
-                .exec(move |c| {
-                    c.execute(
-                        "INSERT INTO group_events (group_num, at, kind, message)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![num, at.0, kind, message],
-                    )?;
-                    Ok(())
-                })
-                .await;
-            if let Err(e) = written {
+            if let Err(e) = shared.event(num, kind, message).await {
                 tracing::error!(%group, "record the end of retained session {session}: {e}");
             }
         });
