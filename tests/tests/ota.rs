@@ -447,6 +447,57 @@ async fn a_failing_update_hook_stops_the_rollout_and_marks_the_group() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_ota_makes_the_new_image_the_group_s() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let broker = TestBroker::start(dir.path()).await?;
+    publish(&broker, group_spec("imaged", 1)).await?;
+    let _h1 = agent(&broker, &logs, "h1", "imaged", 0).await?;
+
+    let u = match broker
+        .admin(AdminRequestV1::OtaOffer(OtaOfferSpec {
+            group: "imaged".parse()?,
+            component: "image".into(),
+            version: "img-2".into(),
+            package: String::new(),
+            description: "new base image".into(),
+        }))
+        .await?
+    {
+        AdminResponseV1::OtaUpdates(mut u) if u.len() == 1 => u.remove(0),
+        other => bail!("offer answered {other:?}"),
+    };
+    let s = one_schedule(
+        &broker,
+        schedule_req("imaged", u.id, UnixMillis(now().0 + 1_000), 1),
+    )
+    .await?;
+    let done = wait_until(&broker, "imaged", "finished", |h| {
+        h.iter()
+            .find(|x| x.id == s.id && matches!(x.state.as_str(), "succeeded" | "failed"))
+            .cloned()
+    })
+    .await?;
+    assert_eq!(done.state, "succeeded", "{done:#?}");
+    // Hosts created from now on start from it: the group's image is the
+    // update's version, and the event says so.
+    let (detail, _) = show(&broker, "imaged").await?;
+    assert_eq!(
+        (detail.info.status.as_str(), detail.info.image.as_str()),
+        ("published", "img-2")
+    );
+    let evs = events(&broker, "imaged").await?;
+    let ok = of_kind(&evs, "ota-succeeded");
+    assert!(
+        ok.len() == 1 && ok[0].message.contains("the group's image is now img-2"),
+        "{evs:#?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restarted_mid_rollout_resumes_it_with_the_same_deadline() -> anyhow::Result<()> {
     init_logging();
     let dir = tempfile::tempdir()?;

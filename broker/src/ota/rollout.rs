@@ -351,16 +351,19 @@ async fn finish(ctx: &Ctx, s: &Started, outcome: Result<(), String>) -> Result<(
             match &outcome {
                 Ok(()) => {
                     store::set_state(c, id, "running", "succeeded", now, None)?;
-                    store::event(
-                        c,
-                        num,
-                        now,
-                        "ota-succeeded",
-                        &format!(
-                            "OTA schedule {id} succeeded: every resource runs {} {} (update {})",
-                            update.component, update.version, update.id
-                        ),
-                    )?;
+                    let mut message = format!(
+                        "OTA schedule {id} succeeded: every resource runs {} {} (update {})",
+                        update.component, update.version, update.id
+                    );
+                    // An image update changes what the group is made of:
+                    // hosts created from now on (scale-out, replacements)
+                    // start from the new image, like after `update-image`.
+                    if update.component == "image"
+                        && store::set_group_image(c, num, &update.version, now)?
+                    {
+                        message.push_str(&format!("; the group's image is now {}", update.version));
+                    }
+                    store::event(c, num, now, "ota-succeeded", &message)?;
                 }
                 Err(why) => {
                     store::set_state(c, id, "running", "failed", now, Some(why))?;
@@ -380,7 +383,7 @@ async fn finish(ctx: &Ctx, s: &Started, outcome: Result<(), String>) -> Result<(
             Ok(())
         })
         .await?;
-    if failed {
+    if failed || s.update.component == "image" {
         if let Err(e) = ctx.actors.sync(s.group.as_str()).await {
             tracing::error!(group = %s.group, "update the group's live state: {e}");
         }

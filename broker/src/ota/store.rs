@@ -279,6 +279,20 @@ pub fn set_start(c: &Connection, id: u64, start: UnixMillis) -> Result<bool, Sto
     Ok(n == 1)
 }
 
+/// Makes `image` the group's image; whether it changed.
+pub fn set_group_image(
+    c: &Connection,
+    num: i64,
+    image: &str,
+    at: UnixMillis,
+) -> Result<bool, StoreError> {
+    let n = c.execute(
+        "UPDATE groups SET image = ?2, updated_at = ?3 WHERE num = ?1 AND image != ?2",
+        params![num, image, at.0],
+    )?;
+    Ok(n == 1)
+}
+
 /// Moves a schedule from state `from` to `to`, stamping the start (for
 /// `running`) or the end (for the final states); whether it was in `from`.
 pub fn set_state(
