@@ -59,10 +59,10 @@ pub const MAX_SPOOLED_BYTES: usize = 64 * 1024 * 1024;
 pub const MAX_LOCAL_CONNECTIONS: usize = 64;
 
 /// Longest policy document (`Command::ApplyPolicy`), checked by the broker
-/// before it sends one and by the agent on receipt. Today's policy is a
-/// dozen numbers (a few hundred bytes); 16 KiB leaves room for the session
-/// and display parts a later version adds, and still fits a link frame
-/// ([`MAX_FRAME_LEN`]) many times over.
+/// before it sends one and by the agent on receipt. A policy with every part
+/// and 21 periods (3 a day) is about 3 KiB; 16 KiB leaves room for parts a
+/// later version adds, and still fits a link frame ([`MAX_FRAME_LEN`]) many
+/// times over.
 pub const MAX_POLICY_DOCUMENT_LEN: usize = 16 * 1024;
 
 /// Longest ticket text (`common::ticket`), checked before it is decoded.

@@ -277,8 +277,9 @@ pub enum Command {
     /// policy as canonical JSON (object keys sorted), at most
     /// [`crate::limits::MAX_POLICY_DOCUMENT_LEN`] bytes. JSON text, not a
     /// typed struct, keeps this wire type stable while the policy grows (the
-    /// session and display parts come later): bincode has no field tags, so a
-    /// typed policy would need a new variant for every new field. An agent
+    /// session and display parts and the periods were added this way):
+    /// bincode has no field tags, so a typed policy would need a new variant
+    /// for every new field. An agent
     /// that already applied a newer version acknowledges without rewriting.
     ApplyPolicy {
         group: GroupName,
