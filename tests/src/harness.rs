@@ -33,6 +33,27 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// long enough that a loaded machine does not miss three in a row.
 pub const TEST_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Now, rounded down to the whole second: per-second billing counts a
+/// started second as a whole one, so tests that check billed seconds start
+/// their manual clock on a second.
+pub fn whole_second_now() -> ferry_common::UnixMillis {
+    ferry_common::UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000)
+}
+
+/// A groups' clock the test moves by hand, starting at [`whole_second_now`],
+/// and the default groups' configuration reading it.
+pub fn manual_clock() -> (
+    ferry_broker::groups::tasks::ManualClock,
+    ferry_broker::config::GroupsConfig,
+) {
+    let clock = ferry_broker::groups::tasks::ManualClock::new(whole_second_now());
+    let config = ferry_broker::config::GroupsConfig {
+        clock: clock.clock(),
+        ..ferry_broker::config::GroupsConfig::default()
+    };
+    (clock, config)
+}
+
 /// Logs to the test's captured output (`RUST_LOG` picks the level; `warn` by
 /// default). Safe to call from every test.
 pub fn init_logging() {

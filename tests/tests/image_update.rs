@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_broker::admin::AdminClientError;
-use ferry_broker::config::GroupsConfig;
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{
     AdminError, AdminErrorCode, AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec,
     GroupVersionsInfo, ImageUpdateSpec, PolicySpec, SessionType,
 };
 use ferry_common::{SessionId, UnixMillis, UserId};
 use ferry_tests::admin::{events, live, of_kind, publish, show, usage, wait_events};
-use ferry_tests::harness::{init_logging, TestAgent, TestBroker, PATIENCE};
+use ferry_tests::harness::{init_logging, manual_clock, TestAgent, TestBroker, PATIENCE};
 
 const WARNING: Duration = Duration::from_secs(300);
 
@@ -234,12 +232,8 @@ async fn sessions_are_warned_then_disconnected_and_every_host_switches_at_no_cos
     init_logging();
     binaries().await?;
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
+    let t0 = clock.now();
     let broker = TestBroker::start_with_groups(dir.path(), config).await?;
     publish(&broker, group_spec("img")).await?;
     let h1 = agent(&broker, dir.path(), "h1", "img", 0, "img-1").await?;
@@ -383,12 +377,7 @@ async fn a_failing_image_hook_marks_the_group_update_failed_naming_the_host() ->
     init_logging();
     binaries().await?;
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
     let broker = TestBroker::start_with_groups(dir.path(), config).await?;
     publish(&broker, group_spec("bad")).await?;
     let _h1 = agent(&broker, dir.path(), "h1", "bad", 0, "img-1").await?;
@@ -535,12 +524,7 @@ async fn a_restarted_broker_resumes_and_a_host_already_on_the_image_is_not_switc
     init_logging();
     binaries().await?;
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     publish(&broker, group_spec("again")).await?;
     // h1 runs the target image already.
@@ -589,12 +573,7 @@ async fn a_switch_interrupted_by_a_restart_resumes_from_the_recorded_outcomes() 
     init_logging();
     binaries().await?;
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     publish(&broker, group_spec("resume")).await?;
     let h1 = agent(&broker, dir.path(), "h1", "resume", 0, "img-1").await?;

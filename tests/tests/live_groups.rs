@@ -20,7 +20,7 @@ use ferry_common::admin::{
 };
 use ferry_common::{SessionId, UnixMillis, UserId};
 use ferry_tests::admin::{agent_of, events, live, of_kind, publish, show, usage, wait_events};
-use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
+use ferry_tests::harness::{init_logging, manual_clock, TestAgent, TestBroker};
 
 fn sid(s: &str) -> SessionId {
     s.parse().expect("session id")
@@ -80,12 +80,8 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     init_logging();
     let dir = tempfile::tempdir()?;
     // Whole seconds, so intervals in the store are whole too.
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
+    let t0 = clock.now();
     let hourly = config.prices["office-4c8g"].hourly;
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
 
@@ -331,12 +327,8 @@ async fn the_seed_scenario_through_live_agents_costs_what_simulate_says() -> any
 async fn a_restarted_broker_reloads_the_group_and_its_open_sessions() -> anyhow::Result<()> {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
+    let t0 = clock.now();
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     publish(&broker, group_spec("again")).await?;
     let mut h1 = agent_of(&broker, "h1", "again").await?;
@@ -395,12 +387,8 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
 ) -> anyhow::Result<()> {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
+    let t0 = clock.now();
     let retention = i64::try_from(config.retention.as_millis())?;
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     let mut spec = group_spec("week");
@@ -793,12 +781,7 @@ async fn the_policy_is_pushed_to_every_agent_acknowledged_and_retried_on_rejoin(
 async fn an_expired_group_retries_a_failed_disconnect_until_it_succeeds() -> anyhow::Result<()> {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let t0 = UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000);
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     let mut spec = group_spec("retry");
     spec.billing = BillingSpec::Subscription {

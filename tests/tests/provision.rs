@@ -25,7 +25,9 @@ use ferry_tests::admin::{
     agent_of, agent_with, events, live, of_kind, publish, usage, wait_events,
 };
 use ferry_tests::bins::bin;
-use ferry_tests::harness::{init_logging, AgentIdentity, TestAgent, TestBroker, PATIENCE};
+use ferry_tests::harness::{
+    init_logging, manual_clock, whole_second_now, AgentIdentity, TestAgent, TestBroker, PATIENCE,
+};
 
 const MAX_IDLE: Duration = Duration::from_secs(600);
 const COOLDOWN: Duration = Duration::from_secs(300);
@@ -71,10 +73,6 @@ async fn busy_group(
     c1.session_start(sid("s1"), "alice".parse()?).await?;
     h1.wait_synced().await?;
     Ok((h1, c1))
-}
-
-fn whole_second_now() -> UnixMillis {
-    UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000)
 }
 
 /// (resource, state, available) per resource of the live view.
@@ -461,12 +459,8 @@ async fn an_elastic_resource_survives_a_broker_restart_and_numbering_goes_on() -
 {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let t0 = whole_second_now();
-    let clock = ManualClock::new(t0);
-    let config = GroupsConfig {
-        clock: clock.clock(),
-        ..GroupsConfig::default()
-    };
+    let (clock, config) = manual_clock();
+    let t0 = clock.now();
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     let (mut h1, mut c1) = busy_group(&broker, spec("rs", 1, 1, 2)).await?;
     wait_events(&broker, "rs", "scale_out", 1).await?;
