@@ -2719,18 +2719,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_expired_group_closes_a_renewed_one_reopens_and_recycling_stops_it() {
-        let f = fixture();
-        let g: GroupName = "g1".parse().expect("name");
-        let mut sub = spec("g1");
-        sub.billing = BillingSpec::Subscription {
-            duration: "1w".into(),
-            auto_renew: false,
-        };
-        f.service
-            .publish(sub, UnixMillis(T0))
-            .await
-            .expect("publish");
-        f.actors.sync("g1").await.expect("sync");
+        let (f, g) = weekly_subscription().await;
         f.actors.joined(&g, &rid("h1"), vec![sid("s0")]).await;
         f.actors.joined(&g, &rid("h2"), vec![]).await;
 
@@ -2857,11 +2846,10 @@ mod tests {
         f.close().await;
     }
 
-    /// An expired group with session s0 on h1, whose agent is not connected
-    /// (so every disconnect fails), after its first failed attempt.
-    async fn expired_with_a_failing_disconnect() -> (Fixture, GroupName) {
+    /// A fixture with `g1` published as a one-week subscription without
+    /// auto-renew, its actor running.
+    async fn weekly_subscription() -> (Fixture, GroupName) {
         let f = fixture();
-        let g: GroupName = "g1".parse().expect("name");
         let mut sub = spec("g1");
         sub.billing = BillingSpec::Subscription {
             duration: "1w".into(),
@@ -2872,6 +2860,13 @@ mod tests {
             .await
             .expect("publish");
         f.actors.sync("g1").await.expect("sync");
+        (f, "g1".parse().expect("name"))
+    }
+
+    /// An expired group with session s0 on h1, whose agent is not connected
+    /// (so every disconnect fails), after its first failed attempt.
+    async fn expired_with_a_failing_disconnect() -> (Fixture, GroupName) {
+        let (f, g) = weekly_subscription().await;
         f.actors.joined(&g, &rid("h1"), vec![sid("s0")]).await;
         f.clock.set(UnixMillis(T0 + 7 * 86_400_000));
         f.service.run_due(f.clock.now()).await.expect("deadlines");
