@@ -1026,14 +1026,25 @@ impl Group {
     /// [`Group::poll_deadline`] without the period boundaries.
     fn engine_deadline(&self) -> Option<UnixMillis> {
         let timeout = self.timeouts.first().map(|&(t, _)| t);
+        let max_idle = self.policy.max_idle_ms();
         let scale_in = self.idle.first().and_then(|&(since, _)| {
-            let mut t = since.saturating_add(self.policy.max_idle_ms());
+            let mut t = since.saturating_add(max_idle);
             if let Some(last) = self.last_scale_in {
                 t = t.max(last.saturating_add(self.policy.cooldown_ms()));
             }
-            // At or before the last evaluation it was already tried and held back
-            // by the threshold; only an input can change that.
-            (t > self.last_eval).then_some(t)
+            if t > self.last_eval {
+                return Some(t);
+            }
+            // A scale-in was already possible at the last evaluation (it scaled
+            // one in, or the threshold or a period held it back). The next cause
+            // is another idle resource reaching `max_idle` (SPEC 5.4); with a
+            // zero cooldown that is how a second candidate goes without waiting
+            // for an unrelated input.
+            let after = self.last_eval.saturating_sub(max_idle).saturating_add(1);
+            self.idle
+                .range((after, 0)..)
+                .next()
+                .map(|&(since, _)| since.saturating_add(max_idle))
         });
         match (timeout, scale_in) {
             (Some(a), Some(b)) => Some(UnixMillis(a.min(b))),

@@ -311,6 +311,48 @@ fn scale_out_restarts_idle_countdowns_and_scale_in_waits_for_cooldown() {
 }
 
 #[test]
+fn with_a_zero_cooldown_a_later_idle_deadline_is_an_evaluation_of_its_own() {
+    // 1 base, 1 slot each, threshold 50: one session on b1 makes three elastic
+    // resources. e1 is used 120..240; e2 and e3 stay idle from 60.
+    let mut p = policy(1, 50, 3, 3, 300);
+    p.scale_in_cooldown = Duration::ZERO;
+    let mut g = Group::with_base_count(p, None, 1, at(0)).unwrap();
+    arrive(&mut g, 0, "u1");
+    let created: Vec<Input> = ["e1", "e2", "e3"]
+        .iter()
+        .map(|r| Input::Created { resource: rid(r) })
+        .collect();
+    g.handle_batch(at(60), created).unwrap();
+    arrive(&mut g, 120, "u2");
+    g.handle(at(240), Input::Leave { session: sid("u2") })
+        .unwrap();
+    g.drain_decisions().for_each(drop);
+    // e2 and e3 reach max_idle at 360: one scale-in per evaluation (e2).
+    assert_eq!(g.poll_deadline(), Some(at(360)));
+    g.handle_timeout(at(360)).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleIn {
+            resource: rid("e2")
+        }]
+    );
+    // e3 is still a candidate, but the next cause is e1 reaching max_idle at
+    // 540 (SPEC 5.4): then e3, idle longest, goes. Without that deadline it
+    // would wait for the next input.
+    assert_eq!(g.poll_deadline(), Some(at(540)));
+    g.handle_timeout(at(540)).unwrap();
+    assert_eq!(
+        actions(&mut g),
+        [Action::ScaleIn {
+            resource: rid("e3")
+        }]
+    );
+    // e1 would leave usage above the threshold (1 x 100 > 50 x 1): nothing
+    // but an input changes that.
+    assert_eq!(g.poll_deadline(), None);
+}
+
+#[test]
 fn a_scale_in_that_would_push_usage_above_the_threshold_waits_for_demand_to_fall() {
     // Seed walk-through in miniature: 2 base x 2 slots, 2 elastic ready, 4
     // sessions on the base resources, threshold 85.
