@@ -376,7 +376,8 @@ enum GroupCmd {
     SetRegion { group: String, region: String },
     /// Purge a group (subscription: expired; pay-as-you-go: in service).
     Purge { group: String },
-    /// Delete a group (subscription: recycling or publish-failed).
+    /// Delete a group (subscription: recycling or publish-failed;
+    /// pay-as-you-go: publish-failed).
     Delete { group: String },
     /// The group's recorded decisions with their reasons.
     Events { group: String },

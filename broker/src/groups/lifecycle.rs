@@ -137,6 +137,8 @@ pub fn allowed_removals(billing: &Billing, status: Status) -> &'static [Removal]
         (Billing::Subscription { .. }, Status::Recycling | Status::PublishFailed) => {
             &[Removal::Delete]
         }
+        // Nothing was billed: the record goes.
+        (Billing::PayAsYouGo, Status::PublishFailed) => &[Removal::Delete],
         (
             Billing::PayAsYouGo,
             Status::Published | Status::Updating | Status::UpdateFailed | Status::PaymentOverdue,
@@ -254,7 +256,7 @@ fn describe_allowed(billing: &Billing, status: Status) -> String {
                 Billing::Subscription { .. } =>
                     " (subscriptions: purge when expired, delete when recycling or publish-failed)",
                 Billing::PayAsYouGo =>
-                    " (pay-as-you-go: purge when published, updating, update-failed or payment-overdue)",
+                    " (pay-as-you-go: purge when published, updating, update-failed or payment-overdue, delete when publish-failed)",
             }
         ),
         [one] => format!("allowed in this status: {}", one.as_str()),
@@ -682,6 +684,7 @@ mod tests {
                     (Billing::Subscription { .. }, Status::Expired) => &[Removal::Purge],
                     (Billing::Subscription { .. }, Status::Recycling) => &[Removal::Delete],
                     (Billing::Subscription { .. }, Status::PublishFailed) => &[Removal::Delete],
+                    (Billing::PayAsYouGo, Status::PublishFailed) => &[Removal::Delete],
                     (
                         Billing::PayAsYouGo,
                         Status::Published
@@ -890,10 +893,8 @@ mod tests {
             assert_eq!(l.expires_at, None);
             let deletable = l.clone().remove(Removal::Delete, T0).is_ok();
             let purgeable = l.clone().remove(Removal::Purge, T0).is_ok();
-            assert_eq!(
-                (deletable, purgeable),
-                (matches!(billing, Billing::Subscription { .. }), false)
-            );
+            // SPEC 3: either billing may delete a group that failed to publish.
+            assert_eq!((deletable, purgeable), (true, false));
             assert!(l.publish_done(T0).is_err());
         }
     }
