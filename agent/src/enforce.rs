@@ -26,7 +26,7 @@
 //! An end whose hook fails (or that has no disconnect hook) is retried after
 //! [`RETRY_MS`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -387,21 +387,31 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
         let open = spool.lock().open_sessions();
         core.sync_open(&open);
         let now = crate::local::now();
-        for action in core.poll(now) {
+        let actions = core.poll(now);
+        // A session past its limit when the policy arrives is warned and
+        // ended in one poll: its warning goes first, in the same job.
+        let ending_now: Vec<SessionId> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::End { session, .. } => Some(session.clone()),
+                Action::Warn { .. } => None,
+            })
+            .collect();
+        let mut warnings: HashMap<SessionId, (UnixMillis, String)> = HashMap::new();
+        for action in actions {
             match action {
                 Action::Warn {
                     session,
                     deadline,
                     message,
                 } => {
+                    if ending_now.contains(&session) {
+                        warnings.insert(session, (deadline, message));
+                        continue;
+                    }
                     let hooks = hooks.clone();
                     jobs.spawn(async move {
-                        match crate::commands::run_warn_hook(&hooks, &session, &message, deadline)
-                            .await
-                        {
-                            Ok(()) => tracing::info!(%session, deadline = deadline.0, "session warned of its maximum duration"),
-                            Err(e) => tracing::warn!(%session, error = %e, "session warning failed"),
-                        }
+                        warn(&hooks, &session, &message, deadline).await;
                         JobDone::Warned
                     });
                 }
@@ -416,7 +426,11 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
                         presence.clone(),
                         ending.clone(),
                     );
+                    let warning = warnings.remove(&session);
                     jobs.spawn(async move {
+                        if let Some((deadline, message)) = warning {
+                            warn(&hooks, &session, &message, deadline).await;
+                        }
                         let ended = end_session(&hooks, &spool, &session, reason).await;
                         ending
                             .lock()
@@ -471,6 +485,16 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
             }
             _ = sleep_for(sleep) => {}
         }
+    }
+}
+
+/// Runs the warn hook for `session`, logging the outcome.
+async fn warn(hooks: &HooksConfig, session: &SessionId, message: &str, deadline: UnixMillis) {
+    match crate::commands::run_warn_hook(hooks, session, message, deadline).await {
+        Ok(()) => {
+            tracing::info!(%session, deadline = deadline.0, "session warned of its maximum duration")
+        }
+        Err(e) => tracing::warn!(%session, error = %e, "session warning failed"),
     }
 }
 
