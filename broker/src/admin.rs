@@ -211,7 +211,8 @@ async fn usage(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
         );
     };
     let config = actors.config();
-    match crate::usage::report(&ctx.store, &config.prices, &config.currency, query).await {
+    let now = config.clock.now();
+    match crate::usage::report(&ctx.store, &config.prices, &config.currency, query, now).await {
         Ok(r) => AdminResponseV1::Usage(r),
         Err(UsageError::Invalid(m)) => error(AdminErrorCode::Invalid, m),
         Err(UsageError::NotFound(m)) => error(AdminErrorCode::NotFound, m),

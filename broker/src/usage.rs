@@ -17,6 +17,11 @@
 //! A session counts for a group when its resource was in the group (an
 //! interval of it overlaps the session); it is counted in the period it
 //! started in, and its time is clipped to the period.
+//!
+//! Nothing is billed that has not happened: a period that reaches past `now`
+//! is billed up to `now` (a report "so far"), and the report's `to` says so
+//! (it is the earlier of the asked end and `now`, never before `from`). The
+//! same closed period always gives the same report.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -306,12 +311,14 @@ fn load(c: &Connection, query: &UsageQuery) -> Result<Vec<GroupRecords>, UsageEr
     Ok(out)
 }
 
-/// `ferryctl usage`: reads the committed records and computes the report.
+/// `ferryctl usage`: reads the committed records and computes the report up
+/// to the earlier of the period's end and `now` (see the module doc).
 pub async fn report(
     store: &Store,
     prices: &BTreeMap<String, Prices>,
     currency: &str,
     query: UsageQuery,
+    now: UnixMillis,
 ) -> Result<UsageReport, UsageError> {
     if query.to <= query.from {
         return Err(UsageError::Invalid(format!(
@@ -319,6 +326,7 @@ pub async fn report(
             query.to.0, query.from.0
         )));
     }
+    let until = billed_until(&query, now);
     let q = query.clone();
     let records = store.read_with(move |c| Ok(load(c, &q))).await??;
     if let (Some(g), true) = (&query.group, records.is_empty()) {
@@ -326,7 +334,13 @@ pub async fn report(
             "no group named {g} existed between the given times"
         )));
     }
-    compute(&records, prices, currency, query.from, query.to)
+    compute(&records, prices, currency, query.from, until)
+}
+
+/// The end of what a report over `query` may bill at `now`: the period's end
+/// once it has passed, `now` inside it, and its start before it began.
+pub fn billed_until(query: &UsageQuery, now: UnixMillis) -> UnixMillis {
+    UnixMillis(query.to.0.min(now.0).max(query.from.0))
 }
 
 #[cfg(test)]

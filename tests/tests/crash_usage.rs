@@ -281,8 +281,13 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
         .collect();
     assert_eq!(recorded, reported, "seed {seed}");
 
-    // The period ends after everything; open sessions run to its end.
-    let to = now_millis()? / 1000 * 1000 + 60_000;
+    // The period ends after everything, on the next whole second; open
+    // sessions run to its end. A report bills only time that has passed, so
+    // the test waits for the wall clock to pass that second.
+    let to = (now_millis()? / 1000 + 1) * 1000;
+    let wait = u64::try_from(to - now_millis()?).unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    assert!(now_millis()? >= to);
     let mut want: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for (resource, started, ended) in spans.values() {
         assert!(*started >= from, "seed {seed}: a session before the period");

@@ -347,26 +347,27 @@ async fn sessions_are_warned_then_disconnected_and_every_host_switches_at_no_cos
         live(&broker, "img").await?.resources.len(),
         resources_before
     );
-    // Billing: the same intervals, the same amounts (sessions ended, so
-    // only their seconds changed).
-    let billed = |r: &ferry_common::admin::UsageReport| {
+    // Billing: the same intervals (sessions ended, so only their seconds
+    // changed), each base resource billed from t0 up to now, nothing else.
+    let intervals = |r: &ferry_common::admin::UsageReport| {
         r.groups
             .iter()
-            .map(|g| {
-                (
-                    g.base_seconds,
-                    g.elastic_seconds,
-                    g.total.clone(),
-                    g.resources
-                        .iter()
-                        .map(|r| (r.resource.to_string(), r.kind.clone(), r.ready_seconds))
-                        .collect::<Vec<_>>(),
-                )
+            .flat_map(|g| {
+                g.resources
+                    .iter()
+                    .map(|r| (r.resource.to_string(), r.kind.clone()))
             })
             .collect::<Vec<_>>()
     };
     let after = usage(&broker, "img", t0, to).await?;
-    assert_eq!(billed(&after), billed(&before));
+    assert_eq!(intervals(&after), intervals(&before));
+    let each = ferry_broker::engine::billing::billed_seconds(t0, None, after.to);
+    assert!(each > 0);
+    assert!(after.groups[0]
+        .resources
+        .iter()
+        .all(|r| r.ready_seconds == each));
+    assert_eq!(after.groups[0].base_seconds, 2 * each);
     assert_eq!(after.groups[0].elastic_seconds, 0);
     Ok(())
 }

@@ -153,17 +153,20 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     );
     assert!(table.contains("live-e1"), "{table}");
 
-    // The usage of the first hour equals the billing rules applied to the
-    // intervals the broker recorded: bases from t0, the elastic one from
-    // ten minutes in, both still running.
+    // The usage of the first hour, asked ten minutes in, is billed so far:
+    // up to now, never the time still to come. It equals the billing rules
+    // applied to the intervals the broker recorded: bases from t0, the
+    // elastic one from now, all still running.
+    let now = clock.now();
     let to = UnixMillis(t0.0 + 3_600_000);
     let report = usage(&broker, "live", t0, to).await?;
+    assert_eq!(report.to, now, "a report so far ends now");
     let UsageReport { groups, .. } = report;
     assert_eq!(groups.len(), 1);
     let g = &groups[0];
-    let base_seconds = 2 * billed_seconds(t0, None, to);
-    let elastic_seconds = billed_seconds(e1_ready, None, to);
-    assert_eq!((g.base_seconds, g.elastic_seconds), (3600 * 2, 3000));
+    let base_seconds = 2 * billed_seconds(t0, None, now);
+    let elastic_seconds = billed_seconds(e1_ready, None, now);
+    assert_eq!((g.base_seconds, g.elastic_seconds), (600 * 2, 0));
     assert_eq!(
         (g.base_seconds, g.elastic_seconds),
         (base_seconds, elastic_seconds)
@@ -174,6 +177,25 @@ async fn agent_reports_drive_the_group_and_the_usage_report_prices_the_recorded_
     assert_eq!(g.elastic, elastic.to_string());
     assert_eq!(g.subscription, "0.00");
     assert_eq!(g.total, (base + elastic).to_string());
+    // A day in the future bills nothing at all.
+    let tomorrow = UnixMillis(t0.0 + 86_400_000);
+    let future = usage(
+        &broker,
+        "live",
+        tomorrow,
+        UnixMillis(tomorrow.0 + 86_400_000),
+    )
+    .await?;
+    assert_eq!(future.to, tomorrow);
+    let f = &future.groups[0];
+    assert_eq!(
+        (f.base_seconds, f.elastic_seconds, f.total.as_str()),
+        (0, 0, "0.00")
+    );
+    assert!(f
+        .resources
+        .iter()
+        .all(|r| r.ready_seconds == 0 && r.sessions == 0));
     let sessions: u64 = g.resources.iter().map(|r| r.sessions).sum();
     assert_eq!(sessions, 3);
     let kinds: Vec<(&str, &str)> = g
@@ -368,7 +390,11 @@ async fn a_restarted_broker_reloads_the_group_and_its_open_sessions() -> anyhow:
         other => bail!("unexpected answer {other:?}"),
     };
     let g = &report.groups[0];
-    assert_eq!(g.base_seconds, 2 * 3600, "one interval per base resource");
+    assert_eq!(
+        g.base_seconds,
+        2 * billed_seconds(t0, None, report.to),
+        "one interval per base resource, billed so far"
+    );
     assert_eq!(g.resources.len(), 2);
 
     h1.stop().await?;

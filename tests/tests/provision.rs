@@ -519,7 +519,7 @@ async fn an_elastic_resource_survives_a_broker_restart_and_numbering_goes_on() -
     let report = usage(&broker, "rs", t0, to).await?;
     assert_eq!(
         report.groups[0].elastic_seconds,
-        billed_seconds(ready_at, None, to)
+        billed_seconds(ready_at, None, report.to)
     );
 
     e1.stop().await?;
