@@ -23,7 +23,7 @@ use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, Hello, Refusal,
     RefusalCode, SequencedEvent, Welcome,
 };
-use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, PROTOCOL_VERSION};
+use ferry_common::{GroupName, ResourceId, UnixMillis, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -486,7 +486,6 @@ impl Connection {
 
         let spool_id = hello.spool_id;
         let group = hello.group.clone();
-        let on_host: Vec<SessionId> = hello.sessions.iter().map(|s| s.session.clone()).collect();
         let registered = match ctx.store.register(registration(hello)).await {
             Ok(r) => r,
             Err(e) => {
@@ -508,26 +507,35 @@ impl Connection {
         let conn_id = ctx.registry.next_conn_id();
         let superseded = CancellationToken::new();
         let (cmd_tx, mut commands) = mpsc::channel(COMMAND_QUEUE_LEN);
+        ctx.registry.attach(
+            &resource,
+            conn_id,
+            group.clone(),
+            superseded.clone(),
+            cmd_tx,
+        );
+        // Until the agent says where its streaming server is (right after
+        // `Welcome`): the default port on the address it comes from. Known
+        // before the join, which may admit waiting users to this host at
+        // once: their answers need an address.
+        let guess = std::net::SocketAddr::new(
+            conn.remote_address().ip(),
+            ferry_common::route::DEFAULT_STREAMING_PORT,
+        )
+        .to_string();
         ctx.registry
-            .attach(&resource, conn_id, superseded.clone(), cmd_tx);
+            .set_streaming(&resource, conn_id, guess.clone());
         // The group learns of the host only after the store has its
         // registration, and before `Welcome`: an agent told it is registered
-        // is in its group's live state too.
+        // is in its group's live state too. A group without a running actor
+        // takes the host in from the registry when it starts.
         if let (Some(g), Some(actors)) = (&group, ctx.registry.groups()) {
-            // Until the agent says where its streaming server is (right
-            // after `Welcome`): the default port on the address it comes from.
-            // Told before `joined`, which may admit waiting users to this host
-            // at once: their answers need an address.
-            let guess = std::net::SocketAddr::new(
-                conn.remote_address().ip(),
-                ferry_common::route::DEFAULT_STREAMING_PORT,
-            );
-            actors
-                .streaming_address(g, &resource, guess.to_string())
-                .await;
+            actors.streaming_address(g, &resource, guess).await;
             // With the connection id: the actor ignores reports of a
             // connection older than the newest joined one (reconnects race).
-            actors.joined_on(g, &resource, Some(conn_id), on_host).await;
+            actors
+                .joined_on(g, &resource, Some(conn_id), registered.open.clone())
+                .await;
         }
         let mut this = Connection {
             conn,
@@ -747,6 +755,9 @@ impl Connection {
                 return;
             }
         };
+        self.ctx
+            .registry
+            .set_streaming(&self.resource, self.conn_id, address.clone());
         if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
             actors.streaming_address(g, &self.resource, address).await;
         }

@@ -15,7 +15,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use ferry_common::wire::{Command, CommandOutcome, HealthReport, Inventory};
-use ferry_common::{ResourceId, UnixMillis};
+use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -57,6 +57,13 @@ pub struct LiveResource {
     /// What the host runs, from its last `Inventory` on this connection
     /// (checked against the limits by the link); `None` until the first.
     pub inventory: Option<Inventory>,
+    /// The group its `Hello` named. Kept so a group whose actor starts
+    /// after the agent connected (published later, broker restart, a
+    /// scale-out asking for this elastic id) takes the host in at once.
+    pub group: Option<GroupName>,
+    /// `host:port` where end users reach its streaming server: the address
+    /// the agent reported, or a guess from its connection until it does.
+    pub streaming: Option<String>,
 }
 
 struct Entry {
@@ -154,6 +161,7 @@ impl Registry {
         &self,
         resource: &ResourceId,
         conn_id: u64,
+        group: Option<GroupName>,
         superseded: CancellationToken,
         commands: mpsc::Sender<CommandRequest>,
     ) {
@@ -170,6 +178,8 @@ impl Registry {
                         last_health_at: None,
                         last_health: None,
                         inventory: None,
+                        group,
+                        streaming: None,
                     },
                 },
             )
@@ -219,6 +229,29 @@ impl Registry {
     /// Records what the host runs now.
     pub fn set_inventory(&self, resource: &ResourceId, conn_id: u64, inventory: Inventory) {
         self.update(resource, conn_id, |l| l.inventory = Some(inventory));
+    }
+
+    /// Records where end users reach the host's streaming server.
+    pub fn set_streaming(&self, resource: &ResourceId, conn_id: u64, address: String) {
+        self.update(resource, conn_id, |l| l.streaming = Some(address));
+    }
+
+    /// The connected resources whose `Hello` named `group`, with their
+    /// connection ids, in id order.
+    pub fn members(&self, group: &GroupName) -> Vec<(ResourceId, u64, LiveResource)> {
+        let mut out: Vec<_> = self.peek(|map| {
+            map.iter()
+                .filter(|(_, e)| e.live.group.as_ref() == Some(group))
+                .map(|(r, e)| (r.clone(), e.conn_id, e.live.clone()))
+                .collect()
+        });
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The connection id and live state of one connected resource.
+    pub fn get(&self, resource: &ResourceId) -> Option<(u64, LiveResource)> {
+        self.peek(|map| map.get(resource).map(|e| (e.conn_id, e.live.clone())))
     }
 
     /// The last inventory of a connected resource.
@@ -293,8 +326,8 @@ mod tests {
         let (tx1, _rx1) = mpsc::channel(1);
         let (tx2, mut rx2) = mpsc::channel(1);
         let old = CancellationToken::new();
-        reg.attach(&rid("h1"), 1, old.clone(), tx1);
-        reg.attach(&rid("h1"), 2, CancellationToken::new(), tx2);
+        reg.attach(&rid("h1"), 1, None, old.clone(), tx1);
+        reg.attach(&rid("h1"), 2, None, CancellationToken::new(), tx2);
         assert!(old.is_cancelled());
         reg.detach(&rid("h1"), 1);
         assert_eq!(reg.connected(), 1);
@@ -324,7 +357,7 @@ mod tests {
     async fn a_connection_that_goes_away_fails_the_command() {
         let reg = Registry::new();
         let (tx, mut rx) = mpsc::channel(1);
-        reg.attach(&rid("h1"), 1, CancellationToken::new(), tx);
+        reg.attach(&rid("h1"), 1, None, CancellationToken::new(), tx);
         let drop_it = tokio::spawn(async move {
             let req = rx.recv().await.expect("command");
             drop(req);

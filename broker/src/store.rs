@@ -406,6 +406,10 @@ pub struct Registered {
     pub last_recorded_seq: u64,
     /// Sessions ended by reconciliation.
     pub ended: Vec<SessionId>,
+    /// Sessions recorded open on the resource afterwards: what its group
+    /// counts. A session the host still has but the broker ended (its
+    /// retention ran out, its host was gone) is not among them.
+    pub open: Vec<SessionId>,
 }
 
 /// A sequence number that skips ahead of what is recorded.
@@ -841,6 +845,23 @@ impl Store {
                 });
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// Sessions recorded open on `resource`, in id order.
+    pub async fn open_sessions_of(
+        &self,
+        resource: &ResourceId,
+    ) -> Result<Vec<SessionId>, StoreError> {
+        let resource = resource.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT session FROM sessions WHERE resource = ?1 AND ended_at IS NULL
+                 ORDER BY session",
+            )?;
+            let rows = stmt.query_map([resource], |r| r.get::<_, String>(0))?;
+            rows.map(|r| parse_id(r?, "session")).collect()
         })
         .await
     }
@@ -1288,8 +1309,10 @@ fn apply_register(c: &Connection, reg: &Registration) -> Result<Registered, Stor
         rows.collect::<Result<_, _>>()?
     };
     let mut ended = Vec::new();
+    let mut still_open = Vec::new();
     for session in open {
         if reg.open_sessions.iter().any(|s| s.as_str() == session) {
+            still_open.push(parse_id(session, "session")?);
             continue;
         }
         c.execute(
@@ -1299,9 +1322,11 @@ fn apply_register(c: &Connection, reg: &Registration) -> Result<Registered, Stor
         )?;
         ended.push(parse_id(session, "session")?);
     }
+    still_open.sort();
     Ok(Registered {
         last_recorded_seq,
         ended,
+        open: still_open,
     })
 }
 

@@ -128,3 +128,25 @@ pub async fn usage(
         other => bail!("unexpected answer {other:?}"),
     }
 }
+
+/// Waits (bounded by [`PATIENCE`]) until `group` has a live view that
+/// satisfies `done`, and returns it. An actor takes connected agents in on
+/// its own turn after an admin change, which a test cannot subscribe to from
+/// outside; each round is one real admin request.
+pub async fn wait_live(
+    broker: &TestBroker,
+    group: &str,
+    done: impl Fn(&LiveGroupView) -> bool,
+) -> anyhow::Result<LiveGroupView> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let view = show(broker, group).await?.1;
+        if let Some(v) = view.as_ref().filter(|v| done(v)) {
+            return Ok(v.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("group {group} never reached the expected live state: {view:#?}");
+        }
+        tokio::task::yield_now().await;
+    }
+}

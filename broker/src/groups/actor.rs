@@ -789,6 +789,8 @@ impl GroupActors {
             from_engine: HashMap::new(),
             sessions: HashMap::new(),
             flagged: BTreeMap::new(),
+            unused: BTreeSet::new(),
+            to_adopt: Vec::new(),
             closed: None,
             notes: Vec::new(),
             intervals: Vec::new(),
@@ -1051,6 +1053,12 @@ struct Actor {
     /// elastic id) or a host below the group's spec. Kept so a reconnecting
     /// one is flagged once, and for `group show`.
     flagged: BTreeMap<ResourceId, String>,
+    /// The flagged agents that are not used: their flag goes when they are
+    /// taken in or leave.
+    unused: BTreeSet<ResourceId>,
+    /// Elastic resources just asked for (real names): an agent of that name
+    /// already connected takes the slot before the next commit.
+    to_adopt: Vec<ResourceId>,
     /// `Some` while the group is expired: the engine is frozen (no inputs, no
     /// timers), every resource counts as unavailable, and each session seen
     /// is disconnected. Holds the sessions per engine id the engine had when
@@ -1087,6 +1095,8 @@ impl Actor {
         self.image_sync().await?;
         self.start_base().await?;
         self.restore_disconnects().await?;
+        // Agents that named the group before it had an actor join now.
+        self.adopt(None).await;
         self.commit().await?;
         if self.settle_publish().await? {
             return Ok(());
@@ -1141,18 +1151,7 @@ impl Actor {
                     sessions,
                     reply,
                 }) => {
-                    if !self.current_conn(&resource, conn, true) {
-                        let _ = reply.send(());
-                        continue;
-                    }
-                    let facts = self.host_facts(&resource).await;
-                    self.joined(resource.clone(), sessions, facts.as_ref());
-                    self.image_joined(&resource);
-                    if self.to_engine.contains_key(&resource)
-                        && self.applied_version(&resource).await < self.row.policy_version
-                    {
-                        self.push_policy(&resource);
-                    }
+                    self.join(resource, conn, sessions).await;
                     self.commit().await?;
                     let stop = self.settle_publish().await?;
                     let _ = reply.send(());
@@ -1246,6 +1245,58 @@ impl Actor {
             self.commit().await?;
             if self.settle_publish().await? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// An agent of the group registered on connection `conn` (`None`: not a
+    /// connection's report) with `sessions` recorded open on its host.
+    async fn join(&mut self, resource: ResourceId, conn: Option<u64>, sessions: Vec<SessionId>) {
+        if !self.current_conn(&resource, conn, true) {
+            return;
+        }
+        let facts = self.host_facts(&resource).await;
+        self.joined(resource.clone(), sessions, facts.as_ref());
+        self.image_joined(&resource);
+        if self.to_engine.contains_key(&resource)
+            && self.applied_version(&resource).await < self.row.policy_version
+        {
+            self.push_policy(&resource);
+        }
+    }
+
+    /// Takes in agents that named this group and are connected, but joined
+    /// when the group had no actor (published after they connected, a
+    /// broker restart) or no slot for them (an elastic id not asked for
+    /// yet): `only` these resources, or every such agent when `None`. What
+    /// the group counts of each is what the store records open on it, read
+    /// here in the actor's turn: a session event committed before the read
+    /// is in it, one committed after it is in the inbox behind this.
+    async fn adopt(&mut self, only: Option<&[ResourceId]>) {
+        let Some(registry) = self.shared.registry.upgrade() else {
+            return;
+        };
+        for (resource, conn, live) in registry.members(&self.row.name) {
+            if only.is_some_and(|o| !o.contains(&resource)) {
+                continue;
+            }
+            let sessions = match self.shared.store.open_sessions_of(&resource).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(group = %self.row.name, %resource,
+                        "read open sessions to take the host in: {e}; it joins when it reconnects");
+                    continue;
+                }
+            };
+            if let Some(address) = live.streaming {
+                self.set_address(resource.clone(), address);
+            }
+            self.join(resource.clone(), Some(conn), sessions).await;
+            if !live.available || live.draining {
+                // Its link tells only changes: say what holds now.
+                if let Some(id) = self.to_engine.get(&resource).cloned() {
+                    self.input(Input::Unavailable { resource: id });
+                }
             }
         }
     }
@@ -1417,17 +1468,19 @@ impl Actor {
             None => {
                 if let Some(e) = self.elastic_engine_id(&resource) {
                     if self.state_of(&e) != Some(ResourceState::Pending) {
-                        self.flag(
+                        self.flag_unused(
                             &resource,
                             format!(
                                 "resource {resource} registered for group {} with an elastic id \
-                                 the group did not ask for; not used",
+                                 the group did not ask for; not used until a scale-out asks \
+                                 for it",
                                 self.row.name
                             ),
                         );
                         return;
                     }
                     self.bind(&resource, e.clone());
+                    self.lift_unused(&resource, &format!("elastic resource {e}"));
                     e
                 } else if let Some(slot) = self.base_slot_for(&resource) {
                     self.slots[slot] = Some(resource.clone());
@@ -1435,6 +1488,7 @@ impl Actor {
                         return;
                     };
                     self.bind(&resource, slot_id.clone());
+                    self.lift_unused(&resource, &format!("base resource {slot_id}"));
                     self.base_registered(&resource, &slot_id);
                     let at = self.now();
                     self.intervals.push(IntervalOp::Open {
@@ -1452,7 +1506,7 @@ impl Actor {
                     );
                     slot_id
                 } else {
-                    self.flag(
+                    self.flag_unused(
                         &resource,
                         format!(
                             "resource {resource} registered for group {} whose {} base \
@@ -1499,6 +1553,23 @@ impl Actor {
             }
         }
         self.sessions.insert(id, now_on_host);
+    }
+
+    /// Flags an agent of the group that takes no slot.
+    fn flag_unused(&mut self, resource: &ResourceId, message: String) {
+        self.flag(resource, message);
+        self.unused.insert(resource.clone());
+    }
+
+    /// An agent flagged as not used takes a slot (`now`), or left: its flag
+    /// no longer says what holds.
+    fn lift_unused(&mut self, resource: &ResourceId, now: &str) {
+        if self.unused.remove(resource) && self.flagged.remove(resource).is_some() {
+            self.note(
+                "flag-lifted",
+                format!("resource {resource} is used now: it joined as {now}"),
+            );
+        }
     }
 
     fn flag(&mut self, resource: &ResourceId, message: String) {
@@ -1768,6 +1839,10 @@ impl Actor {
 
     fn left(&mut self, resource: ResourceId) {
         let Some(id) = self.to_engine.get(&resource).cloned() else {
+            // A flagged agent that took no slot went away: nothing to flag.
+            if self.unused.remove(&resource) {
+                self.flagged.remove(&resource);
+            }
             return;
         };
         match self.state_of(&id) {
@@ -1983,10 +2058,10 @@ impl Actor {
             self.elastic.on_decision(&d);
             let message = match &d.action {
                 Action::ScaleOut { resources } => {
-                    let names: Vec<String> = resources
-                        .iter()
-                        .map(|r| self.external(r).to_string())
-                        .collect();
+                    let real: Vec<ResourceId> =
+                        resources.iter().map(|r| self.external(r)).collect();
+                    let names: Vec<String> = real.iter().map(|r| r.to_string()).collect();
+                    self.to_adopt.extend(real);
                     format!(
                         "scale-out: asked for {} because {}; an agent named for it \
                          completes the creation",
@@ -2078,6 +2153,12 @@ impl Actor {
     /// stands whether or not this succeeds; a store failure stops the actor
     /// (its group is restarted from the store by the next `sync`).
     async fn commit(&mut self) -> Result<(), ActorError> {
+        // Agents already connected for the elastic ids just asked for take
+        // their slots first (their joins' decisions go into this commit).
+        while !self.to_adopt.is_empty() {
+            let asked = std::mem::take(&mut self.to_adopt);
+            self.adopt(Some(&asked)).await;
+        }
         self.image_flush().await?;
         // Slots of route requests whose client went away.
         self.flush_deferred_leaves();
