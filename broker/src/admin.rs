@@ -310,7 +310,11 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
                                 connected: l.is_some(),
                                 available: l.is_some_and(|l| l.available),
                                 draining: l.is_some_and(|l| l.draining),
-                                last_health_at: l.and_then(|l| l.last_health_at),
+                                // A host that is gone shows when it was last heard from.
+                                last_health_at: match l {
+                                    Some(l) => l.last_health_at,
+                                    None => Some(r.last_seen),
+                                },
                                 resource: r.resource,
                                 group: r.group,
                                 agent_version: r.agent_version,

@@ -72,6 +72,9 @@ pub struct GroupsConfig {
     pub clock: Clock,
     /// How elastic resources are created and deleted (`[provisioner]`).
     pub provisioner: ProvisionerConfig,
+    /// How long a group waits for a host whose link closed before it ends
+    /// the host's sessions (stamped when it was last heard from).
+    pub host_gone_after: Duration,
     /// `[provisioner] base = "provisioned"`: a group published with base
     /// resources has them created through the provisioner (status
     /// `publishing` until they register). `false` (`"configured"`, the
@@ -174,6 +177,7 @@ impl Default for GroupsConfig {
             notify_retry_max: Duration::from_secs(600),
             clock: Clock::system(),
             provisioner: ProvisionerConfig::default(),
+            host_gone_after: Duration::from_secs(600),
             provision_base: false,
         }
     }
@@ -213,6 +217,7 @@ struct RawConfig {
     missed_health_limit: i64,
     shutdown_grace: String,
     subscription_retention: String,
+    host_gone_after: String,
     currency: String,
     prices: BTreeMap<String, RawPrice>,
     notify_command: Vec<String>,
@@ -232,6 +237,7 @@ impl Default for RawConfig {
             missed_health_limit: 3,
             shutdown_grace: "10s".into(),
             subscription_retention: "7d".into(),
+            host_gone_after: "10m".into(),
             currency: "CNY".into(),
             prices: BTreeMap::from([(
                 "office-4c8g".to_owned(),
@@ -302,6 +308,7 @@ impl BrokerConfig {
         let health_interval = duration("health_interval", &raw.health_interval);
         let shutdown_grace = duration("shutdown_grace", &raw.shutdown_grace);
         let retention = duration("subscription_retention", &raw.subscription_retention);
+        let host_gone_after = duration("host_gone_after", &raw.host_gone_after);
         let notify_timeout = duration("notify_timeout", &raw.notify_timeout);
         let notify_retry_max = duration("notify_retry_max", &raw.notify_retry_max);
         let provision_timeout = duration("provisioner.timeout", &raw.provisioner.timeout);
@@ -386,6 +393,7 @@ impl BrokerConfig {
             shutdown_grace: shutdown_grace.unwrap_or(Duration::ZERO),
             groups: GroupsConfig {
                 retention: retention.unwrap_or(Duration::ZERO),
+                host_gone_after: host_gone_after.unwrap_or(Duration::ZERO),
                 currency: raw.currency,
                 prices,
                 notify_command: raw.notify_command,
@@ -519,6 +527,14 @@ impl BrokerConfig {
             errors.push(format!(
                 "provisioner.register_timeout: {} is out of range (1s to 1d)",
                 format_duration(p.register_timeout)
+            ));
+        }
+        if g.host_gone_after < Duration::from_secs(1)
+            || g.host_gone_after > Duration::from_secs(30 * 86_400)
+        {
+            errors.push(format!(
+                "host_gone_after: {} is out of range (1s to 30d)",
+                format_duration(g.host_gone_after)
             ));
         }
         if g.retention > Duration::from_secs(366 * 86_400) {

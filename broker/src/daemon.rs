@@ -114,6 +114,7 @@ pub async fn run(
         tracker: tracker.clone(),
         services: link::Services::default(),
         tickets: Some(tickets.clone()),
+        clock: config.groups.clock.clone(),
     };
     // Enrollment of new hosts with a one-time token (issue 6).
     let mut link_ctx = link_ctx;

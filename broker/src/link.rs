@@ -147,6 +147,9 @@ pub struct LinkContext {
     /// The ticket signer whose public key is sent to every agent after
     /// `Welcome` (`BrokerToAgent::TicketKey`); `None` sends none.
     pub tickets: Option<Arc<crate::tickets::TicketSigner>>,
+    /// The groups' clock: when an agent was last heard from is on the same
+    /// timeline as its group's deadlines.
+    pub clock: crate::groups::tasks::Clock,
 }
 
 impl LinkContext {
@@ -294,6 +297,8 @@ struct Connection {
     /// Commands sent and not yet answered, by id.
     pending: HashMap<u64, oneshot::Sender<CommandOutcome>>,
     next_command: u64,
+    /// Broker clock of the last message from the agent.
+    last_heard: UnixMillis,
 }
 
 fn truncate(mut s: String) -> String {
@@ -486,7 +491,11 @@ impl Connection {
 
         let spool_id = hello.spool_id;
         let group = hello.group.clone();
-        let registered = match ctx.store.register(registration(hello)).await {
+        let registered = match ctx
+            .store
+            .register(registration(hello, ctx.clock.now()))
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 return Err(refuse(
@@ -537,6 +546,7 @@ impl Connection {
                 .joined_on(g, &resource, Some(conn_id), registered.open.clone())
                 .await;
         }
+        let last_heard = ctx.clock.now();
         let mut this = Connection {
             conn,
             send,
@@ -547,6 +557,7 @@ impl Connection {
             group,
             pending: HashMap::new(),
             next_command: 0,
+            last_heard,
         };
         let result = this
             .serve(
@@ -558,6 +569,18 @@ impl Connection {
             )
             .await;
         let was_current = this.ctx.registry.detach(&this.resource, this.conn_id);
+        if was_current {
+            // What `resources list` shows of a host that is gone, and where
+            // its group counts its absence from.
+            if let Err(e) = this
+                .ctx
+                .store
+                .record_last_seen(&this.resource, this.last_heard)
+                .await
+            {
+                tracing::warn!(resource = %this.resource, "record when it was last seen: {e}");
+            }
+        }
         // A superseded connection says nothing: its successor speaks for the host.
         if let (true, Some(g), Some(actors)) =
             (was_current, &this.group, this.ctx.registry.groups())
@@ -641,15 +664,21 @@ impl Connection {
                 }
                 Wake::Silent => {
                     available = false;
+                    let limit = self.ctx.silence_limit();
                     tracing::warn!(resource = %self.resource,
-                        "no health report for {:?}; marking unavailable", self.ctx.silence_limit());
+                        "no health report for {limit:?}; marking unavailable");
                     self.ctx
                         .registry
                         .set_available(&self.resource, self.conn_id, false);
-                    if offered {
-                        offered = false;
-                        self.offer(false).await;
-                    }
+                    offered = false;
+                    self.say_health(
+                        false,
+                        format!(
+                            "sent no health report for {}; it takes no new sessions",
+                            ferry_common::duration::format_duration(limit)
+                        ),
+                    )
+                    .await;
                 }
                 Wake::Command(req) => self.send_command(req).await?,
                 Wake::Inbound(None) => return Ok(()),
@@ -658,74 +687,85 @@ impl Connection {
                         .refuse(RefusalCode::MalformedFrame, e.to_string())
                         .await)
                 }
-                Wake::Inbound(Some(Ok(AgentMessage::V1(msg)))) => match msg {
-                    AgentToBroker::Hello(_) => {
-                        return Err(self
-                            .refuse(RefusalCode::ProtocolViolation, "Hello sent twice".into())
-                            .await)
-                    }
-                    AgentToBroker::Session(ev) => {
-                        let mut events = vec![ev];
-                        while events.len() < MAX_EVENTS_PER_WRITE {
-                            match inbox.try_recv() {
-                                Ok(Ok(AgentMessage::V1(AgentToBroker::Session(ev)))) => {
-                                    events.push(ev)
+                Wake::Inbound(Some(Ok(AgentMessage::V1(msg)))) => {
+                    self.last_heard = self.ctx.clock.now();
+                    match msg {
+                        AgentToBroker::Hello(_) => {
+                            return Err(self
+                                .refuse(RefusalCode::ProtocolViolation, "Hello sent twice".into())
+                                .await)
+                        }
+                        AgentToBroker::Session(ev) => {
+                            let mut events = vec![ev];
+                            while events.len() < MAX_EVENTS_PER_WRITE {
+                                match inbox.try_recv() {
+                                    Ok(Ok(AgentMessage::V1(AgentToBroker::Session(ev)))) => {
+                                        events.push(ev)
+                                    }
+                                    Ok(Ok(other)) => {
+                                        carried = Some(other);
+                                        break;
+                                    }
+                                    Ok(Err(e)) => {
+                                        // Record what arrived intact, then refuse.
+                                        self.record(events).await?;
+                                        return Err(self
+                                            .refuse(RefusalCode::MalformedFrame, e.to_string())
+                                            .await);
+                                    }
+                                    Err(_) => break,
                                 }
-                                Ok(Ok(other)) => {
-                                    carried = Some(other);
-                                    break;
-                                }
-                                Ok(Err(e)) => {
-                                    // Record what arrived intact, then refuse.
-                                    self.record(events).await?;
-                                    return Err(self
-                                        .refuse(RefusalCode::MalformedFrame, e.to_string())
-                                        .await);
-                                }
-                                Err(_) => break,
+                            }
+                            self.record(events).await?;
+                        }
+                        AgentToBroker::Health(report) => {
+                            let want = !report.draining;
+                            self.ctx.registry.health(
+                                &self.resource,
+                                self.conn_id,
+                                report,
+                                now_millis(),
+                            );
+                            let was_silent = !available;
+                            available = true;
+                            silent_at = Instant::now() + self.ctx.silence_limit();
+                            if was_silent {
+                                offered = want;
+                                self.say_health(want, "reports health again".into()).await;
+                            } else if want != offered {
+                                offered = want;
+                                self.offer(want).await;
                             }
                         }
-                        self.record(events).await?;
-                    }
-                    AgentToBroker::Health(report) => {
-                        let want = !report.draining;
-                        self.ctx.registry.health(
-                            &self.resource,
-                            self.conn_id,
-                            report,
-                            now_millis(),
-                        );
-                        available = true;
-                        silent_at = Instant::now() + self.ctx.silence_limit();
-                        if want != offered {
-                            offered = want;
-                            self.offer(want).await;
-                        }
-                    }
-                    AgentToBroker::CommandResult(result) => match self.pending.remove(&result.id) {
-                        Some(reply) => {
-                            let _ = reply.send(result.outcome);
-                        }
-                        None => tracing::debug!(resource = %self.resource, id = result.id,
+                        AgentToBroker::CommandResult(result) => {
+                            match self.pending.remove(&result.id) {
+                                Some(reply) => {
+                                    let _ = reply.send(result.outcome);
+                                }
+                                None => tracing::debug!(resource = %self.resource, id = result.id,
                                 "result of an unknown or expired command"),
-                    },
-                    AgentToBroker::Streaming(endpoint) => self.streaming(endpoint).await,
-                    AgentToBroker::Presence(report) => {
-                        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
-                            actors.presence(g, &self.resource, report).await;
+                            }
                         }
+                        AgentToBroker::Streaming(endpoint) => self.streaming(endpoint).await,
+                        AgentToBroker::Presence(report) => {
+                            if let (Some(g), Some(actors)) =
+                                (&self.group, self.ctx.registry.groups())
+                            {
+                                actors.presence(g, &self.resource, report).await;
+                            }
+                        }
+                        AgentToBroker::Inventory(inventory) => match check_inventory(&inventory) {
+                            Ok(()) => self.ctx.registry.set_inventory(
+                                &self.resource,
+                                self.conn_id,
+                                inventory,
+                            ),
+                            Err(why) => {
+                                return Err(self.refuse(RefusalCode::MalformedFrame, why).await)
+                            }
+                        },
                     }
-                    AgentToBroker::Inventory(inventory) => match check_inventory(&inventory) {
-                        Ok(()) => {
-                            self.ctx
-                                .registry
-                                .set_inventory(&self.resource, self.conn_id, inventory)
-                        }
-                        Err(why) => {
-                            return Err(self.refuse(RefusalCode::MalformedFrame, why).await)
-                        }
-                    },
-                },
+                }
             }
         }
     }
@@ -760,6 +800,16 @@ impl Connection {
             .set_streaming(&self.resource, self.conn_id, address.clone());
         if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
             actors.streaming_address(g, &self.resource, address).await;
+        }
+    }
+
+    /// Tells the group's actor whether the host takes sessions after a
+    /// change of its health (silent, or back), which the group records.
+    async fn say_health(&self, available: bool, why: String) {
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+            actors
+                .health_changed(g, &self.resource, self.conn_id, available, why)
+                .await;
         }
     }
 
@@ -890,7 +940,7 @@ fn check_inventory(inventory: &ferry_common::wire::Inventory) -> Result<(), Stri
     Ok(())
 }
 
-fn registration(hello: Hello) -> Registration {
+fn registration(hello: Hello, now: UnixMillis) -> Registration {
     Registration {
         resource: hello.resource,
         group: hello.group,
@@ -899,6 +949,6 @@ fn registration(hello: Hello) -> Registration {
         host: hello.host,
         spool_id: hello.spool_id,
         open_sessions: hello.sessions.into_iter().map(|s| s.session).collect(),
-        now: now_millis(),
+        now,
     }
 }

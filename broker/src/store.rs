@@ -45,6 +45,39 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 40_000;
 /// broker thought open.
 pub const RECONCILE_REASON: &str = "not on host at reconnect";
 
+/// `sessions.reconciled` of an end the broker inferred when the host
+/// reconnected without the session: the host's own end replaces it.
+const END_INFERRED: i64 = 1;
+/// `sessions.reconciled` of an end the broker decided (a retention that ran
+/// out, a host gone for good): metering stopped there, so only an earlier
+/// end reported by the host replaces it.
+const END_BY_BROKER: i64 = 2;
+
+/// Ends the open session `session` on `resource` at `at` because the broker
+/// decided so (see [`END_BY_BROKER`]); inside a caller's transaction.
+/// Returns whether a session was open.
+pub fn end_session_by_broker(
+    c: &Connection,
+    resource: &ResourceId,
+    session: &SessionId,
+    at: UnixMillis,
+    reason: &str,
+) -> rusqlite::Result<bool> {
+    let n = c
+        .prepare_cached(
+            "UPDATE sessions SET ended_at = MAX(started_at, ?1), end_reason = ?2, reconciled = ?3
+             WHERE resource = ?4 AND session = ?5 AND ended_at IS NULL",
+        )?
+        .execute(params![
+            at.0,
+            reason,
+            END_BY_BROKER,
+            resource.as_str(),
+            session.as_str()
+        ])?;
+    Ok(n > 0)
+}
+
 /// Schema migrations, in order. `PRAGMA user_version` is the number applied.
 /// Never edit a shipped migration; append a new one.
 const MIGRATIONS: &[&str] = &[
@@ -344,6 +377,22 @@ const MIGRATIONS: &[&str] = &[
         first_at INTEGER NOT NULL,
         due_at INTEGER,
         PRIMARY KEY (group_num, resource, session)
+    );
+    "#,
+    // Retained sessions (issue 12, `groups::retention`): a disconnected
+    // session's retention runs from the disconnect across broker restarts.
+    // `deadline` NULL: kept for ever. Ends the broker decides itself (the
+    // retention ran out, the host stayed away) are `sessions.reconciled = 2`:
+    // the host's own later report does not move them, an earlier one does.
+    // `resources.last_seen` is also written when an agent's link ends.
+    r#"
+    CREATE TABLE retained_sessions (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        session TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        disconnected_at INTEGER NOT NULL,
+        deadline INTEGER,
+        PRIMARY KEY (group_num, session)
     );
     "#,
 ];
@@ -849,6 +898,24 @@ impl Store {
         .await
     }
 
+    /// Records when the broker last heard from `resource` (its link ended):
+    /// what `resources list` shows and how long a gone host is counted from.
+    pub async fn record_last_seen(
+        &self,
+        resource: &ResourceId,
+        at: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let resource = resource.to_string();
+        self.exec(move |c| {
+            c.prepare_cached(
+                "UPDATE resources SET last_seen = MAX(last_seen, ?2) WHERE resource = ?1",
+            )?
+            .execute(params![resource, at.0])?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Sessions recorded open on `resource`, in id order.
     pub async fn open_sessions_of(
         &self,
@@ -1316,9 +1383,9 @@ fn apply_register(c: &Connection, reg: &Registration) -> Result<Registered, Stor
             continue;
         }
         c.execute(
-            "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 1
+            "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = ?5
              WHERE resource = ?3 AND session = ?4 AND ended_at IS NULL",
-            params![reg.now.0, RECONCILE_REASON, resource, session],
+            params![reg.now.0, RECONCILE_REASON, resource, session, END_INFERRED],
         )?;
         ended.push(parse_id(session, "session")?);
     }
@@ -1410,15 +1477,24 @@ fn apply_record(
                     reason
                 ])?;
                 // The host's own end beats an end the broker inferred at a
-                // reconnect: metering wants the real end time.
+                // reconnect (metering wants the real end time), and an end
+                // the broker decided when it is earlier (it happened first).
                 c.prepare_cached(
                     "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
                      WHERE id = (SELECT id FROM sessions
                                  WHERE resource = ?3 AND session = ?4
-                                   AND (ended_at IS NULL OR reconciled = 1)
+                                   AND (ended_at IS NULL OR reconciled = ?5
+                                        OR (reconciled = ?6 AND ended_at > ?1))
                                  ORDER BY id DESC LIMIT 1)",
                 )?
-                .execute(params![at.0, reason, res, session.as_str()])?;
+                .execute(params![
+                    at.0,
+                    reason,
+                    res,
+                    session.as_str(),
+                    END_INFERRED,
+                    END_BY_BROKER
+                ])?;
             }
         }
         out.last_seq = ev.seq;

@@ -703,7 +703,8 @@ pub struct ResourceInfo {
     pub draining: bool,
     pub agent_version: String,
     pub image_version: String,
-    /// Broker receive time of the last health report on the live connection.
+    /// Broker receive time of the last health report on the live connection;
+    /// for a resource not connected, when the broker last heard from it.
     pub last_health_at: Option<UnixMillis>,
     /// Sessions recorded open on it.
     pub sessions: u64,

@@ -5,11 +5,13 @@
 //! Every wait is on a signal (an agent's sync) or a bounded series of admin
 //! requests; the groups' clock is moved by hand.
 
+use std::time::Duration;
+
 use anyhow::Context;
 use ferry_agent::local::LocalClient;
 use ferry_common::admin::{BillingSpec, GroupSpec, LiveGroupView, PolicySpec, SessionType};
-use ferry_common::{SessionId, UserId};
-use ferry_tests::admin::{agent_of, events, of_kind, publish, wait_live};
+use ferry_common::{SessionId, UnixMillis, UserId};
+use ferry_tests::admin::{agent_of, events, of_kind, publish, wait_events, wait_live};
 use ferry_tests::harness::{init_logging, manual_clock, TestBroker};
 
 fn sid(s: &str) -> SessionId {
@@ -149,6 +151,147 @@ async fn an_elastic_host_already_connected_takes_its_slot_when_the_scale_out_ask
 
     e1.stop().await?;
     b1.stop().await?;
+    broker.stop().await?;
+    Ok(())
+}
+
+/// The session `s` as the broker recorded it.
+async fn record(broker: &TestBroker, s: &str) -> anyhow::Result<ferry_common::admin::SessionInfo> {
+    broker
+        .sessions(true)
+        .await?
+        .into_iter()
+        .find(|r| r.session.as_str() == s)
+        .with_context(|| format!("session {s} recorded"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_session_keeps_its_deadline_across_a_broker_restart_and_always_ends(
+) -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let (clock, config) = manual_clock();
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    publish(&broker, group_spec("keep", 1)).await?;
+    // The host has no disconnect hook: it cannot end a session when asked.
+    let h1 = agent_of(&broker, "h1", "keep").await?;
+    let mut c = h1.client().await?;
+    start(&mut c, "s1").await?;
+    h1.wait_synced().await?;
+    let disconnected_at = clock.now();
+    c.session_presence(sid("s1"), true).await?;
+    wait_events(&broker, "keep", "session-disconnected", 1).await?;
+
+    // Five minutes later the broker restarts; the agent comes back and says
+    // again that s1 is disconnected. The retention runs from the disconnect.
+    clock.advance(Duration::from_secs(300));
+    broker.restart().await?;
+    h1.wait_synced().await?;
+    wait_live(&broker, "keep", |l| l.demand == 1).await?;
+
+    // Fifteen minutes after the disconnect it ends, once, although the host
+    // cannot close it: its slot is free and its record ends at the deadline.
+    clock.advance(Duration::from_secs(600));
+    wait_events(&broker, "keep", "retention-ended", 1).await?;
+    let deadline = UnixMillis(disconnected_at.0 + 900_000);
+    let r = record(&broker, "s1").await?;
+    assert_eq!(r.ended_at, Some(deadline), "{r:?}");
+    assert_eq!(r.end_reason.as_deref(), Some("disconnect retention ended"));
+    wait_live(&broker, "keep", |l| l.demand == 0).await?;
+    let evs = wait_events(&broker, "keep", "disconnect-failed", 1).await?;
+    assert!(
+        of_kind(&evs, "disconnect-failed")[0]
+            .message
+            .contains("ended for the group"),
+        "{evs:#?}"
+    );
+    clock.advance(Duration::from_secs(1800));
+    broker.restart().await?;
+    h1.wait_synced().await?;
+    assert_eq!(
+        of_kind(&events(&broker, "keep").await?, "retention-ended").len(),
+        1
+    );
+    // The host still has it open (no hook): it does not count again.
+    assert_eq!(
+        wait_live(&broker, "keep", |l| l.demand == 0).await?.demand,
+        0
+    );
+    assert_eq!(record(&broker, "s1").await?.ended_at, Some(deadline));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stays_away_has_its_sessions_ended_and_its_last_seen_kept() -> anyhow::Result<()>
+{
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let (clock, mut config) = manual_clock();
+    config.host_gone_after = Duration::from_secs(600);
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    publish(&broker, group_spec("away", 2)).await?;
+    let mut h1 = agent_of(&broker, "h1", "away").await?;
+    let mut h2 = agent_of(&broker, "h2", "away").await?;
+    let mut c1 = h1.client().await?;
+    start(&mut c1, "s1").await?;
+    h1.wait_synced().await?;
+    let mut c2 = h2.client().await?;
+    start(&mut c2, "s2").await?;
+    h2.wait_synced().await?;
+
+    // h1 goes away: recorded, unavailable at once, its session still counts.
+    let left_at = clock.now();
+    h1.stop().await?;
+    let evs = wait_events(&broker, "away", "left", 1).await?;
+    let left = &of_kind(&evs, "left")[0].message;
+    assert!(
+        left.contains("h1") && left.contains("1 open session(s) end at"),
+        "{left}"
+    );
+    let l = wait_live(&broker, "away", |l| !l.resources[0].available).await?;
+    assert_eq!(l.demand, 2);
+    let h1_row = broker
+        .resources()
+        .await?
+        .into_iter()
+        .find(|r| r.resource.as_str() == "h1")
+        .context("h1 listed")?;
+    assert!(!h1_row.connected);
+    assert!(
+        h1_row.last_health_at.is_some(),
+        "the last-seen time is kept"
+    );
+
+    // h2 goes too, and the broker restarts meanwhile: both are counted from
+    // the restart (hosts get the time to come back to a restarted broker),
+    // their sessions end when they were last heard of.
+    h2.stop().await?;
+    wait_events(&broker, "away", "left", 2).await?;
+    clock.advance(Duration::from_secs(300));
+    broker.restart().await?;
+    // The restarted group is up (its actor answers after it reloaded).
+    wait_live(&broker, "away", |_| true).await?;
+    clock.advance(Duration::from_secs(599));
+    assert!(of_kind(&events(&broker, "away").await?, "host-gone").is_empty());
+    clock.advance(Duration::from_secs(1));
+    let evs = wait_events(&broker, "away", "host-gone", 2).await?;
+    assert!(
+        of_kind(&evs, "host-gone")
+            .iter()
+            .any(|e| e.message.contains("h1") && e.message.contains("s1")),
+        "{evs:#?}"
+    );
+    // (Never before its start: the test's groups clock and the agent's
+    // stamps are different clocks.)
+    let r = record(&broker, "s1").await?;
+    assert_eq!(r.ended_at, Some(left_at.max(r.started_at)), "{r:?}");
+    assert!(
+        r.end_reason
+            .as_deref()
+            .is_some_and(|e| e.starts_with("host gone")),
+        "{r:?}"
+    );
+    assert!(record(&broker, "s2").await?.ended_at.is_some());
     broker.stop().await?;
     Ok(())
 }

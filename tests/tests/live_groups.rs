@@ -19,7 +19,9 @@ use ferry_common::admin::{
     PolicySpec, SessionType, UsageQuery, UsageReport,
 };
 use ferry_common::{SessionId, UnixMillis, UserId};
-use ferry_tests::admin::{agent_of, events, live, of_kind, publish, show, usage, wait_events};
+use ferry_tests::admin::{
+    agent_of, events, live, of_kind, publish, show, usage, wait_events, wait_live,
+};
 use ferry_tests::harness::{init_logging, manual_clock, TestAgent, TestBroker};
 
 fn sid(s: &str) -> SessionId {
@@ -627,6 +629,19 @@ async fn an_agent_below_the_group_spec_is_flagged_and_still_joins() -> anyhow::R
     start(&mut c1, "s1").await?;
     h1.wait_synced().await?;
     assert_eq!(live(&broker, "big").await?.demand, 1);
+
+    // After a broker restart and a reconnect the host is flagged still, and
+    // the flag is not recorded a second time.
+    broker.restart().await?;
+    h1.wait_synced().await?;
+    let l = wait_live(&broker, "big", |l| l.demand == 1).await?;
+    assert_eq!(l.flagged.len(), usize::from(expected.is_some()));
+    let evs = events(&broker, "big").await?;
+    assert_eq!(
+        of_kind(&evs, "flagged").len(),
+        usize::from(expected.is_some()),
+        "{evs:#?}"
+    );
 
     h1.stop().await?;
     broker.stop().await?;

@@ -87,6 +87,12 @@ mod connections;
 // Expiry disconnects kept across restarts, and their cap.
 #[path = "disconnects.rs"]
 mod disconnects;
+// Retained sessions kept across restarts.
+#[path = "retention.rs"]
+mod retention;
+// Hosts that stay away: their sessions end.
+#[path = "gone.rs"]
+mod gone;
 pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
 // Image updates (`group update-image`).
 #[path = "image_update.rs"]
@@ -190,6 +196,9 @@ pub(super) enum Msg {
         resource: ResourceId,
         conn: Option<u64>,
         available: bool,
+        /// Why its health changed, recorded as an event (`None`: a change
+        /// not worth one, e.g. the agent's own drain state).
+        why: Option<String>,
         reply: oneshot::Sender<()>,
     },
     /// Session events committed to the store, in order.
@@ -242,6 +251,15 @@ enum IntervalOp {
         resource: ResourceId,
         at: UnixMillis,
     },
+}
+
+/// A session the broker ends itself (see [`Actor::end_by_broker`]).
+#[derive(Clone, Debug)]
+struct BrokerEnd {
+    resource: ResourceId,
+    session: SessionId,
+    at: UnixMillis,
+    reason: String,
 }
 
 /// A group's row, as the actor needs it.
@@ -790,10 +808,13 @@ impl GroupActors {
             sessions: HashMap::new(),
             flagged: BTreeMap::new(),
             unused: BTreeSet::new(),
+            recorded_flags: HashMap::new(),
             to_adopt: Vec::new(),
             closed: None,
             notes: Vec::new(),
             intervals: Vec::new(),
+            ends: Vec::new(),
+            gone: gone::GoneHosts::default(),
             routing: routing::Routing::default(),
             elastic: Elastic::new(ElasticParts {
                 num: row.num,
@@ -971,6 +992,28 @@ impl GroupActors {
             resource,
             conn,
             available,
+            why: None,
+            reply,
+        })
+        .await
+    }
+
+    /// [`GroupActors::availability_on`] after the host went silent or came
+    /// back (`why`), which the group records as an event.
+    pub async fn health_changed(
+        &self,
+        group: &GroupName,
+        resource: &ResourceId,
+        conn: u64,
+        available: bool,
+        why: String,
+    ) {
+        let resource = resource.clone();
+        self.ask(group, |reply| Msg::Availability {
+            resource,
+            conn: Some(conn),
+            available,
+            why: Some(why),
             reply,
         })
         .await
@@ -1056,6 +1099,10 @@ struct Actor {
     /// The flagged agents that are not used: their flag goes when they are
     /// taken in or leave.
     unused: BTreeSet<ResourceId>,
+    /// The newest flag recorded for a resource by an earlier run of the
+    /// group's actor, read at its first join: the same flag is not recorded
+    /// again after a broker restart.
+    recorded_flags: HashMap<ResourceId, String>,
     /// Elastic resources just asked for (real names): an agent of that name
     /// already connected takes the slot before the next commit.
     to_adopt: Vec<ResourceId>,
@@ -1068,6 +1115,10 @@ struct Actor {
     notes: Vec<(UnixMillis, &'static str, String)>,
     /// Resource intervals to open or close with the next commit.
     intervals: Vec<IntervalOp>,
+    /// Sessions the broker ends itself, to record with the next commit.
+    ends: Vec<BrokerEnd>,
+    /// Joined hosts whose link closed ([`gone`]).
+    gone: gone::GoneHosts,
     /// Reservations, waiting route requests, retained sessions ([`routing`]).
     routing: routing::Routing,
     /// Elastic resources' provisioning and durable record ([`elastic`]).
@@ -1095,6 +1146,8 @@ impl Actor {
         self.image_sync().await?;
         self.start_base().await?;
         self.restore_disconnects().await?;
+        self.restore_retained().await?;
+        self.restore_gone().await?;
         // Agents that named the group before it had an actor join now.
         self.adopt(None).await;
         self.commit().await?;
@@ -1120,6 +1173,10 @@ impl Actor {
                 .then(|| self.image_deadline())
                 .flatten();
             let deadline = match (deadline, image) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let deadline = match (deadline, self.gone_deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -1176,6 +1233,7 @@ impl Actor {
                     resource,
                     conn,
                     available,
+                    why,
                     reply,
                 }) => {
                     let current = self.current_conn(&resource, conn, false);
@@ -1186,6 +1244,14 @@ impl Actor {
                             Input::Unavailable { resource: id }
                         };
                         self.input(input);
+                        if let Some(why) = why {
+                            let kind = if available {
+                                "available"
+                            } else {
+                                "unavailable"
+                            };
+                            self.note(kind, format!("{kind}: {resource} {why}"));
+                        }
                     }
                     self.commit().await?;
                     let _ = reply.send(());
@@ -1197,6 +1263,7 @@ impl Actor {
                     reply,
                 }) => {
                     if let Some(id) = self.to_engine.get(&resource).cloned() {
+                        self.check_users(&resource, &events).await;
                         for ev in events {
                             self.session_event(&id, ev);
                         }
@@ -1256,12 +1323,61 @@ impl Actor {
             return;
         }
         let facts = self.host_facts(&resource).await;
+        if !self.flagged.contains_key(&resource) && !self.recorded_flags.contains_key(&resource) {
+            let flag = self.recorded_flag(&resource).await;
+            self.recorded_flags
+                .insert(resource.clone(), flag.unwrap_or_default());
+        }
         self.joined(resource.clone(), sessions, facts.as_ref());
         self.image_joined(&resource);
         if self.to_engine.contains_key(&resource)
             && self.applied_version(&resource).await < self.row.policy_version
         {
             self.push_policy(&resource);
+        }
+    }
+
+    /// Records a session started for a user the broker does not know (no
+    /// `ferryctl user create`): it counts as reported (it happened on the
+    /// host), but an operator should know that nobody was routed there.
+    async fn check_users(&mut self, resource: &ResourceId, events: &[SessionEvent]) {
+        let started: Vec<(SessionId, ferry_common::UserId)> = events
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Started { session, user, .. } => {
+                    Some((session.clone(), user.clone()))
+                }
+                SessionEvent::Ended { .. } => None,
+            })
+            .collect();
+        if started.is_empty() {
+            return;
+        }
+        let users: Vec<String> = started.iter().map(|(_, u)| u.to_string()).collect();
+        let known = self
+            .shared
+            .store
+            .read_with(move |c| {
+                let mut stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?;
+                let mut known = Vec::with_capacity(users.len());
+                for u in &users {
+                    known.push(stmt.exists([u])?);
+                }
+                Ok(known)
+            })
+            .await;
+        let Ok(known) = known else { return };
+        for ((session, user), known) in started.into_iter().zip(known) {
+            if !known {
+                self.note(
+                    "unknown-user",
+                    format!(
+                        "session {session} on {resource} started for user {user}, whom the \
+                         broker does not know (create it with `ferryctl user create`); it \
+                         counts, but no route led there"
+                    ),
+                );
+            }
         }
     }
 
@@ -1308,6 +1424,7 @@ impl Actor {
 
     fn timeout(&mut self) {
         self.retry_disconnects();
+        self.gone_timeouts();
         if self.closed.is_some() {
             return;
         }
@@ -1519,6 +1636,7 @@ impl Actor {
             }
         };
         self.check_host(&resource, facts);
+        self.host_back(&resource);
         match self.state_of(&id) {
             Some(ResourceState::Pending) => {
                 self.input(Input::Created {
@@ -1572,7 +1690,36 @@ impl Actor {
         }
     }
 
+    /// The newest `flagged` event of `resource` in the group, unless a
+    /// `flag-lifted` came after it.
+    async fn recorded_flag(&self, resource: &ResourceId) -> Option<String> {
+        let (num, prefix) = (self.row.num, format!("resource {resource} %"));
+        let newest = self
+            .shared
+            .store
+            .read_with(move |c| {
+                Ok(c.query_row(
+                    "SELECT kind, message FROM group_events
+                     WHERE group_num = ?1 AND kind IN ('flagged', 'flag-lifted')
+                         AND message LIKE ?2
+                     ORDER BY id DESC LIMIT 1",
+                    params![num, prefix],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?)
+            })
+            .await
+            .ok()
+            .flatten()?;
+        (newest.0 == "flagged").then_some(newest.1)
+    }
+
     fn flag(&mut self, resource: &ResourceId, message: String) {
+        if self.recorded_flags.get(resource) == Some(&message) {
+            // Recorded by an earlier run of the actor: kept, not repeated.
+            self.flagged.insert(resource.clone(), message);
+            return;
+        }
         if !self.flagged.contains_key(resource) {
             tracing::warn!(group = %self.row.name, "{message}");
             self.flagged.insert(resource.clone(), message.clone());
@@ -1850,7 +1997,10 @@ impl Actor {
                 self.input(Input::Released { resource: id });
             }
             Some(ResourceState::Ready) => {
-                self.input(Input::Unavailable { resource: id });
+                self.input(Input::Unavailable {
+                    resource: id.clone(),
+                });
+                self.host_left(&resource, &id);
             }
             _ => {}
         }
@@ -1903,6 +2053,39 @@ impl Actor {
                 self.route_ended(&session);
                 self.input(Input::Leave { session });
             }
+        }
+    }
+
+    /// Ends `session` on `real` at `at` because the broker decided so (its
+    /// retention ran out, its host stayed away): the group frees its slot
+    /// now and its record ends at `at` with `reason` in the next commit,
+    /// whether or not the host can close it. The host's own later report of
+    /// the end does not move it (an earlier one does: see the store).
+    fn end_by_broker(
+        &mut self,
+        real: &ResourceId,
+        session: &SessionId,
+        at: UnixMillis,
+        reason: &str,
+    ) {
+        self.ends.push(BrokerEnd {
+            resource: real.clone(),
+            session: session.clone(),
+            at,
+            reason: reason.to_owned(),
+        });
+        if let Some(set) = self
+            .to_engine
+            .get(real)
+            .and_then(|id| self.sessions.get_mut(id))
+        {
+            set.remove(session);
+        }
+        self.route_ended(session);
+        if self.engine.session_resource(session).is_some() {
+            self.input(Input::Leave {
+                session: session.clone(),
+            });
         }
     }
 
@@ -2165,15 +2348,19 @@ impl Actor {
         // Decisions made while handling a deferred release.
         self.take_decisions();
         let disconnect_ops = self.disconnect_ops();
+        let retain_ops = self.retention_ops();
         if self.notes.is_empty()
             && self.intervals.is_empty()
+            && self.ends.is_empty()
             && !self.elastic.has_ops()
             && disconnect_ops.is_empty()
+            && retain_ops.is_empty()
         {
             return Ok(());
         }
         let notes = std::mem::take(&mut self.notes);
         let intervals = std::mem::take(&mut self.intervals);
+        let ends = std::mem::take(&mut self.ends);
         let elastic_ops = self.elastic.take_ops();
         let billing = self.row.billing.clone();
         let num = self.row.num;
@@ -2205,6 +2392,10 @@ impl Actor {
                 }
                 elastic::write_ops(c, num, &elastic_ops)?;
                 disconnects::write(c, num, &disconnect_ops)?;
+                retention::write(c, num, &retain_ops)?;
+                for e in &ends {
+                    crate::store::end_session_by_broker(c, &e.resource, &e.session, e.at, &e.reason)?;
+                }
                 Ok(())
             })
             .await?;

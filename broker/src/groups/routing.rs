@@ -98,6 +98,18 @@ struct Reservation {
     expires_at: i64,
 }
 
+/// A disconnected session kept for its user to come back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Retained {
+    /// The real resource it is on.
+    pub resource: ResourceId,
+    /// When its user disconnected (the host's stamp, never after the
+    /// broker's now).
+    pub since: UnixMillis,
+    /// When it ends; `None` = kept for ever.
+    pub deadline: Option<UnixMillis>,
+}
+
 /// A request in the engine's waiting room.
 struct Waiter {
     user: UserId,
@@ -115,8 +127,8 @@ pub(super) struct Routing {
     session_user: HashMap<SessionId, UserId>,
     /// Sessions (reserved or started) of each user in the group.
     user_sessions: HashMap<UserId, BTreeSet<SessionId>>,
-    /// Disconnected sessions kept for a reconnect: deadline (`None` = forever).
-    retained: HashMap<SessionId, Option<i64>>,
+    /// Disconnected sessions kept for a reconnect ([`super::retention`]).
+    pub(super) retained: HashMap<SessionId, Retained>,
     /// Sessions whose retention ran out and whose end was asked for: never
     /// routed to again.
     ending: HashSet<SessionId>,
@@ -126,6 +138,8 @@ pub(super) struct Routing {
     deadlines: BTreeSet<(i64, Due, SessionId)>,
     /// Sessions to leave once the engine's decision loop is done.
     deferred_leave: Vec<SessionId>,
+    /// Sessions whose entry of `retained` changed since the last commit.
+    pub(super) retained_dirty: BTreeSet<SessionId>,
 }
 
 impl Routing {
@@ -137,9 +151,11 @@ impl Routing {
             .insert(session.clone());
     }
 
-    fn forget(&mut self, session: &SessionId) {
+    pub(super) fn forget(&mut self, session: &SessionId) {
         self.reservations.remove(session);
-        self.retained.remove(session);
+        if self.retained.remove(session).is_some() {
+            self.retained_dirty.insert(session.clone());
+        }
         self.ending.remove(session);
         if let Some(user) = self.session_user.remove(session) {
             if let Some(set) = self.user_sessions.get_mut(&user) {
@@ -534,26 +550,60 @@ impl Actor {
                     );
                 }
                 Due::Retention => {
-                    if self.routing.retained.get(&session) != Some(&Some(t)) {
-                        continue;
-                    }
-                    self.routing.retained.remove(&session);
-                    self.routing.ending.insert(session.clone());
-                    let Some(engine_id) = self.engine.session_resource(&session).cloned() else {
+                    let Some(r) = self
+                        .routing
+                        .retained
+                        .get(&session)
+                        .filter(|r| r.deadline == Some(UnixMillis(t)))
+                        .cloned()
+                    else {
                         continue;
                     };
-                    let real = self.external(&engine_id);
-                    self.note(
-                        "retention-ended",
-                        format!(
-                            "retention-ended: session {session} on {real} stayed disconnected \
-                             past the disconnect retention; asking its agent to end it"
-                        ),
-                    );
-                    self.end_session(&real, session);
+                    self.retention_ended(session, r);
                 }
             }
         }
+    }
+
+    /// Keeps a disconnected session for its user, until `r.deadline`.
+    pub(super) fn retain(&mut self, session: SessionId, r: Retained) {
+        if let Some(t) = r.deadline {
+            self.routing
+                .deadlines
+                .insert((t.0, Due::Retention, session.clone()));
+        }
+        self.routing.retained_dirty.insert(session.clone());
+        self.routing.retained.insert(session, r);
+    }
+
+    /// The session is no longer retained (its user is back, or it ends);
+    /// `true` when it was.
+    pub(super) fn unretain(&mut self, session: &SessionId) -> bool {
+        let was = self.routing.retained.remove(session).is_some();
+        if was {
+            self.routing.retained_dirty.insert(session.clone());
+        }
+        was
+    }
+
+    /// A retained session's retention ran out: the session ends now for the
+    /// group (its slot is free, its metering stops at the deadline), whether
+    /// or not its host can close it, and its agent is asked to close it.
+    fn retention_ended(&mut self, session: SessionId, r: Retained) {
+        let at = r.deadline.unwrap_or_else(|| self.now());
+        self.unretain(&session);
+        self.note(
+            "retention-ended",
+            format!(
+                "retention-ended: session {session} on {} stayed disconnected past the \
+                 disconnect retention (since {}); it ends now and its agent is asked to \
+                 close it",
+                r.resource,
+                crate::render::rfc3339(r.since)
+            ),
+        );
+        self.end_by_broker(&r.resource, &session, at, "disconnect retention ended");
+        self.end_session(&r.resource, session);
     }
 
     /// An agent told where its streaming server listens.
@@ -576,13 +626,22 @@ impl Actor {
                     // retention already runs.
                     return;
                 }
-                let deadline = self.retention().map(|d| self.now().0.saturating_add(ms(d)));
-                self.routing.retained.insert(session.clone(), deadline);
-                if let Some(t) = deadline {
-                    self.routing
-                        .deadlines
-                        .insert((t, Due::Retention, session.clone()));
-                }
+                // From the disconnect (the host's stamp), never later than
+                // now: a report that waited in a link outage is not
+                // retained longer for it.
+                let now = self.now();
+                let since = UnixMillis(report.at.0.min(now.0));
+                let deadline = self
+                    .retention()
+                    .map(|d| UnixMillis(since.0.saturating_add(ms(d))));
+                self.retain(
+                    session.clone(),
+                    Retained {
+                        resource: resource.clone(),
+                        since,
+                        deadline,
+                    },
+                );
                 self.note(
                     "session-disconnected",
                     format!(
@@ -596,7 +655,7 @@ impl Actor {
                 );
             }
             Presence::Reconnected => {
-                if self.routing.retained.remove(&session).is_some() {
+                if self.unretain(&session) {
                     self.note(
                         "session-reconnected",
                         format!("session {session} on {resource}: its user reconnected"),
@@ -619,8 +678,9 @@ impl Actor {
         }
     }
 
-    /// Asks the agent of `real` to end a session whose retention ran out,
-    /// without holding up the actor; the outcome goes to the group's events.
+    /// Asks the agent of `real` to close a session whose retention ran out
+    /// (the group already ended it), without holding up the actor; the
+    /// outcome goes to the group's events.
     fn end_session(&self, real: &ResourceId, session: SessionId) {
         let shared = self.shared.clone();
         let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
@@ -630,18 +690,24 @@ impl Actor {
                 reason: "disconnect retention ended".into(),
             };
             let outcome = shared.command(&real, command).await;
-            let (kind, message) = match outcome {
-                Ok(CommandOutcome::Done) => (
+            let why = match outcome {
+                Ok(CommandOutcome::Done) => None,
+                Ok(CommandOutcome::Failed(m)) => Some(format!("the agent says: {m}")),
+                Err(e) => Some(e),
+            };
+            let (kind, message) = match why {
+                None => (
                     "disconnected",
                     format!("disconnected: session {session} on {real}, its retention ended"),
                 ),
-                Ok(CommandOutcome::Failed(m)) => (
+                Some(why) => (
                     "disconnect-failed",
-                    format!("disconnect failed: session {session} on {real}: the agent says: {m}"),
-                ),
-                Err(e) => (
-                    "disconnect-failed",
-                    format!("disconnect failed: session {session} on {real}: {e}"),
+                    format!(
+                        "disconnect failed: session {session} on {real}: {why}; the session \
+                         ended for the group and its metering anyway, the host may keep it \
+                         until its user logs out (configure [hooks] disconnect on the host \
+                         to enforce retention)"
+                    ),
                 ),
             };
             if let Err(e) = shared.event(num, kind, message).await {
