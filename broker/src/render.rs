@@ -17,6 +17,14 @@ pub fn rfc3339(t: UnixMillis) -> String {
         .unwrap_or_else(|| format!("@{}ms", t.0))
 }
 
+/// RFC 3339 UTC in whole seconds, for people: `2026-12-01T02:00:00Z`
+/// (milliseconds dropped, not rounded).
+pub fn rfc3339_secs(t: UnixMillis) -> String {
+    DateTime::<Utc>::from_timestamp_millis(t.0.div_euclid(1000) * 1000)
+        .map(|d| d.to_rfc3339_opts(SecondsFormat::Secs, true))
+        .unwrap_or_else(|| format!("@{}ms", t.0))
+}
+
 fn opt_time(t: Option<UnixMillis>) -> Value {
     t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
 }

@@ -856,3 +856,92 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     assert_eq!(v["reason"], "at-capacity", "{v}");
     Ok(())
 }
+
+/// `ferry-connect`'s failures as a user meets them, against a real
+/// `ferry-broker` process: a usage error exits 64 (not 2, which means
+/// refused); a CA that did not sign the broker's certificate is one message
+/// that names `--ca`; a broker that does not answer is waited for with a
+/// line saying what is awaited, then exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_connect_exit_codes_a_wrong_ca_and_a_silent_broker() -> anyhow::Result<()> {
+    use ferry_tests::bins::bin;
+    use ferry_tests::procs::{run, BrokerFiles, BrokerProcess};
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let program = bin("ferry-connect");
+    let pw = tmp.path().join("alice.pw");
+    std::fs::write(&pw, "pw-alice\n")?;
+    let args = |broker: &str, ca: &std::path::Path, extra: &[&str]| {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            "--broker".into(),
+            broker.into(),
+            "--server-name".into(),
+            "localhost".into(),
+            "--ca".into(),
+            ca.into(),
+            "--group".into(),
+            "real".into(),
+            "--user".into(),
+            "alice".into(),
+            "--password-file".into(),
+            pw.clone().into(),
+        ];
+        v.extend(extra.iter().map(std::ffi::OsString::from));
+        v
+    };
+
+    // Usage errors: an unknown flag, a missing one.
+    let out = run(&program, ["--broker", "127.0.0.1:1", "--bogus"]).await?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let out = run(&program, ["--broker", "127.0.0.1:1"]).await?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let help = run(&program, ["--help"]).await?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("64 usage error"), "{help}");
+
+    // Nothing answers on this UDP port (held open here, so no one else
+    // takes it): a line saying what is awaited, then exit 1.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let silent_addr = silent.local_addr()?.to_string();
+    let files = BrokerFiles::init(&tmp.path().join("b")).await?;
+    let ca = files.pki_dir.join(pki::CA_CERT);
+    let out = run(
+        &program,
+        args(&silent_addr, &ca, &["--connect-timeout", "3s"]),
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("waiting for the broker at {silent_addr}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("no answer from {silent_addr} within 3s")),
+        "{stderr}"
+    );
+    drop(silent);
+
+    // A real broker, and the CA of another PKI.
+    let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    let other = BrokerFiles::init(&tmp.path().join("other")).await?;
+    let wrong_ca = other.pki_dir.join(pki::CA_CERT);
+    let out = run(
+        &program,
+        args(&broker.agent_addr.to_string(), &wrong_ca, &[]),
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(&format!("check that --ca {}", wrong_ca.display())),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("invalid peer certificate").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+    Ok(())
+}
