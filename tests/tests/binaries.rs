@@ -245,3 +245,70 @@ async fn demo_scales_out_and_in_reports_usage_and_leaves_nothing_running() -> an
     assert!(!dir.exists(), "{} was not removed", dir.display());
     Ok(())
 }
+
+/// `ferryctl`'s usage errors exit 64 (a refusal or failure is 1): every bad
+/// flag value of one command listed at once, an existing agent key replaced
+/// only with `--yes` when there is no terminal to ask on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferryctl_usage_errors_list_every_bad_value_and_need_yes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let socket = tmp.path().join("admin.sock");
+    let ferryctl = bin("ferryctl");
+    let ctl = |args: &[&str]| {
+        let mut all: Vec<std::ffi::OsString> = vec!["--socket".into(), socket.clone().into()];
+        all.extend(args.iter().map(std::ffi::OsString::from));
+        run(&ferryctl, all)
+    };
+    let out = ctl(&[
+        "group",
+        "update-policy",
+        "design",
+        "--disconnect-retention",
+        "xx",
+        "--idle-disconnect",
+        "banana",
+        "--max-idle",
+        "1y",
+    ])
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("3 flag values are invalid"), "{stderr}");
+    for flag in ["--disconnect-retention", "--idle-disconnect", "--max-idle"] {
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+    // Checked before the broker is asked: none runs here.
+    assert!(!stderr.contains("is ferry-broker running"), "{stderr}");
+    let out = ctl(&["group", "show"]).await?;
+    assert_eq!(out.status.code(), Some(64), "clap's usage error: {out:?}");
+
+    let files = BrokerFiles::init(&tmp.path().join("b")).await?;
+    let id = tmp.path().join("host-1");
+    files.issue_agent("host-1", &id).await?;
+    let key = std::fs::read(id.join(pki::AGENT_KEY))?;
+    let issue = |yes: bool| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "pki".into(),
+            "issue-agent".into(),
+            "--dir".into(),
+            files.pki_dir.clone().into(),
+            "--resource".into(),
+            "host-1".into(),
+            "--out".into(),
+            id.clone().into(),
+        ];
+        if yes {
+            args.push("--yes".into());
+        }
+        run(&ferryctl, args)
+    };
+    let out = issue(false).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("add --yes"), "{stderr}");
+    assert_eq!(std::fs::read(id.join(pki::AGENT_KEY))?, key, "kept");
+    let out = issue(true).await?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_ne!(std::fs::read(id.join(pki::AGENT_KEY))?, key, "replaced");
+    Ok(())
+}
