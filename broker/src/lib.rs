@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod csv;
 pub mod daemon;
 pub mod demo;
 pub mod engine;

@@ -95,10 +95,25 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
         Some(1),
         "nothing of the bad batch: {users}"
     );
+    // A malformed record is named by line and column, and nothing is imported.
+    let broken = tmp.path().join("broken.csv");
+    std::fs::write(
+        &broken,
+        "id,email,mobile\nbob,bob@example.com,+8613800000002\ncarol,\"carol@example.com,+8613800000003\n",
+    )?;
+    let err = refused(s, &["user", "import", broken.to_str().unwrap_or_default()]).await?;
+    assert!(
+        err.contains("line 3, column 7: this quote is never closed"),
+        "{err}"
+    );
+    // As a spreadsheet saves it: a byte order mark, quoted fields, CRLF and
+    // blank rows at the end.
     let good = tmp.path().join("good.csv");
-    std::fs::write(&good, "id,email,mobile\nbob,bob@example.com,+8613800000002\ncarol,carol@example.com,+8613800000003\n")?;
+    std::fs::write(&good, "\u{feff}id,email,mobile\r\n\"bob\",\"bob@example.com\",\"+8613800000002\"\r\ncarol,carol@example.com,+8613800000003\r\n,,\r\n\r\n")?;
     let imported = ferryctl_json(s, &["user", "import", good.to_str().unwrap_or_default()]).await?;
     assert_eq!(imported.as_array().map(Vec::len), Some(2), "{imported}");
+    assert_eq!(imported[0]["id"], "bob", "{imported}");
+    assert_eq!(imported[0]["mobile"], "+8613800000002", "{imported}");
 
     // Publish a subscription with a name and users: the publish order is priced.
     let mut args = PUBLISH.to_vec();

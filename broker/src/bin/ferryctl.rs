@@ -802,8 +802,14 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                     MAX_ADMIN_FRAME_LEN / 2
                 );
             }
-            let csv = std::fs::read_to_string(&file)
-                .with_context(|| format!("read {}", file.display()))?;
+            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let csv = String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not UTF-8 text (byte {} is not); save it as \"CSV UTF-8\"",
+                    file.display(),
+                    e.utf8_error().valid_up_to() + 1
+                )
+            })?;
             AdminRequestV1::UserImport { csv }
         }
         Cmd::User(UserCmd::List) => AdminRequestV1::UserList,
