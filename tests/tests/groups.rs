@@ -127,6 +127,13 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
         "--user",
         "alice",
     ]);
+    // A zero max_idle is refused by the broker with the reason.
+    let zero: Vec<&str> = args
+        .iter()
+        .map(|a| if *a == "1h" { "0" } else { *a })
+        .collect();
+    let err = refused(s, &zero).await?;
+    assert!(err.contains("max_idle: must be above zero"), "{err}");
     let g = ferryctl_json(s, &args).await?;
     assert_eq!(g["name"], "design-team");
     assert_eq!(g["status"], "published");

@@ -104,7 +104,7 @@ async fn fixture(
                     email: format!("{u}@example.com"),
                     mobile: "+8613800000000".into(),
                 },
-                password: Secret(format!("pw-{u}")),
+                password: Secret(format!("password-{u}")),
             })
             .await?;
     }
@@ -185,7 +185,7 @@ fn ask(group: &str, user: &str, credential: Credential, wait: bool) -> RouteAsk 
 }
 
 fn password(user: &str) -> Credential {
-    Credential::Password(format!("pw-{user}"))
+    Credential::Password(format!("password-{user}"))
 }
 
 /// `user` asks for `group` with their password, not waiting for room.

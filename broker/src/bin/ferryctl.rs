@@ -557,6 +557,16 @@ impl PasswordSource {
         if line.is_empty() {
             anyhow::bail!("the password is empty");
         }
+        // The broker refuses it too; saying so here spares a round trip.
+        let min = ferry_common::limits::MIN_PASSWORD_CHARS;
+        let chars = line.chars().count();
+        if chars < min {
+            return Err(Usage(format!(
+                "the password has {chars} characters; a password needs at least {min} \
+                 characters (a longer phrase is better)"
+            ))
+            .into());
+        }
         if line.len() > limit {
             anyhow::bail!("the password is longer than {limit} bytes");
         }

@@ -2,6 +2,12 @@
 //!
 //! Validation collects every problem before refusing, so an operator fixes a
 //! policy in one round instead of one error at a time.
+//!
+//! `max_idle` must be above zero, in a live group and in a scenario alike:
+//! with zero an elastic resource would be released the instant its last
+//! session ends, so every lull between two users would cost a scale-in and
+//! the next one a scale-out (SPEC 4 (E) is a time to stay idle, not a
+//! switch). Scale in soon with a short one (`1m`), never with zero.
 
 use std::fmt;
 use std::time::Duration;
@@ -203,6 +209,14 @@ impl Policy {
                     "{} is above the limit of {MAX_GROUP_RESOURCES}",
                     self.max_elastic
                 ),
+            );
+        }
+        if self.max_idle.is_zero() {
+            add(
+                "max_idle",
+                "must be above zero: an elastic resource would be released the instant its \
+                 last session ends (write e.g. 10m)"
+                    .into(),
             );
         }
         for (field, d) in [
@@ -647,6 +661,23 @@ mod tests {
         assert!(err
             .to_string()
             .contains("above the 2 sessions spec office-4c8g"));
+    }
+
+    #[test]
+    fn a_zero_max_idle_is_refused_with_the_reason() {
+        let mut p = seed();
+        p.max_idle = Duration::ZERO;
+        p.usage_threshold = 101;
+        let err = p.validate(None).unwrap_err();
+        let fields: Vec<_> = err.problems.iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["usage_threshold", "max_idle"], "{err}");
+        assert!(
+            err.to_string().contains("max_idle: must be above zero"),
+            "{err}"
+        );
+        p.usage_threshold = 85;
+        p.max_idle = Duration::from_millis(1);
+        assert_eq!(p.validate(None), Ok(()));
     }
 
     #[test]
