@@ -2254,7 +2254,10 @@ impl Actor {
                     state: r.state,
                     // Closed: nothing takes sessions, whatever the frozen
                     // engine last knew; the load is what agents report since.
-                    available: r.available && !closed,
+                    // Only a ready resource takes sessions: a pending one is
+                    // not there yet (the engine's flag says only that it is
+                    // not drained or unhealthy).
+                    available: r.available && r.state == ResourceState::Ready && !closed,
                     occupancy: if closed {
                         u32::try_from(sessions.len()).unwrap_or(u32::MAX)
                     } else {
