@@ -12,6 +12,7 @@ pub mod groups;
 pub mod link;
 #[cfg(test)]
 mod link_tests;
+pub mod listing;
 pub mod notify;
 pub mod ota;
 pub mod pki;

@@ -12,7 +12,7 @@ use ferry_broker::pki;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, run, wait_notify, AgentProcess, BrokerFiles, BrokerProcess,
+    ferryctl_json, run, run_ok, wait_notify, AgentProcess, BrokerFiles, BrokerProcess,
     PROCESS_SHUTDOWN_GRACE,
 };
 use serde_json::Value;
@@ -86,8 +86,53 @@ async fn broker_and_two_agents_as_processes() -> anyhow::Result<()> {
     assert_eq!(sessions["s3"]["resource"], "host-2");
     assert!(sessions["s2"]["ended_at"].is_null());
     assert!(sessions["s3"]["end_reason"].is_null());
+    assert_eq!(sessions["s1"]["state"], "ended");
+    assert_eq!(sessions["s2"]["state"], "open");
+    assert!(sessions["s2"]["group"].is_null(), "no group: {sessions:?}");
     let open = ferryctl_json(socket, &["sessions", "list"]).await?;
     assert_eq!(open.as_array().map(Vec::len), Some(2), "{open}");
+    let table = run_ok(
+        &bin("ferryctl"),
+        [
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "sessions".as_ref(),
+            "list".as_ref(),
+            "--all".as_ref(),
+        ],
+    )
+    .await?;
+    let header = table.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("SESSION  RESOURCE  GROUP  USER   STATE"),
+        "{table}"
+    );
+    assert!(!table.contains(".000Z"), "whole seconds: {table}");
+
+    // `user list`: whether each user has a password and tokens.
+    let pw = tmp.path().join("alice.pw");
+    std::fs::write(&pw, "correct horse\n")?;
+    let pw_arg = pw.to_str().unwrap_or_default();
+    for (id, password) in [("alice", Some(pw_arg)), ("bob", None)] {
+        let email = format!("{id}@example.com");
+        let mut args = vec!["user", "create", "--id", id, "--email", &email];
+        args.extend(["--mobile", "+8613800000000"]);
+        if let Some(p) = password {
+            args.extend(["--password-file", p]);
+        }
+        ferryctl_json(socket, &args).await?;
+    }
+    ferryctl_json(socket, &["user", "token", "alice", "--ttl", "1h"]).await?;
+    let users = ferryctl_json(socket, &["user", "list"]).await?;
+    assert_eq!(users[0]["id"], "alice", "{users}");
+    assert_eq!(users[0]["password_set"], true, "{users}");
+    assert!(users[0]["token_expires_at"].is_string(), "{users}");
+    assert_eq!(users[1]["password_set"], false, "{users}");
+    assert!(users[1]["token_expires_at"].is_null(), "{users}");
+    ferryctl_json(socket, &["user", "revoke-tokens", "alice"]).await?;
+    let users = ferryctl_json(socket, &["user", "list"]).await?;
+    assert_eq!(users[0]["token_generation"], 1, "{users}");
+    assert!(users[0]["token_expires_at"].is_null(), "revoked: {users}");
 
     let resources = ferryctl_json(socket, &["resources", "list"]).await?;
     let resources = resources.as_array().expect("a JSON array");
@@ -310,5 +355,42 @@ async fn ferryctl_usage_errors_list_every_bad_value_and_need_yes() -> anyhow::Re
     let out = issue(true).await?;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_ne!(std::fs::read(id.join(pki::AGENT_KEY))?, key, "replaced");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fingerprint = pki::fingerprint(&id.join(pki::AGENT_CERT))?;
+    assert!(text.contains(&format!("sha256 {fingerprint}")), "{text}");
+    // --json: the paths and fingerprints.
+    let out = run(
+        &ferryctl,
+        [
+            "pki".as_ref(),
+            "issue-agent".as_ref(),
+            "--dir".as_ref(),
+            files.pki_dir.as_os_str(),
+            "--resource".as_ref(),
+            "host-2".as_ref(),
+            "--out".as_ref(),
+            tmp.path().join("host-2").as_os_str(),
+            "--json".as_ref(),
+        ],
+    )
+    .await?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let cert = tmp.path().join("host-2").join(pki::AGENT_CERT);
+    assert_eq!(
+        v["files"]["cert"]["path"],
+        cert.display().to_string(),
+        "{v}"
+    );
+    assert_eq!(
+        v["files"]["cert"]["fingerprint_sha256"],
+        pki::fingerprint(&cert)?,
+        "{v}"
+    );
+    assert_eq!(
+        v["files"]["ca_cert"]["fingerprint_sha256"],
+        pki::fingerprint(&files.pki_dir.join(pki::CA_CERT))?,
+        "the CA's, as pki init printed it: {v}"
+    );
+    assert!(v["files"]["key"]["fingerprint_sha256"].is_null(), "{v}");
     Ok(())
 }

@@ -735,6 +735,40 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     let mut local = f.agents[0].client().await?;
     local.session_presence(a.session.clone(), true).await?;
     wait_event(&f, "ret", |e| e.kind == "session-disconnected").await?;
+    // `sessions list` says it is retained, since when and until when.
+    let AdminResponseV1::SessionsDetailed(listed) = f
+        .broker
+        .admin(AdminRequestV1::ListSessionsDetailed { all: false })
+        .await?
+    else {
+        bail!("not a detailed session list");
+    };
+    let kept = listed
+        .iter()
+        .find(|s| s.info.session == a.session)
+        .context("the retained session is listed")?;
+    assert_eq!(kept.state, "retained", "{kept:?}");
+    assert_eq!(kept.group.as_ref().map(|g| g.as_str()), Some("ret"));
+    let since = kept.disconnected_at.context("disconnected at")?;
+    assert_eq!(since, f.clock.now());
+    let retention = i64::try_from(ferry_broker::engine::DEFAULT_RETENTION.as_millis())?;
+    assert_eq!(kept.retained_until, Some(UnixMillis(since.0 + retention)));
+    // `group events --json` names the session and the resource.
+    let AdminResponseV1::GroupEventsDetailed(events) = f
+        .broker
+        .admin(AdminRequestV1::GroupEventsDetailed {
+            group: gname("ret"),
+        })
+        .await?
+    else {
+        bail!("not detailed events");
+    };
+    let disconnected = events
+        .iter()
+        .find(|e| e.event.kind == "session-disconnected")
+        .context("the disconnect event")?;
+    assert_eq!(disconnected.session.as_ref(), Some(&a.session));
+    assert_eq!(disconnected.resource.as_ref(), Some(&a.resource));
 
     // The slot stays taken: bob is refused, alice goes back to her session.
     let (reason, _) = refusal(launch(&c, "ret", "bob").await?)?;
@@ -763,6 +797,21 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
         .find(|s| s.session == a.session)
         .context("session recorded")?;
     assert!(record.ended_at.is_some(), "{record:?}");
+    let AdminResponseV1::SessionsDetailed(listed) = f
+        .broker
+        .admin(AdminRequestV1::ListSessionsDetailed { all: true })
+        .await?
+    else {
+        bail!("not a detailed session list");
+    };
+    let ended = listed
+        .iter()
+        .find(|s| s.info.session == a.session)
+        .context("listed")?;
+    assert_eq!(
+        (ended.state.as_str(), ended.retained_until),
+        ("ended", None)
+    );
     let b = admitted(launch(&c, "ret", "bob").await?)?;
     assert_eq!(b.resource.as_str(), "h1");
     Ok(())

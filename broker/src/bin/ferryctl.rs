@@ -680,10 +680,17 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             // exist with the rest of the PKI (and its owner).
             ferry_broker::tickets::TicketSigner::load_or_create(&dir).context("ticket key")?;
             ferry_broker::tickets::TokenKey::load_or_create(&dir).context("token key")?;
-            return Ok(format!(
-                "created CA and broker certificate in {}\n",
-                dir.display()
-            ));
+            let files = [
+                ("ca_cert", dir.join(pki::CA_CERT), true),
+                ("ca_key", dir.join(pki::CA_KEY), false),
+                ("broker_cert", dir.join(pki::BROKER_CERT), true),
+                ("broker_key", dir.join(pki::BROKER_KEY), false),
+            ];
+            return pki_output(
+                json,
+                &format!("created CA and broker certificate in {}", dir.display()),
+                &files,
+            );
         }
         Cmd::Pki(PkiCmd::IssueAgent {
             dir,
@@ -704,10 +711,16 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 )?;
             }
             pki::issue_agent(&dir, &resource, &out).context("pki issue-agent")?;
-            return Ok(format!(
-                "issued certificate for {resource} in {}\n",
-                out.display()
-            ));
+            let files = [
+                ("cert", out.join(pki::AGENT_CERT), true),
+                ("key", out.join(pki::AGENT_KEY), false),
+                ("ca_cert", out.join(pki::CA_CERT), true),
+            ];
+            return pki_output(
+                json,
+                &format!("issued certificate for {resource} in {}", out.display()),
+                &files,
+            );
         }
         Cmd::Simulate { file } => {
             let mut out = ferry_broker::simulate::run_cli(&file, json)?;
@@ -735,13 +748,15 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                 .enable_all()
                 .build()
                 .context("start runtime")?;
-            let resp =
-                runtime.block_on(admin::request(&cli.socket, AdminRequestV1::Usage(query)))?;
+            let resp = runtime.block_on(admin::request(
+                &cli.socket,
+                AdminRequestV1::UsageDetailed(query),
+            ))?;
             return match resp {
-                AdminResponseV1::Usage(r) => Ok(match format.as_str() {
-                    "csv" => render::usage_csv(&r),
-                    "json" => format!("{:#}\n", render::usage_json(&r)),
-                    _ => render::usage_table(&r),
+                AdminResponseV1::UsageDetailed(d) => Ok(match format.as_str() {
+                    "csv" => render::usage_csv(&d.report),
+                    "json" => format!("{:#}\n", render::usage_detail_json(&d)),
+                    _ => render::usage_detail_table(&d),
                 }),
                 other => Ok(show(other, json)),
             };
@@ -755,7 +770,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Cmd::Resources(ResourcesCmd::Undrain { resource }) => AdminRequestV1::Undrain {
             resource: resource.parse()?,
         },
-        Cmd::Sessions(SessionsCmd::List { all }) => AdminRequestV1::ListSessions { all },
+        Cmd::Sessions(SessionsCmd::List { all }) => AdminRequestV1::ListSessionsDetailed { all },
         Cmd::Sessions(SessionsCmd::Disconnect { session }) => AdminRequestV1::DisconnectSession {
             session: session.parse::<SessionId>()?,
         },
@@ -822,7 +837,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             })?;
             AdminRequestV1::UserImport { csv }
         }
-        Cmd::User(UserCmd::List) => AdminRequestV1::UserList,
+        Cmd::User(UserCmd::List) => AdminRequestV1::UserListDetailed,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -852,6 +867,51 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         }
         None => Ok(out),
     }
+}
+
+/// What `pki init` / `pki issue-agent` wrote: each file's path and, for
+/// certificates, its SHA-256 fingerprint; as JSON (`{"message", "files":
+/// {NAME: {"path", "fingerprint_sha256"}}}`) or as lines.
+fn pki_output(
+    json: bool,
+    message: &str,
+    files: &[(&str, PathBuf, bool)],
+) -> anyhow::Result<String> {
+    let mut described = Vec::new();
+    for (name, path, cert) in files {
+        let fingerprint = if *cert {
+            Some(pki::fingerprint(path).with_context(|| format!("read {}", path.display()))?)
+        } else {
+            None
+        };
+        described.push((*name, path, fingerprint));
+    }
+    if json {
+        let files: serde_json::Map<String, serde_json::Value> = described
+            .iter()
+            .map(|(name, path, fp)| {
+                (
+                    (*name).to_owned(),
+                    serde_json::json!({
+                        "path": path.display().to_string(),
+                        "fingerprint_sha256": fp,
+                    }),
+                )
+            })
+            .collect();
+        return Ok(format!(
+            "{:#}\n",
+            serde_json::json!({ "message": message, "files": files })
+        ));
+    }
+    let mut out = format!("{message}\n");
+    for (_, path, fp) in described {
+        match fp {
+            Some(fp) => out.push_str(&format!("  {}  sha256 {fp}\n", path.display())),
+            None => out.push_str(&format!("  {}  (secret, mode 0600)\n", path.display())),
+        }
+    }
+    Ok(out)
 }
 
 /// Asks `question` on the terminal and goes on only on `y` or `yes`. Without
@@ -1117,7 +1177,7 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
         GroupCmd::Delete { group, .. } => AdminRequestV1::GroupDelete {
             group: name(group)?,
         },
-        GroupCmd::Events { group } => AdminRequestV1::GroupEvents {
+        GroupCmd::Events { group } => AdminRequestV1::GroupEventsDetailed {
             group: name(group)?,
         },
         GroupCmd::UpdateImage {
@@ -1176,6 +1236,22 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
         } => (
             render::user_token_json(&user, &token, expires_at),
             render::user_token_text(&user, &token, expires_at),
+        ),
+        AdminResponseV1::UsageDetailed(d) => (
+            render::usage_detail_json(&d),
+            render::usage_detail_table(&d),
+        ),
+        AdminResponseV1::SessionsDetailed(s) => (
+            render::sessions_detail_json(&s),
+            render::sessions_detail_table(&s),
+        ),
+        AdminResponseV1::UsersDetailed(u) => (
+            render::users_detail_json(&u),
+            render::users_detail_table(&u),
+        ),
+        AdminResponseV1::GroupEventsDetailed(e) => (
+            render::group_events_detail_json(&e),
+            render::group_events_detail_table(&e),
         ),
         // `admin::request` turns error answers into `Err`.
         AdminResponseV1::Error(e) => (

@@ -12,6 +12,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use ferry_common::duration::format_duration;
 use serde::{Deserialize, Serialize};
 
 /// Most resources of one class (base or elastic) a group may have. The engine keeps
@@ -225,7 +226,13 @@ impl Policy {
             ("wait_timeout", self.wait_timeout),
         ] {
             if d > MAX_POLICY_DURATION {
-                add(field, format!("{d:?} is longer than the limit of 366 days"));
+                add(
+                    field,
+                    format!(
+                        "{} is longer than the limit of 366 days",
+                        format_duration(d)
+                    ),
+                );
             }
         }
         problems.extend(period_problems(&self.periods, base_count, self.max_elastic));
@@ -298,7 +305,10 @@ impl SessionPolicy {
             if d < MIN_RETENTION || d > MAX_RETENTION {
                 problems.push(PolicyProblem {
                     field: "disconnect_retention",
-                    message: format!("{d:?} is not -1 (forever) or 3..=300 minutes"),
+                    message: format!(
+                        "{} is not -1 (forever) or 3..=300 minutes",
+                        format_duration(d)
+                    ),
                 });
             }
         }
@@ -307,7 +317,8 @@ impl SessionPolicy {
                 problems.push(PolicyProblem {
                     field: "max_session_duration",
                     message: format!(
-                        "{d:?} must be longer than the 5 minute warning and at most 366 days"
+                        "{} must be longer than the 5 minute warning and at most 366 days",
+                        format_duration(d)
                     ),
                 });
             }
@@ -316,7 +327,10 @@ impl SessionPolicy {
             if d.is_zero() || d > MAX_POLICY_DURATION {
                 problems.push(PolicyProblem {
                     field: "idle_disconnect",
-                    message: format!("{d:?} must be above zero and at most 366 days"),
+                    message: format!(
+                        "{} must be above zero and at most 366 days",
+                        format_duration(d)
+                    ),
                 });
             }
         }

@@ -159,6 +159,9 @@ pub struct GroupView {
     pub joined: Vec<ResourceId>,
     /// The group's policy version the actor pushes.
     pub policy_version: u64,
+    /// Sessions whose user disconnected, kept for a reconnect: (session,
+    /// disconnected at, retained until; `None` = forever), sorted.
+    pub retained: Vec<(SessionId, UnixMillis, Option<UnixMillis>)>,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -2293,6 +2296,11 @@ impl Actor {
                 joined
             },
             policy_version: self.row.policy_version,
+            retained: self
+                .retained_sessions()
+                .into_iter()
+                .map(|(s, since, until)| (s, UnixMillis(since), until.map(UnixMillis)))
+                .collect(),
         }
     }
 }

@@ -327,6 +327,17 @@ impl GroupService {
         let text = key
             .issue(&claims)
             .map_err(|e| GroupError::Invalid(vec![e.to_string()]))?;
+        // For `user list`: the newest expiry of the current generation.
+        let (id, expires, gen) = (user.to_string(), claims.expires_at.0, generation);
+        self.store
+            .exec(move |c| {
+                Ok(c.execute(
+                    "UPDATE users SET token_expires_at = MAX(COALESCE(token_expires_at, 0), ?2)
+                      WHERE id = ?1 AND token_generation = ?3",
+                    params![id, expires, gen],
+                )?)
+            })
+            .await?;
         Ok((text, claims.expires_at))
     }
 
@@ -341,7 +352,8 @@ impl GroupService {
             .store
             .exec(move |c| {
                 Ok(c.execute(
-                    "UPDATE users SET token_generation = token_generation + 1, updated_at = ?2
+                    "UPDATE users SET token_generation = token_generation + 1, updated_at = ?2,
+                                      token_expires_at = NULL
                       WHERE id = ?1",
                     params![id.as_str(), now.0],
                 )?)

@@ -115,8 +115,9 @@ pub(super) struct Routing {
     session_user: HashMap<SessionId, UserId>,
     /// Sessions (reserved or started) of each user in the group.
     user_sessions: HashMap<UserId, BTreeSet<SessionId>>,
-    /// Disconnected sessions kept for a reconnect: deadline (`None` = forever).
-    retained: HashMap<SessionId, Option<i64>>,
+    /// Disconnected sessions kept for a reconnect: since when, and the
+    /// deadline (`None` = forever).
+    retained: HashMap<SessionId, (i64, Option<i64>)>,
     /// Sessions whose retention ran out and whose end was asked for: never
     /// routed to again.
     ending: HashSet<SessionId>,
@@ -534,7 +535,7 @@ impl Actor {
                     );
                 }
                 Due::Retention => {
-                    if self.routing.retained.get(&session) != Some(&Some(t)) {
+                    if self.routing.retained.get(&session).map(|r| r.1) != Some(Some(t)) {
                         continue;
                     }
                     self.routing.retained.remove(&session);
@@ -554,6 +555,19 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Retained sessions: (session, disconnected at, retained until;
+    /// `None` = forever), for `sessions list`.
+    pub(super) fn retained_sessions(&self) -> Vec<(SessionId, i64, Option<i64>)> {
+        let mut out: Vec<_> = self
+            .routing
+            .retained
+            .iter()
+            .map(|(s, (since, until))| (s.clone(), *since, *until))
+            .collect();
+        out.sort();
+        out
     }
 
     /// An agent told where its streaming server listens.
@@ -577,7 +591,10 @@ impl Actor {
                     return;
                 }
                 let deadline = self.retention().map(|d| self.now().0.saturating_add(ms(d)));
-                self.routing.retained.insert(session.clone(), deadline);
+                let since = self.now().0;
+                self.routing
+                    .retained
+                    .insert(session.clone(), (since, deadline));
                 if let Some(t) = deadline {
                     self.routing
                         .deadlines
