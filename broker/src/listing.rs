@@ -131,6 +131,7 @@ pub async fn events(
                 subjects(&event.message, &detail.info.name, &known, &users);
             GroupEventDetail {
                 event,
+                group: detail.info.name.clone(),
                 resource,
                 session,
                 user,

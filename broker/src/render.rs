@@ -1039,8 +1039,8 @@ pub fn users_detail_table(us: &[UserDetail]) -> String {
     )
 }
 
-/// `group events --json`: `at`, `kind`, `message`, and `resource`,
-/// `session`, `user` where the event names them (else `null`).
+/// `group events --json`: `at`, `kind`, `message`, `group`, and
+/// `resource`, `session`, `user` where the event names them (else `null`).
 pub fn group_events_detail_json(es: &[GroupEventDetail]) -> Value {
     Value::Array(
         es.iter()
@@ -1049,6 +1049,7 @@ pub fn group_events_detail_json(es: &[GroupEventDetail]) -> Value {
                     "at": rfc3339(e.event.at),
                     "kind": e.event.kind,
                     "message": e.event.message,
+                    "group": e.group.as_str(),
                     "resource": e.resource.as_ref().map(|r| r.as_str()),
                     "session": e.session.as_ref().map(|s| s.as_str()),
                     "user": e.user.as_ref().map(|u| u.as_str()),

@@ -282,6 +282,8 @@ pub struct UserDetail {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupEventDetail {
     pub event: GroupEventInfo,
+    /// The group it was recorded for.
+    pub group: GroupName,
     /// The resource it is about.
     pub resource: Option<ResourceId>,
     /// The session it is about.
@@ -1314,12 +1316,13 @@ mod tests {
                 kind: "k".into(),
                 message: "m".into(),
             },
+            group: g(),
             resource: Some("h1".parse().expect("id")),
             session: None,
             user: None,
         };
         let bytes = frame::encode_payload(&event).expect("encode");
-        assert_eq!(hex(&bytes), "02016b016d010268310000");
+        assert_eq!(hex(&bytes), "02016b016d026731010268310000");
         let amounts = ResourceAmount {
             group: g(),
             resource: "h1".parse().expect("id"),

@@ -767,7 +767,20 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
         .iter()
         .find(|e| e.event.kind == "session-disconnected")
         .context("the disconnect event")?;
+    assert_eq!(disconnected.group.as_str(), "ret");
     assert_eq!(disconnected.session.as_ref(), Some(&a.session));
+    let json = ferry_broker::render::group_events_detail_json(&events);
+    let shown = json
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["kind"] == "session-disconnected"))
+        .context("the disconnect event in JSON")?;
+    assert_eq!(shown["group"], "ret", "{shown}");
+    assert_eq!(shown["session"], a.session.as_str(), "{shown}");
+    assert_eq!(shown["resource"], "h1", "{shown}");
+    assert!(
+        shown["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{shown}"
+    );
     assert_eq!(disconnected.resource.as_ref(), Some(&a.resource));
 
     // The slot stays taken: bob is refused, alice goes back to her session.
