@@ -326,6 +326,29 @@ async fn ferryctl_usage_errors_list_every_bad_value_and_need_yes() -> anyhow::Re
     assert!(!stderr.contains("is ferry-broker running"), "{stderr}");
     let out = ctl(&["group", "show"]).await?;
     assert_eq!(out.status.code(), Some(64), "clap's usage error: {out:?}");
+    // Bad ids and times are usage errors too, said before any broker is asked.
+    for args in [
+        &["group", "show", "Not A Name!"][..],
+        &[
+            "usage",
+            "--from",
+            "yesterday",
+            "--to",
+            "2026-03-03T00:00:00Z",
+        ][..],
+        &[
+            "usage",
+            "--from",
+            "2026-03-03T00:00:00Z",
+            "--to",
+            "2026-03-02T00:00:00Z",
+        ][..],
+    ] {
+        let out = ctl(args).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(!stderr.contains("is ferry-broker running"), "{stderr}");
+    }
 
     let files = BrokerFiles::init(&tmp.path().join("b")).await?;
     let id = tmp.path().join("host-1");

@@ -656,7 +656,10 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
         }
     }
     eprintln!("ferryctl: {message}");
-    if e.downcast_ref::<Usage>().is_some() {
+    // A bad id on the command line is a usage error too.
+    if e.downcast_ref::<Usage>().is_some()
+        || e.downcast_ref::<ferry_common::ids::IdError>().is_some()
+    {
         ExitCode::from(EXIT_USAGE)
     } else {
         ExitCode::from(EXIT_ERROR)
@@ -737,13 +740,24 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         } => {
             let format = if json { "json".to_string() } else { format };
             if !["table", "csv", "json"].contains(&format.as_str()) {
-                anyhow::bail!("--format must be table, csv or json, not {format:?}");
+                return Err(Usage(format!(
+                    "--format must be table, csv or json, not {format:?}"
+                ))
+                .into());
             }
             let query = UsageQuery {
                 group: group.map(|g| g.parse::<GroupName>()).transpose()?,
                 from: time(&from).context("--from")?,
                 to: time(&to).context("--to")?,
             };
+            if query.to <= query.from {
+                return Err(Usage(format!(
+                    "--to {} must be after --from {}",
+                    render::rfc3339_secs(query.to),
+                    render::rfc3339_secs(query.from)
+                ))
+                .into());
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -989,10 +1003,14 @@ fn removal_question(verb: &str, d: &ferry_common::admin::GroupDetail) -> String 
     )
 }
 
-/// An RFC 3339 time (`2026-03-02T09:00:00Z`, any offset) as Unix milliseconds.
+/// An RFC 3339 time (`2026-03-02T09:00:00Z`, any offset) as Unix
+/// milliseconds; anything else is a usage error.
 fn time(s: &str) -> anyhow::Result<UnixMillis> {
-    let t = chrono::DateTime::parse_from_rfc3339(s.trim())
-        .with_context(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-03-02T09:00:00Z)"))?;
+    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).map_err(|e| {
+        Usage(format!(
+            "{s:?} is not an RFC 3339 time (e.g. 2026-03-02T09:00:00Z): {e}"
+        ))
+    })?;
     Ok(UnixMillis(t.timestamp_millis()))
 }
 
