@@ -220,6 +220,27 @@ async fn usage(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
     }
 }
 
+/// `ferryctl usage`: [`usage`] with each resource's amount.
+async fn usage_detailed(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
+    let Some(actors) = ctx.registry.groups() else {
+        return error(
+            AdminErrorCode::Internal,
+            "usage reports need the broker's group settings, which this broker was not started with"
+                .into(),
+        );
+    };
+    let config = actors.config();
+    let now = config.clock.now();
+    match crate::usage::report_detailed(&ctx.store, &config.prices, &config.currency, query, now)
+        .await
+    {
+        Ok(r) => AdminResponseV1::UsageDetailed(r),
+        Err(UsageError::Invalid(m)) => error(AdminErrorCode::Invalid, m),
+        Err(UsageError::NotFound(m)) => error(AdminErrorCode::NotFound, m),
+        Err(UsageError::Store(e)) => internal(e),
+    }
+}
+
 /// Brings the group's actor in line with the row just committed (started on
 /// publish, new policy, stopped on purge/delete). The operator's change is
 /// committed either way; a failure here is logged, and the actor catches up
@@ -336,6 +357,13 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
         AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
         AdminRequestV1::Usage(query) => usage(ctx, query).await,
+        AdminRequestV1::UsageDetailed(query) => usage_detailed(ctx, query).await,
+        AdminRequestV1::ListSessionsDetailed { all } => {
+            match crate::listing::sessions(&ctx.store, &ctx.registry, all).await {
+                Ok(s) => AdminResponseV1::SessionsDetailed(s),
+                Err(e) => internal(e),
+            }
+        }
         AdminRequestV1::OtaOffer(_)
         | AdminRequestV1::OtaList { .. }
         | AdminRequestV1::OtaSchedule(_)
@@ -471,6 +499,12 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             g.import_users(&csv, now).await.map(AdminResponseV1::Users)
         }
         AdminRequestV1::UserList => g.users().await.map(AdminResponseV1::Users),
+        AdminRequestV1::UserListDetailed => crate::listing::users(g, &ctx.store)
+            .await
+            .map(AdminResponseV1::UsersDetailed),
+        AdminRequestV1::GroupEventsDetailed { group } => crate::listing::events(g, &group)
+            .await
+            .map(AdminResponseV1::GroupEventsDetailed),
         AdminRequestV1::UserCreateWithPassword { user, password } => g
             .create_user_with_password(user, &password.0, now)
             .await
@@ -509,6 +543,8 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::Undrain { .. }
         | AdminRequestV1::DisconnectSession { .. }
         | AdminRequestV1::Usage(_)
+        | AdminRequestV1::UsageDetailed(_)
+        | AdminRequestV1::ListSessionsDetailed { .. }
         | AdminRequestV1::OtaOffer(_)
         | AdminRequestV1::OtaList { .. }
         | AdminRequestV1::OtaSchedule(_)

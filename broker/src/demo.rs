@@ -735,8 +735,8 @@ async fn show(
     );
 
     let to = crate::link::now_millis();
-    let AdminResponseV1::Usage(report) = admin
-        .call(AdminRequestV1::Usage(UsageQuery {
+    let AdminResponseV1::UsageDetailed(detail) = admin
+        .call(AdminRequestV1::UsageDetailed(UsageQuery {
             group: Some(group.clone()),
             from: clock.start_ms,
             to,
@@ -745,7 +745,8 @@ async fn show(
     else {
         return Err(DemoError::Unexpected("usage"));
     };
-    println!("\nUsage report\n{}", render::usage_table(&report));
+    println!("\nUsage report\n{}", render::usage_detail_table(&detail));
+    let report = detail.report;
     for g in &report.groups {
         println!(
             "Cost of group {}: {} {} ({} s of base resources, {} s of elastic resources, \

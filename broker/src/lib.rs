@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod csv;
 pub mod daemon;
 pub mod demo;
 pub mod engine;
@@ -11,6 +12,7 @@ pub mod groups;
 pub mod link;
 #[cfg(test)]
 mod link_tests;
+pub mod listing;
 pub mod notify;
 pub mod ota;
 pub mod pki;

@@ -133,6 +133,24 @@ pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
     Ok(())
 }
 
+/// SHA-256 fingerprint of the (first) certificate in the PEM file at
+/// `path`: lowercase hex pairs joined by `:`, as `openssl x509 -fingerprint
+/// -sha256` prints them (in capitals).
+pub fn fingerprint(path: &Path) -> Result<String, PkiError> {
+    let certs = load_certs(path)?;
+    let der = certs.first().ok_or_else(|| PkiError::BadPem {
+        path: path.to_path_buf(),
+        message: "no certificate in file".into(),
+    })?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+    Ok(digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
 /// Issues a client certificate for one resource, signed by the CA in `dir`:
 /// CN and the only SAN (DNS) are the resource id, extended key usage
 /// clientAuth. Writes `agent.pem`, `agent-key.pem` (0600) and `ca.pem` to `out`.

@@ -4,9 +4,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use ferry_common::admin::{
-    GroupDetail, GroupEventInfo, GroupInfo, LiveGroupView, ResourceInfo, SessionInfo, StatusReport,
-    UsageReport, UserInfo,
+    GroupDetail, GroupEventDetail, GroupEventInfo, GroupInfo, LiveGroupView, ResourceInfo,
+    SessionDetail, SessionInfo, StatusReport, UsageDetail, UsageReport, UserDetail, UserInfo,
 };
+use ferry_common::duration::format_duration;
 use ferry_common::{UnixMillis, UserId};
 use serde_json::{json, Value};
 
@@ -14,6 +15,14 @@ use serde_json::{json, Value};
 pub fn rfc3339(t: UnixMillis) -> String {
     DateTime::<Utc>::from_timestamp_millis(t.0)
         .map(|d| d.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("@{}ms", t.0))
+}
+
+/// RFC 3339 UTC in whole seconds, for people: `2026-12-01T02:00:00Z`
+/// (milliseconds dropped, not rounded).
+pub fn rfc3339_secs(t: UnixMillis) -> String {
+    DateTime::<Utc>::from_timestamp_millis(t.0.div_euclid(1000) * 1000)
+        .map(|d| d.to_rfc3339_opts(SecondsFormat::Secs, true))
         .unwrap_or_else(|| format!("@{}ms", t.0))
 }
 
@@ -122,7 +131,7 @@ pub fn resources_table(rs: &[ResourceInfo]) -> String {
                 r.agent_version.clone(),
                 r.image_version.clone(),
                 format!("{} vCPU, {} MiB", r.host.vcpus, r.host.memory_bytes >> 20),
-                r.last_health_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                opt_text(r.last_health_at),
             ]
         })
         .collect();
@@ -168,8 +177,8 @@ pub fn sessions_table(ss: &[SessionInfo]) -> String {
                 s.session.to_string(),
                 s.resource.to_string(),
                 s.user.to_string(),
-                rfc3339(s.started_at),
-                s.ended_at.map(rfc3339).unwrap_or_else(|| "-".into()),
+                rfc3339_secs(s.started_at),
+                opt_text(s.ended_at),
                 s.end_reason.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -180,8 +189,14 @@ pub fn sessions_table(ss: &[SessionInfo]) -> String {
     )
 }
 
+/// A time for a table (whole seconds), `-` without one.
 fn opt_text(t: Option<UnixMillis>) -> String {
-    t.map(rfc3339).unwrap_or_else(|| "-".into())
+    t.map(rfc3339_secs).unwrap_or_else(|| "-".into())
+}
+
+/// Milliseconds as people write a duration (`1h30m`, `90s`).
+fn duration_text(ms: u64) -> String {
+    format_duration(std::time::Duration::from_millis(ms))
 }
 
 fn group_info_json(g: &GroupInfo) -> Value {
@@ -306,9 +321,10 @@ pub fn group_table(d: &GroupDetail) -> String {
         vec![
             "policy".into(),
             format!(
-                "concurrent_sessions={} usage_threshold={}% scale_out_step={} max_elastic={} max_idle={}ms scale_in_cooldown={}ms wait_timeout={}ms {}",
+                "concurrent_sessions={} usage_threshold={}% scale_out_step={} max_elastic={} max_idle={} scale_in_cooldown={} wait_timeout={} {}",
                 p.concurrent_sessions, p.usage_threshold, p.scale_out_step, p.max_elastic,
-                p.max_idle_ms, p.scale_in_cooldown_ms, p.wait_timeout_ms, p.load_balancing
+                duration_text(p.max_idle_ms), duration_text(p.scale_in_cooldown_ms),
+                duration_text(p.wait_timeout_ms), p.load_balancing
             ),
         ],
         vec!["policy_version".into(), d.policy_version.to_string()],
@@ -332,8 +348,8 @@ pub fn group_table(d: &GroupDetail) -> String {
                 o.base_resources,
                 o.amount,
                 o.currency,
-                rfc3339(o.period_start),
-                rfc3339(o.period_end)
+                rfc3339_secs(o.period_start),
+                rfc3339_secs(o.period_end)
             ),
         ]);
     }
@@ -625,7 +641,7 @@ pub fn group_events_json(es: &[GroupEventInfo]) -> Value {
 pub fn group_events_table(es: &[GroupEventInfo]) -> String {
     let rows: Vec<Vec<String>> = es
         .iter()
-        .map(|e| vec![rfc3339(e.at), e.kind.clone(), e.message.clone()])
+        .map(|e| vec![rfc3339_secs(e.at), e.kind.clone(), e.message.clone()])
         .collect();
     table(&["AT", "KIND", "MESSAGE"], &rows)
 }
@@ -644,7 +660,7 @@ pub fn user_token_json(user: &UserId, token: &str, expires_at: UnixMillis) -> Va
 pub fn user_token_text(user: &UserId, token: &str, expires_at: UnixMillis) -> String {
     format!(
         "{token}\n# token for {user}, valid until {}; shown only once (revoke with `ferryctl user revoke-tokens {user}`)\n",
-        rfc3339(expires_at)
+        rfc3339_secs(expires_at)
     )
 }
 
@@ -690,11 +706,43 @@ pub fn hours(seconds: u64) -> String {
     h.to_string()
 }
 
-/// One row per resource, then a `total` row per group with its amounts.
-fn usage_rows(r: &UsageReport) -> Vec<Vec<String>> {
+/// An informative amount (decimal text) to 4 places, half up: `0.0172`.
+fn amount_4dp(text: &str) -> String {
+    match text.parse::<rust_decimal::Decimal>() {
+        Ok(d) => {
+            let mut d =
+                d.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+            d.rescale(4);
+            d.to_string()
+        }
+        Err(_) => text.to_owned(),
+    }
+}
+
+/// The amount cell of one resource: `None` when the report has no amounts
+/// (an answer without them), `Some(None)` when the subscription pays it.
+fn amount_cell(amount: Option<Option<&str>>) -> String {
+    match amount {
+        None => String::new(),
+        Some(None) => "subscription".into(),
+        Some(Some(a)) => amount_4dp(a),
+    }
+}
+
+/// One row per resource (with its amount when `amounts` has it), then a
+/// `(total)` row per group with its total.
+fn usage_rows(
+    r: &UsageReport,
+    amounts: Option<&[ferry_common::admin::ResourceAmount]>,
+) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     for g in &r.groups {
         for res in &g.resources {
+            let amount = amounts.map(|all| {
+                all.iter()
+                    .find(|a| a.group == g.group && a.resource == res.resource)
+                    .and_then(|a| a.amount.as_deref())
+            });
             rows.push(vec![
                 g.group.to_string(),
                 res.resource.to_string(),
@@ -702,7 +750,7 @@ fn usage_rows(r: &UsageReport) -> Vec<Vec<String>> {
                 res.sessions.to_string(),
                 hours(res.session_seconds),
                 hours(res.ready_seconds),
-                String::new(),
+                amount_cell(amount),
             ]);
         }
         let sessions: u64 = g.resources.iter().map(|r| r.sessions).sum();
@@ -713,15 +761,8 @@ fn usage_rows(r: &UsageReport) -> Vec<Vec<String>> {
             g.billing.clone(),
             sessions.to_string(),
             hours(session_seconds),
-            format!(
-                "base {} / elastic {}",
-                hours(g.base_seconds),
-                hours(g.elastic_seconds)
-            ),
-            format!(
-                "subscription {} + base {} + elastic {} = {} {}",
-                g.subscription, g.base_payg, g.elastic, g.total, r.currency
-            ),
+            hours(g.base_seconds.saturating_add(g.elastic_seconds)),
+            format!("{} {}", g.total, r.currency),
         ]);
     }
     rows
@@ -737,13 +778,81 @@ const USAGE_HEADER: [&str; 7] = [
     "AMOUNT",
 ];
 
+/// Each group's total as the sum of its billing lines.
+fn usage_totals(r: &UsageReport) -> String {
+    let mut out = String::new();
+    for g in &r.groups {
+        out.push_str(&format!(
+            "{}: total {} {cur} = subscription {} + base {} + elastic {}\n",
+            g.group,
+            g.total,
+            g.subscription,
+            g.base_payg,
+            g.elastic,
+            cur = r.currency,
+        ));
+    }
+    out
+}
+
+fn usage_text(r: &UsageReport, amounts: Option<&[ferry_common::admin::ResourceAmount]>) -> String {
+    let mut out = format!(
+        "usage from {} to {}\n{}\n{}",
+        rfc3339_secs(r.from),
+        rfc3339_secs(r.to),
+        table(&USAGE_HEADER, &usage_rows(r, amounts)),
+        usage_totals(r),
+    );
+    if amounts.is_some() {
+        out.push_str(
+            "\nA resource's AMOUNT is its exact amount to 4 places, for information. The bill \
+             rounds each line\n(subscription, pay-as-you-go base, elastic) half up to 0.01; the \
+             total is the sum of the\nrounded lines (SPEC 6).\n",
+        );
+    }
+    out
+}
+
+/// `ferryctl usage` of a report without resource amounts.
 pub fn usage_table(r: &UsageReport) -> String {
-    format!(
-        "usage from {} to {}\n{}",
-        rfc3339(r.from),
-        rfc3339(r.to),
-        table(&USAGE_HEADER, &usage_rows(r))
-    )
+    usage_text(r, None)
+}
+
+/// `ferryctl usage`: the table with each resource's amount, each group's
+/// total as the sum of its lines, and how the amounts are rounded.
+pub fn usage_detail_table(d: &UsageDetail) -> String {
+    let text = usage_text(&d.report, Some(&d.resources));
+    if d.asked_to <= d.report.to {
+        return text;
+    }
+    // A report so far: say so on its first line.
+    match text.split_once('\n') {
+        Some((first, rest)) => format!(
+            "{first} (so far: the period ends {}; nothing later is billed)\n{rest}",
+            rfc3339_secs(d.asked_to)
+        ),
+        None => text,
+    }
+}
+
+/// `ferryctl usage --json`: [`usage_json`] with each resource's exact
+/// `amount` (decimal text; `null` when the subscription pays it).
+pub fn usage_detail_json(d: &UsageDetail) -> Value {
+    let mut v = usage_json(&d.report);
+    // `to` is where billing stops; a period still running is billed so far.
+    v["so_far"] = json!(d.asked_to > d.report.to);
+    v["period_to"] = json!(rfc3339(d.asked_to));
+    for (gi, g) in d.report.groups.iter().enumerate() {
+        for (ri, res) in g.resources.iter().enumerate() {
+            let amount = d
+                .resources
+                .iter()
+                .find(|a| a.group == g.group && a.resource == res.resource)
+                .and_then(|a| a.amount.clone());
+            v["groups"][gi]["resources"][ri]["amount"] = json!(amount);
+        }
+    }
+    v
 }
 
 /// CSV with one row per resource and per group total; fields that may hold a
@@ -832,6 +941,142 @@ pub fn usage_json(r: &UsageReport) -> Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `sessions list --json`: [`sessions_json`]'s fields, plus `group`, `state`
+/// (`open`, `retained`, `ended`), `disconnected_at` and `retained_until`.
+pub fn sessions_detail_json(ss: &[SessionDetail]) -> Value {
+    let infos: Vec<SessionInfo> = ss.iter().map(|s| s.info.clone()).collect();
+    let mut v = sessions_json(&infos);
+    if let Value::Array(items) = &mut v {
+        for (item, s) in items.iter_mut().zip(ss) {
+            item["group"] = json!(s.group.as_ref().map(|g| g.as_str()));
+            item["state"] = json!(s.state);
+            item["disconnected_at"] = opt_time(s.disconnected_at);
+            item["retained_until"] = opt_time(s.retained_until);
+        }
+    }
+    v
+}
+
+/// A session's state for people: `open`, `ended`, or `retained
+/// (disconnected since T, until T)`.
+fn session_state(s: &SessionDetail) -> String {
+    if s.state != "retained" {
+        return s.state.clone();
+    }
+    format!(
+        "retained (disconnected since {}, until {})",
+        opt_text(s.disconnected_at),
+        s.retained_until
+            .map(rfc3339_secs)
+            .unwrap_or_else(|| "the user is back: forever".into())
+    )
+}
+
+/// `sessions list`.
+pub fn sessions_detail_table(ss: &[SessionDetail]) -> String {
+    let rows: Vec<Vec<String>> = ss
+        .iter()
+        .map(|s| {
+            vec![
+                s.info.session.to_string(),
+                s.info.resource.to_string(),
+                s.group
+                    .as_ref()
+                    .map(|g| g.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                s.info.user.to_string(),
+                session_state(s),
+                rfc3339_secs(s.info.started_at),
+                opt_text(s.info.ended_at),
+                s.info.end_reason.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SESSION", "RESOURCE", "GROUP", "USER", "STATE", "STARTED", "ENDED", "REASON",
+        ],
+        &rows,
+    )
+}
+
+/// `user list --json`: [`users_json`]'s fields plus `password_set`,
+/// `token_generation` and `token_expires_at`.
+pub fn users_detail_json(us: &[UserDetail]) -> Value {
+    let infos: Vec<UserInfo> = us.iter().map(|u| u.info.clone()).collect();
+    let mut v = users_json(&infos);
+    if let Value::Array(items) = &mut v {
+        for (item, u) in items.iter_mut().zip(us) {
+            item["password_set"] = json!(u.password_set);
+            item["token_generation"] = json!(u.token_generation);
+            item["token_expires_at"] = opt_time(u.token_expires_at);
+        }
+    }
+    v
+}
+
+/// What a user's tokens are: `until T` (the newest issued since the last
+/// revocation), `none issued`, or `revoked` (none since).
+fn tokens_text(u: &UserDetail) -> String {
+    match (u.token_expires_at, u.token_generation) {
+        (Some(t), _) => format!("issued, until {}", rfc3339_secs(t)),
+        (None, 0) => "none issued".into(),
+        (None, _) => "revoked".into(),
+    }
+}
+
+/// `user list`.
+pub fn users_detail_table(us: &[UserDetail]) -> String {
+    let rows: Vec<Vec<String>> = us
+        .iter()
+        .map(|u| {
+            vec![
+                u.info.id.to_string(),
+                u.info.email.clone(),
+                u.info.mobile.clone(),
+                if u.password_set { "set" } else { "-" }.into(),
+                tokens_text(u),
+                u.info
+                    .groups
+                    .iter()
+                    .map(|g| g.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "EMAIL", "MOBILE", "PASSWORD", "TOKENS", "GROUPS"],
+        &rows,
+    )
+}
+
+/// `group events --json`: `at`, `kind`, `message`, `group`, and
+/// `resource`, `session`, `user` where the event names them (else `null`).
+pub fn group_events_detail_json(es: &[GroupEventDetail]) -> Value {
+    Value::Array(
+        es.iter()
+            .map(|e| {
+                json!({
+                    "at": rfc3339(e.event.at),
+                    "kind": e.event.kind,
+                    "message": e.event.message,
+                    "group": e.group.as_str(),
+                    "resource": e.resource.as_ref().map(|r| r.as_str()),
+                    "session": e.session.as_ref().map(|s| s.as_str()),
+                    "user": e.user.as_ref().map(|u| u.as_str()),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `group events`.
+pub fn group_events_detail_table(es: &[GroupEventDetail]) -> String {
+    let events: Vec<GroupEventInfo> = es.iter().map(|e| e.event.clone()).collect();
+    group_events_table(&events)
 }
 
 #[cfg(test)]
@@ -954,5 +1199,213 @@ mod tests {
             "g1,,pay-as-you-go,2,3600,3600,0.00,0.62,0.00,0.62,CNY"
         );
         assert_eq!(super::usage_json(&r)["groups"][0]["total"], "0.62");
+    }
+
+    fn one_group_report() -> UsageReport {
+        use ferry_common::admin::{GroupUsage, ResourceUsage};
+        UsageReport {
+            from: UnixMillis(1_772_409_600_000),
+            to: UnixMillis(1_772_496_000_000),
+            currency: "CNY".into(),
+            groups: vec![GroupUsage {
+                group: "design".parse().expect("name"),
+                id: "dg-1".into(),
+                billing: "pay-as-you-go".into(),
+                resources: vec![
+                    ResourceUsage {
+                        resource: "h1".parse().expect("id"),
+                        kind: "base".into(),
+                        sessions: 2,
+                        session_seconds: 100,
+                        ready_seconds: 100,
+                    },
+                    ResourceUsage {
+                        resource: "design-e1".parse().expect("id"),
+                        kind: "elastic".into(),
+                        sessions: 1,
+                        session_seconds: 50,
+                        ready_seconds: 62,
+                    },
+                ],
+                base_seconds: 100,
+                elastic_seconds: 62,
+                subscription: "0.00".into(),
+                base_payg: "0.02".into(),
+                elastic: "0.01".into(),
+                total: "0.03".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_report_so_far_says_so_and_when_the_period_ends() {
+        let report = one_group_report();
+        let asked_to = UnixMillis(report.to.0 + 3_600_000);
+        let d = UsageDetail {
+            report,
+            resources: vec![],
+            asked_to,
+        };
+        let t = usage_detail_table(&d);
+        assert!(
+            t.starts_with(
+                "usage from 2026-03-02T00:00:00Z to 2026-03-03T00:00:00Z (so far: the period \
+                 ends 2026-03-03T01:00:00Z; nothing later is billed)\n"
+            ),
+            "{t}"
+        );
+        let j = usage_detail_json(&d);
+        assert_eq!(j["so_far"], true);
+        assert_eq!(j["to"], "2026-03-03T00:00:00.000Z");
+        assert_eq!(j["period_to"], "2026-03-03T01:00:00.000Z");
+    }
+
+    #[test]
+    fn the_usage_table_fills_each_amount_and_sums_the_rounded_lines() {
+        use ferry_common::admin::ResourceAmount;
+        let d = UsageDetail {
+            report: one_group_report(),
+            asked_to: one_group_report().to,
+            resources: vec![
+                ResourceAmount {
+                    group: "design".parse().expect("name"),
+                    resource: "h1".parse().expect("id"),
+                    amount: Some("0.0172222222222222222222222222".into()),
+                },
+                ResourceAmount {
+                    group: "design".parse().expect("name"),
+                    resource: "design-e1".parse().expect("id"),
+                    amount: Some("0.01068".into()),
+                },
+            ],
+        };
+        let t = usage_detail_table(&d);
+        assert!(
+            t.starts_with("usage from 2026-03-02T00:00:00Z to 2026-03-03T00:00:00Z\n"),
+            "{t}"
+        );
+        let line = |needle: &str| {
+            t.lines()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} in {t}"))
+                .to_owned()
+        };
+        assert!(line("h1 ").ends_with("0.0172"), "{t}");
+        assert!(line("design-e1").ends_with("0.0107"), "half up: {t}");
+        let total = line("(total)");
+        assert!(total.ends_with("0.03 CNY"), "{t}");
+        assert!(total.contains("0.05"), "resource hours summed: {t}");
+        assert!(
+            t.contains("design: total 0.03 CNY = subscription 0.00 + base 0.02 + elastic 0.01\n"),
+            "{t}"
+        );
+        assert!(t.contains("sum of the\nrounded lines"), "{t}");
+        let j = usage_detail_json(&d);
+        assert_eq!(
+            j["groups"][0]["resources"][0]["amount"],
+            "0.0172222222222222222222222222"
+        );
+        assert_eq!(j["groups"][0]["total"], "0.03");
+    }
+
+    #[test]
+    fn sessions_show_their_group_and_retention_in_whole_seconds() {
+        let info = |id: &str, ended: Option<i64>| SessionInfo {
+            session: id.parse().expect("id"),
+            resource: "h1".parse().expect("id"),
+            user: "alice".parse().expect("id"),
+            started_at: UnixMillis(1_772_445_720_123),
+            ended_at: ended.map(UnixMillis),
+            end_reason: ended.map(|_| "logout".into()),
+        };
+        let detail = |id: &str, state: &str, ended: Option<i64>| SessionDetail {
+            info: info(id, ended),
+            group: Some("design".parse().expect("name")),
+            state: state.into(),
+            disconnected_at: (state == "retained").then_some(UnixMillis(1_772_445_780_000)),
+            retained_until: (state == "retained").then_some(UnixMillis(1_772_446_680_000)),
+        };
+        let ss = [
+            detail("s1", "open", None),
+            detail("s2", "retained", None),
+            detail("s3", "ended", Some(1_772_445_900_000)),
+        ];
+        let t = sessions_detail_table(&ss);
+        assert!(
+            t.starts_with("SESSION  RESOURCE  GROUP   USER   STATE"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "retained (disconnected since 2026-03-02T10:03:00Z, until 2026-03-02T10:18:00Z)"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("2026-03-02T10:02:00Z"), "whole seconds: {t}");
+        assert!(!t.contains(".123"), "{t}");
+        let j = sessions_detail_json(&ss);
+        assert_eq!(j[1]["state"], "retained");
+        assert_eq!(j[1]["group"], "design");
+        assert_eq!(j[1]["retained_until"], "2026-03-02T10:18:00.000Z");
+        assert_eq!(j[0]["session"], "s1", "the old fields stay");
+        assert!(j[0]["retained_until"].is_null());
+    }
+
+    #[test]
+    fn users_show_password_and_tokens() {
+        let user = |id: &str, password_set, token_generation, expires: Option<i64>| UserDetail {
+            info: UserInfo {
+                id: id.parse().expect("id"),
+                email: format!("{id}@example.com"),
+                mobile: "+8613800000000".into(),
+                groups: vec![],
+            },
+            password_set,
+            token_generation,
+            token_expires_at: expires.map(UnixMillis),
+        };
+        let us = [
+            user("alice", true, 0, Some(1_772_445_720_000)),
+            user("bob", false, 0, None),
+            user("carol", true, 2, None),
+        ];
+        let t = users_detail_table(&us);
+        let row = |id: &str| {
+            t.lines()
+                .find(|l| l.starts_with(id))
+                .unwrap_or_else(|| panic!("{id} in {t}"))
+                .to_owned()
+        };
+        assert!(
+            t.starts_with("ID     EMAIL              MOBILE          PASSWORD  TOKENS"),
+            "{t}"
+        );
+        assert!(
+            row("alice").contains("set       issued, until 2026-03-02T10:02:00Z"),
+            "{t}"
+        );
+        assert!(row("bob").contains(" -         none issued"), "{t}");
+        assert!(row("carol").contains("set       revoked"), "{t}");
+        let j = users_detail_json(&us);
+        assert_eq!(j[1]["password_set"], false);
+        assert_eq!(j[2]["token_generation"], 2);
+        assert_eq!(j[0]["id"], "alice", "the old fields stay");
+    }
+
+    #[test]
+    fn whole_seconds_and_written_durations() {
+        assert_eq!(
+            rfc3339_secs(UnixMillis(1_796_528_090_994)),
+            "2026-12-06T03:34:50Z"
+        );
+        assert_eq!(duration_text(3_600_000), "1h");
+        assert_eq!(duration_text(5_400_000), "1h30m");
+        assert_eq!(duration_text(0), "0s");
+        let text = user_token_text(
+            &"u".parse().expect("id"),
+            "t",
+            UnixMillis(1_796_528_090_994),
+        );
+        assert!(text.contains("valid until 2026-12-06T03:34:50Z;"), "{text}");
     }
 }

@@ -395,6 +395,12 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (group_num, session)
     );
     "#,
+    // Operator output (issue 12): the expiry of the newest token issued to
+    // a user since its tokens were last revoked (NULL: none since), for
+    // `user list`. Tokens themselves are never stored.
+    r#"
+    ALTER TABLE users ADD COLUMN token_expires_at INTEGER;
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_common::admin::{GroupUsage, ResourceUsage, UsageQuery, UsageReport};
+use ferry_common::admin::{
+    GroupUsage, ResourceAmount, ResourceUsage, UsageDetail, UsageQuery, UsageReport,
+};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
 use rusqlite::{params, Connection};
 use rust_decimal::Decimal;
@@ -474,5 +476,150 @@ mod tests {
         ));
         g.intervals.clear();
         assert!(compute(&[g], &prices(), "CNY", UnixMillis(0), UnixMillis(H)).is_ok());
+    }
+}
+
+/// Each resource's amount in `report`, for information (the bill rounds
+/// each line, not each resource): its ready seconds at its group's hourly
+/// price, per second, unrounded; `None` for a base resource of a
+/// subscription group (paid by the subscription). `specs` maps each group's
+/// id to its spec.
+pub fn resource_amounts(
+    report: &UsageReport,
+    specs: &BTreeMap<String, String>,
+    prices: &BTreeMap<String, Prices>,
+) -> Result<Vec<ResourceAmount>, UsageError> {
+    let mut out = Vec::new();
+    for g in &report.groups {
+        let hourly = specs
+            .get(&g.id)
+            .and_then(|spec| prices.get(spec))
+            .map(|p| p.hourly);
+        for r in &g.resources {
+            let billed_by_use = r.kind == "elastic" || g.billing == "pay-as-you-go";
+            let amount = if !billed_by_use {
+                None
+            } else if r.ready_seconds == 0 {
+                Some(Decimal::ZERO.to_string())
+            } else {
+                let hourly = hourly.ok_or_else(|| {
+                    UsageError::Invalid(format!(
+                        "no price is configured for the spec of group {}",
+                        g.group
+                    ))
+                })?;
+                Some(
+                    per_second_amount(hourly, r.ready_seconds)
+                        .normalize()
+                        .to_string(),
+                )
+            };
+            out.push(ResourceAmount {
+                group: g.group.clone(),
+                resource: r.resource.clone(),
+                amount,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `ferryctl usage`: [`report`] with each resource's amount, and the end
+/// of the period asked for (later than the report's end for a report so far).
+pub async fn report_detailed(
+    store: &Store,
+    prices: &BTreeMap<String, Prices>,
+    currency: &str,
+    query: UsageQuery,
+    now: UnixMillis,
+) -> Result<UsageDetail, UsageError> {
+    let asked_to = query.to;
+    let report = report(store, prices, currency, query, now).await?;
+    let specs: BTreeMap<String, String> = store
+        .read_with(|c| {
+            let mut stmt = c.prepare("SELECT id, spec FROM groups")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<BTreeMap<_, _>, _>>()?;
+            Ok(rows)
+        })
+        .await?;
+    let resources = resource_amounts(&report, &specs, prices)?;
+    Ok(UsageDetail {
+        report,
+        resources,
+        asked_to,
+    })
+}
+
+#[cfg(test)]
+mod amount_tests {
+    use super::*;
+    use ferry_common::admin::GroupUsage;
+
+    fn usage(resource: &str, kind: &str, ready_seconds: u64) -> ResourceUsage {
+        ResourceUsage {
+            resource: resource.parse().expect("id"),
+            kind: kind.into(),
+            sessions: 0,
+            session_seconds: 0,
+            ready_seconds,
+        }
+    }
+
+    #[test]
+    fn resource_amounts_are_exact_and_subscription_base_is_paid_by_it() {
+        let group = |name: &str, billing: &str, resources| GroupUsage {
+            group: name.parse().expect("name"),
+            id: format!("dg-{name}"),
+            billing: billing.into(),
+            resources,
+            base_seconds: 0,
+            elastic_seconds: 0,
+            subscription: "0.00".into(),
+            base_payg: "0.00".into(),
+            elastic: "0.00".into(),
+            total: "0.00".into(),
+        };
+        let report = UsageReport {
+            from: UnixMillis(0),
+            to: UnixMillis(1),
+            currency: "CNY".into(),
+            groups: vec![
+                group(
+                    "sub",
+                    "subscription",
+                    vec![usage("s1", "base", 3600), usage("sub-e1", "elastic", 1800)],
+                ),
+                group("payg", "pay-as-you-go", vec![usage("p1", "base", 100)]),
+            ],
+        };
+        let prices = BTreeMap::from([(
+            "office-4c8g".to_owned(),
+            Prices {
+                currency: "CNY".into(),
+                subscription_month: Decimal::from(199),
+                hourly: Decimal::new(62, 2),
+            },
+        )]);
+        let specs = BTreeMap::from([
+            ("dg-sub".to_owned(), "office-4c8g".to_owned()),
+            ("dg-payg".to_owned(), "office-4c8g".to_owned()),
+        ]);
+        let amounts = resource_amounts(&report, &specs, &prices).expect("amounts");
+        let got: Vec<(String, Option<String>)> = amounts
+            .into_iter()
+            .map(|a| (a.resource.to_string(), a.amount))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("s1".into(), None),
+                ("sub-e1".into(), Some("0.31".into())),
+                // 0.62 x 100 / 3600, exact (not rounded to the cent).
+                ("p1".into(), Some("0.0172222222222222222222222222".into())),
+            ]
+        );
+        assert!(resource_amounts(&report, &BTreeMap::new(), &prices).is_err());
     }
 }

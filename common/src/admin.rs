@@ -144,6 +144,20 @@ pub enum AdminRequestV1 {
     /// The arrears are paid: `payment-overdue` -> `published`. Answered by
     /// `Group`.
     GroupClearPaymentOverdue { group: GroupName },
+    // ---- operator output (issue 12) ----
+    /// [`AdminRequestV1::Usage`] with each resource's amount. Answered by
+    /// [`AdminResponseV1::UsageDetailed`].
+    UsageDetailed(UsageQuery),
+    /// [`AdminRequestV1::ListSessions`] with each session's group and
+    /// state (open, retained, ended). Answered by
+    /// [`AdminResponseV1::SessionsDetailed`].
+    ListSessionsDetailed { all: bool },
+    /// [`AdminRequestV1::UserList`] with whether each user has a password
+    /// and tokens. Answered by [`AdminResponseV1::UsersDetailed`].
+    UserListDetailed,
+    /// [`AdminRequestV1::GroupEvents`] with the resource, session and user
+    /// each event names. Answered by [`AdminResponseV1::GroupEventsDetailed`].
+    GroupEventsDetailed { group: GroupName },
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -202,6 +216,85 @@ pub enum AdminResponseV1 {
     /// The versions a group's resources run (`GroupVersions`).
     GroupVersions(GroupVersionsInfo),
     // ---- group status (publishing, payment) ----
+    // ---- operator output (issue 12) ----
+    /// Answers `UsageDetailed`.
+    UsageDetailed(UsageDetail),
+    /// Answers `ListSessionsDetailed`.
+    SessionsDetailed(Vec<SessionDetail>),
+    /// Answers `UserListDetailed`.
+    UsersDetailed(Vec<UserDetail>),
+    /// Answers `GroupEventsDetailed`.
+    GroupEventsDetailed(Vec<GroupEventDetail>),
+}
+
+/// A usage report with each resource's amount (a new struct: [`UsageReport`]
+/// is shipped).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageDetail {
+    /// Billed up to `report.to`: the earlier of `asked_to` and the broker's
+    /// now (time that has not happened is never billed).
+    pub report: UsageReport,
+    /// One per resource line of the report, in its order (group by group).
+    pub resources: Vec<ResourceAmount>,
+    /// The end of the period asked for; after `report.to` when the report
+    /// is one "so far".
+    pub asked_to: UnixMillis,
+}
+
+/// What one resource's ready time cost over the period, for information:
+/// the bill rounds each line (subscription, pay-as-you-go base, elastic),
+/// not each resource.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceAmount {
+    pub group: GroupName,
+    pub resource: ResourceId,
+    /// Its exact amount (decimal text, unrounded); `None` when it is paid
+    /// by the group's subscription (a base resource of a subscription group).
+    pub amount: Option<String>,
+}
+
+/// A session with its group and state (`sessions list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionDetail {
+    pub info: SessionInfo,
+    /// The delivery group of its resource, when the resource has one.
+    pub group: Option<GroupName>,
+    /// `open`, `retained` (its user disconnected; kept for a reconnect) or
+    /// `ended`.
+    pub state: String,
+    /// When its user disconnected (retained sessions).
+    pub disconnected_at: Option<UnixMillis>,
+    /// When the retention ends (retained sessions; `None` with a retention
+    /// of forever).
+    pub retained_until: Option<UnixMillis>,
+}
+
+/// A user with what the broker knows of its credentials (`user list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDetail {
+    pub info: UserInfo,
+    /// A password hash is set.
+    pub password_set: bool,
+    /// Times its tokens were revoked (the token generation): tokens issued
+    /// before the last revocation no longer work.
+    pub token_generation: u64,
+    /// Expiry of the newest token issued since the last revocation; `None`
+    /// when none was issued since (or before this was recorded).
+    pub token_expires_at: Option<UnixMillis>,
+}
+
+/// A group event with the things it names, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEventDetail {
+    pub event: GroupEventInfo,
+    /// The group it was recorded for.
+    pub group: GroupName,
+    /// The resource it is about.
+    pub resource: Option<ResourceId>,
+    /// The session it is about.
+    pub session: Option<SessionId>,
+    /// The user it is about.
+    pub user: Option<UserId>,
 }
 
 /// `group update-image`: what to switch to and how long users are warned.
@@ -1139,6 +1232,111 @@ mod tests {
                 req
             );
         }
+    }
+
+    /// The variant numbers of the operator output section (issue 12).
+    #[test]
+    fn golden_variant_numbers_of_the_operator_output_section() {
+        let g = || -> GroupName { "g1".parse().expect("id") };
+        let query = UsageQuery {
+            group: None,
+            from: UnixMillis(0),
+            to: UnixMillis(1),
+        };
+        let requests = [
+            (AdminRequestV1::UsageDetailed(query.clone()), 0x26),
+            (AdminRequestV1::ListSessionsDetailed { all: true }, 0x27),
+            (AdminRequestV1::UserListDetailed, 0x28),
+            (AdminRequestV1::GroupEventsDetailed { group: g() }, 0x29),
+        ];
+        for (req, number) in requests {
+            let bytes = frame::encode_payload(&AdminRequest::V1(req)).expect("encode");
+            assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
+        }
+        let report = UsageReport {
+            from: UnixMillis(0),
+            to: UnixMillis(1),
+            currency: "CNY".into(),
+            groups: vec![],
+        };
+        let responses = [
+            (
+                AdminResponseV1::UsageDetailed(UsageDetail {
+                    report,
+                    resources: vec![],
+                    asked_to: UnixMillis(1),
+                }),
+                0x10,
+            ),
+            (AdminResponseV1::SessionsDetailed(vec![]), 0x11),
+            (AdminResponseV1::UsersDetailed(vec![]), 0x12),
+            (AdminResponseV1::GroupEventsDetailed(vec![]), 0x13),
+        ];
+        for (resp, number) in responses {
+            let bytes = frame::encode_payload(&AdminResponse::V1(resp)).expect("encode");
+            assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
+        }
+    }
+
+    #[test]
+    fn golden_operator_output_types() {
+        let g = || -> GroupName { "g1".parse().expect("id") };
+        let detail = SessionDetail {
+            info: SessionInfo {
+                session: "s1".parse().expect("id"),
+                resource: "h1".parse().expect("id"),
+                user: "u".parse().expect("id"),
+                started_at: UnixMillis(1),
+                ended_at: None,
+                end_reason: None,
+            },
+            group: Some(g()),
+            state: "retained".into(),
+            disconnected_at: Some(UnixMillis(2)),
+            retained_until: None,
+        };
+        let bytes = frame::encode_payload(&detail).expect("encode");
+        assert_eq!(
+            hex(&bytes),
+            "0273310268310175020000010267310872657461696e6564010400"
+        );
+        assert_eq!(
+            frame::decode_payload::<SessionDetail>(&bytes).expect("decode"),
+            detail
+        );
+        let user = UserDetail {
+            info: UserInfo {
+                id: "u".parse().expect("id"),
+                email: "e".into(),
+                mobile: "m".into(),
+                groups: vec![],
+            },
+            password_set: true,
+            token_generation: 1,
+            token_expires_at: Some(UnixMillis(3)),
+        };
+        let bytes = frame::encode_payload(&user).expect("encode");
+        assert_eq!(hex(&bytes), "01750165016d0001010106");
+        let event = GroupEventDetail {
+            event: GroupEventInfo {
+                at: UnixMillis(1),
+                kind: "k".into(),
+                message: "m".into(),
+            },
+            group: g(),
+            resource: Some("h1".parse().expect("id")),
+            session: None,
+            user: None,
+        };
+        let bytes = frame::encode_payload(&event).expect("encode");
+        assert_eq!(hex(&bytes), "02016b016d026731010268310000");
+        let amounts = ResourceAmount {
+            group: g(),
+            resource: "h1".parse().expect("id"),
+            amount: Some("0.5".into()),
+        };
+        let bytes = frame::encode_payload(&amounts).expect("encode");
+        assert_eq!(hex(&bytes), "0267310268310103302e35");
     }
 
     /// The variant numbers of this session's requests and responses (the

@@ -82,6 +82,11 @@ pub const MAX_TICKET_LIFETIME_MS: i64 = 10 * 60 * 1000;
 /// but the route protocol and `ferryctl` read it into memory first.
 pub const MAX_PASSWORD_LEN: usize = 1024;
 
+/// Shortest password the broker sets for a user, in characters: shorter
+/// ones are guessed by trying. Checked when a password is set, not when one
+/// is presented (a refusal then says nothing about why).
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
 /// Longest user token (`ferryctl user token`): a user id, two integers and
 /// an HMAC in base64url are well under it.
 pub const MAX_TOKEN_LEN: usize = 512;

@@ -89,7 +89,7 @@ async fn setup(dir: &std::path::Path) -> Result<(TestBroker, TestAgent, Vec<Stri
                     email: format!("u{u}@example.com"),
                     mobile: "+8613800000000".into(),
                 },
-                password: Secret(format!("pw-{u}")),
+                password: Secret(format!("password-{u}")),
             })
             .await?;
         match broker

@@ -12,7 +12,7 @@ use ferry_broker::pki;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, run, wait_notify, AgentProcess, BrokerFiles, BrokerProcess,
+    ferryctl_json, run, run_ok, wait_notify, AgentProcess, BrokerFiles, BrokerProcess,
     PROCESS_SHUTDOWN_GRACE,
 };
 use serde_json::Value;
@@ -86,8 +86,53 @@ async fn broker_and_two_agents_as_processes() -> anyhow::Result<()> {
     assert_eq!(sessions["s3"]["resource"], "host-2");
     assert!(sessions["s2"]["ended_at"].is_null());
     assert!(sessions["s3"]["end_reason"].is_null());
+    assert_eq!(sessions["s1"]["state"], "ended");
+    assert_eq!(sessions["s2"]["state"], "open");
+    assert!(sessions["s2"]["group"].is_null(), "no group: {sessions:?}");
     let open = ferryctl_json(socket, &["sessions", "list"]).await?;
     assert_eq!(open.as_array().map(Vec::len), Some(2), "{open}");
+    let table = run_ok(
+        &bin("ferryctl"),
+        [
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "sessions".as_ref(),
+            "list".as_ref(),
+            "--all".as_ref(),
+        ],
+    )
+    .await?;
+    let header = table.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("SESSION  RESOURCE  GROUP  USER   STATE"),
+        "{table}"
+    );
+    assert!(!table.contains(".000Z"), "whole seconds: {table}");
+
+    // `user list`: whether each user has a password and tokens.
+    let pw = tmp.path().join("alice.pw");
+    std::fs::write(&pw, "correct horse\n")?;
+    let pw_arg = pw.to_str().unwrap_or_default();
+    for (id, password) in [("alice", Some(pw_arg)), ("bob", None)] {
+        let email = format!("{id}@example.com");
+        let mut args = vec!["user", "create", "--id", id, "--email", &email];
+        args.extend(["--mobile", "+8613800000000"]);
+        if let Some(p) = password {
+            args.extend(["--password-file", p]);
+        }
+        ferryctl_json(socket, &args).await?;
+    }
+    ferryctl_json(socket, &["user", "token", "alice", "--ttl", "1h"]).await?;
+    let users = ferryctl_json(socket, &["user", "list"]).await?;
+    assert_eq!(users[0]["id"], "alice", "{users}");
+    assert_eq!(users[0]["password_set"], true, "{users}");
+    assert!(users[0]["token_expires_at"].is_string(), "{users}");
+    assert_eq!(users[1]["password_set"], false, "{users}");
+    assert!(users[1]["token_expires_at"].is_null(), "{users}");
+    ferryctl_json(socket, &["user", "revoke-tokens", "alice"]).await?;
+    let users = ferryctl_json(socket, &["user", "list"]).await?;
+    assert_eq!(users[0]["token_generation"], 1, "{users}");
+    assert!(users[0]["token_expires_at"].is_null(), "revoked: {users}");
 
     let resources = ferryctl_json(socket, &["resources", "list"]).await?;
     let resources = resources.as_array().expect("a JSON array");
@@ -243,5 +288,132 @@ async fn demo_scales_out_and_in_reports_usage_and_leaves_nothing_running() -> an
     assert_eq!(processes_mentioning(&dir), Vec::<u32>::new());
     assert!(has("no agent process is left running"), "{stdout}");
     assert!(!dir.exists(), "{} was not removed", dir.display());
+    Ok(())
+}
+
+/// `ferryctl`'s usage errors exit 64 (a refusal or failure is 1): every bad
+/// flag value of one command listed at once, an existing agent key replaced
+/// only with `--yes` when there is no terminal to ask on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferryctl_usage_errors_list_every_bad_value_and_need_yes() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let socket = tmp.path().join("admin.sock");
+    let ferryctl = bin("ferryctl");
+    let ctl = |args: &[&str]| {
+        let mut all: Vec<std::ffi::OsString> = vec!["--socket".into(), socket.clone().into()];
+        all.extend(args.iter().map(std::ffi::OsString::from));
+        run(&ferryctl, all)
+    };
+    let out = ctl(&[
+        "group",
+        "update-policy",
+        "design",
+        "--disconnect-retention",
+        "xx",
+        "--idle-disconnect",
+        "banana",
+        "--max-idle",
+        "1y",
+    ])
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("3 flag values are invalid"), "{stderr}");
+    for flag in ["--disconnect-retention", "--idle-disconnect", "--max-idle"] {
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
+    }
+    // Checked before the broker is asked: none runs here.
+    assert!(!stderr.contains("is ferry-broker running"), "{stderr}");
+    let out = ctl(&["group", "show"]).await?;
+    assert_eq!(out.status.code(), Some(64), "clap's usage error: {out:?}");
+    // Bad ids and times are usage errors too, said before any broker is asked.
+    for args in [
+        &["group", "show", "Not A Name!"][..],
+        &[
+            "usage",
+            "--from",
+            "yesterday",
+            "--to",
+            "2026-03-03T00:00:00Z",
+        ][..],
+        &[
+            "usage",
+            "--from",
+            "2026-03-03T00:00:00Z",
+            "--to",
+            "2026-03-02T00:00:00Z",
+        ][..],
+    ] {
+        let out = ctl(args).await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(!stderr.contains("is ferry-broker running"), "{stderr}");
+    }
+
+    let files = BrokerFiles::init(&tmp.path().join("b")).await?;
+    let id = tmp.path().join("host-1");
+    files.issue_agent("host-1", &id).await?;
+    let key = std::fs::read(id.join(pki::AGENT_KEY))?;
+    let issue = |yes: bool| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "pki".into(),
+            "issue-agent".into(),
+            "--dir".into(),
+            files.pki_dir.clone().into(),
+            "--resource".into(),
+            "host-1".into(),
+            "--out".into(),
+            id.clone().into(),
+        ];
+        if yes {
+            args.push("--yes".into());
+        }
+        run(&ferryctl, args)
+    };
+    let out = issue(false).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("add --yes"), "{stderr}");
+    assert_eq!(std::fs::read(id.join(pki::AGENT_KEY))?, key, "kept");
+    let out = issue(true).await?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_ne!(std::fs::read(id.join(pki::AGENT_KEY))?, key, "replaced");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fingerprint = pki::fingerprint(&id.join(pki::AGENT_CERT))?;
+    assert!(text.contains(&format!("sha256 {fingerprint}")), "{text}");
+    // --json: the paths and fingerprints.
+    let out = run(
+        &ferryctl,
+        [
+            "pki".as_ref(),
+            "issue-agent".as_ref(),
+            "--dir".as_ref(),
+            files.pki_dir.as_os_str(),
+            "--resource".as_ref(),
+            "host-2".as_ref(),
+            "--out".as_ref(),
+            tmp.path().join("host-2").as_os_str(),
+            "--json".as_ref(),
+        ],
+    )
+    .await?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let cert = tmp.path().join("host-2").join(pki::AGENT_CERT);
+    assert_eq!(
+        v["files"]["cert"]["path"],
+        cert.display().to_string(),
+        "{v}"
+    );
+    assert_eq!(
+        v["files"]["cert"]["fingerprint_sha256"],
+        pki::fingerprint(&cert)?,
+        "{v}"
+    );
+    assert_eq!(
+        v["files"]["ca_cert"]["fingerprint_sha256"],
+        pki::fingerprint(&files.pki_dir.join(pki::CA_CERT))?,
+        "the CA's, as pki init printed it: {v}"
+    );
+    assert!(v["files"]["key"]["fingerprint_sha256"].is_null(), "{v}");
     Ok(())
 }

@@ -95,10 +95,25 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
         Some(1),
         "nothing of the bad batch: {users}"
     );
+    // A malformed record is named by line and column, and nothing is imported.
+    let broken = tmp.path().join("broken.csv");
+    std::fs::write(
+        &broken,
+        "id,email,mobile\nbob,bob@example.com,+8613800000002\ncarol,\"carol@example.com,+8613800000003\n",
+    )?;
+    let err = refused(s, &["user", "import", broken.to_str().unwrap_or_default()]).await?;
+    assert!(
+        err.contains("line 3, column 7: this quote is never closed"),
+        "{err}"
+    );
+    // As a spreadsheet saves it: a byte order mark, quoted fields, CRLF and
+    // blank rows at the end.
     let good = tmp.path().join("good.csv");
-    std::fs::write(&good, "id,email,mobile\nbob,bob@example.com,+8613800000002\ncarol,carol@example.com,+8613800000003\n")?;
+    std::fs::write(&good, "\u{feff}id,email,mobile\r\n\"bob\",\"bob@example.com\",\"+8613800000002\"\r\ncarol,carol@example.com,+8613800000003\r\n,,\r\n\r\n")?;
     let imported = ferryctl_json(s, &["user", "import", good.to_str().unwrap_or_default()]).await?;
     assert_eq!(imported.as_array().map(Vec::len), Some(2), "{imported}");
+    assert_eq!(imported[0]["id"], "bob", "{imported}");
+    assert_eq!(imported[0]["mobile"], "+8613800000002", "{imported}");
 
     // Publish a subscription with a name and users: the publish order is priced.
     let mut args = PUBLISH.to_vec();
@@ -112,6 +127,13 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
         "--user",
         "alice",
     ]);
+    // A zero max_idle is refused by the broker with the reason.
+    let zero: Vec<&str> = args
+        .iter()
+        .map(|a| if *a == "1h" { "0" } else { *a })
+        .collect();
+    let err = refused(s, &zero).await?;
+    assert!(err.contains("max_idle: must be above zero"), "{err}");
     let g = ferryctl_json(s, &args).await?;
     assert_eq!(g["name"], "design-team");
     assert_eq!(g["status"], "published");
@@ -307,25 +329,40 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
     let err = refused(s, &["group", "set-region", "design-team", "cn-shanghai"]).await?;
     assert!(err.contains("cannot change after publish"), "{err}");
 
+    // Removing a group needs --yes when there is no terminal to ask on: a
+    // usage error (64) saying so, and the group is untouched.
+    let mut all: Vec<&OsStr> = vec![OsStr::new("--socket"), s.as_os_str()];
+    all.extend(["group", "purge", "cn-hangzhou-office-4c8g-1"].map(OsStr::new));
+    let out = run(&bin("ferryctl"), all).await?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("add --yes"), "{err}");
+    let still = ferryctl_json(s, &["group", "show", "cn-hangzhou-office-4c8g-1"]).await?;
+    assert_eq!(still["status"], "published", "{still}");
+
     // The purge/delete table, for the pairs reachable without waiting a week
     // (expired and recycling are covered in-process with an injected clock).
-    let err = refused(s, &["group", "purge", "design-team"]).await?;
+    let err = refused(s, &["group", "purge", "design-team", "--yes"]).await?;
     assert!(
         err.contains("cannot purge a subscription group in status published"),
         "{err}"
     );
-    let err = refused(s, &["group", "delete", "design-team"]).await?;
+    let err = refused(s, &["group", "delete", "design-team", "--yes"]).await?;
     assert!(
         err.contains("cannot delete a subscription group in status published"),
         "{err}"
     );
-    let err = refused(s, &["group", "delete", "cn-hangzhou-office-4c8g-1"]).await?;
+    let err = refused(
+        s,
+        &["group", "delete", "cn-hangzhou-office-4c8g-1", "--yes"],
+    )
+    .await?;
     assert!(
         err.contains("cannot delete a pay-as-you-go group in status published"),
         "{err}"
     );
     assert!(err.contains("allowed in this status: purge"), "{err}");
-    let done = ferryctl_json(s, &["group", "purge", "cn-hangzhou-office-4c8g-1"]).await?;
+    let done = ferryctl_json(s, &["group", "purge", "cn-hangzhou-office-4c8g-1", "--yes"]).await?;
     assert!(
         done["message"]
             .as_str()
@@ -334,7 +371,7 @@ async fn group_lifecycle_through_ferryctl() -> anyhow::Result<()> {
     );
     let gone = ferryctl_json(s, &["group", "list", "--status", "gone"]).await?;
     assert_eq!(gone.as_array().map(Vec::len), Some(1));
-    let err = refused(s, &["group", "purge", "cn-hangzhou-office-4c8g-1"]).await?;
+    let err = refused(s, &["group", "purge", "cn-hangzhou-office-4c8g-1", "--yes"]).await?;
     assert!(err.contains("status gone"), "{err}");
 
     // Events tell the story.
@@ -504,14 +541,14 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
     clock.advance(Duration::from_secs(7 * 86_400));
     broker.wait_status("keep", "expired").await?;
     broker.wait_status("drop", "expired").await?;
-    let err = refused(s, &["group", "delete", "drop"]).await?;
+    let err = refused(s, &["group", "delete", "drop", "--yes"]).await?;
     assert!(
         err.contains(
             "cannot delete a subscription group in status expired; allowed in this status: purge"
         ),
         "{err}"
     );
-    let done = ferryctl_json(s, &["group", "purge", "drop"]).await?;
+    let done = ferryctl_json(s, &["group", "purge", "drop", "--yes"]).await?;
     assert!(
         done["message"]
             .as_str()
@@ -519,7 +556,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
         "{done}"
     );
     assert_eq!(broker.status("drop").await?, "gone");
-    let err = refused(s, &["group", "purge", "drop"]).await?;
+    let err = refused(s, &["group", "purge", "drop", "--yes"]).await?;
     assert!(err.contains("status gone"), "{err}");
 
     // The broker stops; the retention ends while it is down. The restarted
@@ -528,7 +565,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
     clock.advance(Duration::from_secs(86_400));
     let broker = ClockedBroker::start(&config).await?;
     broker.wait_status("keep", "recycling").await?;
-    let err = refused(s, &["group", "purge", "keep"]).await?;
+    let err = refused(s, &["group", "purge", "keep", "--yes"]).await?;
     assert!(
         err.contains(
             "cannot purge a subscription group in status recycling; allowed in this status: delete"
@@ -537,7 +574,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
     );
     let err = refused(s, &["group", "renew", "keep", "--duration", "1w"]).await?;
     assert!(err.contains("status recycling"), "{err}");
-    let done = ferryctl_json(s, &["group", "delete", "keep"]).await?;
+    let done = ferryctl_json(s, &["group", "delete", "keep", "--yes"]).await?;
     assert!(
         done["message"]
             .as_str()

@@ -56,7 +56,7 @@ async fn setup() -> anyhow::Result<Setup> {
                     email: format!("{u}@example.com"),
                     mobile: "+8613800000000".into(),
                 },
-                password: Secret(format!("pw-{u}")),
+                password: Secret(format!("password-{u}")),
             })
             .await?;
     }
@@ -94,6 +94,15 @@ impl Setup {
                 out.status,
                 String::from_utf8_lossy(&out.stdout)
             );
+        }
+        Ok(String::from_utf8(out.stderr)?)
+    }
+
+    /// `ferryctl ARGS`, which must fail as a usage error (exit 64); its stderr.
+    async fn ctl_usage_error(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(&bin("ferryctl"), self.with_socket(args)).await?;
+        if out.status.code() != Some(64) {
+            bail!("ferryctl {args:?} was not a usage error: {out:?}");
         }
         Ok(String::from_utf8(out.stderr)?)
     }
@@ -396,7 +405,7 @@ async fn refusals_list_every_problem_and_periods_outside_the_limits_are_refused(
     }
     // A period ferryctl cannot read never reaches the broker.
     let err = s
-        .ctl_refused(&["group", "update-policy", "ok", "--period", "mon 9-18"])
+        .ctl_usage_error(&["group", "update-policy", "ok", "--period", "mon 9-18"])
         .await?;
     assert!(err.contains("--period"), "{err}");
     // Nothing changed.
@@ -428,7 +437,7 @@ async fn route(c: &RouteClient, group: &str, user: &str) -> anyhow::Result<Admis
     let ask = RouteAsk {
         group: group.parse()?,
         user: uid(user),
-        credential: Credential::Password(format!("pw-{user}")),
+        credential: Credential::Password(format!("password-{user}")),
         wait: false,
     };
     match c.route(ask, |_| {}).await? {

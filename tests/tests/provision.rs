@@ -640,6 +640,14 @@ async fn a_failed_delete_of_a_purged_groups_elastic_host_is_retried_at_the_broke
     let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
     let (mut h1, _c1) = busy_group(&broker, spec("pr", 1, 1, 1)).await?;
     wait_events(&broker, "pr", "provisioned", 1).await?;
+    // Created but not enrolled: pending, and not available (it takes no
+    // session before its agent registers).
+    let l = live(&broker, "pr").await?;
+    assert!(
+        states(&l).contains(&("pr-e1".into(), "pending".into(), false)),
+        "{:?}",
+        states(&l)
+    );
 
     // Purged while pr-e1 is pending: its one delete attempt fails.
     broker

@@ -104,7 +104,7 @@ async fn fixture(
                     email: format!("{u}@example.com"),
                     mobile: "+8613800000000".into(),
                 },
-                password: Secret(format!("pw-{u}")),
+                password: Secret(format!("password-{u}")),
             })
             .await?;
     }
@@ -185,7 +185,7 @@ fn ask(group: &str, user: &str, credential: Credential, wait: bool) -> RouteAsk 
 }
 
 fn password(user: &str) -> Credential {
-    Credential::Password(format!("pw-{user}"))
+    Credential::Password(format!("password-{user}"))
 }
 
 /// `user` asks for `group` with their password, not waiting for room.
@@ -735,6 +735,53 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     let mut local = f.agents[0].client().await?;
     local.session_presence(a.session.clone(), true).await?;
     wait_event(&f, "ret", |e| e.kind == "session-disconnected").await?;
+    // `sessions list` says it is retained, since when and until when.
+    let AdminResponseV1::SessionsDetailed(listed) = f
+        .broker
+        .admin(AdminRequestV1::ListSessionsDetailed { all: false })
+        .await?
+    else {
+        bail!("not a detailed session list");
+    };
+    let kept = listed
+        .iter()
+        .find(|s| s.info.session == a.session)
+        .context("the retained session is listed")?;
+    assert_eq!(kept.state, "retained", "{kept:?}");
+    assert_eq!(kept.group.as_ref().map(|g| g.as_str()), Some("ret"));
+    let since = kept.disconnected_at.context("disconnected at")?;
+    assert_eq!(since, f.clock.now());
+    let retention = i64::try_from(ferry_broker::engine::DEFAULT_RETENTION.as_millis())?;
+    assert_eq!(kept.retained_until, Some(UnixMillis(since.0 + retention)));
+    // `group events --json` names the session and the resource.
+    let AdminResponseV1::GroupEventsDetailed(events) = f
+        .broker
+        .admin(AdminRequestV1::GroupEventsDetailed {
+            group: gname("ret"),
+        })
+        .await?
+    else {
+        bail!("not detailed events");
+    };
+    let disconnected = events
+        .iter()
+        .find(|e| e.event.kind == "session-disconnected")
+        .context("the disconnect event")?;
+    assert_eq!(disconnected.group.as_str(), "ret");
+    assert_eq!(disconnected.session.as_ref(), Some(&a.session));
+    let json = ferry_broker::render::group_events_detail_json(&events);
+    let shown = json
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["kind"] == "session-disconnected"))
+        .context("the disconnect event in JSON")?;
+    assert_eq!(shown["group"], "ret", "{shown}");
+    assert_eq!(shown["session"], a.session.as_str(), "{shown}");
+    assert_eq!(shown["resource"], "h1", "{shown}");
+    assert!(
+        shown["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{shown}"
+    );
+    assert_eq!(disconnected.resource.as_ref(), Some(&a.resource));
 
     // The slot stays taken: bob is refused, alice goes back to her session.
     let (reason, _) = refusal(launch(&c, "ret", "bob").await?)?;
@@ -763,6 +810,21 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
         .find(|s| s.session == a.session)
         .context("session recorded")?;
     assert!(record.ended_at.is_some(), "{record:?}");
+    let AdminResponseV1::SessionsDetailed(listed) = f
+        .broker
+        .admin(AdminRequestV1::ListSessionsDetailed { all: true })
+        .await?
+    else {
+        bail!("not a detailed session list");
+    };
+    let ended = listed
+        .iter()
+        .find(|s| s.info.session == a.session)
+        .context("listed")?;
+    assert_eq!(
+        (ended.state.as_str(), ended.retained_until),
+        ("ended", None)
+    );
     let b = admitted(launch(&c, "ret", "bob").await?)?;
     assert_eq!(b.resource.as_str(), "h1");
     Ok(())
@@ -854,5 +916,94 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["admitted"], false, "{v}");
     assert_eq!(v["reason"], "at-capacity", "{v}");
+    Ok(())
+}
+
+/// `ferry-connect`'s failures as a user meets them, against a real
+/// `ferry-broker` process: a usage error exits 64 (not 2, which means
+/// refused); a CA that did not sign the broker's certificate is one message
+/// that names `--ca`; a broker that does not answer is waited for with a
+/// line saying what is awaited, then exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_connect_exit_codes_a_wrong_ca_and_a_silent_broker() -> anyhow::Result<()> {
+    use ferry_tests::bins::bin;
+    use ferry_tests::procs::{run, BrokerFiles, BrokerProcess};
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let program = bin("ferry-connect");
+    let pw = tmp.path().join("alice.pw");
+    std::fs::write(&pw, "pw-alice\n")?;
+    let args = |broker: &str, ca: &std::path::Path, extra: &[&str]| {
+        let mut v: Vec<std::ffi::OsString> = vec![
+            "--broker".into(),
+            broker.into(),
+            "--server-name".into(),
+            "localhost".into(),
+            "--ca".into(),
+            ca.into(),
+            "--group".into(),
+            "real".into(),
+            "--user".into(),
+            "alice".into(),
+            "--password-file".into(),
+            pw.clone().into(),
+        ];
+        v.extend(extra.iter().map(std::ffi::OsString::from));
+        v
+    };
+
+    // Usage errors: an unknown flag, a missing one.
+    let out = run(&program, ["--broker", "127.0.0.1:1", "--bogus"]).await?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let out = run(&program, ["--broker", "127.0.0.1:1"]).await?;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let help = run(&program, ["--help"]).await?;
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("64 usage error"), "{help}");
+
+    // Nothing answers on this UDP port (held open here, so no one else
+    // takes it): a line saying what is awaited, then exit 1.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let silent_addr = silent.local_addr()?.to_string();
+    let files = BrokerFiles::init(&tmp.path().join("b")).await?;
+    let ca = files.pki_dir.join(pki::CA_CERT);
+    let out = run(
+        &program,
+        args(&silent_addr, &ca, &["--connect-timeout", "3s"]),
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("waiting for the broker at {silent_addr}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("no answer from {silent_addr} within 3s")),
+        "{stderr}"
+    );
+    drop(silent);
+
+    // A real broker, and the CA of another PKI.
+    let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    let other = BrokerFiles::init(&tmp.path().join("other")).await?;
+    let wrong_ca = other.pki_dir.join(pki::CA_CERT);
+    let out = run(
+        &program,
+        args(&broker.agent_addr.to_string(), &wrong_ca, &[]),
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.contains(&format!("check that --ca {}", wrong_ca.display())),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("invalid peer certificate").count(),
+        1,
+        "the cause once: {stderr}"
+    );
     Ok(())
 }

@@ -163,6 +163,27 @@ async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
     )
     .await?;
     assert!(!refused.status.success());
+    // A one-character password is refused with the reason, before the broker.
+    let short = tmp.path().join("short.pw");
+    std::fs::write(&short, "x\n")?;
+    let refused = run(
+        &bin("ferryctl"),
+        [
+            "--socket",
+            sock.to_str().expect("utf-8"),
+            "user",
+            "set-password",
+            "bob",
+            "--password-file",
+            short.to_str().expect("utf-8"),
+        ],
+    )
+    .await?;
+    assert_eq!(refused.status.code(), Some(64), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("at least 8 characters"),
+        "{refused:?}"
+    );
 
     // The broker's store (a second connection) and token key.
     let store = Store::open(&tmp.path().join("state/ferry.db"), StoreOptions::default())?;
@@ -179,13 +200,13 @@ async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
     ));
     // Imported or created without a password: no password login until set.
     assert!(groups.authenticate(&bob, &password("")).await.is_err());
-    std::fs::write(&pw, "b0b's\n")?;
+    std::fs::write(&pw, "b0b's secret\n")?;
     ferryctl_json(
         &sock,
         &["user", "set-password", "bob", "--password-file", pw_arg],
     )
     .await?;
-    groups.authenticate(&bob, &password("b0b's")).await?;
+    groups.authenticate(&bob, &password("b0b's secret")).await?;
 
     // Tokens: printed once, accepted, revoked.
     let t = ferryctl_json(&sock, &["user", "token", "alice", "--ttl", "1h"]).await?;

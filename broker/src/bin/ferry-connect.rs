@@ -6,7 +6,9 @@
 //! password prompt without echo on the terminal (no terminal: an error).
 //!
 //! Exit codes: 0 admitted, 2 refused (the reason is printed), 1 error (no
-//! answer: bad arguments, unreachable broker, TLS or protocol failure).
+//! answer: unreachable broker, TLS or protocol failure, unreadable file),
+//! 64 usage error (a bad or missing argument, no credentials given; as
+//! `EX_USAGE` of sysexits.h).
 
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -24,6 +26,18 @@ use ferry_common::{GroupName, UserId};
 const EXIT_REFUSED: u8 = 2;
 /// Exit code of an error (no answer).
 const EXIT_ERROR: u8 = 1;
+/// Exit code of a usage error (`EX_USAGE`): clap's own 2 would read as a
+/// refusal.
+const EXIT_USAGE: u8 = 64;
+
+/// How long the handshake may go unanswered before the user is told what
+/// is awaited.
+const SLOW_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A mistake in the command line: exit [`EXIT_USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
 
 /// Longest credential file read (a password or token is far shorter).
 const MAX_CREDENTIAL_FILE: u64 = 8 * 1024;
@@ -33,7 +47,8 @@ const MAX_CREDENTIAL_FILE: u64 = 8 * 1024;
     name = "ferry-connect",
     version,
     about = "Ask a Ferry broker for a streaming session",
-    after_help = "Exit codes: 0 admitted, 2 refused (with its reason), 1 error."
+    after_help = "Exit codes: 0 admitted, 2 refused (with its reason), 1 error (no answer: \
+                  unreachable broker, TLS or protocol failure), 64 usage error."
 )]
 struct Cli {
     /// The broker's address, host:port.
@@ -63,6 +78,17 @@ struct Cli {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// How long to wait for the broker to answer the connection (e.g. 15s).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    connect_timeout: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    match ferry_common::duration::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be above zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn first_line(path: &PathBuf) -> anyhow::Result<String> {
@@ -88,10 +114,12 @@ fn prompt_password(user: &UserId) -> anyhow::Result<String> {
         .ok()
         .filter(|f| isatty(f));
     let Some(mut tty) = tty else {
-        bail!(
+        return Err(Usage(
             "no credentials: give --password-file, --token-file, FERRY_PASSWORD or FERRY_TOKEN \
              (there is no terminal to ask on)"
-        );
+                .into(),
+        )
+        .into());
     };
     write!(tty, "Password for {user}: ").context("write the prompt")?;
     tty.flush().context("write the prompt")?;
@@ -126,7 +154,8 @@ fn credential(cli: &Cli) -> anyhow::Result<Credential> {
     } else {
         Credential::Password(prompt_password(&cli.user)?)
     };
-    c.validate().context("credential")?;
+    c.validate()
+        .map_err(|e| Usage(format!("credential: {e}")))?;
     Ok(c)
 }
 
@@ -147,9 +176,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let credential = credential(&cli)?;
     let (addr, host) = resolve(&cli.broker)?;
     let server_name = cli.server_name.clone().unwrap_or(host);
-    let client = RouteClient::connect(addr, &server_name, &cli.ca)
-        .await
-        .with_context(|| format!("connect to the broker at {}", cli.broker))?;
+    let connecting = RouteClient::connect_within(addr, &server_name, &cli.ca, cli.connect_timeout);
+    tokio::pin!(connecting);
+    // Silence while a handshake goes unanswered looks like a hang: say
+    // what is awaited (on stderr; `--json` output stays one object).
+    let connected = tokio::select! {
+        c = &mut connecting => c,
+        () = tokio::time::sleep(SLOW_HANDSHAKE) => {
+            eprintln!(
+                "ferry-connect: waiting for the broker at {} ({addr}) to answer, up to {}...",
+                cli.broker,
+                ferry_common::duration::format_duration(cli.connect_timeout)
+            );
+            connecting.await
+        }
+    };
+    let client = connected.with_context(|| format!("connect to the broker at {}", cli.broker))?;
     let json = cli.json;
     let answer = client
         .route(
@@ -190,7 +232,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("address:    {}", a.address);
                 println!("session:    {}", a.session);
                 println!("ticket:     {}", a.ticket);
-                println!("expires at: {} (unix ms)", a.expires_at.0);
+                println!(
+                    "expires at: {}",
+                    ferry_broker::render::rfc3339_secs(a.expires_at)
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -215,8 +260,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The error and its causes on one line, skipping a cause its parent's
+/// message already quotes (many error types print their source).
+fn message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                // --help, --version
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -230,8 +302,12 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry-connect: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            eprintln!("ferry-connect: {}", message(&e));
+            if e.downcast_ref::<Usage>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            }
         }
     }
 }

@@ -12,13 +12,23 @@ use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupFilter, GroupSpec, ImageUpdateSpec,
     OtaOfferSpec, OtaScheduleSpec, PolicySpec, Secret, SessionType, UsageQuery, UserSpec,
 };
-use ferry_common::admin::{DisplayPolicySpec, PolicyPartsSpec, SessionPolicySpec};
+use ferry_common::admin::{
+    DisplayPolicySpec, PeriodSpec, PolicyLimit, PolicyPartsSpec, SessionPolicySpec,
+};
 use ferry_common::duration::parse_duration;
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 
 #[derive(Parser)]
-#[command(name = "ferryctl", version, about = "Operate a Ferry broker")]
+#[command(
+    name = "ferryctl",
+    version,
+    about = "Operate a Ferry broker",
+    after_help = "The broker's admin socket is --socket, else $FERRY_ADMIN_SOCKET, else \
+                  /run/ferry/admin.sock.\nExit codes: 0 done, 1 error (refused by the broker, \
+                  broker not running, unreadable file), 64 usage error (unknown flag, bad \
+                  value, missing --yes)."
+)]
 struct Cli {
     /// Admin socket of the broker.
     #[arg(long, global = true, env = ADMIN_SOCKET_ENV, default_value = DEFAULT_ADMIN_SOCKET)]
@@ -148,29 +158,106 @@ enum SessionsCmd {
     Disconnect { session: String },
 }
 
+/// A mistake in the command line (a bad flag value, a missing
+/// confirmation): exit [`EXIT_USAGE`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// The flag values of one command, parsed with every bad one collected, so
+/// one run reports them all (as the broker does for a policy).
+#[derive(Default)]
+struct Flags {
+    problems: Vec<String>,
+}
+
+impl Flags {
+    /// `r`'s value, or `None` with the problem recorded against `--flag`.
+    fn check<T, E: std::fmt::Display>(
+        &mut self,
+        flag: &str,
+        text: &str,
+        r: Result<T, E>,
+    ) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let e = e.to_string();
+                // Messages that quote the value already need no second copy.
+                if e.contains(&format!("{text:?}")) {
+                    self.problems.push(format!("--{flag}: {e}"));
+                } else {
+                    self.problems.push(format!("--{flag} {text:?}: {e}"));
+                }
+                None
+            }
+        }
+    }
+
+    fn number(&mut self, flag: &str, v: Option<String>) -> Option<u32> {
+        let v = v?;
+        let r = v
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| "not a whole number (0 or more)");
+        self.check(flag, &v, r)
+    }
+
+    fn duration_ms(&mut self, flag: &str, v: Option<String>) -> Option<u64> {
+        let v = v?;
+        let r = parse_duration(&v).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.check(flag, &v, r)
+    }
+
+    fn limit(&mut self, flag: &str, v: Option<String>, word: &str) -> Option<PolicyLimit> {
+        let v = v?;
+        let r = ferry_broker::groups::policy_parts::parse_limit(&v, word);
+        self.check(flag, &v, r)
+    }
+
+    fn problem(&mut self, message: String) {
+        self.problems.push(message);
+    }
+
+    /// `Err(Usage)` listing every problem, one a line.
+    fn finish(self) -> anyhow::Result<()> {
+        match self.problems.as_slice() {
+            [] => Ok(()),
+            [one] => Err(Usage(one.clone()).into()),
+            many => Err(Usage(format!(
+                "{} flag values are invalid:\n  {}",
+                many.len(),
+                many.join("\n  ")
+            ))
+            .into()),
+        }
+    }
+}
+
 /// Scaling-policy parameters (SPEC section 4); durations like 90s, 1h.
 #[derive(clap::Args, Default)]
 struct PolicyArgs {
     /// (A) Sessions one resource takes at once.
-    #[arg(long)]
-    concurrent_sessions: Option<u32>,
+    #[arg(long, value_name = "N")]
+    concurrent_sessions: Option<String>,
     /// (B) Scale out above this percent of capacity (1..=100).
-    #[arg(long)]
-    usage_threshold: Option<u32>,
+    #[arg(long, value_name = "PERCENT")]
+    usage_threshold: Option<String>,
     /// (C) Elastic resources created per scale-out.
-    #[arg(long)]
-    scale_out_step: Option<u32>,
+    #[arg(long, value_name = "N")]
+    scale_out_step: Option<String>,
     /// (D) Most elastic resources.
-    #[arg(long)]
-    max_elastic: Option<u32>,
-    /// (E) Idle time before an elastic resource may be scaled in.
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
+    max_elastic: Option<String>,
+    /// (E) Idle time before an elastic resource may be scaled in (above
+    /// zero, e.g. 60m).
+    #[arg(long, value_name = "DURATION")]
     max_idle: Option<String>,
     /// Least time between two scale-ins (default 60s).
-    #[arg(long)]
+    #[arg(long, value_name = "DURATION")]
     scale_in_cooldown: Option<String>,
     /// How long a routing request may wait for room (default 0).
-    #[arg(long)]
+    #[arg(long, value_name = "DURATION")]
     wait_timeout: Option<String>,
     /// breadth-first (default) or depth-first.
     #[arg(long)]
@@ -178,25 +265,18 @@ struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    fn into_spec(self) -> anyhow::Result<PolicySpec> {
-        let ms = |field: &str, v: Option<String>| -> anyhow::Result<Option<u64>> {
-            v.map(|v| {
-                parse_duration(&v)
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    .with_context(|| format!("--{field}"))
-            })
-            .transpose()
-        };
-        Ok(PolicySpec {
-            concurrent_sessions: self.concurrent_sessions,
-            usage_threshold: self.usage_threshold,
-            scale_out_step: self.scale_out_step,
-            max_elastic: self.max_elastic,
-            max_idle_ms: ms("max-idle", self.max_idle)?,
-            scale_in_cooldown_ms: ms("scale-in-cooldown", self.scale_in_cooldown)?,
-            wait_timeout_ms: ms("wait-timeout", self.wait_timeout)?,
+    fn into_spec(self, flags: &mut Flags) -> PolicySpec {
+        let max_idle_ms = flags.duration_ms("max-idle", self.max_idle);
+        PolicySpec {
+            concurrent_sessions: flags.number("concurrent-sessions", self.concurrent_sessions),
+            usage_threshold: flags.number("usage-threshold", self.usage_threshold),
+            scale_out_step: flags.number("scale-out-step", self.scale_out_step),
+            max_elastic: flags.number("max-elastic", self.max_elastic),
+            max_idle_ms,
+            scale_in_cooldown_ms: flags.duration_ms("scale-in-cooldown", self.scale_in_cooldown),
+            wait_timeout_ms: flags.duration_ms("wait-timeout", self.wait_timeout),
             load_balancing: self.load_balancing,
-        })
+        }
     }
 }
 
@@ -216,8 +296,8 @@ struct PolicyPartsArgs {
     #[arg(long)]
     idle_disconnect: Option<String>,
     /// Frames per second, 1..=60 (default 30).
-    #[arg(long)]
-    frame_rate: Option<u32>,
+    #[arg(long, value_name = "FPS")]
+    frame_rate: Option<String>,
     /// Session resolution WIDTHxHEIGHT, even, 640x480..7680x4320 (default 1920x1080).
     #[arg(long)]
     resolution: Option<String>,
@@ -241,59 +321,52 @@ struct PolicyPartsArgs {
 }
 
 impl PolicyPartsArgs {
-    fn into_spec(self) -> anyhow::Result<PolicyPartsSpec> {
-        use ferry_broker::groups::policy_parts::{
-            parse_limit, parse_on_off, parse_period, parse_resolution,
-        };
-        let flag = |name: &'static str| move |e: String| anyhow::anyhow!("--{name}: {e}");
-        let limit = |name: &'static str, v: Option<String>, word: &str| {
-            v.map(|v| parse_limit(&v, word).map_err(flag(name)))
-                .transpose()
-        };
+    fn into_spec(self, flags: &mut Flags) -> PolicyPartsSpec {
+        use ferry_broker::groups::policy_parts::{parse_on_off, parse_period, parse_resolution};
         let periods = if self.clear_periods {
             Some(Vec::new())
         } else if self.periods.is_empty() {
             None
         } else {
-            Some(
-                self.periods
-                    .iter()
-                    .map(|p| parse_period(p).map_err(flag("period")))
-                    .collect::<anyhow::Result<Vec<_>>>()?,
-            )
+            let parsed: Vec<Option<PeriodSpec>> = self
+                .periods
+                .iter()
+                .map(|p| flags.check("period", p, parse_period(p)))
+                .collect();
+            parsed.into_iter().collect::<Option<Vec<_>>>()
         };
-        Ok(PolicyPartsSpec {
+        PolicyPartsSpec {
             session: SessionPolicySpec {
-                disconnect_retention: limit(
+                disconnect_retention: flags.limit(
                     "disconnect-retention",
                     self.disconnect_retention,
                     "forever",
-                )?,
-                max_session_duration: limit(
+                ),
+                max_session_duration: flags.limit(
                     "max-session-duration",
                     self.max_session_duration,
                     "none",
-                )?,
-                idle_disconnect: limit("idle-disconnect", self.idle_disconnect, "none")?,
+                ),
+                idle_disconnect: flags.limit("idle-disconnect", self.idle_disconnect, "none"),
             },
             display: DisplayPolicySpec {
-                frame_rate: self.frame_rate,
+                frame_rate: flags.number("frame-rate", self.frame_rate),
                 resolution: self
                     .resolution
-                    .map(|r| parse_resolution(&r).map_err(flag("resolution")))
-                    .transpose()?,
+                    .and_then(|r| flags.check("resolution", &r, parse_resolution(&r))),
                 adaptive_resolution: self
                     .adaptive_resolution
-                    .map(|a| parse_on_off(&a).map_err(flag("adaptive-resolution")))
-                    .transpose()?,
+                    .and_then(|a| flags.check("adaptive-resolution", &a, parse_on_off(&a))),
                 streaming_mode: self.streaming_mode,
                 quality_strategy: self.quality,
             },
             periods,
-        })
+        }
     }
 }
 
+// Parsed once per run and boxed in `Cmd`: the size of `Publish` costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum GroupCmd {
     /// Publish a delivery group.
@@ -319,8 +392,8 @@ enum GroupCmd {
         /// Renew the subscription by itself at the end of each period.
         #[arg(long)]
         auto_renew: bool,
-        #[arg(long)]
-        base_resources: u32,
+        #[arg(long, value_name = "N")]
+        base_resources: String,
         /// independent or shared.
         #[arg(long, default_value = "independent")]
         session_type: String,
@@ -375,10 +448,22 @@ enum GroupCmd {
     /// Move to another region (always refused: regions are fixed at publish).
     SetRegion { group: String, region: String },
     /// Purge a group (subscription: expired; pay-as-you-go: in service).
-    Purge { group: String },
+    /// Asks first on a terminal; elsewhere needs --yes.
+    Purge {
+        group: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Delete a group (subscription: recycling or publish-failed;
-    /// pay-as-you-go: publish-failed).
-    Delete { group: String },
+    /// pay-as-you-go: publish-failed). Asks first on a terminal; elsewhere
+    /// needs --yes.
+    Delete {
+        group: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// The group's recorded decisions with their reasons.
     Events { group: String },
     /// Switch every resource to another image: open sessions are warned,
@@ -472,6 +557,16 @@ impl PasswordSource {
         if line.is_empty() {
             anyhow::bail!("the password is empty");
         }
+        // The broker refuses it too; saying so here spares a round trip.
+        let min = ferry_common::limits::MIN_PASSWORD_CHARS;
+        let chars = line.chars().count();
+        if chars < min {
+            return Err(Usage(format!(
+                "the password has {chars} characters; a password needs at least {min} \
+                 characters (a longer phrase is better)"
+            ))
+            .into());
+        }
         if line.len() > limit {
             anyhow::bail!("the password is longer than {limit} bytes");
         }
@@ -499,7 +594,8 @@ enum PkiCmd {
         #[arg(long = "broker-name")]
         broker_names: Vec<String>,
     },
-    /// Issue a certificate and key for one host.
+    /// Issue a certificate and key for one host. Replacing an existing key
+    /// asks first on a terminal; elsewhere it needs --yes.
     IssueAgent {
         #[arg(long)]
         dir: PathBuf,
@@ -507,11 +603,32 @@ enum PkiCmd {
         resource: String,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing key in --out without asking.
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
+/// Exit code of a failure: the request was refused or failed, the broker
+/// is not running, a file could not be read.
+const EXIT_ERROR: u8 = 1;
+/// Exit code of a usage error (`EX_USAGE` of sysexits.h): an unknown flag,
+/// a bad flag value, a missing confirmation.
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                // --help, --version
+                ExitCode::SUCCESS
+            };
+        }
+    };
     match run(cli) {
         Ok(out) => {
             print!("{out}");
@@ -522,8 +639,9 @@ fn main() -> ExitCode {
 }
 
 /// The one place errors become exit codes: every failure (refused request,
-/// broker not running, bad argument, I/O) is reported on stderr with exit 1.
-/// Usage errors are clap's (exit 2).
+/// broker not running, I/O) is reported on stderr with exit 1 ([`EXIT_ERROR`]);
+/// usage errors (clap's, bad flag values, a missing `--yes`) with 64
+/// ([`EXIT_USAGE`]).
 fn exit_code(e: &anyhow::Error) -> ExitCode {
     // The cause chain, skipping causes a message already quotes (many error
     // types print their source in their own message).
@@ -538,7 +656,14 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
         }
     }
     eprintln!("ferryctl: {message}");
-    ExitCode::from(1)
+    // A bad id on the command line is a usage error too.
+    if e.downcast_ref::<Usage>().is_some()
+        || e.downcast_ref::<ferry_common::ids::IdError>().is_some()
+    {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::from(EXIT_ERROR)
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<String> {
@@ -558,18 +683,47 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             // exist with the rest of the PKI (and its owner).
             ferry_broker::tickets::TicketSigner::load_or_create(&dir).context("ticket key")?;
             ferry_broker::tickets::TokenKey::load_or_create(&dir).context("token key")?;
-            return Ok(format!(
-                "created CA and broker certificate in {}\n",
-                dir.display()
-            ));
+            let files = [
+                ("ca_cert", dir.join(pki::CA_CERT), true),
+                ("ca_key", dir.join(pki::CA_KEY), false),
+                ("broker_cert", dir.join(pki::BROKER_CERT), true),
+                ("broker_key", dir.join(pki::BROKER_KEY), false),
+            ];
+            return pki_output(
+                json,
+                &format!("created CA and broker certificate in {}", dir.display()),
+                &files,
+            );
         }
-        Cmd::Pki(PkiCmd::IssueAgent { dir, resource, out }) => {
+        Cmd::Pki(PkiCmd::IssueAgent {
+            dir,
+            resource,
+            out,
+            yes,
+        }) => {
             let resource: ResourceId = resource.parse()?;
+            let key = out.join(pki::AGENT_KEY);
+            if key.exists() && !yes {
+                confirm(
+                    &format!(
+                        "replace the key and certificate in {} with new ones for {resource} \
+                         (the agent using them must be given the new ones)?",
+                        out.display()
+                    ),
+                    "pki issue-agent",
+                )?;
+            }
             pki::issue_agent(&dir, &resource, &out).context("pki issue-agent")?;
-            return Ok(format!(
-                "issued certificate for {resource} in {}\n",
-                out.display()
-            ));
+            let files = [
+                ("cert", out.join(pki::AGENT_CERT), true),
+                ("key", out.join(pki::AGENT_KEY), false),
+                ("ca_cert", out.join(pki::CA_CERT), true),
+            ];
+            return pki_output(
+                json,
+                &format!("issued certificate for {resource} in {}", out.display()),
+                &files,
+            );
         }
         Cmd::Simulate { file } => {
             let mut out = ferry_broker::simulate::run_cli(&file, json)?;
@@ -586,24 +740,37 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         } => {
             let format = if json { "json".to_string() } else { format };
             if !["table", "csv", "json"].contains(&format.as_str()) {
-                anyhow::bail!("--format must be table, csv or json, not {format:?}");
+                return Err(Usage(format!(
+                    "--format must be table, csv or json, not {format:?}"
+                ))
+                .into());
             }
             let query = UsageQuery {
                 group: group.map(|g| g.parse::<GroupName>()).transpose()?,
                 from: time(&from).context("--from")?,
                 to: time(&to).context("--to")?,
             };
+            if query.to <= query.from {
+                return Err(Usage(format!(
+                    "--to {} must be after --from {}",
+                    render::rfc3339_secs(query.to),
+                    render::rfc3339_secs(query.from)
+                ))
+                .into());
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("start runtime")?;
-            let resp =
-                runtime.block_on(admin::request(&cli.socket, AdminRequestV1::Usage(query)))?;
+            let resp = runtime.block_on(admin::request(
+                &cli.socket,
+                AdminRequestV1::UsageDetailed(query),
+            ))?;
             return match resp {
-                AdminResponseV1::Usage(r) => Ok(match format.as_str() {
-                    "csv" => render::usage_csv(&r),
-                    "json" => format!("{:#}\n", render::usage_json(&r)),
-                    _ => render::usage_table(&r),
+                AdminResponseV1::UsageDetailed(d) => Ok(match format.as_str() {
+                    "csv" => render::usage_csv(&d.report),
+                    "json" => format!("{:#}\n", render::usage_detail_json(&d)),
+                    _ => render::usage_detail_table(&d),
                 }),
                 other => Ok(show(other, json)),
             };
@@ -617,11 +784,22 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Cmd::Resources(ResourcesCmd::Undrain { resource }) => AdminRequestV1::Undrain {
             resource: resource.parse()?,
         },
-        Cmd::Sessions(SessionsCmd::List { all }) => AdminRequestV1::ListSessions { all },
+        Cmd::Sessions(SessionsCmd::List { all }) => AdminRequestV1::ListSessionsDetailed { all },
         Cmd::Sessions(SessionsCmd::Disconnect { session }) => AdminRequestV1::DisconnectSession {
             session: session.parse::<SessionId>()?,
         },
-        Cmd::Group(cmd) => group_request(*cmd)?,
+        Cmd::Group(cmd) => {
+            if let GroupCmd::Purge { group, yes: false } | GroupCmd::Delete { group, yes: false } =
+                cmd.as_ref()
+            {
+                let verb = match cmd.as_ref() {
+                    GroupCmd::Purge { .. } => "purge",
+                    _ => "delete",
+                };
+                confirm_removal(&cli.socket, verb, group)?;
+            }
+            group_request(*cmd)?
+        }
         Cmd::User(UserCmd::Create {
             id,
             email,
@@ -663,11 +841,17 @@ fn run(cli: Cli) -> anyhow::Result<String> {
                     MAX_ADMIN_FRAME_LEN / 2
                 );
             }
-            let csv = std::fs::read_to_string(&file)
-                .with_context(|| format!("read {}", file.display()))?;
+            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+            let csv = String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} is not UTF-8 text (byte {} is not); save it as \"CSV UTF-8\"",
+                    file.display(),
+                    e.utf8_error().valid_up_to() + 1
+                )
+            })?;
             AdminRequestV1::UserImport { csv }
         }
-        Cmd::User(UserCmd::List) => AdminRequestV1::UserList,
+        Cmd::User(UserCmd::List) => AdminRequestV1::UserListDetailed,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -699,10 +883,134 @@ fn run(cli: Cli) -> anyhow::Result<String> {
     }
 }
 
-/// An RFC 3339 time (`2026-03-02T09:00:00Z`, any offset) as Unix milliseconds.
+/// What `pki init` / `pki issue-agent` wrote: each file's path and, for
+/// certificates, its SHA-256 fingerprint; as JSON (`{"message", "files":
+/// {NAME: {"path", "fingerprint_sha256"}}}`) or as lines.
+fn pki_output(
+    json: bool,
+    message: &str,
+    files: &[(&str, PathBuf, bool)],
+) -> anyhow::Result<String> {
+    let mut described = Vec::new();
+    for (name, path, cert) in files {
+        let fingerprint = if *cert {
+            Some(pki::fingerprint(path).with_context(|| format!("read {}", path.display()))?)
+        } else {
+            None
+        };
+        described.push((*name, path, fingerprint));
+    }
+    if json {
+        let files: serde_json::Map<String, serde_json::Value> = described
+            .iter()
+            .map(|(name, path, fp)| {
+                (
+                    (*name).to_owned(),
+                    serde_json::json!({
+                        "path": path.display().to_string(),
+                        "fingerprint_sha256": fp,
+                    }),
+                )
+            })
+            .collect();
+        return Ok(format!(
+            "{:#}\n",
+            serde_json::json!({ "message": message, "files": files })
+        ));
+    }
+    let mut out = format!("{message}\n");
+    for (_, path, fp) in described {
+        match fp {
+            Some(fp) => out.push_str(&format!("  {}  sha256 {fp}\n", path.display())),
+            None => out.push_str(&format!("  {}  (secret, mode 0600)\n", path.display())),
+        }
+    }
+    Ok(out)
+}
+
+/// Asks `question` on the terminal and goes on only on `y` or `yes`. Without
+/// a terminal on standard input it refuses (a usage error) and says to add
+/// `--yes`: a script must say so.
+fn confirm(question: &str, command: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(Usage(format!(
+            "{command} asks for confirmation and standard input is not a terminal: add --yes \
+             to go ahead ({question})"
+        ))
+        .into());
+    }
+    let stdin = std::io::stdin();
+    let yes =
+        ask(question, &mut stdin.lock(), &mut std::io::stderr()).context("read the answer")?;
+    if yes {
+        Ok(())
+    } else {
+        anyhow::bail!("{command}: not confirmed; nothing was changed")
+    }
+}
+
+/// Writes `question [y/N] ` to `out`, reads one line from `input`: true on
+/// `y` or `yes` (any case), false on anything else or end of input.
+fn ask(
+    question: &str,
+    input: &mut impl std::io::BufRead,
+    out: &mut impl std::io::Write,
+) -> std::io::Result<bool> {
+    write!(out, "{question} [y/N] ")?;
+    out.flush()?;
+    let mut line = String::new();
+    input.read_line(&mut line)?;
+    Ok(matches!(
+        line.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+/// `group purge` / `group delete` without `--yes`: says what would be
+/// removed (`purge group design (pay-as-you-go, published, 2 resources)?`)
+/// and asks.
+fn confirm_removal(socket: &std::path::Path, verb: &str, group: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let command = format!("group {verb}");
+    if !std::io::stdin().is_terminal() {
+        // Refused before the broker is asked anything.
+        return confirm(&format!("{verb} group {group}?"), &command);
+    }
+    let req = AdminRequestV1::GroupShow {
+        group: group.parse()?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    let question = match runtime.block_on(admin::request(socket, req))? {
+        AdminResponseV1::GroupShown { detail, .. } => removal_question(verb, &detail),
+        _ => format!("{verb} group {group}?"),
+    };
+    confirm(&question, &command)
+}
+
+/// `purge group design (pay-as-you-go, published, 2 resources)?`
+fn removal_question(verb: &str, d: &ferry_common::admin::GroupDetail) -> String {
+    let n = d.resources.len();
+    format!(
+        "{verb} group {} ({}, {}, {n} resource{})?",
+        d.info.name,
+        d.info.billing,
+        d.info.status,
+        if n == 1 { "" } else { "s" }
+    )
+}
+
+/// An RFC 3339 time (`2026-03-02T09:00:00Z`, any offset) as Unix
+/// milliseconds; anything else is a usage error.
 fn time(s: &str) -> anyhow::Result<UnixMillis> {
-    let t = chrono::DateTime::parse_from_rfc3339(s.trim())
-        .with_context(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-03-02T09:00:00Z)"))?;
+    let t = chrono::DateTime::parse_from_rfc3339(s.trim()).map_err(|e| {
+        Usage(format!(
+            "{s:?} is not an RFC 3339 time (e.g. 2026-03-02T09:00:00Z): {e}"
+        ))
+    })?;
     Ok(UnixMillis(t.timestamp_millis()))
 }
 
@@ -770,30 +1078,56 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
             policy,
             parts,
         } => {
+            let mut flags = Flags::default();
             let billing = match (billing.as_str(), duration) {
-                ("subscription", Some(duration)) => BillingSpec::Subscription {
+                ("subscription", Some(duration)) => Some(BillingSpec::Subscription {
                     duration,
                     auto_renew,
-                },
+                }),
                 ("subscription", None) => {
-                    anyhow::bail!("--billing subscription needs --duration (Nw, Nmo or Ny)")
+                    flags.problem("--billing subscription needs --duration (Nw, Nmo or Ny)".into());
+                    None
                 }
-                ("pay-as-you-go", None) if !auto_renew => BillingSpec::PayAsYouGo,
+                ("pay-as-you-go", None) if !auto_renew => Some(BillingSpec::PayAsYouGo),
                 ("pay-as-you-go", _) => {
-                    anyhow::bail!("--duration and --auto-renew apply to subscriptions only")
+                    flags.problem("--duration and --auto-renew apply to subscriptions only".into());
+                    None
                 }
                 (other, _) => {
-                    anyhow::bail!("--billing {other:?}: write subscription or pay-as-you-go")
+                    flags.problem(format!(
+                        "--billing {other:?}: write subscription or pay-as-you-go"
+                    ));
+                    None
                 }
             };
             let session_type = match session_type.as_str() {
-                "independent" => SessionType::Independent,
-                "shared" => SessionType::Shared,
-                other => anyhow::bail!("--session-type {other:?}: write independent or shared"),
+                "independent" => Some(SessionType::Independent),
+                "shared" => Some(SessionType::Shared),
+                other => {
+                    flags.problem(format!(
+                        "--session-type {other:?}: write independent or shared"
+                    ));
+                    None
+                }
+            };
+            let base_resources = flags.number("base-resources", Some(base_resources));
+            let group_name =
+                group_name.and_then(|g| flags.check("name", &g, g.parse::<GroupName>()));
+            let assigned: Vec<Option<UserId>> = assigned
+                .iter()
+                .map(|u| flags.check("user", u, u.parse::<UserId>()))
+                .collect();
+            let policy = policy.into_spec(&mut flags);
+            let parts = parts.into_spec(&mut flags);
+            flags.finish()?;
+            let (Some(billing), Some(session_type), Some(base_resources)) =
+                (billing, session_type, base_resources)
+            else {
+                anyhow::bail!("unreachable: a bad flag was not reported");
             };
             AdminRequestV1::GroupPublishWithPolicy {
                 spec: GroupSpec {
-                    name: group_name.map(name).transpose()?,
+                    name: group_name,
                     region,
                     office_network,
                     spec,
@@ -801,10 +1135,10 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
                     billing,
                     base_resources,
                     session_type,
-                    users: users(assigned)?,
-                    policy: policy.into_spec()?,
+                    users: assigned.into_iter().flatten().collect(),
+                    policy,
                 },
-                parts: parts.into_spec()?,
+                parts,
             }
         }
         GroupCmd::List { status, name, id } => {
@@ -817,11 +1151,17 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
             group,
             policy,
             parts,
-        } => AdminRequestV1::GroupUpdatePolicyParts {
-            group: name(group)?,
-            policy: policy.into_spec()?,
-            parts: parts.into_spec()?,
-        },
+        } => {
+            let mut flags = Flags::default();
+            let policy = policy.into_spec(&mut flags);
+            let parts = parts.into_spec(&mut flags);
+            flags.finish()?;
+            AdminRequestV1::GroupUpdatePolicyParts {
+                group: name(group)?,
+                policy,
+                parts,
+            }
+        }
         GroupCmd::UpdateUsers { group, add, remove } => AdminRequestV1::GroupUpdateUsers {
             group: name(group)?,
             add: users(add)?,
@@ -849,13 +1189,13 @@ fn group_request(cmd: GroupCmd) -> anyhow::Result<AdminRequestV1> {
             group: name(group)?,
             region,
         },
-        GroupCmd::Purge { group } => AdminRequestV1::GroupPurge {
+        GroupCmd::Purge { group, .. } => AdminRequestV1::GroupPurge {
             group: name(group)?,
         },
-        GroupCmd::Delete { group } => AdminRequestV1::GroupDelete {
+        GroupCmd::Delete { group, .. } => AdminRequestV1::GroupDelete {
             group: name(group)?,
         },
-        GroupCmd::Events { group } => AdminRequestV1::GroupEvents {
+        GroupCmd::Events { group } => AdminRequestV1::GroupEventsDetailed {
             group: name(group)?,
         },
         GroupCmd::UpdateImage {
@@ -915,6 +1255,22 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
             render::user_token_json(&user, &token, expires_at),
             render::user_token_text(&user, &token, expires_at),
         ),
+        AdminResponseV1::UsageDetailed(d) => (
+            render::usage_detail_json(&d),
+            render::usage_detail_table(&d),
+        ),
+        AdminResponseV1::SessionsDetailed(s) => (
+            render::sessions_detail_json(&s),
+            render::sessions_detail_table(&s),
+        ),
+        AdminResponseV1::UsersDetailed(u) => (
+            render::users_detail_json(&u),
+            render::users_detail_table(&u),
+        ),
+        AdminResponseV1::GroupEventsDetailed(e) => (
+            render::group_events_detail_json(&e),
+            render::group_events_detail_table(&e),
+        ),
         // `admin::request` turns error answers into `Err`.
         AdminResponseV1::Error(e) => (
             serde_json::json!({ "error": e.message }),
@@ -925,5 +1281,64 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
         format!("{value:#}\n")
     } else {
         table
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ask_goes_on_only_on_y_or_yes() {
+        for (answer, want) in [
+            ("y\n", true),
+            ("YES\n", true),
+            (" yes \r\n", true),
+            ("n\n", false),
+            ("\n", false),
+            ("", false),
+            ("yess\n", false),
+        ] {
+            let mut out = Vec::new();
+            let got = ask("purge group g?", &mut answer.as_bytes(), &mut out).expect("ask");
+            assert_eq!(got, want, "{answer:?}");
+            assert_eq!(String::from_utf8_lossy(&out), "purge group g? [y/N] ");
+        }
+    }
+
+    #[test]
+    fn every_bad_flag_value_is_reported_at_once() {
+        let mut flags = Flags::default();
+        let parts = PolicyPartsArgs {
+            disconnect_retention: Some("xx".into()),
+            idle_disconnect: Some("banana".into()),
+            frame_rate: Some("fast".into()),
+            ..Default::default()
+        };
+        let policy = PolicyArgs {
+            max_idle: Some("soon".into()),
+            concurrent_sessions: Some("2".into()),
+            ..Default::default()
+        };
+        let spec = policy.into_spec(&mut flags);
+        parts.into_spec(&mut flags);
+        assert_eq!(spec.concurrent_sessions, Some(2));
+        let err = flags.finish().expect_err("bad values");
+        assert!(err.downcast_ref::<Usage>().is_some());
+        let text = err.to_string();
+        assert!(text.starts_with("4 flag values are invalid:"), "{text}");
+        for flag in [
+            "--max-idle: invalid duration \"soon\"",
+            "--disconnect-retention",
+            "--idle-disconnect",
+            "--frame-rate \"fast\"",
+        ] {
+            assert!(text.contains(flag), "{flag} in {text}");
+        }
+        assert!(
+            text.contains("\"xx\"") && text.contains("\"banana\""),
+            "{text}"
+        );
+        assert!(Flags::default().finish().is_ok());
     }
 }

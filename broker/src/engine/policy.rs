@@ -2,10 +2,17 @@
 //!
 //! Validation collects every problem before refusing, so an operator fixes a
 //! policy in one round instead of one error at a time.
+//!
+//! `max_idle` must be above zero, in a live group and in a scenario alike:
+//! with zero an elastic resource would be released the instant its last
+//! session ends, so every lull between two users would cost a scale-in and
+//! the next one a scale-out (SPEC 4 (E) is a time to stay idle, not a
+//! switch). Scale in soon with a short one (`1m`), never with zero.
 
 use std::fmt;
 use std::time::Duration;
 
+use ferry_common::duration::format_duration;
 use serde::{Deserialize, Serialize};
 
 /// Most resources of one class (base or elastic) a group may have. The engine keeps
@@ -205,13 +212,27 @@ impl Policy {
                 ),
             );
         }
+        if self.max_idle.is_zero() {
+            add(
+                "max_idle",
+                "must be above zero: an elastic resource would be released the instant its \
+                 last session ends (write e.g. 10m)"
+                    .into(),
+            );
+        }
         for (field, d) in [
             ("max_idle", self.max_idle),
             ("scale_in_cooldown", self.scale_in_cooldown),
             ("wait_timeout", self.wait_timeout),
         ] {
             if d > MAX_POLICY_DURATION {
-                add(field, format!("{d:?} is longer than the limit of 366 days"));
+                add(
+                    field,
+                    format!(
+                        "{} is longer than the limit of 366 days",
+                        format_duration(d)
+                    ),
+                );
             }
         }
         problems.extend(period_problems(&self.periods, base_count, self.max_elastic));
@@ -284,7 +305,10 @@ impl SessionPolicy {
             if d < MIN_RETENTION || d > MAX_RETENTION {
                 problems.push(PolicyProblem {
                     field: "disconnect_retention",
-                    message: format!("{d:?} is not -1 (forever) or 3..=300 minutes"),
+                    message: format!(
+                        "{} is not -1 (forever) or 3..=300 minutes",
+                        format_duration(d)
+                    ),
                 });
             }
         }
@@ -293,7 +317,8 @@ impl SessionPolicy {
                 problems.push(PolicyProblem {
                     field: "max_session_duration",
                     message: format!(
-                        "{d:?} must be longer than the 5 minute warning and at most 366 days"
+                        "{} must be longer than the 5 minute warning and at most 366 days",
+                        format_duration(d)
                     ),
                 });
             }
@@ -302,7 +327,10 @@ impl SessionPolicy {
             if d.is_zero() || d > MAX_POLICY_DURATION {
                 problems.push(PolicyProblem {
                     field: "idle_disconnect",
-                    message: format!("{d:?} must be above zero and at most 366 days"),
+                    message: format!(
+                        "{} must be above zero and at most 366 days",
+                        format_duration(d)
+                    ),
                 });
             }
         }
@@ -647,6 +675,23 @@ mod tests {
         assert!(err
             .to_string()
             .contains("above the 2 sessions spec office-4c8g"));
+    }
+
+    #[test]
+    fn a_zero_max_idle_is_refused_with_the_reason() {
+        let mut p = seed();
+        p.max_idle = Duration::ZERO;
+        p.usage_threshold = 101;
+        let err = p.validate(None).unwrap_err();
+        let fields: Vec<_> = err.problems.iter().map(|p| p.field).collect();
+        assert_eq!(fields, ["usage_threshold", "max_idle"], "{err}");
+        assert!(
+            err.to_string().contains("max_idle: must be above zero"),
+            "{err}"
+        );
+        p.usage_threshold = 85;
+        p.max_idle = Duration::from_millis(1);
+        assert_eq!(p.validate(None), Ok(()));
     }
 
     #[test]

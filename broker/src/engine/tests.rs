@@ -589,7 +589,8 @@ fn any_policy() -> impl Strategy<Value = Policy> {
         1u32..=100,
         1u32..4,
         0u32..5,
-        0u64..400,
+        // max_idle is above zero (see `policy`'s module doc).
+        1u64..400,
         0u64..200,
         0u64..100,
         any::<bool>(),

@@ -165,6 +165,9 @@ pub struct GroupView {
     pub joined: Vec<ResourceId>,
     /// The group's policy version the actor pushes.
     pub policy_version: u64,
+    /// Sessions whose user disconnected, kept for a reconnect: (session,
+    /// disconnected at, retained until; `None` = forever), sorted.
+    pub retained: Vec<(SessionId, UnixMillis, Option<UnixMillis>)>,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -2526,7 +2529,10 @@ impl Actor {
                     state: r.state,
                     // Closed: nothing takes sessions, whatever the frozen
                     // engine last knew; the load is what agents report since.
-                    available: r.available && !closed,
+                    // Only a ready resource takes sessions: a pending one is
+                    // not there yet (the engine's flag says only that it is
+                    // not drained or unhealthy).
+                    available: r.available && r.state == ResourceState::Ready && !closed,
                     occupancy: if closed {
                         u32::try_from(sessions.len()).unwrap_or(u32::MAX)
                     } else {
@@ -2562,6 +2568,11 @@ impl Actor {
                 joined
             },
             policy_version: self.row.policy_version,
+            retained: self
+                .retained_sessions()
+                .into_iter()
+                .map(|(s, since, until)| (s, UnixMillis(since), until.map(UnixMillis)))
+                .collect(),
         }
     }
 }

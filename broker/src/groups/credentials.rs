@@ -23,7 +23,7 @@ use std::time::Duration;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use ferry_common::admin::{UserInfo, UserSpec};
-use ferry_common::limits::MAX_PASSWORD_LEN;
+use ferry_common::limits::{MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS};
 use ferry_common::ticket::Credential;
 use ferry_common::{GroupName, UnixMillis, UserId};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -135,6 +135,13 @@ async fn with_hash_slot<T: Send + 'static>(
 fn check_new_password(password: &str) -> Result<(), GroupError> {
     if password.is_empty() {
         return Err(GroupError::Invalid(vec!["the password is empty".into()]));
+    }
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(GroupError::Invalid(vec![format!(
+            "the password has {chars} characters; a password needs at least \
+             {MIN_PASSWORD_CHARS} characters (a longer phrase is better)"
+        )]));
     }
     if password.len() > MAX_PASSWORD_LEN {
         return Err(GroupError::Invalid(vec![format!(
@@ -320,6 +327,17 @@ impl GroupService {
         let text = key
             .issue(&claims)
             .map_err(|e| GroupError::Invalid(vec![e.to_string()]))?;
+        // For `user list`: the newest expiry of the current generation.
+        let (id, expires, gen) = (user.to_string(), claims.expires_at.0, generation);
+        self.store
+            .exec(move |c| {
+                Ok(c.execute(
+                    "UPDATE users SET token_expires_at = MAX(COALESCE(token_expires_at, 0), ?2)
+                      WHERE id = ?1 AND token_generation = ?3",
+                    params![id, expires, gen],
+                )?)
+            })
+            .await?;
         Ok((text, claims.expires_at))
     }
 
@@ -334,7 +352,8 @@ impl GroupService {
             .store
             .exec(move |c| {
                 Ok(c.execute(
-                    "UPDATE users SET token_generation = token_generation + 1, updated_at = ?2
+                    "UPDATE users SET token_generation = token_generation + 1, updated_at = ?2,
+                                      token_expires_at = NULL
                       WHERE id = ?1",
                     params![id.as_str(), now.0],
                 )?)
@@ -442,31 +461,48 @@ mod tests {
 
         // Setting a password lets bob in and changes alice's.
         assert!(!s.has_password(&id("bob")).await.expect("bob"));
-        s.set_password(&id("bob"), "b0b", now).await.expect("set");
+        s.set_password(&id("bob"), "b0b secret", now)
+            .await
+            .expect("set");
         assert!(s.has_password(&id("bob")).await.expect("bob"));
-        s.authenticate(&id("bob"), &pw("b0b"))
+        s.authenticate(&id("bob"), &pw("b0b secret"))
             .await
             .expect("bob in");
-        s.set_password(&alice, "new one", now).await.expect("set");
+        s.set_password(&alice, "a new one", now).await.expect("set");
         assert!(s.authenticate(&alice, &pw("correct horse")).await.is_err());
-        s.authenticate(&alice, &pw("new one"))
+        s.authenticate(&alice, &pw("a new one"))
             .await
             .expect("new password");
         assert!(matches!(
-            s.set_password(&id("nobody"), "x", now).await,
+            s.set_password(&id("nobody"), "long enough", now).await,
             Err(GroupError::NotFound(_))
         ));
         assert!(matches!(
             s.set_password(&alice, "", now).await,
             Err(GroupError::Invalid(_))
         ));
+        // Too short: refused with the reason, the old password stays.
+        let short = s
+            .set_password(&alice, "1234567", now)
+            .await
+            .expect_err("too short");
+        assert!(
+            short.to_string().contains("at least 8 characters"),
+            "{short}"
+        );
+        s.set_password(&alice, "12345678", now)
+            .await
+            .expect("8 characters");
+        s.set_password(&alice, "a new one", now)
+            .await
+            .expect("set back");
         // Creating an existing user conflicts and leaves its password alone.
         assert!(matches!(
-            s.create_user_with_password(spec("alice"), "other", now)
+            s.create_user_with_password(spec("alice"), "another one", now)
                 .await,
             Err(GroupError::Conflict(_))
         ));
-        s.authenticate(&alice, &pw("new one"))
+        s.authenticate(&alice, &pw("a new one"))
             .await
             .expect("unchanged");
     }

@@ -606,6 +606,19 @@ impl Actor {
         self.end_session(&r.resource, session);
     }
 
+    /// Retained sessions: (session, disconnected at, retained until;
+    /// `None` = forever), for `sessions list`.
+    pub(super) fn retained_sessions(&self) -> Vec<(SessionId, i64, Option<i64>)> {
+        let mut out: Vec<_> = self
+            .routing
+            .retained
+            .iter()
+            .map(|(s, r)| (s.clone(), r.since.0, r.deadline.map(|t| t.0)))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// An agent told where its streaming server listens.
     pub(super) fn set_address(&mut self, resource: ResourceId, address: String) {
         self.routing.addresses.insert(resource, address);

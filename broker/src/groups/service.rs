@@ -1472,33 +1472,43 @@ fn check_user(u: &UserSpec) -> Vec<String> {
     problems
 }
 
-/// Parses `id,email,mobile` CSV (header first). Every bad row is reported with
-/// its line number; one bad row refuses the whole file.
+/// Parses `id,email,mobile` CSV (header first; RFC 4180 as spreadsheets
+/// write it, see [`crate::csv`]). Every bad row is reported with its line
+/// number; one bad row refuses the whole file.
 pub fn parse_users_csv(text: &str) -> Result<Vec<UserSpec>, Vec<String>> {
     let mut problems = Vec::new();
     let mut users: Vec<UserSpec> = Vec::new();
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
-    match lines.next() {
-        Some((_, h)) if h.split(',').map(str::trim).eq(["id", "email", "mobile"]) => {}
-        Some((_, h)) => problems.push(format!(
-            "line 1: header is {h:?}; expected \"id,email,mobile\""
+    let records = crate::csv::parse(text).map_err(|e| {
+        vec![format!(
+            "{e}; the file is not valid CSV there, nothing was imported"
+        )]
+    })?;
+    let mut records = records.into_iter().filter(|r| {
+        // Lines of blank cells (a spreadsheet's empty rows) are skipped.
+        r.fields.iter().any(|f| !f.trim().is_empty())
+    });
+    match records.next() {
+        Some(h)
+            if h.fields
+                .iter()
+                .map(|f| f.trim())
+                .eq(["id", "email", "mobile"]) => {}
+        Some(h) => problems.push(format!(
+            "line {}: header is {:?}; expected \"id,email,mobile\"",
+            h.line,
+            h.fields.join(",")
         )),
         None => problems.push("the file is empty; expected a header \"id,email,mobile\"".into()),
     }
-    for (n, line) in lines {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for record in records {
+        let n = record.line;
         if users.len() >= MAX_IMPORT_USERS {
             problems.push(format!(
                 "line {n}: more than {MAX_IMPORT_USERS} users in one file"
             ));
             break;
         }
-        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let fields: Vec<&str> = record.fields.iter().map(|f| f.trim()).collect();
         let [id, email, mobile] = fields.as_slice() else {
             problems.push(format!(
                 "line {n}: {} fields; expected 3 (id,email,mobile)",

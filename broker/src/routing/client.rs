@@ -4,7 +4,7 @@
 //! is one bidirectional stream, so many requests may share a connection.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_common::frame::{self, FrameError, PreambleReply};
@@ -33,6 +33,26 @@ pub enum ClientError {
     Endpoint(std::io::Error),
     #[error("connect to the broker: {0}")]
     Connect(#[from] quinn::ConnectError),
+    /// The handshake got no answer at all: nothing listens at the address,
+    /// or UDP does not get through.
+    #[error(
+        "no answer from {addr} within {}: is ferry-broker running and listening there \
+         (QUIC, UDP), and does every firewall on the way let UDP through?",
+        ferry_common::duration::format_duration(*waited)
+    )]
+    NoAnswer { addr: SocketAddr, waited: Duration },
+    /// The broker's certificate was refused by this side's TLS check.
+    #[error(
+        "the broker's certificate was refused ({reason}); check that --ca {} is the CA that \
+         signed it (ca.pem in the broker's pki_dir) and that it names {server_name} \
+         (--server-name)",
+        ca.display()
+    )]
+    Certificate {
+        reason: String,
+        ca: PathBuf,
+        server_name: String,
+    },
     #[error("connection to the broker: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("route stream: {0}")]
@@ -45,6 +65,20 @@ pub enum ClientError {
     Timeout(&'static str),
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+/// The reason of a handshake this side ended because the peer's
+/// certificate did not pass the TLS check (a TLS alert sent by this side:
+/// a QUIC crypto error), `None` for any other failure.
+fn certificate_refusal(e: &quinn::ConnectionError) -> Option<String> {
+    match e {
+        quinn::ConnectionError::TransportError(t)
+            if t.reason.contains("certificate") || t.reason.contains("Certificate") =>
+        {
+            Some(t.reason.clone())
+        }
+        _ => None,
+    }
 }
 
 /// The final answer to a request.
@@ -67,6 +101,18 @@ impl RouteClient {
         server_name: &str,
         ca: &Path,
     ) -> Result<RouteClient, ClientError> {
+        RouteClient::connect_within(addr, server_name, ca, CLIENT_TIMEOUT).await
+    }
+
+    /// [`RouteClient::connect`], waiting at most `limit` for the handshake
+    /// ([`ClientError::NoAnswer`] after it). A certificate the TLS check
+    /// refuses is [`ClientError::Certificate`], which names `ca`.
+    pub async fn connect_within(
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &Path,
+        limit: Duration,
+    ) -> Result<RouteClient, ClientError> {
         let config = pki::client_config_for(ca, None, ferry_common::ALPN_ROUTE)?;
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -75,9 +121,25 @@ impl RouteClient {
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
         let connecting = endpoint.connect_with(config, addr, server_name)?;
-        let conn = timeout(CLIENT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| ClientError::Timeout("the broker's handshake"))??;
+        let conn = match timeout(limit, connecting).await {
+            Err(_) => {
+                return Err(ClientError::NoAnswer {
+                    addr,
+                    waited: limit,
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(match certificate_refusal(&e) {
+                    Some(reason) => ClientError::Certificate {
+                        reason,
+                        ca: ca.to_path_buf(),
+                        server_name: server_name.to_owned(),
+                    },
+                    None => ClientError::Connection(e),
+                })
+            }
+            Ok(Ok(conn)) => conn,
+        };
         Ok(RouteClient { endpoint, conn })
     }
 
