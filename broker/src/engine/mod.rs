@@ -12,14 +12,15 @@
 //! [`Group::poll_deadline`] is reached), and drain [`Group::drain_decisions`].
 
 pub mod billing;
+mod decision;
+mod explain;
 mod group;
 mod period;
 mod policy;
 
-pub use group::{
-    Action, Class, Decision, EngineError, Explanation, Group, Input, PeriodView, Reason, Resource,
-    ResourceState, ScaleInView, ScaleOutView, Snapshot,
-};
+pub use decision::{Action, Class, Decision, Input, Reason, ResourceState};
+pub use explain::{Explanation, PeriodView, ScaleInView, ScaleOutView, Snapshot};
+pub use group::{EngineError, Group, Resource};
 pub use group::{RestoredElastic, RestoredState};
 pub use policy::{
     catalog_max_sessions, validate_periods, DisplayPolicy, LoadBalancing, Policy, PolicyError,
