@@ -433,395 +433,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, SimError> {
         problems: Vec::new(),
     };
 
-    let start = parse_rfc3339(raw.start.get_ref());
-    if start.is_none() {
-        c.at(
-            &raw.start,
-            format!(
-                "start = {:?} is not an RFC 3339 time (e.g. 2026-03-02T08:00:00Z)",
-                raw.start.get_ref()
-            ),
-        );
-    }
-    let end = match (&raw.end, start) {
-        (Some(e), Some(s)) => match parse_time(e.get_ref(), s) {
-            Ok(t) if t <= s => {
-                c.at(e, format!("end = {:?} is not after start", e.get_ref()));
-                None
-            }
-            Ok(t) if (t.0 - s.0) as u128 > MAX_SCENARIO_PERIOD.as_millis() => {
-                c.at(e, "end is more than 366 days after start".into());
-                None
-            }
-            Ok(t) => Some(t),
-            Err(m) => {
-                c.at(e, format!("end: {m}"));
-                None
-            }
-        },
-        _ => None,
-    };
-
-    // [group]
-    let g = raw.group.get_ref();
-    let base = c.int(
-        &g.base_resources,
-        "group.base_resources",
-        0,
-        i64::from(MAX_GROUP_RESOURCES),
-    );
-    let billing = match g.billing.get_ref().as_str() {
-        "subscription" => match &g.duration {
-            Some(d) => match Term::parse(d.get_ref()) {
-                Ok(term) => Some(BaseBilling::Subscription(term)),
-                Err(e) => {
-                    c.at(d, format!("group.duration: {e}"));
-                    None
-                }
-            },
-            None => {
-                c.at(
-                    &raw.group,
-                    "group.billing = \"subscription\" needs group.duration (e.g. \"1w\", \"1mo\", \"1y\")"
-                        .into(),
-                );
-                None
-            }
-        },
-        "pay-as-you-go" => Some(BaseBilling::PayAsYouGo),
-        other => {
-            c.at(
-                &g.billing,
-                format!(
-                    "group.billing = {other:?}: expected \"subscription\" or \"pay-as-you-go\""
-                ),
-            );
-            None
-        }
-    };
-    let spec = g.spec.as_ref().map(|s| s.get_ref().clone());
-
-    // [pricing]
-    let p = raw.pricing.get_ref();
-    let currency = p.currency.get_ref().clone();
-    if currency.is_empty()
-        || currency.len() > 8
-        || !currency.bytes().all(|b| b.is_ascii_uppercase())
-    {
-        c.at(
-            &p.currency,
-            format!("pricing.currency = {currency:?}: expected a code like \"CNY\""),
-        );
-    }
-    let subscription_month = match &p.subscription_month {
-        Some(v) => c.amount(v, "pricing.subscription_month"),
-        None if matches!(billing, Some(BaseBilling::Subscription(_))) => {
-            c.at(
-                &raw.pricing,
-                "pricing.subscription_month is needed for a subscription group".into(),
-            );
-            None
-        }
-        None => Some(Decimal::ZERO),
-    };
-    let hourly = match &p.hourly {
-        Some(v) => c.amount(v, "pricing.hourly"),
-        None => {
-            c.at(
-                &raw.pricing,
-                "pricing.hourly is needed (elastic and pay-as-you-go resources)".into(),
-            );
-            None
-        }
-    };
-
-    // [policy]
-    let rp = raw.policy.get_ref();
-    let concurrent = c.int(
-        &rp.concurrent_sessions,
-        "policy.concurrent_sessions",
-        1,
-        i64::from(u32::MAX),
-    );
-    let threshold = c.int(&rp.usage_threshold, "policy.usage_threshold", 1, 100);
-    let step = c.int(
-        &rp.scale_out_step,
-        "policy.scale_out_step",
-        1,
-        i64::from(u32::MAX),
-    );
-    let max_elastic = c.int(
-        &rp.max_elastic,
-        "policy.max_elastic",
-        0,
-        i64::from(u32::MAX),
-    );
-    let max_idle = c.duration(&rp.max_idle, "policy.max_idle");
-    let cooldown = match &rp.scale_in_cooldown {
-        Some(v) => c.duration(v, "policy.scale_in_cooldown"),
-        None => Some(DEFAULT_SCALE_IN_COOLDOWN),
-    };
-    let wait = match &rp.wait_timeout {
-        Some(v) => c.duration(v, "policy.wait_timeout"),
-        None => Some(Duration::ZERO),
-    };
-    let load_balancing = match &rp.load_balancing {
-        Some(v) => {
-            let lb = LoadBalancing::parse(v.get_ref());
-            if lb.is_none() {
-                c.at(
-                    v,
-                    format!(
-                        "policy.load_balancing = {:?}: expected \"breadth-first\" or \"depth-first\"",
-                        v.get_ref()
-                    ),
-                );
-            }
-            lb
-        }
-        None => Some(LoadBalancing::BreadthFirst),
-    };
-    let periods = parse_periods(&mut c, &rp.period);
-    let policy = match (
-        concurrent,
-        threshold,
-        step,
-        max_elastic,
-        max_idle,
-        cooldown,
-        wait,
-        load_balancing,
-        periods,
-    ) {
-        (
-            Some(cs),
-            Some(th),
-            Some(st),
-            Some(me),
-            Some(mi),
-            Some(cd),
-            Some(wt),
-            Some(lb),
-            Some(periods),
-        ) => {
-            let policy = Policy {
-                concurrent_sessions: cs,
-                usage_threshold: th,
-                scale_out_step: st,
-                max_elastic: me,
-                max_idle: mi,
-                scale_in_cooldown: cd,
-                wait_timeout: wt,
-                load_balancing: lb,
-                periods,
-            };
-            let checked = match base {
-                Some(base) => policy.validate_for_group(spec.as_deref(), base),
-                None => policy.validate(spec.as_deref()),
-            };
-            if let Err(e) = checked {
-                for problem in e.problems {
-                    let line = match problem.field {
-                        "periods" => period_problem_line(text, &rp.period, &problem.message)
-                            .unwrap_or_else(|| line_of(text, raw.policy.span().start)),
-                        "concurrent_sessions" => line_of(text, rp.concurrent_sessions.span().start),
-                        "usage_threshold" => line_of(text, rp.usage_threshold.span().start),
-                        "scale_out_step" => line_of(text, rp.scale_out_step.span().start),
-                        "max_elastic" => line_of(text, rp.max_elastic.span().start),
-                        "max_idle" => line_of(text, rp.max_idle.span().start),
-                        "spec" => g.spec.as_ref().map_or(1, |s| line_of(text, s.span().start)),
-                        field => {
-                            let span = match field {
-                                "scale_in_cooldown" => {
-                                    rp.scale_in_cooldown.as_ref().map(|s| s.span())
-                                }
-                                "wait_timeout" => rp.wait_timeout.as_ref().map(|s| s.span()),
-                                _ => None,
-                            };
-                            span.map_or_else(
-                                || line_of(text, raw.policy.span().start),
-                                |s| line_of(text, s.start),
-                            )
-                        }
-                    };
-                    let prefix = if problem.field == "spec" {
-                        "group"
-                    } else {
-                        "policy"
-                    };
-                    c.problems.push(Problem {
-                        line,
-                        message: format!("{prefix}.{}: {}", problem.field, problem.message),
-                    });
-                }
-                None
-            } else {
-                Some(policy)
-            }
-        }
-        _ => None,
-    };
-
-    // [provider]
-    let provider = match &raw.provider {
-        None => Some(Provider::Explicit),
-        Some(p) => {
-            let rp = p.get_ref();
-            match rp.mode.get_ref().as_str() {
-                "explicit" => {
-                    for d in [&rp.create_delay, &rp.release_delay].into_iter().flatten() {
-                        c.at(
-                            d,
-                            "create_delay / release_delay apply only with provider.mode = \"delays\"".into(),
-                        );
-                    }
-                    Some(Provider::Explicit)
-                }
-                "delays" => {
-                    let create = match &rp.create_delay {
-                        Some(d) => c.duration(d, "provider.create_delay"),
-                        None => Some(Duration::ZERO),
-                    };
-                    let release = match &rp.release_delay {
-                        Some(d) => c.duration(d, "provider.release_delay"),
-                        None => Some(Duration::ZERO),
-                    };
-                    match (create, release) {
-                        (Some(cr), Some(re))
-                            if cr <= MAX_SCENARIO_PERIOD && re <= MAX_SCENARIO_PERIOD =>
-                        {
-                            Some(Provider::Delays {
-                                create_ms: i64::try_from(cr.as_millis()).unwrap_or(i64::MAX),
-                                release_ms: i64::try_from(re.as_millis()).unwrap_or(i64::MAX),
-                            })
-                        }
-                        (Some(_), Some(_)) => {
-                            c.at(p, "provider delays must be at most 366 days".into());
-                            None
-                        }
-                        _ => None,
-                    }
-                }
-                other => {
-                    c.at(
-                        &rp.mode,
-                        format!("provider.mode = {other:?}: expected \"explicit\" or \"delays\""),
-                    );
-                    None
-                }
-            }
-        }
-    };
-
-    // [[event]]
-    if raw.event.len() > MAX_SCENARIO_EVENTS {
-        c.problems.push(Problem {
-            line: 1,
-            message: format!(
-                "{} events are more than the limit of {MAX_SCENARIO_EVENTS}",
-                raw.event.len()
-            ),
-        });
-    }
-    let mut events = Vec::with_capacity(raw.event.len().min(MAX_SCENARIO_EVENTS));
-    let mut previous: Option<(UnixMillis, usize)> = None;
-    for ev in raw.event.iter().take(MAX_SCENARIO_EVENTS) {
-        let line = line_of(text, ev.span().start);
-        let e = ev.get_ref();
-        let at = match start {
-            Some(s) => match parse_time(e.at.get_ref(), s) {
-                Ok(t) => Some(t),
-                Err(m) => {
-                    c.at(&e.at, format!("event at: {m}"));
-                    None
-                }
-            },
-            None => None,
-        };
-        if let (Some(t), Some(s)) = (at, start) {
-            if t < s {
-                c.at(
-                    &e.at,
-                    format!("event at {:?} is before start", e.at.get_ref()),
-                );
-            }
-            if let Some(end) = end {
-                if t > end {
-                    c.at(&e.at, format!("event at {:?} is after end", e.at.get_ref()));
-                }
-            }
-            if t > s && (t.0 - s.0) as u128 > MAX_SCENARIO_PERIOD.as_millis() {
-                c.at(&e.at, "event is more than 366 days after start".into());
-            }
-            match previous {
-                Some((prev, prev_line)) if t < prev => c.at(
-                    &e.at,
-                    format!(
-                        "event at {:?} is before the event on line {prev_line}; events must be in time order",
-                        e.at.get_ref()
-                    ),
-                ),
-                _ => previous = Some((t, line)),
-            }
-        }
-        let mut kinds = Vec::new();
-        if let Some(s) = &e.connect {
-            match SessionId::new(s.get_ref().as_str()) {
-                Ok(id) => kinds.push(Some(EventKind::Connect(id))),
-                Err(err) => {
-                    c.at(s, format!("connect: {err}"));
-                    kinds.push(None);
-                }
-            }
-        }
-        if let Some(s) = &e.disconnect {
-            match SessionId::new(s.get_ref().as_str()) {
-                Ok(id) => kinds.push(Some(EventKind::Disconnect(id))),
-                Err(err) => {
-                    c.at(s, format!("disconnect: {err}"));
-                    kinds.push(None);
-                }
-            }
-        }
-        for (value, key, make) in [
-            (
-                &e.created,
-                "created",
-                EventKind::Created as fn(u32) -> EventKind,
-            ),
-            (
-                &e.released,
-                "released",
-                EventKind::Released as fn(u32) -> EventKind,
-            ),
-        ] {
-            if let Some(v) = value {
-                let n = c.int(v, key, 1, i64::from(MAX_GROUP_RESOURCES));
-                if matches!(provider, Some(Provider::Delays { .. })) {
-                    c.at(
-                        v,
-                        format!("{key} events complete work only with provider.mode = \"explicit\"; with \"delays\" it completes by itself"),
-                    );
-                }
-                kinds.push(n.map(make));
-            }
-        }
-        match kinds.len() {
-            1 => {
-                if let (Some(at), Some(Some(kind))) = (at, kinds.pop()) {
-                    events.push(Event { line, at, kind });
-                }
-            }
-            0 => c.problems.push(Problem {
-                line,
-                message: "event has no action: give one of connect, disconnect, created, released".into(),
-            }),
-            _ => c.problems.push(Problem {
-                line,
-                message: "event has more than one action: give exactly one of connect, disconnect, created, released".into(),
-            }),
-        }
-    }
+    let (start, end) = period_of(&mut c, &raw);
+    let (base, billing, spec) = group_of(&mut c, &raw.group);
+    let (currency, subscription_month, hourly) = pricing_of(&mut c, &raw.pricing, billing.as_ref());
+    let policy = policy_of(&mut c, &raw, base, spec.as_deref());
+    let provider = provider_of(&mut c, raw.provider.as_ref());
+    let events = events_of(&mut c, &raw.event, start, end, provider.as_ref());
 
     if !c.problems.is_empty() {
         c.problems.sort_by_key(|p| p.line);
@@ -875,4 +492,449 @@ pub fn parse(path: &Path, text: &str) -> Result<Scenario, SimError> {
             message: "the scenario is incomplete".into(),
         }])),
     }
+}
+
+/// `start` and `end`, each checked.
+fn period_of(c: &mut Checker<'_>, raw: &RawScenario) -> (Option<UnixMillis>, Option<UnixMillis>) {
+    let start = parse_rfc3339(raw.start.get_ref());
+    if start.is_none() {
+        c.at(
+            &raw.start,
+            format!(
+                "start = {:?} is not an RFC 3339 time (e.g. 2026-03-02T08:00:00Z)",
+                raw.start.get_ref()
+            ),
+        );
+    }
+    let end = match (&raw.end, start) {
+        (Some(e), Some(s)) => match parse_time(e.get_ref(), s) {
+            Ok(t) if t <= s => {
+                c.at(e, format!("end = {:?} is not after start", e.get_ref()));
+                None
+            }
+            Ok(t) if (t.0 - s.0) as u128 > MAX_SCENARIO_PERIOD.as_millis() => {
+                c.at(e, "end is more than 366 days after start".into());
+                None
+            }
+            Ok(t) => Some(t),
+            Err(m) => {
+                c.at(e, format!("end: {m}"));
+                None
+            }
+        },
+        _ => None,
+    };
+
+    (start, end)
+}
+
+/// `[group]`: the base count, its billing and its spec.
+fn group_of(
+    c: &mut Checker<'_>,
+    group: &Spanned<RawGroup>,
+) -> (Option<u32>, Option<BaseBilling>, Option<String>) {
+    let g = group.get_ref();
+    let base = c.int(
+        &g.base_resources,
+        "group.base_resources",
+        0,
+        i64::from(MAX_GROUP_RESOURCES),
+    );
+    let billing = match g.billing.get_ref().as_str() {
+        "subscription" => match &g.duration {
+            Some(d) => match Term::parse(d.get_ref()) {
+                Ok(term) => Some(BaseBilling::Subscription(term)),
+                Err(e) => {
+                    c.at(d, format!("group.duration: {e}"));
+                    None
+                }
+            },
+            None => {
+                c.at(
+                    group,
+                    "group.billing = \"subscription\" needs group.duration (e.g. \"1w\", \"1mo\", \"1y\")"
+                        .into(),
+                );
+                None
+            }
+        },
+        "pay-as-you-go" => Some(BaseBilling::PayAsYouGo),
+        other => {
+            c.at(
+                &g.billing,
+                format!(
+                    "group.billing = {other:?}: expected \"subscription\" or \"pay-as-you-go\""
+                ),
+            );
+            None
+        }
+    };
+    let spec = g.spec.as_ref().map(|s| s.get_ref().clone());
+
+    (base, billing, spec)
+}
+
+/// `[pricing]`: currency and prices (a subscription needs its monthly price).
+fn pricing_of(
+    c: &mut Checker<'_>,
+    pricing: &Spanned<RawPricing>,
+    billing: Option<&BaseBilling>,
+) -> (String, Option<Decimal>, Option<Decimal>) {
+    let p = pricing.get_ref();
+    let currency = p.currency.get_ref().clone();
+    if currency.is_empty()
+        || currency.len() > 8
+        || !currency.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        c.at(
+            &p.currency,
+            format!("pricing.currency = {currency:?}: expected a code like \"CNY\""),
+        );
+    }
+    let subscription_month = match &p.subscription_month {
+        Some(v) => c.amount(v, "pricing.subscription_month"),
+        None if matches!(billing, Some(BaseBilling::Subscription(_))) => {
+            c.at(
+                pricing,
+                "pricing.subscription_month is needed for a subscription group".into(),
+            );
+            None
+        }
+        None => Some(Decimal::ZERO),
+    };
+    let hourly = match &p.hourly {
+        Some(v) => c.amount(v, "pricing.hourly"),
+        None => {
+            c.at(
+                pricing,
+                "pricing.hourly is needed (elastic and pay-as-you-go resources)".into(),
+            );
+            None
+        }
+    };
+
+    (currency, subscription_month, hourly)
+}
+
+/// `[policy]` with its periods, validated like a live group's (each problem
+/// on the line of its key).
+fn policy_of(
+    c: &mut Checker<'_>,
+    raw: &RawScenario,
+    base: Option<u32>,
+    spec: Option<&str>,
+) -> Option<Policy> {
+    let text = c.text;
+    let rp = raw.policy.get_ref();
+    let concurrent = c.int(
+        &rp.concurrent_sessions,
+        "policy.concurrent_sessions",
+        1,
+        i64::from(u32::MAX),
+    );
+    let threshold = c.int(&rp.usage_threshold, "policy.usage_threshold", 1, 100);
+    let step = c.int(
+        &rp.scale_out_step,
+        "policy.scale_out_step",
+        1,
+        i64::from(u32::MAX),
+    );
+    let max_elastic = c.int(
+        &rp.max_elastic,
+        "policy.max_elastic",
+        0,
+        i64::from(u32::MAX),
+    );
+    let max_idle = c.duration(&rp.max_idle, "policy.max_idle");
+    let cooldown = match &rp.scale_in_cooldown {
+        Some(v) => c.duration(v, "policy.scale_in_cooldown"),
+        None => Some(DEFAULT_SCALE_IN_COOLDOWN),
+    };
+    let wait = match &rp.wait_timeout {
+        Some(v) => c.duration(v, "policy.wait_timeout"),
+        None => Some(Duration::ZERO),
+    };
+    let load_balancing = match &rp.load_balancing {
+        Some(v) => {
+            let lb = LoadBalancing::parse(v.get_ref());
+            if lb.is_none() {
+                c.at(
+                    v,
+                    format!(
+                        "policy.load_balancing = {:?}: expected \"breadth-first\" or \"depth-first\"",
+                        v.get_ref()
+                    ),
+                );
+            }
+            lb
+        }
+        None => Some(LoadBalancing::BreadthFirst),
+    };
+    let periods = parse_periods(c, &rp.period);
+    let (
+        Some(concurrent_sessions),
+        Some(usage_threshold),
+        Some(scale_out_step),
+        Some(max_elastic),
+        Some(max_idle),
+        Some(scale_in_cooldown),
+        Some(wait_timeout),
+        Some(load_balancing),
+        Some(periods),
+    ) = (
+        concurrent,
+        threshold,
+        step,
+        max_elastic,
+        max_idle,
+        cooldown,
+        wait,
+        load_balancing,
+        periods,
+    )
+    else {
+        return None;
+    };
+    let policy = Policy {
+        concurrent_sessions,
+        usage_threshold,
+        scale_out_step,
+        max_elastic,
+        max_idle,
+        scale_in_cooldown,
+        wait_timeout,
+        load_balancing,
+        periods,
+    };
+    let checked = match base {
+        Some(base) => policy.validate_for_group(spec, base),
+        None => policy.validate(spec),
+    };
+    let Err(e) = checked else {
+        return Some(policy);
+    };
+    for problem in e.problems {
+        let line = policy_problem_line(text, raw, problem.field, &problem.message);
+        let prefix = if problem.field == "spec" {
+            "group"
+        } else {
+            "policy"
+        };
+        c.problems.push(Problem {
+            line,
+            message: format!("{prefix}.{}: {}", problem.field, problem.message),
+        });
+    }
+    None
+}
+
+/// The line of the key a policy problem is about (the `[policy]` table's
+/// line when the key is not written).
+fn policy_problem_line(text: &str, raw: &RawScenario, field: &str, message: &str) -> usize {
+    let rp = raw.policy.get_ref();
+    let table = || line_of(text, raw.policy.span().start);
+    let at =
+        |span: Option<std::ops::Range<usize>>| span.map_or_else(table, |s| line_of(text, s.start));
+    match field {
+        "periods" => period_problem_line(text, &rp.period, message).unwrap_or_else(table),
+        "concurrent_sessions" => at(Some(rp.concurrent_sessions.span())),
+        "usage_threshold" => at(Some(rp.usage_threshold.span())),
+        "scale_out_step" => at(Some(rp.scale_out_step.span())),
+        "max_elastic" => at(Some(rp.max_elastic.span())),
+        "max_idle" => at(Some(rp.max_idle.span())),
+        "spec" => raw
+            .group
+            .get_ref()
+            .spec
+            .as_ref()
+            .map_or(1, |s| line_of(text, s.span().start)),
+        "scale_in_cooldown" => at(rp.scale_in_cooldown.as_ref().map(|s| s.span())),
+        "wait_timeout" => at(rp.wait_timeout.as_ref().map(|s| s.span())),
+        _ => table(),
+    }
+}
+
+/// `[provider]`: how creations and releases complete.
+fn provider_of(c: &mut Checker<'_>, provider: Option<&Spanned<RawProvider>>) -> Option<Provider> {
+    match provider {
+        None => Some(Provider::Explicit),
+        Some(p) => {
+            let rp = p.get_ref();
+            match rp.mode.get_ref().as_str() {
+                "explicit" => {
+                    for d in [&rp.create_delay, &rp.release_delay].into_iter().flatten() {
+                        c.at(
+                            d,
+                            "create_delay / release_delay apply only with provider.mode = \"delays\"".into(),
+                        );
+                    }
+                    Some(Provider::Explicit)
+                }
+                "delays" => {
+                    let create = match &rp.create_delay {
+                        Some(d) => c.duration(d, "provider.create_delay"),
+                        None => Some(Duration::ZERO),
+                    };
+                    let release = match &rp.release_delay {
+                        Some(d) => c.duration(d, "provider.release_delay"),
+                        None => Some(Duration::ZERO),
+                    };
+                    match (create, release) {
+                        (Some(cr), Some(re))
+                            if cr <= MAX_SCENARIO_PERIOD && re <= MAX_SCENARIO_PERIOD =>
+                        {
+                            Some(Provider::Delays {
+                                create_ms: i64::try_from(cr.as_millis()).unwrap_or(i64::MAX),
+                                release_ms: i64::try_from(re.as_millis()).unwrap_or(i64::MAX),
+                            })
+                        }
+                        (Some(_), Some(_)) => {
+                            c.at(p, "provider delays must be at most 366 days".into());
+                            None
+                        }
+                        _ => None,
+                    }
+                }
+                other => {
+                    c.at(
+                        &rp.mode,
+                        format!("provider.mode = {other:?}: expected \"explicit\" or \"delays\""),
+                    );
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// `[[event]]`: each with its time in order and exactly one action.
+fn events_of(
+    c: &mut Checker<'_>,
+    raw: &[Spanned<RawEvent>],
+    start: Option<UnixMillis>,
+    end: Option<UnixMillis>,
+    provider: Option<&Provider>,
+) -> Vec<Event> {
+    let text = c.text;
+    if raw.len() > MAX_SCENARIO_EVENTS {
+        c.problems.push(Problem {
+            line: 1,
+            message: format!(
+                "{} events are more than the limit of {MAX_SCENARIO_EVENTS}",
+                raw.len()
+            ),
+        });
+    }
+    let mut events = Vec::with_capacity(raw.len().min(MAX_SCENARIO_EVENTS));
+    let mut previous: Option<(UnixMillis, usize)> = None;
+    for ev in raw.iter().take(MAX_SCENARIO_EVENTS) {
+        let line = line_of(text, ev.span().start);
+        let e = ev.get_ref();
+        let at = match start {
+            Some(s) => match parse_time(e.at.get_ref(), s) {
+                Ok(t) => Some(t),
+                Err(m) => {
+                    c.at(&e.at, format!("event at: {m}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let (Some(t), Some(s)) = (at, start) {
+            if t < s {
+                c.at(
+                    &e.at,
+                    format!("event at {:?} is before start", e.at.get_ref()),
+                );
+            }
+            if let Some(end) = end {
+                if t > end {
+                    c.at(&e.at, format!("event at {:?} is after end", e.at.get_ref()));
+                }
+            }
+            if t > s && (t.0 - s.0) as u128 > MAX_SCENARIO_PERIOD.as_millis() {
+                c.at(&e.at, "event is more than 366 days after start".into());
+            }
+            match previous {
+                Some((prev, prev_line)) if t < prev => c.at(
+                    &e.at,
+                    format!(
+                        "event at {:?} is before the event on line {prev_line}; events must be in time order",
+                        e.at.get_ref()
+                    ),
+                ),
+                _ => previous = Some((t, line)),
+            }
+        }
+        let mut kinds = event_actions(c, e, provider);
+        match kinds.len() {
+            1 => {
+                if let (Some(at), Some(Some(kind))) = (at, kinds.pop()) {
+                    events.push(Event { line, at, kind });
+                }
+            }
+            0 => c.problems.push(Problem {
+                line,
+                message: "event has no action: give one of connect, disconnect, created, released".into(),
+            }),
+            _ => c.problems.push(Problem {
+                line,
+                message: "event has more than one action: give exactly one of connect, disconnect, created, released".into(),
+            }),
+        }
+    }
+
+    events
+}
+
+/// The actions one `[[event]]` names (`None` for one that is invalid; the
+/// caller wants exactly one).
+fn event_actions(
+    c: &mut Checker<'_>,
+    e: &RawEvent,
+    provider: Option<&Provider>,
+) -> Vec<Option<EventKind>> {
+    let mut kinds = Vec::new();
+    if let Some(s) = &e.connect {
+        match SessionId::new(s.get_ref().as_str()) {
+            Ok(id) => kinds.push(Some(EventKind::Connect(id))),
+            Err(err) => {
+                c.at(s, format!("connect: {err}"));
+                kinds.push(None);
+            }
+        }
+    }
+    if let Some(s) = &e.disconnect {
+        match SessionId::new(s.get_ref().as_str()) {
+            Ok(id) => kinds.push(Some(EventKind::Disconnect(id))),
+            Err(err) => {
+                c.at(s, format!("disconnect: {err}"));
+                kinds.push(None);
+            }
+        }
+    }
+    for (value, key, make) in [
+        (
+            &e.created,
+            "created",
+            EventKind::Created as fn(u32) -> EventKind,
+        ),
+        (
+            &e.released,
+            "released",
+            EventKind::Released as fn(u32) -> EventKind,
+        ),
+    ] {
+        if let Some(v) = value {
+            let n = c.int(v, key, 1, i64::from(MAX_GROUP_RESOURCES));
+            if matches!(provider, Some(Provider::Delays { .. })) {
+                c.at(
+                    v,
+                    format!("{key} events complete work only with provider.mode = \"explicit\"; with \"delays\" it completes by itself"),
+                );
+            }
+            kinds.push(n.map(make));
+        }
+    }
+    kinds
 }
