@@ -40,6 +40,11 @@ pub const DRAIN_FILE: &str = "draining";
 /// chatty hook cannot make the agent buffer without bound.
 const MAX_HOOK_OUTPUT: usize = 4096;
 
+/// Most bytes of that output in the failure message (its end): with the
+/// hook's name, program and exit status it stays within the
+/// `MAX_TEXT_LEN` a failure may have on the wire.
+const MAX_HOOK_OUTPUT_IN_MESSAGE: usize = 512;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("{op} {path}: {source}")]
@@ -549,8 +554,22 @@ pub async fn run_hook_with(
         hook,
         program,
         status: status.to_string(),
-        output,
+        output: output_tail(&output).to_owned(),
     })
+}
+
+/// The end of a hook's output that goes into its failure message: the
+/// reason is usually last, and the whole message (sent to the broker,
+/// at most `MAX_TEXT_LEN`) must keep the hook's name and exit status.
+fn output_tail(output: &str) -> &str {
+    if output.len() <= MAX_HOOK_OUTPUT_IN_MESSAGE {
+        return output;
+    }
+    let mut start = output.len() - MAX_HOOK_OUTPUT_IN_MESSAGE;
+    while !output.is_char_boundary(start) {
+        start += 1;
+    }
+    &output[start..]
 }
 
 /// Reads at most [`MAX_HOOK_OUTPUT`] bytes, then drops the rest of the pipe.
@@ -606,6 +625,26 @@ mod tests {
         assert!(
             text.contains("no such session") && text.contains('3'),
             "{text}"
+        );
+
+        // A long output: the message keeps its end and the exit status.
+        let chatty = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "for i in $(seq 1 300); do echo \"line $i\"; done >&2; exit 6".into(),
+        ];
+        let text = run_disconnect_hook(&chatty, &sid("s"), Duration::from_secs(10))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("exit status: 6") && text.ends_with("line 300"),
+            "{text}"
+        );
+        assert!(
+            text.len() <= ferry_common::limits::MAX_TEXT_LEN,
+            "{}",
+            text.len()
         );
 
         let missing = vec!["/nonexistent/hook".into()];
