@@ -40,10 +40,11 @@
 //! with the group's policy version: to every joined, connected agent when
 //! an update-policy raises the version, and to an agent that (re)joins with
 //! an older applied version than the group's (read from `resource_policy`).
-//! Each push runs in its own tracked task; an acknowledgement is committed
-//! to `resource_policy` (the newest version wins) with a `policy-applied`
-//! event, a failure or timeout becomes a `policy-failed` event, and the next
-//! join of that agent tries again.
+//! Each push runs in its own tracked task ([`policy_push`]); an
+//! acknowledgement is committed to `resource_policy` (the newest version
+//! wins) with a `policy-applied` event, a failure or timeout becomes a
+//! `policy-failed` event and is tried again with backoff while the agent
+//! stays connected, and the next join of that agent tries again too.
 //!
 //! What is not kept across a broker restart: the binding of agents to base
 //! slots (agents re-join when they reconnect, and their open sessions come
@@ -92,6 +93,9 @@ pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
 #[path = "image_update.rs"]
 mod image_update;
 pub use image_update::{begin as begin_image_update, versions as group_versions};
+// The policy sent to each agent, tried again while it fails.
+#[path = "policy_push.rs"]
+mod policy_push;
 
 /// Messages waiting for one group's actor. Senders wait when it is full, so
 /// a burst of agent events slows the agents' acknowledgements instead of
@@ -410,6 +414,8 @@ struct Shared {
     /// OTA updates (`crate::ota`), set once by the daemon: the admin socket
     /// reaches them here, like the actors.
     ota: std::sync::OnceLock<crate::ota::Ota>,
+    /// Policy pushes trying again ([`policy_push`]).
+    policy_pushes: policy_push::InFlight,
 }
 
 #[derive(Clone)]
@@ -478,6 +484,7 @@ impl GroupActors {
                 provisioning: std::sync::OnceLock::new(),
                 retiring: Arc::default(),
                 ota: std::sync::OnceLock::new(),
+                policy_pushes: policy_push::InFlight::default(),
             }),
         }
     }
@@ -1912,68 +1919,19 @@ impl Actor {
                 return;
             }
         };
-        let shared = self.shared.clone();
-        let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
-        self.shared.tracker.spawn(async move {
-            let command = Command::ApplyPolicy {
-                group: group.clone(),
-                version,
-                document,
-            };
-            let outcome = shared.command(&real, command).await;
-            let applied = matches!(outcome, Ok(CommandOutcome::Done));
-            let (kind, message) = match outcome {
-                Ok(CommandOutcome::Done) => (
-                    "policy-applied",
-                    format!("policy version {version} applied on {real}"),
-                ),
-                Ok(CommandOutcome::Failed(m)) => (
-                    "policy-failed",
-                    format!(
-                        "policy version {version} failed on {real}: the agent says: {m}; \
-                         it is sent again when the agent re-joins"
-                    ),
-                ),
-                Err(e) => (
-                    "policy-failed",
-                    format!(
-                        "policy version {version} not applied on {real}: {e}; \
-                         it is sent again when the agent re-joins"
-                    ),
-                ),
-            };
-            if !applied {
-                tracing::warn!(%group, "{message}");
-            }
-            let at = shared.clock.now();
-            let key = real.to_string();
-            let written = shared
-                .store
-                .exec(move |c| {
-                    if applied {
-                        // A late answer for an older version never lowers
-                        // what is recorded.
-                        c.execute(
-                            "INSERT INTO resource_policy (group_num, resource, version, applied_at)
-                             VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT (group_num, resource) DO UPDATE
-                                 SET version = excluded.version, applied_at = excluded.applied_at
-                                 WHERE excluded.version > resource_policy.version",
-                            params![num, key, i64::try_from(version).unwrap_or(i64::MAX), at.0],
-                        )?;
-                    }
-                    c.execute(
-                        "INSERT INTO group_events (group_num, at, kind, message)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![num, at.0, kind, message],
-                    )?;
-                    Ok(())
-                })
-                .await;
-            if let Err(e) = written {
-                tracing::error!(%group, resource = %real, "record policy version {version}: {e}");
-            }
-        });
+        let (num, group, resource) = (self.row.num, self.row.name.clone(), real.clone());
+        let ticket = self.shared.policy_pushes.claim(num, &resource);
+        let push = policy_push::Push {
+            num,
+            group,
+            resource,
+            version,
+            document,
+            ticket,
+        };
+        self.shared
+            .tracker
+            .spawn(policy_push::run(self.shared.clone(), push));
     }
 
     /// Turns the engine's decisions into events and agent commands.
