@@ -31,8 +31,10 @@
 //!
 //! A failing resource stops the rollout after its wave: the schedule is
 //! `failed`, the resource stays drained, the group becomes `update-failed`
-//! and an event names the update and the failing resources. All done: the
-//! schedule is `succeeded`, with an event.
+//! (a `status` event; a group already `update-failed` stays so) and an
+//! event names the update and the failing resources. All done: the schedule
+//! is `succeeded`, with an event, and an `update-failed` group is
+//! `published` again.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use super::store::{self, ResultRow, ScheduleRow};
 use super::Ota;
 use crate::engine::ResourceState;
-use crate::groups::lifecycle::{after_failed_ota, Status};
+use crate::groups::lifecycle::{after_failed_ota, after_succeeded_ota, Status};
 use crate::groups::tasks::RETRY_AFTER_ERROR;
 use crate::groups::GroupActors;
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
@@ -339,21 +341,30 @@ async fn drive(ctx: &Ctx, id: u64) -> Result<(), Stop> {
     finish(ctx, &started, Ok(())).await
 }
 
-/// Ends a rollout: `succeeded`, or `failed` with the group `update-failed`;
-/// one event either way.
+/// Ends a rollout: `succeeded`, or `failed`, with one event either way; the
+/// group's status follows ([`after_succeeded_ota`], [`after_failed_ota`]):
+/// a failure makes a `published` group `update-failed`, a success makes an
+/// `update-failed` group `published`, each with a `status` event. A status
+/// that does not change records no transition.
 async fn finish(ctx: &Ctx, s: &Started, outcome: Result<(), String>) -> Result<(), Stop> {
     let now = ctx.ota.clock.now();
     let (id, num, update) = (s.row.id, s.row.group_num, s.update.clone());
-    let failed = outcome.is_err();
-    ctx.ota
+    let status_changed = ctx
+        .ota
         .store
         .exec(move |c| {
-            match &outcome {
+            let g = store::group_by_num(c, num)?;
+            let status = Status::parse(&g.status);
+            let what = format!(
+                "OTA schedule {id} (update {}: {} {})",
+                update.id, update.component, update.version
+            );
+            let (to, why) = match &outcome {
                 Ok(()) => {
                     store::set_state(c, id, "running", "succeeded", now, None)?;
                     let mut message = format!(
-                        "OTA schedule {id} succeeded: every resource runs {} {} (update {})",
-                        update.component, update.version, update.id
+                        "{what} succeeded: every resource runs {} {}",
+                        update.component, update.version
                     );
                     // An image update changes what the group is made of:
                     // hosts created from now on (scale-out, replacements)
@@ -364,26 +375,44 @@ async fn finish(ctx: &Ctx, s: &Started, outcome: Result<(), String>) -> Result<(
                         message.push_str(&format!("; the group's image is now {}", update.version));
                     }
                     store::event(c, num, now, "ota-succeeded", &message)?;
+                    (
+                        status.and_then(after_succeeded_ota),
+                        format!("{what} succeeded on every resource"),
+                    )
                 }
                 Err(why) => {
                     store::set_state(c, id, "running", "failed", now, Some(why))?;
-                    let g = store::group_by_num(c, num)?;
-                    let mut message = format!(
-                        "OTA schedule {id} failed, the rollout stopped: update {} ({} {}): {why}",
-                        update.id, update.component, update.version
-                    );
-                    if let Some(to) = Status::parse(&g.status).and_then(after_failed_ota) {
-                        if store::set_group_status(c, num, &g.status, to.as_str(), now)? {
-                            message.push_str(&format!("; status {} -> {to}", g.status));
-                        }
-                    }
-                    store::event(c, num, now, "ota-failed", &message)?;
+                    store::event(
+                        c,
+                        num,
+                        now,
+                        "ota-failed",
+                        &format!("{what} failed, the rollout stopped: {why}"),
+                    )?;
+                    (
+                        status.and_then(after_failed_ota),
+                        format!(
+                            "{what} failed: {why}; the failing resource stays drained, the \
+                             others serve"
+                        ),
+                    )
                 }
+            };
+            let Some(to) = to else { return Ok(false) };
+            if !store::set_group_status(c, num, &g.status, to.as_str(), now)? {
+                return Ok(false);
             }
-            Ok(())
+            store::event(
+                c,
+                num,
+                now,
+                "status",
+                &format!("{} -> {to}: {why}", g.status),
+            )?;
+            Ok(true)
         })
         .await?;
-    if failed || s.update.component == "image" {
+    if status_changed || s.update.component == "image" {
         if let Err(e) = ctx.actors.sync(s.group.as_str()).await {
             tracing::error!(group = %s.group, "update the group's live state: {e}");
         }
