@@ -261,6 +261,31 @@ async fn live_view(ctx: &AdminContext, detail: &mut GroupDetail) -> Option<LiveG
     })
 }
 
+/// Whether each resource joined to a live group takes sessions, as its
+/// group's engine says (one view per group of `stored`).
+async fn engine_availability(
+    ctx: &AdminContext,
+    stored: &[crate::store::StoredResource],
+) -> std::collections::HashMap<ResourceId, bool> {
+    let mut out = std::collections::HashMap::new();
+    let Some(actors) = ctx.registry.groups() else {
+        return out;
+    };
+    let groups: std::collections::BTreeSet<&ferry_common::GroupName> =
+        stored.iter().filter_map(|r| r.group.as_ref()).collect();
+    for group in groups {
+        let Ok(view) = actors.view(group).await else {
+            continue;
+        };
+        for r in view.resources {
+            if view.joined.contains(&r.resource) {
+                out.insert(r.resource, r.available);
+            }
+        }
+    }
+    out
+}
+
 fn error(code: AdminErrorCode, message: String) -> AdminResponseV1 {
     AdminResponseV1::Error(AdminError { code, message })
 }
@@ -300,18 +325,28 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::ListResources => match ctx.store.resources().await {
             Ok(stored) => {
                 let live = ctx.registry.snapshot();
+                let engine = engine_availability(ctx, &stored).await;
                 AdminResponseV1::Resources(
                     stored
                         .into_iter()
                         .map(|r| {
                             let l = live.get(&r.resource);
+                            // Whether it takes sessions: its group's engine
+                            // decides (what `group show` says); outside a
+                            // live group, connected, healthy and not draining.
+                            let available = match engine.get(&r.resource) {
+                                Some(a) => l.is_some() && *a,
+                                None => l.is_some_and(|l| l.available && !l.draining),
+                            };
                             ResourceInfo {
                                 connected: l.is_some(),
-                                available: l.is_some_and(|l| l.available),
+                                available,
                                 draining: l.is_some_and(|l| l.draining),
                                 last_health_at: l.and_then(|l| l.last_health_at),
                                 resource: r.resource,
                                 group: r.group,
+                                // What it last reported (`Hello` or
+                                // `Inventory`), as `group show` has it.
                                 agent_version: r.agent_version,
                                 image_version: r.image_version,
                                 sessions: r.open_sessions,
