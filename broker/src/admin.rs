@@ -371,13 +371,17 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         | AdminRequestV1::OtaSchedule(_)
         | AdminRequestV1::OtaReschedule { .. }
         | AdminRequestV1::OtaCancel { .. }
-        | AdminRequestV1::OtaHistory { .. } => match ctx.registry.groups().and_then(|a| a.ota()) {
-            Some(ota) => crate::ota::handle(ota, req).await,
-            None => error(
-                AdminErrorCode::Internal,
-                "OTA updates need the broker's group actors, which this broker runs without".into(),
-            ),
-        },
+        | AdminRequestV1::OtaHistory { .. }
+        | AdminRequestV1::OtaListWithSchedules { .. } => {
+            match ctx.registry.groups().and_then(|a| a.ota()) {
+                Some(ota) => crate::ota::handle(ota, req).await,
+                None => error(
+                    AdminErrorCode::Internal,
+                    "OTA updates need the broker's group actors, which this broker runs without"
+                        .into(),
+                ),
+            }
+        }
         other => groups(ctx, other).await,
     }
 }
@@ -532,6 +536,14 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
                 .await
                 .map(AdminResponseV1::GroupVersions)
         }
+        AdminRequestV1::GroupRollouts { group } => crate::ota::progress::group_rollouts(
+            &ctx.store,
+            &ctx.registry,
+            ctx.registry.groups(),
+            &group,
+        )
+        .await
+        .map(AdminResponseV1::GroupRollouts),
         AdminRequestV1::Status
         | AdminRequestV1::ListResources
         | AdminRequestV1::ListSessions { .. }
@@ -544,7 +556,8 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::OtaSchedule(_)
         | AdminRequestV1::OtaReschedule { .. }
         | AdminRequestV1::OtaCancel { .. }
-        | AdminRequestV1::OtaHistory { .. } => {
+        | AdminRequestV1::OtaHistory { .. }
+        | AdminRequestV1::OtaListWithSchedules { .. } => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };

@@ -92,7 +92,9 @@ pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
 // Image updates (`group update-image`).
 #[path = "image_update.rs"]
 mod image_update;
-pub use image_update::{begin as begin_image_update, versions as group_versions};
+pub use image_update::{
+    begin as begin_image_update, versions as group_versions, HostStep, ImageProgress,
+};
 // The policy sent to each agent, tried again while it fails.
 #[path = "policy_push.rs"]
 mod policy_push;
@@ -163,6 +165,8 @@ pub struct GroupView {
     pub joined: Vec<ResourceId>,
     /// The group's policy version the actor pushes.
     pub policy_version: u64,
+    /// The image update running, with each host's step.
+    pub image_update: Option<image_update::ImageProgress>,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -2248,6 +2252,7 @@ impl Actor {
                 joined
             },
             policy_version: self.row.policy_version,
+            image_update: self.image_progress(),
         }
     }
 }

@@ -238,6 +238,11 @@ pub fn active_of_group(c: &Connection, group_num: i64) -> Result<Option<Schedule
     .next())
 }
 
+/// Every schedule, of one group (by number) or all, oldest first.
+pub fn schedules(c: &Connection, group_num: Option<i64>) -> Result<Vec<ScheduleRow>, StoreError> {
+    schedules_where(c, "?1 IS NULL OR group_num = ?1", [group_num])
+}
+
 /// Every schedule of a group, oldest first.
 pub fn schedules_of_group(c: &Connection, group_num: i64) -> Result<Vec<ScheduleRow>, StoreError> {
     schedules_where(c, "group_num = ?1", [group_num])
