@@ -8,7 +8,9 @@
 //! the session as usual, so the command itself records nothing. A policy is
 //! written durably to the policy file ([`crate::policy`]), then the optional
 //! policy hook runs with the file's path appended; only then is it done, and
-//! the policy's session limits go to the enforcer ([`crate::enforce`]).
+//! the policy's session limits go to the enforcer ([`crate::enforce`]). A
+//! hook that fails leaves the host on its previous policy (the previous file
+//! is put back) and the command fails; the broker tries again.
 //!
 //! An image switch runs the image hook, then records the image durably
 //! ([`crate::versions`]); an update is recorded as pending, its hook runs,
@@ -39,6 +41,11 @@ pub const DRAIN_FILE: &str = "draining";
 /// Most bytes of a hook's stdout and stderr kept for the error message; a
 /// chatty hook cannot make the agent buffer without bound.
 const MAX_HOOK_OUTPUT: usize = 4096;
+
+/// Most bytes of that output in the failure message (its end): with the
+/// hook's name, program and exit status it stays within the
+/// `MAX_TEXT_LEN` a failure may have on the wire.
+const MAX_HOOK_OUTPUT_IN_MESSAGE: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -434,36 +441,54 @@ async fn apply_policy(
         .and_then(|v| SessionLimits::from_policy(&v).ok());
     let store = policy.clone();
     let g = group.clone();
-    let applied = tokio::task::spawn_blocking(move || store.apply(&g, version, &document))
-        .await
-        .map_err(|e| CommandError::Io {
-            op: "write policy (task failed)",
-            path: policy.path().to_owned(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(|source| CommandError::Policy {
-            group: group.clone(),
-            version,
-            source,
-        })?;
+    let (applied, undo) =
+        tokio::task::spawn_blocking(move || store.apply_undoable(&g, version, &document))
+            .await
+            .map_err(|e| CommandError::Io {
+                op: "write policy (task failed)",
+                path: policy.path().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| CommandError::Policy {
+                group: group.clone(),
+                version,
+                source,
+            })?;
     if let Applied::Kept { have } = applied {
         tracing::info!(%group, version, have, "policy version already superseded on this host");
         return Ok(());
     }
     tracing::info!(%group, version, file = %policy.path().display(), "policy written");
+    if let Some(argv) = &hooks.policy {
+        let path = policy.path().to_string_lossy().into_owned();
+        if let Err(e) = run_hook("policy", argv, &path, hooks.timeout).await {
+            // Not applied: the previous file goes back (a newer version
+            // written meanwhile stays), the limits stay the previous ones,
+            // and the broker sends this version again.
+            if let Some(undo) = undo {
+                let store = policy.clone();
+                match tokio::task::spawn_blocking(move || store.undo(undo)).await {
+                    Ok(Ok(true)) => {
+                        tracing::warn!(%group, version, "policy hook failed; previous policy file restored")
+                    }
+                    Ok(Ok(false)) => {}
+                    Ok(Err(u)) => {
+                        tracing::error!(%group, version, "restore the previous policy file: {u}")
+                    }
+                    Err(u) => {
+                        tracing::error!(%group, version, "restore the previous policy file: {u}")
+                    }
+                }
+            }
+            return Err(e);
+        }
+    }
     if let Some(limits) = limits {
-        // The file is what a restarted agent enforces: follow it now, even
-        // if the hook below fails.
+        // The file is what a restarted agent enforces: follow it now.
         ctx.limits
             .send_if_modified(|l| std::mem::replace(l, limits) != limits);
     }
-    match &hooks.policy {
-        None => Ok(()),
-        Some(argv) => {
-            let path = policy.path().to_string_lossy().into_owned();
-            run_hook("policy", argv, &path, hooks.timeout).await
-        }
-    }
+    Ok(())
 }
 
 /// Runs `argv + [session]`, kills it after `timeout`, and fails unless it
@@ -549,8 +574,22 @@ pub async fn run_hook_with(
         hook,
         program,
         status: status.to_string(),
-        output,
+        output: output_tail(&output).to_owned(),
     })
+}
+
+/// The end of a hook's output that goes into its failure message: the
+/// reason is usually last, and the whole message (sent to the broker,
+/// at most `MAX_TEXT_LEN`) must keep the hook's name and exit status.
+fn output_tail(output: &str) -> &str {
+    if output.len() <= MAX_HOOK_OUTPUT_IN_MESSAGE {
+        return output;
+    }
+    let mut start = output.len() - MAX_HOOK_OUTPUT_IN_MESSAGE;
+    while !output.is_char_boundary(start) {
+        start += 1;
+    }
+    &output[start..]
 }
 
 /// Reads at most [`MAX_HOOK_OUTPUT`] bytes, then drops the rest of the pipe.
@@ -606,6 +645,26 @@ mod tests {
         assert!(
             text.contains("no such session") && text.contains('3'),
             "{text}"
+        );
+
+        // A long output: the message keeps its end and the exit status.
+        let chatty = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "for i in $(seq 1 300); do echo \"line $i\"; done >&2; exit 6".into(),
+        ];
+        let text = run_disconnect_hook(&chatty, &sid("s"), Duration::from_secs(10))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("exit status: 6") && text.ends_with("line 300"),
+            "{text}"
+        );
+        assert!(
+            text.len() <= ferry_common::limits::MAX_TEXT_LEN,
+            "{}",
+            text.len()
         );
 
         let missing = vec!["/nonexistent/hook".into()];
@@ -928,5 +987,45 @@ mod tests {
             matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("policy hook") && m.contains("cannot reload")),
             "{out:?}"
         );
+        // Not applied: no file (there was none), no limits.
+        assert_eq!(ctx.policy.current(), None);
+
+        // With version 1 applied, a version 2 whose hook fails leaves
+        // version 1's file and limits; once the hook accepts it, it applies.
+        let ok_marker = dir.path().join("ok");
+        let hooks = HooksConfig {
+            policy: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!(
+                    "test -e {} || {{ echo not now >&2; exit 4; }}",
+                    ok_marker.display()
+                ),
+            ]),
+            ..HooksConfig::default()
+        };
+        let (ctx, _rx) = context(dir.path(), hooks);
+        std::fs::write(&ok_marker, "").unwrap();
+        let v1 = r#"{"session":{"max_session_duration_ms":60000}}"#;
+        assert_eq!(
+            execute(apply(1, v1), &ctx).await,
+            Some(CommandOutcome::Done)
+        );
+        std::fs::remove_file(&ok_marker).unwrap();
+        let v2 = r#"{"session":{"max_session_duration_ms":120000}}"#;
+        let out = execute(apply(2, v2), &ctx).await;
+        assert!(
+            matches!(&out, Some(CommandOutcome::Failed(m)) if m.contains("not now")),
+            "{out:?}"
+        );
+        assert_eq!(ctx.policy.current(), Some(("g1".into(), 1)));
+        assert_eq!(ctx.limits.borrow().max_session_duration_ms, Some(60_000));
+        std::fs::write(&ok_marker, "").unwrap();
+        assert_eq!(
+            execute(apply(2, v2), &ctx).await,
+            Some(CommandOutcome::Done)
+        );
+        assert_eq!(ctx.policy.current(), Some(("g1".into(), 2)));
+        assert_eq!(ctx.limits.borrow().max_session_duration_ms, Some(120_000));
     }
 }

@@ -106,7 +106,8 @@ pub struct HooksConfig {
     /// host cannot disconnect sessions on request.
     pub disconnect: Option<Vec<String>>,
     /// argv of the policy hook, run after a pushed policy is written; the
-    /// policy file's path is appended. `None`: writing the file is all.
+    /// policy file's path is appended. When it fails the previous file is
+    /// put back. `None`: writing the file is all.
     pub policy: Option<Vec<String>>,
     /// How long a hook may run before it is killed and the command fails.
     pub timeout: Duration,

@@ -8,6 +8,13 @@
 //! holds the group and version beside the policy
 //! (`{"group":..,"version":..,"policy":{..}}`) so a replayed older version is
 //! recognised and acknowledged without going back in time.
+//!
+//! A version is applied only when the host's policy hook accepts it: the
+//! hook reads the new file, and when it fails the previous file is put
+//! back ([`PolicyStore::undo`]) unless a newer version replaced it
+//! meanwhile. So the file, the limits the agent enforces and the version
+//! the broker records as applied stay one version; the broker sends the
+//! failed version again.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -58,6 +65,15 @@ pub enum Applied {
     /// The file already holds the newer version `have` of the same group; it
     /// is kept (a replayed or late command).
     Kept { have: u64 },
+}
+
+/// How to take back a version just written ([`PolicyStore::apply_undoable`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Undo {
+    group: String,
+    version: u64,
+    /// The file's bytes before; `None` when there was no file.
+    previous: Option<Vec<u8>>,
 }
 
 /// The host's policy file.
@@ -116,6 +132,18 @@ impl PolicyStore {
         version: u64,
         document: &str,
     ) -> Result<Applied, PolicyError> {
+        self.apply_undoable(group, version, document)
+            .map(|(applied, _)| applied)
+    }
+
+    /// [`PolicyStore::apply`], and how to put the previous file back when
+    /// the version was written (`None` when it was kept out).
+    pub fn apply_undoable(
+        &self,
+        group: &GroupName,
+        version: u64,
+        document: &str,
+    ) -> Result<(Applied, Option<Undo>), PolicyError> {
         if document.len() > MAX_POLICY_DOCUMENT_LEN {
             return Err(PolicyError::TooLong {
                 len: document.len(),
@@ -134,9 +162,20 @@ impl PolicyStore {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((g, have)) = self.current() {
             if g == group.as_str() && have > version {
-                return Ok(Applied::Kept { have });
+                return Ok((Applied::Kept { have }, None));
             }
         }
+        let previous = match std::fs::read(&self.path) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(PolicyError::Io {
+                    op: "read",
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
         let file = PolicyFile {
             group: group.to_string(),
             version,
@@ -146,7 +185,37 @@ impl PolicyStore {
             .map_err(|e| PolicyError::NotAnObject(e.to_string()))?;
         bytes.push(b'\n');
         write_atomically(&self.path, &bytes)?;
-        Ok(Applied::Written)
+        let undo = Undo {
+            group: group.to_string(),
+            version,
+            previous,
+        };
+        Ok((Applied::Written, Some(undo)))
+    }
+
+    /// Puts the file back as it was before `undo`'s version was written
+    /// (removes it when there was none), unless another version replaced it
+    /// meanwhile; whether it did. Blocking.
+    pub fn undo(&self, undo: Undo) -> Result<bool, PolicyError> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.current() != Some((undo.group, undo.version)) {
+            return Ok(false);
+        }
+        match undo.previous {
+            Some(bytes) => write_atomically(&self.path, &bytes)?,
+            None => match std::fs::remove_file(&self.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(PolicyError::Io {
+                        op: "remove",
+                        path: self.path.clone(),
+                        source,
+                    })
+                }
+            },
+        }
+        Ok(true)
     }
 }
 
@@ -272,6 +341,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["policy.json"]);
+    }
+
+    #[test]
+    fn undo_puts_the_previous_file_back_unless_a_newer_version_came() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::new(dir.path().join("policy.json"));
+        // No file before: undo removes it.
+        let (_, undo) = store.apply_undoable(&g("g1"), 1, r#"{"a":1}"#).unwrap();
+        assert!(store.undo(undo.unwrap()).unwrap());
+        assert_eq!(store.current(), None);
+        assert!(!store.path().exists());
+        store.apply(&g("g1"), 1, r#"{"a":1}"#).unwrap();
+        let before = std::fs::read(store.path()).unwrap();
+        let (_, undo) = store.apply_undoable(&g("g1"), 2, r#"{"a":2}"#).unwrap();
+        assert!(store.undo(undo.unwrap()).unwrap());
+        assert_eq!(std::fs::read(store.path()).unwrap(), before);
+        // Version 3 was replaced by 4 before its undo: 4 stays.
+        let (_, undo3) = store.apply_undoable(&g("g1"), 3, r#"{"a":3}"#).unwrap();
+        store.apply(&g("g1"), 4, r#"{"a":4}"#).unwrap();
+        assert!(!store.undo(undo3.unwrap()).unwrap());
+        assert_eq!(store.current(), Some(("g1".into(), 4)));
+        // An older version is kept out: nothing to undo.
+        let (applied, undo) = store.apply_undoable(&g("g1"), 2, "{}").unwrap();
+        assert_eq!((applied, undo), (Applied::Kept { have: 4 }, None));
     }
 
     #[test]

@@ -283,6 +283,31 @@ async fn live_view(ctx: &AdminContext, detail: &mut GroupDetail) -> Option<LiveG
     })
 }
 
+/// Whether each resource joined to a live group takes sessions, as its
+/// group's engine says (one view per group of `stored`).
+async fn engine_availability(
+    ctx: &AdminContext,
+    stored: &[crate::store::StoredResource],
+) -> std::collections::HashMap<ResourceId, bool> {
+    let mut out = std::collections::HashMap::new();
+    let Some(actors) = ctx.registry.groups() else {
+        return out;
+    };
+    let groups: std::collections::BTreeSet<&ferry_common::GroupName> =
+        stored.iter().filter_map(|r| r.group.as_ref()).collect();
+    for group in groups {
+        let Ok(view) = actors.view(group).await else {
+            continue;
+        };
+        for r in view.resources {
+            if view.joined.contains(&r.resource) {
+                out.insert(r.resource, r.available);
+            }
+        }
+    }
+    out
+}
+
 fn error(code: AdminErrorCode, message: String) -> AdminResponseV1 {
     AdminResponseV1::Error(AdminError { code, message })
 }
@@ -322,14 +347,22 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::ListResources => match ctx.store.resources().await {
             Ok(stored) => {
                 let live = ctx.registry.snapshot();
+                let engine = engine_availability(ctx, &stored).await;
                 AdminResponseV1::Resources(
                     stored
                         .into_iter()
                         .map(|r| {
                             let l = live.get(&r.resource);
+                            // Whether it takes sessions: its group's engine
+                            // decides (what `group show` says); outside a
+                            // live group, connected, healthy and not draining.
+                            let available = match engine.get(&r.resource) {
+                                Some(a) => l.is_some() && *a,
+                                None => l.is_some_and(|l| l.available && !l.draining),
+                            };
                             ResourceInfo {
                                 connected: l.is_some(),
-                                available: l.is_some_and(|l| l.available),
+                                available,
                                 draining: l.is_some_and(|l| l.draining),
                                 // A host that is gone shows when it was last heard from.
                                 last_health_at: match l {
@@ -338,6 +371,8 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
                                 },
                                 resource: r.resource,
                                 group: r.group,
+                                // What it last reported (`Hello` or
+                                // `Inventory`), as `group show` has it.
                                 agent_version: r.agent_version,
                                 image_version: r.image_version,
                                 sessions: r.open_sessions,
@@ -369,13 +404,17 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         | AdminRequestV1::OtaSchedule(_)
         | AdminRequestV1::OtaReschedule { .. }
         | AdminRequestV1::OtaCancel { .. }
-        | AdminRequestV1::OtaHistory { .. } => match ctx.registry.groups().and_then(|a| a.ota()) {
-            Some(ota) => crate::ota::handle(ota, req).await,
-            None => error(
-                AdminErrorCode::Internal,
-                "OTA updates need the broker's group actors, which this broker runs without".into(),
-            ),
-        },
+        | AdminRequestV1::OtaHistory { .. }
+        | AdminRequestV1::OtaListWithSchedules { .. } => {
+            match ctx.registry.groups().and_then(|a| a.ota()) {
+                Some(ota) => crate::ota::handle(ota, req).await,
+                None => error(
+                    AdminErrorCode::Internal,
+                    "OTA updates need the broker's group actors, which this broker runs without"
+                        .into(),
+                ),
+            }
+        }
         other => groups(ctx, other).await,
     }
 }
@@ -536,6 +575,14 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
                 .await
                 .map(AdminResponseV1::GroupVersions)
         }
+        AdminRequestV1::GroupRollouts { group } => crate::ota::progress::group_rollouts(
+            &ctx.store,
+            &ctx.registry,
+            ctx.registry.groups(),
+            &group,
+        )
+        .await
+        .map(AdminResponseV1::GroupRollouts),
         AdminRequestV1::Status
         | AdminRequestV1::ListResources
         | AdminRequestV1::ListSessions { .. }
@@ -550,7 +597,8 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::OtaSchedule(_)
         | AdminRequestV1::OtaReschedule { .. }
         | AdminRequestV1::OtaCancel { .. }
-        | AdminRequestV1::OtaHistory { .. } => {
+        | AdminRequestV1::OtaHistory { .. }
+        | AdminRequestV1::OtaListWithSchedules { .. } => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };

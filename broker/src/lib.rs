@@ -9,6 +9,7 @@ pub mod demo;
 pub mod engine;
 pub mod enroll;
 pub mod groups;
+pub mod hook_failure;
 pub mod link;
 #[cfg(test)]
 mod link_tests;

@@ -755,11 +755,27 @@ impl Connection {
                             }
                         }
                         AgentToBroker::Inventory(inventory) => match check_inventory(&inventory) {
-                            Ok(()) => self.ctx.registry.set_inventory(
-                                &self.resource,
-                                self.conn_id,
-                                inventory,
-                            ),
+                            Ok(()) => {
+                                // Durable first: a host that leaves right after
+                                // is still shown with what it runs.
+                                if let Err(e) = self
+                                    .ctx
+                                    .store
+                                    .record_versions(
+                                        &self.resource,
+                                        inventory.agent_version.clone(),
+                                        inventory.image_version.clone(),
+                                    )
+                                    .await
+                                {
+                                    tracing::warn!(resource = %self.resource, "record versions: {e}");
+                                }
+                                self.ctx.registry.set_inventory(
+                                    &self.resource,
+                                    self.conn_id,
+                                    inventory,
+                                )
+                            }
                             Err(why) => {
                                 return Err(self.refuse(RefusalCode::MalformedFrame, why).await)
                             }

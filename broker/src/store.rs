@@ -816,6 +816,26 @@ impl Store {
         .await
     }
 
+    /// Records what a registered resource runs, from its agent's latest
+    /// `Inventory` (an image switch or update it confirmed), so a host that
+    /// goes away afterwards is shown with it, not with its last `Hello`'s.
+    pub async fn record_versions(
+        &self,
+        resource: &ResourceId,
+        agent_version: String,
+        image_version: String,
+    ) -> Result<(), StoreError> {
+        let resource = resource.to_string();
+        self.exec(move |c| {
+            c.execute(
+                "UPDATE resources SET agent_version = ?2, image_version = ?3 WHERE resource = ?1",
+                params![resource, agent_version, image_version],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Every registered resource, by id.
     pub async fn resources(&self) -> Result<Vec<StoredResource>, StoreError> {
         self.read(|c| {

@@ -158,6 +158,15 @@ pub enum AdminRequestV1 {
     /// [`AdminRequestV1::GroupEvents`] with the resource, session and user
     /// each event names. Answered by [`AdminResponseV1::GroupEventsDetailed`].
     GroupEventsDetailed { group: GroupName },
+    // ---- fleet updates as the operator follows them ----
+    /// `group show`'s update part: what each resource runs, and the image
+    /// update or OTA rollout running (each host's step and deadline) or
+    /// scheduled. Answered by [`AdminResponseV1::GroupRollouts`].
+    GroupRollouts { group: GroupName },
+    /// Offered updates with the schedules that roll them out, of one group
+    /// or all (`ferryctl ota list`). Answered by
+    /// [`AdminResponseV1::OtaUpdatesAndSchedules`].
+    OtaListWithSchedules { group: Option<GroupName> },
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -225,6 +234,15 @@ pub enum AdminResponseV1 {
     UsersDetailed(Vec<UserDetail>),
     /// Answers `GroupEventsDetailed`.
     GroupEventsDetailed(Vec<GroupEventDetail>),
+    // ---- fleet updates as the operator follows them ----
+    /// Answers `GroupRollouts`.
+    GroupRollouts(GroupRolloutsInfo),
+    /// Answers `OtaListWithSchedules`: the offers, and every schedule of
+    /// them (its own id, the update it rolls out, its state).
+    OtaUpdatesAndSchedules {
+        updates: Vec<OtaUpdateInfo>,
+        schedules: Vec<OtaScheduleInfo>,
+    },
 }
 
 /// A usage report with each resource's amount (a new struct: [`UsageReport`]
@@ -295,6 +313,64 @@ pub struct GroupEventDetail {
     pub session: Option<SessionId>,
     /// The user it is about.
     pub user: Option<UserId>,
+}
+
+/// A group's versions and the updates running on it or scheduled
+/// (`group show`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRolloutsInfo {
+    pub versions: GroupVersionsInfo,
+    /// The running image update, the running or scheduled OTA rollout;
+    /// empty when none.
+    pub rollouts: Vec<RolloutInfo>,
+}
+
+/// An image update or OTA rollout as it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutInfo {
+    /// `image-update` (`group update-image`) or `ota` (a schedule).
+    pub kind: String,
+    /// The image update's id, or the OTA schedule's id.
+    pub id: u64,
+    /// The offered update an OTA schedule rolls out; `None` for an image
+    /// update.
+    pub update: Option<u64>,
+    /// What changes: `image` for an image update, else the OTA's component.
+    pub component: String,
+    /// The version (image) hosts move to.
+    pub version: String,
+    /// Image update: `warning` (sessions warned, the switch starts at
+    /// `deadline`) or `switching`. OTA: `scheduled` or `running`.
+    pub state: String,
+    /// When it started (an OTA still scheduled: when it starts).
+    pub start: UnixMillis,
+    /// Image update: when warned sessions are disconnected and the switch
+    /// starts. OTA: `None` (each host has its own drain deadline).
+    pub deadline: Option<UnixMillis>,
+    /// OTA: hosts updated at once; 0 for an image update.
+    pub wave: u32,
+    /// OTA: each host's drain deadline after its drain starts; image
+    /// update: the warning.
+    pub drain_ms: u64,
+    /// Each host of it, in update order (empty for an OTA not started yet).
+    pub hosts: Vec<RolloutHostInfo>,
+}
+
+/// Where one host is in a running update.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutHostInfo {
+    pub resource: ResourceId,
+    /// `waiting` (its turn has not come, or its agent is away), `warned`
+    /// (image update: its sessions are warned), `draining` (OTA: no new
+    /// sessions, its sessions warned), `switching`, `updating`, `done`,
+    /// `failed` or `skipped`.
+    pub step: String,
+    /// When the step ends at the latest: the warning or drain deadline, or
+    /// when a host still away fails.
+    pub until: Option<UnixMillis>,
+    /// What happened: why it failed (the tail of the hook's output and its
+    /// exit status), sessions warned or disconnected.
+    pub detail: Option<String>,
 }
 
 /// `group update-image`: what to switch to and how long users are warned.
@@ -1337,6 +1413,77 @@ mod tests {
         };
         let bytes = frame::encode_payload(&amounts).expect("encode");
         assert_eq!(hex(&bytes), "0267310268310103302e35");
+    }
+
+    /// The variant numbers and bytes of the fleet-update section (after
+    /// the operator output section).
+    #[test]
+    fn golden_rollout_requests_and_answers() {
+        let g = || -> GroupName { "g1".parse().expect("id") };
+        let cases = [
+            (
+                AdminRequest::V1(AdminRequestV1::GroupRollouts { group: g() }),
+                "002a026731",
+            ),
+            (
+                AdminRequest::V1(AdminRequestV1::OtaListWithSchedules { group: None }),
+                "002b00",
+            ),
+            (
+                AdminRequest::V1(AdminRequestV1::OtaListWithSchedules { group: Some(g()) }),
+                "002b01026731",
+            ),
+        ];
+        for (req, golden) in cases {
+            let bytes = frame::encode_payload(&req).expect("encode");
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
+                req
+            );
+        }
+        let rollouts = GroupRolloutsInfo {
+            versions: GroupVersionsInfo {
+                image: "i".into(),
+                status: "s".into(),
+                resources: vec![],
+            },
+            rollouts: vec![RolloutInfo {
+                kind: "ota".into(),
+                id: 5,
+                update: Some(3),
+                component: "c".into(),
+                version: "2".into(),
+                state: "running".into(),
+                start: UnixMillis(1),
+                deadline: None,
+                wave: 2,
+                drain_ms: 60_000,
+                hosts: vec![RolloutHostInfo {
+                    resource: "h1".parse().expect("id"),
+                    step: "draining".into(),
+                    until: Some(UnixMillis(2)),
+                    detail: None,
+                }],
+            }],
+        };
+        let resp = AdminResponse::V1(AdminResponseV1::GroupRollouts(rollouts));
+        let bytes = frame::encode_payload(&resp).expect("encode");
+        assert_eq!(hex(&bytes), "0014016901730001036f7461050103016301320772756e6e696e67020002fb60ea0102683108647261696e696e67010400");
+        assert_eq!(
+            frame::decode_payload::<AdminResponse>(&bytes).expect("decode"),
+            resp
+        );
+        let list = AdminResponse::V1(AdminResponseV1::OtaUpdatesAndSchedules {
+            updates: vec![],
+            schedules: vec![],
+        });
+        let bytes = frame::encode_payload(&list).expect("encode");
+        assert_eq!(hex(&bytes), "00150000");
+        assert_eq!(
+            frame::decode_payload::<AdminResponse>(&bytes).expect("decode"),
+            list
+        );
     }
 
     /// The variant numbers of this session's requests and responses (the

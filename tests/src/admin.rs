@@ -4,8 +4,8 @@
 
 use anyhow::{bail, Context};
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, GroupDetail, GroupEventInfo, GroupSpec, LiveGroupView,
-    UsageQuery, UsageReport,
+    AdminRequestV1, AdminResponseV1, GroupDetail, GroupEventInfo, GroupRolloutsInfo, GroupSpec,
+    LiveGroupView, UsageQuery, UsageReport,
 };
 use ferry_common::{GroupName, UnixMillis};
 
@@ -107,6 +107,20 @@ pub async fn live(broker: &TestBroker, group: &str) -> anyhow::Result<LiveGroupV
         .await?
         .1
         .with_context(|| format!("group {group} has no live view"))
+}
+
+/// `group show`'s update part: versions and the updates running or
+/// scheduled, with each host's step.
+pub async fn rollouts(broker: &TestBroker, group: &str) -> anyhow::Result<GroupRolloutsInfo> {
+    match broker
+        .admin(AdminRequestV1::GroupRollouts {
+            group: group.parse()?,
+        })
+        .await?
+    {
+        AdminResponseV1::GroupRollouts(r) => Ok(r),
+        other => bail!("unexpected answer {other:?}"),
+    }
 }
 
 /// `usage` of one group over `[from, to)`.

@@ -150,3 +150,103 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
     anyhow::ensure!(h1.link().last_seq == started + 1, "{:?}", h1.link());
     Ok(())
 }
+
+/// A policy whose hook fails is not applied on the host (the agent keeps
+/// its previous policy file) and is tried again by the broker while the
+/// agent stays connected: 30 s later on the groups' clock, it applies once
+/// the host accepts it, without the agent re-joining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_policy_is_tried_again_while_the_agent_stays_connected() -> anyhow::Result<()> {
+    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
+    use ferry_tests::admin::{of_kind, publish, show};
+    use ferry_tests::harness::manual_clock;
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let (clock, config) = manual_clock();
+    let broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    publish(
+        &broker,
+        GroupSpec {
+            name: Some("retry".parse()?),
+            region: "cn-hangzhou".into(),
+            office_network: "office-net-1".into(),
+            spec: "office-4c8g".into(),
+            image: "img-1".into(),
+            billing: BillingSpec::PayAsYouGo,
+            base_resources: 1,
+            session_type: SessionType::Independent,
+            users: vec![],
+            policy: PolicySpec {
+                concurrent_sessions: Some(2),
+                usage_threshold: Some(80),
+                scale_out_step: Some(1),
+                max_elastic: Some(0),
+                max_idle_ms: Some(3_600_000),
+                ..PolicySpec::default()
+            },
+        },
+    )
+    .await?;
+    // The host's streaming server refuses policies until `ready` exists.
+    let ready = dir.path().join("ready");
+    let identity = broker.issue_identity("h1")?;
+    let mut config = broker.agent_config("h1", &identity)?;
+    config.group = Some("retry".parse()?);
+    config.hooks.policy = Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "test -e '{}' || {{ echo streaming server busy >&2; exit 4; }}",
+            ready.display()
+        ),
+    ]);
+    let policy_file = config.policy_file.clone();
+    let h1 = TestAgent::start_with(config).await?;
+    h1.wait_synced().await?;
+
+    let evs = wait_events(&broker, "retry", "policy-failed", 1).await?;
+    let failed = of_kind(&evs, "policy-failed");
+    assert!(
+        failed[0]
+            .message
+            .contains("policy hook failed (exit status 4): streaming server busy")
+            && failed[0].message.contains("tried again at")
+            && failed[0].message.contains("(in 30s)"),
+        "{}",
+        failed[0].message
+    );
+    // Not applied: the host has no policy file, the broker records none.
+    anyhow::ensure!(
+        !policy_file.exists(),
+        "the failed version stayed on the host"
+    );
+    let (d, _) = show(&broker, "retry").await?;
+    anyhow::ensure!(
+        d.policy_resources
+            .iter()
+            .all(|r| r.applied_version.is_none()),
+        "{:?}",
+        d.policy_resources
+    );
+
+    // The host is fixed; 30 s later the broker tries again on the same
+    // connection.
+    std::fs::write(&ready, "")?;
+    clock.advance(std::time::Duration::from_secs(30));
+    let evs = wait_events(&broker, "retry", "policy-applied", 1).await?;
+    let applied = of_kind(&evs, "policy-applied");
+    assert!(
+        applied[0]
+            .message
+            .contains("policy version 1 applied on h1"),
+        "{}",
+        applied[0].message
+    );
+    let (d, _) = show(&broker, "retry").await?;
+    anyhow::ensure!(d.policy_applied, "{:?}", d.policy_resources);
+    let text = std::fs::read_to_string(&policy_file)?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    anyhow::ensure!(v["version"] == 1, "{text}");
+    anyhow::ensure!(h1.link().connected, "{:?}", h1.link());
+    Ok(())
+}

@@ -16,7 +16,7 @@ use ferry_common::admin::{
     GroupVersionsInfo, ImageUpdateSpec, PolicySpec, SessionType,
 };
 use ferry_common::{SessionId, UnixMillis, UserId};
-use ferry_tests::admin::{events, live, of_kind, publish, show, usage, wait_events};
+use ferry_tests::admin::{events, live, of_kind, publish, rollouts, show, usage, wait_events};
 use ferry_tests::harness::{init_logging, manual_clock, TestAgent, TestBroker, PATIENCE};
 
 const WARNING: Duration = Duration::from_secs(300);
@@ -281,6 +281,34 @@ async fn sessions_are_warned_then_disconnected_and_every_host_switches_at_no_cos
         !lines.iter().any(|l| l.starts_with("disconnect")),
         "{lines:?}"
     );
+    // `group show` has the update: its target image, the deadline, each
+    // host warned until it.
+    let r = rollouts(&broker, "img").await?;
+    assert_eq!(r.rollouts.len(), 1, "{r:#?}");
+    let u = &r.rollouts[0];
+    assert_eq!(
+        (u.kind.as_str(), u.version.as_str(), u.state.as_str()),
+        ("image-update", "img-2", "warning")
+    );
+    assert_eq!((u.start, u.deadline), (t0, Some(UnixMillis(deadline))));
+    let steps: Vec<(&str, &str, Option<UnixMillis>)> = u
+        .hosts
+        .iter()
+        .map(|h| (h.resource.as_str(), h.step.as_str(), h.until))
+        .collect();
+    let until = Some(UnixMillis(deadline));
+    assert_eq!(steps, [("h1", "warned", until), ("h2", "warned", until)]);
+    let socket = broker.admin_socket().display().to_string();
+    let ferryctl = ferry_tests::bins::bin("ferryctl");
+    let table =
+        ferry_tests::procs::run_ok(&ferryctl, ["--socket", &socket, "group", "show", "img"])
+            .await?;
+    let headline = format!("image update {} to image img-2: warning since", u.id);
+    let at = ferry_broker::render::rfc3339(UnixMillis(deadline));
+    assert!(
+        table.contains(&headline) && table.contains(&at) && table.contains("warned"),
+        "{table}"
+    );
 
     // The deadline passes: sessions are disconnected, then hosts switch.
     clock.advance(WARNING);
@@ -340,8 +368,20 @@ async fn sessions_are_warned_then_disconnected_and_every_host_switches_at_no_cos
         (detail.info.status.as_str(), detail.info.image.as_str()),
         ("published", "img-2")
     );
-    // Nothing added, nothing billed for it.
+    // Over: nothing runs; each host's step is in the events.
+    assert!(rollouts(&broker, "img").await?.rollouts.is_empty());
     let evs = events(&broker, "img").await?;
+    for (h, s) in [("h1", "s1"), ("h2", "s2")] {
+        let step =
+            format!("{h} switching to image img-2 after disconnecting 1 open session(s): {s}");
+        assert!(
+            of_kind(&evs, "image-step")
+                .iter()
+                .any(|e| e.message == step),
+            "{step}: {evs:#?}"
+        );
+    }
+    // Nothing added, nothing billed for it.
     assert!(of_kind(&evs, "scale_out").is_empty(), "{evs:#?}");
     assert_eq!(
         live(&broker, "img").await?.resources.len(),
@@ -381,8 +421,18 @@ async fn a_failing_image_hook_marks_the_group_update_failed_naming_the_host() ->
     let (clock, config) = manual_clock();
     let broker = TestBroker::start_with_groups(dir.path(), config).await?;
     publish(&broker, group_spec("bad")).await?;
-    let _h1 = agent(&broker, dir.path(), "h1", "bad", 0, "img-1").await?;
+    let mut h1 = agent(&broker, dir.path(), "h1", "bad", 0, "img-1").await?;
     let _h2 = agent(&broker, dir.path(), "h2", "bad", 7, "img-1").await?;
+    // h2's image hook fails after 100 lines of output (2 KiB).
+    std::fs::write(
+        dir.path().join("h2-image.sh"),
+        format!(
+            "echo \"image h2 $1 $FERRY_IMAGE\" >> '{}'\n\
+             for i in $(seq 1 100); do echo \"image step $i failed\" >&2; done\n\
+             exit 7\n",
+            dir.path().join("hooks.log").display()
+        ),
+    )?;
 
     // Through the real CLI, as an operator would.
     let socket = broker.admin_socket().display().to_string();
@@ -445,6 +495,82 @@ async fn a_failing_image_hook_marks_the_group_update_failed_naming_the_host() ->
             .is_some_and(|o| o.starts_with("failed: ")),
         "{by:?}"
     );
+    // Only the end of the hook's output is kept, with its exit status, on
+    // one line; every event fits a table row.
+    let why = by[1].2.clone().unwrap_or_default();
+    assert!(
+        why.contains("image hook failed (exit status 7)")
+            && why.contains("image step 100 failed")
+            && !why.contains("image step 1 failed")
+            && why.len() < 600,
+        "{why}"
+    );
+    for e in &evs {
+        assert!(
+            !e.message.contains('\n') && e.message.len() < 1024,
+            "{}: {}",
+            e.kind,
+            e.message
+        );
+    }
+    // One truth per fact: `resources list` shows what each host runs (h1's
+    // confirmed switch, before any reconnect) and that h2 takes no
+    // sessions, as `group show` does.
+    let listed: Vec<(String, String, bool, bool)> = broker
+        .resources()
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.resource.to_string(),
+                r.image_version.clone(),
+                r.available,
+                r.draining,
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("h1".into(), "img-2".into(), true, false),
+            ("h2".into(), "img-1".into(), false, true)
+        ]
+    );
+    let engine: Vec<(String, bool)> = live(&broker, "bad")
+        .await?
+        .resources
+        .iter()
+        .map(|r| (r.resource.to_string(), r.available))
+        .collect();
+    assert_eq!(engine, [("h1".into(), true), ("h2".into(), false)]);
+    // h1's host goes away: both still name the image it switched to.
+    h1.stop().await?;
+    let deadline = tokio::time::Instant::now() + ferry_tests::harness::PATIENCE;
+    while broker
+        .resources()
+        .await?
+        .iter()
+        .any(|r| r.connected && r.resource.as_str() == "h1")
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "h1 still connected");
+        tokio::task::yield_now().await;
+    }
+    let away = broker.resources().await?;
+    assert_eq!(
+        (away[0].resource.as_str(), away[0].image_version.as_str()),
+        ("h1", "img-2")
+    );
+    let v = versions(&broker, "bad").await?;
+    assert_eq!(
+        (
+            v.resources[0].connected,
+            v.resources[0].image_version.as_str()
+        ),
+        (false, "img-2")
+    );
+    let h1 = TestAgent::start_with(h1.config().clone()).await?;
+    h1.wait_synced().await?;
+
     // `group show` has the group's image and each resource's versions.
     let table =
         ferry_tests::procs::run_ok(&ferryctl, ["--socket", &socket, "group", "show", "bad"])
@@ -561,6 +687,61 @@ async fn a_restarted_broker_resumes_and_a_host_already_on_the_image_is_not_switc
         v.resources.iter().all(|r| r.image_version == "img-2"),
         "{v:?}"
     );
+    Ok(())
+}
+
+/// The broker restarts during the warning: the warning counts the sessions
+/// the group has open (its agents have not rejoined yet), and each is
+/// warned again with the same deadline when its agent is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_during_the_warning_warns_the_open_sessions_again_when_their_agents_are_back(
+) -> anyhow::Result<()> {
+    init_logging();
+    binaries().await?;
+    let dir = tempfile::tempdir()?;
+    let (clock, config) = manual_clock();
+    let t0 = clock.now();
+    let mut broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    publish(&broker, group_spec("warm")).await?;
+    let h1 = agent(&broker, dir.path(), "h1", "warm", 0, "img-1").await?;
+    let h2 = agent(&broker, dir.path(), "h2", "warm", 0, "img-1").await?;
+    let mut c1 = h1.client().await?;
+    c1.session_start(sid("s1"), uid("alice")).await?;
+    h1.wait_synced().await?;
+    update_image(&broker, "warm", "img-2").await?;
+    wait_events(&broker, "warm", "session-warned", 1).await?;
+
+    broker.restart().await?;
+    // Once h1's agent is back, s1 is warned again, with the same deadline.
+    let evs = wait_events(&broker, "warm", "session-warned", 2).await?;
+    let warnings: Vec<&str> = of_kind(&evs, "image-update")
+        .iter()
+        .filter(|e| e.message.starts_with("warning "))
+        .map(|e| e.message.as_str())
+        .collect();
+    // One before the restart, then (at least) one by the restarted broker
+    // (its group actor may start twice at broker start): each counts s1.
+    assert!(
+        warnings.len() >= 2
+            && warnings
+                .iter()
+                .all(|w| w.starts_with("warning 1 open session(s)")),
+        "{warnings:#?}"
+    );
+    let deadline = t0.0 + i64::try_from(WARNING.as_millis())?;
+    let lines = log_lines(dir.path());
+    let warned: Vec<&String> = lines.iter().filter(|l| l.starts_with("warn s1 ")).collect();
+    assert!(
+        warned.len() >= 2 && warned.iter().all(|l| **l == format!("warn s1 {deadline}")),
+        "{lines:?}"
+    );
+    h2.wait_synced().await?;
+    clock.advance(WARNING);
+    let last = wait_finished(&broker, "warm").await?;
+    assert!(last.starts_with("updating -> published"), "{last}");
+    let lines = log_lines(dir.path());
+    let (warned, disconnected) = order_of(&lines, "s1");
+    assert!(warned < disconnected, "{lines:?}");
     Ok(())
 }
 

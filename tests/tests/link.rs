@@ -274,6 +274,13 @@ async fn drain_reaches_the_agent_and_shows_on_the_broker() -> anyhow::Result<()>
         .map(|r| r.resource.to_string())
         .collect();
     assert_eq!(draining, BTreeSet::from(["host-a".to_owned()]));
+    // A draining host takes no new sessions: not available.
+    let available: BTreeSet<_> = resources
+        .iter()
+        .filter(|r| r.available)
+        .map(|r| r.resource.to_string())
+        .collect();
+    assert_eq!(available, BTreeSet::from(["host-b".to_owned()]));
     assert!(!other.link().draining);
 
     let answer = broker

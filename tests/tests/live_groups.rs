@@ -481,6 +481,13 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
     assert!(l.closed);
     assert_eq!((l.demand, l.capacity), (2, 0));
     assert!(l.resources.iter().all(|r| !r.available), "{l:?}");
+    // `resources list` says the same: connected and healthy, and no host
+    // takes sessions.
+    let listed = broker.resources().await?;
+    assert!(
+        listed.iter().all(|r| r.connected && !r.available),
+        "{listed:?}"
+    );
 
     // A session a host starts anyway is refused and disconnected.
     start(&mut c1, "s3").await?;

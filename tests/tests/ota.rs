@@ -17,7 +17,7 @@ use ferry_common::admin::{
 };
 use ferry_common::wire::EndReason;
 use ferry_common::{SessionId, UnixMillis, UserId};
-use ferry_tests::admin::{events, of_kind, publish, show};
+use ferry_tests::admin::{events, live, of_kind, publish, rollouts, show};
 use ferry_tests::harness::{init_logging, TestAgent, TestBroker, PATIENCE};
 
 fn sid(s: &str) -> SessionId {
@@ -697,5 +697,314 @@ async fn an_agent_updating_itself_is_judged_by_the_restarted_agent_s_report() ->
     assert!(why.contains("99.0.0"), "{why}");
     let (detail, _) = show(&broker, "selfup").await?;
     assert_eq!(detail.info.status, "update-failed");
+    Ok(())
+}
+
+/// A schedule with a long drain and an open session: while it runs,
+/// `group show` has each host's step and deadline, `resources list` agrees
+/// that the draining host takes no sessions, every step is an event, and
+/// `ota list` lists the schedule under its own id with the update it rolls
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_rollout_shows_each_host_s_step_and_deadline() -> anyhow::Result<()> {
+    use ferry_tests::bins::bin;
+    use ferry_tests::procs::{ferryctl_json, run_ok};
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    // The groups' clock is the test's: the schedule starts when the test
+    // moves it, not when a loaded machine gets round to it.
+    let (clock, config) = ferry_tests::harness::manual_clock();
+    let broker = TestBroker::start_with_groups(dir.path(), config).await?;
+    publish(&broker, group_spec("watch", 2)).await?;
+    let h1 = agent(&broker, &logs, "h1", "watch", 0).await?;
+    let _h2 = agent(&broker, &logs, "h2", "watch", 0).await?;
+    let mut c1 = h1.client().await?;
+    c1.session_start(sid("s1"), uid("alice")).await?;
+    h1.wait_synced().await?;
+
+    let u = offer(&broker, "watch", "3.2").await?;
+    let drain_ms = 3_600_000;
+    let s = one_schedule(
+        &broker,
+        AdminRequestV1::OtaSchedule(OtaScheduleSpec {
+            group: "watch".parse()?,
+            update: u.id,
+            start: UnixMillis(clock.now().0 + 60_000),
+            wave: 1,
+            drain_ms,
+        }),
+    )
+    .await?;
+    // Before it starts: scheduled, in `group show` and in `ota list`.
+    let r = rollouts(&broker, "watch").await?;
+    assert_eq!(
+        r.rollouts
+            .iter()
+            .map(|r| (r.kind.as_str(), r.id, r.update, r.state.as_str()))
+            .collect::<Vec<_>>(),
+        [("ota", s.id, Some(u.id), "scheduled")]
+    );
+    let sock = broker.admin_socket().display().to_string();
+    let listed = run_ok(&bin("ferryctl"), ["--socket", &sock, "ota", "list"]).await?;
+    let row = format!("schedule {}  update {}  watch", s.id, u.id);
+    assert!(
+        listed.contains(&format!("update {}  watch", u.id)) && listed.contains(&row),
+        "{listed}"
+    );
+    let json = ferryctl_json(broker.admin_socket(), &["ota", "list", "--group", "watch"]).await?;
+    assert_eq!(json[0]["id"], u.id);
+    assert_eq!(json[0]["schedules"][0]["id"], s.id);
+    assert_eq!(json[0]["schedules"][0]["state"], "scheduled");
+    assert_eq!(json[0]["schedules"][0]["drain"], "1h");
+
+    clock.advance(std::time::Duration::from_secs(60));
+    // h1 drains and its user is warned: it waits for s1 until its deadline.
+    let warn_log = logs.join("warn.log");
+    wait_until(&broker, "watch", "warned s1", |_| {
+        (!lines(&warn_log).is_empty()).then_some(())
+    })
+    .await?;
+    let started = history(&broker, "watch").await?[0].resources[0]
+        .started_at
+        .context("h1's drain start")?;
+    let until = UnixMillis(started.0 + drain_ms as i64);
+    let r = rollouts(&broker, "watch").await?;
+    let steps: Vec<(&str, &str, Option<UnixMillis>)> = r.rollouts[0]
+        .hosts
+        .iter()
+        .map(|h| (h.resource.as_str(), h.step.as_str(), h.until))
+        .collect();
+    assert_eq!(r.rollouts[0].state, "running");
+    assert_eq!(
+        steps,
+        [("h1", "draining", Some(until)), ("h2", "waiting", None)]
+    );
+    // `resources list` and `group show` agree: h1 takes no sessions.
+    let listed: Vec<(String, bool, bool)> = broker
+        .resources()
+        .await?
+        .iter()
+        .map(|r| (r.resource.to_string(), r.available, r.draining))
+        .collect();
+    assert_eq!(
+        listed,
+        [("h1".into(), false, true), ("h2".into(), true, false)]
+    );
+    let engine: Vec<(String, bool)> = live(&broker, "watch")
+        .await?
+        .resources
+        .iter()
+        .map(|r| (r.resource.to_string(), r.available))
+        .collect();
+    assert_eq!(engine, [("h1".into(), false), ("h2".into(), true)]);
+    let table = run_ok(
+        &bin("ferryctl"),
+        ["--socket", &sock, "group", "show", "watch"],
+    )
+    .await?;
+    let headline = format!(
+        "OTA schedule {} (update {}: office 3.2): running since",
+        s.id, u.id
+    );
+    let deadline = ferry_broker::render::rfc3339(until);
+    assert!(
+        table.contains(&headline) && table.contains("draining") && table.contains(&deadline),
+        "{table}"
+    );
+
+    // The user logs out: h1 is updated, then h2.
+    c1.session_end(sid("s1"), EndReason::Logout).await?;
+    h1.wait_synced().await?;
+    let done = wait_until(&broker, "watch", "finished", |h| {
+        h.iter()
+            .find(|x| x.id == s.id && matches!(x.state.as_str(), "succeeded" | "failed"))
+            .cloned()
+    })
+    .await?;
+    assert_eq!(done.state, "succeeded", "{done:#?}");
+    assert!(rollouts(&broker, "watch").await?.rollouts.is_empty());
+    // Each host's steps are events, in order, with the drain deadline.
+    let evs = events(&broker, "watch").await?;
+    let steps: Vec<&str> = of_kind(&evs, "ota-step")
+        .iter()
+        .map(|e| e.message.as_str())
+        .collect();
+    let prefix = format!("OTA schedule {} (update {}: office 3.2): ", s.id, u.id);
+    let of = |who: &str| -> Vec<String> {
+        steps
+            .iter()
+            .filter_map(|m| m.strip_prefix(&prefix))
+            .filter(|m| m.starts_with(&format!("{who} ")))
+            .map(|m| m.split(':').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        of("h1"),
+        [
+            "h1 draining",
+            "h1 warned",
+            "h1 updating to office 3.2",
+            "h1 done"
+        ],
+        "{steps:#?}"
+    );
+    assert_eq!(
+        of("h2"),
+        ["h2 draining", "h2 updating to office 3.2", "h2 done"],
+        "{steps:#?}"
+    );
+    assert!(
+        steps.iter().any(|m| m.contains(&format!(
+            "h1 draining: no new sessions; open ones end by {deadline}"
+        ))),
+        "{steps:#?}"
+    );
+    assert!(
+        steps
+            .iter()
+            .any(|m| m.contains("plan: 2 resource(s) in waves of 1")),
+        "{steps:#?}"
+    );
+    Ok(())
+}
+
+/// A failed rollout makes the group `update-failed`; another failure
+/// changes no status (no `update-failed -> update-failed`); a rollout that
+/// succeeds everywhere makes it `published` again. Failures keep the end of
+/// the hook's output with its exit status, on one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_rollout_takes_the_group_out_of_update_failed() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let broker = TestBroker::start(dir.path()).await?;
+    publish(&broker, group_spec("mend", 1)).await?;
+    let h1 = agent(&broker, &logs, "h1", "mend", 0).await?;
+    // The update hook fails, with 100 lines of output, until `fixed` exists.
+    let fixed = logs.join("fixed");
+    script(
+        &logs.join("h1-hooks").join("update"),
+        &format!(
+            "test -e {} && exit 0\nfor i in $(seq 1 100); do echo \"unpack step $i failed\" >&2; done\nexit 3",
+            fixed.display()
+        ),
+    )?;
+    let _ = &h1;
+    let roll = |version: &'static str| {
+        let broker = &broker;
+        async move {
+            let u = offer(broker, "mend", version).await?;
+            let s = one_schedule(
+                broker,
+                schedule_req("mend", u.id, UnixMillis(now().0 + 1_000), 1),
+            )
+            .await?;
+            wait_until(broker, "mend", "finished", |h| {
+                h.iter()
+                    .find(|x| x.id == s.id && matches!(x.state.as_str(), "succeeded" | "failed"))
+                    .cloned()
+            })
+            .await
+        }
+    };
+    let statuses = |evs: &[ferry_common::admin::GroupEventInfo]| -> Vec<String> {
+        of_kind(evs, "status")
+            .iter()
+            .map(|e| e.message.clone())
+            .collect()
+    };
+
+    let first = roll("3.2").await?;
+    assert_eq!(first.state, "failed", "{first:#?}");
+    let why = first.resources[0].detail.clone().unwrap_or_default();
+    assert!(
+        why.contains("update hook failed (exit status 3)")
+            && why.contains("unpack step 100 failed")
+            && !why.contains("unpack step 1 failed")
+            && why.len() < 600,
+        "{why}"
+    );
+    assert_eq!(show(&broker, "mend").await?.0.info.status, "update-failed");
+    let evs = events(&broker, "mend").await?;
+    let st = statuses(&evs);
+    assert_eq!(st.len(), 2, "{st:#?}");
+    assert!(
+        st[1].starts_with("published -> update-failed: OTA schedule"),
+        "{st:#?}"
+    );
+    for e in &evs {
+        assert!(
+            !e.message.contains('\n') && e.message.len() < 1024,
+            "{}: {}",
+            e.kind,
+            e.message
+        );
+    }
+
+    // Failing again from update-failed: no transition to itself.
+    let second = roll("3.3").await?;
+    assert_eq!(second.state, "failed", "{second:#?}");
+    let evs = events(&broker, "mend").await?;
+    assert_eq!(statuses(&evs).len(), 2, "{:#?}", statuses(&evs));
+    assert!(
+        !evs.iter()
+            .any(|e| e.message.contains("update-failed -> update-failed")),
+        "{evs:#?}"
+    );
+
+    // The host is fixed: the next rollout succeeds and the group serves.
+    std::fs::write(&fixed, "")?;
+    let third = roll("3.4").await?;
+    assert_eq!(third.state, "succeeded", "{third:#?}");
+    assert_eq!(show(&broker, "mend").await?.0.info.status, "published");
+    let st = statuses(&events(&broker, "mend").await?);
+    assert_eq!(st.len(), 3, "{st:#?}");
+    assert!(
+        st[2].starts_with("update-failed -> published: OTA schedule")
+            && st[2].contains("succeeded on every resource"),
+        "{st:#?}"
+    );
+    Ok(())
+}
+
+/// A host an operator drained is left out of a rollout and stays drained; a
+/// rollout never puts a host back in service that it did not take out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_drained_by_an_operator_is_left_out_of_a_rollout() -> anyhow::Result<()> {
+    init_logging();
+    let dir = tempfile::tempdir()?;
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let broker = TestBroker::start(dir.path()).await?;
+    publish(&broker, group_spec("held", 2)).await?;
+    let _h1 = agent(&broker, &logs, "h1", "held", 0).await?;
+    let _h2 = agent(&broker, &logs, "h2", "held", 0).await?;
+    broker
+        .admin(AdminRequestV1::Drain {
+            resource: "h2".parse()?,
+        })
+        .await?;
+    wait_drained(&broker, &["h2"]).await?;
+
+    let u = offer(&broker, "held", "4.0").await?;
+    let s = one_schedule(
+        &broker,
+        schedule_req("held", u.id, UnixMillis(now().0 + 1_000), 1),
+    )
+    .await?;
+    let done = wait_until(&broker, "held", "finished", |h| {
+        h.iter()
+            .find(|x| x.id == s.id && matches!(x.state.as_str(), "succeeded" | "failed"))
+            .cloned()
+    })
+    .await?;
+    assert_eq!(done.state, "succeeded", "{done:#?}");
+    let updated: Vec<&str> = done.resources.iter().map(|r| r.resource.as_str()).collect();
+    assert_eq!(updated, ["h1"], "{done:#?}");
+    assert_eq!(lines(&logs.join("update.log")).len(), 1);
+    wait_drained(&broker, &["h2"]).await?;
     Ok(())
 }

@@ -102,16 +102,18 @@ enum OtaCmd {
         #[arg(long)]
         description: String,
     },
-    /// Offered updates.
+    /// Offered updates (`update N`) and the schedules rolling them out
+    /// (`schedule N`, with their state, start, wave and drain).
     List {
         /// Only this group's.
         #[arg(long)]
         group: Option<String>,
     },
-    /// Schedule an offered update's rollout (start in the future, within 7 days).
+    /// Schedule an offered update's rollout (start in the future, within 7
+    /// days); prints the new schedule's own id.
     Schedule {
         group: String,
-        /// The offered update's id.
+        /// The offered update's id (`update N` in `ota list`).
         #[arg(long)]
         update: u64,
         /// Start, RFC 3339.
@@ -126,13 +128,17 @@ enum OtaCmd {
     },
     /// Move a schedule's start (before it starts).
     Reschedule {
+        /// The schedule's id (`schedule N` in `ota list`), not the update's.
         schedule: u64,
         /// New start, RFC 3339.
         #[arg(long)]
         start: String,
     },
     /// Cancel a schedule (before it starts).
-    Cancel { schedule: u64 },
+    Cancel {
+        /// The schedule's id (`schedule N` in `ota list`), not the update's.
+        schedule: u64,
+    },
     /// Every OTA of a group with each resource's outcome.
     History { group: String },
 }
@@ -668,7 +674,8 @@ fn exit_code(e: &anyhow::Error) -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<String> {
     let json = cli.json;
-    // `group show` adds what each resource runs (a second request).
+    // `group show` adds what each resource runs and the updates running or
+    // scheduled (a second request).
     let versions_of = match &cli.command {
         Cmd::Group(g) => match g.as_ref() {
             GroupCmd::Show { group } => Some(group.clone()),
@@ -861,21 +868,22 @@ fn run(cli: Cli) -> anyhow::Result<String> {
     let out = show(resp, json);
     match versions_of {
         Some(group) => {
-            let req = AdminRequestV1::GroupVersions {
+            let req = AdminRequestV1::GroupRollouts {
                 group: group.parse()?,
             };
             // A broker that cannot answer it (older, or the group went
             // away meanwhile) still gets its `group show` printed.
             match runtime.block_on(admin::request(&cli.socket, req)) {
-                Ok(AdminResponseV1::GroupVersions(v)) if json => {
+                Ok(AdminResponseV1::GroupRollouts(r)) if json => {
                     let mut value: serde_json::Value =
                         serde_json::from_str(&out).context("group show's JSON")?;
-                    value["versions"] = render::group_versions_json(&v);
+                    value["versions"] = render::group_versions_json(&r.versions);
+                    value["rollouts"] = ferry_broker::ota::render::rollouts_json(&r.rollouts);
                     Ok(format!("{value:#}\n"))
                 }
-                Ok(AdminResponseV1::GroupVersions(v)) => {
-                    Ok(out + &render::group_versions_table(&v))
-                }
+                Ok(AdminResponseV1::GroupRollouts(r)) => Ok(out
+                    + &render::group_versions_table(&r.versions)
+                    + &ferry_broker::ota::render::rollouts_table(&r.rollouts)),
                 _ => Ok(out),
             }
         }
@@ -1029,7 +1037,7 @@ fn ota_request(cmd: OtaCmd) -> anyhow::Result<AdminRequestV1> {
             package,
             description,
         }),
-        OtaCmd::List { group } => AdminRequestV1::OtaList {
+        OtaCmd::List { group } => AdminRequestV1::OtaListWithSchedules {
             group: group.map(|g| g.parse::<GroupName>()).transpose()?,
         },
         OtaCmd::Schedule {
@@ -1247,6 +1255,19 @@ fn show(resp: AdminResponseV1, json: bool) -> String {
             ferry_broker::ota::render::schedules_json(&s),
             ferry_broker::ota::render::schedules_table(&s),
         ),
+        AdminResponseV1::OtaUpdatesAndSchedules { updates, schedules } => (
+            ferry_broker::ota::render::list_json(&updates, &schedules),
+            ferry_broker::ota::render::list_table(&updates, &schedules),
+        ),
+        AdminResponseV1::GroupRollouts(r) => {
+            let mut value = render::group_versions_json(&r.versions);
+            value["rollouts"] = ferry_broker::ota::render::rollouts_json(&r.rollouts);
+            (
+                value,
+                render::group_versions_table(&r.versions)
+                    + &ferry_broker::ota::render::rollouts_table(&r.rollouts),
+            )
+        }
         AdminResponseV1::UserToken {
             user,
             token,

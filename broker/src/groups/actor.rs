@@ -40,10 +40,11 @@
 //! with the group's policy version: to every joined, connected agent when
 //! an update-policy raises the version, and to an agent that (re)joins with
 //! an older applied version than the group's (read from `resource_policy`).
-//! Each push runs in its own tracked task; an acknowledgement is committed
-//! to `resource_policy` (the newest version wins) with a `policy-applied`
-//! event, a failure or timeout becomes a `policy-failed` event, and the next
-//! join of that agent tries again.
+//! Each push runs in its own tracked task ([`policy_push`]); an
+//! acknowledgement is committed to `resource_policy` (the newest version
+//! wins) with a `policy-applied` event, a failure or timeout becomes a
+//! `policy-failed` event and is tried again with backoff while the agent
+//! stays connected, and the next join of that agent tries again too.
 //!
 //! What is not kept across a broker restart: the binding of agents to base
 //! slots (agents re-join when they reconnect, and their open sessions come
@@ -97,7 +98,12 @@ pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
 // Image updates (`group update-image`).
 #[path = "image_update.rs"]
 mod image_update;
-pub use image_update::{begin as begin_image_update, versions as group_versions};
+pub use image_update::{
+    begin as begin_image_update, versions as group_versions, HostStep, ImageProgress,
+};
+// The policy sent to each agent, tried again while it fails.
+#[path = "policy_push.rs"]
+mod policy_push;
 
 /// Messages waiting for one group's actor. Senders wait when it is full, so
 /// a burst of agent events slows the agents' acknowledgements instead of
@@ -168,6 +174,8 @@ pub struct GroupView {
     /// Sessions whose user disconnected, kept for a reconnect: (session,
     /// disconnected at, retained until; `None` = forever), sorted.
     pub retained: Vec<(SessionId, UnixMillis, Option<UnixMillis>)>,
+    /// The image update running, with each host's step.
+    pub image_update: Option<image_update::ImageProgress>,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -426,11 +434,17 @@ struct Shared {
     lifecycle: Notify,
     /// Whether the lifecycle follower was started (it runs once per broker).
     follower_started: AtomicBool,
+    /// Held while an actor is brought in line with its row: the broker's
+    /// start, the lifecycle follower and admin verbs may ask at once, and
+    /// two of them must never both start an actor for one group.
+    syncing: tokio::sync::Mutex<()>,
     /// Deletes of retired groups' elastic resources in progress.
     retiring: Arc<elastic::Retiring>,
     /// OTA updates (`crate::ota`), set once by the daemon: the admin socket
     /// reaches them here, like the actors.
     ota: std::sync::OnceLock<crate::ota::Ota>,
+    /// Policy pushes trying again ([`policy_push`]).
+    policy_pushes: policy_push::InFlight,
 }
 
 #[derive(Clone)]
@@ -496,9 +510,11 @@ impl GroupActors {
                 actors: Mutex::default(),
                 lifecycle: Notify::new(),
                 follower_started: AtomicBool::new(false),
+                syncing: tokio::sync::Mutex::new(()),
                 provisioning: std::sync::OnceLock::new(),
                 retiring: Arc::default(),
                 ota: std::sync::OnceLock::new(),
+                policy_pushes: policy_push::InFlight::default(),
             }),
         }
     }
@@ -658,6 +674,7 @@ impl GroupActors {
     }
 
     async fn sync_row(&self, group: &str) -> Result<bool, ActorError> {
+        let _one_at_a_time = self.shared.syncing.lock().await;
         let key = group.to_owned();
         let row = self
             .shared
@@ -1878,7 +1895,10 @@ impl Actor {
             let outcome = shared.command(&real, command).await;
             let outcome = match outcome {
                 Ok(CommandOutcome::Done) => Ok(()),
-                Ok(CommandOutcome::Failed(m)) => Err(format!("the agent says: {m}")),
+                Ok(CommandOutcome::Failed(m)) => Err(format!(
+                    "the agent says: {}",
+                    crate::hook_failure::brief(&m)
+                )),
                 Err(e) => Err(e),
             };
             let report = DisconnectReport {
@@ -2173,68 +2193,19 @@ impl Actor {
                 return;
             }
         };
-        let shared = self.shared.clone();
-        let (num, group, real) = (self.row.num, self.row.name.clone(), real.clone());
-        self.shared.tracker.spawn(async move {
-            let command = Command::ApplyPolicy {
-                group: group.clone(),
-                version,
-                document,
-            };
-            let outcome = shared.command(&real, command).await;
-            let applied = matches!(outcome, Ok(CommandOutcome::Done));
-            let (kind, message) = match outcome {
-                Ok(CommandOutcome::Done) => (
-                    "policy-applied",
-                    format!("policy version {version} applied on {real}"),
-                ),
-                Ok(CommandOutcome::Failed(m)) => (
-                    "policy-failed",
-                    format!(
-                        "policy version {version} failed on {real}: the agent says: {m}; \
-                         it is sent again when the agent re-joins"
-                    ),
-                ),
-                Err(e) => (
-                    "policy-failed",
-                    format!(
-                        "policy version {version} not applied on {real}: {e}; \
-                         it is sent again when the agent re-joins"
-                    ),
-                ),
-            };
-            if !applied {
-                tracing::warn!(%group, "{message}");
-            }
-            let at = shared.clock.now();
-            let key = real.to_string();
-            let written = shared
-                .store
-                .exec(move |c| {
-                    if applied {
-                        // A late answer for an older version never lowers
-                        // what is recorded.
-                        c.execute(
-                            "INSERT INTO resource_policy (group_num, resource, version, applied_at)
-                             VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT (group_num, resource) DO UPDATE
-                                 SET version = excluded.version, applied_at = excluded.applied_at
-                                 WHERE excluded.version > resource_policy.version",
-                            params![num, key, i64::try_from(version).unwrap_or(i64::MAX), at.0],
-                        )?;
-                    }
-                    c.execute(
-                        "INSERT INTO group_events (group_num, at, kind, message)
-                         VALUES (?1, ?2, ?3, ?4)",
-                        params![num, at.0, kind, message],
-                    )?;
-                    Ok(())
-                })
-                .await;
-            if let Err(e) = written {
-                tracing::error!(%group, resource = %real, "record policy version {version}: {e}");
-            }
-        });
+        let (num, group, resource) = (self.row.num, self.row.name.clone(), real.clone());
+        let ticket = self.shared.policy_pushes.claim(num, &resource);
+        let push = policy_push::Push {
+            num,
+            group,
+            resource,
+            version,
+            document,
+            ticket,
+        };
+        self.shared
+            .tracker
+            .spawn(policy_push::run(self.shared.clone(), push));
     }
 
     /// Turns the engine's decisions into events and agent commands.
@@ -2573,6 +2544,7 @@ impl Actor {
                 .into_iter()
                 .map(|(s, since, until)| (s, UnixMillis(since), until.map(UnixMillis)))
                 .collect(),
+            image_update: self.image_progress(),
         }
     }
 }

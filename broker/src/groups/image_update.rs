@@ -11,8 +11,11 @@
 //!   the actor (a request already on its way).
 //! - The actor picks the update up when it rereads its row (or starts with a
 //!   group already `updating`: broker restart). Every open session is warned
-//!   (`Command::WarnSession`, deadline = start + warning). The disconnect
-//!   deadline is one of the actor's timers, like the engine's.
+//!   (`Command::WarnSession`, deadline = start + warning): the sessions the
+//!   store has open on the group's resources, those of hosts whose agents
+//!   have not joined yet (after a restart) when they join, with the same
+//!   deadline. The disconnect deadline is one of the actor's timers, like
+//!   the engine's.
 //! - At the deadline the switch starts: the set of resources (joined and
 //!   ready; one that joins during the switch, e.g. an elastic resource whose
 //!   creation completes, is added) is written (`image_update_results`,
@@ -23,35 +26,45 @@
 //!   connected (or whose connection drops mid-way) is switched when it
 //!   re-joins; one still away [`RECONNECT_DEADLINE`] after the switch began
 //!   fails.
+//! - Each host's step is a group event (`image-step`, then
+//!   `image-switched` or `image-switch-failed`), and `group show` has the
+//!   update with each host's step and deadline ([`Actor::image_progress`]).
+//!   A failure's text is the tail of the hook's output with its exit status
+//!   ([`crate::hook_failure::brief`]).
 //! - Every outcome is committed (`image_update_results`, a group event).
 //!   When every resource is done, the group's image becomes the new one and
 //!   its status `published`; with any failure, `update-failed` with an event
 //!   naming each failing resource and why (resources that switched keep the
 //!   new image; the group's image stays the old one). A resource whose
-//!   switch failed is drained (`Command::Drain`): `update-failed` serves from
-//!   the others; the next update that switches it undrains it.
+//!   switch failed is drained (`Command::Drain`; the engine is told at once,
+//!   so it takes no session there): `update-failed` serves from the others;
+//!   the next update that switches it undrains it.
 //! - Nothing is added or billed for it: the update feeds the engine no
-//!   input (resources stay available to it while their sessions are warned,
-//!   and demand cannot grow since routing refuses new sessions), so no
-//!   scale-out is decided for it; no billing interval is opened or closed.
+//!   input but those drains (resources stay available to it while their
+//!   sessions are warned, and demand cannot grow since routing refuses new
+//!   sessions), so no scale-out is decided for it; no billing interval is
+//!   opened or closed.
 //! - Restart: a group still `updating` resumes from the store. Before the
-//!   deadline it waits for it (sessions are warned again); after it, the
+//!   deadline it waits for it (sessions are warned again, each when its
+//!   agent is back); after it, the
 //!   recorded set is switched: a resource whose inventory already shows the
 //!   image is done without a new switch, the rest are switched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ferry_common::admin::{GroupVersionsInfo, ImageUpdateSpec, ResourceVersionInfo};
+use ferry_common::duration::format_duration;
 use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::wire::{Command, CommandOutcome, Inventory};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Actor, ActorError, Msg};
-use crate::engine::ResourceState;
+use crate::engine::{Input, ResourceState};
 use crate::groups::lifecycle::{self, Status};
 use crate::groups::service::GroupError;
+use crate::hook_failure::brief;
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoreError};
 
@@ -361,6 +374,8 @@ enum Write {
 struct Run {
     id: i64,
     image: String,
+    /// When the operator asked for it.
+    started_at: UnixMillis,
     disconnect_at: UnixMillis,
     /// Past the deadline: the set is known and resources are switched.
     switching: bool,
@@ -369,7 +384,39 @@ struct Run {
     wait_until: UnixMillis,
     /// Resources the group's previous update failed on (and drained): a
     /// successful switch undrains them.
-    previously_failed: std::collections::BTreeSet<ResourceId>,
+    previously_failed: BTreeSet<ResourceId>,
+    /// Sessions warned of this update (by this broker process: after a
+    /// restart they are warned again, with the same deadline).
+    warned: BTreeSet<SessionId>,
+    /// Open sessions recorded on the group's resources whose agents have
+    /// not joined yet: warned when they do, before the deadline.
+    unwarned: BTreeMap<ResourceId, BTreeSet<SessionId>>,
+}
+
+/// A running image update as `group show` shows it ([`Actor::image_progress`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageProgress {
+    pub id: i64,
+    pub image: String,
+    pub started_at: UnixMillis,
+    /// When warned sessions are disconnected and the switch starts.
+    pub disconnect_at: UnixMillis,
+    /// Past the deadline: hosts are being switched.
+    pub switching: bool,
+    /// Each host, sorted.
+    pub hosts: Vec<HostStep>,
+}
+
+/// One host of a running image update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostStep {
+    pub resource: ResourceId,
+    /// `waiting`, `warned`, `switching`, `done` or `failed`.
+    pub step: &'static str,
+    /// When the step ends at the latest (the warning deadline; for a host
+    /// away during the switch, when it fails).
+    pub until: Option<UnixMillis>,
+    pub detail: Option<String>,
 }
 
 /// The actor's image-update state.
@@ -384,6 +431,10 @@ pub struct Report {
     update: i64,
     resource: ResourceId,
     outcome: Outcome,
+    /// The drain state its agent confirmed after the outcome (drained after
+    /// a failure, undrained after a success that undrains), for the
+    /// group's engine; `None` when it did not change.
+    drained: Option<bool>,
 }
 
 enum Outcome {
@@ -449,7 +500,8 @@ async fn switch_one(
             Ok(CommandOutcome::Done) => {}
             Ok(CommandOutcome::Failed(why)) => {
                 return Outcome::Failed(format!(
-                    "session {session} could not be disconnected: the agent says: {why}"
+                    "session {session} could not be disconnected: the agent says: {}",
+                    brief(&why)
                 ))
             }
             Err(e) => return lost_or_failed(e, &format!("disconnect of session {session}")),
@@ -461,7 +513,10 @@ async fn switch_one(
     match registry.command(real, command, SWITCH_TIMEOUT).await {
         Ok(CommandOutcome::Done) => {}
         Ok(CommandOutcome::Failed(why)) => {
-            return Outcome::Failed(format!("the image switch failed: the agent says: {why}"))
+            return Outcome::Failed(format!(
+                "the image switch failed: the agent says: {}",
+                brief(&why)
+            ))
         }
         Err(e) => return lost_or_failed(e, "image switch"),
     }
@@ -477,8 +532,9 @@ async fn switch_one(
     }
 }
 
-/// Sets `real`'s drain state through its agent; says how it went.
-async fn set_drain(registry: &Registry, real: &ResourceId, draining: bool) -> String {
+/// Sets `real`'s drain state through its agent; says how it went, and
+/// whether the agent confirmed it.
+async fn set_drain(registry: &Registry, real: &ResourceId, draining: bool) -> (String, bool) {
     let (command, verb) = if draining {
         (Command::Drain, "drained")
     } else {
@@ -487,38 +543,63 @@ async fn set_drain(registry: &Registry, real: &ResourceId, draining: bool) -> St
     match registry.command(real, command, COMMAND_TIMEOUT).await {
         Ok(CommandOutcome::Done) => {
             registry.set_draining(real, draining);
-            if draining {
+            let said = if draining {
                 "it was drained: it takes no new sessions until an image update switches it \
                  (or `ferryctl resources undrain`)"
                     .to_owned()
             } else {
                 "it was undrained: it takes sessions again".to_owned()
-            }
+            };
+            (said, true)
         }
-        Ok(CommandOutcome::Failed(why)) => format!("it could not be {verb}: {why}"),
-        Err(e) => format!("it could not be {verb}: {e}"),
+        Ok(CommandOutcome::Failed(why)) => {
+            (format!("it could not be {verb}: {}", brief(&why)), false)
+        }
+        Err(e) => (format!("it could not be {verb}: {e}"), false),
     }
 }
 
 /// A resource the switch failed on is drained (the group serves from the
 /// others, `update-failed`); one a previous update failed on (and drained)
-/// takes sessions again once it switched.
+/// takes sessions again once it switched. Returns the outcome and the drain
+/// state the agent confirmed, if it changed.
 async fn after_switch(
     registry: &Registry,
     real: &ResourceId,
     outcome: Outcome,
     undrain: bool,
-) -> Outcome {
+) -> (Outcome, Option<bool>) {
     match outcome {
         Outcome::Failed(why) => {
-            Outcome::Failed(format!("{why}; {}", set_drain(registry, real, true).await))
+            let (said, ok) = set_drain(registry, real, true).await;
+            (
+                Outcome::Failed(format!("{why}; {said}")),
+                ok.then_some(true),
+            )
         }
-        Outcome::Done(what) if undrain => Outcome::Done(format!(
-            "{what}; {}",
-            set_drain(registry, real, false).await
-        )),
-        other => other,
+        Outcome::Done(what) if undrain => {
+            let (said, ok) = set_drain(registry, real, false).await;
+            (
+                Outcome::Done(format!("{what}; {said}")),
+                ok.then_some(false),
+            )
+        }
+        other => (other, None),
     }
+}
+
+/// A running update as stored.
+struct Loaded {
+    id: i64,
+    image: String,
+    started_at: i64,
+    disconnect_at: i64,
+    /// (resource, outcome, detail) of the switch, once it began.
+    results: Vec<(String, String, String)>,
+    /// Resources the previous update failed on.
+    before: Vec<String>,
+    /// (resource, session) open on the group's resources.
+    open: Vec<(String, String)>,
 }
 
 impl Actor {
@@ -527,6 +608,89 @@ impl Actor {
     fn image_note(&mut self, kind: &'static str, message: String) {
         let at = self.now();
         self.image.writes.push(Write::Event { at, kind, message });
+    }
+
+    /// The running update as `group show` shows it: each host's step and
+    /// until when. During the warning: the ready hosts joined to the group
+    /// (`warned` with its sessions, or `waiting` for the switch) and those
+    /// with recorded sessions whose agents are not back yet; during the
+    /// switch, the switch's set.
+    pub(super) fn image_progress(&self) -> Option<ImageProgress> {
+        let run = self.image.run.as_ref()?;
+        let mut hosts = Vec::new();
+        if run.switching {
+            for (resource, step) in &run.steps {
+                let (step, until, detail) = match step {
+                    Step::Waiting => (
+                        "waiting",
+                        Some(run.wait_until),
+                        Some("not connected: switched when its agent is back".to_owned()),
+                    ),
+                    Step::Running => ("switching", None, None),
+                    Step::Done => ("done", None, None),
+                    Step::Failed(why) => ("failed", None, Some(why.clone())),
+                };
+                hosts.push(HostStep {
+                    resource: resource.clone(),
+                    step,
+                    until,
+                    detail,
+                });
+            }
+        } else {
+            let mut by: BTreeMap<ResourceId, HostStep> = BTreeMap::new();
+            for (real, id) in &self.to_engine {
+                if self.state_of(id) != Some(ResourceState::Ready) {
+                    continue;
+                }
+                let sessions: Vec<&SessionId> =
+                    self.sessions.get(id).into_iter().flatten().collect();
+                let warned = sessions.iter().filter(|s| run.warned.contains(**s)).count();
+                let (step, detail) = if sessions.is_empty() {
+                    (
+                        "waiting",
+                        "no open session; switched at the deadline".to_owned(),
+                    )
+                } else {
+                    (
+                        "warned",
+                        format!(
+                            "{warned} of {} open session(s) warned; disconnected at the deadline",
+                            sessions.len()
+                        ),
+                    )
+                };
+                by.insert(
+                    real.clone(),
+                    HostStep {
+                        resource: real.clone(),
+                        step,
+                        until: Some(run.disconnect_at),
+                        detail: Some(detail),
+                    },
+                );
+            }
+            for (real, sessions) in &run.unwarned {
+                by.entry(real.clone()).or_insert_with(|| HostStep {
+                    resource: real.clone(),
+                    step: "waiting",
+                    until: Some(run.disconnect_at),
+                    detail: Some(format!(
+                        "not connected: its {} open session(s) are warned when its agent is back",
+                        sessions.len()
+                    )),
+                });
+            }
+            hosts = by.into_values().collect();
+        }
+        Some(ImageProgress {
+            id: run.id,
+            image: run.image.clone(),
+            started_at: run.started_at,
+            disconnect_at: run.disconnect_at,
+            switching: run.switching,
+            hosts,
+        })
     }
 
     /// Whether an image update holds the group: no new sessions.
@@ -568,21 +732,27 @@ impl Actor {
         if self.image.run.is_some() {
             return Ok(());
         }
-        let num = self.row.num;
-        type Loaded = Option<(i64, String, i64, Vec<(String, String, String)>, Vec<String>)>;
-        let loaded: Loaded = self
+        let (num, name) = (self.row.num, self.row.name.to_string());
+        let loaded: Option<Loaded> = self
             .shared
             .store
             .read_with(move |c| {
                 let row = c
                     .query_row(
-                        "SELECT id, image, disconnect_at FROM image_updates
+                        "SELECT id, image, started_at, disconnect_at FROM image_updates
                          WHERE group_num = ?1 AND state = 'running'",
                         [num],
-                        |r| Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?)),
+                        |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, i64>(2)?,
+                                r.get::<_, i64>(3)?,
+                            ))
+                        },
                     )
                     .optional()?;
-                let Some((id, image, at)) = row else {
+                let Some((id, image, started_at, disconnect_at)) = row else {
                     return Ok(None);
                 };
                 let mut stmt = c.prepare(
@@ -600,10 +770,37 @@ impl Actor {
                 let results = stmt
                     .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(Some((id, image, at, results, before)))
+                // The group's open sessions as recorded, whether or not
+                // their agents have joined this actor yet (broker restart).
+                let mut stmt = c.prepare(
+                    "SELECT s.resource, s.session FROM sessions s
+                     JOIN resources r ON r.resource = s.resource
+                     WHERE r.grp = ?1 AND s.ended_at IS NULL ORDER BY s.resource, s.session",
+                )?;
+                let open = stmt
+                    .query_map([&name], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some(Loaded {
+                    id,
+                    image,
+                    started_at,
+                    disconnect_at,
+                    results,
+                    before,
+                    open,
+                }))
             })
             .await?;
-        let Some((id, image, disconnect_at, results, before)) = loaded else {
+        let Some(Loaded {
+            id,
+            image,
+            started_at,
+            disconnect_at,
+            results,
+            before,
+            open,
+        }) = loaded
+        else {
             tracing::warn!(group = %self.row.name, "updating without a running image update");
             return Ok(());
         };
@@ -622,15 +819,24 @@ impl Actor {
                 },
             );
         }
+        let mut recorded: BTreeMap<ResourceId, BTreeSet<SessionId>> = BTreeMap::new();
+        for (resource, session) in open {
+            if let (Ok(r), Ok(s)) = (resource.parse(), session.parse()) {
+                recorded.entry(r).or_default().insert(s);
+            }
+        }
         let switching = !results.is_empty();
         self.image.run = Some(Run {
             id,
             image: image.clone(),
+            started_at: UnixMillis(started_at),
             disconnect_at: UnixMillis(disconnect_at),
             switching,
             steps,
             wait_until: UnixMillis(now.0.saturating_add(ms(RECONNECT_DEADLINE))),
             previously_failed: before.iter().filter_map(|r| r.parse().ok()).collect(),
+            warned: BTreeSet::new(),
+            unwarned: BTreeMap::new(),
         });
         // Requests waiting for room are refused: no new sessions now.
         self.refuse_waiters();
@@ -655,7 +861,7 @@ impl Actor {
             }
             self.image_check_finish();
         } else if now < UnixMillis(disconnect_at) {
-            self.image_warn(&image, UnixMillis(disconnect_at));
+            self.image_warn(&image, UnixMillis(disconnect_at), recorded);
         }
         Ok(())
     }
@@ -668,10 +874,18 @@ impl Actor {
             .unwrap_or_default()
     }
 
-    /// Warns every open session of the group, each in its own task; the
-    /// outcome of each goes to the group's events.
-    fn image_warn(&mut self, image: &str, deadline: UnixMillis) {
-        let open: Vec<(ResourceId, SessionId)> = self
+    /// Warns every open session of the group: those on hosts joined to the
+    /// actor now, each in its own task (the outcome of each goes to the
+    /// group's events), and those `recorded` on hosts whose agents have not
+    /// joined yet (a broker restart) when they join, with the same
+    /// deadline ([`Actor::image_joined`]).
+    fn image_warn(
+        &mut self,
+        image: &str,
+        deadline: UnixMillis,
+        mut recorded: BTreeMap<ResourceId, BTreeSet<SessionId>>,
+    ) {
+        let known: Vec<(ResourceId, SessionId)> = self
             .sessions
             .iter()
             .flat_map(|(id, set)| {
@@ -679,17 +893,60 @@ impl Actor {
                 set.iter().map(move |s| (real.clone(), s.clone()))
             })
             .collect();
+        for (real, session) in &known {
+            if let Some(set) = recorded.get_mut(real) {
+                set.remove(session);
+            }
+        }
+        // Hosts joined now have told the actor their sessions (their
+        // `Hello`): what the store still has open there is stale.
+        recorded.retain(|r, set| !set.is_empty() && !self.to_engine.contains_key(r));
+        let later: usize = recorded.values().map(BTreeSet::len).sum();
         let left = deadline.0.saturating_sub(self.now().0).max(0);
         self.image_note(
             "image-update",
             format!(
-                "warning {} open session(s): they are disconnected in {} s for the switch to \
-                 image {image}",
-                open.len(),
-                left / 1000
+                "warning {} open session(s): they are disconnected in {} ({}) for the switch \
+                 to image {image}{}",
+                known.len() + later,
+                format_duration(Duration::from_millis(u64::try_from(left).unwrap_or(0))),
+                crate::render::rfc3339(deadline),
+                if later == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        "; {later} of them on host(s) whose agents are not connected yet ({}): \
+                         warned when they are back",
+                        recorded
+                            .keys()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
             ),
         );
-        for (real, session) in open {
+        if let Some(run) = self.image.run.as_mut() {
+            run.unwarned = recorded;
+        }
+        self.image_warn_sessions(image, deadline, known);
+    }
+
+    /// Sends `WarnSession` for each of `sessions` not warned yet, each in
+    /// its own task.
+    fn image_warn_sessions(
+        &mut self,
+        image: &str,
+        deadline: UnixMillis,
+        sessions: Vec<(ResourceId, SessionId)>,
+    ) {
+        for (real, session) in sessions {
+            let Some(run) = self.image.run.as_mut() else {
+                return;
+            };
+            if !run.warned.insert(session.clone()) {
+                continue;
+            }
             let shared = self.shared.clone();
             let (num, group, image) = (self.row.num, self.row.name.clone(), image.to_owned());
             self.shared.tracker.spawn(async move {
@@ -705,11 +962,17 @@ impl Actor {
                 let (kind, message) = match outcome {
                     Ok(CommandOutcome::Done) => (
                         "session-warned",
-                        format!("session {session} on {real} warned of the image switch"),
+                        format!(
+                            "session {session} on {real} warned of the image switch at {}",
+                            crate::render::rfc3339(deadline)
+                        ),
                     ),
                     Ok(CommandOutcome::Failed(m)) => (
                         "warn-failed",
-                        format!("session {session} on {real} not warned: the agent says: {m}"),
+                        format!(
+                            "session {session} on {real} not warned: the agent says: {}",
+                            brief(&m)
+                        ),
                     ),
                     Err(e) => (
                         "warn-failed",
@@ -806,8 +1069,20 @@ impl Actor {
                 }
             ),
         );
-        for r in targets.iter().filter(|r| live.contains(*r)) {
-            self.image_launch(r);
+        let until =
+            crate::render::rfc3339(UnixMillis(now.0.saturating_add(ms(RECONNECT_DEADLINE))));
+        for r in &targets {
+            if live.contains(r) {
+                self.image_launch(r);
+            } else {
+                self.image_note(
+                    "image-step",
+                    format!(
+                        "{r} waiting: its agent is not connected; switched when it is back, \
+                         failed if still away at {until}"
+                    ),
+                );
+            }
         }
         self.image_check_finish();
     }
@@ -815,13 +1090,38 @@ impl Actor {
     /// An agent joined: a resource of the switch that was away is switched
     /// now; one that joins the group during the switch is added to it.
     pub(super) fn image_joined(&mut self, resource: &ResourceId) {
-        if !self.to_engine.contains_key(resource) {
+        let Some(id) = self.to_engine.get(resource).cloned() else {
             return;
-        }
+        };
         let Some(run) = self.image.run.as_mut() else {
             return;
         };
         if !run.switching {
+            // Still the warning: its open sessions (as its `Hello` listed
+            // them) are warned now if they were not, with the deadline the
+            // others were given.
+            run.unwarned.remove(resource);
+            let (image, deadline) = (run.image.clone(), run.disconnect_at);
+            let open: Vec<(ResourceId, SessionId)> = self
+                .sessions
+                .get(&id)
+                .into_iter()
+                .flatten()
+                .filter(|s| !run.warned.contains(*s))
+                .map(|s| (resource.clone(), s.clone()))
+                .collect();
+            if !open.is_empty() && self.now() < deadline {
+                self.image_note(
+                    "image-step",
+                    format!(
+                        "{resource} joined during the warning: warning its {} open session(s) \
+                         of the switch at {}",
+                        open.len(),
+                        crate::render::rfc3339(deadline)
+                    ),
+                );
+                self.image_warn_sessions(&image, deadline, open);
+            }
             return;
         }
         match run.steps.get(resource) {
@@ -851,19 +1151,38 @@ impl Actor {
             .and_then(|id| self.sessions.get(id))
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default();
+        self.image_note(
+            "image-step",
+            format!(
+                "{real} switching to image {image}{}",
+                if sessions.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " after disconnecting {} open session(s): {}",
+                        sessions.len(),
+                        sessions
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            ),
+        );
         let shared = self.shared.clone();
         let actor = self.disconnects.actor.clone();
         let (group, real) = (self.row.name.clone(), real.clone());
         self.shared.tracker.spawn(async move {
-            let outcome = match shared.registry.upgrade() {
-                None => Outcome::Lost("the broker is shutting down".into()),
+            let (outcome, drained) = match shared.registry.upgrade() {
+                None => (Outcome::Lost("the broker is shutting down".into()), None),
                 Some(registry) => tokio::select! {
                     o = async {
                         let o = switch_one(&registry, &group, &real, &image, sessions).await;
                         after_switch(&registry, &real, o, undrain).await
                     } => o,
                     _ = shared.shutdown.cancelled() => {
-                        Outcome::Lost("the broker shut down".into())
+                        (Outcome::Lost("the broker shut down".into()), None)
                     }
                 },
             };
@@ -871,6 +1190,7 @@ impl Actor {
                 update,
                 resource: real,
                 outcome,
+                drained,
             };
             if let Some(tx) = actor.upgrade() {
                 if tx.send(Msg::Image(report)).await.is_err() {
@@ -880,10 +1200,28 @@ impl Actor {
         });
     }
 
-    /// A switch task's outcome.
+    /// A switch task's outcome. A drain the agent confirmed reaches the
+    /// group's engine at once (not at the agent's next health report), so
+    /// `group show` and `resources list` say the same from now on.
     pub(super) fn image_report(&mut self, report: Report) {
         if self.image.run.as_ref().map(|r| r.id) != Some(report.update) {
             return;
+        }
+        if let (Some(drained), Some(id)) = (
+            report.drained,
+            self.to_engine.get(&report.resource).cloned(),
+        ) {
+            let healthy = self
+                .shared
+                .registry
+                .upgrade()
+                .and_then(|r| r.snapshot().get(&report.resource).map(|l| l.available))
+                .unwrap_or(false);
+            if drained {
+                self.input(Input::Unavailable { resource: id });
+            } else if healthy {
+                self.input(Input::Available { resource: id });
+            }
         }
         self.image_outcome(report.resource, report.outcome);
         self.image_check_finish();

@@ -632,10 +632,20 @@ pub fn check_ota(billing: &'static str, status: Status) -> Result<(), LifecycleE
     }
 }
 
-/// The status after a failed OTA rollout: `update-failed` from `published`
-/// (and staying there); any other status is left alone (`None`).
+/// The status after a failed OTA rollout: `update-failed` from
+/// `published`. `None` when the status does not change: a group already
+/// `update-failed` stays so (no `update-failed -> update-failed`
+/// transition is recorded), any other status is left alone.
 pub fn after_failed_ota(status: Status) -> Option<Status> {
-    matches!(status, Status::Published | Status::UpdateFailed).then_some(Status::UpdateFailed)
+    (status == Status::Published).then_some(Status::UpdateFailed)
+}
+
+/// The status after an OTA rollout that succeeded on every resource: an
+/// `update-failed` group is `published` again (its last update did not
+/// fail), like after an image update that succeeds. `None` when the status
+/// does not change.
+pub fn after_succeeded_ota(status: Status) -> Option<Status> {
+    (status == Status::UpdateFailed).then_some(Status::Published)
 }
 
 /// Region is fixed at publish (SPEC section 2): asking for the same region is
@@ -919,11 +929,24 @@ mod tests {
             after_failed_ota(Status::Published),
             Some(Status::UpdateFailed)
         );
-        assert_eq!(
-            after_failed_ota(Status::UpdateFailed),
-            Some(Status::UpdateFailed)
-        );
+        // Already update-failed: no transition to itself.
+        assert_eq!(after_failed_ota(Status::UpdateFailed), None);
         assert_eq!(after_failed_ota(Status::Expired), None);
+        // A rollout that succeeded everywhere leaves update-failed, and
+        // only update-failed.
+        for st in ALL_STATUSES {
+            assert_eq!(
+                after_succeeded_ota(st),
+                (st == Status::UpdateFailed).then_some(Status::Published),
+                "{st}"
+            );
+            for to in [after_failed_ota(st), after_succeeded_ota(st)]
+                .into_iter()
+                .flatten()
+            {
+                assert_ne!(st, to, "a transition to the same status");
+            }
+        }
     }
 
     #[test]

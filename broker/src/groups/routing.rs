@@ -705,7 +705,10 @@ impl Actor {
             let outcome = shared.command(&real, command).await;
             let why = match outcome {
                 Ok(CommandOutcome::Done) => None,
-                Ok(CommandOutcome::Failed(m)) => Some(format!("the agent says: {m}")),
+                Ok(CommandOutcome::Failed(m)) => Some(format!(
+                    "the agent says: {}",
+                    crate::hook_failure::brief(&m)
+                )),
                 Err(e) => Some(e),
             };
             let (kind, message) = match why {

@@ -18,6 +18,7 @@
 //! is `published` or `update-failed`
 //! ([`crate::groups::lifecycle::check_ota`]).
 
+pub mod progress;
 pub mod render;
 pub mod rollout;
 pub mod store;
@@ -211,8 +212,9 @@ impl Ota {
                 now,
                 "ota-offered",
                 &format!(
-                    "update {id} offered: {} {} ({})",
-                    spec.component, spec.version, spec.description
+                    "update {id} offered: {} {} ({}); roll it out with `ferryctl ota schedule \
+                     {} --update {id}`",
+                    spec.component, spec.version, spec.description, g.name
                 ),
             )?;
             let (info, _) = store::update(c, id)?
@@ -235,6 +237,31 @@ impl Ota {
                     },
                 };
                 Ok(Ok(store::updates(c, num)?))
+            })
+            .await?;
+        r
+    }
+
+    /// `ota list`: offers of one group or all, and every schedule of them.
+    pub async fn list_with_schedules(
+        &self,
+        group: Option<String>,
+    ) -> Result<(Vec<OtaUpdateInfo>, Vec<OtaScheduleInfo>), OtaError> {
+        let r = self
+            .store
+            .read_with(move |c| {
+                let num = match group {
+                    None => None,
+                    Some(g) => match store::find_group(c, &g)? {
+                        Some(g) => Some(g.num),
+                        None => return Ok(Err(OtaError::NotFound(format!("no group named {g}")))),
+                    },
+                };
+                let mut schedules = Vec::new();
+                for row in store::schedules(c, num)? {
+                    schedules.push(store::schedule_info(c, row)?);
+                }
+                Ok(Ok((store::updates(c, num)?, schedules)))
             })
             .await?;
         r
@@ -298,7 +325,8 @@ impl Ota {
                 now,
                 "ota-scheduled",
                 &format!(
-                    "update {} ({} {}) scheduled as {id}: start {}, waves of {}, drain deadline {}",
+                    "update {} ({} {}) scheduled as OTA schedule {id}: start {}, waves of {}, \
+                     drain deadline {} per resource",
                     update.id,
                     update.component,
                     update.version,
@@ -438,6 +466,15 @@ pub async fn handle(ota: &Ota, req: AdminRequestV1) -> AdminResponseV1 {
             .cancel(schedule)
             .await
             .map(|s| AdminResponseV1::OtaSchedules(vec![s])),
+        AdminRequestV1::OtaListWithSchedules { group } => ota
+            .list_with_schedules(group.map(|g| g.to_string()))
+            .await
+            .map(
+                |(updates, schedules)| AdminResponseV1::OtaUpdatesAndSchedules {
+                    updates,
+                    schedules,
+                },
+            ),
         AdminRequestV1::OtaHistory { group } => ota
             .history(group.to_string())
             .await

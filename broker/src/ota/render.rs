@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ferry_common::admin::{OtaScheduleInfo, OtaUpdateInfo};
+use ferry_common::admin::{OtaScheduleInfo, OtaUpdateInfo, RolloutInfo};
 use ferry_common::duration::format_duration;
 use ferry_common::UnixMillis;
 use serde_json::{json, Value};
@@ -35,13 +35,14 @@ pub fn updates_json(us: &[OtaUpdateInfo]) -> Value {
     Value::Array(us.iter().map(update_json).collect())
 }
 
-/// `ota offer` / `ota list`.
+/// `ota offer` / `ota list`. Ids read `update N`, never to be taken for a
+/// schedule's.
 pub fn updates_table(us: &[OtaUpdateInfo]) -> String {
     let rows: Vec<Vec<String>> = us
         .iter()
         .map(|u| {
             vec![
-                u.id.to_string(),
+                format!("update {}", u.id),
                 u.group.to_string(),
                 u.component.clone(),
                 u.version.clone(),
@@ -57,7 +58,7 @@ pub fn updates_table(us: &[OtaUpdateInfo]) -> String {
         .collect();
     table(
         &[
-            "ID",
+            "UPDATE",
             "GROUP",
             "COMPONENT",
             "VERSION",
@@ -69,34 +70,210 @@ pub fn updates_table(us: &[OtaUpdateInfo]) -> String {
     )
 }
 
+/// One schedule (JSON).
+fn schedule_json(s: &OtaScheduleInfo) -> Value {
+    json!({
+        "id": s.id,
+        "update": update_json(&s.update),
+        "start": rfc3339(s.start),
+        "wave": s.wave,
+        "drain": format_duration(Duration::from_millis(s.drain_ms)),
+        "drain_ms": s.drain_ms,
+        "state": s.state,
+        "created_at": rfc3339(s.created_at),
+        "started_at": opt_time(s.started_at),
+        "finished_at": opt_time(s.finished_at),
+        "detail": s.detail,
+        "resources": s.resources.iter().map(|r| json!({
+            "resource": r.resource.as_str(),
+            "state": r.state,
+            "started_at": opt_time(r.started_at),
+            "finished_at": opt_time(r.finished_at),
+            "detail": r.detail,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 /// `ota schedule|reschedule|cancel|history --json`.
 pub fn schedules_json(ss: &[OtaScheduleInfo]) -> Value {
+    Value::Array(ss.iter().map(schedule_json).collect())
+}
+
+/// `ota list --json`: the offers, each with the schedules that roll it out
+/// (their own ids) under `schedules`.
+pub fn list_json(us: &[OtaUpdateInfo], ss: &[OtaScheduleInfo]) -> Value {
     Value::Array(
-        ss.iter()
-            .map(|s| {
+        us.iter()
+            .map(|u| {
+                let mut v = update_json(u);
+                v["schedules"] = Value::Array(
+                    ss.iter()
+                        .filter(|s| s.update.id == u.id)
+                        .map(|s| {
+                            json!({
+                                "id": s.id,
+                                "update": s.update.id,
+                                "state": s.state,
+                                "start": rfc3339(s.start),
+                                "wave": s.wave,
+                                "drain": format_duration(Duration::from_millis(s.drain_ms)),
+                                "started_at": opt_time(s.started_at),
+                                "finished_at": opt_time(s.finished_at),
+                            })
+                        })
+                        .collect(),
+                );
+                v
+            })
+            .collect(),
+    )
+}
+
+/// `ota list`: the offers, then the schedules (`schedule N` rolls out
+/// `update M`).
+pub fn list_table(us: &[OtaUpdateInfo], ss: &[OtaScheduleInfo]) -> String {
+    let mut out = updates_table(us);
+    if ss.is_empty() {
+        out.push_str("\nno OTA schedules\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = ss
+        .iter()
+        .map(|s| {
+            vec![
+                format!("schedule {}", s.id),
+                format!("update {}", s.update.id),
+                s.update.group.to_string(),
+                format!("{} {}", s.update.component, s.update.version),
+                s.state.clone(),
+                rfc3339(s.start),
+                s.wave.to_string(),
+                format_duration(Duration::from_millis(s.drain_ms)),
+                opt_text(s.finished_at),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "SCHEDULE",
+            "UPDATE",
+            "GROUP",
+            "ROLLS OUT",
+            "STATE",
+            "START",
+            "WAVE",
+            "DRAIN",
+            "FINISHED",
+        ],
+        &rows,
+    ));
+    out
+}
+
+/// `group show --json`'s `rollouts`.
+pub fn rollouts_json(rs: &[RolloutInfo]) -> Value {
+    Value::Array(
+        rs.iter()
+            .map(|r| {
                 json!({
-                    "id": s.id,
-                    "update": update_json(&s.update),
-                    "start": rfc3339(s.start),
-                    "wave": s.wave,
-                    "drain": format_duration(Duration::from_millis(s.drain_ms)),
-                    "drain_ms": s.drain_ms,
-                    "state": s.state,
-                    "created_at": rfc3339(s.created_at),
-                    "started_at": opt_time(s.started_at),
-                    "finished_at": opt_time(s.finished_at),
-                    "detail": s.detail,
-                    "resources": s.resources.iter().map(|r| json!({
-                        "resource": r.resource.as_str(),
-                        "state": r.state,
-                        "started_at": opt_time(r.started_at),
-                        "finished_at": opt_time(r.finished_at),
-                        "detail": r.detail,
+                    "kind": r.kind,
+                    "id": r.id,
+                    "update": r.update,
+                    "component": r.component,
+                    "version": r.version,
+                    "state": r.state,
+                    "start": rfc3339(r.start),
+                    "deadline": opt_time(r.deadline),
+                    "wave": r.wave,
+                    "drain": format_duration(Duration::from_millis(r.drain_ms)),
+                    "hosts": r.hosts.iter().map(|h| json!({
+                        "resource": h.resource.as_str(),
+                        "step": h.step,
+                        "until": opt_time(h.until),
+                        "detail": h.detail,
                     })).collect::<Vec<_>>(),
                 })
             })
             .collect(),
     )
+}
+
+/// The headline of an update in `group show`.
+fn rollout_headline(r: &RolloutInfo) -> String {
+    let drain = format_duration(Duration::from_millis(r.drain_ms));
+    match (r.kind.as_str(), r.state.as_str()) {
+        ("image-update", "warning") => format!(
+            "image update {} to image {}: warning since {}; open sessions are disconnected \
+             and hosts switched at {}",
+            r.id,
+            r.version,
+            rfc3339(r.start),
+            opt_text(r.deadline)
+        ),
+        ("image-update", state) => format!(
+            "image update {} to image {}: {state} since {} (started {}, warning {drain})",
+            r.id,
+            r.version,
+            opt_text(r.deadline),
+            rfc3339(r.start)
+        ),
+        (_, "scheduled") => format!(
+            "OTA schedule {} (update {}: {} {}): scheduled to start at {}, waves of {}, drain \
+             deadline {drain} per resource",
+            r.id,
+            r.update.unwrap_or_default(),
+            r.component,
+            r.version,
+            rfc3339(r.start),
+            r.wave
+        ),
+        (_, state) => format!(
+            "OTA schedule {} (update {}: {} {}): {state} since {}, waves of {}, drain deadline \
+             {drain} per resource",
+            r.id,
+            r.update.unwrap_or_default(),
+            r.component,
+            r.version,
+            rfc3339(r.start),
+            r.wave
+        ),
+    }
+}
+
+/// `group show`'s updates: each running or scheduled update and where each
+/// of its hosts is.
+pub fn rollouts_table(rs: &[RolloutInfo]) -> String {
+    if rs.is_empty() {
+        return "\nupdates: none running or scheduled\n".into();
+    }
+    let mut out = String::new();
+    for r in rs {
+        out.push('\n');
+        out.push_str(&rollout_headline(r));
+        out.push('\n');
+        if r.hosts.is_empty() {
+            continue;
+        }
+        let rows: Vec<Vec<String>> = r
+            .hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    h.resource.to_string(),
+                    h.step.clone(),
+                    opt_text(h.until),
+                    h.detail.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        for line in table(&["RESOURCE", "STEP", "UNTIL", "DETAIL"], &rows).lines() {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// `ota schedule|reschedule|cancel|history`: one block per schedule, its

@@ -29,16 +29,25 @@
 //! when its turn comes is `skipped`. After `Undrain` the actor is told the
 //! resource takes sessions again.
 //!
+//! Every step of a resource is also a group event (`ota-step`: the plan,
+//! draining until its deadline, its sessions warned, updating, done or
+//! failed), and `group show` reads the rows ([`super::progress`]). An
+//! agent's failure text is kept as the tail of its hook's output with the
+//! exit status ([`crate::hook_failure::brief`]).
+//!
 //! A failing resource stops the rollout after its wave: the schedule is
 //! `failed`, the resource stays drained, the group becomes `update-failed`
-//! and an event names the update and the failing resources. All done: the
-//! schedule is `succeeded`, with an event.
+//! (a `status` event; a group already `update-failed` stays so) and an
+//! event names the update and the failing resources. All done: the schedule
+//! is `succeeded`, with an event, and an `update-failed` group is
+//! `published` again.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::OtaUpdateInfo;
+use ferry_common::duration::format_duration;
 use ferry_common::wire::{Command, CommandOutcome, Inventory};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::task::JoinSet;
@@ -47,9 +56,10 @@ use tokio_util::sync::CancellationToken;
 use super::store::{self, ResultRow, ScheduleRow};
 use super::Ota;
 use crate::engine::ResourceState;
-use crate::groups::lifecycle::{after_failed_ota, Status};
+use crate::groups::lifecycle::{after_failed_ota, after_succeeded_ota, Status};
 use crate::groups::tasks::RETRY_AFTER_ERROR;
 use crate::groups::GroupActors;
+use crate::hook_failure::brief;
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
 use crate::store::StoreError;
 
@@ -122,6 +132,19 @@ pub fn shows(inventory: &Inventory, component: &str, version: &str) -> bool {
             .components
             .iter()
             .any(|c| c.name == name && c.version == version),
+    }
+}
+
+/// The version of `component` that `inventory` shows, if any.
+fn running(inventory: &Inventory, component: &str) -> Option<String> {
+    match component {
+        "agent" => Some(format!("agent {}", inventory.agent_version)),
+        "image" => Some(format!("image {}", inventory.image_version)),
+        name => inventory
+            .components
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| format!("{name} {}", c.version)),
     }
 }
 
@@ -281,12 +304,28 @@ async fn drive(ctx: &Ctx, id: u64) -> Result<(), Stop> {
         .await?;
     if rows.is_empty() {
         // First start (or a crash before the plan was written): plan now.
+        // A drained host stays out (the rollout would undrain it: it comes
+        // back by an operator's `resources undrain`, or an image update that
+        // succeeds on it), unless an earlier OTA of the group failed on it
+        // and drained it: this rollout is its retry.
+        let live = ctx.registry.snapshot();
+        let group_num = started.row.group_num;
+        let retry: HashSet<ResourceId> = ctx
+            .ota
+            .store
+            .read_with(move |c| store::failed_resources(c, group_num))
+            .await?
+            .into_iter()
+            .collect();
+        let drained =
+            |r: &ResourceId| live.get(r).is_some_and(|l| l.draining) && !retry.contains(r);
         let plan = match ctx.actors.view(&started.group).await {
             Ok(view) => {
                 let joined: HashSet<&ResourceId> = view.joined.iter().collect();
                 view.resources
                     .iter()
                     .filter(|r| r.state == ResourceState::Ready && joined.contains(&r.resource))
+                    .filter(|r| !drained(&r.resource))
                     .map(|r| r.resource.clone())
                     .collect::<Vec<_>>()
             }
@@ -294,9 +333,29 @@ async fn drive(ctx: &Ctx, id: u64) -> Result<(), Stop> {
                 return finish(ctx, &started, Err(format!("no live group to update: {e}"))).await
             }
         };
+        let num = started.row.group_num;
+        let names: Vec<&str> = plan.iter().map(|r| r.as_str()).collect();
+        let message = format!(
+            "OTA schedule {id} (update {}: {} {}) plan: {} resource(s) in waves of {}, each \
+             drained with a {} deadline: {}",
+            started.update.id,
+            started.update.component,
+            started.update.version,
+            plan.len(),
+            started.row.wave,
+            format_duration(Duration::from_millis(started.row.drain_ms)),
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
         ctx.ota
             .store
-            .exec(move |c| store::insert_plan(c, id, &plan))
+            .exec(move |c| {
+                store::insert_plan(c, id, &plan)?;
+                store::event(c, num, now, "ota-step", &message)
+            })
             .await?;
         rows = ctx
             .ota
@@ -339,21 +398,30 @@ async fn drive(ctx: &Ctx, id: u64) -> Result<(), Stop> {
     finish(ctx, &started, Ok(())).await
 }
 
-/// Ends a rollout: `succeeded`, or `failed` with the group `update-failed`;
-/// one event either way.
+/// Ends a rollout: `succeeded`, or `failed`, with one event either way; the
+/// group's status follows ([`after_succeeded_ota`], [`after_failed_ota`]):
+/// a failure makes a `published` group `update-failed`, a success makes an
+/// `update-failed` group `published`, each with a `status` event. A status
+/// that does not change records no transition.
 async fn finish(ctx: &Ctx, s: &Started, outcome: Result<(), String>) -> Result<(), Stop> {
     let now = ctx.ota.clock.now();
     let (id, num, update) = (s.row.id, s.row.group_num, s.update.clone());
-    let failed = outcome.is_err();
-    ctx.ota
+    let status_changed = ctx
+        .ota
         .store
         .exec(move |c| {
-            match &outcome {
+            let g = store::group_by_num(c, num)?;
+            let status = Status::parse(&g.status);
+            let what = format!(
+                "OTA schedule {id} (update {}: {} {})",
+                update.id, update.component, update.version
+            );
+            let (to, why) = match &outcome {
                 Ok(()) => {
                     store::set_state(c, id, "running", "succeeded", now, None)?;
                     let mut message = format!(
-                        "OTA schedule {id} succeeded: every resource runs {} {} (update {})",
-                        update.component, update.version, update.id
+                        "{what} succeeded: every resource runs {} {}",
+                        update.component, update.version
                     );
                     // An image update changes what the group is made of:
                     // hosts created from now on (scale-out, replacements)
@@ -364,26 +432,44 @@ async fn finish(ctx: &Ctx, s: &Started, outcome: Result<(), String>) -> Result<(
                         message.push_str(&format!("; the group's image is now {}", update.version));
                     }
                     store::event(c, num, now, "ota-succeeded", &message)?;
+                    (
+                        status.and_then(after_succeeded_ota),
+                        format!("{what} succeeded on every resource"),
+                    )
                 }
                 Err(why) => {
                     store::set_state(c, id, "running", "failed", now, Some(why))?;
-                    let g = store::group_by_num(c, num)?;
-                    let mut message = format!(
-                        "OTA schedule {id} failed, the rollout stopped: update {} ({} {}): {why}",
-                        update.id, update.component, update.version
-                    );
-                    if let Some(to) = Status::parse(&g.status).and_then(after_failed_ota) {
-                        if store::set_group_status(c, num, &g.status, to.as_str(), now)? {
-                            message.push_str(&format!("; status {} -> {to}", g.status));
-                        }
-                    }
-                    store::event(c, num, now, "ota-failed", &message)?;
+                    store::event(
+                        c,
+                        num,
+                        now,
+                        "ota-failed",
+                        &format!("{what} failed, the rollout stopped: {why}"),
+                    )?;
+                    (
+                        status.and_then(after_failed_ota),
+                        format!(
+                            "{what} failed: {why}; the failing resource stays drained, the \
+                             others serve"
+                        ),
+                    )
                 }
+            };
+            let Some(to) = to else { return Ok(false) };
+            if !store::set_group_status(c, num, &g.status, to.as_str(), now)? {
+                return Ok(false);
             }
-            Ok(())
+            store::event(
+                c,
+                num,
+                now,
+                "status",
+                &format!("{} -> {to}: {why}", g.status),
+            )?;
+            Ok(true)
         })
         .await?;
-    if failed || s.update.component == "image" {
+    if status_changed || s.update.component == "image" {
         if let Err(e) = ctx.actors.sync(s.group.as_str()).await {
             tracing::error!(group = %s.group, "update the group's live state: {e}");
         }
@@ -405,19 +491,51 @@ async fn left_group(ctx: &Ctx, s: &Started, resource: &ResourceId) -> Option<Str
         .map(|r| format!("skipped: {} by a scale-in before its turn", r.state))
 }
 
-/// Writes a resource's step.
+/// The `ota-step` event of `resource`: `what` happened.
+fn step_message(s: &Started, resource: &ResourceId, what: &str) -> String {
+    format!(
+        "OTA schedule {} (update {}: {} {}): {resource} {what}",
+        s.row.id, s.update.id, s.update.component, s.update.version
+    )
+}
+
+/// Writes an `ota-step` event of `resource` that changes no state (its
+/// sessions were warned).
+async fn step_event(
+    ctx: &Ctx,
+    s: &Started,
+    resource: &ResourceId,
+    what: String,
+) -> Result<(), Stop> {
+    let now = ctx.ota.clock.now();
+    let (num, message) = (s.row.group_num, step_message(s, resource, &what));
+    ctx.ota
+        .store
+        .exec(move |c| store::event(c, num, now, "ota-step", &message))
+        .await?;
+    Ok(())
+}
+
+/// Writes a resource's step with its group event (`ota-step`), in one
+/// transaction: `what` says what happened in the step.
 async fn mark(
     ctx: &Ctx,
-    schedule: u64,
+    s: &Started,
     resource: &ResourceId,
     state: &'static str,
     detail: Option<String>,
+    what: String,
 ) -> Result<(), Stop> {
     let now = ctx.ota.clock.now();
     let resource = resource.clone();
+    let (schedule, num) = (s.row.id, s.row.group_num);
+    let message = step_message(s, &resource, &what);
     ctx.ota
         .store
-        .exec(move |c| store::set_result(c, schedule, &resource, state, now, detail.as_deref()))
+        .exec(move |c| {
+            store::set_result(c, schedule, &resource, state, now, detail.as_deref())?;
+            store::event(c, num, now, "ota-step", &message)
+        })
         .await?;
     Ok(())
 }
@@ -461,11 +579,12 @@ async fn wait_connected(ctx: &Ctx, resource: &ResourceId) -> Result<bool, Stop> 
     }
 }
 
-/// Sends a command, naming what failed.
+/// Sends a command, naming what failed (an agent's failure text reduced to
+/// its tail, [`crate::hook_failure::brief`]).
 async fn command(ctx: &Ctx, resource: &ResourceId, cmd: Command, what: &str) -> Result<(), String> {
     match ctx.registry.command(resource, cmd, COMMAND_TIMEOUT).await {
         Ok(CommandOutcome::Done) => Ok(()),
-        Ok(CommandOutcome::Failed(why)) => Err(format!("{what} failed: {why}")),
+        Ok(CommandOutcome::Failed(why)) => Err(format!("{what} failed: {}", brief(&why))),
         Err(e) => Err(format!("{what}: {e}")),
     }
 }
@@ -477,7 +596,8 @@ async fn update_resource(
     row: &ResultRow,
 ) -> Result<Result<(), String>, Stop> {
     if let Some(why) = left_group(ctx, s, &row.resource).await {
-        mark(ctx, s.row.id, &row.resource, "skipped", Some(why)).await?;
+        let what = why.clone();
+        mark(ctx, s, &row.resource, "skipped", Some(why), what).await?;
         return Ok(Ok(()));
     }
     let outcome = steps(ctx, s, row).await?;
@@ -488,8 +608,17 @@ async fn update_resource(
         return Err(Stop::Shutdown);
     }
     match &outcome {
-        Ok(detail) => mark(ctx, s.row.id, &row.resource, "done", detail.clone()).await?,
-        Err(why) => mark(ctx, s.row.id, &row.resource, "failed", Some(why.clone())).await?,
+        Ok(detail) => {
+            let what = match detail {
+                Some(d) => format!("done: updated and back in service ({d})"),
+                None => "done: updated and back in service".to_owned(),
+            };
+            mark(ctx, s, &row.resource, "done", detail.clone(), what).await?
+        }
+        Err(why) => {
+            let what = format!("failed: {why}; it stays drained");
+            mark(ctx, s, &row.resource, "failed", Some(why.clone()), what).await?
+        }
     }
     Ok(outcome.map(|_| ()))
 }
@@ -502,14 +631,23 @@ async fn steps(
     row: &ResultRow,
 ) -> Result<Result<Option<String>, String>, Stop> {
     let resource = &row.resource;
-    let (id, update) = (s.row.id, &s.update);
+    let update = &s.update;
     let started = row.started_at.unwrap_or_else(|| ctx.ota.clock.now());
     let deadline = drain_deadline(started, s.row.drain_ms);
-    mark(ctx, id, resource, "draining", None).await?;
+    let until = crate::render::rfc3339(deadline);
+    mark(
+        ctx,
+        s,
+        resource,
+        "draining",
+        None,
+        format!("draining: no new sessions; open ones end by {until} at the latest"),
+    )
+    .await?;
     if !wait_connected(ctx, resource).await? {
         return Ok(Err(format!(
-            "not connected within {:?}",
-            ctx.settings.gone_timeout
+            "not connected within {}",
+            format_duration(ctx.settings.gone_timeout)
         )));
     }
     if let Err(why) = command(ctx, resource, Command::Drain, "drain").await {
@@ -521,9 +659,7 @@ async fn steps(
     // Warn every open session, then wait for them to end or the deadline.
     let message = format!(
         "This host is being updated ({} {}); please save your work: the session will be ended at {}",
-        update.component,
-        update.version,
-        crate::render::rfc3339(deadline)
+        update.component, update.version, until
     );
     let r = resource.clone();
     let open = ctx
@@ -531,17 +667,38 @@ async fn steps(
         .store
         .read_with(move |c| store::open_sessions(c, &r))
         .await?;
-    for session in open {
-        let warn = Command::WarnSession {
-            session: session.clone(),
-            message: message.clone(),
-            deadline,
-        };
-        // A warning that cannot be given does not hold the update back:
-        // the session still has until the deadline.
-        if let Err(why) = command(ctx, resource, warn, "warn").await {
-            tracing::warn!(%resource, %session, "OTA: {why}");
+    if !open.is_empty() {
+        let mut warned = Vec::new();
+        let mut not_warned = Vec::new();
+        for session in open {
+            let warn = Command::WarnSession {
+                session: session.clone(),
+                message: message.clone(),
+                deadline,
+            };
+            // A warning that cannot be given does not hold the update back:
+            // the session still has until the deadline.
+            match command(ctx, resource, warn, "warn").await {
+                Ok(()) => warned.push(session.to_string()),
+                Err(why) => {
+                    tracing::warn!(%resource, %session, "OTA: {why}");
+                    not_warned.push(format!("{session} ({why})"));
+                }
+            }
         }
+        let mut what = format!(
+            "warned: {} open session(s) warned ({}), ended at {until} if still open",
+            warned.len(),
+            if warned.is_empty() {
+                "-".to_owned()
+            } else {
+                warned.join(", ")
+            }
+        );
+        if !not_warned.is_empty() {
+            what.push_str(&format!("; not warned: {}", not_warned.join("; ")));
+        }
+        step_event(ctx, s, resource, what).await?;
     }
     let mut rx = ctx.registry.subscribe();
     let left = loop {
@@ -574,7 +731,23 @@ async fn steps(
     }
 
     // Update.
-    mark(ctx, id, resource, "updating", None).await?;
+    mark(
+        ctx,
+        s,
+        resource,
+        "updating",
+        None,
+        format!(
+            "updating to {} {}{}",
+            update.component,
+            update.version,
+            detail
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        ),
+    )
+    .await?;
     let apply = Command::ApplyUpdate {
         update: update.id,
         component: update.component.clone(),
@@ -587,7 +760,9 @@ async fn steps(
         .await
     {
         Ok(CommandOutcome::Done) => ctx.settings.inventory_timeout,
-        Ok(CommandOutcome::Failed(why)) => return Ok(Err(format!("update failed: {why}"))),
+        Ok(CommandOutcome::Failed(why)) => {
+            return Ok(Err(format!("update failed: {}", brief(&why))))
+        }
         Err(e @ CommandError::Timeout(..)) => return Ok(Err(format!("update: {e}"))),
         // The agent went away (an agent updating itself restarts): its
         // reconnected inventory tells.
@@ -631,7 +806,7 @@ async fn wait_version(
         if let Some(inv) = ctx.registry.inventory(resource) {
             if let Some(last) = inv.last_update.as_ref().filter(|u| u.update == update.id) {
                 if let CommandOutcome::Failed(why) = &last.outcome {
-                    return Ok(Err(format!("update failed: {why}")));
+                    return Ok(Err(format!("update failed: {}", brief(why))));
                 }
             }
             if shows(&inv, &update.component, &update.version) {
@@ -639,14 +814,18 @@ async fn wait_version(
             }
         }
         if tokio::time::Instant::now() >= until {
-            let now = ctx
-                .registry
-                .inventory(resource)
-                .map(|i| format!("{i:?}"))
-                .unwrap_or_else(|| "no inventory".into());
+            let now = match ctx.registry.inventory(resource) {
+                None => "no inventory".to_owned(),
+                Some(i) => format!(
+                    "it runs {}",
+                    running(&i, &update.component).unwrap_or_else(|| "no such component".into())
+                ),
+            };
             return Ok(Err(format!(
-                "its inventory does not show {} {} after {within:?} ({now})",
-                update.component, update.version
+                "its inventory does not show {} {} after {} ({now})",
+                update.component,
+                update.version,
+                format_duration(within)
             )));
         }
         wait_change(ctx, &mut rx, None, Some(until)).await?;

@@ -238,6 +238,11 @@ pub fn active_of_group(c: &Connection, group_num: i64) -> Result<Option<Schedule
     .next())
 }
 
+/// Every schedule, of one group (by number) or all, oldest first.
+pub fn schedules(c: &Connection, group_num: Option<i64>) -> Result<Vec<ScheduleRow>, StoreError> {
+    schedules_where(c, "?1 IS NULL OR group_num = ?1", [group_num])
+}
+
 /// Every schedule of a group, oldest first.
 pub fn schedules_of_group(c: &Connection, group_num: i64) -> Result<Vec<ScheduleRow>, StoreError> {
     schedules_where(c, "group_num = ?1", [group_num])
@@ -359,6 +364,28 @@ pub fn results(c: &Connection, schedule: u64) -> Result<Vec<ResultRow>, StoreErr
         });
     }
     Ok(out)
+}
+
+/// Resources of group `num` whose latest OTA step failed: drained by that
+/// failure, they belong in the next rollout (which undrains them when it
+/// succeeds).
+pub fn failed_resources(c: &Connection, group_num: i64) -> Result<Vec<ResourceId>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT r.resource FROM ota_results r JOIN ota_schedules s ON s.id = r.schedule_id
+         WHERE s.group_num = ?1 AND r.state = 'failed'
+           AND r.schedule_id = (SELECT MAX(r2.schedule_id) FROM ota_results r2
+                                JOIN ota_schedules s2 ON s2.id = r2.schedule_id
+                                WHERE s2.group_num = ?1 AND r2.resource = r.resource
+                                  AND r2.state NOT IN ('pending', 'skipped'))
+         ORDER BY r.resource",
+    )?;
+    let rows = stmt.query_map([group_num], |r| r.get::<_, String>(0))?;
+    rows.map(|r| {
+        let r = r?;
+        r.parse()
+            .map_err(|e| StoreError::Corrupt(format!("OTA result resource {r:?}: {e}")))
+    })
+    .collect()
 }
 
 /// Records the rollout's resources (all `pending`), in this order.

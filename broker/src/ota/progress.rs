@@ -1,0 +1,115 @@
+//! What `group show` says about a group's updates: what each resource runs
+//! (`crate::groups::actor::group_versions`) and the update running or
+//! scheduled, with each host's step and until when.
+//!
+//! The image update's steps are the group actor's (it runs the update; its
+//! view carries them), an OTA rollout's are its rows (`ota_results`, written
+//! before each step). Hosts' deadlines are computed from the same values the
+//! update itself uses: the warning's deadline, each host's drain start plus
+//! the schedule's drain ([`super::rollout::drain_deadline`]).
+
+use ferry_common::admin::{GroupRolloutsInfo, OtaScheduleInfo, RolloutHostInfo, RolloutInfo};
+use ferry_common::GroupName;
+
+use super::rollout::drain_deadline;
+use super::store;
+use crate::groups::actor::{group_versions, ImageProgress};
+use crate::groups::service::GroupError;
+use crate::groups::GroupActors;
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// `group show`'s update part (`GroupRollouts`).
+pub async fn group_rollouts(
+    store: &Store,
+    registry: &Registry,
+    actors: Option<&GroupActors>,
+    group: &GroupName,
+) -> Result<GroupRolloutsInfo, GroupError> {
+    let versions = group_versions(store, registry, group).await?;
+    let key = group.to_string();
+    let (name, ota) = store
+        .read_with(move |c| {
+            let Some(g) = store::find_group(c, &key)? else {
+                return Ok((None, None));
+            };
+            let ota = match store::active_of_group(c, g.num)? {
+                Some(row) => Some(store::schedule_info(c, row)?),
+                None => None,
+            };
+            Ok((Some(g.name), ota))
+        })
+        .await?;
+    let mut rollouts = Vec::new();
+    if let (Some(actors), Some(name)) = (actors, name.as_ref()) {
+        // No running actor (the group is not live): no image update runs.
+        if let Ok(view) = actors.view(name).await {
+            rollouts.extend(view.image_update.map(image_rollout));
+        }
+    }
+    rollouts.extend(ota.as_ref().map(ota_rollout));
+    Ok(GroupRolloutsInfo { versions, rollouts })
+}
+
+/// A running image update as the admin socket carries it.
+pub fn image_rollout(p: ImageProgress) -> RolloutInfo {
+    RolloutInfo {
+        kind: "image-update".into(),
+        id: u64::try_from(p.id).unwrap_or_default(),
+        update: None,
+        component: "image".into(),
+        version: p.image,
+        state: if p.switching { "switching" } else { "warning" }.into(),
+        start: p.started_at,
+        deadline: Some(p.disconnect_at),
+        wave: 0,
+        drain_ms: u64::try_from(p.disconnect_at.0.saturating_sub(p.started_at.0)).unwrap_or(0),
+        hosts: p
+            .hosts
+            .into_iter()
+            .map(|h| RolloutHostInfo {
+                resource: h.resource,
+                step: h.step.into(),
+                until: h.until,
+                detail: h.detail,
+            })
+            .collect(),
+    }
+}
+
+/// A running or scheduled OTA rollout: each host's step from its row, the
+/// drain deadline of the hosts draining.
+pub fn ota_rollout(s: &OtaScheduleInfo) -> RolloutInfo {
+    RolloutInfo {
+        kind: "ota".into(),
+        id: s.id,
+        update: Some(s.update.id),
+        component: s.update.component.clone(),
+        version: s.update.version.clone(),
+        state: s.state.clone(),
+        start: s.started_at.unwrap_or(s.start),
+        deadline: None,
+        wave: s.wave,
+        drain_ms: s.drain_ms,
+        hosts: s
+            .resources
+            .iter()
+            .map(|r| {
+                let (step, until) = match r.state.as_str() {
+                    "pending" => ("waiting", None),
+                    "draining" => (
+                        r.state.as_str(),
+                        r.started_at.map(|t| drain_deadline(t, s.drain_ms)),
+                    ),
+                    other => (other, None),
+                };
+                RolloutHostInfo {
+                    resource: r.resource.clone(),
+                    step: step.into(),
+                    until,
+                    detail: r.detail.clone(),
+                }
+            })
+            .collect(),
+    }
+}
