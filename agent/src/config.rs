@@ -158,7 +158,7 @@ pub enum ConfigError {
 }
 
 /// The file as written, before validation.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawConfig {
     resource: Option<String>,
@@ -180,7 +180,7 @@ struct RawConfig {
     enroll_token: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawHooks {
     disconnect: Option<Vec<String>>,
@@ -224,16 +224,40 @@ impl AgentConfig {
         Self::from_toml(&text, path)
     }
 
-    /// Parses and validates configuration text; `path` only names it in errors.
+    /// Parses and validates configuration text; `path` only names it in
+    /// errors. Every unknown key, wrong type and invalid value is listed in
+    /// one [`ConfigError::Invalid`]; only a TOML syntax error stops earlier.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        let parsed = ferry_process::config_check::parse_all::<RawConfig>(text).map_err(|e| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
         })?;
-        raw.validate().map_err(|problems| ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        })
+        let mut problems: Vec<String> = parsed.problems.iter().map(ToString::to_string).collect();
+        let validated = match parsed.value {
+            Some(ref raw) => raw.clone().validate(),
+            None => Err(Vec::new()),
+        };
+        match validated {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            }),
+            Err(more) => {
+                // A key already reported (its value was left out) is not
+                // reported again as missing.
+                problems.extend(
+                    more.into_iter()
+                        .filter(|p| !parsed.reported(p.split(':').next().unwrap_or_default())),
+                );
+                Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    problems,
+                })
+            }
+        }
     }
 }
 
@@ -586,12 +610,48 @@ mod tests {
     fn unknown_fields_and_bad_toml_are_refused() {
         assert!(matches!(
             parse("resource = \"h\"\nbroker_adr = \"x:1\"\n"),
-            Err(ConfigError::Parse { .. })
+            Err(ConfigError::Invalid { .. })
         ));
         assert!(matches!(
             parse("resource = "),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_with_the_other_problems() {
+        let err = parse(
+            r#"
+            resource = "host-1"
+            broker_addr = 7443
+            broker_nam = "b.example"
+            image_version = "img"
+            [hooks]
+            timeout = 30
+            disconect = ["/bin/kick"]
+            policy = [""]
+            "#,
+        )
+        .expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        assert_eq!(
+            problems,
+            &[
+                "broker_addr (line 3): invalid type: integer `7443`, expected a string",
+                "broker_nam (line 4): unknown key (known keys here: resource, group, \
+                 broker_addr, broker_name, ca_cert, cert, key, state_dir, policy_file, \
+                 local_socket, image_version, hooks, streaming_address, enroll_token)",
+                "hooks.timeout (line 7): invalid type: integer `30`, expected a string",
+                "hooks.disconect (line 8): unknown key (known keys here: disconnect, policy, \
+                 timeout, image, update, warn, update_timeout)",
+                // The validation of what could be read, in the same message
+                // (broker_addr was reported above, not again as missing).
+                "hooks.policy: must name a program (argv; the policy file's path is appended)",
+            ],
+            "{err}"
+        );
     }
 
     #[test]
