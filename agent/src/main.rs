@@ -11,14 +11,19 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use ferry_agent::link::TlsError;
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError, Request, Response, StatusReply};
 use ferry_agent::pam::{self, PamAction};
+use ferry_agent::AgentError;
 use ferry_common::wire::EndReason;
 use ferry_common::{SessionId, UnixMillis, UserId};
+use ferry_process::exit;
+use ferry_process::lock::LockError;
+use ferry_process::output::{self, Output};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
+/// How long the runtime's leftover tasks get once the command returned.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(name = "ferry-agent", version, about = "Ferry host agent")]
@@ -173,40 +178,62 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Cmd::Run) {
+    // Logs go to stderr through a writer that drops lines rather than block
+    // or panic (a closed or full pipe under systemd must not stop the daemon).
+    let log = output::init_logging(if matches!(cli.command, Cmd::Run) {
         "info"
     } else {
         "warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    });
+    let code = run(cli, &log);
+    log.flush(output::EXIT_FLUSH);
+    code
+}
 
+fn run(cli: Cli, log: &Output) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ferry-agent: start runtime: {e}");
+            log.line(format_args!("ferry-agent: start runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // Tasks still blocked (none should be) do not hold the exit up.
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry-agent: {}", error_text(&e));
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            log.line(format_args!("ferry-agent: {}", error_text(&e)));
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The one place errors become exit codes: 78 for what an operator must fix
+/// in the configuration or the host's certificate, key or CA (restarting
+/// cannot help), 75 when another agent holds the state directory, 1 for the
+/// rest.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<TlsError>().is_some()
+        {
+            return exit::CONFIG;
+        }
+        if cause.downcast_ref::<LockError>().is_some() {
+            return exit::TEMPFAIL;
+        }
+        match cause.downcast_ref::<AgentError>() {
+            Some(AgentError::Tls(_)) => return exit::CONFIG,
+            Some(AgentError::Locked(_)) => return exit::TEMPFAIL,
+            _ => {}
+        }
+    }
+    1
 }
 
 /// The error and its causes, skipping causes the message already quotes

@@ -33,12 +33,17 @@ pub struct BrokerReady {
 pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("load PKI: {0}")]
+    #[error(
+        "load PKI: {0}; pki_dir must hold ca.pem, broker.pem and broker-key.pem (`ferryctl pki \
+         init --dir PKI_DIR --broker-name NAME` creates them)"
+    )]
     Pki(#[from] PkiError),
     #[error("load ticket or token key: {0}")]
     Keys(#[from] KeyError),
     #[error("open store: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Locked(#[from] ferry_process::lock::LockError),
     #[error("create state directory {path}: {error}")]
     StateDir {
         path: PathBuf,
@@ -70,6 +75,8 @@ pub async fn run(
         path: config.state_dir.clone(),
         error,
     })?;
+    // Held until this function returns: no second broker writes this store.
+    let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
     let server_config = pki::server_config(&config.pki_dir)?;
     // Created on first start (0600) when `ferryctl pki init` did not.
     let tickets = Arc::new(TicketSigner::load_or_create(&config.pki_dir)?);

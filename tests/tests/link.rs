@@ -355,10 +355,18 @@ async fn a_certificate_for_another_resource_is_refused() -> anyhow::Result<()> {
     init_logging();
     let tmp = tempfile::tempdir()?;
     let broker = TestBroker::start(tmp.path()).await?;
-    // Configured as host-b, presenting host-a's certificate.
+    // Configured as host-b with host-a's certificate: the agent does not
+    // start (the broker would refuse it, see the broker's link tests): the
+    // certificate names host-a.
     let identity = broker.issue_identity("host-a")?;
-    let agent = TestAgent::start_with(broker.agent_config("host-b", &identity)?).await?;
-    let why = refused(&agent).await?;
-    assert!(why.contains("IdentityMismatch"), "{why}");
+    let err = TestAgent::start_with(broker.agent_config("host-b", &identity)?)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        err.contains("WrongResource") && err.contains("host-a") && err.contains("host-b"),
+        "{err}"
+    );
     assert_nothing_recorded(&broker).await
 }
