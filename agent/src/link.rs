@@ -500,7 +500,11 @@ impl Link {
                 }),
             },
         };
-        let result = match self.converse(&conn, shutdown, attempt, sampler).await {
+        let result = self.converse(&conn, shutdown, attempt, sampler).await;
+        // Disconnected as of now, not after the close below.
+        self.status
+            .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
+        let result = match result {
             // A stream error only says "connection lost"; the connection
             // knows why (e.g. the broker rejected the certificate), and that
             // is what an operator reading `last_error` needs.

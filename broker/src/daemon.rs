@@ -77,7 +77,12 @@ pub async fn run(
     })?;
     // Held until this function returns: no second broker writes this store.
     let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
-    let server_config = pki::server_config(&config.pki_dir)?;
+    let mut server_config = pki::server_config(&config.pki_dir)?;
+    // A dead agent (or a dead broker, seen from the agent) is noticed within
+    // about one health interval, not after the client's 30 s.
+    server_config.transport_config(Arc::new(ferry_common::transport::agent_link_transport_for(
+        config.health_interval,
+    )));
     // Created on first start (0600) when `ferryctl pki init` did not.
     let tickets = Arc::new(TicketSigner::load_or_create(&config.pki_dir)?);
     let token_key = Arc::new(TokenKey::load_or_create(&config.pki_dir)?);
