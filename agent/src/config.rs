@@ -36,7 +36,8 @@ pub struct AgentConfig {
     pub group: Option<GroupName>,
     /// Broker QUIC address as `host:port`; DNS names are resolved at each connect.
     pub broker_addr: String,
-    /// Name the broker's certificate must carry.
+    /// Name the broker's certificate must carry (default: the host of
+    /// `broker_addr`).
     pub broker_name: String,
     /// CA certificate (PEM) that signed the broker's certificate.
     pub ca_cert: PathBuf,
@@ -164,7 +165,7 @@ struct RawConfig {
     resource: Option<String>,
     group: Option<String>,
     broker_addr: Option<String>,
-    broker_name: String,
+    broker_name: Option<String>,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -199,7 +200,7 @@ impl Default for RawConfig {
             resource: None,
             group: None,
             broker_addr: None,
-            broker_name: "localhost".into(),
+            broker_name: None,
             ca_cert: "/etc/ferry/agent/ca.pem".into(),
             cert: "/etc/ferry/agent/agent.pem".into(),
             key: "/etc/ferry/agent/agent-key.pem".into(),
@@ -291,13 +292,20 @@ impl RawConfig {
                 a
             }
         };
-        if self.broker_name.trim().is_empty() {
-            problems.push("broker_name: empty".to_owned());
-        } else if rustls_pki_types::ServerName::try_from(self.broker_name.as_str()).is_err() {
-            problems.push(format!(
-                "broker_name: {:?} is not a DNS name or IP address",
-                self.broker_name
-            ));
+        // The name the broker's certificate must carry is normally the
+        // name agents reach it by.
+        let broker_name = match &self.broker_name {
+            Some(name) => name.clone(),
+            None => broker_host(&broker_addr).to_owned(),
+        };
+        if self.broker_name.is_some() || !broker_addr.is_empty() {
+            if broker_name.trim().is_empty() {
+                problems.push("broker_name: empty".to_owned());
+            } else if rustls_pki_types::ServerName::try_from(broker_name.as_str()).is_err() {
+                problems.push(format!(
+                    "broker_name: {broker_name:?} is not a DNS name or IP address"
+                ));
+            }
         }
         for (name, p) in [
             ("ca_cert", &self.ca_cert),
@@ -388,7 +396,7 @@ impl RawConfig {
                 resource,
                 group,
                 broker_addr,
-                broker_name: self.broker_name,
+                broker_name,
                 ca_cert: self.ca_cert,
                 cert: self.cert,
                 key: self.key,
@@ -447,6 +455,15 @@ pub fn enroll_token(path: &Path) -> Result<Option<String>, ConfigError> {
     Ok(raw.enroll_token)
 }
 
+/// The host part of `host:port` or `[v6]:port` (the whole text when it has
+/// no port): the default `broker_name`.
+pub fn broker_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// Checks `host:port` (or `[v6]:port`) without resolving the name.
 fn check_host_port(addr: &str) -> Result<(), &'static str> {
     if addr.parse::<std::net::SocketAddr>().is_ok() {
@@ -493,7 +510,8 @@ mod tests {
         let c =
             parse("resource = \"host-1\"\nbroker_addr = \"broker.example:7443\"\n").expect("valid");
         assert_eq!(c.resource.as_str(), "host-1");
-        assert_eq!(c.broker_name, "localhost");
+        // The name agents reach the broker by.
+        assert_eq!(c.broker_name, "broker.example");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry-agent"));
         assert_eq!(c.local_socket, PathBuf::from("/run/ferry-agent/agent.sock"));
         assert_eq!(
@@ -665,6 +683,31 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(packaged, minimal);
+    }
+
+    #[test]
+    fn broker_name_defaults_to_the_host_of_broker_addr() {
+        let name = |addr: &str| {
+            parse(&format!("resource = \"h\"\nbroker_addr = {addr:?}\n"))
+                .map(|c| c.broker_name)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            name("broker.example.net:7443"),
+            Ok("broker.example.net".into())
+        );
+        assert_eq!(name("127.0.0.1:7443"), Ok("127.0.0.1".into()));
+        assert_eq!(name("[::1]:7443"), Ok("::1".into()));
+        assert_eq!(broker_host("nowhere"), "nowhere");
+        // Given, it wins; no broker_addr is one problem, not two.
+        let c =
+            parse("resource = \"h\"\nbroker_addr = \"10.0.0.1:1\"\nbroker_name = \"b.example\"\n")
+                .expect("valid");
+        assert_eq!(c.broker_name, "b.example");
+        let err = parse("resource = \"h\"\n")
+            .expect_err("no broker_addr")
+            .to_string();
+        assert!(!err.contains("broker_name"), "{err}");
     }
 
     #[test]

@@ -237,7 +237,10 @@ impl rustls::client::danger::ServerCertVerifier for NoteNameMismatch {
             Err(Error::InvalidCertificate(CertificateError::NotValidForNameContext {
                 presented,
                 ..
-            })) => self.check.set(format!("it names {}", presented.join(", "))),
+            })) => {
+                let names: Vec<&str> = presented.iter().map(|n| plain_name(n)).collect();
+                self.check.set(format!("it names {}", names.join(", ")));
+            }
             Err(Error::InvalidCertificate(CertificateError::NotValidForName)) => {
                 self.check.set("it names other hosts".into())
             }
@@ -267,6 +270,20 @@ impl rustls::client::danger::ServerCertVerifier for NoteNameMismatch {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
     }
+}
+
+/// A name as rustls presents it (`DnsName("b.example")`, `IpAddress(10.0.0.1)`)
+/// as an operator writes it.
+fn plain_name(presented: &str) -> &str {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"))
+        .or_else(|| {
+            presented
+                .strip_prefix("IpAddress(")
+                .and_then(|n| n.strip_suffix(')'))
+        })
+        .unwrap_or(presented)
 }
 
 /// The DNS names of a certificate's subjectAltName.
@@ -903,6 +920,13 @@ mod tests {
             assert!(full_jitter(c, r) <= c);
         }
         assert_eq!(full_jitter(Duration::ZERO, 99), Duration::ZERO);
+    }
+
+    #[test]
+    fn presented_names_are_shown_as_written() {
+        assert_eq!(plain_name("DnsName(\"b.example\")"), "b.example");
+        assert_eq!(plain_name("IpAddress(127.0.0.1)"), "127.0.0.1");
+        assert_eq!(plain_name("something else"), "something else");
     }
 
     #[test]

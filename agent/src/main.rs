@@ -55,9 +55,10 @@ enum Cmd {
         /// The one-time enrollment token.
         #[arg(long)]
         token: String,
-        /// Name the broker's certificate must carry.
-        #[arg(long, default_value = "localhost")]
-        broker_name: String,
+        /// Name the broker's certificate must carry (default: the host of
+        /// --broker).
+        #[arg(long)]
+        broker_name: Option<String>,
         /// Where to write the certificate.
         #[arg(long, default_value = "/etc/ferry/agent/agent.pem")]
         cert: PathBuf,
@@ -300,7 +301,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let target = ferry_agent::enroll::EnrollTarget {
                 broker_addr: broker.clone(),
-                broker_name: broker_name.clone(),
+                broker_name: broker_name
+                    .clone()
+                    .unwrap_or_else(|| ferry_agent::config::broker_host(broker).to_owned()),
                 ca_cert: ca.clone(),
                 token: token.clone(),
                 cert: cert.clone(),

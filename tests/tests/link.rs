@@ -351,6 +351,26 @@ async fn a_certificate_from_another_ca_never_connects() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_name_the_certificate_does_not_carry_is_named_with_a_hint() -> anyhow::Result<()> {
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    // The broker's certificate names localhost, 127.0.0.1 and ::1.
+    let broker = TestBroker::start(tmp.path()).await?;
+    let identity = broker.issue_identity("host-a")?;
+    let mut config = broker.agent_config("host-a", &identity)?;
+    config.broker_name = "broker.example.net".into();
+    let agent = TestAgent::start_with(config).await?;
+    let why = refused(&agent).await?;
+    assert!(
+        why.contains("broker_name must be a DNS name in the broker's certificate")
+            && why.contains("\"broker.example.net\"")
+            && why.contains("localhost"),
+        "{why}"
+    );
+    assert_nothing_recorded(&broker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_for_another_resource_is_refused() -> anyhow::Result<()> {
     init_logging();
     let tmp = tempfile::tempdir()?;
