@@ -150,6 +150,8 @@ pub enum ErrorCode {
     TicketReused,
     /// The agent has no ticket key yet (it never reached the broker).
     NoTicketKey,
+    /// `SessionStart` for a session id that already ended on this host.
+    EndedSession,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -524,6 +526,7 @@ fn recorded(r: Result<u64, SpoolError>) -> Response {
         Err(e) => {
             let code = match &e {
                 SpoolError::DuplicateSession(_) => ErrorCode::DuplicateSession,
+                SpoolError::EndedSession(_) => ErrorCode::EndedSession,
                 SpoolError::UnknownSession(_) => ErrorCode::UnknownSession,
                 SpoolError::Full { .. } => ErrorCode::SpoolFull,
                 SpoolError::TooManyOpenSessions(_) => ErrorCode::TooManySessions,
