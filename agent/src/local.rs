@@ -77,6 +77,10 @@ pub enum Request {
     },
     /// An open session has user input again. Answered by `Noted`.
     SessionActive { session: SessionId },
+    /// Answer with the status once the broker acknowledged `seq`, once the
+    /// link is down (nothing will be acknowledged soon), or after
+    /// `timeout_ms`, whichever comes first; the caller reads `acked_seq`.
+    WaitAcked { seq: u64, timeout_ms: u64 },
 }
 
 /// The agent's answer.
@@ -380,6 +384,17 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
         Request::SessionActive { session } => idleness(state, session, None).await,
         Request::Status => Response::Status(status_reply(state)),
         Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
+        Request::WaitAcked { seq, timeout_ms } => {
+            let mut rx = state.status.clone();
+            let wait = rx.wait_for(|s| s.acked_seq >= seq || !s.connected);
+            let timeout = Duration::from_millis(timeout_ms);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                // Answered with the status either way.
+                _ = tokio::time::timeout(timeout, wait) => {}
+            }
+            Response::Status(status_reply(state))
+        }
         Request::WaitSynced { timeout_ms } => {
             let mut rx = state.status.clone();
             let wait = rx.wait_for(|s| s.connected && s.spooled == 0);
@@ -645,6 +660,18 @@ impl LocalClient {
             .await?
             .into_result()?
             .ticket()
+    }
+
+    /// Whether the broker acknowledged `seq`, waiting at most `timeout`
+    /// (not at all while the link is down).
+    pub async fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<bool, LocalError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let status = self
+            .call(Request::WaitAcked { seq, timeout_ms })
+            .await?
+            .into_result()?
+            .status()?;
+        Ok(status.link.acked_seq >= seq)
     }
 
     /// Waits until connected and nothing is spooled, at most `timeout`.

@@ -111,20 +111,25 @@ enum TicketCmd {
 
 #[derive(Subcommand)]
 enum SessionCmd {
-    /// A session started on this host.
+    /// A session started on this host. Exits 0 once it is durably spooled;
+    /// says whether the broker also acknowledged it within --ack-wait.
     Start {
         #[arg(long)]
         session: String,
         #[arg(long)]
         user: String,
+        #[command(flatten)]
+        report: ReportArgs,
     },
-    /// A session on this host ended.
+    /// A session on this host ended (exit and output as for `start`).
     End {
         #[arg(long)]
         session: String,
         /// logout (default), disconnected, host-shutdown, or any text.
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// The user of an open session disconnected: the broker keeps the
     /// session for the group's disconnect_retention, then ends it.
@@ -152,6 +157,18 @@ enum SessionCmd {
         /// The session id.
         session: String,
     },
+}
+
+/// How `session start|end` report what happened.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct ReportArgs {
+    /// Print JSON: {"session", "event", "seq", "acknowledged"}.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the broker's acknowledgement while the link is
+    /// up (0s: do not wait). Either way the event is durable and exit is 0.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ack_wait: Duration,
 }
 
 /// `--since`: a Unix time in ms, or a duration before now.
@@ -359,15 +376,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Session(cmd) => {
             // Ids are checked before the agent is contacted.
-            let request = match cmd {
-                SessionCmd::Start { session, user } => Request::SessionStart {
-                    session: SessionId::new(session.as_str()).context("--session")?,
-                    user: UserId::new(user.as_str()).context("--user")?,
-                },
-                SessionCmd::End { session, reason } => Request::SessionEnd {
-                    session: SessionId::new(session.as_str()).context("--session")?,
-                    reason: parse_reason(reason.as_deref()),
-                },
+            let (request, session, event, report) = match cmd {
+                SessionCmd::Start {
+                    session,
+                    user,
+                    report,
+                } => {
+                    let session = SessionId::new(session.as_str()).context("--session")?;
+                    let request = Request::SessionStart {
+                        session: session.clone(),
+                        user: UserId::new(user.as_str()).context("--user")?,
+                    };
+                    (request, session, "started", report)
+                }
+                SessionCmd::End {
+                    session,
+                    reason,
+                    report,
+                } => {
+                    let session = SessionId::new(session.as_str()).context("--session")?;
+                    let request = Request::SessionEnd {
+                        session: session.clone(),
+                        reason: parse_reason(reason.as_deref()),
+                    };
+                    (request, session, "ended", report)
+                }
                 SessionCmd::Disconnected { .. }
                 | SessionCmd::Reconnected { .. }
                 | SessionCmd::Idle { .. }
@@ -381,7 +414,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Response::Recorded { seq } => seq,
                 other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
             };
-            println!("recorded seq {seq}");
+            // The event is durable now; an agent that cannot say (an older
+            // one) counts as "not acknowledged yet".
+            let acknowledged = report.ack_wait > Duration::ZERO
+                && client
+                    .wait_acked(seq, report.ack_wait)
+                    .await
+                    .unwrap_or(false);
+            print_reported(&session, event, seq, acknowledged, report.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pam => {
@@ -463,6 +503,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `session start|end` print: the event is durable either way; the
+/// broker has it too when `acknowledged`.
+fn print_reported(
+    session: &SessionId,
+    event: &str,
+    seq: u64,
+    acknowledged: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "session": session.as_str(),
+            "event": event,
+            "seq": seq,
+            "acknowledged": acknowledged,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if acknowledged {
+        println!("session {session} {event}: recorded by the broker (seq {seq})");
+    } else {
+        println!(
+            "session {session} {event}: spooled (seq {seq}): the broker has not acknowledged it \
+             yet; it will be sent when the link is up"
+        );
+    }
+    Ok(())
 }
 
 /// The refusal reason of a ticket, as printed.

@@ -334,3 +334,116 @@ async fn a_peer_that_dies_without_a_word_is_noticed_within_a_few_seconds() -> an
     assert!(took < BOUND, "the agent took {took:?}");
     Ok(())
 }
+
+/// `ferry-agent --config CONFIG ARGS...` run to its end.
+async fn agent_cli(agent: &AgentProcess, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["--config".as_ref(), agent.config.as_os_str()];
+    all.extend(args.iter().map(std::ffi::OsStr::new));
+    run(&bin("ferry-agent"), all).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_reports_say_whether_the_broker_has_them_and_ids_are_used_once(
+) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let files = BrokerFiles::init(tmp.path()).await?;
+    let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    let agent = AgentProcess::start(&files, "host-1", broker.agent_addr).await?;
+    agent.wait_synced().await?;
+
+    let out = agent
+        .cli(&[
+            "session",
+            "start",
+            "--session",
+            "s-offline-1",
+            "--user",
+            "alice",
+        ])
+        .await?;
+    assert!(
+        out.contains("s-offline-1 started: recorded by the broker (seq 1)"),
+        "{out}"
+    );
+    let out = agent
+        .cli(&[
+            "session",
+            "start",
+            "--session",
+            "s2",
+            "--user",
+            "bob",
+            "--json",
+        ])
+        .await?;
+    let v: Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        v,
+        serde_json::json!({"session": "s2", "event": "started", "seq": 2, "acknowledged": true})
+    );
+    agent
+        .cli(&["session", "end", "--session", "s-offline-1"])
+        .await?;
+
+    // An ended session's id is not started again.
+    let out = agent_cli(
+        &agent,
+        &[
+            "session",
+            "start",
+            "--session",
+            "s-offline-1",
+            "--user",
+            "carol",
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("session s-offline-1 already ended on this host")
+            && stderr.contains("new id"),
+        "{stderr}"
+    );
+
+    // The broker is gone: reports are durable, and say they wait.
+    broker.daemon.crash().await?;
+    time_until(PATIENCE, || async {
+        let status: Value = serde_json::from_str(&agent.cli(&["status", "--json"]).await?)?;
+        Ok(status["connected"] == false)
+    })
+    .await?;
+    let out = agent
+        .cli(&["session", "start", "--session", "s3", "--user", "dave"])
+        .await?;
+    assert!(
+        out.contains("s3 started: spooled (seq 4): the broker has not acknowledged it yet"),
+        "{out}"
+    );
+    let out = agent
+        .cli(&["session", "end", "--session", "s3", "--json"])
+        .await?;
+    let v: Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        (v["seq"].as_u64(), &v["acknowledged"]),
+        (Some(5), &Value::Bool(false))
+    );
+
+    // Back: the spooled events reach it, and the first s-offline-1 is the
+    // only one on record.
+    let _broker = BrokerProcess::start(&files, broker.agent_addr, 1).await?;
+    agent.wait_synced().await?;
+    let sessions = ferryctl_json(&files.admin_socket, &["sessions", "list", "--all"]).await?;
+    let named = |id: &str| -> Vec<Value> {
+        sessions
+            .as_array()
+            .map(|a| a.iter().filter(|s| s["session"] == id).cloned().collect())
+            .unwrap_or_default()
+    };
+    let first = named("s-offline-1");
+    assert_eq!(first.len(), 1, "{sessions}");
+    assert_eq!(first[0]["user"], "alice", "{sessions}");
+    assert!(!first[0]["ended_at"].is_null(), "{sessions}");
+    assert_eq!(named("s3").len(), 1, "{sessions}");
+    Ok(())
+}
