@@ -92,6 +92,12 @@ async fn a_second_daemon_on_a_state_directory_is_refused_naming_the_first() -> a
     assert_eq!(s["spooled"], 0, "{s}");
     let sessions = ferryctl_json(&files.admin_socket, &["sessions", "list"]).await?;
     assert_eq!(sessions.as_array().map(Vec::len), Some(1), "{sessions}");
+
+    // Their logs went to files: plain text, no terminal colour codes.
+    for log in [broker.daemon.log(), agent.daemon.log()] {
+        assert!(log.contains("INFO"), "{log}");
+        assert!(!log.contains('\u{1b}'), "ANSI codes in {log}");
+    }
     Ok(())
 }
 
