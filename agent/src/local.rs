@@ -950,6 +950,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn golden_wait_acked_and_ended_session() {
+        let hex = |bytes: Vec<u8>| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+        let req = LocalRequest::V1(Request::WaitAcked {
+            seq: 3,
+            timeout_ms: 2000,
+        });
+        assert_eq!(
+            hex(ferry_common::frame::encode_payload(&req).unwrap()),
+            "000903fbd007"
+        );
+        let resp = LocalResponse::V1(Response::Error {
+            code: ErrorCode::EndedSession,
+            message: "m".into(),
+        });
+        assert_eq!(
+            hex(ferry_common::frame::encode_payload(&resp).unwrap()),
+            "00020f016d"
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_acked_answers_at_the_ack_and_at_once_while_disconnected() {
+        let h = start(SpoolOptions::default());
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        let seq = c
+            .session_start(sid("s1"), "alice".parse().unwrap())
+            .await
+            .unwrap();
+        // The link is down: no waiting for an ack that cannot come soon.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.wait_acked(seq, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("answered at once");
+        assert!(!answer.unwrap());
+        // Connected: answered when the broker acknowledges.
+        h.status.send_modify(|s| s.connected = true);
+        let status = h.status.clone();
+        let (acked, ()) = tokio::join!(c.wait_acked(seq, Duration::from_secs(3600)), async {
+            tokio::task::yield_now().await;
+            status.send_modify(|s| s.acked_seq = seq);
+        });
+        assert!(acked.unwrap());
+        h.stop().await;
+    }
+
     #[tokio::test]
     async fn full_spool_is_refused() {
         let h = start(SpoolOptions {
