@@ -36,7 +36,8 @@ pub struct AgentConfig {
     pub group: Option<GroupName>,
     /// Broker QUIC address as `host:port`; DNS names are resolved at each connect.
     pub broker_addr: String,
-    /// Name the broker's certificate must carry.
+    /// Name the broker's certificate must carry (default: the host of
+    /// `broker_addr`).
     pub broker_name: String,
     /// CA certificate (PEM) that signed the broker's certificate.
     pub ca_cert: PathBuf,
@@ -159,13 +160,13 @@ pub enum ConfigError {
 }
 
 /// The file as written, before validation.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawConfig {
     resource: Option<String>,
     group: Option<String>,
     broker_addr: Option<String>,
-    broker_name: String,
+    broker_name: Option<String>,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -181,7 +182,7 @@ struct RawConfig {
     enroll_token: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawHooks {
     disconnect: Option<Vec<String>>,
@@ -200,7 +201,7 @@ impl Default for RawConfig {
             resource: None,
             group: None,
             broker_addr: None,
-            broker_name: "localhost".into(),
+            broker_name: None,
             ca_cert: "/etc/ferry/agent/ca.pem".into(),
             cert: "/etc/ferry/agent/agent.pem".into(),
             key: "/etc/ferry/agent/agent-key.pem".into(),
@@ -225,16 +226,40 @@ impl AgentConfig {
         Self::from_toml(&text, path)
     }
 
-    /// Parses and validates configuration text; `path` only names it in errors.
+    /// Parses and validates configuration text; `path` only names it in
+    /// errors. Every unknown key, wrong type and invalid value is listed in
+    /// one [`ConfigError::Invalid`]; only a TOML syntax error stops earlier.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
+        let parsed = ferry_process::config_check::parse_all::<RawConfig>(text).map_err(|e| {
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
         })?;
-        raw.validate().map_err(|problems| ConfigError::Invalid {
-            path: path.to_owned(),
-            problems,
-        })
+        let mut problems: Vec<String> = parsed.problems.iter().map(ToString::to_string).collect();
+        let validated = match parsed.value {
+            Some(ref raw) => raw.clone().validate(),
+            None => Err(Vec::new()),
+        };
+        match validated {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            }),
+            Err(more) => {
+                // A key already reported (its value was left out) is not
+                // reported again as missing.
+                problems.extend(
+                    more.into_iter()
+                        .filter(|p| !parsed.reported(p.split(':').next().unwrap_or_default())),
+                );
+                Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    problems,
+                })
+            }
+        }
     }
 }
 
@@ -268,13 +293,20 @@ impl RawConfig {
                 a
             }
         };
-        if self.broker_name.trim().is_empty() {
-            problems.push("broker_name: empty".to_owned());
-        } else if rustls_pki_types::ServerName::try_from(self.broker_name.as_str()).is_err() {
-            problems.push(format!(
-                "broker_name: {:?} is not a DNS name or IP address",
-                self.broker_name
-            ));
+        // The name the broker's certificate must carry is normally the
+        // name agents reach it by.
+        let broker_name = match &self.broker_name {
+            Some(name) => name.clone(),
+            None => broker_host(&broker_addr).to_owned(),
+        };
+        if self.broker_name.is_some() || !broker_addr.is_empty() {
+            if broker_name.trim().is_empty() {
+                problems.push("broker_name: empty".to_owned());
+            } else if rustls_pki_types::ServerName::try_from(broker_name.as_str()).is_err() {
+                problems.push(format!(
+                    "broker_name: {broker_name:?} is not a DNS name or IP address"
+                ));
+            }
         }
         for (name, p) in [
             ("ca_cert", &self.ca_cert),
@@ -365,7 +397,7 @@ impl RawConfig {
                 resource,
                 group,
                 broker_addr,
-                broker_name: self.broker_name,
+                broker_name,
                 ca_cert: self.ca_cert,
                 cert: self.cert,
                 key: self.key,
@@ -424,6 +456,15 @@ pub fn enroll_token(path: &Path) -> Result<Option<String>, ConfigError> {
     Ok(raw.enroll_token)
 }
 
+/// The host part of `host:port` or `[v6]:port` (the whole text when it has
+/// no port): the default `broker_name`.
+pub fn broker_host(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 /// Checks `host:port` (or `[v6]:port`) without resolving the name.
 fn check_host_port(addr: &str) -> Result<(), &'static str> {
     if addr.parse::<std::net::SocketAddr>().is_ok() {
@@ -470,7 +511,8 @@ mod tests {
         let c =
             parse("resource = \"host-1\"\nbroker_addr = \"broker.example:7443\"\n").expect("valid");
         assert_eq!(c.resource.as_str(), "host-1");
-        assert_eq!(c.broker_name, "localhost");
+        // The name agents reach the broker by.
+        assert_eq!(c.broker_name, "broker.example");
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/ferry-agent"));
         assert_eq!(c.local_socket, PathBuf::from("/run/ferry-agent/agent.sock"));
         assert_eq!(
@@ -587,12 +629,48 @@ mod tests {
     fn unknown_fields_and_bad_toml_are_refused() {
         assert!(matches!(
             parse("resource = \"h\"\nbroker_adr = \"x:1\"\n"),
-            Err(ConfigError::Parse { .. })
+            Err(ConfigError::Invalid { .. })
         ));
         assert!(matches!(
             parse("resource = "),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_with_the_other_problems() {
+        let err = parse(
+            r#"
+            resource = "host-1"
+            broker_addr = 7443
+            broker_nam = "b.example"
+            image_version = "img"
+            [hooks]
+            timeout = 30
+            disconect = ["/bin/kick"]
+            policy = [""]
+            "#,
+        )
+        .expect_err("invalid");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        assert_eq!(
+            problems,
+            &[
+                "broker_addr (line 3): invalid type: integer `7443`, expected a string",
+                "broker_nam (line 4): unknown key (known keys here: resource, group, \
+                 broker_addr, broker_name, ca_cert, cert, key, state_dir, policy_file, \
+                 local_socket, image_version, hooks, streaming_address, enroll_token)",
+                "hooks.timeout (line 7): invalid type: integer `30`, expected a string",
+                "hooks.disconect (line 8): unknown key (known keys here: disconnect, policy, \
+                 timeout, image, update, warn, update_timeout)",
+                // The validation of what could be read, in the same message
+                // (broker_addr was reported above, not again as missing).
+                "hooks.policy: must name a program (argv; the policy file's path is appended)",
+            ],
+            "{err}"
+        );
     }
 
     #[test]
@@ -606,6 +684,31 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(packaged, minimal);
+    }
+
+    #[test]
+    fn broker_name_defaults_to_the_host_of_broker_addr() {
+        let name = |addr: &str| {
+            parse(&format!("resource = \"h\"\nbroker_addr = {addr:?}\n"))
+                .map(|c| c.broker_name)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            name("broker.example.net:7443"),
+            Ok("broker.example.net".into())
+        );
+        assert_eq!(name("127.0.0.1:7443"), Ok("127.0.0.1".into()));
+        assert_eq!(name("[::1]:7443"), Ok("::1".into()));
+        assert_eq!(broker_host("nowhere"), "nowhere");
+        // Given, it wins; no broker_addr is one problem, not two.
+        let c =
+            parse("resource = \"h\"\nbroker_addr = \"10.0.0.1:1\"\nbroker_name = \"b.example\"\n")
+                .expect("valid");
+        assert_eq!(c.broker_name, "b.example");
+        let err = parse("resource = \"h\"\n")
+            .expect_err("no broker_addr")
+            .to_string();
+        assert!(!err.contains("broker_name"), "{err}");
     }
 
     #[test]

@@ -91,6 +91,13 @@ pub enum AgentError {
     Tickets(#[from] ticket::TicketStoreError),
     #[error("open versions: {0}")]
     Versions(#[from] versions::VersionsError),
+    #[error("create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Locked(#[from] ferry_process::lock::LockError),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -101,7 +108,13 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
     // Everything that can fail on bad files fails here, before any socket.
-    let tls = link::client_config(&config)?;
+    let (tls, name_check) = link::client_config(&config)?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    // Held until this function returns: no second agent writes this spool.
+    let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
     let drain = commands::DrainState::load(&config.state_dir)?;
     let state_dir = config.state_dir.clone();
     let spool = tokio::task::spawn_blocking(move || {
@@ -194,6 +207,7 @@ pub async fn run(
     let link = link::Link {
         config: config.clone(),
         tls,
+        name_check,
         spool: spool.clone(),
         status: status.clone(),
         drain: drain.clone(),

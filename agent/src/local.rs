@@ -77,6 +77,10 @@ pub enum Request {
     },
     /// An open session has user input again. Answered by `Noted`.
     SessionActive { session: SessionId },
+    /// Answer with the status once the broker acknowledged `seq`, once the
+    /// link is down (nothing will be acknowledged soon), or after
+    /// `timeout_ms`, whichever comes first; the caller reads `acked_seq`.
+    WaitAcked { seq: u64, timeout_ms: u64 },
 }
 
 /// The agent's answer.
@@ -150,6 +154,8 @@ pub enum ErrorCode {
     TicketReused,
     /// The agent has no ticket key yet (it never reached the broker).
     NoTicketKey,
+    /// `SessionStart` for a session id that already ended on this host.
+    EndedSession,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +384,17 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
         Request::SessionActive { session } => idleness(state, session, None).await,
         Request::Status => Response::Status(status_reply(state)),
         Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
+        Request::WaitAcked { seq, timeout_ms } => {
+            let mut rx = state.status.clone();
+            let wait = rx.wait_for(|s| s.acked_seq >= seq || !s.connected);
+            let timeout = Duration::from_millis(timeout_ms);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                // Answered with the status either way.
+                _ = tokio::time::timeout(timeout, wait) => {}
+            }
+            Response::Status(status_reply(state))
+        }
         Request::WaitSynced { timeout_ms } => {
             let mut rx = state.status.clone();
             let wait = rx.wait_for(|s| s.connected && s.spooled == 0);
@@ -524,6 +541,7 @@ fn recorded(r: Result<u64, SpoolError>) -> Response {
         Err(e) => {
             let code = match &e {
                 SpoolError::DuplicateSession(_) => ErrorCode::DuplicateSession,
+                SpoolError::EndedSession(_) => ErrorCode::EndedSession,
                 SpoolError::UnknownSession(_) => ErrorCode::UnknownSession,
                 SpoolError::Full { .. } => ErrorCode::SpoolFull,
                 SpoolError::TooManyOpenSessions(_) => ErrorCode::TooManySessions,
@@ -642,6 +660,18 @@ impl LocalClient {
             .await?
             .into_result()?
             .ticket()
+    }
+
+    /// Whether the broker acknowledged `seq`, waiting at most `timeout`
+    /// (not at all while the link is down).
+    pub async fn wait_acked(&mut self, seq: u64, timeout: Duration) -> Result<bool, LocalError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let status = self
+            .call(Request::WaitAcked { seq, timeout_ms })
+            .await?
+            .into_result()?
+            .status()?;
+        Ok(status.link.acked_seq >= seq)
     }
 
     /// Waits until connected and nothing is spooled, at most `timeout`.
@@ -918,6 +948,54 @@ mod tests {
             })),
             "0008027331"
         );
+    }
+
+    #[test]
+    fn golden_wait_acked_and_ended_session() {
+        let hex = |bytes: Vec<u8>| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+        let req = LocalRequest::V1(Request::WaitAcked {
+            seq: 3,
+            timeout_ms: 2000,
+        });
+        assert_eq!(
+            hex(ferry_common::frame::encode_payload(&req).unwrap()),
+            "000903fbd007"
+        );
+        let resp = LocalResponse::V1(Response::Error {
+            code: ErrorCode::EndedSession,
+            message: "m".into(),
+        });
+        assert_eq!(
+            hex(ferry_common::frame::encode_payload(&resp).unwrap()),
+            "00020f016d"
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_acked_answers_at_the_ack_and_at_once_while_disconnected() {
+        let h = start(SpoolOptions::default());
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        let seq = c
+            .session_start(sid("s1"), "alice".parse().unwrap())
+            .await
+            .unwrap();
+        // The link is down: no waiting for an ack that cannot come soon.
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.wait_acked(seq, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("answered at once");
+        assert!(!answer.unwrap());
+        // Connected: answered when the broker acknowledges.
+        h.status.send_modify(|s| s.connected = true);
+        let status = h.status.clone();
+        let (acked, ()) = tokio::join!(c.wait_acked(seq, Duration::from_secs(3600)), async {
+            tokio::task::yield_now().await;
+            status.send_modify(|s| s.acked_seq = seq);
+        });
+        assert!(acked.unwrap());
+        h.stop().await;
     }
 
     #[tokio::test]

@@ -11,14 +11,19 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_PATH};
+use ferry_agent::link::TlsError;
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError, Request, Response, StatusReply};
 use ferry_agent::pam::{self, PamAction};
+use ferry_agent::AgentError;
 use ferry_common::wire::EndReason;
 use ferry_common::{SessionId, UnixMillis, UserId};
+use ferry_process::exit;
+use ferry_process::lock::LockError;
+use ferry_process::output::{self, Output};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
+/// How long the runtime's leftover tasks get once the command returned.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(name = "ferry-agent", version, about = "Ferry host agent")]
@@ -50,9 +55,10 @@ enum Cmd {
         /// The one-time enrollment token.
         #[arg(long)]
         token: String,
-        /// Name the broker's certificate must carry.
-        #[arg(long, default_value = "localhost")]
-        broker_name: String,
+        /// Name the broker's certificate must carry (default: the host of
+        /// --broker).
+        #[arg(long)]
+        broker_name: Option<String>,
         /// Where to write the certificate.
         #[arg(long, default_value = "/etc/ferry/agent/agent.pem")]
         cert: PathBuf,
@@ -105,20 +111,25 @@ enum TicketCmd {
 
 #[derive(Subcommand)]
 enum SessionCmd {
-    /// A session started on this host.
+    /// A session started on this host. Exits 0 once it is durably spooled;
+    /// says whether the broker also acknowledged it within --ack-wait.
     Start {
         #[arg(long)]
         session: String,
         #[arg(long)]
         user: String,
+        #[command(flatten)]
+        report: ReportArgs,
     },
-    /// A session on this host ended.
+    /// A session on this host ended (exit and output as for `start`).
     End {
         #[arg(long)]
         session: String,
         /// logout (default), disconnected, host-shutdown, or any text.
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// The user of an open session disconnected: the broker keeps the
     /// session for the group's disconnect_retention, then ends it.
@@ -148,6 +159,18 @@ enum SessionCmd {
     },
 }
 
+/// How `session start|end` report what happened.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct ReportArgs {
+    /// Print JSON: {"session", "event", "seq", "acknowledged"}.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for the broker's acknowledgement while the link is
+    /// up (0s: do not wait). Either way the event is durable and exit is 0.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ack_wait: Duration,
+}
+
 /// `--since`: a Unix time in ms, or a duration before now.
 #[derive(Clone, Copy, Debug)]
 enum Since {
@@ -173,40 +196,62 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Cmd::Run) {
+    // Logs go to stderr through a writer that drops lines rather than block
+    // or panic (a closed or full pipe under systemd must not stop the daemon).
+    let log = output::init_logging(if matches!(cli.command, Cmd::Run) {
         "info"
     } else {
         "warn"
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    });
+    let code = run(cli, &log);
+    log.flush(output::EXIT_FLUSH);
+    code
+}
 
+fn run(cli: Cli, log: &Output) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ferry-agent: start runtime: {e}");
+            log.line(format_args!("ferry-agent: start runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    let result = runtime.block_on(dispatch(cli));
+    // Tasks still blocked (none should be) do not hold the exit up.
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry-agent: {}", error_text(&e));
-            if e.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            log.line(format_args!("ferry-agent: {}", error_text(&e)));
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The one place errors become exit codes: 78 for what an operator must fix
+/// in the configuration or the host's certificate, key or CA (restarting
+/// cannot help), 75 when another agent holds the state directory, 1 for the
+/// rest.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<ConfigError>().is_some()
+            || cause.downcast_ref::<TlsError>().is_some()
+        {
+            return exit::CONFIG;
+        }
+        if cause.downcast_ref::<LockError>().is_some() {
+            return exit::TEMPFAIL;
+        }
+        match cause.downcast_ref::<AgentError>() {
+            Some(AgentError::Tls(_)) => return exit::CONFIG,
+            Some(AgentError::Locked(_)) => return exit::TEMPFAIL,
+            _ => {}
+        }
+    }
+    1
 }
 
 /// The error and its causes, skipping causes the message already quotes
@@ -273,7 +318,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let target = ferry_agent::enroll::EnrollTarget {
                 broker_addr: broker.clone(),
-                broker_name: broker_name.clone(),
+                broker_name: broker_name
+                    .clone()
+                    .unwrap_or_else(|| ferry_agent::config::broker_host(broker).to_owned()),
                 ca_cert: ca.clone(),
                 token: token.clone(),
                 cert: cert.clone(),
@@ -329,15 +376,31 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Session(cmd) => {
             // Ids are checked before the agent is contacted.
-            let request = match cmd {
-                SessionCmd::Start { session, user } => Request::SessionStart {
-                    session: SessionId::new(session.as_str()).context("--session")?,
-                    user: UserId::new(user.as_str()).context("--user")?,
-                },
-                SessionCmd::End { session, reason } => Request::SessionEnd {
-                    session: SessionId::new(session.as_str()).context("--session")?,
-                    reason: parse_reason(reason.as_deref()),
-                },
+            let (request, session, event, report) = match cmd {
+                SessionCmd::Start {
+                    session,
+                    user,
+                    report,
+                } => {
+                    let session = SessionId::new(session.as_str()).context("--session")?;
+                    let request = Request::SessionStart {
+                        session: session.clone(),
+                        user: UserId::new(user.as_str()).context("--user")?,
+                    };
+                    (request, session, "started", report)
+                }
+                SessionCmd::End {
+                    session,
+                    reason,
+                    report,
+                } => {
+                    let session = SessionId::new(session.as_str()).context("--session")?;
+                    let request = Request::SessionEnd {
+                        session: session.clone(),
+                        reason: parse_reason(reason.as_deref()),
+                    };
+                    (request, session, "ended", report)
+                }
                 SessionCmd::Disconnected { .. }
                 | SessionCmd::Reconnected { .. }
                 | SessionCmd::Idle { .. }
@@ -351,7 +414,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Response::Recorded { seq } => seq,
                 other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
             };
-            println!("recorded seq {seq}");
+            // The event is durable now; an agent that cannot say (an older
+            // one) counts as "not acknowledged yet".
+            let acknowledged = report.ack_wait > Duration::ZERO
+                && client
+                    .wait_acked(seq, report.ack_wait)
+                    .await
+                    .unwrap_or(false);
+            print_reported(&session, event, seq, acknowledged, report.json)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pam => {
@@ -433,6 +503,34 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `session start|end` print: the event is durable either way; the
+/// broker has it too when `acknowledged`.
+fn print_reported(
+    session: &SessionId,
+    event: &str,
+    seq: u64,
+    acknowledged: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "session": session.as_str(),
+            "event": event,
+            "seq": seq,
+            "acknowledged": acknowledged,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if acknowledged {
+        println!("session {session} {event}: recorded by the broker (seq {seq})");
+    } else {
+        println!(
+            "session {session} {event}: spooled (seq {seq}): the broker has not acknowledged it \
+             yet; it will be sent when the link is up"
+        );
+    }
+    Ok(())
 }
 
 /// The refusal reason of a ticket, as printed.

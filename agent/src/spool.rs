@@ -48,7 +48,7 @@
 //! refused with [`SpoolError::Full`]. Open sessions are bounded by
 //! [`MAX_SESSIONS_PER_HELLO`], the most a `Hello` can carry.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -56,8 +56,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use ferry_common::frame::{decode_payload, encode_payload};
 use ferry_common::limits::{
-    MAX_SESSIONS_PER_HELLO, MAX_SPOOLED_BYTES, MAX_SPOOLED_EVENTS, MAX_SPOOL_RECORD_LEN,
-    MAX_TEXT_LEN,
+    MAX_ID_LEN, MAX_SESSIONS_PER_HELLO, MAX_SPOOLED_BYTES, MAX_SPOOLED_EVENTS,
+    MAX_SPOOL_RECORD_LEN, MAX_TEXT_LEN,
 };
 use ferry_common::wire::{EndReason, OpenSession, SequencedEvent, SessionEvent};
 use ferry_common::{SessionId, UnixMillis, UserId};
@@ -118,6 +118,54 @@ enum SpoolRecord {
         last_seq: u64,
         open: Vec<OpenSession>,
     },
+    /// Written right after a compaction's `Snapshot`: the sessions that
+    /// ended most recently on the host, oldest first (see [`EndedSessions`]).
+    Ended { sessions: Vec<SessionId> },
+}
+
+/// Most recently ended session ids the spool remembers, so a start that
+/// reuses one is refused: a session id names one session, and the broker
+/// keeps the ended one's record. Bounded so the compaction's `Ended`
+/// record stays well under [`MAX_SPOOL_RECORD_LEN`]; older ids are
+/// forgotten, and the broker still refuses their reuse.
+pub const MAX_REMEMBERED_ENDED: usize = 1024;
+
+// Each id encodes in at most its length plus a varint prefix.
+const _: () = assert!(MAX_REMEMBERED_ENDED * (MAX_ID_LEN + 9) < MAX_SPOOL_RECORD_LEN);
+
+/// The sessions that ended most recently, oldest first, bounded by
+/// [`MAX_REMEMBERED_ENDED`].
+#[derive(Debug, Default)]
+struct EndedSessions {
+    /// Oldest first.
+    order: VecDeque<SessionId>,
+    /// The same ids, for lookups.
+    set: HashSet<SessionId>,
+}
+
+impl EndedSessions {
+    fn insert(&mut self, session: SessionId) {
+        if !self.set.insert(session.clone()) {
+            return;
+        }
+        self.order.push_back(session);
+        if self.order.len() > MAX_REMEMBERED_ENDED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// A spool written before starts of ended ids were refused may reopen one.
+    fn remove(&mut self, session: &SessionId) {
+        if self.set.remove(session) {
+            self.order.retain(|s| s != session);
+        }
+    }
+
+    fn contains(&self, session: &SessionId) -> bool {
+        self.set.contains(session)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +186,11 @@ pub enum SpoolError {
     Full { events: usize, bytes: usize },
     #[error("session {0} is already open on this host")]
     DuplicateSession(SessionId),
+    #[error(
+        "session {0} already ended on this host; a session id names one session: report the \
+         new session under a new id"
+    )]
+    EndedSession(SessionId),
     #[error("session {0} is not open on this host")]
     UnknownSession(SessionId),
     #[error("{0} sessions are already open on this host; no more can be reported")]
@@ -173,6 +226,8 @@ pub struct Spool {
     unacked_bytes: u64,
     /// Sessions started and not ended, as the host sees them.
     open: BTreeMap<SessionId, OpenSession>,
+    /// Sessions that ended recently: their ids are not started again.
+    ended: EndedSessions,
     /// Length of the file (where the next record goes).
     file_len: u64,
     /// Header plus the snapshot record: bytes that compaction would keep anyway.
@@ -287,6 +342,7 @@ impl Spool {
             unacked: VecDeque::new(),
             unacked_bytes: 0,
             open: BTreeMap::new(),
+            ended: EndedSessions::default(),
             file_len: 0,
             base_len: HEADER_LEN,
             poisoned: false,
@@ -441,6 +497,18 @@ impl Spool {
                 self.open = open.into_iter().map(|s| (s.session.clone(), s)).collect();
                 self.base_len = HEADER_LEN + size;
             }
+            SpoolRecord::Ended { sessions } => {
+                // Only right after the snapshot (which moved `base_len` to
+                // its end).
+                if offset != self.base_len || self.base_len == HEADER_LEN {
+                    return Err(self.corrupt(offset, "ended sessions away from the snapshot"));
+                }
+                self.ended = EndedSessions::default();
+                for session in sessions {
+                    self.ended.insert(session);
+                }
+                self.base_len += size;
+            }
             SpoolRecord::Event(ev) => {
                 // Events right after a snapshot are already counted in it
                 // (its last_seq and open sessions): they are only kept for
@@ -459,7 +527,7 @@ impl Spool {
                 }
                 if !covered {
                     self.last_seq = ev.seq;
-                    apply_to_open(&mut self.open, &ev.event);
+                    apply_to_open(&mut self.open, &mut self.ended, &ev.event);
                 }
                 self.unacked_bytes += size;
                 self.unacked.push_back((ev, size));
@@ -526,6 +594,9 @@ impl Spool {
                 if self.open.contains_key(session) {
                     return Err(SpoolError::DuplicateSession(session.clone()));
                 }
+                if self.ended.contains(session) {
+                    return Err(SpoolError::EndedSession(session.clone()));
+                }
                 if self.open.len() >= MAX_SESSIONS_PER_HELLO {
                     return Err(SpoolError::TooManyOpenSessions(self.open.len()));
                 }
@@ -562,7 +633,7 @@ impl Spool {
         }
         self.write_record(&bytes, true)?;
         self.last_seq = ev.seq;
-        apply_to_open(&mut self.open, &ev.event);
+        apply_to_open(&mut self.open, &mut self.ended, &ev.event);
         self.unacked_bytes += size;
         self.unacked.push_back((ev, size));
         Ok(self.last_seq)
@@ -610,8 +681,12 @@ impl Spool {
             last_seq,
             open: self.open.values().cloned().collect(),
         })?;
+        let ended = encode_record(&SpoolRecord::Ended {
+            sessions: self.ended.order.iter().cloned().collect(),
+        })?;
         let mut bytes = encode_header(spool_id);
         bytes.extend_from_slice(&snapshot);
+        bytes.extend_from_slice(&ended);
         let base_len = bytes.len() as u64;
         for (ev, _) in &self.unacked {
             bytes.extend_from_slice(&encode_record(&SpoolRecord::Event(ev.clone()))?);
@@ -693,9 +768,14 @@ impl Spool {
     }
 }
 
-fn apply_to_open(open: &mut BTreeMap<SessionId, OpenSession>, event: &SessionEvent) {
+fn apply_to_open(
+    open: &mut BTreeMap<SessionId, OpenSession>,
+    ended: &mut EndedSessions,
+    event: &SessionEvent,
+) {
     match event {
         SessionEvent::Started { session, user, at } => {
+            ended.remove(session);
             open.insert(
                 session.clone(),
                 OpenSession {
@@ -707,6 +787,7 @@ fn apply_to_open(open: &mut BTreeMap<SessionId, OpenSession>, event: &SessionEve
         }
         SessionEvent::Ended { session, .. } => {
             open.remove(session);
+            ended.insert(session.clone());
         }
     }
 }
@@ -923,6 +1004,53 @@ mod tests {
                 last_seq: 1
             })
         ));
+    }
+
+    #[test]
+    fn an_ended_session_id_is_not_started_again_across_reopen_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        s.append(start("s-offline-1")).unwrap();
+        s.append(end("s-offline-1")).unwrap();
+        let refused = s.append(start("s-offline-1")).unwrap_err();
+        assert!(matches!(&refused, SpoolError::EndedSession(id) if id.as_str() == "s-offline-1"));
+        assert!(refused.to_string().contains("new id"), "{refused}");
+        assert_eq!(s.last_seq(), 2, "nothing was written");
+        // Still refused after a restart (the events are replayed) ...
+        drop(s);
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        assert!(matches!(
+            s.append(start("s-offline-1")),
+            Err(SpoolError::EndedSession(_))
+        ));
+        // ... and after a compaction dropped the events (the ended ids are
+        // in the rewritten file).
+        s.append(start("other")).unwrap();
+        s.ack(3).unwrap();
+        assert_eq!(s.spooled(), 0);
+        drop(s);
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        assert!(matches!(
+            s.append(start("s-offline-1")),
+            Err(SpoolError::EndedSession(_))
+        ));
+        assert_eq!(s.append(end("other")).unwrap(), 4);
+    }
+
+    #[test]
+    fn the_ended_ids_remembered_are_bounded_oldest_forgotten_first() {
+        let mut ended = EndedSessions::default();
+        for i in 0..=MAX_REMEMBERED_ENDED {
+            ended.insert(sid(&format!("s{i}")));
+        }
+        assert_eq!(ended.order.len(), MAX_REMEMBERED_ENDED);
+        assert_eq!(ended.set.len(), MAX_REMEMBERED_ENDED);
+        assert!(!ended.contains(&sid("s0")));
+        assert!(ended.contains(&sid("s1")));
+        assert!(ended.contains(&sid(&format!("s{MAX_REMEMBERED_ENDED}"))));
+        ended.remove(&sid("s1"));
+        assert!(!ended.contains(&sid("s1")));
+        assert_eq!(ended.order.len(), MAX_REMEMBERED_ENDED - 1);
     }
 
     #[test]

@@ -281,13 +281,19 @@ impl BrokerConfig {
         })
     }
 
-    /// Parses and validates config text, reporting every invalid field at once.
+    /// Parses and validates config text, reporting every unknown key, wrong
+    /// type and invalid value at once; only a TOML syntax error stops earlier.
     pub fn from_toml(text: &str) -> Result<BrokerConfig, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            message: e.to_string(),
+        let parsed = ferry_process::config_check::parse_all::<RawConfig>(text).map_err(|e| {
+            ConfigError::Parse {
+                path: PathBuf::new(),
+                message: e.to_string(),
+            }
         })?;
-        let mut errors = Vec::new();
+        let mut errors: Vec<String> = parsed.problems.iter().map(ToString::to_string).collect();
+        let Some(raw) = parsed.value else {
+            return Err(ConfigError::Invalid(errors));
+        };
         let listen = match raw.listen.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -612,6 +618,46 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = BrokerConfig::from_toml("listn = \"0.0.0.0:1\"").expect_err("typo");
         assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn every_unknown_key_and_wrong_type_is_reported_with_the_other_problems() {
+        let Err(ConfigError::Invalid(errors)) = BrokerConfig::from_toml(
+            r#"
+            listn = "0.0.0.0:1"
+            missed_health_limit = "3"
+            health_interval = "forever"
+            [provisioner]
+            kind = "exec"
+            attempts = 3.5
+            creat = ["/bin/mk"]
+            [prices.small]
+            subscription_month = 1
+            hourly = "1"
+            "#,
+        ) else {
+            panic!("expected validation errors");
+        };
+        let fields: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split([' ', ':']).next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "listn",
+                "missed_health_limit",
+                "provisioner.attempts",
+                "provisioner.creat",
+                "prices.small",
+                "health_interval",
+                "provisioner.create",
+                "provisioner.delete",
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[0].contains("(line 2)"), "{errors:#?}");
+        assert!(errors[4].contains("(line 9)"), "{errors:#?}");
     }
 
     #[test]

@@ -33,12 +33,17 @@ pub struct BrokerReady {
 pub enum BrokerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("load PKI: {0}")]
+    #[error(
+        "load PKI: {0}; pki_dir must hold ca.pem, broker.pem and broker-key.pem (`ferryctl pki \
+         init --dir PKI_DIR --broker-name NAME` creates them)"
+    )]
     Pki(#[from] PkiError),
     #[error("load ticket or token key: {0}")]
     Keys(#[from] KeyError),
     #[error("open store: {0}")]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Locked(#[from] ferry_process::lock::LockError),
     #[error("create state directory {path}: {error}")]
     StateDir {
         path: PathBuf,
@@ -70,7 +75,14 @@ pub async fn run(
         path: config.state_dir.clone(),
         error,
     })?;
-    let server_config = pki::server_config(&config.pki_dir)?;
+    // Held until this function returns: no second broker writes this store.
+    let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
+    let mut server_config = pki::server_config(&config.pki_dir)?;
+    // A dead agent (or a dead broker, seen from the agent) is noticed within
+    // about one health interval, not after the client's 30 s.
+    server_config.transport_config(Arc::new(ferry_common::transport::agent_link_transport_for(
+        config.health_interval,
+    )));
     // Created on first start (0600) when `ferryctl pki init` did not.
     let tickets = Arc::new(TicketSigner::load_or_create(&config.pki_dir)?);
     let token_key = Arc::new(TokenKey::load_or_create(&config.pki_dir)?);

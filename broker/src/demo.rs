@@ -46,6 +46,15 @@ use crate::pki::{self, PkiError};
 use crate::provision::local;
 use crate::render;
 use crate::routing::{RouteAnswer, RouteClient};
+use ferry_process::output::Output;
+
+/// Prints a line of the show through the demo's [`Output`]: never panics
+/// on a closed stdout, never blocks on a full one.
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(format_args!($($arg)*))
+    };
+}
 
 /// How often the group's events and live view are read.
 const REFRESH: Duration = Duration::from_millis(500);
@@ -82,6 +91,8 @@ pub struct DemoOptions {
     pub state_dir: Option<PathBuf>,
     /// Leave the directory in place at the end.
     pub keep: bool,
+    /// Where the show is printed (stdout, through a writer that never blocks).
+    pub out: Output,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +249,7 @@ impl Clock {
 struct WorkDir {
     root: PathBuf,
     keep: bool,
+    out: Output,
 }
 
 impl WorkDir {
@@ -263,16 +275,18 @@ impl WorkDir {
         Ok(WorkDir {
             root,
             keep: opts.keep,
+            out: opts.out.clone(),
         })
     }
 
     fn remove(&self) {
+        let out = &self.out;
         if self.keep {
-            println!("demo: kept {}", self.root.display());
+            say!(out, "demo: kept {}", self.root.display());
         } else if let Err(e) = std::fs::remove_dir_all(&self.root) {
-            eprintln!("demo: could not remove {}: {e}", self.root.display());
+            say!(out, "demo: could not remove {}: {e}", self.root.display());
         } else {
-            println!("demo: removed {}", self.root.display());
+            say!(out, "demo: removed {}", self.root.display());
         }
     }
 }
@@ -294,8 +308,9 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<(), D
     let result = run_in(&opts, &agent_bin, &work.root, &shutdown).await;
     // Every process started from the directory must be gone by now.
     let left = agents_under(&work.root);
+    let out = &opts.out;
     let result = if left.is_empty() {
-        println!("demo: checked /proc: no agent process is left running");
+        say!(out, "demo: checked /proc: no agent process is left running");
         result
     } else {
         for pid in &left {
@@ -318,7 +333,8 @@ async fn run_in(
     shutdown: &CancellationToken,
 ) -> Result<(), DemoError> {
     let plan = Plan::for_duration(opts.duration);
-    println!("demo: working in {}", root.display());
+    let out = &opts.out;
+    say!(out, "demo: working in {}", root.display());
     let pki_dir = root.join("pki");
     pki::init(&pki_dir, &[])?;
     let state_dir = root.join("broker");
@@ -356,12 +372,14 @@ async fn run_in(
             })
         }
     };
-    println!(
+    say!(
+        out,
         "demo: broker on {} with the local provisioner (admin socket {})",
         ready.agent_addr,
         ready.admin_socket.display()
     );
-    println!(
+    say!(
+        out,
         "demo: look around from another terminal: ferryctl --socket {} group show {GROUP}",
         ready.admin_socket.display()
     );
@@ -371,9 +389,9 @@ async fn run_in(
         // Ctrl-C while the agents start stops right away, too.
         _ = shutdown.cancelled() => Ok(None),
         r = async {
-            let tokens = setup(&ready, &plan).await?;
+            let tokens = setup(&ready, &plan, out).await?;
             for i in 1..=BASE_RESOURCES {
-                agents.push(start_base_agent(agent_bin, root, &pki_dir, &ready, i).await?);
+                agents.push(start_base_agent(agent_bin, root, &pki_dir, &ready, i, out).await?);
             }
             for agent in &mut agents {
                 wait_synced(agent_bin, agent).await?;
@@ -393,7 +411,10 @@ async fn run_in(
         Err(e) => Err(e),
     };
 
-    println!("demo: stopping: the base agents, then the broker (which stops its local agents)");
+    say!(
+        out,
+        "demo: stopping: the base agents, then the broker (which stops its local agents)"
+    );
     for agent in &mut agents {
         stop_agent(agent).await;
     }
@@ -407,7 +428,11 @@ async fn run_in(
 }
 
 /// Users with tokens and the published group. Returns each user's token.
-async fn setup(ready: &BrokerReady, plan: &Plan) -> Result<Vec<(UserId, String)>, DemoError> {
+async fn setup(
+    ready: &BrokerReady,
+    plan: &Plan,
+    out: &Output,
+) -> Result<Vec<(UserId, String)>, DemoError> {
     let mut admin = AdminClient::connect(&ready.admin_socket).await?;
     let mut users = Vec::new();
     for i in 1..=USERS {
@@ -443,7 +468,8 @@ async fn setup(ready: &BrokerReady, plan: &Plan) -> Result<Vec<(UserId, String)>
         return Err(DemoError::Unexpected("group publish"));
     };
     let p = &detail.policy;
-    println!(
+    say!(
+        out,
         "demo: published pay-as-you-go group {GROUP} ({}): {BASE_RESOURCES} base resources, \
          concurrent_sessions {}, usage_threshold {}%, scale_out_step {}, max_elastic {}, \
          max_idle {}, cooldown {}, wait_timeout {}",
@@ -470,7 +496,10 @@ async fn setup(ready: &BrokerReady, plan: &Plan) -> Result<Vec<(UserId, String)>
         };
         tokens.push((user, token));
     }
-    println!("demo: {USERS} users created and assigned, each with a token");
+    say!(
+        out,
+        "demo: {USERS} users created and assigned, each with a token"
+    );
     Ok(tokens)
 }
 
@@ -484,6 +513,7 @@ async fn start_base_agent(
     pki_dir: &Path,
     ready: &BrokerReady,
     i: u32,
+    out: &Output,
 ) -> Result<BaseAgent, DemoError> {
     let resource: ResourceId = format!("{GROUP}-host-{i}")
         .parse()
@@ -524,7 +554,8 @@ async fn start_base_agent(
         .kill_on_drop(true)
         .spawn()
         .map_err(io(format!("start {}", bin.display())))?;
-    println!(
+    say!(
+        out,
         "demo: started base agent {resource} (pid {})",
         child.id().unwrap_or(0)
     );
@@ -633,6 +664,8 @@ struct UserRun {
     token: String,
     arrive: Duration,
     hold: Duration,
+    /// Where the user's steps are printed.
+    out: Output,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -647,11 +680,13 @@ async fn show(
     opts: &DemoOptions,
     shutdown: &CancellationToken,
 ) -> Result<(), DemoError> {
+    let out = &opts.out;
     let clock = Clock {
         start: Instant::now(),
         start_ms: crate::link::now_millis(),
     };
-    println!(
+    say!(
+        out,
         "demo: {} base agents connected; {RAMP_USERS} end users arrive {} apart, then {} at \
          once; each keeps its session about {}; the demo ends after {} (Ctrl-C stops it early)",
         agents.len(),
@@ -677,6 +712,7 @@ async fn show(
             token,
             arrive: plan.arrival(n),
             hold: plan.hold + plan.arrival_gap * (n % 3),
+            out: out.clone(),
         };
         users.spawn(simulate_user(
             run,
@@ -697,7 +733,7 @@ async fn show(
     let deadline = clock.start + opts.duration;
     let mut tick = tokio::time::interval(REFRESH);
     let stopped_early = loop {
-        watch.refresh(&mut admin, &group, &clock).await?;
+        watch.refresh(&mut admin, &group, &clock, out).await?;
         tokio::select! {
             _ = shutdown.cancelled() => break true,
             _ = tokio::time::sleep_until(deadline) => break false,
@@ -706,27 +742,30 @@ async fn show(
         }
     };
     if stopped_early {
-        println!("demo: interrupted: stopping early");
+        say!(out, "demo: interrupted: stopping early");
     }
     if !users.is_empty() {
-        println!(
+        say!(
+            out,
             "demo: {} user(s) still busy at the end: stopped",
             users.len()
         );
         users.abort_all();
         while users.join_next().await.is_some() {}
     }
-    watch.refresh(&mut admin, &group, &clock).await?;
+    watch.refresh(&mut admin, &group, &clock, out).await?;
 
     let admitted = Tally::get(&tally.admitted);
     let after_wait = Tally::get(&tally.after_wait);
     let refused = Tally::get(&tally.refused);
     let failed = Tally::get(&tally.failed);
-    println!();
-    println!(
+    say!(out, "");
+    say!(
+        out,
         "demo: routes: {admitted} admitted ({after_wait} after waiting for room), {refused} refused"
     );
-    println!(
+    say!(
+        out,
         "demo: decisions: {} scale-out(s), {} elastic resource(s) ready, {} scale-in(s), {} released",
         watch.count("scale_out"),
         watch.count("created"),
@@ -745,16 +784,25 @@ async fn show(
     else {
         return Err(DemoError::Unexpected("usage"));
     };
-    println!("\nUsage report\n{}", render::usage_detail_table(&detail));
+    say!(
+        out,
+        "\nUsage report\n{}",
+        render::usage_detail_table(&detail)
+    );
     let report = detail.report;
     for g in &report.groups {
-        println!(
+        say!(
+            out,
             "Cost of group {}: {} {} ({} s of base resources, {} s of elastic resources, \
              billed per second at the seed's pay-as-you-go price)",
-            g.group, g.total, report.currency, g.base_seconds, g.elastic_seconds
+            g.group,
+            g.total,
+            report.currency,
+            g.base_seconds,
+            g.elastic_seconds
         );
     }
-    println!();
+    say!(out, "");
     if failed > 0 && !stopped_early {
         return Err(DemoError::Users(failed));
     }
@@ -782,6 +830,7 @@ impl Watch {
         admin: &mut AdminClient,
         group: &GroupName,
         clock: &Clock,
+        out: &Output,
     ) -> Result<(), DemoError> {
         let AdminResponseV1::GroupEvents(events) = admin
             .call(AdminRequestV1::GroupEvents {
@@ -798,7 +847,7 @@ impl Watch {
             let n = fresh.entry(key.clone()).or_default();
             *n += 1;
             if *n > self.seen.get(&key).copied().unwrap_or(0) {
-                println!("{} decision  {:<14} {}", clock.at(at), key.1, key.2);
+                say!(out, "{} decision  {:<14} {}", clock.at(at), key.1, key.2);
                 *self.kinds.entry(key.1.clone()).or_default() += 1;
                 self.seen.insert(key, *n);
             }
@@ -814,7 +863,7 @@ impl Watch {
         if let Some(live) = live {
             let state = state_line(&live);
             if state != self.last_state {
-                println!("{} state     {state}", clock.now());
+                say!(out, "{} state     {state}", clock.now());
                 self.last_state = state;
             }
         }
@@ -863,10 +912,12 @@ async fn simulate_user(
     clock: Clock,
     tally: Arc<Tally>,
 ) {
+    let out = run.out.clone();
+    let out = &out;
     tokio::time::sleep(run.arrive).await;
     let user = run.user.clone();
     if let Err(e) = user_session(run, &bin, &hosts, broker, &ca, clock, &tally).await {
-        println!("{} route     {user}: FAILED: {e}", clock.now());
+        say!(out, "{} route     {user}: FAILED: {e}", clock.now());
         Tally::add(&tally.failed);
     }
 }
@@ -880,11 +931,13 @@ async fn user_session(
     clock: Clock,
     tally: &Tally,
 ) -> Result<(), DemoError> {
+    let out = &run.out;
     let user = run.user;
     let client = RouteClient::connect(broker, "localhost", ca)
         .await
         .map_err(|e| DemoError::Agent(format!("connect to the broker: {e}")))?;
-    println!(
+    say!(
+        out,
         "{} route     {user} asks for a session in {GROUP}",
         clock.now()
     );
@@ -901,7 +954,8 @@ async fn user_session(
             },
             |position| {
                 waited = true;
-                println!(
+                say!(
+                    out,
                     "{} route     {user}: no room yet, waiting (position {position})",
                     clock.now()
                 );
@@ -912,7 +966,8 @@ async fn user_session(
     client.close().await;
     let admission = match answer? {
         RouteAnswer::Refused(r) => {
-            println!(
+            say!(
+                out,
                 "{} route     {user}: refused ({}): {}",
                 clock.now(),
                 r.reason,
@@ -927,7 +982,8 @@ async fn user_session(
     if waited {
         Tally::add(&tally.after_wait);
     }
-    println!(
+    say!(
+        out,
         "{} route     {user}: admitted{} to {} ({}), session {}",
         clock.now(),
         if waited { " after waiting" } else { "" },
@@ -964,7 +1020,8 @@ async fn user_session(
         ],
     )
     .await?;
-    println!(
+    say!(
+        out,
         "{} host      {}: ticket verified, session {session} of {user} started",
         clock.now(),
         admission.resource
@@ -983,7 +1040,8 @@ async fn user_session(
         ],
     )
     .await?;
-    println!(
+    say!(
+        out,
         "{} host      {}: session {session} of {user} ended (logout)",
         clock.now(),
         admission.resource

@@ -859,15 +859,25 @@ impl Connection {
                     .await)
             }
         };
+        for seq in &out.refused {
+            tracing::warn!(
+                resource = %self.resource,
+                seq,
+                "a session start reuses the id of a session that already ended on this host: \
+                 recorded as a refused event; the ended session's record is kept"
+            );
+        }
         if let (Some(events), Some(g), Some(actors)) =
             (for_group, &self.group, self.ctx.registry.groups())
         {
             // Recorded events are consecutive and end at `last_seq`; those
-            // before them were duplicates, already handed over once.
+            // before them were duplicates, already handed over once. A
+            // refused start is no session for the group either.
             let first_new = out.last_seq.saturating_sub(out.recorded as u64);
             let new: Vec<_> = events
                 .into_iter()
                 .filter(|e| e.seq > first_new && e.seq <= out.last_seq)
+                .filter(|e| !out.refused.contains(&e.seq))
                 .map(|e| e.event)
                 .collect();
             // Before the Ack: an agent told "recorded" knows its group saw it.

@@ -9,10 +9,13 @@ use clap::{Parser, Subcommand};
 use ferry_broker::config::{BrokerConfig, ConfigError};
 use ferry_broker::demo::{self, DemoError, DemoOptions};
 use ferry_broker::BrokerError;
+use ferry_process::exit;
+use ferry_process::output::{self, Output, Stream};
 use tokio_util::sync::CancellationToken;
 
-/// Exit code for a configuration that cannot be used (sysexits EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
+/// How long the runtime's leftover tasks get once `run` or `demo` returned.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Exit code of `demo` when the agent binary is not built.
 const EXIT_NOT_BUILT: u8 = 2;
 
@@ -62,39 +65,42 @@ enum Failure {
     Runtime(std::io::Error),
 }
 
-/// The one place failures become exit codes.
-fn exit_code(f: Failure) -> ExitCode {
+/// The one place failures become exit codes (and their message, written
+/// through `log` so that a closed or full stderr never panics or blocks).
+fn exit_code(f: Failure, log: &Output) -> ExitCode {
     match f {
         Failure::Config(e) | Failure::Broker(BrokerError::Config(e)) => {
-            eprintln!("ferry-broker: {e}");
-            ExitCode::from(EXIT_CONFIG)
+            log.line(format_args!("ferry-broker: {e}"));
+            ExitCode::from(exit::CONFIG)
         }
         Failure::Broker(e) => {
-            eprintln!("ferry-broker: {e}");
-            ExitCode::FAILURE
+            log.line(format_args!("ferry-broker: {e}"));
+            ExitCode::from(broker_exit_code(&e))
         }
         Failure::Demo(e @ DemoError::MissingAgent(_)) => {
-            eprintln!("ferry-broker demo: {e}");
+            log.line(format_args!("ferry-broker demo: {e}"));
             ExitCode::from(EXIT_NOT_BUILT)
         }
         Failure::Demo(e) => {
-            eprintln!("ferry-broker demo: {e}");
+            log.line(format_args!("ferry-broker demo: {e}"));
             ExitCode::FAILURE
         }
         Failure::Runtime(e) => {
-            eprintln!("ferry-broker: start runtime: {e}");
+            log.line(format_args!("ferry-broker: start runtime: {e}"));
             ExitCode::FAILURE
         }
     }
 }
 
-fn logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+/// The exit code of a broker that could not run: 78 for what an operator
+/// must fix in the configuration or the PKI files (restarting cannot help),
+/// 75 when another process holds the state directory, 1 otherwise.
+fn broker_exit_code(e: &BrokerError) -> u8 {
+    match e {
+        BrokerError::Config(_) | BrokerError::Pki(_) | BrokerError::Keys(_) => exit::CONFIG,
+        BrokerError::Locked(_) => exit::TEMPFAIL,
+        _ => 1,
+    }
 }
 
 /// Cancels `token` on SIGTERM or SIGINT.
@@ -116,17 +122,31 @@ async fn on_signal(token: CancellationToken) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr through a writer that drops lines rather than block
+    // or panic; the demo's show likewise to stdout. `demo` shows its group's
+    // events; RUST_LOG adds the logs.
+    let log = output::init_logging(match cli.command {
+        Cmd::Run { .. } => "info",
+        Cmd::Demo { .. } => "error",
+    });
+    let code = run(cli, &log);
+    // Queued lines get a moment to reach the stream, but exit never waits
+    // on a stream nobody reads.
+    log.flush(output::EXIT_FLUSH);
+    code
+}
+
+fn run(cli: Cli, log: &Output) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => return exit_code(Failure::Runtime(e)),
+        Err(e) => return exit_code(Failure::Runtime(e), log),
     };
     let shutdown = CancellationToken::new();
     let result = match cli.command {
         Cmd::Run { config } => {
-            logging("info");
             let path = BrokerConfig::resolve_path(config.as_deref());
             match BrokerConfig::load(&path) {
                 Err(e) => Err(Failure::Config(e)),
@@ -144,22 +164,25 @@ fn main() -> ExitCode {
             state_dir,
             keep,
         } => {
-            // The group's events carry every decision and warning; RUST_LOG
-            // shows the logs too.
-            logging("error");
-            runtime.block_on(async {
+            let out = Output::spawn(Stream::Stdout);
+            let result = runtime.block_on(async {
                 tokio::spawn(on_signal(shutdown.clone()));
                 let opts = DemoOptions {
                     duration,
                     state_dir,
                     keep,
+                    out: out.clone(),
                 };
                 demo::run(opts, shutdown).await.map_err(Failure::Demo)
-            })
+            });
+            out.flush(output::EXIT_FLUSH);
+            result
         }
     };
+    // Tasks still blocked (none should be) do not hold the exit up.
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(f) => exit_code(f),
+        Err(f) => exit_code(f, log),
     }
 }

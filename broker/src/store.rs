@@ -45,6 +45,10 @@ const WAL_AUTOCHECKPOINT_PAGES: i64 = 40_000;
 /// broker thought open.
 pub const RECONCILE_REASON: &str = "not on host at reconnect";
 
+/// `reason` of a `started` row of `session_events` whose session was
+/// refused: the host reused the id of a session that had ended there.
+pub const REUSED_ID_REASON: &str = "refused: the session id already ended on this host";
+
 /// `sessions.reconciled` of an end the broker inferred when the host
 /// reconnected without the session: the host's own end replaces it.
 const END_INFERRED: i64 = 1;
@@ -52,6 +56,10 @@ const END_INFERRED: i64 = 1;
 /// out, a host gone for good): metering stopped there, so only an earlier
 /// end reported by the host replaces it.
 const END_BY_BROKER: i64 = 2;
+/// `sessions.reconciled` of an end inferred at a reconnect ([`END_INFERRED`])
+/// after which the host reused the id (refused): a later end of that id is
+/// the refused session's and leaves this record alone.
+const END_INFERRED_THEN_REUSED: i64 = 3;
 
 /// Ends the open session `session` on `resource` at `at` because the broker
 /// decided so (see [`END_BY_BROKER`]); inside a caller's transaction.
@@ -475,7 +483,7 @@ pub struct SequenceGap {
 }
 
 /// What recording a run of events of one spool did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordOutcome {
     /// Highest seq recorded for the spool after this write: everything up to
     /// it is durable and may be acknowledged.
@@ -486,6 +494,11 @@ pub struct RecordOutcome {
     pub duplicates: usize,
     /// Set when an event skipped ahead; it and the events after it were not recorded.
     pub gap: Option<SequenceGap>,
+    /// Seqs of `Started` events recorded in the event log but refused as
+    /// sessions: the host reused the id of a session that already ended
+    /// there. The ended session's record is kept as it was; the events are
+    /// acknowledged like any other (the agent must not be stuck on them).
+    pub refused: Vec<u64>,
 }
 
 /// A resource as recorded (its live state is the registry's).
@@ -1444,6 +1457,7 @@ fn apply_record(
         recorded: 0,
         duplicates: 0,
         gap: None,
+        refused: Vec::new(),
     };
     for ev in events {
         if ev.seq <= out.last_seq {
@@ -1460,10 +1474,23 @@ fn apply_record(
         let seq = to_i64(ev.seq, "seq")?;
         match &ev.event {
             SessionEvent::Started { session, user, at } => {
+                // The newest record of this id on this host: none (a new
+                // session), open (a replay after the broker reconciled: the
+                // open row stands) or ended (the id is reused: refused).
+                let newest: Option<(i64, bool, i64)> = c
+                    .prepare_cached(
+                        "SELECT id, ended_at IS NULL, reconciled FROM sessions
+                         WHERE resource = ?1 AND session = ?2 ORDER BY id DESC LIMIT 1",
+                    )?
+                    .query_row(params![res, session.as_str()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()?;
+                let reused = matches!(newest, Some((_, false, _)));
                 c.prepare_cached(
                     "INSERT INTO session_events
-                        (resource, spool_id, seq, kind, session, user, at, recorded_at)
-                     VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7)",
+                        (resource, spool_id, seq, kind, session, user, at, recorded_at, reason)
+                     VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7, ?8)",
                 )?
                 .execute(params![
                     res,
@@ -1472,15 +1499,33 @@ fn apply_record(
                     session.as_str(),
                     user.as_str(),
                     at.0,
-                    recorded_at.0
+                    recorded_at.0,
+                    reused.then_some(REUSED_ID_REASON)
                 ])?;
-                // A host may report a start for a session already open (e.g. a
-                // replay after the broker reconciled); the open row stands.
-                c.prepare_cached(
-                    "INSERT OR IGNORE INTO sessions (resource, session, user, started_at)
-                     VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![res, session.as_str(), user.as_str(), at.0])?;
+                match newest {
+                    None => {
+                        c.prepare_cached(
+                            "INSERT INTO sessions (resource, session, user, started_at)
+                             VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![
+                            res,
+                            session.as_str(),
+                            user.as_str(),
+                            at.0
+                        ])?;
+                    }
+                    Some((_, true, _)) => {}
+                    Some((id, false, reconciled)) => {
+                        if reconciled == END_INFERRED {
+                            // The reused id's own end must not replace the
+                            // end the broker inferred (see the Ended arm).
+                            c.prepare_cached("UPDATE sessions SET reconciled = ?1 WHERE id = ?2")?
+                                .execute(params![END_INFERRED_THEN_REUSED, id])?;
+                        }
+                        out.refused.push(ev.seq);
+                    }
+                }
             }
             SessionEvent::Ended {
                 session,
@@ -1505,6 +1550,9 @@ fn apply_record(
                 // The host's own end beats an end the broker inferred at a
                 // reconnect (metering wants the real end time), and an end
                 // the broker decided when it is earlier (it happened first).
+                // Not once an inferred end's id was reused
+                // (`END_INFERRED_THEN_REUSED`): this end is then the refused
+                // session's.
                 c.prepare_cached(
                     "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
                      WHERE id = (SELECT id FROM sessions
@@ -1869,7 +1917,8 @@ mod tests {
                 last_seq: 2,
                 recorded: 1,
                 duplicates: 1,
-                gap: None
+                gap: None,
+                refused: Vec::new(),
             }
         );
         assert_eq!(store.event_count(&r, 7, 1).await.expect("count"), 1);
@@ -2026,6 +2075,81 @@ mod tests {
             .expect("gone");
         assert_eq!(gone.end_reason.as_deref(), Some("logout"));
         assert_eq!(gone.ended_at, Some(UnixMillis(5003)));
+    }
+
+    fn started_by(seq: u64, session: &str, user: &str) -> SequencedEvent {
+        let mut ev = started(seq, session);
+        if let SessionEvent::Started { user: u, .. } = &mut ev.event {
+            *u = user.parse().expect("id");
+        }
+        ev
+    }
+
+    #[tokio::test]
+    async fn a_reused_session_id_is_refused_and_the_ended_record_kept() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open(tmp.path());
+        let r = rid("h1");
+        let out = store
+            .record_events(
+                &r,
+                1,
+                vec![
+                    started(1, "s-offline-1"),
+                    ended(2, "s-offline-1"),
+                    started_by(3, "s-offline-1", "bob"),
+                    ended(4, "s-offline-1"),
+                ],
+                UnixMillis(1),
+            )
+            .await
+            .expect("record");
+        // Every event is recorded and acknowledged; the reuse is refused.
+        assert_eq!((out.last_seq, out.recorded, out.gap), (4, 4, None));
+        assert_eq!(out.refused, vec![3]);
+        let all = store.sessions(true).await.expect("sessions");
+        assert_eq!(all.len(), 1, "{all:?}");
+        let s = &all[0];
+        assert_eq!(
+            (s.user.as_str(), s.started_at, s.ended_at),
+            ("alice", UnixMillis(1001), Some(UnixMillis(5002)))
+        );
+        assert_eq!(s.end_reason.as_deref(), Some("logout"));
+        assert!(store.sessions(false).await.expect("open").is_empty());
+        assert_eq!(store.counts().await.expect("counts").events_recorded, 4);
+
+        // An id the broker ended at a reconnect (a wiped state directory,
+        // a new spool), then reused by the host: the reuse's end does not
+        // replace the inferred end, which the host's own end would.
+        store
+            .record_events(&r, 1, vec![started(5, "s2")], UnixMillis(2))
+            .await
+            .expect("record");
+        store
+            .register(registration("h1", 2, &[]))
+            .await
+            .expect("reg");
+        let out = store
+            .record_events(
+                &r,
+                2,
+                vec![started_by(1, "s2", "bob"), ended(2, "s2")],
+                UnixMillis(3),
+            )
+            .await
+            .expect("record");
+        assert_eq!(out.refused, vec![1]);
+        let s2 = store
+            .sessions(true)
+            .await
+            .expect("sessions")
+            .into_iter()
+            .filter(|s| s.session.as_str() == "s2")
+            .collect::<Vec<_>>();
+        assert_eq!(s2.len(), 1, "{s2:?}");
+        assert_eq!(s2[0].user.as_str(), "alice");
+        assert_eq!(s2[0].ended_at, Some(UnixMillis(9000)));
+        assert_eq!(s2[0].end_reason.as_deref(), Some(RECONCILE_REASON));
     }
 
     /// Every row of the tables recording events, in a comparable form.

@@ -12,7 +12,7 @@ use std::process::{ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStderr, Command};
 
 use crate::bins::bin;
 use crate::harness::PATIENCE;
@@ -35,24 +35,67 @@ pub struct Daemon {
     log: PathBuf,
 }
 
+/// How a daemon is started beyond its command line.
+#[derive(Debug, Default)]
+pub struct Launch {
+    /// Extra environment variables (e.g. `RUST_LOG`).
+    pub env: Vec<(String, String)>,
+    /// Where its stderr goes.
+    pub stderr: StderrTo,
+}
+
+/// Where a daemon's stderr goes.
+#[derive(Debug, Default)]
+pub enum StderrTo {
+    /// Its log file (read by [`Daemon::log`]).
+    #[default]
+    Log,
+    /// A pipe whose read end is handed to the test, which decides whether
+    /// it is ever read (or closes it at once).
+    Pipe,
+    /// A copy of this descriptor (e.g. a socket the test filled up).
+    Fd(std::os::fd::OwnedFd),
+}
+
 impl Daemon {
     /// Spawns `cmd` with stdout discarded and stderr appended to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> anyhow::Result<Daemon> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("open log {}", log.display()))?;
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> anyhow::Result<Daemon> {
+        Ok(Daemon::launch(name, cmd, log, &Launch::default())?.0)
+    }
+
+    /// Spawns `cmd` as `launch` says; stderr goes to `log` unless it is a
+    /// pipe, whose read end is returned.
+    pub fn launch(
+        name: &str,
+        mut cmd: Command,
+        log: &Path,
+        launch: &Launch,
+    ) -> anyhow::Result<(Daemon, Option<ChildStderr>)> {
+        let stderr = match &launch.stderr {
+            StderrTo::Pipe => Stdio::piped(),
+            StderrTo::Fd(fd) => fd.try_clone().context("duplicate stderr")?.into(),
+            StderrTo::Log => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .with_context(|| format!("open log {}", log.display()))?
+                .into(),
+        };
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(file)
+            .stderr(stderr)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .kill_on_drop(true);
-        let child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
-        Ok(Daemon {
-            name: name.to_owned(),
-            child,
-            log: log.to_owned(),
-        })
+        let mut child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+        let pipe = child.stderr.take();
+        Ok((
+            Daemon {
+                name: name.to_owned(),
+                child,
+                log: log.to_owned(),
+            },
+            pipe,
+        ))
     }
 
     /// The process id, while it has not been reaped.
@@ -241,6 +284,21 @@ impl BrokerProcess {
         listen: SocketAddr,
         run: u32,
     ) -> anyhow::Result<BrokerProcess> {
+        Ok(
+            BrokerProcess::launch(files, listen, run, &Launch::default())
+                .await?
+                .0,
+        )
+    }
+
+    /// As [`BrokerProcess::start`], started as `launch` says; returns the
+    /// stderr pipe if it asked for one.
+    pub async fn launch(
+        files: &BrokerFiles,
+        listen: SocketAddr,
+        run: u32,
+        launch: &Launch,
+    ) -> anyhow::Result<(BrokerProcess, Option<ChildStderr>)> {
         let config = files.write_config(listen)?;
         let notify_dir = files.dir.join(format!("notify-{run}"));
         std::fs::create_dir_all(&notify_dir)?;
@@ -251,17 +309,21 @@ impl BrokerProcess {
             .arg(&config)
             .env("NOTIFY_SOCKET", notify.path());
         let log = files.dir.join(format!("broker-{run}.log"));
-        let daemon = Daemon::spawn(&format!("ferry-broker (run {run})"), cmd, &log)?;
+        let (daemon, pipe) =
+            Daemon::launch(&format!("ferry-broker (run {run})"), cmd, &log, launch)?;
         let lines = match wait_notify(&notify, "READY=1", PATIENCE) {
             Ok(lines) => lines,
             Err(e) => bail!("{e:#}\n----- broker log -----\n{}", daemon.log()),
         };
         let agent_addr = ready_addr(&lines)?;
-        Ok(BrokerProcess {
-            daemon,
-            notify,
-            agent_addr,
-        })
+        Ok((
+            BrokerProcess {
+                daemon,
+                notify,
+                agent_addr,
+            },
+            pipe,
+        ))
     }
 }
 
@@ -302,6 +364,17 @@ impl AgentProcess {
         AgentProcess::start_in_group(broker, resource, broker_addr, None).await
     }
 
+    /// As [`AgentProcess::start`], started as `launch` says; returns the
+    /// stderr pipe if it asked for one.
+    pub async fn launch(
+        broker: &BrokerFiles,
+        resource: &str,
+        broker_addr: SocketAddr,
+        launch: &Launch,
+    ) -> anyhow::Result<(AgentProcess, Option<ChildStderr>)> {
+        AgentProcess::launch_in_group(broker, resource, broker_addr, None, launch).await
+    }
+
     /// As [`AgentProcess::start`], with `group = "..."` in the config when
     /// `group` is set: the agent names its delivery group in its `Hello`.
     pub async fn start_in_group(
@@ -310,6 +383,21 @@ impl AgentProcess {
         broker_addr: SocketAddr,
         group: Option<&str>,
     ) -> anyhow::Result<AgentProcess> {
+        let launch = Launch::default();
+        Ok(
+            AgentProcess::launch_in_group(broker, resource, broker_addr, group, &launch)
+                .await?
+                .0,
+        )
+    }
+
+    async fn launch_in_group(
+        broker: &BrokerFiles,
+        resource: &str,
+        broker_addr: SocketAddr,
+        group: Option<&str>,
+        launch: &Launch,
+    ) -> anyhow::Result<(AgentProcess, Option<ChildStderr>)> {
         let home = broker.dir.join(resource);
         let id = home.join("id");
         broker.issue_agent(resource, &id).await?;
@@ -336,20 +424,24 @@ impl AgentProcess {
             .arg(&config)
             .arg("run")
             .env("NOTIFY_SOCKET", notify.path());
-        let daemon = Daemon::spawn(
+        let (daemon, pipe) = Daemon::launch(
             &format!("ferry-agent {resource}"),
             cmd,
             &home.join("agent.log"),
+            launch,
         )?;
         if let Err(e) = wait_notify(&notify, "READY=1", PATIENCE) {
             bail!("{e:#}\n----- agent log -----\n{}", daemon.log());
         }
-        Ok(AgentProcess {
-            daemon,
-            notify,
-            config,
-            local_socket,
-        })
+        Ok((
+            AgentProcess {
+                daemon,
+                notify,
+                config,
+                local_socket,
+            },
+            pipe,
+        ))
     }
 
     /// `ferry-agent --config F ARGS...`, which must succeed; returns stdout.

@@ -358,14 +358,42 @@ async fn a_certificate_from_another_ca_never_connects() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_name_the_certificate_does_not_carry_is_named_with_a_hint() -> anyhow::Result<()> {
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    // The broker's certificate names localhost, 127.0.0.1 and ::1.
+    let broker = TestBroker::start(tmp.path()).await?;
+    let identity = broker.issue_identity("host-a")?;
+    let mut config = broker.agent_config("host-a", &identity)?;
+    config.broker_name = "broker.example.net".into();
+    let agent = TestAgent::start_with(config).await?;
+    let why = refused(&agent).await?;
+    assert!(
+        why.contains("broker_name must be a DNS name in the broker's certificate")
+            && why.contains("\"broker.example.net\"")
+            && why.contains("localhost"),
+        "{why}"
+    );
+    assert_nothing_recorded(&broker).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_for_another_resource_is_refused() -> anyhow::Result<()> {
     init_logging();
     let tmp = tempfile::tempdir()?;
     let broker = TestBroker::start(tmp.path()).await?;
-    // Configured as host-b, presenting host-a's certificate.
+    // Configured as host-b with host-a's certificate: the agent does not
+    // start (the broker would refuse it, see the broker's link tests): the
+    // certificate names host-a.
     let identity = broker.issue_identity("host-a")?;
-    let agent = TestAgent::start_with(broker.agent_config("host-b", &identity)?).await?;
-    let why = refused(&agent).await?;
-    assert!(why.contains("IdentityMismatch"), "{why}");
+    let err = TestAgent::start_with(broker.agent_config("host-b", &identity)?)
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        err.contains("WrongResource") && err.contains("host-a") && err.contains("host-b"),
+        "{err}"
+    );
     assert_nothing_recorded(&broker).await
 }

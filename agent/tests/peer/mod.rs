@@ -44,7 +44,9 @@ pub fn mint(dir: &Path, resource: &str) -> Pki {
         .push(DnType::CommonName, "test ca");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let broker_key = KeyPair::generate().unwrap();
-    let broker = CertificateParams::new(vec!["localhost".to_owned()])
+    // As `ferryctl pki init` names a broker by default: agents reach this one
+    // at 127.0.0.1, the default broker_name.
+    let broker = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
         .unwrap()
         .signed_by(&broker_key, &ca, &ca_key)
         .unwrap();

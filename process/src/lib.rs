@@ -1,0 +1,18 @@
+//! What a Ferry daemon process needs around its library, shared by
+//! `ferry-agent` and `ferry-broker`:
+//!
+//! * [`lock`]: the exclusive lock on a state directory, so two daemons never
+//!   write the same spool or database;
+//! * [`output`]: a log and output writer that never panics and never blocks
+//!   the process (a closed or full stderr pipe loses lines, not the daemon);
+//! * [`exit`]: the exit codes both daemons use, named once;
+//! * [`config_check`]: every unknown key and wrong type of a config file at
+//!   once, with its line.
+//!
+//! `ferry-common` stays free of I/O; this crate is where the daemons' shared
+//! process plumbing lives.
+
+pub mod config_check;
+pub mod exit;
+pub mod lock;
+pub mod output;
