@@ -386,7 +386,7 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
         appended.borrow_and_update();
         let open = spool.lock().open_sessions();
         core.sync_open(&open);
-        let now = crate::local::now();
+        let now = crate::clock::now();
         let actions = core.poll(now);
         // A session past its limit when the policy arrives is warned and
         // ended in one poll: its warning goes first, in the same job.
@@ -445,7 +445,7 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
             }
         }
         let sleep = core.next_deadline().map(|at| {
-            let ms = at.0.saturating_sub(crate::local::now().0).max(0);
+            let ms = at.0.saturating_sub(crate::clock::now().0).max(0);
             Duration::from_millis(u64::try_from(ms).unwrap_or(0))
         });
         tokio::select! {
@@ -480,7 +480,7 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
             }
             Some(done) = jobs.join_next(), if !jobs.is_empty() => {
                 if let Ok(JobDone::Ended { session, ended }) = done {
-                    core.end_finished(&session, ended, crate::local::now());
+                    core.end_finished(&session, ended, crate::clock::now());
                 }
             }
             _ = sleep_for(sleep) => {}
@@ -526,7 +526,7 @@ async fn end_session(
     }
     let event = SessionEvent::Ended {
         session: session.clone(),
-        at: crate::local::now(),
+        at: crate::clock::now(),
         reason: reason.clone(),
     };
     match spool.append(event).await {

@@ -20,6 +20,7 @@
 //! [`run`] wires them under one cancellation token; `main.rs` only parses the
 //! command line.
 
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod enforce;
@@ -147,7 +148,7 @@ pub async fn run(
 
     let (state_dir, resource) = (config.state_dir.clone(), config.resource.clone());
     let tickets = tokio::task::spawn_blocking(move || {
-        ticket::TicketVerifier::open(&state_dir, resource, local::now())
+        ticket::TicketVerifier::open(&state_dir, resource, clock::now())
     })
     .await
     .map_err(|e| {

@@ -844,7 +844,7 @@ impl Link {
             load: [0.0; 3],
         });
         let sessions = u32::try_from(self.spool.lock().open_count()).unwrap_or(u32::MAX);
-        health::to_report(&sample, crate::local::now(), sessions, draining)
+        health::to_report(&sample, crate::clock::now(), sessions, draining)
     }
 }
 

@@ -23,6 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::now;
 use crate::spool::{SpoolError, SpoolHandle};
 use crate::ticket::{TicketVerifier, VerifyError};
 use crate::LinkStatus;
@@ -311,15 +312,6 @@ async fn serve_connection(
         )
         .await?;
     }
-}
-
-/// The wall clock as the wire stamps events.
-pub fn now() -> UnixMillis {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken) -> Response {

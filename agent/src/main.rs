@@ -357,7 +357,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 Since::At(ms) => UnixMillis(ms),
                 Since::Ago(d) => {
                     let ago = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-                    UnixMillis(ferry_agent::local::now().0.saturating_sub(ago))
+                    UnixMillis(ferry_agent::clock::now().0.saturating_sub(ago))
                 }
             });
             let mut client = LocalClient::connect(&socket_path(&cli)?).await?;

@@ -12,8 +12,8 @@ use ferry_common::duration::{format_duration, parse_duration};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
+use crate::clock::Clock;
 use crate::engine::billing::Prices;
-use crate::groups::tasks::Clock;
 
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "FERRY_BROKER_CONFIG";

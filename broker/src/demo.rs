@@ -683,7 +683,7 @@ async fn show(
     let out = &opts.out;
     let clock = Clock {
         start: Instant::now(),
-        start_ms: crate::link::now_millis(),
+        start_ms: crate::clock::now_millis(),
     };
     say!(
         out,
@@ -773,7 +773,7 @@ async fn show(
         watch.count("released"),
     );
 
-    let to = crate::link::now_millis();
+    let to = crate::clock::now_millis();
     let AdminResponseV1::UsageDetailed(detail) = admin
         .call(AdminRequestV1::UsageDetailed(UsageQuery {
             group: Some(group.clone()),

@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use crate::groups::tasks::Clock;
+use crate::clock::Clock;
 use crate::link::{close_code, EndpointService, HANDSHAKE_TIMEOUT, REFUSAL_LINGER, WRITE_TIMEOUT};
 use crate::pki;
 use crate::store::{Store, StoreError};
@@ -408,7 +408,7 @@ mod tests {
         pki::init(&pki_dir, &[]).expect("pki");
         let store =
             Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
-        let clock = crate::groups::tasks::ManualClock::new(T0);
+        let clock = crate::clock::ManualClock::new(T0);
         let svc = EnrollService::new(store.clone(), &pki_dir, clock.clock());
         let token = new_token().expect("token");
         assert!(is_token_text(&token));

@@ -2,6 +2,7 @@
 //! admin socket; `ferryctl` is built from this library too.
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod csv;
 pub mod daemon;

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ferry_common::frame::{self, FrameError, PreambleReply, PREAMBLE_LEN};
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN};
@@ -149,7 +149,7 @@ pub struct LinkContext {
     pub tickets: Option<Arc<crate::tickets::TicketSigner>>,
     /// The groups' clock: when an agent was last heard from is on the same
     /// timeline as its group's deadlines.
-    pub clock: crate::groups::tasks::Clock,
+    pub clock: crate::clock::Clock,
 }
 
 impl LinkContext {
@@ -157,15 +157,6 @@ impl LinkContext {
         self.health_interval
             .saturating_mul(self.missed_health_limit.max(1))
     }
-}
-
-/// Broker clock as Unix milliseconds.
-pub fn now_millis() -> UnixMillis {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    UnixMillis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 /// Accepts connections until `shutdown`; each connection gets a child token
@@ -724,7 +715,7 @@ impl Connection {
                                 &self.resource,
                                 self.conn_id,
                                 report,
-                                now_millis(),
+                                self.ctx.clock.now(),
                             );
                             let was_silent = !available;
                             available = true;
@@ -849,7 +840,7 @@ impl Connection {
         let out = match self
             .ctx
             .store
-            .record_events(&self.resource, self.spool_id, events, now_millis())
+            .record_events(&self.resource, self.spool_id, events, self.ctx.clock.now())
             .await
         {
             Ok(out) => out,

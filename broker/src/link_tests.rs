@@ -59,7 +59,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         tracker: tracker.clone(),
         services: link::Services::default(),
         tickets: None,
-        clock: crate::groups::tasks::Clock::system(),
+        clock: crate::clock::Clock::system(),
     };
     tracker.spawn(link::serve(endpoint, ctx, shutdown.clone()));
     Broker {

@@ -37,16 +37,16 @@ pub const TEST_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// started second as a whole one, so tests that check billed seconds start
 /// their manual clock on a second.
 pub fn whole_second_now() -> ferry_common::UnixMillis {
-    ferry_common::UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000)
+    ferry_common::UnixMillis(ferry_broker::clock::now_millis().0 / 1000 * 1000)
 }
 
 /// A groups' clock the test moves by hand, starting at [`whole_second_now`],
 /// and the default groups' configuration reading it.
 pub fn manual_clock() -> (
-    ferry_broker::groups::tasks::ManualClock,
+    ferry_broker::clock::ManualClock,
     ferry_broker::config::GroupsConfig,
 ) {
-    let clock = ferry_broker::groups::tasks::ManualClock::new(whole_second_now());
+    let clock = ferry_broker::clock::ManualClock::new(whole_second_now());
     let config = ferry_broker::config::GroupsConfig {
         clock: clock.clock(),
         ..ferry_broker::config::GroupsConfig::default()
@@ -89,7 +89,7 @@ impl TestBroker {
     }
 
     /// Like [`TestBroker::start`], with these group settings (e.g. a manual
-    /// clock from `ferry_broker::groups::tasks::ManualClock`).
+    /// clock from `ferry_broker::clock::ManualClock`).
     pub async fn start_with_groups(
         dir: &Path,
         groups: ferry_broker::config::GroupsConfig,

@@ -7,8 +7,8 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{AdminRequestV1, AdminResponseV1};
 use ferry_tests::bins::bin;
 use ferry_tests::procs::{ferryctl_json, run, BrokerFiles, BrokerProcess};
@@ -464,7 +464,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
     ferry_broker::pki::init(&pki_dir, &[])?;
     // The admin verbs still stamp with the wall clock (see the report), so the
     // manual clock starts there and only moves forward.
-    let clock = ManualClock::new(ferry_broker::link::now_millis());
+    let clock = ManualClock::new(ferry_broker::clock::now_millis());
     let hook_log = tmp.path().join("hook.log");
     let hook = tmp.path().join("hook.sh");
     std::fs::write(

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_agent::local::LocalClient;
+use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
 use ferry_broker::engine::billing::{billed_seconds, per_second_amount, round_line};
 use ferry_broker::groups::hostfit;
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupDetail, GroupSpec, LiveGroupView,
     PolicySpec, SessionType, UsageQuery, UsageReport,
@@ -580,7 +580,7 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
 async fn an_agent_below_the_group_spec_is_flagged_and_still_joins() -> anyhow::Result<()> {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let clock = ManualClock::new(UnixMillis(ferry_broker::link::now_millis().0));
+    let clock = ManualClock::new(UnixMillis(ferry_broker::clock::now_millis().0));
     let config = GroupsConfig {
         clock: clock.clock(),
         ..GroupsConfig::default()
@@ -720,7 +720,7 @@ async fn the_policy_is_pushed_to_every_agent_acknowledged_and_retried_on_rejoin(
 ) -> anyhow::Result<()> {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let clock = ManualClock::new(UnixMillis(ferry_broker::link::now_millis().0));
+    let clock = ManualClock::new(UnixMillis(ferry_broker::clock::now_millis().0));
     let config = GroupsConfig {
         clock: clock.clock(),
         ..GroupsConfig::default()

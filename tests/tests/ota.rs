@@ -199,7 +199,7 @@ async fn wait_drained(broker: &TestBroker, names: &[&str]) -> anyhow::Result<()>
 }
 
 fn now() -> UnixMillis {
-    ferry_broker::link::now_millis()
+    ferry_broker::clock::now_millis()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

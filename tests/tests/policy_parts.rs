@@ -12,8 +12,8 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_broker::pki;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_common::admin::{AdminRequestV1, Secret, UserSpec};
@@ -42,7 +42,7 @@ struct Setup {
 async fn setup() -> anyhow::Result<Setup> {
     init_logging();
     let dir = tempfile::tempdir()?;
-    let clock = ManualClock::new(UnixMillis(ferry_broker::link::now_millis().0));
+    let clock = ManualClock::new(UnixMillis(ferry_broker::clock::now_millis().0));
     let config = GroupsConfig {
         clock: clock.clock(),
         ..GroupsConfig::default()

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_agent::local::LocalClient;
+use ferry_broker::clock::ManualClock;
 use ferry_broker::config::{GroupsConfig, ProvisionerConfig, ProvisionerKind};
 use ferry_broker::engine::billing::billed_seconds;
 use ferry_broker::groups::elastic::RETRY_FIRST;
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec, LiveGroupView, PolicySpec, SessionType,
 };

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError};
+use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_broker::{pki, tickets::TICKET_TTL};
 use ferry_common::admin::{
@@ -122,7 +122,7 @@ async fn fixture(
 }
 
 fn wall_now() -> UnixMillis {
-    ferry_broker::link::now_millis()
+    ferry_broker::clock::now_millis()
 }
 
 impl Fixture {

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferry_broker::clock::ManualClock;
 use ferry_broker::config::{GroupsConfig, ProvisionerConfig, ProvisionerKind};
-use ferry_broker::groups::tasks::ManualClock;
 use ferry_broker::pki;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_common::admin::{
@@ -53,7 +53,7 @@ fn spec(name: &str, base: u32, billing: BillingSpec) -> GroupSpec {
 }
 
 fn whole_second_now() -> UnixMillis {
-    UnixMillis(ferry_broker::link::now_millis().0 / 1000 * 1000)
+    UnixMillis(ferry_broker::clock::now_millis().0 / 1000 * 1000)
 }
 
 /// `create`: counts its calls per resource in `<dir>/<resource>.created`

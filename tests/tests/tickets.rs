@@ -17,7 +17,7 @@ where
 }
 
 fn wall_clock() -> UnixMillis {
-    ferry_agent::local::now()
+    ferry_agent::clock::now()
 }
 
 fn ticket(signer: &TicketSigner, host: &str, session: &str, issued: UnixMillis) -> String {

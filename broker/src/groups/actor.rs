@@ -68,7 +68,8 @@ use tokio_util::task::TaskTracker;
 use super::elastic::{self, Elastic, ElasticParts};
 use super::hostfit;
 use super::service::GroupService;
-use super::tasks::{Clock, RETRY_AFTER_ERROR};
+use super::RETRY_AFTER_ERROR;
+use crate::clock::Clock;
 use crate::config::GroupsConfig;
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
@@ -1060,7 +1061,7 @@ impl GroupActors {
 
     /// Handles the deadlines of `group` due at the clock's now (the actor's
     /// own timer does this too; tests with a
-    /// [`ManualClock`](super::tasks::ManualClock) call it).
+    /// [`ManualClock`](crate::clock::ManualClock) call it).
     pub async fn tick(&self, group: &GroupName) -> Result<(), ActorError> {
         let handle = self
             .actors()
@@ -2552,8 +2553,8 @@ impl Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
     use crate::groups::lifecycle::Removal;
-    use crate::groups::tasks::ManualClock;
     use crate::groups::GroupService;
     use crate::store::StoreOptions;
     use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};

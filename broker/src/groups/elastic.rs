@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::actor::Msg;
-use super::tasks::Clock;
+use crate::clock::Clock;
 use crate::engine::{Action, Decision, RestoredElastic, RestoredState};
 use crate::enroll;
 use crate::provision::{CreateRequest, DeleteRequest, ProvisionError, Provisioning};

@@ -1451,8 +1451,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    use crate::clock::ManualClock;
     use crate::config::GroupsConfig;
-    use crate::groups::tasks::ManualClock;
     use crate::groups::{GroupActors, GroupService};
     use crate::store::StoreOptions;
     use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};

@@ -13,4 +13,8 @@ pub mod service;
 pub mod tasks;
 
 pub use actor::GroupActors;
+
+/// Wait after a store failure before trying again, so a broken disk does not
+/// spin a task.
+pub const RETRY_AFTER_ERROR: std::time::Duration = std::time::Duration::from_secs(5);
 pub use service::{GroupError, GroupService};

@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 use super::lifecycle::{
     check_region_change, Billing, Lifecycle, LifecycleError, Order, Outcome, Removal, Status,
 };
-use super::tasks::{Clock, RETRY_AFTER_ERROR};
+use super::RETRY_AFTER_ERROR;
+use crate::clock::Clock;
 use crate::config::GroupsConfig;
 use crate::engine::billing::{round_line, subscription_amount, Term};
 use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};

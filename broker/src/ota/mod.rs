@@ -34,8 +34,8 @@ use ferry_common::limits::{MAX_ID_LEN, MAX_TEXT_LEN};
 use ferry_common::UnixMillis;
 use tokio::sync::Notify;
 
+use crate::clock::Clock;
 use crate::groups::lifecycle::{check_ota, LifecycleError, Status};
-use crate::groups::tasks::Clock;
 use crate::store::{Store, StoreError};
 
 /// How far ahead a rollout may be scheduled (SPEC section 9: within 7 days).
