@@ -10,7 +10,7 @@
 //! asks for), and the token is marked used in the same transaction that
 //! records the `enrolled` group event. The agent then connects with its
 //! certificate and registers; that registration makes the resource ready
-//! (see [`crate::groups::elastic`]).
+//! (see [`crate::groups::actor::elastic`]).
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;

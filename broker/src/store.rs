@@ -332,7 +332,7 @@ const MIGRATIONS: &[&str] = &[
     );
     "#,
     // Base resources created through the provisioner (issue 4, publishing,
-    // `groups::elastic`): they are recorded in `elastic_resources` with
+    // `groups::actor::elastic`): they are recorded in `elastic_resources` with
     // engine ids `b1..bN`; `created_at` is when the provisioner's create
     // succeeded, so a broker restarted while a group is publishing does not
     // create a resource twice.

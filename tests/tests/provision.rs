@@ -15,7 +15,7 @@ use ferry_agent::local::LocalClient;
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::{GroupsConfig, ProvisionerConfig, ProvisionerKind};
 use ferry_broker::engine::billing::billed_seconds;
-use ferry_broker::groups::elastic::RETRY_FIRST;
+use ferry_broker::groups::actor::elastic::RETRY_FIRST;
 use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec, LiveGroupView, PolicySpec, SessionType,
 };

@@ -5,7 +5,7 @@
 //! ([`actor`]).
 
 pub mod actor;
-pub mod elastic;
+
 pub mod hostfit;
 pub mod lifecycle;
 pub mod policy_parts;

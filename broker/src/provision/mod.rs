@@ -9,7 +9,7 @@
 //! processes on this machine) or none (elastic hosts configured by hand).
 //!
 //! A provisioner only runs one attempt; retries with backoff, events and
-//! what the engine learns are the group actor's ([`crate::groups::elastic`]).
+//! what the engine learns are the group actor's ([`crate::groups::actor::elastic`]).
 
 pub mod exec;
 pub mod local;

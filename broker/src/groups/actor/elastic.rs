@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::actor::Msg;
+use super::Msg;
 use crate::clock::Clock;
 use crate::engine::{Action, Decision, RestoredElastic, RestoredState};
 use crate::enroll;

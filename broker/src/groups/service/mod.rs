@@ -32,18 +32,15 @@ use crate::groups::policy_parts::{stored_json, PolicyParts};
 use crate::store::{Store, StoreError};
 
 // Users' credentials: a child module, so it shares this one's private helpers.
-#[path = "credentials.rs"]
 mod credentials;
 pub use credentials::{max_concurrent_hashes, AuthError, HASHES_PER_CORE};
 
 // Publish, update and show with every policy part (issue 7): a child
 // module, so it shares this one's private helpers.
-#[path = "policy_service.rs"]
-mod policy_service;
+mod policy;
 
 // Base resources created through the provisioner (`publishing`): a child
 // module, so it shares this one's private helpers.
-#[path = "publishing.rs"]
 mod publishing;
 
 /// Most users one `user import` may carry. The whole batch is one

@@ -49,7 +49,7 @@
 //! What is not kept across a broker restart: the binding of agents to base
 //! slots (agents re-join when they reconnect, and their open sessions come
 //! back with their `Hello`). Elastic resources are kept (issue 6, see
-//! [`super::elastic`]): a restarted actor rebuilds its engine with the
+//! [`elastic`]): a restarted actor rebuilds its engine with the
 //! pending, ready and releasing ones of the store, numbering continues, a
 //! ready one keeps its open billing interval and its agent finds its slot
 //! when it reconnects.
@@ -65,7 +65,6 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::elastic::{self, Elastic, ElasticParts};
 use super::hostfit;
 use super::service::GroupService;
 use super::RETRY_AFTER_ERROR;
@@ -74,36 +73,29 @@ use crate::config::GroupsConfig;
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoreError};
+use elastic::{Elastic, ElasticParts};
 
-#[path = "routing.rs"]
+pub mod elastic;
 mod routing;
 // Base resources created through the provisioner (publishing).
-#[path = "base.rs"]
 mod base;
 // No scale-out while payment-overdue.
-#[path = "payment.rs"]
 mod payment;
 // The connection that speaks for each resource (stale reports ignored).
-#[path = "connections.rs"]
 mod connections;
 // Expiry disconnects kept across restarts, and their cap.
-#[path = "disconnects.rs"]
 mod disconnects;
 // Retained sessions kept across restarts.
-#[path = "retention.rs"]
 mod retention;
 // Hosts that stay away: their sessions end.
-#[path = "gone.rs"]
 mod gone;
 pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
 // Image updates (`group update-image`).
-#[path = "image_update.rs"]
 mod image_update;
 pub use image_update::{
     begin as begin_image_update, versions as group_versions, HostStep, ImageProgress,
 };
 // The policy sent to each agent, tried again while it fails.
-#[path = "policy_push.rs"]
 mod policy_push;
 
 /// Messages waiting for one group's actor. Senders wait when it is full, so
@@ -182,7 +174,7 @@ pub struct GroupView {
 /// What an actor is asked to do. Every variant carries a reply sent once the
 /// input is applied and its decisions are committed to the store.
 pub(super) enum Msg {
-    /// A provisioning task's outcome (issue 6, [`super::elastic`]).
+    /// A provisioning task's outcome (issue 6, [`elastic`]).
     Elastic(elastic::Report),
     /// An expiry disconnect's outcome ([`Actor::disconnect`]).
     Disconnect(DisconnectReport),
