@@ -1,0 +1,348 @@
+//! The schema and its migrations. `PRAGMA user_version` is the number of
+//! migrations applied; a store newer than this broker is refused.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Schema migrations, in order. `PRAGMA user_version` is the number applied.
+/// Never edit a shipped migration; append a new one.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE spools (
+        resource TEXT NOT NULL,
+        spool_id INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL,
+        PRIMARY KEY (resource, spool_id)
+    );
+    CREATE TABLE session_events (
+        id INTEGER PRIMARY KEY,
+        resource TEXT NOT NULL,
+        spool_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('started', 'ended')),
+        session TEXT NOT NULL,
+        user TEXT,
+        at INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        reason TEXT,
+        UNIQUE (resource, spool_id, seq)
+    );
+    CREATE TABLE sessions (
+        id INTEGER PRIMARY KEY,
+        resource TEXT NOT NULL,
+        session TEXT NOT NULL,
+        user TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        ended_at INTEGER,
+        end_reason TEXT,
+        reconciled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX sessions_open ON sessions (resource, session) WHERE ended_at IS NULL;
+    CREATE INDEX sessions_by_session ON sessions (session);
+    CREATE TABLE resources (
+        resource TEXT PRIMARY KEY,
+        grp TEXT,
+        agent_version TEXT NOT NULL,
+        image_version TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        os TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_bytes INTEGER NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL
+    );
+    "#,
+    // 2: delivery groups, users, assignments, orders, the activation
+    // outbox and group events (issue 4).
+    r#"
+    CREATE TABLE groups (
+        num INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        region TEXT NOT NULL,
+        office_network TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        image TEXT NOT NULL,
+        billing TEXT NOT NULL CHECK (billing IN ('subscription', 'pay-as-you-go')),
+        term TEXT,
+        auto_renew INTEGER NOT NULL DEFAULT 0,
+        base_resources INTEGER NOT NULL,
+        session_type TEXT NOT NULL CHECK (session_type IN ('independent', 'shared')),
+        policy TEXT NOT NULL,
+        status TEXT NOT NULL,
+        expires_at INTEGER,
+        expired_at INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        gone_at INTEGER,
+        CHECK ((billing = 'subscription') = (term IS NOT NULL))
+    );
+    CREATE UNIQUE INDEX groups_live_name ON groups (name) WHERE status != 'gone';
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        email TEXT NOT NULL,
+        mobile TEXT NOT NULL,
+        password_hash TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE group_users (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        user TEXT NOT NULL REFERENCES users (id),
+        assigned_at INTEGER NOT NULL,
+        PRIMARY KEY (group_num, user)
+    );
+    CREATE TABLE orders (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        kind TEXT NOT NULL CHECK (kind IN ('publish', 'renew', 'auto-renew')),
+        term TEXT NOT NULL,
+        base_resources INTEGER NOT NULL,
+        amount TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        period_start INTEGER NOT NULL,
+        period_end INTEGER NOT NULL,
+        at INTEGER NOT NULL
+    );
+    CREATE INDEX orders_by_group ON orders (group_num, id);
+    CREATE TABLE notifications (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        user TEXT NOT NULL,
+        email TEXT NOT NULL,
+        mobile TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER NOT NULL,
+        delivered_at INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX notifications_pending ON notifications (next_attempt_at)
+        WHERE delivered_at IS NULL;
+    CREATE TABLE group_events (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX group_events_by_group ON group_events (group_num, id);
+    "#,
+    // 3: resource metering (issue 4): when each resource of a group was
+    // ready and when it was released, with its kind and the group's billing
+    // method at that time. At most one open interval per (group, resource).
+    r#"
+    CREATE TABLE resource_intervals (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('base', 'elastic')),
+        billing TEXT NOT NULL CHECK (billing IN ('subscription', 'pay-as-you-go')),
+        ready_at INTEGER NOT NULL,
+        released_at INTEGER,
+        CHECK (released_at IS NULL OR released_at >= ready_at)
+    );
+    CREATE UNIQUE INDEX resource_intervals_open ON resource_intervals (group_num, resource)
+        WHERE released_at IS NULL;
+    CREATE INDEX resource_intervals_by_group ON resource_intervals (group_num, ready_at);
+    "#,
+    // 4: policy push (issue 4): each group's policy version, 1 at publish and
+    // bumped by every accepted update-policy, and the newest version each
+    // resource of the group acknowledged having applied.
+    r#"
+    ALTER TABLE groups ADD COLUMN policy_version INTEGER NOT NULL DEFAULT 1
+        CHECK (policy_version >= 1);
+    CREATE TABLE resource_policy (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        version INTEGER NOT NULL CHECK (version >= 1),
+        applied_at INTEGER NOT NULL,
+        PRIMARY KEY (group_num, resource)
+    );
+    "#,
+    // 5: users' credentials (issue 5). `users.password_hash` (migration 2)
+    // holds an Argon2id PHC string (NULL = no password: the user cannot log
+    // in with one until it is set); this adds the generation of the user's
+    // tokens, bumped by `user revoke-tokens`, which invalidates every token
+    // issued before.
+    r#"
+    ALTER TABLE users ADD COLUMN token_generation INTEGER NOT NULL DEFAULT 0
+        CHECK (token_generation >= 0);
+    "#,
+    // 6: elastic resources for real (issue 6): each elastic resource of a
+    // group with its engine id and lifecycle, so a restarted broker rebuilds
+    // its engine with them and numbering continues; and the one-time
+    // enrollment tokens given to the provisioner, stored as SHA-256 hashes.
+    r#"
+    CREATE TABLE elastic_resources (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        engine_id TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('pending', 'ready', 'releasing', 'released', 'failed')),
+        requested_at INTEGER NOT NULL,
+        ready_at INTEGER,
+        releasing_at INTEGER,
+        released_at INTEGER,
+        deleted_at INTEGER,
+        PRIMARY KEY (group_num, engine_id)
+    );
+    CREATE TABLE enroll_tokens (
+        token_hash TEXT PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER
+    );
+    CREATE INDEX enroll_tokens_by_resource ON enroll_tokens (resource);
+    "#,
+    // 7: sessions by (resource, session) (issue 4, store throughput).
+    // Recording an end looks its session up on its resource; with only the
+    // index by session, hosts that name sessions alike (`1`, `2`, ... on
+    // every host) made that a scan of every host's rows of that name.
+    r#"
+    CREATE INDEX sessions_by_resource ON sessions (resource, session);
+    "#,
+    // OTA updates (issue 7, `crate::ota`): offered updates, their rollout
+    // schedules (at most one scheduled or running per group) and each
+    // resource's outcome in a rollout, in update order.
+    r#"
+    CREATE TABLE ota_updates (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        component TEXT NOT NULL,
+        version TEXT NOT NULL,
+        package TEXT NOT NULL,
+        description TEXT NOT NULL,
+        offered_at INTEGER NOT NULL
+    );
+    CREATE INDEX ota_updates_by_group ON ota_updates (group_num, id);
+    CREATE TABLE ota_schedules (
+        id INTEGER PRIMARY KEY,
+        update_id INTEGER NOT NULL REFERENCES ota_updates (id),
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        start_at INTEGER NOT NULL,
+        wave INTEGER NOT NULL CHECK (wave >= 1),
+        drain_ms INTEGER NOT NULL CHECK (drain_ms >= 0),
+        state TEXT NOT NULL
+            CHECK (state IN ('scheduled', 'cancelled', 'running', 'succeeded', 'failed')),
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        finished_at INTEGER,
+        detail TEXT
+    );
+    CREATE UNIQUE INDEX ota_schedules_active ON ota_schedules (group_num)
+        WHERE state IN ('scheduled', 'running');
+    CREATE TABLE ota_results (
+        schedule_id INTEGER NOT NULL REFERENCES ota_schedules (id),
+        position INTEGER NOT NULL,
+        resource TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('pending', 'draining', 'updating', 'done', 'failed', 'skipped')),
+        started_at INTEGER,
+        finished_at INTEGER,
+        detail TEXT,
+        PRIMARY KEY (schedule_id, resource)
+    );
+    "#,
+    // Base resources created through the provisioner (issue 4, publishing,
+    // `groups::actor::elastic`): they are recorded in `elastic_resources` with
+    // engine ids `b1..bN`; `created_at` is when the provisioner's create
+    // succeeded, so a broker restarted while a group is publishing does not
+    // create a resource twice.
+    r#"
+    ALTER TABLE elastic_resources ADD COLUMN created_at INTEGER;
+    "#,
+    // Image updates (issue 7, `groups::actor::image_update`): each
+    // `group update-image` with its target and warning deadline, and each
+    // resource's outcome (the set is written when the switching starts, so
+    // a restarted broker resumes with it).
+    r#"
+    CREATE TABLE image_updates (
+        id INTEGER PRIMARY KEY,
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        image TEXT NOT NULL,
+        previous_image TEXT NOT NULL,
+        warning_ms INTEGER NOT NULL CHECK (warning_ms >= 0),
+        started_at INTEGER NOT NULL,
+        disconnect_at INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed')),
+        finished_at INTEGER
+    );
+    CREATE UNIQUE INDEX image_updates_running ON image_updates (group_num)
+        WHERE state = 'running';
+    CREATE TABLE image_update_results (
+        update_id INTEGER NOT NULL REFERENCES image_updates (id),
+        resource TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('pending', 'done', 'failed')),
+        detail TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (update_id, resource)
+    );
+    "#,
+    // Store throughput (issue 4): the index of sessions by name alone goes.
+    // Every recorded start paid for it; its one reader (`disconnect` by
+    // session name, `Store::open_session_hosts`) wants open sessions only
+    // and reads the index of open sessions instead.
+    r#"
+    DROP INDEX IF EXISTS sessions_by_session;
+    "#,
+    // Expiry disconnects not confirmed yet (issue 4, `groups::disconnects`):
+    // a restarted broker goes on retrying them, up to 24 h after the first
+    // attempt. `due_at` NULL: an attempt was in flight.
+    r#"
+    CREATE TABLE pending_disconnects (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        resource TEXT NOT NULL,
+        session TEXT NOT NULL,
+        attempts INTEGER NOT NULL CHECK (attempts >= 0),
+        first_at INTEGER NOT NULL,
+        due_at INTEGER,
+        PRIMARY KEY (group_num, resource, session)
+    );
+    "#,
+    // Retained sessions (issue 12, `groups::retention`): a disconnected
+    // session's retention runs from the disconnect across broker restarts.
+    // `deadline` NULL: kept for ever. Ends the broker decides itself (the
+    // retention ran out, the host stayed away) are `sessions.reconciled = 2`:
+    // the host's own later report does not move them, an earlier one does.
+    // `resources.last_seen` is also written when an agent's link ends.
+    r#"
+    CREATE TABLE retained_sessions (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        session TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        disconnected_at INTEGER NOT NULL,
+        deadline INTEGER,
+        PRIMARY KEY (group_num, session)
+    );
+    "#,
+    // Operator output (issue 12): the expiry of the newest token issued to
+    // a user since its tokens were last revoked (NULL: none since), for
+    // `user list`. Tokens themselves are never stored.
+    r#"
+    ALTER TABLE users ADD COLUMN token_expires_at INTEGER;
+    "#,
+];
+
+/// Applies every migration the store has not seen, each in its own
+/// transaction.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::NewerSchema { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
