@@ -9,7 +9,8 @@
 //! - [`rollout`] is the timer that starts each schedule at its start time
 //!   (a deadline on the groups' clock, woken by [`Ota::wake`] after every
 //!   change, never a polling period) and drives the rollout in waves.
-//! - [`store`]: the rows (migration "OTA updates" in `crate::store`).
+//! - [`crate::store::rollouts`]: the rows (migration "OTA updates" in
+//!   `crate::store`).
 //!
 //! Rules: a start must be in the future and at most [`MAX_SCHEDULE_AHEAD`]
 //! ahead; a group has at most one schedule that is scheduled or running;
@@ -21,7 +22,6 @@
 pub mod progress;
 pub mod render;
 pub mod rollout;
-pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::groups::lifecycle::{check_ota, LifecycleError, Status};
+use crate::store::rollouts::{self, ScheduleRow};
 use crate::store::{Store, StoreError};
 
 /// How far ahead a rollout may be scheduled (SPEC section 9: within 7 days).
@@ -152,13 +153,12 @@ pub struct Ota {
     wake: Arc<Notify>,
 }
 
-/// Runs `f` on the writer; its refusal travels back as a value, its store
-/// error as [`OtaError::Store`].
-async fn write<T: Send + 'static>(
-    store: &Store,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<Result<T, OtaError>, StoreError> + Send + 'static,
-) -> Result<T, OtaError> {
-    store.exec(f).await?
+/// What [`Ota::change`] does to a schedule that may still change.
+enum Change {
+    /// `ota reschedule`: a new start.
+    Reschedule(UnixMillis),
+    /// `ota cancel`.
+    Cancel,
 }
 
 impl Ota {
@@ -182,46 +182,47 @@ impl Ota {
             return Err(OtaError::Invalid(problems));
         }
         let now = self.clock.now();
-        write(&self.store, move |c| {
-            let Some(g) = store::find_group(c, spec.group.as_str())? else {
-                return Ok(Err(OtaError::NotFound(format!(
-                    "no group named {}",
-                    spec.group
-                ))));
-            };
-            if g.status == Status::Gone.as_str() {
-                return Ok(Err(OtaError::NotFound(format!(
-                    "group {} is gone",
-                    spec.group
-                ))));
-            }
-            let id = store::insert_update(
-                c,
-                &store::NewUpdate {
-                    group_num: g.num,
-                    component: &spec.component,
-                    version: &spec.version,
-                    package: &spec.package,
-                    description: &spec.description,
-                    at: now,
-                },
-            )?;
-            store::event(
-                c,
-                g.num,
-                now,
-                "ota-offered",
-                &format!(
-                    "update {id} offered: {} {} ({}); roll it out with `ferryctl ota schedule \
+        self.store
+            .exec(move |c| {
+                let Some(g) = rollouts::find_group(c, spec.group.as_str())? else {
+                    return Ok(Err(OtaError::NotFound(format!(
+                        "no group named {}",
+                        spec.group
+                    ))));
+                };
+                if g.status == Status::Gone.as_str() {
+                    return Ok(Err(OtaError::NotFound(format!(
+                        "group {} is gone",
+                        spec.group
+                    ))));
+                }
+                let id = rollouts::insert_update(
+                    c,
+                    &rollouts::NewUpdate {
+                        group_num: g.num,
+                        component: &spec.component,
+                        version: &spec.version,
+                        package: &spec.package,
+                        description: &spec.description,
+                        at: now,
+                    },
+                )?;
+                rollouts::event(
+                    c,
+                    g.num,
+                    now,
+                    "ota-offered",
+                    &format!(
+                        "update {id} offered: {} {} ({}); roll it out with `ferryctl ota schedule \
                      {} --update {id}`",
-                    spec.component, spec.version, spec.description, g.name
-                ),
-            )?;
-            let (info, _) = store::update(c, id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("update {id} vanished")))?;
-            Ok(Ok(info))
-        })
-        .await
+                        spec.component, spec.version, spec.description, g.name
+                    ),
+                )?;
+                let (info, _) = rollouts::update(c, id)?
+                    .ok_or_else(|| StoreError::Corrupt(format!("update {id} vanished")))?;
+                Ok(Ok(info))
+            })
+            .await?
     }
 
     /// `ota list`: offers of one group or all.
@@ -231,12 +232,12 @@ impl Ota {
             .read_with(move |c| {
                 let num = match group {
                     None => None,
-                    Some(g) => match store::find_group(c, &g)? {
+                    Some(g) => match rollouts::find_group(c, &g)? {
                         Some(g) => Some(g.num),
                         None => return Ok(Err(OtaError::NotFound(format!("no group named {g}")))),
                     },
                 };
-                Ok(Ok(store::updates(c, num)?))
+                Ok(Ok(rollouts::updates(c, num)?))
             })
             .await?;
         r
@@ -252,16 +253,16 @@ impl Ota {
             .read_with(move |c| {
                 let num = match group {
                     None => None,
-                    Some(g) => match store::find_group(c, &g)? {
+                    Some(g) => match rollouts::find_group(c, &g)? {
                         Some(g) => Some(g.num),
                         None => return Ok(Err(OtaError::NotFound(format!("no group named {g}")))),
                     },
                 };
                 let mut schedules = Vec::new();
-                for row in store::schedules(c, num)? {
-                    schedules.push(store::schedule_info(c, row)?);
+                for row in rollouts::schedules(c, num)? {
+                    schedules.push(rollouts::schedule_info(c, row)?);
                 }
-                Ok(Ok((store::updates(c, num)?, schedules)))
+                Ok(Ok((rollouts::updates(c, num)?, schedules)))
             })
             .await?;
         r
@@ -277,54 +278,56 @@ impl Ota {
         if !problems.is_empty() {
             return Err(OtaError::Invalid(problems));
         }
-        let r = write(&self.store, move |c| {
-            let Some(g) = store::find_group(c, spec.group.as_str())? else {
-                return Ok(Err(OtaError::NotFound(format!(
-                    "no group named {}",
-                    spec.group
-                ))));
-            };
-            let Some((update, group_num)) = store::update(c, spec.update)? else {
-                return Ok(Err(OtaError::NotFound(format!(
-                    "no update {}",
-                    spec.update
-                ))));
-            };
-            if group_num != g.num {
-                return Ok(Err(OtaError::NotFound(format!(
-                    "update {} was offered to group {}, not {}",
-                    spec.update, update.group, spec.group
-                ))));
-            }
-            if let Err(e) = status_allows(&g) {
-                return Ok(Err(e));
-            }
-            if let Some(active) = store::active_of_group(c, g.num)? {
-                return Ok(Err(OtaError::Conflict(format!(
+        let r =
+            self.store
+                .exec(move |c| {
+                    let Some(g) = rollouts::find_group(c, spec.group.as_str())? else {
+                        return Ok(Err(OtaError::NotFound(format!(
+                            "no group named {}",
+                            spec.group
+                        ))));
+                    };
+                    let Some((update, group_num)) = rollouts::update(c, spec.update)? else {
+                        return Ok(Err(OtaError::NotFound(format!(
+                            "no update {}",
+                            spec.update
+                        ))));
+                    };
+                    if group_num != g.num {
+                        return Ok(Err(OtaError::NotFound(format!(
+                            "update {} was offered to group {}, not {}",
+                            spec.update, update.group, spec.group
+                        ))));
+                    }
+                    if let Err(e) = status_allows(&g) {
+                        return Ok(Err(e));
+                    }
+                    if let Some(active) = rollouts::active_of_group(c, g.num)? {
+                        return Ok(Err(OtaError::Conflict(format!(
                     "group {} already has OTA schedule {} ({}, starting {}); cancel it first",
                     spec.group,
                     active.id,
                     active.state,
                     crate::render::rfc3339(active.start)
                 ))));
-            }
-            let id = store::insert_schedule(
-                c,
-                &store::NewSchedule {
-                    update_id: spec.update,
-                    group_num: g.num,
-                    start: spec.start,
-                    wave: spec.wave,
-                    drain_ms: spec.drain_ms,
-                    at: now,
-                },
-            )?;
-            store::event(
-                c,
-                g.num,
-                now,
-                "ota-scheduled",
-                &format!(
+                    }
+                    let id = rollouts::insert_schedule(
+                        c,
+                        &rollouts::NewSchedule {
+                            update_id: spec.update,
+                            group_num: g.num,
+                            start: spec.start,
+                            wave: spec.wave,
+                            drain_ms: spec.drain_ms,
+                            at: now,
+                        },
+                    )?;
+                    rollouts::event(
+                        c,
+                        g.num,
+                        now,
+                        "ota-scheduled",
+                        &format!(
                     "update {} ({} {}) scheduled as OTA schedule {id}: start {}, waves of {}, \
                      drain deadline {} per resource",
                     update.id,
@@ -334,14 +337,14 @@ impl Ota {
                     spec.wave,
                     ferry_common::duration::format_duration(Duration::from_millis(spec.drain_ms))
                 ),
-            )?;
-            let row = store::schedule(c, id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
-            Ok(Ok(store::schedule_info(c, row)?))
-        })
-        .await;
+                    )?;
+                    let row = rollouts::schedule(c, id)?
+                        .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
+                    Ok(Ok(rollouts::schedule_info(c, row)?))
+                })
+                .await;
         self.wake();
-        r
+        r?
     }
 
     /// `ota reschedule`: only a schedule that has not started.
@@ -352,23 +355,7 @@ impl Ota {
     ) -> Result<OtaScheduleInfo, OtaError> {
         let now = self.clock.now();
         check_start(start, now).map_err(|why| OtaError::Invalid(vec![why]))?;
-        let r = self
-            .change(id, now, move |c, row| {
-                store::set_start(c, row.id, start)?;
-                store::event(
-                    c,
-                    row.group_num,
-                    now,
-                    "ota-rescheduled",
-                    &format!(
-                        "OTA schedule {} moved from {} to {}",
-                        row.id,
-                        crate::render::rfc3339(row.start),
-                        crate::render::rfc3339(start)
-                    ),
-                )
-            })
-            .await;
+        let r = self.change(id, now, Change::Reschedule(start)).await;
         self.wake();
         r
     }
@@ -376,52 +363,62 @@ impl Ota {
     /// `ota cancel`: only a schedule that has not started.
     pub async fn cancel(&self, id: u64) -> Result<OtaScheduleInfo, OtaError> {
         let now = self.clock.now();
-        let r = self
-            .change(id, now, move |c, row| {
-                store::set_state(
-                    c,
-                    row.id,
-                    "scheduled",
-                    "cancelled",
-                    now,
-                    Some("cancelled by operator"),
-                )?;
-                store::event(
-                    c,
-                    row.group_num,
-                    now,
-                    "ota-cancelled",
-                    &format!("OTA schedule {} cancelled before its start", row.id),
-                )
-            })
-            .await;
+        let r = self.change(id, now, Change::Cancel).await;
         self.wake();
         r
     }
 
-    /// Applies `f` to schedule `id` when it may still change
-    /// ([`may_change`]); answers the schedule as it is afterwards.
+    /// Makes `change` to schedule `id` when it may still change
+    /// ([`may_change`]), with its event; answers the schedule as it is
+    /// afterwards.
     async fn change(
         &self,
         id: u64,
         now: UnixMillis,
-        f: impl FnOnce(&rusqlite::Connection, &store::ScheduleRow) -> Result<(), StoreError>
-            + Send
-            + 'static,
+        change: Change,
     ) -> Result<OtaScheduleInfo, OtaError> {
-        write(&self.store, move |c| {
-            let Some(row) = store::schedule(c, id)? else {
-                return Ok(Err(OtaError::NotFound(format!("no OTA schedule {id}"))));
-            };
-            if let Err(why) = may_change(&row, now) {
-                return Ok(Err(OtaError::Refused(why)));
-            }
-            f(c, &row)?;
-            let row = store::schedule(c, id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
-            Ok(Ok(store::schedule_info(c, row)?))
-        })
-        .await
+        self.store
+            .exec(move |c| {
+                let Some(row) = rollouts::schedule(c, id)? else {
+                    return Ok(Err(OtaError::NotFound(format!("no OTA schedule {id}"))));
+                };
+                if let Err(why) = may_change(&row, now) {
+                    return Ok(Err(OtaError::Refused(why)));
+                }
+                let (kind, message) = match change {
+                    Change::Reschedule(start) => {
+                        rollouts::set_start(c, row.id, start)?;
+                        (
+                            "ota-rescheduled",
+                            format!(
+                                "OTA schedule {} moved from {} to {}",
+                                row.id,
+                                crate::render::rfc3339(row.start),
+                                crate::render::rfc3339(start)
+                            ),
+                        )
+                    }
+                    Change::Cancel => {
+                        rollouts::set_state(
+                            c,
+                            row.id,
+                            "scheduled",
+                            "cancelled",
+                            now,
+                            Some("cancelled by operator"),
+                        )?;
+                        (
+                            "ota-cancelled",
+                            format!("OTA schedule {} cancelled before its start", row.id),
+                        )
+                    }
+                };
+                rollouts::event(c, row.group_num, now, kind, &message)?;
+                let row = rollouts::schedule(c, id)?
+                    .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
+                Ok(Ok(rollouts::schedule_info(c, row)?))
+            })
+            .await?
     }
 
     /// `ota history`: every schedule of the group with its resources' outcomes.
@@ -429,12 +426,12 @@ impl Ota {
         let r = self
             .store
             .read_with(move |c| {
-                let Some(g) = store::find_group(c, &group)? else {
+                let Some(g) = rollouts::find_group(c, &group)? else {
                     return Ok(Err(OtaError::NotFound(format!("no group named {group}"))));
                 };
                 let mut out = Vec::new();
-                for row in store::schedules_of_group(c, g.num)? {
-                    out.push(store::schedule_info(c, row)?);
+                for row in rollouts::schedules_of_group(c, g.num)? {
+                    out.push(rollouts::schedule_info(c, row)?);
                 }
                 Ok(Ok(out))
             })
@@ -499,7 +496,7 @@ pub async fn handle(ota: &Ota, req: AdminRequestV1) -> AdminResponseV1 {
 
 /// Whether a schedule may be moved or cancelled at `now`: only while it is
 /// `scheduled` and its start has not come.
-pub fn may_change(row: &store::ScheduleRow, now: UnixMillis) -> Result<(), String> {
+pub fn may_change(row: &ScheduleRow, now: UnixMillis) -> Result<(), String> {
     if row.state != "scheduled" {
         return Err(format!(
             "OTA schedule {} is {}; only a schedule that has not started can be changed or cancelled",
@@ -525,7 +522,7 @@ fn billing_kind(billing: &str) -> &'static str {
 }
 
 /// The group's status allows an OTA rollout.
-fn status_allows(g: &store::GroupRef) -> Result<(), OtaError> {
+fn status_allows(g: &rollouts::GroupRef) -> Result<(), OtaError> {
     let status = Status::parse(&g.status)
         .ok_or_else(|| StoreError::Corrupt(format!("status {:?}", g.status)))?;
     check_ota(billing_kind(&g.billing), status)?;

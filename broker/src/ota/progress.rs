@@ -12,12 +12,11 @@ use ferry_common::admin::{GroupRolloutsInfo, OtaScheduleInfo, RolloutHostInfo, R
 use ferry_common::GroupName;
 
 use super::rollout::drain_deadline;
-use super::store;
 use crate::groups::actor::{group_versions, ImageProgress};
 use crate::groups::service::GroupError;
 use crate::groups::GroupActors;
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::{rollouts, Store};
 
 /// `group show`'s update part (`GroupRollouts`).
 pub async fn group_rollouts(
@@ -30,11 +29,11 @@ pub async fn group_rollouts(
     let key = group.to_string();
     let (name, ota) = store
         .read_with(move |c| {
-            let Some(g) = store::find_group(c, &key)? else {
+            let Some(g) = rollouts::find_group(c, &key)? else {
                 return Ok((None, None));
             };
-            let ota = match store::active_of_group(c, g.num)? {
-                Some(row) => Some(store::schedule_info(c, row)?),
+            let ota = match rollouts::active_of_group(c, g.num)? {
+                Some(row) => Some(rollouts::schedule_info(c, row)?),
                 None => None,
             };
             Ok((Some(g.name), ota))

@@ -53,7 +53,6 @@ use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{self, ResultRow, ScheduleRow};
 use super::Ota;
 use crate::engine::ResourceState;
 use crate::groups::lifecycle::{after_failed_ota, after_succeeded_ota, Status};
@@ -61,6 +60,7 @@ use crate::groups::GroupActors;
 use crate::groups::RETRY_AFTER_ERROR;
 use crate::hook_failure::brief;
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
+use crate::store::rollouts::{self as store, ResultRow, ScheduleRow};
 use crate::store::StoreError;
 
 /// How long the rollout waits on agents.

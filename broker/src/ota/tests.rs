@@ -14,12 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::rollout::{self, plan_waves, Settings};
-use super::store::{self as ota_store, ResultRow, ScheduleRow};
 use super::*;
 use crate::clock::ManualClock;
 use crate::config::GroupsConfig;
 use crate::groups::GroupActors;
 use crate::registry::{CommandRequest, Registry};
+use crate::store::rollouts::{self as ota_store, ResultRow, ScheduleRow};
 use crate::store::StoreOptions;
 
 const T0: UnixMillis = UnixMillis(1_800_000_000_000);

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 mod migrations;
 use migrations::migrate;
+pub mod rollouts;
 
 /// Writes waiting for the writer thread. Callers wait (backpressure) when it
 /// is full; at the default batch size this is several commits' worth.

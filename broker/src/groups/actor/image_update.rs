@@ -58,7 +58,6 @@ use ferry_common::duration::format_duration;
 use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::wire::{Command, CommandOutcome, Inventory};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Actor, ActorError, Msg};
 use crate::engine::{Input, ResourceState};
@@ -66,7 +65,7 @@ use crate::groups::lifecycle::{self, Status};
 use crate::groups::service::GroupError;
 use crate::hook_failure::brief;
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
-use crate::store::{Store, StoreError};
+use crate::store::{rollouts, Store, StoreError};
 
 /// Longest warning an operator may give: a day.
 pub const MAX_WARNING: Duration = Duration::from_secs(24 * 3600);
@@ -104,39 +103,6 @@ fn check_image(image: &str) -> Result<(), GroupError> {
     Err(GroupError::Invalid(vec![problem]))
 }
 
-/// What an image update needs of a group's row.
-struct LiveGroup {
-    num: i64,
-    name: String,
-    status: String,
-    billing: String,
-    image: String,
-}
-
-impl LiveGroup {
-    /// From `SELECT num, name, status, billing, image`.
-    fn read(r: &rusqlite::Row<'_>) -> Result<LiveGroup, rusqlite::Error> {
-        Ok(LiveGroup {
-            num: r.get(0)?,
-            name: r.get(1)?,
-            status: r.get(2)?,
-            billing: r.get(3)?,
-            image: r.get(4)?,
-        })
-    }
-}
-
-/// The live group named `group` (a name or an id).
-fn live_group(c: &Connection, group: &str) -> Result<Option<LiveGroup>, rusqlite::Error> {
-    c.query_row(
-        "SELECT num, name, status, billing, image FROM groups
-         WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1",
-        [group],
-        LiveGroup::read,
-    )
-    .optional()
-}
-
 /// `group update-image`: records the update and sets the group `updating`
 /// (see the module doc); the caller then syncs the group's actor, which
 /// carries it out. Returns the group's name.
@@ -157,19 +123,12 @@ pub async fn begin(
     let group = spec.group.to_string();
     store
         .exec(move |c| {
-            let Some(LiveGroup {
-                num,
-                name,
-                status,
-                billing,
-                image: previous,
-            }) = live_group(c, &group)?
-            else {
+            let Some(g) = rollouts::live_group(c, &group)? else {
                 return Ok(Err(GroupError::NotFound(format!("no group named {group}"))));
             };
-            let status = Status::parse(&status)
-                .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}")))?;
-            let billing = if billing == "subscription" {
+            let status = Status::parse(&g.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("status {:?}", g.status)))?;
+            let billing = if g.billing == "subscription" {
                 "subscription"
             } else {
                 "pay-as-you-go"
@@ -180,52 +139,43 @@ pub async fn begin(
             // One update at a time: an OTA rollout drains and updates hosts
             // one wave after another, and switching their image under it
             // would mix the two.
-            let ota: Option<i64> = c
-                .query_row(
-                    "SELECT id FROM ota_schedules WHERE group_num = ?1 AND state = 'running'",
-                    [num],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(id) = ota {
+            if let Some(ota) = rollouts::running_of_group(c, g.num)? {
                 return Ok(Err(GroupError::Conflict(format!(
-                    "group {name} is rolling out OTA schedule {id}; update the image after it \
-                     ends (ferryctl ota history {name})"
+                    "group {} is rolling out OTA schedule {}; update the image after it \
+                     ends (ferryctl ota history {})",
+                    g.name, ota.id, g.name
                 ))));
             }
-            let disconnect_at = now.0.saturating_add(ms(warning));
+            let disconnect_at = UnixMillis(now.0.saturating_add(ms(warning)));
             // An update the group left by other means (it expired while
             // updating, then was renewed) is over.
-            c.execute(
-                "UPDATE image_updates SET state = 'failed', finished_at = ?2
-                 WHERE group_num = ?1 AND state = 'running'",
-                params![num, now.0],
+            rollouts::fail_running_image_updates(c, g.num, now)?;
+            rollouts::insert_image_update(
+                c,
+                &rollouts::NewImageUpdate {
+                    group_num: g.num,
+                    image: &spec.image,
+                    previous_image: &g.image,
+                    warning_ms: u64::try_from(ms(warning)).unwrap_or(0),
+                    started_at: now,
+                    disconnect_at,
+                },
             )?;
-            c.execute(
-                "INSERT INTO image_updates (group_num, image, previous_image, warning_ms,
-                     started_at, disconnect_at, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running')",
-                params![num, spec.image, previous, ms(warning), now.0, disconnect_at],
+            rollouts::set_group_status(c, g.num, &g.status, Status::Updating.as_str(), now)?;
+            rollouts::event(
+                c,
+                g.num,
+                now,
+                "status",
+                &format!(
+                    "{status} -> updating: image update from {} to {}; open \
+                     sessions are warned and disconnected in {}, no new sessions meanwhile",
+                    g.image,
+                    spec.image,
+                    ferry_common::duration::format_duration(warning)
+                ),
             )?;
-            c.execute(
-                "UPDATE groups SET status = 'updating', updated_at = ?1 WHERE num = ?2",
-                params![now.0, num],
-            )?;
-            c.execute(
-                "INSERT INTO group_events (group_num, at, kind, message)
-                 VALUES (?1, ?2, 'status', ?3)",
-                params![
-                    num,
-                    now.0,
-                    format!(
-                        "{status} -> updating: image update from {previous} to {}; open \
-                         sessions are warned and disconnected in {}, no new sessions meanwhile",
-                        spec.image,
-                        ferry_common::duration::format_duration(warning)
-                    )
-                ],
-            )?;
-            Ok(Ok(name))
+            Ok(Ok(g.name.to_string()))
         })
         .await?
 }
@@ -241,63 +191,29 @@ pub async fn versions(
     type Stored = (
         String,
         String,
-        Vec<(String, String, String)>,
+        Vec<rollouts::StoredVersions>,
         BTreeMap<String, String>,
     );
     let (image, status, stored, outcomes): Stored = store
         .read_with(move |c| {
             // Like `group show`: the live group of that name first, else a gone one.
-            let row = c
-                .query_row(
-                    "SELECT num, name, status, billing, image FROM groups
-                     WHERE id = ?1 OR name = ?1
-                     ORDER BY (status != 'gone') DESC, num DESC LIMIT 1",
-                    [&key],
-                    LiveGroup::read,
-                )
-                .optional()?;
-            let Some(LiveGroup {
-                num,
-                name,
-                status,
-                image,
-                ..
-            }) = row
-            else {
+            let Some(g) = rollouts::find_group(c, &key)? else {
                 return Ok(None);
             };
-            let mut stmt = c.prepare(
-                "SELECT resource, agent_version, image_version FROM resources
-                 WHERE grp = ?1 ORDER BY resource",
-            )?;
-            let stored = stmt
-                .query_map([&name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut stmt = c.prepare(
-                "SELECT resource, outcome, detail FROM image_update_results
-                 WHERE update_id = (SELECT MAX(id) FROM image_updates WHERE group_num = ?1)",
-            )?;
-            let outcomes = stmt
-                .query_map([num], |r| {
-                    let (resource, outcome, detail): (String, String, String) =
-                        (r.get(0)?, r.get(1)?, r.get(2)?);
-                    Ok((
-                        resource,
-                        if outcome == "failed" {
-                            format!("failed: {detail}")
-                        } else {
-                            outcome
-                        },
-                    ))
-                })?
-                .collect::<Result<BTreeMap<_, _>, _>>()?;
-            Ok(Some((image, status, stored, outcomes)))
+            let stored = rollouts::resource_versions(c, g.name.as_str())?;
+            let outcomes = rollouts::latest_image_outcomes(c, g.num)?;
+            Ok(Some((g.image, g.status, stored, outcomes)))
         })
         .await?
         .ok_or_else(|| GroupError::NotFound(format!("no group named {group}")))?;
     let live = registry.snapshot();
     let mut resources = Vec::with_capacity(stored.len());
-    for (resource, agent_version, image_version) in stored {
+    for rollouts::StoredVersions {
+        resource,
+        agent_version,
+        image_version,
+    } in stored
+    {
         let Ok(id) = resource.parse::<ResourceId>() else {
             continue;
         };
@@ -588,20 +504,6 @@ async fn after_switch(
     }
 }
 
-/// A running update as stored.
-struct Loaded {
-    id: i64,
-    image: String,
-    started_at: i64,
-    disconnect_at: i64,
-    /// (resource, outcome, detail) of the switch, once it began.
-    results: Vec<(String, String, String)>,
-    /// Resources the previous update failed on.
-    before: Vec<String>,
-    /// (resource, session) open on the group's resources.
-    open: Vec<(String, String)>,
-}
-
 impl Actor {
     /// A group event of the update, committed with its other writes so the
     /// events read in the order things happened.
@@ -733,97 +635,42 @@ impl Actor {
             return Ok(());
         }
         let (num, name) = (self.row.num, self.row.name.to_string());
-        let loaded: Option<Loaded> = self
+        let loaded = self
             .shared
             .store
             .read_with(move |c| {
-                let row = c
-                    .query_row(
-                        "SELECT id, image, started_at, disconnect_at FROM image_updates
-                         WHERE group_num = ?1 AND state = 'running'",
-                        [num],
-                        |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, i64>(2)?,
-                                r.get::<_, i64>(3)?,
-                            ))
-                        },
-                    )
-                    .optional()?;
-                let Some((id, image, started_at, disconnect_at)) = row else {
+                let Some(row) = rollouts::running_image_update(c, num)? else {
                     return Ok(None);
                 };
-                let mut stmt = c.prepare(
-                    "SELECT resource FROM image_update_results
-                     WHERE outcome = 'failed' AND update_id = (SELECT MAX(id) FROM image_updates
-                         WHERE group_num = ?1 AND state != 'running')",
-                )?;
-                let before = stmt
-                    .query_map([num], |r| r.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut stmt = c.prepare(
-                    "SELECT resource, outcome, detail FROM image_update_results
-                     WHERE update_id = ?1 ORDER BY resource",
-                )?;
-                let results = stmt
-                    .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
+                let before = rollouts::failed_in_last_image_update(c, num)?;
+                let results = rollouts::image_results(c, row.id)?;
                 // The group's open sessions as recorded, whether or not
                 // their agents have joined this actor yet (broker restart).
-                let mut stmt = c.prepare(
-                    "SELECT s.resource, s.session FROM sessions s
-                     JOIN resources r ON r.resource = s.resource
-                     WHERE r.grp = ?1 AND s.ended_at IS NULL ORDER BY s.resource, s.session",
-                )?;
-                let open = stmt
-                    .query_map([&name], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(Some(Loaded {
-                    id,
-                    image,
-                    started_at,
-                    disconnect_at,
-                    results,
-                    before,
-                    open,
-                }))
+                let open = rollouts::open_sessions_of_group(c, &name)?;
+                Ok(Some((row, results, before, open)))
             })
             .await?;
-        let Some(Loaded {
-            id,
-            image,
-            started_at,
-            disconnect_at,
-            results,
-            before,
-            open,
-        }) = loaded
-        else {
+        let Some((row, results, before, open)) = loaded else {
             tracing::warn!(group = %self.row.name, "updating without a running image update");
             return Ok(());
         };
+        let (id, image, started_at, disconnect_at) =
+            (row.id, row.image, row.started_at.0, row.disconnect_at.0);
         let now = self.now();
         let mut steps = BTreeMap::new();
-        for (resource, outcome, detail) in &results {
-            let Ok(r) = resource.parse::<ResourceId>() else {
-                continue;
-            };
+        for r in &results {
             steps.insert(
-                r,
-                match outcome.as_str() {
+                r.resource.clone(),
+                match r.outcome.as_str() {
                     "done" => Step::Done,
-                    "failed" => Step::Failed(detail.clone()),
+                    "failed" => Step::Failed(r.detail.clone()),
                     _ => Step::Waiting,
                 },
             );
         }
         let mut recorded: BTreeMap<ResourceId, BTreeSet<SessionId>> = BTreeMap::new();
-        for (resource, session) in open {
-            if let (Ok(r), Ok(s)) = (resource.parse(), session.parse()) {
-                recorded.entry(r).or_default().insert(s);
-            }
+        for (r, s) in open {
+            recorded.entry(r).or_default().insert(s);
         }
         let switching = !results.is_empty();
         self.image.run = Some(Run {
@@ -834,7 +681,7 @@ impl Actor {
             switching,
             steps,
             wait_until: UnixMillis(now.0.saturating_add(ms(RECONNECT_DEADLINE))),
-            previously_failed: before.iter().filter_map(|r| r.parse().ok()).collect(),
+            previously_failed: before.into_iter().collect(),
             warned: BTreeSet::new(),
             unwarned: BTreeMap::new(),
         });
@@ -1340,98 +1187,52 @@ impl Actor {
             .store
             .exec(move |c| {
                 // The running update's id (the run may be gone once finished).
-                let id: Option<i64> = match update {
+                let id = match update {
                     Some(id) => Some(id),
-                    None => c
-                        .query_row(
-                            "SELECT id FROM image_updates WHERE group_num = ?1 AND state = 'running'",
-                            [num],
-                            |r| r.get(0),
-                        )
-                        .optional()?,
+                    None => rollouts::running_image_update(c, num)?.map(|r| r.id),
                 };
                 for w in &writes {
                     if let Write::Event { at, kind, message } = w {
-                        c.execute(
-                            "INSERT INTO group_events (group_num, at, kind, message)
-                             VALUES (?1, ?2, ?3, ?4)",
-                            params![num, at.0, kind, message],
-                        )?;
+                        rollouts::event(c, num, *at, kind, message)?;
                         continue;
                     }
                     let Some(id) = id else { continue };
                     match w {
                         Write::Event { .. } => {}
                         Write::Pending(resources) => {
-                            for r in resources {
-                                c.execute(
-                                    "INSERT OR IGNORE INTO image_update_results
-                                         (update_id, resource, outcome, detail, at)
-                                     SELECT ?1, ?2, 'pending', '', started_at
-                                     FROM image_updates WHERE id = ?1",
-                                    params![id, r.as_str()],
-                                )?;
-                            }
+                            rollouts::insert_image_pending(c, id, resources)?
                         }
                         Write::Outcome {
                             resource,
                             ok,
                             detail,
                             at,
-                        } => {
-                            c.execute(
-                                "INSERT INTO image_update_results
-                                     (update_id, resource, outcome, detail, at)
-                                 VALUES (?1, ?2, ?3, ?4, ?5)
-                                 ON CONFLICT (update_id, resource) DO UPDATE
-                                     SET outcome = excluded.outcome, detail = excluded.detail,
-                                         at = excluded.at",
-                                params![
-                                    id,
-                                    resource.as_str(),
-                                    if *ok { "done" } else { "failed" },
-                                    detail,
-                                    at.0
-                                ],
-                            )?;
-                        }
-                        Write::Abandon { at } => {
-                            c.execute(
-                                "UPDATE image_updates SET state = 'failed', finished_at = ?2
-                                 WHERE id = ?1",
-                                params![id, at.0],
-                            )?;
-                        }
+                        } => rollouts::set_image_outcome(c, id, resource, *ok, detail, *at)?,
+                        Write::Abandon { at } => rollouts::end_image_update(c, id, false, *at)?,
                         Write::Finish {
                             ok,
                             image,
                             message,
                             at,
                         } => {
-                            c.execute(
-                                "UPDATE image_updates SET state = ?2, finished_at = ?3
-                                 WHERE id = ?1",
-                                params![id, if *ok { "succeeded" } else { "failed" }, at.0],
-                            )?;
+                            rollouts::end_image_update(c, id, *ok, *at)?;
                             if *ok {
-                                c.execute(
-                                    "UPDATE groups SET image = ?2, status = 'published',
-                                         updated_at = ?3
-                                     WHERE num = ?1 AND status = 'updating'",
-                                    params![num, image, at.0],
-                                )?;
-                            } else {
-                                c.execute(
-                                    "UPDATE groups SET status = 'update-failed', updated_at = ?2
-                                     WHERE num = ?1 AND status = 'updating'",
-                                    params![num, at.0],
-                                )?;
+                                rollouts::set_group_image(c, num, image, *at)?;
                             }
-                            c.execute(
-                                "INSERT INTO group_events (group_num, at, kind, message)
-                                 VALUES (?1, ?2, 'status', ?3)",
-                                params![num, at.0, message],
-                            )?;
+                            let to = if *ok {
+                                Status::Published
+                            } else {
+                                Status::UpdateFailed
+                            };
+                            if rollouts::set_group_status(
+                                c,
+                                num,
+                                Status::Updating.as_str(),
+                                to.as_str(),
+                                *at,
+                            )? {
+                                rollouts::event(c, num, *at, "status", message)?;
+                            }
                         }
                     }
                 }
@@ -1614,14 +1415,31 @@ mod tests {
             .expect("publish");
         store
             .exec(|c| {
-                c.execute_batch(
-                    "INSERT INTO ota_updates (group_num, component, version, package,
-                         description, offered_at)
-                     SELECT num, 'app', '2', '', 'app 2', 0 FROM groups WHERE name = 'g1';
-                     INSERT INTO ota_schedules (update_id, group_num, start_at, wave, drain_ms,
-                         state, created_at)
-                     SELECT id, group_num, 0, 1, 0, 'running', 0 FROM ota_updates;",
+                let g = rollouts::find_group(c, "g1")?
+                    .ok_or_else(|| StoreError::Corrupt("no g1".into()))?;
+                let update = rollouts::insert_update(
+                    c,
+                    &rollouts::NewUpdate {
+                        group_num: g.num,
+                        component: "app",
+                        version: "2",
+                        package: "",
+                        description: "app 2",
+                        at: UnixMillis(0),
+                    },
                 )?;
+                let id = rollouts::insert_schedule(
+                    c,
+                    &rollouts::NewSchedule {
+                        update_id: update,
+                        group_num: g.num,
+                        start: UnixMillis(0),
+                        wave: 1,
+                        drain_ms: 0,
+                        at: UnixMillis(0),
+                    },
+                )?;
+                rollouts::set_state(c, id, "scheduled", "running", UnixMillis(0), None)?;
                 Ok(())
             })
             .await

@@ -1,10 +1,18 @@
-//! OTA rows (migration "OTA updates" in `crate::store`): plain functions on a
-//! connection, run inside [`crate::store::Store::exec`] (writes) or
-//! [`crate::store::Store::read_with`] (reads), so every change is committed
-//! before anyone is told about it.
+//! The door to the rollouts' rows: OTA offers, schedules and each
+//! resource's outcome (migration "OTA updates"), image updates and each
+//! resource's outcome (migration "Image updates"), and what a rollout reads
+//! and writes of its group (status, image, events, open sessions).
+//!
+//! Plain functions on the connection a [`crate::store::Store::exec`] (writes)
+//! or [`crate::store::Store::read_with`] (reads) closure is given, so a
+//! caller composes several in one transaction and every change is committed
+//! before anyone is told about it. Every row comes back as a typed struct;
+//! no SQL is written anywhere else for these tables.
+
+use std::collections::BTreeMap;
 
 use ferry_common::admin::{OtaResourceInfo, OtaScheduleInfo, OtaUpdateInfo};
-use ferry_common::{GroupName, ResourceId, UnixMillis};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::store::StoreError;
@@ -17,7 +25,7 @@ fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| corrupt(format!("{what} {v} is negative")))
 }
 
-pub(super) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| corrupt(format!("{what} {v} does not fit")))
 }
 
@@ -29,13 +37,15 @@ pub struct GroupRef {
     pub status: String,
     /// `subscription` or `pay-as-you-go`.
     pub billing: String,
+    /// The image hosts created from now on start from.
+    pub image: String,
 }
 
 /// The group named `group` (a live name first, else an id or a gone name).
 pub fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
     let row = c
         .query_row(
-            "SELECT num, name, status, billing FROM groups WHERE id = ?1 OR name = ?1
+            "SELECT num, name, status, billing, image FROM groups WHERE id = ?1 OR name = ?1
              ORDER BY (status != 'gone') DESC, num DESC LIMIT 1",
             [group],
             |r| {
@@ -44,16 +54,18 @@ pub fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, Store
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             },
         )
         .optional()?;
-    row.map(|(num, name, status, billing)| {
+    row.map(|(num, name, status, billing, image)| {
         Ok(GroupRef {
             num,
             name: name.parse().map_err(corrupt)?,
             status,
             billing,
+            image,
         })
     })
     .transpose()
@@ -61,16 +73,17 @@ pub fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, Store
 
 /// The group of number `num`.
 pub fn group_by_num(c: &Connection, num: i64) -> Result<GroupRef, StoreError> {
-    let (name, status, billing): (String, String, String) = c.query_row(
-        "SELECT name, status, billing FROM groups WHERE num = ?1",
+    let (name, status, billing, image): (String, String, String, String) = c.query_row(
+        "SELECT name, status, billing, image FROM groups WHERE num = ?1",
         [num],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     Ok(GroupRef {
         num,
         name: name.parse().map_err(corrupt)?,
         status,
         billing,
+        image,
     })
 }
 
@@ -225,6 +238,15 @@ pub fn schedule(c: &Connection, id: u64) -> Result<Option<ScheduleRow>, StoreErr
 /// Every schedule still to start or running (the rollout timer's work).
 pub fn active_schedules(c: &Connection) -> Result<Vec<ScheduleRow>, StoreError> {
     schedules_where(c, "state IN ('scheduled', 'running')", [])
+}
+
+/// The group's running schedule, if any.
+pub fn running_of_group(c: &Connection, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
+    Ok(
+        schedules_where(c, "group_num = ?1 AND state = 'running'", [group_num])?
+            .into_iter()
+            .next(),
+    )
 }
 
 /// The group's scheduled or running schedule, if any.
@@ -487,4 +509,309 @@ pub fn schedule_info(c: &Connection, row: ScheduleRow) -> Result<OtaScheduleInfo
         detail: row.detail,
         resources,
     })
+}
+
+/// The live (not gone) group named `group` (a name or an id).
+pub fn live_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
+    let row = c
+        .query_row(
+            "SELECT num FROM groups
+             WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1",
+            [group],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?;
+    row.map(|num| group_by_num(c, num)).transpose()
+}
+
+/// What `group update-image` records.
+pub struct NewImageUpdate<'a> {
+    pub group_num: i64,
+    pub image: &'a str,
+    /// The group's image before it.
+    pub previous_image: &'a str,
+    pub warning_ms: u64,
+    pub started_at: UnixMillis,
+    /// When warned sessions are disconnected and the switch starts.
+    pub disconnect_at: UnixMillis,
+}
+
+/// Ends the group's running image update, if one runs, as `failed`: the
+/// group left `updating` by other means (it expired, then was renewed).
+pub fn fail_running_image_updates(
+    c: &Connection,
+    group_num: i64,
+    at: UnixMillis,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE image_updates SET state = 'failed', finished_at = ?2
+         WHERE group_num = ?1 AND state = 'running'",
+        params![group_num, at.0],
+    )?;
+    Ok(())
+}
+
+/// Records an image update (state `running`); returns its id.
+pub fn insert_image_update(c: &Connection, u: &NewImageUpdate<'_>) -> Result<i64, StoreError> {
+    c.execute(
+        "INSERT INTO image_updates (group_num, image, previous_image, warning_ms,
+             started_at, disconnect_at, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running')",
+        params![
+            u.group_num,
+            u.image,
+            u.previous_image,
+            to_i64(u.warning_ms, "warning")?,
+            u.started_at.0,
+            u.disconnect_at.0
+        ],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
+/// An image update's row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageUpdateRow {
+    pub id: i64,
+    pub group_num: i64,
+    pub image: String,
+    /// When the operator asked for it.
+    pub started_at: UnixMillis,
+    /// When warned sessions are disconnected and the switch starts.
+    pub disconnect_at: UnixMillis,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+}
+
+fn image_updates_where(
+    c: &Connection,
+    clause: &str,
+    param: impl rusqlite::Params,
+) -> Result<Vec<ImageUpdateRow>, StoreError> {
+    let sql = format!(
+        "SELECT id, group_num, image, started_at, disconnect_at, state FROM image_updates
+         WHERE {clause} ORDER BY id"
+    );
+    let mut stmt = c.prepare(&sql)?;
+    let rows = stmt.query_map(param, |r| {
+        Ok(ImageUpdateRow {
+            id: r.get(0)?,
+            group_num: r.get(1)?,
+            image: r.get(2)?,
+            started_at: UnixMillis(r.get(3)?),
+            disconnect_at: UnixMillis(r.get(4)?),
+            state: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// One image update.
+pub fn image_update(c: &Connection, id: i64) -> Result<Option<ImageUpdateRow>, StoreError> {
+    Ok(image_updates_where(c, "id = ?1", [id])?.into_iter().next())
+}
+
+/// The group's running image update, if any.
+pub fn running_image_update(
+    c: &Connection,
+    group_num: i64,
+) -> Result<Option<ImageUpdateRow>, StoreError> {
+    Ok(
+        image_updates_where(c, "group_num = ?1 AND state = 'running'", [group_num])?
+            .into_iter()
+            .next(),
+    )
+}
+
+/// Every running image update (at most one per group).
+pub fn running_image_updates(c: &Connection) -> Result<Vec<ImageUpdateRow>, StoreError> {
+    image_updates_where(c, "state = 'running'", [])
+}
+
+/// One resource's outcome in an image update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageResultRow {
+    pub resource: ResourceId,
+    /// `pending`, `done` or `failed`.
+    pub outcome: String,
+    /// What happened (the failure for `failed`).
+    pub detail: String,
+}
+
+/// The resources of an image update's switch with their outcomes, by
+/// resource (empty until the switch began). A resource id that no longer
+/// parses is left out.
+pub fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRow>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT resource, outcome, detail FROM image_update_results
+         WHERE update_id = ?1 ORDER BY resource",
+    )?;
+    let rows = stmt.query_map([id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (resource, outcome, detail) = row?;
+        if let Ok(resource) = resource.parse() {
+            out.push(ImageResultRow {
+                resource,
+                outcome,
+                detail,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Resources the group's last finished image update failed on (and drained).
+pub fn failed_in_last_image_update(
+    c: &Connection,
+    group_num: i64,
+) -> Result<Vec<ResourceId>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT resource FROM image_update_results
+         WHERE outcome = 'failed' AND update_id = (SELECT MAX(id) FROM image_updates
+             WHERE group_num = ?1 AND state != 'running')",
+    )?;
+    let rows = stmt.query_map([group_num], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        if let Ok(r) = row?.parse() {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Each resource's outcome in the group's latest image update, as `group
+/// show` has it: `pending`, `done` or `failed: <why>`.
+pub fn latest_image_outcomes(
+    c: &Connection,
+    group_num: i64,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT resource, outcome, detail FROM image_update_results
+         WHERE update_id = (SELECT MAX(id) FROM image_updates WHERE group_num = ?1)",
+    )?;
+    let rows = stmt.query_map([group_num], |r| {
+        let (resource, outcome, detail): (String, String, String) =
+            (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok((
+            resource,
+            if outcome == "failed" {
+                format!("failed: {detail}")
+            } else {
+                outcome
+            },
+        ))
+    })?;
+    Ok(rows.collect::<Result<BTreeMap<_, _>, _>>()?)
+}
+
+/// Adds resources to an image update's switch as `pending` (a resource
+/// already in it keeps its outcome).
+pub fn insert_image_pending(
+    c: &Connection,
+    id: i64,
+    resources: &[ResourceId],
+) -> Result<(), StoreError> {
+    for r in resources {
+        c.execute(
+            "INSERT OR IGNORE INTO image_update_results (update_id, resource, outcome, detail, at)
+             SELECT ?1, ?2, 'pending', '', started_at FROM image_updates WHERE id = ?1",
+            params![id, r.as_str()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Records a resource's outcome in an image update: `done` or `failed`.
+pub fn set_image_outcome(
+    c: &Connection,
+    id: i64,
+    resource: &ResourceId,
+    ok: bool,
+    detail: &str,
+    at: UnixMillis,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO image_update_results (update_id, resource, outcome, detail, at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (update_id, resource) DO UPDATE
+             SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
+        params![
+            id,
+            resource.as_str(),
+            if ok { "done" } else { "failed" },
+            detail,
+            at.0
+        ],
+    )?;
+    Ok(())
+}
+
+/// Ends an image update: `succeeded` or `failed`.
+pub fn end_image_update(
+    c: &Connection,
+    id: i64,
+    ok: bool,
+    at: UnixMillis,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE image_updates SET state = ?2, finished_at = ?3 WHERE id = ?1",
+        params![id, if ok { "succeeded" } else { "failed" }, at.0],
+    )?;
+    Ok(())
+}
+
+/// The sessions recorded open on the resources registered with group
+/// `name`, by resource, whether or not their agents are connected now.
+pub fn open_sessions_of_group(
+    c: &Connection,
+    name: &str,
+) -> Result<Vec<(ResourceId, SessionId)>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT s.resource, s.session FROM sessions s
+         JOIN resources r ON r.resource = s.resource
+         WHERE r.grp = ?1 AND s.ended_at IS NULL ORDER BY s.resource, s.session",
+    )?;
+    let rows = stmt.query_map([name], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (resource, session) = row?;
+        if let (Ok(r), Ok(s)) = (resource.parse(), session.parse()) {
+            out.push((r, s));
+        }
+    }
+    Ok(out)
+}
+
+/// What a resource registered with a group last reported running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredVersions {
+    pub resource: String,
+    pub agent_version: String,
+    pub image_version: String,
+}
+
+/// The versions of every resource registered with group `name`, by resource.
+pub fn resource_versions(c: &Connection, name: &str) -> Result<Vec<StoredVersions>, StoreError> {
+    let mut stmt = c.prepare(
+        "SELECT resource, agent_version, image_version FROM resources
+         WHERE grp = ?1 ORDER BY resource",
+    )?;
+    let rows = stmt.query_map([name], |r| {
+        Ok(StoredVersions {
+            resource: r.get(0)?,
+            agent_version: r.get(1)?,
+            image_version: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
