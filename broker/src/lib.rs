@@ -21,6 +21,7 @@ pub mod pki;
 pub mod provision;
 pub mod registry;
 pub mod render;
+pub mod rollout;
 pub mod routing;
 pub mod simulate;
 pub mod store;
