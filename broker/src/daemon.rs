@@ -181,11 +181,11 @@ pub async fn run(
     // it drains and undrains resources through; running rollouts resume.
     let ota = crate::ota::Ota::new(store.clone(), config.groups.clock.clone());
     actors.set_ota(ota.clone());
-    tracker.spawn(crate::ota::rollout::run(
+    tracker.spawn(crate::rollout::run(
         ota,
         registry.clone(),
         actors.clone(),
-        crate::ota::rollout::Settings::default(),
+        crate::rollout::Settings::default(),
         tasks.clone(),
     ));
     // End users asking for sessions (issue 5): the group's actor admits.

@@ -6,9 +6,10 @@
 //!   rows and the new rows written in the same transaction, so the operator
 //!   is answered only once it is durable, and two operators (or an operator
 //!   and the rollout timer) on one schedule are serialised.
-//! - [`rollout`] is the timer that starts each schedule at its start time
-//!   (a deadline on the groups' clock, woken by [`Ota::wake`] after every
-//!   change, never a polling period) and drives the rollout in waves.
+//! - [`crate::rollout`] has the timer that starts each schedule at its start
+//!   time (a deadline on the groups' clock, woken by [`Ota::wake`] after
+//!   every change, never a polling period) and the rollout machine that
+//!   updates its hosts in waves.
 //! - [`crate::store::rollouts`]: the rows (migration "OTA updates" in
 //!   `crate::store`).
 //!
@@ -21,9 +22,7 @@
 
 pub mod progress;
 pub mod render;
-pub mod rollout;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::{
@@ -32,10 +31,10 @@ use ferry_common::admin::{
 };
 use ferry_common::limits::{MAX_ID_LEN, MAX_TEXT_LEN};
 use ferry_common::UnixMillis;
-use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::groups::lifecycle::{check_ota, LifecycleError, Status};
+use crate::rollout::Board;
 use crate::store::rollouts::{self, ScheduleRow};
 use crate::store::{Store, StoreError};
 
@@ -149,8 +148,9 @@ pub fn check_wave_and_drain(wave: u32, drain_ms: u64) -> Vec<String> {
 pub struct Ota {
     store: Store,
     clock: Clock,
-    /// Wakes the rollout timer after a change of schedules.
-    wake: Arc<Notify>,
+    /// Wakes the rollout timer after a change of schedules; has the image
+    /// updates' progress.
+    board: Board,
 }
 
 /// What [`Ota::change`] does to a schedule that may still change.
@@ -166,13 +166,29 @@ impl Ota {
         Ota {
             store,
             clock,
-            wake: Arc::new(Notify::new()),
+            board: Board::default(),
         }
     }
 
-    /// Tells the rollout timer that schedules changed.
+    /// Tells the rollout timer (and running rollouts) that rollouts or a
+    /// group's status changed.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.board.wake();
+    }
+
+    /// The store it records in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The groups' clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The rollouts' wake and the image updates' progress.
+    pub fn board(&self) -> &Board {
+        &self.board
     }
 
     /// `ota offer`: records the update for the group (any live group).
@@ -522,7 +538,7 @@ fn billing_kind(billing: &str) -> &'static str {
 }
 
 /// The group's status allows an OTA rollout.
-fn status_allows(g: &rollouts::GroupRef) -> Result<(), OtaError> {
+pub(crate) fn status_allows(g: &rollouts::GroupRef) -> Result<(), OtaError> {
     let status = Status::parse(&g.status)
         .ok_or_else(|| StoreError::Corrupt(format!("status {:?}", g.status)))?;
     check_ota(billing_kind(&g.billing), status)?;

@@ -6,16 +6,16 @@
 //! view carries them), an OTA rollout's are its rows (`ota_results`, written
 //! before each step). Hosts' deadlines are computed from the same values the
 //! update itself uses: the warning's deadline, each host's drain start plus
-//! the schedule's drain ([`super::rollout::drain_deadline`]).
+//! the schedule's drain ([`crate::rollout::machine::drain_deadline`]).
 
 use ferry_common::admin::{GroupRolloutsInfo, OtaScheduleInfo, RolloutHostInfo, RolloutInfo};
 use ferry_common::GroupName;
 
-use super::rollout::drain_deadline;
 use crate::groups::actor::{group_versions, ImageProgress};
 use crate::groups::service::GroupError;
 use crate::groups::GroupActors;
 use crate::registry::Registry;
+use crate::rollout::machine::drain_deadline;
 use crate::store::{rollouts, Store};
 
 /// `group show`'s update part (`GroupRollouts`).

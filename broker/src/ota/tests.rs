@@ -13,12 +13,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::rollout::{self, plan_waves, Settings};
 use super::*;
 use crate::clock::ManualClock;
 use crate::config::GroupsConfig;
 use crate::groups::GroupActors;
 use crate::registry::{CommandRequest, Registry};
+use crate::rollout::machine::{self as rollout, plan_waves};
+use crate::rollout::Settings;
 use crate::store::rollouts::{self as ota_store, ResultRow, ScheduleRow};
 use crate::store::StoreOptions;
 
@@ -369,7 +370,7 @@ fn rig() -> Rig {
         shutdown.clone(),
     );
     let ota = Ota::new(store.clone(), clock.clock());
-    let timer = tokio::spawn(rollout::run(
+    let timer = tokio::spawn(crate::rollout::run(
         ota.clone(),
         registry.clone(),
         actors,
@@ -377,6 +378,7 @@ fn rig() -> Rig {
             update_timeout: Duration::from_secs(10),
             gone_timeout: Duration::from_millis(200),
             inventory_timeout: Duration::from_secs(10),
+            ..Settings::default()
         },
         shutdown.clone(),
     ));

@@ -1,0 +1,681 @@
+//! The rollout timer and one task per running rollout.
+//!
+//! [`run`] sleeps until the earliest start of a `scheduled` OTA schedule on
+//! the groups' clock ([`Clock::sleep_until`]), or until [`Board::wake`]
+//! says rollouts changed (a schedule, an image update recorded, a group's
+//! status); it never polls. It starts a task for each image update that is
+//! `running` and each OTA schedule whose start has come (moving it to
+//! `running` durably, and only if it is still `scheduled`: a cancel that
+//! committed first wins). At broker start the running ones resume.
+//!
+//! A rollout's task builds its [`Rollout`] from the rows and then, every
+//! time something may have changed (a command's answer, a change of the
+//! registry's live state of one of its hosts or of its group's agents, the
+//! machine's deadline, a wake), takes an [`Observation`] (the group's
+//! actor's view, the registry, the store) and feeds it with the answers that
+//! came, then carries the outputs out in order: records are written in one
+//! transaction before the next command goes out or the actor is told;
+//! commands run as tasks whose answers come back as inputs. A store error
+//! rebuilds the rollout from the rows a little later; shutting down stops
+//! it where it is (a command cut short by the broker stopping is not the
+//! host's failure: the rows say where to resume).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use ferry_common::wire::{CommandOutcome, Inventory};
+use ferry_common::{GroupName, ResourceId, UnixMillis};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{
+    Answer, GroupObs, GroupRow, HostRecord, HostView, ImageLoad, Input, Live, Observation, OtaLoad,
+    Output, Purpose, Record, Recorded, Rollout, Settings, Tell,
+};
+use super::Board;
+use crate::clock::Clock;
+use crate::groups::actor::GroupView;
+use crate::groups::{GroupActors, RETRY_AFTER_ERROR};
+use crate::ota::Ota;
+use crate::registry::{CommandError, Registry};
+use crate::store::rollouts;
+use crate::store::{Store, StoreError};
+
+/// Which rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Which {
+    /// An image update (`image_updates.id`).
+    Image(i64),
+    /// An OTA schedule (`ota_schedules.id`).
+    Ota(u64),
+}
+
+impl fmt::Display for Which {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Which::Image(id) => write!(f, "image update {id}"),
+            Which::Ota(id) => write!(f, "OTA schedule {id}"),
+        }
+    }
+}
+
+/// What every rollout task needs; cheap to clone.
+#[derive(Clone)]
+pub struct Ctx {
+    store: Store,
+    clock: Clock,
+    board: Board,
+    registry: Arc<Registry>,
+    actors: GroupActors,
+    settings: Arc<Settings>,
+    shutdown: CancellationToken,
+}
+
+impl Ctx {
+    pub fn new(
+        ota: &Ota,
+        registry: Arc<Registry>,
+        actors: GroupActors,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Ctx {
+        Ctx {
+            store: ota.store().clone(),
+            clock: ota.clock().clone(),
+            board: ota.board().clone(),
+            registry,
+            actors,
+            settings: Arc::new(settings),
+            shutdown,
+        }
+    }
+}
+
+/// Why a rollout task stopped before finishing.
+#[derive(Debug)]
+pub enum Stop {
+    Shutdown,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Store(e)
+    }
+}
+
+/// Runs the rollout timer until `shutdown`, then waits for the rollouts it
+/// started to stop (they stop where they are; their rows say where).
+pub async fn run(
+    ota: Ota,
+    registry: Arc<Registry>,
+    actors: GroupActors,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
+    let ctx = Ctx::new(&ota, registry, actors, settings, shutdown);
+    let mut wake = ctx.board.subscribe();
+    let mut running: JoinSet<Which> = JoinSet::new();
+    let mut active: HashSet<Which> = HashSet::new();
+    loop {
+        wake.borrow_and_update();
+        let now = ctx.clock.now();
+        let next = match ctx.store.read_with(rollouts::active_schedules).await {
+            Ok(schedules) => {
+                let mut due: Vec<Which> = Vec::new();
+                let mut next: Option<UnixMillis> = None;
+                for row in schedules {
+                    if row.state == "running" || row.start <= now {
+                        due.push(Which::Ota(row.id));
+                    } else {
+                        next = Some(next.map_or(row.start, |n| n.min(row.start)));
+                    }
+                }
+                for which in due {
+                    if active.insert(which) {
+                        running.spawn(rollout(ctx.clone(), which));
+                    }
+                }
+                next
+            }
+            Err(e) => {
+                tracing::error!("read rollouts: {e}; retrying");
+                Some(UnixMillis(now.0.saturating_add(
+                    i64::try_from(RETRY_AFTER_ERROR.as_millis()).unwrap_or(5_000),
+                )))
+            }
+        };
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = wake.changed() => {}
+            _ = ctx.clock.sleep_until(next) => {}
+            Some(done) = running.join_next() => match done {
+                Ok(which) => { active.remove(&which); }
+                Err(e) => tracing::error!("a rollout task failed: {e}"),
+            },
+        }
+    }
+    while running.join_next().await.is_some() {}
+}
+
+/// One rollout, built again from its rows after a store error, until it
+/// finishes or the broker stops.
+async fn rollout(ctx: Ctx, which: Which) -> Which {
+    loop {
+        let driven = match Driver::load(ctx.clone(), which).await {
+            Ok(Some(driver)) => driver.run().await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match driven {
+            Ok(()) | Err(Stop::Shutdown) => break,
+            Err(Stop::Store(e)) => {
+                tracing::error!(%which, "rollout: store: {e}; retrying");
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(RETRY_AFTER_ERROR) => {}
+                }
+            }
+        }
+    }
+    which
+}
+
+/// A command's answer, for the machine.
+fn answer(result: Result<CommandOutcome, CommandError>) -> Answer {
+    match result {
+        Ok(CommandOutcome::Done) => Answer::Done,
+        Ok(CommandOutcome::Failed(why)) => Answer::Failed(why),
+        Err(e @ CommandError::Timeout(..)) => Answer::TimedOut(e.to_string()),
+        Err(e @ (CommandError::NotConnected(_) | CommandError::ConnectionClosed(_))) => {
+            Answer::Lost(e.to_string())
+        }
+    }
+}
+
+/// The actor's view as the machine sees it.
+fn group_obs(view: GroupView) -> GroupObs {
+    GroupObs {
+        resources: view
+            .resources
+            .into_iter()
+            .map(|r| HostView {
+                resource: r.resource,
+                state: r.state,
+                sessions: r.sessions,
+            })
+            .collect(),
+        joined: view.joined.into_iter().collect(),
+    }
+}
+
+/// What a rollout follows of one connected agent: its connection,
+/// availability, drain, last health report and inventory.
+type LiveKey = (u64, bool, bool, Option<UnixMillis>, Option<Inventory>);
+
+/// One rollout's task: see the module doc.
+pub struct Driver {
+    ctx: Ctx,
+    which: Which,
+    group: GroupName,
+    group_num: i64,
+    machine: Rollout,
+    /// Commands out, each answering with its host and purpose.
+    tasks: JoinSet<(ResourceId, Purpose, Answer)>,
+    /// Answers not fed yet.
+    answers: Vec<(ResourceId, Purpose, Answer)>,
+    /// The registry's changes.
+    changes: watch::Receiver<u64>,
+    /// [`Board::wake`].
+    wake: watch::Receiver<u64>,
+    /// The registry's state of the hosts it followed at the last
+    /// observation, connected or not (`None`), to tell a change that
+    /// concerns it from one that does not.
+    seen: BTreeMap<ResourceId, Option<LiveKey>>,
+}
+
+impl Driver {
+    /// The rollout as recorded; `None` when it is not running (finished,
+    /// cancelled, or an OTA schedule its group's status refuses, which
+    /// fails it).
+    pub async fn load(ctx: Ctx, which: Which) -> Result<Option<Driver>, Stop> {
+        let loaded = match which {
+            Which::Ota(id) => load_ota(&ctx, id).await?,
+            Which::Image(id) => load_image(&ctx, id).await?,
+        };
+        let Some((machine, group_num)) = loaded else {
+            return Ok(None);
+        };
+        Ok(Some(Driver {
+            changes: ctx.registry.subscribe(),
+            wake: ctx.board.subscribe(),
+            group: machine.group().clone(),
+            ctx,
+            which,
+            group_num,
+            machine,
+            tasks: JoinSet::new(),
+            answers: Vec::new(),
+            seen: BTreeMap::new(),
+        }))
+    }
+
+    /// Drives the rollout until it is over or the broker stops.
+    pub async fn run(mut self) -> Result<(), Stop> {
+        let result = self.drive().await;
+        // Over, or stopped: `group show` no longer has it running here.
+        self.ctx.board.set_image(&self.group, None);
+        result
+    }
+
+    async fn drive(&mut self) -> Result<(), Stop> {
+        loop {
+            self.turn().await?;
+            if self.machine.is_finished() {
+                return Ok(());
+            }
+            // Hosts it follows since this turn (a plan just made) are
+            // looked at before it waits for their changes.
+            if self.machine.hosts().all(|h| self.seen.contains_key(h)) {
+                self.wait().await?;
+            }
+        }
+    }
+
+    /// Waits until something may have changed: an answer, the deadline, a
+    /// wake, or a change of the registry's state of a host it follows (a
+    /// change of another agent's wakes it for nothing).
+    async fn wait(&mut self) -> Result<(), Stop> {
+        loop {
+            let deadline = self.machine.poll_deadline();
+            tokio::select! {
+                biased;
+                _ = self.ctx.shutdown.cancelled() => return Err(Stop::Shutdown),
+                Some(done) = self.tasks.join_next() => {
+                    match done {
+                        Ok(a) => self.answers.push(a),
+                        Err(e) => tracing::error!(which = %self.which, "a command task failed: {e}"),
+                    }
+                    return Ok(());
+                }
+                _ = self.wake.changed() => return Ok(()),
+                _ = self.ctx.clock.sleep_until(deadline) => return Ok(()),
+                _ = self.changes.changed() => {
+                    if self.live_now() != self.seen {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The registry's state of the group's agents and the rollout's hosts,
+    /// as far as a rollout cares.
+    fn live_now(&self) -> BTreeMap<ResourceId, Option<LiveKey>> {
+        let mut hosts: BTreeSet<ResourceId> = self.machine.hosts().cloned().collect();
+        for (r, _, _) in self.ctx.registry.members(&self.group) {
+            hosts.insert(r);
+        }
+        hosts
+            .into_iter()
+            .map(|r| {
+                let key = self.ctx.registry.get(&r).map(|(conn, l)| {
+                    (conn, l.available, l.draining, l.last_health_at, l.inventory)
+                });
+                (r, key)
+            })
+            .collect()
+    }
+
+    /// One step: observe, feed the answers that came and the deadlines
+    /// due, carry the outputs out.
+    pub async fn turn(&mut self) -> Result<(), Stop> {
+        while let Some(done) = self.tasks.try_join_next() {
+            match done {
+                Ok(a) => self.answers.push(a),
+                Err(e) => tracing::error!(which = %self.which, "a command task failed: {e}"),
+            }
+        }
+        self.seen = self.live_now();
+        let obs = self.observe().await?;
+        self.machine
+            .handle(self.ctx.clock.now(), Input::Observed(obs));
+        if self.ctx.shutdown.is_cancelled() {
+            // A command cut short by the broker stopping (its connections
+            // close) is not the host's failure.
+            return Err(Stop::Shutdown);
+        }
+        let now = self.ctx.clock.now();
+        for (host, purpose, answer) in std::mem::take(&mut self.answers) {
+            self.machine.handle(
+                now,
+                Input::Answered {
+                    host,
+                    purpose,
+                    answer,
+                },
+            );
+        }
+        self.machine.handle_timeout(now);
+        self.ctx
+            .board
+            .set_image(&self.group, self.machine.progress());
+        self.carry_out().await
+    }
+
+    /// The group and its agents now.
+    async fn observe(&self) -> Result<Observation, Stop> {
+        let group = match self.ctx.actors.view(&self.group).await {
+            Ok(view) => Ok(group_obs(view)),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut hosts: BTreeSet<ResourceId> = self.machine.hosts().cloned().collect();
+        if let Ok(g) = &group {
+            hosts.extend(g.joined.iter().cloned());
+            hosts.extend(g.resources.iter().map(|h| h.resource.clone()));
+        }
+        let live = hosts
+            .into_iter()
+            .filter_map(|r| {
+                let (conn, l) = self.ctx.registry.get(&r)?;
+                let live = Live {
+                    conn,
+                    available: l.available,
+                    draining: l.draining,
+                    inventory: l.inventory,
+                };
+                Some((r, live))
+            })
+            .collect();
+        let (which, num) = (self.which, self.group_num);
+        let wanted = self.machine.wants_recorded();
+        let (row, running, recorded) = self
+            .ctx
+            .store
+            .read_with(move |c| {
+                let g = rollouts::group_by_num(c, num)?;
+                let running = match which {
+                    Which::Image(id) => {
+                        rollouts::image_update(c, id)?.is_some_and(|r| r.state == "running")
+                    }
+                    Which::Ota(_) => true,
+                };
+                let mut recorded = BTreeMap::new();
+                for r in wanted {
+                    let open = rollouts::open_sessions(c, &r)?;
+                    recorded.insert(r, open);
+                }
+                let row = GroupRow {
+                    status: g.status,
+                    image: g.image,
+                };
+                Ok((row, running, recorded))
+            })
+            .await?;
+        Ok(Observation {
+            group,
+            live,
+            recorded,
+            row: Some(row),
+            running,
+        })
+    }
+
+    /// Carries the machine's outputs out, in order: records before the
+    /// command or message that follows them.
+    async fn carry_out(&mut self) -> Result<(), Stop> {
+        let outputs: Vec<Output> = self.machine.drain_outputs().collect();
+        let mut records = Vec::new();
+        for output in outputs {
+            match output {
+                Output::Record(r) => records.push(r),
+                Output::Command {
+                    host,
+                    purpose,
+                    command,
+                    timeout,
+                } => {
+                    self.write(std::mem::take(&mut records)).await?;
+                    let registry = self.ctx.registry.clone();
+                    self.tasks.spawn(async move {
+                        let answer = answer(registry.command(&host, command, timeout).await);
+                        (host, purpose, answer)
+                    });
+                }
+                Output::Tell(tell) => {
+                    self.write(std::mem::take(&mut records)).await?;
+                    self.tell(tell).await;
+                }
+            }
+        }
+        self.write(records).await
+    }
+
+    /// Writes `records` in one transaction.
+    async fn write(&self, records: Vec<Record>) -> Result<(), Stop> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let (which, num) = (self.which, self.group_num);
+        self.ctx
+            .store
+            .exec(move |c| {
+                for record in &records {
+                    match (record, which) {
+                        (Record::Plan(hosts), Which::Image(id)) => {
+                            rollouts::insert_image_pending(c, id, hosts)?
+                        }
+                        (Record::Plan(hosts), Which::Ota(id)) => {
+                            rollouts::insert_plan(c, id, hosts)?
+                        }
+                        (
+                            Record::Host {
+                                host,
+                                step,
+                                detail,
+                                at,
+                            },
+                            Which::Image(id),
+                        ) => {
+                            // An image update records outcomes only.
+                            if matches!(step, HostRecord::Done | HostRecord::Failed) {
+                                let ok = *step == HostRecord::Done;
+                                let detail = detail.as_deref().unwrap_or_default();
+                                rollouts::set_image_outcome(c, id, host, ok, detail, *at)?;
+                            }
+                        }
+                        (
+                            Record::Host {
+                                host,
+                                step,
+                                detail,
+                                at,
+                            },
+                            Which::Ota(id),
+                        ) => rollouts::set_result(
+                            c,
+                            id,
+                            host,
+                            step.as_str(),
+                            *at,
+                            detail.as_deref(),
+                        )?,
+                        (Record::Event { kind, message, at }, _) => {
+                            rollouts::event(c, num, *at, kind, message)?
+                        }
+                        (Record::Ended { ok, at, .. }, Which::Image(id)) => {
+                            rollouts::end_image_update(c, id, *ok, *at)?
+                        }
+                        (Record::Ended { ok, detail, at }, Which::Ota(id)) => {
+                            let to = if *ok { "succeeded" } else { "failed" };
+                            rollouts::set_state(c, id, "running", to, *at, detail.as_deref())?;
+                        }
+                        (Record::GroupImage { image, at }, _) => {
+                            rollouts::set_group_image(c, num, image, *at)?;
+                        }
+                        (
+                            Record::Status {
+                                from,
+                                to,
+                                message,
+                                at,
+                            },
+                            _,
+                        ) => {
+                            // A status that changed meanwhile is left alone.
+                            if rollouts::set_group_status(c, num, from, to.as_str(), *at)? {
+                                rollouts::event(c, num, *at, "status", message)?;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Tells the registry and the group's actor what an agent confirmed,
+    /// or the actor that its row changed.
+    async fn tell(&self, tell: Tell) {
+        let (registry, actors) = (&self.ctx.registry, &self.ctx.actors);
+        match tell {
+            // At once, not at the agent's next health report: `group show`
+            // and `resources list` say the same from now on, and no new
+            // session is routed there.
+            Tell::Drained(r) => {
+                registry.set_draining(&r, true);
+                actors.availability(&self.group, &r, false).await;
+            }
+            Tell::Undrained(r) => {
+                registry.set_draining(&r, false);
+                // Its health reports may never have shown the drain if it
+                // was shorter than their interval.
+                if registry.get(&r).is_some_and(|(_, l)| l.available) {
+                    actors.availability(&self.group, &r, true).await;
+                }
+            }
+            Tell::Sync => {
+                if let Err(e) = actors.sync(self.group.as_str()).await {
+                    tracing::error!(group = %self.group, "update the group's live state: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Starts OTA schedule `id` if it is still scheduled and its group may take
+/// it (or fails it, with an event), and loads it.
+async fn load_ota(ctx: &Ctx, id: u64) -> Result<Option<(Rollout, i64)>, Stop> {
+    let now = ctx.clock.now();
+    let loaded = ctx
+        .store
+        .exec(move |c| {
+            let Some(row) = rollouts::schedule(c, id)? else {
+                return Ok(None);
+            };
+            if !matches!(row.state.as_str(), "scheduled" | "running") {
+                return Ok(None);
+            }
+            let (update, _) = rollouts::update(c, row.update_id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} names no update")))?;
+            let g = rollouts::group_by_num(c, row.group_num)?;
+            if row.state == "scheduled" {
+                if let Err(e) = crate::ota::status_allows(&g) {
+                    let why = format!("not started: {e}");
+                    rollouts::set_state(c, id, "scheduled", "failed", now, Some(&why))?;
+                    rollouts::event(
+                        c,
+                        g.num,
+                        now,
+                        "ota-failed",
+                        &format!("OTA schedule {id} (update {}) {why}", update.id),
+                    )?;
+                    return Ok(None);
+                }
+                rollouts::set_state(c, id, "scheduled", "running", now, None)?;
+                rollouts::event(
+                    c,
+                    g.num,
+                    now,
+                    "ota-started",
+                    &format!(
+                        "OTA schedule {id} started: update {} ({} {})",
+                        update.id, update.component, update.version
+                    ),
+                )?;
+            }
+            let row = rollouts::schedule(c, id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
+            let rows = rollouts::results(c, id)?;
+            // A first start plans: hosts an earlier OTA of the group failed
+            // on (and drained) are its retry.
+            let retry = if rows.is_empty() {
+                rollouts::failed_resources(c, row.group_num)?
+            } else {
+                Vec::new()
+            };
+            let load = OtaLoad {
+                schedule: id,
+                group: g.name,
+                update,
+                wave: row.wave,
+                drain_ms: row.drain_ms,
+                rows,
+                retry: retry.into_iter().collect(),
+            };
+            Ok(Some((load, row.group_num)))
+        })
+        .await?;
+    Ok(loaded.map(|(load, num)| (Rollout::ota(load, (*ctx.settings).clone()), num)))
+}
+
+/// Loads image update `id` if it is still running.
+async fn load_image(ctx: &Ctx, id: i64) -> Result<Option<(Rollout, i64)>, Stop> {
+    let loaded = ctx
+        .store
+        .read_with(move |c| {
+            let Some(row) = rollouts::image_update(c, id)? else {
+                return Ok(None);
+            };
+            if row.state != "running" {
+                return Ok(None);
+            }
+            let g = rollouts::group_by_num(c, row.group_num)?;
+            let results = rollouts::image_results(c, id)?
+                .into_iter()
+                .map(|r| {
+                    let recorded = match r.outcome.as_str() {
+                        "done" => Recorded::Done,
+                        "failed" => Recorded::Failed(r.detail),
+                        _ => Recorded::Pending,
+                    };
+                    (r.resource, recorded)
+                })
+                .collect();
+            let previously_failed = rollouts::failed_in_last_image_update(c, row.group_num)?
+                .into_iter()
+                .collect();
+            // The group's open sessions as recorded, whether or not their
+            // agents have joined its actor yet (broker restart).
+            let mut open: BTreeMap<ResourceId, BTreeSet<_>> = BTreeMap::new();
+            for (r, s) in rollouts::open_sessions_of_group(c, g.name.as_str())? {
+                open.entry(r).or_default().insert(s);
+            }
+            let load = ImageLoad {
+                id,
+                group: g.name,
+                image: row.image,
+                started_at: row.started_at,
+                disconnect_at: row.disconnect_at,
+                results,
+                previously_failed,
+                open,
+            };
+            Ok(Some((load, row.group_num)))
+        })
+        .await?;
+    Ok(loaded.map(|(load, num)| (Rollout::image(load, (*ctx.settings).clone()), num)))
+}
