@@ -561,9 +561,10 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             }),
         AdminRequestV1::UserRevokeTokens { user } => done(g.revoke_tokens(&user, now).await),
         AdminRequestV1::GroupUpdateImage(spec) => {
-            match crate::groups::actor::begin_image_update(&ctx.store, spec, now).await {
+            match crate::rollout::image::begin(&ctx.store, spec, now).await {
                 Ok(name) => {
-                    // Its actor warns, disconnects and switches (status `updating`).
+                    // Its actor takes no new sessions (status `updating`) and
+                    // the rollout timer starts the update.
                     sync_actor(ctx, &name).await;
                     detail(g.show(&name).await)
                 }
@@ -571,7 +572,7 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             }
         }
         AdminRequestV1::GroupVersions { group } => {
-            crate::groups::actor::group_versions(&ctx.store, &ctx.registry, &group)
+            crate::rollout::image::versions(&ctx.store, &ctx.registry, &group)
                 .await
                 .map(AdminResponseV1::GroupVersions)
         }

@@ -1,21 +1,22 @@
 //! What `group show` says about a group's updates: what each resource runs
-//! (`crate::groups::actor::group_versions`) and the update running or
+//! (`crate::rollout::image::versions`) and the update running or
 //! scheduled, with each host's step and until when.
 //!
-//! The image update's steps are the group actor's (it runs the update; its
-//! view carries them), an OTA rollout's are its rows (`ota_results`, written
-//! before each step). Hosts' deadlines are computed from the same values the
+//! The image update's steps are its rollout machine's (its task publishes
+//! them on the [`crate::rollout::Board`] after every step), an OTA
+//! rollout's are its rows (`ota_results`, written before each step). Hosts' deadlines are computed from the same values the
 //! update itself uses: the warning's deadline, each host's drain start plus
 //! the schedule's drain ([`crate::rollout::machine::drain_deadline`]).
 
 use ferry_common::admin::{GroupRolloutsInfo, OtaScheduleInfo, RolloutHostInfo, RolloutInfo};
 use ferry_common::GroupName;
 
-use crate::groups::actor::{group_versions, ImageProgress};
 use crate::groups::service::GroupError;
 use crate::groups::GroupActors;
 use crate::registry::Registry;
+use crate::rollout::image::versions as group_versions;
 use crate::rollout::machine::drain_deadline;
+use crate::rollout::ImageProgress;
 use crate::store::{rollouts, Store};
 
 /// `group show`'s update part (`GroupRollouts`).
@@ -41,10 +42,9 @@ pub async fn group_rollouts(
         .await?;
     let mut rollouts = Vec::new();
     if let (Some(actors), Some(name)) = (actors, name.as_ref()) {
-        // No running actor (the group is not live): no image update runs.
-        if let Ok(view) = actors.view(name).await {
-            rollouts.extend(view.image_update.map(image_rollout));
-        }
+        // The image update's task publishes where it is.
+        let image = actors.ota().and_then(|o| o.board().image(name));
+        rollouts.extend(image.map(image_rollout));
     }
     rollouts.extend(ota.as_ref().map(ota_rollout));
     Ok(GroupRolloutsInfo { versions, rollouts })

@@ -122,9 +122,19 @@ pub async fn run(
     loop {
         wake.borrow_and_update();
         let now = ctx.clock.now();
-        let next = match ctx.store.read_with(rollouts::active_schedules).await {
-            Ok(schedules) => {
-                let mut due: Vec<Which> = Vec::new();
+        let next = match ctx
+            .store
+            .read_with(|c| {
+                Ok((
+                    rollouts::running_image_updates(c)?,
+                    rollouts::active_schedules(c)?,
+                ))
+            })
+            .await
+        {
+            Ok((images, schedules)) => {
+                // An image update starts as soon as it is recorded.
+                let mut due: Vec<Which> = images.iter().map(|r| Which::Image(r.id)).collect();
                 let mut next: Option<UnixMillis> = None;
                 for row in schedules {
                     if row.state == "running" || row.start <= now {

@@ -11,6 +11,7 @@
 //!   rollout timer ([`run`]) starts OTA schedules at their start and image
 //!   updates as soon as they are recorded, and resumes running ones after a
 //!   broker restart.
+//! - [`image`]: `group update-image` and `group show`'s versions.
 //! - Their rows: [`crate::store::rollouts`].
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use ferry_common::GroupName;
 use tokio::sync::watch;
 
 pub mod driver;
+pub mod image;
 pub mod machine;
 
 pub use driver::run;

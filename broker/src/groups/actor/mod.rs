@@ -90,11 +90,6 @@ mod retention;
 // Hosts that stay away: their sessions end.
 mod gone;
 pub use routing::{Placement, RouteAsk, RouteProgress, RESERVATION_TTL};
-// Image updates (`group update-image`).
-mod image_update;
-pub use image_update::{
-    begin as begin_image_update, versions as group_versions, HostStep, ImageProgress,
-};
 // The policy sent to each agent, tried again while it fails.
 mod policy_push;
 
@@ -167,8 +162,6 @@ pub struct GroupView {
     /// Sessions whose user disconnected, kept for a reconnect: (session,
     /// disconnected at, retained until; `None` = forever), sorted.
     pub retained: Vec<(SessionId, UnixMillis, Option<UnixMillis>)>,
-    /// The image update running, with each host's step.
-    pub image_update: Option<image_update::ImageProgress>,
 }
 
 /// What an actor is asked to do. Every variant carries a reply sent once the
@@ -178,8 +171,6 @@ pub(super) enum Msg {
     Elastic(elastic::Report),
     /// An expiry disconnect's outcome ([`Actor::disconnect`]).
     Disconnect(DisconnectReport),
-    /// An image switch task's outcome ([`image_update`]).
-    Image(image_update::Report),
     /// An agent naming the group registered, with the sessions its host has.
     /// `conn`: its connection's id ([`connections`]).
     Joined {
@@ -667,6 +658,11 @@ impl GroupActors {
     }
 
     async fn sync_row(&self, group: &str) -> Result<bool, ActorError> {
+        // Rollouts look again: an image update recorded starts, one whose
+        // group left `updating` (expiry, purge) stops.
+        if let Some(ota) = self.shared.ota.get() {
+            ota.wake();
+        }
         let _one_at_a_time = self.shared.syncing.lock().await;
         let key = group.to_owned();
         let row = self
@@ -846,7 +842,6 @@ impl GroupActors {
                 actor: tx.downgrade(),
                 dirty: disconnects::Dirty::default(),
             },
-            image: image_update::ImageState::default(),
             shared: self.shared.clone(),
             base: base::ProvisionedBase::default(),
             conns: connections::Connections::default(),
@@ -1138,8 +1133,6 @@ struct Actor {
     elastic: Elastic,
     /// Expiry disconnects not yet confirmed, and their retries.
     disconnects: Disconnects,
-    /// The running image update ([`image_update`]).
-    image: image_update::ImageState,
     shared: Arc<Shared>,
     /// Base resources created through the provisioner ([`base`]).
     base: base::ProvisionedBase,
@@ -1156,7 +1149,6 @@ impl Actor {
         // A group already expired when its actor starts (broker restart)
         // starts closed.
         self.apply_status();
-        self.image_sync().await?;
         self.start_base().await?;
         self.restore_disconnects().await?;
         self.restore_retained().await?;
@@ -1177,15 +1169,6 @@ impl Actor {
             };
             // Expiry disconnects to retry are due while closed, too.
             let deadline = match (deadline, self.disconnects.next_due()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let image = self
-                .closed
-                .is_none()
-                .then(|| self.image_deadline())
-                .flatten();
-            let deadline = match (deadline, image) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -1287,14 +1270,12 @@ impl Actor {
                 }
                 Some(Msg::Reload { reply }) => {
                     self.reload().await?;
-                    self.image_sync().await?;
                     self.commit().await?;
                     let _ = reply.send(());
                     continue;
                 }
                 Some(Msg::Elastic(report)) => self.elastic_report(report),
                 Some(Msg::Disconnect(report)) => self.disconnect_report(report),
-                Some(Msg::Image(report)) => self.image_report(report),
                 Some(Msg::Route { ask, reply }) => self.route(ask, reply),
                 Some(Msg::CancelRoute { session, reply }) => {
                     self.cancel_route(session);
@@ -1342,7 +1323,6 @@ impl Actor {
                 .insert(resource.clone(), flag.unwrap_or_default());
         }
         self.joined(resource.clone(), sessions, facts.as_ref());
-        self.image_joined(&resource);
         if self.to_engine.contains_key(&resource)
             && self.applied_version(&resource).await < self.row.policy_version
         {
@@ -1442,7 +1422,6 @@ impl Actor {
             return;
         }
         self.route_timeouts();
-        self.image_timeout();
         let now = self.now();
         if let Err(e) = self.engine.handle_timeout(now) {
             tracing::warn!(group = %self.row.name, "deadline: {e}");
@@ -1748,7 +1727,17 @@ impl Actor {
         } else if !expired && is_live(&self.row.status) && self.closed.is_some() {
             self.reopen();
         }
+        if self.updating() {
+            // Requests waiting for room are refused: no new sessions now.
+            self.refuse_waiters();
+        }
         self.apply_payment();
+    }
+
+    /// Whether an image update holds the group (`updating`, run by its
+    /// rollout, `crate::rollout`): no new sessions.
+    fn updating(&self) -> bool {
+        self.row.status == super::lifecycle::Status::Updating.as_str()
     }
 
     /// The group expired: freeze the engine and disconnect every open session.
@@ -2309,7 +2298,6 @@ impl Actor {
             let asked = std::mem::take(&mut self.to_adopt);
             self.adopt(Some(&asked)).await;
         }
-        self.image_flush().await?;
         // Slots of route requests whose client went away.
         self.flush_deferred_leaves();
         // Decisions made while handling a deferred release.
@@ -2537,7 +2525,6 @@ impl Actor {
                 .into_iter()
                 .map(|(s, since, until)| (s, UnixMillis(since), until.map(UnixMillis)))
                 .collect(),
-            image_update: self.image_progress(),
         }
     }
 }

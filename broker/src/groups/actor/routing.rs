@@ -259,7 +259,7 @@ impl Actor {
 
     /// Places a route request (see the module doc).
     pub(super) fn route(&mut self, ask: RouteAsk, reply: mpsc::Sender<RouteProgress>) {
-        if self.closed.is_some() || self.image_updating() {
+        if self.closed.is_some() || self.updating() {
             let _ = reply.try_send(refused(
                 RouteRefusal::GroupNotAvailable {
                     status: self.row.status.clone(),
