@@ -229,16 +229,65 @@ enum WriteOp {
     },
     /// Any other write, run inside the group-commit transaction (in its own
     /// savepoint); its answer is handed over only after the commit.
-    Exec {
-        f: ExecFn,
-        reply: oneshot::Sender<Result<ExecValue, StoreError>>,
-    },
+    Exec(Box<dyn ExecWrite>),
 }
 
-/// What an [`Store::exec`] closure returns, boxed so one write op carries any type.
-type ExecValue = Box<dyn std::any::Any + Send>;
-/// A write run by the writer thread on its open transaction.
-type ExecFn = Box<dyn FnOnce(&Connection) -> Result<ExecValue, StoreError> + Send>;
+/// A write of [`Store::exec`]: it carries its own typed reply channel, so the
+/// writer runs writes of any answer type without knowing (or casting) it.
+trait ExecWrite: Send {
+    /// Applies the write in a savepoint of the open transaction; returns its
+    /// answer, delivered once the transaction's fate is known.
+    fn apply(self: Box<Self>, c: &Connection) -> Box<dyn Deliver>;
+    /// Answers without applying (the transaction could not take it).
+    fn fail(self: Box<Self>, why: StoreError);
+}
+
+/// An applied write's answer, waiting for the commit.
+trait Deliver: Send {
+    /// Hands the answer over; if the commit failed, even a write that applied
+    /// cleanly is reported failed (nothing of it is on disk).
+    fn deliver(self: Box<Self>, commit: &Result<(), String>);
+}
+
+/// One [`Store::exec`] write and its caller's reply channel.
+struct Exec<T, F> {
+    f: F,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> ExecWrite for Exec<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn apply(self: Box<Self>, c: &Connection) -> Box<dyn Deliver> {
+        let Exec { f, reply } = *self;
+        Box::new(Done {
+            reply,
+            result: in_savepoint(c, f),
+        })
+    }
+
+    fn fail(self: Box<Self>, why: StoreError) {
+        let _ = self.reply.send(Err(why));
+    }
+}
+
+/// An applied [`Exec`]'s result.
+struct Done<T> {
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    result: Result<T, StoreError>,
+}
+
+impl<T: Send> Deliver for Done<T> {
+    fn deliver(self: Box<Self>, commit: &Result<(), String>) {
+        let answer = match commit {
+            Ok(()) => self.result,
+            Err(e) => Err(StoreError::Commit(e.clone())),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -425,12 +474,8 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let f: ExecFn = Box::new(move |c| f(c).map(|v| Box::new(v) as ExecValue));
-        let value = self.submit(|reply| WriteOp::Exec { f, reply }).await?;
-        value
-            .downcast::<T>()
-            .map(|v| *v)
-            .map_err(|_| StoreError::Corrupt("exec answer of an unexpected type".into()))
+        self.submit(|reply| WriteOp::Exec(Box::new(Exec { f, reply })))
+            .await
     }
 
     /// Runs a read on the read-only connection (committed data only), on the
@@ -704,10 +749,7 @@ enum Applied {
         oneshot::Sender<Result<RecordOutcome, StoreError>>,
         Result<RecordOutcome, StoreError>,
     ),
-    Exec(
-        oneshot::Sender<Result<ExecValue, StoreError>>,
-        Result<ExecValue, StoreError>,
-    ),
+    Exec(Box<dyn Deliver>),
 }
 
 impl Applied {
@@ -719,8 +761,7 @@ impl Applied {
             (Applied::Register(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
             (Applied::Record(tx, r), Ok(())) => drop(tx.send(r)),
             (Applied::Record(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
-            (Applied::Exec(tx, r), Ok(())) => drop(tx.send(r)),
-            (Applied::Exec(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
+            (Applied::Exec(done), commit) => done.deliver(commit),
         }
     }
 }
@@ -817,11 +858,11 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
                     reply,
                 },
             ),
-            WriteOp::Exec { f, reply } => {
-                let r = in_savepoint(conn, f);
+            WriteOp::Exec(write) => {
+                let done = write.apply(conn);
                 // An exec may write any table, spools included.
                 spools.clear();
-                applied.push(Applied::Exec(reply, r));
+                applied.push(Applied::Exec(done));
             }
         }
     }
@@ -999,7 +1040,7 @@ fn fail(op: WriteOp, msg: &str) {
         WriteOp::Register { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
         WriteOp::Record { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
         WriteOp::Close { reply } => drop(reply.send(())),
-        WriteOp::Exec { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
+        WriteOp::Exec(write) => write.fail(StoreError::Commit(msg.into())),
     }
 }
 
