@@ -24,6 +24,7 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+mod group_live;
 mod groups;
 mod migrations;
 mod sessions;
@@ -31,6 +32,11 @@ mod sessions;
 mod tests;
 mod writer;
 
+pub(crate) use group_live::{write_disconnects, write_retained};
+pub use group_live::{
+    DisconnectOp, OpenOnHost, PolicyOutcome, PolicyPushState, RetainOp, StoredDisconnect,
+    StoredRetention,
+};
 pub use groups::{GroupRecord, GroupStatus, GroupsBatch, GroupsTx, NewGroup, NewOrder, OutboxRow};
 use migrations::migrate;
 pub use sessions::{

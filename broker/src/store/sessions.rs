@@ -547,6 +547,42 @@ impl Store {
         .await
     }
 
+    /// What `resource`'s agent reported of its host at its last
+    /// registration; `None` when it never registered.
+    pub async fn host_facts(&self, resource: &ResourceId) -> Result<Option<HostFacts>, StoreError> {
+        let key = resource.to_string();
+        self.read_with(move |c| {
+            let row = c
+                .query_row(
+                    "SELECT hostname, os, kernel, vcpus, memory_bytes FROM resources
+                     WHERE resource = ?1",
+                    [key],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            row.map(|(hostname, os, kernel, vcpus, memory)| {
+                Ok(HostFacts {
+                    hostname,
+                    os,
+                    kernel,
+                    vcpus: u32::try_from(vcpus)
+                        .map_err(|_| StoreError::Corrupt(format!("vcpus {vcpus}")))?,
+                    memory_bytes: to_u64(memory, "memory_bytes")?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
     /// Sessions recorded open on `resource`, in id order.
     pub async fn open_sessions_of(
         &self,
