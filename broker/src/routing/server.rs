@@ -24,7 +24,6 @@ use ferry_common::route::{
     RouteRequest, MAX_ROUTE_FRAME_LEN,
 };
 use ferry_common::{GroupName, PROTOCOL_VERSION};
-use rusqlite::OptionalExtension;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
@@ -281,24 +280,15 @@ struct GroupFacts {
 }
 
 async fn group_facts(store: &Store, group: &GroupName) -> Result<Option<GroupFacts>, String> {
-    let key = group.to_string();
-    store
-        .read_with(move |c| {
-            Ok(c.query_row(
-                "SELECT status, session_type FROM groups
-                 WHERE name = ?1 AND status != 'gone' ORDER BY num DESC LIMIT 1",
-                [key],
-                |r| {
-                    Ok(GroupFacts {
-                        status: r.get(0)?,
-                        shared: r.get::<_, String>(1)? == "shared",
-                    })
-                },
-            )
-            .optional()?)
-        })
+    // By its name only (not its id): that is what users ask for.
+    let record = store
+        .live_group(group.as_str())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(record.filter(|r| &r.name == group).map(|r| GroupFacts {
+        shared: r.session_type == "shared",
+        status: r.status,
+    }))
 }
 
 /// Checks the request and has the group's actor place it; returns the final
