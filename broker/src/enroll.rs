@@ -21,8 +21,8 @@ use ferry_common::enroll::{
     is_token_text, EnrollMessage, EnrollRefusal, EnrollReply, EnrollReplyMessage, EnrollRequest,
     MAX_ENROLL_FRAME_LEN,
 };
-use ferry_common::frame::{self, PreambleReply, PREAMBLE_LEN};
-use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
+use ferry_common::frame;
+use ferry_common::{ResourceId, UnixMillis};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, KeyPair,
     KeyUsagePurpose, SanType,
@@ -34,7 +34,10 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::link::{close_code, EndpointService, HANDSHAKE_TIMEOUT, REFUSAL_LINGER, WRITE_TIMEOUT};
+use crate::endpoint::{
+    answer_preamble, close_code, EndpointService, PreambleError, HANDSHAKE_TIMEOUT, REFUSAL_LINGER,
+    WRITE_TIMEOUT,
+};
 use crate::pki;
 use crate::store::{Store, StoreError};
 
@@ -256,43 +259,32 @@ impl EnrollService {
                 }
             },
         };
-        let mut pre = [0u8; PREAMBLE_LEN];
-        if !matches!(
-            timeout(HANDSHAKE_TIMEOUT, recv.read_exact(&mut pre)).await,
-            Ok(Ok(()))
-        ) {
-            conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
-            return;
-        }
-        match frame::parse_preamble(&pre) {
-            Err(_) => {
-                conn.close(close_code::BAD_PREAMBLE.into(), b"not a Ferry peer");
-                return;
-            }
-            Ok(v) if v != PROTOCOL_VERSION => {
-                let reply = PreambleReply::UnsupportedVersion {
-                    supported: PROTOCOL_VERSION,
-                    message: format!("broker speaks protocol {PROTOCOL_VERSION}, host sent {v}"),
-                };
-                let _ = timeout(REFUSAL_LINGER, send.write_all(&reply.encode())).await;
-                let _ = send.finish();
-                let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+        match answer_preamble(
+            &mut send,
+            &mut recv,
+            HANDSHAKE_TIMEOUT,
+            "host",
+            "upgrade ferry-agent",
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(PreambleError::Unsupported(_)) => {
                 conn.close(
                     close_code::UNSUPPORTED_VERSION.into(),
                     b"unsupported version",
                 );
                 return;
             }
-            Ok(_) => {}
-        }
-        let accepted = PreambleReply::Accepted {
-            version: PROTOCOL_VERSION,
-        };
-        if !matches!(
-            timeout(WRITE_TIMEOUT, send.write_all(&accepted.encode())).await,
-            Ok(Ok(()))
-        ) {
-            return;
+            Err(PreambleError::NotFerry) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"not a Ferry peer");
+                return;
+            }
+            Err(PreambleError::Read(_) | PreambleError::Timeout(_)) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
+                return;
+            }
+            Err(PreambleError::Write(_)) => return,
         }
         let request = tokio::select! {
             _ = token.cancelled() => return,

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 
-use ferry_broker::link::REFUSAL_LINGER;
+use ferry_broker::endpoint::REFUSAL_LINGER;
 use ferry_broker::pki;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
