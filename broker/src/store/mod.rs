@@ -24,12 +24,14 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+pub(crate) mod elastic;
 mod migrations;
 mod sessions;
 #[cfg(test)]
 mod tests;
 mod writer;
 
+pub use elastic::{BaseRecord, ElasticOp, ElasticState, EnrollTokenRecord, RetireRecord};
 use migrations::migrate;
 pub use sessions::{
     end_reason_text, end_session_by_broker, RecordOutcome, Registered, Registration, SequenceGap,
