@@ -29,6 +29,7 @@ mod migrations;
 mod sessions;
 #[cfg(test)]
 mod tests;
+pub(crate) mod users;
 mod writer;
 
 pub use elastic::{BaseRecord, ElasticOp, ElasticState, EnrollTokenRecord, RetireRecord};
@@ -37,6 +38,7 @@ pub use sessions::{
     end_reason_text, end_session_by_broker, RecordOutcome, Registered, Registration, SequenceGap,
     StoreCounts, StoredResource, StoredSession, RECONCILE_REASON, REUSED_ID_REASON,
 };
+pub use users::{CredentialState, StoredCredentials, StoredUser};
 use writer::{writer_loop, Exec, WriteOp};
 
 /// Writes waiting for the writer thread. Callers wait (backpressure) when it

@@ -29,7 +29,7 @@ use crate::config::GroupsConfig;
 use crate::engine::billing::{round_line, subscription_amount, Term};
 use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
 use crate::groups::policy_parts::{stored_json, PolicyParts};
-use crate::store::{Store, StoreError};
+use crate::store::{users, Store, StoreError};
 
 // Users' credentials: a child module, so it shares this one's private helpers.
 mod credentials;
@@ -446,10 +446,7 @@ impl GroupService {
                     }
                     let added = assign(c, &row, &add, now)?;
                     for u in &remove {
-                        c.execute(
-                            "DELETE FROM group_users WHERE group_num = ?1 AND user = ?2",
-                            params![row.num, u.as_str()],
-                        )?;
+                        users::unassign(c, row.num, u)?;
                     }
                     event(
                         c,
@@ -517,7 +514,7 @@ impl GroupService {
         let d = self
             .lifecycle_change(group, now, move |c, row| {
                 let t = row.life.remove(action, now)?;
-                c.execute("DELETE FROM group_users WHERE group_num = ?1", [row.num])?;
+                users::unassign_all(c, row.num)?;
                 Ok(Outcome {
                     transitions: vec![t],
                     orders: vec![],
@@ -689,31 +686,9 @@ impl GroupService {
         now: UnixMillis,
     ) -> Result<Vec<UserInfo>, GroupError> {
         let id = user.id.clone();
-        self.store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let exists: bool = c.query_row(
-                        "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
-                        [user.id.as_str()],
-                        |r| r.get(0),
-                    )?;
-                    if exists {
-                        return Err(GroupError::Conflict(format!(
-                            "user {} already exists",
-                            user.id
-                        )));
-                    }
-                    upsert_user(c, &user, now)?;
-                    if let Some(hash) = password_hash {
-                        c.execute(
-                            "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                            params![user.id.as_str(), hash],
-                        )?;
-                    }
-                    Ok(())
-                })
-            })
-            .await??;
+        if !self.store.create_user(user, password_hash, now).await? {
+            return Err(GroupError::Conflict(format!("user {id} already exists")));
+        }
         Ok(self
             .users()
             .await?
@@ -731,16 +706,7 @@ impl GroupService {
     ) -> Result<Vec<UserInfo>, GroupError> {
         let users = parse_users_csv(csv).map_err(GroupError::Invalid)?;
         let ids: Vec<UserId> = users.iter().map(|u| u.id.clone()).collect();
-        self.store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    for u in &users {
-                        upsert_user(c, u, now)?;
-                    }
-                    Ok(())
-                })
-            })
-            .await??;
+        self.store.import_users(users, now).await?;
         Ok(self
             .users()
             .await?
@@ -751,44 +717,18 @@ impl GroupService {
 
     /// `user list`.
     pub async fn users(&self) -> Result<Vec<UserInfo>, GroupError> {
-        self.store
-            .read_with(|c| {
-                Ok((|| -> Result<_, GroupError> {
-                    let mut stmt = c.prepare(
-                        "SELECT u.id, u.email, u.mobile,
-                                (SELECT group_concat(g.name, ' ') FROM group_users gu
-                                   JOIN groups g ON g.num = gu.group_num
-                                  WHERE gu.user = u.id AND g.status != 'gone')
-                         FROM users u ORDER BY u.id",
-                    )?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                        ))
-                    })?;
-                    let mut out = Vec::new();
-                    for row in rows {
-                        let (id, email, mobile, groups) = row?;
-                        let mut groups = groups
-                            .unwrap_or_default()
-                            .split_whitespace()
-                            .map(|g| g.parse().map_err(corrupt))
-                            .collect::<Result<Vec<GroupName>, _>>()?;
-                        groups.sort();
-                        out.push(UserInfo {
-                            id: id.parse().map_err(corrupt)?,
-                            email,
-                            mobile,
-                            groups,
-                        });
-                    }
-                    Ok(out)
-                })())
-            })
+        Ok(self
+            .store
+            .list_users()
             .await?
+            .into_iter()
+            .map(|u| UserInfo {
+                id: u.id,
+                email: u.email,
+                mobile: u.mobile,
+                groups: u.groups,
+            })
+            .collect())
     }
 
     /// Pending activation notifications due at `now` (oldest first, at most `limit`).
@@ -928,30 +868,18 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
 }
 
 fn assigned_users(c: &Connection, num: i64) -> Result<Vec<UserId>, GroupError> {
-    let mut stmt = c.prepare("SELECT user FROM group_users WHERE group_num = ?1 ORDER BY user")?;
-    let rows = stmt.query_map([num], |r| r.get::<_, String>(0))?;
-    let mut out = Vec::new();
-    for r in rows {
-        out.push(r?.parse().map_err(corrupt)?);
-    }
-    Ok(out)
+    Ok(users::assigned(c, num)?)
 }
 
 fn unknown_users(c: &Connection, users: &[UserId]) -> Result<Vec<String>, GroupError> {
-    let mut problems = Vec::new();
-    for u in users {
-        let n: i64 = c.query_row(
-            "SELECT COUNT(*) FROM users WHERE id = ?1",
-            [u.as_str()],
-            |r| r.get(0),
-        )?;
-        if n == 0 {
-            problems.push(format!(
+    Ok(users::unknown(c, users)?
+        .into_iter()
+        .map(|u| {
+            format!(
                 "user {u} does not exist (create it with `ferryctl user create` or `user import`)"
-            ));
-        }
-    }
-    Ok(problems)
+            )
+        })
+        .collect())
 }
 
 /// Assigns users not yet assigned and queues their activation notifications;
@@ -962,23 +890,7 @@ fn assign(
     users: &[UserId],
     now: UnixMillis,
 ) -> Result<Vec<UserId>, GroupError> {
-    let mut added = Vec::new();
-    for u in users {
-        let n = c.execute(
-            "INSERT OR IGNORE INTO group_users (group_num, user, assigned_at) VALUES (?1, ?2, ?3)",
-            params![row.num, u.as_str(), now.0],
-        )?;
-        if n == 0 {
-            continue;
-        }
-        c.execute(
-            "INSERT INTO notifications (group_num, user, email, mobile, kind, created_at, next_attempt_at)
-             SELECT ?1, id, email, mobile, 'activation', ?2, ?2 FROM users WHERE id = ?3",
-            params![row.num, now.0, u.as_str()],
-        )?;
-        added.push(u.clone());
-    }
-    Ok(added)
+    Ok(users::assign(c, row.num, users, now)?)
 }
 
 fn write_order(
@@ -1076,16 +988,6 @@ pub(super) fn checked_user(user: &UserSpec) -> Result<(), GroupError> {
     } else {
         Err(GroupError::Invalid(problems))
     }
-}
-
-fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), GroupError> {
-    c.execute(
-        "INSERT INTO users (id, email, mobile, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
-         ON CONFLICT (id) DO UPDATE SET email = excluded.email, mobile = excluded.mobile,
-                                        updated_at = excluded.updated_at",
-        params![u.id.as_str(), u.email, u.mobile, now.0],
-    )?;
-    Ok(())
 }
 
 fn publish_tx(
@@ -1544,11 +1446,7 @@ pub fn parse_users_csv(text: &str) -> Result<Vec<UserSpec>, Vec<String>> {
 }
 
 fn info(c: &Connection, r: &Row) -> Result<GroupInfo, GroupError> {
-    let users: i64 = c.query_row(
-        "SELECT COUNT(*) FROM group_users WHERE group_num = ?1",
-        [r.num],
-        |x| x.get(0),
-    )?;
+    let users = users::assigned_count(c, r.num)?;
     let (term, auto_renew) = match r.life.billing {
         Billing::Subscription { term, auto_renew } => (Some(term.to_string()), auto_renew),
         Billing::PayAsYouGo => (None, false),
@@ -1565,7 +1463,7 @@ fn info(c: &Connection, r: &Row) -> Result<GroupInfo, GroupError> {
         auto_renew,
         base_resources: r.base_resources,
         session_type: r.session_type,
-        users: u64::try_from(users).unwrap_or(0),
+        users,
         expires_at: r.life.expires_at,
         created_at: r.created_at,
     })
