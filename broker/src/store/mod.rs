@@ -29,6 +29,7 @@ mod migrations;
 mod sessions;
 #[cfg(test)]
 mod tests;
+pub(crate) mod usage;
 pub(crate) mod users;
 mod writer;
 
@@ -38,6 +39,7 @@ pub use sessions::{
     end_reason_text, end_session_by_broker, RecordOutcome, Registered, Registration, SequenceGap,
     StoreCounts, StoredResource, StoredSession, RECONCILE_REASON, REUSED_ID_REASON,
 };
+pub use usage::{GroupRecords, Interval, Kind, SessionSpan};
 pub use users::{CredentialState, StoredCredentials, StoredUser};
 use writer::{writer_loop, Exec, WriteOp};
 
