@@ -13,7 +13,7 @@ use ferry_common::admin::{GroupEventInfo, OrderInfo};
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{parse_id, to_u64, Store, StoreError};
+use super::{parse_id, to_u64, users, Store, StoreError};
 
 /// A group's row as stored. `policy` is the stored policy document (every
 /// part); the service parses it and the billing fields.
@@ -249,27 +249,12 @@ impl GroupsTx<'_> {
 
     /// The users assigned to group `num`, sorted.
     pub fn assigned_users(&self, num: i64) -> Result<Vec<UserId>, StoreError> {
-        let mut stmt = self
-            .c
-            .prepare("SELECT user FROM group_users WHERE group_num = ?1 ORDER BY user")?;
-        let rows = stmt.query_map([num], |r| r.get::<_, String>(0))?;
-        rows.map(|r| parse_id(r?, "user")).collect()
+        users::assigned(self.c, num)
     }
 
     /// Those of `users` that do not exist.
     pub fn unknown_users(&self, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
-        let mut out = Vec::new();
-        for u in users {
-            let n: i64 = self.c.query_row(
-                "SELECT COUNT(*) FROM users WHERE id = ?1",
-                [u.as_str()],
-                |r| r.get(0),
-            )?;
-            if n == 0 {
-                out.push(u.clone());
-            }
-        }
-        Ok(out)
+        users::unknown(self.c, users)
     }
 
     /// Assigns users not yet assigned to group `num` and queues their
@@ -280,44 +265,17 @@ impl GroupsTx<'_> {
         users: &[UserId],
         now: UnixMillis,
     ) -> Result<Vec<UserId>, StoreError> {
-        let mut added = Vec::new();
-        for u in users {
-            let n = self.c.execute(
-                "INSERT OR IGNORE INTO group_users (group_num, user, assigned_at)
-                 VALUES (?1, ?2, ?3)",
-                params![num, u.as_str(), now.0],
-            )?;
-            if n == 0 {
-                continue;
-            }
-            self.c.execute(
-                "INSERT INTO notifications
-                     (group_num, user, email, mobile, kind, created_at, next_attempt_at)
-                 SELECT ?1, id, email, mobile, 'activation', ?2, ?2 FROM users WHERE id = ?3",
-                params![num, now.0, u.as_str()],
-            )?;
-            added.push(u.clone());
-        }
-        Ok(added)
+        users::assign(self.c, num, users, now)
     }
 
     /// Unassigns `users` from group `num` (every user when `None`).
     pub fn unassign(&self, num: i64, users: Option<&[UserId]>) -> Result<(), StoreError> {
         match users {
-            None => {
-                self.c
-                    .execute("DELETE FROM group_users WHERE group_num = ?1", [num])?;
-            }
-            Some(users) => {
-                for u in users {
-                    self.c.execute(
-                        "DELETE FROM group_users WHERE group_num = ?1 AND user = ?2",
-                        params![num, u.as_str()],
-                    )?;
-                }
-            }
+            None => users::unassign_all(self.c, num),
+            Some(list) => list
+                .iter()
+                .try_for_each(|u| users::unassign(self.c, num, u)),
         }
-        Ok(())
     }
 
     /// Writes an order of group `num`.
@@ -428,12 +386,7 @@ impl GroupsTx<'_> {
 
     /// How many users group `num` has.
     pub fn user_count(&self, num: i64) -> Result<u64, StoreError> {
-        let n: i64 = self.c.query_row(
-            "SELECT COUNT(*) FROM group_users WHERE group_num = ?1",
-            [num],
-            |x| x.get(0),
-        )?;
-        to_u64(n, "user count")
+        users::assigned_count(self.c, num)
     }
 
     /// The orders of group `num`, oldest first.

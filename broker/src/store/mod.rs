@@ -24,14 +24,18 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+pub(crate) mod elastic;
 mod group_live;
 mod groups;
 mod migrations;
 mod sessions;
 #[cfg(test)]
 mod tests;
+pub(crate) mod usage;
+pub(crate) mod users;
 mod writer;
 
+pub use elastic::{BaseRecord, ElasticOp, ElasticState, EnrollTokenRecord, RetireRecord};
 pub(crate) use group_live::{write_disconnects, write_retained};
 pub use group_live::{
     DisconnectOp, OpenOnHost, PolicyOutcome, PolicyPushState, RetainOp, StoredDisconnect,
@@ -43,6 +47,8 @@ pub use sessions::{
     end_reason_text, end_session_by_broker, RecordOutcome, Registered, Registration, SequenceGap,
     StoreCounts, StoredResource, StoredSession, RECONCILE_REASON, REUSED_ID_REASON,
 };
+pub use usage::{GroupRecords, Interval, Kind, SessionSpan};
+pub use users::{CredentialState, StoredCredentials, StoredUser};
 use writer::{writer_loop, Exec, WriteOp};
 
 /// Writes waiting for the writer thread. Callers wait (backpressure) when it

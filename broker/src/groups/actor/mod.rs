@@ -1250,19 +1250,8 @@ impl Actor {
         if started.is_empty() {
             return;
         }
-        let users: Vec<String> = started.iter().map(|(_, u)| u.to_string()).collect();
-        let known = self
-            .shared
-            .store
-            .read_with(move |c| {
-                let mut stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?;
-                let mut known = Vec::with_capacity(users.len());
-                for u in &users {
-                    known.push(stmt.exists([u])?);
-                }
-                Ok(known)
-            })
-            .await;
+        let users = started.iter().map(|(_, u)| u.clone()).collect();
+        let known = self.shared.store.known_users(users).await;
         let Ok(known) = known else { return };
         for ((session, user), known) in started.into_iter().zip(known) {
             if !known {

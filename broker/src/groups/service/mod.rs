@@ -17,7 +17,7 @@ use ferry_common::admin::{
 };
 use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
-use rusqlite::{params, Connection};
+
 use tokio::sync::Notify;
 
 use super::lifecycle::{
@@ -573,29 +573,9 @@ impl GroupService {
         now: UnixMillis,
     ) -> Result<Vec<UserInfo>, GroupError> {
         let id = user.id.clone();
-        self.store
-            .exec(move |c| {
-                let exists: bool = c.query_row(
-                    "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
-                    [user.id.as_str()],
-                    |r| r.get(0),
-                )?;
-                if exists {
-                    return Ok(Err(GroupError::Conflict(format!(
-                        "user {} already exists",
-                        user.id
-                    ))));
-                }
-                upsert_user(c, &user, now)?;
-                if let Some(hash) = password_hash {
-                    c.execute(
-                        "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                        params![user.id.as_str(), hash],
-                    )?;
-                }
-                Ok(Ok(()))
-            })
-            .await??;
+        if !self.store.create_user(user, password_hash, now).await? {
+            return Err(GroupError::Conflict(format!("user {id} already exists")));
+        }
         Ok(self
             .users()
             .await?
@@ -613,14 +593,7 @@ impl GroupService {
     ) -> Result<Vec<UserInfo>, GroupError> {
         let users = parse_users_csv(csv).map_err(GroupError::Invalid)?;
         let ids: Vec<UserId> = users.iter().map(|u| u.id.clone()).collect();
-        self.store
-            .exec(move |c| {
-                for u in &users {
-                    upsert_user(c, u, now)?;
-                }
-                Ok(())
-            })
-            .await?;
+        self.store.import_users(users, now).await?;
         Ok(self
             .users()
             .await?
@@ -631,44 +604,18 @@ impl GroupService {
 
     /// `user list`.
     pub async fn users(&self) -> Result<Vec<UserInfo>, GroupError> {
-        self.store
-            .read_with(|c| {
-                Ok((|| -> Result<_, GroupError> {
-                    let mut stmt = c.prepare(
-                        "SELECT u.id, u.email, u.mobile,
-                                (SELECT group_concat(g.name, ' ') FROM group_users gu
-                                   JOIN groups g ON g.num = gu.group_num
-                                  WHERE gu.user = u.id AND g.status != 'gone')
-                         FROM users u ORDER BY u.id",
-                    )?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                        ))
-                    })?;
-                    let mut out = Vec::new();
-                    for row in rows {
-                        let (id, email, mobile, groups) = row?;
-                        let mut groups = groups
-                            .unwrap_or_default()
-                            .split_whitespace()
-                            .map(|g| g.parse().map_err(corrupt))
-                            .collect::<Result<Vec<GroupName>, _>>()?;
-                        groups.sort();
-                        out.push(UserInfo {
-                            id: id.parse().map_err(corrupt)?,
-                            email,
-                            mobile,
-                            groups,
-                        });
-                    }
-                    Ok(out)
-                })())
-            })
+        Ok(self
+            .store
+            .list_users()
             .await?
+            .into_iter()
+            .map(|u| UserInfo {
+                id: u.id,
+                email: u.email,
+                mobile: u.mobile,
+                groups: u.groups,
+            })
+            .collect())
     }
 
     /// Pending activation notifications due at `now` (oldest first, at most `limit`).
@@ -866,16 +813,6 @@ pub(super) fn checked_user(user: &UserSpec) -> Result<(), GroupError> {
     } else {
         Err(GroupError::Invalid(problems))
     }
-}
-
-fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), StoreError> {
-    c.execute(
-        "INSERT INTO users (id, email, mobile, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
-         ON CONFLICT (id) DO UPDATE SET email = excluded.email, mobile = excluded.mobile,
-                                        updated_at = excluded.updated_at",
-        params![u.id.as_str(), u.email, u.mobile, now.0],
-    )?;
-    Ok(())
 }
 
 fn publish_tx(
