@@ -118,20 +118,6 @@ fn insert_pending(
     Ok(())
 }
 
-fn insert_event(
-    c: &Connection,
-    num: i64,
-    at: UnixMillis,
-    kind: &str,
-    message: &str,
-) -> Result<(), StoreError> {
-    c.execute(
-        "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-        params![num, at.0, kind, message],
-    )?;
-    Ok(())
-}
-
 /// Applies the record changes of group `num` in the actor's commit transaction.
 pub(crate) fn write_ops(c: &Connection, num: i64, ops: &[ElasticOp]) -> Result<(), StoreError> {
     for op in ops {
@@ -379,7 +365,7 @@ impl Store {
         kind: &'static str,
         message: String,
     ) -> Result<(), StoreError> {
-        self.exec(move |c| insert_event(c, num, at, kind, &message))
+        self.exec(move |c| super::groups::event(c, num, at, kind, &message))
             .await
     }
 
@@ -453,11 +439,7 @@ impl Store {
                 params![token_hash, now.0],
             )?;
             if n == 1 {
-                c.execute(
-                    "INSERT INTO group_events (group_num, at, kind, message)
-                     VALUES (?1, ?2, 'enrolled', ?3)",
-                    params![num, now.0, message],
-                )?;
+                super::groups::event(c, num, now, "enrolled", &message)?;
             }
             Ok(n == 1)
         })
@@ -466,9 +448,51 @@ impl Store {
 }
 
 /// Test fixtures of the rows this door reads that other doors write.
+impl Store {
+    /// The elastic resources of group `num` a restarted actor takes back
+    /// (pending, ready, releasing), and the number of its next elastic id.
+    pub async fn elastic_of(
+        &self,
+        num: i64,
+    ) -> Result<(Vec<(RestoredElastic, ResourceId)>, u32), StoreError> {
+        self.read_with(move |c| load(c, num)).await
+    }
+}
+
 #[cfg(test)]
 impl Store {
     /// An active pay-as-you-go group `name` of number `num` (id `dg-<num>`, image `img`).
+    /// (resource, kind, ready_at, released_at) of every billing interval, in
+    /// id order.
+    pub(crate) async fn intervals_for_test(&self) -> Vec<(String, String, i64, Option<i64>)> {
+        self.read_with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT resource, kind, ready_at, released_at FROM resource_intervals ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+        .expect("intervals")
+    }
+
+    /// The host facts an agent's registration in group `g1` would have
+    /// stored.
+    pub(crate) async fn register_host_for_test(&self, resource: &str, vcpus: i64, memory_gib: i64) {
+        let resource = resource.to_owned();
+        self.exec(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO resources (resource, grp, agent_version, image_version,
+                     hostname, os, kernel, vcpus, memory_bytes, first_seen, last_seen)
+                 VALUES (?1, 'g1', '0', 'img', ?1, 'Debian', '6.1', ?2, ?3, 0, 0)",
+                params![resource, vcpus, memory_gib << 30],
+            )?;
+            Ok(())
+        })
+        .await
+        .expect("register host");
+    }
+
     pub(crate) async fn insert_group_for_test(&self, num: i64, name: &str) {
         let name = name.to_owned();
         self.exec(move |c| {

@@ -6,7 +6,9 @@
 use ferry_common::{ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::elastic::{write_ops as write_elastic, ElasticOp};
 use super::groups::event;
+use super::sessions::end_session_by_broker;
 use super::{parse_id, to_u64, GroupRecord, GroupsTx, Store, StoreError};
 
 /// An expiry disconnect not confirmed yet, as stored.
@@ -58,6 +60,59 @@ pub struct OpenOnHost {
     pub session: SessionId,
 }
 
+/// A change of the metering record of one resource.
+#[derive(Clone, Debug)]
+pub enum IntervalOp {
+    /// It became ready: billing starts. `class` is `base` or `elastic`.
+    Open {
+        resource: ResourceId,
+        class: &'static str,
+        at: UnixMillis,
+    },
+    /// It was released: billing stops.
+    Close {
+        resource: ResourceId,
+        at: UnixMillis,
+    },
+}
+
+/// A session the broker ends itself (its retention ran out, its host stayed
+/// away).
+#[derive(Clone, Debug)]
+pub struct BrokerEnd {
+    pub resource: ResourceId,
+    pub session: SessionId,
+    pub at: UnixMillis,
+    pub reason: String,
+}
+
+/// Everything one turn of a group's actor records, written in one
+/// transaction: its decisions and events, metering intervals, elastic
+/// resources, pending disconnects, retained sessions and the sessions it
+/// ended.
+#[derive(Debug, Default)]
+pub struct GroupCommit {
+    /// Events: (at, kind, message).
+    pub notes: Vec<(UnixMillis, &'static str, String)>,
+    pub intervals: Vec<IntervalOp>,
+    pub elastic: Vec<ElasticOp>,
+    pub disconnects: Vec<DisconnectOp>,
+    pub retained: Vec<RetainOp>,
+    pub ends: Vec<BrokerEnd>,
+}
+
+impl GroupCommit {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.notes.is_empty()
+            && self.intervals.is_empty()
+            && self.elastic.is_empty()
+            && self.disconnects.is_empty()
+            && self.retained.is_empty()
+            && self.ends.is_empty()
+    }
+}
+
 /// What a push of a policy version to a resource may still do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyPushState {
@@ -83,6 +138,52 @@ pub struct PolicyOutcome {
 }
 
 impl Store {
+    /// Writes one turn of group `num`'s actor in one transaction; `billing`
+    /// (`subscription` or `pay-as-you-go`) goes on each interval opened.
+    pub async fn commit_group(
+        &self,
+        num: i64,
+        billing: String,
+        commit: GroupCommit,
+    ) -> Result<(), StoreError> {
+        self.exec(move |c| {
+            for (at, kind, message) in &commit.notes {
+                event(c, num, *at, kind, message)?;
+            }
+            for op in &commit.intervals {
+                match op {
+                    // OR IGNORE: a base resource re-joining after a broker
+                    // restart keeps the interval it already has open.
+                    IntervalOp::Open {
+                        resource,
+                        class,
+                        at,
+                    } => c
+                        .prepare_cached(
+                            "INSERT OR IGNORE INTO resource_intervals
+                                 (group_num, resource, kind, billing, ready_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )?
+                        .execute(params![num, resource.as_str(), class, billing, at.0])?,
+                    IntervalOp::Close { resource, at } => c
+                        .prepare_cached(
+                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?3)
+                             WHERE group_num = ?1 AND resource = ?2 AND released_at IS NULL",
+                        )?
+                        .execute(params![num, resource.as_str(), at.0])?,
+                };
+            }
+            write_elastic(c, num, &commit.elastic)?;
+            write_disconnects(c, num, &commit.disconnects)?;
+            write_retained(c, num, &commit.retained)?;
+            for e in &commit.ends {
+                end_session_by_broker(c, &e.resource, &e.session, e.at, &e.reason)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// The live (not gone) group named `group` (a name or an id).
     pub async fn live_group(&self, group: &str) -> Result<Option<GroupRecord>, StoreError> {
         let group = group.to_owned();
@@ -444,11 +545,7 @@ impl Store {
 }
 
 /// Applies changes of pending disconnects (inside a caller's transaction).
-pub(crate) fn write_disconnects(
-    c: &Connection,
-    num: i64,
-    ops: &[DisconnectOp],
-) -> Result<(), StoreError> {
+fn write_disconnects(c: &Connection, num: i64, ops: &[DisconnectOp]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             DisconnectOp::Upsert(d) => {
@@ -481,7 +578,7 @@ pub(crate) fn write_disconnects(
 }
 
 /// Applies changes of retained sessions (inside a caller's transaction).
-pub(crate) fn write_retained(c: &Connection, num: i64, ops: &[RetainOp]) -> Result<(), StoreError> {
+fn write_retained(c: &Connection, num: i64, ops: &[RetainOp]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             RetainOp::Upsert(r) => {

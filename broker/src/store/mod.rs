@@ -36,10 +36,9 @@ pub(crate) mod users;
 mod writer;
 
 pub use elastic::{BaseRecord, ElasticOp, ElasticState, EnrollTokenRecord, RetireRecord};
-pub(crate) use group_live::{write_disconnects, write_retained};
 pub use group_live::{
-    DisconnectOp, OpenOnHost, PolicyOutcome, PolicyPushState, RetainOp, StoredDisconnect,
-    StoredRetention,
+    BrokerEnd, DisconnectOp, GroupCommit, IntervalOp, OpenOnHost, PolicyOutcome, PolicyPushState,
+    RetainOp, StoredDisconnect, StoredRetention,
 };
 pub use groups::{GroupRecord, GroupStatus, GroupsBatch, GroupsTx, NewGroup, NewOrder, OutboxRow};
 use migrations::migrate;

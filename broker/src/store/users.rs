@@ -37,7 +37,7 @@ pub struct StoredCredentials {
 }
 
 /// The state of a user's credentials, as `user list` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CredentialState {
     pub password_set: bool,
     pub token_generation: u64,

@@ -53,7 +53,6 @@ use crate::store::{Store, StoreError};
 
 // The record's reads and writes inside the actor's own restore and commit
 // transactions (`super::Actor`).
-pub(super) use crate::store::elastic::{load, write_ops};
 
 /// Wait before the second attempt of a create or delete; it doubles after
 /// each failure.
@@ -146,10 +145,6 @@ impl Elastic {
     /// `<group>-e<n>` for the engine's `e<n>`.
     pub fn real(&self, engine_id: &ResourceId) -> Option<ResourceId> {
         ResourceId::new(format!("{}-{}", self.group, engine_id)).ok()
-    }
-
-    pub fn has_ops(&self) -> bool {
-        !self.ops.is_empty()
     }
 
     /// Follows one engine decision: records it, and with a provisioner

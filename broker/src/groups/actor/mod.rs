@@ -60,7 +60,6 @@ use std::sync::{Arc, Mutex, Weak};
 
 use ferry_common::wire::{Command, CommandOutcome, HostFacts, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
-use rusqlite::params;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,7 +71,7 @@ use crate::clock::Clock;
 use crate::config::GroupsConfig;
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
-use crate::store::{GroupRecord, Store, StoreError};
+use crate::store::{BrokerEnd, GroupCommit, GroupRecord, IntervalOp, Store, StoreError};
 use elastic::{Elastic, ElasticParts};
 
 pub mod elastic;
@@ -111,12 +110,6 @@ pub enum ActorError {
     Engine(GroupName, EngineError),
     #[error("group {0} has no running actor")]
     NotRunning(String),
-}
-
-impl From<rusqlite::Error> for ActorError {
-    fn from(e: rusqlite::Error) -> Self {
-        ActorError::Store(StoreError::Sqlite(e))
-    }
 }
 
 /// One resource as the actor shows it.
@@ -239,31 +232,6 @@ pub(super) enum Msg {
         report: ferry_common::wire::PresenceReport,
         reply: oneshot::Sender<()>,
     },
-}
-
-/// A change of the metering record of one resource.
-#[derive(Clone, Debug)]
-enum IntervalOp {
-    /// It became ready: billing starts.
-    Open {
-        resource: ResourceId,
-        class: Class,
-        at: UnixMillis,
-    },
-    /// It was released: billing stops.
-    Close {
-        resource: ResourceId,
-        at: UnixMillis,
-    },
-}
-
-/// A session the broker ends itself (see [`Actor::end_by_broker`]).
-#[derive(Clone, Debug)]
-struct BrokerEnd {
-    resource: ResourceId,
-    session: SessionId,
-    at: UnixMillis,
-    reason: String,
 }
 
 /// A group's row, as the actor needs it.
@@ -676,11 +644,7 @@ impl GroupActors {
             .store
             .end_unrecorded_elastic_intervals(num, now)
             .await?;
-        let (restored, next_elastic) = self
-            .shared
-            .store
-            .read_with(move |c| elastic::load(c, num))
-            .await?;
+        let (restored, next_elastic) = self.shared.store.elastic_of(num).await?;
         if closed > 0 {
             tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
         }
@@ -1465,7 +1429,7 @@ impl Actor {
                     let at = self.now();
                     self.intervals.push(IntervalOp::Open {
                         resource: resource.clone(),
-                        class: Class::Base,
+                        class: Class::Base.as_str(),
                         at,
                     });
                     self.note(
@@ -2043,7 +2007,7 @@ impl Actor {
                     let real = self.external(resource);
                     self.intervals.push(IntervalOp::Open {
                         resource: real.clone(),
-                        class: Class::Elastic,
+                        class: Class::Elastic.as_str(),
                         at: d.at,
                     });
                     format!("created: {real} is ready")
@@ -2134,57 +2098,20 @@ impl Actor {
         self.flush_deferred_leaves();
         // Decisions made while handling a deferred release.
         self.take_decisions();
-        let disconnect_ops = self.disconnect_ops();
-        let retain_ops = self.retention_ops();
-        if self.notes.is_empty()
-            && self.intervals.is_empty()
-            && self.ends.is_empty()
-            && !self.elastic.has_ops()
-            && disconnect_ops.is_empty()
-            && retain_ops.is_empty()
-        {
+        let commit = GroupCommit {
+            disconnects: self.disconnect_ops(),
+            retained: self.retention_ops(),
+            notes: std::mem::take(&mut self.notes),
+            intervals: std::mem::take(&mut self.intervals),
+            ends: std::mem::take(&mut self.ends),
+            elastic: self.elastic.take_ops(),
+        };
+        if commit.is_empty() {
             return Ok(());
         }
-        let notes = std::mem::take(&mut self.notes);
-        let intervals = std::mem::take(&mut self.intervals);
-        let ends = std::mem::take(&mut self.ends);
-        let elastic_ops = self.elastic.take_ops();
-        let billing = self.row.billing.clone();
-        let num = self.row.num;
         self.shared
             .store
-            .exec(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for (at, kind, message) in &notes {
-                    stmt.execute(params![num, at.0, kind, message])?;
-                }
-                for op in &intervals {
-                    match op {
-                        // OR IGNORE: a base resource re-joining after a broker
-                        // restart keeps the interval it already has open.
-                        IntervalOp::Open { resource, class, at } => c.execute(
-                            "INSERT OR IGNORE INTO resource_intervals
-                                 (group_num, resource, kind, billing, ready_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
-                            params![num, resource.as_str(), class.as_str(), billing, at.0],
-                        )?,
-                        IntervalOp::Close { resource, at } => c.execute(
-                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?3)
-                             WHERE group_num = ?1 AND resource = ?2 AND released_at IS NULL",
-                            params![num, resource.as_str(), at.0],
-                        )?,
-                    };
-                }
-                elastic::write_ops(c, num, &elastic_ops)?;
-                crate::store::write_disconnects(c, num, &disconnect_ops)?;
-                crate::store::write_retained(c, num, &retain_ops)?;
-                for e in &ends {
-                    crate::store::end_session_by_broker(c, &e.resource, &e.session, e.at, &e.reason)?;
-                }
-                Ok(())
-            })
+            .commit_group(self.row.num, self.row.billing.clone(), commit)
             .await?;
         Ok(())
     }
@@ -2460,16 +2387,7 @@ mod tests {
 
         /// (resource, kind, ready_at, released_at) in id order.
         async fn intervals(&self) -> Vec<(String, String, i64, Option<i64>)> {
-            self.store
-                .read_with(|c| {
-                    let mut stmt = c.prepare(
-                        "SELECT resource, kind, ready_at, released_at FROM resource_intervals ORDER BY id",
-                    )?;
-                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
-                })
-                .await
-                .expect("intervals")
+            self.store.intervals_for_test().await
         }
 
         async fn close(self) {
@@ -2700,19 +2618,9 @@ mod tests {
 
     /// Writes the host facts an agent's registration would have stored.
     async fn register_host(store: &Store, resource: &str, vcpus: i64, memory_gib: i64) {
-        let resource = resource.to_owned();
         store
-            .exec(move |c| {
-                c.execute(
-                    "INSERT OR REPLACE INTO resources (resource, grp, agent_version, image_version,
-                         hostname, os, kernel, vcpus, memory_bytes, first_seen, last_seen)
-                     VALUES (?1, 'g1', '0', 'img', ?1, 'Debian', '6.1', ?2, ?3, 0, 0)",
-                    params![resource, vcpus, memory_gib << 30],
-                )?;
-                Ok(())
-            })
-            .await
-            .expect("register host");
+            .register_host_for_test(resource, vcpus, memory_gib)
+            .await;
     }
 
     #[tokio::test]
@@ -2945,16 +2853,22 @@ mod tests {
 
     /// (resource, session, attempts) of the stored pending disconnects.
     async fn stored_disconnects(f: &Fixture) -> Vec<(String, String, i64)> {
-        f.store
-            .read_with(|c| {
-                let mut stmt = c.prepare(
-                    "SELECT resource, session, attempts FROM pending_disconnects ORDER BY session",
-                )?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })
+        let mut out: Vec<(String, String, i64)> = f
+            .store
+            .pending_disconnects(1)
             .await
             .expect("read")
+            .into_iter()
+            .map(|d| {
+                (
+                    d.resource.to_string(),
+                    d.session.to_string(),
+                    i64::from(d.attempts),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        out
     }
 
     fn count(evs: &[(String, String)], kind: &str, needle: &str) -> usize {

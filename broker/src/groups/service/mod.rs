@@ -67,12 +67,6 @@ pub enum GroupError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for GroupError {
-    fn from(e: rusqlite::Error) -> Self {
-        GroupError::Store(StoreError::Sqlite(e))
-    }
-}
-
 /// Groups and users, shared by the admin socket and the deadline timer.
 #[derive(Clone)]
 pub struct GroupService {
