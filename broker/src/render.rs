@@ -26,6 +26,14 @@ pub fn rfc3339_secs(t: UnixMillis) -> String {
         .unwrap_or_else(|| format!("@{}ms", t.0))
 }
 
+/// How long until a deadline `ms` milliseconds away, for people: whole
+/// seconds rounded up, so a deadline set 5 minutes ahead and read a moment
+/// later says `5m`, never `4m59s999ms`. Past deadlines read `0s`.
+pub fn time_left(ms: i64) -> String {
+    let secs = u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000);
+    format_duration(std::time::Duration::from_secs(secs))
+}
+
 fn opt_time(t: Option<UnixMillis>) -> Value {
     t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
 }
@@ -1083,6 +1091,16 @@ pub fn group_events_detail_table(es: &[GroupEventDetail]) -> String {
 mod tests {
     use super::*;
     use ferry_common::wire::HostFacts;
+
+    #[test]
+    fn time_left_is_whole_seconds_rounded_up() {
+        assert_eq!(time_left(299_999), "5m");
+        assert_eq!(time_left(300_000), "5m");
+        assert_eq!(time_left(300_001), "5m1s");
+        assert_eq!(time_left(1), "1s");
+        assert_eq!(time_left(0), "0s");
+        assert_eq!(time_left(-5_000), "0s");
+    }
 
     #[test]
     fn usage_is_exact_with_one_decimal() {
