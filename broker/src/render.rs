@@ -830,17 +830,36 @@ pub fn usage_table(r: &UsageReport) -> String {
 /// total as the sum of its lines, and how the amounts are rounded.
 pub fn usage_detail_table(d: &UsageDetail) -> String {
     let text = usage_text(&d.report, Some(&d.resources));
-    if d.asked_to <= d.report.to {
+    let Some(note) = usage_so_far(d) else {
         return text;
-    }
+    };
     // A report so far: say so on its first line.
     match text.split_once('\n') {
-        Some((first, rest)) => format!(
-            "{first} (so far: the period ends {}; nothing later is billed)\n{rest}",
-            rfc3339_secs(d.asked_to)
-        ),
+        Some((_, rest)) => format!("{note}\n{rest}"),
         None => text,
     }
+}
+
+/// What a report of a period that has not all passed covers, said the way
+/// the table's first line says it; `None` for a period in the past. A
+/// period that has not started yet bills nothing.
+pub fn usage_so_far(d: &UsageDetail) -> Option<String> {
+    if d.asked_to <= d.report.to {
+        return None;
+    }
+    let from = rfc3339_secs(d.report.from);
+    let ends = rfc3339_secs(d.asked_to);
+    Some(if d.report.to <= d.report.from {
+        format!(
+            "usage from {from} to {ends}: the period has not started yet; nothing is billed \
+             before time has passed"
+        )
+    } else {
+        format!(
+            "usage from {from} to {} (so far: the period ends {ends}; nothing later is billed)",
+            rfc3339_secs(d.report.to)
+        )
+    })
 }
 
 /// `ferryctl usage --json`: [`usage_json`] with each resource's exact
@@ -1272,10 +1291,38 @@ mod tests {
             ),
             "{t}"
         );
+        assert_eq!(usage_so_far(&d).as_deref(), t.lines().next());
         let j = usage_detail_json(&d);
         assert_eq!(j["so_far"], true);
         assert_eq!(j["to"], "2026-03-03T00:00:00.000Z");
         assert_eq!(j["period_to"], "2026-03-03T01:00:00.000Z");
+    }
+
+    #[test]
+    fn a_period_not_started_yet_says_so_and_bills_nothing() {
+        let mut report = one_group_report();
+        // Asked entirely in the future: the report stops where it starts.
+        report.to = report.from;
+        let asked_to = UnixMillis(report.from.0 + 86_400_000);
+        let d = UsageDetail {
+            report,
+            resources: vec![],
+            asked_to,
+        };
+        let t = usage_detail_table(&d);
+        assert!(
+            t.starts_with(
+                "usage from 2026-03-02T00:00:00Z to 2026-03-03T00:00:00Z: the period has not \
+                 started yet; nothing is billed before time has passed\n"
+            ),
+            "{t}"
+        );
+        assert_eq!(usage_so_far(&d).as_deref(), t.lines().next());
+        let past = UsageDetail {
+            asked_to: d.report.to,
+            ..d
+        };
+        assert_eq!(usage_so_far(&past), None);
     }
 
     #[test]
