@@ -80,15 +80,15 @@ pub fn check_start(start: UnixMillis, now: UnixMillis) -> Result<(), String> {
     if start <= now {
         return Err(format!(
             "the start {} is not in the future (now is {}); a rollout starts in the future, within 7 days",
-            crate::render::rfc3339(start),
-            crate::render::rfc3339(now)
+            crate::render::rfc3339_secs(start),
+            crate::render::rfc3339_secs(now)
         ));
     }
     if start.0 - now.0 > ahead {
         return Err(format!(
             "the start {} is more than 7 days ahead (latest {})",
-            crate::render::rfc3339(start),
-            crate::render::rfc3339(UnixMillis(now.0.saturating_add(ahead)))
+            crate::render::rfc3339_secs(start),
+            crate::render::rfc3339_secs(UnixMillis(now.0.saturating_add(ahead)))
         ));
     }
     Ok(())
@@ -305,7 +305,7 @@ impl Ota {
                     spec.group,
                     active.id,
                     active.state,
-                    crate::render::rfc3339(active.start)
+                    crate::render::rfc3339_secs(active.start)
                 ))));
             }
             let id = store::insert_schedule(
@@ -330,7 +330,7 @@ impl Ota {
                     update.id,
                     update.component,
                     update.version,
-                    crate::render::rfc3339(spec.start),
+                    crate::render::rfc3339_secs(spec.start),
                     spec.wave,
                     ferry_common::duration::format_duration(Duration::from_millis(spec.drain_ms))
                 ),
@@ -363,8 +363,8 @@ impl Ota {
                     &format!(
                         "OTA schedule {} moved from {} to {}",
                         row.id,
-                        crate::render::rfc3339(row.start),
-                        crate::render::rfc3339(start)
+                        crate::render::rfc3339_secs(row.start),
+                        crate::render::rfc3339_secs(start)
                     ),
                 )
             })
@@ -510,7 +510,7 @@ pub fn may_change(row: &store::ScheduleRow, now: UnixMillis) -> Result<(), Strin
         return Err(format!(
             "OTA schedule {} started at {}; only a schedule that has not started can be changed or cancelled",
             row.id,
-            crate::render::rfc3339(row.start)
+            crate::render::rfc3339_secs(row.start)
         ));
     }
     Ok(())

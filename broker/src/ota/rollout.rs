@@ -634,7 +634,7 @@ async fn steps(
     let update = &s.update;
     let started = row.started_at.unwrap_or_else(|| ctx.ota.clock.now());
     let deadline = drain_deadline(started, s.row.drain_ms);
-    let until = crate::render::rfc3339(deadline);
+    let until = crate::render::rfc3339_secs(deadline);
     mark(
         ctx,
         s,

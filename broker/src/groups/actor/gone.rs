@@ -55,7 +55,7 @@ impl Actor {
                 "left: the link of {real} closed; it takes no new sessions; its {} open \
                  session(s) end at {} unless it comes back",
                 sessions.len(),
-                crate::render::rfc3339(at)
+                crate::render::rfc3339_secs(at)
             )
         };
         self.note("left", message);
@@ -101,7 +101,7 @@ impl Actor {
             let Some(g) = self.gone.0.remove(&real) else {
                 continue;
             };
-            let since = crate::render::rfc3339(g.heard);
+            let since = crate::render::rfc3339_secs(g.heard);
             let names: Vec<String> = g.sessions.iter().map(|s| s.to_string()).collect();
             self.note(
                 "host-gone",

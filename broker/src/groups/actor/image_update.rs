@@ -54,7 +54,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ferry_common::admin::{GroupVersionsInfo, ImageUpdateSpec, ResourceVersionInfo};
-use ferry_common::duration::format_duration;
 use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::wire::{Command, CommandOutcome, Inventory};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
@@ -909,8 +908,8 @@ impl Actor {
                 "warning {} open session(s): they are disconnected in {} ({}) for the switch \
                  to image {image}{}",
                 known.len() + later,
-                format_duration(Duration::from_millis(u64::try_from(left).unwrap_or(0))),
-                crate::render::rfc3339(deadline),
+                crate::render::time_left(left),
+                crate::render::rfc3339_secs(deadline),
                 if later == 0 {
                     String::new()
                 } else {
@@ -964,7 +963,7 @@ impl Actor {
                         "session-warned",
                         format!(
                             "session {session} on {real} warned of the image switch at {}",
-                            crate::render::rfc3339(deadline)
+                            crate::render::rfc3339_secs(deadline)
                         ),
                     ),
                     Ok(CommandOutcome::Failed(m)) => (
@@ -1070,7 +1069,7 @@ impl Actor {
             ),
         );
         let until =
-            crate::render::rfc3339(UnixMillis(now.0.saturating_add(ms(RECONNECT_DEADLINE))));
+            crate::render::rfc3339_secs(UnixMillis(now.0.saturating_add(ms(RECONNECT_DEADLINE))));
         for r in &targets {
             if live.contains(r) {
                 self.image_launch(r);
@@ -1117,7 +1116,7 @@ impl Actor {
                         "{resource} joined during the warning: warning its {} open session(s) \
                          of the switch at {}",
                         open.len(),
-                        crate::render::rfc3339(deadline)
+                        crate::render::rfc3339_secs(deadline)
                     ),
                 );
                 self.image_warn_sessions(&image, deadline, open);

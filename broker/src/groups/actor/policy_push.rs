@@ -128,7 +128,7 @@ pub(super) async fn run(shared: Arc<Shared>, push: Push) {
         );
         let again = format!(
             "tried again at {} (in {}) while its agent stays connected",
-            crate::render::rfc3339(due),
+            crate::render::rfc3339_secs(due),
             format_duration(wait)
         );
         let (applied, retry, kind, message) = match outcome {
