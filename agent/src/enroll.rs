@@ -184,15 +184,10 @@ async fn exchange(
         send.write_all(&frame::preamble(PROTOCOL_VERSION))
             .await
             .map_err(|e| connect(e.to_string()))?;
-        match PreambleReply::read(&mut recv)
+        PreambleReply::expect_accepted(&mut recv)
             .await
             .map_err(|e| EnrollError::Protocol(e.to_string()))?
-        {
-            PreambleReply::Accepted { .. } => {}
-            PreambleReply::UnsupportedVersion { message, .. } => {
-                return Err(EnrollError::Protocol(message))
-            }
-        }
+            .map_err(|refused| EnrollError::Protocol(refused.message))?;
         frame::write_message(&mut send, request, MAX_ENROLL_FRAME_LEN)
             .await
             .map_err(|e| connect(e.to_string()))?;

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ferry_common::frame::{preamble, read_message, write_message, FrameError, PreambleReply};
+use ferry_common::frame::{
+    preamble, read_message, write_message, FrameError, PreambleReply, VersionRefused,
+};
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO};
 use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandResult, Hello, Refusal,
@@ -553,15 +555,14 @@ impl Link {
         })
         .await?
         .map_err(FrameError::Io)?;
-        match cancellable(shutdown, PreambleReply::read(&mut recv)).await?? {
-            PreambleReply::Accepted { .. } => {}
-            PreambleReply::UnsupportedVersion { supported, message } => {
-                return Err(LinkError::UnsupportedVersion {
-                    supported,
-                    ours: PROTOCOL_VERSION,
-                    message,
-                })
-            }
+        if let Err(VersionRefused { supported, message }) =
+            cancellable(shutdown, PreambleReply::expect_accepted(&mut recv)).await??
+        {
+            return Err(LinkError::UnsupportedVersion {
+                supported,
+                ours: PROTOCOL_VERSION,
+                message,
+            });
         }
 
         let hello = self.hello().await;

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_PATH};
 use ferry_agent::link::TlsError;
@@ -457,6 +458,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                             "user": t.user,
                             "session": t.session,
                             "group": t.group,
+                            "expires_at": rfc3339(t.expires_at, SecondsFormat::Millis),
                             "expires_at_ms": t.expires_at.0,
                         });
                         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -464,7 +466,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         println!("user        {}", t.user);
                         println!("session     {}", t.session);
                         println!("group       {}", t.group);
-                        println!("expires_at  {} (unix ms)", t.expires_at.0);
+                        println!("expires_at  {}", rfc3339(t.expires_at, SecondsFormat::Secs));
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -534,6 +536,18 @@ fn print_reported(
 }
 
 /// The refusal reason of a ticket, as printed.
+/// A time as RFC 3339 UTC (`2026-12-01T02:00:00Z` for people, with
+/// milliseconds in JSON), like every time `ferryctl` prints.
+fn rfc3339(t: UnixMillis, format: SecondsFormat) -> String {
+    let t = match format {
+        SecondsFormat::Secs => UnixMillis(t.0.div_euclid(1000) * 1000),
+        _ => t,
+    };
+    DateTime::<Utc>::from_timestamp_millis(t.0)
+        .map(|d| d.to_rfc3339_opts(format, true))
+        .unwrap_or_else(|| format!("@{}ms", t.0))
+}
+
 fn ticket_reason(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::TicketMalformed => "malformed",

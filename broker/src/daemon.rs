@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext, AdminSocketError};
 use crate::config::{BrokerConfig, ConfigError};
+use crate::endpoint::{self, Services};
 use crate::groups::actor::ActorError;
 use crate::groups::{self, GroupActors, GroupService};
 use crate::link::{self, LinkContext};
@@ -124,13 +125,15 @@ pub async fn run(
         health_interval: config.health_interval,
         missed_health_limit: config.missed_health_limit,
         tracker: tracker.clone(),
-        services: link::Services::default(),
         tickets: Some(tickets.clone()),
         clock: config.groups.clock.clone(),
     };
+    let mut services = Services {
+        agent: Some(Arc::new(link::AgentLink::new(link_ctx))),
+        ..Services::default()
+    };
     // Enrollment of new hosts with a one-time token (issue 6).
-    let mut link_ctx = link_ctx;
-    link_ctx.services.enroll = Some(Arc::new(crate::enroll::EnrollService::new(
+    services.enroll = Some(Arc::new(crate::enroll::EnrollService::new(
         store.clone(),
         &config.pki_dir,
         config.groups.clock.clone(),
@@ -189,13 +192,18 @@ pub async fn run(
         tasks.clone(),
     ));
     // End users asking for sessions (issue 5): the group's actor admits.
-    link_ctx.services.route = Some(Arc::new(crate::routing::RouteService::new(
+    services.route = Some(Arc::new(crate::routing::RouteService::new(
         GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key.clone()),
         actors.clone(),
         store.clone(),
         tickets.clone(),
     )));
-    tracker.spawn(link::serve(endpoint.clone(), link_ctx, tasks.clone()));
+    tracker.spawn(endpoint::serve(
+        endpoint.clone(),
+        services,
+        tracker.clone(),
+        tasks.clone(),
+    ));
     let groups = GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key);
     // Lifecycle deadlines (expiry, auto-renew, recycling) are applied by the
     // actors' `follow_lifecycle` task, started by `start_all` above, which also
@@ -241,8 +249,8 @@ pub async fn run(
             config.shutdown_grace
         );
     }
-    endpoint.close(link::close_code::DONE.into(), b"broker stopped");
-    let _ = tokio::time::timeout(link::REFUSAL_LINGER, endpoint.wait_idle()).await;
+    endpoint.close(endpoint::close_code::DONE.into(), b"broker stopped");
+    let _ = tokio::time::timeout(endpoint::REFUSAL_LINGER, endpoint.wait_idle()).await;
     store.close().await;
     if let Err(e) = std::fs::remove_file(&config.admin_socket) {
         tracing::debug!("remove admin socket: {e}");

@@ -21,21 +21,24 @@ use ferry_common::enroll::{
     is_token_text, EnrollMessage, EnrollRefusal, EnrollReply, EnrollReplyMessage, EnrollRequest,
     MAX_ENROLL_FRAME_LEN,
 };
-use ferry_common::frame::{self, PreambleReply, PREAMBLE_LEN};
-use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
+use ferry_common::frame;
+use ferry_common::{ResourceId, UnixMillis};
 use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, KeyPair,
     KeyUsagePurpose, SanType,
 };
 use ring::rand::{SecureRandom, SystemRandom};
-use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::link::{close_code, EndpointService, HANDSHAKE_TIMEOUT, REFUSAL_LINGER, WRITE_TIMEOUT};
+use crate::endpoint::{
+    answer_preamble, close_code, EndpointService, PreambleError, HANDSHAKE_TIMEOUT, REFUSAL_LINGER,
+    WRITE_TIMEOUT,
+};
 use crate::pki;
+use crate::store::elastic::EnrollTokenRecord;
 use crate::store::{Store, StoreError};
 
 /// Enrollments served at once; past this a host is closed with
@@ -71,30 +74,6 @@ pub fn token_hash(token: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
 }
 
-/// Records `token` (hashed) for `resource` of group `group_num`, valid until
-/// `expires_at`. Inside a store transaction.
-pub fn insert_token(
-    c: &Connection,
-    token: &str,
-    group_num: i64,
-    resource: &ResourceId,
-    now: UnixMillis,
-    expires_at: UnixMillis,
-) -> rusqlite::Result<()> {
-    c.execute(
-        "INSERT INTO enroll_tokens (token_hash, group_num, resource, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            token_hash(token),
-            group_num,
-            resource.as_str(),
-            now.0,
-            expires_at.0
-        ],
-    )?;
-    Ok(())
-}
-
 /// Serves ALPN `ferry-enroll/1`. Cheap to clone.
 #[derive(Clone)]
 pub struct EnrollService {
@@ -125,27 +104,13 @@ impl EnrollService {
         }
         let hash = token_hash(&req.token);
         let now = self.clock.now();
-        let key = hash.clone();
-        let found = self
-            .store
-            .read_with(move |c| {
-                Ok(c.query_row(
-                    "SELECT group_num, resource, expires_at, used_at FROM enroll_tokens
-                     WHERE token_hash = ?1",
-                    [key],
-                    |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
-                        ))
-                    },
-                )
-                .optional()?)
-            })
-            .await;
-        let (group_num, resource, expires_at) = match found {
+        let found = self.store.enroll_token(hash.clone()).await;
+        let EnrollTokenRecord {
+            group_num,
+            resource,
+            expires_at,
+            ..
+        } = match found {
             Err(e) => {
                 tracing::error!("enrollment: read token: {e}");
                 return refuse(
@@ -159,19 +124,27 @@ impl EnrollService {
                     "this enrollment token is unknown to the broker".into(),
                 )
             }
-            Ok(Some((_, resource, _, Some(_)))) => {
+            Ok(Some(EnrollTokenRecord {
+                resource,
+                used_at: Some(_),
+                ..
+            })) => {
                 return refuse(
                     EnrollRefusal::UsedToken,
                     format!("this enrollment token was already used (by {resource}); a token enrolls one host once"),
                 )
             }
-            Ok(Some((_, resource, expires_at, None))) if expires_at <= now.0 => {
+            Ok(Some(EnrollTokenRecord {
+                resource,
+                expires_at,
+                ..
+            })) if expires_at <= now => {
                 return refuse(
                     EnrollRefusal::ExpiredToken,
                     format!("the enrollment token of {resource} expired"),
                 )
             }
-            Ok(Some((g, r, e, None))) => (g, r, e),
+            Ok(Some(t)) => t,
         };
         let Ok(resource) = ResourceId::new(resource.as_str()) else {
             return refuse(
@@ -195,34 +168,15 @@ impl EnrollService {
                 );
             }
         };
-        let name = resource.to_string();
+        let message =
+            format!("enrolled: {resource} received its certificate with its one-time token");
         let used = self
             .store
-            .exec(move |c| {
-                let n = c.execute(
-                    "UPDATE enroll_tokens SET used_at = ?2
-                     WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
-                    params![hash, now.0],
-                )?;
-                if n == 1 {
-                    c.execute(
-                        "INSERT INTO group_events (group_num, at, kind, message)
-                         VALUES (?1, ?2, 'enrolled', ?3)",
-                        params![
-                            group_num,
-                            now.0,
-                            format!(
-                                "enrolled: {name} received its certificate with its one-time token"
-                            )
-                        ],
-                    )?;
-                }
-                Ok(n == 1)
-            })
+            .use_enroll_token(hash, group_num, now, message)
             .await;
         match used {
             Ok(true) => {
-                tracing::info!(%resource, expires_at, "host enrolled");
+                tracing::info!(%resource, expires_at = expires_at.0, "host enrolled");
                 EnrollReply::Issued { resource, cert_pem }
             }
             Ok(false) => refuse(
@@ -256,43 +210,32 @@ impl EnrollService {
                 }
             },
         };
-        let mut pre = [0u8; PREAMBLE_LEN];
-        if !matches!(
-            timeout(HANDSHAKE_TIMEOUT, recv.read_exact(&mut pre)).await,
-            Ok(Ok(()))
-        ) {
-            conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
-            return;
-        }
-        match frame::parse_preamble(&pre) {
-            Err(_) => {
-                conn.close(close_code::BAD_PREAMBLE.into(), b"not a Ferry peer");
-                return;
-            }
-            Ok(v) if v != PROTOCOL_VERSION => {
-                let reply = PreambleReply::UnsupportedVersion {
-                    supported: PROTOCOL_VERSION,
-                    message: format!("broker speaks protocol {PROTOCOL_VERSION}, host sent {v}"),
-                };
-                let _ = timeout(REFUSAL_LINGER, send.write_all(&reply.encode())).await;
-                let _ = send.finish();
-                let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+        match answer_preamble(
+            &mut send,
+            &mut recv,
+            HANDSHAKE_TIMEOUT,
+            "host",
+            "upgrade ferry-agent",
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(PreambleError::Unsupported(_)) => {
                 conn.close(
                     close_code::UNSUPPORTED_VERSION.into(),
                     b"unsupported version",
                 );
                 return;
             }
-            Ok(_) => {}
-        }
-        let accepted = PreambleReply::Accepted {
-            version: PROTOCOL_VERSION,
-        };
-        if !matches!(
-            timeout(WRITE_TIMEOUT, send.write_all(&accepted.encode())).await,
-            Ok(Ok(()))
-        ) {
-            return;
+            Err(PreambleError::NotFerry) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"not a Ferry peer");
+                return;
+            }
+            Err(PreambleError::Read(_) | PreambleError::Timeout(_)) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
+                return;
+            }
+            Err(PreambleError::Write(_)) => return,
         }
         let request = tokio::select! {
             _ = token.cancelled() => return,
@@ -414,32 +357,25 @@ mod tests {
         assert!(is_token_text(&token));
         let old = new_token().expect("token");
         let resource: ResourceId = "g-e1".parse().expect("id");
-        let (t, o, r) = (token.clone(), old.clone(), resource.clone());
-        store
-            .exec(move |c| {
-                c.execute(
-                    "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
-                         base_resources, session_type, policy, status, created_at, updated_at)
-                     VALUES (1, 'dg-1', 'g', 'r', 'n', 'office-4c8g', 'img', 'pay-as-you-go', 0,
-                         'independent', '{}', 'active', 0, 0)",
-                    [],
-                )?;
-                insert_token(c, &t, 1, &r, T0, UnixMillis(T0.0 + 60_000))?;
-                insert_token(c, &o, 1, &r, T0, UnixMillis(T0.0 + 1_000))?;
-                Ok(())
-            })
-            .await
-            .expect("insert");
+        store.insert_group_for_test(1, "g").await;
+        for (t, expires) in [(&token, 60_000), (&old, 1_000)] {
+            let image = store
+                .record_enroll_token(1, &resource, token_hash(t), T0, UnixMillis(T0.0 + expires))
+                .await
+                .expect("insert");
+            assert_eq!(image, "img");
+        }
         // Only the hash is stored.
-        let stored: Vec<String> = store
-            .read_with(|c| {
-                let mut s = c.prepare("SELECT token_hash FROM enroll_tokens")?;
-                let rows = s.query_map([], |r| r.get(0))?;
-                Ok(rows.collect::<Result<Vec<String>, _>>()?)
-            })
+        assert!(store
+            .enroll_token(token.clone())
             .await
-            .expect("read");
-        assert!(!stored.contains(&token) && stored.contains(&token_hash(&token)));
+            .expect("read")
+            .is_none());
+        assert!(store
+            .enroll_token(token_hash(&token))
+            .await
+            .expect("read")
+            .is_some());
 
         clock.advance(Duration::from_secs(2));
         let reply = svc

@@ -7,6 +7,7 @@ pub mod config;
 pub mod csv;
 pub mod daemon;
 pub mod demo;
+pub mod endpoint;
 pub mod engine;
 pub mod enroll;
 pub mod groups;

@@ -17,18 +17,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_common::frame::{self, FrameError, PreambleReply, PREAMBLE_LEN};
+use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN};
 use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, Hello, Refusal,
     RefusalCode, SequencedEvent, Welcome,
 };
-use ferry_common::{GroupName, ResourceId, UnixMillis, PROTOCOL_VERSION};
+use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::endpoint::{
+    answer_preamble, close_code, EndpointService, PreambleError, HANDSHAKE_TIMEOUT, REFUSAL_LINGER,
+    WRITE_TIMEOUT,
+};
 use crate::pki;
 use crate::registry::{CommandRequest, Registry};
 use crate::store::{Registration, Store};
@@ -37,22 +41,6 @@ use crate::store::{Registration, Store};
 /// each with one connection (two briefly while reconnecting); past this, an
 /// agent is closed right after its handshake with `close_code::BUSY`.
 pub const MAX_AGENT_CONNECTIONS: usize = 20_000;
-
-/// Most TLS handshakes in progress at once, of any protocol. Past this, new
-/// connections are refused before the handshake costs anything; a handshake
-/// ends within [`HANDSHAKE_TIMEOUT`], so the slots turn over.
-pub const MAX_HANDSHAKES: usize = 2_048;
-
-/// Time from an accepted UDP handshake to a received `Hello`: TLS, opening
-/// the stream, the preamble. A peer slower than this is not a working agent.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a refusal is given to reach the peer before the connection is closed.
-pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
-
-/// A write to one agent that takes longer than this means the agent stopped
-/// reading; its connection is dropped rather than left to stall its task.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Decoded messages waiting for the connection task. Small: the agent's
 /// flow control window does the real buffering.
@@ -67,46 +55,6 @@ const MAX_PENDING_COMMANDS: usize = 64;
 /// Most session events recorded in one store write. Consecutive events
 /// already received are written together and acknowledged with one `Ack`.
 const MAX_EVENTS_PER_WRITE: usize = 512;
-
-/// QUIC application close codes of the agent link.
-pub mod close_code {
-    /// Normal end.
-    pub const DONE: u32 = 0;
-    /// A `Refused` message was sent; its code says why.
-    pub const REFUSED: u32 = 1;
-    /// The peer did not start with the Ferry preamble.
-    pub const BAD_PREAMBLE: u32 = 2;
-    /// The client certificate names no valid resource.
-    pub const BAD_IDENTITY: u32 = 3;
-    /// The peer spoke another protocol version.
-    pub const UNSUPPORTED_VERSION: u32 = 4;
-    /// Too many connections of the peer's protocol are open; retry later.
-    pub const BUSY: u32 = 5;
-    /// The peer's protocol (ALPN) is not served by this broker.
-    pub const NOT_SERVED: u32 = 6;
-}
-
-/// A protocol other than the agent link served on the broker's endpoint.
-/// Implementations own their per-connection limits, timeouts and errors.
-pub trait EndpointService: Send + Sync + 'static {
-    /// Serves one connection whose handshake is done, until it ends or
-    /// `token` is cancelled. Runs in a task tracked by the daemon.
-    fn serve(
-        &self,
-        conn: quinn::Connection,
-        token: CancellationToken,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
-}
-
-/// The services reached through the other ALPNs of the endpoint; `None` =
-/// not served (the connection is closed with `close_code::NOT_SERVED`).
-#[derive(Clone, Default)]
-pub struct Services {
-    /// [`ferry_common::ALPN_ROUTE`]: end users asking for a session.
-    pub route: Option<Arc<dyn EndpointService>>,
-    /// [`ferry_common::ALPN_ENROLL`]: new hosts presenting an enrollment token.
-    pub enroll: Option<Arc<dyn EndpointService>>,
-}
 
 /// Why a connection ended other than by the agent closing it.
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +90,6 @@ pub struct LinkContext {
     pub missed_health_limit: u32,
     /// Where connection tasks are tracked for shutdown.
     pub tracker: TaskTracker,
-    /// Protocols other than the agent link on the same endpoint.
-    pub services: Services,
     /// The ticket signer whose public key is sent to every agent after
     /// `Welcome` (`BrokerToAgent::TicketKey`); `None` sends none.
     pub tickets: Option<Arc<crate::tickets::TicketSigner>>,
@@ -159,85 +105,47 @@ impl LinkContext {
     }
 }
 
-/// Accepts connections until `shutdown`; each connection gets a child token
-/// and is handed, once its handshake is done, to the agent link or to the
-/// service of its ALPN. Returns when shutdown is requested or the endpoint
-/// closes; the connection tasks are in `ctx.tracker`.
-pub async fn serve(endpoint: quinn::Endpoint, ctx: LinkContext, shutdown: CancellationToken) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let agents = Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS));
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(),
-                "refusing connection: {MAX_HANDSHAKES} handshakes in progress");
-            incoming.refuse();
-            continue;
-        };
-        let ctx2 = ctx.clone();
-        let agents = agents.clone();
-        let token = shutdown.child_token();
-        ctx.tracker.spawn(async move {
-            let remote = incoming.remote_address();
-            let conn = tokio::select! {
-                _ = token.cancelled() => return,
-                r = timeout(HANDSHAKE_TIMEOUT, incoming) => match r {
-                    Ok(Ok(conn)) => conn,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, "TLS handshake failed: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                },
-            };
-            drop(handshake);
-            let service = match alpn(&conn).as_deref() {
-                Some(ferry_common::ALPN_AGENT) => None,
-                Some(ferry_common::ALPN_ROUTE) => Some(ctx2.services.route.clone()),
-                Some(ferry_common::ALPN_ENROLL) => Some(ctx2.services.enroll.clone()),
-                _ => Some(None),
-            };
-            match service {
-                Some(Some(service)) => service.serve(conn, token).await,
-                Some(None) => {
-                    tracing::info!(%remote, "closing connection: its protocol is not served");
-                    conn.close(close_code::NOT_SERVED.into(), b"protocol not served");
-                }
-                None => {
-                    let Ok(_permit) = agents.try_acquire_owned() else {
-                        tracing::warn!(%remote,
-                            "refusing agent: {MAX_AGENT_CONNECTIONS} agent connections open");
-                        conn.close(close_code::BUSY.into(), b"too many agents connected");
-                        return;
-                    };
-                    match handle(conn, ctx2, token).await {
-                        Ok(()) => {}
-                        Err(LinkError::Connection(e)) => {
-                            tracing::info!(%remote, "agent connection closed: {e}");
-                        }
-                        Err(e) => tracing::warn!(%remote, "agent connection ended: {e}"),
-                    }
-                }
-            }
-        });
+/// The agent link as a service of the broker's endpoint
+/// ([`crate::endpoint`]): connections whose ALPN is
+/// [`ferry_common::ALPN_AGENT`], at most [`MAX_AGENT_CONNECTIONS`] at once.
+pub struct AgentLink {
+    ctx: LinkContext,
+    agents: Arc<Semaphore>,
+}
+
+impl AgentLink {
+    pub fn new(ctx: LinkContext) -> AgentLink {
+        AgentLink {
+            ctx,
+            agents: Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS)),
+        }
     }
 }
 
-/// The ALPN protocol the handshake agreed on.
-fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?
-        .downcast::<quinn::crypto::rustls::HandshakeData>()
-        .ok()?
-        .protocol
+impl EndpointService for AgentLink {
+    fn serve(
+        &self,
+        conn: quinn::Connection,
+        token: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let (ctx, agents) = (self.ctx.clone(), self.agents.clone());
+        Box::pin(async move {
+            let remote = conn.remote_address();
+            let Ok(_permit) = agents.try_acquire_owned() else {
+                tracing::warn!(%remote,
+                    "refusing agent: {MAX_AGENT_CONNECTIONS} agent connections open");
+                conn.close(close_code::BUSY.into(), b"too many agents connected");
+                return;
+            };
+            match handle(conn, ctx, token).await {
+                Ok(()) => {}
+                Err(LinkError::Connection(e)) => {
+                    tracing::info!(%remote, "agent connection closed: {e}");
+                }
+                Err(e) => tracing::warn!(%remote, "agent connection ended: {e}"),
+            }
+        })
+    }
 }
 
 async fn handle(
@@ -371,17 +279,17 @@ impl Connection {
                 .map_err(|_| LinkError::Timeout("the agent's stream"))??,
         };
 
-        let mut pre = [0u8; PREAMBLE_LEN];
-        match timeout(HANDSHAKE_TIMEOUT, recv.read_exact(&mut pre)).await {
-            Err(_) => return Err(LinkError::Timeout("the preamble")),
-            Ok(Err(e)) => {
-                conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
-                return Err(LinkError::Handshake(format!("read preamble: {e}")));
-            }
-            Ok(Ok(())) => {}
-        }
-        match frame::parse_preamble(&pre) {
-            Err(_) => {
+        match answer_preamble(
+            &mut send,
+            &mut recv,
+            HANDSHAKE_TIMEOUT,
+            "agent",
+            "upgrade the agent or broker",
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(PreambleError::NotFerry) => {
                 tracing::warn!(%resource, "refusing agent: bad preamble");
                 conn.close(
                     close_code::BAD_PREAMBLE.into(),
@@ -389,32 +297,21 @@ impl Connection {
                 );
                 return Err(LinkError::BadPreamble);
             }
-            Ok(v) if v != PROTOCOL_VERSION => {
+            Err(PreambleError::Read(e)) => {
+                conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
+                return Err(LinkError::Handshake(format!("read preamble: {e}")));
+            }
+            Err(PreambleError::Unsupported(v)) => {
                 tracing::warn!(%resource, version = v, "refusing agent: unsupported protocol version");
-                let reply = PreambleReply::UnsupportedVersion {
-                    supported: PROTOCOL_VERSION,
-                    message: format!(
-                        "broker speaks protocol {PROTOCOL_VERSION}, agent sent {v}; upgrade the agent or broker"
-                    ),
-                };
-                let _ = timeout(REFUSAL_LINGER, send.write_all(&reply.encode())).await;
-                let _ = send.finish();
-                let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
                 conn.close(
                     close_code::UNSUPPORTED_VERSION.into(),
                     b"unsupported version",
                 );
                 return Err(LinkError::UnsupportedVersion(v));
             }
-            Ok(_) => {}
+            Err(PreambleError::Timeout(what)) => return Err(LinkError::Timeout(what)),
+            Err(PreambleError::Write(e)) => return Err(LinkError::Write(e)),
         }
-        let accepted = PreambleReply::Accepted {
-            version: PROTOCOL_VERSION,
-        };
-        timeout(WRITE_TIMEOUT, send.write_all(&accepted.encode()))
-            .await
-            .map_err(|_| LinkError::Timeout("the preamble reply"))?
-            .map_err(|e| LinkError::Write(e.to_string()))?;
 
         let (inbox_tx, mut inbox) = mpsc::channel(INBOX_LEN);
         let reader_token = token.child_token();

@@ -19,7 +19,8 @@ use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::link::{self, close_code, LinkContext};
+use crate::endpoint::{self, close_code, Services};
+use crate::link::{self, LinkContext};
 use crate::pki;
 use crate::registry::Registry;
 use crate::store::{Store, StoreOptions};
@@ -57,11 +58,19 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         health_interval,
         missed_health_limit: missed,
         tracker: tracker.clone(),
-        services: link::Services::default(),
         tickets: None,
         clock: crate::clock::Clock::system(),
     };
-    tracker.spawn(link::serve(endpoint, ctx, shutdown.clone()));
+    let services = Services {
+        agent: Some(Arc::new(link::AgentLink::new(ctx))),
+        ..Services::default()
+    };
+    tracker.spawn(endpoint::serve(
+        endpoint,
+        services,
+        tracker.clone(),
+        shutdown.clone(),
+    ));
     Broker {
         tmp,
         pki: pki_dir,

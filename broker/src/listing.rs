@@ -77,39 +77,16 @@ pub async fn sessions(
 /// generation and the expiry of its newest token since the last revocation.
 pub async fn users(groups: &GroupService, store: &Store) -> Result<Vec<UserDetail>, GroupError> {
     let infos = groups.users().await?;
-    let creds: BTreeMap<String, (bool, i64, Option<i64>)> = store
-        .read_with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT id, password_hash IS NOT NULL, token_generation, token_expires_at
-                   FROM users",
-            )?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        (
-                            r.get::<_, bool>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, Option<i64>>(3)?,
-                        ),
-                    ))
-                })?
-                .collect::<Result<BTreeMap<_, _>, _>>()?;
-            Ok(rows)
-        })
-        .await?;
+    let creds = store.credential_states().await?;
     Ok(infos
         .into_iter()
         .map(|info| {
-            let (password_set, generation, expires) = creds
-                .get(info.id.as_str())
-                .copied()
-                .unwrap_or((false, 0, None));
+            let c = creds.get(&info.id).cloned().unwrap_or_default();
             UserDetail {
                 info,
-                password_set,
-                token_generation: u64::try_from(generation).unwrap_or(0),
-                token_expires_at: expires.map(UnixMillis),
+                password_set: c.password_set,
+                token_generation: c.token_generation,
+                token_expires_at: c.token_expires_at,
             }
         })
         .collect())

@@ -26,6 +26,14 @@ pub fn rfc3339_secs(t: UnixMillis) -> String {
         .unwrap_or_else(|| format!("@{}ms", t.0))
 }
 
+/// How long until a deadline `ms` milliseconds away, for people: whole
+/// seconds rounded up, so a deadline set 5 minutes ahead and read a moment
+/// later says `5m`, never `4m59s999ms`. Past deadlines read `0s`.
+pub fn time_left(ms: i64) -> String {
+    let secs = u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000);
+    format_duration(std::time::Duration::from_secs(secs))
+}
+
 fn opt_time(t: Option<UnixMillis>) -> Value {
     t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
 }
@@ -822,17 +830,36 @@ pub fn usage_table(r: &UsageReport) -> String {
 /// total as the sum of its lines, and how the amounts are rounded.
 pub fn usage_detail_table(d: &UsageDetail) -> String {
     let text = usage_text(&d.report, Some(&d.resources));
-    if d.asked_to <= d.report.to {
+    let Some(note) = usage_so_far(d) else {
         return text;
-    }
+    };
     // A report so far: say so on its first line.
     match text.split_once('\n') {
-        Some((first, rest)) => format!(
-            "{first} (so far: the period ends {}; nothing later is billed)\n{rest}",
-            rfc3339_secs(d.asked_to)
-        ),
+        Some((_, rest)) => format!("{note}\n{rest}"),
         None => text,
     }
+}
+
+/// What a report of a period that has not all passed covers, said the way
+/// the table's first line says it; `None` for a period in the past. A
+/// period that has not started yet bills nothing.
+pub fn usage_so_far(d: &UsageDetail) -> Option<String> {
+    if d.asked_to <= d.report.to {
+        return None;
+    }
+    let from = rfc3339_secs(d.report.from);
+    let ends = rfc3339_secs(d.asked_to);
+    Some(if d.report.to <= d.report.from {
+        format!(
+            "usage from {from} to {ends}: the period has not started yet; nothing is billed \
+             before time has passed"
+        )
+    } else {
+        format!(
+            "usage from {from} to {} (so far: the period ends {ends}; nothing later is billed)",
+            rfc3339_secs(d.report.to)
+        )
+    })
 }
 
 /// `ferryctl usage --json`: [`usage_json`] with each resource's exact
@@ -1085,6 +1112,16 @@ mod tests {
     use ferry_common::wire::HostFacts;
 
     #[test]
+    fn time_left_is_whole_seconds_rounded_up() {
+        assert_eq!(time_left(299_999), "5m");
+        assert_eq!(time_left(300_000), "5m");
+        assert_eq!(time_left(300_001), "5m1s");
+        assert_eq!(time_left(1), "1s");
+        assert_eq!(time_left(0), "0s");
+        assert_eq!(time_left(-5_000), "0s");
+    }
+
+    #[test]
     fn usage_is_exact_with_one_decimal() {
         assert_eq!(usage_percent(3, 6).as_deref(), Some("50.0"));
         assert_eq!(usage_percent(1, 3).as_deref(), Some("33.3"));
@@ -1254,10 +1291,38 @@ mod tests {
             ),
             "{t}"
         );
+        assert_eq!(usage_so_far(&d).as_deref(), t.lines().next());
         let j = usage_detail_json(&d);
         assert_eq!(j["so_far"], true);
         assert_eq!(j["to"], "2026-03-03T00:00:00.000Z");
         assert_eq!(j["period_to"], "2026-03-03T01:00:00.000Z");
+    }
+
+    #[test]
+    fn a_period_not_started_yet_says_so_and_bills_nothing() {
+        let mut report = one_group_report();
+        // Asked entirely in the future: the report stops where it starts.
+        report.to = report.from;
+        let asked_to = UnixMillis(report.from.0 + 86_400_000);
+        let d = UsageDetail {
+            report,
+            resources: vec![],
+            asked_to,
+        };
+        let t = usage_detail_table(&d);
+        assert!(
+            t.starts_with(
+                "usage from 2026-03-02T00:00:00Z to 2026-03-03T00:00:00Z: the period has not \
+                 started yet; nothing is billed before time has passed\n"
+            ),
+            "{t}"
+        );
+        assert_eq!(usage_so_far(&d).as_deref(), t.lines().next());
+        let past = UsageDetail {
+            asked_to: d.report.to,
+            ..d
+        };
+        assert_eq!(usage_so_far(&past), None);
     }
 
     #[test]

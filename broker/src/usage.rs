@@ -23,16 +23,16 @@
 //! (it is the earlier of the asked end and `now`, never before `from`). The
 //! same closed period always gives the same report.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use ferry_common::admin::{
     GroupUsage, ResourceAmount, ResourceUsage, UsageDetail, UsageQuery, UsageReport,
 };
-use ferry_common::{GroupName, ResourceId, UnixMillis};
-use rusqlite::{params, Connection};
+use ferry_common::{ResourceId, UnixMillis};
 use rust_decimal::Decimal;
 
 use crate::engine::billing::{billed_seconds, per_second_amount, round_line, Prices};
+pub use crate::store::usage::{GroupRecords, Interval, Kind, SessionSpan};
 use crate::store::{Store, StoreError};
 
 /// Why a usage report cannot be given.
@@ -44,62 +44,6 @@ pub enum UsageError {
     NotFound(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for UsageError {
-    fn from(e: rusqlite::Error) -> Self {
-        UsageError::Store(StoreError::Sqlite(e))
-    }
-}
-
-/// Base or elastic, as recorded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Base,
-    Elastic,
-}
-
-/// When one resource was ready in a group.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Interval {
-    /// The resource.
-    pub resource: ResourceId,
-    /// Base or elastic.
-    pub kind: Kind,
-    /// Billing starts.
-    pub ready_at: UnixMillis,
-    /// Billing stops; `None` while it runs.
-    pub released_at: Option<UnixMillis>,
-}
-
-/// One recorded session on a resource.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionSpan {
-    /// Where it ran.
-    pub resource: ResourceId,
-    /// When it started.
-    pub started_at: UnixMillis,
-    /// When it ended; `None` while open.
-    pub ended_at: Option<UnixMillis>,
-}
-
-/// Everything recorded about one group that a report needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GroupRecords {
-    /// The group's name.
-    pub name: GroupName,
-    /// The group's id.
-    pub id: String,
-    /// Its spec, whose prices apply.
-    pub spec: String,
-    /// `subscription` or `pay-as-you-go`.
-    pub billing: String,
-    /// Amounts of the orders placed in the period.
-    pub orders: Vec<Decimal>,
-    /// Its resources' intervals (any period).
-    pub intervals: Vec<Interval>,
-    /// Sessions on those resources overlapping the period.
-    pub sessions: Vec<SessionSpan>,
 }
 
 fn overlaps(i: &Interval, s: &SessionSpan) -> bool {
@@ -212,107 +156,6 @@ pub fn compute(
     })
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
-}
-
-/// Reads the records of the groups `query` names that existed in its period.
-fn load(c: &Connection, query: &UsageQuery) -> Result<Vec<GroupRecords>, UsageError> {
-    let group = query.group.as_ref().map(|g| g.to_string());
-    let mut stmt = c.prepare(
-        "SELECT num, id, name, spec, billing FROM groups
-         WHERE (?1 IS NULL OR id = ?1 OR name = ?1)
-           AND created_at < ?3 AND (gone_at IS NULL OR gone_at >= ?2)
-         ORDER BY num",
-    )?;
-    let rows = stmt
-        .query_map(params![group, query.from.0, query.to.0], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (num, id, name, spec, billing) in rows {
-        let mut orders = Vec::new();
-        let mut o = c.prepare_cached(
-            "SELECT amount FROM orders WHERE group_num = ?1 AND at >= ?2 AND at < ?3 ORDER BY id",
-        )?;
-        for amount in o.query_map(params![num, query.from.0, query.to.0], |r| {
-            r.get::<_, String>(0)
-        })? {
-            let amount = amount?;
-            orders.push(
-                amount
-                    .parse::<Decimal>()
-                    .map_err(|e| corrupt(format!("order amount {amount:?}: {e}")))?,
-            );
-        }
-        let mut intervals = Vec::new();
-        let mut iv = c.prepare_cached(
-            "SELECT resource, kind, ready_at, released_at FROM resource_intervals
-             WHERE group_num = ?1 ORDER BY id",
-        )?;
-        for row in iv.query_map([num], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-            ))
-        })? {
-            let (resource, kind, ready, released) = row?;
-            intervals.push(Interval {
-                resource: resource.parse().map_err(corrupt)?,
-                kind: match kind.as_str() {
-                    "base" => Kind::Base,
-                    "elastic" => Kind::Elastic,
-                    k => return Err(corrupt(format!("resource kind {k:?}")).into()),
-                },
-                ready_at: UnixMillis(ready),
-                released_at: released.map(UnixMillis),
-            });
-        }
-        let mut sessions = Vec::new();
-        let names: BTreeSet<&str> = intervals.iter().map(|i| i.resource.as_str()).collect();
-        let mut ss = c.prepare_cached(
-            "SELECT resource, started_at, ended_at FROM sessions
-             WHERE resource = ?1 AND started_at < ?3 AND (ended_at IS NULL OR ended_at > ?2)
-             ORDER BY started_at, id",
-        )?;
-        for resource in names {
-            for row in ss.query_map(params![resource, query.from.0, query.to.0], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                ))
-            })? {
-                let (resource, started, ended) = row?;
-                sessions.push(SessionSpan {
-                    resource: resource.parse().map_err(corrupt)?,
-                    started_at: UnixMillis(started),
-                    ended_at: ended.map(UnixMillis),
-                });
-            }
-        }
-        out.push(GroupRecords {
-            name: name.parse().map_err(corrupt)?,
-            id,
-            spec,
-            billing,
-            orders,
-            intervals,
-            sessions,
-        });
-    }
-    Ok(out)
-}
-
 /// `ferryctl usage`: reads the committed records and computes the report up
 /// to the earlier of the period's end and `now` (see the module doc).
 pub async fn report(
@@ -329,8 +172,9 @@ pub async fn report(
         )));
     }
     let until = billed_until(&query, now);
-    let q = query.clone();
-    let records = store.read_with(move |c| Ok(load(c, &q))).await??;
+    let records = store
+        .usage_records(query.group.clone(), query.from, query.to)
+        .await?;
     if let (Some(g), true) = (&query.group, records.is_empty()) {
         return Err(UsageError::NotFound(format!(
             "no group named {g} existed between the given times"
@@ -535,15 +379,7 @@ pub async fn report_detailed(
 ) -> Result<UsageDetail, UsageError> {
     let asked_to = query.to;
     let report = report(store, prices, currency, query, now).await?;
-    let specs: BTreeMap<String, String> = store
-        .read_with(|c| {
-            let mut stmt = c.prepare("SELECT id, spec FROM groups")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-                .collect::<Result<BTreeMap<_, _>, _>>()?;
-            Ok(rows)
-        })
-        .await?;
+    let specs = store.group_specs().await?;
     let resources = resource_amounts(&report, &specs, prices)?;
     Ok(UsageDetail {
         report,

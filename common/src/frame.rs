@@ -193,7 +193,29 @@ pub enum PreambleReply {
     UnsupportedVersion { supported: u16, message: String },
 }
 
+/// The broker refused a client's protocol version: the version it speaks
+/// and its message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionRefused {
+    pub supported: u16,
+    pub message: String,
+}
+
 impl PreambleReply {
+    /// Reads the broker's reply to a client's preamble: `Ok(Ok(()))` when
+    /// accepted, `Ok(Err(..))` with the version it speaks when refused. Every
+    /// client of the broker (agent link, enrollment, routing) starts so.
+    pub async fn expect_accepted<R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Result<(), VersionRefused>, FrameError> {
+        Ok(match Self::read(r).await? {
+            PreambleReply::Accepted { .. } => Ok(()),
+            PreambleReply::UnsupportedVersion { supported, message } => {
+                Err(VersionRefused { supported, message })
+            }
+        })
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let (status, version, message) = match self {
             PreambleReply::Accepted { version } => (0u8, *version, ""),

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 
-use ferry_broker::link::REFUSAL_LINGER;
+use ferry_broker::endpoint::REFUSAL_LINGER;
 use ferry_broker::pki;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
@@ -108,6 +108,43 @@ async fn broker_and_two_agents_as_processes() -> anyhow::Result<()> {
         "{table}"
     );
     assert!(!table.contains(".000Z"), "whole seconds: {table}");
+
+    // A usage period still running is billed so far; CSV rows have no room
+    // to say it, so ferryctl says it on stderr.
+    let hour = chrono::Duration::hours(1);
+    let now = chrono::Utc::now();
+    let secs = chrono::SecondsFormat::Secs;
+    let (from, to) = (
+        (now - hour).to_rfc3339_opts(secs, true),
+        (now + hour).to_rfc3339_opts(secs, true),
+    );
+    let out = run(
+        &bin("ferryctl"),
+        [
+            "--socket",
+            socket.to_str().unwrap_or_default(),
+            "usage",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--format",
+            "csv",
+        ],
+    )
+    .await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("group,resource,kind,"),
+        "{out:?}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "(so far: the period ends {to}; nothing later is billed)"
+        )),
+        "{stderr}"
+    );
 
     // `user list`: whether each user has a password and tokens.
     let pw = tmp.path().join("alice.pw");

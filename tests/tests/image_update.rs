@@ -304,10 +304,23 @@ async fn sessions_are_warned_then_disconnected_and_every_host_switches_at_no_cos
         ferry_tests::procs::run_ok(&ferryctl, ["--socket", &socket, "group", "show", "img"])
             .await?;
     let headline = format!("image update {} to image img-2: warning since", u.id);
-    let at = ferry_broker::render::rfc3339(UnixMillis(deadline));
+    // Times for people in whole seconds, like every table (JSON keeps the
+    // milliseconds).
+    let at = ferry_broker::render::rfc3339_secs(UnixMillis(deadline));
+    let at_ms = ferry_broker::render::rfc3339(UnixMillis(deadline));
     assert!(
         table.contains(&headline) && table.contains(&at) && table.contains("warned"),
         "{table}"
+    );
+    assert!(!table.contains(&at_ms), "whole seconds: {table}");
+    let warning = of_kind(&evs, "image-update")
+        .into_iter()
+        .find(|e| e.message.starts_with("warning "))
+        .map(|e| e.message.clone())
+        .unwrap_or_default();
+    assert!(
+        warning.contains(&format!("disconnected in 5m ({at})")),
+        "{warning}"
     );
 
     // The deadline passes: sessions are disconnected, then hosts switch.

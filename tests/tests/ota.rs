@@ -808,7 +808,8 @@ async fn a_running_rollout_shows_each_host_s_step_and_deadline() -> anyhow::Resu
         "OTA schedule {} (update {}: office 3.2): running since",
         s.id, u.id
     );
-    let deadline = ferry_broker::render::rfc3339(until);
+    // In whole seconds, like every time in a table.
+    let deadline = ferry_broker::render::rfc3339_secs(until);
     assert!(
         table.contains(&headline) && table.contains("draining") && table.contains(&deadline),
         "{table}"

@@ -909,6 +909,12 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     );
     assert!(v["session"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
     assert_eq!(v["address"], "127.0.0.1:8443", "{v}");
+    // The ticket's expiry as RFC 3339, like every time in ferryctl's JSON.
+    let expires = v["expires_at"].as_str().unwrap_or_default();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(expires).is_ok() && expires.ends_with('Z'),
+        "{v}"
+    );
 
     // The one slot is reserved: the next request is refused, exit 2.
     let out = connect().await?;

@@ -231,7 +231,6 @@ async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
     c.session_start(id("warmup"), id("bob")).await?;
     agent.wait_synced().await?;
     let signer = TicketSigner::load_or_create(broker.pki_dir())?;
-    let t1 = ticket(&signer, "host-1", "s-1", wall_clock());
     let socket = agent.local_socket().to_str().expect("utf-8").to_owned();
     let verify = |t: String| {
         let socket = socket.clone();
@@ -250,12 +249,36 @@ async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
             .await
         }
     };
+    let issued = wall_clock();
+    let t1 = ticket(&signer, "host-1", "s-1", issued);
+    let expires = UnixMillis(issued.0 + i64::try_from(TICKET_TTL.as_millis())?);
     let ok = verify(t1.clone()).await?;
     assert!(ok.status.success(), "{ok:?}");
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout)?;
     assert_eq!(v["valid"], true);
     assert_eq!(v["session"], "s-1");
     assert_eq!(v["user"], "alice");
+    // The expiry as RFC 3339, like every time ferryctl prints.
+    assert_eq!(
+        v["expires_at"],
+        ferry_broker::render::rfc3339(expires),
+        "{v}"
+    );
+    assert_eq!(v["expires_at_ms"], expires.0, "{v}");
+    // Without --json: for people, in whole seconds.
+    let t2 = ticket(&signer, "host-1", "s-2", issued);
+    let text = run(
+        &bin("ferry-agent"),
+        ["--socket", socket.as_str(), "ticket", "verify", t2.as_str()],
+    )
+    .await?;
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(text.status.success(), "{text:?}");
+    let expiry = format!(
+        "expires_at  {}",
+        ferry_broker::render::rfc3339_secs(expires)
+    );
+    assert!(stdout.contains(&expiry), "{stdout}");
     let again = verify(t1).await?;
     assert_eq!(again.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&again.stdout)?;

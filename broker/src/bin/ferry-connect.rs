@@ -223,7 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "address": a.address,
                         "session": a.session.as_str(),
                         "ticket": a.ticket,
-                        "expires_at": a.expires_at.0,
+                        "expires_at": ferry_broker::render::rfc3339(a.expires_at),
                     })
                 );
             } else {

@@ -775,7 +775,14 @@ fn run(cli: Cli) -> anyhow::Result<String> {
             ))?;
             return match resp {
                 AdminResponseV1::UsageDetailed(d) => Ok(match format.as_str() {
-                    "csv" => render::usage_csv(&d.report),
+                    "csv" => {
+                        // CSV rows have no room for it: a period still
+                        // running is said on stderr.
+                        if let Some(note) = render::usage_so_far(&d) {
+                            eprintln!("ferryctl: {note}");
+                        }
+                        render::usage_csv(&d.report)
+                    }
                     "json" => format!("{:#}\n", render::usage_detail_json(&d)),
                     _ => render::usage_detail_table(&d),
                 }),

@@ -80,15 +80,15 @@ pub fn check_start(start: UnixMillis, now: UnixMillis) -> Result<(), String> {
     if start <= now {
         return Err(format!(
             "the start {} is not in the future (now is {}); a rollout starts in the future, within 7 days",
-            crate::render::rfc3339(start),
-            crate::render::rfc3339(now)
+            crate::render::rfc3339_secs(start),
+            crate::render::rfc3339_secs(now)
         ));
     }
     if start.0 - now.0 > ahead {
         return Err(format!(
             "the start {} is more than 7 days ahead (latest {})",
-            crate::render::rfc3339(start),
-            crate::render::rfc3339(UnixMillis(now.0.saturating_add(ahead)))
+            crate::render::rfc3339_secs(start),
+            crate::render::rfc3339_secs(UnixMillis(now.0.saturating_add(ahead)))
         ));
     }
     Ok(())
@@ -324,7 +324,7 @@ impl Ota {
                     spec.group,
                     active.id,
                     active.state,
-                    crate::render::rfc3339(active.start)
+                    crate::render::rfc3339_secs(active.start)
                 ))));
                     }
                     let id = rollouts::insert_schedule(
@@ -349,7 +349,7 @@ impl Ota {
                     update.id,
                     update.component,
                     update.version,
-                    crate::render::rfc3339(spec.start),
+                    crate::render::rfc3339_secs(spec.start),
                     spec.wave,
                     ferry_common::duration::format_duration(Duration::from_millis(spec.drain_ms))
                 ),
@@ -409,8 +409,8 @@ impl Ota {
                             format!(
                                 "OTA schedule {} moved from {} to {}",
                                 row.id,
-                                crate::render::rfc3339(row.start),
-                                crate::render::rfc3339(start)
+                                crate::render::rfc3339_secs(row.start),
+                                crate::render::rfc3339_secs(start)
                             ),
                         )
                     }
@@ -523,7 +523,7 @@ pub fn may_change(row: &ScheduleRow, now: UnixMillis) -> Result<(), String> {
         return Err(format!(
             "OTA schedule {} started at {}; only a schedule that has not started can be changed or cancelled",
             row.id,
-            crate::render::rfc3339(row.start)
+            crate::render::rfc3339_secs(row.start)
         ));
     }
     Ok(())

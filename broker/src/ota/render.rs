@@ -8,14 +8,16 @@ use ferry_common::duration::format_duration;
 use ferry_common::UnixMillis;
 use serde_json::{json, Value};
 
-use crate::render::{rfc3339, table};
+use crate::render::{rfc3339, rfc3339_secs, table};
 
 fn opt_time(t: Option<UnixMillis>) -> Value {
     t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
 }
 
+/// A time in a table or a headline: whole seconds, like every `ferryctl`
+/// table (JSON keeps the milliseconds).
 fn opt_text(t: Option<UnixMillis>) -> String {
-    t.map(rfc3339).unwrap_or_else(|| "-".into())
+    t.map(rfc3339_secs).unwrap_or_else(|| "-".into())
 }
 
 fn update_json(u: &OtaUpdateInfo) -> Value {
@@ -51,7 +53,7 @@ pub fn updates_table(us: &[OtaUpdateInfo]) -> String {
                 } else {
                     u.package.clone()
                 },
-                rfc3339(u.offered_at),
+                rfc3339_secs(u.offered_at),
                 u.description.clone(),
             ]
         })
@@ -146,7 +148,7 @@ pub fn list_table(us: &[OtaUpdateInfo], ss: &[OtaScheduleInfo]) -> String {
                 s.update.group.to_string(),
                 format!("{} {}", s.update.component, s.update.version),
                 s.state.clone(),
-                rfc3339(s.start),
+                rfc3339_secs(s.start),
                 s.wave.to_string(),
                 format_duration(Duration::from_millis(s.drain_ms)),
                 opt_text(s.finished_at),
@@ -208,7 +210,7 @@ fn rollout_headline(r: &RolloutInfo) -> String {
              and hosts switched at {}",
             r.id,
             r.version,
-            rfc3339(r.start),
+            rfc3339_secs(r.start),
             opt_text(r.deadline)
         ),
         ("image-update", state) => format!(
@@ -216,7 +218,7 @@ fn rollout_headline(r: &RolloutInfo) -> String {
             r.id,
             r.version,
             opt_text(r.deadline),
-            rfc3339(r.start)
+            rfc3339_secs(r.start)
         ),
         (_, "scheduled") => format!(
             "OTA schedule {} (update {}: {} {}): scheduled to start at {}, waves of {}, drain \
@@ -225,7 +227,7 @@ fn rollout_headline(r: &RolloutInfo) -> String {
             r.update.unwrap_or_default(),
             r.component,
             r.version,
-            rfc3339(r.start),
+            rfc3339_secs(r.start),
             r.wave
         ),
         (_, state) => format!(
@@ -235,7 +237,7 @@ fn rollout_headline(r: &RolloutInfo) -> String {
             r.update.unwrap_or_default(),
             r.component,
             r.version,
-            rfc3339(r.start),
+            rfc3339_secs(r.start),
             r.wave
         ),
     }
@@ -293,7 +295,7 @@ pub fn schedules_table(ss: &[OtaScheduleInfo]) -> String {
         ));
         out.push_str(&format!(
             "  start {}, waves of {}, drain deadline {}; started {}, finished {}\n",
-            rfc3339(s.start),
+            rfc3339_secs(s.start),
             s.wave,
             format_duration(Duration::from_millis(s.drain_ms)),
             opt_text(s.started_at),
@@ -329,4 +331,101 @@ pub fn schedules_table(ss: &[OtaScheduleInfo]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_common::admin::{OtaResourceInfo, RolloutHostInfo};
+
+    use super::*;
+
+    /// 2026-12-01T02:00:00.250Z and 02:30:00.750Z: times with milliseconds.
+    const START: UnixMillis = UnixMillis(1_796_090_400_250);
+    const LATER: UnixMillis = UnixMillis(1_796_092_200_750);
+
+    fn offer() -> OtaUpdateInfo {
+        OtaUpdateInfo {
+            id: 1,
+            group: "design".parse().expect("name"),
+            component: "agent".into(),
+            version: "0.3.0".into(),
+            package: "/srv/ferry-agent_0.3.0_amd64.deb".into(),
+            description: "agent 0.3.0".into(),
+            offered_at: START,
+        }
+    }
+
+    fn schedule() -> OtaScheduleInfo {
+        OtaScheduleInfo {
+            id: 1,
+            update: offer(),
+            start: START,
+            wave: 2,
+            drain_ms: 30 * 60 * 1000,
+            state: "running".into(),
+            created_at: START,
+            started_at: Some(START),
+            finished_at: Some(LATER),
+            detail: None,
+            resources: vec![OtaResourceInfo {
+                resource: "host-1".parse().expect("id"),
+                state: "done".into(),
+                started_at: Some(START),
+                finished_at: Some(LATER),
+                detail: None,
+            }],
+        }
+    }
+
+    fn rollout() -> RolloutInfo {
+        RolloutInfo {
+            kind: "image-update".into(),
+            id: 1,
+            update: None,
+            component: "image".into(),
+            version: "img-2".into(),
+            state: "warning".into(),
+            start: START,
+            deadline: Some(LATER),
+            wave: 0,
+            drain_ms: 30 * 60 * 1000,
+            hosts: vec![RolloutHostInfo {
+                resource: "host-1".parse().expect("id"),
+                step: "warned".into(),
+                until: Some(LATER),
+                detail: None,
+            }],
+        }
+    }
+
+    /// Tables and headlines are for people: times in whole seconds, like
+    /// every other `ferryctl` table; JSON keeps the milliseconds.
+    #[test]
+    fn tables_show_times_in_whole_seconds_and_json_keeps_milliseconds() {
+        let texts = [
+            list_table(&[offer()], &[schedule()]),
+            schedules_table(&[schedule()]),
+            rollouts_table(&[rollout()]),
+        ];
+        for text in &texts {
+            assert!(text.contains("2026-12-01T02:"), "{text}");
+            assert!(!text.contains(".250Z") && !text.contains(".750Z"), "{text}");
+        }
+        assert!(
+            texts[1].contains("start 2026-12-01T02:00:00Z"),
+            "{}",
+            texts[1]
+        );
+        assert!(
+            texts[2].contains("hosts switched at 2026-12-01T02:30:00Z"),
+            "{}",
+            texts[2]
+        );
+        let json = schedules_json(&[schedule()]);
+        assert_eq!(json[0]["start"], "2026-12-01T02:00:00.250Z");
+        assert_eq!(
+            rollouts_json(&[rollout()])[0]["deadline"],
+            "2026-12-01T02:30:00.750Z"
+        );
+    }
 }

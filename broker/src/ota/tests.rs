@@ -51,6 +51,13 @@ fn the_start_must_be_in_the_future_and_within_7_days() {
     assert!(check_start(UnixMillis(T0.0 + 7 * DAY), T0).is_ok());
     let e = check_start(UnixMillis(T0.0 + 7 * DAY + 1), T0).expect_err("too far");
     assert!(e.contains("more than 7 days"), "{e}");
+    // Said with times for people: whole seconds.
+    let e = check_start(UnixMillis(T0.0 - 1_500), UnixMillis(T0.0 + 250)).expect_err("past");
+    assert_eq!(
+        e,
+        "the start 2027-01-15T07:59:58Z is not in the future (now is 2027-01-15T08:00:00Z); \
+         a rollout starts in the future, within 7 days"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_common::frame::{self, FrameError, PreambleReply};
+use ferry_common::frame::{self, FrameError, PreambleReply, VersionRefused};
 use ferry_common::route::{
     Admission, BrokerToClient, ClientToBroker, RouteAsk, RouteRefused, RouteReply, RouteRequest,
     MAX_ROUTE_FRAME_LEN,
@@ -169,14 +169,12 @@ impl RouteClient {
             // Nothing more to say: the broker answers at once.
             let _ = send.finish();
         }
-        match timeout(CLIENT_TIMEOUT, PreambleReply::read(&mut recv))
-            .await
-            .map_err(|_| ClientError::Timeout("the preamble reply"))??
+        if let Err(VersionRefused { supported, message }) =
+            timeout(CLIENT_TIMEOUT, PreambleReply::expect_accepted(&mut recv))
+                .await
+                .map_err(|_| ClientError::Timeout("the preamble reply"))??
         {
-            PreambleReply::Accepted { .. } => {}
-            PreambleReply::UnsupportedVersion { supported, message } => {
-                return Err(ClientError::UnsupportedVersion { supported, message })
-            }
+            return Err(ClientError::UnsupportedVersion { supported, message });
         }
         let mut patience = CLIENT_TIMEOUT;
         loop {

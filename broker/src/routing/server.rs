@@ -18,21 +18,20 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_common::frame::{self, FrameError, PreambleReply, PREAMBLE_LEN};
+use ferry_common::frame::{self, FrameError};
 use ferry_common::route::{
     Admission, BrokerToClient, ClientToBroker, RouteAsk, RouteRefusal, RouteRefused, RouteReply,
     RouteRequest, MAX_ROUTE_FRAME_LEN,
 };
-use ferry_common::{GroupName, PROTOCOL_VERSION};
-use rusqlite::OptionalExtension;
+use ferry_common::GroupName;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoint::{answer_preamble, close_code, EndpointService, PreambleError};
 use crate::groups::actor::{self, RouteProgress, RESERVATION_TTL};
 use crate::groups::{GroupActors, GroupService};
-use crate::link::{close_code, EndpointService};
 use crate::store::Store;
 use crate::tickets::TicketSigner;
 
@@ -195,36 +194,25 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     token: &CancellationToken,
 ) -> Result<(), StreamError> {
-    let mut pre = [0u8; PREAMBLE_LEN];
-    timeout(ROUTE_READ_TIMEOUT, recv.read_exact(&mut pre))
-        .await
-        .map_err(|_| StreamError::Timeout("the preamble"))?
-        .map_err(|e| StreamError::Read(e.to_string()))?;
-    match frame::parse_preamble(&pre) {
-        Err(_) => {
+    match answer_preamble(
+        &mut send,
+        &mut recv,
+        ROUTE_READ_TIMEOUT,
+        "client",
+        "upgrade ferry-connect",
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(PreambleError::NotFerry) => {
             let _ = send.reset(close_code::BAD_PREAMBLE.into());
             return Err(StreamError::BadPreamble);
         }
-        Ok(v) if v != PROTOCOL_VERSION => {
-            let reply = PreambleReply::UnsupportedVersion {
-                supported: PROTOCOL_VERSION,
-                message: format!(
-                    "broker speaks protocol {PROTOCOL_VERSION}, client sent {v}; upgrade ferry-connect"
-                ),
-            };
-            let _ = timeout(ROUTE_WRITE_TIMEOUT, send.write_all(&reply.encode())).await;
-            let _ = send.finish();
-            return Err(StreamError::UnsupportedVersion(v));
-        }
-        Ok(_) => {}
+        Err(PreambleError::Unsupported(v)) => return Err(StreamError::UnsupportedVersion(v)),
+        Err(PreambleError::Timeout(what)) => return Err(StreamError::Timeout(what)),
+        Err(PreambleError::Read(e)) => return Err(StreamError::Read(e)),
+        Err(PreambleError::Write(e)) => return Err(StreamError::Write(e)),
     }
-    let accepted = PreambleReply::Accepted {
-        version: PROTOCOL_VERSION,
-    };
-    timeout(ROUTE_WRITE_TIMEOUT, send.write_all(&accepted.encode()))
-        .await
-        .map_err(|_| StreamError::Timeout("the client to read"))?
-        .map_err(|e| StreamError::Write(e.to_string()))?;
 
     let first = timeout(
         ROUTE_READ_TIMEOUT,
@@ -281,24 +269,15 @@ struct GroupFacts {
 }
 
 async fn group_facts(store: &Store, group: &GroupName) -> Result<Option<GroupFacts>, String> {
-    let key = group.to_string();
-    store
-        .read_with(move |c| {
-            Ok(c.query_row(
-                "SELECT status, session_type FROM groups
-                 WHERE name = ?1 AND status != 'gone' ORDER BY num DESC LIMIT 1",
-                [key],
-                |r| {
-                    Ok(GroupFacts {
-                        status: r.get(0)?,
-                        shared: r.get::<_, String>(1)? == "shared",
-                    })
-                },
-            )
-            .optional()?)
-        })
+    // By its name only (not its id): that is what users ask for.
+    let record = store
+        .live_group(group.as_str())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(record.filter(|r| &r.name == group).map(|r| GroupFacts {
+        shared: r.session_type == "shared",
+        status: r.status,
+    }))
 }
 
 /// Checks the request and has the group's actor place it; returns the final

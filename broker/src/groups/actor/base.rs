@@ -30,9 +30,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ferry_common::ResourceId;
 
-use super::elastic::{self, Report};
+use super::elastic::Report;
 use super::{Actor, ActorError};
 use crate::groups::GroupService;
+use crate::store::elastic::BaseRecord;
 use crate::store::StoreError;
 
 /// What an actor knows of its group's provisioned base resources.
@@ -60,11 +61,7 @@ impl Actor {
     /// provisioned base hosts are resumed (local agents).
     pub(super) async fn start_base(&mut self) -> Result<(), ActorError> {
         let num = self.row.num;
-        let records = self
-            .shared
-            .store
-            .read_with(move |c| elastic::load_base(c, num))
-            .await?;
+        let records = self.shared.store.provisioned_base(num).await?;
         let publishing = self.row.status == "publishing";
         if records.is_empty() && !publishing {
             return Ok(());
@@ -81,7 +78,7 @@ impl Actor {
             );
             return Ok(());
         }
-        let by_id: HashMap<ResourceId, elastic::BaseRecord> = records
+        let by_id: HashMap<ResourceId, BaseRecord> = records
             .into_iter()
             .map(|r| (r.engine_id.clone(), r))
             .collect();

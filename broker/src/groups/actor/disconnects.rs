@@ -16,99 +16,16 @@
 use std::collections::BTreeSet;
 
 use ferry_common::{ResourceId, SessionId, UnixMillis};
-use rusqlite::{params, Connection};
 
 use super::{Actor, ActorError, PendingDisconnect};
-use crate::store::StoreError;
+use crate::store::{DisconnectOp, StoredDisconnect};
 
 /// How long after its first attempt a disconnect is given up: 24 h.
 pub(super) const GIVE_UP_AFTER_MS: i64 = 86_400_000;
 
-/// One pending disconnect as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct StoredDisconnect {
-    pub resource: ResourceId,
-    pub session: SessionId,
-    pub attempts: u32,
-    pub first_at: UnixMillis,
-    /// `None`: an attempt was in flight when it was written.
-    pub due_at: Option<UnixMillis>,
-}
-
-/// A change of `pending_disconnects`, written with the actor's commit.
-#[derive(Clone, Debug)]
-pub(super) enum DisconnectOp {
-    Upsert(StoredDisconnect),
-    Delete(ResourceId, SessionId),
-}
-
 /// Keys of `pending` changed since the last commit.
 #[derive(Debug, Default)]
 pub(super) struct Dirty(pub BTreeSet<(ResourceId, SessionId)>);
-
-/// Applies `ops` (inside the actor's commit transaction).
-pub(super) fn write(c: &Connection, num: i64, ops: &[DisconnectOp]) -> rusqlite::Result<()> {
-    for op in ops {
-        match op {
-            DisconnectOp::Upsert(d) => {
-                c.execute(
-                    "INSERT INTO pending_disconnects
-                         (group_num, resource, session, attempts, first_at, due_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (group_num, resource, session) DO UPDATE
-                         SET attempts = excluded.attempts, due_at = excluded.due_at",
-                    params![
-                        num,
-                        d.resource.as_str(),
-                        d.session.as_str(),
-                        d.attempts,
-                        d.first_at.0,
-                        d.due_at.map(|t| t.0)
-                    ],
-                )?;
-            }
-            DisconnectOp::Delete(resource, session) => {
-                c.execute(
-                    "DELETE FROM pending_disconnects
-                     WHERE group_num = ?1 AND resource = ?2 AND session = ?3",
-                    params![num, resource.as_str(), session.as_str()],
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The pending disconnects of group `num`.
-pub(super) fn load(c: &Connection, num: i64) -> Result<Vec<StoredDisconnect>, StoreError> {
-    let mut stmt = c.prepare(
-        "SELECT resource, session, attempts, first_at, due_at FROM pending_disconnects
-         WHERE group_num = ?1 ORDER BY first_at, resource, session",
-    )?;
-    let rows = stmt
-        .query_map([num], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let corrupt = |e: String| StoreError::Corrupt(format!("pending disconnect: {e}"));
-    rows.into_iter()
-        .map(|(resource, session, attempts, first_at, due_at)| {
-            Ok(StoredDisconnect {
-                resource: ResourceId::new(resource).map_err(|e| corrupt(e.to_string()))?,
-                session: SessionId::new(session).map_err(|e| corrupt(e.to_string()))?,
-                attempts: u32::try_from(attempts).map_err(|e| corrupt(e.to_string()))?,
-                first_at: UnixMillis(first_at),
-                due_at: due_at.map(UnixMillis),
-            })
-        })
-        .collect()
-}
 
 impl Actor {
     /// The record changes of the disconnects changed since the last commit.
@@ -134,7 +51,7 @@ impl Actor {
     /// if it was due (an attempt in flight at the restart is due now).
     pub(super) async fn restore_disconnects(&mut self) -> Result<(), ActorError> {
         let num = self.row.num;
-        let stored = self.shared.store.read_with(move |c| load(c, num)).await?;
+        let stored = self.shared.store.pending_disconnects(num).await?;
         if stored.is_empty() {
             return Ok(());
         }

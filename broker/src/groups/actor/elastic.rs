@@ -1,7 +1,7 @@
 //! Elastic resources for real (issue 6): what a group's actor does with the
 //! engine's scale decisions when a provisioner is configured, and the
-//! durable record of every elastic resource (`elastic_resources`,
-//! migration 6) that a restarted broker rebuilds its engine from.
+//! durable record of every elastic resource that a restarted broker
+//! rebuilds its engine from (kept through [`crate::store::elastic`]).
 //!
 //! Lifecycle with a provisioner:
 //! - scale-out: per new resource `<group>-e<n>` a one-time enrollment token
@@ -38,18 +38,21 @@ use std::time::Duration;
 
 use ferry_common::wire::{Command, CommandOutcome};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
-use rusqlite::{params, Connection};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Msg;
 use crate::clock::Clock;
-use crate::engine::{Action, Decision, RestoredElastic, RestoredState};
+use crate::engine::{Action, Decision};
 use crate::enroll;
 use crate::provision::{CreateRequest, DeleteRequest, ProvisionError, Provisioning};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
+use crate::store::elastic::{ElasticOp, ElasticState};
 use crate::store::{Store, StoreError};
+
+// The record's reads and writes inside the actor's own restore and commit
+// transactions (`super::Actor`).
 
 /// Wait before the second attempt of a create or delete; it doubles after
 /// each failure.
@@ -73,21 +76,6 @@ pub enum Report {
     },
     /// The delete gave up after its last attempt.
     DeleteFailed { resource: ResourceId, why: String },
-}
-
-/// A change of the durable record, written with the actor's next commit.
-#[derive(Clone, Debug)]
-enum Op {
-    Pending {
-        engine_id: ResourceId,
-        resource: ResourceId,
-        at: UnixMillis,
-    },
-    State {
-        engine_id: ResourceId,
-        state: &'static str,
-        at: UnixMillis,
-    },
 }
 
 /// The wait before attempt `attempt + 1` (attempt counts from 1).
@@ -114,7 +102,8 @@ pub(super) struct Elastic {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     actor: mpsc::WeakSender<Msg>,
-    ops: Vec<Op>,
+    /// Changes of the durable record, written with the actor's next commit.
+    ops: Vec<ElasticOp>,
 }
 
 /// What [`Elastic::new`] needs from the actor.
@@ -158,10 +147,6 @@ impl Elastic {
         ResourceId::new(format!("{}-{}", self.group, engine_id)).ok()
     }
 
-    pub fn has_ops(&self) -> bool {
-        !self.ops.is_empty()
-    }
-
     /// Follows one engine decision: records it, and with a provisioner
     /// starts the create or the delete.
     pub fn on_decision(&mut self, d: &Decision) {
@@ -171,7 +156,7 @@ impl Elastic {
                     let Some(resource) = self.real(engine_id) else {
                         continue;
                     };
-                    self.ops.push(Op::Pending {
+                    self.ops.push(ElasticOp::Pending {
                         engine_id: engine_id.clone(),
                         resource: resource.clone(),
                         at: d.at,
@@ -179,20 +164,22 @@ impl Elastic {
                     self.create(engine_id.clone(), resource, d.at);
                 }
             }
-            Action::Created { resource } if is_elastic(resource) => self.ops.push(Op::State {
+            Action::Created { resource } if is_elastic(resource) => {
+                self.ops.push(ElasticOp::State {
+                    engine_id: resource.clone(),
+                    state: ElasticState::Ready,
+                    at: d.at,
+                })
+            }
+            Action::ScaleIn { resource } => self.ops.push(ElasticOp::State {
                 engine_id: resource.clone(),
-                state: "ready",
-                at: d.at,
-            }),
-            Action::ScaleIn { resource } => self.ops.push(Op::State {
-                engine_id: resource.clone(),
-                state: "releasing",
+                state: ElasticState::Releasing,
                 at: d.at,
             }),
             Action::Released { resource } if is_elastic(resource) => {
-                self.ops.push(Op::State {
+                self.ops.push(ElasticOp::State {
                     engine_id: resource.clone(),
-                    state: "released",
+                    state: ElasticState::Released,
                     at: d.at,
                 });
                 if let Some(real) = self.real(resource) {
@@ -205,9 +192,9 @@ impl Elastic {
 
     /// A creation failed (after [`Elastic::on_decision`] saw its release).
     pub fn mark_failed(&mut self, engine_id: &ResourceId, at: UnixMillis) {
-        self.ops.push(Op::State {
+        self.ops.push(ElasticOp::State {
             engine_id: engine_id.clone(),
-            state: "failed",
+            state: ElasticState::Failed,
             at,
         });
     }
@@ -225,9 +212,9 @@ impl Elastic {
 
     /// The agent of base resource `engine_id` (`b<n>`) registered.
     pub fn base_ready(&mut self, engine_id: &ResourceId, at: UnixMillis) {
-        self.ops.push(Op::State {
+        self.ops.push(ElasticOp::State {
             engine_id: engine_id.clone(),
-            state: "ready",
+            state: ElasticState::Ready,
             at,
         });
     }
@@ -243,28 +230,16 @@ impl Elastic {
         resource: ResourceId,
         at: UnixMillis,
     ) -> Result<(), StoreError> {
-        let (num, e, r) = (self.num, engine_id.to_string(), resource.to_string());
         self.store
-            .exec(move |c| {
-                c.execute(
-                    "INSERT OR REPLACE INTO elastic_resources
-                         (group_num, engine_id, resource, state, requested_at)
-                     VALUES (?1, ?2, ?3, 'pending', ?4)",
-                    params![num, e, r, at.0],
-                )?;
-                Ok(())
-            })
+            .record_pending_base(self.num, &engine_id, &resource, at)
             .await?;
         self.create(engine_id, resource, at);
         Ok(())
     }
 
-    /// Writes the pending record changes (inside the actor's commit).
-    pub fn take_ops(&mut self) -> Vec<OpBatch> {
+    /// The pending record changes, for the actor's commit ([`write_ops`]).
+    pub fn take_ops(&mut self) -> Vec<ElasticOp> {
         std::mem::take(&mut self.ops)
-            .into_iter()
-            .map(OpBatch)
-            .collect()
     }
 
     /// Scale-in of a connected agent with a provisioner: `Drain`, then the
@@ -423,43 +398,10 @@ pub(super) struct RetireParts<'a> {
 /// Returns how many deletes started.
 pub(super) async fn retire(p: RetireParts<'_>, group: Option<String>) -> Result<usize, StoreError> {
     let Some(ctx) = p.ctx else { return Ok(0) };
-    let rows = p
-        .store
-        .read_with(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT e.group_num, g.name, e.resource, e.state
-                 FROM elastic_resources e JOIN groups g ON g.num = e.group_num
-                 WHERE g.status IN ('gone', 'publish-failed', 'recycling')
-                     AND (?1 IS NULL OR g.id = ?1 OR g.name = ?1)
-                     AND e.deleted_at IS NULL
-                     AND e.state IN ('pending', 'ready', 'releasing')
-                     AND NOT EXISTS (
-                         SELECT 1 FROM elastic_resources o JOIN groups og ON og.num = o.group_num
-                         WHERE o.resource = e.resource AND o.group_num != e.group_num
-                             AND o.deleted_at IS NULL
-                             AND og.status NOT IN ('gone', 'publish-failed', 'recycling'))
-                 ORDER BY e.group_num, e.requested_at, e.rowid",
-            )?;
-            let rows = stmt
-                .query_map(params![group], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await?;
+    let rows = p.store.elastic_to_retire(group).await?;
     let mut started = 0;
-    for (num, name, resource, state) in rows {
-        let corrupt = StoreError::Corrupt;
-        let group: GroupName = name
-            .parse()
-            .map_err(|e| corrupt(format!("group name {name:?}: {e}")))?;
-        let resource = ResourceId::new(resource.as_str()).map_err(|e| corrupt(e.to_string()))?;
+    for row in rows {
+        let (num, group, resource) = (row.group_num, row.group, row.resource);
         let Some(claim) = p.retiring.claim(num, &resource) else {
             continue;
         };
@@ -470,7 +412,7 @@ pub(super) async fn retire(p: RetireParts<'_>, group: Option<String>) -> Result<
             p.shutdown.clone(),
         );
         let registry = p.registry.clone();
-        let connected = state != "pending";
+        let connected = row.state != "pending";
         p.tracker.spawn(async move {
             let _claim = claim;
             if connected {
@@ -535,23 +477,9 @@ async fn delete_with_retries(
         };
         match result {
             Ok(()) => {
-                let key = resource.to_string();
                 let now = clock.now();
                 let written = store
-                    .exec(move |c| {
-                        c.execute(
-                            "UPDATE elastic_resources SET deleted_at = ?3,
-                                 state = CASE WHEN NOT ?4 THEN state
-                                     WHEN state = 'pending' THEN 'failed'
-                                     WHEN state IN ('ready', 'releasing') THEN 'released'
-                                     ELSE state END,
-                                 released_at = CASE WHEN ?4 THEN COALESCE(released_at, ?3)
-                                     ELSE released_at END
-                             WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
-                            params![num, key, now.0, retired],
-                        )?;
-                        Ok(())
-                    })
+                    .record_elastic_deleted(num, resource, now, retired)
                     .await;
                 if let Err(e) = written {
                     tracing::error!(%resource, "record the delete: {e}");
@@ -570,154 +498,6 @@ async fn delete_with_retries(
         }
     }
     Err(Some(format!("delete of {resource}: no attempt made")))
-}
-
-/// A record change, applied by [`write_ops`].
-pub struct OpBatch(Op);
-
-/// Applies the record changes in the actor's commit transaction.
-pub fn write_ops(c: &Connection, num: i64, ops: &[OpBatch]) -> rusqlite::Result<()> {
-    for OpBatch(op) in ops {
-        match op {
-            Op::Pending {
-                engine_id,
-                resource,
-                at,
-            } => {
-                c.execute(
-                    "INSERT OR REPLACE INTO elastic_resources
-                         (group_num, engine_id, resource, state, requested_at)
-                     VALUES (?1, ?2, ?3, 'pending', ?4)",
-                    params![num, engine_id.as_str(), resource.as_str(), at.0],
-                )?;
-            }
-            Op::State {
-                engine_id,
-                state,
-                at,
-            } => {
-                let column = match *state {
-                    "ready" => "ready_at",
-                    "releasing" => "releasing_at",
-                    _ => "released_at",
-                };
-                c.execute(
-                    &format!(
-                        "UPDATE elastic_resources SET state = ?3, {column} = COALESCE({column}, ?4)
-                         WHERE group_num = ?1 AND engine_id = ?2"
-                    ),
-                    params![num, engine_id.as_str(), state, at.0],
-                )?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The elastic resources of group `num` alive in the store (pending, ready,
-/// releasing) with their real ids, and the next number to give.
-pub fn load(
-    c: &Connection,
-    num: i64,
-) -> Result<(Vec<(RestoredElastic, ResourceId)>, u32), StoreError> {
-    let mut stmt = c.prepare(
-        "SELECT engine_id, resource, state, requested_at, ready_at, releasing_at
-         FROM elastic_resources WHERE group_num = ?1 AND engine_id LIKE 'e%'
-         ORDER BY requested_at, rowid",
-    )?;
-    let rows = stmt
-        .query_map([num], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, Option<i64>>(5)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let corrupt = |what: String| StoreError::Corrupt(what);
-    let mut next = 1u32;
-    let mut alive = Vec::new();
-    for (engine_id, resource, state, requested_at, ready_at, releasing_at) in rows {
-        let n = engine_id
-            .strip_prefix('e')
-            .and_then(|d| d.parse::<u32>().ok())
-            .ok_or_else(|| corrupt(format!("elastic engine id {engine_id:?}")))?;
-        next = next.max(n.saturating_add(1));
-        let state = match (state.as_str(), ready_at, releasing_at) {
-            ("pending", _, _) => RestoredState::Pending,
-            ("ready", Some(r), _) => RestoredState::Ready {
-                ready_at: UnixMillis(r),
-            },
-            ("releasing", Some(r), Some(s)) => RestoredState::Releasing {
-                ready_at: UnixMillis(r),
-                releasing_at: UnixMillis(s),
-            },
-            ("released" | "failed", _, _) => continue,
-            (other, _, _) => return Err(corrupt(format!("elastic resource state {other:?}"))),
-        };
-        let id = ResourceId::new(engine_id.as_str()).map_err(|e| corrupt(e.to_string()))?;
-        let real = ResourceId::new(resource.as_str()).map_err(|e| corrupt(e.to_string()))?;
-        alive.push((
-            RestoredElastic {
-                id,
-                state,
-                requested_at: UnixMillis(requested_at),
-            },
-            real,
-        ));
-    }
-    Ok((alive, next))
-}
-
-/// One base resource of a group whose base is created through the
-/// provisioner, as recorded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BaseRecord {
-    /// `b<n>`.
-    pub engine_id: ResourceId,
-    /// `<group>-b<n>`.
-    pub resource: ResourceId,
-    /// `pending`, `ready`, `released` or `failed`.
-    pub state: String,
-    pub requested_at: UnixMillis,
-    /// The provisioner's create succeeded (it is not created again).
-    pub created: bool,
-}
-
-/// The provisioned base resources of group `num` not deleted yet.
-pub fn load_base(c: &Connection, num: i64) -> Result<Vec<BaseRecord>, StoreError> {
-    let mut stmt = c.prepare(
-        "SELECT engine_id, resource, state, requested_at, created_at IS NOT NULL
-         FROM elastic_resources
-         WHERE group_num = ?1 AND engine_id LIKE 'b%' AND deleted_at IS NULL
-         ORDER BY engine_id",
-    )?;
-    let rows = stmt
-        .query_map([num], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, bool>(4)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(e, r, state, requested_at, created)| {
-            let corrupt = |e: ferry_common::IdError| StoreError::Corrupt(e.to_string());
-            Ok(BaseRecord {
-                engine_id: ResourceId::new(e.as_str()).map_err(corrupt)?,
-                resource: ResourceId::new(r.as_str()).map_err(corrupt)?,
-                state,
-                requested_at: UnixMillis(requested_at),
-                created,
-            })
-        })
-        .collect()
 }
 
 fn is_elastic(id: &ResourceId) -> bool {
@@ -798,13 +578,7 @@ async fn sleep_until(clock: &Clock, shutdown: &CancellationToken, t: UnixMillis)
 /// Appends one group event (a provisioning task's own record).
 pub async fn event(store: &Store, num: i64, at: UnixMillis, kind: &'static str, message: String) {
     let written = store
-        .exec(move |c| {
-            c.execute(
-                "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-                params![num, at.0, kind, message],
-            )?;
-            Ok(())
-        })
+        .record_provisioning_event(num, at, kind, message)
         .await;
     if let Err(e) = written {
         tracing::error!(num, "record a {kind} event: {e}");
@@ -827,16 +601,8 @@ async fn create_with_retries(
 ) -> Result<(), Option<String>> {
     let token = enroll::new_token().map_err(|e| Some(e.to_string()))?;
     let now = clock.now();
-    let (t, r) = (token.clone(), resource.clone());
     let image = store
-        .exec(move |c| {
-            enroll::insert_token(c, &t, num, &r, now, token_expiry)?;
-            let image: String =
-                c.query_row("SELECT image FROM groups WHERE num = ?1", [num], |row| {
-                    row.get(0)
-                })?;
-            Ok(image)
-        })
+        .record_enroll_token(num, resource, enroll::token_hash(&token), now, token_expiry)
         .await
         .map_err(|e| Some(format!("store the enrollment token of {resource}: {e}")))?;
     let req = CreateRequest {
@@ -867,16 +633,8 @@ async fn create_with_retries(
             Ok(()) => {
                 // Remembered so a restart does not create it again (base
                 // resources; an elastic one's record may not be written yet).
-                let (key, now) = (resource.to_string(), clock.now());
                 let written = store
-                    .exec(move |c| {
-                        c.execute(
-                            "UPDATE elastic_resources SET created_at = COALESCE(created_at, ?3)
-                             WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
-                            params![num, key, now.0],
-                        )?;
-                        Ok(())
-                    })
+                    .record_elastic_created(num, resource, clock.now())
                     .await;
                 if let Err(e) = written {
                     tracing::error!(%resource, "record the creation: {e}");

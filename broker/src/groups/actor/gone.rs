@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_common::{ResourceId, SessionId, UnixMillis};
-use rusqlite::params;
 
 use super::{Actor, ActorError};
 
@@ -56,7 +55,7 @@ impl Actor {
                 "left: the link of {real} closed; it takes no new sessions; its {} open \
                  session(s) end at {} unless it comes back",
                 sessions.len(),
-                crate::render::rfc3339(at)
+                crate::render::rfc3339_secs(at)
             )
         };
         self.note("left", message);
@@ -102,7 +101,7 @@ impl Actor {
             let Some(g) = self.gone.0.remove(&real) else {
                 continue;
             };
-            let since = crate::render::rfc3339(g.heard);
+            let since = crate::render::rfc3339_secs(g.heard);
             let names: Vec<String> = g.sessions.iter().map(|s| s.to_string()).collect();
             self.note(
                 "host-gone",
@@ -123,27 +122,10 @@ impl Actor {
     /// connected when the actor starts (a broker restart): counted as away
     /// since they were last seen.
     pub(super) async fn restore_gone(&mut self) -> Result<(), ActorError> {
-        let name = self.row.name.to_string();
         let rows = self
             .shared
             .store
-            .read_with(move |c| {
-                let mut stmt = c.prepare(
-                    "SELECT r.resource, r.last_seen, s.session FROM resources r
-                     JOIN sessions s ON s.resource = r.resource AND s.ended_at IS NULL
-                     WHERE r.grp = ?1 ORDER BY r.resource, s.session",
-                )?;
-                let rows = stmt
-                    .query_map(params![name], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, String>(2)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
-            })
+            .open_on_hosts_of(self.row.name.as_str())
             .await?;
         let connected = self
             .shared
@@ -152,11 +134,8 @@ impl Actor {
             .map(|r| r.snapshot())
             .unwrap_or_default();
         let now = self.now();
-        for (resource, last_seen, session) in rows {
-            let (Ok(real), Ok(session)) = (ResourceId::new(resource), SessionId::new(session))
-            else {
-                continue;
-            };
+        for row in rows {
+            let (real, session) = (row.resource, row.session);
             if connected.contains_key(&real) {
                 continue;
             }
@@ -164,7 +143,7 @@ impl Actor {
                 .0
                 .entry(real)
                 .or_insert_with(|| Gone {
-                    heard: UnixMillis(last_seen),
+                    heard: row.last_seen,
                     since: now,
                     sessions: BTreeSet::new(),
                 })

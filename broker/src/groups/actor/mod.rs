@@ -60,7 +60,6 @@ use std::sync::{Arc, Mutex, Weak};
 
 use ferry_common::wire::{Command, CommandOutcome, HostFacts, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -72,7 +71,7 @@ use crate::clock::Clock;
 use crate::config::GroupsConfig;
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
-use crate::store::{Store, StoreError};
+use crate::store::{BrokerEnd, GroupCommit, GroupRecord, IntervalOp, Store, StoreError};
 use elastic::{Elastic, ElasticParts};
 
 pub mod elastic;
@@ -106,12 +105,6 @@ pub enum ActorError {
     Engine(GroupName, EngineError),
     #[error("group {0} has no running actor")]
     NotRunning(String),
-}
-
-impl From<rusqlite::Error> for ActorError {
-    fn from(e: rusqlite::Error) -> Self {
-        ActorError::Store(StoreError::Sqlite(e))
-    }
 }
 
 /// One resource as the actor shows it.
@@ -232,31 +225,6 @@ pub(super) enum Msg {
     },
 }
 
-/// A change of the metering record of one resource.
-#[derive(Clone, Debug)]
-enum IntervalOp {
-    /// It became ready: billing starts.
-    Open {
-        resource: ResourceId,
-        class: Class,
-        at: UnixMillis,
-    },
-    /// It was released: billing stops.
-    Close {
-        resource: ResourceId,
-        at: UnixMillis,
-    },
-}
-
-/// A session the broker ends itself (see [`Actor::end_by_broker`]).
-#[derive(Clone, Debug)]
-struct BrokerEnd {
-    resource: ResourceId,
-    session: SessionId,
-    at: UnixMillis,
-    reason: String,
-}
-
 /// A group's row, as the actor needs it.
 #[derive(Clone, Debug)]
 struct GroupRow {
@@ -278,42 +246,30 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
+impl GroupRow {
+    /// What the actor needs of a stored row, its policy parsed.
+    fn from_record(r: GroupRecord) -> Result<GroupRow, StoreError> {
+        Ok(GroupRow {
+            num: r.num,
+            name: r.name,
+            spec: r.spec,
+            base: r.base_resources,
+            parts: super::policy_parts::PolicyParts::from_stored(&r.policy).map_err(corrupt)?,
+            policy: serde_json::from_str(&r.policy).map_err(corrupt)?,
+            status: r.status,
+            billing: r.billing,
+            policy_version: r.policy_version,
+        })
+    }
+}
+
 /// The live (not gone) group named `group` (a name or an id).
-fn load_row(c: &Connection, group: &str) -> Result<Option<GroupRow>, StoreError> {
-    let row = c
-        .query_row(
-            "SELECT num, name, spec, base_resources, policy, status, billing, policy_version
-             FROM groups
-             WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1",
-            [group],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, i64>(7)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((num, name, spec, base, policy, status, billing, version)) = row else {
-        return Ok(None);
-    };
-    Ok(Some(GroupRow {
-        num,
-        name: name.parse().map_err(corrupt)?,
-        spec,
-        base: u32::try_from(base).map_err(corrupt)?,
-        parts: super::policy_parts::PolicyParts::from_stored(&policy).map_err(corrupt)?,
-        policy: serde_json::from_str(&policy).map_err(corrupt)?,
-        status,
-        billing,
-        policy_version: u64::try_from(version).map_err(corrupt)?,
-    }))
+async fn load_row(store: &Store, group: &str) -> Result<Option<GroupRow>, StoreError> {
+    store
+        .live_group(group)
+        .await?
+        .map(GroupRow::from_record)
+        .transpose()
 }
 
 /// The policy as agents receive it: every part, canonical JSON (see
@@ -460,16 +416,7 @@ impl Shared {
     /// Writes one group event, stamped with the groups' clock.
     async fn event(&self, num: i64, kind: &'static str, message: String) -> Result<(), StoreError> {
         let at = self.clock.now();
-        self.store
-            .exec(move |c| {
-                c.execute(
-                    "INSERT INTO group_events (group_num, at, kind, message)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![num, at.0, kind, message],
-                )?;
-                Ok(())
-            })
-            .await
+        self.store.group_event(num, at, kind, message).await
     }
 }
 
@@ -520,15 +467,7 @@ impl GroupActors {
             let this = self.clone();
             self.shared.tracker.spawn(this.follow_lifecycle());
         }
-        let names = self
-            .shared
-            .store
-            .read_with(|c| {
-                let mut stmt = c.prepare("SELECT name FROM groups WHERE status != 'gone'")?;
-                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })
-            .await?;
+        let names = self.shared.store.live_group_names().await?;
         let mut started = 0;
         for name in names {
             if self.sync(&name).await? {
@@ -637,24 +576,13 @@ impl GroupActors {
     /// not-gone groups and those with a running actor.
     async fn statuses(&self) -> Result<Vec<(String, String)>, ActorError> {
         let running: Vec<String> = self.running().iter().map(|g| g.to_string()).collect();
-        Ok(self
-            .shared
-            .store
-            .read_with(move |c| {
-                let mut stmt = c.prepare(
-                    "SELECT name, status FROM groups WHERE status != 'gone' ORDER BY num",
-                )?;
-                let rows =
-                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-                let mut out = rows.collect::<Result<Vec<_>, _>>()?;
-                for name in running {
-                    if !out.iter().any(|(n, _)| *n == name) {
-                        out.push((name, "gone".into()));
-                    }
-                }
-                Ok(out)
-            })
-            .await?)
+        let mut out = self.shared.store.group_statuses().await?;
+        for name in running {
+            if !out.iter().any(|(n, _)| *n == name) {
+                out.push((name, "gone".into()));
+            }
+        }
+        Ok(out)
     }
 
     async fn sync_row(&self, group: &str) -> Result<bool, ActorError> {
@@ -664,36 +592,17 @@ impl GroupActors {
             ota.wake();
         }
         let _one_at_a_time = self.shared.syncing.lock().await;
-        let key = group.to_owned();
-        let row = self
-            .shared
-            .store
-            .read_with(move |c| load_row(c, &key))
-            .await?;
+        let row = load_row(&self.shared.store, group).await?;
         let Some(row) = row.filter(|r| is_live(&r.status)) else {
             // Gone (purged, deleted) or never live: stop whatever runs under
             // the names `group` had, unless another live group took the name.
-            let key = group.to_owned();
-            let names = self
-                .shared
-                .store
-                .read_with(move |c| {
-                    let mut stmt =
-                        c.prepare("SELECT DISTINCT name FROM groups WHERE id = ?1 OR name = ?1")?;
-                    let rows = stmt.query_map([&key], |r| r.get::<_, String>(0))?;
-                    let mut stale = Vec::new();
-                    for name in rows {
-                        let name = name?;
-                        if load_row(c, &name)?.filter(|r| is_live(&r.status)).is_none() {
-                            stale.push(name);
-                        }
-                    }
-                    Ok(stale)
-                })
-                .await?;
             // Stopped first, so no actor writes to the group once its
             // metering is closed.
-            for name in names {
+            for name in self.shared.store.group_names_of(group).await? {
+                let live = load_row(&self.shared.store, &name).await?;
+                if live.is_some_and(|r| is_live(&r.status)) {
+                    continue;
+                }
                 if let Ok(name) = name.parse::<GroupName>() {
                     self.stop(&name);
                 }
@@ -704,48 +613,9 @@ impl GroupActors {
             let now = self.shared.clock.now();
             let retention =
                 i64::try_from(self.shared.config.retention.as_millis()).unwrap_or(i64::MAX);
-            let key = group.to_owned();
             self.shared
                 .store
-                .exec(move |c| {
-                    let mut stmt = c.prepare(
-                        "SELECT num, status, COALESCE(gone_at,
-                                CASE WHEN status = 'recycling' THEN expired_at + ?2 END, ?3)
-                         FROM groups WHERE (id = ?1 OR name = ?1)
-                             AND status IN ('gone', 'publish-failed', 'recycling')",
-                    )?;
-                    let ended = stmt
-                        .query_map(params![key, retention, now.0], |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, i64>(2)?,
-                            ))
-                        })?
-                        .collect::<Result<Vec<_>, _>>()?;
-                    for (num, status, at) in ended {
-                        let n = c.execute(
-                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
-                             WHERE released_at IS NULL AND group_num = ?1",
-                            params![num, at],
-                        )?;
-                        if n > 0 && status == "recycling" {
-                            c.execute(
-                                "INSERT INTO group_events (group_num, at, kind, message)
-                                 VALUES (?1, ?2, 'released', ?3)",
-                                params![
-                                    num,
-                                    at,
-                                    format!(
-                                        "{n} resource(s) released: the group is recycling, \
-                                         its live state is stopped"
-                                    )
-                                ],
-                            )?;
-                        }
-                    }
-                    Ok(())
-                })
+                .stop_group_metering(group, retention, now)
                 .await?;
             // Its elastic hosts go too (the actor that owned them stopped).
             self.retire(Some(group.to_owned())).await?;
@@ -765,34 +635,12 @@ impl GroupActors {
         // the module doc); an open elastic interval without a live record
         // (a broker from before migration 6) ends now, and it is written down.
         let num = row.num;
-        let (closed, (restored, next_elastic)) = self
+        let closed = self
             .shared
             .store
-            .exec(move |c| {
-                let n = c.execute(
-                    "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
-                     WHERE group_num = ?1 AND kind = 'elastic' AND released_at IS NULL
-                         AND resource NOT IN (SELECT resource FROM elastic_resources
-                             WHERE group_num = ?1 AND state IN ('ready', 'releasing'))",
-                    params![num, now.0],
-                )?;
-                if n > 0 {
-                    c.execute(
-                        "INSERT INTO group_events (group_num, at, kind, message)
-                         VALUES (?1, ?2, 'released', ?3)",
-                        params![
-                            num,
-                            now.0,
-                            format!(
-                                "{n} elastic resource(s) of an earlier broker run released \
-                                 at its start: they had no durable record"
-                            )
-                        ],
-                    )?;
-                }
-                Ok((n, elastic::load(c, num)?))
-            })
+            .end_unrecorded_elastic_intervals(num, now)
             .await?;
+        let (restored, next_elastic) = self.shared.store.elastic_of(num).await?;
         if closed > 0 {
             tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
         }
@@ -1346,19 +1194,8 @@ impl Actor {
         if started.is_empty() {
             return;
         }
-        let users: Vec<String> = started.iter().map(|(_, u)| u.to_string()).collect();
-        let known = self
-            .shared
-            .store
-            .read_with(move |c| {
-                let mut stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?;
-                let mut known = Vec::with_capacity(users.len());
-                for u in &users {
-                    known.push(stmt.exists([u])?);
-                }
-                Ok(known)
-            })
-            .await;
+        let users = started.iter().map(|(_, u)| u.clone()).collect();
+        let known = self.shared.store.known_users(users).await;
         let Ok(known) = known else { return };
         for ((session, user), known) in started.into_iter().zip(known) {
             if !known {
@@ -1499,39 +1336,8 @@ impl Actor {
     /// registration, before the actor hears of the join). `None` if unknown
     /// or unreadable: the host is then not checked against the spec.
     async fn host_facts(&self, resource: &ResourceId) -> Option<HostFacts> {
-        let key = resource.to_string();
-        let facts = self
-            .shared
-            .store
-            .read_with(move |c| {
-                let row = c
-                    .query_row(
-                        "SELECT hostname, os, kernel, vcpus, memory_bytes FROM resources
-                         WHERE resource = ?1",
-                        [key],
-                        |r| {
-                            Ok((
-                                r.get::<_, String>(0)?,
-                                r.get::<_, String>(1)?,
-                                r.get::<_, String>(2)?,
-                                r.get::<_, i64>(3)?,
-                                r.get::<_, i64>(4)?,
-                            ))
-                        },
-                    )
-                    .optional()?;
-                Ok(row)
-            })
-            .await;
-        match facts {
-            Ok(Some((hostname, os, kernel, vcpus, memory))) => Some(HostFacts {
-                hostname,
-                os,
-                kernel,
-                vcpus: u32::try_from(vcpus).ok()?,
-                memory_bytes: u64::try_from(memory).ok()?,
-            }),
-            Ok(None) => None,
+        match self.shared.store.host_facts(resource).await {
+            Ok(facts) => facts,
             Err(e) => {
                 tracing::warn!(group = %self.row.name, %resource, "read host facts: {e}");
                 None
@@ -1602,7 +1408,7 @@ impl Actor {
                     let at = self.now();
                     self.intervals.push(IntervalOp::Open {
                         resource: resource.clone(),
-                        class: Class::Base,
+                        class: Class::Base.as_str(),
                         at,
                     });
                     self.note(
@@ -1685,25 +1491,18 @@ impl Actor {
     /// The newest `flagged` event of `resource` in the group, unless a
     /// `flag-lifted` came after it.
     async fn recorded_flag(&self, resource: &ResourceId) -> Option<String> {
-        let (num, prefix) = (self.row.num, format!("resource {resource} %"));
-        let newest = self
+        match self
             .shared
             .store
-            .read_with(move |c| {
-                Ok(c.query_row(
-                    "SELECT kind, message FROM group_events
-                     WHERE group_num = ?1 AND kind IN ('flagged', 'flag-lifted')
-                         AND message LIKE ?2
-                     ORDER BY id DESC LIMIT 1",
-                    params![num, prefix],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-                )
-                .optional()?)
-            })
+            .recorded_flag(self.row.num, resource)
             .await
-            .ok()
-            .flatten()?;
-        (newest.0 == "flagged").then_some(newest.1)
+        {
+            Ok(flag) => flag,
+            Err(e) => {
+                tracing::warn!(group = %self.row.name, %resource, "read recorded flags: {e}");
+                None
+            }
+        }
     }
 
     fn flag(&mut self, resource: &ResourceId, message: String) {
@@ -2095,12 +1894,7 @@ impl Actor {
     }
 
     async fn reload(&mut self) -> Result<(), ActorError> {
-        let key = self.row.name.to_string();
-        let row = self
-            .shared
-            .store
-            .read_with(move |c| load_row(c, &key))
-            .await?;
+        let row = load_row(&self.shared.store, self.row.name.as_str()).await?;
         let Some(row) = row else { return Ok(()) };
         if row.policy != self.row.policy {
             let policy = payment::engine_policy(&row.policy, &row.status);
@@ -2136,23 +1930,13 @@ impl Actor {
     /// The newest policy version `resource` acknowledged for this group; 0
     /// when none (or unreadable: pushing again is harmless).
     async fn applied_version(&self, resource: &ResourceId) -> u64 {
-        let (num, key) = (self.row.num, resource.to_string());
-        let read = self
+        match self
             .shared
             .store
-            .read_with(move |c| {
-                let v = c
-                    .query_row(
-                        "SELECT version FROM resource_policy WHERE group_num = ?1 AND resource = ?2",
-                        params![num, key],
-                        |r| r.get::<_, i64>(0),
-                    )
-                    .optional()?;
-                Ok(v)
-            })
-            .await;
-        match read {
-            Ok(v) => v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0),
+            .applied_policy_version(self.row.num, resource)
+            .await
+        {
+            Ok(v) => v,
             Err(e) => {
                 tracing::warn!(group = %self.row.name, %resource, "read applied policy: {e}");
                 0
@@ -2212,7 +1996,7 @@ impl Actor {
                     let real = self.external(resource);
                     self.intervals.push(IntervalOp::Open {
                         resource: real.clone(),
-                        class: Class::Elastic,
+                        class: Class::Elastic.as_str(),
                         at: d.at,
                     });
                     format!("created: {real} is ready")
@@ -2302,57 +2086,20 @@ impl Actor {
         self.flush_deferred_leaves();
         // Decisions made while handling a deferred release.
         self.take_decisions();
-        let disconnect_ops = self.disconnect_ops();
-        let retain_ops = self.retention_ops();
-        if self.notes.is_empty()
-            && self.intervals.is_empty()
-            && self.ends.is_empty()
-            && !self.elastic.has_ops()
-            && disconnect_ops.is_empty()
-            && retain_ops.is_empty()
-        {
+        let commit = GroupCommit {
+            disconnects: self.disconnect_ops(),
+            retained: self.retention_ops(),
+            notes: std::mem::take(&mut self.notes),
+            intervals: std::mem::take(&mut self.intervals),
+            ends: std::mem::take(&mut self.ends),
+            elastic: self.elastic.take_ops(),
+        };
+        if commit.is_empty() {
             return Ok(());
         }
-        let notes = std::mem::take(&mut self.notes);
-        let intervals = std::mem::take(&mut self.intervals);
-        let ends = std::mem::take(&mut self.ends);
-        let elastic_ops = self.elastic.take_ops();
-        let billing = self.row.billing.clone();
-        let num = self.row.num;
         self.shared
             .store
-            .exec(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for (at, kind, message) in &notes {
-                    stmt.execute(params![num, at.0, kind, message])?;
-                }
-                for op in &intervals {
-                    match op {
-                        // OR IGNORE: a base resource re-joining after a broker
-                        // restart keeps the interval it already has open.
-                        IntervalOp::Open { resource, class, at } => c.execute(
-                            "INSERT OR IGNORE INTO resource_intervals
-                                 (group_num, resource, kind, billing, ready_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
-                            params![num, resource.as_str(), class.as_str(), billing, at.0],
-                        )?,
-                        IntervalOp::Close { resource, at } => c.execute(
-                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?3)
-                             WHERE group_num = ?1 AND resource = ?2 AND released_at IS NULL",
-                            params![num, resource.as_str(), at.0],
-                        )?,
-                    };
-                }
-                elastic::write_ops(c, num, &elastic_ops)?;
-                disconnects::write(c, num, &disconnect_ops)?;
-                retention::write(c, num, &retain_ops)?;
-                for e in &ends {
-                    crate::store::end_session_by_broker(c, &e.resource, &e.session, e.at, &e.reason)?;
-                }
-                Ok(())
-            })
+            .commit_group(self.row.num, self.row.billing.clone(), commit)
             .await?;
         Ok(())
     }
@@ -2627,16 +2374,7 @@ mod tests {
 
         /// (resource, kind, ready_at, released_at) in id order.
         async fn intervals(&self) -> Vec<(String, String, i64, Option<i64>)> {
-            self.store
-                .read_with(|c| {
-                    let mut stmt = c.prepare(
-                        "SELECT resource, kind, ready_at, released_at FROM resource_intervals ORDER BY id",
-                    )?;
-                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
-                })
-                .await
-                .expect("intervals")
+            self.store.intervals_for_test().await
         }
 
         async fn close(self) {
@@ -2867,19 +2605,9 @@ mod tests {
 
     /// Writes the host facts an agent's registration would have stored.
     async fn register_host(store: &Store, resource: &str, vcpus: i64, memory_gib: i64) {
-        let resource = resource.to_owned();
         store
-            .exec(move |c| {
-                c.execute(
-                    "INSERT OR REPLACE INTO resources (resource, grp, agent_version, image_version,
-                         hostname, os, kernel, vcpus, memory_bytes, first_seen, last_seen)
-                     VALUES (?1, 'g1', '0', 'img', ?1, 'Debian', '6.1', ?2, ?3, 0, 0)",
-                    params![resource, vcpus, memory_gib << 30],
-                )?;
-                Ok(())
-            })
-            .await
-            .expect("register host");
+            .register_host_for_test(resource, vcpus, memory_gib)
+            .await;
     }
 
     #[tokio::test]
@@ -3112,16 +2840,22 @@ mod tests {
 
     /// (resource, session, attempts) of the stored pending disconnects.
     async fn stored_disconnects(f: &Fixture) -> Vec<(String, String, i64)> {
-        f.store
-            .read_with(|c| {
-                let mut stmt = c.prepare(
-                    "SELECT resource, session, attempts FROM pending_disconnects ORDER BY session",
-                )?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })
+        let mut out: Vec<(String, String, i64)> = f
+            .store
+            .pending_disconnects(1)
             .await
             .expect("read")
+            .into_iter()
+            .map(|d| {
+                (
+                    d.resource.to_string(),
+                    d.session.to_string(),
+                    i64::from(d.attempts),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1));
+        out
     }
 
     fn count(evs: &[(String, String)], kind: &str, needle: &str) -> usize {

@@ -29,12 +29,11 @@ use std::time::Duration;
 use ferry_common::duration::format_duration;
 use ferry_common::wire::{Command, CommandOutcome};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
-use rusqlite::{params, OptionalExtension};
 
 use super::Shared;
 use crate::hook_failure::brief;
 use crate::registry::{CommandError, COMMAND_TIMEOUT};
-use crate::store::StoreError;
+use crate::store::{PolicyOutcome, PolicyPushState, StoreError};
 
 /// Wait before the first new attempt after a failure.
 pub const FIRST_RETRY: Duration = Duration::from_secs(30);
@@ -129,7 +128,7 @@ pub(super) async fn run(shared: Arc<Shared>, push: Push) {
         );
         let again = format!(
             "tried again at {} (in {}) while its agent stays connected",
-            crate::render::rfc3339(due),
+            crate::render::rfc3339_secs(due),
             format_duration(wait)
         );
         let (applied, retry, kind, message) = match outcome {
@@ -218,37 +217,13 @@ async fn still_wanted(
     if !connected {
         return false;
     }
-    let key = real.to_string();
-    let read = shared
-        .store
-        .read_with(move |c| {
-            let group_version: Option<(i64, String)> = c
-                .query_row(
-                    "SELECT policy_version, status FROM groups WHERE num = ?1",
-                    [num],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let in_group: Option<Option<String>> = c
-                .query_row(
-                    "SELECT grp FROM resources WHERE resource = ?1",
-                    [&key],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let applied: Option<i64> = c
-                .query_row(
-                    "SELECT version FROM resource_policy WHERE group_num = ?1 AND resource = ?2",
-                    params![num, key],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok((group_version, in_group.flatten(), applied))
-        })
-        .await;
+    let read = shared.store.policy_push_state(num, real).await;
     match read {
-        Ok((Some((v, status)), Some(grp), applied)) => {
-            let version = i64::try_from(version).unwrap_or(i64::MAX);
+        Ok(PolicyPushState {
+            group: Some((v, status)),
+            resource_group: Some(grp),
+            applied,
+        }) => {
             v == version
                 && status != "gone"
                 && grp == group.as_str()
@@ -274,27 +249,19 @@ async fn record(
     message: String,
 ) -> Result<(), StoreError> {
     let at = shared.clock.now();
-    let key = real.to_string();
     shared
         .store
-        .exec(move |c| {
-            if applied {
-                c.execute(
-                    "INSERT INTO resource_policy (group_num, resource, version, applied_at)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (group_num, resource) DO UPDATE
-                         SET version = excluded.version, applied_at = excluded.applied_at
-                         WHERE excluded.version > resource_policy.version",
-                    params![num, key, i64::try_from(version).unwrap_or(i64::MAX), at.0],
-                )?;
-            }
-            c.execute(
-                "INSERT INTO group_events (group_num, at, kind, message)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![num, at.0, kind, message],
-            )?;
-            Ok(())
-        })
+        .record_policy_outcome(
+            num,
+            real,
+            PolicyOutcome {
+                version,
+                applied,
+                at,
+                kind,
+                message,
+            },
+        )
         .await
 }
 

@@ -599,7 +599,7 @@ impl Actor {
                  disconnect retention (since {}); it ends now and its agent is asked to \
                  close it",
                 r.resource,
-                crate::render::rfc3339(r.since)
+                crate::render::rfc3339_secs(r.since)
             ),
         );
         self.end_by_broker(&r.resource, &session, at, "disconnect retention ended");

@@ -27,11 +27,10 @@ use ferry_common::limits::{MAX_PASSWORD_LEN, MIN_PASSWORD_CHARS};
 use ferry_common::ticket::Credential;
 use ferry_common::{GroupName, UnixMillis, UserId};
 use ring::rand::{SecureRandom, SystemRandom};
-use rusqlite::{params, OptionalExtension};
 use tokio::sync::Semaphore;
 
 use super::{checked_user, GroupError, GroupService};
-use crate::store::StoreError;
+use crate::store::{StoreError, StoredCredentials};
 use crate::tickets::{TokenClaims, TokenKey, MAX_TOKEN_TTL};
 
 /// Concurrent password hashes per CPU core. Each Argon2id hash (default
@@ -165,29 +164,12 @@ fn user_not_found(user: &UserId) -> GroupError {
     GroupError::NotFound(format!("user {user} does not exist"))
 }
 
-/// A user's stored credentials: password hash and token generation.
-type StoredCredentials = Option<(Option<String>, i64)>;
-
 impl GroupService {
     /// Uses `key` for user tokens (the daemon loads it from the PKI
     /// directory). Without one, tokens are neither issued nor accepted.
     pub fn with_token_key(mut self, key: Arc<TokenKey>) -> GroupService {
         self.token_key = Some(key);
         self
-    }
-
-    async fn stored_credentials(&self, user: &UserId) -> Result<StoredCredentials, StoreError> {
-        let id = user.as_str().to_owned();
-        self.store
-            .read_with(move |c| {
-                Ok(c.query_row(
-                    "SELECT password_hash, token_generation FROM users WHERE id = ?1",
-                    [id],
-                    |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?)),
-                )
-                .optional()?)
-            })
-            .await
     }
 
     /// Checks `user`'s credential. Every refusal is
@@ -200,10 +182,10 @@ impl GroupService {
         if credential.validate().is_err() {
             return Err(AuthError::BadCredentials);
         }
-        let stored = self.stored_credentials(user).await?;
+        let stored = self.store.user_credentials(user).await?;
         match credential {
             Credential::Password(password) => {
-                let hash = stored.and_then(|(h, _)| h);
+                let hash = stored.and_then(|s| s.password_hash);
                 let pw = password.clone();
                 let ok = with_hash_slot(move || check_password_blocking(hash.as_deref(), &pw))
                     .await
@@ -225,11 +207,9 @@ impl GroupService {
                     AuthError::BadCredentials
                 })?;
                 match stored {
-                    Some((_, generation))
-                        if u64::try_from(generation).ok() == Some(claims.generation) =>
-                    {
-                        Ok(())
-                    }
+                    Some(StoredCredentials {
+                        token_generation, ..
+                    }) if token_generation == claims.generation => Ok(()),
                     _ => {
                         tracing::debug!(%user, "token refused: revoked or unknown user");
                         Err(AuthError::BadCredentials)
@@ -241,19 +221,7 @@ impl GroupService {
 
     /// Whether `user` is assigned to the (not gone) group named `group`.
     pub async fn is_assigned(&self, group: &GroupName, user: &UserId) -> Result<bool, GroupError> {
-        let (g, u) = (group.as_str().to_owned(), user.as_str().to_owned());
-        Ok(self
-            .store
-            .read_with(move |c| {
-                Ok(c.query_row(
-                    "SELECT EXISTS (SELECT 1 FROM group_users gu
-                                      JOIN groups g ON g.num = gu.group_num
-                                     WHERE g.name = ?1 AND g.status != 'gone' AND gu.user = ?2)",
-                    [g, u],
-                    |r| r.get::<_, bool>(0),
-                )?)
-            })
-            .await?)
+        Ok(self.store.is_assigned(group, user).await?)
     }
 
     /// `user create ... --password-file/--password-stdin`: the user and its
@@ -278,17 +246,7 @@ impl GroupService {
         now: UnixMillis,
     ) -> Result<String, GroupError> {
         let hash = hash_new_password(password).await?;
-        let id = user.clone();
-        let n = self
-            .store
-            .exec(move |c| {
-                Ok(c.execute(
-                    "UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE id = ?1",
-                    params![id.as_str(), hash, now.0],
-                )?)
-            })
-            .await?;
-        if n == 0 {
+        if !self.store.set_password_hash(user, hash, now).await? {
             return Err(user_not_found(user));
         }
         Ok(format!("password of {user} set"))
@@ -313,30 +271,25 @@ impl GroupService {
                 MAX_TOKEN_TTL.as_secs() / 86_400
             )]));
         }
-        let Some((_, generation)) = self.stored_credentials(user).await? else {
+        let Some(StoredCredentials {
+            token_generation: generation,
+            ..
+        }) = self.store.user_credentials(user).await?
+        else {
             return Err(user_not_found(user));
         };
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let claims = TokenClaims {
             user: user.clone(),
             expires_at: UnixMillis(now.0.saturating_add(ttl_ms)),
-            generation: u64::try_from(generation).map_err(|_| {
-                GroupError::Store(StoreError::Corrupt("negative token generation".into()))
-            })?,
+            generation,
         };
         let text = key
             .issue(&claims)
             .map_err(|e| GroupError::Invalid(vec![e.to_string()]))?;
         // For `user list`: the newest expiry of the current generation.
-        let (id, expires, gen) = (user.to_string(), claims.expires_at.0, generation);
         self.store
-            .exec(move |c| {
-                Ok(c.execute(
-                    "UPDATE users SET token_expires_at = MAX(COALESCE(token_expires_at, 0), ?2)
-                      WHERE id = ?1 AND token_generation = ?3",
-                    params![id, expires, gen],
-                )?)
-            })
+            .record_token_expiry(user, generation, claims.expires_at)
             .await?;
         Ok((text, claims.expires_at))
     }
@@ -347,19 +300,7 @@ impl GroupService {
         user: &UserId,
         now: UnixMillis,
     ) -> Result<String, GroupError> {
-        let id = user.clone();
-        let n = self
-            .store
-            .exec(move |c| {
-                Ok(c.execute(
-                    "UPDATE users SET token_generation = token_generation + 1, updated_at = ?2,
-                                      token_expires_at = NULL
-                      WHERE id = ?1",
-                    params![id.as_str(), now.0],
-                )?)
-            })
-            .await?;
-        if n == 0 {
+        if !self.store.revoke_tokens(user, now).await? {
             return Err(user_not_found(user));
         }
         Ok(format!("every token of {user} issued so far is revoked"))
@@ -368,8 +309,8 @@ impl GroupService {
     /// Whether `user` has a password set (`user list` cannot say it: its
     /// wire type is shipped).
     pub async fn has_password(&self, user: &UserId) -> Result<bool, GroupError> {
-        match self.stored_credentials(user).await? {
-            Some((hash, _)) => Ok(hash.is_some()),
+        match self.store.user_credentials(user).await? {
+            Some(stored) => Ok(stored.password_hash.is_some()),
             None => Err(user_not_found(user)),
         }
     }

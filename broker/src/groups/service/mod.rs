@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::{
-    BillingSpec, GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, OrderInfo,
-    PolicySpec, PolicyView, ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
+    BillingSpec, GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, PolicySpec,
+    PolicyView, ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
 };
 use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
-use rusqlite::{params, Connection, OptionalExtension};
+
 use tokio::sync::Notify;
 
 use super::lifecycle::{
@@ -29,7 +29,7 @@ use crate::config::GroupsConfig;
 use crate::engine::billing::{round_line, subscription_amount, Term};
 use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
 use crate::groups::policy_parts::{stored_json, PolicyParts};
-use crate::store::{Store, StoreError};
+use crate::store::{GroupRecord, GroupStatus, GroupsTx, NewGroup, NewOrder, Store, StoreError};
 
 // Users' credentials: a child module, so it shares this one's private helpers.
 mod credentials;
@@ -67,12 +67,6 @@ pub enum GroupError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for GroupError {
-    fn from(e: rusqlite::Error) -> Self {
-        GroupError::Store(StoreError::Sqlite(e))
-    }
-}
-
 /// Groups and users, shared by the admin socket and the deadline timer.
 #[derive(Clone)]
 pub struct GroupService {
@@ -101,92 +95,68 @@ struct Row {
     /// Session and display parts, stored beside `policy` (issue 7).
     parts: PolicyParts,
     created_at: UnixMillis,
+    /// Version of the policy.
+    policy_version: u64,
 }
-
-const ROW_COLUMNS: &str = "num, id, name, region, office_network, spec, image, billing, term,
-    auto_renew, base_resources, session_type, policy, status, expires_at, expired_at, created_at";
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
-fn read_row(r: &rusqlite::Row<'_>) -> Result<Result<Row, StoreError>, rusqlite::Error> {
-    let name: String = r.get(2)?;
-    let billing: String = r.get(7)?;
-    let term: Option<String> = r.get(8)?;
-    let auto_renew: bool = r.get(9)?;
-    let base: i64 = r.get(10)?;
-    let session_type: String = r.get(11)?;
-    let policy: String = r.get(12)?;
-    let status: String = r.get(13)?;
-    let (num, id, region, office_network, spec, image) = (
-        r.get(0)?,
-        r.get(1)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-    );
-    let (expires_at, expired_at, created_at): (Option<i64>, Option<i64>, i64) =
-        (r.get(14)?, r.get(15)?, r.get(16)?);
-    Ok((|| -> Result<_, StoreError> {
-        let billing = match (billing.as_str(), term) {
+impl Row {
+    /// The service's view of a stored row: its billing, lifecycle and
+    /// policy parsed.
+    fn from_record(r: GroupRecord) -> Result<Row, StoreError> {
+        let billing = match (r.billing.as_str(), &r.term) {
             ("subscription", Some(t)) => Billing::Subscription {
-                term: Term::parse(&t).map_err(corrupt)?,
-                auto_renew,
+                term: Term::parse(t).map_err(corrupt)?,
+                auto_renew: r.auto_renew,
             },
             ("pay-as-you-go", _) => Billing::PayAsYouGo,
             (b, _) => return Err(corrupt(format!("billing {b:?}"))),
         };
-        let parts = PolicyParts::from_stored(&policy).map_err(corrupt)?;
-        let policy: Policy = serde_json::from_str(&policy).map_err(corrupt)?;
+        let parts = PolicyParts::from_stored(&r.policy).map_err(corrupt)?;
+        let policy: Policy = serde_json::from_str(&r.policy).map_err(corrupt)?;
         Ok(Row {
-            num,
-            id,
-            name: name.parse().map_err(corrupt)?,
-            region,
-            office_network,
-            spec,
-            image,
+            num: r.num,
+            id: r.id,
+            name: r.name,
+            region: r.region,
+            office_network: r.office_network,
+            spec: r.spec,
+            image: r.image,
             life: Lifecycle {
-                status: Status::parse(&status)
-                    .ok_or_else(|| corrupt(format!("status {status:?}")))?,
+                status: Status::parse(&r.status)
+                    .ok_or_else(|| corrupt(format!("status {:?}", r.status)))?,
                 billing,
-                expires_at: expires_at.map(UnixMillis),
-                expired_at: expired_at.map(UnixMillis),
+                expires_at: r.expires_at,
+                expired_at: r.expired_at,
             },
-            base_resources: u32::try_from(base).map_err(corrupt)?,
-            session_type: match session_type.as_str() {
+            base_resources: r.base_resources,
+            session_type: match r.session_type.as_str() {
                 "shared" => SessionType::Shared,
                 _ => SessionType::Independent,
             },
             policy,
             parts,
-            created_at: UnixMillis(created_at),
+            created_at: r.created_at,
+            policy_version: r.policy_version,
         })
-    })())
+    }
 }
 
 /// The group named `group` (a live name first, else an id or a gone name).
-fn find(c: &Connection, group: &str) -> Result<Row, GroupError> {
-    let sql = format!(
-        "SELECT {ROW_COLUMNS} FROM groups WHERE id = ?1 OR name = ?1
-         ORDER BY (status != 'gone') DESC, num DESC LIMIT 1"
-    );
-    let row = c.query_row(&sql, [group], read_row).optional()?;
-    match row {
-        Some(r) => Ok(r?),
+fn find(tx: &GroupsTx<'_>, group: &str) -> Result<Row, GroupError> {
+    match tx.find(group)? {
+        Some(r) => Ok(Row::from_record(r)?),
         None => Err(GroupError::NotFound(format!("no group named {group}"))),
     }
 }
 
-fn all_rows(c: &Connection, filter: &GroupFilter) -> Result<Vec<Row>, GroupError> {
-    let sql = format!("SELECT {ROW_COLUMNS} FROM groups ORDER BY num");
-    let mut stmt = c.prepare(&sql)?;
-    let rows = stmt.query_map([], read_row)?;
+fn all_rows(tx: &GroupsTx<'_>, filter: &GroupFilter) -> Result<Vec<Row>, GroupError> {
     let mut out = Vec::new();
-    for row in rows {
-        let row = row??;
+    for record in tx.all()? {
+        let row = Row::from_record(record)?;
         if filter
             .status
             .as_deref()
@@ -204,61 +174,22 @@ fn all_rows(c: &Connection, filter: &GroupFilter) -> Result<Vec<Row>, GroupError
     Ok(out)
 }
 
-fn save_life(c: &Connection, row: &Row, now: UnixMillis) -> Result<(), GroupError> {
-    let auto_renew = matches!(
-        row.life.billing,
-        Billing::Subscription {
-            auto_renew: true,
-            ..
-        }
-    );
-    let gone_at = (row.life.status == Status::Gone).then_some(now.0);
-    c.execute(
-        "UPDATE groups SET status = ?1, expires_at = ?2, expired_at = ?3, auto_renew = ?4,
-                updated_at = ?5, gone_at = COALESCE(gone_at, ?6)
-         WHERE num = ?7",
-        params![
-            row.life.status.as_str(),
-            row.life.expires_at.map(|t| t.0),
-            row.life.expired_at.map(|t| t.0),
-            auto_renew,
-            now.0,
-            gone_at,
-            row.num
-        ],
-    )?;
+fn save_life(tx: &GroupsTx<'_>, row: &Row, now: UnixMillis) -> Result<(), GroupError> {
+    let status = GroupStatus {
+        status: row.life.status.as_str(),
+        expires_at: row.life.expires_at,
+        expired_at: row.life.expired_at,
+        auto_renew: matches!(
+            row.life.billing,
+            Billing::Subscription {
+                auto_renew: true,
+                ..
+            }
+        ),
+        gone: row.life.status == Status::Gone,
+    };
+    tx.save_status(row.num, &status, now)?;
     Ok(())
-}
-
-fn event(
-    c: &Connection,
-    num: i64,
-    at: UnixMillis,
-    kind: &str,
-    message: &str,
-) -> Result<(), GroupError> {
-    c.execute(
-        "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-        params![num, at.0, kind, message],
-    )?;
-    Ok(())
-}
-
-/// Runs `f` in a nested savepoint of the writer's transaction, so a refusal
-/// after some writes (an order that cannot be priced, say) takes them back:
-/// an `Err` answer means nothing changed. [`Store::exec`] only rolls back on
-/// a `StoreError`, and a refusal travels back to the operator as a value.
-fn atomic<T>(
-    c: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, GroupError>,
-) -> Result<Result<T, GroupError>, StoreError> {
-    c.execute_batch("SAVEPOINT group_change")?;
-    let r = f(c);
-    match &r {
-        Ok(_) => c.execute_batch("RELEASE group_change")?,
-        Err(_) => c.execute_batch("ROLLBACK TO group_change; RELEASE group_change")?,
-    }
-    Ok(r)
 }
 
 impl GroupService {
@@ -290,16 +221,15 @@ impl GroupService {
     /// Writes the orders and transitions of a lifecycle step.
     fn apply_outcome(
         config: &GroupsConfig,
-        c: &Connection,
+        tx: &GroupsTx<'_>,
         row: &Row,
         out: &Outcome,
     ) -> Result<(), GroupError> {
         for o in &out.orders {
-            write_order(config, c, row, o)?;
+            write_order(config, tx, row, o)?;
         }
         for t in &out.transitions {
-            event(
-                c,
+            tx.event(
                 row.num,
                 t.at,
                 "status",
@@ -319,20 +249,18 @@ impl GroupService {
         let config = self.config.clone();
         let id = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    publish_tx(
-                        &config,
-                        c,
-                        spec,
-                        billing,
-                        policy,
-                        PolicyParts::default(),
-                        now,
-                    )
-                })
+            .group_change(move |tx| {
+                publish_tx(
+                    &config,
+                    tx,
+                    spec,
+                    billing,
+                    policy,
+                    PolicyParts::default(),
+                    now,
+                )
             })
-            .await??;
+            .await?;
         self.touch();
         self.show(&id).await
     }
@@ -350,15 +278,13 @@ impl GroupService {
             }
         }
         self.store
-            .read_with(move |c| {
-                Ok((|| -> Result<_, GroupError> {
-                    all_rows(c, &filter)?
-                        .iter()
-                        .map(|r| info(c, r))
-                        .collect::<Result<Vec<_>, GroupError>>()
-                })())
+            .group_read(move |tx| {
+                all_rows(tx, &filter)?
+                    .iter()
+                    .map(|r| info(tx, r))
+                    .collect::<Result<Vec<_>, GroupError>>()
             })
-            .await?
+            .await
     }
 
     /// `group show`.
@@ -366,8 +292,8 @@ impl GroupService {
         let group = group.to_owned();
         let retention = self.config.retention;
         self.store
-            .read_with(move |c| Ok(detail(c, &group, retention)))
-            .await?
+            .group_read(move |tx| detail(tx, &group, retention))
+            .await
     }
 
     /// `group update-policy`: merges the given parameters, validates against the spec.
@@ -380,41 +306,26 @@ impl GroupService {
         let group = group.to_string();
         let id = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let row = find(c, &group)?;
-                    row.life.check_editable("update the policy of")?;
-                    let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
-                    validate_policy(&policy, &row.spec)?;
-                    // The parts beside scaling stay as they are.
-                    let json = stored_json(&policy, &row.parts).map_err(corrupt)?;
-                    // Every accepted update is a new version, even one that
-                    // changes nothing: the operator asked for a push.
-                    c.execute(
-                        "UPDATE groups SET policy = ?1, updated_at = ?2,
-                             policy_version = policy_version + 1
-                         WHERE num = ?3",
-                        params![json, now.0, row.num],
-                    )?;
-                    let version: i64 = c.query_row(
-                        "SELECT policy_version FROM groups WHERE num = ?1",
-                        [row.num],
-                        |x| x.get(0),
-                    )?;
-                    event(
-                        c,
-                        row.num,
-                        now,
-                        "policy",
-                        &format!(
-                            "policy updated to version {version}: {}",
-                            describe_policy(&policy)
-                        ),
-                    )?;
-                    Ok(row.id)
-                })
+            .group_change(move |tx| {
+                let row = find(tx, &group)?;
+                row.life.check_editable("update the policy of")?;
+                let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
+                validate_policy(&policy, &row.spec)?;
+                // The parts beside scaling stay as they are.
+                let json = stored_json(&policy, &row.parts).map_err(corrupt)?;
+                let version = tx.set_policy(row.num, &json, now)?;
+                tx.event(
+                    row.num,
+                    now,
+                    "policy",
+                    &format!(
+                        "policy updated to version {version}: {}",
+                        describe_policy(&policy)
+                    ),
+                )?;
+                Ok::<_, GroupError>(row.id)
             })
-            .await??;
+            .await?;
         self.show(&id).await
     }
 
@@ -430,42 +341,34 @@ impl GroupService {
         let group = group.to_string();
         let id = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let row = find(c, &group)?;
-                    row.life.check_editable("change the users of")?;
-                    let assigned = assigned_users(c, row.num)?;
-                    let mut problems = unknown_users(c, &add)?;
-                    for u in &remove {
-                        if !assigned.contains(u) {
-                            problems.push(format!("user {u} is not assigned to {}", row.name));
-                        }
+            .group_change(move |tx| {
+                let row = find(tx, &group)?;
+                row.life.check_editable("change the users of")?;
+                let assigned = tx.assigned_users(row.num)?;
+                let mut problems = unknown_users(tx, &add)?;
+                for u in &remove {
+                    if !assigned.contains(u) {
+                        problems.push(format!("user {u} is not assigned to {}", row.name));
                     }
-                    if !problems.is_empty() {
-                        return Err(GroupError::Invalid(problems));
-                    }
-                    let added = assign(c, &row, &add, now)?;
-                    for u in &remove {
-                        c.execute(
-                            "DELETE FROM group_users WHERE group_num = ?1 AND user = ?2",
-                            params![row.num, u.as_str()],
-                        )?;
-                    }
-                    event(
-                        c,
-                        row.num,
-                        now,
-                        "users",
-                        &format!(
-                            "users assigned: [{}]; unassigned: [{}]",
-                            join(&added),
-                            join(&remove)
-                        ),
-                    )?;
-                    Ok(row.id)
-                })
+                }
+                if !problems.is_empty() {
+                    return Err(GroupError::Invalid(problems));
+                }
+                let added = tx.assign(row.num, &add, now)?;
+                tx.unassign(row.num, Some(&remove))?;
+                tx.event(
+                    row.num,
+                    now,
+                    "users",
+                    &format!(
+                        "users assigned: [{}]; unassigned: [{}]",
+                        join(&added),
+                        join(&remove)
+                    ),
+                )?;
+                Ok(row.id)
             })
-            .await??;
+            .await?;
         self.touch();
         self.show(&id).await
     }
@@ -489,10 +392,9 @@ impl GroupService {
         on: bool,
         now: UnixMillis,
     ) -> Result<GroupDetail, GroupError> {
-        self.lifecycle_change(group, now, move |c, row| {
+        self.lifecycle_change(group, now, move |tx, row| {
             row.life.set_auto_renew(on)?;
-            event(
-                c,
+            tx.event(
                 row.num,
                 now,
                 "auto-renew",
@@ -515,9 +417,9 @@ impl GroupService {
         now: UnixMillis,
     ) -> Result<String, GroupError> {
         let d = self
-            .lifecycle_change(group, now, move |c, row| {
+            .lifecycle_change(group, now, move |tx, row| {
                 let t = row.life.remove(action, now)?;
-                c.execute("DELETE FROM group_users WHERE group_num = ?1", [row.num])?;
+                tx.unassign(row.num, None)?;
                 Ok(Outcome {
                     transitions: vec![t],
                     orders: vec![],
@@ -536,22 +438,20 @@ impl GroupService {
         &self,
         group: &GroupName,
         now: UnixMillis,
-        f: impl FnOnce(&Connection, &mut Row) -> Result<Outcome, GroupError> + Send + 'static,
+        f: impl FnOnce(&GroupsTx<'_>, &mut Row) -> Result<Outcome, GroupError> + Send + 'static,
     ) -> Result<GroupDetail, GroupError> {
         let group = group.to_string();
         let config = self.config.clone();
         let id = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let mut row = find(c, &group)?;
-                    let out = f(c, &mut row)?;
-                    Self::apply_outcome(&config, c, &row, &out)?;
-                    save_life(c, &row, now)?;
-                    Ok(row.id)
-                })
+            .group_change(move |tx| {
+                let mut row = find(tx, &group)?;
+                let out = f(tx, &mut row)?;
+                Self::apply_outcome(&config, tx, &row, &out)?;
+                save_life(tx, &row, now)?;
+                Ok::<_, GroupError>(row.id)
             })
-            .await??;
+            .await?;
         self.touch();
         self.show(&id).await
     }
@@ -560,23 +460,11 @@ impl GroupService {
     pub async fn events(&self, group: &GroupName) -> Result<Vec<GroupEventInfo>, GroupError> {
         let group = group.to_string();
         self.store
-            .read_with(move |c| {
-                Ok((|| -> Result<_, GroupError> {
-                    let row = find(c, &group)?;
-                    let mut stmt = c.prepare(
-                        "SELECT at, kind, message FROM group_events WHERE group_num = ?1 ORDER BY id",
-                    )?;
-                    let rows = stmt.query_map([row.num], |r| {
-                        Ok(GroupEventInfo {
-                            at: UnixMillis(r.get(0)?),
-                            kind: r.get(1)?,
-                            message: r.get(2)?,
-                        })
-                    })?;
-                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
-                })())
+            .group_read(move |tx| {
+                let row = find(tx, &group)?;
+                Ok(tx.events(row.num)?)
             })
-            .await?
+            .await
     }
 
     /// A region change: refused unless it names the current region.
@@ -598,20 +486,19 @@ impl GroupService {
     pub async fn run_due(&self, now: UnixMillis) -> Result<Option<UnixMillis>, GroupError> {
         let config = self.config.clone();
         self.store
-            .exec(move |c| {
+            .group_changes(move |batch| {
                 let mut next: Option<UnixMillis> = None;
                 let mut earliest = |d: UnixMillis| next = Some(next.map_or(d, |n| n.min(d)));
-                let rows = match all_rows(c, &GroupFilter::default()) {
-                    Ok(rows) => rows,
-                    Err(e) => return Ok(Err(e)),
-                };
+                let rows = all_rows(&batch.read(), &GroupFilter::default())?;
                 for mut row in rows {
                     let due = row
                         .life
                         .next_deadline(config.retention)
                         .is_some_and(|d| d <= now);
                     if due {
-                        if let Err(e) = atomic(c, |c| apply_deadlines(&config, c, &mut row, now))? {
+                        if let Err(e) =
+                            batch.each(|tx| apply_deadlines(&config, tx, &mut row, now))?
+                        {
                             tracing::error!(group = %row.name, "apply lifecycle deadline: {e}");
                             let ms = i64::try_from(RETRY_AFTER_ERROR.as_millis()).unwrap_or(0);
                             earliest(UnixMillis(now.0.saturating_add(ms)));
@@ -622,9 +509,9 @@ impl GroupService {
                         earliest(d);
                     }
                 }
-                Ok(Ok(next))
+                Ok::<_, GroupError>(next)
             })
-            .await?
+            .await
     }
 
     /// The clock the group tasks run on (see [`GroupsConfig::clock`]).
@@ -642,31 +529,22 @@ impl GroupService {
     /// most `limit`): what an operator checks when a user says no activation
     /// message came.
     pub async fn outbox(&self, limit: usize) -> Result<Vec<OutboxEntry>, GroupError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.store
-            .read_with(move |c| {
-                let mut stmt = c.prepare(
-                    "SELECT n.id, n.user, g.name, n.kind, n.attempts, n.next_attempt_at,
-                            n.delivered_at, n.last_error
-                     FROM notifications n JOIN groups g ON g.num = n.group_num
-                     ORDER BY n.id LIMIT ?1",
-                )?;
-                let rows = stmt.query_map([limit], |r| {
-                    Ok(OutboxEntry {
-                        id: r.get(0)?,
-                        user: r.get(1)?,
-                        group: r.get(2)?,
-                        kind: r.get(3)?,
-                        attempts: r.get(4)?,
-                        next_attempt_at: UnixMillis(r.get(5)?),
-                        delivered_at: r.get::<_, Option<i64>>(6)?.map(UnixMillis),
-                        last_error: r.get(7)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        Ok(self
+            .store
+            .outbox(limit)
+            .await?
+            .into_iter()
+            .map(|r| OutboxEntry {
+                id: r.id,
+                user: r.user,
+                group: r.group,
+                kind: r.kind,
+                attempts: r.attempts,
+                next_attempt_at: r.next_attempt_at,
+                delivered_at: r.delivered_at,
+                last_error: r.last_error,
             })
-            .await
-            .map_err(GroupError::from)
+            .collect())
     }
 
     /// `user create`.
@@ -689,31 +567,9 @@ impl GroupService {
         now: UnixMillis,
     ) -> Result<Vec<UserInfo>, GroupError> {
         let id = user.id.clone();
-        self.store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let exists: bool = c.query_row(
-                        "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
-                        [user.id.as_str()],
-                        |r| r.get(0),
-                    )?;
-                    if exists {
-                        return Err(GroupError::Conflict(format!(
-                            "user {} already exists",
-                            user.id
-                        )));
-                    }
-                    upsert_user(c, &user, now)?;
-                    if let Some(hash) = password_hash {
-                        c.execute(
-                            "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                            params![user.id.as_str(), hash],
-                        )?;
-                    }
-                    Ok(())
-                })
-            })
-            .await??;
+        if !self.store.create_user(user, password_hash, now).await? {
+            return Err(GroupError::Conflict(format!("user {id} already exists")));
+        }
         Ok(self
             .users()
             .await?
@@ -731,16 +587,7 @@ impl GroupService {
     ) -> Result<Vec<UserInfo>, GroupError> {
         let users = parse_users_csv(csv).map_err(GroupError::Invalid)?;
         let ids: Vec<UserId> = users.iter().map(|u| u.id.clone()).collect();
-        self.store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    for u in &users {
-                        upsert_user(c, u, now)?;
-                    }
-                    Ok(())
-                })
-            })
-            .await??;
+        self.store.import_users(users, now).await?;
         Ok(self
             .users()
             .await?
@@ -751,44 +598,18 @@ impl GroupService {
 
     /// `user list`.
     pub async fn users(&self) -> Result<Vec<UserInfo>, GroupError> {
-        self.store
-            .read_with(|c| {
-                Ok((|| -> Result<_, GroupError> {
-                    let mut stmt = c.prepare(
-                        "SELECT u.id, u.email, u.mobile,
-                                (SELECT group_concat(g.name, ' ') FROM group_users gu
-                                   JOIN groups g ON g.num = gu.group_num
-                                  WHERE gu.user = u.id AND g.status != 'gone')
-                         FROM users u ORDER BY u.id",
-                    )?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, Option<String>>(3)?,
-                        ))
-                    })?;
-                    let mut out = Vec::new();
-                    for row in rows {
-                        let (id, email, mobile, groups) = row?;
-                        let mut groups = groups
-                            .unwrap_or_default()
-                            .split_whitespace()
-                            .map(|g| g.parse().map_err(corrupt))
-                            .collect::<Result<Vec<GroupName>, _>>()?;
-                        groups.sort();
-                        out.push(UserInfo {
-                            id: id.parse().map_err(corrupt)?,
-                            email,
-                            mobile,
-                            groups,
-                        });
-                    }
-                    Ok(out)
-                })())
-            })
+        Ok(self
+            .store
+            .list_users()
             .await?
+            .into_iter()
+            .map(|u| UserInfo {
+                id: u.id,
+                email: u.email,
+                mobile: u.mobile,
+                groups: u.groups,
+            })
+            .collect())
     }
 
     /// Pending activation notifications due at `now` (oldest first, at most `limit`).
@@ -797,46 +618,26 @@ impl GroupService {
         now: UnixMillis,
         limit: usize,
     ) -> Result<Vec<Notification>, GroupError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.store
-            .read_with(move |c| {
-                Ok((|| -> Result<_, GroupError> {
-                    let mut stmt = c.prepare(
-                        "SELECT n.id, n.user, n.email, n.mobile, n.kind, g.name, n.attempts
-                         FROM notifications n JOIN groups g ON g.num = n.group_num
-                         WHERE n.delivered_at IS NULL AND n.next_attempt_at <= ?1
-                         ORDER BY n.next_attempt_at, n.id LIMIT ?2",
-                    )?;
-                    let rows = stmt.query_map(params![now.0, limit], |r| {
-                        Ok(Notification {
-                            id: r.get(0)?,
-                            user: r.get(1)?,
-                            email: r.get(2)?,
-                            mobile: r.get(3)?,
-                            kind: r.get(4)?,
-                            group: r.get(5)?,
-                            attempts: r.get(6)?,
-                        })
-                    })?;
-                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
-                })())
-            })
+        Ok(self
+            .store
+            .due_notifications(now, limit)
             .await?
+            .into_iter()
+            .map(|r| Notification {
+                id: r.id,
+                user: r.user,
+                email: r.email,
+                mobile: r.mobile,
+                kind: r.kind,
+                group: r.group,
+                attempts: r.attempts,
+            })
+            .collect())
     }
 
     /// When the next pending notification is due, if any.
     pub async fn next_notification_at(&self) -> Result<Option<UnixMillis>, GroupError> {
-        Ok(self
-            .store
-            .read_with(|c| {
-                Ok(c.query_row(
-                    "SELECT MIN(next_attempt_at) FROM notifications WHERE delivered_at IS NULL",
-                    [],
-                    |r| r.get::<_, Option<i64>>(0),
-                )?)
-            })
-            .await?
-            .map(UnixMillis))
+        Ok(self.store.next_notification_at().await?)
     }
 
     /// Records one delivery attempt: delivered, or retried after a doubling wait.
@@ -847,35 +648,10 @@ impl GroupService {
         now: UnixMillis,
     ) -> Result<(), GroupError> {
         let max = i64::try_from(self.config.notify_retry_max.as_millis()).unwrap_or(i64::MAX);
-        self.store
-            .exec(move |c| {
-                match result {
-                    Ok(()) => c.execute(
-                        "UPDATE notifications SET delivered_at = ?1, attempts = attempts + 1,
-                                last_error = NULL WHERE id = ?2",
-                        params![now.0, id],
-                    )?,
-                    Err(e) => {
-                        let attempts: i64 = c.query_row(
-                            "SELECT attempts FROM notifications WHERE id = ?1",
-                            [id],
-                            |r| r.get(0),
-                        )?;
-                        let wait = 1000i64
-                            .checked_shl(u32::try_from(attempts.clamp(0, 40)).unwrap_or(40))
-                            .unwrap_or(i64::MAX)
-                            .min(max);
-                        c.execute(
-                            "UPDATE notifications SET attempts = attempts + 1, last_error = ?1,
-                                    next_attempt_at = ?2 WHERE id = ?3",
-                            params![e, now.0.saturating_add(wait), id],
-                        )?
-                    }
-                };
-                Ok(())
-            })
-            .await?;
-        Ok(())
+        Ok(self
+            .store
+            .notification_attempted(id, result, now, max)
+            .await?)
     }
 }
 
@@ -927,63 +703,22 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-fn assigned_users(c: &Connection, num: i64) -> Result<Vec<UserId>, GroupError> {
-    let mut stmt = c.prepare("SELECT user FROM group_users WHERE group_num = ?1 ORDER BY user")?;
-    let rows = stmt.query_map([num], |r| r.get::<_, String>(0))?;
-    let mut out = Vec::new();
-    for r in rows {
-        out.push(r?.parse().map_err(corrupt)?);
-    }
-    Ok(out)
-}
-
-fn unknown_users(c: &Connection, users: &[UserId]) -> Result<Vec<String>, GroupError> {
-    let mut problems = Vec::new();
-    for u in users {
-        let n: i64 = c.query_row(
-            "SELECT COUNT(*) FROM users WHERE id = ?1",
-            [u.as_str()],
-            |r| r.get(0),
-        )?;
-        if n == 0 {
-            problems.push(format!(
+/// A problem for each of `users` that does not exist.
+fn unknown_users(tx: &GroupsTx<'_>, users: &[UserId]) -> Result<Vec<String>, GroupError> {
+    Ok(tx
+        .unknown_users(users)?
+        .into_iter()
+        .map(|u| {
+            format!(
                 "user {u} does not exist (create it with `ferryctl user create` or `user import`)"
-            ));
-        }
-    }
-    Ok(problems)
-}
-
-/// Assigns users not yet assigned and queues their activation notifications;
-/// returns the newly assigned ones.
-fn assign(
-    c: &Connection,
-    row: &Row,
-    users: &[UserId],
-    now: UnixMillis,
-) -> Result<Vec<UserId>, GroupError> {
-    let mut added = Vec::new();
-    for u in users {
-        let n = c.execute(
-            "INSERT OR IGNORE INTO group_users (group_num, user, assigned_at) VALUES (?1, ?2, ?3)",
-            params![row.num, u.as_str(), now.0],
-        )?;
-        if n == 0 {
-            continue;
-        }
-        c.execute(
-            "INSERT INTO notifications (group_num, user, email, mobile, kind, created_at, next_attempt_at)
-             SELECT ?1, id, email, mobile, 'activation', ?2, ?2 FROM users WHERE id = ?3",
-            params![row.num, now.0, u.as_str()],
-        )?;
-        added.push(u.clone());
-    }
-    Ok(added)
+            )
+        })
+        .collect())
 }
 
 fn write_order(
     config: &GroupsConfig,
-    c: &Connection,
+    tx: &GroupsTx<'_>,
     row: &Row,
     o: &Order,
 ) -> Result<(), GroupError> {
@@ -1000,24 +735,20 @@ fn write_order(
         row.base_resources,
         o.term,
     ));
-    c.execute(
-        "INSERT INTO orders (group_num, kind, term, base_resources, amount, currency,
-                             period_start, period_end, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            row.num,
-            o.kind.as_str(),
-            o.term.to_string(),
-            row.base_resources,
-            amount.to_string(),
-            config.currency,
-            o.period_start.0,
-            o.period_end.0,
-            o.at.0
-        ],
+    tx.insert_order(
+        row.num,
+        &NewOrder {
+            kind: o.kind.as_str(),
+            term: o.term.to_string(),
+            base_resources: row.base_resources,
+            amount: amount.to_string(),
+            currency: &config.currency,
+            period_start: o.period_start,
+            period_end: o.period_end,
+            at: o.at,
+        },
     )?;
-    event(
-        c,
+    tx.event(
         row.num,
         o.at,
         "order",
@@ -1029,7 +760,8 @@ fn write_order(
             o.term,
             config.currency
         ),
-    )
+    )?;
+    Ok(())
 }
 
 /// The deadlines of one group due at `now`, written with their orders and
@@ -1039,7 +771,7 @@ fn write_order(
 /// other, instead of failing at every tick.
 fn apply_deadlines(
     config: &GroupsConfig,
-    c: &Connection,
+    tx: &GroupsTx<'_>,
     row: &mut Row,
     now: UnixMillis,
 ) -> Result<(), GroupError> {
@@ -1052,8 +784,7 @@ fn apply_deadlines(
     ) && row.life.status.in_service();
     if renews && !config.prices.contains_key(&row.spec) {
         row.life.set_auto_renew(false)?;
-        event(
-            c,
+        tx.event(
             row.num,
             row.life.expires_at.unwrap_or(now),
             "auto-renew",
@@ -1064,8 +795,8 @@ fn apply_deadlines(
         )?;
     }
     let out = row.life.handle_timeout(now, config.retention);
-    GroupService::apply_outcome(config, c, row, &out)?;
-    save_life(c, row, now)
+    GroupService::apply_outcome(config, tx, row, &out)?;
+    save_life(tx, row, now)
 }
 
 /// `user`'s fields as [`check_user`] sees them, as an error listing every problem.
@@ -1078,50 +809,31 @@ pub(super) fn checked_user(user: &UserSpec) -> Result<(), GroupError> {
     }
 }
 
-fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), GroupError> {
-    c.execute(
-        "INSERT INTO users (id, email, mobile, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
-         ON CONFLICT (id) DO UPDATE SET email = excluded.email, mobile = excluded.mobile,
-                                        updated_at = excluded.updated_at",
-        params![u.id.as_str(), u.email, u.mobile, now.0],
-    )?;
-    Ok(())
-}
-
 fn publish_tx(
     config: &GroupsConfig,
-    c: &Connection,
+    tx: &GroupsTx<'_>,
     spec: GroupSpec,
     billing: Billing,
     policy: Policy,
     parts: PolicyParts,
     now: UnixMillis,
 ) -> Result<String, GroupError> {
-    let problems = unknown_users(c, &spec.users)?;
+    let problems = unknown_users(tx, &spec.users)?;
     if !problems.is_empty() {
         return Err(GroupError::Invalid(problems));
     }
-    let num: i64 = c.query_row("SELECT COALESCE(MAX(num), 0) + 1 FROM groups", [], |r| {
-        r.get(0)
-    })?;
+    let num = tx.next_num()?;
     let id = format!("dg-{num:06}");
-    let taken = |name: &str| -> Result<bool, GroupError> {
-        Ok(c.query_row(
-            "SELECT COUNT(*) > 0 FROM groups WHERE name = ?1 AND status != 'gone'",
-            [name],
-            |r| r.get(0),
-        )?)
-    };
     let name = match spec.name {
         Some(n) => {
-            if taken(n.as_str())? {
+            if tx.live_name_taken(n.as_str())? {
                 return Err(GroupError::Conflict(format!(
                     "a group named {n} already exists; choose another name or leave it out to get one generated"
                 )));
             }
             n
         }
-        None => generate_name(c, &spec.region, &spec.spec)?,
+        None => generate_name(tx, &spec.region, &spec.spec)?,
     };
     let (life, out) = match publishing::lifecycle(config, billing, spec.base_resources) {
         Some(life) => (life, Outcome::default()),
@@ -1132,36 +844,30 @@ fn publish_tx(
         Billing::PayAsYouGo => None,
     };
     let json = stored_json(&policy, &parts).map_err(corrupt)?;
-    c.execute(
-        "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing, term,
-                             auto_renew, base_resources, session_type, policy, status,
-                             expires_at, expired_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL, ?16, ?16)",
-        params![
-            num,
-            id,
-            name.as_str(),
-            spec.region,
-            spec.office_network,
-            spec.spec,
-            spec.image,
-            billing.kind(),
-            term,
-            matches!(
-                billing,
-                Billing::Subscription {
-                    auto_renew: true,
-                    ..
-                }
-            ),
-            spec.base_resources,
-            spec.session_type.as_str(),
-            json,
-            life.status.as_str(),
-            life.expires_at.map(|t| t.0),
-            now.0
-        ],
-    )?;
+    tx.insert(&NewGroup {
+        num,
+        id: &id,
+        name: &name,
+        region: &spec.region,
+        office_network: &spec.office_network,
+        spec: &spec.spec,
+        image: &spec.image,
+        billing: billing.kind(),
+        term,
+        auto_renew: matches!(
+            billing,
+            Billing::Subscription {
+                auto_renew: true,
+                ..
+            }
+        ),
+        base_resources: spec.base_resources,
+        session_type: spec.session_type.as_str(),
+        policy: &json,
+        status: life.status.as_str(),
+        expires_at: life.expires_at,
+        now,
+    })?;
     let row = Row {
         num,
         id: id.clone(),
@@ -1176,21 +882,20 @@ fn publish_tx(
         policy,
         parts,
         created_at: now,
+        policy_version: 1,
     };
-    GroupService::apply_outcome(config, c, &row, &out)?;
-    publishing::note_started(c, &row, now)?;
-    let added = assign(c, &row, &spec.users, now)?;
+    GroupService::apply_outcome(config, tx, &row, &out)?;
+    publishing::note_started(tx, &row, now)?;
+    let added = tx.assign(num, &spec.users, now)?;
     if !added.is_empty() {
-        event(
-            c,
+        tx.event(
             num,
             now,
             "users",
             &format!("users assigned: [{}]", join(&added)),
         )?;
     }
-    event(
-        c,
+    tx.event(
         num,
         now,
         "policy",
@@ -1201,7 +906,7 @@ fn publish_tx(
 
 /// `REGION-SPEC-N` with the smallest N no group (live or gone) has used:
 /// unique, and readable in listings and logs.
-fn generate_name(c: &Connection, region: &str, spec: &str) -> Result<GroupName, GroupError> {
+fn generate_name(tx: &GroupsTx<'_>, region: &str, spec: &str) -> Result<GroupName, GroupError> {
     // Lower-case letters, digits and '-' only, short enough that
     // `<name>-eN` is still a resource id (see `check_elastic_prefix`).
     let clean = |s: &str| -> String {
@@ -1221,12 +926,7 @@ fn generate_name(c: &Connection, region: &str, spec: &str) -> Result<GroupName, 
     let base = format!("{}-{}", clean(region), clean(spec));
     for n in 1..=u32::MAX {
         let candidate = format!("{base}-{n}");
-        let used: bool = c.query_row(
-            "SELECT COUNT(*) > 0 FROM groups WHERE name = ?1",
-            [&candidate],
-            |r| r.get(0),
-        )?;
-        if !used {
+        if !tx.name_used(&candidate)? {
             check_elastic_prefix(&candidate)
                 .map_err(|e| GroupError::Invalid(vec![format!("generated {e}")]))?;
             return candidate
@@ -1543,12 +1243,8 @@ pub fn parse_users_csv(text: &str) -> Result<Vec<UserSpec>, Vec<String>> {
     }
 }
 
-fn info(c: &Connection, r: &Row) -> Result<GroupInfo, GroupError> {
-    let users: i64 = c.query_row(
-        "SELECT COUNT(*) FROM group_users WHERE group_num = ?1",
-        [r.num],
-        |x| x.get(0),
-    )?;
+fn info(tx: &GroupsTx<'_>, r: &Row) -> Result<GroupInfo, GroupError> {
+    let users = tx.user_count(r.num)?;
     let (term, auto_renew) = match r.life.billing {
         Billing::Subscription { term, auto_renew } => (Some(term.to_string()), auto_renew),
         Billing::PayAsYouGo => (None, false),
@@ -1565,61 +1261,28 @@ fn info(c: &Connection, r: &Row) -> Result<GroupInfo, GroupError> {
         auto_renew,
         base_resources: r.base_resources,
         session_type: r.session_type,
-        users: u64::try_from(users).unwrap_or(0),
+        users,
         expires_at: r.life.expires_at,
         created_at: r.created_at,
     })
 }
 
-fn detail(c: &Connection, group: &str, retention: Duration) -> Result<GroupDetail, GroupError> {
-    let r = find(c, group)?;
-    let mut stmt = c.prepare(
-        "SELECT kind, term, base_resources, amount, currency, period_start, period_end, at
-         FROM orders WHERE group_num = ?1 ORDER BY id",
-    )?;
-    let orders = stmt
-        .query_map([r.num], |x| {
-            Ok(OrderInfo {
-                kind: x.get(0)?,
-                term: x.get(1)?,
-                base_resources: x.get(2)?,
-                amount: x.get(3)?,
-                currency: x.get(4)?,
-                period_start: UnixMillis(x.get(5)?),
-                period_end: UnixMillis(x.get(6)?),
-                at: UnixMillis(x.get(7)?),
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = c.prepare("SELECT resource FROM resources WHERE grp = ?1 ORDER BY resource")?;
-    let resources = stmt
-        .query_map([r.name.as_str()], |x| x.get::<_, String>(0))?
-        .map(|x| Ok(x?.parse().map_err(corrupt)?))
-        .collect::<Result<Vec<_>, GroupError>>()?;
-    let policy_version: i64 = c.query_row(
-        "SELECT policy_version FROM groups WHERE num = ?1",
-        [r.num],
-        |x| x.get(0),
-    )?;
-    let policy_version = u64::try_from(policy_version).map_err(corrupt)?;
-    let mut stmt = c.prepare(
-        "SELECT resource, version FROM resource_policy WHERE group_num = ?1 ORDER BY resource",
-    )?;
-    let policy_resources = stmt
-        .query_map([r.num], |x| {
-            Ok((x.get::<_, String>(0)?, x.get::<_, i64>(1)?))
-        })?
-        .map(|x| {
-            let (resource, version) = x?;
-            Ok(ResourcePolicyInfo {
-                resource: resource.parse().map_err(corrupt)?,
-                applied_version: Some(u64::try_from(version).map_err(corrupt)?),
-            })
+fn detail(tx: &GroupsTx<'_>, group: &str, retention: Duration) -> Result<GroupDetail, GroupError> {
+    let r = find(tx, group)?;
+    let orders = tx.orders(r.num)?;
+    let resources = tx.resources_naming(&r.name)?;
+    let policy_version = r.policy_version;
+    let policy_resources: Vec<ResourcePolicyInfo> = tx
+        .applied_versions(r.num)?
+        .into_iter()
+        .map(|(resource, version)| ResourcePolicyInfo {
+            resource,
+            applied_version: Some(version),
         })
-        .collect::<Result<Vec<_>, GroupError>>()?;
+        .collect();
     let p = &r.policy;
     Ok(GroupDetail {
-        info: info(c, &r)?,
+        info: info(tx, &r)?,
         office_network: r.office_network.clone(),
         policy: PolicyView {
             concurrent_sessions: p.concurrent_sessions,
@@ -1637,7 +1300,7 @@ fn detail(c: &Connection, group: &str, retention: Duration) -> Result<GroupDetai
         policy_version,
         policy_resources,
         notes: Vec::new(),
-        users: assigned_users(c, r.num)?,
+        users: tx.assigned_users(r.num)?,
         resources,
         orders,
         next_deadline: r.life.next_deadline(retention),

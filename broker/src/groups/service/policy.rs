@@ -9,13 +9,13 @@
 //! part. An accepted update is a new policy version, pushed to the agents by
 //! the group's actor as before.
 
+use crate::store::GroupsTx;
 use ferry_common::admin::{GroupPolicyDetail, GroupSpec, PolicyPartsSpec, PolicySpec};
 use ferry_common::{GroupName, UnixMillis};
-use rusqlite::params;
 
 use super::{
-    atomic, corrupt, describe_policy, detail, event, find, merge_policy, publish_tx, validate_spec,
-    GroupError, GroupService,
+    corrupt, describe_policy, detail, find, merge_policy, publish_tx, validate_spec, GroupError,
+    GroupService,
 };
 use crate::engine::{validate_periods, Policy, PolicyError};
 use crate::groups::policy_parts::{
@@ -69,21 +69,18 @@ impl GroupService {
         let config = self.config.clone();
         let id = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let id = publish_tx(&config, c, spec, billing, policy, merged, now)?;
-                    let row = find(c, &id)?;
-                    event(
-                        c,
-                        row.num,
-                        now,
-                        "policy",
-                        &format!("policy parts: {}", describe_parts(&row.policy, &row.parts)),
-                    )?;
-                    Ok(id)
-                })
+            .group_change(move |tx| {
+                let id = publish_tx(&config, tx, spec, billing, policy, merged, now)?;
+                let row = find(tx, &id)?;
+                tx.event(
+                    row.num,
+                    now,
+                    "policy",
+                    &format!("policy parts: {}", describe_parts(&row.policy, &row.parts)),
+                )?;
+                Ok::<_, GroupError>(id)
             })
-            .await??;
+            .await?;
         self.touch();
         self.show_with_policy(&id).await
     }
@@ -100,57 +97,54 @@ impl GroupService {
         let group = group.to_string();
         let id = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let row = find(c, &group)?;
-                    row.life.check_editable("update the policy of")?;
-                    let mut problems = Vec::new();
-                    let policy = match merge_policy(Some(&row.policy), &patch, &row.spec) {
-                        Ok(p) => Some(p),
-                        Err(GroupError::Invalid(p)) => {
-                            problems.extend(p);
-                            None
+            .group_change(move |tx| {
+                let row = find(tx, &group)?;
+                row.life.check_editable("update the policy of")?;
+                let mut problems = Vec::new();
+                let policy = match merge_policy(Some(&row.policy), &patch, &row.spec) {
+                    Ok(p) => Some(p),
+                    Err(GroupError::Invalid(p)) => {
+                        problems.extend(p);
+                        None
+                    }
+                    Err(e) => return Err(e),
+                };
+                let merged = merge_parts(&row.parts, &parts)
+                    .map_err(|p| problems.extend(p))
+                    .ok();
+                let periods = merge_periods(&row.policy.periods, parts.periods.as_deref())
+                    .unwrap_or_else(|p| {
+                        problems.push(p);
+                        Vec::new()
+                    });
+                let policy = match policy {
+                    Some(mut policy) => {
+                        policy.periods = periods;
+                        // Scaling and periods, with the group's base count.
+                        if let Err(e) =
+                            policy.validate_for_group(Some(&row.spec), row.base_resources)
+                        {
+                            problems.extend(listed(e));
                         }
-                        Err(e) => return Err(e),
-                    };
-                    let merged = merge_parts(&row.parts, &parts)
-                        .map_err(|p| problems.extend(p))
-                        .ok();
-                    let periods = merge_periods(&row.policy.periods, parts.periods.as_deref())
-                        .unwrap_or_else(|p| {
-                            problems.push(p);
-                            Vec::new()
-                        });
-                    let policy = match policy {
-                        Some(mut policy) => {
-                            policy.periods = periods;
-                            // Scaling and periods, with the group's base count.
-                            if let Err(e) =
-                                policy.validate_for_group(Some(&row.spec), row.base_resources)
-                            {
-                                problems.extend(listed(e));
-                            }
-                            Some(policy)
+                        Some(policy)
+                    }
+                    None => {
+                        let max_elastic = patch.max_elastic.unwrap_or(row.policy.max_elastic);
+                        if let Err(e) = validate_periods(&periods, row.base_resources, max_elastic)
+                        {
+                            problems.extend(listed(e));
                         }
-                        None => {
-                            let max_elastic = patch.max_elastic.unwrap_or(row.policy.max_elastic);
-                            if let Err(e) =
-                                validate_periods(&periods, row.base_resources, max_elastic)
-                            {
-                                problems.extend(listed(e));
-                            }
-                            None
-                        }
-                    };
-                    let (Some(policy), Some(merged), true) = (policy, merged, problems.is_empty())
-                    else {
-                        return Err(GroupError::Invalid(problems));
-                    };
-                    store_policy(c, row.num, &policy, &merged, now)?;
-                    Ok(row.id)
-                })
+                        None
+                    }
+                };
+                let (Some(policy), Some(merged), true) = (policy, merged, problems.is_empty())
+                else {
+                    return Err(GroupError::Invalid(problems));
+                };
+                store_policy(tx, row.num, &policy, &merged, now)?;
+                Ok::<_, GroupError>(row.id)
             })
-            .await??;
+            .await?;
         self.show_with_policy(&id).await
     }
 
@@ -159,44 +153,30 @@ impl GroupService {
         let group = group.to_owned();
         let retention = self.config.retention;
         self.store
-            .read_with(move |c| {
-                Ok((|| -> Result<GroupPolicyDetail, GroupError> {
-                    let detail = detail(c, &group, retention)?;
-                    let row = find(c, &group)?;
-                    Ok(GroupPolicyDetail {
-                        detail,
-                        live: None,
-                        parts: parts_view(&row.policy, &row.parts),
-                    })
-                })())
+            .group_read(move |tx| {
+                let detail = detail(tx, &group, retention)?;
+                let row = find(tx, &group)?;
+                Ok::<_, GroupError>(GroupPolicyDetail {
+                    detail,
+                    live: None,
+                    parts: parts_view(&row.policy, &row.parts),
+                })
             })
-            .await?
+            .await
     }
 }
 
 /// Writes an accepted policy as the group's next version, with its event.
 fn store_policy(
-    c: &rusqlite::Connection,
+    tx: &GroupsTx<'_>,
     num: i64,
     policy: &Policy,
     parts: &PolicyParts,
     now: UnixMillis,
 ) -> Result<(), GroupError> {
     let json = stored_json(policy, parts).map_err(corrupt)?;
-    // Every accepted update is a new version, even one that changes
-    // nothing: the operator asked for a push.
-    c.execute(
-        "UPDATE groups SET policy = ?1, updated_at = ?2, policy_version = policy_version + 1
-         WHERE num = ?3",
-        params![json, now.0, num],
-    )?;
-    let version: i64 = c.query_row(
-        "SELECT policy_version FROM groups WHERE num = ?1",
-        [num],
-        |x| x.get(0),
-    )?;
-    event(
-        c,
+    let version = tx.set_policy(num, &json, now)?;
+    tx.event(
         num,
         now,
         "policy",

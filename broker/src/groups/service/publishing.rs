@@ -9,13 +9,12 @@
 //! Payment (`payment-overdue`): Ferry has no payment system; the billing
 //! system or an operator tells the broker ([`GroupService::set_payment_overdue`]).
 
-use ferry_common::admin::GroupDetail;
-use ferry_common::{GroupName, UnixMillis};
-use rusqlite::Connection;
-
-use super::{atomic, event, find, save_life, GroupError, GroupService, Row};
+use super::{find, save_life, GroupError, GroupService, Row};
 use crate::config::{GroupsConfig, ProvisionerKind};
 use crate::groups::lifecycle::{Billing, Lifecycle, Outcome, Status};
+use crate::store::{GroupsTx, StoreError};
+use ferry_common::admin::GroupDetail;
+use ferry_common::{GroupName, UnixMillis};
 
 /// The lifecycle of a group published now when its base resources are
 /// created through the provisioner (`[provisioner] base = "provisioned"`, a
@@ -28,12 +27,15 @@ pub(super) fn lifecycle(config: &GroupsConfig, billing: Billing, base: u32) -> O
 }
 
 /// The event that says a group is publishing (nothing for other statuses).
-pub(super) fn note_started(c: &Connection, row: &Row, now: UnixMillis) -> Result<(), GroupError> {
+pub(super) fn note_started(
+    tx: &GroupsTx<'_>,
+    row: &Row,
+    now: UnixMillis,
+) -> Result<(), GroupError> {
     if row.life.status != Status::Publishing {
         return Ok(());
     }
-    event(
-        c,
+    tx.event(
         row.num,
         now,
         "status",
@@ -43,7 +45,8 @@ pub(super) fn note_started(c: &Connection, row: &Row, now: UnixMillis) -> Result
             n = row.base_resources,
             name = row.name
         ),
-    )
+    )?;
+    Ok(())
 }
 
 impl GroupService {
@@ -62,32 +65,27 @@ impl GroupService {
         let config = self.config.clone();
         let status = self
             .store
-            .exec(move |c| {
-                atomic(c, |c| {
-                    let id: String =
-                        c.query_row("SELECT id FROM groups WHERE num = ?1", [num], |r| r.get(0))?;
-                    let mut row = find(c, &id)?;
-                    let out = match end {
-                        Ok(()) => row.life.publish_done(now)?,
-                        Err(why) => {
-                            let t = row.life.publish_failed(now, why)?;
-                            c.execute(
-                                "UPDATE resource_intervals SET released_at = ready_at
-                                 WHERE group_num = ?1 AND released_at IS NULL",
-                                [num],
-                            )?;
-                            Outcome {
-                                transitions: vec![t],
-                                orders: vec![],
-                            }
+            .group_change(move |tx| {
+                let record = tx
+                    .by_num(num)?
+                    .ok_or_else(|| StoreError::Corrupt(format!("no group number {num}")))?;
+                let mut row = find(tx, &record.id)?;
+                let out = match end {
+                    Ok(()) => row.life.publish_done(now)?,
+                    Err(why) => {
+                        let t = row.life.publish_failed(now, why)?;
+                        tx.unbill_open_intervals(num)?;
+                        Outcome {
+                            transitions: vec![t],
+                            orders: vec![],
                         }
-                    };
-                    GroupService::apply_outcome(&config, c, &row, &out)?;
-                    save_life(c, &row, now)?;
-                    Ok(row.life.status)
-                })
+                    }
+                };
+                GroupService::apply_outcome(&config, tx, &row, &out)?;
+                save_life(tx, &row, now)?;
+                Ok::<_, GroupError>(row.life.status)
             })
-            .await??;
+            .await?;
         self.touch();
         Ok(status)
     }

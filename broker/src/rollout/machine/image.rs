@@ -29,9 +29,7 @@
 //! - The group leaving `updating` by other means (expiry, purge) stops it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Duration;
 
-use ferry_common::duration::format_duration;
 use ferry_common::wire::Command;
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 
@@ -40,7 +38,7 @@ use crate::engine::ResourceState;
 use crate::groups::lifecycle::Status;
 use crate::hook_failure::brief;
 use crate::registry::COMMAND_TIMEOUT;
-use crate::render::rfc3339;
+use crate::render::rfc3339_secs;
 
 /// A host's outcome as recorded once the switch began.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,8 +268,8 @@ impl ImageRun {
             "warning {} open session(s): they are disconnected in {} ({}) for the switch to \
              image {}{}",
             known.len() + later,
-            format_duration(Duration::from_millis(u64::try_from(left).unwrap_or(0))),
-            rfc3339(self.disconnect_at),
+            crate::render::time_left(left),
+            rfc3339_secs(self.disconnect_at),
             self.image,
             if later == 0 {
                 String::new()
@@ -328,7 +326,7 @@ impl ImageRun {
                         "{r} joined during the warning: warning its {} open session(s) of the \
                          switch at {}",
                         open.len(),
-                        rfc3339(self.disconnect_at)
+                        rfc3339_secs(self.disconnect_at)
                     ),
                 );
                 self.warn(core, open);
@@ -366,7 +364,7 @@ impl ImageRun {
                 }
             ),
         );
-        let until = rfc3339(self.wait_until);
+        let until = rfc3339_secs(self.wait_until);
         for r in &targets {
             if core.connected(r) {
                 self.launch(core, r);
@@ -578,7 +576,7 @@ impl ImageRun {
                 "session-warned",
                 format!(
                     "session {s} on {r} warned of the image switch at {}",
-                    rfc3339(self.disconnect_at)
+                    rfc3339_secs(self.disconnect_at)
                 ),
             ),
             Answer::Failed(m) => (

@@ -33,7 +33,7 @@ use crate::engine::ResourceState;
 use crate::groups::lifecycle::{after_failed_ota, after_succeeded_ota, Status};
 use crate::hook_failure::brief;
 use crate::registry::COMMAND_TIMEOUT;
-use crate::render::rfc3339;
+use crate::render::rfc3339_secs;
 use crate::store::rollouts::ResultRow;
 
 /// An OTA rollout as the store has it.
@@ -280,7 +280,7 @@ impl OtaRun {
         core.host_record(r, HostRecord::Draining, None);
         let what = format!(
             "draining: no new sessions; open ones end by {} at the latest",
-            rfc3339(deadline)
+            rfc3339_secs(deadline)
         );
         self.step_event(core, r, &what);
         let until = core.after(core.settings.gone_timeout);
@@ -360,7 +360,7 @@ impl OtaRun {
                      will be ended at {}",
                     self.update.component,
                     self.update.version,
-                    rfc3339(deadline)
+                    rfc3339_secs(deadline)
                 ),
                 deadline,
             };
@@ -383,7 +383,7 @@ impl OtaRun {
             } else {
                 warned.join(", ")
             },
-            rfc3339(deadline)
+            rfc3339_secs(deadline)
         );
         if !not_warned.is_empty() {
             what.push_str(&format!("; not warned: {}", not_warned.join("; ")));

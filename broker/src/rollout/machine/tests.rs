@@ -651,7 +651,7 @@ fn a_restart_during_the_warning_warns_recorded_sessions_when_their_agent_joins()
             "warning 2 open session(s): they are disconnected in 4m ({}) for the switch to \
              image img-2; 1 of them on host(s) whose agents are not connected yet (h1): warned \
              when they are back",
-            crate::render::rfc3339(at(WARNING))
+            crate::render::rfc3339_secs(at(WARNING))
         )
     );
     assert_eq!(sim.sent_to("h2"), ["warn"]);

@@ -1,0 +1,428 @@
+//! The writer thread: group commit of every queued write in one
+//! transaction, each answered only after the commit.
+
+use std::collections::HashMap;
+
+use ferry_common::wire::SequencedEvent;
+use ferry_common::{ResourceId, UnixMillis};
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::sessions::{apply_record, apply_register, RecordOutcome, Registered, Registration};
+use super::{spool_key, StoreError};
+
+pub(super) enum WriteOp {
+    Register {
+        reg: Registration,
+        reply: oneshot::Sender<Result<Registered, StoreError>>,
+    },
+    Record {
+        resource: ResourceId,
+        spool_id: u64,
+        events: Vec<SequencedEvent>,
+        recorded_at: UnixMillis,
+        reply: oneshot::Sender<Result<RecordOutcome, StoreError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+    /// Any other write, run inside the group-commit transaction (in its own
+    /// savepoint); its answer is handed over only after the commit.
+    Exec(Box<dyn ExecWrite>),
+}
+
+/// A write of [`Store::exec`]: it carries its own typed reply channel, so the
+/// writer runs writes of any answer type without knowing (or casting) it.
+pub(super) trait ExecWrite: Send {
+    /// Applies the write in a savepoint of the open transaction; returns its
+    /// answer, delivered once the transaction's fate is known.
+    fn apply(self: Box<Self>, c: &Connection) -> Box<dyn Deliver>;
+    /// Answers without applying (the transaction could not take it).
+    fn fail(self: Box<Self>, why: StoreError);
+}
+
+/// An applied write's answer, waiting for the commit.
+pub(super) trait Deliver: Send {
+    /// Hands the answer over; if the commit failed, even a write that applied
+    /// cleanly is reported failed (nothing of it is on disk).
+    fn deliver(self: Box<Self>, commit: &Result<(), String>);
+}
+
+/// One [`Store::exec`] write and its caller's reply channel.
+pub(super) struct Exec<T, F> {
+    pub(super) f: F,
+    pub(super) reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> ExecWrite for Exec<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn apply(self: Box<Self>, c: &Connection) -> Box<dyn Deliver> {
+        let Exec { f, reply } = *self;
+        Box::new(Done {
+            reply,
+            result: in_savepoint(c, f),
+        })
+    }
+
+    fn fail(self: Box<Self>, why: StoreError) {
+        let _ = self.reply.send(Err(why));
+    }
+}
+
+/// An applied [`Exec`]'s result.
+struct Done<T> {
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    result: Result<T, StoreError>,
+}
+
+impl<T: Send> Deliver for Done<T> {
+    fn deliver(self: Box<Self>, commit: &Result<(), String>) {
+        let answer = match commit {
+            Ok(()) => self.result,
+            Err(e) => Err(StoreError::Commit(e.clone())),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// A write applied inside the open transaction, waiting for the commit to be answered.
+enum Applied {
+    Register(
+        oneshot::Sender<Result<Registered, StoreError>>,
+        Result<Registered, StoreError>,
+    ),
+    Record(
+        oneshot::Sender<Result<RecordOutcome, StoreError>>,
+        Result<RecordOutcome, StoreError>,
+    ),
+    Exec(Box<dyn Deliver>),
+}
+
+impl Applied {
+    /// Answers the waiter; if the commit failed, even writes that applied
+    /// cleanly are reported as failed (nothing of them is on disk).
+    fn answer(self, commit: &Result<(), String>) {
+        match (self, commit) {
+            (Applied::Register(tx, r), Ok(())) => drop(tx.send(r)),
+            (Applied::Register(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
+            (Applied::Record(tx, r), Ok(())) => drop(tx.send(r)),
+            (Applied::Record(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
+            (Applied::Exec(done), commit) => done.deliver(commit),
+        }
+    }
+}
+
+pub(super) fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
+    // Statements of the hot path (recording events) are prepared once and
+    // reused from this cache; room for all of them and the other writes'.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    let mut batch = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Some(close) = commit_batch(&mut conn, &mut batch) {
+            // Make the database file complete on its own (no WAL to replay).
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "checkpoint store at close");
+            }
+            let _ = close.send(());
+            return;
+        }
+    }
+}
+
+/// Capacity of the writer connection's prepared-statement cache.
+const STATEMENT_CACHE: usize = 64;
+
+/// `last_seq` of the spools a batch touched, as its transaction has them
+/// (committed value or written earlier in the batch): a spool recording
+/// several times in one batch reads its row once. Updated only after a
+/// write's savepoint was released, so a rolled-back write leaves it right.
+type SpoolCache = HashMap<(ResourceId, i64), u64>;
+
+/// Applies a batch in one transaction and answers every write after the
+/// commit; leaves `batch` empty. Returns the `Close` waiter if the batch asked
+/// to close (writes after it in the batch are answered `Closed`).
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
+    let mut applied = Vec::with_capacity(batch.len());
+    let mut close = None;
+    // Deferred (the default) like rusqlite's `transaction()`; a cached
+    // statement, so a batch does not parse its BEGIN and COMMIT again.
+    if let Err(e) = run_cached(conn, "BEGIN") {
+        let msg = e.to_string();
+        tracing::error!(error = %msg, "begin store transaction");
+        for op in batch.drain(..) {
+            fail(op, &msg);
+        }
+        return None;
+    }
+    let mut spools = SpoolCache::new();
+    let mut run = RecordRun::default();
+    for op in batch.drain(..) {
+        if close.is_some() {
+            // Dropping the reply makes the caller see `Closed`.
+            continue;
+        }
+        if !matches!(op, WriteOp::Record { .. }) {
+            run.finish(conn, &mut spools, &mut applied);
+        }
+        if conn.is_autocommit() && !matches!(op, WriteOp::Close { .. }) {
+            // SQLite rolled the whole transaction back (an I/O error, a full
+            // disk): the writes before are lost and those after must not
+            // commit one by one. All of them are answered failed.
+            let msg = "the store transaction was rolled back";
+            tracing::error!("{msg}");
+            fail(op, msg);
+            continue;
+        }
+        match op {
+            WriteOp::Close { reply } => close = Some(reply),
+            WriteOp::Register { reg, reply } => {
+                let r = in_savepoint(conn, |t| apply_register(t, &reg));
+                applied.push(Applied::Register(reply, r));
+            }
+            WriteOp::Record {
+                resource,
+                spool_id,
+                events,
+                recorded_at,
+                reply,
+            } => run.apply(
+                conn,
+                &mut spools,
+                &mut applied,
+                PendingRecord {
+                    key: (resource, spool_key(spool_id)),
+                    spool_id,
+                    events,
+                    recorded_at,
+                    reply,
+                },
+            ),
+            WriteOp::Exec(write) => {
+                let done = write.apply(conn);
+                // An exec may write any table, spools included.
+                spools.clear();
+                applied.push(Applied::Exec(done));
+            }
+        }
+    }
+    run.finish(conn, &mut spools, &mut applied);
+    let commit = run_cached(conn, "COMMIT").map_err(|e| e.to_string());
+
+    if commit.is_err() && !conn.is_autocommit() {
+        // A failed COMMIT may leave the transaction open: end it, so the
+        // next batch starts clean (nothing of this one is kept).
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "roll back a failed store commit");
+        }
+    }
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "commit store transaction");
+    }
+    for a in applied {
+        a.answer(&commit);
+    }
+    close
+}
+
+/// A record waiting in a [`RecordRun`] (or applied alone).
+struct PendingRecord {
+    key: (ResourceId, i64),
+    spool_id: u64,
+    events: Vec<SequencedEvent>,
+    recorded_at: UnixMillis,
+    reply: oneshot::Sender<Result<RecordOutcome, StoreError>>,
+}
+
+/// Consecutive records of a batch applied in ONE savepoint rather than one
+/// each: a savepoint per record made SQLite copy every page a record touched
+/// into its sub-journal again for each record (and run two more statements).
+/// All or nothing like a record's own savepoint: if any record of the run
+/// fails, the whole run is rolled back and its records are applied again one
+/// by one, each in its own savepoint, which gives exactly the answers and
+/// rows of one-by-one recording (records own their data, so replaying them
+/// is exact; other writes are never in a run).
+#[derive(Default)]
+struct RecordRun {
+    /// The savepoint `ferry_run` is open.
+    open: bool,
+    /// Records applied in the open savepoint, with their outcomes.
+    done: Vec<(PendingRecord, RecordOutcome)>,
+    /// `last_seq` of the spools the run wrote, as the open savepoint has them.
+    spools: SpoolCache,
+}
+
+impl RecordRun {
+    fn apply(
+        &mut self,
+        conn: &Connection,
+        spools: &mut SpoolCache,
+        applied: &mut Vec<Applied>,
+        rec: PendingRecord,
+    ) {
+        if !self.open {
+            if conn.is_autocommit() {
+                return apply_alone(conn, spools, applied, rec);
+            }
+            if let Err(e) = run_cached(conn, "SAVEPOINT ferry_run") {
+                tracing::warn!(error = %e, "open a savepoint for a run of records");
+                return apply_alone(conn, spools, applied, rec);
+            }
+            self.open = true;
+        }
+        let known = self
+            .spools
+            .get(&rec.key)
+            .or_else(|| spools.get(&rec.key))
+            .copied();
+        match apply_record(
+            conn,
+            &rec.key.0,
+            rec.spool_id,
+            known,
+            &rec.events,
+            rec.recorded_at,
+        ) {
+            Ok(out) => {
+                self.spools.insert(rec.key.clone(), out.last_seq);
+                self.done.push((rec, out));
+            }
+            Err(_) => {
+                // Undo the run (RELEASE after ROLLBACK TO keeps nothing of
+                // it), then apply its records and this one alone.
+                self.open = false;
+                self.spools.clear();
+                let undo = run_cached(conn, "ROLLBACK TO ferry_run")
+                    .and_then(|()| run_cached(conn, "RELEASE ferry_run"));
+                if let Err(u) = undo {
+                    // The run's writes may be half there: end the whole
+                    // transaction so nothing of this batch commits (its
+                    // COMMIT then fails and every write is answered failed).
+                    tracing::error!(error = %u, "roll back a failed run of records");
+                    if !conn.is_autocommit() {
+                        if let Err(e) = conn.execute_batch("ROLLBACK") {
+                            tracing::error!(error = %e, "roll back the store transaction");
+                        }
+                    }
+                }
+                for (r, _) in std::mem::take(&mut self.done) {
+                    apply_alone(conn, spools, applied, r);
+                }
+                apply_alone(conn, spools, applied, rec);
+            }
+        }
+    }
+
+    /// Ends the run: its records stay in the transaction and are answered
+    /// with the batch.
+    fn finish(&mut self, conn: &Connection, spools: &mut SpoolCache, applied: &mut Vec<Applied>) {
+        if !self.open {
+            return;
+        }
+        self.open = false;
+        let release = run_cached(conn, "RELEASE ferry_run");
+        let done = std::mem::take(&mut self.done);
+        match release {
+            Ok(()) => {
+                spools.extend(self.spools.drain());
+                for (r, out) in done {
+                    applied.push(Applied::Record(r.reply, Ok(out)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "release a run of records");
+                self.spools.clear();
+                let msg = e.to_string();
+                for (r, _) in done {
+                    applied.push(Applied::Record(
+                        r.reply,
+                        Err(StoreError::Commit(msg.clone())),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Applies one record in its own savepoint.
+fn apply_alone(
+    conn: &Connection,
+    spools: &mut SpoolCache,
+    applied: &mut Vec<Applied>,
+    rec: PendingRecord,
+) {
+    if conn.is_autocommit() {
+        // The transaction is gone (see `commit_batch`): a savepoint now
+        // would start a transaction of its own.
+        let err = StoreError::Commit("the store transaction was rolled back".into());
+        applied.push(Applied::Record(rec.reply, Err(err)));
+        return;
+    }
+    let cached = spools.get(&rec.key).copied();
+    let r = in_savepoint(conn, |t| {
+        apply_record(
+            t,
+            &rec.key.0,
+            rec.spool_id,
+            cached,
+            &rec.events,
+            rec.recorded_at,
+        )
+    });
+    if let Ok(out) = &r {
+        spools.insert(rec.key, out.last_seq);
+    }
+    applied.push(Applied::Record(rec.reply, r));
+}
+
+fn fail(op: WriteOp, msg: &str) {
+    match op {
+        WriteOp::Register { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
+        WriteOp::Record { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
+        WriteOp::Close { reply } => drop(reply.send(())),
+        WriteOp::Exec(write) => write.fail(StoreError::Commit(msg.into())),
+    }
+}
+
+/// Runs a parameterless statement through the connection's statement cache.
+fn run_cached(c: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
+    c.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Runs one write in a savepoint so a failing write leaves no partial trace
+/// and does not spoil the other writes of its batch. Savepoints nest by
+/// name, so one name serves every write; the statements are cached.
+pub(super) fn in_savepoint<T>(
+    c: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    run_cached(c, "SAVEPOINT ferry_write")?;
+    match f(c) {
+        Ok(v) => {
+            run_cached(c, "RELEASE ferry_write")?;
+            Ok(v)
+        }
+        Err(e) => {
+            // Undo the write, then drop the savepoint (RELEASE after ROLLBACK
+            // TO keeps nothing of it); the batch goes on.
+            let undo = run_cached(c, "ROLLBACK TO ferry_write")
+                .and_then(|()| run_cached(c, "RELEASE ferry_write"));
+            if let Err(u) = undo {
+                tracing::error!(error = %u, "roll back a failed store write");
+                return Err(StoreError::Commit(format!(
+                    "{e}; then rollback failed: {u}"
+                )));
+            }
+            Err(e)
+        }
+    }
+}
