@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::groups::lifecycle::Removal;
-use crate::groups::{GroupError, GroupService};
+use crate::groups::{GroupError, Groups};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoredSession};
 use crate::usage::UsageError;
@@ -116,8 +116,10 @@ pub struct AdminContext {
     pub store: Store,
     /// Live state and the way to reach agents.
     pub registry: Arc<Registry>,
-    /// Delivery groups and users.
-    pub groups: GroupService,
+    /// Delivery groups (their records and their live actors) and users.
+    pub groups: Groups,
+    /// OTA updates.
+    pub ota: crate::ota::Ota,
 }
 
 /// Serves admin connections until `shutdown`.
@@ -203,14 +205,7 @@ async fn connection(
 
 /// `ferryctl usage`, priced with the broker's configured prices.
 async fn usage(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
-    let Some(actors) = ctx.registry.groups() else {
-        return error(
-            AdminErrorCode::Internal,
-            "usage reports need the broker's group settings, which this broker was not started with"
-                .into(),
-        );
-    };
-    let config = actors.config();
+    let config = ctx.groups.service().config();
     let now = config.clock.now();
     match crate::usage::report(&ctx.store, &config.prices, &config.currency, query, now).await {
         Ok(r) => AdminResponseV1::Usage(r),
@@ -222,14 +217,7 @@ async fn usage(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
 
 /// `ferryctl usage`: [`usage`] with each resource's amount.
 async fn usage_detailed(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV1 {
-    let Some(actors) = ctx.registry.groups() else {
-        return error(
-            AdminErrorCode::Internal,
-            "usage reports need the broker's group settings, which this broker was not started with"
-                .into(),
-        );
-    };
-    let config = actors.config();
+    let config = ctx.groups.service().config();
     let now = config.clock.now();
     match crate::usage::report_detailed(&ctx.store, &config.prices, &config.currency, query, now)
         .await
@@ -241,24 +229,11 @@ async fn usage_detailed(ctx: &AdminContext, query: UsageQuery) -> AdminResponseV
     }
 }
 
-/// Brings the group's actor in line with the row just committed (started on
-/// publish, new policy, stopped on purge/delete). The operator's change is
-/// committed either way; a failure here is logged, and the actor catches up
-/// at the next change or broker start.
-async fn sync_actor(ctx: &AdminContext, group: &str) {
-    if let Some(actors) = ctx.registry.groups() {
-        if let Err(e) = actors.sync(group).await {
-            tracing::error!(%group, "update the group's live state: {e}");
-        }
-    }
-}
-
 /// The live state of `detail`'s group for `group show`: `None` when it has
 /// no running actor (not live, or a broker without actors). With one, the
 /// detail's policy state is narrowed to the resources joined to it.
 async fn live_view(ctx: &AdminContext, detail: &mut GroupDetail) -> Option<LiveGroupView> {
-    let actors = ctx.registry.groups()?;
-    let v = actors.view(&detail.info.name).await.ok()?;
+    let v = ctx.groups.actors().view(&detail.info.name).await.ok()?;
     crate::groups::service::policy_of_joined(detail, &v.joined);
     Some(LiveGroupView {
         closed: v.closed,
@@ -290,9 +265,7 @@ async fn engine_availability(
     stored: &[crate::store::StoredResource],
 ) -> std::collections::HashMap<ResourceId, bool> {
     let mut out = std::collections::HashMap::new();
-    let Some(actors) = ctx.registry.groups() else {
-        return out;
-    };
+    let actors = ctx.groups.actors();
     let groups: std::collections::BTreeSet<&ferry_common::GroupName> =
         stored.iter().filter_map(|r| r.group.as_ref()).collect();
     for group in groups {
@@ -394,7 +367,7 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Usage(query) => usage(ctx, query).await,
         AdminRequestV1::UsageDetailed(query) => usage_detailed(ctx, query).await,
         AdminRequestV1::ListSessionsDetailed { all } => {
-            match crate::listing::sessions(&ctx.store, &ctx.registry, all).await {
+            match crate::listing::sessions(&ctx.store, ctx.groups.actors(), all).await {
                 Ok(s) => AdminResponseV1::SessionsDetailed(s),
                 Err(e) => internal(e),
             }
@@ -405,38 +378,27 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         | AdminRequestV1::OtaReschedule { .. }
         | AdminRequestV1::OtaCancel { .. }
         | AdminRequestV1::OtaHistory { .. }
-        | AdminRequestV1::OtaListWithSchedules { .. } => {
-            match ctx.registry.groups().and_then(|a| a.ota()) {
-                Some(ota) => crate::ota::handle(ota, req).await,
-                None => error(
-                    AdminErrorCode::Internal,
-                    "OTA updates need the broker's group actors, which this broker runs without"
-                        .into(),
-                ),
-            }
-        }
+        | AdminRequestV1::OtaListWithSchedules { .. } => crate::ota::handle(&ctx.ota, req).await,
         other => groups(ctx, other).await,
     }
 }
 
 /// The delivery-group and user verbs; every refusal becomes one typed error here.
 async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
+    // Changes an actor follows go through the facade; the rest to the service.
     let g = &ctx.groups;
+    let service = g.service();
     // The groups' clock (a test's manual one, or the wall clock).
     let now = g.now();
     let detail =
         |r: Result<GroupDetail, GroupError>| r.map(|d| AdminResponseV1::Group(Box::new(d)));
     let done = |r: Result<String, GroupError>| r.map(|message| AdminResponseV1::Done { message });
     let result = match req {
-        AdminRequestV1::GroupPublish(spec) => {
-            let published = g.publish(spec, now).await;
-            if let Ok(d) = &published {
-                sync_actor(ctx, d.info.name.as_str()).await;
-            }
-            detail(published)
+        AdminRequestV1::GroupPublish(spec) => detail(g.publish(spec, now).await),
+        AdminRequestV1::GroupList(filter) => {
+            service.list(filter).await.map(AdminResponseV1::Groups)
         }
-        AdminRequestV1::GroupList(filter) => g.list(filter).await.map(AdminResponseV1::Groups),
-        AdminRequestV1::GroupShow { group } => match g.show(group.as_str()).await {
+        AdminRequestV1::GroupShow { group } => match service.show(group.as_str()).await {
             Ok(mut d) => {
                 let live = live_view(ctx, &mut d).await;
                 Ok(AdminResponseV1::GroupShown {
@@ -447,26 +409,20 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             Err(e) => Err(e),
         },
         // ---- policy parts (session, display, periods) ----
-        AdminRequestV1::GroupPublishWithPolicy { spec, parts } => {
-            let published = g.publish_with_policy(spec, parts, now).await;
-            if let Ok(d) = &published {
-                sync_actor(ctx, d.detail.info.name.as_str()).await;
-            }
-            published.map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d)))
-        }
+        AdminRequestV1::GroupPublishWithPolicy { spec, parts } => g
+            .publish_with_policy(spec, parts, now)
+            .await
+            .map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d))),
         AdminRequestV1::GroupUpdatePolicyParts {
             group,
             policy,
             parts,
-        } => {
-            let updated = g.update_policy_parts(&group, policy, parts, now).await;
-            if updated.is_ok() {
-                sync_actor(ctx, group.as_str()).await;
-            }
-            updated.map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d)))
-        }
+        } => g
+            .update_policy_parts(&group, policy, parts, now)
+            .await
+            .map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d))),
         AdminRequestV1::GroupShowWithPolicy { group } => {
-            match g.show_with_policy(group.as_str()).await {
+            match service.show_with_policy(group.as_str()).await {
                 Ok(mut d) => {
                     d.live = live_view(ctx, &mut d.detail).await;
                     Ok(AdminResponseV1::GroupWithPolicy(Box::new(d)))
@@ -475,83 +431,58 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             }
         }
         AdminRequestV1::GroupUpdatePolicy { group, policy } => {
-            let updated = g.update_policy(&group, policy, now).await;
-            if updated.is_ok() {
-                sync_actor(ctx, group.as_str()).await;
-            }
-            detail(updated)
+            detail(g.update_policy(&group, policy, now).await)
         }
         AdminRequestV1::GroupUpdateUsers { group, add, remove } => {
-            detail(g.update_users(&group, add, remove, now).await)
+            detail(service.update_users(&group, add, remove, now).await)
         }
         // Both can move the expiry deadline, and a renewal reopens an
         // expired group: its actor follows.
         AdminRequestV1::GroupRenew { group, duration } => {
-            let renewed = g.renew(&group, &duration, now).await;
-            if renewed.is_ok() {
-                sync_actor(ctx, group.as_str()).await;
-            }
-            detail(renewed)
+            detail(g.renew(&group, &duration, now).await)
         }
         // ---- group status (publishing, payment) ----
         AdminRequestV1::GroupSetPaymentOverdue { group } => {
-            let set = g.set_payment_overdue(&group, true, now).await;
-            if set.is_ok() {
-                sync_actor(ctx, group.as_str()).await;
-            }
-            detail(set)
+            detail(g.set_payment_overdue(&group, true, now).await)
         }
         AdminRequestV1::GroupClearPaymentOverdue { group } => {
-            let set = g.set_payment_overdue(&group, false, now).await;
-            if set.is_ok() {
-                sync_actor(ctx, group.as_str()).await;
-            }
-            detail(set)
+            detail(g.set_payment_overdue(&group, false, now).await)
         }
         AdminRequestV1::GroupSetAutoRenew { group, on } => {
-            let set = g.set_auto_renew(&group, on, now).await;
-            if set.is_ok() {
-                sync_actor(ctx, group.as_str()).await;
-            }
-            detail(set)
+            detail(g.set_auto_renew(&group, on, now).await)
         }
-        AdminRequestV1::GroupPurge { group } => {
-            let removed = g.remove(&group, Removal::Purge, now).await;
-            sync_actor(ctx, group.as_str()).await;
-            done(removed)
-        }
-        AdminRequestV1::GroupDelete { group } => {
-            let removed = g.remove(&group, Removal::Delete, now).await;
-            sync_actor(ctx, group.as_str()).await;
-            done(removed)
-        }
-        AdminRequestV1::GroupEvents { group } => {
-            g.events(&group).await.map(AdminResponseV1::GroupEvents)
-        }
+        AdminRequestV1::GroupPurge { group } => done(g.remove(&group, Removal::Purge, now).await),
+        AdminRequestV1::GroupDelete { group } => done(g.remove(&group, Removal::Delete, now).await),
+        AdminRequestV1::GroupEvents { group } => service
+            .events(&group)
+            .await
+            .map(AdminResponseV1::GroupEvents),
         AdminRequestV1::GroupSetRegion { group, region } => {
-            done(g.set_region(&group, &region).await)
+            done(service.set_region(&group, &region).await)
         }
-        AdminRequestV1::UserCreate(user) => {
-            g.create_user(user, now).await.map(AdminResponseV1::Users)
-        }
-        AdminRequestV1::UserImport { csv } => {
-            g.import_users(&csv, now).await.map(AdminResponseV1::Users)
-        }
-        AdminRequestV1::UserList => g.users().await.map(AdminResponseV1::Users),
-        AdminRequestV1::UserListDetailed => crate::listing::users(g, &ctx.store)
+        AdminRequestV1::UserCreate(user) => service
+            .create_user(user, now)
+            .await
+            .map(AdminResponseV1::Users),
+        AdminRequestV1::UserImport { csv } => service
+            .import_users(&csv, now)
+            .await
+            .map(AdminResponseV1::Users),
+        AdminRequestV1::UserList => service.users().await.map(AdminResponseV1::Users),
+        AdminRequestV1::UserListDetailed => crate::listing::users(service, &ctx.store)
             .await
             .map(AdminResponseV1::UsersDetailed),
-        AdminRequestV1::GroupEventsDetailed { group } => crate::listing::events(g, &group)
+        AdminRequestV1::GroupEventsDetailed { group } => crate::listing::events(service, &group)
             .await
             .map(AdminResponseV1::GroupEventsDetailed),
-        AdminRequestV1::UserCreateWithPassword { user, password } => g
+        AdminRequestV1::UserCreateWithPassword { user, password } => service
             .create_user_with_password(user, &password.0, now)
             .await
             .map(AdminResponseV1::Users),
         AdminRequestV1::UserSetPassword { user, password } => {
-            done(g.set_password(&user, &password.0, now).await)
+            done(service.set_password(&user, &password.0, now).await)
         }
-        AdminRequestV1::UserToken { user, ttl_secs } => g
+        AdminRequestV1::UserToken { user, ttl_secs } => service
             .issue_token(&user, std::time::Duration::from_secs(ttl_secs), now)
             .await
             .map(|(token, expires_at)| AdminResponseV1::UserToken {
@@ -559,31 +490,20 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
                 token,
                 expires_at,
             }),
-        AdminRequestV1::UserRevokeTokens { user } => done(g.revoke_tokens(&user, now).await),
+        AdminRequestV1::UserRevokeTokens { user } => done(service.revoke_tokens(&user, now).await),
         AdminRequestV1::GroupUpdateImage(spec) => {
-            match crate::rollout::image::begin(&ctx.store, spec, now).await {
-                Ok(name) => {
-                    // Its actor takes no new sessions (status `updating`) and
-                    // the rollout timer starts the update.
-                    sync_actor(ctx, &name).await;
-                    detail(g.show(&name).await)
-                }
-                Err(e) => Err(e),
-            }
+            detail(g.update_image(&ctx.store, spec, now).await)
         }
         AdminRequestV1::GroupVersions { group } => {
             crate::rollout::image::versions(&ctx.store, &ctx.registry, &group)
                 .await
                 .map(AdminResponseV1::GroupVersions)
         }
-        AdminRequestV1::GroupRollouts { group } => crate::ota::progress::group_rollouts(
-            &ctx.store,
-            &ctx.registry,
-            ctx.registry.groups(),
-            &group,
-        )
-        .await
-        .map(AdminResponseV1::GroupRollouts),
+        AdminRequestV1::GroupRollouts { group } => {
+            crate::ota::progress::group_rollouts(&ctx.store, &ctx.registry, ctx.ota.board(), &group)
+                .await
+                .map(AdminResponseV1::GroupRollouts)
+        }
         AdminRequestV1::Status
         | AdminRequestV1::ListResources
         | AdminRequestV1::ListSessions { .. }
@@ -804,10 +724,14 @@ mod tests {
         let listener = bind(&socket).expect("bind");
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let registry = Arc::new(Registry::new());
+        let (groups, ota) =
+            crate::test_support::wire(&store, &registry, Default::default(), &tracker, &shutdown);
         let ctx = AdminContext {
             store: store.clone(),
-            registry: Arc::new(Registry::new()),
-            groups: GroupService::new(store.clone(), Default::default()),
+            registry,
+            groups,
+            ota,
         };
         tracker.spawn(serve(listener, ctx, shutdown.clone(), tracker.clone()));
         Fixture {

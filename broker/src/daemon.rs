@@ -1,5 +1,8 @@
-//! `ferry-broker run`: wires the store, the agent link and the admin socket
-//! under one shutdown tree.
+//! `ferry-broker run`: builds the broker's parts once (the store, the
+//! registry of live connections, the groups' service and actors, OTA and
+//! the rollouts, the provisioning) and hands them to its services (the
+//! agent link, routing and enrollment on the QUIC endpoint, the admin
+//! socket), all under one shutdown tree.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,9 +16,10 @@ use crate::admin::{self, AdminContext, AdminSocketError};
 use crate::config::{BrokerConfig, ConfigError};
 use crate::endpoint::{self, Services};
 use crate::groups::actor::ActorError;
-use crate::groups::{self, GroupActors, GroupService};
+use crate::groups::{self, ActorsParts, GroupActors, GroupService, Groups};
 use crate::link::{self, LinkContext};
 use crate::notify;
+use crate::ota::Ota;
 use crate::pki::{self, PkiError};
 use crate::registry::Registry;
 use crate::store::{Store, StoreError, StoreOptions};
@@ -78,156 +82,20 @@ pub async fn run(
     })?;
     // Held until this function returns: no second broker writes this store.
     let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
-    let mut server_config = pki::server_config(&config.pki_dir)?;
-    // A dead agent (or a dead broker, seen from the agent) is noticed within
-    // about one health interval, not after the client's 30 s.
-    server_config.transport_config(Arc::new(ferry_common::transport::agent_link_transport_for(
-        config.health_interval,
-    )));
-    // Created on first start (0600) when `ferryctl pki init` did not.
-    let tickets = Arc::new(TicketSigner::load_or_create(&config.pki_dir)?);
-    let token_key = Arc::new(TokenKey::load_or_create(&config.pki_dir)?);
+    let keys = Keys::load(&config)?;
     let store = Store::open(&config.db_path(), StoreOptions::default())?;
-    let bind_err = |error| BrokerError::Bind {
-        addr: config.listen,
-        error,
-    };
-    // Keys that survive restarts, so agents of a crashed broker learn of it
-    // at once (see `pki::endpoint_config`).
-    let endpoint_config = pki::endpoint_config(&config.pki_dir)?;
-    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
-    let endpoint = quinn::Endpoint::new(
-        endpoint_config,
-        Some(server_config),
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(bind_err)?;
-    let agent_addr = endpoint.local_addr().map_err(|error| BrokerError::Bind {
-        addr: config.listen,
-        error,
-    })?;
-    let listener = match admin::bind(&config.admin_socket) {
-        Ok(l) => l,
-        Err(e) => {
-            endpoint.close(0u32.into(), b"startup failed");
-            store.close().await;
-            return Err(e.into());
-        }
-    };
-
-    let registry = Arc::new(Registry::new());
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
-    let link_ctx = LinkContext {
-        store: store.clone(),
-        registry: registry.clone(),
-        health_interval: config.health_interval,
-        missed_health_limit: config.missed_health_limit,
-        tracker: tracker.clone(),
-        tickets: Some(tickets.clone()),
-        clock: config.groups.clock.clone(),
-    };
-    let mut services = Services {
-        agent: Some(Arc::new(link::AgentLink::new(link_ctx))),
-        ..Services::default()
-    };
-    // Enrollment of new hosts with a one-time token (issue 6).
-    services.enroll = Some(Arc::new(crate::enroll::EnrollService::new(
-        store.clone(),
-        &config.pki_dir,
-        config.groups.clock.clone(),
-    )));
-    // Group actors first, so the first agent to register finds its group.
-    let actors = GroupActors::new(
-        store.clone(),
-        &registry,
-        &config.groups,
-        tracker.clone(),
-        tasks.clone(),
-    );
-    // The provisioner of elastic resources; its local agents are stopped
-    // when the broker stops (and killed when it is dropped, at the latest).
-    let provisioning = crate::provision::build(
-        &config.groups.provisioner,
-        &config.state_dir,
-        &config.pki_dir.join(pki::CA_CERT),
-        crate::provision::advertised_addr(&config.groups.provisioner, agent_addr),
-    );
-    match provisioning {
-        Ok(Some(p)) => {
-            tracing::info!(kind = p.provisioner.kind(), "provisioner ready");
-            actors.set_provisioning(p.clone());
-            let stop = tasks.clone();
-            tracker.spawn(async move {
-                stop.cancelled().await;
-                p.provisioner.shutdown().await;
-            });
-        }
-        Ok(None) => {}
+    let (endpoint, agent_addr) = match start(&config, keys, &store, &tracker, &tasks).await {
+        Ok(started) => started,
         Err(e) => {
-            endpoint.close(0u32.into(), b"startup failed");
             store.close().await;
-            return Err(e.into());
+            return Err(e);
         }
-    }
-    registry.set_groups(actors.clone());
-    match actors.start_all().await {
-        Ok(n) => tracing::info!(groups = n, "group actors started"),
-        Err(e) => {
-            endpoint.close(0u32.into(), b"startup failed");
-            store.close().await;
-            return Err(BrokerError::Groups(e));
-        }
-    }
-    // OTA rollouts (issue 7): the timer of the schedules, next to the actors
-    // it drains and undrains resources through; running rollouts resume.
-    let ota = crate::ota::Ota::new(store.clone(), config.groups.clock.clone());
-    actors.set_ota(ota.clone());
-    tracker.spawn(crate::rollout::run(
-        ota,
-        registry.clone(),
-        actors.clone(),
-        crate::rollout::Settings::default(),
-        tasks.clone(),
-    ));
-    // End users asking for sessions (issue 5): the group's actor admits.
-    services.route = Some(Arc::new(crate::routing::RouteService::new(
-        GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key.clone()),
-        actors.clone(),
-        store.clone(),
-        tickets.clone(),
-    )));
-    tracker.spawn(endpoint::serve(
-        endpoint.clone(),
-        services,
-        tracker.clone(),
-        tasks.clone(),
-    ));
-    let groups = GroupService::new(store.clone(), config.groups.clone()).with_token_key(token_key);
-    // Lifecycle deadlines (expiry, auto-renew, recycling) are applied by the
-    // actors' `follow_lifecycle` task, started by `start_all` above, which also
-    // brings each group's actor in line with its new status.
-    tracker.spawn(groups::tasks::deliver_notifications(
-        groups.clone(),
-        config.groups.clone(),
-        tasks.clone(),
-    ));
-    let admin_ctx = AdminContext {
-        store: store.clone(),
-        registry,
-        groups,
     };
-    tracker.spawn(admin::serve(
-        listener,
-        admin_ctx,
-        tasks.clone(),
-        tracker.clone(),
-    ));
     if let Some(period) = notify::watchdog_period() {
         tracker.spawn(notify::watchdog(period, tasks.clone()));
     }
-
     tracing::info!(%agent_addr, admin_socket = %config.admin_socket.display(), "broker ready");
     let _ = ready.send(BrokerReady {
         agent_addr,
@@ -257,4 +125,220 @@ pub async fn run(
     }
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// The keys the broker serves with, from `pki_dir`.
+struct Keys {
+    server_config: quinn::ServerConfig,
+    /// Signs tickets (created on first start, 0600, when `ferryctl pki
+    /// init` did not).
+    tickets: Arc<TicketSigner>,
+    /// Signs users' tokens.
+    token_key: Arc<TokenKey>,
+}
+
+impl Keys {
+    fn load(config: &BrokerConfig) -> Result<Keys, BrokerError> {
+        let mut server_config = pki::server_config(&config.pki_dir)?;
+        // A dead agent (or a dead broker, seen from the agent) is noticed
+        // within about one health interval, not after the client's 30 s.
+        server_config.transport_config(Arc::new(
+            ferry_common::transport::agent_link_transport_for(config.health_interval),
+        ));
+        Ok(Keys {
+            server_config,
+            tickets: Arc::new(TicketSigner::load_or_create(&config.pki_dir)?),
+            token_key: Arc::new(TokenKey::load_or_create(&config.pki_dir)?),
+        })
+    }
+}
+
+/// Binds the QUIC endpoint and the admin socket, builds the broker's parts
+/// once ([`Broker::build`]) and starts its services; returns the endpoint
+/// and the address agents connect to. On an error nothing keeps running.
+async fn start(
+    config: &BrokerConfig,
+    keys: Keys,
+    store: &Store,
+    tracker: &TaskTracker,
+    tasks: &CancellationToken,
+) -> Result<(quinn::Endpoint, SocketAddr), BrokerError> {
+    let bind_err = |error| BrokerError::Bind {
+        addr: config.listen,
+        error,
+    };
+    // Keys that survive restarts, so agents of a crashed broker learn of it
+    // at once (see `pki::endpoint_config`).
+    let endpoint_config = pki::endpoint_config(&config.pki_dir)?;
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_err)?;
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(keys.server_config.clone()),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)?;
+    let started = async {
+        let agent_addr = endpoint.local_addr().map_err(bind_err)?;
+        let listener = admin::bind(&config.admin_socket)?;
+        let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
+        broker.serve(config, keys, endpoint.clone(), listener);
+        Ok(agent_addr)
+    }
+    .await;
+    match started {
+        Ok(agent_addr) => Ok((endpoint, agent_addr)),
+        Err(e) => {
+            tasks.cancel();
+            endpoint.close(0u32.into(), b"startup failed");
+            Err(e)
+        }
+    }
+}
+
+/// The broker's parts, built once and handed to its services: ownership
+/// goes one way (groups → actors → registry and store), nothing points back.
+struct Broker {
+    store: Store,
+    /// Live connections.
+    registry: Arc<Registry>,
+    /// The groups: their service and their actors.
+    groups: Groups,
+    ota: Ota,
+    tracker: TaskTracker,
+    tasks: CancellationToken,
+}
+
+impl Broker {
+    /// Builds the provisioning, the one group service, the actors (started:
+    /// the first agent to register finds its group), OTA and the rollouts.
+    async fn build(
+        config: &BrokerConfig,
+        keys: &Keys,
+        store: &Store,
+        agent_addr: SocketAddr,
+        tracker: &TaskTracker,
+        tasks: &CancellationToken,
+    ) -> Result<Broker, BrokerError> {
+        let registry = Arc::new(Registry::new());
+        let provisioning = provisioning(config, agent_addr, tracker, tasks)?;
+        let service = GroupService::new(store.clone(), config.groups.clone())
+            .with_token_key(keys.token_key.clone());
+        let ota = Ota::new(store.clone(), config.groups.clock.clone());
+        let actors = GroupActors::new(ActorsParts {
+            store: store.clone(),
+            registry: registry.clone(),
+            service: service.clone(),
+            provisioning,
+            rollouts: ota.board().clone(),
+            tracker: tracker.clone(),
+            shutdown: tasks.clone(),
+        });
+        let n = actors.start_all().await.map_err(BrokerError::Groups)?;
+        tracing::info!(groups = n, "group actors started");
+        // Image updates and OTA rollouts: running ones resume.
+        tracker.spawn(crate::rollout::run(
+            ota.clone(),
+            registry.clone(),
+            actors.clone(),
+            crate::rollout::Settings::default(),
+            tasks.clone(),
+        ));
+        Ok(Broker {
+            store: store.clone(),
+            registry,
+            groups: Groups::new(service, actors),
+            ota,
+            tracker: tracker.clone(),
+            tasks: tasks.clone(),
+        })
+    }
+
+    /// Starts the services: on the endpoint the agent link, enrollment and
+    /// routing; the admin socket; the delivery of activation notifications.
+    fn serve(
+        self,
+        config: &BrokerConfig,
+        keys: Keys,
+        endpoint: quinn::Endpoint,
+        listener: tokio::net::UnixListener,
+    ) {
+        let (tracker, tasks) = (&self.tracker, &self.tasks);
+        let services = Services {
+            agent: Some(Arc::new(link::AgentLink::new(LinkContext {
+                store: self.store.clone(),
+                registry: self.registry.clone(),
+                health_interval: config.health_interval,
+                missed_health_limit: config.missed_health_limit,
+                tracker: tracker.clone(),
+                tickets: Some(keys.tickets.clone()),
+                clock: config.groups.clock.clone(),
+                actors: Some(self.groups.actors().clone()),
+            }))),
+            // Enrollment of new hosts with a one-time token.
+            enroll: Some(Arc::new(crate::enroll::EnrollService::new(
+                self.store.clone(),
+                &config.pki_dir,
+                config.groups.clock.clone(),
+            ))),
+            // End users asking for sessions: the group's actor admits.
+            route: Some(Arc::new(crate::routing::RouteService::new(
+                self.groups.service().clone(),
+                self.groups.actors().clone(),
+                self.store.clone(),
+                keys.tickets,
+            ))),
+        };
+        tracker.spawn(endpoint::serve(
+            endpoint,
+            services,
+            tracker.clone(),
+            tasks.clone(),
+        ));
+        // Lifecycle deadlines (expiry, auto-renew, recycling) are applied by
+        // the actors' lifecycle follower, started by `start_all`.
+        tracker.spawn(groups::tasks::deliver_notifications(
+            self.groups.service().clone(),
+            config.groups.clone(),
+            tasks.clone(),
+        ));
+        let admin_ctx = AdminContext {
+            store: self.store,
+            registry: self.registry,
+            groups: self.groups,
+            ota: self.ota,
+        };
+        tracker.spawn(admin::serve(
+            listener,
+            admin_ctx,
+            tasks.clone(),
+            tracker.clone(),
+        ));
+    }
+}
+
+/// The provisioner of elastic resources, if one is configured; its local
+/// agents are stopped when the broker stops (and killed when it is
+/// dropped, at the latest).
+fn provisioning(
+    config: &BrokerConfig,
+    agent_addr: SocketAddr,
+    tracker: &TaskTracker,
+    tasks: &CancellationToken,
+) -> Result<Option<Arc<crate::provision::Provisioning>>, BrokerError> {
+    let provisioning = crate::provision::build(
+        &config.groups.provisioner,
+        &config.state_dir,
+        &config.pki_dir.join(pki::CA_CERT),
+        crate::provision::advertised_addr(&config.groups.provisioner, agent_addr),
+    )?;
+    if let Some(p) = &provisioning {
+        tracing::info!(kind = p.provisioner.kind(), "provisioner ready");
+        let (stop, p) = (tasks.clone(), p.clone());
+        tracker.spawn(async move {
+            stop.cancelled().await;
+            p.provisioner.shutdown().await;
+        });
+    }
+    Ok(provisioning)
 }

@@ -26,6 +26,8 @@ pub mod rollout;
 pub mod routing;
 pub mod simulate;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod tickets;
 pub mod usage;
 

@@ -20,10 +20,10 @@ use std::time::Duration;
 use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN};
 use ferry_common::wire::{
-    AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, Hello, Refusal,
-    RefusalCode, SequencedEvent, Welcome,
+    AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, HealthReport, Hello,
+    Refusal, RefusalCode, SequencedEvent, Welcome,
 };
-use ferry_common::{GroupName, ResourceId, UnixMillis};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -96,6 +96,9 @@ pub struct LinkContext {
     /// The groups' clock: when an agent was last heard from is on the same
     /// timeline as its group's deadlines.
     pub clock: crate::clock::Clock,
+    /// The group actors an agent's reports are handed to, after the store
+    /// committed them; `None` runs the link alone (its own tests).
+    pub actors: Option<crate::groups::GroupActors>,
 }
 
 impl LinkContext {
@@ -182,6 +185,16 @@ enum Wake {
     Silent,
 }
 
+/// What the link knows of a host's health reports.
+struct Health {
+    /// When the host counts as silent if no report came.
+    silent_at: Instant,
+    /// Whether it reported within the silence limit.
+    available: bool,
+    /// What the group's actor was last told: healthy and not draining.
+    offered: bool,
+}
+
 /// One registered agent connection.
 struct Connection {
     conn: quinn::Connection,
@@ -236,6 +249,106 @@ async fn refuse(
     LinkError::Refused { code, message }
 }
 
+/// Answers the agent's preamble; a peer that is not a Ferry agent, or one
+/// of a version this broker does not speak, is closed with its code.
+async fn preamble(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    resource: &ResourceId,
+) -> Result<(), LinkError> {
+    match answer_preamble(
+        send,
+        recv,
+        HANDSHAKE_TIMEOUT,
+        "agent",
+        "upgrade the agent or broker",
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(PreambleError::NotFerry) => {
+            tracing::warn!(%resource, "refusing agent: bad preamble");
+            conn.close(
+                close_code::BAD_PREAMBLE.into(),
+                b"not a Ferry peer (bad preamble)",
+            );
+            return Err(LinkError::BadPreamble);
+        }
+        Err(PreambleError::Read(e)) => {
+            conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
+            return Err(LinkError::Handshake(format!("read preamble: {e}")));
+        }
+        Err(PreambleError::Unsupported(v)) => {
+            tracing::warn!(%resource, version = v, "refusing agent: unsupported protocol version");
+            conn.close(
+                close_code::UNSUPPORTED_VERSION.into(),
+                b"unsupported version",
+            );
+            return Err(LinkError::UnsupportedVersion(v));
+        }
+        Err(PreambleError::Timeout(what)) => return Err(LinkError::Timeout(what)),
+        Err(PreambleError::Write(e)) => return Err(LinkError::Write(e)),
+    }
+    Ok(())
+}
+
+/// The agent's first message, which must be a `Hello` of the resource its
+/// certificate names, within the limits; `None` when the agent or the
+/// broker went away first.
+async fn hello(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
+    resource: &ResourceId,
+    token: &CancellationToken,
+) -> Result<Option<Hello>, LinkError> {
+    let first = tokio::select! {
+        _ = token.cancelled() => return Ok(None),
+        m = timeout(HANDSHAKE_TIMEOUT, inbox.recv()) => m
+            .map_err(|_| LinkError::Timeout("Hello"))?,
+    };
+    let hello = match first {
+        None => return Ok(None),
+        Some(Ok(AgentMessage::V1(AgentToBroker::Hello(h)))) => h,
+        Some(Ok(other)) => {
+            return Err(refuse(
+                conn,
+                send,
+                resource,
+                RefusalCode::ProtocolViolation,
+                format!("the first message must be Hello, got {}", kind(&other)),
+            )
+            .await)
+        }
+        Some(Err(e)) => {
+            return Err(refuse(
+                conn,
+                send,
+                resource,
+                RefusalCode::MalformedFrame,
+                e.to_string(),
+            )
+            .await)
+        }
+    };
+    if hello.resource != *resource {
+        let message = format!(
+            "certificate names resource {resource}, Hello claims {}",
+            hello.resource
+        );
+        return Err(refuse(conn, send, resource, RefusalCode::IdentityMismatch, message).await);
+    }
+    if hello.sessions.len() > MAX_SESSIONS_PER_HELLO {
+        let message = format!(
+            "Hello lists {} sessions; the limit is {MAX_SESSIONS_PER_HELLO}",
+            hello.sessions.len()
+        );
+        return Err(refuse(conn, send, resource, RefusalCode::MalformedFrame, message).await);
+    }
+    Ok(Some(hello))
+}
+
 /// Reads frames into the connection task's inbox until the stream ends, a
 /// frame is bad (the error is passed on) or the token is cancelled.
 async fn read_frames(
@@ -279,39 +392,7 @@ impl Connection {
                 .map_err(|_| LinkError::Timeout("the agent's stream"))??,
         };
 
-        match answer_preamble(
-            &mut send,
-            &mut recv,
-            HANDSHAKE_TIMEOUT,
-            "agent",
-            "upgrade the agent or broker",
-        )
-        .await
-        {
-            Ok(()) => {}
-            Err(PreambleError::NotFerry) => {
-                tracing::warn!(%resource, "refusing agent: bad preamble");
-                conn.close(
-                    close_code::BAD_PREAMBLE.into(),
-                    b"not a Ferry peer (bad preamble)",
-                );
-                return Err(LinkError::BadPreamble);
-            }
-            Err(PreambleError::Read(e)) => {
-                conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
-                return Err(LinkError::Handshake(format!("read preamble: {e}")));
-            }
-            Err(PreambleError::Unsupported(v)) => {
-                tracing::warn!(%resource, version = v, "refusing agent: unsupported protocol version");
-                conn.close(
-                    close_code::UNSUPPORTED_VERSION.into(),
-                    b"unsupported version",
-                );
-                return Err(LinkError::UnsupportedVersion(v));
-            }
-            Err(PreambleError::Timeout(what)) => return Err(LinkError::Timeout(what)),
-            Err(PreambleError::Write(e)) => return Err(LinkError::Write(e)),
-        }
+        preamble(&conn, &mut send, &mut recv, &resource).await?;
 
         let (inbox_tx, mut inbox) = mpsc::channel(INBOX_LEN);
         let reader_token = token.child_token();
@@ -319,63 +400,9 @@ impl Connection {
         let _reader_guard = reader_token.clone().drop_guard();
         ctx.tracker.spawn(read_frames(recv, inbox_tx, reader_token));
 
-        let first = tokio::select! {
-            _ = token.cancelled() => return Ok(()),
-            m = timeout(HANDSHAKE_TIMEOUT, inbox.recv()) => m
-                .map_err(|_| LinkError::Timeout("Hello"))?,
+        let Some(hello) = hello(&conn, &mut send, &mut inbox, &resource, &token).await? else {
+            return Ok(());
         };
-        let hello = match first {
-            None => return Ok(()),
-            Some(Ok(AgentMessage::V1(AgentToBroker::Hello(h)))) => h,
-            Some(Ok(other)) => {
-                return Err(refuse(
-                    &conn,
-                    &mut send,
-                    &resource,
-                    RefusalCode::ProtocolViolation,
-                    format!("the first message must be Hello, got {}", kind(&other)),
-                )
-                .await)
-            }
-            Some(Err(e)) => {
-                return Err(refuse(
-                    &conn,
-                    &mut send,
-                    &resource,
-                    RefusalCode::MalformedFrame,
-                    e.to_string(),
-                )
-                .await)
-            }
-        };
-        if hello.resource != resource {
-            let message = format!(
-                "certificate names resource {resource}, Hello claims {}",
-                hello.resource
-            );
-            return Err(refuse(
-                &conn,
-                &mut send,
-                &resource,
-                RefusalCode::IdentityMismatch,
-                message,
-            )
-            .await);
-        }
-        if hello.sessions.len() > MAX_SESSIONS_PER_HELLO {
-            let message = format!(
-                "Hello lists {} sessions; the limit is {MAX_SESSIONS_PER_HELLO}",
-                hello.sessions.len()
-            );
-            return Err(refuse(
-                &conn,
-                &mut send,
-                &resource,
-                RefusalCode::MalformedFrame,
-                message,
-            )
-            .await);
-        }
 
         let spool_id = hello.spool_id;
         let group = hello.group.clone();
@@ -401,45 +428,12 @@ impl Connection {
                 "ended sessions the host no longer has");
         }
 
-        let conn_id = ctx.registry.next_conn_id();
-        let superseded = CancellationToken::new();
-        let (cmd_tx, mut commands) = mpsc::channel(COMMAND_QUEUE_LEN);
-        ctx.registry.attach(
-            &resource,
-            conn_id,
-            group.clone(),
-            superseded.clone(),
-            cmd_tx,
-        );
-        // Until the agent says where its streaming server is (right after
-        // `Welcome`): the default port on the address it comes from. Known
-        // before the join, which may admit waiting users to this host at
-        // once: their answers need an address.
-        let guess = std::net::SocketAddr::new(
-            conn.remote_address().ip(),
-            ferry_common::route::DEFAULT_STREAMING_PORT,
-        )
-        .to_string();
-        ctx.registry
-            .set_streaming(&resource, conn_id, guess.clone());
-        // The group learns of the host only after the store has its
-        // registration, and before `Welcome`: an agent told it is registered
-        // is in its group's live state too. A group without a running actor
-        // takes the host in from the registry when it starts.
-        if let (Some(g), Some(actors)) = (&group, ctx.registry.groups()) {
-            actors.streaming_address(g, &resource, guess).await;
-            // With the connection id: the actor ignores reports of a
-            // connection older than the newest joined one (reconnects race).
-            actors
-                .joined_on(g, &resource, Some(conn_id), registered.open.clone())
-                .await;
-        }
         let last_heard = ctx.clock.now();
         let mut this = Connection {
             conn,
             send,
             resource,
-            conn_id,
+            conn_id: ctx.registry.next_conn_id(),
             ctx,
             spool_id,
             group,
@@ -447,6 +441,8 @@ impl Connection {
             next_command: 0,
             last_heard,
         };
+        let (superseded, mut commands) = this.attach();
+        this.join(registered.open.clone()).await;
         let result = this
             .serve(
                 registered.last_recorded_seq,
@@ -456,26 +452,76 @@ impl Connection {
                 &token,
             )
             .await;
-        let was_current = this.ctx.registry.detach(&this.resource, this.conn_id);
-        if was_current {
-            // What `resources list` shows of a host that is gone, and where
-            // its group counts its absence from.
-            if let Err(e) = this
-                .ctx
-                .store
-                .record_last_seen(&this.resource, this.last_heard)
-                .await
-            {
-                tracing::warn!(resource = %this.resource, "record when it was last seen: {e}");
-            }
-        }
-        // A superseded connection says nothing: its successor speaks for the host.
-        if let (true, Some(g), Some(actors)) =
-            (was_current, &this.group, this.ctx.registry.groups())
-        {
-            actors.left_on(g, &this.resource, Some(this.conn_id)).await;
-        }
+        this.leave().await;
         result
+    }
+
+    /// Makes this connection the one that speaks for its resource in the
+    /// registry; returns the token that says a newer one took over, and
+    /// the commands sent to the agent.
+    fn attach(&self) -> (CancellationToken, mpsc::Receiver<CommandRequest>) {
+        let superseded = CancellationToken::new();
+        let (cmd_tx, commands) = mpsc::channel(COMMAND_QUEUE_LEN);
+        self.ctx.registry.attach(
+            &self.resource,
+            self.conn_id,
+            self.group.clone(),
+            superseded.clone(),
+            cmd_tx,
+        );
+        (superseded, commands)
+    }
+
+    /// Hands the registered host to its group's actor with the sessions
+    /// the store records open on it (`open`).
+    async fn join(&self, open: Vec<SessionId>) {
+        // Until the agent says where its streaming server is (right after
+        // `Welcome`): the default port on the address it comes from. Known
+        // before the join, which may admit waiting users to this host at
+        // once: their answers need an address.
+        let guess = std::net::SocketAddr::new(
+            self.conn.remote_address().ip(),
+            ferry_common::route::DEFAULT_STREAMING_PORT,
+        )
+        .to_string();
+        self.ctx
+            .registry
+            .set_streaming(&self.resource, self.conn_id, guess.clone());
+        // The group learns of the host only after the store has its
+        // registration, and before `Welcome`: an agent told it is registered
+        // is in its group's live state too. A group without a running actor
+        // takes the host in from the registry when it starts.
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
+            actors.streaming_address(g, &self.resource, guess).await;
+            // With the connection id: the actor ignores reports of a
+            // connection older than the newest joined one (reconnects race).
+            actors
+                .joined_on(g, &self.resource, Some(self.conn_id), open)
+                .await;
+        }
+    }
+
+    /// The connection ended: unless a newer one speaks for the host, when
+    /// it was last heard from is recorded and its group's actor is told.
+    async fn leave(&self) {
+        let was_current = self.ctx.registry.detach(&self.resource, self.conn_id);
+        if !was_current {
+            // A superseded connection says nothing: its successor speaks for the host.
+            return;
+        }
+        // What `resources list` shows of a host that is gone, and where
+        // its group counts its absence from.
+        if let Err(e) = self
+            .ctx
+            .store
+            .record_last_seen(&self.resource, self.last_heard)
+            .await
+        {
+            tracing::warn!(resource = %self.resource, "record when it was last seen: {e}");
+        }
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
+            actors.left_on(g, &self.resource, Some(self.conn_id)).await;
+        }
     }
 
     async fn write(&mut self, msg: BrokerToAgent) -> Result<(), LinkError> {
@@ -501,27 +547,12 @@ impl Connection {
         superseded: &CancellationToken,
         token: &CancellationToken,
     ) -> Result<(), LinkError> {
-        self.write(BrokerToAgent::Welcome(Welcome {
-            resource: self.resource.clone(),
-            last_recorded_seq,
-            health_interval_ms: u32::try_from(self.ctx.health_interval.as_millis())
-                .unwrap_or(u32::MAX),
-            broker_version: env!("CARGO_PKG_VERSION").to_string(),
-        }))
-        .await?;
-        if let Some(tickets) = &self.ctx.tickets {
-            self.write(BrokerToAgent::TicketKey {
-                public_key: tickets.public_key(),
-            })
-            .await?;
-        }
-        tracing::info!(resource = %self.resource, spool = self.spool_id, last_recorded_seq,
-            "agent registered");
-
-        let mut silent_at = Instant::now() + self.ctx.silence_limit();
-        let mut available = true;
-        // What the group's actor was last told: healthy and not draining.
-        let mut offered = true;
+        self.welcome(last_recorded_seq).await?;
+        let mut health = Health {
+            silent_at: Instant::now() + self.ctx.silence_limit(),
+            available: true,
+            offered: true,
+        };
         // A message taken from the inbox while batching events, handled next.
         let mut carried: Option<AgentMessage> = None;
         loop {
@@ -533,7 +564,7 @@ impl Connection {
                     _ = superseded.cancelled() => Wake::Superseded,
                     m = inbox.recv() => Wake::Inbound(m),
                     Some(c) = commands.recv() => Wake::Command(c),
-                    _ = tokio::time::sleep_until(silent_at), if available => Wake::Silent,
+                    _ = tokio::time::sleep_until(health.silent_at), if health.available => Wake::Silent,
                 },
             };
             match wake {
@@ -550,24 +581,7 @@ impl Connection {
                         )
                         .await)
                 }
-                Wake::Silent => {
-                    available = false;
-                    let limit = self.ctx.silence_limit();
-                    tracing::warn!(resource = %self.resource,
-                        "no health report for {limit:?}; marking unavailable");
-                    self.ctx
-                        .registry
-                        .set_available(&self.resource, self.conn_id, false);
-                    offered = false;
-                    self.say_health(
-                        false,
-                        format!(
-                            "sent no health report for {}; it takes no new sessions",
-                            ferry_common::duration::format_duration(limit)
-                        ),
-                    )
-                    .await;
-                }
+                Wake::Silent => self.silent(&mut health).await,
                 Wake::Command(req) => self.send_command(req).await?,
                 Wake::Inbound(None) => return Ok(()),
                 Wake::Inbound(Some(Err(e))) => {
@@ -577,101 +591,164 @@ impl Connection {
                 }
                 Wake::Inbound(Some(Ok(AgentMessage::V1(msg)))) => {
                     self.last_heard = self.ctx.clock.now();
-                    match msg {
-                        AgentToBroker::Hello(_) => {
-                            return Err(self
-                                .refuse(RefusalCode::ProtocolViolation, "Hello sent twice".into())
-                                .await)
-                        }
-                        AgentToBroker::Session(ev) => {
-                            let mut events = vec![ev];
-                            while events.len() < MAX_EVENTS_PER_WRITE {
-                                match inbox.try_recv() {
-                                    Ok(Ok(AgentMessage::V1(AgentToBroker::Session(ev)))) => {
-                                        events.push(ev)
-                                    }
-                                    Ok(Ok(other)) => {
-                                        carried = Some(other);
-                                        break;
-                                    }
-                                    Ok(Err(e)) => {
-                                        // Record what arrived intact, then refuse.
-                                        self.record(events).await?;
-                                        return Err(self
-                                            .refuse(RefusalCode::MalformedFrame, e.to_string())
-                                            .await);
-                                    }
-                                    Err(_) => break,
-                                }
-                            }
-                            self.record(events).await?;
-                        }
-                        AgentToBroker::Health(report) => {
-                            let want = !report.draining;
-                            self.ctx.registry.health(
-                                &self.resource,
-                                self.conn_id,
-                                report,
-                                self.ctx.clock.now(),
-                            );
-                            let was_silent = !available;
-                            available = true;
-                            silent_at = Instant::now() + self.ctx.silence_limit();
-                            if was_silent {
-                                offered = want;
-                                self.say_health(want, "reports health again".into()).await;
-                            } else if want != offered {
-                                offered = want;
-                                self.offer(want).await;
-                            }
-                        }
-                        AgentToBroker::CommandResult(result) => {
-                            match self.pending.remove(&result.id) {
-                                Some(reply) => {
-                                    let _ = reply.send(result.outcome);
-                                }
-                                None => tracing::debug!(resource = %self.resource, id = result.id,
-                                "result of an unknown or expired command"),
-                            }
-                        }
-                        AgentToBroker::Streaming(endpoint) => self.streaming(endpoint).await,
-                        AgentToBroker::Presence(report) => {
-                            if let (Some(g), Some(actors)) =
-                                (&self.group, self.ctx.registry.groups())
-                            {
-                                actors.presence(g, &self.resource, report).await;
-                            }
-                        }
-                        AgentToBroker::Inventory(inventory) => match check_inventory(&inventory) {
-                            Ok(()) => {
-                                // Durable first: a host that leaves right after
-                                // is still shown with what it runs.
-                                if let Err(e) = self
-                                    .ctx
-                                    .store
-                                    .record_versions(
-                                        &self.resource,
-                                        inventory.agent_version.clone(),
-                                        inventory.image_version.clone(),
-                                    )
-                                    .await
-                                {
-                                    tracing::warn!(resource = %self.resource, "record versions: {e}");
-                                }
-                                self.ctx.registry.set_inventory(
-                                    &self.resource,
-                                    self.conn_id,
-                                    inventory,
-                                )
-                            }
-                            Err(why) => {
-                                return Err(self.refuse(RefusalCode::MalformedFrame, why).await)
-                            }
-                        },
-                    }
+                    carried = self.message(msg, inbox, &mut health).await?;
                 }
             }
         }
+    }
+
+    /// `Welcome`, then the ticket key when the broker signs tickets.
+    async fn welcome(&mut self, last_recorded_seq: u64) -> Result<(), LinkError> {
+        self.write(BrokerToAgent::Welcome(Welcome {
+            resource: self.resource.clone(),
+            last_recorded_seq,
+            health_interval_ms: u32::try_from(self.ctx.health_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            broker_version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+        .await?;
+        if let Some(tickets) = &self.ctx.tickets {
+            self.write(BrokerToAgent::TicketKey {
+                public_key: tickets.public_key(),
+            })
+            .await?;
+        }
+        tracing::info!(resource = %self.resource, spool = self.spool_id, last_recorded_seq,
+            "agent registered");
+        Ok(())
+    }
+
+    /// No health report for the silence limit: the host takes no new sessions.
+    async fn silent(&mut self, health: &mut Health) {
+        health.available = false;
+        health.offered = false;
+        let limit = self.ctx.silence_limit();
+        tracing::warn!(resource = %self.resource,
+            "no health report for {limit:?}; marking unavailable");
+        self.ctx
+            .registry
+            .set_available(&self.resource, self.conn_id, false);
+        self.say_health(
+            false,
+            format!(
+                "sent no health report for {}; it takes no new sessions",
+                ferry_common::duration::format_duration(limit)
+            ),
+        )
+        .await;
+    }
+
+    /// Handles one message of the registered agent; returns a message read
+    /// ahead while batching session events, to handle next.
+    async fn message(
+        &mut self,
+        msg: AgentToBroker,
+        inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
+        health: &mut Health,
+    ) -> Result<Option<AgentMessage>, LinkError> {
+        match msg {
+            AgentToBroker::Hello(_) => {
+                return Err(self
+                    .refuse(RefusalCode::ProtocolViolation, "Hello sent twice".into())
+                    .await)
+            }
+            AgentToBroker::Session(ev) => return self.sessions(ev, inbox).await,
+            AgentToBroker::Health(report) => self.health(report, health).await,
+            AgentToBroker::CommandResult(result) => match self.pending.remove(&result.id) {
+                Some(reply) => {
+                    let _ = reply.send(result.outcome);
+                }
+                None => tracing::debug!(resource = %self.resource, id = result.id,
+                    "result of an unknown or expired command"),
+            },
+            AgentToBroker::Streaming(endpoint) => self.streaming(endpoint).await,
+            AgentToBroker::Presence(report) => {
+                if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
+                    actors.presence(g, &self.resource, report).await;
+                }
+            }
+            AgentToBroker::Inventory(inventory) => self.inventory(inventory).await?,
+        }
+        Ok(None)
+    }
+
+    /// Records `first` with the session events queued behind it (up to
+    /// [`MAX_EVENTS_PER_WRITE`] in one write); returns the first other
+    /// message met, to handle next.
+    async fn sessions(
+        &mut self,
+        first: SequencedEvent,
+        inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
+    ) -> Result<Option<AgentMessage>, LinkError> {
+        let mut events = vec![first];
+        let mut carried = None;
+        while events.len() < MAX_EVENTS_PER_WRITE {
+            match inbox.try_recv() {
+                Ok(Ok(AgentMessage::V1(AgentToBroker::Session(ev)))) => events.push(ev),
+                Ok(Ok(other)) => {
+                    carried = Some(other);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    // Record what arrived intact, then refuse.
+                    self.record(events).await?;
+                    return Err(self
+                        .refuse(RefusalCode::MalformedFrame, e.to_string())
+                        .await);
+                }
+                Err(_) => break,
+            }
+        }
+        self.record(events).await?;
+        Ok(carried)
+    }
+
+    /// A health report: the registry keeps it; the group's actor hears of a
+    /// comeback after silence or of a change of draining.
+    async fn health(&mut self, report: HealthReport, health: &mut Health) {
+        let want = !report.draining;
+        self.ctx
+            .registry
+            .health(&self.resource, self.conn_id, report, self.ctx.clock.now());
+        let was_silent = !health.available;
+        health.available = true;
+        health.silent_at = Instant::now() + self.ctx.silence_limit();
+        if was_silent {
+            health.offered = want;
+            self.say_health(want, "reports health again".into()).await;
+        } else if want != health.offered {
+            health.offered = want;
+            self.offer(want).await;
+        }
+    }
+
+    /// An inventory within the limits: its versions recorded, then kept
+    /// live; one beyond them is refused.
+    async fn inventory(
+        &mut self,
+        inventory: ferry_common::wire::Inventory,
+    ) -> Result<(), LinkError> {
+        if let Err(why) = check_inventory(&inventory) {
+            return Err(self.refuse(RefusalCode::MalformedFrame, why).await);
+        }
+        // Durable first: a host that leaves right after is still shown with
+        // what it runs.
+        if let Err(e) = self
+            .ctx
+            .store
+            .record_versions(
+                &self.resource,
+                inventory.agent_version.clone(),
+                inventory.image_version.clone(),
+            )
+            .await
+        {
+            tracing::warn!(resource = %self.resource, "record versions: {e}");
+        }
+        self.ctx
+            .registry
+            .set_inventory(&self.resource, self.conn_id, inventory);
+        Ok(())
     }
 
     /// Tells the group's actor where end users reach the host's streaming
@@ -702,7 +779,7 @@ impl Connection {
         self.ctx
             .registry
             .set_streaming(&self.resource, self.conn_id, address.clone());
-        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
             actors.streaming_address(g, &self.resource, address).await;
         }
     }
@@ -710,7 +787,7 @@ impl Connection {
     /// Tells the group's actor whether the host takes sessions after a
     /// change of its health (silent, or back), which the group records.
     async fn say_health(&self, available: bool, why: String) {
-        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
             actors
                 .health_changed(g, &self.resource, self.conn_id, available, why)
                 .await;
@@ -719,7 +796,7 @@ impl Connection {
 
     /// Tells the group's actor whether the host takes sessions.
     async fn offer(&self, available: bool) {
-        if let (Some(g), Some(actors)) = (&self.group, self.ctx.registry.groups()) {
+        if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
             actors
                 .availability_on(g, &self.resource, Some(self.conn_id), available)
                 .await;
@@ -732,7 +809,7 @@ impl Connection {
         let for_group = self
             .group
             .as_ref()
-            .and(self.ctx.registry.groups())
+            .and(self.ctx.actors.as_ref())
             .map(|_| events.clone());
         let out = match self
             .ctx
@@ -756,7 +833,7 @@ impl Connection {
             );
         }
         if let (Some(events), Some(g), Some(actors)) =
-            (for_group, &self.group, self.ctx.registry.groups())
+            (for_group, &self.group, self.ctx.actors.as_ref())
         {
             // Recorded events are consecutive and end at `last_seq`; those
             // before them were duplicates, already handed over once. A

@@ -60,6 +60,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         tracker: tracker.clone(),
         tickets: None,
         clock: crate::clock::Clock::system(),
+        actors: None,
     };
     let services = Services {
         agent: Some(Arc::new(link::AgentLink::new(ctx))),
@@ -712,10 +713,18 @@ async fn admin_drain_and_disconnect_go_through_the_agent() {
     use crate::admin::{handle, AdminContext};
     use ferry_common::admin::{AdminErrorCode, AdminRequestV1, AdminResponseV1};
     let b = start(Duration::from_secs(10), 3).await;
+    let (groups, ota) = crate::test_support::wire(
+        &b.store,
+        &b.registry,
+        Default::default(),
+        &TaskTracker::new(),
+        &CancellationToken::new(),
+    );
     let ctx = AdminContext {
         store: b.store.clone(),
         registry: b.registry.clone(),
-        groups: crate::groups::GroupService::new(b.store.clone(), Default::default()),
+        groups,
+        ota,
     };
     let mut a = b.agent("host-1").await;
     a.welcome("host-1", 1).await;

@@ -14,8 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ferry_common::admin::{GroupEventDetail, SessionDetail, SessionInfo, UserDetail};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 
-use crate::groups::{GroupError, GroupService};
-use crate::registry::Registry;
+use crate::groups::{GroupActors, GroupError, GroupService};
 use crate::store::{Store, StoreError};
 
 /// `sessions list`: every session (open ones unless `all`) with the group
@@ -23,7 +22,7 @@ use crate::store::{Store, StoreError};
 /// it for a reconnect, else `open` or `ended`.
 pub async fn sessions(
     store: &Store,
-    registry: &Registry,
+    actors: &GroupActors,
     all: bool,
 ) -> Result<Vec<SessionDetail>, StoreError> {
     let sessions = store.sessions(all).await?;
@@ -34,18 +33,16 @@ pub async fn sessions(
         .filter_map(|r| Some((r.resource, r.group?)))
         .collect();
     let mut retained: BTreeMap<SessionId, (UnixMillis, Option<UnixMillis>)> = BTreeMap::new();
-    if let Some(actors) = registry.groups() {
-        let names: BTreeSet<&GroupName> = sessions
-            .iter()
-            .filter(|s| s.ended_at.is_none())
-            .filter_map(|s| groups.get(&s.resource))
-            .collect();
-        for name in names {
-            // A group without a running actor keeps nothing.
-            if let Ok(view) = actors.view(name).await {
-                for (session, since, until) in view.retained {
-                    retained.insert(session, (since, until));
-                }
+    let names: BTreeSet<&GroupName> = sessions
+        .iter()
+        .filter(|s| s.ended_at.is_none())
+        .filter_map(|s| groups.get(&s.resource))
+        .collect();
+    for name in names {
+        // A group without a running actor keeps nothing.
+        if let Ok(view) = actors.view(name).await {
+            for (session, since, until) in view.retained {
+                retained.insert(session, (since, until));
             }
         }
     }

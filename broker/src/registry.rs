@@ -11,15 +11,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ferry_common::wire::{Command, CommandOutcome, HealthReport, Inventory};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-
-use crate::groups::GroupActors;
 
 /// How long an admin command waits for the agent's `CommandResult`. Drain and
 /// undrain are immediate on the host; a disconnect hook gets a few seconds.
@@ -86,10 +84,6 @@ pub struct Registry {
     /// Bumped after every change, for whoever wants to wait for one (tests,
     /// watchers) instead of polling.
     generation: watch::Sender<u64>,
-    /// The group actors agents' reports are handed to; set once by the
-    /// daemon. Kept here because the link and the admin socket both reach
-    /// the live state through the registry.
-    groups: OnceLock<GroupActors>,
 }
 
 impl Default for Registry {
@@ -98,7 +92,6 @@ impl Default for Registry {
             resources: Mutex::default(),
             next_conn: AtomicU64::new(0),
             generation: watch::Sender::new(0),
-            groups: OnceLock::new(),
         }
     }
 }
@@ -106,17 +99,6 @@ impl Default for Registry {
 impl Registry {
     pub fn new() -> Registry {
         Registry::default()
-    }
-
-    /// Hands agents' group reports to `actors` from now on. Only the first
-    /// call has an effect.
-    pub fn set_groups(&self, actors: GroupActors) {
-        let _ = self.groups.set(actors);
-    }
-
-    /// The group actors, when the daemon runs them.
-    pub fn groups(&self) -> Option<&GroupActors> {
-        self.groups.get()
     }
 
     /// A receiver that sees a new value after every change of live state.

@@ -12,7 +12,6 @@ use ferry_common::admin::{GroupRolloutsInfo, OtaScheduleInfo, RolloutHostInfo, R
 use ferry_common::GroupName;
 
 use crate::groups::service::GroupError;
-use crate::groups::GroupActors;
 use crate::registry::Registry;
 use crate::rollout::image::versions as group_versions;
 use crate::rollout::machine::drain_deadline;
@@ -23,7 +22,7 @@ use crate::store::{rollouts, Store};
 pub async fn group_rollouts(
     store: &Store,
     registry: &Registry,
-    actors: Option<&GroupActors>,
+    board: &crate::rollout::Board,
     group: &GroupName,
 ) -> Result<GroupRolloutsInfo, GroupError> {
     let versions = group_versions(store, registry, group).await?;
@@ -41,10 +40,9 @@ pub async fn group_rollouts(
         })
         .await?;
     let mut rollouts = Vec::new();
-    if let (Some(actors), Some(name)) = (actors, name.as_ref()) {
+    if let Some(name) = name.as_ref() {
         // The image update's task publishes where it is.
-        let image = actors.ota().and_then(|o| o.board().image(name));
-        rollouts.extend(image.map(image_rollout));
+        rollouts.extend(board.image(name).map(image_rollout));
     }
     rollouts.extend(ota.as_ref().map(ota_rollout));
     Ok(GroupRolloutsInfo { versions, rollouts })

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::*;
 use crate::clock::ManualClock;
 use crate::config::GroupsConfig;
-use crate::groups::GroupActors;
+use crate::groups::{ActorsParts, GroupActors, GroupService};
 use crate::registry::{CommandRequest, Registry};
 use crate::rollout::machine::{self as rollout, plan_waves};
 use crate::rollout::Settings;
@@ -369,14 +369,16 @@ fn rig() -> Rig {
         ..Default::default()
     };
     let shutdown = CancellationToken::new();
-    let actors = GroupActors::new(
-        store.clone(),
-        &registry,
-        &config,
-        TaskTracker::new(),
-        shutdown.clone(),
-    );
     let ota = Ota::new(store.clone(), clock.clock());
+    let actors = GroupActors::new(ActorsParts {
+        store: store.clone(),
+        registry: registry.clone(),
+        service: GroupService::new(store.clone(), config),
+        provisioning: None,
+        rollouts: ota.board().clone(),
+        tracker: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+    });
     let timer = tokio::spawn(crate::rollout::run(
         ota.clone(),
         registry.clone(),

@@ -252,14 +252,16 @@ mod tests {
             ..GroupsConfig::default()
         };
         let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
-        let actors = GroupActors::new(
-            store.clone(),
-            &registry,
-            &config,
-            tracker.clone(),
-            shutdown.clone(),
-        );
         let service = GroupService::new(store.clone(), config);
+        let actors = GroupActors::new(crate::groups::ActorsParts {
+            store: store.clone(),
+            registry: registry.clone(),
+            service: service.clone(),
+            provisioning: None,
+            rollouts: crate::rollout::Board::default(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        });
         service
             .publish(spec("g1"), UnixMillis(T0))
             .await

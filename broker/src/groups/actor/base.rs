@@ -32,7 +32,6 @@ use ferry_common::ResourceId;
 
 use super::elastic::Report;
 use super::{Actor, ActorError};
-use crate::groups::GroupService;
 use crate::store::elastic::BaseRecord;
 use crate::store::StoreError;
 
@@ -190,7 +189,7 @@ impl Actor {
                 let timeout = self
                     .shared
                     .provisioning
-                    .get()
+                    .as_ref()
                     .map(|p| crate::provision::show(p.config.register_timeout))
                     .unwrap_or_default();
                 (
@@ -237,10 +236,14 @@ impl Actor {
         let failed = end.is_err();
         // The events that led here go first.
         self.commit().await?;
-        let service = GroupService::new(self.shared.store.clone(), (*self.shared.config).clone());
         let now = self.now();
         self.base.publishing = false;
-        match service.finish_publish(self.row.num, end, now).await {
+        match self
+            .shared
+            .service
+            .finish_publish(self.row.num, end, now)
+            .await
+        {
             Ok(status) => self.row.status = status.as_str().to_owned(),
             Err(crate::groups::service::GroupError::Store(e)) => return Err(e.into()),
             Err(e) => {

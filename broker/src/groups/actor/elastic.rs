@@ -33,7 +33,7 @@
 //! `<group>-e<n>` and only the durable record is kept.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::wire::{Command, CommandOutcome};
@@ -45,6 +45,7 @@ use tokio_util::task::TaskTracker;
 use super::Msg;
 use crate::clock::Clock;
 use crate::engine::{Action, Decision};
+use crate::engine::{Input, ResourceState};
 use crate::enroll;
 use crate::provision::{CreateRequest, DeleteRequest, ProvisionError, Provisioning};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
@@ -97,7 +98,7 @@ pub(super) struct Elastic {
     spec: String,
     ctx: Option<Arc<Provisioning>>,
     store: Store,
-    registry: Weak<Registry>,
+    registry: Arc<Registry>,
     clock: Clock,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -113,7 +114,7 @@ pub(super) struct ElasticParts {
     pub spec: String,
     pub ctx: Option<Arc<Provisioning>>,
     pub store: Store,
-    pub registry: Weak<Registry>,
+    pub registry: Arc<Registry>,
     pub clock: Clock,
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
@@ -245,9 +246,7 @@ impl Elastic {
     /// Scale-in of a connected agent with a provisioner: `Drain`, then the
     /// release is reported back.
     pub fn release(&self, real: &ResourceId, engine_id: &ResourceId) {
-        let Some(registry) = self.registry.upgrade() else {
-            return;
-        };
+        let registry = self.registry.clone();
         let (real, engine_id) = (real.clone(), engine_id.clone());
         let actor = self.actor.clone();
         let shutdown = self.shutdown.clone();
@@ -380,7 +379,7 @@ impl Drop for RetireClaim {
 pub(super) struct RetireParts<'a> {
     pub ctx: Option<Arc<Provisioning>>,
     pub store: &'a Store,
-    pub registry: &'a Weak<Registry>,
+    pub registry: &'a Arc<Registry>,
     pub clock: &'a Clock,
     pub tracker: &'a TaskTracker,
     pub shutdown: &'a CancellationToken,
@@ -416,13 +415,11 @@ pub(super) async fn retire(p: RetireParts<'_>, group: Option<String>) -> Result<
         p.tracker.spawn(async move {
             let _claim = claim;
             if connected {
-                if let Some(registry) = registry.upgrade() {
-                    let outcome = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        r = registry.command(&resource, Command::Drain, COMMAND_TIMEOUT) => r,
-                    };
-                    tracing::info!(%resource, ?outcome, "drain before the retired group's delete");
-                }
+                let outcome = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = registry.command(&resource, Command::Drain, COMMAND_TIMEOUT) => r,
+                };
+                tracing::info!(%resource, ?outcome, "drain before the retired group's delete");
             }
             let result =
                 delete_with_retries(&ctx, &store, &clock, &shutdown, num, group, &resource, true)
@@ -651,6 +648,110 @@ async fn create_with_retries(
         }
     }
     Err(Some(format!("create of {resource}: no attempt made")))
+}
+
+impl super::Actor {
+    /// Puts the elastic resources of an earlier run back in service: their
+    /// agents find their slots when they reconnect; releasing ones are
+    /// released now (their agent's answer was lost with the broker).
+    pub(super) fn restore_elastic(
+        &mut self,
+        restored: Vec<(crate::engine::RestoredElastic, ResourceId)>,
+    ) {
+        use crate::engine::RestoredState;
+        for (r, real) in restored {
+            self.bind(&real, r.id.clone());
+            let what = match r.state {
+                RestoredState::Pending => {
+                    self.elastic
+                        .await_registration(r.id.clone(), r.requested_at);
+                    self.elastic.resume(real.clone());
+                    "pending: waiting for its agent"
+                }
+                RestoredState::Ready { .. } => {
+                    self.elastic.resume(real.clone());
+                    "ready: billing goes on; it takes sessions when its agent is back"
+                }
+                RestoredState::Releasing { .. } => {
+                    self.input(Input::Released {
+                        resource: r.id.clone(),
+                    });
+                    "releasing: released now"
+                }
+            };
+            self.note(
+                "restored",
+                format!(
+                    "restored: elastic resource {real} ({}) of the earlier broker run is {what}",
+                    r.id
+                ),
+            );
+        }
+    }
+
+    /// A provisioning task's outcome.
+    pub(super) fn elastic_report(&mut self, report: Report) {
+        let Some(report) = self.base_report(report) else {
+            return;
+        };
+        match report {
+            Report::CreateFailed { engine_id, why } => {
+                let real = self.external(&engine_id);
+                if self.input(Input::CreateFailed {
+                    resource: engine_id.clone(),
+                }) {
+                    let now = self.now();
+                    self.elastic.mark_failed(&engine_id, now);
+                }
+                let message = format!(
+                    "create-failed: {real} given up: {why}; it no longer counts in capacity and was never billed"
+                );
+                self.note("create-failed", message.clone());
+                self.flagged.insert(real, message);
+            }
+            Report::RegisterDeadline { engine_id } => {
+                if self.state_of(&engine_id) != Some(ResourceState::Pending) {
+                    return;
+                }
+                let real = self.external(&engine_id);
+                let timeout = self
+                    .shared
+                    .provisioning
+                    .as_ref()
+                    .map(|p| crate::provision::show(p.config.register_timeout))
+                    .unwrap_or_default();
+                let message = format!(
+                    "register-timeout: the agent of {real} did not register within {timeout}; \
+                     the creation failed and it is deleted"
+                );
+                self.note("register-timeout", message.clone());
+                self.flagged.insert(real, message);
+                if self.input(Input::CreateFailed {
+                    resource: engine_id.clone(),
+                }) {
+                    let now = self.now();
+                    self.elastic.mark_failed(&engine_id, now);
+                }
+            }
+            Report::Drained { engine_id, outcome } => {
+                if self.state_of(&engine_id) == Some(ResourceState::Releasing) {
+                    let real = self.external(&engine_id);
+                    self.note("drained", format!("drained: {real}: {outcome}"));
+                    self.input(Input::Released {
+                        resource: engine_id,
+                    });
+                }
+            }
+            Report::DeleteFailed { resource, why } => {
+                self.note("delete-failed", format!("delete-failed: {why}"));
+                // Replaces any earlier flag of it (e.g. its host size):
+                // this is what an operator must act on now.
+                let message = format!("resource {resource} was not deleted: {why}");
+                tracing::warn!(group = %self.row.name, "{message}");
+                self.flagged.insert(resource, message);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

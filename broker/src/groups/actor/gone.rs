@@ -127,12 +127,7 @@ impl Actor {
             .store
             .open_on_hosts_of(self.row.name.as_str())
             .await?;
-        let connected = self
-            .shared
-            .registry
-            .upgrade()
-            .map(|r| r.snapshot())
-            .unwrap_or_default();
+        let connected = self.shared.registry.snapshot();
         let now = self.now();
         for row in rows {
             let (real, session) = (row.resource, row.session);

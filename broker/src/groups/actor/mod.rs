@@ -55,27 +55,31 @@
 //! when it reconnects.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 
-use ferry_common::wire::{Command, CommandOutcome, HostFacts, SessionEvent};
+use ferry_common::wire::SessionEvent;
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::hostfit;
-use super::service::GroupService;
 use super::RETRY_AFTER_ERROR;
-use crate::clock::Clock;
-use crate::config::GroupsConfig;
-use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Policy, ResourceState};
-use crate::registry::{Registry, COMMAND_TIMEOUT};
-use crate::store::{BrokerEnd, GroupCommit, GroupRecord, IntervalOp, Store, StoreError};
-use elastic::{Elastic, ElasticParts};
+use crate::engine::{Class, EngineError, Group, Input, Policy, ResourceState};
+use crate::store::{BrokerEnd, GroupRecord, IntervalOp, Store, StoreError};
+use elastic::Elastic;
 
+mod actors;
 pub mod elastic;
 mod routing;
+// Who belongs to the group: joins, adoption, host size, unknown users.
+mod membership;
+// Closed, reopened, updating: the group's status applied.
+mod status;
+// Session reports and ends the broker decides.
+mod sessions;
+// The engine's decisions carried out, and the commit of a turn.
+mod decisions;
+use actors::Shared;
+pub use actors::{ActorsParts, GroupActors};
 // Base resources created through the provisioner (publishing).
 mod base;
 // No scale-out while payment-overdue.
@@ -349,586 +353,15 @@ impl Disconnects {
     }
 }
 
-/// Every group that needs an actor and the live groups under their names.
-#[derive(Clone)]
-pub struct GroupActors {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    /// The provisioner of elastic resources, set once by the daemon before
-    /// the actors start; unset = none (hand-configured elastic hosts).
-    provisioning: std::sync::OnceLock<Arc<crate::provision::Provisioning>>,
-    store: Store,
-    /// Weak: the registry holds this handle, and agents are reached through it.
-    registry: Weak<Registry>,
-    clock: Clock,
-    /// Group settings (prices and currency, for usage reports).
-    config: Arc<GroupsConfig>,
-    tracker: TaskTracker,
-    shutdown: CancellationToken,
-    /// Running actors by group name. A std mutex: only map updates under it.
-    actors: Mutex<HashMap<GroupName, ActorHandle>>,
-    /// Wakes the lifecycle follower (see [`GroupActors::start_all`]) after an
-    /// operator's change, which may move a lifecycle deadline.
-    lifecycle: Notify,
-    /// Whether the lifecycle follower was started (it runs once per broker).
-    follower_started: AtomicBool,
-    /// Held while an actor is brought in line with its row: the broker's
-    /// start, the lifecycle follower and admin verbs may ask at once, and
-    /// two of them must never both start an actor for one group.
-    syncing: tokio::sync::Mutex<()>,
-    /// Deletes of retired groups' elastic resources in progress.
-    retiring: Arc<elastic::Retiring>,
-    /// OTA updates (`crate::ota`), set once by the daemon: the admin socket
-    /// reaches them here, like the actors.
-    ota: std::sync::OnceLock<crate::ota::Ota>,
-    /// Policy pushes trying again ([`policy_push`]).
-    policy_pushes: policy_push::InFlight,
-}
-
-#[derive(Clone)]
-struct ActorHandle {
-    tx: mpsc::Sender<Msg>,
-    token: CancellationToken,
-}
-
-impl Shared {
-    /// Sends `command` to `resource`'s agent and waits for its outcome. Not
-    /// reaching the agent, or the broker shutting down first, is the error's
-    /// text (for the group's events).
-    async fn command(
-        &self,
-        resource: &ResourceId,
-        command: Command,
-    ) -> Result<CommandOutcome, String> {
-        let Some(registry) = self.registry.upgrade() else {
-            return Err("the broker is shutting down".to_owned());
-        };
-        tokio::select! {
-            r = registry.command(resource, command, COMMAND_TIMEOUT) => r.map_err(|e| e.to_string()),
-            _ = self.shutdown.cancelled() => {
-                Err("the broker shut down before the agent answered".to_owned())
-            }
-        }
-    }
-
-    /// Writes one group event, stamped with the groups' clock.
-    async fn event(&self, num: i64, kind: &'static str, message: String) -> Result<(), StoreError> {
-        let at = self.clock.now();
-        self.store.group_event(num, at, kind, message).await
-    }
-}
-
-impl GroupActors {
-    /// No actor runs yet; call [`GroupActors::start_all`]. Actors are spawned
-    /// on `tracker` and stop when `shutdown` is cancelled.
-    pub fn new(
-        store: Store,
-        registry: &Arc<Registry>,
-        config: &GroupsConfig,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> GroupActors {
-        GroupActors {
-            shared: Arc::new(Shared {
-                store,
-                registry: Arc::downgrade(registry),
-                clock: config.clock.clone(),
-                config: Arc::new(config.clone()),
-                tracker,
-                shutdown,
-                actors: Mutex::default(),
-                lifecycle: Notify::new(),
-                follower_started: AtomicBool::new(false),
-                syncing: tokio::sync::Mutex::new(()),
-                provisioning: std::sync::OnceLock::new(),
-                retiring: Arc::default(),
-                ota: std::sync::OnceLock::new(),
-                policy_pushes: policy_push::InFlight::default(),
-            }),
-        }
-    }
-
-    fn actors(&self) -> std::sync::MutexGuard<'_, HashMap<GroupName, ActorHandle>> {
-        // Each update is one insert or remove: a panic cannot leave it half done.
-        self.shared
-            .actors
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Starts an actor for every live group in the store (broker start), and
-    /// once per broker the lifecycle follower: the task that brings actors in
-    /// line when a lifecycle deadline changes their group's status (see
-    /// [`GroupActors::follow_lifecycle`]).
-    pub async fn start_all(&self) -> Result<usize, ActorError> {
-        if !self.shared.follower_started.swap(true, Ordering::SeqCst) {
-            let this = self.clone();
-            self.shared.tracker.spawn(this.follow_lifecycle());
-        }
-        let names = self.shared.store.live_group_names().await?;
-        let mut started = 0;
-        for name in names {
-            if self.sync(&name).await? {
-                started += 1;
-            }
-        }
-        // Elastic deletes of groups that went away, unfinished by an
-        // earlier run (recycling ones were retried by their sync above).
-        self.retire(None).await?;
-        Ok(started)
-    }
-
-    /// Deletes the elastic resources left by groups that went away (see
-    /// [`elastic::retire`]), in tasks that end only with the broker.
-    async fn retire(&self, group: Option<String>) -> Result<(), ActorError> {
-        let s = &self.shared;
-        let started = elastic::retire(
-            elastic::RetireParts {
-                ctx: s.provisioning.get().cloned(),
-                store: &s.store,
-                registry: &s.registry,
-                clock: &s.clock,
-                tracker: &s.tracker,
-                shutdown: &s.shutdown,
-                retiring: &s.retiring,
-            },
-            group,
-        )
-        .await?;
-        if started > 0 {
-            tracing::info!(started, "deletes of elastic resources of retired groups");
-        }
-        Ok(())
-    }
-
-    /// Brings the actor of `group` (a name or an id) in line with its row:
-    /// started when live and not running, told to reread its row (policy,
-    /// status: an expired group closes, a renewed one reopens) when running,
-    /// stopped when the group is recycling or gone. Returns whether it runs.
-    /// Also wakes the lifecycle follower, since the change that called for
-    /// this may have moved a deadline.
-    pub async fn sync(&self, group: &str) -> Result<bool, ActorError> {
-        let r = self.sync_row(group).await;
-        self.shared.lifecycle.notify_one();
-        r
-    }
-
-    /// Follows lifecycle deadlines until shutdown: at each one (and after
-    /// each operator change) applies what is due through
-    /// [`GroupService::run_due`] and syncs every actor whose group's status
-    /// changed since it last looked, so an expired group closes, a recycling
-    /// or gone one stops and its metering ends.
-    ///
-    /// This is the daemon's one lifecycle-deadline task. Running `run_due`
-    /// here means a status is never read before the step
-    /// that changes it was committed. Admin verbs that change a deadline call
-    /// [`GroupActors::sync`], which wakes it.
-    pub async fn follow_lifecycle(self) {
-        let service = GroupService::new(self.shared.store.clone(), (*self.shared.config).clone());
-        let clock = self.shared.clock.clone();
-        let shutdown = self.shared.shutdown.clone();
-        // Last status each group was synced with.
-        let mut seen: HashMap<String, String> = HashMap::new();
-        loop {
-            let now = clock.now();
-            let mut next = match service.run_due(now).await {
-                Ok(next) => next,
-                Err(e) => {
-                    tracing::error!("group lifecycle deadlines: {e}");
-                    Some(retry_at(now))
-                }
-            };
-            match self.statuses().await {
-                Ok(statuses) => {
-                    // Forget groups that are gone and have no actor left.
-                    seen.retain(|name, _| statuses.iter().any(|(n, _)| n == name));
-                    for (name, status) in statuses {
-                        if seen.get(&name) == Some(&status) {
-                            continue;
-                        }
-                        match self.sync_row(&name).await {
-                            Ok(_) => {
-                                seen.insert(name, status);
-                            }
-                            Err(e) => {
-                                tracing::error!(group = %name, "follow its status: {e}");
-                                next = Some(next.map_or(retry_at(now), |n| n.min(retry_at(now))));
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("read group statuses: {e}");
-                    next = Some(retry_at(now));
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = clock.sleep_until(next) => {}
-                _ = self.shared.lifecycle.notified() => {}
-            }
-        }
-    }
-
-    /// (name, status) of every group that has, or just had, an actor: the
-    /// not-gone groups and those with a running actor.
-    async fn statuses(&self) -> Result<Vec<(String, String)>, ActorError> {
-        let running: Vec<String> = self.running().iter().map(|g| g.to_string()).collect();
-        let mut out = self.shared.store.group_statuses().await?;
-        for name in running {
-            if !out.iter().any(|(n, _)| *n == name) {
-                out.push((name, "gone".into()));
-            }
-        }
-        Ok(out)
-    }
-
-    async fn sync_row(&self, group: &str) -> Result<bool, ActorError> {
-        // Rollouts look again: an image update recorded starts, one whose
-        // group left `updating` (expiry, purge) stops.
-        if let Some(ota) = self.shared.ota.get() {
-            ota.wake();
-        }
-        let _one_at_a_time = self.shared.syncing.lock().await;
-        let row = load_row(&self.shared.store, group).await?;
-        let Some(row) = row.filter(|r| is_live(&r.status)) else {
-            // Gone (purged, deleted) or never live: stop whatever runs under
-            // the names `group` had, unless another live group took the name.
-            // Stopped first, so no actor writes to the group once its
-            // metering is closed.
-            for name in self.shared.store.group_names_of(group).await? {
-                let live = load_row(&self.shared.store, &name).await?;
-                if live.is_some_and(|r| is_live(&r.status)) {
-                    continue;
-                }
-                if let Ok(name) = name.parse::<GroupName>() {
-                    self.stop(&name);
-                }
-            }
-            // A group that is gone or recycling has released its resources:
-            // metering stops when it went, or when recycling began (expiry
-            // plus retention). Idempotent: only open intervals are touched.
-            let now = self.shared.clock.now();
-            let retention =
-                i64::try_from(self.shared.config.retention.as_millis()).unwrap_or(i64::MAX);
-            self.shared
-                .store
-                .stop_group_metering(group, retention, now)
-                .await?;
-            // Its elastic hosts go too (the actor that owned them stopped).
-            self.retire(Some(group.to_owned())).await?;
-            return Ok(false);
-        };
-        let running = self.actors().get(&row.name).cloned();
-        if let Some(handle) = running {
-            let (reply, rx) = oneshot::channel();
-            if handle.tx.send(Msg::Reload { reply }).await.is_ok() && rx.await.is_ok() {
-                return Ok(true);
-            }
-            // It ended on its own (a store failure); start a fresh one.
-            self.stop(&row.name);
-        }
-        let now = self.shared.clock.now();
-        // Elastic resources of an earlier run come back from the store (see
-        // the module doc); an open elastic interval without a live record
-        // (a broker from before migration 6) ends now, and it is written down.
-        let num = row.num;
-        let closed = self
-            .shared
-            .store
-            .end_unrecorded_elastic_intervals(num, now)
-            .await?;
-        let (restored, next_elastic) = self.shared.store.elastic_of(num).await?;
-        if closed > 0 {
-            tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
-        }
-        let policy = payment::engine_policy(&row.policy, &row.status);
-        let mut engine = Group::with_base_count(policy, Some(&row.spec), row.base, now)
-            .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
-        engine
-            .restore_elastic(
-                restored.iter().map(|(r, _)| r.clone()).collect(),
-                next_elastic,
-            )
-            .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
-        let (tx, rx) = mpsc::channel(GROUP_INBOX_LEN);
-        let token = self.shared.shutdown.child_token();
-        let mut actor = Actor {
-            row: row.clone(),
-            engine,
-            last_now: now.0,
-            slots: vec![None; row.base as usize],
-            to_engine: HashMap::new(),
-            from_engine: HashMap::new(),
-            sessions: HashMap::new(),
-            flagged: BTreeMap::new(),
-            unused: BTreeSet::new(),
-            recorded_flags: HashMap::new(),
-            to_adopt: Vec::new(),
-            closed: None,
-            notes: Vec::new(),
-            intervals: Vec::new(),
-            ends: Vec::new(),
-            gone: gone::GoneHosts::default(),
-            routing: routing::Routing::default(),
-            elastic: Elastic::new(ElasticParts {
-                num: row.num,
-                group: row.name.clone(),
-                spec: row.spec.clone(),
-                ctx: self.shared.provisioning.get().cloned(),
-                store: self.shared.store.clone(),
-                registry: self.shared.registry.clone(),
-                clock: self.shared.clock.clone(),
-                tracker: self.shared.tracker.clone(),
-                shutdown: token.clone(),
-                actor: tx.downgrade(),
-            }),
-            disconnects: Disconnects {
-                pending: BTreeMap::new(),
-                actor: tx.downgrade(),
-                dirty: disconnects::Dirty::default(),
-            },
-            shared: self.shared.clone(),
-            base: base::ProvisionedBase::default(),
-            conns: connections::Connections::default(),
-        };
-        // Base slots take sessions only once an agent is bound and connected.
-        let slots: Vec<Input> = (1..=row.base)
-            .filter_map(|n| ResourceId::new(format!("b{n}")).ok())
-            .map(|resource| Input::Unavailable { resource })
-            .collect();
-        actor
-            .engine
-            .handle_batch(now, slots)
-            .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
-        actor.engine.drain_decisions().for_each(drop);
-        actor.restore_elastic(restored);
-        {
-            let mut actors = self.actors();
-            if actors.contains_key(&row.name) {
-                // Another caller started it meanwhile; keep that one.
-                return Ok(true);
-            }
-            actors.insert(
-                row.name.clone(),
-                ActorHandle {
-                    tx,
-                    token: token.clone(),
-                },
-            );
-        }
-        tracing::info!(group = %row.name, base = row.base, "group actor started");
-        let this = self.clone();
-        self.shared.tracker.spawn(async move {
-            let name = actor.row.name.clone();
-            if let Err(e) = actor.run(rx, token).await {
-                tracing::error!(group = %name, "group actor stopped: {e}");
-            }
-            this.forget_if_closed(&name);
-        });
-        Ok(true)
-    }
-
-    fn forget_if_closed(&self, name: &GroupName) {
-        let mut actors = self.actors();
-        if actors.get(name).is_some_and(|h| h.tx.is_closed()) {
-            actors.remove(name);
-        }
-    }
-
-    /// Stops the actor of `group`, if one runs.
-    pub fn stop(&self, group: &GroupName) {
-        if let Some(h) = self.actors().remove(group) {
-            h.token.cancel();
-        }
-    }
-
-    /// Sets the provisioner of elastic resources (before
-    /// [`GroupActors::start_all`]).
-    pub fn set_provisioning(&self, provisioning: Arc<crate::provision::Provisioning>) {
-        if self.shared.provisioning.set(provisioning).is_err() {
-            tracing::warn!("a provisioner was already set; keeping the first");
-        }
-    }
-
-    /// Sets the OTA updates' handle (once, by the daemon).
-    pub fn set_ota(&self, ota: crate::ota::Ota) {
-        let _ = self.shared.ota.set(ota);
-    }
-
-    /// The OTA updates' handle, when the daemon runs them.
-    pub fn ota(&self) -> Option<&crate::ota::Ota> {
-        self.shared.ota.get()
-    }
-
-    /// The group settings the actors were started with.
-    pub fn config(&self) -> &GroupsConfig {
-        &self.shared.config
-    }
-
-    /// Groups with a running actor.
-    pub fn running(&self) -> Vec<GroupName> {
-        let mut names: Vec<_> = self.actors().keys().cloned().collect();
-        names.sort();
-        names
-    }
-
-    async fn ask(&self, group: &GroupName, make: impl FnOnce(oneshot::Sender<()>) -> Msg) {
-        let Some(handle) = self.actors().get(group).cloned() else {
-            tracing::debug!(%group, "report for a group without an actor");
-            return;
-        };
-        let (reply, rx) = oneshot::channel();
-        if handle.tx.send(make(reply)).await.is_ok() {
-            let _ = rx.await;
-        }
-    }
-
-    /// An agent whose `Hello` names `group` registered (after the store
-    /// committed it); `sessions` are the ones its host has now.
-    pub async fn joined(&self, group: &GroupName, resource: &ResourceId, sessions: Vec<SessionId>) {
-        self.joined_on(group, resource, None, sessions).await
-    }
-
-    /// [`GroupActors::joined`] by the agent's connection `conn` (the
-    /// registry's connection id): a join of a connection older than one
-    /// already joined is ignored ([`connections`]).
-    pub async fn joined_on(
-        &self,
-        group: &GroupName,
-        resource: &ResourceId,
-        conn: Option<u64>,
-        sessions: Vec<SessionId>,
-    ) {
-        let resource = resource.clone();
-        self.ask(group, |reply| Msg::Joined {
-            resource,
-            conn,
-            sessions,
-            reply,
-        })
-        .await
-    }
-
-    /// The agent's connection ended.
-    pub async fn left(&self, group: &GroupName, resource: &ResourceId) {
-        self.left_on(group, resource, None).await
-    }
-
-    /// The agent's connection `conn` ended: ignored unless it is the
-    /// resource's newest joined connection ([`connections`]).
-    pub async fn left_on(&self, group: &GroupName, resource: &ResourceId, conn: Option<u64>) {
-        let resource = resource.clone();
-        self.ask(group, |reply| Msg::Left {
-            resource,
-            conn,
-            reply,
-        })
-        .await
-    }
-
-    /// The agent can (not) take sessions: silent or draining is not available.
-    pub async fn availability(&self, group: &GroupName, resource: &ResourceId, available: bool) {
-        self.availability_on(group, resource, None, available).await
-    }
-
-    /// [`GroupActors::availability`] reported by connection `conn`: ignored
-    /// unless it is the resource's newest joined connection.
-    pub async fn availability_on(
-        &self,
-        group: &GroupName,
-        resource: &ResourceId,
-        conn: Option<u64>,
-        available: bool,
-    ) {
-        let resource = resource.clone();
-        self.ask(group, |reply| Msg::Availability {
-            resource,
-            conn,
-            available,
-            why: None,
-            reply,
-        })
-        .await
-    }
-
-    /// [`GroupActors::availability_on`] after the host went silent or came
-    /// back (`why`), which the group records as an event.
-    pub async fn health_changed(
-        &self,
-        group: &GroupName,
-        resource: &ResourceId,
-        conn: u64,
-        available: bool,
-        why: String,
-    ) {
-        let resource = resource.clone();
-        self.ask(group, |reply| Msg::Availability {
-            resource,
-            conn: Some(conn),
-            available,
-            why: Some(why),
-            reply,
-        })
-        .await
-    }
-
-    /// Session events of `resource` that the store has just committed.
-    pub async fn sessions(
-        &self,
-        group: &GroupName,
-        resource: &ResourceId,
-        events: Vec<SessionEvent>,
-    ) {
-        if events.is_empty() {
-            return;
-        }
-        let resource = resource.clone();
-        self.ask(group, |reply| Msg::Sessions {
-            resource,
-            events,
-            reply,
-        })
-        .await
-    }
-
-    /// Handles the deadlines of `group` due at the clock's now (the actor's
-    /// own timer does this too; tests with a
-    /// [`ManualClock`](crate::clock::ManualClock) call it).
-    pub async fn tick(&self, group: &GroupName) -> Result<(), ActorError> {
-        let handle = self
-            .actors()
-            .get(group)
-            .cloned()
-            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
-        let (reply, rx) = oneshot::channel();
-        handle
-            .tx
-            .send(Msg::Tick { reply })
-            .await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
-        rx.await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))
-    }
-
-    /// The actor's state of `group`.
-    pub async fn view(&self, group: &GroupName) -> Result<GroupView, ActorError> {
-        let handle = self
-            .actors()
-            .get(group)
-            .cloned()
-            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
-        let (reply, rx) = oneshot::channel();
-        handle
-            .tx
-            .send(Msg::View { reply })
-            .await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
-        rx.await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))
-    }
+/// What a turn still owes after its message was handled.
+enum After {
+    /// Nothing: answered, nothing to write.
+    Answered,
+    /// The commit, then the answer.
+    Commit(oneshot::Sender<()>),
+    /// The commit, a finished publish settled (which may stop the actor),
+    /// then the answer if one is owed.
+    Settle(Option<oneshot::Sender<()>>),
 }
 
 /// The state one actor task owns.
@@ -994,36 +427,11 @@ impl Actor {
         mut inbox: mpsc::Receiver<Msg>,
         token: CancellationToken,
     ) -> Result<(), ActorError> {
-        // A group already expired when its actor starts (broker restart)
-        // starts closed.
-        self.apply_status();
-        self.start_base().await?;
-        self.restore_disconnects().await?;
-        self.restore_retained().await?;
-        self.restore_gone().await?;
-        // Agents that named the group before it had an actor join now.
-        self.adopt(None).await;
-        self.commit().await?;
-        if self.settle_publish().await? {
+        if self.start().await? {
             return Ok(());
         }
         loop {
-            let deadline = match self.closed {
-                Some(_) => None,
-                None => match (self.engine.poll_deadline(), self.routing.next_deadline()) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                },
-            };
-            // Expiry disconnects to retry are due while closed, too.
-            let deadline = match (deadline, self.disconnects.next_due()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let deadline = match (deadline, self.gone_deadline()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = self.next_deadline();
             let msg = tokio::select! {
                 _ = token.cancelled() => return Ok(()),
                 m = inbox.recv() => match m {
@@ -1034,216 +442,190 @@ impl Actor {
                 // then on the wall clock, which handles nothing.
                 _ = self.shared.clock.sleep_until(deadline) => None,
             };
-            match msg {
-                None => self.timeout(),
-                Some(Msg::Tick { reply }) => {
+            let after = match msg {
+                None => {
                     self.timeout();
+                    After::Settle(None)
+                }
+                Some(msg) => self.handle(msg).await?,
+            };
+            match after {
+                After::Answered => {}
+                After::Commit(reply) => {
                     self.commit().await?;
                     let _ = reply.send(());
-                    continue;
                 }
-                Some(Msg::View { reply }) => {
-                    let _ = reply.send(self.view());
-                    continue;
-                }
-                Some(Msg::Joined {
-                    resource,
-                    conn,
-                    sessions,
-                    reply,
-                }) => {
-                    self.join(resource, conn, sessions).await;
+                After::Settle(reply) => {
                     self.commit().await?;
                     let stop = self.settle_publish().await?;
-                    let _ = reply.send(());
+                    if let Some(reply) = reply {
+                        let _ = reply.send(());
+                    }
                     if stop {
                         return Ok(());
                     }
-                    continue;
                 }
-                Some(Msg::Left {
-                    resource,
-                    conn,
-                    reply,
-                }) => {
-                    if self.current_conn(&resource, conn, false) {
-                        self.left(resource);
-                    }
-                    self.commit().await?;
-                    let _ = reply.send(());
-                    continue;
-                }
-                Some(Msg::Availability {
-                    resource,
-                    conn,
-                    available,
-                    why,
-                    reply,
-                }) => {
-                    let current = self.current_conn(&resource, conn, false);
-                    if let Some(id) = self.to_engine.get(&resource).cloned().filter(|_| current) {
-                        let input = if available {
-                            Input::Available { resource: id }
-                        } else {
-                            Input::Unavailable { resource: id }
-                        };
-                        self.input(input);
-                        if let Some(why) = why {
-                            let kind = if available {
-                                "available"
-                            } else {
-                                "unavailable"
-                            };
-                            self.note(kind, format!("{kind}: {resource} {why}"));
-                        }
-                    }
-                    self.commit().await?;
-                    let _ = reply.send(());
-                    continue;
-                }
-                Some(Msg::Sessions {
-                    resource,
-                    events,
-                    reply,
-                }) => {
-                    if let Some(id) = self.to_engine.get(&resource).cloned() {
-                        self.check_users(&resource, &events).await;
-                        for ev in events {
-                            self.session_event(&id, ev);
-                        }
-                    }
-                    self.commit().await?;
-                    let _ = reply.send(());
-                    continue;
-                }
-                Some(Msg::Reload { reply }) => {
-                    self.reload().await?;
-                    self.commit().await?;
-                    let _ = reply.send(());
-                    continue;
-                }
-                Some(Msg::Elastic(report)) => self.elastic_report(report),
-                Some(Msg::Disconnect(report)) => self.disconnect_report(report),
-                Some(Msg::Route { ask, reply }) => self.route(ask, reply),
-                Some(Msg::CancelRoute { session, reply }) => {
-                    self.cancel_route(session);
-                    self.commit().await?;
-                    let _ = reply.send(());
-                    continue;
-                }
-                Some(Msg::Streaming {
-                    resource,
-                    address,
-                    reply,
-                }) => {
-                    self.set_address(resource, address);
-                    let _ = reply.send(());
-                    continue;
-                }
-                Some(Msg::Presence {
-                    resource,
-                    report,
-                    reply,
-                }) => {
-                    self.presence(&resource, report);
-                    self.commit().await?;
-                    let _ = reply.send(());
-                    continue;
-                }
-            }
-            self.commit().await?;
-            if self.settle_publish().await? {
-                return Ok(());
             }
         }
     }
 
-    /// An agent of the group registered on connection `conn` (`None`: not a
-    /// connection's report) with `sessions` recorded open on its host.
-    async fn join(&mut self, resource: ResourceId, conn: Option<u64>, sessions: Vec<SessionId>) {
-        if !self.current_conn(&resource, conn, true) {
-            return;
-        }
-        let facts = self.host_facts(&resource).await;
-        if !self.flagged.contains_key(&resource) && !self.recorded_flags.contains_key(&resource) {
-            let flag = self.recorded_flag(&resource).await;
-            self.recorded_flags
-                .insert(resource.clone(), flag.unwrap_or_default());
-        }
-        self.joined(resource.clone(), sessions, facts.as_ref());
-        if self.to_engine.contains_key(&resource)
-            && self.applied_version(&resource).await < self.row.policy_version
-        {
-            self.push_policy(&resource);
-        }
+    /// What a restarted or new actor does first: the group's status,
+    /// provisioned base, pending disconnects, retained sessions and gone
+    /// hosts from the store, agents that named the group before it had an
+    /// actor, one commit. Returns whether the actor stops (its publishing
+    /// failed).
+    async fn start(&mut self) -> Result<bool, ActorError> {
+        // A group already expired when its actor starts (broker restart)
+        // starts closed.
+        self.apply_status();
+        self.start_base().await?;
+        self.restore_disconnects().await?;
+        self.restore_retained().await?;
+        self.restore_gone().await?;
+        // Agents that named the group before it had an actor join now.
+        self.adopt(None).await;
+        self.commit().await?;
+        self.settle_publish().await
     }
 
-    /// Records a session started for a user the broker does not know (no
-    /// `ferryctl user create`): it counts as reported (it happened on the
-    /// host), but an operator should know that nobody was routed there.
-    async fn check_users(&mut self, resource: &ResourceId, events: &[SessionEvent]) {
-        let started: Vec<(SessionId, ferry_common::UserId)> = events
-            .iter()
-            .filter_map(|e| match e {
-                SessionEvent::Started { session, user, .. } => {
-                    Some((session.clone(), user.clone()))
-                }
-                SessionEvent::Ended { .. } => None,
-            })
-            .collect();
-        if started.is_empty() {
-            return;
-        }
-        let users = started.iter().map(|(_, u)| u.clone()).collect();
-        let known = self.shared.store.known_users(users).await;
-        let Ok(known) = known else { return };
-        for ((session, user), known) in started.into_iter().zip(known) {
-            if !known {
-                self.note(
-                    "unknown-user",
-                    format!(
-                        "session {session} on {resource} started for user {user}, whom the \
-                         broker does not know (create it with `ferryctl user create`); it \
-                         counts, but no route led there"
-                    ),
-                );
+    /// The earliest of the engine's, routing's, the expiry disconnects'
+    /// and the gone hosts' deadlines; a closed group's engine and routing
+    /// wait.
+    fn next_deadline(&self) -> Option<UnixMillis> {
+        let earliest = |a: Option<UnixMillis>, b: Option<UnixMillis>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let open = match self.closed {
+            Some(_) => None,
+            None => earliest(self.engine.poll_deadline(), self.routing.next_deadline()),
+        };
+        // Expiry disconnects to retry are due while closed, too.
+        earliest(
+            earliest(open, self.disconnects.next_due()),
+            self.gone_deadline(),
+        )
+    }
+
+    /// Handles one message; what the turn still owes is returned.
+    async fn handle(&mut self, msg: Msg) -> Result<After, ActorError> {
+        Ok(match msg {
+            Msg::Tick { reply } => {
+                self.timeout();
+                After::Commit(reply)
             }
-        }
+            Msg::View { reply } => {
+                let _ = reply.send(self.view());
+                After::Answered
+            }
+            Msg::Joined {
+                resource,
+                conn,
+                sessions,
+                reply,
+            } => {
+                self.join(resource, conn, sessions).await;
+                After::Settle(Some(reply))
+            }
+            Msg::Left {
+                resource,
+                conn,
+                reply,
+            } => {
+                if self.current_conn(&resource, conn, false) {
+                    self.left(resource);
+                }
+                After::Commit(reply)
+            }
+            Msg::Availability {
+                resource,
+                conn,
+                available,
+                why,
+                reply,
+            } => {
+                self.availability(resource, conn, available, why);
+                After::Commit(reply)
+            }
+            Msg::Sessions {
+                resource,
+                events,
+                reply,
+            } => {
+                if let Some(id) = self.to_engine.get(&resource).cloned() {
+                    self.check_users(&resource, &events).await;
+                    for ev in events {
+                        self.session_event(&id, ev);
+                    }
+                }
+                After::Commit(reply)
+            }
+            Msg::Reload { reply } => {
+                self.reload().await?;
+                After::Commit(reply)
+            }
+            Msg::Elastic(report) => {
+                self.elastic_report(report);
+                After::Settle(None)
+            }
+            Msg::Disconnect(report) => {
+                self.disconnect_report(report);
+                After::Settle(None)
+            }
+            Msg::Route { ask, reply } => {
+                self.route(ask, reply);
+                After::Settle(None)
+            }
+            Msg::CancelRoute { session, reply } => {
+                self.cancel_route(session);
+                After::Commit(reply)
+            }
+            Msg::Streaming {
+                resource,
+                address,
+                reply,
+            } => {
+                self.set_address(resource, address);
+                let _ = reply.send(());
+                After::Answered
+            }
+            Msg::Presence {
+                resource,
+                report,
+                reply,
+            } => {
+                self.presence(&resource, report);
+                After::Commit(reply)
+            }
+        })
     }
 
-    /// Takes in agents that named this group and are connected, but joined
-    /// when the group had no actor (published after they connected, a
-    /// broker restart) or no slot for them (an elastic id not asked for
-    /// yet): `only` these resources, or every such agent when `None`. What
-    /// the group counts of each is what the store records open on it, read
-    /// here in the actor's turn: a session event committed before the read
-    /// is in it, one committed after it is in the inbox behind this.
-    async fn adopt(&mut self, only: Option<&[ResourceId]>) {
-        let Some(registry) = self.shared.registry.upgrade() else {
+    /// The agent of `resource` can (not) take sessions, said by connection
+    /// `conn`; `why` (silence, a comeback) is recorded as an event.
+    fn availability(
+        &mut self,
+        resource: ResourceId,
+        conn: Option<u64>,
+        available: bool,
+        why: Option<String>,
+    ) {
+        let current = self.current_conn(&resource, conn, false);
+        let Some(id) = self.to_engine.get(&resource).cloned().filter(|_| current) else {
             return;
         };
-        for (resource, conn, live) in registry.members(&self.row.name) {
-            if only.is_some_and(|o| !o.contains(&resource)) {
-                continue;
-            }
-            let sessions = match self.shared.store.open_sessions_of(&resource).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(group = %self.row.name, %resource,
-                        "read open sessions to take the host in: {e}; it joins when it reconnects");
-                    continue;
-                }
+        let input = if available {
+            Input::Available { resource: id }
+        } else {
+            Input::Unavailable { resource: id }
+        };
+        self.input(input);
+        if let Some(why) = why {
+            let kind = if available {
+                "available"
+            } else {
+                "unavailable"
             };
-            if let Some(address) = live.streaming {
-                self.set_address(resource.clone(), address);
-            }
-            self.join(resource.clone(), Some(conn), sessions).await;
-            if !live.available || live.draining {
-                // Its link tells only changes: say what holds now.
-                if let Some(id) = self.to_engine.get(&resource).cloned() {
-                    self.input(Input::Unavailable { resource: id });
-                }
-            }
+            self.note(kind, format!("{kind}: {resource} {why}"));
         }
     }
 
@@ -1332,567 +714,6 @@ impl Actor {
             .map(|r| r.state)
     }
 
-    /// The host facts the store has for `resource` (written with its
-    /// registration, before the actor hears of the join). `None` if unknown
-    /// or unreadable: the host is then not checked against the spec.
-    async fn host_facts(&self, resource: &ResourceId) -> Option<HostFacts> {
-        match self.shared.store.host_facts(resource).await {
-            Ok(facts) => facts,
-            Err(e) => {
-                tracing::warn!(group = %self.row.name, %resource, "read host facts: {e}");
-                None
-            }
-        }
-    }
-
-    /// Flags a host below the group's spec (it still serves: operators
-    /// decide), or lifts the flag once it re-joins with a host that fits.
-    fn check_host(&mut self, resource: &ResourceId, facts: Option<&HostFacts>) {
-        let Some(facts) = facts else { return };
-        match hostfit::shortfall(&self.row.spec, facts) {
-            Some(short) => self.flag(
-                resource,
-                format!(
-                    "resource {resource} joined group {} with a host below its spec: it {short}; \
-                     it is used, operators decide",
-                    self.row.name
-                ),
-            ),
-            None => {
-                if self.flagged.remove(resource).is_some() {
-                    self.note(
-                        "flag-lifted",
-                        format!(
-                            "resource {resource} re-joined with a host that fits spec {}",
-                            self.row.spec
-                        ),
-                    );
-                }
-            }
-        }
-    }
-
-    fn joined(
-        &mut self,
-        resource: ResourceId,
-        sessions: Vec<SessionId>,
-        facts: Option<&HostFacts>,
-    ) {
-        let id = match self.to_engine.get(&resource).cloned() {
-            Some(id) => id,
-            None => {
-                if let Some(e) = self.elastic_engine_id(&resource) {
-                    if self.state_of(&e) != Some(ResourceState::Pending) {
-                        self.flag_unused(
-                            &resource,
-                            format!(
-                                "resource {resource} registered for group {} with an elastic id \
-                                 the group did not ask for; not used until a scale-out asks \
-                                 for it",
-                                self.row.name
-                            ),
-                        );
-                        return;
-                    }
-                    self.bind(&resource, e.clone());
-                    self.lift_unused(&resource, &format!("elastic resource {e}"));
-                    e
-                } else if let Some(slot) = self.base_slot_for(&resource) {
-                    self.slots[slot] = Some(resource.clone());
-                    let Ok(slot_id) = ResourceId::new(format!("b{}", slot + 1)) else {
-                        return;
-                    };
-                    self.bind(&resource, slot_id.clone());
-                    self.lift_unused(&resource, &format!("base resource {slot_id}"));
-                    self.base_registered(&resource, &slot_id);
-                    let at = self.now();
-                    self.intervals.push(IntervalOp::Open {
-                        resource: resource.clone(),
-                        class: Class::Base.as_str(),
-                        at,
-                    });
-                    self.note(
-                        "resource",
-                        format!(
-                            "resource {resource} joined as base resource {} of {}",
-                            slot + 1,
-                            self.row.base
-                        ),
-                    );
-                    slot_id
-                } else {
-                    self.flag_unused(
-                        &resource,
-                        format!(
-                            "resource {resource} registered for group {} whose {} base \
-                             resource(s) are all taken; not used",
-                            self.row.name, self.row.base
-                        ),
-                    );
-                    return;
-                }
-            }
-        };
-        self.check_host(&resource, facts);
-        self.host_back(&resource);
-        match self.state_of(&id) {
-            Some(ResourceState::Pending) => {
-                self.input(Input::Created {
-                    resource: id.clone(),
-                });
-            }
-            Some(ResourceState::Ready) => {
-                self.input(Input::Available {
-                    resource: id.clone(),
-                });
-            }
-            // Releasing: it is being drained for removal; it comes back only
-            // to finish its sessions. Released: gone for the engine.
-            _ => {}
-        }
-        let now_on_host: BTreeSet<SessionId> = sessions.into_iter().collect();
-        let known = self.sessions.get(&id).cloned().unwrap_or_default();
-        for gone in known.difference(&now_on_host) {
-            self.input(Input::Leave {
-                session: gone.clone(),
-            });
-        }
-        for new in now_on_host.difference(&known) {
-            self.input(Input::Occupy {
-                session: new.clone(),
-                resource: id.clone(),
-            });
-        }
-        if self.closed.is_some() {
-            for session in &now_on_host {
-                self.disconnect(&resource, session.clone());
-            }
-        }
-        self.sessions.insert(id, now_on_host);
-    }
-
-    /// Flags an agent of the group that takes no slot.
-    fn flag_unused(&mut self, resource: &ResourceId, message: String) {
-        self.flag(resource, message);
-        self.unused.insert(resource.clone());
-    }
-
-    /// An agent flagged as not used takes a slot (`now`), or left: its flag
-    /// no longer says what holds.
-    fn lift_unused(&mut self, resource: &ResourceId, now: &str) {
-        if self.unused.remove(resource) && self.flagged.remove(resource).is_some() {
-            self.note(
-                "flag-lifted",
-                format!("resource {resource} is used now: it joined as {now}"),
-            );
-        }
-    }
-
-    /// The newest `flagged` event of `resource` in the group, unless a
-    /// `flag-lifted` came after it.
-    async fn recorded_flag(&self, resource: &ResourceId) -> Option<String> {
-        match self
-            .shared
-            .store
-            .recorded_flag(self.row.num, resource)
-            .await
-        {
-            Ok(flag) => flag,
-            Err(e) => {
-                tracing::warn!(group = %self.row.name, %resource, "read recorded flags: {e}");
-                None
-            }
-        }
-    }
-
-    fn flag(&mut self, resource: &ResourceId, message: String) {
-        if self.recorded_flags.get(resource) == Some(&message) {
-            // Recorded by an earlier run of the actor: kept, not repeated.
-            self.flagged.insert(resource.clone(), message);
-            return;
-        }
-        if !self.flagged.contains_key(resource) {
-            tracing::warn!(group = %self.row.name, "{message}");
-            self.flagged.insert(resource.clone(), message.clone());
-            self.note("flagged", message);
-        }
-    }
-
-    /// Closes or reopens the group after its status changed.
-    fn apply_status(&mut self) {
-        let expired = self.row.status == CLOSED_STATUS;
-        if expired && self.closed.is_none() {
-            self.close();
-        } else if !expired && is_live(&self.row.status) && self.closed.is_some() {
-            self.reopen();
-        }
-        if self.updating() {
-            // Requests waiting for room are refused: no new sessions now.
-            self.refuse_waiters();
-        }
-        self.apply_payment();
-    }
-
-    /// Whether an image update holds the group (`updating`, run by its
-    /// rollout, `crate::rollout`): no new sessions.
-    fn updating(&self) -> bool {
-        self.row.status == super::lifecycle::Status::Updating.as_str()
-    }
-
-    /// The group expired: freeze the engine and disconnect every open session.
-    fn close(&mut self) {
-        self.refuse_waiters();
-        self.closed = Some(self.sessions.clone());
-        let open: Vec<(ResourceId, SessionId)> = self
-            .sessions
-            .iter()
-            .flat_map(|(id, set)| {
-                let real = self.external(id);
-                set.iter().map(move |s| (real.clone(), s.clone()))
-            })
-            .collect();
-        self.note(
-            "closed",
-            format!(
-                "group {} expired: it takes no new sessions; asking agents to disconnect its {} \
-                 open session(s)",
-                self.row.name,
-                open.len()
-            ),
-        );
-        for (real, session) in open {
-            self.disconnect(&real, session);
-        }
-    }
-
-    /// The group is in service again (renewed): the engine learns what
-    /// happened to sessions and agents while it was frozen.
-    fn reopen(&mut self) {
-        let Some(frozen) = self.closed.take() else {
-            return;
-        };
-        // In service again: nothing more to disconnect (an attempt in
-        // flight is still recorded, and not retried).
-        let keys: Vec<_> = self.disconnects.pending.keys().cloned().collect();
-        self.disconnects.dirty.0.extend(keys);
-        self.disconnects.pending.clear();
-        // A policy changed while frozen goes in first.
-        if self.engine.policy() != &self.row.policy {
-            let policy = self.row.policy.clone();
-            if self.input(Input::Policy(policy)) {
-                self.note("policy", "policy in force in the group's engine".into());
-            }
-        }
-        let ids: BTreeSet<ResourceId> =
-            frozen.keys().chain(self.sessions.keys()).cloned().collect();
-        for id in ids {
-            let before = frozen.get(&id).cloned().unwrap_or_default();
-            let now = self.sessions.get(&id).cloned().unwrap_or_default();
-            for gone in before.difference(&now) {
-                self.input(Input::Leave {
-                    session: gone.clone(),
-                });
-            }
-            for new in now.difference(&before) {
-                self.input(Input::Occupy {
-                    session: new.clone(),
-                    resource: id.clone(),
-                });
-            }
-        }
-        let live = self
-            .shared
-            .registry
-            .upgrade()
-            .map(|r| r.snapshot())
-            .unwrap_or_default();
-        let bound: Vec<(ResourceId, ResourceId)> = self
-            .to_engine
-            .iter()
-            .map(|(real, id)| (real.clone(), id.clone()))
-            .collect();
-        for (real, id) in bound {
-            let connected = live.get(&real);
-            let available = connected.is_some_and(|l| l.available && !l.draining);
-            match self.state_of(&id) {
-                Some(ResourceState::Pending) if connected.is_some() => {
-                    self.input(Input::Created { resource: id });
-                }
-                Some(ResourceState::Ready) => {
-                    self.input(if available {
-                        Input::Available { resource: id }
-                    } else {
-                        Input::Unavailable { resource: id }
-                    });
-                }
-                _ => {}
-            }
-        }
-        self.note(
-            "reopened",
-            format!(
-                "group {} is {} again: it takes new sessions",
-                self.row.name, self.row.status
-            ),
-        );
-    }
-
-    /// Asks the agent of `real` to end `session` because the group expired,
-    /// without holding up the actor: the attempt runs in its own task and
-    /// reports to the actor ([`Actor::disconnect_report`]), which records
-    /// it and, after a failure, tries again later while the session is open.
-    /// An attempt in flight is not doubled; a retry that was waiting (its
-    /// agent just re-joined) is made now.
-    fn disconnect(&mut self, real: &ResourceId, session: SessionId) {
-        let key = (real.clone(), session);
-        let now = self.now();
-        let (attempt, first_at, restored) = match self.disconnects.pending.get(&key) {
-            Some(p) if p.due.is_none() => return,
-            Some(p) => (p.attempts + 1, p.first_at, p.restored),
-            None => (1, now, false),
-        };
-        self.disconnects.pending.insert(
-            key.clone(),
-            PendingDisconnect {
-                attempts: attempt,
-                due: None,
-                first_at,
-                restored,
-            },
-        );
-        self.disconnects.dirty.0.insert(key.clone());
-        self.launch_disconnect(key.0, key.1, attempt);
-    }
-
-    fn launch_disconnect(&self, real: ResourceId, session: SessionId, attempt: u32) {
-        let shared = self.shared.clone();
-        let actor = self.disconnects.actor.clone();
-        let group = self.row.name.clone();
-        self.shared.tracker.spawn(async move {
-            let command = Command::DisconnectSession {
-                session: session.clone(),
-                reason: format!("group {group} expired"),
-            };
-            let outcome = shared.command(&real, command).await;
-            let outcome = match outcome {
-                Ok(CommandOutcome::Done) => Ok(()),
-                Ok(CommandOutcome::Failed(m)) => Err(format!(
-                    "the agent says: {}",
-                    crate::hook_failure::brief(&m)
-                )),
-                Err(e) => Err(e),
-            };
-            let report = DisconnectReport {
-                resource: real,
-                session,
-                attempt,
-                outcome,
-            };
-            // No actor any more (recycling, gone, shutdown): nothing to follow up.
-            if let Some(tx) = actor.upgrade() {
-                if tx.send(Msg::Disconnect(report)).await.is_err() {
-                    tracing::debug!(%group, "disconnect outcome after the actor stopped");
-                }
-            }
-        });
-    }
-
-    /// Whether `session` is open on `real` as far as the group knows: it
-    /// has not ended, and `real` is still one of the group's resources.
-    fn session_open_on(&self, real: &ResourceId, session: &SessionId) -> bool {
-        self.to_engine
-            .get(real)
-            .and_then(|id| self.sessions.get(id))
-            .is_some_and(|set| set.contains(session))
-    }
-
-    /// Records a disconnect attempt's outcome; after a failure, schedules
-    /// the next attempt while the group is closed and the session open.
-    fn disconnect_report(&mut self, r: DisconnectReport) {
-        let key = (r.resource, r.session);
-        let prev = self.disconnects.pending.remove(&key);
-        self.disconnects.dirty.0.insert(key.clone());
-        let (real, session) = &key;
-        let n = r.attempt;
-        match r.outcome {
-            Ok(()) => self.note(
-                "disconnected",
-                format!(
-                    "disconnected: session {session} on {real}, the group expired \
-                     (attempt {n})"
-                ),
-            ),
-            Err(e) => {
-                let now = self.now();
-                let wait = disconnect_backoff(n);
-                if self.closed.is_some() {
-                    // Back in the list to be judged by the cap (and kept).
-                    self.disconnects.pending.insert(
-                        key.clone(),
-                        PendingDisconnect {
-                            attempts: n,
-                            due: Some(UnixMillis(now.0.saturating_add(wait))),
-                            first_at: prev.as_ref().map_or(now, |p| p.first_at),
-                            restored: prev.as_ref().is_some_and(|p| p.restored),
-                        },
-                    );
-                }
-                let give_up = self
-                    .closed
-                    .as_ref()
-                    .and_then(|_| self.disconnect_give_up(real, session, now));
-                let retry = self.closed.is_some() && give_up.is_none();
-                let message = if retry {
-                    format!(
-                        "disconnect failed (attempt {n}): session {session} on {real}: {e}; \
-                         next attempt in {} s",
-                        wait / 1000
-                    )
-                } else {
-                    format!(
-                        "disconnect failed (attempt {n}): session {session} on {real}: {e}; \
-                         not retried: the session ended or the group is in service again"
-                    )
-                };
-                tracing::warn!(group = %self.row.name, "{message}");
-                self.note("disconnect-failed", message);
-                if let Some(why) = give_up {
-                    self.abandon_disconnect(key.0.clone(), key.1.clone(), &why);
-                }
-            }
-        }
-    }
-
-    /// Makes the disconnect attempts that are due; drops those whose session
-    /// ended meanwhile (or whose resource left the group).
-    fn retry_disconnects(&mut self) {
-        let now = self.now();
-        let due: Vec<(ResourceId, SessionId)> = self
-            .disconnects
-            .pending
-            .iter()
-            .filter(|(_, p)| p.due.is_some_and(|d| d <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for (real, session) in due {
-            if self.closed.is_none() {
-                self.disconnects
-                    .pending
-                    .remove(&(real.clone(), session.clone()));
-                self.disconnects.dirty.0.insert((real, session));
-            } else if let Some(why) = self.disconnect_give_up(&real, &session, now) {
-                self.abandon_disconnect(real, session, &why);
-            } else {
-                self.disconnect(&real, session);
-            }
-        }
-    }
-
-    fn left(&mut self, resource: ResourceId) {
-        let Some(id) = self.to_engine.get(&resource).cloned() else {
-            // A flagged agent that took no slot went away: nothing to flag.
-            if self.unused.remove(&resource) {
-                self.flagged.remove(&resource);
-            }
-            return;
-        };
-        match self.state_of(&id) {
-            Some(ResourceState::Releasing) => {
-                self.input(Input::Released { resource: id });
-            }
-            Some(ResourceState::Ready) => {
-                self.input(Input::Unavailable {
-                    resource: id.clone(),
-                });
-                self.host_left(&resource, &id);
-            }
-            _ => {}
-        }
-    }
-
-    fn session_event(&mut self, id: &ResourceId, ev: SessionEvent) {
-        if self.closed.is_some() {
-            match ev {
-                SessionEvent::Started { session, .. } => {
-                    let real = self.external(id);
-                    self.note(
-                        "rejected",
-                        format!(
-                            "rejected: session {session} on {real} started after group {} \
-                             expired; asking its agent to disconnect it",
-                            self.row.name
-                        ),
-                    );
-                    self.sessions
-                        .entry(id.clone())
-                        .or_default()
-                        .insert(session.clone());
-                    self.disconnect(&real, session);
-                }
-                SessionEvent::Ended { session, .. } => {
-                    if let Some(set) = self.sessions.get_mut(id) {
-                        set.remove(&session);
-                    }
-                }
-            }
-            return;
-        }
-        match ev {
-            SessionEvent::Started { session, user, .. } => {
-                // A routed session connects on its reservation; any other
-                // occupies a slot as the host reports it.
-                let counted = self.route_started(id, &session, &user)
-                    || self.input(Input::Occupy {
-                        session: session.clone(),
-                        resource: id.clone(),
-                    });
-                if counted {
-                    self.sessions.entry(id.clone()).or_default().insert(session);
-                }
-            }
-            SessionEvent::Ended { session, .. } => {
-                if let Some(set) = self.sessions.get_mut(id) {
-                    set.remove(&session);
-                }
-                self.route_ended(&session);
-                self.input(Input::Leave { session });
-            }
-        }
-    }
-
-    /// Ends `session` on `real` at `at` because the broker decided so (its
-    /// retention ran out, its host stayed away): the group frees its slot
-    /// now and its record ends at `at` with `reason` in the next commit,
-    /// whether or not the host can close it. The host's own later report of
-    /// the end does not move it (an earlier one does: see the store).
-    fn end_by_broker(
-        &mut self,
-        real: &ResourceId,
-        session: &SessionId,
-        at: UnixMillis,
-        reason: &str,
-    ) {
-        self.ends.push(BrokerEnd {
-            resource: real.clone(),
-            session: session.clone(),
-            at,
-            reason: reason.to_owned(),
-        });
-        if let Some(set) = self
-            .to_engine
-            .get(real)
-            .and_then(|id| self.sessions.get_mut(id))
-        {
-            set.remove(session);
-        }
-        self.route_ended(session);
-        if self.engine.session_resource(session).is_some() {
-            self.input(Input::Leave {
-                session: session.clone(),
-            });
-        }
-    }
-
     async fn reload(&mut self) -> Result<(), ActorError> {
         let row = load_row(&self.shared.store, self.row.name.as_str()).await?;
         let Some(row) = row else { return Ok(()) };
@@ -1907,12 +728,7 @@ impl Actor {
         self.apply_status();
         if newer_policy {
             // Agents not connected now get it when they join again.
-            let live = self
-                .shared
-                .registry
-                .upgrade()
-                .map(|r| r.snapshot())
-                .unwrap_or_default();
+            let live = self.shared.registry.snapshot();
             let mut targets: Vec<ResourceId> = self
                 .to_engine
                 .keys()
@@ -1927,284 +743,7 @@ impl Actor {
         Ok(())
     }
 
-    /// The newest policy version `resource` acknowledged for this group; 0
-    /// when none (or unreadable: pushing again is harmless).
-    async fn applied_version(&self, resource: &ResourceId) -> u64 {
-        match self
-            .shared
-            .store
-            .applied_policy_version(self.row.num, resource)
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(group = %self.row.name, %resource, "read applied policy: {e}");
-                0
-            }
-        }
-    }
-
-    /// Sends the group's current policy to the agent of `real` without
-    /// holding up the actor; the acknowledgement is committed, a failure is
-    /// written to the group's events.
-    fn push_policy(&mut self, real: &ResourceId) {
-        let version = self.row.policy_version;
-        let document = match policy_document(&self.row.policy, &self.row.parts) {
-            Ok(d) => d,
-            Err(why) => {
-                self.note(
-                    "policy-failed",
-                    format!("policy version {version} not sent to {real}: {why}"),
-                );
-                return;
-            }
-        };
-        let (num, group, resource) = (self.row.num, self.row.name.clone(), real.clone());
-        let ticket = self.shared.policy_pushes.claim(num, &resource);
-        let push = policy_push::Push {
-            num,
-            group,
-            resource,
-            version,
-            document,
-            ticket,
-        };
-        self.shared
-            .tracker
-            .spawn(policy_push::run(self.shared.clone(), push));
-    }
-
-    /// Turns the engine's decisions into events and agent commands.
-    fn take_decisions(&mut self) {
-        let decisions: Vec<Decision> = self.engine.drain_decisions().collect();
-        for d in decisions {
-            self.elastic.on_decision(&d);
-            let message = match &d.action {
-                Action::ScaleOut { resources } => {
-                    let real: Vec<ResourceId> =
-                        resources.iter().map(|r| self.external(r)).collect();
-                    let names: Vec<String> = real.iter().map(|r| r.to_string()).collect();
-                    self.to_adopt.extend(real);
-                    format!(
-                        "scale-out: asked for {} because {}; an agent named for it \
-                         completes the creation",
-                        names.join(", "),
-                        d.reason
-                    )
-                }
-                Action::Created { resource } => {
-                    let real = self.external(resource);
-                    self.intervals.push(IntervalOp::Open {
-                        resource: real.clone(),
-                        class: Class::Elastic.as_str(),
-                        at: d.at,
-                    });
-                    format!("created: {real} is ready")
-                }
-                Action::ScaleIn { resource } => {
-                    let real = self.external(resource);
-                    self.drain(&real, resource);
-                    format!(
-                        "scale-in: {real} is drained for release because {}",
-                        d.reason
-                    )
-                }
-                Action::Released { resource } => {
-                    let real = self.external(resource);
-                    self.intervals.push(IntervalOp::Close {
-                        resource: real.clone(),
-                        at: d.at,
-                    });
-                    format!("released: {real} is gone")
-                }
-                Action::Placed { session, resource } => {
-                    self.route_decision(session, Some(resource), d.at);
-                    format!(
-                        "placed: session {session} on {} because {}",
-                        self.external(resource),
-                        d.reason
-                    )
-                }
-                Action::Rejected { session } => {
-                    self.route_decision(session, None, d.at);
-                    format!("rejected: session {session} because {}", d.reason)
-                }
-            };
-            self.notes.push((d.at, d.action.name(), message));
-        }
-    }
-
-    /// Sends `Drain` to a scaled-in resource's agent without holding up the
-    /// actor. An agent that is not connected is gone already: released.
-    fn drain(&mut self, real: &ResourceId, engine_id: &ResourceId) {
-        let registry = self.shared.registry.upgrade();
-        let connected = registry
-            .as_ref()
-            .is_some_and(|r| r.snapshot().contains_key(real));
-        if !connected {
-            // Deferred: the engine is inside `take_decisions`' loop; the
-            // release is applied as a new input right after.
-            let id = engine_id.clone();
-            let now = UnixMillis(self.last_now);
-            if let Err(e) = self.engine.handle(now, Input::Released { resource: id }) {
-                tracing::warn!(group = %self.row.name, "release of {real}: {e}");
-            }
-            return;
-        }
-        if self.elastic.provisioned() {
-            // Issue 6: the agent's answer to `Drain` is the release.
-            self.elastic.release(real, engine_id);
-            return;
-        }
-        let Some(registry) = registry else { return };
-        let real = real.clone();
-        let group = self.row.name.clone();
-        self.shared.tracker.spawn(async move {
-            match registry
-                .command(&real, Command::Drain, COMMAND_TIMEOUT)
-                .await
-            {
-                Ok(outcome) => {
-                    tracing::info!(%group, resource = %real, ?outcome, "scale-in drain")
-                }
-                Err(e) => tracing::warn!(%group, resource = %real, "scale-in drain: {e}"),
-            }
-        });
-    }
-
-    /// Writes the pending events in one transaction. The engine's decision
-    /// stands whether or not this succeeds; a store failure stops the actor
-    /// (its group is restarted from the store by the next `sync`).
-    async fn commit(&mut self) -> Result<(), ActorError> {
-        // Agents already connected for the elastic ids just asked for take
-        // their slots first (their joins' decisions go into this commit).
-        while !self.to_adopt.is_empty() {
-            let asked = std::mem::take(&mut self.to_adopt);
-            self.adopt(Some(&asked)).await;
-        }
-        // Slots of route requests whose client went away.
-        self.flush_deferred_leaves();
-        // Decisions made while handling a deferred release.
-        self.take_decisions();
-        let commit = GroupCommit {
-            disconnects: self.disconnect_ops(),
-            retained: self.retention_ops(),
-            notes: std::mem::take(&mut self.notes),
-            intervals: std::mem::take(&mut self.intervals),
-            ends: std::mem::take(&mut self.ends),
-            elastic: self.elastic.take_ops(),
-        };
-        if commit.is_empty() {
-            return Ok(());
-        }
-        self.shared
-            .store
-            .commit_group(self.row.num, self.row.billing.clone(), commit)
-            .await?;
-        Ok(())
-    }
-
     // ---- Elastic resources (issue 6; the logic is in `super::elastic`) ----
-
-    /// Puts the elastic resources of an earlier run back in service: their
-    /// agents find their slots when they reconnect; releasing ones are
-    /// released now (their agent's answer was lost with the broker).
-    fn restore_elastic(&mut self, restored: Vec<(crate::engine::RestoredElastic, ResourceId)>) {
-        use crate::engine::RestoredState;
-        for (r, real) in restored {
-            self.bind(&real, r.id.clone());
-            let what = match r.state {
-                RestoredState::Pending => {
-                    self.elastic
-                        .await_registration(r.id.clone(), r.requested_at);
-                    self.elastic.resume(real.clone());
-                    "pending: waiting for its agent"
-                }
-                RestoredState::Ready { .. } => {
-                    self.elastic.resume(real.clone());
-                    "ready: billing goes on; it takes sessions when its agent is back"
-                }
-                RestoredState::Releasing { .. } => {
-                    self.input(Input::Released {
-                        resource: r.id.clone(),
-                    });
-                    "releasing: released now"
-                }
-            };
-            self.note(
-                "restored",
-                format!(
-                    "restored: elastic resource {real} ({}) of the earlier broker run is {what}",
-                    r.id
-                ),
-            );
-        }
-    }
-
-    /// A provisioning task's outcome.
-    fn elastic_report(&mut self, report: elastic::Report) {
-        use elastic::Report;
-        let Some(report) = self.base_report(report) else {
-            return;
-        };
-        match report {
-            Report::CreateFailed { engine_id, why } => {
-                let real = self.external(&engine_id);
-                if self.input(Input::CreateFailed {
-                    resource: engine_id.clone(),
-                }) {
-                    let now = self.now();
-                    self.elastic.mark_failed(&engine_id, now);
-                }
-                let message = format!(
-                    "create-failed: {real} given up: {why}; it no longer counts in capacity and was never billed"
-                );
-                self.note("create-failed", message.clone());
-                self.flagged.insert(real, message);
-            }
-            Report::RegisterDeadline { engine_id } => {
-                if self.state_of(&engine_id) != Some(ResourceState::Pending) {
-                    return;
-                }
-                let real = self.external(&engine_id);
-                let timeout = self
-                    .shared
-                    .provisioning
-                    .get()
-                    .map(|p| crate::provision::show(p.config.register_timeout))
-                    .unwrap_or_default();
-                let message = format!(
-                    "register-timeout: the agent of {real} did not register within {timeout}; \
-                     the creation failed and it is deleted"
-                );
-                self.note("register-timeout", message.clone());
-                self.flagged.insert(real, message);
-                if self.input(Input::CreateFailed {
-                    resource: engine_id.clone(),
-                }) {
-                    let now = self.now();
-                    self.elastic.mark_failed(&engine_id, now);
-                }
-            }
-            Report::Drained { engine_id, outcome } => {
-                if self.state_of(&engine_id) == Some(ResourceState::Releasing) {
-                    let real = self.external(&engine_id);
-                    self.note("drained", format!("drained: {real}: {outcome}"));
-                    self.input(Input::Released {
-                        resource: engine_id,
-                    });
-                }
-            }
-            Report::DeleteFailed { resource, why } => {
-                self.note("delete-failed", format!("delete-failed: {why}"));
-                // Replaces any earlier flag of it (e.g. its host size):
-                // this is what an operator must act on now.
-                let message = format!("resource {resource} was not deleted: {why}");
-                tracing::warn!(group = %self.row.name, "{message}");
-                self.flagged.insert(resource, message);
-            }
-        }
-    }
 
     fn view(&self) -> GroupView {
         let closed = self.closed.is_some();
@@ -2282,82 +821,42 @@ mod tests {
     use crate::clock::ManualClock;
     use crate::groups::lifecycle::Removal;
     use crate::groups::GroupService;
-    use crate::store::StoreOptions;
-    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
+    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec};
     use ferry_common::wire::EndReason;
     use std::time::Duration;
 
     const T0: i64 = 1_700_000_000_000;
 
-    fn rid(s: &str) -> ResourceId {
-        s.parse().expect("resource id")
-    }
+    use crate::test_support::{rid, sid};
 
-    fn sid(s: &str) -> SessionId {
-        s.parse().expect("session id")
-    }
-
+    /// The shared group with a scale-out at half use, one host at a time,
+    /// idle hosts released after 10 minutes.
     fn spec(name: &str) -> GroupSpec {
-        GroupSpec {
-            name: Some(name.parse().expect("name")),
-            region: "cn-hangzhou".into(),
-            office_network: "office-net-1".into(),
-            spec: "office-4c8g".into(),
-            image: "img-1".into(),
-            billing: BillingSpec::PayAsYouGo,
-            base_resources: 2,
-            session_type: SessionType::Independent,
-            users: vec![],
-            policy: PolicySpec {
-                concurrent_sessions: Some(2),
-                usage_threshold: Some(50),
-                scale_out_step: Some(1),
-                max_elastic: Some(2),
-                max_idle_ms: Some(600_000),
-                scale_in_cooldown_ms: Some(60_000),
-                ..PolicySpec::default()
-            },
-        }
+        let mut spec = crate::test_support::group_spec(name);
+        spec.policy.usage_threshold = Some(50);
+        spec.policy.scale_out_step = Some(1);
+        spec.policy.max_idle_ms = Some(600_000);
+        spec.policy.scale_in_cooldown_ms = Some(60_000);
+        spec
     }
 
+    /// The groups as the daemon wires them, on a manual clock at `T0`.
     struct Fixture {
-        _dir: tempfile::TempDir,
         store: Store,
         service: GroupService,
         clock: ManualClock,
         actors: GroupActors,
-        _registry: Arc<Registry>,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
+        rig: crate::test_support::Rig,
     }
 
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
-        let registry = Arc::new(Registry::new());
-        let clock = ManualClock::new(UnixMillis(T0));
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let actors = GroupActors::new(
-            store.clone(),
-            &registry,
-            &GroupsConfig {
-                clock: clock.clock(),
-                ..GroupsConfig::default()
-            },
-            tracker.clone(),
-            shutdown.clone(),
-        );
+        let rig = crate::test_support::Rig::new(UnixMillis(T0));
         Fixture {
-            service: GroupService::new(store.clone(), Default::default()),
-            _dir: dir,
-            store,
-            clock,
-            actors,
-            _registry: registry,
-            shutdown,
-            tracker,
+            store: rig.store.clone(),
+            service: rig.service.clone(),
+            clock: rig.clock.clone(),
+            actors: rig.actors.clone(),
+            rig,
         }
     }
 
@@ -2378,10 +877,7 @@ mod tests {
         }
 
         async fn close(self) {
-            self.shutdown.cancel();
-            self.tracker.close();
-            self.tracker.wait().await;
-            self.store.close().await;
+            self.rig.close().await;
         }
     }
 

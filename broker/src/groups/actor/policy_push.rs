@@ -30,6 +30,7 @@ use ferry_common::duration::format_duration;
 use ferry_common::wire::{Command, CommandOutcome};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
 
+use super::policy_document;
 use super::Shared;
 use crate::hook_failure::brief;
 use crate::registry::{CommandError, COMMAND_TIMEOUT};
@@ -107,19 +108,15 @@ pub(super) async fn run(shared: Arc<Shared>, push: Push) {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let Some(registry) = shared.registry.upgrade() else {
-            break;
-        };
         let command = Command::ApplyPolicy {
             group: group.clone(),
             version,
             document: document.clone(),
         };
         let outcome = tokio::select! {
-            r = registry.command(&real, command, COMMAND_TIMEOUT) => r,
+            r = shared.registry.command(&real, command, COMMAND_TIMEOUT) => r,
             _ = shared.shutdown.cancelled() => break,
         };
-        drop(registry);
         let now = shared.clock.now();
         let wait = retry_after(attempt);
         let due = UnixMillis(
@@ -210,10 +207,7 @@ async fn still_wanted(
     if !shared.policy_pushes.is_current(num, real, ticket) {
         return false;
     }
-    let connected = shared
-        .registry
-        .upgrade()
-        .is_some_and(|r| r.snapshot().contains_key(real));
+    let connected = shared.registry.snapshot().contains_key(real);
     if !connected {
         return false;
     }
@@ -263,6 +257,53 @@ async fn record(
             },
         )
         .await
+}
+
+impl super::Actor {
+    /// The newest policy version `resource` acknowledged for this group; 0
+    /// when none (or unreadable: pushing again is harmless).
+    pub(super) async fn applied_version(&self, resource: &ResourceId) -> u64 {
+        match self
+            .shared
+            .store
+            .applied_policy_version(self.row.num, resource)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(group = %self.row.name, %resource, "read applied policy: {e}");
+                0
+            }
+        }
+    }
+
+    /// Sends the group's current policy to the agent of `real` without
+    /// holding up the actor; the acknowledgement is committed, a failure is
+    /// written to the group's events.
+    pub(super) fn push_policy(&mut self, real: &ResourceId) {
+        let version = self.row.policy_version;
+        let document = match policy_document(&self.row.policy, &self.row.parts) {
+            Ok(d) => d,
+            Err(why) => {
+                self.note(
+                    "policy-failed",
+                    format!("policy version {version} not sent to {real}: {why}"),
+                );
+                return;
+            }
+        };
+        let (num, group, resource) = (self.row.num, self.row.name.clone(), real.clone());
+        let ticket = self.shared.policy_pushes.claim(num, &resource);
+        let push = Push {
+            num,
+            group,
+            resource,
+            version,
+            document,
+            ticket,
+        };
+        self.shared.tracker.spawn(run(self.shared.clone(), push));
+    }
 }
 
 #[cfg(test)]

@@ -525,6 +525,11 @@ impl GroupService {
         self.config.clock.now()
     }
 
+    /// The group settings it was built with.
+    pub fn config(&self) -> &GroupsConfig {
+        &self.config
+    }
+
     /// Every notification of the outbox, delivered or not, oldest first (at
     /// most `limit`): what an operator checks when a user says no activation
     /// message came.
@@ -1347,7 +1352,7 @@ mod tests {
         assert!(super::check_elastic_prefix("design.team").is_err());
     }
 
-    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
+    use ferry_common::admin::{BillingSpec, GroupSpec};
     use rust_decimal::Decimal;
 
     use super::*;
@@ -1370,23 +1375,9 @@ mod tests {
 
     fn group(name: &str, spec: &str, billing: BillingSpec) -> GroupSpec {
         GroupSpec {
-            name: Some(name.parse().expect("name")),
-            region: "cn-hangzhou".into(),
-            office_network: "office-net-1".into(),
             spec: spec.into(),
-            image: "img-1".into(),
             billing,
-            base_resources: 2,
-            session_type: SessionType::Independent,
-            users: vec![],
-            policy: PolicySpec {
-                concurrent_sessions: Some(2),
-                usage_threshold: Some(85),
-                scale_out_step: Some(2),
-                max_elastic: Some(2),
-                max_idle_ms: Some(3_600_000),
-                ..PolicySpec::default()
-            },
+            ..crate::test_support::group_spec(name)
         }
     }
 

@@ -197,8 +197,7 @@ mod tests {
     use std::time::Duration;
 
     use ferry_common::admin::{
-        BillingSpec, DisplayPolicySpec, PeriodSpec, PolicyLimit, Resolution, SessionPolicySpec,
-        SessionType,
+        DisplayPolicySpec, PeriodSpec, PolicyLimit, Resolution, SessionPolicySpec,
     };
 
     use super::*;
@@ -213,27 +212,7 @@ mod tests {
         GroupService::new(store, GroupsConfig::default())
     }
 
-    fn spec(name: &str) -> GroupSpec {
-        GroupSpec {
-            name: Some(name.parse().expect("name")),
-            region: "cn-hangzhou".into(),
-            office_network: "office-net-1".into(),
-            spec: "office-4c8g".into(),
-            image: "img-1".into(),
-            billing: BillingSpec::PayAsYouGo,
-            base_resources: 2,
-            session_type: SessionType::Independent,
-            users: vec![],
-            policy: PolicySpec {
-                concurrent_sessions: Some(2),
-                usage_threshold: Some(85),
-                scale_out_step: Some(2),
-                max_elastic: Some(2),
-                max_idle_ms: Some(3_600_000),
-                ..PolicySpec::default()
-            },
-        }
-    }
+    use crate::test_support::group_spec as spec;
 
     fn period(weekdays: u8, start: u16, end: u16, min_ready: u32) -> PeriodSpec {
         PeriodSpec {
