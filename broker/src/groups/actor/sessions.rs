@@ -33,6 +33,11 @@ impl Actor {
     }
 
     pub(super) fn session_event(&mut self, id: &ResourceId, ev: SessionEvent) {
+        if matches!(ev, SessionEvent::Ended { .. }) {
+            // A rollout draining this host waits for its sessions to end:
+            // it looks again now, not at the drain deadline.
+            self.shared.rollouts.wake();
+        }
         if self.closed.is_some() {
             match ev {
                 SessionEvent::Started { session, .. } => {
