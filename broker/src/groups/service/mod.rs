@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::{
-    BillingSpec, GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, PolicySpec,
-    PolicyView, ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
+    GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, PolicySpec, PolicyView,
+    ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
 };
-use ferry_common::limits::MAX_TEXT_LEN;
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
 
 use tokio::sync::Notify;
@@ -27,7 +26,7 @@ use super::RETRY_AFTER_ERROR;
 use crate::clock::Clock;
 use crate::config::GroupsConfig;
 use crate::engine::billing::{round_line, subscription_amount, Term};
-use crate::engine::{LoadBalancing, Policy, DEFAULT_SCALE_IN_COOLDOWN, MAX_GROUP_RESOURCES};
+use crate::engine::Policy;
 use crate::groups::policy_parts::{stored_json, PolicyParts};
 use crate::store::{GroupRecord, GroupStatus, GroupsTx, NewGroup, NewOrder, Store, StoreError};
 
@@ -42,6 +41,17 @@ mod policy;
 // Base resources created through the provisioner (`publishing`): a child
 // module, so it shares this one's private helpers.
 mod publishing;
+
+// Users and their contact details.
+mod users;
+use users::checked_user;
+pub use users::parse_users_csv;
+
+// Specs and policies checked, merged and described.
+mod validate;
+use validate::{
+    check_elastic_prefix, describe_policy, merge_policy, validate_policy, validate_spec,
+};
 
 /// Most users one `user import` may carry. The whole batch is one
 /// transaction; 100,000 rows keep that transaction and the admin frame
@@ -552,16 +562,6 @@ impl GroupService {
             .collect())
     }
 
-    /// `user create`.
-    pub async fn create_user(
-        &self,
-        user: UserSpec,
-        now: UnixMillis,
-    ) -> Result<Vec<UserInfo>, GroupError> {
-        checked_user(&user)?;
-        self.insert_new_user(user, None, now).await
-    }
-
     /// Writes a user that must not exist yet, with its password hash when
     /// given, in one transaction; answers the user as stored. The caller has
     /// checked `user` with [`checked_user`].
@@ -580,40 +580,6 @@ impl GroupService {
             .await?
             .into_iter()
             .filter(|u| u.id == id)
-            .collect())
-    }
-
-    /// `user import`: every row is checked first; any bad row refuses the
-    /// whole file (with line numbers) and nothing is written.
-    pub async fn import_users(
-        &self,
-        csv: &str,
-        now: UnixMillis,
-    ) -> Result<Vec<UserInfo>, GroupError> {
-        let users = parse_users_csv(csv).map_err(GroupError::Invalid)?;
-        let ids: Vec<UserId> = users.iter().map(|u| u.id.clone()).collect();
-        self.store.import_users(users, now).await?;
-        Ok(self
-            .users()
-            .await?
-            .into_iter()
-            .filter(|u| ids.contains(&u.id))
-            .collect())
-    }
-
-    /// `user list`.
-    pub async fn users(&self) -> Result<Vec<UserInfo>, GroupError> {
-        Ok(self
-            .store
-            .list_users()
-            .await?
-            .into_iter()
-            .map(|u| UserInfo {
-                id: u.id,
-                email: u.email,
-                mobile: u.mobile,
-                groups: u.groups,
-            })
             .collect())
     }
 
@@ -804,16 +770,6 @@ fn apply_deadlines(
     save_life(tx, row, now)
 }
 
-/// `user`'s fields as [`check_user`] sees them, as an error listing every problem.
-pub(super) fn checked_user(user: &UserSpec) -> Result<(), GroupError> {
-    let problems = check_user(user);
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(GroupError::Invalid(problems))
-    }
-}
-
 fn publish_tx(
     config: &GroupsConfig,
     tx: &GroupsTx<'_>,
@@ -944,308 +900,6 @@ fn generate_name(tx: &GroupsTx<'_>, region: &str, spec: &str) -> Result<GroupNam
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn describe_policy(p: &Policy) -> String {
-    use ferry_common::duration::format_duration as f;
-    format!(
-        "concurrent_sessions={} usage_threshold={}% scale_out_step={} max_elastic={} max_idle={} scale_in_cooldown={} wait_timeout={} load_balancing={}",
-        p.concurrent_sessions,
-        p.usage_threshold,
-        p.scale_out_step,
-        p.max_elastic,
-        f(p.max_idle),
-        f(p.scale_in_cooldown),
-        f(p.wait_timeout),
-        p.load_balancing
-    )
-}
-
-/// Fills a policy from `patch` over `base` (the current policy), or over the
-/// defaults at publish, where the parameters without a default are required.
-fn merge_policy(
-    base: Option<&Policy>,
-    patch: &PolicySpec,
-    spec: &str,
-) -> Result<Policy, GroupError> {
-    let mut problems = Vec::new();
-    let mut req = |field: &str, v: Option<u32>, cur: Option<u32>| match v.or(cur) {
-        Some(v) => v,
-        None => {
-            problems.push(format!("{field}: required at publish"));
-            0
-        }
-    };
-    let concurrent_sessions = req(
-        "concurrent_sessions",
-        patch.concurrent_sessions,
-        base.map(|b| b.concurrent_sessions),
-    );
-    let usage_threshold = req(
-        "usage_threshold",
-        patch.usage_threshold,
-        base.map(|b| b.usage_threshold),
-    );
-    let scale_out_step = req(
-        "scale_out_step",
-        patch.scale_out_step,
-        base.map(|b| b.scale_out_step),
-    );
-    let max_elastic = req(
-        "max_elastic",
-        patch.max_elastic,
-        base.map(|b| b.max_elastic),
-    );
-    let max_idle = match patch
-        .max_idle_ms
-        .map(Duration::from_millis)
-        .or(base.map(|b| b.max_idle))
-    {
-        Some(d) => d,
-        None => {
-            problems.push("max_idle: required at publish".into());
-            Duration::ZERO
-        }
-    };
-    let load_balancing = match &patch.load_balancing {
-        Some(s) => match LoadBalancing::parse(s) {
-            Some(l) => l,
-            None => {
-                problems.push(format!(
-                    "load_balancing: {s:?} is not breadth-first or depth-first"
-                ));
-                LoadBalancing::default()
-            }
-        },
-        None => base.map(|b| b.load_balancing).unwrap_or_default(),
-    };
-    let policy = Policy {
-        concurrent_sessions,
-        usage_threshold,
-        scale_out_step,
-        max_elastic,
-        max_idle,
-        scale_in_cooldown: patch
-            .scale_in_cooldown_ms
-            .map(Duration::from_millis)
-            .or(base.map(|b| b.scale_in_cooldown))
-            .unwrap_or(DEFAULT_SCALE_IN_COOLDOWN),
-        wait_timeout: patch
-            .wait_timeout_ms
-            .map(Duration::from_millis)
-            .or(base.map(|b| b.wait_timeout))
-            .unwrap_or(Duration::ZERO),
-        load_balancing,
-        // The admin API does not set periods yet: an update keeps the current ones.
-        periods: base.map(|b| b.periods.clone()).unwrap_or_default(),
-    };
-    if problems.is_empty() {
-        Ok(policy)
-    } else {
-        // Report the other parameters' problems too, so one round fixes all.
-        if let Err(e) = policy.validate(Some(spec)) {
-            for p in e.problems {
-                if !problems.iter().any(|x| x.starts_with(p.field)) {
-                    problems.push(format!("{}: {}", p.field, p.message));
-                }
-            }
-        }
-        Err(GroupError::Invalid(problems))
-    }
-}
-
-fn validate_policy(policy: &Policy, spec: &str) -> Result<(), GroupError> {
-    policy.validate(Some(spec)).map_err(|e| {
-        GroupError::Invalid(
-            e.problems
-                .into_iter()
-                .map(|p| format!("{}: {}", p.field, p.message))
-                .collect(),
-        )
-    })
-}
-
-/// Checks every attribute of a publish request; lists every problem.
-/// A group's elastic hosts are named `<group>-eN` (their certificates carry
-/// that id), so a group name must make a valid resource id with the longest
-/// such suffix: lower-case letters, digits and inner '-', short enough.
-fn check_elastic_prefix(name: &str) -> Result<(), String> {
-    ResourceId::new(format!("{name}-e{MAX_GROUP_RESOURCES}"))
-        .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "name: {name:?} cannot prefix its elastic hosts' ids ({name}-e1, ...): {e}; \
-                 use lower-case letters, digits and '-', at most {} bytes",
-                ferry_common::limits::MAX_RESOURCE_ID_LEN
-                    - format!("-e{MAX_GROUP_RESOURCES}").len()
-            )
-        })
-}
-
-fn validate_spec(config: &GroupsConfig, spec: &GroupSpec) -> Result<(Billing, Policy), GroupError> {
-    let mut problems = Vec::new();
-    if let Some(name) = &spec.name {
-        if let Err(problem) = check_elastic_prefix(name.as_str()) {
-            problems.push(problem);
-        }
-    }
-    for (field, value) in [
-        ("region", &spec.region),
-        ("office_network", &spec.office_network),
-        ("spec", &spec.spec),
-        ("image", &spec.image),
-    ] {
-        if value.trim().is_empty() {
-            problems.push(format!("{field}: required"));
-        } else if value.len() > MAX_TEXT_LEN {
-            problems.push(format!("{field}: longer than {MAX_TEXT_LEN} bytes"));
-        }
-    }
-    if spec.base_resources > MAX_GROUP_RESOURCES {
-        problems.push(format!(
-            "base_resources: {} is above the limit of {MAX_GROUP_RESOURCES}",
-            spec.base_resources
-        ));
-    }
-    let billing = match &spec.billing {
-        BillingSpec::PayAsYouGo => Billing::PayAsYouGo,
-        BillingSpec::Subscription {
-            duration,
-            auto_renew,
-        } => match Term::parse(duration) {
-            Ok(term) => {
-                if !config.prices.contains_key(&spec.spec) {
-                    problems.push(format!(
-                        "spec: no subscription price for {} in the broker config ([prices.{}])",
-                        spec.spec, spec.spec
-                    ));
-                }
-                Billing::Subscription {
-                    term,
-                    auto_renew: *auto_renew,
-                }
-            }
-            Err(e) => {
-                problems.push(format!("duration: {e}"));
-                Billing::PayAsYouGo
-            }
-        },
-    };
-    let policy = match merge_policy(None, &spec.policy, &spec.spec) {
-        Ok(p) => {
-            if let Err(GroupError::Invalid(more)) = validate_policy(&p, &spec.spec) {
-                problems.extend(more);
-            }
-            Some(p)
-        }
-        Err(GroupError::Invalid(more)) => {
-            problems.extend(more);
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    match policy {
-        Some(p) if problems.is_empty() => Ok((billing, p)),
-        _ => Err(GroupError::Invalid(problems)),
-    }
-}
-
-fn check_user(u: &UserSpec) -> Vec<String> {
-    let mut problems = Vec::new();
-    let email = u.email.trim();
-    let ok_email = email.len() <= MAX_TEXT_LEN
-        && !email.chars().any(char::is_whitespace)
-        && email.split_once('@').is_some_and(|(a, d)| {
-            !a.is_empty()
-                && d.contains('.')
-                && !d.contains('@')
-                && !d.starts_with('.')
-                && !d.ends_with('.')
-        });
-    if !ok_email {
-        problems.push(format!("email {:?} is not an e-mail address", u.email));
-    }
-    let digits = u.mobile.strip_prefix('+').unwrap_or(&u.mobile);
-    if !(5..=20).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        problems.push(format!(
-            "mobile {:?} is not a phone number (digits with an optional leading +, 5 to 20 digits)",
-            u.mobile
-        ));
-    }
-    problems
-}
-
-/// Parses `id,email,mobile` CSV (header first; RFC 4180 as spreadsheets
-/// write it, see [`crate::csv`]). Every bad row is reported with its line
-/// number; one bad row refuses the whole file.
-pub fn parse_users_csv(text: &str) -> Result<Vec<UserSpec>, Vec<String>> {
-    let mut problems = Vec::new();
-    let mut users: Vec<UserSpec> = Vec::new();
-    let records = crate::csv::parse(text).map_err(|e| {
-        vec![format!(
-            "{e}; the file is not valid CSV there, nothing was imported"
-        )]
-    })?;
-    let mut records = records.into_iter().filter(|r| {
-        // Lines of blank cells (a spreadsheet's empty rows) are skipped.
-        r.fields.iter().any(|f| !f.trim().is_empty())
-    });
-    match records.next() {
-        Some(h)
-            if h.fields
-                .iter()
-                .map(|f| f.trim())
-                .eq(["id", "email", "mobile"]) => {}
-        Some(h) => problems.push(format!(
-            "line {}: header is {:?}; expected \"id,email,mobile\"",
-            h.line,
-            h.fields.join(",")
-        )),
-        None => problems.push("the file is empty; expected a header \"id,email,mobile\"".into()),
-    }
-    for record in records {
-        let n = record.line;
-        if users.len() >= MAX_IMPORT_USERS {
-            problems.push(format!(
-                "line {n}: more than {MAX_IMPORT_USERS} users in one file"
-            ));
-            break;
-        }
-        let fields: Vec<&str> = record.fields.iter().map(|f| f.trim()).collect();
-        let [id, email, mobile] = fields.as_slice() else {
-            problems.push(format!(
-                "line {n}: {} fields; expected 3 (id,email,mobile)",
-                fields.len()
-            ));
-            continue;
-        };
-        let id: UserId = match id.parse() {
-            Ok(id) => id,
-            Err(e) => {
-                problems.push(format!("line {n}: {e}"));
-                continue;
-            }
-        };
-        if users.iter().any(|u| u.id == id) {
-            problems.push(format!("line {n}: user {id} appears twice"));
-            continue;
-        }
-        let u = UserSpec {
-            id,
-            email: (*email).to_owned(),
-            mobile: (*mobile).to_owned(),
-        };
-        for p in check_user(&u) {
-            problems.push(format!("line {n}: {p}"));
-        }
-        users.push(u);
-    }
-    if problems.is_empty() {
-        Ok(users)
-    } else {
-        problems.truncate(MAX_LISTED_PROBLEMS);
-        Err(problems)
-    }
 }
 
 fn info(tx: &GroupsTx<'_>, r: &Row) -> Result<GroupInfo, GroupError> {
