@@ -264,134 +264,20 @@ impl AgentConfig {
 }
 
 impl RawConfig {
+    /// The checked config, or every problem found, section by section.
     fn validate(self) -> Result<AgentConfig, Vec<String>> {
         let mut problems = Vec::new();
-        let resource = match self.resource.as_deref() {
-            None => {
-                problems.push("resource: missing (the host's resource id)".to_owned());
-                None
-            }
-            Some(s) => ResourceId::new(s)
-                .map_err(|e| problems.push(format!("resource: {e}")))
-                .ok(),
-        };
-        let group = match self.group.as_deref() {
-            None => None,
-            Some(s) => GroupName::new(s)
-                .map_err(|e| problems.push(format!("group: {e}")))
-                .ok(),
-        };
-        let broker_addr = match self.broker_addr {
-            None => {
-                problems.push("broker_addr: missing (host:port of the broker)".to_owned());
-                String::new()
-            }
-            Some(a) => {
-                if let Err(why) = check_host_port(&a) {
-                    problems.push(format!("broker_addr: {a:?} {why}"));
-                }
-                a
-            }
-        };
-        // The name the broker's certificate must carry is normally the
-        // name agents reach it by.
-        let broker_name = match &self.broker_name {
-            Some(name) => name.clone(),
-            None => broker_host(&broker_addr).to_owned(),
-        };
-        if self.broker_name.is_some() || !broker_addr.is_empty() {
-            if broker_name.trim().is_empty() {
-                problems.push("broker_name: empty".to_owned());
-            } else if rustls_pki_types::ServerName::try_from(broker_name.as_str()).is_err() {
-                problems.push(format!(
-                    "broker_name: {broker_name:?} is not a DNS name or IP address"
-                ));
-            }
-        }
-        for (name, p) in [
-            ("ca_cert", &self.ca_cert),
-            ("cert", &self.cert),
-            ("key", &self.key),
-            ("state_dir", &self.state_dir),
-            ("local_socket", &self.local_socket),
-        ] {
-            if p.as_os_str().is_empty() {
-                problems.push(format!("{name}: empty path"));
-            }
-        }
-        if self.image_version.len() > ferry_common::limits::MAX_TEXT_LEN {
-            problems.push(format!(
-                "image_version: longer than {} bytes",
-                ferry_common::limits::MAX_TEXT_LEN
-            ));
-        }
-        if let Some(argv) = &self.hooks.disconnect {
-            if argv.first().is_none_or(|p| p.is_empty()) {
-                problems.push(
-                    "hooks.disconnect: must name a program (argv; the session id is appended)"
-                        .to_owned(),
-                );
-            }
-        }
-        if let Some(argv) = &self.hooks.policy {
-            if argv.first().is_none_or(|p| p.is_empty()) {
-                problems.push(
-                    "hooks.policy: must name a program (argv; the policy file's path is appended)"
-                        .to_owned(),
-                );
-            }
-        }
-        for (name, argv, appended) in [
-            ("image", &self.hooks.image, "; the image name is appended"),
-            ("update", &self.hooks.update, ""),
-            ("warn", &self.hooks.warn, "; the session id is appended"),
-        ] {
-            if argv
-                .as_ref()
-                .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
-            {
-                problems.push(format!(
-                    "hooks.{name}: must name a program (argv{appended})"
-                ));
-            }
-        }
-        if self
-            .policy_file
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty() || p.file_name().is_none())
-        {
-            problems.push("policy_file: must name a file".to_owned());
-        }
-        if let Some(t) = &self.enroll_token {
-            if !ferry_common::enroll::is_token_text(t) {
-                problems.push(
-                    "enroll_token: must be the 64 lowercase hex characters the provisioner gave"
-                        .to_owned(),
-                );
-            }
-        }
+        let (resource, group) = self.identity(&mut problems);
+        let (broker_addr, broker_name) = self.broker(&mut problems);
+        self.check_paths(&mut problems);
+        self.hooks.check_programs(&mut problems);
+        self.check_policy_file(&mut problems);
+        self.check_enroll_token(&mut problems);
+        let (timeout, update_timeout) = self.hooks.timeouts(&mut problems);
+        let streaming = self.streaming(&mut problems);
         let policy_file = self
             .policy_file
             .unwrap_or_else(|| self.state_dir.join("policy.json"));
-        let timeout = hook_timeout(
-            "hooks.timeout",
-            self.hooks.timeout.as_deref(),
-            DEFAULT_HOOK_TIMEOUT,
-            &mut problems,
-        );
-        let update_timeout = hook_timeout(
-            "hooks.update_timeout",
-            self.hooks.update_timeout.as_deref(),
-            DEFAULT_UPDATE_TIMEOUT,
-            &mut problems,
-        );
-        let streaming = match self.streaming_address.as_deref() {
-            None => default_streaming(),
-            Some(text) => parse_streaming_address(text).unwrap_or_else(|why| {
-                problems.push(format!("streaming_address: {why}"));
-                default_streaming()
-            }),
-        };
         match resource {
             Some(resource) if problems.is_empty() => Ok(AgentConfig {
                 resource,
@@ -418,6 +304,167 @@ impl RawConfig {
             }),
             _ => Err(problems),
         }
+    }
+
+    /// `resource` (required) and `group`.
+    fn identity(&self, problems: &mut Vec<String>) -> (Option<ResourceId>, Option<GroupName>) {
+        let resource = match self.resource.as_deref() {
+            None => {
+                problems.push("resource: missing (the host's resource id)".to_owned());
+                None
+            }
+            Some(s) => ResourceId::new(s)
+                .map_err(|e| problems.push(format!("resource: {e}")))
+                .ok(),
+        };
+        let group = match self.group.as_deref() {
+            None => None,
+            Some(s) => GroupName::new(s)
+                .map_err(|e| problems.push(format!("group: {e}")))
+                .ok(),
+        };
+        (resource, group)
+    }
+
+    /// `broker_addr` (required) and `broker_name` (default: the address's
+    /// host).
+    fn broker(&self, problems: &mut Vec<String>) -> (String, String) {
+        let broker_addr = match &self.broker_addr {
+            None => {
+                problems.push("broker_addr: missing (host:port of the broker)".to_owned());
+                String::new()
+            }
+            Some(a) => {
+                if let Err(why) = check_host_port(a) {
+                    problems.push(format!("broker_addr: {a:?} {why}"));
+                }
+                a.clone()
+            }
+        };
+        // The name the broker's certificate must carry is normally the
+        // name agents reach it by.
+        let broker_name = match &self.broker_name {
+            Some(name) => name.clone(),
+            None => broker_host(&broker_addr).to_owned(),
+        };
+        if self.broker_name.is_some() || !broker_addr.is_empty() {
+            if broker_name.trim().is_empty() {
+                problems.push("broker_name: empty".to_owned());
+            } else if rustls_pki_types::ServerName::try_from(broker_name.as_str()).is_err() {
+                problems.push(format!(
+                    "broker_name: {broker_name:?} is not a DNS name or IP address"
+                ));
+            }
+        }
+        (broker_addr, broker_name)
+    }
+
+    /// The files and directories (not empty) and `image_version` (bounded).
+    fn check_paths(&self, problems: &mut Vec<String>) {
+        for (name, p) in [
+            ("ca_cert", &self.ca_cert),
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("state_dir", &self.state_dir),
+            ("local_socket", &self.local_socket),
+        ] {
+            if p.as_os_str().is_empty() {
+                problems.push(format!("{name}: empty path"));
+            }
+        }
+        if self.image_version.len() > ferry_common::limits::MAX_TEXT_LEN {
+            problems.push(format!(
+                "image_version: longer than {} bytes",
+                ferry_common::limits::MAX_TEXT_LEN
+            ));
+        }
+    }
+
+    /// `policy_file`, when given, names a file.
+    fn check_policy_file(&self, problems: &mut Vec<String>) {
+        if self
+            .policy_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty() || p.file_name().is_none())
+        {
+            problems.push("policy_file: must name a file".to_owned());
+        }
+    }
+
+    /// `enroll_token`, when given, is a token's text.
+    fn check_enroll_token(&self, problems: &mut Vec<String>) {
+        if let Some(t) = &self.enroll_token {
+            if !ferry_common::enroll::is_token_text(t) {
+                problems.push(
+                    "enroll_token: must be the 64 lowercase hex characters the provisioner gave"
+                        .to_owned(),
+                );
+            }
+        }
+    }
+
+    /// `streaming_address` (default: the usual port on this host).
+    fn streaming(&self, problems: &mut Vec<String>) -> StreamingEndpoint {
+        match self.streaming_address.as_deref() {
+            None => default_streaming(),
+            Some(text) => parse_streaming_address(text).unwrap_or_else(|why| {
+                problems.push(format!("streaming_address: {why}"));
+                default_streaming()
+            }),
+        }
+    }
+}
+
+impl RawHooks {
+    /// Each hook given names a program.
+    fn check_programs(&self, problems: &mut Vec<String>) {
+        if let Some(argv) = &self.disconnect {
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                problems.push(
+                    "hooks.disconnect: must name a program (argv; the session id is appended)"
+                        .to_owned(),
+                );
+            }
+        }
+        if let Some(argv) = &self.policy {
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                problems.push(
+                    "hooks.policy: must name a program (argv; the policy file's path is appended)"
+                        .to_owned(),
+                );
+            }
+        }
+        for (name, argv, appended) in [
+            ("image", &self.image, "; the image name is appended"),
+            ("update", &self.update, ""),
+            ("warn", &self.warn, "; the session id is appended"),
+        ] {
+            if argv
+                .as_ref()
+                .is_some_and(|a| a.first().is_none_or(|p| p.is_empty()))
+            {
+                problems.push(format!(
+                    "hooks.{name}: must name a program (argv{appended})"
+                ));
+            }
+        }
+    }
+
+    /// `timeout` and `update_timeout`, or their defaults.
+    fn timeouts(&self, problems: &mut Vec<String>) -> (Duration, Duration) {
+        let timeout = hook_timeout(
+            "hooks.timeout",
+            self.timeout.as_deref(),
+            DEFAULT_HOOK_TIMEOUT,
+            problems,
+        );
+        let update_timeout = hook_timeout(
+            "hooks.update_timeout",
+            self.update_timeout.as_deref(),
+            DEFAULT_UPDATE_TIMEOUT,
+            problems,
+        );
+        (timeout, update_timeout)
     }
 }
 

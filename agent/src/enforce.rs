@@ -381,15 +381,86 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
     let mut core = Enforcer::default();
     core.set_limits(*limits.borrow_and_update());
     let mut appended = spool.subscribe_appended();
-    let mut jobs: JoinSet<JobDone> = JoinSet::new();
+    let mut jobs = Jobs {
+        set: JoinSet::new(),
+        hooks,
+        spool: spool.clone(),
+        presence,
+        ending,
+    };
     loop {
         appended.borrow_and_update();
         let open = spool.lock().open_sessions();
         core.sync_open(&open);
-        let now = crate::clock::now();
-        let actions = core.poll(now);
-        // A session past its limit when the policy arrives is warned and
-        // ended in one poll: its warning goes first, in the same job.
+        jobs.start(core.poll(crate::clock::now()));
+        let sleep = core.next_deadline().map(|at| {
+            let ms = at.0.saturating_sub(crate::clock::now().0).max(0);
+            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        });
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = appended.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            changed = limits.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                set_limits(&mut core, *limits.borrow_and_update());
+            }
+            input = rx.recv() => {
+                let Some(input) = input else { return };
+                report(&mut core, &spool, input);
+            }
+            Some(done) = jobs.set.join_next(), if !jobs.set.is_empty() => {
+                if let Ok(JobDone::Ended { session, ended }) = done {
+                    core.end_finished(&session, ended, crate::clock::now());
+                }
+            }
+            _ = sleep_for(sleep) => {}
+        }
+    }
+}
+
+/// A policy's new limits, logged when they changed.
+fn set_limits(core: &mut Enforcer, l: SessionLimits) {
+    if l != core.limits() {
+        tracing::info!(max_session_duration_ms = ?l.max_session_duration_ms, idle_disconnect_ms = ?l.idle_disconnect_ms, "session limits changed");
+    }
+    core.set_limits(l);
+}
+
+/// An idle or active report.
+fn report(core: &mut Enforcer, spool: &SpoolHandle, input: Input) {
+    // A report may name a session started since the last sync.
+    let open = spool.lock().open_sessions();
+    core.sync_open(&open);
+    let known = match &input {
+        Input::Idle { session, since } => core.idle(session, *since),
+        Input::Active { session } => core.active(session),
+    };
+    if !known {
+        tracing::debug!(?input, "idle report for a session that is not open");
+    }
+}
+
+/// The warn and end jobs running, with what they use.
+struct Jobs {
+    set: JoinSet<JobDone>,
+    hooks: HooksConfig,
+    spool: SpoolHandle,
+    presence: crate::presence::PresenceBoard,
+    /// The sessions being ended by the enforcer, with why.
+    ending: Arc<Mutex<BTreeMap<SessionId, EndReason>>>,
+}
+
+impl Jobs {
+    /// One job per action. A session past its limit when the policy arrives
+    /// is warned and ended in one poll: its warning goes first, in the same
+    /// job.
+    fn start(&mut self, actions: Vec<Action>) {
         let ending_now: Vec<SessionId> = actions
             .iter()
             .filter_map(|a| match a {
@@ -409,82 +480,51 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
                         warnings.insert(session, (deadline, message));
                         continue;
                     }
-                    let hooks = hooks.clone();
-                    jobs.spawn(async move {
+                    let hooks = self.hooks.clone();
+                    self.set.spawn(async move {
                         warn(&hooks, &session, &message, deadline).await;
                         JobDone::Warned
                     });
                 }
                 Action::End { session, reason } => {
-                    ending
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(session.clone(), reason.clone());
-                    let (hooks, spool, presence, ending) = (
-                        hooks.clone(),
-                        spool.clone(),
-                        presence.clone(),
-                        ending.clone(),
-                    );
                     let warning = warnings.remove(&session);
-                    jobs.spawn(async move {
-                        if let Some((deadline, message)) = warning {
-                            warn(&hooks, &session, &message, deadline).await;
-                        }
-                        let ended = end_session(&hooks, &spool, &session, reason).await;
-                        ending
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&session);
-                        if ended {
-                            presence.forget(&session);
-                        }
-                        JobDone::Ended { session, ended }
-                    });
+                    self.start_end(session, reason, warning);
                 }
             }
         }
-        let sleep = core.next_deadline().map(|at| {
-            let ms = at.0.saturating_sub(crate::clock::now().0).max(0);
-            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+    }
+
+    /// Ends `session` (after its `warning`, if it has one due now).
+    fn start_end(
+        &mut self,
+        session: SessionId,
+        reason: EndReason,
+        warning: Option<(UnixMillis, String)>,
+    ) {
+        self.ending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(session.clone(), reason.clone());
+        let (hooks, spool, presence, ending) = (
+            self.hooks.clone(),
+            self.spool.clone(),
+            self.presence.clone(),
+            self.ending.clone(),
+        );
+        self.set.spawn(async move {
+            if let Some((deadline, message)) = warning {
+                warn(&hooks, &session, &message, deadline).await;
+            }
+            let ended = end_session(&hooks, &spool, &session, reason).await;
+            ending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&session);
+            if ended {
+                presence.forget(&session);
+            }
+            JobDone::Ended { session, ended }
         });
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = appended.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-            }
-            changed = limits.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let l = *limits.borrow_and_update();
-                if l != core.limits() {
-                    tracing::info!(max_session_duration_ms = ?l.max_session_duration_ms, idle_disconnect_ms = ?l.idle_disconnect_ms, "session limits changed");
-                }
-                core.set_limits(l);
-            }
-            input = rx.recv() => {
-                let Some(input) = input else { return };
-                // A report may name a session started since the last sync.
-                let open = spool.lock().open_sessions();
-                core.sync_open(&open);
-                let known = match &input {
-                    Input::Idle { session, since } => core.idle(session, *since),
-                    Input::Active { session } => core.active(session),
-                };
-                if !known {
-                    tracing::debug!(?input, "idle report for a session that is not open");
-                }
-            }
-            Some(done) = jobs.join_next(), if !jobs.is_empty() => {
-                if let Ok(JobDone::Ended { session, ended }) = done {
-                    core.end_finished(&session, ended, crate::clock::now());
-                }
-            }
-            _ = sleep_for(sleep) => {}
-        }
     }
 }
 

@@ -36,7 +36,7 @@ pub mod spool;
 pub mod ticket;
 pub mod versions;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -101,7 +101,9 @@ pub enum AgentError {
     Locked(#[from] ferry_process::lock::LockError),
 }
 
-/// Runs the agent until `shutdown` is cancelled.
+/// Runs the agent until `shutdown` is cancelled: opens what it keeps on
+/// disk (failing before any socket on bad files), starts the local socket,
+/// the enforcer and the link, then waits for shutdown and drains its tasks.
 pub async fn run(
     config: AgentConfig,
     shutdown: CancellationToken,
@@ -110,34 +112,10 @@ pub async fn run(
     let config = Arc::new(config);
     // Everything that can fail on bad files fails here, before any socket.
     let (tls, name_check) = link::client_config(&config)?;
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::StateDir {
-        path: config.state_dir.clone(),
-        source,
-    })?;
     // Held until this function returns: no second agent writes this spool.
-    let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
+    let _state_lock = lock_state_dir(&config)?;
     let drain = commands::DrainState::load(&config.state_dir)?;
-    let state_dir = config.state_dir.clone();
-    let spool = tokio::task::spawn_blocking(move || {
-        spool::Spool::open(&state_dir, spool::SpoolOptions::default())
-    })
-    .await
-    .map_err(|e| {
-        AgentError::Spool(spool::SpoolError::Io {
-            op: "open (task failed)",
-            path: config.state_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })??;
-    tracing::info!(
-        resource = %config.resource,
-        spool_id = spool.spool_id(),
-        last_seq = spool.last_seq(),
-        spooled = spool.spooled(),
-        open_sessions = spool.open_count(),
-        "spool open"
-    );
-
+    let spool = open_spool(&config).await?;
     let (status_tx, status_rx) = watch::channel(LinkStatus {
         draining: drain.is_draining(),
         ..LinkStatus::default()
@@ -145,38 +123,10 @@ pub async fn run(
     let status = Arc::new(status_tx);
     let spool = spool::SpoolHandle::new(spool, status.clone());
     let tracker = TaskTracker::new();
-
-    let (state_dir, resource) = (config.state_dir.clone(), config.resource.clone());
-    let tickets = tokio::task::spawn_blocking(move || {
-        ticket::TicketVerifier::open(&state_dir, resource, clock::now())
-    })
-    .await
-    .map_err(|e| {
-        AgentError::Tickets(ticket::TicketStoreError::Io {
-            op: "open (task failed)",
-            path: config.state_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })??;
-
-    let (state_dir, image) = (config.state_dir.clone(), config.image_version.clone());
-    let versions = tokio::task::spawn_blocking(move || {
-        versions::VersionStore::open(&state_dir, image, AGENT_VERSION)
-    })
-    .await
-    .map_err(|e| {
-        AgentError::Versions(versions::VersionsError::Io {
-            op: "open (task failed)",
-            path: config.state_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })??;
+    let tickets = open_tickets(&config).await?;
+    let versions = open_versions(&config).await?;
     let policy = policy::PolicyStore::new(config.policy_file.clone());
-    let start_policy = policy.clone();
-    let limits = tokio::task::spawn_blocking(move || start_policy.session_limits())
-        .await
-        .unwrap_or_default();
-    let limits = Arc::new(watch::channel(limits).0);
+    let limits = Arc::new(watch::channel(session_limits(&policy).await).0);
 
     let presence = presence::PresenceBoard::default();
     let (enforcer, enforcer_inputs) = enforce::channel();
@@ -233,10 +183,90 @@ pub async fn run(
     tracing::info!(socket = %local_path.display(), "agent ready");
 
     shutdown.cancelled().await;
+    drain_tasks(&notifier, &tracker, &local_path).await;
+    Ok(())
+}
+
+/// Once shut down: tells systemd, waits for every task, removes the socket.
+async fn drain_tasks(notifier: &notify::Notifier, tracker: &TaskTracker, local_path: &Path) {
     notifier.stopping();
     tracing::info!("agent shutting down");
     tracker.close();
     tracker.wait().await;
-    let _ = std::fs::remove_file(&local_path);
-    Ok(())
+    let _ = std::fs::remove_file(local_path);
+}
+
+/// The state directory, created if needed, and its lock.
+fn lock_state_dir(config: &AgentConfig) -> Result<ferry_process::lock::StateLock, AgentError> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    Ok(ferry_process::lock::StateLock::acquire(&config.state_dir)?)
+}
+
+/// The spool in the state directory, opened (and recovered) off the
+/// runtime's threads.
+async fn open_spool(config: &AgentConfig) -> Result<spool::Spool, AgentError> {
+    let state_dir = config.state_dir.clone();
+    let spool = tokio::task::spawn_blocking(move || {
+        spool::Spool::open(&state_dir, spool::SpoolOptions::default())
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Spool(spool::SpoolError::Io {
+            op: "open (task failed)",
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??;
+    tracing::info!(
+        resource = %config.resource,
+        spool_id = spool.spool_id(),
+        last_seq = spool.last_seq(),
+        spooled = spool.spooled(),
+        open_sessions = spool.open_count(),
+        "spool open"
+    );
+    Ok(spool)
+}
+
+/// The ticket verifier with its durable used-ticket set.
+async fn open_tickets(config: &AgentConfig) -> Result<ticket::TicketVerifier, AgentError> {
+    let (state_dir, resource) = (config.state_dir.clone(), config.resource.clone());
+    Ok(tokio::task::spawn_blocking(move || {
+        ticket::TicketVerifier::open(&state_dir, resource, clock::now())
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Tickets(ticket::TicketStoreError::Io {
+            op: "open (task failed)",
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??)
+}
+
+/// The durable image and component versions.
+async fn open_versions(config: &AgentConfig) -> Result<versions::VersionStore, AgentError> {
+    let (state_dir, image) = (config.state_dir.clone(), config.image_version.clone());
+    Ok(tokio::task::spawn_blocking(move || {
+        versions::VersionStore::open(&state_dir, image, AGENT_VERSION)
+    })
+    .await
+    .map_err(|e| {
+        AgentError::Versions(versions::VersionsError::Io {
+            op: "open (task failed)",
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??)
+}
+
+/// The session limits of the policy last pushed (the defaults without one).
+async fn session_limits(policy: &policy::PolicyStore) -> policy::SessionLimits {
+    let policy = policy.clone();
+    tokio::task::spawn_blocking(move || policy.session_limits())
+        .await
+        .unwrap_or_default()
 }

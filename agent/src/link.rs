@@ -44,6 +44,13 @@ use crate::health::{self, HealthSampler};
 use crate::spool::{SpoolError, SpoolHandle};
 use crate::LinkStatus;
 
+/// A finished command: its result (none for an agent update that waits for
+/// its restart), whether it changed the drain state, and whether it changed
+/// the versions.
+type CommandDone = (Option<CommandResult>, bool, bool);
+/// The commands running on one connection.
+type CommandJobs = JoinSet<CommandDone>;
+
 /// First reconnect delay ceiling.
 pub const BACKOFF_START: Duration = Duration::from_millis(200);
 /// Longest reconnect delay ceiling: a broker that is back is found within it.
@@ -687,42 +694,13 @@ impl Link {
             Duration::from_millis(u64::from(welcome.health_interval_ms)).max(MIN_HEALTH_INTERVAL);
         let mut health_tick = tokio::time::interval(interval);
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Each finished command: its result (none for an agent update that
-        // waits for its restart), whether it changed the drain state, and
-        // whether it changed the versions.
-        let mut commands: JoinSet<(Option<CommandResult>, bool, bool)> = JoinSet::new();
-        // Where users reach the host, then who is away now: the broker
-        // forgets both with the connection.
-        send_msg(
-            send,
-            AgentToBroker::Streaming(self.config.streaming.clone()),
-            shutdown,
-        )
-        .await?;
-        send_msg(
-            send,
-            AgentToBroker::Inventory(self.versions.inventory()),
-            shutdown,
-        )
-        .await?;
-        for report in self.presence.resync() {
-            send_msg(send, AgentToBroker::Presence(report), shutdown).await?;
-        }
+        let mut commands = CommandJobs::new();
+        self.announce(send, shutdown).await?;
         loop {
             // Mark the current value seen before reading, so an append that
             // races with this batch wakes the loop again.
             appended.borrow_and_update();
-            loop {
-                let batch = self.spool.lock().events_after(sent, SEND_BATCH);
-                if batch.is_empty() {
-                    break;
-                }
-                for ev in batch {
-                    let seq = ev.seq;
-                    send_msg(send, AgentToBroker::Session(ev), shutdown).await?;
-                    sent = seq;
-                }
-            }
+            self.send_spooled(send, &mut sent, shutdown).await?;
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 changed = appended.changed() => {
@@ -741,86 +719,182 @@ impl Link {
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err(LinkError::Closed),
                     };
-                    match msg {
-                        BrokerToAgent::Ack { up_to } => {
-                            if up_to > sent {
-                                return Err(LinkError::Protocol(format!(
-                                    "ack of seq {up_to} but only {sent} was sent"
-                                )));
-                            }
-                            self.spool.ack(up_to).await?;
-                        }
-                        BrokerToAgent::Command { id, command } => {
-                            if commands.len() >= MAX_INFLIGHT_COMMANDS {
-                                let result = CommandResult {
-                                    id,
-                                    outcome: ferry_common::wire::CommandOutcome::Failed(format!(
-                                        "agent busy: {MAX_INFLIGHT_COMMANDS} commands already running"
-                                    )),
-                                };
-                                send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
-                            } else {
-                                let ctx = commands::CommandContext {
-                                    drain: self.drain.clone(),
-                                    policy: self.policy.clone(),
-                                    hooks: self.config.hooks.clone(),
-                                    status: self.status.clone(),
-                                    versions: self.versions.clone(),
-                                    limits: self.limits.clone(),
-                                    updates: self.updates.clone(),
-                                };
-                                let drain_command = matches!(
-                                    command,
-                                    ferry_common::wire::Command::Drain | ferry_common::wire::Command::Undrain
-                                );
-                                let inventory = commands::changes_inventory(&command);
-                                let stop = shutdown.clone();
-                                let job = self.tasks.spawn(async move {
-                                    tokio::select! {
-                                        _ = stop.cancelled() => None,
-                                        outcome = commands::execute(command, &ctx) => outcome,
-                                    }
-                                });
-                                commands.spawn(async move {
-                                    let outcome = job.await.ok().flatten();
-                                    (outcome.map(|outcome| CommandResult { id, outcome }), drain_command, inventory)
-                                });
-                            }
-                        }
-                        BrokerToAgent::Refused(r) => return Err(LinkError::Refused(r)),
-                        BrokerToAgent::Welcome(_) => {
-                            return Err(LinkError::Protocol("a second Welcome".into()))
-                        }
-                        BrokerToAgent::TicketKey { public_key } => {
-                            match self.tickets.set_key(public_key).await {
-                                Ok(true) => tracing::info!("broker ticket key stored"),
-                                Ok(false) => {}
-                                // Tickets keep verifying with the key already kept (if any).
-                                Err(e) => tracing::error!(error = %e, "broker ticket key not stored"),
-                            }
-                        }
-                    }
+                    self.on_message(msg, sent, &mut commands, send, shutdown).await?;
                 }
                 done = commands.join_next(), if !commands.is_empty() => {
-                    if let Some(Ok((Some(result), drain_command, inventory))) = done {
-                        send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
-                        if inventory {
-                            let inventory = self.versions.inventory();
-                            send_msg(send, AgentToBroker::Inventory(inventory), shutdown).await?;
-                        }
-                        if drain_command {
-                            // Report the new drain state now, not at the next tick.
-                            let report = self.health_report(sampler, self.drain.is_draining()).await;
-                            send_msg(send, AgentToBroker::Health(report), shutdown).await?;
-                        }
+                    if let Some(Ok(done)) = done {
+                        self.on_command_done(done, send, shutdown, sampler).await?;
                     }
                 }
-                _ = health_tick.tick() => {
-                    let report = self.health_report(sampler, self.drain.is_draining()).await;
-                    send_msg(send, AgentToBroker::Health(report), shutdown).await?;
+                _ = health_tick.tick() => self.send_health(send, shutdown, sampler).await?,
+            }
+        }
+    }
+
+    /// What the broker forgets with the connection: where users reach the
+    /// host, what it runs, then who is away now.
+    async fn announce(
+        &self,
+        send: &mut quinn::SendStream,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        send_msg(
+            send,
+            AgentToBroker::Streaming(self.config.streaming.clone()),
+            shutdown,
+        )
+        .await?;
+        send_msg(
+            send,
+            AgentToBroker::Inventory(self.versions.inventory()),
+            shutdown,
+        )
+        .await?;
+        for report in self.presence.resync() {
+            send_msg(send, AgentToBroker::Presence(report), shutdown).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every spooled event after `sent`, in batches, moving `sent`.
+    async fn send_spooled(
+        &self,
+        send: &mut quinn::SendStream,
+        sent: &mut u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        loop {
+            let batch = self.spool.lock().events_after(*sent, SEND_BATCH);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for ev in batch {
+                let seq = ev.seq;
+                send_msg(send, AgentToBroker::Session(ev), shutdown).await?;
+                *sent = seq;
+            }
+        }
+    }
+
+    /// One message of the broker (`sent`: the highest sequence sent so far).
+    async fn on_message(
+        &self,
+        msg: BrokerToAgent,
+        sent: u64,
+        commands: &mut CommandJobs,
+        send: &mut quinn::SendStream,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        match msg {
+            BrokerToAgent::Ack { up_to } => {
+                if up_to > sent {
+                    return Err(LinkError::Protocol(format!(
+                        "ack of seq {up_to} but only {sent} was sent"
+                    )));
+                }
+                self.spool.ack(up_to).await?;
+            }
+            BrokerToAgent::Command { id, command } => {
+                if commands.len() >= MAX_INFLIGHT_COMMANDS {
+                    let result = CommandResult {
+                        id,
+                        outcome: ferry_common::wire::CommandOutcome::Failed(format!(
+                            "agent busy: {MAX_INFLIGHT_COMMANDS} commands already running"
+                        )),
+                    };
+                    send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
+                } else {
+                    self.start_command(id, command, commands, shutdown);
+                }
+            }
+            BrokerToAgent::Refused(r) => return Err(LinkError::Refused(r)),
+            BrokerToAgent::Welcome(_) => {
+                return Err(LinkError::Protocol("a second Welcome".into()))
+            }
+            BrokerToAgent::TicketKey { public_key } => {
+                match self.tickets.set_key(public_key).await {
+                    Ok(true) => tracing::info!("broker ticket key stored"),
+                    Ok(false) => {}
+                    // Tickets keep verifying with the key already kept (if any).
+                    Err(e) => tracing::error!(error = %e, "broker ticket key not stored"),
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Runs a broker command as a tracked task (cancelled on shutdown); its
+    /// result comes back through `commands`.
+    fn start_command(
+        &self,
+        id: u64,
+        command: ferry_common::wire::Command,
+        commands: &mut CommandJobs,
+        shutdown: &CancellationToken,
+    ) {
+        let ctx = commands::CommandContext {
+            drain: self.drain.clone(),
+            policy: self.policy.clone(),
+            hooks: self.config.hooks.clone(),
+            status: self.status.clone(),
+            versions: self.versions.clone(),
+            limits: self.limits.clone(),
+            updates: self.updates.clone(),
+        };
+        let drain_command = matches!(
+            command,
+            ferry_common::wire::Command::Drain | ferry_common::wire::Command::Undrain
+        );
+        let inventory = commands::changes_inventory(&command);
+        let stop = shutdown.clone();
+        let job = self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => None,
+                outcome = commands::execute(command, &ctx) => outcome,
+            }
+        });
+        commands.spawn(async move {
+            let outcome = job.await.ok().flatten();
+            (
+                outcome.map(|outcome| CommandResult { id, outcome }),
+                drain_command,
+                inventory,
+            )
+        });
+    }
+
+    /// A finished command: its result, then the inventory or the drain
+    /// state it changed.
+    async fn on_command_done(
+        &self,
+        (result, drain_command, inventory): CommandDone,
+        send: &mut quinn::SendStream,
+        shutdown: &CancellationToken,
+        sampler: &Arc<Mutex<HealthSampler>>,
+    ) -> Result<(), LinkError> {
+        let Some(result) = result else {
+            return Ok(());
+        };
+        send_msg(send, AgentToBroker::CommandResult(result), shutdown).await?;
+        if inventory {
+            let inventory = self.versions.inventory();
+            send_msg(send, AgentToBroker::Inventory(inventory), shutdown).await?;
+        }
+        if drain_command {
+            // Report the new drain state now, not at the next tick.
+            self.send_health(send, shutdown, sampler).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_health(
+        &self,
+        send: &mut quinn::SendStream,
+        shutdown: &CancellationToken,
+        sampler: &Arc<Mutex<HealthSampler>>,
+    ) -> Result<(), LinkError> {
+        let report = self.health_report(sampler, self.drain.is_draining()).await;
+        send_msg(send, AgentToBroker::Health(report), shutdown).await
     }
 
     async fn health_report(

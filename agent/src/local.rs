@@ -314,48 +314,11 @@ async fn serve_connection(
     }
 }
 
+/// Answers one request: a map from each request to the function doing it.
 async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken) -> Response {
     match req {
-        Request::SessionStart { session, user } => {
-            let event = SessionEvent::Started {
-                session: session.clone(),
-                user: user.clone(),
-                at: now(),
-            };
-            let r = state.spool.append(event).await;
-            if r.is_ok() {
-                tracing::info!(%session, %user, "session started");
-            }
-            recorded(r)
-        }
-        Request::SessionEnd { session, reason } => {
-            if let EndReason::Other(text) = &reason {
-                if text.len() > ferry_common::limits::MAX_TEXT_LEN {
-                    return Response::Error {
-                        code: ErrorCode::InvalidRequest,
-                        message: format!(
-                            "reason is {} bytes; the limit is {}",
-                            text.len(),
-                            ferry_common::limits::MAX_TEXT_LEN
-                        ),
-                    };
-                }
-            }
-            // The end the enforcer's disconnect hook caused is recorded
-            // with the enforcer's reason (see `crate::enforce`).
-            let reason = state.enforcer.ending_reason(&session).unwrap_or(reason);
-            let event = SessionEvent::Ended {
-                session: session.clone(),
-                at: now(),
-                reason,
-            };
-            let r = state.spool.append(event).await;
-            if r.is_ok() {
-                state.presence.forget(&session);
-                tracing::info!(%session, "session ended");
-            }
-            recorded(r)
-        }
+        Request::SessionStart { session, user } => session_start(state, session, user).await,
+        Request::SessionEnd { session, reason } => session_end(state, session, reason).await,
         Request::SessionDisconnected { session } => {
             presence(state, session, ferry_common::wire::Presence::Disconnected)
         }
@@ -377,47 +340,108 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
         Request::Status => Response::Status(status_reply(state)),
         Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
         Request::WaitAcked { seq, timeout_ms } => {
-            let mut rx = state.status.clone();
-            let wait = rx.wait_for(|s| s.acked_seq >= seq || !s.connected);
-            let timeout = Duration::from_millis(timeout_ms);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                // Answered with the status either way.
-                _ = tokio::time::timeout(timeout, wait) => {}
-            }
-            Response::Status(status_reply(state))
+            wait_acked(state, seq, Duration::from_millis(timeout_ms), shutdown).await
         }
         Request::WaitSynced { timeout_ms } => {
-            let mut rx = state.status.clone();
-            let wait = rx.wait_for(|s| s.connected && s.spooled == 0);
-            let timeout = Duration::from_millis(timeout_ms);
-            tokio::select! {
-                _ = shutdown.cancelled() => Response::Error {
-                    code: ErrorCode::ShuttingDown,
-                    message: "the agent is shutting down".into(),
-                },
-                r = tokio::time::timeout(timeout, wait) => match r {
-                    Ok(Ok(_)) => Response::Status(status_reply(state)),
-                    Ok(Err(_)) => Response::Error {
-                        code: ErrorCode::ShuttingDown,
-                        message: "the agent is shutting down".into(),
-                    },
-                    Err(_) => {
-                        let s = state.status.borrow().clone();
-                        Response::Error {
-                            code: ErrorCode::Timeout,
-                            message: format!(
-                                "not synced after {}: connected={}, {} events spooled{}",
-                                ferry_common::duration::format_duration(timeout),
-                                s.connected,
-                                s.spooled,
-                                s.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
-                            ),
-                        }
-                    }
-                },
-            }
+            wait_synced(state, Duration::from_millis(timeout_ms), shutdown).await
         }
+    }
+}
+
+/// A session started: spooled.
+async fn session_start(state: &ServerState, session: SessionId, user: UserId) -> Response {
+    let event = SessionEvent::Started {
+        session: session.clone(),
+        user: user.clone(),
+        at: now(),
+    };
+    let r = state.spool.append(event).await;
+    if r.is_ok() {
+        tracing::info!(%session, %user, "session started");
+    }
+    recorded(r)
+}
+
+/// A session ended: spooled, its presence forgotten.
+async fn session_end(state: &ServerState, session: SessionId, reason: EndReason) -> Response {
+    if let EndReason::Other(text) = &reason {
+        if text.len() > ferry_common::limits::MAX_TEXT_LEN {
+            return Response::Error {
+                code: ErrorCode::InvalidRequest,
+                message: format!(
+                    "reason is {} bytes; the limit is {}",
+                    text.len(),
+                    ferry_common::limits::MAX_TEXT_LEN
+                ),
+            };
+        }
+    }
+    // The end the enforcer's disconnect hook caused is recorded
+    // with the enforcer's reason (see `crate::enforce`).
+    let reason = state.enforcer.ending_reason(&session).unwrap_or(reason);
+    let event = SessionEvent::Ended {
+        session: session.clone(),
+        at: now(),
+        reason,
+    };
+    let r = state.spool.append(event).await;
+    if r.is_ok() {
+        state.presence.forget(&session);
+        tracing::info!(%session, "session ended");
+    }
+    recorded(r)
+}
+
+/// The status once the broker acknowledged `seq` or the link is down, or
+/// after `timeout` (answered with the status either way).
+async fn wait_acked(
+    state: &ServerState,
+    seq: u64,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Response {
+    let mut rx = state.status.clone();
+    let wait = rx.wait_for(|s| s.acked_seq >= seq || !s.connected);
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        // Answered with the status either way.
+        _ = tokio::time::timeout(timeout, wait) => {}
+    }
+    Response::Status(status_reply(state))
+}
+
+/// The status once connected with nothing spooled; an error after `timeout`
+/// or on shutdown.
+async fn wait_synced(
+    state: &ServerState,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Response {
+    let shutting_down = || Response::Error {
+        code: ErrorCode::ShuttingDown,
+        message: "the agent is shutting down".into(),
+    };
+    let mut rx = state.status.clone();
+    let wait = rx.wait_for(|s| s.connected && s.spooled == 0);
+    tokio::select! {
+        _ = shutdown.cancelled() => shutting_down(),
+        r = tokio::time::timeout(timeout, wait) => match r {
+            Ok(Ok(_)) => Response::Status(status_reply(state)),
+            Ok(Err(_)) => shutting_down(),
+            Err(_) => {
+                let s = state.status.borrow().clone();
+                Response::Error {
+                    code: ErrorCode::Timeout,
+                    message: format!(
+                        "not synced after {}: connected={}, {} events spooled{}",
+                        ferry_common::duration::format_duration(timeout),
+                        s.connected,
+                        s.spooled,
+                        s.last_error.map(|e| format!(", last error: {e}")).unwrap_or_default()
+                    ),
+                }
+            }
+        },
     }
 }
 

@@ -13,7 +13,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_PATH};
 use ferry_agent::link::TlsError;
-use ferry_agent::local::{ErrorCode, LocalClient, LocalError, Request, Response, StatusReply};
+use ferry_agent::local::{
+    ErrorCode, LocalClient, LocalError, Request, Response, StatusReply, TicketInfo,
+};
 use ferry_agent::pam::{self, PamAction};
 use ferry_agent::AgentError;
 use ferry_common::wire::EndReason;
@@ -284,31 +286,10 @@ fn socket_path(cli: &Cli) -> anyhow::Result<PathBuf> {
     Ok(config.local_socket)
 }
 
+/// Runs one command: a map from each verb to the function doing it.
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Cmd::Run => {
-            let path = config_path(cli.config.as_deref());
-            let config = AgentConfig::load(&path)?;
-            if !config.cert.exists() {
-                if let Some(token) = ferry_agent::config::enroll_token(&path)? {
-                    let target = ferry_agent::enroll::EnrollTarget {
-                        broker_addr: config.broker_addr.clone(),
-                        broker_name: config.broker_name.clone(),
-                        ca_cert: config.ca_cert.clone(),
-                        token,
-                        cert: config.cert.clone(),
-                        key: config.key.clone(),
-                        expect: Some(config.resource.clone()),
-                    };
-                    let resource = ferry_agent::enroll::enroll_with_retries(&target)
-                        .await
-                        .context("enroll")?;
-                    tracing::info!(%resource, "enrolled: certificate written");
-                }
-            }
-            run_daemon(config).await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Run => run_agent(&cli).await,
         Cmd::Enroll {
             broker,
             ca,
@@ -316,195 +297,266 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             broker_name,
             cert,
             key,
-        } => {
-            let target = ferry_agent::enroll::EnrollTarget {
-                broker_addr: broker.clone(),
-                broker_name: broker_name
-                    .clone()
-                    .unwrap_or_else(|| ferry_agent::config::broker_host(broker).to_owned()),
-                ca_cert: ca.clone(),
-                token: token.clone(),
-                cert: cert.clone(),
-                key: key.clone(),
-                expect: None,
-            };
-            let resource = ferry_agent::enroll::enroll(&target)
-                .await
-                .context("enroll")?;
-            println!(
-                "enrolled as {resource}: certificate {}, key {}",
-                cert.display(),
-                key.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Session(SessionCmd::Disconnected { session }) => {
-            let session = SessionId::new(session.as_str()).context("session")?;
-            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
-            client.session_presence(session.clone(), true).await?;
-            println!("session {session}: user disconnected, session retained");
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Session(SessionCmd::Reconnected { session }) => {
-            let session = SessionId::new(session.as_str()).context("session")?;
-            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
-            client.session_presence(session.clone(), false).await?;
-            println!("session {session}: user reconnected");
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Session(SessionCmd::Idle { session, since }) => {
-            let session = SessionId::new(session.as_str()).context("session")?;
-            let since = since.map(|s| match s {
-                Since::At(ms) => UnixMillis(ms),
-                Since::Ago(d) => {
-                    let ago = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-                    UnixMillis(ferry_agent::clock::now().0.saturating_sub(ago))
-                }
-            });
-            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
-            client
-                .session_idleness(session.clone(), Some(since))
-                .await?;
-            println!("session {session}: idle");
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Session(SessionCmd::Active { session }) => {
-            let session = SessionId::new(session.as_str()).context("session")?;
-            let mut client = LocalClient::connect(&socket_path(&cli)?).await?;
-            client.session_idleness(session.clone(), None).await?;
-            println!("session {session}: active");
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Session(cmd) => {
-            // Ids are checked before the agent is contacted.
-            let (request, session, event, report) = match cmd {
-                SessionCmd::Start {
-                    session,
-                    user,
-                    report,
-                } => {
-                    let session = SessionId::new(session.as_str()).context("--session")?;
-                    let request = Request::SessionStart {
-                        session: session.clone(),
-                        user: UserId::new(user.as_str()).context("--user")?,
-                    };
-                    (request, session, "started", report)
-                }
-                SessionCmd::End {
-                    session,
-                    reason,
-                    report,
-                } => {
-                    let session = SessionId::new(session.as_str()).context("--session")?;
-                    let request = Request::SessionEnd {
-                        session: session.clone(),
-                        reason: parse_reason(reason.as_deref()),
-                    };
-                    (request, session, "ended", report)
-                }
-                SessionCmd::Disconnected { .. }
-                | SessionCmd::Reconnected { .. }
-                | SessionCmd::Idle { .. }
-                | SessionCmd::Active { .. } => {
-                    anyhow::bail!("presence and idleness verbs are answered above")
-                }
-            };
-            let socket = socket_path(&cli)?;
-            let mut client = LocalClient::connect(&socket).await?;
-            let seq = match client.call(request).await?.into_result()? {
-                Response::Recorded { seq } => seq,
-                other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
-            };
-            // The event is durable now; an agent that cannot say (an older
-            // one) counts as "not acknowledged yet".
-            let acknowledged = report.ack_wait > Duration::ZERO
-                && client
-                    .wait_acked(seq, report.ack_wait)
-                    .await
-                    .unwrap_or(false);
-            print_reported(&session, event, seq, acknowledged, report.json)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Pam => {
-            let env: BTreeMap<String, String> = std::env::vars().collect();
-            let action = pam::action_from_env(&env, std::os::unix::process::parent_id())?;
-            let (session, seq) = match action {
-                PamAction::Ignore => return Ok(ExitCode::SUCCESS),
-                PamAction::Start { session, user } => {
-                    let socket = socket_path(&cli)?;
-                    let mut client = LocalClient::connect(&socket).await?;
-                    let seq = client.session_start(session.clone(), user).await?;
-                    (session, seq)
-                }
-                PamAction::End { session, reason } => {
-                    let socket = socket_path(&cli)?;
-                    let mut client = LocalClient::connect(&socket).await?;
-                    let seq = client.session_end(session.clone(), reason).await?;
-                    (session, seq)
-                }
-            };
-            tracing::info!(%session, seq, "PAM session event recorded");
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Ticket(TicketCmd::Verify { ticket, json }) => {
-            let socket = socket_path(&cli)?;
-            let mut client = LocalClient::connect(&socket).await?;
-            match client.verify_ticket(ticket.clone()).await {
-                Ok(t) => {
-                    if *json {
-                        let v = serde_json::json!({
-                            "valid": true,
-                            "ticket_id": t.ticket_id,
-                            "user": t.user,
-                            "session": t.session,
-                            "group": t.group,
-                            "expires_at": rfc3339(t.expires_at, SecondsFormat::Millis),
-                            "expires_at_ms": t.expires_at.0,
-                        });
-                        println!("{}", serde_json::to_string_pretty(&v)?);
-                    } else {
-                        println!("user        {}", t.user);
-                        println!("session     {}", t.session);
-                        println!("group       {}", t.group);
-                        println!("expires_at  {}", rfc3339(t.expires_at, SecondsFormat::Secs));
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(LocalError::Refused { code, message }) => {
-                    if *json {
-                        let v = serde_json::json!({
-                            "valid": false,
-                            "reason": ticket_reason(code),
-                            "message": message,
-                        });
-                        println!("{}", serde_json::to_string_pretty(&v)?);
-                    } else {
-                        eprintln!(
-                            "ferry-agent: ticket refused ({}): {message}",
-                            ticket_reason(code)
-                        );
-                    }
-                    Ok(ExitCode::FAILURE)
-                }
-                Err(e) => Err(e.into()),
-            }
-        }
+        } => enroll(broker, ca, token, broker_name.as_deref(), cert, key).await,
+        Cmd::Session(cmd) => session(&cli, cmd).await,
+        Cmd::Pam => pam_event(&cli).await,
+        Cmd::Ticket(TicketCmd::Verify { ticket, json }) => verify_ticket(&cli, ticket, *json).await,
         Cmd::Status {
             json,
             wait_synced,
             timeout,
-        } => {
-            let socket = socket_path(&cli)?;
-            let mut client = LocalClient::connect(&socket).await?;
-            let status = if *wait_synced {
-                client.wait_synced(*timeout).await?
-            } else {
-                client.status().await?
+        } => status(&cli, *json, *wait_synced, *timeout).await,
+    }
+}
+
+/// `run`: the daemon, enrolling first when there is no certificate and the
+/// config has an `enroll_token`.
+async fn run_agent(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let path = config_path(cli.config.as_deref());
+    let config = AgentConfig::load(&path)?;
+    if !config.cert.exists() {
+        if let Some(token) = ferry_agent::config::enroll_token(&path)? {
+            let target = ferry_agent::enroll::EnrollTarget {
+                broker_addr: config.broker_addr.clone(),
+                broker_name: config.broker_name.clone(),
+                ca_cert: config.ca_cert.clone(),
+                token,
+                cert: config.cert.clone(),
+                key: config.key.clone(),
+                expect: Some(config.resource.clone()),
             };
-            print_status(&status, *json)?;
-            Ok(ExitCode::SUCCESS)
+            let resource = ferry_agent::enroll::enroll_with_retries(&target)
+                .await
+                .context("enroll")?;
+            tracing::info!(%resource, "enrolled: certificate written");
         }
     }
+    run_daemon(config).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `enroll`: this host's certificate from the broker, with a one-time token.
+async fn enroll(
+    broker: &str,
+    ca: &Path,
+    token: &str,
+    broker_name: Option<&str>,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<ExitCode> {
+    let target = ferry_agent::enroll::EnrollTarget {
+        broker_addr: broker.to_owned(),
+        broker_name: broker_name
+            .unwrap_or_else(|| ferry_agent::config::broker_host(broker))
+            .to_owned(),
+        ca_cert: ca.to_owned(),
+        token: token.to_owned(),
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        expect: None,
+    };
+    let resource = ferry_agent::enroll::enroll(&target)
+        .await
+        .context("enroll")?;
+    println!(
+        "enrolled as {resource}: certificate {}, key {}",
+        cert.display(),
+        key.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `session VERB`: ids are checked before the agent is contacted.
+async fn session(cli: &Cli, cmd: &SessionCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SessionCmd::Start {
+            session,
+            user,
+            report,
+        } => {
+            let session = SessionId::new(session.as_str()).context("--session")?;
+            let request = Request::SessionStart {
+                session: session.clone(),
+                user: UserId::new(user.as_str()).context("--user")?,
+            };
+            session_event(cli, request, &session, "started", *report).await
+        }
+        SessionCmd::End {
+            session,
+            reason,
+            report,
+        } => {
+            let session = SessionId::new(session.as_str()).context("--session")?;
+            let request = Request::SessionEnd {
+                session: session.clone(),
+                reason: parse_reason(reason.as_deref()),
+            };
+            session_event(cli, request, &session, "ended", *report).await
+        }
+        SessionCmd::Disconnected { session } => presence(cli, session, true).await,
+        SessionCmd::Reconnected { session } => presence(cli, session, false).await,
+        SessionCmd::Idle { session, since } => idle(cli, session, *since).await,
+        SessionCmd::Active { session } => active(cli, session).await,
+    }
+}
+
+/// `session start|end`: the event spooled, then (within `--ack-wait`)
+/// acknowledged by the broker or not.
+async fn session_event(
+    cli: &Cli,
+    request: Request,
+    session: &SessionId,
+    event: &str,
+    report: ReportArgs,
+) -> anyhow::Result<ExitCode> {
+    let socket = socket_path(cli)?;
+    let mut client = LocalClient::connect(&socket).await?;
+    let seq = match client.call(request).await?.into_result()? {
+        Response::Recorded { seq } => seq,
+        other => anyhow::bail!("unexpected answer from the agent: {other:?}"),
+    };
+    // The event is durable now; an agent that cannot say (an older
+    // one) counts as "not acknowledged yet".
+    let acknowledged = report.ack_wait > Duration::ZERO
+        && client
+            .wait_acked(seq, report.ack_wait)
+            .await
+            .unwrap_or(false);
+    print_reported(session, event, seq, acknowledged, report.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `session disconnected` (`away`) and `session reconnected`.
+async fn presence(cli: &Cli, session: &str, away: bool) -> anyhow::Result<ExitCode> {
+    let session = SessionId::new(session).context("session")?;
+    let mut client = LocalClient::connect(&socket_path(cli)?).await?;
+    client.session_presence(session.clone(), away).await?;
+    if away {
+        println!("session {session}: user disconnected, session retained");
+    } else {
+        println!("session {session}: user reconnected");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `session idle`: idle since `--since` (default: now).
+async fn idle(cli: &Cli, session: &str, since: Option<Since>) -> anyhow::Result<ExitCode> {
+    let session = SessionId::new(session).context("session")?;
+    let since = since.map(|s| match s {
+        Since::At(ms) => UnixMillis(ms),
+        Since::Ago(d) => {
+            let ago = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            UnixMillis(ferry_agent::clock::now().0.saturating_sub(ago))
+        }
+    });
+    let mut client = LocalClient::connect(&socket_path(cli)?).await?;
+    client
+        .session_idleness(session.clone(), Some(since))
+        .await?;
+    println!("session {session}: idle");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `session active`: user input again.
+async fn active(cli: &Cli, session: &str) -> anyhow::Result<ExitCode> {
+    let session = SessionId::new(session).context("session")?;
+    let mut client = LocalClient::connect(&socket_path(cli)?).await?;
+    client.session_idleness(session.clone(), None).await?;
+    println!("session {session}: active");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pam`: the session event PAM's environment describes, if any.
+async fn pam_event(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let action = pam::action_from_env(&env, std::os::unix::process::parent_id())?;
+    let (session, seq) = match action {
+        PamAction::Ignore => return Ok(ExitCode::SUCCESS),
+        PamAction::Start { session, user } => {
+            let socket = socket_path(cli)?;
+            let mut client = LocalClient::connect(&socket).await?;
+            let seq = client.session_start(session.clone(), user).await?;
+            (session, seq)
+        }
+        PamAction::End { session, reason } => {
+            let socket = socket_path(cli)?;
+            let mut client = LocalClient::connect(&socket).await?;
+            let seq = client.session_end(session.clone(), reason).await?;
+            (session, seq)
+        }
+    };
+    tracing::info!(%session, seq, "PAM session event recorded");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ticket verify`: exit 0 with the ticket's facts, exit 1 with the reason
+/// it was refused.
+async fn verify_ticket(cli: &Cli, ticket: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let socket = socket_path(cli)?;
+    let mut client = LocalClient::connect(&socket).await?;
+    match client.verify_ticket(ticket.to_owned()).await {
+        Ok(t) => {
+            print_ticket(&t, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(LocalError::Refused { code, message }) => {
+            if json {
+                let v = serde_json::json!({
+                    "valid": false,
+                    "reason": ticket_reason(code),
+                    "message": message,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                eprintln!(
+                    "ferry-agent: ticket refused ({}): {message}",
+                    ticket_reason(code)
+                );
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A valid ticket's user, session, group and expiry.
+fn print_ticket(t: &TicketInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        let v = serde_json::json!({
+            "valid": true,
+            "ticket_id": t.ticket_id,
+            "user": t.user,
+            "session": t.session,
+            "group": t.group,
+            "expires_at": rfc3339(t.expires_at, SecondsFormat::Millis),
+            "expires_at_ms": t.expires_at.0,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("user        {}", t.user);
+        println!("session     {}", t.session);
+        println!("group       {}", t.group);
+        println!("expires_at  {}", rfc3339(t.expires_at, SecondsFormat::Secs));
+    }
+    Ok(())
+}
+
+/// `status`: the link and spool, now or once synced (`--wait-synced`).
+async fn status(
+    cli: &Cli,
+    json: bool,
+    wait_synced: bool,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let socket = socket_path(cli)?;
+    let mut client = LocalClient::connect(&socket).await?;
+    let status = if wait_synced {
+        client.wait_synced(timeout).await?
+    } else {
+        client.status().await?
+    };
+    print_status(&status, json)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `session start|end` print: the event is durable either way; the
@@ -535,7 +587,6 @@ fn print_reported(
     Ok(())
 }
 
-/// The refusal reason of a ticket, as printed.
 /// A time as RFC 3339 UTC (`2026-12-01T02:00:00Z` for people, with
 /// milliseconds in JSON), like every time `ferryctl` prints.
 fn rfc3339(t: UnixMillis, format: SecondsFormat) -> String {
@@ -548,6 +599,7 @@ fn rfc3339(t: UnixMillis, format: SecondsFormat) -> String {
         .unwrap_or_else(|| format!("@{}ms", t.0))
 }
 
+/// The refusal reason of a ticket, as printed.
 fn ticket_reason(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::TicketMalformed => "malformed",

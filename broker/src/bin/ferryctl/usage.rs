@@ -1,0 +1,74 @@
+//! `ferryctl usage`: metered usage and its amounts over a period, as a
+//! table, CSV or JSON.
+
+use std::path::Path;
+
+use anyhow::Context;
+use ferry_broker::render;
+use ferry_common::admin::{AdminRequestV1, AdminResponseV1, UsageDetail, UsageQuery};
+use ferry_common::GroupName;
+
+use crate::show::show;
+use crate::{runtime, time, Usage};
+
+/// Asks the broker for the usage of `group` (every group without one)
+/// between `from` and `to` and renders it in `format` (`--json` means json).
+pub(crate) fn run(
+    socket: &Path,
+    group: Option<String>,
+    from: &str,
+    to: &str,
+    format: String,
+    json: bool,
+) -> anyhow::Result<String> {
+    let format = if json { "json".to_string() } else { format };
+    if !["table", "csv", "json"].contains(&format.as_str()) {
+        return Err(Usage(format!(
+            "--format must be table, csv or json, not {format:?}"
+        ))
+        .into());
+    }
+    let query = query(group, from, to)?;
+    let resp = runtime()?.block_on(ferry_broker::admin::request(
+        socket,
+        AdminRequestV1::UsageDetailed(query),
+    ))?;
+    Ok(match resp {
+        AdminResponseV1::UsageDetailed(d) => rendered(&d, &format),
+        other => show(other, json),
+    })
+}
+
+/// The period asked for, checked: RFC 3339 times, `to` after `from`.
+fn query(group: Option<String>, from: &str, to: &str) -> anyhow::Result<UsageQuery> {
+    let query = UsageQuery {
+        group: group.map(|g| g.parse::<GroupName>()).transpose()?,
+        from: time(from).context("--from")?,
+        to: time(to).context("--to")?,
+    };
+    if query.to <= query.from {
+        return Err(Usage(format!(
+            "--to {} must be after --from {}",
+            render::rfc3339_secs(query.to),
+            render::rfc3339_secs(query.from)
+        ))
+        .into());
+    }
+    Ok(query)
+}
+
+/// The report in `format` (table, csv or json).
+fn rendered(d: &UsageDetail, format: &str) -> String {
+    match format {
+        "csv" => {
+            // CSV rows have no room for it: a period still
+            // running is said on stderr.
+            if let Some(note) = render::usage_so_far(d) {
+                eprintln!("ferryctl: {note}");
+            }
+            render::usage_csv(&d.report)
+        }
+        "json" => format!("{:#}\n", render::usage_detail_json(d)),
+        _ => render::usage_detail_table(d),
+    }
+}
