@@ -1497,3 +1497,394 @@ impl Store {
         .expect("an open session");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("id")
+    }
+
+    fn ev(kind: &'static str, message: &str) -> GroupEvent {
+        GroupEvent {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn offer(version: &str) -> NewUpdate {
+        NewUpdate {
+            component: "office".into(),
+            version: version.into(),
+            package: String::new(),
+            description: "fixes printing".into(),
+            at: UnixMillis(10),
+        }
+    }
+
+    fn schedule_of(update_id: u64) -> NewSchedule {
+        NewSchedule {
+            update_id,
+            start: UnixMillis(1_000),
+            wave: 1,
+            drain_ms: 0,
+            at: UnixMillis(20),
+        }
+    }
+
+    /// Group 1's (status, events as kind: message).
+    async fn group_1(store: &Store) -> (String, Vec<String>) {
+        let (g, events) = store
+            .group_read(|tx| Ok::<_, StoreError>((tx.by_num(1)?, tx.events(1)?)))
+            .await
+            .expect("read");
+        let events = events
+            .into_iter()
+            .map(|e| format!("{}: {}", e.kind, e.message))
+            .collect();
+        (g.expect("group 1").status, events)
+    }
+
+    async fn store_with_group(dir: &std::path::Path) -> Store {
+        let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store");
+        store
+            .insert_group_in_status_for_test(1, "g", "published")
+            .await;
+        store
+    }
+
+    /// An offer and a schedule of group `g`; the schedule's id.
+    async fn scheduled(store: &Store) -> u64 {
+        let Offered::Offered(u) = store
+            .offer_update(
+                "g".into(),
+                offer("3.2"),
+                |_| Ok::<_, ()>(()),
+                |id, _| ev("ota-offered", &format!("update {id}")),
+            )
+            .await
+            .expect("offer")
+        else {
+            panic!("not offered");
+        };
+        let Scheduled::Scheduled(s) = store
+            .schedule_update(
+                "g".into(),
+                schedule_of(u.id),
+                |_| Ok::<_, ()>(()),
+                |id, _| ev("ota-scheduled", &format!("schedule {id}")),
+            )
+            .await
+            .expect("schedule")
+        else {
+            panic!("not scheduled");
+        };
+        s.id
+    }
+
+    #[tokio::test]
+    async fn a_refusal_writes_nothing_and_an_accepted_change_writes_its_event() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = store_with_group(dir.path()).await;
+        // No group, then a refusal: no offer, no event.
+        let r = store
+            .offer_update(
+                "nope".into(),
+                offer("1"),
+                |_| Ok::<_, ()>(()),
+                |_, _| ev("ota-offered", "x"),
+            )
+            .await
+            .expect("offer");
+        assert!(matches!(r, Offered::NoGroup), "{r:?}");
+        let r = store
+            .offer_update(
+                "g".into(),
+                offer("1"),
+                |_| Err("no"),
+                |_, _| ev("ota-offered", "x"),
+            )
+            .await
+            .expect("offer");
+        assert!(matches!(r, Offered::Refused("no")), "{r:?}");
+        assert_eq!(store.ota_updates(None).await.expect("list"), Some(vec![]));
+        assert_eq!(group_1(&store).await.1, Vec::<String>::new());
+
+        let id = scheduled(&store).await;
+        // The schedule's rules see the update's group and the active schedule.
+        let r = store
+            .schedule_update(
+                "g".into(),
+                schedule_of(1),
+                |f| match &f.active {
+                    Some(a) if f.update_group_num == f.group.num => Err(a.id),
+                    _ => Ok(()),
+                },
+                |_, _| ev("ota-scheduled", "x"),
+            )
+            .await
+            .expect("schedule");
+        assert!(matches!(r, Scheduled::Refused(a) if a == id), "{r:?}");
+        let r = store
+            .schedule_update(
+                "g".into(),
+                schedule_of(99),
+                |_| Ok::<_, ()>(()),
+                |_, _| ev("ota-scheduled", "x"),
+            )
+            .await
+            .expect("schedule");
+        assert!(matches!(r, Scheduled::NoUpdate), "{r:?}");
+
+        // A refused change leaves the schedule as it was; an accepted one
+        // moves it with its event.
+        let r = store
+            .change_schedule(id, UnixMillis(30), |_| {
+                Err::<(ScheduleChange, GroupEvent), _>("no")
+            })
+            .await
+            .expect("change");
+        assert!(matches!(r, Changed::Refused("no")), "{r:?}");
+        let r = store
+            .change_schedule(id, UnixMillis(30), |row| {
+                Ok::<_, ()>((
+                    ScheduleChange::Cancel {
+                        detail: "cancelled by operator".into(),
+                    },
+                    ev("ota-cancelled", &format!("schedule {} cancelled", row.id)),
+                ))
+            })
+            .await
+            .expect("change");
+        let Changed::Changed(s) = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!(
+            (s.state.as_str(), s.finished_at, s.detail.as_deref()),
+            (
+                "cancelled",
+                Some(UnixMillis(30)),
+                Some("cancelled by operator")
+            )
+        );
+        assert!(matches!(
+            store
+                .change_schedule(
+                    99,
+                    UnixMillis(30),
+                    |_| Err::<(ScheduleChange, GroupEvent), _>(())
+                )
+                .await,
+            Ok(Changed::NoSchedule)
+        ));
+        assert_eq!(
+            group_1(&store).await.1,
+            vec![
+                "ota-offered: update 1".to_owned(),
+                format!("ota-scheduled: schedule {id}"),
+                format!("ota-cancelled: schedule {id} cancelled"),
+            ]
+        );
+        let history = store.ota_history("g".into()).await.expect("history");
+        assert_eq!(history.map(|h| h.len()), Some(1));
+        assert_eq!(
+            store.ota_history("nope".into()).await.expect("history"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_start_refused_fails_the_schedule_with_its_event_and_a_start_loads_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = store_with_group(dir.path()).await;
+        let id = scheduled(&store).await;
+        let failed = store
+            .start_ota_schedule(id, UnixMillis(1_000), |_, u| StartDecision::Fail {
+                detail: "not started: no".into(),
+                event: ev("ota-failed", &format!("update {} not started", u.id)),
+            })
+            .await
+            .expect("start");
+        assert!(failed.is_none());
+        let s = store
+            .ota_history("g".into())
+            .await
+            .expect("history")
+            .expect("g");
+        assert_eq!(
+            (s[0].state.as_str(), s[0].detail.as_deref()),
+            ("failed", Some("not started: no"))
+        );
+        assert!(group_1(&store)
+            .await
+            .1
+            .contains(&"ota-failed: update 1 not started".to_owned()));
+        // Not scheduled any more: nothing is asked, nothing loads.
+        let again = store
+            .start_ota_schedule(id, UnixMillis(1_000), |_, _| panic!("asked again"))
+            .await
+            .expect("start");
+        assert!(again.is_none());
+
+        // A schedule that starts, with a host an earlier rollout failed on.
+        store
+            .record_rollout(vec![
+                RolloutWrite::OtaPlan {
+                    schedule: id,
+                    hosts: vec![rid("h1")],
+                },
+                RolloutWrite::OtaStep {
+                    schedule: id,
+                    host: rid("h1"),
+                    state: "failed",
+                    detail: Some("hook failed".into()),
+                    at: UnixMillis(1_000),
+                },
+            ])
+            .await
+            .expect("record");
+        let id2 = scheduled(&store).await;
+        let run = store
+            .start_ota_schedule(id2, UnixMillis(2_000), |_, _| {
+                StartDecision::Start(ev("ota-started", "started"))
+            })
+            .await
+            .expect("start")
+            .expect("running");
+        assert_eq!(run.schedule.state, "running");
+        assert_eq!(run.schedule.started_at, Some(UnixMillis(2_000)));
+        assert_eq!(run.group.as_str(), "g");
+        assert!(run.results.is_empty());
+        assert_eq!(run.retry, vec![rid("h1")]);
+        let work = store.rollout_work().await.expect("work");
+        assert_eq!(
+            work.schedules.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![id2]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_image_update_begins_runs_and_records_its_end_in_one_write() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = store_with_group(dir.path()).await;
+        let begin = |image: &str| NewImageUpdate {
+            image: image.into(),
+            warning_ms: 60_000,
+            started_at: UnixMillis(100),
+            disconnect_at: UnixMillis(60_100),
+            status: "updating".into(),
+            event: ev("status", "published -> updating"),
+        };
+        let refused = store
+            .begin_image_update("g".into(), |_, _| Err::<NewImageUpdate, _>("no"))
+            .await
+            .expect("begin");
+        assert!(matches!(refused, ImageBegun::Refused("no")), "{refused:?}");
+        assert!(store.rollout_work().await.expect("work").images.is_empty());
+        let u = begin("img-2");
+        let begun = store
+            .begin_image_update("g".into(), move |g, ota| {
+                assert!(ota.is_none());
+                assert_eq!(g.image, "img-1");
+                Ok::<_, ()>(u)
+            })
+            .await
+            .expect("begin");
+        assert!(matches!(&begun, ImageBegun::Begun(g) if g.status == "published"));
+        assert_eq!(
+            group_1(&store).await,
+            (
+                "updating".to_owned(),
+                vec!["status: published -> updating".to_owned()]
+            )
+        );
+        let work = store.rollout_work().await.expect("work");
+        let [running] = work.images.as_slice() else {
+            panic!("{work:?}");
+        };
+        let id = running.id;
+        store.open_session_for_test("h1", "s1").await;
+        let run = store
+            .image_update_run(id)
+            .await
+            .expect("run")
+            .expect("running");
+        assert_eq!(
+            (run.update.image.as_str(), run.update.disconnect_at),
+            ("img-2", UnixMillis(60_100))
+        );
+        // The session's resource is not registered with the group.
+        assert!(run.open.is_empty());
+        let rows = store
+            .rollout_rows(1, Some(id), vec![rid("h1")])
+            .await
+            .expect("rows");
+        assert!(rows.running);
+        assert_eq!(rows.open[&rid("h1")], vec!["s1".parse().expect("session")]);
+
+        // The end, in one write: a status whose `from` no longer holds is
+        // left alone, with no event.
+        store
+            .record_rollout(vec![
+                RolloutWrite::ImagePlan {
+                    update: id,
+                    hosts: vec![rid("h1")],
+                },
+                RolloutWrite::ImageOutcome {
+                    update: id,
+                    host: rid("h1"),
+                    ok: false,
+                    detail: "switch failed".into(),
+                    at: UnixMillis(60_200),
+                },
+                RolloutWrite::ImageEnded {
+                    update: id,
+                    ok: false,
+                    at: UnixMillis(60_200),
+                },
+                RolloutWrite::GroupStatus {
+                    group_num: 1,
+                    from: "published".into(),
+                    to: "update-failed".into(),
+                    message: "published -> update-failed".into(),
+                    at: UnixMillis(60_200),
+                },
+                RolloutWrite::GroupStatus {
+                    group_num: 1,
+                    from: "updating".into(),
+                    to: "update-failed".into(),
+                    message: "updating -> update-failed".into(),
+                    at: UnixMillis(60_200),
+                },
+            ])
+            .await
+            .expect("record");
+        assert_eq!(
+            group_1(&store).await,
+            (
+                "update-failed".to_owned(),
+                vec![
+                    "status: published -> updating".to_owned(),
+                    "status: updating -> update-failed".to_owned()
+                ]
+            )
+        );
+        assert!(store.image_update_run(id).await.expect("run").is_none());
+        let v = store
+            .group_versions("g".into())
+            .await
+            .expect("versions")
+            .expect("g");
+        assert_eq!(
+            v.outcomes.get("h1").map(String::as_str),
+            Some("failed: switch failed")
+        );
+        assert!(store
+            .group_versions("nope".into())
+            .await
+            .expect("v")
+            .is_none());
+    }
+}
