@@ -2,10 +2,11 @@
 //! group, their rollout schedules and each resource's outcome.
 //!
 //! - [`Ota`] answers the admin verbs (`ferryctl ota ...`). Every change is
-//!   one [`Store::exec`] closure: the rules are checked against the committed
-//!   rows and the new rows written in the same transaction, so the operator
-//!   is answered only once it is durable, and two operators (or an operator
-//!   and the rollout timer) on one schedule are serialised.
+//!   one transaction of the store's rollouts door: the rules are checked
+//!   against the committed rows and the new rows written in the same
+//!   transaction, so the operator is answered only once it is durable, and
+//!   two operators (or an operator and the rollout timer) on one schedule
+//!   are serialised.
 //! - [`crate::rollout`] has the timer that starts each schedule at its start
 //!   time (a deadline on the groups' clock, woken by [`Ota::wake`] after
 //!   every change, never a polling period) and the rollout machine that
@@ -35,7 +36,10 @@ use ferry_common::UnixMillis;
 use crate::clock::Clock;
 use crate::groups::lifecycle::{check_ota, LifecycleError, Status};
 use crate::rollout::Board;
-use crate::store::rollouts::{self, ScheduleRow};
+use crate::store::rollouts::{
+    Changed, GroupEvent, GroupRef, NewSchedule, NewUpdate, Offered, ScheduleChange, ScheduleRow,
+    Scheduled,
+};
 use crate::store::{Store, StoreError};
 
 /// How far ahead a rollout may be scheduled (SPEC section 9: within 7 days).
@@ -198,65 +202,54 @@ impl Ota {
             return Err(OtaError::Invalid(problems));
         }
         let now = self.clock.now();
-        self.store
-            .exec(move |c| {
-                let Some(g) = rollouts::find_group(c, spec.group.as_str())? else {
-                    return Ok(Err(OtaError::NotFound(format!(
-                        "no group named {}",
-                        spec.group
-                    ))));
-                };
-                if g.status == Status::Gone.as_str() {
-                    return Ok(Err(OtaError::NotFound(format!(
-                        "group {} is gone",
-                        spec.group
-                    ))));
-                }
-                let id = rollouts::insert_update(
-                    c,
-                    &rollouts::NewUpdate {
-                        group_num: g.num,
-                        component: &spec.component,
-                        version: &spec.version,
-                        package: &spec.package,
-                        description: &spec.description,
-                        at: now,
-                    },
-                )?;
-                rollouts::event(
-                    c,
-                    g.num,
-                    now,
-                    "ota-offered",
-                    &format!(
-                        "update {id} offered: {} {} ({}); roll it out with `ferryctl ota schedule \
-                     {} --update {id}`",
-                        spec.component, spec.version, spec.description, g.name
+        let group = spec.group.clone();
+        let update = NewUpdate {
+            component: spec.component,
+            version: spec.version,
+            package: spec.package,
+            description: spec.description,
+            at: now,
+        };
+        let (component, version, description) = (
+            update.component.clone(),
+            update.version.clone(),
+            update.description.clone(),
+        );
+        let offered = self
+            .store
+            .offer_update(
+                group.to_string(),
+                update,
+                move |g| {
+                    if g.status == Status::Gone.as_str() {
+                        return Err(OtaError::NotFound(format!("group {group} is gone")));
+                    }
+                    Ok(())
+                },
+                move |id, g| GroupEvent {
+                    kind: "ota-offered",
+                    message: format!(
+                        "update {id} offered: {component} {version} ({description}); roll it out \
+                         with `ferryctl ota schedule {} --update {id}`",
+                        g.name
                     ),
-                )?;
-                let (info, _) = rollouts::update(c, id)?
-                    .ok_or_else(|| StoreError::Corrupt(format!("update {id} vanished")))?;
-                Ok(Ok(info))
-            })
-            .await?
+                },
+            )
+            .await?;
+        match offered {
+            Offered::NoGroup => Err(OtaError::NotFound(format!("no group named {}", spec.group))),
+            Offered::Refused(e) => Err(e),
+            Offered::Offered(info) => Ok(info),
+        }
     }
 
     /// `ota list`: offers of one group or all.
     pub async fn list(&self, group: Option<String>) -> Result<Vec<OtaUpdateInfo>, OtaError> {
-        let r = self
-            .store
-            .read_with(move |c| {
-                let num = match group {
-                    None => None,
-                    Some(g) => match rollouts::find_group(c, &g)? {
-                        Some(g) => Some(g.num),
-                        None => return Ok(Err(OtaError::NotFound(format!("no group named {g}")))),
-                    },
-                };
-                Ok(Ok(rollouts::updates(c, num)?))
-            })
-            .await?;
-        r
+        let missing = group.clone().unwrap_or_default();
+        self.store
+            .ota_updates(group)
+            .await?
+            .ok_or_else(|| OtaError::NotFound(format!("no group named {missing}")))
     }
 
     /// `ota list`: offers of one group or all, and every schedule of them.
@@ -264,24 +257,11 @@ impl Ota {
         &self,
         group: Option<String>,
     ) -> Result<(Vec<OtaUpdateInfo>, Vec<OtaScheduleInfo>), OtaError> {
-        let r = self
-            .store
-            .read_with(move |c| {
-                let num = match group {
-                    None => None,
-                    Some(g) => match rollouts::find_group(c, &g)? {
-                        Some(g) => Some(g.num),
-                        None => return Ok(Err(OtaError::NotFound(format!("no group named {g}")))),
-                    },
-                };
-                let mut schedules = Vec::new();
-                for row in rollouts::schedules(c, num)? {
-                    schedules.push(rollouts::schedule_info(c, row)?);
-                }
-                Ok(Ok((rollouts::updates(c, num)?, schedules)))
-            })
-            .await?;
-        r
+        let missing = group.clone().unwrap_or_default();
+        self.store
+            .ota_updates_and_schedules(group)
+            .await?
+            .ok_or_else(|| OtaError::NotFound(format!("no group named {missing}")))
     }
 
     /// `ota schedule`.
@@ -294,73 +274,62 @@ impl Ota {
         if !problems.is_empty() {
             return Err(OtaError::Invalid(problems));
         }
-        let r =
-            self.store
-                .exec(move |c| {
-                    let Some(g) = rollouts::find_group(c, spec.group.as_str())? else {
-                        return Ok(Err(OtaError::NotFound(format!(
-                            "no group named {}",
-                            spec.group
-                        ))));
-                    };
-                    let Some((update, group_num)) = rollouts::update(c, spec.update)? else {
-                        return Ok(Err(OtaError::NotFound(format!(
-                            "no update {}",
-                            spec.update
-                        ))));
-                    };
-                    if group_num != g.num {
-                        return Ok(Err(OtaError::NotFound(format!(
-                            "update {} was offered to group {}, not {}",
-                            spec.update, update.group, spec.group
-                        ))));
+        let new = NewSchedule {
+            update_id: spec.update,
+            start: spec.start,
+            wave: spec.wave,
+            drain_ms: spec.drain_ms,
+            at: now,
+        };
+        let group = spec.group.clone();
+        let r = self
+            .store
+            .schedule_update(
+                spec.group.to_string(),
+                new,
+                move |f| {
+                    if f.update_group_num != f.group.num {
+                        return Err(OtaError::NotFound(format!(
+                            "update {} was offered to group {}, not {group}",
+                            f.update.id, f.update.group
+                        )));
                     }
-                    if let Err(e) = status_allows(&g) {
-                        return Ok(Err(e));
+                    status_allows(&f.group)?;
+                    if let Some(active) = &f.active {
+                        return Err(OtaError::Conflict(format!(
+                            "group {group} already has OTA schedule {} ({}, starting {}); cancel \
+                             it first",
+                            active.id,
+                            active.state,
+                            crate::render::rfc3339_secs(active.start)
+                        )));
                     }
-                    if let Some(active) = rollouts::active_of_group(c, g.num)? {
-                        return Ok(Err(OtaError::Conflict(format!(
-                    "group {} already has OTA schedule {} ({}, starting {}); cancel it first",
-                    spec.group,
-                    active.id,
-                    active.state,
-                    crate::render::rfc3339_secs(active.start)
-                ))));
-                    }
-                    let id = rollouts::insert_schedule(
-                        c,
-                        &rollouts::NewSchedule {
-                            update_id: spec.update,
-                            group_num: g.num,
-                            start: spec.start,
-                            wave: spec.wave,
-                            drain_ms: spec.drain_ms,
-                            at: now,
-                        },
-                    )?;
-                    rollouts::event(
-                        c,
-                        g.num,
-                        now,
-                        "ota-scheduled",
-                        &format!(
-                    "update {} ({} {}) scheduled as OTA schedule {id}: start {}, waves of {}, \
-                     drain deadline {} per resource",
-                    update.id,
-                    update.component,
-                    update.version,
-                    crate::render::rfc3339_secs(spec.start),
-                    spec.wave,
-                    ferry_common::duration::format_duration(Duration::from_millis(spec.drain_ms))
-                ),
-                    )?;
-                    let row = rollouts::schedule(c, id)?
-                        .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
-                    Ok(Ok(rollouts::schedule_info(c, row)?))
-                })
-                .await;
+                    Ok(())
+                },
+                move |id, update| GroupEvent {
+                    kind: "ota-scheduled",
+                    message: format!(
+                        "update {} ({} {}) scheduled as OTA schedule {id}: start {}, waves of {}, \
+                         drain deadline {} per resource",
+                        update.id,
+                        update.component,
+                        update.version,
+                        crate::render::rfc3339_secs(spec.start),
+                        spec.wave,
+                        ferry_common::duration::format_duration(Duration::from_millis(
+                            spec.drain_ms
+                        ))
+                    ),
+                },
+            )
+            .await;
         self.wake();
-        r?
+        match r? {
+            Scheduled::NoGroup => Err(OtaError::NotFound(format!("no group named {}", spec.group))),
+            Scheduled::NoUpdate => Err(OtaError::NotFound(format!("no update {}", spec.update))),
+            Scheduled::Refused(e) => Err(e),
+            Scheduled::Scheduled(info) => Ok(*info),
+        }
     }
 
     /// `ota reschedule`: only a schedule that has not started.
@@ -393,66 +362,49 @@ impl Ota {
         now: UnixMillis,
         change: Change,
     ) -> Result<OtaScheduleInfo, OtaError> {
-        self.store
-            .exec(move |c| {
-                let Some(row) = rollouts::schedule(c, id)? else {
-                    return Ok(Err(OtaError::NotFound(format!("no OTA schedule {id}"))));
-                };
-                if let Err(why) = may_change(&row, now) {
-                    return Ok(Err(OtaError::Refused(why)));
-                }
-                let (kind, message) = match change {
-                    Change::Reschedule(start) => {
-                        rollouts::set_start(c, row.id, start)?;
-                        (
-                            "ota-rescheduled",
-                            format!(
+        let changed = self
+            .store
+            .change_schedule(id, now, move |row| {
+                may_change(row, now).map_err(OtaError::Refused)?;
+                Ok(match change {
+                    Change::Reschedule(start) => (
+                        ScheduleChange::Start(start),
+                        GroupEvent {
+                            kind: "ota-rescheduled",
+                            message: format!(
                                 "OTA schedule {} moved from {} to {}",
                                 row.id,
                                 crate::render::rfc3339_secs(row.start),
                                 crate::render::rfc3339_secs(start)
                             ),
-                        )
-                    }
-                    Change::Cancel => {
-                        rollouts::set_state(
-                            c,
-                            row.id,
-                            "scheduled",
-                            "cancelled",
-                            now,
-                            Some("cancelled by operator"),
-                        )?;
-                        (
-                            "ota-cancelled",
-                            format!("OTA schedule {} cancelled before its start", row.id),
-                        )
-                    }
-                };
-                rollouts::event(c, row.group_num, now, kind, &message)?;
-                let row = rollouts::schedule(c, id)?
-                    .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
-                Ok(Ok(rollouts::schedule_info(c, row)?))
+                        },
+                    ),
+                    Change::Cancel => (
+                        ScheduleChange::Cancel {
+                            detail: "cancelled by operator".into(),
+                        },
+                        GroupEvent {
+                            kind: "ota-cancelled",
+                            message: format!("OTA schedule {} cancelled before its start", row.id),
+                        },
+                    ),
+                })
             })
-            .await?
+            .await?;
+        match changed {
+            Changed::NoSchedule => Err(OtaError::NotFound(format!("no OTA schedule {id}"))),
+            Changed::Refused(e) => Err(e),
+            Changed::Changed(info) => Ok(*info),
+        }
     }
 
     /// `ota history`: every schedule of the group with its resources' outcomes.
     pub async fn history(&self, group: String) -> Result<Vec<OtaScheduleInfo>, OtaError> {
-        let r = self
-            .store
-            .read_with(move |c| {
-                let Some(g) = rollouts::find_group(c, &group)? else {
-                    return Ok(Err(OtaError::NotFound(format!("no group named {group}"))));
-                };
-                let mut out = Vec::new();
-                for row in rollouts::schedules_of_group(c, g.num)? {
-                    out.push(rollouts::schedule_info(c, row)?);
-                }
-                Ok(Ok(out))
-            })
-            .await?;
-        r
+        let missing = group.clone();
+        self.store
+            .ota_history(group)
+            .await?
+            .ok_or_else(|| OtaError::NotFound(format!("no group named {missing}")))
     }
 }
 
@@ -538,7 +490,7 @@ fn billing_kind(billing: &str) -> &'static str {
 }
 
 /// The group's status allows an OTA rollout.
-pub(crate) fn status_allows(g: &rollouts::GroupRef) -> Result<(), OtaError> {
+pub(crate) fn status_allows(g: &GroupRef) -> Result<(), OtaError> {
     let status = Status::parse(&g.status)
         .ok_or_else(|| StoreError::Corrupt(format!("status {:?}", g.status)))?;
     check_ota(billing_kind(&g.billing), status)?;

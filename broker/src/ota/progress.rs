@@ -16,7 +16,7 @@ use crate::registry::Registry;
 use crate::rollout::image::versions as group_versions;
 use crate::rollout::machine::drain_deadline;
 use crate::rollout::ImageProgress;
-use crate::store::{rollouts, Store};
+use crate::store::Store;
 
 /// `group show`'s update part (`GroupRollouts`).
 pub async fn group_rollouts(
@@ -26,19 +26,10 @@ pub async fn group_rollouts(
     group: &GroupName,
 ) -> Result<GroupRolloutsInfo, GroupError> {
     let versions = group_versions(store, registry, group).await?;
-    let key = group.to_string();
-    let (name, ota) = store
-        .read_with(move |c| {
-            let Some(g) = rollouts::find_group(c, &key)? else {
-                return Ok((None, None));
-            };
-            let ota = match rollouts::active_of_group(c, g.num)? {
-                Some(row) => Some(rollouts::schedule_info(c, row)?),
-                None => None,
-            };
-            Ok((Some(g.name), ota))
-        })
-        .await?;
+    let (name, ota) = match store.active_ota_of(group.to_string()).await? {
+        Some((name, ota)) => (Some(name), ota),
+        None => (None, None),
+    };
     let mut rollouts = Vec::new();
     if let Some(name) = name.as_ref() {
         // The image update's task publishes where it is.

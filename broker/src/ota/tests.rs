@@ -20,7 +20,7 @@ use crate::groups::{ActorsParts, GroupActors, GroupService};
 use crate::registry::{CommandRequest, Registry};
 use crate::rollout::machine::{self as rollout, plan_waves};
 use crate::rollout::Settings;
-use crate::store::rollouts::{self as ota_store, ResultRow, ScheduleRow};
+use crate::store::rollouts::{ResultRow, RolloutWrite, ScheduleRow};
 use crate::store::StoreOptions;
 
 const T0: UnixMillis = UnixMillis(1_800_000_000_000);
@@ -139,18 +139,9 @@ fn shows_reads_the_component_s_version() {
 }
 
 /// A store in a temp dir with one pay-as-you-go group `g` in `status`.
-fn store_with_group(dir: &std::path::Path, status: &str) -> Store {
+async fn store_with_group(dir: &std::path::Path, status: &str) -> Store {
     let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store");
-    let path = dir.join("ferry.db");
-    let c = rusqlite::Connection::open(path).expect("open");
-    c.execute(
-        "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
-            base_resources, session_type, policy, status, created_at, updated_at)
-         VALUES (1, 'dg-000001', 'g', 'r', 'n', 'office-4c8g', 'img-1', 'pay-as-you-go',
-            3, 'independent', '{}', ?1, 0, 0)",
-        [status],
-    )
-    .expect("group");
+    store.insert_group_in_status_for_test(1, "g", status).await;
     store
 }
 
@@ -177,7 +168,7 @@ fn schedule_spec(update: u64, start: UnixMillis) -> OtaScheduleSpec {
 #[tokio::test]
 async fn schedules_are_refused_outside_the_window_and_change_only_before_they_start() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = store_with_group(dir.path(), "published");
+    let store = store_with_group(dir.path(), "published").await;
     let clock = ManualClock::new(T0);
     let ota = Ota::new(store.clone(), clock.clock());
     let u = ota.offer(offer_spec("3.2")).await.expect("offer");
@@ -256,7 +247,7 @@ async fn schedules_are_refused_outside_the_window_and_change_only_before_they_st
 #[tokio::test]
 async fn a_group_that_is_not_serving_cannot_schedule() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = store_with_group(dir.path(), "expired");
+    let store = store_with_group(dir.path(), "expired").await;
     let ota = Ota::new(store.clone(), ManualClock::new(T0).clock());
     let u = ota.offer(offer_spec("3.2")).await.expect("offer");
     match ota
@@ -359,9 +350,9 @@ struct Rig {
 
 /// A store with group `g` (published), a running rollout timer on a manual
 /// clock, no group actor (a resumed rollout does not need one).
-fn rig() -> Rig {
+async fn rig() -> Rig {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = store_with_group(dir.path(), "published");
+    let store = store_with_group(dir.path(), "published").await;
     let clock = ManualClock::new(T0);
     let registry = Arc::new(Registry::new());
     let config = GroupsConfig {
@@ -414,20 +405,8 @@ impl Rig {
             .expect("schedule");
         let rows: Vec<(ResourceId, String)> =
             rows.iter().map(|(r, s)| (rid(r), s.to_string())).collect();
-        let id = s.id;
-        self.store
-            .exec(move |c| {
-                ota_store::set_state(c, id, "scheduled", "running", T0, None)?;
-                let names: Vec<ResourceId> = rows.iter().map(|(r, _)| r.clone()).collect();
-                ota_store::insert_plan(c, id, &names)?;
-                for (r, state) in &rows {
-                    ota_store::set_result(c, id, r, state, T0, None)?;
-                }
-                Ok(())
-            })
-            .await
-            .expect("write");
-        id
+        self.store.running_schedule_for_test(s.id, rows, T0).await;
+        s.id
     }
 
     async fn wait_state(&self, id: u64, want: &str) -> OtaScheduleInfo {
@@ -457,7 +436,7 @@ impl Rig {
 
 #[tokio::test]
 async fn a_resumed_rollout_does_not_redo_done_resources() {
-    let rig = rig();
+    let rig = rig().await;
     // h1 is done; nothing answers for it, so touching it would fail the
     // rollout (gone_timeout). h2 was interrupted mid-update, h3 is pending.
     let mut h2 = connect(&rig.registry, "h2", 1, Hook::Succeeds);
@@ -486,7 +465,7 @@ async fn a_resumed_rollout_does_not_redo_done_resources() {
 
 #[tokio::test]
 async fn a_failing_update_stops_the_rollout_and_marks_the_group() {
-    let rig = rig();
+    let rig = rig().await;
     let mut h1 = connect(&rig.registry, "h1", 1, Hook::Fails);
     let mut h2 = connect(&rig.registry, "h2", 2, Hook::Succeeds);
     // Waves of 2: h1 and h2 together, h3 in a wave that never starts.
@@ -513,20 +492,17 @@ async fn a_failing_update_stops_the_rollout_and_marks_the_group() {
     assert_eq!(kind(&next(&mut h1).await), "apply");
     assert!(h1.try_recv().is_err());
     assert_eq!(kind(&next(&mut h2).await), "drain");
-    let (status, events): (String, Vec<String>) = rig
+    let (group, events) = rig
         .store
-        .read_with(|c| {
-            let status =
-                c.query_row("SELECT status FROM groups WHERE num = 1", [], |r| r.get(0))?;
-            let mut stmt =
-                c.prepare("SELECT message FROM group_events WHERE kind = 'ota-failed'")?;
-            let events = stmt
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<Vec<String>, _>>()?;
-            Ok((status, events))
-        })
+        .group_read(|tx| Ok::<_, StoreError>((tx.by_num(1)?, tx.events(1)?)))
         .await
         .expect("read");
+    let status = group.expect("group 1").status;
+    let events: Vec<String> = events
+        .into_iter()
+        .filter(|e| e.kind == "ota-failed")
+        .map(|e| e.message)
+        .collect();
     assert_eq!(status, "update-failed");
     assert_eq!(events.len(), 1);
     assert!(
@@ -538,17 +514,10 @@ async fn a_failing_update_stops_the_rollout_and_marks_the_group() {
 
 #[tokio::test]
 async fn sessions_get_until_the_drain_deadline_on_the_timer() {
-    let rig = rig();
+    let rig = rig().await;
     let mut h1 = connect(&rig.registry, "h1", 1, Hook::Succeeds);
     // An open session on h1 (as the link records it).
-    let db = rig._dir.path().join("ferry.db");
-    rusqlite::Connection::open(db)
-        .expect("open")
-        .execute(
-            "INSERT INTO sessions (resource, session, user, started_at) VALUES ('h1', 's1', 'u', 0)",
-            [],
-        )
-        .expect("session");
+    rig.store.open_session_for_test("h1", "s1").await;
     let u = rig.ota.offer(offer_spec("3.2")).await.expect("offer");
     let s = rig
         .ota
@@ -557,7 +526,10 @@ async fn sessions_get_until_the_drain_deadline_on_the_timer() {
         .expect("schedule");
     let id = s.id;
     rig.store
-        .exec(move |c| ota_store::insert_plan(c, id, &[rid("h1")]))
+        .record_rollout(vec![RolloutWrite::OtaPlan {
+            schedule: id,
+            hosts: vec![rid("h1")],
+        }])
         .await
         .expect("plan");
     // The start is a timer on the clock.

@@ -40,7 +40,7 @@ use crate::groups::actor::GroupView;
 use crate::groups::{GroupActors, RETRY_AFTER_ERROR};
 use crate::ota::Ota;
 use crate::registry::{CommandError, Registry};
-use crate::store::rollouts;
+use crate::store::rollouts::{GroupEvent, RolloutWork, RolloutWrite, StartDecision};
 use crate::store::{Store, StoreError};
 
 /// Which rollout.
@@ -122,17 +122,8 @@ pub async fn run(
     loop {
         wake.borrow_and_update();
         let now = ctx.clock.now();
-        let next = match ctx
-            .store
-            .read_with(|c| {
-                Ok((
-                    rollouts::running_image_updates(c)?,
-                    rollouts::active_schedules(c)?,
-                ))
-            })
-            .await
-        {
-            Ok((images, schedules)) => {
+        let next = match ctx.store.rollout_work().await {
+            Ok(RolloutWork { images, schedules }) => {
                 // An image update starts as soon as it is recorded.
                 let mut due: Vec<Which> = images.iter().map(|r| Which::Image(r.id)).collect();
                 let mut next: Option<UnixMillis> = None;
@@ -399,37 +390,24 @@ impl Driver {
                 Some((r, live))
             })
             .collect();
-        let (which, num) = (self.which, self.group_num);
-        let wanted = self.machine.wants_recorded();
-        let (row, running, recorded) = self
+        let image_update = match self.which {
+            Which::Image(id) => Some(id),
+            Which::Ota(_) => None,
+        };
+        let rows = self
             .ctx
             .store
-            .read_with(move |c| {
-                let g = rollouts::group_by_num(c, num)?;
-                let running = match which {
-                    Which::Image(id) => {
-                        rollouts::image_update(c, id)?.is_some_and(|r| r.state == "running")
-                    }
-                    Which::Ota(_) => true,
-                };
-                let mut recorded = BTreeMap::new();
-                for r in wanted {
-                    let open = rollouts::open_sessions(c, &r)?;
-                    recorded.insert(r, open);
-                }
-                let row = GroupRow {
-                    status: g.status,
-                    image: g.image,
-                };
-                Ok((row, running, recorded))
-            })
+            .rollout_rows(self.group_num, image_update, self.machine.wants_recorded())
             .await?;
         Ok(Observation {
             group,
             live,
-            recorded,
-            row: Some(row),
-            running,
+            recorded: rows.open,
+            row: Some(GroupRow {
+                status: rows.group.status,
+                image: rows.group.image,
+            }),
+            running: rows.running,
         })
     }
 
@@ -468,82 +446,11 @@ impl Driver {
         if records.is_empty() {
             return Ok(());
         }
-        let (which, num) = (self.which, self.group_num);
-        self.ctx
-            .store
-            .exec(move |c| {
-                for record in &records {
-                    match (record, which) {
-                        (Record::Plan(hosts), Which::Image(id)) => {
-                            rollouts::insert_image_pending(c, id, hosts)?
-                        }
-                        (Record::Plan(hosts), Which::Ota(id)) => {
-                            rollouts::insert_plan(c, id, hosts)?
-                        }
-                        (
-                            Record::Host {
-                                host,
-                                step,
-                                detail,
-                                at,
-                            },
-                            Which::Image(id),
-                        ) => {
-                            // An image update records outcomes only.
-                            if matches!(step, HostRecord::Done | HostRecord::Failed) {
-                                let ok = *step == HostRecord::Done;
-                                let detail = detail.as_deref().unwrap_or_default();
-                                rollouts::set_image_outcome(c, id, host, ok, detail, *at)?;
-                            }
-                        }
-                        (
-                            Record::Host {
-                                host,
-                                step,
-                                detail,
-                                at,
-                            },
-                            Which::Ota(id),
-                        ) => rollouts::set_result(
-                            c,
-                            id,
-                            host,
-                            step.as_str(),
-                            *at,
-                            detail.as_deref(),
-                        )?,
-                        (Record::Event { kind, message, at }, _) => {
-                            rollouts::event(c, num, *at, kind, message)?
-                        }
-                        (Record::Ended { ok, at, .. }, Which::Image(id)) => {
-                            rollouts::end_image_update(c, id, *ok, *at)?
-                        }
-                        (Record::Ended { ok, detail, at }, Which::Ota(id)) => {
-                            let to = if *ok { "succeeded" } else { "failed" };
-                            rollouts::set_state(c, id, "running", to, *at, detail.as_deref())?;
-                        }
-                        (Record::GroupImage { image, at }, _) => {
-                            rollouts::set_group_image(c, num, image, *at)?;
-                        }
-                        (
-                            Record::Status {
-                                from,
-                                to,
-                                message,
-                                at,
-                            },
-                            _,
-                        ) => {
-                            // A status that changed meanwhile is left alone.
-                            if rollouts::set_group_status(c, num, from, to.as_str(), *at)? {
-                                rollouts::event(c, num, *at, "status", message)?;
-                            }
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .await?;
+        let writes = records
+            .into_iter()
+            .filter_map(|r| store_write(self.which, self.group_num, r))
+            .collect();
+        self.ctx.store.record_rollout(writes).await?;
         Ok(())
     }
 
@@ -576,116 +483,159 @@ impl Driver {
     }
 }
 
+/// A machine's record as the store writes it for rollout `which` of group
+/// `num`; `None` for what it does not keep.
+fn store_write(which: Which, num: i64, record: Record) -> Option<RolloutWrite> {
+    Some(match (record, which) {
+        (Record::Plan(hosts), Which::Image(update)) => RolloutWrite::ImagePlan { update, hosts },
+        (Record::Plan(hosts), Which::Ota(schedule)) => RolloutWrite::OtaPlan { schedule, hosts },
+        (
+            Record::Host {
+                host,
+                step,
+                detail,
+                at,
+            },
+            Which::Image(update),
+        ) => {
+            // An image update records outcomes only.
+            if !matches!(step, HostRecord::Done | HostRecord::Failed) {
+                return None;
+            }
+            RolloutWrite::ImageOutcome {
+                update,
+                host,
+                ok: step == HostRecord::Done,
+                detail: detail.unwrap_or_default(),
+                at,
+            }
+        }
+        (
+            Record::Host {
+                host,
+                step,
+                detail,
+                at,
+            },
+            Which::Ota(schedule),
+        ) => RolloutWrite::OtaStep {
+            schedule,
+            host,
+            state: step.as_str(),
+            detail,
+            at,
+        },
+        (Record::Event { kind, message, at }, _) => RolloutWrite::Event {
+            group_num: num,
+            event: GroupEvent { kind, message },
+            at,
+        },
+        (Record::Ended { ok, at, .. }, Which::Image(update)) => {
+            RolloutWrite::ImageEnded { update, ok, at }
+        }
+        (Record::Ended { ok, detail, at }, Which::Ota(schedule)) => RolloutWrite::OtaEnded {
+            schedule,
+            ok,
+            detail,
+            at,
+        },
+        (Record::GroupImage { image, at }, _) => RolloutWrite::GroupImage {
+            group_num: num,
+            image,
+            at,
+        },
+        (
+            Record::Status {
+                from,
+                to,
+                message,
+                at,
+            },
+            _,
+        ) => RolloutWrite::GroupStatus {
+            group_num: num,
+            from,
+            to: to.as_str().to_owned(),
+            message,
+            at,
+        },
+    })
+}
+
 /// Starts OTA schedule `id` if it is still scheduled and its group may take
 /// it (or fails it, with an event), and loads it.
 async fn load_ota(ctx: &Ctx, id: u64) -> Result<Option<(Rollout, i64)>, Stop> {
     let now = ctx.clock.now();
-    let loaded = ctx
+    let run = ctx
         .store
-        .exec(move |c| {
-            let Some(row) = rollouts::schedule(c, id)? else {
-                return Ok(None);
-            };
-            if !matches!(row.state.as_str(), "scheduled" | "running") {
-                return Ok(None);
+        .start_ota_schedule(id, now, move |g, update| {
+            if let Err(e) = crate::ota::status_allows(g) {
+                let why = format!("not started: {e}");
+                return StartDecision::Fail {
+                    event: GroupEvent {
+                        kind: "ota-failed",
+                        message: format!("OTA schedule {id} (update {}) {why}", update.id),
+                    },
+                    detail: why,
+                };
             }
-            let (update, _) = rollouts::update(c, row.update_id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} names no update")))?;
-            let g = rollouts::group_by_num(c, row.group_num)?;
-            if row.state == "scheduled" {
-                if let Err(e) = crate::ota::status_allows(&g) {
-                    let why = format!("not started: {e}");
-                    rollouts::set_state(c, id, "scheduled", "failed", now, Some(&why))?;
-                    rollouts::event(
-                        c,
-                        g.num,
-                        now,
-                        "ota-failed",
-                        &format!("OTA schedule {id} (update {}) {why}", update.id),
-                    )?;
-                    return Ok(None);
-                }
-                rollouts::set_state(c, id, "scheduled", "running", now, None)?;
-                rollouts::event(
-                    c,
-                    g.num,
-                    now,
-                    "ota-started",
-                    &format!(
-                        "OTA schedule {id} started: update {} ({} {})",
-                        update.id, update.component, update.version
-                    ),
-                )?;
-            }
-            let row = rollouts::schedule(c, id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("schedule {id} vanished")))?;
-            let rows = rollouts::results(c, id)?;
-            // A first start plans: hosts an earlier OTA of the group failed
-            // on (and drained) are its retry.
-            let retry = if rows.is_empty() {
-                rollouts::failed_resources(c, row.group_num)?
-            } else {
-                Vec::new()
-            };
-            let load = OtaLoad {
-                schedule: id,
-                group: g.name,
-                update,
-                wave: row.wave,
-                drain_ms: row.drain_ms,
-                rows,
-                retry: retry.into_iter().collect(),
-            };
-            Ok(Some((load, row.group_num)))
+            StartDecision::Start(GroupEvent {
+                kind: "ota-started",
+                message: format!(
+                    "OTA schedule {id} started: update {} ({} {})",
+                    update.id, update.component, update.version
+                ),
+            })
         })
         .await?;
-    Ok(loaded.map(|(load, num)| (Rollout::ota(load, (*ctx.settings).clone()), num)))
+    Ok(run.map(|run| {
+        let num = run.schedule.group_num;
+        let load = OtaLoad {
+            schedule: id,
+            group: run.group,
+            update: run.update,
+            wave: run.schedule.wave,
+            drain_ms: run.schedule.drain_ms,
+            rows: run.results,
+            retry: run.retry.into_iter().collect(),
+        };
+        (Rollout::ota(load, (*ctx.settings).clone()), num)
+    }))
 }
 
 /// Loads image update `id` if it is still running.
 async fn load_image(ctx: &Ctx, id: i64) -> Result<Option<(Rollout, i64)>, Stop> {
-    let loaded = ctx
-        .store
-        .read_with(move |c| {
-            let Some(row) = rollouts::image_update(c, id)? else {
-                return Ok(None);
-            };
-            if row.state != "running" {
-                return Ok(None);
-            }
-            let g = rollouts::group_by_num(c, row.group_num)?;
-            let results = rollouts::image_results(c, id)?
-                .into_iter()
-                .map(|r| {
-                    let recorded = match r.outcome.as_str() {
-                        "done" => Recorded::Done,
-                        "failed" => Recorded::Failed(r.detail),
-                        _ => Recorded::Pending,
-                    };
-                    (r.resource, recorded)
-                })
-                .collect();
-            let previously_failed = rollouts::failed_in_last_image_update(c, row.group_num)?
-                .into_iter()
-                .collect();
-            // The group's open sessions as recorded, whether or not their
-            // agents have joined its actor yet (broker restart).
-            let mut open: BTreeMap<ResourceId, BTreeSet<_>> = BTreeMap::new();
-            for (r, s) in rollouts::open_sessions_of_group(c, g.name.as_str())? {
-                open.entry(r).or_default().insert(s);
-            }
-            let load = ImageLoad {
-                id,
-                group: g.name,
-                image: row.image,
-                started_at: row.started_at,
-                disconnect_at: row.disconnect_at,
-                results,
-                previously_failed,
-                open,
-            };
-            Ok(Some((load, row.group_num)))
-        })
-        .await?;
-    Ok(loaded.map(|(load, num)| (Rollout::image(load, (*ctx.settings).clone()), num)))
+    let run = ctx.store.image_update_run(id).await?;
+    Ok(run.map(|run| {
+        let results = run
+            .results
+            .into_iter()
+            .map(|r| {
+                let recorded = match r.outcome.as_str() {
+                    "done" => Recorded::Done,
+                    "failed" => Recorded::Failed(r.detail),
+                    _ => Recorded::Pending,
+                };
+                (r.resource, recorded)
+            })
+            .collect();
+        // The group's open sessions as recorded, whether or not their
+        // agents have joined its actor yet (broker restart).
+        let mut open: BTreeMap<ResourceId, BTreeSet<_>> = BTreeMap::new();
+        for (r, s) in run.open {
+            open.entry(r).or_default().insert(s);
+        }
+        let num = run.update.group_num;
+        let load = ImageLoad {
+            id,
+            group: run.group,
+            image: run.update.image,
+            started_at: run.update.started_at,
+            disconnect_at: run.update.disconnect_at,
+            results,
+            previously_failed: run.previously_failed.into_iter().collect(),
+            open,
+        };
+        (Rollout::image(load, (*ctx.settings).clone()), num)
+    }))
 }

@@ -19,7 +19,6 @@
 //! - [`versions`]: `group show`'s versions, with each host's outcome in the
 //!   group's latest image update.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ferry_common::admin::{GroupVersionsInfo, ImageUpdateSpec, ResourceVersionInfo};
@@ -29,7 +28,10 @@ use ferry_common::{GroupName, ResourceId, UnixMillis};
 use crate::groups::lifecycle::{self, Status};
 use crate::groups::service::GroupError;
 use crate::registry::Registry;
-use crate::store::{rollouts, Store, StoreError};
+use crate::store::rollouts::{
+    GroupEvent, GroupVersions, ImageBegun, NewImageUpdate, StoredVersions,
+};
+use crate::store::{Store, StoreError};
 
 /// Longest warning an operator may give: a day.
 pub const MAX_WARNING: Duration = Duration::from_secs(24 * 3600);
@@ -68,12 +70,8 @@ pub async fn begin(
             ferry_common::duration::format_duration(MAX_WARNING)
         )]));
     }
-    let group = spec.group.to_string();
-    store
-        .exec(move |c| {
-            let Some(g) = rollouts::live_group(c, &group)? else {
-                return Ok(Err(GroupError::NotFound(format!("no group named {group}"))));
-            };
+    let begun = store
+        .begin_image_update(spec.group.to_string(), move |g, ota| {
             let status = Status::parse(&g.status)
                 .ok_or_else(|| StoreError::Corrupt(format!("status {:?}", g.status)))?;
             let billing = if g.billing == "subscription" {
@@ -81,51 +79,44 @@ pub async fn begin(
             } else {
                 "pay-as-you-go"
             };
-            if let Err(e) = lifecycle::check_image_update(billing, status) {
-                return Ok(Err(e.into()));
-            }
+            lifecycle::check_image_update(billing, status)?;
             // One update at a time: an OTA rollout drains and updates hosts
             // one wave after another, and switching their image under it
             // would mix the two.
-            if let Some(ota) = rollouts::running_of_group(c, g.num)? {
-                return Ok(Err(GroupError::Conflict(format!(
+            if let Some(ota) = ota {
+                return Err(GroupError::Conflict(format!(
                     "group {} is rolling out OTA schedule {}; update the image after it \
                      ends (ferryctl ota history {})",
                     g.name, ota.id, g.name
-                ))));
+                )));
             }
-            let disconnect_at = UnixMillis(now.0.saturating_add(ms(warning)));
-            // An update the group left by other means (it expired while
-            // updating, then was renewed) is over.
-            rollouts::fail_running_image_updates(c, g.num, now)?;
-            rollouts::insert_image_update(
-                c,
-                &rollouts::NewImageUpdate {
-                    group_num: g.num,
-                    image: &spec.image,
-                    previous_image: &g.image,
-                    warning_ms: u64::try_from(ms(warning)).unwrap_or(0),
-                    started_at: now,
-                    disconnect_at,
+            Ok(NewImageUpdate {
+                warning_ms: u64::try_from(ms(warning)).unwrap_or(0),
+                started_at: now,
+                disconnect_at: UnixMillis(now.0.saturating_add(ms(warning))),
+                status: Status::Updating.as_str().to_owned(),
+                event: GroupEvent {
+                    kind: "status",
+                    message: format!(
+                        "{status} -> updating: image update from {} to {}; open \
+                         sessions are warned and disconnected in {}, no new sessions meanwhile",
+                        g.image,
+                        spec.image,
+                        ferry_common::duration::format_duration(warning)
+                    ),
                 },
-            )?;
-            rollouts::set_group_status(c, g.num, &g.status, Status::Updating.as_str(), now)?;
-            rollouts::event(
-                c,
-                g.num,
-                now,
-                "status",
-                &format!(
-                    "{status} -> updating: image update from {} to {}; open \
-                     sessions are warned and disconnected in {}, no new sessions meanwhile",
-                    g.image,
-                    spec.image,
-                    ferry_common::duration::format_duration(warning)
-                ),
-            )?;
-            Ok(Ok(g.name.to_string()))
+                image: spec.image,
+            })
         })
-        .await?
+        .await?;
+    match begun {
+        ImageBegun::NoGroup => Err(GroupError::NotFound(format!(
+            "no group named {}",
+            spec.group
+        ))),
+        ImageBegun::Refused(e) => Err(e),
+        ImageBegun::Begun(g) => Ok(g.name.to_string()),
+    }
 }
 
 /// `group show`'s versions: the group's image and what each resource
@@ -135,28 +126,19 @@ pub async fn versions(
     registry: &Registry,
     group: &GroupName,
 ) -> Result<GroupVersionsInfo, GroupError> {
-    let key = group.to_string();
-    type Stored = (
-        String,
-        String,
-        Vec<rollouts::StoredVersions>,
-        BTreeMap<String, String>,
-    );
-    let (image, status, stored, outcomes): Stored = store
-        .read_with(move |c| {
-            // Like `group show`: the live group of that name first, else a gone one.
-            let Some(g) = rollouts::find_group(c, &key)? else {
-                return Ok(None);
-            };
-            let stored = rollouts::resource_versions(c, g.name.as_str())?;
-            let outcomes = rollouts::latest_image_outcomes(c, g.num)?;
-            Ok(Some((g.image, g.status, stored, outcomes)))
-        })
+    // Like `group show`: the live group of that name first, else a gone one.
+    let GroupVersions {
+        image,
+        status,
+        resources: stored,
+        outcomes,
+    } = store
+        .group_versions(group.to_string())
         .await?
         .ok_or_else(|| GroupError::NotFound(format!("no group named {group}")))?;
     let live = registry.snapshot();
     let mut resources = Vec::with_capacity(stored.len());
-    for rollouts::StoredVersions {
+    for StoredVersions {
         resource,
         agent_version,
         image_version,
@@ -204,7 +186,9 @@ mod tests {
     use crate::rollout::driver::{Ctx, Driver, Which};
     use crate::rollout::Settings;
     use crate::store::StoreOptions;
-    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
+    use ferry_common::admin::{
+        BillingSpec, GroupSpec, OtaOfferSpec, OtaScheduleSpec, PolicySpec, SessionType,
+    };
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
@@ -317,15 +301,11 @@ mod tests {
             Settings::default(),
             shutdown.clone(),
         );
-        let id = store
-            .read_with(|c| {
-                let g = rollouts::find_group(c, "g1")?
-                    .ok_or_else(|| StoreError::Corrupt("no g1".into()))?;
-                Ok(rollouts::running_image_update(c, g.num)?.map(|u| u.id))
-            })
-            .await
-            .expect("read")
-            .expect("a running update");
+        let work = store.rollout_work().await.expect("read");
+        let [running] = work.images.as_slice() else {
+            panic!("one running update: {work:?}");
+        };
+        let id = running.id;
         let mut driver = Driver::load(ctx, Which::Image(id))
             .await
             .expect("load")
@@ -387,37 +367,31 @@ mod tests {
             .publish(spec("g1"), UnixMillis(T0))
             .await
             .expect("publish");
-        store
-            .exec(|c| {
-                let g = rollouts::find_group(c, "g1")?
-                    .ok_or_else(|| StoreError::Corrupt("no g1".into()))?;
-                let update = rollouts::insert_update(
-                    c,
-                    &rollouts::NewUpdate {
-                        group_num: g.num,
-                        component: "app",
-                        version: "2",
-                        package: "",
-                        description: "app 2",
-                        at: UnixMillis(0),
-                    },
-                )?;
-                let id = rollouts::insert_schedule(
-                    c,
-                    &rollouts::NewSchedule {
-                        update_id: update,
-                        group_num: g.num,
-                        start: UnixMillis(0),
-                        wave: 1,
-                        drain_ms: 0,
-                        at: UnixMillis(0),
-                    },
-                )?;
-                rollouts::set_state(c, id, "scheduled", "running", UnixMillis(0), None)?;
-                Ok(())
+        // OTA schedule 1 of group g1, running.
+        let ota = crate::ota::Ota::new(store.clone(), ManualClock::new(UnixMillis(T0)).clock());
+        let offer = ota
+            .offer(OtaOfferSpec {
+                group: "g1".parse().expect("name"),
+                component: "app".into(),
+                version: "2".into(),
+                package: String::new(),
+                description: "app 2".into(),
             })
             .await
-            .expect("running schedule");
+            .expect("offer");
+        let schedule = ota
+            .schedule(OtaScheduleSpec {
+                group: "g1".parse().expect("name"),
+                update: offer.id,
+                start: UnixMillis(T0 + 1_000),
+                wave: 1,
+                drain_ms: 0,
+            })
+            .await
+            .expect("schedule");
+        store
+            .running_schedule_for_test(schedule.id, Vec::new(), UnixMillis(T0))
+            .await;
         let err = begin(&store, update("g1", "img-2", 0), UnixMillis(T0))
             .await
             .expect_err("refused while the OTA runs");

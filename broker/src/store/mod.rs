@@ -237,7 +237,7 @@ impl Store {
     /// value after the commit: a caller told "done" holds a committed fact.
     /// If `f` fails, nothing it wrote stays and the rest of the batch goes on.
     /// `f` runs on the writer thread: it must not block on anything but SQLite.
-    pub async fn exec<T: Send + 'static>(
+    async fn exec<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -246,8 +246,9 @@ impl Store {
     }
 
     /// Runs a read on the read-only connection (committed data only), on the
-    /// blocking pool.
-    pub async fn read_with<T: Send + 'static>(
+    /// blocking pool. For the doors of this module: every other module reads
+    /// through their typed methods.
+    pub(crate) async fn read_with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

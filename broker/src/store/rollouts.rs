@@ -3,11 +3,13 @@
 //! resource's outcome (migration "Image updates"), and what a rollout reads
 //! and writes of its group (status, image, events, open sessions).
 //!
-//! Plain functions on the connection a [`crate::store::Store::exec`] (writes)
-//! or [`crate::store::Store::read_with`] (reads) closure is given, so a
-//! caller composes several in one transaction and every change is committed
-//! before anyone is told about it. Every row comes back as a typed struct;
-//! no SQL is written anywhere else for these tables.
+//! Every read and change the rollouts make is one method of [`Store`] with
+//! plain records in and out, and each change is one transaction committed
+//! before anyone is told about it. A change whose rules belong to the
+//! caller (a group's status, a schedule's state) takes them as a function
+//! of the rows read in its transaction: a refusal comes back as a value
+//! (`Refused`) and nothing is written. No SQL is written anywhere else for
+//! these tables.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +17,7 @@ use ferry_common::admin::{OtaResourceInfo, OtaScheduleInfo, OtaUpdateInfo};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -42,7 +44,7 @@ pub struct GroupRef {
 }
 
 /// The group named `group` (a live name first, else an id or a gone name).
-pub fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
+fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
     let row = c
         .query_row(
             "SELECT num, name, status, billing, image FROM groups WHERE id = ?1 OR name = ?1
@@ -72,7 +74,7 @@ pub fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, Store
 }
 
 /// The group of number `num`.
-pub fn group_by_num(c: &Connection, num: i64) -> Result<GroupRef, StoreError> {
+fn group_by_num(c: &Connection, num: i64) -> Result<GroupRef, StoreError> {
     let (name, status, billing, image): (String, String, String, String) = c.query_row(
         "SELECT name, status, billing, image FROM groups WHERE num = ?1",
         [num],
@@ -88,7 +90,7 @@ pub fn group_by_num(c: &Connection, num: i64) -> Result<GroupRef, StoreError> {
 }
 
 /// Writes a group event.
-pub fn event(
+fn event(
     c: &Connection,
     group_num: i64,
     at: UnixMillis,
@@ -103,22 +105,22 @@ pub fn event(
 }
 
 /// What an offer is made of.
-pub struct NewUpdate<'a> {
-    pub group_num: i64,
-    pub component: &'a str,
-    pub version: &'a str,
-    pub package: &'a str,
-    pub description: &'a str,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewUpdate {
+    pub component: String,
+    pub version: String,
+    pub package: String,
+    pub description: String,
     pub at: UnixMillis,
 }
 
-/// Records an offer; returns its id.
-pub fn insert_update(c: &Connection, u: &NewUpdate<'_>) -> Result<u64, StoreError> {
+/// Records an offer to group `group_num`; returns its id.
+fn insert_update(c: &Connection, group_num: i64, u: &NewUpdate) -> Result<u64, StoreError> {
     c.execute(
         "INSERT INTO ota_updates (group_num, component, version, package, description, offered_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
-            u.group_num,
+            group_num,
             u.component,
             u.version,
             u.package,
@@ -149,7 +151,7 @@ fn read_update(r: &rusqlite::Row<'_>) -> Result<(OtaUpdateInfo, i64), StoreError
 }
 
 /// One offer and its group's number.
-pub fn update(c: &Connection, id: u64) -> Result<Option<(OtaUpdateInfo, i64)>, StoreError> {
+fn update(c: &Connection, id: u64) -> Result<Option<(OtaUpdateInfo, i64)>, StoreError> {
     let sql = format!(
         "SELECT {UPDATE_COLUMNS} FROM ota_updates u JOIN groups g ON g.num = u.group_num
          WHERE u.id = ?1"
@@ -163,7 +165,7 @@ pub fn update(c: &Connection, id: u64) -> Result<Option<(OtaUpdateInfo, i64)>, S
 }
 
 /// Offers, of one group (by number) or all, oldest first.
-pub fn updates(c: &Connection, group_num: Option<i64>) -> Result<Vec<OtaUpdateInfo>, StoreError> {
+fn updates(c: &Connection, group_num: Option<i64>) -> Result<Vec<OtaUpdateInfo>, StoreError> {
     let sql = format!(
         "SELECT {UPDATE_COLUMNS} FROM ota_updates u JOIN groups g ON g.num = u.group_num
          WHERE ?1 IS NULL OR u.group_num = ?1 ORDER BY u.id"
@@ -229,19 +231,19 @@ fn schedules_where(
 }
 
 /// One schedule.
-pub fn schedule(c: &Connection, id: u64) -> Result<Option<ScheduleRow>, StoreError> {
+fn schedule(c: &Connection, id: u64) -> Result<Option<ScheduleRow>, StoreError> {
     Ok(schedules_where(c, "id = ?1", [to_i64(id, "schedule id")?])?
         .into_iter()
         .next())
 }
 
 /// Every schedule still to start or running (the rollout timer's work).
-pub fn active_schedules(c: &Connection) -> Result<Vec<ScheduleRow>, StoreError> {
+fn active_schedules(c: &Connection) -> Result<Vec<ScheduleRow>, StoreError> {
     schedules_where(c, "state IN ('scheduled', 'running')", [])
 }
 
 /// The group's running schedule, if any.
-pub fn running_of_group(c: &Connection, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
+fn running_of_group(c: &Connection, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
     Ok(
         schedules_where(c, "group_num = ?1 AND state = 'running'", [group_num])?
             .into_iter()
@@ -250,7 +252,7 @@ pub fn running_of_group(c: &Connection, group_num: i64) -> Result<Option<Schedul
 }
 
 /// The group's scheduled or running schedule, if any.
-pub fn active_of_group(c: &Connection, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
+fn active_of_group(c: &Connection, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
     Ok(schedules_where(
         c,
         "group_num = ?1 AND state IN ('scheduled', 'running')",
@@ -261,33 +263,33 @@ pub fn active_of_group(c: &Connection, group_num: i64) -> Result<Option<Schedule
 }
 
 /// Every schedule, of one group (by number) or all, oldest first.
-pub fn schedules(c: &Connection, group_num: Option<i64>) -> Result<Vec<ScheduleRow>, StoreError> {
+fn schedules(c: &Connection, group_num: Option<i64>) -> Result<Vec<ScheduleRow>, StoreError> {
     schedules_where(c, "?1 IS NULL OR group_num = ?1", [group_num])
 }
 
 /// Every schedule of a group, oldest first.
-pub fn schedules_of_group(c: &Connection, group_num: i64) -> Result<Vec<ScheduleRow>, StoreError> {
+fn schedules_of_group(c: &Connection, group_num: i64) -> Result<Vec<ScheduleRow>, StoreError> {
     schedules_where(c, "group_num = ?1", [group_num])
 }
 
 /// What a schedule is made of.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewSchedule {
     pub update_id: u64,
-    pub group_num: i64,
     pub start: UnixMillis,
     pub wave: u32,
     pub drain_ms: u64,
     pub at: UnixMillis,
 }
 
-/// Records a schedule (state `scheduled`); returns its id.
-pub fn insert_schedule(c: &Connection, s: &NewSchedule) -> Result<u64, StoreError> {
+/// Records a schedule of group `group_num` (state `scheduled`); returns its id.
+fn insert_schedule(c: &Connection, group_num: i64, s: &NewSchedule) -> Result<u64, StoreError> {
     c.execute(
         "INSERT INTO ota_schedules (update_id, group_num, start_at, wave, drain_ms, state, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, 'scheduled', ?6)",
         params![
             to_i64(s.update_id, "update id")?,
-            s.group_num,
+            group_num,
             s.start.0,
             s.wave,
             to_i64(s.drain_ms, "drain")?,
@@ -298,7 +300,7 @@ pub fn insert_schedule(c: &Connection, s: &NewSchedule) -> Result<u64, StoreErro
 }
 
 /// Moves the start of a schedule still `scheduled`; whether it was.
-pub fn set_start(c: &Connection, id: u64, start: UnixMillis) -> Result<bool, StoreError> {
+fn set_start(c: &Connection, id: u64, start: UnixMillis) -> Result<bool, StoreError> {
     let n = c.execute(
         "UPDATE ota_schedules SET start_at = ?2 WHERE id = ?1 AND state = 'scheduled'",
         params![to_i64(id, "schedule id")?, start.0],
@@ -307,7 +309,7 @@ pub fn set_start(c: &Connection, id: u64, start: UnixMillis) -> Result<bool, Sto
 }
 
 /// Makes `image` the group's image; whether it changed.
-pub fn set_group_image(
+fn set_group_image(
     c: &Connection,
     num: i64,
     image: &str,
@@ -322,7 +324,7 @@ pub fn set_group_image(
 
 /// Moves a schedule from state `from` to `to`, stamping the start (for
 /// `running`) or the end (for the final states); whether it was in `from`.
-pub fn set_state(
+fn set_state(
     c: &Connection,
     id: u64,
     from: &str,
@@ -366,7 +368,7 @@ impl From<ResultRow> for OtaResourceInfo {
 }
 
 /// The resources of a rollout, in update order.
-pub fn results(c: &Connection, schedule: u64) -> Result<Vec<ResultRow>, StoreError> {
+fn results(c: &Connection, schedule: u64) -> Result<Vec<ResultRow>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT position, resource, state, started_at, finished_at, detail FROM ota_results
          WHERE schedule_id = ?1 ORDER BY position",
@@ -391,7 +393,7 @@ pub fn results(c: &Connection, schedule: u64) -> Result<Vec<ResultRow>, StoreErr
 /// Resources of group `num` whose latest OTA step failed: drained by that
 /// failure, they belong in the next rollout (which undrains them when it
 /// succeeds).
-pub fn failed_resources(c: &Connection, group_num: i64) -> Result<Vec<ResourceId>, StoreError> {
+fn failed_resources(c: &Connection, group_num: i64) -> Result<Vec<ResourceId>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT r.resource FROM ota_results r JOIN ota_schedules s ON s.id = r.schedule_id
          WHERE s.group_num = ?1 AND r.state = 'failed'
@@ -411,11 +413,7 @@ pub fn failed_resources(c: &Connection, group_num: i64) -> Result<Vec<ResourceId
 }
 
 /// Records the rollout's resources (all `pending`), in this order.
-pub fn insert_plan(
-    c: &Connection,
-    schedule: u64,
-    resources: &[ResourceId],
-) -> Result<(), StoreError> {
+fn insert_plan(c: &Connection, schedule: u64, resources: &[ResourceId]) -> Result<(), StoreError> {
     let id = to_i64(schedule, "schedule id")?;
     for (i, r) in resources.iter().enumerate() {
         c.execute(
@@ -430,7 +428,7 @@ pub fn insert_plan(
 /// Moves a resource of a rollout to `state`. `started_at` is set the first
 /// time it leaves `pending` (and kept after: its drain deadline counts from
 /// it); `finished_at` when it is `done` or `failed`.
-pub fn set_result(
+fn set_result(
     c: &Connection,
     schedule: u64,
     resource: &ResourceId,
@@ -456,7 +454,7 @@ pub fn set_result(
 }
 
 /// Open sessions on a resource (the durable record).
-pub fn open_sessions(
+fn open_sessions(
     c: &Connection,
     resource: &ResourceId,
 ) -> Result<Vec<ferry_common::SessionId>, StoreError> {
@@ -474,7 +472,7 @@ pub fn open_sessions(
 
 /// Sets the group's status to `to` (when it is still `from`), with an
 /// event; whether it changed.
-pub fn set_group_status(
+fn set_group_status(
     c: &Connection,
     group_num: i64,
     from: &str,
@@ -489,7 +487,7 @@ pub fn set_group_status(
 }
 
 /// The schedule as operators see it.
-pub fn schedule_info(c: &Connection, row: ScheduleRow) -> Result<OtaScheduleInfo, StoreError> {
+fn schedule_info(c: &Connection, row: ScheduleRow) -> Result<OtaScheduleInfo, StoreError> {
     let (update, _) = update(c, row.update_id)?
         .ok_or_else(|| corrupt(format!("schedule {} names no update", row.id)))?;
     let resources = results(c, row.id)?
@@ -512,7 +510,7 @@ pub fn schedule_info(c: &Connection, row: ScheduleRow) -> Result<OtaScheduleInfo
 }
 
 /// The live (not gone) group named `group` (a name or an id).
-pub fn live_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
+fn live_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
     let row = c
         .query_row(
             "SELECT num FROM groups
@@ -524,21 +522,24 @@ pub fn live_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, Store
     row.map(|num| group_by_num(c, num)).transpose()
 }
 
-/// What `group update-image` records.
-pub struct NewImageUpdate<'a> {
-    pub group_num: i64,
-    pub image: &'a str,
-    /// The group's image before it.
-    pub previous_image: &'a str,
+/// What `group update-image` records: the update, the group's status
+/// while it runs and the status event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewImageUpdate {
+    pub image: String,
     pub warning_ms: u64,
     pub started_at: UnixMillis,
     /// When warned sessions are disconnected and the switch starts.
     pub disconnect_at: UnixMillis,
+    /// The group's status from now on.
+    pub status: String,
+    /// The status event.
+    pub event: GroupEvent,
 }
 
 /// Ends the group's running image update, if one runs, as `failed`: the
 /// group left `updating` by other means (it expired, then was renewed).
-pub fn fail_running_image_updates(
+fn fail_running_image_updates(
     c: &Connection,
     group_num: i64,
     at: UnixMillis,
@@ -551,16 +552,21 @@ pub fn fail_running_image_updates(
     Ok(())
 }
 
-/// Records an image update (state `running`); returns its id.
-pub fn insert_image_update(c: &Connection, u: &NewImageUpdate<'_>) -> Result<i64, StoreError> {
+/// Records an image update of group `g` (state `running`), from its
+/// image now; returns its id.
+fn insert_image_update(
+    c: &Connection,
+    g: &GroupRef,
+    u: &NewImageUpdate,
+) -> Result<i64, StoreError> {
     c.execute(
         "INSERT INTO image_updates (group_num, image, previous_image, warning_ms,
              started_at, disconnect_at, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running')",
         params![
-            u.group_num,
+            g.num,
             u.image,
-            u.previous_image,
+            g.image,
             to_i64(u.warning_ms, "warning")?,
             u.started_at.0,
             u.disconnect_at.0
@@ -607,24 +613,12 @@ fn image_updates_where(
 }
 
 /// One image update.
-pub fn image_update(c: &Connection, id: i64) -> Result<Option<ImageUpdateRow>, StoreError> {
+fn image_update(c: &Connection, id: i64) -> Result<Option<ImageUpdateRow>, StoreError> {
     Ok(image_updates_where(c, "id = ?1", [id])?.into_iter().next())
 }
 
-/// The group's running image update, if any.
-pub fn running_image_update(
-    c: &Connection,
-    group_num: i64,
-) -> Result<Option<ImageUpdateRow>, StoreError> {
-    Ok(
-        image_updates_where(c, "group_num = ?1 AND state = 'running'", [group_num])?
-            .into_iter()
-            .next(),
-    )
-}
-
 /// Every running image update (at most one per group).
-pub fn running_image_updates(c: &Connection) -> Result<Vec<ImageUpdateRow>, StoreError> {
+fn running_image_updates(c: &Connection) -> Result<Vec<ImageUpdateRow>, StoreError> {
     image_updates_where(c, "state = 'running'", [])
 }
 
@@ -641,7 +635,7 @@ pub struct ImageResultRow {
 /// The resources of an image update's switch with their outcomes, by
 /// resource (empty until the switch began). A resource id that no longer
 /// parses is left out.
-pub fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRow>, StoreError> {
+fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRow>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT resource, outcome, detail FROM image_update_results
          WHERE update_id = ?1 ORDER BY resource",
@@ -668,7 +662,7 @@ pub fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRow>, Sto
 }
 
 /// Resources the group's last finished image update failed on (and drained).
-pub fn failed_in_last_image_update(
+fn failed_in_last_image_update(
     c: &Connection,
     group_num: i64,
 ) -> Result<Vec<ResourceId>, StoreError> {
@@ -689,7 +683,7 @@ pub fn failed_in_last_image_update(
 
 /// Each resource's outcome in the group's latest image update, as `group
 /// show` has it: `pending`, `done` or `failed: <why>`.
-pub fn latest_image_outcomes(
+fn latest_image_outcomes(
     c: &Connection,
     group_num: i64,
 ) -> Result<BTreeMap<String, String>, StoreError> {
@@ -714,7 +708,7 @@ pub fn latest_image_outcomes(
 
 /// Adds resources to an image update's switch as `pending` (a resource
 /// already in it keeps its outcome).
-pub fn insert_image_pending(
+fn insert_image_pending(
     c: &Connection,
     id: i64,
     resources: &[ResourceId],
@@ -730,7 +724,7 @@ pub fn insert_image_pending(
 }
 
 /// Records a resource's outcome in an image update: `done` or `failed`.
-pub fn set_image_outcome(
+fn set_image_outcome(
     c: &Connection,
     id: i64,
     resource: &ResourceId,
@@ -755,12 +749,7 @@ pub fn set_image_outcome(
 }
 
 /// Ends an image update: `succeeded` or `failed`.
-pub fn end_image_update(
-    c: &Connection,
-    id: i64,
-    ok: bool,
-    at: UnixMillis,
-) -> Result<(), StoreError> {
+fn end_image_update(c: &Connection, id: i64, ok: bool, at: UnixMillis) -> Result<(), StoreError> {
     c.execute(
         "UPDATE image_updates SET state = ?2, finished_at = ?3 WHERE id = ?1",
         params![id, if ok { "succeeded" } else { "failed" }, at.0],
@@ -770,7 +759,7 @@ pub fn end_image_update(
 
 /// The sessions recorded open on the resources registered with group
 /// `name`, by resource, whether or not their agents are connected now.
-pub fn open_sessions_of_group(
+fn open_sessions_of_group(
     c: &Connection,
     name: &str,
 ) -> Result<Vec<(ResourceId, SessionId)>, StoreError> {
@@ -801,7 +790,7 @@ pub struct StoredVersions {
 }
 
 /// The versions of every resource registered with group `name`, by resource.
-pub fn resource_versions(c: &Connection, name: &str) -> Result<Vec<StoredVersions>, StoreError> {
+fn resource_versions(c: &Connection, name: &str) -> Result<Vec<StoredVersions>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT resource, agent_version, image_version FROM resources
          WHERE grp = ?1 ORDER BY resource",
@@ -814,4 +803,1088 @@ pub fn resource_versions(c: &Connection, name: &str) -> Result<Vec<StoredVersion
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// A group event a change writes with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupEvent {
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// What `ota offer` came to.
+#[derive(Debug)]
+pub enum Offered<E> {
+    /// No group of that name or id.
+    NoGroup,
+    /// The caller's rules refused it; nothing was written.
+    Refused(E),
+    Offered(OtaUpdateInfo),
+}
+
+/// What `ota schedule`'s rules look at, read in its transaction.
+#[derive(Clone, Debug)]
+pub struct ScheduleCheck {
+    pub group: GroupRef,
+    pub update: OtaUpdateInfo,
+    /// The number of the group the update was offered to.
+    pub update_group_num: i64,
+    /// The group's schedule that is scheduled or running, if any.
+    pub active: Option<ScheduleRow>,
+}
+
+/// What `ota schedule` came to.
+#[derive(Debug)]
+pub enum Scheduled<E> {
+    /// No group of that name or id.
+    NoGroup,
+    /// No update of that id.
+    NoUpdate,
+    /// The caller's rules refused it; nothing was written.
+    Refused(E),
+    Scheduled(Box<OtaScheduleInfo>),
+}
+
+/// A change of a schedule that has not started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ScheduleChange {
+    /// A new start (`ota reschedule`).
+    Start(UnixMillis),
+    /// Cancelled, with this detail (`ota cancel`).
+    Cancel { detail: String },
+}
+
+/// What `ota reschedule` or `ota cancel` came to.
+#[derive(Debug)]
+pub enum Changed<E> {
+    /// No schedule of that id.
+    NoSchedule,
+    /// The caller's rules refused it; nothing was written.
+    Refused(E),
+    /// The schedule as it is afterwards.
+    Changed(Box<OtaScheduleInfo>),
+}
+
+/// Whether a schedule due to start starts, decided on its rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartDecision {
+    /// It becomes `running`, with this event.
+    Start(GroupEvent),
+    /// It becomes `failed` with `detail`, with this event.
+    Fail { detail: String, event: GroupEvent },
+}
+
+/// A running OTA schedule's rows, what its rollout is built from.
+#[derive(Clone, Debug)]
+pub struct OtaRun {
+    pub schedule: ScheduleRow,
+    pub update: OtaUpdateInfo,
+    pub group: GroupName,
+    /// Its resources as recorded, in update order (empty: not planned yet).
+    pub results: Vec<ResultRow>,
+    /// Not planned yet: the resources an earlier OTA of the group failed on
+    /// (as `failed_resources` reads them); empty once planned.
+    pub retry: Vec<ResourceId>,
+}
+
+/// A running image update's rows, what its rollout is built from.
+#[derive(Clone, Debug)]
+pub struct ImageRun {
+    pub update: ImageUpdateRow,
+    pub group: GroupName,
+    /// Each resource's outcome once the switch began (empty before).
+    pub results: Vec<ImageResultRow>,
+    /// Resources the group's last finished image update failed on.
+    pub previously_failed: Vec<ResourceId>,
+    /// The sessions recorded open on the group's resources, whether or not
+    /// their agents are connected.
+    pub open: Vec<(ResourceId, SessionId)>,
+}
+
+/// The rollouts the rollout timer has to look at.
+#[derive(Clone, Debug, Default)]
+pub struct RolloutWork {
+    /// Every running image update.
+    pub images: Vec<ImageUpdateRow>,
+    /// Every OTA schedule still to start or running.
+    pub schedules: Vec<ScheduleRow>,
+}
+
+/// What a running rollout observes of the store.
+#[derive(Clone, Debug)]
+pub struct RolloutRows {
+    /// Its group's row.
+    pub group: GroupRef,
+    /// For an image update, whether it is still `running`; true for an OTA
+    /// rollout.
+    pub running: bool,
+    /// The sessions recorded open on each resource asked about.
+    pub open: BTreeMap<ResourceId, Vec<SessionId>>,
+}
+
+/// `group show`'s stored versions of a group.
+#[derive(Clone, Debug)]
+pub struct GroupVersions {
+    /// The image hosts created from now on start from.
+    pub image: String,
+    pub status: String,
+    /// What each resource registered with the group last reported.
+    pub resources: Vec<StoredVersions>,
+    /// Each resource's outcome in the group's latest image update
+    /// (`pending`, `done` or `failed: <why>`).
+    pub outcomes: BTreeMap<String, String>,
+}
+
+/// One change a running rollout records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RolloutWrite {
+    /// The OTA rollout's resources (all `pending`), in this order.
+    OtaPlan {
+        schedule: u64,
+        hosts: Vec<ResourceId>,
+    },
+    /// Resources added to an image update's switch as `pending` (one
+    /// already in it keeps its outcome).
+    ImagePlan { update: i64, hosts: Vec<ResourceId> },
+    /// A resource's step in an OTA rollout ([`ResultRow::state`]).
+    OtaStep {
+        schedule: u64,
+        host: ResourceId,
+        state: &'static str,
+        detail: Option<String>,
+        at: UnixMillis,
+    },
+    /// A resource's outcome in an image update: `done` or `failed`.
+    ImageOutcome {
+        update: i64,
+        host: ResourceId,
+        ok: bool,
+        detail: String,
+        at: UnixMillis,
+    },
+    /// The OTA rollout is over: from `running` to `succeeded` or `failed`.
+    OtaEnded {
+        schedule: u64,
+        ok: bool,
+        detail: Option<String>,
+        at: UnixMillis,
+    },
+    /// The image update is over: `succeeded` or `failed`.
+    ImageEnded {
+        update: i64,
+        ok: bool,
+        at: UnixMillis,
+    },
+    /// A group event.
+    Event {
+        group_num: i64,
+        event: GroupEvent,
+        at: UnixMillis,
+    },
+    /// The group's image is now `image`.
+    GroupImage {
+        group_num: i64,
+        image: String,
+        at: UnixMillis,
+    },
+    /// The group's status goes from `from` to `to`, with a `status` event
+    /// saying `message`; nothing if it is no longer `from`.
+    GroupStatus {
+        group_num: i64,
+        from: String,
+        to: String,
+        message: String,
+        at: UnixMillis,
+    },
+}
+
+fn write(c: &Connection, w: &RolloutWrite) -> Result<(), StoreError> {
+    match w {
+        RolloutWrite::OtaPlan { schedule, hosts } => insert_plan(c, *schedule, hosts),
+        RolloutWrite::ImagePlan { update, hosts } => insert_image_pending(c, *update, hosts),
+        RolloutWrite::OtaStep {
+            schedule,
+            host,
+            state,
+            detail,
+            at,
+        } => set_result(c, *schedule, host, state, *at, detail.as_deref()),
+        RolloutWrite::ImageOutcome {
+            update,
+            host,
+            ok,
+            detail,
+            at,
+        } => set_image_outcome(c, *update, host, *ok, detail, *at),
+        RolloutWrite::OtaEnded {
+            schedule,
+            ok,
+            detail,
+            at,
+        } => {
+            let to = if *ok { "succeeded" } else { "failed" };
+            set_state(c, *schedule, "running", to, *at, detail.as_deref())?;
+            Ok(())
+        }
+        RolloutWrite::ImageEnded { update, ok, at } => end_image_update(c, *update, *ok, *at),
+        RolloutWrite::Event {
+            group_num,
+            event: e,
+            at,
+        } => event(c, *group_num, *at, e.kind, &e.message),
+        RolloutWrite::GroupImage {
+            group_num,
+            image,
+            at,
+        } => {
+            set_group_image(c, *group_num, image, *at)?;
+            Ok(())
+        }
+        RolloutWrite::GroupStatus {
+            group_num,
+            from,
+            to,
+            message,
+            at,
+        } => {
+            // A status that changed meanwhile is left alone.
+            if set_group_status(c, *group_num, from, to, *at)? {
+                event(c, *group_num, *at, "status", message)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn schedule_after(c: &Connection, id: u64) -> Result<OtaScheduleInfo, StoreError> {
+    let row = schedule(c, id)?.ok_or_else(|| corrupt(format!("schedule {id} vanished")))?;
+    schedule_info(c, row)
+}
+
+/// The number of the group named `group`, or of none; `Err(())`: no such group.
+fn group_filter(
+    c: &Connection,
+    group: Option<&str>,
+) -> Result<Result<Option<i64>, ()>, StoreError> {
+    Ok(match group {
+        None => Ok(None),
+        Some(g) => match find_group(c, g)? {
+            Some(g) => Ok(Some(g.num)),
+            None => Err(()),
+        },
+    })
+}
+
+impl Store {
+    /// `ota offer`: in one transaction, finds the group named `group` (a
+    /// live name first, else an id or a gone name), asks `check` whether it
+    /// takes offers, records `update` and the event `event(id, group)` says.
+    pub async fn offer_update<E: Send + 'static>(
+        &self,
+        group: String,
+        update: NewUpdate,
+        check: impl FnOnce(&GroupRef) -> Result<(), E> + Send + 'static,
+        event_of: impl FnOnce(u64, &GroupRef) -> GroupEvent + Send + 'static,
+    ) -> Result<Offered<E>, StoreError> {
+        self.exec(move |c| {
+            let Some(g) = find_group(c, &group)? else {
+                return Ok(Offered::NoGroup);
+            };
+            if let Err(e) = check(&g) {
+                return Ok(Offered::Refused(e));
+            }
+            let id = insert_update(c, g.num, &update)?;
+            let e = event_of(id, &g);
+            event(c, g.num, update.at, e.kind, &e.message)?;
+            let (info, _) =
+                self::update(c, id)?.ok_or_else(|| corrupt(format!("update {id} vanished")))?;
+            Ok(Offered::Offered(info))
+        })
+        .await
+    }
+
+    /// The offers of the group named `group`, or of all, oldest first;
+    /// `None`: no group of that name.
+    pub async fn ota_updates(
+        &self,
+        group: Option<String>,
+    ) -> Result<Option<Vec<OtaUpdateInfo>>, StoreError> {
+        self.read(move |c| {
+            let Ok(num) = group_filter(c, group.as_deref())? else {
+                return Ok(None);
+            };
+            Ok(Some(updates(c, num)?))
+        })
+        .await
+    }
+
+    /// The offers of the group named `group`, or of all, and every schedule
+    /// of them, oldest first; `None`: no group of that name.
+    pub async fn ota_updates_and_schedules(
+        &self,
+        group: Option<String>,
+    ) -> Result<Option<(Vec<OtaUpdateInfo>, Vec<OtaScheduleInfo>)>, StoreError> {
+        self.read(move |c| {
+            let Ok(num) = group_filter(c, group.as_deref())? else {
+                return Ok(None);
+            };
+            let mut out = Vec::new();
+            for row in schedules(c, num)? {
+                out.push(schedule_info(c, row)?);
+            }
+            Ok(Some((updates(c, num)?, out)))
+        })
+        .await
+    }
+
+    /// `ota schedule`: in one transaction, finds the group named `group`
+    /// and the update `new.update_id`, asks `check` whether the schedule
+    /// may be made (the update's group, the group's status, its active
+    /// schedule), records it (`scheduled`) and the event `event_of(id,
+    /// update)` says.
+    pub async fn schedule_update<E: Send + 'static>(
+        &self,
+        group: String,
+        new: NewSchedule,
+        check: impl FnOnce(&ScheduleCheck) -> Result<(), E> + Send + 'static,
+        event_of: impl FnOnce(u64, &OtaUpdateInfo) -> GroupEvent + Send + 'static,
+    ) -> Result<Scheduled<E>, StoreError> {
+        self.exec(move |c| {
+            let Some(g) = find_group(c, &group)? else {
+                return Ok(Scheduled::NoGroup);
+            };
+            let Some((update, update_group_num)) = update(c, new.update_id)? else {
+                return Ok(Scheduled::NoUpdate);
+            };
+            let active = active_of_group(c, g.num)?;
+            let facts = ScheduleCheck {
+                group: g,
+                update,
+                update_group_num,
+                active,
+            };
+            if let Err(e) = check(&facts) {
+                return Ok(Scheduled::Refused(e));
+            }
+            let num = facts.group.num;
+            let id = insert_schedule(c, num, &new)?;
+            let e = event_of(id, &facts.update);
+            event(c, num, new.at, e.kind, &e.message)?;
+            Ok(Scheduled::Scheduled(Box::new(schedule_after(c, id)?)))
+        })
+        .await
+    }
+
+    /// `ota reschedule` and `ota cancel`: in one transaction, reads
+    /// schedule `id`, asks `decide` for the change and its event (or a
+    /// refusal), makes it (only while the schedule is `scheduled`) and
+    /// writes the event at `at`.
+    pub async fn change_schedule<E: Send + 'static>(
+        &self,
+        id: u64,
+        at: UnixMillis,
+        decide: impl FnOnce(&ScheduleRow) -> Result<(ScheduleChange, GroupEvent), E> + Send + 'static,
+    ) -> Result<Changed<E>, StoreError> {
+        self.exec(move |c| {
+            let Some(row) = schedule(c, id)? else {
+                return Ok(Changed::NoSchedule);
+            };
+            let (change, e) = match decide(&row) {
+                Ok(d) => d,
+                Err(e) => return Ok(Changed::Refused(e)),
+            };
+            match change {
+                ScheduleChange::Start(start) => {
+                    set_start(c, row.id, start)?;
+                }
+                ScheduleChange::Cancel { detail } => {
+                    set_state(
+                        c,
+                        row.id,
+                        "scheduled",
+                        "cancelled",
+                        at,
+                        Some(detail.as_str()),
+                    )?;
+                }
+            }
+            event(c, row.group_num, at, e.kind, &e.message)?;
+            Ok(Changed::Changed(Box::new(schedule_after(c, id)?)))
+        })
+        .await
+    }
+
+    /// Every schedule of the group named `group`, oldest first, with its
+    /// resources' outcomes; `None`: no group of that name.
+    pub async fn ota_history(
+        &self,
+        group: String,
+    ) -> Result<Option<Vec<OtaScheduleInfo>>, StoreError> {
+        self.read(move |c| {
+            let Some(g) = find_group(c, &group)? else {
+                return Ok(None);
+            };
+            let mut out = Vec::new();
+            for row in schedules_of_group(c, g.num)? {
+                out.push(schedule_info(c, row)?);
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    /// The name of the group named `group` and its schedule that is
+    /// scheduled or running, if any; `None`: no group of that name.
+    pub async fn active_ota_of(
+        &self,
+        group: String,
+    ) -> Result<Option<(GroupName, Option<OtaScheduleInfo>)>, StoreError> {
+        self.read(move |c| {
+            let Some(g) = find_group(c, &group)? else {
+                return Ok(None);
+            };
+            let ota = match active_of_group(c, g.num)? {
+                Some(row) => Some(schedule_info(c, row)?),
+                None => None,
+            };
+            Ok(Some((g.name, ota)))
+        })
+        .await
+    }
+
+    /// Every running image update and every OTA schedule still to start or
+    /// running, read together.
+    pub async fn rollout_work(&self) -> Result<RolloutWork, StoreError> {
+        self.read(|c| {
+            Ok(RolloutWork {
+                images: running_image_updates(c)?,
+                schedules: active_schedules(c)?,
+            })
+        })
+        .await
+    }
+
+    /// Starts OTA schedule `id` at `now` if it is still `scheduled` and
+    /// `decide` (given its group and update) says so, else fails it; either
+    /// with the event `decide` gives; then reads what its rollout is built
+    /// from. All in one transaction. `None`: it is not `scheduled` or
+    /// `running` (any more), or it just failed.
+    pub async fn start_ota_schedule(
+        &self,
+        id: u64,
+        now: UnixMillis,
+        decide: impl FnOnce(&GroupRef, &OtaUpdateInfo) -> StartDecision + Send + 'static,
+    ) -> Result<Option<OtaRun>, StoreError> {
+        self.exec(move |c| {
+            let Some(row) = schedule(c, id)? else {
+                return Ok(None);
+            };
+            if !matches!(row.state.as_str(), "scheduled" | "running") {
+                return Ok(None);
+            }
+            let (update, _) = update(c, row.update_id)?
+                .ok_or_else(|| corrupt(format!("schedule {id} names no update")))?;
+            let g = group_by_num(c, row.group_num)?;
+            if row.state == "scheduled" {
+                match decide(&g, &update) {
+                    StartDecision::Fail { detail, event: e } => {
+                        set_state(c, id, "scheduled", "failed", now, Some(detail.as_str()))?;
+                        event(c, g.num, now, e.kind, &e.message)?;
+                        return Ok(None);
+                    }
+                    StartDecision::Start(e) => {
+                        set_state(c, id, "scheduled", "running", now, None)?;
+                        event(c, g.num, now, e.kind, &e.message)?;
+                    }
+                }
+            }
+            let row = schedule(c, id)?.ok_or_else(|| corrupt(format!("schedule {id} vanished")))?;
+            let results = results(c, id)?;
+            // A first start plans: hosts an earlier OTA of the group failed
+            // on (and drained) are its retry.
+            let retry = if results.is_empty() {
+                failed_resources(c, row.group_num)?
+            } else {
+                Vec::new()
+            };
+            Ok(Some(OtaRun {
+                schedule: row,
+                update,
+                group: g.name,
+                results,
+                retry,
+            }))
+        })
+        .await
+    }
+
+    /// Image update `id`'s rows, if it is still `running`.
+    pub async fn image_update_run(&self, id: i64) -> Result<Option<ImageRun>, StoreError> {
+        self.read(move |c| {
+            let Some(row) = image_update(c, id)? else {
+                return Ok(None);
+            };
+            if row.state != "running" {
+                return Ok(None);
+            }
+            let g = group_by_num(c, row.group_num)?;
+            Ok(Some(ImageRun {
+                results: image_results(c, id)?,
+                previously_failed: failed_in_last_image_update(c, row.group_num)?,
+                open: open_sessions_of_group(c, g.name.as_str())?,
+                group: g.name,
+                update: row,
+            }))
+        })
+        .await
+    }
+
+    /// What a running rollout of group `group_num` observes: the group's
+    /// row, whether image update `image_update` (if it is one) still runs,
+    /// and the sessions recorded open on each of `hosts`.
+    pub async fn rollout_rows(
+        &self,
+        group_num: i64,
+        image_update: Option<i64>,
+        hosts: Vec<ResourceId>,
+    ) -> Result<RolloutRows, StoreError> {
+        self.read(move |c| {
+            let group = group_by_num(c, group_num)?;
+            let running = match image_update {
+                Some(id) => self::image_update(c, id)?.is_some_and(|r| r.state == "running"),
+                None => true,
+            };
+            let mut open = BTreeMap::new();
+            for r in hosts {
+                let sessions = open_sessions(c, &r)?;
+                open.insert(r, sessions);
+            }
+            Ok(RolloutRows {
+                group,
+                running,
+                open,
+            })
+        })
+        .await
+    }
+
+    /// Writes a rollout's `writes` in one transaction, in order.
+    pub async fn record_rollout(&self, writes: Vec<RolloutWrite>) -> Result<(), StoreError> {
+        self.exec(move |c| {
+            for w in &writes {
+                write(c, w)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// `group update-image`: in one transaction, finds the live group named
+    /// `group` and its running OTA schedule, asks `decide` for the update
+    /// (or a refusal), ends an image update left running, records the new
+    /// one, moves the group to its status with its event. Answers the group.
+    pub async fn begin_image_update<E: Send + 'static>(
+        &self,
+        group: String,
+        decide: impl FnOnce(&GroupRef, Option<&ScheduleRow>) -> Result<NewImageUpdate, E>
+            + Send
+            + 'static,
+    ) -> Result<ImageBegun<E>, StoreError> {
+        self.exec(move |c| {
+            let Some(g) = live_group(c, &group)? else {
+                return Ok(ImageBegun::NoGroup);
+            };
+            let ota = running_of_group(c, g.num)?;
+            let u = match decide(&g, ota.as_ref()) {
+                Ok(u) => u,
+                Err(e) => return Ok(ImageBegun::Refused(e)),
+            };
+            let now = u.started_at;
+            // An update the group left by other means (it expired while
+            // updating, then was renewed) is over.
+            fail_running_image_updates(c, g.num, now)?;
+            insert_image_update(c, &g, &u)?;
+            set_group_status(c, g.num, &g.status, &u.status, now)?;
+            event(c, g.num, now, u.event.kind, &u.event.message)?;
+            Ok(ImageBegun::Begun(g))
+        })
+        .await
+    }
+
+    /// `group show`'s stored versions of the group named `group` (the live
+    /// group of that name first, else a gone one); `None`: no such group.
+    pub async fn group_versions(&self, group: String) -> Result<Option<GroupVersions>, StoreError> {
+        self.read(move |c| {
+            let Some(g) = find_group(c, &group)? else {
+                return Ok(None);
+            };
+            Ok(Some(GroupVersions {
+                resources: resource_versions(c, g.name.as_str())?,
+                outcomes: latest_image_outcomes(c, g.num)?,
+                image: g.image,
+                status: g.status,
+            }))
+        })
+        .await
+    }
+}
+
+/// What `group update-image` came to.
+#[derive(Debug)]
+pub enum ImageBegun<E> {
+    /// No live group of that name or id.
+    NoGroup,
+    /// The caller's rules refused it; nothing was written.
+    Refused(E),
+    /// Recorded; the group as it was before.
+    Begun(GroupRef),
+}
+
+/// Fixtures of rows other doors (or a rollout midway) write.
+#[cfg(test)]
+impl Store {
+    /// A pay-as-you-go group `name` of number `num` (id `dg-00000<num>`,
+    /// image `img-1`, 3 base resources) in `status`.
+    pub(crate) async fn insert_group_in_status_for_test(&self, num: i64, name: &str, status: &str) {
+        let (name, status) = (name.to_owned(), status.to_owned());
+        self.exec(move |c| {
+            c.execute(
+                "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
+                    base_resources, session_type, policy, status, created_at, updated_at)
+                 VALUES (?1, printf('dg-%06d', ?1), ?2, 'r', 'n', 'office-4c8g', 'img-1',
+                    'pay-as-you-go', 3, 'independent', '{}', ?3, 0, 0)",
+                params![num, name, status],
+            )?;
+            Ok(())
+        })
+        .await
+        .expect("insert a group");
+    }
+
+    /// Schedule `id` as a broker that stopped mid-rollout left it: `running`
+    /// since `at`, with these resources in these states.
+    pub(crate) async fn running_schedule_for_test(
+        &self,
+        id: u64,
+        rows: Vec<(ResourceId, String)>,
+        at: UnixMillis,
+    ) {
+        self.exec(move |c| {
+            set_state(c, id, "scheduled", "running", at, None)?;
+            let names: Vec<ResourceId> = rows.iter().map(|(r, _)| r.clone()).collect();
+            insert_plan(c, id, &names)?;
+            for (r, state) in &rows {
+                set_result(c, id, r, state, at, None)?;
+            }
+            Ok(())
+        })
+        .await
+        .expect("a running schedule");
+    }
+
+    /// An open session `session` of user `u` on `resource`, as the link
+    /// records it.
+    pub(crate) async fn open_session_for_test(&self, resource: &str, session: &str) {
+        let (resource, session) = (resource.to_owned(), session.to_owned());
+        self.exec(move |c| {
+            c.execute(
+                "INSERT INTO sessions (resource, session, user, started_at) VALUES (?1, ?2, 'u', 0)",
+                params![resource, session],
+            )?;
+            Ok(())
+        })
+        .await
+        .expect("an open session");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreOptions;
+
+    fn rid(s: &str) -> ResourceId {
+        s.parse().expect("id")
+    }
+
+    fn ev(kind: &'static str, message: &str) -> GroupEvent {
+        GroupEvent {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn offer(version: &str) -> NewUpdate {
+        NewUpdate {
+            component: "office".into(),
+            version: version.into(),
+            package: String::new(),
+            description: "fixes printing".into(),
+            at: UnixMillis(10),
+        }
+    }
+
+    fn schedule_of(update_id: u64) -> NewSchedule {
+        NewSchedule {
+            update_id,
+            start: UnixMillis(1_000),
+            wave: 1,
+            drain_ms: 0,
+            at: UnixMillis(20),
+        }
+    }
+
+    /// Group 1's (status, events as kind: message).
+    async fn group_1(store: &Store) -> (String, Vec<String>) {
+        let (g, events) = store
+            .group_read(|tx| Ok::<_, StoreError>((tx.by_num(1)?, tx.events(1)?)))
+            .await
+            .expect("read");
+        let events = events
+            .into_iter()
+            .map(|e| format!("{}: {}", e.kind, e.message))
+            .collect();
+        (g.expect("group 1").status, events)
+    }
+
+    async fn store_with_group(dir: &std::path::Path) -> Store {
+        let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store");
+        store
+            .insert_group_in_status_for_test(1, "g", "published")
+            .await;
+        store
+    }
+
+    /// An offer and a schedule of group `g`; the schedule's id.
+    async fn scheduled(store: &Store) -> u64 {
+        let Offered::Offered(u) = store
+            .offer_update(
+                "g".into(),
+                offer("3.2"),
+                |_| Ok::<_, ()>(()),
+                |id, _| ev("ota-offered", &format!("update {id}")),
+            )
+            .await
+            .expect("offer")
+        else {
+            panic!("not offered");
+        };
+        let Scheduled::Scheduled(s) = store
+            .schedule_update(
+                "g".into(),
+                schedule_of(u.id),
+                |_| Ok::<_, ()>(()),
+                |id, _| ev("ota-scheduled", &format!("schedule {id}")),
+            )
+            .await
+            .expect("schedule")
+        else {
+            panic!("not scheduled");
+        };
+        s.id
+    }
+
+    #[tokio::test]
+    async fn a_refusal_writes_nothing_and_an_accepted_change_writes_its_event() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = store_with_group(dir.path()).await;
+        // No group, then a refusal: no offer, no event.
+        let r = store
+            .offer_update(
+                "nope".into(),
+                offer("1"),
+                |_| Ok::<_, ()>(()),
+                |_, _| ev("ota-offered", "x"),
+            )
+            .await
+            .expect("offer");
+        assert!(matches!(r, Offered::NoGroup), "{r:?}");
+        let r = store
+            .offer_update(
+                "g".into(),
+                offer("1"),
+                |_| Err("no"),
+                |_, _| ev("ota-offered", "x"),
+            )
+            .await
+            .expect("offer");
+        assert!(matches!(r, Offered::Refused("no")), "{r:?}");
+        assert_eq!(store.ota_updates(None).await.expect("list"), Some(vec![]));
+        assert_eq!(group_1(&store).await.1, Vec::<String>::new());
+
+        let id = scheduled(&store).await;
+        // The schedule's rules see the update's group and the active schedule.
+        let r = store
+            .schedule_update(
+                "g".into(),
+                schedule_of(1),
+                |f| match &f.active {
+                    Some(a) if f.update_group_num == f.group.num => Err(a.id),
+                    _ => Ok(()),
+                },
+                |_, _| ev("ota-scheduled", "x"),
+            )
+            .await
+            .expect("schedule");
+        assert!(matches!(r, Scheduled::Refused(a) if a == id), "{r:?}");
+        let r = store
+            .schedule_update(
+                "g".into(),
+                schedule_of(99),
+                |_| Ok::<_, ()>(()),
+                |_, _| ev("ota-scheduled", "x"),
+            )
+            .await
+            .expect("schedule");
+        assert!(matches!(r, Scheduled::NoUpdate), "{r:?}");
+
+        // A refused change leaves the schedule as it was; an accepted one
+        // moves it with its event.
+        let r = store
+            .change_schedule(id, UnixMillis(30), |_| {
+                Err::<(ScheduleChange, GroupEvent), _>("no")
+            })
+            .await
+            .expect("change");
+        assert!(matches!(r, Changed::Refused("no")), "{r:?}");
+        let r = store
+            .change_schedule(id, UnixMillis(30), |row| {
+                Ok::<_, ()>((
+                    ScheduleChange::Cancel {
+                        detail: "cancelled by operator".into(),
+                    },
+                    ev("ota-cancelled", &format!("schedule {} cancelled", row.id)),
+                ))
+            })
+            .await
+            .expect("change");
+        let Changed::Changed(s) = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!(
+            (s.state.as_str(), s.finished_at, s.detail.as_deref()),
+            (
+                "cancelled",
+                Some(UnixMillis(30)),
+                Some("cancelled by operator")
+            )
+        );
+        assert!(matches!(
+            store
+                .change_schedule(
+                    99,
+                    UnixMillis(30),
+                    |_| Err::<(ScheduleChange, GroupEvent), _>(())
+                )
+                .await,
+            Ok(Changed::NoSchedule)
+        ));
+        assert_eq!(
+            group_1(&store).await.1,
+            vec![
+                "ota-offered: update 1".to_owned(),
+                format!("ota-scheduled: schedule {id}"),
+                format!("ota-cancelled: schedule {id} cancelled"),
+            ]
+        );
+        let history = store.ota_history("g".into()).await.expect("history");
+        assert_eq!(history.map(|h| h.len()), Some(1));
+        assert_eq!(
+            store.ota_history("nope".into()).await.expect("history"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_start_refused_fails_the_schedule_with_its_event_and_a_start_loads_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = store_with_group(dir.path()).await;
+        let id = scheduled(&store).await;
+        let failed = store
+            .start_ota_schedule(id, UnixMillis(1_000), |_, u| StartDecision::Fail {
+                detail: "not started: no".into(),
+                event: ev("ota-failed", &format!("update {} not started", u.id)),
+            })
+            .await
+            .expect("start");
+        assert!(failed.is_none());
+        let s = store
+            .ota_history("g".into())
+            .await
+            .expect("history")
+            .expect("g");
+        assert_eq!(
+            (s[0].state.as_str(), s[0].detail.as_deref()),
+            ("failed", Some("not started: no"))
+        );
+        assert!(group_1(&store)
+            .await
+            .1
+            .contains(&"ota-failed: update 1 not started".to_owned()));
+        // Not scheduled any more: nothing is asked, nothing loads.
+        let again = store
+            .start_ota_schedule(id, UnixMillis(1_000), |_, _| panic!("asked again"))
+            .await
+            .expect("start");
+        assert!(again.is_none());
+
+        // A schedule that starts, with a host an earlier rollout failed on.
+        store
+            .record_rollout(vec![
+                RolloutWrite::OtaPlan {
+                    schedule: id,
+                    hosts: vec![rid("h1")],
+                },
+                RolloutWrite::OtaStep {
+                    schedule: id,
+                    host: rid("h1"),
+                    state: "failed",
+                    detail: Some("hook failed".into()),
+                    at: UnixMillis(1_000),
+                },
+            ])
+            .await
+            .expect("record");
+        let id2 = scheduled(&store).await;
+        let run = store
+            .start_ota_schedule(id2, UnixMillis(2_000), |_, _| {
+                StartDecision::Start(ev("ota-started", "started"))
+            })
+            .await
+            .expect("start")
+            .expect("running");
+        assert_eq!(run.schedule.state, "running");
+        assert_eq!(run.schedule.started_at, Some(UnixMillis(2_000)));
+        assert_eq!(run.group.as_str(), "g");
+        assert!(run.results.is_empty());
+        assert_eq!(run.retry, vec![rid("h1")]);
+        let work = store.rollout_work().await.expect("work");
+        assert_eq!(
+            work.schedules.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![id2]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_image_update_begins_runs_and_records_its_end_in_one_write() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = store_with_group(dir.path()).await;
+        let begin = |image: &str| NewImageUpdate {
+            image: image.into(),
+            warning_ms: 60_000,
+            started_at: UnixMillis(100),
+            disconnect_at: UnixMillis(60_100),
+            status: "updating".into(),
+            event: ev("status", "published -> updating"),
+        };
+        let refused = store
+            .begin_image_update("g".into(), |_, _| Err::<NewImageUpdate, _>("no"))
+            .await
+            .expect("begin");
+        assert!(matches!(refused, ImageBegun::Refused("no")), "{refused:?}");
+        assert!(store.rollout_work().await.expect("work").images.is_empty());
+        let u = begin("img-2");
+        let begun = store
+            .begin_image_update("g".into(), move |g, ota| {
+                assert!(ota.is_none());
+                assert_eq!(g.image, "img-1");
+                Ok::<_, ()>(u)
+            })
+            .await
+            .expect("begin");
+        assert!(matches!(&begun, ImageBegun::Begun(g) if g.status == "published"));
+        assert_eq!(
+            group_1(&store).await,
+            (
+                "updating".to_owned(),
+                vec!["status: published -> updating".to_owned()]
+            )
+        );
+        let work = store.rollout_work().await.expect("work");
+        let [running] = work.images.as_slice() else {
+            panic!("{work:?}");
+        };
+        let id = running.id;
+        store.open_session_for_test("h1", "s1").await;
+        let run = store
+            .image_update_run(id)
+            .await
+            .expect("run")
+            .expect("running");
+        assert_eq!(
+            (run.update.image.as_str(), run.update.disconnect_at),
+            ("img-2", UnixMillis(60_100))
+        );
+        // The session's resource is not registered with the group.
+        assert!(run.open.is_empty());
+        let rows = store
+            .rollout_rows(1, Some(id), vec![rid("h1")])
+            .await
+            .expect("rows");
+        assert!(rows.running);
+        assert_eq!(rows.open[&rid("h1")], vec!["s1".parse().expect("session")]);
+
+        // The end, in one write: a status whose `from` no longer holds is
+        // left alone, with no event.
+        store
+            .record_rollout(vec![
+                RolloutWrite::ImagePlan {
+                    update: id,
+                    hosts: vec![rid("h1")],
+                },
+                RolloutWrite::ImageOutcome {
+                    update: id,
+                    host: rid("h1"),
+                    ok: false,
+                    detail: "switch failed".into(),
+                    at: UnixMillis(60_200),
+                },
+                RolloutWrite::ImageEnded {
+                    update: id,
+                    ok: false,
+                    at: UnixMillis(60_200),
+                },
+                RolloutWrite::GroupStatus {
+                    group_num: 1,
+                    from: "published".into(),
+                    to: "update-failed".into(),
+                    message: "published -> update-failed".into(),
+                    at: UnixMillis(60_200),
+                },
+                RolloutWrite::GroupStatus {
+                    group_num: 1,
+                    from: "updating".into(),
+                    to: "update-failed".into(),
+                    message: "updating -> update-failed".into(),
+                    at: UnixMillis(60_200),
+                },
+            ])
+            .await
+            .expect("record");
+        assert_eq!(
+            group_1(&store).await,
+            (
+                "update-failed".to_owned(),
+                vec![
+                    "status: published -> updating".to_owned(),
+                    "status: updating -> update-failed".to_owned()
+                ]
+            )
+        );
+        assert!(store.image_update_run(id).await.expect("run").is_none());
+        let v = store
+            .group_versions("g".into())
+            .await
+            .expect("versions")
+            .expect("g");
+        assert_eq!(
+            v.outcomes.get("h1").map(String::as_str),
+            Some("failed: switch failed")
+        );
+        assert!(store
+            .group_versions("nope".into())
+            .await
+            .expect("v")
+            .is_none());
+    }
 }
