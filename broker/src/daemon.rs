@@ -1,5 +1,21 @@
-//! `ferry-broker run`: wires the store, the agent link and the admin socket
+//! `ferry-broker run`: builds every part of the broker once and wires them
 //! under one shutdown tree.
+//!
+//! In order: the state-directory lock, the PKI and the signing keys, the
+//! `Store`, the QUIC endpoint and the admin socket (bound before anything
+//! runs), the `Registry` of live connections, the rollout `Board`, `Ota`,
+//! the provisioning, one `GroupService`, the `GroupActors` (given the store,
+//! the registry, the provisioning and the board) and the `Groups` facade
+//! (service and actors: its write verbs bring the group's actor in line
+//! themselves). These are handed to the services that use them: the agent
+//! link, the route service and enrollment on the endpoint, the rollout
+//! timer, the notification outbox and the admin socket. Ownership flows one
+//! way (daemon, facade, actors, registry and store); nothing points back, so
+//! nothing is set after construction.
+//!
+//! Shutdown: a cancelled token stops every task (tracked), agents are told
+//! `Refused(ShuttingDown)`, tasks get `shutdown_grace`, the endpoint closes
+//! and the store commits what is queued.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
