@@ -18,6 +18,10 @@
 //! An update of the agent itself whose hook succeeded while this process is
 //! still the old version is not answered: the hook restarts the service and
 //! the next process reports the outcome (`Inventory::last_update`).
+//!
+//! Commands run on the agent's task tracker, not the connection's: a link
+//! that drops does not kill a running hook, and the outcome is on disk
+//! ([`crate::versions`]) before the command is answered.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

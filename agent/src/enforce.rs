@@ -9,8 +9,9 @@
 //! sleeps until that deadline (or until an input arrives): no polling.
 //!
 //! Sessions count from their start (`Started::at` in the spool), also those
-//! that started before the policy arrived; a limit already passed when the
-//! policy arrives ends the session at once (after a warning). Idleness is
+//! that started before the policy arrived; a user with less than
+//! [`WARN_AHEAD_MS`] left when the policy arrives is warned at once, and a
+//! limit already passed then ends the session at once (after a warning). Idleness is
 //! not persisted: after a restart every session counts as active until the
 //! streaming server reports it idle again.
 //!
@@ -23,8 +24,8 @@
 //! nothing. The spool refuses an end for a session that is not open, so a
 //! session is never ended twice, whoever reports first (the broker's
 //! `DisconnectSession` works the same way: the hook, then the host's report).
-//! An end whose hook fails (or that has no disconnect hook) is retried after
-//! [`RETRY_MS`].
+//! An end whose hook fails (or that has no disconnect hook: the agent cannot
+//! enforce a limit without one) is logged and retried after [`RETRY_MS`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -42,6 +42,13 @@
 //! [`SpoolError::Corrupt`], naming the file and the offset; nothing is
 //! skipped silently.
 //!
+//! # Session ids
+//! A session id names one session on a host: a start of an id that ended
+//! here is refused. The spool remembers the last [`MAX_REMEMBERED_ENDED`]
+//! ended ids, across compactions (the broker refuses older reuses itself).
+//! A session's end is written once: an end for a session that is not open
+//! is refused, whoever reports it.
+//!
 //! # Bounds
 //! Unacknowledged events are kept in memory for replay and bounded by
 //! [`MAX_SPOOLED_EVENTS`] and [`MAX_SPOOLED_BYTES`]; past them new reports are

@@ -1,8 +1,22 @@
-//! `ferry-broker run`: builds the broker's parts once (the store, the
-//! registry of live connections, the groups' service and actors, OTA and
-//! the rollouts, the provisioning) and hands them to its services (the
-//! agent link, routing and enrollment on the QUIC endpoint, the admin
-//! socket), all under one shutdown tree.
+//! `ferry-broker run`: builds every part of the broker once and wires them
+//! under one shutdown tree.
+//!
+//! It takes the state-directory lock, loads the PKI and the signing keys,
+//! opens the `Store`, binds the QUIC endpoint and the admin socket before
+//! anything runs, then builds the `Registry` of live connections, the
+//! provisioning, one `GroupService`, `Ota` (whose rollout `Board` the
+//! actors wake), the `GroupActors` (given the store, the registry, the
+//! provisioning and the board) and the `Groups` facade (service and
+//! actors: its write verbs bring the group's actor in line
+//! themselves). These are handed to the services that use them: the agent
+//! link, the route service and enrollment on the endpoint, the rollout
+//! timer, the notification outbox and the admin socket. Ownership flows one
+//! way (daemon, facade, actors, registry and store); nothing points back, so
+//! nothing is set after construction.
+//!
+//! Shutdown: a cancelled token stops every task (tracked), agents are told
+//! `Refused(ShuttingDown)`, tasks get `shutdown_grace`, the endpoint closes
+//! and the store commits what is queued.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

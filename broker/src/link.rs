@@ -1,11 +1,18 @@
-//! The broker's QUIC server for agents: mutual TLS, the preamble, then the
-//! framed protocol of one bidirectional stream per connection.
+//! The agent link: the broker's service for [`ferry_common::ALPN_AGENT`]
+//! connections of its one endpoint ([`crate::endpoint`], which dispatches by
+//! ALPN and answers the preamble): mutual TLS, then the framed protocol of
+//! one bidirectional stream per connection. A connection without a client
+//! certificate is refused before anything is read; the resource is the
+//! certificate's DNS SAN, and a `Hello` naming another one is refused. At
+//! most [`MAX_AGENT_CONNECTIONS`] at once, apart from the other services'
+//! limits, so end users cannot take the fleet's agents' places.
 //!
-//! The same endpoint serves other protocols, chosen by the connection's ALPN
-//! once its handshake is done: [`ferry_common::ALPN_AGENT`] is served here, the
-//! others ([`Services`]) by the modules that own them. Handshakes in flight
-//! and connections of each protocol have separate limits, so one kind of
-//! client cannot take the fleet's agents' places.
+//! What it does with a connection: registers it (store, then registry),
+//! records every session event in the store before it acknowledges it
+//! (`Ack` means committed), hands committed reports (joins, availability,
+//! session starts and ends, presence) to the group's actor, and carries the
+//! commands the registry queues for the connection. It decides nothing about
+//! groups.
 //!
 //! One task per connection, under a child `CancellationToken` of the daemon's;
 //! a second small task per connection reads frames (reading a frame is not

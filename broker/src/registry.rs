@@ -1,6 +1,12 @@
 //! Live state of connected resources: which connection serves each resource,
-//! whether it is available, draining, its last health; and the way to send it
-//! a command.
+//! whether it is available, draining, its last health, its group and
+//! streaming address; and the way to send it a command.
+//!
+//! A leaf: the registry knows connections, not groups. The link writes it,
+//! the group actors, the rollouts and the admin socket read it and send
+//! commands through it; it holds no reference to any of them (ownership
+//! flows one way, from the daemon down). Connection ids only grow, so a
+//! report of a replaced connection can be told from the current one's.
 //!
 //! Why a `std::sync::Mutex` and not an actor: every operation is a short map
 //! update or copy with no I/O and no `.await` while the lock is held (the

@@ -1,5 +1,13 @@
 //! QUIC transport limits of the agent link, set on purpose rather than left
 //! at quinn's defaults (which leave the connection receive window unbounded).
+//!
+//! A peer that dies without a word (a crash, a lost host, a cut network) is
+//! noticed by both ends of the agent link within one health interval (at
+//! least [`AGENT_MIN_IDLE_TIMEOUT`], at most [`AGENT_IDLE_TIMEOUT`]): the
+//! broker's endpoint offers that idle timeout, with keep-alives four times as
+//! often, and QUIC uses the smaller of the two ends' timeouts. The broker's
+//! `missed_health_limit` (health reports that arrive late on a live
+//! connection) is a separate check.
 
 use std::time::Duration;
 

@@ -3,6 +3,9 @@
 //! Kept apart from the engine so the metering usage reports compute amounts with
 //! the very same functions as `ferryctl simulate`: the same records always give
 //! the same amounts.
+//!
+//! Where the spec is silent: per-second billing counts a started second as a
+//! whole second.
 
 use std::fmt;
 

@@ -3,6 +3,24 @@
 //! Placement and scale-in candidates are kept in ordered indexes, so every input
 //! costs O(log n) in the number of resources, never a scan: a 10,000-host group
 //! decides as fast as a 100-host one, within a log factor.
+//!
+//! Rules where the spec is silent (the engine's tests pin them):
+//! - A resource that is unavailable (draining, unhealthy, being updated) takes
+//!   no session and is left out of capacity; its sessions still count in
+//!   demand.
+//! - With `wait_timeout = 0` a request that finds no room is rejected at once
+//!   and never counts in demand, so a group at `usage_threshold = 100` scales
+//!   out only through waiting requests.
+//! - While a policy period holds ([`super::period`]), an evaluation first
+//!   creates `min(min_ready - (ready + pending), max_elastic - elastic)`
+//!   elastic resources (not limited by `scale_out_step`; pending ones count,
+//!   so nothing is created twice), then makes its usage check, and scales
+//!   nothing in while ready and available resources are at or below
+//!   `min_ready`. A period creation is a scale-out: it restarts idle
+//!   countdowns and that evaluation scales nothing in. At a period's end
+//!   every idle elastic resource's countdown restarts. A base resource out of
+//!   service during a period is replaced by an elastic one (it is not in
+//!   capacity).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

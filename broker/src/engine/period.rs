@@ -7,7 +7,12 @@
 //!
 //! A period *holds* from its warm-up start (`start - warm_up`) to its end, end
 //! excluded: during that window the engine creates elastic resources up to
-//! `min_ready` and does not scale in while `ready <= min_ready`.
+//! `min_ready` and does not scale in while `ready <= min_ready` (what the
+//! engine does then is in [`super::group`]). Periods are in UTC: minutes
+//! after midnight on the chosen weekdays, computed from `now`. A period never
+//! crosses midnight (its end may be `24:00`, which belongs to its own day),
+//! but its warm-up may start the day before. When holds overlap (a warm-up
+//! reaching into another period), the highest `min_ready` holds.
 
 use super::policy::PolicyPeriod;
 

@@ -8,6 +8,12 @@
 //! session ends, so every lull between two users would cost a scale-in and
 //! the next one a scale-out (SPEC 4 (E) is a time to stay idle, not a
 //! switch). Scale in soon with a short one (`1m`), never with zero.
+//!
+//! Policy periods (scheduled scaling, where the spec is silent): a period
+//! lies inside one UTC day (`end` may be `24:00`), lasts at least
+//! [`MIN_PERIOD_MINUTES`], is at least [`MIN_PERIOD_GAP_MINUTES`] from the
+//! day's other periods (at most [`MAX_PERIODS_PER_DAY`]), and its
+//! `min_ready` is at least 1 and at most `base + max_elastic`.
 
 use std::fmt;
 use std::time::Duration;

@@ -6,6 +6,10 @@
 //! transitions and orders come out, and [`Lifecycle::next_deadline`] says when
 //! to call [`Lifecycle::handle_timeout`] next. The broker's timer task and the
 //! unit tests below drive the very same code.
+//!
+//! Where the spec is silent: a group in `publish-failed` can be deleted,
+//! whatever its billing (SPEC 3); `payment-overdue` (pay-as-you-go only) is
+//! entered from and left back to `published`, by an admin request.
 
 use std::fmt;
 use std::time::Duration;

@@ -2,8 +2,15 @@
 //! ([`lifecycle`]), their durable records and the admin requests that drive
 //! them ([`service`]), the deadline and notification tasks ([`tasks`]), and
 //! the live state of each group, an engine per group fed by agent reports
-//! ([`actor`]), and the two together as the rest of the broker uses them
-//! ([`Groups`]: a change an actor must follow brings it in line).
+//! ([`actor`]); beside them the policy parts beyond scaling
+//! ([`policy_parts`]) and the host-size check ([`hostfit`]).
+//!
+//! The daemon builds one `GroupService` and one `GroupActors` and pairs them
+//! in the [`Groups`] facade the admin socket uses: a
+//! write verb commits through the service, then brings the group's actor in
+//! line (started, told to reread its row, or stopped), so no caller has to
+//! remember to. The service never reaches an actor; the actors use the
+//! service (lifecycle deadlines) but never the facade.
 
 pub mod actor;
 mod facade;

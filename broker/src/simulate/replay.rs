@@ -1,4 +1,10 @@
 //! Drives the engine through a scenario on a virtual clock.
+//!
+//! The replay stops at the scenario's `end` (events after it are refused
+//! when the file is checked, [`super::scenario`]). A deadline that decides
+//! nothing visible still gets a timeline row when it explains a
+//! non-decision ("no scale-in of e2 because ..."), with the period that
+//! holds or comes next when the policy has periods.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;

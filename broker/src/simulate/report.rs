@@ -1,5 +1,9 @@
 //! What `ferryctl simulate` prints: the JSON object of SPEC section 7, or a
 //! readable table like the seed document's.
+//!
+//! `--json` prints the decision objects with exactly SPEC section 7's fields,
+//! so expected outputs compare equal; the reason for each is in
+//! `decision_reasons`, one entry per decision, in the same order.
 
 use std::fmt::Write as _;
 

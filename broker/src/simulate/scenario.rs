@@ -1,5 +1,7 @@
 //! Scenario files (SPEC section 7): parsed with spans, then checked whole, so
-//! every problem is reported with its line at once.
+//! every problem is reported with its line at once. An event after the
+//! scenario's `end` is one of those problems (the spec is silent; the replay
+//! stops at `end`).
 //!
 //! Besides the keys of SPEC section 7, a scenario may give the policy's
 //! scheduled-scaling periods (SPEC section 4), up to 3 a weekday, as

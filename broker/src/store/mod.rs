@@ -16,6 +16,17 @@
 //! a `std::sync::Mutex`, run on tokio's blocking pool. In WAL mode readers do
 //! not block the writer and see only committed data, which is exactly what an
 //! operator should see. The mutex is only ever held inside `spawn_blocking`.
+//!
+//! Doors. Every table is read and written here and nowhere else, through one
+//! module per aggregate, each taking and giving typed rows: `groups` (group
+//! rows, orders, outbox, assignments, policy versions), `group_live` (what a
+//! group's actor records, one [`GroupCommit`] per turn), `sessions` (agents'
+//! registrations and session events), `users` (end users and credentials),
+//! `usage` (what a usage report reads), `elastic` (provisioned resources and
+//! enrollment tokens) and [`rollouts`] (image updates and OTA). `writer` is
+//! the writer thread and `migrations` the schema. A door decides nothing:
+//! the rules stay with their callers (the group service, the actors, the
+//! rollouts), which compose door calls in one transaction.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

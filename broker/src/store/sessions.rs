@@ -8,6 +8,23 @@
 //! record an event twice or skip one. The hot path (register, record) runs as
 //! the writer's own operations; everything else through [`Store::exec`] and
 //! the read connection.
+//!
+//! Rules where the spec is silent:
+//! - Sequence numbers are per `(resource, spool_id)`. An agent whose state
+//!   directory was wiped starts a new spool; at its registration the
+//!   sessions the host no longer reports are ended ([`RECONCILE_REASON`]).
+//!   If the host's own `Ended` arrives later, it replaces that end time and
+//!   reason.
+//! - A session id names one session on a host: a start of an id that
+//!   already ended on that host is recorded as a refused event
+//!   (`session_events.reason` = [`REUSED_ID_REASON`]) and acknowledged like
+//!   any other, the ended session's record stays as it was, and the start is
+//!   not handed to the group.
+//! - Ends the broker decides (a retention that ran out, a host gone for
+//!   good: [`end_session_by_broker`]) are `sessions.reconciled = 2`: a later
+//!   report of the host does not move them, an earlier one does.
+//! - A resource's `last_seen` is written when its link ends, so `resources
+//!   list` shows when a gone host was last heard from.
 
 use ferry_common::wire::{EndReason, HostFacts, SequencedEvent, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};

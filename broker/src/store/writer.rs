@@ -1,5 +1,18 @@
 //! The writer thread: group commit of every queued write in one
 //! transaction, each answered only after the commit.
+//!
+//! Every write carries its own typed reply channel (`Register`, `Record`,
+//! or an `Exec` closure of any answer type), so the writer answers each
+//! caller with its own type, never a cast. It prepares nothing twice: every
+//! statement of the event path is cached, and a spool's `last_seq` is read
+//! once per batch. Consecutive records of a batch share one savepoint; if one
+//! fails, that run is rolled back and replayed record by record, each in its
+//! own savepoint, so a batch answers and writes exactly what one-by-one
+//! recording would. A transaction SQLite rolls back in the middle of a batch
+//! (an I/O error, a full disk) fails the rest of that batch: nothing commits
+//! one by one behind it. Stores are created with 1 KiB pages; the WAL
+//! checkpoints every 40,000 pages and is cut back to 64 MiB (see
+//! `Store::open`).
 
 use std::collections::HashMap;
 

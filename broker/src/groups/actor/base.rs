@@ -2,9 +2,9 @@
 //! `publishing` -> `published` or `publish-failed`), in the group's actor.
 //!
 //! With `[provisioner] base = "provisioned"`, a group published with `base`
-//! base resources starts `publishing` ([`super::service`]); its actor creates
-//! `<group>-b1..<group>-bN` with the elastic resources' create path
-//! ([`elastic`]: one-time enrollment token, retries with backoff,
+//! base resources starts `publishing` ([`crate::groups::service`]); its
+//! actor creates `<group>-b1..<group>-bN` with the elastic resources' create
+//! path ([`super::elastic`]: one-time enrollment token, retries with backoff,
 //! `provision-failed` events, `register_timeout`), each recorded first in
 //! `elastic_resources` under engine id `b<n>` with `created_at` set once the
 //! provisioner's create succeeded. Base resource `<group>-b<n>` takes base

@@ -2,16 +2,18 @@
 //!
 //! When a subscription expires the actor asks each open session's agent to
 //! disconnect it and retries failures with a doubling backoff (the actor's
-//! `Disconnects`). Every pending disconnect is also a row of
+//! `Disconnects`: 5 s, 10 s, 20 s, ... up to every 5 minutes). Every pending disconnect is also a row of
 //! `pending_disconnects` (resource, session, attempts, first attempt, next
 //! attempt), written in the actor's commit, so a restarted broker goes on:
 //! its actor starts closed, reloads the rows, and retries each one when its
-//! host is back (its agent re-joins with the session) or at its due time.
+//! host is back (its agent re-joins with the session) or at its due time,
+//! going on from the stored attempt count.
 //!
 //! The retries stop, with a `disconnect-abandoned` group event naming the
-//! session, when [`GIVE_UP_AFTER`] has passed since the first attempt, when
-//! the session ended, or when its host left the group. A renewal ends them
-//! all quietly (the group serves again).
+//! session, when [`GIVE_UP_AFTER_MS`] (24 h) has passed since the first
+//! attempt, when the session ended, or when its host left the group (or
+//! rejoined without the session). They stop quietly when the agent answers
+//! `Done`, and a renewal ends them all quietly (the group serves again).
 
 use std::collections::BTreeSet;
 

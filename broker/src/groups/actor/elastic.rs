@@ -1,7 +1,8 @@
 //! Elastic resources for real (issue 6): what a group's actor does with the
 //! engine's scale decisions when a provisioner is configured, and the
 //! durable record of every elastic resource that a restarted broker
-//! rebuilds its engine from (kept through [`crate::store::elastic`]).
+//! rebuilds its engine from (kept through the store's elastic door,
+//! `crate::store::elastic`).
 //!
 //! Lifecycle with a provisioner:
 //! - scale-out: per new resource `<group>-e<n>` a one-time enrollment token
@@ -12,8 +13,8 @@
 //!   stderr tail. A create that finally fails, or a resource whose agent has
 //!   not registered `register_timeout` after the scale-out, is a failed
 //!   creation for the engine (`Input::CreateFailed`): out of capacity at
-//!   once, never billed (billing starts only when the agent registers), and
-//!   deleted through the provisioner.
+//!   once, never billed (billing starts only when the agent registers),
+//!   flagged (`group show`) and deleted through the provisioner.
 //! - ready: its agent enrolled with the token and registered (the actor's
 //!   join path): billing starts.
 //! - scale-in: the engine marks it `releasing` at the decision, so no session
@@ -26,8 +27,10 @@
 //!   billing ends with it, and `retire` deletes every resource not
 //!   deleted yet (pending, ready, releasing) through the provisioner, its
 //!   agent asked to drain first (best effort), with the same retries and
-//!   events, in tasks that end only with the broker. `deleted_at` is
-//!   recorded; a broker start retries the deletes an earlier run left.
+//!   events, in tasks that end only with the broker (not the actor).
+//!   `deleted_at` is recorded; a broker start retries the deletes an
+//!   earlier run left. A leftover delete never touches a host of a live
+//!   group that reuses the name.
 //!
 //! Without a provisioner, elastic hosts are configured by hand as
 //! `<group>-e<n>` and only the durable record is kept.

@@ -8,8 +8,10 @@
 //! does not has its sessions ended by the broker (`host-gone`), stamped with
 //! the time it was last heard from, so their metering stops there and they
 //! stop holding slots. A host's own later report of such an end does not move
-//! it, an earlier one does (see the store). If the host comes back later
-//! with those sessions, they stay ended for the group.
+//! it, an earlier one does (see [`crate::store::end_session_by_broker`]). If
+//! the host comes back later with those sessions, they stay ended for the
+//! group. A host that went silent or came back on a live link is recorded as
+//! well (`unavailable`, `available` events).
 //!
 //! Across a broker restart, a host of the group with sessions recorded open
 //! that does not reconnect is counted from the actor's start (the broker

@@ -12,12 +12,18 @@
 //! Resources. The engine names base resources `b1..bN` and elastic ones `e1,
 //! e2, ...`; the actor maps them to real resources. An agent whose `Hello`
 //! names the group takes the first free base slot (up to the group's base
-//! count; a further one is flagged in the events and not used). Elastic ids
-//! are made group-unique as `<group>-e1`: until a provisioner exists (issue 6)
-//! an agent whose certificate names that id and whose `Hello` names the group
-//! completes the creation. A scale-in sends `Drain` to the agent; the agent
-//! disconnecting afterwards counts as the release (a host being removed goes
-//! away; nothing else tells the broker it is gone).
+//! count; a further one is flagged in the events and not used). It joins
+//! whenever the group's actor is there: at once, or when the group is
+//! published or the broker restarts (the registry keeps each connection's
+//! group and streaming address, and a starting actor takes in the agents
+//! already connected). Elastic ids are made group-unique as `<group>-e1`:
+//! without a provisioner an agent whose certificate names that id and whose
+//! `Hello` names the group completes the creation, and an elastic host
+//! already connected takes its slot when a scale-out asks for its id. A
+//! scale-in sends `Drain` to the agent; the agent disconnecting afterwards
+//! counts as the release (a host being removed goes away; nothing else tells
+//! the broker it is gone). A session started for a user the broker does not
+//! know counts like any other and is recorded as an `unknown-user` event.
 //!
 //! Host size. A joining agent's reported host facts (stored with its
 //! registration) are checked against the group's spec
@@ -40,7 +46,7 @@
 //! with the group's policy version: to every joined, connected agent when
 //! an update-policy raises the version, and to an agent that (re)joins with
 //! an older applied version than the group's (read from `resource_policy`).
-//! Each push runs in its own tracked task ([`policy_push`]); an
+//! Each push runs in its own tracked task (the `policy_push` child); an
 //! acknowledgement is committed to `resource_policy` (the newest version
 //! wins) with a `policy-applied` event, a failure or timeout becomes a
 //! `policy-failed` event and is tried again with backoff while the agent
@@ -53,6 +59,17 @@
 //! pending, ready and releasing ones of the store, numbering continues, a
 //! ready one keeps its open billing interval and its agent finds its slot
 //! when it reconnects.
+//!
+//! Ownership. [`GroupActors`] is built once by the daemon and holds what the
+//! actors need: the store (everything the actor records goes through the
+//! store's group-live door, one commit per turn), the registry (to reach
+//! agents; the registry does not point back), the provisioning and the
+//! rollout board. Nothing here points back at the admin side: the groups
+//! facade calls in. The child modules work on the actor's state: `routing`
+//! (reservations, the waiting room, retained sessions), [`elastic`] and
+//! `base` (provisioned resources), `payment`, `connections` (stale reports),
+//! `disconnects` and `retention` (what survives a restart), `gone` (hosts
+//! that stay away) and `policy_push`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

@@ -2,13 +2,19 @@
 //!
 //! A disconnected session is kept for its user for the group's
 //! `disconnect_retention` ([`super::routing`]); the retention runs from the
-//! disconnect, not from whenever the broker last started. Every retained
+//! disconnect (the host's stamp, never after the broker's now), not from
+//! whenever the broker last started, and `forever` sets no deadline. Every retained
 //! session is a row of `retained_sessions` (session, resource, disconnected
 //! at, deadline), written in the actor's commit, so a restarted broker's
 //! actor reloads them with their deadlines and ends each one on time, whether
 //! or not its host has come back (and whether or not the host can close it:
 //! the group's slot and the session's metering end at the deadline either
 //! way, see [`Actor::end_by_broker`]).
+//!
+//! At the deadline the broker ends the session itself (its slot is freed,
+//! its record ends at the deadline with `disconnect retention ended`) and
+//! asks the agent to close it. A host without a disconnect hook cannot, and
+//! keeps the session until its user logs out, unmetered.
 
 use super::routing::Retained;
 use super::{Actor, ActorError};

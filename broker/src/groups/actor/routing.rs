@@ -10,7 +10,10 @@
 //!   slot is held until the ticket's expiry ([`RESERVATION_TTL`] after it was
 //!   issued); the agent reporting `Started` for that session id turns it into
 //!   the session ([`Input::Connected`]); unused at expiry it is left
-//!   ([`Input::Leave`]) with a `ticket-expired` event.
+//!   ([`Input::Leave`]) with a `ticket-expired` event. A `Started` for a
+//!   reserved session on another resource than the reserved one frees the
+//!   reservation, counts the session where it really is and is flagged in
+//!   the group's events.
 //! - A request whose client does not wait and finds no room is withdrawn at
 //!   once and refused `at-capacity`.
 //! - `shared` groups: a user with a session or reservation in the group gets

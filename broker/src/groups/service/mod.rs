@@ -1,11 +1,19 @@
 //! Delivery groups and users over the store: every admin verb of `ferryctl
 //! group` / `ferryctl user` and the lifecycle deadlines.
 //!
-//! Each change runs as one [`Store::exec`] closure on the writer thread: the
-//! group's row is read, the pure [`lifecycle`](super::lifecycle) decides, and
-//! the new row, its orders, events and notifications are written in the same
-//! transaction. Two operators (or an operator and the deadline timer) acting on
-//! one group are therefore serialised, and an answer means "committed".
+//! Each change runs as one transaction through the store's groups door
+//! ([`Store::group_change`]) on the writer thread: the group's row is read,
+//! the pure [`lifecycle`](super::lifecycle) decides, and the new row, its
+//! orders, events and notifications are written in the same transaction. Two
+//! operators (or an operator and the deadline timer) acting on one group are
+//! therefore serialised, and an answer means "committed".
+//!
+//! The service changes records only: it starts, stops or reaches no actor.
+//! The `Groups` facade pairs it with the group actors and brings the group's
+//! actor in line after each write verb. Children: `credentials` (passwords,
+//! tokens, the route service's checks), `policy` (publish, update-policy and
+//! show with every policy part) and `publishing` (statuses set from outside
+//! the deadlines).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -2,7 +2,8 @@
 //! of the group switches to another image.
 //!
 //! - Warning: every open session of the group is warned once
-//!   (`WarnSession`, deadline = the update's start + its warning): those the
+//!   (`WarnSession`, deadline = the update's start + its warning, 5 minutes
+//!   unless `ferryctl group update-image --warning` says otherwise): those the
 //!   group's actor has on its hosts when the update starts, and those the
 //!   store recorded on hosts whose agents have not joined yet (a broker
 //!   restart) when they join, with the same deadline. Each warning's outcome
@@ -15,14 +16,17 @@
 //!   disconnected, get `SwitchImage`, and are done when their inventory
 //!   shows the image. A host whose agent is not connected (or whose
 //!   connection drops mid-way) is switched when it joins again; one still
-//!   away [`super::Settings::gone_timeout`] after the switch began fails,
-//!   unless a scale-in released it meanwhile.
-//! - A host the switch failed on is drained (the group serves from the
-//!   others); one an earlier update failed on is undrained once it switched.
+//!   away [`super::Settings::gone_timeout`] (10 minutes) after the switch
+//!   began fails, unless a scale-in released it meanwhile.
+//! - A host the switch failed on is drained: an `update-failed` group still
+//!   takes sessions, on the hosts that did not fail. One an earlier update
+//!   failed on is undrained once it switched. Hosts that switched keep the
+//!   new image when others fail.
 //! - Every host's outcome is recorded with an event (`image-step`, then
 //!   `image-switched` or `image-switch-failed`). When every host is done,
-//!   the group's image is the new one and it is `published`; with any
-//!   failure it is `update-failed`, naming each failing host and why.
+//!   the group's stored image is the new one and it is `published`; with any
+//!   failure the stored image stays and the group is `update-failed`, naming
+//!   each failing host and why.
 //! - Resumed from the rows: during the warning it warns again (same
 //!   deadline); during the switch, done and failed hosts keep their outcome
 //!   and the others are switched.

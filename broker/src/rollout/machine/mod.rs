@@ -31,9 +31,27 @@
 //! A host whose agent is not connected waits for it and fails after
 //! [`Settings::gone_timeout`]. What surrounds the hosts is each kind's: an
 //! image update has one warning for the group and switches every ready
-//! host at once, failing hosts drained while the others go on ([`image`]);
-//! an OTA rollout updates its plan in waves, and a failure stops it after
-//! its wave ([`ota`]).
+//! host at once, failing hosts drained while the others go on (the `image`
+//! child); an OTA rollout updates its plan in waves, and a failure stops it
+//! after its wave (the `ota` child).
+//!
+//! Rules of both kinds:
+//! - A host is done only when it says so twice: the command answered `Done`
+//!   and its inventory shows the target.
+//! - No session is cut before the deadline it was warned of.
+//! - Every host's step is a [`Record`] the driver commits before the next
+//!   command goes out, so a restarted broker resumes from the rows without
+//!   redoing a finished host; every step is also a group event
+//!   (`image-step`, `ota-step`), and `group show` reads the running update's
+//!   steps from the same state the update runs on.
+//! - A host drained for an update is unavailable to the group's engine (the
+//!   actor is told at once). Nothing else goes to the engine: a rollout adds
+//!   and bills no resource.
+//! - The group's status is set only when it is still the one the machine
+//!   expects, so a status that does not change records no transition, and
+//!   one changed meanwhile by someone else (expiry, purge) is left alone.
+//!   A rollout that succeeds on every host makes an `update-failed` group
+//!   `published` again.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;

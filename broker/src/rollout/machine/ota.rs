@@ -3,7 +3,10 @@
 //!
 //! - The plan (the group's ready, joined hosts in the actor's order, less
 //!   those an operator drained unless an earlier OTA of the group failed on
-//!   them) is recorded `pending` once, when the rollout first starts.
+//!   them) is recorded `pending` once, when the rollout first starts, and
+//!   fixed from then on.
+//! - The group's status stays as it is while the rollout runs; only its end
+//!   changes it (below).
 //! - Waves of `wave` hosts run their hosts at once. Each host: its step is
 //!   `draining` (its drain deadline counts from then, kept across
 //!   restarts), it waits for its agent, `Drain` (the group's actor is told
@@ -16,7 +19,9 @@
 //! - A failure stops the rollout after its wave: the host stays drained,
 //!   the rollout is `failed` and a `published` group `update-failed`. All
 //!   done: `succeeded`, an `update-failed` group is `published` again, and
-//!   an `image` update makes its version the group's image.
+//!   an `image` update makes its version the group's image (hosts created
+//!   later start from it, as after `update-image`). Other components are not
+//!   yet carried to hosts created after the plan was made.
 //! - Resumed from the rows: `done` and `skipped` hosts are not redone, the
 //!   others start over from the drain with their recorded drain start.
 
