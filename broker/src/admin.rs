@@ -460,37 +460,17 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         AdminRequestV1::GroupSetRegion { group, region } => {
             done(service.set_region(&group, &region).await)
         }
-        AdminRequestV1::UserCreate(user) => service
-            .create_user(user, now)
-            .await
-            .map(AdminResponseV1::Users),
-        AdminRequestV1::UserImport { csv } => service
-            .import_users(&csv, now)
-            .await
-            .map(AdminResponseV1::Users),
-        AdminRequestV1::UserList => service.users().await.map(AdminResponseV1::Users),
-        AdminRequestV1::UserListDetailed => crate::listing::users(service, &ctx.store)
-            .await
-            .map(AdminResponseV1::UsersDetailed),
         AdminRequestV1::GroupEventsDetailed { group } => crate::listing::events(service, &group)
             .await
             .map(AdminResponseV1::GroupEventsDetailed),
-        AdminRequestV1::UserCreateWithPassword { user, password } => service
-            .create_user_with_password(user, &password.0, now)
-            .await
-            .map(AdminResponseV1::Users),
-        AdminRequestV1::UserSetPassword { user, password } => {
-            done(service.set_password(&user, &password.0, now).await)
-        }
-        AdminRequestV1::UserToken { user, ttl_secs } => service
-            .issue_token(&user, std::time::Duration::from_secs(ttl_secs), now)
-            .await
-            .map(|(token, expires_at)| AdminResponseV1::UserToken {
-                user,
-                token,
-                expires_at,
-            }),
-        AdminRequestV1::UserRevokeTokens { user } => done(service.revoke_tokens(&user, now).await),
+        req @ (AdminRequestV1::UserCreate(_)
+        | AdminRequestV1::UserImport { .. }
+        | AdminRequestV1::UserList
+        | AdminRequestV1::UserListDetailed
+        | AdminRequestV1::UserCreateWithPassword { .. }
+        | AdminRequestV1::UserSetPassword { .. }
+        | AdminRequestV1::UserToken { .. }
+        | AdminRequestV1::UserRevokeTokens { .. }) => users(ctx, req, now).await,
         AdminRequestV1::GroupUpdateImage(spec) => {
             detail(g.update_image(&ctx.store, spec, now).await)
         }
@@ -530,6 +510,50 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         Err(e @ GroupError::Invalid(_)) => error(AdminErrorCode::Invalid, e.to_string()),
         Err(GroupError::Conflict(m)) => error(AdminErrorCode::Conflict, m),
         Err(GroupError::Store(e)) => internal(e),
+    }
+}
+
+/// The user verbs.
+async fn users(
+    ctx: &AdminContext,
+    req: AdminRequestV1,
+    now: ferry_common::UnixMillis,
+) -> Result<AdminResponseV1, GroupError> {
+    let service = ctx.groups.service();
+    let done = |r: Result<String, GroupError>| r.map(|message| AdminResponseV1::Done { message });
+    match req {
+        AdminRequestV1::UserCreate(user) => service
+            .create_user(user, now)
+            .await
+            .map(AdminResponseV1::Users),
+        AdminRequestV1::UserImport { csv } => service
+            .import_users(&csv, now)
+            .await
+            .map(AdminResponseV1::Users),
+        AdminRequestV1::UserList => service.users().await.map(AdminResponseV1::Users),
+        AdminRequestV1::UserListDetailed => crate::listing::users(service, &ctx.store)
+            .await
+            .map(AdminResponseV1::UsersDetailed),
+        AdminRequestV1::UserCreateWithPassword { user, password } => service
+            .create_user_with_password(user, &password.0, now)
+            .await
+            .map(AdminResponseV1::Users),
+        AdminRequestV1::UserSetPassword { user, password } => {
+            done(service.set_password(&user, &password.0, now).await)
+        }
+        AdminRequestV1::UserToken { user, ttl_secs } => service
+            .issue_token(&user, std::time::Duration::from_secs(ttl_secs), now)
+            .await
+            .map(|(token, expires_at)| AdminResponseV1::UserToken {
+                user,
+                token,
+                expires_at,
+            }),
+        AdminRequestV1::UserRevokeTokens { user } => done(service.revoke_tokens(&user, now).await),
+        _ => Ok(error(
+            AdminErrorCode::Internal,
+            "misrouted admin request".into(),
+        )),
     }
 }
 

@@ -259,7 +259,7 @@ impl Store {
     /// Runs a read on the read-only connection (committed data only), on the
     /// blocking pool. For the doors of this module: every other module reads
     /// through their typed methods.
-    pub(crate) async fn read_with<T: Send + 'static>(
+    pub(super) async fn read_with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

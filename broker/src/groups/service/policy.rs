@@ -314,17 +314,13 @@ mod tests {
         assert_eq!(d.parts.display.frame_rate, 60);
         assert!(d.parts.periods.is_empty());
         // The actor reads the same row.
-        let stored: String = g
+        let stored = g
             .store
-            .read_with(|c| {
-                Ok(
-                    c.query_row("SELECT policy FROM groups WHERE name = 'g1'", [], |r| {
-                        r.get(0)
-                    })?,
-                )
-            })
+            .live_group("g1")
             .await
-            .expect("read");
+            .expect("read")
+            .expect("g1 is live")
+            .policy;
         let parts = PolicyParts::from_stored(&stored).expect("parts");
         assert_eq!(
             parts.session.disconnect_retention,
