@@ -294,131 +294,10 @@ impl BrokerConfig {
         let Some(raw) = parsed.value else {
             return Err(ConfigError::Invalid(errors));
         };
-        let listen = match raw.listen.parse::<SocketAddr>() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                errors.push(format!(
-                    "listen: {:?} is not an IP address and port (write e.g. 0.0.0.0:7443)",
-                    raw.listen
-                ));
-                None
-            }
-        };
-        let mut duration = |field: &str, value: &str| match parse_duration(value) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                errors.push(format!("{field}: {e}"));
-                None
-            }
-        };
-        let health_interval = duration("health_interval", &raw.health_interval);
-        let shutdown_grace = duration("shutdown_grace", &raw.shutdown_grace);
-        let retention = duration("subscription_retention", &raw.subscription_retention);
-        let host_gone_after = duration("host_gone_after", &raw.host_gone_after);
-        let notify_timeout = duration("notify_timeout", &raw.notify_timeout);
-        let notify_retry_max = duration("notify_retry_max", &raw.notify_retry_max);
-        let provision_timeout = duration("provisioner.timeout", &raw.provisioner.timeout);
-        let register_timeout = duration(
-            "provisioner.register_timeout",
-            &raw.provisioner.register_timeout,
-        );
-        let kind = match raw.provisioner.kind.as_str() {
-            "none" => ProvisionerKind::None,
-            "exec" => ProvisionerKind::Exec {
-                create: raw.provisioner.create.clone(),
-                delete: raw.provisioner.delete.clone(),
-            },
-            "local" => ProvisionerKind::Local {
-                agent_binary: raw.provisioner.agent_binary.clone(),
-            },
-            other => {
-                errors.push(format!(
-                    "provisioner.kind: {other:?} is not one of none, exec, local"
-                ));
-                ProvisionerKind::None
-            }
-        };
-        let provision_attempts = u32::try_from(raw.provisioner.attempts).unwrap_or(0);
-        let provision_base = match raw.provisioner.base.as_str() {
-            "configured" => false,
-            "provisioned" => true,
-            other => {
-                errors.push(format!(
-                    "provisioner.base: {other:?} is not one of configured, provisioned"
-                ));
-                false
-            }
-        };
-        if provision_base && kind == ProvisionerKind::None {
-            errors.push(
-                "provisioner.base: \"provisioned\" needs a provisioner (kind = \"exec\" or \"local\")"
-                    .into(),
-            );
-        }
-        let mut prices = BTreeMap::new();
-        for (spec, p) in &raw.prices {
-            let mut dec = |field: &str, v: &str| match Decimal::from_str(v) {
-                Ok(d) if d >= Decimal::ZERO => Some(d),
-                _ => {
-                    errors.push(format!(
-                        "prices.{spec}.{field}: {v:?} is not a non-negative decimal (write e.g. \"199\" or \"0.726736\")"
-                    ));
-                    None
-                }
-            };
-            let month = dec("subscription_month", &p.subscription_month);
-            let hourly = dec("hourly", &p.hourly);
-            if let (Some(subscription_month), Some(hourly)) = (month, hourly) {
-                prices.insert(
-                    spec.clone(),
-                    Prices {
-                        currency: raw.currency.clone(),
-                        subscription_month,
-                        hourly,
-                    },
-                );
-            }
-        }
-        let missed_health_limit = match u32::try_from(raw.missed_health_limit) {
-            Ok(n) => Some(n),
-            Err(_) => {
-                errors.push(format!(
-                    "missed_health_limit: {} is out of range (1 to 100)",
-                    raw.missed_health_limit
-                ));
-                None
-            }
-        };
-        let config = BrokerConfig {
-            state_dir: raw.state_dir,
-            pki_dir: raw.pki_dir,
-            listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-            admin_socket: raw.admin_socket,
-            health_interval: health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
-            missed_health_limit: missed_health_limit.unwrap_or(1),
-            shutdown_grace: shutdown_grace.unwrap_or(Duration::ZERO),
-            groups: GroupsConfig {
-                retention: retention.unwrap_or(Duration::ZERO),
-                host_gone_after: host_gone_after.unwrap_or(Duration::ZERO),
-                currency: raw.currency,
-                prices,
-                notify_command: raw.notify_command,
-                notify_timeout: notify_timeout.unwrap_or(Duration::from_secs(1)),
-                notify_retry_max: notify_retry_max.unwrap_or(Duration::from_secs(1)),
-                clock: Clock::system(),
-                provisioner: ProvisionerConfig {
-                    kind,
-                    timeout: provision_timeout.unwrap_or(Duration::from_secs(1)),
-                    attempts: provision_attempts,
-                    register_timeout: register_timeout.unwrap_or(Duration::from_secs(1)),
-                    broker_addr: raw.provisioner.broker_addr.clone(),
-                },
-                provision_base,
-            },
-        };
+        let config = Self::from_raw(raw, &mut errors);
         if let Err(ConfigError::Invalid(more)) = config.validate() {
             // Fields that failed to parse were replaced by valid placeholders
-            // above, so these are only the other fields' problems.
+            // in `from_raw`, so these are only the other fields' problems.
             errors.extend(more);
         }
         if errors.is_empty() {
@@ -428,10 +307,68 @@ impl BrokerConfig {
         }
     }
 
+    /// Converts the file's fields, noting each one that does not parse in
+    /// `errors` and putting a valid placeholder in its place.
+    fn from_raw(raw: RawConfig, errors: &mut Vec<String>) -> BrokerConfig {
+        let listen = listen_of(&raw.listen, errors);
+        let d = RawDurations::parse(&raw, errors);
+        let kind = provisioner_kind_of(&raw.provisioner, errors);
+        let provision_attempts = u32::try_from(raw.provisioner.attempts).unwrap_or(0);
+        let provision_base = provision_base_of(&raw.provisioner.base, &kind, errors);
+        let prices = prices_of(&raw.prices, &raw.currency, errors);
+        let missed_health_limit = missed_health_limit_of(raw.missed_health_limit, errors);
+        BrokerConfig {
+            state_dir: raw.state_dir,
+            pki_dir: raw.pki_dir,
+            listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            admin_socket: raw.admin_socket,
+            health_interval: d.health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
+            missed_health_limit: missed_health_limit.unwrap_or(1),
+            shutdown_grace: d.shutdown_grace.unwrap_or(Duration::ZERO),
+            groups: GroupsConfig {
+                retention: d.retention.unwrap_or(Duration::ZERO),
+                host_gone_after: d.host_gone_after.unwrap_or(Duration::ZERO),
+                currency: raw.currency,
+                prices,
+                notify_command: raw.notify_command,
+                notify_timeout: d.notify_timeout.unwrap_or(Duration::from_secs(1)),
+                notify_retry_max: d.notify_retry_max.unwrap_or(Duration::from_secs(1)),
+                clock: Clock::system(),
+                provisioner: ProvisionerConfig {
+                    kind,
+                    timeout: d.provision_timeout.unwrap_or(Duration::from_secs(1)),
+                    attempts: provision_attempts,
+                    register_timeout: d.register_timeout.unwrap_or(Duration::from_secs(1)),
+                    broker_addr: raw.provisioner.broker_addr,
+                },
+                provision_base,
+            },
+        }
+    }
+
     /// Checks the values of a config built in code (tests, `dev`) or parsed
     /// from a file. Every problem is listed.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
+        self.check_paths(&mut errors);
+        self.check_health_and_shutdown(&mut errors);
+        let g = &self.groups;
+        if g.currency.trim().is_empty() {
+            errors.push("currency: must not be empty".into());
+        }
+        g.check_notify(&mut errors);
+        g.provisioner.check(&mut errors);
+        g.check_lifetimes(&mut errors);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The state, PKI and admin socket paths: not empty, and a socket path
+    /// short enough to bind.
+    fn check_paths(&self, errors: &mut Vec<String>) {
         let paths = [
             ("state_dir", &self.state_dir),
             ("pki_dir", &self.pki_dir),
@@ -449,6 +386,10 @@ impl BrokerConfig {
                 self.admin_socket.display()
             ));
         }
+    }
+
+    /// The health interval, the missed health limit and the shutdown grace.
+    fn check_health_and_shutdown(&self, errors: &mut Vec<String>) {
         if self.health_interval < MIN_HEALTH_INTERVAL || self.health_interval > MAX_HEALTH_INTERVAL
         {
             errors.push(format!(
@@ -470,32 +411,70 @@ impl BrokerConfig {
                 format_duration(self.shutdown_grace)
             ));
         }
-        let g = &self.groups;
-        if g.currency.trim().is_empty() {
-            errors.push("currency: must not be empty".into());
-        }
-        if g.notify_command
+    }
+
+    /// The health interval in milliseconds as sent in `Welcome` (validated to fit).
+    pub fn health_interval_ms(&self) -> u32 {
+        u32::try_from(self.health_interval.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// Path of the SQLite database.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("ferry.db")
+    }
+}
+
+impl GroupsConfig {
+    /// The activation hook: a program name when one is set, its timeout and
+    /// its longest retry wait in range.
+    fn check_notify(&self, errors: &mut Vec<String>) {
+        if self
+            .notify_command
             .first()
             .is_some_and(|p| p.trim().is_empty())
         {
             errors.push("notify_command: the program name is empty".into());
         }
-        if g.notify_timeout.is_zero() || g.notify_timeout > Duration::from_secs(3600) {
+        if self.notify_timeout.is_zero() || self.notify_timeout > Duration::from_secs(3600) {
             errors.push(format!(
                 "notify_timeout: {} is out of range (above 0, at most 1h)",
-                format_duration(g.notify_timeout)
+                format_duration(self.notify_timeout)
             ));
         }
-        if g.notify_retry_max < Duration::from_secs(1)
-            || g.notify_retry_max > Duration::from_secs(86_400)
+        if self.notify_retry_max < Duration::from_secs(1)
+            || self.notify_retry_max > Duration::from_secs(86_400)
         {
             errors.push(format!(
                 "notify_retry_max: {} is out of range (1s to 1d)",
-                format_duration(g.notify_retry_max)
+                format_duration(self.notify_retry_max)
             ));
         }
-        let p = &g.provisioner;
-        match &p.kind {
+    }
+
+    /// How long a gone host and an expired subscription are kept.
+    fn check_lifetimes(&self, errors: &mut Vec<String>) {
+        if self.host_gone_after < Duration::from_secs(1)
+            || self.host_gone_after > Duration::from_secs(30 * 86_400)
+        {
+            errors.push(format!(
+                "host_gone_after: {} is out of range (1s to 30d)",
+                format_duration(self.host_gone_after)
+            ));
+        }
+        if self.retention > Duration::from_secs(366 * 86_400) {
+            errors.push(format!(
+                "subscription_retention: {} is longer than 366 days",
+                format_duration(self.retention)
+            ));
+        }
+    }
+}
+
+impl ProvisionerConfig {
+    /// What the kind needs (programs for `exec`, a non-empty agent path for
+    /// `local`), then the timeouts and attempts in range.
+    fn check(&self, errors: &mut Vec<String>) {
+        match &self.kind {
             ProvisionerKind::Exec { create, delete } => {
                 for (field, argv) in [("create", create), ("delete", delete)] {
                     if argv.first().is_none_or(|p| p.trim().is_empty()) {
@@ -515,55 +494,164 @@ impl BrokerConfig {
             }
             ProvisionerKind::None => {}
         }
-        if p.timeout.is_zero() || p.timeout > Duration::from_secs(3600) {
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(3600) {
             errors.push(format!(
                 "provisioner.timeout: {} is out of range (above 0, at most 1h)",
-                format_duration(p.timeout)
+                format_duration(self.timeout)
             ));
         }
-        if !(1..=100).contains(&p.attempts) {
+        if !(1..=100).contains(&self.attempts) {
             errors.push(format!(
                 "provisioner.attempts: {} is out of range (1 to 100)",
-                p.attempts
+                self.attempts
             ));
         }
-        if p.register_timeout < Duration::from_secs(1)
-            || p.register_timeout > Duration::from_secs(86_400)
+        if self.register_timeout < Duration::from_secs(1)
+            || self.register_timeout > Duration::from_secs(86_400)
         {
             errors.push(format!(
                 "provisioner.register_timeout: {} is out of range (1s to 1d)",
-                format_duration(p.register_timeout)
+                format_duration(self.register_timeout)
             ));
-        }
-        if g.host_gone_after < Duration::from_secs(1)
-            || g.host_gone_after > Duration::from_secs(30 * 86_400)
-        {
-            errors.push(format!(
-                "host_gone_after: {} is out of range (1s to 30d)",
-                format_duration(g.host_gone_after)
-            ));
-        }
-        if g.retention > Duration::from_secs(366 * 86_400) {
-            errors.push(format!(
-                "subscription_retention: {} is longer than 366 days",
-                format_duration(g.retention)
-            ));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(errors))
         }
     }
+}
 
-    /// The health interval in milliseconds as sent in `Welcome` (validated to fit).
-    pub fn health_interval_ms(&self) -> u32 {
-        u32::try_from(self.health_interval.as_millis()).unwrap_or(u32::MAX)
+/// The file's durations, each `None` when it does not parse.
+struct RawDurations {
+    health_interval: Option<Duration>,
+    shutdown_grace: Option<Duration>,
+    retention: Option<Duration>,
+    host_gone_after: Option<Duration>,
+    notify_timeout: Option<Duration>,
+    notify_retry_max: Option<Duration>,
+    provision_timeout: Option<Duration>,
+    register_timeout: Option<Duration>,
+}
+
+impl RawDurations {
+    /// Parses every duration of `raw`, noting each one that does not parse.
+    fn parse(raw: &RawConfig, errors: &mut Vec<String>) -> Self {
+        let mut duration = |field: &str, value: &str| match parse_duration(value) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                errors.push(format!("{field}: {e}"));
+                None
+            }
+        };
+        RawDurations {
+            health_interval: duration("health_interval", &raw.health_interval),
+            shutdown_grace: duration("shutdown_grace", &raw.shutdown_grace),
+            retention: duration("subscription_retention", &raw.subscription_retention),
+            host_gone_after: duration("host_gone_after", &raw.host_gone_after),
+            notify_timeout: duration("notify_timeout", &raw.notify_timeout),
+            notify_retry_max: duration("notify_retry_max", &raw.notify_retry_max),
+            provision_timeout: duration("provisioner.timeout", &raw.provisioner.timeout),
+            register_timeout: duration(
+                "provisioner.register_timeout",
+                &raw.provisioner.register_timeout,
+            ),
+        }
     }
+}
 
-    /// Path of the SQLite database.
-    pub fn db_path(&self) -> PathBuf {
-        self.state_dir.join("ferry.db")
+/// `listen`: an IP address and port.
+fn listen_of(listen: &str, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    match listen.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(format!(
+                "listen: {listen:?} is not an IP address and port (write e.g. 0.0.0.0:7443)"
+            ));
+            None
+        }
+    }
+}
+
+/// `provisioner.kind` with the keys of that kind.
+fn provisioner_kind_of(raw: &RawProvisioner, errors: &mut Vec<String>) -> ProvisionerKind {
+    match raw.kind.as_str() {
+        "none" => ProvisionerKind::None,
+        "exec" => ProvisionerKind::Exec {
+            create: raw.create.clone(),
+            delete: raw.delete.clone(),
+        },
+        "local" => ProvisionerKind::Local {
+            agent_binary: raw.agent_binary.clone(),
+        },
+        other => {
+            errors.push(format!(
+                "provisioner.kind: {other:?} is not one of none, exec, local"
+            ));
+            ProvisionerKind::None
+        }
+    }
+}
+
+/// `provisioner.base`: `true` for `"provisioned"`, which needs a provisioner.
+fn provision_base_of(base: &str, kind: &ProvisionerKind, errors: &mut Vec<String>) -> bool {
+    let provisioned = match base {
+        "configured" => false,
+        "provisioned" => true,
+        other => {
+            errors.push(format!(
+                "provisioner.base: {other:?} is not one of configured, provisioned"
+            ));
+            false
+        }
+    };
+    if provisioned && *kind == ProvisionerKind::None {
+        errors.push(
+            "provisioner.base: \"provisioned\" needs a provisioner (kind = \"exec\" or \"local\")"
+                .into(),
+        );
+    }
+    provisioned
+}
+
+/// `[prices.SPEC]`: the specs whose two amounts are non-negative decimals.
+fn prices_of(
+    raw: &BTreeMap<String, RawPrice>,
+    currency: &str,
+    errors: &mut Vec<String>,
+) -> BTreeMap<String, Prices> {
+    let mut prices = BTreeMap::new();
+    for (spec, p) in raw {
+        let mut dec = |field: &str, v: &str| match Decimal::from_str(v) {
+            Ok(d) if d >= Decimal::ZERO => Some(d),
+            _ => {
+                errors.push(format!(
+                    "prices.{spec}.{field}: {v:?} is not a non-negative decimal (write e.g. \"199\" or \"0.726736\")"
+                ));
+                None
+            }
+        };
+        let month = dec("subscription_month", &p.subscription_month);
+        let hourly = dec("hourly", &p.hourly);
+        if let (Some(subscription_month), Some(hourly)) = (month, hourly) {
+            prices.insert(
+                spec.clone(),
+                Prices {
+                    currency: currency.to_owned(),
+                    subscription_month,
+                    hourly,
+                },
+            );
+        }
+    }
+    prices
+}
+
+/// `missed_health_limit` as a `u32` (its range is checked by `validate`).
+fn missed_health_limit_of(limit: i64, errors: &mut Vec<String>) -> Option<u32> {
+    match u32::try_from(limit) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            errors.push(format!(
+                "missed_health_limit: {limit} is out of range (1 to 100)"
+            ));
+            None
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupEventInfo, GroupSpec, LiveGroupView,
     PolicySpec, SessionType, UsageQuery, UserSpec,
 };
-use ferry_common::route::RouteAsk;
+use ferry_common::route::{Admission, RouteAsk};
 use ferry_common::ticket::Credential;
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
 use tokio::process::{Child, Command};
@@ -631,6 +631,18 @@ struct Hosts {
 }
 
 impl Hosts {
+    /// The base agents' configs; elastic ones are in the local provisioner's
+    /// directories under `state_dir`.
+    fn of(agents: &[BaseAgent], state_dir: &Path) -> Self {
+        Hosts {
+            base: agents
+                .iter()
+                .map(|a| (a.resource.clone(), a.config.clone()))
+                .collect(),
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
     fn config(&self, resource: &ResourceId) -> PathBuf {
         match self.base.get(resource) {
             Some(c) => c.clone(),
@@ -659,6 +671,18 @@ impl Tally {
     }
 }
 
+/// What every simulated end user shares: the agent binary, where each
+/// resource's agent config is, the broker's route address, the CA, the
+/// demo's clock and the outcomes so far.
+struct Crowd {
+    bin: PathBuf,
+    hosts: Hosts,
+    broker: std::net::SocketAddr,
+    ca: PathBuf,
+    clock: Clock,
+    tally: Tally,
+}
+
 struct UserRun {
     user: UserId,
     token: String,
@@ -685,45 +709,16 @@ async fn show(
         start: Instant::now(),
         start_ms: crate::clock::now_millis(),
     };
-    say!(
-        out,
-        "demo: {} base agents connected; {RAMP_USERS} end users arrive {} apart, then {} at \
-         once; each keeps its session about {}; the demo ends after {} (Ctrl-C stops it early)",
-        agents.len(),
-        ferry_common::duration::format_duration(plan.arrival_gap),
-        USERS - RAMP_USERS,
-        ferry_common::duration::format_duration(plan.hold),
-        ferry_common::duration::format_duration(opts.duration),
-    );
-    let hosts = Arc::new(Hosts {
-        base: agents
-            .iter()
-            .map(|a| (a.resource.clone(), a.config.clone()))
-            .collect(),
-        state_dir: state_dir.to_path_buf(),
+    announce(out, agents.len(), plan, opts.duration);
+    let crowd = Arc::new(Crowd {
+        bin: bin.to_path_buf(),
+        hosts: Hosts::of(agents, state_dir),
+        broker: ready.agent_addr,
+        ca: pki_dir.join(pki::CA_CERT),
+        clock,
+        tally: Tally::default(),
     });
-    let ca = pki_dir.join(pki::CA_CERT);
-    let tally = Arc::new(Tally::default());
-    let mut users = JoinSet::new();
-    for (n, (user, token)) in tokens.into_iter().enumerate() {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let run = UserRun {
-            user,
-            token,
-            arrive: plan.arrival(n),
-            hold: plan.hold + plan.arrival_gap * (n % 3),
-            out: out.clone(),
-        };
-        users.spawn(simulate_user(
-            run,
-            bin.to_path_buf(),
-            hosts.clone(),
-            ready.agent_addr,
-            ca.clone(),
-            clock,
-            tally.clone(),
-        ));
-    }
+    let mut users = spawn_users(&crowd, tokens, plan, out);
 
     let group: GroupName = GROUP
         .parse()
@@ -744,6 +739,57 @@ async fn show(
     if stopped_early {
         say!(out, "demo: interrupted: stopping early");
     }
+    stop_users(&mut users, out).await;
+    watch.refresh(&mut admin, &group, &clock, out).await?;
+
+    let failed = Tally::get(&crowd.tally.failed);
+    say_counts(out, &crowd.tally, &watch);
+    say_usage(&mut admin, &group, &clock, out).await?;
+    if failed > 0 && !stopped_early {
+        return Err(DemoError::Users(failed));
+    }
+    Ok(())
+}
+
+/// What the show is about to do.
+fn announce(out: &Output, base_agents: usize, plan: &Plan, duration: Duration) {
+    say!(
+        out,
+        "demo: {} base agents connected; {RAMP_USERS} end users arrive {} apart, then {} at \
+         once; each keeps its session about {}; the demo ends after {} (Ctrl-C stops it early)",
+        base_agents,
+        ferry_common::duration::format_duration(plan.arrival_gap),
+        USERS - RAMP_USERS,
+        ferry_common::duration::format_duration(plan.hold),
+        ferry_common::duration::format_duration(duration),
+    );
+}
+
+/// One task per end user, each arriving and holding its session as the
+/// plan says.
+fn spawn_users(
+    crowd: &Arc<Crowd>,
+    tokens: Vec<(UserId, String)>,
+    plan: &Plan,
+    out: &Output,
+) -> JoinSet<()> {
+    let mut users = JoinSet::new();
+    for (n, (user, token)) in tokens.into_iter().enumerate() {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let run = UserRun {
+            user,
+            token,
+            arrive: plan.arrival(n),
+            hold: plan.hold + plan.arrival_gap * (n % 3),
+            out: out.clone(),
+        };
+        users.spawn(simulate_user(run, crowd.clone()));
+    }
+    users
+}
+
+/// Stops the users still busy at the end of the show.
+async fn stop_users(users: &mut JoinSet<()>, out: &Output) {
     if !users.is_empty() {
         say!(
             out,
@@ -753,12 +799,13 @@ async fn show(
         users.abort_all();
         while users.join_next().await.is_some() {}
     }
-    watch.refresh(&mut admin, &group, &clock, out).await?;
+}
 
+/// The routes' outcomes and the group's decisions, counted.
+fn say_counts(out: &Output, tally: &Tally, watch: &Watch) {
     let admitted = Tally::get(&tally.admitted);
     let after_wait = Tally::get(&tally.after_wait);
     let refused = Tally::get(&tally.refused);
-    let failed = Tally::get(&tally.failed);
     say!(out, "");
     say!(
         out,
@@ -772,7 +819,15 @@ async fn show(
         watch.count("scale_in"),
         watch.count("released"),
     );
+}
 
+/// The usage report of the demo's period and each group's cost.
+async fn say_usage(
+    admin: &mut AdminClient,
+    group: &GroupName,
+    clock: &Clock,
+    out: &Output,
+) -> Result<(), DemoError> {
     let to = crate::clock::now_millis();
     let AdminResponseV1::UsageDetailed(detail) = admin
         .call(AdminRequestV1::UsageDetailed(UsageQuery {
@@ -803,9 +858,6 @@ async fn show(
         );
     }
     say!(out, "");
-    if failed > 0 && !stopped_early {
-        return Err(DemoError::Users(failed));
-    }
     Ok(())
 }
 
@@ -903,68 +955,31 @@ fn state_line(live: &LiveGroupView) -> String {
 
 /// One end user: route through the broker, then what the streaming server
 /// does on the host the broker chose.
-async fn simulate_user(
-    run: UserRun,
-    bin: PathBuf,
-    hosts: Arc<Hosts>,
-    broker: std::net::SocketAddr,
-    ca: PathBuf,
-    clock: Clock,
-    tally: Arc<Tally>,
-) {
+async fn simulate_user(run: UserRun, crowd: Arc<Crowd>) {
     let out = run.out.clone();
     let out = &out;
+    let clock = crowd.clock;
     tokio::time::sleep(run.arrive).await;
     let user = run.user.clone();
-    if let Err(e) = user_session(run, &bin, &hosts, broker, &ca, clock, &tally).await {
+    if let Err(e) = user_session(run, &crowd).await {
         say!(out, "{} route     {user}: FAILED: {e}", clock.now());
-        Tally::add(&tally.failed);
+        Tally::add(&crowd.tally.failed);
     }
 }
 
-async fn user_session(
-    run: UserRun,
-    bin: &Path,
-    hosts: &Hosts,
-    broker: std::net::SocketAddr,
-    ca: &Path,
-    clock: Clock,
-    tally: &Tally,
-) -> Result<(), DemoError> {
-    let out = &run.out;
-    let user = run.user;
-    let client = RouteClient::connect(broker, "localhost", ca)
-        .await
-        .map_err(|e| DemoError::Agent(format!("connect to the broker: {e}")))?;
-    say!(
+async fn user_session(run: UserRun, crowd: &Crowd) -> Result<(), DemoError> {
+    let UserRun {
+        user,
+        token,
+        hold,
         out,
-        "{} route     {user} asks for a session in {GROUP}",
-        clock.now()
-    );
-    let mut waited = false;
-    let answer = client
-        .route(
-            RouteAsk {
-                group: GROUP
-                    .parse()
-                    .map_err(|e| DemoError::Agent(format!("group name: {e}")))?,
-                user: user.clone(),
-                credential: Credential::Token(run.token),
-                wait: true,
-            },
-            |position| {
-                waited = true;
-                say!(
-                    out,
-                    "{} route     {user}: no room yet, waiting (position {position})",
-                    clock.now()
-                );
-            },
-        )
-        .await
-        .map_err(|e| DemoError::Agent(format!("route: {e}")));
-    client.close().await;
-    let admission = match answer? {
+        ..
+    } = run;
+    let out = &out;
+    let clock = crowd.clock;
+    let tally = &crowd.tally;
+    let (answer, waited) = ask_route(crowd, &user, token, out).await?;
+    let admission = match answer {
         RouteAnswer::Refused(r) => {
             say!(
                 out,
@@ -991,22 +1006,64 @@ async fn user_session(
         admission.address,
         admission.session
     );
-    // The streaming server's side, on the chosen host.
-    let config = hosts.config(&admission.resource);
-    let verified = agent_cli(
-        bin,
-        &config,
-        &["ticket", "verify", &admission.ticket, "--json"],
-    )
-    .await?;
-    let claims: serde_json::Value = serde_json::from_str(&verified)
-        .map_err(|e| DemoError::Agent(format!("ticket verify output: {e}")))?;
-    let session = claims["session"].as_str().unwrap_or_default().to_owned();
-    if session != admission.session.as_str() || claims["user"] != user.as_str() {
-        return Err(DemoError::Agent(format!(
-            "the host read a different ticket: {verified}"
-        )));
-    }
+    host_session(crowd, &user, &admission, hold, out).await
+}
+
+/// Asks the broker's route service for a session in the demo's group,
+/// waiting for room; the answer, and whether the request waited.
+async fn ask_route(
+    crowd: &Crowd,
+    user: &UserId,
+    token: String,
+    out: &Output,
+) -> Result<(RouteAnswer, bool), DemoError> {
+    let clock = crowd.clock;
+    let client = RouteClient::connect(crowd.broker, "localhost", &crowd.ca)
+        .await
+        .map_err(|e| DemoError::Agent(format!("connect to the broker: {e}")))?;
+    say!(
+        out,
+        "{} route     {user} asks for a session in {GROUP}",
+        clock.now()
+    );
+    let mut waited = false;
+    let answer = client
+        .route(
+            RouteAsk {
+                group: GROUP
+                    .parse()
+                    .map_err(|e| DemoError::Agent(format!("group name: {e}")))?,
+                user: user.clone(),
+                credential: Credential::Token(token),
+                wait: true,
+            },
+            |position| {
+                waited = true;
+                say!(
+                    out,
+                    "{} route     {user}: no room yet, waiting (position {position})",
+                    clock.now()
+                );
+            },
+        )
+        .await
+        .map_err(|e| DemoError::Agent(format!("route: {e}")));
+    client.close().await;
+    Ok((answer?, waited))
+}
+
+/// The streaming server's side, on the chosen host: the ticket verified,
+/// the session started under its id, ended after `hold`.
+async fn host_session(
+    crowd: &Crowd,
+    user: &UserId,
+    admission: &Admission,
+    hold: Duration,
+    out: &Output,
+) -> Result<(), DemoError> {
+    let (bin, clock) = (&crowd.bin, crowd.clock);
+    let config = crowd.hosts.config(&admission.resource);
+    let session = verify_ticket(bin, &config, admission, user).await?;
     agent_cli(
         bin,
         &config,
@@ -1026,7 +1083,7 @@ async fn user_session(
         clock.now(),
         admission.resource
     );
-    tokio::time::sleep(run.hold).await;
+    tokio::time::sleep(hold).await;
     agent_cli(
         bin,
         &config,
@@ -1047,6 +1104,31 @@ async fn user_session(
         admission.resource
     );
     Ok(())
+}
+
+/// `ferry-agent ticket verify` on the host; the ticket's session id, once
+/// its session and user are the admission's.
+async fn verify_ticket(
+    bin: &Path,
+    config: &Path,
+    admission: &Admission,
+    user: &UserId,
+) -> Result<String, DemoError> {
+    let verified = agent_cli(
+        bin,
+        config,
+        &["ticket", "verify", &admission.ticket, "--json"],
+    )
+    .await?;
+    let claims: serde_json::Value = serde_json::from_str(&verified)
+        .map_err(|e| DemoError::Agent(format!("ticket verify output: {e}")))?;
+    let session = claims["session"].as_str().unwrap_or_default().to_owned();
+    if session != admission.session.as_str() || claims["user"] != user.as_str() {
+        return Err(DemoError::Agent(format!(
+            "the host read a different ticket: {verified}"
+        )));
+    }
+    Ok(session)
 }
 
 /// SIGTERM (the agent drains cleanly), then SIGKILL if it does not exit in time.

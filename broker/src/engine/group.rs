@@ -764,105 +764,128 @@ impl Group {
         match input {
             Input::Arrive { session } => self.request(now, session, true),
             Input::Route { session } => self.request(now, session, false),
-            Input::Connected { session } => {
-                match self.sessions.get_mut(&SessionKey::of(&session)) {
-                    Some(Slot::Placed { connected, .. }) if !*connected => {
-                        *connected = true;
-                        Ok(())
-                    }
-                    Some(Slot::Placed { .. }) => Err(EngineError::NotReserved {
-                        session,
-                        why: "it is already connected",
-                    }),
-                    Some(Slot::Waiting { .. }) => Err(EngineError::NotReserved {
-                        session,
-                        why: "it is still waiting for room",
-                    }),
-                    None => Err(EngineError::UnknownSession(session)),
-                }
-            }
+            Input::Connected { session } => self.connect(session),
             Input::Leave { session } => self.leave(now, session),
-            Input::Created { resource } => {
-                let i = self.expect_state(&resource, ResourceState::Pending, "created")?;
-                self.modify(i, |r| {
-                    r.state = ResourceState::Ready;
-                    r.ready_at = Some(UnixMillis(now));
-                    r.idle_since = UnixMillis(now);
-                });
-                self.decide(now, Action::Created { resource }, Reason::Provider);
-                Ok(())
-            }
+            Input::Created { resource } => self.created(now, resource),
             Input::Released { resource } => {
-                let i = self.expect_state(&resource, ResourceState::Releasing, "released")?;
-                self.modify(i, |r| {
-                    r.state = ResourceState::Released;
-                    r.released_at = Some(UnixMillis(now));
-                });
-                self.decide(now, Action::Released { resource }, Reason::Provider);
-                Ok(())
+                self.provider_released(now, resource, ResourceState::Releasing, "released")
             }
             Input::CreateFailed { resource } => {
-                let i = self.expect_state(&resource, ResourceState::Pending, "failed")?;
-                self.modify(i, |r| {
-                    r.state = ResourceState::Released;
-                    r.released_at = Some(UnixMillis(now));
-                });
-                self.decide(now, Action::Released { resource }, Reason::Provider);
-                Ok(())
+                self.provider_released(now, resource, ResourceState::Pending, "failed")
             }
             Input::Unavailable { resource } => {
                 let i = self.index_of(&resource)?;
                 self.modify(i, |r| r.available = false);
                 Ok(())
             }
-            Input::Available { resource } => {
-                let i = self.index_of(&resource)?;
-                if !self.resources[i as usize].available {
-                    // Idle time while unable to take sessions does not count:
-                    // the resource was not offered, so its idleness says nothing.
-                    self.modify(i, |r| {
-                        r.available = true;
-                        r.idle_since = UnixMillis(now);
-                    });
-                }
-                Ok(())
-            }
-            Input::Occupy { session, resource } => {
-                if self.sessions.contains_key(&SessionKey::of(&session)) {
-                    return Err(EngineError::DuplicateSession(session));
-                }
-                let i = self.index_of(&resource)?;
-                let state = self.resources[i as usize].state;
-                if state == ResourceState::Released {
-                    return Err(EngineError::WrongState {
-                        resource,
-                        state,
-                        expected: ResourceState::Ready,
-                        what: "a session",
-                    });
-                }
-                self.modify(i, |r| r.occupancy += 1);
-                self.sessions.insert(
-                    SessionKey::of(&session),
-                    Slot::Placed {
-                        resource: i,
-                        connected: true,
-                    },
-                );
-                Ok(())
-            }
-            Input::Policy(policy) => {
-                policy.validate_for_group(self.spec.as_deref(), self.base_count)?;
-                for i in 0..self.resources.len() as u32 {
-                    self.unindex(i);
-                }
-                self.policy = policy;
-                for i in 0..self.resources.len() as u32 {
-                    self.index(i);
-                }
-                Ok(())
-            }
+            Input::Available { resource } => self.available_again(now, &resource),
+            Input::Occupy { session, resource } => self.occupy(session, resource),
+            Input::Policy(policy) => self.set_policy(policy),
         }
+    }
+
+    /// A reserved session's client connected.
+    fn connect(&mut self, session: SessionId) -> Result<(), EngineError> {
+        match self.sessions.get_mut(&SessionKey::of(&session)) {
+            Some(Slot::Placed { connected, .. }) if !*connected => {
+                *connected = true;
+                Ok(())
+            }
+            Some(Slot::Placed { .. }) => Err(EngineError::NotReserved {
+                session,
+                why: "it is already connected",
+            }),
+            Some(Slot::Waiting { .. }) => Err(EngineError::NotReserved {
+                session,
+                why: "it is still waiting for room",
+            }),
+            None => Err(EngineError::UnknownSession(session)),
+        }
+    }
+
+    /// The provider created a pending resource: it is ready and idle.
+    fn created(&mut self, now: i64, resource: ResourceId) -> Result<(), EngineError> {
+        let i = self.expect_state(&resource, ResourceState::Pending, "created")?;
+        self.modify(i, |r| {
+            r.state = ResourceState::Ready;
+            r.ready_at = Some(UnixMillis(now));
+            r.idle_since = UnixMillis(now);
+        });
+        self.decide(now, Action::Created { resource }, Reason::Provider);
+        Ok(())
+    }
+
+    /// The provider released a resource (`Releasing`), or failed to create
+    /// one (`Pending`): either way it is gone.
+    fn provider_released(
+        &mut self,
+        now: i64,
+        resource: ResourceId,
+        expected: ResourceState,
+        what: &'static str,
+    ) -> Result<(), EngineError> {
+        let i = self.expect_state(&resource, expected, what)?;
+        self.modify(i, |r| {
+            r.state = ResourceState::Released;
+            r.released_at = Some(UnixMillis(now));
+        });
+        self.decide(now, Action::Released { resource }, Reason::Provider);
+        Ok(())
+    }
+
+    /// A resource takes sessions again; its idle time starts over.
+    fn available_again(&mut self, now: i64, resource: &ResourceId) -> Result<(), EngineError> {
+        let i = self.index_of(resource)?;
+        if !self.resources[i as usize].available {
+            // Idle time while unable to take sessions does not count:
+            // the resource was not offered, so its idleness says nothing.
+            self.modify(i, |r| {
+                r.available = true;
+                r.idle_since = UnixMillis(now);
+            });
+        }
+        Ok(())
+    }
+
+    /// A session already running on `resource`, as its host reports it:
+    /// counted even past `concurrent_sessions`.
+    fn occupy(&mut self, session: SessionId, resource: ResourceId) -> Result<(), EngineError> {
+        if self.sessions.contains_key(&SessionKey::of(&session)) {
+            return Err(EngineError::DuplicateSession(session));
+        }
+        let i = self.index_of(&resource)?;
+        let state = self.resources[i as usize].state;
+        if state == ResourceState::Released {
+            return Err(EngineError::WrongState {
+                resource,
+                state,
+                expected: ResourceState::Ready,
+                what: "a session",
+            });
+        }
+        self.modify(i, |r| r.occupancy += 1);
+        self.sessions.insert(
+            SessionKey::of(&session),
+            Slot::Placed {
+                resource: i,
+                connected: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// A new policy, checked against the group; every resource is indexed
+    /// again under it.
+    fn set_policy(&mut self, policy: Policy) -> Result<(), EngineError> {
+        policy.validate_for_group(self.spec.as_deref(), self.base_count)?;
+        for i in 0..self.resources.len() as u32 {
+            self.unindex(i);
+        }
+        self.policy = policy;
+        for i in 0..self.resources.len() as u32 {
+            self.index(i);
+        }
+        Ok(())
     }
 
     fn expect_state(

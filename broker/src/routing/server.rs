@@ -23,14 +23,15 @@ use ferry_common::route::{
     Admission, BrokerToClient, ClientToBroker, RouteAsk, RouteRefusal, RouteRefused, RouteReply,
     RouteRequest, MAX_ROUTE_FRAME_LEN,
 };
-use ferry_common::GroupName;
-use tokio::sync::Semaphore;
+use ferry_common::ticket::Credential;
+use ferry_common::{GroupName, UserId};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{answer_preamble, close_code, EndpointService, PreambleError};
-use crate::groups::actor::{self, RouteProgress, RESERVATION_TTL};
+use crate::groups::actor::{self, Placement, RouteProgress, RESERVATION_TTL};
 use crate::groups::{GroupActors, GroupService};
 use crate::store::Store;
 use crate::tickets::TicketSigner;
@@ -294,62 +295,94 @@ async fn decide(
         credential,
         wait,
     } = ask;
-    if let Err(e) = inner.groups.authenticate(&user, &credential).await {
+    let facts = match check_request(inner, &group, &user, &credential).await {
+        Ok(facts) => facts,
+        Err(refused) => return Ok(refused),
+    };
+    let ask = actor::RouteAsk {
+        user: user.clone(),
+        shared: facts.shared,
+        wait,
+    };
+    let progress = match inner.actors.route(&group, ask).await {
+        Ok(rx) => rx,
+        Err(_) => return Ok(not_available(&group, facts.status)),
+    };
+    follow_progress(inner, &group, &user, progress, send, recv).await
+}
+
+/// The checks before a request reaches the group's actor, in order: the
+/// credentials, that the group exists, that the user is assigned to it and
+/// that its status takes sessions. The group's facts, or the refusal.
+async fn check_request(
+    inner: &Inner,
+    group: &GroupName,
+    user: &UserId,
+    credential: &Credential,
+) -> Result<GroupFacts, BrokerToClient> {
+    if let Err(e) = inner.groups.authenticate(user, credential).await {
         tracing::info!(%user, "route: credentials refused: {e}");
-        return Ok(refusal(RouteRefusal::BadCredentials, BAD_CREDENTIALS));
+        return Err(refusal(RouteRefusal::BadCredentials, BAD_CREDENTIALS));
     }
-    let facts = match group_facts(&inner.store, &group).await {
+    let facts = match group_facts(&inner.store, group).await {
         Ok(Some(f)) => f,
         Ok(None) => {
-            return Ok(refusal(
+            return Err(refusal(
                 RouteRefusal::NoSuchGroup,
                 format!("there is no delivery group {group}"),
             ))
         }
         Err(e) => {
             tracing::error!(%group, "route: read group: {e}");
-            return Ok(refusal(
+            return Err(refusal(
                 RouteRefusal::Internal,
                 "the broker could not read the group",
             ));
         }
     };
-    match inner.groups.is_assigned(&group, &user).await {
+    match inner.groups.is_assigned(group, user).await {
         Ok(true) => {}
         Ok(false) => {
-            return Ok(refusal(
+            return Err(refusal(
                 RouteRefusal::NotAssigned,
                 format!("user {user} is not assigned to group {group}"),
             ))
         }
         Err(e) => {
             tracing::error!(%group, "route: read assignment: {e}");
-            return Ok(refusal(
+            return Err(refusal(
                 RouteRefusal::Internal,
                 "the broker could not read the group",
             ));
         }
     }
-    let not_available = |status: String| {
-        refusal(
-            RouteRefusal::GroupNotAvailable {
-                status: status.clone(),
-            },
-            format!("group {group} is {status}: it takes no new sessions"),
-        )
-    };
     if !ACCEPTING_STATUSES.contains(&facts.status.as_str()) {
-        return Ok(not_available(facts.status));
+        return Err(not_available(group, facts.status));
     }
-    let ask = actor::RouteAsk {
-        user: user.clone(),
-        shared: facts.shared,
-        wait,
-    };
-    let mut progress = match inner.actors.route(&group, ask).await {
-        Ok(rx) => rx,
-        Err(_) => return Ok(not_available(facts.status)),
-    };
+    Ok(facts)
+}
+
+/// The refusal of a group whose status takes no new sessions.
+fn not_available(group: &GroupName, status: String) -> BrokerToClient {
+    refusal(
+        RouteRefusal::GroupNotAvailable {
+            status: status.clone(),
+        },
+        format!("group {group} is {status}: it takes no new sessions"),
+    )
+}
+
+/// Follows the actor's answers to a request until the final one: writes
+/// each `Waiting` to the client, and withdraws the waiting request when
+/// the client cancels or its stream fails.
+async fn follow_progress(
+    inner: &Inner,
+    group: &GroupName,
+    user: &UserId,
+    mut progress: mpsc::Receiver<RouteProgress>,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<BrokerToClient, StreamError> {
     let mut waiting = None;
     let mut client = ClientWatch::default();
     loop {
@@ -357,7 +390,7 @@ async fn decide(
             p = progress.recv() => p,
             cancel = client.cancelled(recv), if waiting.is_some() => {
                 if let Some(session) = &waiting {
-                    inner.actors.cancel_route(&group, session).await;
+                    inner.actors.cancel_route(group, session).await;
                 }
                 return match cancel {
                     Ok(()) => Ok(refusal(RouteRefusal::AtCapacity, "withdrawn by the client")),
@@ -376,33 +409,37 @@ async fn decide(
                 waiting = Some(session);
                 if let Err(e) = write(send, BrokerToClient::Waiting { position }).await {
                     if let Some(session) = &waiting {
-                        inner.actors.cancel_route(&group, session).await;
+                        inner.actors.cancel_route(group, session).await;
                     }
                     return Err(e);
                 }
             }
             Some(RouteProgress::Refused(r)) => return Ok(BrokerToClient::Refused(r)),
-            Some(RouteProgress::Admitted(p)) => {
-                let (claims, ticket) = inner.signer.issue(
-                    &group,
-                    &p.resource,
-                    &user,
-                    &p.session,
-                    p.issued_at,
-                    RESERVATION_TTL,
-                );
-                tracing::debug!(%group, %user, session = %p.session, resource = %p.resource,
-                    ticket = %claims.ticket_id_hex(), "route admitted");
-                return Ok(BrokerToClient::Admitted(Admission {
-                    resource: p.resource,
-                    address: p.address,
-                    session: p.session,
-                    ticket,
-                    expires_at: claims.expires_at,
-                }));
-            }
+            Some(RouteProgress::Admitted(p)) => return Ok(admission(inner, group, user, p)),
         }
     }
+}
+
+/// The admission of a placed request, with a ticket signed for exactly the
+/// actor's reservation.
+fn admission(inner: &Inner, group: &GroupName, user: &UserId, p: Placement) -> BrokerToClient {
+    let (claims, ticket) = inner.signer.issue(
+        group,
+        &p.resource,
+        user,
+        &p.session,
+        p.issued_at,
+        RESERVATION_TTL,
+    );
+    tracing::debug!(%group, %user, session = %p.session, resource = %p.resource,
+        ticket = %claims.ticket_id_hex(), "route admitted");
+    BrokerToClient::Admitted(Admission {
+        resource: p.resource,
+        address: p.address,
+        session: p.session,
+        ticket,
+        expires_at: claims.expires_at,
+    })
 }
 
 /// Watches a waiting request's stream for the client's `Cancel` (or its

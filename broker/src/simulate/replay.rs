@@ -14,7 +14,7 @@ use ferry_common::{ResourceId, UnixMillis};
 use crate::engine::billing::{self, Bill};
 use crate::engine::{Action, Class, Decision, EngineError, Group, Input, Resource, Snapshot};
 
-use super::scenario::{EventKind, Provider, Scenario};
+use super::scenario::{Event, EventKind, Provider, Scenario};
 use super::SimError;
 
 /// Something shown in a row of the table.
@@ -129,134 +129,217 @@ fn engine_error(path: &Path, line: usize, what: &str, e: EngineError) -> SimErro
 
 /// Replays `sc` (read from `path`, named in errors) and bills it.
 pub fn replay(path: &Path, sc: &Scenario) -> Result<Outcome, SimError> {
-    let mut group = Group::with_base_count(
-        sc.policy.clone(),
-        sc.spec.as_deref(),
-        sc.base_resources,
-        sc.start,
-    )
-    .map_err(|e| engine_error(path, 1, "set up the group", e))?;
-    let mut provider = ProviderQueue {
-        mode: sc.provider,
-        due: BTreeMap::new(),
-        seq: 0,
-        creating: VecDeque::new(),
-        releasing: VecDeque::new(),
-    };
-    let mut decisions = Vec::new();
-    let mut rows: Vec<Row> = Vec::new();
-    let mut next = 0usize;
+    let mut run = Replay::new(path, sc)?;
+    while let Some(instant) = run.next_instant() {
+        run.step(instant)?;
+    }
+    Ok(run.finish())
+}
 
-    let mut collect =
-        |group: &mut Group, provider: &mut ProviderQueue, out: &mut Vec<Happening>| {
-            for d in group.drain_decisions() {
-                provider.ask(d.at.0, &d.action);
-                out.push(Happening::Decision(d.clone()));
-                decisions.push(d);
-            }
-        };
+/// What is due at the next instant of a replay.
+#[derive(Clone, Copy)]
+struct Instant {
+    /// The instant.
+    t: i64,
+    /// Provider work completes at `t`.
+    completions: bool,
+    /// The group's deadline is `t`.
+    deadline: bool,
+}
 
-    loop {
-        let t_event = sc.events.get(next).map(|e| e.at.0);
-        let t_done = provider.next_due();
-        let t_deadline = group.poll_deadline().map(|t| t.0);
-        let Some(t) = [t_event, t_done, t_deadline].into_iter().flatten().min() else {
-            break;
+/// A replay in progress: the group, the provider's pending work, and what
+/// has been recorded so far.
+struct Replay<'a> {
+    /// The scenario file, named in errors.
+    path: &'a Path,
+    sc: &'a Scenario,
+    group: Group,
+    provider: ProviderQueue,
+    decisions: Vec<Decision>,
+    rows: Vec<Row>,
+    /// Index of the next scenario event.
+    next: usize,
+}
+
+impl<'a> Replay<'a> {
+    fn new(path: &'a Path, sc: &'a Scenario) -> Result<Self, SimError> {
+        let group = Group::with_base_count(
+            sc.policy.clone(),
+            sc.spec.as_deref(),
+            sc.base_resources,
+            sc.start,
+        )
+        .map_err(|e| engine_error(path, 1, "set up the group", e))?;
+        let provider = ProviderQueue {
+            mode: sc.provider,
+            due: BTreeMap::new(),
+            seq: 0,
+            creating: VecDeque::new(),
+            releasing: VecDeque::new(),
         };
-        if t > sc.end.0 {
-            break;
+        Ok(Self {
+            path,
+            sc,
+            group,
+            provider,
+            decisions: Vec::new(),
+            rows: Vec::new(),
+            next: 0,
+        })
+    }
+
+    /// The earliest of the next event, provider completion and group
+    /// deadline, unless there is none or it falls after the scenario's end.
+    fn next_instant(&self) -> Option<Instant> {
+        let t_event = self.sc.events.get(self.next).map(|e| e.at.0);
+        let t_done = self.provider.next_due();
+        let t_deadline = self.group.poll_deadline().map(|t| t.0);
+        let t = [t_event, t_done, t_deadline].into_iter().flatten().min()?;
+        if t > self.sc.end.0 {
+            return None;
         }
-        let now = UnixMillis(t);
+        Some(Instant {
+            t,
+            completions: t_done == Some(t),
+            deadline: t_deadline == Some(t),
+        })
+    }
+
+    /// Runs everything due at one instant and records its row.
+    fn step(&mut self, instant: Instant) -> Result<(), SimError> {
+        let sc = self.sc;
+        let now = UnixMillis(instant.t);
         let mut happened = Vec::new();
-        if t_done == Some(t) || t_deadline == Some(t) {
-            let due = provider.take_due(t);
-            group
-                .handle_due(now, due)
-                .map_err(|e| engine_error(path, 1, "apply provider completions", e))?;
-            let before = happened.len();
-            collect(&mut group, &mut provider, &mut happened);
-            if t_deadline == Some(t) && happened.len() == before {
-                // Why the deadline decided nothing; with policy periods, also
-                // which period holds or comes next (a boundary may be the cause).
-                let why = group.explain(now);
-                let note = match &why.period {
-                    Some(p) => format!("{} {p}", why.scale_in),
-                    None => why.scale_in.to_string(),
-                };
-                happened.push(Happening::Note(note));
-            }
+        if instant.completions || instant.deadline {
+            self.complete_due(now, instant.deadline, &mut happened)?;
         }
-        while let Some(ev) = sc.events.get(next).filter(|e| e.at.0 == t) {
+        while let Some(ev) = sc.events.get(self.next).filter(|e| e.at.0 == instant.t) {
             happened.push(Happening::Event(ev.kind.clone()));
-            let fail = |message: String| SimError::Replay {
-                file: path.to_owned(),
-                line: ev.line,
-                message,
+            self.apply_event(now, ev, &mut happened)?;
+            self.collect(&mut happened);
+            self.next += 1;
+        }
+        if !happened.is_empty() {
+            self.record(now, happened);
+        }
+        Ok(())
+    }
+
+    /// Moves the group's new decisions into `out` and the decision list,
+    /// handing the provider the work they ask for.
+    fn collect(&mut self, out: &mut Vec<Happening>) {
+        for d in self.group.drain_decisions() {
+            self.provider.ask(d.at.0, &d.action);
+            out.push(Happening::Decision(d.clone()));
+            self.decisions.push(d);
+        }
+    }
+
+    /// Applies the provider completions due at `now` and the group's
+    /// deadline; notes why a deadline decided nothing.
+    fn complete_due(
+        &mut self,
+        now: UnixMillis,
+        deadline: bool,
+        happened: &mut Vec<Happening>,
+    ) -> Result<(), SimError> {
+        let due = self.provider.take_due(now.0);
+        self.group
+            .handle_due(now, due)
+            .map_err(|e| engine_error(self.path, 1, "apply provider completions", e))?;
+        let before = happened.len();
+        self.collect(happened);
+        if deadline && happened.len() == before {
+            // Why the deadline decided nothing; with policy periods, also
+            // which period holds or comes next (a boundary may be the cause).
+            let why = self.group.explain(now);
+            let note = match &why.period {
+                Some(p) => format!("{} {p}", why.scale_in),
+                None => why.scale_in.to_string(),
             };
-            match &ev.kind {
-                EventKind::Connect(s) => {
-                    group
-                        .handle(now, Input::Arrive { session: s.clone() })
-                        .map_err(|e| fail(format!("connect = {:?}: {e}", s.as_str())))?;
-                    if group.is_waiting(s) {
-                        happened.push(Happening::Note(format!(
-                            "{s} waits for room, up to {}",
-                            ferry_common::duration::format_duration(sc.policy.wait_timeout)
-                        )));
-                    }
+            happened.push(Happening::Note(note));
+        }
+        Ok(())
+    }
+
+    /// Feeds one scenario event to the group.
+    fn apply_event(
+        &mut self,
+        now: UnixMillis,
+        ev: &Event,
+        happened: &mut Vec<Happening>,
+    ) -> Result<(), SimError> {
+        let path = self.path;
+        let fail = |message: String| SimError::Replay {
+            file: path.to_owned(),
+            line: ev.line,
+            message,
+        };
+        match &ev.kind {
+            EventKind::Connect(s) => {
+                self.group
+                    .handle(now, Input::Arrive { session: s.clone() })
+                    .map_err(|e| fail(format!("connect = {:?}: {e}", s.as_str())))?;
+                if self.group.is_waiting(s) {
+                    happened.push(Happening::Note(format!(
+                        "{s} waits for room, up to {}",
+                        ferry_common::duration::format_duration(self.sc.policy.wait_timeout)
+                    )));
                 }
-                EventKind::Disconnect(s) => group
-                    .handle(now, Input::Leave { session: s.clone() })
-                    .map_err(|e| fail(format!("disconnect = {:?}: {e}", s.as_str())))?,
-                EventKind::Created(n) => {
-                    let n = *n as usize;
-                    if provider.creating.len() < n {
-                        return Err(fail(format!(
-                            "created = {n}, but only {} creation(s) are pending",
-                            provider.creating.len()
-                        )));
-                    }
-                    let inputs: Vec<Input> = provider
-                        .creating
-                        .drain(..n)
-                        .map(|resource| Input::Created { resource })
-                        .collect();
-                    group
-                        .handle_batch(now, inputs)
-                        .map_err(|e| fail(format!("created = {n}: {e}")))?;
-                }
-                EventKind::Released(n) => {
-                    let n = *n as usize;
-                    if provider.releasing.len() < n {
-                        return Err(fail(format!(
-                            "released = {n}, but only {} release(s) are pending",
-                            provider.releasing.len()
-                        )));
-                    }
-                    let inputs: Vec<Input> = provider
-                        .releasing
-                        .drain(..n)
-                        .map(|resource| Input::Released { resource })
-                        .collect();
-                    group
-                        .handle_batch(now, inputs)
-                        .map_err(|e| fail(format!("released = {n}: {e}")))?;
-                }
+                Ok(())
             }
-            collect(&mut group, &mut provider, &mut happened);
-            next += 1;
+            EventKind::Disconnect(s) => self
+                .group
+                .handle(now, Input::Leave { session: s.clone() })
+                .map_err(|e| fail(format!("disconnect = {:?}: {e}", s.as_str()))),
+            EventKind::Created(n) => {
+                let n = *n as usize;
+                let pending = &mut self.provider.creating;
+                if pending.len() < n {
+                    return Err(fail(format!(
+                        "created = {n}, but only {} creation(s) are pending",
+                        pending.len()
+                    )));
+                }
+                let inputs: Vec<Input> = pending
+                    .drain(..n)
+                    .map(|resource| Input::Created { resource })
+                    .collect();
+                self.group
+                    .handle_batch(now, inputs)
+                    .map_err(|e| fail(format!("created = {n}: {e}")))
+            }
+            EventKind::Released(n) => {
+                let n = *n as usize;
+                let pending = &mut self.provider.releasing;
+                if pending.len() < n {
+                    return Err(fail(format!(
+                        "released = {n}, but only {} release(s) are pending",
+                        pending.len()
+                    )));
+                }
+                let inputs: Vec<Input> = pending
+                    .drain(..n)
+                    .map(|resource| Input::Released { resource })
+                    .collect();
+                self.group
+                    .handle_batch(now, inputs)
+                    .map_err(|e| fail(format!("released = {n}: {e}")))
+            }
         }
-        if happened.is_empty() {
-            continue;
-        }
-        let snapshot = group.snapshot();
-        match rows.last_mut() {
+    }
+
+    /// Adds the row of one instant, or extends the last row when it is the
+    /// same instant.
+    fn record(&mut self, now: UnixMillis, happened: Vec<Happening>) {
+        let snapshot = self.group.snapshot();
+        match self.rows.last_mut() {
             // A zero provider delay completes at the instant that asked for it.
             Some(last) if last.at == now => {
                 last.happenings.extend(happened);
                 last.snapshot = snapshot;
             }
-            _ => rows.push(Row {
+            _ => self.rows.push(Row {
                 at: now,
                 happenings: happened,
                 snapshot,
@@ -264,27 +347,31 @@ pub fn replay(path: &Path, sc: &Scenario) -> Result<Outcome, SimError> {
         }
     }
 
-    let resources = group.resources().to_vec();
-    let period_seconds = billing::billed_seconds(sc.start, None, sc.end);
-    let elastic_seconds = resources
-        .iter()
-        .filter(|r| r.class == Class::Elastic)
-        .filter_map(|r| {
-            r.ready_at
-                .map(|ready| billing::billed_seconds(ready, r.released_at, sc.end))
-        });
-    let bill = billing::bill(
-        sc.billing,
-        sc.base_resources,
-        &sc.prices,
-        period_seconds,
-        elastic_seconds,
-    );
-    Ok(Outcome {
-        decisions,
-        resources,
-        rows,
-        period_seconds,
-        bill,
-    })
+    /// Ends the replay: the resources at the end and the period's bill.
+    fn finish(self) -> Outcome {
+        let sc = self.sc;
+        let resources = self.group.resources().to_vec();
+        let period_seconds = billing::billed_seconds(sc.start, None, sc.end);
+        let elastic_seconds = resources
+            .iter()
+            .filter(|r| r.class == Class::Elastic)
+            .filter_map(|r| {
+                r.ready_at
+                    .map(|ready| billing::billed_seconds(ready, r.released_at, sc.end))
+            });
+        let bill = billing::bill(
+            sc.billing,
+            sc.base_resources,
+            &sc.prices,
+            period_seconds,
+            elastic_seconds,
+        );
+        Outcome {
+            decisions: self.decisions,
+            resources,
+            rows: self.rows,
+            period_seconds,
+            bill,
+        }
+    }
 }

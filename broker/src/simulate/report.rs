@@ -281,35 +281,22 @@ fn resources_cell(s: &Snapshot) -> String {
 /// resources, usage, what happened and why), then the cost lines.
 pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
     let mut s = String::new();
+    write_heading(&mut s, sc);
+    let _ = writeln!(s);
+    write_timeline(&mut s, sc, out);
+    let _ = writeln!(s);
+    write_cost(&mut s, sc, out);
+    s
+}
+
+/// The scenario's name, period, group, policy and policy periods.
+fn write_heading(s: &mut String, sc: &Scenario) {
     let p = &sc.policy;
     if let Some(name) = &sc.name {
         let _ = writeln!(s, "Scenario: {name}");
     }
     let _ = writeln!(s, "Period:   {} .. {}", rfc3339(sc.start), rfc3339(sc.end));
-    let billing = match sc.billing {
-        BaseBilling::Subscription(term) => format!("subscription {term}"),
-        BaseBilling::PayAsYouGo => "pay-as-you-go".to_owned(),
-    };
-    let spec = sc
-        .spec
-        .as_deref()
-        .map_or_else(String::new, |s| format!(", spec {s}"));
-    let provider = match sc.provider {
-        Provider::Explicit => "explicit".to_owned(),
-        Provider::Delays {
-            create_ms,
-            release_ms,
-        } => format!(
-            "create in {}, release in {}",
-            format_duration(std::time::Duration::from_millis(create_ms.max(0) as u64)),
-            format_duration(std::time::Duration::from_millis(release_ms.max(0) as u64))
-        ),
-    };
-    let _ = writeln!(
-        s,
-        "Group:    {} base resource(s), {billing}{spec}; provider {provider}",
-        sc.base_resources
-    );
+    let _ = writeln!(s, "Group:    {}", group_line(sc));
     let _ = writeln!(
         s,
         "Policy:   {} session(s) per resource, threshold {}%, step {}, max elastic {}, max idle {}, cooldown {}, wait {}, {}",
@@ -334,7 +321,38 @@ pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
             format_duration(period.warm_up)
         );
     }
-    let _ = writeln!(s);
+}
+
+/// The group's base resources, billing, spec and provider.
+fn group_line(sc: &Scenario) -> String {
+    let billing = match sc.billing {
+        BaseBilling::Subscription(term) => format!("subscription {term}"),
+        BaseBilling::PayAsYouGo => "pay-as-you-go".to_owned(),
+    };
+    let spec = sc
+        .spec
+        .as_deref()
+        .map_or_else(String::new, |s| format!(", spec {s}"));
+    let provider = match sc.provider {
+        Provider::Explicit => "explicit".to_owned(),
+        Provider::Delays {
+            create_ms,
+            release_ms,
+        } => format!(
+            "create in {}, release in {}",
+            format_duration(std::time::Duration::from_millis(create_ms.max(0) as u64)),
+            format_duration(std::time::Duration::from_millis(release_ms.max(0) as u64))
+        ),
+    };
+    format!(
+        "{} base resource(s), {billing}{spec}; provider {provider}",
+        sc.base_resources
+    )
+}
+
+/// The header and one block per row: the counts on the first line, each
+/// further happening indented below.
+fn write_timeline(s: &mut String, sc: &Scenario, out: &Outcome) {
     let header = format!(
         "{:<9} {:>8} {:>7}  {:<24} {:>6}  what happened",
         "time", "sessions", "waiting", "resources", "usage"
@@ -363,10 +381,38 @@ pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
             let _ = writeln!(s, "{indent}{line}");
         }
     }
-    let _ = writeln!(s);
+}
+
+/// The cost lines, each with how it was computed.
+fn write_cost(s: &mut String, sc: &Scenario, out: &Outcome) {
     let b = &out.bill;
     let cur = &sc.prices.currency;
-    let subscription_note = match sc.billing {
+    let _ = writeln!(s, "Cost ({cur}, each line rounded half-up to 0.01)");
+    let _ = writeln!(
+        s,
+        "  subscription        {:>12}  {}",
+        b.subscription,
+        subscription_note(sc)
+    );
+    let _ = writeln!(
+        s,
+        "  pay-as-you-go base  {:>12}  {}",
+        b.base_payg,
+        payg_note(sc, out)
+    );
+    let _ = writeln!(
+        s,
+        "  elastic             {:>12}  {}",
+        b.elastic,
+        elastic_note(sc, out)
+    );
+    let _ = write!(s, "  total               {:>12}  {cur}", b.total);
+}
+
+/// How the subscription line was computed.
+fn subscription_note(sc: &Scenario) -> String {
+    let cur = &sc.prices.currency;
+    match sc.billing {
         BaseBilling::Subscription(term) => {
             let (num, den) = term.months_fraction();
             format!(
@@ -375,14 +421,24 @@ pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
             )
         }
         BaseBilling::PayAsYouGo => "not a subscription group".to_owned(),
-    };
-    let payg_note = match sc.billing {
+    }
+}
+
+/// How the pay-as-you-go base line was computed.
+fn payg_note(sc: &Scenario, out: &Outcome) -> String {
+    let cur = &sc.prices.currency;
+    match sc.billing {
         BaseBilling::PayAsYouGo => format!(
             "{} x {} s x {} {cur}/hour",
             sc.base_resources, out.period_seconds, sc.prices.hourly
         ),
         BaseBilling::Subscription(_) => "not a pay-as-you-go group".to_owned(),
-    };
+    }
+}
+
+/// How the elastic line was computed: each ready elastic resource's
+/// billed seconds.
+fn elastic_note(sc: &Scenario, out: &Outcome) -> String {
     let elastic_secs: Vec<String> = out
         .resources
         .iter()
@@ -395,23 +451,14 @@ pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
             )
         })
         .collect();
-    let elastic_note = if elastic_secs.is_empty() {
+    if elastic_secs.is_empty() {
         "no elastic resource was ready".to_owned()
     } else {
         format!(
-            "({}) x {} {cur}/hour",
+            "({}) x {} {}/hour",
             elastic_secs.join(" + "),
-            sc.prices.hourly
+            sc.prices.hourly,
+            sc.prices.currency
         )
-    };
-    let _ = writeln!(s, "Cost ({cur}, each line rounded half-up to 0.01)");
-    let _ = writeln!(
-        s,
-        "  subscription        {:>12}  {subscription_note}",
-        b.subscription
-    );
-    let _ = writeln!(s, "  pay-as-you-go base  {:>12}  {payg_note}", b.base_payg);
-    let _ = writeln!(s, "  elastic             {:>12}  {elastic_note}", b.elastic);
-    let _ = write!(s, "  total               {:>12}  {cur}", b.total);
-    s
+    }
 }

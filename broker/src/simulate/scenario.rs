@@ -626,8 +626,32 @@ fn policy_of(
     base: Option<u32>,
     spec: Option<&str>,
 ) -> Option<Policy> {
-    let text = c.text;
-    let rp = raw.policy.get_ref();
+    let policy = policy_fields(c, raw.policy.get_ref())?;
+    let checked = match base {
+        Some(base) => policy.validate_for_group(spec, base),
+        None => policy.validate(spec),
+    };
+    let Err(e) = checked else {
+        return Some(policy);
+    };
+    for problem in e.problems {
+        let line = policy_problem_line(c.text, raw, problem.field, &problem.message);
+        let prefix = if problem.field == "spec" {
+            "group"
+        } else {
+            "policy"
+        };
+        c.problems.push(Problem {
+            line,
+            message: format!("{prefix}.{}: {}", problem.field, problem.message),
+        });
+    }
+    None
+}
+
+/// Each `[policy]` key read on its own (defaults for those not written);
+/// `None` when any of them is wrong, every problem noted.
+fn policy_fields(c: &mut Checker<'_>, rp: &RawPolicy) -> Option<Policy> {
     let concurrent = c.int(
         &rp.concurrent_sessions,
         "policy.concurrent_sessions",
@@ -657,77 +681,36 @@ fn policy_of(
         None => Some(Duration::ZERO),
     };
     let load_balancing = match &rp.load_balancing {
-        Some(v) => {
-            let lb = LoadBalancing::parse(v.get_ref());
-            if lb.is_none() {
-                c.at(
-                    v,
-                    format!(
-                        "policy.load_balancing = {:?}: expected \"breadth-first\" or \"depth-first\"",
-                        v.get_ref()
-                    ),
-                );
-            }
-            lb
-        }
+        Some(v) => load_balancing_of(c, v),
         None => Some(LoadBalancing::BreadthFirst),
     };
     let periods = parse_periods(c, &rp.period);
-    let (
-        Some(concurrent_sessions),
-        Some(usage_threshold),
-        Some(scale_out_step),
-        Some(max_elastic),
-        Some(max_idle),
-        Some(scale_in_cooldown),
-        Some(wait_timeout),
-        Some(load_balancing),
-        Some(periods),
-    ) = (
-        concurrent,
-        threshold,
-        step,
-        max_elastic,
-        max_idle,
-        cooldown,
-        wait,
-        load_balancing,
-        periods,
-    )
-    else {
-        return None;
-    };
-    let policy = Policy {
-        concurrent_sessions,
-        usage_threshold,
-        scale_out_step,
-        max_elastic,
-        max_idle,
-        scale_in_cooldown,
-        wait_timeout,
-        load_balancing,
-        periods,
-    };
-    let checked = match base {
-        Some(base) => policy.validate_for_group(spec, base),
-        None => policy.validate(spec),
-    };
-    let Err(e) = checked else {
-        return Some(policy);
-    };
-    for problem in e.problems {
-        let line = policy_problem_line(text, raw, problem.field, &problem.message);
-        let prefix = if problem.field == "spec" {
-            "group"
-        } else {
-            "policy"
-        };
-        c.problems.push(Problem {
-            line,
-            message: format!("{prefix}.{}: {}", problem.field, problem.message),
-        });
+    Some(Policy {
+        concurrent_sessions: concurrent?,
+        usage_threshold: threshold?,
+        scale_out_step: step?,
+        max_elastic: max_elastic?,
+        max_idle: max_idle?,
+        scale_in_cooldown: cooldown?,
+        wait_timeout: wait?,
+        load_balancing: load_balancing?,
+        periods: periods?,
+    })
+}
+
+/// `policy.load_balancing`, one of its two names.
+fn load_balancing_of(c: &mut Checker<'_>, v: &Spanned<String>) -> Option<LoadBalancing> {
+    let lb = LoadBalancing::parse(v.get_ref());
+    if lb.is_none() {
+        c.at(
+            v,
+            format!(
+                "policy.load_balancing = {:?}: expected \"breadth-first\" or \"depth-first\"",
+                v.get_ref()
+            ),
+        );
     }
-    None
+    lb
 }
 
 /// The line of the key a policy problem is about (the `[policy]` table's

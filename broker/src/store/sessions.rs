@@ -258,11 +258,15 @@ pub(super) fn apply_record(
     events: &[SequencedEvent],
     recorded_at: UnixMillis,
 ) -> Result<RecordOutcome, StoreError> {
-    let res = resource.as_str();
-    let spool = spool_key(spool_id);
+    let w = SpoolWriter {
+        c,
+        res: resource.as_str(),
+        spool: spool_key(spool_id),
+        recorded_at,
+    };
     let last = match known_last {
         Some(v) => v,
-        None => read_last_seq(c, res, spool)?,
+        None => read_last_seq(c, w.res, w.spool)?,
     };
     let mut out = RecordOutcome {
         last_seq: last,
@@ -286,114 +290,154 @@ pub(super) fn apply_record(
         let seq = to_i64(ev.seq, "seq")?;
         match &ev.event {
             SessionEvent::Started { session, user, at } => {
-                // The newest record of this id on this host: none (a new
-                // session), open (a replay after the broker reconciled: the
-                // open row stands) or ended (the id is reused: refused).
-                let newest: Option<(i64, bool, i64)> = c
-                    .prepare_cached(
-                        "SELECT id, ended_at IS NULL, reconciled FROM sessions
-                         WHERE resource = ?1 AND session = ?2 ORDER BY id DESC LIMIT 1",
-                    )?
-                    .query_row(params![res, session.as_str()], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()?;
-                let reused = matches!(newest, Some((_, false, _)));
-                c.prepare_cached(
-                    "INSERT INTO session_events
-                        (resource, spool_id, seq, kind, session, user, at, recorded_at, reason)
-                     VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7, ?8)",
-                )?
-                .execute(params![
-                    res,
-                    spool,
-                    seq,
-                    session.as_str(),
-                    user.as_str(),
-                    at.0,
-                    recorded_at.0,
-                    reused.then_some(REUSED_ID_REASON)
-                ])?;
-                match newest {
-                    None => {
-                        c.prepare_cached(
-                            "INSERT INTO sessions (resource, session, user, started_at)
-                             VALUES (?1, ?2, ?3, ?4)",
-                        )?
-                        .execute(params![
-                            res,
-                            session.as_str(),
-                            user.as_str(),
-                            at.0
-                        ])?;
-                    }
-                    Some((_, true, _)) => {}
-                    Some((id, false, reconciled)) => {
-                        if reconciled == END_INFERRED {
-                            // The reused id's own end must not replace the
-                            // end the broker inferred (see the Ended arm).
-                            c.prepare_cached("UPDATE sessions SET reconciled = ?1 WHERE id = ?2")?
-                                .execute(params![END_INFERRED_THEN_REUSED, id])?;
-                        }
-                        out.refused.push(ev.seq);
-                    }
+                if w.started(seq, session, user, *at)? {
+                    out.refused.push(ev.seq);
                 }
             }
             SessionEvent::Ended {
                 session,
                 at,
                 reason,
-            } => {
-                let reason = end_reason_str(reason);
-                c.prepare_cached(
-                    "INSERT INTO session_events
-                        (resource, spool_id, seq, kind, session, at, recorded_at, reason)
-                     VALUES (?1, ?2, ?3, 'ended', ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    res,
-                    spool,
-                    seq,
-                    session.as_str(),
-                    at.0,
-                    recorded_at.0,
-                    reason
-                ])?;
-                // The host's own end beats an end the broker inferred at a
-                // reconnect (metering wants the real end time), and an end
-                // the broker decided when it is earlier (it happened first).
-                // Not once an inferred end's id was reused
-                // (`END_INFERRED_THEN_REUSED`): this end is then the refused
-                // session's.
-                c.prepare_cached(
-                    "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
-                     WHERE id = (SELECT id FROM sessions
-                                 WHERE resource = ?3 AND session = ?4
-                                   AND (ended_at IS NULL OR reconciled = ?5
-                                        OR (reconciled = ?6 AND ended_at > ?1))
-                                 ORDER BY id DESC LIMIT 1)",
-                )?
-                .execute(params![
-                    at.0,
-                    reason,
-                    res,
-                    session.as_str(),
-                    END_INFERRED,
-                    END_BY_BROKER
-                ])?;
-            }
+            } => w.ended(seq, session, *at, end_reason_str(reason))?,
         }
         out.last_seq = ev.seq;
         out.recorded += 1;
     }
     if out.last_seq != last {
-        c.prepare_cached(
-            "INSERT INTO spools (resource, spool_id, last_seq) VALUES (?1, ?2, ?3)
-             ON CONFLICT (resource, spool_id) DO UPDATE SET last_seq = excluded.last_seq",
-        )?
-        .execute(params![res, spool, to_i64(out.last_seq, "seq")?])?;
+        w.save_last_seq(out.last_seq)?;
     }
     Ok(out)
+}
+
+/// Where one spool's events are recorded: the transaction's connection,
+/// the resource and spool, and when the batch was received.
+struct SpoolWriter<'a> {
+    c: &'a Connection,
+    res: &'a str,
+    spool: i64,
+    recorded_at: UnixMillis,
+}
+
+impl SpoolWriter<'_> {
+    /// Records a `started` event and opens its session; returns whether the
+    /// session was refused because the host reused the id of one that ended.
+    fn started(
+        &self,
+        seq: i64,
+        session: &SessionId,
+        user: &UserId,
+        at: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let (c, res) = (self.c, self.res);
+        // The newest record of this id on this host: none (a new
+        // session), open (a replay after the broker reconciled: the
+        // open row stands) or ended (the id is reused: refused).
+        let newest: Option<(i64, bool, i64)> = c
+            .prepare_cached(
+                "SELECT id, ended_at IS NULL, reconciled FROM sessions
+                         WHERE resource = ?1 AND session = ?2 ORDER BY id DESC LIMIT 1",
+            )?
+            .query_row(params![res, session.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let reused = matches!(newest, Some((_, false, _)));
+        c.prepare_cached(
+            "INSERT INTO session_events
+                        (resource, spool_id, seq, kind, session, user, at, recorded_at, reason)
+                     VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            res,
+            self.spool,
+            seq,
+            session.as_str(),
+            user.as_str(),
+            at.0,
+            self.recorded_at.0,
+            reused.then_some(REUSED_ID_REASON)
+        ])?;
+        match newest {
+            None => {
+                c.prepare_cached(
+                    "INSERT INTO sessions (resource, session, user, started_at)
+                             VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![res, session.as_str(), user.as_str(), at.0])?;
+                Ok(false)
+            }
+            Some((_, true, _)) => Ok(false),
+            Some((id, false, reconciled)) => {
+                if reconciled == END_INFERRED {
+                    // The reused id's own end must not replace the
+                    // end the broker inferred (see `ended`).
+                    c.prepare_cached("UPDATE sessions SET reconciled = ?1 WHERE id = ?2")?
+                        .execute(params![END_INFERRED_THEN_REUSED, id])?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Records an `ended` event and ends its session when this end is the
+    /// one that counts.
+    fn ended(
+        &self,
+        seq: i64,
+        session: &SessionId,
+        at: UnixMillis,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let (c, res) = (self.c, self.res);
+        c.prepare_cached(
+            "INSERT INTO session_events
+                        (resource, spool_id, seq, kind, session, at, recorded_at, reason)
+                     VALUES (?1, ?2, ?3, 'ended', ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            res,
+            self.spool,
+            seq,
+            session.as_str(),
+            at.0,
+            self.recorded_at.0,
+            reason
+        ])?;
+        // The host's own end beats an end the broker inferred at a
+        // reconnect (metering wants the real end time), and an end
+        // the broker decided when it is earlier (it happened first).
+        // Not once an inferred end's id was reused
+        // (`END_INFERRED_THEN_REUSED`): this end is then the refused
+        // session's.
+        c.prepare_cached(
+            "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
+                     WHERE id = (SELECT id FROM sessions
+                                 WHERE resource = ?3 AND session = ?4
+                                   AND (ended_at IS NULL OR reconciled = ?5
+                                        OR (reconciled = ?6 AND ended_at > ?1))
+                                 ORDER BY id DESC LIMIT 1)",
+        )?
+        .execute(params![
+            at.0,
+            reason,
+            res,
+            session.as_str(),
+            END_INFERRED,
+            END_BY_BROKER
+        ])?;
+        Ok(())
+    }
+
+    /// Advances the spool's `last_seq`.
+    fn save_last_seq(&self, last_seq: u64) -> Result<(), StoreError> {
+        self.c
+            .prepare_cached(
+                "INSERT INTO spools (resource, spool_id, last_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT (resource, spool_id) DO UPDATE SET last_seq = excluded.last_seq",
+            )?
+            .execute(params![self.res, self.spool, to_i64(last_seq, "seq")?])?;
+        Ok(())
+    }
 }
 
 impl Store {
