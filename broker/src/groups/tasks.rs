@@ -122,7 +122,7 @@ mod tests {
 
     use std::path::{Path, PathBuf};
 
-    use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType, UserSpec};
+    use ferry_common::admin::UserSpec;
 
     use super::*;
     use crate::clock::ManualClock;
@@ -198,25 +198,11 @@ exit 0
         )
         .await
         .expect("user");
-        let spec = GroupSpec {
-            name: Some("g1".parse().expect("name")),
-            region: "cn-hangzhou".into(),
-            office_network: "office-net-1".into(),
-            spec: "office-4c8g".into(),
-            image: "img-1".into(),
-            billing: BillingSpec::PayAsYouGo,
-            base_resources: 1,
-            session_type: SessionType::Independent,
-            users: vec!["alice".parse().expect("user")],
-            policy: PolicySpec {
-                concurrent_sessions: Some(2),
-                usage_threshold: Some(85),
-                scale_out_step: Some(1),
-                max_elastic: Some(1),
-                max_idle_ms: Some(3_600_000),
-                ..PolicySpec::default()
-            },
-        };
+        let mut spec = crate::test_support::group_spec("g1");
+        spec.base_resources = 1;
+        spec.users = vec!["alice".parse().expect("user")];
+        spec.policy.scale_out_step = Some(1);
+        spec.policy.max_elastic = Some(1);
         g.publish(spec, g.now()).await.expect("publish");
     }
 

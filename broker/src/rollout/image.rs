@@ -186,34 +186,21 @@ mod tests {
     use crate::rollout::driver::{Ctx, Driver, Which};
     use crate::rollout::Settings;
     use crate::store::StoreOptions;
-    use ferry_common::admin::{
-        BillingSpec, GroupSpec, OtaOfferSpec, OtaScheduleSpec, PolicySpec, SessionType,
-    };
+    use ferry_common::admin::{GroupSpec, OtaOfferSpec, OtaScheduleSpec};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
     const T0: i64 = 1_700_000_000_000;
 
+    /// One base host, one elastic at half use.
     fn spec(name: &str) -> GroupSpec {
-        GroupSpec {
-            name: Some(name.parse().expect("name")),
-            region: "cn-hangzhou".into(),
-            office_network: "office-net-1".into(),
-            spec: "office-4c8g".into(),
-            image: "img-1".into(),
-            billing: BillingSpec::PayAsYouGo,
-            base_resources: 1,
-            session_type: SessionType::Independent,
-            users: vec![],
-            policy: PolicySpec {
-                concurrent_sessions: Some(2),
-                usage_threshold: Some(50),
-                scale_out_step: Some(1),
-                max_elastic: Some(1),
-                max_idle_ms: Some(600_000),
-                ..PolicySpec::default()
-            },
-        }
+        let mut spec = crate::test_support::group_spec(name);
+        spec.base_resources = 1;
+        spec.policy.usage_threshold = Some(50);
+        spec.policy.scale_out_step = Some(1);
+        spec.policy.max_elastic = Some(1);
+        spec.policy.max_idle_ms = Some(600_000);
+        spec
     }
 
     fn update(group: &str, image: &str, warning_ms: u64) -> ImageUpdateSpec {

@@ -589,35 +589,29 @@ impl GroupActors {
     /// own timer does this too; tests with a
     /// [`ManualClock`](crate::clock::ManualClock) call it).
     pub async fn tick(&self, group: &GroupName) -> Result<(), ActorError> {
-        let handle = self
-            .actors()
-            .get(group)
-            .cloned()
-            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
-        let (reply, rx) = oneshot::channel();
-        handle
-            .tx
-            .send(Msg::Tick { reply })
-            .await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
-        rx.await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))
+        self.request(group, |reply| Msg::Tick { reply }).await
     }
 
     /// The actor's state of `group`.
     pub async fn view(&self, group: &GroupName) -> Result<GroupView, ActorError> {
-        let handle = self
-            .actors()
-            .get(group)
-            .cloned()
-            .ok_or_else(|| ActorError::NotRunning(group.to_string()))?;
+        self.request(group, |reply| Msg::View { reply }).await
+    }
+
+    /// Asks `group`'s actor and waits for its answer; an actor that is not
+    /// running (or stops before answering) is [`ActorError::NotRunning`].
+    async fn request<T>(
+        &self,
+        group: &GroupName,
+        make: impl FnOnce(oneshot::Sender<T>) -> Msg,
+    ) -> Result<T, ActorError> {
+        let not_running = || ActorError::NotRunning(group.to_string());
+        let handle = self.actors().get(group).cloned().ok_or_else(not_running)?;
         let (reply, rx) = oneshot::channel();
         handle
             .tx
-            .send(Msg::View { reply })
+            .send(make(reply))
             .await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))?;
-        rx.await
-            .map_err(|_| ActorError::NotRunning(group.to_string()))
+            .map_err(|_| not_running())?;
+        rx.await.map_err(|_| not_running())
     }
 }

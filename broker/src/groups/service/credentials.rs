@@ -450,37 +450,18 @@ mod tests {
 
     #[tokio::test]
     async fn only_assigned_users_of_live_groups_are_assigned() {
-        use ferry_common::admin::{BillingSpec, GroupSpec, PolicySpec, SessionType};
         let (_tmp, s) = service().await;
         let now = s.now();
         s.create_user(spec("alice"), now).await.expect("create");
         s.create_user(spec("bob"), now).await.expect("create");
         let g: GroupName = id("g1");
         assert!(!s.is_assigned(&g, &id("alice")).await.expect("no group"));
-        s.publish(
-            GroupSpec {
-                name: Some(g.clone()),
-                region: "cn-hangzhou".into(),
-                office_network: "office-net-1".into(),
-                spec: "office-4c8g".into(),
-                image: "img-1".into(),
-                billing: BillingSpec::PayAsYouGo,
-                base_resources: 1,
-                session_type: SessionType::Independent,
-                users: vec![id("alice")],
-                policy: PolicySpec {
-                    concurrent_sessions: Some(2),
-                    usage_threshold: Some(85),
-                    scale_out_step: Some(1),
-                    max_elastic: Some(0),
-                    max_idle_ms: Some(3_600_000),
-                    ..PolicySpec::default()
-                },
-            },
-            now,
-        )
-        .await
-        .expect("publish");
+        let mut spec = crate::test_support::group_spec("g1");
+        spec.base_resources = 1;
+        spec.users = vec![id("alice")];
+        spec.policy.scale_out_step = Some(1);
+        spec.policy.max_elastic = Some(0);
+        s.publish(spec, now).await.expect("publish");
         assert!(s.is_assigned(&g, &id("alice")).await.expect("alice"));
         assert!(!s.is_assigned(&g, &id("bob")).await.expect("bob"));
         assert!(!s
