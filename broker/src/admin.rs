@@ -398,16 +398,7 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         AdminRequestV1::GroupList(filter) => {
             service.list(filter).await.map(AdminResponseV1::Groups)
         }
-        AdminRequestV1::GroupShow { group } => match service.show(group.as_str()).await {
-            Ok(mut d) => {
-                let live = live_view(ctx, &mut d).await;
-                Ok(AdminResponseV1::GroupShown {
-                    detail: Box::new(d),
-                    live,
-                })
-            }
-            Err(e) => Err(e),
-        },
+        AdminRequestV1::GroupShow { group } => shown(ctx, &group).await,
         // ---- policy parts (session, display, periods) ----
         AdminRequestV1::GroupPublishWithPolicy { spec, parts } => g
             .publish_with_policy(spec, parts, now)
@@ -421,15 +412,7 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             .update_policy_parts(&group, policy, parts, now)
             .await
             .map(|d| AdminResponseV1::GroupWithPolicy(Box::new(d))),
-        AdminRequestV1::GroupShowWithPolicy { group } => {
-            match service.show_with_policy(group.as_str()).await {
-                Ok(mut d) => {
-                    d.live = live_view(ctx, &mut d.detail).await;
-                    Ok(AdminResponseV1::GroupWithPolicy(Box::new(d)))
-                }
-                Err(e) => Err(e),
-            }
-        }
+        AdminRequestV1::GroupShowWithPolicy { group } => shown_with_policy(ctx, &group).await,
         AdminRequestV1::GroupUpdatePolicy { group, policy } => {
             detail(g.update_policy(&group, policy, now).await)
         }
@@ -503,6 +486,12 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };
+    answer(result)
+}
+
+/// A group verb's answer: its response, or its refusal as the admin error
+/// of its kind.
+fn answer(result: Result<AdminResponseV1, GroupError>) -> AdminResponseV1 {
     match result {
         Ok(resp) => resp,
         Err(GroupError::NotFound(m)) => error(AdminErrorCode::NotFound, m),
@@ -511,6 +500,29 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         Err(GroupError::Conflict(m)) => error(AdminErrorCode::Conflict, m),
         Err(GroupError::Store(e)) => internal(e),
     }
+}
+
+/// `group show` (as older clients ask it) with the live view.
+async fn shown(
+    ctx: &AdminContext,
+    group: &ferry_common::GroupName,
+) -> Result<AdminResponseV1, GroupError> {
+    let mut d = ctx.groups.service().show(group.as_str()).await?;
+    let live = live_view(ctx, &mut d).await;
+    Ok(AdminResponseV1::GroupShown {
+        detail: Box::new(d),
+        live,
+    })
+}
+
+/// `group show` with every policy part and the live view.
+async fn shown_with_policy(
+    ctx: &AdminContext,
+    group: &ferry_common::GroupName,
+) -> Result<AdminResponseV1, GroupError> {
+    let mut d = ctx.groups.service().show_with_policy(group.as_str()).await?;
+    d.live = live_view(ctx, &mut d.detail).await;
+    Ok(AdminResponseV1::GroupWithPolicy(Box::new(d)))
 }
 
 /// The user verbs.

@@ -11,6 +11,24 @@ use ferry_common::duration::format_duration;
 use ferry_common::{UnixMillis, UserId};
 use serde_json::{json, Value};
 
+/// An error and its causes on one line (`a: b: c`), skipping a cause its
+/// parent's message already quotes (many error types print their source).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = String::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    message
+}
+
 /// RFC 3339 UTC with milliseconds, e.g. `2026-03-02T10:02:00.000Z`.
 pub fn rfc3339(t: UnixMillis) -> String {
     DateTime::<Utc>::from_timestamp_millis(t.0)

@@ -48,12 +48,23 @@ pub enum AdminRequestV1 {
     /// Ask the host of an open session to end it. Answered by `Done`.
     DisconnectSession { session: SessionId },
     /// Publish a delivery group. Answered by [`AdminResponseV1::Group`].
+    ///
+    /// Superseded by [`AdminRequestV1::GroupPublishWithPolicy`], which
+    /// `ferryctl` sends since the policy parts; kept (and answered) for
+    /// older clients and for callers that set no policy part.
     GroupPublish(GroupSpec),
     /// Groups matching every given filter. Answered by [`AdminResponseV1::Groups`].
     GroupList(GroupFilter),
     /// One group (by name or id). Answered by [`AdminResponseV1::GroupShown`].
+    ///
+    /// Superseded by [`AdminRequestV1::GroupShowWithPolicy`], which `ferryctl`
+    /// sends; kept (and answered) for older clients.
     GroupShow { group: GroupName },
     /// Change the given policy parameters; the rest stay. Answered by `Group`.
+    ///
+    /// Superseded by [`AdminRequestV1::GroupUpdatePolicyParts`], which
+    /// `ferryctl` sends; kept (and answered, the same change with no part
+    /// given) for older clients.
     GroupUpdatePolicy {
         group: GroupName,
         policy: PolicySpec,

@@ -260,22 +260,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The error and its causes on one line, skipping a cause its parent's
-/// message already quotes (many error types print their source).
-fn message(e: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&text);
-        }
-    }
-    message
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -302,7 +286,10 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry-connect: {}", message(&e));
+            eprintln!(
+                "ferry-connect: {}",
+                ferry_broker::render::error_chain(e.as_ref())
+            );
             if e.downcast_ref::<Usage>().is_some() {
                 ExitCode::from(EXIT_USAGE)
             } else {

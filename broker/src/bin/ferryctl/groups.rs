@@ -363,11 +363,11 @@ fn confirm_removal(socket: &Path, verb: &str, group: &str) -> anyhow::Result<()>
         // Refused before the broker is asked anything.
         return confirm(&format!("{verb} group {group}?"), &command);
     }
-    let req = AdminRequestV1::GroupShow {
+    let req = AdminRequestV1::GroupShowWithPolicy {
         group: group.parse()?,
     };
     let question = match runtime()?.block_on(admin::request(socket, req))? {
-        AdminResponseV1::GroupShown { detail, .. } => removal_question(verb, &detail),
+        AdminResponseV1::GroupWithPolicy(d) => removal_question(verb, &d.detail),
         _ => format!("{verb} group {group}?"),
     };
     confirm(&question, &command)

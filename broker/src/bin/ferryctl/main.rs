@@ -139,18 +139,7 @@ fn main() -> ExitCode {
 /// usage errors (clap's, bad flag values, a missing `--yes`) with 64
 /// ([`EXIT_USAGE`]).
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    // The cause chain, skipping causes a message already quotes (many error
-    // types print their source in their own message).
-    let mut message = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&text);
-        }
-    }
+    let message = ferry_broker::render::error_chain(e.as_ref());
     eprintln!("ferryctl: {message}");
     // A bad id on the command line is a usage error too.
     if e.downcast_ref::<Usage>().is_some()

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::{
-    GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, PolicySpec, PolicyView,
-    ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
+    GroupDetail, GroupEventInfo, GroupFilter, GroupInfo, GroupSpec, PolicyPartsSpec, PolicySpec,
+    PolicyView, ResourcePolicyInfo, SessionType, UserInfo, UserSpec,
 };
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
 
@@ -314,37 +314,17 @@ impl GroupService {
             .await
     }
 
-    /// `group update-policy`: merges the given parameters, validates against the spec.
+    /// `group update-policy` without policy parts (what an older
+    /// `ferryctl` sends): [`GroupService::update_policy_parts`] with none.
     pub async fn update_policy(
         &self,
         group: &GroupName,
         patch: PolicySpec,
         now: UnixMillis,
     ) -> Result<GroupDetail, GroupError> {
-        let group = group.to_string();
-        let id = self
-            .store
-            .group_change(move |tx| {
-                let row = find(tx, &group)?;
-                row.life.check_editable("update the policy of")?;
-                let policy = merge_policy(Some(&row.policy), &patch, &row.spec)?;
-                validate_policy(&policy, &row.spec)?;
-                // The parts beside scaling stay as they are.
-                let json = stored_json(&policy, &row.parts).map_err(corrupt)?;
-                let version = tx.set_policy(row.num, &json, now)?;
-                tx.event(
-                    row.num,
-                    now,
-                    "policy",
-                    &format!(
-                        "policy updated to version {version}: {}",
-                        describe_policy(&policy)
-                    ),
-                )?;
-                Ok::<_, GroupError>(row.id)
-            })
-            .await?;
-        self.show(&id).await
+        self.update_policy_parts(group, patch, PolicyPartsSpec::default(), now)
+            .await
+            .map(|d| d.detail)
     }
 
     /// `group update-users`: assigns `add` (writing an activation notification
