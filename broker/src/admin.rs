@@ -520,7 +520,11 @@ async fn shown_with_policy(
     ctx: &AdminContext,
     group: &ferry_common::GroupName,
 ) -> Result<AdminResponseV1, GroupError> {
-    let mut d = ctx.groups.service().show_with_policy(group.as_str()).await?;
+    let mut d = ctx
+        .groups
+        .service()
+        .show_with_policy(group.as_str())
+        .await?;
     d.live = live_view(ctx, &mut d.detail).await;
     Ok(AdminResponseV1::GroupWithPolicy(Box::new(d)))
 }

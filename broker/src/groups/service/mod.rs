@@ -57,9 +57,7 @@ pub use users::parse_users_csv;
 
 // Specs and policies checked, merged and described.
 mod validate;
-use validate::{
-    check_elastic_prefix, describe_policy, merge_policy, validate_policy, validate_spec,
-};
+use validate::{check_elastic_prefix, describe_policy, merge_policy, validate_spec};
 
 /// Most users one `user import` may carry. The whole batch is one
 /// transaction; 100,000 rows keep that transaction and the admin frame

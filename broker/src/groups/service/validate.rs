@@ -123,7 +123,7 @@ pub(super) fn merge_policy(
     }
 }
 
-pub(super) fn validate_policy(policy: &Policy, spec: &str) -> Result<(), GroupError> {
+fn validate_policy(policy: &Policy, spec: &str) -> Result<(), GroupError> {
     policy.validate(Some(spec)).map_err(|e| {
         GroupError::Invalid(
             e.problems
