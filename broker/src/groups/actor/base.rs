@@ -186,12 +186,7 @@ impl Actor {
                     // It registered in time.
                     return None;
                 }
-                let timeout = self
-                    .shared
-                    .provisioning
-                    .as_ref()
-                    .map(|p| crate::provision::show(p.config.register_timeout))
-                    .unwrap_or_default();
+                let timeout = self.register_timeout();
                 (
                     "register-timeout",
                     format!("its agent did not register within {timeout}"),

@@ -692,6 +692,16 @@ impl super::Actor {
         }
     }
 
+    /// How long a created host has to register, as events say it (empty
+    /// without a provisioner).
+    pub(super) fn register_timeout(&self) -> String {
+        self.shared
+            .provisioning
+            .as_ref()
+            .map(|p| crate::provision::show(p.config.register_timeout))
+            .unwrap_or_default()
+    }
+
     /// A provisioning task's outcome.
     pub(super) fn elastic_report(&mut self, report: Report) {
         let Some(report) = self.base_report(report) else {
@@ -717,12 +727,7 @@ impl super::Actor {
                     return;
                 }
                 let real = self.external(&engine_id);
-                let timeout = self
-                    .shared
-                    .provisioning
-                    .as_ref()
-                    .map(|p| crate::provision::show(p.config.register_timeout))
-                    .unwrap_or_default();
+                let timeout = self.register_timeout();
                 let message = format!(
                     "register-timeout: the agent of {real} did not register within {timeout}; \
                      the creation failed and it is deleted"
