@@ -14,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Store, StoreError};
 use crate::engine::{RestoredElastic, RestoredState};
+use crate::store::columns;
 
 /// A state an elastic or provisioned base resource moves to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,16 +160,10 @@ pub(crate) fn load(
          ORDER BY requested_at, rowid",
     )?;
     let rows = stmt
-        .query_map([num], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, Option<i64>>(5)?,
-            ))
-        })?
+        .query_map(
+            [num],
+            columns::<(String, String, String, i64, Option<i64>, Option<i64>)>,
+        )?
         .collect::<Result<Vec<_>, _>>()?;
     let corrupt = |what: String| StoreError::Corrupt(what);
     let mut next = 1u32;
@@ -216,15 +211,7 @@ impl Store {
                  ORDER BY engine_id",
             )?;
             let rows = stmt
-                .query_map([num], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, bool>(4)?,
-                    ))
-                })?
+                .query_map([num], columns::<(String, String, String, i64, bool)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(e, r, state, requested_at, created)| {
@@ -281,14 +268,7 @@ impl Store {
                      ORDER BY e.group_num, e.requested_at, e.rowid",
                 )?;
                 let rows = stmt
-                    .query_map(params![group], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                        ))
-                    })?
+                    .query_map(params![group], columns::<(i64, String, String, String)>)?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })

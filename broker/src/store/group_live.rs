@@ -10,6 +10,7 @@ use super::elastic::{write_ops as write_elastic, ElasticOp};
 use super::groups::event;
 use super::sessions::end_session_by_broker;
 use super::{parse_id, to_u64, GroupRecord, GroupsTx, Store, StoreError};
+use crate::store::columns;
 
 /// An expiry disconnect not confirmed yet, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,13 +247,10 @@ impl Store {
                      AND status IN ('gone', 'publish-failed', 'recycling')",
             )?;
             let ended = stmt
-                .query_map(params![key, retention_ms, now.0], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?
+                .query_map(
+                    params![key, retention_ms, now.0],
+                    columns::<(i64, String, i64)>,
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             for (num, status, at) in ended {
                 let n = c.execute(
@@ -448,15 +446,7 @@ impl Store {
                  WHERE group_num = ?1 ORDER BY first_at, resource, session",
             )?;
             let rows = stmt
-                .query_map([num], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, Option<i64>>(4)?,
-                    ))
-                })?
+                .query_map([num], columns::<(String, String, i64, i64, Option<i64>)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(resource, session, attempts, first_at, due_at)| {
@@ -486,15 +476,7 @@ impl Store {
                  ORDER BY r.disconnected_at, r.session",
             )?;
             let rows = stmt
-                .query_map([num], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                        r.get::<_, bool>(4)?,
-                    ))
-                })?
+                .query_map([num], columns::<(String, String, i64, Option<i64>, bool)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(session, resource, since, deadline, open)| {
@@ -522,13 +504,7 @@ impl Store {
                  WHERE r.grp = ?1 ORDER BY r.resource, s.session",
             )?;
             let rows = stmt
-                .query_map(params![name], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                    ))
-                })?
+                .query_map(params![name], columns::<(String, i64, String)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(resource, last_seen, session)| {

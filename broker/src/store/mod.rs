@@ -136,6 +136,39 @@ impl Drop for Inner {
     }
 }
 
+/// A row read as the tuple of its columns, in order: `stmt.query_map(args,
+/// columns::<(String, i64)>)`. Each door names the types where it reads.
+pub(crate) fn columns<T: Columns>(r: &rusqlite::Row<'_>) -> rusqlite::Result<T> {
+    T::read(r)
+}
+
+/// A tuple of column values (see [`columns`]).
+pub(crate) trait Columns: Sized {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+}
+
+macro_rules! columns_tuple {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: rusqlite::types::FromSql),+> Columns for ($($t,)+) {
+            fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                Ok(($(r.get::<_, $t>($i)?,)+))
+            }
+        }
+    };
+}
+
+columns_tuple!(A 0, B 1);
+columns_tuple!(A 0, B 1, C 2);
+columns_tuple!(A 0, B 1, C 2, D 3);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
+
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} does not fit")))
 }

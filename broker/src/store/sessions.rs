@@ -32,6 +32,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::writer::WriteOp;
 use super::{parse_id, spool_key, to_i64, to_u64, Store, StoreError};
+use crate::store::columns;
 
 /// End reason written when a reconnecting host no longer has a session the
 /// broker thought open.
@@ -512,21 +513,22 @@ impl Store {
                           WHERE s.resource = r.resource AND s.ended_at IS NULL)
                  FROM resources r ORDER BY r.resource",
             )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, i64>(8)?,
-                    r.get::<_, i64>(9)?,
-                    r.get::<_, i64>(10)?,
-                ))
-            })?;
+            let rows = stmt.query_map(
+                [],
+                columns::<(
+                    String,
+                    Option<String>,
+                    String,
+                    String,
+                    String,
+                    String,
+                    String,
+                    i64,
+                    i64,
+                    i64,
+                    i64,
+                )>,
+            )?;
             let mut out = Vec::new();
             for row in rows {
                 let (res, grp, av, iv, hostname, os, kernel, vcpus, mem, seen, open) = row?;
@@ -563,16 +565,10 @@ impl Store {
                  FROM sessions WHERE ended_at IS NULL ORDER BY started_at, id"
             };
             let mut stmt = c.prepare(sql)?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
-                ))
-            })?;
+            let rows = stmt.query_map(
+                [],
+                columns::<(String, String, String, i64, Option<i64>, Option<String>)>,
+            )?;
             let mut out = Vec::new();
             for row in rows {
                 let (session, resource, user, started, ended, reason) = row?;
@@ -618,15 +614,7 @@ impl Store {
                     "SELECT hostname, os, kernel, vcpus, memory_bytes FROM resources
                      WHERE resource = ?1",
                     [key],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, i64>(4)?,
-                        ))
-                    },
+                    columns::<(String, String, String, i64, i64)>,
                 )
                 .optional()?;
             row.map(|(hostname, os, kernel, vcpus, memory)| {

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection};
 use rust_decimal::Decimal;
 
 use super::{Store, StoreError};
+use crate::store::columns;
 
 /// Base or elastic, as recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,15 +83,10 @@ fn load(
          ORDER BY num",
     )?;
     let rows = stmt
-        .query_map(params![group, from.0, to.0], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-            ))
-        })?
+        .query_map(
+            params![group, from.0, to.0],
+            columns::<(i64, String, String, String, String)>,
+        )?
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::with_capacity(rows.len());
     for (num, id, name, spec, billing) in rows {
@@ -111,14 +107,7 @@ fn load(
             "SELECT resource, kind, ready_at, released_at FROM resource_intervals
              WHERE group_num = ?1 ORDER BY id",
         )?;
-        for row in iv.query_map([num], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-            ))
-        })? {
+        for row in iv.query_map([num], columns::<(String, String, i64, Option<i64>)>)? {
             let (resource, kind, ready, released) = row?;
             intervals.push(Interval {
                 resource: resource.parse().map_err(corrupt)?,
@@ -139,13 +128,10 @@ fn load(
              ORDER BY started_at, id",
         )?;
         for resource in names {
-            for row in ss.query_map(params![resource, from.0, to.0], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                ))
-            })? {
+            for row in ss.query_map(
+                params![resource, from.0, to.0],
+                columns::<(String, i64, Option<i64>)>,
+            )? {
                 let (resource, started, ended) = row?;
                 sessions.push(SessionSpan {
                     resource: resource.parse().map_err(corrupt)?,

@@ -16,6 +16,7 @@ use ferry_common::{GroupName, UnixMillis, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{to_i64, Store, StoreError};
+use crate::store::columns;
 
 /// A user as `user list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,14 +117,7 @@ impl Store {
                           WHERE gu.user = u.id AND g.status != 'gone')
                  FROM users u ORDER BY u.id",
             )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                ))
-            })?;
+            let rows = stmt.query_map([], columns::<(String, String, String, Option<String>)>)?;
             let mut out = Vec::new();
             for row in rows {
                 let (id, email, mobile, groups) = row?;
@@ -180,14 +174,7 @@ impl Store {
                    FROM users",
             )?;
             let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, bool>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, Option<i64>>(3)?,
-                    ))
-                })?
+                .query_map([], columns::<(String, bool, i64, Option<i64>)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(id, password_set, generation, expires)| {

@@ -7,6 +7,7 @@ use ferry_common::{ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection};
 
 use super::{to_i64, GroupEvent, GroupRef};
+use crate::store::columns;
 use crate::store::StoreError;
 
 /// What `group update-image` records: the update, the group's status
@@ -127,13 +128,7 @@ pub(super) fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRo
         "SELECT resource, outcome, detail FROM image_update_results
          WHERE update_id = ?1 ORDER BY resource",
     )?;
-    let rows = stmt.query_map([id], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
+    let rows = stmt.query_map([id], columns::<(String, String, String)>)?;
     let mut out = Vec::new();
     for row in rows {
         let (resource, outcome, detail) = row?;

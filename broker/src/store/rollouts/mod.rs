@@ -17,6 +17,7 @@ use ferry_common::admin::{OtaScheduleInfo, OtaUpdateInfo};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::store::columns;
 use crate::store::{Store, StoreError};
 
 mod image;
@@ -66,15 +67,7 @@ fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreErro
             "SELECT num, name, status, billing, image FROM groups WHERE id = ?1 OR name = ?1
              ORDER BY (status != 'gone') DESC, num DESC LIMIT 1",
             [group],
-            |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                ))
-            },
+            columns::<(i64, String, String, String, String)>,
         )
         .optional()?;
     row.map(|(num, name, status, billing, image)| {
