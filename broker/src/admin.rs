@@ -454,19 +454,9 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::UserSetPassword { .. }
         | AdminRequestV1::UserToken { .. }
         | AdminRequestV1::UserRevokeTokens { .. }) => users(ctx, req, now).await,
-        AdminRequestV1::GroupUpdateImage(spec) => {
-            detail(g.update_image(&ctx.store, spec, now).await)
-        }
-        AdminRequestV1::GroupVersions { group } => {
-            crate::rollout::image::versions(&ctx.store, &ctx.registry, &group)
-                .await
-                .map(AdminResponseV1::GroupVersions)
-        }
-        AdminRequestV1::GroupRollouts { group } => {
-            crate::ota::progress::group_rollouts(&ctx.store, &ctx.registry, ctx.ota.board(), &group)
-                .await
-                .map(AdminResponseV1::GroupRollouts)
-        }
+        req @ (AdminRequestV1::GroupUpdateImage(_)
+        | AdminRequestV1::GroupVersions { .. }
+        | AdminRequestV1::GroupRollouts { .. }) => rollouts(ctx, req, now).await,
         AdminRequestV1::Status
         | AdminRequestV1::ListResources
         | AdminRequestV1::ListSessions { .. }
@@ -527,6 +517,35 @@ async fn shown_with_policy(
         .await?;
     d.live = live_view(ctx, &mut d.detail).await;
     Ok(AdminResponseV1::GroupWithPolicy(Box::new(d)))
+}
+
+/// The verbs of image updates and what a group's hosts run.
+async fn rollouts(
+    ctx: &AdminContext,
+    req: AdminRequestV1,
+    now: ferry_common::UnixMillis,
+) -> Result<AdminResponseV1, GroupError> {
+    match req {
+        AdminRequestV1::GroupUpdateImage(spec) => ctx
+            .groups
+            .update_image(&ctx.store, spec, now)
+            .await
+            .map(|d| AdminResponseV1::Group(Box::new(d))),
+        AdminRequestV1::GroupVersions { group } => {
+            crate::rollout::image::versions(&ctx.store, &ctx.registry, &group)
+                .await
+                .map(AdminResponseV1::GroupVersions)
+        }
+        AdminRequestV1::GroupRollouts { group } => {
+            crate::ota::progress::group_rollouts(&ctx.store, &ctx.registry, ctx.ota.board(), &group)
+                .await
+                .map(AdminResponseV1::GroupRollouts)
+        }
+        _ => Ok(error(
+            AdminErrorCode::Internal,
+            "misrouted admin request".into(),
+        )),
+    }
 }
 
 /// The user verbs.
