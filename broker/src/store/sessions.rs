@@ -30,7 +30,6 @@ use ferry_common::wire::{EndReason, HostFacts, SequencedEvent, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::writer::WriteOp;
 use super::{parse_id, spool_key, to_i64, to_u64, Store, StoreError};
 use crate::store::columns;
 
@@ -442,32 +441,6 @@ impl SpoolWriter<'_> {
 }
 
 impl Store {
-    /// Records an agent registration and reconciles its open sessions; returns
-    /// after the commit.
-    pub async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
-        self.submit(|reply| WriteOp::Register { reg, reply }).await
-    }
-
-    /// Records a run of session events of one spool, in order; returns after
-    /// the commit. Duplicates are skipped; recording stops at a gap.
-    pub async fn record_events(
-        &self,
-        resource: &ResourceId,
-        spool_id: u64,
-        events: Vec<SequencedEvent>,
-        recorded_at: UnixMillis,
-    ) -> Result<RecordOutcome, StoreError> {
-        let resource = resource.clone();
-        self.submit(|reply| WriteOp::Record {
-            resource,
-            spool_id,
-            events,
-            recorded_at,
-            reply,
-        })
-        .await
-    }
-
     /// Broker-wide counts.
     pub async fn counts(&self) -> Result<StoreCounts, StoreError> {
         self.read(|c| {

@@ -22,7 +22,38 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sessions::{apply_record, apply_register, RecordOutcome, Registered, Registration};
-use super::{spool_key, StoreError};
+use super::{spool_key, Store, StoreError};
+
+impl Store {
+    // The two writes with their own path through the writer (a registration;
+    // a spool's events, batched across agents in one commit).
+
+    /// Records an agent registration and reconciles its open sessions; returns
+    /// after the commit.
+    pub async fn register(&self, reg: Registration) -> Result<Registered, StoreError> {
+        self.submit(|reply| WriteOp::Register { reg, reply }).await
+    }
+
+    /// Records a run of session events of one spool, in order; returns after
+    /// the commit. Duplicates are skipped; recording stops at a gap.
+    pub async fn record_events(
+        &self,
+        resource: &ResourceId,
+        spool_id: u64,
+        events: Vec<SequencedEvent>,
+        recorded_at: UnixMillis,
+    ) -> Result<RecordOutcome, StoreError> {
+        let resource = resource.clone();
+        self.submit(|reply| WriteOp::Record {
+            resource,
+            spool_id,
+            events,
+            recorded_at,
+            reply,
+        })
+        .await
+    }
+}
 
 pub(super) enum WriteOp {
     Register {
