@@ -265,7 +265,11 @@ impl Driver {
 
     /// Drives the rollout until it is over or the broker stops.
     pub async fn run(mut self) -> Result<(), Stop> {
+        // A session ending in the group wakes this rollout (see
+        // [`Board::session_ended`]).
+        self.ctx.board.rolling(&self.group, true);
         let result = self.drive().await;
+        self.ctx.board.rolling(&self.group, false);
         // Over, or stopped: `group show` no longer has it running here.
         self.ctx.board.set_image(&self.group, None);
         result

@@ -41,6 +41,8 @@ struct BoardInner {
     /// Each running image update's progress, by group. A std mutex: only
     /// map reads and writes under it.
     images: Mutex<HashMap<GroupName, ImageProgress>>,
+    /// How many rollouts run on each group (their tasks say so).
+    rolling: Mutex<HashMap<GroupName, usize>>,
 }
 
 impl Default for Board {
@@ -49,6 +51,7 @@ impl Default for Board {
             inner: Arc::new(BoardInner {
                 wake: watch::Sender::new(0),
                 images: Mutex::default(),
+                rolling: Mutex::default(),
             }),
         }
     }
@@ -60,17 +63,33 @@ impl Board {
         self.inner.wake.send_modify(|g| *g = g.wrapping_add(1));
     }
 
+    /// A session of `group` ended: a rollout running on the group (it may
+    /// wait for a drained host's sessions to end) looks again now; with
+    /// none running nothing is woken, so session ends cost nothing here.
+    pub fn session_ended(&self, group: &GroupName) {
+        let running = lock(&self.inner.rolling).contains_key(group);
+        if running {
+            self.wake();
+        }
+    }
+
+    /// A rollout of `group` starts (`true`) or stops running.
+    fn rolling(&self, group: &GroupName, running: bool) {
+        let mut rolling = lock(&self.inner.rolling);
+        let n = rolling.entry(group.clone()).or_default();
+        *n = if running { *n + 1 } else { n.saturating_sub(1) };
+        if *n == 0 {
+            rolling.remove(group);
+        }
+    }
+
     /// A receiver that sees a new value after every [`Board::wake`].
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.wake.subscribe()
     }
 
     fn images(&self) -> std::sync::MutexGuard<'_, HashMap<GroupName, ImageProgress>> {
-        // Each update is one insert or remove: a panic cannot leave it half done.
-        self.inner
-            .images
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner.images)
     }
 
     /// The image update running on `group`, with each host's step.
@@ -86,4 +105,10 @@ impl Board {
             None => images.remove(group),
         };
     }
+}
+
+/// Locks one of the board's maps. Each change under it is one insert,
+/// update or remove: a panic cannot leave it half done.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -36,7 +36,7 @@ impl Actor {
         if matches!(ev, SessionEvent::Ended { .. }) {
             // A rollout draining this host waits for its sessions to end:
             // it looks again now, not at the drain deadline.
-            self.shared.rollouts.wake();
+            self.shared.rollouts.session_ended(&self.row.name);
         }
         if self.closed.is_some() {
             match ev {
