@@ -878,6 +878,14 @@ mod tests {
     }
 
     impl Fixture {
+        /// Publishes [`spec`]`(name)` at `T0` (its actor is not started).
+        async fn publish(&self, name: &str) {
+            self.service
+                .publish(spec(name), UnixMillis(T0))
+                .await
+                .expect("publish");
+        }
+
         async fn events(&self, group: &str) -> Vec<(String, String)> {
             self.service
                 .events(&group.parse().expect("name"))
@@ -918,10 +926,7 @@ mod tests {
     async fn reports_drive_scale_out_creation_scale_in_and_release_with_recorded_reasons() {
         let f = fixture();
         let g: GroupName = "g1".parse().expect("name");
-        f.service
-            .publish(spec("g1"), UnixMillis(T0))
-            .await
-            .expect("publish");
+        f.publish("g1").await;
         assert!(f.actors.sync("g1").await.expect("sync"));
         assert_eq!(f.actors.running(), vec![g.clone()]);
 
@@ -1027,10 +1032,7 @@ mod tests {
     #[tokio::test]
     async fn actors_start_for_live_groups_and_stop_when_the_group_goes() {
         let f = fixture();
-        f.service
-            .publish(spec("g1"), UnixMillis(T0))
-            .await
-            .expect("publish");
+        f.publish("g1").await;
         f.service
             .publish(spec("g2"), UnixMillis(T0))
             .await
@@ -1057,10 +1059,7 @@ mod tests {
     async fn a_policy_change_reaches_the_running_engine() {
         let f = fixture();
         let g: GroupName = "g1".parse().expect("name");
-        f.service
-            .publish(spec("g1"), UnixMillis(T0))
-            .await
-            .expect("publish");
+        f.publish("g1").await;
         f.actors.sync("g1").await.expect("sync");
         f.actors.joined(&g, &rid("h1"), vec![]).await;
         f.actors.joined(&g, &rid("h2"), vec![]).await;
@@ -1127,10 +1126,7 @@ mod tests {
     async fn a_host_below_the_spec_is_flagged_but_used_until_it_fits() {
         let f = fixture();
         let g: GroupName = "g1".parse().expect("name");
-        f.service
-            .publish(spec("g1"), UnixMillis(T0))
-            .await
-            .expect("publish");
+        f.publish("g1").await;
         f.actors.sync("g1").await.expect("sync");
         register_host(&f.store, "h1", 2, 4).await;
         register_host(&f.store, "h2", 8, 16).await;
@@ -1289,10 +1285,7 @@ mod tests {
     async fn a_stale_connections_leave_does_not_mark_a_rejoined_resource_unavailable() {
         let f = fixture();
         let g: GroupName = "g1".parse().expect("name");
-        f.service
-            .publish(spec("g1"), UnixMillis(T0))
-            .await
-            .expect("publish");
+        f.publish("g1").await;
         f.actors.sync("g1").await.expect("sync");
         let h1 = rid("h1");
         let available = |v: &GroupView| v.resources[0].available;
