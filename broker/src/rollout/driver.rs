@@ -11,8 +11,8 @@
 //! A rollout's task builds its [`Rollout`] from the rows and then, every
 //! time something may have changed (a command's answer, a change of the
 //! registry's live state of one of its hosts or of its group's agents, the
-//! machine's deadline, a wake), takes an [`Observation`] (the group's
-//! actor's view, the registry, the store) and feeds it with the answers that
+//! machine's deadline, a session of its group ending, a wake), takes an
+//! [`Observation`] (the group's actor's view, the registry, the store) and feeds it with the answers that
 //! came, then carries the outputs out in order: records are written in one
 //! transaction before the next command goes out or the actor is told;
 //! commands run as tasks whose answers come back as inputs. A store error
