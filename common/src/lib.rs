@@ -6,6 +6,7 @@
 //! encoding.
 
 pub mod admin;
+pub mod certs;
 pub mod duration;
 pub mod enroll;
 pub mod frame;
