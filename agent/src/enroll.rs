@@ -121,13 +121,10 @@ fn client_config(ca: &Path) -> Result<quinn::ClientConfig, EnrollError> {
 /// the resource the certificate names.
 pub async fn enroll(target: &EnrollTarget) -> Result<ResourceId, EnrollError> {
     let tls = client_config(&target.ca_cert)?;
-    let key = rcgen::KeyPair::generate().map_err(|e| EnrollError::Key(e.to_string()))?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-        .and_then(|p| p.serialize_request(&key))
-        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    let (key, csr_der) = key_and_csr(&[]).map_err(EnrollError::Key)?;
     let request = EnrollMessage::V1(EnrollRequest {
         token: target.token.clone(),
-        csr_der: csr.der().to_vec(),
+        csr_der,
     });
     let reply = tokio::time::timeout(ENROLL_TIMEOUT, exchange(target, tls, &request))
         .await
@@ -152,6 +149,16 @@ pub async fn enroll(target: &EnrollTarget) -> Result<ResourceId, EnrollError> {
     write_atomic(&target.key, key.serialize_pem().as_bytes())?;
     write_atomic(&target.cert, cert_pem.as_bytes())?;
     Ok(resource)
+}
+
+/// A new key of this host and a certificate signing request (DER) for it,
+/// asking for `names` (the broker decides the name it certifies).
+pub(crate) fn key_and_csr(names: &[String]) -> Result<(rcgen::KeyPair, Vec<u8>), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let csr = rcgen::CertificateParams::new(names.to_vec())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(|e| e.to_string())?;
+    Ok((key, csr.der().to_vec()))
 }
 
 async fn exchange(
@@ -229,14 +236,53 @@ pub async fn enroll_with_retries(target: &EnrollTarget) -> Result<ResourceId, En
 /// Writes `bytes` to `path` with mode 0600: a temporary file beside it,
 /// fsync, rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EnrollError> {
+    write_all_atomic(&[(path, bytes)])
+}
+
+/// Writes each `(path, bytes)` with mode 0600, replacing the files whole:
+/// every temporary file (beside its target, created exclusively) is written
+/// and fsynced before the first rename, then each is renamed in order and
+/// the directories fsynced. A crash leaves each file old or new, never torn.
+pub(crate) fn write_all_atomic(files: &[(&Path, &[u8])]) -> Result<(), EnrollError> {
+    let mut staged = Vec::with_capacity(files.len());
+    for (path, bytes) in files {
+        match stage(path, bytes) {
+            Ok(tmp) => staged.push((tmp, *path)),
+            Err(e) => {
+                for (tmp, _) in &staged {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
+        }
+    }
+    for (tmp, path) in &staged {
+        let err = |error| EnrollError::Write {
+            path: path.to_path_buf(),
+            error,
+        };
+        std::fs::rename(tmp, path).map_err(err)?;
+        std::fs::File::open(parent_of(path))
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The temporary file of `path`, written and fsynced.
+fn stage(path: &Path, bytes: &[u8]) -> Result<PathBuf, EnrollError> {
     let err = |error| EnrollError::Write {
         path: path.to_owned(),
         error,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_of(path);
     std::fs::create_dir_all(&dir).map_err(err)?;
     let name = path
         .file_name()
@@ -253,12 +299,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EnrollError> {
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(err)?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(err)?;
-    Ok(())
+    Ok(tmp)
 }
 
 #[cfg(test)]

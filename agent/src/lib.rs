@@ -32,6 +32,7 @@ pub mod notify;
 pub mod pam;
 pub mod policy;
 pub mod presence;
+pub mod renew;
 pub mod spool;
 pub mod ticket;
 pub mod versions;
@@ -169,6 +170,7 @@ pub async fn run(
         limits: limits.clone(),
         updates: Arc::default(),
         tasks: tracker.clone(),
+        renew: std::sync::Mutex::default(),
     };
     tracker.spawn(link.run(shutdown.child_token()));
     let notifier = notify::Notifier::from_env();

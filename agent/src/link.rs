@@ -29,7 +29,7 @@ use ferry_common::frame::{
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO};
 use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandResult, Hello, Refusal,
-    RefusalCode, Welcome,
+    RefusalCode, RenewalOutcome, Welcome,
 };
 use ferry_common::{ResourceId, ALPN_AGENT, PROTOCOL_VERSION};
 use rustls_pki_types::pem::PemObject;
@@ -160,6 +160,8 @@ pub enum LinkError {
     Closed,
     #[error("shutting down")]
     Shutdown,
+    #[error("the certificate was renewed; reconnecting with it")]
+    Renewed,
     #[error(
         "the broker's certificate is not valid for broker_name \"{name}\" ({detail}): \
          broker_name must be a DNS name in the broker's certificate (the --broker-name of \
@@ -177,7 +179,7 @@ impl LinkError {
             LinkError::UnsupportedVersion { .. }
                 | LinkError::BrokerName { .. }
                 | LinkError::Refused(Refusal {
-                    code: RefusalCode::IdentityMismatch,
+                    code: RefusalCode::IdentityMismatch | RefusalCode::Revoked,
                     ..
                 })
         )
@@ -322,7 +324,7 @@ fn dns_names(path: &Path, der: &[u8]) -> Result<Vec<String>, TlsError> {
 
 /// Checks that the certificate names exactly `resource`, as the broker
 /// requires (its single DNS name is the host's identity).
-fn check_names(path: &Path, der: &[u8], resource: &ResourceId) -> Result<(), TlsError> {
+pub(crate) fn check_names(path: &Path, der: &[u8], resource: &ResourceId) -> Result<(), TlsError> {
     let names = dns_names(path, der)?;
     if names.len() == 1 && names[0] == resource.as_str() {
         return Ok(());
@@ -465,6 +467,8 @@ pub struct Link {
     /// A command the broker replays after a reconnect finds its work done
     /// (or waits for the update lock).
     pub tasks: tokio_util::task::TaskTracker,
+    /// The certificate's renewal over the link, across connections.
+    pub renew: Mutex<crate::renew::RenewState>,
 }
 
 impl Link {
@@ -478,6 +482,10 @@ impl Link {
                 .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
             match result {
                 Ok(()) | Err(LinkError::Shutdown) => return,
+                Err(LinkError::Renewed) => {
+                    attempt = 0;
+                    continue;
+                }
                 Err(e) => {
                     if e.is_config_problem() {
                         tracing::error!(error = %e, "broker link refused: check the agent's configuration and certificate");
@@ -511,13 +519,14 @@ impl Link {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(LinkError::Endpoint)?;
-        let connecting = endpoint.connect_with(self.tls.clone(), addr, &self.config.broker_name)?;
-        self.name_check.take();
+        let (tls, name_check) = self.current_tls();
+        let connecting = endpoint.connect_with(tls, addr, &self.config.broker_name)?;
+        name_check.take();
         let conn = tokio::select! {
             _ = shutdown.cancelled() => return Err(LinkError::Shutdown),
             c = connecting => match c {
                 Ok(conn) => conn,
-                Err(e) => return Err(match self.name_check.take() {
+                Err(e) => return Err(match name_check.take() {
                     Some(detail) => LinkError::BrokerName {
                         name: self.config.broker_name.clone(),
                         detail,
@@ -547,6 +556,103 @@ impl Link {
         // Let the CONNECTION_CLOSE reach the broker, but never hang on it.
         let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
         result
+    }
+
+    /// The TLS configuration of the current certificate: the renewed one,
+    /// else the one built at start.
+    fn current_tls(&self) -> (quinn::ClientConfig, BrokerNameCheck) {
+        let renew = self.renew.lock().unwrap_or_else(PoisonError::into_inner);
+        match &renew.tls {
+            Some(tls) => tls.clone(),
+            None => (self.tls.clone(), self.name_check.clone()),
+        }
+    }
+
+    fn renew_state(&self) -> std::sync::MutexGuard<'_, crate::renew::RenewState> {
+        self.renew.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The certificate's life as its file says, logged when unreadable.
+    fn cert_life(&self) -> Option<crate::renew::CertLife> {
+        match crate::renew::cert_life_of_file(&self.config.cert) {
+            Ok(life) => Some(life),
+            Err(e) => {
+                tracing::warn!(cert = %self.config.cert.display(),
+                    "cannot read the certificate's validity for its renewal: {e}");
+                None
+            }
+        }
+    }
+
+    /// Asks the broker for a new certificate when the current one is due
+    /// (a request without an answer by now counts as failed).
+    async fn maybe_renew(
+        &self,
+        life: Option<crate::renew::CertLife>,
+        send: &mut quinn::SendStream,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LinkError> {
+        let now = crate::clock::now();
+        let csr_der = {
+            let mut state = self.renew_state();
+            if state.is_pending() {
+                tracing::warn!("the broker did not answer the certificate renewal; trying later");
+                state.abandon();
+                return Ok(());
+            }
+            if !state.should_request(life, now) {
+                return Ok(());
+            }
+            match state.request(&self.config.resource) {
+                Ok(csr) => csr,
+                Err(e) => {
+                    tracing::error!("certificate renewal: make a key and a request: {e}");
+                    state.failed();
+                    return Ok(());
+                }
+            }
+        };
+        tracing::info!(
+            "the certificate has a third of its lifetime left; asking the broker to renew it"
+        );
+        send_msg(send, AgentToBroker::Renew { csr_der }, shutdown).await
+    }
+
+    /// The broker's answer to a renewal: a certificate is checked, written
+    /// and used from the next connection (`LinkError::Renewed` reconnects
+    /// at once); anything else is tried again later.
+    fn on_renewal(&self, outcome: RenewalOutcome) -> Result<(), LinkError> {
+        let mut state = self.renew_state();
+        let Some(key) = state.take_pending() else {
+            tracing::warn!("a renewal answer for no request; ignored");
+            return Ok(());
+        };
+        let cert_pem = match outcome {
+            RenewalOutcome::Issued { cert_pem } => cert_pem,
+            RenewalOutcome::Failed { message } => {
+                tracing::warn!("the broker did not renew the certificate, trying later: {message}");
+                state.failed();
+                return Ok(());
+            }
+        };
+        if let Err(e) = crate::renew::install(&self.config, &key, &cert_pem) {
+            tracing::error!("renewed certificate not installed, trying later: {e}");
+            state.failed();
+            return Ok(());
+        }
+        match client_config(&self.config) {
+            Ok(tls) => {
+                state.succeeded(tls);
+                tracing::info!(cert = %self.config.cert.display(),
+                    "certificate renewed; reconnecting with it");
+                Err(LinkError::Renewed)
+            }
+            Err(e) => {
+                tracing::error!("the renewed certificate cannot be used: {e}");
+                state.failed();
+                Ok(())
+            }
+        }
     }
 
     async fn converse(
@@ -618,6 +724,8 @@ impl Link {
         let result = self
             .serve(&mut send, &mut inbox, &welcome, shutdown, sampler)
             .await;
+        // A request this connection carried gets no answer now.
+        self.renew_state().abandon();
         tasks.abort_all();
         if matches!(result, Err(LinkError::Frame(FrameError::Truncated))) {
             return Err(closed(conn));
@@ -696,6 +804,10 @@ impl Link {
         health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands = CommandJobs::new();
         self.announce(send, shutdown).await?;
+        // At connect, then when due (looking again at least every hour).
+        let mut life = self.cert_life();
+        self.maybe_renew(life, send, shutdown).await?;
+        let mut renew_wake = self.renew_state().next_wake(life, crate::clock::now());
         loop {
             // Mark the current value seen before reading, so an append that
             // races with this batch wakes the loop again.
@@ -719,7 +831,17 @@ impl Link {
                         Some(Err(e)) => return Err(e.into()),
                         None => return Err(LinkError::Closed),
                     };
-                    self.on_message(msg, sent, &mut commands, send, shutdown).await?;
+                    if let BrokerToAgent::Renewal(outcome) = msg {
+                        self.on_renewal(outcome)?;
+                        renew_wake = self.renew_state().next_wake(life, crate::clock::now());
+                    } else {
+                        self.on_message(msg, sent, &mut commands, send, shutdown).await?;
+                    }
+                }
+                _ = tokio::time::sleep_until(renew_wake) => {
+                    life = self.cert_life();
+                    self.maybe_renew(life, send, shutdown).await?;
+                    renew_wake = self.renew_state().next_wake(life, crate::clock::now());
                 }
                 done = commands.join_next(), if !commands.is_empty() => {
                     if let Some(Ok(done)) = done {
@@ -811,6 +933,8 @@ impl Link {
             BrokerToAgent::Welcome(_) => {
                 return Err(LinkError::Protocol("a second Welcome".into()))
             }
+            // Handled by the loop (`on_renewal`).
+            BrokerToAgent::Renewal(_) => {}
             BrokerToAgent::TicketKey { public_key } => {
                 match self.tickets.set_key(public_key).await {
                     Ok(true) => tracing::info!("broker ticket key stored"),

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use ferry_common::admin::{
     AdminError, AdminErrorCode, AdminRequest, AdminRequestV1, AdminResponse, AdminResponseV1,
-    GroupDetail, LiveGroupView, LiveResourceView, ResourceInfo, SessionInfo, StatusReport,
-    UsageQuery, MAX_ADMIN_CONNECTIONS,
+    GroupDetail, LiveGroupView, LiveResourceView, ResourceInfo, RevocationInfo, SessionInfo,
+    StatusReport, UsageQuery, MAX_ADMIN_CONNECTIONS,
 };
 use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::groups::lifecycle::Removal;
 use crate::groups::{GroupError, Groups};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
-use crate::store::{Store, StoredSession};
+use crate::store::{Store, StoreError, StoredSession};
 use crate::usage::UsageError;
 
 /// Default admin socket path (`ferryctl --socket` and the config default).
@@ -317,46 +317,28 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
             }),
             Err(e) => internal(e),
         },
-        AdminRequestV1::ListResources => match ctx.store.resources().await {
-            Ok(stored) => {
-                let live = ctx.registry.snapshot();
-                let engine = engine_availability(ctx, &stored).await;
-                AdminResponseV1::Resources(
-                    stored
-                        .into_iter()
-                        .map(|r| {
-                            let l = live.get(&r.resource);
-                            // Whether it takes sessions: its group's engine
-                            // decides (what `group show` says); outside a
-                            // live group, connected, healthy and not draining.
-                            let available = match engine.get(&r.resource) {
-                                Some(a) => l.is_some() && *a,
-                                None => l.is_some_and(|l| l.available && !l.draining),
-                            };
-                            ResourceInfo {
-                                connected: l.is_some(),
-                                available,
-                                draining: l.is_some_and(|l| l.draining),
-                                // A host that is gone shows when it was last heard from.
-                                last_health_at: match l {
-                                    Some(l) => l.last_health_at,
-                                    None => Some(r.last_seen),
-                                },
-                                resource: r.resource,
-                                group: r.group,
-                                // What it last reported (`Hello` or
-                                // `Inventory`), as `group show` has it.
-                                agent_version: r.agent_version,
-                                image_version: r.image_version,
-                                sessions: r.open_sessions,
-                                host: r.host,
-                            }
-                        })
-                        .collect(),
-                )
-            }
+        AdminRequestV1::ListResources => match resource_list(ctx).await {
+            Ok(r) => AdminResponseV1::Resources(r),
             Err(e) => internal(e),
         },
+        AdminRequestV1::ListResourcesWithRevocations => {
+            match (resource_list(ctx).await, ctx.store.revocations().await) {
+                (Ok(resources), Ok(revoked)) => AdminResponseV1::ResourcesWithRevocations {
+                    resources,
+                    revocations: revoked
+                        .into_iter()
+                        .map(|r| RevocationInfo {
+                            resource: r.resource,
+                            revoked_before: r.revoked_before,
+                            at: r.at,
+                            reason: r.reason,
+                        })
+                        .collect(),
+                },
+                (Err(e), _) | (_, Err(e)) => internal(e),
+            }
+        }
+        AdminRequestV1::ResourceRevoke { resource, reason } => revoke(ctx, resource, reason).await,
         AdminRequestV1::ListSessions { all } => match ctx.store.sessions(all).await {
             Ok(s) => AdminResponseV1::Sessions(s.into_iter().map(SessionInfo::from).collect()),
             Err(e) => internal(e),
@@ -381,6 +363,88 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         | AdminRequestV1::OtaListWithSchedules { .. } => crate::ota::handle(&ctx.ota, req).await,
         other => groups(ctx, other).await,
     }
+}
+
+/// Every resource the store knows with its live state.
+async fn resource_list(ctx: &AdminContext) -> Result<Vec<ResourceInfo>, StoreError> {
+    let stored = ctx.store.resources().await?;
+    let live = ctx.registry.snapshot();
+    let engine = engine_availability(ctx, &stored).await;
+    Ok(stored
+        .into_iter()
+        .map(|r| {
+            let l = live.get(&r.resource);
+            // Whether it takes sessions: its group's engine
+            // decides (what `group show` says); outside a
+            // live group, connected, healthy and not draining.
+            let available = match engine.get(&r.resource) {
+                Some(a) => l.is_some() && *a,
+                None => l.is_some_and(|l| l.available && !l.draining),
+            };
+            ResourceInfo {
+                connected: l.is_some(),
+                available,
+                draining: l.is_some_and(|l| l.draining),
+                // A host that is gone shows when it was last heard from.
+                last_health_at: match l {
+                    Some(l) => l.last_health_at,
+                    None => Some(r.last_seen),
+                },
+                resource: r.resource,
+                group: r.group,
+                // What it last reported (`Hello` or
+                // `Inventory`), as `group show` has it.
+                agent_version: r.agent_version,
+                image_version: r.image_version,
+                sessions: r.open_sessions,
+                host: r.host,
+            }
+        })
+        .collect())
+}
+
+/// `resources revoke`: the floor recorded first (durable, also for a
+/// connection racing in), then the live connection closed.
+async fn revoke(ctx: &AdminContext, resource: ResourceId, reason: String) -> AdminResponseV1 {
+    let mut reason = reason.trim().to_owned();
+    if reason.is_empty() {
+        reason = "no reason given".into();
+    }
+    if reason.len() > ferry_common::limits::MAX_TEXT_LEN {
+        return error(
+            AdminErrorCode::BadRequest,
+            format!(
+                "the reason is longer than {} bytes",
+                ferry_common::limits::MAX_TEXT_LEN
+            ),
+        );
+    }
+    // Certificates are stamped with the system clock; so is the floor.
+    let before = crate::clock::now_millis();
+    let known = match ctx
+        .store
+        .revoke(&resource, before, ctx.groups.now(), reason.clone())
+        .await
+    {
+        Ok(known) => known,
+        Err(e) => return internal(e),
+    };
+    let closed = ctx.registry.revoke(&resource);
+    tracing::warn!(%resource, closed, "resource revoked by the operator: {reason}");
+    let mut message = format!(
+        "revoked {resource}: its certificates issued before {} are refused",
+        crate::render::rfc3339_secs(before)
+    );
+    if closed {
+        message.push_str("; its live connection was closed");
+    }
+    if !known {
+        message.push_str(" (the broker has never seen it register)");
+    }
+    message.push_str(&format!(
+        "; to admit it again, give it a new certificate (ferryctl pki issue-agent --resource {resource})"
+    ));
+    AdminResponseV1::Done { message }
 }
 
 /// The delivery-group and user verbs; every refusal becomes one typed error here.
@@ -472,7 +536,9 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::OtaReschedule { .. }
         | AdminRequestV1::OtaCancel { .. }
         | AdminRequestV1::OtaHistory { .. }
-        | AdminRequestV1::OtaListWithSchedules { .. } => {
+        | AdminRequestV1::OtaListWithSchedules { .. }
+        | AdminRequestV1::ResourceRevoke { .. }
+        | AdminRequestV1::ListResourcesWithRevocations => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };

@@ -28,6 +28,13 @@ const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(50);
 /// Longest health interval: past this a dead host stays "available" for too long.
 const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(600);
 
+/// Shortest agent certificate lifetime: renewal starts when a third is
+/// left, so shorter ones would renew all the time. Tests use seconds.
+const MIN_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(10);
+
+/// Longest agent certificate lifetime: a stolen key is worth at most this.
+const MAX_AGENT_CERT_LIFETIME: Duration = Duration::from_secs(366 * 86_400);
+
 /// The broker's validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -45,6 +52,9 @@ pub struct BrokerConfig {
     pub missed_health_limit: u32,
     /// How long shutdown waits for connections and tasks to finish.
     pub shutdown_grace: Duration,
+    /// Lifetime of the agent certificates the broker issues: at enrollment
+    /// and when an agent renews its certificate over the link.
+    pub agent_cert_lifetime: Duration,
     /// Delivery-group lifecycle, prices and the activation hook.
     pub groups: GroupsConfig,
 }
@@ -216,6 +226,7 @@ struct RawConfig {
     health_interval: String,
     missed_health_limit: i64,
     shutdown_grace: String,
+    agent_cert_lifetime: String,
     subscription_retention: String,
     host_gone_after: String,
     currency: String,
@@ -236,6 +247,7 @@ impl Default for RawConfig {
             health_interval: "10s".into(),
             missed_health_limit: 3,
             shutdown_grace: "10s".into(),
+            agent_cert_lifetime: "30d".into(),
             subscription_retention: "7d".into(),
             host_gone_after: "10m".into(),
             currency: "CNY".into(),
@@ -325,6 +337,7 @@ impl BrokerConfig {
             health_interval: d.health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
             missed_health_limit: missed_health_limit.unwrap_or(1),
             shutdown_grace: d.shutdown_grace.unwrap_or(Duration::ZERO),
+            agent_cert_lifetime: d.agent_cert_lifetime.unwrap_or(MIN_AGENT_CERT_LIFETIME),
             groups: GroupsConfig {
                 retention: d.retention.unwrap_or(Duration::ZERO),
                 host_gone_after: d.host_gone_after.unwrap_or(Duration::ZERO),
@@ -352,6 +365,7 @@ impl BrokerConfig {
         let mut errors = Vec::new();
         self.check_paths(&mut errors);
         self.check_health_and_shutdown(&mut errors);
+        self.check_cert_lifetime(&mut errors);
         let g = &self.groups;
         if g.currency.trim().is_empty() {
             errors.push("currency: must not be empty".into());
@@ -389,6 +403,18 @@ impl BrokerConfig {
     }
 
     /// The health interval, the missed health limit and the shutdown grace.
+    fn check_cert_lifetime(&self, errors: &mut Vec<String>) {
+        if !(MIN_AGENT_CERT_LIFETIME..=MAX_AGENT_CERT_LIFETIME).contains(&self.agent_cert_lifetime)
+        {
+            errors.push(format!(
+                "agent_cert_lifetime: {} is out of range ({} to {})",
+                format_duration(self.agent_cert_lifetime),
+                format_duration(MIN_AGENT_CERT_LIFETIME),
+                format_duration(MAX_AGENT_CERT_LIFETIME)
+            ));
+        }
+    }
+
     fn check_health_and_shutdown(&self, errors: &mut Vec<String>) {
         if self.health_interval < MIN_HEALTH_INTERVAL || self.health_interval > MAX_HEALTH_INTERVAL
         {
@@ -521,6 +547,7 @@ impl ProvisionerConfig {
 struct RawDurations {
     health_interval: Option<Duration>,
     shutdown_grace: Option<Duration>,
+    agent_cert_lifetime: Option<Duration>,
     retention: Option<Duration>,
     host_gone_after: Option<Duration>,
     notify_timeout: Option<Duration>,
@@ -542,6 +569,7 @@ impl RawDurations {
         RawDurations {
             health_interval: duration("health_interval", &raw.health_interval),
             shutdown_grace: duration("shutdown_grace", &raw.shutdown_grace),
+            agent_cert_lifetime: duration("agent_cert_lifetime", &raw.agent_cert_lifetime),
             retention: duration("subscription_retention", &raw.subscription_retention),
             host_gone_after: duration("host_gone_after", &raw.host_gone_after),
             notify_timeout: duration("notify_timeout", &raw.notify_timeout),
@@ -676,6 +704,7 @@ mod tests {
             missed_health_limit = 0
             shutdown_grace = "5"
             state_dir = ""
+            agent_cert_lifetime = "3s"
         "#;
         let Err(ConfigError::Invalid(errors)) = BrokerConfig::from_toml(text) else {
             panic!("expected validation errors");
@@ -687,10 +716,11 @@ mod tests {
             "missed_health_limit:",
             "shutdown_grace:",
             "state_dir:",
+            "agent_cert_lifetime:",
         ] {
             assert!(joined.contains(field), "{field} missing from {joined}");
         }
-        assert_eq!(errors.len(), 5, "{joined}");
+        assert_eq!(errors.len(), 6, "{joined}");
     }
 
     #[test]

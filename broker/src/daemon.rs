@@ -288,12 +288,15 @@ impl Broker {
                 tickets: Some(keys.tickets.clone()),
                 clock: config.groups.clock.clone(),
                 actors: Some(self.groups.actors().clone()),
+                pki_dir: config.pki_dir.clone(),
+                cert_lifetime: config.agent_cert_lifetime,
             }))),
             // Enrollment of new hosts with a one-time token.
             enroll: Some(Arc::new(crate::enroll::EnrollService::new(
                 self.store.clone(),
                 &config.pki_dir,
                 config.groups.clock.clone(),
+                config.agent_cert_lifetime,
             ))),
             // End users asking for sessions: the group's actor admits.
             route: Some(Arc::new(crate::routing::RouteService::new(

@@ -347,6 +347,7 @@ async fn run_in(
         missed_health_limit: 3,
         // Room for the provisioner to stop its agents one by one.
         shutdown_grace: Duration::from_secs(20),
+        agent_cert_lifetime: crate::pki::DEFAULT_AGENT_LIFETIME,
         groups: GroupsConfig {
             provisioner: ProvisionerConfig {
                 kind: ProvisionerKind::Local {
@@ -519,7 +520,12 @@ async fn start_base_agent(
         .parse()
         .map_err(|e| DemoError::Agent(format!("resource id: {e}")))?;
     let dir = root.join(resource.as_str());
-    pki::issue_agent(pki_dir, &resource, &dir)?;
+    pki::issue_agent(
+        pki_dir,
+        &resource,
+        &dir,
+        pki::Validity::starting_now(pki::DEFAULT_AGENT_LIFETIME),
+    )?;
     let config = dir.join("agent.toml");
     let text = format!(
         "resource = {resource:?}\n\

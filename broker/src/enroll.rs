@@ -23,10 +23,6 @@ use ferry_common::enroll::{
 };
 use ferry_common::frame;
 use ferry_common::{ResourceId, UnixMillis};
-use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -80,15 +76,23 @@ pub struct EnrollService {
     store: Store,
     pki_dir: PathBuf,
     clock: Clock,
+    /// Lifetime of the certificates issued.
+    cert_lifetime: Duration,
     permits: Arc<Semaphore>,
 }
 
 impl EnrollService {
-    pub fn new(store: Store, pki_dir: &Path, clock: Clock) -> EnrollService {
+    pub fn new(
+        store: Store,
+        pki_dir: &Path,
+        clock: Clock,
+        cert_lifetime: Duration,
+    ) -> EnrollService {
         EnrollService {
             store,
             pki_dir: pki_dir.to_path_buf(),
             clock,
+            cert_lifetime,
             permits: Arc::new(Semaphore::new(MAX_ENROLLMENTS)),
         }
     }
@@ -152,15 +156,20 @@ impl EnrollService {
                 "the token's resource id is invalid".into(),
             );
         };
-        let cert_pem = match issue_from_csr(&self.pki_dir, &resource, &req.csr_der) {
+        let validity = pki::Validity::starting_now(self.cert_lifetime);
+        let issued = pki::issue_from_csr(
+            &self.pki_dir,
+            &resource,
+            &req.csr_der,
+            pki::CsrNames::Ignored,
+            validity,
+        );
+        let cert_pem = match issued {
             Ok(pem) => pem,
-            Err(IssueError::Csr(why)) => {
-                return refuse(
-                    EnrollRefusal::BadRequest,
-                    format!("the certificate signing request is unusable: {why}"),
-                )
+            Err(e @ pki::PkiError::Csr(_)) => {
+                return refuse(EnrollRefusal::BadRequest, e.to_string())
             }
-            Err(IssueError::Ca(why)) => {
+            Err(why) => {
                 tracing::error!(%resource, "enrollment: issue certificate: {why}");
                 return refuse(
                     EnrollRefusal::Unavailable,
@@ -172,7 +181,7 @@ impl EnrollService {
             format!("enrolled: {resource} received its certificate with its one-time token");
         let used = self
             .store
-            .use_enroll_token(hash, group_num, now, message)
+            .use_enroll_token(hash, group_num, now, validity.issued, message)
             .await;
         match used {
             Ok(true) => {
@@ -281,47 +290,6 @@ impl EndpointService for EnrollService {
     }
 }
 
-enum IssueError {
-    Csr(String),
-    Ca(String),
-}
-
-/// A client certificate for `resource` with the public key of `csr_der`,
-/// signed by the CA in `pki_dir` (as [`pki::issue_agent`] makes them).
-fn issue_from_csr(
-    pki_dir: &Path,
-    resource: &ResourceId,
-    csr_der: &[u8],
-) -> Result<String, IssueError> {
-    let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
-    let csr = CertificateSigningRequestParams::from_der(&csr)
-        .map_err(|e| IssueError::Csr(e.to_string()))?;
-    let ca_err = |e: &dyn std::fmt::Display| IssueError::Ca(e.to_string());
-    let ca_pem = std::fs::read_to_string(pki_dir.join(pki::CA_CERT)).map_err(|e| ca_err(&e))?;
-    let ca_key_pem = std::fs::read_to_string(pki_dir.join(pki::CA_KEY)).map_err(|e| ca_err(&e))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| ca_err(&e))?;
-    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)
-        .and_then(|p| p.self_signed(&ca_key))
-        .map_err(|e| ca_err(&e))?;
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::DnsName(
-        resource
-            .as_str()
-            .try_into()
-            .map_err(|e: rcgen::Error| ca_err(&e))?,
-    )];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, resource.as_str());
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.use_authority_key_identifier_extension = true;
-    let cert = params
-        .signed_by(&csr.public_key, &ca, &ca_key)
-        .map_err(|e| ca_err(&e))?;
-    Ok(cert.pem())
-}
-
 /// How long a token made now lives: the provisioner's register deadline.
 pub fn expiry(now: UnixMillis, lifetime: Duration) -> UnixMillis {
     UnixMillis(
@@ -334,6 +302,7 @@ pub fn expiry(now: UnixMillis, lifetime: Duration) -> UnixMillis {
 mod tests {
     use super::*;
     use crate::store::StoreOptions;
+    use rcgen::{CertificateParams, KeyPair};
     use rustls::pki_types::pem::PemObject;
 
     const T0: UnixMillis = UnixMillis(1_772_409_600_000);
@@ -352,7 +321,12 @@ mod tests {
         let store =
             Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
         let clock = crate::clock::ManualClock::new(T0);
-        let svc = EnrollService::new(store.clone(), &pki_dir, clock.clock());
+        let svc = EnrollService::new(
+            store.clone(),
+            &pki_dir,
+            clock.clock(),
+            pki::DEFAULT_AGENT_LIFETIME,
+        );
         let token = new_token().expect("token");
         assert!(is_token_text(&token));
         let old = new_token().expect("token");
@@ -397,6 +371,17 @@ mod tests {
         assert_eq!(
             pki::resource_from_cert(der.as_ref()).expect("name"),
             resource
+        );
+        // Every earlier certificate of the name is refused from now on; this one is not.
+        let info = pki::certificate_info(der.as_ref()).expect("info");
+        assert_eq!(
+            store.revoked_before(&resource).await.expect("floor"),
+            Some(info.issued)
+        );
+        let lifetime = info.not_after.0 - info.issued.0;
+        assert!(
+            (lifetime - 30 * 86_400_000).abs() < 1000,
+            "the configured lifetime (whole seconds): {lifetime}"
         );
 
         let again = svc

@@ -28,7 +28,7 @@ use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN};
 use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, HealthReport, Hello,
-    Refusal, RefusalCode, SequencedEvent, Welcome,
+    Refusal, RefusalCode, RenewalOutcome, SequencedEvent, Welcome,
 };
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -106,6 +106,10 @@ pub struct LinkContext {
     /// The group actors an agent's reports are handed to, after the store
     /// committed them; `None` runs the link alone (its own tests).
     pub actors: Option<crate::groups::GroupActors>,
+    /// The CA that signs renewed agent certificates (`AgentToBroker::Renew`).
+    pub pki_dir: std::path::PathBuf,
+    /// Lifetime of a renewed certificate.
+    pub cert_lifetime: Duration,
 }
 
 impl LinkContext {
@@ -190,6 +194,7 @@ enum Wake {
     Inbound(Option<Result<AgentMessage, FrameError>>),
     Command(CommandRequest),
     Silent,
+    Revoked,
 }
 
 /// What the link knows of a host's health reports.
@@ -218,6 +223,8 @@ struct Connection {
     next_command: u64,
     /// Broker clock of the last message from the agent.
     last_heard: UnixMillis,
+    /// When the certificate of this connection was issued.
+    cert_issued: UnixMillis,
 }
 
 fn truncate(mut s: String) -> String {
@@ -410,6 +417,7 @@ impl Connection {
         let Some(hello) = hello(&conn, &mut send, &mut inbox, &resource, &token).await? else {
             return Ok(());
         };
+        let cert_issued = check_revocation(&conn, &mut send, &resource, &ctx).await?;
 
         let spool_id = hello.spool_id;
         let group = hello.group.clone();
@@ -447,15 +455,20 @@ impl Connection {
             pending: HashMap::new(),
             next_command: 0,
             last_heard,
+            cert_issued,
         };
         let (superseded, mut commands) = this.attach();
+        let revoked = this
+            .ctx
+            .registry
+            .revocation_signal(&this.resource, this.conn_id);
         this.join(registered.open.clone()).await;
         let result = this
             .serve(
                 registered.last_recorded_seq,
                 &mut inbox,
                 &mut commands,
-                &superseded,
+                (&superseded, &revoked),
                 &token,
             )
             .await;
@@ -551,7 +564,7 @@ impl Connection {
         last_recorded_seq: u64,
         inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
         commands: &mut mpsc::Receiver<CommandRequest>,
-        superseded: &CancellationToken,
+        (superseded, revoked): (&CancellationToken, &CancellationToken),
         token: &CancellationToken,
     ) -> Result<(), LinkError> {
         self.welcome(last_recorded_seq).await?;
@@ -569,6 +582,7 @@ impl Connection {
                     biased;
                     _ = token.cancelled() => Wake::Shutdown,
                     _ = superseded.cancelled() => Wake::Superseded,
+                    _ = revoked.cancelled() => Wake::Revoked,
                     m = inbox.recv() => Wake::Inbound(m),
                     Some(c) = commands.recv() => Wake::Command(c),
                     _ = tokio::time::sleep_until(health.silent_at), if health.available => Wake::Silent,
@@ -585,6 +599,16 @@ impl Connection {
                         .refuse(
                             RefusalCode::Superseded,
                             "a newer connection of this resource registered".into(),
+                        )
+                        .await)
+                }
+                Wake::Revoked => {
+                    return Err(self
+                        .refuse(
+                            RefusalCode::Revoked,
+                            "the operator revoked this host (ferryctl resources revoke); \
+                             it needs a new certificate"
+                                .into(),
                         )
                         .await)
                 }
@@ -675,8 +699,65 @@ impl Connection {
                 }
             }
             AgentToBroker::Inventory(inventory) => self.inventory(inventory).await?,
+            AgentToBroker::Renew { csr_der } => self.renew(csr_der).await?,
         }
         Ok(None)
+    }
+
+    /// A renewal: a certificate for the request's key, of this resource and
+    /// the configured lifetime, unless the resource was revoked since this
+    /// connection's certificate was issued (then the connection is refused).
+    async fn renew(&mut self, csr_der: Vec<u8>) -> Result<(), LinkError> {
+        match self.ctx.store.revoked_before(&self.resource).await {
+            Ok(Some(floor)) if self.cert_issued < floor => {
+                let message = revoked_message(&self.resource, self.cert_issued, floor);
+                return Err(self.refuse(RefusalCode::Revoked, message).await);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(resource = %self.resource, "renewal: read revocations: {e}");
+                let message = "the broker cannot read its store now; try again later".into();
+                return self
+                    .write(BrokerToAgent::Renewal(RenewalOutcome::Failed { message }))
+                    .await;
+            }
+        }
+        let validity = pki::Validity::starting_now(self.ctx.cert_lifetime);
+        let (pki_dir, resource) = (self.ctx.pki_dir.clone(), self.resource.clone());
+        let issued = tokio::task::spawn_blocking(move || {
+            pki::issue_from_csr(
+                &pki_dir,
+                &resource,
+                &csr_der,
+                pki::CsrNames::OnlyResource,
+                validity,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| Err(pki::PkiError::Tls(format!("signing task: {e}"))));
+        let outcome = match issued {
+            Ok(cert_pem) => {
+                let (_, not_after) =
+                    ferry_common::certs::validity(validity.issued, validity.lifetime);
+                tracing::info!(resource = %self.resource,
+                    not_after = %crate::render::rfc3339_secs(not_after),
+                    "certificate renewed over the link");
+                RenewalOutcome::Issued { cert_pem }
+            }
+            Err(e @ pki::PkiError::Csr(_)) => {
+                tracing::warn!(resource = %self.resource, "renewal refused: {e}");
+                RenewalOutcome::Failed {
+                    message: truncate(e.to_string()),
+                }
+            }
+            Err(e) => {
+                tracing::error!(resource = %self.resource, "renewal: issue certificate: {e}");
+                RenewalOutcome::Failed {
+                    message: "the broker could not issue a certificate now; try again later".into(),
+                }
+            }
+        };
+        self.write(BrokerToAgent::Renewal(outcome)).await
     }
 
     /// Records `first` with the session events queued behind it (up to
@@ -904,7 +985,47 @@ fn kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::V1(AgentToBroker::Streaming(_)) => "Streaming",
         AgentMessage::V1(AgentToBroker::Presence(_)) => "Presence",
         AgentMessage::V1(AgentToBroker::Inventory(_)) => "Inventory",
+        AgentMessage::V1(AgentToBroker::Renew { .. }) => "Renew",
     }
+}
+
+/// Refuses a connection whose certificate was issued before its resource's
+/// revocation floor (`ferryctl resources revoke`, or the name enrolled
+/// anew); answers when the certificate was issued.
+async fn check_revocation(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    resource: &ResourceId,
+    ctx: &LinkContext,
+) -> Result<UnixMillis, LinkError> {
+    let issued = match pki::peer_certificate(conn) {
+        Ok(info) => info.issued,
+        Err(e) => {
+            let code = RefusalCode::IdentityMismatch;
+            return Err(refuse(conn, send, resource, code, e.to_string()).await);
+        }
+    };
+    match ctx.store.revoked_before(resource).await {
+        Ok(Some(floor)) if issued < floor => {
+            let message = revoked_message(resource, issued, floor);
+            Err(refuse(conn, send, resource, RefusalCode::Revoked, message).await)
+        }
+        Ok(_) => Ok(issued),
+        Err(e) => {
+            let code = RefusalCode::StoreUnavailable;
+            let message = format!("read revocations: {e}");
+            Err(refuse(conn, send, resource, code, message).await)
+        }
+    }
+}
+
+fn revoked_message(resource: &ResourceId, issued: UnixMillis, floor: UnixMillis) -> String {
+    format!(
+        "this certificate of {resource} was issued at {}, before {}: the host was revoked or \
+         its name enrolled anew; give the host a new certificate (ferryctl pki issue-agent)",
+        crate::render::rfc3339_secs(issued),
+        crate::render::rfc3339_secs(floor)
+    )
 }
 
 /// Checks an agent's `Inventory` against the limits before it is kept.

@@ -25,6 +25,10 @@ use crate::pki;
 use crate::registry::Registry;
 use crate::store::{Store, StoreOptions};
 
+fn agent_validity() -> pki::Validity {
+    pki::Validity::starting_now(pki::DEFAULT_AGENT_LIFETIME)
+}
+
 /// Safety net so a broken test fails instead of hanging; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -61,6 +65,8 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         tickets: None,
         clock: crate::clock::Clock::system(),
         actors: None,
+        pki_dir: pki_dir.clone(),
+        cert_lifetime: pki::DEFAULT_AGENT_LIFETIME,
     };
     let services = Services {
         agent: Some(Arc::new(link::AgentLink::new(ctx))),
@@ -96,7 +102,7 @@ impl Broker {
     /// A client config presenting a certificate for `resource` issued by this CA.
     fn identity(&self, resource: &str) -> quinn::ClientConfig {
         let out = self.tmp.path().join(format!("agent-{resource}"));
-        pki::issue_agent(&self.pki, &rid(resource), &out).expect("issue");
+        pki::issue_agent(&self.pki, &rid(resource), &out, agent_validity()).expect("issue");
         pki::client_config(
             &out.join(pki::CA_CERT),
             Some((&out.join(pki::AGENT_CERT), &out.join(pki::AGENT_KEY))),
@@ -382,7 +388,7 @@ async fn no_client_certificate_or_a_foreign_one_gets_nothing_in() {
         let other = b.tmp.path().join("other-ca");
         pki::init(&other, &[]).expect("init");
         let out = b.tmp.path().join("foreign");
-        pki::issue_agent(&other, &rid("host-1"), &out).expect("issue");
+        pki::issue_agent(&other, &rid("host-1"), &out, agent_validity()).expect("issue");
         // Trusts the real broker CA, presents a certificate of another CA.
         pki::client_config(
             &b.pki.join(pki::CA_CERT),
@@ -645,6 +651,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         health_interval: Duration::from_secs(10),
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),
+        agent_cert_lifetime: crate::pki::DEFAULT_AGENT_LIFETIME,
         groups: Default::default(),
     };
     let shutdown = CancellationToken::new();
@@ -656,7 +663,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         .expect("ready");
 
     let out = tmp.path().join("agent");
-    pki::issue_agent(&pki_dir, &rid("host-1"), &out).expect("issue");
+    pki::issue_agent(&pki_dir, &rid("host-1"), &out, agent_validity()).expect("issue");
     let cfg = pki::client_config(
         &out.join(pki::CA_CERT),
         Some((&out.join(pki::AGENT_CERT), &out.join(pki::AGENT_KEY))),

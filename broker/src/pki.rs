@@ -10,12 +10,15 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use ferry_common::ResourceId;
+use ferry_common::{certs, ResourceId, UnixMillis};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber,
 };
+use ring::rand::{SecureRandom, SystemRandom};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -28,6 +31,58 @@ pub const BROKER_CERT: &str = "broker.pem";
 pub const BROKER_KEY: &str = "broker-key.pem";
 pub const AGENT_CERT: &str = "agent.pem";
 pub const AGENT_KEY: &str = "agent-key.pem";
+
+/// Lifetime of an agent certificate unless told otherwise (`pki issue-agent
+/// --days`, the broker's `agent_cert_lifetime`).
+pub const DEFAULT_AGENT_LIFETIME: Duration = Duration::from_secs(30 * 86_400);
+
+/// Lifetime of the CA `pki init` creates: ten years.
+pub const CA_LIFETIME: Duration = Duration::from_secs(3_652 * 86_400);
+
+/// Lifetime of the broker's certificate (`pki init`, `pki issue-broker`):
+/// two years.
+pub const BROKER_LIFETIME: Duration = Duration::from_secs(730 * 86_400);
+
+/// When a certificate is issued and for how long. Its serial number carries
+/// the issue time ([`ferry_common::certs`]); `notBefore` is set
+/// [`certs::CLOCK_SKEW`] early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub issued: UnixMillis,
+    pub lifetime: Duration,
+}
+
+impl Validity {
+    /// Issued now (the system clock), valid for `lifetime`.
+    pub fn starting_now(lifetime: Duration) -> Validity {
+        Validity {
+            issued: crate::clock::now_millis(),
+            lifetime,
+        }
+    }
+
+    /// Sets the bounds and the serial number of `params`.
+    fn apply(&self, params: &mut CertificateParams) -> Result<(), PkiError> {
+        let (not_before, not_after) = certs::validity(self.issued, self.lifetime);
+        params.not_before = asn1_time(not_before)?.to_datetime();
+        params.not_after = asn1_time(not_after)?.to_datetime();
+        let mut random = [0u8; 8];
+        SystemRandom::new()
+            .fill(&mut random)
+            .map_err(|_| PkiError::Random)?;
+        params.serial_number = Some(SerialNumber::from_slice(&certs::serial_for(
+            self.issued,
+            random,
+        )));
+        Ok(())
+    }
+}
+
+/// A certificate time, in whole seconds.
+fn asn1_time(t: UnixMillis) -> Result<x509_parser::time::ASN1Time, PkiError> {
+    x509_parser::time::ASN1Time::from_timestamp(t.0.div_euclid(1000))
+        .map_err(|_| PkiError::Validity(t.0))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -47,6 +102,12 @@ pub enum PkiError {
     Tls(String),
     #[error("peer certificate: {0}")]
     PeerCertificate(String),
+    #[error("no randomness from the system")]
+    Random,
+    #[error("certificate time {0} ms is out of range")]
+    Validity(i64),
+    #[error("the certificate signing request is unusable: {0}")]
+    Csr(String),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
@@ -91,8 +152,9 @@ fn ca_params() -> CertificateParams {
     params
 }
 
-/// Creates a CA and a broker certificate in `dir`. `broker_names` are the
-/// broker certificate's SANs (IP addresses become IP SANs); empty means
+/// Creates a CA (valid [`CA_LIFETIME`]) and a broker certificate (valid
+/// [`BROKER_LIFETIME`]) in `dir`. `broker_names` are the broker
+/// certificate's SANs (IP addresses become IP SANs); empty means
 /// [`DEFAULT_BROKER_NAMES`]. Refuses to overwrite an existing CA.
 pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
     let ca_cert_path = dir.join(CA_CERT);
@@ -103,22 +165,10 @@ pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
 
     let ca_key = KeyPair::generate()?;
-    let ca = ca_params().self_signed(&ca_key)?;
-
-    let names: Vec<String> = if broker_names.is_empty() {
-        DEFAULT_BROKER_NAMES.iter().map(|s| s.to_string()).collect()
-    } else {
-        broker_names.to_vec()
-    };
-    let mut params = CertificateParams::new(names)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "ferry-broker");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.use_authority_key_identifier_extension = true;
-    let broker_key = KeyPair::generate()?;
-    let broker = params.signed_by(&broker_key, &ca, &ca_key)?;
+    let mut params = ca_params();
+    Validity::starting_now(CA_LIFETIME).apply(&mut params)?;
+    let ca = params.self_signed(&ca_key)?;
+    let (broker, broker_key) = broker_certificate(&ca, &ca_key, broker_names)?;
 
     // The key first with create_new: two racing `pki init`s cannot both win.
     write_file(&ca_key_path, &ca_key.serialize_pem(), true, true)?;
@@ -131,6 +181,120 @@ pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
     )?;
     write_file(&dir.join(BROKER_CERT), &broker.pem(), false, false)?;
     Ok(())
+}
+
+/// A new broker key and certificate signed by `ca`, valid [`BROKER_LIFETIME`].
+fn broker_certificate(
+    ca: &rcgen::Certificate,
+    ca_key: &KeyPair,
+    broker_names: &[String],
+) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
+    let names: Vec<String> = if broker_names.is_empty() {
+        DEFAULT_BROKER_NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        broker_names.to_vec()
+    };
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "ferry-broker");
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    Validity::starting_now(BROKER_LIFETIME).apply(&mut params)?;
+    let broker_key = KeyPair::generate()?;
+    let broker = params.signed_by(&broker_key, ca, ca_key)?;
+    Ok((broker, broker_key))
+}
+
+/// Re-issues the broker's key and certificate from the CA in `dir` (the
+/// rotation of a broker certificate that nears its end): `broker_names`, or
+/// when empty the names of the current broker certificate (the defaults if
+/// there is none). Agents keep trusting it: same CA. The broker uses it
+/// from its next start.
+pub fn issue_broker(dir: &Path, broker_names: &[String]) -> Result<Vec<String>, PkiError> {
+    let ca = load_ca(dir)?;
+    let names = if broker_names.is_empty() {
+        current_broker_names(&dir.join(BROKER_CERT))?
+    } else {
+        broker_names.to_vec()
+    };
+    let (broker, broker_key) = broker_certificate(&ca.cert, &ca.key, &names)?;
+    // Each file replaced whole (temporary file, rename), the key first.
+    replace_file(&dir.join(BROKER_KEY), &broker_key.serialize_pem(), true)?;
+    replace_file(&dir.join(BROKER_CERT), &broker.pem(), false)?;
+    Ok(if names.is_empty() {
+        DEFAULT_BROKER_NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        names
+    })
+}
+
+/// The DNS and IP names of the broker certificate at `path`; none when
+/// there is no such file.
+fn current_broker_names(path: &Path) -> Result<Vec<String>, PkiError> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let der = load_certs(path)?.remove(0);
+    let bad = |message: String| PkiError::BadPem {
+        path: path.to_path_buf(),
+        message,
+    };
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| bad(e.to_string()))?;
+    let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| bad(e.to_string()))?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut names = Vec::new();
+    for name in &san.value.general_names {
+        match name {
+            GeneralName::DNSName(d) => names.push((*d).to_owned()),
+            GeneralName::IPAddress(ip) => match ip.len() {
+                4 => names.push(
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                        .to_string(),
+                ),
+                16 => names.push(
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                        .to_string(),
+                ),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    Ok(names)
+}
+
+/// Replaces `path` whole: a temporary file beside it (created exclusively,
+/// 0600 for secrets), fsync, rename.
+fn replace_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    write_file(&tmp, contents, secret, true)?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+}
+
+/// The CA of `dir`, ready to sign.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pem: String,
+}
+
+fn load_ca(dir: &Path) -> Result<Ca, PkiError> {
+    let pem = read_text(&dir.join(CA_CERT))?;
+    let key = KeyPair::from_pem(&read_text(&dir.join(CA_KEY))?)?;
+    let cert = CertificateParams::from_ca_cert_pem(&pem)?.self_signed(&key)?;
+    Ok(Ca { cert, key, pem })
 }
 
 /// SHA-256 fingerprint of the (first) certificate in the PEM file at
@@ -153,13 +317,31 @@ pub fn fingerprint(path: &Path) -> Result<String, PkiError> {
 
 /// Issues a client certificate for one resource, signed by the CA in `dir`:
 /// CN and the only SAN (DNS) are the resource id, extended key usage
-/// clientAuth. Writes `agent.pem`, `agent-key.pem` (0600) and `ca.pem` to `out`.
-pub fn issue_agent(dir: &Path, resource: &ResourceId, out: &Path) -> Result<(), PkiError> {
-    let ca_pem = read_text(&dir.join(CA_CERT))?;
-    let ca_key_pem = read_text(&dir.join(CA_KEY))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+/// clientAuth, bounded by `validity`. Writes `agent.pem`, `agent-key.pem`
+/// (0600) and `ca.pem` to `out`.
+pub fn issue_agent(
+    dir: &Path,
+    resource: &ResourceId,
+    out: &Path,
+    validity: Validity,
+) -> Result<(), PkiError> {
+    let ca = load_ca(dir)?;
+    let key = KeyPair::generate()?;
+    let cert = sign_agent(&ca, resource, &key, validity)?;
+    std::fs::create_dir_all(out).map_err(io_err("create directory", out))?;
+    write_file(&out.join(AGENT_KEY), &key.serialize_pem(), true, false)?;
+    write_file(&out.join(AGENT_CERT), &cert, false, false)?;
+    write_file(&out.join(CA_CERT), &ca.pem, false, false)?;
+    Ok(())
+}
 
+/// An agent certificate (PEM) for `resource` with `public_key`.
+fn sign_agent(
+    ca: &Ca,
+    resource: &ResourceId,
+    public_key: &impl PublicKeyData,
+    validity: Validity,
+) -> Result<String, PkiError> {
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::DnsName(resource.as_str().try_into()?)];
     params
@@ -168,14 +350,50 @@ pub fn issue_agent(dir: &Path, resource: &ResourceId, out: &Path) -> Result<(), 
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    validity.apply(&mut params)?;
+    Ok(params.signed_by(public_key, &ca.cert, &ca.key)?.pem())
+}
 
-    std::fs::create_dir_all(out).map_err(io_err("create directory", out))?;
-    write_file(&out.join(AGENT_KEY), &key.serialize_pem(), true, false)?;
-    write_file(&out.join(AGENT_CERT), &cert.pem(), false, false)?;
-    write_file(&out.join(CA_CERT), &ca_pem, false, false)?;
-    Ok(())
+/// Which names a certificate signing request may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CsrNames {
+    /// Any: the certificate names the resource whatever the request says
+    /// (enrollment, where the token decides the resource).
+    Ignored,
+    /// None, or exactly the resource as its one DNS name (renewal over the
+    /// link: a request for another name is refused).
+    OnlyResource,
+}
+
+/// A client certificate (PEM) for `resource` with the public key of the
+/// signing request `csr_der` (its signature checked), signed by the CA in
+/// `pki_dir` as [`issue_agent`] makes them. A bad request is
+/// [`PkiError::Csr`]; anything else is the broker's own problem.
+pub fn issue_from_csr(
+    pki_dir: &Path,
+    resource: &ResourceId,
+    csr_der: &[u8],
+    names: CsrNames,
+    validity: Validity,
+) -> Result<String, PkiError> {
+    let csr = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+    let csr = CertificateSigningRequestParams::from_der(&csr)
+        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    if names == CsrNames::OnlyResource {
+        let asked = &csr.params.subject_alt_names;
+        let only_resource = match asked.as_slice() {
+            [] => true,
+            [SanType::DnsName(d)] => d.as_str() == resource.as_str(),
+            _ => false,
+        };
+        if !only_resource {
+            return Err(PkiError::Csr(format!(
+                "it asks for names {asked:?}; this connection's certificate is for {resource}"
+            )));
+        }
+    }
+    let ca = load_ca(pki_dir)?;
+    sign_agent(&ca, resource, &csr.public_key, validity)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -353,18 +571,54 @@ pub fn resource_from_cert(der: &[u8]) -> Result<ResourceId, PkiError> {
     }
 }
 
-/// The resource named by the client certificate of a QUIC connection.
-pub fn peer_resource(conn: &quinn::Connection) -> Result<ResourceId, PkiError> {
+/// What the broker reads of an agent certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateInfo {
+    pub resource: ResourceId,
+    /// When it was issued: the time its serial number carries, else its
+    /// `notBefore` (certificates issued before serials carried the time).
+    pub issued: UnixMillis,
+    pub not_after: UnixMillis,
+}
+
+/// The resource, issue time and end of an agent certificate.
+pub fn certificate_info(der: &[u8]) -> Result<CertificateInfo, PkiError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let resource = resource_from_cert(der)?;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| PkiError::PeerCertificate(format!("cannot parse: {e}")))?;
+    let validity = cert.validity();
+    let ms = |t: x509_parser::time::ASN1Time| UnixMillis(t.timestamp().saturating_mul(1000));
+    let issued =
+        certs::issued_at_from_serial(cert.raw_serial()).unwrap_or_else(|| ms(validity.not_before));
+    Ok(CertificateInfo {
+        resource,
+        issued,
+        not_after: ms(validity.not_after),
+    })
+}
+
+/// [`certificate_info`] of the client certificate of a QUIC connection.
+pub fn peer_certificate(conn: &quinn::Connection) -> Result<CertificateInfo, PkiError> {
+    certificate_info(peer_leaf(conn)?.as_ref())
+}
+
+fn peer_leaf(conn: &quinn::Connection) -> Result<CertificateDer<'static>, PkiError> {
     let identity = conn
         .peer_identity()
         .ok_or_else(|| PkiError::PeerCertificate("no client certificate".into()))?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| PkiError::PeerCertificate("unexpected peer identity type".into()))?;
-    let leaf = chain
+    chain
         .first()
-        .ok_or_else(|| PkiError::PeerCertificate("empty certificate chain".into()))?;
-    resource_from_cert(leaf.as_ref())
+        .cloned()
+        .ok_or_else(|| PkiError::PeerCertificate("empty certificate chain".into()))
+}
+
+/// The resource named by the client certificate of a QUIC connection.
+pub fn peer_resource(conn: &quinn::Connection) -> Result<ResourceId, PkiError> {
+    resource_from_cert(peer_leaf(conn)?.as_ref())
 }
 
 #[cfg(test)]
@@ -374,6 +628,10 @@ mod tests {
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
+    }
+
+    fn month() -> Validity {
+        Validity::starting_now(DEFAULT_AGENT_LIFETIME)
     }
 
     #[test]
@@ -397,7 +655,7 @@ mod tests {
         let pki = tmp.path().join("pki");
         init(&pki, &[]).expect("init");
         let out = tmp.path().join("agent");
-        issue_agent(&pki, &rid("host-1"), &out).expect("issue");
+        issue_agent(&pki, &rid("host-1"), &out, month()).expect("issue");
 
         let mode = |p: PathBuf| {
             use std::os::unix::fs::PermissionsExt;
@@ -432,7 +690,7 @@ mod tests {
         let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         init(&a, &[]).expect("init a");
         init(&b, &[]).expect("init b");
-        issue_agent(&b, &rid("host-1"), &tmp.path().join("out")).expect("issue");
+        issue_agent(&b, &rid("host-1"), &tmp.path().join("out"), month()).expect("issue");
         let leaf = load_certs(&tmp.path().join("out").join(AGENT_CERT))
             .expect("cert")
             .remove(0);
@@ -491,5 +749,145 @@ mod tests {
             .self_signed(&key)
             .expect("cert");
         assert!(resource_from_cert(upper.der()).is_err());
+    }
+
+    #[test]
+    fn lifetimes_are_bounded_and_the_serial_carries_the_issue_time() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pki = tmp.path().join("pki");
+        init(&pki, &[]).expect("init");
+        let now = crate::clock::now_millis();
+        let life = |path: &Path| {
+            let der = load_certs(path).expect("cert").remove(0);
+            let (_, cert) = x509_parser::prelude::FromDer::from_der(der.as_ref()).expect("parse");
+            let cert: x509_parser::certificate::X509Certificate<'_> = cert;
+            let v = cert.validity();
+            (
+                v.not_before.timestamp() * 1000,
+                v.not_after.timestamp() * 1000,
+            )
+        };
+        let day = 86_400_000;
+        let (ca_from, ca_to) = life(&pki.join(CA_CERT));
+        assert!(ca_to - now.0 > 3_650 * day && ca_to - now.0 <= 3_653 * day);
+        assert!(now.0 - ca_from >= 3_599_000, "an hour early for clock skew");
+        let (_, broker_to) = life(&pki.join(BROKER_CERT));
+        assert!(broker_to - now.0 > 729 * day && broker_to - now.0 <= 731 * day);
+
+        let out = tmp.path().join("agent");
+        let validity = Validity::starting_now(Duration::from_secs(7 * 86_400));
+        issue_agent(&pki, &rid("host-1"), &out, validity).expect("issue");
+        let der = load_certs(&out.join(AGENT_CERT)).expect("cert").remove(0);
+        let info = certificate_info(der.as_ref()).expect("info");
+        assert_eq!(info.resource, rid("host-1"));
+        assert_eq!(info.issued, validity.issued, "to the millisecond");
+        assert_eq!(
+            info.not_after.0,
+            (validity.issued.0 + 7 * day).div_euclid(1000) * 1000
+        );
+    }
+
+    #[test]
+    fn an_expired_agent_certificate_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pki = tmp.path().join("pki");
+        init(&pki, &[]).expect("init");
+        let out = tmp.path().join("agent");
+        // Issued two hours ago for one hour.
+        let validity = Validity {
+            issued: UnixMillis(crate::clock::now_millis().0 - 7_200_000),
+            lifetime: Duration::from_secs(3600),
+        };
+        issue_agent(&pki, &rid("host-1"), &out, validity).expect("issue");
+        let leaf = load_certs(&out.join(AGENT_CERT)).expect("cert").remove(0);
+        let verifier = client_verifier(&pki.join(CA_CERT)).expect("verifier");
+        let err = verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .expect_err("expired");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
+                    | rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::ExpiredContext { .. }
+                    )
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_renewal_request_for_another_name_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        init(tmp.path(), &[]).expect("init");
+        let key = KeyPair::generate().expect("key");
+        let csr = |names: Vec<String>| {
+            CertificateParams::new(names)
+                .expect("params")
+                .serialize_request(&key)
+                .expect("csr")
+                .der()
+                .to_vec()
+        };
+        let validity = Validity::starting_now(Duration::from_secs(60));
+        let other = csr(vec!["host-2".into()]);
+        let refused = issue_from_csr(
+            tmp.path(),
+            &rid("host-1"),
+            &other,
+            CsrNames::OnlyResource,
+            validity,
+        );
+        assert!(matches!(refused, Err(PkiError::Csr(_))), "{refused:?}");
+        // Enrollment ignores the names: the token decides.
+        issue_from_csr(
+            tmp.path(),
+            &rid("host-1"),
+            &other,
+            CsrNames::Ignored,
+            validity,
+        )
+        .expect("enrollment");
+        for names in [vec![], vec!["host-1".to_string()]] {
+            let pem = issue_from_csr(
+                tmp.path(),
+                &rid("host-1"),
+                &csr(names),
+                CsrNames::OnlyResource,
+                validity,
+            )
+            .expect("renewal");
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+            assert_eq!(
+                certificate_info(der.as_ref()).expect("info").issued,
+                validity.issued
+            );
+        }
+        assert!(matches!(
+            issue_from_csr(
+                tmp.path(),
+                &rid("host-1"),
+                b"junk",
+                CsrNames::Ignored,
+                validity
+            ),
+            Err(PkiError::Csr(_))
+        ));
+    }
+
+    #[test]
+    fn the_broker_certificate_is_reissued_with_its_names() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        init(tmp.path(), &["broker.example".into(), "10.0.0.1".into()]).expect("init");
+        let before = std::fs::read(tmp.path().join(BROKER_KEY)).expect("key");
+        let names = issue_broker(tmp.path(), &[]).expect("reissue");
+        assert_eq!(names, vec!["broker.example".to_string(), "10.0.0.1".into()]);
+        assert_ne!(
+            std::fs::read(tmp.path().join(BROKER_KEY)).expect("key"),
+            before
+        );
+        server_config(tmp.path()).expect("the new files load");
+        let renamed = issue_broker(tmp.path(), &["b2.example".into()]).expect("rename");
+        assert_eq!(renamed, vec!["b2.example".to_string()]);
     }
 }

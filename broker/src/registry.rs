@@ -76,6 +76,8 @@ struct Entry {
     conn_id: u64,
     /// Cancelled when a newer connection of the same resource registers.
     superseded: CancellationToken,
+    /// Cancelled when the operator revokes the resource.
+    revoked: CancellationToken,
     /// The connection task's command inbox.
     commands: mpsc::Sender<CommandRequest>,
     live: LiveResource,
@@ -159,6 +161,7 @@ impl Registry {
                 Entry {
                     conn_id,
                     superseded,
+                    revoked: CancellationToken::new(),
                     commands,
                     live: LiveResource {
                         available: true,
@@ -175,6 +178,26 @@ impl Registry {
         if let Some(old) = old {
             old.superseded.cancel();
         }
+    }
+
+    /// What tells connection `conn_id` of `resource` that the operator
+    /// revoked it ([`Registry::revoke`]); already cancelled when that
+    /// connection is no longer the resource's current one.
+    pub fn revocation_signal(&self, resource: &ResourceId, conn_id: u64) -> CancellationToken {
+        self.peek(|map| match map.get(resource) {
+            Some(e) if e.conn_id == conn_id => e.revoked.clone(),
+            _ => {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            }
+        })
+    }
+
+    /// Tells the live connection of `resource`, if any, that it is revoked
+    /// (it closes at once); answers whether there was one.
+    pub fn revoke(&self, resource: &ResourceId) -> bool {
+        self.peek(|map| map.get(resource).map(|e| e.revoked.cancel()).is_some())
     }
 
     /// Forgets the connection, if it is still the resource's current one;

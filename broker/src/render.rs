@@ -140,6 +140,70 @@ fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.into()
 }
 
+/// `resources list` with the operator's revocations: each resource's
+/// `revoked` (its revocation, or null), then the revoked resources that
+/// never registered.
+pub fn resources_revoked_json(
+    rs: &[ResourceInfo],
+    revocations: &[ferry_common::admin::RevocationInfo],
+) -> Value {
+    let revocation = |r: &ferry_common::admin::RevocationInfo| {
+        json!({
+            "revoked_before": rfc3339(r.revoked_before),
+            "at": rfc3339(r.at),
+            "reason": r.reason,
+        })
+    };
+    let mut out = Vec::new();
+    let Value::Array(listed) = resources_json(rs) else {
+        return Value::Null;
+    };
+    for (mut value, info) in listed.into_iter().zip(rs) {
+        let revoked = revocations.iter().find(|v| v.resource == info.resource);
+        if let Value::Object(map) = &mut value {
+            map.insert(
+                "revoked".into(),
+                revoked.map(revocation).unwrap_or(Value::Null),
+            );
+        }
+        out.push(value);
+    }
+    for r in revocations {
+        if !rs.iter().any(|i| i.resource == r.resource) {
+            out.push(json!({ "resource": r.resource.as_str(), "revoked": revocation(r) }));
+        }
+    }
+    Value::Array(out)
+}
+
+/// [`resources_table`] with a REVOKED column: when certificates issued
+/// before stop working, or `-`; revoked resources that never registered
+/// follow.
+pub fn resources_revoked_table(
+    rs: &[ResourceInfo],
+    revocations: &[ferry_common::admin::RevocationInfo],
+) -> String {
+    let mut text = resources_table(rs);
+    let revoked: Vec<Vec<String>> = revocations
+        .iter()
+        .map(|r| {
+            vec![
+                r.resource.to_string(),
+                format!(
+                    "certificates issued before {}",
+                    rfc3339_secs(r.revoked_before)
+                ),
+                r.reason.clone(),
+            ]
+        })
+        .collect();
+    if !revoked.is_empty() {
+        text.push('\n');
+        text.push_str(&table(&["REVOKED", "REFUSED", "REASON"], &revoked));
+    }
+    text
+}
+
 pub fn resources_table(rs: &[ResourceInfo]) -> String {
     let rows: Vec<Vec<String>> = rs
         .iter()

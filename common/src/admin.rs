@@ -178,6 +178,19 @@ pub enum AdminRequestV1 {
     /// or all (`ferryctl ota list`). Answered by
     /// [`AdminResponseV1::OtaUpdatesAndSchedules`].
     OtaListWithSchedules { group: Option<GroupName> },
+    // ---- certificates (issue 14) ----
+    /// Revoke a host: every certificate of `resource` issued until now is
+    /// refused from now on (also after a restart), its live connection is
+    /// closed at once, and it cannot renew. A certificate issued later
+    /// (`ferryctl pki issue-agent`) admits it again. `reason` is recorded
+    /// (empty: none given). Answered by `Done`.
+    ResourceRevoke {
+        resource: ResourceId,
+        reason: String,
+    },
+    /// [`AdminRequestV1::ListResources`] with the operator's revocations.
+    /// Answered by [`AdminResponseV1::ResourcesWithRevocations`].
+    ListResourcesWithRevocations,
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -254,6 +267,24 @@ pub enum AdminResponseV1 {
         updates: Vec<OtaUpdateInfo>,
         schedules: Vec<OtaScheduleInfo>,
     },
+    // ---- certificates (issue 14) ----
+    /// `resources list`: every resource, and every revocation (also of
+    /// resources that never registered), by resource.
+    ResourcesWithRevocations {
+        resources: Vec<ResourceInfo>,
+        revocations: Vec<RevocationInfo>,
+    },
+}
+
+/// An operator's revocation of a host (`ferryctl resources revoke`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationInfo {
+    pub resource: ResourceId,
+    /// Certificates of the resource issued before this are refused.
+    pub revoked_before: UnixMillis,
+    /// When the operator revoked it.
+    pub at: UnixMillis,
+    pub reason: String,
 }
 
 /// A usage report with each resource's amount (a new struct: [`UsageReport`]
@@ -1546,5 +1577,37 @@ mod tests {
             let bytes = frame::encode_payload(&AdminResponse::V1(resp)).expect("encode");
             assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
         }
+    }
+
+    #[test]
+    fn golden_certificate_requests_and_answers() {
+        let revoke = AdminRequest::V1(AdminRequestV1::ResourceRevoke {
+            resource: "h1".parse().expect("id"),
+            reason: "r".into(),
+        });
+        let bytes = frame::encode_payload(&revoke).expect("encode");
+        assert_eq!(hex(&bytes), "002c0268310172");
+        assert_eq!(
+            frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
+            revoke
+        );
+        let list = AdminRequest::V1(AdminRequestV1::ListResourcesWithRevocations);
+        let bytes = frame::encode_payload(&list).expect("encode");
+        assert_eq!(hex(&bytes), "002d");
+        let answer = AdminResponse::V1(AdminResponseV1::ResourcesWithRevocations {
+            resources: vec![],
+            revocations: vec![RevocationInfo {
+                resource: "h1".parse().expect("id"),
+                revoked_before: UnixMillis(1000),
+                at: UnixMillis(1000),
+                reason: "r".into(),
+            }],
+        });
+        let bytes = frame::encode_payload(&answer).expect("encode");
+        assert_eq!(hex(&bytes), "00160001026831fbd007fbd0070172");
+        assert_eq!(
+            frame::decode_payload::<AdminResponse>(&bytes).expect("decode"),
+            answer
+        );
     }
 }

@@ -55,6 +55,11 @@ pub enum AgentToBroker {
     /// update): `Hello::agent_version` and `Hello::image_version` are frozen
     /// at connect.
     Inventory(Inventory),
+    /// A certificate signing request (DER) for a new key of this host, sent
+    /// when the agent's certificate has a third of its lifetime left.
+    /// Answered by `BrokerToAgent::Renewal`; the agent uses the new
+    /// certificate from its next connection.
+    Renew { csr_der: Vec<u8> },
 }
 
 /// What a host runs.
@@ -136,6 +141,18 @@ pub enum BrokerToAgent {
     /// `Welcome`. The agent keeps it on disk and verifies session tickets
     /// with it, also while the broker is unreachable.
     TicketKey { public_key: Vec<u8> },
+    /// The answer to `AgentToBroker::Renew`.
+    Renewal(RenewalOutcome),
+}
+
+/// How the broker answered a renewal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RenewalOutcome {
+    /// The new certificate (PEM), for the key of the request.
+    Issued { cert_pem: String },
+    /// Not now, and why; the agent tries again later while its certificate
+    /// is valid.
+    Failed { message: String },
 }
 
 /// The agent's registration.
@@ -336,6 +353,10 @@ pub enum RefusalCode {
     StoreUnavailable,
     /// The broker is shutting down; reconnect later.
     ShuttingDown,
+    /// The certificate was issued before the host was revoked (`ferryctl
+    /// resources revoke`) or before its name was enrolled anew: the host
+    /// needs a new certificate from the operator.
+    Revoked,
 }
 
 #[cfg(test)]
@@ -527,6 +548,47 @@ mod tests {
             frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
             msg
         );
+    }
+
+    #[test]
+    fn golden_renewal() {
+        let msg = AgentMessage::V1(AgentToBroker::Renew {
+            csr_der: vec![0x30, 0x01],
+        });
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "0007023001");
+        assert_eq!(
+            frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+        for (outcome, golden) in [
+            (
+                RenewalOutcome::Issued {
+                    cert_pem: "c".into(),
+                },
+                "0005000163",
+            ),
+            (
+                RenewalOutcome::Failed {
+                    message: "m".into(),
+                },
+                "000501016d",
+            ),
+        ] {
+            let msg = BrokerMessage::V1(BrokerToAgent::Renewal(outcome));
+            let bytes = frame::encode_payload(&msg).expect("encode");
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
+                msg
+            );
+        }
+        let msg = BrokerMessage::V1(BrokerToAgent::Refused(Refusal {
+            code: RefusalCode::Revoked,
+            message: String::new(),
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "00030700");
     }
 
     #[test]

@@ -494,7 +494,12 @@ fn identities(pki_dir: &Path, out: &Path, n: usize) -> Result<Vec<Identity>> {
         .map(|i| {
             let resource: ResourceId = format!("bench-{i:04}").parse()?;
             let dir = out.join(resource.as_str());
-            pki::issue_agent(pki_dir, &resource, &dir)?;
+            pki::issue_agent(
+                pki_dir,
+                &resource,
+                &dir,
+                pki::Validity::starting_now(pki::DEFAULT_AGENT_LIFETIME),
+            )?;
             let config = pki::client_config(
                 &dir.join(pki::CA_CERT),
                 Some((&dir.join(pki::AGENT_CERT), &dir.join(pki::AGENT_KEY))),

@@ -94,11 +94,21 @@ impl TestBroker {
         dir: &Path,
         groups: ferry_broker::config::GroupsConfig,
     ) -> anyhow::Result<TestBroker> {
+        Self::start_tuned(dir, groups, |_| {}).await
+    }
+
+    /// Like [`TestBroker::start_with_groups`], with the configuration
+    /// changed by `tune` before the start (e.g. a short certificate lifetime).
+    pub async fn start_tuned(
+        dir: &Path,
+        groups: ferry_broker::config::GroupsConfig,
+        tune: impl FnOnce(&mut BrokerConfig),
+    ) -> anyhow::Result<TestBroker> {
         let pki_dir = dir.join("pki");
         if !pki_dir.join(pki::CA_CERT).exists() {
             pki::init(&pki_dir, &[]).context("create test PKI")?;
         }
-        let config = BrokerConfig {
+        let mut config = BrokerConfig {
             state_dir: dir.join("state"),
             pki_dir,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -106,8 +116,10 @@ impl TestBroker {
             health_interval: TEST_HEALTH_INTERVAL,
             missed_health_limit: 3,
             shutdown_grace: Duration::from_secs(5),
+            agent_cert_lifetime: ferry_broker::pki::DEFAULT_AGENT_LIFETIME,
             groups,
         };
+        tune(&mut config);
         let mut broker = TestBroker {
             dir: dir.to_owned(),
             agent_addr: config.listen,
@@ -230,7 +242,13 @@ impl TestBroker {
         let out = self.dir.join("agents").join(resource).join("id");
         let id: ResourceId = resource.parse().context("resource id")?;
         if !out.join(pki::AGENT_CERT).exists() {
-            pki::issue_agent(self.pki_dir(), &id, &out).context("issue agent certificate")?;
+            pki::issue_agent(
+                self.pki_dir(),
+                &id,
+                &out,
+                pki::Validity::starting_now(pki::DEFAULT_AGENT_LIFETIME),
+            )
+            .context("issue agent certificate")?;
         }
         Ok(AgentIdentity::in_dir(&out))
     }

@@ -482,6 +482,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
         health_interval: Duration::from_millis(500),
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),
+        agent_cert_lifetime: ferry_broker::pki::DEFAULT_AGENT_LIFETIME,
         groups: GroupsConfig {
             retention: Duration::from_secs(86_400),
             notify_command: vec!["/bin/sh".into(), hook.display().to_string()],

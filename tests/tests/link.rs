@@ -341,7 +341,12 @@ async fn a_certificate_from_another_ca_never_connects() -> anyhow::Result<()> {
     let rogue_pki = tmp.path().join("rogue-pki");
     pki::init(&rogue_pki, &[])?;
     let out = tmp.path().join("rogue-id");
-    pki::issue_agent(&rogue_pki, &"host-a".parse()?, &out)?;
+    pki::issue_agent(
+        &rogue_pki,
+        &"host-a".parse()?,
+        &out,
+        pki::Validity::starting_now(pki::DEFAULT_AGENT_LIFETIME),
+    )?;
     let identity = AgentIdentity {
         ca_cert: broker.pki_dir().join(pki::CA_CERT),
         ..AgentIdentity::in_dir(&out)

@@ -641,7 +641,7 @@ fn install_reinstall_remove_and_purge_in_a_throwaway_root() -> anyhow::Result<()
             assert!(!root.exists(home.trim_start_matches('/')), "{home} created");
         }
         let agent_gid = account(&root, "etc/group", AGENT_USER)?.context("agent group")?[2].clone();
-        assert_eq!(root.stat("etc/ferry/agent")?, format!("0:{agent_gid} 750"));
+        assert_eq!(root.stat("etc/ferry/agent")?, format!("0:{agent_gid} 770"));
         if has_systemctl {
             for unit in ["ferry-agent.service", "ferry-broker.service"] {
                 let link = root.path(&format!(

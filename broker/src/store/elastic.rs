@@ -403,13 +403,16 @@ impl Store {
 
     /// Marks the token of hash `token_hash` used at `now` if it is still
     /// unused and unexpired, and then writes the `enrolled` event `message`
-    /// of group `num`, in one transaction. False: the token was used
-    /// meanwhile (or expired).
+    /// of group `num` and raises the certificate floor of the token's
+    /// resource to `issued` (the new certificate's issue time: every earlier
+    /// certificate of that name is refused), in one transaction. False: the
+    /// token was used meanwhile (or expired).
     pub async fn use_enroll_token(
         &self,
         token_hash: String,
         num: i64,
         now: UnixMillis,
+        issued: UnixMillis,
         message: String,
     ) -> Result<bool, StoreError> {
         self.exec(move |c| {
@@ -420,6 +423,19 @@ impl Store {
             )?;
             if n == 1 {
                 super::groups::event(c, num, now, "enrolled", &message)?;
+                let resource: String = c.query_row(
+                    "SELECT resource FROM enroll_tokens WHERE token_hash = ?1",
+                    [&token_hash],
+                    |r| r.get(0),
+                )?;
+                super::revocations::raise_floor(
+                    c,
+                    &resource,
+                    issued,
+                    now,
+                    "enrolled anew with a one-time token",
+                    false,
+                )?;
             }
             Ok(n == 1)
         })

@@ -328,6 +328,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE users ADD COLUMN token_expires_at INTEGER;
     "#,
+    // Certificates (issue 14, `store::revocations`): per resource, every
+    // certificate issued before `revoked_before_ms` is refused. Set by the
+    // operator's `resources revoke` (`by_operator` 1) and by the enrollment
+    // of a name (0), which leaves keys of an earlier machine of that name
+    // worthless.
+    r#"
+    CREATE TABLE revocations (
+        resource TEXT PRIMARY KEY,
+        revoked_before_ms INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        by_operator INTEGER NOT NULL CHECK (by_operator IN (0, 1))
+    );
+    "#,
 ];
 
 /// Applies every migration the store has not seen, each in its own

@@ -39,6 +39,7 @@ pub(crate) mod elastic;
 mod group_live;
 mod groups;
 mod migrations;
+mod revocations;
 mod sessions;
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,7 @@ pub use group_live::{
 };
 pub use groups::{GroupRecord, GroupStatus, GroupsBatch, GroupsTx, NewGroup, NewOrder, OutboxRow};
 use migrations::migrate;
+pub use revocations::RevocationRecord;
 pub mod rollouts;
 pub use sessions::{
     end_reason_text, end_session_by_broker, RecordOutcome, Registered, Registration, SequenceGap,

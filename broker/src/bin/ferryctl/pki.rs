@@ -30,7 +30,26 @@ pub(crate) enum PkiCmd {
         resource: String,
         #[arg(long)]
         out: PathBuf,
+        /// Days the certificate is valid (the agent renews it over the link
+        /// when a third is left).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=366))]
+        days: u32,
         /// Replace an existing key in --out without asking.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Re-issue the broker's certificate and key from the CA in --dir (for
+    /// two years), keeping its names unless --broker-name is given. Agents
+    /// keep working (same CA); restart the broker to use it. Asks first on a
+    /// terminal; elsewhere it needs --yes.
+    IssueBroker {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name (DNS or IP) agents use to reach the broker; repeatable.
+        /// Default: the names of the current broker certificate.
+        #[arg(long = "broker-name")]
+        broker_names: Vec<String>,
+        /// Replace the broker's key without asking.
         #[arg(long, short = 'y')]
         yes: bool,
     },
@@ -43,9 +62,48 @@ pub(crate) fn run(cmd: PkiCmd, json: bool) -> anyhow::Result<String> {
             dir,
             resource,
             out,
+            days,
             yes,
-        } => issue_agent(&dir, &resource, &out, yes, json),
+        } => issue_agent(&dir, &resource, &out, days, yes, json),
+        PkiCmd::IssueBroker {
+            dir,
+            broker_names,
+            yes,
+        } => issue_broker(&dir, &broker_names, yes, json),
     }
+}
+
+/// `pki issue-broker`: a new broker key and certificate from the same CA.
+fn issue_broker(
+    dir: &Path,
+    broker_names: &[String],
+    yes: bool,
+    json: bool,
+) -> anyhow::Result<String> {
+    if dir.join(pki::BROKER_KEY).exists() && !yes {
+        confirm(
+            &format!(
+                "replace the broker key and certificate in {} (the broker uses the new ones \
+                 from its next start)?",
+                dir.display()
+            ),
+            "pki issue-broker",
+        )?;
+    }
+    let names = pki::issue_broker(dir, broker_names).context("pki issue-broker")?;
+    let files = [
+        ("broker_cert", dir.join(pki::BROKER_CERT), true),
+        ("broker_key", dir.join(pki::BROKER_KEY), false),
+    ];
+    output(
+        json,
+        &format!(
+            "issued a broker certificate for {} in {}; restart the broker to use it",
+            names.join(", "),
+            dir.display()
+        ),
+        &files,
+    )
 }
 
 /// `pki init`: the CA, the broker's certificate and the broker's ticket and
@@ -75,6 +133,7 @@ fn issue_agent(
     dir: &Path,
     resource: &str,
     out: &Path,
+    days: u32,
     yes: bool,
     json: bool,
 ) -> anyhow::Result<String> {
@@ -90,7 +149,9 @@ fn issue_agent(
             "pki issue-agent",
         )?;
     }
-    pki::issue_agent(dir, &resource, out).context("pki issue-agent")?;
+    let lifetime = std::time::Duration::from_secs(u64::from(days) * 86_400);
+    pki::issue_agent(dir, &resource, out, pki::Validity::starting_now(lifetime))
+        .context("pki issue-agent")?;
     let files = [
         ("cert", out.join(pki::AGENT_CERT), true),
         ("key", out.join(pki::AGENT_KEY), false),
@@ -98,7 +159,10 @@ fn issue_agent(
     ];
     output(
         json,
-        &format!("issued certificate for {resource} in {}", out.display()),
+        &format!(
+            "issued certificate for {resource} in {}, valid {days} days",
+            out.display()
+        ),
         &files,
     )
 }

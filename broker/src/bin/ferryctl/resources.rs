@@ -13,6 +13,19 @@ pub(crate) enum ResourcesCmd {
     Drain { resource: String },
     /// Take sessions on a resource again.
     Undrain { resource: String },
+    /// Revoke a host: its certificates issued until now are refused (also
+    /// after a restart), its live connection is closed at once and it cannot
+    /// renew. A certificate issued afterwards (`pki issue-agent`) admits it
+    /// again. Asks first on a terminal; elsewhere it needs --yes.
+    Revoke {
+        resource: String,
+        /// Recorded with the revocation.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Revoke without asking.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -29,7 +42,24 @@ pub(crate) enum SessionsCmd {
 /// The admin request of a `resources` verb.
 pub(crate) fn resources_request(cmd: ResourcesCmd) -> anyhow::Result<AdminRequestV1> {
     Ok(match cmd {
-        ResourcesCmd::List => AdminRequestV1::ListResources,
+        ResourcesCmd::List => AdminRequestV1::ListResourcesWithRevocations,
+        ResourcesCmd::Revoke {
+            resource,
+            reason,
+            yes,
+        } => {
+            let resource: ferry_common::ResourceId = resource.parse()?;
+            if !yes {
+                crate::confirm::confirm(
+                    &format!(
+                        "revoke {resource}? Its certificates stop working now and its \
+                         connection is closed; it needs a new certificate to come back"
+                    ),
+                    "resources revoke",
+                )?;
+            }
+            AdminRequestV1::ResourceRevoke { resource, reason }
+        }
         ResourcesCmd::Drain { resource } => AdminRequestV1::Drain {
             resource: resource.parse()?,
         },

@@ -9,6 +9,13 @@ pub(crate) fn show(resp: AdminResponseV1, json: bool) -> String {
     let (value, table) = match resp {
         AdminResponseV1::Status(s) => (render::status_json(&s), render::status_table(&s)),
         AdminResponseV1::Resources(r) => (render::resources_json(&r), render::resources_table(&r)),
+        AdminResponseV1::ResourcesWithRevocations {
+            resources,
+            revocations,
+        } => (
+            render::resources_revoked_json(&resources, &revocations),
+            render::resources_revoked_table(&resources, &revocations),
+        ),
         AdminResponseV1::Sessions(s) => (render::sessions_json(&s), render::sessions_table(&s)),
         AdminResponseV1::Done { message } => (
             serde_json::json!({ "message": message }),

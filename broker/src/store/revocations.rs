@@ -1,0 +1,135 @@
+//! Certificate floors: per resource, every certificate issued before
+//! `revoked_before_ms` is refused (`revocations`). An operator's
+//! `resources revoke` sets it to the time of the revocation; the enrollment
+//! of a name through a token sets it to the new certificate's issue time,
+//! so a key an earlier machine of the same name kept is worthless. The
+//! floor only ever moves up. The rule (refuse at the link, refuse renewal)
+//! is the link's; this door keeps the rows.
+
+use ferry_common::{ResourceId, UnixMillis};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{columns, Store, StoreError};
+
+/// One operator revocation, as `resources list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevocationRecord {
+    pub resource: ResourceId,
+    /// Certificates issued before this are refused.
+    pub revoked_before: UnixMillis,
+    pub at: UnixMillis,
+    pub reason: String,
+}
+
+/// Raises the floor of `resource` to `before` (never lowers it) and
+/// records who set it last, in the caller's transaction.
+pub(super) fn raise_floor(
+    c: &Connection,
+    resource: &str,
+    before: UnixMillis,
+    at: UnixMillis,
+    reason: &str,
+    by_operator: bool,
+) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "INSERT INTO revocations (resource, revoked_before_ms, at, reason, by_operator)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (resource) DO UPDATE SET
+             revoked_before_ms = MAX(revoked_before_ms, excluded.revoked_before_ms),
+             at = excluded.at, reason = excluded.reason, by_operator = excluded.by_operator",
+    )?
+    .execute(params![
+        resource,
+        before.0,
+        at.0,
+        reason,
+        i64::from(by_operator)
+    ])?;
+    Ok(())
+}
+
+impl Store {
+    /// The operator revokes `resource`: its certificates issued before
+    /// `before` are refused from now on. Recorded as a `revoked` event of
+    /// the group the resource last registered with, when that group is
+    /// still there. Answers whether the broker knew the resource.
+    pub async fn revoke(
+        &self,
+        resource: &ResourceId,
+        before: UnixMillis,
+        at: UnixMillis,
+        reason: String,
+    ) -> Result<bool, StoreError> {
+        let resource = resource.to_string();
+        self.exec(move |c| {
+            raise_floor(c, &resource, before, at, &reason, true)?;
+            let group: Option<Option<String>> = c
+                .query_row(
+                    "SELECT grp FROM resources WHERE resource = ?1",
+                    [&resource],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let num: Option<i64> = match group.as_ref().and_then(|g| g.as_deref()) {
+                Some(g) => c
+                    .query_row(
+                        "SELECT num FROM groups WHERE name = ?1 AND status != 'gone'",
+                        [g],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                None => None,
+            };
+            if let Some(num) = num {
+                let message = format!(
+                    "revoked: certificates of {resource} issued before now are refused ({reason})"
+                );
+                super::groups::event(c, num, at, "revoked", &message)?;
+            }
+            Ok(group.is_some())
+        })
+        .await
+    }
+
+    /// The floor of `resource`: certificates issued before it are refused.
+    pub async fn revoked_before(
+        &self,
+        resource: &ResourceId,
+    ) -> Result<Option<UnixMillis>, StoreError> {
+        let resource = resource.to_string();
+        self.read(move |c| {
+            Ok(c.query_row(
+                "SELECT revoked_before_ms FROM revocations WHERE resource = ?1",
+                [resource],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(UnixMillis))
+        })
+        .await
+    }
+
+    /// Every operator revocation, by resource.
+    pub async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT resource, revoked_before_ms, at, reason FROM revocations
+                 WHERE by_operator = 1 ORDER BY resource",
+            )?;
+            let rows = stmt
+                .query_map([], columns::<(String, i64, i64, String)>)?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(resource, before, at, reason)| {
+                    Ok(RevocationRecord {
+                        resource: super::parse_id(resource, "revoked resource")?,
+                        revoked_before: UnixMillis(before),
+                        at: UnixMillis(at),
+                        reason,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+}
