@@ -16,7 +16,7 @@ use ferry_common::admin::{
     AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec, PolicySpec, SessionType,
 };
 use ferry_common::{ResourceId, SessionId, UnixMillis};
-use ferry_tests::admin::{agent_of, live, publish, wait_events};
+use ferry_tests::admin::{agent_of, live, of_kind, publish, wait_events};
 use ferry_tests::bins::bin;
 use ferry_tests::harness::{
     init_logging, whole_second_now, AgentIdentity, TestAgent, TestBroker, PATIENCE,
@@ -186,8 +186,8 @@ async fn a_revoked_host_is_cut_off_at_once_stays_refused_after_a_restart_and_a_n
     init_logging();
     let dir = tempfile::tempdir()?;
     let mut broker = TestBroker::start(dir.path()).await?;
-    let mut agent = TestAgent::start(&broker, "h1").await?;
-    agent.wait_synced().await?;
+    publish(&broker, spec("rg")).await?;
+    let mut agent = agent_of(&broker, "h1", "rg").await?;
     let identity = broker.issue_identity("h1")?;
 
     let answer = broker
@@ -210,6 +210,12 @@ async fn a_revoked_host_is_cut_off_at_once_stays_refused_after_a_restart_and_a_n
         })
         .await?;
     assert!(!status.connected);
+    let evs = wait_events(&broker, "rg", "revoked", 1).await?;
+    let revoked = of_kind(&evs, "revoked");
+    assert!(
+        revoked[0].message.contains("h1") && revoked[0].message.contains("laptop stolen"),
+        "{revoked:?}"
+    );
     wait_listing(&broker, "listed as revoked", |rs, revoked| {
         rs.iter().any(|r| r.resource == rid("h1") && !r.connected)
             && revoked
