@@ -814,3 +814,62 @@ async fn admin_drain_and_disconnect_go_through_the_agent() {
     assert_eq!(e.code, AdminErrorCode::NotConnected);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn renewal_issues_for_the_links_resource_only_and_not_once_revoked() {
+    use rustls::pki_types::pem::PemObject;
+    let b = start(Duration::from_secs(10), 3).await;
+    let mut a = b.agent("host-1").await;
+    a.welcome("host-1", 1).await;
+    let csr = |names: Vec<String>| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        rcgen::CertificateParams::new(names)
+            .expect("params")
+            .serialize_request(&key)
+            .expect("csr")
+            .der()
+            .to_vec()
+    };
+
+    // A request for another name fails; the connection goes on.
+    a.send(AgentToBroker::Renew {
+        csr_der: csr(vec!["host-2".into()]),
+    })
+    .await;
+    assert!(
+        matches!(
+            a.recv().await,
+            Some(BrokerToAgent::Renewal(
+                ferry_common::wire::RenewalOutcome::Failed { .. }
+            ))
+        ),
+        "another name is not renewed"
+    );
+    a.send(AgentToBroker::Renew {
+        csr_der: csr(vec!["host-1".into()]),
+    })
+    .await;
+    let Some(BrokerToAgent::Renewal(ferry_common::wire::RenewalOutcome::Issued { cert_pem })) =
+        a.recv().await
+    else {
+        panic!("expected a renewed certificate");
+    };
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("pem");
+    let info = pki::certificate_info(der.as_ref()).expect("info");
+    assert_eq!(info.resource, rid("host-1"));
+    assert!((info.not_after.0 - info.issued.0 - 30 * 86_400_000).abs() < 1000);
+
+    // Revoked since this connection's certificate was issued (the registry
+    // not told, so the connection is still up): the renewal closes it.
+    let now = crate::clock::now_millis();
+    b.store
+        .revoke(&rid("host-1"), UnixMillis(now.0 + 1), now, "test".into())
+        .await
+        .expect("revoke");
+    a.send(AgentToBroker::Renew {
+        csr_der: csr(vec![]),
+    })
+    .await;
+    assert_eq!(a.refused().await, RefusalCode::Revoked);
+    b.stop().await;
+}
