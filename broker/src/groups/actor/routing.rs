@@ -630,6 +630,26 @@ impl Actor {
     /// A session's user disconnected or came back.
     pub(super) fn presence(&mut self, resource: &ResourceId, report: PresenceReport) {
         let session = report.session;
+        if let Some(id) = self.to_engine.get(resource).cloned() {
+            let what = match report.state {
+                Presence::Disconnected => "the user's disconnect from",
+                Presence::Reconnected => "the user's return to",
+            };
+            if self.foreign_report(&id, &session, what) {
+                return;
+            }
+        } else if self.engine.session_resource(&session).is_some() {
+            // A member with no slot in the group holds none of its sessions.
+            self.note(
+                super::sessions::IGNORED_REPORT,
+                format!(
+                    "ignored: resource {resource} reported a presence change of session \
+                     {session}, but it holds no slot in group {}",
+                    self.row.name
+                ),
+            );
+            return;
+        }
         if self.engine.session_resource(&session).is_none() && self.closed.is_none() {
             return;
         }
