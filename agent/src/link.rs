@@ -177,7 +177,7 @@ impl LinkError {
             LinkError::UnsupportedVersion { .. }
                 | LinkError::BrokerName { .. }
                 | LinkError::Refused(Refusal {
-                    code: RefusalCode::IdentityMismatch,
+                    code: RefusalCode::IdentityMismatch | RefusalCode::NotMember,
                     ..
                 })
         )
@@ -1013,6 +1013,7 @@ mod tests {
             })
         };
         assert!(refused(RefusalCode::IdentityMismatch).is_config_problem());
+        assert!(refused(RefusalCode::NotMember).is_config_problem());
         assert!(!refused(RefusalCode::ShuttingDown).is_config_problem());
         assert!(LinkError::UnsupportedVersion {
             supported: 2,

@@ -18,8 +18,8 @@ use ferry_common::admin::{
 };
 use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
-use ferry_common::wire::{Command, CommandOutcome};
-use ferry_common::{ResourceId, SessionId};
+use ferry_common::wire::{Command, CommandOutcome, Refusal, RefusalCode};
+use ferry_common::{GroupName, ResourceId, SessionId};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::groups::lifecycle::Removal;
 use crate::groups::{GroupError, Groups};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
-use crate::store::{Store, StoredSession};
+use crate::store::{Assigned, Store, StoredSession};
 use crate::usage::UsageError;
 
 /// Default admin socket path (`ferryctl --socket` and the config default).
@@ -364,6 +364,7 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Drain { resource } => drain(ctx, resource, Command::Drain, true).await,
         AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
         AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
+        AdminRequestV1::ResourcesAssign { resource, group } => assign(ctx, resource, group).await,
         AdminRequestV1::Usage(query) => usage(ctx, query).await,
         AdminRequestV1::UsageDetailed(query) => usage_detailed(ctx, query).await,
         AdminRequestV1::ListSessionsDetailed { all } => {
@@ -463,6 +464,7 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::Drain { .. }
         | AdminRequestV1::Undrain { .. }
         | AdminRequestV1::DisconnectSession { .. }
+        | AdminRequestV1::ResourcesAssign { .. }
         | AdminRequestV1::Usage(_)
         | AdminRequestV1::UsageDetailed(_)
         | AdminRequestV1::ListSessionsDetailed { .. }
@@ -645,6 +647,71 @@ async fn drain(
         ),
         Err(e) => command_error(ctx, e).await,
     }
+}
+
+/// `resources assign`: the operator puts a host in a group (or in none). A
+/// connected agent of the host is dismissed and checked against its new
+/// group when it reconnects.
+async fn assign(
+    ctx: &AdminContext,
+    resource: ResourceId,
+    group: Option<GroupName>,
+) -> AdminResponseV1 {
+    let now = ctx.groups.now();
+    let previous = match ctx
+        .store
+        .assign_resource(&resource, group.clone(), now)
+        .await
+    {
+        Ok(Assigned::Done { previous }) => previous,
+        Ok(Assigned::Provisioned { group: owner }) => {
+            return error(
+                AdminErrorCode::NotAllowed,
+                format!(
+                    "{resource} was created for group {owner} by its provisioner: it belongs to \
+                     that group until the group releases it, and cannot be assigned"
+                ),
+            )
+        }
+        Err(e) => return internal(e),
+    };
+    let target = match &group {
+        Some(g) => format!("group {g}"),
+        None => "no group".to_owned(),
+    };
+    if previous == group {
+        return AdminResponseV1::Done {
+            message: format!("{resource} is in {target} already"),
+        };
+    }
+    let mut message = match &previous {
+        Some(p) => format!("{resource} is in {target} now (it was in group {p})"),
+        None => format!("{resource} is in {target} now"),
+    };
+    let dismissed = ctx.registry.dismiss(
+        &resource,
+        Refusal {
+            code: RefusalCode::NotMember,
+            message: format!(
+                "an operator put resource {resource} in {target}: reconnect, the link is \
+                 checked against it"
+            ),
+        },
+    );
+    if dismissed {
+        message.push_str("; its agent was disconnected and joins when it reconnects");
+    }
+    if let Some(g) = &group {
+        match ctx.store.live_group(g.as_str()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => message.push_str(&format!(
+                "; group {g} does not exist yet: the host joins it once it is published"
+            )),
+            Err(e) => tracing::warn!(group = %g, "look the group up: {e}"),
+        }
+    }
+    tracing::info!("{message}");
+    AdminResponseV1::Done { message }
 }
 
 async fn disconnect(ctx: &AdminContext, session: SessionId) -> AdminResponseV1 {

@@ -41,8 +41,8 @@ use crate::endpoint::{
     WRITE_TIMEOUT,
 };
 use crate::pki;
-use crate::registry::{CommandRequest, Registry};
-use crate::store::{Registration, Store};
+use crate::registry::{CommandRequest, Dismissal, Registry};
+use crate::store::{Membership, MembershipSource, Registration, Store};
 
 /// Most agent connections served at once. A broker serves a fleet of hosts,
 /// each with one connection (two briefly while reconnecting); past this, an
@@ -215,6 +215,9 @@ struct Connection {
     group: Option<GroupName>,
     /// Commands sent and not yet answered, by id.
     pending: HashMap<u64, oneshot::Sender<CommandOutcome>>,
+    /// Set by the registry when the broker ends this connection (the host
+    /// changed group): the refusal its agent is sent.
+    dismissal: Dismissal,
     next_command: u64,
     /// Broker clock of the last message from the agent.
     last_heard: UnixMillis,
@@ -411,11 +414,16 @@ impl Connection {
             return Ok(());
         };
 
+        let group = match member_group(&ctx, &resource, hello.group.as_ref()).await {
+            Ok(group) => group,
+            Err((code, message)) => {
+                return Err(refuse(&conn, &mut send, &resource, code, message).await)
+            }
+        };
         let spool_id = hello.spool_id;
-        let group = hello.group.clone();
         let registered = match ctx
             .store
-            .register(registration(hello, ctx.clock.now()))
+            .register(registration(hello, group.clone(), ctx.clock.now()))
             .await
         {
             Ok(r) => r,
@@ -445,6 +453,7 @@ impl Connection {
             spool_id,
             group,
             pending: HashMap::new(),
+            dismissal: Dismissal::default(),
             next_command: 0,
             last_heard,
         };
@@ -474,6 +483,7 @@ impl Connection {
             self.conn_id,
             self.group.clone(),
             superseded.clone(),
+            self.dismissal.clone(),
             cmd_tx,
         );
         (superseded, commands)
@@ -581,12 +591,16 @@ impl Connection {
                         .await)
                 }
                 Wake::Superseded => {
-                    return Err(self
-                        .refuse(
-                            RefusalCode::Superseded,
-                            "a newer connection of this resource registered".into(),
-                        )
-                        .await)
+                    let dismissed = self
+                        .dismissal
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .take();
+                    let Refusal { code, message } = dismissed.unwrap_or(Refusal {
+                        code: RefusalCode::Superseded,
+                        message: "a newer connection of this resource registered".into(),
+                    });
+                    return Err(self.refuse(code, message).await);
                 }
                 Wake::Silent => self.silent(&mut health).await,
                 Wake::Command(req) => self.send_command(req).await?,
@@ -938,10 +952,59 @@ fn check_inventory(inventory: &ferry_common::wire::Inventory) -> Result<(), Stri
     Ok(())
 }
 
-fn registration(hello: Hello, now: UnixMillis) -> Registration {
+/// The group `resource` belongs to, checked against the group its `Hello`
+/// `named`: membership is the operator's decision (`ferryctl resources
+/// assign`) or the provisioner's (a resource it created for a group), never
+/// the agent's. A `Hello` naming no group joins the host's group; one
+/// naming another group, or a group for a host in none, is refused with
+/// what to do, and the named group records the attempt.
+async fn member_group(
+    ctx: &LinkContext,
+    resource: &ResourceId,
+    named: Option<&GroupName>,
+) -> Result<Option<GroupName>, (RefusalCode, String)> {
+    let membership = ctx.store.membership(resource).await.map_err(|e| {
+        (
+            RefusalCode::StoreUnavailable,
+            format!("read the host's group: {e}"),
+        )
+    })?;
+    let Some(named) = named else {
+        return Ok(membership.map(|m| m.group));
+    };
+    let message = match membership {
+        Some(m) if m.group == *named => return Ok(Some(m.group)),
+        Some(Membership {
+            group,
+            source: MembershipSource::Provisioned,
+        }) => format!(
+            "resource {resource} was created for group {group}, its Hello names group {named}: \
+             refused"
+        ),
+        Some(Membership { group, .. }) => format!(
+            "resource {resource} belongs to group {group}, its Hello names group {named}: \
+             refused (set `group = \"{group}\"` in its agent configuration, or move it with \
+             `ferryctl resources assign {resource} {named}`)"
+        ),
+        None => format!(
+            "resource {resource} is in no group, its Hello names group {named}: refused (an \
+             operator puts it there with `ferryctl resources assign {resource} {named}`)"
+        ),
+    };
+    if let Err(e) = ctx
+        .store
+        .refused_join(named, message.clone(), ctx.clock.now())
+        .await
+    {
+        tracing::warn!(%resource, group = %named, "record the refused join: {e}");
+    }
+    Err((RefusalCode::NotMember, message))
+}
+
+fn registration(hello: Hello, group: Option<GroupName>, now: UnixMillis) -> Registration {
     Registration {
         resource: hello.resource,
-        group: hello.group,
+        group,
         agent_version: truncate(hello.agent_version),
         image_version: truncate(hello.image_version),
         host: hello.host,

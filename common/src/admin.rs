@@ -178,6 +178,17 @@ pub enum AdminRequestV1 {
     /// or all (`ferryctl ota list`). Answered by
     /// [`AdminResponseV1::OtaUpdatesAndSchedules`].
     OtaListWithSchedules { group: Option<GroupName> },
+
+    // --- Trust boundaries (issue 14). ---
+    /// Put a host in a delivery group (`None`: in no group), the operator's
+    /// decision: an agent whose `Hello` names another group is refused. A
+    /// connected agent of the host is disconnected and checked again when
+    /// it reconnects. Refused for resources the provisioner created for another
+    /// group. Answered by `Done`.
+    ResourcesAssign {
+        resource: ResourceId,
+        group: Option<GroupName>,
+    },
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -1545,6 +1556,36 @@ mod tests {
         for (resp, number) in responses {
             let bytes = frame::encode_payload(&AdminResponse::V1(resp)).expect("encode");
             assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
+        }
+    }
+
+    /// The variant numbers and bytes of the trust-boundaries section.
+    #[test]
+    fn golden_trust_boundary_requests() {
+        let cases = [
+            (
+                AdminRequestV1::ResourcesAssign {
+                    resource: "h1".parse().expect("id"),
+                    group: Some("g1".parse().expect("id")),
+                },
+                "002c02683101026731",
+            ),
+            (
+                AdminRequestV1::ResourcesAssign {
+                    resource: "h1".parse().expect("id"),
+                    group: None,
+                },
+                "002c02683100",
+            ),
+        ];
+        for (req, golden) in cases {
+            let req = AdminRequest::V1(req);
+            let bytes = frame::encode_payload(&req).expect("encode");
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
+                req
+            );
         }
     }
 }

@@ -336,6 +336,10 @@ pub enum RefusalCode {
     StoreUnavailable,
     /// The broker is shutting down; reconnect later.
     ShuttingDown,
+    /// `Hello::group` is not the group the operator put this host in (or
+    /// the host is in none): the message names the group it belongs to and
+    /// the command that changes it.
+    NotMember,
 }
 
 #[cfg(test)]
@@ -512,6 +516,20 @@ mod tests {
         assert_eq!(hex(&bytes), "000502733101fbd007");
         assert_eq!(
             frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+            msg
+        );
+    }
+
+    #[test]
+    fn golden_not_member_refusal() {
+        let msg = BrokerMessage::V1(BrokerToAgent::Refused(Refusal {
+            code: RefusalCode::NotMember,
+            message: "m".into(),
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "000307016d");
+        assert_eq!(
+            frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
             msg
         );
     }

@@ -81,6 +81,7 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
     let identity = broker.issue_identity("h1")?;
     let mut config = broker.agent_config("h1", &identity)?;
     config.group = Some("idle".parse()?);
+    ferry_tests::admin::assign(&broker, "h1", "idle").await?;
     let socket = config.local_socket.clone();
     config.hooks.disconnect = Some(vec![
         agent_bin.to_string_lossy().into_owned(),
@@ -192,6 +193,7 @@ async fn a_failed_policy_is_tried_again_while_the_agent_stays_connected() -> any
     let identity = broker.issue_identity("h1")?;
     let mut config = broker.agent_config("h1", &identity)?;
     config.group = Some("retry".parse()?);
+    ferry_tests::admin::assign(&broker, "h1", "retry").await?;
     config.hooks.policy = Some(vec![
         "/bin/sh".into(),
         "-c".into(),

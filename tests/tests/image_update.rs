@@ -118,6 +118,7 @@ async fn agent(
     let identity = broker.issue_identity(resource)?;
     let mut config = broker.agent_config(resource, &identity)?;
     config.group = Some(group.parse()?);
+    ferry_tests::admin::assign(broker, resource, group).await?;
     config.image_version = image_version.into();
     let (warn, disconnect, image) = hooks(dir, resource, &config.local_socket, image_exit)?;
     config.hooks.warn = Some(warn);

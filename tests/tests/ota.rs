@@ -70,6 +70,7 @@ async fn agent(
     let identity = broker.issue_identity(resource)?;
     let mut config = broker.agent_config(resource, &identity)?;
     config.group = Some(group.parse()?);
+    ferry_tests::admin::assign(broker, resource, group).await?;
     let bin = logs.join(format!("{resource}-hooks"));
     std::fs::create_dir_all(&bin)?;
     let update = script(

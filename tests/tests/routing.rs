@@ -714,6 +714,7 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     let identity = f.broker.issue_identity("h1")?;
     let mut config = f.broker.agent_config("h1", &identity)?;
     config.group = Some("ret".parse()?);
+    ferry_tests::admin::assign(&f.broker, "h1", "ret").await?;
     config.streaming = ferry_agent::config::parse_streaming_address("stream-1.example:9000")
         .map_err(anyhow::Error::msg)?;
     config.hooks.disconnect = Some(vec![
