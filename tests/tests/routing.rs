@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError};
 use ferry_broker::clock::ManualClock;
-use ferry_broker::config::GroupsConfig;
+use ferry_broker::config::{GroupsConfig, RouteLimits};
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_broker::{pki, tickets::TICKET_TTL};
 use ferry_common::admin::{
@@ -88,11 +88,23 @@ async fn fixture(
     start: UnixMillis,
     extra_users: &[&str],
 ) -> anyhow::Result<Fixture> {
+    fixture_with(shape, agents, start, extra_users, RouteLimits::default()).await
+}
+
+/// [`fixture`] with these `[routing]` limits.
+async fn fixture_with(
+    shape: GroupShape<'_>,
+    agents: usize,
+    start: UnixMillis,
+    extra_users: &[&str],
+    routing: RouteLimits,
+) -> anyhow::Result<Fixture> {
     init_logging();
     let dir = tempfile::tempdir()?;
     let clock = ManualClock::new(start);
     let config = GroupsConfig {
         clock: clock.clock(),
+        routing,
         ..GroupsConfig::default()
     };
     let broker = TestBroker::start_with_groups(dir.path(), config).await?;
@@ -225,7 +237,9 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
 {
     let users: Vec<String> = (1..=10).map(|i| format!("u{i}")).collect();
     let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
-    let f = fixture(
+    // Ten users asking 100 times each at once: a portal's load, above the
+    // default allowance of one user (`route_limits.rs` tests that one).
+    let f = fixture_with(
         GroupShape {
             name: "burst",
             base: 20,
@@ -237,6 +251,10 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
         20,
         wall_now(),
         &[],
+        RouteLimits {
+            max_requests_per_user: 1_000,
+            ..RouteLimits::default()
+        },
     )
     .await?;
     let mut tokens = HashMap::new();
