@@ -1,6 +1,6 @@
-//! What one user may ask of the route service (issue 14): a user's
-//! allowance of reservations plus waiting requests per group and the
-//! group's waiting room, on a real broker in
+//! What one user or one address may ask of the route service (issue 14):
+//! a user's allowance of reservations plus waiting requests per group, the
+//! group's waiting room, and failed-login throttling, on a real broker in
 //! this process with real route clients (what `ferry-connect` uses).
 //!
 //! Every wait is on an answer or bounded by `PATIENCE`; the group clock is
@@ -340,6 +340,128 @@ async fn a_full_waiting_room_refuses_further_waiting_requests() -> anyhow::Resul
     .await?;
     assert_eq!(refused(heard)?, RouteRefusal::AtCapacity);
     assert_eq!(f.live("queue").await?.demand, 3);
+    tasks.abort_all();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_wrong_passwords_is_throttled_unhashed_and_the_real_user_gets_in(
+) -> anyhow::Result<()> {
+    let limits = RouteLimits::default();
+    let login = limits.login;
+    let f = fixture(
+        limits,
+        &["alice", "bob"],
+        &[group("office", 1, 0, false, &["alice", "bob"])],
+    )
+    .await?;
+    // The flood: 300 wrong passwords at once from 127.0.0.2, for alice, for
+    // bob and for users that do not exist, over three connections.
+    let mut flooders = Vec::new();
+    for _ in 0..3 {
+        flooders.push(f.client_from([127, 0, 0, 2]).await?);
+    }
+    let (tx, mut answers) = mpsc::unbounded_channel();
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..300usize {
+        let client = flooders[i % flooders.len()].clone();
+        let user = match i % 3 {
+            0 => "alice".to_owned(),
+            1 => "bob".to_owned(),
+            _ => format!("ghost{i}"),
+        };
+        let ask = ask("office", &user, &format!("guess-{i}"), false)?;
+        let tx = tx.clone();
+        flood.spawn(async move {
+            let _ = tx.send(client.route(ask, |_| {}).await);
+        });
+    }
+    drop(tx);
+    // Once the flood is answering, alice logs in from her own address with
+    // her password: admitted, her account under attack notwithstanding.
+    let first = tokio::time::timeout(PATIENCE, answers.recv())
+        .await
+        .context("the flood got no answer")?
+        .context("flood ended")??;
+    let alice = f.client_from([127, 0, 0, 1]).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let a = admitted(
+        send(
+            &mut tasks,
+            &alice,
+            ask("office", "alice", &password_of("alice"), false)?,
+        )
+        .await?,
+    )?;
+    assert_eq!(a.resource.as_str(), "office-h1");
+
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut record = |answer: RouteAnswer| -> anyhow::Result<()> {
+        match answer {
+            RouteAnswer::Refused(r) => {
+                if let RouteRefusal::Throttled { retry_after_secs } = r.reason {
+                    assert!(retry_after_secs >= 1, "{}", r.message);
+                }
+                *counts.entry(r.reason.to_string()).or_default() += 1;
+                Ok(())
+            }
+            RouteAnswer::Admitted(a) => bail!("a wrong password was admitted: {a:?}"),
+        }
+    };
+    record(first)?;
+    tokio::time::timeout(PATIENCE * 2, async {
+        while let Some(answer) = answers.recv().await {
+            record(answer?)?;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("the flood did not finish")??;
+    let checked = counts.get("bad-credentials").copied().unwrap_or(0);
+    let throttled = counts.get("throttled").copied().unwrap_or(0);
+    assert_eq!(checked + throttled, 300, "{counts:?}");
+    // Only the address's free failures plus the checks it may have in
+    // progress were hashed; everything else was answered without a check.
+    let most_checked = (login.failures_per_source + login.checks_per_source) as usize;
+    assert!(checked <= most_checked, "{counts:?}");
+
+    // Wrong passwords one by one from the flooding address reach its own
+    // limit (the burst may have been refused before it got there)...
+    let flooder = flooders[0].clone();
+    let mut tries = 0;
+    loop {
+        let heard = send(&mut tasks, &flooder, ask("office", "bob", "guess", false)?).await?;
+        match refused(heard)? {
+            RouteRefusal::BadCredentials => tries += 1,
+            RouteRefusal::Throttled { .. } => break,
+            other => bail!("unexpected {other}"),
+        }
+        assert!(tries <= login.failures_per_source, "never throttled");
+    }
+    // ... after which it is refused even with alice's right password (its
+    // credentials are not checked)...
+    let heard = send(
+        &mut tasks,
+        &flooder,
+        ask("office", "alice", &password_of("alice"), false)?,
+    )
+    .await?;
+    let Heard::Final(RouteAnswer::Refused(r)) = heard else {
+        bail!("expected throttled, got {heard:?}");
+    };
+    assert!(matches!(r.reason, RouteRefusal::Throttled { .. }), "{r:?}");
+    assert!(r.message.contains("retry in"), "{}", r.message);
+    // ... while bob, from his own address, logs in at once.
+    let bob = f.client_from([127, 0, 0, 3]).await?;
+    let heard = send(
+        &mut tasks,
+        &bob,
+        ask("office", "bob", &password_of("bob"), false)?,
+    )
+    .await?;
+    // The one host is alice's: bob is checked and finds no room.
+    assert_eq!(refused(heard)?, RouteRefusal::AtCapacity);
+    flood.abort_all();
     tasks.abort_all();
     Ok(())
 }
