@@ -898,7 +898,7 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     let ca = files.pki_dir.join(pki::CA_CERT);
     let addr = broker.agent_addr.to_string();
     let program = bin("ferry-connect");
-    let connect = || {
+    let connect_with = |pw: std::path::PathBuf| {
         let args: Vec<std::ffi::OsString> = vec![
             "--broker".into(),
             addr.clone().into(),
@@ -911,11 +911,12 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
             "--user".into(),
             "alice".into(),
             "--password-file".into(),
-            pw.clone().into(),
+            pw.into(),
             "--json".into(),
         ];
         run(&program, args)
     };
+    let connect = || connect_with(pw.clone());
     let out = connect().await?;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -940,6 +941,34 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["admitted"], false, "{v}");
     assert_eq!(v["reason"], "at-capacity", "{v}");
+
+    // Wrong passwords until the throttle answers (its delay doubles from
+    // 1 s, so within a few tries it outlasts a process start): refused,
+    // exit 2, with the reason and when to retry.
+    let wrong = tmp.path().join("wrong.pw");
+    std::fs::write(&wrong, "not-her-password\n")?;
+    let mut tries = 0;
+    let v = loop {
+        let out = connect_with(wrong.clone()).await?;
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if v["reason"] != "bad-credentials" {
+            break v;
+        }
+        tries += 1;
+        assert!(tries < 20, "never throttled");
+    };
+    assert_eq!(v["reason"], "throttled", "{v}");
+    assert!(
+        v["retry_after_secs"].as_u64().is_some_and(|s| s >= 1),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("retry in")),
+        "{v}"
+    );
     Ok(())
 }
 
