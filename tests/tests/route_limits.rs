@@ -8,10 +8,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_broker::clock::ManualClock;
-use ferry_broker::config::{GroupsConfig, RouteLimits};
+use ferry_broker::config::{GroupsConfig, LoginLimits, RouteLimits};
 use ferry_broker::pki;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_common::admin::{
@@ -347,7 +348,15 @@ async fn a_full_waiting_room_refuses_further_waiting_requests() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_wrong_passwords_is_throttled_unhashed_and_the_real_user_gets_in(
 ) -> anyhow::Result<()> {
-    let limits = RouteLimits::default();
+    // Delays long enough that none runs out during the test.
+    let limits = RouteLimits {
+        login: LoginLimits {
+            first_delay: Duration::from_secs(60),
+            max_delay: Duration::from_secs(600),
+            ..LoginLimits::default()
+        },
+        ..RouteLimits::default()
+    };
     let login = limits.login;
     let f = fixture(
         limits,
@@ -425,12 +434,19 @@ async fn a_flood_of_wrong_passwords_is_throttled_unhashed_and_the_real_user_gets
     let most_checked = (login.failures_per_source + login.checks_per_source) as usize;
     assert!(checked <= most_checked, "{counts:?}");
 
-    // Wrong passwords one by one from the flooding address reach its own
+    // Wrong passwords one by one from the flooding address, each for a new
+    // user (so only the address's count can refuse them), reach its own
     // limit (the burst may have been refused before it got there)...
     let flooder = flooders[0].clone();
     let mut tries = 0;
     loop {
-        let heard = send(&mut tasks, &flooder, ask("office", "bob", "guess", false)?).await?;
+        let nobody = format!("nobody{tries}");
+        let heard = send(
+            &mut tasks,
+            &flooder,
+            ask("office", &nobody, "guess", false)?,
+        )
+        .await?;
         match refused(heard)? {
             RouteRefusal::BadCredentials => tries += 1,
             RouteRefusal::Throttled { .. } => break,

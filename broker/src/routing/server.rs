@@ -336,7 +336,7 @@ async fn check_request(
     let attempt = match inner.throttle.begin(user, source, password) {
         Ok(attempt) => attempt,
         Err(t) => {
-            tracing::info!(%user, %source, by_user = t.by_user, "route: login throttled");
+            tracing::debug!(%user, %source, by_user = t.by_user, "route: login throttled");
             let secs = t.retry_after_secs();
             return Err(refusal(
                 RouteRefusal::Throttled {
@@ -355,11 +355,22 @@ async fn check_request(
         }
     };
     let checked = inner.groups.authenticate(user, credential).await;
-    attempt.finish(match &checked {
+    let counted = attempt.source();
+    let delays = attempt.finish(match &checked {
         Ok(()) => Outcome::Success,
         Err(AuthError::BadCredentials) => Outcome::Failure,
         Err(_) => Outcome::Undecided,
     });
+    // Once per failure past a limit (the throttle keeps those few).
+    if let Some(d) = delays.source {
+        tracing::warn!(source = %counted, failures = d.failures,
+            "login throttle: requests from this address are refused for {} ms", d.delay.as_millis());
+    }
+    if let Some(d) = delays.user {
+        tracing::warn!(%user, failures = d.failures,
+            "login throttle: user's logins from addresses that failed are refused for {} ms",
+            d.delay.as_millis());
+    }
     if let Err(e) = checked {
         tracing::info!(%user, %source, "route: credentials refused: {e}");
         return Err(refusal(RouteRefusal::BadCredentials, BAD_CREDENTIALS));

@@ -87,6 +87,21 @@ impl Throttled {
     }
 }
 
+/// A delay a failure started (for the broker's log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delay {
+    /// Failures counted, this one included.
+    pub failures: u32,
+    pub delay: Duration,
+}
+
+/// The delays one failure started: the address's, the user's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delays {
+    pub source: Option<Delay>,
+    pub user: Option<Delay>,
+}
+
 /// One user's or one address's record.
 #[derive(Clone, Debug, Default)]
 struct Entry {
@@ -120,15 +135,21 @@ impl Entry {
     }
 
     /// Counts a failure at `now`; from the `free`th one on, a delay of
-    /// `first` doubling per further failure, at most `max`.
-    fn fail(&mut self, now: u64, free: u32, first: u64, max: u64) {
+    /// `first` doubling per further failure, at most `max`. The delay it
+    /// set, if it set one.
+    fn fail(&mut self, now: u64, free: u32, first: u64, max: u64) -> Option<Delay> {
         self.failures = self.failures.saturating_add(1);
         self.last_failure = now;
-        if self.failures >= free {
-            let doublings = (self.failures - free).min(40);
-            let delay = first.saturating_mul(1u64 << doublings).min(max);
-            self.blocked_until = self.blocked_until.max(now.saturating_add(delay));
+        if self.failures < free {
+            return None;
         }
+        let doublings = (self.failures - free).min(40);
+        let delay = first.saturating_mul(1u64 << doublings).min(max);
+        self.blocked_until = self.blocked_until.max(now.saturating_add(delay));
+        Some(Delay {
+            failures: self.failures,
+            delay: Duration::from_millis(delay),
+        })
     }
 }
 
@@ -267,7 +288,7 @@ impl LoginThrottle {
         password: bool,
         outcome: Outcome,
         now: u64,
-    ) {
+    ) -> Delays {
         let (first, max) = (ms(self.limits.first_delay), ms(self.limits.max_delay));
         let seq = self.next_seq();
         let s = self.sources.touch(&source, seq);
@@ -275,13 +296,17 @@ impl LoginThrottle {
             s.in_flight = s.in_flight.saturating_sub(1);
         }
         match outcome {
-            Outcome::Undecided => {}
-            Outcome::Success => self.users.remove(user),
+            Outcome::Undecided => Delays::default(),
+            Outcome::Success => {
+                self.users.remove(user);
+                Delays::default()
+            }
             Outcome::Failure => {
-                s.fail(now, self.limits.failures_per_source, first, max);
+                let source = s.fail(now, self.limits.failures_per_source, first, max);
                 let seq = self.next_seq();
                 let free = self.limits.failures_per_user;
-                self.users.touch(user, seq).fail(now, free, first, max);
+                let user = self.users.touch(user, seq).fail(now, free, first, max);
+                Delays { source, user }
             }
         }
     }
@@ -346,24 +371,31 @@ impl Throttle {
 
 impl Attempt {
     /// Records how the check ended.
-    pub fn finish(mut self, outcome: Outcome) {
-        self.end(outcome);
+    /// Records how the check ended; the delays it started.
+    pub fn finish(mut self, outcome: Outcome) -> Delays {
+        self.end(outcome)
     }
 
-    fn end(&mut self, outcome: Outcome) {
-        if !self.done {
-            self.done = true;
-            let now = self.throttle.now();
-            self.throttle
-                .lock()
-                .finish(&self.user, self.source, self.password, outcome, now);
+    /// The address the check came from, as counted ([`source_key`]).
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+
+    fn end(&mut self, outcome: Outcome) -> Delays {
+        if self.done {
+            return Delays::default();
         }
+        self.done = true;
+        let now = self.throttle.now();
+        self.throttle
+            .lock()
+            .finish(&self.user, self.source, self.password, outcome, now)
     }
 }
 
 impl Drop for Attempt {
     fn drop(&mut self) {
-        self.end(Outcome::Undecided);
+        let _ = self.end(Outcome::Undecided);
     }
 }
 
@@ -400,7 +432,7 @@ mod tests {
         now: u64,
     ) -> Result<(), Throttled> {
         t.begin(&user(u), ip(src), true, now)?;
-        t.finish(&user(u), ip(src), true, outcome, now);
+        let _ = t.finish(&user(u), ip(src), true, outcome, now);
         Ok(())
     }
 
@@ -449,7 +481,7 @@ mod tests {
         for _ in 0..10 {
             t.begin(&a, src, false, 0).expect("a token check");
         }
-        t.finish(&a, src, true, Outcome::Undecided, 0);
+        let _ = t.finish(&a, src, true, Outcome::Undecided, 0);
         t.begin(&a, src, true, 0).expect("a slot is free again");
     }
 
@@ -572,5 +604,33 @@ mod tests {
         t.begin(&user("a"), ip("10.0.0.1"), true)
             .expect("free again")
             .finish(Outcome::Success);
+        // The fifth failure from one address starts its delay, the third of
+        // one user the user's.
+        let mut started = Delays::default();
+        for i in 0..5 {
+            started = t
+                .begin(&user(if i < 3 { "a" } else { "b" }), ip("10.0.0.9"), true)
+                .expect("under the limits")
+                .finish(Outcome::Failure);
+            if i == 2 {
+                assert_eq!(
+                    started.user,
+                    Some(Delay {
+                        failures: 3,
+                        delay: Duration::from_secs(1)
+                    })
+                );
+            }
+        }
+        assert_eq!(
+            started,
+            Delays {
+                source: Some(Delay {
+                    failures: 5,
+                    delay: Duration::from_secs(1)
+                }),
+                user: None,
+            }
+        );
     }
 }
