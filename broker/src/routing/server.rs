@@ -323,8 +323,9 @@ async fn decide(
 }
 
 /// The checks before a request reaches the group's actor, in order: the
-/// login throttle, the credentials, that the group exists, that the user is assigned to it and
-/// that its status takes sessions. The group's facts, or the refusal.
+/// login throttle, the credentials, that the group exists, that the user is
+/// assigned to it and that its status takes sessions. The group's facts, or
+/// the refusal.
 async fn check_request(
     inner: &Inner,
     source: IpAddr,
