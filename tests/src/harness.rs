@@ -254,6 +254,7 @@ impl TestBroker {
             state_dir: home.join("state"),
             policy_file: home.join("state").join("policy.json"),
             local_socket: home.join("agent.sock"),
+            local_idle_timeout: ferry_agent::local::DEFAULT_IDLE_TIMEOUT,
             image_version: "test-image".into(),
             hooks: HooksConfig::default(),
             streaming: ferry_agent::config::default_streaming(),
