@@ -103,6 +103,7 @@ impl TestBroker {
             pki_dir,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_socket: dir.join("admin.sock"),
+            admin_group: None,
             health_interval: TEST_HEALTH_INTERVAL,
             missed_health_limit: 3,
             shutdown_grace: Duration::from_secs(5),
