@@ -39,6 +39,9 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Path of the admin Unix socket (created with mode 0660).
     pub admin_socket: PathBuf,
+    /// Group (name or gid) whose members may use the admin socket besides
+    /// root and the broker's user; `None`: the broker's own group.
+    pub admin_group: Option<String>,
     /// How often agents send health, told to them in `Welcome`.
     pub health_interval: Duration,
     /// Consecutive missed health intervals after which a resource is unavailable.
@@ -312,6 +315,7 @@ struct RawConfig {
     pki_dir: PathBuf,
     listen: String,
     admin_socket: PathBuf,
+    admin_group: Option<String>,
     health_interval: String,
     missed_health_limit: i64,
     shutdown_grace: String,
@@ -333,6 +337,7 @@ impl Default for RawConfig {
             pki_dir: PathBuf::from("/var/lib/ferry/pki"),
             listen: "0.0.0.0:7443".into(),
             admin_socket: PathBuf::from("/run/ferry/admin.sock"),
+            admin_group: None,
             health_interval: "10s".into(),
             missed_health_limit: 3,
             shutdown_grace: "10s".into(),
@@ -424,6 +429,16 @@ impl BrokerConfig {
             pki_dir: raw.pki_dir,
             listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             admin_socket: raw.admin_socket,
+            admin_group: raw.admin_group.filter(|g| {
+                let ok = !g.trim().is_empty() && !g.contains(':');
+                if !ok {
+                    errors.push(format!(
+                        "admin_group: {g:?} is not a group name or gid (leave it out for the \
+                         broker's own group)"
+                    ));
+                }
+                ok
+            }),
             health_interval: d.health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
             missed_health_limit: missed_health_limit.unwrap_or(1),
             shutdown_grace: d.shutdown_grace.unwrap_or(Duration::ZERO),
@@ -982,6 +997,14 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_group_defaults_to_the_brokers_own_and_must_be_a_name() {
+        let c = BrokerConfig::from_toml("").expect("defaults");
+        assert_eq!(c.admin_group, None);
+        let err = BrokerConfig::from_toml(r#"admin_group = "a:b""#).expect_err("invalid");
+        assert!(err.to_string().contains("admin_group"), "{err}");
+    }
+
+    #[test]
     fn a_full_file_parses() {
         let c = BrokerConfig::from_toml(
             r#"
@@ -989,6 +1012,7 @@ mod tests {
             pki_dir = "/tmp/p"
             listen = "127.0.0.1:0"
             admin_socket = "/tmp/a.sock"
+            admin_group = "ferry-ops"
             health_interval = "250ms"
             missed_health_limit = 5
             shutdown_grace = "2s"
@@ -1005,6 +1029,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.health_interval_ms(), 250);
+        assert_eq!(c.admin_group.as_deref(), Some("ferry-ops"));
         assert_eq!(c.missed_health_limit, 5);
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
         assert_eq!(c.groups.retention, Duration::from_secs(3600));

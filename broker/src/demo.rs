@@ -343,6 +343,7 @@ async fn run_in(
         pki_dir: pki_dir.clone(),
         listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),
         admin_socket: root.join("admin.sock"),
+        admin_group: None,
         health_interval: Duration::from_secs(2),
         missed_health_limit: 3,
         // Room for the provisioner to stop its agents one by one.

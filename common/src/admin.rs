@@ -950,6 +950,10 @@ pub enum AdminErrorCode {
     Invalid,
     /// It already exists (a group name, a user id).
     Conflict,
+    /// The peer's credentials do not allow the admin socket (not root, not
+    /// the broker's user, not in the admin group); the message says which
+    /// group to join.
+    Forbidden,
 }
 
 /// A group's live state as its actor holds it (`group show`).
@@ -1111,6 +1115,12 @@ mod tests {
         }));
         let bytes = frame::encode_payload(&refused).expect("encode");
         assert_eq!(hex(&bytes), "0004080178");
+        let forbidden = AdminResponse::V1(AdminResponseV1::Error(AdminError {
+            code: AdminErrorCode::Forbidden,
+            message: "x".into(),
+        }));
+        let bytes = frame::encode_payload(&forbidden).expect("encode");
+        assert_eq!(hex(&bytes), "00040b0178");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! or bounded by `PATIENCE`; no sleeps.
 
 use anyhow::Context;
+use ferry_agent::local::StartProof;
 use ferry_broker::pki;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_common::admin::{AdminRequestV1, Secret, UserSpec};
@@ -112,7 +113,9 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
         RouteAnswer::Refused(r) => anyhow::bail!("refused ({}): {}", r.reason, r.message),
     };
     let mut local = h1.client().await?;
-    let started = local.session_start(session.clone(), uid("alice")).await?;
+    let started = local
+        .session_start(session.clone(), uid("alice"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
 
     // The streaming server: no input for 2 s already, over the 1 s limit.

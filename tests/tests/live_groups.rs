@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
 use ferry_broker::engine::billing::{billed_seconds, per_second_amount, round_line};
@@ -70,7 +70,7 @@ fn rows(l: &LiveGroupView) -> Vec<(String, String, bool, Vec<String>)> {
 }
 
 async fn start(c: &mut LocalClient, session: &str) -> anyhow::Result<()> {
-    c.session_start(sid(session), uid("alice"))
+    c.session_start(sid(session), uid("alice"), StartProof::Trusted)
         .await
         .with_context(|| format!("start {session}"))?;
     Ok(())

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferry_agent::local::StartProof;
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError};
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::{GroupsConfig, RouteLimits};
@@ -181,7 +182,8 @@ impl Fixture {
     async fn start_session(&self, a: &Admission, user: &str) -> anyhow::Result<()> {
         let agent = self.agent(a.resource.as_str())?;
         let mut c = agent.client().await?;
-        c.session_start(a.session.clone(), uid(user)).await?;
+        c.session_start(a.session.clone(), uid(user), StartProof::Trusted)
+            .await?;
         agent.wait_synced().await?;
         Ok(())
     }
@@ -226,7 +228,8 @@ fn refusal(answer: RouteAnswer) -> anyhow::Result<(RouteRefusal, String)> {
 async fn key_ready(agent: &TestAgent) -> anyhow::Result<()> {
     let mut c = agent.client().await?;
     let s: ferry_common::SessionId = format!("warm-{}", agent.config().resource).parse()?;
-    c.session_start(s.clone(), uid("warm")).await?;
+    c.session_start(s.clone(), uid("warm"), StartProof::Trusted)
+        .await?;
     c.session_end(s, EndReason::Logout).await?;
     agent.wait_synced().await?;
     Ok(())
@@ -314,7 +317,7 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
         f.agent(a.resource.as_str())?
             .client()
             .await?
-            .session_start(a.session.clone(), uid(user))
+            .session_start(a.session.clone(), uid(user), StartProof::Trusted)
             .await?;
     }
     for agent in &f.agents {
