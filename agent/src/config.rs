@@ -52,6 +52,9 @@ pub struct AgentConfig {
     pub policy_file: PathBuf,
     /// Unix socket the host's streaming server reports sessions on.
     pub local_socket: PathBuf,
+    /// How long a local connection may be silent, stall in a request or
+    /// leave its answer unread before it is closed (`local_idle_timeout`).
+    pub local_idle_timeout: Duration,
     /// Version of the image the host runs, reported in `Hello`.
     pub image_version: String,
     /// Commands the agent runs on the broker's behalf.
@@ -173,6 +176,7 @@ struct RawConfig {
     state_dir: PathBuf,
     policy_file: Option<PathBuf>,
     local_socket: PathBuf,
+    local_idle_timeout: Option<String>,
     image_version: String,
     hooks: RawHooks,
     /// `host:port` or `:port` of the host's streaming server.
@@ -208,6 +212,7 @@ impl Default for RawConfig {
             state_dir: "/var/lib/ferry-agent".into(),
             policy_file: None,
             local_socket: "/run/ferry-agent/agent.sock".into(),
+            local_idle_timeout: None,
             image_version: "unknown".into(),
             hooks: RawHooks::default(),
             streaming_address: None,
@@ -275,6 +280,12 @@ impl RawConfig {
         self.check_enroll_token(&mut problems);
         let (timeout, update_timeout) = self.hooks.timeouts(&mut problems);
         let streaming = self.streaming(&mut problems);
+        let local_idle_timeout = hook_timeout(
+            "local_idle_timeout",
+            self.local_idle_timeout.as_deref(),
+            crate::local::DEFAULT_IDLE_TIMEOUT,
+            &mut problems,
+        );
         let policy_file = self
             .policy_file
             .unwrap_or_else(|| self.state_dir.join("policy.json"));
@@ -290,6 +301,7 @@ impl RawConfig {
                 state_dir: self.state_dir,
                 policy_file,
                 local_socket: self.local_socket,
+                local_idle_timeout,
                 image_version: self.image_version,
                 hooks: HooksConfig {
                     disconnect: self.hooks.disconnect,
@@ -468,7 +480,8 @@ impl RawHooks {
     }
 }
 
-/// A hook timeout: `text` parsed, more than 0, else `default` and a problem.
+/// A timeout (a hook's, the local socket's): `text` parsed, more than 0,
+/// else `default` and a problem.
 fn hook_timeout(
     name: &str,
     text: Option<&str>,
@@ -708,7 +721,8 @@ mod tests {
                 "broker_addr (line 3): invalid type: integer `7443`, expected a string",
                 "broker_nam (line 4): unknown key (known keys here: resource, group, \
                  broker_addr, broker_name, ca_cert, cert, key, state_dir, policy_file, \
-                 local_socket, image_version, hooks, streaming_address, enroll_token)",
+                 local_socket, local_idle_timeout, image_version, hooks, streaming_address, \
+                 enroll_token)",
                 "hooks.timeout (line 7): invalid type: integer `30`, expected a string",
                 "hooks.disconect (line 8): unknown key (known keys here: disconnect, policy, \
                  timeout, image, update, warn, update_timeout)",

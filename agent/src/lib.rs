@@ -142,6 +142,7 @@ pub async fn run(
             tickets: tickets.clone(),
             presence: presence.clone(),
             enforcer,
+            idle_timeout: config.local_idle_timeout,
         },
         shutdown.child_token(),
         tracker.clone(),

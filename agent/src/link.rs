@@ -179,7 +179,9 @@ impl LinkError {
             LinkError::UnsupportedVersion { .. }
                 | LinkError::BrokerName { .. }
                 | LinkError::Refused(Refusal {
-                    code: RefusalCode::IdentityMismatch | RefusalCode::Revoked,
+                    code: RefusalCode::IdentityMismatch
+                        | RefusalCode::NotMember
+                        | RefusalCode::Revoked,
                     ..
                 })
         )
@@ -1137,6 +1139,7 @@ mod tests {
             })
         };
         assert!(refused(RefusalCode::IdentityMismatch).is_config_problem());
+        assert!(refused(RefusalCode::NotMember).is_config_problem());
         assert!(!refused(RefusalCode::ShuttingDown).is_config_problem());
         assert!(LinkError::UnsupportedVersion {
             supported: 2,

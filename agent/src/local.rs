@@ -6,6 +6,20 @@
 //! only after the event is fsync'd in the spool, so a caller that sees
 //! `Recorded` knows the event survives a crash of the agent or the host.
 //! The socket is created with mode 0660: the owning group may report.
+//!
+//! What a member of that group can and cannot do:
+//!
+//! * A session start is accepted only for a session the broker admitted: a
+//!   ticket for that session and user was verified on this host
+//!   (`VerifyTicket`, [`crate::ticket`]), or the request carries the ticket,
+//!   or it says it is trusted ([`StartProof::Trusted`]), which only root and
+//!   the agent's own user may (checked with `SO_PEERCRED`): the operator's
+//!   path and PAM mode. So a local process cannot report sessions for users
+//!   the broker never admitted.
+//! * A connection that sends nothing, stalls in the middle of a request or
+//!   does not read its answer for [`DEFAULT_IDLE_TIMEOUT`] (`local_idle_timeout`)
+//!   is closed, so idle clients cannot hold the [`MAX_LOCAL_CONNECTIONS`]
+//!   slots; a new connection waits for a free slot.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +44,11 @@ use crate::LinkStatus;
 
 /// Mode of the socket file: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
+
+/// How long a local connection may be silent (before or inside a request)
+/// or leave its answer unread before it is closed. Clients send their
+/// request right after connecting; a minute covers any pause of a busy host.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Envelope of a request on the local socket; a `V2` can be added beside it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,6 +101,28 @@ pub enum Request {
     /// link is down (nothing will be acknowledged soon), or after
     /// `timeout_ms`, whichever comes first; the caller reads `acked_seq`.
     WaitAcked { seq: u64, timeout_ms: u64 },
+    /// A session started on this host now, with what shows the broker
+    /// admitted it. (`SessionStart` is this with
+    /// [`StartProof::VerifiedTicket`].)
+    SessionStartWith {
+        session: SessionId,
+        user: UserId,
+        proof: StartProof,
+    },
+}
+
+/// Why the agent should believe a session start. Append-only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartProof {
+    /// A ticket for this session and user was verified on this host
+    /// (`ferry-agent ticket verify`) and has not expired (plus a grace).
+    VerifiedTicket,
+    /// The user's ticket, verified now (and marked used); it must name this
+    /// session and user.
+    Ticket(String),
+    /// The caller vouches for the session: the operator or PAM mode. Only
+    /// root and the agent's own user may (`SO_PEERCRED`).
+    Trusted,
 }
 
 /// The agent's answer.
@@ -157,6 +198,12 @@ pub enum ErrorCode {
     NoTicketKey,
     /// `SessionStart` for a session id that already ended on this host.
     EndedSession,
+    /// `SessionStart` without a ticket verified on this host for that
+    /// session and user.
+    NotVerified,
+    /// `SessionStart` said trusted from a peer that is neither root nor the
+    /// agent's user.
+    NotTrusted,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +246,32 @@ pub struct ServerState {
     /// The session-limit enforcer: idle reports, and the reason of an end
     /// it is carrying out.
     pub enforcer: crate::enforce::EnforcerHandle,
+    /// How long a connection may be silent, stall in a request or leave its
+    /// answer unread ([`DEFAULT_IDLE_TIMEOUT`] unless configured).
+    pub idle_timeout: Duration,
+}
+
+/// Who is on the other end of a local connection (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's uid, `None` when the kernel did not say.
+    pub uid: Option<u32>,
+    /// The agent's own uid.
+    pub agent_uid: u32,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        Peer {
+            uid: stream.peer_cred().ok().map(|c| c.uid()),
+            agent_uid: rustix::process::getuid().as_raw(),
+        }
+    }
+
+    /// Root and the agent's own user may say a session start is trusted.
+    pub fn may_vouch(&self) -> bool {
+        self.uid.is_some_and(|u| u == 0 || u == self.agent_uid)
+    }
 }
 
 /// A bound local socket, not yet serving.
@@ -277,20 +350,35 @@ impl LocalServer {
     }
 }
 
+/// The connection was silent, stalled or did not read for the idle timeout.
+fn idle(timeout: Duration) -> FrameError {
+    FrameError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "idle for {}: closed",
+            ferry_common::duration::format_duration(timeout)
+        ),
+    ))
+}
+
 async fn serve_connection(
     mut stream: UnixStream,
     state: ServerState,
     shutdown: CancellationToken,
 ) -> Result<(), FrameError> {
+    let peer = Peer::of(&stream);
+    let limit = state.idle_timeout;
     loop {
         // Cancelling a half-read request is fine: the connection is dropped.
         let read = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            r = read_message::<LocalRequest, _>(&mut stream, MAX_LOCAL_FRAME_LEN) => r,
+            r = tokio::time::timeout(limit, read_message::<LocalRequest, _>(&mut stream, MAX_LOCAL_FRAME_LEN)) => {
+                r.map_err(|_| idle(limit))?
+            }
         };
         let response = match read {
             Ok(None) => return Ok(()),
-            Ok(Some(LocalRequest::V1(req))) => handle(req, &state, &shutdown).await,
+            Ok(Some(LocalRequest::V1(req))) => handle(req, &state, peer, &shutdown).await,
             Err(
                 e @ (FrameError::Decode(_)
                 | FrameError::TrailingBytes(_)
@@ -305,19 +393,35 @@ async fn serve_connection(
             }
             Err(e) => return Err(e),
         };
-        write_message(
-            &mut stream,
-            &LocalResponse::V1(response),
-            MAX_LOCAL_FRAME_LEN,
+        tokio::time::timeout(
+            limit,
+            write_message(
+                &mut stream,
+                &LocalResponse::V1(response),
+                MAX_LOCAL_FRAME_LEN,
+            ),
         )
-        .await?;
+        .await
+        .map_err(|_| idle(limit))??;
     }
 }
 
 /// Answers one request: a map from each request to the function doing it.
-async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken) -> Response {
+async fn handle(
+    req: Request,
+    state: &ServerState,
+    peer: Peer,
+    shutdown: &CancellationToken,
+) -> Response {
     match req {
-        Request::SessionStart { session, user } => session_start(state, session, user).await,
+        Request::SessionStart { session, user } => {
+            session_start(state, peer, session, user, StartProof::VerifiedTicket).await
+        }
+        Request::SessionStartWith {
+            session,
+            user,
+            proof,
+        } => session_start(state, peer, session, user, proof).await,
         Request::SessionEnd { session, reason } => session_end(state, session, reason).await,
         Request::SessionDisconnected { session } => {
             presence(state, session, ferry_common::wire::Presence::Disconnected)
@@ -348,8 +452,71 @@ async fn handle(req: Request, state: &ServerState, shutdown: &CancellationToken)
     }
 }
 
-/// A session started: spooled.
-async fn session_start(state: &ServerState, session: SessionId, user: UserId) -> Response {
+/// What a refused session start should do instead.
+fn start_hint(session: &SessionId) -> String {
+    format!(
+        "verify the user's ticket with `ferry-agent ticket verify` first (then start session \
+         {session} with the session id and user it prints), pass it with `--ticket`, or, as root \
+         or the agent's user, say the session is trusted with `--trusted`"
+    )
+}
+
+/// Whether `proof` shows the broker admitted `session` of `user`: `None`
+/// when it does, the refusal otherwise.
+async fn check_start(
+    state: &ServerState,
+    peer: Peer,
+    session: &SessionId,
+    user: &UserId,
+    proof: StartProof,
+) -> Option<Response> {
+    match proof {
+        StartProof::Trusted if peer.may_vouch() => None,
+        StartProof::Trusted => {
+            Some(Response::Error {
+                code: ErrorCode::NotTrusted,
+                message: format!(
+                "{} may not start a session as trusted: only root and the agent's user (uid {}) \
+                 may; verify the user's ticket with `ferry-agent ticket verify` first, or pass \
+                 it with `--ticket`",
+                peer.uid
+                    .map_or_else(|| "a peer of unknown uid".to_owned(), |u| format!("uid {u}")),
+                peer.agent_uid
+            ),
+            })
+        }
+        StartProof::VerifiedTicket => match state.tickets.start_grant(session, user, now()) {
+            Ok(()) => None,
+            Err(e) => Some(Response::Error {
+                code: ErrorCode::NotVerified,
+                message: format!("{e}: {}", start_hint(session)),
+            }),
+        },
+        StartProof::Ticket(ticket) => {
+            match state
+                .tickets
+                .verify_for_start(ticket, now(), session.clone(), user.clone())
+                .await
+            {
+                Ok(_) => None,
+                Err(e) => Some(ticket_refusal(e)),
+            }
+        }
+    }
+}
+
+/// A session started: spooled, if `proof` shows the broker admitted it.
+async fn session_start(
+    state: &ServerState,
+    peer: Peer,
+    session: SessionId,
+    user: UserId,
+    proof: StartProof,
+) -> Response {
+    if let Some(refused) = check_start(state, peer, &session, &user, proof).await {
+        tracing::warn!(%session, %user, uid = ?peer.uid, "session start refused");
+        return refused;
+    }
     let event = SessionEvent::Started {
         session: session.clone(),
         user: user.clone(),
@@ -523,24 +690,25 @@ async fn verify_ticket(tickets: &TicketVerifier, ticket: String) -> Response {
             session: c.session,
             expires_at: c.expires_at,
         }),
-        Err(e) => {
-            let code = match &e {
-                VerifyError::Ticket(TicketError::Malformed(_)) => ErrorCode::TicketMalformed,
-                VerifyError::Ticket(TicketError::BadSignature) => ErrorCode::TicketForged,
-                VerifyError::Ticket(TicketError::Expired { .. }) => ErrorCode::TicketExpired,
-                VerifyError::Ticket(TicketError::OtherResource { .. }) => {
-                    ErrorCode::TicketOtherHost
-                }
-                VerifyError::Reused { .. } => ErrorCode::TicketReused,
-                VerifyError::NoKey => ErrorCode::NoTicketKey,
-                VerifyError::Full | VerifyError::Storage(_) => ErrorCode::Storage,
-            };
-            tracing::warn!(reason = e.code(), error = %e, "ticket refused");
-            Response::Error {
-                code,
-                message: e.to_string(),
-            }
-        }
+        Err(e) => ticket_refusal(e),
+    }
+}
+
+fn ticket_refusal(e: VerifyError) -> Response {
+    let code = match &e {
+        VerifyError::Ticket(TicketError::Malformed(_)) => ErrorCode::TicketMalformed,
+        VerifyError::Ticket(TicketError::BadSignature) => ErrorCode::TicketForged,
+        VerifyError::Ticket(TicketError::Expired { .. }) => ErrorCode::TicketExpired,
+        VerifyError::Ticket(TicketError::OtherResource { .. }) => ErrorCode::TicketOtherHost,
+        VerifyError::Reused { .. } => ErrorCode::TicketReused,
+        VerifyError::NoKey => ErrorCode::NoTicketKey,
+        VerifyError::Full | VerifyError::Storage(_) => ErrorCode::Storage,
+        VerifyError::Mismatch { .. } => ErrorCode::InvalidRequest,
+    };
+    tracing::warn!(reason = e.code(), error = %e, "ticket refused");
+    Response::Error {
+        code,
+        message: e.to_string(),
     }
 }
 
@@ -607,16 +775,22 @@ impl LocalClient {
         }
     }
 
-    /// Reports a session start; returns its sequence number once durable.
+    /// Reports a session start with what shows the broker admitted it;
+    /// returns its sequence number once durable.
     pub async fn session_start(
         &mut self,
         session: SessionId,
         user: UserId,
+        proof: StartProof,
     ) -> Result<u64, LocalError> {
-        self.call(Request::SessionStart { session, user })
-            .await?
-            .into_result()?
-            .seq()
+        self.call(Request::SessionStartWith {
+            session,
+            user,
+            proof,
+        })
+        .await?
+        .into_result()?
+        .seq()
     }
 
     /// Reports a session end; returns its sequence number once durable.
@@ -738,6 +912,7 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     struct Harness {
+        tickets: TicketVerifier,
         _dir: tempfile::TempDir,
         path: PathBuf,
         enforcer: crate::enforce::EnforcerHandle,
@@ -749,6 +924,10 @@ mod tests {
     }
 
     fn start(opts: SpoolOptions) -> Harness {
+        start_with(opts, DEFAULT_IDLE_TIMEOUT)
+    }
+
+    fn start_with(opts: SpoolOptions, idle_timeout: Duration) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(&dir.path().join("state"), opts).unwrap();
         let (tx, rx) = watch::channel(LinkStatus::default());
@@ -759,26 +938,27 @@ mod tests {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (enforcer, reports) = crate::enforce::channel();
-        tracker.spawn(
-            server.serve(
-                ServerState {
-                    spool: spool.clone(),
-                    status: rx,
-                    resource: "host-1".parse().unwrap(),
-                    tickets: crate::ticket::TicketVerifier::open(
-                        &dir.path().join("state"),
-                        "host-1".parse().unwrap(),
-                        now(),
-                    )
-                    .unwrap(),
-                    presence: crate::presence::PresenceBoard::default(),
-                    enforcer: enforcer.clone(),
-                },
-                shutdown.clone(),
-                tracker.clone(),
-            ),
-        );
+        let tickets = crate::ticket::TicketVerifier::open(
+            &dir.path().join("state"),
+            "host-1".parse().unwrap(),
+            now(),
+        )
+        .unwrap();
+        tracker.spawn(server.serve(
+            ServerState {
+                spool: spool.clone(),
+                status: rx,
+                resource: "host-1".parse().unwrap(),
+                tickets: tickets.clone(),
+                presence: crate::presence::PresenceBoard::default(),
+                enforcer: enforcer.clone(),
+                idle_timeout,
+            },
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         Harness {
+            tickets,
             _dir: dir,
             path,
             enforcer,
@@ -811,13 +991,13 @@ mod tests {
         assert_eq!(mode & 0o777, SOCKET_MODE);
         let mut c = LocalClient::connect(&h.path).await.unwrap();
         assert_eq!(
-            c.session_start(sid("s1"), "alice".parse().unwrap())
+            c.session_start(sid("s1"), "alice".parse().unwrap(), StartProof::Trusted)
                 .await
                 .unwrap(),
             1
         );
         let dup = c
-            .session_start(sid("s1"), "bob".parse().unwrap())
+            .session_start(sid("s1"), "bob".parse().unwrap(), StartProof::Trusted)
             .await
             .unwrap_err();
         assert!(
@@ -846,7 +1026,7 @@ mod tests {
             (2, 2, false)
         );
         let long = EndReason::Other("x".repeat(2000));
-        c.session_start(sid("s2"), "alice".parse().unwrap())
+        c.session_start(sid("s2"), "alice".parse().unwrap(), StartProof::Trusted)
             .await
             .unwrap();
         let err = c.session_end(sid("s2"), long).await.unwrap_err();
@@ -875,7 +1055,7 @@ mod tests {
             ),
             "{unknown}"
         );
-        c.session_start(sid("s1"), "alice".parse().unwrap())
+        c.session_start(sid("s1"), "alice".parse().unwrap(), StartProof::Trusted)
             .await
             .unwrap();
         c.session_idleness(sid("s1"), Some(Some(UnixMillis(5))))
@@ -992,7 +1172,7 @@ mod tests {
         let h = start(SpoolOptions::default());
         let mut c = LocalClient::connect(&h.path).await.unwrap();
         let seq = c
-            .session_start(sid("s1"), "alice".parse().unwrap())
+            .session_start(sid("s1"), "alice".parse().unwrap(), StartProof::Trusted)
             .await
             .unwrap();
         // The link is down: no waiting for an ack that cannot come soon.
@@ -1021,11 +1201,11 @@ mod tests {
             ..SpoolOptions::default()
         });
         let mut c = LocalClient::connect(&h.path).await.unwrap();
-        c.session_start(sid("a"), "u".parse().unwrap())
+        c.session_start(sid("a"), "u".parse().unwrap(), StartProof::Trusted)
             .await
             .unwrap();
         let err = c
-            .session_start(sid("b"), "u".parse().unwrap())
+            .session_start(sid("b"), "u".parse().unwrap(), StartProof::Trusted)
             .await
             .unwrap_err();
         assert!(
@@ -1123,5 +1303,217 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("is ferry-agent running"), "{err}");
+    }
+
+    /// A ticket of the broker's `key` for `session` of `user` on host-1.
+    fn ticket_for(
+        key: &ring::signature::Ed25519KeyPair,
+        n: u8,
+        session: &str,
+        user: &str,
+    ) -> String {
+        let at = now().0;
+        ferry_common::ticket::sign_ticket(
+            &ferry_common::ticket::TicketClaims {
+                ticket_id: [n; 16],
+                group: "g".parse().unwrap(),
+                resource: "host-1".parse().unwrap(),
+                user: user.parse().unwrap(),
+                session: session.parse().unwrap(),
+                issued_at: UnixMillis(at),
+                expires_at: UnixMillis(at + 60_000),
+            },
+            key,
+        )
+    }
+
+    fn refused_with(r: Result<u64, LocalError>, want: ErrorCode) -> String {
+        match r {
+            Err(LocalError::Refused { code, message }) if code == want => message,
+            other => panic!("expected {want:?}, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_start_needs_a_verified_ticket_its_ticket_or_trust() {
+        use ring::signature::KeyPair as _;
+        let h = start(SpoolOptions::default());
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
+        h.tickets
+            .set_key_blocking(key.public_key().as_ref())
+            .unwrap();
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        let alice: UserId = "alice".parse().unwrap();
+
+        // Nothing verified: refused, with what to do; the old request too.
+        let message = refused_with(
+            c.session_start(sid("s1"), alice.clone(), StartProof::VerifiedTicket)
+                .await,
+            ErrorCode::NotVerified,
+        );
+        assert!(
+            message.contains("no verified ticket for session s1")
+                && message.contains("ferry-agent ticket verify")
+                && message.contains("--trusted"),
+            "{message}"
+        );
+        let old = c
+            .call(Request::SessionStart {
+                session: sid("s1"),
+                user: alice.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                old,
+                Response::Error {
+                    code: ErrorCode::NotVerified,
+                    ..
+                }
+            ),
+            "{old:?}"
+        );
+
+        // Verified first (`ticket verify`), then started: accepted, for that
+        // user only.
+        c.verify_ticket(ticket_for(&key, 1, "s1", "alice"))
+            .await
+            .unwrap();
+        refused_with(
+            c.session_start(
+                sid("s1"),
+                "mallory".parse().unwrap(),
+                StartProof::VerifiedTicket,
+            )
+            .await,
+            ErrorCode::NotVerified,
+        );
+        c.session_start(sid("s1"), alice.clone(), StartProof::VerifiedTicket)
+            .await
+            .unwrap();
+        // The old request is the verified-ticket path too.
+        c.verify_ticket(ticket_for(&key, 2, "s2", "alice"))
+            .await
+            .unwrap();
+        let old = c
+            .call(Request::SessionStart {
+                session: sid("s2"),
+                user: alice.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(old, Response::Recorded { .. }), "{old:?}");
+
+        // The ticket carried by the start: verified then and there, for its
+        // own session only, once.
+        let t3 = ticket_for(&key, 3, "s3", "alice");
+        refused_with(
+            c.session_start(sid("s4"), alice.clone(), StartProof::Ticket(t3.clone()))
+                .await,
+            ErrorCode::InvalidRequest,
+        );
+        c.session_start(sid("s3"), alice.clone(), StartProof::Ticket(t3.clone()))
+            .await
+            .unwrap();
+        refused_with(
+            c.session_start(sid("s3"), alice.clone(), StartProof::Ticket(t3))
+                .await,
+            ErrorCode::TicketReused,
+        );
+
+        // Trusted: the test runs as root or as the agent's own user.
+        c.session_start(sid("s6"), alice.clone(), StartProof::Trusted)
+            .await
+            .unwrap();
+        h.stop().await;
+    }
+
+    #[test]
+    fn only_root_and_the_agents_user_may_vouch() {
+        let peer = |uid| Peer {
+            uid,
+            agent_uid: 998,
+        };
+        assert!(peer(Some(0)).may_vouch());
+        assert!(peer(Some(998)).may_vouch());
+        assert!(!peer(Some(1000)).may_vouch());
+        assert!(!peer(None).may_vouch());
+    }
+
+    #[test]
+    fn golden_session_start_with() {
+        let hex = |v: &LocalRequest| -> String {
+            ferry_common::frame::encode_payload(v)
+                .unwrap()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        let req = |proof| {
+            LocalRequest::V1(Request::SessionStartWith {
+                session: sid("s1"),
+                user: "al".parse().unwrap(),
+                proof,
+            })
+        };
+        assert_eq!(hex(&req(StartProof::VerifiedTicket)), "000a02733102616c00");
+        assert_eq!(
+            hex(&req(StartProof::Ticket("t".into()))),
+            "000a02733102616c010174"
+        );
+        assert_eq!(hex(&req(StartProof::Trusted)), "000a02733102616c02");
+        let resp = LocalResponse::V1(Response::Error {
+            code: ErrorCode::NotTrusted,
+            message: "m".into(),
+        });
+        assert_eq!(
+            ferry_common::frame::encode_payload(&resp)
+                .unwrap()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            "000211016d"
+        );
+    }
+
+    /// Waits (bounded) until the agent closes `raw`.
+    async fn closed_by_agent(raw: &mut UnixStream) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(30), raw.read(&mut buf))
+            .await
+            .expect("closed within the bound")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+    }
+
+    #[tokio::test]
+    async fn idle_and_stalled_clients_are_dropped_and_free_their_slots() {
+        let h = start_with(SpoolOptions::default(), Duration::from_millis(300));
+        // Every slot held by a client that says nothing, one stalled in the
+        // middle of a frame.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_LOCAL_CONNECTIONS - 1 {
+            idle.push(UnixStream::connect(&h.path).await.unwrap());
+        }
+        let mut stalled = UnixStream::connect(&h.path).await.unwrap();
+        stalled.write_all(&[0, 0, 0, 40, 0]).await.unwrap();
+        // A real client still gets through once they are dropped.
+        let mut c = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut c = LocalClient::connect(&h.path).await.unwrap();
+            c.status().await.unwrap();
+            c
+        })
+        .await
+        .expect("served after the idle ones were dropped");
+        closed_by_agent(&mut stalled).await;
+        for raw in &mut idle {
+            closed_by_agent(raw).await;
+        }
+        // A client that keeps talking is not dropped between its requests
+        // while each comes within the timeout.
+        c.status().await.unwrap();
+        h.stop().await;
     }
 }

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, ConfigError, CONFIG_ENV, DEFAULT_CONFIG_PATH};
 use ferry_agent::link::TlsError;
 use ferry_agent::local::{
-    ErrorCode, LocalClient, LocalError, Request, Response, StatusReply, TicketInfo,
+    ErrorCode, LocalClient, LocalError, Request, Response, StartProof, StatusReply, TicketInfo,
 };
 use ferry_agent::pam::{self, PamAction};
 use ferry_agent::AgentError;
@@ -116,11 +116,25 @@ enum TicketCmd {
 enum SessionCmd {
     /// A session started on this host. Exits 0 once it is durably spooled;
     /// says whether the broker also acknowledged it within --ack-wait.
+    ///
+    /// Accepted only for a session the broker admitted: the user's ticket
+    /// for this session and user was verified on this host with `ticket
+    /// verify` (the streaming server's path), or is given with --ticket, or
+    /// the caller is root or the agent's user and says --trusted (the
+    /// operator's path).
     Start {
         #[arg(long)]
         session: String,
         #[arg(long)]
         user: String,
+        /// The user's ticket: verified now (and marked used); it must name
+        /// this session and user.
+        #[arg(long, conflicts_with = "trusted")]
+        ticket: Option<String>,
+        /// Start it without a ticket, on the caller's word (root or the
+        /// agent's user only).
+        #[arg(long)]
+        trusted: bool,
         #[command(flatten)]
         report: ReportArgs,
     },
@@ -372,12 +386,20 @@ async fn session(cli: &Cli, cmd: &SessionCmd) -> anyhow::Result<ExitCode> {
         SessionCmd::Start {
             session,
             user,
+            ticket,
+            trusted,
             report,
         } => {
             let session = SessionId::new(session.as_str()).context("--session")?;
-            let request = Request::SessionStart {
+            let proof = match (ticket, trusted) {
+                (Some(t), _) => StartProof::Ticket(t.clone()),
+                (None, true) => StartProof::Trusted,
+                (None, false) => StartProof::VerifiedTicket,
+            };
+            let request = Request::SessionStartWith {
                 session: session.clone(),
                 user: UserId::new(user.as_str()).context("--user")?,
+                proof,
             };
             session_event(cli, request, &session, "started", *report).await
         }
@@ -475,7 +497,9 @@ async fn pam_event(cli: &Cli) -> anyhow::Result<ExitCode> {
         PamAction::Start { session, user } => {
             let socket = socket_path(cli)?;
             let mut client = LocalClient::connect(&socket).await?;
-            let seq = client.session_start(session.clone(), user).await?;
+            let seq = client
+                .session_start(session.clone(), user, StartProof::Trusted)
+                .await?;
             (session, seq)
         }
         PamAction::End { session, reason } => {

@@ -12,6 +12,12 @@
 //! `close_session` its end; any other type (auth, account, password) exits 0
 //! and does nothing.
 //!
+//! PAM has no broker ticket: its session start says it is trusted
+//! ([`crate::local::StartProof::Trusted`]), which the agent accepts only from
+//! root or the agent's own user. `pam_exec` runs as root in the session
+//! phase of sshd and display managers; a PAM service running as another user
+//! is refused with that reason.
+//!
 //! # Session ids
 //! PAM has no session id, so one is derived deterministically from what is
 //! the same at open and at close:

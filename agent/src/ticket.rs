@@ -22,6 +22,16 @@
 //! * At most [`MAX_USED_TICKETS`] live entries: beyond, tickets are refused
 //!   rather than the set growing (a host admits a few sessions a minute;
 //!   tickets live a minute).
+//!
+//! A verified ticket is also what lets the host report its session: the
+//! ticket's session and user are appended to `state_dir/verified-sessions`
+//! (one line `EXPIRY SESSION USER`, fsync'd before the ticket's own record),
+//! and `ferry-agent session start` for that session and user is accepted
+//! until the ticket's expiry plus [`START_GRACE_MS`] ([`TicketVerifier::start_grant`]),
+//! also after a restart of the agent. The entries are bounded like the used
+//! set (one per used ticket, dropped after their expiry plus the grace), a
+//! torn or unreadable line is dropped on open (its ticket was never answered
+//! "valid", or the start needs `--ticket` / `--trusted` instead).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -31,13 +41,26 @@ use std::sync::{Arc, Mutex};
 
 use ferry_common::limits::{MAX_TICKET_LIFETIME_MS, TICKET_PUBLIC_KEY_LEN};
 use ferry_common::ticket::{verify_ticket, TicketClaims, TicketError};
-use ferry_common::{ResourceId, UnixMillis};
+use ferry_common::{ResourceId, SessionId, UnixMillis, UserId};
 
 /// The broker's ticket public key, in the state directory.
 pub const TICKET_KEY_FILE: &str = "ticket-key";
 
 /// The used-ticket set, in the state directory.
 pub const USED_TICKETS_FILE: &str = "used-tickets";
+
+/// The sessions verified tickets allow the host to start, in the state
+/// directory.
+pub const VERIFIED_SESSIONS_FILE: &str = "verified-sessions";
+
+/// How long after its ticket's expiry a verified session may still be
+/// reported started: the streaming server verifies, then starts the session
+/// at once, but a ticket verified in its last second must not fail the start.
+pub const START_GRACE_MS: i64 = 60_000;
+
+/// Longest line of the verified-sessions file: an expiry, two ids at their
+/// limit, two spaces and a newline.
+const MAX_GRANT_LINE: usize = 20 + 2 * ferry_common::limits::MAX_ID_LEN + 3;
 
 /// Most tickets remembered at once (see the module docs).
 pub const MAX_USED_TICKETS: usize = 100_000;
@@ -99,6 +122,33 @@ pub enum VerifyError {
     Full,
     #[error("cannot record the ticket as used: {0}")]
     Storage(String),
+    #[error(
+        "the ticket is for session {ticket_session} of {ticket_user}, not session {session} of {user}; \
+         report the session the ticket names"
+    )]
+    Mismatch {
+        ticket_session: SessionId,
+        ticket_user: UserId,
+        session: SessionId,
+        user: UserId,
+    },
+}
+
+/// Why a session start is not covered by a verified ticket.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("no verified ticket for session {session}")]
+    Missing { session: SessionId },
+    #[error("the ticket verified for session {session} is for user {granted}, not {user}")]
+    OtherUser {
+        session: SessionId,
+        granted: UserId,
+        user: UserId,
+    },
+    #[error("the ticket verified for session {session} expired at {expired_at} (Unix ms)")]
+    Expired { session: SessionId, expired_at: i64 },
+    #[error("ticket state unavailable: {0}")]
+    Storage(String),
 }
 
 impl VerifyError {
@@ -111,6 +161,7 @@ impl VerifyError {
             VerifyError::NoKey => "no-key",
             VerifyError::Full => "full",
             VerifyError::Storage(_) => "storage",
+            VerifyError::Mismatch { .. } => "mismatch",
         }
     }
 }
@@ -123,6 +174,12 @@ struct Inner {
     file: File,
     /// Records in the file (live and dead).
     records: usize,
+    /// Sessions verified tickets allow: session -> (user, ticket expiry).
+    grants: HashMap<SessionId, (UserId, i64)>,
+    /// The verified-sessions file, opened for appending.
+    grant_file: File,
+    /// Lines in that file (live and dead).
+    grant_records: usize,
 }
 
 /// The host's ticket checks; cheap to clone (one shared state).
@@ -189,6 +246,86 @@ fn hex(id: &[u8; 16]) -> String {
 
 fn is_dead(expires_at: i64, now: UnixMillis) -> bool {
     expires_at.saturating_add(PRUNE_GRACE_MS) <= now.0
+}
+
+fn grant_is_dead(expires_at: i64, now: UnixMillis) -> bool {
+    expires_at.saturating_add(START_GRACE_MS) <= now.0
+}
+
+fn grant_line(session: &SessionId, user: &UserId, expires_at: i64) -> String {
+    format!("{expires_at} {session} {user}\n")
+}
+
+/// One line of the verified-sessions file; `None` when unreadable.
+fn parse_grant(line: &str) -> Option<(SessionId, UserId, i64)> {
+    let mut parts = line.split(' ');
+    let expires_at = parts.next()?.parse().ok()?;
+    let session = SessionId::new(parts.next()?).ok()?;
+    let user = UserId::new(parts.next()?).ok()?;
+    parts
+        .next()
+        .is_none()
+        .then_some((session, user, expires_at))
+}
+
+/// Reads the verified-sessions file (bounded), keeping the live entries;
+/// returns them, the number of lines kept in the file, and the file opened
+/// for appending. A torn or unreadable line is dropped with a warning.
+#[allow(clippy::type_complexity)]
+fn open_grants(
+    state_dir: &Path,
+    now: UnixMillis,
+) -> Result<(HashMap<SessionId, (UserId, i64)>, usize, File), TicketStoreError> {
+    let path = state_dir.join(VERIFIED_SESSIONS_FILE);
+    let max = (MAX_FILE_RECORDS * MAX_GRANT_LINE) as u64;
+    let mut grants = HashMap::new();
+    let mut lines = 0;
+    match File::open(&path) {
+        Ok(f) => {
+            let mut bytes = Vec::new();
+            f.take(max + 1)
+                .read_to_end(&mut bytes)
+                .map_err(io("read", &path))?;
+            if bytes.len() as u64 > max {
+                return Err(TicketStoreError::Corrupt {
+                    path,
+                    message: format!("over {max} bytes"),
+                });
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let complete = text.rfind('\n').map_or(0, |i| i + 1);
+            let mut dropped = complete != text.len();
+            for line in text[..complete].lines() {
+                match parse_grant(line) {
+                    Some((session, user, exp)) => {
+                        lines += 1;
+                        if !grant_is_dead(exp, now) {
+                            grants.insert(session, (user, exp));
+                        }
+                    }
+                    None => dropped = true,
+                }
+            }
+            if dropped {
+                tracing::warn!(path = %path.display(), "dropping unreadable verified-session lines");
+                let mut kept = String::new();
+                for (session, (user, exp)) in &grants {
+                    kept.push_str(&grant_line(session, user, *exp));
+                }
+                write_atomic(state_dir, VERIFIED_SESSIONS_FILE, kept.as_bytes())?;
+                lines = grants.len();
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_atomic(state_dir, VERIFIED_SESSIONS_FILE, b"")?;
+        }
+        Err(e) => return Err(io("open", &path)(e)),
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    Ok((grants, lines, file))
 }
 
 impl TicketVerifier {
@@ -268,11 +405,15 @@ impl TicketVerifier {
             .append(true)
             .open(&path)
             .map_err(io("open", &path))?;
+        let (grants, grant_records, grant_file) = open_grants(state_dir, now)?;
         let mut inner = Inner {
             key,
             used,
             file,
             records,
+            grants,
+            grant_file,
+            grant_records,
         };
         let dir = state_dir.to_owned();
         compact_if_needed(&dir, &mut inner)?;
@@ -331,10 +472,43 @@ impl TicketVerifier {
         text: &str,
         now: UnixMillis,
     ) -> Result<TicketClaims, VerifyError> {
+        self.verify_expecting(text, now, None)
+    }
+
+    /// [`Self::verify_blocking`] of a ticket that must be for `session` of
+    /// `user` (a session start carrying its ticket); a ticket for another
+    /// session is refused without being marked used. Blocking.
+    pub fn verify_for_start_blocking(
+        &self,
+        text: &str,
+        now: UnixMillis,
+        session: &SessionId,
+        user: &UserId,
+    ) -> Result<TicketClaims, VerifyError> {
+        self.verify_expecting(text, now, Some((session, user)))
+    }
+
+    fn verify_expecting(
+        &self,
+        text: &str,
+        now: UnixMillis,
+        expect: Option<(&SessionId, &UserId)>,
+    ) -> Result<TicketClaims, VerifyError> {
         let mut inner = self.lock()?;
         let key = inner.key.clone().ok_or(VerifyError::NoKey)?;
         let claims = verify_ticket(text, &key, now, &self.resource)?;
+        if let Some((session, user)) = expect {
+            if &claims.session != session || &claims.user != user {
+                return Err(VerifyError::Mismatch {
+                    ticket_session: claims.session,
+                    ticket_user: claims.user,
+                    session: session.clone(),
+                    user: user.clone(),
+                });
+            }
+        }
         inner.used.retain(|_, exp| !is_dead(*exp, now));
+        inner.grants.retain(|_, (_, exp)| !grant_is_dead(*exp, now));
         if inner.used.contains_key(&claims.ticket_id) {
             return Err(VerifyError::Reused {
                 ticket_id: claims.ticket_id_hex(),
@@ -343,6 +517,24 @@ impl TicketVerifier {
         if inner.used.len() >= MAX_USED_TICKETS {
             return Err(VerifyError::Full);
         }
+        // The session it allows first: a crash between the two writes
+        // leaves a start allowed for a ticket never answered valid, which
+        // the broker admitted anyway.
+        let grants_path = self.dir.join(VERIFIED_SESSIONS_FILE);
+        let line = grant_line(&claims.session, &claims.user, claims.expires_at.0);
+        inner
+            .grant_file
+            .write_all(line.as_bytes())
+            .and_then(|()| inner.grant_file.sync_data())
+            .map_err(|e| {
+                tracing::error!(path = %grants_path.display(), error = %e, "record verified session");
+                VerifyError::Storage(format!("{}: {e}", grants_path.display()))
+            })?;
+        inner.grant_records += 1;
+        inner.grants.insert(
+            claims.session.clone(),
+            (claims.user.clone(), claims.expires_at.0),
+        );
         // Remembered in memory even if the write fails: never accepted twice
         // by this process whatever the disk says.
         inner.used.insert(claims.ticket_id, claims.expires_at.0);
@@ -374,6 +566,57 @@ impl TicketVerifier {
             .map_err(|e| VerifyError::Storage(format!("verify task failed: {e}")))?
     }
 
+    /// [`Self::verify_for_start_blocking`] on a blocking thread.
+    pub async fn verify_for_start(
+        &self,
+        text: String,
+        now: UnixMillis,
+        session: SessionId,
+        user: UserId,
+    ) -> Result<TicketClaims, VerifyError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.verify_for_start_blocking(&text, now, &session, &user)
+        })
+        .await
+        .map_err(|e| VerifyError::Storage(format!("verify task failed: {e}")))?
+    }
+
+    /// Whether a ticket verified on this host allows `session` of `user` to
+    /// be reported started at `now` (until the ticket's expiry plus
+    /// [`START_GRACE_MS`]). Does not consume it: the spool refuses a second
+    /// start of the same session id.
+    pub fn start_grant(
+        &self,
+        session: &SessionId,
+        user: &UserId,
+        now: UnixMillis,
+    ) -> Result<(), GrantError> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| GrantError::Storage("ticket state lock poisoned".into()))?;
+        let Some((granted, exp)) = inner.grants.get(session) else {
+            return Err(GrantError::Missing {
+                session: session.clone(),
+            });
+        };
+        if granted != user {
+            return Err(GrantError::OtherUser {
+                session: session.clone(),
+                granted: granted.clone(),
+                user: user.clone(),
+            });
+        }
+        if grant_is_dead(*exp, now) {
+            return Err(GrantError::Expired {
+                session: session.clone(),
+                expired_at: *exp,
+            });
+        }
+        Ok(())
+    }
+
     /// Live entries of the used-ticket set (tests, status).
     pub fn used_count(&self) -> usize {
         self.lock().map(|i| i.used.len()).unwrap_or(0)
@@ -383,6 +626,7 @@ impl TicketVerifier {
 /// Rewrites the used-ticket file with the live entries only when it holds
 /// more than `live + COMPACT_SLACK` dead records.
 fn compact_if_needed(dir: &Path, inner: &mut Inner) -> Result<(), TicketStoreError> {
+    compact_grants_if_needed(dir, inner)?;
     let live = inner.used.len();
     if inner.records <= live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
         return Ok(());
@@ -401,6 +645,27 @@ fn compact_if_needed(dir: &Path, inner: &mut Inner) -> Result<(), TicketStoreErr
     file.seek(SeekFrom::End(0)).map_err(io("seek", &path))?;
     inner.file = file;
     inner.records = live;
+    Ok(())
+}
+
+/// Rewrites the verified-sessions file with the live entries only, under
+/// the same rule as the used-ticket file.
+fn compact_grants_if_needed(dir: &Path, inner: &mut Inner) -> Result<(), TicketStoreError> {
+    let live = inner.grants.len();
+    if inner.grant_records <= live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
+        return Ok(());
+    }
+    let mut text = String::new();
+    for (session, (user, exp)) in &inner.grants {
+        text.push_str(&grant_line(session, user, *exp));
+    }
+    write_atomic(dir, VERIFIED_SESSIONS_FILE, text.as_bytes())?;
+    let path = dir.join(VERIFIED_SESSIONS_FILE);
+    inner.grant_file = OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    inner.grant_records = live;
     Ok(())
 }
 
@@ -579,5 +844,86 @@ mod tests {
             TicketVerifier::open(dir.path(), rid("h1"), UnixMillis(0)),
             Err(TicketStoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_verified_ticket_allows_its_session_start_also_after_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let s1: SessionId = "s-1".parse().expect("id");
+        let alice: UserId = "alice".parse().expect("id");
+        let bob: UserId = "bob".parse().expect("id");
+        assert!(matches!(
+            v.start_grant(&s1, &alice, UnixMillis(1)),
+            Err(GrantError::Missing { .. })
+        ));
+        v.verify_blocking(&ticket(&k, 1, "h1", 0), UnixMillis(1))
+            .expect("verify");
+        v.start_grant(&s1, &alice, UnixMillis(2)).expect("granted");
+        assert!(matches!(
+            v.start_grant(&s1, &bob, UnixMillis(2)),
+            Err(GrantError::OtherUser { .. })
+        ));
+        drop(v);
+
+        // Restart: the grant comes back from disk, until expiry plus the grace.
+        let v = open(dir.path(), 3);
+        v.start_grant(&s1, &alice, UnixMillis(3)).expect("granted");
+        v.start_grant(&s1, &alice, UnixMillis(60_000 + START_GRACE_MS - 1))
+            .expect("within the grace");
+        assert!(matches!(
+            v.start_grant(&s1, &alice, UnixMillis(60_000 + START_GRACE_MS)),
+            Err(GrantError::Expired { .. })
+        ));
+        drop(v);
+        let v = open(dir.path(), 60_000 + START_GRACE_MS);
+        assert!(matches!(
+            v.start_grant(&s1, &alice, UnixMillis(60_000 + START_GRACE_MS)),
+            Err(GrantError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_ticket_for_another_session_is_refused_and_not_used_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let t = ticket(&k, 1, "h1", 0);
+        let alice: UserId = "alice".parse().expect("id");
+        let r = v.verify_for_start_blocking(&t, UnixMillis(1), &"s-9".parse().expect("id"), &alice);
+        assert!(matches!(r, Err(VerifyError::Mismatch { .. })), "{r:?}");
+        assert_eq!(v.used_count(), 0);
+        v.verify_for_start_blocking(&t, UnixMillis(1), &"s-1".parse().expect("id"), &alice)
+            .expect("its own session");
+        assert_eq!(v.used_count(), 1);
+    }
+
+    #[test]
+    fn torn_or_unreadable_verified_sessions_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        v.verify_blocking(&ticket(&k, 1, "h1", 0), UnixMillis(1))
+            .expect("verify");
+        drop(v);
+        let path = dir.path().join(VERIFIED_SESSIONS_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(b"garbage line\n5 s-2 al").expect("torn write");
+        drop(f);
+        let v = open(dir.path(), 2);
+        let alice: UserId = "alice".parse().expect("id");
+        v.start_grant(&"s-1".parse().expect("id"), &alice, UnixMillis(2))
+            .expect("kept");
+        assert!(v
+            .start_grant(&"s-2".parse().expect("id"), &alice, UnixMillis(2))
+            .is_err());
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "60000 s-1 alice\n"
+        );
     }
 }

@@ -10,7 +10,7 @@
 
 mod peer;
 
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_common::wire::{Command, CommandOutcome, EndReason, SessionEvent};
 use peer::*;
 
@@ -37,10 +37,10 @@ async fn idle_and_overlong_sessions_are_ended_once_with_the_policy_reason() {
     let mut c = LocalClient::connect(&socket).await.unwrap();
     c.wait_synced(WAIT).await.unwrap();
     let sid = |s: &str| -> ferry_common::SessionId { s.parse().unwrap() };
-    c.session_start(sid("s-idle"), "alice".parse().unwrap())
+    c.session_start(sid("s-idle"), "alice".parse().unwrap(), StartProof::Trusted)
         .await
         .unwrap();
-    c.session_start(sid("s-long"), "bob".parse().unwrap())
+    c.session_start(sid("s-long"), "bob".parse().unwrap(), StartProof::Trusted)
         .await
         .unwrap();
 

@@ -7,7 +7,7 @@
 
 mod peer;
 
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_common::wire::{Command, CommandOutcome, EndReason, SessionEvent};
 use peer::*;
 
@@ -25,8 +25,18 @@ async fn reports_reach_the_broker_in_order_and_survive_restarts() {
         .unwrap();
     let user = |u: &str| u.parse().unwrap();
     let sid = |s: &str| s.parse().unwrap();
-    assert_eq!(c.session_start(sid("s1"), user("alice")).await.unwrap(), 1);
-    assert_eq!(c.session_start(sid("s2"), user("bob")).await.unwrap(), 2);
+    assert_eq!(
+        c.session_start(sid("s1"), user("alice"), StartProof::Trusted)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        c.session_start(sid("s2"), user("bob"), StartProof::Trusted)
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(
         c.session_end(sid("s1"), EndReason::Logout).await.unwrap(),
         3

@@ -3,8 +3,18 @@
 //! (and `dev`) use.
 //!
 //! Admin frames are `common::frame` frames with the larger
-//! [`MAX_ADMIN_FRAME_LEN`] (fleet listings); the decoder runs with that same
-//! byte limit.
+//! [`MAX_ADMIN_FRAME_LEN`] (fleet listings); the length prefix is checked
+//! against it before a buffer is allocated, and the decoder runs with that
+//! same byte limit.
+//!
+//! Before anything a peer sends is read, its credentials are checked
+//! ([`access`]: root, the broker's user, or the admin group); others get a
+//! `Forbidden` answer naming the group to join. A connection silent or
+//! stalled in a request for [`ADMIN_IDLE_TIMEOUT`], or not reading its
+//! answer for [`ADMIN_WRITE_TIMEOUT`], is closed and frees its slot (at most
+//! [`MAX_ADMIN_CONNECTIONS`] at once; beyond, `Busy`).
+
+pub mod access;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -18,8 +28,8 @@ use ferry_common::admin::{
 };
 use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
-use ferry_common::wire::{Command, CommandOutcome};
-use ferry_common::{ResourceId, SessionId};
+use ferry_common::wire::{Command, CommandOutcome, Refusal, RefusalCode};
+use ferry_common::{GroupName, ResourceId, SessionId};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -30,7 +40,7 @@ use tokio_util::task::TaskTracker;
 use crate::groups::lifecycle::Removal;
 use crate::groups::{GroupError, Groups};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
-use crate::store::{Store, StoreError, StoredSession};
+use crate::store::{Assigned, Store, StoreError, StoredSession};
 use crate::usage::UsageError;
 
 /// Default admin socket path (`ferryctl --socket` and the config default).
@@ -43,8 +53,46 @@ pub const ADMIN_SOCKET_ENV: &str = "FERRY_ADMIN_SOCKET";
 /// request right away, so silence means a stuck or hostile client.
 pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// An answer the client does not read within this is dropped with its
+/// connection: `ferryctl` reads at once, and the largest answer (a fleet
+/// listing, [`MAX_ADMIN_FRAME_LEN`]) takes well under a second locally.
+pub const ADMIN_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Mode of the admin socket: owner and group (the `ferry` operators group).
 pub const ADMIN_SOCKET_MODE: u32 = 0o660;
+
+/// How long an admin connection may be silent or stall (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct AdminLimits {
+    /// Silence before a request, or a request not complete within it.
+    pub idle: Duration,
+    /// An answer not taken by the client within it.
+    pub write: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            idle: ADMIN_IDLE_TIMEOUT,
+            write: ADMIN_WRITE_TIMEOUT,
+        }
+    }
+}
+
+/// [`write_admin`] within `limit`; a client that does not read is an error.
+async fn write_within<T: Serialize>(
+    w: &mut UnixStream,
+    msg: &T,
+    limit: Duration,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(limit, write_admin(w, msg)).await {
+        Ok(r) => r,
+        Err(_) => Err(FrameError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read its answer in time",
+        ))),
+    }
+}
 
 /// Reads one admin message; `Ok(None)` on a clean end of stream.
 pub async fn read_admin<T: DeserializeOwned, R: AsyncRead + Unpin>(
@@ -75,6 +123,24 @@ pub enum AdminSocketError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error(transparent)]
+    Access(#[from] access::AccessError),
+}
+
+/// Gives the socket at `path` to the admin group when it is not the
+/// process's own group (the socket is created with the process's group), so
+/// the group's members can reach it through its mode 0660.
+pub fn set_group(path: &Path, access: &access::AdminAccess) -> Result<(), AdminSocketError> {
+    if access.group_gid == rustix::process::getgid().as_raw() {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(path, None, Some(access.group_gid)).map_err(|error| {
+        AdminSocketError::Io {
+            what: "give the admin group the socket",
+            path: path.to_path_buf(),
+            error,
+        }
+    })
 }
 
 /// Binds the admin socket with mode 0660. A socket file left by a dead
@@ -122,13 +188,51 @@ pub struct AdminContext {
     pub ota: crate::ota::Ota,
 }
 
-/// Serves admin connections until `shutdown`.
+/// Serves admin connections until `shutdown`: peers `access` allows, with
+/// the default [`AdminLimits`].
 pub async fn serve(
     listener: UnixListener,
     ctx: AdminContext,
+    access: access::AdminAccess,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    serve_with(
+        listener,
+        ctx,
+        access,
+        AdminLimits::default(),
+        shutdown,
+        tracker,
+    )
+    .await;
+}
+
+/// Whether the peer of `stream` may use the socket (see [`access`]).
+async fn admitted(stream: &UnixStream, access: &Arc<access::AdminAccess>) -> Result<(), String> {
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let peer = access::PeerCred {
+        uid: cred.uid(),
+        gid: cred.gid(),
+    };
+    let access = access.clone();
+    tokio::task::spawn_blocking(move || access.check(peer))
+        .await
+        .map_err(|e| format!("credential check failed: {e}"))?
+}
+
+/// [`serve`] with explicit limits.
+pub async fn serve_with(
+    listener: UnixListener,
+    ctx: AdminContext,
+    access: access::AdminAccess,
+    limits: AdminLimits,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let access = Arc::new(access);
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let stream = tokio::select! {
@@ -141,20 +245,29 @@ pub async fn serve(
                 }
             },
         };
-        let permit = limit.clone().try_acquire_owned();
+        let limit = limit.clone();
         let ctx = ctx.clone();
         let token = shutdown.child_token();
+        let access = access.clone();
         tracker.spawn(async move {
             let mut stream = stream;
-            let Ok(_permit) = permit else {
+            // Nothing the peer sent is read before its credentials pass,
+            // and a refused peer takes no slot.
+            if let Err(why) = admitted(&stream, &access).await {
+                tracing::warn!("admin connection refused: {why}");
+                let refused = error(AdminErrorCode::Forbidden, why);
+                let _ = write_within(&mut stream, &AdminResponse::V1(refused), limits.write).await;
+                return;
+            }
+            let Ok(_permit) = limit.try_acquire_owned() else {
                 let busy = error(
                     AdminErrorCode::Busy,
                     format!("{MAX_ADMIN_CONNECTIONS} admin connections are open; retry later"),
                 );
-                let _ = write_admin(&mut stream, &AdminResponse::V1(busy)).await;
+                let _ = write_within(&mut stream, &AdminResponse::V1(busy), limits.write).await;
                 return;
             };
-            if let Err(e) = connection(&mut stream, &ctx, &token).await {
+            if let Err(e) = connection(&mut stream, &ctx, &token, limits).await {
                 tracing::debug!("admin connection ended: {e}");
             }
         });
@@ -165,15 +278,16 @@ async fn connection(
     stream: &mut UnixStream,
     ctx: &AdminContext,
     token: &CancellationToken,
+    limits: AdminLimits,
 ) -> Result<(), FrameError> {
     loop {
         let req = tokio::select! {
             _ = token.cancelled() => {
                 let bye = error(AdminErrorCode::ShuttingDown, "broker is shutting down".into());
-                write_admin(stream, &AdminResponse::V1(bye)).await?;
+                write_within(stream, &AdminResponse::V1(bye), limits.write).await?;
                 return Ok(());
             }
-            r = tokio::time::timeout(ADMIN_IDLE_TIMEOUT, read_admin::<AdminRequest, _>(stream)) => match r {
+            r = tokio::time::timeout(limits.idle, read_admin::<AdminRequest, _>(stream)) => match r {
                 Err(_) => return Ok(()),
                 Ok(r) => r,
             },
@@ -185,18 +299,18 @@ async fn connection(
                 // The stream position is unknown after a bad frame: answer and close.
                 tracing::warn!("bad admin request: {e}");
                 let resp = error(AdminErrorCode::BadRequest, format!("bad request: {e}"));
-                write_admin(stream, &AdminResponse::V1(resp)).await?;
+                write_within(stream, &AdminResponse::V1(resp), limits.write).await?;
                 return Ok(());
             }
         };
-        match write_admin(stream, &AdminResponse::V1(resp)).await {
+        match write_within(stream, &AdminResponse::V1(resp), limits.write).await {
             Err(FrameError::TooLarge { len, max }) => {
                 // Nothing was written yet (the size is checked before writing).
                 let resp = error(
                     AdminErrorCode::Internal,
                     format!("the answer is {len} bytes, over the admin frame limit of {max}"),
                 );
-                write_admin(stream, &AdminResponse::V1(resp)).await?;
+                write_within(stream, &AdminResponse::V1(resp), limits.write).await?;
             }
             other => other?,
         }
@@ -346,6 +460,7 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
         AdminRequestV1::Drain { resource } => drain(ctx, resource, Command::Drain, true).await,
         AdminRequestV1::Undrain { resource } => drain(ctx, resource, Command::Undrain, false).await,
         AdminRequestV1::DisconnectSession { session } => disconnect(ctx, session).await,
+        AdminRequestV1::ResourcesAssign { resource, group } => assign(ctx, resource, group).await,
         AdminRequestV1::Usage(query) => usage(ctx, query).await,
         AdminRequestV1::UsageDetailed(query) => usage_detailed(ctx, query).await,
         AdminRequestV1::ListSessionsDetailed { all } => {
@@ -429,7 +544,15 @@ async fn revoke(ctx: &AdminContext, resource: ResourceId, reason: String) -> Adm
         Ok(known) => known,
         Err(e) => return internal(e),
     };
-    let closed = ctx.registry.revoke(&resource);
+    let closed = ctx.registry.dismiss(
+        &resource,
+        Refusal {
+            code: RefusalCode::Revoked,
+            message: "the operator revoked this host (ferryctl resources revoke); it needs a \
+                      new certificate"
+                .into(),
+        },
+    );
     tracing::warn!(%resource, closed, "resource revoked by the operator: {reason}");
     let mut message = format!(
         "revoked {resource}: its certificates issued before {} are refused",
@@ -527,6 +650,7 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::Drain { .. }
         | AdminRequestV1::Undrain { .. }
         | AdminRequestV1::DisconnectSession { .. }
+        | AdminRequestV1::ResourcesAssign { .. }
         | AdminRequestV1::Usage(_)
         | AdminRequestV1::UsageDetailed(_)
         | AdminRequestV1::ListSessionsDetailed { .. }
@@ -713,6 +837,71 @@ async fn drain(
     }
 }
 
+/// `resources assign`: the operator puts a host in a group (or in none). A
+/// connected agent of the host is dismissed and checked against its new
+/// group when it reconnects.
+async fn assign(
+    ctx: &AdminContext,
+    resource: ResourceId,
+    group: Option<GroupName>,
+) -> AdminResponseV1 {
+    let now = ctx.groups.now();
+    let previous = match ctx
+        .store
+        .assign_resource(&resource, group.clone(), now)
+        .await
+    {
+        Ok(Assigned::Done { previous }) => previous,
+        Ok(Assigned::Provisioned { group: owner }) => {
+            return error(
+                AdminErrorCode::NotAllowed,
+                format!(
+                    "{resource} was created for group {owner} by its provisioner: it belongs to \
+                     that group until the group releases it, and cannot be assigned"
+                ),
+            )
+        }
+        Err(e) => return internal(e),
+    };
+    let target = match &group {
+        Some(g) => format!("group {g}"),
+        None => "no group".to_owned(),
+    };
+    if previous == group {
+        return AdminResponseV1::Done {
+            message: format!("{resource} is in {target} already"),
+        };
+    }
+    let mut message = match &previous {
+        Some(p) => format!("{resource} is in {target} now (it was in group {p})"),
+        None => format!("{resource} is in {target} now"),
+    };
+    let dismissed = ctx.registry.dismiss(
+        &resource,
+        Refusal {
+            code: RefusalCode::NotMember,
+            message: format!(
+                "an operator put resource {resource} in {target}: reconnect, the link is \
+                 checked against it"
+            ),
+        },
+    );
+    if dismissed {
+        message.push_str("; its agent was disconnected and joins when it reconnects");
+    }
+    if let Some(g) = &group {
+        match ctx.store.live_group(g.as_str()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => message.push_str(&format!(
+                "; group {g} does not exist yet: the host joins it once it is published"
+            )),
+            Err(e) => tracing::warn!(group = %g, "look the group up: {e}"),
+        }
+    }
+    tracing::info!("{message}");
+    AdminResponseV1::Done { message }
+}
+
 async fn disconnect(ctx: &AdminContext, session: SessionId) -> AdminResponseV1 {
     let hosts = match ctx.store.open_session_hosts(&session).await {
         Ok(h) => h,
@@ -842,6 +1031,15 @@ mod tests {
     }
 
     async fn start() -> Fixture {
+        start_with(AdminLimits::default()).await
+    }
+
+    /// The access of this test process (root, or the user running it).
+    fn own_access() -> access::AdminAccess {
+        access::AdminAccess::for_process(None).expect("own access")
+    }
+
+    async fn start_with(limits: AdminLimits) -> Fixture {
         let tmp = tempfile::tempdir().expect("tmp");
         let store =
             Store::open(&tmp.path().join("ferry.db"), StoreOptions::default()).expect("store");
@@ -858,7 +1056,14 @@ mod tests {
             groups,
             ota,
         };
-        tracker.spawn(serve(listener, ctx, shutdown.clone(), tracker.clone()));
+        tracker.spawn(serve_with(
+            listener,
+            ctx,
+            own_access(),
+            limits,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
         Fixture {
             _tmp: tmp,
             socket,
@@ -905,8 +1110,13 @@ mod tests {
         for bad in [
             // A well-framed payload that is not a request.
             vec![0, 0, 0, 3, 9, 9, 9],
-            // A length over the admin limit.
+            // A length over the admin limit, refused from the prefix alone
+            // (the body is never sent, nothing is allocated for it).
             vec![0xff, 0xff, 0xff, 0xff],
+            u32::try_from(MAX_ADMIN_FRAME_LEN + 1)
+                .expect("fits")
+                .to_be_bytes()
+                .to_vec(),
             // A Drain naming an invalid resource id.
             vec![0, 0, 0, 5, 0, 3, 2, b'H', b'!'],
         ] {
@@ -993,5 +1203,95 @@ mod tests {
             .expect_err("no broker");
         assert!(matches!(err, AdminClientError::NotRunning { .. }));
         assert!(err.to_string().contains("is ferry-broker running"));
+    }
+
+    /// Waits (bounded) until the broker has closed `s`: writing to it fails.
+    async fn closed_by_broker(s: &mut UnixStream) {
+        let status = frame::encode_frame(
+            &AdminRequest::V1(AdminRequestV1::Status),
+            MAX_ADMIN_FRAME_LEN,
+        )
+        .expect("frame");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, s.write_all(&status)).await {
+                Err(_) => panic!("the broker did not close the connection in time"),
+                Ok(Err(_)) => return,
+                Ok(Ok(())) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    fn quick() -> AdminLimits {
+        AdminLimits {
+            idle: Duration::from_millis(300),
+            write: Duration::from_millis(300),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stalls_or_does_not_read_is_dropped_and_frees_its_slot() {
+        let f = start_with(quick()).await;
+        // Enough users that a listing fills the socket's buffer many times.
+        let mut csv = String::from("id,email,mobile\n");
+        for i in 0..10_000 {
+            csv.push_str(&format!("user-{i:05},user{i}@example.com,+4912345{i:05}\n"));
+        }
+        let done = request(&f.socket, AdminRequestV1::UserImport { csv })
+            .await
+            .expect("import");
+        assert!(matches!(&done, AdminResponseV1::Users(u) if u.len() == 10_000));
+
+        // Half a frame, then silence.
+        let mut stalled = UnixStream::connect(&f.socket).await.expect("connect");
+        stalled.write_all(&[0, 0, 0, 40, 0]).await.expect("write");
+        // Listings asked for and never read.
+        let mut deaf = UnixStream::connect(&f.socket).await.expect("connect");
+        let list = frame::encode_frame(
+            &AdminRequest::V1(AdminRequestV1::UserList),
+            MAX_ADMIN_FRAME_LEN,
+        )
+        .expect("frame");
+        for _ in 0..3 {
+            deaf.write_all(&list).await.expect("write");
+        }
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut rest))
+            .await
+            .expect("stalled client dropped in time")
+            .expect("eof");
+        assert!(rest.is_empty(), "no answer to half a frame");
+        closed_by_broker(&mut deaf).await;
+        f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_told_busy() {
+        let f = start().await;
+        let mut open = Vec::new();
+        for _ in 0..MAX_ADMIN_CONNECTIONS {
+            let mut c = AdminClient::connect(&f.socket).await.expect("connect");
+            c.call(AdminRequestV1::Status).await.expect("served");
+            open.push(c);
+        }
+        let mut one_more = UnixStream::connect(&f.socket).await.expect("connect");
+        let resp: AdminResponse = read_admin(&mut one_more)
+            .await
+            .expect("read")
+            .expect("answer");
+        assert!(
+            matches!(
+                &resp,
+                AdminResponse::V1(AdminResponseV1::Error(AdminError {
+                    code: AdminErrorCode::Busy,
+                    ..
+                }))
+            ),
+            "{resp:?}"
+        );
+        drop(open);
+        f.stop().await;
     }
 }

@@ -46,6 +46,9 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Path of the admin Unix socket (created with mode 0660).
     pub admin_socket: PathBuf,
+    /// Group (name or gid) whose members may use the admin socket besides
+    /// root and the broker's user; `None`: the broker's own group.
+    pub admin_group: Option<String>,
     /// How often agents send health, told to them in `Welcome`.
     pub health_interval: Duration,
     /// Consecutive missed health intervals after which a resource is unavailable.
@@ -90,6 +93,104 @@ pub struct GroupsConfig {
     /// `publishing` until they register). `false` (`"configured"`, the
     /// default): base resources are agents configured with `group = ...`.
     pub provision_base: bool,
+    /// What one user or one address may ask of the route service
+    /// (`[routing]`).
+    pub routing: RouteLimits,
+}
+
+/// `[routing]`: limits that keep one user from taking a group and keep
+/// passwords from being guessed at full speed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteLimits {
+    /// Most reservations (tickets not used yet) plus waiting requests one
+    /// user holds in one group; past it a request is refused `user-limit`.
+    /// Sessions already started do not count; in a `shared` group a user's
+    /// existing session is given again and counts nothing.
+    pub max_requests_per_user: u32,
+    /// Most requests waiting for room in one group; past it a waiting
+    /// request is refused `waiting-room-full`. 0: nobody waits.
+    pub waiting_room: u32,
+    /// Failed-login throttling.
+    pub login: LoginLimits,
+}
+
+impl Default for RouteLimits {
+    fn default() -> Self {
+        RouteLimits {
+            max_requests_per_user: 4,
+            waiting_room: 256,
+            login: LoginLimits::default(),
+        }
+    }
+}
+
+/// Failed-login throttling (`[routing] login_*`), applied per user and per
+/// source address (see `routing::throttle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginLimits {
+    /// Failures of one user (from any address) before further attempts
+    /// from addresses that failed are delayed.
+    pub failures_per_user: u32,
+    /// Failures from one address (any users) before it is delayed.
+    pub failures_per_source: u32,
+    /// A failure counts this long after the last one; then the count resets.
+    pub failure_window: Duration,
+    /// The first delay past the free failures; it doubles with each
+    /// further failure up to `max_delay`.
+    pub first_delay: Duration,
+    /// The longest delay.
+    pub max_delay: Duration,
+    /// Password checks one address may have in progress at once (token
+    /// checks hash nothing and are not capped).
+    pub checks_per_source: u32,
+    /// Users and addresses tracked each; past it the least recently seen
+    /// entry is forgotten.
+    pub tracked: u32,
+}
+
+impl Default for LoginLimits {
+    fn default() -> Self {
+        LoginLimits {
+            failures_per_user: 5,
+            failures_per_source: 20,
+            failure_window: Duration::from_secs(900),
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(300),
+            checks_per_source: 16,
+            tracked: 10_000,
+        }
+    }
+}
+
+/// `[routing]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawRouting {
+    max_requests_per_user: i64,
+    waiting_room: i64,
+    login_failures_per_user: i64,
+    login_failures_per_source: i64,
+    login_failure_window: String,
+    login_first_delay: String,
+    login_max_delay: String,
+    login_checks_per_source: i64,
+    login_tracked: i64,
+}
+
+impl Default for RawRouting {
+    fn default() -> Self {
+        RawRouting {
+            max_requests_per_user: 4,
+            waiting_room: 256,
+            login_failures_per_user: 5,
+            login_failures_per_source: 20,
+            login_failure_window: "15m".into(),
+            login_first_delay: "1s".into(),
+            login_max_delay: "5m".into(),
+            login_checks_per_source: 16,
+            login_tracked: 10_000,
+        }
+    }
 }
 
 /// Which provisioner creates and deletes elastic resources (issue 6).
@@ -189,6 +290,7 @@ impl Default for GroupsConfig {
             provisioner: ProvisionerConfig::default(),
             host_gone_after: Duration::from_secs(600),
             provision_base: false,
+            routing: RouteLimits::default(),
         }
     }
 }
@@ -223,6 +325,7 @@ struct RawConfig {
     pki_dir: PathBuf,
     listen: String,
     admin_socket: PathBuf,
+    admin_group: Option<String>,
     health_interval: String,
     missed_health_limit: i64,
     shutdown_grace: String,
@@ -235,6 +338,7 @@ struct RawConfig {
     notify_timeout: String,
     notify_retry_max: String,
     provisioner: RawProvisioner,
+    routing: RawRouting,
 }
 
 impl Default for RawConfig {
@@ -244,6 +348,7 @@ impl Default for RawConfig {
             pki_dir: PathBuf::from("/var/lib/ferry/pki"),
             listen: "0.0.0.0:7443".into(),
             admin_socket: PathBuf::from("/run/ferry/admin.sock"),
+            admin_group: None,
             health_interval: "10s".into(),
             missed_health_limit: 3,
             shutdown_grace: "10s".into(),
@@ -262,6 +367,7 @@ impl Default for RawConfig {
             notify_timeout: "30s".into(),
             notify_retry_max: "10m".into(),
             provisioner: RawProvisioner::default(),
+            routing: RawRouting::default(),
         }
     }
 }
@@ -329,11 +435,22 @@ impl BrokerConfig {
         let provision_base = provision_base_of(&raw.provisioner.base, &kind, errors);
         let prices = prices_of(&raw.prices, &raw.currency, errors);
         let missed_health_limit = missed_health_limit_of(raw.missed_health_limit, errors);
+        let routing = routing_of(&raw.routing, errors);
         BrokerConfig {
             state_dir: raw.state_dir,
             pki_dir: raw.pki_dir,
             listen: listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             admin_socket: raw.admin_socket,
+            admin_group: raw.admin_group.filter(|g| {
+                let ok = !g.trim().is_empty() && !g.contains(':');
+                if !ok {
+                    errors.push(format!(
+                        "admin_group: {g:?} is not a group name or gid (leave it out for the \
+                         broker's own group)"
+                    ));
+                }
+                ok
+            }),
             health_interval: d.health_interval.unwrap_or(MIN_HEALTH_INTERVAL),
             missed_health_limit: missed_health_limit.unwrap_or(1),
             shutdown_grace: d.shutdown_grace.unwrap_or(Duration::ZERO),
@@ -355,6 +472,7 @@ impl BrokerConfig {
                     broker_addr: raw.provisioner.broker_addr,
                 },
                 provision_base,
+                routing,
             },
         }
     }
@@ -373,6 +491,7 @@ impl BrokerConfig {
         g.check_notify(&mut errors);
         g.provisioner.check(&mut errors);
         g.check_lifetimes(&mut errors);
+        g.routing.check(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -540,6 +659,135 @@ impl ProvisionerConfig {
                 format_duration(self.register_timeout)
             ));
         }
+    }
+}
+
+impl RouteLimits {
+    /// Every limit in its range.
+    fn check(&self, errors: &mut Vec<String>) {
+        let counts = [
+            (
+                "max_requests_per_user",
+                self.max_requests_per_user,
+                1,
+                1_000,
+            ),
+            ("waiting_room", self.waiting_room, 0, 100_000),
+            (
+                "login_failures_per_user",
+                self.login.failures_per_user,
+                1,
+                1_000,
+            ),
+            (
+                "login_failures_per_source",
+                self.login.failures_per_source,
+                1,
+                100_000,
+            ),
+            (
+                "login_checks_per_source",
+                self.login.checks_per_source,
+                1,
+                4_096,
+            ),
+            ("login_tracked", self.login.tracked, 100, 1_000_000),
+        ];
+        for (field, value, low, high) in counts {
+            if !(low..=high).contains(&value) {
+                errors.push(format!(
+                    "routing.{field}: {value} is out of range ({low} to {high})"
+                ));
+            }
+        }
+        let l = &self.login;
+        if l.failure_window < Duration::from_secs(1)
+            || l.failure_window > Duration::from_secs(86_400)
+        {
+            errors.push(format!(
+                "routing.login_failure_window: {} is out of range (1s to 1d)",
+                format_duration(l.failure_window)
+            ));
+        }
+        if l.first_delay < Duration::from_millis(10) || l.first_delay > Duration::from_secs(3600) {
+            errors.push(format!(
+                "routing.login_first_delay: {} is out of range (10ms to 1h)",
+                format_duration(l.first_delay)
+            ));
+        }
+        if l.max_delay < l.first_delay || l.max_delay > Duration::from_secs(86_400) {
+            errors.push(format!(
+                "routing.login_max_delay: {} is out of range (login_first_delay to 1d)",
+                format_duration(l.max_delay)
+            ));
+        }
+    }
+}
+
+/// `[routing]`: counts as `u32` (their ranges are checked by `validate`)
+/// and durations, each one that does not convert noted and replaced by its
+/// default.
+fn routing_of(raw: &RawRouting, errors: &mut Vec<String>) -> RouteLimits {
+    let d = RouteLimits::default();
+    let mut count = |field: &str, value: i64, default: u32| match u32::try_from(value) {
+        Ok(n) => n,
+        Err(_) => {
+            errors.push(format!("routing.{field}: {value} is out of range"));
+            default
+        }
+    };
+    let max_requests_per_user = count(
+        "max_requests_per_user",
+        raw.max_requests_per_user,
+        d.max_requests_per_user,
+    );
+    let waiting_room = count("waiting_room", raw.waiting_room, d.waiting_room);
+    let failures_per_user = count(
+        "login_failures_per_user",
+        raw.login_failures_per_user,
+        d.login.failures_per_user,
+    );
+    let failures_per_source = count(
+        "login_failures_per_source",
+        raw.login_failures_per_source,
+        d.login.failures_per_source,
+    );
+    let checks_per_source = count(
+        "login_checks_per_source",
+        raw.login_checks_per_source,
+        d.login.checks_per_source,
+    );
+    let tracked = count("login_tracked", raw.login_tracked, d.login.tracked);
+    let mut duration = |field: &str, value: &str, default: Duration| match parse_duration(value) {
+        Ok(v) => v,
+        Err(e) => {
+            errors.push(format!("routing.{field}: {e}"));
+            default
+        }
+    };
+    let failure_window = duration(
+        "login_failure_window",
+        &raw.login_failure_window,
+        d.login.failure_window,
+    );
+    let first_delay = duration(
+        "login_first_delay",
+        &raw.login_first_delay,
+        d.login.first_delay,
+    );
+    let max_delay = duration("login_max_delay", &raw.login_max_delay, d.login.max_delay);
+    RouteLimits {
+        max_requests_per_user,
+        waiting_room,
+        login: LoginLimits {
+            failures_per_user,
+            failures_per_source,
+            failure_window,
+            first_delay,
+            max_delay,
+            checks_per_source,
+            tracked,
+        },
     }
 }
 
@@ -779,6 +1027,14 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_group_defaults_to_the_brokers_own_and_must_be_a_name() {
+        let c = BrokerConfig::from_toml("").expect("defaults");
+        assert_eq!(c.admin_group, None);
+        let err = BrokerConfig::from_toml(r#"admin_group = "a:b""#).expect_err("invalid");
+        assert!(err.to_string().contains("admin_group"), "{err}");
+    }
+
+    #[test]
     fn a_full_file_parses() {
         let c = BrokerConfig::from_toml(
             r#"
@@ -786,6 +1042,7 @@ mod tests {
             pki_dir = "/tmp/p"
             listen = "127.0.0.1:0"
             admin_socket = "/tmp/a.sock"
+            admin_group = "ferry-ops"
             health_interval = "250ms"
             missed_health_limit = 5
             shutdown_grace = "2s"
@@ -802,6 +1059,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.health_interval_ms(), 250);
+        assert_eq!(c.admin_group.as_deref(), Some("ferry-ops"));
         assert_eq!(c.missed_health_limit, 5);
         assert_eq!(c.shutdown_grace, Duration::from_secs(2));
         assert_eq!(c.groups.retention, Duration::from_secs(3600));
@@ -869,6 +1127,43 @@ mod tests {
             .expect_err("unknown")
             .to_string();
         assert!(err.contains("not one of configured, provisioned"), "{err}");
+    }
+
+    #[test]
+    fn routing_limits_parse_and_every_problem_is_reported() {
+        let c = BrokerConfig::from_toml(
+            "[routing]\nmax_requests_per_user = 2\nwaiting_room = 10\nlogin_max_delay = \"1m\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.groups.routing.max_requests_per_user, 2);
+        assert_eq!(c.groups.routing.waiting_room, 10);
+        assert_eq!(c.groups.routing.login.max_delay, Duration::from_secs(60));
+        let Err(ConfigError::Invalid(errors)) = BrokerConfig::from_toml(
+            r#"
+            [routing]
+            max_requests_per_user = 0
+            waiting_room = -1
+            login_failures_per_user = 0
+            login_failure_window = "soon"
+            login_first_delay = "2m"
+            login_max_delay = "1m"
+            login_tracked = 5
+            "#,
+        ) else {
+            panic!("expected validation errors");
+        };
+        let joined = errors.join("\n");
+        for field in [
+            "routing.max_requests_per_user:",
+            "routing.waiting_room:",
+            "routing.login_failures_per_user:",
+            "routing.login_failure_window:",
+            "routing.login_max_delay:",
+            "routing.login_tracked:",
+        ] {
+            assert!(joined.contains(field), "{field} missing from {joined}");
+        }
+        assert_eq!(errors.len(), 6, "{joined}");
     }
 
     #[test]

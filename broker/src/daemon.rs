@@ -194,9 +194,12 @@ async fn start(
     .map_err(bind_err)?;
     let started = async {
         let agent_addr = endpoint.local_addr().map_err(bind_err)?;
+        let access = admin::access::AdminAccess::for_process(config.admin_group.as_deref())
+            .map_err(AdminSocketError::from)?;
         let listener = admin::bind(&config.admin_socket)?;
+        admin::set_group(&config.admin_socket, &access)?;
         let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
-        broker.serve(config, keys, endpoint.clone(), listener);
+        broker.serve(config, keys, endpoint.clone(), (listener, access));
         Ok(agent_addr)
     }
     .await;
@@ -275,7 +278,7 @@ impl Broker {
         config: &BrokerConfig,
         keys: Keys,
         endpoint: quinn::Endpoint,
-        listener: tokio::net::UnixListener,
+        (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
     ) {
         let (tracker, tasks) = (&self.tracker, &self.tasks);
         let services = Services {
@@ -328,6 +331,7 @@ impl Broker {
         tracker.spawn(admin::serve(
             listener,
             admin_ctx,
+            access,
             tasks.clone(),
             tracker.clone(),
         ));

@@ -343,6 +343,7 @@ async fn run_in(
         pki_dir: pki_dir.clone(),
         listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),
         admin_socket: root.join("admin.sock"),
+        admin_group: None,
         health_interval: Duration::from_secs(2),
         missed_health_limit: 3,
         // Room for the provisioner to stop its agents one by one.
@@ -468,6 +469,20 @@ async fn setup(
     else {
         return Err(DemoError::Unexpected("group publish"));
     };
+    // Membership is the operator's decision: the base hosts are put in the
+    // group before their agents start (`ferryctl resources assign`).
+    for i in 1..=BASE_RESOURCES {
+        let resource = base_host(i)?;
+        let AdminResponseV1::Done { .. } = admin
+            .call(AdminRequestV1::ResourcesAssign {
+                resource,
+                group: Some(group.clone()),
+            })
+            .await?
+        else {
+            return Err(DemoError::Unexpected("resources assign"));
+        };
+    }
     let p = &detail.policy;
     say!(
         out,
@@ -504,6 +519,13 @@ async fn setup(
     Ok(tokens)
 }
 
+/// The demo's base host number `i`.
+fn base_host(i: u32) -> Result<ResourceId, DemoError> {
+    format!("{GROUP}-host-{i}")
+        .parse()
+        .map_err(|e| DemoError::Agent(format!("resource id: {e}")))
+}
+
 fn secs(ms: u64) -> String {
     ferry_common::duration::format_duration(Duration::from_millis(ms))
 }
@@ -516,9 +538,7 @@ async fn start_base_agent(
     i: u32,
     out: &Output,
 ) -> Result<BaseAgent, DemoError> {
-    let resource: ResourceId = format!("{GROUP}-host-{i}")
-        .parse()
-        .map_err(|e| DemoError::Agent(format!("resource id: {e}")))?;
+    let resource = base_host(i)?;
     let dir = root.join(resource.as_str());
     pki::issue_agent(
         pki_dir,

@@ -41,8 +41,8 @@ use crate::endpoint::{
     WRITE_TIMEOUT,
 };
 use crate::pki;
-use crate::registry::{CommandRequest, Registry};
-use crate::store::{Registration, Store};
+use crate::registry::{CommandRequest, Dismissal, Registry};
+use crate::store::{Membership, MembershipSource, Registration, Store};
 
 /// Most agent connections served at once. A broker serves a fleet of hosts,
 /// each with one connection (two briefly while reconnecting); past this, an
@@ -194,7 +194,6 @@ enum Wake {
     Inbound(Option<Result<AgentMessage, FrameError>>),
     Command(CommandRequest),
     Silent,
-    Revoked,
 }
 
 /// What the link knows of a host's health reports.
@@ -220,6 +219,9 @@ struct Connection {
     group: Option<GroupName>,
     /// Commands sent and not yet answered, by id.
     pending: HashMap<u64, oneshot::Sender<CommandOutcome>>,
+    /// Set by the registry when the broker ends this connection (the host
+    /// changed group): the refusal its agent is sent.
+    dismissal: Dismissal,
     next_command: u64,
     /// Broker clock of the last message from the agent.
     last_heard: UnixMillis,
@@ -419,11 +421,16 @@ impl Connection {
         };
         let cert_issued = check_revocation(&conn, &mut send, &resource, &ctx).await?;
 
+        let group = match member_group(&ctx, &resource, hello.group.as_ref()).await {
+            Ok(group) => group,
+            Err((code, message)) => {
+                return Err(refuse(&conn, &mut send, &resource, code, message).await)
+            }
+        };
         let spool_id = hello.spool_id;
-        let group = hello.group.clone();
         let registered = match ctx
             .store
-            .register(registration(hello, ctx.clock.now()))
+            .register(registration(hello, group.clone(), ctx.clock.now()))
             .await
         {
             Ok(r) => r,
@@ -453,22 +460,19 @@ impl Connection {
             spool_id,
             group,
             pending: HashMap::new(),
+            dismissal: Dismissal::default(),
             next_command: 0,
             last_heard,
             cert_issued,
         };
         let (superseded, mut commands) = this.attach();
-        let revoked = this
-            .ctx
-            .registry
-            .revocation_signal(&this.resource, this.conn_id);
         this.join(registered.open.clone()).await;
         let result = this
             .serve(
                 registered.last_recorded_seq,
                 &mut inbox,
                 &mut commands,
-                (&superseded, &revoked),
+                &superseded,
                 &token,
             )
             .await;
@@ -487,6 +491,7 @@ impl Connection {
             self.conn_id,
             self.group.clone(),
             superseded.clone(),
+            self.dismissal.clone(),
             cmd_tx,
         );
         (superseded, commands)
@@ -564,7 +569,7 @@ impl Connection {
         last_recorded_seq: u64,
         inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
         commands: &mut mpsc::Receiver<CommandRequest>,
-        (superseded, revoked): (&CancellationToken, &CancellationToken),
+        superseded: &CancellationToken,
         token: &CancellationToken,
     ) -> Result<(), LinkError> {
         self.welcome(last_recorded_seq).await?;
@@ -582,7 +587,6 @@ impl Connection {
                     biased;
                     _ = token.cancelled() => Wake::Shutdown,
                     _ = superseded.cancelled() => Wake::Superseded,
-                    _ = revoked.cancelled() => Wake::Revoked,
                     m = inbox.recv() => Wake::Inbound(m),
                     Some(c) = commands.recv() => Wake::Command(c),
                     _ = tokio::time::sleep_until(health.silent_at), if health.available => Wake::Silent,
@@ -595,22 +599,16 @@ impl Connection {
                         .await)
                 }
                 Wake::Superseded => {
-                    return Err(self
-                        .refuse(
-                            RefusalCode::Superseded,
-                            "a newer connection of this resource registered".into(),
-                        )
-                        .await)
-                }
-                Wake::Revoked => {
-                    return Err(self
-                        .refuse(
-                            RefusalCode::Revoked,
-                            "the operator revoked this host (ferryctl resources revoke); \
-                             it needs a new certificate"
-                                .into(),
-                        )
-                        .await)
+                    let dismissed = self
+                        .dismissal
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .take();
+                    let Refusal { code, message } = dismissed.unwrap_or(Refusal {
+                        code: RefusalCode::Superseded,
+                        message: "a newer connection of this resource registered".into(),
+                    });
+                    return Err(self.refuse(code, message).await);
                 }
                 Wake::Silent => self.silent(&mut health).await,
                 Wake::Command(req) => self.send_command(req).await?,
@@ -1059,10 +1057,59 @@ fn check_inventory(inventory: &ferry_common::wire::Inventory) -> Result<(), Stri
     Ok(())
 }
 
-fn registration(hello: Hello, now: UnixMillis) -> Registration {
+/// The group `resource` belongs to, checked against the group its `Hello`
+/// `named`: membership is the operator's decision (`ferryctl resources
+/// assign`) or the provisioner's (a resource it created for a group), never
+/// the agent's. A `Hello` naming no group joins the host's group; one
+/// naming another group, or a group for a host in none, is refused with
+/// what to do, and the named group records the attempt.
+async fn member_group(
+    ctx: &LinkContext,
+    resource: &ResourceId,
+    named: Option<&GroupName>,
+) -> Result<Option<GroupName>, (RefusalCode, String)> {
+    let membership = ctx.store.membership(resource).await.map_err(|e| {
+        (
+            RefusalCode::StoreUnavailable,
+            format!("read the host's group: {e}"),
+        )
+    })?;
+    let Some(named) = named else {
+        return Ok(membership.map(|m| m.group));
+    };
+    let message = match membership {
+        Some(m) if m.group == *named => return Ok(Some(m.group)),
+        Some(Membership {
+            group,
+            source: MembershipSource::Provisioned,
+        }) => format!(
+            "resource {resource} was created for group {group}, its Hello names group {named}: \
+             refused"
+        ),
+        Some(Membership { group, .. }) => format!(
+            "resource {resource} belongs to group {group}, its Hello names group {named}: \
+             refused (set `group = \"{group}\"` in its agent configuration, or move it with \
+             `ferryctl resources assign {resource} {named}`)"
+        ),
+        None => format!(
+            "resource {resource} is in no group, its Hello names group {named}: refused (an \
+             operator puts it there with `ferryctl resources assign {resource} {named}`)"
+        ),
+    };
+    if let Err(e) = ctx
+        .store
+        .refused_join(named, message.clone(), ctx.clock.now())
+        .await
+    {
+        tracing::warn!(%resource, group = %named, "record the refused join: {e}");
+    }
+    Err((RefusalCode::NotMember, message))
+}
+
+fn registration(hello: Hello, group: Option<GroupName>, now: UnixMillis) -> Registration {
     Registration {
         resource: hello.resource,
-        group: hello.group,
+        group,
         agent_version: truncate(hello.agent_version),
         image_version: truncate(hello.image_version),
         host: hello.host,

@@ -648,6 +648,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         pki_dir: pki_dir.clone(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         admin_socket: tmp.path().join("admin.sock"),
+        admin_group: None,
         health_interval: Duration::from_secs(10),
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),

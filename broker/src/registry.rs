@@ -17,10 +17,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_common::wire::{Command, CommandOutcome, HealthReport, Inventory};
+use ferry_common::wire::{Command, CommandOutcome, HealthReport, Inventory, Refusal};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -70,14 +70,19 @@ pub struct LiveResource {
     pub streaming: Option<String>,
 }
 
+/// Why the broker ended a connection ([`Registry::dismiss`]); shared by
+/// the registry and the connection's task.
+pub type Dismissal = Arc<Mutex<Option<Refusal>>>;
+
 struct Entry {
     /// Which connection serves the resource; stale connections must not
     /// overwrite the state of the one that replaced them.
     conn_id: u64,
-    /// Cancelled when a newer connection of the same resource registers.
+    /// Cancelled when a newer connection of the same resource registers,
+    /// or when the broker dismisses the connection ([`Registry::dismiss`]).
     superseded: CancellationToken,
-    /// Cancelled when the operator revokes the resource.
-    revoked: CancellationToken,
+    /// Why the broker dismissed the connection, if it did.
+    dismissal: Dismissal,
     /// The connection task's command inbox.
     commands: mpsc::Sender<CommandRequest>,
     live: LiveResource,
@@ -153,6 +158,7 @@ impl Registry {
         conn_id: u64,
         group: Option<GroupName>,
         superseded: CancellationToken,
+        dismissal: Dismissal,
         commands: mpsc::Sender<CommandRequest>,
     ) {
         let old = self.with(|map| {
@@ -161,7 +167,7 @@ impl Registry {
                 Entry {
                     conn_id,
                     superseded,
-                    revoked: CancellationToken::new(),
+                    dismissal,
                     commands,
                     live: LiveResource {
                         available: true,
@@ -180,24 +186,21 @@ impl Registry {
         }
     }
 
-    /// What tells connection `conn_id` of `resource` that the operator
-    /// revoked it ([`Registry::revoke`]); already cancelled when that
-    /// connection is no longer the resource's current one.
-    pub fn revocation_signal(&self, resource: &ResourceId, conn_id: u64) -> CancellationToken {
+    /// Ends the current connection of `resource`, if any, with `refusal`
+    /// (its link sends it and closes; the agent reconnects and is checked
+    /// again): for a change the connection was accepted under, such as the
+    /// host's group. Returns whether a connection was dismissed.
+    pub fn dismiss(&self, resource: &ResourceId, refusal: Refusal) -> bool {
         self.peek(|map| match map.get(resource) {
-            Some(e) if e.conn_id == conn_id => e.revoked.clone(),
-            _ => {
-                let gone = CancellationToken::new();
-                gone.cancel();
-                gone
+            Some(e) => {
+                *e.dismissal
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(refusal);
+                e.superseded.cancel();
+                true
             }
+            None => false,
         })
-    }
-
-    /// Tells the live connection of `resource`, if any, that it is revoked
-    /// (it closes at once); answers whether there was one.
-    pub fn revoke(&self, resource: &ResourceId) -> bool {
-        self.peek(|map| map.get(resource).map(|e| e.revoked.cancel()).is_some())
     }
 
     /// Forgets the connection, if it is still the resource's current one;
@@ -337,8 +340,15 @@ mod tests {
         let (tx1, _rx1) = mpsc::channel(1);
         let (tx2, mut rx2) = mpsc::channel(1);
         let old = CancellationToken::new();
-        reg.attach(&rid("h1"), 1, None, old.clone(), tx1);
-        reg.attach(&rid("h1"), 2, None, CancellationToken::new(), tx2);
+        reg.attach(&rid("h1"), 1, None, old.clone(), Default::default(), tx1);
+        reg.attach(
+            &rid("h1"),
+            2,
+            None,
+            CancellationToken::new(),
+            Default::default(),
+            tx2,
+        );
         assert!(old.is_cancelled());
         reg.detach(&rid("h1"), 1);
         assert_eq!(reg.connected(), 1);
@@ -368,7 +378,14 @@ mod tests {
     async fn a_connection_that_goes_away_fails_the_command() {
         let reg = Registry::new();
         let (tx, mut rx) = mpsc::channel(1);
-        reg.attach(&rid("h1"), 1, None, CancellationToken::new(), tx);
+        reg.attach(
+            &rid("h1"),
+            1,
+            None,
+            CancellationToken::new(),
+            Default::default(),
+            tx,
+        );
         let drop_it = tokio::spawn(async move {
             let req = rx.recv().await.expect("command");
             drop(req);

@@ -178,7 +178,17 @@ pub enum AdminRequestV1 {
     /// or all (`ferryctl ota list`). Answered by
     /// [`AdminResponseV1::OtaUpdatesAndSchedules`].
     OtaListWithSchedules { group: Option<GroupName> },
-    // ---- certificates (issue 14) ----
+
+    // --- Trust boundaries (issue 14). ---
+    /// Put a host in a delivery group (`None`: in no group), the operator's
+    /// decision: an agent whose `Hello` names another group is refused. A
+    /// connected agent of the host is disconnected and checked again when
+    /// it reconnects. Refused for resources the provisioner created for another
+    /// group. Answered by `Done`.
+    ResourcesAssign {
+        resource: ResourceId,
+        group: Option<GroupName>,
+    },
     /// Revoke a host: every certificate of `resource` issued until now is
     /// refused from now on (also after a restart), its live connection is
     /// closed at once, and it cannot renew. A certificate issued later
@@ -970,6 +980,10 @@ pub enum AdminErrorCode {
     Invalid,
     /// It already exists (a group name, a user id).
     Conflict,
+    /// The peer's credentials do not allow the admin socket (not root, not
+    /// the broker's user, not in the admin group); the message says which
+    /// group to join.
+    Forbidden,
 }
 
 /// A group's live state as its actor holds it (`group show`).
@@ -1131,6 +1145,12 @@ mod tests {
         }));
         let bytes = frame::encode_payload(&refused).expect("encode");
         assert_eq!(hex(&bytes), "0004080178");
+        let forbidden = AdminResponse::V1(AdminResponseV1::Error(AdminError {
+            code: AdminErrorCode::Forbidden,
+            message: "x".into(),
+        }));
+        let bytes = frame::encode_payload(&forbidden).expect("encode");
+        assert_eq!(hex(&bytes), "00040b0178");
     }
 
     #[test]
@@ -1586,14 +1606,14 @@ mod tests {
             reason: "r".into(),
         });
         let bytes = frame::encode_payload(&revoke).expect("encode");
-        assert_eq!(hex(&bytes), "002c0268310172");
+        assert_eq!(hex(&bytes), "002d0268310172");
         assert_eq!(
             frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
             revoke
         );
         let list = AdminRequest::V1(AdminRequestV1::ListResourcesWithRevocations);
         let bytes = frame::encode_payload(&list).expect("encode");
-        assert_eq!(hex(&bytes), "002d");
+        assert_eq!(hex(&bytes), "002e");
         let answer = AdminResponse::V1(AdminResponseV1::ResourcesWithRevocations {
             resources: vec![],
             revocations: vec![RevocationInfo {
@@ -1609,5 +1629,35 @@ mod tests {
             frame::decode_payload::<AdminResponse>(&bytes).expect("decode"),
             answer
         );
+    }
+
+    /// The variant numbers and bytes of the trust-boundaries section.
+    #[test]
+    fn golden_trust_boundary_requests() {
+        let cases = [
+            (
+                AdminRequestV1::ResourcesAssign {
+                    resource: "h1".parse().expect("id"),
+                    group: Some("g1".parse().expect("id")),
+                },
+                "002c02683101026731",
+            ),
+            (
+                AdminRequestV1::ResourcesAssign {
+                    resource: "h1".parse().expect("id"),
+                    group: None,
+                },
+                "002c02683100",
+            ),
+        ];
+        for (req, golden) in cases {
+            let req = AdminRequest::V1(req);
+            let bytes = frame::encode_payload(&req).expect("encode");
+            assert_eq!(hex(&bytes), golden);
+            assert_eq!(
+                frame::decode_payload::<AdminRequest>(&bytes).expect("decode"),
+                req
+            );
+        }
     }
 }

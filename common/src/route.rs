@@ -124,6 +124,15 @@ pub enum RouteRefusal {
     ShuttingDown,
     /// Something failed inside the broker (store, signing); retry later.
     Internal,
+    /// The user already holds the most reservations plus waiting requests
+    /// one user may have in the group (`[routing] max_requests_per_user`):
+    /// use or withdraw them first (an unused ticket expires in a minute).
+    UserLimit,
+    /// The group's waiting room is full (`[routing] waiting_room`).
+    WaitingRoomFull,
+    /// Too many failed logins for this user or from this address: the
+    /// credentials were not checked; retry after `retry_after_secs`.
+    Throttled { retry_after_secs: u32 },
 }
 
 impl RouteRefusal {
@@ -139,6 +148,9 @@ impl RouteRefusal {
             RouteRefusal::Malformed => "malformed",
             RouteRefusal::ShuttingDown => "shutting-down",
             RouteRefusal::Internal => "internal",
+            RouteRefusal::UserLimit => "user-limit",
+            RouteRefusal::WaitingRoomFull => "waiting-room-full",
+            RouteRefusal::Throttled { .. } => "throttled",
         }
     }
 }
@@ -215,6 +227,33 @@ mod tests {
                 message: "m".into(),
             })),
             concat!("0002020765787069726564", "016d"),
+        );
+    }
+
+    #[test]
+    fn golden_limit_refusals() {
+        let refused = |reason| {
+            RouteReply::V1(BrokerToClient::Refused(RouteRefused {
+                reason,
+                message: "m".into(),
+            }))
+        };
+        round_trip(&refused(RouteRefusal::UserLimit), "000209016d");
+        round_trip(&refused(RouteRefusal::WaitingRoomFull), "00020a016d");
+        round_trip(
+            &refused(RouteRefusal::Throttled {
+                retry_after_secs: 300,
+            }),
+            "00020bfb2c01016d",
+        );
+        assert_eq!(RouteRefusal::UserLimit.as_str(), "user-limit");
+        assert_eq!(RouteRefusal::WaitingRoomFull.as_str(), "waiting-room-full");
+        assert_eq!(
+            RouteRefusal::Throttled {
+                retry_after_secs: 1
+            }
+            .as_str(),
+            "throttled"
         );
     }
 

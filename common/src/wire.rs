@@ -353,6 +353,10 @@ pub enum RefusalCode {
     StoreUnavailable,
     /// The broker is shutting down; reconnect later.
     ShuttingDown,
+    /// `Hello::group` is not the group the operator put this host in (or
+    /// the host is in none): the message names the group it belongs to and
+    /// the command that changes it.
+    NotMember,
     /// The certificate was issued before the host was revoked (`ferryctl
     /// resources revoke`) or before its name was enrolled anew: the host
     /// needs a new certificate from the operator.
@@ -538,6 +542,20 @@ mod tests {
     }
 
     #[test]
+    fn golden_not_member_refusal() {
+        let msg = BrokerMessage::V1(BrokerToAgent::Refused(Refusal {
+            code: RefusalCode::NotMember,
+            message: "m".into(),
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "000307016d");
+        assert_eq!(
+            frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
+            msg
+        );
+    }
+
+    #[test]
     fn golden_ticket_key() {
         let msg = BrokerMessage::V1(BrokerToAgent::TicketKey {
             public_key: vec![0xab; 32],
@@ -588,7 +606,7 @@ mod tests {
             message: String::new(),
         }));
         let bytes = frame::encode_payload(&msg).expect("encode");
-        assert_eq!(hex(&bytes), "00030700");
+        assert_eq!(hex(&bytes), "00030800");
     }
 
     #[test]

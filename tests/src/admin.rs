@@ -30,13 +30,29 @@ pub async fn agent_of(
     agent_with(broker, resource, group, &identity).await
 }
 
-/// [`agent_of`] with a given identity.
+/// `resources assign`: the operator puts `resource` in `group`.
+pub async fn assign(broker: &TestBroker, resource: &str, group: &str) -> anyhow::Result<String> {
+    match broker
+        .admin(AdminRequestV1::ResourcesAssign {
+            resource: resource.parse()?,
+            group: Some(group.parse()?),
+        })
+        .await?
+    {
+        AdminResponseV1::Done { message } => Ok(message),
+        other => bail!("assign answered {other:?}"),
+    }
+}
+
+/// [`agent_of`] with a given identity; the host is assigned to `group`
+/// first, as its operator does.
 pub async fn agent_with(
     broker: &TestBroker,
     resource: &str,
     group: &str,
     identity: &AgentIdentity,
 ) -> anyhow::Result<TestAgent> {
+    assign(broker, resource, group).await?;
     let mut config = broker.agent_config(resource, identity)?;
     config.group = Some(group.parse()?);
     let agent = TestAgent::start_with(config).await?;

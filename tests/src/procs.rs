@@ -248,6 +248,20 @@ impl BrokerFiles {
         Ok(())
     }
 
+    /// `ferryctl resources assign RESOURCE GROUP` on the running broker.
+    pub async fn assign(&self, resource: &str, group: &str) -> anyhow::Result<()> {
+        let args: Vec<&OsStr> = vec![
+            OsStr::new("--socket"),
+            self.admin_socket.as_os_str(),
+            OsStr::new("resources"),
+            OsStr::new("assign"),
+            OsStr::new(resource),
+            OsStr::new(group),
+        ];
+        run_ok(&bin("ferryctl"), args).await?;
+        Ok(())
+    }
+
     /// Writes a config file listening on `listen` and returns its path.
     pub fn write_config(&self, listen: SocketAddr) -> anyhow::Result<PathBuf> {
         let path = self.dir.join("broker.toml");
@@ -414,7 +428,11 @@ impl AgentProcess {
             sock = local_socket,
         );
         let text = match group {
-            Some(group) => format!("{text}group = {group:?}\n"),
+            Some(group) => {
+                // The operator's step: the broker decides membership.
+                broker.assign(resource, group).await?;
+                format!("{text}group = {group:?}\n")
+            }
             None => text,
         };
         std::fs::write(&config, text).context("write agent config")?;

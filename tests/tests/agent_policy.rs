@@ -10,6 +10,7 @@
 //! or bounded by `PATIENCE`; no sleeps.
 
 use anyhow::Context;
+use ferry_agent::local::StartProof;
 use ferry_broker::pki;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_common::admin::{AdminRequestV1, Secret, UserSpec};
@@ -81,6 +82,7 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
     let identity = broker.issue_identity("h1")?;
     let mut config = broker.agent_config("h1", &identity)?;
     config.group = Some("idle".parse()?);
+    ferry_tests::admin::assign(&broker, "h1", "idle").await?;
     let socket = config.local_socket.clone();
     config.hooks.disconnect = Some(vec![
         agent_bin.to_string_lossy().into_owned(),
@@ -111,7 +113,9 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
         RouteAnswer::Refused(r) => anyhow::bail!("refused ({}): {}", r.reason, r.message),
     };
     let mut local = h1.client().await?;
-    let started = local.session_start(session.clone(), uid("alice")).await?;
+    let started = local
+        .session_start(session.clone(), uid("alice"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
 
     // The streaming server: no input for 2 s already, over the 1 s limit.
@@ -192,6 +196,7 @@ async fn a_failed_policy_is_tried_again_while_the_agent_stays_connected() -> any
     let identity = broker.issue_identity("h1")?;
     let mut config = broker.agent_config("h1", &identity)?;
     config.group = Some("retry".parse()?);
+    ferry_tests::admin::assign(&broker, "h1", "retry").await?;
     config.hooks.policy = Some(vec![
         "/bin/sh".into(),
         "-c".into(),

@@ -52,12 +52,36 @@ async fn broker_and_two_agents_as_processes() -> anyhow::Result<()> {
         0o600
     );
 
-    h1.cli(&["session", "start", "--session", "s1", "--user", "alice"])
-        .await?;
-    h1.cli(&["session", "start", "--session", "s2", "--user", "bob"])
-        .await?;
-    h2.cli(&["session", "start", "--session", "s3", "--user", "carol"])
-        .await?;
+    h1.cli(&[
+        "session",
+        "start",
+        "--trusted",
+        "--session",
+        "s1",
+        "--user",
+        "alice",
+    ])
+    .await?;
+    h1.cli(&[
+        "session",
+        "start",
+        "--trusted",
+        "--session",
+        "s2",
+        "--user",
+        "bob",
+    ])
+    .await?;
+    h2.cli(&[
+        "session",
+        "start",
+        "--trusted",
+        "--session",
+        "s3",
+        "--user",
+        "carol",
+    ])
+    .await?;
     h1.cli(&["session", "end", "--session", "s1", "--reason", "logout"])
         .await?;
     for agent in [&h1, &h2] {

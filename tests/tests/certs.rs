@@ -295,7 +295,11 @@ async fn busy_group_with_e1(
     let h = agent_of(broker, base, "g").await?;
     let mut client = h.client().await?;
     client
-        .session_start("s1".parse::<SessionId>()?, "alice".parse()?)
+        .session_start(
+            "s1".parse::<SessionId>()?,
+            "alice".parse()?,
+            ferry_agent::local::StartProof::Trusted,
+        )
         .await?;
     h.wait_synced().await?;
     wait_events(broker, "g", "enrolled", 1).await?;

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_common::wire::EndReason;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
@@ -53,7 +53,7 @@ async fn report_round(
         let session = format!("r{round}-{resource}-{n}");
         let user = format!("user{n}");
         client
-            .session_start(session.parse()?, user.parse()?)
+            .session_start(session.parse()?, user.parse()?, StartProof::Trusted)
             .await
             .with_context(|| format!("start {session}"))?;
         reported.send_modify(|c| *c += 1);
@@ -110,7 +110,15 @@ async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyho
         for (agent, resource) in agents.iter().zip(AGENTS) {
             let session = format!("r{round}-{resource}-probe");
             agent
-                .cli(&["session", "start", "--session", &session, "--user", "probe"])
+                .cli(&[
+                    "session",
+                    "start",
+                    "--trusted",
+                    "--session",
+                    &session,
+                    "--user",
+                    "probe",
+                ])
                 .await?;
             agent.wait_synced().await?;
             expected.insert(

@@ -72,7 +72,15 @@ async fn report(
     for op in ops {
         match &op {
             Op::Start(s) => agent
-                .cli(&["session", "start", "--session", s, "--user", "alice"])
+                .cli(&[
+                    "session",
+                    "start",
+                    "--trusted",
+                    "--session",
+                    s,
+                    "--user",
+                    "alice",
+                ])
                 .await
                 .with_context(|| format!("start {s}"))?,
             Op::End(s) => agent
@@ -181,7 +189,15 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
         for (agent, resource) in agents.iter().zip(AGENTS) {
             let session = format!("r{round}-{resource}-probe");
             agent
-                .cli(&["session", "start", "--session", &session, "--user", "probe"])
+                .cli(&[
+                    "session",
+                    "start",
+                    "--trusted",
+                    "--session",
+                    &session,
+                    "--user",
+                    "probe",
+                ])
                 .await?;
             agent.wait_synced().await?;
             reported.insert(

@@ -86,7 +86,15 @@ async fn a_second_daemon_on_a_state_directory_is_refused_naming_the_first() -> a
 
     // The first ones were not disturbed.
     agent
-        .cli(&["session", "start", "--session", "s1", "--user", "alice"])
+        .cli(&[
+            "session",
+            "start",
+            "--trusted",
+            "--session",
+            "s1",
+            "--user",
+            "alice",
+        ])
         .await?;
     let s = agent.wait_synced().await?;
     assert_eq!(s["spooled"], 0, "{s}");
@@ -208,7 +216,15 @@ async fn a_closed_stderr_neither_kills_nor_blocks_the_daemons() -> anyhow::Resul
     // Both log: the connection, sessions, acknowledgements.
     for s in ["s1", "s2"] {
         agent
-            .cli(&["session", "start", "--session", s, "--user", "alice"])
+            .cli(&[
+                "session",
+                "start",
+                "--trusted",
+                "--session",
+                s,
+                "--user",
+                "alice",
+            ])
             .await?;
     }
     agent.cli(&["session", "end", "--session", "s1"]).await?;
@@ -260,7 +276,15 @@ async fn a_full_stderr_does_not_block_work_or_shutdown() -> anyhow::Result<()> {
         AgentProcess::launch(&files, "host-1", broker.agent_addr, &full(agent_err)).await?;
     for s in ["s1", "s2", "s3"] {
         agent
-            .cli(&["session", "start", "--session", s, "--user", "alice"])
+            .cli(&[
+                "session",
+                "start",
+                "--trusted",
+                "--session",
+                s,
+                "--user",
+                "alice",
+            ])
             .await?;
     }
     let s = agent.wait_synced().await?;
@@ -361,6 +385,7 @@ async fn session_reports_say_whether_the_broker_has_them_and_ids_are_used_once(
         .cli(&[
             "session",
             "start",
+            "--trusted",
             "--session",
             "s-offline-1",
             "--user",
@@ -375,6 +400,7 @@ async fn session_reports_say_whether_the_broker_has_them_and_ids_are_used_once(
         .cli(&[
             "session",
             "start",
+            "--trusted",
             "--session",
             "s2",
             "--user",
@@ -397,6 +423,7 @@ async fn session_reports_say_whether_the_broker_has_them_and_ids_are_used_once(
         &[
             "session",
             "start",
+            "--trusted",
             "--session",
             "s-offline-1",
             "--user",
@@ -420,7 +447,15 @@ async fn session_reports_say_whether_the_broker_has_them_and_ids_are_used_once(
     })
     .await?;
     let out = agent
-        .cli(&["session", "start", "--session", "s3", "--user", "dave"])
+        .cli(&[
+            "session",
+            "start",
+            "--trusted",
+            "--session",
+            "s3",
+            "--user",
+            "dave",
+        ])
         .await?;
     assert!(
         out.contains("s3 started: spooled (seq 4): the broker has not acknowledged it yet"),

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_common::admin::{BillingSpec, GroupSpec, LiveGroupView, PolicySpec, SessionType};
 use ferry_common::{SessionId, UnixMillis, UserId};
 use ferry_tests::admin::{agent_of, events, of_kind, publish, wait_events, wait_live};
@@ -60,7 +60,7 @@ fn rows(l: &LiveGroupView) -> Vec<(String, String, bool, Vec<String>)> {
 }
 
 async fn start(c: &mut LocalClient, session: &str) -> anyhow::Result<()> {
-    c.session_start(sid(session), uid("alice"))
+    c.session_start(sid(session), uid("alice"), StartProof::Trusted)
         .await
         .with_context(|| format!("start {session}"))?;
     Ok(())

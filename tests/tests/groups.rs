@@ -479,6 +479,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
         pki_dir,
         listen: "127.0.0.1:0".parse()?,
         admin_socket: tmp.path().join("admin.sock"),
+        admin_group: None,
         health_interval: Duration::from_millis(500),
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),

@@ -6,6 +6,7 @@
 //! Every wait is on a signal or a bounded series of admin requests; the
 //! warning deadline passes when the test moves the group clock.
 
+use ferry_agent::local::StartProof;
 use std::path::Path;
 use std::time::Duration;
 
@@ -118,6 +119,7 @@ async fn agent(
     let identity = broker.issue_identity(resource)?;
     let mut config = broker.agent_config(resource, &identity)?;
     config.group = Some(group.parse()?);
+    ferry_tests::admin::assign(broker, resource, group).await?;
     config.image_version = image_version.into();
     let (warn, disconnect, image) = hooks(dir, resource, &config.local_socket, image_exit)?;
     config.hooks.warn = Some(warn);
@@ -239,8 +241,10 @@ async fn sessions_are_warned_then_disconnected_and_every_host_switches_at_no_cos
     let h1 = agent(&broker, dir.path(), "h1", "img", 0, "img-1").await?;
     let h2 = agent(&broker, dir.path(), "h2", "img", 0, "img-1").await?;
     let (mut c1, mut c2) = (h1.client().await?, h2.client().await?);
-    c1.session_start(sid("s1"), uid("alice")).await?;
-    c2.session_start(sid("s2"), uid("bob")).await?;
+    c1.session_start(sid("s1"), uid("alice"), StartProof::Trusted)
+        .await?;
+    c2.session_start(sid("s2"), uid("bob"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     h2.wait_synced().await?;
     let to = UnixMillis(t0.0 + 3_600_000);
@@ -719,7 +723,8 @@ async fn a_restart_during_the_warning_warns_the_open_sessions_again_when_their_a
     let h1 = agent(&broker, dir.path(), "h1", "warm", 0, "img-1").await?;
     let h2 = agent(&broker, dir.path(), "h2", "warm", 0, "img-1").await?;
     let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), uid("alice")).await?;
+    c1.session_start(sid("s1"), uid("alice"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     update_image(&broker, "warm", "img-2").await?;
     wait_events(&broker, "warm", "session-warned", 1).await?;

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_broker::pki;
 use ferry_common::admin::{AdminRequestV1, AdminResponseV1, SessionInfo};
 use ferry_common::wire::EndReason;
@@ -23,7 +23,7 @@ fn uid(s: &str) -> UserId {
 }
 
 async fn start(c: &mut LocalClient, session: &str, user: &str) -> anyhow::Result<u64> {
-    c.session_start(sid(session), uid(user))
+    c.session_start(sid(session), uid(user), StartProof::Trusted)
         .await
         .with_context(|| format!("start {session}"))
 }

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
 use ferry_broker::engine::billing::{billed_seconds, per_second_amount, round_line};
@@ -70,7 +70,7 @@ fn rows(l: &LiveGroupView) -> Vec<(String, String, bool, Vec<String>)> {
 }
 
 async fn start(c: &mut LocalClient, session: &str) -> anyhow::Result<()> {
-    c.session_start(sid(session), uid("alice"))
+    c.session_start(sid(session), uid("alice"), StartProof::Trusted)
         .await
         .with_context(|| format!("start {session}"))?;
     Ok(())
@@ -433,6 +433,7 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
     let identity = broker.issue_identity("h1")?;
     let mut h1_config = broker.agent_config("h1", &identity)?;
     h1_config.group = Some("week".parse()?);
+    ferry_tests::admin::assign(&broker, "h1", "week").await?;
     h1_config.hooks.disconnect = Some(vec!["/bin/sh".into(), hook.display().to_string()]);
     let mut h1 = TestAgent::start_with(h1_config).await?;
     h1.wait_synced().await?;
@@ -787,6 +788,7 @@ async fn the_policy_is_pushed_to_every_agent_acknowledged_and_retried_on_rejoin(
     let identity = broker.issue_identity("h3")?;
     let mut config = broker.agent_config("h3", &identity)?;
     config.group = Some("pol".parse()?);
+    ferry_tests::admin::assign(&broker, "h3", "pol").await?;
     config.hooks.policy = Some(vec![
         "/bin/sh".into(),
         "-c".into(),
@@ -860,6 +862,7 @@ async fn an_expired_group_retries_a_failed_disconnect_until_it_succeeds() -> any
     let identity = broker.issue_identity("h1")?;
     let mut config = broker.agent_config("h1", &identity)?;
     config.group = Some("retry".parse()?);
+    ferry_tests::admin::assign(&broker, "h1", "retry").await?;
     config.hooks.disconnect = Some(vec!["/bin/sh".into(), hook.display().to_string()]);
     let mut h1 = TestAgent::start_with(config).await?;
     h1.wait_synced().await?;

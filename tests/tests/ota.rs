@@ -8,6 +8,7 @@
 //! what the broker reports (admin answers, the hooks' logs), each wait
 //! bounded by [`PATIENCE`]; nothing sleeps.
 
+use ferry_agent::local::StartProof;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -70,6 +71,7 @@ async fn agent(
     let identity = broker.issue_identity(resource)?;
     let mut config = broker.agent_config(resource, &identity)?;
     config.group = Some(group.parse()?);
+    ferry_tests::admin::assign(broker, resource, group).await?;
     let bin = logs.join(format!("{resource}-hooks"));
     std::fs::create_dir_all(&bin)?;
     let update = script(
@@ -289,8 +291,10 @@ async fn a_rollout_drains_warns_waits_for_the_deadline_and_updates_every_resourc
     let _h3 = agent(&broker, &logs, "h3", "fleet", 0).await?;
     let mut c1 = h1.client().await?;
     let mut c2 = h2.client().await?;
-    c1.session_start(sid("s1"), uid("alice")).await?;
-    c2.session_start(sid("s2"), uid("bob")).await?;
+    c1.session_start(sid("s1"), uid("alice"), StartProof::Trusted)
+        .await?;
+    c2.session_start(sid("s2"), uid("bob"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     h2.wait_synced().await?;
 
@@ -508,7 +512,8 @@ async fn a_broker_restarted_mid_rollout_resumes_it_with_the_same_deadline() -> a
     let h1 = agent(&broker, &logs, "h1", "resume", 0).await?;
     let _h2 = agent(&broker, &logs, "h2", "resume", 0).await?;
     let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), uid("alice")).await?;
+    c1.session_start(sid("s1"), uid("alice"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
 
     let u = offer(&broker, "resume", "3.2").await?;
@@ -721,7 +726,8 @@ async fn a_running_rollout_shows_each_host_s_step_and_deadline() -> anyhow::Resu
     let h1 = agent(&broker, &logs, "h1", "watch", 0).await?;
     let _h2 = agent(&broker, &logs, "h2", "watch", 0).await?;
     let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), uid("alice")).await?;
+    c1.session_start(sid("s1"), uid("alice"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
 
     let u = offer(&broker, "watch", "3.2").await?;

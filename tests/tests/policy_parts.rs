@@ -12,6 +12,7 @@ use std::ffi::OsString;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferry_agent::local::StartProof;
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::GroupsConfig;
 use ferry_broker::pki;
@@ -480,7 +481,9 @@ async fn a_groups_short_retention_ends_a_disconnected_session() -> anyhow::Resul
 
     let a = route(&c, "short", "alice").await?;
     let mut local = h1.client().await?;
-    local.session_start(a.session.clone(), uid("alice")).await?;
+    local
+        .session_start(a.session.clone(), uid("alice"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     local.session_presence(a.session.clone(), true).await?;
     let kept = wait_event(&s, "short", "session-disconnected", a.session.as_str()).await?;
@@ -505,7 +508,9 @@ async fn a_groups_short_retention_ends_a_disconnected_session() -> anyhow::Resul
     ])
     .await?;
     let b = route(&c, "short", "bob").await?;
-    local.session_start(b.session.clone(), uid("bob")).await?;
+    local
+        .session_start(b.session.clone(), uid("bob"), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     local.session_presence(b.session.clone(), true).await?;
     let kept = wait_event(&s, "short", "session-disconnected", b.session.as_str()).await?;

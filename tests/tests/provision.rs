@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry_agent::local::LocalClient;
+use ferry_agent::local::{LocalClient, StartProof};
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::{GroupsConfig, ProvisionerConfig, ProvisionerKind};
 use ferry_broker::engine::billing::billed_seconds;
@@ -70,7 +70,8 @@ async fn busy_group(
     publish(broker, spec).await?;
     let h1 = agent_of(broker, "h1", &group).await?;
     let mut c1 = h1.client().await?;
-    c1.session_start(sid("s1"), "alice".parse()?).await?;
+    c1.session_start(sid("s1"), "alice".parse()?, StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     Ok((h1, c1))
 }
@@ -152,8 +153,10 @@ async fn local_agents_enroll_take_sessions_are_released_one_per_cooldown_and_bil
     let alice: UserId = "alice".parse()?;
 
     // A burst on the base resource: 2 x 100 > 50 x 2, two resources at once.
-    c1.session_start(sid("s1"), alice.clone()).await?;
-    c1.session_start(sid("s2"), alice.clone()).await?;
+    c1.session_start(sid("s1"), alice.clone(), StartProof::Trusted)
+        .await?;
+    c1.session_start(sid("s2"), alice.clone(), StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     let evs = wait_events(&broker, "lp", "scale_out", 1).await?;
     let out = of_kind(&evs, "scale_out");
@@ -180,7 +183,8 @@ async fn local_agents_enroll_take_sessions_are_released_one_per_cooldown_and_bil
 
     // The new agents take sessions (reported through their local sockets).
     let mut e1 = local_client(&broker, "lp-e1").await?;
-    e1.session_start(sid("s3"), alice.clone()).await?;
+    e1.session_start(sid("s3"), alice.clone(), StartProof::Trusted)
+        .await?;
     e1.wait_synced(PATIENCE).await?;
     let l = live(&broker, "lp").await?;
     let e1_view = l
@@ -505,8 +509,10 @@ async fn an_elastic_resource_survives_a_broker_restart_and_numbering_goes_on() -
 
     // Numbering continues: the next scale-out (2 x 100 > 50 x 2) asks for
     // rs-e2.
-    c1.session_start(sid("s4"), "alice".parse()?).await?;
-    c1.session_start(sid("s2"), "alice".parse()?).await?;
+    c1.session_start(sid("s4"), "alice".parse()?, StartProof::Trusted)
+        .await?;
+    c1.session_start(sid("s2"), "alice".parse()?, StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     let evs = wait_events(&broker, "rs", "scale_out", 2).await?;
     assert!(

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ferry_agent::local::StartProof;
 use ferry_agent::local::{ErrorCode, LocalClient, LocalError};
 use ferry_broker::clock::ManualClock;
-use ferry_broker::config::GroupsConfig;
+use ferry_broker::config::{GroupsConfig, RouteLimits};
 use ferry_broker::routing::{RouteAnswer, RouteClient};
 use ferry_broker::{pki, tickets::TICKET_TTL};
 use ferry_common::admin::{
@@ -88,11 +89,23 @@ async fn fixture(
     start: UnixMillis,
     extra_users: &[&str],
 ) -> anyhow::Result<Fixture> {
+    fixture_with(shape, agents, start, extra_users, RouteLimits::default()).await
+}
+
+/// [`fixture`] with these `[routing]` limits.
+async fn fixture_with(
+    shape: GroupShape<'_>,
+    agents: usize,
+    start: UnixMillis,
+    extra_users: &[&str],
+    routing: RouteLimits,
+) -> anyhow::Result<Fixture> {
     init_logging();
     let dir = tempfile::tempdir()?;
     let clock = ManualClock::new(start);
     let config = GroupsConfig {
         clock: clock.clock(),
+        routing,
         ..GroupsConfig::default()
     };
     let broker = TestBroker::start_with_groups(dir.path(), config).await?;
@@ -169,7 +182,8 @@ impl Fixture {
     async fn start_session(&self, a: &Admission, user: &str) -> anyhow::Result<()> {
         let agent = self.agent(a.resource.as_str())?;
         let mut c = agent.client().await?;
-        c.session_start(a.session.clone(), uid(user)).await?;
+        c.session_start(a.session.clone(), uid(user), StartProof::Trusted)
+            .await?;
         agent.wait_synced().await?;
         Ok(())
     }
@@ -214,7 +228,8 @@ fn refusal(answer: RouteAnswer) -> anyhow::Result<(RouteRefusal, String)> {
 async fn key_ready(agent: &TestAgent) -> anyhow::Result<()> {
     let mut c = agent.client().await?;
     let s: ferry_common::SessionId = format!("warm-{}", agent.config().resource).parse()?;
-    c.session_start(s.clone(), uid("warm")).await?;
+    c.session_start(s.clone(), uid("warm"), StartProof::Trusted)
+        .await?;
     c.session_end(s, EndReason::Logout).await?;
     agent.wait_synced().await?;
     Ok(())
@@ -225,7 +240,9 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
 {
     let users: Vec<String> = (1..=10).map(|i| format!("u{i}")).collect();
     let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
-    let f = fixture(
+    // Ten users asking 100 times each at once: a portal's load, above the
+    // default allowance of one user (`route_limits.rs` tests that one).
+    let f = fixture_with(
         GroupShape {
             name: "burst",
             base: 20,
@@ -237,6 +254,10 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
         20,
         wall_now(),
         &[],
+        RouteLimits {
+            max_requests_per_user: 1_000,
+            ..RouteLimits::default()
+        },
     )
     .await?;
     let mut tokens = HashMap::new();
@@ -296,7 +317,7 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
         f.agent(a.resource.as_str())?
             .client()
             .await?
-            .session_start(a.session.clone(), uid(user))
+            .session_start(a.session.clone(), uid(user), StartProof::Trusted)
             .await?;
     }
     for agent in &f.agents {
@@ -714,6 +735,7 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     let identity = f.broker.issue_identity("h1")?;
     let mut config = f.broker.agent_config("h1", &identity)?;
     config.group = Some("ret".parse()?);
+    ferry_tests::admin::assign(&f.broker, "h1", "ret").await?;
     config.streaming = ferry_agent::config::parse_streaming_address("stream-1.example:9000")
         .map_err(anyhow::Error::msg)?;
     config.hooks.disconnect = Some(vec![
@@ -880,7 +902,7 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     let ca = files.pki_dir.join(pki::CA_CERT);
     let addr = broker.agent_addr.to_string();
     let program = bin("ferry-connect");
-    let connect = || {
+    let connect_with = |pw: std::path::PathBuf| {
         let args: Vec<std::ffi::OsString> = vec![
             "--broker".into(),
             addr.clone().into(),
@@ -893,11 +915,12 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
             "--user".into(),
             "alice".into(),
             "--password-file".into(),
-            pw.clone().into(),
+            pw.into(),
             "--json".into(),
         ];
         run(&program, args)
     };
+    let connect = || connect_with(pw.clone());
     let out = connect().await?;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
@@ -922,6 +945,34 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["admitted"], false, "{v}");
     assert_eq!(v["reason"], "at-capacity", "{v}");
+
+    // Wrong passwords until the throttle answers (its delay doubles from
+    // 1 s, so within a few tries it outlasts a process start): refused,
+    // exit 2, with the reason and when to retry.
+    let wrong = tmp.path().join("wrong.pw");
+    std::fs::write(&wrong, "not-her-password\n")?;
+    let mut tries = 0;
+    let v = loop {
+        let out = connect_with(wrong.clone()).await?;
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if v["reason"] != "bad-credentials" {
+            break v;
+        }
+        tries += 1;
+        assert!(tries < 20, "never throttled");
+    };
+    assert_eq!(v["reason"], "throttled", "{v}");
+    assert!(
+        v["retry_after_secs"].as_u64().is_some_and(|s| s >= 1),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("retry in")),
+        "{v}"
+    );
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 //! an in-process agent. Every wait is on an event or a status, bounded by
 //! `PATIENCE`.
 
+use ferry_agent::local::StartProof;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -429,7 +430,8 @@ async fn payment_overdue_refuses_new_sessions_stops_scale_out_survives_a_restart
     assert_eq!(payment(&broker, "po", true).await?, "payment-overdue");
     assert_eq!(not_available(&broker, "po").await?, "payment-overdue");
     // A session the host has goes on, and asks for no scale-out.
-    c1.session_start("s1".parse()?, "alice".parse()?).await?;
+    c1.session_start("s1".parse()?, "alice".parse()?, StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     let evs = events(&broker, "po").await?;
     assert!(of_kind(&evs, "scale_out").is_empty(), "{evs:#?}");
@@ -444,7 +446,8 @@ async fn payment_overdue_refuses_new_sessions_stops_scale_out_survives_a_restart
     h1.wait_synced().await?;
     assert_eq!(status(&broker, "po").await?, "payment-overdue");
     let mut c1 = h1.client().await?;
-    c1.session_start("s2".parse()?, "alice".parse()?).await?;
+    c1.session_start("s2".parse()?, "alice".parse()?, StartProof::Trusted)
+        .await?;
     h1.wait_synced().await?;
     assert!(of_kind(&events(&broker, "po").await?, "scale_out").is_empty());
 

@@ -4,7 +4,7 @@
 //! agent restart with the broker down), and never when expired, for
 //! another host or altered.
 
-use ferry_agent::local::{ErrorCode, LocalClient, LocalError};
+use ferry_agent::local::{ErrorCode, LocalClient, LocalError, StartProof};
 use ferry_broker::tickets::{TicketSigner, TICKET_TTL};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
@@ -44,7 +44,8 @@ async fn tickets_are_single_use_per_host_and_survive_restarts() -> anyhow::Resul
     // the agent handles them in order: once a reported event is
     // acknowledged, the key is stored.
     let mut c = agent.client().await?;
-    c.session_start(id("warmup"), id("bob")).await?;
+    c.session_start(id("warmup"), id("bob"), StartProof::Trusted)
+        .await?;
     agent.wait_synced().await?;
 
     // The same key file the broker loaded (created at its first start).
@@ -228,7 +229,8 @@ async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
     // `ferry-agent ticket verify` on a host that has the broker's key.
     let agent = TestAgent::start(&broker, "host-1").await?;
     let mut c = agent.client().await?;
-    c.session_start(id("warmup"), id("bob")).await?;
+    c.session_start(id("warmup"), id("bob"), StartProof::Trusted)
+        .await?;
     agent.wait_synced().await?;
     let signer = TicketSigner::load_or_create(broker.pki_dir())?;
     let socket = agent.local_socket().to_str().expect("utf-8").to_owned();
@@ -284,5 +286,140 @@ async fn credentials_and_tickets_through_the_clis() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_slice(&again.stdout)?;
     assert_eq!(v["valid"], false);
     assert_eq!(v["reason"], "reused");
+    Ok(())
+}
+
+/// `ferry-agent session start` (the streaming server's call) is accepted
+/// only for a session whose ticket this host verified (also after an agent
+/// restart), or with the ticket itself, or `--trusted` from root or the
+/// agent's user; refusals say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_start_needs_the_ticket_the_host_verified() -> anyhow::Result<()> {
+    use ferry_tests::bins::bin;
+    use ferry_tests::procs::run;
+
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let broker = TestBroker::start(tmp.path()).await?;
+    let mut agent = TestAgent::start(&broker, "host-1").await?;
+    let mut c = agent.client().await?;
+    c.session_start(id("warmup"), id("bob"), StartProof::Trusted)
+        .await?;
+    agent.wait_synced().await?;
+    drop(c);
+    let signer = TicketSigner::load_or_create(broker.pki_dir())?;
+    let socket = agent.local_socket().to_str().expect("utf-8").to_owned();
+    let cli = |args: Vec<String>| {
+        let socket = socket.clone();
+        async move {
+            let mut all = vec!["--socket".to_owned(), socket];
+            all.extend(args);
+            run(&bin("ferry-agent"), all).await
+        }
+    };
+    let start = |session: &str, more: &[&str]| {
+        let mut args: Vec<String> = ["session", "start", "--session", session, "--user", "alice"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(more.iter().map(|s| (*s).to_owned()));
+        args.push("--ack-wait=0s".to_owned());
+        args
+    };
+
+    // No ticket verified for s-1: refused, saying what to do.
+    let out = cli(start("s-1", &[])).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains("no verified ticket for session s-1")
+            && stderr.contains("ferry-agent ticket verify")
+            && stderr.contains("--ticket")
+            && stderr.contains("--trusted"),
+        "{stderr}"
+    );
+
+    // Verified, then the agent restarts before the start: still accepted.
+    let t1 = ticket(&signer, "host-1", "s-1", wall_clock());
+    let ok = cli(vec!["ticket".into(), "verify".into(), t1]).await?;
+    assert!(ok.status.success(), "{ok:?}");
+    agent.restart().await?;
+    let out = cli(start("s-1", &[])).await?;
+    assert!(out.status.success(), "{out:?}");
+    // The verified ticket is for alice only.
+    let t2 = ticket(&signer, "host-1", "s-2", wall_clock());
+    let ok = cli(vec!["ticket".into(), "verify".into(), t2]).await?;
+    assert!(ok.status.success(), "{ok:?}");
+    let mut as_bob = start("s-2", &[]);
+    as_bob[5] = "bob".into();
+    let out = cli(as_bob).await?;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // The ticket given with the start: verified then and there.
+    let t3 = ticket(&signer, "host-1", "s-3", wall_clock());
+    let out = cli(start("s-3", &["--ticket", &t3])).await?;
+    assert!(out.status.success(), "{out:?}");
+    // The operator's path: one flag (the test runs as root).
+    let out = cli(start("s-4", &["--trusted"])).await?;
+    assert!(out.status.success(), "{out:?}");
+
+    agent.stop().await?;
+    Ok(())
+}
+
+/// Local clients that connect and say nothing (or stall in a request) hold
+/// every slot of the agent's socket: they are dropped after
+/// `local_idle_timeout`, and a real `ferry-agent session start` gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_local_clients_cannot_hold_every_slot() -> anyhow::Result<()> {
+    use ferry_common::limits::MAX_LOCAL_CONNECTIONS;
+    use ferry_tests::bins::bin;
+    use ferry_tests::procs::run;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let broker = TestBroker::start(tmp.path()).await?;
+    let identity = broker.issue_identity("host-1")?;
+    let mut config = broker.agent_config("host-1", &identity)?;
+    config.local_idle_timeout = std::time::Duration::from_millis(500);
+    let mut agent = TestAgent::start_with(config).await?;
+    let socket = agent.local_socket().to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_LOCAL_CONNECTIONS - 1 {
+        idle.push(tokio::net::UnixStream::connect(&socket).await?);
+    }
+    let mut stalled = tokio::net::UnixStream::connect(&socket).await?;
+    stalled.write_all(&[0, 0, 0, 40, 0]).await?;
+
+    let out = tokio::time::timeout(
+        ferry_tests::harness::PATIENCE,
+        run(
+            &bin("ferry-agent"),
+            [
+                "--socket",
+                socket.to_str().expect("utf-8"),
+                "session",
+                "start",
+                "--trusted",
+                "--session",
+                "s-1",
+                "--user",
+                "alice",
+                "--ack-wait=0s",
+            ],
+        ),
+    )
+    .await??;
+    assert!(out.status.success(), "{out:?}");
+    // Each idle one was closed by the agent (end of stream, no answer).
+    for raw in idle.iter_mut().chain(std::iter::once(&mut stalled)) {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(ferry_tests::harness::PATIENCE, raw.read(&mut buf))
+            .await?
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    agent.stop().await?;
     Ok(())
 }

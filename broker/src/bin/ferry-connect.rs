@@ -5,7 +5,9 @@
 //! (first line), the environment (`FERRY_PASSWORD`, `FERRY_TOKEN`), else a
 //! password prompt without echo on the terminal (no terminal: an error).
 //!
-//! Exit codes: 0 admitted, 2 refused (the reason is printed), 1 error (no
+//! Exit codes: 0 admitted, 2 refused (the reason is printed: e.g.
+//! `at-capacity`, `user-limit`, `waiting-room-full`, `throttled` with the
+//! seconds to wait before retrying), 1 error (no
 //! answer: unreachable broker, TLS or protocol failure, unreadable file),
 //! 64 usage error (a bad or missing argument, no credentials given; as
 //! `EX_USAGE` of sysexits.h).
@@ -18,7 +20,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
-use ferry_common::route::RouteAsk;
+use ferry_common::route::{RouteAsk, RouteRefusal};
 use ferry_common::ticket::Credential;
 use ferry_common::{GroupName, UserId};
 
@@ -248,8 +250,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "reason": r.reason.as_str(),
                     "message": r.message,
                 });
-                if let ferry_common::route::RouteRefusal::GroupNotAvailable { status } = &r.reason {
-                    v["status"] = serde_json::Value::String(status.clone());
+                match &r.reason {
+                    RouteRefusal::GroupNotAvailable { status } => {
+                        v["status"] = serde_json::Value::String(status.clone());
+                    }
+                    RouteRefusal::Throttled { retry_after_secs } => {
+                        v["retry_after_secs"] = (*retry_after_secs).into();
+                    }
+                    _ => {}
                 }
                 println!("{v}");
             } else {

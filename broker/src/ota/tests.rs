@@ -282,7 +282,14 @@ fn connect(
     let (tx, mut rx) = mpsc::channel::<CommandRequest>(8);
     let (seen_tx, seen) = mpsc::channel(64);
     let r = rid(resource);
-    registry.attach(&r, conn, None, CancellationToken::new(), tx);
+    registry.attach(
+        &r,
+        conn,
+        None,
+        CancellationToken::new(),
+        Default::default(),
+        tx,
+    );
     let registry = registry.clone();
     tokio::spawn(async move {
         while let Some(req) = rx.recv().await {

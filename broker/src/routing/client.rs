@@ -113,12 +113,25 @@ impl RouteClient {
         ca: &Path,
         limit: Duration,
     ) -> Result<RouteClient, ClientError> {
-        let config = pki::client_config_for(ca, None, ferry_common::ALPN_ROUTE)?;
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
+        RouteClient::connect_from(bind, addr, server_name, ca, limit).await
+    }
+
+    /// [`RouteClient::connect_within`] from the local address `bind` (a
+    /// client with several addresses, or tests speaking from several
+    /// loopback addresses).
+    pub async fn connect_from(
+        bind: SocketAddr,
+        addr: SocketAddr,
+        server_name: &str,
+        ca: &Path,
+        limit: Duration,
+    ) -> Result<RouteClient, ClientError> {
+        let config = pki::client_config_for(ca, None, ferry_common::ALPN_ROUTE)?;
         let endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Endpoint)?;
         let connecting = endpoint.connect_with(config, addr, server_name)?;
         let conn = match timeout(limit, connecting).await {

@@ -1,8 +1,10 @@
 //! The broker's route service: an [`EndpointService`] for
 //! [`ferry_common::ALPN_ROUTE`] connections (protocol: [`ferry_common::route`]).
 //!
-//! Per request: the credentials are checked (an unknown user and a wrong
-//! password or token get the same answer), then that the group exists, that
+//! Per request: the login throttle is asked first ([`super::throttle`]: too
+//! many failures for this user or from this address is `throttled`, answered
+//! without hashing), then the credentials are checked (an unknown user and a
+//! wrong password or token get the same answer), then that the group exists, that
 //! the user is assigned to it (`not-assigned`) and that its status takes
 //! sessions (`group-not-available`, naming the status); then the group's
 //! actor places the request with the engine. An admitted request gets a
@@ -15,6 +17,7 @@
 //! [`ROUTE_WRITE_TIMEOUT`] on every read and write. A waiting request is
 //! bounded by the group's `wait_timeout`: the actor answers at its end.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +35,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{answer_preamble, close_code, EndpointService, PreambleError};
 use crate::groups::actor::{self, Placement, RouteProgress, RESERVATION_TTL};
+use crate::groups::service::AuthError;
 use crate::groups::{GroupActors, GroupService};
+use crate::routing::throttle::{Outcome, Throttle};
 use crate::store::Store;
 use crate::tickets::TicketSigner;
 
@@ -87,6 +92,8 @@ struct Inner {
     signer: Arc<TicketSigner>,
     connections: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
+    /// Failed logins per user and per source address.
+    throttle: Throttle,
 }
 
 /// The route service registered in the endpoint's [`crate::link::Services`].
@@ -102,8 +109,10 @@ impl RouteService {
         store: Store,
         signer: Arc<TicketSigner>,
     ) -> RouteService {
+        let throttle = Throttle::new(groups.config().routing.login);
         RouteService {
             inner: Arc::new(Inner {
+                throttle,
                 groups,
                 actors,
                 store,
@@ -144,7 +153,7 @@ async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, token: Can
                     let inner = inner.clone();
                     let token = token.clone();
                     streams.spawn(async move {
-                        if let Err(e) = serve_stream(&inner, send, recv, &token).await {
+                        if let Err(e) = serve_stream(&inner, remote.ip(), send, recv, &token).await {
                             tracing::debug!(%remote, "route stream: {e}");
                         }
                     });
@@ -191,6 +200,7 @@ fn refusal(reason: RouteRefusal, message: impl Into<String>) -> BrokerToClient {
 
 async fn serve_stream(
     inner: &Inner,
+    source: IpAddr,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     token: &CancellationToken,
@@ -254,7 +264,7 @@ async fn serve_stream(
     };
     let group = ask.group.clone();
     let answer = tokio::select! {
-        a = decide(inner, ask, &mut send, &mut recv) => a?,
+        a = decide(inner, source, ask, &mut send, &mut recv) => a?,
         _ = token.cancelled() => refusal(RouteRefusal::ShuttingDown, "the broker is shutting down"),
     };
     if let BrokerToClient::Refused(r) = &answer {
@@ -285,6 +295,7 @@ async fn group_facts(store: &Store, group: &GroupName) -> Result<Option<GroupFac
 /// answer (a `Waiting` is written on the way).
 async fn decide(
     inner: &Inner,
+    source: IpAddr,
     ask: RouteAsk,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
@@ -295,7 +306,7 @@ async fn decide(
         credential,
         wait,
     } = ask;
-    let facts = match check_request(inner, &group, &user, &credential).await {
+    let facts = match check_request(inner, source, &group, &user, &credential).await {
         Ok(facts) => facts,
         Err(refused) => return Ok(refused),
     };
@@ -312,16 +323,57 @@ async fn decide(
 }
 
 /// The checks before a request reaches the group's actor, in order: the
-/// credentials, that the group exists, that the user is assigned to it and
-/// that its status takes sessions. The group's facts, or the refusal.
+/// login throttle, the credentials, that the group exists, that the user is
+/// assigned to it and that its status takes sessions. The group's facts, or
+/// the refusal.
 async fn check_request(
     inner: &Inner,
+    source: IpAddr,
     group: &GroupName,
     user: &UserId,
     credential: &Credential,
 ) -> Result<GroupFacts, BrokerToClient> {
-    if let Err(e) = inner.groups.authenticate(user, credential).await {
-        tracing::info!(%user, "route: credentials refused: {e}");
+    let password = matches!(credential, Credential::Password(_));
+    let attempt = match inner.throttle.begin(user, source, password) {
+        Ok(attempt) => attempt,
+        Err(t) => {
+            tracing::debug!(%user, %source, by_user = t.by_user, "route: login throttled");
+            let secs = t.retry_after_secs();
+            return Err(refusal(
+                RouteRefusal::Throttled {
+                    retry_after_secs: secs,
+                },
+                format!(
+                    "too many failed logins {}; the credentials were not checked: retry in \
+                     {secs} s",
+                    if t.by_user {
+                        "for this user from this address"
+                    } else {
+                        "from this address"
+                    }
+                ),
+            ));
+        }
+    };
+    let checked = inner.groups.authenticate(user, credential).await;
+    let counted = attempt.source();
+    let delays = attempt.finish(match &checked {
+        Ok(()) => Outcome::Success,
+        Err(AuthError::BadCredentials) => Outcome::Failure,
+        Err(_) => Outcome::Undecided,
+    });
+    // Once per failure past a limit (the throttle keeps those few).
+    if let Some(d) = delays.source {
+        tracing::warn!(source = %counted, failures = d.failures,
+            "login throttle: requests from this address are refused for {} ms", d.delay.as_millis());
+    }
+    if let Some(d) = delays.user {
+        tracing::warn!(%user, failures = d.failures,
+            "login throttle: user's logins from addresses that failed are refused for {} ms",
+            d.delay.as_millis());
+    }
+    if let Err(e) = checked {
+        tracing::info!(%user, %source, "route: credentials refused: {e}");
         return Err(refusal(RouteRefusal::BadCredentials, BAD_CREDENTIALS));
     }
     let facts = match group_facts(&inner.store, group).await {

@@ -328,6 +328,25 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE users ADD COLUMN token_expires_at INTEGER;
     "#,
+    // Membership is the operator's decision (issue 14, `store::membership`):
+    // `ferryctl resources assign` puts a host in a group; an agent naming
+    // another group is refused. Provisioned (elastic and base) resources
+    // belong to the group of their live `elastic_resources` record instead.
+    // The hosts that named a group before this schema keep it ('upgrade'):
+    // an upgrade does not lock a running fleet out.
+    r#"
+    CREATE TABLE memberships (
+        resource TEXT PRIMARY KEY,
+        grp TEXT NOT NULL,
+        assigned_at INTEGER NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('operator', 'upgrade'))
+    );
+    INSERT INTO memberships (resource, grp, assigned_at, source)
+        SELECT resource, grp, CAST(strftime('%s', 'now') AS INTEGER) * 1000, 'upgrade'
+        FROM resources
+        WHERE grp IS NOT NULL
+          AND resource NOT IN (SELECT resource FROM elastic_resources);
+    "#,
     // Certificates (issue 14, `store::revocations`): per resource, every
     // certificate issued before `revoked_before_ms` is refused. Set by the
     // operator's `resources revoke` (`by_operator` 1) and by the enrollment

@@ -23,8 +23,9 @@
 //! group's actor records, one [`GroupCommit`] per turn), `sessions` (agents'
 //! registrations and session events), `users` (end users and credentials),
 //! `usage` (what a usage report reads), `elastic` (provisioned resources and
-//! enrollment tokens) and [`rollouts`] (image updates and OTA). `writer` is
-//! the writer thread and `migrations` the schema. A door decides nothing:
+//! enrollment tokens), `membership` (which group each host belongs to) and
+//! [`rollouts`] (image updates and OTA). `writer` is the writer thread and
+//! `migrations` the schema. A door decides nothing:
 //! the rules stay with their callers (the group service, the actors, the
 //! rollouts), which compose door calls in one transaction.
 
@@ -38,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) mod elastic;
 mod group_live;
 mod groups;
+pub(crate) mod membership;
 mod migrations;
 mod revocations;
 mod sessions;
@@ -53,6 +55,7 @@ pub use group_live::{
     RetainOp, StoredDisconnect, StoredRetention,
 };
 pub use groups::{GroupRecord, GroupStatus, GroupsBatch, GroupsTx, NewGroup, NewOrder, OutboxRow};
+pub use membership::{Assigned, Membership, MembershipSource, MEMBERSHIP_EVENT};
 use migrations::migrate;
 pub use revocations::RevocationRecord;
 pub mod rollouts;

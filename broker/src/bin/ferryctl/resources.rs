@@ -13,6 +13,12 @@ pub(crate) enum ResourcesCmd {
     Drain { resource: String },
     /// Take sessions on a resource again.
     Undrain { resource: String },
+    /// Put a host in a delivery group: its agent may join only that group
+    /// (an agent naming another one is refused). A connected agent is
+    /// disconnected and joins its new group when it reconnects.
+    Assign { resource: String, group: String },
+    /// Take a host out of its group: its agent joins no group.
+    Unassign { resource: String },
     /// Revoke a host: its certificates issued until now are refused (also
     /// after a restart), its live connection is closed at once and it cannot
     /// renew. A certificate issued afterwards (`pki issue-agent`) admits it
@@ -65,6 +71,14 @@ pub(crate) fn resources_request(cmd: ResourcesCmd) -> anyhow::Result<AdminReques
         },
         ResourcesCmd::Undrain { resource } => AdminRequestV1::Undrain {
             resource: resource.parse()?,
+        },
+        ResourcesCmd::Assign { resource, group } => AdminRequestV1::ResourcesAssign {
+            resource: resource.parse()?,
+            group: Some(group.parse()?),
+        },
+        ResourcesCmd::Unassign { resource } => AdminRequestV1::ResourcesAssign {
+            resource: resource.parse()?,
+            group: None,
         },
     })
 }

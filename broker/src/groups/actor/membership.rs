@@ -226,7 +226,10 @@ impl Actor {
             // to finish its sessions. Released: gone for the engine.
             _ => {}
         }
-        let now_on_host: BTreeSet<SessionId> = sessions.into_iter().collect();
+        let now_on_host: BTreeSet<SessionId> = sessions
+            .into_iter()
+            .filter(|s| !self.foreign_report(&id, s, "as open on its host"))
+            .collect();
         let known = self.sessions.get(&id).cloned().unwrap_or_default();
         for gone in known.difference(&now_on_host) {
             self.input(Input::Leave {

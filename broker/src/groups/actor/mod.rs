@@ -922,6 +922,67 @@ mod tests {
         }
     }
 
+    /// One host's reports about another host's session change nothing:
+    /// its end, its user's disconnect, its start, its listing as open.
+    #[tokio::test]
+    async fn a_host_reports_only_its_own_sessions() {
+        use ferry_common::wire::{Presence, PresenceReport};
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        f.publish("g1").await;
+        assert!(f.actors.sync("g1").await.expect("sync"));
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        f.actors.joined(&g, &rid("h2"), vec![]).await;
+        f.actors.sessions(&g, &rid("h1"), vec![started("s1")]).await;
+        let occupancy = |v: &GroupView| -> Vec<(String, u32)> {
+            v.resources
+                .iter()
+                .map(|r| (r.resource.to_string(), r.occupancy))
+                .collect()
+        };
+        let before = vec![("h1".to_owned(), 1), ("h2".to_owned(), 0)];
+        assert_eq!(occupancy(&f.actors.view(&g).await.expect("view")), before);
+
+        f.actors.sessions(&g, &rid("h2"), vec![ended("s1")]).await;
+        f.actors
+            .presence(
+                &g,
+                &rid("h2"),
+                PresenceReport {
+                    session: sid("s1"),
+                    state: Presence::Disconnected,
+                    at: UnixMillis(T0),
+                },
+            )
+            .await;
+        f.actors.sessions(&g, &rid("h2"), vec![started("s1")]).await;
+        f.actors.joined(&g, &rid("h2"), vec![sid("s1")]).await;
+        // h2 leaves and comes back without it: nothing of h1's is freed.
+        f.actors.joined(&g, &rid("h2"), vec![]).await;
+        assert_eq!(occupancy(&f.actors.view(&g).await.expect("view")), before);
+
+        let events = f.events("g1").await;
+        let ignored: Vec<_> = events
+            .iter()
+            .filter(|(k, _)| k == "ignored-report")
+            .map(|(_, m)| m.as_str())
+            .collect();
+        assert_eq!(ignored.len(), 4, "{events:?}");
+        assert!(ignored[0].contains("resource h2 reported the end of session s1, which is on h1"));
+        assert!(ignored[1].contains("the user's disconnect from session s1"));
+        assert!(ignored[2].contains("the start of session s1"));
+        assert!(ignored[3].contains("as open on its host session s1"));
+        assert!(!events.iter().any(|(k, _)| k == "session-disconnected"));
+
+        // The host that has it ends it.
+        f.actors.sessions(&g, &rid("h1"), vec![ended("s1")]).await;
+        assert_eq!(
+            occupancy(&f.actors.view(&g).await.expect("view")),
+            vec![("h1".to_owned(), 0), ("h2".to_owned(), 0)]
+        );
+        f.close().await;
+    }
+
     #[tokio::test]
     async fn reports_drive_scale_out_creation_scale_in_and_release_with_recorded_reasons() {
         let f = fixture();

@@ -18,6 +18,13 @@
 //!   once and refused `at-capacity`.
 //! - `shared` groups: a user with a session or reservation in the group gets
 //!   the same resource and session again (a new ticket, no new slot).
+//! - Limits (`[routing]`, issue 14), checked before the engine sees the
+//!   request, so neither changes the engine's rules: a user holds at most
+//!   `max_requests_per_user` reservations plus waiting requests in the group
+//!   (`user-limit`; a session given again counts nothing), and at most
+//!   `waiting_room` requests wait (`waiting-room-full`). Since waiting
+//!   requests count in demand, these two bound the demand, and so the
+//!   billed scale-out, that one user can cause: at most their allowance.
 //! - Disconnect retention: an agent's `Presence::Disconnected` keeps the
 //!   session (and its slot) for the group's `disconnect_retention`; the same
 //!   user routed meanwhile goes back to it. When it runs out the agent is asked
@@ -278,6 +285,10 @@ impl Actor {
             self.readmit(session, &ask.user, &reply);
             return;
         }
+        if let Some(refusal) = self.over_limits(&ask) {
+            let _ = reply.try_send(refusal);
+            return;
+        }
         let Some(session) = (0..4)
             .filter_map(|_| new_session_id())
             .find(|s| self.engine.session_resource(s).is_none() && !self.engine.is_waiting(s))
@@ -301,7 +312,8 @@ impl Actor {
             return;
         }
         if self.engine.is_waiting(&session) {
-            if ask.wait {
+            // A waiting room of 0: nobody waits.
+            if ask.wait && self.shared.config.routing.waiting_room > 0 {
                 let position = u32::try_from(self.engine.snapshot().waiting).unwrap_or(u32::MAX);
                 let _ = reply.try_send(RouteProgress::Waiting { session, position });
             } else {
@@ -321,6 +333,56 @@ impl Actor {
                 "the group could not take the request",
             ));
         }
+    }
+
+    /// The refusal of a new request that would pass the user's allowance or
+    /// fill the waiting room, if it would.
+    fn over_limits(&self, ask: &RouteAsk) -> Option<RouteProgress> {
+        let limits = &self.shared.config.routing;
+        let held = self.held_by(&ask.user);
+        if held >= limits.max_requests_per_user as usize {
+            return Some(refused(
+                RouteRefusal::UserLimit,
+                format!(
+                    "user {} already holds {held} reserved or waiting requests in group {} \
+                     (the most one user may hold); use or withdraw them first (an unused \
+                     ticket expires after {})",
+                    ask.user,
+                    self.row.name,
+                    ferry_common::duration::format_duration(RESERVATION_TTL)
+                ),
+            ));
+        }
+        // With anybody waiting there is no room (waiting requests are placed
+        // as soon as room appears): this request would wait too.
+        let waiting = self.engine.snapshot().waiting;
+        if ask.wait && limits.waiting_room > 0 && waiting >= u64::from(limits.waiting_room) {
+            return Some(refused(
+                RouteRefusal::WaitingRoomFull,
+                format!(
+                    "group {} has no room and its waiting room is full ({waiting} waiting); \
+                     retry later",
+                    self.row.name
+                ),
+            ));
+        }
+        None
+    }
+
+    /// The user's reservations plus waiting requests in the group.
+    fn held_by(&self, user: &UserId) -> usize {
+        let reserved = self.routing.user_sessions.get(user).map_or(0, |mine| {
+            mine.iter()
+                .filter(|s| self.routing.reservations.contains_key(*s))
+                .count()
+        });
+        let waiting = self
+            .routing
+            .waiters
+            .values()
+            .filter(|w| &w.user == user)
+            .count();
+        reserved + waiting
     }
 
     /// The session a user goes back to: a retained (disconnected) one, or in
@@ -630,6 +692,26 @@ impl Actor {
     /// A session's user disconnected or came back.
     pub(super) fn presence(&mut self, resource: &ResourceId, report: PresenceReport) {
         let session = report.session;
+        if let Some(id) = self.to_engine.get(resource).cloned() {
+            let what = match report.state {
+                Presence::Disconnected => "the user's disconnect from",
+                Presence::Reconnected => "the user's return to",
+            };
+            if self.foreign_report(&id, &session, what) {
+                return;
+            }
+        } else if self.engine.session_resource(&session).is_some() {
+            // A member with no slot in the group holds none of its sessions.
+            self.note(
+                super::sessions::IGNORED_REPORT,
+                format!(
+                    "ignored: resource {resource} reported a presence change of session \
+                     {session}, but it holds no slot in group {}",
+                    self.row.name
+                ),
+            );
+            return;
+        }
         if self.engine.session_resource(&session).is_none() && self.closed.is_none() {
             return;
         }

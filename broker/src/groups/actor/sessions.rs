@@ -1,11 +1,21 @@
 //! Session reports of the group's agents as the engine sees them: a host
 //! that left, a session that started or ended, and an end the broker
 //! decided itself (a retention or a gone host ran out).
+//!
+//! A host reports only its own sessions: every report naming a session is
+//! checked here, where it enters the group, against the host the group has
+//! that session on ([`Actor::owned_elsewhere`]). A report about another
+//! host's session (its end, its user's disconnect or return, its start
+//! where another host holds its reservation) changes nothing and is
+//! recorded as an `ignored-report` event.
 
 use ferry_common::wire::SessionEvent;
 use ferry_common::{ResourceId, SessionId, UnixMillis};
 
 use super::Actor;
+
+/// Event kind of a report a host made about another host's session.
+pub(crate) const IGNORED_REPORT: &str = "ignored-report";
 use crate::engine::{Input, ResourceState};
 use crate::store::BrokerEnd;
 
@@ -32,7 +42,57 @@ impl Actor {
         }
     }
 
+    /// The host the group has `session` on when it is another than the
+    /// reporting host's `id` (engine ids): placed or reserved there in the
+    /// engine, else among the sessions recorded open on that host.
+    pub(super) fn owned_elsewhere(
+        &self,
+        id: &ResourceId,
+        session: &SessionId,
+    ) -> Option<ResourceId> {
+        let on = match self.engine.session_resource(session) {
+            Some(on) => Some(on.clone()),
+            None => self
+                .sessions
+                .iter()
+                .find(|(_, open)| open.contains(session))
+                .map(|(on, _)| on.clone()),
+        };
+        on.filter(|on| on != id)
+    }
+
+    /// Checks that the report of host `id` about `session` is about one of
+    /// its own sessions; if not, records the report as ignored and says so.
+    pub(super) fn foreign_report(
+        &mut self,
+        id: &ResourceId,
+        session: &SessionId,
+        what: &str,
+    ) -> bool {
+        let Some(owner) = self.owned_elsewhere(id, session) else {
+            return false;
+        };
+        let (reporter, owner) = (self.external(id), self.external(&owner));
+        tracing::warn!(group = %self.row.name, %reporter, %owner, %session,
+            "ignored a host's report about another host's session");
+        self.note(
+            IGNORED_REPORT,
+            format!(
+                "ignored: resource {reporter} reported {what} session {session}, which is on \
+                 {owner}; a host reports only its own sessions"
+            ),
+        );
+        true
+    }
+
     pub(super) fn session_event(&mut self, id: &ResourceId, ev: SessionEvent) {
+        let (session, what) = match &ev {
+            SessionEvent::Started { session, .. } => (session, "the start of"),
+            SessionEvent::Ended { session, .. } => (session, "the end of"),
+        };
+        if self.foreign_report(id, &session.clone(), what) {
+            return;
+        }
         if matches!(ev, SessionEvent::Ended { .. }) {
             // A rollout draining this host waits for its sessions to end:
             // it looks again now, not at the drain deadline.

@@ -1,0 +1,279 @@
+//! The door to which group each host belongs: the operator's assignments
+//! (`ferryctl resources assign`) and, for provisioned resources, the group
+//! whose live `elastic_resources` record names them. An agent's `Hello`
+//! only says which group it expects; it never decides (see `crate::link`).
+
+use ferry_common::{GroupName, ResourceId, UnixMillis};
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::groups::event;
+use super::{Store, StoreError};
+
+/// Where a host's membership comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipSource {
+    /// `ferryctl resources assign` (or kept from before memberships were
+    /// recorded, at the upgrade).
+    Operator,
+    /// The broker created it for the group through its provisioner (an
+    /// elastic or provisioned base resource, enrolled with the group's
+    /// one-time token).
+    Provisioned,
+}
+
+/// The group a host belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub group: GroupName,
+    pub source: MembershipSource,
+}
+
+/// What an assignment changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Assigned {
+    /// Recorded; `previous` is the group the host belonged to before.
+    Done { previous: Option<GroupName> },
+    /// The host is a provisioned resource of `group`: its membership is the
+    /// provisioner's, not the operator's.
+    Provisioned { group: GroupName },
+}
+
+/// Event kind of membership changes and refused joins in `group events`.
+pub const MEMBERSHIP_EVENT: &str = "membership";
+
+fn name(text: String) -> Result<GroupName, StoreError> {
+    text.parse()
+        .map_err(|e| StoreError::Corrupt(format!("group name {text:?}: {e}")))
+}
+
+/// The group of `resource`'s live provisioned record, the newest first.
+fn provisioned_group(c: &Connection, resource: &str) -> Result<Option<GroupName>, StoreError> {
+    c.prepare_cached(
+        "SELECT g.name FROM elastic_resources e JOIN groups g ON g.num = e.group_num
+         WHERE e.resource = ?1 AND e.deleted_at IS NULL AND e.state != 'failed'
+         ORDER BY e.group_num DESC LIMIT 1",
+    )?
+    .query_row([resource], |r| r.get::<_, String>(0))
+    .optional()?
+    .map(name)
+    .transpose()
+}
+
+fn assigned_group(c: &Connection, resource: &str) -> Result<Option<GroupName>, StoreError> {
+    c.prepare_cached("SELECT grp FROM memberships WHERE resource = ?1")?
+        .query_row([resource], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(name)
+        .transpose()
+}
+
+fn membership(c: &Connection, resource: &str) -> Result<Option<Membership>, StoreError> {
+    if let Some(group) = provisioned_group(c, resource)? {
+        return Ok(Some(Membership {
+            group,
+            source: MembershipSource::Provisioned,
+        }));
+    }
+    Ok(assigned_group(c, resource)?.map(|group| Membership {
+        group,
+        source: MembershipSource::Operator,
+    }))
+}
+
+/// The number of the live (not gone) group named `group`.
+fn live_num(c: &Connection, group: &GroupName) -> Result<Option<i64>, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT num FROM groups WHERE name = ?1 AND status != 'gone' ORDER BY num DESC LIMIT 1",
+    )?
+    .query_row([group.as_str()], |r| r.get::<_, i64>(0))
+    .optional()?)
+}
+
+impl Store {
+    /// The group `resource` belongs to, if any.
+    pub async fn membership(
+        &self,
+        resource: &ResourceId,
+    ) -> Result<Option<Membership>, StoreError> {
+        let resource = resource.clone();
+        self.read_with(move |c| membership(c, resource.as_str()))
+            .await
+    }
+
+    /// Puts `resource` in `group` (`None`: in no group), the operator's
+    /// decision, with a `membership` event in the groups it leaves and
+    /// joins. Refused for a provisioned resource, unless to its own group.
+    pub async fn assign_resource(
+        &self,
+        resource: &ResourceId,
+        group: Option<GroupName>,
+        now: UnixMillis,
+    ) -> Result<Assigned, StoreError> {
+        let resource = resource.clone();
+        self.exec(move |c| {
+            if let Some(owner) = provisioned_group(c, resource.as_str())? {
+                if group.as_ref() == Some(&owner) {
+                    return Ok(Assigned::Done { previous: group });
+                }
+                return Ok(Assigned::Provisioned { group: owner });
+            }
+            let previous = assigned_group(c, resource.as_str())?;
+            if previous == group {
+                return Ok(Assigned::Done { previous });
+            }
+            match &group {
+                Some(g) => {
+                    c.prepare_cached(
+                        "INSERT INTO memberships (resource, grp, assigned_at, source)
+                         VALUES (?1, ?2, ?3, 'operator')
+                         ON CONFLICT (resource) DO UPDATE SET grp = excluded.grp,
+                             assigned_at = excluded.assigned_at, source = 'operator'",
+                    )?
+                    .execute(params![resource.as_str(), g.as_str(), now.0])?;
+                }
+                None => {
+                    c.prepare_cached("DELETE FROM memberships WHERE resource = ?1")?
+                        .execute([resource.as_str()])?;
+                }
+            }
+            if let Some(p) = &previous {
+                if let Some(num) = live_num(c, p)? {
+                    let to = match &group {
+                        Some(g) => format!("moved to group {g}"),
+                        None => "in no group now".to_owned(),
+                    };
+                    let message = format!(
+                        "resource {resource} left group {p} by the operator's command: {to}"
+                    );
+                    event(c, num, now, MEMBERSHIP_EVENT, &message)?;
+                }
+            }
+            if let Some(g) = &group {
+                if let Some(num) = live_num(c, g)? {
+                    let message =
+                        format!("resource {resource} assigned to group {g} by the operator");
+                    event(c, num, now, MEMBERSHIP_EVENT, &message)?;
+                }
+            }
+            Ok(Assigned::Done { previous })
+        })
+        .await
+    }
+
+    /// Records in group `named` (when it exists) that `resource` asked to
+    /// join it and was refused, unless the group's newest membership event
+    /// already says so (an agent retrying does not fill the log).
+    pub async fn refused_join(
+        &self,
+        named: &GroupName,
+        message: String,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let named = named.clone();
+        self.exec(move |c| {
+            let Some(num) = live_num(c, &named)? else {
+                return Ok(());
+            };
+            let last = c
+                .prepare_cached(
+                    "SELECT message FROM group_events WHERE group_num = ?1 AND kind = ?2
+                     ORDER BY id DESC LIMIT 1",
+                )?
+                .query_row(params![num, MEMBERSHIP_EVENT], |r| r.get::<_, String>(0))
+                .optional()?;
+            if last.is_some_and(|m| m == message) {
+                return Ok(());
+            }
+            event(c, num, now, MEMBERSHIP_EVENT, &message)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{open_store, rid};
+
+    fn g(s: &str) -> GroupName {
+        s.parse().expect("group name")
+    }
+
+    #[tokio::test]
+    async fn assignments_are_the_operators_and_provisioned_names_are_not_assignable() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open_store(tmp.path());
+        let h1 = rid("h1");
+        assert_eq!(store.membership(&h1).await.expect("read"), None);
+        let done = store
+            .assign_resource(&h1, Some(g("design")), UnixMillis(1))
+            .await
+            .expect("assign");
+        assert_eq!(done, Assigned::Done { previous: None });
+        assert_eq!(
+            store.membership(&h1).await.expect("read"),
+            Some(Membership {
+                group: g("design"),
+                source: MembershipSource::Operator
+            })
+        );
+        let moved = store
+            .assign_resource(&h1, Some(g("sales")), UnixMillis(2))
+            .await
+            .expect("move");
+        assert_eq!(
+            moved,
+            Assigned::Done {
+                previous: Some(g("design"))
+            }
+        );
+        store
+            .assign_resource(&h1, None, UnixMillis(3))
+            .await
+            .expect("unassign");
+        assert_eq!(store.membership(&h1).await.expect("read"), None);
+
+        // A live provisioned record decides, whatever the operator says.
+        store
+            .exec(|c| {
+                c.execute_batch(
+                    "INSERT INTO groups (num, id, name, region, office_network, spec, image,
+                         billing, term, auto_renew, base_resources, session_type, policy, status,
+                         created_at, updated_at)
+                     VALUES (7, 'dg-7', 'burst', 'r', 'n', 's', 'i', 'pay-as-you-go', NULL, 0, 0,
+                         'independent', '{}', 'published', 0, 0);
+                     INSERT INTO elastic_resources (group_num, engine_id, resource, state,
+                         requested_at)
+                     VALUES (7, 'e1', 'burst-e1', 'pending', 0);",
+                )?;
+                Ok(())
+            })
+            .await
+            .expect("provisioned row");
+        let e1 = rid("burst-e1");
+        assert_eq!(
+            store.membership(&e1).await.expect("read"),
+            Some(Membership {
+                group: g("burst"),
+                source: MembershipSource::Provisioned
+            })
+        );
+        assert_eq!(
+            store
+                .assign_resource(&e1, Some(g("design")), UnixMillis(4))
+                .await
+                .expect("answered"),
+            Assigned::Provisioned { group: g("burst") }
+        );
+        // Its own group: nothing to change.
+        assert_eq!(
+            store
+                .assign_resource(&e1, Some(g("burst")), UnixMillis(5))
+                .await
+                .expect("answered"),
+            Assigned::Done {
+                previous: Some(g("burst"))
+            }
+        );
+    }
+}
