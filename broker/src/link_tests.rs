@@ -69,6 +69,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
     tracker.spawn(endpoint::serve(
         endpoint,
         services,
+        endpoint::EndpointLimits::default(),
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -646,6 +647,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         missed_health_limit: 3,
         shutdown_grace: Duration::from_secs(5),
         groups: Default::default(),
+        endpoint: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -94,6 +94,16 @@ impl TestBroker {
         dir: &Path,
         groups: ferry_broker::config::GroupsConfig,
     ) -> anyhow::Result<TestBroker> {
+        Self::start_with_limits(dir, groups, Default::default()).await
+    }
+
+    /// Like [`TestBroker::start_with_groups`], with these endpoint limits
+    /// (e.g. short idle timeouts for a test of them).
+    pub async fn start_with_limits(
+        dir: &Path,
+        groups: ferry_broker::config::GroupsConfig,
+        endpoint: ferry_broker::endpoint::EndpointLimits,
+    ) -> anyhow::Result<TestBroker> {
         let pki_dir = dir.join("pki");
         if !pki_dir.join(pki::CA_CERT).exists() {
             pki::init(&pki_dir, &[]).context("create test PKI")?;
@@ -107,6 +117,7 @@ impl TestBroker {
             missed_health_limit: 3,
             shutdown_grace: Duration::from_secs(5),
             groups,
+            endpoint,
         };
         let mut broker = TestBroker {
             dir: dir.to_owned(),
