@@ -13,9 +13,10 @@
 //! [`EndpointLimits::retry_above`] handshakes are in flight, a peer whose
 //! address is not validated gets a QUIC Retry (a spoofed source cannot
 //! answer it, so spoofed Initial packets cannot fill the handshake slots);
-//! one source address (an IPv4 address, an IPv6 /64) holds at most
-//! [`EndpointLimits::per_source`] handshakes plus route and enrollment
-//! connections at once (an agent's connection stops counting once its
+//! handshake slots are kept for addresses agents connected from
+//! ([`AGENT_HANDSHAKE_RESERVE`]); one source address (an IPv4 address, an
+//! IPv6 /64) holds at most [`EndpointLimits::per_source`] handshakes plus
+//! route and enrollment connections at once (an agent's connection stops counting once its
 //! handshake is done: it is authenticated by its certificate); a
 //! connection may open one stream until its service raises that
 //! (`transport::STREAMS_BEFORE_AUTH`), and buffers at most
@@ -27,7 +28,7 @@
 //! ([`answer_preamble`]); the reply's layout never changes, so a peer of any
 //! version learns why it was refused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
@@ -59,6 +60,17 @@ pub const RETRY_ABOVE_HANDSHAKES: usize = MAX_HANDSHAKES / 8;
 /// portal sends many requests over one connection. Agents are not bounded
 /// by it once their handshake is done, so a fleet behind one NAT is not.
 pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+
+/// Handshake slots beyond [`MAX_HANDSHAKES`] kept for addresses an agent
+/// with a valid certificate connected from before (this broker run), once
+/// they have proved their address: agents reconnecting after a network cut
+/// get in even while the general slots are taken. 256 agents reconnect at
+/// once in them; the rest follow as handshakes end (milliseconds each).
+pub const AGENT_HANDSHAKE_RESERVE: usize = 256;
+
+/// Most addresses remembered as agents' for [`AGENT_HANDSHAKE_RESERVE`]:
+/// one per agent connection the link allows (`link::MAX_AGENT_CONNECTIONS`).
+pub const MAX_KNOWN_AGENT_SOURCES: usize = 20_000;
 
 /// Time from an accepted UDP handshake to a peer's first message: TLS,
 /// opening the stream, the preamble. A peer slower than this is not working.
@@ -97,6 +109,8 @@ pub struct EndpointLimits {
     pub retry_above: usize,
     /// [`MAX_UNAUTHENTICATED_PER_SOURCE`].
     pub per_source: usize,
+    /// [`AGENT_HANDSHAKE_RESERVE`].
+    pub agent_handshake_reserve: usize,
     /// `routing::server::MAX_ROUTE_CONNECTIONS`.
     pub max_route_connections: usize,
     /// [`ROUTE_FIRST_STREAM_TIMEOUT`].
@@ -116,6 +130,7 @@ impl Default for EndpointLimits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             retry_above: RETRY_ABOVE_HANDSHAKES,
             per_source: MAX_UNAUTHENTICATED_PER_SOURCE,
+            agent_handshake_reserve: AGENT_HANDSHAKE_RESERVE,
             max_route_connections: crate::routing::server::MAX_ROUTE_CONNECTIONS,
             route_first_stream_timeout: ROUTE_FIRST_STREAM_TIMEOUT,
             route_idle_timeout: ROUTE_IDLE_TIMEOUT,
@@ -226,6 +241,28 @@ impl Drop for SourceSlot {
     }
 }
 
+/// Sources an agent with a valid certificate connected from, for the
+/// handshake slots of [`AGENT_HANDSHAKE_RESERVE`]; at most
+/// [`MAX_KNOWN_AGENT_SOURCES`], kept for the broker's run.
+#[derive(Clone, Default)]
+struct AgentSources {
+    known: Arc<Mutex<HashSet<IpAddr>>>,
+}
+
+impl AgentSources {
+    fn knows(&self, ip: IpAddr) -> bool {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        known.contains(&source_key(ip))
+    }
+
+    fn remember(&self, ip: IpAddr) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() < MAX_KNOWN_AGENT_SOURCES {
+            known.insert(source_key(ip));
+        }
+    }
+}
+
 /// The source an address counts against: an IPv4 address, or the /64 of
 /// an IPv6 one (a host commonly has a whole /64); an IPv4-mapped IPv6
 /// address is its IPv4 address.
@@ -252,7 +289,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+    let reserve = Arc::new(Semaphore::new(limits.agent_handshake_reserve));
     let sources = Sources::default();
+    let agents = AgentSources::default();
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -274,11 +313,30 @@ pub async fn serve(
             }
             continue;
         }
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            tracing::warn!(%remote,
-                "refusing connection: {} handshakes in progress", limits.max_handshakes);
-            incoming.refuse();
-            continue;
+        let handshake = match handshakes.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            // An agent's address: a reserved slot once it proved it.
+            Err(_) if agents.knows(remote.ip()) => {
+                if !incoming.remote_address_validated() {
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().refuse();
+                    }
+                    continue;
+                }
+                let Ok(slot) = reserve.clone().try_acquire_owned() else {
+                    tracing::warn!(%remote, "refusing connection: every handshake slot, \
+                        the agents' reserved ones too, is taken");
+                    incoming.refuse();
+                    continue;
+                };
+                slot
+            }
+            Err(_) => {
+                tracing::warn!(%remote,
+                    "refusing connection: {} handshakes in progress", limits.max_handshakes);
+                incoming.refuse();
+                continue;
+            }
         };
         let Some(source) = sources.take(remote.ip(), limits.per_source) else {
             tracing::info!(%remote, "refusing connection: its address holds {} handshakes \
@@ -287,6 +345,7 @@ pub async fn serve(
             continue;
         };
         let services = services.clone();
+        let agents = agents.clone();
         let token = shutdown.child_token();
         let handshake_timeout = limits.handshake_timeout;
         tracker.spawn(async move {
@@ -305,7 +364,12 @@ pub async fn serve(
                 },
             };
             drop(handshake);
-            match services.of(alpn(&conn).as_deref()) {
+            let alpn = alpn(&conn);
+            // TLS checked the certificate against the CA.
+            if alpn.as_deref() == Some(ferry_common::ALPN_AGENT) && conn.peer_identity().is_some() {
+                agents.remember(remote.ip());
+            }
+            match services.of(alpn.as_deref()) {
                 Some((service, bounded)) => {
                     // Held until the connection ends when it counts.
                     let _source = bounded.then_some(source);

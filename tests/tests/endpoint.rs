@@ -327,6 +327,28 @@ impl Spoofer {
     }
 }
 
+/// Sends `packets` to `broker` from `socket` over and over (a repeated
+/// Initial is a new attempt again once its first one was answered with a
+/// Retry or refused: the broker kept no state for it), until `stop` or a
+/// bounded count.
+fn flood(
+    socket: Arc<tokio::net::UdpSocket>,
+    packets: Vec<Vec<u8>>,
+    broker: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        for p in packets.iter().cycle().take(2_000_000) {
+            if stop.is_cancelled() {
+                break;
+            }
+            socket.send_to(p, broker).await?;
+            tokio::task::yield_now().await;
+        }
+        anyhow::Ok(())
+    })
+}
+
 /// Whether `packet` is a QUIC version 1 Retry (long header, type 3).
 fn is_retry(packet: &[u8]) -> bool {
     packet.len() > 5 && packet[0] & 0xf0 == 0xf0 && packet[1..5] == [0, 0, 0, 1]
@@ -349,24 +371,10 @@ async fn spoofed_initials_get_a_retry_under_pressure_and_real_peers_still_connec
     // A bounded flood of Initials from an address that never answers, kept
     // up while the real peers connect.
     let stop = tokio_util::sync::CancellationToken::new();
-    let sender = {
-        let (socket, stop) = (socket.clone(), stop.clone());
-        let packets = (0..2_000)
-            .map(|_| spoofer.initial())
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        tokio::spawn(async move {
-            // A repeated Initial is a new attempt again once its first one
-            // was answered with a Retry (the broker kept no state for it).
-            for p in packets.iter().cycle().take(50_000) {
-                if stop.is_cancelled() {
-                    break;
-                }
-                socket.send_to(p, broker).await?;
-                tokio::task::yield_now().await;
-            }
-            anyhow::Ok(())
-        })
-    };
+    let packets = (0..2_000)
+        .map(|_| spoofer.initial())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let sender = flood(socket.clone(), packets, broker, stop.clone());
     // Past `retry_above` handshakes in flight the broker answers with Retry
     // packets, which a spoofed source never sees.
     let mut buf = vec![0u8; 2048];
@@ -385,6 +393,46 @@ async fn spoofed_initials_get_a_retry_under_pressure_and_real_peers_still_connec
     // Real peers answer the Retry, and get a slot.
     f.agent_gets_through().await?;
     f.user_gets_through().await?;
+    stop.cancel();
+    sender.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reconnect_in_reserved_handshake_slots_that_no_flood_takes() -> anyhow::Result<()> {
+    let mut f = fixture(EndpointLimits {
+        max_handshakes: 4,
+        // No Retry before the general slots are all taken: the flood takes them.
+        retry_above: 4,
+        handshake_timeout: Duration::from_secs(600),
+        ..EndpointLimits::default()
+    })
+    .await?;
+    let broker = f.broker.agent_addr();
+    // Handshakes that never finish, from another address, kept up: every
+    // general slot is taken again as soon as one frees.
+    let socket = Arc::new(tokio::net::UdpSocket::bind((FLOOD, 0)).await?);
+    let mut spoofer = Spoofer::new(&f.ca(), broker)?;
+    let packets = (0..2_000)
+        .map(|_| spoofer.initial())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = flood(socket.clone(), packets, broker, stop.clone());
+    // The slots are full once the flood's attempts get Retry packets.
+    let mut buf = vec![0u8; 2048];
+    timeout(PATIENCE, async {
+        loop {
+            let (n, _) = socket.recv_from(&mut buf).await?;
+            if is_retry(&buf[..n]) {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await
+    .context("the flood never filled the handshake slots")??;
+    // A new agent from the address the first agent connected from gets a
+    // reserved slot once it answered the Retry.
+    f.agent_gets_through().await?;
     stop.cancel();
     sender.await??;
     Ok(())
