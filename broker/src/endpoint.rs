@@ -446,3 +446,37 @@ pub async fn answer_preamble(
         .map_err(|_| PreambleError::Timeout("the peer to read"))?
         .map_err(|e| PreambleError::Write(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(source_key(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_ne!(
+            source_key(ip("2001:db8:1:2::1")),
+            source_key(ip("2001:db8:1:3::1"))
+        );
+    }
+
+    #[test]
+    fn a_source_holds_at_most_its_cap_and_gets_places_back() {
+        let sources = Sources::default();
+        let a: IpAddr = "2001:db8::1".parse().expect("ip");
+        let same: IpAddr = "2001:db8::2".parse().expect("ip");
+        let other: IpAddr = "192.0.2.1".parse().expect("ip");
+        let first = sources.take(a, 2).expect("first place");
+        let _second = sources.take(same, 2).expect("second place");
+        assert!(sources.take(a, 2).is_none(), "the /64 is full");
+        assert!(sources.take(other, 2).is_some(), "another source");
+        drop(first);
+        assert!(sources.take(same, 2).is_some(), "a place came back");
+    }
+}
