@@ -13,6 +13,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use crate::clock::Clock;
+use crate::endpoint::EndpointLimits;
 use crate::engine::billing::Prices;
 
 /// Environment variable naming the config file when no `--config` is given.
@@ -60,6 +61,9 @@ pub struct BrokerConfig {
     pub agent_cert_lifetime: Duration,
     /// Delivery-group lifecycle, prices and the activation hook.
     pub groups: GroupsConfig,
+    /// What unauthenticated peers may hold on the QUIC endpoint: the
+    /// defaults of `endpoint` (not set from the file; tests shorten them).
+    pub endpoint: EndpointLimits,
 }
 
 /// Settings of delivery groups (issue 4).
@@ -474,6 +478,7 @@ impl BrokerConfig {
                 provision_base,
                 routing,
             },
+            endpoint: EndpointLimits::default(),
         }
     }
 

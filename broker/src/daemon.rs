@@ -295,23 +295,28 @@ impl Broker {
                 cert_lifetime: config.agent_cert_lifetime,
             }))),
             // Enrollment of new hosts with a one-time token.
-            enroll: Some(Arc::new(crate::enroll::EnrollService::new(
-                self.store.clone(),
-                &config.pki_dir,
-                config.groups.clock.clone(),
-                config.agent_cert_lifetime,
-            ))),
+            enroll: Some(Arc::new(
+                crate::enroll::EnrollService::new(
+                    self.store.clone(),
+                    &config.pki_dir,
+                    config.groups.clock.clone(),
+                    config.agent_cert_lifetime,
+                )
+                .with_limits(&config.endpoint),
+            )),
             // End users asking for sessions: the group's actor admits.
             route: Some(Arc::new(crate::routing::RouteService::new(
                 self.groups.service().clone(),
                 self.groups.actors().clone(),
                 self.store.clone(),
                 keys.tickets,
+                &config.endpoint,
             ))),
         };
         tracker.spawn(endpoint::serve(
             endpoint,
             services,
+            config.endpoint.clone(),
             tracker.clone(),
             tasks.clone(),
         ));

@@ -361,6 +361,7 @@ async fn run_in(
             },
             ..GroupsConfig::default()
         },
+        endpoint: Default::default(),
     };
     let broker_stop = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -25,12 +25,12 @@ use ferry_common::frame;
 use ferry_common::{ResourceId, UnixMillis};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::Semaphore;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::endpoint::{
-    answer_preamble, close_code, EndpointService, PreambleError, HANDSHAKE_TIMEOUT, REFUSAL_LINGER,
+    answer_preamble, close_code, EndpointLimits, EndpointService, PreambleError, REFUSAL_LINGER,
     WRITE_TIMEOUT,
 };
 use crate::pki;
@@ -38,7 +38,11 @@ use crate::store::elastic::EnrollTokenRecord;
 use crate::store::{Store, StoreError};
 
 /// Enrollments served at once; past this a host is closed with
-/// `close_code::BUSY` and retries.
+/// `close_code::BUSY` and retries. Anyone may open an enrollment
+/// connection, so each holds its place at most
+/// `endpoint::ENROLL_REQUEST_TIMEOUT` before its request is in, may open
+/// one stream (`transport::STREAMS_BEFORE_AUTH`), and counts against its
+/// source address's `endpoint::MAX_UNAUTHENTICATED_PER_SOURCE`.
 pub const MAX_ENROLLMENTS: usize = 64;
 
 /// Random bytes in a token.
@@ -79,6 +83,8 @@ pub struct EnrollService {
     /// Lifetime of the certificates issued.
     cert_lifetime: Duration,
     permits: Arc<Semaphore>,
+    /// `EndpointLimits::enroll_request_timeout`.
+    request_timeout: Duration,
 }
 
 impl EnrollService {
@@ -94,7 +100,15 @@ impl EnrollService {
             clock,
             cert_lifetime,
             permits: Arc::new(Semaphore::new(MAX_ENROLLMENTS)),
+            request_timeout: crate::endpoint::ENROLL_REQUEST_TIMEOUT,
         }
+    }
+
+    /// This service with the enrollment limits of `limits`.
+    pub fn with_limits(mut self, limits: &EndpointLimits) -> EnrollService {
+        self.permits = Arc::new(Semaphore::new(limits.max_enrollments));
+        self.request_timeout = limits.enroll_request_timeout;
+        self
     }
 
     /// Checks the token, issues the certificate and marks the token used.
@@ -205,24 +219,28 @@ impl EnrollService {
     async fn serve_conn(&self, conn: quinn::Connection, token: CancellationToken) {
         let remote = conn.remote_address();
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
-            tracing::warn!(%remote, "refusing enrollment: {MAX_ENROLLMENTS} in progress");
+            tracing::warn!(%remote, "refusing enrollment: every enrollment place is taken");
             conn.close(close_code::BUSY.into(), b"too many enrollments");
             return;
         };
+        // The stream, the preamble and the request all arrive by then.
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let idle = || {
+            tracing::info!(%remote, "closing enrollment connection: no request in time");
+            conn.close(close_code::IDLE.into(), b"no request in time");
+        };
         let (mut send, mut recv) = tokio::select! {
             _ = token.cancelled() => return,
-            r = timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()) => match r {
+            r = timeout_at(deadline, conn.accept_bi()) => match r {
                 Ok(Ok(s)) => s,
-                _ => {
-                    conn.close(close_code::DONE.into(), b"no stream");
-                    return;
-                }
+                Ok(Err(_)) => return,
+                Err(_) => return idle(),
             },
         };
         match answer_preamble(
             &mut send,
             &mut recv,
-            HANDSHAKE_TIMEOUT,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
             "host",
             "upgrade ferry-agent",
         )
@@ -240,7 +258,8 @@ impl EnrollService {
                 conn.close(close_code::BAD_PREAMBLE.into(), b"not a Ferry peer");
                 return;
             }
-            Err(PreambleError::Read(_) | PreambleError::Timeout(_)) => {
+            Err(PreambleError::Timeout(_)) => return idle(),
+            Err(PreambleError::Read(_)) => {
                 conn.close(close_code::BAD_PREAMBLE.into(), b"truncated preamble");
                 return;
             }
@@ -248,14 +267,15 @@ impl EnrollService {
         }
         let request = tokio::select! {
             _ = token.cancelled() => return,
-            r = timeout(
-                HANDSHAKE_TIMEOUT,
+            r = timeout_at(
+                deadline,
                 frame::read_message_within::<EnrollMessage, _, MAX_ENROLL_FRAME_LEN>(&mut recv),
             ) => r,
         };
         let reply = match request {
             Ok(Ok(Some(EnrollMessage::V1(req)))) => self.enroll(req).await,
-            Ok(Ok(None)) | Err(_) => {
+            Err(_) => return idle(),
+            Ok(Ok(None)) => {
                 conn.close(close_code::DONE.into(), b"no request");
                 return;
             }

@@ -174,6 +174,10 @@ async fn handle(
             return Err(e.into());
         }
     };
+    // The certificate is checked: the agent link's own stream and window
+    // limits replace those before authentication.
+    conn.set_max_concurrent_bi_streams(ferry_common::transport::AGENT_MAX_BIDI_STREAMS.into());
+    conn.set_receive_window(ferry_common::transport::AGENT_CONNECTION_WINDOW.into());
     let result = Connection::run(conn.clone(), resource.clone(), ctx, token).await;
     match &result {
         Err(LinkError::Refused { .. })

@@ -75,6 +75,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
     tracker.spawn(endpoint::serve(
         endpoint,
         services,
+        endpoint::EndpointLimits::default(),
         tracker.clone(),
         shutdown.clone(),
     ));
@@ -654,6 +655,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         shutdown_grace: Duration::from_secs(5),
         agent_cert_lifetime: crate::pki::DEFAULT_AGENT_LIFETIME,
         groups: Default::default(),
+        endpoint: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

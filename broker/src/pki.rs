@@ -449,7 +449,8 @@ pub fn client_verifier(
 /// The broker's QUIC server configuration from the files in `pki_dir`:
 /// TLS 1.3, client certificates checked against the CA (required by the agent
 /// link, absent for route and enrollment clients), every ALPN of
-/// [`ferry_common::BROKER_ALPNS`], the agent-link transport limits.
+/// [`ferry_common::BROKER_ALPNS`], the agent-link transport limits with
+/// those before authentication (`transport::broker_transport`).
 pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, PkiError> {
     let verifier = client_verifier(&pki_dir.join(CA_CERT))?;
     let certs = load_certs(&pki_dir.join(BROKER_CERT))?;
@@ -467,7 +468,7 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, PkiError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| PkiError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(ferry_common::transport::agent_link_transport()));
+    config.transport_config(Arc::new(ferry_common::transport::broker_transport()));
     Ok(config)
 }
 

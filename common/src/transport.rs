@@ -39,6 +39,19 @@ pub const AGENT_MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Keep-alives per idle timeout: a few lost ones do not end a live link.
 const KEEP_ALIVES_PER_IDLE_TIMEOUT: u32 = 4;
 
+/// Bidirectional streams the broker lets a connection open before its
+/// service has authenticated it (the agent link checks the certificate,
+/// routing a request's credentials): the one stream every protocol starts
+/// with. Each service raises it (`Connection::set_max_concurrent_bi_streams`)
+/// once it trusts the peer; enrollment never does.
+pub const STREAMS_BEFORE_AUTH: u32 = 1;
+
+/// The broker's connection receive window before authentication: what an
+/// unauthenticated peer can make it buffer. A route request is at most
+/// 16 KiB, an enrollment request a few KiB; the agent link raises it to
+/// [`AGENT_CONNECTION_WINDOW`] once the certificate is checked.
+pub const CONNECTION_WINDOW_BEFORE_AUTH: u32 = 64 * 1024;
+
 /// The transport configuration of a client of the broker's endpoint (an
 /// agent before it knows the health interval, enrollment, tests).
 pub fn agent_link_transport() -> quinn::TransportConfig {
@@ -58,9 +71,25 @@ pub fn agent_link_idle_timeout(health_interval: Duration) -> Duration {
 /// The broker endpoint's transport configuration for `health_interval`:
 /// the idle timeout of [`agent_link_idle_timeout`], with keep-alives four
 /// times as often so a quiet but live link never times out.
+/// Streams and window are those before authentication
+/// ([`STREAMS_BEFORE_AUTH`], [`CONNECTION_WINDOW_BEFORE_AUTH`]): every
+/// connection starts with them, whatever its protocol.
 pub fn agent_link_transport_for(health_interval: Duration) -> quinn::TransportConfig {
     let idle = agent_link_idle_timeout(health_interval);
-    transport(idle, idle / KEEP_ALIVES_PER_IDLE_TIMEOUT)
+    before_auth(transport(idle, idle / KEEP_ALIVES_PER_IDLE_TIMEOUT))
+}
+
+/// The broker endpoint's transport configuration before it knows the health
+/// interval (tests, benchmarks): [`agent_link_transport`]'s timeouts with
+/// the limits before authentication.
+pub fn broker_transport() -> quinn::TransportConfig {
+    before_auth(agent_link_transport())
+}
+
+fn before_auth(mut t: quinn::TransportConfig) -> quinn::TransportConfig {
+    t.max_concurrent_bidi_streams(STREAMS_BEFORE_AUTH.into())
+        .receive_window(CONNECTION_WINDOW_BEFORE_AUTH.into());
+    t
 }
 
 fn transport(idle: Duration, keep_alive: Duration) -> quinn::TransportConfig {

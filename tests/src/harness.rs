@@ -97,6 +97,16 @@ impl TestBroker {
         Self::start_tuned(dir, groups, |_| {}).await
     }
 
+    /// Like [`TestBroker::start_with_groups`], with these endpoint limits
+    /// (e.g. short idle timeouts for a test of them).
+    pub async fn start_with_limits(
+        dir: &Path,
+        groups: ferry_broker::config::GroupsConfig,
+        endpoint: ferry_broker::endpoint::EndpointLimits,
+    ) -> anyhow::Result<TestBroker> {
+        Self::start_tuned(dir, groups, |c| c.endpoint = endpoint).await
+    }
+
     /// Like [`TestBroker::start_with_groups`], with the configuration
     /// changed by `tune` before the start (e.g. a short certificate lifetime).
     pub async fn start_tuned(
@@ -119,6 +129,7 @@ impl TestBroker {
             shutdown_grace: Duration::from_secs(5),
             agent_cert_lifetime: ferry_broker::pki::DEFAULT_AGENT_LIFETIME,
             groups,
+            endpoint: Default::default(),
         };
         tune(&mut config);
         let mut broker = TestBroker {

@@ -219,6 +219,12 @@ impl RouteClient {
         }
     }
 
+    /// Waits until the connection ends, and says why (e.g. the broker closed
+    /// it for idleness: `endpoint::close_code::IDLE`; open a new one then).
+    pub async fn closed(&self) -> quinn::ConnectionError {
+        self.conn.closed().await
+    }
+
     /// Closes the connection and waits (briefly) for the broker to hear it.
     pub async fn close(self) {
         self.conn.close(0u32.into(), b"done");

@@ -11,13 +11,19 @@
 //! ticket signed for exactly the reservation the actor made (same session,
 //! resource, issue and expiry times).
 //!
-//! Limits: [`MAX_ROUTE_CONNECTIONS`] connections, [`MAX_STREAMS_PER_CONNECTION`]
-//! requests at once on one connection, [`MAX_ROUTES_IN_FLIGHT`] requests at
-//! once over all connections (past it: `busy`), and [`ROUTE_READ_TIMEOUT`] /
-//! [`ROUTE_WRITE_TIMEOUT`] on every read and write. A waiting request is
-//! bounded by the group's `wait_timeout`: the actor answers at its end.
+//! Limits: [`MAX_ROUTE_CONNECTIONS`] connections, [`ROUTE_STREAMS_BEFORE_AUTH`]
+//! requests at once on one connection until one of its requests passed the
+//! credential check, [`MAX_STREAMS_PER_CONNECTION`] after,
+//! [`MAX_ROUTES_IN_FLIGHT`] requests at once over all connections (past it:
+//! `busy`), and [`ROUTE_READ_TIMEOUT`] / [`ROUTE_WRITE_TIMEOUT`] on every
+//! read and write. A connection that opens no stream within
+//! `endpoint::ROUTE_FIRST_STREAM_TIMEOUT`, or has none open for
+//! `endpoint::ROUTE_IDLE_TIMEOUT`, is closed with `close_code::IDLE`. A
+//! waiting request is bounded by the group's `wait_timeout`: the actor
+//! answers at its end.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +39,9 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use crate::endpoint::{answer_preamble, close_code, EndpointService, PreambleError};
+use crate::endpoint::{
+    answer_preamble, close_code, EndpointLimits, EndpointService, PreambleError,
+};
 use crate::groups::actor::{self, Placement, RouteProgress, RESERVATION_TTL};
 use crate::groups::service::AuthError;
 use crate::groups::{GroupActors, GroupService};
@@ -46,9 +54,15 @@ use crate::tickets::TicketSigner;
 /// closed after its handshake with `close_code::BUSY`.
 pub const MAX_ROUTE_CONNECTIONS: usize = 10_000;
 
-/// Most requests one connection has in flight (QUIC stream credit): a
-/// portal or gateway routing many users through one connection still shares.
+/// Most requests one connection has in flight (QUIC stream credit) once
+/// one of its requests passed the credential check: a portal or gateway
+/// routing many users through one connection still shares.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Most requests one connection has in flight before any of its requests
+/// passed the credential check: `ferry-connect` sends one; an
+/// unauthenticated peer holds no more than this per connection.
+pub const ROUTE_STREAMS_BEFORE_AUTH: u32 = 2;
 
 /// Most requests in flight over all connections; past it a request is
 /// answered `busy` at once instead of queueing without bound.
@@ -94,6 +108,10 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// Failed logins per user and per source address.
     throttle: Throttle,
+    /// `EndpointLimits::route_first_stream_timeout`.
+    first_stream_timeout: Duration,
+    /// `EndpointLimits::route_idle_timeout`.
+    idle_timeout: Duration,
 }
 
 /// The route service registered in the endpoint's [`crate::link::Services`].
@@ -108,6 +126,7 @@ impl RouteService {
         actors: GroupActors,
         store: Store,
         signer: Arc<TicketSigner>,
+        limits: &EndpointLimits,
     ) -> RouteService {
         let throttle = Throttle::new(groups.config().routing.login);
         RouteService {
@@ -117,8 +136,10 @@ impl RouteService {
                 actors,
                 store,
                 signer,
-                connections: Arc::new(Semaphore::new(MAX_ROUTE_CONNECTIONS)),
+                connections: Arc::new(Semaphore::new(limits.max_route_connections)),
                 in_flight: Arc::new(Semaphore::new(MAX_ROUTES_IN_FLIGHT)),
+                first_stream_timeout: limits.route_first_stream_timeout,
+                idle_timeout: limits.route_idle_timeout,
             }),
         }
     }
@@ -135,25 +156,60 @@ impl EndpointService for RouteService {
     }
 }
 
+/// A route connection's trust: raised to [`MAX_STREAMS_PER_CONNECTION`]
+/// streams once one of its requests passed the credential check.
+struct Trust {
+    conn: quinn::Connection,
+    authenticated: AtomicBool,
+}
+
+impl Trust {
+    fn authenticated(&self) {
+        if !self.authenticated.swap(true, Ordering::Relaxed) {
+            self.conn
+                .set_max_concurrent_bi_streams(MAX_STREAMS_PER_CONNECTION.into());
+        }
+    }
+}
+
 async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, token: CancellationToken) {
     let remote = conn.remote_address();
     let Ok(_permit) = inner.connections.clone().try_acquire_owned() else {
-        tracing::warn!(%remote, "refusing route client: {MAX_ROUTE_CONNECTIONS} connections open");
+        tracing::warn!(%remote, "refusing route client: every route connection place is taken");
         conn.close(close_code::BUSY.into(), b"too many route clients");
         return;
     };
-    conn.set_max_concurrent_bi_streams(MAX_STREAMS_PER_CONNECTION.into());
+    conn.set_max_concurrent_bi_streams(ROUTE_STREAMS_BEFORE_AUTH.into());
+    let trust = Arc::new(Trust {
+        conn: conn.clone(),
+        authenticated: AtomicBool::new(false),
+    });
     let mut streams = JoinSet::new();
+    // No stream open past this: the connection is idle and is closed (the
+    // endpoint's keep-alives would otherwise hold it open for ever).
+    let idle_at = tokio::time::sleep(inner.first_stream_timeout);
+    tokio::pin!(idle_at);
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Some(_) = streams.join_next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle_at.as_mut().reset(tokio::time::Instant::now() + inner.idle_timeout);
+                }
+            }
+            () = &mut idle_at, if streams.is_empty() => {
+                tracing::debug!(%remote, "closing idle route connection");
+                conn.close(close_code::IDLE.into(), b"idle");
+                break;
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let inner = inner.clone();
                     let token = token.clone();
+                    let trust = trust.clone();
                     streams.spawn(async move {
-                        if let Err(e) = serve_stream(&inner, remote.ip(), send, recv, &token).await {
+                        let source = remote.ip();
+                        if let Err(e) = serve_stream(&inner, &trust, source, send, recv, &token).await {
                             tracing::debug!(%remote, "route stream: {e}");
                         }
                     });
@@ -200,6 +256,7 @@ fn refusal(reason: RouteRefusal, message: impl Into<String>) -> BrokerToClient {
 
 async fn serve_stream(
     inner: &Inner,
+    trust: &Trust,
     source: IpAddr,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -264,7 +321,7 @@ async fn serve_stream(
     };
     let group = ask.group.clone();
     let answer = tokio::select! {
-        a = decide(inner, source, ask, &mut send, &mut recv) => a?,
+        a = decide(inner, trust, source, ask, &mut send, &mut recv) => a?,
         _ = token.cancelled() => refusal(RouteRefusal::ShuttingDown, "the broker is shutting down"),
     };
     if let BrokerToClient::Refused(r) = &answer {
@@ -295,6 +352,7 @@ async fn group_facts(store: &Store, group: &GroupName) -> Result<Option<GroupFac
 /// answer (a `Waiting` is written on the way).
 async fn decide(
     inner: &Inner,
+    trust: &Trust,
     source: IpAddr,
     ask: RouteAsk,
     send: &mut quinn::SendStream,
@@ -306,7 +364,7 @@ async fn decide(
         credential,
         wait,
     } = ask;
-    let facts = match check_request(inner, source, &group, &user, &credential).await {
+    let facts = match check_request(inner, trust, source, &group, &user, &credential).await {
         Ok(facts) => facts,
         Err(refused) => return Ok(refused),
     };
@@ -328,6 +386,7 @@ async fn decide(
 /// the refusal.
 async fn check_request(
     inner: &Inner,
+    trust: &Trust,
     source: IpAddr,
     group: &GroupName,
     user: &UserId,
@@ -376,6 +435,7 @@ async fn check_request(
         tracing::info!(%user, %source, "route: credentials refused: {e}");
         return Err(refusal(RouteRefusal::BadCredentials, BAD_CREDENTIALS));
     }
+    trust.authenticated();
     let facts = match group_facts(&inner.store, group).await {
         Ok(Some(f)) => f,
         Ok(None) => {
