@@ -999,11 +999,19 @@ impl AdminClient {
 
     /// Sends one request and returns the answer; an `Error` answer is `Err(Remote)`.
     pub async fn call(&mut self, req: AdminRequestV1) -> Result<AdminResponseV1, AdminClientError> {
-        write_admin(&mut self.stream, &AdminRequest::V1(req)).await?;
-        match read_admin::<AdminResponse, _>(&mut self.stream).await? {
-            None => Err(AdminClientError::NoAnswer),
-            Some(AdminResponse::V1(AdminResponseV1::Error(e))) => Err(AdminClientError::Remote(e)),
-            Some(AdminResponse::V1(resp)) => Ok(resp),
+        let sent = write_admin(&mut self.stream, &AdminRequest::V1(req)).await;
+        // A broker that turns the peer away (its credentials, too many
+        // connections) answers and closes without reading the request: the
+        // write may then fail, and the answer waiting to be read says why.
+        let answer = read_admin::<AdminResponse, _>(&mut self.stream).await;
+        match (sent, answer) {
+            (_, Ok(Some(AdminResponse::V1(AdminResponseV1::Error(e))))) => {
+                Err(AdminClientError::Remote(e))
+            }
+            (Ok(()), Ok(Some(AdminResponse::V1(resp)))) => Ok(resp),
+            (Err(e), _) => Err(e.into()),
+            (Ok(()), Err(e)) => Err(e.into()),
+            (Ok(()), Ok(None)) => Err(AdminClientError::NoAnswer),
         }
     }
 }
@@ -1265,6 +1273,35 @@ mod tests {
         assert!(rest.is_empty(), "no answer to half a frame");
         closed_by_broker(&mut deaf).await;
         f.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_refusal_sent_before_the_request_was_read_reaches_the_client() {
+        // The broker answers a peer it turns away and closes without reading:
+        // a request too large for the socket's buffer then fails to be
+        // written, and the client must still report the answer.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("admin.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let refused = error(AdminErrorCode::Forbidden, "uid 7 is not allowed".into());
+            write_admin(&mut stream, &AdminResponse::V1(refused))
+                .await
+                .expect("answer");
+        });
+        let mut client = AdminClient::connect(&path).await.expect("connect");
+        let big = AdminRequestV1::UserImport {
+            csv: "x".repeat(4 << 20),
+        };
+        match client.call(big).await {
+            Err(AdminClientError::Remote(e)) => {
+                assert_eq!(e.code, AdminErrorCode::Forbidden);
+                assert!(e.message.contains("uid 7"), "{}", e.message);
+            }
+            other => panic!("expected the refusal, got {other:?}"),
+        }
+        server.await.expect("server");
     }
 
     #[tokio::test]
