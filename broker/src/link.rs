@@ -226,6 +226,8 @@ struct Connection {
     /// Set by the registry when the broker ends this connection (the host
     /// changed group): the refusal its agent is sent.
     dismissal: Dismissal,
+    /// A certificate was renewed on this connection.
+    renewed: bool,
     next_command: u64,
     /// Broker clock of the last message from the agent.
     last_heard: UnixMillis,
@@ -425,7 +427,8 @@ impl Connection {
         };
         let cert_issued = check_revocation(&conn, &mut send, &resource, &ctx).await?;
 
-        let group = match member_group(&ctx, &resource, hello.group.as_ref()).await {
+        let named = hello.group.clone();
+        let group = match member_group(&ctx, &resource, named.as_ref()).await {
             Ok(group) => group,
             Err((code, message)) => {
                 return Err(refuse(&conn, &mut send, &resource, code, message).await)
@@ -465,11 +468,19 @@ impl Connection {
             group,
             pending: HashMap::new(),
             dismissal: Dismissal::default(),
+            renewed: false,
             next_command: 0,
             last_heard,
             cert_issued,
         };
         let (superseded, mut commands) = this.attach();
+        // A revocation or an assignment committed while this connection was
+        // checked found no connection to dismiss: attached now, it is checked
+        // once more (one committed from here on dismisses it).
+        if let Err(e) = this.still_admitted(named.as_ref()).await {
+            this.ctx.registry.detach(&this.resource, this.conn_id);
+            return Err(e);
+        }
         this.join(registered.open.clone()).await;
         let result = this
             .serve(
@@ -706,10 +717,55 @@ impl Connection {
         Ok(None)
     }
 
+    /// The checks of the connection's start, made again once it is
+    /// attached: not revoked, and still in the group it was admitted to.
+    async fn still_admitted(&mut self, named: Option<&GroupName>) -> Result<(), LinkError> {
+        match self.ctx.store.revoked_before(&self.resource).await {
+            Ok(Some(floor)) if self.cert_issued < floor => {
+                let message = revoked_message(&self.resource, self.cert_issued, floor);
+                return Err(self.refuse(RefusalCode::Revoked, message).await);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let message = format!("read revocations: {e}");
+                return Err(self.refuse(RefusalCode::StoreUnavailable, message).await);
+            }
+        }
+        match member_group(&self.ctx, &self.resource, named).await {
+            Ok(group) if group == self.group => Ok(()),
+            Ok(group) => {
+                let now = match group {
+                    Some(g) => format!("group {g}"),
+                    None => "no group".to_owned(),
+                };
+                let message = format!(
+                    "an operator put resource {} in {now} while it connected: reconnect",
+                    self.resource
+                );
+                Err(self.refuse(RefusalCode::NotMember, message).await)
+            }
+            Err((code, message)) => Err(self.refuse(code, message).await),
+        }
+    }
+
     /// A renewal: a certificate for the request's key, of this resource and
     /// the configured lifetime, unless the resource was revoked since this
     /// connection's certificate was issued (then the connection is refused).
+    /// One per connection: the agent reconnects with what it got. Once
+    /// issued, certificates of the resource older than this connection's
+    /// are refused (a copy of an earlier key dies).
     async fn renew(&mut self, csr_der: Vec<u8>) -> Result<(), LinkError> {
+        if self.renewed {
+            let message = "a certificate was renewed on this connection already: reconnect \
+                           with it"
+                .to_owned();
+            return self
+                .write(BrokerToAgent::Renewal(RenewalOutcome::Failed { message }))
+                .await;
+        }
+        // Stamped before the floor is read: a revocation committed after
+        // the read has a floor past this certificate's issue time.
+        let validity = pki::Validity::starting_now(self.ctx.cert_lifetime);
         match self.ctx.store.revoked_before(&self.resource).await {
             Ok(Some(floor)) if self.cert_issued < floor => {
                 let message = revoked_message(&self.resource, self.cert_issued, floor);
@@ -724,7 +780,6 @@ impl Connection {
                     .await;
             }
         }
-        let validity = pki::Validity::starting_now(self.ctx.cert_lifetime);
         let (pki_dir, resource) = (self.ctx.pki_dir.clone(), self.resource.clone());
         let issued = tokio::task::spawn_blocking(move || {
             pki::issue_from_csr(
@@ -739,6 +794,28 @@ impl Connection {
         .unwrap_or_else(|e| Err(pki::PkiError::Tls(format!("signing task: {e}"))));
         let outcome = match issued {
             Ok(cert_pem) => {
+                // A revocation committed while it was signed: not handed out.
+                match self.ctx.store.revoked_before(&self.resource).await {
+                    Ok(Some(floor)) if self.cert_issued < floor => {
+                        let message = revoked_message(&self.resource, self.cert_issued, floor);
+                        return Err(self.refuse(RefusalCode::Revoked, message).await);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let message = format!("read revocations: {e}");
+                        return Err(self.refuse(RefusalCode::StoreUnavailable, message).await);
+                    }
+                }
+                if let Err(e) = self
+                    .ctx
+                    .store
+                    .retire_older_certificates(&self.resource, self.cert_issued)
+                    .await
+                {
+                    tracing::warn!(resource = %self.resource,
+                        "renewal: refuse the certificates before this one: {e}");
+                }
+                self.renewed = true;
                 let (_, not_after) =
                     ferry_common::certs::validity(validity.issued, validity.lifetime);
                 tracing::info!(resource = %self.resource,

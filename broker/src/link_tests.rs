@@ -861,9 +861,36 @@ async fn renewal_issues_for_the_links_resource_only_and_not_once_revoked() {
     let info = pki::certificate_info(der.as_ref()).expect("info");
     assert_eq!(info.resource, rid("host-1"));
     assert!((info.not_after.0 - info.issued.0 - 30 * 86_400_000).abs() < 1000);
+    // Certificates older than the link's are refused from now on; the
+    // link's own still admits it.
+    let floor = b
+        .store
+        .revoked_before(&rid("host-1"))
+        .await
+        .expect("read")
+        .expect("a floor");
+    assert!(floor.0 <= info.issued.0, "the new certificate passes");
 
-    // Revoked since this connection's certificate was issued (the registry
-    // not told, so the connection is still up): the renewal closes it.
+    // One renewal per connection.
+    a.send(AgentToBroker::Renew {
+        csr_der: csr(vec![]),
+    })
+    .await;
+    let Some(BrokerToAgent::Renewal(ferry_common::wire::RenewalOutcome::Failed { message })) =
+        a.recv().await
+    else {
+        panic!("a second renewal on one connection must fail");
+    };
+    assert!(
+        message.contains("renewed on this connection already"),
+        "{message}"
+    );
+
+    // On a new connection with the same certificate (at the floor, not
+    // before it): revoked since it was issued (the registry not told, so
+    // the connection is still up), the renewal closes it.
+    let mut a = b.agent("host-1").await;
+    a.welcome("host-1", 1).await;
     let now = crate::clock::now_millis();
     b.store
         .revoke(&rid("host-1"), UnixMillis(now.0 + 1), now, "test".into())

@@ -116,7 +116,19 @@ fn insert_pending(
          VALUES (?1, ?2, ?3, 'pending', ?4)",
         params![num, engine_id, resource, at.0],
     )?;
-    Ok(())
+    // A new machine takes this name: keys of an earlier one (a retired
+    // resource of an earlier group of the same name) are refused from now,
+    // before the new machine enrolls. Certificates carry the system clock's
+    // time, so the floor does too.
+    let now = crate::clock::now_millis();
+    super::revocations::raise_floor(
+        c,
+        resource,
+        now,
+        now,
+        "the name is given to a new machine",
+        false,
+    )
 }
 
 /// Applies the record changes of group `num` in the actor's commit transaction.
@@ -513,6 +525,34 @@ mod tests {
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
+    }
+
+    #[tokio::test]
+    async fn a_name_given_to_a_new_machine_refuses_the_keys_of_an_earlier_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store =
+            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        store.insert_group_for_test(1, "g").await;
+        let before = crate::clock::now_millis();
+        let ops = vec![ElasticOp::Pending {
+            engine_id: rid("e1"),
+            resource: rid("g-e1"),
+            at: UnixMillis(10),
+        }];
+        store
+            .exec(move |c| write_ops(c, 1, &ops))
+            .await
+            .expect("write");
+        // From the request on, before the new machine enrolls: a
+        // certificate issued earlier (an old machine's) is refused.
+        let floor = store
+            .revoked_before(&rid("g-e1"))
+            .await
+            .expect("read")
+            .expect("a floor");
+        assert!(floor.0 >= before.0, "{floor:?} < {before:?}");
+        // Not an operator's revocation: not listed as one.
+        assert!(store.revocations().await.expect("list").is_empty());
     }
 
     #[tokio::test]

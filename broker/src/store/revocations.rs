@@ -22,7 +22,9 @@ pub struct RevocationRecord {
 }
 
 /// Raises the floor of `resource` to `before` (never lowers it) and
-/// records who set it last, in the caller's transaction.
+/// records who set it, in the caller's transaction: a floor that does not
+/// move keeps its record, unless the operator sets it (an operator's
+/// revocation stays listed until a new machine takes the name).
 pub(super) fn raise_floor(
     c: &Connection,
     resource: &str,
@@ -35,8 +37,10 @@ pub(super) fn raise_floor(
         "INSERT INTO revocations (resource, revoked_before_ms, at, reason, by_operator)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (resource) DO UPDATE SET
-             revoked_before_ms = MAX(revoked_before_ms, excluded.revoked_before_ms),
-             at = excluded.at, reason = excluded.reason, by_operator = excluded.by_operator",
+             revoked_before_ms = MAX(revocations.revoked_before_ms, excluded.revoked_before_ms),
+             at = excluded.at, reason = excluded.reason, by_operator = excluded.by_operator
+         WHERE excluded.revoked_before_ms > revocations.revoked_before_ms
+            OR excluded.by_operator = 1",
     )?
     .execute(params![
         resource,
@@ -89,6 +93,20 @@ impl Store {
             Ok(group.is_some())
         })
         .await
+    }
+
+    /// A certificate of `resource` was renewed over a link whose own
+    /// certificate was issued at `current`: every older one is refused from
+    /// now on (the link's own stays valid until the agent uses the new one).
+    pub async fn retire_older_certificates(
+        &self,
+        resource: &ResourceId,
+        current: UnixMillis,
+    ) -> Result<(), StoreError> {
+        let resource = resource.to_string();
+        let at = crate::clock::now_millis();
+        self.exec(move |c| raise_floor(c, &resource, current, at, "renewed over the link", false))
+            .await
     }
 
     /// The floor of `resource`: certificates issued before it are refused.
