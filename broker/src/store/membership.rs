@@ -38,6 +38,9 @@ pub enum Assigned {
     Provisioned { group: GroupName },
 }
 
+/// A refused join is recorded again at most this often per message.
+const REFUSED_JOIN_EVERY_MS: i64 = 3_600_000;
+
 /// Event kind of membership changes and refused joins in `group events`.
 pub const MEMBERSHIP_EVENT: &str = "membership";
 
@@ -160,9 +163,9 @@ impl Store {
         .await
     }
 
-    /// Records in group `named` (when it exists) that `resource` asked to
-    /// join it and was refused, unless the group's newest membership event
-    /// already says so (an agent retrying does not fill the log).
+    /// Records in group `named` (when it exists) that a host asked to join
+    /// it and was refused, unless the same refusal was recorded within
+    /// the last hour (agents retrying do not fill the log).
     pub async fn refused_join(
         &self,
         named: &GroupName,
@@ -174,14 +177,22 @@ impl Store {
             let Some(num) = live_num(c, &named)? else {
                 return Ok(());
             };
-            let last = c
+            let recent = c
                 .prepare_cached(
-                    "SELECT message FROM group_events WHERE group_num = ?1 AND kind = ?2
-                     ORDER BY id DESC LIMIT 1",
+                    "SELECT 1 FROM group_events
+                     WHERE group_num = ?1 AND kind = ?2 AND message = ?3 AND at > ?4 LIMIT 1",
                 )?
-                .query_row(params![num, MEMBERSHIP_EVENT], |r| r.get::<_, String>(0))
+                .query_row(
+                    params![
+                        num,
+                        MEMBERSHIP_EVENT,
+                        message,
+                        now.0.saturating_sub(REFUSED_JOIN_EVERY_MS)
+                    ],
+                    |r| r.get::<_, i64>(0),
+                )
                 .optional()?;
-            if last.is_some_and(|m| m == message) {
+            if recent.is_some() {
                 return Ok(());
             }
             event(c, num, now, MEMBERSHIP_EVENT, &message)

@@ -391,6 +391,7 @@ impl GroupActors {
             to_engine: HashMap::new(),
             from_engine: HashMap::new(),
             sessions: HashMap::new(),
+            ignored_reports: HashMap::new(),
             flagged: BTreeMap::new(),
             unused: BTreeSet::new(),
             recorded_flags: HashMap::new(),

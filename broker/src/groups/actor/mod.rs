@@ -398,6 +398,9 @@ struct Actor {
     /// Sessions the engine holds, per engine resource id, to reconcile a
     /// re-joining host's list.
     sessions: HashMap<ResourceId, BTreeSet<SessionId>>,
+    /// Reports about other hosts' sessions ignored this run, per reporting
+    /// host: the first few are recorded, the rest only counted.
+    ignored_reports: HashMap<ResourceId, u32>,
     /// Agents flagged, with why: not used (beyond the base count, unknown
     /// elastic id) or a host below the group's spec. Kept so a reconnecting
     /// one is flagged once, and for `group show`.
@@ -973,6 +976,20 @@ mod tests {
         assert!(ignored[2].contains("the start of session s1"));
         assert!(ignored[3].contains("as open on its host session s1"));
         assert!(!events.iter().any(|(k, _)| k == "session-disconnected"));
+
+        // A host that keeps at it fills no log: 20 are recorded, the last
+        // saying the rest are not.
+        for _ in 0..30 {
+            f.actors.sessions(&g, &rid("h2"), vec![ended("s1")]).await;
+        }
+        let events = f.events("g1").await;
+        let ignored: Vec<_> = events
+            .iter()
+            .filter(|(k, _)| k == "ignored-report")
+            .map(|(_, m)| m.as_str())
+            .collect();
+        assert_eq!(ignored.len(), 20, "{events:?}");
+        assert!(ignored[19].contains("further such reports of h2 are ignored"));
 
         // The host that has it ends it.
         f.actors.sessions(&g, &rid("h1"), vec![ended("s1")]).await;

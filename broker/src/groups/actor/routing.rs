@@ -712,7 +712,17 @@ impl Actor {
             );
             return;
         }
-        if self.engine.session_resource(&session).is_none() && self.closed.is_none() {
+        // Only a session the group has on this host is retained or let go:
+        // a report of one it does not know changes nothing (and keeps
+        // nothing, also in a group that expired).
+        let on_host = self.to_engine.get(resource).is_some_and(|id| {
+            self.engine.session_resource(&session) == Some(id)
+                || self
+                    .sessions
+                    .get(id)
+                    .is_some_and(|open| open.contains(&session))
+        });
+        if !on_host {
             return;
         }
         match report.state {

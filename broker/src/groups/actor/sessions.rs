@@ -16,6 +16,10 @@ use super::Actor;
 
 /// Event kind of a report a host made about another host's session.
 pub(crate) const IGNORED_REPORT: &str = "ignored-report";
+
+/// Reports about other hosts' sessions recorded per reporting host and run
+/// of the group's actor; later ones are ignored without a record.
+const RECORDED_IGNORED_REPORTS: u32 = 20;
 use crate::engine::{Input, ResourceState};
 use crate::store::BrokerEnd;
 
@@ -73,13 +77,25 @@ impl Actor {
             return false;
         };
         let (reporter, owner) = (self.external(id), self.external(&owner));
+        let count = self.ignored_reports.entry(id.clone()).or_default();
+        *count = count.saturating_add(1);
+        let count = *count;
+        if count > RECORDED_IGNORED_REPORTS {
+            // Recorded enough: a host that keeps doing it fills no log.
+            return true;
+        }
         tracing::warn!(group = %self.row.name, %reporter, %owner, %session,
             "ignored a host's report about another host's session");
+        let more = if count == RECORDED_IGNORED_REPORTS {
+            format!("; further such reports of {reporter} are ignored without a record")
+        } else {
+            String::new()
+        };
         self.note(
             IGNORED_REPORT,
             format!(
                 "ignored: resource {reporter} reported {what} session {session}, which is on \
-                 {owner}; a host reports only its own sessions"
+                 {owner}; a host reports only its own sessions{more}"
             ),
         );
         true
