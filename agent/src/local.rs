@@ -444,10 +444,10 @@ async fn handle(
         Request::Status => Response::Status(status_reply(state)),
         Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
         Request::WaitAcked { seq, timeout_ms } => {
-            wait_acked(state, seq, Duration::from_millis(timeout_ms), shutdown).await
+            wait_acked(state, seq, wait_limit(timeout_ms), shutdown).await
         }
         Request::WaitSynced { timeout_ms } => {
-            wait_synced(state, Duration::from_millis(timeout_ms), shutdown).await
+            wait_synced(state, wait_limit(timeout_ms), shutdown).await
         }
     }
 }
@@ -557,6 +557,15 @@ async fn session_end(state: &ServerState, session: SessionId, reason: EndReason)
         tracing::info!(%session, "session ended");
     }
     recorded(r)
+}
+
+/// Longest a local client may ask the agent to wait for the broker in one
+/// request: a client cannot hold a slot longer by asking for more.
+pub const MAX_LOCAL_WAIT: Duration = Duration::from_secs(60);
+
+/// A client's wait, at most [`MAX_LOCAL_WAIT`].
+fn wait_limit(timeout_ms: u64) -> Duration {
+    Duration::from_millis(timeout_ms).min(MAX_LOCAL_WAIT)
 }
 
 /// The status once the broker acknowledged `seq` or the link is down, or
@@ -864,13 +873,26 @@ impl LocalClient {
         Ok(status.link.acked_seq >= seq)
     }
 
-    /// Waits until connected and nothing is spooled, at most `timeout`.
+    /// Waits until connected and nothing is spooled, at most `timeout`
+    /// (asked in requests of at most [`MAX_LOCAL_WAIT`] each).
     pub async fn wait_synced(&mut self, timeout: Duration) -> Result<StatusReply, LocalError> {
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        self.call(Request::WaitSynced { timeout_ms })
-            .await?
-            .into_result()?
-            .status()
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let wait = left.min(MAX_LOCAL_WAIT);
+            let timeout_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            match self
+                .call(Request::WaitSynced { timeout_ms })
+                .await?
+                .into_result()
+            {
+                Err(LocalError::Refused {
+                    code: ErrorCode::Timeout,
+                    ..
+                }) if left > wait => continue,
+                answer => return answer?.status(),
+            }
+        }
     }
 }
 
@@ -925,6 +947,12 @@ mod tests {
 
     fn start(opts: SpoolOptions) -> Harness {
         start_with(opts, DEFAULT_IDLE_TIMEOUT)
+    }
+
+    #[test]
+    fn a_client_cannot_ask_for_a_longer_wait_than_the_limit() {
+        assert_eq!(wait_limit(u64::MAX), MAX_LOCAL_WAIT);
+        assert_eq!(wait_limit(2_000), Duration::from_secs(2));
     }
 
     fn start_with(opts: SpoolOptions, idle_timeout: Duration) -> Harness {
