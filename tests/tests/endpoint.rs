@@ -22,7 +22,7 @@ use ferry_common::admin::{
     AdminRequestV1, BillingSpec, GroupSpec, PolicySpec, Secret, SessionType, UserSpec,
 };
 use ferry_common::enroll::EnrollRefusal;
-use ferry_common::route::RouteAsk;
+use ferry_common::route::{RouteAsk, RouteRefusal};
 use ferry_common::ticket::Credential;
 use ferry_common::{ALPN_ENROLL, ALPN_ROUTE};
 use ferry_tests::admin::{agent_of, publish};
@@ -238,6 +238,42 @@ async fn idle_route_and_enrollment_connections_are_closed_and_get_one_or_two_str
         .await
         .context("an idle route connection after a request was never closed")?;
     assert!(closed_with(&why, close_code::IDLE), "{why}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_connection_that_never_authenticated_is_closed_after_its_answer(
+) -> anyhow::Result<()> {
+    // Idle route connections would be kept ten minutes: only one whose
+    // request passed the credential check gets that.
+    let f = fixture(EndpointLimits {
+        route_idle_timeout: Duration::from_secs(600),
+        ..EndpointLimits::default()
+    })
+    .await?;
+    let guesser = RouteClient::connect(f.broker.agent_addr(), "localhost", &f.ca()).await?;
+    let ask = RouteAsk {
+        group: "g".parse()?,
+        user: "u1".parse()?,
+        credential: Credential::Password("a-wrong-guess".into()),
+        wait: false,
+    };
+    match guesser.route(ask, |_| {}).await? {
+        RouteAnswer::Refused(r) => assert_eq!(r.reason, RouteRefusal::BadCredentials),
+        RouteAnswer::Admitted(a) => bail!("a wrong password was admitted: {a:?}"),
+    }
+    let why = timeout(PATIENCE, guesser.closed())
+        .await
+        .context("a guesser's connection was kept open")?;
+    assert!(closed_with(&why, close_code::IDLE), "{why}");
+    // A real user's connection stays after its answer.
+    let user = f.user_gets_through().await?;
+    assert!(
+        timeout(Duration::from_secs(3), user.closed())
+            .await
+            .is_err(),
+        "an authenticated connection was closed"
+    );
     Ok(())
 }
 

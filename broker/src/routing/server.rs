@@ -40,7 +40,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::endpoint::{
-    answer_preamble, close_code, EndpointLimits, EndpointService, PreambleError,
+    answer_preamble, close_code, EndpointLimits, EndpointService, PreambleError, REFUSAL_LINGER,
 };
 use crate::groups::actor::{self, Placement, RouteProgress, RESERVATION_TTL};
 use crate::groups::service::AuthError;
@@ -194,7 +194,14 @@ async fn serve_connection(inner: Arc<Inner>, conn: quinn::Connection, token: Can
             _ = token.cancelled() => break,
             Some(_) = streams.join_next(), if !streams.is_empty() => {
                 if streams.is_empty() {
-                    idle_at.as_mut().reset(tokio::time::Instant::now() + inner.idle_timeout);
+                    // No request of it passed the credential check: once its
+                    // answer had time to arrive, it holds no place.
+                    let idle = if trust.authenticated.load(Ordering::Relaxed) {
+                        inner.idle_timeout
+                    } else {
+                        inner.idle_timeout.min(REFUSAL_LINGER)
+                    };
+                    idle_at.as_mut().reset(tokio::time::Instant::now() + idle);
                 }
             }
             () = &mut idle_at, if streams.is_empty() => {
