@@ -720,16 +720,9 @@ impl Connection {
     /// The checks of the connection's start, made again once it is
     /// attached: not revoked, and still in the group it was admitted to.
     async fn still_admitted(&mut self, named: Option<&GroupName>) -> Result<(), LinkError> {
-        match self.ctx.store.revoked_before(&self.resource).await {
-            Ok(Some(floor)) if self.cert_issued < floor => {
-                let message = revoked_message(&self.resource, self.cert_issued, floor);
-                return Err(self.refuse(RefusalCode::Revoked, message).await);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let message = format!("read revocations: {e}");
-                return Err(self.refuse(RefusalCode::StoreUnavailable, message).await);
-            }
+        if let Err((code, message)) = above_floor(&self.ctx, &self.resource, self.cert_issued).await
+        {
+            return Err(self.refuse(code, message).await);
         }
         match member_group(&self.ctx, &self.resource, named).await {
             Ok(group) if group == self.group => Ok(()),
@@ -766,19 +759,16 @@ impl Connection {
         // Stamped before the floor is read: a revocation committed after
         // the read has a floor past this certificate's issue time.
         let validity = pki::Validity::starting_now(self.ctx.cert_lifetime);
-        match self.ctx.store.revoked_before(&self.resource).await {
-            Ok(Some(floor)) if self.cert_issued < floor => {
-                let message = revoked_message(&self.resource, self.cert_issued, floor);
-                return Err(self.refuse(RefusalCode::Revoked, message).await);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(resource = %self.resource, "renewal: read revocations: {e}");
+        match above_floor(&self.ctx, &self.resource, self.cert_issued).await {
+            Ok(()) => {}
+            Err((RefusalCode::StoreUnavailable, why)) => {
+                tracing::warn!(resource = %self.resource, "renewal: {why}");
                 let message = "the broker cannot read its store now; try again later".into();
                 return self
                     .write(BrokerToAgent::Renewal(RenewalOutcome::Failed { message }))
                     .await;
             }
+            Err((code, message)) => return Err(self.refuse(code, message).await),
         }
         let (pki_dir, resource) = (self.ctx.pki_dir.clone(), self.resource.clone());
         let issued = tokio::task::spawn_blocking(move || {
@@ -795,16 +785,10 @@ impl Connection {
         let outcome = match issued {
             Ok(cert_pem) => {
                 // A revocation committed while it was signed: not handed out.
-                match self.ctx.store.revoked_before(&self.resource).await {
-                    Ok(Some(floor)) if self.cert_issued < floor => {
-                        let message = revoked_message(&self.resource, self.cert_issued, floor);
-                        return Err(self.refuse(RefusalCode::Revoked, message).await);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let message = format!("read revocations: {e}");
-                        return Err(self.refuse(RefusalCode::StoreUnavailable, message).await);
-                    }
+                if let Err((code, message)) =
+                    above_floor(&self.ctx, &self.resource, self.cert_issued).await
+                {
+                    return Err(self.refuse(code, message).await);
                 }
                 if let Err(e) = self
                     .ctx
@@ -1084,17 +1068,30 @@ async fn check_revocation(
             return Err(refuse(conn, send, resource, code, e.to_string()).await);
         }
     };
+    match above_floor(ctx, resource, issued).await {
+        Ok(()) => Ok(issued),
+        Err((code, message)) => Err(refuse(conn, send, resource, code, message).await),
+    }
+}
+
+/// Whether a certificate of `resource` issued at `issued` is above the
+/// resource's floor (not revoked, not superseded by a later machine or a
+/// renewal); else the refusal to send.
+async fn above_floor(
+    ctx: &LinkContext,
+    resource: &ResourceId,
+    issued: UnixMillis,
+) -> Result<(), (RefusalCode, String)> {
     match ctx.store.revoked_before(resource).await {
-        Ok(Some(floor)) if issued < floor => {
-            let message = revoked_message(resource, issued, floor);
-            Err(refuse(conn, send, resource, RefusalCode::Revoked, message).await)
-        }
-        Ok(_) => Ok(issued),
-        Err(e) => {
-            let code = RefusalCode::StoreUnavailable;
-            let message = format!("read revocations: {e}");
-            Err(refuse(conn, send, resource, code, message).await)
-        }
+        Ok(Some(floor)) if issued < floor => Err((
+            RefusalCode::Revoked,
+            revoked_message(resource, issued, floor),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) => Err((
+            RefusalCode::StoreUnavailable,
+            format!("read revocations: {e}"),
+        )),
     }
 }
 
