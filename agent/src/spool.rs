@@ -54,7 +54,9 @@
 //!   was synced whole before it became the log.
 //!
 //! A record that is whole but does not decode or does not fit the sequence
-//! is [`SpoolError::Corrupt`] too. Nothing is skipped silently.
+//! is [`SpoolError::Corrupt`] too. Nothing is skipped silently. Sequence
+//! numbers stop at [`LAST_USABLE_SEQ`]: a snapshot past it is refused, and
+//! an append at it fails with [`SpoolError::SequenceExhausted`].
 //!
 //! # Session ids
 //! A session id names one session on a host: a start of an id that ended
@@ -96,6 +98,10 @@ const FORMAT_VERSION: u16 = 1;
 pub const HEADER_LEN: u64 = 8 + 2 + 8 + 4;
 /// Length and CRC before each record's payload.
 pub const RECORD_HEADER_LEN: u64 = 8;
+
+/// Highest sequence number an event can take: `u64::MAX` is never used, so
+/// `last_seq + 1` always fits.
+pub const LAST_USABLE_SEQ: u64 = u64::MAX - 1;
 
 /// Dead bytes (acknowledged events, ack records) that trigger a compaction
 /// by default: big enough that compaction is rare, small enough that the file
@@ -224,6 +230,11 @@ pub enum SpoolError {
     Poisoned,
     #[error("spool still holds {0} unacknowledged events; cannot start a new spool")]
     NotEmpty(usize),
+    #[error(
+        "spool's sequence is at {0}, the last usable number; no event can be added (move \
+         the state directory's spool.log away to start a new spool)"
+    )]
+    SequenceExhausted(u64),
 }
 
 /// The spool of one agent. Blocking I/O: call it from `spawn_blocking` (see
@@ -591,6 +602,15 @@ impl Spool {
                 if acked > last_seq {
                     return Err(self.corrupt(offset, "snapshot acknowledges past its end"));
                 }
+                if last_seq > LAST_USABLE_SEQ {
+                    return Err(self.corrupt(
+                        offset,
+                        format!(
+                            "snapshot's last sequence number is {last_seq}, past the last \
+                             usable one ({LAST_USABLE_SEQ}); the file was not written by an agent"
+                        ),
+                    ));
+                }
                 self.acked = acked;
                 self.last_seq = last_seq;
                 self.open = open.into_iter().map(|s| (s.session.clone(), s)).collect();
@@ -612,12 +632,20 @@ impl Spool {
                 // Events right after a snapshot are already counted in it
                 // (its last_seq and open sessions): they are only kept for
                 // replay. Any later event extends the state.
+                // Both sums stay within u64: `last_seq` is at most
+                // LAST_USABLE_SEQ and `acked + unacked.len()` at most `last_seq`.
                 let covered = ev.seq <= self.last_seq;
                 let expected = if covered {
                     self.acked + self.unacked.len() as u64 + 1
                 } else {
                     self.last_seq + 1
                 };
+                if ev.seq > LAST_USABLE_SEQ {
+                    return Err(self.corrupt(
+                        offset,
+                        format!("event seq {} is past the last usable one", ev.seq),
+                    ));
+                }
                 if ev.seq != expected {
                     return Err(self.corrupt(
                         offset,
@@ -715,6 +743,9 @@ impl Spool {
                     }
                 }
             }
+        }
+        if self.last_seq >= LAST_USABLE_SEQ {
+            return Err(SpoolError::SequenceExhausted(self.last_seq));
         }
         let ev = SequencedEvent {
             seq: self.last_seq + 1,
@@ -1461,6 +1492,49 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let err = Spool::open(dir.path(), small()).unwrap_err();
         assert!(matches!(err, SpoolError::Corrupt { .. }), "{err}");
+    }
+
+    fn crafted_spool(dir: &Path, records: &[SpoolRecord]) {
+        let mut bytes = encode_header(7);
+        for r in records {
+            bytes.extend_from_slice(&encode_record(r).unwrap());
+        }
+        std::fs::write(dir.join(SPOOL_FILE), bytes).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_at_the_end_of_the_sequence_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        crafted_spool(
+            dir.path(),
+            &[SpoolRecord::Snapshot {
+                acked: 0,
+                last_seq: u64::MAX,
+                open: vec![],
+            }],
+        );
+        let err = Spool::open(dir.path(), SpoolOptions::default()).unwrap_err();
+        match &err {
+            SpoolError::Corrupt { offset, why, .. } => {
+                assert_eq!(*offset, HEADER_LEN);
+                assert!(why.contains("sequence"), "{why}");
+            }
+            other => panic!("expected Corrupt, got {other}"),
+        }
+        // One below: opens, and the event that takes the last number is
+        // written, but nothing after it.
+        crafted_spool(
+            dir.path(),
+            &[SpoolRecord::Snapshot {
+                acked: u64::MAX - 1,
+                last_seq: u64::MAX - 1,
+                open: vec![],
+            }],
+        );
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let err = s.append(start("a")).unwrap_err();
+        assert!(err.to_string().contains("sequence"), "{err}");
+        assert_eq!(s.last_seq(), u64::MAX - 1);
     }
 
     /// What a crash leaves after the byte where the file stops matching
