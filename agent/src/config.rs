@@ -27,6 +27,12 @@ pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// other hooks.
 pub const DEFAULT_UPDATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// How long a local connection may be silent (before or inside a request)
+/// or leave its answer unread before it is closed (`local_idle_timeout`,
+/// unless configured). Clients send their request right after connecting;
+/// a minute covers any pause of a busy host.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The validated configuration of one agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -283,7 +289,7 @@ impl RawConfig {
         let local_idle_timeout = hook_timeout(
             "local_idle_timeout",
             self.local_idle_timeout.as_deref(),
-            crate::local::DEFAULT_IDLE_TIMEOUT,
+            DEFAULT_IDLE_TIMEOUT,
             &mut problems,
         );
         let policy_file = self

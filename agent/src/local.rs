@@ -45,10 +45,7 @@ use crate::LinkStatus;
 /// Mode of the socket file: owner and group may connect.
 pub const SOCKET_MODE: u32 = 0o660;
 
-/// How long a local connection may be silent (before or inside a request)
-/// or leave its answer unread before it is closed. Clients send their
-/// request right after connecting; a minute covers any pause of a busy host.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::config::DEFAULT_IDLE_TIMEOUT;
 
 /// Envelope of a request on the local socket; a `V2` can be added beside it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -90,6 +90,19 @@ pub const ROUTE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// stream and send the preamble and its request (a few hundred bytes).
 pub const ENROLL_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Enrollments served at once; past this a host is closed with
+/// [`close_code::BUSY`] and retries. Anyone may open an enrollment
+/// connection, so each holds its place at most
+/// [`ENROLL_REQUEST_TIMEOUT`] before its request is in, may open
+/// one stream (`transport::STREAMS_BEFORE_AUTH`), and counts against its
+/// source address's [`MAX_UNAUTHENTICATED_PER_SOURCE`].
+pub const MAX_ENROLLMENTS: usize = 64;
+
+/// Most route client connections open at once. Each end user's
+/// `ferry-connect` holds one for a few seconds; past this, a connection is
+/// closed after its handshake with [`close_code::BUSY`].
+pub const MAX_ROUTE_CONNECTIONS: usize = 10_000;
+
 /// How long a refusal is given to reach the peer before the connection is closed.
 pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
@@ -111,13 +124,13 @@ pub struct EndpointLimits {
     pub per_source: usize,
     /// [`AGENT_HANDSHAKE_RESERVE`].
     pub agent_handshake_reserve: usize,
-    /// `routing::server::MAX_ROUTE_CONNECTIONS`.
+    /// [`MAX_ROUTE_CONNECTIONS`].
     pub max_route_connections: usize,
     /// [`ROUTE_FIRST_STREAM_TIMEOUT`].
     pub route_first_stream_timeout: Duration,
     /// [`ROUTE_IDLE_TIMEOUT`].
     pub route_idle_timeout: Duration,
-    /// `enroll::MAX_ENROLLMENTS`.
+    /// [`MAX_ENROLLMENTS`].
     pub max_enrollments: usize,
     /// [`ENROLL_REQUEST_TIMEOUT`].
     pub enroll_request_timeout: Duration,
@@ -131,10 +144,10 @@ impl Default for EndpointLimits {
             retry_above: RETRY_ABOVE_HANDSHAKES,
             per_source: MAX_UNAUTHENTICATED_PER_SOURCE,
             agent_handshake_reserve: AGENT_HANDSHAKE_RESERVE,
-            max_route_connections: crate::routing::server::MAX_ROUTE_CONNECTIONS,
+            max_route_connections: MAX_ROUTE_CONNECTIONS,
             route_first_stream_timeout: ROUTE_FIRST_STREAM_TIMEOUT,
             route_idle_timeout: ROUTE_IDLE_TIMEOUT,
-            max_enrollments: crate::enroll::MAX_ENROLLMENTS,
+            max_enrollments: MAX_ENROLLMENTS,
             enroll_request_timeout: ENROLL_REQUEST_TIMEOUT,
         }
     }

@@ -37,13 +37,7 @@ use crate::pki;
 use crate::store::elastic::EnrollTokenRecord;
 use crate::store::{Store, StoreError};
 
-/// Enrollments served at once; past this a host is closed with
-/// `close_code::BUSY` and retries. Anyone may open an enrollment
-/// connection, so each holds its place at most
-/// `endpoint::ENROLL_REQUEST_TIMEOUT` before its request is in, may open
-/// one stream (`transport::STREAMS_BEFORE_AUTH`), and counts against its
-/// source address's `endpoint::MAX_UNAUTHENTICATED_PER_SOURCE`.
-pub const MAX_ENROLLMENTS: usize = 64;
+pub use crate::endpoint::MAX_ENROLLMENTS;
 
 /// Random bytes in a token.
 pub const TOKEN_BYTES: usize = 32;

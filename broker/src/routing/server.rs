@@ -49,10 +49,7 @@ use crate::routing::throttle::{Outcome, Throttle};
 use crate::store::Store;
 use crate::tickets::TicketSigner;
 
-/// Most route client connections open at once. Each end user's
-/// `ferry-connect` holds one for a few seconds; past this, a connection is
-/// closed after its handshake with `close_code::BUSY`.
-pub const MAX_ROUTE_CONNECTIONS: usize = 10_000;
+pub use crate::endpoint::MAX_ROUTE_CONNECTIONS;
 
 /// Most requests one connection has in flight (QUIC stream credit) once
 /// one of its requests passed the credential check: a portal or gateway
