@@ -166,8 +166,9 @@ impl DrainState {
             move |source| CommandError::Io { op, path, source }
         };
         if draining {
-            let f = std::fs::File::create(&self.path).map_err(io("create"))?;
-            f.sync_all().map_err(io("sync"))?;
+            // Never through a symlink planted at the flag's name.
+            ferry_process::files::write_atomic(&self.path, b"", ferry_process::files::PRIVATE)
+                .map_err(|e| io("create")(e.source))?;
         } else {
             match std::fs::remove_file(&self.path) {
                 Ok(()) => {}
@@ -624,6 +625,18 @@ mod tests {
         d.set(false).unwrap();
         d.set(false).unwrap();
         assert!(!DrainState::load(dir.path()).unwrap().is_draining());
+    }
+
+    #[test]
+    fn the_drain_flag_is_not_written_through_a_planted_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(DRAIN_FILE)).unwrap();
+        DrainState::load(dir.path()).unwrap().set(true).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        let flag = std::fs::symlink_metadata(dir.path().join(DRAIN_FILE)).unwrap();
+        assert!(flag.is_file());
     }
 
     #[tokio::test]

@@ -7,9 +7,7 @@
 //! file, fsync, rename, fsync of the directory), the key first: a
 //! certificate on disk means enrollment is done.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -240,66 +238,27 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EnrollError> {
 }
 
 /// Writes each `(path, bytes)` with mode 0600, replacing the files whole:
-/// every temporary file (beside its target, created exclusively) is written
-/// and fsynced before the first rename, then each is renamed in order and
-/// the directories fsynced. A crash leaves each file old or new, never torn.
+/// every temporary file (beside its target, of its own name, created
+/// exclusively and never through a symlink: [`ferry_process::files`]) is
+/// written and fsynced before the first rename, then each is renamed in
+/// order and the directories fsynced. A crash leaves each file old or new,
+/// never torn.
 pub(crate) fn write_all_atomic(files: &[(&Path, &[u8])]) -> Result<(), EnrollError> {
+    let err = |e: ferry_process::files::WriteError| EnrollError::Write {
+        path: e.path,
+        error: e.source,
+    };
     let mut staged = Vec::with_capacity(files.len());
     for (path, bytes) in files {
-        match stage(path, bytes) {
-            Ok(tmp) => staged.push((tmp, *path)),
-            Err(e) => {
-                for (tmp, _) in &staged {
-                    let _ = std::fs::remove_file(tmp);
-                }
-                return Err(e);
-            }
-        }
+        // Dropping `staged` on an error removes the temporaries.
+        staged.push(
+            ferry_process::files::stage(path, bytes, ferry_process::files::PRIVATE).map_err(err)?,
+        );
     }
-    for (tmp, path) in &staged {
-        let err = |error| EnrollError::Write {
-            path: path.to_path_buf(),
-            error,
-        };
-        std::fs::rename(tmp, path).map_err(err)?;
-        std::fs::File::open(parent_of(path))
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
+    for s in staged {
+        s.commit().map_err(err)?;
     }
     Ok(())
-}
-
-fn parent_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// The temporary file of `path`, written and fsynced.
-fn stage(path: &Path, bytes: &[u8]) -> Result<PathBuf, EnrollError> {
-    let err = |error| EnrollError::Write {
-        path: path.to_owned(),
-        error,
-    };
-    let dir = parent_of(path);
-    std::fs::create_dir_all(&dir).map_err(err)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "enroll".into());
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(err)?;
-    Ok(tmp)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //! the broker records as applied stay one version; the broker sends the
 //! failed version again.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +28,10 @@ use serde::{Deserialize, Serialize};
 /// group, version and pretty-printing around it. A larger file was not
 /// written by this agent and is treated as unreadable.
 const MAX_POLICY_FILE_LEN: u64 = MAX_POLICY_DOCUMENT_LEN as u64 * 2 + 4096;
+
+/// Mode of the policy file: the host's streaming server, which may run as
+/// another user, reads it; it holds no secret.
+const POLICY_FILE_MODE: u32 = ferry_process::files::PUBLIC;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -184,7 +188,7 @@ impl PolicyStore {
         let mut bytes = serde_json::to_vec_pretty(&file)
             .map_err(|e| PolicyError::NotAnObject(e.to_string()))?;
         bytes.push(b'\n');
-        write_atomically(&self.path, &bytes)?;
+        write_atomically(&self.path, &bytes, POLICY_FILE_MODE)?;
         let undo = Undo {
             group: group.to_string(),
             version,
@@ -202,7 +206,7 @@ impl PolicyStore {
             return Ok(false);
         }
         match undo.previous {
-            Some(bytes) => write_atomically(&self.path, &bytes)?,
+            Some(bytes) => write_atomically(&self.path, &bytes, POLICY_FILE_MODE)?,
             None => match std::fs::remove_file(&self.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -270,34 +274,16 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Temp file in the same directory, fsync, rename over `path`, fsync the
-/// directory: after a crash `path` is the old or the new content.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyError> {
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_owned();
-        move |source| PolicyError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(".tmp");
-    let tmp = dir.join(name);
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("rename into", path))?;
-    std::fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", &dir))?;
-    Ok(())
+/// Replaces `path` whole with `bytes`, mode `mode`, through
+/// [`ferry_process::files::write_atomic`]: a temporary of its own beside it
+/// (never a planted symlink), fsync, rename, fsync of the directory; after
+/// a crash `path` is the old or the new content.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PolicyError> {
+    ferry_process::files::write_atomic(path, bytes, mode).map_err(|e| PolicyError::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 #[cfg(test)]
@@ -306,6 +292,29 @@ mod tests {
 
     fn g(s: &str) -> GroupName {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_policy_file_is_not_written_through_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        // At the fixed temporary name earlier versions used.
+        std::os::unix::fs::symlink(&victim, dir.path().join("policy.json.tmp")).unwrap();
+        let store = PolicyStore::new(dir.path().join("policy.json"));
+        assert_eq!(
+            store.apply(&g("g1"), 1, r#"{"a":1}"#).unwrap(),
+            Applied::Written
+        );
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        assert_eq!(store.current(), Some(("g1".into(), 1)));
+        // Readable by the streaming server, whatever the umask.
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 
     #[test]

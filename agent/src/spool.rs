@@ -26,11 +26,12 @@
 //! # Compaction
 //! When the acknowledged part of the file exceeds
 //! [`SpoolOptions::compact_min_dead_bytes`], the live part is rewritten to
-//! `spool.log.tmp`: the header (same spool id), a `Snapshot` record (ack
-//! watermark, last sequence number, the sessions open on the host), then the
-//! unacknowledged events. The temp file is synced, renamed over the log and
-//! the directory synced. A crash at any point leaves either the old or the new
-//! file, both complete. The snapshot keeps the sequence going (next seq =
+//! a private temporary of its own ([`ferry_process::files`]): the header
+//! (same spool id), a `Snapshot` record (ack watermark, last sequence
+//! number, the sessions open on the host), then the unacknowledged events.
+//! The temp file is synced, renamed over the log and the directory synced.
+//! A crash at any point leaves either the old or the new file, both
+//! complete. The snapshot keeps the sequence going (next seq =
 //! last seq + 1 even when every event was acknowledged) and the open-session
 //! set the agent reports in `Hello`.
 //!
@@ -91,7 +92,6 @@ use crate::LinkStatus;
 
 /// File name of the spool inside `state_dir`.
 pub const SPOOL_FILE: &str = "spool.log";
-const SPOOL_TMP: &str = "spool.log.tmp";
 const MAGIC: [u8; 8] = *b"FERRYSPL";
 const FORMAT_VERSION: u16 = 1;
 /// Magic, version, spool id, CRC.
@@ -319,28 +319,16 @@ fn encode_record(rec: &SpoolRecord) -> Result<Vec<u8>, SpoolError> {
     Ok(out)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync directory", dir))
-}
-
-/// Writes `bytes` to `dir/tmp`, syncs it, renames it to `dir/name` and syncs
-/// the directory: the target is either absent/old or complete.
-fn write_atomically(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
-    let tmp_path = dir.join(tmp);
-    let target = dir.join(name);
-    let result = (|| {
-        let mut f = File::create(&tmp_path).map_err(io_err("create", &tmp_path))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp_path))?;
-        f.sync_all().map_err(io_err("sync", &tmp_path))?;
-        std::fs::rename(&tmp_path, &target).map_err(io_err("rename", &tmp_path))?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp_path);
-    }
-    result
+/// Replaces `dir/name` whole with `bytes`, mode 0600: a temporary of its
+/// own (never a planted symlink), fsync, rename, fsync of the directory;
+/// the target is either absent/old or complete.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    ferry_process::files::write_atomic(&dir.join(name), bytes, ferry_process::files::PRIVATE)
+        .map_err(|e| SpoolError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        })
 }
 
 impl Spool {
@@ -357,7 +345,7 @@ impl Spool {
                     break id;
                 }
             };
-            write_atomically(dir, SPOOL_TMP, SPOOL_FILE, &encode_header(spool_id))?;
+            write_atomically(dir, SPOOL_FILE, &encode_header(spool_id))?;
             tracing::info!(path = %path.display(), spool_id, "created a new spool");
         }
         let file = OpenOptions::new()
@@ -821,7 +809,7 @@ impl Spool {
         for (ev, _) in &self.unacked {
             bytes.extend_from_slice(&encode_record(&SpoolRecord::Event(ev.clone()))?);
         }
-        write_atomically(&self.dir, SPOOL_TMP, SPOOL_FILE, &bytes)?;
+        write_atomically(&self.dir, SPOOL_FILE, &bytes)?;
         // The old handle points at the replaced inode; write to the new one.
         self.file = OpenOptions::new()
             .read(true)
@@ -1086,6 +1074,25 @@ mod tests {
     fn crc32_matches_the_standard_check_value() {
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
         assert_eq!(crc32(b""), 0);
+    }
+
+    #[test]
+    fn the_spool_is_private_and_not_written_through_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        // At the fixed temporary name earlier versions used.
+        std::os::unix::fs::symlink(&victim, dir.path().join("spool.log.tmp")).unwrap();
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        for i in 0..8 {
+            s.append(start(&format!("s{i}"))).unwrap();
+        }
+        s.ack(8).unwrap();
+        s.append(start("t")).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        let meta = std::fs::symlink_metadata(dir.path().join(SPOOL_FILE)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

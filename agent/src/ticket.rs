@@ -35,7 +35,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -170,16 +170,19 @@ struct Inner {
     key: Option<Vec<u8>>,
     /// Live used tickets: id -> expiry (ms).
     used: HashMap<[u8; 16], i64>,
-    /// The used-ticket file, opened for appending.
+    /// The used-ticket file, written at the end of its whole records
+    /// ([`append_at`]).
     file: File,
     /// Records in the file (live and dead).
     records: usize,
     /// Sessions verified tickets allow: session -> (user, ticket expiry).
     grants: HashMap<SessionId, (UserId, i64)>,
-    /// The verified-sessions file, opened for appending.
+    /// The verified-sessions file, written like `file`.
     grant_file: File,
     /// Lines in that file (live and dead).
     grant_records: usize,
+    /// Bytes of those lines: where the next one is written.
+    grant_len: u64,
 }
 
 /// The host's ticket checks; cheap to clone (one shared state).
@@ -199,28 +202,42 @@ impl std::fmt::Debug for TicketVerifier {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), TicketStoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))
+/// Writes `bytes` to `path` atomically and private: a temporary of its own
+/// (never a planted symlink), fsync, rename, fsync of the directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TicketStoreError> {
+    ferry_process::files::write_atomic(&dir.join(name), bytes, ferry_process::files::PRIVATE)
+        .map_err(|e| TicketStoreError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        })
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename,
-/// fsync of the directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), TicketStoreError> {
-    let path = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = OpenOptions::new()
+/// Opens an append-only record file for [`append_at`].
+fn open_records(path: &Path) -> Result<File, TicketStoreError> {
+    OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io("write", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-    sync_dir(dir)
+        .open(path)
+        .map_err(io("open", path))
+}
+
+/// Writes `bytes` at `end`, the end of the file's last whole record, and
+/// syncs it. Whatever lies beyond `end` (the part of an append that failed
+/// or that a crash cut short) is cut off first, and a failed append is cut
+/// off again, so a later append never lands after a torn one.
+fn append_at(file: &File, end: u64, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    if file.metadata()?.len() != end {
+        file.set_len(end)?;
+    }
+    let written = file
+        .write_all_at(bytes, end)
+        .and_then(|()| file.sync_data());
+    if written.is_err() {
+        // Best effort: when this fails too, the next append cuts it.
+        let _ = file.set_len(end);
+    }
+    written
 }
 
 fn record(id: &[u8; 16], expires_at: i64) -> [u8; RECORD_LEN] {
@@ -269,13 +286,14 @@ fn parse_grant(line: &str) -> Option<(SessionId, UserId, i64)> {
 }
 
 /// Reads the verified-sessions file (bounded), keeping the live entries;
-/// returns them, the number of lines kept in the file, and the file opened
-/// for appending. A torn or unreadable line is dropped with a warning.
+/// returns them, the number of lines kept in the file, the file (for
+/// [`append_at`]) and its length. A torn or unreadable line is dropped with
+/// a warning.
 #[allow(clippy::type_complexity)]
 fn open_grants(
     state_dir: &Path,
     now: UnixMillis,
-) -> Result<(HashMap<SessionId, (UserId, i64)>, usize, File), TicketStoreError> {
+) -> Result<(HashMap<SessionId, (UserId, i64)>, usize, File, u64), TicketStoreError> {
     let path = state_dir.join(VERIFIED_SESSIONS_FILE);
     let max = (MAX_FILE_RECORDS * MAX_GRANT_LINE) as u64;
     let mut grants = HashMap::new();
@@ -321,11 +339,9 @@ fn open_grants(
         }
         Err(e) => return Err(io("open", &path)(e)),
     }
-    let file = OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .map_err(io("open", &path))?;
-    Ok((grants, lines, file))
+    let file = open_records(&path)?;
+    let len = file.metadata().map_err(io("stat", &path))?.len();
+    Ok((grants, lines, file, len))
 }
 
 impl TicketVerifier {
@@ -401,11 +417,8 @@ impl TicketVerifier {
             }
             Err(e) => return Err(io("open", &path)(e)),
         };
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        let (grants, grant_records, grant_file) = open_grants(state_dir, now)?;
+        let file = open_records(&path)?;
+        let (grants, grant_records, grant_file, grant_len) = open_grants(state_dir, now)?;
         let mut inner = Inner {
             key,
             used,
@@ -414,6 +427,7 @@ impl TicketVerifier {
             grants,
             grant_file,
             grant_records,
+            grant_len,
         };
         let dir = state_dir.to_owned();
         compact_if_needed(&dir, &mut inner)?;
@@ -522,15 +536,12 @@ impl TicketVerifier {
         // the broker admitted anyway.
         let grants_path = self.dir.join(VERIFIED_SESSIONS_FILE);
         let line = grant_line(&claims.session, &claims.user, claims.expires_at.0);
-        inner
-            .grant_file
-            .write_all(line.as_bytes())
-            .and_then(|()| inner.grant_file.sync_data())
-            .map_err(|e| {
-                tracing::error!(path = %grants_path.display(), error = %e, "record verified session");
-                VerifyError::Storage(format!("{}: {e}", grants_path.display()))
-            })?;
+        append_at(&inner.grant_file, inner.grant_len, line.as_bytes()).map_err(|e| {
+            tracing::error!(path = %grants_path.display(), error = %e, "record verified session");
+            VerifyError::Storage(format!("{}: {e}", grants_path.display()))
+        })?;
         inner.grant_records += 1;
+        inner.grant_len += line.len() as u64;
         inner.grants.insert(
             claims.session.clone(),
             (claims.user.clone(), claims.expires_at.0),
@@ -540,14 +551,11 @@ impl TicketVerifier {
         inner.used.insert(claims.ticket_id, claims.expires_at.0);
         let rec = record(&claims.ticket_id, claims.expires_at.0);
         let path = self.dir.join(USED_TICKETS_FILE);
-        inner
-            .file
-            .write_all(&rec)
-            .and_then(|()| inner.file.sync_data())
-            .map_err(|e| {
-                tracing::error!(path = %path.display(), error = %e, "record used ticket");
-                VerifyError::Storage(format!("{}: {e}", path.display()))
-            })?;
+        let end = (MAGIC.len() + inner.records * RECORD_LEN) as u64;
+        append_at(&inner.file, end, &rec).map_err(|e| {
+            tracing::error!(path = %path.display(), error = %e, "record used ticket");
+            VerifyError::Storage(format!("{}: {e}", path.display()))
+        })?;
         inner.records += 1;
         if let Err(e) = compact_if_needed(&self.dir, &mut inner) {
             // The record is durable; compaction is retried on the next use.
@@ -638,12 +646,7 @@ fn compact_if_needed(dir: &Path, inner: &mut Inner) -> Result<(), TicketStoreErr
     }
     write_atomic(dir, USED_TICKETS_FILE, &bytes)?;
     let path = dir.join(USED_TICKETS_FILE);
-    let mut file = OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .map_err(io("open", &path))?;
-    file.seek(SeekFrom::End(0)).map_err(io("seek", &path))?;
-    inner.file = file;
+    inner.file = open_records(&path)?;
     inner.records = live;
     Ok(())
 }
@@ -661,11 +664,9 @@ fn compact_grants_if_needed(dir: &Path, inner: &mut Inner) -> Result<(), TicketS
     }
     write_atomic(dir, VERIFIED_SESSIONS_FILE, text.as_bytes())?;
     let path = dir.join(VERIFIED_SESSIONS_FILE);
-    inner.grant_file = OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .map_err(io("open", &path))?;
+    inner.grant_file = open_records(&path)?;
     inner.grant_records = live;
+    inner.grant_len = text.len() as u64;
     Ok(())
 }
 
@@ -674,6 +675,7 @@ mod tests {
     use super::*;
     use ferry_common::ticket::sign_ticket;
     use ring::signature::{Ed25519KeyPair, KeyPair as _};
+    use std::io::Write;
 
     fn key() -> Ed25519KeyPair {
         Ed25519KeyPair::from_seed_unchecked(&[3u8; 32]).expect("seed")
@@ -925,5 +927,93 @@ mod tests {
             std::fs::read_to_string(&path).expect("read"),
             "60000 s-1 alice\n"
         );
+    }
+
+    /// Bytes left at the end of a file by an append that failed (disk
+    /// full) in a process that goes on: the next append must not land
+    /// after them.
+    fn leave_a_torn_append(path: &Path, bytes: &[u8]) {
+        let mut f = OpenOptions::new().append(true).open(path).expect("open");
+        f.write_all(bytes).expect("torn write");
+    }
+
+    #[test]
+    fn an_append_after_a_torn_one_is_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let t1 = ticket(&k, 1, "h1", 0);
+        let t2 = ticket(&k, 2, "h1", 0);
+        v.verify_blocking(&t1, UnixMillis(1)).expect("accept");
+        leave_a_torn_append(&dir.path().join(USED_TICKETS_FILE), &[7u8; 10]);
+        // An expiry torn before its line's end: glued to the next line it
+        // would make another expiry of that line.
+        leave_a_torn_append(&dir.path().join(VERIFIED_SESSIONS_FILE), b"5000");
+        v.verify_blocking(&t2, UnixMillis(1))
+            .expect("accept after a torn append");
+        drop(v);
+
+        // After a restart both tickets are still used, and both grants are
+        // read back as written.
+        let v = open(dir.path(), 2);
+        assert_eq!(v.used_count(), 2);
+        for t in [&t1, &t2] {
+            let r = v.verify_blocking(t, UnixMillis(2));
+            assert!(matches!(r, Err(VerifyError::Reused { .. })), "{r:?}");
+        }
+        assert_eq!(
+            std::fs::metadata(dir.path().join(USED_TICKETS_FILE))
+                .expect("stat")
+                .len(),
+            (MAGIC.len() + 2 * RECORD_LEN) as u64
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(VERIFIED_SESSIONS_FILE)).expect("read"),
+            "60000 s-1 alice\n60000 s-2 alice\n"
+        );
+    }
+
+    #[test]
+    fn a_torn_record_cut_back_on_open_is_followed_by_readable_appends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let t1 = ticket(&k, 1, "h1", 0);
+        v.verify_blocking(&t1, UnixMillis(1)).expect("accept");
+        drop(v);
+        // A crash mid-append.
+        leave_a_torn_append(&dir.path().join(USED_TICKETS_FILE), &[7u8; 23]);
+        let v = open(dir.path(), 2);
+        let t2 = ticket(&k, 2, "h1", 0);
+        v.verify_blocking(&t2, UnixMillis(2)).expect("accept");
+        drop(v);
+        let v = open(dir.path(), 3);
+        assert_eq!(v.used_count(), 2);
+        let r = v.verify_blocking(&t2, UnixMillis(3));
+        assert!(matches!(r, Err(VerifyError::Reused { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn the_state_files_are_private_and_planted_symlinks_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").expect("victim");
+        // The fixed names temporaries had.
+        for name in [TICKET_KEY_FILE, USED_TICKETS_FILE, VERIFIED_SESSIONS_FILE] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(format!("{name}.tmp")))
+                .expect("plant");
+        }
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"untouched");
+        for name in [TICKET_KEY_FILE, USED_TICKETS_FILE, VERIFIED_SESSIONS_FILE] {
+            let meta = std::fs::symlink_metadata(dir.path().join(name)).expect("stat");
+            assert!(meta.is_file(), "{name}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+        }
     }
 }

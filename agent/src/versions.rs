@@ -208,15 +208,17 @@ impl VersionStore {
             why: e.to_string(),
         })?;
         bytes.push(b'\n');
-        write_atomically(&self.path, &bytes).map_err(|e| match e {
-            crate::policy::PolicyError::Io { op, path, source } => {
-                VersionsError::Io { op, path, source }
-            }
-            other => VersionsError::Corrupt {
-                path: self.path.clone(),
-                why: other.to_string(),
+        write_atomically(&self.path, &bytes, ferry_process::files::PRIVATE).map_err(
+            |e| match e {
+                crate::policy::PolicyError::Io { op, path, source } => {
+                    VersionsError::Io { op, path, source }
+                }
+                other => VersionsError::Corrupt {
+                    path: self.path.clone(),
+                    why: other.to_string(),
+                },
             },
-        })?;
+        )?;
         *s = next;
         Ok(())
     }

@@ -118,19 +118,26 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-/// Writes a file durably; secrets get mode 0600 from the moment they exist.
-fn write_file(path: &Path, contents: &str, secret: bool, create_new: bool) -> Result<(), PkiError> {
-    let mut opts = OpenOptions::new();
-    opts.write(true).mode(if secret { 0o600 } else { 0o644 });
-    if create_new {
-        opts.create_new(true);
-    } else {
-        opts.create(true).truncate(true);
-    }
-    let mut f = opts.open(path).map_err(io_err("create", path))?;
+/// Creates a new file durably (never over an existing file or symlink);
+/// secrets get mode 0600 from the moment they exist.
+fn create_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode(secret))
+        .open(path)
+        .map_err(io_err("create", path))?;
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(io_err("write", path))
+}
+
+fn mode(secret: bool) -> u32 {
+    if secret {
+        ferry_process::files::PRIVATE
+    } else {
+        ferry_process::files::PUBLIC
+    }
 }
 
 fn read_text(path: &Path) -> Result<String, PkiError> {
@@ -171,15 +178,10 @@ pub fn init(dir: &Path, broker_names: &[String]) -> Result<(), PkiError> {
     let (broker, broker_key) = broker_certificate(&ca, &ca_key, broker_names)?;
 
     // The key first with create_new: two racing `pki init`s cannot both win.
-    write_file(&ca_key_path, &ca_key.serialize_pem(), true, true)?;
-    write_file(&ca_cert_path, &ca.pem(), false, true)?;
-    write_file(
-        &dir.join(BROKER_KEY),
-        &broker_key.serialize_pem(),
-        true,
-        false,
-    )?;
-    write_file(&dir.join(BROKER_CERT), &broker.pem(), false, false)?;
+    create_file(&ca_key_path, &ca_key.serialize_pem(), true)?;
+    create_file(&ca_cert_path, &ca.pem(), false)?;
+    replace_file(&dir.join(BROKER_KEY), &broker_key.serialize_pem(), true)?;
+    replace_file(&dir.join(BROKER_CERT), &broker.pem(), false)?;
     Ok(())
 }
 
@@ -270,17 +272,17 @@ fn current_broker_names(path: &Path) -> Result<Vec<String>, PkiError> {
     Ok(names)
 }
 
-/// Replaces `path` whole: a temporary file beside it (created exclusively,
-/// 0600 for secrets), fsync, rename.
+/// Replaces `path` whole with exactly mode 0600 for secrets, 0644
+/// otherwise: a temporary of its own beside it (created exclusively, never
+/// through a symlink), fsync, rename, fsync of the directory.
 fn replace_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    write_file(&tmp, contents, secret, true)?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))
+    ferry_process::files::write_atomic(path, contents.as_bytes(), mode(secret)).map_err(|e| {
+        PkiError::Io {
+            what: e.op,
+            path: e.path,
+            error: e.source,
+        }
+    })
 }
 
 /// The CA of `dir`, ready to sign.
@@ -329,9 +331,9 @@ pub fn issue_agent(
     let key = KeyPair::generate()?;
     let cert = sign_agent(&ca, resource, &key, validity)?;
     std::fs::create_dir_all(out).map_err(io_err("create directory", out))?;
-    write_file(&out.join(AGENT_KEY), &key.serialize_pem(), true, false)?;
-    write_file(&out.join(AGENT_CERT), &cert, false, false)?;
-    write_file(&out.join(CA_CERT), &ca.pem, false, false)?;
+    replace_file(&out.join(AGENT_KEY), &key.serialize_pem(), true)?;
+    replace_file(&out.join(AGENT_CERT), &cert, false)?;
+    replace_file(&out.join(CA_CERT), &ca.pem, false)?;
     Ok(())
 }
 
@@ -683,6 +685,41 @@ mod tests {
             Some((&out.join(AGENT_CERT), &out.join(AGENT_KEY))),
         )
         .expect("client config");
+    }
+
+    #[test]
+    fn issued_files_replace_planted_symlinks_and_old_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pki = tmp.path().join("pki");
+        init(&pki, &[]).expect("init");
+        let out = tmp.path().join("agent");
+        std::fs::create_dir_all(&out).expect("out");
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"untouched").expect("victim");
+        // Symlinks at the key's name and at the temporary names earlier
+        // versions used; an old certificate readable by all.
+        std::os::unix::fs::symlink(&victim, out.join(AGENT_KEY)).expect("plant");
+        std::os::unix::fs::symlink(&victim, pki.join(format!(".{BROKER_KEY}.tmp"))).expect("plant");
+        std::fs::write(out.join(CA_CERT), b"old").expect("old");
+        std::fs::set_permissions(out.join(CA_CERT), std::fs::Permissions::from_mode(0o666))
+            .expect("chmod");
+        issue_agent(&pki, &rid("host-1"), &out, month()).expect("issue");
+        issue_broker(&pki, &[]).expect("reissue");
+
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"untouched");
+        let meta = |p: PathBuf| std::fs::symlink_metadata(p).expect("meta");
+        assert!(meta(out.join(AGENT_KEY)).is_file());
+        assert_eq!(
+            meta(out.join(AGENT_KEY)).permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(meta(out.join(CA_CERT)).permissions().mode() & 0o777, 0o644);
+        assert_eq!(
+            meta(pki.join(BROKER_KEY)).permissions().mode() & 0o777,
+            0o600
+        );
+        load_certs(&out.join(CA_CERT)).expect("the new CA certificate");
     }
 
     #[test]

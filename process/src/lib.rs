@@ -5,6 +5,8 @@
 //!   write the same spool or database;
 //! * [`output`]: a log and output writer that never panics and never blocks
 //!   the process (a closed or full stderr pipe loses lines, not the daemon);
+//! * [`files`]: files replaced whole (temporary, fsync, rename) with an
+//!   explicit mode, never written through a planted symlink;
 //! * [`exit`]: the exit codes both daemons use, named once;
 //! * [`config_check`]: every unknown key and wrong type of a config file at
 //!   once, with its line.
@@ -14,5 +16,6 @@
 
 pub mod config_check;
 pub mod exit;
+pub mod files;
 pub mod lock;
 pub mod output;

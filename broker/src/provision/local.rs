@@ -183,19 +183,11 @@ impl LocalProvisioner {
     }
 }
 
+/// Replaces `path` whole with mode 0600 (it holds an enrollment token),
+/// never through a symlink.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(format!("create {}", path.display())))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(io(format!("write {}", path.display())))
+    ferry_process::files::write_atomic(path, bytes, ferry_process::files::PRIVATE)
+        .map_err(|e| io(format!("{} {}", e.op, e.path.display()))(e.source))
 }
 
 /// SIGTERM (the agent ends cleanly), then SIGKILL after [`AGENT_STOP_GRACE`].

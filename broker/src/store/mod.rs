@@ -195,14 +195,55 @@ where
         .map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+/// Mode of the database and its `-wal` and `-shm` files: they hold users'
+/// password hashes.
+pub const STORE_FILE_MODE: u32 = 0o600;
+
+/// Creates the database file at `path` with mode [`STORE_FILE_MODE`] before
+/// SQLite opens it (an empty file is a new database), whatever the umask,
+/// and sets that mode on an existing database and on the `-wal` and `-shm`
+/// files a crash left behind (a store created by an earlier version has the
+/// umask's mode). SQLite creates its `-wal` and `-shm` files with the
+/// database's mode.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |what: &str, p: &Path, e: std::io::Error| StoreError::Open {
+        path: p.display().to_string(),
+        message: format!("{what}: {e}"),
+    };
+    let mode = std::fs::Permissions::from_mode(STORE_FILE_MODE);
+    let db = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(STORE_FILE_MODE)
+        .open(path)
+        .map_err(|e| err("create", path, e))?;
+    db.set_permissions(mode.clone())
+        .map_err(|e| err("set the mode of", path, e))?;
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let side = Path::new(&name);
+        match std::fs::set_permissions(side, mode.clone()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err("set the mode of", side, e)),
+        }
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Opens (creating if needed) the database at `path`, applies pending
+    /// Opens (creating if needed, with mode [`STORE_FILE_MODE`]) the database at `path`, applies pending
     /// migrations and starts the writer thread.
     pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
         let open_err = |e: rusqlite::Error| StoreError::Open {
             path: path.display().to_string(),
             message: e.to_string(),
         };
+        make_private(path)?;
         let mut writer = Connection::open(path).map_err(open_err)?;
         // A new store gets 1 KiB pages (SQLite's default is 4 KiB; an
         // existing store keeps its size, this is ignored there). A record
