@@ -1,5 +1,6 @@
-//! What the broker keeps of a host's failure message: the tail of a hook's
-//! output with its exit status, on one line.
+//! What the broker keeps of a host's text: every text field bounded and
+//! cleaned as it enters ([`bounded`]), and of a failure message the tail of
+//! a hook's output with its exit status, on one line ([`brief`]).
 //!
 //! An agent reports a failed hook as `<name> hook <program> failed
 //! (<status>): <output>` (`agent/src/commands.rs`), where the output is
@@ -40,6 +41,50 @@ pub fn brief(text: &str) -> String {
         }
         None => tail(text),
     }
+}
+
+/// Agent-supplied text as the broker keeps it: the one cleaning applied to
+/// every text field of a host's message where it enters (`crate::link`),
+/// before anything is stored, shown or handed to a group's actor. Terminal
+/// escape sequences, control characters and bidirectional-text overrides
+/// are removed; with `multiline` line breaks are kept (as `\n`; a hook's
+/// output, which [`brief`] cuts to its last lines), otherwise they and tabs
+/// become spaces. At most `max` bytes: a one-line text keeps its start, a
+/// multi-line one its start (where a hook failure names the hook and its
+/// status) and its end (where the reason usually is), `…` marking the cut.
+pub fn bounded(text: &str, max: usize, multiline: bool) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in strip_escapes(text).chars() {
+        let c = match c {
+            '\r' | '\n' if multiline => '\n',
+            '\t' | '\n' | '\r' => ' ',
+            c => c,
+        };
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() && c != '\n') || bidi {
+            continue;
+        }
+        out.push(c);
+    }
+    if out.len() <= max {
+        return out;
+    }
+    let start = |mut end: usize| {
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        end
+    };
+    let Some(budget) = max.checked_sub(CUT.len()) else {
+        return out[..start(max)].to_owned();
+    };
+    let head_len = if multiline { budget / 4 } else { budget };
+    let head = start(head_len);
+    let mut tail = out.len() - (budget - head_len);
+    while !out.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}{CUT}{}", &out[..head], &out[tail..])
 }
 
 /// `(hook name, status, output)` of an agent's hook failure message.
@@ -214,5 +259,35 @@ mod tests {
             "{b}"
         );
         assert_eq!(brief(""), "");
+    }
+
+    #[test]
+    fn agent_text_is_bounded_and_loses_escapes_and_control_characters() {
+        let hostile = "\u{1b}[2J\u{1b}]0;owned\u{7}web\u{9b}31m-1\u{202e}\r\n\u{0}x\ty";
+        assert_eq!(bounded(hostile, 255, false), "web31m-1  x y");
+        assert_eq!(bounded(hostile, 255, true), "web31m-1\n\nx y");
+
+        // One line keeps its start; many lines their start and their end.
+        let long = format!("{}\u{1b}[1m{}", "a".repeat(100 * 1024), "z".repeat(10));
+        let line = bounded(&long, 255, false);
+        assert!(line.len() <= 255 && line.starts_with("aaa") && line.ends_with(CUT));
+        let text = format!("update hook /x failed (exit status: 1): {long}\nthe reason");
+        let lines = bounded(&text, 1024, true);
+        assert!(lines.len() <= 1024, "{}", lines.len());
+        assert!(lines.starts_with("update hook /x failed (exit status: 1): aaa"));
+        assert!(lines.ends_with("zzzzzzzzzz\nthe reason"), "{lines}");
+        let b = brief(&lines);
+        assert!(
+            b.starts_with("update hook failed (exit status 1): …"),
+            "{b}"
+        );
+        assert!(b.ends_with("zzzzzzzzzz | the reason"), "{b}");
+
+        // Multi-byte text is cut on character boundaries.
+        let wide = "é".repeat(1000);
+        assert!(bounded(&wide, 255, false).len() <= 255);
+        assert!(bounded(&wide, 255, true).len() <= 255);
+        assert_eq!(bounded("", 255, false), "");
+        assert_eq!(bounded("abc", 1, false), "a");
     }
 }

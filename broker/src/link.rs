@@ -25,10 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::frame::{self, FrameError};
-use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN};
+use ferry_common::limits::{
+    MAX_FRAME_LEN, MAX_HOST_NAME_LEN, MAX_SESSIONS_PER_HELLO, MAX_TEXT_LEN,
+};
 use ferry_common::wire::{
-    AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, HealthReport, Hello,
-    Refusal, RefusalCode, RenewalOutcome, SequencedEvent, Welcome,
+    AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandOutcome, EndReason,
+    HealthReport, Hello, Refusal, RefusalCode, RenewalOutcome, SequencedEvent, SessionEvent,
+    Welcome,
 };
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -40,6 +43,7 @@ use crate::endpoint::{
     answer_preamble, close_code, EndpointService, PreambleError, HANDSHAKE_TIMEOUT, REFUSAL_LINGER,
     WRITE_TIMEOUT,
 };
+use crate::hook_failure;
 use crate::pki;
 use crate::registry::{CommandRequest, Dismissal, Registry};
 use crate::store::{Membership, MembershipSource, Registration, Store};
@@ -235,6 +239,60 @@ struct Connection {
     cert_issued: UnixMillis,
 }
 
+/// `msg` with every text field the host chose bounded and cleaned
+/// ([`hook_failure::bounded`]), as it enters the broker: nothing a host
+/// sends is stored, shown or handed to an actor with terminal escapes or
+/// beyond its limit. Identifiers are checked while decoding; the streaming
+/// host is checked by [`Connection::streaming`].
+fn bounded_text(msg: AgentMessage) -> AgentMessage {
+    let line = |s: &mut String, max: usize| *s = hook_failure::bounded(s, max, false);
+    let outcome = |o: &mut CommandOutcome| {
+        if let CommandOutcome::Failed(text) = o {
+            *text = hook_failure::bounded(text, MAX_TEXT_LEN, true);
+        }
+    };
+    let AgentMessage::V1(mut m) = msg;
+    match &mut m {
+        AgentToBroker::Hello(h) => {
+            line(&mut h.agent_version, MAX_TEXT_LEN);
+            line(&mut h.image_version, MAX_TEXT_LEN);
+            line(&mut h.host.hostname, MAX_HOST_NAME_LEN);
+            line(&mut h.host.os, MAX_TEXT_LEN);
+            line(&mut h.host.kernel, MAX_TEXT_LEN);
+        }
+        AgentToBroker::Session(SequencedEvent {
+            event:
+                SessionEvent::Ended {
+                    reason: EndReason::Other(reason),
+                    ..
+                },
+            ..
+        }) => line(reason, MAX_TEXT_LEN),
+        AgentToBroker::CommandResult(r) => outcome(&mut r.outcome),
+        // Cleaned, not cut: an inventory beyond its limits is refused
+        // whole ([`check_inventory`]).
+        AgentToBroker::Inventory(i) => {
+            line(&mut i.agent_version, MAX_FRAME_LEN);
+            line(&mut i.image_version, MAX_FRAME_LEN);
+            for c in &mut i.components {
+                line(&mut c.name, MAX_FRAME_LEN);
+                line(&mut c.version, MAX_FRAME_LEN);
+            }
+            if let Some(u) = &mut i.last_update {
+                line(&mut u.component, MAX_FRAME_LEN);
+                line(&mut u.version, MAX_FRAME_LEN);
+                outcome(&mut u.outcome);
+            }
+        }
+        AgentToBroker::Session(_)
+        | AgentToBroker::Health(_)
+        | AgentToBroker::Streaming(_)
+        | AgentToBroker::Presence(_)
+        | AgentToBroker::Renew { .. } => {}
+    }
+    AgentMessage::V1(m)
+}
+
 fn truncate(mut s: String) -> String {
     if s.len() > MAX_TEXT_LEN {
         let mut end = MAX_TEXT_LEN;
@@ -384,7 +442,7 @@ async fn read_frames(
             m = frame::read_message::<AgentMessage, _>(&mut recv, MAX_FRAME_LEN) => m,
         };
         let (item, last) = match msg {
-            Ok(Some(m)) => (Ok(m), false),
+            Ok(Some(m)) => (Ok(bounded_text(m)), false),
             Ok(None) => return,
             // The connection went away (closed, reset, cut mid-frame): not the
             // peer's malformed data, nothing to refuse; the task sees the end.
@@ -1188,8 +1246,8 @@ fn registration(hello: Hello, group: Option<GroupName>, now: UnixMillis) -> Regi
     Registration {
         resource: hello.resource,
         group,
-        agent_version: truncate(hello.agent_version),
-        image_version: truncate(hello.image_version),
+        agent_version: hello.agent_version,
+        image_version: hello.image_version,
         host: hello.host,
         spool_id: hello.spool_id,
         open_sessions: hello.sessions.into_iter().map(|s| s.session).collect(),

@@ -903,3 +903,93 @@ async fn renewal_issues_for_the_links_resource_only_and_not_once_revoked() {
     assert_eq!(a.refused().await, RefusalCode::Revoked);
     b.stop().await;
 }
+
+/// Text a host chose is stored bounded and without terminal escapes or
+/// control characters, whatever it sends: its facts and versions in `Hello`,
+/// an end reason, a command's failure.
+#[tokio::test]
+async fn agent_text_is_stored_bounded_and_without_control_characters() {
+    use ferry_common::limits::{MAX_HOST_NAME_LEN, MAX_TEXT_LEN};
+    let clean = |s: &str| !s.chars().any(|c| c.is_control() || c == '\u{202e}');
+    let b = start(Duration::from_secs(10), 3).await;
+    let mut a = b.agent("host-1").await;
+    let escapes = "\u{1b}[2J\u{1b}]0;title\u{7}\u{9b}1m\u{202e}";
+    let mut h = hello("host-1", 1, &[]);
+    h.host.hostname = format!("web-1{escapes}{}", "x".repeat(100 * 1024));
+    h.host.os = format!("Linux{escapes}\r\n{}", "o".repeat(40 * 1024));
+    h.host.kernel = format!("6.1{escapes}\u{0}");
+    h.agent_version = format!("1.0{escapes}\n{}", "v".repeat(40 * 1024));
+    h.image_version = format!("img{escapes}");
+    a.send(AgentToBroker::Hello(h)).await;
+    assert!(matches!(a.recv().await, Some(BrokerToAgent::Welcome(_))));
+
+    let stored = b.store.resources().await.expect("resources");
+    let r = &stored[0];
+    assert!(
+        r.host.hostname.starts_with("web-11mxxx"),
+        "{}",
+        r.host.hostname
+    );
+    assert!(r.host.hostname.len() <= MAX_HOST_NAME_LEN);
+    assert!(r.host.os.starts_with("Linux1m  ooo") && r.host.os.len() <= MAX_TEXT_LEN);
+    assert_eq!(r.host.kernel, "6.11m");
+    assert!(r.agent_version.starts_with("1.01m vvv") && r.agent_version.len() <= MAX_TEXT_LEN);
+    assert_eq!(r.image_version, "img1m");
+    for text in [
+        &r.host.hostname,
+        &r.host.os,
+        &r.host.kernel,
+        &r.agent_version,
+        &r.image_version,
+    ] {
+        assert!(clean(text), "{text:?}");
+    }
+
+    a.send(started(1, "s1")).await;
+    a.send(AgentToBroker::Session(SequencedEvent {
+        seq: 2,
+        event: SessionEvent::Ended {
+            session: "s1".parse().expect("id"),
+            at: UnixMillis(2_000),
+            reason: EndReason::Other(format!("crashed{escapes}\n\u{8}{}", "r".repeat(200_000))),
+        },
+    }))
+    .await;
+    while a.recv().await != Some(BrokerToAgent::Ack { up_to: 2 }) {}
+    let sessions = b.store.sessions(true).await.expect("sessions");
+    let reason = sessions[0].end_reason.clone().expect("ended");
+    assert!(reason.starts_with("crashed1m rrr"), "{reason}");
+    assert!(reason.len() <= MAX_TEXT_LEN && clean(&reason), "{reason:?}");
+
+    // A command's failure keeps its lines, nothing else.
+    let registry = b.registry.clone();
+    let admin = tokio::spawn(async move {
+        registry
+            .command(&rid("host-1"), Command::Drain, PATIENCE)
+            .await
+    });
+    let Some(BrokerToAgent::Command { id, .. }) = a.recv().await else {
+        panic!("expected a command")
+    };
+    a.send(AgentToBroker::CommandResult(CommandResult {
+        id,
+        outcome: CommandOutcome::Failed(format!(
+            "drain hook /x failed (exit status: 1): {}{escapes}\nno",
+            "y".repeat(100 * 1024)
+        )),
+    }))
+    .await;
+    let CommandOutcome::Failed(text) = admin.await.expect("join").expect("answered") else {
+        panic!("expected a failure")
+    };
+    assert!(
+        text.starts_with("drain hook /x failed (exit status: 1): yyy"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("yyy1m\nno") && text.len() <= MAX_TEXT_LEN,
+        "{text}"
+    );
+    assert!(clean(&text.replace('\n', "")), "{text:?}");
+    b.stop().await;
+}

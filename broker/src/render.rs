@@ -26,7 +26,7 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cause = c.source();
     }
-    message
+    escape(&message).into_owned()
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-03-02T10:02:00.000Z`.
@@ -56,10 +56,54 @@ fn opt_time(t: Option<UnixMillis>) -> Value {
     t.map(|t| Value::String(rfc3339(t))).unwrap_or(Value::Null)
 }
 
-/// A left-aligned table with a header row; columns as wide as their widest cell.
+/// `text` safe to print on a terminal: control characters (escape, CSI,
+/// line breaks, tabs) and bidirectional-text overrides written as escapes
+/// (`\n`, `\u001b`, `\u202e`), so a value a host or a user chose can neither
+/// drive the operator's terminal nor break a table's lines. Every cell of
+/// [`table`] and every error line goes through it. The escapes are JSON's,
+/// so [`terminal_safe`] may be applied to JSON text too.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(text, false)
+}
+
+/// What `ferryctl` prints, made safe as a whole: [`escape`] keeping line
+/// breaks. Catches text no renderer escaped (a message, a free-form line,
+/// C1 controls and bidirectional overrides serde leaves in JSON strings);
+/// in JSON it gives an equal document, as only strings hold such characters.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(text, true)
+}
+
+fn escape_controls(text: &str, keep_newlines: bool) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && !(keep_newlines && c == '\n'))
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !unsafe_char(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A left-aligned table with a header row; columns as wide as their widest
+/// cell. Cells are [`escape`]d.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<std::borrow::Cow<'_, str>>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -80,8 +124,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out
     };
     let mut out = line(&mut header.iter().copied());
-    for row in rows {
-        out.push_str(&line(&mut row.iter().map(String::as_str)));
+    for row in &rows {
+        out.push_str(&line(&mut row.iter().map(|c| c.as_ref())));
     }
     out
 }
@@ -563,7 +607,7 @@ pub fn group_shown_table(d: &GroupDetail, live: Option<&LiveGroupView>) -> Strin
         &rows,
     ));
     for f in &l.flagged {
-        out.push_str(&format!("flagged: {f}\n"));
+        out.push_str(&format!("flagged: {}\n", escape(f)));
     }
     out
 }
@@ -1229,6 +1273,68 @@ mod tests {
             &[vec!["wide cell".into(), "x".into()]],
         );
         assert_eq!(t, "A          LONG HEADER\nwide cell  x\n");
+    }
+
+    /// A value a host or a user chose never reaches the operator's terminal
+    /// as a control character, in a table, an error line or JSON.
+    #[test]
+    fn text_from_outside_is_escaped_on_output() {
+        let hostile = "1.0\u{1b}[2J\u{1b}]0;t\u{7}\u{9b}31m\u{202e}\r\nfake row";
+        let raw = |out: &str| {
+            out.chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}')
+        };
+        let s = SessionInfo {
+            session: "s1".parse().expect("id"),
+            resource: "h1".parse().expect("id"),
+            user: "u".parse().expect("id"),
+            started_at: UnixMillis(0),
+            ended_at: Some(UnixMillis(1_000)),
+            end_reason: Some(hostile.into()),
+        };
+        let t = sessions_table(std::slice::from_ref(&s));
+        assert!(!raw(&t), "{t:?}");
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(
+            t.contains("1.0\\u001b[2J\\u001b]0;t\\u0007\\u009b31m\\u202e\\r\\nfake row"),
+            "{t}"
+        );
+        // serde escapes C0 controls in JSON, not C1 ones or bidi overrides;
+        // what ferryctl prints is made safe as a whole, to an equal document.
+        let value = sessions_json(&[s]);
+        let json = terminal_safe(&format!("{value:#}")).into_owned();
+        assert!(!raw(&json), "{json:?}");
+        let back: Value = serde_json::from_str(&json).expect("still JSON");
+        assert_eq!(back, value);
+
+        let r = ResourceInfo {
+            resource: "h1".parse().expect("id"),
+            group: None,
+            connected: true,
+            available: true,
+            draining: false,
+            agent_version: hostile.into(),
+            image_version: hostile.into(),
+            last_health_at: None,
+            sessions: 0,
+            host: HostFacts {
+                hostname: hostile.into(),
+                os: hostile.into(),
+                kernel: hostile.into(),
+                vcpus: 1,
+                memory_bytes: 1,
+            },
+        };
+        let t = resources_table(std::slice::from_ref(&r));
+        assert!(!raw(&t) && t.lines().count() == 2, "{t:?}");
+        let json = terminal_safe(&resources_json(&[r]).to_string()).into_owned();
+        assert!(!raw(&json), "{json:?}");
+        assert_eq!(terminal_safe("a\nb\u{1b}"), "a\nb\\u001b");
+
+        let e = std::io::Error::other(hostile);
+        let line = error_chain(&e);
+        assert!(!raw(&line) && !line.contains('\n'), "{line:?}");
+        assert_eq!(escape("plain text, é"), "plain text, é");
     }
 
     #[test]

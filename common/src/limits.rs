@@ -29,6 +29,11 @@ pub const MAX_RESOURCE_ID_LEN: usize = 63;
 /// Longest free-text field (versions, OS names, reasons, error messages).
 pub const MAX_TEXT_LEN: usize = 1024;
 
+/// Longest host name a host reports (`HostFacts::hostname`): a DNS name is
+/// at most 253 bytes and a POSIX host name at most 255 (`HOST_NAME_MAX`
+/// on Linux is 64). The broker keeps at most this much of one.
+pub const MAX_HOST_NAME_LEN: usize = 255;
+
 /// Longest reply to the connection preamble: a status, a version and a short
 /// human-readable message.
 pub const MAX_PREAMBLE_MESSAGE_LEN: usize = 512;

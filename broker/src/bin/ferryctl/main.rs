@@ -127,7 +127,7 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(out) => {
-            print!("{out}");
+            print!("{}", ferry_broker::render::terminal_safe(&out));
             ExitCode::SUCCESS
         }
         Err(e) => exit_code(&e),
