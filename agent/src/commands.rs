@@ -3,12 +3,13 @@
 //!
 //! The drain flag is a file, `state_dir/draining`, created (and the directory
 //! synced) before a drain is reported done, so a restarted agent keeps a
-//! drained host drained. A disconnect runs the configured hook with the
-//! session id appended; the host's streaming server then reports the end of
-//! the session as usual, so the command itself records nothing. A policy is
-//! written durably to the policy file ([`crate::policy`]), then the optional
-//! policy hook runs with the file's path appended; only then is it done, and
-//! the policy's session limits go to the enforcer ([`crate::enforce`]). A
+//! drained host drained. A disconnect runs the configured hook with `--`
+//! and the session id appended; the host's streaming server then reports
+//! the end of the session as usual, so the command itself records nothing.
+//! A policy is written durably to the policy file ([`crate::policy`]), then
+//! the optional policy hook runs with `--` and the file's path appended;
+//! only then is it done, and the policy's session limits go to the enforcer
+//! ([`crate::enforce`]). A
 //! hook that fails leaves the host on its previous policy (the previous file
 //! is put back) and the command fails; the broker tries again.
 //!
@@ -24,14 +25,12 @@
 //! ([`crate::versions`]) before the command is answered.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::wire::{Command, CommandOutcome};
 use ferry_common::{GroupName, SessionId};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::config::HooksConfig;
@@ -42,8 +41,9 @@ use crate::LinkStatus;
 /// File whose presence means "draining".
 pub const DRAIN_FILE: &str = "draining";
 
-/// Most bytes of a hook's stdout and stderr kept for the error message; a
-/// chatty hook cannot make the agent buffer without bound.
+/// Most bytes of the end of a hook's stdout and of its stderr kept for the
+/// error message: all of it is read (a hook is never cut off), but a chatty
+/// hook cannot make the agent buffer without bound.
 const MAX_HOOK_OUTPUT: usize = 4096;
 
 /// Most bytes of that output in the failure message (its end): with the
@@ -69,11 +69,13 @@ pub enum CommandError {
         program: String,
         source: std::io::Error,
     },
-    #[error("{hook} hook {program} did not finish within {timeout:?}; it was killed")]
+    #[error("{hook} hook {program} did not finish within {timeout:?}; it was killed with what it started (its process group){}", last_output(.output))]
     Timeout {
         hook: &'static str,
         program: String,
         timeout: Duration,
+        /// The end of its output (stderr, else stdout) until then.
+        output: String,
     },
     #[error("{hook} hook {program} failed ({status}): {output}")]
     Failed {
@@ -285,8 +287,8 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Runs the image hook with the image appended (and in `FERRY_IMAGE`), then
-/// records the image durably.
+/// Runs the image hook with `--` and the image appended (and the image in
+/// `FERRY_IMAGE`), then records the image durably.
 async fn switch_image(ctx: &CommandContext, image: String) -> Result<(), CommandError> {
     let argv = ctx
         .hooks
@@ -404,7 +406,7 @@ async fn apply_update(
     }
 }
 
-/// Runs the warn hook: `argv + [session]`, the text in `FERRY_MESSAGE` and
+/// Runs the warn hook: `argv + ["--", session]`, the text in `FERRY_MESSAGE` and
 /// the end time in `FERRY_DEADLINE_MS`.
 pub async fn run_warn_hook(
     hooks: &HooksConfig,
@@ -431,7 +433,7 @@ pub async fn run_warn_hook(
 }
 
 /// Writes the policy durably, then runs the policy hook (if any) with the
-/// file's path appended. A newer version already on the host is kept and
+/// file's path appended (after `--`). A newer version already on the host is kept and
 /// the command is done: the broker replays versions after a reconnect.
 async fn apply_policy(
     ctx: &CommandContext,
@@ -496,8 +498,9 @@ async fn apply_policy(
     Ok(())
 }
 
-/// Runs `argv + [session]`, kills it after `timeout`, and fails unless it
-/// exits 0. Output is captured (bounded) for the error message.
+/// Runs `argv + ["--", session]`, kills it (its process group) after
+/// `timeout`, and fails unless it exits 0. Output is read to its end; its
+/// tail is kept for the error message.
 pub async fn run_disconnect_hook(
     argv: &[String],
     session: &SessionId,
@@ -506,9 +509,9 @@ pub async fn run_disconnect_hook(
     run_hook("disconnect", argv, session.as_str(), timeout).await
 }
 
-/// Runs `argv + [arg]` for the hook named `hook`, kills it after `timeout`,
-/// and fails unless it exits 0. Output is captured (bounded) for the error
-/// message.
+/// Runs `argv + ["--", arg]` for the hook named `hook`, kills it (its
+/// process group) after `timeout`, and fails unless it exits 0. Output is
+/// read to its end; its tail is kept for the error message.
 pub async fn run_hook(
     hook: &'static str,
     argv: &[String],
@@ -518,8 +521,15 @@ pub async fn run_hook(
     run_hook_with(hook, argv, Some(arg), &[], timeout).await
 }
 
-/// Runs `argv` (+ `arg`, if any) with `env` added to the agent's
+/// Runs `argv` (+ `--` and `arg`, if any) with `env` added to the agent's
 /// environment; otherwise as [`run_hook`].
+///
+/// The hook runs in its own process group; its output is read to its end
+/// (a hook printing megabytes is not cut off by a closed pipe), keeping the
+/// last [`MAX_HOOK_OUTPUT`] bytes of each stream; past `timeout` the whole
+/// group is killed (what the hook started too). The appended value comes
+/// from outside (a session id may begin with `-`), hence the `--` before
+/// it: the hook's option parser takes it as an operand.
 pub async fn run_hook_with(
     hook: &'static str,
     argv: &[String],
@@ -531,56 +541,70 @@ pub async fn run_hook_with(
     let mut command = tokio::process::Command::new(&program);
     command.args(&argv[1.min(argv.len())..]);
     if let Some(arg) = arg {
-        command.arg(arg);
+        command.arg("--").arg(arg);
     }
-    let mut child = command
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| CommandError::Spawn {
+    command.envs(env.iter().copied());
+    let ran = ferry_process::child::run(command, timeout, MAX_HOOK_OUTPUT)
+        .await
+        .map_err(|e| CommandError::Spawn {
             hook,
             program: program.clone(),
-            source,
+            source: match e {
+                ferry_process::child::RunError::Spawn(e) => e,
+                ferry_process::child::RunError::Wait(e) => {
+                    std::io::Error::new(e.kind(), format!("wait: {e}"))
+                }
+            },
         })?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let run = async {
-        let (out, err, status) =
-            tokio::join!(read_bounded(stdout), read_bounded(stderr), child.wait());
-        (out, err, status)
-    };
-    let (out, err, status) = match tokio::time::timeout(timeout, run).await {
-        Ok(r) => r,
-        Err(_) => {
-            // kill_on_drop reaps it when `child` goes out of scope.
-            return Err(CommandError::Timeout {
-                hook,
-                program,
-                timeout,
-            });
+    let output = || {
+        let mut output = String::from_utf8_lossy(&ran.stderr).trim().to_owned();
+        if output.is_empty() {
+            output = String::from_utf8_lossy(&ran.stdout).trim().to_owned();
         }
+        output_tail(&output).to_owned()
     };
-    let status = status.map_err(|source| CommandError::Spawn {
-        hook,
-        program: program.clone(),
-        source,
-    })?;
+    let Some(status) = ran.status else {
+        return Err(CommandError::Timeout {
+            hook,
+            program,
+            timeout,
+            output: output(),
+        });
+    };
+    if ran.stdout_len > MAX_HOOK_OUTPUT as u64 || ran.stderr_len > MAX_HOOK_OUTPUT as u64 {
+        tracing::debug!(
+            hook,
+            stdout_bytes = ran.stdout_len,
+            stderr_bytes = ran.stderr_len,
+            "long hook output: its end is kept"
+        );
+    }
     if status.success() {
         return Ok(());
     }
-    let mut output = String::from_utf8_lossy(&err).trim().to_owned();
-    if output.is_empty() {
-        output = String::from_utf8_lossy(&out).trim().to_owned();
-    }
+    tracing::warn!(
+        hook,
+        %program,
+        %status,
+        stdout = %String::from_utf8_lossy(&ran.stdout),
+        stderr = %String::from_utf8_lossy(&ran.stderr),
+        "hook failed (the end of its output)"
+    );
     Err(CommandError::Failed {
         hook,
         program,
         status: status.to_string(),
-        output: output_tail(&output).to_owned(),
+        output: output(),
     })
+}
+
+/// What a timeout's message ends with: the hook's last output, if any.
+fn last_output(output: &str) -> String {
+    if output.is_empty() {
+        String::new()
+    } else {
+        format!("; its last output: {output}")
+    }
 }
 
 /// The end of a hook's output that goes into its failure message: the
@@ -595,16 +619,6 @@ fn output_tail(output: &str) -> &str {
         start += 1;
     }
     &output[start..]
-}
-
-/// Reads at most [`MAX_HOOK_OUTPUT`] bytes, then drops the rest of the pipe.
-async fn read_bounded<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> Vec<u8> {
-    let mut buf = Vec::new();
-    if let Some(p) = pipe {
-        // A read error only shortens the captured output.
-        let _ = p.take(MAX_HOOK_OUTPUT as u64).read_to_end(&mut buf).await;
-    }
-    buf
 }
 
 #[cfg(test)]
@@ -643,12 +657,15 @@ mod tests {
     async fn hook_gets_the_session_id_and_its_status_is_checked() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("out");
-        let script = format!("echo \"$1\" > {}", marker.display());
+        let script = format!("echo \"$*\" > {}", marker.display());
         let argv = vec!["/bin/sh".into(), "-c".into(), script, "hook".into()];
         run_disconnect_hook(&argv, &sid("sess-9"), Duration::from_secs(10))
             .await
             .unwrap();
-        assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "sess-9");
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap().trim(),
+            "-- sess-9"
+        );
 
         let failing = vec![
             "/bin/sh".into(),
@@ -698,6 +715,84 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+    }
+
+    /// A hook printing 200 KB on stdout and on stderr, its last line
+    /// `last <code>`, exiting with `code`.
+    fn chatty_hook(code: i32) -> Vec<String> {
+        let script = format!(
+            "i=0; while [ $i -lt 2000 ]; do printf '%099d\\n' $i; printf '%099d\\n' $i >&2; \
+             i=$((i+1)); done; echo last {code}; echo last {code} >&2; exit {code}"
+        );
+        vec!["/bin/sh".into(), "-c".into(), script]
+    }
+
+    #[tokio::test]
+    async fn a_hook_printing_200_kb_runs_to_its_end() {
+        // It is not cut off (the pipe closed under it: SIGPIPE)...
+        run_disconnect_hook(&chatty_hook(0), &sid("s"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        // ...and a failure reports the end of what it printed.
+        let text = run_disconnect_hook(&chatty_hook(7), &sid("s"), Duration::from_secs(30))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("exit status: 7") && text.ends_with("0001999\nlast 7"),
+            "{text}"
+        );
+        assert!(
+            text.len() <= ferry_common::limits::MAX_TEXT_LEN,
+            "{}",
+            text.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_what_the_hook_started_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        // The background grandchild writes its pid, then the hook hangs.
+        let script = format!(
+            "sleep 600 & echo $! > '{}'; echo waiting >&2; sleep 600",
+            pid_file.display()
+        );
+        let argv = vec!["/bin/sh".into(), "-c".into(), script];
+        let err = run_disconnect_hook(&argv, &sid("s"), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
+        assert!(
+            err.to_string().ends_with("its last output: waiting"),
+            "{err}"
+        );
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            ferry_process::child::gone_within(pid, Duration::from_secs(5)),
+            "the hook's background child {pid} survived"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_id_beginning_with_a_dash_is_an_operand() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // A hook that parses options the usual way (getopts stops at `--`).
+        let script = format!(
+            "while getopts n opt; do echo \"option $opt\" >> '{log}'; done; \
+             shift $((OPTIND - 1)); echo \"session $1\" >> '{log}'",
+            log = log.display()
+        );
+        let argv = vec!["/bin/sh".into(), "-c".into(), script, "hook".into()];
+        run_disconnect_hook(&argv, &sid("-n"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(log_lines(&log), ["session -n"]);
     }
 
     fn context(dir: &Path, hooks: HooksConfig) -> (CommandContext, watch::Receiver<LinkStatus>) {
@@ -807,7 +902,7 @@ mod tests {
             execute(switch("img-2"), &ctx).await,
             Some(CommandOutcome::Done)
         );
-        assert_eq!(log_lines(&log), ["img-2 FERRY_IMAGE=img-2"]);
+        assert_eq!(log_lines(&log), ["-- img-2 FERRY_IMAGE=img-2"]);
         let again = VersionStore::open(dir.path(), "img-1".into(), "1.0.0").unwrap();
         assert_eq!(again.inventory().image_version, "img-2");
 
@@ -923,7 +1018,7 @@ mod tests {
         assert_eq!(execute(warn, &ctx).await, Some(CommandOutcome::Done));
         assert_eq!(
             log_lines(&log),
-            ["s-1 FERRY_MESSAGE=image update FERRY_DEADLINE_MS=1234"]
+            ["-- s-1 FERRY_MESSAGE=image update FERRY_DEADLINE_MS=1234"]
         );
     }
 
@@ -944,7 +1039,7 @@ mod tests {
             policy: Some(vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                format!("cp \"$1\" {}", seen.display()),
+                format!("cp \"$2\" {}", seen.display()),
                 "hook".into(),
             ]),
             ..HooksConfig::default()

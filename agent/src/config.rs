@@ -112,23 +112,24 @@ pub fn parse_streaming_address(text: &str) -> Result<StreamingEndpoint, String> 
 /// Host commands the agent runs for broker commands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HooksConfig {
-    /// argv of the disconnect hook; the session id is appended. `None`: the
-    /// host cannot disconnect sessions on request.
+    /// argv of the disconnect hook; `--` and the session id are appended.
+    /// `None`: the host cannot disconnect sessions on request.
     pub disconnect: Option<Vec<String>>,
-    /// argv of the policy hook, run after a pushed policy is written; the
-    /// policy file's path is appended. When it fails the previous file is
+    /// argv of the policy hook, run after a pushed policy is written; `--`
+    /// and the policy file's path are appended. When it fails the previous file is
     /// put back. `None`: writing the file is all.
     pub policy: Option<Vec<String>>,
-    /// How long a hook may run before it is killed and the command fails.
+    /// How long a hook may run before it is killed (its process group) and
+    /// the command fails.
     pub timeout: Duration,
-    /// argv of the image hook (`Command::SwitchImage`); the image name is
-    /// appended and is also in `FERRY_IMAGE`.
+    /// argv of the image hook (`Command::SwitchImage`); `--` and the image
+    /// name are appended; the name is also in `FERRY_IMAGE`.
     pub image: Option<Vec<String>>,
     /// argv of the update hook (`Command::ApplyUpdate`); the update is in
     /// `FERRY_UPDATE_ID`, `FERRY_COMPONENT`, `FERRY_VERSION`, `FERRY_PACKAGE`.
     pub update: Option<Vec<String>>,
     /// argv of the warn hook (`Command::WarnSession`, and the agent's own
-    /// `max_session_duration` warnings); the session id is appended, the
+    /// `max_session_duration` warnings); `--` and the session id are appended, the
     /// text is in `FERRY_MESSAGE` and the end time (Unix ms) in
     /// `FERRY_DEADLINE_MS`.
     pub warn: Option<Vec<String>>,
@@ -439,7 +440,7 @@ impl RawHooks {
         if let Some(argv) = &self.disconnect {
             if argv.first().is_none_or(|p| p.is_empty()) {
                 problems.push(
-                    "hooks.disconnect: must name a program (argv; the session id is appended)"
+                    "hooks.disconnect: must name a program (argv; `--` and the session id are appended)"
                         .to_owned(),
                 );
             }
@@ -447,15 +448,19 @@ impl RawHooks {
         if let Some(argv) = &self.policy {
             if argv.first().is_none_or(|p| p.is_empty()) {
                 problems.push(
-                    "hooks.policy: must name a program (argv; the policy file's path is appended)"
+                    "hooks.policy: must name a program (argv; `--` and the policy file's path are appended)"
                         .to_owned(),
                 );
             }
         }
         for (name, argv, appended) in [
-            ("image", &self.image, "; the image name is appended"),
+            (
+                "image",
+                &self.image,
+                "; `--` and the image name are appended",
+            ),
             ("update", &self.update, ""),
-            ("warn", &self.warn, "; the session id is appended"),
+            ("warn", &self.warn, "; `--` and the session id are appended"),
         ] {
             if argv
                 .as_ref()
@@ -734,7 +739,7 @@ mod tests {
                  timeout, image, update, warn, update_timeout)",
                 // The validation of what could be read, in the same message
                 // (broker_addr was reported above, not again as missing).
-                "hooks.policy: must name a program (argv; the policy file's path is appended)",
+                "hooks.policy: must name a program (argv; `--` and the policy file's path are appended)",
             ],
             "{err}"
         );

@@ -9,11 +9,15 @@
 //!   explicit mode, never written through a planted symlink;
 //! * [`exit`]: the exit codes both daemons use, named once;
 //! * [`config_check`]: every unknown key and wrong type of a config file at
-//!   once, with its line.
+//!   once, with its line;
+//! * [`child`]: an operator's command (hook, provisioning tool) run in its
+//!   own process group, its output read to the end with a bounded tail
+//!   kept, the whole group killed past its timeout.
 //!
 //! `ferry-common` stays free of I/O; this crate is where the daemons' shared
 //! process plumbing lives.
 
+pub mod child;
 pub mod config_check;
 pub mod exit;
 pub mod files;

@@ -84,13 +84,16 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
     config.group = Some("idle".parse()?);
     ferry_tests::admin::assign(&broker, "h1", "idle").await?;
     let socket = config.local_socket.clone();
+    // The hook gets `-- SESSION`.
     config.hooks.disconnect = Some(vec![
-        agent_bin.to_string_lossy().into_owned(),
-        "--socket".into(),
-        socket.to_string_lossy().into_owned(),
-        "session".into(),
-        "end".into(),
-        "--session".into(),
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "exec '{}' --socket '{}' session end --session=\"$2\"",
+            agent_bin.display(),
+            socket.display()
+        ),
+        "disconnect".into(),
     ]);
     let h1 = TestAgent::start_with(config).await?;
     h1.wait_synced().await?;

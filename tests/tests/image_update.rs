@@ -72,15 +72,15 @@ fn hooks(
     let warn = script(
         "warn",
         format!(
-            "echo \"warn $1 $FERRY_DEADLINE_MS\" >> '{}'\n",
+            "echo \"warn $2 $FERRY_DEADLINE_MS\" >> '{}'\n",
             log.display()
         ),
     )?;
     let disconnect = script(
         "disconnect",
         format!(
-            "echo \"disconnect $1\" >> '{log}'\n\
-             exec '{agent}' --socket '{socket}' session end --session \"$1\" --reason disconnected\n",
+            "echo \"disconnect $2\" >> '{log}'\n\
+             exec '{agent}' --socket '{socket}' session end --session \"$2\" --reason disconnected\n",
             log = log.display(),
             agent = agent.display(),
             socket = socket.display()
@@ -89,7 +89,7 @@ fn hooks(
     let image = script(
         "image",
         format!(
-            "echo \"image {resource} $1 $FERRY_IMAGE\" >> '{}'\nexit {image_exit}\n",
+            "echo \"image {resource} $2 $FERRY_IMAGE\" >> '{}'\nexit {image_exit}\n",
             log.display()
         ),
     )?;
@@ -444,7 +444,7 @@ async fn a_failing_image_hook_marks_the_group_update_failed_naming_the_host() ->
     std::fs::write(
         dir.path().join("h2-image.sh"),
         format!(
-            "echo \"image h2 $1 $FERRY_IMAGE\" >> '{}'\n\
+            "echo \"image h2 $2 $FERRY_IMAGE\" >> '{}'\n\
              for i in $(seq 1 100); do echo \"image step $i failed\" >&2; done\n\
              exit 7\n",
             dir.path().join("hooks.log").display()
@@ -628,7 +628,7 @@ async fn a_failing_image_hook_marks_the_group_update_failed_naming_the_host() ->
     std::fs::write(
         dir.path().join("h2-image.sh"),
         format!(
-            "echo \"image h2 $1 $FERRY_IMAGE\" >> '{}'\n",
+            "echo \"image h2 $2 $FERRY_IMAGE\" >> '{}'\n",
             dir.path().join("hooks.log").display()
         ),
     )?;

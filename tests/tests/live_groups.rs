@@ -429,7 +429,7 @@ async fn an_expired_subscription_disconnects_its_sessions_and_recycling_stops_it
     // h1's host can end sessions (its hook logs them); h2's cannot.
     let log = dir.path().join("disconnected.log");
     let hook = dir.path().join("disconnect.sh");
-    std::fs::write(&hook, format!("echo \"$1\" >> '{}'\n", log.display()))?;
+    std::fs::write(&hook, format!("echo \"$2\" >> '{}'\n", log.display()))?;
     let identity = broker.issue_identity("h1")?;
     let mut h1_config = broker.agent_config("h1", &identity)?;
     h1_config.group = Some("week".parse()?);
@@ -846,11 +846,11 @@ async fn an_expired_group_retries_a_failed_disconnect_until_it_succeeds() -> any
     std::fs::write(
         &hook,
         format!(
-            "f='{}'/\"$1\"\n\
+            "f='{}'/\"$2\"\n\
              n=$(cat \"$f\" 2>/dev/null || echo 0)\n\
              n=$((n + 1))\n\
              echo \"$n\" > \"$f\"\n\
-             if [ \"$n\" -lt 2 ]; then echo \"kick $1: try again\" >&2; exit 3; fi\n",
+             if [ \"$n\" -lt 2 ]; then echo \"kick $2: try again\" >&2; exit 3; fi\n",
             calls.display()
         ),
     )?;

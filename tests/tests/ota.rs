@@ -84,7 +84,7 @@ async fn agent(
     let warn = script(
         &bin.join("warn"),
         &format!(
-            "echo \"$1 $FERRY_DEADLINE_MS\" >> {}",
+            "echo \"$2 $FERRY_DEADLINE_MS\" >> {}",
             logs.join("warn.log").display()
         ),
     )?;
@@ -92,7 +92,7 @@ async fn agent(
     let disconnect = script(
         &bin.join("disconnect"),
         &format!(
-            "echo \"$1 $(date +%s%3N)\" >> {}",
+            "echo \"$2 $(date +%s%3N)\" >> {}",
             logs.join("disconnect.log").display()
         ),
     )?;

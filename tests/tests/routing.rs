@@ -741,7 +741,7 @@ async fn a_disconnected_session_is_kept_for_its_user_then_ended_after_the_retent
     config.hooks.disconnect = Some(vec![
         "/bin/sh".into(),
         "-c".into(),
-        format!("printf %s \"$0\" > {}", asked.display()),
+        format!("printf %s \"$1\" > {}", asked.display()),
     ]);
     let h1 = TestAgent::start_with(config).await?;
     h1.wait_synced().await?;

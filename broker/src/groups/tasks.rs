@@ -77,8 +77,10 @@ pub async fn deliver_due(
 }
 
 /// Runs the hook once for `n`: `Ok` only if it exited 0 within
-/// `notify_timeout`. A hook past the timeout is killed and reaped before
-/// this returns, so hung hooks do not pile up.
+/// `notify_timeout`. It runs in its own process group
+/// ([`ferry_process::child`]); one past the timeout is killed with what it
+/// started, and reaped, before this returns, so hung hooks do not pile up.
+/// A failure quotes the end of its stderr.
 async fn run_hook(config: &GroupsConfig, n: &Notification) -> Result<(), String> {
     let Some((program, args)) = config.notify_command.split_first() else {
         return Err("no notify_command".into());
@@ -89,29 +91,30 @@ async fn run_hook(config: &GroupsConfig, n: &Notification) -> Result<(), String>
         .env("FERRY_NOTIFY_USER", &n.user)
         .env("FERRY_NOTIFY_EMAIL", &n.email)
         .env("FERRY_NOTIFY_MOBILE", &n.mobile)
-        .env("FERRY_NOTIFY_GROUP", &n.group)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        // If this future is dropped (shutdown), the child dies with it.
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("run {program}: {e}"))?;
-    match tokio::time::timeout(config.notify_timeout, child.wait()).await {
-        Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
-        Ok(Err(e)) => Err(format!("wait for {program}: {e}")),
-        Err(_) => {
-            let killed = match child.kill().await {
-                Ok(()) => "killed".to_owned(),
-                Err(e) => format!("could not be killed: {e}"),
-            };
-            Err(format!(
-                "{program} took longer than notify_timeout ({}); {killed}",
-                ferry_common::duration::format_duration(config.notify_timeout)
-            ))
-        }
+        .env("FERRY_NOTIFY_GROUP", &n.group);
+    // If this future is dropped (shutdown), the hook's group dies with it.
+    let done = ferry_process::child::run(cmd, config.notify_timeout, NOTIFY_STDERR_TAIL)
+        .await
+        .map_err(|e| format!("run {program}: {e}"))?;
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    let stderr = stderr.trim();
+    let said = if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
+    };
+    match done.status {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => Err(format!("{program} exited with {status}{said}")),
+        None => Err(format!(
+            "{program} took longer than notify_timeout ({}); killed{said}",
+            ferry_common::duration::format_duration(config.notify_timeout)
+        )),
     }
 }
+
+/// Bytes of a failed notification hook's stderr quoted in its error.
+const NOTIFY_STDERR_TAIL: usize = 300;
 
 #[cfg(test)]
 mod tests {
@@ -335,11 +338,13 @@ exit 0
         let clock = ManualClock::new(T0);
         let pid_file = dir.path().join("pid");
         let script = dir.path().join("hung.sh");
-        // `exec` makes the sleeper the hook process itself, whose death the
-        // test can check by pid.
+        // A child in the background: killed with the hook (its group).
         std::fs::write(
             &script,
-            format!("echo $$ > '{}'\nexec sleep 600\n", pid_file.display()),
+            format!(
+                "sleep 600 &\necho $! > '{}'\nsleep 600\n",
+                pid_file.display()
+            ),
         )
         .expect("write hook");
         let config = GroupsConfig {
@@ -362,11 +367,10 @@ exit 0
             "{err}"
         );
         let pid = std::fs::read_to_string(&pid_file).expect("pid written");
-        // Killed and reaped before the round returned: no such process left.
+        let pid = pid.trim().parse().expect("pid");
         assert!(
-            !Path::new("/proc").join(pid.trim()).exists(),
-            "hook process {} is still there",
-            pid.trim()
+            ferry_process::child::gone_within(pid, Duration::from_secs(5)),
+            "the hook's background child {pid} is still there"
         );
         store.close().await;
     }

@@ -9,16 +9,15 @@
 //! `FERRY_ENROLL_TOKEN`, `FERRY_BROKER_ADDR` and `FERRY_CA_CERT` (prefer the
 //! environment for the token: arguments are visible to every local user).
 //!
-//! The command runs in its own process group with stdin closed; stdout and
-//! stderr are read as they come, keeping at most
-//! [`super::MAX_CAPTURE`] bytes each. Exit status 0 is success. Past the
-//! timeout the whole process group is killed (a VM tool's children too)
-//! and the attempt fails.
+//! The command runs through [`ferry_process::child`]: in its own process
+//! group with stdin closed; stdout and stderr are read to their end as they
+//! come, keeping the last [`super::MAX_CAPTURE`] bytes of each. Exit status
+//! 0 is success. Past the timeout the whole process group is killed (a VM
+//! tool's children too) and the attempt fails.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use ferry_process::child::{self, RunError};
 use tokio::process::Command;
 
 use super::{show, tail, CreateRequest, DeleteRequest, ProvisionError, MAX_CAPTURE, STDERR_TAIL};
@@ -67,24 +66,6 @@ fn expand(template: &str, vars: &[(&str, &str, String)]) -> String {
     out
 }
 
-/// Reads `r` to its end, keeping the last `MAX_CAPTURE` bytes.
-async fn capture(mut r: impl AsyncRead + Unpin) -> Vec<u8> {
-    let mut kept = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return kept,
-            Ok(n) => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > MAX_CAPTURE {
-                    let extra = kept.len() - MAX_CAPTURE;
-                    kept.drain(..extra);
-                }
-            }
-        }
-    }
-}
-
 /// What a successful run printed.
 #[derive(Debug)]
 pub struct Output {
@@ -102,71 +83,37 @@ pub async fn run(
     };
     let program = expand(program, vars);
     let mut cmd = Command::new(&program);
-    cmd.args(args.iter().map(|a| expand(a, vars)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    cmd.args(args.iter().map(|a| expand(a, vars)));
     for (_, env, value) in vars {
         cmd.env(env, value);
     }
-    let mut child = cmd.spawn().map_err(|error| ProvisionError::Spawn {
-        program: program.clone(),
-        error,
-    })?;
-    let pid = child.id();
-    let stdout = child.stdout.take().map(|o| tokio::spawn(capture(o)));
-    let stderr = child.stderr.take().map(|e| tokio::spawn(capture(e)));
-    let waited = tokio::time::timeout(timeout, child.wait()).await;
-    if waited.is_err() {
-        if let Some(pid) = pid {
-            kill_group(pid).await;
-        }
-        let _ = child.kill().await;
-    }
-    let out = match stdout {
-        Some(t) => t.await.unwrap_or_default(),
-        None => Vec::new(),
-    };
-    let err = match stderr {
-        Some(t) => t.await.unwrap_or_default(),
-        None => Vec::new(),
-    };
-    let stderr_tail = tail(&err, STDERR_TAIL);
-    match waited {
-        Ok(Ok(status)) if status.success() => Ok(Output {
-            stdout: tail(&out, MAX_CAPTURE),
+    let done = child::run(cmd, timeout, MAX_CAPTURE)
+        .await
+        .map_err(|e| match e {
+            RunError::Spawn(error) => ProvisionError::Spawn {
+                program: program.clone(),
+                error,
+            },
+            RunError::Wait(error) => ProvisionError::Io {
+                what: format!("wait for {program}"),
+                error,
+            },
+        })?;
+    let stderr_tail = tail(&done.stderr, STDERR_TAIL);
+    match done.status {
+        Some(status) if status.success() => Ok(Output {
+            stdout: tail(&done.stdout, MAX_CAPTURE),
         }),
-        Ok(Ok(status)) => Err(ProvisionError::Exit {
+        Some(status) => Err(ProvisionError::Exit {
             program,
             status: status.to_string(),
             stderr_tail,
         }),
-        Ok(Err(error)) => Err(ProvisionError::Io {
-            what: format!("wait for {program}"),
-            error,
-        }),
-        Err(_) => Err(ProvisionError::Timeout {
+        None => Err(ProvisionError::Timeout {
             program,
             timeout: show(timeout),
             stderr_tail,
         }),
-    }
-}
-
-/// SIGKILL to the process group `pgid` (the command's and its children's).
-/// With `kill(1)`: std cannot signal a group and `unsafe` is denied.
-async fn kill_group(pgid: u32) {
-    let status = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    if let Err(e) = status {
-        tracing::warn!(pgid, "kill process group: {e}");
     }
 }
 
@@ -215,10 +162,9 @@ mod tests {
         assert!(matches!(err, ProvisionError::Timeout { .. }), "{err}");
         assert!(err.to_string().contains("started"), "{err}");
         let pid = std::fs::read_to_string(&pid_file).expect("pid");
-        let alive = std::path::Path::new(&format!("/proc/{}", pid.trim())).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-                .unwrap_or_default()
-                .contains(") Z ");
+        let pid = pid.trim().parse().expect("pid");
+        // Bounded: its pipes close a moment before it is gone.
+        let alive = !child::gone_within(pid, Duration::from_secs(5));
         assert!(!alive, "the background child of the command survived");
     }
 }
