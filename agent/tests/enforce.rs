@@ -25,8 +25,8 @@ async fn idle_and_overlong_sessions_are_ended_once_with_the_policy_reason() {
     let hooks = format!(
         r#"
         [hooks]
-        disconnect = ["/bin/sh", "-c", "exec {agent} --socket {socket} session end --session \"$1\"", "disconnect-hook"]
-        warn = ["/bin/sh", "-c", "echo \"$1 $FERRY_DEADLINE_MS $FERRY_MESSAGE\" >> {warn}", "warn-hook"]
+        disconnect = ["/bin/sh", "-c", "exec {agent} --socket {socket} session end --session \"$2\"", "disconnect-hook"]
+        warn = ["/bin/sh", "-c", "echo \"$2 $FERRY_DEADLINE_MS $FERRY_MESSAGE\" >> {warn}", "warn-hook"]
         "#,
         agent = env!("CARGO_BIN_EXE_ferry-agent"),
         socket = socket.display(),

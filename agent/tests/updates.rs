@@ -65,9 +65,9 @@ async fn switches_and_updates_are_carried_out_and_reported() {
     let hooks = format!(
         r#"
         [hooks]
-        image = ["/bin/sh", "-c", "echo \"$1 $FERRY_IMAGE\" >> {image}", "image-hook"]
+        image = ["/bin/sh", "-c", "echo \"$2 $FERRY_IMAGE\" >> {image}", "image-hook"]
         update = ["/bin/sh", "-c", "case \"$FERRY_COMPONENT\" in agent) echo \"$FERRY_UPDATE_ID\" > {fifo}; exec sleep 600;; esac; echo \"$FERRY_UPDATE_ID $FERRY_COMPONENT $FERRY_VERSION $FERRY_PACKAGE\" >> {update}; test \"$FERRY_VERSION\" != bad"]
-        warn = ["/bin/sh", "-c", "echo \"$1 $FERRY_DEADLINE_MS $FERRY_MESSAGE\" >> {warn}", "warn-hook"]
+        warn = ["/bin/sh", "-c", "echo \"$2 $FERRY_DEADLINE_MS $FERRY_MESSAGE\" >> {warn}", "warn-hook"]
         "#,
         image = image_log.display(),
         update = update_log.display(),
