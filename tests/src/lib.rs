@@ -10,12 +10,14 @@
 //! - [`bins`]: locate (and if needed build) the real `ferry-broker`, `ferry-agent` and
 //!   `ferryctl` binaries, for tests that run them as an operator would.
 //! - [`notify`]: a fake systemd `NOTIFY_SOCKET` that records what a daemon says.
+//! - [`fuzz`]: one target per decoder of outside data, with the promises it checks.
 //!
 //! Everything binds `127.0.0.1:0` or a socket in a temp dir and waits on readiness
 //! signals, never on sleeps, so tests run in parallel on a shared machine.
 
 pub mod admin;
 pub mod bins;
+pub mod fuzz;
 pub mod harness;
 pub mod notify;
 pub mod procs;
