@@ -201,6 +201,16 @@ pub struct VersionRefused {
     pub message: String,
 }
 
+/// The part of a preamble reply's message that is sent: at most
+/// [`MAX_PREAMBLE_MESSAGE_LEN`] bytes, cut on a character boundary.
+fn preamble_message(message: &str) -> &str {
+    let mut end = message.len().min(MAX_PREAMBLE_MESSAGE_LEN);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
 impl PreambleReply {
     /// Reads the broker's reply to a client's preamble: `Ok(Ok(()))` when
     /// accepted, `Ok(Err(..))` with the version it speaks when refused. Every
@@ -223,11 +233,7 @@ impl PreambleReply {
                 (1u8, *supported, message.as_str())
             }
         };
-        let mut end = message.len().min(MAX_PREAMBLE_MESSAGE_LEN);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let message = &message.as_bytes()[..end];
+        let message = preamble_message(message).as_bytes();
         let mut out = Vec::with_capacity(5 + message.len());
         out.push(status);
         out.extend_from_slice(&version.to_be_bytes());
@@ -254,7 +260,10 @@ impl PreambleReply {
         r.read_exact(&mut message)
             .await
             .map_err(|_| FrameError::Truncated)?;
-        let message = String::from_utf8_lossy(&message).into_owned();
+        // Invalid UTF-8 is replaced, which can make the text longer than
+        // what was read: it is bounded again, so a reply read is one that
+        // encodes to itself.
+        let message = preamble_message(&String::from_utf8_lossy(&message)).to_owned();
         match head[0] {
             0 => Ok(PreambleReply::Accepted { version }),
             1 => Ok(PreambleReply::UnsupportedVersion {
@@ -374,6 +383,29 @@ mod tests {
             let mut r: &[u8] = &bytes;
             assert_eq!(PreambleReply::read(&mut r).await.expect("read"), reply);
         }
+    }
+
+    /// A message of invalid UTF-8 grows when it is read (each bad byte
+    /// becomes U+FFFD): it is bounded again, so what is read encodes to
+    /// itself (a libFuzzer finding, kept in tests/fuzz/regressions).
+    #[tokio::test]
+    async fn a_reply_read_from_invalid_utf8_stays_within_the_limit() {
+        let mut bytes = vec![1u8, 0, 1];
+        bytes.extend_from_slice(&(MAX_PREAMBLE_MESSAGE_LEN as u16).to_be_bytes());
+        bytes.extend(std::iter::repeat_n(0xffu8, MAX_PREAMBLE_MESSAGE_LEN));
+        let mut r: &[u8] = &bytes;
+        let reply = PreambleReply::read(&mut r).await.expect("read");
+        let PreambleReply::UnsupportedVersion { message, .. } = &reply else {
+            panic!("expected a refusal, got {reply:?}");
+        };
+        assert!(
+            message.len() <= MAX_PREAMBLE_MESSAGE_LEN,
+            "{}",
+            message.len()
+        );
+        let again = reply.encode();
+        let mut r: &[u8] = &again;
+        assert_eq!(PreambleReply::read(&mut r).await.expect("read"), reply);
     }
 
     proptest! {
