@@ -138,6 +138,36 @@ fn every_decoder_survives_mutated_input_and_round_trips() {
     }
 }
 
+/// The committed inputs: each crash libFuzzer found, once fixed
+/// (`tests/fuzz/regressions/<target>/`), and a minimized corpus per target
+/// (`tests/fuzz/corpus-min/<target>/`): replayed on every run, so a fixed
+/// crash stays fixed.
+#[test]
+fn the_committed_corpora_replay_cleanly() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut replayed = 0usize;
+    for target in TARGETS {
+        for dir in ["corpus-min", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir).join(target.name)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let data = std::fs::read(&path).unwrap_or_default();
+                let run = catch_unwind(AssertUnwindSafe(|| (target.run)(&data)));
+                assert!(
+                    run.is_ok(),
+                    "target {} fails on {}",
+                    target.name,
+                    path.display()
+                );
+                replayed += 1;
+            }
+        }
+    }
+    eprintln!("replayed {replayed} committed inputs");
+}
+
 #[test]
 fn the_targets_accept_what_the_encoders_write() {
     use ferry_common::frame;
