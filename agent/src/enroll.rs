@@ -221,8 +221,10 @@ pub async fn enroll_with_retries(target: &EnrollTarget) -> Result<ResourceId, En
         match enroll(target).await {
             Err(e) if e.is_retryable() && attempt + 1 < ENROLL_ATTEMPTS => {
                 attempt += 1;
-                let wait =
-                    crate::link::full_jitter(crate::link::backoff_ceiling(attempt), rand::random());
+                let wait = crate::backoff::full_jitter(
+                    crate::backoff::backoff_ceiling(attempt),
+                    rand::random(),
+                );
                 tracing::warn!(attempt, "enrollment failed, trying again in {wait:?}: {e}");
                 tokio::time::sleep(wait).await;
             }

@@ -20,6 +20,7 @@
 //! [`run`] wires them under one cancellation token; `main.rs` only parses the
 //! command line.
 
+pub mod backoff;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -35,6 +36,7 @@ pub mod presence;
 pub mod renew;
 pub mod spool;
 pub mod ticket;
+pub mod tls;
 pub mod versions;
 
 use std::path::{Path, PathBuf};

@@ -81,7 +81,7 @@ pub struct RenewState {
     retry_at: Option<Instant>,
     /// The TLS configuration of the renewed certificate, for the next
     /// connections (`None`: the one built at start).
-    pub tls: Option<(quinn::ClientConfig, crate::link::BrokerNameCheck)>,
+    pub tls: Option<(quinn::ClientConfig, crate::tls::BrokerNameCheck)>,
 }
 
 impl RenewState {
@@ -146,7 +146,7 @@ impl RenewState {
     }
 
     /// A certificate was installed; `tls` presents it.
-    pub fn succeeded(&mut self, tls: (quinn::ClientConfig, crate::link::BrokerNameCheck)) {
+    pub fn succeeded(&mut self, tls: (quinn::ClientConfig, crate::tls::BrokerNameCheck)) {
         *self = RenewState {
             tls: Some(tls),
             ..RenewState::default()
@@ -168,7 +168,7 @@ pub fn retry_wait(failures: u32) -> Duration {
 pub fn install(config: &AgentConfig, key: &rcgen::KeyPair, cert_pem: &str) -> Result<(), String> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| format!("the new certificate is not PEM: {e}"))?;
-    crate::link::check_names(&config.cert, der.as_ref(), &config.resource)
+    crate::tls::check_names(&config.cert, der.as_ref(), &config.resource)
         .map_err(|e| e.to_string())?;
     check_key(der.as_ref(), key)?;
     check_chain(&config.ca_cert, &der)?;
