@@ -4,12 +4,38 @@
 
 use anyhow::{bail, Context};
 use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, GroupDetail, GroupEventInfo, GroupRolloutsInfo, GroupSpec,
-    LiveGroupView, UsageQuery, UsageReport,
+    AdminRequestV1, AdminResponseV1, BillingSpec, GroupDetail, GroupEventInfo, GroupRolloutsInfo,
+    GroupSpec, LiveGroupView, PolicySpec, SessionType, UsageQuery, UsageReport,
 };
 use ferry_common::{GroupName, UnixMillis};
 
 use crate::harness::{AgentIdentity, TestAgent, TestBroker, PATIENCE};
+
+/// A pay-as-you-go group of independent sessions named `name` with `base`
+/// base resources: two sessions a host, scale-out above 80 % one host at a
+/// time up to one elastic host, idle hosts released after an hour. Tests
+/// change what they are about.
+pub fn pay_as_you_go(name: &str, base: u32) -> GroupSpec {
+    GroupSpec {
+        name: Some(name.parse().expect("group name")),
+        region: "cn-hangzhou".into(),
+        office_network: "office-net-1".into(),
+        spec: "office-4c8g".into(),
+        image: "img-1".into(),
+        billing: BillingSpec::PayAsYouGo,
+        base_resources: base,
+        session_type: SessionType::Independent,
+        users: vec![],
+        policy: PolicySpec {
+            concurrent_sessions: Some(2),
+            usage_threshold: Some(80),
+            scale_out_step: Some(1),
+            max_elastic: Some(1),
+            max_idle_ms: Some(3_600_000),
+            ..PolicySpec::default()
+        },
+    }
+}
 
 /// `group publish`: the stored group.
 pub async fn publish(broker: &TestBroker, spec: GroupSpec) -> anyhow::Result<GroupDetail> {

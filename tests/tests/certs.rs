@@ -12,9 +12,7 @@ use anyhow::{bail, Context};
 use ferry_broker::clock::ManualClock;
 use ferry_broker::config::{GroupsConfig, ProvisionerConfig, ProvisionerKind};
 use ferry_broker::pki::{self, Validity};
-use ferry_common::admin::{
-    AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec, PolicySpec, SessionType,
-};
+use ferry_common::admin::{AdminRequestV1, AdminResponseV1, GroupSpec};
 use ferry_common::{ResourceId, SessionId, UnixMillis};
 use ferry_tests::admin::{agent_of, live, of_kind, publish, wait_events};
 use ferry_tests::bins::bin;
@@ -253,26 +251,12 @@ async fn a_revoked_host_is_cut_off_at_once_stays_refused_after_a_restart_and_a_n
 }
 
 fn spec(name: &str) -> GroupSpec {
-    GroupSpec {
-        name: Some(name.parse().expect("name")),
-        region: "cn-hangzhou".into(),
-        office_network: "office-net-1".into(),
-        spec: "office-4c8g".into(),
-        image: "img-1".into(),
-        billing: BillingSpec::PayAsYouGo,
-        base_resources: 1,
-        session_type: SessionType::Independent,
-        users: vec![],
-        policy: PolicySpec {
-            concurrent_sessions: Some(1),
-            usage_threshold: Some(50),
-            scale_out_step: Some(1),
-            max_elastic: Some(1),
-            max_idle_ms: Some(600_000),
-            scale_in_cooldown_ms: Some(300_000),
-            ..PolicySpec::default()
-        },
-    }
+    let mut spec = ferry_tests::admin::pay_as_you_go(name, 1);
+    spec.policy.concurrent_sessions = Some(1);
+    spec.policy.usage_threshold = Some(50);
+    spec.policy.max_idle_ms = Some(600_000);
+    spec.policy.scale_in_cooldown_ms = Some(300_000);
+    spec
 }
 
 fn local_dir(broker: &TestBroker, resource: &str) -> PathBuf {

@@ -4,31 +4,12 @@
 //! the attempt, and no base slot is handed to it; `resources assign` moves a
 //! connected host at once.
 
-use ferry_common::admin::{AdminRequestV1, AdminResponseV1, BillingSpec, GroupSpec, PolicySpec};
-use ferry_common::admin::{LiveGroupView, SessionType};
+use ferry_common::admin::{AdminRequestV1, AdminResponseV1, GroupSpec, LiveGroupView};
 use ferry_tests::admin::{assign, events, of_kind, publish, wait_events, wait_live};
 use ferry_tests::harness::{init_logging, TestAgent, TestBroker};
 
 fn group_spec(name: &str) -> GroupSpec {
-    GroupSpec {
-        name: Some(name.parse().expect("name")),
-        region: "cn-hangzhou".into(),
-        office_network: "office-net-1".into(),
-        spec: "office-4c8g".into(),
-        image: "img-1".into(),
-        billing: BillingSpec::PayAsYouGo,
-        base_resources: 1,
-        session_type: SessionType::Independent,
-        users: vec![],
-        policy: PolicySpec {
-            concurrent_sessions: Some(2),
-            usage_threshold: Some(80),
-            scale_out_step: Some(1),
-            max_elastic: Some(1),
-            max_idle_ms: Some(3_600_000),
-            ..PolicySpec::default()
-        },
-    }
+    ferry_tests::admin::pay_as_you_go(name, 1)
 }
 
 fn members(v: &LiveGroupView) -> Vec<String> {
