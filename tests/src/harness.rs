@@ -29,6 +29,17 @@ use tokio_util::sync::CancellationToken;
 /// is shared and loaded; a wait that needs it has failed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Kill-and-restart rounds of a crash test: `default` in the suite, or
+/// `FERRY_CRASH_ROUNDS` for a soak (`tests/soak/crash-points`).
+pub fn crash_rounds(default: u32) -> anyhow::Result<u32> {
+    match std::env::var("FERRY_CRASH_ROUNDS") {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("FERRY_CRASH_ROUNDS={v:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
 /// Health interval of test brokers: short, so health arrives within a test,
 /// long enough that a loaded machine does not miss three in a row.
 pub const TEST_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
@@ -54,11 +65,12 @@ pub fn manual_clock() -> (
     (clock, config)
 }
 
-/// Logs to the test's captured output (`RUST_LOG` picks the level; `warn` by
-/// default). Safe to call from every test.
+/// Logs to the test's captured output (`RUST_LOG` picks the level; `info` by
+/// default, so a failing test shows what its broker and agents did, and a
+/// passing one shows nothing). Safe to call from every test.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()

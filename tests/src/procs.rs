@@ -341,6 +341,27 @@ impl BrokerProcess {
     }
 }
 
+/// Spawns `ferry-agent --config CONFIG run` for `resource` (its log next to
+/// the config) and waits for its READY=1 on `notify`.
+fn spawn_agent(
+    resource: &str,
+    config: &Path,
+    notify: &FakeNotifySocket,
+    launch: &Launch,
+) -> anyhow::Result<(Daemon, Option<ChildStderr>)> {
+    let log = config.with_file_name("agent.log");
+    let mut cmd = Command::new(bin("ferry-agent"));
+    cmd.arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("NOTIFY_SOCKET", notify.path());
+    let (daemon, pipe) = Daemon::launch(&format!("ferry-agent {resource}"), cmd, &log, launch)?;
+    if let Err(e) = wait_notify(notify, "READY=1", PATIENCE) {
+        bail!("{e:#}\n----- agent log -----\n{}", daemon.log());
+    }
+    Ok((daemon, pipe))
+}
+
 /// The agent address in the broker's READY notification.
 pub fn ready_addr(lines: &[String]) -> anyhow::Result<SocketAddr> {
     let status = lines
@@ -437,20 +458,7 @@ impl AgentProcess {
         };
         std::fs::write(&config, text).context("write agent config")?;
         let notify = FakeNotifySocket::bind(&home)?;
-        let mut cmd = Command::new(bin("ferry-agent"));
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env("NOTIFY_SOCKET", notify.path());
-        let (daemon, pipe) = Daemon::launch(
-            &format!("ferry-agent {resource}"),
-            cmd,
-            &home.join("agent.log"),
-            launch,
-        )?;
-        if let Err(e) = wait_notify(&notify, "READY=1", PATIENCE) {
-            bail!("{e:#}\n----- agent log -----\n{}", daemon.log());
-        }
+        let (daemon, pipe) = spawn_agent(resource, &config, &notify, launch)?;
         Ok((
             AgentProcess {
                 daemon,
@@ -460,6 +468,28 @@ impl AgentProcess {
             },
             pipe,
         ))
+    }
+
+    /// Starts the agent again on the same config and state directory (after
+    /// [`Daemon::crash`], say) and waits for READY=1; `run` numbers the
+    /// notify socket of successive runs.
+    pub async fn restart(&mut self, run: u32) -> anyhow::Result<()> {
+        let home = self
+            .config
+            .parent()
+            .context("the agent config has a directory")?;
+        let resource = home
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("the agent directory is named after the resource")?
+            .to_owned();
+        let notify_dir = home.join(format!("notify-{run}"));
+        std::fs::create_dir_all(&notify_dir)?;
+        let notify = FakeNotifySocket::bind(&notify_dir)?;
+        let (daemon, _) = spawn_agent(&resource, &self.config, &notify, &Launch::default())?;
+        self.daemon = daemon;
+        self.notify = notify;
+        Ok(())
     }
 
     /// `ferry-agent --config F ARGS...`, which must succeed; returns stdout.

@@ -4,21 +4,26 @@
 //! what the agents were told was recorded: every event once, none lost,
 //! none doubled.
 //!
+//! The same for the agent: SIGKILLed at a random moment while it takes
+//! session reports, restarted on its spool, it delivers every event it
+//! confirmed once, and nothing it did not confirm as more than it was.
+//!
 //! The moment of each kill comes from a seeded rng; the seed is printed and
-//! `FERRY_CRASH_SEED=N` replays a run.
+//! `FERRY_CRASH_SEED=N` replays a run. `FERRY_CRASH_ROUNDS=N` runs N kills
+//! per test instead of a few (`tests/soak/crash-points`).
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use ferry_agent::local::{LocalClient, StartProof};
 use ferry_common::wire::EndReason;
-use ferry_tests::harness::PATIENCE;
+use ferry_tests::harness::{crash_rounds, PATIENCE};
 use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 
-/// Kill-and-restart rounds; bounded so the test stays fast.
+/// Kill-and-restart rounds in the suite; bounded so the test stays fast.
 const ROUNDS: u32 = 3;
 /// Sessions each agent starts per round; two of three also end.
 const SESSIONS_PER_ROUND: u32 = 12;
@@ -85,6 +90,7 @@ async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyho
     };
     eprintln!("crash test seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
     let t0 = std::time::Instant::now();
 
     let tmp = tempfile::tempdir()?;
@@ -101,7 +107,7 @@ async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyho
 
     let mut expected = BTreeMap::new();
     let mut total_events = 0u64;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         // Start each round on live connections: one probe session per agent,
         // acknowledged after the previous restart, so only the current broker
         // can have acknowledged it. Then the kill lands on a live stream (some
@@ -177,7 +183,7 @@ async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyho
         assert_eq!(s["resource"], resource, "{s}");
         assert_eq!(s["spooled"], 0, "{s}");
         // Each round: the probe and the reported stream.
-        let per_agent = (1 + events_per_round()) * u64::from(ROUNDS);
+        let per_agent = (1 + events_per_round()) * u64::from(rounds);
         assert_eq!(s["last_seq"], per_agent, "{s}");
         assert_eq!(s["acked_seq"], s["last_seq"], "{s}");
     }
@@ -211,5 +217,168 @@ async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyho
     // before the final kill is synced but may not have noticed yet that its
     // connection died, which is fine: nothing of it is unacknowledged.
     assert_eq!(status["resources"], AGENTS.len(), "{status}");
+    Ok(())
+}
+
+/// One report made to the agent, confirmed (the agent answered that it is
+/// spooled) or cut short by the kill (it may or may not have been spooled).
+#[derive(Debug)]
+struct Sent {
+    session: String,
+    start: bool,
+    confirmed: bool,
+}
+
+/// Reports sessions to the agent at `socket` until it dies (or the round's
+/// reports are all made), counting confirmed reports in `count`.
+async fn report_until_killed(
+    socket: std::path::PathBuf,
+    round: u32,
+    count: watch::Sender<u64>,
+) -> Vec<Sent> {
+    let mut sent = Vec::new();
+    let Ok(mut client) = LocalClient::connect(&socket).await else {
+        return sent;
+    };
+    for n in 0..SESSIONS_PER_ROUND {
+        let session = format!("a{round}-{n}");
+        let (Ok(id), Ok(user)) = (session.parse(), format!("user{n}").parse()) else {
+            return sent;
+        };
+        let started = client
+            .session_start(id, user, StartProof::Trusted)
+            .await
+            .is_ok();
+        sent.push(Sent {
+            session: session.clone(),
+            start: true,
+            confirmed: started,
+        });
+        if !started {
+            return sent;
+        }
+        count.send_modify(|c| *c += 1);
+        if n % 3 != 0 {
+            let Ok(id) = session.parse() else {
+                return sent;
+            };
+            let ended = client.session_end(id, EndReason::Logout).await.is_ok();
+            sent.push(Sent {
+                session,
+                start: false,
+                confirmed: ended,
+            });
+            if !ended {
+                return sent;
+            }
+            count.send_modify(|c| *c += 1);
+        }
+    }
+    sent
+}
+
+/// What the broker may hold of one session the agent was told about.
+#[derive(Debug, Default)]
+struct Told {
+    /// Its start was confirmed (else it was cut short: it may be missing).
+    start_confirmed: bool,
+    /// An end was sent, and whether it was confirmed.
+    end: Option<bool>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_while_it_takes_reports_loses_and_doubles_nothing() -> anyhow::Result<()> {
+    let seed = match std::env::var("FERRY_CRASH_SEED") {
+        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("agent crash test seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
+
+    let tmp = tempfile::tempdir()?;
+    let files = BrokerFiles::init(tmp.path()).await?;
+    let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    let resource = AGENTS[0];
+    let mut agent = AgentProcess::start(&files, resource, broker.agent_addr).await?;
+
+    let mut told: BTreeMap<String, Told> = BTreeMap::new();
+    let (mut confirmed, mut cut_short) = (0u64, 0u64);
+    for round in 0..rounds {
+        let kill_after = rng.random_range(1..=events_per_round());
+        let (count_tx, mut count_rx) = watch::channel(0u64);
+        let reporter = tokio::spawn(report_until_killed(
+            agent.local_socket.clone(),
+            round,
+            count_tx,
+        ));
+        // The reporter drops its sender when it is done, which also ends the wait.
+        let _ = tokio::time::timeout(PATIENCE, count_rx.wait_for(|c| *c >= kill_after)).await;
+        let status = agent.daemon.crash().await?;
+        assert_eq!(status.code(), None, "killed by a signal, not exited");
+        let sent = reporter.await?;
+        eprintln!(
+            "round {round}: agent killed after {} confirmed of {kill_after} planned; {} report(s) sent",
+            count_rx.borrow().to_owned(),
+            sent.len()
+        );
+        for s in sent {
+            if s.confirmed {
+                confirmed += 1;
+            } else {
+                cut_short += 1;
+            }
+            let t = told.entry(s.session).or_default();
+            if s.start {
+                t.start_confirmed = s.confirmed;
+            } else {
+                t.end = Some(s.confirmed);
+            }
+        }
+        agent.restart(round + 1).await?;
+    }
+
+    let s = agent.wait_synced().await?;
+    assert_eq!(s["spooled"], 0, "seed {seed}: {s}");
+    let spooled = s["last_seq"].as_u64().context("last_seq")?;
+    // Everything confirmed is in the spool, and nothing else but what the
+    // kill cut short.
+    assert!(
+        (confirmed..=confirmed + cut_short).contains(&spooled),
+        "seed {seed}: the spool holds {spooled} events; {confirmed} were confirmed, \
+         {cut_short} cut short"
+    );
+
+    let socket = &files.admin_socket;
+    let listed = ferryctl_json(socket, &["sessions", "list", "--all"]).await?;
+    let mut seen = BTreeMap::new();
+    for rec in listed.as_array().context("sessions list is an array")? {
+        let id = rec["session"].as_str().context("session id")?.to_owned();
+        let ended = !rec["ended_at"].is_null();
+        let t = told
+            .get(&id)
+            .with_context(|| format!("seed {seed}: {id} was never reported"))?;
+        assert_eq!(rec["resource"], resource, "seed {seed}: {rec}");
+        match t.end {
+            None => assert!(!ended, "seed {seed}: {id} ended without an end: {rec}"),
+            Some(true) => assert!(ended, "seed {seed}: {id}'s confirmed end is missing: {rec}"),
+            Some(false) => {}
+        }
+        assert!(
+            seen.insert(id.clone(), ()).is_none(),
+            "seed {seed}: {id} twice"
+        );
+    }
+    for (id, t) in &told {
+        if t.start_confirmed {
+            assert!(
+                seen.contains_key(id),
+                "seed {seed}: confirmed session {id} is missing"
+            );
+        }
+    }
+    // Exactly once: the broker recorded as many events as the spool holds.
+    let status = ferryctl_json(socket, &["status"]).await?;
+    assert_eq!(status["events_recorded"], spooled, "seed {seed}: {status}");
     Ok(())
 }

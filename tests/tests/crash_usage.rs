@@ -6,21 +6,22 @@
 //! the session count, and the session time as the sum over the sessions the
 //! agents stamped, exact to the second the report bills.
 //!
-//! The seed is printed; `FERRY_CRASH_USAGE_SEED=N` replays a run.
+//! The seed is printed; `FERRY_CRASH_USAGE_SEED=N` replays a run, and
+//! `FERRY_CRASH_ROUNDS=N` makes N kills instead of a few.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, SecondsFormat};
-use ferry_tests::harness::PATIENCE;
+use ferry_tests::harness::{crash_rounds, PATIENCE};
 use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::{Decimal, RoundingStrategy};
 use tokio::sync::watch;
 
-/// Kill-and-restart rounds; bounded so the test stays fast.
+/// Kill-and-restart rounds in the suite; bounded so the test stays fast.
 const ROUNDS: u32 = 3;
 /// Session events each agent reports per round (after its probe).
 const EVENTS_PER_ROUND: usize = 16;
@@ -129,6 +130,7 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
     };
     eprintln!("crash usage seed: {seed} (FERRY_CRASH_USAGE_SEED={seed} replays it)");
     let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
     let t0 = std::time::Instant::now();
 
     // The period starts before anything is recorded, on a whole second.
@@ -183,7 +185,7 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
     let mut reported: BTreeMap<String, Reported> = BTreeMap::new();
     let mut open: Vec<Vec<String>> = vec![Vec::new(); AGENTS.len()];
     let mut events = 0u64;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         // A probe per agent acknowledged by the current broker: the kill then
         // lands on live connections, as in `crash.rs`.
         for (agent, resource) in agents.iter().zip(AGENTS) {
