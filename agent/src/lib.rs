@@ -201,8 +201,10 @@ async fn drain_tasks(notifier: &notify::Notifier, tracker: &TaskTracker, local_p
     let _ = std::fs::remove_file(local_path);
 }
 
-/// The state directory, created if needed, and its lock.
-fn lock_state_dir(config: &AgentConfig) -> Result<ferry_process::lock::StateLock, AgentError> {
+/// The state directory, created if needed, and its lock. [`run`] takes it;
+/// `ferry-agent run` also holds it while it enrolls, so of two agents
+/// started on one directory one is refused before either does anything.
+pub fn lock_state_dir(config: &AgentConfig) -> Result<ferry_process::lock::StateLock, AgentError> {
     std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::StateDir {
         path: config.state_dir.clone(),
         source,

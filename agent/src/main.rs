@@ -329,7 +329,14 @@ async fn run_agent(cli: &Cli) -> anyhow::Result<ExitCode> {
     let path = config_path(cli.config.as_deref());
     let config = AgentConfig::load(&path)?;
     if !config.cert.exists() {
-        if let Some(token) = ferry_agent::config::enroll_token(&path)? {
+        // Only one agent enrolls and runs on a state directory: a second one
+        // started beside it (a supervisor that lost track of the first) is
+        // refused here, before it spends the token. Released for the daemon,
+        // which takes it again; the certificate is looked at again under it.
+        let _lock = ferry_agent::lock_state_dir(&config)?;
+        if config.cert.exists() {
+            // Another agent of this directory enrolled meanwhile.
+        } else if let Some(token) = ferry_agent::config::enroll_token(&path)? {
             let target = ferry_agent::enroll::EnrollTarget {
                 broker_addr: config.broker_addr.clone(),
                 broker_name: config.broker_name.clone(),

@@ -101,6 +101,14 @@ impl StateLock {
     }
 }
 
+/// The pid the holder of `dir`'s lock wrote, read without locking: what a
+/// supervisor uses to find a daemon it did not start (a daemon that ended
+/// leaves its pid behind, so check the process before trusting it).
+pub fn holder(dir: &Path) -> Option<u32> {
+    let mut file = File::open(dir.join(LOCK_FILE)).ok()?;
+    read_pid(&mut file)
+}
+
 /// The pid a holder wrote, if the file holds one.
 fn read_pid(file: &mut File) -> Option<u32> {
     let mut text = String::new();
@@ -133,6 +141,7 @@ mod tests {
             message.contains(&dir.path().display().to_string()),
             "{message}"
         );
+        assert_eq!(holder(dir.path()), Some(pid));
         // The refused attempt left the holder's pid in place.
         assert_eq!(
             std::fs::read_to_string(first.path()).expect("read").trim(),

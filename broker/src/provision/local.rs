@@ -8,6 +8,16 @@
 //! [`AGENT_STOP_GRACE`], then SIGKILL) and removes the directory. Every
 //! child is tracked; [`LocalProvisioner::shutdown`] stops them all when the
 //! broker stops, so nothing is left running.
+//!
+//! A broker killed outright (SIGKILL, power cut) cannot stop its agents:
+//! they keep running and reconnect to the next broker. That broker finds
+//! each one by the pid it wrote into its state directory's lock (checked
+//! against `/proc/<pid>/cmdline`, so a reused pid is never taken for it) and
+//! adopts it instead of starting a second agent on the same host directory;
+//! deleting or stopping an adopted agent signals it by pid. An agent holds
+//! that lock from its start (enrollment included), so of two started on one
+//! directory one exits at once: no local host runs twice, and none is left
+//! running after its delete.
 
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
@@ -44,11 +54,31 @@ pub fn default_agent_binary() -> Result<PathBuf, ProvisionError> {
         .unwrap_or_else(|| PathBuf::from("ferry-agent")))
 }
 
+/// The agent's state directory inside its directory.
+const STATE_DIR: &str = "state";
+
 /// Starts and stops local agents.
 pub struct LocalProvisioner {
     binary: PathBuf,
     root: PathBuf,
-    children: Mutex<HashMap<ResourceId, Child>>,
+    children: Mutex<HashMap<ResourceId, Agent>>,
+}
+
+/// A local agent this broker runs.
+enum Agent {
+    /// Started by this broker.
+    Child(Child),
+    /// Started by an earlier broker that died without stopping it.
+    Adopted(u32),
+}
+
+impl Agent {
+    fn running(&mut self, config: &Path) -> bool {
+        match self {
+            Agent::Child(child) => matches!(child.try_wait(), Ok(None)),
+            Agent::Adopted(pid) => runs_config(*pid, config),
+        }
+    }
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> ProvisionError {
@@ -91,7 +121,7 @@ impl LocalProvisioner {
         );
         t.insert("cert".into(), path("agent.pem"));
         t.insert("key".into(), path("agent-key.pem"));
-        t.insert("state_dir".into(), path("state"));
+        t.insert("state_dir".into(), path(STATE_DIR));
         t.insert("local_socket".into(), path("agent.sock"));
         t.insert("image_version".into(), req.image.clone().into());
         t.insert("enroll_token".into(), req.enrollment_token.clone().into());
@@ -117,12 +147,32 @@ impl LocalProvisioner {
         self.spawn(resource, &dir).await
     }
 
+    /// Whether `resource`'s agent runs: one this broker tracks, or one an
+    /// earlier broker left running, which is adopted.
     async fn running(&self, resource: &ResourceId) -> bool {
+        let config = self.dir(resource).join("agent.toml");
         let mut children = self.children.lock().await;
-        match children.get_mut(resource) {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
+        if let Some(agent) = children.get_mut(resource) {
+            if agent.running(&config) {
+                return true;
+            }
+        }
+        match self.left_running(resource) {
+            Some(pid) => {
+                tracing::info!(%resource, pid, "local agent of an earlier broker run adopted");
+                children.insert(resource.clone(), Agent::Adopted(pid));
+                true
+            }
             None => false,
         }
+    }
+
+    /// The agent holding `resource`'s state directory, if that process runs
+    /// its config.
+    fn left_running(&self, resource: &ResourceId) -> Option<u32> {
+        let dir = self.dir(resource);
+        let pid = ferry_process::lock::holder(&dir.join(STATE_DIR))?;
+        runs_config(pid, &dir.join("agent.toml")).then_some(pid)
     }
 
     async fn spawn(&self, resource: &ResourceId, dir: &Path) -> Result<(), ProvisionError> {
@@ -150,15 +200,20 @@ impl LocalProvisioner {
                 error,
             })?;
         tracing::info!(%resource, pid = ?child.id(), "local agent started");
-        self.children.lock().await.insert(resource.clone(), child);
+        self.children
+            .lock()
+            .await
+            .insert(resource.clone(), Agent::Child(child));
         Ok(())
     }
 
     /// Stops the agent and removes its directory.
     pub async fn delete(&self, req: &DeleteRequest) -> Result<(), ProvisionError> {
-        let child = self.children.lock().await.remove(&req.resource);
-        if let Some(mut child) = child {
-            stop(&mut child).await;
+        // An agent an earlier broker run left is found through its state lock.
+        self.running(&req.resource).await;
+        let agent = self.children.lock().await.remove(&req.resource);
+        if let Some(agent) = agent {
+            stop(agent, &self.dir(&req.resource).join("agent.toml")).await;
             tracing::info!(resource = %req.resource, "local agent stopped");
         }
         let dir = self.dir(&req.resource);
@@ -175,9 +230,9 @@ impl LocalProvisioner {
     /// Stops every local agent (broker shutdown); their directories stay so
     /// a restarted broker resumes them.
     pub async fn shutdown(&self) {
-        let children: Vec<(ResourceId, Child)> = self.children.lock().await.drain().collect();
-        for (resource, mut child) in children {
-            stop(&mut child).await;
+        let children: Vec<(ResourceId, Agent)> = self.children.lock().await.drain().collect();
+        for (resource, agent) in children {
+            stop(agent, &self.dir(&resource).join("agent.toml")).await;
             tracing::info!(%resource, "local agent stopped: the broker is stopping");
         }
     }
@@ -191,26 +246,134 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
 }
 
 /// SIGTERM (the agent ends cleanly), then SIGKILL after [`AGENT_STOP_GRACE`].
-async fn stop(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+async fn stop(agent: Agent, config: &Path) {
+    match agent {
+        Agent::Child(mut child) => {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            if let Some(pid) = child.id() {
+                signal("-TERM", pid).await;
+            }
+            if tokio::time::timeout(AGENT_STOP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+        Agent::Adopted(pid) => {
+            if !runs_config(pid, config) {
+                return;
+            }
+            signal("-TERM", pid).await;
+            // Not our child: its exit is seen in /proc, not by `wait`.
+            let deadline = tokio::time::Instant::now() + AGENT_STOP_GRACE;
+            while runs_config(pid, config) {
+                if tokio::time::Instant::now() >= deadline {
+                    signal("-KILL", pid).await;
+                    return;
+                }
+                tokio::time::sleep(STOP_POLL).await;
+            }
+        }
     }
-    if let Some(pid) = child.id() {
-        // `kill(1)`: std has no SIGTERM and `unsafe` is denied.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
+}
+
+/// How often the exit of an adopted agent is looked for.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// `kill(1)`: std has no SIGTERM and `unsafe` is denied.
+async fn signal(which: &str, pid: u32) {
+    let _ = Command::new("kill")
+        .arg(which)
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Whether process `pid` runs (not a zombie) with `config` among its
+/// arguments: a local agent of this directory, not a process that reused
+/// the pid.
+fn runs_config(pid: u32, config: &Path) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
+        return false;
+    };
+    // The state follows the command name, which ends at the last ')'.
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next());
+    if matches!(state, Some("Z") | Some("X") | None) {
+        return false;
     }
-    if tokio::time::timeout(AGENT_STOP_GRACE, child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.start_kill();
-        let _ = child.wait().await;
+    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+        return false;
+    };
+    let want = config.as_os_str().as_encoded_bytes();
+    cmdline.split(|b| *b == 0).any(|arg| arg == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_is_told_by_its_arguments_not_by_its_pid_alone() {
+        let me = std::process::id();
+        let argv0 = std::env::args_os().next().expect("argv[0]");
+        assert!(runs_config(me, Path::new(&argv0)));
+        // The same pid running something else (a reused pid) is not it.
+        assert!(!runs_config(me, Path::new("/nonexistent/agent.toml")));
+        // No such process.
+        assert!(!runs_config(u32::MAX, Path::new(&argv0)));
+    }
+
+    #[tokio::test]
+    async fn an_agent_left_by_a_killed_broker_is_adopted_and_stopped_by_its_delete() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join(LOCAL_AGENTS_DIR);
+        let resource: ResourceId = "g-e1".parse().expect("id");
+        let dir = root.join(resource.as_str());
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, "").expect("config");
+        // Stands in for the agent an earlier broker started: a process that
+        // runs until stopped, with the directory's config among its arguments.
+        let mut orphan = Command::new("tail")
+            .arg("-f")
+            .arg(&config)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
+        let pid = orphan.id().expect("pid");
+        // What the agent writes once it holds its state directory.
+        std::fs::create_dir_all(dir.join(STATE_DIR)).expect("state dir");
+        std::fs::write(
+            dir.join(STATE_DIR).join(ferry_process::lock::LOCK_FILE),
+            format!("{pid}\n"),
+        )
+        .expect("lock file");
+
+        let p = LocalProvisioner::new(PathBuf::from("/nonexistent/ferry-agent"), root);
+        // Resumed: adopted, not started again (the binary does not exist).
+        p.resume(&resource).await.expect("adopted");
+        assert!(p.running(&resource).await);
+        let req = DeleteRequest {
+            group: "g".parse().expect("group"),
+            resource: resource.clone(),
+        };
+        p.delete(&req).await.expect("delete");
+        let status = tokio::time::timeout(AGENT_STOP_GRACE, orphan.wait())
+            .await
+            .expect("stopped within the grace")
+            .expect("status");
+        assert!(!status.success(), "ended by a signal: {status:?}");
+        assert!(!dir.exists());
     }
 }
