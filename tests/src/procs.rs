@@ -214,6 +214,8 @@ pub struct BrokerFiles {
     pub state_dir: PathBuf,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// TOML appended to every config written (e.g. a `[provisioner]` table).
+    pub extra_config: String,
 }
 
 impl BrokerFiles {
@@ -224,6 +226,7 @@ impl BrokerFiles {
             pki_dir: dir.join("pki"),
             state_dir: dir.join("state"),
             admin_socket: dir.join("admin.sock"),
+            extra_config: String::new(),
         };
         run_ok(
             &bin("ferryctl"),
@@ -274,6 +277,7 @@ impl BrokerFiles {
             admin = self.admin_socket,
             grace = PROCESS_SHUTDOWN_GRACE.as_secs(),
         );
+        let text = format!("{text}{}", self.extra_config);
         std::fs::write(&path, text).context("write broker config")?;
         Ok(path)
     }

@@ -1,0 +1,253 @@
+//! Scale-out survives broker crashes, with the real binaries and the local
+//! provisioner (each elastic host is a `ferry-agent run` process the broker
+//! started). The broker is SIGKILLed at a seeded moment of each scale-out
+//! (before the decision, while the host is created, or once it runs) and
+//! restarted on the same state: every elastic host ends up run by exactly
+//! one agent process, and once the load is gone and the group scaled in,
+//! no agent process and no directory of an elastic host is left.
+//!
+//! The seed is printed; `FERRY_CRASH_SEED=N` replays it and
+//! `FERRY_CRASH_ROUNDS=N` makes N kills instead of a few.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferry_broker::provision::local::LOCAL_AGENTS_DIR;
+use ferry_tests::bins::bin;
+use ferry_tests::harness::{crash_rounds, PATIENCE};
+use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const GROUP: &str = "el";
+/// Kill-and-restart rounds in the suite (one scale-out each).
+const ROUNDS: u32 = 2;
+/// The latest kill after the session that causes a scale-out.
+const MAX_KILL_DELAY_MS: u64 = 600;
+
+/// Running `ferry-agent` processes of local elastic hosts under `root`, by
+/// resource (a zombie is not running).
+fn local_agents(root: &Path) -> anyhow::Result<BTreeMap<String, Vec<u32>>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Gone meanwhile, or not ours to read: not one of them.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        if state == Some("Z") {
+            continue;
+        }
+        for arg in cmdline.split(|b| *b == 0) {
+            let arg = Path::new(std::str::from_utf8(arg).unwrap_or(""));
+            if let Ok(rest) = arg.strip_prefix(root) {
+                if let Some(resource) = rest.parent().and_then(|p| p.to_str()) {
+                    out.entry(resource.to_owned()).or_default().push(pid);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The group's live resources as (resource, class, state, available).
+async fn live(socket: &Path) -> anyhow::Result<Vec<(String, String, String, bool)>> {
+    let g = ferryctl_json(socket, &["group", "show", GROUP]).await?;
+    let mut out = Vec::new();
+    for r in g["live"]["resources"]
+        .as_array()
+        .context("live resources")?
+    {
+        out.push((
+            r["resource"].as_str().context("resource")?.to_owned(),
+            r["class"].as_str().context("class")?.to_owned(),
+            r["state"].as_str().context("state")?.to_owned(),
+            r["available"].as_bool().context("available")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Waits until every elastic resource of the group is released (or its
+/// creation failed).
+async fn wait_all_released(socket: &Path) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    loop {
+        let l = live(socket).await?;
+        if l.iter()
+            .filter(|r| r.1 == "elastic")
+            .all(|r| matches!(r.2.as_str(), "released" | "failed"))
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("elastic resources are not all released: {l:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_none(
+) -> anyhow::Result<()> {
+    let seed = match std::env::var("FERRY_CRASH_SEED") {
+        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("scale-out crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
+
+    let tmp = tempfile::tempdir()?;
+    let mut files = BrokerFiles::init(tmp.path()).await?;
+    // A host created but never registered (the kill came before its
+    // agent started) is given up quickly, not after the default 30 minutes.
+    files.extra_config = format!(
+        "[provisioner]\nkind = \"local\"\nagent_binary = {:?}\nregister_timeout = \"3s\"\n",
+        bin("ferry-agent")
+    );
+    let root = files.state_dir.join(LOCAL_AGENTS_DIR);
+    let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    let addr = broker.agent_addr;
+    let socket = files.admin_socket.clone();
+    ferryctl_json(
+        &socket,
+        &[
+            "group",
+            "publish",
+            "--name",
+            GROUP,
+            "--region",
+            "cn-hangzhou",
+            "--office-network",
+            "office-net-1",
+            "--spec",
+            "office-4c8g",
+            "--image",
+            "img-7",
+            "--billing",
+            "pay-as-you-go",
+            "--base-resources",
+            "1",
+            "--concurrent-sessions",
+            "1",
+            "--max-elastic",
+            "1",
+            "--usage-threshold",
+            "50",
+            "--scale-out-step",
+            "1",
+            "--max-idle",
+            "1s",
+            "--scale-in-cooldown",
+            "1s",
+        ],
+    )
+    .await?;
+    let host = AgentProcess::start_in_group(&files, "h1", addr, Some(GROUP)).await?;
+    host.wait_synced().await?;
+
+    let mut run = 0;
+    for round in 0..rounds {
+        // One session on the one base host: usage 100 % > 50 %, a scale-out.
+        let session = format!("s{round}");
+        host.cli(&[
+            "session",
+            "start",
+            "--trusted",
+            "--session",
+            &session,
+            "--user",
+            "alice",
+        ])
+        .await?;
+        let delay = rng.random_range(0..=MAX_KILL_DELAY_MS);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let status = broker.daemon.crash().await?;
+        assert_eq!(status.code(), None, "killed by a signal, not exited");
+        let before = local_agents(&root)?;
+        eprintln!(
+            "round {round}: broker killed {delay} ms after the session; local agents {before:?}"
+        );
+        run += 1;
+        broker = BrokerProcess::start(&files, addr, run).await?;
+        host.wait_synced().await?;
+
+        // The scale-out completes (or is given up and made again): one
+        // elastic host, ready, run by one process.
+        let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+        let ready = loop {
+            let l = live(&socket).await?;
+            let ready: Vec<String> = l
+                .iter()
+                .filter(|r| r.1 == "elastic" && r.2 == "ready" && r.3)
+                .map(|r| r.0.clone())
+                .collect();
+            if ready.len() == 1 {
+                break ready[0].clone();
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("seed {seed} round {round}: no elastic host became ready: {l:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let agents = local_agents(&root)?;
+        assert_eq!(
+            agents.get(&ready).map(Vec::len),
+            Some(1),
+            "seed {seed} round {round}: {ready} must run once: {agents:?}"
+        );
+
+        // The load goes: scale-in releases it and the provisioner deletes it.
+        host.cli(&[
+            "session",
+            "end",
+            "--session",
+            &session,
+            "--reason",
+            "logout",
+        ])
+        .await?;
+        wait_all_released(&socket)
+            .await
+            .with_context(|| format!("seed {seed} round {round}"))?;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let agents = local_agents(&root)?;
+            let dirs: Vec<String> = match std::fs::read_dir(&root) {
+                Ok(d) => d
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            if agents.is_empty() && dirs.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "seed {seed} round {round}: after the scale-in, local agents {agents:?} \
+                     and directories {dirs:?} are left"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
