@@ -412,6 +412,7 @@ impl Driver {
                 image: rows.group.image,
             }),
             running: rows.running,
+            members: rows.members,
         })
     }
 

@@ -49,6 +49,32 @@ fn name(text: String) -> Result<GroupName, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("group name {text:?}: {e}")))
 }
 
+/// The hosts that belong to the group numbered `num` named `group`: those
+/// the operator assigned to it, and its provisioned resources that are
+/// ready (registered and not released), sorted. What a rollout covers,
+/// joined now or not.
+pub(super) fn members(
+    c: &Connection,
+    num: i64,
+    group: &GroupName,
+) -> Result<Vec<ResourceId>, StoreError> {
+    let mut out = Vec::new();
+    let mut assigned = c.prepare_cached("SELECT resource FROM memberships WHERE grp = ?1")?;
+    for r in assigned.query_map([group.as_str()], |r| r.get::<_, String>(0))? {
+        out.push(super::parse_id(r?, "resource")?);
+    }
+    let mut ready = c.prepare_cached(
+        "SELECT resource FROM elastic_resources
+         WHERE group_num = ?1 AND state = 'ready' AND deleted_at IS NULL",
+    )?;
+    for r in ready.query_map([num], |r| r.get::<_, String>(0))? {
+        out.push(super::parse_id(r?, "resource")?);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 /// The group of `resource`'s live provisioned record, the newest first.
 fn provisioned_group(c: &Connection, resource: &str) -> Result<Option<GroupName>, StoreError> {
     c.prepare_cached(

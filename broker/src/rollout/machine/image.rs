@@ -338,10 +338,11 @@ impl ImageRun {
         }
     }
 
-    /// The warning is over: every ready host joined to the group is
-    /// switched; the set is recorded first.
+    /// The warning is over: every ready host joined to the group, and every
+    /// member not joined yet, is switched (the away ones when they are back,
+    /// failed if they stay away); the set is recorded first.
     fn start_switch(&mut self, core: &mut Core) {
-        let targets = core.ready_joined();
+        let targets = core.plan_hosts();
         self.switching = true;
         core.phase = Phase::Running;
         self.wait_until = core.after(core.settings.gone_timeout);

@@ -117,6 +117,10 @@ pub struct Observation {
     /// Whether the rollout's own row is still running (image updates: an
     /// update that replaced it ended it).
     pub running: bool,
+    /// The hosts that belong to the group by the store, joined now or not:
+    /// a plan covers them too, so hosts that have not reconnected yet
+    /// (a broker restart) are waited for, not left on the old version.
+    pub members: BTreeSet<ResourceId>,
 }
 
 /// The group's actor's view of its hosts.
@@ -415,6 +419,7 @@ impl Core {
                 recorded: BTreeMap::new(),
                 row: None,
                 running: true,
+                members: BTreeSet::new(),
             },
             seen: BTreeMap::new(),
             joins: Vec::new(),
@@ -489,6 +494,17 @@ impl Core {
     }
 
     /// Joined hosts the group's engine has ready, sorted.
+    /// The hosts a plan covers: every ready host joined now, and every
+    /// member of the group that has not joined (yet) in this broker run.
+    /// A joined host that is not ready (releasing) is not one.
+    fn plan_hosts(&self) -> Vec<ResourceId> {
+        let mut out = self.ready_joined();
+        out.extend(self.obs.members.iter().filter(|r| !self.joined(r)).cloned());
+        out.sort();
+        out.dedup();
+        out
+    }
+
     fn ready_joined(&self) -> Vec<ResourceId> {
         let Ok(g) = &self.obs.group else {
             return Vec::new();

@@ -177,26 +177,21 @@ impl OtaRun {
         core.phase = Phase::Running;
         let rows = std::mem::take(&mut self.rows);
         if rows.is_empty() {
-            let plan = match &core.obs.group {
-                Ok(g) => g
-                    .resources
-                    .iter()
-                    .filter(|h| h.state == ResourceState::Ready && g.joined.contains(&h.resource))
-                    // A drained host stays out (the rollout would undrain
-                    // it: it comes back by an operator's `resources
-                    // undrain`, or an image update that succeeds on it),
-                    // unless an earlier OTA of the group failed on it.
-                    .filter(|h| {
-                        self.retry.contains(&h.resource)
-                            || !core.live(&h.resource).is_some_and(|l| l.draining)
-                    })
-                    .map(|h| h.resource.clone())
-                    .collect::<Vec<_>>(),
-                Err(e) => {
-                    let why = format!("no live group to update: {e}");
-                    return self.finish(core, Err(why));
-                }
-            };
+            if let Err(e) = &core.obs.group {
+                let why = format!("no live group to update: {e}");
+                return self.finish(core, Err(why));
+            }
+            // Every ready host joined now, and every member not joined yet
+            // (a broker restart): those are waited for, not left out.
+            let plan: Vec<ResourceId> = core
+                .plan_hosts()
+                .into_iter()
+                // A drained host stays out (the rollout would undrain it: it
+                // comes back by an operator's `resources undrain`, or an
+                // image update that succeeds on it), unless an earlier OTA
+                // of the group failed on it.
+                .filter(|r| self.retry.contains(r) || !core.live(r).is_some_and(|l| l.draining))
+                .collect();
             self.record_plan(core, &plan);
             for r in &plan {
                 core.hosts.insert(r.clone(), Host::new(Step::Pending));

@@ -98,6 +98,8 @@ struct Sim {
     joined: BTreeSet<ResourceId>,
     row: GroupRow,
     running: bool,
+    /// The group's members in the store (assigned hosts).
+    members: BTreeSet<ResourceId>,
     /// Sent, not answered yet.
     out: VecDeque<(ResourceId, Purpose, Command)>,
     /// Every command sent, in order.
@@ -120,6 +122,7 @@ impl Sim {
                 image: "img-1".into(),
             },
             running: true,
+            members: BTreeSet::new(),
             out: VecDeque::new(),
             sent: Vec::new(),
             records: Vec::new(),
@@ -128,6 +131,7 @@ impl Sim {
         for (h, sessions) in hosts {
             sim.agents.insert(rid(h), Agent::new(sessions));
             sim.joined.insert(rid(h));
+            sim.members.insert(rid(h));
             if let Some(e) = sim.engine.as_mut() {
                 e.push((rid(h), ResourceState::Ready));
             }
@@ -198,6 +202,7 @@ impl Sim {
                 })
                 .collect(),
             row: Some(self.row.clone()),
+            members: self.members.clone(),
             running: self.running,
         }
     }
@@ -677,6 +682,48 @@ fn a_restart_during_the_warning_warns_recorded_sessions_when_their_agent_joins()
     assert_eq!(sim.events("image-step").len(), 1);
     sim.run();
     assert_eq!(sim.sent_to("h1"), ["warn", "disconnect", "switch"]);
+}
+
+#[test]
+fn a_switch_that_starts_before_the_members_rejoin_waits_for_them_instead_of_skipping_them() {
+    let mut sim = Sim::new(
+        Rollout::image(image_load(&[], &[]), Settings::default()),
+        "updating",
+        &[("h1", &[]), ("h2", &[])],
+    );
+    // The broker restarted just before the warning ended: the group's
+    // actor is back, no agent has rejoined yet; the store still knows both
+    // hosts belong to the group.
+    for h in ["h1", "h2"] {
+        sim.agent(h).connected = false;
+    }
+    sim.joined.clear();
+    sim.now = at(WARNING);
+    sim.settle();
+    assert!(
+        !sim.machine.is_finished(),
+        "{:?}",
+        sim.events("image-update")
+    );
+    assert_eq!(
+        sim.events("image-update").last().map(String::as_str),
+        Some("switching 2 resource(s) to image img-2: h1, h2")
+    );
+    assert!(
+        sim.status().is_none(),
+        "not published with hosts left behind"
+    );
+    // They come back: each is switched once, then the group is published.
+    sim.now = at(WARNING + MINUTE);
+    for h in ["h1", "h2"] {
+        sim.agent(h).connected = true;
+        sim.agent(h).conn = 2;
+        sim.joined.insert(rid(h));
+    }
+    sim.run();
+    assert_eq!(sim.sent_to("h1"), ["switch"]);
+    assert_eq!(sim.sent_to("h2"), ["switch"]);
+    assert_eq!(sim.status(), Some(("updating".into(), Status::Published)));
 }
 
 #[test]

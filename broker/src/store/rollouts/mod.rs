@@ -11,7 +11,7 @@
 //! (`Refused`) and nothing is written. No SQL is written anywhere else for
 //! these tables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_common::admin::{OtaScheduleInfo, OtaUpdateInfo};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
@@ -241,6 +241,9 @@ pub struct RolloutRows {
     pub running: bool,
     /// The sessions recorded open on each resource asked about.
     pub open: BTreeMap<ResourceId, Vec<SessionId>>,
+    /// The hosts that belong to the group, joined to its actor now or not
+    /// (its operator's assignments and its ready provisioned resources).
+    pub members: BTreeSet<ResourceId>,
 }
 
 /// `group show`'s stored versions of a group.
@@ -680,10 +683,14 @@ impl Store {
                 let sessions = open_sessions(c, &r)?;
                 open.insert(r, sessions);
             }
+            let members = super::membership::members(c, group_num, &group.name)?
+                .into_iter()
+                .collect();
             Ok(RolloutRows {
                 group,
                 running,
                 open,
+                members,
             })
         })
         .await
