@@ -411,7 +411,7 @@ impl AgentProcess {
         broker_addr: SocketAddr,
         launch: &Launch,
     ) -> anyhow::Result<(AgentProcess, Option<ChildStderr>)> {
-        AgentProcess::launch_in_group(broker, resource, broker_addr, None, launch).await
+        AgentProcess::launch_in_group(broker, resource, broker_addr, None, "", launch).await
     }
 
     /// As [`AgentProcess::start`], with `group = "..."` in the config when
@@ -424,7 +424,24 @@ impl AgentProcess {
     ) -> anyhow::Result<AgentProcess> {
         let launch = Launch::default();
         Ok(
-            AgentProcess::launch_in_group(broker, resource, broker_addr, group, &launch)
+            AgentProcess::launch_in_group(broker, resource, broker_addr, group, "", &launch)
+                .await?
+                .0,
+        )
+    }
+
+    /// As [`AgentProcess::start_in_group`], with `extra` TOML (e.g. a
+    /// `[hooks]` table) at the end of its config.
+    pub async fn start_configured(
+        broker: &BrokerFiles,
+        resource: &str,
+        broker_addr: SocketAddr,
+        group: Option<&str>,
+        extra: &str,
+    ) -> anyhow::Result<AgentProcess> {
+        let launch = Launch::default();
+        Ok(
+            AgentProcess::launch_in_group(broker, resource, broker_addr, group, extra, &launch)
                 .await?
                 .0,
         )
@@ -435,6 +452,7 @@ impl AgentProcess {
         resource: &str,
         broker_addr: SocketAddr,
         group: Option<&str>,
+        extra: &str,
         launch: &Launch,
     ) -> anyhow::Result<(AgentProcess, Option<ChildStderr>)> {
         let home = broker.dir.join(resource);
@@ -460,6 +478,7 @@ impl AgentProcess {
             }
             None => text,
         };
+        let text = format!("{text}{extra}");
         std::fs::write(&config, text).context("write agent config")?;
         let notify = FakeNotifySocket::bind(&home)?;
         let (daemon, pipe) = spawn_agent(resource, &config, &notify, launch)?;

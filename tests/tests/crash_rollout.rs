@@ -1,0 +1,231 @@
+//! An image update survives broker crashes, with the real binaries: three
+//! hosts whose image hook takes a while, one open session that is warned and
+//! disconnected, and the broker SIGKILLed at a seeded moment of each update
+//! (while warning, disconnecting, switching or confirming) and restarted on
+//! the same state. The restarted broker finishes the update: the group ends
+//! `published` on the new image, every host runs it, and no host ran the
+//! image hook twice for one update.
+//!
+//! The seed is printed; `FERRY_CRASH_SEED=N` replays it and
+//! `FERRY_CRASH_ROUNDS=N` makes N kills instead of a few.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ferry_tests::bins::bin;
+use ferry_tests::harness::{crash_rounds, PATIENCE};
+use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const GROUP: &str = "img";
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+/// Kill-and-restart rounds in the suite (one image update each).
+const ROUNDS: u32 = 2;
+/// The latest kill after the update is asked for.
+const MAX_KILL_DELAY_MS: u64 = 1_800;
+
+/// The `[hooks]` of `resource`: each hook appends a line to `log`; the image
+/// hook takes 300 ms first (a switch in progress is a moment to crash in);
+/// the disconnect hook ends the session through the agent.
+fn hooks(dir: &Path, resource: &str, log: &Path) -> anyhow::Result<String> {
+    let agent = bin("ferry-agent");
+    let config = dir.join(resource).join("agent.toml");
+    let script = |name: &str, body: String| -> anyhow::Result<String> {
+        let path = dir.join(format!("{resource}-{name}.sh"));
+        std::fs::write(&path, body)?;
+        Ok(format!("[\"/bin/sh\", {:?}]", path.display().to_string()))
+    };
+    let log = log.display();
+    let warn = script("warn", format!("echo \"warn {resource} $2\" >> '{log}'\n"))?;
+    let disconnect = script(
+        "disconnect",
+        format!(
+            "echo \"disconnect {resource} $2\" >> '{log}'\n\
+             exec '{agent}' --config '{config}' session end --session \"$2\" --reason disconnected\n",
+            agent = agent.display(),
+            config = config.display(),
+        ),
+    )?;
+    let image = script(
+        "image",
+        format!("sleep 0.3\necho \"image {resource} $FERRY_IMAGE\" >> '{log}'\n"),
+    )?;
+    Ok(format!(
+        "[hooks]\nwarn = {warn}\ndisconnect = {disconnect}\nimage = {image}\n"
+    ))
+}
+
+/// How many times each host ran the image hook for `image`.
+fn switches(log: &Path, image: &str) -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split(' ');
+        if let (Some("image"), Some(host), Some(img)) = (words.next(), words.next(), words.next()) {
+            if img == image {
+                *out.entry(host.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Waits until the group is `published` on `image` with every host on it.
+async fn wait_updated(socket: &Path, image: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    loop {
+        let g = ferryctl_json(socket, &["group", "show", GROUP]).await?;
+        let v = &g["versions"];
+        let hosts: Vec<(&str, &str)> = v["resources"]
+            .as_array()
+            .context("versions.resources")?
+            .iter()
+            .map(|r| {
+                (
+                    r["resource"].as_str().unwrap_or(""),
+                    r["image_version"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        if g["status"] == "published"
+            && g["image"] == image
+            && hosts.len() == HOSTS.len()
+            && hosts.iter().all(|(_, i)| *i == image)
+        {
+            return Ok(());
+        }
+        if g["status"] == "update-failed" {
+            bail!("the update failed: {g:#}");
+        }
+        if tokio::time::Instant::now() > deadline {
+            let events = ferryctl_json(socket, &["group", "events", GROUP]).await?;
+            bail!(
+                "the update to {image} did not finish: status {}, image {}, hosts {hosts:?}\n\
+                 rollouts {:#}\nevents {events:#}",
+                g["status"],
+                g["image"],
+                g["rollouts"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_once(
+) -> anyhow::Result<()> {
+    let seed = match std::env::var("FERRY_CRASH_SEED") {
+        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("image update crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
+
+    let tmp = tempfile::tempdir()?;
+    let files = BrokerFiles::init(tmp.path()).await?;
+    let log = tmp.path().join("hooks.log");
+    let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    let addr = broker.agent_addr;
+    let socket = files.admin_socket.clone();
+    ferryctl_json(
+        &socket,
+        &[
+            "group",
+            "publish",
+            "--name",
+            GROUP,
+            "--region",
+            "cn-hangzhou",
+            "--office-network",
+            "office-net-1",
+            "--spec",
+            "office-4c8g",
+            "--image",
+            "img-7",
+            "--billing",
+            "pay-as-you-go",
+            "--base-resources",
+            "3",
+            "--concurrent-sessions",
+            "2",
+            "--max-elastic",
+            "0",
+            "--usage-threshold",
+            "90",
+            "--scale-out-step",
+            "1",
+            "--max-idle",
+            "1h",
+        ],
+    )
+    .await?;
+    let mut agents = Vec::new();
+    for host in HOSTS {
+        let extra = hooks(tmp.path(), host, &log)?;
+        let agent = AgentProcess::start_configured(&files, host, addr, Some(GROUP), &extra).await?;
+        agent.wait_synced().await?;
+        agents.push(agent);
+    }
+
+    let mut run = 0;
+    for round in 0..rounds {
+        let image = format!("img-{}", 8 + round);
+        // An open session: the update warns it, then disconnects it.
+        let session = format!("s{round}");
+        agents[0]
+            .cli(&[
+                "session",
+                "start",
+                "--trusted",
+                "--session",
+                &session,
+                "--user",
+                "alice",
+            ])
+            .await?;
+        agents[0].wait_synced().await?;
+        ferryctl_json(
+            &socket,
+            &["group", "update-image", GROUP, &image, "--warning", "1s"],
+        )
+        .await?;
+        let delay = rng.random_range(0..=MAX_KILL_DELAY_MS);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let status = broker.daemon.crash().await?;
+        assert_eq!(status.code(), None, "killed by a signal, not exited");
+        eprintln!(
+            "round {round}: broker killed {delay} ms into the update to {image}; switched so far {:?}",
+            switches(&log, &image)
+        );
+        run += 1;
+        broker = BrokerProcess::start(&files, addr, run).await?;
+
+        wait_updated(&socket, &image)
+            .await
+            .with_context(|| format!("seed {seed} round {round}"))?;
+        let done = switches(&log, &image);
+        let want: BTreeMap<String, usize> = HOSTS.iter().map(|h| (h.to_string(), 1)).collect();
+        assert_eq!(
+            done, want,
+            "seed {seed} round {round}: image hook runs per host"
+        );
+        // The session was disconnected, its end recorded once.
+        for a in &agents {
+            a.wait_synced().await?;
+        }
+        let listed = ferryctl_json(&socket, &["sessions", "list", "--all"]).await?;
+        let ended: Vec<_> = listed
+            .as_array()
+            .context("sessions")?
+            .iter()
+            .filter(|s| s["session"] == session.as_str())
+            .collect();
+        assert_eq!(ended.len(), 1, "seed {seed}: {listed:#}");
+        assert!(!ended[0]["ended_at"].is_null(), "seed {seed}: {listed:#}");
+    }
+    Ok(())
+}
