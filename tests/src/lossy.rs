@@ -28,11 +28,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+
+use crate::harness::PATIENCE;
 
 /// Largest UDP payload read; QUIC datagrams are far smaller.
 const MAX_DATAGRAM: usize = 65_535;
@@ -79,6 +81,8 @@ pub struct Counts {
 
 #[derive(Default)]
 struct Counters {
+    /// Woken at every count, for [`LossyProxy::wait_for`].
+    changed: tokio::sync::Notify,
     received: AtomicU64,
     sent: AtomicU64,
     dropped: AtomicU64,
@@ -89,8 +93,9 @@ struct Counters {
 }
 
 impl Counters {
-    fn add(c: &AtomicU64) {
+    fn add(&self, c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
     }
 
     fn snapshot(&self) -> Counts {
@@ -145,6 +150,27 @@ impl LossyProxy {
     /// What the proxy did so far.
     pub fn counts(&self) -> Counts {
         self.counters.snapshot()
+    }
+
+    /// Waits until the counts satisfy `done` (e.g. some traffic passed),
+    /// failing after [`PATIENCE`] with the counts seen.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        done: impl Fn(&Counts) -> bool,
+    ) -> anyhow::Result<Counts> {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            // Registered before the check: a count in between wakes it.
+            let changed = self.counters.changed.notified();
+            let counts = self.counts();
+            if done(&counts) {
+                return Ok(counts);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                bail!("lossy proxy: not {what} after {PATIENCE:?}: {counts:?}");
+            }
+        }
     }
 }
 
@@ -212,7 +238,7 @@ impl Link {
             Sink::Upstream(s) => s.send(datagram).await,
             Sink::Front(s, to) => s.send_to(datagram, *to).await,
         };
-        Counters::add(&self.counters.sent);
+        self.counters.add(&self.counters.sent);
     }
 
     fn send_later(self: &Arc<Self>, path: &Arc<Path>, datagram: Vec<u8>, delay: Duration) {
@@ -227,14 +253,14 @@ impl Link {
 
     /// Passes one datagram through the faults.
     async fn forward(self: &Arc<Self>, path: &Arc<Path>, datagram: Vec<u8>) {
-        Counters::add(&self.counters.received);
+        self.counters.add(&self.counters.received);
         let plan = self.plan();
         if plan.drop {
-            Counters::add(&self.counters.dropped);
+            self.counters.add(&self.counters.dropped);
             return;
         }
         if plan.hold {
-            Counters::add(&self.counters.reordered);
+            self.counters.add(&self.counters.reordered);
             let tag = self.next_hold.fetch_add(1, Ordering::Relaxed);
             let before = lock(&path.held).replace((tag, datagram));
             // Only one is held at a time: an earlier one goes now, overtaken.
@@ -262,11 +288,11 @@ impl Link {
             return;
         }
         if plan.duplicate {
-            Counters::add(&self.counters.duplicated);
+            self.counters.add(&self.counters.duplicated);
         }
         match plan.delay {
             Some(delay) => {
-                Counters::add(&self.counters.delayed);
+                self.counters.add(&self.counters.delayed);
                 if plan.duplicate {
                     self.send_later(path, datagram.clone(), delay);
                 }
@@ -330,12 +356,12 @@ async fn front_loop(link: Arc<Link>, front: Arc<UdpSocket>, server: SocketAddr) 
             let oldest = flows.iter().min_by_key(|(_, f)| f.last).map(|(a, _)| *a);
             if let Some(f) = oldest.and_then(|a| flows.remove(&a)) {
                 f.stop.cancel();
-                Counters::add(&link.counters.evicted);
+                link.counters.add(&link.counters.evicted);
             }
         }
         let Ok(up) = open_upstream(server).await else {
             // No socket for it now: the datagram is lost, as on a real link.
-            Counters::add(&link.counters.dropped);
+            link.counters.add(&link.counters.dropped);
             continue;
         };
         let up = Arc::new(up);
@@ -421,7 +447,7 @@ mod tests {
         let mut buf = [0u8; 16];
         for i in 0u8..50 {
             client.send(&[i]).await?;
-            let n = tokio::time::timeout(crate::harness::PATIENCE, client.recv(&mut buf)).await??;
+            let n = tokio::time::timeout(PATIENCE, client.recv(&mut buf)).await??;
             assert_eq!(&buf[..n], &[i]);
         }
         let c = proxy.counts();
@@ -450,17 +476,9 @@ mod tests {
         client.connect(proxy.addr()).await?;
         // One at a time, each once the proxy took the one before, so no
         // socket buffer overflows: the faults are the proxy's alone.
-        let deadline = tokio::time::Instant::now() + crate::harness::PATIENCE;
         for i in 0..400u64 {
             client.send(&i.to_le_bytes()).await?;
-            while proxy.counts().received <= i {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{:?}",
-                    proxy.counts()
-                );
-                tokio::task::yield_now().await;
-            }
+            proxy.wait_for("received", |c| c.received > i).await?;
         }
         let c = proxy.counts();
         // At least 400 rolls at 20 % from a fixed seed: each fault happened.
@@ -489,15 +507,7 @@ mod tests {
             c.send_to(&[1], proxy.addr()).await?;
             // Each flow opens (and forwards) in turn, so the first is the
             // quietest.
-            let deadline = tokio::time::Instant::now() + crate::harness::PATIENCE;
-            while proxy.counts().sent <= i {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{:?}",
-                    proxy.counts()
-                );
-                tokio::task::yield_now().await;
-            }
+            proxy.wait_for("forwarded", |c| c.sent > i).await?;
             clients.push(c);
         }
         let c = proxy.counts();

@@ -4,7 +4,8 @@
 //! (sessions started and ended through the agents' local sockets, the
 //! group's manual clock moved between steps once every agent is synced, one
 //! agent restarted in each step with events in flight, so it connects again
-//! through the link and resumes from what the broker acknowledged) runs
+//! through the link and resumes from what the broker acknowledged, and a
+//! quiet spell of health reports and keep-alives after each round) runs
 //! through the proxy, then straight to a fresh broker whose clock
 //! starts at the same instant (the lossless baseline).
 //!
@@ -46,6 +47,8 @@ const STEPS: u32 = 4;
 const STEP_CLOCK: Duration = Duration::from_secs(600);
 /// Most rounds a lossy run takes to see every kind of fault (a few at 1 %).
 const MAX_ROUNDS: u32 = 40;
+/// Datagrams of a quiet spell after each round of a lossy run.
+const QUIET_DATAGRAMS: u64 = 48;
 /// Longest delay the proxy adds to a datagram.
 const MAX_DELAY: Duration = Duration::from_millis(20);
 
@@ -211,6 +214,16 @@ async fn run(
                 agent.wait_synced().await?;
             }
             clock.advance(STEP_CLOCK);
+        }
+        // A quiet spell on the lossy link: seconds of health reports and
+        // keep-alives only (about the link's idle timeout of two seconds,
+        // or more), with a session open on every host.
+        if let Some(p) = &proxy {
+            let from = p.counts().received;
+            p.wait_for("past a quiet spell", |c| {
+                c.received >= from + QUIET_DATAGRAMS
+            })
+            .await?;
         }
         done += 1;
     }
