@@ -19,8 +19,10 @@
 //! the fault pattern, not the exact datagrams it hits. [`LossyProxy::counts`]
 //! tells what was done, so a test can check that faults really happened.
 //!
-//! [`LossyProxy::start`] returns once the listening socket is bound (ready).
-//! Dropping the [`LossyProxy`] stops every task it started.
+//! [`LossyProxy::start`] returns once the listening socket is bound (ready),
+//! and [`LossyProxy::wait_for`] wakes when the counts change. The only
+//! timers are the faults' own (a delay, a hold). Dropping the [`LossyProxy`]
+//! stops every task it started.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -456,6 +458,14 @@ mod tests {
             (c.dropped, c.duplicated, c.reordered, c.delayed),
             (0, 0, 0, 0)
         );
+        // Dropped, it stops: its tasks end and release its port.
+        let addr = proxy.addr();
+        drop(proxy);
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while std::net::UdpSocket::bind(addr).is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "{addr} still bound");
+            tokio::task::yield_now().await;
+        }
         task.abort();
         Ok(())
     }
