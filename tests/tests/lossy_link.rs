@@ -302,6 +302,13 @@ fn check(o: &Outcome) -> anyhow::Result<UsageReport> {
     let mut report = o.report.clone();
     let (from, to) = (report.from, report.to);
     ensure!(report.groups.len() == 1, "{report:#?}");
+    // Every host was ready from the start to the end of the clock's steps.
+    let steps = u64::from(STEPS * o.rounds);
+    ensure!(
+        report.groups[0].base_seconds == AGENTS.len() as u64 * steps * STEP_CLOCK.as_secs(),
+        "base seconds of {} hosts over {steps} steps: {report:#?}",
+        AGENTS.len()
+    );
     for r in &mut report.groups[0].resources {
         let spans = o
             .sessions
@@ -337,7 +344,7 @@ async fn lossy_run_equals_the_lossless_one(per_million: u32) -> anyhow::Result<(
         Ok(s) => s.parse().context("FERRY_LOSSY_ROUNDS")?,
         Err(_) => 3,
     };
-    let percent = f64::from(per_million) / 10_000.0;
+    let percent = per_million / 10_000;
     eprintln!(
         "lossy link at {percent} %: seed {seed} (FERRY_LOSSY_SEED={seed} replays it), \
          {rounds} round(s)"
