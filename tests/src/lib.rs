@@ -11,6 +11,8 @@
 //!   `ferryctl` binaries, for tests that run them as an operator would.
 //! - [`notify`]: a fake systemd `NOTIFY_SOCKET` that records what a daemon says.
 //! - [`fuzz`]: one target per decoder of outside data, with the promises it checks.
+//! - [`lossy`]: a seeded UDP proxy that drops, duplicates, reorders and delays
+//!   datagrams between agents and a broker.
 //!
 //! Everything binds `127.0.0.1:0` or a socket in a temp dir and waits on readiness
 //! signals, never on sleeps, so tests run in parallel on a shared machine.
@@ -19,5 +21,6 @@ pub mod admin;
 pub mod bins;
 pub mod fuzz;
 pub mod harness;
+pub mod lossy;
 pub mod notify;
 pub mod procs;
