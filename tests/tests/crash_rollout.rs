@@ -1,10 +1,13 @@
-//! An image update survives broker crashes, with the real binaries: three
-//! hosts whose image hook takes a while, one open session that is warned and
-//! disconnected, and the broker SIGKILLed at a seeded moment of each update
-//! (while warning, disconnecting, switching or confirming) and restarted on
-//! the same state. The restarted broker finishes the update: the group ends
-//! `published` on the new image, every host runs it, and no host ran the
-//! image hook twice for one update.
+//! Rollouts survive broker crashes, with the real binaries: three hosts
+//! whose image and update hooks take a while, and the broker SIGKILLed at a
+//! seeded moment of each rollout and restarted on the same state.
+//! - An image update (one open session warned and disconnected; the kill
+//!   lands while warning, disconnecting, switching or confirming): the
+//!   restarted broker finishes it, the group ends `published` on the new
+//!   image, every host runs it, and no host ran the image hook twice.
+//! - An OTA wave (one host at a time; the kill lands while draining,
+//!   updating or between hosts): the restarted broker finishes the
+//!   schedule, every host is `done`, and no host ran the update hook twice.
 //!
 //! The seed is printed; `FERRY_CRASH_SEED=N` replays it and
 //! `FERRY_CRASH_ROUNDS=N` makes N kills instead of a few.
@@ -53,19 +56,30 @@ fn hooks(dir: &Path, resource: &str, log: &Path) -> anyhow::Result<String> {
         "image",
         format!("sleep 0.3\necho \"image {resource} $FERRY_IMAGE\" >> '{log}'\n"),
     )?;
+    let update = script(
+        "update",
+        format!(
+            "sleep 0.3\necho \"update {resource} $FERRY_COMPONENT-$FERRY_VERSION\" >> '{log}'\n"
+        ),
+    )?;
     Ok(format!(
-        "[hooks]\nwarn = {warn}\ndisconnect = {disconnect}\nimage = {image}\n"
+        "[hooks]\nwarn = {warn}\ndisconnect = {disconnect}\nimage = {image}\nupdate = {update}\n"
     ))
 }
 
 /// How many times each host ran the image hook for `image`.
 fn switches(log: &Path, image: &str) -> BTreeMap<String, usize> {
+    runs(log, "image", image)
+}
+
+/// How many times each host ran the `hook` hook for `what`.
+fn runs(log: &Path, hook: &str, what: &str) -> BTreeMap<String, usize> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let mut words = line.split(' ');
-        if let (Some("image"), Some(host), Some(img)) = (words.next(), words.next(), words.next()) {
-            if img == image {
+        if let (Some(h), Some(host), Some(w)) = (words.next(), words.next(), words.next()) {
+            if h == hook && w == what {
                 *out.entry(host.to_owned()).or_default() += 1;
             }
         }
@@ -114,21 +128,14 @@ async fn wait_updated(socket: &Path, image: &str) -> anyhow::Result<()> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_once(
-) -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("image update crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
-    let rounds = crash_rounds(ROUNDS)?;
-
-    let tmp = tempfile::tempdir()?;
-    let files = BrokerFiles::init(tmp.path()).await?;
-    let log = tmp.path().join("hooks.log");
-    let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+/// A broker with group [`GROUP`] of three base hosts, each agent with the
+/// hooks of [`hooks`] logging to `log`, all synced.
+async fn fleet(
+    dir: &Path,
+    log: &Path,
+) -> anyhow::Result<(BrokerFiles, BrokerProcess, Vec<AgentProcess>)> {
+    let files = BrokerFiles::init(dir).await?;
+    let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
     let addr = broker.agent_addr;
     let socket = files.admin_socket.clone();
     ferryctl_json(
@@ -165,11 +172,31 @@ async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_o
     .await?;
     let mut agents = Vec::new();
     for host in HOSTS {
-        let extra = hooks(tmp.path(), host, &log)?;
+        let extra = hooks(dir, host, log)?;
         let agent = AgentProcess::start_configured(&files, host, addr, Some(GROUP), &extra).await?;
         agent.wait_synced().await?;
         agents.push(agent);
     }
+
+    Ok((files, broker, agents))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_once(
+) -> anyhow::Result<()> {
+    let seed = match std::env::var("FERRY_CRASH_SEED") {
+        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("image update crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
+
+    let tmp = tempfile::tempdir()?;
+    let log = tmp.path().join("hooks.log");
+    let (files, mut broker, agents) = fleet(tmp.path(), &log).await?;
+    let addr = broker.agent_addr;
+    let socket = files.admin_socket.clone();
 
     let mut run = 0;
     for round in 0..rounds {
@@ -226,6 +253,116 @@ async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_o
             .collect();
         assert_eq!(ended.len(), 1, "seed {seed}: {listed:#}");
         assert!(!ended[0]["ended_at"].is_null(), "seed {seed}: {listed:#}");
+    }
+    Ok(())
+}
+
+/// The schedule `id` in `ota history`.
+async fn schedule(socket: &Path, id: u64) -> anyhow::Result<serde_json::Value> {
+    let history = ferryctl_json(socket, &["ota", "history", GROUP]).await?;
+    history
+        .as_array()
+        .context("ota history is an array")?
+        .iter()
+        .find(|s| s["id"] == id)
+        .cloned()
+        .with_context(|| format!("schedule {id} in {history:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_during_an_ota_wave_finishes_it_updating_each_host_once(
+) -> anyhow::Result<()> {
+    let seed = match std::env::var("FERRY_CRASH_SEED") {
+        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("OTA crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rounds = crash_rounds(ROUNDS)?;
+
+    let tmp = tempfile::tempdir()?;
+    let log = tmp.path().join("hooks.log");
+    let (files, mut broker, _agents) = fleet(tmp.path(), &log).await?;
+    let addr = broker.agent_addr;
+    let socket = files.admin_socket.clone();
+
+    let mut run = 0;
+    for round in 0..rounds {
+        let version = format!("v{round}");
+        let offer = ferryctl_json(
+            &socket,
+            &[
+                "ota",
+                "offer",
+                GROUP,
+                "--component",
+                "app1",
+                "--version",
+                &version,
+                "--description",
+                "crash test",
+            ],
+        )
+        .await?;
+        let update = offer[0]["id"].as_u64().context("offer id")?.to_string();
+        // One host at a time, starting a moment from now.
+        let start = chrono::Utc::now() + chrono::Duration::milliseconds(1_000);
+        let start = start.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let scheduled = ferryctl_json(
+            &socket,
+            &[
+                "ota", "schedule", GROUP, "--update", &update, "--start", &start, "--wave", "1",
+                "--drain", "1s",
+            ],
+        )
+        .await?;
+        let id = scheduled[0]["id"].as_u64().context("schedule id")?;
+        // From before the start (a broker restarted as it comes) to the last host.
+        let delay = 500 + rng.random_range(0..=MAX_KILL_DELAY_MS + 500);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let status = broker.daemon.crash().await?;
+        assert_eq!(status.code(), None, "killed by a signal, not exited");
+        let what = format!("app1-{version}");
+        eprintln!(
+            "round {round}: broker killed {delay} ms after scheduling {what}; updated so far {:?}",
+            runs(&log, "update", &what)
+        );
+        run += 1;
+        broker = BrokerProcess::start(&files, addr, run).await?;
+
+        let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+        let s = loop {
+            let s = schedule(&socket, id).await?;
+            if s["state"] == "succeeded" {
+                break s;
+            }
+            if s["state"] == "failed" || tokio::time::Instant::now() > deadline {
+                bail!("seed {seed} round {round}: schedule {id} did not succeed: {s:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let states: Vec<(&str, &str)> = s["resources"]
+            .as_array()
+            .context("resources")?
+            .iter()
+            .map(|r| {
+                (
+                    r["resource"].as_str().unwrap_or(""),
+                    r["state"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            states,
+            [("h1", "done"), ("h2", "done"), ("h3", "done")],
+            "seed {seed} round {round}: {s:#}"
+        );
+        let want: BTreeMap<String, usize> = HOSTS.iter().map(|h| (h.to_string(), 1)).collect();
+        assert_eq!(
+            runs(&log, "update", &what),
+            want,
+            "seed {seed} round {round}: update hook runs per host"
+        );
     }
     Ok(())
 }
