@@ -117,6 +117,9 @@ pub async fn run(
     let (tls, name_check) = link::client_config(&config)?;
     // Held until this function returns: no second agent writes this spool.
     let _state_lock = lock_state_dir(&config)?;
+    for left in ferry_process::files::remove_stale_temporaries(&config.state_dir) {
+        tracing::info!(file = %left.display(), "removed a temporary file an earlier run left");
+    }
     let drain = commands::DrainState::load(&config.state_dir)?;
     let spool = open_spool(&config).await?;
     let (status_tx, status_rx) = watch::channel(LinkStatus {

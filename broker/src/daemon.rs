@@ -96,6 +96,9 @@ pub async fn run(
     })?;
     // Held until this function returns: no second broker writes this store.
     let _state_lock = ferry_process::lock::StateLock::acquire(&config.state_dir)?;
+    for left in ferry_process::files::remove_stale_temporaries(&config.state_dir) {
+        tracing::info!(file = %left.display(), "removed a temporary file an earlier run left");
+    }
     let keys = Keys::load(&config)?;
     let store = Store::open(&config.db_path(), StoreOptions::default())?;
     let tracker = TaskTracker::new();

@@ -11,6 +11,10 @@
 //! next name is tried instead. Its mode is set with `fchmod` to exactly the
 //! one asked for, whatever the umask, before any byte is written. The
 //! rename replaces a symlink at the target itself, not what it points to.
+//!
+//! A crash between the create and the rename leaves the temporary behind;
+//! a daemon removes those of its state directory when it starts
+//! ([`remove_stale_temporaries`], under the directory's lock).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -47,6 +51,47 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> W
         path: path.to_owned(),
         source,
     }
+}
+
+/// Whether `name` is one [`stage`] gives a temporary: `.NAME.tmp-PID-N`;
+/// returns the PID.
+fn temporary_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, n) = tail.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(n) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the temporaries a crashed writer left in `dir` (not below it):
+/// every `.NAME.tmp-PID-N` of another process. Only for a directory whose
+/// lock the caller holds, so no other live process writes there. The entry
+/// itself is removed (a symlink is never followed). Returns what it
+/// removed; an entry it cannot remove is left and not returned.
+pub fn remove_stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_pid) else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if pid == me || is_dir {
+            continue;
+        }
+        let path = entry.path();
+        if std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
 }
 
 /// The directory of `path` (`.` for a bare name).
@@ -227,5 +272,40 @@ mod tests {
         drop(staged);
         assert!(!tmp.exists());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn temporaries_left_by_another_process_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let me = std::process::id();
+        let stale = [".spool.tmp-1-0", ".agent.pem.tmp-4242-17"];
+        let kept = [
+            "spool".to_owned(),
+            ".spool.tmp-x-1".to_owned(),
+            ".spool.tmp-12".to_owned(),
+            "spool.tmp-1-0".to_owned(),
+            format!(".spool.tmp-{me}-3"),
+        ];
+        for name in stale.iter().copied().chain(kept.iter().map(String::as_str)) {
+            std::fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        // A planted symlink of that shape is removed itself, not followed.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").expect("target");
+        std::os::unix::fs::symlink(&target, dir.path().join(".x.tmp-7-7")).expect("symlink");
+
+        let mut removed: Vec<String> = remove_stale_temporaries(dir.path())
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect();
+        removed.sort();
+        assert_eq!(
+            removed,
+            [".agent.pem.tmp-4242-17", ".spool.tmp-1-0", ".x.tmp-7-7"]
+        );
+        for name in &kept {
+            assert!(dir.path().join(name).exists(), "{name} kept");
+        }
+        assert_eq!(std::fs::read(&target).expect("target"), b"keep");
     }
 }

@@ -335,7 +335,15 @@ async fn agent_sigkill_while_it_takes_reports_loses_and_doubles_nothing() -> any
                 t.end = Some(s.confirmed);
             }
         }
+        // What a kill in the middle of a file replacement leaves: the
+        // restarted agent removes it.
+        let stale = agent
+            .config
+            .with_file_name("state")
+            .join(format!(".versions.json.tmp-999999-{round}"));
+        std::fs::write(&stale, b"torn")?;
         agent.restart(round + 1).await?;
+        assert!(!stale.exists(), "{} left behind", stale.display());
     }
 
     let s = agent.wait_synced().await?;
