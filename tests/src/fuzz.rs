@@ -18,9 +18,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 mod agent_state;
+mod broker_inputs;
 
 pub use agent_state::{
     check_spool_file, check_used_tickets_file, spool_file, unframed_spool, used_tickets_file,
+};
+pub use broker_inputs::{
+    check_csr_der, check_policy_json, check_scenario_toml, csr_der, policy_json, scenario_toml,
 };
 
 /// One decoder under test.
@@ -101,6 +105,18 @@ pub const TARGETS: &[Target] = &[
         name: "used_tickets_file",
         run: used_tickets_file,
     },
+    Target {
+        name: "csr_der",
+        run: csr_der,
+    },
+    Target {
+        name: "scenario_toml",
+        run: scenario_toml,
+    },
+    Target {
+        name: "policy_json",
+        run: policy_json,
+    },
 ];
 
 /// What a decoder made of an input; every seed a target builds
@@ -113,11 +129,15 @@ pub enum Outcome {
 
 /// Valid inputs built for the targets whose inputs the suite's generic
 /// seeds (variant tags, the shipped text files) do not reach: files with
-/// checksums. Empty for the others.
+/// checksums, certificate requests, scenarios, policies. Empty for the
+/// others.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
     match target {
         "spool_file" => agent_state::spool_seeds(),
         "used_tickets_file" => agent_state::used_tickets_seeds(),
+        "csr_der" => broker_inputs::csr_seeds(),
+        "scenario_toml" => broker_inputs::scenario_seeds(),
+        "policy_json" => broker_inputs::policy_seeds(),
         _ => Vec::new(),
     }
 }

@@ -199,9 +199,12 @@ fn the_targets_accept_what_the_encoders_write() {
 fn the_built_seeds_are_accepted_by_their_targets() {
     use ferry_tests::fuzz::{self, Outcome};
     type Check = fn(&[u8]) -> Outcome;
-    let checks: [(&str, Check); 2] = [
+    let checks: [(&str, Check); 5] = [
         ("spool_file", fuzz::check_spool_file),
         ("used_tickets_file", fuzz::check_used_tickets_file),
+        ("csr_der", fuzz::check_csr_der),
+        ("scenario_toml", fuzz::check_scenario_toml),
+        ("policy_json", fuzz::check_policy_json),
     ];
     for (name, check) in checks {
         let seeds = fuzz::seeds(name);
