@@ -34,7 +34,8 @@ use super::Outcome;
 /// it is; an opened file is the input cut at its first damaged record (or
 /// whole), so every complete record is kept; opening it again gives the same
 /// state and leaves it alone; an event appended after recovery, and an
-/// acknowledgement with its compaction, are there after a reopen.
+/// acknowledgement with its compaction, are there after a reopen; the
+/// session's end is kept too (its id is not started again).
 pub fn spool_file(data: &[u8]) {
     let _ = check_spool_file(data);
 }
@@ -96,8 +97,8 @@ pub fn check_spool_file(data: &[u8]) -> Outcome {
                 "the appended event is lost after a reopen"
             );
             assert!(after.open.contains(&OpenSession {
-                session,
-                user,
+                session: session.clone(),
+                user: user.clone(),
                 started_at: UnixMillis(1),
             }));
             drop(spool);
@@ -122,6 +123,30 @@ pub fn check_spool_file(data: &[u8]) -> Outcome {
                 },
                 "compaction changed the state"
             );
+            drop(spool);
+            // Its end, then a compaction: the ended id is not started
+            // again, after a reopen or the compaction.
+            let mut spool = Spool::open(&dir, compacting).expect("reopen");
+            let end = SessionEvent::Ended {
+                session: session.clone(),
+                at: UnixMillis(2),
+                reason: ferry_common::wire::EndReason::Logout,
+            };
+            let ended = spool.append(end).expect("the end of an open session");
+            drop(spool);
+            for ack in [false, true] {
+                let mut spool = Spool::open(&dir, compacting).expect("reopen");
+                assert!(!spool.open_sessions().iter().any(|s| s.session == session));
+                let again = started(session.clone(), user.clone(), UnixMillis(3));
+                let r = spool.append(again);
+                assert!(
+                    matches!(r, Err(SpoolError::EndedSession(_))),
+                    "an ended session started again (after a compaction: {ack}): {r:?}"
+                );
+                if !ack {
+                    spool.ack(ended).expect("acknowledge and compact");
+                }
+            }
         }
         Err(
             SpoolError::DuplicateSession(_)
