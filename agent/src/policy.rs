@@ -148,21 +148,7 @@ impl PolicyStore {
         version: u64,
         document: &str,
     ) -> Result<(Applied, Option<Undo>), PolicyError> {
-        if document.len() > MAX_POLICY_DOCUMENT_LEN {
-            return Err(PolicyError::TooLong {
-                len: document.len(),
-                max: MAX_POLICY_DOCUMENT_LEN,
-            });
-        }
-        let policy: serde_json::Value =
-            serde_json::from_str(document).map_err(|e| PolicyError::NotAnObject(e.to_string()))?;
-        if !policy.is_object() {
-            return Err(PolicyError::NotAnObject(format!(
-                "found {}",
-                json_kind(&policy)
-            )));
-        }
-        SessionLimits::from_policy(&policy).map_err(PolicyError::Session)?;
+        let (policy, _) = check_document(document)?;
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((g, have)) = self.current() {
             if g == group.as_str() && have > version {
@@ -221,6 +207,28 @@ impl PolicyStore {
         }
         Ok(true)
     }
+}
+
+/// Checks a policy document as the broker sends it (`Command::ApplyPolicy`):
+/// at most [`MAX_POLICY_DOCUMENT_LEN`] bytes, a JSON object, and a session
+/// part the agent can enforce. Returns the document and its session limits.
+pub fn check_document(document: &str) -> Result<(serde_json::Value, SessionLimits), PolicyError> {
+    if document.len() > MAX_POLICY_DOCUMENT_LEN {
+        return Err(PolicyError::TooLong {
+            len: document.len(),
+            max: MAX_POLICY_DOCUMENT_LEN,
+        });
+    }
+    let policy: serde_json::Value =
+        serde_json::from_str(document).map_err(|e| PolicyError::NotAnObject(e.to_string()))?;
+    if !policy.is_object() {
+        return Err(PolicyError::NotAnObject(format!(
+            "found {}",
+            json_kind(&policy)
+        )));
+    }
+    let limits = SessionLimits::from_policy(&policy).map_err(PolicyError::Session)?;
+    Ok((policy, limits))
 }
 
 /// The session part of a policy the agent enforces itself

@@ -5,7 +5,7 @@
 //! valid inputs (`tests/tests/fuzz_decoders.rs`, on the stable toolchain).
 
 use std::fmt::Debug;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferry_common::admin::{AdminRequest, AdminResponse};
 use ferry_common::enroll::{EnrollMessage, EnrollReplyMessage};
@@ -16,6 +16,16 @@ use ferry_common::wire::{AgentMessage, BrokerMessage};
 use ferry_common::{ResourceId, UnixMillis};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+mod agent_state;
+mod broker_inputs;
+
+pub use agent_state::{
+    check_spool_file, check_used_tickets_file, spool_file, unframed_spool, used_tickets_file,
+};
+pub use broker_inputs::{
+    check_csr_der, check_policy_json, check_scenario_toml, csr_der, policy_json, scenario_toml,
+};
 
 /// One decoder under test.
 pub struct Target {
@@ -87,7 +97,68 @@ pub const TARGETS: &[Target] = &[
         name: "agent_config",
         run: agent_config,
     },
+    Target {
+        name: "spool_file",
+        run: spool_file,
+    },
+    Target {
+        name: "used_tickets_file",
+        run: used_tickets_file,
+    },
+    Target {
+        name: "csr_der",
+        run: csr_der,
+    },
+    Target {
+        name: "scenario_toml",
+        run: scenario_toml,
+    },
+    Target {
+        name: "policy_json",
+        run: policy_json,
+    },
 ];
+
+/// What a decoder made of an input; every seed a target builds
+/// ([`seeds`]) is accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Refused,
+}
+
+/// Valid inputs built for the targets whose inputs the suite's generic
+/// seeds (variant tags, the shipped text files) do not reach: files with
+/// checksums, certificate requests, scenarios, policies. Empty for the
+/// others.
+pub fn seeds(target: &str) -> Vec<Vec<u8>> {
+    match target {
+        "spool_file" => agent_state::spool_seeds(),
+        "used_tickets_file" => agent_state::used_tickets_seeds(),
+        "csr_der" => broker_inputs::csr_seeds(),
+        "scenario_toml" => broker_inputs::scenario_seeds(),
+        "policy_json" => broker_inputs::policy_seeds(),
+        _ => Vec::new(),
+    }
+}
+
+/// A directory of this thread's own for the targets that decode files,
+/// made on first use and reused by every input; in `/dev/shm` when there is
+/// one, since the decoders sync what they write. Removed when the thread
+/// ends (libFuzzer's process exits without it: one small directory a run).
+fn scratch(name: &str) -> PathBuf {
+    thread_local! {
+        static ROOT: tempfile::TempDir = {
+            let shm = Path::new("/dev/shm");
+            let base = if shm.is_dir() { shm.to_owned() } else { std::env::temp_dir() };
+            tempfile::Builder::new()
+                .prefix("ferry-fuzz-")
+                .tempdir_in(base)
+                .expect("a scratch directory")
+        };
+    }
+    ROOT.with(|root| root.path().join(name))
+}
 
 /// Decodes `data` as a `T` within `LIMIT` bytes; what decodes must encode
 /// and decode again to the same value.

@@ -105,13 +105,21 @@ fn every_decoder_survives_mutated_input_and_round_trips() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2_000);
-    let seeds = seeds();
+    let common = seeds();
     // A failing input is reported here, not as the default panic output.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut failure = None;
     for target in TARGETS {
         let mut rng = Rng(seed ^ (target.name.len() as u64).rotate_left(17) | 1);
+        // A target with seeds of its own (files with checksums, requests,
+        // scenarios) starts from those alone.
+        let mut seeds = ferry_tests::fuzz::seeds(target.name);
+        if seeds.is_empty() {
+            seeds = common.clone();
+        } else {
+            seeds.push(Vec::new());
+        }
         for round in 0..rounds {
             let data = mutate(&mut rng, &seeds);
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| (target.run)(&data))) {
@@ -182,4 +190,32 @@ fn the_targets_accept_what_the_encoders_write() {
     ferry_tests::fuzz::agent_message(&bytes);
     let decoded: AgentMessage = frame::decode_payload(&bytes).expect("decode");
     assert_eq!(decoded, msg);
+}
+
+/// The seeds built for the targets are valid inputs: each is accepted, so
+/// the mutations start from what the decoder takes, and the target is seen
+/// to accept something.
+#[test]
+fn the_built_seeds_are_accepted_by_their_targets() {
+    use ferry_tests::fuzz::{self, Outcome};
+    type Check = fn(&[u8]) -> Outcome;
+    let checks: [(&str, Check); 5] = [
+        ("spool_file", fuzz::check_spool_file),
+        ("used_tickets_file", fuzz::check_used_tickets_file),
+        ("csr_der", fuzz::check_csr_der),
+        ("scenario_toml", fuzz::check_scenario_toml),
+        ("policy_json", fuzz::check_policy_json),
+    ];
+    for (name, check) in checks {
+        let seeds = fuzz::seeds(name);
+        assert!(!seeds.is_empty(), "target {name} has no seeds");
+        for (i, seed) in seeds.iter().enumerate() {
+            assert_eq!(
+                check(seed),
+                Outcome::Accepted,
+                "seed {i} of target {name} is refused: {}",
+                hex(seed)
+            );
+        }
+    }
 }

@@ -330,11 +330,13 @@ impl SessionPolicy {
             }
         }
         if let Some(d) = self.idle_disconnect {
-            if d.is_zero() || d > MAX_POLICY_DURATION {
+            // Agents receive it in whole milliseconds: under one would reach
+            // them as 0, which they refuse.
+            if d < Duration::from_millis(1) || d > MAX_POLICY_DURATION {
                 problems.push(PolicyProblem {
                     field: "idle_disconnect",
                     message: format!(
-                        "{} must be above zero and at most 366 days",
+                        "{} must be at least 1ms and at most 366 days",
                         format_duration(d)
                     ),
                 });
@@ -731,6 +733,20 @@ mod tests {
         s.disconnect_retention = Retention::For(Duration::from_secs(300 * 60));
         s.max_session_duration = Some(Duration::from_secs(6 * 60));
         s.idle_disconnect = Some(Duration::from_secs(60));
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn an_idle_disconnect_under_a_millisecond_is_refused() {
+        // The policy document carries it in whole milliseconds: 0.5 ms
+        // would reach agents as 0, which they refuse.
+        let mut s = SessionPolicy {
+            idle_disconnect: Some(Duration::from_micros(500)),
+            ..SessionPolicy::default()
+        };
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.problems[0].field, "idle_disconnect", "{err}");
+        s.idle_disconnect = Some(Duration::from_millis(1));
         assert!(s.validate().is_ok());
     }
 
