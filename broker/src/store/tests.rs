@@ -893,3 +893,46 @@ async fn a_full_disk_fails_writes_clearly_and_the_writer_records_again_when_it_h
     assert_eq!((again.recorded, again.duplicates), (0, 400));
     assert_eq!(store.counts().await.expect("counts").events_recorded, 401);
 }
+
+#[tokio::test]
+async fn a_read_only_store_fails_writes_clearly_and_records_again_when_writable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = open(tmp.path());
+    let r = rid("h1");
+    let query_only = |on: bool| {
+        store.exec(move |c| {
+            c.pragma_update(None, "query_only", on)?;
+            Ok(())
+        })
+    };
+    // SQLite answers SQLITE_READONLY, as on a file system remounted read-only.
+    query_only(true).await.expect("query_only");
+    let e = store
+        .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(1))
+        .await
+        .expect_err("nothing is recorded read-only");
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            StoreError::Disk {
+                problem: DiskProblem::ReadOnly,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let dir = tmp.path().display().to_string();
+    assert!(
+        text.starts_with(&format!("the state directory {dir} is read-only: ")),
+        "{text}"
+    );
+    assert!(text.contains("remount it read-write"), "{text}");
+    query_only(false).await.expect("writable");
+    let out = store
+        .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(2))
+        .await
+        .expect("recorded once writable");
+    assert_eq!((out.recorded, out.duplicates), (1, 0));
+    assert_eq!(store.counts().await.expect("counts").events_recorded, 1);
+}
