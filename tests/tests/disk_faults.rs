@@ -39,6 +39,7 @@ use tokio::process::Command;
 
 const RESOURCE: &str = "host-1";
 const MOBILE: &str = "+8613800000000";
+const GROUP: &str = "metered";
 
 /// Most reports tried on a full disk before one must be refused: those
 /// that still fit in the last page the file system gave the spool are
@@ -167,6 +168,68 @@ async fn broker_holds(
     Ok(())
 }
 
+/// A published pay-as-you-go group of one base host (the trusted reports
+/// of the test overload it; no elastic host is asked for).
+async fn publish_group(files: &BrokerFiles) -> anyhow::Result<()> {
+    ferryctl_json(
+        &files.admin_socket,
+        &[
+            "group",
+            "publish",
+            "--name",
+            GROUP,
+            "--region",
+            "cn-hangzhou",
+            "--office-network",
+            "office-net-1",
+            "--spec",
+            "office-4c8g",
+            "--image",
+            "img-7",
+            "--billing",
+            "pay-as-you-go",
+            "--base-resources",
+            "1",
+            "--concurrent-sessions",
+            "2",
+            "--max-elastic",
+            "0",
+            "--usage-threshold",
+            "80",
+            "--scale-out-step",
+            "1",
+            "--max-idle",
+            "1h",
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Waits (bounded) until the group's live view holds exactly `sessions`
+/// (sorted) on its host.
+async fn wait_live_sessions(files: &BrokerFiles, sessions: &[&str]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let show = ferryctl_json(&files.admin_socket, &["group", "show", GROUP]).await?;
+        let on_host = &show["live"]["resources"][0]["session_ids"];
+        if on_host.as_array().is_some_and(|ids| {
+            ids.iter()
+                .filter_map(|v| v.as_str())
+                .eq(sessions.iter().copied())
+        }) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "group {GROUP} never had live sessions {sessions:?}: {:#}",
+                show["live"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn start(client: &mut LocalClient, session: &str, user: &str) -> Result<u64, LocalError> {
     let session = session.parse().map_err(|e| LocalError::Refused {
         code: ErrorCode::InvalidRequest,
@@ -273,6 +336,8 @@ async fn a_full_agent_disk_refuses_reports_clearly_and_loses_nothing_confirmed(
         "{status}"
     );
     assert_eq!(status["last_seq"], events, "{status}");
+    // Acknowledgements it cannot write do not cut the link.
+    assert_eq!(status["connected"], true, "{status}");
 
     // The spool on the full disk is whole: a copy opens with nothing to
     // cut off, holding every confirmed event.
@@ -325,7 +390,9 @@ async fn a_full_broker_disk_acknowledges_nothing_and_records_everything_once_aft
         !files.state_dir.join("ferry.db").exists(),
         "the tmpfs is mounted in the broker's namespace only"
     );
-    let agent = AgentProcess::start(&files, RESOURCE, broker.agent_addr).await?;
+    publish_group(&files).await?;
+    let agent =
+        AgentProcess::start_in_group(&files, RESOURCE, broker.agent_addr, Some(GROUP)).await?;
     let mut client = LocalClient::connect(&agent.local_socket).await?;
     let mut expected = BTreeMap::new();
     let mut events = 0u64;
@@ -333,6 +400,8 @@ async fn a_full_broker_disk_acknowledges_nothing_and_records_everything_once_aft
     expected.insert("s0".to_owned(), false);
     events += 1;
     agent.wait_synced().await?;
+    let open: Vec<&str> = vec!["s0"];
+    wait_live_sessions(&files, &open).await?;
 
     fill(&inside)?;
     // The agent spools every report; the broker acknowledges those whose
@@ -410,7 +479,14 @@ async fn a_full_broker_disk_acknowledges_nothing_and_records_everything_once_aft
     );
     // Reads still work, and the broker is still there.
     ferryctl_json(&files.admin_socket, &["status"]).await?;
-    assert!(broker.daemon.log().contains(&full), "the broker logs it");
+    // The broker logs it (its log lines go out through a writer thread).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !broker.daemon.log().contains(&full) {
+        if tokio::time::Instant::now() > deadline {
+            bail!("the broker did not log that its state directory is full");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Room again: the agent resends, the broker records each event once.
     free(&inside)?;
@@ -428,6 +504,10 @@ async fn a_full_broker_disk_acknowledges_nothing_and_records_everything_once_aft
     )
     .await?;
     users.push(user);
+    // The group's actor, stopped by its failed commits, runs again and
+    // holds every open session.
+    let open: Vec<&str> = expected.keys().map(String::as_str).collect();
+    wait_live_sessions(&files, &open).await?;
     let listed = ferryctl_json(&files.admin_socket, &["user", "list"]).await?;
     assert_eq!(
         listed.as_array().map(Vec::len),
