@@ -431,6 +431,18 @@ impl Store {
             .await
     }
 
+    /// Makes the writer's connection refuse (`on`) or take writes again, as
+    /// a read-only file system does (SQLite's `query_only`).
+    #[cfg(test)]
+    pub(crate) async fn refuse_writes_for_test(&self, on: bool) {
+        self.exec(move |c| {
+            c.pragma_update(None, "query_only", on)?;
+            Ok(())
+        })
+        .await
+        .expect("query_only");
+    }
+
     /// Runs a read on the read-only connection (committed data only), on the
     /// blocking pool. For the doors of this module: every other module reads
     /// through their typed methods.
