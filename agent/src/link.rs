@@ -183,7 +183,8 @@ impl Link {
                     } else {
                         tracing::warn!(error = %e, "broker link down");
                     }
-                    let text = e.to_string();
+                    // A spool that cannot be written stays the news.
+                    let text = self.spool.failure().unwrap_or_else(|| e.to_string());
                     self.status.send_modify(|s| s.last_error = Some(text));
                 }
             }
@@ -472,9 +473,10 @@ impl Link {
             ));
         }
         self.spool.ack(welcome.last_recorded_seq).await?;
+        let failure = self.spool.failure();
         self.status.send_modify(|s| {
             s.connected = true;
-            s.last_error = None;
+            s.last_error = failure;
         });
         Ok(())
     }

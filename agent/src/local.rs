@@ -737,8 +737,15 @@ fn recorded(r: Result<u64, SpoolError>) -> Response {
                 SpoolError::TooManyOpenSessions(_) => ErrorCode::TooManySessions,
                 SpoolError::InvalidEvent(_) => ErrorCode::InvalidRequest,
                 _ => {
-                    tracing::error!(error = %e, "spool write failed");
-                    ErrorCode::Storage
+                    tracing::error!(error = %e, "spool write failed; the report is refused");
+                    let advice = e
+                        .disk_advice()
+                        .map(|a| format!(" ({a})"))
+                        .unwrap_or_default();
+                    return Response::Error {
+                        code: ErrorCode::Storage,
+                        message: format!("not recorded: {e}{advice}"),
+                    };
                 }
             };
             Response::Error {

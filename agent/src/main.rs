@@ -259,13 +259,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         {
             return exit::CONFIG;
         }
-        if cause.downcast_ref::<LockError>().is_some() {
-            return exit::TEMPFAIL;
-        }
-        match cause.downcast_ref::<AgentError>() {
+        let lock = match cause.downcast_ref::<AgentError>() {
             Some(AgentError::Tls(_)) => return exit::CONFIG,
-            Some(AgentError::Locked(_)) => return exit::TEMPFAIL,
-            _ => {}
+            Some(AgentError::Locked(e)) => Some(e),
+            _ => cause.downcast_ref::<LockError>(),
+        };
+        match lock {
+            // Not a wait for another process: 1, like any unwritable state.
+            Some(LockError::ReadOnly { .. }) => return 1,
+            Some(_) => return exit::TEMPFAIL,
+            None => {}
         }
     }
     1

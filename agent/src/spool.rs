@@ -14,14 +14,20 @@
 //! # Writes
 //! A session event is appended and `fdatasync`'d before [`Spool::append`]
 //! returns, so before it is sent to the broker and before the local caller
-//! is told it is recorded. A failed write is cut back off the file; a failed
-//! sync poisons the spool (after a failed fsync the page cache cannot be
-//! trusted) and every later append is refused until the agent restarts.
+//! is told it is recorded. A failed write (a full or read-only file system,
+//! an I/O error) is cut back off the file and the report refused, so the file
+//! stays a run of whole records; a failed sync poisons the file (after a
+//! failed fsync the page cache cannot be trusted), and the next write first
+//! writes the spool again whole from memory (as a compaction does, to a new
+//! file synced before it replaces the log). Either way the next report after
+//! the disk has room again is written, without a restart; until then
+//! [`Spool::write_error`] says why writes fail.
 //!
 //! Acknowledgements are appended as `Acked { up_to }` records *without* a sync
 //! of their own: losing one in a crash only means the agent replays events
 //! the broker already has, which the broker acknowledges as duplicates
-//! without recording them again.
+//! without recording them again. For the same reason an acknowledgement
+//! whose record cannot be written (a full disk) is still applied in memory.
 //!
 //! # Compaction
 //! When the acknowledged part of the file exceeds
@@ -226,8 +232,6 @@ pub enum SpoolError {
     InvalidEvent(String),
     #[error("broker acknowledged seq {up_to} but the spool ends at seq {last_seq}")]
     AckBeyondEnd { up_to: u64, last_seq: u64 },
-    #[error("spool refuses writes after an earlier failed sync; restart the agent")]
-    Poisoned,
     #[error("spool still holds {0} unacknowledged events; cannot start a new spool")]
     NotEmpty(usize),
     #[error(
@@ -235,6 +239,27 @@ pub enum SpoolError {
          the state directory's spool.log away to start a new spool)"
     )]
     SequenceExhausted(u64),
+}
+
+impl SpoolError {
+    /// What an operator does about a spool that cannot be written (`None`
+    /// for refusals that are not about the disk).
+    pub fn disk_advice(&self) -> Option<&'static str> {
+        use std::io::ErrorKind;
+        let SpoolError::Io { source, .. } = self else {
+            return None;
+        };
+        Some(match source.kind() {
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+                "the state directory's file system is full: free space there, then report again"
+            }
+            ErrorKind::ReadOnlyFilesystem => {
+                "the state directory's file system is read-only: remount it read-write, then \
+                 report again"
+            }
+            _ => "the state directory cannot be written: check the disk and the system log",
+        })
+    }
 }
 
 /// The spool of one agent. Blocking I/O: call it from `spawn_blocking` (see
@@ -264,8 +289,12 @@ pub struct Spool {
     file_len: u64,
     /// Header plus the snapshot record: bytes that compaction would keep anyway.
     base_len: u64,
-    /// Set after a failed sync: the file's state on disk is unknown.
+    /// Set after a failed sync (or a partial append that could not be cut
+    /// back): the file's state on disk is unknown, and the next write
+    /// rewrites it whole first.
     poisoned: bool,
+    /// Why the last write failed, until a write succeeds again.
+    write_error: Option<String>,
     /// Limits and compaction threshold.
     opts: SpoolOptions,
 }
@@ -366,6 +395,7 @@ impl Spool {
             file_len: 0,
             base_len: HEADER_LEN,
             poisoned: false,
+            write_error: None,
             opts,
             path,
         };
@@ -675,10 +705,11 @@ impl Spool {
     }
 
     /// Appends a record at the end; on a write error the partial record is
-    /// cut off again so the file stays a sequence of whole records.
+    /// cut off again so the file stays a sequence of whole records. A
+    /// poisoned file is written again whole first.
     fn write_record(&mut self, bytes: &[u8], sync: bool) -> Result<(), SpoolError> {
         if self.poisoned {
-            return Err(SpoolError::Poisoned);
+            self.repair()?;
         }
         let path = self.path.clone();
         let written = self
@@ -686,19 +717,52 @@ impl Spool {
             .seek(SeekFrom::Start(self.file_len))
             .and_then(|_| self.file.write_all(bytes));
         if let Err(e) = written {
-            if self.file.set_len(self.file_len).is_err() {
-                self.poisoned = true;
-            }
-            return Err(io_err("append to", &path)(e));
+            self.cut_back();
+            return Err(self.failed(io_err("append to", &path)(e)));
         }
         if sync {
             if let Err(e) = self.file.sync_data() {
                 self.poisoned = true;
-                return Err(io_err("sync", &path)(e));
+                return Err(self.failed(io_err("sync", &path)(e)));
             }
         }
         self.file_len += bytes.len() as u64;
+        self.write_error = None;
         Ok(())
+    }
+
+    /// Cuts a partial append off the file. If that fails too (a read-only
+    /// file system refuses both), the file is still whole when nothing of
+    /// the record reached it; otherwise it is poisoned.
+    fn cut_back(&mut self) {
+        if self.file.set_len(self.file_len).is_ok() {
+            return;
+        }
+        match self.file.metadata() {
+            Ok(m) if m.len() == self.file_len => {}
+            _ => self.poisoned = true,
+        }
+    }
+
+    /// Notes why a write failed (for [`Spool::write_error`]) and returns it.
+    fn failed(&mut self, e: SpoolError) -> SpoolError {
+        self.write_error = Some(e.to_string());
+        e
+    }
+
+    /// Writes the poisoned file again whole from memory, which holds every
+    /// event the file must keep (the failed one was never added).
+    fn repair(&mut self) -> Result<(), SpoolError> {
+        self.rewrite(self.spool_id, self.acked, self.last_seq)?;
+        tracing::info!(path = %self.path.display(),
+            "spool written again whole after a failed write; appending again");
+        Ok(())
+    }
+
+    /// Why the last write to the spool failed, while writes keep failing
+    /// (cleared by the next write that succeeds).
+    pub fn write_error(&self) -> Option<&str> {
+        self.write_error.as_deref()
     }
 
     /// Checks a new event against the host's open sessions and the limits,
@@ -771,11 +835,19 @@ impl Spool {
         }
         // Not synced: see the module doc (a lost ack only causes duplicates
         // the broker ignores). The next event's fdatasync carries it along.
+        // For the same reason an ack that cannot be written (a full disk)
+        // is applied anyway: the broker holds those events.
         let bytes = encode_record(&SpoolRecord::Acked { up_to })?;
-        self.write_record(&bytes, false)?;
+        if let Err(e) = self.write_record(&bytes, false) {
+            tracing::warn!(error = %e, up_to,
+                "acknowledgement not written to the spool; applied in memory (after a restart \
+                 the broker drops the events it holds as duplicates)");
+        }
         self.drop_acked(up_to);
         if self.dead_bytes() >= self.opts.compact_min_dead_bytes {
-            self.compact()?;
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "spool not compacted; trying again at the next acknowledgement");
+            }
         }
         Ok(())
     }
@@ -791,9 +863,6 @@ impl Spool {
     }
 
     fn rewrite(&mut self, spool_id: u64, acked: u64, last_seq: u64) -> Result<(), SpoolError> {
-        if self.poisoned {
-            return Err(SpoolError::Poisoned);
-        }
         let snapshot = encode_record(&SpoolRecord::Snapshot {
             acked,
             last_seq,
@@ -809,18 +878,23 @@ impl Spool {
         for (ev, _) in &self.unacked {
             bytes.extend_from_slice(&encode_record(&SpoolRecord::Event(ev.clone()))?);
         }
-        write_atomically(&self.dir, SPOOL_FILE, &bytes)?;
-        // The old handle points at the replaced inode; write to the new one.
-        self.file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.path)
-            .map_err(io_err("reopen", &self.path))?;
+        write_atomically(&self.dir, SPOOL_FILE, &bytes).map_err(|e| self.failed(e))?;
         self.spool_id = spool_id;
         self.acked = acked;
         self.last_seq = last_seq;
         self.file_len = bytes.len() as u64;
         self.base_len = base_len;
+        // The old handle points at the replaced inode; write to the new one.
+        // Until it is open nothing is appended (the next write rewrites).
+        self.poisoned = true;
+        let reopened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(io_err("reopen", &self.path));
+        self.file = reopened.map_err(|e| self.failed(e))?;
+        self.poisoned = false;
+        self.write_error = None;
         tracing::debug!(path = %self.path.display(), bytes = self.file_len, "compacted the spool");
         Ok(())
     }
@@ -972,10 +1046,21 @@ impl SpoolHandle {
         self.appended.subscribe()
     }
 
+    /// Why the spool cannot be written, as the status's `last_error` says
+    /// it while writes fail.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().write_error().map(failure_text)
+    }
+
     fn publish(&self) {
-        let (last, acked, spooled) = {
+        let (last, acked, spooled, failure) = {
             let s = self.lock();
-            (s.last_seq(), s.acked_seq(), s.spooled())
+            (
+                s.last_seq(),
+                s.acked_seq(),
+                s.spooled(),
+                s.write_error().map(failure_text),
+            )
         };
         self.appended.send_if_modified(|v| {
             let changed = *v != last;
@@ -983,13 +1068,31 @@ impl SpoolHandle {
             changed
         });
         self.status.send_if_modified(|st| {
-            let changed = st.last_seq != last || st.acked_seq != acked || st.spooled != spooled;
+            let mut changed = st.last_seq != last || st.acked_seq != acked || st.spooled != spooled;
             st.last_seq = last;
             st.acked_seq = acked;
             st.spooled = spooled;
+            // A spool that cannot be written is the first thing to say; once
+            // it writes again its failure is no longer news (the link sets
+            // its own errors when it has any).
+            let shown_by_spool = st
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(SPOOL_FAILURE_PREFIX));
+            if failure.is_some() || shown_by_spool {
+                changed |= st.last_error != failure;
+                st.last_error = failure;
+            }
             changed
         });
     }
+}
+
+/// How the status's `last_error` begins while the spool cannot be written.
+pub const SPOOL_FAILURE_PREFIX: &str = "spool cannot be written, session reports are refused: ";
+
+fn failure_text(why: &str) -> String {
+    format!("{SPOOL_FAILURE_PREFIX}{why}")
 }
 
 /// A session-started event stamped now.
@@ -1068,6 +1171,149 @@ mod tests {
             compact_min_dead_bytes: 64,
             ..SpoolOptions::default()
         }
+    }
+
+    /// Makes every later write fail (as a full or read-only disk does):
+    /// the log is reached through a read-only handle.
+    fn break_writes(s: &mut Spool) {
+        s.file = File::open(&s.path).unwrap();
+    }
+
+    /// Writes reach the log again (the disk has room again).
+    fn mend_writes(s: &mut Spool) {
+        s.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&s.path)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_report_that_cannot_be_written_is_refused_and_the_next_one_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        s.append(start("s1")).unwrap();
+        s.append(start("s2")).unwrap();
+        let len = std::fs::metadata(s.path()).unwrap().len();
+
+        break_writes(&mut s);
+        let e = s.append(start("s3")).unwrap_err();
+        assert!(matches!(e, SpoolError::Io { .. }), "{e}");
+        assert!(e.disk_advice().is_some(), "{e}");
+        assert!(s.write_error().is_some_and(|w| w.contains("append to")));
+        assert_eq!(
+            s.last_seq(),
+            2,
+            "the refused report takes no sequence number"
+        );
+        assert!(matches!(
+            s.append(end("s3")),
+            Err(SpoolError::UnknownSession(_))
+        ));
+        // The broker's acknowledgement is applied even though its record
+        // cannot be written: losing it only replays what the broker has.
+        s.ack(1).unwrap();
+        assert_eq!(s.acked_seq(), 1);
+        assert_eq!(std::fs::metadata(s.path()).unwrap().len(), len);
+
+        mend_writes(&mut s);
+        assert_eq!(s.append(start("s3")).unwrap(), 3);
+        assert_eq!(s.write_error(), None);
+        drop(s);
+        let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.last_seq(), 3);
+        assert_eq!(s.open_count(), 3);
+        // The unwritten ack: event 1 is replayed, the broker drops it.
+        assert_eq!(s.acked_seq(), 0);
+        assert_eq!(s.events_after(0, 10).len(), 3);
+    }
+
+    #[test]
+    fn a_compaction_that_cannot_be_written_leaves_the_log_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), small()).unwrap();
+        for i in 0..8 {
+            s.append(start(&format!("s{i}"))).unwrap();
+        }
+        let before = std::fs::read(s.path()).unwrap();
+        // Neither the ack record nor the compaction's new file can be
+        // written (its directory is a file's name).
+        let real_dir = std::mem::replace(&mut s.dir, s.path.join("not-a-directory"));
+        break_writes(&mut s);
+        s.ack(8).unwrap();
+        assert_eq!(s.acked_seq(), 8);
+        assert_eq!(std::fs::read(s.path()).unwrap(), before);
+        s.dir = real_dir;
+        mend_writes(&mut s);
+        s.append(start("t")).unwrap();
+        drop(s);
+        let s = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!(s.last_seq(), 9);
+        assert_eq!(s.open_count(), 9);
+    }
+
+    #[test]
+    fn after_a_failed_sync_the_log_is_written_again_whole_and_appends_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        s.append(start("s1")).unwrap();
+        s.append(start("s2")).unwrap();
+        s.ack(1).unwrap();
+        s.append(end("s1")).unwrap();
+        let good = std::fs::metadata(s.path()).unwrap().len();
+        // What a failed sync leaves: bytes of unknown state past the end.
+        let mut f = OpenOptions::new().append(true).open(s.path()).unwrap();
+        f.write_all(&[0xAB; 37]).unwrap();
+        drop(f);
+        s.poisoned = true;
+
+        assert_eq!(s.append(start("s3")).unwrap(), 4);
+        assert!(!s.poisoned);
+        drop(s);
+        let bytes = std::fs::read(dir.path().join(SPOOL_FILE)).unwrap();
+        assert!(
+            !bytes.windows(37).any(|w| w == [0xAB; 37]),
+            "stale bytes kept"
+        );
+        assert!(bytes.len() as u64 > HEADER_LEN && good > HEADER_LEN);
+        let s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(
+            std::fs::metadata(s.path()).unwrap().len(),
+            bytes.len() as u64
+        );
+        assert_eq!(s.last_seq(), 4);
+        assert_eq!(s.acked_seq(), 1);
+        let seqs: Vec<u64> = s.events_after(0, 10).iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3, 4]);
+        assert_eq!(
+            s.open_sessions()
+                .iter()
+                .map(|o| o.session.to_string())
+                .collect::<Vec<_>>(),
+            ["s2", "s3"]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_status_says_the_spool_fails_while_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let (tx, rx) = watch::channel(LinkStatus::default());
+        let h = SpoolHandle::new(spool, Arc::new(tx));
+        h.append(start("s1")).await.unwrap();
+        assert_eq!(rx.borrow().last_error, None);
+
+        break_writes(&mut h.lock());
+        h.append(start("s2")).await.unwrap_err();
+        let shown = rx.borrow().last_error.clone().unwrap_or_default();
+        assert!(shown.starts_with(SPOOL_FAILURE_PREFIX), "{shown}");
+        assert_eq!(h.failure(), Some(shown));
+
+        mend_writes(&mut h.lock());
+        h.append(start("s2")).await.unwrap();
+        assert_eq!(rx.borrow().last_error, None);
+        assert_eq!(h.failure(), None);
+        assert_eq!(rx.borrow().last_seq, 2);
     }
 
     #[test]

@@ -98,6 +98,8 @@ fn exit_code(f: Failure, log: &Output) -> ExitCode {
 fn broker_exit_code(e: &BrokerError) -> u8 {
     match e {
         BrokerError::Config(_) | BrokerError::Pki(_) | BrokerError::Keys(_) => exit::CONFIG,
+        // Not a wait for another process: 1, like any unwritable state.
+        BrokerError::Locked(ferry_process::lock::LockError::ReadOnly { .. }) => 1,
         BrokerError::Locked(_) => exit::TEMPFAIL,
         _ => 1,
     }

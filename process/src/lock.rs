@@ -43,6 +43,16 @@ pub enum LockError {
         /// The holder's pid, as it wrote it (absent while it starts).
         pid: Option<u32>,
     },
+    /// The state directory is on a read-only file system.
+    #[error(
+        "state directory {dir} is on a read-only file system: the daemon keeps its state there \
+         and must write it; remount it read-write (or set state_dir to a writable directory)",
+        dir = .dir.display()
+    )]
+    ReadOnly {
+        /// The state directory.
+        dir: PathBuf,
+    },
     /// The lock file could not be opened, locked or written.
     #[error("{op} lock file {path}: {source}")]
     Io {
@@ -69,7 +79,7 @@ impl StateLock {
         let path = dir.join(LOCK_FILE);
         let io = |op| {
             let path = path.clone();
-            move |source| LockError::Io { op, path, source }
+            move |source| lock_io_error(op, dir, path, source)
         };
         // Not truncated on open: the holder's pid must survive a refused start.
         let mut file = OpenOptions::new()
@@ -109,6 +119,18 @@ pub fn holder(dir: &Path) -> Option<u32> {
     read_pid(&mut file)
 }
 
+/// A failed operation on the lock file, said as a read-only state
+/// directory when it is one (the lock is the first thing a daemon writes).
+fn lock_io_error(op: &'static str, dir: &Path, path: PathBuf, source: std::io::Error) -> LockError {
+    if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+        LockError::ReadOnly {
+            dir: dir.to_owned(),
+        }
+    } else {
+        LockError::Io { op, path, source }
+    }
+}
+
 /// The pid a holder wrote, if the file holds one.
 fn read_pid(file: &mut File) -> Option<u32> {
     let mut text = String::new();
@@ -121,6 +143,22 @@ fn read_pid(file: &mut File) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_state_directory_is_named_as_such() {
+        let dir = Path::new("/var/lib/ferry");
+        let erofs = std::io::Error::from_raw_os_error(30);
+        let err = lock_io_error("open", dir, dir.join(LOCK_FILE), erofs);
+        let message = err.to_string();
+        assert!(matches!(err, LockError::ReadOnly { .. }), "{err:?}");
+        assert!(
+            message.starts_with("state directory /var/lib/ferry is on a read-only file system"),
+            "{message}"
+        );
+        let eacces = std::io::Error::from_raw_os_error(13);
+        let err = lock_io_error("open", dir, dir.join(LOCK_FILE), eacces);
+        assert!(matches!(err, LockError::Io { op: "open", .. }), "{err:?}");
+    }
 
     #[test]
     fn a_second_lock_is_refused_with_the_holders_pid_until_the_first_is_dropped() {

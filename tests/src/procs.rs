@@ -5,7 +5,7 @@
 //! Every child is killed when its [`Daemon`] is dropped, so a failing test
 //! leaves no process behind; a panicking test prints the child's log.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
@@ -42,6 +42,11 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Where its stderr goes.
     pub stderr: StderrTo,
+    /// A command the daemon's command line is appended to, which must end
+    /// by exec'ing it (so the child's pid is the daemon's): e.g. `unshare`
+    /// into a private mount namespace with a small tmpfs on its state
+    /// directory. Empty: the daemon is run directly.
+    pub wrap: Vec<OsString>,
 }
 
 /// Where a daemon's stderr goes.
@@ -81,6 +86,9 @@ impl Daemon {
                 .with_context(|| format!("open log {}", log.display()))?
                 .into(),
         };
+        if let Some((program, args)) = launch.wrap.split_first() {
+            cmd = wrapped(program, args, &cmd);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -138,6 +146,26 @@ impl Daemon {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// `cmd` run by `program args...`, which gets its program and arguments
+/// after its own; the environment and directory are `cmd`'s.
+fn wrapped(program: &OsStr, args: &[OsString], cmd: &Command) -> Command {
+    let inner = cmd.as_std();
+    let mut out = Command::new(program);
+    out.args(args)
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        match value {
+            Some(v) => out.env(key, v),
+            None => out.env_remove(key),
+        };
+    }
+    if let Some(dir) = inner.get_current_dir() {
+        out.current_dir(dir);
+    }
+    out
 }
 
 impl Drop for Daemon {

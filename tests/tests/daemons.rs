@@ -269,6 +269,7 @@ async fn a_full_stderr_does_not_block_work_or_shutdown() -> anyhow::Result<()> {
     let full = |fd| Launch {
         stderr: StderrTo::Fd(fd),
         env: vec![("RUST_LOG".into(), "debug".into())],
+        ..Launch::default()
     };
     let (mut broker, _) =
         BrokerProcess::launch(&files, "127.0.0.1:0".parse()?, 0, &full(broker_err)).await?;

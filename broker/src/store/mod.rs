@@ -91,10 +91,104 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("commit failed: {0}")]
     Commit(String),
+    /// The state directory's disk refused the write; nothing of it is stored.
+    #[error(
+        "the state directory {} {}: {detail}; nothing of this write was recorded ({})",
+        .dir.display(), .problem.what(), .problem.advice()
+    )]
+    Disk {
+        dir: std::path::PathBuf,
+        problem: DiskProblem,
+        detail: String,
+    },
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     #[error("store is closed")]
     Closed,
+}
+
+/// What is wrong with the state directory when a write fails because of
+/// its disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskProblem {
+    /// No space left (or the quota is used up).
+    Full,
+    /// The file system is read-only (remounted after errors, or by hand).
+    ReadOnly,
+    /// An I/O error.
+    Failing,
+}
+
+/// Free space under which a write that failed for an unclear reason is put
+/// down to a full disk: a commit writes at most a few MiB.
+const NEARLY_FULL_BYTES: u64 = 4 * 1024 * 1024;
+
+impl DiskProblem {
+    fn what(self) -> &'static str {
+        match self {
+            DiskProblem::Full => "is full",
+            DiskProblem::ReadOnly => "is read-only",
+            DiskProblem::Failing => "cannot be written",
+        }
+    }
+
+    fn advice(self) -> &'static str {
+        match self {
+            DiskProblem::Full => {
+                "free space there: the broker records again by itself, and agents resend what \
+                 was not acknowledged"
+            }
+            DiskProblem::ReadOnly => {
+                "remount it read-write: the broker records again by itself, and agents resend \
+                 what was not acknowledged"
+            }
+            DiskProblem::Failing => "check the disk and the system log",
+        }
+    }
+
+    /// The problem SQLite's result code names, if it names one.
+    pub fn of_sqlite(e: &rusqlite::Error) -> Option<DiskProblem> {
+        use rusqlite::ErrorCode;
+        match e.sqlite_error_code()? {
+            ErrorCode::DiskFull => Some(DiskProblem::Full),
+            ErrorCode::ReadOnly => Some(DiskProblem::ReadOnly),
+            ErrorCode::SystemIoFailure => Some(DiskProblem::Failing),
+            _ => None,
+        }
+    }
+
+    /// The problem the file system of `dir` shows now (read-only, or
+    /// nearly no space left), for a failure whose own error does not say
+    /// (a transaction SQLite rolled back in the middle of a batch).
+    pub fn of_dir(dir: &Path) -> Option<DiskProblem> {
+        use rustix::fs::StatVfsMountFlags;
+        let st = rustix::fs::statvfs(dir).ok()?;
+        if st.f_flag.contains(StatVfsMountFlags::RDONLY) {
+            Some(DiskProblem::ReadOnly)
+        } else if st.f_bavail.saturating_mul(st.f_frsize) < NEARLY_FULL_BYTES {
+            Some(DiskProblem::Full)
+        } else {
+            None
+        }
+    }
+}
+
+impl StoreError {
+    /// The same error, said as a problem of the state directory `dir` when
+    /// SQLite's code shows its disk refused the write.
+    pub(crate) fn on_disk(self, dir: &Path) -> StoreError {
+        match &self {
+            StoreError::Sqlite(e) => match DiskProblem::of_sqlite(e) {
+                Some(problem) => StoreError::Disk {
+                    dir: dir.to_owned(),
+                    problem,
+                    detail: e.to_string(),
+                },
+                None => self,
+            },
+            _ => self,
+        }
+    }
 }
 
 /// Tuning of the writer.
@@ -293,10 +387,12 @@ impl Store {
         reader.busy_timeout(std::time::Duration::from_secs(5))?;
 
         let (tx, rx) = mpsc::channel(options.queue_len.max(1));
+        // What a failed write names when the disk refused it.
+        let dir = ferry_process::files::parent_dir(path);
         let max_batch = options.max_batch.max(1);
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
-            .spawn(move || writer_loop(writer, rx, max_batch))
+            .spawn(move || writer_loop(writer, rx, max_batch, dir))
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
                 message: format!("spawn writer thread: {e}"),
@@ -333,6 +429,18 @@ impl Store {
     ) -> Result<T, StoreError> {
         self.submit(|reply| WriteOp::Exec(Box::new(Exec { f, reply })))
             .await
+    }
+
+    /// Makes the writer's connection refuse (`on`) or take writes again, as
+    /// a read-only file system does (SQLite's `query_only`).
+    #[cfg(test)]
+    pub(crate) async fn refuse_writes_for_test(&self, on: bool) {
+        self.exec(move |c| {
+            c.pragma_update(None, "query_only", on)?;
+            Ok(())
+        })
+        .await
+        .expect("query_only");
     }
 
     /// Runs a read on the read-only connection (committed data only), on the

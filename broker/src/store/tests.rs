@@ -802,3 +802,137 @@ async fn group_commit_answers_every_waiter() {
         Err(StoreError::Closed)
     ));
 }
+
+/// Caps the database at `pages` pages on the writer's connection: past it
+/// SQLite answers SQLITE_FULL, as on a full disk.
+async fn cap_pages(store: &Store, pages: i64) {
+    store
+        .exec(move |c| {
+            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+        .expect("max_page_count");
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_writes_clearly_and_the_writer_records_again_when_it_has_room() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = open(tmp.path());
+    let r = rid("h1");
+    store
+        .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(1))
+        .await
+        .expect("record");
+    let pages: i64 = store
+        .exec(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+        .await
+        .expect("page_count");
+    cap_pages(&store, pages).await;
+
+    // Enough events that the database must grow, from two spools in one
+    // batch, and an admin write beside them.
+    let many = |first: u64| -> Vec<SequencedEvent> {
+        (first..first + 400)
+            .map(|seq| started(seq, &format!("s{seq}-{}", "x".repeat(100))))
+            .collect()
+    };
+    let r2 = rid("h2");
+    let (a, b, admin) = tokio::join!(
+        store.record_events(&r, 7, many(2), UnixMillis(2)),
+        store.record_events(&r2, 8, many(1), UnixMillis(2)),
+        store.exec(|c| {
+            c.execute(
+                "INSERT INTO users (id, email, mobile, created_at, updated_at)
+                 VALUES ('u1', 'e', 'm', 1, 1)",
+                [],
+            )?;
+            Ok(())
+        }),
+    );
+    let dir = tmp.path().display().to_string();
+    for e in [a.map(|_| ()), b.map(|_| ())] {
+        let e = e.expect_err("nothing past the cap is recorded");
+        let text = e.to_string();
+        assert!(
+            matches!(
+                e,
+                StoreError::Disk {
+                    problem: DiskProblem::Full,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            text.starts_with(&format!("the state directory {dir} is full: ")),
+            "{text}"
+        );
+        assert!(
+            text.contains("nothing of this write was recorded"),
+            "{text}"
+        );
+    }
+    // The admin write is small enough to fit, or refused the same way.
+    if let Err(e) = &admin {
+        assert!(matches!(e, StoreError::Disk { .. }), "{e:?}");
+    }
+    assert_eq!(store.counts().await.expect("counts").events_recorded, 1);
+
+    // Room again: the same writer records, each event once.
+    cap_pages(&store, 1 << 30).await;
+    let out = store
+        .record_events(&r, 7, many(2), UnixMillis(3))
+        .await
+        .expect("recorded once the disk has room");
+    assert_eq!((out.recorded, out.duplicates), (400, 0));
+    let again = store
+        .record_events(&r, 7, many(2), UnixMillis(4))
+        .await
+        .expect("replayed");
+    assert_eq!((again.recorded, again.duplicates), (0, 400));
+    assert_eq!(store.counts().await.expect("counts").events_recorded, 401);
+}
+
+#[tokio::test]
+async fn a_read_only_store_fails_writes_clearly_and_records_again_when_writable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = open(tmp.path());
+    let r = rid("h1");
+    let query_only = |on: bool| {
+        store.exec(move |c| {
+            c.pragma_update(None, "query_only", on)?;
+            Ok(())
+        })
+    };
+    // SQLite answers SQLITE_READONLY, as on a file system remounted read-only.
+    query_only(true).await.expect("query_only");
+    let e = store
+        .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(1))
+        .await
+        .expect_err("nothing is recorded read-only");
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            StoreError::Disk {
+                problem: DiskProblem::ReadOnly,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let dir = tmp.path().display().to_string();
+    assert!(
+        text.starts_with(&format!("the state directory {dir} is read-only: ")),
+        "{text}"
+    );
+    assert!(text.contains("remount it read-write"), "{text}");
+    query_only(false).await.expect("writable");
+    let out = store
+        .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(2))
+        .await
+        .expect("recorded once writable");
+    assert_eq!((out.recorded, out.duplicates), (1, 0));
+    assert_eq!(store.counts().await.expect("counts").events_recorded, 1);
+}

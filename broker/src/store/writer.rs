@@ -10,11 +10,15 @@
 //! own savepoint, so a batch answers and writes exactly what one-by-one
 //! recording would. A transaction SQLite rolls back in the middle of a batch
 //! (an I/O error, a full disk) fails the rest of that batch: nothing commits
-//! one by one behind it. Stores are created with 1 KiB pages; the WAL
+//! one by one behind it. A write refused by the disk (full, read-only,
+//! failing) is answered [`StoreError::Disk`], naming the state directory,
+//! and never as done; the thread goes on, and the next batch commits once
+//! the disk takes writes again. Stores are created with 1 KiB pages; the WAL
 //! checkpoints every 40,000 pages and is cut back to 64 MiB (see
 //! `Store::open`).
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use ferry_common::wire::SequencedEvent;
 use ferry_common::{ResourceId, UnixMillis};
@@ -22,7 +26,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sessions::{apply_record, apply_register, RecordOutcome, Registered, Registration};
-use super::{spool_key, Store, StoreError};
+use super::{spool_key, DiskProblem, Store, StoreError};
 
 impl Store {
     // The two writes with their own path through the writer (a registration;
@@ -89,7 +93,96 @@ pub(super) trait ExecWrite: Send {
 pub(super) trait Deliver: Send {
     /// Hands the answer over; if the commit failed, even a write that applied
     /// cleanly is reported failed (nothing of it is on disk).
-    fn deliver(self: Box<Self>, commit: &Result<(), String>);
+    fn deliver(self: Box<Self>, verdict: &Verdict<'_>);
+    /// The write's own error, if it failed.
+    fn error(&self) -> Option<&StoreError>;
+}
+
+/// How a batch's transaction ended, to answer its writes with.
+pub(super) struct Verdict<'a> {
+    /// The state directory, named when the disk refused a write.
+    dir: &'a Path,
+    /// Why the commit failed (nothing of the batch is stored), if it did.
+    failed: Option<Failure>,
+}
+
+impl Verdict<'_> {
+    /// A write's answer: its own result if the batch committed (a disk
+    /// error said as such), else the commit's failure.
+    fn answer<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.failed {
+            None => result.map_err(|e| e.on_disk(self.dir)),
+            Some(f) => Err(f.error(self.dir)),
+        }
+    }
+}
+
+/// Why a batch did not commit, kept to answer each of its writes.
+#[derive(Clone, Debug)]
+struct Failure {
+    /// SQLite's message.
+    detail: String,
+    /// The disk's part in it, from SQLite's code or else the file system.
+    problem: Option<DiskProblem>,
+}
+
+impl Failure {
+    fn of(e: &rusqlite::Error, dir: &Path) -> Failure {
+        Failure {
+            detail: e.to_string(),
+            problem: DiskProblem::of_sqlite(e).or_else(|| DiskProblem::of_dir(dir)),
+        }
+    }
+
+    /// A write's error that made SQLite roll the whole transaction back.
+    fn of_write(e: &StoreError, dir: &Path) -> Failure {
+        match e {
+            StoreError::Sqlite(e) => Failure::of(e, dir),
+            StoreError::Disk {
+                problem, detail, ..
+            } => Failure {
+                detail: detail.clone(),
+                problem: Some(*problem),
+            },
+            other => Failure {
+                detail: other.to_string(),
+                problem: DiskProblem::of_dir(dir),
+            },
+        }
+    }
+
+    /// SQLite rolled the transaction back in the middle of the batch: the
+    /// error of the write that failed then, as far as it is known.
+    fn rolled_back(applied: &[Applied], run: &mut RecordRun, dir: &Path) -> Failure {
+        if let Some(e) = run.lost.take() {
+            return Failure::of_write(&e, dir);
+        }
+        let last = match applied.last() {
+            Some(Applied::Register(_, Err(e)) | Applied::Record(_, Err(e))) => Some(e),
+            Some(Applied::Exec(done)) => done.error(),
+            _ => None,
+        };
+        match last {
+            Some(e) => Failure::of_write(e, dir),
+            None => Failure {
+                detail: "the store transaction was rolled back by a failed write of the same \
+                         commit"
+                    .into(),
+                problem: DiskProblem::of_dir(dir),
+            },
+        }
+    }
+
+    fn error(&self, dir: &Path) -> StoreError {
+        match self.problem {
+            Some(problem) => StoreError::Disk {
+                dir: dir.to_owned(),
+                problem,
+                detail: self.detail.clone(),
+            },
+            None => StoreError::Commit(self.detail.clone()),
+        }
+    }
 }
 
 /// One [`Store::exec`] write and its caller's reply channel.
@@ -123,12 +216,12 @@ struct Done<T> {
 }
 
 impl<T: Send> Deliver for Done<T> {
-    fn deliver(self: Box<Self>, commit: &Result<(), String>) {
-        let answer = match commit {
-            Ok(()) => self.result,
-            Err(e) => Err(StoreError::Commit(e.clone())),
-        };
-        let _ = self.reply.send(answer);
+    fn deliver(self: Box<Self>, verdict: &Verdict<'_>) {
+        let _ = self.reply.send(verdict.answer(self.result));
+    }
+
+    fn error(&self) -> Option<&StoreError> {
+        self.result.as_ref().err()
     }
 }
 
@@ -148,18 +241,23 @@ enum Applied {
 impl Applied {
     /// Answers the waiter; if the commit failed, even writes that applied
     /// cleanly are reported as failed (nothing of them is on disk).
-    fn answer(self, commit: &Result<(), String>) {
-        match (self, commit) {
-            (Applied::Register(tx, r), Ok(())) => drop(tx.send(r)),
-            (Applied::Register(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
-            (Applied::Record(tx, r), Ok(())) => drop(tx.send(r)),
-            (Applied::Record(tx, _), Err(e)) => drop(tx.send(Err(StoreError::Commit(e.clone())))),
-            (Applied::Exec(done), commit) => done.deliver(commit),
+    fn answer(self, verdict: &Verdict<'_>) {
+        match self {
+            Applied::Register(tx, r) => drop(tx.send(verdict.answer(r))),
+            Applied::Record(tx, r) => drop(tx.send(verdict.answer(r))),
+            Applied::Exec(done) => done.deliver(verdict),
         }
     }
 }
 
-pub(super) fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
+/// The writer thread's loop; `dir` (the state directory) is named in the
+/// answers of writes its disk refused.
+pub(super) fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<WriteOp>,
+    max_batch: usize,
+    dir: std::path::PathBuf,
+) {
     // Statements of the hot path (recording events) are prepared once and
     // reused from this cache; room for all of them and the other writes'.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -172,7 +270,7 @@ pub(super) fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>,
                 Err(_) => break,
             }
         }
-        if let Some(close) = commit_batch(&mut conn, &mut batch) {
+        if let Some(close) = commit_batch(&mut conn, &mut batch, &dir) {
             // Make the database file complete on its own (no WAL to replay).
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "checkpoint store at close");
@@ -195,21 +293,27 @@ type SpoolCache = HashMap<(ResourceId, i64), u64>;
 /// Applies a batch in one transaction and answers every write after the
 /// commit; leaves `batch` empty. Returns the `Close` waiter if the batch asked
 /// to close (writes after it in the batch are answered `Closed`).
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<oneshot::Sender<()>> {
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<WriteOp>,
+    dir: &Path,
+) -> Option<oneshot::Sender<()>> {
     let mut applied = Vec::with_capacity(batch.len());
     let mut close = None;
     // Deferred (the default) like rusqlite's `transaction()`; a cached
     // statement, so a batch does not parse its BEGIN and COMMIT again.
     if let Err(e) = run_cached(conn, "BEGIN") {
-        let msg = e.to_string();
-        tracing::error!(error = %msg, "begin store transaction");
+        let failure = Failure::of(&e, dir);
+        tracing::error!(error = %failure.error(dir), "begin store transaction");
         for op in batch.drain(..) {
-            fail(op, &msg);
+            fail(op, &failure.error(dir));
         }
         return None;
     }
     let mut spools = SpoolCache::new();
     let mut run = RecordRun::default();
+    // Why SQLite rolled the transaction back, once it did.
+    let mut lost: Option<Failure> = None;
     for op in batch.drain(..) {
         if close.is_some() {
             // Dropping the reply makes the caller see `Closed`.
@@ -222,9 +326,8 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
             // SQLite rolled the whole transaction back (an I/O error, a full
             // disk): the writes before are lost and those after must not
             // commit one by one. All of them are answered failed.
-            let msg = "the store transaction was rolled back";
-            tracing::error!("{msg}");
-            fail(op, msg);
+            let failure = lost.get_or_insert_with(|| Failure::rolled_back(&applied, &mut run, dir));
+            fail(op, &failure.error(dir));
             continue;
         }
         match op {
@@ -260,20 +363,29 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<WriteOp>) -> Option<onesh
         }
     }
     run.finish(conn, &mut spools, &mut applied);
-    let commit = run_cached(conn, "COMMIT").map_err(|e| e.to_string());
+    let failed = if conn.is_autocommit() {
+        // Nothing to commit: SQLite rolled the transaction back.
+        Some(lost.unwrap_or_else(|| Failure::rolled_back(&applied, &mut run, dir)))
+    } else {
+        run_cached(conn, "COMMIT")
+            .err()
+            .map(|e| Failure::of(&e, dir))
+    };
 
-    if commit.is_err() && !conn.is_autocommit() {
+    if failed.is_some() && !conn.is_autocommit() {
         // A failed COMMIT may leave the transaction open: end it, so the
         // next batch starts clean (nothing of this one is kept).
         if let Err(e) = conn.execute_batch("ROLLBACK") {
             tracing::error!(error = %e, "roll back a failed store commit");
         }
     }
-    if let Err(e) = &commit {
-        tracing::error!(error = %e, "commit store transaction");
+    if let Some(f) = &failed {
+        tracing::error!(error = %f.error(dir), writes = applied.len(),
+            "commit store transaction: none of its writes is recorded or acknowledged");
     }
+    let verdict = Verdict { dir, failed };
     for a in applied {
-        a.answer(&commit);
+        a.answer(&verdict);
     }
     close
 }
@@ -303,6 +415,9 @@ struct RecordRun {
     done: Vec<(PendingRecord, RecordOutcome)>,
     /// `last_seq` of the spools the run wrote, as the open savepoint has them.
     spools: SpoolCache,
+    /// The error of a record after which SQLite had rolled the whole
+    /// transaction back.
+    lost: Option<StoreError>,
 }
 
 impl RecordRun {
@@ -340,13 +455,21 @@ impl RecordRun {
                 self.spools.insert(rec.key.clone(), out.last_seq);
                 self.done.push((rec, out));
             }
-            Err(_) => {
+            Err(e) => {
+                if conn.is_autocommit() && self.lost.is_none() {
+                    self.lost = Some(e);
+                }
                 // Undo the run (RELEASE after ROLLBACK TO keeps nothing of
                 // it), then apply its records and this one alone.
                 self.open = false;
                 self.spools.clear();
-                let undo = run_cached(conn, "ROLLBACK TO ferry_run")
-                    .and_then(|()| run_cached(conn, "RELEASE ferry_run"));
+                let undo = if conn.is_autocommit() {
+                    // Nothing left to undo: the transaction is gone.
+                    Ok(())
+                } else {
+                    run_cached(conn, "ROLLBACK TO ferry_run")
+                        .and_then(|()| run_cached(conn, "RELEASE ferry_run"))
+                };
                 if let Err(u) = undo {
                     // The run's writes may be half there: end the whole
                     // transaction so nothing of this batch commits (its
@@ -428,12 +551,26 @@ fn apply_alone(
     applied.push(Applied::Record(rec.reply, r));
 }
 
-fn fail(op: WriteOp, msg: &str) {
+/// Answers a write that was not applied with `why` (an error of the batch,
+/// copied for each write).
+fn fail(op: WriteOp, why: &StoreError) {
+    let copy = || match why {
+        StoreError::Disk {
+            dir,
+            problem,
+            detail,
+        } => StoreError::Disk {
+            dir: dir.clone(),
+            problem: *problem,
+            detail: detail.clone(),
+        },
+        other => StoreError::Commit(other.to_string()),
+    };
     match op {
-        WriteOp::Register { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
-        WriteOp::Record { reply, .. } => drop(reply.send(Err(StoreError::Commit(msg.into())))),
+        WriteOp::Register { reply, .. } => drop(reply.send(Err(copy()))),
+        WriteOp::Record { reply, .. } => drop(reply.send(Err(copy()))),
         WriteOp::Close { reply } => drop(reply.send(())),
-        WriteOp::Exec(write) => write.fail(StoreError::Commit(msg.into())),
+        WriteOp::Exec(write) => write.fail(copy()),
     }
 }
 
@@ -455,6 +592,9 @@ pub(super) fn in_savepoint<T>(
             run_cached(c, "RELEASE ferry_write")?;
             Ok(v)
         }
+        // SQLite rolled the whole transaction back: nothing to undo, and
+        // the error says why.
+        Err(e) if c.is_autocommit() => Err(e),
         Err(e) => {
             // Undo the write, then drop the savepoint (RELEASE after ROLLBACK
             // TO keeps nothing of it); the batch goes on.

@@ -22,7 +22,7 @@ use super::{
 use crate::clock::Clock;
 use crate::config::GroupsConfig;
 use crate::engine::{Group, Input};
-use crate::groups::GroupService;
+use crate::groups::{GroupService, RETRY_AFTER_ERROR};
 use crate::registry::{Registry, COMMAND_TIMEOUT};
 use crate::store::{Store, StoreError};
 
@@ -214,7 +214,8 @@ impl GroupActors {
     /// each operator change) applies what is due through
     /// [`GroupService::run_due`] and syncs every actor whose group's status
     /// changed since it last looked, so an expired group closes, a recycling
-    /// or gone one stops and its metering ends.
+    /// or gone one stops and its metering ends; and starts again the actor of
+    /// every live group whose actor stopped on a failure.
     ///
     /// This is the daemon's one lifecycle-deadline task. Running `run_due`
     /// here means a status is never read before the step
@@ -239,8 +240,13 @@ impl GroupActors {
                 Ok(statuses) => {
                     // Forget groups that are gone and have no actor left.
                     seen.retain(|name, _| statuses.iter().any(|(n, _)| n == name));
+                    let running: BTreeSet<String> =
+                        self.running().iter().map(|g| g.to_string()).collect();
                     for (name, status) in statuses {
-                        if seen.get(&name) == Some(&status) {
+                        // A live group whose actor stopped on a failure
+                        // (see `restart_later`) is started again.
+                        let orphaned = is_live(&status) && !running.contains(&name);
+                        if seen.get(&name) == Some(&status) && !orphaned {
                             continue;
                         }
                         match self.sync_row(&name).await {
@@ -312,10 +318,18 @@ impl GroupActors {
         let this = self.clone();
         self.shared.tracker.spawn(async move {
             let name = actor.row.name.clone();
-            if let Err(e) = actor.run(inbox, handle.token).await {
-                tracing::error!(group = %name, "group actor stopped: {e}");
-            }
+            let failed = match actor.run(inbox, handle.token).await {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::error!(group = %name,
+                        "group actor stopped: {e}; starting it again in {RETRY_AFTER_ERROR:?}");
+                    true
+                }
+            };
             this.forget_if_closed(&name);
+            if failed {
+                this.restart_later().await;
+            }
         });
         Ok(true)
     }
@@ -441,6 +455,19 @@ impl GroupActors {
         let mut actors = self.actors();
         if actors.get(name).is_some_and(|h| h.tx.is_closed()) {
             actors.remove(name);
+        }
+    }
+
+    /// After an actor stopped on a failure (a full disk, say): once
+    /// [`RETRY_AFTER_ERROR`] has passed, wakes the lifecycle follower, which
+    /// starts again every live group without an actor. Without this a group
+    /// would stay without its actor (no routing, no metering) until an
+    /// operator's change or a restart.
+    async fn restart_later(&self) {
+        let at = retry_at(self.shared.clock.now());
+        tokio::select! {
+            _ = self.shared.shutdown.cancelled() => {}
+            _ = self.shared.clock.sleep_until(Some(at)) => self.shared.lifecycle.notify_one(),
         }
     }
 

@@ -109,7 +109,8 @@ impl Actor {
 
     /// Writes the pending events in one transaction. The engine's decision
     /// stands whether or not this succeeds; a store failure stops the actor
-    /// (its group is restarted from the store by the next `sync`).
+    /// (its group is started again from the store after `RETRY_AFTER_ERROR`,
+    /// see `GroupActors::restart_later`).
     pub(super) async fn commit(&mut self) -> Result<(), ActorError> {
         // Agents already connected for the elastic ids just asked for take
         // their slots first (their joins' decisions go into this commit).

@@ -1000,6 +1000,46 @@ mod tests {
         f.close().await;
     }
 
+    /// Waits (bounded) until the running actors are `want`.
+    async fn wait_running(f: &Fixture, want: &[GroupName]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while f.actors.running() != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "running {:?}, not {want:?}",
+                f.actors.running()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A store that refuses writes (a full or read-only disk) stops the
+    /// group's actor at its next commit; once the wait after a failure has
+    /// passed it runs again, without an operator's change.
+    #[tokio::test]
+    async fn an_actor_stopped_by_a_failing_store_runs_again_after_the_retry_wait() {
+        let f = fixture();
+        let g: GroupName = "g1".parse().expect("name");
+        f.publish("g1").await;
+        f.actors.start_all().await.expect("start");
+        assert_eq!(f.actors.running(), vec![g.clone()]);
+
+        f.store.refuse_writes_for_test(true).await;
+        // Its join opens the host's billing interval: a commit, refused.
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        wait_running(&f, &[]).await;
+
+        f.store.refuse_writes_for_test(false).await;
+        f.clock.advance(RETRY_AFTER_ERROR);
+        wait_running(&f, std::slice::from_ref(&g)).await;
+        f.actors.joined(&g, &rid("h1"), vec![]).await;
+        f.actors.sessions(&g, &rid("h1"), vec![started("s1")]).await;
+        let view = f.actors.view(&g).await.expect("view");
+        let h1 = view.resources.iter().find(|r| r.resource == rid("h1"));
+        assert_eq!(h1.map(|r| r.occupancy), Some(1), "{view:?}");
+        f.close().await;
+    }
+
     #[tokio::test]
     async fn reports_drive_scale_out_creation_scale_in_and_release_with_recorded_reasons() {
         let f = fixture();
