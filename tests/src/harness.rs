@@ -29,6 +29,20 @@ use tokio_util::sync::CancellationToken;
 /// is shared and loaded; a wait that needs it has failed.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The seed and rng of a seeded test: the seed from `var` when set (a
+/// replay), else a fresh one; printed either way, with how to replay it.
+pub fn seeded_rng(var: &str, what: &str) -> anyhow::Result<(u64, rand::rngs::StdRng)> {
+    use rand::SeedableRng;
+    let seed = match std::env::var(var) {
+        Ok(s) => s
+            .parse()
+            .with_context(|| format!("{var}={s:?} is not a number"))?,
+        Err(_) => rand::random::<u64>(),
+    };
+    eprintln!("{what} seed: {seed} ({var}={seed} replays it)");
+    Ok((seed, rand::rngs::StdRng::seed_from_u64(seed)))
+}
+
 /// Kill-and-restart rounds of a crash test: `default` in the suite, or
 /// `FERRY_CRASH_ROUNDS` for a soak (`tests/soak/crash-points`).
 pub fn crash_rounds(default: u32) -> anyhow::Result<u32> {

@@ -212,6 +212,34 @@ where
     String::from_utf8(out.stdout).context("stdout is not UTF-8")
 }
 
+/// `ferryctl group publish` of a pay-as-you-go group `name` in one region,
+/// office network, spec and image (`img-7`, what test agents run), with
+/// the `policy` flags (base resources, limits, thresholds) after them.
+pub async fn publish_payg(
+    socket: &Path,
+    name: &str,
+    policy: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut args = vec![
+        "group",
+        "publish",
+        "--name",
+        name,
+        "--region",
+        "cn-hangzhou",
+        "--office-network",
+        "office-net-1",
+        "--spec",
+        "office-4c8g",
+        "--image",
+        "img-7",
+        "--billing",
+        "pay-as-you-go",
+    ];
+    args.extend_from_slice(policy);
+    ferryctl_json(socket, &args).await
+}
+
 /// `ferryctl --socket SOCKET ARGS... --json`, parsed.
 pub async fn ferryctl_json(socket: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let mut all: Vec<&OsStr> = vec![OsStr::new("--socket"), socket.as_os_str()];

@@ -17,10 +17,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context};
 use ferry_agent::local::{LocalClient, StartProof};
 use ferry_common::wire::EndReason;
-use ferry_tests::harness::{crash_rounds, PATIENCE};
+use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
 use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use tokio::sync::watch;
 
 /// Kill-and-restart rounds in the suite; bounded so the test stays fast.
@@ -84,12 +83,7 @@ async fn report_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("crash test seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng("FERRY_CRASH_SEED", "crash test")?;
     let rounds = crash_rounds(ROUNDS)?;
     let t0 = std::time::Instant::now();
 
@@ -288,12 +282,7 @@ struct Told {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigkill_while_it_takes_reports_loses_and_doubles_nothing() -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("agent crash test seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng("FERRY_CRASH_SEED", "agent crash test")?;
     let rounds = crash_rounds(ROUNDS)?;
 
     let tmp = tempfile::tempdir()?;

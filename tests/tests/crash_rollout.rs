@@ -18,10 +18,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ferry_tests::bins::bin;
-use ferry_tests::harness::{crash_rounds, PATIENCE};
-use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
+use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
+use rand::Rng;
 
 const GROUP: &str = "img";
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
@@ -138,23 +137,10 @@ async fn fleet(
     let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
     let addr = broker.agent_addr;
     let socket = files.admin_socket.clone();
-    ferryctl_json(
+    publish_payg(
         &socket,
+        GROUP,
         &[
-            "group",
-            "publish",
-            "--name",
-            GROUP,
-            "--region",
-            "cn-hangzhou",
-            "--office-network",
-            "office-net-1",
-            "--spec",
-            "office-4c8g",
-            "--image",
-            "img-7",
-            "--billing",
-            "pay-as-you-go",
             "--base-resources",
             "3",
             "--concurrent-sessions",
@@ -184,12 +170,7 @@ async fn fleet(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_once(
 ) -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("image update crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng("FERRY_CRASH_SEED", "image update crash")?;
     let rounds = crash_rounds(ROUNDS)?;
 
     let tmp = tempfile::tempdir()?;
@@ -272,12 +253,7 @@ async fn schedule(socket: &Path, id: u64) -> anyhow::Result<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_during_an_ota_wave_finishes_it_updating_each_host_once(
 ) -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("OTA crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng("FERRY_CRASH_SEED", "OTA crash")?;
     let rounds = crash_rounds(ROUNDS)?;
 
     let tmp = tempfile::tempdir()?;

@@ -16,10 +16,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ferry_broker::provision::local::LOCAL_AGENTS_DIR;
 use ferry_tests::bins::bin;
-use ferry_tests::harness::{crash_rounds, PATIENCE};
-use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
+use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
+use rand::Rng;
 
 const GROUP: &str = "el";
 /// Kill-and-restart rounds in the suite (one scale-out each).
@@ -106,12 +105,7 @@ async fn wait_all_released(socket: &Path) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_none(
 ) -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("scale-out crash seed: {seed} (FERRY_CRASH_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng("FERRY_CRASH_SEED", "scale-out crash")?;
     let rounds = crash_rounds(ROUNDS)?;
 
     let tmp = tempfile::tempdir()?;
@@ -126,23 +120,10 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
     let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
     let addr = broker.agent_addr;
     let socket = files.admin_socket.clone();
-    ferryctl_json(
+    publish_payg(
         &socket,
+        GROUP,
         &[
-            "group",
-            "publish",
-            "--name",
-            GROUP,
-            "--region",
-            "cn-hangzhou",
-            "--office-network",
-            "office-net-1",
-            "--spec",
-            "office-4c8g",
-            "--image",
-            "img-7",
-            "--billing",
-            "pay-as-you-go",
             "--base-resources",
             "1",
             "--concurrent-sessions",

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, SecondsFormat};
-use ferry_tests::harness::{crash_rounds, PATIENCE};
-use ferry_tests::procs::{ferryctl_json, AgentProcess, BrokerFiles, BrokerProcess};
+use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
+use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use rust_decimal::{Decimal, RoundingStrategy};
 use tokio::sync::watch;
 
@@ -124,12 +124,7 @@ fn now_millis() -> anyhow::Result<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what_agents_reported(
 ) -> anyhow::Result<()> {
-    let seed = match std::env::var("FERRY_CRASH_USAGE_SEED") {
-        Ok(s) => s.parse().context("FERRY_CRASH_USAGE_SEED")?,
-        Err(_) => rand::random::<u64>(),
-    };
-    eprintln!("crash usage seed: {seed} (FERRY_CRASH_USAGE_SEED={seed} replays it)");
-    let mut rng = StdRng::seed_from_u64(seed);
+    let (seed, mut rng) = seeded_rng("FERRY_CRASH_USAGE_SEED", "crash usage")?;
     let rounds = crash_rounds(ROUNDS)?;
     let t0 = std::time::Instant::now();
 
@@ -141,23 +136,10 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
     let addr = broker.agent_addr;
     let socket = files.admin_socket.clone();
     let base = AGENTS.len().to_string();
-    ferryctl_json(
+    publish_payg(
         &socket,
+        GROUP,
         &[
-            "group",
-            "publish",
-            "--name",
-            GROUP,
-            "--region",
-            "cn-hangzhou",
-            "--office-network",
-            "office-net-1",
-            "--spec",
-            "office-4c8g",
-            "--image",
-            "img-7",
-            "--billing",
-            "pay-as-you-go",
             "--base-resources",
             &base,
             "--concurrent-sessions",

@@ -33,7 +33,7 @@ use ferry_common::wire::EndReason;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, run, AgentProcess, BrokerFiles, BrokerProcess, Daemon, Launch,
+    ferryctl_json, publish_payg, run, AgentProcess, BrokerFiles, BrokerProcess, Daemon, Launch,
 };
 use tokio::process::Command;
 
@@ -171,23 +171,10 @@ async fn broker_holds(
 /// A published pay-as-you-go group of one base host (the trusted reports
 /// of the test overload it; no elastic host is asked for).
 async fn publish_group(files: &BrokerFiles) -> anyhow::Result<()> {
-    ferryctl_json(
+    publish_payg(
         &files.admin_socket,
+        GROUP,
         &[
-            "group",
-            "publish",
-            "--name",
-            GROUP,
-            "--region",
-            "cn-hangzhou",
-            "--office-network",
-            "office-net-1",
-            "--spec",
-            "office-4c8g",
-            "--image",
-            "img-7",
-            "--billing",
-            "pay-as-you-go",
             "--base-resources",
             "1",
             "--concurrent-sessions",
