@@ -722,6 +722,11 @@ impl Spool {
         }
         if sync {
             if let Err(e) = self.file.sync_data() {
+                // The caller is told "not recorded": cut the record off now,
+                // so a restart before the repair does not read it back; the
+                // page cache after a failed sync is not trusted either, so
+                // the next write rewrites the file whole.
+                self.cut_back();
                 self.poisoned = true;
                 return Err(self.failed(io_err("sync", &path)(e)));
             }
@@ -878,6 +883,10 @@ impl Spool {
         for (ev, _) in &self.unacked {
             bytes.extend_from_slice(&encode_record(&SpoolRecord::Event(ev.clone()))?);
         }
+        // From here the file on disk may already be the new one (a rename
+        // whose directory sync failed is still a rename): nothing is
+        // appended through the old handle, the next write rewrites whole.
+        self.poisoned = true;
         write_atomically(&self.dir, SPOOL_FILE, &bytes).map_err(|e| self.failed(e))?;
         self.spool_id = spool_id;
         self.acked = acked;
@@ -885,8 +894,6 @@ impl Spool {
         self.file_len = bytes.len() as u64;
         self.base_len = base_len;
         // The old handle points at the replaced inode; write to the new one.
-        // Until it is open nothing is appended (the next write rewrites).
-        self.poisoned = true;
         let reopened = OpenOptions::new()
             .read(true)
             .write(true)
