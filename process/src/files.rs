@@ -53,37 +53,33 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> W
     }
 }
 
-/// Whether `name` is one [`stage`] gives a temporary: `.NAME.tmp-PID-N`;
-/// returns the PID.
-fn temporary_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix('.')?;
-    let (_, tail) = rest.rsplit_once(".tmp-")?;
-    let (pid, n) = tail.split_once('-')?;
+/// Whether `name` is one [`stage`] gives a temporary: `.NAME.tmp-PID-N`.
+fn is_temporary(name: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(pid) || !digits(n) {
-        return None;
-    }
-    pid.parse().ok()
+    name.strip_prefix('.')
+        .and_then(|rest| rest.rsplit_once(".tmp-"))
+        .and_then(|(_, tail)| tail.split_once('-'))
+        .is_some_and(|(pid, n)| digits(pid) && digits(n))
 }
 
 /// Removes the temporaries a crashed writer left in `dir` (not below it):
-/// every `.NAME.tmp-PID-N` of another process. Only for a directory whose
-/// lock the caller holds, so no other live process writes there. The entry
-/// itself is removed (a symlink is never followed). Returns what it
-/// removed; an entry it cannot remove is left and not returned.
+/// every `.NAME.tmp-PID-N`, whatever its PID (a daemon that is pid 1 in a
+/// container has the same pid at every start). Only for a directory whose
+/// lock the caller has just taken, before it writes there, so no live
+/// writer's temporary is removed. The entry itself is removed (a symlink is
+/// never followed). Returns what it removed; an entry it cannot remove is
+/// left and not returned.
 pub fn remove_stale_temporaries(dir: &Path) -> Vec<PathBuf> {
-    let me = std::process::id();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut removed = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(temporary_pid) else {
+        if !name.to_str().is_some_and(is_temporary) {
             continue;
-        };
-        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        if pid == me || is_dir {
+        }
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let path = entry.path();
@@ -275,16 +271,18 @@ mod tests {
     }
 
     #[test]
-    fn temporaries_left_by_another_process_are_removed_and_nothing_else() {
+    fn temporaries_left_by_a_crash_are_removed_and_nothing_else() {
         let dir = tempfile::tempdir().expect("tmp");
         let me = std::process::id();
-        let stale = [".spool.tmp-1-0", ".agent.pem.tmp-4242-17"];
+        // Also one of this pid: a daemon that is pid 1 in a container has
+        // the same pid at every start.
+        let own = format!(".spool.tmp-{me}-3");
+        let stale = [".spool.tmp-1-0", ".agent.pem.tmp-4242-17", own.as_str()];
         let kept = [
             "spool".to_owned(),
             ".spool.tmp-x-1".to_owned(),
             ".spool.tmp-12".to_owned(),
             "spool.tmp-1-0".to_owned(),
-            format!(".spool.tmp-{me}-3"),
         ];
         for name in stale.iter().copied().chain(kept.iter().map(String::as_str)) {
             std::fs::write(dir.path().join(name), b"x").expect("write");
@@ -299,10 +297,14 @@ mod tests {
             .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
             .collect();
         removed.sort();
-        assert_eq!(
-            removed,
-            [".agent.pem.tmp-4242-17", ".spool.tmp-1-0", ".x.tmp-7-7"]
-        );
+        let mut want = vec![
+            ".agent.pem.tmp-4242-17".to_owned(),
+            ".spool.tmp-1-0".to_owned(),
+            own.clone(),
+            ".x.tmp-7-7".to_owned(),
+        ];
+        want.sort();
+        assert_eq!(removed, want);
         for name in &kept {
             assert!(dir.path().join(name).exists(), "{name} kept");
         }
