@@ -50,16 +50,21 @@ fn name(text: String) -> Result<GroupName, StoreError> {
 }
 
 /// The hosts that belong to the group numbered `num` named `group`: those
-/// the operator assigned to it, and its provisioned resources that are
-/// ready (registered and not released), sorted. What a rollout covers,
-/// joined now or not.
+/// the operator assigned to it and did not revoke, and its provisioned
+/// resources that are ready (registered and not released), sorted. What a
+/// rollout covers, joined now or not (an operator retires a host for good
+/// with `resources unassign` or `resources revoke`).
 pub(super) fn members(
     c: &Connection,
     num: i64,
     group: &GroupName,
 ) -> Result<Vec<ResourceId>, StoreError> {
     let mut out = Vec::new();
-    let mut assigned = c.prepare_cached("SELECT resource FROM memberships WHERE grp = ?1")?;
+    let mut assigned = c.prepare_cached(
+        "SELECT m.resource FROM memberships m
+         WHERE m.grp = ?1 AND NOT EXISTS (
+             SELECT 1 FROM revocations r WHERE r.resource = m.resource AND r.by_operator = 1)",
+    )?;
     for r in assigned.query_map([group.as_str()], |r| r.get::<_, String>(0))? {
         out.push(super::parse_id(r?, "resource")?);
     }
@@ -312,5 +317,43 @@ mod tests {
                 previous: Some(g("burst"))
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_groups_members_are_its_assigned_hosts_not_revoked_and_its_ready_provisioned_ones() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open_store(tmp.path());
+        for h in ["h1", "h2", "h3"] {
+            store
+                .assign_resource(&rid(h), Some(g("burst")), UnixMillis(1))
+                .await
+                .expect("assign");
+        }
+        store
+            .assign_resource(&rid("other"), Some(g("sales")), UnixMillis(1))
+            .await
+            .expect("assign");
+        store
+            .revoke(&rid("h3"), UnixMillis(5), UnixMillis(5), "retired".into())
+            .await
+            .expect("revoke");
+        let members = store
+            .exec(|c| {
+                c.execute_batch(
+                    "INSERT INTO groups (num, id, name, region, office_network, spec, image,
+                         billing, term, auto_renew, base_resources, session_type, policy, status,
+                         created_at, updated_at)
+                     VALUES (7, 'dg-7', 'burst', 'r', 'n', 's', 'i', 'pay-as-you-go', NULL, 0, 0,
+                         'independent', '{}', 'published', 0, 0);
+                     INSERT INTO elastic_resources (group_num, engine_id, resource, state,
+                         requested_at)
+                     VALUES (7, 'e1', 'burst-e1', 'ready', 0), (7, 'e2', 'burst-e2', 'pending', 0),
+                         (7, 'e3', 'burst-e3', 'released', 0);",
+                )?;
+                members(c, 7, &g("burst"))
+            })
+            .await
+            .expect("members");
+        assert_eq!(members, [rid("burst-e1"), rid("h1"), rid("h2")]);
     }
 }

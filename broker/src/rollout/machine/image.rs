@@ -8,9 +8,10 @@
 //!   store recorded on hosts whose agents have not joined yet (a broker
 //!   restart) when they join, with the same deadline. Each warning's outcome
 //!   is a group event.
-//! - At the deadline the switch starts: the set of hosts (joined and ready;
-//!   one that joins during the switch, e.g. an elastic host whose creation
-//!   completes, is added) is recorded `pending`, then every connected one
+//! - At the deadline the switch starts: the set of hosts (joined and ready,
+//!   and the group's members from the store that have not joined yet, e.g.
+//!   after a broker restart; one that joins during the switch, e.g. an
+//!   elastic host whose creation completes, is added) is recorded `pending`, then every connected one
 //!   is switched at once: a host whose first inventory already shows the
 //!   image is done without a switch, the others have their open sessions
 //!   disconnected, get `SwitchImage`, and are done when their inventory

@@ -1,10 +1,13 @@
 //! An OTA rollout (SPEC section 9): one offered update brought to the
 //! group's hosts in waves.
 //!
-//! - The plan (the group's ready, joined hosts in the actor's order, less
-//!   those an operator drained unless an earlier OTA of the group failed on
-//!   them) is recorded `pending` once, when the rollout first starts, and
-//!   fixed from then on.
+//! - The plan (the group's ready, joined hosts and its members from the
+//!   store that have not joined yet, e.g. after a broker restart, less those
+//!   an operator drained unless an earlier OTA of the group failed on them)
+//!   is recorded `pending` once, when the rollout first starts, and fixed
+//!   from then on. A member that was away at the plan and turns out drained
+//!   when its turn comes is skipped: the rollout never undoes an operator's
+//!   drain.
 //! - The group's status stays as it is while the rollout runs; only its end
 //!   changes it (below).
 //! - Waves of `wave` hosts run their hosts at once. Each host: its step is
@@ -121,6 +124,10 @@ pub(super) struct OtaRun {
     current: Vec<ResourceId>,
     /// `host: why` of each failure of the current wave.
     failures: Vec<String>,
+    /// Hosts whose turn came while this rollout had not drained them yet
+    /// (not started before a broker restart either): one that is found
+    /// draining when it is reached was drained by an operator.
+    fresh: BTreeSet<ResourceId>,
 }
 
 impl OtaRun {
@@ -135,6 +142,7 @@ impl OtaRun {
             waves: VecDeque::new(),
             current: Vec::new(),
             failures: Vec::new(),
+            fresh: BTreeSet::new(),
         }
     }
 
@@ -267,11 +275,11 @@ impl OtaRun {
             core.set_step(r, Step::Skipped);
             return;
         }
-        let started = core
-            .hosts
-            .get(r)
-            .and_then(|h| h.started_at)
-            .unwrap_or(core.now);
+        let resumed = core.hosts.get(r).and_then(|h| h.started_at);
+        if resumed.is_none() {
+            self.fresh.insert(r.clone());
+        }
+        let started = resumed.unwrap_or(core.now);
         let deadline = drain_deadline(started, self.drain_ms);
         if let Some(h) = core.hosts.get_mut(r) {
             h.started_at = Some(started);
@@ -299,7 +307,18 @@ impl OtaRun {
     fn advance(&mut self, core: &mut Core, r: &ResourceId) {
         match core.step(r).cloned() {
             Some(Step::Away { until }) => {
-                if core.connected(r) {
+                let connected = core.connected(r);
+                let fresh = connected && self.fresh.remove(r);
+                if fresh && !self.retry.contains(r) && core.live(r).is_some_and(|l| l.draining) {
+                    // Not planned out because it was not connected when the
+                    // plan was made (a broker restart): the rollout would
+                    // undrain it. It comes back by an operator's `resources
+                    // undrain`.
+                    let why = "skipped: drained by an operator".to_owned();
+                    core.host_record(r, HostRecord::Skipped, Some(why.clone()));
+                    self.step_event(core, r, &why);
+                    core.set_step(r, Step::Skipped);
+                } else if connected {
                     core.set_step(r, Step::Draining);
                     core.command(r, Purpose::Drain, Command::Drain, COMMAND_TIMEOUT);
                 } else if core.now >= until {

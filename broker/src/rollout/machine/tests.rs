@@ -979,6 +979,43 @@ fn the_plan_leaves_out_drained_and_leaving_hosts_and_needs_a_live_group() {
 }
 
 #[test]
+fn an_ota_planned_before_the_members_rejoin_waits_for_them_and_keeps_an_operators_drain() {
+    let mut sim = ota_sim(
+        ota_load(Vec::new(), 1),
+        "published",
+        &[("h1", &[]), ("h2", &[])],
+    );
+    // The broker restarted as the schedule started: no agent has rejoined;
+    // an operator had drained h2.
+    for h in ["h1", "h2"] {
+        sim.agent(h).connected = false;
+    }
+    sim.joined.clear();
+    sim.agent("h2").draining = true;
+    sim.settle();
+    assert_eq!(sim.records[0], Record::Plan(vec![rid("h1"), rid("h2")]));
+    assert!(sim.ended().is_none(), "waits for the members");
+    // They come back: h1 is updated; h2 keeps the operator's drain.
+    sim.now = at(MINUTE);
+    for h in ["h1", "h2"] {
+        sim.agent(h).connected = true;
+        sim.agent(h).conn = 2;
+        sim.joined.insert(rid(h));
+    }
+    sim.run();
+    assert_eq!(sim.sent_to("h1"), ["drain", "apply", "undrain"]);
+    assert!(sim.sent_to("h2").is_empty(), "{:?}", sim.sent_to("h2"));
+    assert!(sim.agent("h2").draining);
+    assert_eq!(
+        sim.host_records("h2").last(),
+        Some(&HostRecord::Skipped),
+        "{:?}",
+        sim.host_records("h2")
+    );
+    assert_eq!(sim.ended(), Some(true));
+}
+
+#[test]
 fn an_agent_updating_itself_is_judged_by_its_reconnected_inventory() {
     let mut load = ota_load(Vec::new(), 1);
     load.update = update("agent", "2.0");
