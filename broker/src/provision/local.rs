@@ -73,10 +73,10 @@ enum Agent {
 }
 
 impl Agent {
-    fn running(&mut self, config: &Path) -> bool {
+    fn running(&mut self, dir: &Path) -> bool {
         match self {
             Agent::Child(child) => matches!(child.try_wait(), Ok(None)),
-            Agent::Adopted(pid) => runs_config(*pid, config),
+            Agent::Adopted(pid) => is_agent_of(*pid, dir),
         }
     }
 }
@@ -150,10 +150,10 @@ impl LocalProvisioner {
     /// Whether `resource`'s agent runs: one this broker tracks, or one an
     /// earlier broker left running, which is adopted.
     async fn running(&self, resource: &ResourceId) -> bool {
-        let config = self.dir(resource).join("agent.toml");
+        let dir = self.dir(resource);
         let mut children = self.children.lock().await;
         if let Some(agent) = children.get_mut(resource) {
-            if agent.running(&config) {
+            if agent.running(&dir) {
                 return true;
             }
         }
@@ -167,12 +167,12 @@ impl LocalProvisioner {
         }
     }
 
-    /// The agent holding `resource`'s state directory, if that process runs
-    /// its config.
+    /// The agent holding `resource`'s state directory, if that process is
+    /// its agent ([`is_agent_of`]).
     fn left_running(&self, resource: &ResourceId) -> Option<u32> {
         let dir = self.dir(resource);
         let pid = ferry_process::lock::holder(&dir.join(STATE_DIR))?;
-        runs_config(pid, &dir.join("agent.toml")).then_some(pid)
+        is_agent_of(pid, &dir).then_some(pid)
     }
 
     async fn spawn(&self, resource: &ResourceId, dir: &Path) -> Result<(), ProvisionError> {
@@ -213,7 +213,7 @@ impl LocalProvisioner {
         self.running(&req.resource).await;
         let agent = self.children.lock().await.remove(&req.resource);
         if let Some(agent) = agent {
-            stop(agent, &self.dir(&req.resource).join("agent.toml")).await;
+            stop(agent, &self.dir(&req.resource)).await;
             tracing::info!(resource = %req.resource, "local agent stopped");
         }
         let dir = self.dir(&req.resource);
@@ -232,7 +232,7 @@ impl LocalProvisioner {
     pub async fn shutdown(&self) {
         let children: Vec<(ResourceId, Agent)> = self.children.lock().await.drain().collect();
         for (resource, agent) in children {
-            stop(agent, &self.dir(&resource).join("agent.toml")).await;
+            stop(agent, &self.dir(&resource)).await;
             tracing::info!(%resource, "local agent stopped: the broker is stopping");
         }
     }
@@ -246,7 +246,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ProvisionError> {
 }
 
 /// SIGTERM (the agent ends cleanly), then SIGKILL after [`AGENT_STOP_GRACE`].
-async fn stop(agent: Agent, config: &Path) {
+async fn stop(agent: Agent, dir: &Path) {
     match agent {
         Agent::Child(mut child) => {
             if let Ok(Some(_)) = child.try_wait() {
@@ -264,16 +264,22 @@ async fn stop(agent: Agent, config: &Path) {
             }
         }
         Agent::Adopted(pid) => {
-            if !runs_config(pid, config) {
-                return;
-            }
-            signal("-TERM", pid).await;
-            // Not our child: its exit is seen in /proc, not by `wait`.
-            let deadline = tokio::time::Instant::now() + AGENT_STOP_GRACE;
-            while runs_config(pid, config) {
-                if tokio::time::Instant::now() >= deadline {
-                    signal("-KILL", pid).await;
-                    return;
+            // Not our child: its exit is seen in /proc, not by `wait`; every
+            // signal goes only to a process that still is this agent.
+            let mut signalled = None;
+            let deadline = tokio::time::Instant::now() + 2 * AGENT_STOP_GRACE;
+            while is_agent_of(pid, dir) && tokio::time::Instant::now() < deadline {
+                let now = tokio::time::Instant::now();
+                match signalled {
+                    None => {
+                        signal("-TERM", pid).await;
+                        signalled = Some(now);
+                    }
+                    Some(at) if now >= at + AGENT_STOP_GRACE => {
+                        signal("-KILL", pid).await;
+                        signalled = Some(now);
+                    }
+                    Some(_) => {}
                 }
                 tokio::time::sleep(STOP_POLL).await;
             }
@@ -296,9 +302,32 @@ async fn signal(which: &str, pid: u32) {
         .await;
 }
 
+/// Whether process `pid` is the agent of the local host directory `dir`:
+/// it runs with `dir`'s config among its arguments and holds its state
+/// directory's lock file open. A `ferry-agent --config ... session end` call
+/// of that config (hooks make them all the time) does not hold the lock,
+/// nor does a process that reused a dead agent's pid.
+fn is_agent_of(pid: u32, dir: &Path) -> bool {
+    runs_config(pid, &dir.join("agent.toml"))
+        && holds_open(
+            pid,
+            &dir.join(STATE_DIR).join(ferry_process::lock::LOCK_FILE),
+        )
+}
+
+/// Whether process `pid` has `path` open (one of its `/proc/<pid>/fd`
+/// links names it).
+fn holds_open(pid: u32, path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == want))
+}
+
 /// Whether process `pid` runs (not a zombie) with `config` among its
-/// arguments: a local agent of this directory, not a process that reused
-/// the pid.
+/// arguments.
 fn runs_config(pid: u32, config: &Path) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
@@ -343,22 +372,41 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let config = dir.join("agent.toml");
         std::fs::write(&config, "").expect("config");
-        // Stands in for the agent an earlier broker started: a process that
-        // runs until stopped, with the directory's config among its arguments.
-        let mut orphan = Command::new("tail")
+        let lock = dir.join(STATE_DIR).join(ferry_process::lock::LOCK_FILE);
+        std::fs::create_dir_all(dir.join(STATE_DIR)).expect("state dir");
+        std::fs::write(&lock, "").expect("lock file");
+        // A `ferry-agent session ...` call of that config: its arguments
+        // name the config, but it does not hold the lock.
+        let mut cli = Command::new("tail")
             .arg("-f")
             .arg(&config)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn");
+        std::fs::write(&lock, format!("{}\n", cli.id().expect("pid"))).expect("lock pid");
+        let p = LocalProvisioner::new(PathBuf::from("/nonexistent/ferry-agent"), root.clone());
+        assert!(!p.running(&resource).await, "a CLI call is not the agent");
+        cli.kill().await.expect("kill");
+        // Stands in for the agent an earlier broker started: a process that
+        // runs until stopped with the directory's config among its
+        // arguments, and holds the lock open.
+        let mut orphan = Command::new("tail")
+            .arg("-f")
+            .arg(&config)
+            .arg(&lock)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn");
         let pid = orphan.id().expect("pid");
-        // What the agent writes once it holds its state directory.
-        std::fs::create_dir_all(dir.join(STATE_DIR)).expect("state dir");
-        std::fs::write(
-            dir.join(STATE_DIR).join(ferry_process::lock::LOCK_FILE),
-            format!("{pid}\n"),
-        )
-        .expect("lock file");
+        std::fs::write(&lock, format!("{pid}\n")).expect("lock file");
+        let opened = tokio::time::Instant::now() + AGENT_STOP_GRACE;
+        while !holds_open(pid, &lock) {
+            assert!(
+                tokio::time::Instant::now() < opened,
+                "tail never opened the lock"
+            );
+            tokio::time::sleep(STOP_POLL).await;
+        }
 
         let p = LocalProvisioner::new(PathBuf::from("/nonexistent/ferry-agent"), root);
         // Resumed: adopted, not started again (the binary does not exist).
