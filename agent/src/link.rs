@@ -586,6 +586,7 @@ impl Link {
             for ev in batch {
                 let seq = ev.seq;
                 send_msg(send, AgentToBroker::Session(ev), shutdown).await?;
+                tracing::debug!(seq, "event sent");
                 *sent = seq;
             }
         }
@@ -607,7 +608,9 @@ impl Link {
                         "ack of seq {up_to} but only {sent} was sent"
                     )));
                 }
+                tracing::debug!(up_to, "broker acknowledged events");
                 self.spool.ack(up_to).await?;
+                tracing::debug!(up_to, "acknowledgement applied to the spool");
             }
             BrokerToAgent::Command { id, command } => {
                 if commands.len() >= MAX_INFLIGHT_COMMANDS {

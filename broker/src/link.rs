@@ -1033,6 +1033,8 @@ impl Connection {
                     .await)
             }
         };
+        tracing::debug!(resource = %self.resource, last_seq = out.last_seq,
+            recorded = out.recorded, duplicates = out.duplicates, "events recorded");
         for seq in &out.refused {
             tracing::warn!(
                 resource = %self.resource,
@@ -1056,12 +1058,14 @@ impl Connection {
                 .collect();
             // Before the Ack: an agent told "recorded" knows its group saw it.
             actors.sessions(g, &self.resource, new).await;
+            tracing::debug!(resource = %self.resource, group = %g, "the group took the events");
         }
         if out.recorded + out.duplicates > 0 {
             self.write(BrokerToAgent::Ack {
                 up_to: out.last_seq,
             })
             .await?;
+            tracing::debug!(resource = %self.resource, up_to = out.last_seq, "events acknowledged");
         }
         if let Some(gap) = out.gap {
             return Err(self

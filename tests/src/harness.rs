@@ -79,12 +79,14 @@ pub fn manual_clock() -> (
     (clock, config)
 }
 
-/// Logs to the test's captured output (`RUST_LOG` picks the level; `info` by
-/// default, so a failing test shows what its broker and agents did, and a
-/// passing one shows nothing). Safe to call from every test.
+/// Logs to the test's captured output (`RUST_LOG` picks the level; `info`,
+/// and `debug` for the agent link's steps on both sides, by default, so a
+/// failing test shows what its broker and agents did, and a passing one
+/// shows nothing). Safe to call from every test.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,ferry_broker::link=debug,ferry_agent::link=debug")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_test_writer()
