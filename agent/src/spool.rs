@@ -1002,6 +1002,9 @@ pub struct SpoolHandle {
     status: Arc<watch::Sender<LinkStatus>>,
     /// Last sequence number written; the link waits on it for new events.
     appended: Arc<watch::Sender<u64>>,
+    /// Held while the counters are read and published, so a publish that
+    /// read them before another change cannot overwrite that change's.
+    publishing: Arc<Mutex<()>>,
 }
 
 impl SpoolHandle {
@@ -1011,6 +1014,7 @@ impl SpoolHandle {
             inner: Arc::new(Mutex::new(spool)),
             status,
             appended: Arc::new(watch::channel(last).0),
+            publishing: Arc::new(Mutex::new(())),
         };
         handle.publish();
         handle
@@ -1060,6 +1064,13 @@ impl SpoolHandle {
     }
 
     fn publish(&self) {
+        // Two changes on two blocking threads (an append and an ack) each
+        // publish: serialised, the last one sends what it read last, never
+        // an older snapshot over a newer one.
+        let _order = self
+            .publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (last, acked, spooled, failure) = {
             let s = self.lock();
             (
@@ -1069,6 +1080,10 @@ impl SpoolHandle {
                 s.write_error().map(failure_text),
             )
         };
+        // Tests widen the gap between the read and the send, where another
+        // change can come in.
+        #[cfg(test)]
+        std::thread::sleep(std::time::Duration::from_micros(300));
         self.appended.send_if_modified(|v| {
             let changed = *v != last;
             *v = last;
@@ -1321,6 +1336,30 @@ mod tests {
         assert_eq!(rx.borrow().last_error, None);
         assert_eq!(h.failure(), None);
         assert_eq!(rx.borrow().last_seq, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_status_ends_on_the_spools_latest_counters_when_changes_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        let (tx, rx) = watch::channel(LinkStatus::default());
+        let h = SpoolHandle::new(spool, Arc::new(tx));
+        // An append and the acknowledgement of the one before race, as a
+        // session report and the broker's Ack do.
+        for i in 0..200u64 {
+            let (a, b) = (h.clone(), h.clone());
+            let append = tokio::spawn(async move { a.append(start(&format!("s{i}"))).await });
+            let ack = tokio::spawn(async move { b.ack(i).await });
+            append.await.unwrap().unwrap();
+            ack.await.unwrap().unwrap();
+            let st = rx.borrow().clone();
+            let s = h.lock();
+            assert_eq!(
+                (st.last_seq, st.acked_seq, st.spooled),
+                (s.last_seq(), s.acked_seq(), s.spooled()),
+                "round {i}: the status shows an older state than the spool's"
+            );
+        }
     }
 
     #[test]
