@@ -102,6 +102,26 @@ async fn wait_all_released(socket: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Kills, when dropped, every local agent still running under its root: a
+/// failing round must not leave agents behind (a killed broker cannot stop
+/// them, which is what the test is about).
+struct NoLeftovers(std::path::PathBuf);
+
+impl Drop for NoLeftovers {
+    fn drop(&mut self) {
+        let Ok(agents) = local_agents(&self.0) else {
+            return;
+        };
+        for pid in agents.values().flatten() {
+            // Best effort: kill(1) (the workspace denies unsafe code).
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_none(
 ) -> anyhow::Result<()> {
@@ -117,6 +137,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
         bin("ferry-agent")
     );
     let root = files.state_dir.join(LOCAL_AGENTS_DIR);
+    let _cleanup = NoLeftovers(root.clone());
     let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
     let addr = broker.agent_addr;
     let socket = files.admin_socket.clone();
