@@ -212,6 +212,41 @@ where
     String::from_utf8(out.stdout).context("stdout is not UTF-8")
 }
 
+/// Every running process (a zombie is not running) as its pid and its
+/// arguments; a process that ends or cannot be read meanwhile is left out.
+pub fn running_processes() -> Vec<(u32, Vec<String>)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let (Ok(cmdline), Ok(stat)) = (
+            std::fs::read(entry.path().join("cmdline")),
+            std::fs::read_to_string(entry.path().join("stat")),
+        ) else {
+            continue;
+        };
+        // The state follows the command name, which ends at the last ')'.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        if state == Some("Z") {
+            continue;
+        }
+        let args = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        out.push((pid, args));
+    }
+    out
+}
+
 /// `ferryctl group publish` of a pay-as-you-go group `name` in one region,
 /// office network, spec and image (`img-7`, what test agents run), with
 /// the `policy` flags (base resources, limits, thresholds) after them.
@@ -576,6 +611,21 @@ impl AgentProcess {
         let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), self.config.as_os_str()];
         all.extend(args.iter().map(OsStr::new));
         run_ok(&bin("ferry-agent"), all).await
+    }
+
+    /// `ferry-agent session start --trusted --session SESSION --user USER`:
+    /// the operator's word, as the crash tests' streaming server.
+    pub async fn start_session(&self, session: &str, user: &str) -> anyhow::Result<String> {
+        self.cli(&[
+            "session",
+            "start",
+            "--trusted",
+            "--session",
+            session,
+            "--user",
+            user,
+        ])
+        .await
     }
 
     /// `ferry-agent status --wait-synced --json`, parsed.

@@ -109,17 +109,7 @@ async fn broker_sigkill_while_agents_report_loses_and_doubles_nothing() -> anyho
         // is down), never on an agent still holding a dead connection.
         for (agent, resource) in agents.iter().zip(AGENTS) {
             let session = format!("r{round}-{resource}-probe");
-            agent
-                .cli(&[
-                    "session",
-                    "start",
-                    "--trusted",
-                    "--session",
-                    &session,
-                    "--user",
-                    "probe",
-                ])
-                .await?;
+            agent.start_session(&session, "probe").await?;
             agent.wait_synced().await?;
             expected.insert(
                 session,

@@ -184,17 +184,7 @@ async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_o
         let image = format!("img-{}", 8 + round);
         // An open session: the update warns it, then disconnects it.
         let session = format!("s{round}");
-        agents[0]
-            .cli(&[
-                "session",
-                "start",
-                "--trusted",
-                "--session",
-                &session,
-                "--user",
-                "alice",
-            ])
-            .await?;
+        agents[0].start_session(&session, "alice").await?;
         agents[0].wait_synced().await?;
         ferryctl_json(
             &socket,

@@ -17,7 +17,9 @@ use anyhow::{bail, Context};
 use ferry_broker::provision::local::LOCAL_AGENTS_DIR;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
-use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
+use ferry_tests::procs::{
+    ferryctl_json, publish_payg, running_processes, AgentProcess, BrokerFiles, BrokerProcess,
+};
 use rand::Rng;
 
 const GROUP: &str = "el";
@@ -27,42 +29,19 @@ const ROUNDS: u32 = 2;
 const MAX_KILL_DELAY_MS: u64 = 600;
 
 /// Running `ferry-agent` processes of local elastic hosts under `root`, by
-/// resource (a zombie is not running).
-fn local_agents(root: &Path) -> anyhow::Result<BTreeMap<String, Vec<u32>>> {
+/// resource.
+fn local_agents(root: &Path) -> BTreeMap<String, Vec<u32>> {
     let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Gone meanwhile, or not ours to read: not one of them.
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let state = stat
-            .rsplit(')')
-            .next()
-            .and_then(|s| s.split_whitespace().next());
-        if state == Some("Z") {
-            continue;
-        }
-        for arg in cmdline.split(|b| *b == 0) {
-            let arg = Path::new(std::str::from_utf8(arg).unwrap_or(""));
-            if let Ok(rest) = arg.strip_prefix(root) {
+    for (pid, args) in running_processes() {
+        for arg in args {
+            if let Ok(rest) = Path::new(&arg).strip_prefix(root) {
                 if let Some(resource) = rest.parent().and_then(|p| p.to_str()) {
                     out.entry(resource.to_owned()).or_default().push(pid);
                 }
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// The group's live resources as (resource, class, state, available).
@@ -109,10 +88,7 @@ struct NoLeftovers(std::path::PathBuf);
 
 impl Drop for NoLeftovers {
     fn drop(&mut self) {
-        let Ok(agents) = local_agents(&self.0) else {
-            return;
-        };
-        for pid in agents.values().flatten() {
+        for pid in local_agents(&self.0).values().flatten() {
             // Best effort: kill(1) (the workspace denies unsafe code).
             let _ = std::process::Command::new("kill")
                 .arg("-KILL")
@@ -169,21 +145,12 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
     for round in 0..rounds {
         // One session on the one base host: usage 100 % > 50 %, a scale-out.
         let session = format!("s{round}");
-        host.cli(&[
-            "session",
-            "start",
-            "--trusted",
-            "--session",
-            &session,
-            "--user",
-            "alice",
-        ])
-        .await?;
+        host.start_session(&session, "alice").await?;
         let delay = rng.random_range(0..=MAX_KILL_DELAY_MS);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         let status = broker.daemon.crash().await?;
         assert_eq!(status.code(), None, "killed by a signal, not exited");
-        let before = local_agents(&root)?;
+        let before = local_agents(&root);
         eprintln!(
             "round {round}: broker killed {delay} ms after the session; local agents {before:?}"
         );
@@ -209,7 +176,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let agents = local_agents(&root)?;
+        let agents = local_agents(&root);
         assert_eq!(
             agents.get(&ready).map(Vec::len),
             Some(1),
@@ -231,7 +198,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
             .with_context(|| format!("seed {seed} round {round}"))?;
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let agents = local_agents(&root)?;
+            let agents = local_agents(&root);
             let dirs: Vec<String> = match std::fs::read_dir(&root) {
                 Ok(d) => d
                     .filter_map(|e| e.ok())

@@ -73,15 +73,7 @@ async fn report(
     for op in ops {
         match &op {
             Op::Start(s) => agent
-                .cli(&[
-                    "session",
-                    "start",
-                    "--trusted",
-                    "--session",
-                    s,
-                    "--user",
-                    "alice",
-                ])
+                .start_session(s, "alice")
                 .await
                 .with_context(|| format!("start {s}"))?,
             Op::End(s) => agent
@@ -172,17 +164,7 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
         // lands on live connections, as in `crash.rs`.
         for (agent, resource) in agents.iter().zip(AGENTS) {
             let session = format!("r{round}-{resource}-probe");
-            agent
-                .cli(&[
-                    "session",
-                    "start",
-                    "--trusted",
-                    "--session",
-                    &session,
-                    "--user",
-                    "probe",
-                ])
-                .await?;
+            agent.start_session(&session, "probe").await?;
             agent.wait_synced().await?;
             reported.insert(
                 session,

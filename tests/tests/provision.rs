@@ -28,6 +28,7 @@ use ferry_tests::bins::bin;
 use ferry_tests::harness::{
     init_logging, manual_clock, whole_second_now, AgentIdentity, TestAgent, TestBroker, PATIENCE,
 };
+use ferry_tests::procs::running_processes;
 
 const MAX_IDLE: Duration = Duration::from_secs(600);
 const COOLDOWN: Duration = Duration::from_secs(300);
@@ -88,26 +89,11 @@ fn states(l: &LiveGroupView) -> Vec<(String, String, bool)> {
 /// paths are unique to a test's temporary directory).
 fn pids_mentioning(needle: &Path) -> Vec<u32> {
     let needle = needle.display().to_string();
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| s.contains(") Z "))
-            .unwrap_or(true);
-        if cmdline.contains(&needle) && !zombie {
-            out.push(pid);
-        }
-    }
-    out
+    running_processes()
+        .into_iter()
+        .filter(|(_, args)| args.join(" ").contains(&needle))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 fn local_dir(broker: &TestBroker, resource: &str) -> PathBuf {
