@@ -241,6 +241,26 @@ mod tests {
         s.parse().expect("group name")
     }
 
+    /// Group 7, `burst`, published, with elastic records of
+    /// `(engine_id, resource, state)`.
+    fn burst_with(c: &Connection, rows: &[(&str, &str, &str)]) -> Result<(), StoreError> {
+        c.execute_batch(
+            "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
+                 term, auto_renew, base_resources, session_type, policy, status, created_at,
+                 updated_at)
+             VALUES (7, 'dg-7', 'burst', 'r', 'n', 's', 'i', 'pay-as-you-go', NULL, 0, 0,
+                 'independent', '{}', 'published', 0, 0);",
+        )?;
+        for (engine_id, resource, state) in rows {
+            c.execute(
+                "INSERT INTO elastic_resources (group_num, engine_id, resource, state,
+                     requested_at) VALUES (7, ?1, ?2, ?3, 0)",
+                params![engine_id, resource, state],
+            )?;
+        }
+        Ok(())
+    }
+
     #[tokio::test]
     async fn assignments_are_the_operators_and_provisioned_names_are_not_assignable() {
         let tmp = tempfile::tempdir().expect("tmp");
@@ -278,16 +298,7 @@ mod tests {
         // A live provisioned record decides, whatever the operator says.
         store
             .exec(|c| {
-                c.execute_batch(
-                    "INSERT INTO groups (num, id, name, region, office_network, spec, image,
-                         billing, term, auto_renew, base_resources, session_type, policy, status,
-                         created_at, updated_at)
-                     VALUES (7, 'dg-7', 'burst', 'r', 'n', 's', 'i', 'pay-as-you-go', NULL, 0, 0,
-                         'independent', '{}', 'published', 0, 0);
-                     INSERT INTO elastic_resources (group_num, engine_id, resource, state,
-                         requested_at)
-                     VALUES (7, 'e1', 'burst-e1', 'pending', 0);",
-                )?;
+                burst_with(c, &[("e1", "burst-e1", "pending")])?;
                 Ok(())
             })
             .await
@@ -339,16 +350,13 @@ mod tests {
             .expect("revoke");
         let members = store
             .exec(|c| {
-                c.execute_batch(
-                    "INSERT INTO groups (num, id, name, region, office_network, spec, image,
-                         billing, term, auto_renew, base_resources, session_type, policy, status,
-                         created_at, updated_at)
-                     VALUES (7, 'dg-7', 'burst', 'r', 'n', 's', 'i', 'pay-as-you-go', NULL, 0, 0,
-                         'independent', '{}', 'published', 0, 0);
-                     INSERT INTO elastic_resources (group_num, engine_id, resource, state,
-                         requested_at)
-                     VALUES (7, 'e1', 'burst-e1', 'ready', 0), (7, 'e2', 'burst-e2', 'pending', 0),
-                         (7, 'e3', 'burst-e3', 'released', 0);",
+                burst_with(
+                    c,
+                    &[
+                        ("e1", "burst-e1", "ready"),
+                        ("e2", "burst-e2", "pending"),
+                        ("e3", "burst-e3", "released"),
+                    ],
                 )?;
                 members(c, 7, &g("burst"))
             })

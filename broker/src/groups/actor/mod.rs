@@ -927,6 +927,15 @@ mod tests {
 
     /// One host's reports about another host's session change nothing:
     /// its end, its user's disconnect, its start, its listing as open.
+    /// The messages of the `ignored-report` events among `events`.
+    fn ignored_reports(events: &[(String, String)]) -> Vec<&str> {
+        events
+            .iter()
+            .filter(|(k, _)| k == "ignored-report")
+            .map(|(_, m)| m.as_str())
+            .collect()
+    }
+
     #[tokio::test]
     async fn a_host_reports_only_its_own_sessions() {
         use ferry_common::wire::{Presence, PresenceReport};
@@ -965,11 +974,7 @@ mod tests {
         assert_eq!(occupancy(&f.actors.view(&g).await.expect("view")), before);
 
         let events = f.events("g1").await;
-        let ignored: Vec<_> = events
-            .iter()
-            .filter(|(k, _)| k == "ignored-report")
-            .map(|(_, m)| m.as_str())
-            .collect();
+        let ignored = ignored_reports(&events);
         assert_eq!(ignored.len(), 4, "{events:?}");
         assert!(ignored[0].contains("resource h2 reported the end of session s1, which is on h1"));
         assert!(ignored[1].contains("the user's disconnect from session s1"));
@@ -983,11 +988,7 @@ mod tests {
             f.actors.sessions(&g, &rid("h2"), vec![ended("s1")]).await;
         }
         let events = f.events("g1").await;
-        let ignored: Vec<_> = events
-            .iter()
-            .filter(|(k, _)| k == "ignored-report")
-            .map(|(_, m)| m.as_str())
-            .collect();
+        let ignored = ignored_reports(&events);
         assert_eq!(ignored.len(), 20, "{events:?}");
         assert!(ignored[19].contains("further such reports of h2 are ignored"));
 
