@@ -1027,7 +1027,7 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
+
     use tokio::io::AsyncReadExt;
 
     struct Fixture {
@@ -1049,8 +1049,7 @@ mod tests {
 
     async fn start_with(limits: AdminLimits) -> Fixture {
         let tmp = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(&tmp.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let store = crate::store::testing::open_for_test(tmp.path());
         let socket = tmp.path().join("admin.sock");
         let listener = bind(&socket).expect("bind");
         let shutdown = CancellationToken::new();

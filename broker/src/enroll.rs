@@ -315,7 +315,7 @@ pub fn expiry(now: UnixMillis, lifetime: Duration) -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
+
     use rcgen::{CertificateParams, KeyPair};
     use rustls::pki_types::pem::PemObject;
 
@@ -332,8 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let pki_dir = dir.path().join("pki");
         pki::init(&pki_dir, &[]).expect("pki");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let store = crate::store::testing::open_for_test(dir.path());
         let clock = crate::clock::ManualClock::new(T0);
         let svc = EnrollService::new(
             store.clone(),

@@ -23,7 +23,7 @@ use crate::endpoint::{self, close_code, Services};
 use crate::link::{self, LinkContext};
 use crate::pki;
 use crate::registry::Registry;
-use crate::store::{Store, StoreOptions};
+use crate::store::Store;
 
 fn agent_validity() -> pki::Validity {
     pki::Validity::starting_now(pki::DEFAULT_AGENT_LIFETIME)
@@ -46,7 +46,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
     let tmp = tempfile::tempdir().expect("tmp");
     let pki_dir = tmp.path().join("pki");
     pki::init(&pki_dir, &[]).expect("pki init");
-    let store = Store::open(&tmp.path().join("ferry.db"), StoreOptions::default()).expect("store");
+    let store = crate::store::testing::open_for_test(tmp.path());
     let endpoint = quinn::Endpoint::server(
         pki::server_config(&pki_dir).expect("server config"),
         "127.0.0.1:0".parse().expect("addr"),

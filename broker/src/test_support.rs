@@ -16,7 +16,7 @@ use crate::config::GroupsConfig;
 use crate::groups::{ActorsParts, GroupActors, GroupService, Groups};
 use crate::ota::Ota;
 use crate::registry::Registry;
-use crate::store::{Store, StoreOptions};
+use crate::store::Store;
 
 pub fn rid(s: &str) -> ResourceId {
     s.parse().expect("resource id")
@@ -56,7 +56,7 @@ pub fn group_spec(name: &str) -> GroupSpec {
 
 /// Opens a fresh store in `dir`.
 pub fn open_store(dir: &Path) -> Store {
-    Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store")
+    crate::store::testing::open_for_test(dir)
 }
 
 /// The groups and OTA on `store` and `registry`, wired as the daemon

@@ -129,7 +129,7 @@ mod tests {
 
     use super::*;
     use crate::clock::ManualClock;
-    use crate::store::{Store, StoreOptions};
+    use crate::store::Store;
 
     /// 2026-03-02T00:00:00Z
     const T0: UnixMillis = UnixMillis(1_772_409_600_000);
@@ -184,7 +184,7 @@ exit 0
     }
 
     fn open(dir: &Path, config: &GroupsConfig) -> (Store, GroupService) {
-        let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(dir);
         (store.clone(), GroupService::new(store, config.clone()))
     }
 

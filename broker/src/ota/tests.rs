@@ -21,7 +21,6 @@ use crate::registry::{CommandRequest, Registry};
 use crate::rollout::machine::{self as rollout, plan_waves};
 use crate::rollout::Settings;
 use crate::store::rollouts::{ResultRow, RolloutWrite, ScheduleRow};
-use crate::store::StoreOptions;
 
 const T0: UnixMillis = UnixMillis(1_800_000_000_000);
 const DAY: i64 = 86_400_000;
@@ -140,7 +139,7 @@ fn shows_reads_the_component_s_version() {
 
 /// A store in a temp dir with one pay-as-you-go group `g` in `status`.
 async fn store_with_group(dir: &std::path::Path, status: &str) -> Store {
-    let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store");
+    let store = crate::store::testing::open_for_test(dir);
     store.insert_group_in_status_for_test(1, "g", status).await;
     store
 }

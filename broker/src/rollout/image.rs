@@ -185,7 +185,7 @@ mod tests {
     use crate::groups::{GroupActors, GroupService};
     use crate::rollout::driver::{Ctx, Driver, Which};
     use crate::rollout::Settings;
-    use crate::store::StoreOptions;
+
     use ferry_common::admin::{GroupSpec, OtaOfferSpec, OtaScheduleSpec};
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
@@ -214,8 +214,7 @@ mod tests {
     #[tokio::test]
     async fn begin_checks_status_and_image_and_the_switch_starts_at_the_warning_s_deadline() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let store = crate::store::testing::open_for_test(dir.path());
         let registry = Arc::new(Registry::new());
         let clock = ManualClock::new(UnixMillis(T0));
         let config = GroupsConfig {
@@ -347,8 +346,7 @@ mod tests {
     #[tokio::test]
     async fn an_image_update_is_refused_while_an_ota_rolls_out() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("store");
+        let store = crate::store::testing::open_for_test(dir.path());
         let service = GroupService::new(store.clone(), GroupsConfig::default());
         service
             .publish(spec("g1"), UnixMillis(T0))

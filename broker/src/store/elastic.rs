@@ -9,12 +9,11 @@
 //! actor's decisions make are written with its next commit, by
 //! [`write_ops`] inside that transaction.
 
+use crate::store::sql::{args, columns, Db, OptionalExtension};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Store, StoreError};
 use crate::engine::{RestoredElastic, RestoredState};
-use crate::store::columns;
 
 /// A state an elastic or provisioned base resource moves to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,17 +103,21 @@ pub struct EnrollTokenRecord {
 }
 
 fn insert_pending(
-    c: &Connection,
+    c: &Db,
     num: i64,
     engine_id: &str,
     resource: &str,
     at: UnixMillis,
 ) -> Result<(), StoreError> {
     c.execute(
-        "INSERT OR REPLACE INTO elastic_resources
+        "INSERT INTO elastic_resources
              (group_num, engine_id, resource, state, requested_at)
-         VALUES (?1, ?2, ?3, 'pending', ?4)",
-        params![num, engine_id, resource, at.0],
+         VALUES (?1, ?2, ?3, 'pending', ?4)
+         ON CONFLICT (group_num, engine_id) DO UPDATE SET
+             resource = excluded.resource, state = 'pending',
+             requested_at = excluded.requested_at, ready_at = NULL, releasing_at = NULL,
+             released_at = NULL, deleted_at = NULL, created_at = NULL",
+        args![num, engine_id, resource, at.0],
     )?;
     // A new machine takes this name: keys of an earlier one (a retired
     // resource of an earlier group of the same name) are refused from now,
@@ -132,7 +135,7 @@ fn insert_pending(
 }
 
 /// Applies the record changes of group `num` in the actor's commit transaction.
-pub(crate) fn write_ops(c: &Connection, num: i64, ops: &[ElasticOp]) -> Result<(), StoreError> {
+pub(crate) fn write_ops(c: &Db, num: i64, ops: &[ElasticOp]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             ElasticOp::Pending {
@@ -151,7 +154,7 @@ pub(crate) fn write_ops(c: &Connection, num: i64, ops: &[ElasticOp]) -> Result<(
                         "UPDATE elastic_resources SET state = ?3, {column} = COALESCE({column}, ?4)
                          WHERE group_num = ?1 AND engine_id = ?2"
                     ),
-                    params![num, engine_id.as_str(), state.as_str(), at.0],
+                    args![num, engine_id.as_str(), state.as_str(), at.0],
                 )?;
             }
         }
@@ -163,7 +166,7 @@ pub(crate) fn write_ops(c: &Connection, num: i64, ops: &[ElasticOp]) -> Result<(
 /// releasing) with their real ids, and the next number to give; inside the
 /// caller's read or transaction.
 pub(crate) fn load(
-    c: &Connection,
+    c: &Db,
     num: i64,
 ) -> Result<(Vec<(RestoredElastic, ResourceId)>, u32), StoreError> {
     let mut stmt = c.prepare(
@@ -173,7 +176,7 @@ pub(crate) fn load(
     )?;
     let rows = stmt
         .query_map(
-            [num],
+            args![num],
             columns::<(String, String, String, i64, Option<i64>, Option<i64>)>,
         )?
         .collect::<Result<Vec<_>, _>>()?;
@@ -223,7 +226,7 @@ impl Store {
                  ORDER BY engine_id",
             )?;
             let rows = stmt
-                .query_map([num], columns::<(String, String, String, i64, bool)>)?
+                .query_map(args![num], columns::<(String, String, String, i64, bool)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(e, r, state, requested_at, created)| {
@@ -269,7 +272,7 @@ impl Store {
                     "SELECT e.group_num, g.name, e.resource, e.state
                      FROM elastic_resources e JOIN groups g ON g.num = e.group_num
                      WHERE g.status IN ('gone', 'publish-failed', 'recycling')
-                         AND (?1 IS NULL OR g.id = ?1 OR g.name = ?1)
+                         AND (CAST(?1 AS TEXT) IS NULL OR g.id = ?1 OR g.name = ?1)
                          AND e.deleted_at IS NULL
                          AND e.state IN ('pending', 'ready', 'releasing')
                          AND NOT EXISTS (
@@ -280,7 +283,7 @@ impl Store {
                      ORDER BY e.group_num, e.requested_at, e.rowid",
                 )?;
                 let rows = stmt
-                    .query_map(params![group], columns::<(i64, String, String, String)>)?
+                    .query_map(args![group], columns::<(i64, String, String, String)>)?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })
@@ -314,7 +317,7 @@ impl Store {
             c.execute(
                 "UPDATE elastic_resources SET created_at = COALESCE(created_at, ?3)
                  WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
-                params![num, key, at.0],
+                args![num, key, at.0],
             )?;
             Ok(())
         })
@@ -342,7 +345,7 @@ impl Store {
                      released_at = CASE WHEN ?4 THEN COALESCE(released_at, ?3)
                          ELSE released_at END
                  WHERE group_num = ?1 AND resource = ?2 AND deleted_at IS NULL",
-                params![num, key, at.0, retired],
+                args![num, key, at.0, retired],
             )?;
             Ok(())
         })
@@ -378,12 +381,13 @@ impl Store {
             c.execute(
                 "INSERT INTO enroll_tokens (token_hash, group_num, resource, created_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![token_hash, num, resource, now.0, expires_at.0],
+                args![token_hash, num, resource, now.0, expires_at.0],
             )?;
-            let image: String =
-                c.query_row("SELECT image FROM groups WHERE num = ?1", [num], |row| {
-                    row.get(0)
-                })?;
+            let image: String = c.query_row(
+                "SELECT image FROM groups WHERE num = ?1",
+                args![num],
+                |row| row.get(0),
+            )?;
             Ok(image)
         })
         .await
@@ -395,20 +399,20 @@ impl Store {
         token_hash: String,
     ) -> Result<Option<EnrollTokenRecord>, StoreError> {
         self.read(move |c| {
-            Ok(c.query_row(
+            c.query_row(
                 "SELECT group_num, resource, expires_at, used_at FROM enroll_tokens
                  WHERE token_hash = ?1",
-                [token_hash],
+                args![token_hash],
                 |r| {
                     Ok(EnrollTokenRecord {
                         group_num: r.get(0)?,
                         resource: r.get(1)?,
                         expires_at: UnixMillis(r.get(2)?),
-                        used_at: r.get::<_, Option<i64>>(3)?.map(UnixMillis),
+                        used_at: r.get::<Option<i64>>(3)?.map(UnixMillis),
                     })
                 },
             )
-            .optional()?)
+            .optional()
         })
         .await
     }
@@ -431,13 +435,13 @@ impl Store {
             let n = c.execute(
                 "UPDATE enroll_tokens SET used_at = ?2
                  WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
-                params![token_hash, now.0],
+                args![token_hash, now.0],
             )?;
             if n == 1 {
                 super::groups::event(c, num, now, "enrolled", &message)?;
                 let resource: String = c.query_row(
                     "SELECT resource FROM enroll_tokens WHERE token_hash = ?1",
-                    [&token_hash],
+                    args![&token_hash],
                     |r| r.get(0),
                 )?;
                 super::revocations::raise_floor(
@@ -477,8 +481,10 @@ impl Store {
             let mut stmt = c.prepare(
                 "SELECT resource, kind, ready_at, released_at FROM resource_intervals ORDER BY id",
             )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let rows = stmt.query_map(args![], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()
         })
         .await
         .expect("intervals")
@@ -490,10 +496,12 @@ impl Store {
         let resource = resource.to_owned();
         self.exec(move |c| {
             c.execute(
-                "INSERT OR REPLACE INTO resources (resource, grp, agent_version, image_version,
+                "INSERT INTO resources (resource, grp, agent_version, image_version,
                      hostname, os, kernel, vcpus, memory_bytes, first_seen, last_seen)
-                 VALUES (?1, 'g1', '0', 'img', ?1, 'Debian', '6.1', ?2, ?3, 0, 0)",
-                params![resource, vcpus, memory_gib << 30],
+                 VALUES (?1, 'g1', '0', 'img', ?1, 'Debian', '6.1', ?2, ?3, 0, 0)
+                 ON CONFLICT (resource) DO UPDATE SET
+                     vcpus = excluded.vcpus, memory_bytes = excluded.memory_bytes",
+                args![resource, vcpus, memory_gib << 30],
             )?;
             Ok(())
         })
@@ -507,9 +515,9 @@ impl Store {
             c.execute(
                 "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
                      base_resources, session_type, policy, status, created_at, updated_at)
-                 VALUES (?1, 'dg-' || ?1, ?2, 'r', 'n', 'office-4c8g', 'img', 'pay-as-you-go', 0,
+                 VALUES (?1, ?3, ?2, 'r', 'n', 'office-4c8g', 'img', 'pay-as-you-go', 0,
                      'independent', '{}', 'active', 0, 0)",
-                params![num, name],
+                args![num, name, format!("dg-{num}")],
             )?;
             Ok(())
         })
@@ -521,7 +529,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
@@ -530,8 +537,7 @@ mod tests {
     #[tokio::test]
     async fn a_name_given_to_a_new_machine_refuses_the_keys_of_an_earlier_one() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(dir.path());
         store.insert_group_for_test(1, "g").await;
         let before = crate::clock::now_millis();
         let ops = vec![ElasticOp::Pending {
@@ -558,8 +564,7 @@ mod tests {
     #[tokio::test]
     async fn record_changes_restore_the_alive_elastic_resources_and_the_next_number() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(dir.path());
         store.insert_group_for_test(1, "g").await;
         let ops = vec![
             ElasticOp::Pending {
@@ -634,8 +639,7 @@ mod tests {
     #[tokio::test]
     async fn base_records_and_retired_groups_resources() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(dir.path());
         store.insert_group_for_test(1, "g").await;
         store
             .record_pending_base(1, &rid("b1"), &rid("g-b1"), UnixMillis(5))
@@ -667,7 +671,7 @@ mod tests {
             .is_empty());
         store
             .exec(|c| {
-                c.execute("UPDATE groups SET status = 'gone' WHERE num = 1", [])?;
+                c.execute("UPDATE groups SET status = 'gone' WHERE num = 1", args![])?;
                 Ok(())
             })
             .await

@@ -3,14 +3,13 @@
 //! expiry disconnects not yet confirmed, retained sessions, and the reads an
 //! actor starts from (which groups are live, what an earlier run left).
 
+use crate::store::sql::{args, columns, Db, OptionalExtension};
 use ferry_common::{ResourceId, SessionId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::elastic::{write_ops as write_elastic, ElasticOp};
 use super::groups::event;
 use super::sessions::end_session_by_broker;
 use super::{parse_id, to_u64, GroupRecord, GroupsTx, Store, StoreError};
-use crate::store::columns;
 
 /// An expiry disconnect not confirmed yet, as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,19 +158,17 @@ impl Store {
                         resource,
                         class,
                         at,
-                    } => c
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO resource_intervals
+                    } => c.execute(
+                        "INSERT OR IGNORE INTO resource_intervals
                                  (group_num, resource, kind, billing, ready_at)
                              VALUES (?1, ?2, ?3, ?4, ?5)",
-                        )?
-                        .execute(params![num, resource.as_str(), class, billing, at.0])?,
-                    IntervalOp::Close { resource, at } => c
-                        .prepare_cached(
-                            "UPDATE resource_intervals SET released_at = MAX(ready_at, ?3)
+                        args![num, resource.as_str(), class, billing, at.0],
+                    )?,
+                    IntervalOp::Close { resource, at } => c.execute(
+                        "UPDATE resource_intervals SET released_at = MAX(ready_at, ?3)
                              WHERE group_num = ?1 AND resource = ?2 AND released_at IS NULL",
-                        )?
-                        .execute(params![num, resource.as_str(), at.0])?,
+                        args![num, resource.as_str(), at.0],
+                    )?,
                 };
             }
             write_elastic(c, num, &commit.elastic)?;
@@ -208,8 +205,8 @@ impl Store {
             let mut stmt =
                 c.prepare("SELECT name, status FROM groups WHERE status != 'gone' ORDER BY num")?;
             let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                stmt.query_map(args![], |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))?;
+            rows.collect::<Result<Vec<_>, _>>()
         })
         .await
     }
@@ -221,8 +218,8 @@ impl Store {
         self.read_with(move |c| {
             let mut stmt =
                 c.prepare("SELECT DISTINCT name FROM groups WHERE id = ?1 OR name = ?1")?;
-            let rows = stmt.query_map([&key], |r| r.get::<_, String>(0))?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            let rows = stmt.query_map(args![&key], |r| r.get::<String>(0))?;
+            rows.collect::<Result<Vec<_>, _>>()
         })
         .await
     }
@@ -248,7 +245,7 @@ impl Store {
             )?;
             let ended = stmt
                 .query_map(
-                    params![key, retention_ms, now.0],
+                    args![key, retention_ms, now.0],
                     columns::<(i64, String, i64)>,
                 )?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -256,7 +253,7 @@ impl Store {
                 let n = c.execute(
                     "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
                      WHERE released_at IS NULL AND group_num = ?1",
-                    params![num, at],
+                    args![num, at],
                 )?;
                 if n > 0 && status == "recycling" {
                     event(
@@ -290,7 +287,7 @@ impl Store {
                  WHERE group_num = ?1 AND kind = 'elastic' AND released_at IS NULL
                      AND resource NOT IN (SELECT resource FROM elastic_resources
                          WHERE group_num = ?1 AND state IN ('ready', 'releasing'))",
-                params![num, now.0],
+                args![num, now.0],
             )?;
             if n > 0 {
                 event(
@@ -304,7 +301,7 @@ impl Store {
                     ),
                 )?;
             }
-            Ok(n as u64)
+            Ok(n)
         })
         .await
     }
@@ -330,15 +327,15 @@ impl Store {
         let prefix = format!("resource {resource} %");
         let newest = self
             .read_with(move |c| {
-                Ok(c.query_row(
+                c.query_row(
                     "SELECT kind, message FROM group_events
                      WHERE group_num = ?1 AND kind IN ('flagged', 'flag-lifted')
                          AND message LIKE ?2
                      ORDER BY id DESC LIMIT 1",
-                    params![num, prefix],
-                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                    args![num, prefix],
+                    |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
                 )
-                .optional()?)
+                .optional()
             })
             .await?;
         Ok(newest.and_then(|(kind, message)| (kind == "flagged").then_some(message)))
@@ -354,12 +351,12 @@ impl Store {
         let key = resource.to_string();
         let v = self
             .read_with(move |c| {
-                Ok(c.query_row(
+                c.query_row(
                     "SELECT version FROM resource_policy WHERE group_num = ?1 AND resource = ?2",
-                    params![num, key],
-                    |r| r.get::<_, i64>(0),
+                    args![num, key],
+                    |r| r.get::<i64>(0),
                 )
-                .optional()?)
+                .optional()
             })
             .await?;
         v.map_or(Ok(0), |v| to_u64(v, "policy version"))
@@ -376,21 +373,21 @@ impl Store {
             let group: Option<(i64, String)> = c
                 .query_row(
                     "SELECT policy_version, status FROM groups WHERE num = ?1",
-                    [num],
+                    args![num],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             let resource_group: Option<Option<String>> = c
                 .query_row(
                     "SELECT grp FROM resources WHERE resource = ?1",
-                    [&key],
+                    args![&key],
                     |r| r.get(0),
                 )
                 .optional()?;
             let applied: Option<i64> = c
                 .query_row(
                     "SELECT version FROM resource_policy WHERE group_num = ?1 AND resource = ?2",
-                    params![num, key],
+                    args![num, key],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -430,7 +427,7 @@ impl Store {
                      ON CONFLICT (group_num, resource) DO UPDATE
                          SET version = excluded.version, applied_at = excluded.applied_at
                          WHERE excluded.version > resource_policy.version",
-                    params![num, key, i64::try_from(version).unwrap_or(i64::MAX), at.0],
+                    args![num, key, i64::try_from(version).unwrap_or(i64::MAX), at.0],
                 )?;
             }
             event(c, num, at, kind, &message)
@@ -446,7 +443,10 @@ impl Store {
                  WHERE group_num = ?1 ORDER BY first_at, resource, session",
             )?;
             let rows = stmt
-                .query_map([num], columns::<(String, String, i64, i64, Option<i64>)>)?
+                .query_map(
+                    args![num],
+                    columns::<(String, String, i64, i64, Option<i64>)>,
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(resource, session, attempts, first_at, due_at)| {
@@ -476,7 +476,10 @@ impl Store {
                  ORDER BY r.disconnected_at, r.session",
             )?;
             let rows = stmt
-                .query_map([num], columns::<(String, String, i64, Option<i64>, bool)>)?
+                .query_map(
+                    args![num],
+                    columns::<(String, String, i64, Option<i64>, bool)>,
+                )?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(session, resource, since, deadline, open)| {
@@ -504,7 +507,7 @@ impl Store {
                  WHERE r.grp = ?1 ORDER BY r.resource, s.session",
             )?;
             let rows = stmt
-                .query_map(params![name], columns::<(String, i64, String)>)?
+                .query_map(args![name], columns::<(String, i64, String)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(resource, last_seen, session)| {
@@ -521,32 +524,32 @@ impl Store {
 }
 
 /// Applies changes of pending disconnects (inside a caller's transaction).
-fn write_disconnects(c: &Connection, num: i64, ops: &[DisconnectOp]) -> Result<(), StoreError> {
+fn write_disconnects(c: &Db, num: i64, ops: &[DisconnectOp]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             DisconnectOp::Upsert(d) => {
-                c.prepare_cached(
+                c.execute(
                     "INSERT INTO pending_disconnects
                          (group_num, resource, session, attempts, first_at, due_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT (group_num, resource, session) DO UPDATE
                          SET attempts = excluded.attempts, due_at = excluded.due_at",
-                )?
-                .execute(params![
-                    num,
-                    d.resource.as_str(),
-                    d.session.as_str(),
-                    d.attempts,
-                    d.first_at.0,
-                    d.due_at.map(|t| t.0)
-                ])?;
+                    args![
+                        num,
+                        d.resource.as_str(),
+                        d.session.as_str(),
+                        d.attempts,
+                        d.first_at.0,
+                        d.due_at.map(|t| t.0)
+                    ],
+                )?;
             }
             DisconnectOp::Delete(resource, session) => {
-                c.prepare_cached(
+                c.execute(
                     "DELETE FROM pending_disconnects
                      WHERE group_num = ?1 AND resource = ?2 AND session = ?3",
-                )?
-                .execute(params![num, resource.as_str(), session.as_str()])?;
+                    args![num, resource.as_str(), session.as_str()],
+                )?;
             }
         }
     }
@@ -554,11 +557,11 @@ fn write_disconnects(c: &Connection, num: i64, ops: &[DisconnectOp]) -> Result<(
 }
 
 /// Applies changes of retained sessions (inside a caller's transaction).
-fn write_retained(c: &Connection, num: i64, ops: &[RetainOp]) -> Result<(), StoreError> {
+fn write_retained(c: &Db, num: i64, ops: &[RetainOp]) -> Result<(), StoreError> {
     for op in ops {
         match op {
             RetainOp::Upsert(r) => {
-                c.prepare_cached(
+                c.execute(
                     "INSERT INTO retained_sessions
                          (group_num, session, resource, disconnected_at, deadline)
                      VALUES (?1, ?2, ?3, ?4, ?5)
@@ -566,20 +569,20 @@ fn write_retained(c: &Connection, num: i64, ops: &[RetainOp]) -> Result<(), Stor
                          SET resource = excluded.resource,
                              disconnected_at = excluded.disconnected_at,
                              deadline = excluded.deadline",
-                )?
-                .execute(params![
-                    num,
-                    r.session.as_str(),
-                    r.resource.as_str(),
-                    r.since.0,
-                    r.deadline.map(|t| t.0)
-                ])?;
+                    args![
+                        num,
+                        r.session.as_str(),
+                        r.resource.as_str(),
+                        r.since.0,
+                        r.deadline.map(|t| t.0)
+                    ],
+                )?;
             }
             RetainOp::Delete(session) => {
-                c.prepare_cached(
+                c.execute(
                     "DELETE FROM retained_sessions WHERE group_num = ?1 AND session = ?2",
-                )?
-                .execute(params![num, session.as_str()])?;
+                    args![num, session.as_str()],
+                )?;
             }
         }
     }

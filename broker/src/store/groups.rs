@@ -9,9 +9,9 @@
 //! on one group are serialised, and an answer means "committed". A refusal
 //! (`Err`) after some writes takes them back: nothing changed.
 
+use crate::store::sql::{args, Db, OptionalExtension, Row};
 use ferry_common::admin::{GroupEventInfo, OrderInfo};
 use ferry_common::{GroupName, ResourceId, UnixMillis, UserId};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{parse_id, to_u64, users, Store, StoreError};
 
@@ -119,7 +119,7 @@ const ROW_COLUMNS: &str = "num, id, name, region, office_network, spec, image, b
     auto_renew, base_resources, session_type, policy, status, expires_at, expired_at, created_at,
     policy_version";
 
-fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<GroupRecord, StoreError>> {
+fn read_record(r: &Row<'_>) -> Result<GroupRecord, StoreError> {
     let name: String = r.get(2)?;
     let base: i64 = r.get(10)?;
     let version: i64 = r.get(17)?;
@@ -137,36 +137,34 @@ fn read_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<GroupRecord, St
     let (session_type, policy, status) = (r.get(11)?, r.get(12)?, r.get(13)?);
     let (expires_at, expired_at, created_at): (Option<i64>, Option<i64>, i64) =
         (r.get(14)?, r.get(15)?, r.get(16)?);
-    Ok((|| {
-        Ok(GroupRecord {
-            num,
-            id,
-            name: parse_id(name, "group name")?,
-            region,
-            office_network,
-            spec,
-            image,
-            billing,
-            term,
-            auto_renew,
-            base_resources: u32::try_from(base)
-                .map_err(|_| StoreError::Corrupt(format!("base resources {base}")))?,
-            session_type,
-            policy,
-            status,
-            expires_at: expires_at.map(UnixMillis),
-            expired_at: expired_at.map(UnixMillis),
-            created_at: UnixMillis(created_at),
-            policy_version: to_u64(version, "policy version")?,
-        })
-    })())
+    Ok(GroupRecord {
+        num,
+        id,
+        name: parse_id(name, "group name")?,
+        region,
+        office_network,
+        spec,
+        image,
+        billing,
+        term,
+        auto_renew,
+        base_resources: u32::try_from(base)
+            .map_err(|_| StoreError::Corrupt(format!("base resources {base}")))?,
+        session_type,
+        policy,
+        status,
+        expires_at: expires_at.map(UnixMillis),
+        expired_at: expired_at.map(UnixMillis),
+        created_at: UnixMillis(created_at),
+        policy_version: to_u64(version, "policy version")?,
+    })
 }
 
 /// A group transaction (or a read) in progress: every statement about
 /// groups goes through it. Handed to the closures of
 /// [`Store::group_change`] and [`Store::group_read`].
 pub struct GroupsTx<'c> {
-    c: &'c Connection,
+    c: &'c Db,
 }
 
 impl GroupsTx<'_> {
@@ -177,10 +175,7 @@ impl GroupsTx<'_> {
             "SELECT {ROW_COLUMNS} FROM groups WHERE id = ?1 OR name = ?1
              ORDER BY (status != 'gone') DESC, num DESC LIMIT 1"
         );
-        self.c
-            .query_row(&sql, [group], read_record)
-            .optional()?
-            .transpose()
+        self.c.query_row(&sql, args![group], read_record).optional()
     }
 
     /// The live (not gone) group named `group` (a name or an id).
@@ -189,27 +184,21 @@ impl GroupsTx<'_> {
             "SELECT {ROW_COLUMNS} FROM groups
              WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1"
         );
-        self.c
-            .query_row(&sql, [group], read_record)
-            .optional()?
-            .transpose()
+        self.c.query_row(&sql, args![group], read_record).optional()
     }
 
     /// Group `num`.
     pub fn by_num(&self, num: i64) -> Result<Option<GroupRecord>, StoreError> {
         let sql = format!("SELECT {ROW_COLUMNS} FROM groups WHERE num = ?1");
-        self.c
-            .query_row(&sql, [num], read_record)
-            .optional()?
-            .transpose()
+        self.c.query_row(&sql, args![num], read_record).optional()
     }
 
     /// Every group ever published, in publish order.
     pub fn all(&self) -> Result<Vec<GroupRecord>, StoreError> {
         let sql = format!("SELECT {ROW_COLUMNS} FROM groups ORDER BY num");
         let mut stmt = self.c.prepare(&sql)?;
-        let rows = stmt.query_map([], read_record)?;
-        rows.map(|r| r?).collect()
+        let rows = stmt.query_map(args![], read_record)?;
+        rows.collect()
     }
 
     /// Writes a group's status fields after a lifecycle step.
@@ -223,7 +212,7 @@ impl GroupsTx<'_> {
             "UPDATE groups SET status = ?1, expires_at = ?2, expired_at = ?3, auto_renew = ?4,
                     updated_at = ?5, gone_at = COALESCE(gone_at, ?6)
              WHERE num = ?7",
-            params![
+            args![
                 s.status,
                 s.expires_at.map(|t| t.0),
                 s.expired_at.map(|t| t.0),
@@ -284,7 +273,7 @@ impl GroupsTx<'_> {
             "INSERT INTO orders (group_num, kind, term, base_resources, amount, currency,
                                  period_start, period_end, at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
+            args![
                 num,
                 o.kind,
                 o.term,
@@ -301,29 +290,29 @@ impl GroupsTx<'_> {
 
     /// The number the next group gets.
     pub fn next_num(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .c
-            .query_row("SELECT COALESCE(MAX(num), 0) + 1 FROM groups", [], |r| {
-                r.get(0)
-            })?)
+        self.c.query_row(
+            "SELECT COALESCE(MAX(num), 0) + 1 FROM groups",
+            args![],
+            |r| r.get(0),
+        )
     }
 
     /// Whether a live group has this name.
     pub fn live_name_taken(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.c.query_row(
+        self.c.query_row(
             "SELECT COUNT(*) > 0 FROM groups WHERE name = ?1 AND status != 'gone'",
-            [name],
+            args![name],
             |r| r.get(0),
-        )?)
+        )
     }
 
     /// Whether any group, live or gone, had this name.
     pub fn name_used(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.c.query_row(
+        self.c.query_row(
             "SELECT COUNT(*) > 0 FROM groups WHERE name = ?1",
-            [name],
+            args![name],
             |r| r.get(0),
-        )?)
+        )
     }
 
     /// Creates a group.
@@ -334,7 +323,7 @@ impl GroupsTx<'_> {
                                  status, expires_at, expired_at, created_at, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, NULL,
                      ?16, ?16)",
-            params![
+            args![
                 g.num,
                 g.id,
                 g.name.as_str(),
@@ -363,11 +352,11 @@ impl GroupsTx<'_> {
         self.c.execute(
             "UPDATE groups SET policy = ?1, updated_at = ?2, policy_version = policy_version + 1
              WHERE num = ?3",
-            params![policy, now.0, num],
+            args![policy, now.0, num],
         )?;
         let version: i64 = self.c.query_row(
             "SELECT policy_version FROM groups WHERE num = ?1",
-            [num],
+            args![num],
             |x| x.get(0),
         )?;
         to_u64(version, "policy version")
@@ -379,7 +368,7 @@ impl GroupsTx<'_> {
         self.c.execute(
             "UPDATE resource_intervals SET released_at = ready_at
              WHERE group_num = ?1 AND released_at IS NULL",
-            [num],
+            args![num],
         )?;
         Ok(())
     }
@@ -395,7 +384,7 @@ impl GroupsTx<'_> {
             "SELECT kind, term, base_resources, amount, currency, period_start, period_end, at
              FROM orders WHERE group_num = ?1 ORDER BY id",
         )?;
-        let rows = stmt.query_map([num], |x| {
+        let rows = stmt.query_map(args![num], |x| {
             Ok(OrderInfo {
                 kind: x.get(0)?,
                 term: x.get(1)?,
@@ -407,7 +396,7 @@ impl GroupsTx<'_> {
                 at: UnixMillis(x.get(7)?),
             })
         })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        rows.collect::<Result<Vec<_>, _>>()
     }
 
     /// The resources whose agents named group `name` when they last
@@ -416,7 +405,7 @@ impl GroupsTx<'_> {
         let mut stmt = self
             .c
             .prepare("SELECT resource FROM resources WHERE grp = ?1 ORDER BY resource")?;
-        let rows = stmt.query_map([name.as_str()], |x| x.get::<_, String>(0))?;
+        let rows = stmt.query_map(args![name.as_str()], |x| x.get::<String>(0))?;
         rows.map(|x| parse_id(x?, "resource")).collect()
     }
 
@@ -425,7 +414,7 @@ impl GroupsTx<'_> {
         let mut stmt = self.c.prepare(
             "SELECT resource, version FROM resource_policy WHERE group_num = ?1 ORDER BY resource",
         )?;
-        let rows = stmt.query_map([num], |x| Ok((x.get::<_, String>(0)?, x.get::<_, i64>(1)?)))?;
+        let rows = stmt.query_map(args![num], |x| Ok((x.get::<String>(0)?, x.get::<i64>(1)?)))?;
         rows.map(|x| {
             let (resource, version) = x?;
             Ok((parse_id(resource, "resource")?, to_u64(version, "version")?))
@@ -438,29 +427,29 @@ impl GroupsTx<'_> {
         let mut stmt = self.c.prepare(
             "SELECT at, kind, message FROM group_events WHERE group_num = ?1 ORDER BY id",
         )?;
-        let rows = stmt.query_map([num], |r| {
+        let rows = stmt.query_map(args![num], |r| {
             Ok(GroupEventInfo {
                 at: UnixMillis(r.get(0)?),
                 kind: r.get(1)?,
                 message: r.get(2)?,
             })
         })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        rows.collect::<Result<Vec<_>, _>>()
     }
 }
 
 /// Records one event of group `num` (inside a caller's transaction).
 pub(crate) fn event(
-    c: &Connection,
+    c: &Db,
     num: i64,
     at: UnixMillis,
     kind: &str,
     message: &str,
 ) -> Result<(), StoreError> {
-    c.prepare_cached(
+    c.execute(
         "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![num, at.0, kind, message])?;
+        args![num, at.0, kind, message],
+    )?;
     Ok(())
 }
 
@@ -469,7 +458,7 @@ pub(crate) fn event(
 /// an `Err` answer means nothing changed. [`Store::exec`] only rolls back on
 /// a `StoreError`; a refusal travels back to the caller as a value.
 fn atomic<T, E>(
-    c: &Connection,
+    c: &Db,
     f: impl FnOnce(&GroupsTx<'_>) -> Result<T, E>,
 ) -> Result<Result<T, E>, StoreError> {
     c.execute_batch("SAVEPOINT group_change")?;
@@ -543,11 +532,11 @@ impl Store {
     pub async fn next_notification_at(&self) -> Result<Option<UnixMillis>, StoreError> {
         Ok(self
             .read_with(|c| {
-                Ok(c.query_row(
+                c.query_row(
                     "SELECT MIN(next_attempt_at) FROM notifications WHERE delivered_at IS NULL",
-                    [],
-                    |r| r.get::<_, Option<i64>>(0),
-                )?)
+                    args![],
+                    |r| r.get::<Option<i64>>(0),
+                )
             })
             .await?
             .map(UnixMillis))
@@ -567,12 +556,12 @@ impl Store {
                 Ok(()) => c.execute(
                     "UPDATE notifications SET delivered_at = ?1, attempts = attempts + 1,
                             last_error = NULL WHERE id = ?2",
-                    params![now.0, id],
+                    args![now.0, id],
                 )?,
                 Err(e) => {
                     let attempts: i64 = c.query_row(
                         "SELECT attempts FROM notifications WHERE id = ?1",
-                        [id],
+                        args![id],
                         |r| r.get(0),
                     )?;
                     let wait = 1000i64
@@ -582,7 +571,7 @@ impl Store {
                     c.execute(
                         "UPDATE notifications SET attempts = attempts + 1, last_error = ?1,
                                 next_attempt_at = ?2 WHERE id = ?3",
-                        params![e, now.0.saturating_add(wait), id],
+                        args![e, now.0.saturating_add(wait), id],
                     )?
                 }
             };
@@ -594,7 +583,7 @@ impl Store {
 
 /// A transaction of several group changes, each in its own savepoint.
 pub struct GroupsBatch<'c> {
-    c: &'c Connection,
+    c: &'c Db,
 }
 
 impl GroupsBatch<'_> {
@@ -613,11 +602,7 @@ impl GroupsBatch<'_> {
 }
 
 /// Outbox rows, oldest first: every one, or the pending ones due at `due`.
-fn outbox_rows(
-    c: &Connection,
-    due: Option<UnixMillis>,
-    limit: i64,
-) -> Result<Vec<OutboxRow>, StoreError> {
+fn outbox_rows(c: &Db, due: Option<UnixMillis>, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
     let sql = if due.is_some() {
         "SELECT n.id, n.user, n.email, n.mobile, n.kind, g.name, n.attempts, n.next_attempt_at,
                 n.delivered_at, n.last_error
@@ -628,10 +613,10 @@ fn outbox_rows(
         "SELECT n.id, n.user, n.email, n.mobile, n.kind, g.name, n.attempts, n.next_attempt_at,
                 n.delivered_at, n.last_error
          FROM notifications n JOIN groups g ON g.num = n.group_num
-         WHERE ?1 IS NULL ORDER BY n.id LIMIT ?2"
+         WHERE CAST(?1 AS BIGINT) IS NULL ORDER BY n.id LIMIT ?2"
     };
     let mut stmt = c.prepare(sql)?;
-    let rows = stmt.query_map(params![due.map(|t| t.0), limit], |r| {
+    let rows = stmt.query_map(args![due.map(|t| t.0), limit], |r| {
         Ok(OutboxRow {
             id: r.get(0)?,
             user: r.get(1)?,
@@ -641,9 +626,9 @@ fn outbox_rows(
             group: r.get(5)?,
             attempts: r.get(6)?,
             next_attempt_at: UnixMillis(r.get(7)?),
-            delivered_at: r.get::<_, Option<i64>>(8)?.map(UnixMillis),
+            delivered_at: r.get::<Option<i64>>(8)?.map(UnixMillis),
             last_error: r.get(9)?,
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    rows.collect::<Result<Vec<_>, _>>()
 }

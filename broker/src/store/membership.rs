@@ -3,8 +3,8 @@
 //! whose live `elastic_resources` record names them. An agent's `Hello`
 //! only says which group it expects; it never decides (see `crate::link`).
 
+use crate::store::sql::{args, Db, OptionalExtension};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::groups::event;
 use super::{Store, StoreError};
@@ -54,25 +54,21 @@ fn name(text: String) -> Result<GroupName, StoreError> {
 /// resources that are ready (registered and not released), sorted. What a
 /// rollout covers, joined now or not (an operator retires a host for good
 /// with `resources unassign` or `resources revoke`).
-pub(super) fn members(
-    c: &Connection,
-    num: i64,
-    group: &GroupName,
-) -> Result<Vec<ResourceId>, StoreError> {
+pub(super) fn members(c: &Db, num: i64, group: &GroupName) -> Result<Vec<ResourceId>, StoreError> {
     let mut out = Vec::new();
     let mut assigned = c.prepare_cached(
         "SELECT m.resource FROM memberships m
          WHERE m.grp = ?1 AND NOT EXISTS (
              SELECT 1 FROM revocations r WHERE r.resource = m.resource AND r.by_operator = 1)",
     )?;
-    for r in assigned.query_map([group.as_str()], |r| r.get::<_, String>(0))? {
+    for r in assigned.query_map(args![group.as_str()], |r| r.get::<String>(0))? {
         out.push(super::parse_id(r?, "resource")?);
     }
     let mut ready = c.prepare_cached(
         "SELECT resource FROM elastic_resources
          WHERE group_num = ?1 AND state = 'ready' AND deleted_at IS NULL",
     )?;
-    for r in ready.query_map([num], |r| r.get::<_, String>(0))? {
+    for r in ready.query_map(args![num], |r| r.get::<String>(0))? {
         out.push(super::parse_id(r?, "resource")?);
     }
     out.sort();
@@ -81,27 +77,27 @@ pub(super) fn members(
 }
 
 /// The group of `resource`'s live provisioned record, the newest first.
-fn provisioned_group(c: &Connection, resource: &str) -> Result<Option<GroupName>, StoreError> {
+fn provisioned_group(c: &Db, resource: &str) -> Result<Option<GroupName>, StoreError> {
     c.prepare_cached(
         "SELECT g.name FROM elastic_resources e JOIN groups g ON g.num = e.group_num
          WHERE e.resource = ?1 AND e.deleted_at IS NULL AND e.state != 'failed'
          ORDER BY e.group_num DESC LIMIT 1",
     )?
-    .query_row([resource], |r| r.get::<_, String>(0))
+    .query_row(args![resource], |r| r.get::<String>(0))
     .optional()?
     .map(name)
     .transpose()
 }
 
-fn assigned_group(c: &Connection, resource: &str) -> Result<Option<GroupName>, StoreError> {
+fn assigned_group(c: &Db, resource: &str) -> Result<Option<GroupName>, StoreError> {
     c.prepare_cached("SELECT grp FROM memberships WHERE resource = ?1")?
-        .query_row([resource], |r| r.get::<_, String>(0))
+        .query_row(args![resource], |r| r.get::<String>(0))
         .optional()?
         .map(name)
         .transpose()
 }
 
-fn membership(c: &Connection, resource: &str) -> Result<Option<Membership>, StoreError> {
+fn membership(c: &Db, resource: &str) -> Result<Option<Membership>, StoreError> {
     if let Some(group) = provisioned_group(c, resource)? {
         return Ok(Some(Membership {
             group,
@@ -115,12 +111,12 @@ fn membership(c: &Connection, resource: &str) -> Result<Option<Membership>, Stor
 }
 
 /// The number of the live (not gone) group named `group`.
-fn live_num(c: &Connection, group: &GroupName) -> Result<Option<i64>, StoreError> {
-    Ok(c.prepare_cached(
+fn live_num(c: &Db, group: &GroupName) -> Result<Option<i64>, StoreError> {
+    c.prepare_cached(
         "SELECT num FROM groups WHERE name = ?1 AND status != 'gone' ORDER BY num DESC LIMIT 1",
     )?
-    .query_row([group.as_str()], |r| r.get::<_, i64>(0))
-    .optional()?)
+    .query_row(args![group.as_str()], |r| r.get::<i64>(0))
+    .optional()
 }
 
 impl Store {
@@ -157,17 +153,19 @@ impl Store {
             }
             match &group {
                 Some(g) => {
-                    c.prepare_cached(
+                    c.execute(
                         "INSERT INTO memberships (resource, grp, assigned_at, source)
                          VALUES (?1, ?2, ?3, 'operator')
                          ON CONFLICT (resource) DO UPDATE SET grp = excluded.grp,
                              assigned_at = excluded.assigned_at, source = 'operator'",
-                    )?
-                    .execute(params![resource.as_str(), g.as_str(), now.0])?;
+                        args![resource.as_str(), g.as_str(), now.0],
+                    )?;
                 }
                 None => {
-                    c.prepare_cached("DELETE FROM memberships WHERE resource = ?1")?
-                        .execute([resource.as_str()])?;
+                    c.execute(
+                        "DELETE FROM memberships WHERE resource = ?1",
+                        args![resource.as_str()],
+                    )?;
                 }
             }
             if let Some(p) = &previous {
@@ -214,13 +212,13 @@ impl Store {
                      WHERE group_num = ?1 AND kind = ?2 AND message = ?3 AND at > ?4 LIMIT 1",
                 )?
                 .query_row(
-                    params![
+                    args![
                         num,
                         MEMBERSHIP_EVENT,
                         message,
                         now.0.saturating_sub(REFUSED_JOIN_EVERY_MS)
                     ],
-                    |r| r.get::<_, i64>(0),
+                    |r| r.get::<i64>(0),
                 )
                 .optional()?;
             if recent.is_some() {
@@ -243,7 +241,7 @@ mod tests {
 
     /// Group 7, `burst`, published, with elastic records of
     /// `(engine_id, resource, state)`.
-    fn burst_with(c: &Connection, rows: &[(&str, &str, &str)]) -> Result<(), StoreError> {
+    fn burst_with(c: &Db, rows: &[(&str, &str, &str)]) -> Result<(), StoreError> {
         c.execute_batch(
             "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
                  term, auto_renew, base_resources, session_type, policy, status, created_at,
@@ -255,7 +253,7 @@ mod tests {
             c.execute(
                 "INSERT INTO elastic_resources (group_num, engine_id, resource, state,
                      requested_at) VALUES (7, ?1, ?2, ?3, 0)",
-                params![engine_id, resource, state],
+                args![engine_id, resource, state],
             )?;
         }
         Ok(())

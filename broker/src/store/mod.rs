@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags};
+
+use sql::Db;
 use tokio::sync::{mpsc, oneshot};
 
 pub(crate) mod elastic;
@@ -43,6 +45,9 @@ pub(crate) mod membership;
 mod migrations;
 mod revocations;
 mod sessions;
+pub(crate) mod sql;
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 pub(crate) mod usage;
@@ -60,8 +65,8 @@ use migrations::migrate;
 pub use revocations::RevocationRecord;
 pub mod rollouts;
 pub use sessions::{
-    end_reason_text, end_session_by_broker, RecordOutcome, Registered, Registration, SequenceGap,
-    StoreCounts, StoredResource, StoredSession, RECONCILE_REASON, REUSED_ID_REASON,
+    end_reason_text, RecordOutcome, Registered, Registration, SequenceGap, StoreCounts,
+    StoredResource, StoredSession, RECONCILE_REASON, REUSED_ID_REASON,
 };
 pub use usage::{GroupRecords, Interval, Kind, SessionSpan};
 pub use users::{CredentialState, StoredCredentials, StoredUser};
@@ -89,6 +94,18 @@ pub enum StoreError {
     NewerSchema { found: i64, known: i64 },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The PostgreSQL database could not be reached; nothing of the write
+    /// was recorded.
+    #[error(
+        "the PostgreSQL database {database} cannot be reached: {detail}; nothing of this write \
+         was recorded (agents keep their events and send them again once it is back)"
+    )]
+    Unreachable { database: String, detail: String },
+    /// A query that must find a row found none.
+    #[error("no such row")]
+    NoRows,
     #[error("commit failed: {0}")]
     Commit(String),
     /// The state directory's disk refused the write; nothing of it is stored.
@@ -217,7 +234,7 @@ pub struct Store {
 
 struct Inner {
     writes: mpsc::Sender<WriteOp>,
-    reader: Mutex<Connection>,
+    reads: Reads,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -234,39 +251,6 @@ impl Drop for Inner {
         }
     }
 }
-
-/// A row read as the tuple of its columns, in order: `stmt.query_map(args,
-/// columns::<(String, i64)>)`. Each door names the types where it reads.
-pub(crate) fn columns<T: Columns>(r: &rusqlite::Row<'_>) -> rusqlite::Result<T> {
-    T::read(r)
-}
-
-/// A tuple of column values (see [`columns`]).
-pub(crate) trait Columns: Sized {
-    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
-}
-
-macro_rules! columns_tuple {
-    ($($t:ident $i:tt),+) => {
-        impl<$($t: rusqlite::types::FromSql),+> Columns for ($($t,)+) {
-            fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
-                Ok(($(r.get::<_, $t>($i)?,)+))
-            }
-        }
-    };
-}
-
-columns_tuple!(A 0, B 1);
-columns_tuple!(A 0, B 1, C 2);
-columns_tuple!(A 0, B 1, C 2, D 3);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
-columns_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
 
 pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} does not fit")))
@@ -392,7 +376,7 @@ impl Store {
         let max_batch = options.max_batch.max(1);
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
-            .spawn(move || writer_loop(writer, rx, max_batch, dir))
+            .spawn(move || writer_loop(Db::Sqlite(writer), rx, max_batch, dir))
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
                 message: format!("spawn writer thread: {e}"),
@@ -400,7 +384,82 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 writes: tx,
-                reader: Mutex::new(reader),
+                reads: Reads::Local(Mutex::new(Db::Sqlite(reader))),
+                writer: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (a libpq connection
+    /// string or URL), applies pending migrations and starts the writer
+    /// thread. Several brokers may share the database.
+    ///
+    /// A commit is durable when PostgreSQL answers it (its own
+    /// `synchronous_commit`, on by default; the broker acknowledges only
+    /// then). When the connection breaks, writes fail with
+    /// [`StoreError::Unreachable`] and the writer connects again before its
+    /// next batch.
+    pub fn open_postgres(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
+        let source = PgSource::parse(url)?;
+        let (tx, rx) = mpsc::channel(options.queue_len.max(1));
+        let max_batch = options.max_batch.max(1);
+        // The blocking client runs a runtime of its own: it lives, is used
+        // and is dropped on the store's own threads only, never on one of
+        // the broker's runtime threads.
+        let (ready, started) = std::sync::mpsc::channel();
+        let writer_source = source.clone();
+        let handle = std::thread::Builder::new()
+            .name("ferry-store-writer".into())
+            .spawn(move || {
+                let first = writer_source.connect().and_then(|mut client| {
+                    migrations::migrate_postgres(&mut client).map_err(|e| match e {
+                        StoreError::Postgres(message) => StoreError::Open {
+                            path: writer_source.shown.clone(),
+                            message: format!("migrate the schema: {message}"),
+                        },
+                        other => other,
+                    })?;
+                    Ok(client)
+                });
+                let client = match first {
+                    Ok(client) => {
+                        let _ = ready.send(Ok(()));
+                        client
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let first = Db::Postgres(sql::PgConn::new(client, writer_source.shown.clone()));
+                writer::writer_loop_reconnecting(first, rx, max_batch, move || {
+                    let client = writer_source.connect()?;
+                    Ok(Db::Postgres(sql::PgConn::new(
+                        client,
+                        writer_source.shown.clone(),
+                    )))
+                })
+            })
+            .map_err(|e| StoreError::Open {
+                path: source.shown.clone(),
+                message: format!("spawn writer thread: {e}"),
+            })?;
+        match started.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(StoreError::Closed);
+            }
+        }
+        let reads = spawn_reader(source)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                writes: tx,
+                reads,
                 writer: Mutex::new(Some(handle)),
             }),
         })
@@ -425,18 +484,27 @@ impl Store {
     /// `f` runs on the writer thread: it must not block on anything but SQLite.
     async fn exec<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.submit(|reply| WriteOp::Exec(Box::new(Exec { f, reply })))
             .await
     }
 
     /// Makes the writer's connection refuse (`on`) or take writes again, as
-    /// a read-only file system does (SQLite's `query_only`).
+    /// a read-only file system does (SQLite's `query_only`; PostgreSQL's
+    /// read-only transactions).
     #[cfg(test)]
     pub(crate) async fn refuse_writes_for_test(&self, on: bool) {
         self.exec(move |c| {
-            c.pragma_update(None, "query_only", on)?;
+            match c.sqlite() {
+                Some(c) => c.pragma_update(None, "query_only", on)?,
+                // Read-only from the next transaction on, as a standby is.
+                None => c.execute_batch(if on {
+                    "SET default_transaction_read_only = on"
+                } else {
+                    "SET default_transaction_read_only = off"
+                })?,
+            }
             Ok(())
         })
         .await
@@ -448,7 +516,7 @@ impl Store {
     /// through their typed methods.
     pub(super) async fn read_with<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         self.read(f).await
     }
@@ -474,17 +542,121 @@ impl Store {
 
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = inner
-                .reader
-                .lock()
-                .map_err(|_| StoreError::Corrupt("reader lock poisoned".into()))?;
-            f(&conn)
-        })
-        .await
-        .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+        match &self.inner.reads {
+            Reads::Local(_) => {
+                let inner = self.inner.clone();
+                tokio::task::spawn_blocking(move || {
+                    let Reads::Local(reader) = &inner.reads else {
+                        return Err(StoreError::Closed);
+                    };
+                    let conn = reader
+                        .lock()
+                        .map_err(|_| StoreError::Corrupt("reader lock poisoned".into()))?;
+                    f(&conn)
+                })
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+            }
+            Reads::Thread(jobs) => {
+                let (reply, answer) = oneshot::channel();
+                let job: ReadJob = Box::new(move |db| {
+                    let _ = reply.send(db.and_then(f));
+                });
+                jobs.send(job).map_err(|_| StoreError::Closed)?;
+                answer.await.map_err(|_| StoreError::Closed)?
+            }
+        }
     }
+}
+
+/// Where the PostgreSQL store is: the connection settings, and how they are
+/// shown (without a password).
+#[derive(Clone)]
+struct PgSource {
+    config: postgres::Config,
+    shown: String,
+}
+
+impl PgSource {
+    fn parse(url: &str) -> Result<PgSource, StoreError> {
+        let config: postgres::Config = url.parse().map_err(|e| StoreError::Open {
+            path: "the [store] url".into(),
+            message: format!("not a PostgreSQL connection string: {e}"),
+        })?;
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .map(|h| match h {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        let shown = format!(
+            "{} on {}",
+            config.get_dbname().unwrap_or("(default)"),
+            if hosts.is_empty() {
+                "localhost".to_owned()
+            } else {
+                hosts.join(",")
+            }
+        );
+        Ok(PgSource { config, shown })
+    }
+
+    fn connect(&self) -> Result<postgres::Client, StoreError> {
+        self.config
+            .connect(postgres::NoTls)
+            .map_err(|e| StoreError::Unreachable {
+                database: self.shown.clone(),
+                detail: sql::pg_detail(&e),
+            })
+    }
+}
+
+/// How the store reads committed data.
+enum Reads {
+    /// SQLite: a read-only connection, used on tokio's blocking pool.
+    Local(Mutex<Db>),
+    /// PostgreSQL: a thread of its own with its connection, fed reads.
+    Thread(std::sync::mpsc::Sender<ReadJob>),
+}
+
+/// A read for the reader thread: it is given the connection, or why there
+/// is none.
+type ReadJob = Box<dyn FnOnce(Result<&Db, StoreError>) + Send>;
+
+/// Starts the PostgreSQL reader thread. It connects on its first read and
+/// again whenever the connection broke; it ends with the store.
+fn spawn_reader(source: PgSource) -> Result<Reads, StoreError> {
+    let (jobs, queue) = std::sync::mpsc::channel::<ReadJob>();
+    let shown = source.shown.clone();
+    std::thread::Builder::new()
+        .name("ferry-store-reader".into())
+        .spawn(move || {
+            let mut conn: Option<Db> = None;
+            for job in queue {
+                if conn.as_ref().is_none_or(Db::is_broken) {
+                    conn = match source.connect() {
+                        Ok(client) => {
+                            Some(Db::Postgres(sql::PgConn::new(client, source.shown.clone())))
+                        }
+                        Err(e) => {
+                            job(Err(e));
+                            continue;
+                        }
+                    };
+                }
+                match &conn {
+                    Some(db) => job(Ok(db)),
+                    None => job(Err(StoreError::Closed)),
+                }
+            }
+        })
+        .map_err(|e| StoreError::Open {
+            path: shown,
+            message: format!("spawn reader thread: {e}"),
+        })?;
+    Ok(Reads::Thread(jobs))
 }

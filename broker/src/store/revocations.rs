@@ -6,10 +6,10 @@
 //! floor only ever moves up. The rule (refuse at the link, refuse renewal)
 //! is the link's; this door keeps the rows.
 
+use crate::store::sql::{args, columns, Db, OptionalExtension};
 use ferry_common::{ResourceId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{columns, Store, StoreError};
+use super::{Store, StoreError};
 
 /// One operator revocation, as `resources list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,14 +26,14 @@ pub struct RevocationRecord {
 /// move keeps its record, unless the operator sets it (an operator's
 /// revocation stays listed until a new machine takes the name).
 pub(super) fn raise_floor(
-    c: &Connection,
+    c: &Db,
     resource: &str,
     before: UnixMillis,
     at: UnixMillis,
     reason: &str,
     by_operator: bool,
 ) -> Result<(), StoreError> {
-    c.prepare_cached(
+    c.execute(
         "INSERT INTO revocations (resource, revoked_before_ms, at, reason, by_operator)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (resource) DO UPDATE SET
@@ -41,14 +41,8 @@ pub(super) fn raise_floor(
              at = excluded.at, reason = excluded.reason, by_operator = excluded.by_operator
          WHERE excluded.revoked_before_ms > revocations.revoked_before_ms
             OR excluded.by_operator = 1",
-    )?
-    .execute(params![
-        resource,
-        before.0,
-        at.0,
-        reason,
-        i64::from(by_operator)
-    ])?;
+        args![resource, before.0, at.0, reason, i64::from(by_operator)],
+    )?;
     Ok(())
 }
 
@@ -70,7 +64,7 @@ impl Store {
             let group: Option<Option<String>> = c
                 .query_row(
                     "SELECT grp FROM resources WHERE resource = ?1",
-                    [&resource],
+                    args![&resource],
                     |r| r.get(0),
                 )
                 .optional()?;
@@ -78,7 +72,7 @@ impl Store {
                 Some(g) => c
                     .query_row(
                         "SELECT num FROM groups WHERE name = ?1 AND status != 'gone'",
-                        [g],
+                        args![g],
                         |r| r.get(0),
                     )
                     .optional()?,
@@ -118,8 +112,8 @@ impl Store {
         self.read(move |c| {
             Ok(c.query_row(
                 "SELECT revoked_before_ms FROM revocations WHERE resource = ?1",
-                [resource],
-                |r| r.get::<_, i64>(0),
+                args![resource],
+                |r| r.get::<i64>(0),
             )
             .optional()?
             .map(UnixMillis))
@@ -135,7 +129,7 @@ impl Store {
                  WHERE by_operator = 1 ORDER BY resource",
             )?;
             let rows = stmt
-                .query_map([], columns::<(String, i64, i64, String)>)?
+                .query_map(args![], columns::<(String, i64, i64, String)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(resource, before, at, reason)| {

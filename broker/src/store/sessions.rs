@@ -26,12 +26,11 @@
 //! - A resource's `last_seen` is written when its link ends, so `resources
 //!   list` shows when a gone host was last heard from.
 
+use crate::store::sql::{args, Db};
 use ferry_common::wire::{EndReason, HostFacts, SequencedEvent, SessionEvent};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{parse_id, spool_key, to_i64, to_u64, Store, StoreError};
-use crate::store::columns;
 
 /// End reason written when a reconnecting host no longer has a session the
 /// broker thought open.
@@ -58,25 +57,24 @@ const END_INFERRED_THEN_REUSED: i64 = 3;
 /// Ends the open session `session` on `resource` at `at` because the broker
 /// decided so (see [`END_BY_BROKER`]); inside a caller's transaction.
 /// Returns whether a session was open.
-pub fn end_session_by_broker(
-    c: &Connection,
+pub(crate) fn end_session_by_broker(
+    c: &Db,
     resource: &ResourceId,
     session: &SessionId,
     at: UnixMillis,
     reason: &str,
-) -> rusqlite::Result<bool> {
-    let n = c
-        .prepare_cached(
-            "UPDATE sessions SET ended_at = MAX(started_at, ?1), end_reason = ?2, reconciled = ?3
+) -> Result<bool, StoreError> {
+    let n = c.execute(
+        "UPDATE sessions SET ended_at = MAX(started_at, ?1), end_reason = ?2, reconciled = ?3
              WHERE resource = ?4 AND session = ?5 AND ended_at IS NULL",
-        )?
-        .execute(params![
+        args![
             at.0,
             reason,
             END_BY_BROKER,
             resource.as_str(),
             session.as_str()
-        ])?;
+        ],
+    )?;
     Ok(n > 0)
 }
 
@@ -186,15 +184,15 @@ pub(super) fn end_reason_str(reason: &EndReason) -> &str {
     }
 }
 
-pub(super) fn read_last_seq(c: &Connection, resource: &str, spool: i64) -> Result<u64, StoreError> {
-    let v: Option<i64> = c
-        .prepare_cached("SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2")?
-        .query_row(params![resource, spool], |r| r.get(0))
-        .optional()?;
+pub(super) fn read_last_seq(c: &Db, resource: &str, spool: i64) -> Result<u64, StoreError> {
+    let v: Option<i64> = c.query_opt(
+        "SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2",
+        args![resource, spool],
+    )?;
     to_u64(v.unwrap_or(0), "last_seq")
 }
 
-pub(super) fn apply_register(c: &Connection, reg: &Registration) -> Result<Registered, StoreError> {
+pub(super) fn apply_register(c: &Db, reg: &Registration) -> Result<Registered, StoreError> {
     let resource = reg.resource.as_str();
     c.execute(
         "INSERT INTO resources (resource, grp, agent_version, image_version, hostname, os,
@@ -205,7 +203,7 @@ pub(super) fn apply_register(c: &Connection, reg: &Registration) -> Result<Regis
             image_version = excluded.image_version, hostname = excluded.hostname,
             os = excluded.os, kernel = excluded.kernel, vcpus = excluded.vcpus,
             memory_bytes = excluded.memory_bytes, last_seen = excluded.last_seen",
-        params![
+        args![
             resource,
             reg.group.as_ref().map(|g| g.as_str()),
             reg.agent_version,
@@ -221,10 +219,10 @@ pub(super) fn apply_register(c: &Connection, reg: &Registration) -> Result<Regis
     let last_recorded_seq = read_last_seq(c, resource, spool_key(reg.spool_id))?;
 
     let open: Vec<String> = {
-        let mut stmt =
-            c.prepare("SELECT session FROM sessions WHERE resource = ?1 AND ended_at IS NULL")?;
-        let rows = stmt.query_map([resource], |r| r.get::<_, String>(0))?;
-        rows.collect::<Result<_, _>>()?
+        c.query(
+            "SELECT session FROM sessions WHERE resource = ?1 AND ended_at IS NULL",
+            args![resource],
+        )?
     };
     let mut ended = Vec::new();
     let mut still_open = Vec::new();
@@ -236,7 +234,7 @@ pub(super) fn apply_register(c: &Connection, reg: &Registration) -> Result<Regis
         c.execute(
             "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = ?5
              WHERE resource = ?3 AND session = ?4 AND ended_at IS NULL",
-            params![reg.now.0, RECONCILE_REASON, resource, session, END_INFERRED],
+            args![reg.now.0, RECONCILE_REASON, resource, session, END_INFERRED],
         )?;
         ended.push(parse_id(session, "session")?);
     }
@@ -251,7 +249,7 @@ pub(super) fn apply_register(c: &Connection, reg: &Registration) -> Result<Regis
 /// Records `events` of one spool; `known_last` is the spool's `last_seq` in
 /// this transaction when the batch already read or wrote it.
 pub(super) fn apply_record(
-    c: &Connection,
+    c: &Db,
     resource: &ResourceId,
     spool_id: u64,
     known_last: Option<u64>,
@@ -312,7 +310,7 @@ pub(super) fn apply_record(
 /// Where one spool's events are recorded: the transaction's connection,
 /// the resource and spool, and when the batch was received.
 struct SpoolWriter<'a> {
-    c: &'a Connection,
+    c: &'a Db,
     res: &'a str,
     spool: i64,
     recorded_at: UnixMillis,
@@ -332,38 +330,34 @@ impl SpoolWriter<'_> {
         // The newest record of this id on this host: none (a new
         // session), open (a replay after the broker reconciled: the
         // open row stands) or ended (the id is reused: refused).
-        let newest: Option<(i64, bool, i64)> = c
-            .prepare_cached(
-                "SELECT id, ended_at IS NULL, reconciled FROM sessions
-                         WHERE resource = ?1 AND session = ?2 ORDER BY id DESC LIMIT 1",
-            )?
-            .query_row(params![res, session.as_str()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
+        let newest: Option<(i64, bool, i64)> = c.query_opt(
+            "SELECT id, ended_at IS NULL, reconciled FROM sessions
+             WHERE resource = ?1 AND session = ?2 ORDER BY id DESC LIMIT 1",
+            args![res, session.as_str()],
+        )?;
         let reused = matches!(newest, Some((_, false, _)));
-        c.prepare_cached(
+        c.execute(
             "INSERT INTO session_events
                         (resource, spool_id, seq, kind, session, user, at, recorded_at, reason)
                      VALUES (?1, ?2, ?3, 'started', ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
-            res,
-            self.spool,
-            seq,
-            session.as_str(),
-            user.as_str(),
-            at.0,
-            self.recorded_at.0,
-            reused.then_some(REUSED_ID_REASON)
-        ])?;
+            args![
+                res,
+                self.spool,
+                seq,
+                session.as_str(),
+                user.as_str(),
+                at.0,
+                self.recorded_at.0,
+                reused.then_some(REUSED_ID_REASON)
+            ],
+        )?;
         match newest {
             None => {
-                c.prepare_cached(
+                c.execute(
                     "INSERT INTO sessions (resource, session, user, started_at)
                              VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![res, session.as_str(), user.as_str(), at.0])?;
+                    args![res, session.as_str(), user.as_str(), at.0],
+                )?;
                 Ok(false)
             }
             Some((_, true, _)) => Ok(false),
@@ -371,8 +365,10 @@ impl SpoolWriter<'_> {
                 if reconciled == END_INFERRED {
                     // The reused id's own end must not replace the
                     // end the broker inferred (see `ended`).
-                    c.prepare_cached("UPDATE sessions SET reconciled = ?1 WHERE id = ?2")?
-                        .execute(params![END_INFERRED_THEN_REUSED, id])?;
+                    c.execute(
+                        "UPDATE sessions SET reconciled = ?1 WHERE id = ?2",
+                        args![END_INFERRED_THEN_REUSED, id],
+                    )?;
                 }
                 Ok(true)
             }
@@ -389,53 +385,52 @@ impl SpoolWriter<'_> {
         reason: &str,
     ) -> Result<(), StoreError> {
         let (c, res) = (self.c, self.res);
-        c.prepare_cached(
+        c.execute(
             "INSERT INTO session_events
                         (resource, spool_id, seq, kind, session, at, recorded_at, reason)
                      VALUES (?1, ?2, ?3, 'ended', ?4, ?5, ?6, ?7)",
-        )?
-        .execute(params![
-            res,
-            self.spool,
-            seq,
-            session.as_str(),
-            at.0,
-            self.recorded_at.0,
-            reason
-        ])?;
+            args![
+                res,
+                self.spool,
+                seq,
+                session.as_str(),
+                at.0,
+                self.recorded_at.0,
+                reason
+            ],
+        )?;
         // The host's own end beats an end the broker inferred at a
         // reconnect (metering wants the real end time), and an end
         // the broker decided when it is earlier (it happened first).
         // Not once an inferred end's id was reused
         // (`END_INFERRED_THEN_REUSED`): this end is then the refused
         // session's.
-        c.prepare_cached(
+        c.execute(
             "UPDATE sessions SET ended_at = ?1, end_reason = ?2, reconciled = 0
                      WHERE id = (SELECT id FROM sessions
                                  WHERE resource = ?3 AND session = ?4
                                    AND (ended_at IS NULL OR reconciled = ?5
                                         OR (reconciled = ?6 AND ended_at > ?1))
                                  ORDER BY id DESC LIMIT 1)",
-        )?
-        .execute(params![
-            at.0,
-            reason,
-            res,
-            session.as_str(),
-            END_INFERRED,
-            END_BY_BROKER
-        ])?;
+            args![
+                at.0,
+                reason,
+                res,
+                session.as_str(),
+                END_INFERRED,
+                END_BY_BROKER
+            ],
+        )?;
         Ok(())
     }
 
     /// Advances the spool's `last_seq`.
     fn save_last_seq(&self, last_seq: u64) -> Result<(), StoreError> {
-        self.c
-            .prepare_cached(
-                "INSERT INTO spools (resource, spool_id, last_seq) VALUES (?1, ?2, ?3)
+        self.c.execute(
+            "INSERT INTO spools (resource, spool_id, last_seq) VALUES (?1, ?2, ?3)
              ON CONFLICT (resource, spool_id) DO UPDATE SET last_seq = excluded.last_seq",
-            )?
-            .execute(params![self.res, self.spool, to_i64(last_seq, "seq")?])?;
+            args![self.res, self.spool, to_i64(last_seq, "seq")?],
+        )?;
         Ok(())
     }
 }
@@ -445,7 +440,7 @@ impl Store {
     pub async fn counts(&self) -> Result<StoreCounts, StoreError> {
         self.read(|c| {
             let n = |sql: &str| -> Result<u64, StoreError> {
-                to_u64(c.query_row(sql, [], |r| r.get(0))?, "count")
+                to_u64(c.query_one(sql, args![])?, "count")
             };
             Ok(StoreCounts {
                 resources: n("SELECT COUNT(*) FROM resources")?,
@@ -469,7 +464,7 @@ impl Store {
         self.exec(move |c| {
             c.execute(
                 "UPDATE resources SET agent_version = ?2, image_version = ?3 WHERE resource = ?1",
-                params![resource, agent_version, image_version],
+                args![resource, agent_version, image_version],
             )?;
             Ok(())
         })
@@ -479,32 +474,28 @@ impl Store {
     /// Every registered resource, by id.
     pub async fn resources(&self) -> Result<Vec<StoredResource>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare(
+            let rows = c.query::<(
+                String,
+                Option<String>,
+                String,
+                String,
+                String,
+                String,
+                String,
+                i64,
+                i64,
+                i64,
+                i64,
+            )>(
                 "SELECT r.resource, r.grp, r.agent_version, r.image_version, r.hostname, r.os,
                         r.kernel, r.vcpus, r.memory_bytes, r.last_seen,
                         (SELECT COUNT(*) FROM sessions s
                           WHERE s.resource = r.resource AND s.ended_at IS NULL)
                  FROM resources r ORDER BY r.resource",
-            )?;
-            let rows = stmt.query_map(
-                [],
-                columns::<(
-                    String,
-                    Option<String>,
-                    String,
-                    String,
-                    String,
-                    String,
-                    String,
-                    i64,
-                    i64,
-                    i64,
-                    i64,
-                )>,
+                args![],
             )?;
             let mut out = Vec::new();
-            for row in rows {
-                let (res, grp, av, iv, hostname, os, kernel, vcpus, mem, seen, open) = row?;
+            for (res, grp, av, iv, hostname, os, kernel, vcpus, mem, seen, open) in rows {
                 out.push(StoredResource {
                     resource: parse_id(res, "resource")?,
                     group: grp.map(|g| parse_id(g, "group")).transpose()?,
@@ -537,14 +528,12 @@ impl Store {
                 "SELECT session, resource, user, started_at, ended_at, end_reason
                  FROM sessions WHERE ended_at IS NULL ORDER BY started_at, id"
             };
-            let mut stmt = c.prepare(sql)?;
-            let rows = stmt.query_map(
-                [],
-                columns::<(String, String, String, i64, Option<i64>, Option<String>)>,
+            let rows = c.query::<(String, String, String, i64, Option<i64>, Option<String>)>(
+                sql,
+                args![],
             )?;
             let mut out = Vec::new();
-            for row in rows {
-                let (session, resource, user, started, ended, reason) = row?;
+            for (session, resource, user, started, ended, reason) in rows {
                 out.push(StoredSession {
                     session: parse_id(session, "session")?,
                     resource: parse_id(resource, "resource")?,
@@ -568,10 +557,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let resource = resource.to_string();
         self.exec(move |c| {
-            c.prepare_cached(
+            c.execute(
                 "UPDATE resources SET last_seen = MAX(last_seen, ?2) WHERE resource = ?1",
-            )?
-            .execute(params![resource, at.0])?;
+                args![resource, at.0],
+            )?;
             Ok(())
         })
         .await
@@ -582,14 +571,11 @@ impl Store {
     pub async fn host_facts(&self, resource: &ResourceId) -> Result<Option<HostFacts>, StoreError> {
         let key = resource.to_string();
         self.read_with(move |c| {
-            let row = c
-                .query_row(
-                    "SELECT hostname, os, kernel, vcpus, memory_bytes FROM resources
-                     WHERE resource = ?1",
-                    [key],
-                    columns::<(String, String, String, i64, i64)>,
-                )
-                .optional()?;
+            let row = c.query_opt::<(String, String, String, i64, i64)>(
+                "SELECT hostname, os, kernel, vcpus, memory_bytes FROM resources
+                 WHERE resource = ?1",
+                args![key],
+            )?;
             row.map(|(hostname, os, kernel, vcpus, memory)| {
                 Ok(HostFacts {
                     hostname,
@@ -612,12 +598,12 @@ impl Store {
     ) -> Result<Vec<SessionId>, StoreError> {
         let resource = resource.to_string();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
+            let rows: Vec<String> = c.query(
                 "SELECT session FROM sessions WHERE resource = ?1 AND ended_at IS NULL
                  ORDER BY session",
+                args![resource],
             )?;
-            let rows = stmt.query_map([resource], |r| r.get::<_, String>(0))?;
-            rows.map(|r| parse_id(r?, "session")).collect()
+            rows.into_iter().map(|r| parse_id(r, "session")).collect()
         })
         .await
     }
@@ -629,12 +615,12 @@ impl Store {
     ) -> Result<Vec<ResourceId>, StoreError> {
         let session = session.to_string();
         self.read(move |c| {
-            let mut stmt = c.prepare(
+            let rows: Vec<String> = c.query(
                 "SELECT resource FROM sessions INDEXED BY sessions_open
                  WHERE session = ?1 AND ended_at IS NULL ORDER BY resource",
+                args![session],
             )?;
-            let rows = stmt.query_map([session], |r| r.get::<_, String>(0))?;
-            rows.map(|r| parse_id(r?, "resource")).collect()
+            rows.into_iter().map(|r| parse_id(r, "resource")).collect()
         })
         .await
     }
@@ -647,13 +633,10 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let resource = resource.to_string();
         self.read(move |c| {
-            let v: Option<i64> = c
-                .query_row(
-                    "SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2",
-                    params![resource, spool_key(spool_id)],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let v: Option<i64> = c.query_opt(
+                "SELECT last_seq FROM spools WHERE resource = ?1 AND spool_id = ?2",
+                args![resource, spool_key(spool_id)],
+            )?;
             to_u64(v.unwrap_or(0), "last_seq")
         })
         .await
@@ -669,11 +652,10 @@ impl Store {
         let resource = resource.to_string();
         let seq = to_i64(seq, "seq")?;
         self.read(move |c| {
-            let n: i64 = c.query_row(
+            let n: i64 = c.query_one(
                 "SELECT COUNT(*) FROM session_events
                  WHERE resource = ?1 AND spool_id = ?2 AND seq = ?3",
-                params![resource, spool_key(spool_id), seq],
-                |r| r.get(0),
+                args![resource, spool_key(spool_id), seq],
             )?;
             to_u64(n, "count")
         })

@@ -7,6 +7,7 @@ use ferry_common::{ResourceId, SessionId, UnixMillis};
 use rusqlite::Connection;
 
 use super::migrations::MIGRATIONS;
+use super::sql::args;
 use super::*;
 
 fn rid(s: &str) -> ResourceId {
@@ -54,7 +55,13 @@ fn registration(resource: &str, spool: u64, open: &[&str]) -> Registration {
     }
 }
 
+/// The store of the suite's backend (see `testing`).
 fn open(dir: &Path) -> Store {
+    testing::open_for_test(dir)
+}
+
+/// A SQLite store, for what only SQLite has (pages, pragmas, its file).
+fn open_sqlite(dir: &Path) -> Store {
     Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open")
 }
 
@@ -131,7 +138,7 @@ async fn open_session_hosts_finds_open_sessions_by_name_only() {
 #[tokio::test]
 async fn migrations_create_the_schema_on_a_fresh_db() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = open(tmp.path());
+    let store = open_sqlite(tmp.path());
     store.close().await;
     let c = Connection::open(tmp.path().join("ferry.db")).expect("open");
     let v: i64 = c
@@ -234,9 +241,9 @@ async fn migration_2_upgrades_an_existing_v1_database() {
             c.execute(
                 "INSERT INTO users (id, email, mobile, created_at, updated_at)
                  VALUES ('u1', 'u1@example.com', '+100', 1, 1)",
-                [],
+                args![],
             )?;
-            Ok(c.last_insert_rowid())
+            Ok(c.sqlite().map(|c| c.last_insert_rowid()).unwrap_or(0))
         })
         .await
         .expect("v2 write");
@@ -274,7 +281,7 @@ async fn a_failing_exec_leaves_nothing_and_its_batch_goes_on() {
         c.execute(
             "INSERT INTO users (id, email, mobile, created_at, updated_at)
              VALUES ('u1', 'e', 'm', 1, 1)",
-            [],
+            args![],
         )?;
         Err::<(), _>(StoreError::Corrupt("refused half way".into()))
     });
@@ -282,7 +289,7 @@ async fn a_failing_exec_leaves_nothing_and_its_batch_goes_on() {
         c.execute(
             "INSERT INTO users (id, email, mobile, created_at, updated_at)
              VALUES ('u2', 'e', 'm', 1, 1)",
-            [],
+            args![],
         )?;
         Ok(())
     });
@@ -292,8 +299,8 @@ async fn a_failing_exec_leaves_nothing_and_its_batch_goes_on() {
     let users: Vec<String> = store
         .read_with(|c| {
             let mut stmt = c.prepare("SELECT id FROM users ORDER BY id")?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            let rows = stmt.query_map(args![], |r| r.get::<String>(0))?;
+            rows.collect::<Result<_, _>>()
         })
         .await
         .expect("read");
@@ -808,7 +815,9 @@ async fn group_commit_answers_every_waiter() {
 async fn cap_pages(store: &Store, pages: i64) {
     store
         .exec(move |c| {
-            c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            c.query_row(&format!("PRAGMA max_page_count = {pages}"), args![], |_| {
+                Ok(())
+            })?;
             Ok(())
         })
         .await
@@ -818,14 +827,14 @@ async fn cap_pages(store: &Store, pages: i64) {
 #[tokio::test]
 async fn a_full_disk_fails_writes_clearly_and_the_writer_records_again_when_it_has_room() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = open(tmp.path());
+    let store = open_sqlite(tmp.path());
     let r = rid("h1");
     store
         .record_events(&r, 7, vec![started(1, "s1")], UnixMillis(1))
         .await
         .expect("record");
     let pages: i64 = store
-        .exec(|c| Ok(c.query_row("PRAGMA page_count", [], |r| r.get(0))?))
+        .exec(|c| c.query_row("PRAGMA page_count", args![], |r| r.get(0)))
         .await
         .expect("page_count");
     cap_pages(&store, pages).await;
@@ -845,7 +854,7 @@ async fn a_full_disk_fails_writes_clearly_and_the_writer_records_again_when_it_h
             c.execute(
                 "INSERT INTO users (id, email, mobile, created_at, updated_at)
                  VALUES ('u1', 'e', 'm', 1, 1)",
-                [],
+                args![],
             )?;
             Ok(())
         }),
@@ -897,11 +906,13 @@ async fn a_full_disk_fails_writes_clearly_and_the_writer_records_again_when_it_h
 #[tokio::test]
 async fn a_read_only_store_fails_writes_clearly_and_records_again_when_writable() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = open(tmp.path());
+    let store = open_sqlite(tmp.path());
     let r = rid("h1");
     let query_only = |on: bool| {
         store.exec(move |c| {
-            c.pragma_update(None, "query_only", on)?;
+            if let Some(c) = c.sqlite() {
+                c.pragma_update(None, "query_only", on)?;
+            }
             Ok(())
         })
     };

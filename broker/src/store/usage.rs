@@ -6,12 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::store::sql::{args, columns, Db};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
-use rusqlite::{params, Connection};
 use rust_decimal::Decimal;
 
 use super::{Store, StoreError};
-use crate::store::columns;
 
 /// Base or elastic, as recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +69,7 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 /// Reads the records of the groups `group` names (every group when `None`)
 /// that existed in `[from, to)`.
 fn load(
-    c: &Connection,
+    c: &Db,
     group: Option<GroupName>,
     from: UnixMillis,
     to: UnixMillis,
@@ -78,13 +77,13 @@ fn load(
     let group = group.as_ref().map(|g| g.to_string());
     let mut stmt = c.prepare(
         "SELECT num, id, name, spec, billing FROM groups
-         WHERE (?1 IS NULL OR id = ?1 OR name = ?1)
+         WHERE (CAST(?1 AS TEXT) IS NULL OR id = ?1 OR name = ?1)
            AND created_at < ?3 AND (gone_at IS NULL OR gone_at >= ?2)
          ORDER BY num",
     )?;
     let rows = stmt
         .query_map(
-            params![group, from.0, to.0],
+            args![group, from.0, to.0],
             columns::<(i64, String, String, String, String)>,
         )?
         .collect::<Result<Vec<_>, _>>()?;
@@ -94,7 +93,7 @@ fn load(
         let mut o = c.prepare_cached(
             "SELECT amount FROM orders WHERE group_num = ?1 AND at >= ?2 AND at < ?3 ORDER BY id",
         )?;
-        for amount in o.query_map(params![num, from.0, to.0], |r| r.get::<_, String>(0))? {
+        for amount in o.query_map(args![num, from.0, to.0], |r| r.get::<String>(0))? {
             let amount = amount?;
             orders.push(
                 amount
@@ -107,7 +106,7 @@ fn load(
             "SELECT resource, kind, ready_at, released_at FROM resource_intervals
              WHERE group_num = ?1 ORDER BY id",
         )?;
-        for row in iv.query_map([num], columns::<(String, String, i64, Option<i64>)>)? {
+        for row in iv.query_map(args![num], columns::<(String, String, i64, Option<i64>)>)? {
             let (resource, kind, ready, released) = row?;
             intervals.push(Interval {
                 resource: resource.parse().map_err(corrupt)?,
@@ -129,7 +128,7 @@ fn load(
         )?;
         for resource in names {
             for row in ss.query_map(
-                params![resource, from.0, to.0],
+                args![resource, from.0, to.0],
                 columns::<(String, i64, Option<i64>)>,
             )? {
                 let (resource, started, ended) = row?;
@@ -170,7 +169,7 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare("SELECT id, spec FROM groups")?;
             let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .query_map(args![], |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))?
                 .collect::<Result<BTreeMap<_, _>, _>>()?;
             Ok(rows)
         })
@@ -183,7 +182,6 @@ mod tests {
     use rust_decimal_macros::dec;
 
     use super::*;
-    use crate::store::StoreOptions;
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
@@ -192,8 +190,7 @@ mod tests {
     #[tokio::test]
     async fn a_period_reads_the_groups_that_existed_and_what_overlaps_it() {
         let dir = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(dir.path());
         // g1 lives through the period, g2 is gone before it, g3 comes after it.
         store.insert_group_for_test(1, "g1").await;
         store.insert_group_for_test(2, "g2").await;

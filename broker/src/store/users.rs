@@ -11,12 +11,11 @@
 
 use std::collections::BTreeMap;
 
+use crate::store::sql::{args, columns, Db, OptionalExtension};
 use ferry_common::admin::UserSpec;
 use ferry_common::{GroupName, UnixMillis, UserId};
-use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{to_i64, Store, StoreError};
-use crate::store::columns;
 
 /// A user as `user list` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,12 +49,12 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
-fn upsert_user(c: &Connection, u: &UserSpec, now: UnixMillis) -> Result<(), StoreError> {
+fn upsert_user(c: &Db, u: &UserSpec, now: UnixMillis) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO users (id, email, mobile, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)
          ON CONFLICT (id) DO UPDATE SET email = excluded.email, mobile = excluded.mobile,
                                         updated_at = excluded.updated_at",
-        params![u.id.as_str(), u.email, u.mobile, now.0],
+        args![u.id.as_str(), u.email, u.mobile, now.0],
     )?;
     Ok(())
 }
@@ -73,7 +72,7 @@ impl Store {
         self.exec(move |c| {
             let exists: bool = c.query_row(
                 "SELECT COUNT(*) > 0 FROM users WHERE id = ?1",
-                [user.id.as_str()],
+                args![user.id.as_str()],
                 |r| r.get(0),
             )?;
             if exists {
@@ -83,7 +82,7 @@ impl Store {
             if let Some(hash) = password_hash {
                 c.execute(
                     "UPDATE users SET password_hash = ?2 WHERE id = ?1",
-                    params![user.id.as_str(), hash],
+                    args![user.id.as_str(), hash],
                 )?;
             }
             Ok(true)
@@ -117,7 +116,8 @@ impl Store {
                           WHERE gu.user = u.id AND g.status != 'gone')
                  FROM users u ORDER BY u.id",
             )?;
-            let rows = stmt.query_map([], columns::<(String, String, String, Option<String>)>)?;
+            let rows =
+                stmt.query_map(args![], columns::<(String, String, String, Option<String>)>)?;
             let mut out = Vec::new();
             for row in rows {
                 let (id, email, mobile, groups) = row?;
@@ -147,12 +147,12 @@ impl Store {
         let id = user.as_str().to_owned();
         let row = self
             .read(move |c| {
-                Ok(c.query_row(
+                c.query_row(
                     "SELECT password_hash, token_generation FROM users WHERE id = ?1",
-                    [id],
-                    |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, i64>(1)?)),
+                    args![id],
+                    |r| Ok((r.get::<Option<String>>(0)?, r.get::<i64>(1)?)),
                 )
-                .optional()?)
+                .optional()
             })
             .await?;
         row.map(|(password_hash, generation)| {
@@ -174,7 +174,7 @@ impl Store {
                    FROM users",
             )?;
             let rows = stmt
-                .query_map([], columns::<(String, bool, i64, Option<i64>)>)?
+                .query_map(args![], columns::<(String, bool, i64, Option<i64>)>)?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
                 .map(|(id, password_set, generation, expires)| {
@@ -202,10 +202,10 @@ impl Store {
         let id = user.clone();
         let n = self
             .exec(move |c| {
-                Ok(c.execute(
+                c.execute(
                     "UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE id = ?1",
-                    params![id.as_str(), hash, now.0],
-                )?)
+                    args![id.as_str(), hash, now.0],
+                )
             })
             .await?;
         Ok(n > 0)
@@ -225,7 +225,7 @@ impl Store {
             c.execute(
                 "UPDATE users SET token_expires_at = MAX(COALESCE(token_expires_at, 0), ?2)
                   WHERE id = ?1 AND token_generation = ?3",
-                params![id, expires_at.0, gen],
+                args![id, expires_at.0, gen],
             )?;
             Ok(())
         })
@@ -238,12 +238,12 @@ impl Store {
         let id = user.clone();
         let n = self
             .exec(move |c| {
-                Ok(c.execute(
+                c.execute(
                     "UPDATE users SET token_generation = token_generation + 1, updated_at = ?2,
                                       token_expires_at = NULL
                       WHERE id = ?1",
-                    params![id.as_str(), now.0],
-                )?)
+                    args![id.as_str(), now.0],
+                )
             })
             .await?;
         Ok(n > 0)
@@ -253,13 +253,13 @@ impl Store {
     pub async fn is_assigned(&self, group: &GroupName, user: &UserId) -> Result<bool, StoreError> {
         let (g, u) = (group.as_str().to_owned(), user.as_str().to_owned());
         self.read(move |c| {
-            Ok(c.query_row(
+            c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM group_users gu
                                   JOIN groups g ON g.num = gu.group_num
                                  WHERE g.name = ?1 AND g.status != 'gone' AND gu.user = ?2)",
-                [g, u],
-                |r| r.get::<_, bool>(0),
-            )?)
+                args![g, u],
+                |r| r.get::<bool>(0),
+            )
         })
         .await
     }
@@ -270,7 +270,11 @@ impl Store {
             let mut stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?;
             let mut known = Vec::with_capacity(users.len());
             for u in &users {
-                known.push(stmt.exists([u.as_str()])?);
+                known.push(
+                    stmt.query_row(args![u.as_str()], |_| Ok(()))
+                        .optional()?
+                        .is_some(),
+                );
             }
             Ok(known)
         })
@@ -280,12 +284,12 @@ impl Store {
 
 /// The users among `users` the broker does not know, in order; inside a
 /// caller's transaction.
-pub(crate) fn unknown(c: &Connection, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+pub(crate) fn unknown(c: &Db, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
     let mut out = Vec::new();
     for u in users {
         let n: i64 = c.query_row(
             "SELECT COUNT(*) FROM users WHERE id = ?1",
-            [u.as_str()],
+            args![u.as_str()],
             |r| r.get(0),
         )?;
         if n == 0 {
@@ -296,9 +300,9 @@ pub(crate) fn unknown(c: &Connection, users: &[UserId]) -> Result<Vec<UserId>, S
 }
 
 /// The users assigned to group `group_num`, by id; inside a caller's transaction.
-pub(crate) fn assigned(c: &Connection, group_num: i64) -> Result<Vec<UserId>, StoreError> {
+pub(crate) fn assigned(c: &Db, group_num: i64) -> Result<Vec<UserId>, StoreError> {
     let mut stmt = c.prepare("SELECT user FROM group_users WHERE group_num = ?1 ORDER BY user")?;
-    let rows = stmt.query_map([group_num], |r| r.get::<_, String>(0))?;
+    let rows = stmt.query_map(args![group_num], |r| r.get::<String>(0))?;
     let mut out = Vec::new();
     for r in rows {
         out.push(r?.parse().map_err(corrupt)?);
@@ -307,10 +311,10 @@ pub(crate) fn assigned(c: &Connection, group_num: i64) -> Result<Vec<UserId>, St
 }
 
 /// How many users are assigned to group `group_num`.
-pub(crate) fn assigned_count(c: &Connection, group_num: i64) -> Result<u64, StoreError> {
+pub(crate) fn assigned_count(c: &Db, group_num: i64) -> Result<u64, StoreError> {
     let users: i64 = c.query_row(
         "SELECT COUNT(*) FROM group_users WHERE group_num = ?1",
-        [group_num],
+        args![group_num],
         |r| r.get(0),
     )?;
     Ok(u64::try_from(users).unwrap_or(0))
@@ -320,7 +324,7 @@ pub(crate) fn assigned_count(c: &Connection, group_num: i64) -> Result<u64, Stor
 /// activation notification to each (with its contact details as stored);
 /// returns the newly assigned ones. Inside the group change's transaction.
 pub(crate) fn assign(
-    c: &Connection,
+    c: &Db,
     group_num: i64,
     users: &[UserId],
     now: UnixMillis,
@@ -329,7 +333,7 @@ pub(crate) fn assign(
     for u in users {
         let n = c.execute(
             "INSERT OR IGNORE INTO group_users (group_num, user, assigned_at) VALUES (?1, ?2, ?3)",
-            params![group_num, u.as_str(), now.0],
+            args![group_num, u.as_str(), now.0],
         )?;
         if n == 0 {
             continue;
@@ -337,7 +341,7 @@ pub(crate) fn assign(
         c.execute(
             "INSERT INTO notifications (group_num, user, email, mobile, kind, created_at, next_attempt_at)
              SELECT ?1, id, email, mobile, 'activation', ?2, ?2 FROM users WHERE id = ?3",
-            params![group_num, now.0, u.as_str()],
+            args![group_num, now.0, u.as_str()],
         )?;
         added.push(u.clone());
     }
@@ -345,25 +349,27 @@ pub(crate) fn assign(
 }
 
 /// Unassigns `user` from group `group_num`; inside the group change's transaction.
-pub(crate) fn unassign(c: &Connection, group_num: i64, user: &UserId) -> Result<(), StoreError> {
+pub(crate) fn unassign(c: &Db, group_num: i64, user: &UserId) -> Result<(), StoreError> {
     c.execute(
         "DELETE FROM group_users WHERE group_num = ?1 AND user = ?2",
-        params![group_num, user.as_str()],
+        args![group_num, user.as_str()],
     )?;
     Ok(())
 }
 
 /// Unassigns every user of group `group_num` (the group is purged or
 /// deleted); inside the group change's transaction.
-pub(crate) fn unassign_all(c: &Connection, group_num: i64) -> Result<(), StoreError> {
-    c.execute("DELETE FROM group_users WHERE group_num = ?1", [group_num])?;
+pub(crate) fn unassign_all(c: &Db, group_num: i64) -> Result<(), StoreError> {
+    c.execute(
+        "DELETE FROM group_users WHERE group_num = ?1",
+        args![group_num],
+    )?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
 
     fn id<T: std::str::FromStr>(s: &str) -> T
     where
@@ -382,8 +388,7 @@ mod tests {
 
     async fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(&dir.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(dir.path());
         (dir, store)
     }
 
@@ -411,7 +416,7 @@ mod tests {
                 let mut added = assign(c, 1, &[id("bob"), id("alice")], now)?;
                 added.extend(assign(c, 1, &[id("bob")], now)?);
                 added.extend(assign(c, 2, &[id("bob")], now)?);
-                c.execute("UPDATE groups SET status = 'gone' WHERE num = 2", [])?;
+                c.execute("UPDATE groups SET status = 'gone' WHERE num = 2", args![])?;
                 Ok(added)
             })
             .await

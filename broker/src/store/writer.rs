@@ -22,10 +22,10 @@ use std::path::Path;
 
 use ferry_common::wire::SequencedEvent;
 use ferry_common::{ResourceId, UnixMillis};
-use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sessions::{apply_record, apply_register, RecordOutcome, Registered, Registration};
+use super::sql::Db;
 use super::{spool_key, DiskProblem, Store, StoreError};
 
 impl Store {
@@ -84,7 +84,7 @@ pub(super) enum WriteOp {
 pub(super) trait ExecWrite: Send {
     /// Applies the write in a savepoint of the open transaction; returns its
     /// answer, delivered once the transaction's fate is known.
-    fn apply(self: Box<Self>, c: &Connection) -> Box<dyn Deliver>;
+    fn apply(self: Box<Self>, c: &Db) -> Box<dyn Deliver>;
     /// Answers without applying (the transaction could not take it).
     fn fail(self: Box<Self>, why: StoreError);
 }
@@ -124,31 +124,35 @@ struct Failure {
     detail: String,
     /// The disk's part in it, from SQLite's code or else the file system.
     problem: Option<DiskProblem>,
+    /// The database server that could not be reached, when that is why.
+    database: Option<String>,
 }
 
 impl Failure {
-    fn of(e: &rusqlite::Error, dir: &Path) -> Failure {
+    fn of(e: &StoreError, dir: &Path) -> Failure {
+        let problem = match e {
+            StoreError::Sqlite(e) => DiskProblem::of_sqlite(e),
+            StoreError::Disk { problem, .. } => Some(*problem),
+            _ => None,
+        };
         Failure {
-            detail: e.to_string(),
-            problem: DiskProblem::of_sqlite(e).or_else(|| DiskProblem::of_dir(dir)),
+            detail: match e {
+                StoreError::Disk { detail, .. } | StoreError::Unreachable { detail, .. } => {
+                    detail.clone()
+                }
+                other => other.to_string(),
+            },
+            problem: problem.or_else(|| DiskProblem::of_dir(dir)),
+            database: match e {
+                StoreError::Unreachable { database, .. } => Some(database.clone()),
+                _ => None,
+            },
         }
     }
 
     /// A write's error that made SQLite roll the whole transaction back.
     fn of_write(e: &StoreError, dir: &Path) -> Failure {
-        match e {
-            StoreError::Sqlite(e) => Failure::of(e, dir),
-            StoreError::Disk {
-                problem, detail, ..
-            } => Failure {
-                detail: detail.clone(),
-                problem: Some(*problem),
-            },
-            other => Failure {
-                detail: other.to_string(),
-                problem: DiskProblem::of_dir(dir),
-            },
-        }
+        Failure::of(e, dir)
     }
 
     /// SQLite rolled the transaction back in the middle of the batch: the
@@ -169,11 +173,18 @@ impl Failure {
                          commit"
                     .into(),
                 problem: DiskProblem::of_dir(dir),
+                database: None,
             },
         }
     }
 
     fn error(&self, dir: &Path) -> StoreError {
+        if let Some(database) = &self.database {
+            return StoreError::Unreachable {
+                database: database.clone(),
+                detail: self.detail.clone(),
+            };
+        }
         match self.problem {
             Some(problem) => StoreError::Disk {
                 dir: dir.to_owned(),
@@ -194,9 +205,9 @@ pub(super) struct Exec<T, F> {
 impl<T, F> ExecWrite for Exec<T, F>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T, StoreError> + Send,
+    F: FnOnce(&Db) -> Result<T, StoreError> + Send,
 {
-    fn apply(self: Box<Self>, c: &Connection) -> Box<dyn Deliver> {
+    fn apply(self: Box<Self>, c: &Db) -> Box<dyn Deliver> {
         let Exec { f, reply } = *self;
         Box::new(Done {
             reply,
@@ -253,14 +264,47 @@ impl Applied {
 /// The writer thread's loop; `dir` (the state directory) is named in the
 /// answers of writes its disk refused.
 pub(super) fn writer_loop(
-    mut conn: Connection,
-    mut rx: mpsc::Receiver<WriteOp>,
+    conn: Db,
+    rx: mpsc::Receiver<WriteOp>,
     max_batch: usize,
     dir: std::path::PathBuf,
 ) {
+    run_writer(conn, rx, max_batch, dir, None)
+}
+
+/// The writer thread's loop on a database server (PostgreSQL): when the
+/// connection broke, it connects again with `reopen` before the next batch,
+/// and answers that batch's writes with the error when it cannot. No
+/// state directory: a server's disk is the server's to report.
+pub(super) fn writer_loop_reconnecting(
+    conn: Db,
+    rx: mpsc::Receiver<WriteOp>,
+    max_batch: usize,
+    reopen: impl FnMut() -> Result<Db, StoreError>,
+) {
+    run_writer(
+        conn,
+        rx,
+        max_batch,
+        std::path::PathBuf::new(),
+        Some(Box::new(reopen)),
+    )
+}
+
+type Reopen<'a> = Box<dyn FnMut() -> Result<Db, StoreError> + 'a>;
+
+fn run_writer(
+    mut conn: Db,
+    mut rx: mpsc::Receiver<WriteOp>,
+    max_batch: usize,
+    dir: std::path::PathBuf,
+    mut reopen: Option<Reopen<'_>>,
+) {
     // Statements of the hot path (recording events) are prepared once and
     // reused from this cache; room for all of them and the other writes'.
-    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    if let Some(c) = conn.sqlite() {
+        c.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    }
     let mut batch = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
@@ -270,10 +314,38 @@ pub(super) fn writer_loop(
                 Err(_) => break,
             }
         }
+        if conn.is_broken() {
+            if let Some(reopen) = reopen.as_mut() {
+                match reopen() {
+                    Ok(db) => {
+                        tracing::info!("store connection restored");
+                        conn = db;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, writes = batch.len(),
+                            "store connection: none of these writes is recorded");
+                        let mut close = None;
+                        for op in batch.drain(..) {
+                            match op {
+                                WriteOp::Close { reply } => close = Some(reply),
+                                op => fail(op, &e),
+                            }
+                        }
+                        if let Some(close) = close {
+                            let _ = close.send(());
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+        }
         if let Some(close) = commit_batch(&mut conn, &mut batch, &dir) {
             // Make the database file complete on its own (no WAL to replay).
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, "checkpoint store at close");
+            if let Some(c) = conn.sqlite() {
+                if let Err(e) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "checkpoint store at close");
+                }
             }
             let _ = close.send(());
             return;
@@ -294,7 +366,7 @@ type SpoolCache = HashMap<(ResourceId, i64), u64>;
 /// commit; leaves `batch` empty. Returns the `Close` waiter if the batch asked
 /// to close (writes after it in the batch are answered `Closed`).
 fn commit_batch(
-    conn: &mut Connection,
+    conn: &mut Db,
     batch: &mut Vec<WriteOp>,
     dir: &Path,
 ) -> Option<oneshot::Sender<()>> {
@@ -302,7 +374,7 @@ fn commit_batch(
     let mut close = None;
     // Deferred (the default) like rusqlite's `transaction()`; a cached
     // statement, so a batch does not parse its BEGIN and COMMIT again.
-    if let Err(e) = run_cached(conn, "BEGIN") {
+    if let Err(e) = conn.run_cached("BEGIN") {
         let failure = Failure::of(&e, dir);
         tracing::error!(error = %failure.error(dir), "begin store transaction");
         for op in batch.drain(..) {
@@ -322,7 +394,7 @@ fn commit_batch(
         if !matches!(op, WriteOp::Record { .. }) {
             run.finish(conn, &mut spools, &mut applied);
         }
-        if conn.is_autocommit() && !matches!(op, WriteOp::Close { .. }) {
+        if !conn.in_transaction() && !matches!(op, WriteOp::Close { .. }) {
             // SQLite rolled the whole transaction back (an I/O error, a full
             // disk): the writes before are lost and those after must not
             // commit one by one. All of them are answered failed.
@@ -363,19 +435,19 @@ fn commit_batch(
         }
     }
     run.finish(conn, &mut spools, &mut applied);
-    let failed = if conn.is_autocommit() {
+    let failed = if !conn.in_transaction() {
         // Nothing to commit: SQLite rolled the transaction back.
         Some(lost.unwrap_or_else(|| Failure::rolled_back(&applied, &mut run, dir)))
     } else {
-        run_cached(conn, "COMMIT")
+        conn.run_cached("COMMIT")
             .err()
             .map(|e| Failure::of(&e, dir))
     };
 
-    if failed.is_some() && !conn.is_autocommit() {
+    if failed.is_some() && conn.in_transaction() {
         // A failed COMMIT may leave the transaction open: end it, so the
         // next batch starts clean (nothing of this one is kept).
-        if let Err(e) = conn.execute_batch("ROLLBACK") {
+        if let Err(e) = conn.run_cached("ROLLBACK") {
             tracing::error!(error = %e, "roll back a failed store commit");
         }
     }
@@ -423,16 +495,16 @@ struct RecordRun {
 impl RecordRun {
     fn apply(
         &mut self,
-        conn: &Connection,
+        conn: &Db,
         spools: &mut SpoolCache,
         applied: &mut Vec<Applied>,
         rec: PendingRecord,
     ) {
         if !self.open {
-            if conn.is_autocommit() {
+            if !conn.in_transaction() {
                 return apply_alone(conn, spools, applied, rec);
             }
-            if let Err(e) = run_cached(conn, "SAVEPOINT ferry_run") {
+            if let Err(e) = conn.run_cached("SAVEPOINT ferry_run") {
                 tracing::warn!(error = %e, "open a savepoint for a run of records");
                 return apply_alone(conn, spools, applied, rec);
             }
@@ -456,27 +528,27 @@ impl RecordRun {
                 self.done.push((rec, out));
             }
             Err(e) => {
-                if conn.is_autocommit() && self.lost.is_none() {
+                if !conn.in_transaction() && self.lost.is_none() {
                     self.lost = Some(e);
                 }
                 // Undo the run (RELEASE after ROLLBACK TO keeps nothing of
                 // it), then apply its records and this one alone.
                 self.open = false;
                 self.spools.clear();
-                let undo = if conn.is_autocommit() {
+                let undo = if !conn.in_transaction() {
                     // Nothing left to undo: the transaction is gone.
                     Ok(())
                 } else {
-                    run_cached(conn, "ROLLBACK TO ferry_run")
-                        .and_then(|()| run_cached(conn, "RELEASE ferry_run"))
+                    conn.run_cached("ROLLBACK TO ferry_run")
+                        .and_then(|()| conn.run_cached("RELEASE ferry_run"))
                 };
                 if let Err(u) = undo {
                     // The run's writes may be half there: end the whole
                     // transaction so nothing of this batch commits (its
                     // COMMIT then fails and every write is answered failed).
                     tracing::error!(error = %u, "roll back a failed run of records");
-                    if !conn.is_autocommit() {
-                        if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    if conn.in_transaction() {
+                        if let Err(e) = conn.run_cached("ROLLBACK") {
                             tracing::error!(error = %e, "roll back the store transaction");
                         }
                     }
@@ -491,12 +563,12 @@ impl RecordRun {
 
     /// Ends the run: its records stay in the transaction and are answered
     /// with the batch.
-    fn finish(&mut self, conn: &Connection, spools: &mut SpoolCache, applied: &mut Vec<Applied>) {
+    fn finish(&mut self, conn: &Db, spools: &mut SpoolCache, applied: &mut Vec<Applied>) {
         if !self.open {
             return;
         }
         self.open = false;
-        let release = run_cached(conn, "RELEASE ferry_run");
+        let release = conn.run_cached("RELEASE ferry_run");
         let done = std::mem::take(&mut self.done);
         match release {
             Ok(()) => {
@@ -521,13 +593,8 @@ impl RecordRun {
 }
 
 /// Applies one record in its own savepoint.
-fn apply_alone(
-    conn: &Connection,
-    spools: &mut SpoolCache,
-    applied: &mut Vec<Applied>,
-    rec: PendingRecord,
-) {
-    if conn.is_autocommit() {
+fn apply_alone(conn: &Db, spools: &mut SpoolCache, applied: &mut Vec<Applied>, rec: PendingRecord) {
+    if !conn.in_transaction() {
         // The transaction is gone (see `commit_batch`): a savepoint now
         // would start a transaction of its own.
         let err = StoreError::Commit("the store transaction was rolled back".into());
@@ -564,6 +631,10 @@ fn fail(op: WriteOp, why: &StoreError) {
             problem: *problem,
             detail: detail.clone(),
         },
+        StoreError::Unreachable { database, detail } => StoreError::Unreachable {
+            database: database.clone(),
+            detail: detail.clone(),
+        },
         other => StoreError::Commit(other.to_string()),
     };
     match op {
@@ -574,32 +645,28 @@ fn fail(op: WriteOp, why: &StoreError) {
     }
 }
 
-/// Runs a parameterless statement through the connection's statement cache.
-fn run_cached(c: &Connection, sql: &str) -> Result<(), rusqlite::Error> {
-    c.prepare_cached(sql)?.execute([]).map(|_| ())
-}
-
 /// Runs one write in a savepoint so a failing write leaves no partial trace
 /// and does not spoil the other writes of its batch. Savepoints nest by
 /// name, so one name serves every write; the statements are cached.
 pub(super) fn in_savepoint<T>(
-    c: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    c: &Db,
+    f: impl FnOnce(&Db) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    run_cached(c, "SAVEPOINT ferry_write")?;
+    c.run_cached("SAVEPOINT ferry_write")?;
     match f(c) {
         Ok(v) => {
-            run_cached(c, "RELEASE ferry_write")?;
+            c.run_cached("RELEASE ferry_write")?;
             Ok(v)
         }
         // SQLite rolled the whole transaction back: nothing to undo, and
         // the error says why.
-        Err(e) if c.is_autocommit() => Err(e),
+        Err(e) if !c.in_transaction() => Err(e),
         Err(e) => {
             // Undo the write, then drop the savepoint (RELEASE after ROLLBACK
             // TO keeps nothing of it); the batch goes on.
-            let undo = run_cached(c, "ROLLBACK TO ferry_write")
-                .and_then(|()| run_cached(c, "RELEASE ferry_write"));
+            let undo = c
+                .run_cached("ROLLBACK TO ferry_write")
+                .and_then(|()| c.run_cached("RELEASE ferry_write"));
             if let Err(u) = undo {
                 tracing::error!(error = %u, "roll back a failed store write");
                 return Err(StoreError::Commit(format!(

@@ -319,7 +319,6 @@ impl GroupService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, StoreOptions};
 
     fn id<T: std::str::FromStr>(s: &str) -> T
     where
@@ -330,8 +329,7 @@ mod tests {
 
     async fn service() -> (tempfile::TempDir, GroupService) {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let store =
-            Store::open(&tmp.path().join("ferry.db"), StoreOptions::default()).expect("open");
+        let store = crate::store::testing::open_for_test(tmp.path());
         let key = Arc::new(TokenKey::from_secret(b"test secret"));
         let svc = GroupService::new(store, Default::default()).with_token_key(key);
         (tmp, svc)

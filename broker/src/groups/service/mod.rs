@@ -997,7 +997,6 @@ mod tests {
 
     use super::*;
     use crate::engine::billing::Prices;
-    use crate::store::StoreOptions;
 
     const DAY: i64 = 86_400_000;
     /// 2026-03-02T00:00:00Z
@@ -1008,8 +1007,7 @@ mod tests {
     }
 
     fn open(dir: &Path, config: GroupsConfig) -> (Store, GroupService) {
-        let store =
-            Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("open store");
+        let store = crate::store::testing::open_for_test(dir);
         (store.clone(), GroupService::new(store, config))
     }
 

@@ -203,12 +203,11 @@ mod tests {
     use super::*;
     use crate::config::GroupsConfig;
     use crate::engine::Retention;
-    use crate::store::{Store, StoreOptions};
 
     const T0: UnixMillis = UnixMillis(1_772_409_600_000);
 
     fn service(dir: &std::path::Path) -> GroupService {
-        let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store");
+        let store = crate::store::testing::open_for_test(dir);
         GroupService::new(store, GroupsConfig::default())
     }
 

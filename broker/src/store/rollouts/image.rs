@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::store::sql::{args, columns, Db, Value};
 use ferry_common::{ResourceId, SessionId, UnixMillis};
-use rusqlite::{params, Connection};
 
 use super::{to_i64, GroupEvent, GroupRef};
-use crate::store::columns;
 use crate::store::StoreError;
 
 /// What `group update-image` records: the update, the group's status
@@ -28,14 +27,14 @@ pub struct NewImageUpdate {
 /// Ends the group's running image update, if one runs, as `failed`: the
 /// group left `updating` by other means (it expired, then was renewed).
 pub(super) fn fail_running_image_updates(
-    c: &Connection,
+    c: &Db,
     group_num: i64,
     at: UnixMillis,
 ) -> Result<(), StoreError> {
     c.execute(
         "UPDATE image_updates SET state = 'failed', finished_at = ?2
          WHERE group_num = ?1 AND state = 'running'",
-        params![group_num, at.0],
+        args![group_num, at.0],
     )?;
     Ok(())
 }
@@ -43,15 +42,15 @@ pub(super) fn fail_running_image_updates(
 /// Records an image update of group `g` (state `running`), from its
 /// image now; returns its id.
 pub(super) fn insert_image_update(
-    c: &Connection,
+    c: &Db,
     g: &GroupRef,
     u: &NewImageUpdate,
 ) -> Result<i64, StoreError> {
-    c.execute(
+    let id: i64 = c.query_one(
         "INSERT INTO image_updates (group_num, image, previous_image, warning_ms,
              started_at, disconnect_at, state)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running')",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running') RETURNING id",
+        args![
             g.num,
             u.image,
             g.image,
@@ -60,7 +59,7 @@ pub(super) fn insert_image_update(
             u.disconnect_at.0
         ],
     )?;
-    Ok(c.last_insert_rowid())
+    Ok(id)
 }
 
 /// An image update's row.
@@ -78,9 +77,9 @@ pub struct ImageUpdateRow {
 }
 
 pub(super) fn image_updates_where(
-    c: &Connection,
+    c: &Db,
     clause: &str,
-    param: impl rusqlite::Params,
+    param: &[Value<'_>],
 ) -> Result<Vec<ImageUpdateRow>, StoreError> {
     let sql = format!(
         "SELECT id, group_num, image, started_at, disconnect_at, state FROM image_updates
@@ -97,17 +96,19 @@ pub(super) fn image_updates_where(
             state: r.get(5)?,
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    rows.collect::<Result<Vec<_>, _>>()
 }
 
 /// One image update.
-pub(super) fn image_update(c: &Connection, id: i64) -> Result<Option<ImageUpdateRow>, StoreError> {
-    Ok(image_updates_where(c, "id = ?1", [id])?.into_iter().next())
+pub(super) fn image_update(c: &Db, id: i64) -> Result<Option<ImageUpdateRow>, StoreError> {
+    Ok(image_updates_where(c, "id = ?1", args![id])?
+        .into_iter()
+        .next())
 }
 
 /// Every running image update (at most one per group).
-pub(super) fn running_image_updates(c: &Connection) -> Result<Vec<ImageUpdateRow>, StoreError> {
-    image_updates_where(c, "state = 'running'", [])
+pub(super) fn running_image_updates(c: &Db) -> Result<Vec<ImageUpdateRow>, StoreError> {
+    image_updates_where(c, "state = 'running'", args![])
 }
 
 /// One resource's outcome in an image update.
@@ -123,12 +124,12 @@ pub struct ImageResultRow {
 /// The resources of an image update's switch with their outcomes, by
 /// resource (empty until the switch began). A resource id that no longer
 /// parses is left out.
-pub(super) fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRow>, StoreError> {
+pub(super) fn image_results(c: &Db, id: i64) -> Result<Vec<ImageResultRow>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT resource, outcome, detail FROM image_update_results
          WHERE update_id = ?1 ORDER BY resource",
     )?;
-    let rows = stmt.query_map([id], columns::<(String, String, String)>)?;
+    let rows = stmt.query_map(args![id], columns::<(String, String, String)>)?;
     let mut out = Vec::new();
     for row in rows {
         let (resource, outcome, detail) = row?;
@@ -145,7 +146,7 @@ pub(super) fn image_results(c: &Connection, id: i64) -> Result<Vec<ImageResultRo
 
 /// Resources the group's last finished image update failed on (and drained).
 pub(super) fn failed_in_last_image_update(
-    c: &Connection,
+    c: &Db,
     group_num: i64,
 ) -> Result<Vec<ResourceId>, StoreError> {
     let mut stmt = c.prepare(
@@ -153,7 +154,7 @@ pub(super) fn failed_in_last_image_update(
          WHERE outcome = 'failed' AND update_id = (SELECT MAX(id) FROM image_updates
              WHERE group_num = ?1 AND state != 'running')",
     )?;
-    let rows = stmt.query_map([group_num], |r| r.get::<_, String>(0))?;
+    let rows = stmt.query_map(args![group_num], |r| r.get::<String>(0))?;
     let mut out = Vec::new();
     for row in rows {
         if let Ok(r) = row?.parse() {
@@ -166,14 +167,14 @@ pub(super) fn failed_in_last_image_update(
 /// Each resource's outcome in the group's latest image update, as `group
 /// show` has it: `pending`, `done` or `failed: <why>`.
 pub(super) fn latest_image_outcomes(
-    c: &Connection,
+    c: &Db,
     group_num: i64,
 ) -> Result<BTreeMap<String, String>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT resource, outcome, detail FROM image_update_results
          WHERE update_id = (SELECT MAX(id) FROM image_updates WHERE group_num = ?1)",
     )?;
-    let rows = stmt.query_map([group_num], |r| {
+    let rows = stmt.query_map(args![group_num], |r| {
         let (resource, outcome, detail): (String, String, String) =
             (r.get(0)?, r.get(1)?, r.get(2)?);
         Ok((
@@ -185,13 +186,13 @@ pub(super) fn latest_image_outcomes(
             },
         ))
     })?;
-    Ok(rows.collect::<Result<BTreeMap<_, _>, _>>()?)
+    rows.collect::<Result<BTreeMap<_, _>, _>>()
 }
 
 /// Adds resources to an image update's switch as `pending` (a resource
 /// already in it keeps its outcome).
 pub(super) fn insert_image_pending(
-    c: &Connection,
+    c: &Db,
     id: i64,
     resources: &[ResourceId],
 ) -> Result<(), StoreError> {
@@ -199,7 +200,7 @@ pub(super) fn insert_image_pending(
         c.execute(
             "INSERT OR IGNORE INTO image_update_results (update_id, resource, outcome, detail, at)
              SELECT ?1, ?2, 'pending', '', started_at FROM image_updates WHERE id = ?1",
-            params![id, r.as_str()],
+            args![id, r.as_str()],
         )?;
     }
     Ok(())
@@ -207,7 +208,7 @@ pub(super) fn insert_image_pending(
 
 /// Records a resource's outcome in an image update: `done` or `failed`.
 pub(super) fn set_image_outcome(
-    c: &Connection,
+    c: &Db,
     id: i64,
     resource: &ResourceId,
     ok: bool,
@@ -219,7 +220,7 @@ pub(super) fn set_image_outcome(
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (update_id, resource) DO UPDATE
              SET outcome = excluded.outcome, detail = excluded.detail, at = excluded.at",
-        params![
+        args![
             id,
             resource.as_str(),
             if ok { "done" } else { "failed" },
@@ -232,14 +233,14 @@ pub(super) fn set_image_outcome(
 
 /// Ends an image update: `succeeded` or `failed`.
 pub(super) fn end_image_update(
-    c: &Connection,
+    c: &Db,
     id: i64,
     ok: bool,
     at: UnixMillis,
 ) -> Result<(), StoreError> {
     c.execute(
         "UPDATE image_updates SET state = ?2, finished_at = ?3 WHERE id = ?1",
-        params![id, if ok { "succeeded" } else { "failed" }, at.0],
+        args![id, if ok { "succeeded" } else { "failed" }, at.0],
     )?;
     Ok(())
 }
@@ -247,7 +248,7 @@ pub(super) fn end_image_update(
 /// The sessions recorded open on the resources registered with group
 /// `name`, by resource, whether or not their agents are connected now.
 pub(super) fn open_sessions_of_group(
-    c: &Connection,
+    c: &Db,
     name: &str,
 ) -> Result<Vec<(ResourceId, SessionId)>, StoreError> {
     let mut stmt = c.prepare(
@@ -255,8 +256,8 @@ pub(super) fn open_sessions_of_group(
          JOIN resources r ON r.resource = s.resource
          WHERE r.grp = ?1 AND s.ended_at IS NULL ORDER BY s.resource, s.session",
     )?;
-    let rows = stmt.query_map([name], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    let rows = stmt.query_map(args![name], |r| {
+        Ok((r.get::<String>(0)?, r.get::<String>(1)?))
     })?;
     let mut out = Vec::new();
     for row in rows {
@@ -277,20 +278,17 @@ pub struct StoredVersions {
 }
 
 /// The versions of every resource registered with group `name`, by resource.
-pub(super) fn resource_versions(
-    c: &Connection,
-    name: &str,
-) -> Result<Vec<StoredVersions>, StoreError> {
+pub(super) fn resource_versions(c: &Db, name: &str) -> Result<Vec<StoredVersions>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT resource, agent_version, image_version FROM resources
          WHERE grp = ?1 ORDER BY resource",
     )?;
-    let rows = stmt.query_map([name], |r| {
+    let rows = stmt.query_map(args![name], |r| {
         Ok(StoredVersions {
             resource: r.get(0)?,
             agent_version: r.get(1)?,
             image_version: r.get(2)?,
         })
     })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    rows.collect::<Result<Vec<_>, _>>()
 }

@@ -13,11 +13,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::store::sql::{args, columns, Db, OptionalExtension};
 use ferry_common::admin::{OtaScheduleInfo, OtaUpdateInfo};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
-use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::columns;
 use crate::store::{Store, StoreError};
 
 mod image;
@@ -61,12 +60,12 @@ pub struct GroupRef {
 }
 
 /// The group named `group` (a live name first, else an id or a gone name).
-fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
+fn find_group(c: &Db, group: &str) -> Result<Option<GroupRef>, StoreError> {
     let row = c
         .query_row(
             "SELECT num, name, status, billing, image FROM groups WHERE id = ?1 OR name = ?1
              ORDER BY (status != 'gone') DESC, num DESC LIMIT 1",
-            [group],
+            args![group],
             columns::<(i64, String, String, String, String)>,
         )
         .optional()?;
@@ -83,10 +82,10 @@ fn find_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreErro
 }
 
 /// The group of number `num`.
-fn group_by_num(c: &Connection, num: i64) -> Result<GroupRef, StoreError> {
+fn group_by_num(c: &Db, num: i64) -> Result<GroupRef, StoreError> {
     let (name, status, billing, image): (String, String, String, String) = c.query_row(
         "SELECT name, status, billing, image FROM groups WHERE num = ?1",
-        [num],
+        args![num],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;
     Ok(GroupRef {
@@ -100,7 +99,7 @@ fn group_by_num(c: &Connection, num: i64) -> Result<GroupRef, StoreError> {
 
 /// Writes a group event.
 fn event(
-    c: &Connection,
+    c: &Db,
     group_num: i64,
     at: UnixMillis,
     kind: &str,
@@ -108,19 +107,19 @@ fn event(
 ) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO group_events (group_num, at, kind, message) VALUES (?1, ?2, ?3, ?4)",
-        params![group_num, at.0, kind, message],
+        args![group_num, at.0, kind, message],
     )?;
     Ok(())
 }
 
 /// The live (not gone) group named `group` (a name or an id).
-fn live_group(c: &Connection, group: &str) -> Result<Option<GroupRef>, StoreError> {
+fn live_group(c: &Db, group: &str) -> Result<Option<GroupRef>, StoreError> {
     let row = c
         .query_row(
             "SELECT num FROM groups
              WHERE (id = ?1 OR name = ?1) AND status != 'gone' ORDER BY num DESC LIMIT 1",
-            [group],
-            |r| r.get::<_, i64>(0),
+            args![group],
+            |r| r.get::<i64>(0),
         )
         .optional()?;
     row.map(|num| group_by_num(c, num)).transpose()
@@ -322,7 +321,7 @@ pub enum RolloutWrite {
     },
 }
 
-fn write(c: &Connection, w: &RolloutWrite) -> Result<(), StoreError> {
+fn write(c: &Db, w: &RolloutWrite) -> Result<(), StoreError> {
     match w {
         RolloutWrite::OtaPlan { schedule, hosts } => insert_plan(c, *schedule, hosts),
         RolloutWrite::ImagePlan { update, hosts } => insert_image_pending(c, *update, hosts),
@@ -380,16 +379,13 @@ fn write(c: &Connection, w: &RolloutWrite) -> Result<(), StoreError> {
     }
 }
 
-fn schedule_after(c: &Connection, id: u64) -> Result<OtaScheduleInfo, StoreError> {
+fn schedule_after(c: &Db, id: u64) -> Result<OtaScheduleInfo, StoreError> {
     let row = schedule(c, id)?.ok_or_else(|| corrupt(format!("schedule {id} vanished")))?;
     schedule_info(c, row)
 }
 
 /// The number of the group named `group`, or of none; `Err(())`: no such group.
-fn group_filter(
-    c: &Connection,
-    group: Option<&str>,
-) -> Result<Result<Option<i64>, ()>, StoreError> {
+fn group_filter(c: &Db, group: Option<&str>) -> Result<Result<Option<i64>, ()>, StoreError> {
     Ok(match group {
         None => Ok(None),
         Some(g) => match find_group(c, g)? {
@@ -779,9 +775,9 @@ impl Store {
             c.execute(
                 "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
                     base_resources, session_type, policy, status, created_at, updated_at)
-                 VALUES (?1, printf('dg-%06d', ?1), ?2, 'r', 'n', 'office-4c8g', 'img-1',
+                 VALUES (?1, ?4, ?2, 'r', 'n', 'office-4c8g', 'img-1',
                     'pay-as-you-go', 3, 'independent', '{}', ?3, 0, 0)",
-                params![num, name, status],
+                args![num, name, status, format!("dg-{num:06}")],
             )?;
             Ok(())
         })
@@ -817,7 +813,7 @@ impl Store {
         self.exec(move |c| {
             c.execute(
                 "INSERT INTO sessions (resource, session, user, started_at) VALUES (?1, ?2, 'u', 0)",
-                params![resource, session],
+                args![resource, session],
             )?;
             Ok(())
         })
@@ -829,7 +825,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
@@ -876,7 +871,7 @@ mod tests {
     }
 
     async fn store_with_group(dir: &std::path::Path) -> Store {
-        let store = Store::open(&dir.join("ferry.db"), StoreOptions::default()).expect("store");
+        let store = crate::store::testing::open_for_test(dir);
         store
             .insert_group_in_status_for_test(1, "g", "published")
             .await;

@@ -1,8 +1,8 @@
 //! The rows of OTA rollouts: offers, schedules, each resource's outcome.
 
+use crate::store::sql::{args, Db, OptionalExtension, Row, Value};
 use ferry_common::admin::{OtaResourceInfo, OtaScheduleInfo, OtaUpdateInfo};
 use ferry_common::{ResourceId, UnixMillis};
-use rusqlite::{params, Connection};
 
 use super::{corrupt, to_i64, to_u64};
 use crate::store::StoreError;
@@ -18,15 +18,11 @@ pub struct NewUpdate {
 }
 
 /// Records an offer to group `group_num`; returns its id.
-pub(super) fn insert_update(
-    c: &Connection,
-    group_num: i64,
-    u: &NewUpdate,
-) -> Result<u64, StoreError> {
-    c.execute(
+pub(super) fn insert_update(c: &Db, group_num: i64, u: &NewUpdate) -> Result<u64, StoreError> {
+    let id: i64 = c.query_one(
         "INSERT INTO ota_updates (group_num, component, version, package, description, offered_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+        args![
             group_num,
             u.component,
             u.version,
@@ -35,13 +31,13 @@ pub(super) fn insert_update(
             u.at.0
         ],
     )?;
-    to_u64(c.last_insert_rowid(), "update id")
+    to_u64(id, "update id")
 }
 
 const UPDATE_COLUMNS: &str =
     "u.id, g.name, u.component, u.version, u.package, u.description, u.offered_at, u.group_num";
 
-pub(super) fn read_update(r: &rusqlite::Row<'_>) -> Result<(OtaUpdateInfo, i64), StoreError> {
+pub(super) fn read_update(r: &Row<'_>) -> Result<(OtaUpdateInfo, i64), StoreError> {
     let name: String = r.get(1)?;
     Ok((
         OtaUpdateInfo {
@@ -58,35 +54,25 @@ pub(super) fn read_update(r: &rusqlite::Row<'_>) -> Result<(OtaUpdateInfo, i64),
 }
 
 /// One offer and its group's number.
-pub(super) fn update(c: &Connection, id: u64) -> Result<Option<(OtaUpdateInfo, i64)>, StoreError> {
+pub(super) fn update(c: &Db, id: u64) -> Result<Option<(OtaUpdateInfo, i64)>, StoreError> {
     let sql = format!(
         "SELECT {UPDATE_COLUMNS} FROM ota_updates u JOIN groups g ON g.num = u.group_num
          WHERE u.id = ?1"
     );
     let mut stmt = c.prepare(&sql)?;
-    let mut rows = stmt.query([to_i64(id, "update id")?])?;
-    match rows.next()? {
-        Some(r) => Ok(Some(read_update(r)?)),
-        None => Ok(None),
-    }
+    stmt.query_row(args![to_i64(id, "update id")?], read_update)
+        .optional()
 }
 
 /// Offers, of one group (by number) or all, oldest first.
-pub(super) fn updates(
-    c: &Connection,
-    group_num: Option<i64>,
-) -> Result<Vec<OtaUpdateInfo>, StoreError> {
+pub(super) fn updates(c: &Db, group_num: Option<i64>) -> Result<Vec<OtaUpdateInfo>, StoreError> {
     let sql = format!(
         "SELECT {UPDATE_COLUMNS} FROM ota_updates u JOIN groups g ON g.num = u.group_num
-         WHERE ?1 IS NULL OR u.group_num = ?1 ORDER BY u.id"
+         WHERE CAST(?1 AS BIGINT) IS NULL OR u.group_num = ?1 ORDER BY u.id"
     );
     let mut stmt = c.prepare(&sql)?;
-    let mut rows = stmt.query([group_num])?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        out.push(read_update(r)?.0);
-    }
-    Ok(out)
+    stmt.query_map(args![group_num], |r| Ok(read_update(r)?.0))?
+        .collect()
 }
 
 /// A schedule's row.
@@ -108,7 +94,7 @@ pub struct ScheduleRow {
 const SCHEDULE_COLUMNS: &str = "id, update_id, group_num, start_at, wave, drain_ms, state,
     created_at, started_at, finished_at, detail";
 
-pub(super) fn read_schedule(r: &rusqlite::Row<'_>) -> Result<ScheduleRow, StoreError> {
+pub(super) fn read_schedule(r: &Row<'_>) -> Result<ScheduleRow, StoreError> {
     let wave: i64 = r.get(4)?;
     Ok(ScheduleRow {
         id: to_u64(r.get(0)?, "schedule id")?,
@@ -119,79 +105,68 @@ pub(super) fn read_schedule(r: &rusqlite::Row<'_>) -> Result<ScheduleRow, StoreE
         drain_ms: to_u64(r.get(5)?, "drain")?,
         state: r.get(6)?,
         created_at: UnixMillis(r.get(7)?),
-        started_at: r.get::<_, Option<i64>>(8)?.map(UnixMillis),
-        finished_at: r.get::<_, Option<i64>>(9)?.map(UnixMillis),
+        started_at: r.get::<Option<i64>>(8)?.map(UnixMillis),
+        finished_at: r.get::<Option<i64>>(9)?.map(UnixMillis),
         detail: r.get(10)?,
     })
 }
 
 pub(super) fn schedules_where(
-    c: &Connection,
+    c: &Db,
     clause: &str,
-    param: impl rusqlite::Params,
+    param: &[Value<'_>],
 ) -> Result<Vec<ScheduleRow>, StoreError> {
     let sql = format!("SELECT {SCHEDULE_COLUMNS} FROM ota_schedules WHERE {clause} ORDER BY id");
     let mut stmt = c.prepare(&sql)?;
-    let mut rows = stmt.query(param)?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        out.push(read_schedule(r)?);
-    }
-    Ok(out)
+    stmt.query_map(param, read_schedule)?.collect()
 }
 
 /// One schedule.
-pub(super) fn schedule(c: &Connection, id: u64) -> Result<Option<ScheduleRow>, StoreError> {
-    Ok(schedules_where(c, "id = ?1", [to_i64(id, "schedule id")?])?
-        .into_iter()
-        .next())
+pub(super) fn schedule(c: &Db, id: u64) -> Result<Option<ScheduleRow>, StoreError> {
+    Ok(
+        schedules_where(c, "id = ?1", args![to_i64(id, "schedule id")?])?
+            .into_iter()
+            .next(),
+    )
 }
 
 /// Every schedule still to start or running (the rollout timer's work).
-pub(super) fn active_schedules(c: &Connection) -> Result<Vec<ScheduleRow>, StoreError> {
-    schedules_where(c, "state IN ('scheduled', 'running')", [])
+pub(super) fn active_schedules(c: &Db) -> Result<Vec<ScheduleRow>, StoreError> {
+    schedules_where(c, "state IN ('scheduled', 'running')", args![])
 }
 
 /// The group's running schedule, if any.
-pub(super) fn running_of_group(
-    c: &Connection,
-    group_num: i64,
-) -> Result<Option<ScheduleRow>, StoreError> {
+pub(super) fn running_of_group(c: &Db, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
     Ok(
-        schedules_where(c, "group_num = ?1 AND state = 'running'", [group_num])?
+        schedules_where(c, "group_num = ?1 AND state = 'running'", args![group_num])?
             .into_iter()
             .next(),
     )
 }
 
 /// The group's scheduled or running schedule, if any.
-pub(super) fn active_of_group(
-    c: &Connection,
-    group_num: i64,
-) -> Result<Option<ScheduleRow>, StoreError> {
+pub(super) fn active_of_group(c: &Db, group_num: i64) -> Result<Option<ScheduleRow>, StoreError> {
     Ok(schedules_where(
         c,
         "group_num = ?1 AND state IN ('scheduled', 'running')",
-        [group_num],
+        args![group_num],
     )?
     .into_iter()
     .next())
 }
 
 /// Every schedule, of one group (by number) or all, oldest first.
-pub(super) fn schedules(
-    c: &Connection,
-    group_num: Option<i64>,
-) -> Result<Vec<ScheduleRow>, StoreError> {
-    schedules_where(c, "?1 IS NULL OR group_num = ?1", [group_num])
+pub(super) fn schedules(c: &Db, group_num: Option<i64>) -> Result<Vec<ScheduleRow>, StoreError> {
+    schedules_where(
+        c,
+        "CAST(?1 AS BIGINT) IS NULL OR group_num = ?1",
+        args![group_num],
+    )
 }
 
 /// Every schedule of a group, oldest first.
-pub(super) fn schedules_of_group(
-    c: &Connection,
-    group_num: i64,
-) -> Result<Vec<ScheduleRow>, StoreError> {
-    schedules_where(c, "group_num = ?1", [group_num])
+pub(super) fn schedules_of_group(c: &Db, group_num: i64) -> Result<Vec<ScheduleRow>, StoreError> {
+    schedules_where(c, "group_num = ?1", args![group_num])
 }
 
 /// What a schedule is made of.
@@ -205,15 +180,11 @@ pub struct NewSchedule {
 }
 
 /// Records a schedule of group `group_num` (state `scheduled`); returns its id.
-pub(super) fn insert_schedule(
-    c: &Connection,
-    group_num: i64,
-    s: &NewSchedule,
-) -> Result<u64, StoreError> {
-    c.execute(
+pub(super) fn insert_schedule(c: &Db, group_num: i64, s: &NewSchedule) -> Result<u64, StoreError> {
+    let id: i64 = c.query_one(
         "INSERT INTO ota_schedules (update_id, group_num, start_at, wave, drain_ms, state, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'scheduled', ?6)",
-        params![
+         VALUES (?1, ?2, ?3, ?4, ?5, 'scheduled', ?6) RETURNING id",
+        args![
             to_i64(s.update_id, "update id")?,
             group_num,
             s.start.0,
@@ -222,28 +193,28 @@ pub(super) fn insert_schedule(
             s.at.0
         ],
     )?;
-    to_u64(c.last_insert_rowid(), "schedule id")
+    to_u64(id, "schedule id")
 }
 
 /// Moves the start of a schedule still `scheduled`; whether it was.
-pub(super) fn set_start(c: &Connection, id: u64, start: UnixMillis) -> Result<bool, StoreError> {
+pub(super) fn set_start(c: &Db, id: u64, start: UnixMillis) -> Result<bool, StoreError> {
     let n = c.execute(
         "UPDATE ota_schedules SET start_at = ?2 WHERE id = ?1 AND state = 'scheduled'",
-        params![to_i64(id, "schedule id")?, start.0],
+        args![to_i64(id, "schedule id")?, start.0],
     )?;
     Ok(n == 1)
 }
 
 /// Makes `image` the group's image; whether it changed.
 pub(super) fn set_group_image(
-    c: &Connection,
+    c: &Db,
     num: i64,
     image: &str,
     at: UnixMillis,
 ) -> Result<bool, StoreError> {
     let n = c.execute(
         "UPDATE groups SET image = ?2, updated_at = ?3 WHERE num = ?1 AND image != ?2",
-        params![num, image, at.0],
+        args![num, image, at.0],
     )?;
     Ok(n == 1)
 }
@@ -251,7 +222,7 @@ pub(super) fn set_group_image(
 /// Moves a schedule from state `from` to `to`, stamping the start (for
 /// `running`) or the end (for the final states); whether it was in `from`.
 pub(super) fn set_state(
-    c: &Connection,
+    c: &Db,
     id: u64,
     from: &str,
     to: &str,
@@ -264,7 +235,7 @@ pub(super) fn set_state(
             finished_at = CASE WHEN ?3 = 'running' THEN finished_at ELSE ?4 END,
             detail = COALESCE(?5, detail)
          WHERE id = ?1 AND state = ?2",
-        params![to_i64(id, "schedule id")?, from, to, at.0, detail],
+        args![to_i64(id, "schedule id")?, from, to, at.0, detail],
     )?;
     Ok(n == 1)
 }
@@ -294,35 +265,30 @@ impl From<ResultRow> for OtaResourceInfo {
 }
 
 /// The resources of a rollout, in update order.
-pub(super) fn results(c: &Connection, schedule: u64) -> Result<Vec<ResultRow>, StoreError> {
+pub(super) fn results(c: &Db, schedule: u64) -> Result<Vec<ResultRow>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT position, resource, state, started_at, finished_at, detail FROM ota_results
          WHERE schedule_id = ?1 ORDER BY position",
     )?;
-    let mut rows = stmt.query([to_i64(schedule, "schedule id")?])?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
+    let rows = stmt.query_map(args![to_i64(schedule, "schedule id")?], |r| {
         let position: i64 = r.get(0)?;
         let resource: String = r.get(1)?;
-        out.push(ResultRow {
+        Ok(ResultRow {
             position: u32::try_from(position).map_err(corrupt)?,
             resource: resource.parse().map_err(corrupt)?,
             state: r.get(2)?,
-            started_at: r.get::<_, Option<i64>>(3)?.map(UnixMillis),
-            finished_at: r.get::<_, Option<i64>>(4)?.map(UnixMillis),
+            started_at: r.get::<Option<i64>>(3)?.map(UnixMillis),
+            finished_at: r.get::<Option<i64>>(4)?.map(UnixMillis),
             detail: r.get(5)?,
-        });
-    }
-    Ok(out)
+        })
+    })?;
+    rows.collect()
 }
 
 /// Resources of group `num` whose latest OTA step failed: drained by that
 /// failure, they belong in the next rollout (which undrains them when it
 /// succeeds).
-pub(super) fn failed_resources(
-    c: &Connection,
-    group_num: i64,
-) -> Result<Vec<ResourceId>, StoreError> {
+pub(super) fn failed_resources(c: &Db, group_num: i64) -> Result<Vec<ResourceId>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT r.resource FROM ota_results r JOIN ota_schedules s ON s.id = r.schedule_id
          WHERE s.group_num = ?1 AND r.state = 'failed'
@@ -332,7 +298,7 @@ pub(super) fn failed_resources(
                                   AND r2.state NOT IN ('pending', 'skipped'))
          ORDER BY r.resource",
     )?;
-    let rows = stmt.query_map([group_num], |r| r.get::<_, String>(0))?;
+    let rows = stmt.query_map(args![group_num], |r| r.get::<String>(0))?;
     rows.map(|r| {
         let r = r?;
         r.parse()
@@ -343,7 +309,7 @@ pub(super) fn failed_resources(
 
 /// Records the rollout's resources (all `pending`), in this order.
 pub(super) fn insert_plan(
-    c: &Connection,
+    c: &Db,
     schedule: u64,
     resources: &[ResourceId],
 ) -> Result<(), StoreError> {
@@ -352,7 +318,7 @@ pub(super) fn insert_plan(
         c.execute(
             "INSERT INTO ota_results (schedule_id, position, resource, state)
              VALUES (?1, ?2, ?3, 'pending')",
-            params![id, i as i64, r.as_str()],
+            args![id, i as i64, r.as_str()],
         )?;
     }
     Ok(())
@@ -362,7 +328,7 @@ pub(super) fn insert_plan(
 /// time it leaves `pending` (and kept after: its drain deadline counts from
 /// it); `finished_at` when it is `done` or `failed`.
 pub(super) fn set_result(
-    c: &Connection,
+    c: &Db,
     schedule: u64,
     resource: &ResourceId,
     state: &str,
@@ -375,7 +341,7 @@ pub(super) fn set_result(
             finished_at = CASE WHEN ?3 IN ('done', 'failed') THEN ?4 ELSE finished_at END,
             detail = COALESCE(?5, detail)
          WHERE schedule_id = ?1 AND resource = ?2",
-        params![
+        args![
             to_i64(schedule, "schedule id")?,
             resource.as_str(),
             state,
@@ -388,25 +354,20 @@ pub(super) fn set_result(
 
 /// Open sessions on a resource (the durable record).
 pub(super) fn open_sessions(
-    c: &Connection,
+    c: &Db,
     resource: &ResourceId,
 ) -> Result<Vec<ferry_common::SessionId>, StoreError> {
     let mut stmt = c.prepare(
         "SELECT session FROM sessions WHERE resource = ?1 AND ended_at IS NULL ORDER BY id",
     )?;
-    let mut rows = stmt.query([resource.as_str()])?;
-    let mut out = Vec::new();
-    while let Some(r) = rows.next()? {
-        let s: String = r.get(0)?;
-        out.push(s.parse().map_err(corrupt)?);
-    }
-    Ok(out)
+    let rows = stmt.query_map(args![resource.as_str()], |r| r.get::<String>(0))?;
+    rows.map(|s| s?.parse().map_err(corrupt)).collect()
 }
 
 /// Sets the group's status to `to` (when it is still `from`), with an
 /// event; whether it changed.
 pub(super) fn set_group_status(
-    c: &Connection,
+    c: &Db,
     group_num: i64,
     from: &str,
     to: &str,
@@ -414,16 +375,13 @@ pub(super) fn set_group_status(
 ) -> Result<bool, StoreError> {
     let n = c.execute(
         "UPDATE groups SET status = ?3, updated_at = ?4 WHERE num = ?1 AND status = ?2",
-        params![group_num, from, to, at.0],
+        args![group_num, from, to, at.0],
     )?;
     Ok(n == 1)
 }
 
 /// The schedule as operators see it.
-pub(super) fn schedule_info(
-    c: &Connection,
-    row: ScheduleRow,
-) -> Result<OtaScheduleInfo, StoreError> {
+pub(super) fn schedule_info(c: &Db, row: ScheduleRow) -> Result<OtaScheduleInfo, StoreError> {
     let (update, _) = update(c, row.update_id)?
         .ok_or_else(|| corrupt(format!("schedule {} names no update", row.id)))?;
     let resources = results(c, row.id)?
