@@ -12,7 +12,10 @@
 //!   once, with its line;
 //! * [`child`]: an operator's command (hook, provisioning tool) run in its
 //!   own process group, its output read to the end with a bounded tail
-//!   kept, the whole group killed past its timeout.
+//!   kept, the whole group killed past its timeout;
+//! * `pg_cluster` (feature `pg-cluster`, for tests): a throwaway
+//!   PostgreSQL cluster on a private Unix socket, removed when dropped or
+//!   when the process ends.
 //!
 //! `ferry-common` stays free of I/O; this crate is where the daemons' shared
 //! process plumbing lives.
@@ -23,3 +26,5 @@ pub mod exit;
 pub mod files;
 pub mod lock;
 pub mod output;
+#[cfg(feature = "pg-cluster")]
+pub mod pg_cluster;
