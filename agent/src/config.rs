@@ -33,6 +33,9 @@ pub const DEFAULT_UPDATE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// a minute covers any pause of a busy host.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Most addresses in `brokers`.
+pub const MAX_BROKERS: usize = 32;
+
 /// The validated configuration of one agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -45,6 +48,10 @@ pub struct AgentConfig {
     /// Name the broker's certificate must carry (default: the host of
     /// `broker_addr`).
     pub broker_name: String,
+    /// Other brokers sharing the first one's store (`brokers`), tried in
+    /// turn when one cannot be reached; any of them sends the agent on to
+    /// the broker owning its group.
+    pub brokers: Vec<String>,
     /// CA certificate (PEM) that signed the broker's certificate.
     pub ca_cert: PathBuf,
     /// The agent's own certificate (PEM), its identity.
@@ -177,6 +184,7 @@ struct RawConfig {
     group: Option<String>,
     broker_addr: Option<String>,
     broker_name: Option<String>,
+    brokers: Vec<String>,
     ca_cert: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -213,6 +221,7 @@ impl Default for RawConfig {
             group: None,
             broker_addr: None,
             broker_name: None,
+            brokers: Vec::new(),
             ca_cert: "/etc/ferry/agent/ca.pem".into(),
             cert: "/etc/ferry/agent/agent.pem".into(),
             key: "/etc/ferry/agent/agent-key.pem".into(),
@@ -302,6 +311,7 @@ impl RawConfig {
                 group,
                 broker_addr,
                 broker_name,
+                brokers: self.brokers.clone(),
                 ca_cert: self.ca_cert,
                 cert: self.cert,
                 key: self.key,
@@ -374,6 +384,17 @@ impl RawConfig {
                     "broker_name: {broker_name:?} is not a DNS name or IP address"
                 ));
             }
+        }
+        for (i, a) in self.brokers.iter().enumerate() {
+            if let Err(why) = check_host_port(a) {
+                problems.push(format!("brokers[{i}]: {a:?} {why}"));
+            }
+        }
+        if self.brokers.len() > MAX_BROKERS {
+            problems.push(format!(
+                "brokers: {} addresses, at most {MAX_BROKERS}",
+                self.brokers.len()
+            ));
         }
         (broker_addr, broker_name)
     }
@@ -731,8 +752,8 @@ mod tests {
             &[
                 "broker_addr (line 3): invalid type: integer `7443`, expected a string",
                 "broker_nam (line 4): unknown key (known keys here: resource, group, \
-                 broker_addr, broker_name, ca_cert, cert, key, state_dir, policy_file, \
-                 local_socket, local_idle_timeout, image_version, hooks, streaming_address, \
+                 broker_addr, broker_name, brokers, ca_cert, cert, key, state_dir, \
+                 policy_file, local_socket, local_idle_timeout, image_version, hooks, streaming_address, \
                  enroll_token)",
                 "hooks.timeout (line 7): invalid type: integer `30`, expected a string",
                 "hooks.disconect (line 8): unknown key (known keys here: disconnect, policy, \

@@ -177,6 +177,7 @@ pub async fn run(
         updates: Arc::default(),
         tasks: tracker.clone(),
         renew: std::sync::Mutex::default(),
+        targets: std::sync::Mutex::default(),
     };
     tracker.spawn(link.run(shutdown.child_token()));
     let notifier = notify::Notifier::from_env();

@@ -101,6 +101,8 @@ pub enum LinkError {
     Shutdown,
     #[error("the certificate was renewed; reconnecting with it")]
     Renewed,
+    #[error("{message}; connecting there")]
+    Redirected { address: String, message: String },
     #[error(
         "the broker's certificate is not valid for broker_name \"{name}\" ({detail}): \
          broker_name must be a DNS name in the broker's certificate (the --broker-name of \
@@ -160,6 +162,43 @@ pub struct Link {
     pub tasks: tokio_util::task::TaskTracker,
     /// The certificate's renewal over the link, across connections.
     pub renew: Mutex<crate::renew::RenewState>,
+    /// Which broker the next connection goes to.
+    pub targets: Mutex<Targets>,
+}
+
+/// Most redirects followed in a row; past them the agent backs off as after
+/// a failure (brokers that disagree on a group's owner do not make it spin).
+pub const MAX_REDIRECTS: u32 = 4;
+
+/// Longest wait before reconnecting after `NotOwner` (a group changing
+/// owner): its new owner takes it within a lease renewal.
+const NOT_OWNER_WAIT: Duration = Duration::from_secs(1);
+
+/// The brokers the agent connects to: the configured ones in turn, and the
+/// one a broker sent it to.
+#[derive(Debug, Default)]
+pub struct Targets {
+    /// Index of the configured broker to try next.
+    next: usize,
+    /// Where the last broker sent the agent.
+    redirect: Option<String>,
+    /// Redirects followed since the last `Welcome`.
+    hops: u32,
+}
+
+impl Targets {
+    /// The address of the next connection.
+    fn pick(&mut self, config: &AgentConfig) -> String {
+        if let Some(addr) = self.redirect.take() {
+            return addr;
+        }
+        let all = 1 + config.brokers.len();
+        let i = self.next % all;
+        match i.checked_sub(1).and_then(|i| config.brokers.get(i)) {
+            Some(addr) => addr.clone(),
+            None => config.broker_addr.clone(),
+        }
+    }
 }
 
 impl Link {
@@ -169,6 +208,7 @@ impl Link {
         let mut attempt: u32 = 0;
         loop {
             let result = self.connection(&shutdown, &mut attempt, &sampler).await;
+            let mut result_code = None;
             self.status
                 .send_if_modified(|s| std::mem::replace(&mut s.connected, false));
             match result {
@@ -177,7 +217,29 @@ impl Link {
                     attempt = 0;
                     continue;
                 }
+                Err(LinkError::Redirected { address, message }) => {
+                    let mut t = self.targets();
+                    t.hops += 1;
+                    if t.hops <= MAX_REDIRECTS {
+                        tracing::info!(%address, "{message}: connecting there");
+                        t.redirect = Some(address);
+                        continue;
+                    }
+                    tracing::warn!(%address, hops = t.hops,
+                        "brokers keep redirecting; backing off before trying again");
+                    t.hops = 0;
+                    t.next += 1;
+                    drop(t);
+                    self.status.send_modify(|s| {
+                        s.last_error = Some(format!("{message} (too many redirects)"))
+                    });
+                }
                 Err(e) => {
+                    if let LinkError::Refused(r) = &e {
+                        result_code = Some(r.code);
+                    }
+                    // The next attempt goes to the next configured broker.
+                    self.targets().next += 1;
                     if e.is_config_problem() {
                         tracing::error!(error = %e, "broker link refused: check the agent's configuration and certificate");
                     } else {
@@ -188,7 +250,13 @@ impl Link {
                     self.status.send_modify(|s| s.last_error = Some(text));
                 }
             }
-            let delay = full_jitter(backoff_ceiling(attempt), rand::random());
+            let not_owner = result_code == Some(RefusalCode::NotOwner);
+            let ceiling = if not_owner {
+                backoff_ceiling(attempt).min(NOT_OWNER_WAIT)
+            } else {
+                backoff_ceiling(attempt)
+            };
+            let delay = full_jitter(ceiling, rand::random());
             attempt = attempt.saturating_add(1);
             tracing::debug!(?delay, attempt, "reconnecting after a delay");
             tokio::select! {
@@ -204,7 +272,8 @@ impl Link {
         attempt: &mut u32,
         sampler: &Arc<Mutex<HealthSampler>>,
     ) -> Result<(), LinkError> {
-        let addr = resolve(&self.config.broker_addr).await?;
+        let target = self.targets().pick(&self.config);
+        let addr = resolve(&target).await?;
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
@@ -258,6 +327,10 @@ impl Link {
             Some(tls) => tls.clone(),
             None => (self.tls.clone(), self.name_check.clone()),
         }
+    }
+
+    fn targets(&self) -> std::sync::MutexGuard<'_, Targets> {
+        self.targets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn renew_state(&self) -> std::sync::MutexGuard<'_, crate::renew::RenewState> {
@@ -380,6 +453,9 @@ impl Link {
             Some(BrokerMessage::V1(BrokerToAgent::Refused(r))) => {
                 return Err(LinkError::Refused(r))
             }
+            Some(BrokerMessage::V1(BrokerToAgent::Redirect { address, message })) => {
+                return Err(LinkError::Redirected { address, message })
+            }
             Some(other) => {
                 return Err(LinkError::Protocol(format!(
                     "expected Welcome, got {other:?}"
@@ -389,6 +465,7 @@ impl Link {
         };
         self.accept_welcome(&welcome, spool_id).await?;
         *attempt = 0;
+        self.targets().hops = 0;
         tracing::info!(
             broker_version = %welcome.broker_version,
             last_recorded_seq = welcome.last_recorded_seq,
@@ -626,6 +703,9 @@ impl Link {
                 }
             }
             BrokerToAgent::Refused(r) => return Err(LinkError::Refused(r)),
+            BrokerToAgent::Redirect { address, message } => {
+                return Err(LinkError::Redirected { address, message })
+            }
             BrokerToAgent::Welcome(_) => {
                 return Err(LinkError::Protocol("a second Welcome".into()))
             }

@@ -64,6 +64,139 @@ pub struct BrokerConfig {
     /// What unauthenticated peers may hold on the QUIC endpoint: the
     /// defaults of `endpoint` (not set from the file; tests shorten them).
     pub endpoint: EndpointLimits,
+    /// Where the broker keeps its records (`[store]`), and with which other
+    /// brokers (`[cluster]`).
+    pub store: StoreConfig,
+}
+
+/// `[store]` and `[cluster]`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum StoreConfig {
+    /// `backend = "sqlite"` (the default): `state_dir/ferry.db`, this
+    /// broker alone.
+    #[default]
+    Sqlite,
+    /// `backend = "postgres"`: a PostgreSQL database, possibly shared with
+    /// other brokers; each group is owned by one broker at a time.
+    Postgres {
+        /// A libpq connection string or URL (`url`).
+        url: String,
+        /// This broker's name among those sharing the database; `None`:
+        /// the host name and the listen port.
+        broker_id: Option<String>,
+        /// Where agents and end users reach this broker (`host:port`);
+        /// `None`: the listen address when it names one.
+        advertise: Option<String>,
+        /// How long a group's lease lasts without renewal.
+        lease: Duration,
+    },
+}
+
+/// `[store]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawStore {
+    backend: String,
+    url: Option<String>,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            backend: "sqlite".into(),
+            url: None,
+        }
+    }
+}
+
+/// `[cluster]` as written (PostgreSQL only).
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawCluster {
+    broker_id: Option<String>,
+    advertise: Option<String>,
+    lease: String,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            broker_id: None,
+            advertise: None,
+            lease: "10s".into(),
+        }
+    }
+}
+
+/// Shortest lease: a renewal every third of it must fit a database round
+/// trip with room to spare.
+const MIN_LEASE: Duration = Duration::from_secs(3);
+
+fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) -> StoreConfig {
+    let lease = match parse_duration(&cluster.lease) {
+        Ok(d) if d >= MIN_LEASE => d,
+        Ok(d) => {
+            errors.push(format!(
+                "cluster.lease: {} is shorter than {}",
+                format_duration(d),
+                format_duration(MIN_LEASE)
+            ));
+            MIN_LEASE
+        }
+        Err(e) => {
+            errors.push(format!("cluster.lease: {e}"));
+            MIN_LEASE
+        }
+    };
+    let named = |field: &str, v: &Option<String>, errors: &mut Vec<String>| match v {
+        Some(v) if v.trim().is_empty() || v.chars().any(char::is_control) => {
+            errors.push(format!("cluster.{field}: {v:?} is empty or not printable"));
+            None
+        }
+        other => other.clone(),
+    };
+    let broker_id = named("broker_id", &cluster.broker_id, errors);
+    let advertise = named("advertise", &cluster.advertise, errors);
+    match store.backend.as_str() {
+        "sqlite" => {
+            if store.url.is_some() {
+                errors.push(
+                    "store.url: only the postgres backend takes a url (set backend = \"postgres\")"
+                        .into(),
+                );
+            }
+            if cluster.broker_id.is_some() || cluster.advertise.is_some() {
+                errors.push(
+                    "cluster: brokers share a PostgreSQL store only (set [store] backend = \
+                     \"postgres\")"
+                        .into(),
+                );
+            }
+            StoreConfig::Sqlite
+        }
+        "postgres" => match &store.url {
+            Some(url) if !url.trim().is_empty() => StoreConfig::Postgres {
+                url: url.clone(),
+                broker_id,
+                advertise,
+                lease,
+            },
+            _ => {
+                errors.push(
+                    "store.url: the postgres backend needs a connection string, e.g. \
+                     \"host=/run/postgresql dbname=ferry user=ferry\""
+                        .into(),
+                );
+                StoreConfig::Sqlite
+            }
+        },
+        other => {
+            errors.push(format!(
+                "store.backend: {other:?} is not a backend (\"sqlite\" or \"postgres\")"
+            ));
+            StoreConfig::Sqlite
+        }
+    }
 }
 
 /// Settings of delivery groups (issue 4).
@@ -343,6 +476,8 @@ struct RawConfig {
     notify_retry_max: String,
     provisioner: RawProvisioner,
     routing: RawRouting,
+    store: RawStore,
+    cluster: RawCluster,
 }
 
 impl Default for RawConfig {
@@ -372,6 +507,8 @@ impl Default for RawConfig {
             notify_retry_max: "10m".into(),
             provisioner: RawProvisioner::default(),
             routing: RawRouting::default(),
+            store: RawStore::default(),
+            cluster: RawCluster::default(),
         }
     }
 }
@@ -440,6 +577,7 @@ impl BrokerConfig {
         let prices = prices_of(&raw.prices, &raw.currency, errors);
         let missed_health_limit = missed_health_limit_of(raw.missed_health_limit, errors);
         let routing = routing_of(&raw.routing, errors);
+        let store = store_of(&raw.store, &raw.cluster, errors);
         BrokerConfig {
             state_dir: raw.state_dir,
             pki_dir: raw.pki_dir,
@@ -479,6 +617,7 @@ impl BrokerConfig {
                 routing,
             },
             endpoint: EndpointLimits::default(),
+            store,
         }
     }
 

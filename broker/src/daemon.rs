@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminContext, AdminSocketError};
-use crate::config::{BrokerConfig, ConfigError};
+use crate::cluster::{ClusterSettings, Ownership};
+use crate::config::{BrokerConfig, ConfigError, StoreConfig};
 use crate::endpoint::{self, Services};
 use crate::groups::actor::ActorError;
 use crate::groups::{self, ActorsParts, GroupActors, GroupService, Groups};
@@ -100,7 +101,10 @@ pub async fn run(
         tracing::info!(file = %left.display(), "removed a temporary file an earlier run left");
     }
     let keys = Keys::load(&config)?;
-    let store = Store::open(&config.db_path(), StoreOptions::default())?;
+    let store = match &config.store {
+        StoreConfig::Sqlite => Store::open(&config.db_path(), StoreOptions::default())?,
+        StoreConfig::Postgres { url, .. } => Store::open_postgres(url, StoreOptions::default())?,
+    };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
     let (endpoint, agent_addr) = match start(&config, keys, &store, &tracker, &tasks).await {
@@ -142,6 +146,40 @@ pub async fn run(
     }
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// Who this broker is among the brokers sharing its PostgreSQL store;
+/// `None` on SQLite (alone). Its name defaults to the host name and the
+/// port, its advertised address to the address it listens on (the host name
+/// when that is a wildcard).
+fn cluster_settings(config: &BrokerConfig, agent_addr: SocketAddr) -> Option<ClusterSettings> {
+    let StoreConfig::Postgres {
+        broker_id,
+        advertise,
+        lease,
+        ..
+    } = &config.store
+    else {
+        return None;
+    };
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let port = agent_addr.port();
+    Some(ClusterSettings {
+        broker_id: broker_id
+            .clone()
+            .unwrap_or_else(|| format!("{host}:{port}")),
+        advertise: advertise.clone().unwrap_or_else(|| {
+            if agent_addr.ip().is_unspecified() {
+                format!("{host}:{port}")
+            } else {
+                agent_addr.to_string()
+            }
+        }),
+        lease: *lease,
+    })
 }
 
 /// The keys the broker serves with, from `pki_dir`.
@@ -245,6 +283,14 @@ impl Broker {
         let service = GroupService::new(store.clone(), config.groups.clone())
             .with_token_key(keys.token_key.clone());
         let ota = Ota::new(store.clone(), config.groups.clock.clone());
+        let cluster = cluster_settings(config, agent_addr);
+        let ownership = match &cluster {
+            Some(settings) => {
+                store.fences().enable(&settings.broker_id);
+                Ownership::shared()
+            }
+            None => Ownership::everything(),
+        };
         let actors = GroupActors::new(ActorsParts {
             store: store.clone(),
             registry: registry.clone(),
@@ -253,9 +299,23 @@ impl Broker {
             rollouts: ota.board().clone(),
             tracker: tracker.clone(),
             shutdown: tasks.clone(),
+            ownership: ownership.clone(),
         });
         let n = actors.start_all().await.map_err(BrokerError::Groups)?;
         tracing::info!(groups = n, "group actors started");
+        if let Some(settings) = cluster {
+            // Actors of the groups whose leases this broker takes start
+            // as it takes them; it hands them over when it stops.
+            tracing::info!(broker = %settings.broker_id, advertise = %settings.advertise,
+                lease = ?settings.lease, "sharing the store with other brokers");
+            tracker.spawn(crate::cluster::keep_leases(
+                store.clone(),
+                registry.clone(),
+                actors.clone(),
+                settings,
+                tasks.clone(),
+            ));
+        }
         // Image updates and OTA rollouts: running ones resume.
         tracker.spawn(crate::rollout::run(
             ota.clone(),
@@ -296,6 +356,7 @@ impl Broker {
                 actors: Some(self.groups.actors().clone()),
                 pki_dir: config.pki_dir.clone(),
                 cert_lifetime: config.agent_cert_lifetime,
+                ownership: self.groups.actors().ownership().clone(),
             }))),
             // Enrollment of new hosts with a one-time token.
             enroll: Some(Arc::new(

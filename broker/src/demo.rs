@@ -362,6 +362,7 @@ async fn run_in(
             ..GroupsConfig::default()
         },
         endpoint: Default::default(),
+        store: Default::default(),
     };
     let broker_stop = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -1017,6 +1018,12 @@ async fn user_session(run: UserRun, crowd: &Crowd) -> Result<(), DemoError> {
             );
             Tally::add(&tally.refused);
             return Ok(());
+        }
+        // The demo's one broker owns every group.
+        RouteAnswer::Redirect(address) => {
+            return Err(DemoError::Agent(format!(
+                "the demo's broker sent {user} to another broker at {address}"
+            )));
         }
         RouteAnswer::Admitted(a) => a,
     };

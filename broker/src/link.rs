@@ -39,6 +39,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Owner;
 use crate::endpoint::{
     answer_preamble, close_code, EndpointService, PreambleError, HANDSHAKE_TIMEOUT, REFUSAL_LINGER,
     WRITE_TIMEOUT,
@@ -114,6 +115,9 @@ pub struct LinkContext {
     pub pki_dir: std::path::PathBuf,
     /// Lifetime of a renewed certificate.
     pub cert_lifetime: Duration,
+    /// Which groups this broker owns: an agent of a group owned elsewhere
+    /// is sent there.
+    pub ownership: crate::cluster::Ownership,
 }
 
 impl LinkContext {
@@ -329,6 +333,35 @@ async fn refuse(
     LinkError::Refused { code, message }
 }
 
+/// Sends the agent of group `group` to the broker at `address`, which owns
+/// it, and closes the connection.
+async fn redirect(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    resource: &ResourceId,
+    group: &GroupName,
+    address: String,
+) -> LinkError {
+    let message = format!("group {group} is served by the broker at {address}");
+    tracing::info!(%resource, %group, %address, "agent sent to its group's broker");
+    let msg = BrokerMessage::V1(BrokerToAgent::Redirect {
+        address: truncate(address),
+        message: message.clone(),
+    });
+    let _ = timeout(
+        REFUSAL_LINGER,
+        frame::write_message(send, &msg, MAX_FRAME_LEN),
+    )
+    .await;
+    let _ = send.finish();
+    let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
+    conn.close(close_code::REFUSED.into(), b"Redirect");
+    LinkError::Refused {
+        code: RefusalCode::NotOwner,
+        message,
+    }
+}
+
 /// Answers the agent's preamble; a peer that is not a Ferry agent, or one
 /// of a version this broker does not speak, is closed with its code.
 async fn preamble(
@@ -492,6 +525,28 @@ impl Connection {
                 return Err(refuse(&conn, &mut send, &resource, code, message).await)
             }
         };
+        if let Some(g) = &group {
+            match ctx.ownership.owner(g) {
+                Owner::Here => {}
+                Owner::At(address) => {
+                    return Err(redirect(&conn, &mut send, &resource, g, address).await)
+                }
+                Owner::Nobody => {
+                    let message = format!(
+                        "no broker owns group {g} right now (a broker is taking it over): \
+                         reconnect shortly"
+                    );
+                    return Err(refuse(
+                        &conn,
+                        &mut send,
+                        &resource,
+                        RefusalCode::NotOwner,
+                        message,
+                    )
+                    .await);
+                }
+            }
+        }
         let spool_id = hello.spool_id;
         let registered = match ctx
             .store

@@ -67,6 +67,7 @@ async fn start(health_interval: Duration, missed: u32) -> Broker {
         actors: None,
         pki_dir: pki_dir.clone(),
         cert_lifetime: pki::DEFAULT_AGENT_LIFETIME,
+        ownership: crate::cluster::Ownership::everything(),
     };
     let services = Services {
         agent: Some(Arc::new(link::AgentLink::new(ctx))),
@@ -656,6 +657,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         agent_cert_lifetime: crate::pki::DEFAULT_AGENT_LIFETIME,
         groups: Default::default(),
         endpoint: Default::default(),
+        store: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();

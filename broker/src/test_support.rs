@@ -78,6 +78,7 @@ pub fn wire(
         rollouts: ota.board().clone(),
         tracker: tracker.clone(),
         shutdown: shutdown.clone(),
+        ownership: crate::cluster::Ownership::everything(),
     });
     (Groups::new(service, actors), ota)
 }

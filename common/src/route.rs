@@ -79,6 +79,9 @@ pub enum BrokerToClient {
     Admitted(Admission),
     /// Not admitted, and why.
     Refused(RouteRefused),
+    /// Another broker owns the group (brokers sharing a store): ask the
+    /// broker at `address` (`host:port`) instead.
+    Redirect { address: String },
 }
 
 /// A granted session: connect to `address` and present `ticket`.

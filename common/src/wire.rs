@@ -143,6 +143,10 @@ pub enum BrokerToAgent {
     TicketKey { public_key: Vec<u8> },
     /// The answer to `AgentToBroker::Renew`.
     Renewal(RenewalOutcome),
+    /// Another broker owns the agent's group (brokers sharing a store): the
+    /// agent connects to `address` (`host:port`) instead. The broker closes
+    /// the connection after this.
+    Redirect { address: String, message: String },
 }
 
 /// How the broker answered a renewal.
@@ -361,6 +365,10 @@ pub enum RefusalCode {
     /// resources revoke`) or before its name was enrolled anew: the host
     /// needs a new certificate from the operator.
     Revoked,
+    /// No broker owns the agent's group right now (brokers sharing a store
+    /// are handing it over, or its owner stopped and its lease has not
+    /// expired yet): the agent tries again shortly.
+    NotOwner,
 }
 
 #[cfg(test)]
@@ -553,6 +561,26 @@ mod tests {
             frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
             msg
         );
+    }
+
+    #[test]
+    fn golden_redirect_and_not_owner() {
+        let msg = BrokerMessage::V1(BrokerToAgent::Redirect {
+            address: "b:1".into(),
+            message: "m".into(),
+        });
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "000603623a31016d");
+        assert_eq!(
+            frame::decode_payload::<BrokerMessage>(&bytes).expect("decode"),
+            msg
+        );
+        let msg = BrokerMessage::V1(BrokerToAgent::Refused(Refusal {
+            code: RefusalCode::NotOwner,
+            message: String::new(),
+        }));
+        let bytes = frame::encode_payload(&msg).expect("encode");
+        assert_eq!(hex(&bytes), "00030900");
     }
 
     #[test]

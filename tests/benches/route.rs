@@ -167,6 +167,7 @@ async fn established(
                 match client.route(ask(u, &tokens[u]), |_| {}).await? {
                     RouteAnswer::Admitted(_) => lat.push(t0.elapsed()),
                     RouteAnswer::Refused(r) => bail!("refused: {} {}", r.reason, r.message),
+                    RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
                 }
             }
         });
@@ -223,6 +224,7 @@ async fn connections(
                             match c.route(ask(u, &tokens[u]), |_| {}).await? {
                                 RouteAnswer::Admitted(_) => {}
                                 RouteAnswer::Refused(r) => bail!("refused: {}", r.message),
+                                RouteAnswer::Redirect(a) => bail!("sent to {a}"),
                             }
                         }
                         // Dropped, not `close()`d: closing waits for the

@@ -158,6 +158,7 @@ impl TestBroker {
             agent_cert_lifetime: ferry_broker::pki::DEFAULT_AGENT_LIFETIME,
             groups,
             endpoint: Default::default(),
+            store: Default::default(),
         };
         tune(&mut config);
         let mut broker = TestBroker {
@@ -306,6 +307,7 @@ impl TestBroker {
             group: None,
             broker_addr: self.agent_addr.to_string(),
             broker_name: "localhost".into(),
+            brokers: Vec::new(),
             ca_cert: identity.ca_cert.clone(),
             cert: identity.cert.clone(),
             key: identity.key.clone(),

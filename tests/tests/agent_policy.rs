@@ -114,6 +114,7 @@ async fn an_idle_session_is_ended_by_its_agent_and_recorded_once() -> anyhow::Re
     let session = match c.route(ask, |_| {}).await? {
         RouteAnswer::Admitted(a) => a.session,
         RouteAnswer::Refused(r) => anyhow::bail!("refused ({}): {}", r.reason, r.message),
+        RouteAnswer::Redirect(a) => anyhow::bail!("sent to another broker at {a}"),
     };
     let mut local = h1.client().await?;
     let started = local

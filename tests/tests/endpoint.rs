@@ -127,6 +127,7 @@ impl Fixture {
         match c.route(ask, |_| {}).await? {
             RouteAnswer::Admitted(_) => Ok(c),
             RouteAnswer::Refused(r) => bail!("refused ({}): {}", r.reason, r.message),
+            RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
         }
     }
 
@@ -261,6 +262,7 @@ async fn a_route_connection_that_never_authenticated_is_closed_after_its_answer(
     match guesser.route(ask, |_| {}).await? {
         RouteAnswer::Refused(r) => assert_eq!(r.reason, RouteRefusal::BadCredentials),
         RouteAnswer::Admitted(a) => bail!("a wrong password was admitted: {a:?}"),
+        RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
     }
     let why = timeout(PATIENCE, guesser.closed())
         .await

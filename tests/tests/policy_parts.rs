@@ -444,6 +444,7 @@ async fn route(c: &RouteClient, group: &str, user: &str) -> anyhow::Result<Admis
     match c.route(ask, |_| {}).await? {
         RouteAnswer::Admitted(a) => Ok(a),
         RouteAnswer::Refused(r) => bail!("refused ({}): {}", r.reason, r.message),
+        RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
     }
 }
 

@@ -415,6 +415,7 @@ async fn a_flood_of_wrong_passwords_is_throttled_unhashed_and_the_real_user_gets
                 Ok(())
             }
             RouteAnswer::Admitted(a) => bail!("a wrong password was admitted: {a:?}"),
+            RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
         }
     };
     record(first)?;

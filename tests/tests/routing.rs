@@ -212,6 +212,7 @@ fn admitted(answer: RouteAnswer) -> anyhow::Result<Admission> {
     match answer {
         RouteAnswer::Admitted(a) => Ok(a),
         RouteAnswer::Refused(r) => bail!("refused ({}): {}", r.reason, r.message),
+        RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
     }
 }
 
@@ -219,6 +220,7 @@ fn refusal(answer: RouteAnswer) -> anyhow::Result<(RouteRefusal, String)> {
     match answer {
         RouteAnswer::Refused(r) => Ok((r.reason, r.message)),
         RouteAnswer::Admitted(a) => bail!("admitted unexpectedly: {a:?}"),
+        RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
     }
 }
 
@@ -289,6 +291,7 @@ async fn a_thousand_simultaneous_requests_admit_exactly_the_room_of_a_hundred() 
             match answer? {
                 RouteAnswer::Admitted(a) => admissions.push((user, a)),
                 RouteAnswer::Refused(r) => *refused.entry(r.reason.to_string()).or_default() += 1,
+                RouteAnswer::Redirect(a) => anyhow::bail!("sent to another broker at {a}"),
             }
         }
         anyhow::Ok(())

@@ -155,6 +155,7 @@ async fn not_available(broker: &TestBroker, group: &str) -> anyhow::Result<Strin
             other => bail!("refused with {other:?}: {}", r.message),
         },
         RouteAnswer::Admitted(a) => bail!("admitted: {a:?}"),
+        RouteAnswer::Redirect(a) => bail!("sent to another broker at {a}"),
     }
 }
 

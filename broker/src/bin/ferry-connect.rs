@@ -174,11 +174,19 @@ fn resolve(broker: &str) -> anyhow::Result<(SocketAddr, String)> {
     Ok((addr, host))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let credential = credential(&cli)?;
-    let (addr, host) = resolve(&cli.broker)?;
-    let server_name = cli.server_name.clone().unwrap_or(host);
-    let connecting = RouteClient::connect_within(addr, &server_name, &cli.ca, cli.connect_timeout);
+/// Most times a request follows a broker's redirect.
+const MAX_REDIRECTS: u32 = 4;
+
+/// Connects to the broker at `broker` and asks it for the session.
+async fn ask(
+    cli: &Cli,
+    broker: &str,
+    server_name: &str,
+    credential: &Credential,
+    json: bool,
+) -> anyhow::Result<RouteAnswer> {
+    let (addr, _) = resolve(broker)?;
+    let connecting = RouteClient::connect_within(addr, server_name, &cli.ca, cli.connect_timeout);
     tokio::pin!(connecting);
     // Silence while a handshake goes unanswered looks like a hang: say
     // what is awaited (on stderr; `--json` output stays one object).
@@ -186,21 +194,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         c = &mut connecting => c,
         () = tokio::time::sleep(SLOW_HANDSHAKE) => {
             eprintln!(
-                "ferry-connect: waiting for the broker at {} ({addr}) to answer, up to {}...",
-                cli.broker,
+                "ferry-connect: waiting for the broker at {broker} ({addr}) to answer, up to {}...",
                 ferry_common::duration::format_duration(cli.connect_timeout)
             );
             connecting.await
         }
     };
-    let client = connected.with_context(|| format!("connect to the broker at {}", cli.broker))?;
-    let json = cli.json;
+    let client = connected.with_context(|| format!("connect to the broker at {broker}"))?;
     let answer = client
         .route(
             RouteAsk {
                 group: cli.group.clone(),
                 user: cli.user.clone(),
-                credential,
+                credential: credential.clone(),
                 wait: cli.wait,
             },
             |position| {
@@ -212,6 +218,41 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .await
         .context("route request")?;
     client.close().await;
+    Ok(answer)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let credential = credential(&cli)?;
+    let (_, host) = resolve(&cli.broker)?;
+    let server_name = cli.server_name.clone().unwrap_or(host);
+    let json = cli.json;
+    // Brokers sharing a store send a request on to the group's owner; the
+    // hops are bounded so brokers that disagree cannot make it spin.
+    let mut broker = cli.broker.clone();
+    let mut hops = 0;
+    let answer = loop {
+        let answer = ask(&cli, &broker, &server_name, &credential, json).await?;
+        match answer {
+            RouteAnswer::Redirect(address) if hops < MAX_REDIRECTS => {
+                hops += 1;
+                if !json {
+                    eprintln!(
+                        "ferry-connect: group {} is served by the broker at {address}",
+                        cli.group
+                    );
+                }
+                broker = address;
+            }
+            RouteAnswer::Redirect(address) => {
+                anyhow::bail!(
+                    "the brokers sent the request on {hops} times (last to {address}): they do \
+                     not agree which owns group {}; try again shortly",
+                    cli.group
+                )
+            }
+            other => break other,
+        }
+    };
     match answer {
         RouteAnswer::Admitted(a) => {
             if json {
@@ -241,6 +282,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        // Followed above until an answer.
+        RouteAnswer::Redirect(address) => anyhow::bail!("sent on to the broker at {address}"),
         RouteAnswer::Refused(r) => {
             if json {
                 let mut v = serde_json::json!({

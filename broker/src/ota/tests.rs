@@ -375,6 +375,7 @@ async fn rig() -> Rig {
         rollouts: ota.board().clone(),
         tracker: TaskTracker::new(),
         shutdown: shutdown.clone(),
+        ownership: crate::cluster::Ownership::everything(),
     });
     let timer = tokio::spawn(crate::rollout::run(
         ota.clone(),

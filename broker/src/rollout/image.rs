@@ -231,6 +231,7 @@ mod tests {
             rollouts: crate::rollout::Board::default(),
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
+            ownership: crate::cluster::Ownership::everything(),
         });
         service
             .publish(spec("g1"), UnixMillis(T0))

@@ -86,6 +86,8 @@ fn certificate_refusal(e: &quinn::ConnectionError) -> Option<String> {
 pub enum RouteAnswer {
     Admitted(Admission),
     Refused(RouteRefused),
+    /// Ask the broker at this address (`host:port`): it owns the group.
+    Redirect(String),
 }
 
 /// A connection to a broker's route service.
@@ -214,6 +216,10 @@ impl RouteClient {
                 Some(RouteReply::V1(BrokerToClient::Refused(r))) => {
                     let _ = send.finish();
                     return Ok(RouteAnswer::Refused(r));
+                }
+                Some(RouteReply::V1(BrokerToClient::Redirect { address })) => {
+                    let _ = send.finish();
+                    return Ok(RouteAnswer::Redirect(address));
                 }
             }
         }

@@ -39,6 +39,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Owner;
 use crate::endpoint::{
     answer_preamble, close_code, EndpointLimits, EndpointService, PreambleError, REFUSAL_LINGER,
 };
@@ -372,6 +373,21 @@ async fn decide(
         Ok(facts) => facts,
         Err(refused) => return Ok(refused),
     };
+    match inner.actors.ownership().owner(&group) {
+        Owner::Here => {}
+        // Admission happens at the group's owner, so its limits hold
+        // across the brokers.
+        Owner::At(address) => return Ok(BrokerToClient::Redirect { address }),
+        Owner::Nobody => {
+            return Ok(refusal(
+                RouteRefusal::Busy,
+                format!(
+                    "group {group} is changing broker (a hand-over or a failover): try again in \
+                     a few seconds"
+                ),
+            ))
+        }
+    }
     let ask = actor::RouteAsk {
         user: user.clone(),
         shared: facts.shared,

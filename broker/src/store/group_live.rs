@@ -146,7 +146,9 @@ impl Store {
         billing: String,
         commit: GroupCommit,
     ) -> Result<(), StoreError> {
+        let fences = self.fences().clone();
         self.exec(move |c| {
+            super::leases::check_fence(c, &fences, num)?;
             for (at, kind, message) in &commit.notes {
                 event(c, num, *at, kind, message)?;
             }

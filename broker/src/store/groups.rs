@@ -481,7 +481,11 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        self.exec(move |c| atomic(c, f)).await?
+        self.exec(move |c| {
+            super::leases::serialize_group_changes(c)?;
+            atomic(c, f)
+        })
+        .await?
     }
 
     /// Runs `f` as several changes in one transaction, each of which may
@@ -495,7 +499,11 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        self.exec(move |c| Ok(f(&GroupsBatch { c }))).await?
+        self.exec(move |c| {
+            super::leases::serialize_group_changes(c)?;
+            Ok(f(&GroupsBatch { c }))
+        })
+        .await?
     }
 
     /// Runs `f` on committed data (the read connection).

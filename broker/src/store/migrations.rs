@@ -361,6 +361,22 @@ pub(super) const MIGRATIONS: &[&str] = &[
         by_operator INTEGER NOT NULL CHECK (by_operator IN (0, 1))
     );
     "#,
+    // 17: the brokers sharing a database and their groups' leases (issue 16).
+    r#"
+    CREATE TABLE brokers (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        seen_at INTEGER NOT NULL,
+        leaving INTEGER NOT NULL DEFAULT 0 CHECK (leaving IN (0, 1))
+    );
+    CREATE TABLE group_leases (
+        group_num INTEGER PRIMARY KEY REFERENCES groups (num),
+        owner TEXT,
+        epoch INTEGER NOT NULL CHECK (epoch >= 0),
+        expires_at INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The PostgreSQL schema, in the same steps. PostgreSQL stores start at
@@ -622,6 +638,22 @@ pub(super) const POSTGRES_MIGRATIONS: &[&str] = &[
         at BIGINT NOT NULL,
         reason TEXT NOT NULL,
         by_operator BIGINT NOT NULL CHECK (by_operator IN (0, 1))
+    );
+    "#,
+    // 2: SQLite's 17.
+    r#"
+    CREATE TABLE brokers (
+        id TEXT PRIMARY KEY,
+        address TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        seen_at BIGINT NOT NULL,
+        leaving BIGINT NOT NULL DEFAULT 0 CHECK (leaving IN (0, 1))
+    );
+    CREATE TABLE group_leases (
+        group_num BIGINT PRIMARY KEY REFERENCES groups (num),
+        owner TEXT,
+        epoch BIGINT NOT NULL CHECK (epoch >= 0),
+        expires_at BIGINT NOT NULL
     );
     "#,
 ];

@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) mod elastic;
 mod group_live;
 mod groups;
+pub(crate) mod leases;
 pub(crate) mod membership;
 mod migrations;
 mod revocations;
@@ -60,6 +61,7 @@ pub use group_live::{
     RetainOp, StoredDisconnect, StoredRetention,
 };
 pub use groups::{GroupRecord, GroupStatus, GroupsBatch, GroupsTx, NewGroup, NewOrder, OutboxRow};
+pub use leases::{BrokerRow, Fences, GroupOwner, Held, LeaseChange, LeaseRow, LeaseView};
 pub use membership::{Assigned, Membership, MembershipSource, MEMBERSHIP_EVENT};
 use migrations::migrate;
 pub use revocations::RevocationRecord;
@@ -103,6 +105,13 @@ pub enum StoreError {
          was recorded (agents keep their events and send them again once it is back)"
     )]
     Unreachable { database: String, detail: String },
+    /// This broker does not hold the lease of the group it wrote for (it
+    /// was taken over, or expired): nothing of the write was recorded.
+    #[error(
+        "this broker no longer owns group {group_num} (another broker took its lease over); \
+         nothing of this write was recorded"
+    )]
+    Fenced { group_num: i64 },
     /// A query that must find a row found none.
     #[error("no such row")]
     NoRows,
@@ -235,6 +244,7 @@ pub struct Store {
 struct Inner {
     writes: mpsc::Sender<WriteOp>,
     reads: Reads,
+    fences: Fences,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -385,6 +395,7 @@ impl Store {
             inner: Arc::new(Inner {
                 writes: tx,
                 reads: Reads::Local(Mutex::new(Db::Sqlite(reader))),
+                fences: Fences::default(),
                 writer: Mutex::new(Some(handle)),
             }),
         })
@@ -460,6 +471,7 @@ impl Store {
             inner: Arc::new(Inner {
                 writes: tx,
                 reads,
+                fences: Fences::default(),
                 writer: Mutex::new(Some(handle)),
             }),
         })

@@ -43,15 +43,11 @@ fn fresh_database() -> String {
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
-    let base = std::env::var("FERRY_TEST_PG_URL").expect("FERRY_TEST_PG_URL");
-    // The blocking client must not run on a runtime thread.
-    std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(&format!("{base} dbname=postgres"), postgres::NoTls)
-            .expect("connect");
-        c.batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        format!("{base} dbname={name}")
-    })
-    .join()
-    .expect("create a test database")
+    let cluster = ferry_process::pg_cluster::shared().expect(
+        "FERRY_TEST_STORE=postgres needs PostgreSQL's server programs (apt-get install -y \
+         postgresql)",
+    );
+    cluster
+        .create_database(&name)
+        .expect("create a test database")
 }

@@ -65,6 +65,8 @@ pub(super) struct Shared {
     pub(super) rollouts: crate::rollout::Board,
     /// Policy pushes trying again ([`policy_push`]).
     pub(super) policy_pushes: policy_push::InFlight,
+    /// The groups this broker owns.
+    pub(super) ownership: crate::cluster::Ownership,
 }
 
 /// What the group actors are built from, once, by the daemon.
@@ -82,6 +84,8 @@ pub struct ActorsParts {
     pub tracker: TaskTracker,
     /// Actors stop when it is cancelled.
     pub shutdown: CancellationToken,
+    /// The groups this broker owns: only their actors run.
+    pub ownership: crate::cluster::Ownership,
 }
 
 #[derive(Clone)]
@@ -141,6 +145,7 @@ impl GroupActors {
                 retiring: Arc::default(),
                 rollouts: parts.rollouts,
                 policy_pushes: policy_push::InFlight::default(),
+                ownership: parts.ownership,
             }),
         }
     }
@@ -296,6 +301,12 @@ impl GroupActors {
             self.stop_gone(group).await?;
             return Ok(false);
         };
+        if !self.shared.ownership.owns(&row.name) {
+            // Another broker owns it (or nobody does yet): its actor runs
+            // there.
+            self.stop(&row.name);
+            return Ok(false);
+        }
         let running = self.actors().get(&row.name).cloned();
         if let Some(handle) = running {
             let (reply, rx) = oneshot::channel();
@@ -476,6 +487,11 @@ impl GroupActors {
         if let Some(h) = self.actors().remove(group) {
             h.token.cancel();
         }
+    }
+
+    /// Which groups this broker owns (only their actors run).
+    pub fn ownership(&self) -> &crate::cluster::Ownership {
+        &self.shared.ownership
     }
 
     /// The group settings the actors were started with.

@@ -321,6 +321,33 @@ pub enum RolloutWrite {
     },
 }
 
+/// The number of the group a rollout write is about.
+fn group_of(c: &Db, w: &RolloutWrite) -> Result<i64, StoreError> {
+    let schedule = |id: u64| -> Result<i64, StoreError> {
+        c.query_one(
+            "SELECT group_num FROM ota_schedules WHERE id = ?1",
+            args![to_i64(id, "schedule id")?],
+        )
+    };
+    let update = |id: i64| -> Result<i64, StoreError> {
+        c.query_one(
+            "SELECT group_num FROM image_updates WHERE id = ?1",
+            args![id],
+        )
+    };
+    match w {
+        RolloutWrite::OtaPlan { schedule: id, .. }
+        | RolloutWrite::OtaStep { schedule: id, .. }
+        | RolloutWrite::OtaEnded { schedule: id, .. } => schedule(*id),
+        RolloutWrite::ImagePlan { update: id, .. }
+        | RolloutWrite::ImageOutcome { update: id, .. }
+        | RolloutWrite::ImageEnded { update: id, .. } => update(*id),
+        RolloutWrite::Event { group_num, .. }
+        | RolloutWrite::GroupImage { group_num, .. }
+        | RolloutWrite::GroupStatus { group_num, .. } => Ok(*group_num),
+    }
+}
+
 fn write(c: &Db, w: &RolloutWrite) -> Result<(), StoreError> {
     match w {
         RolloutWrite::OtaPlan { schedule, hosts } => insert_plan(c, *schedule, hosts),
@@ -407,6 +434,7 @@ impl Store {
         event_of: impl FnOnce(u64, &GroupRef) -> GroupEvent + Send + 'static,
     ) -> Result<Offered<E>, StoreError> {
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             let Some(g) = find_group(c, &group)? else {
                 return Ok(Offered::NoGroup);
             };
@@ -470,6 +498,7 @@ impl Store {
         event_of: impl FnOnce(u64, &OtaUpdateInfo) -> GroupEvent + Send + 'static,
     ) -> Result<Scheduled<E>, StoreError> {
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             let Some(g) = find_group(c, &group)? else {
                 return Ok(Scheduled::NoGroup);
             };
@@ -506,6 +535,7 @@ impl Store {
         decide: impl FnOnce(&ScheduleRow) -> Result<(ScheduleChange, GroupEvent), E> + Send + 'static,
     ) -> Result<Changed<E>, StoreError> {
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             let Some(row) = schedule(c, id)? else {
                 return Ok(Changed::NoSchedule);
             };
@@ -596,6 +626,7 @@ impl Store {
         decide: impl FnOnce(&GroupRef, &OtaUpdateInfo) -> StartDecision + Send + 'static,
     ) -> Result<Option<OtaRun>, StoreError> {
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             let Some(row) = schedule(c, id)? else {
                 return Ok(None);
             };
@@ -694,7 +725,17 @@ impl Store {
 
     /// Writes a rollout's `writes` in one transaction, in order.
     pub async fn record_rollout(&self, writes: Vec<RolloutWrite>) -> Result<(), StoreError> {
+        let fences = self.fences().clone();
         self.exec(move |c| {
+            // A rollout writes its group's facts: only its owner may.
+            let mut fenced = Vec::new();
+            for w in &writes {
+                let num = group_of(c, w)?;
+                if !fenced.contains(&num) {
+                    crate::store::leases::check_fence(c, &fences, num)?;
+                    fenced.push(num);
+                }
+            }
             for w in &writes {
                 write(c, w)?;
             }
@@ -715,6 +756,7 @@ impl Store {
             + 'static,
     ) -> Result<ImageBegun<E>, StoreError> {
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             let Some(g) = live_group(c, &group)? else {
                 return Ok(ImageBegun::NoGroup);
             };
@@ -772,6 +814,7 @@ impl Store {
     pub(crate) async fn insert_group_in_status_for_test(&self, num: i64, name: &str, status: &str) {
         let (name, status) = (name.to_owned(), status.to_owned());
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             c.execute(
                 "INSERT INTO groups (num, id, name, region, office_network, spec, image, billing,
                     base_resources, session_type, policy, status, created_at, updated_at)
@@ -794,6 +837,7 @@ impl Store {
         at: UnixMillis,
     ) {
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             set_state(c, id, "scheduled", "running", at, None)?;
             let names: Vec<ResourceId> = rows.iter().map(|(r, _)| r.clone()).collect();
             insert_plan(c, id, &names)?;
@@ -811,6 +855,7 @@ impl Store {
     pub(crate) async fn open_session_for_test(&self, resource: &str, session: &str) {
         let (resource, session) = (resource.to_owned(), session.to_owned());
         self.exec(move |c| {
+            crate::store::leases::serialize_group_changes(c)?;
             c.execute(
                 "INSERT INTO sessions (resource, session, user, started_at) VALUES (?1, ?2, 'u', 0)",
                 args![resource, session],

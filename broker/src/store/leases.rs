@@ -1,0 +1,354 @@
+//! The door to the brokers sharing a database and the lease each holds on
+//! the groups it owns (tables `brokers` and `group_leases`).
+//!
+//! A lease names its owner and an epoch that grows at every change of
+//! owner, and expires by the database's clock. The rules of who takes what
+//! are `cluster::plan`'s; this door reads the rows and applies a plan in one
+//! transaction, each change conditional on the row still being what the
+//! plan saw, so two brokers applying plans at once never both own a group.
+//!
+//! Fencing: while brokers share a database, every write of a group's facts
+//! (an actor's turn, a rollout's step) first checks, in its own
+//! transaction, that this broker still holds the group's lease at the epoch
+//! it acquired ([`check_fence`]); it takes a share lock on the lease row, so
+//! a broker taking the lease over waits for that transaction and any write
+//! after the takeover is refused ([`StoreError::Fenced`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::store::sql::{args, Db};
+
+use super::{Store, StoreError};
+
+/// A broker as the database has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerRow {
+    pub id: String,
+    /// Where agents and end users reach it (`host:port`).
+    pub address: String,
+    /// Database clock (ms) of its last heartbeat.
+    pub seen_at: i64,
+    /// It is shutting down: it hands its groups over and takes none.
+    pub leaving: bool,
+}
+
+/// A group's lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub group_num: i64,
+    /// `None` once released.
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Database clock (ms).
+    pub expires_at: i64,
+}
+
+/// What a broker reads to plan its leases, in one transaction.
+#[derive(Clone, Debug)]
+pub struct LeaseView {
+    /// The database's clock now (ms).
+    pub now: i64,
+    pub brokers: Vec<BrokerRow>,
+    /// The groups that need an owner (not gone): number and name.
+    pub groups: Vec<(i64, String)>,
+    pub leases: Vec<LeaseRow>,
+}
+
+/// A change of one lease, conditional on its row as it was read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// Take a free or expired lease: owner = me, epoch + 1.
+    Acquire { group_num: i64, seen_epoch: i64 },
+    /// Extend my lease.
+    Renew { group_num: i64, epoch: i64 },
+    /// Give my lease up now (hand-over, shutdown).
+    Release { group_num: i64, epoch: i64 },
+}
+
+/// The leases this broker holds after applying its changes: group number →
+/// epoch.
+pub type Held = HashMap<i64, i64>;
+
+/// The fencing tokens of the groups this broker owns, shared by the lease
+/// keeper (which sets them) and the store's writes (which check them).
+#[derive(Clone, Debug, Default)]
+pub struct Fences {
+    inner: Arc<RwLock<FenceState>>,
+}
+
+#[derive(Debug, Default)]
+struct FenceState {
+    /// This broker's id; `None`: no fencing (one broker on its own store).
+    broker: Option<String>,
+    held: Held,
+}
+
+impl Fences {
+    /// Fencing for broker `id`: from now on a group's writes need its
+    /// lease, and none is held yet.
+    pub fn enable(&self, id: &str) {
+        if let Ok(mut s) = self.inner.write() {
+            s.broker = Some(id.to_owned());
+            s.held.clear();
+        }
+    }
+
+    /// Replaces the held leases.
+    pub fn set(&self, held: Held) {
+        if let Ok(mut s) = self.inner.write() {
+            s.held = held;
+        }
+    }
+
+    /// The token for group `num`: `Ok(None)` without fencing, `Err` when
+    /// this broker does not hold its lease.
+    fn token(&self, num: i64) -> Result<Option<(String, i64)>, StoreError> {
+        let s = self
+            .inner
+            .read()
+            .map_err(|_| StoreError::Corrupt("fences lock poisoned".into()))?;
+        let Some(broker) = &s.broker else {
+            return Ok(None);
+        };
+        match s.held.get(&num) {
+            Some(epoch) => Ok(Some((broker.clone(), *epoch))),
+            None => Err(StoreError::Fenced { group_num: num }),
+        }
+    }
+}
+
+/// The database's clock, in ms since the epoch.
+fn db_now(c: &Db) -> Result<i64, StoreError> {
+    c.query_one(
+        if c.sqlite().is_some() {
+            "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+        } else {
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+        },
+        args![],
+    )
+}
+
+/// Checks, in the caller's transaction, that this broker holds group
+/// `num`'s lease at its epoch, and keeps the lease row from changing owner
+/// until the transaction ends. Without fencing it checks nothing.
+pub(crate) fn check_fence(c: &Db, fences: &Fences, num: i64) -> Result<(), StoreError> {
+    let Some((broker, epoch)) = fences.token(num)? else {
+        return Ok(());
+    };
+    // Brokers share only a PostgreSQL store: its clock and its row lock.
+    let held: Option<i64> = c.query_opt(
+        "SELECT epoch FROM group_leases
+         WHERE group_num = ?1 AND owner = ?2 AND epoch = ?3
+           AND expires_at > CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)
+         FOR SHARE",
+        args![num, broker, epoch],
+    )?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Fenced { group_num: num }),
+    }
+}
+
+/// Key of the advisory lock that makes read-decide-write changes of groups
+/// (operators' verbs, lifecycle deadlines, rollouts begun) one at a time
+/// across brokers sharing a PostgreSQL store.
+const GROUP_CHANGES_LOCK: i64 = 0x6665_7272_7967_7270;
+
+/// Makes the caller's transaction the only one changing group records
+/// until it ends, across every broker of a shared PostgreSQL store: the
+/// reads after it see what an earlier change committed, so two brokers
+/// never decide from the same stale row (an auto-renew ordered twice). A
+/// SQLite store has one writer already; nothing is done there.
+pub(crate) fn serialize_group_changes(c: &Db) -> Result<(), StoreError> {
+    if c.sqlite().is_some() {
+        return Ok(());
+    }
+    c.query_opt::<String>(
+        "SELECT CAST(pg_advisory_xact_lock(?1) AS TEXT)",
+        args![GROUP_CHANGES_LOCK],
+    )?;
+    Ok(())
+}
+
+impl Store {
+    /// This store's fencing tokens (none unless brokers share it).
+    pub fn fences(&self) -> &Fences {
+        &self.inner.fences
+    }
+
+    /// Records broker `id`'s heartbeat (reachable at `address`), and reads
+    /// what its lease plan needs, in one transaction.
+    pub async fn lease_view(
+        &self,
+        id: &str,
+        address: &str,
+        leaving: bool,
+    ) -> Result<LeaseView, StoreError> {
+        let (id, address) = (id.to_owned(), address.to_owned());
+        self.exec(move |c| {
+            let now = db_now(c)?;
+            c.execute(
+                "INSERT INTO brokers (id, address, started_at, seen_at, leaving)
+                 VALUES (?1, ?2, ?3, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET
+                     address = excluded.address, seen_at = excluded.seen_at,
+                     leaving = excluded.leaving",
+                args![id, address, now, leaving],
+            )?;
+            let brokers = c
+                .query::<(String, String, i64, i64)>(
+                    "SELECT id, address, seen_at, leaving FROM brokers ORDER BY id",
+                    args![],
+                )?
+                .into_iter()
+                .map(|(id, address, seen_at, leaving)| BrokerRow {
+                    id,
+                    address,
+                    seen_at,
+                    leaving: leaving != 0,
+                })
+                .collect();
+            let groups = c.query::<(i64, String)>(
+                "SELECT num, name FROM groups WHERE status != 'gone' ORDER BY num",
+                args![],
+            )?;
+            let leases = c
+                .query::<(i64, Option<String>, i64, i64)>(
+                    "SELECT group_num, owner, epoch, expires_at FROM group_leases
+                     ORDER BY group_num",
+                    args![],
+                )?
+                .into_iter()
+                .map(|(group_num, owner, epoch, expires_at)| LeaseRow {
+                    group_num,
+                    owner,
+                    epoch,
+                    expires_at,
+                })
+                .collect();
+            Ok(LeaseView {
+                now,
+                brokers,
+                groups,
+                leases,
+            })
+        })
+        .await
+    }
+
+    /// Applies broker `id`'s lease changes in one transaction, each only if
+    /// its row is still as planned; a lease lasts `lease_ms` from the
+    /// database's clock. Returns the leases `id` holds afterwards.
+    pub async fn apply_leases(
+        &self,
+        id: &str,
+        lease_ms: i64,
+        changes: Vec<LeaseChange>,
+    ) -> Result<Held, StoreError> {
+        let id = id.to_owned();
+        self.exec(move |c| {
+            let now = db_now(c)?;
+            let until = now.saturating_add(lease_ms);
+            for change in &changes {
+                match *change {
+                    LeaseChange::Acquire {
+                        group_num,
+                        seen_epoch,
+                    } => {
+                        c.execute(
+                            "INSERT INTO group_leases (group_num, owner, epoch, expires_at)
+                             VALUES (?1, NULL, 0, 0) ON CONFLICT (group_num) DO NOTHING",
+                            args![group_num],
+                        )?;
+                        c.execute(
+                            "UPDATE group_leases SET owner = ?2, epoch = epoch + 1, expires_at = ?3
+                             WHERE group_num = ?1 AND epoch = ?4
+                               AND (owner IS NULL OR expires_at <= ?5)",
+                            args![group_num, id, until, seen_epoch, now],
+                        )?;
+                    }
+                    LeaseChange::Renew { group_num, epoch } => {
+                        c.execute(
+                            "UPDATE group_leases SET expires_at = ?3
+                             WHERE group_num = ?1 AND owner = ?2 AND epoch = ?4
+                               AND expires_at > ?5",
+                            args![group_num, id, until, epoch, now],
+                        )?;
+                    }
+                    LeaseChange::Release { group_num, epoch } => {
+                        c.execute(
+                            "UPDATE group_leases SET owner = NULL, expires_at = ?3
+                             WHERE group_num = ?1 AND owner = ?2 AND epoch = ?4",
+                            args![group_num, id, now, epoch],
+                        )?;
+                    }
+                }
+            }
+            let held = c.query::<(i64, i64)>(
+                "SELECT group_num, epoch FROM group_leases
+                 WHERE owner = ?1 AND expires_at > ?2",
+                args![id, now],
+            )?;
+            Ok(held.into_iter().collect())
+        })
+        .await
+    }
+
+    /// Broker `id` leaves: every lease it holds is released now and it is
+    /// marked leaving, so the others take its groups at their next turn.
+    pub async fn leave_cluster(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.exec(move |c| {
+            let now = db_now(c)?;
+            c.execute(
+                "UPDATE group_leases SET owner = NULL, expires_at = ?2 WHERE owner = ?1",
+                args![id, now],
+            )?;
+            c.execute(
+                "UPDATE brokers SET leaving = 1, seen_at = ?2 WHERE id = ?1",
+                args![id, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The brokers sharing this store, and who owns each group (name →
+    /// owner's id and address), for redirects and listings.
+    pub async fn owners(&self) -> Result<Vec<GroupOwner>, StoreError> {
+        self.read(|c| {
+            let now = db_now(c)?;
+            let rows = c.query::<(String, Option<String>, Option<String>, Option<i64>)>(
+                "SELECT g.name, l.owner, b.address, l.epoch
+                 FROM groups g
+                 LEFT JOIN group_leases l ON l.group_num = g.num AND l.expires_at > ?1
+                 LEFT JOIN brokers b ON b.id = l.owner
+                 WHERE g.status != 'gone' ORDER BY g.name",
+                args![now],
+            )?;
+            Ok(rows
+                .into_iter()
+                .map(|(group, owner, address, epoch)| GroupOwner {
+                    group,
+                    owner,
+                    address,
+                    epoch,
+                })
+                .collect())
+        })
+        .await
+    }
+}
+
+/// Who owns a group now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupOwner {
+    pub group: String,
+    /// The broker holding its lease; `None` while nobody does.
+    pub owner: Option<String>,
+    /// Where that broker is reached.
+    pub address: Option<String>,
+    pub epoch: Option<i64>,
+}
