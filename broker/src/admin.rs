@@ -23,13 +23,13 @@ use std::time::Duration;
 
 use ferry_common::admin::{
     AdminError, AdminErrorCode, AdminRequest, AdminRequestV1, AdminResponse, AdminResponseV1,
-    GroupDetail, LiveGroupView, LiveResourceView, ResourceInfo, RevocationInfo, SessionInfo,
-    StatusReport, UsageQuery, MAX_ADMIN_CONNECTIONS,
+    ClusterBroker, ClusterInfo, GroupDetail, GroupOwnerInfo, LiveGroupView, LiveResourceView,
+    ResourceInfo, RevocationInfo, SessionInfo, StatusReport, UsageQuery, MAX_ADMIN_CONNECTIONS,
 };
 use ferry_common::frame::{self, FrameError};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::wire::{Command, CommandOutcome, Refusal, RefusalCode};
-use ferry_common::{GroupName, ResourceId, SessionId};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -186,6 +186,8 @@ pub struct AdminContext {
     pub groups: Groups,
     /// OTA updates.
     pub ota: crate::ota::Ota,
+    /// Who this broker is among those sharing its store; `None` alone.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
 }
 
 /// Serves admin connections until `shutdown`: peers `access` allows, with
@@ -453,6 +455,10 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 
             }
         }
         AdminRequestV1::ResourceRevoke { resource, reason } => revoke(ctx, resource, reason).await,
+        AdminRequestV1::Cluster => match cluster(ctx).await {
+            Ok(info) => AdminResponseV1::Cluster(info),
+            Err(e) => internal(e),
+        },
         AdminRequestV1::ListSessions { all } => match ctx.store.sessions(all).await {
             Ok(s) => AdminResponseV1::Sessions(s.into_iter().map(SessionInfo::from).collect()),
             Err(e) => internal(e),
@@ -662,11 +668,49 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::OtaHistory { .. }
         | AdminRequestV1::OtaListWithSchedules { .. }
         | AdminRequestV1::ResourceRevoke { .. }
-        | AdminRequestV1::ListResourcesWithRevocations => {
+        | AdminRequestV1::ListResourcesWithRevocations
+        | AdminRequestV1::Cluster => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };
     answer(result)
+}
+
+/// `ferryctl cluster`: the brokers of the store and each group's owner.
+async fn cluster(ctx: &AdminContext) -> Result<ClusterInfo, crate::store::StoreError> {
+    let Some(settings) = &ctx.cluster else {
+        return Ok(ClusterInfo {
+            this_broker: None,
+            brokers: Vec::new(),
+            groups: Vec::new(),
+        });
+    };
+    let lease_ms = i64::try_from(settings.lease.as_millis()).unwrap_or(i64::MAX);
+    let (now, brokers) = ctx.store.brokers().await?;
+    let owners = ctx.store.owners().await?;
+    Ok(ClusterInfo {
+        this_broker: Some(settings.broker_id.clone()),
+        brokers: brokers
+            .into_iter()
+            .map(|b| ClusterBroker {
+                live: !b.leaving && b.seen_at > now - lease_ms,
+                id: b.id,
+                address: b.address,
+                seen_at: UnixMillis(b.seen_at),
+                leaving: b.leaving,
+            })
+            .collect(),
+        groups: owners
+            .into_iter()
+            .filter_map(|o| {
+                Some(GroupOwnerInfo {
+                    group: o.group.parse().ok()?,
+                    owner: o.owner,
+                    epoch: o.epoch.and_then(|e| u64::try_from(e).ok()),
+                })
+            })
+            .collect(),
+    })
 }
 
 /// A group verb's answer: its response, or its refusal as the admin error
@@ -1062,6 +1106,7 @@ mod tests {
             registry,
             groups,
             ota,
+            cluster: None,
         };
         tracker.spawn(serve_with(
             listener,

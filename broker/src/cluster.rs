@@ -120,9 +120,14 @@ pub struct Ownership {
 #[derive(Default)]
 struct Owned {
     mine: BTreeSet<GroupName>,
+    /// The numbers of the groups in `mine`.
+    nums: BTreeSet<i64>,
     /// Address of the broker owning each group owned elsewhere.
     elsewhere: BTreeMap<GroupName, String>,
 }
+
+/// Groups owned here, by number.
+type Mine = BTreeMap<i64, GroupName>;
 
 /// Where a group is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,6 +179,14 @@ impl Ownership {
         }
     }
 
+    /// Whether group number `num` is owned here.
+    pub fn owns_num(&self, num: i64) -> bool {
+        match &self.inner {
+            None => true,
+            Some(inner) => inner.read().is_ok_and(|o| o.nums.contains(&num)),
+        }
+    }
+
     /// Groups owned here.
     pub fn mine(&self) -> BTreeSet<GroupName> {
         match &self.inner {
@@ -182,10 +195,14 @@ impl Ownership {
         }
     }
 
-    fn set(&self, mine: BTreeSet<GroupName>, elsewhere: BTreeMap<GroupName, String>) {
+    fn set(&self, mine: &Mine, elsewhere: BTreeMap<GroupName, String>) {
         if let Some(inner) = &self.inner {
             if let Ok(mut o) = inner.write() {
-                *o = Owned { mine, elsewhere };
+                *o = Owned {
+                    mine: mine.values().cloned().collect(),
+                    nums: mine.keys().copied().collect(),
+                    elsewhere,
+                };
             }
         }
     }
@@ -232,14 +249,14 @@ pub async fn keep_leases(
                     .iter()
                     .map(|b| (b.id.as_str(), b.address.as_str()))
                     .collect();
-                let mut mine = BTreeSet::new();
+                let mut mine = Mine::new();
                 let mut elsewhere = BTreeMap::new();
                 for (num, name) in &names {
                     let Ok(group) = name.parse::<GroupName>() else {
                         continue;
                     };
                     if held.contains_key(num) {
-                        mine.insert(group);
+                        mine.insert(*num, group);
                     } else if let Some(addr) = view
                         .leases
                         .iter()
@@ -263,7 +280,7 @@ pub async fn keep_leases(
                  groups until it holds their leases again"
             );
             store.fences().set(Default::default());
-            owned.change(BTreeSet::new(), BTreeMap::new()).await;
+            owned.change(Mine::new(), BTreeMap::new()).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -271,7 +288,7 @@ pub async fn keep_leases(
         }
     }
     // Graceful hand-over: the others take these groups at their next turn.
-    owned.change(BTreeSet::new(), BTreeMap::new()).await;
+    owned.change(Mine::new(), BTreeMap::new()).await;
     store.fences().set(Default::default());
     match store.leave_cluster(&settings.broker_id).await {
         Ok(()) => tracing::info!("group leases handed over"),
@@ -290,9 +307,10 @@ impl OwnedGroups<'_> {
     /// Makes `mine` the owned groups: actors of groups gained start; those
     /// of groups lost stop, and their agents are sent away (they reconnect
     /// and are redirected to the new owner).
-    async fn change(&self, mine: BTreeSet<GroupName>, elsewhere: BTreeMap<GroupName, String>) {
+    async fn change(&self, mine: Mine, elsewhere: BTreeMap<GroupName, String>) {
         let before = self.ownership.mine();
-        self.ownership.set(mine.clone(), elsewhere);
+        self.ownership.set(&mine, elsewhere);
+        let mine: BTreeSet<GroupName> = mine.into_values().collect();
         for lost in before.difference(&mine) {
             tracing::info!(group = %lost, "group lease lost or handed over: its actor stops");
             self.actors.stop(lost);

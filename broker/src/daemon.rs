@@ -263,6 +263,8 @@ struct Broker {
     /// The groups: their service and their actors.
     groups: Groups,
     ota: Ota,
+    /// Who this broker is among those sharing its store; `None` alone.
+    cluster: Option<ClusterSettings>,
     tracker: TaskTracker,
     tasks: CancellationToken,
 }
@@ -303,7 +305,7 @@ impl Broker {
         });
         let n = actors.start_all().await.map_err(BrokerError::Groups)?;
         tracing::info!(groups = n, "group actors started");
-        if let Some(settings) = cluster {
+        if let Some(settings) = cluster.clone() {
             // Actors of the groups whose leases this broker takes start
             // as it takes them; it hands them over when it stops.
             tracing::info!(broker = %settings.broker_id, advertise = %settings.advertise,
@@ -329,6 +331,7 @@ impl Broker {
             registry,
             groups: Groups::new(service, actors),
             ota,
+            cluster,
             tracker: tracker.clone(),
             tasks: tasks.clone(),
         })
@@ -389,6 +392,7 @@ impl Broker {
         tracker.spawn(groups::tasks::deliver_notifications(
             self.groups.service().clone(),
             config.groups.clone(),
+            self.groups.actors().ownership().clone(),
             tasks.clone(),
         ));
         let admin_ctx = AdminContext {
@@ -396,6 +400,7 @@ impl Broker {
             registry: self.registry,
             groups: self.groups,
             ota: self.ota,
+            cluster: self.cluster,
         };
         tracker.spawn(admin::serve(
             listener,

@@ -223,6 +223,69 @@ pub fn resources_revoked_json(
 /// [`resources_table`] with a REVOKED column: when certificates issued
 /// before stop working, or `-`; revoked resources that never registered
 /// follow.
+/// `ferryctl cluster`: the brokers sharing the store, then each group's
+/// owner.
+pub fn cluster_table(c: &ferry_common::admin::ClusterInfo) -> String {
+    let Some(me) = &c.this_broker else {
+        return "This broker is alone on its store (SQLite): it owns every group.\n".into();
+    };
+    let brokers: Vec<Vec<String>> = c
+        .brokers
+        .iter()
+        .map(|b| {
+            vec![
+                if &b.id == me {
+                    format!("{} (this)", b.id)
+                } else {
+                    b.id.clone()
+                },
+                b.address.clone(),
+                if b.leaving {
+                    "leaving".into()
+                } else if b.live {
+                    "live".into()
+                } else {
+                    "silent".into()
+                },
+                rfc3339_secs(b.seen_at),
+            ]
+        })
+        .collect();
+    let groups: Vec<Vec<String>> = c
+        .groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.group.to_string(),
+                g.owner.clone().unwrap_or_else(|| "- (none now)".into()),
+                g.epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut text = table(&["BROKER", "ADDRESS", "STATE", "LAST SEEN"], &brokers);
+    text.push('\n');
+    text.push_str(&table(&["GROUP", "OWNER", "EPOCH"], &groups));
+    text
+}
+
+pub fn cluster_json(c: &ferry_common::admin::ClusterInfo) -> serde_json::Value {
+    serde_json::json!({
+        "this_broker": c.this_broker,
+        "brokers": c.brokers.iter().map(|b| serde_json::json!({
+            "id": b.id,
+            "address": b.address,
+            "live": b.live,
+            "leaving": b.leaving,
+            "seen_at": rfc3339(b.seen_at),
+        })).collect::<Vec<_>>(),
+        "groups": c.groups.iter().map(|g| serde_json::json!({
+            "group": g.group.as_str(),
+            "owner": g.owner,
+            "epoch": g.epoch,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 pub fn resources_revoked_table(
     rs: &[ResourceInfo],
     revocations: &[ferry_common::admin::RevocationInfo],

@@ -201,6 +201,11 @@ pub enum AdminRequestV1 {
     /// [`AdminRequestV1::ListResources`] with the operator's revocations.
     /// Answered by [`AdminResponseV1::ResourcesWithRevocations`].
     ListResourcesWithRevocations,
+
+    // --- Several brokers on one store (issue 16). ---
+    /// The brokers sharing this broker's store and which owns each group.
+    /// Answered by [`AdminResponseV1::Cluster`].
+    Cluster,
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -284,6 +289,43 @@ pub enum AdminResponseV1 {
         resources: Vec<ResourceInfo>,
         revocations: Vec<RevocationInfo>,
     },
+    // ---- several brokers (issue 16) ----
+    /// Answers `Cluster`.
+    Cluster(ClusterInfo),
+}
+
+/// The brokers sharing a store and the owners of its groups (`ferryctl
+/// cluster`). A broker alone on its SQLite store lists none.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// The broker that answered (its `broker_id`); `None` when alone.
+    pub this_broker: Option<String>,
+    pub brokers: Vec<ClusterBroker>,
+    pub groups: Vec<GroupOwnerInfo>,
+}
+
+/// A broker sharing the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterBroker {
+    pub id: String,
+    /// Where agents and users reach it.
+    pub address: String,
+    /// Its last heartbeat, by the database's clock.
+    pub seen_at: UnixMillis,
+    /// It heartbeated within its lease time and is not leaving.
+    pub live: bool,
+    /// It is shutting down (its groups were handed over).
+    pub leaving: bool,
+}
+
+/// Who owns a group now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupOwnerInfo {
+    pub group: GroupName,
+    /// The broker holding its lease; `None` while nobody does.
+    pub owner: Option<String>,
+    /// The lease's epoch (grows at each change of owner).
+    pub epoch: Option<u64>,
 }
 
 /// An operator's revocation of a host (`ferryctl resources revoke`).
@@ -1597,6 +1639,37 @@ mod tests {
             let bytes = frame::encode_payload(&AdminResponse::V1(resp)).expect("encode");
             assert_eq!(bytes.get(..2), Some(&[0, number][..]), "{}", hex(&bytes));
         }
+    }
+
+    #[test]
+    fn golden_cluster() {
+        let ask = AdminRequest::V1(AdminRequestV1::Cluster);
+        let bytes = frame::encode_payload(&ask).expect("encode");
+        assert_eq!(hex(&bytes), "002f");
+        let answer = AdminResponse::V1(AdminResponseV1::Cluster(ClusterInfo {
+            this_broker: Some("b".into()),
+            brokers: vec![ClusterBroker {
+                id: "b".into(),
+                address: "a".into(),
+                seen_at: UnixMillis(1000),
+                live: true,
+                leaving: false,
+            }],
+            groups: vec![GroupOwnerInfo {
+                group: "g".parse().expect("name"),
+                owner: Some("b".into()),
+                epoch: Some(2),
+            }],
+        }));
+        let bytes = frame::encode_payload(&answer).expect("encode");
+        assert_eq!(
+            hex(&bytes),
+            "00170101620101620161fbd00701000101670101620102"
+        );
+        assert_eq!(
+            frame::decode_payload::<AdminResponse>(&bytes).expect("decode"),
+            answer
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::service::{GroupService, Notification};
 use super::RETRY_AFTER_ERROR;
+use crate::cluster::Ownership;
 use crate::config::GroupsConfig;
 
 /// Notifications handed to the hook per round.
@@ -26,6 +27,7 @@ fn after(t: UnixMillis, d: Duration) -> UnixMillis {
 pub async fn deliver_notifications(
     groups: GroupService,
     config: GroupsConfig,
+    owned: Ownership,
     shutdown: CancellationToken,
 ) {
     let clock = groups.clock();
@@ -34,7 +36,7 @@ pub async fn deliver_notifications(
             // No hook: notifications wait in the outbox for one to be configured.
             None
         } else {
-            match deliver_due(&groups, &config, &shutdown).await {
+            match deliver_due(&groups, &config, &owned, &shutdown).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!("deliver activation notifications: {e}");
@@ -58,10 +60,17 @@ pub async fn deliver_notifications(
 pub async fn deliver_due(
     groups: &GroupService,
     config: &GroupsConfig,
+    owned: &Ownership,
     shutdown: &CancellationToken,
 ) -> Result<Option<UnixMillis>, super::GroupError> {
     let clock = groups.clock();
+    let mut left = false;
     for n in groups.due_notifications(clock.now(), NOTIFY_BATCH).await? {
+        // Brokers sharing a store: the group's owner delivers.
+        if !n.group.parse().is_ok_and(|g| owned.owns(&g)) {
+            left = true;
+            continue;
+        }
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             r = run_hook(config, &n) => r,
@@ -73,8 +82,19 @@ pub async fn deliver_due(
             .notification_attempted(n.id, result, clock.now())
             .await?;
     }
-    groups.next_notification_at().await
+    let next = groups.next_notification_at().await?;
+    Ok(if left {
+        // Others' notifications are due now: look again after a while,
+        // not at once (their owners deliver them, or this broker will
+        // once it owns their group).
+        next.map(|t| t.max(after(clock.now(), OTHERS_NOTIFICATIONS_WAIT)))
+    } else {
+        next
+    })
 }
+
+/// How long delivery waits when the notifications due are other brokers'.
+const OTHERS_NOTIFICATIONS_WAIT: Duration = Duration::from_secs(2);
 
 /// Runs the hook once for `n`: `Ok` only if it exited 0 within
 /// `notify_timeout`. It runs in its own process group
@@ -240,7 +260,9 @@ exit 0
         assign_alice(&g).await;
 
         // First run fails: still pending, due again in 1s.
-        let next = deliver_due(&g, &config, &stop).await.expect("round");
+        let next = deliver_due(&g, &config, &Ownership::everything(), &stop)
+            .await
+            .expect("round");
         assert_eq!(next, Some(UnixMillis(T0.0 + 1_000)));
         assert_eq!(runs(&log).len(), 1);
         let o = g.outbox(10).await.expect("outbox");
@@ -252,14 +274,21 @@ exit 0
             "{o:?}"
         );
         // Not due yet: the hook is not run again.
-        assert_eq!(deliver_due(&g, &config, &stop).await.expect("round"), next);
+        assert_eq!(
+            deliver_due(&g, &config, &Ownership::everything(), &stop)
+                .await
+                .expect("round"),
+            next
+        );
         assert_eq!(runs(&log).len(), 1);
 
         // The broker restarts; the pending notification is still there.
         store.close().await;
         let (store, g) = open(dir.path(), &config);
         clock.advance(Duration::from_secs(1));
-        let next = deliver_due(&g, &config, &stop).await.expect("round");
+        let next = deliver_due(&g, &config, &Ownership::everything(), &stop)
+            .await
+            .expect("round");
         assert_eq!(
             next,
             Some(UnixMillis(T0.0 + 1_000 + 2_000)),
@@ -267,10 +296,17 @@ exit 0
         );
         assert_eq!(runs(&log).len(), 2);
         clock.advance(Duration::from_millis(1_999));
-        deliver_due(&g, &config, &stop).await.expect("round");
+        deliver_due(&g, &config, &Ownership::everything(), &stop)
+            .await
+            .expect("round");
         assert_eq!(runs(&log).len(), 2);
         clock.advance(Duration::from_millis(1));
-        assert_eq!(deliver_due(&g, &config, &stop).await.expect("round"), None);
+        assert_eq!(
+            deliver_due(&g, &config, &Ownership::everything(), &stop)
+                .await
+                .expect("round"),
+            None
+        );
         let lines = runs(&log);
         assert_eq!(lines.len(), 3);
         let o = g.outbox(10).await.expect("outbox");
@@ -282,7 +318,12 @@ exit 0
         );
         // Delivered means done: later rounds never run the hook again.
         clock.advance(Duration::from_secs(3_600));
-        assert_eq!(deliver_due(&g, &config, &stop).await.expect("round"), None);
+        assert_eq!(
+            deliver_due(&g, &config, &Ownership::everything(), &stop)
+                .await
+                .expect("round"),
+            None
+        );
         assert_eq!(runs(&log).len(), 3);
         store.close().await;
     }
@@ -310,7 +351,9 @@ exit 0
         let stop = CancellationToken::new();
         let round = {
             let (g, config, stop) = (g.clone(), config.clone(), stop.clone());
-            tokio::spawn(async move { deliver_due(&g, &config, &stop).await })
+            tokio::spawn(
+                async move { deliver_due(&g, &config, &Ownership::everything(), &stop).await },
+            )
         };
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while !started.exists() {
@@ -354,10 +397,13 @@ exit 0
         let (store, g) = open(dir.path(), &config);
         assign_alice(&g).await;
         let stop = CancellationToken::new();
-        let next = tokio::time::timeout(PATIENCE, deliver_due(&g, &config, &stop))
-            .await
-            .expect("the round does not wait for the hung hook")
-            .expect("round");
+        let next = tokio::time::timeout(
+            PATIENCE,
+            deliver_due(&g, &config, &Ownership::everything(), &stop),
+        )
+        .await
+        .expect("the round does not wait for the hung hook")
+        .expect("round");
         assert_eq!(next, Some(UnixMillis(T0.0 + 1_000)));
         let o = g.outbox(10).await.expect("outbox");
         assert_eq!((o[0].attempts, o[0].delivered_at), (1, None));
@@ -386,6 +432,7 @@ exit 0
         let task = tokio::spawn(deliver_notifications(
             g.clone(),
             config.clone(),
+            Ownership::everything(),
             stop.clone(),
         ));
         // The assignment wakes the idle task; its first run fails.
@@ -422,6 +469,7 @@ exit 0
         let task = tokio::spawn(deliver_notifications(
             g.clone(),
             config.clone(),
+            Ownership::everything(),
             stop.clone(),
         ));
         let deadline = tokio::time::Instant::now() + PATIENCE;

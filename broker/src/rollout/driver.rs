@@ -74,6 +74,19 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The number of `which`'s group, when it can be read.
+    async fn group_of(&self, which: Which) -> Option<i64> {
+        let (schedule, image) = match which {
+            Which::Ota(id) => (Some(id), None),
+            Which::Image(id) => (None, Some(id)),
+        };
+        self.store
+            .rollout_group(schedule, image)
+            .await
+            .ok()
+            .flatten()
+    }
+
     pub fn new(
         ota: &Ota,
         registry: Arc<Registry>,
@@ -124,10 +137,21 @@ pub async fn run(
         let now = ctx.clock.now();
         let next = match ctx.store.rollout_work().await {
             Ok(RolloutWork { images, schedules }) => {
+                // Rollouts of the groups this broker owns (brokers sharing a
+                // store each drive their own groups'; a group gained wakes
+                // this loop through its actor's start).
+                let owned = ctx.actors.ownership();
                 // An image update starts as soon as it is recorded.
-                let mut due: Vec<Which> = images.iter().map(|r| Which::Image(r.id)).collect();
+                let mut due: Vec<Which> = images
+                    .iter()
+                    .filter(|r| owned.owns_num(r.group_num))
+                    .map(|r| Which::Image(r.id))
+                    .collect();
                 let mut next: Option<UnixMillis> = None;
-                for row in schedules {
+                for row in schedules
+                    .into_iter()
+                    .filter(|r| owned.owns_num(r.group_num))
+                {
                     if row.state == "running" || row.start <= now {
                         due.push(Which::Ota(row.id));
                     } else {
@@ -165,6 +189,13 @@ pub async fn run(
 /// finishes or the broker stops.
 async fn rollout(ctx: Ctx, which: Which) -> Which {
     loop {
+        if let Some(num) = ctx.group_of(which).await {
+            if !ctx.actors.ownership().owns_num(num) {
+                // Its group went to another broker, which drives it on.
+                tracing::info!(%which, "rollout left to the group's new owner");
+                break;
+            }
+        }
         let driven = match Driver::load(ctx.clone(), which).await {
             Ok(Some(driver)) => driver.run().await,
             Ok(None) => Ok(()),

@@ -315,8 +315,30 @@ impl Store {
         .await
     }
 
-    /// The brokers sharing this store, and who owns each group (name →
-    /// owner's id and address), for redirects and listings.
+    /// The database's clock now (ms), and the brokers sharing this store.
+    pub async fn brokers(&self) -> Result<(i64, Vec<BrokerRow>), StoreError> {
+        self.read(|c| {
+            let now = db_now(c)?;
+            let brokers = c
+                .query::<(String, String, i64, i64)>(
+                    "SELECT id, address, seen_at, leaving FROM brokers ORDER BY id",
+                    args![],
+                )?
+                .into_iter()
+                .map(|(id, address, seen_at, leaving)| BrokerRow {
+                    id,
+                    address,
+                    seen_at,
+                    leaving: leaving != 0,
+                })
+                .collect();
+            Ok((now, brokers))
+        })
+        .await
+    }
+
+    /// Who owns each live group now (its lease's holder, with the holder's
+    /// address), by group name.
     pub async fn owners(&self) -> Result<Vec<GroupOwner>, StoreError> {
         self.read(|c| {
             let now = db_now(c)?;
@@ -351,4 +373,105 @@ pub struct GroupOwner {
     /// Where that broker is reached.
     pub address: Option<String>,
     pub epoch: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{on_postgres, open_for_test};
+    use crate::store::GroupCommit;
+    use ferry_common::UnixMillis;
+
+    fn note() -> GroupCommit {
+        GroupCommit {
+            notes: vec![(UnixMillis(1), "scale-out", "a decision".into())],
+            ..GroupCommit::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_has_one_owner_and_one_taken_over_fences_its_former_owner() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let a = open_for_test(tmp.path());
+        a.insert_group_for_test(1, "g").await;
+        // A second broker on the same store.
+        let b = open_for_test(tmp.path());
+
+        let view = a.lease_view("a", "a:1", false).await.expect("view");
+        assert_eq!(view.groups, vec![(1, "g".to_owned())]);
+        assert_eq!(view.brokers.len(), 1);
+        let take = |epoch| {
+            vec![LeaseChange::Acquire {
+                group_num: 1,
+                seen_epoch: epoch,
+            }]
+        };
+        let held = a.apply_leases("a", 60_000, take(0)).await.expect("a takes");
+        assert_eq!(held, Held::from([(1, 1)]));
+        // Held: b cannot take it, with the epoch it saw or without.
+        let held = b.apply_leases("b", 60_000, take(0)).await.expect("b");
+        assert!(held.is_empty(), "{held:?}");
+        let held = b.apply_leases("b", 60_000, take(1)).await.expect("b");
+        assert!(held.is_empty(), "{held:?}");
+
+        if on_postgres() {
+            a.fences().enable("a");
+            a.fences().set(Held::from([(1, 1)]));
+            a.commit_group(1, "pay-as-you-go".into(), note())
+                .await
+                .expect("the owner writes");
+        }
+        // a does not renew in time (its renewal sets an expiry already
+        // past), b takes the lease over: the epoch grows.
+        let held = a
+            .apply_leases(
+                "a",
+                -1,
+                vec![LeaseChange::Renew {
+                    group_num: 1,
+                    epoch: 1,
+                }],
+            )
+            .await
+            .expect("a renews late");
+        assert!(held.is_empty(), "{held:?}");
+        let view = b.lease_view("b", "b:1", false).await.expect("b's view");
+        assert_eq!(view.brokers.len(), 2);
+        let held = b.apply_leases("b", 60_000, take(1)).await.expect("b takes");
+        assert_eq!(held, Held::from([(1, 2)]));
+        if on_postgres() {
+            // a still thinks it owns the group at epoch 1: refused.
+            let e = a
+                .commit_group(1, "pay-as-you-go".into(), note())
+                .await
+                .expect_err("fenced");
+            assert!(matches!(e, StoreError::Fenced { group_num: 1 }), "{e}");
+            b.fences().enable("b");
+            b.fences().set(Held::from([(1, 2)]));
+            b.commit_group(1, "pay-as-you-go".into(), note())
+                .await
+                .expect("the new owner writes");
+            // A broker that holds no lease of the group writes nothing.
+            b.fences().set(Held::new());
+            assert!(matches!(
+                b.commit_group(1, "pay-as-you-go".into(), note()).await,
+                Err(StoreError::Fenced { group_num: 1 })
+            ));
+        }
+        let owners = a.owners().await.expect("owners");
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].owner.as_deref(), Some("b"));
+        assert_eq!(owners[0].epoch, Some(2));
+
+        // Hand-over: b leaves, the lease is free at once.
+        b.leave_cluster("b").await.expect("leave");
+        let owners = a.owners().await.expect("owners");
+        assert_eq!(owners[0].owner, None);
+        let (_, brokers) = a.brokers().await.expect("brokers");
+        assert!(brokers.iter().any(|x| x.id == "b" && x.leaving));
+        let held = a.apply_leases("a", 60_000, take(2)).await.expect("a again");
+        assert_eq!(held, Held::from([(1, 3)]));
+        a.close().await;
+        b.close().await;
+    }
 }

@@ -58,6 +58,9 @@ enum Cmd {
     /// Streaming hosts.
     #[command(subcommand)]
     Resources(ResourcesCmd),
+    /// The brokers sharing this broker's PostgreSQL store, and which owns
+    /// each group.
+    Cluster,
     /// Sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
@@ -171,6 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Cmd::Ota(cmd) => send(&socket, ota::request(cmd)?, json),
         Cmd::Status => send(&socket, AdminRequestV1::Status, json),
         Cmd::Resources(cmd) => send(&socket, resources::resources_request(cmd)?, json),
+        Cmd::Cluster => send(&socket, AdminRequestV1::Cluster, json),
         Cmd::Sessions(cmd) => send(&socket, resources::sessions_request(cmd)?, json),
         Cmd::User(cmd) => send(&socket, users::request(cmd)?, json),
     }

@@ -17,6 +17,7 @@ pub(crate) fn show(resp: AdminResponseV1, json: bool) -> String {
             render::resources_revoked_table(&resources, &revocations),
         ),
         AdminResponseV1::Sessions(s) => (render::sessions_json(&s), render::sessions_table(&s)),
+        AdminResponseV1::Cluster(c) => (render::cluster_json(&c), render::cluster_table(&c)),
         AdminResponseV1::Done { message } => (
             serde_json::json!({ "message": message }),
             format!("{message}\n"),

@@ -723,6 +723,32 @@ impl Store {
         .await
     }
 
+    /// The number of the group of OTA schedule `schedule` or of image
+    /// update `image`; `None` when there is no such rollout.
+    pub async fn rollout_group(
+        &self,
+        schedule: Option<u64>,
+        image: Option<i64>,
+    ) -> Result<Option<i64>, StoreError> {
+        let schedule = schedule.map(|id| to_i64(id, "schedule id")).transpose()?;
+        self.read_with(move |c| {
+            if let Some(id) = schedule {
+                return c.query_opt(
+                    "SELECT group_num FROM ota_schedules WHERE id = ?1",
+                    args![id],
+                );
+            }
+            match image {
+                Some(id) => c.query_opt(
+                    "SELECT group_num FROM image_updates WHERE id = ?1",
+                    args![id],
+                ),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
     /// Writes a rollout's `writes` in one transaction, in order.
     pub async fn record_rollout(&self, writes: Vec<RolloutWrite>) -> Result<(), StoreError> {
         let fences = self.fences().clone();
