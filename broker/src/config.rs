@@ -81,6 +81,9 @@ pub enum StoreConfig {
     Postgres {
         /// A libpq connection string or URL (`url`).
         url: String,
+        /// The CA (PEM) that signed the PostgreSQL server's certificate
+        /// (`ca_cert`): with it the connection uses TLS.
+        ca_cert: Option<PathBuf>,
         /// This broker's name among those sharing the database; `None`:
         /// the host name and the listen port.
         broker_id: Option<String>,
@@ -98,6 +101,7 @@ pub enum StoreConfig {
 struct RawStore {
     backend: String,
     url: Option<String>,
+    ca_cert: Option<PathBuf>,
 }
 
 impl Default for RawStore {
@@ -105,6 +109,7 @@ impl Default for RawStore {
         RawStore {
             backend: "sqlite".into(),
             url: None,
+            ca_cert: None,
         }
     }
 }
@@ -159,9 +164,10 @@ fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) ->
     let advertise = named("advertise", &cluster.advertise, errors);
     match store.backend.as_str() {
         "sqlite" => {
-            if store.url.is_some() {
+            if store.url.is_some() || store.ca_cert.is_some() {
                 errors.push(
-                    "store.url: only the postgres backend takes a url (set backend = \"postgres\")"
+                    "store.url, store.ca_cert: only the postgres backend takes them (set backend \
+                     = \"postgres\")"
                         .into(),
                 );
             }
@@ -177,6 +183,7 @@ fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) ->
         "postgres" => match &store.url {
             Some(url) if !url.trim().is_empty() => StoreConfig::Postgres {
                 url: url.clone(),
+                ca_cert: store.ca_cert.clone(),
                 broker_id,
                 advertise,
                 lease,

@@ -103,7 +103,9 @@ pub async fn run(
     let keys = Keys::load(&config)?;
     let store = match &config.store {
         StoreConfig::Sqlite => Store::open(&config.db_path(), StoreOptions::default())?,
-        StoreConfig::Postgres { url, .. } => Store::open_postgres(url, StoreOptions::default())?,
+        StoreConfig::Postgres { url, ca_cert, .. } => {
+            Store::open_postgres_tls(url, ca_cert.as_deref(), StoreOptions::default())?
+        }
     };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();

@@ -54,7 +54,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Where Debian's `postgresql-<version>` packages put their programs:
@@ -180,6 +180,8 @@ pub struct PgCluster {
     account: Option<String>,
     /// Stops the server and removes `dir` once its stdin closes.
     watchdog: Child,
+    /// The port: [`PORT`] until [`PgCluster::serve_tls`] moves it.
+    port: AtomicU16,
 }
 
 impl PgCluster {
@@ -209,6 +211,7 @@ impl PgCluster {
             data,
             account,
             watchdog,
+            port: AtomicU16::new(PORT),
         };
         cluster.init()?;
         cluster.restart()?;
@@ -246,7 +249,7 @@ impl PgCluster {
 
     /// The port number in the socket's name (the `port` of a connection).
     pub fn port(&self) -> u16 {
-        PORT
+        self.port.load(Ordering::SeqCst)
     }
 
     /// The role clients connect as (a superuser, trusted on the socket).
@@ -270,8 +273,9 @@ impl PgCluster {
     /// cluster: `host=<socket dir> port=<port> user=<role> dbname=<name>`.
     pub fn connection_string(&self, dbname: &str) -> String {
         format!(
-            "host={} port={PORT} user={} dbname={}",
+            "host={} port={} user={} dbname={}",
             conninfo_quote(&self.dir.to_string_lossy()),
+            self.port(),
             conninfo_quote(ROLE),
             conninfo_quote(dbname)
         )
@@ -319,6 +323,51 @@ impl PgCluster {
         run(start, "pg_ctl start", Some(&self.log))
     }
 
+    /// Serves TCP on 127.0.0.1 too, with TLS (`ssl = on`) from the
+    /// certificate and key given (PEM), on a new free port, and restarts;
+    /// returns the port. The socket moves to that port number as well
+    /// ([`PgCluster::connection_string`] follows).
+    pub fn serve_tls(&self, cert_pem: &str, key_pem: &str) -> Result<u16, PgClusterError> {
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map_err(io_err("find a free port"))?
+            .port();
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = self.data.join(name);
+            std::fs::write(&path, text).map_err(io_err(format!("write {}", path.display())))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(io_err(format!("set the mode of {}", path.display())))?;
+            if let Some(account) = &self.account {
+                let mut chown = Command::new("chown");
+                chown.arg(format!("{account}:")).arg(&path);
+                run(chown, &format!("chown {}", path.display()), None)?;
+            }
+        }
+        let conf = self.data.join("postgresql.conf");
+        let settings = format!(
+            "\n# TLS on the loopback address.\n\
+             listen_addresses = '127.0.0.1'\n\
+             port = {port}\n\
+             ssl = on\n\
+             ssl_cert_file = 'server.crt'\n\
+             ssl_key_file = 'server.key'\n"
+        );
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .and_then(|mut f| f.write_all(settings.as_bytes()))
+            .map_err(io_err(format!("append settings to {}", conf.display())))?;
+        let mut stop = self.server_command("pg_ctl");
+        stop.arg("stop")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "-s"]);
+        run(stop, "pg_ctl stop -m fast", None)?;
+        self.port.store(port, Ordering::SeqCst);
+        self.restart()?;
+        Ok(port)
+    }
+
     /// A server program, run as the server's account.
     fn server_command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
@@ -343,7 +392,7 @@ impl PgCluster {
             .env("LC_ALL", "C")
             .arg("--host")
             .arg(&self.dir)
-            .arg(format!("--port={PORT}"))
+            .arg(format!("--port={}", self.port()))
             .arg(format!("--username={ROLE}"))
             .arg("--no-password");
         command

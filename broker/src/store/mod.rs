@@ -411,7 +411,20 @@ impl Store {
     /// [`StoreError::Unreachable`] and the writer connects again before its
     /// next batch.
     pub fn open_postgres(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
-        let source = PgSource::parse(url)?;
+        Self::open_postgres_tls(url, None, options)
+    }
+
+    /// [`Store::open_postgres`] over TLS when `ca_cert` names the CA (PEM)
+    /// that signed the server's certificate: the connection string's
+    /// `sslmode` (`prefer`, the default, or `require`) then uses TLS, and
+    /// the server's certificate must carry the host name of the string.
+    /// Without it, connections are plain and `sslmode=require` is refused.
+    pub fn open_postgres_tls(
+        url: &str,
+        ca_cert: Option<&Path>,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
+        let source = PgSource::parse(url, ca_cert)?;
         let (tx, rx) = mpsc::channel(options.queue_len.max(1));
         let max_batch = options.max_batch.max(1);
         // The blocking client runs a runtime of its own: it lives, is used
@@ -589,14 +602,28 @@ impl Store {
 struct PgSource {
     config: postgres::Config,
     shown: String,
+    /// TLS with the configured CA; `None`: plain connections.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 impl PgSource {
-    fn parse(url: &str) -> Result<PgSource, StoreError> {
+    fn parse(url: &str, ca_cert: Option<&Path>) -> Result<PgSource, StoreError> {
         let config: postgres::Config = url.parse().map_err(|e| StoreError::Open {
             path: "the [store] url".into(),
             message: format!("not a PostgreSQL connection string: {e}"),
         })?;
+        let tls = match ca_cert {
+            Some(path) => Some(tls_connector(path)?),
+            None if config.get_ssl_mode() == postgres::config::SslMode::Require => {
+                return Err(StoreError::Open {
+                    path: "the [store] url".into(),
+                    message: "sslmode=require needs [store] ca_cert: the CA (PEM) that signed \
+                              the server's certificate"
+                        .into(),
+                })
+            }
+            None => None,
+        };
         let hosts: Vec<String> = config
             .get_hosts()
             .iter()
@@ -614,17 +641,47 @@ impl PgSource {
                 hosts.join(",")
             }
         );
-        Ok(PgSource { config, shown })
+        Ok(PgSource { config, shown, tls })
     }
 
     fn connect(&self) -> Result<postgres::Client, StoreError> {
-        self.config
-            .connect(postgres::NoTls)
-            .map_err(|e| StoreError::Unreachable {
-                database: self.shown.clone(),
-                detail: sql::pg_detail(&e),
-            })
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(postgres::NoTls),
+        };
+        connected.map_err(|e| StoreError::Unreachable {
+            database: self.shown.clone(),
+            detail: sql::pg_detail(&e),
+        })
     }
+}
+
+/// TLS to PostgreSQL trusting only the CA in `path` (PEM).
+fn tls_connector(path: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    use rustls_pki_types::pem::PemObject;
+    let err = |message: String| StoreError::Open {
+        path: path.display().to_string(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(format!("read the PostgreSQL CA certificate: {e}")))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| err(format!("read the PostgreSQL CA certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| err(format!("use the PostgreSQL CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate in the PostgreSQL CA file".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(format!("TLS settings: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// How the store reads committed data.

@@ -947,3 +947,71 @@ async fn a_read_only_store_fails_writes_clearly_and_records_again_when_writable(
     assert_eq!((out.recorded, out.duplicates), (1, 0));
     assert_eq!(store.counts().await.expect("counts").events_recorded, 1);
 }
+
+/// A cluster of its own (it moves to TLS on a TCP port); `None` when
+/// PostgreSQL is not installed and CI does not require it.
+fn own_postgres() -> Option<ferry_process::pg_cluster::PgCluster> {
+    use ferry_process::pg_cluster::{required, PgCluster, PgClusterError};
+    match PgCluster::start() {
+        Ok(c) => Some(c),
+        Err(e @ PgClusterError::NotInstalled { .. }) if !required() => {
+            eprintln!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("start PostgreSQL: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn postgres_over_tls_checks_the_servers_certificate() {
+    let Some(cluster) = own_postgres() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (pki, other) = (tmp.path().join("pki"), tmp.path().join("other"));
+    crate::pki::init(&pki, &["127.0.0.1".to_owned()]).expect("pki");
+    crate::pki::init(&other, &["127.0.0.1".to_owned()]).expect("other pki");
+    let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+    let port = cluster
+        .serve_tls(
+            &read(&pki.join("broker.pem")),
+            &read(&pki.join("broker-key.pem")),
+        )
+        .expect("serve TLS");
+    cluster.create_database("tls").expect("database");
+    let url = format!("host=127.0.0.1 port={port} user=ferry dbname=tls sslmode=require");
+
+    let store = Store::open_postgres_tls(&url, Some(&pki.join("ca.pem")), StoreOptions::default())
+        .expect("open over TLS");
+    store
+        .record_events(&rid("h1"), 7, vec![started(1, "s1")], UnixMillis(1))
+        .await
+        .expect("record");
+    let ssl: bool = store
+        .read_with(|c| {
+            c.query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                args![],
+            )
+        })
+        .await
+        .expect("ssl");
+    assert!(ssl, "the connection is encrypted");
+    store.close().await;
+
+    // A server whose certificate another CA signed is not trusted.
+    let Err(e) =
+        Store::open_postgres_tls(&url, Some(&other.join("ca.pem")), StoreOptions::default())
+    else {
+        panic!("a server of another CA was trusted");
+    };
+    assert!(
+        matches!(e, StoreError::Unreachable { .. }) && e.to_string().contains("certificate"),
+        "{e}"
+    );
+    // TLS asked for without a CA to check the server with: refused at once.
+    let Err(e) = Store::open_postgres(&url, StoreOptions::default()) else {
+        panic!("sslmode=require without ca_cert was accepted");
+    };
+    assert!(e.to_string().contains("ca_cert"), "{e}");
+}
