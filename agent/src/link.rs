@@ -871,6 +871,33 @@ async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
 mod tests {
     use super::*;
 
+    fn with_brokers(brokers: &[&str]) -> AgentConfig {
+        let mut text =
+            String::from("resource = \"h1\"\nbroker_addr = \"a:1\"\nbroker_name = \"broker\"\n");
+        text.push_str(&format!("brokers = {brokers:?}\n"));
+        AgentConfig::from_toml(&text, std::path::Path::new("agent.toml")).expect("config")
+    }
+
+    #[test]
+    fn the_configured_brokers_are_tried_in_turn_and_a_redirect_goes_first() {
+        let config = with_brokers(&["b:2", "c:3"]);
+        let mut t = Targets::default();
+        assert_eq!(t.pick(&config), "a:1");
+        t.next += 1;
+        assert_eq!(t.pick(&config), "b:2");
+        t.redirect = Some("owner:9".into());
+        assert_eq!(t.pick(&config), "owner:9", "a redirect is followed first");
+        assert_eq!(t.pick(&config), "b:2", "once");
+        t.next += 2;
+        assert_eq!(t.pick(&config), "a:1", "round and round");
+        let alone = with_brokers(&[]);
+        let mut t = Targets::default();
+        for _ in 0..3 {
+            assert_eq!(t.pick(&alone), "a:1");
+            t.next += 1;
+        }
+    }
+
     #[test]
     fn config_problems_are_told_apart() {
         let refused = |code| {

@@ -37,6 +37,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::Owner;
 use crate::groups::lifecycle::Removal;
 use crate::groups::{GroupError, Groups};
 use crate::registry::{CommandError, Registry, COMMAND_TIMEOUT};
@@ -829,9 +830,9 @@ async fn users(
 async fn known_resource(
     ctx: &AdminContext,
     resource: &ResourceId,
-) -> Result<bool, AdminResponseV1> {
+) -> Result<Option<crate::store::StoredResource>, AdminResponseV1> {
     match ctx.store.resources().await {
-        Ok(all) => Ok(all.iter().any(|r| &r.resource == resource)),
+        Ok(all) => Ok(all.into_iter().find(|r| &r.resource == resource)),
         Err(e) => Err(internal(e)),
     }
 }
@@ -839,11 +840,28 @@ async fn known_resource(
 async fn command_error(ctx: &AdminContext, e: CommandError) -> AdminResponseV1 {
     match e {
         CommandError::NotConnected(r) => match known_resource(ctx, &r).await {
-            Ok(false) => error(AdminErrorCode::NotFound, format!("no resource named {r}")),
-            Ok(true) => error(
-                AdminErrorCode::NotConnected,
-                format!("resource {r} is not connected; the command cannot reach its agent"),
-            ),
+            Ok(None) => error(AdminErrorCode::NotFound, format!("no resource named {r}")),
+            Ok(Some(known)) => {
+                // Brokers sharing a store: its agent is at its group's owner.
+                let owner = known
+                    .group
+                    .as_ref()
+                    .map(|g| (g, ctx.groups.actors().ownership().owner(g)));
+                let message = match owner {
+                    Some((g, Owner::At(address))) => format!(
+                        "resource {r} is served by the broker owning group {g}, at {address}: \
+                         run this command with ferryctl on that broker"
+                    ),
+                    Some((g, Owner::Nobody)) => format!(
+                        "resource {r} is not connected here and group {g} is changing broker: \
+                         try again in a few seconds (ferryctl cluster shows the owners)"
+                    ),
+                    _ => {
+                        format!("resource {r} is not connected; the command cannot reach its agent")
+                    }
+                };
+                error(AdminErrorCode::NotConnected, message)
+            }
             Err(resp) => resp,
         },
         CommandError::Timeout(..) => error(AdminErrorCode::Timeout, e.to_string()),
