@@ -115,22 +115,13 @@ impl Default for RawStore {
 }
 
 /// `[cluster]` as written (PostgreSQL only).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawCluster {
     broker_id: Option<String>,
     advertise: Option<String>,
-    lease: String,
-}
-
-impl Default for RawCluster {
-    fn default() -> Self {
-        RawCluster {
-            broker_id: None,
-            advertise: None,
-            lease: "10s".into(),
-        }
-    }
+    /// `None`: [`crate::cluster::DEFAULT_LEASE`].
+    lease: Option<String>,
 }
 
 /// Shortest lease: a renewal every third of it must fit a database round
@@ -138,9 +129,10 @@ impl Default for RawCluster {
 const MIN_LEASE: Duration = Duration::from_secs(3);
 
 fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) -> StoreConfig {
-    let lease = match parse_duration(&cluster.lease) {
-        Ok(d) if d >= MIN_LEASE => d,
-        Ok(d) => {
+    let lease = match cluster.lease.as_deref().map(parse_duration) {
+        None => crate::cluster::DEFAULT_LEASE,
+        Some(Ok(d)) if d >= MIN_LEASE => d,
+        Some(Ok(d)) => {
             errors.push(format!(
                 "cluster.lease: {} is shorter than {}",
                 format_duration(d),
@@ -148,7 +140,7 @@ fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) ->
             ));
             MIN_LEASE
         }
-        Err(e) => {
+        Some(Err(e)) => {
             errors.push(format!("cluster.lease: {e}"));
             MIN_LEASE
         }
@@ -171,7 +163,8 @@ fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) ->
                         .into(),
                 );
             }
-            if cluster.broker_id.is_some() || cluster.advertise.is_some() {
+            if cluster.broker_id.is_some() || cluster.advertise.is_some() || cluster.lease.is_some()
+            {
                 errors.push(
                     "cluster: brokers share a PostgreSQL store only (set [store] backend = \
                      \"postgres\")"
@@ -181,13 +174,37 @@ fn store_of(store: &RawStore, cluster: &RawCluster, errors: &mut Vec<String>) ->
             StoreConfig::Sqlite
         }
         "postgres" => match &store.url {
-            Some(url) if !url.trim().is_empty() => StoreConfig::Postgres {
-                url: url.clone(),
-                ca_cert: store.ca_cert.clone(),
-                broker_id,
-                advertise,
-                lease,
-            },
+            Some(url) if !url.trim().is_empty() => {
+                // Read as the store reads it; only a connection says more.
+                match url.parse::<postgres::Config>() {
+                    Err(e) => errors.push(format!(
+                        "store.url: not a PostgreSQL connection string ({e}), e.g. \
+                         \"host=/run/postgresql dbname=ferry user=ferry\" or \
+                         \"postgresql://ferry@db.example.com/ferry\""
+                    )),
+                    // Without a CA the store connects without TLS: it would
+                    // fail at every connection, as if the server could not
+                    // be reached.
+                    Ok(c)
+                        if c.get_ssl_mode() == postgres::config::SslMode::Require
+                            && store.ca_cert.is_none() =>
+                    {
+                        errors.push(
+                            "store.url: sslmode=require needs store.ca_cert, the CA (PEM) that \
+                             signed the PostgreSQL server's certificate"
+                                .into(),
+                        )
+                    }
+                    Ok(_) => {}
+                }
+                StoreConfig::Postgres {
+                    url: url.clone(),
+                    ca_cert: store.ca_cert.clone(),
+                    broker_id,
+                    advertise,
+                    lease,
+                }
+            }
             _ => {
                 errors.push(
                     "store.url: the postgres backend needs a connection string, e.g. \
@@ -1129,6 +1146,105 @@ mod tests {
             BrokerConfig::from_toml(text).expect("example is valid"),
             BrokerConfig::from_toml("").expect("defaults")
         );
+    }
+
+    /// The errors of a config that must be refused, joined.
+    fn refused(text: &str) -> String {
+        match BrokerConfig::from_toml(text) {
+            Err(ConfigError::Invalid(errors)) => errors.join("\n"),
+            other => panic!("accepted or refused otherwise: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_postgres_store_takes_its_url_and_cluster_keys() {
+        let c = BrokerConfig::from_toml(
+            "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql dbname=ferry\"\n\
+             [cluster]\nbroker_id = \"b1\"\nadvertise = \"b1.example.com:7443\"\n\
+             lease = \"3s\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.store,
+            StoreConfig::Postgres {
+                url: "host=/run/postgresql dbname=ferry".into(),
+                ca_cert: None,
+                broker_id: Some("b1".into()),
+                advertise: Some("b1.example.com:7443".into()),
+                lease: Duration::from_secs(3),
+            }
+        );
+        let c = BrokerConfig::from_toml(
+            "[store]\nbackend = \"postgres\"\nurl = \"postgresql://ferry@db/ferry\"\n",
+        )
+        .expect("valid");
+        let StoreConfig::Postgres { lease, .. } = c.store else {
+            panic!("postgres: {:?}", c.store);
+        };
+        assert_eq!(lease, crate::cluster::DEFAULT_LEASE);
+        assert_eq!(
+            BrokerConfig::from_toml("").expect("defaults").store,
+            StoreConfig::Sqlite
+        );
+    }
+
+    #[test]
+    fn store_and_cluster_mistakes_are_refused_naming_the_key() {
+        let e = refused("[store]\nbackend = \"mysql\"\n");
+        assert!(
+            e.contains("store.backend: \"mysql\" is not a backend"),
+            "{e}"
+        );
+        let e = refused("[store]\nbackend = \"postgres\"\n");
+        assert!(e.contains("store.url: the postgres backend needs"), "{e}");
+        let e = refused("[store]\nbackend = \"postgres\"\nurl = \"  \"\n");
+        assert!(e.contains("store.url: the postgres backend needs"), "{e}");
+        let e = refused("[store]\nbackend = \"postgres\"\nurl = \"host=db sslmode=require\"\n");
+        assert!(
+            e.contains("store.url: sslmode=require needs store.ca_cert"),
+            "{e}"
+        );
+        let c = BrokerConfig::from_toml(
+            "[store]\nbackend = \"postgres\"\nurl = \"host=db sslmode=require\"\n\
+             ca_cert = \"/etc/ferry/pg-ca.pem\"\n",
+        )
+        .expect("TLS with a CA");
+        let StoreConfig::Postgres { ca_cert, .. } = c.store else {
+            panic!("postgres: {:?}", c.store);
+        };
+        assert_eq!(ca_cert, Some(PathBuf::from("/etc/ferry/pg-ca.pem")));
+        let e = refused("[store]\nbackend = \"postgres\"\nurl = \"host='unterminated\"\n");
+        assert!(
+            e.contains("store.url: not a PostgreSQL connection string"),
+            "{e}"
+        );
+        // SQLite (the default backend) is one broker alone: no url, no
+        // [cluster] key.
+        let e = refused("[store]\nurl = \"host=/run/postgresql\"\n");
+        assert!(e.contains("only the postgres backend takes them"), "{e}");
+        let e = refused("[store]\nca_cert = \"/etc/ferry/pg-ca.pem\"\n");
+        assert!(e.contains("only the postgres backend takes them"), "{e}");
+        for key in [
+            "broker_id = \"b1\"",
+            "advertise = \"b1:7443\"",
+            "lease = \"10s\"",
+        ] {
+            let e = refused(&format!("[cluster]\n{key}\n"));
+            assert!(
+                e.contains("cluster: brokers share a PostgreSQL store only"),
+                "{key}: {e}"
+            );
+        }
+        let pg = "[store]\nbackend = \"postgres\"\nurl = \"host=/run/postgresql\"\n";
+        let e = refused(&format!("{pg}[cluster]\nlease = \"2s\"\n"));
+        assert!(e.contains("cluster.lease: 2s is shorter than 3s"), "{e}");
+        let e = refused(&format!("{pg}[cluster]\nlease = \"soon\"\n"));
+        assert!(e.contains("cluster.lease:"), "{e}");
+        let e = refused(&format!("{pg}[cluster]\nbroker_id = \" \"\n"));
+        assert!(e.contains("cluster.broker_id:"), "{e}");
+        let err =
+            BrokerConfig::from_toml(&format!("{pg}[cluster]\nleese = \"5s\"\n")).expect_err("typo");
+        assert!(err.to_string().contains("leese"), "{err}");
     }
 
     #[test]
