@@ -62,6 +62,12 @@ pub enum BrokerError {
     Keys(#[from] KeyError),
     #[error("open store: {0}")]
     Store(#[from] StoreError),
+    /// The PostgreSQL database of `[store] url` did not answer at start.
+    #[error(
+        "the PostgreSQL database {database} cannot be reached: {detail}; start it, or correct \
+         the [store] url in the configuration (a service manager starts the broker again)"
+    )]
+    StoreUnreachable { database: String, detail: String },
     #[error("{0}")]
     Locked(#[from] ferry_process::lock::LockError),
     #[error("create state directory {path}: {error}")]
@@ -103,9 +109,7 @@ pub async fn run(
     let keys = Keys::load(&config)?;
     let store = match &config.store {
         StoreConfig::Sqlite => Store::open(&config.db_path(), StoreOptions::default())?,
-        StoreConfig::Postgres { url, ca_cert, .. } => {
-            Store::open_postgres_tls(url, ca_cert.as_deref(), StoreOptions::default())?
-        }
+        StoreConfig::Postgres { url, ca_cert, .. } => open_postgres(url, ca_cert.as_deref())?,
     };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
@@ -148,6 +152,17 @@ pub async fn run(
     }
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// The PostgreSQL store at `url` (over TLS with `ca_cert`); a database
+/// that does not answer is said as such (not as a write that failed).
+fn open_postgres(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Store, BrokerError> {
+    Store::open_postgres_tls(url, ca_cert, StoreOptions::default()).map_err(|e| match e {
+        StoreError::Unreachable { database, detail } => {
+            BrokerError::StoreUnreachable { database, detail }
+        }
+        other => BrokerError::Store(other),
+    })
 }
 
 /// Who this broker is among the brokers sharing its PostgreSQL store;

@@ -94,13 +94,14 @@ fn exit_code(f: Failure, log: &Output) -> ExitCode {
 
 /// The exit code of a broker that could not run: 78 for what an operator
 /// must fix in the configuration or the PKI files (restarting cannot help),
-/// 75 when another process holds the state directory, 1 otherwise.
+/// 75 when another process holds the state directory or the database does
+/// not answer (trying again later can help), 1 otherwise.
 fn broker_exit_code(e: &BrokerError) -> u8 {
     match e {
         BrokerError::Config(_) | BrokerError::Pki(_) | BrokerError::Keys(_) => exit::CONFIG,
         // Not a wait for another process: 1, like any unwritable state.
         BrokerError::Locked(ferry_process::lock::LockError::ReadOnly { .. }) => 1,
-        BrokerError::Locked(_) => exit::TEMPFAIL,
+        BrokerError::Locked(_) | BrokerError::StoreUnreachable { .. } => exit::TEMPFAIL,
         _ => 1,
     }
 }
