@@ -608,10 +608,22 @@ struct PgSource {
 
 impl PgSource {
     fn parse(url: &str, ca_cert: Option<&Path>) -> Result<PgSource, StoreError> {
-        let config: postgres::Config = url.parse().map_err(|e| StoreError::Open {
+        let mut config: postgres::Config = url.parse().map_err(|e| StoreError::Open {
             path: "the [store] url".into(),
             message: format!("not a PostgreSQL connection string: {e}"),
         })?;
+        // A server gone from the network without a reset (its host down, a
+        // failover that moved its address) would otherwise hold a
+        // connection attempt for minutes and a write until TCP gives up
+        // (about a quarter of an hour): the writer thread waits all that
+        // time instead of failing the writes and connecting again. The url
+        // may set other values.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PG_CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(PG_TCP_USER_TIMEOUT);
+        }
         let tls = match ca_cert {
             Some(path) => Some(tls_connector(path)?),
             None if config.get_ssl_mode() == postgres::config::SslMode::Require => {
@@ -684,6 +696,15 @@ fn tls_connector(path: &Path) -> Result<tokio_postgres_rustls::MakeRustlsConnect
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Longest wait for a connection to PostgreSQL to be made, unless the url
+/// sets `connect_timeout`.
+const PG_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Longest time data sent to PostgreSQL may stay unacknowledged before the
+/// connection counts as broken (TCP only), unless the url sets
+/// `tcp_user_timeout` (in seconds).
+const PG_TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How the store reads committed data.
 enum Reads {
     /// SQLite: a read-only connection, used on tokio's blocking pool.
@@ -728,4 +749,39 @@ fn spawn_reader(source: PgSource) -> Result<Reads, StoreError> {
             message: format!("spawn reader thread: {e}"),
         })?;
     Ok(Reads::Thread(jobs))
+}
+
+#[cfg(test)]
+mod source_tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_gives_up_on_a_silent_server_unless_the_url_says_otherwise() {
+        let source = PgSource::parse("host=db.example.net dbname=ferry user=ferry", None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            source.config.get_connect_timeout(),
+            Some(&PG_CONNECT_TIMEOUT)
+        );
+        assert_eq!(
+            source.config.get_tcp_user_timeout(),
+            Some(&PG_TCP_USER_TIMEOUT)
+        );
+        assert_eq!(source.shown, "ferry on db.example.net");
+        let source = PgSource::parse(
+            "host=a,b dbname=ferry connect_timeout=3 tcp_user_timeout=7 \
+             target_session_attrs=read-write",
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            source.config.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(3))
+        );
+        assert_eq!(
+            source.config.get_tcp_user_timeout(),
+            Some(&std::time::Duration::from_secs(7))
+        );
+        assert_eq!(source.shown, "ferry on a,b");
+    }
 }
