@@ -635,6 +635,8 @@ async fn a_database_outage_is_spooled_by_the_agents_and_caught_up_once_it_is_bac
     // The server is back: nothing restarted but PostgreSQL.
     tokio::task::block_in_place(|| cluster.restart())?;
     wait_log(&broker, taken, 2).await?;
+    wait_log(&broker, "store connection restored", 1).await?;
+    eprintln!("database back, group taken back at {:?}", t0.elapsed());
     // Each agent was refused a few times in a row meanwhile: its next try
     // may be up to its longest backoff away.
     for agent in &agents {
@@ -642,6 +644,7 @@ async fn a_database_outage_is_spooled_by_the_agents_and_caught_up_once_it_is_bac
         let s = client.wait_synced(BACKOFF_CAP + PATIENCE).await?;
         assert_eq!(s.link.spooled, 0, "{:?}", s.link);
     }
+    eprintln!("agents synced at {:?}", t0.elapsed());
     let (set, _) = report_on_all(&agents, "after", 6);
     join_reports(set, &mut reported).await?;
     all_synced(&agents, &reported).await?;
@@ -659,12 +662,24 @@ async fn a_database_outage_is_spooled_by_the_agents_and_caught_up_once_it_is_bac
     user_admitted(&files, &broker).await?;
     let pid_after = broker.daemon.pid()?;
     assert_eq!(pid, pid_after);
+    assert!(
+        !broker.daemon.log().contains("panicked"),
+        "{}",
+        broker.daemon.log()
+    );
+
+    // Stopped while the database is down again, the broker still drains
+    // and exits cleanly: nothing waits for the database.
+    tokio::task::block_in_place(|| cluster.stop_immediate())?;
+    eprintln!("database down again at {:?}", t0.elapsed());
     broker.daemon.signal("TERM").await?;
+    wait_notify(&broker.notify, "STOPPING=1", PATIENCE)?;
     let code = broker
         .daemon
         .wait(PROCESS_SHUTDOWN_GRACE + REFUSAL_LINGER + PATIENCE)
         .await?;
     assert_eq!(code.code(), Some(0), "{}", broker.daemon.log());
+    eprintln!("broker stopped at {:?}", t0.elapsed());
     Ok(())
 }
 
