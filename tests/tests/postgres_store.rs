@@ -12,6 +12,9 @@
 //!   keeps running and gives its groups up when their leases run out. Once
 //!   the server is back, everything catches up without restarting anything:
 //!   every event recorded once, the groups taken back, users admitted.
+//!   Stopped while the database is down, the broker still exits cleanly.
+//! - A blip shorter than the lease (a failover of a few seconds): the
+//!   broker keeps its groups, and the same catch-up follows.
 //! - A database that cannot be reached at start, and a `[store]` without a
 //!   url: the broker exits with a message naming them.
 //!
@@ -64,11 +67,12 @@ fn own_cluster() -> anyhow::Result<Option<PgCluster>> {
     }
 }
 
-/// The `[store]` and `[cluster]` tables of a broker on database `url`.
-fn postgres_config(url: &str) -> String {
+/// The `[store]` and `[cluster]` tables of a broker on database `url`
+/// with group leases of `lease`.
+fn postgres_config(url: &str, lease: &str) -> String {
     format!(
         "\n[store]\nbackend = \"postgres\"\nurl = {url:?}\n\n[cluster]\nbroker_id = \"b1\"\n\
-         lease = \"{LEASE}\"\n"
+         lease = \"{lease}\"\n"
     )
 }
 
@@ -410,10 +414,15 @@ async fn start_agents(
 }
 
 /// The broker's config written with a PostgreSQL store on a new database.
-async fn broker_files(dir: &Path, cluster: &PgCluster, db: &str) -> anyhow::Result<BrokerFiles> {
+async fn broker_files(
+    dir: &Path,
+    cluster: &PgCluster,
+    db: &str,
+    lease: &str,
+) -> anyhow::Result<BrokerFiles> {
     let url = cluster.create_database(db)?;
     let mut files = BrokerFiles::init(dir).await?;
-    files.extra_config = postgres_config(&url);
+    files.extra_config = postgres_config(&url, lease);
     Ok(files)
 }
 
@@ -425,7 +434,7 @@ async fn a_broker_on_postgres_serves_and_keeps_every_event_once_across_restarts(
     };
     let db = "serve_and_restart";
     let tmp = tempfile::tempdir()?;
-    let files = broker_files(tmp.path(), cluster, db).await?;
+    let files = broker_files(tmp.path(), cluster, db, LEASE).await?;
     let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
     // Later runs bind the same port: the agents' configured address.
     let addr = broker.agent_addr;
@@ -523,7 +532,7 @@ async fn a_database_outage_is_spooled_by_the_agents_and_caught_up_once_it_is_bac
     };
     let db = "outage";
     let tmp = tempfile::tempdir()?;
-    let files = broker_files(tmp.path(), &cluster, db).await?;
+    let files = broker_files(tmp.path(), &cluster, db, LEASE).await?;
     let mut broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
     publish(&files).await?;
     let agents = start_agents(&files, &broker).await?;
@@ -637,13 +646,7 @@ async fn a_database_outage_is_spooled_by_the_agents_and_caught_up_once_it_is_bac
     wait_log(&broker, taken, 2).await?;
     wait_log(&broker, "store connection restored", 1).await?;
     eprintln!("database back, group taken back at {:?}", t0.elapsed());
-    // Each agent was refused a few times in a row meanwhile: its next try
-    // may be up to its longest backoff away.
-    for agent in &agents {
-        let mut client = LocalClient::connect(&agent.local_socket).await?;
-        let s = client.wait_synced(BACKOFF_CAP + PATIENCE).await?;
-        assert_eq!(s.link.spooled, 0, "{:?}", s.link);
-    }
+    all_caught_up(&agents).await?;
     eprintln!("agents synced at {:?}", t0.elapsed());
     let (set, _) = report_on_all(&agents, "after", 6);
     join_reports(set, &mut reported).await?;
@@ -683,6 +686,64 @@ async fn a_database_outage_is_spooled_by_the_agents_and_caught_up_once_it_is_bac
     Ok(())
 }
 
+/// Waits until every agent sent everything it spooled: after a database
+/// outage, each was refused a few times in a row, so its next try may be up
+/// to its longest backoff away.
+async fn all_caught_up(agents: &[AgentProcess]) -> anyhow::Result<()> {
+    for agent in agents {
+        let mut client = LocalClient::connect(&agent.local_socket).await?;
+        let s = client.wait_synced(BACKOFF_CAP + PATIENCE).await?;
+        assert_eq!(s.link.spooled, 0, "{:?}", s.link);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_blip_within_the_lease_keeps_the_groups_and_records_everything_once(
+) -> anyhow::Result<()> {
+    let Some(cluster) = own_cluster()? else {
+        return Ok(());
+    };
+    let db = "blip";
+    let tmp = tempfile::tempdir()?;
+    // A lease the server's stop and crash recovery fit in, as a failover of
+    // a few seconds does.
+    let files = broker_files(tmp.path(), &cluster, db, "30s").await?;
+    let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
+    publish(&files).await?;
+    let agents = start_agents(&files, &broker).await?;
+    let taken = "group lease taken: its actor starts";
+    wait_log(&broker, taken, 1).await?;
+    user_admitted(&files, &broker).await?;
+
+    let mut reported = Reported::default();
+    let (set, mut confirmed) = report_on_all(&agents, "b", 20);
+    tokio::time::timeout(PATIENCE, confirmed.wait_for(|c| *c >= 6))
+        .await
+        .context("the agents stopped reporting before the blip")??;
+    let t0 = tokio::time::Instant::now();
+    tokio::task::block_in_place(|| {
+        cluster.stop_immediate()?;
+        cluster.restart()
+    })?;
+    eprintln!("database back after {:?}", t0.elapsed());
+    join_reports(set, &mut reported).await?;
+    all_caught_up(&agents).await?;
+    eprintln!("agents synced after {:?}", t0.elapsed());
+    all_synced(&agents, &reported).await?;
+    broker_holds(&cluster, db, &files, &reported).await?;
+    // The group stayed with its broker all along; users are routed.
+    let log = broker.daemon.log();
+    assert!(
+        !log.contains("group leases could not be renewed in time"),
+        "{log}"
+    );
+    assert_eq!(log.matches(taken).count(), 1, "{log}");
+    user_admitted(&files, &broker).await?;
+    assert!(!broker.daemon.log().contains("panicked"));
+    Ok(())
+}
+
 /// `ferry-broker run --config CONFIG` on `files` with `extra` as its
 /// `[store]`, which must exit by itself: its exit code and stderr.
 async fn broker_exits(files: &mut BrokerFiles, extra: String) -> anyhow::Result<(i32, String)> {
@@ -712,7 +773,7 @@ async fn a_broker_whose_database_cannot_be_reached_or_is_not_named_exits_saying_
         "host={} port=5432 user=ferry dbname=ferrydb",
         nowhere.display()
     );
-    let (code, stderr) = broker_exits(&mut files, postgres_config(&url)).await?;
+    let (code, stderr) = broker_exits(&mut files, postgres_config(&url, LEASE)).await?;
     assert_eq!(code, i32::from(ferry_process::exit::TEMPFAIL), "{stderr}");
     assert!(
         stderr.contains(&format!(
