@@ -174,6 +174,10 @@ pub const MAX_REDIRECTS: u32 = 4;
 /// owner): its new owner takes it within a lease renewal.
 const NOT_OWNER_WAIT: Duration = Duration::from_secs(1);
 
+/// Longest wait before reconnecting after `StoreUnavailable` (the broker's
+/// database failing over or restarting): back soon, and the events wait.
+const STORE_UNAVAILABLE_WAIT: Duration = Duration::from_secs(5);
+
 /// The brokers the agent connects to: the configured ones in turn, and the
 /// one a broker sent it to.
 #[derive(Debug, Default)]
@@ -250,11 +254,13 @@ impl Link {
                     self.status.send_modify(|s| s.last_error = Some(text));
                 }
             }
-            let not_owner = result_code == Some(RefusalCode::NotOwner);
-            let ceiling = if not_owner {
-                backoff_ceiling(attempt).min(NOT_OWNER_WAIT)
-            } else {
-                backoff_ceiling(attempt)
+            let ceiling = match result_code {
+                Some(RefusalCode::NotOwner) => backoff_ceiling(attempt).min(NOT_OWNER_WAIT),
+                // The broker's store is back within seconds, typically.
+                Some(RefusalCode::StoreUnavailable) => {
+                    backoff_ceiling(attempt).min(STORE_UNAVAILABLE_WAIT)
+                }
+                _ => backoff_ceiling(attempt),
             };
             let delay = full_jitter(ceiling, rand::random());
             attempt = attempt.saturating_add(1);

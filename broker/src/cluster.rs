@@ -114,7 +114,15 @@ pub fn plan(me: &str, view: &LeaseView, lease_ms: i64) -> Vec<LeaseChange> {
 #[derive(Clone, Default)]
 pub struct Ownership {
     /// `None`: this broker is alone on its store and owns every group.
-    inner: Option<Arc<RwLock<Owned>>>,
+    inner: Option<Arc<Shared>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    owned: RwLock<Owned>,
+    /// A group without an owner here was asked for (one just published):
+    /// the keeper takes its turn now rather than at the next renewal.
+    wanted: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -166,7 +174,7 @@ impl Ownership {
         let Some(inner) = &self.inner else {
             return Owner::Here;
         };
-        let Ok(o) = inner.read() else {
+        let Ok(o) = inner.owned.read() else {
             return Owner::Nobody;
         };
         if o.mine.contains(group) {
@@ -183,21 +191,42 @@ impl Ownership {
     pub fn owns_num(&self, num: i64) -> bool {
         match &self.inner {
             None => true,
-            Some(inner) => inner.read().is_ok_and(|o| o.nums.contains(&num)),
+            Some(inner) => inner.owned.read().is_ok_and(|o| o.nums.contains(&num)),
+        }
+    }
+
+    /// A live group that has no actor here was synced (published, say):
+    /// its lease may be free, so the keeper looks at once.
+    pub fn want_leases(&self) {
+        if let Some(inner) = &self.inner {
+            inner.wanted.notify_one();
+        }
+    }
+
+    /// Resolves when [`Ownership::want_leases`] was called (never when
+    /// alone).
+    async fn leases_wanted(&self) {
+        match &self.inner {
+            Some(inner) => inner.wanted.notified().await,
+            None => std::future::pending().await,
         }
     }
 
     /// Groups owned here.
     pub fn mine(&self) -> BTreeSet<GroupName> {
         match &self.inner {
-            Some(inner) => inner.read().map(|o| o.mine.clone()).unwrap_or_default(),
+            Some(inner) => inner
+                .owned
+                .read()
+                .map(|o| o.mine.clone())
+                .unwrap_or_default(),
             None => BTreeSet::new(),
         }
     }
 
     fn set(&self, mine: &Mine, elsewhere: BTreeMap<GroupName, String>) {
         if let Some(inner) = &self.inner {
-            if let Ok(mut o) = inner.write() {
+            if let Ok(mut o) = inner.owned.write() {
                 *o = Owned {
                     mine: mine.values().cloned().collect(),
                     nums: mine.keys().copied().collect(),
@@ -285,6 +314,9 @@ pub async fn keep_leases(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(started + period) => {}
+            // A new group: take its lease now if it falls to this broker,
+            // not up to a third of the lease later.
+            _ = ownership.leases_wanted() => {}
         }
     }
     // Graceful hand-over: the others take these groups at their next turn.

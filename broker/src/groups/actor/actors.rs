@@ -302,9 +302,10 @@ impl GroupActors {
             return Ok(false);
         };
         if !self.shared.ownership.owns(&row.name) {
-            // Another broker owns it (or nobody does yet): its actor runs
-            // there.
+            // Another broker owns it (or nobody does yet, a new group): its
+            // actor runs at its owner.
             self.stop(&row.name);
+            self.shared.ownership.want_leases();
             return Ok(false);
         }
         let running = self.actors().get(&row.name).cloned();
