@@ -1015,3 +1015,59 @@ async fn postgres_over_tls_checks_the_servers_certificate() {
     };
     assert!(e.to_string().contains("ca_cert"), "{e}");
 }
+
+/// Every table and column of a store, by name (SQLite's implicit `rowid`,
+/// which PostgreSQL's schema spells out, and the migrations' own table
+/// left out).
+async fn schema_of(store: &Store) -> std::collections::BTreeMap<String, Vec<String>> {
+    store
+        .read_with(|c| {
+            let rows: Vec<(String, String)> = match c.sqlite() {
+                Some(_) => c.query(
+                    "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+                     WHERE m.type = 'table' ORDER BY m.name, p.name",
+                    args![],
+                )?,
+                None => c.query(
+                    "SELECT table_name, column_name FROM information_schema.columns
+                     WHERE table_schema = 'public' AND table_name != 'ferry_schema'
+                     ORDER BY table_name, column_name",
+                    args![],
+                )?,
+            };
+            let mut out = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for (table, column) in rows {
+                if column != "rowid" {
+                    out.entry(table).or_default().push(column);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .expect("schema")
+}
+
+#[tokio::test]
+async fn both_backends_have_the_same_tables_and_columns() {
+    let Ok(cluster) = ferry_process::pg_cluster::shared() else {
+        assert!(
+            !ferry_process::pg_cluster::required(),
+            "PostgreSQL is required under CI"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sqlite = open_sqlite(tmp.path());
+    let url = cluster
+        .create_database(&format!("schema_{}", std::process::id()))
+        .expect("database");
+    let postgres = Store::open_postgres(&url, StoreOptions::default()).expect("postgres");
+    let (a, b) = (schema_of(&sqlite).await, schema_of(&postgres).await);
+    assert!(!a.is_empty());
+    assert_eq!(
+        a, b,
+        "append each migration to both lists, in both dialects"
+    );
+    sqlite.close().await;
+    postgres.close().await;
+}
