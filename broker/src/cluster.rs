@@ -30,7 +30,7 @@ use ferry_common::wire::{Refusal, RefusalCode};
 
 use crate::groups::GroupActors;
 use crate::registry::Registry;
-use crate::store::{LeaseChange, LeaseView, Store, StoreError};
+use crate::store::{GroupOwner, LeaseChange, LeaseView, Store, StoreError};
 
 /// Default lease time.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
@@ -127,6 +127,8 @@ struct Shared {
 
 #[derive(Default)]
 struct Owned {
+    /// This broker's id.
+    me: String,
     mine: BTreeSet<GroupName>,
     /// The numbers of the groups in `mine`.
     nums: BTreeSet<i64>,
@@ -154,10 +156,16 @@ impl Ownership {
         Ownership { inner: None }
     }
 
-    /// A broker among others: it owns nothing until its leases say so.
-    pub fn shared() -> Ownership {
+    /// Broker `me` among others: it owns nothing until its leases say so.
+    pub fn shared(me: &str) -> Ownership {
         Ownership {
-            inner: Some(Arc::default()),
+            inner: Some(Arc::new(Shared {
+                owned: RwLock::new(Owned {
+                    me: me.to_owned(),
+                    ..Owned::default()
+                }),
+                wanted: tokio::sync::Notify::new(),
+            })),
         }
     }
 
@@ -212,6 +220,36 @@ impl Ownership {
         }
     }
 
+    /// As [`Ownership::owner`], but where this broker's view has no
+    /// owner for `group` it asks the database: the view is as of this
+    /// broker's last lease turn, so a group taken by another broker (or
+    /// published) since then has an owner it does not know of yet.
+    pub async fn locate(&self, store: &Store, group: &GroupName) -> Owner {
+        let seen = self.owner(group);
+        let Some(inner) = &self.inner else {
+            return seen;
+        };
+        if seen != Owner::Nobody {
+            return seen;
+        }
+        let me = match inner.owned.read() {
+            Ok(o) => o.me.clone(),
+            Err(_) => return seen,
+        };
+        match store.owner_of(group.as_str()).await {
+            Ok(Some(GroupOwner {
+                owner: Some(owner),
+                address: Some(address),
+                ..
+            })) if owner != me => Owner::At(address),
+            Ok(_) => Owner::Nobody,
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "look up the owner of a group");
+                Owner::Nobody
+            }
+        }
+    }
+
     /// Groups owned here.
     pub fn mine(&self) -> BTreeSet<GroupName> {
         match &self.inner {
@@ -227,11 +265,9 @@ impl Ownership {
     fn set(&self, mine: &Mine, elsewhere: BTreeMap<GroupName, String>) {
         if let Some(inner) = &self.inner {
             if let Ok(mut o) = inner.owned.write() {
-                *o = Owned {
-                    mine: mine.values().cloned().collect(),
-                    nums: mine.keys().copied().collect(),
-                    elsewhere,
-                };
+                o.mine = mine.values().cloned().collect();
+                o.nums = mine.keys().copied().collect();
+                o.elsewhere = elsewhere;
             }
         }
     }

@@ -306,7 +306,7 @@ impl Broker {
         let ownership = match &cluster {
             Some(settings) => {
                 store.fences().enable(&settings.broker_id);
-                Ownership::shared()
+                Ownership::shared(&settings.broker_id)
             }
             None => Ownership::everything(),
         };

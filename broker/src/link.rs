@@ -526,7 +526,7 @@ impl Connection {
             }
         };
         if let Some(g) = &group {
-            match ctx.ownership.owner(g) {
+            match ctx.ownership.locate(&ctx.store, g).await {
                 Owner::Here => {}
                 Owner::At(address) => {
                     return Err(redirect(&conn, &mut send, &resource, g, address).await)

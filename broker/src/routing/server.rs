@@ -373,7 +373,7 @@ async fn decide(
         Ok(facts) => facts,
         Err(refused) => return Ok(refused),
     };
-    match inner.actors.ownership().owner(&group) {
+    match inner.actors.ownership().locate(&inner.store, &group).await {
         Owner::Here => {}
         // Admission happens at the group's owner, so its limits hold
         // across the brokers.

@@ -362,6 +362,30 @@ impl Store {
         })
         .await
     }
+
+    /// Who owns group `name` now, by its live lease; `None` when the group
+    /// is unknown or gone.
+    pub async fn owner_of(&self, name: &str) -> Result<Option<GroupOwner>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |c| {
+            let now = db_now(c)?;
+            let row = c.query_opt::<(String, Option<String>, Option<String>, Option<i64>)>(
+                "SELECT g.name, l.owner, b.address, l.epoch
+                 FROM groups g
+                 LEFT JOIN group_leases l ON l.group_num = g.num AND l.expires_at > ?2
+                 LEFT JOIN brokers b ON b.id = l.owner
+                 WHERE g.name = ?1 AND g.status != 'gone'",
+                args![name, now],
+            )?;
+            Ok(row.map(|(group, owner, address, epoch)| GroupOwner {
+                group,
+                owner,
+                address,
+                epoch,
+            }))
+        })
+        .await
+    }
 }
 
 /// Who owns a group now.
