@@ -104,6 +104,10 @@ pub enum LinkError {
     #[error("{message}; connecting there")]
     Redirected { address: String, message: String },
     #[error(
+        "the broker at {address} did not answer within {after:?}; trying the next configured broker"
+    )]
+    NoAnswer { address: String, after: Duration },
+    #[error(
         "the broker's certificate is not valid for broker_name \"{name}\" ({detail}): \
          broker_name must be a DNS name in the broker's certificate (the --broker-name of \
          `ferryctl pki init`)"
@@ -178,6 +182,12 @@ const NOT_OWNER_WAIT: Duration = Duration::from_secs(1);
 /// database failing over or restarting): back soon, and the events wait.
 const STORE_UNAVAILABLE_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a handshake may take when other brokers are configured: a
+/// broker that does not answer (stopped, paused, cut off) is given up for
+/// the next one instead of waiting out the idle timeout (30 s). With one
+/// broker there is nothing else to try and the handshake takes its time.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
+
 /// The brokers the agent connects to: the configured ones in turn, and the
 /// one a broker sent it to.
 #[derive(Debug, Default)]
@@ -188,21 +198,53 @@ pub struct Targets {
     redirect: Option<String>,
     /// Redirects followed since the last `Welcome`.
     hops: u32,
+    /// The address of the connection under way.
+    current: Option<String>,
+    /// The address whose connection failed last: the next pick passes it
+    /// over when another broker is configured (a broker that died is not
+    /// tried again at once, even when it was its turn).
+    failed: Option<String>,
 }
 
 impl Targets {
     /// The address of the next connection.
     fn pick(&mut self, config: &AgentConfig) -> String {
-        if let Some(addr) = self.redirect.take() {
-            return addr;
-        }
-        let all = 1 + config.brokers.len();
-        let i = self.next % all;
-        match i.checked_sub(1).and_then(|i| config.brokers.get(i)) {
-            Some(addr) => addr.clone(),
-            None => config.broker_addr.clone(),
-        }
+        let addr = match self.redirect.take() {
+            Some(addr) => addr,
+            None => {
+                let all = 1 + config.brokers.len();
+                let configured = |i: usize| match (i % all).checked_sub(1) {
+                    Some(i) => config.brokers.get(i).unwrap_or(&config.broker_addr),
+                    None => &config.broker_addr,
+                };
+                let skip = (0..all)
+                    .find(|k| self.failed.as_deref() != Some(configured(self.next + k).as_str()))
+                    .unwrap_or(0);
+                self.next = (self.next + skip) % all;
+                configured(self.next).clone()
+            }
+        };
+        self.current = Some(addr.clone());
+        addr
     }
+
+    /// The connection to the current target failed or was refused: the
+    /// next one goes to the next configured broker.
+    fn failed(&mut self) {
+        self.failed = self.current.take();
+        self.next += 1;
+    }
+
+    /// A broker welcomed the agent.
+    fn welcomed(&mut self) {
+        self.hops = 0;
+        self.failed = None;
+    }
+}
+
+/// The handshake's time limit under `config` (see [`HANDSHAKE_LIMIT`]).
+fn handshake_limit(config: &AgentConfig) -> Option<Duration> {
+    (!config.brokers.is_empty()).then_some(HANDSHAKE_LIMIT)
 }
 
 impl Link {
@@ -232,7 +274,7 @@ impl Link {
                     tracing::warn!(%address, hops = t.hops,
                         "brokers keep redirecting; backing off before trying again");
                     t.hops = 0;
-                    t.next += 1;
+                    t.failed();
                     drop(t);
                     self.status.send_modify(|s| {
                         s.last_error = Some(format!("{message} (too many redirects)"))
@@ -243,7 +285,7 @@ impl Link {
                         result_code = Some(r.code);
                     }
                     // The next attempt goes to the next configured broker.
-                    self.targets().next += 1;
+                    self.targets().failed();
                     if e.is_config_problem() {
                         tracing::error!(error = %e, "broker link refused: check the agent's configuration and certificate");
                     } else {
@@ -289,16 +331,27 @@ impl Link {
         let (tls, name_check) = self.current_tls();
         let connecting = endpoint.connect_with(tls, addr, &self.config.broker_name)?;
         name_check.take();
+        let limit = handshake_limit(&self.config);
+        let handshake = async move {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, connecting).await.ok(),
+                None => Some(connecting.await),
+            }
+        };
         let conn = tokio::select! {
             _ = shutdown.cancelled() => return Err(LinkError::Shutdown),
-            c = connecting => match c {
-                Ok(conn) => conn,
-                Err(e) => return Err(match name_check.take() {
+            c = handshake => match c {
+                Some(Ok(conn)) => conn,
+                Some(Err(e)) => return Err(match name_check.take() {
                     Some(detail) => LinkError::BrokerName {
                         name: self.config.broker_name.clone(),
                         detail,
                     },
                     None => e.into(),
+                }),
+                None => return Err(LinkError::NoAnswer {
+                    address: target,
+                    after: limit.unwrap_or(HANDSHAKE_LIMIT),
                 }),
             },
         };
@@ -471,7 +524,7 @@ impl Link {
         };
         self.accept_welcome(&welcome, spool_id).await?;
         *attempt = 0;
-        self.targets().hops = 0;
+        self.targets().welcomed();
         tracing::info!(
             broker_version = %welcome.broker_version,
             last_recorded_seq = welcome.last_recorded_seq,
@@ -877,33 +930,6 @@ async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
 mod tests {
     use super::*;
 
-    fn with_brokers(brokers: &[&str]) -> AgentConfig {
-        let mut text =
-            String::from("resource = \"h1\"\nbroker_addr = \"a:1\"\nbroker_name = \"broker\"\n");
-        text.push_str(&format!("brokers = {brokers:?}\n"));
-        AgentConfig::from_toml(&text, std::path::Path::new("agent.toml")).expect("config")
-    }
-
-    #[test]
-    fn the_configured_brokers_are_tried_in_turn_and_a_redirect_goes_first() {
-        let config = with_brokers(&["b:2", "c:3"]);
-        let mut t = Targets::default();
-        assert_eq!(t.pick(&config), "a:1");
-        t.next += 1;
-        assert_eq!(t.pick(&config), "b:2");
-        t.redirect = Some("owner:9".into());
-        assert_eq!(t.pick(&config), "owner:9", "a redirect is followed first");
-        assert_eq!(t.pick(&config), "b:2", "once");
-        t.next += 2;
-        assert_eq!(t.pick(&config), "a:1", "round and round");
-        let alone = with_brokers(&[]);
-        let mut t = Targets::default();
-        for _ in 0..3 {
-            assert_eq!(t.pick(&alone), "a:1");
-            t.next += 1;
-        }
-    }
-
     #[test]
     fn config_problems_are_told_apart() {
         let refused = |code| {
@@ -922,5 +948,55 @@ mod tests {
         }
         .is_config_problem());
         assert!(!LinkError::Closed.is_config_problem());
+    }
+
+    fn config(brokers: &[&str]) -> AgentConfig {
+        let list: Vec<String> = brokers.iter().map(|b| format!("{b:?}")).collect();
+        let text = format!(
+            "resource = \"host-1\"\nbroker_addr = \"b0:7443\"\nbrokers = [{}]\n",
+            list.join(", ")
+        );
+        AgentConfig::from_toml(&text, std::path::Path::new("agent.toml")).expect("valid")
+    }
+
+    #[test]
+    fn the_configured_brokers_are_tried_in_turn_and_a_redirect_goes_first() {
+        let c = config(&["b1:7443", "b2:7443"]);
+        let mut t = Targets::default();
+        assert_eq!(t.pick(&c), "b0:7443");
+        t.failed();
+        assert_eq!(t.pick(&c), "b1:7443");
+        t.redirect = Some("b2:7443".into());
+        assert_eq!(t.pick(&c), "b2:7443");
+        t.welcomed();
+        t.failed();
+        assert_eq!(t.pick(&c), "b0:7443");
+    }
+
+    #[test]
+    fn a_broker_that_just_failed_is_passed_over_even_in_its_turn() {
+        let c = config(&["b1:7443", "b2:7443"]);
+        let mut t = Targets::default();
+        assert_eq!(t.pick(&c), "b0:7443");
+        // b0 sent the agent to b1, the owner, which then died: the next
+        // turn would be b1's, but b2 is tried first.
+        t.redirect = Some("b1:7443".into());
+        assert_eq!(t.pick(&c), "b1:7443");
+        t.failed();
+        assert_eq!(t.pick(&c), "b2:7443");
+        // b2 sends it to b1 again (its lease has not expired yet), which
+        // still does not answer: b0 next, not b1.
+        t.redirect = Some("b1:7443".into());
+        assert_eq!(t.pick(&c), "b1:7443");
+        t.failed();
+        assert_eq!(t.pick(&c), "b0:7443");
+        // Alone, a broker is tried again.
+        let alone = config(&[]);
+        let mut t = Targets::default();
+        assert_eq!(t.pick(&alone), "b0:7443");
+        t.failed();
+        assert_eq!(t.pick(&alone), "b0:7443");
+        assert_eq!(handshake_limit(&alone), None);
+        assert_eq!(handshake_limit(&c), Some(HANDSHAKE_LIMIT));
     }
 }
