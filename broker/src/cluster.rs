@@ -35,6 +35,13 @@ use crate::store::{GroupOwner, LeaseChange, LeaseView, Store, StoreError};
 /// Default lease time.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 
+/// How many lease times a broker that was silent past its lease (paused,
+/// cut off from the database) takes no group, while heard from: the groups
+/// taken over meanwhile stay with their new owners instead of coming back
+/// at once (and again at each pause of a flaky broker), and its share
+/// comes back to it once it has been steady that long.
+pub const SETTLE_LEASES: u32 = 5;
+
 /// Who this broker is among those sharing its database.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSettings {
@@ -107,6 +114,14 @@ pub fn plan(me: &str, view: &LeaseView, lease_ms: i64) -> Vec<LeaseChange> {
         }
     }
     changes
+}
+
+/// Whether a broker other than `me` is live and takes groups in `view`: a
+/// broker back from silence settles only while another one serves.
+pub fn others_serve(me: &str, view: &LeaseView, lease_ms: i64) -> bool {
+    view.brokers
+        .iter()
+        .any(|b| b.id != me && !b.leaving && b.seen_at > view.now - lease_ms)
 }
 
 /// Which groups this broker owns, and where the others' owners are: what
@@ -292,21 +307,51 @@ pub async fn keep_leases(
     let period = settings.lease / 3;
     // Until the first renewal, nothing is owned.
     let mut valid_until = Instant::now();
+    // When the last turn that reached the database started.
+    let mut last_turn: Option<Instant> = None;
+    // Back from silence: takes no group until then (see SETTLE_LEASES).
+    let mut settle_until: Option<Instant> = None;
     loop {
         let started = Instant::now();
+        if last_turn.is_some_and(|t| started.duration_since(t) > settings.lease) {
+            let settle = settings.lease * SETTLE_LEASES;
+            tracing::warn!(
+                ?settle,
+                "this broker was silent past its lease (paused, or cut off \
+                from the database): the groups it lost stay with the brokers that took them, \
+                and it takes none for a while"
+            );
+            settle_until = Some(started + settle);
+        }
+        let settling = settle_until.is_some_and(|until| started < until);
         let turn = tokio::time::timeout(period.max(Duration::from_millis(100)), async {
-            let view = store
-                .lease_view(&settings.broker_id, &settings.advertise, false)
+            // Settling, it says it is leaving: the others take its groups
+            // and hand it none.
+            let mut view = store
+                .lease_view(&settings.broker_id, &settings.advertise, settling)
                 .await?;
+            let alone = settling && !others_serve(&settings.broker_id, &view, lease_ms);
+            if alone {
+                // Nobody else serves the groups: this broker does.
+                for b in view.brokers.iter_mut() {
+                    if b.id == settings.broker_id {
+                        b.leaving = false;
+                    }
+                }
+            }
             let changes = plan(&settings.broker_id, &view, lease_ms);
             let held = store
                 .apply_leases(&settings.broker_id, lease_ms, changes)
                 .await?;
-            Ok::<_, StoreError>((view, held))
+            Ok::<_, StoreError>((view, held, alone))
         })
         .await;
         match turn {
-            Ok(Ok((view, held))) => {
+            Ok(Ok((view, held, alone))) => {
+                last_turn = Some(started);
+                if alone {
+                    settle_until = None;
+                }
                 valid_until = started + settings.lease - settings.lease / 5;
                 let names: BTreeMap<i64, String> = view.groups.iter().cloned().collect();
                 let addresses: BTreeMap<&str, &str> = view
@@ -509,6 +554,37 @@ mod tests {
         assert!(!plan("b", &v, 10_000)
             .iter()
             .any(|c| matches!(c, LeaseChange::Acquire { group_num, .. } if *group_num == num)));
+    }
+
+    #[test]
+    fn a_broker_back_from_silence_settles_only_while_another_serves() {
+        let mut settling = broker("a", 100_000);
+        settling.leaving = true;
+        let others = |b: Vec<BrokerRow>| {
+            let mut all = vec![settling.clone()];
+            all.extend(b);
+            others_serve("a", &view(all, vec![], 1), 10_000)
+        };
+        assert!(others(vec![broker("b", 99_000)]));
+        assert!(!others(vec![]));
+        // Silent, or settling too: nobody serves.
+        let mut leaving = broker("b", 100_000);
+        leaving.leaving = true;
+        assert!(!others(vec![broker("b", 89_000)]));
+        assert!(!others(vec![leaving]));
+        // A settling broker takes nothing and gives back what it holds.
+        let v = view(
+            vec![settling.clone(), broker("b", 100_000)],
+            vec![lease(1, Some("a"), 2, 105_000)],
+            3,
+        );
+        assert_eq!(
+            plan("a", &v, 10_000),
+            vec![LeaseChange::Release {
+                group_num: 1,
+                epoch: 2
+            }]
+        );
     }
 
     #[test]
