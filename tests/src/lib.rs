@@ -9,6 +9,7 @@
 //!   fails, plus helpers to run `ferryctl` and `ferry-agent` verbs.
 //! - [`bins`]: locate (and if needed build) the real `ferry-broker`, `ferry-agent` and
 //!   `ferryctl` binaries, for tests that run them as an operator would.
+//! - [`cluster`]: several broker processes sharing one PostgreSQL database.
 //! - [`notify`]: a fake systemd `NOTIFY_SOCKET` that records what a daemon says.
 //! - [`fuzz`]: one target per decoder of outside data, with the promises it checks.
 //! - [`lossy`]: a seeded UDP proxy that drops, duplicates, reorders and delays
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod bins;
+pub mod cluster;
 pub mod fuzz;
 pub mod harness;
 pub mod lossy;
