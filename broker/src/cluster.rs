@@ -311,6 +311,8 @@ pub async fn keep_leases(
     let mut last_turn: Option<Instant> = None;
     // Back from silence: takes no group until then (see SETTLE_LEASES).
     let mut settle_until: Option<Instant> = None;
+    // Each live group's mark at the last turn (see `Store::group_marks`).
+    let mut marks: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let started = Instant::now();
         if last_turn.is_some_and(|t| started.duration_since(t) > settings.lease) {
@@ -343,11 +345,12 @@ pub async fn keep_leases(
             let held = store
                 .apply_leases(&settings.broker_id, lease_ms, changes)
                 .await?;
-            Ok::<_, StoreError>((view, held, alone))
+            let marks = store.group_marks().await?;
+            Ok::<_, StoreError>((view, held, alone, marks))
         })
         .await;
         match turn {
-            Ok(Ok((view, held, alone))) => {
+            Ok(Ok((view, held, alone, new_marks))) => {
                 last_turn = Some(started);
                 if alone {
                     settle_until = None;
@@ -379,7 +382,26 @@ pub async fn keep_leases(
                     }
                 }
                 store.fences().set(held);
+                // Groups kept whose row changed (an operator's verb through
+                // another broker, which could not tell this one's actors).
+                let changed: Vec<GroupName> = ownership
+                    .mine()
+                    .into_iter()
+                    .filter(|g| mine.values().any(|m| m == g))
+                    .filter(|g| {
+                        marks
+                            .get(g.as_str())
+                            .is_some_and(|m| new_marks.get(g.as_str()) != Some(m))
+                    })
+                    .collect();
+                marks = new_marks;
                 owned.change(mine, elsewhere).await;
+                for group in changed {
+                    tracing::info!(%group, "group changed: its actor follows");
+                    if let Err(e) = actors.sync(group.as_str()).await {
+                        tracing::warn!(%group, error = %e, "follow a change of an owned group");
+                    }
+                }
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "renew group leases"),
             Err(_) => tracing::warn!(?period, "renew group leases: the database did not answer"),

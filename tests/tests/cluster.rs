@@ -248,7 +248,8 @@ async fn agent(cluster: &Cluster, resource: &str, group: &str) -> anyhow::Result
 /// Six groups on three brokers: each has one owner, they spread, agents
 /// configured with one broker end up at their group's owner and are
 /// acknowledged, a user asking another broker is sent to the owner and
-/// admitted, and every broker lists every group.
+/// admitted, an operator's change made through another broker reaches the
+/// owner, and every broker lists every group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
 ) -> anyhow::Result<()> {
@@ -260,10 +261,11 @@ async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
     let b0 = cluster.member("b0")?;
     let groups: Vec<String> = (1..=6).map(|n| format!("g{n}")).collect();
     let pw = create_user(&b0.files.admin_socket, tmp.path(), "alice").await?;
+    let pw_bob = create_user(&b0.files.admin_socket, tmp.path(), "bob").await?;
     for g in &groups {
-        // Room for the agent's probe session and one user.
-        let mut p = policy("1", "2");
-        p.extend(["--user", "alice"]);
+        // Room for one user.
+        let mut p = policy("1", "1");
+        p.extend(["--user", "alice", "--user", "bob"]);
         publish_payg(&b0.files.admin_socket, g, &p).await?;
     }
     let owned = wait_leases(pg, &url, "every group owned", |l| all_owned(l, &groups)).await?;
@@ -274,7 +276,10 @@ async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
     for g in &groups {
         let resource = format!("host-{g}");
         let a = agent(&cluster, &resource, g).await?;
-        a.start_session(&format!("probe-{g}"), "probe").await?;
+        let probe = format!("probe-{g}");
+        a.start_session(&probe, "probe").await?;
+        a.cli(&["session", "end", "--session", &probe, "--reason", "logout"])
+            .await?;
         let s = a.wait_synced().await?;
         assert_eq!(s["acked_seq"], s["last_seq"], "{s}");
         agents.push(a);
@@ -306,6 +311,29 @@ async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["admitted"], true, "{v}");
     assert_eq!(v["resource"], format!("host-{g}"), "{v}");
+    // The group is full; the operator gives each resource a second session
+    // through a broker that does not own the group, and its owner follows
+    // (within a lease turn).
+    let (code, v) = connect(&other.addr.to_string(), &ca, g, "bob", &pw_bob).await?;
+    at_capacity(code, &v);
+    ferryctl_json(
+        &other.files.admin_socket,
+        &["group", "update-policy", g, "--concurrent-sessions", "2"],
+    )
+    .await?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (code, v) = connect(&other.addr.to_string(), &ca, g, "bob", &pw_bob).await?;
+        if code == Some(0) {
+            assert_eq!(v["admitted"], true, "{v}");
+            break;
+        }
+        at_capacity(code, &v);
+        if Instant::now() > deadline {
+            bail!("the owner of {g} never followed the new policy: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Every broker lists every group.
     for m in &cluster.brokers {
         let v = ferryctl_json(&m.files.admin_socket, &["group", "list"]).await?;

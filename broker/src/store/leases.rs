@@ -14,7 +14,7 @@
 //! a broker taking the lease over waits for that transaction and any write
 //! after the takeover is refused ([`StoreError::Fenced`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use crate::store::sql::{args, Db};
@@ -359,6 +359,25 @@ impl Store {
                     epoch,
                 })
                 .collect())
+        })
+        .await
+    }
+
+    /// A mark of each live group's row (name → the columns its actor
+    /// follows, as text): a mark that changed tells the group's owner that
+    /// an operator changed the group, possibly through another broker.
+    pub async fn group_marks(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.read(|c| {
+            let rows = c.query::<(String, String)>(
+                "SELECT name,
+                        CAST(updated_at AS TEXT) || '|' || CAST(policy_version AS TEXT) || '|'
+                        || status || '|' || CAST(base_resources AS TEXT) || '|' || image || '|'
+                        || COALESCE(CAST(expires_at AS TEXT), '') || '|'
+                        || CAST(auto_renew AS TEXT) || '|' || policy
+                 FROM groups WHERE status != 'gone'",
+                args![],
+            )?;
+            Ok(rows.into_iter().collect())
         })
         .await
     }
