@@ -284,6 +284,17 @@ async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
         assert_eq!(s["acked_seq"], s["last_seq"], "{s}");
         agents.push(a);
     }
+    // Every event is recorded once, whichever broker is asked.
+    for m in &cluster.brokers {
+        let status = ferryctl_json(&m.files.admin_socket, &["status"]).await?;
+        assert_eq!(
+            status["events_recorded"],
+            2 * groups.len(),
+            "{}: {status}",
+            m.id
+        );
+        assert_eq!(status["open_sessions"], 0, "{}: {status}", m.id);
+    }
     // Each agent is connected to its group's owner, and to no other broker.
     let owned = leases(pg, &url).await?;
     for g in &groups {
@@ -696,6 +707,7 @@ async fn a_paused_owner_is_fenced_off_and_steps_down_when_it_resumes() -> anyhow
     a.wait_synced().await?;
     wait_connected(&new_socket, "host-p").await?;
     let followed = taken.elapsed();
+    eprintln!("the agent reached the new owner {followed:?} after the takeover");
     assert!(
         followed < ferry_agent::link::HANDSHAKE_LIMIT * 2 + LEASE,
         "the agent reached the new owner {followed:?} after the takeover"
