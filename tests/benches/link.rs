@@ -37,7 +37,7 @@ use ferry_common::frame::{self, PreambleReply};
 use ferry_common::limits::MAX_FRAME_LEN;
 use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, EndReason, Hello, HostFacts,
-    SequencedEvent, SessionEvent,
+    RefusalCode, SequencedEvent, SessionEvent,
 };
 use ferry_common::{ResourceId, UnixMillis, PROTOCOL_VERSION};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -45,6 +45,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+#[path = "link/cluster.rs"]
+mod cluster;
 
 /// Argument that turns this binary into the echo server child process.
 const ECHO_FLAG: &str = "--echo-server";
@@ -55,6 +58,14 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// Handshakes in flight at once when connecting many agents: enough to keep
 /// both cores busy, few enough that no handshake times out on a slow machine.
 const CONNECT_CONCURRENCY: usize = 32;
+
+/// Redirects a benchmark agent follows in a row, like the real agent.
+const MAX_REDIRECTS: u32 = 4;
+
+/// Times a benchmark agent comes back when no broker owns its group yet,
+/// and the pause before each (together longer than a lease renewal period).
+const MAX_NOT_OWNER: u32 = 100;
+const NOT_OWNER_PAUSE: Duration = Duration::from_millis(100);
 
 /// Lines of a child's stderr kept to explain a failure.
 const STDERR_TAIL: usize = 40;
@@ -155,6 +166,12 @@ fn main() -> Result<()> {
     if store_only {
         return runtime.block_on(run_store_only(plan, quick));
     }
+    if args.iter().any(|a| a == "--cluster") {
+        return runtime.block_on(cluster::throughput(plan, quick));
+    }
+    if args.iter().any(|a| a == "--failover") {
+        return runtime.block_on(cluster::failover(quick));
+    }
     runtime.block_on(run(plan, quick))
 }
 
@@ -168,6 +185,10 @@ usage: cargo bench -p ferry-tests --bench link [-- ARGS]
   --store-only    figure 4 only (store group commit, 64 and 512 writers)
   --store-profile WRITERS MAX_BATCH SECONDS
                   one store configuration alone, for a profiler (not a figure)
+  --cluster       figure 5: events/s through 1, 2 and 3 brokers sharing a PostgreSQL
+                  store, against one broker on SQLite and the quinn echo
+  --failover      figure 6: from SIGKILL of a group's owner to the first admission
+                  by the broker that takes the group over
   --quick         a small, fast version (also FERRY_BENCH_QUICK=1); figures meaningless
   --help          this text";
 
@@ -689,6 +710,7 @@ async fn start_broker(
     bin: &Path,
     root: &Path,
     pki_dir: &Path,
+    extra_config: &str,
     tracker: &TaskTracker,
 ) -> Result<Server> {
     std::fs::create_dir_all(root).context("create broker dir")?;
@@ -702,6 +724,7 @@ async fn start_broker(
         pki_dir.display().to_string(),
         admin_socket.display().to_string(),
     );
+    let config = format!("{config}{extra_config}");
     let config_path = root.join("broker.toml");
     std::fs::write(&config_path, config).context("write broker config")?;
     // Readiness and the bound address come from the READY=1 notification, as
@@ -814,6 +837,8 @@ struct Link {
     acks: mpsc::Receiver<AckMsg>,
     /// Sequence number of the next event.
     next_seq: u64,
+    /// Redirects followed to reach the broker that welcomed it.
+    redirects: u32,
 }
 
 fn client_endpoints(n: usize) -> Result<Vec<quinn::Endpoint>> {
@@ -834,13 +859,17 @@ async fn connect(
     window: usize,
     tracker: TaskTracker,
 ) -> Result<Link> {
-    let conn = endpoint
-        .connect_with(config, addr, "localhost")?
-        .await
-        .context("QUIC handshake")?;
-    let (mut send, mut recv) = conn.open_bi().await.context("open stream")?;
-    let mut next_seq = 1;
-    if kind == Kind::Broker {
+    let mut addr = addr;
+    let (mut redirects, mut not_owner) = (0, 0);
+    let (conn, send, recv, next_seq) = loop {
+        let conn = endpoint
+            .connect_with(config.clone(), addr, "localhost")?
+            .await
+            .context("QUIC handshake")?;
+        let (mut send, mut recv) = conn.open_bi().await.context("open stream")?;
+        if kind == Kind::Echo {
+            break (conn, send, recv, 1);
+        }
         send.write_all(&frame::preamble(PROTOCOL_VERSION)).await?;
         match PreambleReply::read(&mut recv).await? {
             PreambleReply::Accepted { .. } => {}
@@ -850,11 +879,31 @@ async fn connect(
         frame::write_message(&mut send, &hello, MAX_FRAME_LEN).await?;
         match frame::read_message::<BrokerMessage, _>(&mut recv, MAX_FRAME_LEN).await? {
             Some(BrokerMessage::V1(BrokerToAgent::Welcome(w))) => {
-                next_seq = w.last_recorded_seq + 1;
+                break (conn, send, recv, w.last_recorded_seq + 1);
+            }
+            // Brokers sharing a store: the group's owner is elsewhere. A real
+            // agent follows at most `MAX_REDIRECTS` in a row; so does this one.
+            Some(BrokerMessage::V1(BrokerToAgent::Redirect { address, .. }))
+                if redirects < MAX_REDIRECTS =>
+            {
+                conn.close(0u32.into(), b"redirected");
+                redirects += 1;
+                addr = address
+                    .parse()
+                    .with_context(|| format!("{resource}: redirect to {address:?}"))?;
+            }
+            // No broker holds the group's lease yet (brokers that just
+            // started, a hand-over): a real agent comes back; so does this one.
+            Some(BrokerMessage::V1(BrokerToAgent::Refused(r)))
+                if r.code == RefusalCode::NotOwner && not_owner < MAX_NOT_OWNER =>
+            {
+                conn.close(0u32.into(), b"nobody owns the group yet");
+                not_owner += 1;
+                tokio::time::sleep(NOT_OWNER_PAUSE).await;
             }
             other => bail!("{resource}: expected Welcome, got {other:?}"),
         }
-    }
+    };
     // A window's worth of acks (plus a refusal) always fits.
     let (tx, acks) = mpsc::channel(window + 2);
     tracker.spawn(read_acks(recv, kind, tx));
@@ -863,6 +912,7 @@ async fn connect(
         send,
         acks,
         next_seq,
+        redirects,
     })
 }
 
@@ -879,6 +929,9 @@ async fn read_acks(mut recv: quinn::RecvStream, kind: Kind, tx: mpsc::Sender<Ack
                     }
                     // Sent once after Welcome (the ticket key); not an ack.
                     Ok(Some(BrokerMessage::V1(BrokerToAgent::TicketKey { .. }))) => continue,
+                    // A group's agents get its policy once after Welcome; the
+                    // benchmark agents leave it unanswered (not part of the figure).
+                    Ok(Some(BrokerMessage::V1(BrokerToAgent::Command { .. }))) => continue,
                     Ok(Some(BrokerMessage::V1(other))) => Err(format!("broker sent {other:?}")),
                     Ok(None) => Err("broker closed the stream".into()),
                     Err(e) => Err(format!("read from broker: {e}")),
@@ -1101,6 +1154,7 @@ async fn throughput(
         broker_bin,
         &root.join("broker-throughput"),
         pki_dir,
+        "",
         tracker,
     )
     .await?;
@@ -1197,7 +1251,14 @@ async fn memory(
     ids: &[Identity],
     tracker: &TaskTracker,
 ) -> Result<Memory> {
-    let broker = start_broker(broker_bin, &root.join("broker-memory"), pki_dir, tracker).await?;
+    let broker = start_broker(
+        broker_bin,
+        &root.join("broker-memory"),
+        pki_dir,
+        "",
+        tracker,
+    )
+    .await?;
     let idle_kib = broker.rss_kib()?;
     let endpoints = client_endpoints(plan.client_endpoints)?;
     let ids = &ids[..plan.memory_agents];
