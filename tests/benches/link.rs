@@ -15,6 +15,9 @@
 //!    per record (`max_batch` = 1) under concurrent writers: 64 (figure of issue
 //!    2) and 512 (a fleet of many agents), both configurations interleaved.
 //!
+//! 5. and 6. (`--cluster`, `--failover`): brokers sharing a PostgreSQL store;
+//!    see `link/cluster.rs`.
+//!
 //! `FERRY_BENCH_QUICK=1` (or the argument `--quick`) runs a small version in a few
 //! seconds, to check the benchmark itself works. `--store-only` runs only figure
 //! 4 (no broker binary, no certificates); `--help` lists the arguments. Every loop is bounded by a count
