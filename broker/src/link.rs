@@ -322,15 +322,27 @@ async fn refuse(
         code,
         message: message.clone(),
     }));
+    last_word(conn, send, &msg, format!("{code:?}").as_bytes()).await;
+    LinkError::Refused { code, message }
+}
+
+/// Sends `msg`, the broker's last word on this connection, waits (at
+/// most [`REFUSAL_LINGER`] each) until it is written and taken, and closes
+/// the connection with `reason`.
+async fn last_word(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    msg: &BrokerMessage,
+    reason: &[u8],
+) {
     let _ = timeout(
         REFUSAL_LINGER,
-        frame::write_message(send, &msg, MAX_FRAME_LEN),
+        frame::write_message(send, msg, MAX_FRAME_LEN),
     )
     .await;
     let _ = send.finish();
     let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
-    conn.close(close_code::REFUSED.into(), format!("{code:?}").as_bytes());
-    LinkError::Refused { code, message }
+    conn.close(close_code::REFUSED.into(), reason);
 }
 
 /// Sends the agent of group `group` to the broker at `address`, which owns
@@ -348,14 +360,7 @@ async fn redirect(
         address: truncate(address),
         message: message.clone(),
     });
-    let _ = timeout(
-        REFUSAL_LINGER,
-        frame::write_message(send, &msg, MAX_FRAME_LEN),
-    )
-    .await;
-    let _ = send.finish();
-    let _ = timeout(REFUSAL_LINGER, send.stopped()).await;
-    conn.close(close_code::REFUSED.into(), b"Redirect");
+    last_word(conn, send, &msg, b"Redirect").await;
     LinkError::Refused {
         code: RefusalCode::NotOwner,
         message,

@@ -130,6 +130,22 @@ fn db_now(c: &Db) -> Result<i64, StoreError> {
     )
 }
 
+/// Every broker's row, by id.
+fn broker_rows(c: &Db) -> Result<Vec<BrokerRow>, StoreError> {
+    Ok(c.query::<(String, String, i64, i64)>(
+        "SELECT id, address, seen_at, leaving FROM brokers ORDER BY id",
+        args![],
+    )?
+    .into_iter()
+    .map(|(id, address, seen_at, leaving)| BrokerRow {
+        id,
+        address,
+        seen_at,
+        leaving: leaving != 0,
+    })
+    .collect())
+}
+
 /// Checks, in the caller's transaction, that this broker holds group
 /// `num`'s lease at its epoch, and keeps the lease row from changing owner
 /// until the transaction ends. Without fencing it checks nothing.
@@ -197,19 +213,7 @@ impl Store {
                      leaving = excluded.leaving",
                 args![id, address, now, leaving],
             )?;
-            let brokers = c
-                .query::<(String, String, i64, i64)>(
-                    "SELECT id, address, seen_at, leaving FROM brokers ORDER BY id",
-                    args![],
-                )?
-                .into_iter()
-                .map(|(id, address, seen_at, leaving)| BrokerRow {
-                    id,
-                    address,
-                    seen_at,
-                    leaving: leaving != 0,
-                })
-                .collect();
+            let brokers = broker_rows(c)?;
             let groups = c.query::<(i64, String)>(
                 "SELECT num, name FROM groups WHERE status != 'gone' ORDER BY num",
                 args![],
@@ -319,19 +323,7 @@ impl Store {
     pub async fn brokers(&self) -> Result<(i64, Vec<BrokerRow>), StoreError> {
         self.read(|c| {
             let now = db_now(c)?;
-            let brokers = c
-                .query::<(String, String, i64, i64)>(
-                    "SELECT id, address, seen_at, leaving FROM brokers ORDER BY id",
-                    args![],
-                )?
-                .into_iter()
-                .map(|(id, address, seen_at, leaving)| BrokerRow {
-                    id,
-                    address,
-                    seen_at,
-                    leaving: leaving != 0,
-                })
-                .collect();
+            let brokers = broker_rows(c)?;
             Ok((now, brokers))
         })
         .await
