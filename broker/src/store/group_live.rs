@@ -146,9 +146,7 @@ impl Store {
         billing: String,
         commit: GroupCommit,
     ) -> Result<(), StoreError> {
-        let fences = self.fences().clone();
-        self.exec(move |c| {
-            super::leases::check_fence(c, &fences, num)?;
+        self.exec_fenced(num, move |c| {
             for (at, kind, message) in &commit.notes {
                 event(c, num, *at, kind, message)?;
             }
@@ -283,7 +281,7 @@ impl Store {
         num: i64,
         now: UnixMillis,
     ) -> Result<u64, StoreError> {
-        self.exec(move |c| {
+        self.exec_fenced(num, move |c| {
             let n = c.execute(
                 "UPDATE resource_intervals SET released_at = MAX(ready_at, ?2)
                  WHERE group_num = ?1 AND kind = 'elastic' AND released_at IS NULL
@@ -308,7 +306,7 @@ impl Store {
         .await
     }
 
-    /// Records one event of group `num`.
+    /// Records one event of group `num` (by its owner).
     pub async fn group_event(
         &self,
         num: i64,
@@ -316,7 +314,8 @@ impl Store {
         kind: &'static str,
         message: String,
     ) -> Result<(), StoreError> {
-        self.exec(move |c| event(c, num, at, kind, &message)).await
+        self.exec_fenced(num, move |c| event(c, num, at, kind, &message))
+            .await
     }
 
     /// The newest `flagged` event of `resource` in group `num`, unless a
@@ -421,7 +420,7 @@ impl Store {
             kind,
             message,
         } = outcome;
-        self.exec(move |c| {
+        self.exec_fenced(num, move |c| {
             if applied {
                 c.execute(
                     "INSERT INTO resource_policy (group_num, resource, version, applied_at)

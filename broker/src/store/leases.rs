@@ -481,6 +481,12 @@ mod tests {
                 .await
                 .expect_err("fenced");
             assert!(matches!(e, StoreError::Fenced { group_num: 1 }), "{e}");
+            // Nor does any other write of the group's facts go in.
+            let e = a
+                .group_event(1, UnixMillis(1), "note", "late".into())
+                .await
+                .expect_err("fenced");
+            assert!(matches!(e, StoreError::Fenced { group_num: 1 }), "{e}");
             b.fences().enable("b");
             b.fences().set(Held::from([(1, 2)]));
             b.commit_group(1, "pay-as-you-go".into(), note())

@@ -515,6 +515,22 @@ impl Store {
             .await
     }
 
+    /// As [`Store::exec`], for a write of group `num`'s facts by its
+    /// owner: the transaction first checks this broker still holds the
+    /// group's lease at its epoch ([`leases::check_fence`]).
+    async fn exec_fenced<T: Send + 'static>(
+        &self,
+        num: i64,
+        f: impl FnOnce(&Db) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let fences = self.fences().clone();
+        self.exec(move |c| {
+            leases::check_fence(c, &fences, num)?;
+            f(c)
+        })
+        .await
+    }
+
     /// Makes the writer's connection refuse (`on`) or take writes again, as
     /// a read-only file system does (SQLite's `query_only`; PostgreSQL's
     /// read-only transactions).
