@@ -20,7 +20,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_common::frame::{
     preamble, read_message, write_message, FrameError, PreambleReply, VersionRefused,
@@ -188,6 +188,11 @@ const STORE_UNAVAILABLE_WAIT: Duration = Duration::from_secs(5);
 /// broker there is nothing else to try and the handshake takes its time.
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
 
+/// How long a broker that failed is not followed to by redirect when other
+/// brokers are configured: the agent asks them again instead, every
+/// [`NOT_OWNER_WAIT`] at most, until one of them holds the group.
+const SHUN_FAILED: Duration = Duration::from_secs(10);
+
 /// The brokers the agent connects to: the configured ones in turn, and the
 /// one a broker sent it to.
 #[derive(Debug, Default)]
@@ -204,6 +209,8 @@ pub struct Targets {
     /// over when another broker is configured (a broker that died is not
     /// tried again at once, even when it was its turn).
     failed: Option<String>,
+    /// When `failed` failed.
+    failed_at: Option<Instant>,
 }
 
 impl Targets {
@@ -231,7 +238,28 @@ impl Targets {
     /// The connection to the current target failed or was refused: the
     /// next one goes to the next configured broker.
     fn failed(&mut self) {
+        self.failed_at = Some(Instant::now());
         self.failed = self.current.take();
+        self.next += 1;
+    }
+
+    /// Whether a redirect to `address` at `now` is better not followed:
+    /// other brokers are configured and `address` failed less than
+    /// [`SHUN_FAILED`] ago. A killed owner's lease outlives it, and until
+    /// another broker takes the group the others keep sending its agents
+    /// there; each try would cost a [`HANDSHAKE_LIMIT`].
+    fn shuns(&self, address: &str, config: &AgentConfig, now: Instant) -> bool {
+        !config.brokers.is_empty()
+            && self.failed.as_deref() == Some(address)
+            && self
+                .failed_at
+                .is_some_and(|at| now.saturating_duration_since(at) < SHUN_FAILED)
+    }
+
+    /// A redirect not followed (see [`Targets::shuns`]): the next
+    /// connection goes to the next configured broker.
+    fn passed_over(&mut self) {
+        self.current = None;
         self.next += 1;
     }
 
@@ -239,6 +267,7 @@ impl Targets {
     fn welcomed(&mut self) {
         self.hops = 0;
         self.failed = None;
+        self.failed_at = None;
     }
 }
 
@@ -262,6 +291,15 @@ impl Link {
                 Err(LinkError::Renewed) => {
                     attempt = 0;
                     continue;
+                }
+                Err(LinkError::Redirected { address, message })
+                    if self.targets().shuns(&address, &self.config, Instant::now()) =>
+                {
+                    // Its owner died and its lease has not run out yet:
+                    // another broker takes the group within a lease.
+                    tracing::info!(%address, "{message}, which just failed: asking again shortly");
+                    self.targets().passed_over();
+                    result_code = Some(RefusalCode::NotOwner);
                 }
                 Err(LinkError::Redirected { address, message }) => {
                     let mut t = self.targets();
@@ -998,5 +1036,33 @@ mod tests {
         assert_eq!(t.pick(&alone), "b0:7443");
         assert_eq!(handshake_limit(&alone), None);
         assert_eq!(handshake_limit(&c), Some(HANDSHAKE_LIMIT));
+    }
+
+    #[test]
+    fn a_redirect_to_a_broker_that_just_failed_is_not_followed_for_a_while() {
+        let c = config(&["b1:7443", "b2:7443"]);
+        let mut t = Targets::default();
+        assert_eq!(t.pick(&c), "b0:7443");
+        t.failed();
+        let now = Instant::now();
+        // b0, the owner, died: b1 still sends the agent there.
+        assert_eq!(t.pick(&c), "b1:7443");
+        assert!(t.shuns("b0:7443", &c, now));
+        assert!(!t.shuns("b2:7443", &c, now), "a live owner is followed");
+        t.passed_over();
+        assert_eq!(t.pick(&c), "b2:7443", "the others are asked in turn");
+        t.passed_over();
+        assert_eq!(t.pick(&c), "b1:7443", "the failed one is passed over");
+        // Long after the failure, or once a broker welcomed the agent, a
+        // redirect there is followed again.
+        assert!(!t.shuns("b0:7443", &c, now + SHUN_FAILED));
+        t.welcomed();
+        assert!(!t.shuns("b0:7443", &c, now));
+        // With one broker configured, there is nothing else to ask.
+        let alone = config(&[]);
+        let mut t = Targets::default();
+        assert_eq!(t.pick(&alone), "b0:7443");
+        t.failed();
+        assert!(!t.shuns("b0:7443", &alone, now));
     }
 }
