@@ -93,6 +93,16 @@ pub enum Input {
         session: SessionId,
         resource: ResourceId,
     },
+    /// A reservation made before this engine existed (a broker restarted, or
+    /// another broker took the group over): its ticket is out and its
+    /// client not arrived. It holds its slot on `resource` as a placed
+    /// [`Input::Route`] does, until [`Input::Connected`] or
+    /// [`Input::Leave`]; like [`Input::Occupy`] it is counted even past the
+    /// resource's `concurrent_sessions`, and no decision is made for it.
+    Reserved {
+        session: SessionId,
+        resource: ResourceId,
+    },
 }
 
 /// What the engine decided.

@@ -779,7 +779,8 @@ impl Group {
                 Ok(())
             }
             Input::Available { resource } => self.available_again(now, &resource),
-            Input::Occupy { session, resource } => self.occupy(session, resource),
+            Input::Occupy { session, resource } => self.occupy(session, resource, true),
+            Input::Reserved { session, resource } => self.occupy(session, resource, false),
             Input::Policy(policy) => self.set_policy(policy),
         }
     }
@@ -849,7 +850,12 @@ impl Group {
 
     /// A session already running on `resource`, as its host reports it:
     /// counted even past `concurrent_sessions`.
-    fn occupy(&mut self, session: SessionId, resource: ResourceId) -> Result<(), EngineError> {
+    fn occupy(
+        &mut self,
+        session: SessionId,
+        resource: ResourceId,
+        connected: bool,
+    ) -> Result<(), EngineError> {
         if self.sessions.contains_key(&SessionKey::of(&session)) {
             return Err(EngineError::DuplicateSession(session));
         }
@@ -868,7 +874,7 @@ impl Group {
             SessionKey::of(&session),
             Slot::Placed {
                 resource: i,
-                connected: true,
+                connected,
             },
         );
         Ok(())
@@ -1233,6 +1239,34 @@ mod occupy_tests {
         g.handle(UnixMillis(4_000), Input::Leave { session: sid("s3") })
             .expect("leave");
         assert_eq!(g.resources()[0].occupancy, 2);
+    }
+
+    #[test]
+    fn a_restored_reservation_holds_its_slot_until_its_client_connects() {
+        let mut g = group(2, 1);
+        g.handle(
+            UnixMillis(0),
+            Input::Reserved {
+                session: sid("s1"),
+                resource: rid("b1"),
+            },
+        )
+        .expect("reserved");
+        assert_eq!(g.snapshot().sessions, 1);
+        assert_eq!(g.session_resource(&sid("s1")), Some(&rid("b1")));
+        assert!(g.drain_decisions().next().is_none());
+        g.handle(UnixMillis(1_000), Input::Connected { session: sid("s1") })
+            .expect("its client arrives");
+        assert_eq!(
+            g.handle(UnixMillis(1_000), Input::Connected { session: sid("s1") }),
+            Err(EngineError::NotReserved {
+                session: sid("s1"),
+                why: "it is already connected",
+            })
+        );
+        g.handle(UnixMillis(2_000), Input::Leave { session: sid("s1") })
+            .expect("leave");
+        assert_eq!(g.snapshot().sessions, 0);
     }
 
     #[test]
