@@ -495,6 +495,99 @@ async fn an_expired_ticket_is_refused_by_the_agent_and_its_unused_slot_is_freed(
     Ok(())
 }
 
+/// Polls `group`'s live view until `ok` holds.
+async fn wait_live(
+    f: &Fixture,
+    group: &str,
+    ok: impl Fn(&LiveGroupView) -> bool,
+) -> anyhow::Result<LiveGroupView> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let live = f.live(group).await?;
+        if ok(&live) {
+            return Ok(live);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{group} never got there: {live:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A ticket given out keeps its slot when the broker restarts before the
+/// ticket's client arrives (the reservation is written before the ticket
+/// is given): once the host is back, another user is still refused; the
+/// ticket's session takes its reserved slot; when it ends, the slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_reserved_by_a_ticket_survives_a_broker_restart() -> anyhow::Result<()> {
+    let mut f = fixture(
+        GroupShape {
+            name: "kept",
+            base: 1,
+            concurrent: 1,
+            wait_timeout_ms: 0,
+            session_type: SessionType::Independent,
+            users: &["alice", "bob"],
+        },
+        1,
+        wall_now(),
+        &[],
+    )
+    .await?;
+    key_ready(&f.agents[0]).await?;
+    let a = admitted(launch(&f.client().await?, "kept", "alice").await?)?;
+
+    f.broker.restart().await?;
+    // The host is back and takes sessions: only the reservation fills it.
+    wait_live(&f, "kept", |l| {
+        l.resources
+            .iter()
+            .any(|r| r.resource.as_str() == "h1" && r.available)
+    })
+    .await?;
+    let c = f.client().await?;
+    let (reason, message) = refusal(launch(&c, "kept", "bob").await?)?;
+    assert_eq!(reason, RouteRefusal::AtCapacity, "{message}");
+    let events = f.events("kept").await?;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "restored" && e.message.contains("1 reserved slot")),
+        "{events:?}"
+    );
+
+    // Alice's client arrives with the ticket of before: her reserved slot.
+    f.start_session(&a, "alice").await?;
+    let live = wait_live(&f, "kept", |l| {
+        l.resources.iter().any(|r| r.sessions.contains(&a.session))
+    })
+    .await?;
+    assert_eq!(
+        live.resources
+            .iter()
+            .map(|r| r.sessions.len())
+            .sum::<usize>(),
+        1
+    );
+    let events = f.events("kept").await?;
+    assert!(
+        !events.iter().any(|e| e.message.contains("was reserved on")),
+        "{events:?}"
+    );
+    let (reason, _) = refusal(launch(&c, "kept", "bob").await?)?;
+    assert_eq!(reason, RouteRefusal::AtCapacity);
+
+    f.agent("h1")?
+        .client()
+        .await?
+        .session_end(a.session.clone(), EndReason::Logout)
+        .await?;
+    f.agent("h1")?.wait_synced().await?;
+    let b = admitted(launch(&c, "kept", "bob").await?)?;
+    assert_eq!(b.resource.as_str(), "h1");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_name_their_reason_and_credentials_failures_say_the_same() -> anyhow::Result<()> {
     let f = fixture(

@@ -4,7 +4,7 @@
 //! actor starts from (which groups are live, what an earlier run left).
 
 use crate::store::sql::{args, columns, Db, OptionalExtension};
-use ferry_common::{ResourceId, SessionId, UnixMillis};
+use ferry_common::{ResourceId, SessionId, UnixMillis, UserId};
 
 use super::elastic::{write_ops as write_elastic, ElasticOp};
 use super::groups::event;
@@ -48,6 +48,24 @@ pub struct StoredRetention {
 #[derive(Clone, Debug)]
 pub enum RetainOp {
     Upsert(StoredRetention),
+    Delete(SessionId),
+}
+
+/// A slot reserved by a ticket whose client has not arrived, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredReservation {
+    pub session: SessionId,
+    /// The real resource the slot is on.
+    pub resource: ResourceId,
+    pub user: UserId,
+    /// When its ticket expires.
+    pub expires_at: UnixMillis,
+}
+
+/// A change of the reservations.
+#[derive(Clone, Debug)]
+pub enum ReservationOp {
+    Upsert(StoredReservation),
     Delete(SessionId),
 }
 
@@ -98,6 +116,7 @@ pub struct GroupCommit {
     pub elastic: Vec<ElasticOp>,
     pub disconnects: Vec<DisconnectOp>,
     pub retained: Vec<RetainOp>,
+    pub reservations: Vec<ReservationOp>,
     pub ends: Vec<BrokerEnd>,
 }
 
@@ -108,6 +127,7 @@ impl GroupCommit {
             && self.intervals.is_empty()
             && self.elastic.is_empty()
             && self.disconnects.is_empty()
+            && self.reservations.is_empty()
             && self.retained.is_empty()
             && self.ends.is_empty()
     }
@@ -174,6 +194,7 @@ impl Store {
             write_elastic(c, num, &commit.elastic)?;
             write_disconnects(c, num, &commit.disconnects)?;
             write_retained(c, num, &commit.retained)?;
+            write_reservations(c, num, &commit.reservations)?;
             for e in &commit.ends {
                 end_session_by_broker(c, &e.resource, &e.session, e.at, &e.reason)?;
             }
@@ -497,6 +518,29 @@ impl Store {
         .await
     }
 
+    /// The slots of group `num` reserved by tickets whose clients had not
+    /// arrived when its last owner wrote them, oldest expiry first.
+    pub async fn route_reservations(&self, num: i64) -> Result<Vec<StoredReservation>, StoreError> {
+        self.read_with(move |c| {
+            let rows = c.query::<(String, String, String, i64)>(
+                "SELECT session, resource, user, expires_at FROM route_reservations
+                 WHERE group_num = ?1 ORDER BY expires_at, session",
+                args![num],
+            )?;
+            rows.into_iter()
+                .map(|(session, resource, user, expires_at)| {
+                    Ok(StoredReservation {
+                        session: parse_id(session, "reserved session")?,
+                        resource: parse_id(resource, "reserved resource")?,
+                        user: parse_id(user, "reserved session's user")?,
+                        expires_at: UnixMillis(expires_at),
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// The sessions recorded open on the resources whose agents named group
     /// `name`, with when each resource was last heard from.
     pub async fn open_on_hosts_of(&self, name: &str) -> Result<Vec<OpenOnHost>, StoreError> {
@@ -558,6 +602,32 @@ fn write_disconnects(c: &Db, num: i64, ops: &[DisconnectOp]) -> Result<(), Store
 }
 
 /// Applies changes of retained sessions (inside a caller's transaction).
+fn write_reservations(c: &Db, num: i64, ops: &[ReservationOp]) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            ReservationOp::Upsert(r) => c.execute(
+                "INSERT INTO route_reservations (group_num, session, resource, user, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (group_num, session) DO UPDATE
+                     SET resource = excluded.resource, user = excluded.user,
+                         expires_at = excluded.expires_at",
+                args![
+                    num,
+                    r.session.as_str(),
+                    r.resource.as_str(),
+                    r.user.as_str(),
+                    r.expires_at.0
+                ],
+            )?,
+            ReservationOp::Delete(session) => c.execute(
+                "DELETE FROM route_reservations WHERE group_num = ?1 AND session = ?2",
+                args![num, session.as_str()],
+            )?,
+        };
+    }
+    Ok(())
+}
+
 fn write_retained(c: &Db, num: i64, ops: &[RetainOp]) -> Result<(), StoreError> {
     for op in ops {
         match op {
@@ -588,4 +658,74 @@ fn write_retained(c: &Db, num: i64, ops: &[RetainOp]) -> Result<(), StoreError> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::open_for_test;
+
+    fn reservation(session: &str, resource: &str, expires_at: i64) -> StoredReservation {
+        StoredReservation {
+            session: session.parse().expect("session"),
+            resource: resource.parse().expect("resource"),
+            user: "alice".parse().expect("user"),
+            expires_at: UnixMillis(expires_at),
+        }
+    }
+
+    #[tokio::test]
+    async fn reservations_are_written_with_a_turn_and_read_back_by_expiry() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = open_for_test(tmp.path());
+        store.insert_group_for_test(1, "g").await;
+        store.insert_group_for_test(2, "other").await;
+        let commit = |ops| GroupCommit {
+            reservations: ops,
+            ..GroupCommit::default()
+        };
+        store
+            .commit_group(
+                1,
+                "pay-as-you-go".into(),
+                commit(vec![
+                    ReservationOp::Upsert(reservation("r2", "h1", 2_000)),
+                    ReservationOp::Upsert(reservation("r1", "h2", 1_000)),
+                ]),
+            )
+            .await
+            .expect("commit");
+        store
+            .commit_group(
+                2,
+                "pay-as-you-go".into(),
+                commit(vec![ReservationOp::Upsert(reservation("r9", "h9", 500))]),
+            )
+            .await
+            .expect("commit");
+        let got = store.route_reservations(1).await.expect("read");
+        assert_eq!(
+            got,
+            vec![
+                reservation("r1", "h2", 1_000),
+                reservation("r2", "h1", 2_000)
+            ]
+        );
+        // A ticket given again moves the expiry; a slot used or freed goes.
+        store
+            .commit_group(
+                1,
+                "pay-as-you-go".into(),
+                commit(vec![
+                    ReservationOp::Upsert(reservation("r1", "h2", 3_000)),
+                    ReservationOp::Delete("r2".parse().expect("session")),
+                ]),
+            )
+            .await
+            .expect("commit");
+        let got = store.route_reservations(1).await.expect("read");
+        assert_eq!(got, vec![reservation("r1", "h2", 3_000)]);
+        assert_eq!(store.route_reservations(2).await.expect("read").len(), 1);
+        store.close().await;
+    }
 }

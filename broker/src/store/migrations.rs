@@ -377,6 +377,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
         expires_at INTEGER NOT NULL
     );
     "#,
+    // 18: slots reserved by a ticket whose client has not arrived, so that a
+    // broker restarted or taking the group over keeps them (issue 16).
+    r#"
+    CREATE TABLE route_reservations (
+        group_num INTEGER NOT NULL REFERENCES groups (num),
+        session TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        user TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (group_num, session)
+    );
+    "#,
 ];
 
 /// The PostgreSQL schema, in the same steps. PostgreSQL stores start at
@@ -654,6 +666,17 @@ pub(super) const POSTGRES_MIGRATIONS: &[&str] = &[
         owner TEXT,
         epoch BIGINT NOT NULL CHECK (epoch >= 0),
         expires_at BIGINT NOT NULL
+    );
+    "#,
+    // 3: SQLite's 18.
+    r#"
+    CREATE TABLE route_reservations (
+        group_num BIGINT NOT NULL REFERENCES groups (num),
+        session TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        "user" TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (group_num, session)
     );
     "#,
 ];

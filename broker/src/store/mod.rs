@@ -58,7 +58,7 @@ mod writer;
 pub use elastic::{BaseRecord, ElasticOp, ElasticState, EnrollTokenRecord, RetireRecord};
 pub use group_live::{
     BrokerEnd, DisconnectOp, GroupCommit, IntervalOp, OpenOnHost, PolicyOutcome, PolicyPushState,
-    RetainOp, StoredDisconnect, StoredRetention,
+    ReservationOp, RetainOp, StoredDisconnect, StoredReservation, StoredRetention,
 };
 pub use groups::{GroupRecord, GroupStatus, GroupsBatch, GroupsTx, NewGroup, NewOrder, OutboxRow};
 pub use leases::{BrokerRow, Fences, GroupOwner, Held, LeaseChange, LeaseRow, LeaseView};

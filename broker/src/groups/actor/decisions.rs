@@ -111,32 +111,43 @@ impl Actor {
     /// stands whether or not this succeeds; a store failure stops the actor
     /// (its group is started again from the store after `RETRY_AFTER_ERROR`,
     /// see `GroupActors::restart_later`).
+    ///
+    /// Route answers held for this commit go out once it is done (their
+    /// reservations are on disk); a slot whose client went away meanwhile
+    /// is freed, and that is committed in turn.
     pub(super) async fn commit(&mut self) -> Result<(), ActorError> {
-        // Agents already connected for the elastic ids just asked for take
-        // their slots first (their joins' decisions go into this commit).
-        while !self.to_adopt.is_empty() {
-            let asked = std::mem::take(&mut self.to_adopt);
-            self.adopt(Some(&asked)).await;
+        loop {
+            // Agents already connected for the elastic ids just asked for take
+            // their slots first (their joins' decisions go into this commit).
+            while !self.to_adopt.is_empty() {
+                let asked = std::mem::take(&mut self.to_adopt);
+                self.adopt(Some(&asked)).await;
+            }
+            // Slots of route requests whose client went away.
+            self.flush_deferred_leaves();
+            // Decisions made while handling a deferred release.
+            self.take_decisions();
+            let commit = GroupCommit {
+                disconnects: self.disconnect_ops(),
+                retained: self.retention_ops(),
+                reservations: self.reservation_ops(),
+                notes: std::mem::take(&mut self.notes),
+                intervals: std::mem::take(&mut self.intervals),
+                ends: std::mem::take(&mut self.ends),
+                elastic: self.elastic.take_ops(),
+            };
+            if !commit.is_empty() {
+                self.shared
+                    .store
+                    .commit_group(self.row.num, self.row.billing.clone(), commit)
+                    .await?;
+            }
+            // Each round frees at least one slot of a request answered in
+            // the round before; the answers a freed slot gives are to
+            // requests waiting now, so the rounds end.
+            if !self.send_replies() {
+                return Ok(());
+            }
         }
-        // Slots of route requests whose client went away.
-        self.flush_deferred_leaves();
-        // Decisions made while handling a deferred release.
-        self.take_decisions();
-        let commit = GroupCommit {
-            disconnects: self.disconnect_ops(),
-            retained: self.retention_ops(),
-            notes: std::mem::take(&mut self.notes),
-            intervals: std::mem::take(&mut self.intervals),
-            ends: std::mem::take(&mut self.ends),
-            elastic: self.elastic.take_ops(),
-        };
-        if commit.is_empty() {
-            return Ok(());
-        }
-        self.shared
-            .store
-            .commit_group(self.row.num, self.row.billing.clone(), commit)
-            .await?;
-        Ok(())
     }
 }

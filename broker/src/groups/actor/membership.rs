@@ -209,6 +209,9 @@ impl Actor {
                 }
             }
         };
+        // Slots reserved before this broker took the group, on this host:
+        // taken before it takes sessions.
+        self.place_reservations(&resource, &id);
         self.check_host(&resource, facts);
         self.host_back(&resource);
         match self.state_of(&id) {
@@ -237,10 +240,14 @@ impl Actor {
             });
         }
         for new in now_on_host.difference(&known) {
-            self.input(Input::Occupy {
-                session: new.clone(),
-                resource: id.clone(),
-            });
+            // A reservation's client may have arrived while no broker held
+            // the group.
+            if !self.route_connected(&id, new) {
+                self.input(Input::Occupy {
+                    session: new.clone(),
+                    resource: id.clone(),
+                });
+            }
         }
         if self.closed.is_some() {
             for session in &now_on_host {

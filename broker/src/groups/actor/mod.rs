@@ -501,6 +501,7 @@ impl Actor {
         self.start_base().await?;
         self.restore_disconnects().await?;
         self.restore_retained().await?;
+        self.restore_reservations().await?;
         self.restore_gone().await?;
         // Agents that named the group before it had an actor join now.
         self.adopt(None).await;

@@ -14,6 +14,12 @@
 //!   reserved session on another resource than the reserved one frees the
 //!   reservation, counts the session where it really is and is flagged in
 //!   the group's events.
+//! - Reservations are durable: each is a row of `route_reservations`
+//!   written in the actor's commit, and the `Admitted` answer (from which
+//!   the route service signs the ticket) goes out only once that commit is
+//!   done. A broker restarted, or another broker taking the group over,
+//!   loads them back ([`Input::Reserved`]), so a ticket given out keeps its
+//!   slot and the limit holds across a failover.
 //! - A request whose client does not wait and finds no room is withdrawn at
 //!   once and refused `at-capacity`.
 //! - `shared` groups: a user with a session or reservation in the group gets
@@ -44,6 +50,7 @@ use tokio::sync::mpsc;
 
 use super::{Actor, ActorError, GroupActors, Msg};
 use crate::engine::{Input, Retention};
+use crate::store::{ReservationOp, StoredReservation};
 
 /// How long a ticket, and the slot it reserves, lives unused: the broker's
 /// ticket lifetime.
@@ -150,6 +157,22 @@ pub(super) struct Routing {
     deferred_leave: Vec<SessionId>,
     /// Sessions whose entry of `retained` changed since the last commit.
     pub(super) retained_dirty: BTreeSet<SessionId>,
+    /// The reservations as last written: session -> ticket expiry.
+    written: HashMap<SessionId, i64>,
+    /// Restored reservations whose host has not joined yet, by real
+    /// resource ([`Actor::restore_reservations`]).
+    unplaced: HashMap<ResourceId, Vec<StoredReservation>>,
+    /// Answers that go out once the reservations they give are written.
+    replies: Vec<Reply>,
+}
+
+/// An `Admitted` answer held until the actor's next commit is done.
+struct Reply {
+    session: SessionId,
+    to: mpsc::Sender<RouteProgress>,
+    progress: RouteProgress,
+    /// The answer gives a new slot: unanswerable, the slot is freed.
+    new_slot: bool,
 }
 
 impl Routing {
@@ -435,11 +458,16 @@ impl Actor {
         let placement = Placement {
             address: self.address_of(&real),
             resource: real,
-            session,
+            session: session.clone(),
             issued_at,
             expires_at: UnixMillis(expires_at),
         };
-        let _ = reply.try_send(RouteProgress::Admitted(placement));
+        self.routing.replies.push(Reply {
+            session,
+            to: reply.clone(),
+            progress: RouteProgress::Admitted(placement),
+            new_slot: false,
+        });
     }
 
     fn address_of(&self, real: &ResourceId) -> String {
@@ -496,13 +524,163 @@ impl Actor {
             issued_at: at,
             expires_at: UnixMillis(expires_at),
         };
-        if waiter
-            .reply
-            .try_send(RouteProgress::Admitted(placement))
-            .is_err()
-        {
-            self.routing.deferred_leave.push(session.clone());
+        self.routing.replies.push(Reply {
+            session: session.clone(),
+            to: waiter.reply,
+            progress: RouteProgress::Admitted(placement),
+            new_slot: true,
+        });
+    }
+
+    /// The record changes of the reservations since the last commit.
+    pub(super) fn reservation_ops(&mut self) -> Vec<ReservationOp> {
+        let mut ops = Vec::new();
+        // Restored ones still waiting for their host stay written until
+        // they expire.
+        let now = self.now().0;
+        let waiting: HashSet<SessionId> = self
+            .routing
+            .unplaced
+            .values_mut()
+            .flat_map(|rows| {
+                rows.retain(|r| r.expires_at.0 > now);
+                rows.iter().map(|r| r.session.clone())
+            })
+            .collect();
+        self.routing.unplaced.retain(|_, rows| !rows.is_empty());
+        let gone: Vec<SessionId> = self
+            .routing
+            .written
+            .keys()
+            .filter(|s| !self.routing.reservations.contains_key(*s) && !waiting.contains(*s))
+            .cloned()
+            .collect();
+        for session in gone {
+            self.routing.written.remove(&session);
+            ops.push(ReservationOp::Delete(session));
         }
+        let mut changed: Vec<(SessionId, Reservation)> = self
+            .routing
+            .reservations
+            .iter()
+            .filter(|(s, r)| self.routing.written.get(*s) != Some(&r.expires_at))
+            .map(|(s, r)| (s.clone(), r.clone()))
+            .collect();
+        changed.sort_by(|a, b| a.0.cmp(&b.0));
+        for (session, r) in changed {
+            self.routing.written.insert(session.clone(), r.expires_at);
+            ops.push(ReservationOp::Upsert(StoredReservation {
+                session,
+                resource: self.external(&r.resource),
+                user: r.user,
+                expires_at: UnixMillis(r.expires_at),
+            }));
+        }
+        ops
+    }
+
+    /// The held answers go out (their reservations are written); a slot
+    /// whose client went away meanwhile is freed. Returns whether any was.
+    pub(super) fn send_replies(&mut self) -> bool {
+        let mut freed = false;
+        for r in std::mem::take(&mut self.routing.replies) {
+            if r.to.try_send(r.progress).is_err() && r.new_slot {
+                self.routing.deferred_leave.push(r.session);
+                freed = true;
+            }
+        }
+        freed
+    }
+
+    /// Reloads the reservations of an earlier owner or run (actor start).
+    /// Each holds its slot until its ticket expires or its client arrives:
+    /// at once on a resource the engine knows now, else (a base host, bound
+    /// to its slot when it joins) as its host joins, before it takes
+    /// sessions. One expired, or whose host never comes back before it
+    /// expires, is dropped.
+    pub(super) async fn restore_reservations(&mut self) -> Result<(), ActorError> {
+        let stored = self.shared.store.route_reservations(self.row.num).await?;
+        let n = stored.len();
+        for r in stored {
+            // As the store has it: a row dropped is deleted by a commit.
+            self.routing
+                .written
+                .insert(r.session.clone(), r.expires_at.0);
+            self.routing
+                .unplaced
+                .entry(r.resource.clone())
+                .or_default()
+                .push(r);
+        }
+        let known: Vec<(ResourceId, ResourceId)> = self
+            .routing
+            .unplaced
+            .keys()
+            .filter_map(|real| {
+                let id = self.to_engine.get(real).cloned().or_else(|| {
+                    self.elastic_engine_id(real)
+                        .filter(|e| self.state_of(e).is_some())
+                })?;
+                Some((real.clone(), id))
+            })
+            .collect();
+        for (real, id) in known {
+            self.place_reservations(&real, &id);
+        }
+        if n > 0 {
+            self.note(
+                "restored",
+                format!(
+                    "restored: {n} reserved slot(s) of tickets given out before this broker \
+                     took the group keep their expiry"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The restored reservations on `real` take their slots on `engine_id`.
+    pub(super) fn place_reservations(&mut self, real: &ResourceId, engine_id: &ResourceId) {
+        let Some(rows) = self.routing.unplaced.remove(real) else {
+            return;
+        };
+        let now = self.now().0;
+        for r in rows {
+            if r.expires_at.0 <= now
+                || !self.input(Input::Reserved {
+                    session: r.session.clone(),
+                    resource: engine_id.clone(),
+                })
+            {
+                continue;
+            }
+            self.routing.reservations.insert(
+                r.session.clone(),
+                Reservation {
+                    user: r.user.clone(),
+                    resource: engine_id.clone(),
+                    expires_at: r.expires_at.0,
+                },
+            );
+            self.routing
+                .deadlines
+                .insert((r.expires_at.0, Due::Ticket, r.session.clone()));
+            self.routing.link(&r.session, &r.user);
+        }
+    }
+
+    /// A host reports `session` open as it joins: when it is a reservation's,
+    /// its client arrived ([`Actor::route_started`]); `true` when counted so.
+    pub(super) fn route_connected(&mut self, engine_id: &ResourceId, session: &SessionId) -> bool {
+        let Some(user) = self
+            .routing
+            .reservations
+            .get(session)
+            .map(|r| r.user.clone())
+        else {
+            return false;
+        };
+        self.route_started(engine_id, session, &user)
     }
 
     /// Leaves queued by `route_decision` (it runs inside the engine's
