@@ -126,11 +126,8 @@ async fn setup(dir: &std::path::Path) -> Result<(TestBroker, TestAgent, Vec<Stri
             },
         }))
         .await?;
-    let identity = broker.issue_identity("h1")?;
-    let mut config = broker.agent_config("h1", &identity)?;
-    config.group = Some("bench".parse()?);
-    let agent = TestAgent::start_with(config).await?;
-    agent.wait_synced().await?;
+    // The operator puts the host in the group, as on a real fleet.
+    let agent = ferry_tests::admin::agent_of(&broker, "h1", "bench").await?;
     Ok((broker, agent, tokens))
 }
 
