@@ -10,6 +10,8 @@
 //! - [`bins`]: locate (and if needed build) the real `ferry-broker`, `ferry-agent` and
 //!   `ferryctl` binaries, for tests that run them as an operator would.
 //! - [`cluster`]: several broker processes sharing one PostgreSQL database.
+//! - [`rollout`]: agent hooks that log each run, and waits on image updates and
+//!   OTA schedules, for tests that kill a broker in the middle of a rollout.
 //! - [`notify`]: a fake systemd `NOTIFY_SOCKET` that records what a daemon says.
 //! - [`fuzz`]: one target per decoder of outside data, with the promises it checks.
 //! - [`lossy`]: a seeded UDP proxy that drops, duplicates, reorders and delays
@@ -26,3 +28,4 @@ pub mod harness;
 pub mod lossy;
 pub mod notify;
 pub mod procs;
+pub mod rollout;

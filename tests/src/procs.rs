@@ -284,6 +284,47 @@ pub async fn ferryctl_json(socket: &Path, args: &[&str]) -> anyhow::Result<serde
     serde_json::from_str(&out).with_context(|| format!("ferryctl {args:?} printed {out:?}"))
 }
 
+/// `group`'s live resources, asked through the broker at `socket`, as
+/// (resource, class, state, available).
+pub async fn live_resources(
+    socket: &Path,
+    group: &str,
+) -> anyhow::Result<Vec<(String, String, String, bool)>> {
+    let g = ferryctl_json(socket, &["group", "show", group]).await?;
+    let mut out = Vec::new();
+    for r in g["live"]["resources"]
+        .as_array()
+        .context("live resources")?
+    {
+        out.push((
+            r["resource"].as_str().context("resource")?.to_owned(),
+            r["class"].as_str().context("class")?.to_owned(),
+            r["state"].as_str().context("state")?.to_owned(),
+            r["available"].as_bool().context("available")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Waits (at most three [`PATIENCE`]s) until every elastic resource of
+/// `group` is released (or its creation failed).
+pub async fn wait_elastic_released(socket: &Path, group: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    loop {
+        let l = live_resources(socket, group).await?;
+        if l.iter()
+            .filter(|r| r.1 == "elastic")
+            .all(|r| matches!(r.2.as_str(), "released" | "failed"))
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("elastic resources are not all released: {l:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits (blocking this worker thread, which a multi-thread runtime allows)
 /// for a notification line, returning every line seen on the way.
 pub fn wait_notify(

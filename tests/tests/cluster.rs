@@ -11,105 +11,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ferry_process::pg_cluster::{self, PgCluster};
+use ferry_process::pg_cluster::PgCluster;
 use ferry_tests::bins::bin;
-use ferry_tests::cluster::Cluster;
+use ferry_tests::cluster::{
+    connected_here, database, leases, psql, wait_connected, wait_leases, Cluster, Lease,
+};
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{ferryctl_json, publish_payg, run, run_ok, AgentProcess};
 
 /// The lease of the brokers in these tests (the shortest allowed).
 const LEASE: Duration = Duration::from_secs(3);
 const LEASE_TOML: &str = "3s";
-
-/// A fresh database in the shared test cluster, or `None` when PostgreSQL
-/// is missing and CI is not set.
-fn database(name: &str) -> anyhow::Result<Option<(&'static PgCluster, String)>> {
-    let Some(pg) = pg_cluster::shared_or_skip() else {
-        return Ok(None);
-    };
-    let url = pg.create_database(name)?;
-    Ok(Some((pg, url)))
-}
-
-/// A group's lease as the database has it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Lease {
-    /// `None`: released, expired or never taken.
-    owner: Option<String>,
-    epoch: i64,
-}
-
-/// `psql -c SQL` on `url`, one row per line, fields split on `|`.
-async fn psql(pg: &PgCluster, url: &str, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
-    let out = run_ok(
-        &pg.bin_dir().join("psql"),
-        [
-            "-X",
-            "-q",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            url,
-            "-c",
-            sql,
-        ],
-    )
-    .await?;
-    Ok(out
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| l.split('|').map(str::to_owned).collect())
-        .collect())
-}
-
-/// Every group's live lease: a lease past its expiry counts as no owner.
-async fn leases(pg: &PgCluster, url: &str) -> anyhow::Result<BTreeMap<String, Lease>> {
-    let rows = psql(
-        pg,
-        url,
-        "SELECT g.name, COALESCE(l.owner, ''), COALESCE(l.epoch, 0),
-                COALESCE(l.expires_at > CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT), false)
-         FROM groups g LEFT JOIN group_leases l ON l.group_num = g.num
-         WHERE g.status != 'gone' ORDER BY g.name",
-    )
-    .await?;
-    let mut out = BTreeMap::new();
-    for r in rows {
-        let [name, owner, epoch, live] = r.as_slice() else {
-            bail!("unexpected row {r:?}");
-        };
-        let owner = (live == "t" && !owner.is_empty()).then(|| owner.clone());
-        out.insert(
-            name.clone(),
-            Lease {
-                owner,
-                epoch: epoch.parse()?,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// Polls the leases until `done` holds of them (at most [`PATIENCE`]).
-async fn wait_leases(
-    pg: &PgCluster,
-    url: &str,
-    what: &str,
-    done: impl Fn(&BTreeMap<String, Lease>) -> bool,
-) -> anyhow::Result<BTreeMap<String, Lease>> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let now = leases(pg, url).await?;
-        if done(&now) {
-            return Ok(now);
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not after {PATIENCE:?}; leases {now:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Polls the leases for `span`, failing as soon as `steady` does not hold
 /// of them.
@@ -136,34 +48,6 @@ fn all_owned(leases: &BTreeMap<String, Lease>, groups: &[String]) -> bool {
     groups
         .iter()
         .all(|g| leases.get(g).is_some_and(|l| l.owner.is_some()))
-}
-
-/// `ferryctl resources list` of the broker at `socket`: the resources its
-/// agents are connected to right now.
-async fn connected_here(socket: &Path) -> anyhow::Result<BTreeSet<String>> {
-    let v = ferryctl_json(socket, &["resources", "list"]).await?;
-    let list = v
-        .as_array()
-        .with_context(|| format!("resources list: {v}"))?;
-    Ok(list
-        .iter()
-        .filter(|r| r["connected"] == true)
-        .filter_map(|r| r["resource"].as_str().map(str::to_owned))
-        .collect())
-}
-
-/// Polls until the broker at `socket` has `resource` connected.
-async fn wait_connected(socket: &Path, resource: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if connected_here(socket).await?.contains(resource) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{resource} never connected to {}", socket.display());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A user `id` with password `pw`, created through the broker at `socket`.

@@ -17,9 +17,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry_tests::bins::bin;
 use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
 use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
+use ferry_tests::rollout::{hooks, runs, schedule, wait_updated};
 use rand::Rng;
 
 const GROUP: &str = "img";
@@ -29,102 +29,9 @@ const ROUNDS: u32 = 2;
 /// The latest kill after the update is asked for.
 const MAX_KILL_DELAY_MS: u64 = 1_800;
 
-/// The `[hooks]` of `resource`: each hook appends a line to `log`; the image
-/// hook takes 300 ms first (a switch in progress is a moment to crash in);
-/// the disconnect hook ends the session through the agent.
-fn hooks(dir: &Path, resource: &str, log: &Path) -> anyhow::Result<String> {
-    let agent = bin("ferry-agent");
-    let config = dir.join(resource).join("agent.toml");
-    let script = |name: &str, body: String| -> anyhow::Result<String> {
-        let path = dir.join(format!("{resource}-{name}.sh"));
-        std::fs::write(&path, body)?;
-        Ok(format!("[\"/bin/sh\", {:?}]", path.display().to_string()))
-    };
-    let log = log.display();
-    let warn = script("warn", format!("echo \"warn {resource} $2\" >> '{log}'\n"))?;
-    let disconnect = script(
-        "disconnect",
-        format!(
-            "echo \"disconnect {resource} $2\" >> '{log}'\n\
-             exec '{agent}' --config '{config}' session end --session \"$2\" --reason disconnected\n",
-            agent = agent.display(),
-            config = config.display(),
-        ),
-    )?;
-    let image = script(
-        "image",
-        format!("sleep 0.3\necho \"image {resource} $FERRY_IMAGE\" >> '{log}'\n"),
-    )?;
-    let update = script(
-        "update",
-        format!(
-            "sleep 0.3\necho \"update {resource} $FERRY_COMPONENT-$FERRY_VERSION\" >> '{log}'\n"
-        ),
-    )?;
-    Ok(format!(
-        "[hooks]\nwarn = {warn}\ndisconnect = {disconnect}\nimage = {image}\nupdate = {update}\n"
-    ))
-}
-
 /// How many times each host ran the image hook for `image`.
 fn switches(log: &Path, image: &str) -> BTreeMap<String, usize> {
     runs(log, "image", image)
-}
-
-/// How many times each host ran the `hook` hook for `what`.
-fn runs(log: &Path, hook: &str, what: &str) -> BTreeMap<String, usize> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let mut words = line.split(' ');
-        if let (Some(h), Some(host), Some(w)) = (words.next(), words.next(), words.next()) {
-            if h == hook && w == what {
-                *out.entry(host.to_owned()).or_default() += 1;
-            }
-        }
-    }
-    out
-}
-
-/// Waits until the group is `published` on `image` with every host on it.
-async fn wait_updated(socket: &Path, image: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
-    loop {
-        let g = ferryctl_json(socket, &["group", "show", GROUP]).await?;
-        let v = &g["versions"];
-        let hosts: Vec<(&str, &str)> = v["resources"]
-            .as_array()
-            .context("versions.resources")?
-            .iter()
-            .map(|r| {
-                (
-                    r["resource"].as_str().unwrap_or(""),
-                    r["image_version"].as_str().unwrap_or(""),
-                )
-            })
-            .collect();
-        if g["status"] == "published"
-            && g["image"] == image
-            && hosts.len() == HOSTS.len()
-            && hosts.iter().all(|(_, i)| *i == image)
-        {
-            return Ok(());
-        }
-        if g["status"] == "update-failed" {
-            bail!("the update failed: {g:#}");
-        }
-        if tokio::time::Instant::now() > deadline {
-            let events = ferryctl_json(socket, &["group", "events", GROUP]).await?;
-            bail!(
-                "the update to {image} did not finish: status {}, image {}, hosts {hosts:?}\n\
-                 rollouts {:#}\nevents {events:#}",
-                g["status"],
-                g["image"],
-                g["rollouts"]
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A broker with group [`GROUP`] of three base hosts, each agent with the
@@ -158,7 +65,7 @@ async fn fleet(
     .await?;
     let mut agents = Vec::new();
     for host in HOSTS {
-        let extra = hooks(dir, host, log)?;
+        let extra = hooks(dir, host, log, "0.3")?;
         let agent = AgentProcess::start_configured(&files, host, addr, Some(GROUP), &extra).await?;
         agent.wait_synced().await?;
         agents.push(agent);
@@ -202,7 +109,7 @@ async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_o
         run += 1;
         broker = BrokerProcess::start(&files, addr, run).await?;
 
-        wait_updated(&socket, &image)
+        wait_updated(&socket, GROUP, &image, &HOSTS)
             .await
             .with_context(|| format!("seed {seed} round {round}"))?;
         let done = switches(&log, &image);
@@ -226,18 +133,6 @@ async fn broker_sigkill_during_an_image_update_finishes_it_switching_each_host_o
         assert!(!ended[0]["ended_at"].is_null(), "seed {seed}: {listed:#}");
     }
     Ok(())
-}
-
-/// The schedule `id` in `ota history`.
-async fn schedule(socket: &Path, id: u64) -> anyhow::Result<serde_json::Value> {
-    let history = ferryctl_json(socket, &["ota", "history", GROUP]).await?;
-    history
-        .as_array()
-        .context("ota history is an array")?
-        .iter()
-        .find(|s| s["id"] == id)
-        .cloned()
-        .with_context(|| format!("schedule {id} in {history:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,7 +193,7 @@ async fn broker_sigkill_during_an_ota_wave_finishes_it_updating_each_host_once(
 
         let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
         let s = loop {
-            let s = schedule(&socket, id).await?;
+            let s = schedule(&socket, GROUP, id).await?;
             if s["state"] == "succeeded" {
                 break s;
             }

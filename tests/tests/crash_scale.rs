@@ -18,7 +18,8 @@ use ferry_broker::provision::local::LOCAL_AGENTS_DIR;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
 use ferry_tests::procs::{
-    ferryctl_json, publish_payg, running_processes, AgentProcess, BrokerFiles, BrokerProcess,
+    live_resources, publish_payg, running_processes, wait_elastic_released, AgentProcess,
+    BrokerFiles, BrokerProcess,
 };
 use rand::Rng;
 
@@ -42,43 +43,6 @@ fn local_agents(root: &Path) -> BTreeMap<String, Vec<u32>> {
         }
     }
     out
-}
-
-/// The group's live resources as (resource, class, state, available).
-async fn live(socket: &Path) -> anyhow::Result<Vec<(String, String, String, bool)>> {
-    let g = ferryctl_json(socket, &["group", "show", GROUP]).await?;
-    let mut out = Vec::new();
-    for r in g["live"]["resources"]
-        .as_array()
-        .context("live resources")?
-    {
-        out.push((
-            r["resource"].as_str().context("resource")?.to_owned(),
-            r["class"].as_str().context("class")?.to_owned(),
-            r["state"].as_str().context("state")?.to_owned(),
-            r["available"].as_bool().context("available")?,
-        ));
-    }
-    Ok(out)
-}
-
-/// Waits until every elastic resource of the group is released (or its
-/// creation failed).
-async fn wait_all_released(socket: &Path) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
-    loop {
-        let l = live(socket).await?;
-        if l.iter()
-            .filter(|r| r.1 == "elastic")
-            .all(|r| matches!(r.2.as_str(), "released" | "failed"))
-        {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("elastic resources are not all released: {l:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Kills, when dropped, every local agent still running under its root: a
@@ -162,7 +126,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
         // elastic host, ready, run by one process.
         let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
         let ready = loop {
-            let l = live(&socket).await?;
+            let l = live_resources(&socket, GROUP).await?;
             let ready: Vec<String> = l
                 .iter()
                 .filter(|r| r.1 == "elastic" && r.2 == "ready" && r.3)
@@ -193,7 +157,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
             "logout",
         ])
         .await?;
-        wait_all_released(&socket)
+        wait_elastic_released(&socket, GROUP)
             .await
             .with_context(|| format!("seed {seed} round {round}"))?;
         let deadline = tokio::time::Instant::now() + PATIENCE;
