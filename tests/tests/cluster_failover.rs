@@ -1,0 +1,541 @@
+//! A group's owner SIGKILLed in the middle of its work, with three real
+//! `ferry-broker` processes on one PostgreSQL database: another broker
+//! takes the group (a higher lease epoch) and finishes what the dead one
+//! had started, from what the database holds.
+//! - An image update of three real agents, the owner killed while a host
+//!   runs its (slow, logging) image hook: the new owner finishes it, the
+//!   group ends `published` on the new image with every host on it, the
+//!   open session warned and disconnected is ended once, and no host
+//!   started or ran the image hook twice.
+//! - An OTA wave (one host at a time), the owner killed while a host runs
+//!   its update hook: the new owner finishes the schedule, every host is
+//!   `done`, and no host started or ran the update hook twice.
+//!
+//! - A scale-out through the `exec` provisioner (scripts shared by every
+//!   broker that run each elastic host as a real `ferry-agent` under one
+//!   shared directory and log every create and delete by resource id), the
+//!   owner killed while its create script runs: the new owner does not
+//!   create that resource again; the host it started, whose enrollment
+//!   went to the dead broker, is given up at its register deadline and
+//!   deleted; another is created, registers with the new owner and takes
+//!   its place; once the load goes, the group scales in and every resource
+//!   created was deleted exactly once, with no host process or directory
+//!   left.
+//!
+//! The agents are configured with every broker, as in production.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_process::pg_cluster::PgCluster;
+use ferry_tests::bins::bin;
+use ferry_tests::cluster::{database, wait_connected, wait_leases, Cluster, Lease};
+use ferry_tests::harness::PATIENCE;
+use ferry_tests::procs::{
+    ferryctl_json, live_resources, publish_payg, running_processes, wait_elastic_released,
+    AgentProcess,
+};
+use ferry_tests::rollout::{hooks, host_states, runs, wait_run, wait_schedule_done, wait_updated};
+
+/// The lease of the brokers (the shortest allowed): a dead owner's groups
+/// are taken within about four seconds.
+const LEASE_TOML: &str = "3s";
+const LEASE: Duration = Duration::from_secs(3);
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+
+/// How long each image or update hook runs: long enough that the owner is
+/// killed while one runs, short enough for three hosts one after another.
+const HOOK_SECS: &str = "2";
+
+/// Three brokers, group `group` of three base hosts owned by one of them,
+/// whose agents (configured with every broker, hooks of [`hooks`] logging to
+/// `log`) are connected to the owner and synced. Returns the cluster, the
+/// group's lease and the agents.
+async fn fleet(
+    pg: &PgCluster,
+    url: &str,
+    dir: &Path,
+    group: &str,
+    log: &Path,
+) -> anyhow::Result<(Cluster, Lease, Vec<AgentProcess>)> {
+    let cluster = Cluster::start(dir, url, 3, LEASE_TOML).await?;
+    let b0 = cluster.member("b0")?;
+    publish_payg(
+        &b0.files.admin_socket,
+        group,
+        &[
+            "--base-resources",
+            "3",
+            "--concurrent-sessions",
+            "2",
+            "--max-elastic",
+            "0",
+            "--usage-threshold",
+            "90",
+            "--scale-out-step",
+            "1",
+            "--max-idle",
+            "1h",
+        ],
+    )
+    .await?;
+    let leases = wait_leases(pg, url, "the group owned", |l| {
+        l.get(group).is_some_and(|l| l.owner.is_some())
+    })
+    .await?;
+    let lease = leases[group].clone();
+    let owner = lease.owner.clone().context("owned")?;
+    let owner_socket = cluster.member(&owner)?.files.admin_socket.clone();
+    let mut agents = Vec::new();
+    for host in HOSTS {
+        // `brokers` before the `[hooks]` table.
+        let extra = format!(
+            "{}{}",
+            cluster.others_line("b0"),
+            hooks(&b0.files.dir, host, log, HOOK_SECS)?
+        );
+        let agent =
+            AgentProcess::start_configured(&b0.files, host, b0.addr, Some(group), &extra).await?;
+        agent.wait_synced().await?;
+        wait_connected(&owner_socket, host).await?;
+        agents.push(agent);
+    }
+    Ok((cluster, lease, agents))
+}
+
+/// SIGKILLs the broker owning a group (lease `before`) and reaps it.
+async fn kill_owner(cluster: &mut Cluster, before: &Lease) -> anyhow::Result<Instant> {
+    let victim = before.owner.clone().context("owned")?;
+    let member = cluster.member_mut(&victim)?;
+    let status = member.running_mut()?.daemon.crash().await?;
+    assert_eq!(status.code(), None, "killed by a signal, not exited");
+    member.process = None;
+    Ok(Instant::now())
+}
+
+/// Waits until a broker other than the killed owner (lease `before`) holds
+/// `group`'s lease at a higher epoch; returns that broker's admin socket.
+async fn wait_heir(
+    pg: &PgCluster,
+    url: &str,
+    cluster: &Cluster,
+    group: &str,
+    before: &Lease,
+    killed: Instant,
+) -> anyhow::Result<std::path::PathBuf> {
+    let victim = before.owner.clone().context("owned")?;
+    let after = wait_leases(pg, url, "taken over", |l| {
+        l[group].owner.as_ref().is_some_and(|o| *o != victim) && l[group].epoch > before.epoch
+    })
+    .await?;
+    let heir = after[group].owner.clone().context("owned")?;
+    eprintln!(
+        "{group}: {victim} killed, taken by {heir} {:?} later (lease {LEASE:?})",
+        killed.elapsed()
+    );
+    Ok(cluster.member(&heir)?.files.admin_socket.clone())
+}
+
+/// One run of `word` per host.
+fn once_each() -> BTreeMap<String, usize> {
+    HOSTS.iter().map(|h| (h.to_string(), 1)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_update_survives_its_owners_sigkill_on_another_broker_switching_each_host_once(
+) -> anyhow::Result<()> {
+    let Some((pg, url)) = database("failover_image")? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let log = tmp.path().join("hooks.log");
+    let group = "img";
+    let (mut cluster, before, agents) = fleet(pg, &url, tmp.path(), group, &log).await?;
+    let owner = before.owner.clone().context("owned")?;
+    let owner_socket = cluster.member(&owner)?.files.admin_socket.clone();
+
+    // An open session: the update warns it, then disconnects it.
+    agents[0].start_session("s1", "alice").await?;
+    agents[0].wait_synced().await?;
+    let image = "img-8";
+    ferryctl_json(
+        &owner_socket,
+        &["group", "update-image", group, image, "--warning", "1s"],
+    )
+    .await?;
+    // The owner dies while a host switches.
+    let switching = wait_run(&log, "switching", image).await?;
+    let killed = kill_owner(&mut cluster, &before).await?;
+    let finished = runs(&log, "image", image);
+    eprintln!("killed while {switching} switched; switched before the kill: {finished:?}");
+    assert!(
+        !finished.contains_key(&switching),
+        "the kill was to land while {switching} switched"
+    );
+    let heir_socket = wait_heir(pg, &url, &cluster, group, &before, killed).await?;
+
+    wait_updated(&heir_socket, group, image, &HOSTS).await?;
+    assert_eq!(
+        runs(&log, "switching", image),
+        once_each(),
+        "switches started"
+    );
+    assert_eq!(runs(&log, "image", image), once_each(), "switches finished");
+    // The session was disconnected, its end recorded once.
+    for a in &agents {
+        a.wait_synced().await?;
+    }
+    let listed = ferryctl_json(&heir_socket, &["sessions", "list", "--all"]).await?;
+    let s1: Vec<_> = listed
+        .as_array()
+        .context("sessions")?
+        .iter()
+        .filter(|s| s["session"] == "s1")
+        .collect();
+    assert_eq!(s1.len(), 1, "{listed:#}");
+    assert!(!s1[0]["ended_at"].is_null(), "{listed:#}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ota_wave_survives_its_owners_sigkill_on_another_broker_updating_each_host_once(
+) -> anyhow::Result<()> {
+    let Some((pg, url)) = database("failover_ota")? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let log = tmp.path().join("hooks.log");
+    let group = "ota";
+    let (mut cluster, before, _agents) = fleet(pg, &url, tmp.path(), group, &log).await?;
+    let owner = before.owner.clone().context("owned")?;
+    let owner_socket = cluster.member(&owner)?.files.admin_socket.clone();
+
+    let offer = ferryctl_json(
+        &owner_socket,
+        &[
+            "ota",
+            "offer",
+            group,
+            "--component",
+            "app1",
+            "--version",
+            "v2",
+            "--description",
+            "failover test",
+        ],
+    )
+    .await?;
+    let update = offer[0]["id"].as_u64().context("offer id")?.to_string();
+    // One host at a time, starting a moment from now.
+    let start = chrono::Utc::now() + chrono::Duration::milliseconds(500);
+    let start = start.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let scheduled = ferryctl_json(
+        &owner_socket,
+        &[
+            "ota", "schedule", group, "--update", &update, "--start", &start, "--wave", "1",
+            "--drain", "1s",
+        ],
+    )
+    .await?;
+    let id = scheduled[0]["id"].as_u64().context("schedule id")?;
+    let what = "app1-v2";
+    // The owner dies while a host updates.
+    let updating = wait_run(&log, "updating", what).await?;
+    let killed = kill_owner(&mut cluster, &before).await?;
+    let finished = runs(&log, "update", what);
+    eprintln!("killed while {updating} updated; updated before the kill: {finished:?}");
+    assert!(
+        !finished.contains_key(&updating),
+        "the kill was to land while {updating} updated"
+    );
+    let heir_socket = wait_heir(pg, &url, &cluster, group, &before, killed).await?;
+
+    let s = wait_schedule_done(&heir_socket, group, id).await?;
+    let states: Vec<(String, String)> = HOSTS
+        .iter()
+        .map(|h| (h.to_string(), "done".to_owned()))
+        .collect();
+    assert_eq!(host_states(&s)?, states, "{s:#}");
+    assert_eq!(runs(&log, "updating", what), once_each(), "updates started");
+    assert_eq!(runs(&log, "update", what), once_each(), "updates finished");
+    Ok(())
+}
+
+/// The `[provisioner]` of every broker: `exec` scripts under `dir` that run
+/// elastic hosts under `dir/hosts` and log to `dir/provision.log` (see
+/// [`write_scripts`]); a host that has not registered 8 s after its
+/// scale-out is given up.
+fn provisioner_toml(dir: &Path) -> String {
+    let script = |name: &str| {
+        format!(
+            "[\"/bin/sh\", {:?}, \"{{resource}}\"]",
+            dir.join(format!("{name}.sh")).display().to_string()
+        )
+    };
+    format!(
+        "\n[provisioner]\nkind = \"exec\"\ncreate = {}\ndelete = {}\n\
+         register_timeout = \"8s\"\ntimeout = \"30s\"\n",
+        script("create"),
+        script("delete")
+    )
+}
+
+/// The provisioner's scripts, as a cloud's would be: one host per resource
+/// id, whichever broker asks. `create RESOURCE` logs `create RESOURCE`,
+/// takes a second (a create in progress is a moment to kill the broker
+/// in), then writes the host's agent config (the broker that asked as
+/// `broker_addr`, every broker in `brokers`, the enrollment token) and
+/// starts `ferry-agent run` in its own session, its pid in `pid`; a host
+/// already there is left as it is (a create is idempotent by resource id).
+/// `delete RESOURCE` logs `delete RESOURCE`, stops the agent (SIGTERM, then
+/// SIGKILL after 5 s) and removes the host's directory; deleting what is
+/// not there succeeds.
+fn write_scripts(dir: &Path, cluster: &Cluster) -> anyhow::Result<()> {
+    let (log, hosts) = (dir.join("provision.log"), dir.join("hosts"));
+    std::fs::create_dir_all(&hosts)?;
+    let brokers: Vec<String> = cluster
+        .brokers
+        .iter()
+        .map(|m| format!("\"{}\"", m.addr))
+        .collect();
+    let create = format!(
+        r#"d='{hosts}'/"$1"
+echo "create $1" >> '{log}'
+sleep 1
+if [ -e "$d" ]; then exit 0; fi
+mkdir -p "$d"
+cat > "$d/agent.toml" <<EOT
+resource = "$1"
+group = "$FERRY_GROUP"
+broker_addr = "$FERRY_BROKER_ADDR"
+brokers = [{brokers}]
+broker_name = "localhost"
+ca_cert = "$FERRY_CA_CERT"
+cert = "$d/agent.pem"
+key = "$d/agent-key.pem"
+state_dir = "$d/state"
+local_socket = "$d/agent.sock"
+image_version = "$FERRY_IMAGE"
+enroll_token = "$FERRY_ENROLL_TOKEN"
+EOT
+setsid '{agent}' --config "$d/agent.toml" run > "$d/agent.log" 2>&1 < /dev/null &
+echo $! > "$d/pid"
+"#,
+        hosts = hosts.display(),
+        log = log.display(),
+        brokers = brokers.join(", "),
+        agent = bin("ferry-agent").display(),
+    );
+    let delete = format!(
+        r#"d='{hosts}'/"$1"
+echo "delete $1" >> '{log}'
+if [ -f "$d/pid" ]; then
+  pid=$(cat "$d/pid")
+  kill -TERM "$pid" 2>/dev/null
+  n=0
+  while kill -0 "$pid" 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+  kill -KILL "$pid" 2>/dev/null
+fi
+rm -rf "$d"
+"#,
+        hosts = hosts.display(),
+        log = log.display(),
+    );
+    std::fs::write(dir.join("create.sh"), create)?;
+    std::fs::write(dir.join("delete.sh"), delete)?;
+    Ok(())
+}
+
+/// How many times the provisioner's log says `op` (`create`, `delete`) of
+/// each resource.
+fn provisioned(dir: &Path, op: &str) -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(dir.join("provision.log")).unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if let Some((o, r)) = line.split_once(' ') {
+            if o == op {
+                *out.entry(r.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Running `ferry-agent` processes of the hosts under `hosts`, by resource.
+fn host_agents(hosts: &Path) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (pid, args) in running_processes() {
+        for arg in args {
+            if let Ok(rest) = Path::new(&arg).strip_prefix(hosts) {
+                if let Some(resource) = rest.parent().and_then(|p| p.to_str()) {
+                    out.entry(resource.to_owned()).or_default().push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Kills, when dropped, every host agent still running under its root: a
+/// failing test must not leave them behind (a killed broker cannot delete
+/// its hosts, which is what the test is about).
+struct NoLeftovers(std::path::PathBuf);
+
+impl Drop for NoLeftovers {
+    fn drop(&mut self) {
+        for pid in host_agents(&self.0).values().flatten() {
+            // Best effort: kill(1) (the workspace denies unsafe code).
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+/// Polls the provisioner's log until it says `create` of some resource;
+/// returns it.
+async fn wait_create(dir: &Path) -> anyhow::Result<String> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(r) = provisioned(dir, "create").into_keys().next() {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!("no create in {PATIENCE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_nothing_twice_and_leaking_nothing(
+) -> anyhow::Result<()> {
+    let Some((pg, url)) = database("failover_scale")? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let prov = tmp.path().join("provisioner");
+    std::fs::create_dir_all(&prov)?;
+    let hosts = prov.join("hosts");
+    let _cleanup = NoLeftovers(hosts.clone());
+    let mut cluster =
+        Cluster::start_with(tmp.path(), &url, 3, LEASE_TOML, &provisioner_toml(&prov)).await?;
+    write_scripts(&prov, &cluster)?;
+    let group = "el";
+    let b0 = cluster.member("b0")?;
+    publish_payg(
+        &b0.files.admin_socket,
+        group,
+        &[
+            "--base-resources",
+            "1",
+            "--concurrent-sessions",
+            "1",
+            "--max-elastic",
+            "1",
+            "--usage-threshold",
+            "50",
+            "--scale-out-step",
+            "1",
+            "--max-idle",
+            "1s",
+            "--scale-in-cooldown",
+            "1s",
+        ],
+    )
+    .await?;
+    let before = wait_leases(pg, &url, "the group owned", |l| {
+        l.get(group).is_some_and(|l| l.owner.is_some())
+    })
+    .await?[group]
+        .clone();
+    let owner = before.owner.clone().context("owned")?;
+    let host = AgentProcess::start_configured(
+        &b0.files,
+        "h1",
+        b0.addr,
+        Some(group),
+        &cluster.others_line("b0"),
+    )
+    .await?;
+    host.wait_synced().await?;
+    wait_connected(&cluster.member(&owner)?.files.admin_socket, "h1").await?;
+
+    // One session on the one base host: usage 100 % > 50 %, a scale-out;
+    // the owner dies while the provisioner creates the host.
+    host.start_session("s1", "alice").await?;
+    let first = wait_create(&prov).await?;
+    let killed = kill_owner(&mut cluster, &before).await?;
+    eprintln!("the owner was killed while {first} was created");
+    let heir_socket = wait_heir(pg, &url, &cluster, group, &before, killed).await?;
+
+    // The scale-out completes at the new owner: one elastic host, ready,
+    // run by one process.
+    host.wait_synced().await?;
+    let deadline = Instant::now() + 3 * PATIENCE;
+    let ready = loop {
+        let l = live_resources(&heir_socket, group).await?;
+        let ready: Vec<String> = l
+            .iter()
+            .filter(|r| r.1 == "elastic" && r.2 == "ready" && r.3)
+            .map(|r| r.0.clone())
+            .collect();
+        if let [one] = ready.as_slice() {
+            break one.clone();
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no elastic host became ready: {l:?}; created {:?}",
+                provisioned(&prov, "create")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let created = provisioned(&prov, "create");
+    eprintln!("ready: {ready}; created {created:?}");
+    assert!(
+        created.values().all(|n| *n == 1),
+        "a resource was created twice: {created:?}"
+    );
+    let agents = host_agents(&hosts);
+    assert_eq!(
+        agents.get(&ready).map(Vec::len),
+        Some(1),
+        "{ready} must run once: {agents:?}"
+    );
+
+    // The load goes: the group scales in and every host created is deleted
+    // once; no host process or directory is left.
+    host.cli(&["session", "end", "--session", "s1", "--reason", "logout"])
+        .await?;
+    wait_elastic_released(&heir_socket, group).await?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let created = provisioned(&prov, "create");
+        let deleted = provisioned(&prov, "delete");
+        let agents = host_agents(&hosts);
+        let dirs: Vec<String> = std::fs::read_dir(&hosts)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if deleted == created && agents.is_empty() && dirs.is_empty() {
+            break;
+        }
+        if deleted.values().any(|n| *n > 1) || Instant::now() > deadline {
+            bail!(
+                "after the scale-in: created {created:?}, deleted {deleted:?}, \
+                 host agents {agents:?}, host directories {dirs:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        provisioned(&prov, "create").values().all(|n| *n == 1),
+        "a resource was created twice"
+    );
+    Ok(())
+}
