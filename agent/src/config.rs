@@ -49,8 +49,8 @@ pub struct AgentConfig {
     /// `broker_addr`).
     pub broker_name: String,
     /// Other brokers sharing the first one's store (`brokers`), tried in
-    /// turn when one cannot be reached; any of them sends the agent on to
-    /// the broker owning its group.
+    /// turn when one cannot be reached (enrollment too); any of them sends
+    /// the agent on to the broker owning its group.
     pub brokers: Vec<String>,
     /// CA certificate (PEM) that signed the broker's certificate.
     pub ca_cert: PathBuf,

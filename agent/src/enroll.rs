@@ -118,13 +118,22 @@ fn client_config(ca: &Path) -> Result<quinn::ClientConfig, EnrollError> {
 /// One enrollment: key and CSR, the exchange, the files written. Returns
 /// the resource the certificate names.
 pub async fn enroll(target: &EnrollTarget) -> Result<ResourceId, EnrollError> {
+    enroll_within(target, None).await
+}
+
+/// [`enroll`], the connection's handshake given at most `handshake` when
+/// set (the whole attempt still [`ENROLL_TIMEOUT`]).
+async fn enroll_within(
+    target: &EnrollTarget,
+    handshake: Option<Duration>,
+) -> Result<ResourceId, EnrollError> {
     let tls = client_config(&target.ca_cert)?;
     let (key, csr_der) = key_and_csr(&[]).map_err(EnrollError::Key)?;
     let request = EnrollMessage::V1(EnrollRequest {
         token: target.token.clone(),
         csr_der,
     });
-    let reply = tokio::time::timeout(ENROLL_TIMEOUT, exchange(target, tls, &request))
+    let reply = tokio::time::timeout(ENROLL_TIMEOUT, exchange(target, tls, &request, handshake))
         .await
         .map_err(|_| EnrollError::Connect {
             addr: target.broker_addr.clone(),
@@ -163,6 +172,7 @@ async fn exchange(
     target: &EnrollTarget,
     tls: quinn::ClientConfig,
     request: &EnrollMessage,
+    handshake: Option<Duration>,
 ) -> Result<EnrollReply, EnrollError> {
     let connect = |message: String| EnrollError::Connect {
         addr: target.broker_addr.clone(),
@@ -179,11 +189,16 @@ async fn exchange(
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     let endpoint = quinn::Endpoint::client(bind).map_err(|e| connect(e.to_string()))?;
-    let conn = endpoint
+    let connecting = endpoint
         .connect_with(tls, addr, &target.broker_name)
-        .map_err(|e| connect(e.to_string()))?
-        .await
         .map_err(|e| connect(e.to_string()))?;
+    let conn = match handshake {
+        None => connecting.await,
+        Some(limit) => tokio::time::timeout(limit, connecting)
+            .await
+            .map_err(|_| connect(format!("no handshake within {limit:?}")))?,
+    }
+    .map_err(|e| connect(e.to_string()))?;
     let result = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect(e.to_string()))?;
         send.write_all(&frame::preamble(PROTOCOL_VERSION))
@@ -216,9 +231,32 @@ async fn exchange(
 /// Enrolls, retrying while the broker cannot be reached, with the link's
 /// backoff between attempts.
 pub async fn enroll_with_retries(target: &EnrollTarget) -> Result<ResourceId, EnrollError> {
-    let mut attempt = 0;
+    enroll_among(target, &[]).await
+}
+
+/// As [`enroll_with_retries`], with `others`: the agent's other brokers
+/// (`brokers`), which share the first one's store and so know its tokens.
+/// A failed attempt that may pass moves to the next broker in turn, and
+/// each connection's handshake is then given the link's limit
+/// ([`crate::link::HANDSHAKE_LIMIT`]): a host created by a broker that died
+/// before the host enrolled enrolls with another one instead of waiting
+/// for the dead one until its token expires. Only the handshake is
+/// limited so: a broker that answered may have spent the token, and an
+/// attempt given up after that could not be made again.
+pub async fn enroll_among(
+    target: &EnrollTarget,
+    others: &[String],
+) -> Result<ResourceId, EnrollError> {
+    let handshake = (!others.is_empty()).then_some(crate::link::HANDSHAKE_LIMIT);
+    let mut at = target.clone();
+    let mut attempt: u32 = 0;
     loop {
-        match enroll(target).await {
+        let turn = usize::try_from(attempt).unwrap_or(0) % (1 + others.len());
+        at.broker_addr = match turn.checked_sub(1).and_then(|i| others.get(i)) {
+            Some(other) => other.clone(),
+            None => target.broker_addr.clone(),
+        };
+        match enroll_within(&at, handshake).await {
             Err(e) if e.is_retryable() && attempt + 1 < ENROLL_ATTEMPTS => {
                 attempt += 1;
                 let wait = crate::backoff::full_jitter(

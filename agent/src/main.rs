@@ -349,7 +349,7 @@ async fn run_agent(cli: &Cli) -> anyhow::Result<ExitCode> {
                 key: config.key.clone(),
                 expect: Some(config.resource.clone()),
             };
-            let resource = ferry_agent::enroll::enroll_with_retries(&target)
+            let resource = ferry_agent::enroll::enroll_among(&target, &config.brokers)
                 .await
                 .context("enroll")?;
             tracing::info!(%resource, "enrolled: certificate written");

@@ -15,14 +15,15 @@
 //!   broker that run each elastic host as a real `ferry-agent` under one
 //!   shared directory and log every create and delete by resource id), the
 //!   owner killed while its create script runs: the new owner does not
-//!   create that resource again; the host it started, whose enrollment
-//!   went to the dead broker, is given up at its register deadline and
-//!   deleted; another is created, registers with the new owner and takes
-//!   its place; once the load goes, the group scales in and every resource
-//!   created was deleted exactly once, with no host process or directory
-//!   left.
+//!   create that resource again; the host, told to enroll with the dead
+//!   broker, enrolls with another one of its `brokers` and registers with
+//!   the new owner, and is the group's one elastic host, run once; once the
+//!   load goes, the group scales in and every resource created was deleted
+//!   exactly once, with no host process or directory left.
 //!
-//! The agents are configured with every broker, as in production.
+//! Each agent is configured with every broker, the owner first (its
+//! `broker_addr`), so the owner's death sends every one of them to the
+//! others.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -51,8 +52,9 @@ const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 const HOOK_SECS: &str = "2";
 
 /// Three brokers, group `group` of three base hosts owned by one of them,
-/// whose agents (configured with every broker, hooks of [`hooks`] logging to
-/// `log`) are connected to the owner and synced. Returns the cluster, the
+/// whose agents (configured with the owner first, then the others, as
+/// `brokers`; hooks of [`hooks`] logging to `log`) are connected to the
+/// owner and synced: when the owner dies, its agents must find another. Returns the cluster, the
 /// group's lease and the agents.
 async fn fleet(
     pg: &PgCluster,
@@ -89,16 +91,18 @@ async fn fleet(
     let lease = leases[group].clone();
     let owner = lease.owner.clone().context("owned")?;
     let owner_socket = cluster.member(&owner)?.files.admin_socket.clone();
+    let owner_addr = cluster.member(&owner)?.addr;
     let mut agents = Vec::new();
     for host in HOSTS {
         // `brokers` before the `[hooks]` table.
         let extra = format!(
             "{}{}",
-            cluster.others_line("b0"),
+            cluster.others_line(&owner),
             hooks(&b0.files.dir, host, log, HOOK_SECS)?
         );
         let agent =
-            AgentProcess::start_configured(&b0.files, host, b0.addr, Some(group), &extra).await?;
+            AgentProcess::start_configured(&b0.files, host, owner_addr, Some(group), &extra)
+                .await?;
         agent.wait_synced().await?;
         wait_connected(&owner_socket, host).await?;
         agents.push(agent);
@@ -266,8 +270,9 @@ async fn an_ota_wave_survives_its_owners_sigkill_on_another_broker_updating_each
 
 /// The `[provisioner]` of every broker: `exec` scripts under `dir` that run
 /// elastic hosts under `dir/hosts` and log to `dir/provision.log` (see
-/// [`write_scripts`]); a host that has not registered 8 s after its
-/// scale-out is given up.
+/// [`write_scripts`]); a host that has not registered 30 s after its
+/// scale-out is given up (time for a host whose creator died to try it
+/// first, then another broker).
 fn provisioner_toml(dir: &Path) -> String {
     let script = |name: &str| {
         format!(
@@ -277,7 +282,7 @@ fn provisioner_toml(dir: &Path) -> String {
     };
     format!(
         "\n[provisioner]\nkind = \"exec\"\ncreate = {}\ndelete = {}\n\
-         register_timeout = \"8s\"\ntimeout = \"30s\"\n",
+         register_timeout = \"30s\"\ntimeout = \"30s\"\n",
         script("create"),
         script("delete")
     )
@@ -457,9 +462,9 @@ async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_noth
     let host = AgentProcess::start_configured(
         &b0.files,
         "h1",
-        b0.addr,
+        cluster.member(&owner)?.addr,
         Some(group),
-        &cluster.others_line("b0"),
+        &cluster.others_line(&owner),
     )
     .await?;
     host.wait_synced().await?;
@@ -501,6 +506,9 @@ async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_noth
         created.values().all(|n| *n == 1),
         "a resource was created twice: {created:?}"
     );
+    // Not given up for another: the host whose creator died joined.
+    assert_eq!(ready, first, "created {created:?}");
+    assert_eq!(created.len(), 1, "created {created:?}");
     let agents = host_agents(&hosts);
     assert_eq!(
         agents.get(&ready).map(Vec::len),
