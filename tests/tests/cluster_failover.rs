@@ -10,7 +10,6 @@
 //! - An OTA wave (one host at a time), the owner killed while a host runs
 //!   its update hook: the new owner finishes the schedule, every host is
 //!   `done`, and no host started or ran the update hook twice.
-//!
 //! - A scale-out through the `exec` provisioner (scripts shared by every
 //!   broker that run each elastic host as a real `ferry-agent` under one
 //!   shared directory and log every create and delete by resource id), the
@@ -20,13 +19,17 @@
 //!   the new owner, and is the group's one elastic host, run once; once the
 //!   load goes, the group scales in and every resource created was deleted
 //!   exactly once, with no host process or directory left.
+//! - A scale-in, the owner killed while its delete script runs (the script
+//!   stops short when its broker died, as a command killed with the
+//!   broker's control group would): the new owner deletes the host again,
+//!   to its end, and nothing is left or created again.
 //!
 //! Each agent is configured with every broker, the owner first (its
 //! `broker_addr`), so the owner's death sends every one of them to the
 //! others.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -47,6 +50,9 @@ const LEASE: Duration = Duration::from_secs(3);
 
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 
+/// The group of the elastic tests.
+const ELASTIC: &str = "el";
+
 /// How long each image or update hook runs: long enough that the owner is
 /// killed while one runs, short enough for three hosts one after another.
 const HOOK_SECS: &str = "2";
@@ -54,8 +60,8 @@ const HOOK_SECS: &str = "2";
 /// Three brokers, group `group` of three base hosts owned by one of them,
 /// whose agents (configured with the owner first, then the others, as
 /// `brokers`; hooks of [`hooks`] logging to `log`) are connected to the
-/// owner and synced: when the owner dies, its agents must find another. Returns the cluster, the
-/// group's lease and the agents.
+/// owner and synced: when the owner dies, its agents must find another.
+/// Returns the cluster, the group's lease and the agents.
 async fn fleet(
     pg: &PgCluster,
     url: &str,
@@ -295,9 +301,12 @@ fn provisioner_toml(dir: &Path) -> String {
 /// `broker_addr`, every broker in `brokers`, the enrollment token) and
 /// starts `ferry-agent run` in its own session, its pid in `pid`; a host
 /// already there is left as it is (a create is idempotent by resource id).
-/// `delete RESOURCE` logs `delete RESOURCE`, stops the agent (SIGTERM, then
-/// SIGKILL after 5 s) and removes the host's directory; deleting what is
-/// not there succeeds.
+/// `delete RESOURCE` logs `delete RESOURCE`, takes two seconds, then stops
+/// short (logging `abandoned RESOURCE`, failing) if the broker that ran it
+/// died meanwhile, as a command killed with its broker's control group
+/// would: a delete in progress is lost with its broker. Else it stops the
+/// agent (SIGTERM, then SIGKILL after 5 s), removes the host's directory
+/// and logs `deleted RESOURCE`; deleting what is not there succeeds.
 fn write_scripts(dir: &Path, cluster: &Cluster) -> anyhow::Result<()> {
     let (log, hosts) = (dir.join("provision.log"), dir.join("hosts"));
     std::fs::create_dir_all(&hosts)?;
@@ -337,6 +346,8 @@ echo $! > "$d/pid"
     let delete = format!(
         r#"d='{hosts}'/"$1"
 echo "delete $1" >> '{log}'
+sleep 2
+if ! kill -0 "$PPID" 2>/dev/null; then echo "abandoned $1" >> '{log}'; exit 1; fi
 if [ -f "$d/pid" ]; then
   pid=$(cat "$d/pid")
   kill -TERM "$pid" 2>/dev/null
@@ -345,6 +356,7 @@ if [ -f "$d/pid" ]; then
   kill -KILL "$pid" 2>/dev/null
 fi
 rm -rf "$d"
+echo "deleted $1" >> '{log}'
 "#,
         hosts = hosts.display(),
         log = log.display(),
@@ -354,8 +366,8 @@ rm -rf "$d"
     Ok(())
 }
 
-/// How many times the provisioner's log says `op` (`create`, `delete`) of
-/// each resource.
+/// How many times the provisioner's log says `op` (`create`, `delete`,
+/// `abandoned`, `deleted`) of each resource.
 fn provisioned(dir: &Path, op: &str) -> BTreeMap<String, usize> {
     let text = std::fs::read_to_string(dir.join("provision.log")).unwrap_or_default();
     let mut out = BTreeMap::new();
@@ -401,40 +413,40 @@ impl Drop for NoLeftovers {
     }
 }
 
-/// Polls the provisioner's log until it says `create` of some resource;
+/// Polls the provisioner's log until it says `op` of some resource;
 /// returns it.
-async fn wait_create(dir: &Path) -> anyhow::Result<String> {
+async fn wait_op(dir: &Path, op: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + PATIENCE;
     loop {
-        if let Some(r) = provisioned(dir, "create").into_keys().next() {
+        if let Some(r) = provisioned(dir, op).into_keys().next() {
             return Ok(r);
         }
         if Instant::now() > deadline {
-            bail!("no create in {PATIENCE:?}");
+            bail!("no {op} in {PATIENCE:?}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_nothing_twice_and_leaking_nothing(
-) -> anyhow::Result<()> {
-    let Some((pg, url)) = database("failover_scale")? else {
-        return Ok(());
-    };
-    let tmp = tempfile::tempdir()?;
-    let prov = tmp.path().join("provisioner");
+/// Three brokers with the provisioner of [`write_scripts`] under
+/// `dir/provisioner`, group `el` (one base host, one session a host,
+/// scale-out above 50 %, one elastic host at most, scale-in after a second
+/// idle) owned by one of them, and its base host `h1` connected to the
+/// owner. Returns the cluster, the provisioner's directory, the group's
+/// lease and the host.
+async fn elastic_fleet(
+    pg: &PgCluster,
+    url: &str,
+    dir: &Path,
+) -> anyhow::Result<(Cluster, PathBuf, Lease, AgentProcess)> {
+    let prov = dir.join("provisioner");
     std::fs::create_dir_all(&prov)?;
-    let hosts = prov.join("hosts");
-    let _cleanup = NoLeftovers(hosts.clone());
-    let mut cluster =
-        Cluster::start_with(tmp.path(), &url, 3, LEASE_TOML, &provisioner_toml(&prov)).await?;
+    let cluster = Cluster::start_with(dir, url, 3, LEASE_TOML, &provisioner_toml(&prov)).await?;
     write_scripts(&prov, &cluster)?;
-    let group = "el";
     let b0 = cluster.member("b0")?;
     publish_payg(
         &b0.files.admin_socket,
-        group,
+        ELASTIC,
         &[
             "--base-resources",
             "1",
@@ -453,53 +465,101 @@ async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_noth
         ],
     )
     .await?;
-    let before = wait_leases(pg, &url, "the group owned", |l| {
-        l.get(group).is_some_and(|l| l.owner.is_some())
+    let before = wait_leases(pg, url, "the group owned", |l| {
+        l.get(ELASTIC).is_some_and(|l| l.owner.is_some())
     })
-    .await?[group]
+    .await?[ELASTIC]
         .clone();
     let owner = before.owner.clone().context("owned")?;
     let host = AgentProcess::start_configured(
         &b0.files,
         "h1",
         cluster.member(&owner)?.addr,
-        Some(group),
+        Some(ELASTIC),
         &cluster.others_line(&owner),
     )
     .await?;
     host.wait_synced().await?;
     wait_connected(&cluster.member(&owner)?.files.admin_socket, "h1").await?;
+    Ok((cluster, prov, before, host))
+}
 
-    // One session on the one base host: usage 100 % > 50 %, a scale-out;
-    // the owner dies while the provisioner creates the host.
-    host.start_session("s1", "alice").await?;
-    let first = wait_create(&prov).await?;
-    let killed = kill_owner(&mut cluster, &before).await?;
-    eprintln!("the owner was killed while {first} was created");
-    let heir_socket = wait_heir(pg, &url, &cluster, group, &before, killed).await?;
-
-    // The scale-out completes at the new owner: one elastic host, ready,
-    // run by one process.
-    host.wait_synced().await?;
+/// Waits until the group has one elastic host, ready and available, as the
+/// broker at `socket` sees it; returns it.
+async fn wait_one_ready(socket: &Path, prov: &Path) -> anyhow::Result<String> {
     let deadline = Instant::now() + 3 * PATIENCE;
-    let ready = loop {
-        let l = live_resources(&heir_socket, group).await?;
+    loop {
+        let l = live_resources(socket, ELASTIC).await?;
         let ready: Vec<String> = l
             .iter()
             .filter(|r| r.1 == "elastic" && r.2 == "ready" && r.3)
             .map(|r| r.0.clone())
             .collect();
         if let [one] = ready.as_slice() {
-            break one.clone();
+            return Ok(one.clone());
         }
         if Instant::now() > deadline {
             bail!(
                 "no elastic host became ready: {l:?}; created {:?}",
-                provisioned(&prov, "create")
+                provisioned(prov, "create")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// After the scale-in (every elastic resource released, as the broker at
+/// `socket` sees it): waits until every resource created was deleted
+/// (the delete ran to its end) exactly once, and no host process or
+/// directory is left.
+async fn wait_nothing_left(socket: &Path, prov: &Path) -> anyhow::Result<()> {
+    wait_elastic_released(socket, ELASTIC).await?;
+    let hosts = prov.join("hosts");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let created = provisioned(prov, "create");
+        let deleted = provisioned(prov, "deleted");
+        let agents = host_agents(&hosts);
+        let dirs: Vec<String> = std::fs::read_dir(&hosts)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        if deleted == created && agents.is_empty() && dirs.is_empty() {
+            return Ok(());
+        }
+        if deleted.values().any(|n| *n > 1) || Instant::now() > deadline {
+            bail!(
+                "after the scale-in: created {created:?}, deleted {deleted:?}, \
+                 host agents {agents:?}, host directories {dirs:?}; the provisioner's log:\n{}",
+                std::fs::read_to_string(prov.join("provision.log")).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_nothing_twice_and_leaking_nothing(
+) -> anyhow::Result<()> {
+    let Some((pg, url)) = database("failover_scale_out")? else {
+        return Ok(());
     };
+    let tmp = tempfile::tempdir()?;
+    let _cleanup = NoLeftovers(tmp.path().join("provisioner").join("hosts"));
+    let (mut cluster, prov, before, host) = elastic_fleet(pg, &url, tmp.path()).await?;
+
+    // One session on the one base host: usage 100 % > 50 %, a scale-out;
+    // the owner dies while the provisioner creates the host.
+    host.start_session("s1", "alice").await?;
+    let first = wait_op(&prov, "create").await?;
+    let killed = kill_owner(&mut cluster, &before).await?;
+    eprintln!("the owner was killed while {first} was created");
+    let heir_socket = wait_heir(pg, &url, &cluster, ELASTIC, &before, killed).await?;
+
+    // The scale-out completes at the new owner: one elastic host, ready,
+    // run by one process, the one being created at the kill.
+    host.wait_synced().await?;
+    let ready = wait_one_ready(&heir_socket, &prov).await?;
     let created = provisioned(&prov, "create");
     eprintln!("ready: {ready}; created {created:?}");
     assert!(
@@ -509,7 +569,7 @@ async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_noth
     // Not given up for another: the host whose creator died joined.
     assert_eq!(ready, first, "created {created:?}");
     assert_eq!(created.len(), 1, "created {created:?}");
-    let agents = host_agents(&hosts);
+    let agents = host_agents(&prov.join("hosts"));
     assert_eq!(
         agents.get(&ready).map(Vec::len),
         Some(1),
@@ -520,30 +580,48 @@ async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_noth
     // once; no host process or directory is left.
     host.cli(&["session", "end", "--session", "s1", "--reason", "logout"])
         .await?;
-    wait_elastic_released(&heir_socket, group).await?;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let created = provisioned(&prov, "create");
-        let deleted = provisioned(&prov, "delete");
-        let agents = host_agents(&hosts);
-        let dirs: Vec<String> = std::fs::read_dir(&hosts)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        if deleted == created && agents.is_empty() && dirs.is_empty() {
-            break;
-        }
-        if deleted.values().any(|n| *n > 1) || Instant::now() > deadline {
-            bail!(
-                "after the scale-in: created {created:?}, deleted {deleted:?}, \
-                 host agents {agents:?}, host directories {dirs:?}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        provisioned(&prov, "create").values().all(|n| *n == 1),
-        "a resource was created twice"
+    wait_nothing_left(&heir_socket, &prov).await?;
+    assert_eq!(provisioned(&prov, "create"), created, "created again");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scale_in_delete_lost_with_its_owner_is_made_again_by_another_broker_leaking_nothing(
+) -> anyhow::Result<()> {
+    let Some((pg, url)) = database("failover_scale_in")? else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let _cleanup = NoLeftovers(tmp.path().join("provisioner").join("hosts"));
+    let (mut cluster, prov, before, host) = elastic_fleet(pg, &url, tmp.path()).await?;
+    let owner = before.owner.clone().context("owned")?;
+    let owner_socket = cluster.member(&owner)?.files.admin_socket.clone();
+
+    // A scale-out, completed by the owner.
+    host.start_session("s1", "alice").await?;
+    let ready = wait_one_ready(&owner_socket, &prov).await?;
+
+    // The load goes; the owner dies while the provisioner deletes the host
+    // (its delete is lost with it).
+    host.cli(&["session", "end", "--session", "s1", "--reason", "logout"])
+        .await?;
+    let deleting = wait_op(&prov, "delete").await?;
+    assert_eq!(deleting, ready);
+    let killed = kill_owner(&mut cluster, &before).await?;
+    eprintln!("the owner was killed while {deleting} was deleted");
+    let heir_socket = wait_heir(pg, &url, &cluster, ELASTIC, &before, killed).await?;
+
+    // The new owner deletes it: nothing is left, nothing created again.
+    wait_nothing_left(&heir_socket, &prov).await?;
+    assert_eq!(
+        provisioned(&prov, "abandoned"),
+        BTreeMap::from([(ready.clone(), 1)]),
+        "the first delete was to be lost with its broker"
+    );
+    assert_eq!(
+        provisioned(&prov, "create"),
+        BTreeMap::from([(ready, 1)]),
+        "created again"
     );
     Ok(())
 }

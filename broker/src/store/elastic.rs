@@ -257,6 +257,31 @@ impl Store {
         self.exec(move |c| insert_pending(c, num, &e, &r, at)).await
     }
 
+    /// The elastic resources of group `num` released or failed whose delete
+    /// is not recorded (`deleted_at`), oldest first: the provisioner deletes
+    /// them after the release, so these are deletes an owner of the group
+    /// started and did not see through (it died or lost the group
+    /// meanwhile), or gave up on.
+    pub async fn elastic_undeleted(&self, num: i64) -> Result<Vec<ResourceId>, StoreError> {
+        let rows = self
+            .read(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT resource FROM elastic_resources
+                     WHERE group_num = ?1 AND engine_id LIKE 'e%'
+                         AND state IN ('released', 'failed') AND deleted_at IS NULL
+                     ORDER BY requested_at, rowid",
+                )?;
+                let rows = stmt
+                    .query_map(args![num], columns::<String>)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|r| ResourceId::new(r.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect()
+    }
+
     /// The resources not deleted yet (pending, ready, releasing) of the
     /// groups that went away (recycling, gone, publish-failed) named `group`
     /// (a name or an id), or of every such group when `None`; by group, then
@@ -632,6 +657,33 @@ mod tests {
                 ),
                 ("e2".into(), RestoredState::Pending, "g-e2".into()),
             ]
+        );
+        // The failed one is not restored but still to delete, until its
+        // delete is recorded; so is one released.
+        assert_eq!(
+            store.elastic_undeleted(1).await.expect("undeleted"),
+            [rid("g-e3")]
+        );
+        let ops = vec![ElasticOp::State {
+            engine_id: rid("e1"),
+            state: ElasticState::Released,
+            at: UnixMillis(90),
+        }];
+        store
+            .exec(move |c| write_ops(c, 1, &ops))
+            .await
+            .expect("write");
+        assert_eq!(
+            store.elastic_undeleted(1).await.expect("undeleted"),
+            [rid("g-e1"), rid("g-e3")]
+        );
+        store
+            .record_elastic_deleted(1, &rid("g-e3"), UnixMillis(95), false)
+            .await
+            .expect("deleted");
+        assert_eq!(
+            store.elastic_undeleted(1).await.expect("undeleted"),
+            [rid("g-e1")]
         );
         store.close().await;
     }

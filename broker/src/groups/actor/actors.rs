@@ -395,6 +395,7 @@ impl GroupActors {
             .end_unrecorded_elastic_intervals(num, now)
             .await?;
         let (restored, next_elastic) = self.shared.store.elastic_of(num).await?;
+        let undeleted = self.shared.store.elastic_undeleted(num).await?;
         if closed > 0 {
             tracing::warn!(group = %row.name, closed, "closed elastic intervals of an earlier run");
         }
@@ -460,6 +461,7 @@ impl GroupActors {
             .map_err(|e| ActorError::Engine(row.name.clone(), e))?;
         actor.engine.drain_decisions().for_each(drop);
         actor.restore_elastic(restored);
+        actor.delete_again(undeleted);
         Ok((actor, inbox, ActorHandle { tx, token }))
     }
 

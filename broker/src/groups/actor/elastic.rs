@@ -692,6 +692,28 @@ impl super::Actor {
         }
     }
 
+    /// Deletes again, through the provisioner, the released or failed
+    /// resources whose delete is not recorded: an earlier owner of the group
+    /// (this broker before a restart, or another broker that died or lost
+    /// the group) decided it and did not see it through. Their state is
+    /// final, so nothing else would delete them; a delete is idempotent by
+    /// resource id, a host left running is not.
+    pub(super) fn delete_again(&mut self, undeleted: Vec<ResourceId>) {
+        if !self.elastic.provisioned() {
+            return;
+        }
+        for real in undeleted {
+            self.note(
+                "restored",
+                format!(
+                    "restored: {real} was released but its delete was not seen through by \
+                     the earlier owner of the group; it is deleted again"
+                ),
+            );
+            self.elastic.delete(real);
+        }
+    }
+
     /// How long a created host has to register, as events say it (empty
     /// without a provisioner).
     pub(super) fn register_timeout(&self) -> String {
