@@ -189,6 +189,9 @@ pub struct AdminContext {
     pub ota: crate::ota::Ota,
     /// Who this broker is among those sharing its store; `None` alone.
     pub cluster: Option<crate::cluster::ClusterSettings>,
+    /// How requests that need a group's owner reach it when another broker
+    /// owns the group; `None` alone, and for requests forwarded here.
+    pub peers: Option<Arc<crate::peer::Peers>>,
 }
 
 /// Serves admin connections until `shutdown`: peers `access` allows, with
@@ -423,6 +426,63 @@ impl From<StoredSession> for SessionInfo {
 /// Answers one request. Read requests change nothing; commands change only
 /// what the agent confirms.
 pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
+    if let Some(peers) = &ctx.peers {
+        if let Some((group, address)) = owner_elsewhere(ctx, &req).await {
+            return match peers.forward(&address, req).await {
+                Ok(answer) => answer,
+                Err(e) => error(
+                    AdminErrorCode::NotConnected,
+                    format!(
+                        "group {group} is served by the broker at {address}, which this broker \
+                         could not ask: {e}"
+                    ),
+                ),
+            };
+        }
+    }
+    handle_here(ctx, req).await
+}
+
+/// The group `req` acts on and its owner's address, when the request needs
+/// the owner's live state (an agent's command goes through the broker its
+/// agent is connected to; a group's live view is its owner's) and another
+/// broker owns the group: such a request is forwarded there
+/// ([`crate::peer`]).
+async fn owner_elsewhere(
+    ctx: &AdminContext,
+    req: &AdminRequestV1,
+) -> Option<(ferry_common::GroupName, String)> {
+    let group_of = |resource: ResourceId| async move {
+        if ctx.registry.get(&resource).is_some() {
+            // Its agent is connected here.
+            return None;
+        }
+        known_resource(ctx, &resource).await.ok()??.group
+    };
+    let group = match req {
+        AdminRequestV1::Drain { resource } | AdminRequestV1::Undrain { resource } => {
+            group_of(resource.clone()).await?
+        }
+        AdminRequestV1::DisconnectSession { session } => {
+            let hosts = ctx.store.open_session_hosts(session).await.ok()?;
+            match hosts.as_slice() {
+                [one] => group_of(one.clone()).await?,
+                _ => return None,
+            }
+        }
+        AdminRequestV1::GroupShow { group } | AdminRequestV1::GroupShowWithPolicy { group } => {
+            group.clone()
+        }
+        _ => return None,
+    };
+    match ctx.groups.actors().ownership().owner(&group) {
+        Owner::At(address) => Some((group, address)),
+        _ => None,
+    }
+}
+
+/// Answers `req` with this broker's state.
+async fn handle_here(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
     match req {
         AdminRequestV1::Status => match ctx.store.counts().await {
             Ok(c) => AdminResponseV1::Status(StatusReport {
@@ -1125,6 +1185,7 @@ mod tests {
             groups,
             ota,
             cluster: None,
+            peers: None,
         };
         tracker.spawn(serve_with(
             listener,

@@ -364,6 +364,30 @@ impl Broker {
         (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
     ) {
         let (tracker, tasks) = (&self.tracker, &self.tasks);
+        // Brokers sharing a store forward to each other the operator's
+        // requests that need a group's owner.
+        let peers = match &self.cluster {
+            None => None,
+            Some(_) => match (
+                crate::peer::Peers::new(&config.pki_dir),
+                crate::peer::PeerKey::load(&config.pki_dir),
+            ) {
+                (Ok(peers), Ok(key)) => Some((Arc::new(peers), key)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e,
+                        "requests for groups served by other brokers will not be forwarded");
+                    None
+                }
+            },
+        };
+        let admin_ctx = AdminContext {
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            groups: self.groups.clone(),
+            ota: self.ota.clone(),
+            cluster: self.cluster.clone(),
+            peers: peers.as_ref().map(|(p, _)| p.clone()),
+        };
         let services = Services {
             agent: Some(Arc::new(link::AgentLink::new(LinkContext {
                 store: self.store.clone(),
@@ -396,6 +420,10 @@ impl Broker {
                 keys.tickets,
                 &config.endpoint,
             ))),
+            peer: peers.map(|(_, key)| {
+                Arc::new(crate::peer::PeerService::new(admin_ctx.clone(), key))
+                    as Arc<dyn crate::endpoint::EndpointService>
+            }),
         };
         tracker.spawn(endpoint::serve(
             endpoint,
@@ -412,13 +440,6 @@ impl Broker {
             self.groups.actors().ownership().clone(),
             tasks.clone(),
         ));
-        let admin_ctx = AdminContext {
-            store: self.store,
-            registry: self.registry,
-            groups: self.groups,
-            ota: self.ota,
-            cluster: self.cluster,
-        };
         tracker.spawn(admin::serve(
             listener,
             admin_ctx,

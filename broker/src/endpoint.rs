@@ -1,10 +1,12 @@
 //! The broker's one QUIC endpoint and what it serves.
 //!
-//! Every peer (agents, end users' clients, hosts enrolling) reaches the same
-//! UDP port. TLS accepts a connection with or without a client certificate;
-//! once its handshake is done the connection is handed to the service of its
-//! ALPN ([`Services`]): the agent link ([`ferry_common::ALPN_AGENT`]), routing
-//! ([`ferry_common::ALPN_ROUTE`]) or enrollment ([`ferry_common::ALPN_ENROLL`]).
+//! Every peer (agents, end users' clients, hosts enrolling, the other brokers
+//! of a cluster) reaches the same UDP port. TLS accepts a connection with or
+//! without a client certificate; once its handshake is done the connection is
+//! handed to the service of its ALPN ([`Services`]): the agent link
+//! ([`ferry_common::ALPN_AGENT`]), routing ([`ferry_common::ALPN_ROUTE`]),
+//! enrollment ([`ferry_common::ALPN_ENROLL`]) or requests forwarded by
+//! another broker ([`ferry_common::ALPN_PEER`], `crate::peer`).
 //! Handshakes in flight have one limit for every protocol; each service owns
 //! its own connection limit, so one kind of client cannot take the fleet's
 //! agents' places.
@@ -196,6 +198,8 @@ pub struct Services {
     pub route: Option<Arc<dyn EndpointService>>,
     /// [`ferry_common::ALPN_ENROLL`]: new hosts presenting an enrollment token.
     pub enroll: Option<Arc<dyn EndpointService>>,
+    /// [`ferry_common::ALPN_PEER`]: other brokers of the cluster (`crate::peer`).
+    pub peer: Option<Arc<dyn EndpointService>>,
 }
 
 impl Services {
@@ -208,6 +212,7 @@ impl Services {
             Some(ferry_common::ALPN_AGENT) => self.agent.as_ref().map(|s| (s, false)),
             Some(ferry_common::ALPN_ROUTE) => self.route.as_ref().map(|s| (s, true)),
             Some(ferry_common::ALPN_ENROLL) => self.enroll.as_ref().map(|s| (s, true)),
+            Some(ferry_common::ALPN_PEER) => self.peer.as_ref().map(|s| (s, true)),
             _ => None,
         }
     }

@@ -19,6 +19,7 @@ mod link_tests;
 pub mod listing;
 pub mod notify;
 pub mod ota;
+pub mod peer;
 pub mod pki;
 pub mod provision;
 pub mod registry;

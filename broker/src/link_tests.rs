@@ -738,6 +738,7 @@ async fn admin_drain_and_disconnect_go_through_the_agent() {
         groups,
         ota,
         cluster: None,
+        peers: None,
     };
     let mut a = b.agent("host-1").await;
     a.welcome("host-1", 1).await;

@@ -234,6 +234,12 @@ pub fn issue_broker(dir: &Path, broker_names: &[String]) -> Result<Vec<String>, 
 
 /// The DNS and IP names of the broker certificate at `path`; none when
 /// there is no such file.
+/// The names (DNS or IP SANs) of the broker certificate at `path`; empty
+/// when there is none.
+pub fn broker_names(path: &Path) -> Result<Vec<String>, PkiError> {
+    current_broker_names(path)
+}
+
 fn current_broker_names(path: &Path) -> Result<Vec<String>, PkiError> {
     use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
     if !path.exists() {

@@ -39,4 +39,8 @@ pub const ALPN_ROUTE: &[u8] = b"ferry-route/1";
 pub const ALPN_ENROLL: &[u8] = b"ferry-enroll/1";
 
 /// Every protocol the broker's QUIC endpoint serves, in order of preference.
-pub const BROKER_ALPNS: [&[u8]; 3] = [ALPN_AGENT, ALPN_ROUTE, ALPN_ENROLL];
+/// ALPN identifier of requests between brokers sharing a store (an
+/// operator's request forwarded to the broker owning its group).
+pub const ALPN_PEER: &[u8] = b"ferry-peer/1";
+
+pub const BROKER_ALPNS: [&[u8]; 4] = [ALPN_AGENT, ALPN_ROUTE, ALPN_ENROLL, ALPN_PEER];

@@ -245,6 +245,34 @@ async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
             m.id
         );
     }
+    // Through a broker that does not own the group, the operator sees its
+    // live state and drains its host: both are the owner's, forwarded.
+    let host = format!("host-{g}");
+    let show = ferryctl_json(&other.files.admin_socket, &["group", "show", g]).await?;
+    let live = &show["live"]["resources"];
+    live.as_array()
+        .and_then(|rs| rs.iter().find(|r| r["resource"] == host.as_str()))
+        .with_context(|| format!("no live view of {g} through {}: {show:#}", other.id))?;
+    assert_eq!(
+        show["live"]["demand"], 2,
+        "alice's and bob's slots: {show:#}"
+    );
+    ferryctl_json(&other.files.admin_socket, &["resources", "drain", &host]).await?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let show = ferryctl_json(&other.files.admin_socket, &["group", "show", g]).await?;
+        let available = show["live"]["resources"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["resource"] == host.as_str()))
+            .map(|r| r["available"].clone());
+        if available == Some(serde_json::Value::Bool(false)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{host} never drained: {show:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 

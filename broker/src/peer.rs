@@ -1,0 +1,331 @@
+//! Brokers sharing a store forward an operator's request to the broker that
+//! owns its group (ALPN [`ferry_common::ALPN_PEER`]), so `ferryctl` on any
+//! broker drains a host, ends a session or shows a group's live state
+//! wherever the group is served.
+//!
+//! The requests an operator may make of a broker's admin socket are its
+//! whole power over the fleet, so only another broker of the cluster may
+//! make them over the network. Brokers sharing a store share their PKI
+//! directory and with it the broker key; a peer proves it holds that key
+//! by an HMAC, under a key derived from it, of keying material exported
+//! from the TLS session of this very connection (RFC 5705): the proof
+//! cannot be replayed on another connection, and the TLS handshake has
+//! already shown that the answering side holds the broker certificate.
+//! A request that arrives this way is answered by this broker alone: it is
+//! never forwarded again.
+//!
+//! One connection per request: the preamble, one [`PeerMessage`] frame
+//! (bounded by `MAX_ADMIN_FRAME_LEN`), one `AdminResponseV1` frame back.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+use ferry_common::admin::{AdminError, AdminErrorCode, AdminRequestV1, AdminResponseV1};
+use ferry_common::frame::{self, PreambleReply};
+use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
+use ferry_common::PROTOCOL_VERSION;
+use serde::{Deserialize, Serialize};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminContext;
+use crate::endpoint::{answer_preamble, EndpointService};
+use crate::pki::{self, PkiError};
+
+/// Longest wait for each step of a forwarded request (connecting, the
+/// owner's answer). A drain waits for the agent's answer, itself bounded.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Label of the proof key derived from the broker key.
+const PROOF_KEY_LABEL: &[u8] = b"ferry broker peer proof key v1";
+/// Label of the keying material exported from the TLS session.
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-peer-proof-v1";
+
+/// What a broker sends another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerMessage {
+    V1 {
+        /// HMAC-SHA256 of this connection's exported keying material.
+        proof: Vec<u8>,
+        request: AdminRequestV1,
+    },
+}
+
+/// The proof key, derived from the broker key all brokers of a cluster
+/// share.
+#[derive(Clone)]
+pub struct PeerKey(ring::hmac::Key);
+
+impl PeerKey {
+    /// Derives it from the broker key in `pki_dir`.
+    pub fn load(pki_dir: &Path) -> Result<PeerKey, PkiError> {
+        let path = pki_dir.join(pki::BROKER_KEY);
+        let secret = std::fs::read(&path)
+            .map_err(|e| PkiError::Tls(format!("read {}: {e}", path.display())))?;
+        Ok(PeerKey::from_secret(&secret))
+    }
+
+    fn from_secret(secret: &[u8]) -> PeerKey {
+        let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let derived = ring::hmac::sign(&master, PROOF_KEY_LABEL);
+        PeerKey(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            derived.as_ref(),
+        ))
+    }
+
+    fn material(conn: &quinn::Connection) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
+            .ok()?;
+        Some(out)
+    }
+
+    /// The proof for `conn`; `None` when its TLS session exports nothing.
+    fn prove(&self, conn: &quinn::Connection) -> Option<Vec<u8>> {
+        let material = PeerKey::material(conn)?;
+        Some(ring::hmac::sign(&self.0, &material).as_ref().to_vec())
+    }
+
+    /// Whether `proof` is this key's for `conn` (compared in constant time).
+    fn check(&self, conn: &quinn::Connection, proof: &[u8]) -> bool {
+        PeerKey::material(conn).is_some_and(|m| ring::hmac::verify(&self.0, &m, proof).is_ok())
+    }
+}
+
+/// The client side: sends a request to the broker at an address.
+pub struct Peers {
+    key: PeerKey,
+    config: quinn::ClientConfig,
+    /// A name of the shared broker certificate, checked in each handshake.
+    server_name: String,
+}
+
+impl Peers {
+    /// From the PKI directory all brokers share.
+    pub fn new(pki_dir: &Path) -> Result<Peers, PkiError> {
+        let config =
+            pki::client_config_for(&pki_dir.join(pki::CA_CERT), None, ferry_common::ALPN_PEER)?;
+        let server_name = pki::broker_names(&pki_dir.join(pki::BROKER_CERT))?
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| "localhost".to_owned());
+        Ok(Peers {
+            key: PeerKey::load(pki_dir)?,
+            config,
+            server_name,
+        })
+    }
+
+    /// Sends `request` to the broker at `address` (`host:port`) and returns
+    /// its answer, or why there is none (in words for the operator).
+    pub async fn forward(
+        &self,
+        address: &str,
+        request: AdminRequestV1,
+    ) -> Result<AdminResponseV1, String> {
+        let addr = resolve(address).await?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("QUIC endpoint: {e}"))?;
+        let answer = self.ask(&endpoint, addr, request).await;
+        endpoint.close(0u32.into(), b"done");
+        answer
+    }
+
+    async fn ask(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        request: AdminRequestV1,
+    ) -> Result<AdminResponseV1, String> {
+        let connecting = endpoint
+            .connect_with(self.config.clone(), addr, &self.server_name)
+            .map_err(|e| e.to_string())?;
+        let conn = timeout(PEER_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "no answer within 30 s".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let proof = self
+            .key
+            .prove(&conn)
+            .ok_or("the TLS session exports no keying material")?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let message = frame::encode_frame(&PeerMessage::V1 { proof, request }, MAX_ADMIN_FRAME_LEN)
+            .map_err(|e| e.to_string())?;
+        let mut first = Vec::with_capacity(frame::PREAMBLE_LEN + message.len());
+        first.extend_from_slice(&frame::preamble(PROTOCOL_VERSION));
+        first.extend_from_slice(&message);
+        send.write_all(&first).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let work = async {
+            PreambleReply::expect_accepted(&mut recv)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|v| format!("it speaks protocol {}: {}", v.supported, v.message))?;
+            frame::read_message_within::<AdminResponseV1, _, MAX_ADMIN_FRAME_LEN>(&mut recv)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "it closed the stream without an answer".to_owned())
+        };
+        let answer = timeout(PEER_TIMEOUT, work)
+            .await
+            .map_err(|_| "no answer within 30 s".to_owned())?;
+        conn.close(0u32.into(), b"done");
+        answer
+    }
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("resolve {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{address} has no address"))
+}
+
+/// The server side: answers other brokers' requests with this broker's
+/// admin handler (which does not forward them again).
+pub struct PeerService {
+    ctx: AdminContext,
+    key: PeerKey,
+}
+
+impl PeerService {
+    /// `ctx` must not forward (`peers: None`).
+    pub fn new(mut ctx: AdminContext, key: PeerKey) -> PeerService {
+        ctx.peers = None;
+        PeerService { ctx, key }
+    }
+}
+
+impl EndpointService for PeerService {
+    fn serve(
+        &self,
+        conn: quinn::Connection,
+        token: CancellationToken,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let (ctx, key) = (self.ctx.clone(), self.key.clone());
+        Box::pin(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = serve_one(&ctx, &key, &conn) => {}
+            }
+            conn.close(0u32.into(), b"done");
+        })
+    }
+}
+
+async fn serve_one(ctx: &AdminContext, key: &PeerKey, conn: &quinn::Connection) {
+    let Ok(Ok((mut send, mut recv))) = timeout(PEER_TIMEOUT, conn.accept_bi()).await else {
+        return;
+    };
+    if answer_preamble(
+        &mut send,
+        &mut recv,
+        PEER_TIMEOUT,
+        "broker",
+        "run the same Ferry version on every broker",
+    )
+    .await
+    .is_err()
+    {
+        return;
+    }
+    let read = timeout(
+        PEER_TIMEOUT,
+        frame::read_message_within::<PeerMessage, _, MAX_ADMIN_FRAME_LEN>(&mut recv),
+    )
+    .await;
+    let answer = match read {
+        Ok(Ok(Some(PeerMessage::V1 { proof, request }))) => {
+            if key.check(conn, &proof) {
+                crate::admin::handle(ctx, request).await
+            } else {
+                tracing::warn!(remote = %conn.remote_address(),
+                    "refused a broker request: its proof does not match this cluster's broker key");
+                AdminResponseV1::Error(AdminError {
+                    code: AdminErrorCode::NotAllowed,
+                    message: "not a broker of this cluster (its broker key differs)".into(),
+                })
+            }
+        }
+        Ok(Err(e)) => AdminResponseV1::Error(AdminError {
+            code: AdminErrorCode::BadRequest,
+            message: format!("unreadable request: {e}"),
+        }),
+        _ => return,
+    };
+    let _ = timeout(
+        PEER_TIMEOUT,
+        frame::write_message(&mut send, &answer, MAX_ADMIN_FRAME_LEN),
+    )
+    .await;
+    let _ = send.finish();
+    let _ = timeout(PEER_TIMEOUT, send.stopped()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client connection to a server endpoint on 127.0.0.1:0 with the
+    /// broker's TLS configuration from `pki`, and the server's side of it.
+    async fn pair(pki: &Path, server: &quinn::Endpoint) -> (quinn::Connection, quinn::Connection) {
+        let client = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())
+            .expect("client endpoint");
+        let config = pki::client_config_for(&pki.join(pki::CA_CERT), None, ferry_common::ALPN_PEER)
+            .expect("client config");
+        let addr = server.local_addr().expect("addr");
+        let connecting = client
+            .connect_with(config, addr, "localhost")
+            .expect("connect");
+        let (c, s) = tokio::join!(connecting, async {
+            server.accept().await.expect("incoming").await
+        });
+        (c.expect("client side"), s.expect("server side"))
+    }
+
+    #[tokio::test]
+    async fn a_proof_holds_for_its_own_connection_and_key_only() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let pki = tmp.path().join("pki");
+        pki::init(&pki, &[]).expect("pki");
+        let server = quinn::Endpoint::server(
+            pki::server_config(&pki).expect("server config"),
+            (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        )
+        .expect("server endpoint");
+        let key = PeerKey::load(&pki).expect("key");
+        let (c1, s1) = pair(&pki, &server).await;
+        let (c2, s2) = pair(&pki, &server).await;
+        let proof = key.prove(&c1).expect("proof");
+        assert!(
+            key.check(&s1, &proof),
+            "the same key on the same connection"
+        );
+        assert!(!key.check(&s2, &proof), "replayed on another connection");
+        let stranger = PeerKey::from_secret(b"another cluster's broker key");
+        assert!(!key.check(&s1, &stranger.prove(&c1).expect("proof")));
+        assert!(key.check(&s2, &key.prove(&c2).expect("proof")));
+        assert!(!key.check(&s1, b""));
+    }
+
+    #[test]
+    fn the_proof_key_is_derived_not_the_broker_key_and_differs_per_broker_key() {
+        let tag = |k: &PeerKey| ring::hmac::sign(&k.0, b"material").as_ref().to_vec();
+        let a = PeerKey::from_secret(b"broker key A");
+        assert_eq!(tag(&a), tag(&PeerKey::from_secret(b"broker key A")));
+        assert_ne!(tag(&a), tag(&PeerKey::from_secret(b"broker key B")));
+        let master = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"broker key A");
+        assert_ne!(
+            tag(&a),
+            ring::hmac::sign(&master, b"material").as_ref().to_vec()
+        );
+    }
+}
