@@ -12,7 +12,8 @@
 //! cannot be replayed on another connection, and the TLS handshake has
 //! already shown that the answering side holds the broker certificate.
 //! A request that arrives this way is answered by this broker alone: it is
-//! never forwarded again.
+//! never forwarded again, and only the kinds a broker forwards
+//! ([`forwarded`]) are answered at all.
 //!
 //! One connection per request: the preamble, one [`PeerMessage`] frame
 //! (bounded by `MAX_ADMIN_FRAME_LEN`), one `AdminResponseV1` frame back.
@@ -221,6 +222,19 @@ impl EndpointService for PeerService {
     }
 }
 
+/// The requests a broker forwards (see `admin::owner_elsewhere`): nothing
+/// else is taken from another broker.
+pub fn forwarded(request: &AdminRequestV1) -> bool {
+    matches!(
+        request,
+        AdminRequestV1::Drain { .. }
+            | AdminRequestV1::Undrain { .. }
+            | AdminRequestV1::DisconnectSession { .. }
+            | AdminRequestV1::GroupShow { .. }
+            | AdminRequestV1::GroupShowWithPolicy { .. }
+    )
+}
+
 async fn serve_one(ctx: &AdminContext, key: &PeerKey, conn: &quinn::Connection) {
     let Ok(Ok((mut send, mut recv))) = timeout(PEER_TIMEOUT, conn.accept_bi()).await else {
         return;
@@ -244,7 +258,12 @@ async fn serve_one(ctx: &AdminContext, key: &PeerKey, conn: &quinn::Connection) 
     .await;
     let answer = match read {
         Ok(Ok(Some(PeerMessage::V1 { proof, request }))) => {
-            if key.check(conn, &proof) {
+            if !forwarded(&request) {
+                AdminResponseV1::Error(AdminError {
+                    code: AdminErrorCode::NotAllowed,
+                    message: "brokers forward only drains, disconnects and live views".into(),
+                })
+            } else if key.check(conn, &proof) {
                 crate::admin::handle(ctx, request).await
             } else {
                 tracing::warn!(remote = %conn.remote_address(),
