@@ -732,7 +732,12 @@ impl Spool {
             }
         }
         self.file_len += bytes.len() as u64;
-        self.write_error = None;
+        // An event written (synced) says the spool takes reports again; an
+        // acknowledgement, a few bytes that may still fit on a full disk,
+        // does not.
+        if sync {
+            self.write_error = None;
+        }
         Ok(())
     }
 
@@ -1329,9 +1334,12 @@ mod tests {
         h.append(start("s2")).await.unwrap_err();
         let shown = rx.borrow().last_error.clone().unwrap_or_default();
         assert!(shown.starts_with(SPOOL_FAILURE_PREFIX), "{shown}");
-        assert_eq!(h.failure(), Some(shown));
+        assert_eq!(h.failure(), Some(shown.clone()));
 
+        // An acknowledgement written meanwhile is no sign that events fit.
         mend_writes(&mut h.lock());
+        h.ack(1).await.unwrap();
+        assert_eq!(h.failure(), Some(shown));
         h.append(start("s2")).await.unwrap();
         assert_eq!(rx.borrow().last_error, None);
         assert_eq!(h.failure(), None);
