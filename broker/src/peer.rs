@@ -16,11 +16,13 @@
 //! ([`forwarded`]) are answered at all.
 //!
 //! One connection per request: the preamble, one [`PeerMessage`] frame
-//! (bounded by `MAX_ADMIN_FRAME_LEN`), one `AdminResponseV1` frame back.
+//! (at most [`MAX_PEER_FRAME_LEN`], within 5 s), one `AdminResponseV1`
+//! frame back; at most [`MAX_PEER_CONNECTIONS`] served at once.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_common::admin::{AdminError, AdminErrorCode, AdminRequestV1, AdminResponseV1};
@@ -35,9 +37,21 @@ use crate::admin::AdminContext;
 use crate::endpoint::{answer_preamble, EndpointService};
 use crate::pki::{self, PkiError};
 
-/// Longest wait for each step of a forwarded request (connecting, the
-/// owner's answer). A drain waits for the agent's answer, itself bounded.
+/// Longest wait for a forwarded request's answer, from resolving the
+/// owner's address on. A drain waits for the agent's answer, itself bounded.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest wait, on the owner's side, for a peer's preamble and request:
+/// it has not proven anything yet.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest request frame taken from a peer. A forwarded request names a
+/// host, a session or a group: a few hundred bytes.
+pub const MAX_PEER_FRAME_LEN: usize = 16 * 1024;
+
+/// Peer connections served at once; past it a new one is closed at once.
+/// Brokers forward one operator's request at a time each.
+pub const MAX_PEER_CONNECTIONS: usize = 16;
 
 /// Label of the proof key derived from the broker key.
 const PROOF_KEY_LABEL: &[u8] = b"ferry broker peer proof key v1";
@@ -121,8 +135,23 @@ impl Peers {
     }
 
     /// Sends `request` to the broker at `address` (`host:port`) and returns
-    /// its answer, or why there is none (in words for the operator).
+    /// its answer, or why there is none (in words for the operator), within
+    /// [`PEER_TIMEOUT`].
     pub async fn forward(
+        &self,
+        address: &str,
+        request: AdminRequestV1,
+    ) -> Result<AdminResponseV1, String> {
+        timeout(PEER_TIMEOUT, self.forward_now(address, request))
+            .await
+            .map_err(|_| {
+                "no answer within 30 s (a drain or disconnect may have been carried out \
+                 nonetheless: check before asking again)"
+                    .to_owned()
+            })?
+    }
+
+    async fn forward_now(
         &self,
         address: &str,
         request: AdminRequestV1,
@@ -148,16 +177,22 @@ impl Peers {
         let connecting = endpoint
             .connect_with(self.config.clone(), addr, &self.server_name)
             .map_err(|e| e.to_string())?;
-        let conn = timeout(PEER_TIMEOUT, connecting)
-            .await
-            .map_err(|_| "no answer within 30 s".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let conn = connecting.await.map_err(|e| match e {
+            quinn::ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::crypto(120) =>
+            {
+                // TLS no_application_protocol: a broker from before
+                // requests were forwarded.
+                "it does not take requests from other brokers (upgrade it)".to_owned()
+            }
+            e => e.to_string(),
+        })?;
         let proof = self
             .key
             .prove(&conn)
             .ok_or("the TLS session exports no keying material")?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let message = frame::encode_frame(&PeerMessage::V1 { proof, request }, MAX_ADMIN_FRAME_LEN)
+        let message = frame::encode_frame(&PeerMessage::V1 { proof, request }, MAX_PEER_FRAME_LEN)
             .map_err(|e| e.to_string())?;
         let mut first = Vec::with_capacity(frame::PREAMBLE_LEN + message.len());
         first.extend_from_slice(&frame::preamble(PROTOCOL_VERSION));
@@ -174,9 +209,7 @@ impl Peers {
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| "it closed the stream without an answer".to_owned())
         };
-        let answer = timeout(PEER_TIMEOUT, work)
-            .await
-            .map_err(|_| "no answer within 30 s".to_owned())?;
+        let answer = work.await;
         conn.close(0u32.into(), b"done");
         answer
     }
@@ -195,13 +228,19 @@ async fn resolve(address: &str) -> Result<SocketAddr, String> {
 pub struct PeerService {
     ctx: AdminContext,
     key: PeerKey,
+    /// Places of [`MAX_PEER_CONNECTIONS`].
+    places: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerService {
     /// `ctx` must not forward (`peers: None`).
     pub fn new(mut ctx: AdminContext, key: PeerKey) -> PeerService {
         ctx.peers = None;
-        PeerService { ctx, key }
+        PeerService {
+            ctx,
+            key,
+            places: Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS)),
+        }
     }
 }
 
@@ -212,7 +251,12 @@ impl EndpointService for PeerService {
         token: CancellationToken,
     ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
         let (ctx, key) = (self.ctx.clone(), self.key.clone());
+        let place = self.places.clone().try_acquire_owned();
         Box::pin(async move {
+            let Ok(_place) = place else {
+                conn.close(0u32.into(), b"busy");
+                return;
+            };
             tokio::select! {
                 _ = token.cancelled() => {}
                 _ = serve_one(&ctx, &key, &conn) => {}
@@ -236,13 +280,13 @@ pub fn forwarded(request: &AdminRequestV1) -> bool {
 }
 
 async fn serve_one(ctx: &AdminContext, key: &PeerKey, conn: &quinn::Connection) {
-    let Ok(Ok((mut send, mut recv))) = timeout(PEER_TIMEOUT, conn.accept_bi()).await else {
+    let Ok(Ok((mut send, mut recv))) = timeout(REQUEST_TIMEOUT, conn.accept_bi()).await else {
         return;
     };
     if answer_preamble(
         &mut send,
         &mut recv,
-        PEER_TIMEOUT,
+        REQUEST_TIMEOUT,
         "broker",
         "run the same Ferry version on every broker",
     )
@@ -252,41 +296,39 @@ async fn serve_one(ctx: &AdminContext, key: &PeerKey, conn: &quinn::Connection) 
         return;
     }
     let read = timeout(
-        PEER_TIMEOUT,
-        frame::read_message_within::<PeerMessage, _, MAX_ADMIN_FRAME_LEN>(&mut recv),
+        REQUEST_TIMEOUT,
+        frame::read_message_within::<PeerMessage, _, MAX_PEER_FRAME_LEN>(&mut recv),
     )
     .await;
-    let answer = match read {
-        Ok(Ok(Some(PeerMessage::V1 { proof, request }))) => {
-            if !forwarded(&request) {
-                AdminResponseV1::Error(AdminError {
-                    code: AdminErrorCode::NotAllowed,
-                    message: "brokers forward only drains, disconnects and live views".into(),
-                })
-            } else if key.check(conn, &proof) {
-                crate::admin::handle(ctx, request).await
-            } else {
-                tracing::warn!(remote = %conn.remote_address(),
-                    "refused a broker request: its proof does not match this cluster's broker key");
-                AdminResponseV1::Error(AdminError {
-                    code: AdminErrorCode::NotAllowed,
-                    message: "not a broker of this cluster (its broker key differs)".into(),
-                })
-            }
-        }
-        Ok(Err(e)) => AdminResponseV1::Error(AdminError {
-            code: AdminErrorCode::BadRequest,
-            message: format!("unreadable request: {e}"),
-        }),
-        _ => return,
+    let Ok(Ok(Some(PeerMessage::V1 { proof, request }))) = read else {
+        return;
+    };
+    // Nothing is said to a peer that has not proven it holds the key.
+    let answer = if !key.check(conn, &proof) {
+        tracing::warn!(remote = %conn.remote_address(),
+            "refused a request from another broker: its proof does not match this broker's \
+             key (every broker needs the same pki_dir; after a key rotation, restart them all)");
+        AdminResponseV1::Error(AdminError {
+            code: AdminErrorCode::NotAllowed,
+            message: "refused: this broker's key differs from the asking broker's (every \
+                      broker needs the same pki_dir; after a key rotation, restart them all)"
+                .into(),
+        })
+    } else if !forwarded(&request) {
+        AdminResponseV1::Error(AdminError {
+            code: AdminErrorCode::NotAllowed,
+            message: "brokers forward only drains, disconnects and live views".into(),
+        })
+    } else {
+        crate::admin::handle(ctx, request).await
     };
     let _ = timeout(
-        PEER_TIMEOUT,
+        REQUEST_TIMEOUT,
         frame::write_message(&mut send, &answer, MAX_ADMIN_FRAME_LEN),
     )
     .await;
     let _ = send.finish();
-    let _ = timeout(PEER_TIMEOUT, send.stopped()).await;
+    let _ = timeout(REQUEST_TIMEOUT, send.stopped()).await;
 }
 
 #[cfg(test)]
