@@ -428,8 +428,18 @@ impl From<StoredSession> for SessionInfo {
 pub async fn handle(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
     if let Some(peers) = &ctx.peers {
         if let Some((group, address)) = owner_elsewhere(ctx, &req).await {
-            return match peers.forward(&address, req).await {
+            let show = matches!(
+                req,
+                AdminRequestV1::GroupShow { .. } | AdminRequestV1::GroupShowWithPolicy { .. }
+            );
+            return match peers.forward(&address, req.clone()).await {
                 Ok(answer) => answer,
+                // A group's record is here too: shown without its live
+                // state (the owner may just have died).
+                Err(e) if show => {
+                    tracing::warn!(%group, %address, "live view of the group's owner: {e}");
+                    handle_here(ctx, req).await
+                }
                 Err(e) => error(
                     AdminErrorCode::NotConnected,
                     format!(

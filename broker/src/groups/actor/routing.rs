@@ -641,6 +641,10 @@ impl Actor {
 
     /// The restored reservations on `real` take their slots on `engine_id`.
     pub(super) fn place_reservations(&mut self, real: &ResourceId, engine_id: &ResourceId) {
+        if self.closed.is_some() {
+            // A closed group's engine takes no input: they wait, and expire.
+            return;
+        }
         let Some(rows) = self.routing.unplaced.remove(real) else {
             return;
         };
