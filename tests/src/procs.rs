@@ -5,6 +5,7 @@
 //! Every child is killed when its [`Daemon`] is dropped, so a failing test
 //! leaves no process behind; a panicking test prints the child's log.
 
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -210,6 +211,40 @@ where
         );
     }
     String::from_utf8(out.stdout).context("stdout is not UTF-8")
+}
+
+/// Running `ferry-agent` processes whose arguments name a file in a
+/// directory under `root` (`root/<resource>/...`), by resource: the hosts a
+/// provisioner started there.
+pub fn agents_under(root: &Path) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (pid, args) in running_processes() {
+        for arg in args {
+            if let Ok(rest) = Path::new(&arg).strip_prefix(root) {
+                if let Some(resource) = rest.parent().and_then(|p| p.to_str()) {
+                    out.entry(resource.to_owned()).or_default().push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Kills, when dropped, every agent still running under its root
+/// ([`agents_under`]): a failing test must not leave hosts behind (a killed
+/// broker cannot stop or delete them, which is what such tests are about).
+pub struct NoLeftovers(pub PathBuf);
+
+impl Drop for NoLeftovers {
+    fn drop(&mut self) {
+        for pid in agents_under(&self.0).values().flatten() {
+            // Best effort: kill(1) (the workspace denies unsafe code).
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
 }
 
 /// Every running process (a zombie is not running) as its pid and its

@@ -38,8 +38,8 @@ use ferry_tests::bins::bin;
 use ferry_tests::cluster::{database, wait_connected, wait_leases, Cluster, Lease};
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, live_resources, publish_payg, running_processes, wait_elastic_released,
-    AgentProcess,
+    agents_under, ferryctl_json, live_resources, publish_payg, wait_elastic_released, AgentProcess,
+    NoLeftovers,
 };
 use ferry_tests::rollout::{hooks, host_states, runs, wait_run, wait_schedule_done, wait_updated};
 
@@ -381,38 +381,6 @@ fn provisioned(dir: &Path, op: &str) -> BTreeMap<String, usize> {
     out
 }
 
-/// Running `ferry-agent` processes of the hosts under `hosts`, by resource.
-fn host_agents(hosts: &Path) -> BTreeMap<String, Vec<u32>> {
-    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for (pid, args) in running_processes() {
-        for arg in args {
-            if let Ok(rest) = Path::new(&arg).strip_prefix(hosts) {
-                if let Some(resource) = rest.parent().and_then(|p| p.to_str()) {
-                    out.entry(resource.to_owned()).or_default().push(pid);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Kills, when dropped, every host agent still running under its root: a
-/// failing test must not leave them behind (a killed broker cannot delete
-/// its hosts, which is what the test is about).
-struct NoLeftovers(std::path::PathBuf);
-
-impl Drop for NoLeftovers {
-    fn drop(&mut self) {
-        for pid in host_agents(&self.0).values().flatten() {
-            // Best effort: kill(1) (the workspace denies unsafe code).
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
 /// Polls the provisioner's log until it says `op` of some resource;
 /// returns it.
 async fn wait_op(dir: &Path, op: &str) -> anyhow::Result<String> {
@@ -519,7 +487,7 @@ async fn wait_nothing_left(socket: &Path, prov: &Path) -> anyhow::Result<()> {
     loop {
         let created = provisioned(prov, "create");
         let deleted = provisioned(prov, "deleted");
-        let agents = host_agents(&hosts);
+        let agents = agents_under(&hosts);
         let dirs: Vec<String> = std::fs::read_dir(&hosts)?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -569,7 +537,7 @@ async fn a_scale_out_survives_its_owners_sigkill_on_another_broker_creating_noth
     // Not given up for another: the host whose creator died joined.
     assert_eq!(ready, first, "created {created:?}");
     assert_eq!(created.len(), 1, "created {created:?}");
-    let agents = host_agents(&prov.join("hosts"));
+    let agents = agents_under(&prov.join("hosts"));
     assert_eq!(
         agents.get(&ready).map(Vec::len),
         Some(1),

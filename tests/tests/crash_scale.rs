@@ -9,8 +9,6 @@
 //! The seed is printed; `FERRY_CRASH_SEED=N` replays it and
 //! `FERRY_CRASH_ROUNDS=N` makes N kills instead of a few.
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -18,8 +16,8 @@ use ferry_broker::provision::local::LOCAL_AGENTS_DIR;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
 use ferry_tests::procs::{
-    live_resources, publish_payg, running_processes, wait_elastic_released, AgentProcess,
-    BrokerFiles, BrokerProcess,
+    agents_under, live_resources, publish_payg, wait_elastic_released, AgentProcess, BrokerFiles,
+    BrokerProcess, NoLeftovers,
 };
 use rand::Rng;
 
@@ -28,39 +26,6 @@ const GROUP: &str = "el";
 const ROUNDS: u32 = 2;
 /// The latest kill after the session that causes a scale-out.
 const MAX_KILL_DELAY_MS: u64 = 600;
-
-/// Running `ferry-agent` processes of local elastic hosts under `root`, by
-/// resource.
-fn local_agents(root: &Path) -> BTreeMap<String, Vec<u32>> {
-    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for (pid, args) in running_processes() {
-        for arg in args {
-            if let Ok(rest) = Path::new(&arg).strip_prefix(root) {
-                if let Some(resource) = rest.parent().and_then(|p| p.to_str()) {
-                    out.entry(resource.to_owned()).or_default().push(pid);
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Kills, when dropped, every local agent still running under its root: a
-/// failing round must not leave agents behind (a killed broker cannot stop
-/// them, which is what the test is about).
-struct NoLeftovers(std::path::PathBuf);
-
-impl Drop for NoLeftovers {
-    fn drop(&mut self) {
-        for pid in local_agents(&self.0).values().flatten() {
-            // Best effort: kill(1) (the workspace denies unsafe code).
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_none(
@@ -114,7 +79,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
         tokio::time::sleep(Duration::from_millis(delay)).await;
         let status = broker.daemon.crash().await?;
         assert_eq!(status.code(), None, "killed by a signal, not exited");
-        let before = local_agents(&root);
+        let before = agents_under(&root);
         eprintln!(
             "round {round}: broker killed {delay} ms after the session; local agents {before:?}"
         );
@@ -140,7 +105,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let agents = local_agents(&root);
+        let agents = agents_under(&root);
         assert_eq!(
             agents.get(&ready).map(Vec::len),
             Some(1),
@@ -162,7 +127,7 @@ async fn broker_sigkill_during_scale_out_runs_each_elastic_host_once_and_leaks_n
             .with_context(|| format!("seed {seed} round {round}"))?;
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
-            let agents = local_agents(&root);
+            let agents = agents_under(&root);
             let dirs: Vec<String> = match std::fs::read_dir(&root) {
                 Ok(d) => d
                     .filter_map(|e| e.ok())
