@@ -514,6 +514,39 @@ async fn wait_live(
     }
 }
 
+/// A ticket given out before a restart counts against its user's
+/// `max_requests_per_user` even while its host has not joined again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_reservation_counts_against_its_user_before_its_host_is_back(
+) -> anyhow::Result<()> {
+    let mut f = fixture_with(
+        GroupShape {
+            name: "held",
+            base: 1,
+            concurrent: 2,
+            wait_timeout_ms: 0,
+            session_type: SessionType::Independent,
+            users: &["alice"],
+        },
+        1,
+        wall_now(),
+        &[],
+        RouteLimits {
+            max_requests_per_user: 1,
+            ..RouteLimits::default()
+        },
+    )
+    .await?;
+    key_ready(&f.agents[0]).await?;
+    admitted(launch(&f.client().await?, "held", "alice").await?)?;
+    // The host stays away while the broker restarts.
+    f.agents[0].stop().await?;
+    f.broker.restart().await?;
+    let (reason, message) = refusal(launch(&f.client().await?, "held", "alice").await?)?;
+    assert_eq!(reason, RouteRefusal::UserLimit, "{message}");
+    Ok(())
+}
+
 /// A ticket given out keeps its slot when the broker restarts before the
 /// ticket's client arrives (the reservation is written before the ticket
 /// is given): once the host is back, another user is still refused; the

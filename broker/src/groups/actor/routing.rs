@@ -392,20 +392,28 @@ impl Actor {
         None
     }
 
-    /// The user's reservations plus waiting requests in the group.
+    /// The user's reservations (restored ones whose host has not joined
+    /// yet included) plus waiting requests in the group.
     fn held_by(&self, user: &UserId) -> usize {
         let reserved = self.routing.user_sessions.get(user).map_or(0, |mine| {
             mine.iter()
                 .filter(|s| self.routing.reservations.contains_key(*s))
                 .count()
         });
+        let unplaced = self
+            .routing
+            .unplaced
+            .values()
+            .flatten()
+            .filter(|r| &r.user == user && r.expires_at.0 > self.last_now)
+            .count();
         let waiting = self
             .routing
             .waiters
             .values()
             .filter(|w| &w.user == user)
             .count();
-        reserved + waiting
+        reserved + unplaced + waiting
     }
 
     /// The session a user goes back to: a retained (disconnected) one, or in
