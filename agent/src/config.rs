@@ -36,6 +36,18 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most addresses in `brokers`.
 pub const MAX_BROKERS: usize = 32;
 
+/// How long a handshake may take when other brokers are configured: a
+/// broker that does not answer (stopped, paused, cut off) is given up for
+/// the next one instead of waiting out the idle timeout (30 s). With one
+/// broker there is nothing else to try and the handshake takes its time.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
+
+/// The handshake's time limit with `others` brokers besides the first (the
+/// link's and enrollment's): [`HANDSHAKE_LIMIT`], or none without others.
+pub fn handshake_limit(others: &[String]) -> Option<Duration> {
+    (!others.is_empty()).then_some(HANDSHAKE_LIMIT)
+}
+
 /// The validated configuration of one agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {

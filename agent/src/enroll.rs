@@ -238,7 +238,7 @@ pub async fn enroll_with_retries(target: &EnrollTarget) -> Result<ResourceId, En
 /// (`brokers`), which share the first one's store and so know its tokens.
 /// A failed attempt that may pass moves to the next broker in turn, and
 /// each connection's handshake is then given the link's limit
-/// ([`crate::link::HANDSHAKE_LIMIT`]): a host created by a broker that died
+/// ([`crate::config::HANDSHAKE_LIMIT`]): a host created by a broker that died
 /// before the host enrolled enrolls with another one instead of waiting
 /// for the dead one until its token expires. Only the handshake is
 /// limited so: a broker that answered may have spent the token, and an
@@ -247,7 +247,7 @@ pub async fn enroll_among(
     target: &EnrollTarget,
     others: &[String],
 ) -> Result<ResourceId, EnrollError> {
-    let handshake = (!others.is_empty()).then_some(crate::link::HANDSHAKE_LIMIT);
+    let handshake = crate::config::handshake_limit(others);
     let mut at = target.clone();
     let mut attempt: u32 = 0;
     loop {

@@ -22,6 +22,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::config::HANDSHAKE_LIMIT;
+
 use ferry_common::frame::{
     preamble, read_message, write_message, FrameError, PreambleReply, VersionRefused,
 };
@@ -182,12 +184,6 @@ const NOT_OWNER_WAIT: Duration = Duration::from_secs(1);
 /// database failing over or restarting): back soon, and the events wait.
 const STORE_UNAVAILABLE_WAIT: Duration = Duration::from_secs(5);
 
-/// How long a handshake may take when other brokers are configured: a
-/// broker that does not answer (stopped, paused, cut off) is given up for
-/// the next one instead of waiting out the idle timeout (30 s). With one
-/// broker there is nothing else to try and the handshake takes its time.
-pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
-
 /// How long a broker that failed is not followed to by redirect when other
 /// brokers are configured: the agent asks them again instead, every
 /// [`NOT_OWNER_WAIT`] at most, until one of them holds the group.
@@ -273,7 +269,7 @@ impl Targets {
 
 /// The handshake's time limit under `config` (see [`HANDSHAKE_LIMIT`]).
 fn handshake_limit(config: &AgentConfig) -> Option<Duration> {
-    (!config.brokers.is_empty()).then_some(HANDSHAKE_LIMIT)
+    crate::config::handshake_limit(&config.brokers)
 }
 
 impl Link {

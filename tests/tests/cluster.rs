@@ -634,7 +634,7 @@ async fn a_paused_owner_is_fenced_off_and_steps_down_when_it_resumes() -> anyhow
     let followed = taken.elapsed();
     eprintln!("the agent reached the new owner {followed:?} after the takeover");
     assert!(
-        followed < ferry_agent::link::HANDSHAKE_LIMIT * 2 + LEASE,
+        followed < ferry_agent::config::HANDSHAKE_LIMIT * 2 + LEASE,
         "the agent reached the new owner {followed:?} after the takeover"
     );
     // Paused well past its lease.
