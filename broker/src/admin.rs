@@ -15,6 +15,7 @@
 //! [`MAX_ADMIN_CONNECTIONS`] at once; beyond, `Busy`).
 
 pub mod access;
+pub mod peer_service;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -421,8 +421,10 @@ impl Broker {
                 &config.endpoint,
             ))),
             peer: peers.map(|(_, key)| {
-                Arc::new(crate::peer::PeerService::new(admin_ctx.clone(), key))
-                    as Arc<dyn crate::endpoint::EndpointService>
+                Arc::new(crate::admin::peer_service::PeerService::new(
+                    admin_ctx.clone(),
+                    key,
+                )) as Arc<dyn crate::endpoint::EndpointService>
             }),
         };
         tracker.spawn(endpoint::serve(

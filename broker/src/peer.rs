@@ -17,24 +17,20 @@
 //!
 //! One connection per request: the preamble, one [`PeerMessage`] frame
 //! (at most [`MAX_PEER_FRAME_LEN`], within 5 s), one `AdminResponseV1`
-//! frame back; at most [`MAX_PEER_CONNECTIONS`] served at once.
+//! frame back; at most `admin::peer_service::MAX_PEER_CONNECTIONS` served at once
+//! (the owner's side lives with the admin handler it calls).
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_common::admin::{AdminError, AdminErrorCode, AdminRequestV1, AdminResponseV1};
+use ferry_common::admin::{AdminRequestV1, AdminResponseV1};
 use ferry_common::frame::{self, PreambleReply};
 use ferry_common::limits::MAX_ADMIN_FRAME_LEN;
 use ferry_common::PROTOCOL_VERSION;
 use serde::{Deserialize, Serialize};
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
-use crate::admin::AdminContext;
-use crate::endpoint::{answer_preamble, EndpointService};
 use crate::pki::{self, PkiError};
 
 /// Longest wait for a forwarded request's answer, from resolving the
@@ -43,15 +39,11 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest wait, on the owner's side, for a peer's preamble and request:
 /// it has not proven anything yet.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest request frame taken from a peer. A forwarded request names a
 /// host, a session or a group: a few hundred bytes.
 pub const MAX_PEER_FRAME_LEN: usize = 16 * 1024;
-
-/// Peer connections served at once; past it a new one is closed at once.
-/// Brokers forward one operator's request at a time each.
-pub const MAX_PEER_CONNECTIONS: usize = 16;
 
 /// Label of the proof key derived from the broker key.
 const PROOF_KEY_LABEL: &[u8] = b"ferry broker peer proof key v1";
@@ -105,7 +97,7 @@ impl PeerKey {
     }
 
     /// Whether `proof` is this key's for `conn` (compared in constant time).
-    fn check(&self, conn: &quinn::Connection, proof: &[u8]) -> bool {
+    pub(crate) fn check(&self, conn: &quinn::Connection, proof: &[u8]) -> bool {
         PeerKey::material(conn).is_some_and(|m| ring::hmac::verify(&self.0, &m, proof).is_ok())
     }
 }
@@ -223,49 +215,6 @@ async fn resolve(address: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{address} has no address"))
 }
 
-/// The server side: answers other brokers' requests with this broker's
-/// admin handler (which does not forward them again).
-pub struct PeerService {
-    ctx: AdminContext,
-    key: PeerKey,
-    /// Places of [`MAX_PEER_CONNECTIONS`].
-    places: Arc<tokio::sync::Semaphore>,
-}
-
-impl PeerService {
-    /// `ctx` must not forward (`peers: None`).
-    pub fn new(mut ctx: AdminContext, key: PeerKey) -> PeerService {
-        ctx.peers = None;
-        PeerService {
-            ctx,
-            key,
-            places: Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS)),
-        }
-    }
-}
-
-impl EndpointService for PeerService {
-    fn serve(
-        &self,
-        conn: quinn::Connection,
-        token: CancellationToken,
-    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        let (ctx, key) = (self.ctx.clone(), self.key.clone());
-        let place = self.places.clone().try_acquire_owned();
-        Box::pin(async move {
-            let Ok(_place) = place else {
-                conn.close(0u32.into(), b"busy");
-                return;
-            };
-            tokio::select! {
-                _ = token.cancelled() => {}
-                _ = serve_one(&ctx, &key, &conn) => {}
-            }
-            conn.close(0u32.into(), b"done");
-        })
-    }
-}
-
 /// The requests a broker forwards (see `admin::owner_elsewhere`): nothing
 /// else is taken from another broker.
 pub fn forwarded(request: &AdminRequestV1) -> bool {
@@ -277,58 +226,6 @@ pub fn forwarded(request: &AdminRequestV1) -> bool {
             | AdminRequestV1::GroupShow { .. }
             | AdminRequestV1::GroupShowWithPolicy { .. }
     )
-}
-
-async fn serve_one(ctx: &AdminContext, key: &PeerKey, conn: &quinn::Connection) {
-    let Ok(Ok((mut send, mut recv))) = timeout(REQUEST_TIMEOUT, conn.accept_bi()).await else {
-        return;
-    };
-    if answer_preamble(
-        &mut send,
-        &mut recv,
-        REQUEST_TIMEOUT,
-        "broker",
-        "run the same Ferry version on every broker",
-    )
-    .await
-    .is_err()
-    {
-        return;
-    }
-    let read = timeout(
-        REQUEST_TIMEOUT,
-        frame::read_message_within::<PeerMessage, _, MAX_PEER_FRAME_LEN>(&mut recv),
-    )
-    .await;
-    let Ok(Ok(Some(PeerMessage::V1 { proof, request }))) = read else {
-        return;
-    };
-    // Nothing is said to a peer that has not proven it holds the key.
-    let answer = if !key.check(conn, &proof) {
-        tracing::warn!(remote = %conn.remote_address(),
-            "refused a request from another broker: its proof does not match this broker's \
-             key (every broker needs the same pki_dir; after a key rotation, restart them all)");
-        AdminResponseV1::Error(AdminError {
-            code: AdminErrorCode::NotAllowed,
-            message: "refused: this broker's key differs from the asking broker's (every \
-                      broker needs the same pki_dir; after a key rotation, restart them all)"
-                .into(),
-        })
-    } else if !forwarded(&request) {
-        AdminResponseV1::Error(AdminError {
-            code: AdminErrorCode::NotAllowed,
-            message: "brokers forward only drains, disconnects and live views".into(),
-        })
-    } else {
-        crate::admin::handle(ctx, request).await
-    };
-    let _ = timeout(
-        REQUEST_TIMEOUT,
-        frame::write_message(&mut send, &answer, MAX_ADMIN_FRAME_LEN),
-    )
-    .await;
-    let _ = send.finish();
-    let _ = timeout(REQUEST_TIMEOUT, send.stopped()).await;
 }
 
 #[cfg(test)]
