@@ -282,6 +282,26 @@ pub fn running_processes() -> Vec<(u32, Vec<String>)> {
     out
 }
 
+/// `group publish` arguments of a fixed-size group: `base` hosts of
+/// `concurrent` sessions each, no elastic resource (a usage threshold of
+/// 80 % and a long idle time, which nothing here reaches).
+pub fn fixed_size<'a>(base: &'a str, concurrent: &'a str) -> Vec<&'a str> {
+    vec![
+        "--base-resources",
+        base,
+        "--concurrent-sessions",
+        concurrent,
+        "--max-elastic",
+        "0",
+        "--usage-threshold",
+        "80",
+        "--scale-out-step",
+        "1",
+        "--max-idle",
+        "1h",
+    ]
+}
+
 /// `ferryctl group publish` of a pay-as-you-go group `name` in one region,
 /// office network, spec and image (`img-7`, what test agents run), with
 /// the `policy` flags (base resources, limits, thresholds) after them.

@@ -142,6 +142,45 @@ pub async fn wait_updated(
     }
 }
 
+/// Offers `app1` at `version` to `group` through the admin socket `socket`
+/// and schedules it one host at a time (1 s drain), starting `start_in`
+/// from now; returns the schedule's id.
+pub async fn offer_one_at_a_time(
+    socket: &Path,
+    group: &str,
+    version: &str,
+    description: &str,
+    start_in: Duration,
+) -> anyhow::Result<u64> {
+    let offer = ferryctl_json(
+        socket,
+        &[
+            "ota",
+            "offer",
+            group,
+            "--component",
+            "app1",
+            "--version",
+            version,
+            "--description",
+            description,
+        ],
+    )
+    .await?;
+    let update = offer[0]["id"].as_u64().context("offer id")?.to_string();
+    let start = chrono::Utc::now() + chrono::Duration::from_std(start_in)?;
+    let start = start.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let scheduled = ferryctl_json(
+        socket,
+        &[
+            "ota", "schedule", group, "--update", &update, "--start", &start, "--wave", "1",
+            "--drain", "1s",
+        ],
+    )
+    .await?;
+    scheduled[0]["id"].as_u64().context("schedule id")
+}
+
 /// The OTA schedule `id` of `group` in `ota history`.
 pub async fn schedule(socket: &Path, group: &str, id: u64) -> anyhow::Result<serde_json::Value> {
     let history = ferryctl_json(socket, &["ota", "history", group]).await?;

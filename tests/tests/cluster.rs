@@ -17,7 +17,7 @@ use ferry_tests::cluster::{
     connected_here, database, leases, psql, wait_connected, wait_leases, Cluster, Lease,
 };
 use ferry_tests::harness::PATIENCE;
-use ferry_tests::procs::{ferryctl_json, publish_payg, run, run_ok, AgentProcess};
+use ferry_tests::procs::{ferryctl_json, fixed_size, publish_payg, run, run_ok, AgentProcess};
 
 /// The lease of the brokers in these tests (the shortest allowed).
 const LEASE: Duration = Duration::from_secs(3);
@@ -95,25 +95,6 @@ async fn connect(
     Ok((out.status.code(), v))
 }
 
-/// The policy of the test groups: `base` base resources, `concurrent`
-/// sessions each, no elastic resources.
-fn policy<'a>(base: &'a str, concurrent: &'a str) -> Vec<&'a str> {
-    vec![
-        "--base-resources",
-        base,
-        "--concurrent-sessions",
-        concurrent,
-        "--max-elastic",
-        "0",
-        "--usage-threshold",
-        "80",
-        "--scale-out-step",
-        "1",
-        "--max-idle",
-        "1h",
-    ]
-}
-
 /// Starts the agent of `resource` in `group` (assigned through `b0`),
 /// configured with broker `b0` and the others as `brokers`.
 async fn agent(cluster: &Cluster, resource: &str, group: &str) -> anyhow::Result<AgentProcess> {
@@ -148,7 +129,7 @@ async fn groups_spread_over_three_brokers_and_agents_and_users_reach_the_owner(
     let pw_bob = create_user(&b0.files.admin_socket, tmp.path(), "bob").await?;
     for g in &groups {
         // Room for one user.
-        let mut p = policy("1", "1");
+        let mut p = fixed_size("1", "1");
         p.extend(["--user", "alice", "--user", "bob"]);
         publish_payg(&b0.files.admin_socket, g, &p).await?;
     }
@@ -358,7 +339,7 @@ async fn a_killed_owner_s_busy_group_moves_without_losing_an_event_or_breaking_i
         pws.insert(u, create_user(&socket0, tmp.path(), u).await?);
     }
     let group = "busy".to_owned();
-    let mut p = policy("2", "1");
+    let mut p = fixed_size("2", "1");
     p.extend(["--user", "alice", "--user", "bob", "--user", "carol"]);
     publish_payg(&socket0, &group, &p).await?;
     let groups = [group.clone()];
@@ -600,7 +581,7 @@ async fn a_paused_owner_is_fenced_off_and_steps_down_when_it_resumes() -> anyhow
     let cluster = Cluster::start(tmp.path(), &url, 2, LEASE_TOML).await?;
     let socket0 = cluster.member("b0")?.files.admin_socket.clone();
     let group = "paused".to_owned();
-    publish_payg(&socket0, &group, &policy("1", "1")).await?;
+    publish_payg(&socket0, &group, &fixed_size("1", "1")).await?;
     let groups = [group.clone()];
     let before = wait_leases(pg, &url, "owned", |l| all_owned(l, &groups)).await?;
     let old = before[&group].owner.clone().context("owned")?;
@@ -700,7 +681,7 @@ async fn a_stopping_broker_hands_its_groups_over_without_waiting_for_its_leases(
     let socket0 = cluster.member("b0")?.files.admin_socket.clone();
     let groups: Vec<String> = (1..=4).map(|n| format!("h{n}")).collect();
     for g in &groups {
-        publish_payg(&socket0, g, &policy("1", "1")).await?;
+        publish_payg(&socket0, g, &fixed_size("1", "1")).await?;
     }
     let before = wait_leases(pg, &url, "every group owned", |l| all_owned(l, &groups)).await?;
     // The broker owning the most groups stops.

@@ -41,7 +41,9 @@ use ferry_tests::procs::{
     agents_under, ferryctl_json, live_resources, publish_payg, wait_elastic_released, AgentProcess,
     NoLeftovers,
 };
-use ferry_tests::rollout::{hooks, host_states, runs, wait_run, wait_schedule_done, wait_updated};
+use ferry_tests::rollout::{
+    hooks, host_states, offer_one_at_a_time, runs, wait_run, wait_schedule_done, wait_updated,
+};
 
 /// The lease of the brokers (the shortest allowed): a dead owner's groups
 /// are taken within about four seconds.
@@ -223,34 +225,15 @@ async fn an_ota_wave_survives_its_owners_sigkill_on_another_broker_updating_each
     let owner = before.owner.clone().context("owned")?;
     let owner_socket = cluster.member(&owner)?.files.admin_socket.clone();
 
-    let offer = ferryctl_json(
-        &owner_socket,
-        &[
-            "ota",
-            "offer",
-            group,
-            "--component",
-            "app1",
-            "--version",
-            "v2",
-            "--description",
-            "failover test",
-        ],
-    )
-    .await?;
-    let update = offer[0]["id"].as_u64().context("offer id")?.to_string();
     // One host at a time, starting a moment from now.
-    let start = chrono::Utc::now() + chrono::Duration::milliseconds(500);
-    let start = start.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let scheduled = ferryctl_json(
+    let id = offer_one_at_a_time(
         &owner_socket,
-        &[
-            "ota", "schedule", group, "--update", &update, "--start", &start, "--wave", "1",
-            "--drain", "1s",
-        ],
+        group,
+        "v2",
+        "failover test",
+        Duration::from_millis(500),
     )
     .await?;
-    let id = scheduled[0]["id"].as_u64().context("schedule id")?;
     let what = "app1-v2";
     // The owner dies while a host updates.
     let updating = wait_run(&log, "updating", what).await?;

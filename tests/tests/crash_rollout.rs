@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
 use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
-use ferry_tests::rollout::{hooks, runs, schedule, wait_updated};
+use ferry_tests::rollout::{hooks, offer_one_at_a_time, runs, schedule, wait_updated};
 use rand::Rng;
 
 const GROUP: &str = "img";
@@ -150,34 +150,15 @@ async fn broker_sigkill_during_an_ota_wave_finishes_it_updating_each_host_once(
     let mut run = 0;
     for round in 0..rounds {
         let version = format!("v{round}");
-        let offer = ferryctl_json(
-            &socket,
-            &[
-                "ota",
-                "offer",
-                GROUP,
-                "--component",
-                "app1",
-                "--version",
-                &version,
-                "--description",
-                "crash test",
-            ],
-        )
-        .await?;
-        let update = offer[0]["id"].as_u64().context("offer id")?.to_string();
         // One host at a time, starting a moment from now.
-        let start = chrono::Utc::now() + chrono::Duration::milliseconds(1_000);
-        let start = start.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let scheduled = ferryctl_json(
+        let id = offer_one_at_a_time(
             &socket,
-            &[
-                "ota", "schedule", GROUP, "--update", &update, "--start", &start, "--wave", "1",
-                "--drain", "1s",
-            ],
+            GROUP,
+            &version,
+            "crash test",
+            Duration::from_millis(1_000),
         )
         .await?;
-        let id = scheduled[0]["id"].as_u64().context("schedule id")?;
         // From before the start (a broker restarted as it comes) to the last host.
         let delay = 500 + rng.random_range(0..=MAX_KILL_DELAY_MS + 500);
         tokio::time::sleep(Duration::from_millis(delay)).await;

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use chrono::{DateTime, SecondsFormat};
 use ferry_tests::harness::{crash_rounds, seeded_rng, PATIENCE};
-use ferry_tests::procs::{ferryctl_json, publish_payg, AgentProcess, BrokerFiles, BrokerProcess};
+use ferry_tests::procs::{
+    ferryctl_json, fixed_size, publish_payg, AgentProcess, BrokerFiles, BrokerProcess,
+};
 use rand::rngs::StdRng;
 use rand::Rng;
 use rust_decimal::{Decimal, RoundingStrategy};
@@ -131,22 +133,9 @@ async fn broker_sigkill_under_agent_events_leaves_the_usage_report_equal_to_what
     publish_payg(
         &socket,
         GROUP,
-        &[
-            "--base-resources",
-            &base,
-            "--concurrent-sessions",
-            "2",
-            // The stream overloads the group on purpose; no host would ever
-            // serve an elastic resource here, so none is asked for.
-            "--max-elastic",
-            "0",
-            "--usage-threshold",
-            "80",
-            "--scale-out-step",
-            "1",
-            "--max-idle",
-            "1h",
-        ],
+        // The stream overloads the group on purpose; no host would ever
+        // serve an elastic resource here, so none is asked for.
+        &fixed_size(&base, "2"),
     )
     .await?;
 

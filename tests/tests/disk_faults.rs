@@ -33,7 +33,8 @@ use ferry_common::wire::EndReason;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, publish_payg, run, AgentProcess, BrokerFiles, BrokerProcess, Daemon, Launch,
+    ferryctl_json, fixed_size, publish_payg, run, AgentProcess, BrokerFiles, BrokerProcess, Daemon,
+    Launch,
 };
 use tokio::process::Command;
 
@@ -171,25 +172,7 @@ async fn broker_holds(
 /// A published pay-as-you-go group of one base host (the trusted reports
 /// of the test overload it; no elastic host is asked for).
 async fn publish_group(files: &BrokerFiles) -> anyhow::Result<()> {
-    publish_payg(
-        &files.admin_socket,
-        GROUP,
-        &[
-            "--base-resources",
-            "1",
-            "--concurrent-sessions",
-            "2",
-            "--max-elastic",
-            "0",
-            "--usage-threshold",
-            "80",
-            "--scale-out-step",
-            "1",
-            "--max-idle",
-            "1h",
-        ],
-    )
-    .await?;
+    publish_payg(&files.admin_socket, GROUP, &fixed_size("1", "2")).await?;
     Ok(())
 }
 

@@ -34,8 +34,8 @@ use ferry_process::pg_cluster::{self, PgCluster, PgClusterError};
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, publish_payg, run, run_ok, running_processes, wait_notify, AgentProcess,
-    BrokerFiles, BrokerProcess, PROCESS_SHUTDOWN_GRACE,
+    ferryctl_json, fixed_size, publish_payg, run, run_ok, running_processes, wait_notify,
+    AgentProcess, BrokerFiles, BrokerProcess, PROCESS_SHUTDOWN_GRACE,
 };
 use serde_json::Value;
 use tokio::sync::watch;
@@ -322,22 +322,7 @@ async fn publish(files: &BrokerFiles) -> anyhow::Result<()> {
     publish_payg(
         &files.admin_socket,
         GROUP,
-        &[
-            "--base-resources",
-            &base,
-            "--concurrent-sessions",
-            "2",
-            "--max-elastic",
-            "0",
-            "--usage-threshold",
-            "80",
-            "--scale-out-step",
-            "1",
-            "--max-idle",
-            "1h",
-            "--user",
-            USER,
-        ],
+        &[fixed_size(&base, "2"), vec!["--user", USER]].concat(),
     )
     .await?;
     Ok(())
