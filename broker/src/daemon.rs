@@ -368,12 +368,9 @@ impl Broker {
         // requests that need a group's owner.
         let peers = match &self.cluster {
             None => None,
-            Some(_) => match (
-                crate::peer::Peers::new(&config.pki_dir),
-                crate::peer::PeerKey::load(&config.pki_dir),
-            ) {
-                (Ok(peers), Ok(key)) => Some((Arc::new(peers), key)),
-                (Err(e), _) | (_, Err(e)) => {
+            Some(_) => match crate::peer::Peers::new(&config.pki_dir) {
+                Ok(peers) => Some((peers.key().clone(), Arc::new(peers))),
+                Err(e) => {
                     tracing::error!(error = %e,
                         "requests for groups served by other brokers will not be forwarded");
                     None
@@ -386,7 +383,7 @@ impl Broker {
             groups: self.groups.clone(),
             ota: self.ota.clone(),
             cluster: self.cluster.clone(),
-            peers: peers.as_ref().map(|(p, _)| p.clone()),
+            peers: peers.as_ref().map(|(_, p)| p.clone()),
         };
         let services = Services {
             agent: Some(Arc::new(link::AgentLink::new(LinkContext {
@@ -420,7 +417,7 @@ impl Broker {
                 keys.tickets,
                 &config.endpoint,
             ))),
-            peer: peers.map(|(_, key)| {
+            peer: peers.map(|(key, _)| {
                 Arc::new(crate::admin::peer_service::PeerService::new(
                     admin_ctx.clone(),
                     key,

@@ -126,6 +126,11 @@ impl Peers {
         })
     }
 
+    /// The proof key, which the owner's side checks with.
+    pub fn key(&self) -> &PeerKey {
+        &self.key
+    }
+
     /// Sends `request` to the broker at `address` (`host:port`) and returns
     /// its answer, or why there is none (in words for the operator), within
     /// [`PEER_TIMEOUT`].
