@@ -184,11 +184,6 @@ impl Ownership {
         }
     }
 
-    /// Whether brokers share the store.
-    pub fn is_shared(&self) -> bool {
-        self.inner.is_some()
-    }
-
     pub fn owns(&self, group: &GroupName) -> bool {
         self.owner(group) == Owner::Here
     }
