@@ -13,6 +13,8 @@
 //! * [`child`]: an operator's command (hook, provisioning tool) run in its
 //!   own process group, its output read to the end with a bounded tail
 //!   kept, the whole group killed past its timeout;
+//! * [`http`]: the HTTP listener of the metrics endpoint and the web
+//!   console (plain or TLS, bounded connections and request heads);
 //! * `pg_cluster` (feature `pg-cluster`, for tests): a throwaway
 //!   PostgreSQL cluster on a private Unix socket, removed when dropped or
 //!   when the process ends.
@@ -24,6 +26,7 @@ pub mod child;
 pub mod config_check;
 pub mod exit;
 pub mod files;
+pub mod http;
 pub mod lock;
 pub mod output;
 #[cfg(feature = "pg-cluster")]
