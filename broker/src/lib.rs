@@ -2,6 +2,7 @@
 //! admin socket; `ferryctl` is built from this library too.
 
 pub mod admin;
+pub mod chart;
 pub mod clock;
 pub mod cluster;
 pub mod config;
