@@ -108,6 +108,11 @@ pub struct Timeline {
     pub left_label: String,
     /// What the right axis measures (e.g. `CNY`); unused without right series.
     pub right_label: String,
+    /// The left axis reaches at least this value: charts drawn one above
+    /// the other share a scale this way.
+    pub left_max: Option<Decimal>,
+    /// The right axis reaches at least this value.
+    pub right_max: Option<Decimal>,
     /// The lines, drawn in order, legend in order.
     pub series: Vec<Series>,
     /// The vertical markers.
@@ -397,7 +402,7 @@ fn open_svg(out: &mut String, class: &str, data: &[(&str, String)], w: u32, h: u
     out.push('>');
     let _ = write!(
         out,
-        "<title>{}</title><style>.ferry-chart text{{font:12px sans-serif;fill:#222}}.ferry-chart .chart-title{{font-weight:bold;font-size:14px}}.ferry-chart .axis line,.ferry-chart .axis path{{stroke:#444}}.ferry-chart .grid{{stroke:#ddd}}.ferry-chart .marker:hover line.marker-line{{stroke-width:3}}</style>",
+        "<title>{}</title><style>.ferry-chart text{{font:12px sans-serif;fill:#222}}.ferry-chart .chart-title{{font-weight:bold;font-size:14px}}.ferry-chart .axis line{{stroke:#444}}.ferry-chart .axis line.grid{{stroke:#e4e4e4}}.ferry-chart .marker:hover line.marker-line{{stroke-width:3}}</style>",
         escape(title)
     );
     let _ = write!(
@@ -455,13 +460,15 @@ pub fn timeline_svg(t: &Timeline, width: u32, height: u32) -> String {
         t.series
             .iter()
             .filter(|s| s.axis == Axis::Left)
-            .flat_map(|s| s.points.iter().map(|p| p.1)),
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .chain(t.left_max),
     );
     let right_axis = ValueAxis::fit(
         t.series
             .iter()
             .filter(|s| s.axis == Axis::Right)
-            .flat_map(|s| s.points.iter().map(|p| p.1)),
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .chain(t.right_max),
     );
     let x_of = |ms: i64| -> f64 {
         let ms = ms.clamp(start, end);
@@ -501,7 +508,7 @@ pub fn timeline_svg(t: &Timeline, width: u32, height: u32) -> String {
     }
     let _ = write!(
         out,
-        r#"<line x1="{l:.1}" y1="{t:.1}" x2="{l:.1}" y2="{b:.1}"/><text class="axis-label" x="{l:.1}" y="{y:.1}" text-anchor="middle">{}</text></g>"#,
+        r#"<line x1="{l:.1}" y1="{t:.1}" x2="{l:.1}" y2="{b:.1}"/><text class="axis-label" x="4" y="{y:.1}">{}</text></g>"#,
         escape(&t.left_label),
         l = plot.left,
         t = plot.top,
@@ -522,9 +529,10 @@ pub fn timeline_svg(t: &Timeline, width: u32, height: u32) -> String {
         }
         let _ = write!(
             out,
-            r#"<line x1="{r:.1}" y1="{t:.1}" x2="{r:.1}" y2="{b:.1}"/><text class="axis-label" x="{r:.1}" y="{y:.1}" text-anchor="middle">{}</text></g>"#,
+            r#"<line x1="{r:.1}" y1="{t:.1}" x2="{r:.1}" y2="{b:.1}"/><text class="axis-label" x="{e:.1}" y="{y:.1}" text-anchor="end">{}</text></g>"#,
             escape(&t.right_label),
             r = plot.right,
+            e = w - 4.0,
             t = plot.top,
             b = plot.bottom,
             y = plot.top - 6.0,
@@ -641,6 +649,38 @@ pub fn timeline_svg(t: &Timeline, width: u32, height: u32) -> String {
         );
     }
     out.push_str("</g></svg>");
+    out
+}
+
+/// Charts (each a whole SVG document from this module) one above the
+/// other in one SVG document, `width` wide: `(svg, height)` of each, in
+/// order. The root is `<svg class="ferry-chart ferry-stack">`, each part
+/// a `<g class="stack-part" data-part="N">` holding its chart.
+pub fn stacked_svg(title: &str, parts: &[(String, u32)], width: u32) -> String {
+    let width = width.clamp(MIN_WIDTH, MAX_SIDE);
+    let heading = 28u32;
+    let height = parts
+        .iter()
+        .fold(heading, |h, (_, ph)| h.saturating_add(*ph))
+        .min(MAX_SIDE.saturating_mul(8));
+    let mut out = String::new();
+    open_svg(
+        &mut out,
+        "ferry-stack",
+        &[("parts", parts.len().to_string())],
+        width,
+        height,
+        title,
+    );
+    let mut y = heading;
+    for (n, (svg, h)) in parts.iter().enumerate() {
+        let _ = write!(
+            out,
+            r#"<g class="stack-part" data-part="{n}" transform="translate(0,{y})">{svg}</g>"#
+        );
+        y = y.saturating_add(*h);
+    }
+    out.push_str("</svg>");
     out
 }
 
@@ -788,7 +828,7 @@ pub fn bars_svg(b: &Bars, width: u32, height: u32) -> String {
     }
     let _ = write!(
         out,
-        r#"<line x1="{l:.1}" y1="{t:.1}" x2="{l:.1}" y2="{b:.1}"/><text class="axis-label" x="{l:.1}" y="{y:.1}" text-anchor="middle">{}</text></g>"#,
+        r#"<line x1="{l:.1}" y1="{t:.1}" x2="{l:.1}" y2="{b:.1}"/><text class="axis-label" x="4" y="{y:.1}">{}</text></g>"#,
         escape(&b.unit),
         l = plot.left,
         t = plot.top,

@@ -39,6 +39,8 @@ fn timeline(series: Vec<Series>, markers: Vec<Marker>) -> Timeline {
         time_labels: TimeLabels::Relative,
         left_label: "count".into(),
         right_label: "CNY".into(),
+        left_max: None,
+        right_max: None,
         series,
         markers,
     }
