@@ -6,6 +6,7 @@
 //! deadlines due first (one evaluation), then each event in file order, each
 //! followed by its evaluation.
 
+mod picture;
 mod replay;
 mod report;
 mod scenario;
@@ -14,6 +15,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub use picture::{timeline, CHART_HEIGHT, CHART_WIDTH, SERIES};
 pub use replay::{replay, Happening, Outcome, Row};
 pub use report::{render_json, render_table};
 pub use scenario::{
@@ -122,6 +124,55 @@ pub fn run_cli(path: &Path, json: bool) -> Result<String, SimError> {
     } else {
         Ok(render_table(&scenario, &outcome))
     }
+}
+
+/// Which pictures to make besides the usual output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pictures {
+    /// A self-contained HTML page (`--html`).
+    pub html: bool,
+    /// An SVG document (`--svg`).
+    pub svg: bool,
+}
+
+/// What `ferryctl simulate` makes: what it prints, and the pictures asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// What is printed: exactly [`run_cli`]'s output (or the comparison).
+    pub output: String,
+    /// The HTML page, when asked for.
+    pub html: Option<String>,
+    /// The SVG document, when asked for.
+    pub svg: Option<String>,
+}
+
+fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> SimError + '_ {
+    move |source| SimError::Json {
+        file: path.to_owned(),
+        source,
+    }
+}
+
+/// [`run_cli`] with the pictures asked for: the scenario's timeline as SVG
+/// and as an HTML page. What is printed is unchanged.
+pub fn run_with_pictures(path: &Path, json: bool, pictures: Pictures) -> Result<Run, SimError> {
+    let scenario = load(path)?;
+    let outcome = replay(path, &scenario)?;
+    let output = if json {
+        render_json(&scenario, &outcome).map_err(json_err(path))?
+    } else {
+        render_table(&scenario, &outcome)
+    };
+    let file = path.display().to_string();
+    Ok(Run {
+        output,
+        html: pictures
+            .html
+            .then(|| picture::html(&scenario, &outcome, &file)),
+        svg: pictures
+            .svg
+            .then(|| picture::svg(&scenario, &outcome, &file)),
+    })
 }
 
 #[cfg(test)]

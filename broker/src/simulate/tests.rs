@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use rust_decimal::Decimal;
+
 use super::*;
 
 fn shared(name: &str) -> PathBuf {
@@ -343,4 +345,143 @@ fn weekday_names_group_runs() {
     assert_eq!(report::weekday_names(0b110_0001), "mon,sat,sun");
     assert_eq!(report::weekday_names(0b101_0101), "mon,wed,fri,sun");
     assert_eq!(report::weekday_names(0b000_0011), "mon,tue");
+}
+
+fn loaded(name: &str) -> (Scenario, Outcome) {
+    let path = shared(name);
+    let sc = load(&path).expect("load");
+    let out = replay(&path, &sc).expect("replay");
+    (sc, out)
+}
+
+fn series<'a>(t: &'a crate::chart::Timeline, name: &str) -> &'a crate::chart::Series {
+    t.series
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no series {name}"))
+}
+
+#[test]
+fn the_timeline_follows_the_replay_rows_and_bill() {
+    use crate::chart::{Axis, MarkerKind};
+    use rust_decimal_macros::dec;
+    let (sc, out) = loaded("seed-elastic-billing.toml");
+    let t = timeline(&sc, &out, "seed.toml");
+    assert_eq!(
+        t.title,
+        "seed: pay-as-you-go elastic resource billing example"
+    );
+    assert_eq!((t.start_ms, t.end_ms), (sc.start.0, sc.end.0));
+    let names: Vec<&str> = t.series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, SERIES);
+    // One point at the start (2 base resources ready, nothing else), then one per row.
+    let sessions = series(&t, "sessions");
+    assert_eq!(sessions.points.len(), out.rows.len() + 1);
+    assert_eq!(sessions.points[0], (sc.start.0, dec!(0)));
+    assert_eq!(series(&t, "ready").points[0], (sc.start.0, dec!(2)));
+    assert_eq!(series(&t, "capacity").points[0], (sc.start.0, dec!(4)));
+    for (row, p) in out.rows.iter().zip(&sessions.points[1..]) {
+        assert_eq!(*p, (row.at.0, Decimal::from(row.snapshot.sessions)));
+    }
+    for (row, p) in out.rows.iter().zip(&series(&t, "waiting").points[1..]) {
+        assert_eq!(p.1, Decimal::from(row.snapshot.waiting));
+    }
+    // Threshold: 85 % of the capacity, exactly.
+    assert_eq!(series(&t, "threshold").points[0].1, dec!(3.4));
+    let pending_max = series(&t, "pending").points.iter().map(|p| p.1).max();
+    assert_eq!(pending_max, Some(dec!(2)));
+    // Cost: the subscription from the start, the bill's total at the end,
+    // never going down.
+    let cost = series(&t, "cost");
+    assert_eq!(cost.axis, Axis::Right);
+    assert_eq!(cost.points.first(), Some(&(sc.start.0, dec!(92.87))));
+    assert_eq!(cost.points.last(), Some(&(sc.end.0, out.bill.total)));
+    assert_eq!(out.bill.total, dec!(94.48));
+    assert!(cost
+        .points
+        .windows(2)
+        .all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0));
+    // A marker per scale decision, with its reason.
+    let outs: Vec<_> = out
+        .decisions
+        .iter()
+        .filter(|d| d.action.name() == "scale_out")
+        .collect();
+    let out_markers: Vec<_> = t
+        .markers
+        .iter()
+        .filter(|m| m.kind == MarkerKind::ScaleOut)
+        .collect();
+    assert_eq!(out_markers.len(), outs.len());
+    assert_eq!(out_markers[0].at_ms, outs[0].at.0);
+    assert!(out_markers[0].label.contains(&outs[0].reason.to_string()));
+    assert!(
+        out_markers[0].label.contains("SCALE-OUT +2"),
+        "{}",
+        out_markers[0].label
+    );
+    let ins = t
+        .markers
+        .iter()
+        .filter(|m| m.kind == MarkerKind::ScaleIn)
+        .count();
+    assert_eq!(ins, 2);
+}
+
+/// Parses an HTML page as XML (the pages are well-formed XHTML with an
+/// HTML5 doctype); a malformed page fails the test.
+fn xhtml(page: &str) -> roxmltree::Document<'_> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    roxmltree::Document::parse_with_options(page, options).unwrap_or_else(|e| panic!("{e}: {page}"))
+}
+
+#[test]
+fn pictures_leave_the_printed_output_alone() {
+    for json in [false, true] {
+        let path = shared("waiting-room.toml");
+        let plain = run_cli(&path, json).expect("simulate");
+        let run = run_with_pictures(
+            &path,
+            json,
+            Pictures {
+                html: true,
+                svg: true,
+            },
+        )
+        .expect("simulate");
+        assert_eq!(run.output, plain);
+        let svg = run.svg.expect("svg");
+        let doc = roxmltree::Document::parse(&svg).expect("an XML document");
+        assert_eq!(
+            doc.root_element().attribute("data-series"),
+            Some(SERIES.join(",").as_str())
+        );
+        // The page is well-formed too, with the chart inline, one row per
+        // rejection and the bill's total.
+        let html = run.html.expect("html");
+        let page = xhtml(&html);
+        assert_eq!(
+            page.descendants().filter(|n| n.has_tag_name("svg")).count(),
+            1
+        );
+        assert_eq!(
+            page.descendants()
+                .filter(|n| n.attribute("data-action") == Some("rejected"))
+                .count(),
+            1
+        );
+        let total = page
+            .descendants()
+            .find(|n| n.attribute("data-line") == Some("total"))
+            .and_then(|n| n.last_element_child())
+            .and_then(|n| n.text());
+        assert_eq!(total, Some("3.41"));
+        assert!(!html.contains("<script"));
+    }
+    let none = run_with_pictures(&shared("waiting-room.toml"), false, Pictures::default())
+        .expect("simulate");
+    assert_eq!((none.html, none.svg), (None, None));
 }

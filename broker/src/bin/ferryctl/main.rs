@@ -80,6 +80,13 @@ enum Cmd {
     Simulate {
         /// Scenario file (TOML).
         file: PathBuf,
+        /// Also write the timeline as a self-contained HTML page (chart,
+        /// decisions, bill) to this file.
+        #[arg(long, value_name = "OUT.html")]
+        html: Option<PathBuf>,
+        /// Also write the timeline chart as an SVG document to this file.
+        #[arg(long, value_name = "OUT.svg")]
+        svg: Option<PathBuf>,
     },
     /// Metered usage and its amounts over a period, per group and resource.
     Usage {
@@ -163,7 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
     } = cli;
     match command {
         Cmd::Pki(cmd) => pki::run(cmd, json),
-        Cmd::Simulate { file } => simulate(&file, json),
+        Cmd::Simulate { file, html, svg } => simulate(&file, html.as_deref(), svg.as_deref(), json),
         Cmd::Usage {
             group,
             from,
@@ -194,9 +201,26 @@ fn send(socket: &Path, req: AdminRequestV1, json: bool) -> anyhow::Result<String
     Ok(show::show(resp, json))
 }
 
-/// `ferryctl simulate`: a scenario replayed offline, no broker needed.
-fn simulate(file: &Path, json: bool) -> anyhow::Result<String> {
-    let mut out = ferry_broker::simulate::run_cli(file, json)?;
+/// `ferryctl simulate`: a scenario replayed offline, no broker needed; the
+/// pictures asked for are written before the output is printed.
+fn simulate(
+    file: &Path,
+    html: Option<&Path>,
+    svg: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<String> {
+    use ferry_broker::simulate::{run_with_pictures, Pictures};
+    let pictures = Pictures {
+        html: html.is_some(),
+        svg: svg.is_some(),
+    };
+    let run = run_with_pictures(file, json, pictures)?;
+    for (path, doc) in [(html, &run.html), (svg, &run.svg)] {
+        if let (Some(path), Some(doc)) = (path, doc) {
+            std::fs::write(path, doc).with_context(|| format!("write {}", path.display()))?;
+        }
+    }
+    let mut out = run.output;
     if !out.ends_with('\n') {
         out.push('\n');
     }
