@@ -314,3 +314,73 @@ pub fn html(sc: &Scenario, out: &Outcome, file: &str) -> String {
     );
     page(&t, &body)
 }
+
+/// One side of a comparison.
+pub struct Side<'a> {
+    /// The file it was read from (its name in the output).
+    pub file: &'a str,
+    pub scenario: &'a Scenario,
+    pub outcome: &'a Outcome,
+}
+
+/// Two timelines on one scale, A above B.
+pub fn compare_svg(a: &Side, b: &Side) -> String {
+    let (mut ta, mut tb) = (
+        timeline(a.scenario, a.outcome, a.file),
+        timeline(b.scenario, b.outcome, b.file),
+    );
+    ta.title = format!("A: {}", ta.title);
+    tb.title = format!("B: {}", tb.title);
+    let max = |t: &Timeline, axis: Axis| {
+        t.series
+            .iter()
+            .filter(|s| s.axis == axis)
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .max()
+    };
+    let left = max(&ta, Axis::Left).max(max(&tb, Axis::Left));
+    let right = max(&ta, Axis::Right).max(max(&tb, Axis::Right));
+    for t in [&mut ta, &mut tb] {
+        t.left_max = left;
+        t.right_max = right;
+    }
+    let diff = b.outcome.bill.total - a.outcome.bill.total;
+    chart::stacked_svg(
+        &format!(
+            "A {} against B {}: B costs {} {} {}",
+            a.file,
+            b.file,
+            diff.abs(),
+            a.scenario.prices.currency,
+            if diff < Decimal::ZERO { "less" } else { "more" }
+        ),
+        &[
+            (
+                chart::timeline_svg(&ta, CHART_WIDTH, CHART_HEIGHT),
+                CHART_HEIGHT,
+            ),
+            (
+                chart::timeline_svg(&tb, CHART_WIDTH, CHART_HEIGHT),
+                CHART_HEIGHT,
+            ),
+        ],
+        CHART_WIDTH,
+    )
+}
+
+/// Both replays on one HTML page: the comparison table, the two charts on
+/// one scale, then each scenario's decisions and bill.
+pub fn compare_html(a: &Side, b: &Side, comparison_text: &str) -> String {
+    let title = format!("{} against {}", a.file, b.file);
+    let mut body = format!("<h1>{}</h1>\n", escape(&title));
+    let _ = writeln!(
+        body,
+        "<pre class=\"comparison\">{}</pre>",
+        escape(comparison_text)
+    );
+    let _ = writeln!(body, "<div class=\"chart\">{}</div>", compare_svg(a, b));
+    body.push_str(LEGEND_NOTE);
+    body.push_str(&section(a.scenario, a.outcome, a.file, ""));
+    body.push_str(&section(b.scenario, b.outcome, b.file, ""));
+    page(&title, &body)
+}

@@ -485,3 +485,113 @@ fn pictures_leave_the_printed_output_alone() {
         .expect("simulate");
     assert_eq!((none.html, none.svg), (None, None));
 }
+
+#[test]
+fn compare_refuses_other_events_and_names_the_first_difference() {
+    let (a, _) = loaded("seed-elastic-billing.toml");
+    let mut b = a.clone();
+    b.policy.usage_threshold = 70;
+    b.billing = crate::engine::billing::BaseBilling::PayAsYouGo;
+    assert_eq!(difference(&a, "a.toml", &b, "b.toml"), None);
+    b.events[2].at = ferry_common::UnixMillis(b.events[2].at.0 + 60_000);
+    let why = difference(&a, "a.toml", &b, "b.toml").expect("a difference");
+    assert!(why.starts_with("event 3 differs: a.toml line"), "{why}");
+    assert!(
+        why.contains("09:10:00Z s3 connects but b.toml line"),
+        "{why}"
+    );
+    assert!(why.contains("09:11:00Z s3 connects"), "{why}");
+    let mut c = a.clone();
+    c.events.pop();
+    let why = difference(&a, "a.toml", &c, "c.toml").expect("a difference");
+    assert!(
+        why.starts_with("a.toml has 1 event(s) more than c.toml, the first a.toml line"),
+        "{why}"
+    );
+    let mut d = a.clone();
+    d.end = ferry_common::UnixMillis(d.end.0 + 1000);
+    assert!(
+        difference(&a, "a.toml", &d, "d.toml").is_some_and(|w| w.starts_with("the periods differ"))
+    );
+    let mut e = a.clone();
+    e.prices.currency = "EUR".into();
+    assert!(difference(&a, "a.toml", &e, "e.toml").is_some_and(|w| w.contains("currencies")));
+    let mut f = a;
+    f.provider = Provider::Delays {
+        create_ms: 0,
+        release_ms: 0,
+    };
+    assert!(difference(&f, "f.toml", &e, "e.toml").is_some_and(|w| w.contains("[provider]")));
+}
+
+#[test]
+fn compare_counts_decisions_and_the_cost_difference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = shared("waiting-room.toml");
+    let b = dir.path().join("two-elastic.toml");
+    let text = std::fs::read_to_string(&a).expect("read");
+    let text = text
+        .replace("max_elastic = 1", "max_elastic = 2")
+        .replace("scale_out_step = 1", "scale_out_step = 2");
+    std::fs::write(&b, text).expect("write");
+    let run = compare_cli(
+        &a,
+        &b,
+        true,
+        Pictures {
+            html: true,
+            svg: true,
+        },
+    )
+    .expect("compare");
+    let v: serde_json::Value = serde_json::from_str(&run.output).expect("json");
+    let total = |side: &str| -> Decimal {
+        v[side]["cost"]["total"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("a total")
+    };
+    let plain = |path: &Path| -> serde_json::Value {
+        serde_json::from_str(&run_cli(path, true).expect("simulate")).expect("json")
+    };
+    assert_eq!(v["a"]["cost"]["total"], plain(&a)["cost"]["total"]);
+    assert_eq!(v["b"]["cost"]["total"], plain(&b)["cost"]["total"]);
+    assert_eq!(
+        v["total_difference"]
+            .as_str()
+            .and_then(|s| s.parse::<Decimal>().ok()),
+        Some(total("b") - total("a"))
+    );
+    assert_eq!(v["a"]["rejected"], 1);
+    assert_eq!(v["b"]["rejected"], 0);
+    assert_eq!(v["b"]["resources_created"], 2);
+    let svg = run.svg.expect("svg");
+    let doc = roxmltree::Document::parse(&svg).expect("svg");
+    let parts: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("stack-part"))
+        .collect();
+    assert_eq!(parts.len(), 2);
+    // One scale: both charts' right axes have the same ticks.
+    let ticks = |part: &roxmltree::Node| -> Vec<String> {
+        part.descendants()
+            .filter(|n| n.attribute("class") == Some("axis axis-right"))
+            .flat_map(|n| n.descendants())
+            .filter(|n| n.attribute("class") == Some("tick"))
+            .filter_map(|n| n.text().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(ticks(&parts[0]), ticks(&parts[1]));
+    assert!(!ticks(&parts[0]).is_empty());
+    let text = compare_cli(&a, &b, false, Pictures::default()).expect("compare");
+    let last = text.output.lines().last().unwrap_or_default().to_owned();
+    let cells: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(cells, ["total", "(CNY)", "3.41", "5.03", "+1.62"]);
+    // The page holds the stack and its two charts.
+    let html = run.html.expect("html");
+    let svgs = xhtml(&html)
+        .descendants()
+        .filter(|n| n.has_tag_name("svg"))
+        .count();
+    assert_eq!(svgs, 3);
+}

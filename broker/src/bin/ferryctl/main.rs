@@ -80,6 +80,10 @@ enum Cmd {
     Simulate {
         /// Scenario file (TOML).
         file: PathBuf,
+        /// Also replay this scenario (the same events under another policy)
+        /// and compare the two: decisions, costs and their difference.
+        #[arg(long, value_name = "FILE")]
+        compare: Option<PathBuf>,
         /// Also write the timeline as a self-contained HTML page (chart,
         /// decisions, bill) to this file.
         #[arg(long, value_name = "OUT.html")]
@@ -170,7 +174,18 @@ fn run(cli: Cli) -> anyhow::Result<String> {
     } = cli;
     match command {
         Cmd::Pki(cmd) => pki::run(cmd, json),
-        Cmd::Simulate { file, html, svg } => simulate(&file, html.as_deref(), svg.as_deref(), json),
+        Cmd::Simulate {
+            file,
+            compare,
+            html,
+            svg,
+        } => simulate(
+            &file,
+            compare.as_deref(),
+            html.as_deref(),
+            svg.as_deref(),
+            json,
+        ),
         Cmd::Usage {
             group,
             from,
@@ -201,20 +216,25 @@ fn send(socket: &Path, req: AdminRequestV1, json: bool) -> anyhow::Result<String
     Ok(show::show(resp, json))
 }
 
-/// `ferryctl simulate`: a scenario replayed offline, no broker needed; the
-/// pictures asked for are written before the output is printed.
+/// `ferryctl simulate`: a scenario replayed offline, no broker needed;
+/// with `compare`, two scenarios side by side; the pictures asked for are
+/// written before the output is printed.
 fn simulate(
     file: &Path,
+    compare: Option<&Path>,
     html: Option<&Path>,
     svg: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<String> {
-    use ferry_broker::simulate::{run_with_pictures, Pictures};
+    use ferry_broker::simulate::{compare_cli, run_with_pictures, Pictures};
     let pictures = Pictures {
         html: html.is_some(),
         svg: svg.is_some(),
     };
-    let run = run_with_pictures(file, json, pictures)?;
+    let run = match compare {
+        Some(other) => compare_cli(file, other, json, pictures)?,
+        None => run_with_pictures(file, json, pictures)?,
+    };
     for (path, doc) in [(html, &run.html), (svg, &run.svg)] {
         if let (Some(path), Some(doc)) = (path, doc) {
             std::fs::write(path, doc).with_context(|| format!("write {}", path.display()))?;
