@@ -996,6 +996,9 @@ pub fn usage_svg(reports: &[UsageDetail]) -> Result<String, ChartError> {
     Ok(bars_svg(&usage_bars(reports)?, 960, 420))
 }
 
+/// Most days in one chart of usage per day: a quarter, one bar each.
+pub const MAX_USAGE_DAYS: usize = 92;
+
 /// Milliseconds in a day.
 const DAY_MS: i64 = 86_400_000;
 

@@ -103,7 +103,8 @@ enum Cmd {
         /// End of the period, RFC 3339 (excluded).
         #[arg(long)]
         to: String,
-        /// table, csv or json (`--json` means json too).
+        /// table, csv, json (`--json` means json too) or svg (a chart of the
+        /// cost per UTC day and group, one report per day, at most 92 days).
         #[arg(long, default_value = "table")]
         format: String,
     },
