@@ -44,6 +44,8 @@ pub enum Axis {
 pub enum MarkerKind {
     ScaleOut,
     ScaleIn,
+    /// A request turned away.
+    Rejected,
     Other,
 }
 
@@ -53,6 +55,7 @@ impl MarkerKind {
         match self {
             Self::ScaleOut => "scale-out",
             Self::ScaleIn => "scale-in",
+            Self::Rejected => "rejected",
             Self::Other => "other",
         }
     }
@@ -129,6 +132,7 @@ fn marker_colour(kind: MarkerKind) -> &'static str {
     match kind {
         MarkerKind::ScaleOut => "#2ca02c",
         MarkerKind::ScaleIn => "#d62728",
+        MarkerKind::Rejected => "#9467bd",
         MarkerKind::Other => "#7f7f7f",
     }
 }

@@ -113,6 +113,11 @@ async fn simulate_draws_each_scenario_as_its_json_says() -> anyhow::Result<()> {
             actions("scale_in"),
             "{name}"
         );
+        assert_eq!(
+            count_class(&d, "marker", "rejected"),
+            actions("rejected"),
+            "{name}"
+        );
         // Each scale-out marker says why, in the JSON's words.
         let reasons: Vec<&str> = decisions
             .iter()

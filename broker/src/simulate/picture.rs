@@ -150,7 +150,7 @@ pub fn timeline(sc: &Scenario, out: &Outcome, file: &str) -> Timeline {
             let kind = match d.action {
                 Action::ScaleOut { .. } => MarkerKind::ScaleOut,
                 Action::ScaleIn { .. } => MarkerKind::ScaleIn,
-                Action::Rejected { .. } => MarkerKind::Other,
+                Action::Rejected { .. } => MarkerKind::Rejected,
                 _ => return None,
             };
             Some(Marker {
@@ -345,14 +345,23 @@ pub fn compare_svg(a: &Side, b: &Side) -> String {
         t.right_max = right;
     }
     let diff = b.outcome.bill.total - a.outcome.bill.total;
+    let short = |file: &str| {
+        std::path::Path::new(file)
+            .file_name()
+            .map_or_else(|| file.to_owned(), |f| f.to_string_lossy().into_owned())
+    };
     chart::stacked_svg(
         &format!(
-            "A {} against B {}: B costs {} {} {}",
-            a.file,
-            b.file,
-            diff.abs(),
-            a.scenario.prices.currency,
-            if diff < Decimal::ZERO { "less" } else { "more" }
+            "A {} against B {}: {}",
+            short(a.file),
+            short(b.file),
+            match diff.cmp(&Decimal::ZERO) {
+                std::cmp::Ordering::Equal => "both cost the same".to_owned(),
+                std::cmp::Ordering::Greater =>
+                    format!("B costs {diff} {} more", a.scenario.prices.currency),
+                std::cmp::Ordering::Less =>
+                    format!("B costs {} {} less", diff.abs(), a.scenario.prices.currency),
+            }
         ),
         &[
             (
