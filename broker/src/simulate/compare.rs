@@ -142,8 +142,8 @@ pub fn render_text(a: (&str, &Scenario, &Outcome), b: (&str, &Scenario, &Outcome
     let (ta, tb) = (a.2.bill.total, b.2.bill.total);
     let cur = &a.1.prices.currency;
     let mut s = String::new();
-    let _ = writeln!(s, "A: {}  ({})", a.0, policy_text(a.1));
-    let _ = writeln!(s, "B: {}  ({})", b.0, policy_text(b.1));
+    let _ = writeln!(s, "A: {}\n   {}", a.0, policy_text(a.1));
+    let _ = writeln!(s, "B: {}\n   {}", b.0, policy_text(b.1));
     let _ = writeln!(
         s,
         "Same events: {} event(s), {} .. {}",
