@@ -428,3 +428,39 @@ async fn usage_svg_draws_the_cost_per_day_the_report_gives() -> anyhow::Result<(
     assert_eq!(status.code(), Some(0), "{}", broker.daemon.log());
     Ok(())
 }
+
+/// The README's comparison picture is what the command it names makes
+/// today: regenerate it with that command when this fails.
+#[test]
+fn the_docs_comparison_is_what_ferryctl_makes() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir()?;
+    let (svg, html) = (tmp.path().join("c.svg"), tmp.path().join("c.html"));
+    let out = std::process::Command::new(bin("ferryctl"))
+        .current_dir(&root)
+        .args([
+            "simulate",
+            "broker/tests/scenarios/waiting-room.toml",
+            "--compare",
+            "docs/examples/waiting-room-two-elastic.toml",
+        ])
+        .arg("--svg")
+        .arg(&svg)
+        .arg("--html")
+        .arg(&html)
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    for (made, kept) in [
+        (svg, "docs/simulate-compare.svg"),
+        (html, "docs/simulate-compare.html"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(made)?,
+            std::fs::read_to_string(root.join(kept))?,
+            "{kept} is out of date: run `ferryctl simulate broker/tests/scenarios/waiting-room.toml \
+             --compare docs/examples/waiting-room-two-elastic.toml --svg {kept}` (and --html) \
+             from the repository's root"
+        );
+    }
+    Ok(())
+}
