@@ -350,13 +350,23 @@ async fn usage_svg_draws_the_cost_per_day_the_report_gives() -> anyhow::Result<(
     let end = now + chrono::Duration::minutes(1);
     let to = end.to_rfc3339_opts(secs, true);
     let from = (end - chrono::Duration::days(1)).to_rfc3339_opts(secs, true);
-    let out = run_ok(
+    let out = run(
         &bin("ferryctl"),
         [
             "--socket", sock, "usage", "--from", &from, "--to", &to, "--format", "svg",
         ],
     )
     .await?;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // The last day is billed so far, and said so on stderr.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "(so far: the period ends {to}; nothing later is billed)"
+        )),
+        "{stderr}"
+    );
+    let out = String::from_utf8(out.stdout)?;
     let d = svg_doc(&out);
     let root = d.root_element();
     assert!(has_class(&root, "ferry-bars"), "{out}");

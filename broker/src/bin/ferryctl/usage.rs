@@ -70,6 +70,11 @@ fn per_day_svg(socket: &Path, query: &UsageQuery) -> anyhow::Result<String> {
             other => return Err(anyhow::anyhow!("{}", show(other, false).trim_end())),
         }
     }
+    // A picture has no room for it either: a period still running is said
+    // on stderr, as for CSV.
+    if let Some(note) = reports.last().and_then(render::usage_so_far) {
+        eprintln!("ferryctl: {note}");
+    }
     let mut svg = chart::usage_svg(&reports)?;
     svg.push('\n');
     Ok(svg)
