@@ -8,7 +8,8 @@
 //! `<svg class="ferry-chart ...">` names its series in `data-series`; each
 //! series is `<path class="series series-NAME" data-series="NAME">`; each
 //! marker `<g class="marker scale-out" data-at-ms="...">` with a `<title>`
-//! shown on hover; each bar `<rect class="bar" data-series=..
+//! shown on hover; each point `<circle class="point" data-at-ms=..
+//! data-value=..>` in a `<g class="points" data-series=..>`; each bar `<rect class="bar" data-series=..
 //! data-category=.. data-value=..>`.
 
 use std::fmt::Write as _;
@@ -142,6 +143,9 @@ const MIN_WIDTH: u32 = 240;
 const MIN_HEIGHT: u32 = 160;
 /// Largest drawing: a bigger one is no more readable, only bigger.
 const MAX_SIDE: u32 = 20_000;
+/// Most points of a timeline given a hover text of their own; beyond, the
+/// lines are drawn without (the document stays small).
+const MAX_HOVER_POINTS: usize = 2000;
 /// Rough width of one character of the 12px labels, for laying out the legend.
 const CHAR_PX: f64 = 7.0;
 
@@ -320,17 +324,14 @@ fn time_ticks(start: i64, end: i64, labels: TimeLabels) -> (i64, Vec<i64>) {
     while span / i128::from(step) > 8 {
         step = step.saturating_mul(2);
     }
+    // Absolute ticks fall on whole steps of the UTC clock: the first at or after the start.
     let first = match labels {
         TimeLabels::Relative => start,
+        TimeLabels::Absolute if start.rem_euclid(step) == 0 => start,
         TimeLabels::Absolute => start
             .div_euclid(step)
             .saturating_add(1)
             .saturating_mul(step),
-    };
-    let first = if labels == TimeLabels::Absolute && start.rem_euclid(step) == 0 {
-        start
-    } else {
-        first
     };
     let mut ticks = Vec::new();
     let mut t = first;
@@ -566,6 +567,7 @@ pub fn timeline_svg(t: &Timeline, width: u32, height: u32) -> String {
     out.push_str("</g>");
 
     // Series.
+    let mut hover_points = MAX_HOVER_POINTS;
     for (i, s) in t.series.iter().enumerate() {
         let axis = match s.axis {
             Axis::Left => &left_axis,
@@ -594,6 +596,25 @@ pub fn timeline_svg(t: &Timeline, width: u32, height: u32) -> String {
             },
             escape(&s.name)
         );
+        // Each point, hovered, says its value.
+        let _ = write!(
+            out,
+            r#"<g class="points" data-series="{}">"#,
+            escape(&s.name)
+        );
+        for (&(ms, v), &(x, y)) in s.points.iter().zip(&points) {
+            if hover_points == 0 {
+                break;
+            }
+            hover_points -= 1;
+            let _ = write!(
+                out,
+                r#"<circle class="point" data-at-ms="{ms}" data-value="{v}" cx="{x:.1}" cy="{y:.1}" r="4" fill="transparent"><title>{} {}: {v}</title></circle>"#,
+                escape(&s.name),
+                escape(&time_label(ms, start, end, 1000, t.time_labels)),
+            );
+        }
+        out.push_str("</g>");
     }
 
     // Markers.

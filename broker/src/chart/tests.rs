@@ -590,3 +590,67 @@ fn usage_reports_become_one_stacked_bar_per_day() {
     );
     assert!(usage_bars(&[]).is_ok_and(|b| b.categories.is_empty()));
 }
+
+#[test]
+fn each_point_says_its_value_on_hover() {
+    let t = timeline(
+        vec![step(
+            "sessions",
+            Axis::Left,
+            &[
+                (1_000_000, dec!(0)),
+                (1_600_000, dec!(3)),
+                (2_000_000, dec!(2.50)),
+            ],
+        )],
+        vec![],
+    );
+    let svg = timeline_svg(&t, 800, 400);
+    let d = doc(&svg);
+    let points: Vec<_> = with_class(&d, "point");
+    let got: Vec<(&str, &str, &str)> = points
+        .iter()
+        .map(|p| {
+            (
+                p.attribute("data-at-ms").unwrap_or_default(),
+                p.attribute("data-value").unwrap_or_default(),
+                p.children()
+                    .find(|n| n.has_tag_name("title"))
+                    .and_then(|n| n.text())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("1000000", "0", "sessions +00:00:00: 0"),
+            ("1600000", "3", "sessions +00:10:00: 3"),
+            ("2000000", "2.50", "sessions +00:16:40: 2.50"),
+        ]
+    );
+    // The circles sit on the line's corners.
+    let line = path_points(
+        with_class(&d, "series")[0]
+            .attribute("d")
+            .unwrap_or_default(),
+    );
+    for p in &points {
+        let (x, y) = (attr_f64(p, "cx"), attr_f64(p, "cy"));
+        assert!(
+            line.iter()
+                .any(|&(lx, ly)| (lx - x).abs() < 0.05 && (ly - y).abs() < 0.05),
+            "{x},{y} on {line:?}"
+        );
+    }
+    // A long series stops getting hover points at the limit.
+    let many: Vec<(i64, Decimal)> = (0..2500)
+        .map(|i| (1_000_000 + i, Decimal::from(i)))
+        .collect();
+    let svg = timeline_svg(
+        &timeline(vec![step("many", Axis::Left, &many)], vec![]),
+        800,
+        400,
+    );
+    assert_eq!(with_class(&doc(&svg), "point").len(), MAX_HOVER_POINTS);
+}
