@@ -654,3 +654,31 @@ fn each_point_says_its_value_on_hover() {
     );
     assert_eq!(with_class(&doc(&svg), "point").len(), MAX_HOVER_POINTS);
 }
+
+#[test]
+fn an_area_is_closed_down_to_zero() {
+    let mut s = step(
+        "load",
+        Axis::Left,
+        &[(1_000_000, dec!(2)), (2_000_000, dec!(4))],
+    );
+    s.kind = SeriesKind::Area;
+    let svg = timeline_svg(&timeline(vec![s], vec![]), 600, 300);
+    let d = doc(&svg);
+    let (left, _, right, bottom) = plot_bounds(&d);
+    let path = with_class(&d, "series")[0];
+    let text = path.attribute("d").unwrap_or_default();
+    assert!(text.ends_with('Z'), "{text}");
+    assert_eq!(path.attribute("fill-opacity"), Some("0.15"));
+    let pts = path_points(text);
+    // ... to the right edge, down to zero, back to the first point's time.
+    let n = pts.len();
+    assert!(
+        (pts[n - 2].0 - right).abs() < 0.1 && (pts[n - 2].1 - bottom).abs() < 0.1,
+        "{pts:?}"
+    );
+    assert!(
+        (pts[n - 1].0 - left).abs() < 0.1 && (pts[n - 1].1 - bottom).abs() < 0.1,
+        "{pts:?}"
+    );
+}
