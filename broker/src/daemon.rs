@@ -47,6 +47,8 @@ pub struct BrokerReady {
     pub agent_addr: SocketAddr,
     /// The admin socket path.
     pub admin_socket: PathBuf,
+    /// Where the web console listens; `None` when it is off.
+    pub console_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,8 @@ pub enum BrokerError {
     Groups(ActorError),
     #[error("provisioner: {0}")]
     Provision(#[from] crate::provision::ProvisionError),
+    #[error("console: {0}")]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// Runs the broker until `shutdown` is cancelled, then drains: agents are
@@ -113,13 +117,14 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
-    let (endpoint, agent_addr) = match start(&config, keys, &store, &tracker, &tasks).await {
-        Ok(started) => started,
-        Err(e) => {
-            store.close().await;
-            return Err(e);
-        }
-    };
+    let (endpoint, agent_addr, console_addr) =
+        match start(&config, keys, &store, &tracker, &tasks).await {
+            Ok(started) => started,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
     if let Some(period) = notify::watchdog_period() {
         tracker.spawn(notify::watchdog(period, tasks.clone()));
     }
@@ -127,6 +132,7 @@ pub async fn run(
     let _ = ready.send(BrokerReady {
         agent_addr,
         admin_socket: config.admin_socket.clone(),
+        console_addr,
     });
     notify::ready(agent_addr);
 
@@ -225,16 +231,17 @@ impl Keys {
     }
 }
 
-/// Binds the QUIC endpoint and the admin socket, builds the broker's parts
-/// once ([`Broker::build`]) and starts its services; returns the endpoint
-/// and the address agents connect to. On an error nothing keeps running.
+/// Binds the QUIC endpoint, the admin socket and the console, builds the
+/// broker's parts once ([`Broker::build`]) and starts its services; returns
+/// the endpoint, the address agents connect to and the console's. On an
+/// error nothing keeps running.
 async fn start(
     config: &BrokerConfig,
     keys: Keys,
     store: &Store,
     tracker: &TaskTracker,
     tasks: &CancellationToken,
-) -> Result<(quinn::Endpoint, SocketAddr), BrokerError> {
+) -> Result<(quinn::Endpoint, SocketAddr, Option<SocketAddr>), BrokerError> {
     let bind_err = |error| BrokerError::Bind {
         addr: config.listen,
         error,
@@ -256,13 +263,18 @@ async fn start(
             .map_err(AdminSocketError::from)?;
         let listener = admin::bind(&config.admin_socket)?;
         admin::set_group(&config.admin_socket, &access)?;
+        let console = match &config.console {
+            Some(c) => Some(crate::console::Bound::bind(c, &config.pki_dir).await?),
+            None => None,
+        };
+        let console_addr = console.as_ref().map(crate::console::Bound::addr);
         let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
-        broker.serve(config, keys, endpoint.clone(), (listener, access));
-        Ok(agent_addr)
+        broker.serve(config, keys, endpoint.clone(), (listener, access), console);
+        Ok((agent_addr, console_addr))
     }
     .await;
     match started {
-        Ok(agent_addr) => Ok((endpoint, agent_addr)),
+        Ok((agent_addr, console_addr)) => Ok((endpoint, agent_addr, console_addr)),
         Err(e) => {
             tasks.cancel();
             endpoint.close(0u32.into(), b"startup failed");
@@ -355,13 +367,15 @@ impl Broker {
     }
 
     /// Starts the services: on the endpoint the agent link, enrollment and
-    /// routing; the admin socket; the delivery of activation notifications.
+    /// routing; the admin socket; the web console when it is on; the
+    /// delivery of activation notifications.
     fn serve(
         self,
         config: &BrokerConfig,
         keys: Keys,
         endpoint: quinn::Endpoint,
         (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
+        console: Option<crate::console::Bound>,
     ) {
         let (tracker, tasks) = (&self.tracker, &self.tasks);
         // Brokers sharing a store forward to each other the operator's
@@ -384,7 +398,11 @@ impl Broker {
             ota: self.ota.clone(),
             cluster: self.cluster.clone(),
             peers: peers.as_ref().map(|(_, p)| p.clone()),
+            console: console.as_ref().map(crate::console::Bound::issuer),
         };
+        if let Some(console) = console {
+            console.serve(admin_ctx.clone(), tracker, tasks.clone());
+        }
         let services = Services {
             agent: Some(Arc::new(link::AgentLink::new(LinkContext {
                 store: self.store.clone(),

@@ -6,6 +6,7 @@ pub mod chart;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod csv;
 pub mod daemon;
 pub mod demo;

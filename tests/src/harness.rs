@@ -159,6 +159,7 @@ impl TestBroker {
             groups,
             endpoint: Default::default(),
             store: Default::default(),
+            console: None,
         };
         tune(&mut config);
         let mut broker = TestBroker {

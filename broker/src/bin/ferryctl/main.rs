@@ -61,6 +61,9 @@ enum Cmd {
     /// The brokers sharing this broker's PostgreSQL store, and which owns
     /// each group.
     Cluster,
+    /// The broker's web console.
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// Sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
@@ -108,6 +111,13 @@ enum Cmd {
         #[arg(long, default_value = "table")]
         format: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCmd {
+    /// A one-time link that signs its opener in to the web console (valid
+    /// ten minutes; anyone who may use the admin socket may ask for one).
+    Login,
 }
 
 /// A mistake in the command line (a bad flag value, a missing
@@ -198,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Cmd::Status => send(&socket, AdminRequestV1::Status, json),
         Cmd::Resources(cmd) => send(&socket, resources::resources_request(cmd)?, json),
         Cmd::Cluster => send(&socket, AdminRequestV1::Cluster, json),
+        Cmd::Console(ConsoleCmd::Login) => send(&socket, AdminRequestV1::ConsoleLogin, json),
         Cmd::Sessions(cmd) => send(&socket, resources::sessions_request(cmd)?, json),
         Cmd::User(cmd) => send(&socket, users::request(cmd)?, json),
     }
