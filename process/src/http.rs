@@ -3,7 +3,10 @@
 //! network needs.
 //!
 //! * at most [`HttpLimits::max_connections`] connections at once: past that,
-//!   new ones wait in the kernel's backlog, nothing more is allocated;
+//!   new ones wait in the kernel's backlog, nothing more is allocated; and
+//!   at most [`HttpLimits::max_per_address`] from one address (IPv6: one
+//!   /64), past which a new one is closed at once, so one client cannot
+//!   take every slot;
 //! * a TLS handshake and a request's head must arrive within
 //!   [`HttpLimits::header_timeout`], and a head is at most
 //!   [`HttpLimits::max_head_bytes`]: a slow or endless client holds one
@@ -15,8 +18,9 @@
 //! Each request carries the [`Peer`] it came from as an extension, for
 //! handlers that decide by address or by transport.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -34,6 +38,8 @@ use tower::ServiceExt;
 pub struct HttpLimits {
     /// Connections served at once.
     pub max_connections: usize,
+    /// Connections served at once from one address (IPv6: one /64).
+    pub max_per_address: usize,
     /// Time for a TLS handshake, and for each request's head to arrive.
     pub header_timeout: Duration,
     /// Largest request head (request line and headers) read.
@@ -46,6 +52,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_connections: 64,
+            max_per_address: 16,
             header_timeout: Duration::from_secs(10),
             max_head_bytes: 16 * 1024,
             close_grace: Duration::from_secs(2),
@@ -75,6 +82,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = TaskTracker::new();
+    let per_address = Arc::new(Mutex::new(HashMap::<IpAddr, usize>::new()));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -96,6 +104,11 @@ pub async fn serve(
                 }
             },
         };
+        let Some(counted) = Counted::take(&per_address, addr.ip(), limits.max_per_address) else {
+            tracing::debug!(%addr, "HTTP connection refused: too many from its address");
+            drop(stream);
+            continue;
+        };
         let (app, limits, shutdown, acceptor) = (
             app.clone(),
             limits.clone(),
@@ -104,14 +117,17 @@ pub async fn serve(
         );
         connections.spawn(async move {
             let _permit = permit;
+            let _counted = counted;
             match acceptor {
                 None => {
                     let peer = Peer { addr, tls: false };
                     connection(stream, peer, app, &limits, &shutdown).await;
                 }
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await;
+                    let handshake = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        h = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)) => h,
+                    };
                     match handshake {
                         Ok(Ok(stream)) => {
                             let peer = Peer { addr, tls: true };
@@ -127,6 +143,58 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// The block an address's connections are counted under: the address, or
+/// its /64 for IPv6 (one host usually holds a whole /64).
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+    }
+}
+
+/// One connection counted against its address until dropped.
+struct Counted {
+    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl Counted {
+    /// Counts a connection from `ip`, unless its address has `max` already.
+    fn take(table: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<Counted> {
+        let key = counted_as(ip);
+        let mut t = table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = t.entry(key).or_insert(0);
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(Counted {
+            table: table.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut t = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = t.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// One connection's requests, until the client closes it or shutdown.
@@ -189,16 +257,19 @@ mod tests {
         (addr, stop, task)
     }
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    async fn try_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(
             format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
         )
-        .await
-        .expect("write");
+        .await?;
         let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        try_get(addr, path).await.expect("GET")
     }
 
     #[tokio::test]
@@ -246,6 +317,48 @@ mod tests {
         assert!(read.is_ok(), "the connection was not closed");
         stop.cancel();
         task.await.expect("serve ends");
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection() {
+        let (addr, stop, task) = started(HttpLimits {
+            max_per_address: 2,
+            ..HttpLimits::default()
+        })
+        .await;
+        let _a = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let _b = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // The third is closed at once: it reads the end (or a reset), not
+        // an answer.
+        let reply = try_get(addr, "/peer").await.unwrap_or_default();
+        assert_eq!(reply, "", "{reply}");
+        drop((_a, _b));
+        // Slots come back when connections close.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if try_get(addr, "/peer")
+                .await
+                .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "slots never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.expect("serve ends");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_counted_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(counted_as(a), counted_as(b));
+        assert_ne!(counted_as(a), counted_as(c));
     }
 
     #[tokio::test]
