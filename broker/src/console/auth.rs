@@ -171,6 +171,16 @@ pub fn form_token_matches(session: &Session, given: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A short, non-secret name of a session for the logs: the first 8 hex
+/// digits of its cookie's SHA-256.
+pub fn short_id(cookie: &str) -> String {
+    digest(cookie)
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The value of the session cookie in a `Cookie` header, if any.
 pub fn cookie_value(header: &str) -> Option<&str> {
     header

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use ferry_common::admin::{
     GroupEventDetail, GroupInfo, GroupPolicyDetail, GroupRolloutsInfo, LiveGroupView,
-    OtaScheduleInfo, OtaUpdateInfo, ResourceInfo, SessionDetail, UsageDetail,
+    OtaScheduleInfo, OtaUpdateInfo, ResourceInfo, SessionInfo, UsageDetail,
 };
 use ferry_common::UnixMillis;
 
@@ -182,7 +182,8 @@ pub struct GroupPage<'a> {
     pub served_by: Option<&'a str>,
     /// The connected hosts of the group, as the registry knows them.
     pub hosts: &'a [ResourceInfo],
-    pub sessions: &'a [SessionDetail],
+    /// Open sessions on the group's hosts.
+    pub sessions: &'a [SessionInfo],
     pub events: &'a [GroupEventDetail],
     pub rollouts: Option<&'a GroupRolloutsInfo>,
     /// The live chart (SVG).
@@ -260,6 +261,14 @@ pub fn group_page(p: &GroupPage<'_>, form_token: &str) -> String {
         );
     }
     let parts = live_parts(p, form_token);
+    let chart = match p.served_by {
+        Some(owner) => format!(
+            "<p class=\"message\">The live chart is drawn by the console of the broker that \
+             serves the group ({}); the figures above come from it.</p>",
+            esc(owner)
+        ),
+        None => p.chart.to_owned(),
+    };
     let _ = write!(
         body,
         "<div id=\"live-figures\">{}</div><section><h2>Load</h2>\
@@ -267,7 +276,7 @@ pub fn group_page(p: &GroupPage<'_>, form_token: &str) -> String {
          <div id=\"live-table\">{}</div>",
         parts.figures,
         seg(name),
-        p.chart,
+        chart,
         parts.resources
     );
     body.push_str(&policy_section(p, form_token));
@@ -334,8 +343,8 @@ fn resources_section(p: &GroupPage<'_>, token: &str) -> String {
         let sessions: Vec<String> = p
             .sessions
             .iter()
-            .filter(|s| s.info.resource == h.resource && s.info.ended_at.is_none())
-            .map(|s| s.info.session.as_str().to_owned())
+            .filter(|s| s.resource == h.resource && s.ended_at.is_none())
+            .map(|s| s.session.as_str().to_owned())
             .collect();
         rows.push_str(&resource_row(
             h.resource.as_str(),
@@ -463,11 +472,15 @@ fn resource_row(
 fn policy_section(p: &GroupPage<'_>, token: &str) -> String {
     let v = &p.policy.detail.policy;
     let name = p.policy.detail.info.name.as_str();
+    // Each field carries the value it was shown with: only what the
+    // operator changed is sent as a change (a value the form rounds, such
+    // as 1500 ms shown as 1.5 s, stays as stored).
     let field = |key: &str, label: &str, value: String, hint: &str| {
         format!(
-            "<label>{label}<input name=\"{key}\" value=\"{}\" inputmode=\"numeric\">\
+            "<label>{label}<input name=\"{key}\" value=\"{v}\" inputmode=\"decimal\">\
+             <input type=\"hidden\" name=\"was_{key}\" value=\"{v}\">\
              <small>{hint}</small></label>",
-            esc(&value)
+            v = esc(&value)
         )
     };
     let mut problems = String::new();
@@ -478,12 +491,16 @@ fn policy_section(p: &GroupPage<'_>, token: &str) -> String {
         }
         problems.push_str("</ul>");
     }
-    let secs = |ms: u64| format!("{}", ms / 1000);
+    let secs = |ms: u64| {
+        let d = rust_decimal::Decimal::from(ms) / rust_decimal::Decimal::ONE_THOUSAND;
+        d.normalize().to_string()
+    };
     format!(
         "<section><h2>Policy</h2><p>Version {} · {}</p>{problems}\
          <form method=\"post\" action=\"/groups/{}/policy\" id=\"policy\" class=\"policy\">\
          <input type=\"hidden\" name=\"form_token\" value=\"{}\">{}{}{}{}{}{}{}\
-         <label>Load balancing<select name=\"load_balancing\">{}</select></label>\
+         <label>Load balancing<select name=\"load_balancing\">{}</select>\
+         <input type=\"hidden\" name=\"was_load_balancing\" value=\"{}\"></label>\
          <button type=\"submit\">Change the policy</button></form></section>",
         p.policy.detail.policy_version,
         if p.policy.detail.policy_applied {
@@ -546,6 +563,7 @@ fn policy_section(p: &GroupPage<'_>, token: &str) -> String {
                 }
             ))
             .collect::<String>(),
+        esc(&v.load_balancing),
     )
 }
 
@@ -646,8 +664,7 @@ fn decisions_section(events: &[GroupEventDetail]) -> String {
 /// CSV link.
 pub fn usage_page(
     d: &UsageDetail,
-    from: &str,
-    to: &str,
+    (from, to, group): (&str, &str, &str),
     csv_href: &str,
     chart: &str,
     form_token: &str,
@@ -685,6 +702,7 @@ pub fn usage_page(
             "<h1>Usage and cost</h1><form method=\"get\" action=\"/usage\" class=\"period\">\
              <label>From <input type=\"date\" name=\"from\" value=\"{}\"></label>\
              <label>To <input type=\"date\" name=\"to\" value=\"{}\"></label>\
+             <input type=\"hidden\" name=\"group\" value=\"{}\">\
              <button type=\"submit\">Show</button></form>{so_far}\
              <div class=\"chart\" id=\"usage-chart\">{chart}</div>\
              <table id=\"usage\"><thead><tr><th>Group</th><th>Billing</th><th>Base hours</th>\
@@ -693,6 +711,7 @@ pub fn usage_page(
              <p><a id=\"usage-csv\" href=\"{}\" download>Download CSV</a></p>",
             esc(from),
             esc(to),
+            esc(group),
             esc(&r.currency),
             esc(csv_href),
         ),

@@ -1,22 +1,26 @@
-//! The console's live figures: each group served here is read from its
-//! actor once a [`SAMPLE_EVERY`], and a point is kept when its figures
-//! change (with the last seen time, so a flat stretch costs nothing). Pages
-//! wait on [`Live::changed`] to push a new chart the moment the group moves.
+//! The console's live figures: each group whose actor runs here is asked
+//! for its view once a [`SAMPLE_EVERY`] (a message to the actor, no store
+//! access), and a point is kept when its figures change (with the last seen
+//! time, so a flat stretch costs nothing). A group's page waits on its own
+//! group's counter ([`Live::changed`]) to push a new chart the moment the
+//! group moves.
 //!
-//! Bounded: at most [`MAX_GROUPS`] groups and [`MAX_POINTS`] points each
-//! (the oldest dropped first).
+//! A group whose actor does not answer keeps its history (an actor
+//! restarting, a turn taking long); a group is forgotten only once no actor
+//! of it runs here. Bounded: at most [`MAX_GROUPS`] groups and
+//! [`MAX_POINTS`] points each (the oldest dropped first).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ferry_common::admin::{AdminRequestV1, AdminResponseV1, GroupFilter, LiveGroupView};
+use ferry_common::admin::LiveGroupView;
 use ferry_common::{GroupName, UnixMillis};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminContext};
-use crate::cluster::Owner;
+use crate::admin::AdminContext;
+use crate::groups::actor::GroupView;
 
 /// How often a group's live state is read.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -41,6 +45,7 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// The figures of a group's live view as `group show` gives it.
     pub fn of(live: &LiveGroupView) -> Figures {
         let sessions: u64 = live.resources.iter().map(|r| r.sessions.len() as u64).sum();
         let count = |state: &str| live.resources.iter().filter(|r| r.state == state).count() as u64;
@@ -53,6 +58,27 @@ impl Figures {
             releasing: count("releasing"),
             demand: live.demand,
             threshold: live.usage_threshold,
+        }
+    }
+
+    /// The figures of an actor's view.
+    pub fn of_view(v: &GroupView) -> Figures {
+        let sessions: u64 = v.resources.iter().map(|r| r.sessions.len() as u64).sum();
+        let count = |state: &str| {
+            v.resources
+                .iter()
+                .filter(|r| r.state.to_string() == state)
+                .count() as u64
+        };
+        Figures {
+            sessions,
+            waiting: v.demand.saturating_sub(sessions),
+            capacity: v.capacity,
+            ready: count("ready"),
+            pending: count("pending"),
+            releasing: count("releasing"),
+            demand: v.demand,
+            threshold: v.usage_threshold,
         }
     }
 }
@@ -87,24 +113,30 @@ impl History {
     }
 }
 
-/// The followed groups' histories, and a counter that moves whenever one
-/// of them changes.
-pub struct Live {
-    histories: Mutex<BTreeMap<GroupName, History>>,
+/// One followed group: its history and a counter that moves when its
+/// figures change (or when it stops being followed).
+struct Followed {
+    history: History,
     changes: watch::Sender<u64>,
 }
 
-impl Default for Live {
+impl Default for Followed {
     fn default() -> Self {
-        Live {
-            histories: Mutex::new(BTreeMap::new()),
+        Followed {
+            history: History::default(),
             changes: watch::channel(0).0,
         }
     }
 }
 
+/// The followed groups.
+#[derive(Default)]
+pub struct Live {
+    histories: Mutex<BTreeMap<GroupName, Followed>>,
+}
+
 impl Live {
-    fn histories(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupName, History>> {
+    fn histories(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupName, Followed>> {
         self.histories
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -112,41 +144,36 @@ impl Live {
 
     /// A copy of one group's history.
     pub fn history(&self, group: &GroupName) -> Option<History> {
-        self.histories().get(group).cloned()
+        self.histories().get(group).map(|f| f.history.clone())
     }
 
-    /// The newest figures of every followed group.
-    pub fn latest(&self) -> BTreeMap<GroupName, Figures> {
-        self.histories()
-            .iter()
-            .filter_map(|(g, h)| h.points.back().map(|p| (g.clone(), p.figures.clone())))
-            .collect()
+    /// Wakes when `group`'s figures change; `None` when it is not
+    /// followed here.
+    pub fn changed(&self, group: &GroupName) -> Option<watch::Receiver<u64>> {
+        self.histories().get(group).map(|f| f.changes.subscribe())
     }
 
-    /// Wakes when any group's figures change.
-    pub fn changed(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    /// Keeps what was read at `at`; forgets groups no longer served here.
-    pub fn record(&self, at: UnixMillis, read: Vec<(GroupName, Figures)>) {
-        let mut changed = false;
-        {
-            let mut histories = self.histories();
-            let served: std::collections::BTreeSet<&GroupName> =
-                read.iter().map(|(g, _)| g).collect();
-            let before = histories.len();
-            histories.retain(|g, _| served.contains(g));
-            changed |= histories.len() != before;
-            for (group, figures) in read {
-                if histories.len() >= MAX_GROUPS && !histories.contains_key(&group) {
-                    continue;
-                }
-                changed |= histories.entry(group).or_default().record(at, figures);
+    /// Keeps what was read at `at`. `running` are the groups whose actors
+    /// run here: the others are forgotten (their watchers woken); a running
+    /// group missing from `read` (its actor did not answer) keeps its
+    /// history.
+    pub fn record(&self, at: UnixMillis, running: &[GroupName], read: Vec<(GroupName, Figures)>) {
+        let mut histories = self.histories();
+        histories.retain(|g, f| {
+            let keep = running.contains(g);
+            if !keep {
+                f.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
-        }
-        if changed {
-            self.changes.send_modify(|n| *n = n.wrapping_add(1));
+            keep
+        });
+        for (group, figures) in read {
+            if histories.len() >= MAX_GROUPS && !histories.contains_key(&group) {
+                continue;
+            }
+            let followed = histories.entry(group).or_default();
+            if followed.history.record(at, figures) {
+                followed.changes.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
     }
 }
@@ -160,43 +187,17 @@ pub async fn follow(ctx: AdminContext, live: std::sync::Arc<Live>, shutdown: Can
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let read = read_groups(&ctx).await;
-        live.record(ctx.groups.service().now(), read);
+        let actors = ctx.groups.actors();
+        let mut running = actors.running();
+        running.truncate(MAX_GROUPS);
+        let mut read = Vec::with_capacity(running.len());
+        for group in &running {
+            if let Ok(view) = actors.view(group).await {
+                read.push((group.clone(), Figures::of_view(&view)));
+            }
+        }
+        live.record(ctx.groups.service().now(), &running, read);
     }
-}
-
-/// The live figures of the groups whose actors run on this broker.
-async fn read_groups(ctx: &AdminContext) -> Vec<(GroupName, Figures)> {
-    let groups = match admin::handle(ctx, AdminRequestV1::GroupList(GroupFilter::default())).await {
-        AdminResponseV1::Groups(gs) => gs,
-        other => {
-            tracing::debug!(?other, "console: group list failed");
-            return Vec::new();
-        }
-    };
-    let mut read = Vec::new();
-    for g in groups
-        .into_iter()
-        .filter(|g| g.status != "gone")
-        .take(MAX_GROUPS)
-    {
-        if matches!(ctx.groups.actors().ownership().owner(&g.name), Owner::At(_)) {
-            continue;
-        }
-        if let AdminResponseV1::GroupShown {
-            live: Some(live), ..
-        } = admin::handle(
-            ctx,
-            AdminRequestV1::GroupShow {
-                group: g.name.clone(),
-            },
-        )
-        .await
-        {
-            read.push((g.name, Figures::of(&live)));
-        }
-    }
-    read
 }
 
 #[cfg(test)]
@@ -237,17 +238,33 @@ mod tests {
     }
 
     #[test]
-    fn a_change_wakes_watchers_and_gone_groups_are_forgotten() {
+    fn a_change_wakes_its_group_s_watchers_and_gone_groups_are_forgotten() {
         let live = Live::default();
-        let mut rx = live.changed();
         let g: GroupName = "g1".parse().expect("name");
-        live.record(UnixMillis(1), vec![(g.clone(), figures(1))]);
+        let other: GroupName = "g2".parse().expect("name");
+        let both = [g.clone(), other.clone()];
+        live.record(
+            UnixMillis(1),
+            &both,
+            vec![(g.clone(), figures(1)), (other.clone(), figures(1))],
+        );
+        let mut rx = live.changed(&g).expect("followed");
+        live.record(
+            UnixMillis(2),
+            &both,
+            vec![(g.clone(), figures(1)), (other.clone(), figures(2))],
+        );
+        assert!(!rx.has_changed().expect("open"), "another group's change");
+        live.record(UnixMillis(3), &both, vec![(g.clone(), figures(2))]);
         assert!(rx.has_changed().expect("open"));
         rx.mark_unchanged();
-        live.record(UnixMillis(2), vec![(g.clone(), figures(1))]);
+        // Its actor did not answer: the history stays.
+        live.record(UnixMillis(4), &both, Vec::new());
+        assert_eq!(live.history(&g).map(|h| h.points.len()), Some(2));
         assert!(!rx.has_changed().expect("open"));
-        live.record(UnixMillis(3), Vec::new());
-        assert!(rx.has_changed().expect("open"));
+        // No actor of it runs here any more: forgotten, watchers woken.
+        live.record(UnixMillis(5), &[other], Vec::new());
+        assert!(rx.has_changed().unwrap_or(true));
         assert!(live.history(&g).is_none());
     }
 }

@@ -122,7 +122,8 @@ impl Bound {
             ctx,
             logins: self.logins,
             live,
-            tls: self.tls.is_some(),
+            secure: self.tls.is_some() || self.base_url.starts_with("https://"),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         });
         tracing::info!(url = %self.base_url, "console ready (`ferryctl console login` gives a sign-in link)");
         tracker.spawn(ferry_process::http::serve(
@@ -170,14 +171,26 @@ struct Console {
     ctx: AdminContext,
     logins: Arc<Logins>,
     live: Arc<live::Live>,
-    tls: bool,
+    /// Cookies are `Secure`: the console is reached over HTTPS (its own
+    /// TLS, or a proxy's when `public_url` is `https://`).
+    secure: bool,
+    /// Live streams open at once (each holds a connection and asks the
+    /// broker again at each change of its group).
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Live streams served at once; past this a page works without live updates.
+const MAX_STREAMS: usize = 32;
+/// Shortest time between two updates of one stream.
+const STREAM_MIN_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often a stream with nothing to say checks its session is still on.
+const STREAM_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 type Shared = Arc<Console>;
 
 fn router(console: Shared) -> Router {
     Router::new()
-        .route("/login", get(login))
+        .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/", get(groups_page))
         .route("/groups/{group}", get(group_page))
@@ -245,18 +258,18 @@ struct Signed {
     session: Session,
 }
 
+impl Signed {
+    /// A short name of the session for the logs (not the secret).
+    fn id(&self) -> String {
+        auth::short_id(&self.cookie)
+    }
+}
+
 impl FromRequestParts<Shared> for Signed {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, console: &Shared) -> Result<Self, Response> {
-        let cookie = parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(auth::cookie_value)
-            .map(str::to_owned);
-        match cookie.and_then(|c| console.logins.session(&c).map(|s| (c, s))) {
+        match cookie_of(&parts.headers).and_then(|c| console.logins.session(&c).map(|s| (c, s))) {
             Some((cookie, session)) => Ok(Signed { cookie, session }),
             None => Err(html(
                 StatusCode::UNAUTHORIZED,
@@ -292,24 +305,58 @@ struct LoginQuery {
     next: Option<String>,
 }
 
-/// `next` when it is a path of this console (not another site's address).
+/// `next` when it is a path of this console (not another site's address):
+/// a `/` not followed by another `/`, and nothing a browser could read
+/// another way.
 fn local_path(next: Option<&str>) -> &str {
+    let plain = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~?=&%".contains(&b))
+    };
     match next {
-        Some(p) if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') => p,
+        Some(p) if p.starts_with('/') && !p.starts_with("//") && plain(p) => p,
         _ => "/",
     }
 }
 
-async fn login(State(c): State<Shared>, Query(q): Query<LoginQuery>) -> Response {
+/// The link's page: a button that signs in. Opening a link changes
+/// nothing, so a mail scanner or a chat's preview does not use it up.
+async fn login_page(Query(q): Query<LoginQuery>) -> Response {
+    let body = format!(
+        "<h1>Sign in</h1><p>This link signs you in to the Ferry console once.</p>\
+         <form method=\"post\" action=\"/login\" id=\"sign-in\">\
+         <input type=\"hidden\" name=\"token\" value=\"{}\">\
+         <input type=\"hidden\" name=\"next\" value=\"{}\">\
+         <button type=\"submit\">Sign in</button></form>",
+        html::esc(&q.token),
+        html::esc(local_path(q.next.as_deref())),
+    );
+    html(
+        StatusCode::OK,
+        html::page("Sign in", html::Section::None, None, &body),
+    )
+}
+
+async fn login(
+    State(c): State<Shared>,
+    headers: axum::http::HeaderMap,
+    peer: Option<axum::Extension<ferry_process::http::Peer>>,
+    Form(q): Form<LoginQuery>,
+) -> Response {
     match c.logins.sign_in(&q.token) {
         Ok((cookie, _)) => {
-            let secure = if c.tls { "; Secure" } else { "" };
+            // A sign-in replaces the browser's earlier session.
+            if let Some(old) = cookie_of(&headers) {
+                c.logins.sign_out(&old);
+            }
+            let secure = if c.secure { "; Secure" } else { "" };
             let max_age = c.logins.session_ttl().as_secs();
             let set = format!(
                 "{}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
                 auth::COOKIE
             );
-            tracing::info!("console: signed in with a login link");
+            tracing::info!(session = %auth::short_id(&cookie), client = ?peer.map(|p| p.0.addr),
+                "console: signed in with a login link");
             let mut r = Redirect::to(local_path(q.next.as_deref())).into_response();
             if let Ok(v) = HeaderValue::from_str(&set) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
@@ -321,6 +368,16 @@ async fn login(State(c): State<Shared>, Query(q): Query<LoginQuery>) -> Response
             html::message("Sign in", &e.to_string()),
         ),
     }
+}
+
+/// The session cookie a request carries, if any.
+fn cookie_of(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(auth::cookie_value)
+        .map(str::to_owned)
 }
 
 async fn logout(
@@ -447,30 +504,35 @@ fn parse_group(raw: &str) -> Result<GroupName, Response> {
     })
 }
 
-#[derive(serde::Deserialize, Default)]
-struct NoticeQuery {
-    ok: Option<String>,
-    error: Option<String>,
-}
-
 async fn group_page(
     signed: Signed,
     State(c): State<Shared>,
     Path(group): Path<String>,
-    Query(n): Query<NoticeQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
-    let notice =
-        n.ok.as_deref()
-            .map(|t| (true, t))
-            .or(n.error.as_deref().map(|t| (false, t)));
-    render_group(&c, &signed, &group, notice, &[], StatusCode::OK).await
+    let notice = notice_of(&headers);
+    let mut r = render_group(
+        &c,
+        &signed,
+        &group,
+        notice.as_ref().map(|(ok, t)| (*ok, t.as_str())),
+        &[],
+        StatusCode::OK,
+    )
+    .await;
+    if notice.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&format!("{NOTICE_COOKIE}=; Path=/; Max-Age=0")) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    r
 }
 
 /// Everything a group page shows, as the admin requests answer it.
 struct GroupData {
     policy: Box<ferry_common::admin::GroupPolicyDetail>,
     hosts: Vec<ferry_common::admin::ResourceInfo>,
-    sessions: Vec<ferry_common::admin::SessionDetail>,
+    sessions: Vec<ferry_common::admin::SessionInfo>,
     events: Vec<ferry_common::admin::GroupEventDetail>,
     rollouts: Option<ferry_common::admin::GroupRolloutsInfo>,
     served_by: Option<String>,
@@ -478,8 +540,10 @@ struct GroupData {
 }
 
 impl GroupData {
-    async fn gather(c: &Console, group: &str) -> Result<GroupData, Response> {
-        let group = parse_group(group)?;
+    /// Everything of `group`; the broker's answer when the group cannot
+    /// be shown.
+    async fn gather(c: &Console, group: &GroupName) -> Result<GroupData, AdminResponseV1> {
+        let group = group.clone();
         let policy = match admin::handle(
             &c.ctx,
             AdminRequestV1::GroupShowWithPolicy {
@@ -489,7 +553,7 @@ impl GroupData {
         .await
         {
             AdminResponseV1::GroupWithPolicy(p) => p,
-            other => return Err(admin_error(other)),
+            other => return Err(other),
         };
         let hosts = match admin::handle(&c.ctx, AdminRequestV1::ListResources).await {
             AdminResponseV1::Resources(rs) => rs
@@ -498,18 +562,19 @@ impl GroupData {
                 .collect(),
             _ => Vec::new(),
         };
-        let sessions = match admin::handle(
-            &c.ctx,
-            AdminRequestV1::ListSessionsDetailed { all: false },
-        )
-        .await
-        {
-            AdminResponseV1::SessionsDetailed(ss) => ss
-                .into_iter()
-                .filter(|s| s.group.as_ref() == Some(&group))
-                .collect(),
-            _ => Vec::new(),
-        };
+        // Open sessions of the group's hosts (the store's list, no actor asked).
+        let sessions =
+            match admin::handle(&c.ctx, AdminRequestV1::ListSessions { all: false }).await {
+                AdminResponseV1::Sessions(ss) => ss
+                    .into_iter()
+                    .filter(|s| {
+                        hosts
+                            .iter()
+                            .any(|h: &ferry_common::admin::ResourceInfo| h.resource == s.resource)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
         let events = group_events(c, &group).await;
         let rollouts = match admin::handle(
             &c.ctx,
@@ -566,12 +631,16 @@ async fn render_group(
     problems: &[String],
     status: StatusCode,
 ) -> Response {
-    match GroupData::gather(c, group).await {
+    let group = match parse_group(group) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    match GroupData::gather(c, &group).await {
         Ok(data) => html(
             status,
             html::group_page(&data.page(notice, problems), &signed.session.form_token),
         ),
-        Err(r) => r,
+        Err(answer) => admin_error(answer),
     }
 }
 
@@ -621,62 +690,170 @@ async fn group_chart(
 
 /// Server-sent events for a group page: an `update` (the chart and the
 /// page's changing parts, rendered) now and whenever the group's figures
-/// change.
+/// change, at most one a [`STREAM_MIN_GAP`]. The stream ends when the
+/// session does (sign-out, expiry: checked at every change and every
+/// [`STREAM_CHECK_EVERY`]), and after saying `gone` when the group is no
+/// more. A group whose live figures are not followed here (served by
+/// another broker) gets one update and the browser asks again after ten
+/// seconds. At most [`MAX_STREAMS`] at once.
 async fn group_live(
     signed: Signed,
     State(c): State<Shared>,
     Path(group): Path<String>,
 ) -> Response {
-    if let Err(r) = parse_group(&group) {
-        return r;
-    }
-    let changes = c.live.changed();
-    let token = signed.session.form_token;
-    let stream = futures_util::stream::unfold(
-        (c, group, changes, token, true),
-        |(c, group, mut changes, token, first)| async move {
-            if !first && changes.changed().await.is_err() {
-                return None;
-            }
-            changes.mark_unchanged();
-            let payload = match GroupData::gather(&c, &group).await {
-                Ok(data) => {
-                    let parts = html::live_parts(&data.page(None, &[]), &token);
-                    serde_json::json!({
-                        "chart": data.chart,
-                        "figures": parts.figures,
-                        "resources": parts.resources,
-                        "decisions": parts.decisions,
-                    })
-                }
-                // The group is gone or its owner cannot be asked: said
-                // once, and the stream ends.
-                Err(_) => serde_json::json!({ "gone": true }),
-            };
-            let event = Event::default().event("update").data(payload.to_string());
-            Some((
-                Ok::<_, std::convert::Infallible>(event),
-                (c, group, changes, token, false),
-            ))
-        },
-    );
+    let group = match parse_group(&group) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let Ok(slot) = c.streams.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "30")],
+            "too many live pages are open on this console",
+        )
+            .into_response();
+    };
+    let state = LiveStream {
+        changes: c.live.changed(&group),
+        c,
+        group,
+        cookie: signed.cookie,
+        token: signed.session.form_token,
+        first: true,
+        done: false,
+        _slot: slot,
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        let event = st.next().await?;
+        Some((Ok::<_, std::convert::Infallible>(event), st))
+    });
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-/// Where an action on a resource or session returns: the group page named
-/// in the form, with what happened.
+/// One group page's stream of updates.
+struct LiveStream {
+    c: Shared,
+    group: GroupName,
+    /// `None` when the group's figures are not followed here.
+    changes: Option<tokio::sync::watch::Receiver<u64>>,
+    cookie: String,
+    token: String,
+    first: bool,
+    done: bool,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl LiveStream {
+    /// The next event; `None` ends the stream.
+    async fn next(&mut self) -> Option<Event> {
+        if self.done {
+            return None;
+        }
+        if !self.first {
+            let changes = self.changes.as_mut()?;
+            tokio::time::sleep(STREAM_MIN_GAP).await;
+            loop {
+                self.c.logins.session(&self.cookie)?;
+                match tokio::time::timeout(STREAM_CHECK_EVERY, changes.changed()).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return None,
+                    Err(_) => continue,
+                }
+            }
+            changes.mark_unchanged();
+        }
+        self.first = false;
+        self.c.logins.session(&self.cookie)?;
+        Some(match GroupData::gather(&self.c, &self.group).await {
+            Ok(data) => {
+                let parts = html::live_parts(&data.page(None, &[]), &self.token);
+                let payload = serde_json::json!({
+                    "chart": data.chart,
+                    "figures": parts.figures,
+                    "resources": parts.resources,
+                    "decisions": parts.decisions,
+                });
+                let event = Event::default().event("update").data(payload.to_string());
+                if self.changes.is_none() {
+                    self.done = true;
+                    event.retry(std::time::Duration::from_secs(10))
+                } else {
+                    event
+                }
+            }
+            Err(AdminResponseV1::Error(e))
+                if e.code == ferry_common::admin::AdminErrorCode::NotFound =>
+            {
+                self.done = true;
+                Event::default()
+                    .event("update")
+                    .data(serde_json::json!({ "gone": true }).to_string())
+            }
+            // A passing failure (the owner or the store did not answer):
+            // nothing new to show this time.
+            Err(_) => Event::default().comment("not available now"),
+        })
+    }
+}
+
+/// Where an action on a resource or session returns: the group page
+/// named in the form. What happened travels in a short-lived cookie (not
+/// in the address, where anyone could write a message for the page).
 fn back_to(form: &HashMap<String, String>, ok: bool, text: &str) -> Response {
     let group = form.get("group").and_then(|g| g.parse::<GroupName>().ok());
-    let key = if ok { "ok" } else { "error" };
-    let query = serde_urlencoded::to_string([(key, text)]).unwrap_or_default();
-    match group {
-        Some(g) => {
-            Redirect::to(&format!("/groups/{}?{query}", html::seg(g.as_str()))).into_response()
-        }
+    let mut r = match &group {
+        Some(g) => Redirect::to(&format!("/groups/{}", html::seg(g.as_str()))).into_response(),
         None => Redirect::to("/").into_response(),
+    };
+    let value =
+        serde_urlencoded::to_string([(if ok { "ok" } else { "error" }, text)]).unwrap_or_default();
+    let set = format!(
+        "{NOTICE_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=60",
+        html::seg(&value)
+    );
+    if let Ok(v) = HeaderValue::from_str(&set) {
+        r.headers_mut().append(header::SET_COOKIE, v);
     }
+    r
+}
+
+/// The cookie that carries what an action did to the page it returns to.
+const NOTICE_COOKIE: &str = "ferry_notice";
+
+/// The notice a request carries: (ok, text).
+fn notice_of(headers: &axum::http::HeaderMap) -> Option<(bool, String)> {
+    let raw = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|h| h.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == NOTICE_COOKIE)
+        .map(|(_, v)| v.to_owned())?;
+    let decoded = percent_decode(&raw)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&decoded).ok()?;
+    let (key, text) = pairs.into_iter().next()?;
+    Some((key == "ok", text))
+}
+
+/// `%XX` escapes decoded (the inverse of [`html::seg`]).
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 async fn command(
@@ -705,7 +882,7 @@ async fn drain(
         return back_to(&f, false, "not a resource id");
     };
     let done = format!("{resource} drains: it takes no new sessions");
-    tracing::info!(%resource, "console: drain");
+    tracing::info!(%resource, session = %signed.id(), "console: drain");
     command(&c, &f, AdminRequestV1::Drain { resource }, done).await
 }
 
@@ -722,7 +899,7 @@ async fn undrain(
         return back_to(&f, false, "not a resource id");
     };
     let done = format!("{resource} takes new sessions again");
-    tracing::info!(%resource, "console: undrain");
+    tracing::info!(%resource, session = %signed.id(), "console: undrain");
     command(&c, &f, AdminRequestV1::Undrain { resource }, done).await
 }
 
@@ -739,41 +916,64 @@ async fn disconnect(
         return back_to(&f, false, "not a session id");
     };
     let done = format!("session {session} disconnected");
-    tracing::info!(%session, "console: disconnect");
+    tracing::info!(%session, console_session = %signed.id(), "console: disconnect");
     command(&c, &f, AdminRequestV1::DisconnectSession { session }, done).await
 }
 
-/// The policy form as a [`PolicySpec`]: every field that does not parse is
-/// one problem; the broker's validation lists the rest.
+/// The policy form as a [`PolicySpec`]: a field left as it was shown
+/// (`was_KEY`) or empty keeps the stored value; every field that does not
+/// parse is one problem; the broker's validation lists the rest.
 fn policy_of(form: &HashMap<String, String>) -> Result<PolicySpec, Vec<String>> {
     let mut problems = Vec::new();
-    let mut number = |key: &str, label: &str| -> Option<u64> {
-        let v = form.get(key).map(|s| s.trim()).unwrap_or("");
-        if v.is_empty() {
-            return None;
+    let changed = |key: &str| -> Option<&str> {
+        let v = form.get(key).map(|s| s.trim()).filter(|v| !v.is_empty())?;
+        match form.get(&format!("was_{key}")) {
+            Some(was) if was.trim() == v => None,
+            _ => Some(v),
         }
-        match v.parse::<u64>() {
+    };
+    let mut count = |key: &str, label: &str| -> Option<u32> {
+        let v = changed(key)?;
+        match v.parse::<u32>() {
             Ok(n) => Some(n),
             Err(_) => {
-                problems.push(format!("{label}: {v:?} is not a whole number"));
+                problems.push(format!(
+                    "{label}: {v:?} is not a whole number from 0 to {}",
+                    u32::MAX
+                ));
                 None
             }
         }
     };
-    let small = |n: Option<u64>| n.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-    let ms = |n: Option<u64>| n.map(|s| s.saturating_mul(1000));
+    let concurrent_sessions = count("concurrent_sessions", "sessions per resource");
+    let usage_threshold = count("usage_threshold", "usage threshold");
+    let scale_out_step = count("scale_out_step", "scale-out step");
+    let max_elastic = count("max_elastic", "elastic resources at most");
+    let mut seconds = |key: &str, label: &str| -> Option<u64> {
+        let v = changed(key)?;
+        let ms = v
+            .parse::<rust_decimal::Decimal>()
+            .ok()
+            .filter(|d| !d.is_sign_negative())
+            .and_then(|d| d.checked_mul(rust_decimal::Decimal::ONE_THOUSAND))
+            .filter(|ms| ms.fract().is_zero())
+            .and_then(|ms| u64::try_from(ms).ok());
+        if ms.is_none() {
+            problems.push(format!(
+                "{label}: {v:?} is not a number of seconds (at most three decimals)"
+            ));
+        }
+        ms
+    };
     let spec = PolicySpec {
-        concurrent_sessions: small(number("concurrent_sessions", "sessions per resource")),
-        usage_threshold: small(number("usage_threshold", "usage threshold")),
-        scale_out_step: small(number("scale_out_step", "scale-out step")),
-        max_elastic: small(number("max_elastic", "elastic resources at most")),
-        max_idle_ms: ms(number("max_idle_s", "idle time before release")),
-        scale_in_cooldown_ms: ms(number("scale_in_cooldown_s", "scale-in cooldown")),
-        wait_timeout_ms: ms(number("wait_timeout_s", "wait timeout")),
-        load_balancing: form
-            .get("load_balancing")
-            .filter(|s| !s.is_empty())
-            .cloned(),
+        concurrent_sessions,
+        usage_threshold,
+        scale_out_step,
+        max_elastic,
+        max_idle_ms: seconds("max_idle_s", "idle time before release"),
+        scale_in_cooldown_ms: seconds("scale_in_cooldown_s", "scale-in cooldown"),
+        wait_timeout_ms: seconds("wait_timeout_s", "wait timeout"),
+        load_balancing: changed("load_balancing").map(str::to_owned),
     };
     if problems.is_empty() {
         Ok(spec)
@@ -809,7 +1009,7 @@ async fn change_policy(
             .await
         }
     };
-    tracing::info!(group = %name, "console: policy change");
+    tracing::info!(group = %name, session = %signed.id(), "console: policy change");
     match admin::handle(
         &c.ctx,
         AdminRequestV1::GroupUpdatePolicy {
@@ -903,9 +1103,15 @@ async fn usage_page(
         Ok(p) => p,
         Err(e) => return html(StatusCode::BAD_REQUEST, html::message("Usage", &e)),
     };
+    let group = query
+        .group
+        .as_ref()
+        .map(|g| g.as_str().to_owned())
+        .unwrap_or_default();
     let csv_href = format!(
         "/usage.csv?{}",
-        serde_urlencoded::to_string([("from", &from), ("to", &to)]).unwrap_or_default()
+        serde_urlencoded::to_string([("from", &from), ("to", &to), ("group", &group)])
+            .unwrap_or_default()
     );
     // One report per day for the chart (a period of at most MAX_CHART_DAYS).
     let mut days = Vec::new();
@@ -916,10 +1122,11 @@ async fn usage_page(
                 from: UnixMillis(from),
                 to: UnixMillis(to),
             };
-            if let AdminResponseV1::UsageDetailed(d) =
-                admin::handle(&c.ctx, AdminRequestV1::UsageDetailed(day)).await
-            {
-                days.push(d);
+            match admin::handle(&c.ctx, AdminRequestV1::UsageDetailed(day)).await {
+                AdminResponseV1::UsageDetailed(d) => days.push(d),
+                // A day left out would shift the bars: no chart rather
+                // than a wrong one.
+                other => return admin_error(other),
             }
         }
     }
@@ -937,8 +1144,7 @@ async fn usage_page(
                 StatusCode::OK,
                 html::usage_page(
                     &d,
-                    &from,
-                    &to,
+                    (&from, &to, &group),
                     &csv_href,
                     &chart,
                     &signed.session.form_token,

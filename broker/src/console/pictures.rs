@@ -45,12 +45,18 @@ pub fn live_timeline(
     let start = first
         .max(end.saturating_sub(LIVE_WINDOW_MS))
         .min(end.saturating_sub(MIN_SPAN_MS));
+    // Only the window's points: the one in force at its start (moved to
+    // the start), then those after it.
+    let in_window: Vec<&super::live::Point> = {
+        let later = history.points.iter().filter(|p| p.at.0 > start);
+        let before = history.points.iter().rev().find(|p| p.at.0 <= start);
+        before.into_iter().chain(later).collect()
+    };
     let series_of =
         |name: &str, kind: SeriesKind, axis: Axis, value: &dyn Fn(&Figures) -> Decimal| {
-            let mut points: Vec<(i64, Decimal)> = history
-                .points
+            let mut points: Vec<(i64, Decimal)> = in_window
                 .iter()
-                .map(|p| (p.at.0, value(&p.figures)))
+                .map(|p| (p.at.0.max(start), value(&p.figures)))
                 .collect();
             // The last figures hold until now.
             if let Some(last) = history.points.back() {

@@ -42,7 +42,8 @@ fn fixture() -> Fixture {
         ctx,
         logins: Arc::new(Logins::new(std::time::Duration::from_secs(60))),
         live: Arc::new(live::Live::default()),
-        tls: true,
+        secure: true,
+        streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
     });
     Fixture {
         _tmp: tmp,
@@ -73,11 +74,19 @@ fn get(path: &str, cookie: Option<&str>) -> Request<Body> {
 /// Signs in through `/login` and returns the cookie value.
 async fn signed_in(f: &Fixture) -> String {
     let token = f.console.logins.new_link().expect("link");
-    let (status, headers, _) = send(
+    // Opening the link shows a form and uses nothing up.
+    let (status, _, page) = send(
         &f.app,
         get(&format!("/login?token={token}&next=/usage"), None),
     )
     .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"sign-in\""), "{page}");
+    let req = Request::post("/login")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(format!("token={token}&next=/usage")))
+        .expect("request");
+    let (status, headers, _) = send(&f.app, req).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     assert_eq!(headers["location"], "/usage");
     let set = headers["set-cookie"].to_str().expect("ascii");
@@ -138,7 +147,9 @@ async fn a_post_without_the_form_token_is_refused() {
     let (status, headers, _) = send(&f.app, post(&format!("group=g1&form_token={token}"))).await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     let location = headers["location"].to_str().expect("ascii");
-    assert!(location.starts_with("/groups/g1?error="), "{location}");
+    assert_eq!(location, "/groups/g1");
+    let notice = headers["set-cookie"].to_str().expect("ascii");
+    assert!(notice.starts_with("ferry_notice="), "{notice}");
 }
 
 #[tokio::test]
@@ -168,28 +179,43 @@ fn next_is_only_a_path_of_this_console() {
     assert_eq!(local_path(Some("//evil.example/x")), "/");
     assert_eq!(local_path(Some("https://evil.example/")), "/");
     assert_eq!(local_path(Some("/\\evil.example")), "/");
+    assert_eq!(local_path(Some("/\t/evil.example")), "/");
+    assert_eq!(local_path(Some("/%0A")), "/%0A", "escapes stay escaped");
     assert_eq!(local_path(None), "/");
 }
 
 #[test]
-fn the_policy_form_lists_every_number_that_does_not_parse() {
-    let form: HashMap<String, String> = [
+fn the_policy_form_sends_only_what_changed_and_lists_what_does_not_parse() {
+    let form = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let problems = policy_of(&form(&[
         ("usage_threshold", "eighty"),
         ("scale_out_step", "-1"),
+        ("max_idle_s", "1.0005"),
+        ("max_elastic", "99999999999"),
+    ]))
+    .expect_err("four problems");
+    assert_eq!(problems.len(), 4, "{problems:?}");
+    let spec = policy_of(&form(&[
         ("max_idle_s", "90"),
+        ("wait_timeout_s", "1.5"),
+        ("was_wait_timeout_s", "1.5"),
+        ("scale_in_cooldown_s", "0.25"),
+        ("load_balancing", "depth-first"),
+        ("was_load_balancing", "breadth-first"),
         ("concurrent_sessions", ""),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let problems = policy_of(&form).expect_err("two problems");
-    assert_eq!(problems.len(), 2, "{problems:?}");
-    let ok: HashMap<String, String> = [("max_idle_s", "90"), ("load_balancing", "depth-first")]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    let spec = policy_of(&ok).expect("valid");
+    ]))
+    .expect("valid");
     assert_eq!(spec.max_idle_ms, Some(90_000));
+    assert_eq!(
+        spec.wait_timeout_ms, None,
+        "shown as it was: kept as stored"
+    );
+    assert_eq!(spec.scale_in_cooldown_ms, Some(250));
     assert_eq!(
         spec.concurrent_sessions, None,
         "an empty field keeps the value"
