@@ -160,6 +160,19 @@ impl ConsoleConfig {
                 self.listen
             ));
         }
+        if self.behind_proxy
+            && !self
+                .public_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        {
+            errors.push(
+                "console.public_url: behind a proxy the sign-in links must name it: set \
+                 console.public_url to the proxy's https:// address (links to the plain \
+                 address would carry the sign-in secret unencrypted)"
+                    .into(),
+            );
+        }
         if self.tls && self.behind_proxy {
             errors.push(
                 "console.behind_proxy: the console serves TLS itself (console.tls = true); \
@@ -1277,7 +1290,10 @@ mod tests {
             .expect_err("plain on every address")
             .to_string();
         assert!(err.contains("console.tls = true"), "{err}");
-        for ok in ["tls = true", "behind_proxy = true"] {
+        for ok in [
+            "tls = true",
+            "behind_proxy = true\npublic_url = \"https://c.example\"",
+        ] {
             let text = format!("[console]\nlisten = \"0.0.0.0:8443\"\n{ok}\n");
             assert!(BrokerConfig::from_toml(&text).is_ok(), "{ok}");
         }
