@@ -395,14 +395,6 @@ async fn run_in(
         "demo: look around from another terminal: ferryctl --socket {} group show {GROUP}",
         ready.admin_socket.display()
     );
-    match crate::admin::request(&ready.admin_socket, AdminRequestV1::ConsoleLogin).await {
-        Ok(AdminResponseV1::ConsoleLink { url, .. }) => say!(
-            out,
-            "demo: watch it live in a browser (the link signs you in once): {url}&next=/groups/{GROUP}"
-        ),
-        Ok(other) => say!(out, "demo: no console link: {other:?}"),
-        Err(e) => say!(out, "demo: no console link: {e}"),
-    }
 
     let mut agents = Vec::new();
     let started = tokio::select! {
@@ -410,6 +402,7 @@ async fn run_in(
         _ = shutdown.cancelled() => Ok(None),
         r = async {
             let tokens = setup(&ready, &plan, out).await?;
+            console_link(&ready, out).await;
             for i in 1..=BASE_RESOURCES {
                 agents.push(start_base_agent(agent_bin, root, &pki_dir, &ready, i, out).await?);
             }
@@ -444,6 +437,18 @@ async fn run_in(
     match broker_result {
         Ok(r) => r.map_err(DemoError::from),
         Err(e) => Err(DemoError::Agent(format!("broker task failed: {e}"))),
+    }
+}
+
+/// Prints a sign-in link of the console to the demo group's live page.
+async fn console_link(ready: &BrokerReady, out: &Output) {
+    match crate::admin::request(&ready.admin_socket, AdminRequestV1::ConsoleLogin).await {
+        Ok(AdminResponseV1::ConsoleLink { url, .. }) => say!(
+            out,
+            "demo: watch it live in a browser (the link signs you in once): {url}&next=/groups/{GROUP}"
+        ),
+        Ok(other) => say!(out, "demo: no console link: {other:?}"),
+        Err(e) => say!(out, "demo: no console link: {e}"),
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 
+use anyhow::Context;
 use ferry_broker::endpoint::REFUSAL_LINGER;
 use ferry_broker::pki;
 use ferry_tests::bins::bin;
@@ -277,6 +278,50 @@ fn processes_mentioning(needle: &std::path::Path) -> Vec<u32> {
     out
 }
 
+/// Follows a console sign-in link as a browser would: the link's page
+/// has a sign-in form; posting it answers with the session cookie and a
+/// redirect, and the page it names is fetched with that cookie. Returns
+/// the page.
+async fn open_console_link(link: &str) -> anyhow::Result<String> {
+    let rest = link.strip_prefix("http://").context("an http link")?;
+    let (host, path) = rest.split_once('/').context("a path")?;
+    let addr: std::net::SocketAddr = host.parse()?;
+    let send = |head: String, body: String| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!(
+            "{head}\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes()).await?;
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut text).await?;
+        anyhow::Ok(text)
+    };
+    let form_page = send(format!("GET /{path} HTTP/1.1"), String::new()).await?;
+    assert!(form_page.contains("id=\"sign-in\""), "{form_page}");
+    let query = path.split_once('?').map(|(_, q)| q).context("a query")?;
+    let signed = send("POST /login HTTP/1.1".into(), query.to_owned()).await?;
+    let header = |name: &str| {
+        signed
+            .lines()
+            .find_map(|l| {
+                l.split_once(": ")
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            })
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let cookie = header("set-cookie")
+        .and_then(|c| c.split(';').next().map(str::to_owned))
+        .with_context(|| format!("no cookie from the sign-in: {signed}"))?;
+    let location = header("location").with_context(|| format!("no redirect: {signed}"))?;
+    send(
+        format!("GET {location} HTTP/1.1\r\nCookie: {cookie}"),
+        String::new(),
+    )
+    .await
+}
+
 /// Whether process `pid` exists and is not a zombie.
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
@@ -291,14 +336,45 @@ async fn demo_scales_out_and_in_reports_usage_and_leaves_nothing_running() -> an
     cmd.args(["demo", "--duration", "40s", "--state-dir"])
         .arg(&dir)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let stdout_pipe = child.stdout.take().context("stdout")?;
+    let stderr_pipe = child.stderr.take().context("stderr")?;
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut { stderr_pipe }, &mut text).await;
+        text
+    });
     // Bounded: the show's duration, plus starting and stopping every agent.
-    let out = tokio::time::timeout(duration + PATIENCE * 4, cmd.output())
-        .await
-        .map_err(|_| anyhow::anyhow!("ferry-broker demo did not finish"))??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    let (status, stdout, console_page) = tokio::time::timeout(duration + PATIENCE * 4, async {
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout_pipe));
+        let mut stdout = String::new();
+        let mut console_page = None;
+        while let Some(line) = lines.next_line().await? {
+            // The console link it prints signs a browser in to the group's
+            // live page while the show runs.
+            if line.starts_with("demo: watch it live") {
+                let link = line
+                    .find("http://")
+                    .map(|at| &line[at..])
+                    .context("a link")?;
+                console_page = Some(open_console_link(link).await?);
+            }
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        let status = child.wait().await?;
+        anyhow::Ok((status, stdout, console_page))
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("ferry-broker demo did not finish"))??;
+    let stderr = errors.await.unwrap_or_default();
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    let page = console_page.unwrap_or_else(|| panic!("no console link in {stdout}"));
+    assert!(page.contains("<h1>demo</h1>"), "{page}");
+    assert!(page.contains("id=\"live-chart\""), "{page}");
 
     // The show: a burst scales out and waiting users are admitted on the new
     // resources, the load falls and they are scaled in, each with its reason.

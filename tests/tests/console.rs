@@ -110,6 +110,8 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
     browser
         .goto(&format!("{link}&next=/groups/{GROUP}"))
         .await?;
+    let sign_in = browser.find("#sign-in button").await?;
+    browser.click(&sign_in).await?;
     let h1 = browser.find("main h1").await?;
     assert_eq!(browser.text(&h1).await?, GROUP);
     // The live stream is open; mark the page to prove it is never reloaded.
@@ -275,6 +277,8 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
 
     // The link worked once: a second use is refused.
     browser.goto(&link).await?;
+    let sign_in = browser.find("#sign-in button").await?;
+    browser.click(&sign_in).await?;
     let h1 = browser.find("main h1").await?;
     assert_eq!(browser.text(&h1).await?, "Sign in");
     let said = browser.text(&browser.find("main p").await?).await?;
@@ -302,6 +306,8 @@ async fn forms_without_the_session_token_are_refused() -> anyhow::Result<()> {
     let addr = console_addr(&link)?;
     let browser = Browser::start(&tmp.path().join("downloads")).await?;
     browser.goto(&link).await?;
+    let sign_in = browser.find("#sign-in button").await?;
+    browser.click(&sign_in).await?;
     browser.find("#groups").await?;
     // A form posted from the signed-in browser but without the token (as
     // another site's page would): refused, the host is not drained.
