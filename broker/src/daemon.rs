@@ -47,6 +47,9 @@ pub struct BrokerReady {
     pub agent_addr: SocketAddr,
     /// The admin socket path.
     pub admin_socket: PathBuf,
+    /// Where `GET /metrics` is served (`[metrics] listen`, with the real
+    /// port), if it is.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,13 @@ pub enum BrokerError {
     },
     #[error("admin socket: {0}")]
     Admin(#[from] AdminSocketError),
+    #[error("bind metrics endpoint {addr}: {error}")]
+    MetricsBind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("metrics endpoint TLS ([metrics] tls): {0}")]
+    MetricsTls(PkiError),
     #[error("load delivery groups: {0}")]
     Groups(ActorError),
     #[error("provisioner: {0}")]
@@ -113,22 +123,25 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
-    let (endpoint, agent_addr) = match start(&config, keys, &store, &tracker, &tasks).await {
-        Ok(started) => started,
-        Err(e) => {
-            store.close().await;
-            return Err(e);
-        }
-    };
+    let (endpoint, agent_addr, metrics_addr) =
+        match start(&config, keys, &store, &tracker, &tasks).await {
+            Ok(started) => started,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
     if let Some(period) = notify::watchdog_period() {
         tracker.spawn(notify::watchdog(period, tasks.clone()));
     }
-    tracing::info!(%agent_addr, admin_socket = %config.admin_socket.display(), "broker ready");
+    tracing::info!(%agent_addr, admin_socket = %config.admin_socket.display(),
+        metrics = ?metrics_addr, "broker ready");
     let _ = ready.send(BrokerReady {
         agent_addr,
         admin_socket: config.admin_socket.clone(),
+        metrics_addr,
     });
-    notify::ready(agent_addr);
+    notify::ready(agent_addr, metrics_addr);
 
     shutdown.cancelled().await;
     notify::stopping();
@@ -225,16 +238,17 @@ impl Keys {
     }
 }
 
-/// Binds the QUIC endpoint and the admin socket, builds the broker's parts
-/// once ([`Broker::build`]) and starts its services; returns the endpoint
-/// and the address agents connect to. On an error nothing keeps running.
+/// Binds the QUIC endpoint, the admin socket and the metrics endpoint,
+/// builds the broker's parts once ([`Broker::build`]) and starts its
+/// services; returns the endpoint, the address agents connect to and the
+/// metrics address. On an error nothing keeps running.
 async fn start(
     config: &BrokerConfig,
     keys: Keys,
     store: &Store,
     tracker: &TaskTracker,
     tasks: &CancellationToken,
-) -> Result<(quinn::Endpoint, SocketAddr), BrokerError> {
+) -> Result<(quinn::Endpoint, SocketAddr, Option<SocketAddr>), BrokerError> {
     let bind_err = |error| BrokerError::Bind {
         addr: config.listen,
         error,
@@ -256,19 +270,58 @@ async fn start(
             .map_err(AdminSocketError::from)?;
         let listener = admin::bind(&config.admin_socket)?;
         admin::set_group(&config.admin_socket, &access)?;
+        let metrics = bind_metrics(config).await?;
+        let metrics_addr = match &metrics {
+            Some(server) => {
+                Some(
+                    server
+                        .local_addr()
+                        .map_err(|error| BrokerError::MetricsBind {
+                            addr: server_addr(config),
+                            error,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
-        broker.serve(config, keys, endpoint.clone(), (listener, access));
-        Ok(agent_addr)
+        broker.serve(config, keys, endpoint.clone(), (listener, access), metrics);
+        Ok((agent_addr, metrics_addr))
     }
     .await;
     match started {
-        Ok(agent_addr) => Ok((endpoint, agent_addr)),
+        Ok((agent_addr, metrics_addr)) => Ok((endpoint, agent_addr, metrics_addr)),
         Err(e) => {
             tasks.cancel();
             endpoint.close(0u32.into(), b"startup failed");
             Err(e)
         }
     }
+}
+
+/// The `[metrics]` endpoint, bound (with its TLS configuration read) when
+/// one is configured.
+async fn bind_metrics(
+    config: &BrokerConfig,
+) -> Result<Option<crate::metrics::MetricsServer>, BrokerError> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let tls = match config.metrics.tls {
+        true => Some(crate::metrics::tls_config(&config.pki_dir).map_err(BrokerError::MetricsTls)?),
+        false => None,
+    };
+    crate::metrics::MetricsServer::bind(addr, tls)
+        .await
+        .map(Some)
+        .map_err(|error| BrokerError::MetricsBind { addr, error })
+}
+
+fn server_addr(config: &BrokerConfig) -> SocketAddr {
+    config
+        .metrics
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// The broker's parts, built once and handed to its services: ownership
@@ -362,6 +415,7 @@ impl Broker {
         keys: Keys,
         endpoint: quinn::Endpoint,
         (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
+        metrics: Option<crate::metrics::MetricsServer>,
     ) {
         let (tracker, tasks) = (&self.tracker, &self.tasks);
         // Brokers sharing a store forward to each other the operator's
@@ -446,6 +500,19 @@ impl Broker {
             tasks.clone(),
             tracker.clone(),
         ));
+        if let Some(server) = metrics {
+            // Gauges are read from the live state at each scrape.
+            let (actors, registry, store) = (
+                self.groups.actors().clone(),
+                self.registry.clone(),
+                self.store.clone(),
+            );
+            let live = move || {
+                let (actors, registry, store) = (actors.clone(), registry.clone(), store.clone());
+                async move { crate::metrics::read_live(&actors, &registry, &store).await }
+            };
+            tracker.spawn(server.serve(self.store.metrics().clone(), live, tasks.clone()));
+        }
     }
 }
 

@@ -363,6 +363,7 @@ async fn run_in(
         },
         endpoint: Default::default(),
         store: Default::default(),
+        metrics: Default::default(),
     };
     let broker_stop = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

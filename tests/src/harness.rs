@@ -159,6 +159,7 @@ impl TestBroker {
             groups,
             endpoint: Default::default(),
             store: Default::default(),
+            metrics: Default::default(),
         };
         tune(&mut config);
         let mut broker = TestBroker {

@@ -478,6 +478,8 @@ pub struct BrokerProcess {
     pub notify: FakeNotifySocket,
     /// Where agents connect, from the READY notification's STATUS line.
     pub agent_addr: SocketAddr,
+    /// Where metrics are served (`[metrics] listen`), from the same line.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
@@ -521,11 +523,13 @@ impl BrokerProcess {
             Err(e) => bail!("{e:#}\n----- broker log -----\n{}", daemon.log()),
         };
         let agent_addr = ready_addr(&lines)?;
+        let metrics_addr = ready_metrics_addr(&lines)?;
         Ok((
             BrokerProcess {
                 daemon,
                 notify,
                 agent_addr,
+                metrics_addr,
             },
             pipe,
         ))
@@ -555,15 +559,37 @@ fn spawn_agent(
 
 /// The agent address in the broker's READY notification.
 pub fn ready_addr(lines: &[String]) -> anyhow::Result<SocketAddr> {
-    let status = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("STATUS="))
-        .ok_or_else(|| anyhow!("no STATUS= line in {lines:?}"))?;
-    let addr = status
+    let status = ready_status(lines)?;
+    let rest = status
         .strip_prefix(ferry_broker::notify::READY_STATUS_PREFIX)
         .ok_or_else(|| anyhow!("unexpected STATUS {status:?}"))?;
+    let addr = match rest.split_once(ferry_broker::notify::READY_STATUS_METRICS) {
+        Some((agents, _)) => agents,
+        None => rest,
+    };
     addr.parse()
         .with_context(|| format!("agent address in STATUS {status:?}"))
+}
+
+/// The metrics address in the broker's READY notification, if it serves
+/// metrics.
+pub fn ready_metrics_addr(lines: &[String]) -> anyhow::Result<Option<SocketAddr>> {
+    let status = ready_status(lines)?;
+    match status.split_once(ferry_broker::notify::READY_STATUS_METRICS) {
+        None => Ok(None),
+        Some((_, addr)) => {
+            Ok(Some(addr.parse().with_context(|| {
+                format!("metrics address in STATUS {status:?}")
+            })?))
+        }
+    }
+}
+
+fn ready_status(lines: &[String]) -> anyhow::Result<&str> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .ok_or_else(|| anyhow!("no STATUS= line in {lines:?}"))
 }
 
 /// A `ferry-agent run` process that said READY=1.
@@ -752,6 +778,20 @@ mod tests {
             "127.0.0.1:4567".parse::<SocketAddr>().expect("addr")
         );
         assert!(ready_addr(&["READY=1".to_owned()]).is_err());
+        assert_eq!(ready_metrics_addr(&lines).expect("status"), None);
+        let lines = vec![format!(
+            "STATUS={}127.0.0.1:4567{}127.0.0.1:9464",
+            ferry_broker::notify::READY_STATUS_PREFIX,
+            ferry_broker::notify::READY_STATUS_METRICS
+        )];
+        assert_eq!(
+            ready_addr(&lines).expect("address"),
+            "127.0.0.1:4567".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(
+            ready_metrics_addr(&lines).expect("status"),
+            Some("127.0.0.1:9464".parse::<SocketAddr>().expect("addr"))
+        );
         assert!(ready_addr(&["STATUS=starting".to_owned()]).is_err());
     }
 }
