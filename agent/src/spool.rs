@@ -940,6 +940,13 @@ impl Spool {
             .collect()
     }
 
+    /// The stamp of the oldest event not acknowledged, if there is one.
+    pub fn oldest_unacked_at(&self) -> Option<UnixMillis> {
+        self.unacked.front().map(|(ev, _)| match &ev.event {
+            SessionEvent::Started { at, .. } | SessionEvent::Ended { at, .. } => *at,
+        })
+    }
+
     /// The sessions open on the host, for `Hello`.
     pub fn open_sessions(&self) -> Vec<OpenSession> {
         self.open.values().cloned().collect()

@@ -318,6 +318,7 @@ impl TestBroker {
             local_idle_timeout: ferry_agent::local::DEFAULT_IDLE_TIMEOUT,
             image_version: "test-image".into(),
             hooks: HooksConfig::default(),
+            metrics_listen: None,
             streaming: ferry_agent::config::default_streaming(),
         })
     }

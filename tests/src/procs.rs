@@ -537,13 +537,14 @@ impl BrokerProcess {
 }
 
 /// Spawns `ferry-agent --config CONFIG run` for `resource` (its log next to
-/// the config) and waits for its READY=1 on `notify`.
+/// the config) and waits for its READY=1 on `notify`; returns the metrics
+/// address its READY status named, if any.
 fn spawn_agent(
     resource: &str,
     config: &Path,
     notify: &FakeNotifySocket,
     launch: &Launch,
-) -> anyhow::Result<(Daemon, Option<ChildStderr>)> {
+) -> anyhow::Result<(Daemon, Option<ChildStderr>, Option<SocketAddr>)> {
     let log = config.with_file_name("agent.log");
     let mut cmd = Command::new(bin("ferry-agent"));
     cmd.arg("--config")
@@ -551,10 +552,26 @@ fn spawn_agent(
         .arg("run")
         .env("NOTIFY_SOCKET", notify.path());
     let (daemon, pipe) = Daemon::launch(&format!("ferry-agent {resource}"), cmd, &log, launch)?;
-    if let Err(e) = wait_notify(notify, "READY=1", PATIENCE) {
-        bail!("{e:#}\n----- agent log -----\n{}", daemon.log());
-    }
-    Ok((daemon, pipe))
+    let lines = match wait_notify(notify, "READY=1", PATIENCE) {
+        Ok(lines) => lines,
+        Err(e) => bail!("{e:#}\n----- agent log -----\n{}", daemon.log()),
+    };
+    let metrics = agent_metrics_addr(&lines)?;
+    Ok((daemon, pipe, metrics))
+}
+
+/// The metrics address in an agent's READY notification, if it serves
+/// metrics.
+pub fn agent_metrics_addr(lines: &[String]) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(status) = lines.iter().find_map(|l| l.strip_prefix("STATUS=")) else {
+        return Ok(None);
+    };
+    let addr = status
+        .strip_prefix(ferry_agent::notify::READY_STATUS_METRICS)
+        .ok_or_else(|| anyhow!("unexpected STATUS {status:?}"))?;
+    Ok(Some(addr.parse().with_context(|| {
+        format!("metrics address in STATUS {status:?}")
+    })?))
 }
 
 /// The agent address in the broker's READY notification.
@@ -602,6 +619,8 @@ pub struct AgentProcess {
     pub config: PathBuf,
     /// Its local socket.
     pub local_socket: PathBuf,
+    /// Where it serves metrics (`[metrics] listen`), from its READY status.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl AgentProcess {
@@ -694,13 +713,14 @@ impl AgentProcess {
         let text = format!("{text}{extra}");
         std::fs::write(&config, text).context("write agent config")?;
         let notify = FakeNotifySocket::bind(&home)?;
-        let (daemon, pipe) = spawn_agent(resource, &config, &notify, launch)?;
+        let (daemon, pipe, metrics_addr) = spawn_agent(resource, &config, &notify, launch)?;
         Ok((
             AgentProcess {
                 daemon,
                 notify,
                 config,
                 local_socket,
+                metrics_addr,
             },
             pipe,
         ))
@@ -722,9 +742,11 @@ impl AgentProcess {
         let notify_dir = home.join(format!("notify-{run}"));
         std::fs::create_dir_all(&notify_dir)?;
         let notify = FakeNotifySocket::bind(&notify_dir)?;
-        let (daemon, _) = spawn_agent(&resource, &self.config, &notify, &Launch::default())?;
+        let (daemon, _, metrics_addr) =
+            spawn_agent(&resource, &self.config, &notify, &Launch::default())?;
         self.daemon = daemon;
         self.notify = notify;
+        self.metrics_addr = metrics_addr;
         Ok(())
     }
 
