@@ -404,6 +404,18 @@ impl BrokerMetrics {
         }
         i.agents.set(i64::try_from(live.agents).unwrap_or(i64::MAX));
         i.outbox.set(i64::try_from(live.outbox).unwrap_or(i64::MAX));
+        // Every state a rollout can be in, zeros included, so a
+        // dashboard's series do not vanish while nothing runs.
+        for (kind, states) in ROLLOUT_STATES {
+            for state in *states {
+                i.rollouts
+                    .get_or_create(&RolloutLabels {
+                        kind: (*kind).to_owned(),
+                        state: (*state).to_owned(),
+                    })
+                    .set(0);
+            }
+        }
         for (kind, state, n) in &live.rollouts {
             i.rollouts
                 .get_or_create(&RolloutLabels {
@@ -414,6 +426,16 @@ impl BrokerMetrics {
         }
     }
 }
+
+/// The states of the store's rollout rows (`image_updates`,
+/// `ota_schedules`).
+const ROLLOUT_STATES: &[(&str, &[&str])] = &[
+    ("image", &["running", "succeeded", "failed"]),
+    (
+        "ota",
+        &["scheduled", "cancelled", "running", "succeeded", "failed"],
+    ),
+];
 
 /// What a scrape reads from the live broker.
 #[derive(Debug, Default)]
@@ -720,6 +742,7 @@ mod tests {
             "ferry_group_resources{group=\"design\",class=\"base\",state=\"ready\"} 1",
             "ferry_agents_connected 1",
             "ferry_rollouts{kind=\"image\",state=\"running\"} 1",
+            "ferry_rollouts{kind=\"ota\",state=\"running\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
