@@ -76,6 +76,15 @@ impl Actor {
                     format!("rejected: session {session} because {}", d.reason)
                 }
             };
+            // Fields for the journal (`journalctl GROUP=... DECISION=...`).
+            match &d.action {
+                Action::Placed { .. } | Action::Rejected { .. } => {
+                    tracing::debug!(group = %self.row.name, decision = d.action.name(), "{message}")
+                }
+                _ => {
+                    tracing::info!(group = %self.row.name, decision = d.action.name(), "{message}")
+                }
+            }
             self.notes.push((d.at, d.action.name(), message));
         }
     }
