@@ -638,6 +638,15 @@ mod tests {
         assert_eq!(parse(base).expect("valid").metrics_listen, None);
         let c = parse(&format!("{base}[metrics]\nlisten = \"127.0.0.1:0\"\n")).expect("valid");
         assert_eq!(c.metrics_listen, Some("127.0.0.1:0".parse().expect("addr")));
+        // The packaged example, uncommented, is valid.
+        let example = include_str!("../../packaging/agent.toml")
+            .replace("#[metrics]", "[metrics]")
+            .replace("#listen = ", "listen = ");
+        let c = parse(&example).expect("the example's [metrics]");
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9465".parse().expect("addr"))
+        );
         let err = parse(&format!("{base}[metrics]\nlisten = \"nowhere\"\n")).expect_err("bad");
         assert!(
             err.to_string().contains("metrics.listen: \"nowhere\""),

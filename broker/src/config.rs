@@ -1452,6 +1452,16 @@ mod tests {
             .expect_err("bad address")
             .to_string();
         assert!(e.contains("metrics.listen: \"nowhere\""), "{e}");
+        // The packaged example, uncommented, is valid.
+        let example = include_str!("../../packaging/broker.toml")
+            .replace("#[metrics]", "[metrics]")
+            .replace("#listen = ", "listen = ")
+            .replace("#tls = ", "tls = ");
+        let c = BrokerConfig::from_toml(&example).expect("the example's [metrics]");
+        assert_eq!(
+            c.metrics.listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
         let e = BrokerConfig::from_toml("[metrics]\ntls = true\n")
             .expect_err("tls without listen")
             .to_string();
