@@ -173,9 +173,18 @@ fn parse_labels(mut s: &str) -> anyhow::Result<(BTreeMap<String, String>, &str)>
 /// `GET /metrics` from `addr` over plain HTTP/1.1: the body of a 200
 /// answer (length-delimited or chunked).
 pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
+    scrape_over(stream).await
+}
+
+/// `GET /metrics` over `stream` (a TCP or TLS stream): the body of a 200
+/// answer.
+pub async fn scrape_over<S>(mut stream: S) -> anyhow::Result<String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
         .await?;

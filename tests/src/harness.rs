@@ -103,6 +103,8 @@ pub struct TestBroker {
     config: BrokerConfig,
     /// Where agents connect (the port the OS gave the first start).
     agent_addr: SocketAddr,
+    /// Where metrics are served, if `[metrics] listen` is set.
+    metrics_addr: Option<SocketAddr>,
     /// Root of the current run's shutdown tree.
     shutdown: CancellationToken,
     /// The running `daemon::run`, `None` while stopped.
@@ -165,6 +167,7 @@ impl TestBroker {
         let mut broker = TestBroker {
             dir: dir.to_owned(),
             agent_addr: config.listen,
+            metrics_addr: None,
             config,
             shutdown: CancellationToken::new(),
             task: None,
@@ -193,6 +196,7 @@ impl TestBroker {
             return Err(anyhow!("broker exited before it was ready: {outcome:?}"));
         };
         self.agent_addr = ready.agent_addr;
+        self.metrics_addr = ready.metrics_addr;
         // Later starts bind the same port: agents keep their broker_addr.
         self.config.listen = ready.agent_addr;
         self.shutdown = shutdown;
@@ -223,6 +227,11 @@ impl TestBroker {
     /// Where agents connect.
     pub fn agent_addr(&self) -> SocketAddr {
         self.agent_addr
+    }
+
+    /// Where metrics are served (`[metrics] listen`), once started.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The admin socket path.

@@ -314,3 +314,51 @@ async fn broker_and_agent_metrics_match_what_happened() -> anyhow::Result<()> {
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
     Ok(())
 }
+
+/// `[metrics] tls = true`: served over TLS with the broker's certificate
+/// (trusted through the PKI's CA, named `localhost`); plain HTTP to it gets
+/// no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_serves_metrics_over_tls_with_its_certificate() -> anyhow::Result<()> {
+    use ferry_broker::config::{GroupsConfig, MetricsConfig};
+    use ferry_tests::exposition::scrape_over;
+    use ferry_tests::harness::TestBroker;
+
+    let tmp = tempfile::tempdir()?;
+    let broker = TestBroker::start_tuned(tmp.path(), GroupsConfig::default(), |c| {
+        c.metrics = MetricsConfig {
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            tls: true,
+        };
+    })
+    .await?;
+    let addr = broker
+        .metrics_addr()
+        .context("metrics address in BrokerReady")?;
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(broker.pki_dir().join(pki::CA_CERT))?;
+    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = connector
+        .connect(rustls_pki_types::ServerName::try_from("localhost")?, tcp)
+        .await
+        .context("TLS handshake with the broker's certificate")?;
+    let e = Exposition::parse(&scrape_over(tls).await?)?;
+    assert_eq!(e.get("ferry_agents_connected", &[]), Some(0.0));
+    assert!(e.knows("ferry_store_commit_seconds_bucket"));
+
+    assert!(
+        scrape(addr).await.is_err(),
+        "plain HTTP answered on the TLS port"
+    );
+    Ok(())
+}
