@@ -33,6 +33,10 @@ use crate::output::Output;
 /// journald's socket for native-protocol entries.
 pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
+/// Names another socket than [`JOURNAL_SOCKET`] (a journal reached through
+/// a bind mount, or a test's own socket).
+pub const SOCKET_ENV: &str = "FERRY_JOURNAL_SOCKET";
+
 /// Where logs go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogTarget {
@@ -41,7 +45,7 @@ pub enum LogTarget {
 }
 
 /// What [`choose`] decides from, read from the environment and stderr.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogEnv {
     /// `JOURNAL_STREAM` (`device:inode` of the stream systemd connected
     /// stdout/stderr to), if set.
@@ -54,6 +58,8 @@ pub struct LogEnv {
     pub invocation_id: bool,
     /// journald's socket exists.
     pub socket_exists: bool,
+    /// journald's socket ([`SOCKET_ENV`], else [`JOURNAL_SOCKET`]).
+    pub socket: PathBuf,
 }
 
 impl LogEnv {
@@ -66,12 +72,17 @@ impl LogEnv {
                 rustix::fs::FileType::RegularFile | rustix::fs::FileType::Fifo
             )
         }) || std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let socket = std::env::var_os(SOCKET_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(JOURNAL_SOCKET));
         LogEnv {
             journal_stream: std::env::var("JOURNAL_STREAM").ok(),
             stderr: stat.map(|st| (st.st_dev, st.st_ino)),
             stderr_captured,
             invocation_id: std::env::var_os("INVOCATION_ID").is_some_and(|v| !v.is_empty()),
-            socket_exists: Path::new(JOURNAL_SOCKET).exists(),
+            socket_exists: socket.exists(),
+            socket,
         }
     }
 }
@@ -320,6 +331,7 @@ mod tests {
             stderr_captured: false,
             invocation_id: inv,
             socket_exists: sock,
+            socket: PathBuf::from(JOURNAL_SOCKET),
         }
     }
 

@@ -220,23 +220,22 @@ pub fn init_logging(default_level: &str) -> Output {
     let out = Output::spawn(Stream::Stderr);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let (journal, failed) = match journal::choose(&journal::LogEnv::current()) {
+    let env = journal::LogEnv::current();
+    let (journal, failed) = match journal::choose(&env) {
         LogTarget::Stderr => (None, None),
-        LogTarget::Journal => {
-            match JournalSink::open(std::path::Path::new(journal::JOURNAL_SOCKET)) {
-                Ok(sink) => {
-                    let identifier = std::env::args_os()
-                        .next()
-                        .as_ref()
-                        .and_then(|p| std::path::Path::new(p).file_name())
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "ferry".into());
-                    let entries = Output::with_sink(Box::new(sink), QUEUE_LINES);
-                    (Some(JournalLayer::new(entries, identifier)), None)
-                }
-                Err(e) => (None, Some(e)),
+        LogTarget::Journal => match JournalSink::open(&env.socket) {
+            Ok(sink) => {
+                let identifier = std::env::args_os()
+                    .next()
+                    .as_ref()
+                    .and_then(|p| std::path::Path::new(p).file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "ferry".into());
+                let entries = Output::with_sink(Box::new(sink), QUEUE_LINES);
+                (Some(JournalLayer::new(entries, identifier)), None)
             }
-        }
+            Err(e) => (None, Some(e)),
+        },
     };
     let stderr = journal.is_none().then(|| {
         tracing_subscriber::fmt::layer()
@@ -250,7 +249,7 @@ pub fn init_logging(default_level: &str) -> Output {
         .with(stderr)
         .try_init();
     if let Some(e) = failed {
-        tracing::warn!(socket = crate::journal::JOURNAL_SOCKET, error = %e,
+        tracing::warn!(socket = %env.socket.display(), error = %e,
             "the journal cannot be written to; logging to stderr");
     }
     out
