@@ -271,19 +271,7 @@ async fn start(
         let listener = admin::bind(&config.admin_socket)?;
         admin::set_group(&config.admin_socket, &access)?;
         let metrics = bind_metrics(config).await?;
-        let metrics_addr = match &metrics {
-            Some(server) => {
-                Some(
-                    server
-                        .local_addr()
-                        .map_err(|error| BrokerError::MetricsBind {
-                            addr: server_addr(config),
-                            error,
-                        })?,
-                )
-            }
-            None => None,
-        };
+        let metrics_addr = metrics.as_ref().map(|server| server.addr());
         let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
         broker.serve(config, keys, endpoint.clone(), (listener, access), metrics);
         Ok((agent_addr, metrics_addr))
@@ -315,13 +303,6 @@ async fn bind_metrics(
         .await
         .map(Some)
         .map_err(|error| BrokerError::MetricsBind { addr, error })
-}
-
-fn server_addr(config: &BrokerConfig) -> SocketAddr {
-    config
-        .metrics
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// The broker's parts, built once and handed to its services: ownership

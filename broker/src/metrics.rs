@@ -529,6 +529,8 @@ pub fn reason_kind(reason: &Reason) -> &'static str {
 /// ready, and served until `shutdown`.
 pub struct MetricsServer {
     listener: TcpListener,
+    /// The bound address.
+    addr: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -538,15 +540,17 @@ impl MetricsServer {
         addr: SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr).await?;
         Ok(MetricsServer {
-            listener: TcpListener::bind(addr).await?,
+            addr: listener.local_addr()?,
+            listener,
             tls,
         })
     }
 
     /// The bound address (the real port when port 0 was asked).
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Serves `GET /metrics` until `shutdown`; `live` reads the live state
