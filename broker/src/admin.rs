@@ -193,6 +193,9 @@ pub struct AdminContext {
     /// How requests that need a group's owner reach it when another broker
     /// owns the group; `None` alone, and for requests forwarded here.
     pub peers: Option<Arc<crate::peer::Peers>>,
+    /// Where the web console's login links come from; `None` when the
+    /// console is off.
+    pub console: Option<crate::console::LinkIssuer>,
 }
 
 /// Serves admin connections until `shutdown`: peers `access` allows, with
@@ -527,6 +530,18 @@ async fn handle_here(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1
             }
         }
         AdminRequestV1::ResourceRevoke { resource, reason } => revoke(ctx, resource, reason).await,
+        AdminRequestV1::ConsoleLogin => match &ctx.console {
+            None => error(
+                AdminErrorCode::NotAllowed,
+                "the web console is off on this broker: set [console] listen in its \
+                 configuration (e.g. listen = \"127.0.0.1:8080\") and restart it"
+                    .into(),
+            ),
+            Some(issuer) => match issuer.link() {
+                Ok((url, expires_at)) => AdminResponseV1::ConsoleLink { url, expires_at },
+                Err(e) => internal(e),
+            },
+        },
         AdminRequestV1::Cluster => match cluster(ctx).await {
             Ok(info) => AdminResponseV1::Cluster(info),
             Err(e) => internal(e),
@@ -741,7 +756,8 @@ async fn groups(ctx: &AdminContext, req: AdminRequestV1) -> AdminResponseV1 {
         | AdminRequestV1::OtaListWithSchedules { .. }
         | AdminRequestV1::ResourceRevoke { .. }
         | AdminRequestV1::ListResourcesWithRevocations
-        | AdminRequestV1::Cluster => {
+        | AdminRequestV1::Cluster
+        | AdminRequestV1::ConsoleLogin => {
             return error(AdminErrorCode::Internal, "misrouted admin request".into())
         }
     };
@@ -1197,6 +1213,7 @@ mod tests {
             ota,
             cluster: None,
             peers: None,
+            console: None,
         };
         tracker.spawn(serve_with(
             listener,

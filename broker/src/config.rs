@@ -69,6 +69,8 @@ pub struct BrokerConfig {
     pub store: StoreConfig,
     /// The Prometheus endpoint (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// The web console (`[console]`); `None`: off (the default).
+    pub console: Option<ConsoleConfig>,
 }
 
 /// `[metrics]`: where `GET /metrics` is served, if anywhere.
@@ -106,6 +108,105 @@ fn metrics_of(raw: &RawMetrics, errors: &mut Vec<String>) -> MetricsConfig {
     MetricsConfig {
         listen,
         tls: raw.tls,
+    }
+}
+
+/// `[console]`: the web console the broker serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// TCP address it listens on (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Served over TLS with the broker's certificate (`pki_dir/broker.pem`).
+    pub tls: bool,
+    /// Plain HTTP on a non-loopback address is allowed because a TLS
+    /// reverse proxy is in front (`behind_proxy = true`).
+    pub behind_proxy: bool,
+    /// The address people open, used in login links (`public_url`);
+    /// `None`: the listen address (the host name when it is a wildcard).
+    pub public_url: Option<String>,
+    /// How long a console session lasts after its login.
+    pub session_ttl: Duration,
+}
+
+/// `[console]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawConsole {
+    /// `None`: the console is off.
+    listen: Option<String>,
+    tls: bool,
+    behind_proxy: bool,
+    public_url: Option<String>,
+    session_ttl: Option<String>,
+}
+
+/// How long a console session lasts unless `[console] session_ttl` says.
+const DEFAULT_CONSOLE_SESSION: Duration = Duration::from_secs(12 * 3600);
+
+fn console_of(raw: &RawConsole, errors: &mut Vec<String>) -> Option<ConsoleConfig> {
+    let listen = raw.listen.as_deref()?;
+    let listen = match listen.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            errors.push(format!(
+                "console.listen: {listen:?} is not an IP address and port (write e.g. \
+                 127.0.0.1:8080)"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        }
+    };
+    let session_ttl = match raw.session_ttl.as_deref().map(parse_duration) {
+        None => DEFAULT_CONSOLE_SESSION,
+        Some(Ok(d)) if d >= Duration::from_secs(60) => d,
+        Some(Ok(_)) => {
+            errors.push("console.session_ttl: must be at least 1m".into());
+            DEFAULT_CONSOLE_SESSION
+        }
+        Some(Err(e)) => {
+            errors.push(format!("console.session_ttl: {e}"));
+            DEFAULT_CONSOLE_SESSION
+        }
+    };
+    let public_url = match &raw.public_url {
+        Some(u)
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            errors.push(format!(
+                "console.public_url: {u:?} is not an http:// or https:// address"
+            ));
+            None
+        }
+        other => other.as_ref().map(|u| u.trim_end_matches('/').to_owned()),
+    };
+    Some(ConsoleConfig {
+        listen,
+        tls: raw.tls,
+        behind_proxy: raw.behind_proxy,
+        public_url,
+        session_ttl,
+    })
+}
+
+impl ConsoleConfig {
+    /// A console on a non-loopback address is never served in plain HTTP
+    /// unless the operator says a TLS proxy is in front.
+    fn check(&self, errors: &mut Vec<String>) {
+        if !self.listen.ip().is_loopback() && !self.tls && !self.behind_proxy {
+            errors.push(format!(
+                "console.listen: {} is not a loopback address: serve the console over TLS \
+                 (console.tls = true, with the broker's certificate) or put a TLS reverse \
+                 proxy in front and say so (console.behind_proxy = true)",
+                self.listen
+            ));
+        }
+        if self.tls && self.behind_proxy {
+            errors.push(
+                "console.behind_proxy: the console serves TLS itself (console.tls = true); \
+                 set one of them"
+                    .into(),
+            );
+        }
     }
 }
 
@@ -543,6 +644,7 @@ struct RawConfig {
     store: RawStore,
     cluster: RawCluster,
     metrics: RawMetrics,
+    console: RawConsole,
 }
 
 impl Default for RawConfig {
@@ -575,6 +677,7 @@ impl Default for RawConfig {
             store: RawStore::default(),
             cluster: RawCluster::default(),
             metrics: RawMetrics::default(),
+            console: RawConsole::default(),
         }
     }
 }
@@ -645,6 +748,7 @@ impl BrokerConfig {
         let routing = routing_of(&raw.routing, errors);
         let store = store_of(&raw.store, &raw.cluster, errors);
         let metrics = metrics_of(&raw.metrics, errors);
+        let console = console_of(&raw.console, errors);
         BrokerConfig {
             state_dir: raw.state_dir,
             pki_dir: raw.pki_dir,
@@ -686,6 +790,7 @@ impl BrokerConfig {
             endpoint: EndpointLimits::default(),
             store,
             metrics,
+            console,
         }
     }
 
@@ -704,6 +809,9 @@ impl BrokerConfig {
         g.provisioner.check(&mut errors);
         g.check_lifetimes(&mut errors);
         g.routing.check(&mut errors);
+        if let Some(console) = &self.console {
+            console.check(&mut errors);
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -1197,6 +1305,39 @@ mod tests {
         match BrokerConfig::from_toml(text) {
             Err(ConfigError::Invalid(errors)) => errors.join("\n"),
             other => panic!("accepted or refused otherwise: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_console_is_off_by_default_and_never_plain_on_a_public_address() {
+        assert_eq!(BrokerConfig::from_toml("").expect("defaults").console, None);
+        let c =
+            BrokerConfig::from_toml("[console]\nlisten = \"127.0.0.1:8080\"\n").expect("loopback");
+        let console = c.console.expect("on");
+        assert_eq!(console.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert!(!console.tls);
+        assert_eq!(console.session_ttl, DEFAULT_CONSOLE_SESSION);
+        let err = BrokerConfig::from_toml("[console]\nlisten = \"0.0.0.0:8080\"\n")
+            .expect_err("plain on every address")
+            .to_string();
+        assert!(err.contains("console.tls = true"), "{err}");
+        for ok in ["tls = true", "behind_proxy = true"] {
+            let text = format!("[console]\nlisten = \"0.0.0.0:8443\"\n{ok}\n");
+            assert!(BrokerConfig::from_toml(&text).is_ok(), "{ok}");
+        }
+        let err = BrokerConfig::from_toml(
+            "[console]\nlisten = \"here\"\npublic_url = \"ftp://x\"\nsession_ttl = \"1s\"\n\
+             tls = true\nbehind_proxy = true\n",
+        )
+        .expect_err("four problems")
+        .to_string();
+        for part in [
+            "console.listen",
+            "console.public_url",
+            "console.session_ttl",
+            "console.behind_proxy",
+        ] {
+            assert!(err.contains(part), "{part} missing from {err}");
         }
     }
 

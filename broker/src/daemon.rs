@@ -50,6 +50,8 @@ pub struct BrokerReady {
     /// Where `GET /metrics` is served (`[metrics] listen`, with the real
     /// port), if it is.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the web console listens; `None` when it is off.
+    pub console_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,8 @@ pub enum BrokerError {
     Groups(ActorError),
     #[error("provisioner: {0}")]
     Provision(#[from] crate::provision::ProvisionError),
+    #[error("console: {0}")]
+    Console(#[from] crate::console::ConsoleError),
 }
 
 /// Runs the broker until `shutdown` is cancelled, then drains: agents are
@@ -123,7 +127,7 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
-    let (endpoint, agent_addr, metrics_addr) =
+    let (endpoint, agent_addr, (metrics_addr, console_addr)) =
         match start(&config, keys, &store, &tracker, &tasks).await {
             Ok(started) => started,
             Err(e) => {
@@ -140,6 +144,7 @@ pub async fn run(
         agent_addr,
         admin_socket: config.admin_socket.clone(),
         metrics_addr,
+        console_addr,
     });
     notify::ready(agent_addr, metrics_addr);
 
@@ -238,17 +243,21 @@ impl Keys {
     }
 }
 
-/// Binds the QUIC endpoint, the admin socket and the metrics endpoint,
-/// builds the broker's parts once ([`Broker::build`]) and starts its
-/// services; returns the endpoint, the address agents connect to and the
-/// metrics address. On an error nothing keeps running.
+/// Where the metrics endpoint and the console listen, when they are on.
+type WebAddrs = (Option<SocketAddr>, Option<SocketAddr>);
+
+/// Binds the QUIC endpoint, the admin socket, the metrics endpoint and the
+/// console, builds the broker's parts once ([`Broker::build`]) and starts
+/// its services; returns the endpoint, the address agents connect to and
+/// the metrics endpoint's and the console's. On an error nothing keeps
+/// running.
 async fn start(
     config: &BrokerConfig,
     keys: Keys,
     store: &Store,
     tracker: &TaskTracker,
     tasks: &CancellationToken,
-) -> Result<(quinn::Endpoint, SocketAddr, Option<SocketAddr>), BrokerError> {
+) -> Result<(quinn::Endpoint, SocketAddr, WebAddrs), BrokerError> {
     let bind_err = |error| BrokerError::Bind {
         addr: config.listen,
         error,
@@ -272,13 +281,24 @@ async fn start(
         admin::set_group(&config.admin_socket, &access)?;
         let metrics = bind_metrics(config).await?;
         let metrics_addr = metrics.as_ref().map(|server| server.addr());
+        let console = match &config.console {
+            Some(c) => Some(crate::console::Bound::bind(c, &config.pki_dir).await?),
+            None => None,
+        };
+        let console_addr = console.as_ref().map(crate::console::Bound::addr);
         let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
-        broker.serve(config, keys, endpoint.clone(), (listener, access), metrics);
-        Ok((agent_addr, metrics_addr))
+        broker.serve(
+            config,
+            keys,
+            endpoint.clone(),
+            (listener, access),
+            (metrics, console),
+        );
+        Ok((agent_addr, (metrics_addr, console_addr)))
     }
     .await;
     match started {
-        Ok((agent_addr, metrics_addr)) => Ok((endpoint, agent_addr, metrics_addr)),
+        Ok((agent_addr, web)) => Ok((endpoint, agent_addr, web)),
         Err(e) => {
             tasks.cancel();
             endpoint.close(0u32.into(), b"startup failed");
@@ -389,14 +409,18 @@ impl Broker {
     }
 
     /// Starts the services: on the endpoint the agent link, enrollment and
-    /// routing; the admin socket; the delivery of activation notifications.
+    /// routing; the admin socket; the metrics endpoint and the web console
+    /// when they are on; the delivery of activation notifications.
     fn serve(
         self,
         config: &BrokerConfig,
         keys: Keys,
         endpoint: quinn::Endpoint,
         (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
-        metrics: Option<crate::metrics::MetricsServer>,
+        (metrics, console): (
+            Option<crate::metrics::MetricsServer>,
+            Option<crate::console::Bound>,
+        ),
     ) {
         let (tracker, tasks) = (&self.tracker, &self.tasks);
         // Brokers sharing a store forward to each other the operator's
@@ -419,7 +443,11 @@ impl Broker {
             ota: self.ota.clone(),
             cluster: self.cluster.clone(),
             peers: peers.as_ref().map(|(_, p)| p.clone()),
+            console: console.as_ref().map(crate::console::Bound::issuer),
         };
+        if let Some(console) = console {
+            console.serve(admin_ctx.clone(), tracker, tasks.clone());
+        }
         let services = Services {
             agent: Some(Arc::new(link::AgentLink::new(LinkContext {
                 store: self.store.clone(),

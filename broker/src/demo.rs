@@ -364,6 +364,14 @@ async fn run_in(
         endpoint: Default::default(),
         store: Default::default(),
         metrics: Default::default(),
+        // The console on loopback: its sign-in link is printed below.
+        console: Some(crate::config::ConsoleConfig {
+            listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+            tls: false,
+            behind_proxy: false,
+            public_url: None,
+            session_ttl: Duration::from_secs(3600),
+        }),
     };
     let broker_stop = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -388,6 +396,14 @@ async fn run_in(
         "demo: look around from another terminal: ferryctl --socket {} group show {GROUP}",
         ready.admin_socket.display()
     );
+    match crate::admin::request(&ready.admin_socket, AdminRequestV1::ConsoleLogin).await {
+        Ok(AdminResponseV1::ConsoleLink { url, .. }) => say!(
+            out,
+            "demo: watch it live in a browser (the link signs you in once): {url}&next=/groups/{GROUP}"
+        ),
+        Ok(other) => say!(out, "demo: no console link: {other:?}"),
+        Err(e) => say!(out, "demo: no console link: {e}"),
+    }
 
     let mut agents = Vec::new();
     let started = tokio::select! {

@@ -2,9 +2,11 @@
 //! admin socket; `ferryctl` is built from this library too.
 
 pub mod admin;
+pub mod chart;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod csv;
 pub mod daemon;
 pub mod demo;

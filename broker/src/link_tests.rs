@@ -659,6 +659,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         endpoint: Default::default(),
         store: Default::default(),
         metrics: Default::default(),
+        console: None,
     };
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -740,6 +741,7 @@ async fn admin_drain_and_disconnect_go_through_the_agent() {
         ota,
         cluster: None,
         peers: None,
+        console: None,
     };
     let mut a = b.agent("host-1").await;
     a.welcome("host-1", 1).await;

@@ -480,6 +480,22 @@ pub fn server_config(pki_dir: &Path) -> Result<quinn::ServerConfig, PkiError> {
     Ok(config)
 }
 
+/// TLS for the broker's HTTP listeners (web console, metrics): the
+/// broker's certificate from `pki_dir`, TLS 1.2 and 1.3, no client
+/// certificate, HTTP/1.1.
+pub fn https_server_config(pki_dir: &Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let certs = load_certs(&pki_dir.join(BROKER_CERT))?;
+    let key = load_key(&pki_dir.join(BROKER_KEY))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| PkiError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| PkiError::Tls(format!("broker certificate: {e}")))?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Labels that separate the endpoint keys from every other use of the
 /// broker's private key.
 const RESET_KEY_LABEL: &[u8] = b"ferry quic stateless reset v1";

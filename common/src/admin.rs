@@ -206,6 +206,10 @@ pub enum AdminRequestV1 {
     /// The brokers sharing this broker's store and which owns each group.
     /// Answered by [`AdminResponseV1::Cluster`].
     Cluster,
+    // --- The web console (issue 17). ---
+    /// A one-time link that signs its opener in to this broker's web
+    /// console. Answered by [`AdminResponseV1::ConsoleLink`].
+    ConsoleLogin,
 }
 
 /// A secret (password) on the admin socket: never printed by `Debug`.
@@ -292,6 +296,12 @@ pub enum AdminResponseV1 {
     // ---- several brokers (issue 16) ----
     /// Answers `Cluster`.
     Cluster(ClusterInfo),
+    /// Answers `ConsoleLogin`: the link (it holds a one-time secret) and
+    /// when it stops working.
+    ConsoleLink {
+        url: String,
+        expires_at: UnixMillis,
+    },
 }
 
 /// The brokers sharing a store and the owners of its groups (`ferryctl

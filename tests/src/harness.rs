@@ -162,6 +162,7 @@ impl TestBroker {
             endpoint: Default::default(),
             store: Default::default(),
             metrics: Default::default(),
+            console: None,
         };
         tune(&mut config);
         let mut broker = TestBroker {

@@ -14,6 +14,8 @@
 //!   OTA schedules, for tests that kill a broker in the middle of a rollout.
 //! - [`notify`]: a fake systemd `NOTIFY_SOCKET` that records what a daemon says.
 //! - [`fuzz`]: one target per decoder of outside data, with the promises it checks.
+//! - [`webdriver`]: headless Chromium over WebDriver, for the console's
+//!   tests in a real browser.
 //! - [`lossy`]: a seeded UDP proxy that drops, duplicates, reorders and delays
 //!   datagrams between agents and a broker.
 //!
@@ -30,3 +32,4 @@ pub mod lossy;
 pub mod notify;
 pub mod procs;
 pub mod rollout;
+pub mod webdriver;

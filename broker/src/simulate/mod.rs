@@ -6,6 +6,8 @@
 //! deadlines due first (one evaluation), then each event in file order, each
 //! followed by its evaluation.
 
+mod compare;
+mod picture;
 mod replay;
 mod report;
 mod scenario;
@@ -14,6 +16,8 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub use compare::{counts, difference, Counts};
+pub use picture::{timeline, Side, CHART_HEIGHT, CHART_WIDTH, SERIES};
 pub use replay::{replay, Happening, Outcome, Row};
 pub use report::{render_json, render_table};
 pub use scenario::{
@@ -52,6 +56,19 @@ pub enum SimError {
     Replay {
         file: PathBuf,
         line: usize,
+        message: String,
+    },
+    /// `--compare` of scenarios whose events (or period, provider,
+    /// currency) differ: they are not two policies over the same events.
+    #[error(
+        "{} and {} cannot be compared: {message}; --compare replays two policies over the same \
+         events: only [group], the [pricing] prices and [policy] may differ",
+        a.display(),
+        b.display()
+    )]
+    NotComparable {
+        a: PathBuf,
+        b: PathBuf,
         message: String,
     },
     #[error("{}: cannot render JSON: {source}", file.display())]
@@ -122,6 +139,95 @@ pub fn run_cli(path: &Path, json: bool) -> Result<String, SimError> {
     } else {
         Ok(render_table(&scenario, &outcome))
     }
+}
+
+/// Which pictures to make besides the usual output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pictures {
+    /// A self-contained HTML page (`--html`).
+    pub html: bool,
+    /// An SVG document (`--svg`).
+    pub svg: bool,
+}
+
+/// What `ferryctl simulate` makes: what it prints, and the pictures asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// What is printed: exactly [`run_cli`]'s output (or the comparison).
+    pub output: String,
+    /// The HTML page, when asked for.
+    pub html: Option<String>,
+    /// The SVG document, when asked for.
+    pub svg: Option<String>,
+}
+
+fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> SimError + '_ {
+    move |source| SimError::Json {
+        file: path.to_owned(),
+        source,
+    }
+}
+
+/// [`run_cli`] with the pictures asked for: the scenario's timeline as SVG
+/// and as an HTML page. What is printed is unchanged.
+pub fn run_with_pictures(path: &Path, json: bool, pictures: Pictures) -> Result<Run, SimError> {
+    let scenario = load(path)?;
+    let outcome = replay(path, &scenario)?;
+    let output = if json {
+        render_json(&scenario, &outcome).map_err(json_err(path))?
+    } else {
+        render_table(&scenario, &outcome)
+    };
+    let file = path.display().to_string();
+    Ok(Run {
+        output,
+        html: pictures
+            .html
+            .then(|| picture::html(&scenario, &outcome, &file)),
+        svg: pictures
+            .svg
+            .then(|| picture::svg(&scenario, &outcome, &file)),
+    })
+}
+
+/// `ferryctl simulate A --compare B`: both replayed, compared as a table
+/// (or JSON), with the pictures asked for. Refused, naming the first
+/// difference, unless both have the same period, provider, currency and
+/// events.
+pub fn compare_cli(a: &Path, b: &Path, json: bool, pictures: Pictures) -> Result<Run, SimError> {
+    let (sa, sb) = (load(a)?, load(b)?);
+    let (fa, fb) = (a.display().to_string(), b.display().to_string());
+    if let Some(message) = compare::difference(&sa, &fa, &sb, &fb) {
+        return Err(SimError::NotComparable {
+            a: a.to_owned(),
+            b: b.to_owned(),
+            message,
+        });
+    }
+    let (oa, ob) = (replay(a, &sa)?, replay(b, &sb)?);
+    let text = compare::render_text((&fa, &sa, &oa), (&fb, &sb, &ob));
+    let output = if json {
+        compare::render_json((&fa, &sa, &oa), (&fb, &sb, &ob)).map_err(json_err(a))?
+    } else {
+        text.clone()
+    };
+    let side_a = Side {
+        file: &fa,
+        scenario: &sa,
+        outcome: &oa,
+    };
+    let side_b = Side {
+        file: &fb,
+        scenario: &sb,
+        outcome: &ob,
+    };
+    Ok(Run {
+        output,
+        html: pictures
+            .html
+            .then(|| picture::compare_html(&side_a, &side_b, &text)),
+        svg: pictures.svg.then(|| picture::compare_svg(&side_a, &side_b)),
+    })
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ pub(crate) fn rfc3339(t: UnixMillis) -> String {
 }
 
 /// `HH:MM:SS` when on the start's date, else the full time.
-fn short_time(t: UnixMillis, start: UnixMillis) -> String {
+pub(super) fn short_time(t: UnixMillis, start: UnixMillis) -> String {
     let (Some(d), Some(s)) = (
         DateTime::<Utc>::from_timestamp_millis(t.0),
         DateTime::<Utc>::from_timestamp_millis(start.0),
@@ -44,7 +44,7 @@ fn short_time(t: UnixMillis, start: UnixMillis) -> String {
 }
 
 /// `demand / capacity` in percent with one place, half-up; `None` without capacity.
-fn usage_pct(s: &Snapshot) -> Option<String> {
+pub(super) fn usage_pct(s: &Snapshot) -> Option<String> {
     if s.capacity == 0 {
         return None;
     }
@@ -207,7 +207,7 @@ pub fn render_json(sc: &Scenario, out: &Outcome) -> Result<String, serde_json::E
     serde_json::to_string_pretty(&doc)
 }
 
-fn describe_event(kind: &EventKind) -> String {
+pub(super) fn describe_event(kind: &EventKind) -> String {
     match kind {
         EventKind::Connect(s) => format!("{s} connects"),
         EventKind::Disconnect(s) => format!("{s} disconnects"),
@@ -216,7 +216,7 @@ fn describe_event(kind: &EventKind) -> String {
     }
 }
 
-fn describe_decision(d: &Decision) -> String {
+pub(super) fn describe_decision(d: &Decision) -> String {
     let what = match &d.action {
         Action::Placed { session, resource } => format!("placed {session} on {resource}"),
         Action::Rejected { session } => format!("REJECTED {session}"),
@@ -290,7 +290,7 @@ pub fn render_table(sc: &Scenario, out: &Outcome) -> String {
 }
 
 /// The scenario's name, period, group, policy and policy periods.
-fn write_heading(s: &mut String, sc: &Scenario) {
+pub(super) fn write_heading(s: &mut String, sc: &Scenario) {
     let p = &sc.policy;
     if let Some(name) = &sc.name {
         let _ = writeln!(s, "Scenario: {name}");

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use rust_decimal::Decimal;
+
 use super::*;
 
 fn shared(name: &str) -> PathBuf {
@@ -343,4 +345,253 @@ fn weekday_names_group_runs() {
     assert_eq!(report::weekday_names(0b110_0001), "mon,sat,sun");
     assert_eq!(report::weekday_names(0b101_0101), "mon,wed,fri,sun");
     assert_eq!(report::weekday_names(0b000_0011), "mon,tue");
+}
+
+fn loaded(name: &str) -> (Scenario, Outcome) {
+    let path = shared(name);
+    let sc = load(&path).expect("load");
+    let out = replay(&path, &sc).expect("replay");
+    (sc, out)
+}
+
+fn series<'a>(t: &'a crate::chart::Timeline, name: &str) -> &'a crate::chart::Series {
+    t.series
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no series {name}"))
+}
+
+#[test]
+fn the_timeline_follows_the_replay_rows_and_bill() {
+    use crate::chart::{Axis, MarkerKind};
+    use rust_decimal_macros::dec;
+    let (sc, out) = loaded("seed-elastic-billing.toml");
+    let t = timeline(&sc, &out, "seed.toml");
+    assert_eq!(
+        t.title,
+        "seed: pay-as-you-go elastic resource billing example"
+    );
+    assert_eq!((t.start_ms, t.end_ms), (sc.start.0, sc.end.0));
+    let names: Vec<&str> = t.series.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, SERIES);
+    // One point at the start (2 base resources ready, nothing else), then one per row.
+    let sessions = series(&t, "sessions");
+    assert_eq!(sessions.points.len(), out.rows.len() + 1);
+    assert_eq!(sessions.points[0], (sc.start.0, dec!(0)));
+    assert_eq!(series(&t, "ready").points[0], (sc.start.0, dec!(2)));
+    assert_eq!(series(&t, "capacity").points[0], (sc.start.0, dec!(4)));
+    for (row, p) in out.rows.iter().zip(&sessions.points[1..]) {
+        assert_eq!(*p, (row.at.0, Decimal::from(row.snapshot.sessions)));
+    }
+    for (row, p) in out.rows.iter().zip(&series(&t, "waiting").points[1..]) {
+        assert_eq!(p.1, Decimal::from(row.snapshot.waiting));
+    }
+    // Threshold: 85 % of the capacity, exactly.
+    assert_eq!(series(&t, "threshold").points[0].1, dec!(3.4));
+    let pending_max = series(&t, "pending").points.iter().map(|p| p.1).max();
+    assert_eq!(pending_max, Some(dec!(2)));
+    // Cost: the subscription from the start, the bill's total at the end,
+    // never going down.
+    let cost = series(&t, "cost");
+    assert_eq!(cost.axis, Axis::Right);
+    assert_eq!(cost.points.first(), Some(&(sc.start.0, dec!(92.87))));
+    assert_eq!(cost.points.last(), Some(&(sc.end.0, out.bill.total)));
+    assert_eq!(out.bill.total, dec!(94.48));
+    assert!(cost
+        .points
+        .windows(2)
+        .all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0));
+    // A marker per scale decision, with its reason.
+    let outs: Vec<_> = out
+        .decisions
+        .iter()
+        .filter(|d| d.action.name() == "scale_out")
+        .collect();
+    let out_markers: Vec<_> = t
+        .markers
+        .iter()
+        .filter(|m| m.kind == MarkerKind::ScaleOut)
+        .collect();
+    assert_eq!(out_markers.len(), outs.len());
+    assert_eq!(out_markers[0].at_ms, outs[0].at.0);
+    assert!(out_markers[0].label.contains(&outs[0].reason.to_string()));
+    assert!(
+        out_markers[0].label.contains("SCALE-OUT +2"),
+        "{}",
+        out_markers[0].label
+    );
+    let ins = t
+        .markers
+        .iter()
+        .filter(|m| m.kind == MarkerKind::ScaleIn)
+        .count();
+    assert_eq!(ins, 2);
+}
+
+/// Parses an HTML page as XML (the pages are well-formed XHTML with an
+/// HTML5 doctype); a malformed page fails the test.
+fn xhtml(page: &str) -> roxmltree::Document<'_> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    roxmltree::Document::parse_with_options(page, options).unwrap_or_else(|e| panic!("{e}: {page}"))
+}
+
+#[test]
+fn pictures_leave_the_printed_output_alone() {
+    for json in [false, true] {
+        let path = shared("waiting-room.toml");
+        let plain = run_cli(&path, json).expect("simulate");
+        let run = run_with_pictures(
+            &path,
+            json,
+            Pictures {
+                html: true,
+                svg: true,
+            },
+        )
+        .expect("simulate");
+        assert_eq!(run.output, plain);
+        let svg = run.svg.expect("svg");
+        let doc = roxmltree::Document::parse(&svg).expect("an XML document");
+        assert_eq!(
+            doc.root_element().attribute("data-series"),
+            Some(SERIES.join(",").as_str())
+        );
+        // The page is well-formed too, with the chart inline, one row per
+        // rejection and the bill's total.
+        let html = run.html.expect("html");
+        let page = xhtml(&html);
+        assert_eq!(
+            page.descendants().filter(|n| n.has_tag_name("svg")).count(),
+            1
+        );
+        assert_eq!(
+            page.descendants()
+                .filter(|n| n.attribute("data-action") == Some("rejected"))
+                .count(),
+            1
+        );
+        let total = page
+            .descendants()
+            .find(|n| n.attribute("data-line") == Some("total"))
+            .and_then(|n| n.last_element_child())
+            .and_then(|n| n.text());
+        assert_eq!(total, Some("3.41"));
+        assert!(!html.contains("<script"));
+    }
+    let none = run_with_pictures(&shared("waiting-room.toml"), false, Pictures::default())
+        .expect("simulate");
+    assert_eq!((none.html, none.svg), (None, None));
+}
+
+#[test]
+fn compare_refuses_other_events_and_names_the_first_difference() {
+    let (a, _) = loaded("seed-elastic-billing.toml");
+    let mut b = a.clone();
+    b.policy.usage_threshold = 70;
+    b.billing = crate::engine::billing::BaseBilling::PayAsYouGo;
+    assert_eq!(difference(&a, "a.toml", &b, "b.toml"), None);
+    b.events[2].at = ferry_common::UnixMillis(b.events[2].at.0 + 60_000);
+    let why = difference(&a, "a.toml", &b, "b.toml").expect("a difference");
+    assert!(why.starts_with("event 3 differs: a.toml line"), "{why}");
+    assert!(
+        why.contains("09:10:00Z s3 connects but b.toml line"),
+        "{why}"
+    );
+    assert!(why.contains("09:11:00Z s3 connects"), "{why}");
+    let mut c = a.clone();
+    c.events.pop();
+    let why = difference(&a, "a.toml", &c, "c.toml").expect("a difference");
+    assert!(
+        why.starts_with("a.toml has 1 event(s) more than c.toml, the first a.toml line"),
+        "{why}"
+    );
+    let mut d = a.clone();
+    d.end = ferry_common::UnixMillis(d.end.0 + 1000);
+    assert!(
+        difference(&a, "a.toml", &d, "d.toml").is_some_and(|w| w.starts_with("the periods differ"))
+    );
+    let mut e = a.clone();
+    e.prices.currency = "EUR".into();
+    assert!(difference(&a, "a.toml", &e, "e.toml").is_some_and(|w| w.contains("currencies")));
+    let mut f = a;
+    f.provider = Provider::Delays {
+        create_ms: 0,
+        release_ms: 0,
+    };
+    assert!(difference(&f, "f.toml", &e, "e.toml").is_some_and(|w| w.contains("[provider]")));
+}
+
+#[test]
+fn compare_counts_decisions_and_the_cost_difference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = shared("waiting-room.toml");
+    let b = dir.path().join("two-elastic.toml");
+    let text = std::fs::read_to_string(&a).expect("read");
+    let text = text
+        .replace("max_elastic = 1", "max_elastic = 2")
+        .replace("scale_out_step = 1", "scale_out_step = 2");
+    std::fs::write(&b, text).expect("write");
+    let run = compare_cli(
+        &a,
+        &b,
+        true,
+        Pictures {
+            html: true,
+            svg: true,
+        },
+    )
+    .expect("compare");
+    let v: serde_json::Value = serde_json::from_str(&run.output).expect("json");
+    let total = |side: &str| -> Decimal {
+        v[side]["cost"]["total"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("a total")
+    };
+    let plain = |path: &Path| -> serde_json::Value {
+        serde_json::from_str(&run_cli(path, true).expect("simulate")).expect("json")
+    };
+    assert_eq!(v["a"]["cost"]["total"], plain(&a)["cost"]["total"]);
+    assert_eq!(v["b"]["cost"]["total"], plain(&b)["cost"]["total"]);
+    assert_eq!(
+        v["total_difference"]
+            .as_str()
+            .and_then(|s| s.parse::<Decimal>().ok()),
+        Some(total("b") - total("a"))
+    );
+    assert_eq!(v["a"]["rejected"], 1);
+    assert_eq!(v["b"]["rejected"], 0);
+    assert_eq!(v["b"]["resources_created"], 2);
+    let svg = run.svg.expect("svg");
+    let doc = roxmltree::Document::parse(&svg).expect("svg");
+    let parts: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.attribute("class") == Some("stack-part"))
+        .collect();
+    assert_eq!(parts.len(), 2);
+    // One scale: both charts' right axes have the same ticks.
+    let ticks = |part: &roxmltree::Node| -> Vec<String> {
+        part.descendants()
+            .filter(|n| n.attribute("class") == Some("axis axis-right"))
+            .flat_map(|n| n.descendants())
+            .filter(|n| n.attribute("class") == Some("tick"))
+            .filter_map(|n| n.text().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(ticks(&parts[0]), ticks(&parts[1]));
+    assert!(!ticks(&parts[0]).is_empty());
+    let text = compare_cli(&a, &b, false, Pictures::default()).expect("compare");
+    let last = text.output.lines().last().unwrap_or_default().to_owned();
+    let cells: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(cells, ["total", "(CNY)", "3.41", "5.03", "+1.62"]);
+    // The page holds the stack and its two charts.
+    let html = run.html.expect("html");
+    let svgs = xhtml(&html)
+        .descendants()
+        .filter(|n| n.has_tag_name("svg"))
+        .count();
+    assert_eq!(svgs, 3);
 }

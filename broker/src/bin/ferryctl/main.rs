@@ -61,6 +61,9 @@ enum Cmd {
     /// The brokers sharing this broker's PostgreSQL store, and which owns
     /// each group.
     Cluster,
+    /// The broker's web console.
+    #[command(subcommand)]
+    Console(ConsoleCmd),
     /// Sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
@@ -80,6 +83,17 @@ enum Cmd {
     Simulate {
         /// Scenario file (TOML).
         file: PathBuf,
+        /// Also replay this scenario (the same events under another policy)
+        /// and compare the two: decisions, costs and their difference.
+        #[arg(long, value_name = "FILE")]
+        compare: Option<PathBuf>,
+        /// Also write the timeline as a self-contained HTML page (chart,
+        /// decisions, bill) to this file.
+        #[arg(long, value_name = "OUT.html")]
+        html: Option<PathBuf>,
+        /// Also write the timeline chart as an SVG document to this file.
+        #[arg(long, value_name = "OUT.svg")]
+        svg: Option<PathBuf>,
     },
     /// Metered usage and its amounts over a period, per group and resource.
     Usage {
@@ -92,10 +106,18 @@ enum Cmd {
         /// End of the period, RFC 3339 (excluded).
         #[arg(long)]
         to: String,
-        /// table, csv or json (`--json` means json too).
+        /// table, csv, json (`--json` means json too) or svg (a chart of the
+        /// cost per UTC day and group, one report per day, at most 92 days).
         #[arg(long, default_value = "table")]
         format: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCmd {
+    /// A one-time link that signs its opener in to the web console (valid
+    /// ten minutes; anyone who may use the admin socket may ask for one).
+    Login,
 }
 
 /// A mistake in the command line (a bad flag value, a missing
@@ -163,7 +185,18 @@ fn run(cli: Cli) -> anyhow::Result<String> {
     } = cli;
     match command {
         Cmd::Pki(cmd) => pki::run(cmd, json),
-        Cmd::Simulate { file } => simulate(&file, json),
+        Cmd::Simulate {
+            file,
+            compare,
+            html,
+            svg,
+        } => simulate(
+            &file,
+            compare.as_deref(),
+            html.as_deref(),
+            svg.as_deref(),
+            json,
+        ),
         Cmd::Usage {
             group,
             from,
@@ -175,6 +208,7 @@ fn run(cli: Cli) -> anyhow::Result<String> {
         Cmd::Status => send(&socket, AdminRequestV1::Status, json),
         Cmd::Resources(cmd) => send(&socket, resources::resources_request(cmd)?, json),
         Cmd::Cluster => send(&socket, AdminRequestV1::Cluster, json),
+        Cmd::Console(ConsoleCmd::Login) => send(&socket, AdminRequestV1::ConsoleLogin, json),
         Cmd::Sessions(cmd) => send(&socket, resources::sessions_request(cmd)?, json),
         Cmd::User(cmd) => send(&socket, users::request(cmd)?, json),
     }
@@ -194,9 +228,31 @@ fn send(socket: &Path, req: AdminRequestV1, json: bool) -> anyhow::Result<String
     Ok(show::show(resp, json))
 }
 
-/// `ferryctl simulate`: a scenario replayed offline, no broker needed.
-fn simulate(file: &Path, json: bool) -> anyhow::Result<String> {
-    let mut out = ferry_broker::simulate::run_cli(file, json)?;
+/// `ferryctl simulate`: a scenario replayed offline, no broker needed;
+/// with `compare`, two scenarios side by side; the pictures asked for are
+/// written before the output is printed.
+fn simulate(
+    file: &Path,
+    compare: Option<&Path>,
+    html: Option<&Path>,
+    svg: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<String> {
+    use ferry_broker::simulate::{compare_cli, run_with_pictures, Pictures};
+    let pictures = Pictures {
+        html: html.is_some(),
+        svg: svg.is_some(),
+    };
+    let run = match compare {
+        Some(other) => compare_cli(file, other, json, pictures)?,
+        None => run_with_pictures(file, json, pictures)?,
+    };
+    for (path, doc) in [(html, &run.html), (svg, &run.svg)] {
+        if let (Some(path), Some(doc)) = (path, doc) {
+            std::fs::write(path, doc).with_context(|| format!("write {}", path.display()))?;
+        }
+    }
+    let mut out = run.output;
     if !out.ends_with('\n') {
         out.push('\n');
     }

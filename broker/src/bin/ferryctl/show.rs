@@ -18,6 +18,13 @@ pub(crate) fn show(resp: AdminResponseV1, json: bool) -> String {
         ),
         AdminResponseV1::Sessions(s) => (render::sessions_json(&s), render::sessions_table(&s)),
         AdminResponseV1::Cluster(c) => (render::cluster_json(&c), render::cluster_table(&c)),
+        AdminResponseV1::ConsoleLink { url, expires_at } => (
+            serde_json::json!({ "url": url, "expires_at": render::rfc3339(expires_at) }),
+            format!(
+                "Open this link to sign in to the console (it works once, until {}):\n{url}\n",
+                render::rfc3339_secs(expires_at)
+            ),
+        ),
         AdminResponseV1::Done { message } => (
             serde_json::json!({ "message": message }),
             format!("{message}\n"),

@@ -1,0 +1,1030 @@
+//! The web console (`[console] listen`): what an operator looks at.
+//!
+//! Server-rendered HTML over [`ferry_process::http`]: the groups with
+//! status, load and cost so far; a group's resources, waiting room, policy,
+//! updates and decisions, with a live chart of sessions, capacity and usage
+//! against the threshold (scale-outs and scale-ins marked) that the broker
+//! draws as SVG and pushes as server-sent events the moment the group's
+//! figures change; usage and cost per group and per day with a CSV
+//! download; OTA offers, schedules and rollouts host by host.
+//!
+//! Every read and every action is an admin request answered by
+//! [`admin::handle`]: the console has the same rules, validation and
+//! messages as `ferryctl`, and in a cluster its drains, disconnections and
+//! live views reach the group's owner the same way. Who may use it: see
+//! [`auth`] (one-time links from `ferryctl console login`). Every
+//! state-changing request is a POST carrying the session's form token.
+//! The pages run one small same-origin script (the live updates) and load
+//! nothing from elsewhere (a content security policy says so).
+
+pub mod auth;
+pub mod html;
+pub mod live;
+mod pictures;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::{header, request::Parts, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use ferry_common::admin::{AdminRequestV1, AdminResponseV1, GroupFilter, PolicySpec, UsageQuery};
+use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminContext};
+use crate::config::ConsoleConfig;
+use auth::{AuthError, Logins, Session};
+
+/// Longest period the usage chart draws, day by day.
+const MAX_CHART_DAYS: usize = 62;
+
+/// Largest form body read.
+const MAX_FORM_BYTES: usize = 16 * 1024;
+
+/// Why the console could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("bind console {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("console TLS: {0}")]
+    Tls(#[from] crate::pki::PkiError),
+}
+
+/// The console's listener, bound before the broker says it is ready.
+pub struct Bound {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    base_url: String,
+    logins: Arc<Logins>,
+}
+
+impl Bound {
+    /// Binds `config.listen` and loads the broker's certificate when the
+    /// console serves TLS.
+    pub async fn bind(
+        config: &ConsoleConfig,
+        pki_dir: &std::path::Path,
+    ) -> Result<Bound, ConsoleError> {
+        let tls = if config.tls {
+            Some(crate::pki::https_server_config(pki_dir)?)
+        } else {
+            None
+        };
+        let bind_err = |error| ConsoleError::Bind {
+            addr: config.listen,
+            error,
+        };
+        let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+        let addr = listener.local_addr().map_err(bind_err)?;
+        let base_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| base_url(addr, config.tls));
+        Ok(Bound {
+            listener,
+            addr,
+            tls,
+            base_url,
+            logins: Arc::new(Logins::new(config.session_ttl)),
+        })
+    }
+
+    /// Where the console listens (the real port when the config said 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What hands out login links (the admin request `ConsoleLogin`).
+    pub fn issuer(&self) -> LinkIssuer {
+        LinkIssuer {
+            logins: self.logins.clone(),
+            base_url: self.base_url.clone(),
+        }
+    }
+
+    /// Serves the console until `shutdown`, and follows the groups' live
+    /// figures for it.
+    pub fn serve(self, ctx: AdminContext, tracker: &TaskTracker, shutdown: CancellationToken) {
+        let live = Arc::new(live::Live::default());
+        tracker.spawn(live::follow(ctx.clone(), live.clone(), shutdown.clone()));
+        let console = Arc::new(Console {
+            ctx,
+            logins: self.logins,
+            live,
+            tls: self.tls.is_some(),
+        });
+        tracing::info!(url = %self.base_url, "console ready (`ferryctl console login` gives a sign-in link)");
+        tracker.spawn(ferry_process::http::serve(
+            self.listener,
+            self.tls,
+            router(console),
+            ferry_process::http::HttpLimits::default(),
+            shutdown,
+        ));
+    }
+}
+
+/// `http(s)://addr`, with the host's name for a wildcard address.
+fn base_url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    if addr.ip().is_unspecified() {
+        let host = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        format!("{scheme}://{host}:{}", addr.port())
+    } else {
+        format!("{scheme}://{addr}")
+    }
+}
+
+/// Makes login links: held by the admin handler.
+#[derive(Clone)]
+pub struct LinkIssuer {
+    logins: Arc<Logins>,
+    base_url: String,
+}
+
+impl LinkIssuer {
+    /// A new one-time link and when it stops working.
+    pub fn link(&self) -> Result<(String, UnixMillis), AuthError> {
+        let token = self.logins.new_link()?;
+        let lifetime = i64::try_from(auth::LINK_LIFETIME.as_millis()).unwrap_or(i64::MAX);
+        let expires = UnixMillis(crate::clock::now_millis().0.saturating_add(lifetime));
+        Ok((format!("{}/login?token={token}", self.base_url), expires))
+    }
+}
+
+struct Console {
+    ctx: AdminContext,
+    logins: Arc<Logins>,
+    live: Arc<live::Live>,
+    tls: bool,
+}
+
+type Shared = Arc<Console>;
+
+fn router(console: Shared) -> Router {
+    Router::new()
+        .route("/login", get(login))
+        .route("/logout", post(logout))
+        .route("/", get(groups_page))
+        .route("/groups/{group}", get(group_page))
+        .route("/groups/{group}/chart.svg", get(group_chart))
+        .route("/groups/{group}/live", get(group_live))
+        .route("/groups/{group}/policy", post(change_policy))
+        .route("/resources/{resource}/drain", post(drain))
+        .route("/resources/{resource}/undrain", post(undrain))
+        .route("/sessions/{session}/disconnect", post(disconnect))
+        .route("/usage", get(usage_page))
+        .route("/usage.csv", get(usage_csv))
+        .route("/updates", get(updates_page))
+        .route("/static/console.css", get(css))
+        .route("/static/console.js", get(js))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .layer(axum::middleware::map_response(secure_headers))
+        .with_state(console)
+}
+
+/// Headers on every answer: no caching of pages, no framing, scripts and
+/// styles only from here.
+async fn secure_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+             img-src 'self' data:; connect-src 'self'; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    html(
+        StatusCode::NOT_FOUND,
+        html::message("Not found", "There is no such page in the console."),
+    )
+}
+
+/// A request from a signed-in session (its cookie is known and current).
+struct Signed {
+    cookie: String,
+    session: Session,
+}
+
+impl FromRequestParts<Shared> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, console: &Shared) -> Result<Self, Response> {
+        let cookie = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(auth::cookie_value)
+            .map(str::to_owned);
+        match cookie.and_then(|c| console.logins.session(&c).map(|s| (c, s))) {
+            Some((cookie, session)) => Ok(Signed { cookie, session }),
+            None => Err(html(
+                StatusCode::UNAUTHORIZED,
+                html::message(
+                    "Sign in",
+                    "Sign in with a link from `ferryctl console login`, run where the broker's \
+                     admin socket is reachable. A link works once, for ten minutes.",
+                ),
+            )),
+        }
+    }
+}
+
+/// A POST's form with its form token checked against the session.
+fn checked_form(signed: &Signed, form: &HashMap<String, String>) -> Result<(), Response> {
+    match form.get("form_token") {
+        Some(t) if auth::form_token_matches(&signed.session, t) => Ok(()),
+        _ => Err(html(
+            StatusCode::FORBIDDEN,
+            html::message(
+                "Refused",
+                "The form did not carry this session's token (a page from before a sign-in, \
+                 or a request from another site). Reload the page and try again.",
+            ),
+        )),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    token: String,
+    /// A page of the console to go to once signed in.
+    next: Option<String>,
+}
+
+/// `next` when it is a path of this console (not another site's address).
+fn local_path(next: Option<&str>) -> &str {
+    match next {
+        Some(p) if p.starts_with('/') && !p.starts_with("//") && !p.contains('\\') => p,
+        _ => "/",
+    }
+}
+
+async fn login(State(c): State<Shared>, Query(q): Query<LoginQuery>) -> Response {
+    match c.logins.sign_in(&q.token) {
+        Ok((cookie, _)) => {
+            let secure = if c.tls { "; Secure" } else { "" };
+            let max_age = c.logins.session_ttl().as_secs();
+            let set = format!(
+                "{}={cookie}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
+                auth::COOKIE
+            );
+            tracing::info!("console: signed in with a login link");
+            let mut r = Redirect::to(local_path(q.next.as_deref())).into_response();
+            if let Ok(v) = HeaderValue::from_str(&set) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => html(
+            StatusCode::FORBIDDEN,
+            html::message("Sign in", &e.to_string()),
+        ),
+    }
+}
+
+async fn logout(
+    signed: Signed,
+    State(c): State<Shared>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = checked_form(&signed, &f) {
+        return r;
+    }
+    c.logins.sign_out(&signed.cookie);
+    let mut r = html(
+        StatusCode::OK,
+        html::message("Signed out", "You are signed out of the console."),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("{}=; Path=/; Max-Age=0", auth::COOKIE)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+/// An admin answer that is an error, as the page that says it.
+fn admin_error(answer: AdminResponseV1) -> Response {
+    match answer {
+        AdminResponseV1::Error(e) => {
+            let status = match e.code {
+                ferry_common::admin::AdminErrorCode::NotFound => StatusCode::NOT_FOUND,
+                ferry_common::admin::AdminErrorCode::Invalid
+                | ferry_common::admin::AdminErrorCode::NotAllowed => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            html(status, html::message("Could not do that", &e.message))
+        }
+        other => html(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            html::message(
+                "Could not do that",
+                &format!("unexpected answer from the broker: {}", answer_kind(&other)),
+            ),
+        ),
+    }
+}
+
+fn answer_kind(a: &AdminResponseV1) -> &'static str {
+    match a {
+        AdminResponseV1::Error(_) => "an error",
+        _ => "another kind of answer",
+    }
+}
+
+/// The first day of the current month (UTC) and now.
+fn this_month(now: UnixMillis) -> (UnixMillis, String) {
+    use chrono::Datelike;
+    let t = chrono::DateTime::from_timestamp_millis(now.0).unwrap_or_default();
+    let start = chrono::NaiveDate::from_ymd_opt(t.year(), t.month(), 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|d| d.and_utc().timestamp_millis())
+        .unwrap_or(0);
+    (UnixMillis(start), t.format("%B %Y").to_string())
+}
+
+async fn groups_page(signed: Signed, State(c): State<Shared>) -> Response {
+    let groups =
+        match admin::handle(&c.ctx, AdminRequestV1::GroupList(GroupFilter::default())).await {
+            AdminResponseV1::Groups(gs) => gs,
+            other => return admin_error(other),
+        };
+    let now = c.ctx.groups.service().now();
+    let (month_start, month) = this_month(now);
+    let costs: HashMap<GroupName, String> = match admin::handle(
+        &c.ctx,
+        AdminRequestV1::Usage(UsageQuery {
+            group: None,
+            from: month_start,
+            to: now,
+        }),
+    )
+    .await
+    {
+        AdminResponseV1::Usage(r) => r
+            .groups
+            .into_iter()
+            .map(|g| (g.group, format!("{} {}", g.total, r.currency)))
+            .collect(),
+        _ => HashMap::new(),
+    };
+    let mut lives = HashMap::new();
+    for g in groups.iter().filter(|g| g.status != "gone") {
+        if let AdminResponseV1::GroupShown {
+            live: Some(live), ..
+        } = admin::handle(
+            &c.ctx,
+            AdminRequestV1::GroupShow {
+                group: g.name.clone(),
+            },
+        )
+        .await
+        {
+            lives.insert(g.name.clone(), live);
+        }
+    }
+    let lines: Vec<html::GroupLine<'_>> = groups
+        .iter()
+        .map(|g| html::GroupLine {
+            info: g,
+            live: lives.get(&g.name),
+            cost: costs.get(&g.name).cloned(),
+        })
+        .collect();
+    html(
+        StatusCode::OK,
+        html::groups_page(&lines, &month, &signed.session.form_token),
+    )
+}
+
+fn parse_group(raw: &str) -> Result<GroupName, Response> {
+    raw.parse::<GroupName>().map_err(|_| {
+        html(
+            StatusCode::NOT_FOUND,
+            html::message("Not found", "That is not a group name."),
+        )
+    })
+}
+
+#[derive(serde::Deserialize, Default)]
+struct NoticeQuery {
+    ok: Option<String>,
+    error: Option<String>,
+}
+
+async fn group_page(
+    signed: Signed,
+    State(c): State<Shared>,
+    Path(group): Path<String>,
+    Query(n): Query<NoticeQuery>,
+) -> Response {
+    let notice =
+        n.ok.as_deref()
+            .map(|t| (true, t))
+            .or(n.error.as_deref().map(|t| (false, t)));
+    render_group(&c, &signed, &group, notice, &[], StatusCode::OK).await
+}
+
+/// Everything a group page shows, as the admin requests answer it.
+struct GroupData {
+    policy: Box<ferry_common::admin::GroupPolicyDetail>,
+    hosts: Vec<ferry_common::admin::ResourceInfo>,
+    sessions: Vec<ferry_common::admin::SessionDetail>,
+    events: Vec<ferry_common::admin::GroupEventDetail>,
+    rollouts: Option<ferry_common::admin::GroupRolloutsInfo>,
+    served_by: Option<String>,
+    chart: String,
+}
+
+impl GroupData {
+    async fn gather(c: &Console, group: &str) -> Result<GroupData, Response> {
+        let group = parse_group(group)?;
+        let policy = match admin::handle(
+            &c.ctx,
+            AdminRequestV1::GroupShowWithPolicy {
+                group: group.clone(),
+            },
+        )
+        .await
+        {
+            AdminResponseV1::GroupWithPolicy(p) => p,
+            other => return Err(admin_error(other)),
+        };
+        let hosts = match admin::handle(&c.ctx, AdminRequestV1::ListResources).await {
+            AdminResponseV1::Resources(rs) => rs
+                .into_iter()
+                .filter(|r| r.group.as_ref() == Some(&group))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let sessions = match admin::handle(
+            &c.ctx,
+            AdminRequestV1::ListSessionsDetailed { all: false },
+        )
+        .await
+        {
+            AdminResponseV1::SessionsDetailed(ss) => ss
+                .into_iter()
+                .filter(|s| s.group.as_ref() == Some(&group))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let events = group_events(c, &group).await;
+        let rollouts = match admin::handle(
+            &c.ctx,
+            AdminRequestV1::GroupRollouts {
+                group: group.clone(),
+            },
+        )
+        .await
+        {
+            AdminResponseV1::GroupRollouts(r) => Some(r),
+            _ => None,
+        };
+        let served_by = match c.ctx.groups.actors().ownership().owner(&group) {
+            crate::cluster::Owner::At(address) => Some(address),
+            _ => None,
+        };
+        let chart = chart_of(c, &group, &events);
+        Ok(GroupData {
+            policy,
+            hosts,
+            sessions,
+            events,
+            rollouts,
+            served_by,
+            chart,
+        })
+    }
+
+    fn page<'a>(
+        &'a self,
+        notice: Option<(bool, &'a str)>,
+        problems: &'a [String],
+    ) -> html::GroupPage<'a> {
+        html::GroupPage {
+            policy: &self.policy,
+            live: self.policy.live.as_ref(),
+            served_by: self.served_by.as_deref(),
+            hosts: &self.hosts,
+            sessions: &self.sessions,
+            events: &self.events,
+            rollouts: self.rollouts.as_ref(),
+            chart: &self.chart,
+            notice,
+            problems,
+        }
+    }
+}
+
+async fn render_group(
+    c: &Console,
+    signed: &Signed,
+    group: &str,
+    notice: Option<(bool, &str)>,
+    problems: &[String],
+    status: StatusCode,
+) -> Response {
+    match GroupData::gather(c, group).await {
+        Ok(data) => html(
+            status,
+            html::group_page(&data.page(notice, problems), &signed.session.form_token),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn group_events(
+    c: &Console,
+    group: &GroupName,
+) -> Vec<ferry_common::admin::GroupEventDetail> {
+    match admin::handle(
+        &c.ctx,
+        AdminRequestV1::GroupEventsDetailed {
+            group: group.clone(),
+        },
+    )
+    .await
+    {
+        AdminResponseV1::GroupEventsDetailed(es) => es,
+        _ => Vec::new(),
+    }
+}
+
+/// The group's live chart from what the console followed.
+fn chart_of(
+    c: &Console,
+    group: &GroupName,
+    events: &[ferry_common::admin::GroupEventDetail],
+) -> String {
+    let history = c.live.history(group).unwrap_or_default();
+    pictures::live_chart(group, &history, events, c.ctx.groups.service().now())
+}
+
+async fn group_chart(
+    _signed: Signed,
+    State(c): State<Shared>,
+    Path(group): Path<String>,
+) -> Response {
+    let group = match parse_group(&group) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let events = group_events(&c, &group).await;
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        chart_of(&c, &group, &events),
+    )
+        .into_response()
+}
+
+/// Server-sent events for a group page: an `update` (the chart and the
+/// page's changing parts, rendered) now and whenever the group's figures
+/// change.
+async fn group_live(
+    signed: Signed,
+    State(c): State<Shared>,
+    Path(group): Path<String>,
+) -> Response {
+    if let Err(r) = parse_group(&group) {
+        return r;
+    }
+    let changes = c.live.changed();
+    let token = signed.session.form_token;
+    let stream = futures_util::stream::unfold(
+        (c, group, changes, token, true),
+        |(c, group, mut changes, token, first)| async move {
+            if !first && changes.changed().await.is_err() {
+                return None;
+            }
+            changes.mark_unchanged();
+            let payload = match GroupData::gather(&c, &group).await {
+                Ok(data) => {
+                    let parts = html::live_parts(&data.page(None, &[]), &token);
+                    serde_json::json!({
+                        "chart": data.chart,
+                        "figures": parts.figures,
+                        "resources": parts.resources,
+                        "decisions": parts.decisions,
+                    })
+                }
+                // The group is gone or its owner cannot be asked: said
+                // once, and the stream ends.
+                Err(_) => serde_json::json!({ "gone": true }),
+            };
+            let event = Event::default().event("update").data(payload.to_string());
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (c, group, changes, token, false),
+            ))
+        },
+    );
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Where an action on a resource or session returns: the group page named
+/// in the form, with what happened.
+fn back_to(form: &HashMap<String, String>, ok: bool, text: &str) -> Response {
+    let group = form.get("group").and_then(|g| g.parse::<GroupName>().ok());
+    let key = if ok { "ok" } else { "error" };
+    let query = serde_urlencoded::to_string([(key, text)]).unwrap_or_default();
+    match group {
+        Some(g) => {
+            Redirect::to(&format!("/groups/{}?{query}", html::seg(g.as_str()))).into_response()
+        }
+        None => Redirect::to("/").into_response(),
+    }
+}
+
+async fn command(
+    c: &Console,
+    form: &HashMap<String, String>,
+    req: AdminRequestV1,
+    done: String,
+) -> Response {
+    match admin::handle(&c.ctx, req).await {
+        AdminResponseV1::Done { .. } => back_to(form, true, &done),
+        AdminResponseV1::Error(e) => back_to(form, false, &e.message),
+        other => back_to(form, false, answer_kind(&other)),
+    }
+}
+
+async fn drain(
+    signed: Signed,
+    State(c): State<Shared>,
+    Path(resource): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = checked_form(&signed, &f) {
+        return r;
+    }
+    let Ok(resource) = resource.parse::<ResourceId>() else {
+        return back_to(&f, false, "not a resource id");
+    };
+    let done = format!("{resource} drains: it takes no new sessions");
+    tracing::info!(%resource, "console: drain");
+    command(&c, &f, AdminRequestV1::Drain { resource }, done).await
+}
+
+async fn undrain(
+    signed: Signed,
+    State(c): State<Shared>,
+    Path(resource): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = checked_form(&signed, &f) {
+        return r;
+    }
+    let Ok(resource) = resource.parse::<ResourceId>() else {
+        return back_to(&f, false, "not a resource id");
+    };
+    let done = format!("{resource} takes new sessions again");
+    tracing::info!(%resource, "console: undrain");
+    command(&c, &f, AdminRequestV1::Undrain { resource }, done).await
+}
+
+async fn disconnect(
+    signed: Signed,
+    State(c): State<Shared>,
+    Path(session): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = checked_form(&signed, &f) {
+        return r;
+    }
+    let Ok(session) = session.parse::<SessionId>() else {
+        return back_to(&f, false, "not a session id");
+    };
+    let done = format!("session {session} disconnected");
+    tracing::info!(%session, "console: disconnect");
+    command(&c, &f, AdminRequestV1::DisconnectSession { session }, done).await
+}
+
+/// The policy form as a [`PolicySpec`]: every field that does not parse is
+/// one problem; the broker's validation lists the rest.
+fn policy_of(form: &HashMap<String, String>) -> Result<PolicySpec, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut number = |key: &str, label: &str| -> Option<u64> {
+        let v = form.get(key).map(|s| s.trim()).unwrap_or("");
+        if v.is_empty() {
+            return None;
+        }
+        match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                problems.push(format!("{label}: {v:?} is not a whole number"));
+                None
+            }
+        }
+    };
+    let small = |n: Option<u64>| n.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    let ms = |n: Option<u64>| n.map(|s| s.saturating_mul(1000));
+    let spec = PolicySpec {
+        concurrent_sessions: small(number("concurrent_sessions", "sessions per resource")),
+        usage_threshold: small(number("usage_threshold", "usage threshold")),
+        scale_out_step: small(number("scale_out_step", "scale-out step")),
+        max_elastic: small(number("max_elastic", "elastic resources at most")),
+        max_idle_ms: ms(number("max_idle_s", "idle time before release")),
+        scale_in_cooldown_ms: ms(number("scale_in_cooldown_s", "scale-in cooldown")),
+        wait_timeout_ms: ms(number("wait_timeout_s", "wait timeout")),
+        load_balancing: form
+            .get("load_balancing")
+            .filter(|s| !s.is_empty())
+            .cloned(),
+    };
+    if problems.is_empty() {
+        Ok(spec)
+    } else {
+        Err(problems)
+    }
+}
+
+async fn change_policy(
+    signed: Signed,
+    State(c): State<Shared>,
+    Path(group): Path<String>,
+    Form(f): Form<HashMap<String, String>>,
+) -> Response {
+    if let Err(r) = checked_form(&signed, &f) {
+        return r;
+    }
+    let name = match parse_group(&group) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    let policy = match policy_of(&f) {
+        Ok(p) => p,
+        Err(problems) => {
+            return render_group(
+                &c,
+                &signed,
+                &group,
+                None,
+                &problems,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await
+        }
+    };
+    tracing::info!(group = %name, "console: policy change");
+    match admin::handle(
+        &c.ctx,
+        AdminRequestV1::GroupUpdatePolicy {
+            group: name.clone(),
+            policy,
+        },
+    )
+    .await
+    {
+        AdminResponseV1::Group(_) | AdminResponseV1::GroupWithPolicy(_) => back_to(
+            &HashMap::from([("group".into(), group)]),
+            true,
+            "policy changed",
+        ),
+        AdminResponseV1::Error(e) => {
+            let problems: Vec<String> = e.message.lines().map(str::to_owned).collect();
+            render_group(
+                &c,
+                &signed,
+                &group,
+                None,
+                &problems,
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await
+        }
+        other => admin_error(other),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct PeriodQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group: Option<String>,
+}
+
+/// The period of a usage page: `from` and `to` as days (`YYYY-MM-DD`,
+/// `to` included); this month so far by default.
+fn period_of(q: &PeriodQuery, now: UnixMillis) -> Result<(UsageQuery, String, String), String> {
+    let day = |s: &str, what: &str| {
+        chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map_err(|_| format!("{what}: {s:?} is not a day (YYYY-MM-DD)"))
+    };
+    let (month_start, _) = this_month(now);
+    let today = chrono::DateTime::from_timestamp_millis(now.0)
+        .unwrap_or_default()
+        .date_naive();
+    let from = match q.from.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => day(s, "from")?,
+        None => chrono::DateTime::from_timestamp_millis(month_start.0)
+            .unwrap_or_default()
+            .date_naive(),
+    };
+    let to = match q.to.as_deref().filter(|s| !s.is_empty()) {
+        Some(s) => day(s, "to")?,
+        None => today,
+    };
+    if to < from {
+        return Err(format!("to ({to}) is before from ({from})"));
+    }
+    let millis = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| t.and_utc().timestamp_millis())
+            .unwrap_or(0)
+    };
+    let group = match q.group.as_deref().filter(|s| !s.is_empty()) {
+        Some(g) => Some(
+            g.parse::<GroupName>()
+                .map_err(|_| format!("group: {g:?} is not a group name"))?,
+        ),
+        None => None,
+    };
+    Ok((
+        UsageQuery {
+            group,
+            from: UnixMillis(millis(from)),
+            to: UnixMillis(millis(to).saturating_add(86_400_000)),
+        },
+        from.to_string(),
+        to.to_string(),
+    ))
+}
+
+async fn usage_page(
+    signed: Signed,
+    State(c): State<Shared>,
+    Query(q): Query<PeriodQuery>,
+) -> Response {
+    let (query, from, to) = match period_of(&q, c.ctx.groups.service().now()) {
+        Ok(p) => p,
+        Err(e) => return html(StatusCode::BAD_REQUEST, html::message("Usage", &e)),
+    };
+    let csv_href = format!(
+        "/usage.csv?{}",
+        serde_urlencoded::to_string([("from", &from), ("to", &to)]).unwrap_or_default()
+    );
+    // One report per day for the chart (a period of at most MAX_CHART_DAYS).
+    let mut days = Vec::new();
+    if let Some(spans) = crate::chart::utc_days(query.from.0, query.to.0, MAX_CHART_DAYS) {
+        for (from, to) in spans {
+            let day = UsageQuery {
+                group: query.group.clone(),
+                from: UnixMillis(from),
+                to: UnixMillis(to),
+            };
+            if let AdminResponseV1::UsageDetailed(d) =
+                admin::handle(&c.ctx, AdminRequestV1::UsageDetailed(day)).await
+            {
+                days.push(d);
+            }
+        }
+    }
+    match admin::handle(&c.ctx, AdminRequestV1::UsageDetailed(query)).await {
+        AdminResponseV1::UsageDetailed(d) => {
+            let chart = if days.is_empty() {
+                format!(
+                    "<p class=\"message\">The chart shows at most {MAX_CHART_DAYS} days: \
+                     choose a shorter period.</p>"
+                )
+            } else {
+                pictures::usage_chart(&days)
+            };
+            html(
+                StatusCode::OK,
+                html::usage_page(
+                    &d,
+                    &from,
+                    &to,
+                    &csv_href,
+                    &chart,
+                    &signed.session.form_token,
+                ),
+            )
+        }
+        other => admin_error(other),
+    }
+}
+
+async fn usage_csv(
+    _signed: Signed,
+    State(c): State<Shared>,
+    Query(q): Query<PeriodQuery>,
+) -> Response {
+    let (query, from, to) = match period_of(&q, c.ctx.groups.service().now()) {
+        Ok(p) => p,
+        Err(e) => return html(StatusCode::BAD_REQUEST, html::message("Usage", &e)),
+    };
+    match admin::handle(&c.ctx, AdminRequestV1::Usage(query)).await {
+        AdminResponseV1::Usage(r) => (
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"ferry-usage-{from}-{to}.csv\""),
+                ),
+            ],
+            crate::render::usage_csv(&r),
+        )
+            .into_response(),
+        other => admin_error(other),
+    }
+}
+
+async fn updates_page(signed: Signed, State(c): State<Shared>) -> Response {
+    let (updates, schedules) =
+        match admin::handle(&c.ctx, AdminRequestV1::OtaListWithSchedules { group: None }).await {
+            AdminResponseV1::OtaUpdatesAndSchedules { updates, schedules } => (updates, schedules),
+            other => return admin_error(other),
+        };
+    let groups =
+        match admin::handle(&c.ctx, AdminRequestV1::GroupList(GroupFilter::default())).await {
+            AdminResponseV1::Groups(gs) => gs,
+            other => return admin_error(other),
+        };
+    let mut rollouts = Vec::new();
+    for g in groups.iter().filter(|g| g.status != "gone") {
+        if let AdminResponseV1::GroupRollouts(r) = admin::handle(
+            &c.ctx,
+            AdminRequestV1::GroupRollouts {
+                group: g.name.clone(),
+            },
+        )
+        .await
+        {
+            rollouts.push((g.name.as_str().to_owned(), r));
+        }
+    }
+    html(
+        StatusCode::OK,
+        html::updates_page(&updates, &schedules, &rollouts, &signed.session.form_token),
+    )
+}
+
+async fn css() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("console.css"),
+    )
+        .into_response()
+}
+
+async fn js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        include_str!("console.js"),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests;
