@@ -639,9 +639,10 @@ mod tests {
         let c = parse(&format!("{base}[metrics]\nlisten = \"127.0.0.1:0\"\n")).expect("valid");
         assert_eq!(c.metrics_listen, Some("127.0.0.1:0".parse().expect("addr")));
         // The packaged example, uncommented, is valid.
-        let example = include_str!("../../packaging/agent.toml")
-            .replace("#[metrics]", "[metrics]")
-            .replace("#listen = ", "listen = ");
+        let commented = "#[metrics]\n#listen = \"127.0.0.1:9465\"\n";
+        let text = include_str!("../../packaging/agent.toml");
+        assert!(text.contains(commented), "the example's [metrics] changed");
+        let example = text.replace(commented, &commented.replace('#', ""));
         let c = parse(&example).expect("the example's [metrics]");
         assert_eq!(
             c.metrics_listen,
