@@ -1223,6 +1223,20 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_unacknowledged_event_is_the_first_not_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.oldest_unacked_at(), None);
+        s.append(start("s1")).unwrap();
+        s.append(end("s1")).unwrap();
+        assert_eq!(s.oldest_unacked_at(), Some(UnixMillis(1_000)));
+        s.ack(1).unwrap();
+        assert_eq!(s.oldest_unacked_at(), Some(UnixMillis(2_000)));
+        s.ack(2).unwrap();
+        assert_eq!(s.oldest_unacked_at(), None);
+    }
+
+    #[test]
     fn a_report_that_cannot_be_written_is_refused_and_the_next_one_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
