@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use ferry_broker::pki;
 use ferry_tests::bins::bin;
 use ferry_tests::exposition::{scrape, Exposition};
+use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
     ferryctl_json, fixed_size, publish_payg, run, run_ok, AgentProcess, BrokerFiles, BrokerProcess,
 };
@@ -302,6 +303,32 @@ async fn broker_and_agent_metrics_match_what_happened() -> anyhow::Result<()> {
         ),
         Some(1.0)
     );
+
+    // A host naming a group it is not in is refused at its handshake,
+    // counted by reason.
+    let _stray = AgentProcess::start_configured(
+        &files,
+        "host-2",
+        broker.agent_addr,
+        None,
+        &format!("group = {GROUP:?}\n"),
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let now = Exposition::parse(&scrape(broker_metrics).await?)?;
+        let refused = now.get("ferry_agent_handshakes_total", &[("result", "not_member")]);
+        if refused.is_some_and(|n| n >= 1.0) {
+            let accepted = now.get("ferry_agent_handshakes_total", &[("result", "accepted")]);
+            assert_eq!(accepted, Some(1.0));
+            assert_eq!(now.get("ferry_agents_connected", &[]), Some(1.0));
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no not_member handshake counted: {:?}", now.samples);
+        }
+        tokio::task::yield_now().await;
+    }
 
     // The dashboard asks only for what the daemons export.
     let dashboard = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/grafana/ferry.json");
