@@ -552,10 +552,12 @@ impl Connection {
         ctx.tracker.spawn(read_frames(recv, inbox_tx, reader_token));
 
         let admitted = Self::admit(&conn, &mut send, &mut inbox, &resource, &ctx, &token).await;
-        ctx.store.metrics().handshake(match &admitted {
-            Ok(_) => "accepted",
-            Err(e) => e.handshake_result(),
-        });
+        match &admitted {
+            Ok(Some(_)) => ctx.store.metrics().handshake("accepted"),
+            // Shut down meanwhile: no handshake to count.
+            Ok(None) => {}
+            Err(e) => ctx.store.metrics().handshake(e.handshake_result()),
+        }
         let Some((named, group, spool_id, registered, cert_issued)) = admitted? else {
             return Ok(());
         };
