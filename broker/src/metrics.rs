@@ -14,11 +14,14 @@
 //!   agents, the notification outbox and rollouts from the store. Nothing
 //!   keeps them in step by hand, so they cannot drift.
 //!
-//! The handle is per broker, never process-wide: the daemon builds one
-//! [`BrokerMetrics`] and gives it to the store in `StoreOptions`, and the
-//! parts that count reach it through the `Store` they already hold
-//! (`Store::metrics`). No context struct grows a field for it, and two
-//! brokers in one test process keep their own numbers.
+//! The handle is per broker, never process-wide (explicit, not a global):
+//! a broker opens one `Store`, which carries its [`BrokerMetrics`]
+//! (`StoreOptions::metrics`, a fresh one by default); the store's writer
+//! times its commits there, and the parts that count (actors, the link, the
+//! route service) reach it through the `Store` they already hold
+//! (`Store::metrics`), as the metrics endpoint does. No context struct grows
+//! a field for it, and two brokers in one test process keep their own
+//! numbers.
 //!
 //! Labels are bounded: group names (operator-made), class, state, kind,
 //! reason, result. Never a session, user or resource id.
