@@ -34,6 +34,7 @@ use ferry_common::{GroupName, SessionId};
 use tokio::sync::watch;
 
 use crate::config::HooksConfig;
+use crate::metrics::AgentMetrics;
 use crate::policy::{Applied, PolicyError, PolicyStore, SessionLimits};
 use crate::versions::{UpdateRecord, VersionStore, VersionsError, COMPONENT_AGENT};
 use crate::LinkStatus;
@@ -122,6 +123,8 @@ pub struct CommandContext {
     /// One update at a time: two hooks installing packages at once could
     /// leave either half done.
     pub updates: Arc<tokio::sync::Mutex<()>>,
+    /// Where hook runs are counted.
+    pub metrics: AgentMetrics,
 }
 
 /// Whether the link sends an `Inventory` after this command's answer.
@@ -213,7 +216,9 @@ pub async fn execute(command: Command, ctx: &CommandContext) -> Option<CommandOu
             tracing::info!(%session, %reason, "broker asks to disconnect a session");
             match &hooks.disconnect {
                 None => Err(CommandError::NoHook),
-                Some(argv) => run_disconnect_hook(argv, &session, hooks.timeout).await,
+                Some(argv) => {
+                    run_disconnect_hook(&ctx.metrics, argv, &session, hooks.timeout).await
+                }
             }
         }
         Command::ApplyPolicy {
@@ -244,7 +249,7 @@ pub async fn execute(command: Command, ctx: &CommandContext) -> Option<CommandOu
             message,
             deadline,
         } => match check_len("message", &message) {
-            Ok(()) => run_warn_hook(hooks, &session, &message, deadline).await,
+            Ok(()) => run_warn_hook(&ctx.metrics, hooks, &session, &message, deadline).await,
             Err(e) => Err(e),
         },
     };
@@ -298,6 +303,7 @@ async fn switch_image(ctx: &CommandContext, image: String) -> Result<(), Command
     check_len("image", &image)?;
     tracing::info!(%image, "broker asks to switch the image");
     run_hook_with(
+        &ctx.metrics,
         "image",
         argv,
         Some(&image),
@@ -357,6 +363,7 @@ async fn apply_update(
     tracing::info!(update = record.update, component = %record.component, version = %record.version, "running the update hook");
     let id = record.update.to_string();
     let ran = run_hook_with(
+        &ctx.metrics,
         "update",
         argv,
         None,
@@ -409,6 +416,7 @@ async fn apply_update(
 /// Runs the warn hook: `argv + ["--", session]`, the text in `FERRY_MESSAGE` and
 /// the end time in `FERRY_DEADLINE_MS`.
 pub async fn run_warn_hook(
+    metrics: &AgentMetrics,
     hooks: &HooksConfig,
     session: &SessionId,
     message: &str,
@@ -420,6 +428,7 @@ pub async fn run_warn_hook(
         .ok_or(CommandError::NoHookNamed("warn"))?;
     let deadline = deadline.0.to_string();
     run_hook_with(
+        metrics,
         "warn",
         argv,
         Some(session.as_str()),
@@ -468,7 +477,7 @@ async fn apply_policy(
     tracing::info!(%group, version, file = %policy.path().display(), "policy written");
     if let Some(argv) = &hooks.policy {
         let path = policy.path().to_string_lossy().into_owned();
-        if let Err(e) = run_hook("policy", argv, &path, hooks.timeout).await {
+        if let Err(e) = run_hook(&ctx.metrics, "policy", argv, &path, hooks.timeout).await {
             // Not applied: the previous file goes back (a newer version
             // written meanwhile stays), the limits stay the previous ones,
             // and the broker sends this version again.
@@ -502,23 +511,25 @@ async fn apply_policy(
 /// `timeout`, and fails unless it exits 0. Output is read to its end; its
 /// tail is kept for the error message.
 pub async fn run_disconnect_hook(
+    metrics: &AgentMetrics,
     argv: &[String],
     session: &SessionId,
     timeout: Duration,
 ) -> Result<(), CommandError> {
-    run_hook("disconnect", argv, session.as_str(), timeout).await
+    run_hook(metrics, "disconnect", argv, session.as_str(), timeout).await
 }
 
 /// Runs `argv + ["--", arg]` for the hook named `hook`, kills it (its
 /// process group) after `timeout`, and fails unless it exits 0. Output is
 /// read to its end; its tail is kept for the error message.
 pub async fn run_hook(
+    metrics: &AgentMetrics,
     hook: &'static str,
     argv: &[String],
     arg: &str,
     timeout: Duration,
 ) -> Result<(), CommandError> {
-    run_hook_with(hook, argv, Some(arg), &[], timeout).await
+    run_hook_with(metrics, hook, argv, Some(arg), &[], timeout).await
 }
 
 /// Runs `argv` (+ `--` and `arg`, if any) with `env` added to the agent's
@@ -531,6 +542,27 @@ pub async fn run_hook(
 /// from outside (a session id may begin with `-`), hence the `--` before
 /// it: the hook's option parser takes it as an operand.
 pub async fn run_hook_with(
+    metrics: &AgentMetrics,
+    hook: &'static str,
+    argv: &[String],
+    arg: Option<&str>,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(), CommandError> {
+    let started = std::time::Instant::now();
+    let result = run_hook_once(hook, argv, arg, env, timeout).await;
+    let outcome = match &result {
+        Ok(()) => "ok",
+        Err(CommandError::Timeout { .. }) => "timeout",
+        Err(CommandError::Spawn { .. }) => "spawn",
+        Err(_) => "failed",
+    };
+    metrics.hook_ran(hook, outcome, started.elapsed());
+    result
+}
+
+/// One run of a hook, as [`run_hook_with`] says.
+async fn run_hook_once(
     hook: &'static str,
     argv: &[String],
     arg: Option<&str>,
@@ -659,9 +691,14 @@ mod tests {
         let marker = dir.path().join("out");
         let script = format!("echo \"$*\" > {}", marker.display());
         let argv = vec!["/bin/sh".into(), "-c".into(), script, "hook".into()];
-        run_disconnect_hook(&argv, &sid("sess-9"), Duration::from_secs(10))
-            .await
-            .unwrap();
+        run_disconnect_hook(
+            &AgentMetrics::default(),
+            &argv,
+            &sid("sess-9"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             std::fs::read_to_string(&marker).unwrap().trim(),
             "-- sess-9"
@@ -672,9 +709,14 @@ mod tests {
             "-c".into(),
             "echo no such session >&2; exit 3".into(),
         ];
-        let err = run_disconnect_hook(&failing, &sid("s"), Duration::from_secs(10))
-            .await
-            .unwrap_err();
+        let err = run_disconnect_hook(
+            &AgentMetrics::default(),
+            &failing,
+            &sid("s"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("no such session") && text.contains('3'),
@@ -687,10 +729,15 @@ mod tests {
             "-c".into(),
             "for i in $(seq 1 300); do echo \"line $i\"; done >&2; exit 6".into(),
         ];
-        let text = run_disconnect_hook(&chatty, &sid("s"), Duration::from_secs(10))
-            .await
-            .unwrap_err()
-            .to_string();
+        let text = run_disconnect_hook(
+            &AgentMetrics::default(),
+            &chatty,
+            &sid("s"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(
             text.contains("exit status: 6") && text.ends_with("line 300"),
             "{text}"
@@ -703,7 +750,13 @@ mod tests {
 
         let missing = vec!["/nonexistent/hook".into()];
         assert!(matches!(
-            run_disconnect_hook(&missing, &sid("s"), Duration::from_secs(10)).await,
+            run_disconnect_hook(
+                &AgentMetrics::default(),
+                &missing,
+                &sid("s"),
+                Duration::from_secs(10)
+            )
+            .await,
             Err(CommandError::Spawn { .. })
         ));
     }
@@ -711,9 +764,14 @@ mod tests {
     #[tokio::test]
     async fn a_hung_hook_is_killed_after_the_timeout() {
         let argv = vec!["/bin/sh".into(), "-c".into(), "exec sleep 60".into()];
-        let err = run_disconnect_hook(&argv, &sid("s"), Duration::from_millis(100))
-            .await
-            .unwrap_err();
+        let err = run_disconnect_hook(
+            &AgentMetrics::default(),
+            &argv,
+            &sid("s"),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
     }
 
@@ -730,14 +788,24 @@ mod tests {
     #[tokio::test]
     async fn a_hook_printing_200_kb_runs_to_its_end() {
         // It is not cut off (the pipe closed under it: SIGPIPE)...
-        run_disconnect_hook(&chatty_hook(0), &sid("s"), Duration::from_secs(30))
-            .await
-            .unwrap();
+        run_disconnect_hook(
+            &AgentMetrics::default(),
+            &chatty_hook(0),
+            &sid("s"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
         // ...and a failure reports the end of what it printed.
-        let text = run_disconnect_hook(&chatty_hook(7), &sid("s"), Duration::from_secs(30))
-            .await
-            .unwrap_err()
-            .to_string();
+        let text = run_disconnect_hook(
+            &AgentMetrics::default(),
+            &chatty_hook(7),
+            &sid("s"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(
             text.contains("exit status: 7") && text.ends_with("0001999\nlast 7"),
             "{text}"
@@ -759,9 +827,14 @@ mod tests {
             pid_file.display()
         );
         let argv = vec!["/bin/sh".into(), "-c".into(), script];
-        let err = run_disconnect_hook(&argv, &sid("s"), Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = run_disconnect_hook(
+            &AgentMetrics::default(),
+            &argv,
+            &sid("s"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, CommandError::Timeout { .. }), "{err}");
         assert!(
             err.to_string().ends_with("its last output: waiting"),
@@ -789,9 +862,14 @@ mod tests {
             log = log.display()
         );
         let argv = vec!["/bin/sh".into(), "-c".into(), script, "hook".into()];
-        run_disconnect_hook(&argv, &sid("-n"), Duration::from_secs(10))
-            .await
-            .unwrap();
+        run_disconnect_hook(
+            &AgentMetrics::default(),
+            &argv,
+            &sid("-n"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         assert_eq!(log_lines(&log), ["session -n"]);
     }
 
@@ -805,6 +883,7 @@ mod tests {
             versions: VersionStore::open(dir, "img-1".into(), "1.0.0").unwrap(),
             limits: Arc::new(watch::channel(SessionLimits::default()).0),
             updates: Arc::default(),
+            metrics: AgentMetrics::default(),
         };
         (ctx, rx)
     }

@@ -87,6 +87,9 @@ pub struct AgentConfig {
     /// Where end users' clients reach this host's streaming server
     /// (`streaming_address`), told to the broker after each `Welcome`.
     pub streaming: StreamingEndpoint,
+    /// Where `GET /metrics` is served (`[metrics] listen`; port 0 picks
+    /// one), plain HTTP; `None` (the default): nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `streaming_address` when the file has none: the default port on the
@@ -211,6 +214,14 @@ struct RawConfig {
     /// One-time enrollment token (issue 6): with no certificate at `cert`,
     /// `ferry-agent run` enrolls with it first (see [`crate::enroll`]).
     enroll_token: Option<String>,
+    metrics: RawMetrics,
+}
+
+/// `[metrics]` as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -245,6 +256,7 @@ impl Default for RawConfig {
             hooks: RawHooks::default(),
             streaming_address: None,
             enroll_token: None,
+            metrics: RawMetrics::default(),
         }
     }
 }
@@ -317,6 +329,15 @@ impl RawConfig {
         let policy_file = self
             .policy_file
             .unwrap_or_else(|| self.state_dir.join("policy.json"));
+        let metrics_listen = self.metrics.listen.as_deref().and_then(|text| {
+            text.parse()
+                .map_err(|_| {
+                    problems.push(format!(
+                        "metrics.listen: {text:?} is not an address with a port (e.g. \"127.0.0.1:9465\")"
+                    ))
+                })
+                .ok()
+        });
         match resource {
             Some(resource) if problems.is_empty() => Ok(AgentConfig {
                 resource,
@@ -342,6 +363,7 @@ impl RawConfig {
                     update_timeout,
                 },
                 streaming,
+                metrics_listen,
             }),
             _ => Err(problems),
         }
@@ -611,6 +633,29 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_endpoint_is_off_by_default_and_its_address_is_checked() {
+        let base = "resource = \"host-1\"\nbroker_addr = \"b:7443\"\n";
+        assert_eq!(parse(base).expect("valid").metrics_listen, None);
+        let c = parse(&format!("{base}[metrics]\nlisten = \"127.0.0.1:0\"\n")).expect("valid");
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:0".parse().expect("addr")));
+        // The packaged example, uncommented, is valid.
+        let commented = "#[metrics]\n#listen = \"127.0.0.1:9465\"\n";
+        let text = include_str!("../../packaging/agent.toml");
+        assert!(text.contains(commented), "the example's [metrics] changed");
+        let example = text.replace(commented, &commented.replace('#', ""));
+        let c = parse(&example).expect("the example's [metrics]");
+        assert_eq!(
+            c.metrics_listen,
+            Some("127.0.0.1:9465".parse().expect("addr"))
+        );
+        let err = parse(&format!("{base}[metrics]\nlisten = \"nowhere\"\n")).expect_err("bad");
+        assert!(
+            err.to_string().contains("metrics.listen: \"nowhere\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let c =
             parse("resource = \"host-1\"\nbroker_addr = \"broker.example:7443\"\n").expect("valid");
@@ -766,7 +811,7 @@ mod tests {
                 "broker_nam (line 4): unknown key (known keys here: resource, group, \
                  broker_addr, broker_name, brokers, ca_cert, cert, key, state_dir, \
                  policy_file, local_socket, local_idle_timeout, image_version, hooks, streaming_address, \
-                 enroll_token)",
+                 enroll_token, metrics)",
                 "hooks.timeout (line 7): invalid type: integer `30`, expected a string",
                 "hooks.disconect (line 8): unknown key (known keys here: disconnect, policy, \
                  timeout, image, update, warn, update_timeout)",

@@ -356,6 +356,8 @@ pub struct EnforcerTask {
     pub limits: watch::Receiver<SessionLimits>,
     /// The warn and disconnect hooks.
     pub hooks: HooksConfig,
+    /// Where their runs are counted.
+    pub metrics: crate::metrics::AgentMetrics,
     /// Forgets a session's presence when it is ended.
     pub presence: crate::presence::PresenceBoard,
 }
@@ -377,6 +379,7 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
         spool,
         mut limits,
         hooks,
+        metrics,
         presence,
     } = task;
     let mut core = Enforcer::default();
@@ -385,6 +388,7 @@ pub async fn run(task: EnforcerTask, inputs: EnforcerInputs, shutdown: Cancellat
     let mut jobs = Jobs {
         set: JoinSet::new(),
         hooks,
+        metrics,
         spool: spool.clone(),
         presence,
         ending,
@@ -451,6 +455,7 @@ fn report(core: &mut Enforcer, spool: &SpoolHandle, input: Input) {
 struct Jobs {
     set: JoinSet<JobDone>,
     hooks: HooksConfig,
+    metrics: crate::metrics::AgentMetrics,
     spool: SpoolHandle,
     presence: crate::presence::PresenceBoard,
     /// The sessions being ended by the enforcer, with why.
@@ -481,9 +486,9 @@ impl Jobs {
                         warnings.insert(session, (deadline, message));
                         continue;
                     }
-                    let hooks = self.hooks.clone();
+                    let (hooks, metrics) = (self.hooks.clone(), self.metrics.clone());
                     self.set.spawn(async move {
-                        warn(&hooks, &session, &message, deadline).await;
+                        warn(&metrics, &hooks, &session, &message, deadline).await;
                         JobDone::Warned
                     });
                 }
@@ -506,6 +511,7 @@ impl Jobs {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(session.clone(), reason.clone());
+        let metrics = self.metrics.clone();
         let (hooks, spool, presence, ending) = (
             self.hooks.clone(),
             self.spool.clone(),
@@ -514,9 +520,9 @@ impl Jobs {
         );
         self.set.spawn(async move {
             if let Some((deadline, message)) = warning {
-                warn(&hooks, &session, &message, deadline).await;
+                warn(&metrics, &hooks, &session, &message, deadline).await;
             }
-            let ended = end_session(&hooks, &spool, &session, reason).await;
+            let ended = end_session(&metrics, &hooks, &spool, &session, reason).await;
             ending
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -530,8 +536,14 @@ impl Jobs {
 }
 
 /// Runs the warn hook for `session`, logging the outcome.
-async fn warn(hooks: &HooksConfig, session: &SessionId, message: &str, deadline: UnixMillis) {
-    match crate::commands::run_warn_hook(hooks, session, message, deadline).await {
+async fn warn(
+    metrics: &crate::metrics::AgentMetrics,
+    hooks: &HooksConfig,
+    session: &SessionId,
+    message: &str,
+    deadline: UnixMillis,
+) {
+    match crate::commands::run_warn_hook(metrics, hooks, session, message, deadline).await {
         Ok(()) => {
             tracing::info!(%session, deadline = deadline.0, "session warned of its maximum duration")
         }
@@ -550,6 +562,7 @@ async fn sleep_for(d: Option<Duration>) {
 /// The disconnect hook, then the `Ended` record; `true` when the session is
 /// closed in the spool afterwards (by this record or the host's report).
 async fn end_session(
+    metrics: &crate::metrics::AgentMetrics,
     hooks: &HooksConfig,
     spool: &SpoolHandle,
     session: &SessionId,
@@ -560,7 +573,9 @@ async fn end_session(
         tracing::error!(%session, ?reason, "cannot end the session: no disconnect hook configured ([hooks] disconnect); trying again later");
         return false;
     };
-    if let Err(e) = crate::commands::run_disconnect_hook(argv, session, hooks.timeout).await {
+    if let Err(e) =
+        crate::commands::run_disconnect_hook(metrics, argv, session, hooks.timeout).await
+    {
         tracing::warn!(%session, error = %e, "ending session failed; trying again later");
         // The hook may have ended it anyway (and the host reported it).
         return !is_open(spool, session);

@@ -29,6 +29,7 @@ pub mod enroll;
 pub mod health;
 pub mod link;
 pub mod local;
+pub mod metrics;
 pub mod notify;
 pub mod pam;
 pub mod policy;
@@ -78,6 +79,9 @@ pub struct AgentReady {
     pub local_socket: PathBuf,
     /// The agent's status, updated as it changes.
     pub status: watch::Receiver<LinkStatus>,
+    /// Where `GET /metrics` is served (`[metrics] listen`, with the real
+    /// port), if it is.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Why the agent could not run.
@@ -102,6 +106,11 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Locked(#[from] ferry_process::lock::LockError),
+    #[error("bind metrics endpoint {addr}: {source}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the agent until `shutdown` is cancelled: opens what it keeps on
@@ -138,6 +147,37 @@ pub async fn run(
     let (enforcer, enforcer_inputs) = enforce::channel();
     let listener = local::LocalServer::bind(&config.local_socket)?;
     let local_path = listener.path().to_owned();
+    let metrics = metrics::AgentMetrics::new();
+    let metrics_addr = match config.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let (http, bound) = metrics::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsBind { addr, source })?;
+            let (status, spool) = (status_rx.clone(), spool.clone());
+            let live = move || {
+                let s = status.borrow().clone();
+                let oldest = spool.lock().oldest_unacked_at();
+                metrics::Live {
+                    connected: s.connected,
+                    spooled: s.spooled,
+                    oldest_unacked_age: oldest
+                        .map(|at| {
+                            let age = clock::now().0.saturating_sub(at.0);
+                            std::time::Duration::from_millis(u64::try_from(age).unwrap_or(0))
+                        })
+                        .unwrap_or_default(),
+                }
+            };
+            tracker.spawn(metrics::serve(
+                http,
+                metrics.clone(),
+                live,
+                shutdown.child_token(),
+            ));
+            Some(bound)
+        }
+    };
 
     tracker.spawn(listener.serve(
         local::ServerState {
@@ -148,6 +188,7 @@ pub async fn run(
             presence: presence.clone(),
             enforcer,
             idle_timeout: config.local_idle_timeout,
+            metrics: metrics.clone(),
         },
         shutdown.child_token(),
         tracker.clone(),
@@ -157,6 +198,7 @@ pub async fn run(
             spool: spool.clone(),
             limits: limits.subscribe(),
             hooks: config.hooks.clone(),
+            metrics: metrics.clone(),
             presence: presence.clone(),
         },
         enforcer_inputs,
@@ -178,18 +220,20 @@ pub async fn run(
         tasks: tracker.clone(),
         renew: std::sync::Mutex::default(),
         targets: std::sync::Mutex::default(),
+        metrics,
     };
     tracker.spawn(link.run(shutdown.child_token()));
     let notifier = notify::Notifier::from_env();
-    notifier.ready();
+    notifier.ready(metrics_addr);
     tracker.spawn(notifier.clone().watchdog(shutdown.child_token()));
 
     // The receiver may be gone (a caller that does not wait); the agent runs anyway.
     let _ = ready.send(AgentReady {
         local_socket: local_path.clone(),
         status: status_rx,
+        metrics_addr,
     });
-    tracing::info!(socket = %local_path.display(), "agent ready");
+    tracing::info!(socket = %local_path.display(), metrics = ?metrics_addr, "agent ready");
 
     shutdown.cancelled().await;
     drain_tasks(&notifier, &tracker, &local_path).await;

@@ -170,6 +170,8 @@ pub struct Link {
     pub renew: Mutex<crate::renew::RenewState>,
     /// Which broker the next connection goes to.
     pub targets: Mutex<Targets>,
+    /// Where reconnects and hook runs are counted.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// Most redirects followed in a row; past them the agent backs off as after
@@ -648,6 +650,7 @@ impl Link {
             s.connected = true;
             s.last_error = failure;
         });
+        self.metrics.link_established();
         Ok(())
     }
 
@@ -833,6 +836,7 @@ impl Link {
             versions: self.versions.clone(),
             limits: self.limits.clone(),
             updates: self.updates.clone(),
+            metrics: self.metrics.clone(),
         };
         let drain_command = matches!(
             command,

@@ -246,6 +246,8 @@ pub struct ServerState {
     /// How long a connection may be silent, stall in a request or leave its
     /// answer unread ([`DEFAULT_IDLE_TIMEOUT`] unless configured).
     pub idle_timeout: Duration,
+    /// Where tickets verified and refused are counted.
+    pub metrics: crate::metrics::AgentMetrics,
 }
 
 /// Who is on the other end of a local connection (`SO_PEERCRED`).
@@ -439,7 +441,7 @@ async fn handle(
         }
         Request::SessionActive { session } => idleness(state, session, None).await,
         Request::Status => Response::Status(status_reply(state)),
-        Request::VerifyTicket { ticket } => verify_ticket(&state.tickets, ticket).await,
+        Request::VerifyTicket { ticket } => verify_ticket(state, ticket).await,
         Request::WaitAcked { seq, timeout_ms } => {
             wait_acked(state, seq, wait_limit(timeout_ms), shutdown).await
         }
@@ -495,8 +497,14 @@ async fn check_start(
                 .verify_for_start(ticket, now(), session.clone(), user.clone())
                 .await
             {
-                Ok(_) => None,
-                Err(e) => Some(ticket_refusal(e)),
+                Ok(_) => {
+                    state.metrics.ticket(Ok(()));
+                    None
+                }
+                Err(e) => {
+                    state.metrics.ticket(Err(e.code()));
+                    Some(ticket_refusal(e))
+                }
             }
         }
     }
@@ -687,8 +695,12 @@ fn presence(
     }
 }
 
-async fn verify_ticket(tickets: &TicketVerifier, ticket: String) -> Response {
-    match tickets.verify(ticket, now()).await {
+async fn verify_ticket(state: &ServerState, ticket: String) -> Response {
+    let verified = state.tickets.verify(ticket, now()).await;
+    state
+        .metrics
+        .ticket(verified.as_ref().map(|_| ()).map_err(|e| e.code()));
+    match verified {
         Ok(c) => Response::TicketValid(TicketInfo {
             ticket_id: c.ticket_id_hex(),
             group: c.group,
@@ -985,6 +997,7 @@ mod tests {
                 presence: crate::presence::PresenceBoard::default(),
                 enforcer: enforcer.clone(),
                 idle_timeout,
+                metrics: crate::metrics::AgentMetrics::default(),
             },
             shutdown.clone(),
             tracker.clone(),

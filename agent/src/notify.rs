@@ -10,6 +10,10 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+/// Prefix of the `STATUS=` line sent with `READY=1` when metrics are
+/// served; the bound address follows it.
+pub const READY_STATUS_METRICS: &str = "metrics on ";
+
 /// Sends the agent's state to systemd.
 #[derive(Clone, Debug)]
 pub struct Notifier {
@@ -33,9 +37,17 @@ impl Notifier {
         }
     }
 
-    /// The local socket is bound and the spool open.
-    pub fn ready(&self) {
-        self.send(&[NotifyState::Ready]);
+    /// The local socket is bound and the spool open; with the metrics
+    /// endpoint's address after [`READY_STATUS_METRICS`] when it is served
+    /// (a supervisor or a test that asked for port 0 learns the port).
+    pub fn ready(&self, metrics: Option<std::net::SocketAddr>) {
+        match metrics {
+            None => self.send(&[NotifyState::Ready]),
+            Some(addr) => {
+                let status = format!("{READY_STATUS_METRICS}{addr}");
+                self.send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+            }
+        }
     }
 
     /// Shutdown started.

@@ -940,6 +940,13 @@ impl Spool {
             .collect()
     }
 
+    /// The stamp of the oldest event not acknowledged, if there is one.
+    pub fn oldest_unacked_at(&self) -> Option<UnixMillis> {
+        self.unacked.front().map(|(ev, _)| match &ev.event {
+            SessionEvent::Started { at, .. } | SessionEvent::Ended { at, .. } => *at,
+        })
+    }
+
     /// The sessions open on the host, for `Hello`.
     pub fn open_sessions(&self) -> Vec<OpenSession> {
         self.open.values().cloned().collect()
@@ -1213,6 +1220,20 @@ mod tests {
             .write(true)
             .open(&s.path)
             .unwrap();
+    }
+
+    #[test]
+    fn the_oldest_unacknowledged_event_is_the_first_not_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), SpoolOptions::default()).unwrap();
+        assert_eq!(s.oldest_unacked_at(), None);
+        s.append(start("s1")).unwrap();
+        s.append(end("s1")).unwrap();
+        assert_eq!(s.oldest_unacked_at(), Some(UnixMillis(1_000)));
+        s.ack(1).unwrap();
+        assert_eq!(s.oldest_unacked_at(), Some(UnixMillis(2_000)));
+        s.ack(2).unwrap();
+        assert_eq!(s.oldest_unacked_at(), None);
     }
 
     #[test]

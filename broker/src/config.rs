@@ -67,8 +67,48 @@ pub struct BrokerConfig {
     /// Where the broker keeps its records (`[store]`), and with which other
     /// brokers (`[cluster]`).
     pub store: StoreConfig,
+    /// The Prometheus endpoint (`[metrics]`).
+    pub metrics: MetricsConfig,
     /// The web console (`[console]`); `None`: off (the default).
     pub console: Option<ConsoleConfig>,
+}
+
+/// `[metrics]`: where `GET /metrics` is served, if anywhere.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    /// TCP address of the endpoint (port 0 picks one); `None` (the
+    /// default): no endpoint.
+    pub listen: Option<SocketAddr>,
+    /// Served over TLS with the broker's certificate (`pki_dir`'s
+    /// `broker.pem` and `broker-key.pem`); plain HTTP otherwise.
+    pub tls: bool,
+}
+
+/// `[metrics]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    tls: bool,
+}
+
+fn metrics_of(raw: &RawMetrics, errors: &mut Vec<String>) -> MetricsConfig {
+    let listen = raw.listen.as_deref().and_then(|text| match text.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.push(format!(
+                "metrics.listen: {text:?} is not an address with a port (e.g. \"127.0.0.1:9464\")"
+            ));
+            None
+        }
+    });
+    if raw.tls && raw.listen.is_none() {
+        errors.push("metrics.tls: set metrics.listen too (tls applies to that endpoint)".into());
+    }
+    MetricsConfig {
+        listen,
+        tls: raw.tls,
+    }
 }
 
 /// `[console]`: the web console the broker serves.
@@ -616,6 +656,7 @@ struct RawConfig {
     routing: RawRouting,
     store: RawStore,
     cluster: RawCluster,
+    metrics: RawMetrics,
     console: RawConsole,
 }
 
@@ -648,6 +689,7 @@ impl Default for RawConfig {
             routing: RawRouting::default(),
             store: RawStore::default(),
             cluster: RawCluster::default(),
+            metrics: RawMetrics::default(),
             console: RawConsole::default(),
         }
     }
@@ -718,6 +760,7 @@ impl BrokerConfig {
         let missed_health_limit = missed_health_limit_of(raw.missed_health_limit, errors);
         let routing = routing_of(&raw.routing, errors);
         let store = store_of(&raw.store, &raw.cluster, errors);
+        let metrics = metrics_of(&raw.metrics, errors);
         let console = console_of(&raw.console, errors);
         BrokerConfig {
             state_dir: raw.state_dir,
@@ -759,6 +802,7 @@ impl BrokerConfig {
             },
             endpoint: EndpointLimits::default(),
             store,
+            metrics,
             console,
         }
     }
@@ -1551,6 +1595,34 @@ mod tests {
             .expect_err("unknown")
             .to_string();
         assert!(err.contains("not one of configured, provisioned"), "{err}");
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_off_by_default_and_its_address_is_checked() {
+        let c = BrokerConfig::from_toml("").expect("defaults");
+        assert_eq!(c.metrics, MetricsConfig::default());
+        let c = BrokerConfig::from_toml("[metrics]\nlisten = \"127.0.0.1:0\"\ntls = true\n")
+            .expect("valid");
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:0".parse().expect("addr")));
+        assert!(c.metrics.tls);
+        let e = BrokerConfig::from_toml("[metrics]\nlisten = \"nowhere\"\n")
+            .expect_err("bad address")
+            .to_string();
+        assert!(e.contains("metrics.listen: \"nowhere\""), "{e}");
+        // The packaged example, uncommented, is valid.
+        let commented = "#[metrics]\n#listen = \"127.0.0.1:9464\"\n#tls = false\n";
+        let text = include_str!("../../packaging/broker.toml");
+        assert!(text.contains(commented), "the example's [metrics] changed");
+        let example = text.replace(commented, &commented.replace('#', ""));
+        let c = BrokerConfig::from_toml(&example).expect("the example's [metrics]");
+        assert_eq!(
+            c.metrics.listen,
+            Some("127.0.0.1:9464".parse().expect("addr"))
+        );
+        let e = BrokerConfig::from_toml("[metrics]\ntls = true\n")
+            .expect_err("tls without listen")
+            .to_string();
+        assert!(e.contains("metrics.tls:"), "{e}");
     }
 
     #[test]

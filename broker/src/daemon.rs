@@ -47,6 +47,9 @@ pub struct BrokerReady {
     pub agent_addr: SocketAddr,
     /// The admin socket path.
     pub admin_socket: PathBuf,
+    /// Where `GET /metrics` is served (`[metrics] listen`, with the real
+    /// port), if it is.
+    pub metrics_addr: Option<SocketAddr>,
     /// Where the web console listens; `None` when it is off.
     pub console_addr: Option<SocketAddr>,
 }
@@ -84,6 +87,13 @@ pub enum BrokerError {
     },
     #[error("admin socket: {0}")]
     Admin(#[from] AdminSocketError),
+    #[error("bind metrics endpoint {addr}: {error}")]
+    MetricsBind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("metrics endpoint TLS ([metrics] tls): {0}")]
+    MetricsTls(PkiError),
     #[error("load delivery groups: {0}")]
     Groups(ActorError),
     #[error("provisioner: {0}")]
@@ -117,7 +127,7 @@ pub async fn run(
     };
     let tracker = TaskTracker::new();
     let tasks = shutdown.child_token();
-    let (endpoint, agent_addr, console_addr) =
+    let (endpoint, agent_addr, (metrics_addr, console_addr)) =
         match start(&config, keys, &store, &tracker, &tasks).await {
             Ok(started) => started,
             Err(e) => {
@@ -128,13 +138,15 @@ pub async fn run(
     if let Some(period) = notify::watchdog_period() {
         tracker.spawn(notify::watchdog(period, tasks.clone()));
     }
-    tracing::info!(%agent_addr, admin_socket = %config.admin_socket.display(), "broker ready");
+    tracing::info!(%agent_addr, admin_socket = %config.admin_socket.display(),
+        metrics = ?metrics_addr, "broker ready");
     let _ = ready.send(BrokerReady {
         agent_addr,
         admin_socket: config.admin_socket.clone(),
+        metrics_addr,
         console_addr,
     });
-    notify::ready(agent_addr);
+    notify::ready(agent_addr, metrics_addr);
 
     shutdown.cancelled().await;
     notify::stopping();
@@ -231,17 +243,21 @@ impl Keys {
     }
 }
 
-/// Binds the QUIC endpoint, the admin socket and the console, builds the
-/// broker's parts once ([`Broker::build`]) and starts its services; returns
-/// the endpoint, the address agents connect to and the console's. On an
-/// error nothing keeps running.
+/// Where the metrics endpoint and the console listen, when they are on.
+type WebAddrs = (Option<SocketAddr>, Option<SocketAddr>);
+
+/// Binds the QUIC endpoint, the admin socket, the metrics endpoint and the
+/// console, builds the broker's parts once ([`Broker::build`]) and starts
+/// its services; returns the endpoint, the address agents connect to and
+/// the metrics endpoint's and the console's. On an error nothing keeps
+/// running.
 async fn start(
     config: &BrokerConfig,
     keys: Keys,
     store: &Store,
     tracker: &TaskTracker,
     tasks: &CancellationToken,
-) -> Result<(quinn::Endpoint, SocketAddr, Option<SocketAddr>), BrokerError> {
+) -> Result<(quinn::Endpoint, SocketAddr, WebAddrs), BrokerError> {
     let bind_err = |error| BrokerError::Bind {
         addr: config.listen,
         error,
@@ -263,24 +279,50 @@ async fn start(
             .map_err(AdminSocketError::from)?;
         let listener = admin::bind(&config.admin_socket)?;
         admin::set_group(&config.admin_socket, &access)?;
+        let metrics = bind_metrics(config).await?;
+        let metrics_addr = metrics.as_ref().map(|server| server.addr());
         let console = match &config.console {
             Some(c) => Some(crate::console::Bound::bind(c, &config.pki_dir).await?),
             None => None,
         };
         let console_addr = console.as_ref().map(crate::console::Bound::addr);
         let broker = Broker::build(config, &keys, store, agent_addr, tracker, tasks).await?;
-        broker.serve(config, keys, endpoint.clone(), (listener, access), console);
-        Ok((agent_addr, console_addr))
+        broker.serve(
+            config,
+            keys,
+            endpoint.clone(),
+            (listener, access),
+            (metrics, console),
+        );
+        Ok((agent_addr, (metrics_addr, console_addr)))
     }
     .await;
     match started {
-        Ok((agent_addr, console_addr)) => Ok((endpoint, agent_addr, console_addr)),
+        Ok((agent_addr, web)) => Ok((endpoint, agent_addr, web)),
         Err(e) => {
             tasks.cancel();
             endpoint.close(0u32.into(), b"startup failed");
             Err(e)
         }
     }
+}
+
+/// The `[metrics]` endpoint, bound (with its TLS configuration read) when
+/// one is configured.
+async fn bind_metrics(
+    config: &BrokerConfig,
+) -> Result<Option<crate::metrics::MetricsServer>, BrokerError> {
+    let Some(addr) = config.metrics.listen else {
+        return Ok(None);
+    };
+    let tls = match config.metrics.tls {
+        true => Some(crate::metrics::tls_config(&config.pki_dir).map_err(BrokerError::MetricsTls)?),
+        false => None,
+    };
+    crate::metrics::MetricsServer::bind(addr, tls)
+        .await
+        .map(Some)
+        .map_err(|error| BrokerError::MetricsBind { addr, error })
 }
 
 /// The broker's parts, built once and handed to its services: ownership
@@ -367,15 +409,18 @@ impl Broker {
     }
 
     /// Starts the services: on the endpoint the agent link, enrollment and
-    /// routing; the admin socket; the web console when it is on; the
-    /// delivery of activation notifications.
+    /// routing; the admin socket; the metrics endpoint and the web console
+    /// when they are on; the delivery of activation notifications.
     fn serve(
         self,
         config: &BrokerConfig,
         keys: Keys,
         endpoint: quinn::Endpoint,
         (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
-        console: Option<crate::console::Bound>,
+        (metrics, console): (
+            Option<crate::metrics::MetricsServer>,
+            Option<crate::console::Bound>,
+        ),
     ) {
         let (tracker, tasks) = (&self.tracker, &self.tasks);
         // Brokers sharing a store forward to each other the operator's
@@ -464,6 +509,19 @@ impl Broker {
             tasks.clone(),
             tracker.clone(),
         ));
+        if let Some(server) = metrics {
+            // Gauges are read from the live state at each scrape.
+            let (actors, registry, store) = (
+                self.groups.actors().clone(),
+                self.registry.clone(),
+                self.store.clone(),
+            );
+            let live = move || {
+                let (actors, registry, store) = (actors.clone(), registry.clone(), store.clone());
+                async move { crate::metrics::read_live(&actors, &registry, &store).await }
+            };
+            tracker.spawn(server.serve(self.store.metrics().clone(), live, tasks.clone()));
+        }
     }
 }
 

@@ -363,6 +363,7 @@ async fn run_in(
         },
         endpoint: Default::default(),
         store: Default::default(),
+        metrics: Default::default(),
         // The console on loopback: its sign-in link is printed below.
         console: Some(crate::config::ConsoleConfig {
             listen: (std::net::Ipv4Addr::LOCALHOST, 0).into(),

@@ -19,6 +19,7 @@ pub mod link;
 #[cfg(test)]
 mod link_tests;
 pub mod listing;
+pub mod metrics;
 pub mod notify;
 pub mod ota;
 pub mod peer;

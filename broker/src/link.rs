@@ -199,6 +199,39 @@ async fn handle(
     })
 }
 
+/// What a handshake gives the connection: the group `Hello` named, the
+/// host's group, its spool, what the store recorded, the certificate's
+/// issue time.
+type Admitted = (
+    Option<GroupName>,
+    Option<GroupName>,
+    u64,
+    crate::store::Registered,
+    UnixMillis,
+);
+
+impl LinkError {
+    /// A handshake's result as a metrics label.
+    fn handshake_result(&self) -> &'static str {
+        match self {
+            LinkError::Refused { code, .. } => match code {
+                RefusalCode::ProtocolViolation => "protocol_violation",
+                RefusalCode::IdentityMismatch => "identity_mismatch",
+                RefusalCode::MalformedFrame => "malformed_frame",
+                RefusalCode::SequenceGap => "sequence_gap",
+                RefusalCode::Superseded => "superseded",
+                RefusalCode::StoreUnavailable => "store_unavailable",
+                RefusalCode::ShuttingDown => "shutting_down",
+                RefusalCode::NotMember => "not_member",
+                RefusalCode::Revoked => "revoked",
+                RefusalCode::NotOwner => "not_owner",
+            },
+            LinkError::BadPreamble | LinkError::UnsupportedVersion(_) => "bad_preamble",
+            _ => "failed",
+        }
+    }
+}
+
 /// What the connection task waits for.
 enum Wake {
     Shutdown,
@@ -518,63 +551,16 @@ impl Connection {
         let _reader_guard = reader_token.clone().drop_guard();
         ctx.tracker.spawn(read_frames(recv, inbox_tx, reader_token));
 
-        let Some(hello) = hello(&conn, &mut send, &mut inbox, &resource, &token).await? else {
+        let admitted = Self::admit(&conn, &mut send, &mut inbox, &resource, &ctx, &token).await;
+        match &admitted {
+            Ok(Some(_)) => ctx.store.metrics().handshake("accepted"),
+            // Shut down meanwhile: no handshake to count.
+            Ok(None) => {}
+            Err(e) => ctx.store.metrics().handshake(e.handshake_result()),
+        }
+        let Some((named, group, spool_id, registered, cert_issued)) = admitted? else {
             return Ok(());
         };
-        let cert_issued = check_revocation(&conn, &mut send, &resource, &ctx).await?;
-
-        let named = hello.group.clone();
-        let group = match member_group(&ctx, &resource, named.as_ref()).await {
-            Ok(group) => group,
-            Err((code, message)) => {
-                return Err(refuse(&conn, &mut send, &resource, code, message).await)
-            }
-        };
-        if let Some(g) = &group {
-            match ctx.ownership.locate(&ctx.store, g).await {
-                Owner::Here => {}
-                Owner::At(address) => {
-                    return Err(redirect(&conn, &mut send, &resource, g, address).await)
-                }
-                Owner::Nobody => {
-                    let message = format!(
-                        "no broker owns group {g} right now (a broker is taking it over): \
-                         reconnect shortly"
-                    );
-                    return Err(refuse(
-                        &conn,
-                        &mut send,
-                        &resource,
-                        RefusalCode::NotOwner,
-                        message,
-                    )
-                    .await);
-                }
-            }
-        }
-        let spool_id = hello.spool_id;
-        let registered = match ctx
-            .store
-            .register(registration(hello, group.clone(), ctx.clock.now()))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(refuse(
-                    &conn,
-                    &mut send,
-                    &resource,
-                    RefusalCode::StoreUnavailable,
-                    format!("record registration: {e}"),
-                )
-                .await)
-            }
-        };
-        if !registered.ended.is_empty() {
-            tracing::info!(%resource, ended = ?registered.ended,
-                "ended sessions the host no longer has");
-        }
-
         let last_heard = ctx.clock.now();
         let mut this = Connection {
             conn,
@@ -611,6 +597,66 @@ impl Connection {
             .await;
         this.leave().await;
         result
+    }
+
+    /// The handshake after the preamble: `Hello`, the certificate's floor,
+    /// membership, ownership and the registration recorded. `None`: shut
+    /// down meanwhile.
+    async fn admit(
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        inbox: &mut mpsc::Receiver<Result<AgentMessage, FrameError>>,
+        resource: &ResourceId,
+        ctx: &LinkContext,
+        token: &CancellationToken,
+    ) -> Result<Option<Admitted>, LinkError> {
+        let Some(hello) = hello(conn, send, inbox, resource, token).await? else {
+            return Ok(None);
+        };
+        let cert_issued = check_revocation(conn, send, resource, ctx).await?;
+
+        let named = hello.group.clone();
+        let group = match member_group(ctx, resource, named.as_ref()).await {
+            Ok(group) => group,
+            Err((code, message)) => return Err(refuse(conn, send, resource, code, message).await),
+        };
+        if let Some(g) = &group {
+            match ctx.ownership.locate(&ctx.store, g).await {
+                Owner::Here => {}
+                Owner::At(address) => return Err(redirect(conn, send, resource, g, address).await),
+                Owner::Nobody => {
+                    let message = format!(
+                        "no broker owns group {g} right now (a broker is taking it over): \
+                         reconnect shortly"
+                    );
+                    return Err(refuse(conn, send, resource, RefusalCode::NotOwner, message).await);
+                }
+            }
+        }
+        let spool_id = hello.spool_id;
+        let registered = match ctx
+            .store
+            .register(registration(hello, group.clone(), ctx.clock.now()))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(refuse(
+                    conn,
+                    send,
+                    resource,
+                    RefusalCode::StoreUnavailable,
+                    format!("record registration: {e}"),
+                )
+                .await)
+            }
+        };
+        if !registered.ended.is_empty() {
+            tracing::info!(%resource, ended = ?registered.ended,
+                "ended sessions the host no longer has");
+        }
+
+        Ok(Some((named, group, spool_id, registered, cert_issued)))
     }
 
     /// Makes this connection the one that speaks for its resource in the
@@ -1093,6 +1139,10 @@ impl Connection {
                     .await)
             }
         };
+        self.ctx
+            .store
+            .metrics()
+            .events_recorded(out.recorded as u64);
         tracing::debug!(resource = %self.resource, last_seq = out.last_seq,
             recorded = out.recorded, duplicates = out.duplicates, "events recorded");
         for seq in &out.refused {

@@ -658,6 +658,7 @@ async fn the_daemon_binds_reports_ready_serves_admin_and_drains() {
         groups: Default::default(),
         endpoint: Default::default(),
         store: Default::default(),
+        metrics: Default::default(),
         console: None,
     };
     let shutdown = CancellationToken::new();

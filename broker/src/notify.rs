@@ -25,10 +25,17 @@ fn send_all(states: &[NotifyState<'_>]) {
     }
 }
 
-/// Tells systemd the broker is ready (listeners bound) and where agents
-/// connect, in one datagram.
-pub fn ready(agent_addr: std::net::SocketAddr) {
-    let status = format!("{READY_STATUS_PREFIX}{agent_addr}");
+/// Separates the metrics address from the agent address in the `STATUS=`
+/// line, when a metrics endpoint is served.
+pub const READY_STATUS_METRICS: &str = "; metrics on ";
+
+/// Tells systemd the broker is ready (listeners bound), where agents
+/// connect and where metrics are served, in one datagram.
+pub fn ready(agent_addr: std::net::SocketAddr, metrics_addr: Option<std::net::SocketAddr>) {
+    let mut status = format!("{READY_STATUS_PREFIX}{agent_addr}");
+    if let Some(addr) = metrics_addr {
+        status.push_str(&format!("{READY_STATUS_METRICS}{addr}"));
+    }
     send_all(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 

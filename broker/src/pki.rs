@@ -404,11 +404,11 @@ pub fn issue_from_csr(
     sign_agent(&ca, resource, &csr.public_key, validity)
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| PkiError::BadPem {
@@ -424,7 +424,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError> {
     Ok(certs)
 }
 
-fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PkiError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| PkiError::BadPem {
         path: path.to_path_buf(),
         message: e.to_string(),

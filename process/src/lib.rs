@@ -5,6 +5,9 @@
 //!   write the same spool or database;
 //! * [`output`]: a log and output writer that never panics and never blocks
 //!   the process (a closed or full stderr pipe loses lines, not the daemon);
+//! * [`journal`]: under systemd, log entries with their fields (group,
+//!   resource, session, ...) to the journal through the same kind of
+//!   writer, on a non-blocking socket;
 //! * [`files`]: files replaced whole (temporary, fsync, rename) with an
 //!   explicit mode, never written through a planted symlink;
 //! * [`exit`]: the exit codes both daemons use, named once;
@@ -27,6 +30,7 @@ pub mod config_check;
 pub mod exit;
 pub mod files;
 pub mod http;
+pub mod journal;
 pub mod lock;
 pub mod output;
 #[cfg(feature = "pg-cluster")]

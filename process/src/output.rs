@@ -207,18 +207,51 @@ impl<'a> MakeWriter<'a> for Output {
 
 /// Sets up a daemon's or CLI's logging: `tracing` events at `default_level`
 /// (or `RUST_LOG`) to stderr through an [`Output`], with colours only on a
-/// terminal. Returns the output, which also carries the process's own
-/// messages (its final error) and is flushed at exit.
+/// terminal; or, under systemd (see [`crate::journal::choose`]), to the
+/// journal as entries with their fields, through an output of their own.
+/// If the journal's socket cannot be opened, logs go to stderr and the
+/// first line says why. Returns the stderr output, which also carries the
+/// process's own messages (its final error) and is flushed at exit.
 pub fn init_logging(default_level: &str) -> Output {
+    use crate::journal::{self, JournalLayer, JournalSink, LogTarget};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let out = Output::spawn(Stream::Stderr);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let env = journal::LogEnv::current();
+    let (journal, failed) = match journal::choose(&env) {
+        LogTarget::Stderr => (None, None),
+        LogTarget::Journal => match JournalSink::open(&env.socket) {
+            Ok(sink) => {
+                let identifier = std::env::args_os()
+                    .next()
+                    .as_ref()
+                    .and_then(|p| std::path::Path::new(p).file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "ferry".into());
+                let entries = Output::with_sink(Box::new(sink), QUEUE_LINES);
+                (Some(JournalLayer::new(entries, identifier)), None)
+            }
+            Err(e) => (None, Some(e)),
+        },
+    };
+    let stderr = journal.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(Stream::Stderr.wants_color())
+            .with_writer(out.clone())
+    });
     // A second initialisation (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(Stream::Stderr.wants_color())
-        .with_writer(out.clone())
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(journal)
+        .with(stderr)
         .try_init();
+    if let Some(e) = failed {
+        tracing::warn!(socket = %env.socket.display(), error = %e,
+            "the journal cannot be written to; logging to stderr");
+    }
     out
 }
 

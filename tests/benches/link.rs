@@ -1311,6 +1311,7 @@ async fn store_rep(path: &Path, max_batch: usize, writers_n: usize, plan: &Plan)
         StoreOptions {
             max_batch,
             queue_len: WRITE_QUEUE_LEN,
+            ..StoreOptions::default()
         },
     )?;
     let start = Instant::now();

@@ -103,6 +103,8 @@ pub struct TestBroker {
     config: BrokerConfig,
     /// Where agents connect (the port the OS gave the first start).
     agent_addr: SocketAddr,
+    /// Where metrics are served, if `[metrics] listen` is set.
+    metrics_addr: Option<SocketAddr>,
     /// Root of the current run's shutdown tree.
     shutdown: CancellationToken,
     /// The running `daemon::run`, `None` while stopped.
@@ -159,12 +161,14 @@ impl TestBroker {
             groups,
             endpoint: Default::default(),
             store: Default::default(),
+            metrics: Default::default(),
             console: None,
         };
         tune(&mut config);
         let mut broker = TestBroker {
             dir: dir.to_owned(),
             agent_addr: config.listen,
+            metrics_addr: None,
             config,
             shutdown: CancellationToken::new(),
             task: None,
@@ -193,6 +197,7 @@ impl TestBroker {
             return Err(anyhow!("broker exited before it was ready: {outcome:?}"));
         };
         self.agent_addr = ready.agent_addr;
+        self.metrics_addr = ready.metrics_addr;
         // Later starts bind the same port: agents keep their broker_addr.
         self.config.listen = ready.agent_addr;
         self.shutdown = shutdown;
@@ -223,6 +228,11 @@ impl TestBroker {
     /// Where agents connect.
     pub fn agent_addr(&self) -> SocketAddr {
         self.agent_addr
+    }
+
+    /// Where metrics are served (`[metrics] listen`), once started.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The admin socket path.
@@ -318,6 +328,7 @@ impl TestBroker {
             local_idle_timeout: ferry_agent::local::DEFAULT_IDLE_TIMEOUT,
             image_version: "test-image".into(),
             hooks: HooksConfig::default(),
+            metrics_listen: None,
             streaming: ferry_agent::config::default_streaming(),
         })
     }

@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod bins;
 pub mod cluster;
+pub mod exposition;
 pub mod fuzz;
 pub mod harness;
 pub mod lossy;

@@ -478,6 +478,8 @@ pub struct BrokerProcess {
     pub notify: FakeNotifySocket,
     /// Where agents connect, from the READY notification's STATUS line.
     pub agent_addr: SocketAddr,
+    /// Where metrics are served (`[metrics] listen`), from the same line.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl BrokerProcess {
@@ -521,11 +523,13 @@ impl BrokerProcess {
             Err(e) => bail!("{e:#}\n----- broker log -----\n{}", daemon.log()),
         };
         let agent_addr = ready_addr(&lines)?;
+        let metrics_addr = ready_metrics_addr(&lines)?;
         Ok((
             BrokerProcess {
                 daemon,
                 notify,
                 agent_addr,
+                metrics_addr,
             },
             pipe,
         ))
@@ -533,13 +537,14 @@ impl BrokerProcess {
 }
 
 /// Spawns `ferry-agent --config CONFIG run` for `resource` (its log next to
-/// the config) and waits for its READY=1 on `notify`.
+/// the config) and waits for its READY=1 on `notify`; returns the metrics
+/// address its READY status named, if any.
 fn spawn_agent(
     resource: &str,
     config: &Path,
     notify: &FakeNotifySocket,
     launch: &Launch,
-) -> anyhow::Result<(Daemon, Option<ChildStderr>)> {
+) -> anyhow::Result<(Daemon, Option<ChildStderr>, Option<SocketAddr>)> {
     let log = config.with_file_name("agent.log");
     let mut cmd = Command::new(bin("ferry-agent"));
     cmd.arg("--config")
@@ -547,23 +552,61 @@ fn spawn_agent(
         .arg("run")
         .env("NOTIFY_SOCKET", notify.path());
     let (daemon, pipe) = Daemon::launch(&format!("ferry-agent {resource}"), cmd, &log, launch)?;
-    if let Err(e) = wait_notify(notify, "READY=1", PATIENCE) {
-        bail!("{e:#}\n----- agent log -----\n{}", daemon.log());
-    }
-    Ok((daemon, pipe))
+    let lines = match wait_notify(notify, "READY=1", PATIENCE) {
+        Ok(lines) => lines,
+        Err(e) => bail!("{e:#}\n----- agent log -----\n{}", daemon.log()),
+    };
+    let metrics = agent_metrics_addr(&lines)?;
+    Ok((daemon, pipe, metrics))
+}
+
+/// The metrics address in an agent's READY notification, if it serves
+/// metrics.
+pub fn agent_metrics_addr(lines: &[String]) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(status) = lines.iter().find_map(|l| l.strip_prefix("STATUS=")) else {
+        return Ok(None);
+    };
+    let addr = status
+        .strip_prefix(ferry_agent::notify::READY_STATUS_METRICS)
+        .ok_or_else(|| anyhow!("unexpected STATUS {status:?}"))?;
+    Ok(Some(addr.parse().with_context(|| {
+        format!("metrics address in STATUS {status:?}")
+    })?))
 }
 
 /// The agent address in the broker's READY notification.
 pub fn ready_addr(lines: &[String]) -> anyhow::Result<SocketAddr> {
-    let status = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("STATUS="))
-        .ok_or_else(|| anyhow!("no STATUS= line in {lines:?}"))?;
-    let addr = status
+    let status = ready_status(lines)?;
+    let rest = status
         .strip_prefix(ferry_broker::notify::READY_STATUS_PREFIX)
         .ok_or_else(|| anyhow!("unexpected STATUS {status:?}"))?;
+    let addr = match rest.split_once(ferry_broker::notify::READY_STATUS_METRICS) {
+        Some((agents, _)) => agents,
+        None => rest,
+    };
     addr.parse()
         .with_context(|| format!("agent address in STATUS {status:?}"))
+}
+
+/// The metrics address in the broker's READY notification, if it serves
+/// metrics.
+pub fn ready_metrics_addr(lines: &[String]) -> anyhow::Result<Option<SocketAddr>> {
+    let status = ready_status(lines)?;
+    match status.split_once(ferry_broker::notify::READY_STATUS_METRICS) {
+        None => Ok(None),
+        Some((_, addr)) => {
+            Ok(Some(addr.parse().with_context(|| {
+                format!("metrics address in STATUS {status:?}")
+            })?))
+        }
+    }
+}
+
+fn ready_status(lines: &[String]) -> anyhow::Result<&str> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .ok_or_else(|| anyhow!("no STATUS= line in {lines:?}"))
 }
 
 /// A `ferry-agent run` process that said READY=1.
@@ -576,6 +619,8 @@ pub struct AgentProcess {
     pub config: PathBuf,
     /// Its local socket.
     pub local_socket: PathBuf,
+    /// Where it serves metrics (`[metrics] listen`), from its READY status.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl AgentProcess {
@@ -668,13 +713,14 @@ impl AgentProcess {
         let text = format!("{text}{extra}");
         std::fs::write(&config, text).context("write agent config")?;
         let notify = FakeNotifySocket::bind(&home)?;
-        let (daemon, pipe) = spawn_agent(resource, &config, &notify, launch)?;
+        let (daemon, pipe, metrics_addr) = spawn_agent(resource, &config, &notify, launch)?;
         Ok((
             AgentProcess {
                 daemon,
                 notify,
                 config,
                 local_socket,
+                metrics_addr,
             },
             pipe,
         ))
@@ -696,9 +742,11 @@ impl AgentProcess {
         let notify_dir = home.join(format!("notify-{run}"));
         std::fs::create_dir_all(&notify_dir)?;
         let notify = FakeNotifySocket::bind(&notify_dir)?;
-        let (daemon, _) = spawn_agent(&resource, &self.config, &notify, &Launch::default())?;
+        let (daemon, _, metrics_addr) =
+            spawn_agent(&resource, &self.config, &notify, &Launch::default())?;
         self.daemon = daemon;
         self.notify = notify;
+        self.metrics_addr = metrics_addr;
         Ok(())
     }
 
@@ -752,6 +800,20 @@ mod tests {
             "127.0.0.1:4567".parse::<SocketAddr>().expect("addr")
         );
         assert!(ready_addr(&["READY=1".to_owned()]).is_err());
+        assert_eq!(ready_metrics_addr(&lines).expect("status"), None);
+        let lines = vec![format!(
+            "STATUS={}127.0.0.1:4567{}127.0.0.1:9464",
+            ferry_broker::notify::READY_STATUS_PREFIX,
+            ferry_broker::notify::READY_STATUS_METRICS
+        )];
+        assert_eq!(
+            ready_addr(&lines).expect("address"),
+            "127.0.0.1:4567".parse::<SocketAddr>().expect("addr")
+        );
+        assert_eq!(
+            ready_metrics_addr(&lines).expect("status"),
+            Some("127.0.0.1:9464".parse::<SocketAddr>().expect("addr"))
+        );
         assert!(ready_addr(&["STATUS=starting".to_owned()]).is_err());
     }
 }

@@ -492,6 +492,7 @@ async fn subscriptions_expire_recycle_and_are_removed_per_the_table() -> anyhow:
         },
         endpoint: Default::default(),
         store: Default::default(),
+        metrics: Default::default(),
         console: None,
     };
     let broker = ClockedBroker::start(&config).await?;

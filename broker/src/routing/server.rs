@@ -299,6 +299,10 @@ async fn serve_stream(
         Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Route(ask))))) => ask,
         Ok(None) => return Ok(()),
         Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Cancel)))) => {
+            inner
+                .store
+                .metrics()
+                .route_refused(RouteRefusal::Malformed.as_str());
             return finish(
                 &mut send,
                 refusal(RouteRefusal::Malformed, "the first frame must be a Route"),
@@ -306,6 +310,10 @@ async fn serve_stream(
             .await;
         }
         Ok(Some(Err(e))) | Err(e @ FrameError::TooLarge { .. }) => {
+            inner
+                .store
+                .metrics()
+                .route_refused(RouteRefusal::Malformed.as_str());
             return finish(
                 &mut send,
                 refusal(RouteRefusal::Malformed, format!("malformed request: {e}")),
@@ -315,6 +323,10 @@ async fn serve_stream(
         Err(e) => return Err(StreamError::Read(e.to_string())),
     };
     let Ok(_permit) = inner.in_flight.try_acquire() else {
+        inner
+            .store
+            .metrics()
+            .route_refused(RouteRefusal::Busy.as_str());
         return finish(
             &mut send,
             refusal(
@@ -329,8 +341,14 @@ async fn serve_stream(
         a = decide(inner, trust, source, ask, &mut send, &mut recv) => a?,
         _ = token.cancelled() => refusal(RouteRefusal::ShuttingDown, "the broker is shutting down"),
     };
-    if let BrokerToClient::Refused(r) = &answer {
-        tracing::debug!(%group, reason = %r.reason, "route refused: {}", r.message);
+    match &answer {
+        BrokerToClient::Refused(r) => {
+            inner.store.metrics().route_refused(r.reason.as_str());
+            tracing::debug!(%group, reason = %r.reason, "route refused: {}", r.message);
+        }
+        // Only a group that exists admits: its name is a bounded label.
+        BrokerToClient::Admitted(_) => inner.store.metrics().route_admitted(group.as_str()),
+        BrokerToClient::Waiting { .. } | BrokerToClient::Redirect { .. } => {}
     }
     finish(&mut send, answer).await
 }

@@ -42,6 +42,7 @@ pub(crate) mod elastic;
 mod group_live;
 mod groups;
 pub(crate) mod leases;
+mod live_counts;
 pub(crate) mod membership;
 mod migrations;
 mod revocations;
@@ -66,6 +67,7 @@ pub use membership::{Assigned, Membership, MembershipSource, MEMBERSHIP_EVENT};
 use migrations::migrate;
 pub use revocations::RevocationRecord;
 pub mod rollouts;
+pub use live_counts::LiveCounts;
 pub use sessions::{
     end_reason_text, RecordOutcome, Registered, Registration, SequenceGap, StoreCounts,
     StoredResource, StoredSession, RECONCILE_REASON, REUSED_ID_REASON,
@@ -218,12 +220,15 @@ impl StoreError {
 }
 
 /// Tuning of the writer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StoreOptions {
     /// Most writes in one transaction; 1 means one commit (one fsync) per write.
     pub max_batch: usize,
     /// Capacity of the writer's inbox.
     pub queue_len: usize,
+    /// The broker's metrics: the writer times its commits there, and the
+    /// parts holding this store count through [`Store::metrics`].
+    pub metrics: crate::metrics::BrokerMetrics,
 }
 
 impl Default for StoreOptions {
@@ -231,6 +236,7 @@ impl Default for StoreOptions {
         StoreOptions {
             max_batch: DEFAULT_MAX_BATCH,
             queue_len: WRITE_QUEUE_LEN,
+            metrics: crate::metrics::BrokerMetrics::default(),
         }
     }
 }
@@ -246,6 +252,7 @@ struct Inner {
     reads: Reads,
     fences: Fences,
     writer: Mutex<Option<JoinHandle<()>>>,
+    metrics: crate::metrics::BrokerMetrics,
 }
 
 impl Drop for Inner {
@@ -384,9 +391,10 @@ impl Store {
         // What a failed write names when the disk refused it.
         let dir = ferry_process::files::parent_dir(path);
         let max_batch = options.max_batch.max(1);
+        let metrics = options.metrics.clone();
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
-            .spawn(move || writer_loop(Db::Sqlite(writer), rx, max_batch, dir))
+            .spawn(move || writer_loop(Db::Sqlite(writer), rx, max_batch, dir, metrics))
             .map_err(|e| StoreError::Open {
                 path: path.display().to_string(),
                 message: format!("spawn writer thread: {e}"),
@@ -397,6 +405,7 @@ impl Store {
                 reads: Reads::Local(Mutex::new(Db::Sqlite(reader))),
                 fences: Fences::default(),
                 writer: Mutex::new(Some(handle)),
+                metrics: options.metrics,
             }),
         })
     }
@@ -432,6 +441,7 @@ impl Store {
         // the broker's runtime threads.
         let (ready, started) = std::sync::mpsc::channel();
         let writer_source = source.clone();
+        let metrics = options.metrics.clone();
         let handle = std::thread::Builder::new()
             .name("ferry-store-writer".into())
             .spawn(move || {
@@ -456,7 +466,7 @@ impl Store {
                     }
                 };
                 let first = Db::Postgres(sql::PgConn::new(client, writer_source.shown.clone()));
-                writer::writer_loop_reconnecting(first, rx, max_batch, move || {
+                writer::writer_loop_reconnecting(first, rx, max_batch, metrics, move || {
                     let client = writer_source.connect()?;
                     Ok(Db::Postgres(sql::PgConn::new(
                         client,
@@ -486,8 +496,15 @@ impl Store {
                 reads,
                 fences: Fences::default(),
                 writer: Mutex::new(Some(handle)),
+                metrics: options.metrics,
             }),
         })
+    }
+
+    /// The metrics of the broker this store belongs to (see
+    /// [`crate::metrics`]).
+    pub fn metrics(&self) -> &crate::metrics::BrokerMetrics {
+        &self.inner.metrics
     }
 
     async fn submit<T>(

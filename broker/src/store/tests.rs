@@ -663,6 +663,7 @@ async fn one_batch_records_exactly_what_one_by_one_recording_does() {
             StoreOptions {
                 max_batch: *max_batch,
                 queue_len: 1024,
+                ..StoreOptions::default()
             },
         )
         .expect("open");
@@ -781,6 +782,7 @@ async fn group_commit_answers_every_waiter() {
         StoreOptions {
             max_batch: 64,
             queue_len: 1024,
+            ..StoreOptions::default()
         },
     )
     .expect("open");

@@ -268,8 +268,9 @@ pub(super) fn writer_loop(
     rx: mpsc::Receiver<WriteOp>,
     max_batch: usize,
     dir: std::path::PathBuf,
+    metrics: crate::metrics::BrokerMetrics,
 ) {
-    run_writer(conn, rx, max_batch, dir, None)
+    run_writer(conn, rx, max_batch, dir, metrics, None)
 }
 
 /// The writer thread's loop on a database server (PostgreSQL): when the
@@ -280,6 +281,7 @@ pub(super) fn writer_loop_reconnecting(
     conn: Db,
     rx: mpsc::Receiver<WriteOp>,
     max_batch: usize,
+    metrics: crate::metrics::BrokerMetrics,
     reopen: impl FnMut() -> Result<Db, StoreError>,
 ) {
     run_writer(
@@ -287,6 +289,7 @@ pub(super) fn writer_loop_reconnecting(
         rx,
         max_batch,
         std::path::PathBuf::new(),
+        metrics,
         Some(Box::new(reopen)),
     )
 }
@@ -298,6 +301,7 @@ fn run_writer(
     mut rx: mpsc::Receiver<WriteOp>,
     max_batch: usize,
     dir: std::path::PathBuf,
+    metrics: crate::metrics::BrokerMetrics,
     mut reopen: Option<Reopen<'_>>,
 ) {
     // Statements of the hot path (recording events) are prepared once and
@@ -340,7 +344,10 @@ fn run_writer(
                 }
             }
         }
-        if let Some(close) = commit_batch(&mut conn, &mut batch, &dir) {
+        let (writes, started) = (batch.len(), std::time::Instant::now());
+        let close = commit_batch(&mut conn, &mut batch, &dir);
+        metrics.store_commit(writes, started.elapsed());
+        if let Some(close) = close {
             // Make the database file complete on its own (no WAL to replay).
             if let Some(c) = conn.sqlite() {
                 if let Err(e) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {

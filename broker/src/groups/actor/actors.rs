@@ -449,6 +449,8 @@ impl GroupActors {
             shared: self.shared.clone(),
             base: base::ProvisionedBase::default(),
             conns: connections::Connections::default(),
+            decided_since: None,
+            turn_started: std::time::Instant::now(),
         };
         // Base slots take sessions only once an agent is bound and connected.
         let slots: Vec<Input> = (1..=row.base)

@@ -15,7 +15,15 @@ impl Actor {
     /// Turns the engine's decisions into events and agent commands.
     pub(super) fn take_decisions(&mut self) {
         let decisions: Vec<Decision> = self.engine.drain_decisions().collect();
+        if !decisions.is_empty() {
+            self.decided_since.get_or_insert(self.turn_started);
+        }
         for d in decisions {
+            self.shared.store.metrics().decision(
+                self.row.name.as_str(),
+                d.action.name(),
+                &d.reason,
+            );
             self.elastic.on_decision(&d);
             let message = match &d.action {
                 Action::ScaleOut { resources } => {
@@ -68,6 +76,15 @@ impl Actor {
                     format!("rejected: session {session} because {}", d.reason)
                 }
             };
+            // Fields for the journal (`journalctl GROUP=... DECISION=...`).
+            match &d.action {
+                Action::Placed { .. } | Action::Rejected { .. } => {
+                    tracing::debug!(group = %self.row.name, decision = d.action.name(), "{message}")
+                }
+                _ => {
+                    tracing::info!(group = %self.row.name, decision = d.action.name(), "{message}")
+                }
+            }
             self.notes.push((d.at, d.action.name(), message));
         }
     }
@@ -141,6 +158,12 @@ impl Actor {
                     .store
                     .commit_group(self.row.num, self.row.billing.clone(), commit)
                     .await?;
+            }
+            if let Some(since) = self.decided_since.take() {
+                self.shared
+                    .store
+                    .metrics()
+                    .decision_latency(self.row.name.as_str(), since.elapsed());
             }
             // Each round frees at least one slot of a request answered in
             // the round before; the answers a freed slot gives are to

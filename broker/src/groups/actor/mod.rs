@@ -439,6 +439,12 @@ struct Actor {
     base: base::ProvisionedBase,
     /// The newest joined connection per resource ([`connections`]).
     conns: connections::Connections,
+    /// When the input of this turn arrived, while it has decisions not
+    /// committed yet: their latency is observed at the commit
+    /// (`crate::metrics`).
+    decided_since: Option<std::time::Instant>,
+    /// When the input being handled arrived.
+    turn_started: std::time::Instant,
 }
 
 impl Actor {
@@ -462,6 +468,7 @@ impl Actor {
                 // then on the wall clock, which handles nothing.
                 _ = self.shared.clock.sleep_until(deadline) => None,
             };
+            self.turn_started = std::time::Instant::now();
             let after = match msg {
                 None => {
                     self.timeout();
