@@ -204,7 +204,7 @@ impl BrokerMetrics {
         );
         r.register_with_unit(
             "group_decision_latency",
-            "Time from an input reaching a group's actor to its decisions committed",
+            "Time from a group's actor taking an input to its decisions committed (the wait in its inbox not included)",
             Unit::Seconds,
             inner.decision_latency.clone(),
         );
@@ -295,13 +295,15 @@ impl BrokerMetrics {
     }
 
     /// An engine decision of `group` was taken.
-    pub fn decision(&self, group: &str, kind: &'static str, reason: &Reason) {
+    /// A committed decision of `group` of `kind`, for a reason of the kind
+    /// [`reason_kind`] names.
+    pub fn decision(&self, group: &str, kind: &'static str, reason: &'static str) {
         self.inner
             .decisions
             .get_or_create(&DecisionLabels {
                 group: group.to_owned(),
                 kind,
-                reason: reason_kind(reason),
+                reason,
             })
             .inc();
     }
@@ -375,7 +377,6 @@ impl BrokerMetrics {
         i.resources.clear();
         i.usage.clear();
         i.threshold.clear();
-        i.rollouts.clear();
         for view in &live.groups {
             let numbers = GroupNumbers::of(view);
             let label = GroupLabel {
@@ -406,7 +407,13 @@ impl BrokerMetrics {
                 .set(f64::from(view.usage_threshold) / 100.0);
         }
         i.agents.set(i64::try_from(live.agents).unwrap_or(i64::MAX));
+        // The store did not answer: its last numbers stay (zeros would
+        // read as an empty outbox during an outage).
+        if !live.store_read {
+            return;
+        }
         i.outbox.set(i64::try_from(live.outbox).unwrap_or(i64::MAX));
+        i.rollouts.clear();
         // Every state a rollout can be in, zeros included, so a
         // dashboard's series do not vanish while nothing runs.
         for (kind, states) in ROLLOUT_STATES {
@@ -451,6 +458,8 @@ pub struct Live {
     pub outbox: u64,
     /// Rollouts: (kind, state, count).
     pub rollouts: Vec<(String, String, i64)>,
+    /// The store answered for `outbox` and `rollouts`.
+    pub store_read: bool,
 }
 
 /// The counts of one group's view that the gauges show.
@@ -590,6 +599,9 @@ impl MetricsServer {
     }
 }
 
+/// How long a scrape waits for one group's actor.
+pub const VIEW_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The TLS configuration of the endpoint with `[metrics] tls`: the
 /// broker's own certificate and key from `pki_dir`, HTTP/1.1, no client
 /// certificate.
@@ -609,19 +621,33 @@ pub fn tls_config(pki_dir: &std::path::Path) -> Result<Arc<rustls::ServerConfig>
 /// What a scrape reads: each running group's view from its actor (a group
 /// whose actor does not answer, stopping or restarting, is left out of this
 /// scrape), the registry's connections, the store's counts.
+///
+/// The actors are asked all at once, each for at most [`VIEW_LIMIT`]: a
+/// busy or stuck actor is left out of this scrape instead of holding it.
 pub async fn read_live(actors: &GroupActors, registry: &Registry, store: &Store) -> Live {
-    let mut groups = Vec::new();
-    for group in actors.running() {
-        match actors.view(&group).await {
-            Ok(view) => groups.push(view),
-            Err(e) => tracing::debug!(%group, error = %e, "metrics: no view of the group"),
+    let asks = actors.running().into_iter().map(|group| async move {
+        match tokio::time::timeout(VIEW_LIMIT, actors.view(&group)).await {
+            Ok(Ok(view)) => Some(view),
+            Ok(Err(e)) => {
+                tracing::debug!(%group, error = %e, "metrics: no view of the group");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%group, "metrics: the group's actor did not answer in time");
+                None
+            }
         }
-    }
-    let counts = match store.live_counts().await {
-        Ok(counts) => counts,
+    });
+    let groups: Vec<_> = futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let (counts, store_read) = match store.live_counts().await {
+        Ok(counts) => (counts, true),
         Err(e) => {
             tracing::warn!(error = %e, "metrics: read the outbox and rollouts");
-            Default::default()
+            (Default::default(), false)
         }
     };
     Live {
@@ -629,6 +655,7 @@ pub async fn read_live(actors: &GroupActors, registry: &Registry, store: &Store)
         agents: registry.snapshot().len(),
         outbox: counts.outbox,
         rollouts: counts.rollouts,
+        store_read,
     }
 }
 
@@ -716,12 +743,12 @@ mod tests {
         m.decision(
             "design",
             "placed",
-            &Reason::Placement {
+            reason_kind(&Reason::Placement {
                 class: Class::Base,
                 load_balancing: Default::default(),
                 occupancy_before: 0,
                 waited_ms: 0,
-            },
+            }),
         );
         let live = Live {
             groups: vec![view(
@@ -731,6 +758,7 @@ mod tests {
             )],
             agents: 1,
             outbox: 0,
+            store_read: true,
             rollouts: vec![("image".into(), "running".into(), 1)],
         };
         let text = m.render(&live).await;

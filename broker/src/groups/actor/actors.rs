@@ -451,6 +451,7 @@ impl GroupActors {
             conns: connections::Connections::default(),
             decided_since: None,
             turn_started: std::time::Instant::now(),
+            decided: Vec::new(),
         };
         // Base slots take sessions only once an agent is bound and connected.
         let slots: Vec<Input> = (1..=row.base)

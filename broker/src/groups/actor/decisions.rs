@@ -19,11 +19,8 @@ impl Actor {
             self.decided_since.get_or_insert(self.turn_started);
         }
         for d in decisions {
-            self.shared.store.metrics().decision(
-                self.row.name.as_str(),
-                d.action.name(),
-                &d.reason,
-            );
+            self.decided
+                .push((d.action.name(), crate::metrics::reason_kind(&d.reason)));
             self.elastic.on_decision(&d);
             let message = match &d.action {
                 Action::ScaleOut { resources } => {
@@ -159,11 +156,14 @@ impl Actor {
                     .commit_group(self.row.num, self.row.billing.clone(), commit)
                     .await?;
             }
+            // Counted once durable: a commit that fails stops the actor,
+            // which decides again from the store and counts then.
+            let metrics = self.shared.store.metrics();
+            for (kind, reason) in self.decided.drain(..) {
+                metrics.decision(self.row.name.as_str(), kind, reason);
+            }
             if let Some(since) = self.decided_since.take() {
-                self.shared
-                    .store
-                    .metrics()
-                    .decision_latency(self.row.name.as_str(), since.elapsed());
+                metrics.decision_latency(self.row.name.as_str(), since.elapsed());
             }
             // Each round frees at least one slot of a request answered in
             // the round before; the answers a freed slot gives are to

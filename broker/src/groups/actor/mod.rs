@@ -443,8 +443,11 @@ struct Actor {
     /// committed yet: their latency is observed at the commit
     /// (`crate::metrics`).
     decided_since: Option<std::time::Instant>,
-    /// When the input being handled arrived.
+    /// When the actor took the input being handled.
     turn_started: std::time::Instant,
+    /// The decisions of this turn as the metrics count them (kind and
+    /// reason), counted once the turn is committed.
+    decided: Vec<(&'static str, &'static str)>,
 }
 
 impl Actor {
