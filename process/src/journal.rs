@@ -122,6 +122,9 @@ fn parse_dev_ino(text: &str) -> Option<(u64, u64)> {
 pub struct JournalSink {
     socket: UnixDatagram,
     path: PathBuf,
+    /// Entries the journal did not take since the last one it did: said
+    /// in an entry of their own as soon as it takes one again.
+    lost: u64,
 }
 
 impl JournalSink {
@@ -134,6 +137,7 @@ impl JournalSink {
         Ok(JournalSink {
             socket,
             path: path.to_owned(),
+            lost: 0,
         })
     }
 }
@@ -153,8 +157,23 @@ impl Write for JournalSink {
             &entry
         };
         match self.socket.send_to(payload, &self.path) {
-            Ok(_) => Ok(buf.len()),
-            Err(e) => Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, e)),
+            Ok(_) => {
+                if self.lost > 0 {
+                    let mut note = Vec::with_capacity(96);
+                    put_field(&mut note, "PRIORITY", b"4");
+                    let text = format!("[{} log entries were not taken by the journal]", self.lost);
+                    put_field(&mut note, "MESSAGE", text.as_bytes());
+                    if self.socket.send_to(&note, &self.path).is_ok() {
+                        self.lost = 0;
+                    }
+                }
+                Ok(buf.len())
+            }
+            Err(e) => {
+                // Counted here: the writer drops the entry on WouldBlock.
+                self.lost = self.lost.saturating_add(1);
+                Err(std::io::Error::new(std::io::ErrorKind::WouldBlock, e))
+            }
         }
     }
 
@@ -279,7 +298,23 @@ fn field_name(name: &str) -> String {
 
 /// `NAME=value\n`, or for a value with a newline the binary form:
 /// `NAME\n`, its length as 64-bit little endian, the value, `\n`.
+/// Longest value of one field: a longer one is cut, with a note of how much
+/// was, so an entry stays well under the socket's datagram limit (about
+/// 208 KiB by default) and the output queue's memory stays bounded.
+pub const MAX_FIELD_BYTES: usize = 16 * 1024;
+
 fn put_field(buf: &mut Vec<u8>, name: &str, value: &[u8]) {
+    let cut;
+    let value = if value.len() > MAX_FIELD_BYTES {
+        let mut v = value[..MAX_FIELD_BYTES].to_vec();
+        v.extend_from_slice(
+            format!("…[{} more bytes cut]", value.len() - MAX_FIELD_BYTES).as_bytes(),
+        );
+        cut = v;
+        &cut[..]
+    } else {
+        value
+    };
     buf.extend_from_slice(name.as_bytes());
     if value.contains(&b'\n') {
         buf.push(b'\n');
@@ -455,6 +490,53 @@ mod tests {
             }
         }
         assert!(lost > 0, "a socket nobody reads took 10,000 entries");
+        assert_eq!(sink.lost, lost);
+    }
+
+    #[test]
+    fn lost_entries_are_said_once_the_journal_reads_again() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("journal.socket");
+        let journal = UnixDatagram::bind(&path).expect("bind");
+        let mut sink = JournalSink::open(&path).expect("open");
+        let mut entry = Vec::new();
+        put_field(&mut entry, "PRIORITY", b"5");
+        put_field(&mut entry, "MESSAGE", &[b'x'; 1024]);
+        let mut lost = 0u64;
+        while lost < 3 {
+            if sink.write(&entry).is_err() {
+                lost += 1;
+            }
+        }
+        // The journal reads everything queued, then takes the next entry.
+        journal.set_nonblocking(true).expect("nonblocking");
+        let mut datagram = vec![0u8; 4096];
+        while journal.recv(&mut datagram).is_ok() {}
+        assert_eq!(sink.write(&entry).expect("taken"), entry.len());
+        let mut said = Vec::new();
+        while let Ok(n) = journal.recv(&mut datagram) {
+            said.push(parse_entry(&datagram[..n]).expect("entry"));
+        }
+        let note = said
+            .iter()
+            .flatten()
+            .find(|(k, v)| k == "MESSAGE" && v.starts_with(b"[3 log entries"))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(
+            note.as_deref(),
+            Some("[3 log entries were not taken by the journal]")
+        );
+        assert_eq!(sink.lost, 0);
+    }
+
+    #[test]
+    fn a_huge_field_is_cut_and_says_so() {
+        let mut buf = Vec::new();
+        put_field(&mut buf, "MESSAGE", &vec![b'y'; MAX_FIELD_BYTES + 100]);
+        let fields = parse_entry(&buf).expect("entry");
+        let (_, v) = &fields[0];
+        assert!(v.len() < MAX_FIELD_BYTES + 64, "{}", v.len());
+        assert!(v.ends_with("…[100 more bytes cut]".as_bytes()));
     }
 
     #[test]
