@@ -79,11 +79,18 @@ impl Exposition {
             .sum()
     }
 
-    /// Whether a query may name `name`: a family with a `# TYPE` line, or a
+    /// Whether a query may name `name`: a gauge's family, or a
     /// series of one (a counter's `_total`, a histogram's `_bucket`, `_sum`,
     /// `_count`), with its family's type checked.
     pub fn knows(&self, name: &str) -> bool {
-        if self.types.contains_key(name) {
+        // A family's bare name is a series only for a gauge (or an untyped
+        // family): Prometheus stores a counter as `_total`, a histogram as
+        // its `_bucket`, `_sum` and `_count`.
+        if self
+            .types
+            .get(name)
+            .is_some_and(|t| t == "gauge" || t == "unknown")
+        {
             return true;
         }
         let series = [

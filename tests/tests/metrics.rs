@@ -83,7 +83,24 @@ fn dashboard_metrics(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
         .as_array()
         .context("the dashboard has panels")?;
     let mut out = Vec::new();
-    for panel in panels {
+    // Variables' queries (`label_values(ferry_..., group)`) name metrics too.
+    for var in model["templating"]["list"].as_array().into_iter().flatten() {
+        let query = match &var["query"] {
+            Value::String(q) => q.clone(),
+            q => q["query"].as_str().unwrap_or_default().to_owned(),
+        };
+        let name = var["name"].as_str().unwrap_or("(variable)");
+        out.extend(
+            metric_names(&query)
+                .into_iter()
+                .map(|n| (format!("variable {name}"), n)),
+        );
+    }
+    // Panels, and those folded into collapsed rows.
+    let nested = panels
+        .iter()
+        .flat_map(|p| p["panels"].as_array().into_iter().flatten());
+    for panel in panels.iter().chain(nested) {
         let title = panel["title"].as_str().unwrap_or("(untitled)").to_owned();
         if panel["type"] == "row" {
             continue;
@@ -327,7 +344,7 @@ async fn broker_and_agent_metrics_match_what_happened() -> anyhow::Result<()> {
         if std::time::Instant::now() > deadline {
             bail!("no not_member handshake counted: {:?}", now.samples);
         }
-        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     // The dashboard asks only for what the daemons export.
