@@ -235,6 +235,10 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
             && said.iter().any(|p| p.contains("scale_out_step")),
         "both problems are listed: {said:?}"
     );
+    let typed = browser
+        .script("return document.querySelector(\"#policy input[name='usage_threshold']\").value")
+        .await?;
+    assert_eq!(typed, "150", "the refused form shows what was typed");
     let shown = ferryctl_json(&socket, &["group", "show", GROUP]).await?;
     assert_eq!(shown["policy"]["usage_threshold"], 50, "{shown}");
 

@@ -34,6 +34,15 @@
   });
   source.onerror = function () {
     chart.setAttribute("data-stream", "reconnecting");
+    // The browser gives up (a 401 once the session ended, a 503 when too
+    // many live pages are open): say so instead of showing stale figures.
+    if (source.readyState === EventSource.CLOSED && !document.getElementById("live-stopped")) {
+      var note = document.createElement("p");
+      note.id = "live-stopped";
+      note.className = "notice error";
+      note.textContent = "Live updates stopped (signed out, or too many live pages open): reload the page, or sign in again with a new link.";
+      chart.parentNode.insertBefore(note, chart);
+    }
   };
   source.onopen = function () {
     chart.setAttribute("data-stream", "open");

@@ -112,7 +112,7 @@ pub fn message(title: &str, text: &str) -> String {
 /// its actor runs here, its cost so far this month.
 pub struct GroupLine<'a> {
     pub info: &'a GroupInfo,
-    pub live: Option<&'a LiveGroupView>,
+    pub live: Option<&'a super::live::Figures>,
     /// Decimal text with its currency.
     pub cost: Option<String>,
 }
@@ -122,9 +122,14 @@ fn sessions_of(live: &LiveGroupView) -> u64 {
 }
 
 fn load_text(live: &LiveGroupView) -> String {
-    match render::usage_percent(live.demand, live.capacity) {
-        Some(p) => format!("{p} of {}%", live.usage_threshold),
-        None => format!("no capacity (threshold {}%)", live.usage_threshold),
+    load_of(live.demand, live.capacity, live.usage_threshold)
+}
+
+/// Usage against the threshold: `62.5% of 80%`.
+fn load_of(demand: u64, capacity: u64, threshold: u32) -> String {
+    match render::usage_percent(demand, capacity) {
+        Some(p) => format!("{p} of {threshold}%"),
+        None => format!("no capacity (threshold {threshold}%)"),
     }
 }
 
@@ -134,10 +139,10 @@ pub fn groups_page(lines: &[GroupLine<'_>], month: &str, form_token: &str) -> St
     for l in lines {
         let g = l.info;
         let (sessions, capacity, load) = match l.live {
-            Some(live) => (
-                sessions_of(live).to_string(),
-                live.capacity.to_string(),
-                load_text(live),
+            Some(f) => (
+                f.sessions.to_string(),
+                f.capacity.to_string(),
+                load_of(f.demand, f.capacity, f.threshold),
             ),
             None => ("—".into(), "—".into(), "—".into()),
         };
@@ -192,6 +197,8 @@ pub struct GroupPage<'a> {
     pub notice: Option<(bool, &'a str)>,
     /// Every problem of a refused policy change.
     pub problems: &'a [String],
+    /// What the operator typed in the refused form (shown again).
+    pub typed: Option<&'a std::collections::HashMap<String, String>>,
 }
 
 fn action(path: &str, label: &str, group: &str, token: &str, class: &str) -> String {
@@ -475,12 +482,19 @@ fn policy_section(p: &GroupPage<'_>, token: &str) -> String {
     // Each field carries the value it was shown with: only what the
     // operator changed is sent as a change (a value the form rounds, such
     // as 1500 ms shown as 1.5 s, stays as stored).
+    // After a refusal the fields show what was typed, beside the problems.
     let field = |key: &str, label: &str, value: String, hint: &str| {
+        let shown = p
+            .typed
+            .and_then(|t| t.get(key))
+            .cloned()
+            .unwrap_or_else(|| value.clone());
         format!(
-            "<label>{label}<input name=\"{key}\" value=\"{v}\" inputmode=\"decimal\">\
-             <input type=\"hidden\" name=\"was_{key}\" value=\"{v}\">\
+            "<label>{label}<input name=\"{key}\" value=\"{}\" inputmode=\"decimal\">\
+             <input type=\"hidden\" name=\"was_{key}\" value=\"{}\">\
              <small>{hint}</small></label>",
-            v = esc(&value)
+            esc(&shown),
+            esc(&value)
         )
     };
     let mut problems = String::new();

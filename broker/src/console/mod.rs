@@ -42,6 +42,9 @@ use crate::admin::{self, AdminContext};
 use crate::config::ConsoleConfig;
 use auth::{AuthError, Logins, Session};
 
+/// How long the groups page waits for another broker's figures.
+const REMOTE_FIGURES_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Longest period the usage chart draws, day by day.
 const MAX_CHART_DAYS: usize = 62;
 
@@ -466,21 +469,50 @@ async fn groups_page(signed: Signed, State(c): State<Shared>) -> Response {
             .collect(),
         _ => HashMap::new(),
     };
-    let mut lives = HashMap::new();
+    // Groups followed here: their newest figures. Groups served by other
+    // brokers: asked all at once, each for at most a few seconds (a broker
+    // that does not answer leaves its groups' figures blank).
+    let mut lives: HashMap<GroupName, live::Figures> = HashMap::new();
+    let mut elsewhere = Vec::new();
     for g in groups.iter().filter(|g| g.status != "gone") {
-        if let AdminResponseV1::GroupShown {
-            live: Some(live), ..
-        } = admin::handle(
-            &c.ctx,
-            AdminRequestV1::GroupShow {
-                group: g.name.clone(),
-            },
-        )
-        .await
+        match c
+            .live
+            .history(&g.name)
+            .and_then(|h| h.points.back().cloned())
         {
-            lives.insert(g.name.clone(), live);
+            Some(point) => {
+                lives.insert(g.name.clone(), point.figures);
+            }
+            None => elsewhere.push(g.name.clone()),
         }
     }
+    let asks = elsewhere.into_iter().map(|group| {
+        let ctx = c.ctx.clone();
+        async move {
+            let shown = tokio::time::timeout(
+                REMOTE_FIGURES_LIMIT,
+                admin::handle(
+                    &ctx,
+                    AdminRequestV1::GroupShow {
+                        group: group.clone(),
+                    },
+                ),
+            )
+            .await;
+            match shown {
+                Ok(AdminResponseV1::GroupShown {
+                    live: Some(live), ..
+                }) => Some((group, live::Figures::of(&live))),
+                _ => None,
+            }
+        }
+    });
+    lives.extend(
+        futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten(),
+    );
     let lines: Vec<html::GroupLine<'_>> = groups
         .iter()
         .map(|g| html::GroupLine {
@@ -516,7 +548,7 @@ async fn group_page(
         &signed,
         &group,
         notice.as_ref().map(|(ok, t)| (*ok, t.as_str())),
-        &[],
+        None,
         StatusCode::OK,
     )
     .await;
@@ -606,7 +638,7 @@ impl GroupData {
     fn page<'a>(
         &'a self,
         notice: Option<(bool, &'a str)>,
-        problems: &'a [String],
+        refused: Option<(&'a [String], &'a HashMap<String, String>)>,
     ) -> html::GroupPage<'a> {
         html::GroupPage {
             policy: &self.policy,
@@ -618,7 +650,8 @@ impl GroupData {
             rollouts: self.rollouts.as_ref(),
             chart: &self.chart,
             notice,
-            problems,
+            problems: refused.map(|(p, _)| p).unwrap_or(&[]),
+            typed: refused.map(|(_, typed)| typed),
         }
     }
 }
@@ -628,7 +661,7 @@ async fn render_group(
     signed: &Signed,
     group: &str,
     notice: Option<(bool, &str)>,
-    problems: &[String],
+    refused: Option<(&[String], &HashMap<String, String>)>,
     status: StatusCode,
 ) -> Response {
     let group = match parse_group(group) {
@@ -638,7 +671,7 @@ async fn render_group(
     match GroupData::gather(c, &group).await {
         Ok(data) => html(
             status,
-            html::group_page(&data.page(notice, problems), &signed.session.form_token),
+            html::group_page(&data.page(notice, refused), &signed.session.form_token),
         ),
         Err(answer) => admin_error(answer),
     }
@@ -768,7 +801,7 @@ impl LiveStream {
         self.c.logins.session(&self.cookie)?;
         Some(match GroupData::gather(&self.c, &self.group).await {
             Ok(data) => {
-                let parts = html::live_parts(&data.page(None, &[]), &self.token);
+                let parts = html::live_parts(&data.page(None, None), &self.token);
                 let payload = serde_json::json!({
                     "chart": data.chart,
                     "figures": parts.figures,
@@ -1003,7 +1036,7 @@ async fn change_policy(
                 &signed,
                 &group,
                 None,
-                &problems,
+                Some((&problems, &f)),
                 StatusCode::UNPROCESSABLE_ENTITY,
             )
             .await
@@ -1031,7 +1064,7 @@ async fn change_policy(
                 &signed,
                 &group,
                 None,
-                &problems,
+                Some((&problems, &f)),
                 StatusCode::UNPROCESSABLE_ENTITY,
             )
             .await
