@@ -311,15 +311,17 @@ async fn start(
 /// one is configured.
 async fn bind_metrics(
     config: &BrokerConfig,
-) -> Result<Option<crate::metrics::MetricsServer>, BrokerError> {
+) -> Result<Option<crate::scrape::MetricsServer>, BrokerError> {
     let Some(addr) = config.metrics.listen else {
         return Ok(None);
     };
     let tls = match config.metrics.tls {
-        true => Some(crate::metrics::tls_config(&config.pki_dir).map_err(BrokerError::MetricsTls)?),
+        true => Some(
+            crate::pki::https_server_config(&config.pki_dir).map_err(BrokerError::MetricsTls)?,
+        ),
         false => None,
     };
-    crate::metrics::MetricsServer::bind(addr, tls)
+    crate::scrape::MetricsServer::bind(addr, tls)
         .await
         .map(Some)
         .map_err(|error| BrokerError::MetricsBind { addr, error })
@@ -418,7 +420,7 @@ impl Broker {
         endpoint: quinn::Endpoint,
         (listener, access): (tokio::net::UnixListener, admin::access::AdminAccess),
         (metrics, console): (
-            Option<crate::metrics::MetricsServer>,
+            Option<crate::scrape::MetricsServer>,
             Option<crate::console::Bound>,
         ),
     ) {
@@ -443,7 +445,9 @@ impl Broker {
             ota: self.ota.clone(),
             cluster: self.cluster.clone(),
             peers: peers.as_ref().map(|(_, p)| p.clone()),
-            console: console.as_ref().map(crate::console::Bound::issuer),
+            console: console
+                .as_ref()
+                .map(|c| Arc::new(c.issuer()) as Arc<dyn admin::ConsoleLinks>),
         };
         if let Some(console) = console {
             console.serve(admin_ctx.clone(), tracker, tasks.clone());
@@ -518,7 +522,7 @@ impl Broker {
             );
             let live = move || {
                 let (actors, registry, store) = (actors.clone(), registry.clone(), store.clone());
-                async move { crate::metrics::read_live(&actors, &registry, &store).await }
+                async move { crate::scrape::read_live(&actors, &registry, &store).await }
             };
             tracker.spawn(server.serve(self.store.metrics().clone(), live, tasks.clone()));
         }

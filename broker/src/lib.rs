@@ -29,6 +29,7 @@ pub mod registry;
 pub mod render;
 pub mod rollout;
 pub mod routing;
+pub mod scrape;
 pub mod simulate;
 pub mod store;
 #[cfg(test)]

@@ -30,7 +30,6 @@
 //! turned into `f64` only here, at the export edge.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,15 +39,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry as Exposition, Unit};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Class, Reason, ResourceState};
-use crate::groups::actor::GroupView;
-use crate::groups::GroupActors;
-use crate::pki::{self, PkiError};
-use crate::registry::Registry;
-use crate::store::Store;
 
 /// A label set of one group.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -378,9 +370,9 @@ impl BrokerMetrics {
         i.usage.clear();
         i.threshold.clear();
         for view in &live.groups {
-            let numbers = GroupNumbers::of(view);
+            let numbers = &view.numbers;
             let label = GroupLabel {
-                group: view.group.to_string(),
+                group: view.group.clone(),
             };
             let gauge = |f: &Family<GroupLabel, Gauge>, v: u64| {
                 f.get_or_create(&label)
@@ -390,7 +382,7 @@ impl BrokerMetrics {
             gauge(&i.waiting, numbers.waiting);
             gauge(&i.demand, view.demand);
             gauge(&i.capacity, view.capacity);
-            for ((class, state), n) in numbers.resources {
+            for ((class, state), n) in numbers.resources.iter().copied() {
                 i.resources
                     .get_or_create(&ResourceLabels {
                         group: label.group.clone(),
@@ -450,8 +442,8 @@ const ROLLOUT_STATES: &[(&str, &[&str])] = &[
 /// What a scrape reads from the live broker.
 #[derive(Debug, Default)]
 pub struct Live {
-    /// Each running group's view from its actor.
-    pub groups: Vec<GroupView>,
+    /// Each running group's figures, from its actor's view.
+    pub groups: Vec<GroupFigures>,
     /// Connected agents.
     pub agents: usize,
     /// Notifications not delivered yet.
@@ -460,6 +452,17 @@ pub struct Live {
     pub rollouts: Vec<(String, String, i64)>,
     /// The store answered for `outbox` and `rollouts`.
     pub store_read: bool,
+}
+
+/// One group's figures at a scrape.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GroupFigures {
+    pub group: String,
+    pub numbers: GroupNumbers,
+    pub demand: u64,
+    pub capacity: u64,
+    /// Percent of capacity above which it scales out.
+    pub usage_threshold: u32,
 }
 
 /// The counts of one group's view that the gauges show.
@@ -476,8 +479,10 @@ pub struct GroupNumbers {
 }
 
 impl GroupNumbers {
-    pub fn of(view: &GroupView) -> GroupNumbers {
-        let sessions: u64 = view.resources.iter().map(|r| u64::from(r.occupancy)).sum();
+    /// The numbers of a group whose resources are `(class, state,
+    /// occupancy)` and whose demand is `demand`.
+    pub fn of(of: &[(Class, ResourceState, u32)], demand: u64) -> GroupNumbers {
+        let sessions: u64 = of.iter().map(|r| u64::from(r.2)).sum();
         let mut resources = Vec::new();
         for class in [ClassLabel::base, ClassLabel::elastic] {
             for state in [
@@ -485,19 +490,16 @@ impl GroupNumbers {
                 StateLabel::ready,
                 StateLabel::releasing,
             ] {
-                let n = view
-                    .resources
+                let n = of
                     .iter()
-                    .filter(|r| {
-                        class_label(r.class) == class && state_label(r.state) == Some(state)
-                    })
+                    .filter(|r| class_label(r.0) == class && state_label(r.1) == Some(state))
                     .count();
                 resources.push(((class, state), u32::try_from(n).unwrap_or(u32::MAX)));
             }
         }
         GroupNumbers {
             sessions,
-            waiting: view.demand.saturating_sub(sessions),
+            waiting: demand.saturating_sub(sessions),
             resources,
         }
     }
@@ -537,177 +539,36 @@ pub fn reason_kind(reason: &Reason) -> &'static str {
     }
 }
 
-/// Where the metrics are served, bound before the broker says it is
-/// ready, and served until `shutdown`.
-pub struct MetricsServer {
-    listener: TcpListener,
-    /// The bound address.
-    addr: SocketAddr,
-    tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-impl MetricsServer {
-    /// Binds `addr` (port 0 picks one); `tls`: served over TLS with it.
-    pub async fn bind(
-        addr: SocketAddr,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> std::io::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(MetricsServer {
-            addr: listener.local_addr()?,
-            listener,
-            tls,
-        })
-    }
-
-    /// The bound address (the real port when port 0 was asked).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Serves `GET /metrics` until `shutdown`; `live` reads the live state
-    /// at each scrape.
-    pub async fn serve<F, Fut>(self, metrics: BrokerMetrics, live: F, shutdown: CancellationToken)
-    where
-        F: Fn() -> Fut + Clone + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Live> + Send,
-    {
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let (metrics, live) = (metrics.clone(), live.clone());
-                async move {
-                    let body = metrics.render(&live().await).await;
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                }
-            }),
-        );
-        ferry_process::http::serve(
-            self.listener,
-            self.tls,
-            app,
-            ferry_process::http::HttpLimits::default(),
-            shutdown,
-        )
-        .await;
-    }
-}
-
-/// How long a scrape waits for one group's actor.
-pub const VIEW_LIMIT: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The TLS configuration of the endpoint with `[metrics] tls`: the
-/// broker's own certificate and key from `pki_dir`, HTTP/1.1, no client
-/// certificate.
-pub fn tls_config(pki_dir: &std::path::Path) -> Result<Arc<rustls::ServerConfig>, PkiError> {
-    let certs = pki::load_certs(&pki_dir.join(pki::BROKER_CERT))?;
-    let key = pki::load_key(&pki_dir.join(pki::BROKER_KEY))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(pki::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PkiError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| PkiError::Tls(format!("broker certificate: {e}")))?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(tls))
-}
-
-/// What a scrape reads: each running group's view from its actor (a group
-/// whose actor does not answer, stopping or restarting, is left out of this
-/// scrape), the registry's connections, the store's counts.
-///
-/// The actors are asked all at once, each for at most [`VIEW_LIMIT`]: a
-/// busy or stuck actor is left out of this scrape instead of holding it.
-pub async fn read_live(actors: &GroupActors, registry: &Registry, store: &Store) -> Live {
-    let asks = actors.running().into_iter().map(|group| async move {
-        match tokio::time::timeout(VIEW_LIMIT, actors.view(&group)).await {
-            Ok(Ok(view)) => Some(view),
-            Ok(Err(e)) => {
-                tracing::debug!(%group, error = %e, "metrics: no view of the group");
-                None
-            }
-            Err(_) => {
-                tracing::debug!(%group, "metrics: the group's actor did not answer in time");
-                None
-            }
-        }
-    });
-    let groups: Vec<_> = futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    let (counts, store_read) = match store.live_counts().await {
-        Ok(counts) => (counts, true),
-        Err(e) => {
-            tracing::warn!(error = %e, "metrics: read the outbox and rollouts");
-            (Default::default(), false)
-        }
-    };
-    Live {
-        groups,
-        agents: registry.snapshot().len(),
-        outbox: counts.outbox,
-        rollouts: counts.rollouts,
-        store_read,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::groups::actor::ResourceView;
-    use ferry_common::{GroupName, ResourceId};
 
-    fn resource(name: &str, class: Class, state: ResourceState, occupancy: u32) -> ResourceView {
-        ResourceView {
-            resource: ResourceId::new(name).expect("id"),
-            class,
-            state,
-            available: true,
-            occupancy,
-            sessions: Vec::new(),
-            flagged: None,
-        }
-    }
-
-    fn view(resources: Vec<ResourceView>, demand: u64, capacity: u64) -> GroupView {
-        GroupView {
-            group: GroupName::new("design").expect("name"),
-            resources,
-            deadline: None,
-            closed: false,
+    fn figures(
+        resources: &[(Class, ResourceState, u32)],
+        demand: u64,
+        capacity: u64,
+    ) -> GroupFigures {
+        GroupFigures {
+            group: "design".into(),
+            numbers: GroupNumbers::of(resources, demand),
             demand,
             capacity,
-            concurrent_sessions: 2,
             usage_threshold: 85,
-            flagged: Vec::new(),
-            joined: Vec::new(),
-            policy_version: 1,
-            retained: Vec::new(),
         }
     }
 
     #[test]
     fn a_groups_numbers_count_sessions_waiting_and_resources_by_class_and_state() {
-        let v = view(
-            vec![
-                resource("b1", Class::Base, ResourceState::Ready, 2),
-                resource("b2", Class::Base, ResourceState::Ready, 1),
-                resource("e1", Class::Elastic, ResourceState::Pending, 0),
-                resource("e2", Class::Elastic, ResourceState::Released, 0),
-                resource("e3", Class::Elastic, ResourceState::Releasing, 0),
+        let n = GroupNumbers::of(
+            &[
+                (Class::Base, ResourceState::Ready, 2),
+                (Class::Base, ResourceState::Ready, 1),
+                (Class::Elastic, ResourceState::Pending, 0),
+                (Class::Elastic, ResourceState::Released, 0),
+                (Class::Elastic, ResourceState::Releasing, 0),
             ],
             5,
-            4,
         );
-        let n = GroupNumbers::of(&v);
         assert_eq!(n.sessions, 3);
         assert_eq!(n.waiting, 2);
         let count = |c, s| {
@@ -751,11 +612,7 @@ mod tests {
             }),
         );
         let live = Live {
-            groups: vec![view(
-                vec![resource("b1", Class::Base, ResourceState::Ready, 1)],
-                1,
-                2,
-            )],
+            groups: vec![figures(&[(Class::Base, ResourceState::Ready, 1)], 1, 2)],
             agents: 1,
             outbox: 0,
             store_read: true,
