@@ -28,8 +28,6 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
 
-use crate::output::Output;
-
 /// journald's socket for native-protocol entries.
 pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
@@ -186,16 +184,19 @@ fn trim_newline(b: &[u8]) -> &[u8] {
     b.strip_suffix(b"\n").unwrap_or(b)
 }
 
+/// Where the layer hands each entry: a queue that never blocks (the
+/// daemons' [`crate::output::Output`], whose sink is a [`JournalSink`]).
+pub type EntrySink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A `tracing` layer writing each event as one journal entry to `out`.
 pub struct JournalLayer {
-    out: Output,
+    out: EntrySink,
     identifier: String,
 }
 
 impl JournalLayer {
-    /// Entries go to `out` (whose sink is a [`JournalSink`]) under
-    /// `SYSLOG_IDENTIFIER=identifier`.
-    pub fn new(out: Output, identifier: impl Into<String>) -> JournalLayer {
+    /// Entries go to `out` under `SYSLOG_IDENTIFIER=identifier`.
+    pub fn new(out: EntrySink, identifier: impl Into<String>) -> JournalLayer {
         JournalLayer {
             out,
             identifier: identifier.into(),
@@ -205,7 +206,7 @@ impl JournalLayer {
 
 impl<S: Subscriber> tracing_subscriber::Layer<S> for JournalLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        self.out.write_bytes(&entry(event, &self.identifier));
+        (self.out)(&entry(event, &self.identifier));
     }
 }
 
@@ -438,9 +439,15 @@ mod tests {
         // The empty probe datagram.
         let mut probe = [0u8; 16];
         assert_eq!(journal.recv(&mut probe).expect("probe"), 0);
-        let out = Output::with_sink(Box::new(sink), 16);
+        // Written at once here (the daemons queue entries for a writer thread).
+        let sink = std::sync::Mutex::new(sink);
+        let write: EntrySink = Box::new(move |entry| {
+            if let Ok(mut sink) = sink.lock() {
+                let _ = sink.write(entry);
+            }
+        });
         let subscriber =
-            tracing_subscriber::registry().with(JournalLayer::new(out.clone(), "ferry-broker"));
+            tracing_subscriber::registry().with(JournalLayer::new(write, "ferry-broker"));
         tracing::subscriber::with_default(subscriber, || {
             tracing::warn!(
                 group = "design",
@@ -451,7 +458,6 @@ mod tests {
                 "route\nadmitted"
             );
         });
-        assert!(out.flush(std::time::Duration::from_secs(10)));
         let mut got = vec![0u8; 64 * 1024];
         let n = journal.recv(&mut got).expect("entry");
         let fields = parse_entry(&got[..n]).expect("a native-protocol entry");

@@ -232,7 +232,8 @@ pub fn init_logging(default_level: &str) -> Output {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "ferry".into());
                 let entries = Output::with_sink(Box::new(sink), QUEUE_LINES);
-                (Some(JournalLayer::new(entries, identifier)), None)
+                let write: journal::EntrySink = Box::new(move |entry| entries.write_bytes(entry));
+                (Some(JournalLayer::new(write, identifier)), None)
             }
             Err(e) => (None, Some(e)),
         },
