@@ -195,7 +195,14 @@ pub struct AdminContext {
     pub peers: Option<Arc<crate::peer::Peers>>,
     /// Where the web console's login links come from; `None` when the
     /// console is off.
-    pub console: Option<crate::console::LinkIssuer>,
+    pub console: Option<Arc<dyn ConsoleLinks>>,
+}
+
+/// Hands out the web console's one-time sign-in links (the console,
+/// above this module, implements it).
+pub trait ConsoleLinks: Send + Sync {
+    /// A new link and when it stops working.
+    fn link(&self) -> Result<(String, ferry_common::UnixMillis), String>;
 }
 
 /// Serves admin connections until `shutdown`: peers `access` allows, with

@@ -160,9 +160,15 @@ pub struct LinkIssuer {
     base_url: String,
 }
 
+impl admin::ConsoleLinks for LinkIssuer {
+    fn link(&self) -> Result<(String, UnixMillis), String> {
+        self.new_link().map_err(|e| e.to_string())
+    }
+}
+
 impl LinkIssuer {
     /// A new one-time link and when it stops working.
-    pub fn link(&self) -> Result<(String, UnixMillis), AuthError> {
+    pub fn new_link(&self) -> Result<(String, UnixMillis), AuthError> {
         let token = self.logins.new_link()?;
         let lifetime = i64::try_from(auth::LINK_LIFETIME.as_millis()).unwrap_or(i64::MAX);
         let expires = UnixMillis(crate::clock::now_millis().0.saturating_add(lifetime));
