@@ -590,44 +590,30 @@ fn rollouts_section(r: Option<&GroupRolloutsInfo>) -> String {
     }
     let mut out = String::from("<section><h2>Updates</h2>");
     for ro in &r.rollouts {
-        out.push_str(&rollout_block(
-            &ro.kind,
-            ro.id,
-            &ro.component,
-            &ro.version,
-            &ro.state,
-            ro.start,
-            ro.hosts
-                .iter()
-                .map(|h| {
-                    (
-                        h.resource.as_str().to_owned(),
-                        h.step.clone(),
-                        h.detail.clone(),
-                    )
-                })
-                .collect(),
-        ));
+        out.push_str(&rollout_block(ro));
     }
     out.push_str("</section>");
     out
 }
 
-fn rollout_block(
-    kind: &str,
-    id: u64,
-    component: &str,
-    version: &str,
-    state: &str,
-    start: UnixMillis,
-    hosts: Vec<(String, String, Option<String>)>,
-) -> String {
+/// A running image update or OTA wave with its hosts' progress.
+fn rollout_block(ro: &ferry_common::admin::RolloutInfo) -> String {
+    let (kind, id, component, version, state, start) = (
+        ro.kind.as_str(),
+        ro.id,
+        ro.component.as_str(),
+        ro.version.as_str(),
+        ro.state.as_str(),
+        ro.start,
+    );
+    let hosts = &ro.hosts;
     let done = hosts
         .iter()
-        .filter(|(_, step, _)| matches!(step.as_str(), "done" | "updated" | "succeeded"))
+        .filter(|h| matches!(h.step.as_str(), "done" | "skipped"))
         .count();
     let mut rows = String::new();
-    for (resource, step, detail) in &hosts {
+    for h in hosts {
+        let (resource, step, detail) = (h.resource.as_str(), &h.step, &h.detail);
         let _ = write!(
             rows,
             "<tr><td><code>{}</code></td><td class=\"step step-{s}\">{s}</td><td>{}</td></tr>",
@@ -813,24 +799,7 @@ pub fn updates_page(
         for ro in &r.rollouts {
             any = true;
             let _ = write!(body, "<p class=\"group-of\">{}</p>", esc(group));
-            body.push_str(&rollout_block(
-                &ro.kind,
-                ro.id,
-                &ro.component,
-                &ro.version,
-                &ro.state,
-                ro.start,
-                ro.hosts
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.resource.as_str().to_owned(),
-                            h.step.clone(),
-                            h.detail.clone(),
-                        )
-                    })
-                    .collect(),
-            ));
+            body.push_str(&rollout_block(ro));
         }
     }
     if !any {
@@ -853,6 +822,41 @@ mod tests {
         assert_eq!(esc("a\u{1b}b"), "a\\u{001b}b");
         assert_eq!(seg("host 1/../x"), "host%201%2F..%2Fx");
         assert_eq!(seg("dg-1_a.b~"), "dg-1_a.b~");
+    }
+
+    #[test]
+    fn a_rollout_shows_each_host_s_step_and_how_many_are_done() {
+        use ferry_common::admin::{RolloutHostInfo, RolloutInfo};
+        let host = |r: &str, step: &str, detail: Option<&str>| RolloutHostInfo {
+            resource: r.parse().expect("id"),
+            step: step.into(),
+            until: None,
+            detail: detail.map(str::to_owned),
+        };
+        let ro = RolloutInfo {
+            kind: "ota".into(),
+            id: 7,
+            update: Some(3),
+            component: "client<x>".into(),
+            version: "2.1".into(),
+            state: "running".into(),
+            start: UnixMillis(0),
+            deadline: None,
+            wave: 2,
+            drain_ms: 0,
+            hosts: vec![
+                host("h1", "done", None),
+                host("h2", "skipped", None),
+                host("h3", "failed", Some("hook exited 3: <disk full>")),
+                host("h4", "waiting", None),
+            ],
+        };
+        let html = rollout_block(&ro);
+        assert!(html.contains("2 of 4 hosts done"), "{html}");
+        assert!(html.contains("<progress value=\"2\" max=\"4\">"), "{html}");
+        assert!(html.contains("client&lt;x&gt;"));
+        assert!(html.contains("hook exited 3: &lt;disk full&gt;"));
+        assert!(html.contains("class=\"step step-failed\">failed"));
     }
 
     #[test]

@@ -908,21 +908,44 @@ async fn command(
     }
 }
 
+/// An action a form asks for on one resource or session (`raw`, from the
+/// path): the form token checked, the id parsed, the action logged with the
+/// session, the admin request sent, and back to the group's page.
+async fn form_action<T: std::str::FromStr + std::fmt::Display>(
+    signed: &Signed,
+    c: &Console,
+    form: &HashMap<String, String>,
+    (action, raw): (&str, &str),
+    make: impl FnOnce(T) -> (AdminRequestV1, String),
+) -> Response {
+    if let Err(r) = checked_form(signed, form) {
+        return r;
+    }
+    let Ok(target) = raw.parse::<T>() else {
+        return back_to(form, false, &format!("{raw:?} is not a valid id"));
+    };
+    tracing::info!(%target, session = %signed.id(), "console: {action}");
+    let (req, done) = make(target);
+    command(c, form, req, done).await
+}
+
 async fn drain(
     signed: Signed,
     State(c): State<Shared>,
     Path(resource): Path<String>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = checked_form(&signed, &f) {
-        return r;
-    }
-    let Ok(resource) = resource.parse::<ResourceId>() else {
-        return back_to(&f, false, "not a resource id");
-    };
-    let done = format!("{resource} drains: it takes no new sessions");
-    tracing::info!(%resource, session = %signed.id(), "console: drain");
-    command(&c, &f, AdminRequestV1::Drain { resource }, done).await
+    form_action(
+        &signed,
+        &c,
+        &f,
+        ("drain", &resource),
+        |resource: ResourceId| {
+            let done = format!("{resource} drains: it takes no new sessions");
+            (AdminRequestV1::Drain { resource }, done)
+        },
+    )
+    .await
 }
 
 async fn undrain(
@@ -931,15 +954,17 @@ async fn undrain(
     Path(resource): Path<String>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = checked_form(&signed, &f) {
-        return r;
-    }
-    let Ok(resource) = resource.parse::<ResourceId>() else {
-        return back_to(&f, false, "not a resource id");
-    };
-    let done = format!("{resource} takes new sessions again");
-    tracing::info!(%resource, session = %signed.id(), "console: undrain");
-    command(&c, &f, AdminRequestV1::Undrain { resource }, done).await
+    form_action(
+        &signed,
+        &c,
+        &f,
+        ("undrain", &resource),
+        |resource: ResourceId| {
+            let done = format!("{resource} takes new sessions again");
+            (AdminRequestV1::Undrain { resource }, done)
+        },
+    )
+    .await
 }
 
 async fn disconnect(
@@ -948,15 +973,17 @@ async fn disconnect(
     Path(session): Path<String>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = checked_form(&signed, &f) {
-        return r;
-    }
-    let Ok(session) = session.parse::<SessionId>() else {
-        return back_to(&f, false, "not a session id");
-    };
-    let done = format!("session {session} disconnected");
-    tracing::info!(%session, console_session = %signed.id(), "console: disconnect");
-    command(&c, &f, AdminRequestV1::DisconnectSession { session }, done).await
+    form_action(
+        &signed,
+        &c,
+        &f,
+        ("disconnect", &session),
+        |session: SessionId| {
+            let done = format!("session {session} disconnected");
+            (AdminRequestV1::DisconnectSession { session }, done)
+        },
+    )
+    .await
 }
 
 /// The policy form as a [`PolicySpec`]: a field left as it was shown
