@@ -206,8 +206,7 @@ fn router(console: Shared) -> Router {
         .route("/groups/{group}/chart.svg", get(group_chart))
         .route("/groups/{group}/live", get(group_live))
         .route("/groups/{group}/policy", post(change_policy))
-        .route("/resources/{resource}/drain", post(drain))
-        .route("/resources/{resource}/undrain", post(undrain))
+        .route("/resources/{resource}/{verb}", post(resource_action))
         .route("/sessions/{session}/disconnect", post(disconnect))
         .route("/usage", get(usage_page))
         .route("/usage.csv", get(usage_csv))
@@ -929,44 +928,37 @@ async fn form_action<T: std::str::FromStr + std::fmt::Display>(
     command(c, form, req, done).await
 }
 
-async fn drain(
+/// `POST /resources/{resource}/drain` and `.../undrain`.
+async fn resource_action(
     signed: Signed,
     State(c): State<Shared>,
-    Path(resource): Path<String>,
+    Path((resource, verb)): Path<(String, String)>,
     Form(f): Form<HashMap<String, String>>,
 ) -> Response {
+    let drain = match verb.as_str() {
+        "drain" => true,
+        "undrain" => false,
+        _ => return not_found().await,
+    };
     form_action(
         &signed,
         &c,
         &f,
-        ("drain", &resource),
+        (&verb, &resource),
         |resource: ResourceId| {
-            let done = format!("{resource} drains: it takes no new sessions");
-            (AdminRequestV1::Drain { resource }, done)
+            if drain {
+                let done = format!("{resource} drains: it takes no new sessions");
+                (AdminRequestV1::Drain { resource }, done)
+            } else {
+                let done = format!("{resource} takes new sessions again");
+                (AdminRequestV1::Undrain { resource }, done)
+            }
         },
     )
     .await
 }
 
-async fn undrain(
-    signed: Signed,
-    State(c): State<Shared>,
-    Path(resource): Path<String>,
-    Form(f): Form<HashMap<String, String>>,
-) -> Response {
-    form_action(
-        &signed,
-        &c,
-        &f,
-        ("undrain", &resource),
-        |resource: ResourceId| {
-            let done = format!("{resource} takes new sessions again");
-            (AdminRequestV1::Undrain { resource }, done)
-        },
-    )
-    .await
-}
-
+/// `POST /sessions/{session}/disconnect`.
 async fn disconnect(
     signed: Signed,
     State(c): State<Shared>,
