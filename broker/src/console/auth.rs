@@ -181,12 +181,12 @@ pub fn short_id(cookie: &str) -> String {
         .collect()
 }
 
-/// The value of the session cookie in a `Cookie` header, if any.
-pub fn cookie_value(header: &str) -> Option<&str> {
+/// The value of the cookie `name` in a `Cookie` header, if any.
+pub fn cookie_value<'h>(header: &'h str, name: &str) -> Option<&'h str> {
     header
         .split(';')
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value.trim())
 }
 
@@ -239,8 +239,11 @@ mod tests {
 
     #[test]
     fn the_cookie_is_found_among_others() {
-        assert_eq!(cookie_value("a=1; ferry_console=xyz; b=2"), Some("xyz"));
-        assert_eq!(cookie_value("ferry_consolex=1"), None);
-        assert_eq!(cookie_value(""), None);
+        assert_eq!(
+            cookie_value("a=1; ferry_console=xyz; b=2", COOKIE),
+            Some("xyz")
+        );
+        assert_eq!(cookie_value("ferry_consolex=1", COOKIE), None);
+        assert_eq!(cookie_value("", COOKIE), None);
     }
 }

@@ -47,39 +47,51 @@ pub struct Figures {
 impl Figures {
     /// The figures of a group's live view as `group show` gives it.
     pub fn of(live: &LiveGroupView) -> Figures {
-        let sessions: u64 = live.resources.iter().map(|r| r.sessions.len() as u64).sum();
-        let count = |state: &str| live.resources.iter().filter(|r| r.state == state).count() as u64;
-        Figures {
-            sessions,
-            waiting: live.demand.saturating_sub(sessions),
-            capacity: live.capacity,
-            ready: count("ready"),
-            pending: count("pending"),
-            releasing: count("releasing"),
-            demand: live.demand,
-            threshold: live.usage_threshold,
-        }
+        let resources = live
+            .resources
+            .iter()
+            .map(|r| (r.state.as_str(), r.sessions.len()));
+        Figures::counted(resources, live.demand, live.capacity, live.usage_threshold)
     }
 
     /// The figures of an actor's view.
     pub fn of_view(v: &GroupView) -> Figures {
-        let sessions: u64 = v.resources.iter().map(|r| r.sessions.len() as u64).sum();
-        let count = |state: &str| {
-            v.resources
-                .iter()
-                .filter(|r| r.state.to_string() == state)
-                .count() as u64
+        let states: Vec<String> = v.resources.iter().map(|r| r.state.to_string()).collect();
+        let resources = states
+            .iter()
+            .zip(&v.resources)
+            .map(|(state, r)| (state.as_str(), r.sessions.len()));
+        Figures::counted(resources, v.demand, v.capacity, v.usage_threshold)
+    }
+
+    /// The figures of resources given as (state, sessions on it).
+    fn counted<'a>(
+        resources: impl Iterator<Item = (&'a str, usize)>,
+        demand: u64,
+        capacity: u64,
+        threshold: u32,
+    ) -> Figures {
+        let mut f = Figures {
+            sessions: 0,
+            waiting: 0,
+            capacity,
+            ready: 0,
+            pending: 0,
+            releasing: 0,
+            demand,
+            threshold,
         };
-        Figures {
-            sessions,
-            waiting: v.demand.saturating_sub(sessions),
-            capacity: v.capacity,
-            ready: count("ready"),
-            pending: count("pending"),
-            releasing: count("releasing"),
-            demand: v.demand,
-            threshold: v.usage_threshold,
+        for (state, sessions) in resources {
+            f.sessions += sessions as u64;
+            match state {
+                "ready" => f.ready += 1,
+                "pending" => f.pending += 1,
+                "releasing" => f.releasing += 1,
+                _ => {}
+            }
         }
+        f.waiting = demand.saturating_sub(f.sessions);
+        f
     }
 }
 

@@ -203,7 +203,6 @@ fn router(console: Shared) -> Router {
         .route("/logout", post(logout))
         .route("/", get(groups_page))
         .route("/groups/{group}", get(group_page))
-        .route("/groups/{group}/chart.svg", get(group_chart))
         .route("/groups/{group}/live", get(group_live))
         .route("/groups/{group}/policy", post(change_policy))
         .route("/resources/{resource}/{verb}", post(resource_action))
@@ -277,7 +276,9 @@ impl FromRequestParts<Shared> for Signed {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, console: &Shared) -> Result<Self, Response> {
-        match cookie_of(&parts.headers).and_then(|c| console.logins.session(&c).map(|s| (c, s))) {
+        match cookie_of(&parts.headers, auth::COOKIE)
+            .and_then(|c| console.logins.session(&c).map(|s| (c, s)))
+        {
             Some((cookie, session)) => Ok(Signed { cookie, session }),
             None => Err(html(
                 StatusCode::UNAUTHORIZED,
@@ -354,7 +355,7 @@ async fn login(
     match c.logins.sign_in(&q.token) {
         Ok((cookie, _)) => {
             // A sign-in replaces the browser's earlier session.
-            if let Some(old) = cookie_of(&headers) {
+            if let Some(old) = cookie_of(&headers, auth::COOKIE) {
                 c.logins.sign_out(&old);
             }
             let secure = if c.secure { "; Secure" } else { "" };
@@ -379,12 +380,12 @@ async fn login(
 }
 
 /// The session cookie a request carries, if any.
-fn cookie_of(headers: &axum::http::HeaderMap) -> Option<String> {
+fn cookie_of(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(auth::cookie_value)
+        .find_map(|h| auth::cookie_value(h, name))
         .map(str::to_owned)
 }
 
@@ -628,7 +629,11 @@ impl GroupData {
             crate::cluster::Owner::At(address) => Some(address),
             _ => None,
         };
-        let chart = chart_of(c, &group, &events);
+        // A group served elsewhere has its chart on its owner's console.
+        let chart = match served_by {
+            None => chart_of(c, &group, &events),
+            Some(_) => String::new(),
+        };
         Ok(GroupData {
             policy,
             hosts,
@@ -707,23 +712,6 @@ fn chart_of(
 ) -> String {
     let history = c.live.history(group).unwrap_or_default();
     pictures::live_chart(group, &history, events, c.ctx.groups.service().now())
-}
-
-async fn group_chart(
-    _signed: Signed,
-    State(c): State<Shared>,
-    Path(group): Path<String>,
-) -> Response {
-    let group = match parse_group(&group) {
-        Ok(g) => g,
-        Err(r) => return r,
-    };
-    let events = group_events(&c, &group).await;
-    (
-        [(header::CONTENT_TYPE, "image/svg+xml")],
-        chart_of(&c, &group, &events),
-    )
-        .into_response()
 }
 
 /// Server-sent events for a group page: an `update` (the chart and the
@@ -847,10 +835,8 @@ fn back_to(form: &HashMap<String, String>, ok: bool, text: &str) -> Response {
     };
     let value =
         serde_urlencoded::to_string([(if ok { "ok" } else { "error" }, text)]).unwrap_or_default();
-    let set = format!(
-        "{NOTICE_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=60",
-        html::seg(&value)
-    );
+    // Form encoding never writes a character a cookie value may not hold.
+    let set = format!("{NOTICE_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age=60");
     if let Ok(v) = HeaderValue::from_str(&set) {
         r.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -862,36 +848,10 @@ const NOTICE_COOKIE: &str = "ferry_notice";
 
 /// The notice a request carries: (ok, text).
 fn notice_of(headers: &axum::http::HeaderMap) -> Option<(bool, String)> {
-    let raw = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|h| h.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == NOTICE_COOKIE)
-        .map(|(_, v)| v.to_owned())?;
-    let decoded = percent_decode(&raw)?;
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&decoded).ok()?;
+    let raw = cookie_of(headers, NOTICE_COOKIE)?;
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&raw).ok()?;
     let (key, text) = pairs.into_iter().next()?;
     Some((key == "ok", text))
-}
-
-/// `%XX` escapes decoded (the inverse of [`html::seg`]).
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 async fn command(

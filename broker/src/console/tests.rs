@@ -150,6 +150,16 @@ async fn a_post_without_the_form_token_is_refused() {
     assert_eq!(location, "/groups/g1");
     let notice = headers["set-cookie"].to_str().expect("ascii");
     assert!(notice.starts_with("ferry_notice="), "{notice}");
+    // The notice comes back as the cookie and is read as it was said.
+    let value = notice.split(';').next().expect("pair");
+    let mut h = axum::http::HeaderMap::new();
+    h.insert(
+        header::COOKIE,
+        HeaderValue::from_str(&format!("a=1; {value}")).expect("header"),
+    );
+    let (ok, text) = notice_of(&h).expect("a notice");
+    assert!(!ok);
+    assert!(text.contains("host-1"), "{text}");
 }
 
 #[tokio::test]
