@@ -237,6 +237,19 @@ impl Browser {
         }
     }
 
+    /// Waits, at most `limit`, for an element matching the CSS selector
+    /// (after a click that loads another page, the old one may still be
+    /// there for a moment), and returns the first.
+    pub async fn wait_for(&self, css: &str, limit: Duration) -> anyhow::Result<Element> {
+        let query = serde_json::to_string(css)?;
+        self.wait_until(
+            &format!("return document.querySelector({query}) !== null"),
+            limit,
+        )
+        .await?;
+        self.find(css).await
+    }
+
     /// A PNG of the current page's viewport.
     pub async fn screenshot(&self) -> anyhow::Result<Vec<u8>> {
         let v = self.command("GET", "/screenshot", Value::Null).await?;

@@ -112,6 +112,7 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
         .await?;
     let sign_in = browser.find("#sign-in button").await?;
     browser.click(&sign_in).await?;
+    browser.wait_for("#live-chart", PATIENCE).await?;
     let h1 = browser.find("main h1").await?;
     assert_eq!(browser.text(&h1).await?, GROUP);
     // The live stream is open; mark the page to prove it is never reloaded.
@@ -203,7 +204,7 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
         .find("tr[data-resource='host-1'] form[action$='/drain'] button")
         .await?;
     browser.click(&drain).await?;
-    let notice = browser.find(".notice.ok").await?;
+    let notice = browser.wait_for(".notice.ok", PATIENCE).await?;
     assert!(browser.text(&notice).await?.contains("host-1 drains"));
     let resources = ferryctl_json(&socket, &["resources", "list"]).await?;
     let draining = resources
@@ -225,6 +226,7 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
     browser.fill(&step, "0").await?;
     let submit = browser.find("#policy button").await?;
     browser.click(&submit).await?;
+    browser.wait_for(".problems li", PATIENCE).await?;
     let problems = browser.find_all(".problems li").await?;
     let mut said = Vec::new();
     for p in &problems {
@@ -283,6 +285,7 @@ async fn an_operator_watches_a_scale_out_live_drains_a_host_and_downloads_usage(
     browser.goto(&link).await?;
     let sign_in = browser.find("#sign-in button").await?;
     browser.click(&sign_in).await?;
+    browser.wait_for("main p.message", PATIENCE).await?;
     let h1 = browser.find("main h1").await?;
     assert_eq!(browser.text(&h1).await?, "Sign in");
     let said = browser.text(&browser.find("main p").await?).await?;
@@ -312,7 +315,7 @@ async fn forms_without_the_session_token_are_refused() -> anyhow::Result<()> {
     browser.goto(&link).await?;
     let sign_in = browser.find("#sign-in button").await?;
     browser.click(&sign_in).await?;
-    browser.find("#groups").await?;
+    browser.wait_for("#groups", PATIENCE).await?;
     // A form posted from the signed-in browser but without the token (as
     // another site's page would): refused, the host is not drained.
     let status = browser
