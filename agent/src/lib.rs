@@ -32,6 +32,7 @@ pub mod local;
 pub mod metrics;
 pub mod notify;
 pub mod pam;
+pub mod pam_logins;
 pub mod policy;
 pub mod presence;
 pub mod renew;
@@ -97,6 +98,8 @@ pub enum AgentError {
     Drain(#[from] commands::CommandError),
     #[error("open ticket state: {0}")]
     Tickets(#[from] ticket::TicketStoreError),
+    #[error(transparent)]
+    PamLogins(#[from] pam_logins::PamLoginsError),
     #[error("open versions: {0}")]
     Versions(#[from] versions::VersionsError),
     #[error("create state directory {path}: {source}")]
@@ -179,20 +182,25 @@ pub async fn run(
         }
     };
 
-    tracker.spawn(listener.serve(
-        local::ServerState {
-            spool: spool.clone(),
-            status: status_rx.clone(),
-            resource: config.resource.clone(),
-            tickets: tickets.clone(),
-            presence: presence.clone(),
-            enforcer,
-            idle_timeout: config.local_idle_timeout,
-            metrics: metrics.clone(),
-        },
+    let pam = pam_logins::PamLogins::load(&config.state_dir)?;
+    let local_state = local::ServerState {
+        spool: spool.clone(),
+        status: status_rx.clone(),
+        resource: config.resource.clone(),
+        tickets: tickets.clone(),
+        presence: presence.clone(),
+        enforcer,
+        idle_timeout: config.local_idle_timeout,
+        metrics: metrics.clone(),
+        pam,
+    };
+    // Logins whose process exited without closing them end; the first
+    // sweep closes those of processes gone while the agent was down.
+    tracker.spawn(pam_logins::sweep(
+        local_state.clone(),
         shutdown.child_token(),
-        tracker.clone(),
     ));
+    tracker.spawn(listener.serve(local_state, shutdown.child_token(), tracker.clone()));
     tracker.spawn(enforce::run(
         enforce::EnforcerTask {
             spool: spool.clone(),

@@ -106,6 +106,33 @@ pub enum Request {
         user: UserId,
         proof: StartProof,
     },
+    /// A PAM login's password, a ticket that must be for `user` (refused
+    /// without being used up otherwise): verified and marked used, and the
+    /// login may then open the ticket's session ([`crate::pam_logins`]).
+    /// Answered by `TicketValid`. Root and the agent's user only.
+    PamAuth {
+        service: String,
+        user: UserId,
+        ticket: String,
+    },
+    /// The PAM login held by process `pid` opened its PAM session: bound to
+    /// the session its ticket named, which starts (or, open already, is
+    /// attached to). Answered by `PamSession`; `NotVerified` when the login
+    /// did not authenticate with a ticket. Root and the agent's user only.
+    PamOpen {
+        service: String,
+        user: UserId,
+        pid: u32,
+    },
+    /// The PAM login held by process `pid` closed its PAM session; the
+    /// session ends with its last login. Answered by `PamSession`;
+    /// `UnknownSession` when the login is not bound. Root and the agent's
+    /// user only.
+    PamClose {
+        service: String,
+        user: UserId,
+        pid: u32,
+    },
 }
 
 /// Why the agent should believe a session start. Append-only.
@@ -136,6 +163,19 @@ pub enum Response {
     /// A presence report is queued for the broker (not spooled: see
     /// [`crate::presence`]).
     Noted,
+    /// A PAM login's session (answers `PamOpen` and `PamClose`).
+    PamSession(PamSessionReply),
+}
+
+/// The session a PAM login is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PamSessionReply {
+    pub session: SessionId,
+    pub user: UserId,
+    /// Other PAM logins on the same session: after an open, more than 0
+    /// means the login attached to a session already open; after a close,
+    /// 0 means the session ended with it.
+    pub others: u32,
 }
 
 /// What a valid ticket grants: the streaming server admits `user` and
@@ -201,6 +241,8 @@ pub enum ErrorCode {
     /// `SessionStart` said trusted from a peer that is neither root nor the
     /// agent's user.
     NotTrusted,
+    /// The ticket is for another user than the one who presented it.
+    TicketOtherUser,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +290,8 @@ pub struct ServerState {
     pub idle_timeout: Duration,
     /// Where tickets verified and refused are counted.
     pub metrics: crate::metrics::AgentMetrics,
+    /// PAM logins made with tickets and the sessions they are bound to.
+    pub pam: crate::pam_logins::PamLogins,
 }
 
 /// Who is on the other end of a local connection (`SO_PEERCRED`).
@@ -448,6 +492,17 @@ async fn handle(
         Request::WaitSynced { timeout_ms } => {
             wait_synced(state, wait_limit(timeout_ms), shutdown).await
         }
+        Request::PamAuth {
+            service,
+            user,
+            ticket,
+        } => crate::pam_logins::auth(state, peer, service, user, ticket).await,
+        Request::PamOpen { service, user, pid } => {
+            crate::pam_logins::open(state, peer, service, user, pid).await
+        }
+        Request::PamClose { service, user, pid } => {
+            crate::pam_logins::close(state, peer, service, user, pid).await
+        }
     }
 }
 
@@ -535,7 +590,11 @@ async fn session_start(
 }
 
 /// A session ended: spooled, its presence forgotten.
-async fn session_end(state: &ServerState, session: SessionId, reason: EndReason) -> Response {
+pub(crate) async fn session_end(
+    state: &ServerState,
+    session: SessionId,
+    reason: EndReason,
+) -> Response {
     if let EndReason::Other(text) = &reason {
         if text.len() > ferry_common::limits::MAX_TEXT_LEN {
             return Response::Error {
@@ -712,7 +771,7 @@ async fn verify_ticket(state: &ServerState, ticket: String) -> Response {
     }
 }
 
-fn ticket_refusal(e: VerifyError) -> Response {
+pub(crate) fn ticket_refusal(e: VerifyError) -> Response {
     let code = match &e {
         VerifyError::Ticket(TicketError::Malformed(_)) => ErrorCode::TicketMalformed,
         VerifyError::Ticket(TicketError::BadSignature) => ErrorCode::TicketForged,
@@ -722,6 +781,7 @@ fn ticket_refusal(e: VerifyError) -> Response {
         VerifyError::NoKey => ErrorCode::NoTicketKey,
         VerifyError::Full | VerifyError::Storage(_) => ErrorCode::Storage,
         VerifyError::Mismatch { .. } => ErrorCode::InvalidRequest,
+        VerifyError::OtherUser { .. } => ErrorCode::TicketOtherUser,
     };
     tracing::warn!(reason = e.code(), error = %e, "ticket refused");
     Response::Error {
@@ -737,7 +797,7 @@ fn status_reply(state: &ServerState) -> StatusReply {
     }
 }
 
-fn recorded(r: Result<u64, SpoolError>) -> Response {
+pub(crate) fn recorded(r: Result<u64, SpoolError>) -> Response {
     match r {
         Ok(seq) => Response::Recorded { seq },
         Err(e) => {
@@ -870,6 +930,43 @@ impl LocalClient {
         }
     }
 
+    /// A PAM login's password, a ticket for `user`: verified and used.
+    pub async fn pam_auth(
+        &mut self,
+        service: String,
+        user: UserId,
+        ticket: String,
+    ) -> Result<TicketInfo, LocalError> {
+        self.call(Request::PamAuth {
+            service,
+            user,
+            ticket,
+        })
+        .await?
+        .into_result()?
+        .ticket()
+    }
+
+    /// The PAM login of process `pid` opened (`open`) or closed its PAM
+    /// session.
+    pub async fn pam_session(
+        &mut self,
+        open: bool,
+        service: String,
+        user: UserId,
+        pid: u32,
+    ) -> Result<PamSessionReply, LocalError> {
+        let req = if open {
+            Request::PamOpen { service, user, pid }
+        } else {
+            Request::PamClose { service, user, pid }
+        };
+        match self.call(req).await?.into_result()? {
+            Response::PamSession(r) => Ok(r),
+            other => Err(LocalError::Unexpected(Box::new(other))),
+        }
+    }
+
     pub async fn verify_ticket(&mut self, ticket: String) -> Result<TicketInfo, LocalError> {
         self.call(Request::VerifyTicket { ticket })
             .await?
@@ -998,6 +1095,7 @@ mod tests {
                 enforcer: enforcer.clone(),
                 idle_timeout,
                 metrics: crate::metrics::AgentMetrics::default(),
+                pam: crate::pam_logins::PamLogins::load(&dir.path().join("state")).unwrap(),
             },
             shutdown.clone(),
             tracker.clone(),
@@ -1377,6 +1475,126 @@ mod tests {
             Err(LocalError::Refused { code, message }) if code == want => message,
             other => panic!("expected {want:?}, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_pam_login_with_a_ticket_opens_and_closes_the_ticket_s_session() {
+        use ring::signature::KeyPair as _;
+        let h = start(SpoolOptions::default());
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
+        h.tickets
+            .set_key_blocking(key.public_key().as_ref())
+            .unwrap();
+        let mut c = LocalClient::connect(&h.path).await.unwrap();
+        let alice: UserId = "alice".parse().unwrap();
+        // Two PAM applications holding a login each.
+        let mut a = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let mut b = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let open_sessions = |h: &Harness| -> Vec<String> {
+            h.spool
+                .lock()
+                .open_sessions()
+                .iter()
+                .map(|o| o.session.to_string())
+                .collect()
+        };
+
+        // A session opened with no ticket login before it.
+        let no_ticket = c
+            .pam_session(true, "sshd".into(), alice.clone(), a.id())
+            .await;
+        assert!(
+            matches!(&no_ticket, Err(LocalError::Refused { code: ErrorCode::NotVerified, message }) if message.contains("did not authenticate with a Ferry ticket")),
+            "{no_ticket:?}"
+        );
+        // Another user's ticket: refused, and not used up.
+        let t1 = ticket_for(&key, 1, "s1", "alice");
+        let stolen = c
+            .pam_auth("sshd".into(), "mallory".parse().unwrap(), t1.clone())
+            .await;
+        assert!(
+            matches!(
+                &stolen,
+                Err(LocalError::Refused {
+                    code: ErrorCode::TicketOtherUser,
+                    ..
+                })
+            ),
+            "{stolen:?}"
+        );
+        let info = c
+            .pam_auth("sshd".into(), alice.clone(), t1.clone())
+            .await
+            .unwrap();
+        assert_eq!(info.session.as_str(), "s1");
+        let reused = c.pam_auth("sshd".into(), alice.clone(), t1).await;
+        assert!(
+            matches!(
+                &reused,
+                Err(LocalError::Refused {
+                    code: ErrorCode::TicketReused,
+                    ..
+                })
+            ),
+            "{reused:?}"
+        );
+        let opened = c
+            .pam_session(true, "sshd".into(), alice.clone(), a.id())
+            .await
+            .unwrap();
+        assert_eq!((opened.session.as_str(), opened.others), ("s1", 0));
+        assert_eq!(open_sessions(&h), ["s1"]);
+
+        // A second login with a fresh ticket for the same (shared) session
+        // attaches to it.
+        c.pam_auth(
+            "sshd".into(),
+            alice.clone(),
+            ticket_for(&key, 2, "s1", "alice"),
+        )
+        .await
+        .unwrap();
+        let attached = c
+            .pam_session(true, "sshd".into(), alice.clone(), b.id())
+            .await
+            .unwrap();
+        assert_eq!((attached.session.as_str(), attached.others), ("s1", 1));
+        let closed = c
+            .pam_session(false, "sshd".into(), alice.clone(), a.id())
+            .await
+            .unwrap();
+        assert_eq!(closed.others, 1, "the other login keeps the session");
+        assert_eq!(open_sessions(&h), ["s1"]);
+        let closed = c
+            .pam_session(false, "sshd".into(), alice.clone(), b.id())
+            .await
+            .unwrap();
+        assert_eq!(closed.others, 0, "the last login ends it");
+        assert!(open_sessions(&h).is_empty());
+        let again = c
+            .pam_session(false, "sshd".into(), alice.clone(), b.id())
+            .await;
+        assert!(
+            matches!(
+                &again,
+                Err(LocalError::Refused {
+                    code: ErrorCode::UnknownSession,
+                    ..
+                })
+            ),
+            "{again:?}"
+        );
+        for p in [&mut a, &mut b] {
+            p.kill().unwrap();
+            p.wait().unwrap();
+        }
+        h.shutdown.cancel();
     }
 
     #[tokio::test]

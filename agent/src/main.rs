@@ -72,8 +72,21 @@ enum Cmd {
     /// Report a session start or end; exits 0 once the event is durably spooled.
     #[command(subcommand)]
     Session(SessionCmd),
-    /// pam_exec mode: reads PAM_TYPE, PAM_USER, PAM_SERVICE, PAM_TTY from the environment.
-    Pam,
+    /// pam_exec mode: reads PAM_TYPE, PAM_USER, PAM_SERVICE, PAM_TTY from the
+    /// environment, and at `auth` (with pam_exec's `expose_authtok`) the
+    /// user's ticket as the password on standard input.
+    ///
+    /// auth: exit 0 once the ticket is verified for this host and this user
+    /// and marked used; exit 1 with the reason otherwise. open_session: the
+    /// session the ticket named starts (or is attached to); close_session:
+    /// it ends with its last login.
+    Pam {
+        /// Refuse to open a session for a login that did not authenticate
+        /// with a Ferry ticket (instead of reporting it as trusted under a
+        /// derived session id).
+        #[arg(long)]
+        require_ticket: bool,
+    },
     /// Show the agent's link and spool status.
     Status {
         /// Print JSON.
@@ -316,7 +329,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             key,
         } => enroll(broker, ca, token, broker_name.as_deref(), cert, key).await,
         Cmd::Session(cmd) => session(&cli, cmd).await,
-        Cmd::Pam => pam_event(&cli).await,
+        Cmd::Pam { require_ticket } => pam_event(&cli, *require_ticket).await,
         Cmd::Ticket(TicketCmd::Verify { ticket, json }) => verify_ticket(&cli, ticket, *json).await,
         Cmd::Status {
             json,
@@ -498,29 +511,137 @@ async fn active(cli: &Cli, session: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `pam`: the session event PAM's environment describes, if any.
-async fn pam_event(cli: &Cli) -> anyhow::Result<ExitCode> {
+/// How long a PAM step waits for the agent: a stuck agent fails logins
+/// rather than hanging them.
+const PAM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `pam`: what PAM's environment describes, within [`PAM_TIMEOUT`].
+async fn pam_event(cli: &Cli, require_ticket: bool) -> anyhow::Result<ExitCode> {
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    let action = pam::action_from_env(&env, std::os::unix::process::parent_id())?;
-    let (session, seq) = match action {
-        PamAction::Ignore => return Ok(ExitCode::SUCCESS),
-        PamAction::Start { session, user } => {
-            let socket = socket_path(cli)?;
+    let ppid = std::os::unix::process::parent_id();
+    let action = pam::action_from_env(&env, ppid)?;
+    tokio::time::timeout(PAM_TIMEOUT, pam_step(cli, action, ppid, require_ticket))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the agent did not answer within {}s: the PAM step fails",
+                PAM_TIMEOUT.as_secs()
+            )
+        })?
+}
+
+/// A refusal the PAM step reports and fails with (exit 1).
+fn pam_refused(what: &str, message: &str) -> ExitCode {
+    tracing::warn!("PAM {what} refused: {message}");
+    eprintln!("ferry-agent pam: {what} refused: {message}");
+    ExitCode::FAILURE
+}
+
+async fn pam_step(
+    cli: &Cli,
+    action: PamAction,
+    ppid: u32,
+    require_ticket: bool,
+) -> anyhow::Result<ExitCode> {
+    if action == PamAction::Ignore {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let socket = socket_path(cli)?;
+    match action {
+        PamAction::Ignore => Ok(ExitCode::SUCCESS),
+        PamAction::Auth { service, user } => {
+            let ticket = tokio::task::spawn_blocking(read_authtok)
+                .await
+                .context("read the password")??;
+            let Some(ticket) = ticket else {
+                return Ok(pam_refused(
+                    "login",
+                    "no ticket on standard input (the auth line needs pam_exec's expose_authtok)",
+                ));
+            };
             let mut client = LocalClient::connect(&socket).await?;
-            let seq = client
-                .session_start(session.clone(), user, StartProof::Trusted)
-                .await?;
-            (session, seq)
+            match client.pam_auth(service, user.clone(), ticket).await {
+                Ok(info) => {
+                    tracing::info!(%user, session = %info.session, "PAM login: ticket accepted");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(LocalError::Refused { message, .. }) => Ok(pam_refused("login", &message)),
+                Err(e) => Err(e.into()),
+            }
         }
-        PamAction::End { session, reason } => {
-            let socket = socket_path(cli)?;
+        PamAction::Start {
+            service,
+            session,
+            user,
+        } => {
             let mut client = LocalClient::connect(&socket).await?;
+            match client.pam_session(true, service, user.clone(), ppid).await {
+                Ok(r) => {
+                    tracing::info!(session = %r.session, others = r.others, "PAM session opened");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(LocalError::Refused {
+                    code: ErrorCode::NotVerified,
+                    message,
+                }) if require_ticket => Ok(pam_refused("session", &message)),
+                Err(LocalError::Refused {
+                    code: ErrorCode::NotVerified,
+                    ..
+                }) => {
+                    // No ticket login before it: reported as trusted, as
+                    // PAM mode did before ticket logins.
+                    let seq = client
+                        .session_start(session.clone(), user, StartProof::Trusted)
+                        .await?;
+                    tracing::info!(%session, seq, "PAM session without a ticket recorded");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(LocalError::Refused { message, .. }) => Ok(pam_refused("session", &message)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        PamAction::End {
+            service,
+            session,
+            user,
+            reason,
+        } => {
+            let mut client = LocalClient::connect(&socket).await?;
+            if let Some(user) = user {
+                match client.pam_session(false, service, user, ppid).await {
+                    Ok(r) => {
+                        tracing::info!(session = %r.session, others = r.others, "PAM session closed");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Err(LocalError::Refused {
+                        code: ErrorCode::UnknownSession,
+                        message,
+                    }) if require_ticket => return Ok(pam_refused("session close", &message)),
+                    Err(LocalError::Refused {
+                        code: ErrorCode::UnknownSession,
+                        ..
+                    }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let seq = client.session_end(session.clone(), reason).await?;
-            (session, seq)
+            tracing::info!(%session, seq, "PAM session without a ticket ended");
+            Ok(ExitCode::SUCCESS)
         }
-    };
-    tracing::info!(%session, seq, "PAM session event recorded");
-    Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The password `pam_exec` writes to standard input with `expose_authtok`:
+/// `None` when there is none (or it cannot be a ticket).
+fn read_authtok() -> anyhow::Result<Option<String>> {
+    use std::io::Read;
+    let max = ferry_common::limits::MAX_TICKET_LEN;
+    let mut bytes = Vec::with_capacity(max + 2);
+    std::io::stdin()
+        .take(u64::try_from(max).unwrap_or(u64::MAX) + 2)
+        .read_to_end(&mut bytes)
+        .context("read the password from standard input")?;
+    Ok(pam::ticket_from_authtok(&bytes, max))
 }
 
 /// `ticket verify`: exit 0 with the ticket's facts, exit 1 with the reason

@@ -1,25 +1,34 @@
-//! PAM mode: `ferry-agent pam`, run by `pam_exec` on session open and close.
+//! PAM mode: `ferry-agent pam`, run by `pam_exec` at a login's
+//! authentication and at its session's open and close.
 //!
-//! One line of PAM configuration (e.g. in `/etc/pam.d/sshd` or the streaming
-//! server's PAM service) is enough:
+//! Two lines of PAM configuration put Ferry in front of any server that
+//! authenticates through PAM (xrdp's `xrdp-sesman`, OpenSSH's `sshd`):
 //!
 //! ```text
-//! session optional pam_exec.so /usr/bin/ferry-agent pam
+//! auth    required pam_exec.so expose_authtok quiet /usr/bin/ferry-agent pam
+//! session required pam_exec.so quiet /usr/bin/ferry-agent pam --require-ticket
 //! ```
 //!
 //! `pam_exec` passes `PAM_TYPE`, `PAM_USER`, `PAM_SERVICE`, `PAM_TTY` and
-//! `PAM_RHOST` in the environment. `open_session` reports a session start,
-//! `close_session` its end; any other type (auth, account, password) exits 0
-//! and does nothing.
+//! `PAM_RHOST` in the environment, and with `expose_authtok` the password on
+//! standard input.
 //!
-//! PAM has no broker ticket: its session start says it is trusted
-//! ([`crate::local::StartProof::Trusted`]), which the agent accepts only from
-//! root or the agent's own user. `pam_exec` runs as root in the session
-//! phase of sshd and display managers; a PAM service running as another user
-//! is refused with that reason.
+//! * `auth`: the password is the user's ticket. The agent verifies it
+//!   (signed by the broker, for this host, for this PAM user, unexpired,
+//!   never used) and marks it used before the login succeeds.
+//! * `open_session`: the login (the process holding the PAM handle, which
+//!   is `pam_exec`'s parent) is bound to the session the ticket named, and
+//!   that session is reported started, so the broker's reservation becomes
+//!   this session; a second login for the same session (a `shared` group)
+//!   attaches to it. See [`crate::pam_logins`].
+//! * `close_session`: the login is unbound; the session ends with its last
+//!   login.
 //!
-//! # Session ids
-//! PAM has no session id, so one is derived deterministically from what is
+//! A session opened without a ticket login before it (a server that does
+//! not run the auth stack, e.g. sshd with a public key) is refused with
+//! `--require-ticket`. Without it, it is reported as before Ferry's ticket
+//! logins: as trusted ([`crate::local::StartProof::Trusted`], accepted from
+//! root or the agent's user only), under a session id derived from what is
 //! the same at open and at close:
 //!
 //! * `pam-<service>-<tty>-<user>` when `PAM_TTY` names a terminal or display
@@ -42,14 +51,24 @@ use ferry_common::{IdError, SessionId, UserId};
 /// What PAM asks the agent to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PamAction {
-    /// Report a session start.
-    Start { session: SessionId, user: UserId },
-    /// Report a session end.
-    End {
+    /// Authenticate `user`: the password (standard input) is a ticket.
+    Auth { service: String, user: UserId },
+    /// A session opened. `session` is the derived id, used only for a login
+    /// that did not authenticate with a ticket.
+    Start {
+        service: String,
         session: SessionId,
+        user: UserId,
+    },
+    /// A session closed. `user` is `None` when the PAM user is not a Ferry
+    /// user id (then only the derived `session` can name it).
+    End {
+        service: String,
+        session: SessionId,
+        user: Option<UserId>,
         reason: EndReason,
     },
-    /// Not a session event (e.g. `auth`): do nothing, succeed.
+    /// Neither (e.g. `account`): do nothing, succeed.
     Ignore,
 }
 
@@ -69,6 +88,15 @@ pub fn action_from_env(env: &BTreeMap<String, String>, ppid: u32) -> Result<PamA
     let get = |k: &str| env.get(k).map(String::as_str).filter(|v| !v.is_empty());
     let kind = get("PAM_TYPE").ok_or(PamError::Missing("PAM_TYPE"))?;
     let open = match kind {
+        "auth" => {
+            let user_raw = get("PAM_USER").ok_or(PamError::Missing("PAM_USER"))?;
+            let service = get("PAM_SERVICE").ok_or(PamError::Missing("PAM_SERVICE"))?;
+            let user = UserId::new(user_raw).map_err(PamError::BadUser)?;
+            return Ok(PamAction::Auth {
+                service: service.to_owned(),
+                user,
+            });
+        }
         "open_session" => true,
         "close_session" => false,
         _ => return Ok(PamAction::Ignore),
@@ -86,15 +114,32 @@ pub fn action_from_env(env: &BTreeMap<String, String>, ppid: u32) -> Result<PamA
     }
     id.truncate(end);
     let session = SessionId::new(id).map_err(PamError::BadSession)?;
+    let service = service.to_owned();
     if open {
         let user = UserId::new(user_raw).map_err(PamError::BadUser)?;
-        Ok(PamAction::Start { session, user })
+        Ok(PamAction::Start {
+            service,
+            session,
+            user,
+        })
     } else {
         Ok(PamAction::End {
+            service,
             session,
+            user: UserId::new(user_raw).ok(),
             reason: EndReason::Logout,
         })
     }
+}
+
+/// The ticket `pam_exec` writes with `expose_authtok`: the password and a
+/// NUL (some versions also a newline), at most `max` bytes. `None` when
+/// empty or longer.
+pub fn ticket_from_authtok(bytes: &[u8], max: usize) -> Option<String> {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    let text = std::str::from_utf8(&bytes[..end]).ok()?;
+    let text = text.trim_end_matches(['\r', '\n']);
+    (!text.is_empty() && text.len() <= max).then(|| text.to_owned())
 }
 
 /// A real terminal or X display, as opposed to a service pseudo-name.
@@ -145,6 +190,7 @@ mod tests {
         assert_eq!(
             a,
             PamAction::Start {
+                service: "sshd".into(),
                 session: "pam-sshd-pts_3-alice".parse().unwrap(),
                 user: "alice".parse().unwrap()
             }
@@ -152,7 +198,9 @@ mod tests {
         assert_eq!(
             b,
             PamAction::End {
+                service: "sshd".into(),
                 session: "pam-sshd-pts_3-alice".parse().unwrap(),
+                user: Some("alice".parse().unwrap()),
                 reason: EndReason::Logout
             }
         );
@@ -184,8 +232,25 @@ mod tests {
 
     #[test]
     fn other_types_are_ignored_and_missing_vars_reported() {
-        let e = env(&[("PAM_TYPE", "auth")]);
+        let e = env(&[("PAM_TYPE", "account")]);
         assert_eq!(action_from_env(&e, 1).unwrap(), PamAction::Ignore);
+        let e = env(&[
+            ("PAM_TYPE", "auth"),
+            ("PAM_USER", "alice"),
+            ("PAM_SERVICE", "xrdp-sesman"),
+        ]);
+        assert_eq!(
+            action_from_env(&e, 1).unwrap(),
+            PamAction::Auth {
+                service: "xrdp-sesman".into(),
+                user: "alice".parse().unwrap()
+            }
+        );
+        let e = env(&[("PAM_TYPE", "auth"), ("PAM_SERVICE", "sshd")]);
+        assert!(matches!(
+            action_from_env(&e, 1),
+            Err(PamError::Missing("PAM_USER"))
+        ));
         assert!(matches!(
             action_from_env(&env(&[]), 1),
             Err(PamError::Missing("PAM_TYPE"))
@@ -217,9 +282,33 @@ mod tests {
             ("PAM_USER", &user),
             ("PAM_SERVICE", "login"),
         ]);
-        let PamAction::End { session, .. } = action_from_env(&e, 1).unwrap() else {
+        let PamAction::End { session, user, .. } = action_from_env(&e, 1).unwrap() else {
             panic!("expected end");
         };
         assert_eq!(session.as_str().len(), MAX_ID_LEN);
+        assert_eq!(
+            user, None,
+            "not a Ferry user id: only the derived id names it"
+        );
+    }
+
+    #[test]
+    fn the_ticket_is_read_up_to_its_nul() {
+        assert_eq!(
+            ticket_from_authtok(b"v1.abc.def\0", 100).as_deref(),
+            Some("v1.abc.def")
+        );
+        assert_eq!(
+            ticket_from_authtok(b"v1.abc\n\0", 100).as_deref(),
+            Some("v1.abc")
+        );
+        assert_eq!(
+            ticket_from_authtok(b"v1.abc", 100).as_deref(),
+            Some("v1.abc")
+        );
+        assert_eq!(ticket_from_authtok(b"\0", 100), None);
+        assert_eq!(ticket_from_authtok(b"", 100), None);
+        assert_eq!(ticket_from_authtok(b"v1.abcdef", 4), None);
+        assert_eq!(ticket_from_authtok(b"\xff\xfe\0", 100), None);
     }
 }

@@ -132,6 +132,8 @@ pub enum VerifyError {
         session: SessionId,
         user: UserId,
     },
+    #[error("the ticket is for user {ticket_user}, not for {user} who presented it")]
+    OtherUser { ticket_user: UserId, user: UserId },
 }
 
 /// Why a session start is not covered by a verified ticket.
@@ -162,6 +164,7 @@ impl VerifyError {
             VerifyError::Full => "full",
             VerifyError::Storage(_) => "storage",
             VerifyError::Mismatch { .. } => "mismatch",
+            VerifyError::OtherUser { .. } => "other-user",
         }
     }
 }
@@ -183,6 +186,16 @@ struct Inner {
     grant_records: usize,
     /// Bytes of those lines: where the next one is written.
     grant_len: u64,
+}
+
+/// What a verified ticket must also say, checked before it is marked used.
+#[derive(Clone, Copy)]
+enum Expect<'a> {
+    Nothing,
+    /// This session of this user (a session start carrying its ticket).
+    Session(&'a SessionId, &'a UserId),
+    /// This user (a PAM login).
+    User(&'a UserId),
 }
 
 /// The host's ticket checks; cheap to clone (one shared state).
@@ -486,7 +499,7 @@ impl TicketVerifier {
         text: &str,
         now: UnixMillis,
     ) -> Result<TicketClaims, VerifyError> {
-        self.verify_expecting(text, now, None)
+        self.verify_expecting(text, now, Expect::Nothing)
     }
 
     /// [`Self::verify_blocking`] of a ticket that must be for `session` of
@@ -499,26 +512,62 @@ impl TicketVerifier {
         session: &SessionId,
         user: &UserId,
     ) -> Result<TicketClaims, VerifyError> {
-        self.verify_expecting(text, now, Some((session, user)))
+        self.verify_expecting(text, now, Expect::Session(session, user))
+    }
+
+    /// [`Self::verify_blocking`] of a ticket presented by `user` (a PAM
+    /// login's password): a ticket for another user is refused without
+    /// being marked used, so it stays good for its owner. Blocking.
+    pub fn verify_for_user_blocking(
+        &self,
+        text: &str,
+        now: UnixMillis,
+        user: &UserId,
+    ) -> Result<TicketClaims, VerifyError> {
+        self.verify_expecting(text, now, Expect::User(user))
+    }
+
+    /// [`Self::verify_for_user_blocking`] on a blocking thread.
+    pub async fn verify_for_user(
+        &self,
+        text: String,
+        now: UnixMillis,
+        user: UserId,
+    ) -> Result<TicketClaims, VerifyError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.verify_for_user_blocking(&text, now, &user))
+            .await
+            .map_err(|e| VerifyError::Storage(format!("verify task failed: {e}")))?
     }
 
     fn verify_expecting(
         &self,
         text: &str,
         now: UnixMillis,
-        expect: Option<(&SessionId, &UserId)>,
+        expect: Expect<'_>,
     ) -> Result<TicketClaims, VerifyError> {
         let mut inner = self.lock()?;
         let key = inner.key.clone().ok_or(VerifyError::NoKey)?;
         let claims = verify_ticket(text, &key, now, &self.resource)?;
-        if let Some((session, user)) = expect {
-            if &claims.session != session || &claims.user != user {
-                return Err(VerifyError::Mismatch {
-                    ticket_session: claims.session,
-                    ticket_user: claims.user,
-                    session: session.clone(),
-                    user: user.clone(),
-                });
+        match expect {
+            Expect::Nothing => {}
+            Expect::Session(session, user) => {
+                if &claims.session != session || &claims.user != user {
+                    return Err(VerifyError::Mismatch {
+                        ticket_session: claims.session,
+                        ticket_user: claims.user,
+                        session: session.clone(),
+                        user: user.clone(),
+                    });
+                }
+            }
+            Expect::User(user) => {
+                if &claims.user != user {
+                    return Err(VerifyError::OtherUser {
+                        ticket_user: claims.user,
+                        user: user.clone(),
+                    });
+                }
             }
         }
         inner.used.retain(|_, exp| !is_dead(*exp, now));
@@ -901,6 +950,29 @@ mod tests {
         v.verify_for_start_blocking(&t, UnixMillis(1), &"s-1".parse().expect("id"), &alice)
             .expect("its own session");
         assert_eq!(v.used_count(), 1);
+    }
+
+    #[test]
+    fn a_ticket_presented_by_another_user_is_refused_and_not_used_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key();
+        let v = open(dir.path(), 0);
+        v.set_key_blocking(k.public_key().as_ref()).expect("key");
+        let t = ticket(&k, 1, "h1", 0);
+        let r = v.verify_for_user_blocking(&t, UnixMillis(1), &"mallory".parse().expect("id"));
+        assert!(matches!(r, Err(VerifyError::OtherUser { .. })), "{r:?}");
+        assert_eq!(r.map(|_| ()).unwrap_err().code(), "other-user");
+        assert_eq!(v.used_count(), 0);
+        let claims = v
+            .verify_for_user_blocking(&t, UnixMillis(1), &"alice".parse().expect("id"))
+            .expect("its own user");
+        assert_eq!(claims.session.as_str(), "s-1");
+        assert_eq!(v.used_count(), 1);
+        let again = v.verify_for_user_blocking(&t, UnixMillis(2), &"alice".parse().expect("id"));
+        assert!(
+            matches!(again, Err(VerifyError::Reused { .. })),
+            "{again:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,844 @@
+//! PAM logins made with Ferry tickets: which session each login is.
+//!
+//! A streaming server that authenticates through PAM (xrdp's sesman,
+//! OpenSSH's sshd, ...) runs `ferry-agent pam` from `pam_exec` three times
+//! for one login:
+//!
+//! 1. **auth** (`expose_authtok`): the password is the user's ticket.
+//!    [`Request::PamAuth`](crate::local::Request::PamAuth) verifies it for
+//!    the PAM user (a ticket of another user is refused and stays good for
+//!    its owner) and marks it used durably. The agent then holds a
+//!    *pending login*: service S may open session X for user U, until the
+//!    ticket's expiry plus [`START_GRACE_MS`].
+//! 2. **open_session**: [`Request::PamOpen`](crate::local::Request::PamOpen)
+//!    takes the oldest pending login of (S, U) and binds the PAM login to
+//!    session X. The PAM login is the process that holds the PAM handle
+//!    (`pam_exec`'s parent), named by pid and start time, so a reused pid
+//!    is never taken for it. X is reported started, or, when X is open
+//!    already (a `shared` group's user logging in again with a fresh ticket
+//!    for the same session), the login is attached to it.
+//! 3. **close_session**: [`Request::PamClose`](crate::local::Request::PamClose)
+//!    unbinds it; the session ends with its last login.
+//!
+//! A login process that exits without closing its PAM session (killed, or
+//! a server that gives up after authenticating) is found by a sweep every
+//! [`SWEEP_INTERVAL`] and closed the same way, so its slot is never held
+//! forever.
+//!
+//! The bindings are on disk (`pam-logins.json`, replaced atomically on
+//! every change) before the start they cause is spooled, and removed only
+//! after the end is spooled: an agent restarted in between closes, at
+//! start, every login whose process is gone, and watches the others.
+//! Pending logins live in memory only: they last the milliseconds between
+//! a server's authentication and its session opening.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ferry_common::wire::{EndReason, SessionEvent, UnixMillis};
+use ferry_common::{SessionId, UserId};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::now;
+use crate::local::{ErrorCode, Peer, Response, ServerState};
+use crate::ticket::START_GRACE_MS;
+
+/// The bindings' file in the state directory.
+pub const PAM_LOGINS_FILE: &str = "pam-logins.json";
+
+/// Most PAM logins bound at once (a host has far fewer sessions).
+pub const MAX_PAM_LOGINS: usize = 4096;
+
+/// Most pending logins (authenticated, session not yet opened).
+pub const MAX_PENDING_LOGINS: usize = 1024;
+
+/// Longest PAM service name accepted.
+pub const MAX_SERVICE_LEN: usize = 128;
+
+/// Largest bindings file read.
+const MAX_FILE_LEN: u64 = 4 * 1024 * 1024;
+
+/// How often bound logins' processes are checked.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Format version of the bindings file.
+const FILE_VERSION: u32 = 1;
+
+/// Why the bindings cannot be loaded or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PamLoginsError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a PAM logins file: {message}; move it away to start (the logins it \
+         names then never end by PAM: end them with `ferry-agent session end`)"
+    )]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// One PAM login: the process holding the PAM handle, for a user, through
+/// a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginKey {
+    pub service: String,
+    pub user: UserId,
+    pub pid: u32,
+}
+
+/// A PAM login bound to the session its ticket named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Login {
+    pub key: LoginKey,
+    /// The process's start time (clock ticks after boot, `/proc/PID/stat`):
+    /// with the pid, names the process even after the pid is reused.
+    pub start_time: u64,
+    pub session: SessionId,
+    pub opened_at: UnixMillis,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileBody {
+    version: u32,
+    logins: Vec<Login>,
+}
+
+/// Authenticated with a ticket, session not yet opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pending {
+    service: String,
+    user: UserId,
+    session: SessionId,
+    /// Dead from this instant (ticket expiry plus the start grace).
+    until: i64,
+}
+
+/// What an open binds the login to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// A new binding: `others` logins were already on the session (0: the
+    /// session starts now).
+    New { session: SessionId, others: usize },
+    /// The same process opened its PAM session twice: nothing changes.
+    Again { session: SessionId },
+}
+
+/// Why a login cannot be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "no ticket login of {user} through {service} is waiting for its session: the login did \
+         not authenticate with a Ferry ticket (auth line `pam_exec.so expose_authtok ... \
+         ferry-agent pam`), or its ticket expired"
+    )]
+    NoTicket { service: String, user: UserId },
+    #[error("{MAX_PAM_LOGINS} PAM logins are open on this host; no more are taken")]
+    Full,
+    #[error("cannot record the PAM login: {0}")]
+    Storage(#[from] PamLoginsError),
+}
+
+struct State {
+    pending: VecDeque<Pending>,
+    logins: Vec<Login>,
+}
+
+/// The host's PAM logins; cheap to clone (one shared state).
+#[derive(Clone)]
+pub struct PamLogins {
+    inner: Arc<Mutex<State>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for PamLogins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PamLogins")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PamLogins {
+    /// Loads the bindings of `state_dir` (none when there is no file).
+    pub fn load(state_dir: &Path) -> Result<Self, PamLoginsError> {
+        let path = state_dir.join(PAM_LOGINS_FILE);
+        let logins = read_file(&path)?;
+        Ok(Self {
+            inner: Arc::new(Mutex::new(State {
+                pending: VecDeque::new(),
+                logins,
+            })),
+            path,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent state: every
+        // change is made after its write succeeded.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every bound login.
+    pub fn logins(&self) -> Vec<Login> {
+        self.lock().logins.clone()
+    }
+
+    /// Pending logins (tests, status).
+    pub fn pending_count(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    /// Service `service` may open `session` for `user` until `expires_at`
+    /// (a ticket's expiry) plus the start grace. The oldest pending login
+    /// is dropped when there are too many.
+    pub fn add_pending(&self, service: &str, user: &UserId, session: &SessionId, expires_at: i64) {
+        let mut state = self.lock();
+        if state.pending.len() >= MAX_PENDING_LOGINS {
+            if let Some(old) = state.pending.pop_front() {
+                tracing::warn!(user = %old.user, session = %old.session,
+                    "too many PAM logins waiting for their session: the oldest is dropped");
+            }
+        }
+        state.pending.push_back(Pending {
+            service: service.to_owned(),
+            user: user.clone(),
+            session: session.clone(),
+            until: expires_at.saturating_add(START_GRACE_MS),
+        });
+    }
+
+    /// Binds the login `key` (its process started at `start_time`) to the
+    /// session of its oldest pending login, durably. Blocking (fsync).
+    pub fn open_blocking(
+        &self,
+        key: &LoginKey,
+        start_time: u64,
+        at: UnixMillis,
+    ) -> Result<Bound, OpenError> {
+        let mut state = self.lock();
+        if let Some(l) = state
+            .logins
+            .iter()
+            .find(|l| &l.key == key && l.start_time == start_time)
+        {
+            return Ok(Bound::Again {
+                session: l.session.clone(),
+            });
+        }
+        state.pending.retain(|p| p.until > at.0);
+        let Some(i) = state
+            .pending
+            .iter()
+            .position(|p| p.service == key.service && p.user == key.user)
+        else {
+            return Err(OpenError::NoTicket {
+                service: key.service.clone(),
+                user: key.user.clone(),
+            });
+        };
+        if state.logins.len() >= MAX_PAM_LOGINS {
+            return Err(OpenError::Full);
+        }
+        let session = state.pending[i].session.clone();
+        // A dead process's binding under the same pid (its close was
+        // missed, and the watcher has not run yet) is replaced.
+        let mut logins: Vec<Login> = state
+            .logins
+            .iter()
+            .filter(|l| &l.key != key)
+            .cloned()
+            .collect();
+        let others = logins.iter().filter(|l| l.session == session).count();
+        logins.push(Login {
+            key: key.clone(),
+            start_time,
+            session: session.clone(),
+            opened_at: at,
+        });
+        write_file(&self.path, &logins)?;
+        state.logins = logins;
+        state.pending.remove(i);
+        Ok(Bound::New { session, others })
+    }
+
+    /// The login `key` (of the process started at `start_time`, when
+    /// known) and how many other logins share its session.
+    pub fn find(&self, key: &LoginKey, start_time: Option<u64>) -> Option<(Login, usize)> {
+        let state = self.lock();
+        let login = state
+            .logins
+            .iter()
+            .find(|l| &l.key == key && start_time.is_none_or(|t| t == l.start_time))?
+            .clone();
+        let others = state
+            .logins
+            .iter()
+            .filter(|l| l.session == login.session && l.key != login.key)
+            .count();
+        Some((login, others))
+    }
+
+    /// Forgets `login`, durably. Blocking (fsync).
+    pub fn remove_blocking(&self, login: &Login) -> Result<(), PamLoginsError> {
+        let mut state = self.lock();
+        if !state.logins.contains(login) {
+            return Ok(());
+        }
+        let logins: Vec<Login> = state
+            .logins
+            .iter()
+            .filter(|l| *l != login)
+            .cloned()
+            .collect();
+        write_file(&self.path, &logins)?;
+        state.logins = logins;
+        Ok(())
+    }
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PamLoginsError + 'a {
+    move |source| PamLoginsError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<Login>, PamLoginsError> {
+    use std::io::Read;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("open", path)(e)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("read", path))?;
+    let corrupt = |message: String| PamLoginsError::Corrupt {
+        path: path.to_owned(),
+        message,
+    };
+    if bytes.len() as u64 > MAX_FILE_LEN {
+        return Err(corrupt(format!("longer than {MAX_FILE_LEN} bytes")));
+    }
+    let body: FileBody = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if body.version != FILE_VERSION {
+        return Err(corrupt(format!(
+            "format version {}, this agent reads {FILE_VERSION}",
+            body.version
+        )));
+    }
+    if body.logins.len() > MAX_PAM_LOGINS {
+        return Err(corrupt(format!(
+            "{} logins, more than the {MAX_PAM_LOGINS} an agent keeps",
+            body.logins.len()
+        )));
+    }
+    if let Some(bad) = body
+        .logins
+        .iter()
+        .find(|l| l.key.service.len() > MAX_SERVICE_LEN || l.key.pid <= 1)
+    {
+        return Err(corrupt(format!("login {:?} cannot be one", bad.key)));
+    }
+    Ok(body.logins)
+}
+
+fn write_file(path: &Path, logins: &[Login]) -> Result<(), PamLoginsError> {
+    let body = FileBody {
+        version: FILE_VERSION,
+        logins: logins.to_vec(),
+    };
+    let bytes = serde_json::to_vec_pretty(&body).map_err(|e| PamLoginsError::Corrupt {
+        path: path.to_owned(),
+        message: format!("cannot encode: {e}"),
+    })?;
+    ferry_process::files::write_atomic(path, &bytes, ferry_process::files::PRIVATE).map_err(|e| {
+        PamLoginsError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    })
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`, clock
+/// ticks after boot), `None` when there is no such process.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/PID/stat` line. The command name (field 2) may hold
+/// spaces and parentheses: fields are counted after its last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts with field 3 (state): field 22 is its 20th.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+/// The parent of process `pid` (field 4 of `/proc/PID/stat`).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+// ---- requests of the local socket ------------------------------------------
+
+/// Refused unless the peer is root or the agent's user: PAM's session phase
+/// runs as root, and a binding starts sessions.
+fn check_trusted(peer: Peer, what: &str) -> Option<Response> {
+    if peer.may_vouch() {
+        return None;
+    }
+    Some(Response::Error {
+        code: ErrorCode::NotTrusted,
+        message: format!(
+            "{} may not {what}: only root (pam_exec) and the agent's user (uid {}) may",
+            peer.uid.map_or_else(
+                || "a peer of unknown uid".to_owned(),
+                |u| format!("uid {u}")
+            ),
+            peer.agent_uid
+        ),
+    })
+}
+
+fn check_service(service: &str) -> Option<Response> {
+    let ok = !service.is_empty()
+        && service.len() <= MAX_SERVICE_LEN
+        && service
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != '\\');
+    (!ok).then(|| Response::Error {
+        code: ErrorCode::InvalidRequest,
+        message: format!(
+            "PAM service {:?} is not a PAM service name (1 to {MAX_SERVICE_LEN} printable \
+             characters, no slash)",
+            service.chars().take(MAX_SERVICE_LEN).collect::<String>()
+        ),
+    })
+}
+
+/// `PamAuth`: the login's password is a ticket for this host and `user`.
+pub async fn auth(
+    state: &ServerState,
+    peer: Peer,
+    service: String,
+    user: UserId,
+    ticket: String,
+) -> Response {
+    if let Some(r) =
+        check_trusted(peer, "authenticate PAM logins").or_else(|| check_service(&service))
+    {
+        return r;
+    }
+    let verified = state
+        .tickets
+        .verify_for_user(ticket, now(), user.clone())
+        .await;
+    state
+        .metrics
+        .ticket(verified.as_ref().map(|_| ()).map_err(|e| e.code()));
+    match verified {
+        Ok(c) => {
+            state
+                .pam
+                .add_pending(&service, &user, &c.session, c.expires_at.0);
+            tracing::info!(%service, %user, session = %c.session, "PAM login authenticated with a ticket");
+            Response::TicketValid(crate::local::TicketInfo {
+                ticket_id: c.ticket_id_hex(),
+                group: c.group,
+                user: c.user,
+                session: c.session,
+                expires_at: c.expires_at,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(%service, %user, reason = e.code(), error = %e, "PAM login refused");
+            crate::local::ticket_refusal(e)
+        }
+    }
+}
+
+/// `PamOpen`: binds the login of process `pid` to its ticket's session and
+/// reports the session started (or attaches to it).
+pub async fn open(
+    state: &ServerState,
+    peer: Peer,
+    service: String,
+    user: UserId,
+    pid: u32,
+) -> Response {
+    if let Some(r) = check_trusted(peer, "open PAM sessions").or_else(|| check_service(&service)) {
+        return r;
+    }
+    let Some(start_time) = (pid > 1).then(|| process_start_time(pid)).flatten() else {
+        return Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message: format!("process {pid} does not exist: no PAM login to bind"),
+        };
+    };
+    let key = LoginKey { service, user, pid };
+    let at = now();
+    let pam = state.pam.clone();
+    let k = key.clone();
+    let bound =
+        match tokio::task::spawn_blocking(move || pam.open_blocking(&k, start_time, at)).await {
+            Ok(b) => b,
+            Err(e) => Err(OpenError::Storage(PamLoginsError::Io {
+                op: "bind the PAM login (task failed)",
+                path: state.pam.path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })),
+        };
+    let (session, others) = match bound {
+        Ok(Bound::Again { session }) => {
+            let others = state.pam.find(&key, Some(start_time)).map_or(0, |(_, o)| o);
+            return pam_reply(session, key.user, others);
+        }
+        Ok(Bound::New { session, others }) => (session, others),
+        Err(e) => {
+            let code = match e {
+                OpenError::NoTicket { .. } => ErrorCode::NotVerified,
+                OpenError::Full => ErrorCode::TooManySessions,
+                OpenError::Storage(_) => ErrorCode::Storage,
+            };
+            tracing::warn!(service = %key.service, user = %key.user, pid, error = %e, "PAM session not opened");
+            return Response::Error {
+                code,
+                message: e.to_string(),
+            };
+        }
+    };
+    let login = Login {
+        key: key.clone(),
+        start_time,
+        session: session.clone(),
+        opened_at: at,
+    };
+    if others == 0 {
+        let started = state
+            .spool
+            .append(SessionEvent::Started {
+                session: session.clone(),
+                user: key.user.clone(),
+                at,
+            })
+            .await;
+        match started {
+            Ok(seq) => {
+                tracing::info!(%session, user = %key.user, service = %key.service, pid, seq,
+                    "PAM session started under its ticket's session id");
+            }
+            // Open already (reported another way, or a binding lost):
+            // this login attaches to it.
+            Err(crate::spool::SpoolError::DuplicateSession(_)) => {
+                tracing::info!(%session, user = %key.user, "PAM login attached to an open session");
+            }
+            Err(e) => {
+                let refused = crate::local::recorded(Err(e));
+                let pam = state.pam.clone();
+                let l = login.clone();
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await
+                {
+                    tracing::error!(error = %e, "forget the PAM login of a session not started");
+                }
+                return refused;
+            }
+        }
+    } else {
+        tracing::info!(%session, user = %key.user, service = %key.service, pid, others,
+            "PAM login attached to its shared session");
+    }
+    pam_reply(session, key.user, others)
+}
+
+fn pam_reply(session: SessionId, user: UserId, others: usize) -> Response {
+    Response::PamSession(crate::local::PamSessionReply {
+        session,
+        user,
+        others: u32::try_from(others).unwrap_or(u32::MAX),
+    })
+}
+
+/// `PamClose`: the login of process `pid` closed its PAM session; the
+/// session ends with its last login.
+pub async fn close(
+    state: &ServerState,
+    peer: Peer,
+    service: String,
+    user: UserId,
+    pid: u32,
+) -> Response {
+    if let Some(r) = check_trusted(peer, "close PAM sessions").or_else(|| check_service(&service)) {
+        return r;
+    }
+    let key = LoginKey { service, user, pid };
+    let Some((login, others)) = state.pam.find(&key, process_start_time(pid)) else {
+        return Response::Error {
+            code: ErrorCode::UnknownSession,
+            message: format!(
+                "no PAM login of {} through {} in process {pid} is bound to a session",
+                key.user, key.service
+            ),
+        };
+    };
+    end_login(state, &login, others, EndReason::Logout).await
+}
+
+/// Ends `login`'s session when it is the last login on it, then forgets
+/// the login.
+async fn end_login(
+    state: &ServerState,
+    login: &Login,
+    others: usize,
+    reason: EndReason,
+) -> Response {
+    if others == 0 {
+        match crate::local::session_end(state, login.session.clone(), reason).await {
+            Response::Recorded { .. } => {}
+            Response::Error {
+                code: ErrorCode::UnknownSession | ErrorCode::EndedSession,
+                ..
+            } => {
+                tracing::info!(session = %login.session, "the PAM login's session had already ended");
+            }
+            refused => return refused,
+        }
+    }
+    let pam = state.pam.clone();
+    let l = login.clone();
+    match tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "forget a closed PAM login");
+            return Response::Error {
+                code: ErrorCode::Storage,
+                message: e.to_string(),
+            };
+        }
+        Err(e) => {
+            return Response::Error {
+                code: ErrorCode::Storage,
+                message: format!("forget a closed PAM login: task failed: {e}"),
+            }
+        }
+    }
+    pam_reply(login.session.clone(), login.key.user.clone(), others)
+}
+
+/// Every [`SWEEP_INTERVAL`] until `shutdown` (the first at once, for the
+/// logins loaded at start): closes the logins whose process is gone or
+/// whose pid now names another process.
+pub async fn sweep(state: ServerState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let logins = state.pam.logins();
+        if logins.is_empty() {
+            continue;
+        }
+        let Ok(gone) = tokio::task::spawn_blocking(move || {
+            logins
+                .into_iter()
+                .filter(|l| process_start_time(l.key.pid) != Some(l.start_time))
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            continue;
+        };
+        for login in gone {
+            // Closed meanwhile (its PAM close came first): nothing to do.
+            let Some((current, others)) = state.pam.find(&login.key, Some(login.start_time)) else {
+                continue;
+            };
+            tracing::info!(session = %current.session, user = %current.key.user,
+                service = %current.key.service, pid = current.key.pid,
+                "the PAM login's process exited without closing its PAM session: closing it");
+            let reason = EndReason::Other(format!(
+                "the {} login process exited without closing its PAM session",
+                current.key.service
+            ));
+            if let Response::Error { message, .. } =
+                end_login(&state, &current, others, reason).await
+            {
+                tracing::error!(session = %current.session,
+                    "close the PAM login of an exited process: {message}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(service: &str, user: &str, pid: u32) -> LoginKey {
+        LoginKey {
+            service: service.into(),
+            user: user.parse().expect("user"),
+            pid,
+        }
+    }
+
+    fn logins(dir: &Path) -> PamLogins {
+        PamLogins::load(dir).expect("load")
+    }
+
+    fn sid(s: &str) -> SessionId {
+        s.parse().expect("session")
+    }
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        let line = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1 2 3";
+        assert_eq!(parse_start_time(line), Some(987654));
+        assert_eq!(parse_start_time("42 (x) S 1"), None);
+        let me = std::process::id();
+        assert!(process_start_time(me).is_some());
+        assert_eq!(parent_pid(me), Some(std::os::unix::process::parent_id()));
+    }
+
+    #[test]
+    fn an_open_takes_the_oldest_pending_login_of_its_service_and_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = logins(dir.path());
+        let alice: UserId = "alice".parse().expect("id");
+        p.add_pending("sshd", &alice, &sid("s-1"), 10_000);
+        p.add_pending("xrdp-sesman", &alice, &sid("s-2"), 10_000);
+        p.add_pending("sshd", &alice, &sid("s-3"), 10_000);
+        let err = p.open_blocking(&key("sshd", "bob", 100), 7, UnixMillis(1));
+        assert!(matches!(err, Err(OpenError::NoTicket { .. })), "{err:?}");
+        let b = p
+            .open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .expect("open");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-1"),
+                others: 0
+            }
+        );
+        let b = p
+            .open_blocking(&key("sshd", "alice", 101), 7, UnixMillis(1))
+            .expect("open");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-3"),
+                others: 0
+            }
+        );
+        // The same process opening twice changes nothing.
+        let b = p
+            .open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .expect("again");
+        assert_eq!(
+            b,
+            Bound::Again {
+                session: sid("s-1")
+            }
+        );
+        assert_eq!(p.pending_count(), 1);
+        // A pending login dies with its ticket (plus the grace).
+        let late = UnixMillis(10_000 + START_GRACE_MS);
+        let err = p.open_blocking(&key("xrdp-sesman", "alice", 102), 7, late);
+        assert!(matches!(err, Err(OpenError::NoTicket { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn a_second_login_with_a_fresh_ticket_for_the_same_session_attaches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = logins(dir.path());
+        let alice: UserId = "alice".parse().expect("id");
+        p.add_pending("sshd", &alice, &sid("s-1"), 10_000);
+        p.add_pending("sshd", &alice, &sid("s-1"), 20_000);
+        p.open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .expect("first");
+        let b = p
+            .open_blocking(&key("sshd", "alice", 200), 8, UnixMillis(2))
+            .expect("second");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-1"),
+                others: 1
+            }
+        );
+        let (first, others) = p.find(&key("sshd", "alice", 100), Some(7)).expect("bound");
+        assert_eq!(others, 1, "the session has another login");
+        p.remove_blocking(&first).expect("remove");
+        let (_, others) = p.find(&key("sshd", "alice", 200), None).expect("bound");
+        assert_eq!(others, 0, "the last login: its close ends the session");
+        // Another process under a reused pid is not the login.
+        assert!(p.find(&key("sshd", "alice", 200), Some(9)).is_none());
+    }
+
+    #[test]
+    fn bindings_survive_a_restart_and_a_bad_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = logins(dir.path());
+        let alice: UserId = "alice".parse().expect("id");
+        p.add_pending("sshd", &alice, &sid("s-1"), 10_000);
+        p.open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .expect("open");
+        drop(p);
+        let p = logins(dir.path());
+        let l = p.logins();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].session, sid("s-1"));
+        assert_eq!(l[0].start_time, 7);
+        assert_eq!(p.pending_count(), 0, "pending logins are not kept");
+        p.remove_blocking(&l[0]).expect("remove");
+        assert!(logins(dir.path()).logins().is_empty());
+
+        std::fs::write(
+            dir.path().join(PAM_LOGINS_FILE),
+            b"{\"version\":1,\"logins\":[",
+        )
+        .expect("write");
+        let err = PamLogins::load(dir.path()).expect_err("torn file");
+        assert!(err.to_string().contains(PAM_LOGINS_FILE), "{err}");
+        std::fs::write(
+            dir.path().join(PAM_LOGINS_FILE),
+            br#"{"version":1,"logins":[{"key":{"service":"sshd","user":"alice","pid":1},"start_time":1,"session":"s","opened_at":1}]}"#,
+        )
+        .expect("write");
+        assert!(PamLogins::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn too_many_pending_logins_drop_the_oldest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = logins(dir.path());
+        let alice: UserId = "alice".parse().expect("id");
+        for i in 0..=MAX_PENDING_LOGINS {
+            p.add_pending("sshd", &alice, &sid(&format!("s-{i}")), 10_000);
+        }
+        assert_eq!(p.pending_count(), MAX_PENDING_LOGINS);
+        let b = p
+            .open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .expect("open");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-1"),
+                others: 0
+            }
+        );
+    }
+}
