@@ -32,4 +32,5 @@ pub mod lossy;
 pub mod notify;
 pub mod procs;
 pub mod rollout;
+pub mod servers;
 pub mod webdriver;
