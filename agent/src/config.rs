@@ -4,7 +4,7 @@
 //! validator together with every other problem, never one error per run.
 //! Validation happens before any socket or file is opened.
 
-use ferry_common::wire::StreamingEndpoint;
+use ferry_common::wire::{StreamingEndpoint, StreamingProtocol};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -87,6 +87,10 @@ pub struct AgentConfig {
     /// Where end users' clients reach this host's streaming server
     /// (`streaming_address`), told to the broker after each `Welcome`.
     pub streaming: StreamingEndpoint,
+    /// What the streaming server speaks (`streaming_protocol`), told to
+    /// the broker with `streaming` and handed to end users' `ferry-connect`
+    /// (which starts the matching client); `None`: not said.
+    pub streaming_protocol: Option<StreamingProtocol>,
     /// Where `GET /metrics` is served (`[metrics] listen`; port 0 picks
     /// one), plain HTTP; `None` (the default): nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -211,6 +215,8 @@ struct RawConfig {
     hooks: RawHooks,
     /// `host:port` or `:port` of the host's streaming server.
     streaming_address: Option<String>,
+    /// `rdp` or `ssh`: what the host's streaming server speaks.
+    streaming_protocol: Option<String>,
     /// One-time enrollment token (issue 6): with no certificate at `cert`,
     /// `ferry-agent run` enrolls with it first (see [`crate::enroll`]).
     enroll_token: Option<String>,
@@ -255,6 +261,7 @@ impl Default for RawConfig {
             image_version: "unknown".into(),
             hooks: RawHooks::default(),
             streaming_address: None,
+            streaming_protocol: None,
             enroll_token: None,
             metrics: RawMetrics::default(),
         }
@@ -320,6 +327,7 @@ impl RawConfig {
         self.check_enroll_token(&mut problems);
         let (timeout, update_timeout) = self.hooks.timeouts(&mut problems);
         let streaming = self.streaming(&mut problems);
+        let streaming_protocol = self.streaming_protocol(&mut problems);
         let local_idle_timeout = hook_timeout(
             "local_idle_timeout",
             self.local_idle_timeout.as_deref(),
@@ -363,6 +371,7 @@ impl RawConfig {
                     update_timeout,
                 },
                 streaming,
+                streaming_protocol,
                 metrics_listen,
             }),
             _ => Err(problems),
@@ -486,6 +495,14 @@ impl RawConfig {
                 default_streaming()
             }),
         }
+    }
+
+    /// `streaming_protocol` (default: not said).
+    fn streaming_protocol(&self, problems: &mut Vec<String>) -> Option<StreamingProtocol> {
+        let text = self.streaming_protocol.as_deref()?;
+        text.parse()
+            .map_err(|e| problems.push(format!("streaming_protocol: {e}")))
+            .ok()
     }
 }
 
@@ -811,7 +828,7 @@ mod tests {
                 "broker_nam (line 4): unknown key (known keys here: resource, group, \
                  broker_addr, broker_name, brokers, ca_cert, cert, key, state_dir, \
                  policy_file, local_socket, local_idle_timeout, image_version, hooks, streaming_address, \
-                 enroll_token, metrics)",
+                 streaming_protocol, enroll_token, metrics)",
                 "hooks.timeout (line 7): invalid type: integer `30`, expected a string",
                 "hooks.disconect (line 8): unknown key (known keys here: disconnect, policy, \
                  timeout, image, update, warn, update_timeout)",
@@ -819,6 +836,37 @@ mod tests {
                 // (broker_addr was reported above, not again as missing).
                 "hooks.policy: must name a program (argv; `--` and the policy file's path are appended)",
             ],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn streaming_protocol_is_rdp_or_ssh_and_optional() {
+        let with = |line: &str| {
+            parse(&format!(
+                "resource = \"h\"\nbroker_addr = \"b:1\"\n{line}\n"
+            ))
+        };
+        assert_eq!(with("").expect("valid").streaming_protocol, None);
+        assert_eq!(
+            with("streaming_protocol = \"ssh\"")
+                .expect("valid")
+                .streaming_protocol,
+            Some(StreamingProtocol::Ssh)
+        );
+        assert_eq!(
+            with("streaming_protocol = \"rdp\"")
+                .expect("valid")
+                .streaming_protocol,
+            Some(StreamingProtocol::Rdp)
+        );
+        let err = with("streaming_protocol = \"vnc\"").expect_err("unknown");
+        let ConfigError::Invalid { problems, .. } = &err else {
+            panic!("expected Invalid, got {err}");
+        };
+        assert_eq!(
+            problems,
+            &["streaming_protocol: unknown streaming protocol \"vnc\" (known: rdp, ssh)"],
             "{err}"
         );
     }

@@ -8,7 +8,8 @@
 //! 3. `Welcome` says what the broker already recorded of this spool: those
 //!    events are dropped, the rest replayed in order, then new ones sent as
 //!    they are spooled;
-//! 4. `Streaming`, `Inventory` and the presence resync follow the
+//! 4. `StreamingServer` (`Streaming` when no `streaming_protocol` is
+//!    configured), `Inventory` and the presence resync follow the
 //!    `Welcome`; `Ack`s delete from the spool; `Health` goes out on the
 //!    broker's interval; `Command`s are carried out and answered, an image
 //!    switch or update followed by a new `Inventory`.
@@ -30,7 +31,7 @@ use ferry_common::frame::{
 use ferry_common::limits::{MAX_FRAME_LEN, MAX_SESSIONS_PER_HELLO};
 use ferry_common::wire::{
     AgentMessage, AgentToBroker, BrokerMessage, BrokerToAgent, CommandResult, Hello, Refusal,
-    RefusalCode, RenewalOutcome, Welcome,
+    RefusalCode, RenewalOutcome, StreamingServer, Welcome,
 };
 use ferry_common::PROTOCOL_VERSION;
 use tokio::sync::{mpsc, watch};
@@ -726,12 +727,7 @@ impl Link {
         send: &mut quinn::SendStream,
         shutdown: &CancellationToken,
     ) -> Result<(), LinkError> {
-        send_msg(
-            send,
-            AgentToBroker::Streaming(self.config.streaming.clone()),
-            shutdown,
-        )
-        .await?;
+        send_msg(send, streaming_message(&self.config), shutdown).await?;
         send_msg(
             send,
             AgentToBroker::Inventory(self.versions.inventory()),
@@ -932,6 +928,22 @@ async fn cancellable<T>(
     }
 }
 
+/// Where users reach the streaming server: `StreamingServer` when the
+/// configuration names its protocol, else the older `Streaming`, which
+/// means the same to a broker and is all a broker older than
+/// `StreamingServer` decodes (such a broker ends the link on a message it
+/// cannot decode), so an agent upgraded before its broker keeps working
+/// until it is configured with a protocol.
+fn streaming_message(config: &AgentConfig) -> AgentToBroker {
+    match config.streaming_protocol {
+        Some(protocol) => AgentToBroker::StreamingServer(StreamingServer {
+            endpoint: config.streaming.clone(),
+            protocol: Some(protocol),
+        }),
+        None => AgentToBroker::Streaming(config.streaming.clone()),
+    }
+}
+
 async fn send_msg(
     send: &mut quinn::SendStream,
     msg: AgentToBroker,
@@ -967,6 +979,7 @@ async fn resolve(addr: &str) -> Result<SocketAddr, LinkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_common::wire::StreamingProtocol;
 
     #[test]
     fn config_problems_are_told_apart() {
@@ -995,6 +1008,28 @@ mod tests {
             list.join(", ")
         );
         AgentConfig::from_toml(&text, std::path::Path::new("agent.toml")).expect("valid")
+    }
+
+    #[test]
+    fn the_streaming_protocol_goes_to_the_broker_only_when_configured() {
+        let c = config(&[]);
+        assert_eq!(
+            streaming_message(&c),
+            AgentToBroker::Streaming(c.streaming.clone())
+        );
+        let text = "resource = \"host-1\"\nbroker_addr = \"b0:7443\"\n\
+                    streaming_address = \"s.example:3389\"\nstreaming_protocol = \"rdp\"\n";
+        let c = AgentConfig::from_toml(text, std::path::Path::new("agent.toml")).expect("valid");
+        assert_eq!(
+            streaming_message(&c),
+            AgentToBroker::StreamingServer(StreamingServer {
+                endpoint: ferry_common::wire::StreamingEndpoint {
+                    host: Some("s.example".into()),
+                    port: 3389,
+                },
+                protocol: Some(StreamingProtocol::Rdp),
+            })
+        );
     }
 
     #[test]

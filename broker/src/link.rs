@@ -46,7 +46,7 @@ use crate::endpoint::{
 };
 use crate::hook_failure;
 use crate::pki;
-use crate::registry::{CommandRequest, Dismissal, Registry};
+use crate::registry::{CommandRequest, Dismissal, Registry, StreamingTarget};
 use crate::store::{Membership, MembershipSource, Registration, Store};
 
 /// Most agent connections served at once. A broker serves a fleet of hosts,
@@ -324,6 +324,7 @@ fn bounded_text(msg: AgentMessage) -> AgentMessage {
         AgentToBroker::Session(_)
         | AgentToBroker::Health(_)
         | AgentToBroker::Streaming(_)
+        | AgentToBroker::StreamingServer(_)
         | AgentToBroker::Presence(_)
         | AgentToBroker::Renew { .. } => {}
     }
@@ -683,11 +684,14 @@ impl Connection {
         // `Welcome`): the default port on the address it comes from. Known
         // before the join, which may admit waiting users to this host at
         // once: their answers need an address.
-        let guess = std::net::SocketAddr::new(
-            self.conn.remote_address().ip(),
-            ferry_common::route::DEFAULT_STREAMING_PORT,
-        )
-        .to_string();
+        let guess = StreamingTarget {
+            address: std::net::SocketAddr::new(
+                self.conn.remote_address().ip(),
+                ferry_common::route::DEFAULT_STREAMING_PORT,
+            )
+            .to_string(),
+            protocol: None,
+        };
         self.ctx
             .registry
             .set_streaming(&self.resource, self.conn_id, guess.clone());
@@ -869,7 +873,10 @@ impl Connection {
                 None => tracing::debug!(resource = %self.resource, id = result.id,
                     "result of an unknown or expired command"),
             },
-            AgentToBroker::Streaming(endpoint) => self.streaming(endpoint).await,
+            AgentToBroker::Streaming(endpoint) => self.streaming(endpoint, None).await,
+            AgentToBroker::StreamingServer(server) => {
+                self.streaming(server.endpoint, server.protocol).await
+            }
             AgentToBroker::Presence(report) => {
                 if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
                     actors.presence(g, &self.resource, report).await;
@@ -1067,9 +1074,14 @@ impl Connection {
     }
 
     /// Tells the group's actor where end users reach the host's streaming
-    /// server: the agent's configured host, or the address its connection
-    /// comes from. A host name that cannot be one is ignored (logged).
-    async fn streaming(&self, endpoint: ferry_common::wire::StreamingEndpoint) {
+    /// server (the agent's configured host, or the address its connection
+    /// comes from) and what it speaks (`None`: not said). A host name that
+    /// cannot be one is ignored (logged).
+    async fn streaming(
+        &self,
+        endpoint: ferry_common::wire::StreamingEndpoint,
+        protocol: Option<ferry_common::wire::StreamingProtocol>,
+    ) {
         let address = match endpoint.host {
             None => std::net::SocketAddr::new(self.conn.remote_address().ip(), endpoint.port)
                 .to_string(),
@@ -1091,11 +1103,12 @@ impl Connection {
                 return;
             }
         };
+        let target = StreamingTarget { address, protocol };
         self.ctx
             .registry
-            .set_streaming(&self.resource, self.conn_id, address.clone());
+            .set_streaming(&self.resource, self.conn_id, target.clone());
         if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
-            actors.streaming_address(g, &self.resource, address).await;
+            actors.streaming_address(g, &self.resource, target).await;
         }
     }
 
@@ -1218,6 +1231,7 @@ fn kind(msg: &AgentMessage) -> &'static str {
         AgentMessage::V1(AgentToBroker::Health(_)) => "Health",
         AgentMessage::V1(AgentToBroker::CommandResult(_)) => "CommandResult",
         AgentMessage::V1(AgentToBroker::Streaming(_)) => "Streaming",
+        AgentMessage::V1(AgentToBroker::StreamingServer(_)) => "StreamingServer",
         AgentMessage::V1(AgentToBroker::Presence(_)) => "Presence",
         AgentMessage::V1(AgentToBroker::Inventory(_)) => "Inventory",
         AgentMessage::V1(AgentToBroker::Renew { .. }) => "Renew",

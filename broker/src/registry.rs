@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_common::wire::{Command, CommandOutcome, HealthReport, Inventory, Refusal};
+use ferry_common::wire::{
+    Command, CommandOutcome, HealthReport, Inventory, Refusal, StreamingProtocol,
+};
 use ferry_common::{GroupName, ResourceId, UnixMillis};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -65,9 +67,18 @@ pub struct LiveResource {
     /// after the agent connected (published later, broker restart, a
     /// scale-out asking for this elastic id) takes the host in at once.
     pub group: Option<GroupName>,
-    /// `host:port` where end users reach its streaming server: the address
-    /// the agent reported, or a guess from its connection until it does.
-    pub streaming: Option<String>,
+    /// Where end users reach its streaming server: the address the agent
+    /// reported, or a guess from its connection until it does.
+    pub streaming: Option<StreamingTarget>,
+}
+
+/// Where end users reach a host's streaming server, and what it speaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamingTarget {
+    /// `host:port` (`[v6]:port`).
+    pub address: String,
+    /// `None`: the agent did not say (an older agent, or none configured).
+    pub protocol: Option<StreamingProtocol>,
 }
 
 /// Why the broker ended a connection ([`Registry::dismiss`]); shared by
@@ -246,8 +257,8 @@ impl Registry {
     }
 
     /// Records where end users reach the host's streaming server.
-    pub fn set_streaming(&self, resource: &ResourceId, conn_id: u64, address: String) {
-        self.update(resource, conn_id, |l| l.streaming = Some(address));
+    pub fn set_streaming(&self, resource: &ResourceId, conn_id: u64, target: StreamingTarget) {
+        self.update(resource, conn_id, |l| l.streaming = Some(target));
     }
 
     /// The connected resources whose `Hello` named `group`, with their

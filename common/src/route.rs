@@ -11,6 +11,12 @@
 //! which the broker finishes the stream. While waiting, the client may send
 //! `Cancel` (or just reset the stream) to withdraw.
 //!
+//! A client that wants the host's streaming protocol too (`ferry-connect`,
+//! to start the user's client) asks with `RouteLaunch` instead of `Route`
+//! and is admitted with `AdmittedLaunch` instead of `Admitted`. A broker
+//! older than `RouteLaunch` cannot decode it and refuses it as `Malformed`:
+//! such a client asks once more with `Route`, the protocol unknown.
+//!
 //! Wire rules as in [`crate::wire`]: versioned envelopes, append variants,
 //! never change a shipped one; golden bytes below.
 
@@ -18,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{GroupName, ResourceId, SessionId, UserId};
 use crate::ticket::Credential;
-use crate::wire::UnixMillis;
+use crate::wire::{StreamingProtocol, UnixMillis};
 
 /// Largest route frame either way. A request is a group, a user and a
 /// credential (at most a few KiB with every field at its limit); an answer a
@@ -48,13 +54,17 @@ pub enum RouteReply {
     V1(BrokerToClient),
 }
 
-/// Client -> broker. The first frame of a stream is always `Route`.
+/// Client -> broker. The first frame of a stream is always `Route` or
+/// `RouteLaunch`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientToBroker {
     /// Ask for a session in `group` as `user`.
     Route(RouteAsk),
     /// Withdraw the request of this stream (while it waits for room).
     Cancel,
+    /// `Route`, from a client that takes `AdmittedLaunch` for an answer
+    /// (everything else is answered as to `Route`).
+    RouteLaunch(RouteAsk),
 }
 
 /// A request for a session.
@@ -82,6 +92,12 @@ pub enum BrokerToClient {
     /// Another broker owns the group (brokers sharing a store): ask the
     /// broker at `address` (`host:port`) instead.
     Redirect { address: String },
+    /// `Admitted`, answering a `RouteLaunch`: with the protocol the host's
+    /// streaming server speaks, `None` when its agent does not say.
+    AdmittedLaunch {
+        admission: Admission,
+        protocol: Option<StreamingProtocol>,
+    },
 }
 
 /// A granted session: connect to `address` and present `ticket`.
@@ -204,6 +220,48 @@ mod tests {
             "0000016703626f6201017401",
         );
         round_trip(&RouteRequest::V1(ClientToBroker::Cancel), "0001");
+    }
+
+    #[test]
+    fn golden_launch() {
+        round_trip(
+            &RouteRequest::V1(ClientToBroker::RouteLaunch(RouteAsk {
+                group: id("g"),
+                user: id("bob"),
+                credential: Credential::Token("t".into()),
+                wait: true,
+            })),
+            "0002016703626f6201017401",
+        );
+        let admission = Admission {
+            resource: id("h1"),
+            address: "h:1".into(),
+            session: id("s1"),
+            ticket: "v1.x".into(),
+            expires_at: UnixMillis(1000),
+        };
+        // The admission's bytes are `Admitted`'s, then the protocol.
+        round_trip(
+            &RouteReply::V1(BrokerToClient::AdmittedLaunch {
+                admission: admission.clone(),
+                protocol: Some(StreamingProtocol::Ssh),
+            }),
+            "000402683103683a310273310476312e78fbd0070101",
+        );
+        round_trip(
+            &RouteReply::V1(BrokerToClient::AdmittedLaunch {
+                admission: admission.clone(),
+                protocol: Some(StreamingProtocol::Rdp),
+            }),
+            "000402683103683a310273310476312e78fbd0070100",
+        );
+        round_trip(
+            &RouteReply::V1(BrokerToClient::AdmittedLaunch {
+                admission,
+                protocol: None,
+            }),
+            "000402683103683a310273310476312e78fbd00700",
+        );
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub enum AgentToBroker {
     /// Answered by `BrokerToAgent::Renewal`; the agent uses the new
     /// certificate from its next connection.
     Renew { csr_der: Vec<u8> },
+    /// `Streaming` with the protocol the streaming server speaks, sent
+    /// instead of it after every `Welcome` by an agent configured with one
+    /// (`streaming_protocol`; without, it sends `Streaming`, which brokers
+    /// older than this variant decode too). A broker takes either; the old
+    /// `Streaming` means the protocol is not known.
+    StreamingServer(StreamingServer),
 }
 
 /// What a host runs.
@@ -105,6 +111,63 @@ pub struct StreamingEndpoint {
     /// sees the agent's connection come from.
     pub host: Option<String>,
     pub port: u16,
+}
+
+/// Where the host's streaming server listens and what it speaks, as the
+/// agent is configured (`streaming_address`, `streaming_protocol`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamingServer {
+    pub endpoint: StreamingEndpoint,
+    /// `None`: the agent's configuration does not say.
+    pub protocol: Option<StreamingProtocol>,
+}
+
+/// The protocol of a host's streaming server: which client an end user's
+/// `ferry-connect --launch` starts. Append only (bincode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamingProtocol {
+    /// Remote Desktop (e.g. xrdp); the client is an RDP client.
+    Rdp,
+    /// Secure Shell; the client is `ssh`.
+    Ssh,
+}
+
+impl StreamingProtocol {
+    /// Every protocol, for messages that list them.
+    pub const ALL: [StreamingProtocol; 2] = [StreamingProtocol::Rdp, StreamingProtocol::Ssh];
+
+    /// The protocol's name in configuration, `--json` output and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamingProtocol::Rdp => "rdp",
+            StreamingProtocol::Ssh => "ssh",
+        }
+    }
+}
+
+impl std::fmt::Display for StreamingProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is no [`StreamingProtocol`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown streaming protocol {0:?} (known: rdp, ssh)")]
+pub struct UnknownProtocol(pub String);
+
+impl std::str::FromStr for StreamingProtocol {
+    type Err = UnknownProtocol;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        StreamingProtocol::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                // The name comes from a user or a file: keep the message short.
+                UnknownProtocol(s.chars().take(32).collect())
+            })
+    }
 }
 
 /// A change of a session's user connection.
@@ -547,6 +610,47 @@ mod tests {
             frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
             msg
         );
+    }
+
+    #[test]
+    fn golden_streaming_server() {
+        let cases = [
+            (Some(StreamingProtocol::Ssh), "0008010168fbfb200101"),
+            (Some(StreamingProtocol::Rdp), "0008010168fbfb200100"),
+            (None, "0008010168fbfb2000"),
+        ];
+        for (protocol, golden) in cases {
+            let msg = AgentMessage::V1(AgentToBroker::StreamingServer(StreamingServer {
+                endpoint: StreamingEndpoint {
+                    host: Some("h".into()),
+                    port: 8443,
+                },
+                protocol,
+            }));
+            let bytes = frame::encode_payload(&msg).expect("encode");
+            assert_eq!(hex(&bytes), golden, "{protocol:?}");
+            assert_eq!(
+                frame::decode_payload::<AgentMessage>(&bytes).expect("decode"),
+                msg
+            );
+        }
+        // A protocol this build does not know is a decode error, not a guess.
+        assert!(frame::decode_payload::<AgentMessage>(&[0, 8, 0, 0xfb, 0xfb, 0x20, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn streaming_protocol_names() {
+        for p in StreamingProtocol::ALL {
+            assert_eq!(p.as_str().parse::<StreamingProtocol>(), Ok(p));
+            assert_eq!(p.to_string(), p.as_str());
+        }
+        assert_eq!("ssh".parse(), Ok(StreamingProtocol::Ssh));
+        assert_eq!("rdp".parse(), Ok(StreamingProtocol::Rdp));
+        let err = "SSH"
+            .parse::<StreamingProtocol>()
+            .expect_err("names are lowercase");
+        assert!(err.to_string().contains("known: rdp, ssh"), "{err}");
+        assert!("".parse::<StreamingProtocol>().is_err());
     }
 
     #[test]

@@ -330,6 +330,7 @@ impl TestBroker {
             hooks: HooksConfig::default(),
             metrics_listen: None,
             streaming: ferry_agent::config::default_streaming(),
+            streaming_protocol: None,
         })
     }
 }

@@ -268,6 +268,7 @@ async fn serve(incoming: quinn::Incoming, protocol: u16, st: ConnState) -> anyho
                     }
                     // Renewal is tested against the real broker (tests/tests/certs.rs).
                     AgentToBroker::Streaming(_)
+                    | AgentToBroker::StreamingServer(_)
                     | AgentToBroker::Presence(_)
                     | AgentToBroker::Renew { .. } => {}
                 }

@@ -2,6 +2,7 @@
 //! benchmark) use. One QUIC connection without a client certificate
 //! (`pki::client_config_for(ca, None, ALPN_ROUTE)`); each [`RouteClient::route`]
 //! is one bidirectional stream, so many requests may share a connection.
+//! [`RouteClient::route_launch`] asks for the host's streaming protocol too.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use ferry_common::route::{
     Admission, BrokerToClient, ClientToBroker, RouteAsk, RouteRefused, RouteReply, RouteRequest,
     MAX_ROUTE_FRAME_LEN,
 };
+use ferry_common::wire::StreamingProtocol;
 use ferry_common::PROTOCOL_VERSION;
 use tokio::time::timeout;
 
@@ -163,16 +165,42 @@ impl RouteClient {
     pub async fn route(
         &self,
         ask: RouteAsk,
-        mut on_waiting: impl FnMut(u32),
+        on_waiting: impl FnMut(u32),
     ) -> Result<RouteAnswer, ClientError> {
         let wait = ask.wait;
+        let (answer, _) = self
+            .request(ClientToBroker::Route(ask), wait, on_waiting)
+            .await?;
+        Ok(answer)
+    }
+
+    /// [`RouteClient::route`] as `RouteLaunch`: an admission comes with the
+    /// protocol of the host's streaming server (`None` when its agent does
+    /// not say). A broker older than `RouteLaunch` refuses it as
+    /// [`ferry_common::route::RouteRefusal::Malformed`]: ask again with
+    /// [`RouteClient::route`] then.
+    pub async fn route_launch(
+        &self,
+        ask: RouteAsk,
+        on_waiting: impl FnMut(u32),
+    ) -> Result<(RouteAnswer, Option<StreamingProtocol>), ClientError> {
+        let wait = ask.wait;
+        self.request(ClientToBroker::RouteLaunch(ask), wait, on_waiting)
+            .await
+    }
+
+    /// One request on a new stream: its final answer, with the protocol of
+    /// an `AdmittedLaunch`.
+    async fn request(
+        &self,
+        msg: ClientToBroker,
+        wait: bool,
+        mut on_waiting: impl FnMut(u32),
+    ) -> Result<(RouteAnswer, Option<StreamingProtocol>), ClientError> {
         let (mut send, mut recv) = timeout(CLIENT_TIMEOUT, self.conn.open_bi())
             .await
             .map_err(|_| ClientError::Timeout("a stream"))??;
-        let request = frame::encode_frame(
-            &RouteRequest::V1(ClientToBroker::Route(ask)),
-            MAX_ROUTE_FRAME_LEN,
-        )?;
+        let request = frame::encode_frame(&RouteRequest::V1(msg), MAX_ROUTE_FRAME_LEN)?;
         let mut first = Vec::with_capacity(frame::PREAMBLE_LEN + request.len());
         first.extend_from_slice(&frame::preamble(PROTOCOL_VERSION));
         first.extend_from_slice(&request);
@@ -211,15 +239,22 @@ impl RouteClient {
                 }
                 Some(RouteReply::V1(BrokerToClient::Admitted(a))) => {
                     let _ = send.finish();
-                    return Ok(RouteAnswer::Admitted(a));
+                    return Ok((RouteAnswer::Admitted(a), None));
+                }
+                Some(RouteReply::V1(BrokerToClient::AdmittedLaunch {
+                    admission,
+                    protocol,
+                })) => {
+                    let _ = send.finish();
+                    return Ok((RouteAnswer::Admitted(admission), protocol));
                 }
                 Some(RouteReply::V1(BrokerToClient::Refused(r))) => {
                     let _ = send.finish();
-                    return Ok(RouteAnswer::Refused(r));
+                    return Ok((RouteAnswer::Refused(r), None));
                 }
                 Some(RouteReply::V1(BrokerToClient::Redirect { address })) => {
                     let _ = send.finish();
-                    return Ok(RouteAnswer::Redirect(address));
+                    return Ok((RouteAnswer::Redirect(address), None));
                 }
             }
         }

@@ -9,7 +9,9 @@
 //! sessions (`group-not-available`, naming the status); then the group's
 //! actor places the request with the engine. An admitted request gets a
 //! ticket signed for exactly the reservation the actor made (same session,
-//! resource, issue and expiry times).
+//! resource, issue and expiry times). A `RouteLaunch` is served the same
+//! way and admitted with `AdmittedLaunch`, which adds the protocol of the
+//! host's streaming server.
 //!
 //! Limits: [`MAX_ROUTE_CONNECTIONS`] connections, [`ROUTE_STREAMS_BEFORE_AUTH`]
 //! requests at once on one connection until one of its requests passed the
@@ -293,10 +295,11 @@ async fn serve_stream(
     )
     .await
     .map_err(|_| StreamError::Timeout("the request"))?;
-    let ask = match first.map(|f| {
+    let (ask, launch) = match first.map(|f| {
         f.map(|payload| frame::decode_payload_within::<RouteRequest, MAX_ROUTE_FRAME_LEN>(&payload))
     }) {
-        Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Route(ask))))) => ask,
+        Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Route(ask))))) => (ask, false),
+        Ok(Some(Ok(RouteRequest::V1(ClientToBroker::RouteLaunch(ask))))) => (ask, true),
         Ok(None) => return Ok(()),
         Ok(Some(Ok(RouteRequest::V1(ClientToBroker::Cancel)))) => {
             inner
@@ -341,13 +344,22 @@ async fn serve_stream(
         a = decide(inner, trust, source, ask, &mut send, &mut recv) => a?,
         _ = token.cancelled() => refusal(RouteRefusal::ShuttingDown, "the broker is shutting down"),
     };
+    // A `Route`'s client may be older than `AdmittedLaunch`.
+    let answer = match answer {
+        BrokerToClient::AdmittedLaunch { admission, .. } if !launch => {
+            BrokerToClient::Admitted(admission)
+        }
+        other => other,
+    };
     match &answer {
         BrokerToClient::Refused(r) => {
             inner.store.metrics().route_refused(r.reason.as_str());
             tracing::debug!(%group, reason = %r.reason, "route refused: {}", r.message);
         }
         // Only a group that exists admits: its name is a bounded label.
-        BrokerToClient::Admitted(_) => inner.store.metrics().route_admitted(group.as_str()),
+        BrokerToClient::Admitted(_) | BrokerToClient::AdmittedLaunch { .. } => {
+            inner.store.metrics().route_admitted(group.as_str())
+        }
         BrokerToClient::Waiting { .. } | BrokerToClient::Redirect { .. } => {}
     }
     finish(&mut send, answer).await
@@ -571,7 +583,8 @@ async fn follow_progress(
 }
 
 /// The admission of a placed request, with a ticket signed for exactly the
-/// actor's reservation.
+/// actor's reservation, and the host's protocol (`AdmittedLaunch`: a
+/// `Route` gets it as `Admitted`, see [`serve_stream`]).
 fn admission(inner: &Inner, group: &GroupName, user: &UserId, p: Placement) -> BrokerToClient {
     let (claims, ticket) = inner.signer.issue(
         group,
@@ -583,13 +596,16 @@ fn admission(inner: &Inner, group: &GroupName, user: &UserId, p: Placement) -> B
     );
     tracing::debug!(%group, %user, session = %p.session, resource = %p.resource,
         ticket = %claims.ticket_id_hex(), "route admitted");
-    BrokerToClient::Admitted(Admission {
-        resource: p.resource,
-        address: p.address,
-        session: p.session,
-        ticket,
-        expires_at: claims.expires_at,
-    })
+    BrokerToClient::AdmittedLaunch {
+        admission: Admission {
+            resource: p.resource,
+            address: p.address,
+            session: p.session,
+            ticket,
+            expires_at: claims.expires_at,
+        },
+        protocol: p.protocol,
+    }
 }
 
 /// Watches a waiting request's stream for the client's `Cancel` (or its

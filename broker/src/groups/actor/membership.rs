@@ -95,8 +95,8 @@ impl Actor {
                     continue;
                 }
             };
-            if let Some(address) = live.streaming {
-                self.set_address(resource.clone(), address);
+            if let Some(target) = live.streaming {
+                self.set_address(resource.clone(), target);
             }
             self.join(resource.clone(), Some(conn), sessions).await;
             if !live.available || live.draining {

@@ -235,7 +235,7 @@ pub(super) enum Msg {
     /// Where a resource's streaming server is reached.
     Streaming {
         resource: ResourceId,
-        address: String,
+        target: crate::registry::StreamingTarget,
         reply: oneshot::Sender<()>,
     },
     /// A session's user disconnected or reconnected.
@@ -613,10 +613,10 @@ impl Actor {
             }
             Msg::Streaming {
                 resource,
-                address,
+                target,
                 reply,
             } => {
-                self.set_address(resource, address);
+                self.set_address(resource, target);
                 let _ = reply.send(());
                 After::Answered
             }

@@ -44,12 +44,13 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use ferry_common::route::{RouteRefusal, RouteRefused};
-use ferry_common::wire::{Command, CommandOutcome, Presence, PresenceReport};
+use ferry_common::wire::{Command, CommandOutcome, Presence, PresenceReport, StreamingProtocol};
 use ferry_common::{GroupName, ResourceId, SessionId, UnixMillis, UserId};
 use tokio::sync::mpsc;
 
 use super::{Actor, ActorError, GroupActors, Msg};
 use crate::engine::{Input, Retention};
+use crate::registry::StreamingTarget;
 use crate::store::{ReservationOp, StoredReservation};
 
 /// How long a ticket, and the slot it reserves, lives unused: the broker's
@@ -79,6 +80,8 @@ pub struct Placement {
     pub resource: ResourceId,
     /// `host:port` of its streaming server.
     pub address: String,
+    /// What its streaming server speaks, if its agent said.
+    pub protocol: Option<StreamingProtocol>,
     pub session: SessionId,
     pub issued_at: UnixMillis,
     pub expires_at: UnixMillis,
@@ -149,8 +152,8 @@ pub(super) struct Routing {
     /// Sessions whose retention ran out and whose end was asked for: never
     /// routed to again.
     ending: HashSet<SessionId>,
-    /// Streaming address of each real resource.
-    addresses: HashMap<ResourceId, String>,
+    /// Streaming address and protocol of each real resource.
+    addresses: HashMap<ResourceId, StreamingTarget>,
     /// (when, why, session); entries no longer valid are skipped when due.
     deadlines: BTreeSet<(i64, Due, SessionId)>,
     /// Sessions to leave once the engine's decision loop is done.
@@ -258,12 +261,12 @@ impl GroupActors {
         &self,
         group: &GroupName,
         resource: &ResourceId,
-        address: String,
+        target: StreamingTarget,
     ) {
         let resource = resource.clone();
         self.ask(group, |reply| Msg::Streaming {
             resource,
-            address,
+            target,
             reply,
         })
         .await
@@ -463,8 +466,10 @@ impl Actor {
                 }
             ),
         );
+        let (address, protocol) = self.address_of(&real);
         let placement = Placement {
-            address: self.address_of(&real),
+            address,
+            protocol,
             resource: real,
             session: session.clone(),
             issued_at,
@@ -478,12 +483,12 @@ impl Actor {
         });
     }
 
-    fn address_of(&self, real: &ResourceId) -> String {
-        self.routing
-            .addresses
-            .get(real)
-            .cloned()
-            .unwrap_or_else(|| real.to_string())
+    /// Where users reach `real`'s streaming server and what it speaks.
+    fn address_of(&self, real: &ResourceId) -> (String, Option<StreamingProtocol>) {
+        match self.routing.addresses.get(real) {
+            Some(t) => (t.address.clone(), t.protocol),
+            None => (real.to_string(), None),
+        }
     }
 
     /// The engine placed or rejected a session: answer its waiter, if any.
@@ -525,8 +530,10 @@ impl Actor {
             .insert((expires_at, Due::Ticket, session.clone()));
         self.routing.link(session, &waiter.user);
         let real = self.external(engine_id);
+        let (address, protocol) = self.address_of(&real);
         let placement = Placement {
-            address: self.address_of(&real),
+            address,
+            protocol,
             resource: real,
             session: session.clone(),
             issued_at: at,
@@ -875,8 +882,8 @@ impl Actor {
     }
 
     /// An agent told where its streaming server listens.
-    pub(super) fn set_address(&mut self, resource: ResourceId, address: String) {
-        self.routing.addresses.insert(resource, address);
+    pub(super) fn set_address(&mut self, resource: ResourceId, target: StreamingTarget) {
+        self.routing.addresses.insert(resource, target);
     }
 
     /// A session's user disconnected or came back.

@@ -5,13 +5,28 @@
 //! (first line), the environment (`FERRY_PASSWORD`, `FERRY_TOKEN`), else a
 //! password prompt without echo on the terminal (no terminal: an error).
 //!
+//! The admission names the host's streaming protocol (`rdp`, `ssh`) when
+//! its agent is configured with one. With `--launch`, `ferry-connect` then
+//! starts the user's client for it and hands it the ticket without putting
+//! it on a command line (see `launch.rs`); the client logs in with the Ferry
+//! user id (`--user`), which the host's PAM check compares with the
+//! ticket's user.
+//!
 //! Exit codes: 0 admitted, 2 refused (the reason is printed: e.g.
 //! `at-capacity`, `user-limit`, `waiting-room-full`, `throttled` with the
 //! seconds to wait before retrying), 1 error (no
 //! answer: unreachable broker, TLS or protocol failure, unreadable file),
 //! 64 usage error (a bad or missing argument, no credentials given; as
-//! `EX_USAGE` of sysexits.h).
+//! `EX_USAGE` of sysexits.h). With `--launch`, an admission exits with the
+//! client's status instead of 0.
+//!
+//! Started with `FERRY_CONNECT_TICKET_FILE` in its environment,
+//! `ferry-connect` is ssh's askpass instead ([`launch::askpass`]): no
+//! command line is parsed then.
 
+mod launch;
+
+use std::ffi::OsString;
 use std::io::{BufRead, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -20,8 +35,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Parser;
 use ferry_broker::routing::{RouteAnswer, RouteClient};
-use ferry_common::route::{RouteAsk, RouteRefusal};
+use ferry_common::route::{Admission, RouteAsk, RouteRefusal};
 use ferry_common::ticket::Credential;
+use ferry_common::wire::StreamingProtocol;
 use ferry_common::{GroupName, UserId};
 
 /// Exit code of a refusal.
@@ -49,8 +65,15 @@ const MAX_CREDENTIAL_FILE: u64 = 8 * 1024;
     name = "ferry-connect",
     version,
     about = "Ask a Ferry broker for a streaming session",
-    after_help = "Exit codes: 0 admitted, 2 refused (with its reason), 1 error (no answer: \
-                  unreachable broker, TLS or protocol failure), 64 usage error."
+    after_help = "With --launch, the client (ssh, or xfreerdp for rdp) logs in as your Ferry \
+                  user id (--user): the host checks the ticket's user against the login name. \
+                  The ticket never goes on a command line: xfreerdp reads it on its standard \
+                  input (/from-stdin:force), ssh gets it from ferry-connect as its SSH_ASKPASS \
+                  (OpenSSH 8.4 or later). Arguments after -- go to the client (for ssh, after \
+                  the host: the remote command).\n\n\
+                  Exit codes: 0 admitted, 2 refused (with its reason), 1 error (no answer: \
+                  unreachable broker, TLS or protocol failure), 64 usage error. With --launch, \
+                  an admission exits with the client's status."
 )]
 struct Cli {
     /// The broker's address, host:port.
@@ -83,6 +106,22 @@ struct Cli {
     /// How long to wait for the broker to answer the connection (e.g. 15s).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     connect_timeout: std::time::Duration,
+    /// Once admitted, start the client for the host's streaming protocol and
+    /// exit with its status (the admission, without the ticket, goes to stderr).
+    #[arg(long)]
+    launch: bool,
+    /// The host's streaming protocol, rdp or ssh (default: what the broker says).
+    #[arg(long, value_name = "rdp|ssh")]
+    protocol: Option<StreamingProtocol>,
+    /// The client program to start (default: ssh for ssh, xfreerdp for rdp, from PATH).
+    #[arg(long, value_name = "PROGRAM", requires = "launch")]
+    client: Option<OsString>,
+    /// An ssh_config option KEY=VALUE for ssh (`-o KEY=VALUE`); repeatable.
+    #[arg(long, value_name = "KEY=VALUE", requires = "launch", value_parser = launch::parse_ssh_option)]
+    ssh_option: Vec<String>,
+    /// Arguments for the client, after `--` (for ssh: after the host).
+    #[arg(last = true, value_name = "CLIENT ARGS", requires = "launch")]
+    client_args: Vec<OsString>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -184,7 +223,7 @@ async fn ask(
     server_name: &str,
     credential: &Credential,
     json: bool,
-) -> anyhow::Result<RouteAnswer> {
+) -> anyhow::Result<(RouteAnswer, Option<StreamingProtocol>)> {
     let (addr, _) = resolve(broker)?;
     let connecting = RouteClient::connect_within(addr, server_name, &cli.ca, cli.connect_timeout);
     tokio::pin!(connecting);
@@ -201,24 +240,81 @@ async fn ask(
         }
     };
     let client = connected.with_context(|| format!("connect to the broker at {broker}"))?;
+    let request = RouteAsk {
+        group: cli.group.clone(),
+        user: cli.user.clone(),
+        credential: credential.clone(),
+        wait: cli.wait,
+    };
+    let on_waiting = |position| {
+        if !json {
+            eprintln!("No room yet: waiting (position {position})...");
+        }
+    };
     let answer = client
-        .route(
-            RouteAsk {
-                group: cli.group.clone(),
-                user: cli.user.clone(),
-                credential: credential.clone(),
-                wait: cli.wait,
-            },
-            |position| {
-                if !json {
-                    eprintln!("No room yet: waiting (position {position})...");
-                }
-            },
-        )
+        .route_launch(request.clone(), on_waiting)
         .await
         .context("route request")?;
+    let answer = match answer {
+        // A broker older than `RouteLaunch` cannot decode it: ask it the
+        // old way, the protocol unknown.
+        (RouteAnswer::Refused(r), _) if r.reason == RouteRefusal::Malformed => {
+            let answer = client
+                .route(request, on_waiting)
+                .await
+                .context("route request")?;
+            (answer, None)
+        }
+        other => other,
+    };
     client.close().await;
     Ok(answer)
+}
+
+/// The admission as `--json` or text; with `--launch` (on stderr) without
+/// the ticket, which goes to the client alone.
+fn print_admission(
+    cli: &Cli,
+    a: &Admission,
+    protocol: Option<StreamingProtocol>,
+    out: &mut dyn Write,
+) {
+    let ticket = (!cli.launch).then_some(a.ticket.as_str());
+    let written = if cli.json {
+        let mut v = serde_json::json!({
+            "admitted": true,
+            "group": cli.group.as_str(),
+            "user": cli.user.as_str(),
+            "resource": a.resource.as_str(),
+            "address": a.address,
+            "protocol": protocol.map(StreamingProtocol::as_str),
+            "session": a.session.as_str(),
+            "expires_at": ferry_broker::render::rfc3339(a.expires_at),
+        });
+        if let Some(ticket) = ticket {
+            v["ticket"] = ticket.into();
+        }
+        writeln!(out, "{v}")
+    } else {
+        let mut text = format!(
+            "Admitted to group {}.\nresource:   {}\naddress:    {}\nprotocol:   {}\nsession:    {}\n",
+            cli.group,
+            a.resource,
+            a.address,
+            protocol.map_or("(not known)", StreamingProtocol::as_str),
+            a.session
+        );
+        if let Some(ticket) = ticket {
+            text.push_str(&format!("ticket:     {ticket}\n"));
+        }
+        text.push_str(&format!(
+            "expires at: {}\n",
+            ferry_broker::render::rfc3339_secs(a.expires_at)
+        ));
+        out.write_all(text.as_bytes())
+    };
+    // A closed stdout is the reader's choice, not a failed admission.
+    let _ = written.and_then(|()| out.flush());
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -230,8 +326,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // hops are bounded so brokers that disagree cannot make it spin.
     let mut broker = cli.broker.clone();
     let mut hops = 0;
-    let answer = loop {
-        let answer = ask(&cli, &broker, &server_name, &credential, json).await?;
+    let (answer, told) = loop {
+        let (answer, protocol) = ask(&cli, &broker, &server_name, &credential, json).await?;
         match answer {
             RouteAnswer::Redirect(address) if hops < MAX_REDIRECTS => {
                 hops += 1;
@@ -250,37 +346,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cli.group
                 )
             }
-            other => break other,
+            other => break (other, protocol),
         }
     };
     match answer {
         RouteAnswer::Admitted(a) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "admitted": true,
-                        "group": cli.group.as_str(),
-                        "user": cli.user.as_str(),
-                        "resource": a.resource.as_str(),
-                        "address": a.address,
-                        "session": a.session.as_str(),
-                        "ticket": a.ticket,
-                        "expires_at": ferry_broker::render::rfc3339(a.expires_at),
-                    })
-                );
-            } else {
-                println!("Admitted to group {}.", cli.group);
-                println!("resource:   {}", a.resource);
-                println!("address:    {}", a.address);
-                println!("session:    {}", a.session);
-                println!("ticket:     {}", a.ticket);
-                println!(
-                    "expires at: {}",
-                    ferry_broker::render::rfc3339_secs(a.expires_at)
-                );
+            // The user's word wins over the host's.
+            let protocol = cli.protocol.or(told);
+            if !cli.launch {
+                print_admission(&cli, &a, protocol, &mut std::io::stdout());
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
+            let Some(protocol) = protocol else {
+                return Err(Usage(format!(
+                    "--launch: the broker does not say which protocol the host at {} speaks \
+                     (its agent has no streaming_protocol): name it with --protocol rdp|ssh",
+                    a.address
+                ))
+                .into());
+            };
+            // stdout is the client's.
+            print_admission(&cli, &a, Some(protocol), &mut std::io::stderr());
+            let target = launch::Endpoint::parse(&a.address)?;
+            let status = launch::launch(
+                protocol,
+                cli.client.as_deref(),
+                &target,
+                &cli.user,
+                &cli.ssh_option,
+                &cli.client_args,
+                &a.ticket,
+            )
+            .await?;
+            Ok(ExitCode::from(launch::exit_code(status)))
         }
         // Followed above until an answer.
         RouteAnswer::Redirect(address) => anyhow::bail!("sent on to the broker at {address}"),
@@ -311,7 +409,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Askpass mode (`FERRY_CONNECT_TICKET_FILE` set): ssh runs this with its
+/// prompt as the only argument. Prints the ticket once; any failure is
+/// exit 1, which ssh takes as no answer.
+fn askpass(file: OsString) -> ExitCode {
+    let prompt = std::env::args_os()
+        .nth(1)
+        .map(|p| p.to_string_lossy().into_owned());
+    let hint = std::env::var("SSH_ASKPASS_PROMPT").ok();
+    match launch::askpass(
+        std::path::Path::new(&file),
+        prompt.as_deref(),
+        hint.as_deref(),
+    ) {
+        Ok(ticket) => {
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{ticket}").and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ferry-connect: askpass: write the ticket: {e}");
+                    ExitCode::from(EXIT_ERROR)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("ferry-connect: askpass: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    if let Some(file) = std::env::var_os(launch::TICKET_FILE_ENV) {
+        return askpass(file);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
