@@ -1100,13 +1100,16 @@ impl Connection {
             }
             Some(host) => {
                 tracing::warn!(resource = %self.resource, "ignoring streaming host {:?}: not a host name or IP", truncate(host));
+                self.ctx
+                    .registry
+                    .streaming_reported(&self.resource, self.conn_id, None);
                 return;
             }
         };
         let target = StreamingTarget { address, protocol };
         self.ctx
             .registry
-            .set_streaming(&self.resource, self.conn_id, target.clone());
+            .streaming_reported(&self.resource, self.conn_id, Some(target.clone()));
         if let (Some(g), Some(actors)) = (&self.group, self.ctx.actors.as_ref()) {
             actors.streaming_address(g, &self.resource, target).await;
         }

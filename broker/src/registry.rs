@@ -70,6 +70,9 @@ pub struct LiveResource {
     /// Where end users reach its streaming server: the address the agent
     /// reported, or a guess from its connection until it does.
     pub streaming: Option<StreamingTarget>,
+    /// The agent has reported its streaming server on this connection
+    /// (right after `Welcome`): `streaming` is no longer a guess.
+    pub streaming_reported: bool,
 }
 
 /// Where end users reach a host's streaming server, and what it speaks.
@@ -188,6 +191,7 @@ impl Registry {
                         inventory: None,
                         group,
                         streaming: None,
+                        streaming_reported: false,
                     },
                 },
             )
@@ -256,9 +260,50 @@ impl Registry {
         self.update(resource, conn_id, |l| l.inventory = Some(inventory));
     }
 
-    /// Records where end users reach the host's streaming server.
+    /// Records where end users reach the host's streaming server, until
+    /// its agent says (a guess from its connection).
     pub fn set_streaming(&self, resource: &ResourceId, conn_id: u64, target: StreamingTarget) {
         self.update(resource, conn_id, |l| l.streaming = Some(target));
+    }
+
+    /// Records that the agent reported its streaming server: `target`, or
+    /// nothing usable (`None`: the guess stays).
+    pub fn streaming_reported(
+        &self,
+        resource: &ResourceId,
+        conn_id: u64,
+        target: Option<StreamingTarget>,
+    ) {
+        self.update(resource, conn_id, |l| {
+            if let Some(t) = target {
+                l.streaming = Some(t);
+            }
+            l.streaming_reported = true;
+        });
+    }
+
+    /// Where end users reach `resource`'s streaming server, once its agent
+    /// has said on its current connection, waiting at most `within` for it
+    /// (a host that just joined says right after its `Welcome`); the guess
+    /// when it has not said by then; `None` when it is not connected here.
+    pub async fn reported_streaming(
+        &self,
+        resource: &ResourceId,
+        within: std::time::Duration,
+    ) -> Option<StreamingTarget> {
+        // Subscribed before looking: a change in between wakes the wait.
+        let mut changes = self.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (_, live) = self.get(resource)?;
+            if live.streaming_reported {
+                return live.streaming;
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return live.streaming,
+            }
+        }
     }
 
     /// The connected resources whose `Hello` named `group`, with their
@@ -343,6 +388,48 @@ mod tests {
 
     fn rid(s: &str) -> ResourceId {
         s.parse().expect("id")
+    }
+
+    #[tokio::test]
+    async fn an_admission_waits_for_the_agent_s_streaming_report() {
+        let reg = Arc::new(Registry::new());
+        let (tx, _rx) = mpsc::channel(1);
+        let guess = StreamingTarget {
+            address: "10.0.0.9:8443".into(),
+            protocol: None,
+        };
+        let wait = Duration::from_secs(30);
+        assert_eq!(reg.reported_streaming(&rid("h1"), wait).await, None);
+        reg.attach(
+            &rid("h1"),
+            1,
+            None,
+            CancellationToken::new(),
+            Default::default(),
+            tx,
+        );
+        reg.set_streaming(&rid("h1"), 1, guess.clone());
+        // Not said yet: the guess, once the wait is over.
+        assert_eq!(
+            reg.reported_streaming(&rid("h1"), Duration::from_millis(1))
+                .await,
+            Some(guess.clone())
+        );
+        let said = StreamingTarget {
+            address: "10.0.0.9:3389".into(),
+            protocol: Some(StreamingProtocol::Rdp),
+        };
+        let waiting = tokio::spawn({
+            let reg = reg.clone();
+            async move { reg.reported_streaming(&rid("h1"), wait).await }
+        });
+        // A report of another connection is not this one's.
+        reg.streaming_reported(&rid("h1"), 7, Some(guess.clone()));
+        reg.streaming_reported(&rid("h1"), 1, Some(said.clone()));
+        assert_eq!(waiting.await.expect("task"), Some(said.clone()));
+        // Said, even with nothing usable: no more waiting.
+        reg.streaming_reported(&rid("h1"), 1, None);
+        assert_eq!(reg.reported_streaming(&rid("h1"), wait).await, Some(said));
     }
 
     #[tokio::test]

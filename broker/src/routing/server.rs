@@ -112,6 +112,9 @@ struct Inner {
     first_stream_timeout: Duration,
     /// `EndpointLimits::route_idle_timeout`.
     idle_timeout: Duration,
+    /// Where admitted hosts' streaming servers are, as their agents said
+    /// ([`RouteService::with_registry`]).
+    registry: Option<Arc<crate::registry::Registry>>,
 }
 
 /// The route service registered in the endpoint's [`crate::link::Services`].
@@ -140,10 +143,27 @@ impl RouteService {
                 in_flight: Arc::new(Semaphore::new(MAX_ROUTES_IN_FLIGHT)),
                 first_stream_timeout: limits.route_first_stream_timeout,
                 idle_timeout: limits.route_idle_timeout,
+                registry: None,
             }),
         }
     }
+
+    /// Admissions to a host that has just joined wait (at most
+    /// [`STREAMING_REPORT_WAIT`]) for its agent to say where its streaming
+    /// server is and what it speaks, as it does right after its `Welcome`:
+    /// a user admitted the moment a host joins (a scale-out for waiting
+    /// users) gets the configured address and protocol, not the guess.
+    pub fn with_registry(mut self, registry: Arc<crate::registry::Registry>) -> RouteService {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.registry = Some(registry);
+        }
+        self
+    }
 }
+
+/// How long an admission to a host that has just joined waits for its
+/// agent's streaming report.
+pub const STREAMING_REPORT_WAIT: Duration = Duration::from_secs(2);
 
 impl EndpointService for RouteService {
     fn serve(
@@ -577,7 +597,7 @@ async fn follow_progress(
                 }
             }
             Some(RouteProgress::Refused(r)) => return Ok(BrokerToClient::Refused(r)),
-            Some(RouteProgress::Admitted(p)) => return Ok(admission(inner, group, user, p)),
+            Some(RouteProgress::Admitted(p)) => return Ok(admission(inner, group, user, p).await),
         }
     }
 }
@@ -585,7 +605,21 @@ async fn follow_progress(
 /// The admission of a placed request, with a ticket signed for exactly the
 /// actor's reservation, and the host's protocol (`AdmittedLaunch`: a
 /// `Route` gets it as `Admitted`, see [`serve_stream`]).
-fn admission(inner: &Inner, group: &GroupName, user: &UserId, p: Placement) -> BrokerToClient {
+async fn admission(
+    inner: &Inner,
+    group: &GroupName,
+    user: &UserId,
+    mut p: Placement,
+) -> BrokerToClient {
+    if let Some(registry) = &inner.registry {
+        if let Some(t) = registry
+            .reported_streaming(&p.resource, STREAMING_REPORT_WAIT)
+            .await
+        {
+            p.address = t.address;
+            p.protocol = t.protocol;
+        }
+    }
     let (claims, ticket) = inner.signer.issue(
         group,
         &p.resource,
