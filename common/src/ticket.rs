@@ -322,6 +322,31 @@ mod tests {
         "h1".parse().expect("id")
     }
 
+    /// What the README promises RDP users: ids of 85 characters together
+    /// make a ticket of at most 255 characters (RDP's password limit), one
+    /// more does not.
+    #[test]
+    fn ids_of_85_characters_together_fit_an_rdp_password() {
+        let now = 1_800_000_000_000; // 2027: timestamps take 9 bytes
+        let ticket = |total: usize| {
+            let user = "u".repeat(total - 1 - 2 - 17);
+            sign_ticket(
+                &TicketClaims {
+                    ticket_id: [1; 16],
+                    group: "g".parse().expect("id"),
+                    resource: "h1".parse().expect("id"),
+                    user: user.parse().expect("id"),
+                    session: "r0123456789abcdef".parse().expect("id"),
+                    issued_at: UnixMillis(now),
+                    expires_at: UnixMillis(now + 60_000),
+                },
+                &key(),
+            )
+        };
+        assert!(ticket(85).len() <= 255, "{}", ticket(85).len());
+        assert!(ticket(86).len() > 255, "{}", ticket(86).len());
+    }
+
     #[test]
     fn golden_claims() {
         let bytes = encode_claims(&claims()).expect("encode");

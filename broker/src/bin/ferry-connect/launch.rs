@@ -40,6 +40,11 @@ use ferry_common::wire::StreamingProtocol;
 use ferry_common::UserId;
 use rustix::process::Signal;
 
+/// Longest password RDP carries: the client info's password field holds
+/// 512 bytes of UTF-16 with its terminator (MS-RDPBCGR 2.2.1.11.1.1), and
+/// xrdp refuses a longer one.
+pub const RDP_MAX_PASSWORD: usize = 255;
+
 /// Set in the client's environment to the ticket file's path: a
 /// `ferry-connect` started with it answers as ssh's askpass.
 pub const TICKET_FILE_ENV: &str = "FERRY_CONNECT_TICKET_FILE";
@@ -61,6 +66,11 @@ pub enum LaunchError {
         "the broker's ticket is not one line of printable text of at most {MAX_TICKET_LEN} bytes"
     )]
     Ticket,
+    #[error(
+        "the ticket is {0} characters long, and RDP carries passwords of at most \
+         {RDP_MAX_PASSWORD}: shorter group, host or user names make shorter tickets"
+    )]
+    TooLongForRdp(usize),
     #[error("create the ticket file under {}: {source}", dir.display())]
     TicketFile {
         dir: PathBuf,
@@ -381,6 +391,9 @@ pub async fn launch(
     let program = program.unwrap_or_else(|| OsStr::new(default_client(protocol)));
     match protocol {
         StreamingProtocol::Rdp => {
+            if ticket.len() > RDP_MAX_PASSWORD {
+                return Err(LaunchError::TooLongForRdp(ticket.len()));
+            }
             let cmd = rdp_command(program, target, user, extra);
             run_client(&cmd, Some(ticket)).await
         }
@@ -672,6 +685,26 @@ mod tests {
             Err(AskpassError::NotTicket(_))
         ));
         assert_eq!(std::fs::read_dir(base.path()).expect("list").count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_ticket_too_long_for_rdp_is_refused_before_the_client_starts() {
+        let target = Endpoint::parse("127.0.0.1:3389").expect("address");
+        let long = "v".repeat(RDP_MAX_PASSWORD + 1);
+        let r = launch(
+            StreamingProtocol::Rdp,
+            Some(OsStr::new("/nonexistent/xfreerdp")),
+            &target,
+            &user("alice"),
+            &[],
+            &[],
+            &long,
+        )
+        .await;
+        assert!(
+            matches!(r, Err(LaunchError::TooLongForRdp(n)) if n == RDP_MAX_PASSWORD + 1),
+            "{r:?}"
+        );
     }
 
     #[test]
