@@ -307,14 +307,14 @@ impl Sshd {
 
 /// `ssh USER@127.0.0.1 -p PORT COMMAND` with `password` answered through
 /// `SSH_ASKPASS` (a file of mode 0600 read by a small script, never on a
-/// command line); returns its output.
-pub async fn ssh_with_password(
+/// command line); its standard streams are the caller's to set.
+pub fn ssh_command(
     dir: &Path,
     port: u16,
     user: &str,
     password: &str,
     command: &[&str],
-) -> anyhow::Result<Output> {
+) -> anyhow::Result<Command> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     let secret = dir.join(format!("askpass-{n}.secret"));
@@ -332,8 +332,20 @@ pub async fn ssh_with_password(
         .args(command)
         .env("SSH_ASKPASS", &script)
         .env("SSH_ASKPASS_REQUIRE", "force")
-        .stdin(Stdio::null())
         .kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// [`ssh_command`] run to its end with no input; its output.
+pub async fn ssh_with_password(
+    dir: &Path,
+    port: u16,
+    user: &str,
+    password: &str,
+    command: &[&str],
+) -> anyhow::Result<Output> {
+    let mut cmd = ssh_command(dir, port, user, password, command)?;
+    cmd.stdin(Stdio::null());
     let out = tokio::time::timeout(PATIENCE, cmd.output())
         .await
         .context("ssh did not finish")?

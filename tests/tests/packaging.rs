@@ -215,6 +215,9 @@ struct Expected {
     binaries: &'static [&'static str],
     unit: &'static str,
     config: &'static str,
+    /// Examples shipped under `/usr/share/doc/PACKAGE/examples/`, from
+    /// `packaging/` (path below both).
+    examples: &'static [&'static str],
 }
 
 const EXPECTED: [Expected; 2] = [
@@ -223,12 +226,14 @@ const EXPECTED: [Expected; 2] = [
         binaries: &["ferry-agent"],
         unit: "ferry-agent.service",
         config: "agent.toml",
+        examples: &["pam/sshd", "pam/xrdp-sesman"],
     },
     Expected {
         package: BROKER,
         binaries: &["ferry-broker", "ferryctl", "ferry-connect"],
         unit: "ferry-broker.service",
         config: "broker.toml",
+        examples: &[],
     },
 ];
 
@@ -301,6 +306,12 @@ fn packages_hold_the_binaries_units_configs_and_scripts() -> anyhow::Result<()> 
             format!("/usr/share/doc/{}/copyright", exp.package),
             "-rw-r--r--",
         );
+        for e in exp.examples {
+            want.insert(
+                format!("/usr/share/doc/{}/examples/{e}", exp.package),
+                "-rw-r--r--",
+            );
+        }
         let want: BTreeMap<&str, &str> = want.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         assert_eq!(files, want, "{}: files and modes", exp.package);
 
@@ -375,6 +386,12 @@ fn packages_hold_the_binaries_units_configs_and_scripts() -> anyhow::Result<()> 
             &format!("usr/share/doc/{}/copyright", exp.package),
             ws.join("packaging/copyright"),
         )?;
+        for e in exp.examples {
+            same(
+                &format!("usr/share/doc/{}/examples/{e}", exp.package),
+                ws.join("packaging").join(e),
+            )?;
+        }
         let unit = std::fs::read_to_string(data.join("lib/systemd/system").join(exp.unit))?;
         for b in exp.binaries {
             let help = run(Command::new(data.join("usr/bin").join(b)).arg("--help"))?;

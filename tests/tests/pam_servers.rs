@@ -25,7 +25,7 @@ use ferry_tests::bins::bin;
 use ferry_tests::harness::{init_logging, PATIENCE};
 use ferry_tests::procs::{ferryctl_json, run, AgentProcess, BrokerFiles, BrokerProcess};
 use ferry_tests::servers::{self, UnixUser};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 const GROUP: &str = "desk";
 const HOST: &str = "host-1";
@@ -107,11 +107,11 @@ impl Fleet {
         dir.join(HOST).join("agent.sock")
     }
 
-    /// `ferry-connect --json` for `user` (password `pw-USER`), parsed.
-    async fn connect(&self, user: &str) -> anyhow::Result<serde_json::Value> {
+    /// `ferry-connect`'s arguments for `user` (password `pw-USER`), `--json`.
+    fn connect_args(&self, user: &str) -> anyhow::Result<Vec<OsString>> {
         let pw = self.dir.join(format!("{user}.pw"));
         std::fs::write(&pw, format!("pw-{user}\n"))?;
-        let args: Vec<OsString> = vec![
+        Ok(vec![
             "--broker".into(),
             self.broker.agent_addr.to_string().into(),
             "--server-name".into(),
@@ -125,10 +125,53 @@ impl Fleet {
             "--password-file".into(),
             pw.into(),
             "--json".into(),
-        ];
-        let out = run(&bin("ferry-connect"), args).await?;
+        ])
+    }
+
+    /// `ferry-connect --json` for `user`, parsed.
+    async fn connect(&self, user: &str) -> anyhow::Result<serde_json::Value> {
+        let out = run(&bin("ferry-connect"), self.connect_args(user)?).await?;
         serde_json::from_slice(&out.stdout)
             .with_context(|| format!("ferry-connect printed {out:?}"))
+    }
+
+    /// `ferry-connect --launch --json` for `user` with `flags` and the
+    /// client's `client_args`, its standard streams piped; returns it with
+    /// the admission it printed first on its standard error (the session,
+    /// never the ticket).
+    async fn launch(
+        &self,
+        user: &str,
+        flags: &[&str],
+        client_args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> anyhow::Result<(tokio::process::Child, serde_json::Value)> {
+        let mut args = self.connect_args(user)?;
+        args.push("--launch".into());
+        args.extend(flags.iter().map(OsString::from));
+        args.push("--".into());
+        args.extend(client_args.iter().map(OsString::from));
+        let mut child = tokio::process::Command::new(bin("ferry-connect"))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stderr = child.stderr.take().context("ferry-connect's stderr")?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let first = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .context("ferry-connect printed no admission")??
+            .context("ferry-connect ended without an admission")?;
+        // The client's own messages follow; drained so it never blocks.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let v: serde_json::Value = serde_json::from_str(&first)
+            .with_context(|| format!("ferry-connect --launch printed {first:?}"))?;
+        anyhow::ensure!(v["admitted"] == true, "not admitted: {v}");
+        anyhow::ensure!(v.get("ticket").is_none(), "the ticket was printed: {v}");
+        Ok((child, v))
     }
 
     /// An admission for `user`: (session, ticket).
@@ -310,7 +353,10 @@ async fn sshd_takes_a_ticket_once_and_the_login_holds_its_slot() -> anyhow::Resu
     let (alice, bob) = (UnixUser::create()?, UnixUser::create()?);
     let sshd =
         servers::Sshd::start(&tmp.path().join("sshd"), &Fleet::agent_socket(tmp.path())).await?;
-    let extra = format!("streaming_address = \"127.0.0.1:{}\"\n", sshd.port);
+    let extra = format!(
+        "streaming_address = \"127.0.0.1:{}\"\nstreaming_protocol = \"ssh\"\n",
+        sshd.port
+    );
     let fleet = Fleet::start(
         tmp.path(),
         &[&alice, &bob],
@@ -320,38 +366,28 @@ async fn sshd_takes_a_ticket_once_and_the_login_holds_its_slot() -> anyhow::Resu
     )
     .await?;
 
-    let v = fleet.connect(&alice.name).await?;
-    assert_eq!(v["admitted"], true, "{v}");
+    // Alice's ssh login through `ferry-connect --launch`, open while
+    // `cat` reads its standard input; the ticket goes through askpass.
+    let runtime = tmp.path().join("runtime");
+    std::fs::create_dir_all(&runtime)?;
+    let (mut login, v) = fleet
+        .launch(
+            &alice.name,
+            &[
+                "--ssh-option",
+                "StrictHostKeyChecking=no",
+                "--ssh-option",
+                "UserKnownHostsFile=/dev/null",
+                "--ssh-option",
+                "LogLevel=ERROR",
+            ],
+            &["cat"],
+            &[("XDG_RUNTIME_DIR", &runtime)],
+        )
+        .await?;
     assert_eq!(v["address"], format!("127.0.0.1:{}", sshd.port), "{v}");
+    assert_eq!(v["protocol"], "ssh", "{v}");
     let session = v["session"].as_str().context("session")?.to_owned();
-    let ticket = v["ticket"].as_str().context("ticket")?.to_owned();
-
-    // The login stays open while `cat` reads its standard input.
-    let askpass_dir = tmp.path().join("client");
-    std::fs::create_dir_all(&askpass_dir)?;
-    let secret = askpass_dir.join("ticket");
-    std::fs::write(&secret, format!("{ticket}\n"))?;
-    let script = askpass_dir.join("askpass.sh");
-    std::fs::write(
-        &script,
-        format!("#!/bin/sh\nexec cat {}\n", secret.display()),
-    )?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700))?;
-    }
-    let mut login = tokio::process::Command::new(servers::SSH)
-        .args(servers::ssh_options(sshd.port))
-        .arg(format!("{}@127.0.0.1", alice.name))
-        .arg("cat")
-        .env("SSH_ASKPASS", &script)
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
     let s = fleet
         .wait_session(&session, "opened", open)
         .await
@@ -364,7 +400,7 @@ async fn sshd_takes_a_ticket_once_and_the_login_holds_its_slot() -> anyhow::Resu
     assert_eq!(v["reason"], "at-capacity", "{v}");
 
     // Logout: the session ends, and its slot is free again.
-    let mut stdin = login.stdin.take().context("ssh's stdin")?;
+    let mut stdin = login.stdin.take().context("ferry-connect's stdin")?;
     stdin.write_all(b"bye\n").await?;
     drop(stdin);
     let out = tokio::time::timeout(PATIENCE, login.wait_with_output())
@@ -372,12 +408,18 @@ async fn sshd_takes_a_ticket_once_and_the_login_holds_its_slot() -> anyhow::Resu
         .context("ssh did not end")??;
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "bye\n");
+    assert_eq!(
+        std::fs::read_dir(&runtime)?.count(),
+        0,
+        "the ticket's directory is gone"
+    );
     let s = fleet.wait_session(&session, "ended", ended).await?;
     assert_eq!(s["end_reason"], "logout", "{s}");
     let (bob_session, bob_ticket) = fleet.admit(&bob.name).await?;
 
-    // Replayed, another user's, expired: refused by sshd.
+    // Bob's ticket typed by alice: refused, and not used up.
     let client = tmp.path().join("client");
+    std::fs::create_dir_all(&client)?;
     let refused = |user: String, password: String| {
         let client = client.clone();
         async move {
@@ -392,16 +434,17 @@ async fn sshd_takes_a_ticket_once_and_the_login_holds_its_slot() -> anyhow::Resu
             Ok(())
         }
     };
-    refused(alice.name.clone(), ticket.clone()).await?;
     refused(alice.name.clone(), bob_ticket.clone()).await?;
-    refused(alice.name.clone(), fleet.expired_ticket(&alice.name)?).await?;
-
-    // Bob's ticket was not used up by alice's try.
     let out =
         servers::ssh_with_password(&client, sshd.port, &bob.name, &bob_ticket, &["true"]).await?;
     assert!(out.status.success(), "{}", text(&out));
     let s = fleet.wait_session(&bob_session, "ended", ended).await?;
     assert_eq!(s["user"], bob.name.as_str(), "{s}");
+
+    // Replayed and expired: refused.
+    refused(bob.name.clone(), bob_ticket).await?;
+    refused(alice.name.clone(), fleet.expired_ticket(&alice.name)?).await?;
+    assert_eq!(fleet.sessions().await?.len(), 2);
     Ok(())
 }
 
@@ -423,7 +466,10 @@ async fn xrdp_takes_a_ticket_once_through_xfreerdp() -> anyhow::Result<()> {
     let xrdp =
         servers::Xrdp::start(&tmp.path().join("xrdp"), &Fleet::agent_socket(tmp.path())).await?;
     let x = servers::Xvfb::start().await?;
-    let extra = format!("streaming_address = \"127.0.0.1:{}\"\n", xrdp.port);
+    let extra = format!(
+        "streaming_address = \"127.0.0.1:{}\"\nstreaming_protocol = \"rdp\"\n",
+        xrdp.port
+    );
     let fleet = Fleet::start(
         tmp.path(),
         &[&alice, &bob],
@@ -449,8 +495,22 @@ async fn xrdp_takes_a_ticket_once_through_xfreerdp() -> anyhow::Result<()> {
         }
     };
 
-    let (session, ticket) = fleet.admit(&alice.name).await?;
-    let out = rdp(alice.name.clone(), ticket.clone()).await?;
+    // Alice through `ferry-connect --launch`: the ticket on xfreerdp's
+    // standard input.
+    let display = std::path::PathBuf::from(&x.display);
+    let (login, v) = fleet
+        .launch(
+            &alice.name,
+            &[],
+            &["/auth-only", "/cert:ignore"],
+            &[("DISPLAY", &display), ("HOME", &home)],
+        )
+        .await?;
+    assert_eq!(v["protocol"], "rdp", "{v}");
+    let session = v["session"].as_str().context("session")?.to_owned();
+    let out = tokio::time::timeout(PATIENCE, login.wait_with_output())
+        .await
+        .context("xfreerdp did not end")??;
     assert!(out.status.success(), "{}", text(&out));
     let s = fleet
         .wait_session(&session, "ended", ended)
@@ -459,18 +519,109 @@ async fn xrdp_takes_a_ticket_once_through_xfreerdp() -> anyhow::Result<()> {
     assert_eq!(s["user"], alice.name.as_str(), "{s}");
     assert_eq!(xrdp.refusals(&alice.name), 0, "{}", xrdp.logs());
 
-    rdp(alice.name.clone(), ticket.clone()).await?;
+    // Bob's ticket typed by alice: refused, and not used up: bob's login
+    // with it is accepted, once.
+    let (bob_session, bob_ticket) = fleet.admit(&bob.name).await?;
+    rdp(alice.name.clone(), bob_ticket.clone()).await?;
     refused_once_more(alice.name.clone(), 0).await?;
-    let (_, bob_ticket) = fleet.admit(&bob.name).await?;
-    rdp(alice.name.clone(), bob_ticket).await?;
-    refused_once_more(alice.name.clone(), 1).await?;
+    rdp(bob.name.clone(), bob_ticket.clone()).await?;
+    fleet
+        .wait_session(&bob_session, "ended", ended)
+        .await
+        .with_context(|| format!("logs:\n{}", xrdp.logs()))?;
+    assert_eq!(xrdp.refusals(&bob.name), 0, "{}", xrdp.logs());
+    rdp(bob.name.clone(), bob_ticket).await?;
+    refused_once_more(bob.name.clone(), 0).await?;
+    // Expired: refused.
     rdp(alice.name.clone(), fleet.expired_ticket(&alice.name)?).await?;
-    refused_once_more(alice.name.clone(), 2).await?;
+    refused_once_more(alice.name.clone(), 1).await?;
     let all = fleet.sessions().await?;
     assert_eq!(
         all.len(),
-        1,
-        "only the accepted login is a session: {all:?}"
+        2,
+        "only the accepted logins are sessions: {all:?}"
     );
+    Ok(())
+}
+
+/// A `shared` group through sshd: the user routed again gets the same
+/// session with a fresh ticket, and that second login attaches to the open
+/// session instead of starting another; the session ends with its last
+/// login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_login_to_a_shared_session_attaches_to_it() -> anyhow::Result<()> {
+    servers::require(&[
+        (servers::SSHD, "openssh-server"),
+        (servers::SSH, "openssh-client"),
+        (servers::SSH_KEYGEN, "openssh-client"),
+    ]);
+    init_logging();
+    let tmp = tempfile::tempdir()?;
+    let alice = UnixUser::create()?;
+    let sshd =
+        servers::Sshd::start(&tmp.path().join("sshd"), &Fleet::agent_socket(tmp.path())).await?;
+    let extra = format!(
+        "streaming_address = \"127.0.0.1:{}\"\nstreaming_protocol = \"ssh\"\n",
+        sshd.port
+    );
+    let fleet = Fleet::start(tmp.path(), &[&alice], 2, SessionType::Shared, &extra).await?;
+    let client = tmp.path().join("client");
+    std::fs::create_dir_all(&client)?;
+    let login = |ticket: String| -> anyhow::Result<tokio::process::Child> {
+        let mut cmd = servers::ssh_command(&client, sshd.port, &alice.name, &ticket, &["cat"])?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(cmd.spawn()?)
+    };
+    let logout = |mut child: tokio::process::Child| async move {
+        drop(child.stdin.take());
+        let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+            .await
+            .context("ssh did not end")??;
+        anyhow::ensure!(out.status.success(), "{}", text(&out));
+        Ok(())
+    };
+
+    let (session, first_ticket) = fleet.admit(&alice.name).await?;
+    let first = login(first_ticket)?;
+    fleet
+        .wait_session(&session, "opened", open)
+        .await
+        .with_context(|| format!("sshd log:\n{}", sshd.log()))?;
+    let (again, second_ticket) = fleet.admit(&alice.name).await?;
+    assert_eq!(
+        again, session,
+        "a shared group's user goes back to their session"
+    );
+    let second = login(second_ticket)?;
+    // The second login is bound once the agent has it: wait on the agent's
+    // bindings file, which names both logins' processes then.
+    let bindings = tmp
+        .path()
+        .join(HOST)
+        .join("state")
+        .join(ferry_agent::pam_logins::PAM_LOGINS_FILE);
+    servers::wait_for("the second login bound", || {
+        std::fs::read_to_string(&bindings)
+            .map(|t| t.matches(session.as_str()).count() == 2)
+            .unwrap_or(false)
+    })
+    .await?;
+    logout(first).await?;
+    // Still open: the other login holds it.
+    servers::wait_for("the first login unbound", || {
+        std::fs::read_to_string(&bindings)
+            .map(|t| t.matches(session.as_str()).count() == 1)
+            .unwrap_or(false)
+    })
+    .await?;
+    let all = fleet.sessions().await?;
+    assert_eq!(all.len(), 1, "one session for both logins: {all:?}");
+    assert!(open(&all[0]), "{all:?}");
+    logout(second).await?;
+    let s = fleet.wait_session(&session, "ended", ended).await?;
+    assert_eq!(s["end_reason"], "logout", "{s}");
+    assert_eq!(fleet.sessions().await?.len(), 1);
     Ok(())
 }
