@@ -115,24 +115,18 @@ pub enum Request {
         user: UserId,
         ticket: String,
     },
-    /// The PAM login held by process `pid` opened its PAM session: bound to
-    /// the session its ticket named, which starts (or, open already, is
-    /// attached to). Answered by `PamSession`; `NotVerified` when the login
-    /// did not authenticate with a ticket. Root and the agent's user only.
-    PamOpen {
-        service: String,
-        user: UserId,
-        pid: u32,
-    },
-    /// The PAM login held by process `pid` closed its PAM session; the
+    /// The PAM login opened its PAM session: bound to the session its
+    /// ticket named, which starts (or, open already, is attached to). The
+    /// login is the process holding the PAM handle: the peer's parent (the
+    /// peer is `ferry-agent pam`, run by `pam_exec`). Answered by
+    /// `PamSession`; `NotVerified` when the login did not authenticate with
+    /// a ticket. Root and the agent's user only.
+    PamOpen { service: String, user: UserId },
+    /// The PAM login (the peer's parent) closed its PAM session; the
     /// session ends with its last login. Answered by `PamSession`;
     /// `UnknownSession` when the login is not bound. Root and the agent's
     /// user only.
-    PamClose {
-        service: String,
-        user: UserId,
-        pid: u32,
-    },
+    PamClose { service: String, user: UserId },
 }
 
 /// Why the agent should believe a session start. Append-only.
@@ -301,6 +295,8 @@ pub struct Peer {
     pub uid: Option<u32>,
     /// The agent's own uid.
     pub agent_uid: u32,
+    /// The peer's pid, as the kernel says (`None` when it did not).
+    pub pid: Option<u32>,
 }
 
 impl Peer {
@@ -308,6 +304,11 @@ impl Peer {
         Peer {
             uid: stream.peer_cred().ok().map(|c| c.uid()),
             agent_uid: rustix::process::getuid().as_raw(),
+            pid: stream
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok()),
         }
     }
 
@@ -497,11 +498,11 @@ async fn handle(
             user,
             ticket,
         } => crate::pam_logins::auth(state, peer, service, user, ticket).await,
-        Request::PamOpen { service, user, pid } => {
-            crate::pam_logins::open(state, peer, service, user, pid).await
+        Request::PamOpen { service, user } => {
+            crate::pam_logins::open(state, peer, service, user).await
         }
-        Request::PamClose { service, user, pid } => {
-            crate::pam_logins::close(state, peer, service, user, pid).await
+        Request::PamClose { service, user } => {
+            crate::pam_logins::close(state, peer, service, user).await
         }
     }
 }
@@ -947,19 +948,18 @@ impl LocalClient {
         .ticket()
     }
 
-    /// The PAM login of process `pid` opened (`open`) or closed its PAM
+    /// This process's parent's PAM login opened (`open`) or closed its PAM
     /// session.
     pub async fn pam_session(
         &mut self,
         open: bool,
         service: String,
         user: UserId,
-        pid: u32,
     ) -> Result<PamSessionReply, LocalError> {
         let req = if open {
-            Request::PamOpen { service, user, pid }
+            Request::PamOpen { service, user }
         } else {
-            Request::PamClose { service, user, pid }
+            Request::PamClose { service, user }
         };
         match self.call(req).await?.into_result()? {
             Response::PamSession(r) => Ok(r),
@@ -1048,6 +1048,8 @@ mod tests {
 
     struct Harness {
         tickets: TicketVerifier,
+        /// What the server's handlers get (for calling them directly).
+        state: ServerState,
         _dir: tempfile::TempDir,
         path: PathBuf,
         enforcer: crate::enforce::EnforcerHandle,
@@ -1085,23 +1087,21 @@ mod tests {
             now(),
         )
         .unwrap();
-        tracker.spawn(server.serve(
-            ServerState {
-                spool: spool.clone(),
-                status: rx,
-                resource: "host-1".parse().unwrap(),
-                tickets: tickets.clone(),
-                presence: crate::presence::PresenceBoard::default(),
-                enforcer: enforcer.clone(),
-                idle_timeout,
-                metrics: crate::metrics::AgentMetrics::default(),
-                pam: crate::pam_logins::PamLogins::load(&dir.path().join("state")).unwrap(),
-            },
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let state = ServerState {
+            spool: spool.clone(),
+            status: rx,
+            resource: "host-1".parse().unwrap(),
+            tickets: tickets.clone(),
+            presence: crate::presence::PresenceBoard::default(),
+            enforcer: enforcer.clone(),
+            idle_timeout,
+            metrics: crate::metrics::AgentMetrics::default(),
+            pam: crate::pam_logins::PamLogins::load(&dir.path().join("state")).unwrap(),
+        };
+        tracker.spawn(server.serve(state.clone(), shutdown.clone(), tracker.clone()));
         Harness {
             tickets,
+            state,
             _dir: dir,
             path,
             enforcer,
@@ -1477,6 +1477,13 @@ mod tests {
         }
     }
 
+    fn pam_reply(r: Response) -> PamSessionReply {
+        match r {
+            Response::PamSession(p) => p,
+            other => panic!("expected a PAM session, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_pam_login_with_a_ticket_opens_and_closes_the_ticket_s_session() {
         use ring::signature::KeyPair as _;
@@ -1485,17 +1492,10 @@ mod tests {
         h.tickets
             .set_key_blocking(key.public_key().as_ref())
             .unwrap();
+        // Over the socket the login is this process's parent, as the kernel
+        // says (here, whatever runs the tests).
         let mut c = LocalClient::connect(&h.path).await.unwrap();
         let alice: UserId = "alice".parse().unwrap();
-        // Two PAM applications holding a login each.
-        let mut a = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
-        let mut b = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
         let open_sessions = |h: &Harness| -> Vec<String> {
             h.spool
                 .lock()
@@ -1506,9 +1506,7 @@ mod tests {
         };
 
         // A session opened with no ticket login before it.
-        let no_ticket = c
-            .pam_session(true, "sshd".into(), alice.clone(), a.id())
-            .await;
+        let no_ticket = c.pam_session(true, "sshd".into(), alice.clone()).await;
         assert!(
             matches!(&no_ticket, Err(LocalError::Refused { code: ErrorCode::NotVerified, message }) if message.contains("did not authenticate with a Ferry ticket")),
             "{no_ticket:?}"
@@ -1545,41 +1543,18 @@ mod tests {
             "{reused:?}"
         );
         let opened = c
-            .pam_session(true, "sshd".into(), alice.clone(), a.id())
+            .pam_session(true, "sshd".into(), alice.clone())
             .await
             .unwrap();
         assert_eq!((opened.session.as_str(), opened.others), ("s1", 0));
         assert_eq!(open_sessions(&h), ["s1"]);
-
-        // A second login with a fresh ticket for the same (shared) session
-        // attaches to it.
-        c.pam_auth(
-            "sshd".into(),
-            alice.clone(),
-            ticket_for(&key, 2, "s1", "alice"),
-        )
-        .await
-        .unwrap();
-        let attached = c
-            .pam_session(true, "sshd".into(), alice.clone(), b.id())
-            .await
-            .unwrap();
-        assert_eq!((attached.session.as_str(), attached.others), ("s1", 1));
         let closed = c
-            .pam_session(false, "sshd".into(), alice.clone(), a.id())
+            .pam_session(false, "sshd".into(), alice.clone())
             .await
             .unwrap();
-        assert_eq!(closed.others, 1, "the other login keeps the session");
-        assert_eq!(open_sessions(&h), ["s1"]);
-        let closed = c
-            .pam_session(false, "sshd".into(), alice.clone(), b.id())
-            .await
-            .unwrap();
-        assert_eq!(closed.others, 0, "the last login ends it");
+        assert_eq!(closed.others, 0, "its only login: the session ended");
         assert!(open_sessions(&h).is_empty());
-        let again = c
-            .pam_session(false, "sshd".into(), alice.clone(), b.id())
-            .await;
+        let again = c.pam_session(false, "sshd".into(), alice.clone()).await;
         assert!(
             matches!(
                 &again,
@@ -1590,9 +1565,65 @@ mod tests {
             ),
             "{again:?}"
         );
-        for p in [&mut a, &mut b] {
-            p.kill().unwrap();
-            p.wait().unwrap();
+        h.shutdown.cancel();
+    }
+
+    /// Two logins of one shared session (processes `a` and `b`) closing at
+    /// the same time end it exactly once; an open attaching while it ends
+    /// does not attach to a session that is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_logins_of_a_shared_session_closing_together_end_it_once() {
+        use ring::signature::KeyPair as _;
+        let h = start(SpoolOptions::default());
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
+        h.tickets
+            .set_key_blocking(key.public_key().as_ref())
+            .unwrap();
+        let alice: UserId = "alice".parse().unwrap();
+        let state = h.state.clone();
+        for round in 0..20u8 {
+            let session = format!("s{round}");
+            let mut a = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap();
+            let mut b = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap();
+            for (n, p) in [(1u8, &a), (2, &b)] {
+                let t = ticket_for(&key, round * 2 + n, &session, "alice");
+                let r = crate::pam_logins::auth_as(&state, "sshd".into(), alice.clone(), t, p.id())
+                    .await;
+                assert!(matches!(r, Response::TicketValid(_)), "{r:?}");
+                let r = pam_reply(
+                    crate::pam_logins::open_as(&state, "sshd".into(), alice.clone(), p.id()).await,
+                );
+                assert_eq!(
+                    (r.session.as_str(), r.others),
+                    (session.as_str(), u32::from(n) - 1)
+                );
+            }
+            let (ra, rb) = tokio::join!(
+                crate::pam_logins::close_as(&state, "sshd".into(), alice.clone(), a.id()),
+                crate::pam_logins::close_as(&state, "sshd".into(), alice.clone(), b.id()),
+            );
+            let mut others = [pam_reply(ra).others, pam_reply(rb).others];
+            others.sort_unstable();
+            assert_eq!(
+                others,
+                [0, 1],
+                "one close leaves the other login, the other ends it"
+            );
+            assert!(
+                h.spool.lock().open_sessions().is_empty(),
+                "round {round}: the session ended"
+            );
+            assert!(state.pam.logins().is_empty());
+            for p in [&mut a, &mut b] {
+                p.kill().unwrap();
+                p.wait().unwrap();
+            }
         }
         h.shutdown.cancel();
     }
@@ -1697,6 +1728,7 @@ mod tests {
         let peer = |uid| Peer {
             uid,
             agent_uid: 998,
+            pid: None,
         };
         assert!(peer(Some(0)).may_vouch());
         assert!(peer(Some(998)).may_vouch());

@@ -520,7 +520,7 @@ async fn pam_event(cli: &Cli, require_ticket: bool) -> anyhow::Result<ExitCode> 
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let ppid = std::os::unix::process::parent_id();
     let action = pam::action_from_env(&env, ppid)?;
-    tokio::time::timeout(PAM_TIMEOUT, pam_step(cli, action, ppid, require_ticket))
+    tokio::time::timeout(PAM_TIMEOUT, pam_step(cli, action, require_ticket))
         .await
         .map_err(|_| {
             anyhow::anyhow!(
@@ -537,12 +537,7 @@ fn pam_refused(what: &str, message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn pam_step(
-    cli: &Cli,
-    action: PamAction,
-    ppid: u32,
-    require_ticket: bool,
-) -> anyhow::Result<ExitCode> {
+async fn pam_step(cli: &Cli, action: PamAction, require_ticket: bool) -> anyhow::Result<ExitCode> {
     if action == PamAction::Ignore {
         return Ok(ExitCode::SUCCESS);
     }
@@ -575,7 +570,7 @@ async fn pam_step(
             user,
         } => {
             let mut client = LocalClient::connect(&socket).await?;
-            match client.pam_session(true, service, user.clone(), ppid).await {
+            match client.pam_session(true, service, user.clone()).await {
                 Ok(r) => {
                     tracing::info!(session = %r.session, others = r.others, "PAM session opened");
                     Ok(ExitCode::SUCCESS)
@@ -608,7 +603,7 @@ async fn pam_step(
         } => {
             let mut client = LocalClient::connect(&socket).await?;
             if let Some(user) = user {
-                match client.pam_session(false, service, user, ppid).await {
+                match client.pam_session(false, service, user).await {
                     Ok(r) => {
                         tracing::info!(session = %r.session, others = r.others, "PAM session closed");
                         return Ok(ExitCode::SUCCESS);

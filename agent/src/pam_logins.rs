@@ -11,10 +11,14 @@
 //!    *pending login*: service S may open session X for user U, until the
 //!    ticket's expiry plus [`START_GRACE_MS`].
 //! 2. **open_session**: [`Request::PamOpen`](crate::local::Request::PamOpen)
-//!    takes the oldest pending login of (S, U) and binds the PAM login to
-//!    session X. The PAM login is the process that holds the PAM handle
-//!    (`pam_exec`'s parent), named by pid and start time, so a reused pid
-//!    is never taken for it. X is reported started, or, when X is open
+//!    takes the newest pending login of (S, U) authenticated by the same
+//!    process, its parent or its child (sshd authenticates a password in
+//!    the process that opens, keyboard-interactive in a child of it; xrdp's
+//!    sesman in the parent of the session's process) and binds
+//!    the PAM login to session X. The PAM login is the process that holds
+//!    the PAM handle: `pam_exec`'s parent, which is the kernel's word
+//!    (`SO_PEERCRED` of `ferry-agent pam`, then its parent in `/proc`),
+//!    named by pid and start time, so a reused pid is never taken for it. X is reported started, or, when X is open
 //!    already (a `shared` group's user logging in again with a fresh ticket
 //!    for the same session), the login is attached to it.
 //! 3. **close_session**: [`Request::PamClose`](crate::local::Request::PamClose)
@@ -28,9 +32,14 @@
 //! The bindings are on disk (`pam-logins.json`, replaced atomically on
 //! every change) before the start they cause is spooled, and removed only
 //! after the end is spooled: an agent restarted in between closes, at
-//! start, every login whose process is gone, and watches the others.
+//! start, every login whose process is gone (or that was bound before the
+//! host last booted: the file names the boot), and watches the others.
+//! Opens, closes and the sweep's closes run one at a time, from the count
+//! of a session's logins to the spooled event and the file, so two logins
+//! of a shared session closing together end it once.
 //! Pending logins live in memory only: they last the milliseconds between
-//! a server's authentication and its session opening.
+//! a server's authentication and its session opening (an agent restarted
+//! in between fails that login; the ticket is used up).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -105,6 +114,9 @@ pub struct Login {
 #[derive(Serialize, Deserialize)]
 struct FileBody {
     version: u32,
+    /// `/proc/sys/kernel/random/boot_id` when written: process start
+    /// times name processes of one boot only.
+    boot_id: String,
     logins: Vec<Login>,
 }
 
@@ -116,6 +128,10 @@ struct Pending {
     session: SessionId,
     /// Dead from this instant (ticket expiry plus the start grace).
     until: i64,
+    /// The process that authenticated (held the PAM handle at `auth`).
+    pid: u32,
+    /// Its parent then.
+    parent: Option<u32>,
 }
 
 /// What an open binds the login to.
@@ -146,6 +162,8 @@ pub enum OpenError {
 struct State {
     pending: VecDeque<Pending>,
     logins: Vec<Login>,
+    /// Logins loaded from a file of an earlier boot, for the first sweep.
+    previous_boot: Vec<Login>,
 }
 
 /// The host's PAM logins; cheap to clone (one shared state).
@@ -153,6 +171,11 @@ struct State {
 pub struct PamLogins {
     inner: Arc<Mutex<State>>,
     path: PathBuf,
+    /// This boot's id, written with the bindings.
+    boot_id: String,
+    /// Held by an open, a close or a sweep's close from its count of a
+    /// session's logins to its spooled event and file write.
+    serial: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for PamLogins {
@@ -167,13 +190,22 @@ impl PamLogins {
     /// Loads the bindings of `state_dir` (none when there is no file).
     pub fn load(state_dir: &Path) -> Result<Self, PamLoginsError> {
         let path = state_dir.join(PAM_LOGINS_FILE);
-        let logins = read_file(&path)?;
+        let boot_id = boot_id();
+        let (file_boot, logins) = read_file(&path)?;
+        let previous_boot = if file_boot == boot_id {
+            Vec::new()
+        } else {
+            logins.clone()
+        };
         Ok(Self {
             inner: Arc::new(Mutex::new(State {
                 pending: VecDeque::new(),
                 logins,
+                previous_boot,
             })),
             path,
+            boot_id,
+            serial: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -188,15 +220,29 @@ impl PamLogins {
         self.lock().logins.clone()
     }
 
+    /// The logins bound before the host last booted (once: the first sweep
+    /// closes them).
+    fn take_previous_boot(&self) -> Vec<Login> {
+        std::mem::take(&mut self.lock().previous_boot)
+    }
+
     /// Pending logins (tests, status).
     pub fn pending_count(&self) -> usize {
         self.lock().pending.len()
     }
 
-    /// Service `service` may open `session` for `user` until `expires_at`
-    /// (a ticket's expiry) plus the start grace. The oldest pending login
-    /// is dropped when there are too many.
-    pub fn add_pending(&self, service: &str, user: &UserId, session: &SessionId, expires_at: i64) {
+    /// Process `pid` (child of `parent`) of service `service` may open
+    /// `session` for `user` until `expires_at` (a ticket's expiry) plus the
+    /// start grace. The oldest pending login is dropped when there are too
+    /// many.
+    pub fn add_pending(
+        &self,
+        service: &str,
+        user: &UserId,
+        session: &SessionId,
+        expires_at: i64,
+        (pid, parent): (u32, Option<u32>),
+    ) {
         let mut state = self.lock();
         if state.pending.len() >= MAX_PENDING_LOGINS {
             if let Some(old) = state.pending.pop_front() {
@@ -209,15 +255,20 @@ impl PamLogins {
             user: user.clone(),
             session: session.clone(),
             until: expires_at.saturating_add(START_GRACE_MS),
+            pid,
+            parent,
         });
     }
 
-    /// Binds the login `key` (its process started at `start_time`) to the
-    /// session of its oldest pending login, durably. Blocking (fsync).
+    /// Binds the login `key` (its process started at `start_time`, child of
+    /// `parent`) to the session of the newest pending login of its service
+    /// and user that this process, its parent or a child of it
+    /// authenticated, durably. Blocking (fsync).
     pub fn open_blocking(
         &self,
         key: &LoginKey,
         start_time: u64,
+        parent: Option<u32>,
         at: UnixMillis,
     ) -> Result<Bound, OpenError> {
         let mut state = self.lock();
@@ -231,11 +282,11 @@ impl PamLogins {
             });
         }
         state.pending.retain(|p| p.until > at.0);
-        let Some(i) = state
-            .pending
-            .iter()
-            .position(|p| p.service == key.service && p.user == key.user)
-        else {
+        let Some(i) = state.pending.iter().rposition(|p| {
+            p.service == key.service
+                && p.user == key.user
+                && (p.pid == key.pid || p.parent == Some(key.pid) || Some(p.pid) == parent)
+        }) else {
             return Err(OpenError::NoTicket {
                 service: key.service.clone(),
                 user: key.user.clone(),
@@ -245,8 +296,8 @@ impl PamLogins {
             return Err(OpenError::Full);
         }
         let session = state.pending[i].session.clone();
-        // A dead process's binding under the same pid (its close was
-        // missed, and the watcher has not run yet) is replaced.
+        // A dead process's binding under the same key was ended by the
+        // caller first ([`open_login`]).
         let mut logins: Vec<Login> = state
             .logins
             .iter()
@@ -260,7 +311,7 @@ impl PamLogins {
             session: session.clone(),
             opened_at: at,
         });
-        write_file(&self.path, &logins)?;
+        write_file(&self.path, &self.boot_id, &logins)?;
         state.logins = logins;
         state.pending.remove(i);
         Ok(Bound::New { session, others })
@@ -295,7 +346,7 @@ impl PamLogins {
             .filter(|l| *l != login)
             .cloned()
             .collect();
-        write_file(&self.path, &logins)?;
+        write_file(&self.path, &self.boot_id, &logins)?;
         state.logins = logins;
         Ok(())
     }
@@ -309,11 +360,20 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Pa
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<Login>, PamLoginsError> {
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), empty when the
+/// kernel does not say (then every start is taken for a new boot).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().chars().take(64).collect())
+        .unwrap_or_default()
+}
+
+/// The boot the file was written in, and its logins.
+fn read_file(path: &Path) -> Result<(String, Vec<Login>), PamLoginsError> {
     use std::io::Read;
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((boot_id(), Vec::new())),
         Err(e) => return Err(io("open", path)(e)),
     };
     let mut bytes = Vec::new();
@@ -347,12 +407,13 @@ fn read_file(path: &Path) -> Result<Vec<Login>, PamLoginsError> {
     {
         return Err(corrupt(format!("login {:?} cannot be one", bad.key)));
     }
-    Ok(body.logins)
+    Ok((body.boot_id, body.logins))
 }
 
-fn write_file(path: &Path, logins: &[Login]) -> Result<(), PamLoginsError> {
+fn write_file(path: &Path, boot_id: &str, logins: &[Login]) -> Result<(), PamLoginsError> {
     let body = FileBody {
         version: FILE_VERSION,
+        boot_id: boot_id.to_owned(),
         logins: logins.to_vec(),
     };
     let bytes = serde_json::to_vec_pretty(&body).map_err(|e| PamLoginsError::Corrupt {
@@ -427,6 +488,30 @@ fn check_service(service: &str) -> Option<Response> {
     })
 }
 
+/// The process holding the PAM handle: the parent of the peer
+/// (`ferry-agent pam`, which `pam_exec` runs), as the kernel says.
+fn login_process(peer: Peer) -> Result<u32, Response> {
+    peer.pid
+        .and_then(parent_pid)
+        .filter(|p| *p > 1)
+        .ok_or_else(|| Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message: format!(
+                "cannot tell which process holds the PAM login (peer pid {:?}): run `ferry-agent \
+                 pam` from pam_exec",
+                peer.pid
+            ),
+        })
+}
+
+/// Checks common to the three requests: the login's process, or the refusal.
+fn pam_peer(peer: Peer, what: &str, service: &str) -> Result<u32, Response> {
+    if let Some(r) = check_trusted(peer, what).or_else(|| check_service(service)) {
+        return Err(r);
+    }
+    login_process(peer)
+}
+
 /// `PamAuth`: the login's password is a ticket for this host and `user`.
 pub async fn auth(
     state: &ServerState,
@@ -435,11 +520,20 @@ pub async fn auth(
     user: UserId,
     ticket: String,
 ) -> Response {
-    if let Some(r) =
-        check_trusted(peer, "authenticate PAM logins").or_else(|| check_service(&service))
-    {
-        return r;
+    match pam_peer(peer, "authenticate PAM logins", &service) {
+        Ok(pid) => auth_as(state, service, user, ticket, pid).await,
+        Err(r) => r,
     }
+}
+
+/// [`auth`] by process `pid`.
+pub(crate) async fn auth_as(
+    state: &ServerState,
+    service: String,
+    user: UserId,
+    ticket: String,
+    pid: u32,
+) -> Response {
     let verified = state
         .tickets
         .verify_for_user(ticket, now(), user.clone())
@@ -449,10 +543,11 @@ pub async fn auth(
         .ticket(verified.as_ref().map(|_| ()).map_err(|e| e.code()));
     match verified {
         Ok(c) => {
+            let parent = parent_pid(pid);
             state
                 .pam
-                .add_pending(&service, &user, &c.session, c.expires_at.0);
-            tracing::info!(%service, %user, session = %c.session, "PAM login authenticated with a ticket");
+                .add_pending(&service, &user, &c.session, c.expires_at.0, (pid, parent));
+            tracing::info!(%service, %user, session = %c.session, pid, "PAM login authenticated with a ticket");
             Response::TicketValid(crate::local::TicketInfo {
                 ticket_id: c.ticket_id_hex(),
                 group: c.group,
@@ -468,30 +563,54 @@ pub async fn auth(
     }
 }
 
-/// `PamOpen`: binds the login of process `pid` to its ticket's session and
+/// `PamOpen`: binds the peer's PAM login to its ticket's session and
 /// reports the session started (or attaches to it).
-pub async fn open(
+pub async fn open(state: &ServerState, peer: Peer, service: String, user: UserId) -> Response {
+    match pam_peer(peer, "open PAM sessions", &service) {
+        Ok(pid) => open_as(state, service, user, pid).await,
+        Err(r) => r,
+    }
+}
+
+/// [`open`] of the login held by process `pid`.
+pub(crate) async fn open_as(
     state: &ServerState,
-    peer: Peer,
     service: String,
     user: UserId,
     pid: u32,
 ) -> Response {
-    if let Some(r) = check_trusted(peer, "open PAM sessions").or_else(|| check_service(&service)) {
-        return r;
-    }
-    let Some(start_time) = (pid > 1).then(|| process_start_time(pid)).flatten() else {
+    let Some(start_time) = process_start_time(pid) else {
         return Response::Error {
             code: ErrorCode::InvalidRequest,
             message: format!("process {pid} does not exist: no PAM login to bind"),
         };
     };
     let key = LoginKey { service, user, pid };
+    let _serial = state.pam.serial.lock().await;
+    // A binding of an earlier process under this pid (its close was missed
+    // and the sweep has not run yet): its session's end comes first.
+    if let Some((old, others)) = state.pam.find(&key, None) {
+        if old.start_time != start_time {
+            let reason = exited_reason(&old);
+            if let Response::Error { .. } = end_login(state, &old, others, reason).await {
+                return Response::Error {
+                    code: ErrorCode::Storage,
+                    message: format!(
+                        "process {pid}'s earlier login (session {}) could not be closed first",
+                        old.session
+                    ),
+                };
+            }
+        }
+    }
     let at = now();
     let pam = state.pam.clone();
     let k = key.clone();
+    let parent = parent_pid(pid);
     let bound =
-        match tokio::task::spawn_blocking(move || pam.open_blocking(&k, start_time, at)).await {
+        match tokio::task::spawn_blocking(move || pam.open_blocking(&k, start_time, parent, at))
+            .await
+        {
             Ok(b) => b,
             Err(e) => Err(OpenError::Storage(PamLoginsError::Io {
                 op: "bind the PAM login (task failed)",
@@ -570,19 +689,24 @@ fn pam_reply(session: SessionId, user: UserId, others: usize) -> Response {
     })
 }
 
-/// `PamClose`: the login of process `pid` closed its PAM session; the
-/// session ends with its last login.
-pub async fn close(
+/// `PamClose`: the peer's PAM login closed its PAM session; the session
+/// ends with its last login.
+pub async fn close(state: &ServerState, peer: Peer, service: String, user: UserId) -> Response {
+    match pam_peer(peer, "close PAM sessions", &service) {
+        Ok(pid) => close_as(state, service, user, pid).await,
+        Err(r) => r,
+    }
+}
+
+/// [`close`] of the login held by process `pid`.
+pub(crate) async fn close_as(
     state: &ServerState,
-    peer: Peer,
     service: String,
     user: UserId,
     pid: u32,
 ) -> Response {
-    if let Some(r) = check_trusted(peer, "close PAM sessions").or_else(|| check_service(&service)) {
-        return r;
-    }
     let key = LoginKey { service, user, pid };
+    let _serial = state.pam.serial.lock().await;
     let Some((login, others)) = state.pam.find(&key, process_start_time(pid)) else {
         return Response::Error {
             code: ErrorCode::UnknownSession,
@@ -595,8 +719,15 @@ pub async fn close(
     end_login(state, &login, others, EndReason::Logout).await
 }
 
+fn exited_reason(login: &Login) -> EndReason {
+    EndReason::Other(format!(
+        "the {} login process exited without closing its PAM session",
+        login.key.service
+    ))
+}
+
 /// Ends `login`'s session when it is the last login on it, then forgets
-/// the login.
+/// the login. The caller holds `serial`.
 async fn end_login(
     state: &ServerState,
     login: &Login,
@@ -638,7 +769,8 @@ async fn end_login(
 
 /// Every [`SWEEP_INTERVAL`] until `shutdown` (the first at once, for the
 /// logins loaded at start): closes the logins whose process is gone or
-/// whose pid now names another process.
+/// whose pid now names another process, and the first time those bound
+/// before the host last booted.
 pub async fn sweep(state: ServerState, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -647,32 +779,31 @@ pub async fn sweep(state: ServerState, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let mut gone = state.pam.take_previous_boot();
         let logins = state.pam.logins();
         if logins.is_empty() {
             continue;
         }
-        let Ok(gone) = tokio::task::spawn_blocking(move || {
+        if let Ok(exited) = tokio::task::spawn_blocking(move || {
             logins
                 .into_iter()
                 .filter(|l| process_start_time(l.key.pid) != Some(l.start_time))
                 .collect::<Vec<_>>()
         })
         .await
-        else {
-            continue;
-        };
+        {
+            gone.extend(exited);
+        }
         for login in gone {
+            let _serial = state.pam.serial.lock().await;
             // Closed meanwhile (its PAM close came first): nothing to do.
             let Some((current, others)) = state.pam.find(&login.key, Some(login.start_time)) else {
                 continue;
             };
             tracing::info!(session = %current.session, user = %current.key.user,
                 service = %current.key.service, pid = current.key.pid,
-                "the PAM login's process exited without closing its PAM session: closing it");
-            let reason = EndReason::Other(format!(
-                "the {} login process exited without closing its PAM session",
-                current.key.service
-            ));
+                "the PAM login's process is gone without closing its PAM session: closing it");
+            let reason = exited_reason(&current);
             if let Response::Error { message, .. } =
                 end_login(&state, &current, others, reason).await
             {
@@ -714,17 +845,32 @@ mod tests {
     }
 
     #[test]
-    fn an_open_takes_the_oldest_pending_login_of_its_service_and_user() {
+    fn an_open_takes_the_newest_pending_login_its_process_or_its_parent_authenticated() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = logins(dir.path());
         let alice: UserId = "alice".parse().expect("id");
-        p.add_pending("sshd", &alice, &sid("s-1"), 10_000);
-        p.add_pending("xrdp-sesman", &alice, &sid("s-2"), 10_000);
-        p.add_pending("sshd", &alice, &sid("s-3"), 10_000);
-        let err = p.open_blocking(&key("sshd", "bob", 100), 7, UnixMillis(1));
+        // sshd authenticates and opens in one process; xrdp's sesman (50)
+        // authenticates, and a child of it opens.
+        p.add_pending("sshd", &alice, &sid("s-1"), 10_000, (100, None));
+        p.add_pending("xrdp-sesman", &alice, &sid("s-2"), 10_000, (50, None));
+        p.add_pending("sshd", &alice, &sid("s-3"), 10_000, (101, None));
+        let err = p.open_blocking(&key("sshd", "bob", 100), 7, None, UnixMillis(1));
+        assert!(matches!(err, Err(OpenError::NoTicket { .. })), "{err:?}");
+        // Another process that authenticated nothing (sshd with a key).
+        let err = p.open_blocking(&key("sshd", "alice", 102), 7, Some(1), UnixMillis(1));
         assert!(matches!(err, Err(OpenError::NoTicket { .. })), "{err:?}");
         let b = p
-            .open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .open_blocking(&key("sshd", "alice", 101), 7, Some(1), UnixMillis(1))
+            .expect("open");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-3"),
+                others: 0
+            }
+        );
+        let b = p
+            .open_blocking(&key("sshd", "alice", 100), 7, Some(1), UnixMillis(1))
             .expect("open");
         assert_eq!(
             b,
@@ -734,18 +880,36 @@ mod tests {
             }
         );
         let b = p
-            .open_blocking(&key("sshd", "alice", 101), 7, UnixMillis(1))
-            .expect("open");
+            .open_blocking(
+                &key("xrdp-sesman", "alice", 103),
+                7,
+                Some(50),
+                UnixMillis(1),
+            )
+            .expect("open by the authenticating process's child");
         assert_eq!(
             b,
             Bound::New {
-                session: sid("s-3"),
+                session: sid("s-2"),
+                others: 0
+            }
+        );
+        // sshd's keyboard-interactive: a child (120) of the process that
+        // opens (110) authenticated, and has exited since.
+        p.add_pending("sshd", &alice, &sid("s-6"), 10_000, (120, Some(110)));
+        let b = p
+            .open_blocking(&key("sshd", "alice", 110), 7, Some(1), UnixMillis(1))
+            .expect("open by the authenticating process's parent");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-6"),
                 others: 0
             }
         );
         // The same process opening twice changes nothing.
         let b = p
-            .open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .open_blocking(&key("sshd", "alice", 100), 7, Some(1), UnixMillis(1))
             .expect("again");
         assert_eq!(
             b,
@@ -753,11 +917,25 @@ mod tests {
                 session: sid("s-1")
             }
         );
-        assert_eq!(p.pending_count(), 1);
-        // A pending login dies with its ticket (plus the grace).
+        assert_eq!(p.pending_count(), 0);
+        // The newest of one process's pending logins; a stale one dies with
+        // its ticket (plus the grace).
+        p.add_pending("sshd", &alice, &sid("s-4"), 10_000, (104, None));
+        p.add_pending("sshd", &alice, &sid("s-5"), 20_000, (104, None));
+        let b = p
+            .open_blocking(&key("sshd", "alice", 104), 7, None, UnixMillis(2))
+            .expect("open");
+        assert_eq!(
+            b,
+            Bound::New {
+                session: sid("s-5"),
+                others: 0
+            }
+        );
         let late = UnixMillis(10_000 + START_GRACE_MS);
-        let err = p.open_blocking(&key("xrdp-sesman", "alice", 102), 7, late);
+        let err = p.open_blocking(&key("sshd", "alice", 105), 7, Some(104), late);
         assert!(matches!(err, Err(OpenError::NoTicket { .. })), "{err:?}");
+        assert_eq!(p.pending_count(), 0);
     }
 
     #[test]
@@ -765,12 +943,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = logins(dir.path());
         let alice: UserId = "alice".parse().expect("id");
-        p.add_pending("sshd", &alice, &sid("s-1"), 10_000);
-        p.add_pending("sshd", &alice, &sid("s-1"), 20_000);
-        p.open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+        p.add_pending("sshd", &alice, &sid("s-1"), 10_000, (100, None));
+        p.add_pending("sshd", &alice, &sid("s-1"), 20_000, (200, None));
+        p.open_blocking(&key("sshd", "alice", 100), 7, None, UnixMillis(1))
             .expect("first");
         let b = p
-            .open_blocking(&key("sshd", "alice", 200), 8, UnixMillis(2))
+            .open_blocking(&key("sshd", "alice", 200), 8, None, UnixMillis(2))
             .expect("second");
         assert_eq!(
             b,
@@ -793,8 +971,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = logins(dir.path());
         let alice: UserId = "alice".parse().expect("id");
-        p.add_pending("sshd", &alice, &sid("s-1"), 10_000);
-        p.open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+        p.add_pending("sshd", &alice, &sid("s-1"), 10_000, (100, None));
+        p.open_blocking(&key("sshd", "alice", 100), 7, None, UnixMillis(1))
             .expect("open");
         drop(p);
         let p = logins(dir.path());
@@ -815,10 +993,29 @@ mod tests {
         assert!(err.to_string().contains(PAM_LOGINS_FILE), "{err}");
         std::fs::write(
             dir.path().join(PAM_LOGINS_FILE),
-            br#"{"version":1,"logins":[{"key":{"service":"sshd","user":"alice","pid":1},"start_time":1,"session":"s","opened_at":1}]}"#,
+            br#"{"version":1,"boot_id":"b","logins":[{"key":{"service":"sshd","user":"alice","pid":1},"start_time":1,"session":"s","opened_at":1}]}"#,
         )
         .expect("write");
         assert!(PamLogins::load(dir.path()).is_err());
+    }
+
+    #[test]
+    fn logins_of_an_earlier_boot_are_handed_to_the_first_sweep() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(PAM_LOGINS_FILE),
+            br#"{"version":1,"boot_id":"an-earlier-boot","logins":[{"key":{"service":"sshd","user":"alice","pid":4242},"start_time":1,"session":"s","opened_at":1}]}"#,
+        )
+        .expect("write");
+        let p = logins(dir.path());
+        assert_eq!(p.logins().len(), 1, "kept until closed");
+        let stale = p.take_previous_boot();
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].session, sid("s"));
+        assert!(p.take_previous_boot().is_empty(), "handed over once");
+        // Written again in this boot: no longer an earlier boot's.
+        p.remove_blocking(&stale[0]).expect("remove");
+        assert!(logins(dir.path()).take_previous_boot().is_empty());
     }
 
     #[test]
@@ -827,16 +1024,18 @@ mod tests {
         let p = logins(dir.path());
         let alice: UserId = "alice".parse().expect("id");
         for i in 0..=MAX_PENDING_LOGINS {
-            p.add_pending("sshd", &alice, &sid(&format!("s-{i}")), 10_000);
+            p.add_pending("sshd", &alice, &sid(&format!("s-{i}")), 10_000, (100, None));
         }
         assert_eq!(p.pending_count(), MAX_PENDING_LOGINS);
+        p.add_pending("sshd", &alice, &sid("s-last"), 10_000, (101, None));
+        assert_eq!(p.pending_count(), MAX_PENDING_LOGINS);
         let b = p
-            .open_blocking(&key("sshd", "alice", 100), 7, UnixMillis(1))
+            .open_blocking(&key("sshd", "alice", 101), 7, None, UnixMillis(1))
             .expect("open");
         assert_eq!(
             b,
             Bound::New {
-                session: sid("s-1"),
+                session: sid("s-last"),
                 others: 0
             }
         );
