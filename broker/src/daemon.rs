@@ -477,16 +477,14 @@ impl Broker {
                 .with_limits(&config.endpoint),
             )),
             // End users asking for sessions: the group's actor admits.
-            route: Some(Arc::new(
-                crate::routing::RouteService::new(
-                    self.groups.service().clone(),
-                    self.groups.actors().clone(),
-                    self.store.clone(),
-                    keys.tickets,
-                    &config.endpoint,
-                )
-                .with_registry(self.registry.clone()),
-            )),
+            route: Some(Arc::new(crate::routing::RouteService::new(
+                self.groups.service().clone(),
+                self.groups.actors().clone(),
+                self.store.clone(),
+                keys.tickets,
+                &config.endpoint,
+                self.registry.clone(),
+            ))),
             peer: peers.map(|(key, _)| {
                 Arc::new(crate::admin::peer_service::PeerService::new(
                     admin_ctx.clone(),

@@ -112,9 +112,13 @@ struct Inner {
     first_stream_timeout: Duration,
     /// `EndpointLimits::route_idle_timeout`.
     idle_timeout: Duration,
-    /// Where admitted hosts' streaming servers are, as their agents said
-    /// ([`RouteService::with_registry`]).
-    registry: Option<Arc<crate::registry::Registry>>,
+    /// Where admitted hosts' streaming servers are, as their agents said:
+    /// admissions to a host that has just joined wait (at most
+    /// [`STREAMING_REPORT_WAIT`]) for its agent to say where its streaming
+    /// server is and what it speaks, as it does right after its `Welcome`,
+    /// so a user admitted the moment a host joins (a scale-out for waiting
+    /// users) gets the configured address and protocol, not the guess.
+    registry: Arc<crate::registry::Registry>,
 }
 
 /// The route service registered in the endpoint's [`crate::link::Services`].
@@ -130,6 +134,7 @@ impl RouteService {
         store: Store,
         signer: Arc<TicketSigner>,
         limits: &EndpointLimits,
+        registry: Arc<crate::registry::Registry>,
     ) -> RouteService {
         let throttle = Throttle::new(groups.config().routing.login);
         RouteService {
@@ -143,21 +148,9 @@ impl RouteService {
                 in_flight: Arc::new(Semaphore::new(MAX_ROUTES_IN_FLIGHT)),
                 first_stream_timeout: limits.route_first_stream_timeout,
                 idle_timeout: limits.route_idle_timeout,
-                registry: None,
+                registry,
             }),
         }
-    }
-
-    /// Admissions to a host that has just joined wait (at most
-    /// [`STREAMING_REPORT_WAIT`]) for its agent to say where its streaming
-    /// server is and what it speaks, as it does right after its `Welcome`:
-    /// a user admitted the moment a host joins (a scale-out for waiting
-    /// users) gets the configured address and protocol, not the guess.
-    pub fn with_registry(mut self, registry: Arc<crate::registry::Registry>) -> RouteService {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.registry = Some(registry);
-        }
-        self
     }
 }
 
@@ -611,14 +604,13 @@ async fn admission(
     user: &UserId,
     mut p: Placement,
 ) -> BrokerToClient {
-    if let Some(registry) = &inner.registry {
-        if let Some(t) = registry
-            .reported_streaming(&p.resource, STREAMING_REPORT_WAIT)
-            .await
-        {
-            p.address = t.address;
-            p.protocol = t.protocol;
-        }
+    if let Some(t) = inner
+        .registry
+        .reported_streaming(&p.resource, STREAMING_REPORT_WAIT)
+        .await
+    {
+        p.address = t.address;
+        p.protocol = t.protocol;
     }
     let (claims, ticket) = inner.signer.issue(
         group,
