@@ -616,6 +616,9 @@ async fn a_second_login_to_a_shared_session_attaches_to_it() -> anyhow::Result<(
             .unwrap_or(false)
     })
     .await?;
+    // An end would have been spooled before the unbinding: once the agent
+    // is synced, the broker has every event it spooled.
+    fleet.agent.wait_synced().await?;
     let all = fleet.sessions().await?;
     assert_eq!(all.len(), 1, "one session for both logins: {all:?}");
     assert!(open(&all[0]), "{all:?}");
