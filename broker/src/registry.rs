@@ -295,13 +295,16 @@ impl Registry {
         let mut changes = self.subscribe();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let (_, live) = self.get(resource)?;
-            if live.streaming_reported {
-                return live.streaming;
+            let (reported, streaming) = self.peek(|map| {
+                map.get(resource)
+                    .map(|e| (e.live.streaming_reported, e.live.streaming.clone()))
+            })?;
+            if reported {
+                return streaming;
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return live.streaming,
+                _ => return streaming,
             }
         }
     }
