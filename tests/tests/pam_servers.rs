@@ -223,6 +223,19 @@ impl Fleet {
     }
 }
 
+/// The agent's config lines for a streaming server on loopback `port`
+/// speaking `protocol`.
+fn streaming(port: u16, protocol: &str) -> String {
+    format!("streaming_address = \"127.0.0.1:{port}\"\nstreaming_protocol = \"{protocol}\"\n")
+}
+
+/// What the sshd tests run.
+const SSH_PROGRAMS: [(&str, &str); 3] = [
+    (servers::SSHD, "openssh-server"),
+    (servers::SSH, "openssh-client"),
+    (servers::SSH_KEYGEN, "openssh-client"),
+];
+
 fn open(s: &serde_json::Value) -> bool {
     s["ended_at"].is_null()
 }
@@ -343,20 +356,13 @@ async fn the_shipped_pam_stacks_take_a_ticket_once_for_its_own_user() -> anyhow:
 /// tickets are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sshd_takes_a_ticket_once_and_the_login_holds_its_slot() -> anyhow::Result<()> {
-    servers::require(&[
-        (servers::SSHD, "openssh-server"),
-        (servers::SSH, "openssh-client"),
-        (servers::SSH_KEYGEN, "openssh-client"),
-    ]);
+    servers::require(&SSH_PROGRAMS);
     init_logging();
     let tmp = tempfile::tempdir()?;
     let (alice, bob) = (UnixUser::create()?, UnixUser::create()?);
     let sshd =
         servers::Sshd::start(&tmp.path().join("sshd"), &Fleet::agent_socket(tmp.path())).await?;
-    let extra = format!(
-        "streaming_address = \"127.0.0.1:{}\"\nstreaming_protocol = \"ssh\"\n",
-        sshd.port
-    );
+    let extra = streaming(sshd.port, "ssh");
     let fleet = Fleet::start(
         tmp.path(),
         &[&alice, &bob],
@@ -466,10 +472,7 @@ async fn xrdp_takes_a_ticket_once_through_xfreerdp() -> anyhow::Result<()> {
     let xrdp =
         servers::Xrdp::start(&tmp.path().join("xrdp"), &Fleet::agent_socket(tmp.path())).await?;
     let x = servers::Xvfb::start().await?;
-    let extra = format!(
-        "streaming_address = \"127.0.0.1:{}\"\nstreaming_protocol = \"rdp\"\n",
-        xrdp.port
-    );
+    let extra = streaming(xrdp.port, "rdp");
     let fleet = Fleet::start(
         tmp.path(),
         &[&alice, &bob],
@@ -550,20 +553,13 @@ async fn xrdp_takes_a_ticket_once_through_xfreerdp() -> anyhow::Result<()> {
 /// login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_login_to_a_shared_session_attaches_to_it() -> anyhow::Result<()> {
-    servers::require(&[
-        (servers::SSHD, "openssh-server"),
-        (servers::SSH, "openssh-client"),
-        (servers::SSH_KEYGEN, "openssh-client"),
-    ]);
+    servers::require(&SSH_PROGRAMS);
     init_logging();
     let tmp = tempfile::tempdir()?;
     let alice = UnixUser::create()?;
     let sshd =
         servers::Sshd::start(&tmp.path().join("sshd"), &Fleet::agent_socket(tmp.path())).await?;
-    let extra = format!(
-        "streaming_address = \"127.0.0.1:{}\"\nstreaming_protocol = \"ssh\"\n",
-        sshd.port
-    );
+    let extra = streaming(sshd.port, "ssh");
     let fleet = Fleet::start(tmp.path(), &[&alice], 2, SessionType::Shared, &extra).await?;
     let client = tmp.path().join("client");
     std::fs::create_dir_all(&client)?;
