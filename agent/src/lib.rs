@@ -196,7 +196,7 @@ pub async fn run(
     };
     // Logins whose process exited without closing them end; the first
     // sweep closes those of processes gone while the agent was down.
-    tracker.spawn(pam_logins::sweep(
+    tracker.spawn(local::pam_sweep(
         local_state.clone(),
         shutdown.child_token(),
     ));

@@ -38,6 +38,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::now;
+use crate::pam_logins::{
+    parent_pid, process_start_time, Bound, Login, LoginKey, OpenError, PamLoginsError,
+    MAX_SERVICE_LEN, SWEEP_INTERVAL,
+};
 use crate::spool::{SpoolError, SpoolHandle};
 use crate::ticket::{TicketVerifier, VerifyError};
 use crate::LinkStatus;
@@ -497,13 +501,9 @@ async fn handle(
             service,
             user,
             ticket,
-        } => crate::pam_logins::auth(state, peer, service, user, ticket).await,
-        Request::PamOpen { service, user } => {
-            crate::pam_logins::open(state, peer, service, user).await
-        }
-        Request::PamClose { service, user } => {
-            crate::pam_logins::close(state, peer, service, user).await
-        }
+        } => pam_auth(state, peer, service, user, ticket).await,
+        Request::PamOpen { service, user } => pam_open(state, peer, service, user).await,
+        Request::PamClose { service, user } => pam_close(state, peer, service, user).await,
     }
 }
 
@@ -824,6 +824,369 @@ pub(crate) fn recorded(r: Result<u64, SpoolError>) -> Response {
             Response::Error {
                 code,
                 message: e.to_string(),
+            }
+        }
+    }
+}
+
+// ---- PAM logins (`crate::pam_logins`) -------------------------------------
+
+/// Refused unless the peer is root or the agent's user: PAM's session phase
+/// runs as root, and a binding starts sessions.
+fn pam_check_trusted(peer: Peer, what: &str) -> Option<Response> {
+    if peer.may_vouch() {
+        return None;
+    }
+    Some(Response::Error {
+        code: ErrorCode::NotTrusted,
+        message: format!(
+            "{} may not {what}: only root (pam_exec) and the agent's user (uid {}) may",
+            peer.uid.map_or_else(
+                || "a peer of unknown uid".to_owned(),
+                |u| format!("uid {u}")
+            ),
+            peer.agent_uid
+        ),
+    })
+}
+
+fn pam_check_service(service: &str) -> Option<Response> {
+    let ok = !service.is_empty()
+        && service.len() <= MAX_SERVICE_LEN
+        && service
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '/' && c != '\\');
+    (!ok).then(|| Response::Error {
+        code: ErrorCode::InvalidRequest,
+        message: format!(
+            "PAM service {:?} is not a PAM service name (1 to {MAX_SERVICE_LEN} printable \
+             characters, no slash)",
+            service.chars().take(MAX_SERVICE_LEN).collect::<String>()
+        ),
+    })
+}
+
+/// The process holding the PAM handle: the parent of the peer
+/// (`ferry-agent pam`, which `pam_exec` runs), as the kernel says.
+fn pam_login_process(peer: Peer) -> Result<u32, Response> {
+    peer.pid
+        .and_then(parent_pid)
+        .filter(|p| *p > 1)
+        .ok_or_else(|| Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message: format!(
+                "cannot tell which process holds the PAM login (peer pid {:?}): run `ferry-agent \
+                 pam` from pam_exec",
+                peer.pid
+            ),
+        })
+}
+
+/// Checks common to the three requests: the login's process, or the refusal.
+fn pam_peer(peer: Peer, what: &str, service: &str) -> Result<u32, Response> {
+    if let Some(r) = pam_check_trusted(peer, what).or_else(|| pam_check_service(service)) {
+        return Err(r);
+    }
+    pam_login_process(peer)
+}
+
+/// `PamAuth`: the login's password is a ticket for this host and `user`.
+async fn pam_auth(
+    state: &ServerState,
+    peer: Peer,
+    service: String,
+    user: UserId,
+    ticket: String,
+) -> Response {
+    match pam_peer(peer, "authenticate PAM logins", &service) {
+        Ok(pid) => pam_auth_as(state, service, user, ticket, pid).await,
+        Err(r) => r,
+    }
+}
+
+/// [`auth`] by process `pid`.
+pub(crate) async fn pam_auth_as(
+    state: &ServerState,
+    service: String,
+    user: UserId,
+    ticket: String,
+    pid: u32,
+) -> Response {
+    let verified = state
+        .tickets
+        .verify_for_user(ticket, now(), user.clone())
+        .await;
+    state
+        .metrics
+        .ticket(verified.as_ref().map(|_| ()).map_err(|e| e.code()));
+    match verified {
+        Ok(c) => {
+            let parent = parent_pid(pid);
+            state
+                .pam
+                .add_pending(&service, &user, &c.session, c.expires_at.0, (pid, parent));
+            tracing::info!(%service, %user, session = %c.session, pid, "PAM login authenticated with a ticket");
+            Response::TicketValid(TicketInfo {
+                ticket_id: c.ticket_id_hex(),
+                group: c.group,
+                user: c.user,
+                session: c.session,
+                expires_at: c.expires_at,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(%service, %user, reason = e.code(), error = %e, "PAM login refused");
+            ticket_refusal(e)
+        }
+    }
+}
+
+/// `PamOpen`: binds the peer's PAM login to its ticket's session and
+/// reports the session started (or attaches to it).
+async fn pam_open(state: &ServerState, peer: Peer, service: String, user: UserId) -> Response {
+    match pam_peer(peer, "open PAM sessions", &service) {
+        Ok(pid) => pam_open_as(state, service, user, pid).await,
+        Err(r) => r,
+    }
+}
+
+/// [`open`] of the login held by process `pid`.
+pub(crate) async fn pam_open_as(
+    state: &ServerState,
+    service: String,
+    user: UserId,
+    pid: u32,
+) -> Response {
+    let Some(start_time) = process_start_time(pid) else {
+        return Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message: format!("process {pid} does not exist: no PAM login to bind"),
+        };
+    };
+    let key = LoginKey { service, user, pid };
+    let _serial = state.pam.serial().lock().await;
+    // A binding of an earlier process under this pid (its close was missed
+    // and the sweep has not run yet): its session's end comes first.
+    if let Some((old, others)) = state.pam.find(&key, None) {
+        if old.start_time != start_time {
+            let reason = pam_exited_reason(&old);
+            if let Response::Error { .. } = pam_end_login(state, &old, others, reason).await {
+                return Response::Error {
+                    code: ErrorCode::Storage,
+                    message: format!(
+                        "process {pid}'s earlier login (session {}) could not be closed first",
+                        old.session
+                    ),
+                };
+            }
+        }
+    }
+    let at = now();
+    let pam = state.pam.clone();
+    let k = key.clone();
+    let parent = parent_pid(pid);
+    let bound =
+        match tokio::task::spawn_blocking(move || pam.open_blocking(&k, start_time, parent, at))
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => Err(OpenError::Storage(PamLoginsError::Io {
+                op: "bind the PAM login (task failed)",
+                path: state.pam.path().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })),
+        };
+    let (session, others) = match bound {
+        Ok(Bound::Again { session }) => {
+            let others = state.pam.find(&key, Some(start_time)).map_or(0, |(_, o)| o);
+            return pam_reply(session, key.user, others);
+        }
+        Ok(Bound::New { session, others }) => (session, others),
+        Err(e) => {
+            let code = match e {
+                OpenError::NoTicket { .. } => ErrorCode::NotVerified,
+                OpenError::Full => ErrorCode::TooManySessions,
+                OpenError::Storage(_) => ErrorCode::Storage,
+            };
+            tracing::warn!(service = %key.service, user = %key.user, pid, error = %e, "PAM session not opened");
+            return Response::Error {
+                code,
+                message: e.to_string(),
+            };
+        }
+    };
+    let login = Login {
+        key: key.clone(),
+        start_time,
+        session: session.clone(),
+        opened_at: at,
+    };
+    if others == 0 {
+        let started = state
+            .spool
+            .append(SessionEvent::Started {
+                session: session.clone(),
+                user: key.user.clone(),
+                at,
+            })
+            .await;
+        match started {
+            Ok(seq) => {
+                tracing::info!(%session, user = %key.user, service = %key.service, pid, seq,
+                    "PAM session started under its ticket's session id");
+            }
+            // Open already (reported another way, or a binding lost):
+            // this login attaches to it.
+            Err(crate::spool::SpoolError::DuplicateSession(_)) => {
+                tracing::info!(%session, user = %key.user, "PAM login attached to an open session");
+            }
+            Err(e) => {
+                let refused = recorded(Err(e));
+                let pam = state.pam.clone();
+                let l = login.clone();
+                if let Ok(Err(e)) =
+                    tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await
+                {
+                    tracing::error!(error = %e, "forget the PAM login of a session not started");
+                }
+                return refused;
+            }
+        }
+    } else {
+        tracing::info!(%session, user = %key.user, service = %key.service, pid, others,
+            "PAM login attached to its shared session");
+    }
+    pam_reply(session, key.user, others)
+}
+
+fn pam_reply(session: SessionId, user: UserId, others: usize) -> Response {
+    Response::PamSession(PamSessionReply {
+        session,
+        user,
+        others: u32::try_from(others).unwrap_or(u32::MAX),
+    })
+}
+
+/// `PamClose`: the peer's PAM login closed its PAM session; the session
+/// ends with its last login.
+async fn pam_close(state: &ServerState, peer: Peer, service: String, user: UserId) -> Response {
+    match pam_peer(peer, "close PAM sessions", &service) {
+        Ok(pid) => pam_close_as(state, service, user, pid).await,
+        Err(r) => r,
+    }
+}
+
+/// [`close`] of the login held by process `pid`.
+pub(crate) async fn pam_close_as(
+    state: &ServerState,
+    service: String,
+    user: UserId,
+    pid: u32,
+) -> Response {
+    let key = LoginKey { service, user, pid };
+    let _serial = state.pam.serial().lock().await;
+    let Some((login, others)) = state.pam.find(&key, process_start_time(pid)) else {
+        return Response::Error {
+            code: ErrorCode::UnknownSession,
+            message: format!(
+                "no PAM login of {} through {} in process {pid} is bound to a session",
+                key.user, key.service
+            ),
+        };
+    };
+    pam_end_login(state, &login, others, EndReason::Logout).await
+}
+
+fn pam_exited_reason(login: &Login) -> EndReason {
+    EndReason::Other(format!(
+        "the {} login process exited without closing its PAM session",
+        login.key.service
+    ))
+}
+
+/// Ends `login`'s session when it is the last login on it, then forgets
+/// the login. The caller holds `serial`.
+async fn pam_end_login(
+    state: &ServerState,
+    login: &Login,
+    others: usize,
+    reason: EndReason,
+) -> Response {
+    if others == 0 {
+        match session_end(state, login.session.clone(), reason).await {
+            Response::Recorded { .. } => {}
+            Response::Error {
+                code: ErrorCode::UnknownSession | ErrorCode::EndedSession,
+                ..
+            } => {
+                tracing::info!(session = %login.session, "the PAM login's session had already ended");
+            }
+            refused => return refused,
+        }
+    }
+    let pam = state.pam.clone();
+    let l = login.clone();
+    match tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "forget a closed PAM login");
+            return Response::Error {
+                code: ErrorCode::Storage,
+                message: e.to_string(),
+            };
+        }
+        Err(e) => {
+            return Response::Error {
+                code: ErrorCode::Storage,
+                message: format!("forget a closed PAM login: task failed: {e}"),
+            }
+        }
+    }
+    pam_reply(login.session.clone(), login.key.user.clone(), others)
+}
+
+/// Every [`SWEEP_INTERVAL`] until `shutdown` (the first at once, for the
+/// logins loaded at start): closes the logins whose process is gone or
+/// whose pid now names another process, and the first time those bound
+/// before the host last booted.
+pub async fn pam_sweep(state: ServerState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut gone = state.pam.take_previous_boot();
+        let logins = state.pam.logins();
+        if logins.is_empty() {
+            continue;
+        }
+        if let Ok(exited) = tokio::task::spawn_blocking(move || {
+            logins
+                .into_iter()
+                .filter(|l| process_start_time(l.key.pid) != Some(l.start_time))
+                .collect::<Vec<_>>()
+        })
+        .await
+        {
+            gone.extend(exited);
+        }
+        for login in gone {
+            let _serial = state.pam.serial().lock().await;
+            // Closed meanwhile (its PAM close came first): nothing to do.
+            let Some((current, others)) = state.pam.find(&login.key, Some(login.start_time)) else {
+                continue;
+            };
+            tracing::info!(session = %current.session, user = %current.key.user,
+                service = %current.key.service, pid = current.key.pid,
+                "the PAM login's process is gone without closing its PAM session: closing it");
+            let reason = pam_exited_reason(&current);
+            if let Response::Error { message, .. } =
+                pam_end_login(&state, &current, others, reason).await
+            {
+                tracing::error!(session = %current.session,
+                    "close the PAM login of an exited process: {message}");
             }
         }
     }
@@ -1593,20 +1956,17 @@ mod tests {
                 .unwrap();
             for (n, p) in [(1u8, &a), (2, &b)] {
                 let t = ticket_for(&key, round * 2 + n, &session, "alice");
-                let r = crate::pam_logins::auth_as(&state, "sshd".into(), alice.clone(), t, p.id())
-                    .await;
+                let r = pam_auth_as(&state, "sshd".into(), alice.clone(), t, p.id()).await;
                 assert!(matches!(r, Response::TicketValid(_)), "{r:?}");
-                let r = pam_reply(
-                    crate::pam_logins::open_as(&state, "sshd".into(), alice.clone(), p.id()).await,
-                );
+                let r = pam_reply(pam_open_as(&state, "sshd".into(), alice.clone(), p.id()).await);
                 assert_eq!(
                     (r.session.as_str(), r.others),
                     (session.as_str(), u32::from(n) - 1)
                 );
             }
             let (ra, rb) = tokio::join!(
-                crate::pam_logins::close_as(&state, "sshd".into(), alice.clone(), a.id()),
-                crate::pam_logins::close_as(&state, "sshd".into(), alice.clone(), b.id()),
+                pam_close_as(&state, "sshd".into(), alice.clone(), a.id()),
+                pam_close_as(&state, "sshd".into(), alice.clone(), b.id()),
             );
             let mut others = [pam_reply(ra).others, pam_reply(rb).others];
             others.sort_unstable();

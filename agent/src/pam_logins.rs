@@ -4,25 +4,29 @@
 //! OpenSSH's sshd, ...) runs `ferry-agent pam` from `pam_exec` three times
 //! for one login:
 //!
-//! 1. **auth** (`expose_authtok`): the password is the user's ticket.
-//!    [`Request::PamAuth`](crate::local::Request::PamAuth) verifies it for
-//!    the PAM user (a ticket of another user is refused and stays good for
-//!    its owner) and marks it used durably. The agent then holds a
-//!    *pending login*: service S may open session X for user U, until the
-//!    ticket's expiry plus [`START_GRACE_MS`].
-//! 2. **open_session**: [`Request::PamOpen`](crate::local::Request::PamOpen)
-//!    takes the newest pending login of (S, U) authenticated by the same
-//!    process, its parent or its child (sshd authenticates a password in
-//!    the process that opens, keyboard-interactive in a child of it; xrdp's
-//!    sesman in the parent of the session's process) and binds
-//!    the PAM login to session X. The PAM login is the process that holds
-//!    the PAM handle: `pam_exec`'s parent, which is the kernel's word
-//!    (`SO_PEERCRED` of `ferry-agent pam`, then its parent in `/proc`),
-//!    named by pid and start time, so a reused pid is never taken for it. X is reported started, or, when X is open
-//!    already (a `shared` group's user logging in again with a fresh ticket
-//!    for the same session), the login is attached to it.
-//! 3. **close_session**: [`Request::PamClose`](crate::local::Request::PamClose)
-//!    unbinds it; the session ends with its last login.
+//! 1. **auth** (`expose_authtok`): the password is the user's ticket. The
+//!    local socket's `PamAuth` verifies it for the PAM user (a ticket of
+//!    another user is refused and stays good for its owner) and marks it
+//!    used durably. The agent then holds a *pending login*: service S may
+//!    open session X for user U, until the ticket's expiry plus
+//!    [`START_GRACE_MS`].
+//! 2. **open_session**: the local socket's `PamOpen` takes the newest
+//!    pending login of (S, U) authenticated by the same process, its parent
+//!    or its child (sshd authenticates a password in the process that
+//!    opens, keyboard-interactive in a child of it; xrdp's sesman in the
+//!    parent of the session's process) and binds the PAM login to session
+//!    X. The PAM login is the process that holds the PAM handle:
+//!    `pam_exec`'s parent, as the kernel says (`SO_PEERCRED` of
+//!    `ferry-agent pam`, then its parent in `/proc`), named by pid and
+//!    start time, so a reused pid is never taken for it. X is reported
+//!    started, or, when X is open already (a `shared` group's user logging
+//!    in again with a fresh ticket for the same session), the login is
+//!    attached to it.
+//! 3. **close_session**: the local socket's `PamClose` unbinds it; the
+//!    session ends with its last login.
+//!
+//! The requests are answered in `local.rs` (`pam_auth`, `pam_open`,
+//! `pam_close`, `pam_sweep`); this module is their state.
 //!
 //! A login process that exits without closing its PAM session (killed, or
 //! a server that gives up after authenticating) is found by a sweep every
@@ -45,14 +49,10 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ferry_common::wire::{EndReason, SessionEvent, UnixMillis};
+use crate::ticket::START_GRACE_MS;
+use ferry_common::wire::UnixMillis;
 use ferry_common::{SessionId, UserId};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-
-use crate::clock::now;
-use crate::local::{ErrorCode, Peer, Response, ServerState};
-use crate::ticket::START_GRACE_MS;
 
 /// The bindings' file in the state directory.
 pub const PAM_LOGINS_FILE: &str = "pam-logins.json";
@@ -220,9 +220,20 @@ impl PamLogins {
         self.lock().logins.clone()
     }
 
+    /// Where the bindings are kept.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Held by an open, a close or a sweep's close from its count of a
+    /// session's logins to its spooled event and file write.
+    pub fn serial(&self) -> &tokio::sync::Mutex<()> {
+        &self.serial
+    }
+
     /// The logins bound before the host last booted (once: the first sweep
     /// closes them).
-    fn take_previous_boot(&self) -> Vec<Login> {
+    pub fn take_previous_boot(&self) -> Vec<Login> {
         std::mem::take(&mut self.lock().previous_boot)
     }
 
@@ -449,369 +460,6 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_ascii_whitespace().nth(1)?.parse().ok()
-}
-
-// ---- requests of the local socket ------------------------------------------
-
-/// Refused unless the peer is root or the agent's user: PAM's session phase
-/// runs as root, and a binding starts sessions.
-fn check_trusted(peer: Peer, what: &str) -> Option<Response> {
-    if peer.may_vouch() {
-        return None;
-    }
-    Some(Response::Error {
-        code: ErrorCode::NotTrusted,
-        message: format!(
-            "{} may not {what}: only root (pam_exec) and the agent's user (uid {}) may",
-            peer.uid.map_or_else(
-                || "a peer of unknown uid".to_owned(),
-                |u| format!("uid {u}")
-            ),
-            peer.agent_uid
-        ),
-    })
-}
-
-fn check_service(service: &str) -> Option<Response> {
-    let ok = !service.is_empty()
-        && service.len() <= MAX_SERVICE_LEN
-        && service
-            .chars()
-            .all(|c| c.is_ascii_graphic() && c != '/' && c != '\\');
-    (!ok).then(|| Response::Error {
-        code: ErrorCode::InvalidRequest,
-        message: format!(
-            "PAM service {:?} is not a PAM service name (1 to {MAX_SERVICE_LEN} printable \
-             characters, no slash)",
-            service.chars().take(MAX_SERVICE_LEN).collect::<String>()
-        ),
-    })
-}
-
-/// The process holding the PAM handle: the parent of the peer
-/// (`ferry-agent pam`, which `pam_exec` runs), as the kernel says.
-fn login_process(peer: Peer) -> Result<u32, Response> {
-    peer.pid
-        .and_then(parent_pid)
-        .filter(|p| *p > 1)
-        .ok_or_else(|| Response::Error {
-            code: ErrorCode::InvalidRequest,
-            message: format!(
-                "cannot tell which process holds the PAM login (peer pid {:?}): run `ferry-agent \
-                 pam` from pam_exec",
-                peer.pid
-            ),
-        })
-}
-
-/// Checks common to the three requests: the login's process, or the refusal.
-fn pam_peer(peer: Peer, what: &str, service: &str) -> Result<u32, Response> {
-    if let Some(r) = check_trusted(peer, what).or_else(|| check_service(service)) {
-        return Err(r);
-    }
-    login_process(peer)
-}
-
-/// `PamAuth`: the login's password is a ticket for this host and `user`.
-pub async fn auth(
-    state: &ServerState,
-    peer: Peer,
-    service: String,
-    user: UserId,
-    ticket: String,
-) -> Response {
-    match pam_peer(peer, "authenticate PAM logins", &service) {
-        Ok(pid) => auth_as(state, service, user, ticket, pid).await,
-        Err(r) => r,
-    }
-}
-
-/// [`auth`] by process `pid`.
-pub(crate) async fn auth_as(
-    state: &ServerState,
-    service: String,
-    user: UserId,
-    ticket: String,
-    pid: u32,
-) -> Response {
-    let verified = state
-        .tickets
-        .verify_for_user(ticket, now(), user.clone())
-        .await;
-    state
-        .metrics
-        .ticket(verified.as_ref().map(|_| ()).map_err(|e| e.code()));
-    match verified {
-        Ok(c) => {
-            let parent = parent_pid(pid);
-            state
-                .pam
-                .add_pending(&service, &user, &c.session, c.expires_at.0, (pid, parent));
-            tracing::info!(%service, %user, session = %c.session, pid, "PAM login authenticated with a ticket");
-            Response::TicketValid(crate::local::TicketInfo {
-                ticket_id: c.ticket_id_hex(),
-                group: c.group,
-                user: c.user,
-                session: c.session,
-                expires_at: c.expires_at,
-            })
-        }
-        Err(e) => {
-            tracing::warn!(%service, %user, reason = e.code(), error = %e, "PAM login refused");
-            crate::local::ticket_refusal(e)
-        }
-    }
-}
-
-/// `PamOpen`: binds the peer's PAM login to its ticket's session and
-/// reports the session started (or attaches to it).
-pub async fn open(state: &ServerState, peer: Peer, service: String, user: UserId) -> Response {
-    match pam_peer(peer, "open PAM sessions", &service) {
-        Ok(pid) => open_as(state, service, user, pid).await,
-        Err(r) => r,
-    }
-}
-
-/// [`open`] of the login held by process `pid`.
-pub(crate) async fn open_as(
-    state: &ServerState,
-    service: String,
-    user: UserId,
-    pid: u32,
-) -> Response {
-    let Some(start_time) = process_start_time(pid) else {
-        return Response::Error {
-            code: ErrorCode::InvalidRequest,
-            message: format!("process {pid} does not exist: no PAM login to bind"),
-        };
-    };
-    let key = LoginKey { service, user, pid };
-    let _serial = state.pam.serial.lock().await;
-    // A binding of an earlier process under this pid (its close was missed
-    // and the sweep has not run yet): its session's end comes first.
-    if let Some((old, others)) = state.pam.find(&key, None) {
-        if old.start_time != start_time {
-            let reason = exited_reason(&old);
-            if let Response::Error { .. } = end_login(state, &old, others, reason).await {
-                return Response::Error {
-                    code: ErrorCode::Storage,
-                    message: format!(
-                        "process {pid}'s earlier login (session {}) could not be closed first",
-                        old.session
-                    ),
-                };
-            }
-        }
-    }
-    let at = now();
-    let pam = state.pam.clone();
-    let k = key.clone();
-    let parent = parent_pid(pid);
-    let bound =
-        match tokio::task::spawn_blocking(move || pam.open_blocking(&k, start_time, parent, at))
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => Err(OpenError::Storage(PamLoginsError::Io {
-                op: "bind the PAM login (task failed)",
-                path: state.pam.path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })),
-        };
-    let (session, others) = match bound {
-        Ok(Bound::Again { session }) => {
-            let others = state.pam.find(&key, Some(start_time)).map_or(0, |(_, o)| o);
-            return pam_reply(session, key.user, others);
-        }
-        Ok(Bound::New { session, others }) => (session, others),
-        Err(e) => {
-            let code = match e {
-                OpenError::NoTicket { .. } => ErrorCode::NotVerified,
-                OpenError::Full => ErrorCode::TooManySessions,
-                OpenError::Storage(_) => ErrorCode::Storage,
-            };
-            tracing::warn!(service = %key.service, user = %key.user, pid, error = %e, "PAM session not opened");
-            return Response::Error {
-                code,
-                message: e.to_string(),
-            };
-        }
-    };
-    let login = Login {
-        key: key.clone(),
-        start_time,
-        session: session.clone(),
-        opened_at: at,
-    };
-    if others == 0 {
-        let started = state
-            .spool
-            .append(SessionEvent::Started {
-                session: session.clone(),
-                user: key.user.clone(),
-                at,
-            })
-            .await;
-        match started {
-            Ok(seq) => {
-                tracing::info!(%session, user = %key.user, service = %key.service, pid, seq,
-                    "PAM session started under its ticket's session id");
-            }
-            // Open already (reported another way, or a binding lost):
-            // this login attaches to it.
-            Err(crate::spool::SpoolError::DuplicateSession(_)) => {
-                tracing::info!(%session, user = %key.user, "PAM login attached to an open session");
-            }
-            Err(e) => {
-                let refused = crate::local::recorded(Err(e));
-                let pam = state.pam.clone();
-                let l = login.clone();
-                if let Ok(Err(e)) =
-                    tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await
-                {
-                    tracing::error!(error = %e, "forget the PAM login of a session not started");
-                }
-                return refused;
-            }
-        }
-    } else {
-        tracing::info!(%session, user = %key.user, service = %key.service, pid, others,
-            "PAM login attached to its shared session");
-    }
-    pam_reply(session, key.user, others)
-}
-
-fn pam_reply(session: SessionId, user: UserId, others: usize) -> Response {
-    Response::PamSession(crate::local::PamSessionReply {
-        session,
-        user,
-        others: u32::try_from(others).unwrap_or(u32::MAX),
-    })
-}
-
-/// `PamClose`: the peer's PAM login closed its PAM session; the session
-/// ends with its last login.
-pub async fn close(state: &ServerState, peer: Peer, service: String, user: UserId) -> Response {
-    match pam_peer(peer, "close PAM sessions", &service) {
-        Ok(pid) => close_as(state, service, user, pid).await,
-        Err(r) => r,
-    }
-}
-
-/// [`close`] of the login held by process `pid`.
-pub(crate) async fn close_as(
-    state: &ServerState,
-    service: String,
-    user: UserId,
-    pid: u32,
-) -> Response {
-    let key = LoginKey { service, user, pid };
-    let _serial = state.pam.serial.lock().await;
-    let Some((login, others)) = state.pam.find(&key, process_start_time(pid)) else {
-        return Response::Error {
-            code: ErrorCode::UnknownSession,
-            message: format!(
-                "no PAM login of {} through {} in process {pid} is bound to a session",
-                key.user, key.service
-            ),
-        };
-    };
-    end_login(state, &login, others, EndReason::Logout).await
-}
-
-fn exited_reason(login: &Login) -> EndReason {
-    EndReason::Other(format!(
-        "the {} login process exited without closing its PAM session",
-        login.key.service
-    ))
-}
-
-/// Ends `login`'s session when it is the last login on it, then forgets
-/// the login. The caller holds `serial`.
-async fn end_login(
-    state: &ServerState,
-    login: &Login,
-    others: usize,
-    reason: EndReason,
-) -> Response {
-    if others == 0 {
-        match crate::local::session_end(state, login.session.clone(), reason).await {
-            Response::Recorded { .. } => {}
-            Response::Error {
-                code: ErrorCode::UnknownSession | ErrorCode::EndedSession,
-                ..
-            } => {
-                tracing::info!(session = %login.session, "the PAM login's session had already ended");
-            }
-            refused => return refused,
-        }
-    }
-    let pam = state.pam.clone();
-    let l = login.clone();
-    match tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "forget a closed PAM login");
-            return Response::Error {
-                code: ErrorCode::Storage,
-                message: e.to_string(),
-            };
-        }
-        Err(e) => {
-            return Response::Error {
-                code: ErrorCode::Storage,
-                message: format!("forget a closed PAM login: task failed: {e}"),
-            }
-        }
-    }
-    pam_reply(login.session.clone(), login.key.user.clone(), others)
-}
-
-/// Every [`SWEEP_INTERVAL`] until `shutdown` (the first at once, for the
-/// logins loaded at start): closes the logins whose process is gone or
-/// whose pid now names another process, and the first time those bound
-/// before the host last booted.
-pub async fn sweep(state: ServerState, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let mut gone = state.pam.take_previous_boot();
-        let logins = state.pam.logins();
-        if logins.is_empty() {
-            continue;
-        }
-        if let Ok(exited) = tokio::task::spawn_blocking(move || {
-            logins
-                .into_iter()
-                .filter(|l| process_start_time(l.key.pid) != Some(l.start_time))
-                .collect::<Vec<_>>()
-        })
-        .await
-        {
-            gone.extend(exited);
-        }
-        for login in gone {
-            let _serial = state.pam.serial.lock().await;
-            // Closed meanwhile (its PAM close came first): nothing to do.
-            let Some((current, others)) = state.pam.find(&login.key, Some(login.start_time)) else {
-                continue;
-            };
-            tracing::info!(session = %current.session, user = %current.key.user,
-                service = %current.key.service, pid = current.key.pid,
-                "the PAM login's process is gone without closing its PAM session: closing it");
-            let reason = exited_reason(&current);
-            if let Response::Error { message, .. } =
-                end_login(&state, &current, others, reason).await
-            {
-                tracing::error!(session = %current.session,
-                    "close the PAM login of an exited process: {message}");
-            }
-        }
-    }
 }
 
 #[cfg(test)]
