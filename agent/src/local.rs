@@ -1811,6 +1811,17 @@ mod tests {
         assert!(err.to_string().contains("is ferry-agent running"), "{err}");
     }
 
+    /// A harness whose agent has the broker's ticket key, and that key.
+    fn start_with_ticket_key() -> (Harness, ring::signature::Ed25519KeyPair) {
+        use ring::signature::KeyPair as _;
+        let h = start(SpoolOptions::default());
+        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
+        h.tickets
+            .set_key_blocking(key.public_key().as_ref())
+            .unwrap();
+        (h, key)
+    }
+
     /// A ticket of the broker's `key` for `session` of `user` on host-1.
     fn ticket_for(
         key: &ring::signature::Ed25519KeyPair,
@@ -1849,12 +1860,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pam_login_with_a_ticket_opens_and_closes_the_ticket_s_session() {
-        use ring::signature::KeyPair as _;
-        let h = start(SpoolOptions::default());
-        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
-        h.tickets
-            .set_key_blocking(key.public_key().as_ref())
-            .unwrap();
+        let (h, key) = start_with_ticket_key();
         // Over the socket the login is this process's parent, as the kernel
         // says (here, whatever runs the tests).
         let mut c = LocalClient::connect(&h.path).await.unwrap();
@@ -1936,12 +1942,7 @@ mod tests {
     /// does not attach to a session that is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn the_logins_of_a_shared_session_closing_together_end_it_once() {
-        use ring::signature::KeyPair as _;
-        let h = start(SpoolOptions::default());
-        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
-        h.tickets
-            .set_key_blocking(key.public_key().as_ref())
-            .unwrap();
+        let (h, key) = start_with_ticket_key();
         let alice: UserId = "alice".parse().unwrap();
         let state = h.state.clone();
         for round in 0..20u8 {
@@ -1990,12 +1991,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_session_start_needs_a_verified_ticket_its_ticket_or_trust() {
-        use ring::signature::KeyPair as _;
-        let h = start(SpoolOptions::default());
-        let key = ring::signature::Ed25519KeyPair::from_seed_unchecked(&[7u8; 32]).unwrap();
-        h.tickets
-            .set_key_blocking(key.public_key().as_ref())
-            .unwrap();
+        let (h, key) = start_with_ticket_key();
         let mut c = LocalClient::connect(&h.path).await.unwrap();
         let alice: UserId = "alice".parse().unwrap();
 

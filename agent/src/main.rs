@@ -538,10 +538,7 @@ fn pam_refused(what: &str, message: &str) -> ExitCode {
 }
 
 async fn pam_step(cli: &Cli, action: PamAction, require_ticket: bool) -> anyhow::Result<ExitCode> {
-    if action == PamAction::Ignore {
-        return Ok(ExitCode::SUCCESS);
-    }
-    let socket = socket_path(cli)?;
+    let connect = || async { anyhow::Ok(LocalClient::connect(&socket_path(cli)?).await?) };
     match action {
         PamAction::Ignore => Ok(ExitCode::SUCCESS),
         PamAction::Auth { service, user } => {
@@ -554,7 +551,7 @@ async fn pam_step(cli: &Cli, action: PamAction, require_ticket: bool) -> anyhow:
                     "no ticket on standard input (the auth line needs pam_exec's expose_authtok)",
                 ));
             };
-            let mut client = LocalClient::connect(&socket).await?;
+            let mut client = connect().await?;
             match client.pam_auth(service, user.clone(), ticket).await {
                 Ok(info) => {
                     tracing::info!(%user, session = %info.session, "PAM login: ticket accepted");
@@ -569,7 +566,7 @@ async fn pam_step(cli: &Cli, action: PamAction, require_ticket: bool) -> anyhow:
             session,
             user,
         } => {
-            let mut client = LocalClient::connect(&socket).await?;
+            let mut client = connect().await?;
             match client.pam_session(true, service, user.clone()).await {
                 Ok(r) => {
                     tracing::info!(session = %r.session, others = r.others, "PAM session opened");
@@ -601,7 +598,7 @@ async fn pam_step(cli: &Cli, action: PamAction, require_ticket: bool) -> anyhow:
             user,
             reason,
         } => {
-            let mut client = LocalClient::connect(&socket).await?;
+            let mut client = connect().await?;
             if let Some(user) = user {
                 match client.pam_session(false, service, user).await {
                     Ok(r) => {

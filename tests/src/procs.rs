@@ -149,6 +149,84 @@ impl Daemon {
     }
 }
 
+/// What a private mount namespace gets before its program starts
+/// ([`private_mounts`]).
+pub enum Mount<'a> {
+    /// `mount --bind FROM TO`.
+    Bind(&'a Path, &'a Path),
+    /// The directory as a read-only bind mount of itself (its content
+    /// unchanged).
+    ReadOnly(&'a Path),
+    /// A fresh tmpfs on the directory, of `size` (`1m`) and `mode`
+    /// (`0700`), with these subdirectories.
+    Tmpfs {
+        dir: &'a Path,
+        size: &'a str,
+        mode: &'a str,
+        subdirs: &'a [&'a str],
+    },
+}
+
+/// The command prefix that runs a program in a private mount namespace
+/// with `mounts` (for [`Launch::wrap`]; the program's command line follows
+/// and is exec'ed, so its pid is the program's).
+pub fn private_mounts(mounts: &[Mount<'_>]) -> Vec<OsString> {
+    let script = r#"set -e
+while [ "$1" != -- ]; do
+  case "$1" in
+    bind) mount --bind "$2" "$3"; shift 3 ;;
+    ro) mount --bind "$2" "$2"; mount -o remount,bind,ro "$2"; shift 2 ;;
+    tmpfs) mount -t tmpfs -o "size=$3,mode=$4" ferry-test "$2"; d="$2"; shift 4
+      while [ "$1" = mkdir ]; do mkdir -p "$d/$2"; shift 2; done ;;
+    *) echo "unknown mount $1" >&2; exit 2 ;;
+  esac
+done
+shift
+exec "$@""#;
+    let mut wrap: Vec<OsString> = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]
+    .map(OsString::from)
+    .into();
+    for m in mounts {
+        match m {
+            Mount::Bind(from, to) => {
+                wrap.push("bind".into());
+                wrap.push(from.as_os_str().to_owned());
+                wrap.push(to.as_os_str().to_owned());
+            }
+            Mount::ReadOnly(dir) => {
+                wrap.push("ro".into());
+                wrap.push(dir.as_os_str().to_owned());
+            }
+            Mount::Tmpfs {
+                dir,
+                size,
+                mode,
+                subdirs,
+            } => {
+                wrap.push("tmpfs".into());
+                wrap.push(dir.as_os_str().to_owned());
+                wrap.push((*size).into());
+                wrap.push((*mode).into());
+                for s in *subdirs {
+                    wrap.push("mkdir".into());
+                    wrap.push((*s).into());
+                }
+            }
+        }
+    }
+    wrap.push("--".into());
+    wrap
+}
+
 /// `cmd` run by `program args...`, which gets its program and arguments
 /// after its own; the environment and directory are `cmd`'s.
 fn wrapped(program: &OsStr, args: &[OsString], cmd: &Command) -> Command {

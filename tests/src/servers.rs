@@ -14,7 +14,7 @@
 //! the README's test command installs; without them, or without root (the
 //! users, the mounts, the servers), the tests fail and say so.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -27,7 +27,7 @@ use tokio::process::{Child, Command};
 
 use crate::bins::bin;
 use crate::harness::PATIENCE;
-use crate::procs::{Daemon, Launch, StderrTo};
+use crate::procs::{private_mounts, Daemon, Launch, Mount, StderrTo};
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 pub const SSH: &str = "/usr/bin/ssh";
@@ -128,61 +128,6 @@ pub fn pam_stack(example: &str, socket: &Path) -> anyhow::Result<String> {
         shipped,
         &format!("{} --socket {} pam", agent.display(), socket.display()),
     ))
-}
-
-/// What a private mount namespace gets before the server starts.
-pub enum Mount<'a> {
-    /// `mount --bind FROM TO`.
-    Bind(&'a Path, &'a Path),
-    /// A fresh tmpfs on the directory, with these subdirectories.
-    Tmpfs(&'a Path, &'a [&'a str]),
-}
-
-/// The command prefix that runs a program in a private mount namespace
-/// with `mounts` (for [`Launch::wrap`]; the program's command line follows).
-pub fn private_mounts(mounts: &[Mount<'_>]) -> Vec<OsString> {
-    let script = r#"set -e
-while [ "$1" != -- ]; do
-  case "$1" in
-    bind) mount --bind "$2" "$3"; shift 3 ;;
-    tmpfs) mount -t tmpfs -o mode=0755,size=16m ferry-test "$2"; d="$2"; shift 2
-      while [ "$1" = mkdir ]; do mkdir -p "$d/$2"; shift 2; done ;;
-    *) echo "unknown mount $1" >&2; exit 2 ;;
-  esac
-done
-shift
-exec "$@""#;
-    let mut wrap: Vec<OsString> = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        script,
-        "sh",
-    ]
-    .map(OsString::from)
-    .into();
-    for m in mounts {
-        match m {
-            Mount::Bind(from, to) => {
-                wrap.push("bind".into());
-                wrap.push(from.as_os_str().to_owned());
-                wrap.push(to.as_os_str().to_owned());
-            }
-            Mount::Tmpfs(dir, subdirs) => {
-                wrap.push("tmpfs".into());
-                wrap.push(dir.as_os_str().to_owned());
-                for s in *subdirs {
-                    wrap.push("mkdir".into());
-                    wrap.push((*s).into());
-                }
-            }
-        }
-    }
-    wrap.push("--".into());
-    wrap
 }
 
 /// A loopback port nobody listens on now (the server binds it next).
@@ -484,7 +429,12 @@ impl Xrdp {
             wrap: private_mounts(&[
                 Mount::Bind(&sesman_ini, etc_sesman),
                 Mount::Bind(&pam, Path::new("/etc/pam.d/xrdp-sesman")),
-                Mount::Tmpfs(run_dir, &["sockdir"]),
+                Mount::Tmpfs {
+                    dir: run_dir,
+                    size: "16m",
+                    mode: "0755",
+                    subdirs: &["sockdir"],
+                },
             ]),
             ..Launch::default()
         };
@@ -496,7 +446,12 @@ impl Xrdp {
         let launch = Launch {
             wrap: private_mounts(&[
                 Mount::Bind(&sesman_ini, etc_sesman),
-                Mount::Tmpfs(run_dir, &["sockdir"]),
+                Mount::Tmpfs {
+                    dir: run_dir,
+                    size: "16m",
+                    mode: "0755",
+                    subdirs: &["sockdir"],
+                },
             ]),
             ..Launch::default()
         };

@@ -33,8 +33,8 @@ use ferry_common::wire::EndReason;
 use ferry_tests::bins::bin;
 use ferry_tests::harness::PATIENCE;
 use ferry_tests::procs::{
-    ferryctl_json, fixed_size, publish_payg, run, AgentProcess, BrokerFiles, BrokerProcess, Daemon,
-    Launch,
+    ferryctl_json, fixed_size, private_mounts, publish_payg, run, AgentProcess, BrokerFiles,
+    BrokerProcess, Daemon, Launch, Mount,
 };
 use tokio::process::Command;
 
@@ -76,44 +76,19 @@ fn require_root_and_tools() {
 
 /// Runs the daemon in a private mount namespace with a tmpfs of `size` on
 /// `dir` (which must exist).
-fn on_tmpfs(dir: &Path, size: &str) -> Vec<OsString> {
-    // $1: size, $2: directory; the daemon's command line follows.
-    let script = r#"mount -t tmpfs -o "size=$1,mode=0700" ferry-test "$2" && shift 2 && exec "$@""#;
-    let mut wrap: Vec<OsString> = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        script,
-        "sh",
+fn on_tmpfs<'a>(dir: &'a Path, size: &'a str) -> Vec<OsString> {
+    private_mounts(&[Mount::Tmpfs {
+        dir,
         size,
-    ]
-    .map(OsString::from)
-    .into();
-    wrap.push(dir.as_os_str().to_owned());
-    wrap
+        mode: "0700",
+        subdirs: &[],
+    }])
 }
 
 /// Runs the daemon in a private mount namespace where `dir` is a read-only
 /// bind mount of itself (its content unchanged).
 fn read_only(dir: &Path) -> Vec<OsString> {
-    let script = r#"mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@""#;
-    let mut wrap: Vec<OsString> = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        script,
-        "sh",
-    ]
-    .map(OsString::from)
-    .into();
-    wrap.push(dir.as_os_str().to_owned());
-    wrap
+    private_mounts(&[Mount::ReadOnly(dir)])
 }
 
 /// `dir` as the daemon sees it, inside its mount namespace.
