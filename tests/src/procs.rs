@@ -484,6 +484,22 @@ pub struct BrokerFiles {
 }
 
 impl BrokerFiles {
+    /// Sends one admin request to the broker running on these files; an
+    /// `Error` answer is an `Err`.
+    pub async fn admin(
+        &self,
+        req: ferry_common::admin::AdminRequestV1,
+    ) -> anyhow::Result<ferry_common::admin::AdminResponseV1> {
+        let what = format!("admin {req:?}");
+        tokio::time::timeout(
+            PATIENCE,
+            ferry_broker::admin::request(&self.admin_socket, req),
+        )
+        .await
+        .with_context(|| format!("{what} timed out"))?
+        .with_context(|| what)
+    }
+
     /// Creates the CA and broker certificate with `ferryctl pki init`.
     pub async fn init(dir: &Path) -> anyhow::Result<BrokerFiles> {
         let files = BrokerFiles {

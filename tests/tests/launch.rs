@@ -115,26 +115,20 @@ async fn ferry_connect_launches_the_hosts_client_with_the_ticket_off_the_command
     let tmp = tempfile::tempdir()?;
     let files = BrokerFiles::init(tmp.path()).await?;
     let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
-    let admin = |req: AdminRequestV1| {
-        let socket = files.admin_socket.clone();
-        async move {
-            tokio::time::timeout(PATIENCE, ferry_broker::admin::request(&socket, req))
-                .await
-                .context("admin request timed out")?
-                .context("admin request")
-        }
-    };
-    admin(AdminRequestV1::UserCreateWithPassword {
-        user: UserSpec {
-            id: "alice".parse()?,
-            email: "alice@example.com".into(),
-            mobile: "+8613800000000".into(),
-        },
-        password: Secret("pw-alice".into()),
-    })
-    .await?;
+    files
+        .admin(AdminRequestV1::UserCreateWithPassword {
+            user: UserSpec {
+                id: "alice".parse()?,
+                email: "alice@example.com".into(),
+                mobile: "+8613800000000".into(),
+            },
+            password: Secret("pw-alice".into()),
+        })
+        .await?;
     for name in ["sshg", "rdpg", "plain"] {
-        admin(AdminRequestV1::GroupPublish(group(name)?)).await?;
+        files
+            .admin(AdminRequestV1::GroupPublish(group(name)?))
+            .await?;
     }
     let hosts = [
         (

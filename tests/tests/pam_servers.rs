@@ -57,25 +57,17 @@ impl Fleet {
     ) -> anyhow::Result<Fleet> {
         let files = BrokerFiles::init(dir).await?;
         let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
-        let admin = |req: AdminRequestV1| {
-            let socket = files.admin_socket.clone();
-            async move {
-                tokio::time::timeout(PATIENCE, ferry_broker::admin::request(&socket, req))
-                    .await
-                    .context("admin request timed out")?
-                    .context("admin request")
-            }
-        };
         for u in users {
-            admin(AdminRequestV1::UserCreateWithPassword {
-                user: UserSpec {
-                    id: id(&u.name),
-                    email: format!("{}@example.com", u.name),
-                    mobile: "+8613800000000".into(),
-                },
-                password: Secret(format!("pw-{}", u.name)),
-            })
-            .await?;
+            files
+                .admin(AdminRequestV1::UserCreateWithPassword {
+                    user: UserSpec {
+                        id: id(&u.name),
+                        email: format!("{}@example.com", u.name),
+                        mobile: "+8613800000000".into(),
+                    },
+                    password: Secret(format!("pw-{}", u.name)),
+                })
+                .await?;
         }
         let mut spec = ferry_tests::admin::pay_as_you_go(GROUP, 1);
         spec.session_type = session_type;
@@ -83,7 +75,7 @@ impl Fleet {
         spec.policy.concurrent_sessions = Some(concurrent);
         spec.policy.max_elastic = Some(0);
         spec.policy.usage_threshold = Some(100);
-        admin(AdminRequestV1::GroupPublish(spec)).await?;
+        files.admin(AdminRequestV1::GroupPublish(spec)).await?;
         let agent = AgentProcess::start_configured(
             &files,
             HOST,

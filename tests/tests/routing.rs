@@ -993,36 +993,29 @@ async fn ferry_connect_prints_an_admission_and_a_refusal_from_a_real_broker() ->
     let tmp = tempfile::tempdir()?;
     let files = BrokerFiles::init(tmp.path()).await?;
     let broker = BrokerProcess::start(&files, "127.0.0.1:0".parse()?, 0).await?;
-    let admin = |req: AdminRequestV1| {
-        let socket = files.admin_socket.clone();
-        async move {
-            tokio::time::timeout(PATIENCE, ferry_broker::admin::request(&socket, req))
-                .await
-                .context("admin request timed out")?
-                .context("admin request")
-        }
-    };
-    admin(AdminRequestV1::UserCreateWithPassword {
-        user: UserSpec {
-            id: uid("alice"),
-            email: "alice@example.com".into(),
-            mobile: "+8613800000000".into(),
-        },
-        password: Secret("pw-alice".into()),
-    })
-    .await?;
-    admin(AdminRequestV1::GroupPublish(
-        GroupShape {
-            name: "real",
-            base: 1,
-            concurrent: 1,
-            wait_timeout_ms: 0,
-            session_type: SessionType::Independent,
-            users: &["alice"],
-        }
-        .spec(),
-    ))
-    .await?;
+    files
+        .admin(AdminRequestV1::UserCreateWithPassword {
+            user: UserSpec {
+                id: uid("alice"),
+                email: "alice@example.com".into(),
+                mobile: "+8613800000000".into(),
+            },
+            password: Secret("pw-alice".into()),
+        })
+        .await?;
+    files
+        .admin(AdminRequestV1::GroupPublish(
+            GroupShape {
+                name: "real",
+                base: 1,
+                concurrent: 1,
+                wait_timeout_ms: 0,
+                session_type: SessionType::Independent,
+                users: &["alice"],
+            }
+            .spec(),
+        ))
+        .await?;
     let agent = AgentProcess::start_in_group(&files, "h1", broker.agent_addr, Some("real")).await?;
     agent.wait_synced().await?;
 
