@@ -39,8 +39,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::now;
 use crate::pam_logins::{
-    parent_pid, process_start_time, Bound, Login, LoginKey, OpenError, PamLoginsError,
-    MAX_SERVICE_LEN, SWEEP_INTERVAL,
+    parent_pid, process_start_time, Bound, Login, LoginKey, OpenError, MAX_SERVICE_LEN,
+    SWEEP_INTERVAL,
 };
 use crate::spool::{SpoolError, SpoolHandle};
 use crate::ticket::{TicketVerifier, VerifyError};
@@ -982,25 +982,12 @@ pub(crate) async fn pam_open_as(
         }
     }
     let at = now();
-    let pam = state.pam.clone();
-    let k = key.clone();
-    let parent = parent_pid(pid);
-    let bound =
-        match tokio::task::spawn_blocking(move || pam.open_blocking(&k, start_time, parent, at))
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => Err(OpenError::Storage(PamLoginsError::Io {
-                op: "bind the PAM login (task failed)",
-                path: state.pam.path().to_owned(),
-                source: std::io::Error::other(e.to_string()),
-            })),
-        };
+    let bound = state
+        .pam
+        .open(key.clone(), start_time, parent_pid(pid), at)
+        .await;
     let (session, others) = match bound {
-        Ok(Bound::Again { session }) => {
-            let others = state.pam.find(&key, Some(start_time)).map_or(0, |(_, o)| o);
-            return pam_reply(session, key.user, others);
-        }
+        Ok(Bound::Again { session, others }) => return pam_reply(session, key.user, others),
         Ok(Bound::New { session, others }) => (session, others),
         Err(e) => {
             let code = match e {
@@ -1042,11 +1029,7 @@ pub(crate) async fn pam_open_as(
             }
             Err(e) => {
                 let refused = recorded(Err(e));
-                let pam = state.pam.clone();
-                let l = login.clone();
-                if let Ok(Err(e)) =
-                    tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await
-                {
+                if let Err(e) = state.pam.remove(&login).await {
                     tracing::error!(error = %e, "forget the PAM login of a session not started");
                 }
                 return refused;
@@ -1124,23 +1107,12 @@ async fn pam_end_login(
             refused => return refused,
         }
     }
-    let pam = state.pam.clone();
-    let l = login.clone();
-    match tokio::task::spawn_blocking(move || pam.remove_blocking(&l)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "forget a closed PAM login");
-            return Response::Error {
-                code: ErrorCode::Storage,
-                message: e.to_string(),
-            };
-        }
-        Err(e) => {
-            return Response::Error {
-                code: ErrorCode::Storage,
-                message: format!("forget a closed PAM login: task failed: {e}"),
-            }
-        }
+    if let Err(e) = state.pam.remove(login).await {
+        tracing::error!(error = %e, "forget a closed PAM login");
+        return Response::Error {
+            code: ErrorCode::Storage,
+            message: e.to_string(),
+        };
     }
     pam_reply(login.session.clone(), login.key.user.clone(), others)
 }

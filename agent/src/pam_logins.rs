@@ -141,7 +141,7 @@ pub enum Bound {
     /// session starts now).
     New { session: SessionId, others: usize },
     /// The same process opened its PAM session twice: nothing changes.
-    Again { session: SessionId },
+    Again { session: SessionId, others: usize },
 }
 
 /// Why a login cannot be bound.
@@ -220,11 +220,6 @@ impl PamLogins {
         self.lock().logins.clone()
     }
 
-    /// Where the bindings are kept.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Held by an open, a close or a sweep's close from its count of a
     /// session's logins to its spooled event and file write.
     pub fn serial(&self) -> &tokio::sync::Mutex<()> {
@@ -237,8 +232,9 @@ impl PamLogins {
         std::mem::take(&mut self.lock().previous_boot)
     }
 
-    /// Pending logins (tests, status).
-    pub fn pending_count(&self) -> usize {
+    /// Pending logins.
+    #[cfg(test)]
+    fn pending_count(&self) -> usize {
         self.lock().pending.len()
     }
 
@@ -288,8 +284,14 @@ impl PamLogins {
             .iter()
             .find(|l| &l.key == key && l.start_time == start_time)
         {
+            let others = state
+                .logins
+                .iter()
+                .filter(|o| o.session == l.session && o.key != l.key)
+                .count();
             return Ok(Bound::Again {
                 session: l.session.clone(),
+                others,
             });
         }
         state.pending.retain(|p| p.until > at.0);
@@ -343,6 +345,36 @@ impl PamLogins {
             .filter(|l| l.session == login.session && l.key != login.key)
             .count();
         Some((login, others))
+    }
+
+    /// [`Self::open_blocking`] on a blocking thread.
+    pub async fn open(
+        &self,
+        key: LoginKey,
+        start_time: u64,
+        parent: Option<u32>,
+        at: UnixMillis,
+    ) -> Result<Bound, OpenError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.open_blocking(&key, start_time, parent, at))
+            .await
+            .map_err(|e| OpenError::Storage(self.task_failed("bind the PAM login", e)))?
+    }
+
+    /// [`Self::remove_blocking`] on a blocking thread.
+    pub async fn remove(&self, login: &Login) -> Result<(), PamLoginsError> {
+        let (this, login) = (self.clone(), login.clone());
+        tokio::task::spawn_blocking(move || this.remove_blocking(&login))
+            .await
+            .map_err(|e| self.task_failed("forget the PAM login", e))?
+    }
+
+    fn task_failed(&self, op: &'static str, e: tokio::task::JoinError) -> PamLoginsError {
+        PamLoginsError::Io {
+            op,
+            path: self.path.clone(),
+            source: std::io::Error::other(format!("task failed: {e}")),
+        }
     }
 
     /// Forgets `login`, durably. Blocking (fsync).
@@ -562,7 +594,8 @@ mod tests {
         assert_eq!(
             b,
             Bound::Again {
-                session: sid("s-1")
+                session: sid("s-1"),
+                others: 0
             }
         );
         assert_eq!(p.pending_count(), 0);
